@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Layouts of every key and value that user space and the datapath share.
+ * The Rust mirror is crates/common/src/maps.rs; the test `btf_layouts_match`
+ * compares the two through the BTF of the compiled object, so change both.
+ * All addresses and ports are in network byte order.
+ */
+#ifndef SLUICE_COMMON_H
+#define SLUICE_COMMON_H
+
+#include <linux/types.h>
+
+/* ---- services: one map holds frontends (slot 0) and their backend slots ---- */
+
+/* Key (vip, dport, proto, slot). Slot 0 is the frontend; slots 1..count name
+ * the backends. A key with dport 0 and proto 0 marks the VIP as known, so a
+ * packet to a known VIP on an unknown port is dropped rather than routed. */
+struct lb4_key {
+	__be32 address;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad;
+	__u16 slot;
+	__u16 pad2;
+};
+
+/* Frontend (slot 0): count and flags. Backend slot: backend address and port. */
+struct lb4_service {
+	__be32 backend_address;
+	__be16 backend_port;
+	__u16 count;
+	__u8 flags;
+	__u8 pad[3];
+};
+
+#define SVC_FLAG_CLUSTER_IP   (1 << 0)
+#define SVC_FLAG_WILDCARD     (1 << 1) /* the VIP itself, any port */
+
+/* Backends are keyed by address so conntrack can name a backend without an
+ * allocated ID; presence in this map means the backend may take traffic. */
+struct lb4_backend_key {
+	__be32 address;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct lb4_backend {
+	__u8 state; /* BACKEND_STATE_* */
+	__u8 pad[3];
+};
+
+#define BACKEND_STATE_ACTIVE 0
+
+/* ---- conntrack: one LRU map, node-wide ---- */
+
+/* Scopes keep the entries of one connection apart:
+ *  CT_EGRESS  - tuple as it leaves a pod after translation; nat_* hold the
+ *               frontend to restore on replies (0 when no service was used).
+ *  CT_INGRESS - tuple as it enters a pod; replies from the pod match it.
+ *  CT_SERVICE - tuple as the client sent it to the VIP; nat_* hold the chosen
+ *               backend so every packet of the connection goes there. */
+#define CT_EGRESS  0
+#define CT_INGRESS 1
+#define CT_SERVICE 2
+
+struct ct4_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 scope;
+	__u16 pad;
+};
+
+struct ct4_entry {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+	__u64 packets;
+	__u64 bytes;
+	__be32 nat_address;
+	__be16 nat_port;
+	__u8 flags;          /* CT_FLAG_* */
+	__u8 tcp_flags_seen; /* TCP flags seen in either direction */
+	__u32 ifindex;       /* endpoint interface that created the entry */
+	__u32 pad;
+};
+
+#define CT_FLAG_LOOPBACK   (1 << 0) /* hairpin: source rewritten to LOOPBACK_IPV4 */
+#define CT_FLAG_SEEN_REPLY (1 << 1)
+#define CT_FLAG_CLOSING    (1 << 2) /* FIN or RST seen */
+
+/* Source address for hairpin connections, so the backend's reply to its own
+ * service leaves the pod instead of looping inside it (Cilium's IPV4_LOOPBACK). */
+#define LOOPBACK_IPV4_HOST_ORDER 0xa9fe2a01 /* 169.254.42.1 */
+
+/* ---- endpoints: local pods, keyed by the ifindex of their host-side veth ---- */
+
+struct endpoint_info {
+	__be32 ipv4;
+	__u32 identity;
+	__u32 flags;
+	__u32 pad;
+};
+
+/* ---- metrics: per-CPU packet and byte counters by reason and direction ---- */
+
+#define METRIC_DIR_EGRESS  0 /* leaving a pod (from_container) */
+#define METRIC_DIR_INGRESS 1 /* entering a pod (to_container) */
+#define METRICS_MAX (256 * 2)
+
+/* Index is reason * 2 + direction; reason 0 counts forwarded packets. */
+struct metrics_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* ---- drop reasons (metrics index and, later, flow events) ----
+ * Numbers follow Cilium's drop_reasons.h where the meaning is the same;
+ * 210 and up are sluice's own. Mirrored by DropReason in crates/common. */
+#define REASON_FORWARDED             0
+#define DROP_INVALID               134 /* malformed IPv4 or L4 header */
+#define DROP_WRITE_ERROR           141 /* a packet rewrite helper failed */
+#define DROP_NO_SERVICE            158 /* service has no ready backend: rejected */
+#define DROP_SERVICE_PORT_UNKNOWN  210 /* known VIP, no frontend for this port */
+#define DROP_NO_BACKEND_SLOT       211 /* frontend count points past its slots */
+
+#endif

@@ -1,0 +1,352 @@
+//! `#[repr(C)]` mirrors of the keys and values in `bpf/lib/common.h`.
+//!
+//! Addresses and ports are stored in network byte order, as the datapath reads them
+//! straight from packets; the constructors below take host values and convert.
+
+use std::net::Ipv4Addr;
+
+/// Names of the maps as declared in the C object; also the names they are pinned under.
+pub mod names {
+    pub const SERVICES: &str = "lb4_services";
+    pub const BACKENDS: &str = "lb4_backends";
+    pub const CONNTRACK: &str = "ct4";
+    pub const ENDPOINTS: &str = "endpoints";
+    pub const METRICS: &str = "metrics";
+}
+
+/// Names of the programs in the C object.
+pub mod programs {
+    /// tc ingress of the host-side veth: packets leaving the pod.
+    pub const FROM_CONTAINER: &str = "from_container";
+    /// tc egress of the host-side veth: packets entering the pod.
+    pub const TO_CONTAINER: &str = "to_container";
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Network-order `u32` for an address, as the datapath stores it.
+pub fn addr_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Address from a network-order `u32`.
+pub fn addr_from_be(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+/// Protocol name as Kubernetes spells it.
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "TCP",
+        IPPROTO_UDP => "UDP",
+        IPPROTO_SCTP => "SCTP",
+        0 => "ANY",
+        _ => "OTHER",
+    }
+}
+
+// ---- services ----
+
+pub const SVC_FLAG_CLUSTER_IP: u8 = 1 << 0;
+pub const SVC_FLAG_WILDCARD: u8 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lb4Key {
+    pub address: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: u8,
+    pub slot: u16,
+    pub pad2: u16,
+}
+
+impl Lb4Key {
+    pub fn new(vip: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            address: addr_be(vip),
+            dport: port.to_be(),
+            proto,
+            pad: 0,
+            slot,
+            pad2: 0,
+        }
+    }
+    /// The key that marks `vip` as a known service address on any port.
+    pub fn wildcard(vip: Ipv4Addr) -> Self {
+        Self::new(vip, 0, 0, 0)
+    }
+    pub fn vip(&self) -> Ipv4Addr {
+        addr_from_be(self.address)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.dport)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Lb4Service {
+    pub backend_address: u32,
+    pub backend_port: u16,
+    pub count: u16,
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+
+impl Lb4Service {
+    /// Slot 0 of a frontend.
+    pub fn frontend(count: u16, flags: u8) -> Self {
+        Self {
+            count,
+            flags,
+            ..Self::default()
+        }
+    }
+    /// Slot 1..=count of a frontend.
+    pub fn slot(backend: Ipv4Addr, port: u16) -> Self {
+        Self {
+            backend_address: addr_be(backend),
+            backend_port: port.to_be(),
+            ..Self::default()
+        }
+    }
+    pub fn backend(&self) -> Ipv4Addr {
+        addr_from_be(self.backend_address)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.backend_port)
+    }
+}
+
+pub const BACKEND_STATE_ACTIVE: u8 = 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lb4BackendKey {
+    pub address: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+impl Lb4BackendKey {
+    pub fn new(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self {
+            address: addr_be(addr),
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        }
+    }
+    pub fn addr(&self) -> Ipv4Addr {
+        addr_from_be(self.address)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Lb4Backend {
+    pub state: u8,
+    pub pad: [u8; 3],
+}
+
+// ---- conntrack ----
+
+pub const CT_EGRESS: u8 = 0;
+pub const CT_INGRESS: u8 = 1;
+pub const CT_SERVICE: u8 = 2;
+
+pub const CT_FLAG_LOOPBACK: u8 = 1 << 0;
+pub const CT_FLAG_SEEN_REPLY: u8 = 1 << 1;
+pub const CT_FLAG_CLOSING: u8 = 1 << 2;
+
+/// Source address given to hairpin connections (a pod reaching itself through a service).
+pub const LOOPBACK_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Ct4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub pad: u16,
+}
+
+impl Ct4Key {
+    pub fn new(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, scope: u8) -> Self {
+        Self {
+            saddr: addr_be(src.0),
+            daddr: addr_be(dst.0),
+            sport: src.1.to_be(),
+            dport: dst.1.to_be(),
+            proto,
+            scope,
+            pad: 0,
+        }
+    }
+    pub fn src(&self) -> (Ipv4Addr, u16) {
+        (addr_from_be(self.saddr), u16::from_be(self.sport))
+    }
+    pub fn dst(&self) -> (Ipv4Addr, u16) {
+        (addr_from_be(self.daddr), u16::from_be(self.dport))
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ct4Entry {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub nat_address: u32,
+    pub nat_port: u16,
+    pub flags: u8,
+    pub tcp_flags_seen: u8,
+    pub ifindex: u32,
+    pub pad: u32,
+}
+
+impl Ct4Entry {
+    /// The translation stored with the entry, if any.
+    pub fn nat(&self) -> Option<(Ipv4Addr, u16)> {
+        (self.nat_address != 0)
+            .then(|| (addr_from_be(self.nat_address), u16::from_be(self.nat_port)))
+    }
+}
+
+// ---- endpoints ----
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointInfo {
+    pub ipv4: u32,
+    pub identity: u32,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+impl EndpointInfo {
+    pub fn new(ip: Ipv4Addr, identity: u32) -> Self {
+        Self {
+            ipv4: addr_be(ip),
+            identity,
+            flags: 0,
+            pad: 0,
+        }
+    }
+    pub fn ip(&self) -> Ipv4Addr {
+        addr_from_be(self.ipv4)
+    }
+}
+
+// ---- metrics ----
+
+pub const METRIC_DIR_EGRESS: u32 = 0;
+pub const METRIC_DIR_INGRESS: u32 = 1;
+pub const METRICS_MAX: u32 = 256 * 2;
+
+/// Index into the metrics array: reason * 2 + direction.
+pub fn metrics_index(reason: u8, dir: u32) -> u32 {
+    u32::from(reason) * 2 + dir
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MetricsValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// SAFETY: all of these are #[repr(C)] plain data with explicit padding fields, so every
+// byte is initialized and any bit pattern is valid.
+unsafe impl aya::Pod for Lb4Key {}
+unsafe impl aya::Pod for Lb4Service {}
+unsafe impl aya::Pod for Lb4BackendKey {}
+unsafe impl aya::Pod for Lb4Backend {}
+unsafe impl aya::Pod for Ct4Key {}
+unsafe impl aya::Pod for Ct4Entry {}
+unsafe impl aya::Pod for EndpointInfo {}
+unsafe impl aya::Pod for MetricsValue {}
+
+const _: () = {
+    assert!(size_of::<Lb4Key>() == 12);
+    assert!(size_of::<Lb4Service>() == 12);
+    assert!(size_of::<Lb4BackendKey>() == 8);
+    assert!(size_of::<Lb4Backend>() == 4);
+    assert!(size_of::<Ct4Key>() == 16);
+    assert!(size_of::<Ct4Entry>() == 48);
+    assert!(size_of::<EndpointInfo>() == 16);
+    assert!(size_of::<MetricsValue>() == 16);
+};
+
+/// A field of a shared struct: its C name and byte offset.
+pub struct FieldLayout {
+    pub name: &'static str,
+    pub offset: usize,
+}
+
+/// A shared struct: its C name, size and fields, for the BTF comparison test.
+pub struct StructLayout {
+    pub name: &'static str,
+    pub size: usize,
+    pub fields: &'static [FieldLayout],
+}
+
+macro_rules! layout {
+    ($c_name:literal, $ty:ty, [$($field:ident),* $(,)?]) => {
+        StructLayout {
+            name: $c_name,
+            size: size_of::<$ty>(),
+            fields: &[$(FieldLayout { name: stringify!($field), offset: std::mem::offset_of!($ty, $field) }),*],
+        }
+    };
+}
+
+/// Every struct shared with the datapath, by its C name.
+pub const LAYOUTS: &[StructLayout] = &[
+    layout!("lb4_key", Lb4Key, [address, dport, proto, pad, slot, pad2]),
+    layout!(
+        "lb4_service",
+        Lb4Service,
+        [backend_address, backend_port, count, flags, pad]
+    ),
+    layout!(
+        "lb4_backend_key",
+        Lb4BackendKey,
+        [address, port, proto, pad]
+    ),
+    layout!("lb4_backend", Lb4Backend, [state, pad]),
+    layout!(
+        "ct4_key",
+        Ct4Key,
+        [saddr, daddr, sport, dport, proto, scope, pad]
+    ),
+    layout!(
+        "ct4_entry",
+        Ct4Entry,
+        [
+            created_ns,
+            last_seen_ns,
+            packets,
+            bytes,
+            nat_address,
+            nat_port,
+            flags,
+            tcp_flags_seen,
+            ifindex,
+            pad
+        ]
+    ),
+    layout!("endpoint_info", EndpointInfo, [ipv4, identity, flags, pad]),
+    layout!("metrics_value", MetricsValue, [packets, bytes]),
+];

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything sluice needs to build, run the lab and run the tests on Debian bookworm as root.
+# Idempotent: a second run installs nothing and only re-checks.
+set -euo pipefail
+
+PACKAGES=(clang-19 llvm-19 libbpf-dev libelf-dev zlib1g-dev linux-libc-dev bpftool iproute2 ethtool curl
+          procps psmisc util-linux iputils-ping tcpdump socat)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# bpffs holds the pinned maps; a fresh VM may not have it mounted.
+if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpffs /sys/fs/bpf
+fi
+
+command -v cargo >/dev/null || { echo "setup: cargo not found (install Rust 1.95 with rustup)" >&2; exit 1; }
+command -v clang-19 >/dev/null || { echo "setup: clang-19 missing after install" >&2; exit 1; }
