@@ -1,0 +1,206 @@
+//! The agent's local API.
+//!
+//! The agent listens on a Unix socket. Each connection carries one request line and one
+//! response line, both JSON: `{"method":"status","params":null}` answers
+//! `{"result":{...}}` or `{"error":"..."}`. A line protocol keeps the CLI free of an HTTP
+//! stack; the Hubble-compatible gRPC API planned for the observer is a separate listener.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("connect {path}: {source} (is the agent running?)")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{call} on {path}: {source}")]
+    Io {
+        call: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("malformed message from {path}: {source}")]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("agent at {path} answered: {message}")]
+    Agent { path: PathBuf, message: String },
+}
+
+/// One request line.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub method: Method,
+    #[serde(default)]
+    pub params: serde_json::Value,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// [`AgentStatus`]
+    Status,
+    /// `Vec<`[`ServiceEntry`]`>`
+    ServiceList,
+    /// `Vec<`[`CtEntry`]`>`
+    CtList,
+    /// [`VerifyReport`]; params `{"repair": bool}`
+    Verify,
+}
+
+/// One response line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    Result(serde_json::Value),
+    Error(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub node: String,
+    pub version: String,
+    /// False while the last reconcile failed; `last_error` says why.
+    pub healthy: bool,
+    /// Generation of the newest snapshot the agent has read.
+    pub desired_generation: u64,
+    /// Generation whose map content is in the kernel.
+    pub realized_generation: u64,
+    pub last_error: Option<String>,
+    pub reconciles: u64,
+    pub endpoints: usize,
+    pub maps: Vec<MapStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MapStatus {
+    pub name: String,
+    pub entries: u64,
+    pub max_entries: u32,
+}
+
+/// A frontend with its backends, as read back from the kernel.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    /// `namespace/name:port-name` of the Kubernetes Service, when the agent knows it.
+    pub service: Option<String>,
+    pub kind: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: String,
+    pub backends: Vec<BackendEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackendEntry {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CtEntry {
+    pub protocol: String,
+    /// `egress`, `ingress` or `service`.
+    pub scope: String,
+    pub source: String,
+    pub destination: String,
+    /// Backend (service scope) or frontend to restore on replies (egress scope).
+    pub nat: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub age_seconds: u64,
+    pub idle_seconds: u64,
+    pub flags: Vec<String>,
+}
+
+/// What `sluice verify` found: entries whose kernel content differs from the desired one.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub generation: u64,
+    pub drift: Vec<Drift>,
+    pub repaired: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Drift {
+    pub map: String,
+    /// `missing`, `unexpected` or `differs`.
+    pub kind: String,
+    pub key: String,
+    pub desired: Option<String>,
+    pub actual: Option<String>,
+}
+
+/// Blocking client, one connection per call.
+pub struct Client {
+    path: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        Self {
+            path: path.as_ref().to_path_buf(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        params: serde_json::Value,
+    ) -> Result<T, ApiError> {
+        let path = &self.path;
+        let io = |call| {
+            move |source| ApiError::Io {
+                call,
+                path: path.clone(),
+                source,
+            }
+        };
+        let mut stream = UnixStream::connect(path).map_err(|source| ApiError::Connect {
+            path: path.clone(),
+            source,
+        })?;
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(io("setsockopt"))?;
+        let mut line =
+            serde_json::to_vec(&Request { method, params }).map_err(|source| ApiError::Decode {
+                path: path.clone(),
+                source,
+            })?;
+        line.push(b'\n');
+        stream.write_all(&line).map_err(io("write"))?;
+        let mut reply = String::new();
+        BufReader::new(stream)
+            .read_line(&mut reply)
+            .map_err(io("read"))?;
+        let decode = |source| ApiError::Decode {
+            path: path.clone(),
+            source,
+        };
+        match serde_json::from_str::<Response>(&reply).map_err(decode)? {
+            Response::Result(value) => serde_json::from_value(value).map_err(decode),
+            Response::Error(message) => Err(ApiError::Agent {
+                path: path.clone(),
+                message,
+            }),
+        }
+    }
+
+    pub fn status(&self) -> Result<AgentStatus, ApiError> {
+        self.call(Method::Status, serde_json::Value::Null)
+    }
+}
