@@ -3,7 +3,7 @@
 //! Addresses and ports are stored in network byte order, as the datapath reads them
 //! straight from packets; the constructors below take host values and convert.
 
-use std::net::Ipv4Addr;
+use std::{fmt, net::Ipv4Addr};
 
 /// Names of the maps as declared in the C object; also the names they are pinned under.
 pub mod names {
@@ -350,3 +350,65 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!("endpoint_info", EndpointInfo, [ipv4, identity, flags, pad]),
     layout!("metrics_value", MetricsValue, [packets, bytes]),
 ];
+
+// ---- one textual form per entry, shared by the compiler's dumps, verify and the CLI ----
+
+impl fmt::Display for Lb4Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.proto == 0 && self.dport == 0 {
+            write!(f, "{}:*", self.vip())
+        } else {
+            write!(
+                f,
+                "{}:{}/{} slot {}",
+                self.vip(),
+                self.port(),
+                proto_name(self.proto),
+                self.slot
+            )
+        }
+    }
+}
+
+impl fmt::Display for Lb4Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.backend_address == 0 {
+            write!(f, "count={} flags={:#04x}", self.count, self.flags)
+        } else {
+            write!(f, "backend={}:{}", self.backend(), self.port())
+        }
+    }
+}
+
+impl fmt::Display for Lb4BackendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}/{}",
+            self.addr(),
+            self.port(),
+            proto_name(self.proto)
+        )
+    }
+}
+
+impl fmt::Display for Lb4Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.state {
+            BACKEND_STATE_ACTIVE => f.write_str("active"),
+            other => write!(f, "state={other}"),
+        }
+    }
+}
+
+impl fmt::Display for EndpointInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ipv4={} identity={} flags={:#x}",
+            self.ip(),
+            self.identity,
+            self.flags
+        )
+    }
+}
