@@ -1,1 +1,261 @@
-//! TODO
+//! The realizer: makes the maps in the kernel equal to the compiler's desired content.
+//!
+//! It always reads the kernel first and diffs against what it finds, never against a memory
+//! of what it wrote, so an entry changed or removed behind its back (drift) is repaired on
+//! the next pass, and a restarted agent converges from whatever the pins hold.
+//!
+//! Writes are ordered so the datapath never sees a dangling reference: backends before the
+//! service slots that name them, slots before the frontend whose count covers them; removals
+//! go the other way round. Each single entry update is atomic in the kernel.
+
+mod table;
+
+use std::{collections::BTreeMap, fmt::Display};
+
+use sluice_common::{EndpointInfo, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, names};
+pub use table::{KernelMap, MemoryMap, Named};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RealizerError {
+    #[error("{op} on map {map}: {source}")]
+    Map {
+        op: &'static str,
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+/// What differs between desired and actual content of one map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapDiff<K, V> {
+    /// Entries to write: key, desired value, and the value in the kernel if there is one.
+    pub upserts: Vec<(K, V, Option<V>)>,
+    /// Entries to delete: key and the value in the kernel.
+    pub removes: Vec<(K, V)>,
+}
+
+impl<K, V> MapDiff<K, V> {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removes.is_empty()
+    }
+}
+
+/// Computes the difference between `desired` and `actual`.
+pub fn diff<K: Ord + Clone, V: PartialEq + Clone>(
+    desired: &BTreeMap<K, V>,
+    actual: &BTreeMap<K, V>,
+) -> MapDiff<K, V> {
+    let upserts = desired
+        .iter()
+        .filter_map(|(k, v)| match actual.get(k) {
+            Some(cur) if cur == v => None,
+            cur => Some((k.clone(), v.clone(), cur.cloned())),
+        })
+        .collect();
+    let removes = actual
+        .iter()
+        .filter(|(k, _)| !desired.contains_key(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    MapDiff { upserts, removes }
+}
+
+/// One drifted entry, in the shared textual form of `sluice-common`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriftEntry {
+    pub map: &'static str,
+    pub kind: DriftKind,
+    pub key: String,
+    pub desired: Option<String>,
+    pub actual: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriftKind {
+    /// Desired but absent from the kernel.
+    Missing,
+    /// In the kernel but not desired.
+    Unexpected,
+    /// Present with a different value.
+    Differs,
+}
+
+impl DriftKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftKind::Missing => "missing",
+            DriftKind::Unexpected => "unexpected",
+            DriftKind::Differs => "differs",
+        }
+    }
+}
+
+impl<K: Display, V: Display> MapDiff<K, V> {
+    /// Describes the diff entry by entry.
+    pub fn drift(&self, map: &'static str) -> Vec<DriftEntry> {
+        let ups = self.upserts.iter().map(|(k, v, cur)| DriftEntry {
+            map,
+            kind: if cur.is_some() {
+                DriftKind::Differs
+            } else {
+                DriftKind::Missing
+            },
+            key: k.to_string(),
+            desired: Some(v.to_string()),
+            actual: cur.as_ref().map(ToString::to_string),
+        });
+        let rms = self.removes.iter().map(|(k, v)| DriftEntry {
+            map,
+            kind: DriftKind::Unexpected,
+            key: k.to_string(),
+            desired: None,
+            actual: Some(v.to_string()),
+        });
+        ups.chain(rms).collect()
+    }
+}
+
+/// Counts of what one pass wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub upserted: usize,
+    pub removed: usize,
+}
+
+impl ApplyStats {
+    pub fn changed(&self) -> bool {
+        self.upserted + self.removed > 0
+    }
+}
+
+impl std::ops::AddAssign for ApplyStats {
+    fn add_assign(&mut self, rhs: Self) {
+        self.upserted += rhs.upserted;
+        self.removed += rhs.removed;
+    }
+}
+
+/// Writes the upserts of `diff` in the order given by `rank` (lower first).
+pub fn apply_upserts<K: Clone, V, M: KernelMap<K, V>>(
+    map: &mut M,
+    diff: &MapDiff<K, V>,
+    rank: impl Fn(&K) -> u8,
+) -> Result<usize, RealizerError> {
+    let mut order: Vec<_> = diff.upserts.iter().collect();
+    order.sort_by_key(|(k, _, _)| rank(k));
+    for (k, v, _) in &order {
+        map.upsert(k, v)?;
+    }
+    Ok(order.len())
+}
+
+/// Deletes the removals of `diff` in the order given by `rank` (lower first). An entry
+/// already gone (the LRU or someone else removed it) is not an error.
+pub fn apply_removes<K: Clone, V, M: KernelMap<K, V>>(
+    map: &mut M,
+    diff: &MapDiff<K, V>,
+    rank: impl Fn(&K) -> u8,
+) -> Result<usize, RealizerError> {
+    let mut order: Vec<_> = diff.removes.iter().collect();
+    order.sort_by_key(|(k, _)| rank(k));
+    for (k, _) in &order {
+        map.remove(k)?;
+    }
+    Ok(order.len())
+}
+
+/// Brings one map with no ordering constraints to the desired content.
+pub fn converge<K: Ord + Clone, V: PartialEq + Clone, M: KernelMap<K, V>>(
+    map: &mut M,
+    desired: &BTreeMap<K, V>,
+) -> Result<ApplyStats, RealizerError> {
+    let d = diff(desired, &map.read_all()?);
+    Ok(ApplyStats {
+        upserted: apply_upserts(map, &d, |_| 0)?,
+        removed: apply_removes(map, &d, |_| 0)?,
+    })
+}
+
+/// The datapath's maps that hold desired state, behind [`KernelMap`] so the same code
+/// drives the kernel and the in-memory tests. Conntrack and metrics are runtime state
+/// and are never realized.
+pub struct Tables<S, B, E> {
+    pub services: S,
+    pub backends: B,
+    pub endpoints: E,
+}
+
+/// The desired content of every realized map.
+#[derive(Clone, Copy)]
+pub struct Desired<'a> {
+    pub services: &'a BTreeMap<Lb4Key, Lb4Service>,
+    pub backends: &'a BTreeMap<Lb4BackendKey, Lb4Backend>,
+    pub endpoints: &'a BTreeMap<u32, EndpointInfo>,
+}
+
+/// The differences found in one read of the kernel.
+pub struct Plan {
+    pub services: MapDiff<Lb4Key, Lb4Service>,
+    pub backends: MapDiff<Lb4BackendKey, Lb4Backend>,
+    pub endpoints: MapDiff<u32, EndpointInfo>,
+}
+
+/// Frontends (slot 0) are written after their slots and removed before them.
+fn slots_first(k: &Lb4Key) -> u8 {
+    u8::from(k.slot == 0)
+}
+
+fn frontends_first(k: &Lb4Key) -> u8 {
+    u8::from(k.slot != 0)
+}
+
+impl<S, B, E> Tables<S, B, E>
+where
+    S: KernelMap<Lb4Key, Lb4Service>,
+    B: KernelMap<Lb4BackendKey, Lb4Backend>,
+    E: KernelMap<u32, EndpointInfo>,
+{
+    /// Reads every realized map from the kernel and diffs it against `desired`.
+    pub fn plan(&self, desired: Desired<'_>) -> Result<Plan, RealizerError> {
+        Ok(Plan {
+            services: diff(desired.services, &self.services.read_all()?),
+            backends: diff(desired.backends, &self.backends.read_all()?),
+            endpoints: diff(desired.endpoints, &self.endpoints.read_all()?),
+        })
+    }
+
+    /// Applies `plan` in dependency order.
+    pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, RealizerError> {
+        let mut stats = ApplyStats::default();
+        stats.upserted += apply_upserts(&mut self.endpoints, &plan.endpoints, |_| 0)?;
+        stats.upserted += apply_upserts(&mut self.backends, &plan.backends, |_| 0)?;
+        stats.upserted += apply_upserts(&mut self.services, &plan.services, slots_first)?;
+        stats.removed += apply_removes(&mut self.services, &plan.services, frontends_first)?;
+        stats.removed += apply_removes(&mut self.backends, &plan.backends, |_| 0)?;
+        stats.removed += apply_removes(&mut self.endpoints, &plan.endpoints, |_| 0)?;
+        Ok(stats)
+    }
+
+    /// Reads, diffs and applies: one reconcile pass.
+    pub fn realize(&mut self, desired: Desired<'_>) -> Result<ApplyStats, RealizerError> {
+        let plan = self.plan(desired)?;
+        self.apply(&plan)
+    }
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.backends.is_empty() && self.endpoints.is_empty()
+    }
+
+    /// Every drifted entry of every map.
+    pub fn drift(&self) -> Vec<DriftEntry> {
+        let mut out = self.services.drift(names::SERVICES);
+        out.extend(self.backends.drift(names::BACKENDS));
+        out.extend(self.endpoints.drift(names::ENDPOINTS));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;
