@@ -1,1 +1,86 @@
-//! TODO
+//! The sluice agent, one per node.
+//!
+//! Data flows one way: the [`source`] turns the cluster file into store snapshots; on every
+//! new snapshot and on a periodic tick, [`node::Node::reconcile`] compiles the snapshot into
+//! the desired content of every map and hands it to the realizer, which diffs it against the
+//! kernel and applies the difference. The periodic pass is what repairs drift: it re-reads the
+//! kernel even when nothing upstream changed. [`server`] answers the CLI on a Unix socket.
+
+mod node;
+mod server;
+mod source;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+pub use node::Node;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Datapath(#[from] sluice_datapath::DatapathError),
+    #[error(transparent)]
+    Realizer(#[from] sluice_realizer::RealizerError),
+    #[error(transparent)]
+    Store(#[from] sluice_store::StoreError),
+    #[error("{call} {path}: {source}")]
+    Io { call: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{call}: {source}")]
+    Sys { call: &'static str, source: nix::Error },
+    #[error("reading map {map}: {source}")]
+    Map { map: &'static str, source: aya::maps::MapError },
+}
+
+/// Everything the agent needs to know at start.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node: String,
+    /// Snapshot written by the lab (later: produced by the Kubernetes watchers).
+    pub cluster_file: PathBuf,
+    /// bpffs directory for this agent's maps and links.
+    pub pin_dir: PathBuf,
+    pub api_socket: PathBuf,
+    /// How often a full reconcile re-reads the kernel, whatever changed upstream.
+    pub reconcile_interval: Duration,
+    pub datapath: sluice_datapath::DatapathConfig,
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay, so traffic keeps
+/// flowing while the agent is down and a new agent picks up where this one stopped.
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let node = Arc::new(Mutex::new(Node::start(&config)?));
+    let mut snapshots = source::watch(config.cluster_file.clone())?;
+    let listener = server::bind(&config.api_socket)?;
+    tokio::spawn(server::serve(listener, Arc::clone(&node)));
+
+    let mut tick = tokio::time::interval(config.reconcile_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
+    info!(node = %config.node, "agent running");
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    warn!("cluster source stopped; keeping the last snapshot");
+                    // Without a source only the periodic reconcile is left.
+                    std::future::pending::<()>().await;
+                }
+                let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                node.lock().await.set_snapshot(snapshot);
+            }
+            _ = tick.tick() => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+        node.lock().await.reconcile();
+    }
+    info!("agent stopping; pinned maps and links keep the datapath running");
+    let _ = std::fs::remove_file(&config.api_socket);
+    Ok(())
+}
+
+fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, AgentError> {
+    tokio::signal::unix::signal(kind).map_err(|source| AgentError::Io { call: "sigaction", path: PathBuf::new(), source })
+}

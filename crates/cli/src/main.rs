@@ -1,1 +1,205 @@
-fn main() {}
+//! `sluice`: the command line for an agent (status, services, conntrack, verify) and the lab.
+
+mod lab;
+mod table;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice_api::{AgentStatus, Client, CtEntry, Method, ServiceEntry, VerifyReport};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "eBPF dataplane for Kubernetes")]
+struct Cli {
+    /// Agent API socket. Defaults to the agent of --lab/--node if that lab exists, else /run/sluice/agent.sock.
+    #[arg(long, global = true, env = "SLUICE_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Lab name (for `lab` commands, and to reach a lab node's agent).
+    #[arg(long, global = true, env = "SLUICE_LAB", default_value = "sluice")]
+    lab: String,
+    /// Lab node whose agent to talk to (default: the first node).
+    #[arg(long, global = true)]
+    node: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Agent health and every map with its fill level.
+    Status,
+    /// Services as the datapath holds them.
+    Service {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Conntrack entries.
+    Ct {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Compare every map in the kernel with the desired state; exit 1 on drift.
+    Verify {
+        /// Also write the desired content where it drifted.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// A local cluster in network namespaces.
+    Lab {
+        #[command(subcommand)]
+        command: lab::LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListCommand {
+    List,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Lab { command } => lab::run(command, &cli.lab, cli.output),
+        Command::Status => status(&client(&cli)?, cli.output),
+        Command::Service { command: ListCommand::List } => service_list(&client(&cli)?, cli.output),
+        Command::Ct { command: ListCommand::List } => ct_list(&client(&cli)?, cli.output),
+        Command::Verify { repair } => verify(&client(&cli)?, *repair, cli.output),
+    }
+}
+
+fn client(cli: &Cli) -> anyhow::Result<Client> {
+    if let Some(socket) = &cli.socket {
+        return Ok(Client::new(socket));
+    }
+    if let Some(socket) = lab::agent_socket(&cli.lab, cli.node.as_deref())? {
+        return Ok(Client::new(socket));
+    }
+    Ok(Client::new("/run/sluice/agent.sock"))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value).context("encoding JSON")?);
+    Ok(())
+}
+
+fn status(client: &Client, output: Output) -> anyhow::Result<()> {
+    let s: AgentStatus = client.status()?;
+    if output == Output::Json {
+        return print_json(&s);
+    }
+    println!("Node:       {}", s.node);
+    println!("Version:    {}", s.version);
+    println!("Health:     {}", if s.healthy { "Ok" } else { "Failing" });
+    if let Some(e) = &s.last_error {
+        println!("Last error: {e}");
+    }
+    println!("Generation: desired {}, realized {}", s.desired_generation, s.realized_generation);
+    println!("Reconciles: {}", s.reconciles);
+    println!("Endpoints:  {}", s.endpoints);
+    println!();
+    let rows: Vec<_> = s
+        .maps
+        .iter()
+        .map(|m| {
+            let pct = if m.max_entries == 0 { 0.0 } else { 100.0 * m.entries as f64 / f64::from(m.max_entries) };
+            vec![m.name.clone(), m.entries.to_string(), m.max_entries.to_string(), format!("{pct:.1}%")]
+        })
+        .collect();
+    table::print(&["MAP", "ENTRIES", "MAX", "FILL"], &rows);
+    if !s.healthy {
+        bail!("agent is not healthy");
+    }
+    Ok(())
+}
+
+fn service_list(client: &Client, output: Output) -> anyhow::Result<()> {
+    let services: Vec<ServiceEntry> = client.call(Method::ServiceList, serde_json::Value::Null)?;
+    if output == Output::Json {
+        return print_json(&services);
+    }
+    let mut rows = Vec::new();
+    for (id, s) in (1..).zip(&services) {
+        let frontend = format!("{}:{}/{}", s.address, s.port, s.protocol);
+        let name = s.service.clone().unwrap_or_default();
+        if s.backends.is_empty() {
+            rows.push(vec![id.to_string(), frontend, s.kind.clone(), String::new(), name]);
+        }
+        for (n, b) in (1..).zip(&s.backends) {
+            let backend = format!("{n} => {}:{}/{} ({})", b.address, b.port, s.protocol, b.state);
+            let (id, frontend, kind, name) = if n == 1 {
+                (id.to_string(), frontend.clone(), s.kind.clone(), name.clone())
+            } else {
+                Default::default()
+            };
+            rows.push(vec![id, frontend, kind, backend, name]);
+        }
+    }
+    table::print(&["ID", "FRONTEND", "SERVICE TYPE", "BACKEND", "SERVICE"], &rows);
+    Ok(())
+}
+
+fn ct_list(client: &Client, output: Output) -> anyhow::Result<()> {
+    let entries: Vec<CtEntry> = client.call(Method::CtList, serde_json::Value::Null)?;
+    if output == Output::Json {
+        return print_json(&entries);
+    }
+    let rows: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.protocol.clone(),
+                e.scope.to_uppercase(),
+                format!("{} -> {}", e.source, e.destination),
+                e.nat.clone().unwrap_or_default(),
+                e.packets.to_string(),
+                e.bytes.to_string(),
+                format!("{}s", e.age_seconds),
+                format!("{}s", e.idle_seconds),
+                e.flags.join(","),
+            ]
+        })
+        .collect();
+    table::print(&["PROTO", "SCOPE", "TUPLE", "NAT", "PACKETS", "BYTES", "AGE", "IDLE", "FLAGS"], &rows);
+    Ok(())
+}
+
+fn verify(client: &Client, repair: bool, output: Output) -> anyhow::Result<()> {
+    let report: VerifyReport = client.call(Method::Verify, serde_json::json!({ "repair": repair }))?;
+    if output == Output::Json {
+        print_json(&report)?;
+    } else if report.drift.is_empty() {
+        println!("generation {}: every map matches the desired state", report.generation);
+    } else {
+        let rows: Vec<_> = report
+            .drift
+            .iter()
+            .map(|d| {
+                vec![
+                    d.map.clone(),
+                    d.kind.clone(),
+                    d.key.clone(),
+                    d.desired.clone().unwrap_or_else(|| "-".into()),
+                    d.actual.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        table::print(&["MAP", "DRIFT", "KEY", "DESIRED", "ACTUAL"], &rows);
+        if report.repaired {
+            println!("repaired {} entries", report.drift.len());
+        }
+    }
+    if !report.drift.is_empty() && !report.repaired {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! `sluice-agent`: the per-node agent binary.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use sluice_agent::AgentConfig;
+use sluice_datapath::DatapathConfig;
+
+#[derive(Parser)]
+#[command(name = "sluice-agent", version, about = "sluice per-node agent")]
+struct Args {
+    /// Name of this node, as pods' spec.nodeName and the endpoints name it.
+    #[arg(long)]
+    node: String,
+    /// Network namespace (under /run/netns) to run in; omit to stay in the current one.
+    #[arg(long)]
+    netns: Option<String>,
+    /// Snapshot file to watch.
+    #[arg(long)]
+    cluster_file: PathBuf,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long)]
+    pin_dir: PathBuf,
+    /// Unix socket for the CLI.
+    #[arg(long, default_value = "/run/sluice/agent.sock")]
+    api_socket: PathBuf,
+    /// Seconds between full reconciles that re-read the kernel.
+    #[arg(long, default_value_t = 2.0)]
+    reconcile_interval: f64,
+    /// Conntrack table size.
+    #[arg(long, default_value_t = DatapathConfig::default().ct_max_entries)]
+    ct_max_entries: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Enter the node's netns before any thread exists: every thread the runtime starts
+    // inherits it, while the mount namespace (and so bpffs) stays the host's.
+    if let Some(netns) = &args.netns {
+        let path = PathBuf::from("/run/netns").join(netns);
+        let ns = std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("setns {}", path.display()))?;
+    }
+    let config = AgentConfig {
+        node: args.node,
+        cluster_file: args.cluster_file,
+        pin_dir: args.pin_dir,
+        api_socket: args.api_socket,
+        reconcile_interval: Duration::from_secs_f64(args.reconcile_interval.max(0.1)),
+        datapath: DatapathConfig { ct_max_entries: args.ct_max_entries },
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting tokio")?
+        .block_on(sluice_agent::run(config))
+        .context("agent failed")
+}

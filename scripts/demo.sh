@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The demo: a one-node lab with the seed's nginx Deployment (2 replicas) behind the ClusterIP
+# Service nginx-service, a client pod that calls the service, and the agent's view of it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+cargo build --release --bins
+export PATH="$PWD/target/release:$PATH"
+export SLUICE_LAB_STATE="${SLUICE_LAB_STATE:-/run/sluice/labs}"
+lab="demo-$$"
+sl() { sluice --lab "$lab" "$@"; }
+trap 'sl lab down >/dev/null 2>&1 || true' EXIT
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "sluice lab up: one node (a network namespace) running its own agent"
+sl lab up -f examples/lab.yaml
+
+step "kubectl-style apply of the seed's manifest and a client pod"
+sl lab apply -f examples/nginx.yaml -f examples/client.yaml
+sl lab get pods
+sl lab get services
+sl lab get endpoints
+
+vip=$(sl lab get services -o json | jq -r '.[] | select(.name=="nginx-service") | .cluster_ip')
+step "20 requests from the client pod to http://$vip/ (the ClusterIP, translated in eBPF)"
+declare -A count
+for i in $(seq 1 20); do
+  backend=$(sl lab exec default/client -- curl -s --max-time 2 "http://$vip/")
+  echo "request $i -> $backend"
+  count[$backend]=$(( ${count[$backend]:-0} + 1 ))
+done
+step "requests per backend"
+for b in "${!count[@]}"; do echo "$b: ${count[$b]}"; done
+
+step "sluice service list"
+sl service list
+step "sluice ct list (first 10 entries)"
+sl ct list | head -n 11
+step "sluice status"
+sl status
+step "sluice verify"
+sl verify
+
+step "tearing down"
+sl lab down
+trap - EXIT
