@@ -122,6 +122,7 @@ struct metrics_value {
 #define REASON_FORWARDED             0
 #define DROP_INVALID               134 /* malformed IPv4 or L4 header */
 #define DROP_WRITE_ERROR           141 /* a packet rewrite helper failed */
+#define DROP_CT_CREATE_FAILED      155 /* conntrack entry could not be written */
 #define DROP_NO_SERVICE            158 /* service has no ready backend: rejected */
 #define DROP_SERVICE_PORT_UNKNOWN  210 /* known VIP, no frontend for this port */
 #define DROP_NO_BACKEND_SLOT       211 /* frontend count points past its slots */

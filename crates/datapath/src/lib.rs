@@ -1,1 +1,372 @@
-//! TODO
+//! The eBPF datapath: the C programs in `bpf/` (compiled by `build.rs`) and their loader.
+//!
+//! Every map is pinned by name under one directory on bpffs, so user space without the
+//! programs ([`PinnedMaps`]) and a restarted agent see the same state. tcx links are pinned
+//! under `<pin_dir>/links/`, so traffic keeps flowing while no agent runs; a new agent
+//! swaps its programs into the existing links atomically.
+
+mod error;
+mod pinned;
+
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapInfo, MapType},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+    sys::SyscallError,
+};
+use sluice_common::{
+    Ct4Entry, Ct4Key, EndpointInfo, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue,
+    names, programs,
+};
+
+pub use error::DatapathError;
+pub use pinned::{PinnedMaps, remove_pins};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
+
+/// The embedded object, for tests that read its BTF.
+pub fn object_bytes() -> &'static [u8] {
+    OBJECT
+}
+
+/// Subdirectory of the pin directory holding the pinned tcx links.
+const LINKS_DIR: &str = "links";
+
+/// Where each program is attached on a pod's host-side veth.
+const HOOKS: [(&str, TcAttachType, &str); 2] = [
+    (programs::FROM_CONTAINER, TcAttachType::Ingress, "ingress"),
+    (programs::TO_CONTAINER, TcAttachType::Egress, "egress"),
+];
+
+/// What a map pinned by an earlier run must look like to be reused.
+pub(crate) struct MapSpec {
+    pub name: &'static str,
+    pub map_type: MapType,
+    pub key_size: usize,
+    pub value_size: usize,
+}
+
+pub(crate) const MAPS: [MapSpec; 5] = [
+    MapSpec {
+        name: names::SERVICES,
+        map_type: MapType::Hash,
+        key_size: size_of::<Lb4Key>(),
+        value_size: size_of::<Lb4Service>(),
+    },
+    MapSpec {
+        name: names::BACKENDS,
+        map_type: MapType::Hash,
+        key_size: size_of::<Lb4BackendKey>(),
+        value_size: size_of::<Lb4Backend>(),
+    },
+    MapSpec {
+        name: names::CONNTRACK,
+        map_type: MapType::LruHash,
+        key_size: size_of::<Ct4Key>(),
+        value_size: size_of::<Ct4Entry>(),
+    },
+    MapSpec {
+        name: names::ENDPOINTS,
+        map_type: MapType::Hash,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<EndpointInfo>(),
+    },
+    MapSpec {
+        name: names::METRICS,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<MetricsValue>(),
+    },
+];
+
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// Capacity of the conntrack map when it is created (a reused pin keeps its own).
+    pub ct_max_entries: u32,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            ct_max_entries: 65536,
+        }
+    }
+}
+
+/// The loaded programs and the directory their maps and links are pinned under.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads the embedded object. Every map is pinned as `<pin_dir>/<map name>`; maps
+    /// already pinned there are reused (agent restart keeps state). Creates `pin_dir`.
+    pub fn load(pin_dir: &Path, config: &DatapathConfig) -> Result<Self, DatapathError> {
+        fs::create_dir_all(pin_dir).map_err(|source| DatapathError::Io {
+            call: "mkdir",
+            path: pin_dir.into(),
+            source,
+        })?;
+        // aya reuses a pinned map without comparing it to the object, so a layout change
+        // would otherwise go unnoticed and corrupt entries.
+        for spec in &MAPS {
+            check_pinned_map(pin_dir, spec)?;
+        }
+
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::CONNTRACK, config.ct_max_entries);
+        for spec in &MAPS {
+            loader.map_pin_path(spec.name, pin_dir.join(spec.name));
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
+
+        for (name, _, _) in HOOKS {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    program: name,
+                    action: "load",
+                    source,
+                })?;
+        }
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.into(),
+        })
+    }
+
+    /// Attaches from_container (tcx ingress) and to_container (tcx egress) to `ifname` in
+    /// the current network namespace. Links are pinned as
+    /// `<pin_dir>/links/<ifname>.{ingress,egress}` so traffic survives an agent exit; if
+    /// pinned links already exist (agent restarted), this program is swapped in atomically.
+    /// Calling it again for an attached interface is harmless.
+    pub fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        check_ifname(ifname)?;
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        fs::create_dir_all(&links_dir).map_err(|source| DatapathError::Io {
+            call: "mkdir",
+            path: links_dir.clone(),
+            source,
+        })?;
+        for (name, attach_type, suffix) in HOOKS {
+            let path = links_dir.join(format!("{ifname}.{suffix}"));
+            let program = classifier(&mut self.ebpf, name)?;
+            attach_pinned(program, name, ifname, attach_type, &path)?;
+        }
+        Ok(())
+    }
+
+    /// Unpins and so detaches the links of `ifname` (fine if the interface is already gone).
+    pub fn detach(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        check_ifname(ifname)?;
+        for (_, _, suffix) in HOOKS {
+            let path = self
+                .pin_dir
+                .join(LINKS_DIR)
+                .join(format!("{ifname}.{suffix}"));
+            // The pin is the link's only reference (attach closes its own fds), so
+            // removing it releases the link, which detaches the program.
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(DatapathError::Io {
+                        call: "unlink",
+                        path,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Interfaces with pinned links.
+    pub fn attached(&self) -> Result<BTreeSet<String>, DatapathError> {
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        let io_err = |source| DatapathError::Io {
+            call: "readdir",
+            path: links_dir.clone(),
+            source,
+        };
+        let entries = match fs::read_dir(&links_dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+            Err(err) => return Err(io_err(err)),
+        };
+        let mut interfaces = BTreeSet::new();
+        for entry in entries {
+            let file_name = entry.map_err(io_err)?.file_name();
+            let Some(file_name) = file_name.to_str() else {
+                continue;
+            };
+            if let Some((ifname, suffix)) = file_name.rsplit_once('.')
+                && HOOKS.iter().any(|(_, _, s)| *s == suffix)
+            {
+                interfaces.insert(ifname.to_owned());
+            }
+        }
+        Ok(interfaces)
+    }
+
+    /// The from_container / to_container program, for BPF_PROG_TEST_RUN.
+    pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
+        classifier(&mut self.ebpf, name)
+    }
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, DatapathError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::ProgramType {
+            program: name.to_owned(),
+            source,
+        })
+}
+
+/// Interface names become file names under the pin directory.
+fn check_ifname(ifname: &str) -> Result<(), DatapathError> {
+    // IFNAMSIZ is 16 including the terminating NUL.
+    let valid = !ifname.is_empty()
+        && ifname.len() < 16
+        && ifname != "."
+        && ifname != ".."
+        && !ifname.contains(['/', '\0'])
+        && !ifname.chars().any(char::is_whitespace);
+    if valid {
+        Ok(())
+    } else {
+        Err(DatapathError::InvalidInterfaceName(ifname.to_owned()))
+    }
+}
+
+fn check_pinned_map(pin_dir: &Path, spec: &MapSpec) -> Result<(), DatapathError> {
+    let path = pin_dir.join(spec.name);
+    if !path.exists() {
+        return Ok(());
+    }
+    let map_err = |source| DatapathError::Map {
+        map: spec.name,
+        path: path.clone(),
+        source,
+    };
+    let info = MapInfo::from_pin(&path).map_err(map_err)?;
+    let map_type = info.map_type().map_err(map_err)?;
+    let found = (
+        map_type,
+        info.key_size() as usize,
+        info.value_size() as usize,
+    );
+    if found != (spec.map_type, spec.key_size, spec.value_size) {
+        return Err(DatapathError::IncompatibleMap {
+            map: spec.name,
+            path,
+            found: format!("{:?} key {} value {}", found.0, found.1, found.2),
+            expected: format!(
+                "{:?} key {} value {}",
+                spec.map_type, spec.key_size, spec.value_size
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Attaches `program` through the link pinned at `path`, creating and pinning the link
+/// when there is none yet, or when the pinned one is defunct (its interface was deleted).
+fn attach_pinned(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    ifname: &str,
+    attach_type: TcAttachType,
+    path: &Path,
+) -> Result<(), DatapathError> {
+    let attach_err = |source| DatapathError::Attach {
+        program: name,
+        interface: ifname.to_owned(),
+        source,
+    };
+    match PinnedLink::from_pin(path) {
+        Ok(pinned) => {
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                DatapathError::Link {
+                    path: path.into(),
+                    source,
+                }
+            })?;
+            match program.attach_to_link(link) {
+                Ok(id) => {
+                    // Keep the pin as the only reference, so detach() can release the link.
+                    drop(program.take_link(id).map_err(attach_err)?);
+                    return Ok(());
+                }
+                Err(aya::programs::ProgramError::SyscallError(SyscallError {
+                    io_error, ..
+                })) if io_error.raw_os_error() == Some(libc::ENOLINK) => {
+                    // The interface behind the link is gone; a new one may carry its name.
+                    remove_file(path)?;
+                }
+                Err(source) => return Err(attach_err(source)),
+            }
+        }
+        Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+            if io_error.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(DatapathError::Link {
+                path: path.into(),
+                source,
+            });
+        }
+    }
+
+    let id = program
+        .attach_with_options(
+            ifname,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(attach_err)?;
+    let link = program.take_link(id).map_err(attach_err)?;
+    let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+        path: path.into(),
+        source,
+    })?;
+    // On failure the link is dropped here, which detaches the program again.
+    link.pin(path).map_err(|source| DatapathError::PinLink {
+        path: path.into(),
+        source,
+    })?;
+    Ok(())
+}
+
+fn remove_file(path: &Path) -> Result<(), DatapathError> {
+    fs::remove_file(path).map_err(|source| DatapathError::Io {
+        call: "unlink",
+        path: path.into(),
+        source,
+    })
+}

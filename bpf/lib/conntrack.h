@@ -1,0 +1,115 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Conntrack on the single LRU map `ct4`; the three scopes are described in common.h. */
+#ifndef SLUICE_CONNTRACK_H
+#define SLUICE_CONNTRACK_H
+
+#include <stdbool.h>
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+
+#include "common.h"
+#include "maps.h"
+#include "parse.h"
+
+#define NSEC_PER_SEC 1000000000ULL
+
+/* How long an idle entry keeps describing its connection. */
+#define CT_LIFETIME_TCP         (6ULL * 3600 * NSEC_PER_SEC)
+#define CT_LIFETIME_TCP_CLOSING (10ULL * NSEC_PER_SEC)
+#define CT_LIFETIME_NONTCP      (60ULL * NSEC_PER_SEC)
+
+static __always_inline void ct_key_init(struct ct4_key *key, __be32 saddr, __be32 daddr,
+					__be16 sport, __be16 dport, __u8 proto, __u8 scope)
+{
+	*key = (struct ct4_key){
+		.saddr = saddr,
+		.daddr = daddr,
+		.sport = sport,
+		.dport = dport,
+		.proto = proto,
+		.scope = scope,
+	};
+}
+
+/* The entry of @pkt's tuple, or of the reversed tuple (the reply direction). */
+static __always_inline struct ct4_entry *ct_lookup(const struct pkt4 *pkt, __u8 scope, bool reversed)
+{
+	struct ct4_key key;
+
+	if (reversed)
+		ct_key_init(&key, pkt->daddr, pkt->saddr, pkt->dport, pkt->sport, pkt->proto, scope);
+	else
+		ct_key_init(&key, pkt->saddr, pkt->daddr, pkt->sport, pkt->dport, pkt->proto, scope);
+	return bpf_map_lookup_elem(&ct4, &key);
+}
+
+static __always_inline __u8 ct_flags_of(const struct pkt4 *pkt)
+{
+	return pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) ? CT_FLAG_CLOSING : 0;
+}
+
+static __always_inline bool ct_expired(const struct ct4_entry *entry, __u8 proto, __u64 now)
+{
+	__u64 lifetime = CT_LIFETIME_NONTCP;
+
+	if (proto == IPPROTO_TCP)
+		lifetime = entry->flags & CT_FLAG_CLOSING ? CT_LIFETIME_TCP_CLOSING : CT_LIFETIME_TCP;
+	return now - entry->last_seen_ns > lifetime;
+}
+
+/* Accounts @pkt to an existing entry in place, without a map update: only counters,
+ * last_seen and flags change. Flag bytes race benignly (a lost bit comes back with the
+ * next packet); the counters use atomic adds. */
+static __always_inline void ct_account(struct ct4_entry *entry, const struct pkt4 *pkt,
+				       __u8 flags, __u64 now)
+{
+	flags |= ct_flags_of(pkt);
+	entry->last_seen_ns = now;
+	__sync_fetch_and_add(&entry->packets, 1);
+	__sync_fetch_and_add(&entry->bytes, pkt->len);
+	if ((entry->tcp_flags_seen & pkt->tcp_flags) != pkt->tcp_flags)
+		entry->tcp_flags_seen |= pkt->tcp_flags;
+	if ((entry->flags & flags) != flags)
+		entry->flags |= flags;
+}
+
+static __always_inline int ct_create(const struct ct4_key *key, const struct pkt4 *pkt,
+				     __be32 nat_address, __be16 nat_port, __u8 flags,
+				     __u32 ifindex, __u64 now)
+{
+	struct ct4_entry entry = {
+		.created_ns = now,
+		.last_seen_ns = now,
+		.packets = 1,
+		.bytes = pkt->len,
+		.nat_address = nat_address,
+		.nat_port = nat_port,
+		.flags = flags | ct_flags_of(pkt),
+		.tcp_flags_seen = pkt->tcp_flags,
+		.ifindex = ifindex,
+	};
+
+	return bpf_map_update_elem(&ct4, key, &entry, BPF_ANY);
+}
+
+/* Accounts @pkt to the entry of @key, creating it on a miss. An existing entry is
+ * replaced when it no longer describes this connection: its translation differs, or
+ * a pure SYN shows the tuple was reused for a new connection (stale tuples after
+ * source port reuse would otherwise be rev-NATed wrongly). */
+static __always_inline int ct_upsert(const struct ct4_key *key, const struct pkt4 *pkt,
+				     __be32 nat_address, __be16 nat_port, __u8 flags,
+				     __u32 ifindex, __u64 now)
+{
+	struct ct4_entry *entry = bpf_map_lookup_elem(&ct4, key);
+
+	if (entry && !tcp_pure_syn(pkt) && entry->nat_address == nat_address &&
+	    entry->nat_port == nat_port &&
+	    (entry->flags & CT_FLAG_LOOPBACK) == (flags & CT_FLAG_LOOPBACK)) {
+		ct_account(entry, pkt, 0, now);
+		return 0;
+	}
+	return ct_create(key, pkt, nat_address, nat_port, flags, ifindex, now);
+}
+
+#endif

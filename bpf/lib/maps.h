@@ -1,0 +1,59 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * BTF map definitions. Names are the pin names (crates/common/src/maps.rs `names`);
+ * user space pins every map itself, so no `pinning` attribute here.
+ */
+#ifndef SLUICE_MAPS_H
+#define SLUICE_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "common.h"
+
+#define LB4_SERVICES_MAX 65536
+#define LB4_BACKENDS_MAX 65536
+#define CT4_MAX          65536 /* user space may override with set_max_entries */
+#define ENDPOINTS_MAX    4096
+
+/* The service, backend and endpoint maps are written by user space only, so they
+ * need no preallocation (Cilium does the same); LRU maps are always preallocated. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb4_key);
+	__type(value, struct lb4_service);
+	__uint(max_entries, LB4_SERVICES_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} lb4_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb4_backend_key);
+	__type(value, struct lb4_backend);
+	__uint(max_entries, LB4_BACKENDS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} lb4_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct4_key);
+	__type(value, struct ct4_entry);
+	__uint(max_entries, CT4_MAX);
+} ct4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); /* ifindex of the host-side veth */
+	__type(value, struct endpoint_info);
+	__uint(max_entries, ENDPOINTS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32); /* reason * 2 + direction */
+	__type(value, struct metrics_value);
+	__uint(max_entries, METRICS_MAX);
+} metrics SEC(".maps");
+
+#endif

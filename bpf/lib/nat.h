@@ -1,0 +1,90 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Address and port rewrites with incremental checksum updates. */
+#ifndef SLUICE_NAT_H
+#define SLUICE_NAT_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+
+#include "parse.h"
+
+#define IP_CSUM_OFF  (ETH_HLEN + __builtin_offsetof(struct iphdr, check))
+#define IP_SADDR_OFF (ETH_HLEN + __builtin_offsetof(struct iphdr, saddr))
+#define IP_DADDR_OFF (ETH_HLEN + __builtin_offsetof(struct iphdr, daddr))
+
+/* Source and destination ports sit at the same offsets in TCP and UDP. */
+static __always_inline __u32 l4_sport_off(const struct pkt4 *pkt)
+{
+	return pkt->l4_off + __builtin_offsetof(struct tcphdr, source);
+}
+
+static __always_inline __u32 l4_dport_off(const struct pkt4 *pkt)
+{
+	return pkt->l4_off + __builtin_offsetof(struct tcphdr, dest);
+}
+
+static __always_inline __u32 l4_csum_off(const struct pkt4 *pkt)
+{
+	if (pkt->proto == IPPROTO_TCP)
+		return pkt->l4_off + __builtin_offsetof(struct tcphdr, check);
+	return pkt->l4_off + __builtin_offsetof(struct udphdr, check);
+}
+
+/* A zero UDP checksum means "none" and must stay zero; a result of zero is
+ * written as 0xffff instead (RFC 768). */
+static __always_inline __u64 l4_csum_flags(const struct pkt4 *pkt)
+{
+	return pkt->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+}
+
+/* Rewrites the IPv4 address at @off (IP_SADDR_OFF or IP_DADDR_OFF). The address is
+ * part of the L4 pseudo-header, hence BPF_F_PSEUDO_HDR on the L4 update. */
+static __always_inline int nat_rewrite_addr(struct __sk_buff *skb, const struct pkt4 *pkt,
+					    __u32 off, __be32 old_addr, __be32 new_addr)
+{
+	if (old_addr == new_addr)
+		return 0;
+	if (bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_addr, new_addr,
+				BPF_F_PSEUDO_HDR | sizeof(new_addr) | l4_csum_flags(pkt)) < 0)
+		return -1;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new_addr, sizeof(new_addr), 0);
+}
+
+/* Rewrites the port at @off (l4_sport_off or l4_dport_off); ports are not in the
+ * pseudo-header. */
+static __always_inline int nat_rewrite_port(struct __sk_buff *skb, const struct pkt4 *pkt,
+					    __u32 off, __be16 old_port, __be16 new_port)
+{
+	if (old_port == new_port)
+		return 0;
+	if (bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_port, new_port,
+				sizeof(new_port) | l4_csum_flags(pkt)) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new_port, sizeof(new_port), 0);
+}
+
+/* Swaps the Ethernet addresses so a frame turned around towards its sender is
+ * addressed to it (the pod drops frames not sent to its own MAC). */
+static __always_inline int eth_swap_macs(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	__u8 tmp[ETH_ALEN];
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	__builtin_memcpy(tmp, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, tmp, ETH_ALEN);
+	return 0;
+}
+
+#endif

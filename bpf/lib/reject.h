@@ -1,0 +1,91 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Turning a packet to a service without backends into an ICMP port unreachable. */
+#ifndef SLUICE_REJECT_H
+#define SLUICE_REJECT_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "nat.h"
+#include "parse.h"
+
+/* <linux/icmp.h> includes glibc's <sys/socket.h> (through <linux/if.h>), which does
+ * not build for the BPF target, so the two values are repeated here. */
+#define ICMP_DEST_UNREACH 3
+#define ICMP_PORT_UNREACH 3
+
+#define REJECT_TTL 64
+
+/* The ICMP message: header, then the offending IP header and the first 8 bytes
+ * of its payload (RFC 792). No padding: 8 + 20 + 8 bytes. */
+struct icmp4_unreach {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be32 unused;
+	struct iphdr quoted_ip;
+	__u8 quoted_l4[8];
+};
+
+#define REJECT_LEN (ETH_HLEN + sizeof(struct iphdr) + sizeof(struct icmp4_unreach))
+
+static __always_inline __sum16 csum_fold(__s64 csum)
+{
+	__u32 sum = (__u32)csum;
+
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__sum16)~sum;
+}
+
+/* Rewrites @pkt in place into an ICMP destination unreachable / port unreachable
+ * from the service address back to the client, ready to be redirected to the
+ * client. Linux reports it as ECONNREFUSED to TCP connect() and to connected UDP
+ * sockets. Only option-less IP headers are quoted (the caller drops others).
+ * Returns 0 or a negative value when a helper failed. */
+static __always_inline int reject_port_unreachable(struct __sk_buff *skb, const struct pkt4 *pkt)
+{
+	struct icmp4_unreach msg = {};
+	struct iphdr ip = {};
+	void *data, *data_end;
+
+	if (pkt->l4_off != ETH_HLEN + sizeof(struct iphdr))
+		return -1;
+
+	/* parse_ipv4 made the IP header and at least 8 bytes of L4 linear. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (data + ETH_HLEN + sizeof(struct iphdr) + sizeof(msg.quoted_l4) > data_end)
+		return -1;
+	__builtin_memcpy(&msg.quoted_ip, data + ETH_HLEN, sizeof(msg.quoted_ip));
+	__builtin_memcpy(msg.quoted_l4, data + ETH_HLEN + sizeof(struct iphdr), sizeof(msg.quoted_l4));
+
+	if (eth_swap_macs(skb) < 0)
+		return -1;
+	/* Trim (or pad, for a bare UDP header) to exactly the reply. */
+	if (bpf_skb_change_tail(skb, REJECT_LEN, 0) < 0)
+		return -1;
+
+	msg.type = ICMP_DEST_UNREACH;
+	msg.code = ICMP_PORT_UNREACH;
+	msg.checksum = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&msg, sizeof(msg), 0));
+
+	ip.version = 4;
+	ip.ihl = sizeof(struct iphdr) / 4;
+	ip.tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(msg));
+	ip.ttl = REJECT_TTL;
+	ip.protocol = IPPROTO_ICMP;
+	ip.saddr = pkt->daddr;
+	ip.daddr = pkt->saddr;
+	ip.check = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
+
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &msg, sizeof(msg), 0);
+}
+
+#endif

@@ -1,0 +1,184 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Programs on the host-side veth of every local pod (the lxc* interface):
+ *  from_container at tc ingress: packets leaving the pod;
+ *  to_container   at tc egress:  packets entering the pod.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lib/common.h"
+#include "lib/conntrack.h"
+#include "lib/lb.h"
+#include "lib/maps.h"
+#include "lib/metrics.h"
+#include "lib/nat.h"
+#include "lib/parse.h"
+#include "lib/reject.h"
+
+#define LOOPBACK_IPV4 bpf_htonl(LOOPBACK_IPV4_HOST_ORDER)
+
+/* The backend's reply on a hairpin connection (it reached itself through a service
+ * and its own connection was source-NATed to LOOPBACK_IPV4): restore the frontend as
+ * source and the pod as destination, and turn it around into the pod. */
+static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt4 *pkt,
+					 const struct ct4_entry *entry)
+{
+	__be32 frontend = entry->nat_address;
+	__be16 frontend_port = entry->nat_port;
+
+	if (nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, frontend) < 0 ||
+	    nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, pkt->saddr) < 0 ||
+	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, frontend_port) < 0 ||
+	    eth_swap_macs(skb) < 0)
+		return verdict_drop(skb, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* A packet to a service frontend: pick the backend, record the connection and
+ * DNAT it (plus SNAT to LOOPBACK_IPV4 when the pod reaches itself). */
+static __always_inline int service_forward(struct __sk_buff *skb, const struct pkt4 *pkt,
+					   const struct lb4_service *svc, __u64 now)
+{
+	struct lb4_service backend = {};
+	__be32 saddr = pkt->saddr;
+	__u8 ct_flags = 0;
+	struct ct4_key key;
+	int reason;
+
+	if (svc->count == 0) {
+		/* No ready backend: refuse at once instead of letting the client time out. */
+		metrics_count(skb, DROP_NO_SERVICE, METRIC_DIR_EGRESS);
+		if (reject_port_unreachable(skb, pkt) < 0)
+			return TC_ACT_SHOT;
+		return bpf_redirect(skb->ifindex, 0);
+	}
+
+	reason = lb4_select_backend(skb, pkt, svc, now, &backend);
+	if (reason)
+		return verdict_drop(skb, reason, METRIC_DIR_EGRESS);
+
+	if (backend.backend_address == pkt->saddr) {
+		/* The backend would see its own address as source and answer itself. */
+		saddr = LOOPBACK_IPV4;
+		ct_flags = CT_FLAG_LOOPBACK;
+	}
+
+	ct_key_init(&key, saddr, backend.backend_address, pkt->sport, backend.backend_port,
+		    pkt->proto, CT_EGRESS);
+	if (ct_upsert(&key, pkt, pkt->daddr, pkt->dport, ct_flags, skb->ifindex, now) < 0)
+		return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
+
+	if (nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, backend.backend_address) < 0 ||
+	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, backend.backend_port) < 0 ||
+	    nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, saddr) < 0)
+		return verdict_drop(skb, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+	return verdict_pass(skb, METRIC_DIR_EGRESS);
+}
+
+SEC("classifier")
+int from_container(struct __sk_buff *skb)
+{
+	struct lb4_service *svc;
+	struct ct4_entry *entry;
+	struct ct4_key key;
+	struct pkt4 pkt;
+	__u64 now;
+
+	switch (parse_ipv4(skb, &pkt)) {
+	case PARSE_INVALID:
+		return verdict_drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
+	case PARSE_OTHER:
+		return verdict_pass(skb, METRIC_DIR_EGRESS);
+	case PARSE_L4:
+		break;
+	}
+	now = bpf_ktime_get_ns();
+
+	entry = ct_lookup(&pkt, CT_EGRESS, true);
+	if (entry && (entry->flags & CT_FLAG_LOOPBACK)) {
+		ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now);
+		return hairpin_reply(skb, &pkt, entry);
+	}
+
+	entry = ct_lookup(&pkt, CT_INGRESS, true);
+	if (entry) {
+		ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now);
+		return verdict_pass(skb, METRIC_DIR_EGRESS);
+	}
+
+	svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
+	if (svc)
+		return service_forward(skb, &pkt, svc, now);
+	if (lb4_vip_known(pkt.daddr))
+		return verdict_drop(skb, DROP_SERVICE_PORT_UNKNOWN, METRIC_DIR_EGRESS);
+
+	/* A new or ongoing connection to a non-service destination.
+	 * (Egress policy will judge new connections here.) */
+	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_EGRESS);
+	if (ct_upsert(&key, &pkt, 0, 0, 0, skb->ifindex, now) < 0)
+		return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
+	return verdict_pass(skb, METRIC_DIR_EGRESS);
+}
+
+SEC("classifier")
+int to_container(struct __sk_buff *skb)
+{
+	struct ct4_entry *entry;
+	struct ct4_key key;
+	struct pkt4 pkt;
+	__u64 now;
+
+	switch (parse_ipv4(skb, &pkt)) {
+	case PARSE_INVALID:
+		return verdict_drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+	case PARSE_OTHER:
+		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	case PARSE_L4:
+		break;
+	}
+	now = bpf_ktime_get_ns();
+
+	entry = ct_lookup(&pkt, CT_EGRESS, true);
+	if (entry) {
+		/* A reply on a connection the pod opened. */
+		__be32 frontend = entry->nat_address;
+		__be16 frontend_port = entry->nat_port;
+		struct ct4_entry *service;
+
+		ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now);
+		if (!frontend || (entry->flags & CT_FLAG_LOOPBACK))
+			return verdict_pass(skb, METRIC_DIR_INGRESS);
+
+		/* Replies keep the connection's backend choice alive too, so a client that
+		 * only receives does not get moved to another backend. */
+		ct_key_init(&key, pkt.daddr, frontend, pkt.dport, frontend_port, pkt.proto, CT_SERVICE);
+		service = bpf_map_lookup_elem(&ct4, &key);
+		if (service)
+			service->last_seen_ns = now;
+
+		if (nat_rewrite_addr(skb, &pkt, IP_SADDR_OFF, pkt.saddr, frontend) < 0 ||
+		    nat_rewrite_port(skb, &pkt, l4_sport_off(&pkt), pkt.sport, frontend_port) < 0)
+			return verdict_drop(skb, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
+		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	}
+
+	entry = ct_lookup(&pkt, CT_SERVICE, true);
+	if (entry) {
+		/* A hairpin reply, already rev-NATed by from_container. */
+		ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now);
+		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	}
+
+	/* A new or ongoing inbound connection.
+	 * (Ingress policy will judge new connections here.) */
+	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_INGRESS);
+	if (ct_upsert(&key, &pkt, 0, 0, 0, skb->ifindex, now) < 0)
+		return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_INGRESS);
+	return verdict_pass(skb, METRIC_DIR_INGRESS);
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,63 @@
+use std::{io, path::PathBuf};
+
+use aya::{
+    EbpfError,
+    maps::MapError,
+    pin::PinError,
+    programs::{ProgramError, links::LinkError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("{call} {path}: {source}")]
+    Io {
+        call: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("loading the datapath object: {0}")]
+    Load(#[source] EbpfError),
+    #[error("program {0} is not in the datapath object")]
+    MissingProgram(String),
+    #[error("program {program} is not a tc classifier: {source}")]
+    ProgramType {
+        program: String,
+        source: ProgramError,
+    },
+    #[error("{action} program {program}: {source}")]
+    Program {
+        program: &'static str,
+        action: &'static str,
+        source: ProgramError,
+    },
+    #[error("invalid interface name {0:?}")]
+    InvalidInterfaceName(String),
+    #[error("attaching {program} to {interface}: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        source: ProgramError,
+    },
+    #[error("link pinned at {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
+    #[error("pinning link at {path}: {source}")]
+    PinLink { path: PathBuf, source: PinError },
+    #[error("map {map} at {path}: {source}")]
+    Map {
+        map: &'static str,
+        path: PathBuf,
+        source: MapError,
+    },
+    #[error("reading the kernel's info on map {map}: {source}")]
+    MapInfo { map: &'static str, source: MapError },
+    #[error(
+        "map {map} pinned at {path} is {found}, the datapath needs {expected} \
+         (remove the pins to start over)"
+    )]
+    IncompatibleMap {
+        map: &'static str,
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+}

@@ -1,0 +1,91 @@
+//! Loading, pinning and reusing the maps (needs root and bpffs; never skipped).
+
+mod support;
+
+use std::net::Ipv4Addr;
+
+use aya::maps::{HashMap, MapData};
+use sluice_common::{CT_EGRESS, Ct4Entry, Ct4Key, IPPROTO_TCP, names, programs};
+use sluice_datapath::{Datapath, DatapathConfig, DatapathError, PinnedMaps};
+use support::PinDir;
+
+#[test]
+fn load_pins_every_map_and_reports_program_sizes() {
+    let pins = PinDir::new();
+    let config = DatapathConfig {
+        ct_max_entries: 4096,
+    };
+    let mut datapath = Datapath::load(pins.path(), &config).expect("load");
+
+    let maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
+    let capacities = maps.capacities().expect("capacities");
+    assert_eq!(
+        capacities,
+        vec![
+            (names::SERVICES, 65536),
+            (names::BACKENDS, 65536),
+            (names::CONNTRACK, 4096),
+            (names::ENDPOINTS, 4096),
+            (names::METRICS, 512),
+        ]
+    );
+
+    for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
+        let info = datapath.program(name).unwrap().info().unwrap();
+        let xlated = info.size_translated().unwrap_or(0) / 8;
+        println!(
+            "{name}: {xlated} xlated instructions, {} verified",
+            info.verified_instruction_count().unwrap_or(0)
+        );
+        assert!(xlated > 0);
+    }
+    assert!(datapath.program("no_such_program").is_err());
+}
+
+#[test]
+fn reload_reuses_pinned_maps() {
+    let pins = PinDir::new();
+    let key = Ct4Key::new(
+        (Ipv4Addr::new(10, 0, 1, 2), 40000),
+        (Ipv4Addr::new(10, 0, 2, 2), 80),
+        IPPROTO_TCP,
+        CT_EGRESS,
+    );
+    let entry = Ct4Entry {
+        packets: 7,
+        ..Ct4Entry::default()
+    };
+    {
+        let _first = Datapath::load(pins.path(), &DatapathConfig::default()).expect("first load");
+        let mut maps = PinnedMaps::open(pins.path()).expect("open");
+        maps.conntrack.insert(key, entry, 0).expect("insert");
+    }
+    // A restarted agent: the new maps are the pinned ones, the override does not apply.
+    let _second = Datapath::load(
+        pins.path(),
+        &DatapathConfig {
+            ct_max_entries: 1024,
+        },
+    )
+    .expect("second load");
+    let maps = PinnedMaps::open(pins.path()).expect("open");
+    assert_eq!(maps.conntrack.get(&key, 0).expect("entry survives"), entry);
+    let ct = maps.capacities().unwrap();
+    assert!(ct.contains(&(names::CONNTRACK, 65536)), "{ct:?}");
+}
+
+#[test]
+fn incompatible_pinned_map_is_refused() {
+    let pins = PinDir::new();
+    std::fs::create_dir_all(pins.path()).unwrap();
+    let wrong: HashMap<MapData, u32, u32> = HashMap::create(16, 0).expect("create map");
+    wrong
+        .pin(pins.path().join(names::CONNTRACK))
+        .expect("pin map");
+
+    let err = Datapath::load(pins.path(), &DatapathConfig::default()).unwrap_err();
+    assert!(
+        matches!(err, DatapathError::IncompatibleMap { map, .. } if map == names::CONNTRACK),
+        "{err}"
+    );
+}

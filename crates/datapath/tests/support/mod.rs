@@ -1,0 +1,284 @@
+//! Shared by the datapath tests: pin directory guards, packet crafting, checksums and
+//! BPF_PROG_TEST_RUN.
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use sluice_common::{IPPROTO_TCP, IPPROTO_UDP};
+use sluice_datapath::{Datapath, DatapathConfig, remove_pins};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, for pin dirs, namespaces and interfaces.
+pub fn unique_name(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}-{n}", std::process::id())
+}
+
+/// A pin directory on bpffs that is removed, with all it holds, on drop.
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    pub fn new() -> Self {
+        Self(Path::new("/sys/fs/bpf").join(unique_name("sluice-test-")))
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(err) = remove_pins(&self.0) {
+            eprintln!("cleanup: {err}");
+        }
+    }
+}
+
+/// Loads the datapath into a fresh pin dir. Panics (fails the test) if BPF can't load.
+pub fn load() -> (PinDir, Datapath) {
+    let pins = PinDir::new();
+    let datapath = Datapath::load(pins.path(), &DatapathConfig::default())
+        .unwrap_or_else(|err| panic!("loading the datapath into {}: {err}", pins.path().display()));
+    (pins, datapath)
+}
+
+// ---- packet crafting ----
+
+pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_ICMP: u8 = 1;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// One's complement sum of `data` as big-endian 16-bit words, added to `sum`.
+fn sum16(data: &[u8], mut sum: u32) -> u32 {
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The Internet checksum of `data`.
+pub fn checksum(data: &[u8]) -> u16 {
+    fold(sum16(data, 0))
+}
+
+/// The TCP/UDP checksum of `l4` (checksum field zeroed by the caller) for the addresses.
+fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    fold(sum16(l4, sum16(&pseudo, 0)))
+}
+
+/// An IPv4 header (no options) with a valid checksum.
+pub fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload_len: usize) -> Vec<u8> {
+    let mut ip = vec![0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + payload_len) as u16).to_be_bytes());
+    ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip
+}
+
+pub fn ethernet(src: [u8; 6], dst: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(ETH_HLEN + payload.len());
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&src);
+    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An Ethernet frame from the pod to the node with a TCP segment and valid checksums.
+pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![0u8; 20];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    if flags & TCP_ACK != 0 {
+        l4[8..12].copy_from_slice(&2000u32.to_be_bytes());
+    }
+    l4[12] = 5 << 4;
+    l4[13] = flags;
+    l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    l4.extend_from_slice(payload);
+    let sum = l4_checksum(*src.ip(), *dst.ip(), IPPROTO_TCP, &l4);
+    l4[16..18].copy_from_slice(&sum.to_be_bytes());
+    frame(src, dst, IPPROTO_TCP, &l4)
+}
+
+/// An Ethernet frame from the pod to the node with a UDP datagram and a valid checksum.
+pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![0u8; 8];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    l4.extend_from_slice(payload);
+    let sum = match l4_checksum(*src.ip(), *dst.ip(), IPPROTO_UDP, &l4) {
+        0 => 0xffff,
+        sum => sum,
+    };
+    l4[6..8].copy_from_slice(&sum.to_be_bytes());
+    frame(src, dst, IPPROTO_UDP, &l4)
+}
+
+fn frame(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut ip = ipv4_header(*src.ip(), *dst.ip(), proto, l4.len());
+    ip.extend_from_slice(l4);
+    ethernet(POD_MAC, NODE_MAC, &ip)
+}
+
+// ---- reading packets back ----
+
+/// Read access to a frame produced by the datapath (Ethernet + IPv4).
+pub struct Frame<'a>(pub &'a [u8]);
+
+impl Frame<'_> {
+    pub fn eth_dst(&self) -> [u8; 6] {
+        let mut mac = [0; 6];
+        mac.copy_from_slice(&self.0[0..6]);
+        mac
+    }
+    pub fn eth_src(&self) -> [u8; 6] {
+        let mut mac = [0; 6];
+        mac.copy_from_slice(&self.0[6..12]);
+        mac
+    }
+    pub fn ip(&self) -> &[u8] {
+        &self.0[ETH_HLEN..]
+    }
+    pub fn ihl(&self) -> usize {
+        usize::from(self.ip()[0] & 0x0f) * 4
+    }
+    pub fn proto(&self) -> u8 {
+        self.ip()[9]
+    }
+    pub fn tot_len(&self) -> usize {
+        usize::from(u16::from_be_bytes([self.ip()[2], self.ip()[3]]))
+    }
+    pub fn src_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(self.ip()[12], self.ip()[13], self.ip()[14], self.ip()[15])
+    }
+    pub fn dst_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(self.ip()[16], self.ip()[17], self.ip()[18], self.ip()[19])
+    }
+    /// The L4 header and payload, up to the IP total length.
+    pub fn l4(&self) -> &[u8] {
+        &self.ip()[self.ihl()..self.tot_len()]
+    }
+    pub fn src(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(
+            self.src_ip(),
+            u16::from_be_bytes([self.l4()[0], self.l4()[1]]),
+        )
+    }
+    pub fn dst(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(
+            self.dst_ip(),
+            u16::from_be_bytes([self.l4()[2], self.l4()[3]]),
+        )
+    }
+
+    /// Asserts that the IP header checksum and the TCP/UDP/ICMP checksum are what a
+    /// computation from scratch gives.
+    pub fn assert_checksums(&self) {
+        let header = &self.ip()[..self.ihl()];
+        let mut zeroed = header.to_vec();
+        zeroed[10..12].fill(0);
+        assert_eq!(
+            u16::from_be_bytes([header[10], header[11]]),
+            checksum(&zeroed),
+            "IP header checksum"
+        );
+
+        let l4 = self.l4();
+        let (field, expected) = match self.proto() {
+            IPPROTO_TCP => {
+                let mut zeroed = l4.to_vec();
+                zeroed[16..18].fill(0);
+                (
+                    16,
+                    l4_checksum(self.src_ip(), self.dst_ip(), IPPROTO_TCP, &zeroed),
+                )
+            }
+            IPPROTO_UDP => {
+                let mut zeroed = l4.to_vec();
+                zeroed[6..8].fill(0);
+                let sum = l4_checksum(self.src_ip(), self.dst_ip(), IPPROTO_UDP, &zeroed);
+                (6, if sum == 0 { 0xffff } else { sum })
+            }
+            IPPROTO_ICMP => {
+                let mut zeroed = l4.to_vec();
+                zeroed[2..4].fill(0);
+                (2, checksum(&zeroed))
+            }
+            other => panic!("no L4 checksum for protocol {other}"),
+        };
+        assert_eq!(
+            u16::from_be_bytes([l4[field], l4[field + 1]]),
+            expected,
+            "L4 checksum (protocol {})",
+            self.proto()
+        );
+    }
+}
+
+// ---- BPF_PROG_TEST_RUN ----
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// The program's return value and the packet it leaves behind.
+pub struct RunResult {
+    pub verdict: u32,
+    pub packet: Vec<u8>,
+}
+
+/// Runs `program` once on `packet`. The skb's device is the loopback device of the
+/// current network namespace, so bpf_redirect has a device to name (nothing is sent).
+pub fn run(program: &SchedClassifier, packet: &[u8]) -> RunResult {
+    let mut out = vec![0u8; packet.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })
+        .unwrap_or_else(|err| panic!("BPF_PROG_TEST_RUN: {err}"));
+    out.truncate(result.data_size_out as usize);
+    RunResult {
+        verdict: result.return_value,
+        packet: out,
+    }
+}
