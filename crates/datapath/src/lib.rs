@@ -4,6 +4,9 @@
 //! programs ([`PinnedMaps`]) and a restarted agent see the same state. tcx links are pinned
 //! under `<pin_dir>/links/`, so traffic keeps flowing while no agent runs; a new agent
 //! swaps its programs into the existing links atomically.
+//!
+//! bpffs reserves names containing a dot, so links are pinned as `<ifname>_ingress` and
+//! `<ifname>_egress`, and interface names with a dot are refused.
 
 mod error;
 mod pinned;
@@ -41,6 +44,13 @@ pub fn object_bytes() -> &'static [u8] {
 
 /// Subdirectory of the pin directory holding the pinned tcx links.
 const LINKS_DIR: &str = "links";
+const LINK_SUFFIX_SEPARATOR: char = '_';
+
+/// File name of the pinned link of `ifname` for one direction. The suffix holds no
+/// separator, so splitting at the last one recovers the interface name.
+fn link_pin_name(ifname: &str, suffix: &str) -> String {
+    format!("{ifname}{LINK_SUFFIX_SEPARATOR}{suffix}")
+}
 
 /// Where each program is attached on a pod's host-side veth.
 const HOOKS: [(&str, TcAttachType, &str); 2] = [
@@ -156,7 +166,7 @@ impl Datapath {
 
     /// Attaches from_container (tcx ingress) and to_container (tcx egress) to `ifname` in
     /// the current network namespace. Links are pinned as
-    /// `<pin_dir>/links/<ifname>.{ingress,egress}` so traffic survives an agent exit; if
+    /// `<pin_dir>/links/<ifname>_{ingress,egress}` so traffic survives an agent exit; if
     /// pinned links already exist (agent restarted), this program is swapped in atomically.
     /// Calling it again for an attached interface is harmless.
     pub fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
@@ -168,7 +178,7 @@ impl Datapath {
             source,
         })?;
         for (name, attach_type, suffix) in HOOKS {
-            let path = links_dir.join(format!("{ifname}.{suffix}"));
+            let path = links_dir.join(link_pin_name(ifname, suffix));
             let program = classifier(&mut self.ebpf, name)?;
             attach_pinned(program, name, ifname, attach_type, &path)?;
         }
@@ -182,7 +192,7 @@ impl Datapath {
             let path = self
                 .pin_dir
                 .join(LINKS_DIR)
-                .join(format!("{ifname}.{suffix}"));
+                .join(link_pin_name(ifname, suffix));
             // The pin is the link's only reference (attach closes its own fds), so
             // removing it releases the link, which detaches the program.
             match fs::remove_file(&path) {
@@ -219,7 +229,7 @@ impl Datapath {
             let Some(file_name) = file_name.to_str() else {
                 continue;
             };
-            if let Some((ifname, suffix)) = file_name.rsplit_once('.')
+            if let Some((ifname, suffix)) = file_name.rsplit_once(LINK_SUFFIX_SEPARATOR)
                 && HOOKS.iter().any(|(_, _, s)| *s == suffix)
             {
                 interfaces.insert(ifname.to_owned());
@@ -251,12 +261,10 @@ fn classifier<'a>(
 
 /// Interface names become file names under the pin directory.
 fn check_ifname(ifname: &str) -> Result<(), DatapathError> {
-    // IFNAMSIZ is 16 including the terminating NUL.
+    // IFNAMSIZ is 16 including the terminating NUL; bpffs refuses names with a dot.
     let valid = !ifname.is_empty()
         && ifname.len() < 16
-        && ifname != "."
-        && ifname != ".."
-        && !ifname.contains(['/', '\0'])
+        && !ifname.contains(['/', '.', '\0'])
         && !ifname.chars().any(char::is_whitespace);
     if valid {
         Ok(())

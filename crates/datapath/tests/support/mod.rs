@@ -282,3 +282,70 @@ pub fn run(program: &SchedClassifier, packet: &[u8]) -> RunResult {
         packet: out,
     }
 }
+
+// ---- network namespaces ----
+
+/// Runs `cmd`, panicking with its stderr if it fails.
+pub fn sh(program: &str, args: &[&str]) {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("running {program}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A named network namespace created for one test and deleted (with its interfaces)
+/// on drop. Nothing is ever created in the root namespace.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new() -> Self {
+        let name = unique_name("sluice-dp-");
+        sh("ip", &["netns", "add", &name]);
+        let netns = Self { name };
+        netns.ip(&["link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// `ip -n <name> args...`
+    pub fn ip(&self, args: &[&str]) {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        sh("ip", &full);
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace (the network namespace is
+    /// per thread; the mount namespace, and so the host bpffs, stay as they are).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path)
+                .unwrap_or_else(|err| panic!("open {}: {err}", path.display()));
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|err| panic!("setns {}: {err}", path.display()));
+            f()
+        });
+        match thread.join() {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("cleanup: ip netns del {} failed", self.name);
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Attaching to a veth in a namespace created by the test (needs root; never skipped).
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use sluice_common::programs;
+use sluice_datapath::{Datapath, DatapathConfig};
+use support::{NetNs, PinDir};
+
+/// Names of the tcx programs on `ifname` for `attach_type`, in the current netns.
+fn tcx_programs(ifname: &str, attach_type: TcAttachType) -> Vec<String> {
+    let (_, programs) = SchedClassifier::query_tcx(ifname, attach_type).expect("query_tcx");
+    programs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
+fn tcx_program_ids(ifname: &str, attach_type: TcAttachType) -> Vec<u32> {
+    let (_, programs) = SchedClassifier::query_tcx(ifname, attach_type).expect("query_tcx");
+    programs.iter().map(|p| p.id()).collect()
+}
+
+#[test]
+fn attach_detach_and_restart_swap() {
+    let netns = NetNs::new();
+    netns.ip(&[
+        "link", "add", "lxc0", "type", "veth", "peer", "name", "eth0",
+    ]);
+    netns.ip(&["link", "set", "lxc0", "up"]);
+    netns.ip(&["link", "set", "eth0", "up"]);
+    let pins = PinDir::new();
+    let pin_dir = pins.path().to_owned();
+
+    netns.run(move || {
+        let config = DatapathConfig::default();
+        let mut first = Datapath::load(&pin_dir, &config).expect("load");
+        first.attach("lxc0").expect("attach");
+        assert_eq!(
+            tcx_programs("lxc0", TcAttachType::Ingress),
+            [programs::FROM_CONTAINER]
+        );
+        assert_eq!(
+            tcx_programs("lxc0", TcAttachType::Egress),
+            [programs::TO_CONTAINER]
+        );
+        assert_eq!(
+            first.attached().unwrap(),
+            BTreeSet::from(["lxc0".to_owned()])
+        );
+        // Attaching again is idempotent: still one program per direction.
+        first.attach("lxc0").expect("attach again");
+        assert_eq!(tcx_programs("lxc0", TcAttachType::Ingress).len(), 1);
+        let old_ids = tcx_program_ids("lxc0", TcAttachType::Ingress);
+
+        // The agent exits: pinned links keep the programs attached.
+        drop(first);
+        assert_eq!(tcx_program_ids("lxc0", TcAttachType::Ingress), old_ids);
+
+        // A restarted agent swaps its own programs into the pinned links.
+        let mut second = Datapath::load(&pin_dir, &config).expect("reload");
+        second.attach("lxc0").expect("attach after restart");
+        let new_ids = tcx_program_ids("lxc0", TcAttachType::Ingress);
+        assert_eq!(new_ids.len(), 1);
+        assert_ne!(new_ids, old_ids, "the new program replaced the old one");
+        assert_eq!(
+            tcx_programs("lxc0", TcAttachType::Egress),
+            [programs::TO_CONTAINER]
+        );
+
+        second.detach("lxc0").expect("detach");
+        assert!(tcx_programs("lxc0", TcAttachType::Ingress).is_empty());
+        assert!(tcx_programs("lxc0", TcAttachType::Egress).is_empty());
+        assert!(second.attached().unwrap().is_empty());
+        // Detaching what is not attached is fine.
+        second.detach("lxc0").expect("detach again");
+    });
+}
+
+#[test]
+fn interface_gone_and_recreated() {
+    let netns = NetNs::new();
+    netns.ip(&[
+        "link", "add", "lxc1", "type", "veth", "peer", "name", "eth1",
+    ]);
+    let pins = PinDir::new();
+    let pin_dir = pins.path().to_owned();
+    let name = netns.name.clone();
+
+    netns.run(move || {
+        let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
+        datapath.attach("lxc1").expect("attach");
+        support::sh("ip", &["-n", &name, "link", "del", "lxc1"]);
+        // A pod replaced by one whose veth has the same name: the defunct pinned link is
+        // replaced by a new one.
+        support::sh(
+            "ip",
+            &[
+                "-n", &name, "link", "add", "lxc1", "type", "veth", "peer", "name", "eth1",
+            ],
+        );
+        datapath
+            .attach("lxc1")
+            .expect("attach to the new interface");
+        assert_eq!(
+            tcx_programs("lxc1", TcAttachType::Ingress),
+            [programs::FROM_CONTAINER]
+        );
+        support::sh("ip", &["-n", &name, "link", "del", "lxc1"]);
+        datapath
+            .detach("lxc1")
+            .expect("detach after the interface is gone");
+        assert!(datapath.attached().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn bad_interface_names_are_refused() {
+    let pins = PinDir::new();
+    let mut datapath = Datapath::load(pins.path(), &DatapathConfig::default()).expect("load");
+    for name in ["", "..", "a/b", "eth0.100", "name-that-is-too-long"] {
+        assert!(datapath.attach(name).is_err(), "{name:?}");
+        assert!(datapath.detach(name).is_err(), "{name:?}");
+    }
+}
