@@ -11,7 +11,8 @@ use support::{NetNs, PinDir};
 
 /// Names of the tcx programs on `ifname` for `attach_type`, in the current netns.
 fn tcx_programs(ifname: &str, attach_type: TcAttachType) -> Vec<String> {
-    let (_, programs) = SchedClassifier::query_tcx(ifname, attach_type).expect("query_tcx");
+    let (_, programs) = SchedClassifier::query_tcx(ifname, attach_type)
+        .unwrap_or_else(|err| panic!("query_tcx {ifname}: {err}"));
     programs
         .iter()
         .map(|p| p.name_as_str().unwrap_or("?").to_owned())
@@ -19,7 +20,8 @@ fn tcx_programs(ifname: &str, attach_type: TcAttachType) -> Vec<String> {
 }
 
 fn tcx_program_ids(ifname: &str, attach_type: TcAttachType) -> Vec<u32> {
-    let (_, programs) = SchedClassifier::query_tcx(ifname, attach_type).expect("query_tcx");
+    let (_, programs) = SchedClassifier::query_tcx(ifname, attach_type)
+        .unwrap_or_else(|err| panic!("query_tcx {ifname}: {err}"));
     programs.iter().map(|p| p.id()).collect()
 }
 
