@@ -1,1 +1,448 @@
-//! TODO
+//! The compiler: a pure, deterministic function from a store [`Snapshot`] to the full
+//! content of every BPF map on one node.
+//!
+//! It follows kube-proxy's semantics. Each port of a Service with an IPv4 cluster IP is a
+//! frontend; its backends are the ready endpoints of the Service's EndpointSlices for the
+//! slice port of the same name and protocol. Input is never trusted: an object or entry the
+//! datapath cannot represent is skipped and reported in [`DesiredState::problems`], never a
+//! panic or an error, so one odd object cannot keep the rest of the node from converging.
+//!
+//! Output depends only on the content of the snapshot, not on the order of its lists:
+//! services are processed sorted by name, backends are sorted by address, and conflicts are
+//! resolved by that order.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write,
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::{EndpointPort, EndpointSlice},
+};
+use sluice_common::{
+    BACKEND_STATE_ACTIVE, EndpointInfo, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Lb4Backend,
+    Lb4BackendKey, Lb4Key, Lb4Service, SVC_FLAG_CLUSTER_IP, SVC_FLAG_WILDCARD, names, proto_name,
+};
+use sluice_store::{LocalEndpoint, Snapshot};
+
+/// The label by which an EndpointSlice names its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The node a state is compiled for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    pub node: String,
+    /// Host-side interface name -> ifindex in the node's netns.
+    pub interfaces: BTreeMap<String, u32>,
+}
+
+/// Everything the maps of one node should hold, and what the compiler had to leave out.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DesiredState {
+    pub services: BTreeMap<Lb4Key, Lb4Service>,
+    pub backends: BTreeMap<Lb4BackendKey, Lb4Backend>,
+    /// ifindex -> endpoint.
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    /// Interfaces the datapath must be attached to.
+    pub interfaces: BTreeSet<String>,
+    /// One per programmed service port, sorted by (address, port, protocol), for display.
+    pub frontends: Vec<Frontend>,
+    /// Objects or entries skipped because the datapath cannot represent them; sorted.
+    pub problems: Vec<String>,
+}
+
+/// A service port as programmed, with names the maps do not hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// Name of the service port; empty for a service's single unnamed port.
+    pub port_name: String,
+    /// Service type: ClusterIP, NodePort or LoadBalancer.
+    pub kind: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: u8,
+    /// In slot order.
+    pub backends: Vec<(Ipv4Addr, u16)>,
+}
+
+/// Computes the desired content of every map on `node` from `snapshot`.
+pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
+    let mut compilation = Compilation::default();
+    let slices = slices_by_service(snapshot);
+    for (namespace, name, service) in services_in_order(snapshot, &mut compilation.problems) {
+        let service_slices = slices
+            .get(&(namespace, name))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        compilation.service(&format!("{namespace}/{name}"), service, service_slices);
+    }
+    compilation.endpoints(snapshot, node);
+    let Compilation {
+        mut state,
+        problems,
+        ..
+    } = compilation;
+    state
+        .frontends
+        .sort_by_key(|f| (f.address, f.port, f.protocol));
+    state.problems = problems.into_iter().collect();
+    state
+}
+
+impl DesiredState {
+    /// One line per map entry, then the interfaces and problems, sorted, human-readable.
+    pub fn dump(&self) -> String {
+        // Writing to a String cannot fail, hence the ignored results below.
+        let mut out = String::new();
+        let mut services: Vec<_> = self.services.iter().collect();
+        services.sort_by_key(|(k, _)| (k.vip(), k.port(), k.proto, k.slot));
+        for (key, value) in services {
+            let _ = writeln!(out, "{} {key} -> {value}", names::SERVICES);
+        }
+        let mut backends: Vec<_> = self.backends.iter().collect();
+        backends.sort_by_key(|(k, _)| (k.addr(), k.port(), k.proto));
+        for (key, value) in backends {
+            let _ = writeln!(out, "{} {key} -> {value}", names::BACKENDS);
+        }
+        for (ifindex, value) in &self.endpoints {
+            let _ = writeln!(out, "{} ifindex {ifindex} -> {value}", names::ENDPOINTS);
+        }
+        for interface in &self.interfaces {
+            let _ = writeln!(out, "interface {interface}");
+        }
+        for problem in &self.problems {
+            let _ = writeln!(out, "problem: {problem}");
+        }
+        out
+    }
+}
+
+fn namespace_of(namespace: Option<&String>) -> &str {
+    namespace.map_or("default", String::as_str)
+}
+
+/// Services sorted by (namespace, name). A name given to more than one Service is skipped:
+/// keeping either copy would make the output depend on list order.
+fn services_in_order<'a>(
+    snapshot: &'a Snapshot,
+    problems: &mut BTreeSet<String>,
+) -> Vec<(&'a str, &'a str, &'a Service)> {
+    let mut by_name: BTreeMap<(&str, &str), Vec<&Service>> = BTreeMap::new();
+    for service in &snapshot.services {
+        let namespace = namespace_of(service.metadata.namespace.as_ref());
+        match service.metadata.name.as_deref() {
+            Some(name) if !name.is_empty() => {
+                by_name.entry((namespace, name)).or_default().push(service)
+            }
+            _ => {
+                problems.insert(format!(
+                    "service without a name in namespace {namespace}: skipped"
+                ));
+            }
+        }
+    }
+    by_name
+        .into_iter()
+        .filter_map(|((namespace, name), copies)| match copies.as_slice() {
+            [service] => Some((namespace, name, *service)),
+            _ => {
+                problems.insert(format!(
+                    "service {namespace}/{name}: defined {} times: skipped",
+                    copies.len()
+                ));
+                None
+            }
+        })
+        .collect()
+}
+
+/// IPv4 EndpointSlices by the (namespace, name) of the Service they belong to.
+fn slices_by_service(snapshot: &Snapshot) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut slices: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    for slice in &snapshot.endpoint_slices {
+        // IPv6 and FQDN slices are for other consumers; the datapath is IPv4 only.
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        if let Some(service) = service {
+            let namespace = namespace_of(slice.metadata.namespace.as_ref());
+            slices
+                .entry((namespace, service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    slices
+}
+
+/// IP protocol number of a Kubernetes protocol name; unset means TCP.
+fn protocol_number(protocol: Option<&String>) -> Option<u8> {
+    match protocol.map_or("TCP", String::as_str) {
+        "TCP" => Some(IPPROTO_TCP),
+        "UDP" => Some(IPPROTO_UDP),
+        "SCTP" => Some(IPPROTO_SCTP),
+        _ => None,
+    }
+}
+
+fn port_number(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|&p| p != 0)
+}
+
+/// The state being built, with what is needed to resolve conflicts in processing order.
+#[derive(Default)]
+struct Compilation {
+    state: DesiredState,
+    problems: BTreeSet<String>,
+    /// Which service each VIP belongs to. The API server's allocator never gives one address
+    /// to two services, so a second claim is bogus input and loses.
+    vip_owners: BTreeMap<Ipv4Addr, String>,
+    /// Which endpoint each ifindex belongs to, for the same reason.
+    ifindex_owners: BTreeMap<u32, String>,
+}
+
+impl Compilation {
+    fn problem(&mut self, message: String) {
+        self.problems.insert(message);
+    }
+
+    fn service(&mut self, owner: &str, service: &Service, slices: &[&EndpointSlice]) {
+        let Some(spec) = &service.spec else {
+            self.problem(format!("service {owner}: no spec: skipped"));
+            return;
+        };
+        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+        match kind {
+            "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+            // DNS-only: there is no address to program.
+            "ExternalName" => return,
+            other => {
+                self.problem(format!(
+                    "service {owner}: unsupported type {other:?}: skipped"
+                ));
+                return;
+            }
+        }
+        let vip = match spec.cluster_ip.as_deref().unwrap_or("") {
+            // Headless: clients resolve the endpoints themselves.
+            "None" => return,
+            "" => {
+                self.problem(format!("service {owner}: no clusterIP allocated: skipped"));
+                return;
+            }
+            ip => match ip.parse::<Ipv4Addr>() {
+                Ok(vip) => vip,
+                Err(_) => {
+                    self.problem(format!(
+                        "service {owner}: clusterIP {ip:?} is not an IPv4 address: skipped"
+                    ));
+                    return;
+                }
+            },
+        };
+        if let Some(holder) = self.vip_owners.get(&vip) {
+            self.problem(format!(
+                "service {owner}: clusterIP {vip} already belongs to {holder}: skipped"
+            ));
+            return;
+        }
+        self.vip_owners.insert(vip, owner.to_string());
+        self.state.services.insert(
+            Lb4Key::wildcard(vip),
+            Lb4Service::frontend(0, SVC_FLAG_WILDCARD),
+        );
+        for port in spec.ports.iter().flatten() {
+            self.port(owner, kind, vip, port, slices);
+        }
+    }
+
+    fn port(
+        &mut self,
+        owner: &str,
+        kind: &str,
+        vip: Ipv4Addr,
+        port: &ServicePort,
+        slices: &[&EndpointSlice],
+    ) {
+        let port_name = port.name.as_deref().unwrap_or("");
+        let what = format!("service {owner} {}", describe_port(port_name, port.port));
+        let Some(proto) = protocol_number(port.protocol.as_ref()) else {
+            self.problem(format!(
+                "{what}: unsupported protocol {:?}: skipped",
+                port.protocol.as_deref().unwrap_or("")
+            ));
+            return;
+        };
+        let Some(number) = port_number(port.port) else {
+            self.problem(format!("{what}: out of range: skipped"));
+            return;
+        };
+        let key = Lb4Key::new(vip, number, proto, 0);
+        if self.state.services.contains_key(&key) {
+            self.problem(format!(
+                "{what}: {vip}:{number}/{} is listed twice: skipped",
+                proto_name(proto)
+            ));
+            return;
+        }
+
+        let mut backends = backends_for(port_name, proto, slices, &mut self.problems);
+        // Slots are numbered by u16; a longer list cannot be addressed.
+        let count = match u16::try_from(backends.len()) {
+            Ok(count) => count,
+            Err(_) => {
+                self.problem(format!(
+                    "{what}: {} backends, only the first {} are used",
+                    backends.len(),
+                    u16::MAX
+                ));
+                backends.truncate(usize::from(u16::MAX));
+                u16::MAX
+            }
+        };
+        for (slot, &(address, backend_port)) in (1..=count).zip(&backends) {
+            self.state.services.insert(
+                Lb4Key::new(vip, number, proto, slot),
+                Lb4Service::slot(address, backend_port),
+            );
+            self.state.backends.insert(
+                Lb4BackendKey::new(address, backend_port, proto),
+                Lb4Backend {
+                    state: BACKEND_STATE_ACTIVE,
+                    ..Lb4Backend::default()
+                },
+            );
+        }
+        self.state
+            .services
+            .insert(key, Lb4Service::frontend(count, SVC_FLAG_CLUSTER_IP));
+        self.state.frontends.push(Frontend {
+            service: owner.to_string(),
+            port_name: port_name.to_string(),
+            kind: kind.to_string(),
+            address: vip,
+            port: number,
+            protocol: proto,
+            backends,
+        });
+    }
+
+    fn endpoints(&mut self, snapshot: &Snapshot, node: &NodeContext) {
+        let mut endpoints: Vec<&LocalEndpoint> = snapshot.endpoints_on(&node.node).collect();
+        // Sorted so that which of two endpoints claiming one interface wins is order-independent.
+        endpoints.sort_by(|a, b| {
+            (&a.interface, a.ipv4, &a.namespace, &a.pod).cmp(&(
+                &b.interface,
+                b.ipv4,
+                &b.namespace,
+                &b.pod,
+            ))
+        });
+        for endpoint in endpoints {
+            let pod = format!("{}/{}", endpoint.namespace, endpoint.pod);
+            let Some(&ifindex) = node.interfaces.get(&endpoint.interface) else {
+                self.problem(format!(
+                    "endpoint {pod}: interface {} not found on node {}: skipped",
+                    endpoint.interface, node.node
+                ));
+                continue;
+            };
+            if let Some(holder) = self.ifindex_owners.get(&ifindex) {
+                self.problem(format!(
+                    "endpoint {pod}: interface {} (ifindex {ifindex}) already belongs to \
+                     endpoint {holder}: skipped",
+                    endpoint.interface
+                ));
+                continue;
+            }
+            self.ifindex_owners.insert(ifindex, pod);
+            self.state
+                .endpoints
+                .insert(ifindex, EndpointInfo::new(endpoint.ipv4, 0));
+            self.state.interfaces.insert(endpoint.interface.clone());
+        }
+    }
+}
+
+/// `port "http"` or `port 80`, to name a service port in problems without its list index,
+/// which would make messages depend on list order.
+fn describe_port(name: &str, number: i32) -> String {
+    if name.is_empty() {
+        format!("port {number}")
+    } else {
+        format!("port {name:?}")
+    }
+}
+
+/// Ready endpoints of `slices` on the slice port named `port_name` with protocol `proto`,
+/// deduplicated and sorted so slot order does not depend on slice order.
+fn backends_for(
+    port_name: &str,
+    proto: u8,
+    slices: &[&EndpointSlice],
+    problems: &mut BTreeSet<String>,
+) -> Vec<(Ipv4Addr, u16)> {
+    let mut backends = BTreeSet::new();
+    for slice in slices {
+        let slice_name = format!(
+            "endpointslice {}/{}",
+            namespace_of(slice.metadata.namespace.as_ref()),
+            slice.metadata.name.as_deref().unwrap_or("")
+        );
+        let Some(port) = slice_port(slice, port_name, proto) else {
+            continue;
+        };
+        let Some(number) = port.port.and_then(port_number) else {
+            problems.insert(format!(
+                "{slice_name} port {port_name:?}: no usable port number ({:?}): skipped",
+                port.port
+            ));
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            // The API documents a nil `ready` as ready.
+            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            // Addresses are fungible and consumers may use only the first, as kube-proxy does.
+            let Some(address) = endpoint.addresses.first() else {
+                problems.insert(format!(
+                    "{slice_name}: endpoint without an address: skipped"
+                ));
+                continue;
+            };
+            match address.parse::<Ipv4Addr>() {
+                Ok(address) => {
+                    backends.insert((address, number));
+                }
+                Err(_) => {
+                    problems.insert(format!(
+                        "{slice_name}: address {address:?} is not IPv4: skipped"
+                    ));
+                }
+            }
+        }
+    }
+    backends.into_iter().collect()
+}
+
+/// The slice port matching a service port: same name (both empty for an unnamed port) and
+/// same protocol.
+fn slice_port<'a>(slice: &'a EndpointSlice, name: &str, proto: u8) -> Option<&'a EndpointPort> {
+    slice.ports.iter().flatten().find(|p| {
+        p.name.as_deref().unwrap_or("") == name
+            && protocol_number(p.protocol.as_ref()) == Some(proto)
+    })
+}
+
+#[cfg(test)]
+mod tests;
