@@ -275,7 +275,7 @@ pub fn run(program: &SchedClassifier, packet: &[u8]) -> RunResult {
             data_out: Some(&mut out),
             ..TestRunOptions::default()
         })
-        .unwrap_or_else(|err| panic!("BPF_PROG_TEST_RUN: {err}"));
+        .unwrap_or_else(|err| panic!("BPF_PROG_TEST_RUN on {packet:02x?}: {err:?}"));
     out.truncate(result.data_size_out as usize);
     RunResult {
         verdict: result.return_value,
