@@ -1,0 +1,554 @@
+//! The lab on the real kernel, without agents (bare routing): namespaces, veths, pod servers
+//! and real packets between them. Needs root; fails (never skips) without it.
+
+// Helpers outside #[test] functions are test code too.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use sluice_lab::{Lab, LabBinaries, LabError, LabOptions};
+use sluice_store::Snapshot;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+/// A lab with a unique name and a unique temporary state root, torn down on drop (also when
+/// the test fails).
+struct TestLab {
+    lab: Lab,
+    name: String,
+    opts: LabOptions,
+    tmp: PathBuf,
+}
+
+fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}-{n}", std::process::id())
+}
+
+fn options(tmp: &Path) -> LabOptions {
+    LabOptions {
+        binaries: LabBinaries {
+            sluice: PathBuf::from(env!("CARGO_BIN_EXE_sluice-lab-pod-server")),
+            agent: None,
+        },
+        state_root: tmp.join("state"),
+    }
+}
+
+impl TestLab {
+    fn up(name: &str) -> Self {
+        let tmp = std::env::temp_dir().join(format!("sluice-lab-test-{name}"));
+        fs::create_dir_all(&tmp).unwrap();
+        let opts = options(&tmp);
+        let lab = match Lab::up(name, &examples().join("lab.yaml"), &opts) {
+            Ok(lab) => lab,
+            Err(e) => {
+                let _ = Lab::down(name, &opts);
+                let _ = fs::remove_dir_all(&tmp);
+                panic!("lab up {name}: {e}");
+            }
+        };
+        Self {
+            lab,
+            name: name.to_string(),
+            opts,
+            tmp,
+        }
+    }
+
+    fn write(&self, file: &str, yaml: &str) -> PathBuf {
+        let path = self.tmp.join(file);
+        fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    fn apply(&mut self, paths: &[PathBuf]) -> sluice_lab::ApplyReport {
+        self.lab
+            .apply(paths)
+            .unwrap_or_else(|e| panic!("apply {paths:?}: {e}"))
+    }
+
+    fn nginx_pods(&self) -> Vec<(String, Ipv4Addr)> {
+        self.lab
+            .pods()
+            .into_iter()
+            .filter(|p| p.name.starts_with("nginx-deployment-"))
+            .map(|p| (p.name, p.ip.unwrap()))
+            .collect()
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot::read_file(&self.lab.cluster_file()).unwrap()
+    }
+
+    /// `curl` from a pod: the body, or the error.
+    fn curl(&self, pod: &str, url: &str) -> Result<String, String> {
+        let out = self
+            .lab
+            .pod_command(pod, "curl")
+            .unwrap()
+            .args(["-sS", "--max-time", "3", url])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        if let Err(e) = Lab::down(&self.name, &self.opts) {
+            eprintln!("lab down {}: {e}", self.name);
+        }
+        let _ = fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// Runs `f` on a thread of its own inside `/run/netns/<netns>`.
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = PathBuf::from("/run/netns").join(netns);
+    std::thread::spawn(move || {
+        let ns = fs::File::open(&path).unwrap();
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+fn netns_list() -> BTreeSet<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(String::from)
+        .collect()
+}
+
+fn netns_of(lab: &str) -> BTreeSet<String> {
+    let prefix = format!("sluice-{lab}-");
+    netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
+/// Pids of the processes whose network namespace is `/run/netns/<netns>`.
+fn pids_in(netns: &str) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = fs::metadata(Path::new("/run/netns").join(netns)) else {
+        return Vec::new();
+    };
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| (m.dev(), m.ino()) == (target.dev(), target.ino()))
+        })
+        .collect()
+}
+
+const ECHO_POD: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: echo
+  labels: {app: echo}
+spec:
+  containers:
+  - name: echo
+    image: registry.k8s.io/e2e-test-images/agnhost:2.53
+    ports:
+    - {name: http, containerPort: 80}
+    - {name: dns, containerPort: 53, protocol: UDP}
+    - {name: dns-tcp, containerPort: 53, protocol: TCP}
+";
+
+#[test]
+fn pods_serve_http_tcp_echo_and_udp_over_real_routes() {
+    let mut t = TestLab::up(&unique("lt"));
+    let report = t.apply(&[
+        examples().join("nginx.yaml"),
+        examples().join("client.yaml"),
+    ]);
+    assert_eq!(
+        report.lines,
+        [
+            "deployment.apps/nginx-deployment created",
+            "service/nginx-service created",
+            "pod/client created"
+        ]
+    );
+    eprintln!("apply of nginx + client took {:?}", report.realized_in);
+    let pods = t.lab.pods();
+    assert_eq!(pods.len(), 3);
+    assert!(
+        pods.iter()
+            .all(|p| p.ready && p.status == "Running" && p.node == "node-1"),
+        "{pods:?}"
+    );
+    let svc = &t.lab.services()[0];
+    assert_eq!(
+        (
+            svc.name.as_str(),
+            svc.kind.as_str(),
+            svc.cluster_ip.as_str(),
+            svc.ports.as_str()
+        ),
+        ("nginx-service", "ClusterIP", "10.96.0.10", "80/TCP")
+    );
+
+    let nginx = t.nginx_pods();
+    assert_eq!(nginx.len(), 2);
+    let mut expect_endpoints: Vec<String> =
+        nginx.iter().map(|(_, ip)| format!("{ip}:80")).collect();
+    expect_endpoints.sort();
+    assert_eq!(t.lab.endpoints()[0].endpoints, expect_endpoints.join(","));
+    for (name, ip) in &nginx {
+        assert_eq!(
+            t.curl("default/client", &format!("http://{ip}/")).unwrap(),
+            format!("{name}\n")
+        );
+        assert_eq!(
+            t.curl("client", &format!("http://{ip}/any/path")).unwrap(),
+            format!("{name}\n")
+        );
+    }
+
+    // What the agents would read.
+    let snapshot = t.snapshot();
+    assert_eq!(snapshot.generation, t.lab.generation());
+    assert_eq!(snapshot.pods.len(), 3);
+    assert_eq!(snapshot.endpoints.len(), 3);
+    let slice = &snapshot.endpoint_slices[0];
+    assert_eq!(slice.endpoints.len(), 2);
+    assert!(
+        slice
+            .endpoints
+            .iter()
+            .all(|e| e.conditions.as_ref().unwrap().ready == Some(true))
+    );
+
+    // tx checksum offload is off on the host side, as the lab file asks.
+    let lxc = &snapshot.endpoints[0].interface;
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", t.lab.node_netns("node-1")))
+        .args(["ethtool", "-k", lxc])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tx-checksumming: off"));
+
+    // UDP and TCP echo, from a thread inside the client pod.
+    t.apply(&[t.write("echo.yaml", ECHO_POD)]);
+    let echo_ip = t
+        .lab
+        .pods()
+        .into_iter()
+        .find(|p| p.name == "echo")
+        .unwrap()
+        .ip
+        .unwrap();
+    let client_netns = t.lab.pod_netns("default/client").unwrap();
+    let (hostname, echoed, tcp_echo, keep_alive) = in_netns(&client_netns, move || {
+        let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        udp.connect(SocketAddr::from((echo_ip, 53))).unwrap();
+        let mut buf = [0u8; 2048];
+        udp.send(b"hostname\n").unwrap();
+        let n = udp.recv(&mut buf).unwrap();
+        let hostname = String::from_utf8_lossy(&buf[..n]).into_owned();
+        udp.send(b"ping 123").unwrap();
+        let n = udp.recv(&mut buf).unwrap();
+        let echoed = String::from_utf8_lossy(&buf[..n]).into_owned();
+
+        let mut tcp =
+            TcpStream::connect_timeout(&SocketAddr::from((echo_ip, 53)), Duration::from_secs(2))
+                .unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        tcp.write_all(b"hello over tcp").unwrap();
+        let mut got = vec![0u8; 14];
+        tcp.read_exact(&mut got).unwrap();
+
+        // Two requests on one connection, then Connection: close ends it.
+        let mut http =
+            TcpStream::connect_timeout(&SocketAddr::from((echo_ip, 80)), Duration::from_secs(2))
+                .unwrap();
+        http.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut all = String::new();
+        http.read_to_string(&mut all).unwrap();
+        (
+            hostname,
+            echoed,
+            String::from_utf8_lossy(&got).into_owned(),
+            all,
+        )
+    });
+    assert_eq!(hostname, "echo");
+    assert_eq!(echoed, "ping 123");
+    assert_eq!(tcp_echo, "hello over tcp");
+    assert_eq!(
+        keep_alive.matches("HTTP/1.1 200 OK").count(),
+        2,
+        "{keep_alive}"
+    );
+    assert!(
+        keep_alive.ends_with("Connection: close\r\n\r\necho\n"),
+        "{keep_alive}"
+    );
+
+    // Deleting the Deployment removes its pods, their namespaces and their servers.
+    let netns_before = netns_of(&t.name);
+    let report = t.lab.delete(&[examples().join("nginx.yaml")]).unwrap();
+    assert_eq!(
+        report.lines,
+        [
+            "deployment.apps \"nginx-deployment\" deleted",
+            "service \"nginx-service\" deleted"
+        ]
+    );
+    assert!(t.nginx_pods().is_empty());
+    let gone: Vec<_> = netns_before
+        .difference(&netns_of(&t.name))
+        .cloned()
+        .collect();
+    assert_eq!(gone.len(), 2, "{gone:?}");
+    assert!(
+        t.curl("client", &format!("http://{}/", nginx[0].1))
+            .is_err()
+    );
+}
+
+#[test]
+fn scaling_two_three_one_changes_pods_and_slices() {
+    let mut t = TestLab::up(&unique("ls"));
+    let nginx = fs::read_to_string(examples().join("nginx.yaml")).unwrap();
+    t.apply(&[
+        examples().join("nginx.yaml"),
+        examples().join("client.yaml"),
+    ]);
+    let two: BTreeSet<_> = t.nginx_pods().into_iter().collect();
+    let generation = t.lab.generation();
+
+    let report = t.apply(&[t.write("nginx.yaml", &nginx.replace("replicas: 2", "replicas: 3"))]);
+    eprintln!("scale 2→3: {:?} in {:?}", report.lines, report.realized_in);
+    assert_eq!(
+        report.lines[0],
+        "deployment.apps/nginx-deployment configured"
+    );
+    assert_eq!(report.lines[1], "service/nginx-service unchanged");
+    assert_eq!(report.generation, generation + 1);
+    let three: BTreeSet<_> = t.nginx_pods().into_iter().collect();
+    assert_eq!(three.len(), 3);
+    assert!(two.is_subset(&three));
+    let (new_name, new_ip) = three.difference(&two).next().unwrap().clone();
+    assert_eq!(
+        t.curl("client", &format!("http://{new_ip}/")).unwrap(),
+        format!("{new_name}\n")
+    );
+    assert_eq!(t.snapshot().endpoint_slices[0].endpoints.len(), 3);
+    assert_eq!(t.lab.endpoints()[0].endpoints.split(',').count(), 3);
+
+    let report = t.apply(&[t.write("nginx.yaml", &nginx.replace("replicas: 2", "replicas: 1"))]);
+    eprintln!("scale 3→1: {:?} in {:?}", report.lines, report.realized_in);
+    // Terminating first, then removed: two generations.
+    assert_eq!(report.generation, generation + 3);
+    let one = t.nginx_pods();
+    assert_eq!(one.len(), 1);
+    let slice = &t.snapshot().endpoint_slices[0];
+    assert_eq!(slice.endpoints.len(), 1);
+    assert_eq!(slice.endpoints[0].addresses, [one[0].1.to_string()]);
+    for (name, ip) in three.iter().filter(|(n, _)| *n != one[0].0) {
+        let netns = format!("sluice-{}-default-{name}", t.name);
+        assert!(!netns_list().contains(&netns), "{netns} was removed");
+        assert!(
+            t.curl("client", &format!("http://{ip}/")).is_err(),
+            "{name} no longer answers"
+        );
+    }
+    assert_eq!(
+        t.curl("client", &format!("http://{}/", one[0].1)).unwrap(),
+        format!("{}\n", one[0].0)
+    );
+}
+
+#[test]
+fn two_labs_with_related_names_coexist_and_go_down_separately() {
+    let first = unique("lc");
+    // `<first>-2` shares the netns prefix of `<first>`: down of one must not touch the other.
+    let mut a = TestLab::up(&first);
+    let mut b = TestLab::up(&format!("{first}-2"));
+    for t in [&mut a, &mut b] {
+        t.apply(&[
+            examples().join("nginx.yaml"),
+            examples().join("client.yaml"),
+        ]);
+    }
+    // Same addresses in both labs, each answering with its own pod names.
+    for t in [&a, &b] {
+        let (name, ip) = t.nginx_pods()[0].clone();
+        assert_eq!(
+            t.curl("client", &format!("http://{ip}/")).unwrap(),
+            format!("{name}\n")
+        );
+    }
+    assert_eq!(Lab::list(&a.opts).unwrap(), [a.name.clone()]);
+
+    let b_netns = netns_of(&b.name);
+    assert_eq!(b_netns.len(), 4);
+    Lab::down(&a.name, &a.opts).unwrap();
+    assert!(
+        netns_list().is_superset(&b_netns),
+        "lab {} kept its namespaces",
+        b.name
+    );
+    let (name, ip) = b.nginx_pods()[0].clone();
+    assert_eq!(
+        b.curl("client", &format!("http://{ip}/")).unwrap(),
+        format!("{name}\n")
+    );
+}
+
+#[test]
+fn down_removes_everything_even_with_damaged_state() {
+    let t = TestLab::up(&unique("ld"));
+    let mut lab = Lab::open(&t.name, &t.opts).unwrap();
+    lab.apply(&[
+        examples().join("nginx.yaml"),
+        examples().join("client.yaml"),
+    ])
+    .unwrap();
+    let netns = netns_of(&t.name);
+    assert_eq!(netns.len(), 4, "{netns:?}");
+    let pids: Vec<u32> = netns.iter().flat_map(|n| pids_in(n)).collect();
+    assert_eq!(pids.len(), 3, "one server per pod");
+    // What an agent would have pinned.
+    let pins = lab.pin_dir("node-1");
+    fs::create_dir_all(&pins).unwrap();
+    let state_dir = t.opts.state_root.join(&t.name);
+    fs::write(state_dir.join("lab.json"), b"{ damaged").unwrap();
+    assert!(matches!(
+        Lab::open(&t.name, &t.opts),
+        Err(LabError::State { .. })
+    ));
+
+    Lab::down(&t.name, &t.opts).unwrap();
+    assert!(netns_of(&t.name).is_empty(), "{:?}", netns_of(&t.name));
+    for pid in pids {
+        // Reaped by the lab's reaper thread right after it died.
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        for _ in 0..100 {
+            if !proc.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!proc.exists(), "process {pid} is gone");
+    }
+    assert!(!pins.exists() && !pins.parent().unwrap().exists());
+    assert!(!state_dir.exists());
+    assert!(Lab::list(&t.opts).unwrap().is_empty());
+    // Idempotent.
+    Lab::down(&t.name, &t.opts).unwrap();
+}
+
+#[test]
+fn down_finds_namespaces_without_any_state() {
+    let t = TestLab::up(&unique("lz"));
+    let mut lab = Lab::open(&t.name, &t.opts).unwrap();
+    lab.apply(&[examples().join("client.yaml")]).unwrap();
+    // The whole state directory is gone: only the interfaces' aliases are left.
+    fs::remove_dir_all(t.opts.state_root.join(&t.name)).unwrap();
+    assert_eq!(netns_of(&t.name).len(), 2);
+    Lab::down(&t.name, &t.opts).unwrap();
+    assert!(netns_of(&t.name).is_empty());
+}
+
+#[test]
+fn a_failing_apply_changes_nothing() {
+    let mut t = TestLab::up(&unique("lf"));
+    t.apply(&[examples().join("nginx.yaml")]);
+    let dir = t.opts.state_root.join(&t.name);
+    let files = || {
+        (
+            fs::read(dir.join("lab.json")).unwrap(),
+            fs::read(dir.join("cluster.json")).unwrap(),
+        )
+    };
+    let before = (files(), netns_of(&t.name), t.lab.generation());
+    let cases = [
+        (
+            "bad-yaml.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n",
+            "bad-yaml.yaml",
+        ),
+        (
+            "no-selector.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: lonely}\nspec:\n  ports:\n  - port: 80\n",
+            "spec.selector",
+        ),
+        (
+            "half.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: extra}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: extra}}\n  template:\n    metadata: {labels: {app: extra}}\n    spec: {containers: [{name: c, image: x}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: nowhere}\nspec: {containers: [{name: c, image: x}]}\n",
+            "metadata.namespace",
+        ),
+        (
+            "taken.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: [{name: c, image: x}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: a}\n  ports: [{port: 80}]\n",
+            "spec.clusterIP",
+        ),
+    ];
+    for (file, yaml, expect) in cases {
+        let err = t
+            .lab
+            .apply(&[t.write(file, yaml)])
+            .expect_err(file)
+            .to_string();
+        eprintln!("{err}");
+        assert!(err.contains(file) && err.contains(expect), "{file}: {err}");
+        assert_eq!(
+            (files(), netns_of(&t.name), t.lab.generation()),
+            before,
+            "{file} changed nothing"
+        );
+    }
+    assert_eq!(t.lab.pods().len(), 2);
+    assert_eq!(t.lab.services().len(), 1);
+}
+
+#[test]
+fn up_refuses_an_existing_lab_and_a_bad_lab_file() {
+    let t = TestLab::up(&unique("le"));
+    let err = Lab::up(&t.name, &examples().join("lab.yaml"), &t.opts)
+        .err()
+        .unwrap();
+    assert!(matches!(err, LabError::Exists { .. }), "{err}");
+    // The refused `up` left the existing lab alone.
+    assert_eq!(netns_of(&t.name).len(), 1);
+
+    let other = unique("lb");
+    let bad = t.tmp.join("bad-lab.yaml");
+    fs::write(&bad, "apiVersion: sluice.dev/v1alpha1\nkind: Lab\nnodes:\n- {name: a, podCIDR: 10.244.1.0/24}\n- {name: a, podCIDR: 10.244.2.0/24}\n").unwrap();
+    let err = Lab::up(&other, &bad, &options(&t.tmp))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("nodes[1].name: duplicate node name"), "{err}");
+    assert!(netns_of(&other).is_empty());
+}
