@@ -54,7 +54,11 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 		metrics_count(skb, DROP_NO_SERVICE, METRIC_DIR_EGRESS);
 		if (reject_port_unreachable(skb, pkt) < 0)
 			return TC_ACT_SHOT;
-		return bpf_redirect(skb->ifindex, 0);
+		/* Straight into the pod's end of the veth. Through the lxc's own transmit
+		 * path, a locally generated (CHECKSUM_PARTIAL) packet would get its old TCP/UDP
+		 * checksum filled in by the kernel when the lxc has tx checksumming off, right
+		 * inside the quoted header. */
+		return bpf_redirect_peer(skb->ifindex, 0);
 	}
 
 	reason = lb4_select_backend(skb, pkt, svc, now, &backend);

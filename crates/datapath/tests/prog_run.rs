@@ -9,10 +9,10 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::maps::PerCpuValues;
 use sluice_common::{
-    BACKEND_STATE_ACTIVE, CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY,
-    CT_INGRESS, CT_SERVICE, Ct4Entry, Ct4Key, DropReason, IPPROTO_TCP, IPPROTO_UDP, LOOPBACK_IPV4,
-    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS,
-    MetricsValue, SVC_FLAG_CLUSTER_IP, SVC_FLAG_WILDCARD, metrics_index,
+    CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_SERVICE,
+    Ct4Entry, Ct4Key, DropReason, IPPROTO_TCP, IPPROTO_UDP, LOOPBACK_IPV4, Lb4BackendKey, Lb4Key,
+    Lb4Service, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, SVC_FLAG_CLUSTER_IP,
+    metrics_index,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::{Datapath, PinnedMaps};
@@ -53,51 +53,12 @@ impl Fixture {
         }
     }
 
-    /// Installs frontend `vip:port` with `backends` in slots 1..=n, as the realizer does.
     fn add_service(&mut self, frontend: SocketAddrV4, proto: u8, backends: &[SocketAddrV4]) {
-        let count = u16::try_from(backends.len()).unwrap();
-        self.maps
-            .services
-            .insert(
-                Lb4Key::new(*frontend.ip(), frontend.port(), proto, 0),
-                Lb4Service::frontend(count, SVC_FLAG_CLUSTER_IP),
-                0,
-            )
-            .unwrap();
-        self.maps
-            .services
-            .insert(
-                Lb4Key::wildcard(*frontend.ip()),
-                Lb4Service::frontend(0, SVC_FLAG_WILDCARD),
-                0,
-            )
-            .unwrap();
-        for (i, backend) in backends.iter().enumerate() {
-            let slot = u16::try_from(i + 1).unwrap();
-            self.maps
-                .services
-                .insert(
-                    Lb4Key::new(*frontend.ip(), frontend.port(), proto, slot),
-                    Lb4Service::slot(*backend.ip(), backend.port()),
-                    0,
-                )
-                .unwrap();
-            self.add_backend(*backend, proto);
-        }
+        support::add_service(&mut self.maps, frontend, proto, backends);
     }
 
     fn add_backend(&mut self, backend: SocketAddrV4, proto: u8) {
-        self.maps
-            .backends
-            .insert(
-                Lb4BackendKey::new(*backend.ip(), backend.port(), proto),
-                Lb4Backend {
-                    state: BACKEND_STATE_ACTIVE,
-                    pad: [0; 3],
-                },
-                0,
-            )
-            .unwrap();
+        support::add_backend(&mut self.maps, backend, proto);
     }
 
     fn run_from_container(&mut self, packet: &[u8]) -> RunResult {

@@ -10,8 +10,11 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use sluice_common::{IPPROTO_TCP, IPPROTO_UDP};
-use sluice_datapath::{Datapath, DatapathConfig, remove_pins};
+use sluice_common::{
+    BACKEND_STATE_ACTIVE, IPPROTO_TCP, IPPROTO_UDP, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_WILDCARD,
+};
+use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, remove_pins};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -47,6 +50,53 @@ pub fn load() -> (PinDir, Datapath) {
     let datapath = Datapath::load(pins.path(), &DatapathConfig::default())
         .unwrap_or_else(|err| panic!("loading the datapath into {}: {err}", pins.path().display()));
     (pins, datapath)
+}
+
+// ---- services ----
+
+/// Installs frontend `vip:port` with `backends` in slots 1..=n, plus the VIP's wildcard
+/// key and the backends, as the realizer does.
+pub fn add_service(
+    maps: &mut PinnedMaps,
+    frontend: SocketAddrV4,
+    proto: u8,
+    backends: &[SocketAddrV4],
+) {
+    let insert = |maps: &mut PinnedMaps, key: Lb4Key, value: Lb4Service| {
+        maps.services
+            .insert(key, value, 0)
+            .unwrap_or_else(|err| panic!("insert {key:?}: {err}"));
+    };
+    let count = u16::try_from(backends.len()).unwrap_or(u16::MAX);
+    insert(
+        maps,
+        Lb4Key::new(*frontend.ip(), frontend.port(), proto, 0),
+        Lb4Service::frontend(count, SVC_FLAG_CLUSTER_IP),
+    );
+    insert(
+        maps,
+        Lb4Key::wildcard(*frontend.ip()),
+        Lb4Service::frontend(0, SVC_FLAG_WILDCARD),
+    );
+    for (slot, backend) in (1..).zip(backends) {
+        insert(
+            maps,
+            Lb4Key::new(*frontend.ip(), frontend.port(), proto, slot),
+            Lb4Service::slot(*backend.ip(), backend.port()),
+        );
+        add_backend(maps, *backend, proto);
+    }
+}
+
+pub fn add_backend(maps: &mut PinnedMaps, backend: SocketAddrV4, proto: u8) {
+    let key = Lb4BackendKey::new(*backend.ip(), backend.port(), proto);
+    let value = Lb4Backend {
+        state: BACKEND_STATE_ACTIVE,
+        pad: [0; 3],
+    };
+    maps.backends
+        .insert(key, value, 0)
+        .unwrap_or_else(|err| panic!("insert {key:?}: {err}"));
 }
 
 // ---- packet crafting ----
@@ -321,21 +371,34 @@ impl NetNs {
         sh("ip", &full);
     }
 
-    /// Runs `f` on a new thread that has entered this namespace (the network namespace is
-    /// per thread; the mount namespace, and so the host bpffs, stay as they are).
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+    /// Runs `program args...` in this namespace, keeping the host's /sys (unlike
+    /// `ip netns exec`).
+    pub fn exec(&self, program: &str, args: &[&str]) {
+        let net = format!("--net=/run/netns/{}", self.name);
+        let mut full = vec![net.as_str(), "--", program];
+        full.extend_from_slice(args);
+        sh("nsenter", &full);
+    }
+
+    /// Starts `f` on a new thread that has entered this namespace (the network namespace
+    /// is per thread; the mount namespace, and so the host bpffs, stay as they are).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = PathBuf::from("/run/netns").join(&self.name);
-        let thread = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             let file = std::fs::File::open(&path)
                 .unwrap_or_else(|err| panic!("open {}: {err}", path.display()));
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
                 .unwrap_or_else(|err| panic!("setns {}: {err}", path.display()));
             f()
-        });
-        match thread.join() {
-            Ok(value) => value,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+        })
+    }
+
+    /// Runs `f` in this namespace on a thread of its own and waits for it.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        join(self.spawn(f))
     }
 }
 
@@ -347,5 +410,13 @@ impl Drop for NetNs {
         if !matches!(status, Ok(s) if s.success()) {
             eprintln!("cleanup: ip netns del {} failed", self.name);
         }
+    }
+}
+
+/// Joins `thread`, passing its panic on.
+pub fn join<T>(thread: std::thread::JoinHandle<T>) -> T {
+    match thread.join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }

@@ -1,0 +1,277 @@
+//! Real packets between network namespaces through the attached datapath (needs root;
+//! never skipped). Each test builds its own topology:
+//!
+//! ```text
+//! client netns  eth0 10.0.1.2/24 ─veth─ lxc-c 10.0.1.1 ┐
+//! backend netns eth0 10.0.2.2/24 ─veth─ lxc-b 10.0.2.1 ┴ node netns (forwarding, programs on lxc-*)
+//! ```
+//!
+//! The VIP is configured nowhere: the client sends it to its default gateway, the node,
+//! and from_container on lxc-c translates it.
+// A test binary: a panic in a helper is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use sluice_common::{IPPROTO_TCP, IPPROTO_UDP, LOOPBACK_IPV4};
+use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps};
+use support::{NetNs, PinDir};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn vip(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(VIP, port)
+}
+
+/// The three namespaces with the datapath attached to both lxc interfaces.
+struct Topology {
+    client: NetNs,
+    backend: NetNs,
+    maps: PinnedMaps,
+    // Dropped first: unpinning the links detaches the programs.
+    _pins: PinDir,
+    _node: NetNs,
+}
+
+impl Topology {
+    fn new(lxc_tx_checksum: bool) -> Self {
+        let node = NetNs::new();
+        let client = NetNs::new();
+        let backend = NetNs::new();
+        node.exec(
+            "sysctl",
+            &[
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+                // Rev-NATed replies come from the VIP, which has no route back; Cilium
+                // turns rp_filter off for the same reason.
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        );
+        for (pod, lxc, subnet) in [(&client, "lxc-c", 1), (&backend, "lxc-b", 2)] {
+            node.ip(&[
+                "link", "add", lxc, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+            ]);
+            node.ip(&["addr", "add", &format!("10.0.{subnet}.1/24"), "dev", lxc]);
+            node.ip(&["link", "set", lxc, "up"]);
+            pod.ip(&["addr", "add", &format!("10.0.{subnet}.2/24"), "dev", "eth0"]);
+            pod.ip(&["link", "set", "eth0", "up"]);
+            pod.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.0.{subnet}.1"),
+            ]);
+            if !lxc_tx_checksum {
+                // Forces the kernel to finish partial checksums in software on the way
+                // into the pod, which exposes incremental checksum mistakes.
+                node.exec("ethtool", &["-K", lxc, "tx", "off"]);
+            }
+        }
+
+        let pins = PinDir::new();
+        let pin_dir = pins.path().to_owned();
+        node.run(move || {
+            let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
+            datapath.attach("lxc-c").expect("attach lxc-c");
+            datapath.attach("lxc-b").expect("attach lxc-b");
+            // The pinned links keep the programs attached once the loader is gone.
+        });
+        let maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
+        Self {
+            client,
+            backend,
+            maps,
+            _pins: pins,
+            _node: node,
+        }
+    }
+}
+
+/// A server thread in a namespace, stopped and joined on drop.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            eprintln!("a server thread panicked");
+        }
+    }
+}
+
+/// Answers every TCP connection with "<bind> saw <peer>" and closes it.
+fn tcp_server(netns: &NetNs, bind: SocketAddrV4) -> Server {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready, is_ready) = mpsc::channel();
+    let thread = netns.spawn({
+        let stop = stop.clone();
+        move || {
+            let listener = TcpListener::bind(bind).expect("bind");
+            listener.set_nonblocking(true).unwrap();
+            ready.send(()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, peer)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        // The client may already have gone; that is its test's business.
+                        let _ = write!(conn, "{bind} saw {peer}");
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(err) => panic!("accept: {err}"),
+                }
+            }
+        }
+    });
+    is_ready.recv_timeout(TIMEOUT).expect("server ready");
+    Server {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// Answers every UDP datagram with "<bind> saw <peer>".
+fn udp_server(netns: &NetNs, bind: SocketAddrV4) -> Server {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready, is_ready) = mpsc::channel();
+    let thread = netns.spawn({
+        let stop = stop.clone();
+        move || {
+            let socket = UdpSocket::bind(bind).expect("bind");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            ready.send(()).unwrap();
+            let mut buf = [0u8; 1500];
+            while !stop.load(Ordering::Relaxed) {
+                match socket.recv_from(&mut buf) {
+                    Ok((_, peer)) => {
+                        socket
+                            .send_to(format!("{bind} saw {peer}").as_bytes(), peer)
+                            .unwrap();
+                    }
+                    Err(err)
+                        if matches!(
+                            err.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(err) => panic!("recv_from: {err}"),
+                }
+            }
+        }
+    });
+    is_ready.recv_timeout(TIMEOUT).expect("server ready");
+    Server {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// Connects to `to`, returns what the server says and the local address used.
+fn tcp_get(to: SocketAddrV4) -> io::Result<(String, std::net::SocketAddr)> {
+    let mut stream = TcpStream::connect_timeout(&to.into(), TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok((reply, stream.local_addr()?))
+}
+
+/// Sends one datagram on a socket connected to `to` and returns the answer.
+fn udp_ask(to: SocketAddrV4) -> io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(to)?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.send(b"question")?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn services_through_the_datapath(lxc_tx_checksum: bool) {
+    let mut topo = Topology::new(lxc_tx_checksum);
+    let web = SocketAddrV4::new(BACKEND, 8080);
+    let dns = SocketAddrV4::new(BACKEND, 5353);
+    let own = SocketAddrV4::new(CLIENT, 9090);
+    support::add_service(&mut topo.maps, vip(80), IPPROTO_TCP, &[web]);
+    support::add_service(&mut topo.maps, vip(53), IPPROTO_UDP, &[dns]);
+    support::add_service(&mut topo.maps, vip(81), IPPROTO_TCP, &[]);
+    support::add_service(&mut topo.maps, vip(54), IPPROTO_UDP, &[]);
+    support::add_service(&mut topo.maps, vip(82), IPPROTO_TCP, &[own]);
+    let _web = tcp_server(&topo.backend, web);
+    let _dns = udp_server(&topo.backend, dns);
+    let _own = tcp_server(&topo.client, own);
+
+    topo.client.run(move || {
+        // TCP through the VIP, many connections: the backend sees the client's own
+        // address, the client only ever talks to the VIP.
+        for _ in 0..20 {
+            let (reply, local) = tcp_get(vip(80)).expect("TCP through the VIP");
+            assert_eq!(reply, format!("{web} saw {local}"));
+        }
+        // Straight to the backend, after the VIP connections (stale tuples must not
+        // rev-NAT these replies).
+        for _ in 0..5 {
+            let (reply, local) = tcp_get(web).expect("TCP straight to the backend");
+            assert_eq!(reply, format!("{web} saw {local}"));
+        }
+
+        // UDP on a connected socket only accepts the answer from the VIP.
+        for _ in 0..5 {
+            let reply = udp_ask(vip(53)).expect("UDP through the VIP");
+            assert!(
+                reply.starts_with(&format!("{dns} saw {CLIENT}:")),
+                "{reply}"
+            );
+        }
+
+        // No backends: refused at once rather than timing out.
+        let started = Instant::now();
+        let err = tcp_get(vip(81)).expect_err("no backends");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let err = udp_ask(vip(54)).expect_err("no backends");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+
+        // Hairpin: the pod reaches itself through its service.
+        for _ in 0..5 {
+            let (reply, local) = tcp_get(vip(82)).expect("hairpin");
+            let local_port = local.port();
+            assert_eq!(reply, format!("{own} saw {LOOPBACK_IPV4}:{local_port}"));
+        }
+    });
+}
+
+#[test]
+fn services_work_with_default_offloads() {
+    services_through_the_datapath(true);
+}
+
+#[test]
+fn services_work_with_lxc_tx_checksum_off() {
+    services_through_the_datapath(false);
+}
