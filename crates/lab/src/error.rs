@@ -51,7 +51,7 @@ pub enum LabError {
         env: &'static str,
     },
     #[error(
-        "agent of node {node} did not realize generation {generation} within {timeout:?} ({last}); see {log}"
+        "agent of node {node} did not realize generation {generation} within {timeout:?} ({last}); see {log}{tail}"
     )]
     AgentTimeout {
         node: String,
@@ -59,25 +59,26 @@ pub enum LabError {
         timeout: Duration,
         last: String,
         log: PathBuf,
+        tail: LogTail,
     },
-    #[error("agent of node {node} exited ({status}); see {log}")]
+    #[error("agent of node {node} exited ({status}); see {log}{tail}")]
     AgentExited {
         node: String,
         status: String,
         log: PathBuf,
+        tail: LogTail,
     },
-    #[error("pod server of {pod} {problem}; see {log}")]
+    #[error("pod server of {pod} {problem}; see {log}{tail}")]
     PodServer {
         pod: String,
         problem: String,
         log: PathBuf,
+        tail: LogTail,
     },
     #[error("no pod {0} in the lab")]
     PodNotFound(String),
     #[error("no node {0} in the lab")]
     NodeNotFound(String),
-    #[error("{0}")]
-    Exhausted(String),
 }
 
 fn render_violations(violations: &[ManifestError]) -> String {
@@ -95,4 +96,35 @@ pub(crate) fn io_err(
 ) -> impl FnOnce(std::io::Error) -> LabError {
     let path = path.into();
     move |source| LabError::Io { call, path, source }
+}
+
+/// The last lines of a process's log, shown with the error: a failed `lab up` removes the
+/// log file itself.
+#[derive(Debug)]
+pub struct LogTail(String);
+
+impl LogTail {
+    const LINES: usize = 15;
+
+    pub(crate) fn of(path: &std::path::Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(Self::LINES);
+        LogTail(
+            lines[start..]
+                .iter()
+                .map(|l| format!("\n    {l}"))
+                .collect(),
+        )
+    }
+}
+
+impl std::fmt::Display for LogTail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            write!(f, ", which ends:{}", self.0)
+        }
+    }
 }

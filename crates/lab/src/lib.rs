@@ -33,7 +33,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use sluice_api::Client;
 
-pub use error::LabError;
+pub use error::{LabError, LogTail};
 pub use server::serve_pod;
 pub use spec::{LabSpec, NodeSpec};
 
@@ -756,10 +756,12 @@ impl Lab {
                 thread::sleep(POLL);
             };
             if let Some(problem) = problem {
+                let log = dir.join("server.log");
                 return Err(LabError::PodServer {
                     pod: k.clone(),
                     problem,
-                    log: dir.join("server.log"),
+                    tail: LogTail::of(&log),
+                    log,
                 });
             }
         }
@@ -824,6 +826,7 @@ impl Lab {
                     node: node.clone(),
                     status: status.to_string(),
                     log: self.agent_log(node),
+                    tail: LogTail::of(&self.agent_log(node)),
                 });
             }
             if Instant::now() > deadline {
@@ -833,6 +836,7 @@ impl Lab {
                     timeout,
                     last,
                     log: self.agent_log(node),
+                    tail: LogTail::of(&self.agent_log(node)),
                 });
             }
             thread::sleep(POLL);

@@ -48,11 +48,39 @@ fn options(tmp: &Path) -> LabOptions {
     }
 }
 
+fn test_dir(name: &str) -> PathBuf {
+    let tmp = std::env::temp_dir().join(format!("sluice-lab-test-{name}"));
+    fs::create_dir_all(&tmp).unwrap();
+    tmp
+}
+
+/// Writes an executable script.
+fn script(path: &Path, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    fs::write(path, text).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_path_buf()
+}
+
 impl TestLab {
+    /// Without agents: bare routing.
     fn up(name: &str) -> Self {
-        let tmp = std::env::temp_dir().join(format!("sluice-lab-test-{name}"));
-        fs::create_dir_all(&tmp).unwrap();
+        let tmp = test_dir(name);
         let opts = options(&tmp);
+        Self::start(name, tmp, opts)
+    }
+
+    /// With [`FAKE_AGENT`] as every node's agent.
+    fn up_with_fake_agent(name: &str) -> Self {
+        let tmp = test_dir(name);
+        let handler = script(&tmp.join("handler.sh"), FAKE_AGENT_HANDLER);
+        let agent = FAKE_AGENT.replace("HANDLER", &handler.display().to_string());
+        let mut opts = options(&tmp);
+        opts.binaries.agent = Some(script(&tmp.join("agent.sh"), &agent));
+        Self::start(name, tmp, opts)
+    }
+
+    fn start(name: &str, tmp: PathBuf, opts: LabOptions) -> Self {
         let lab = match Lab::up(name, &examples().join("lab.yaml"), &opts) {
             Ok(lab) => lab,
             Err(e) => {
@@ -551,4 +579,143 @@ fn up_refuses_an_existing_lab_and_a_bad_lab_file() {
         .to_string();
     assert!(err.contains("nodes[1].name: duplicate node name"), "{err}");
     assert!(netns_of(&other).is_empty());
+}
+
+/// A stand-in for sluice-agent with the same arguments: it serves `status` on the API socket
+/// from inside the node's network namespace (so `lab down` must find it there) through
+/// socat and [`FAKE_AGENT_HANDLER`].
+const FAKE_AGENT: &str = r#"#!/bin/sh
+while [ $# -gt 1 ]; do
+  case "$1" in
+    --netns) netns=$2 ;;
+    --cluster-file) cluster=$2 ;;
+    --api-socket) sock=$2 ;;
+  esac
+  shift 2
+done
+record_dir=$(dirname "$sock")
+export cluster record_dir
+echo "fake agent for $netns"
+exec nsenter --net="/run/netns/$netns" socat UNIX-LISTEN:"$sock",fork EXEC:HANDLER
+"#;
+
+/// Answers one status request: the generation in cluster.json counts as realized at once.
+/// The first time it reports a generation it keeps that snapshot (`gen-N.json`) and the
+/// network namespaces that existed at that moment (`gen-N.netns`).
+const FAKE_AGENT_HANDLER: &str = r#"#!/bin/sh
+read -r request
+copy="$record_dir/now.$$"
+cp "$cluster" "$copy"
+gen=$(sed -n 's/^  "generation": \([0-9]*\),$/\1/p' "$copy")
+if [ -e "$record_dir/gen-$gen.json" ]; then
+  rm -f "$copy"
+else
+  ls /run/netns > "$record_dir/gen-$gen.netns"
+  mv "$copy" "$record_dir/gen-$gen.json"
+fi
+printf '{"result":{"node":"fake","version":"0","healthy":true,"desired_generation":%s,"realized_generation":%s,"last_error":null,"reconciles":0,"endpoints":0,"maps":[]}}\n' "$gen" "$gen"
+"#;
+
+#[test]
+fn pods_are_removed_only_after_agents_realized_their_termination() {
+    let mut t = TestLab::up_with_fake_agent(&unique("la"));
+    let node_dir = t.opts.state_root.join(&t.name).join("nodes/node-1");
+    assert!(
+        node_dir.join("gen-1.json").exists(),
+        "up waited for the agent's first status"
+    );
+    let agent_pids = pids_in(&t.lab.node_netns("node-1"));
+    assert!(
+        !agent_pids.is_empty(),
+        "the agent runs in the node's namespace"
+    );
+
+    let nginx = fs::read_to_string(examples().join("nginx.yaml")).unwrap();
+    let report = t.apply(&[
+        t.write("nginx.yaml", &nginx),
+        examples().join("client.yaml"),
+    ]);
+    assert_eq!(report.generation, 2);
+    let three = t.apply(&[t.write("nginx.yaml", &nginx.replace("replicas: 2", "replicas: 3"))]);
+    assert_eq!(three.generation, 3);
+    let before: BTreeSet<_> = t.nginx_pods().into_iter().map(|(n, _)| n).collect();
+    let report = t.apply(&[t.write("nginx.yaml", &nginx.replace("replicas: 2", "replicas: 1"))]);
+    eprintln!("scale 3→1 with a (fake) agent: {:?}", report.realized_in);
+    assert_eq!(
+        report.generation, 5,
+        "one generation to terminate, one to remove"
+    );
+    let after: BTreeSet<_> = t.nginx_pods().into_iter().map(|(n, _)| n).collect();
+    let removed: Vec<_> = before.difference(&after).cloned().collect();
+    assert_eq!(removed.len(), 2);
+
+    // Generation 4: the two pods terminating, out of the slice's ready endpoints, and still
+    // there when the agent reported it realized.
+    let terminating = Snapshot::read_file(&node_dir.join("gen-4.json")).unwrap();
+    let netns_then = fs::read_to_string(node_dir.join("gen-4.netns")).unwrap();
+    for name in &removed {
+        let pod = terminating
+            .pods
+            .iter()
+            .find(|p| p.metadata.name.as_ref() == Some(name))
+            .unwrap();
+        assert!(
+            pod.metadata.deletion_timestamp.is_some(),
+            "{name} terminating in generation 4"
+        );
+        let netns = format!("sluice-{}-default-{name}", t.name);
+        assert!(
+            netns_then.lines().any(|l| l.starts_with(&netns)),
+            "{netns} existed when generation 4 was realized"
+        );
+        assert!(!netns_list().contains(&netns), "{netns} is gone now");
+    }
+    let slice = &terminating.endpoint_slices[0];
+    let ready = slice
+        .endpoints
+        .iter()
+        .filter(|e| e.conditions.as_ref().unwrap().ready == Some(true))
+        .count();
+    let ending = slice
+        .endpoints
+        .iter()
+        .filter(|e| e.conditions.as_ref().unwrap().terminating == Some(true))
+        .count();
+    assert_eq!((slice.endpoints.len(), ready, ending), (3, 1, 2));
+    // Generation 5: gone from pods, endpoints and slices.
+    let last = Snapshot::read_file(&node_dir.join("gen-5.json")).unwrap();
+    assert_eq!(last.endpoint_slices[0].endpoints.len(), 1);
+    assert_eq!(last.pods.len(), 2);
+    assert_eq!(last.endpoints.len(), 2);
+
+    Lab::down(&t.name, &t.opts).unwrap();
+    for pid in agent_pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}/ns/net")).exists(),
+            "agent {pid} stopped by down"
+        );
+    }
+}
+
+#[test]
+fn up_fails_with_the_log_of_an_agent_that_exits_and_leaves_nothing() {
+    let name = unique("lx");
+    let tmp = test_dir(&name);
+    let mut opts = options(&tmp);
+    opts.binaries.agent = Some(script(
+        &tmp.join("agent.sh"),
+        "#!/bin/sh\necho 'fake agent: cannot load the datapath' >&2\nexit 3\n",
+    ));
+    let err = Lab::up(&name, &examples().join("lab.yaml"), &opts)
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    let _ = fs::remove_dir_all(&tmp);
+    assert!(matches!(err, LabError::AgentExited { .. }), "{text}");
+    assert!(
+        text.contains("agent of node node-1 exited") && text.contains("cannot load the datapath"),
+        "{text}"
+    );
+    assert!(netns_of(&name).is_empty());
+    assert!(!opts.state_root.join(&name).exists());
 }
