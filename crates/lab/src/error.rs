@@ -36,6 +36,11 @@ pub enum LabError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("encoding {what}: {source}")]
+    Encode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
     #[error(transparent)]
     Store(#[from] sluice_store::StoreError),
     /// Generic manifest errors, from the sources crate.

@@ -6,8 +6,8 @@ use ipnet::Ipv4Net;
 
 /// First pod address: .1 is the node's router.
 pub const FIRST_POD_OFFSET: u32 = 2;
-/// First automatically allocated ClusterIP; the ones below are left for well-known services
-/// (`kubernetes` at .1, DNS at .10 in kubeadm clusters is often set explicitly).
+/// First automatically allocated ClusterIP. The addresses below it stay free for Services
+/// that ask for one explicitly, as well-known ones do (`kubernetes` at .1).
 pub const FIRST_CLUSTER_IP_OFFSET: u32 = 10;
 
 pub fn router_ip(cidr: Ipv4Net) -> Ipv4Addr {

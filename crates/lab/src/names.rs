@@ -31,8 +31,8 @@ fn safe_encode(text: &str) -> String {
 /// The `pod-template-hash` of a Deployment's pod template: FNV-32a of its JSON, the decimal
 /// digits (zero-padded to 10) encoded like Kubernetes encodes its template hashes.
 pub fn template_hash(template: &PodTemplateSpec) -> Result<String, LabError> {
-    let json = serde_json::to_vec(template).map_err(|source| LabError::State {
-        path: "pod template".into(),
+    let json = serde_json::to_vec(template).map_err(|source| LabError::Encode {
+        what: "pod template",
         source,
     })?;
     Ok(safe_encode(&format!("{:010}", fnv32a(&json))))
