@@ -24,10 +24,9 @@ pub enum DatapathError {
         program: String,
         source: ProgramError,
     },
-    #[error("{action} program {program}: {source}")]
-    Program {
+    #[error("loading program {program}: {source}")]
+    ProgramLoad {
         program: &'static str,
-        action: &'static str,
         source: ProgramError,
     },
     #[error("invalid interface name {0:?}")]

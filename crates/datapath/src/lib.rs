@@ -59,14 +59,14 @@ const HOOKS: [(&str, TcAttachType, &str); 2] = [
 ];
 
 /// What a map pinned by an earlier run must look like to be reused.
-pub(crate) struct MapSpec {
-    pub name: &'static str,
-    pub map_type: MapType,
-    pub key_size: usize,
-    pub value_size: usize,
+struct MapSpec {
+    name: &'static str,
+    map_type: MapType,
+    key_size: usize,
+    value_size: usize,
 }
 
-pub(crate) const MAPS: [MapSpec; 5] = [
+const MAPS: [MapSpec; 5] = [
     MapSpec {
         name: names::SERVICES,
         map_type: MapType::Hash,
@@ -152,9 +152,8 @@ impl Datapath {
         for (name, _, _) in HOOKS {
             classifier(&mut ebpf, name)?
                 .load()
-                .map_err(|source| DatapathError::Program {
+                .map_err(|source| DatapathError::ProgramLoad {
                     program: name,
-                    action: "load",
                     source,
                 })?;
         }

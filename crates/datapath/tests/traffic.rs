@@ -43,7 +43,7 @@ struct Topology {
     client: NetNs,
     backend: NetNs,
     maps: PinnedMaps,
-    // Dropped first: unpinning the links detaches the programs.
+    // Removing the pins detaches the programs and releases the maps.
     _pins: PinDir,
     _node: NetNs,
 }
