@@ -5,9 +5,10 @@
 
 use std::{
     ffi::OsStr,
+    io::Write,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use crate::LabError;
@@ -77,6 +78,37 @@ fn ip(netns: &str, args: &[&str]) -> Result<String, LabError> {
     run(Command::new("ip").arg("-n").arg(netns).args(args))
 }
 
+/// `ip -n <netns> -batch -` with one command per line; stops at the first failing line,
+/// which the error names (`Command failed -:<line>`) next to the whole batch.
+fn ip_batch(netns: &str, lines: &[String]) -> Result<(), LabError> {
+    let command = format!("ip -n {netns} -batch - <<< {lines:?}");
+    let fail = |detail: String| LabError::Command {
+        command: command.clone(),
+        detail,
+    };
+    let mut child = Command::new("ip")
+        .args(["-n", netns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(lines.join("\n").as_bytes())
+            .map_err(|e| fail(format!("writing the batch: {e}")))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 /// A command run in `netns` that keeps the host's /sys (unlike `ip netns exec`).
 pub fn in_netns(netns: &str, program: &str) -> Command {
     let mut cmd = Command::new("nsenter");
@@ -105,7 +137,8 @@ pub fn del_netns(name: &str) -> Result<(), LabError> {
 /// A node: forwarding on, reverse-path filtering off (replies from a service's backends carry
 /// the ClusterIP as source, which has no route back), and the router address on `sluice_host`.
 pub fn setup_node(lab: &str, netns: &str, router: Ipv4Addr) -> Result<(), LabError> {
-    ip(netns, &["link", "set", "lo", "up"])?;
+    ip_batch(netns, &["link set lo up".into()])?;
+    // Before any lxc exists: new interfaces copy `default`, so every lxc gets rp_filter 0.
     sysctl(
         netns,
         &[
@@ -114,36 +147,16 @@ pub fn setup_node(lab: &str, netns: &str, router: Ipv4Addr) -> Result<(), LabErr
             "net.ipv4.conf.default.rp_filter=0".into(),
         ],
     )?;
-    ip(
+    ip_batch(
         netns,
         &[
-            "link",
-            "add",
-            HOST_INTERFACE,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            HOST_PEER,
+            format!("link add {HOST_INTERFACE} type veth peer name {HOST_PEER}"),
+            format!("link set {HOST_INTERFACE} alias {}", alias(lab)),
+            format!("addr add {router}/32 dev {HOST_INTERFACE}"),
+            format!("link set {HOST_PEER} up"),
+            format!("link set {HOST_INTERFACE} up"),
         ],
-    )?;
-    ip(
-        netns,
-        &["link", "set", HOST_INTERFACE, "alias", &alias(lab)],
-    )?;
-    ip(
-        netns,
-        &[
-            "addr",
-            "add",
-            &format!("{router}/32"),
-            "dev",
-            HOST_INTERFACE,
-        ],
-    )?;
-    ip(netns, &["link", "set", HOST_PEER, "up"])?;
-    ip(netns, &["link", "set", HOST_INTERFACE, "up"])?;
-    Ok(())
+    )
 }
 
 /// What connects one pod to its node.
@@ -160,50 +173,35 @@ pub struct PodLink<'a> {
 
 /// The pod's `eth0` with its /32, routed through the node's router address, and the node's
 /// /32 route back. The host side has no address: the node answers ARP for its router address
-/// on any interface.
+/// on any interface. Batched, one `ip` per namespace, because every process start counts in
+/// the time until a new backend takes traffic.
 pub fn setup_pod(l: &PodLink<'_>) -> Result<(), LabError> {
     let (node, pod, lxc) = (l.node_netns, l.pod_netns, l.interface);
-    let (ip_text, router) = (l.ip.to_string(), l.router.to_string());
-    ip(pod, &["link", "set", "lo", "up"])?;
-    ip(
+    let (ip, router) = (l.ip, l.router);
+    ip_batch(
         node,
         &[
-            "link", "add", lxc, "type", "veth", "peer", "name", "eth0", "netns", pod,
+            format!("link add {lxc} type veth peer name eth0 netns {pod}"),
+            format!("link set {lxc} up"),
+            format!("route add {ip}/32 dev {lxc} src {router}"),
         ],
     )?;
-    ip(pod, &["link", "set", "eth0", "alias", &alias(l.lab)])?;
-    ip(
+    ip_batch(
         pod,
-        &["addr", "add", &format!("{ip_text}/32"), "dev", "eth0"],
+        &[
+            "link set lo up".into(),
+            format!("link set eth0 alias {}", alias(l.lab)),
+            format!("addr add {ip}/32 dev eth0"),
+            "link set eth0 up".into(),
+            format!("route add {router} dev eth0 scope link"),
+            format!("route add default via {router} dev eth0"),
+        ],
     )?;
-    ip(pod, &["link", "set", "eth0", "up"])?;
-    ip(
-        pod,
-        &["route", "add", &router, "dev", "eth0", "scope", "link"],
-    )?;
-    ip(
-        pod,
-        &["route", "add", "default", "via", &router, "dev", "eth0"],
-    )?;
-    sysctl(node, &[format!("net.ipv4.conf.{lxc}.rp_filter=0")])?;
     if !l.tx_checksum_offload {
         // Forces real checksums on packets the node sends into the pod, so NAT checksum
         // bugs show up in the lab rather than on a real NIC.
         run(in_netns(node, "ethtool").args(["-K", lxc, "tx", "off"]))?;
     }
-    ip(node, &["link", "set", lxc, "up"])?;
-    ip(
-        node,
-        &[
-            "route",
-            "add",
-            &format!("{ip_text}/32"),
-            "dev",
-            lxc,
-            "src",
-            &router,
-        ],
-    )?;
     Ok(())
 }
 

@@ -281,6 +281,17 @@ fn pods_serve_http_tcp_echo_and_udp_over_real_routes() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("tx-checksumming: off"));
+    let node_sysctl = |key: &str| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", t.lab.node_netns("node-1")))
+            .args(["sysctl", "-n", key])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(node_sysctl("net.ipv4.ip_forward"), "1");
+    assert_eq!(node_sysctl(&format!("net.ipv4.conf.{lxc}.rp_filter")), "0");
+    assert_eq!(node_sysctl("net.ipv4.conf.all.rp_filter"), "0");
 
     // UDP and TCP echo, from a thread inside the client pod.
     t.apply(&[t.write("echo.yaml", ECHO_POD)]);
