@@ -443,3 +443,28 @@ fn deleting_a_namespace_deletes_its_objects() {
     assert!(st.pods.is_empty() && st.services.is_empty() && st.deployments.is_empty());
     assert!(!st.namespaces.contains_key("shop"));
 }
+
+#[test]
+fn network_policies_reach_the_agents_as_applied() {
+    let policy = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+";
+    let (st, plan) = apply_ok(&one_node(), policy);
+    assert_eq!(
+        plan.lines,
+        ["networkpolicy.networking.k8s.io/deny-all created"]
+    );
+    let snapshot = st.snapshot();
+    assert_eq!(snapshot.network_policies.len(), 1);
+    let applied = &manifests("p.yaml", policy)[0].object;
+    assert!(matches!(applied, Object::NetworkPolicy(p) if *p == snapshot.network_policies[0]));
+    let (_, plan) = apply_ok(&st, policy);
+    assert_eq!(
+        plan.lines,
+        ["networkpolicy.networking.k8s.io/deny-all unchanged"]
+    );
+}
