@@ -3,8 +3,8 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -24,12 +24,22 @@ pub struct TestLab {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn binary(env: &str, name: &str) -> PathBuf {
-    let path = std::env::var_os(env).map_or_else(|| workspace_root().join("target/debug").join(name), PathBuf::from);
-    assert!(path.exists(), "{} not found: run `cargo build --bins` first (or set {env})", path.display());
+    let path = std::env::var_os(env).map_or_else(
+        || workspace_root().join("target/debug").join(name),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --bins` first (or set {env})",
+        path.display()
+    );
     path
 }
 
@@ -62,17 +72,28 @@ impl TestLab {
                 panic!("lab up {name}: {e}");
             }
         };
-        Self { lab, name, opts, dir }
+        Self {
+            lab,
+            name,
+            opts,
+            dir,
+        }
     }
 
     /// Writes `yaml` to a file and applies it.
     pub fn apply_yaml(&mut self, file: &str, yaml: &str) -> sluice_lab::ApplyReport {
         let path = self.dir.join(file);
         fs::write(&path, yaml).unwrap();
-        self.lab.apply(&[path]).unwrap_or_else(|e| panic!("apply {file}: {e}"))
+        self.lab
+            .apply(&[path])
+            .unwrap_or_else(|e| panic!("apply {file}: {e}"))
     }
 
-    pub fn try_apply_yaml(&mut self, file: &str, yaml: &str) -> Result<sluice_lab::ApplyReport, sluice_lab::LabError> {
+    pub fn try_apply_yaml(
+        &mut self,
+        file: &str,
+        yaml: &str,
+    ) -> Result<sluice_lab::ApplyReport, sluice_lab::LabError> {
         let path = self.dir.join(file);
         fs::write(&path, yaml).unwrap();
         self.lab.apply(&[path])
@@ -87,22 +108,41 @@ impl TestLab {
     }
 
     pub fn cluster_ip(&self, service: &str) -> Ipv4Addr {
-        let svc = self.lab.services().into_iter().find(|s| s.name == service).unwrap_or_else(|| panic!("no service {service}"));
+        let svc = self
+            .lab
+            .services()
+            .into_iter()
+            .find(|s| s.name == service)
+            .unwrap_or_else(|| panic!("no service {service}"));
         svc.cluster_ip.parse().unwrap()
     }
 
     pub fn pod_ip(&self, pod: &str) -> Ipv4Addr {
         let (ns, name) = pod.split_once('/').unwrap();
-        self.lab.pods().into_iter().find(|p| p.namespace == ns && p.name == name).and_then(|p| p.ip).unwrap()
+        self.lab
+            .pods()
+            .into_iter()
+            .find(|p| p.namespace == ns && p.name == name)
+            .and_then(|p| p.ip)
+            .unwrap()
     }
 
     /// Pods whose name starts with `prefix`, as `namespace/name`.
     pub fn pods_named(&self, prefix: &str) -> Vec<String> {
-        self.lab.pods().into_iter().filter(|p| p.name.starts_with(prefix)).map(|p| format!("{}/{}", p.namespace, p.name)).collect()
+        self.lab
+            .pods()
+            .into_iter()
+            .filter(|p| p.name.starts_with(prefix))
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect()
     }
 
     /// Runs `f` on a thread that has entered `pod`'s network namespace.
-    pub fn in_pod<T: Send + 'static>(&self, pod: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    pub fn in_pod<T: Send + 'static>(
+        &self,
+        pod: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
         let netns = self.lab.pod_netns(pod).unwrap();
         in_netns(&netns, f)
     }

@@ -52,7 +52,12 @@ spec:
 
 fn nginx_lab(prefix: &str) -> TestLab {
     let mut lab = TestLab::up(prefix, ONE_NODE_LAB);
-    lab.lab.apply(&[examples().join("nginx.yaml"), examples().join("client.yaml")]).expect("apply nginx + client");
+    lab.lab
+        .apply(&[
+            examples().join("nginx.yaml"),
+            examples().join("client.yaml"),
+        ])
+        .expect("apply nginx + client");
     lab
 }
 
@@ -60,21 +65,43 @@ fn nginx_lab(prefix: &str) -> TestLab {
 fn tcp_requests_to_the_cluster_ip_are_spread_over_both_backends() {
     let lab = nginx_lab("tcp");
     let vip = SocketAddr::from((lab.cluster_ip("nginx-service"), 80));
-    let answers = lab.in_pod("default/client", move || (0..40).map(|_| http_get(vip)).collect::<Vec<_>>());
+    let answers = lab.in_pod("default/client", move || {
+        (0..40).map(|_| http_get(vip)).collect::<Vec<_>>()
+    });
     let mut per_backend = BTreeMap::<String, usize>::new();
     for a in answers {
-        *per_backend.entry(a.expect("request through the VIP")).or_default() += 1;
+        *per_backend
+            .entry(a.expect("request through the VIP"))
+            .or_default() += 1;
     }
     eprintln!("requests per backend: {per_backend:?}");
     let nginx = lab.pods_named("nginx-deployment");
-    assert_eq!(per_backend.len(), 2, "both backends answered: {per_backend:?}");
+    assert_eq!(
+        per_backend.len(),
+        2,
+        "both backends answered: {per_backend:?}"
+    );
     for pod in nginx {
         let name = pod.split_once('/').unwrap().1;
-        assert!(per_backend.contains_key(name), "{name} never answered: {per_backend:?}");
+        assert!(
+            per_backend.contains_key(name),
+            "{name} never answered: {per_backend:?}"
+        );
     }
 
-    let services = lab.client().call::<Vec<sluice_api::ServiceEntry>>(sluice_api::Method::ServiceList, serde_json::Value::Null).unwrap();
-    let nginx = services.iter().find(|s| s.port == 80 && s.address == vip.ip().to_string().parse::<std::net::Ipv4Addr>().unwrap()).unwrap();
+    let services = lab
+        .client()
+        .call::<Vec<sluice_api::ServiceEntry>>(
+            sluice_api::Method::ServiceList,
+            serde_json::Value::Null,
+        )
+        .unwrap();
+    let nginx = services
+        .iter()
+        .find(|s| {
+            s.port == 80 && s.address == vip.ip().to_string().parse::<std::net::Ipv4Addr>().unwrap()
+        })
+        .unwrap();
     assert_eq!(nginx.backends.len(), 2);
     assert_eq!(nginx.service.as_deref(), Some("default/nginx-service"));
 }
@@ -86,7 +113,9 @@ fn udp_and_named_target_ports_work_and_replies_come_from_the_vip() {
     let dns = SocketAddr::from((lab.cluster_ip("echo"), 53));
     let http = SocketAddr::from((lab.cluster_ip("echo"), 80));
     let (names, big) = lab.in_pod("default/client", move || {
-        let names: Vec<_> = (0..30).map(|_| udp_ask(dns, b"hostname").expect("UDP through the VIP")).collect();
+        let names: Vec<_> = (0..30)
+            .map(|_| udp_ask(dns, b"hostname").expect("UDP through the VIP"))
+            .collect();
         // A payload larger than one segment, echoed back over TCP through the VIP.
         let big = {
             use std::io::{Read, Write};
@@ -107,7 +136,11 @@ fn udp_and_named_target_ports_work_and_replies_come_from_the_vip() {
         assert_eq!(*from, dns, "the reply must come from the VIP (reverse NAT)");
     }
     let distinct: std::collections::BTreeSet<_> = names.iter().map(|(n, _)| n.clone()).collect();
-    assert_eq!(distinct.len(), 2, "both UDP backends answered: {distinct:?}");
+    assert_eq!(
+        distinct.len(),
+        2,
+        "both UDP backends answered: {distinct:?}"
+    );
     assert!(big, "200 kB echoed intact through the VIP");
 }
 
@@ -118,7 +151,8 @@ fn a_service_without_ready_backends_refuses_at_once() {
     let vip = lab.cluster_ip("nobody");
     let (tcp, tcp_took, udp) = lab.in_pod("default/client", move || {
         let started = Instant::now();
-        let tcp = TcpStream::connect_timeout(&SocketAddr::from((vip, 80)), Duration::from_secs(3)).map(|_| ());
+        let tcp = TcpStream::connect_timeout(&SocketAddr::from((vip, 80)), Duration::from_secs(3))
+            .map(|_| ());
         let took = started.elapsed();
         let udp = udp_ask(SocketAddr::from((vip, 53)), b"hostname").map(|_| ());
         (tcp, took, udp)
@@ -135,13 +169,25 @@ fn a_known_vip_on_an_unknown_port_is_dropped_with_a_reason() {
     let maps = sluice_datapath::PinnedMaps::open(&lab.lab.pin_dir(&lab.node())).unwrap();
     let reason = sluice_common::DropReason::ServicePortUnknown;
     let index = sluice_common::metrics_index(reason.code(), sluice_common::METRIC_DIR_EGRESS);
-    let dropped = || maps.metrics.get(&index, 0).unwrap().iter().map(|v| v.packets).sum::<u64>();
+    let dropped = || {
+        maps.metrics
+            .get(&index, 0)
+            .unwrap()
+            .iter()
+            .map(|v| v.packets)
+            .sum::<u64>()
+    };
     let before = dropped();
     let err = lab.in_pod("default/client", move || {
-        TcpStream::connect_timeout(&SocketAddr::from((vip, 8080)), Duration::from_millis(500)).unwrap_err()
+        TcpStream::connect_timeout(&SocketAddr::from((vip, 8080)), Duration::from_millis(500))
+            .unwrap_err()
     });
     assert_eq!(err.kind(), ErrorKind::TimedOut);
-    assert!(dropped() > before, "the SYN was counted under {}", reason.name());
+    assert!(
+        dropped() > before,
+        "the SYN was counted under {}",
+        reason.name()
+    );
 }
 
 #[test]
@@ -150,8 +196,13 @@ fn a_pod_reaches_a_service_backed_by_itself_and_pods_reach_each_other() {
     let vip = SocketAddr::from((lab.cluster_ip("nginx-service"), 80));
     for pod in lab.pods_named("nginx-deployment") {
         let me = pod.split_once('/').unwrap().1.to_string();
-        let answers = lab.in_pod(&pod, move || (0..20).map(|_| http_get(vip).unwrap()).collect::<Vec<_>>());
-        assert!(answers.contains(&me), "{me} reached itself through the VIP (hairpin): {answers:?}");
+        let answers = lab.in_pod(&pod, move || {
+            (0..20).map(|_| http_get(vip).unwrap()).collect::<Vec<_>>()
+        });
+        assert!(
+            answers.contains(&me),
+            "{me} reached itself through the VIP (hairpin): {answers:?}"
+        );
         let direct = SocketAddr::from((lab.pod_ip(&pod), 80));
         let answer = lab.in_pod("default/client", move || http_get(direct).unwrap());
         assert_eq!(answer, me, "pod to pod on one node");
@@ -162,25 +213,44 @@ fn a_pod_reaches_a_service_backed_by_itself_and_pods_reach_each_other() {
 fn verify_reports_drift_and_the_periodic_reconcile_repairs_it() {
     let lab = nginx_lab("drift");
     let api = lab.client();
-    let clean: sluice_api::VerifyReport = api.call(sluice_api::Method::Verify, serde_json::json!({})).unwrap();
-    assert!(clean.drift.is_empty(), "fresh lab has no drift: {:?}", clean.drift);
+    let clean: sluice_api::VerifyReport = api
+        .call(sluice_api::Method::Verify, serde_json::json!({}))
+        .unwrap();
+    assert!(
+        clean.drift.is_empty(),
+        "fresh lab has no drift: {:?}",
+        clean.drift
+    );
 
     // Point slot 1 of the frontend at an address that serves nothing, behind the agent's back.
     let vip = lab.cluster_ip("nginx-service");
     let mut maps = sluice_datapath::PinnedMaps::open(&lab.lab.pin_dir(&lab.node())).unwrap();
     let key = sluice_common::Lb4Key::new(vip, 80, sluice_common::IPPROTO_TCP, 1);
-    maps.services.insert(key, sluice_common::Lb4Service::slot("10.244.1.250".parse().unwrap(), 80), 0).unwrap();
+    maps.services
+        .insert(
+            key,
+            sluice_common::Lb4Service::slot("10.244.1.250".parse().unwrap(), 80),
+            0,
+        )
+        .unwrap();
 
-    let report: sluice_api::VerifyReport = api.call(sluice_api::Method::Verify, serde_json::json!({})).unwrap();
+    let report: sluice_api::VerifyReport = api
+        .call(sluice_api::Method::Verify, serde_json::json!({}))
+        .unwrap();
     assert_eq!(report.drift.len(), 1, "{:?}", report.drift);
     assert_eq!(report.drift[0].kind, "differs");
     assert!(report.drift[0].key.contains("slot 1"));
 
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(10) {
-        let r: sluice_api::VerifyReport = api.call(sluice_api::Method::Verify, serde_json::json!({})).unwrap();
+        let r: sluice_api::VerifyReport = api
+            .call(sluice_api::Method::Verify, serde_json::json!({}))
+            .unwrap();
         if r.drift.is_empty() {
-            eprintln!("periodic reconcile repaired the drift after {:?}", started.elapsed());
+            eprintln!(
+                "periodic reconcile repaired the drift after {:?}",
+                started.elapsed()
+            );
             return;
         }
         std::thread::sleep(Duration::from_millis(100));

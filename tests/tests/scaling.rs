@@ -49,23 +49,39 @@ fn scaling_two_three_one_under_load_fails_no_request_once_realized() {
     let up_started = Instant::now();
     let report = lab.apply_yaml("nginx.yaml", &nginx.replace("replicas: 2", "replicas: 3"));
     let up_realized = Instant::now();
-    eprintln!("scale to 3: {:?}, realized in {:?}", report.lines, report.realized_in);
+    eprintln!(
+        "scale to 3: {:?}, realized in {:?}",
+        report.lines, report.realized_in
+    );
     let three: BTreeSet<String> = lab.pods_named("nginx-deployment").into_iter().collect();
     assert_eq!(three.len(), 3);
-    let new_pod = three.difference(&before).next().unwrap().split_once('/').unwrap().1.to_string();
+    let new_pod = three
+        .difference(&before)
+        .next()
+        .unwrap()
+        .split_once('/')
+        .unwrap()
+        .1
+        .to_string();
     std::thread::sleep(Duration::from_millis(800));
 
     let down_started = Instant::now();
     lab.apply_yaml("nginx.yaml", &nginx.replace("replicas: 2", "replicas: 1"));
     let down_realized = Instant::now();
-    let one: BTreeSet<String> = lab.pods_named("nginx-deployment").into_iter().map(|p| p.split_once('/').unwrap().1.to_string()).collect();
+    let one: BTreeSet<String> = lab
+        .pods_named("nginx-deployment")
+        .into_iter()
+        .map(|p| p.split_once('/').unwrap().1.to_string())
+        .collect();
     assert_eq!(one.len(), 1);
     std::thread::sleep(Duration::from_millis(800));
     stop.store(true, Ordering::Relaxed);
     loop_thread.join().unwrap();
 
     let samples = samples.lock().unwrap();
-    let first_on_new = samples.iter().find(|s| s.answer.as_deref() == Ok(new_pod.as_str()));
+    let first_on_new = samples
+        .iter()
+        .find(|s| s.answer.as_deref() == Ok(new_pod.as_str()));
     let first_on_new = first_on_new.expect("the new backend received traffic");
     eprintln!(
         "{} requests; apply → first request answered by the new backend: {:?} (apply call took {:?})",
@@ -73,15 +89,35 @@ fn scaling_two_three_one_under_load_fails_no_request_once_realized() {
         first_on_new.started.saturating_duration_since(up_started),
         up_realized - up_started,
     );
-    eprintln!("scale down apply call took {:?}", down_realized - down_started);
-    let failed: Vec<_> = samples.iter().filter(|s| s.answer.is_err()).map(|s| (s.started, s.answer.clone())).collect();
+    eprintln!(
+        "scale down apply call took {:?}",
+        down_realized - down_started
+    );
+    let failed: Vec<_> = samples
+        .iter()
+        .filter(|s| s.answer.is_err())
+        .map(|s| (s.started, s.answer.clone()))
+        .collect();
     eprintln!("failed requests over the whole run: {}", failed.len());
-    for s in samples.iter().filter(|s| s.started >= up_realized && s.started < down_started) {
-        assert!(s.answer.is_ok(), "request after scale-up was realized failed: {:?}", s.answer);
+    for s in samples
+        .iter()
+        .filter(|s| s.started >= up_realized && s.started < down_started)
+    {
+        assert!(
+            s.answer.is_ok(),
+            "request after scale-up was realized failed: {:?}",
+            s.answer
+        );
     }
     for s in samples.iter().filter(|s| s.started >= down_realized) {
-        let answer = s.answer.as_ref().expect("request after scale-down was realized failed");
-        assert!(one.contains(answer), "removed backend {answer} got a new connection");
+        let answer = s
+            .answer
+            .as_ref()
+            .expect("request after scale-down was realized failed");
+        assert!(
+            one.contains(answer),
+            "removed backend {answer} got a new connection"
+        );
     }
 }
 
@@ -92,10 +128,26 @@ fn bad_manifests_are_refused_with_file_object_and_field_and_change_nothing() {
     let pods_before = lab.lab.pods().len();
     let generation_before = lab.client().status().unwrap().realized_generation;
     let cases = [
-        ("bad-port.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports:\n  - port: 70000\n", "spec.ports[0].port"),
-        ("bad-kind.yaml", "apiVersion: v1\nkind: Gadget\nmetadata: {name: x}\n", "Gadget"),
-        ("bad-yaml.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n", "bad-yaml.yaml"),
-        ("no-selector.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: lonely}\nspec:\n  ports:\n  - port: 80\n", "spec.selector"),
+        (
+            "bad-port.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports:\n  - port: 70000\n",
+            "spec.ports[0].port",
+        ),
+        (
+            "bad-kind.yaml",
+            "apiVersion: v1\nkind: Gadget\nmetadata: {name: x}\n",
+            "Gadget",
+        ),
+        (
+            "bad-yaml.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n",
+            "bad-yaml.yaml",
+        ),
+        (
+            "no-selector.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: lonely}\nspec:\n  ports:\n  - port: 80\n",
+            "spec.selector",
+        ),
         // A valid Deployment next to a broken Service: neither may be applied.
         (
             "half.yaml",
@@ -110,6 +162,15 @@ fn bad_manifests_are_refused_with_file_object_and_field_and_change_nothing() {
         assert!(err.contains(expect), "error names {expect}: {err}");
     }
     assert_eq!(lab.lab.pods().len(), pods_before, "no pod was created");
-    assert!(lab.lab.services().iter().all(|s| s.name != "extra" && s.name != "web"));
-    assert_eq!(lab.client().status().unwrap().realized_generation, generation_before, "the dataplane did not change");
+    assert!(
+        lab.lab
+            .services()
+            .iter()
+            .all(|s| s.name != "extra" && s.name != "web")
+    );
+    assert_eq!(
+        lab.client().status().unwrap().realized_generation,
+        generation_before,
+        "the dataplane did not change"
+    );
 }

@@ -25,11 +25,21 @@ pub enum AgentError {
     #[error(transparent)]
     Store(#[from] sluice_store::StoreError),
     #[error("{call} {path}: {source}")]
-    Io { call: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        call: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{call}: {source}")]
-    Sys { call: &'static str, source: nix::Error },
+    Sys {
+        call: &'static str,
+        source: nix::Error,
+    },
     #[error("reading map {map}: {source}")]
-    Map { map: &'static str, source: aya::maps::MapError },
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
 }
 
 /// Everything the agent needs to know at start.
@@ -51,6 +61,9 @@ pub struct AgentConfig {
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let node = Arc::new(Mutex::new(Node::start(&config)?));
     let mut snapshots = source::watch(config.cluster_file.clone())?;
+    node.lock()
+        .await
+        .set_snapshot(Arc::clone(&snapshots.borrow_and_update()));
     let listener = server::bind(&config.api_socket)?;
     tokio::spawn(server::serve(listener, Arc::clone(&node)));
 
@@ -81,6 +94,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     Ok(())
 }
 
-fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, AgentError> {
-    tokio::signal::unix::signal(kind).map_err(|source| AgentError::Io { call: "sigaction", path: PathBuf::new(), source })
+fn signal(
+    kind: tokio::signal::unix::SignalKind,
+) -> Result<tokio::signal::unix::Signal, AgentError> {
+    tokio::signal::unix::signal(kind).map_err(|source| AgentError::Io {
+        call: "sigaction",
+        path: PathBuf::new(),
+        source,
+    })
 }

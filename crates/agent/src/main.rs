@@ -46,7 +46,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(netns) = &args.netns {
         let path = PathBuf::from("/run/netns").join(netns);
         let ns = std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("setns {}", path.display()))?;
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns {}", path.display()))?;
     }
     let config = AgentConfig {
         node: args.node,
@@ -54,7 +55,9 @@ fn main() -> anyhow::Result<()> {
         pin_dir: args.pin_dir,
         api_socket: args.api_socket,
         reconcile_interval: Duration::from_secs_f64(args.reconcile_interval.max(0.1)),
-        datapath: DatapathConfig { ct_max_entries: args.ct_max_entries },
+        datapath: DatapathConfig {
+            ct_max_entries: args.ct_max_entries,
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

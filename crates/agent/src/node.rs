@@ -10,10 +10,13 @@ use aya::{
     maps::{HashMap, IterableMap, MapData},
     programs::{SchedClassifier, TcAttachType},
 };
-use sluice_api::{AgentStatus, BackendEntry, CtEntry, Drift, MapStatus, ServiceEntry, VerifyReport};
+use sluice_api::{
+    AgentStatus, BackendEntry, CtEntry, Drift, MapStatus, ServiceEntry, VerifyReport,
+};
 use sluice_common::{
-    CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_SERVICE, Ct4Entry, Ct4Key,
-    EndpointInfo, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, names, programs, proto_name,
+    CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_SERVICE,
+    Ct4Entry, Ct4Key, EndpointInfo, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, names, programs,
+    proto_name,
 };
 use sluice_compiler::{DesiredState, NodeContext};
 use sluice_datapath::{Datapath, PinnedMaps};
@@ -50,9 +53,18 @@ impl Node {
             name: config.node.clone(),
             datapath,
             tables: Tables {
-                services: Named { name: names::SERVICES, map: maps.services },
-                backends: Named { name: names::BACKENDS, map: maps.backends },
-                endpoints: Named { name: names::ENDPOINTS, map: maps.endpoints },
+                services: Named {
+                    name: names::SERVICES,
+                    map: maps.services,
+                },
+                backends: Named {
+                    name: names::BACKENDS,
+                    map: maps.backends,
+                },
+                endpoints: Named {
+                    name: names::ENDPOINTS,
+                    map: maps.endpoints,
+                },
             },
             conntrack: maps.conntrack,
             snapshot: Arc::new(Snapshot::default()),
@@ -117,7 +129,13 @@ impl Node {
                 Some((e.interface.clone(), index))
             })
             .collect::<BTreeMap<_, _>>();
-        sluice_compiler::compile(&self.snapshot, &NodeContext { node: self.name.clone(), interfaces })
+        sluice_compiler::compile(
+            &self.snapshot,
+            &NodeContext {
+                node: self.name.clone(),
+                interfaces,
+            },
+        )
     }
 
     /// Attaches the datapath to `ifname` unless the kernel already runs it there.
@@ -139,12 +157,32 @@ impl Node {
     pub fn status(&self) -> Result<AgentStatus, AgentError> {
         let mut maps = Vec::new();
         for (name, entries, max_entries) in [
-            (names::SERVICES, self.tables.services.map.keys().count(), max_entries(self.tables.services.map.map())),
-            (names::BACKENDS, self.tables.backends.map.keys().count(), max_entries(self.tables.backends.map.map())),
-            (names::CONNTRACK, self.conntrack.keys().count(), max_entries(self.conntrack.map())),
-            (names::ENDPOINTS, self.tables.endpoints.map.keys().count(), max_entries(self.tables.endpoints.map.map())),
+            (
+                names::SERVICES,
+                self.tables.services.map.keys().count(),
+                max_entries(self.tables.services.map.map()),
+            ),
+            (
+                names::BACKENDS,
+                self.tables.backends.map.keys().count(),
+                max_entries(self.tables.backends.map.map()),
+            ),
+            (
+                names::CONNTRACK,
+                self.conntrack.keys().count(),
+                max_entries(self.conntrack.map()),
+            ),
+            (
+                names::ENDPOINTS,
+                self.tables.endpoints.map.keys().count(),
+                max_entries(self.tables.endpoints.map.map()),
+            ),
         ] {
-            maps.push(MapStatus { name: name.to_string(), entries: entries as u64, max_entries });
+            maps.push(MapStatus {
+                name: name.to_string(),
+                entries: entries as u64,
+                max_entries,
+            });
         }
         Ok(AgentStatus {
             node: self.name.clone(),
@@ -161,9 +199,20 @@ impl Node {
 
     /// Frontends and their backends as the kernel holds them, named from the desired state.
     pub fn services(&self) -> Result<Vec<ServiceEntry>, AgentError> {
-        let services = self.tables.services.map.iter().collect::<Result<BTreeMap<_, _>, _>>().map_err(map_err(names::SERVICES))?;
-        let backends =
-            self.tables.backends.map.iter().collect::<Result<BTreeMap<_, _>, _>>().map_err(map_err(names::BACKENDS))?;
+        let services = self
+            .tables
+            .services
+            .map
+            .iter()
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(map_err(names::SERVICES))?;
+        let backends = self
+            .tables
+            .backends
+            .map
+            .iter()
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .map_err(map_err(names::BACKENDS))?;
         let mut out = Vec::new();
         for (key, frontend) in services.iter().filter(|(k, _)| k.slot == 0 && k.proto != 0) {
             let known = self.desired.frontends.iter().find(|f| {
@@ -173,13 +222,23 @@ impl Node {
                 .filter_map(|slot| services.get(&Lb4Key { slot, ..*key }))
                 .map(|s| {
                     let bk = Lb4BackendKey::new(s.backend(), s.port(), key.proto);
-                    let state = backends.get(&bk).map_or_else(|| "missing".to_string(), ToString::to_string);
-                    BackendEntry { address: s.backend(), port: s.port(), state }
+                    let state = backends
+                        .get(&bk)
+                        .map_or_else(|| "missing".to_string(), ToString::to_string);
+                    BackendEntry {
+                        address: s.backend(),
+                        port: s.port(),
+                        state,
+                    }
                 })
                 .collect();
             out.push(ServiceEntry {
                 service: known.map(|f| {
-                    if f.port_name.is_empty() { f.service.clone() } else { format!("{}:{}", f.service, f.port_name) }
+                    if f.port_name.is_empty() {
+                        f.service.clone()
+                    } else {
+                        format!("{}:{}", f.service, f.port_name)
+                    }
                 }),
                 kind: known.map_or_else(|| "ClusterIP".to_string(), |f| f.kind.clone()),
                 address: key.vip(),
@@ -197,11 +256,15 @@ impl Node {
         for item in self.conntrack.iter() {
             let (k, v) = item.map_err(map_err(names::CONNTRACK))?;
             let addr = |(ip, port): (std::net::Ipv4Addr, u16)| format!("{ip}:{port}");
-            let flags = [(CT_FLAG_LOOPBACK, "loopback"), (CT_FLAG_SEEN_REPLY, "seen-reply"), (CT_FLAG_CLOSING, "closing")]
-                .into_iter()
-                .filter(|(bit, _)| v.flags & bit != 0)
-                .map(|(_, name)| name.to_string())
-                .collect();
+            let flags = [
+                (CT_FLAG_LOOPBACK, "loopback"),
+                (CT_FLAG_SEEN_REPLY, "seen-reply"),
+                (CT_FLAG_CLOSING, "closing"),
+            ]
+            .into_iter()
+            .filter(|(bit, _)| v.flags & bit != 0)
+            .map(|(_, name)| name.to_string())
+            .collect();
             out.push(CtEntry {
                 protocol: proto_name(k.proto).to_string(),
                 scope: match k.scope {
@@ -221,7 +284,9 @@ impl Node {
                 flags,
             });
         }
-        out.sort_by(|a, b| (&a.source, &a.destination, &a.scope).cmp(&(&b.source, &b.destination, &b.scope)));
+        out.sort_by(|a, b| {
+            (&a.source, &a.destination, &a.scope).cmp(&(&b.source, &b.destination, &b.scope))
+        });
         Ok(out)
     }
 
@@ -232,14 +297,29 @@ impl Node {
         let mut drift: Vec<Drift> = plan
             .drift()
             .into_iter()
-            .map(|d| Drift { map: d.map.to_string(), kind: d.kind.as_str().into(), key: d.key, desired: d.desired, actual: d.actual })
+            .map(|d| Drift {
+                map: d.map.to_string(),
+                kind: d.kind.as_str().into(),
+                key: d.key,
+                desired: d.desired,
+                actual: d.actual,
+            })
             .collect();
-        let detached: BTreeSet<_> = desired.interfaces.iter().filter(|i| !runs_datapath(i)).cloned().collect();
+        let detached: BTreeSet<_> = desired
+            .interfaces
+            .iter()
+            .filter(|i| !runs_datapath(i))
+            .cloned()
+            .collect();
         drift.extend(detached.iter().map(|i| Drift {
             map: "tcx".into(),
             kind: "missing".into(),
             key: i.clone(),
-            desired: Some(format!("{} ingress, {} egress", programs::FROM_CONTAINER, programs::TO_CONTAINER)),
+            desired: Some(format!(
+                "{} ingress, {} egress",
+                programs::FROM_CONTAINER,
+                programs::TO_CONTAINER
+            )),
             actual: None,
         }));
         let repaired = repair && !drift.is_empty();
@@ -249,12 +329,20 @@ impl Node {
                 self.ensure_attached(ifname)?;
             }
         }
-        Ok(VerifyReport { generation: self.snapshot.generation, drift, repaired })
+        Ok(VerifyReport {
+            generation: self.snapshot.generation,
+            drift,
+            repaired,
+        })
     }
 }
 
 fn desired_maps(d: &DesiredState) -> Desired<'_> {
-    Desired { services: &d.services, backends: &d.backends, endpoints: &d.endpoints }
+    Desired {
+        services: &d.services,
+        backends: &d.backends,
+        endpoints: &d.endpoints,
+    }
 }
 
 /// Whether the kernel runs our two programs on `ifname` (the truth, not our memory of it).
@@ -264,7 +352,8 @@ fn runs_datapath(ifname: &str) -> bool {
             .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(name)))
             .unwrap_or(false)
     };
-    has(TcAttachType::Ingress, programs::FROM_CONTAINER) && has(TcAttachType::Egress, programs::TO_CONTAINER)
+    has(TcAttachType::Ingress, programs::FROM_CONTAINER)
+        && has(TcAttachType::Egress, programs::TO_CONTAINER)
 }
 
 fn max_entries(map: &MapData) -> u32 {
@@ -278,6 +367,9 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> AgentError {
 /// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
 fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0))
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0)
+        })
         .unwrap_or(0)
 }

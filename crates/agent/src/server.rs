@@ -14,7 +14,13 @@ use crate::{AgentError, Node};
 
 /// Binds the socket, replacing a stale one left by a previous agent.
 pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
-    let io = |call| move |source| AgentError::Io { call, path: path.to_path_buf(), source };
+    let io = |call| {
+        move |source| AgentError::Io {
+            call,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io("mkdir"))?;
     }
@@ -46,9 +52,8 @@ async fn handle(stream: UnixStream, node: Arc<Mutex<Node>>) {
         Ok(request) => dispatch(request, &node).await,
         Err(e) => Response::Error(format!("malformed request: {e}")),
     };
-    let mut out = serde_json::to_vec(&response).unwrap_or_else(|e| {
-        format!(r#"{{"error":"encoding response: {e}"}}"#).into_bytes()
-    });
+    let mut out = serde_json::to_vec(&response)
+        .unwrap_or_else(|e| format!(r#"{{"error":"encoding response: {e}"}}"#).into_bytes());
     out.push(b'\n');
     if let Err(e) = write.write_all(&out).await {
         warn!(error = %e, "writing API response failed");
@@ -62,7 +67,11 @@ async fn dispatch(request: Request, node: &Mutex<Node>) -> Response {
         Method::ServiceList => node.services().map(to_json),
         Method::CtList => node.conntrack().map(to_json),
         Method::Verify => {
-            let repair = request.params.get("repair").and_then(serde_json::Value::as_bool).unwrap_or(false);
+            let repair = request
+                .params
+                .get("repair")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false);
             node.verify(repair).map(to_json)
         }
     };
@@ -73,5 +82,6 @@ async fn dispatch(request: Request, node: &Mutex<Node>) -> Response {
 }
 
 fn to_json<T: serde::Serialize>(value: T) -> serde_json::Value {
-    serde_json::to_value(value).unwrap_or_else(|e| serde_json::Value::String(format!("encoding failed: {e}")))
+    serde_json::to_value(value)
+        .unwrap_or_else(|e| serde_json::Value::String(format!("encoding failed: {e}")))
 }

@@ -69,8 +69,12 @@ pub enum Resource {
 }
 
 fn options() -> anyhow::Result<LabOptions> {
-    let state_root = std::env::var_os("SLUICE_LAB_STATE").map_or_else(|| PathBuf::from("/run/sluice/labs"), PathBuf::from);
-    Ok(LabOptions { binaries: LabBinaries::discover()?, state_root })
+    let state_root = std::env::var_os("SLUICE_LAB_STATE")
+        .map_or_else(|| PathBuf::from("/run/sluice/labs"), PathBuf::from);
+    Ok(LabOptions {
+        binaries: LabBinaries::discover()?,
+        state_root,
+    })
 }
 
 /// The agent socket of `node` (default: the first) in lab `name`, if that lab exists.
@@ -82,7 +86,11 @@ pub fn agent_socket(name: &str, node: Option<&str>) -> anyhow::Result<Option<Pat
     let lab = Lab::open(name, &opts)?;
     let node = match node {
         Some(n) => n.to_string(),
-        None => lab.nodes().into_iter().next().context("the lab has no nodes")?,
+        None => lab
+            .nodes()
+            .into_iter()
+            .next()
+            .context("the lab has no nodes")?,
     };
     Ok(Some(lab.agent_socket(&node)))
 }
@@ -99,7 +107,11 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
         LabCommand::Get { what } => get(&Lab::open(name, &opts)?, *what, output)?,
         LabCommand::Exec { pod, command } => {
             let lab = Lab::open(name, &opts)?;
-            let pod = if pod.contains('/') { pod.clone() } else { format!("default/{pod}") };
+            let pod = if pod.contains('/') {
+                pod.clone()
+            } else {
+                format!("default/{pod}")
+            };
             let (program, args) = command.split_first().context("no command given")?;
             let err = lab.pod_command(&pod, program)?.args(args).exec();
             bail!("exec {program} in {pod}: {err}");
@@ -113,7 +125,13 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
                 println!("{lab}");
             }
         }
-        LabCommand::PodServer { netns, name, tcp, udp, ready_file } => {
+        LabCommand::PodServer {
+            netns,
+            name,
+            tcp,
+            udp,
+            ready_file,
+        } => {
             sluice_lab::serve_pod(netns, name, tcp, udp, Path::new(ready_file))?;
         }
     }
@@ -124,7 +142,11 @@ fn report(r: sluice_lab::ApplyReport) {
     for line in &r.lines {
         println!("{line}");
     }
-    println!("generation {} realized by every agent in {:.1} ms", r.generation, r.realized_in.as_secs_f64() * 1000.0);
+    println!(
+        "generation {} realized by every agent in {:.1} ms",
+        r.generation,
+        r.realized_in.as_secs_f64() * 1000.0
+    );
 }
 
 fn get(lab: &Lab, what: Resource, output: Output) -> anyhow::Result<()> {
@@ -138,20 +160,40 @@ fn get(lab: &Lab, what: Resource, output: Output) -> anyhow::Result<()> {
                 .into_iter()
                 .map(|p| {
                     let ready = if p.ready { "1/1" } else { "0/1" };
-                    vec![p.namespace, p.name, ready.into(), p.status, p.ip.map(|ip| ip.to_string()).unwrap_or_default(), p.node]
+                    vec![
+                        p.namespace,
+                        p.name,
+                        ready.into(),
+                        p.status,
+                        p.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                        p.node,
+                    ]
                 })
                 .collect();
-            table::print(&["NAMESPACE", "NAME", "READY", "STATUS", "IP", "NODE"], &rows);
+            table::print(
+                &["NAMESPACE", "NAME", "READY", "STATUS", "IP", "NODE"],
+                &rows,
+            );
             Ok(())
         }
         (Resource::Services, Output::Table) => {
-            let rows: Vec<_> =
-                lab.services().into_iter().map(|s| vec![s.namespace, s.name, s.kind, s.cluster_ip, s.ports]).collect();
-            table::print(&["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORT(S)"], &rows);
+            let rows: Vec<_> = lab
+                .services()
+                .into_iter()
+                .map(|s| vec![s.namespace, s.name, s.kind, s.cluster_ip, s.ports])
+                .collect();
+            table::print(
+                &["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORT(S)"],
+                &rows,
+            );
             Ok(())
         }
         (Resource::Endpoints, Output::Table) => {
-            let rows: Vec<_> = lab.endpoints().into_iter().map(|e| vec![e.namespace, e.name, e.endpoints]).collect();
+            let rows: Vec<_> = lab
+                .endpoints()
+                .into_iter()
+                .map(|e| vec![e.namespace, e.name, e.endpoints])
+                .collect();
             table::print(&["NAMESPACE", "NAME", "ENDPOINTS"], &rows);
             Ok(())
         }

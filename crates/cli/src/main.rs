@@ -71,8 +71,12 @@ fn main() -> anyhow::Result<()> {
     match &cli.command {
         Command::Lab { command } => lab::run(command, &cli.lab, cli.output),
         Command::Status => status(&client(&cli)?, cli.output),
-        Command::Service { command: ListCommand::List } => service_list(&client(&cli)?, cli.output),
-        Command::Ct { command: ListCommand::List } => ct_list(&client(&cli)?, cli.output),
+        Command::Service {
+            command: ListCommand::List,
+        } => service_list(&client(&cli)?, cli.output),
+        Command::Ct {
+            command: ListCommand::List,
+        } => ct_list(&client(&cli)?, cli.output),
         Command::Verify { repair } => verify(&client(&cli)?, *repair, cli.output),
     }
 }
@@ -88,7 +92,10 @@ fn client(cli: &Cli) -> anyhow::Result<Client> {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value).context("encoding JSON")?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).context("encoding JSON")?
+    );
     Ok(())
 }
 
@@ -103,7 +110,10 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
     if let Some(e) = &s.last_error {
         println!("Last error: {e}");
     }
-    println!("Generation: desired {}, realized {}", s.desired_generation, s.realized_generation);
+    println!(
+        "Generation: desired {}, realized {}",
+        s.desired_generation, s.realized_generation
+    );
     println!("Reconciles: {}", s.reconciles);
     println!("Endpoints:  {}", s.endpoints);
     println!();
@@ -111,8 +121,17 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
         .maps
         .iter()
         .map(|m| {
-            let pct = if m.max_entries == 0 { 0.0 } else { 100.0 * m.entries as f64 / f64::from(m.max_entries) };
-            vec![m.name.clone(), m.entries.to_string(), m.max_entries.to_string(), format!("{pct:.1}%")]
+            let pct = if m.max_entries == 0 {
+                0.0
+            } else {
+                100.0 * m.entries as f64 / f64::from(m.max_entries)
+            };
+            vec![
+                m.name.clone(),
+                m.entries.to_string(),
+                m.max_entries.to_string(),
+                format!("{pct:.1}%"),
+            ]
         })
         .collect();
     table::print(&["MAP", "ENTRIES", "MAX", "FILL"], &rows);
@@ -132,19 +151,36 @@ fn service_list(client: &Client, output: Output) -> anyhow::Result<()> {
         let frontend = format!("{}:{}/{}", s.address, s.port, s.protocol);
         let name = s.service.clone().unwrap_or_default();
         if s.backends.is_empty() {
-            rows.push(vec![id.to_string(), frontend, s.kind.clone(), String::new(), name]);
+            rows.push(vec![
+                id.to_string(),
+                frontend.clone(),
+                s.kind.clone(),
+                String::new(),
+                name.clone(),
+            ]);
         }
         for (n, b) in (1..).zip(&s.backends) {
-            let backend = format!("{n} => {}:{}/{} ({})", b.address, b.port, s.protocol, b.state);
+            let backend = format!(
+                "{n} => {}:{}/{} ({})",
+                b.address, b.port, s.protocol, b.state
+            );
             let (id, frontend, kind, name) = if n == 1 {
-                (id.to_string(), frontend.clone(), s.kind.clone(), name.clone())
+                (
+                    id.to_string(),
+                    frontend.clone(),
+                    s.kind.clone(),
+                    name.clone(),
+                )
             } else {
                 Default::default()
             };
             rows.push(vec![id, frontend, kind, backend, name]);
         }
     }
-    table::print(&["ID", "FRONTEND", "SERVICE TYPE", "BACKEND", "SERVICE"], &rows);
+    table::print(
+        &["ID", "FRONTEND", "SERVICE TYPE", "BACKEND", "SERVICE"],
+        &rows,
+    );
     Ok(())
 }
 
@@ -169,16 +205,25 @@ fn ct_list(client: &Client, output: Output) -> anyhow::Result<()> {
             ]
         })
         .collect();
-    table::print(&["PROTO", "SCOPE", "TUPLE", "NAT", "PACKETS", "BYTES", "AGE", "IDLE", "FLAGS"], &rows);
+    table::print(
+        &[
+            "PROTO", "SCOPE", "TUPLE", "NAT", "PACKETS", "BYTES", "AGE", "IDLE", "FLAGS",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
 fn verify(client: &Client, repair: bool, output: Output) -> anyhow::Result<()> {
-    let report: VerifyReport = client.call(Method::Verify, serde_json::json!({ "repair": repair }))?;
+    let report: VerifyReport =
+        client.call(Method::Verify, serde_json::json!({ "repair": repair }))?;
     if output == Output::Json {
         print_json(&report)?;
     } else if report.drift.is_empty() {
-        println!("generation {}: every map matches the desired state", report.generation);
+        println!(
+            "generation {}: every map matches the desired state",
+            report.generation
+        );
     } else {
         let rows: Vec<_> = report
             .drift
