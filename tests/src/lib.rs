@@ -1,6 +1,12 @@
 //! Support for the end-to-end tests: a lab that tears itself down, and sockets opened inside
 //! a pod's network namespace without spawning a process.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failed step must fail the test loudly"
+)]
+
 use std::{
     fs,
     io::{Read, Write},

@@ -57,7 +57,7 @@ fn nginx_lab(prefix: &str) -> TestLab {
             examples().join("nginx.yaml"),
             examples().join("client.yaml"),
         ])
-        .expect("apply nginx + client");
+        .unwrap_or_else(|e| panic!("apply nginx + client: {e}"));
     lab
 }
 

@@ -18,8 +18,9 @@ use tracing::{info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    // Boxed: the datapath's error is large and every agent result would carry its size.
     #[error(transparent)]
-    Datapath(#[from] sluice_datapath::DatapathError),
+    Datapath(Box<sluice_datapath::DatapathError>),
     #[error(transparent)]
     Realizer(#[from] sluice_realizer::RealizerError),
     #[error(transparent)]
@@ -40,6 +41,12 @@ pub enum AgentError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+}
+
+impl From<sluice_datapath::DatapathError> for AgentError {
+    fn from(e: sluice_datapath::DatapathError) -> Self {
+        AgentError::Datapath(Box::new(e))
+    }
 }
 
 /// Everything the agent needs to know at start.

@@ -67,6 +67,15 @@ enum ListCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Die quietly when the reader of our output goes away (`sluice ct list | head`), as
+    // command-line tools do, instead of panicking on a failed print.
+    // SAFETY: restoring the default disposition before any thread exists.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let cli = Cli::parse();
     match &cli.command {
         Command::Lab { command } => lab::run(command, &cli.lab, cli.output),

@@ -7,15 +7,17 @@ use serde::Serialize;
 pub enum DropReason {
     Invalid,
     WriteError,
+    CtCreateFailed,
     NoService,
     ServicePortUnknown,
     NoBackendSlot,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::Invalid,
         DropReason::WriteError,
+        DropReason::CtCreateFailed,
         DropReason::NoService,
         DropReason::ServicePortUnknown,
         DropReason::NoBackendSlot,
@@ -25,6 +27,7 @@ impl DropReason {
         match self {
             DropReason::Invalid => 134,
             DropReason::WriteError => 141,
+            DropReason::CtCreateFailed => 155,
             DropReason::NoService => 158,
             DropReason::ServicePortUnknown => 210,
             DropReason::NoBackendSlot => 211,
@@ -40,6 +43,7 @@ impl DropReason {
         match self {
             DropReason::Invalid => "INVALID",
             DropReason::WriteError => "WRITE_ERROR",
+            DropReason::CtCreateFailed => "CT_CREATE_FAILED",
             DropReason::NoService => "NO_SERVICE",
             DropReason::ServicePortUnknown => "SERVICE_PORT_UNKNOWN",
             DropReason::NoBackendSlot => "NO_BACKEND_SLOT",
@@ -50,6 +54,7 @@ impl DropReason {
         match self {
             DropReason::Invalid => "Invalid packet",
             DropReason::WriteError => "Failed to write packet",
+            DropReason::CtCreateFailed => "Conntrack entry could not be created",
             DropReason::NoService => "Service has no ready backend (rejected)",
             DropReason::ServicePortUnknown => "Service port not found",
             DropReason::NoBackendSlot => "Service backend slot not found",
