@@ -37,7 +37,7 @@ for b in "${!count[@]}"; do echo "$b: ${count[$b]}"; done
 step "sluice service list"
 sl service list
 step "sluice ct list (first 10 entries)"
-sl ct list | head -n 11
+sl ct list | sed -n 1,11p
 step "sluice status"
 sl status
 step "sluice verify"

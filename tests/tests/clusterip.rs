@@ -257,3 +257,48 @@ fn verify_reports_drift_and_the_periodic_reconcile_repairs_it() {
     }
     panic!("drift not repaired within 10 s");
 }
+
+/// Pids of the lab's agents, found by their command line.
+fn agent_pids(lab: &TestLab) -> Vec<i32> {
+    let needle = lab.lab.agent_socket(&lab.node());
+    let needle = needle.to_string_lossy();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle.as_ref()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn traffic_keeps_flowing_while_the_agent_is_stopped() {
+    let lab = nginx_lab("restart");
+    let vip = SocketAddr::from((lab.cluster_ip("nginx-service"), 80));
+    let pids = agent_pids(&lab);
+    assert_eq!(pids.len(), 1, "one agent: {pids:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let started = Instant::now();
+    while !agent_pids(&lab).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "agent did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Pinned maps and tcx links keep the datapath in the kernel without its agent.
+    let answers = lab.in_pod("default/client", move || {
+        (0..20).map(|_| http_get(vip)).collect::<Vec<_>>()
+    });
+    let distinct: std::collections::BTreeSet<_> = answers
+        .into_iter()
+        .map(|a| a.expect("request while the agent is down"))
+        .collect();
+    assert_eq!(distinct.len(), 2, "both backends still serve: {distinct:?}");
+}
