@@ -123,6 +123,8 @@ fn scaling_two_three_one_under_load_fails_no_request_once_realized() {
 
 #[test]
 fn bad_manifests_are_refused_with_file_object_and_field_and_change_nothing() {
+    // The full catalogue of refused input is in sluice-lab's tests; this one shows that the
+    // real dataplane does not move either.
     let mut lab = TestLab::up("bad", ONE_NODE_LAB);
     lab.lab.apply(&[examples().join("nginx.yaml")]).unwrap();
     let pods_before = lab.lab.pods().len();
@@ -132,21 +134,6 @@ fn bad_manifests_are_refused_with_file_object_and_field_and_change_nothing() {
             "bad-port.yaml",
             "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports:\n  - port: 70000\n",
             "spec.ports[0].port",
-        ),
-        (
-            "bad-kind.yaml",
-            "apiVersion: v1\nkind: Gadget\nmetadata: {name: x}\n",
-            "Gadget",
-        ),
-        (
-            "bad-yaml.yaml",
-            "apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n",
-            "bad-yaml.yaml",
-        ),
-        (
-            "no-selector.yaml",
-            "apiVersion: v1\nkind: Service\nmetadata: {name: lonely}\nspec:\n  ports:\n  - port: 80\n",
-            "spec.selector",
         ),
         // A valid Deployment next to a broken Service: neither may be applied.
         (
