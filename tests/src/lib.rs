@@ -154,6 +154,47 @@ impl TestLab {
     }
 }
 
+impl TestLab {
+    /// Runs the `sluice` binary against this lab and returns its stdout; fails the test if it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(binary("SLUICE_BIN", "sluice"))
+            .env("SLUICE_LAB_STATE", &self.opts.state_root)
+            .arg("--lab")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "sluice {args:?} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// Pids of the lab's agent, found by the API socket on its command line.
+    pub fn agent_pids(&self) -> Vec<i32> {
+        let socket = self.lab.agent_socket(&self.node());
+        let socket = socket.to_string_lossy();
+        fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(socket.as_ref()))
+            })
+            .collect()
+    }
+
+    /// [`Self::cli`] with `-o json`, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.extend(["-o", "json"]);
+        serde_json::from_str(&self.cli(&args)).unwrap()
+    }
+}
+
 impl Drop for TestLab {
     fn drop(&mut self) {
         if let Err(e) = Lab::down(&self.name, &self.opts) {

@@ -258,26 +258,11 @@ fn verify_reports_drift_and_the_periodic_reconcile_repairs_it() {
     panic!("drift not repaired within 10 s");
 }
 
-/// Pids of the lab's agents, found by their command line.
-fn agent_pids(lab: &TestLab) -> Vec<i32> {
-    let needle = lab.lab.agent_socket(&lab.node());
-    let needle = needle.to_string_lossy();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle.as_ref()))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 #[test]
 fn traffic_keeps_flowing_while_the_agent_is_stopped() {
     let lab = nginx_lab("restart");
     let vip = SocketAddr::from((lab.cluster_ip("nginx-service"), 80));
-    let pids = agent_pids(&lab);
+    let pids = lab.agent_pids();
     assert_eq!(pids.len(), 1, "one agent: {pids:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pids[0]),
@@ -285,7 +270,7 @@ fn traffic_keeps_flowing_while_the_agent_is_stopped() {
     )
     .unwrap();
     let started = Instant::now();
-    while !agent_pids(&lab).is_empty() {
+    while !lab.agent_pids().is_empty() {
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "agent did not stop"
