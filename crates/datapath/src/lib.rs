@@ -192,8 +192,7 @@ impl Datapath {
                 .pin_dir
                 .join(LINKS_DIR)
                 .join(link_pin_name(ifname, suffix));
-            // The pin is the link's only reference (attach closes its own fds), so
-            // removing it releases the link, which detaches the program.
+            detach_pinned_link(&path)?;
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -376,4 +375,68 @@ fn remove_file(path: &Path) -> Result<(), DatapathError> {
         path: path.into(),
         source,
     })
+}
+
+/// Takes the program of the link pinned at `path` off its hook before returning.
+///
+/// Removing the pin alone would release the link only when the kernel frees it, a moment
+/// later, and aya 0.14 has no call for `BPF_LINK_DETACH`; so open the pin and detach
+/// explicitly. A missing pin, or a link already defunct (its interface is gone), is fine.
+fn detach_pinned_link(path: &Path) -> Result<(), DatapathError> {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let io_err = |call: &'static str| {
+        let source = io::Error::last_os_error();
+        DatapathError::Io {
+            call,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return Err(DatapathError::InvalidInterfaceName(
+            path.display().to_string(),
+        ));
+    };
+    // union bpf_attr, zeroed; BPF_OBJ_GET reads `pathname` from its first 8 bytes.
+    let mut attr = [0u64; 16];
+    attr[0] = cpath.as_ptr() as u64;
+    // SAFETY: attr outlives the call and is as large as the kernel reads; cpath is NUL-terminated.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return match io::Error::last_os_error().kind() {
+            io::ErrorKind::NotFound => Ok(()),
+            _ => Err(io_err("bpf(BPF_OBJ_GET)")),
+        };
+    }
+    let fd = i32::try_from(fd).map_err(|_| io_err("bpf(BPF_OBJ_GET)"))?;
+    // SAFETY: the kernel just returned this fd and nothing else owns it.
+    let link = unsafe { OwnedFd::from_raw_fd(fd) };
+    // BPF_LINK_DETACH reads `link_fd`, a u32 in the first 4 bytes (little endian here).
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(link.as_raw_fd().unsigned_abs());
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_ptr(),
+            size_of_val(&attr),
+        )
+    };
+    if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::ENOLINK) {
+        return Err(io_err("bpf(BPF_LINK_DETACH)"));
+    }
+    Ok(())
 }
