@@ -33,6 +33,12 @@ pub struct Connection<'a> {
     pub protocol: &'a str,
 }
 
+/// One rule as the spec reads it: its peers (`from` or `to`) and its ports.
+type Rule<'a> = (
+    Option<&'a Vec<NetworkPolicyPeer>>,
+    Option<&'a Vec<NetworkPolicyPort>>,
+);
+
 /// The cluster state the verdict depends on.
 pub struct Cluster<'a> {
     pub namespaces: &'a [Namespace],
@@ -97,10 +103,7 @@ impl Cluster<'_> {
         let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
         // The port is always the destination's: for egress the peer, for ingress this pod.
         let destination = c.to;
-        let rules: Vec<(
-            Option<&Vec<NetworkPolicyPeer>>,
-            Option<&Vec<NetworkPolicyPort>>,
-        )> = match dir {
+        let rules: Vec<Rule<'_>> = match dir {
             Direction::Ingress => spec
                 .ingress
                 .iter()
