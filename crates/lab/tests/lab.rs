@@ -38,10 +38,25 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}{}-{n}", std::process::id())
 }
 
+/// The `sluice` binary, whose `lab pod-server` runs the pods: built by `cargo build --bins`
+/// (scripts/test.sh does it and sets SLUICE_BIN).
+fn sluice_bin() -> PathBuf {
+    let path = std::env::var_os("SLUICE_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/sluice"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --bins` first (or set SLUICE_BIN)",
+        path.display()
+    );
+    path
+}
+
 fn options(tmp: &Path) -> LabOptions {
     LabOptions {
         binaries: LabBinaries {
-            sluice: PathBuf::from(env!("CARGO_BIN_EXE_sluice-lab-pod-server")),
+            sluice: sluice_bin(),
             agent: None,
         },
         state_root: tmp.join("state"),
