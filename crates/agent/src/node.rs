@@ -144,13 +144,8 @@ impl Node {
             return Ok(false);
         }
         info!(%ifname, "attaching datapath");
-        if let Err(e) = self.datapath.attach(ifname) {
-            // A link pinned for an interface that was deleted and re-created cannot be
-            // updated; drop it and attach afresh.
-            warn!(%ifname, error = %e, "attach failed; replacing stale links");
-            self.datapath.detach(ifname)?;
-            self.datapath.attach(ifname)?;
-        }
+        // Datapath::attach replaces links left pinned for an interface that was re-created.
+        self.datapath.attach(ifname)?;
         Ok(true)
     }
 
