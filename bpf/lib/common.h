@@ -100,8 +100,82 @@ struct ct4_entry {
 struct endpoint_info {
 	__be32 ipv4;
 	__u32 identity;
-	__u32 flags;
+	__u32 flags; /* ENDPOINT_F_* */
 	__u32 pad;
+};
+
+/* A direction is enforced once any NetworkPolicy selects the pod for it; an
+ * unenforced direction allows every new connection. */
+#define ENDPOINT_F_INGRESS_ENFORCED (1 << 0)
+#define ENDPOINT_F_EGRESS_ENFORCED  (1 << 1)
+/* The computed policy did not fit the endpoint's policy map: no map is installed
+ * and every new connection in an enforced direction is dropped (fail closed). */
+#define ENDPOINT_F_POLICY_OVERFLOW  (1 << 2)
+
+/* ---- identities (numbers as in Cilium's numericidentity.go) ---- */
+
+#define IDENTITY_ANY        0 /* in policy keys: any remote identity */
+#define IDENTITY_HOST       1 /* this node */
+#define IDENTITY_WORLD      2 /* outside the cluster, 0.0.0.0/0 */
+#define IDENTITY_REMOTE_NODE 6
+#define IDENTITY_FIRST_ALLOCATED 256 /* label identities; CIDR identities carry scope 0x01 << 24 */
+
+/* ---- ipcache: LPM trie from address prefix to identity ---- */
+
+struct ipcache_key {
+	__u32 prefixlen; /* LPM prefix, 0..32 */
+	__be32 address;
+};
+
+struct ipcache_entry {
+	__u32 identity;
+	__be32 tunnel_endpoint; /* node that hosts the address; 0: this node or the world */
+};
+
+/* ---- policy: per endpoint, an LPM trie inside a hash of maps keyed by ifindex ----
+ * The remote identity and the direction always match whole; the protocol and the
+ * destination port may be wildcarded by a shorter prefix, and a port range is a set
+ * of power-of-two aligned port prefixes (Cilium's PortRangeToMaskedPorts). */
+#define POLICY_INGRESS 0
+#define POLICY_EGRESS  1
+
+/* The matched part of a policy key, what follows the LPM prefix length. */
+struct policy_match {
+	__u32 identity;   /* remote identity; IDENTITY_ANY matches every peer */
+	__u8 direction;   /* POLICY_INGRESS or POLICY_EGRESS */
+	__u8 proto;
+	__be16 dport;     /* the destination port, after service translation */
+};
+
+struct policy_key {
+	__u32 prefixlen;  /* bits of `rule` that must match */
+	struct policy_match rule;
+};
+
+#define POLICY_PREFIX_ANY_PROTO 40 /* identity and direction only */
+#define POLICY_PREFIX_ANY_PORT  48 /* plus the protocol */
+#define POLICY_PREFIX_FULL      64 /* plus the whole port */
+
+/* An allow row. The counters count the packets the row admitted (each the first
+ * packet of a connection: policy judges new connections only). */
+struct policy_entry {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* ---- fragments: the L4 ports of a datagram, learned from its first fragment ---- */
+
+struct frag4_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 id;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct frag4_ports {
+	__be16 sport;
+	__be16 dport;
 };
 
 /* ---- metrics: per-CPU packet and byte counters by reason and direction ---- */
@@ -120,11 +194,15 @@ struct metrics_value {
  * Numbers follow Cilium's drop_reasons.h where the meaning is the same;
  * 210 and up are sluice's own. Mirrored by DropReason in crates/common. */
 #define REASON_FORWARDED             0
+#define DROP_INVALID_SOURCE        132 /* pod sent from an address not its own */
+#define DROP_POLICY                133 /* no policy row allows the new connection */
 #define DROP_INVALID               134 /* malformed IPv4 or L4 header */
 #define DROP_WRITE_ERROR           141 /* a packet rewrite helper failed */
 #define DROP_CT_CREATE_FAILED      155 /* conntrack entry could not be written */
 #define DROP_NO_SERVICE            158 /* service has no ready backend: rejected */
+#define DROP_FRAG_NOT_FOUND        175 /* later fragment whose first fragment was not seen */
 #define DROP_SERVICE_PORT_UNKNOWN  210 /* known VIP, no frontend for this port */
 #define DROP_NO_BACKEND_SLOT       211 /* frontend count points past its slots */
+#define DROP_POLICY_UNAVAILABLE    212 /* enforced endpoint without a realized policy map (overflow): fail closed */
 
 #endif

@@ -15,6 +15,9 @@
 #define LB4_BACKENDS_MAX 65536
 #define CT4_MAX          65536 /* user space may override with set_max_entries */
 #define ENDPOINTS_MAX    4096
+#define IPCACHE_MAX      65536
+#define POLICY_MAX       16384 /* template only: user space sizes each endpoint's map */
+#define FRAG4_MAX        8192
 
 /* The service, backend and endpoint maps are written by user space only, so they
  * need no preallocation (Cilium does the same); LRU maps are always preallocated. */
@@ -48,6 +51,40 @@ struct {
 	__uint(max_entries, ENDPOINTS_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, struct ipcache_entry);
+	__uint(max_entries, IPCACHE_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} ipcache SEC(".maps");
+
+/* The inner definition names sizes rather than types: a struct reached only through
+ * __array would be emitted as a BTF forward declaration without a size. The kernel
+ * does not compare max_entries of LPM inner maps, so each endpoint's map is created
+ * by user space with the configured capacity. */
+struct policy_inner {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(key_size, sizeof(struct policy_key));
+	__uint(value_size, sizeof(struct policy_entry));
+	__uint(max_entries, POLICY_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__type(key, __u32); /* ifindex of the host-side veth */
+	__uint(max_entries, ENDPOINTS_MAX);
+	__array(values, struct policy_inner);
+} policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag4_key);
+	__type(value, struct frag4_ports);
+	__uint(max_entries, FRAG4_MAX);
+} frag4 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -12,6 +12,10 @@ pub mod names {
     pub const CONNTRACK: &str = "ct4";
     pub const ENDPOINTS: &str = "endpoints";
     pub const METRICS: &str = "metrics";
+    pub const IPCACHE: &str = "ipcache";
+    /// The hash of maps from endpoint ifindex to that endpoint's policy LPM trie.
+    pub const POLICY: &str = "policy";
+    pub const FRAGMENTS: &str = "frag4";
 }
 
 /// Names of the programs in the C object.
@@ -249,6 +253,156 @@ impl EndpointInfo {
     }
 }
 
+pub const ENDPOINT_F_INGRESS_ENFORCED: u32 = 1 << 0;
+pub const ENDPOINT_F_EGRESS_ENFORCED: u32 = 1 << 1;
+pub const ENDPOINT_F_POLICY_OVERFLOW: u32 = 1 << 2;
+
+// ---- identities ----
+
+/// In policy keys: any remote identity.
+pub const IDENTITY_ANY: u32 = 0;
+pub const IDENTITY_HOST: u32 = 1;
+pub const IDENTITY_WORLD: u32 = 2;
+pub const IDENTITY_REMOTE_NODE: u32 = 6;
+pub const IDENTITY_FIRST_ALLOCATED: u32 = 256;
+/// Scope bits of identities allocated for policy CIDRs (Cilium's local scope).
+pub const IDENTITY_SCOPE_CIDR: u32 = 0x01 << 24;
+
+// ---- ipcache ----
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct IpcacheKey {
+    pub prefixlen: u32,
+    pub address: u32,
+}
+
+impl IpcacheKey {
+    pub fn new(address: Ipv4Addr, prefixlen: u8) -> Self {
+        Self {
+            prefixlen: u32::from(prefixlen),
+            address: addr_be(address),
+        }
+    }
+    pub fn addr(&self) -> Ipv4Addr {
+        addr_from_be(self.address)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IpcacheEntry {
+    pub identity: u32,
+    /// Node hosting the address; 0 for this node and the world.
+    pub tunnel_endpoint: u32,
+}
+
+impl IpcacheEntry {
+    pub fn local(identity: u32) -> Self {
+        Self {
+            identity,
+            tunnel_endpoint: 0,
+        }
+    }
+}
+
+// ---- policy ----
+
+pub const POLICY_INGRESS: u8 = 0;
+pub const POLICY_EGRESS: u8 = 1;
+/// Prefix lengths of a policy key: identity and direction; plus protocol; plus the port.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 40;
+pub const POLICY_PREFIX_ANY_PORT: u32 = 48;
+pub const POLICY_PREFIX_FULL: u32 = 64;
+
+/// The matched part of a policy key (the LPM data after the prefix length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PolicyMatch {
+    pub identity: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub dport: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PolicyKey {
+    pub prefixlen: u32,
+    pub rule: PolicyMatch,
+}
+
+impl PolicyKey {
+    /// Any protocol and port from `identity` in `direction`.
+    pub fn any(identity: u32, direction: u8) -> Self {
+        Self::with_prefix(identity, direction, 0, 0, POLICY_PREFIX_ANY_PROTO)
+    }
+    /// Any port of `proto`.
+    pub fn any_port(identity: u32, direction: u8, proto: u8) -> Self {
+        Self::with_prefix(identity, direction, proto, 0, POLICY_PREFIX_ANY_PORT)
+    }
+    /// Ports that share the top `port_bits` bits of `port` (16: exactly `port`).
+    pub fn ports(identity: u32, direction: u8, proto: u8, port: u16, port_bits: u8) -> Self {
+        let bits = u32::from(port_bits.min(16));
+        let mask = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
+        Self::with_prefix(
+            identity,
+            direction,
+            proto,
+            port & mask,
+            POLICY_PREFIX_ANY_PORT + bits,
+        )
+    }
+    fn with_prefix(identity: u32, direction: u8, proto: u8, port: u16, prefixlen: u32) -> Self {
+        Self {
+            prefixlen,
+            rule: PolicyMatch {
+                identity,
+                direction,
+                proto,
+                dport: port.to_be(),
+            },
+        }
+    }
+    /// The first and last destination port the key matches, or None for any protocol.
+    pub fn port_range(&self) -> Option<(u16, u16)> {
+        if self.prefixlen < POLICY_PREFIX_ANY_PORT {
+            return None;
+        }
+        let bits = (self.prefixlen - POLICY_PREFIX_ANY_PORT).min(16);
+        let first = u16::from_be(self.rule.dport);
+        let span = if bits == 0 { u16::MAX } else { (1u32 << (16 - bits)) as u16 - 1 };
+        Some((first, first.saturating_add(span)))
+    }
+}
+
+/// An allow row's counters: packets and bytes it admitted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyEntry {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// ---- fragments ----
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Frag4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Frag4Ports {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 // ---- metrics ----
 
 pub const METRIC_DIR_EGRESS: u32 = 0;
@@ -277,6 +431,13 @@ unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Entry {}
 unsafe impl aya::Pod for EndpointInfo {}
 unsafe impl aya::Pod for MetricsValue {}
+unsafe impl aya::Pod for IpcacheKey {}
+unsafe impl aya::Pod for IpcacheEntry {}
+unsafe impl aya::Pod for PolicyMatch {}
+unsafe impl aya::Pod for PolicyKey {}
+unsafe impl aya::Pod for PolicyEntry {}
+unsafe impl aya::Pod for Frag4Key {}
+unsafe impl aya::Pod for Frag4Ports {}
 
 const _: () = {
     assert!(size_of::<Lb4Key>() == 12);
@@ -287,6 +448,13 @@ const _: () = {
     assert!(size_of::<Ct4Entry>() == 48);
     assert!(size_of::<EndpointInfo>() == 16);
     assert!(size_of::<MetricsValue>() == 16);
+    assert!(size_of::<IpcacheKey>() == 8);
+    assert!(size_of::<IpcacheEntry>() == 8);
+    assert!(size_of::<PolicyMatch>() == 8);
+    assert!(size_of::<PolicyKey>() == 12);
+    assert!(size_of::<PolicyEntry>() == 16);
+    assert!(size_of::<Frag4Key>() == 12);
+    assert!(size_of::<Frag4Ports>() == 4);
 };
 
 /// A field of a shared struct: its C name and byte offset.
@@ -349,6 +517,17 @@ pub const LAYOUTS: &[StructLayout] = &[
     ),
     layout!("endpoint_info", EndpointInfo, [ipv4, identity, flags, pad]),
     layout!("metrics_value", MetricsValue, [packets, bytes]),
+    layout!("ipcache_key", IpcacheKey, [prefixlen, address]),
+    layout!("ipcache_entry", IpcacheEntry, [identity, tunnel_endpoint]),
+    layout!(
+        "policy_match",
+        PolicyMatch,
+        [identity, direction, proto, dport]
+    ),
+    layout!("policy_key", PolicyKey, [prefixlen, rule]),
+    layout!("policy_entry", PolicyEntry, [packets, bytes]),
+    layout!("frag4_key", Frag4Key, [saddr, daddr, id, proto, pad]),
+    layout!("frag4_ports", Frag4Ports, [sport, dport]),
 ];
 
 // ---- one textual form per entry, shared by the compiler's dumps, verify and the CLI ----
@@ -410,5 +589,46 @@ impl fmt::Display for EndpointInfo {
             self.identity,
             self.flags
         )
+    }
+}
+
+impl fmt::Display for IpcacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr(), self.prefixlen)
+    }
+}
+
+impl fmt::Display for IpcacheEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "identity={}", self.identity)?;
+        if self.tunnel_endpoint != 0 {
+            write!(f, " tunnel={}", addr_from_be(self.tunnel_endpoint))?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for PolicyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let direction = match self.rule.direction {
+            POLICY_INGRESS => "ingress",
+            POLICY_EGRESS => "egress",
+            _ => "direction?",
+        };
+        write!(f, "{direction} identity={} ", self.rule.identity)?;
+        match self.port_range() {
+            None => f.write_str("ANY"),
+            Some((0, u16::MAX)) => write!(f, "ANY/{}", proto_name(self.rule.proto)),
+            Some((first, last)) if first == last => {
+                write!(f, "{first}/{}", proto_name(self.rule.proto))
+            }
+            Some((first, last)) => write!(f, "{first}-{last}/{}", proto_name(self.rule.proto)),
+        }
+    }
+}
+
+impl fmt::Display for PolicyEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "packets={} bytes={}", self.packets, self.bytes)
     }
 }

@@ -5,32 +5,44 @@ use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum DropReason {
+    InvalidSource,
+    Policy,
     Invalid,
     WriteError,
     CtCreateFailed,
     NoService,
+    FragNotFound,
     ServicePortUnknown,
     NoBackendSlot,
+    PolicyUnavailable,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 10] = [
+        DropReason::InvalidSource,
+        DropReason::Policy,
         DropReason::Invalid,
         DropReason::WriteError,
         DropReason::CtCreateFailed,
         DropReason::NoService,
+        DropReason::FragNotFound,
         DropReason::ServicePortUnknown,
         DropReason::NoBackendSlot,
+        DropReason::PolicyUnavailable,
     ];
 
     pub const fn code(self) -> u8 {
         match self {
+            DropReason::InvalidSource => 132,
+            DropReason::Policy => 133,
             DropReason::Invalid => 134,
             DropReason::WriteError => 141,
             DropReason::CtCreateFailed => 155,
             DropReason::NoService => 158,
+            DropReason::FragNotFound => 175,
             DropReason::ServicePortUnknown => 210,
             DropReason::NoBackendSlot => 211,
+            DropReason::PolicyUnavailable => 212,
         }
     }
 
@@ -41,23 +53,31 @@ impl DropReason {
     /// The name the C header uses, without its `DROP_` prefix.
     pub const fn name(self) -> &'static str {
         match self {
+            DropReason::InvalidSource => "INVALID_SOURCE",
+            DropReason::Policy => "POLICY",
             DropReason::Invalid => "INVALID",
             DropReason::WriteError => "WRITE_ERROR",
             DropReason::CtCreateFailed => "CT_CREATE_FAILED",
             DropReason::NoService => "NO_SERVICE",
+            DropReason::FragNotFound => "FRAG_NOT_FOUND",
             DropReason::ServicePortUnknown => "SERVICE_PORT_UNKNOWN",
             DropReason::NoBackendSlot => "NO_BACKEND_SLOT",
+            DropReason::PolicyUnavailable => "POLICY_UNAVAILABLE",
         }
     }
 
     pub const fn description(self) -> &'static str {
         match self {
+            DropReason::InvalidSource => "Invalid source ip",
+            DropReason::Policy => "Policy denied",
             DropReason::Invalid => "Invalid packet",
             DropReason::WriteError => "Failed to write packet",
             DropReason::CtCreateFailed => "Conntrack entry could not be created",
             DropReason::NoService => "Service has no ready backend (rejected)",
+            DropReason::FragNotFound => "First logical datagram fragment not found",
             DropReason::ServicePortUnknown => "Service port not found",
             DropReason::NoBackendSlot => "Service backend slot not found",
+            DropReason::PolicyUnavailable => "Endpoint policy not realized (fails closed)",
         }
     }
 }
