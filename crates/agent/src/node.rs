@@ -134,6 +134,7 @@ impl Node {
             &NodeContext {
                 node: self.name.clone(),
                 interfaces,
+                ..NodeContext::default()
             },
         )
     }

@@ -344,7 +344,11 @@ impl PolicyKey {
     /// Ports that share the top `port_bits` bits of `port` (16: exactly `port`).
     pub fn ports(identity: u32, direction: u8, proto: u8, port: u16, port_bits: u8) -> Self {
         let bits = u32::from(port_bits.min(16));
-        let mask = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
+        let mask = if bits == 0 {
+            0
+        } else {
+            u16::MAX << (16 - bits)
+        };
         Self::with_prefix(
             identity,
             direction,
@@ -371,7 +375,11 @@ impl PolicyKey {
         }
         let bits = (self.prefixlen - POLICY_PREFIX_ANY_PORT).min(16);
         let first = u16::from_be(self.rule.dport);
-        let span = if bits == 0 { u16::MAX } else { (1u32 << (16 - bits)) as u16 - 1 };
+        let span = if bits == 0 {
+            u16::MAX
+        } else {
+            (1u32 << (16 - bits)) as u16 - 1
+        };
         Some((first, first.saturating_add(span)))
     }
 }

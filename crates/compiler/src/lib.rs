@@ -22,20 +22,37 @@ use k8s_openapi::api::{
     discovery::v1::{EndpointPort, EndpointSlice},
 };
 use sluice_common::{
-    BACKEND_STATE_ACTIVE, EndpointInfo, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Lb4Backend,
-    Lb4BackendKey, Lb4Key, Lb4Service, SVC_FLAG_CLUSTER_IP, SVC_FLAG_WILDCARD, names, proto_name,
+    BACKEND_STATE_ACTIVE, EndpointInfo, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry,
+    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, PolicyKey, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_WILDCARD, names, proto_name,
 };
 use sluice_store::{LocalEndpoint, Snapshot};
 
 /// The label by which an EndpointSlice names its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// Rows one endpoint's policy map holds unless configured otherwise (Cilium's default).
+pub const DEFAULT_POLICY_MAP_MAX: u32 = 16384;
+
 /// The node a state is compiled for.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeContext {
     pub node: String,
     /// Host-side interface name -> ifindex in the node's netns.
     pub interfaces: BTreeMap<String, u32>,
+    /// Rows one endpoint's policy map holds; an endpoint whose policy needs more fails
+    /// closed and is reported.
+    pub policy_map_max: u32,
+}
+
+impl Default for NodeContext {
+    fn default() -> Self {
+        Self {
+            node: String::new(),
+            interfaces: BTreeMap::new(),
+            policy_map_max: DEFAULT_POLICY_MAP_MAX,
+        }
+    }
 }
 
 /// Everything the maps of one node should hold, and what the compiler had to leave out.
@@ -49,8 +66,52 @@ pub struct DesiredState {
     pub interfaces: BTreeSet<String>,
     /// One per programmed service port, sorted by (address, port, protocol), for display.
     pub frontends: Vec<Frontend>,
+    /// Address prefix -> identity, for every pod, node and policy CIDR, plus the world.
+    pub ipcache: BTreeMap<IpcacheKey, IpcacheEntry>,
+    /// ifindex -> the endpoint's policy rows, for each endpoint with an enforced direction
+    /// whose policy fits its map. An enforced endpoint missing here fails closed.
+    pub policies: BTreeMap<u32, EndpointPolicy>,
+    /// Every identity the ipcache or a policy row names, with its labels.
+    pub identities: BTreeMap<u32, Identity>,
+    /// ifindex -> the endpoint as people name it, for status and the CLI.
+    pub endpoint_details: BTreeMap<u32, EndpointDetails>,
     /// Objects or entries skipped because the datapath cannot represent them; sorted.
     pub problems: Vec<String>,
+}
+
+/// A security identity: one per distinct set of security-relevant labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub id: u32,
+    /// Sorted, in Cilium's `source:key=value` form: `k8s:app=web`,
+    /// `k8s:io.kubernetes.pod.namespace=x`, `reserved:world`, `cidr:10.0.0.0/24`.
+    pub labels: Vec<String>,
+}
+
+/// The allow rows of one endpoint's policy map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    /// Row -> the NetworkPolicies (`namespace/name`) that allow it, or `reserved:host` for
+    /// the row that lets the node reach its pods.
+    pub rows: BTreeMap<PolicyKey, BTreeSet<String>>,
+}
+
+/// A local endpoint with its names and policy state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointDetails {
+    pub namespace: String,
+    pub pod: String,
+    pub interface: String,
+    pub ipv4: Ipv4Addr,
+    pub identity: u32,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    /// Rows the endpoint's policy needs.
+    pub policy_rows: usize,
+    /// The policy needs more rows than the map holds: no map, fail closed.
+    pub overflow: bool,
+    /// NetworkPolicies (`namespace/name`) that select the endpoint, sorted.
+    pub policies: Vec<String>,
 }
 
 /// A service port as programmed, with names the maps do not hold.

@@ -39,6 +39,7 @@ fn node() -> NodeContext {
     NodeContext {
         node: "node-a".into(),
         interfaces: [("lxc1".to_string(), 11), ("lxc2".to_string(), 12)].into(),
+        ..NodeContext::default()
     }
 }
 

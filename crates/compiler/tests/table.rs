@@ -111,6 +111,7 @@ fn load_case(dir: &Path) -> Case {
         node: NodeContext {
             node: header.name,
             interfaces: header.interfaces,
+            ..NodeContext::default()
         },
     }
 }
@@ -275,6 +276,7 @@ fn generated_snapshot(rng: &mut fastrand::Rng) -> (Snapshot, NodeContext) {
     let node = NodeContext {
         node: "node-a".into(),
         interfaces: (0..10).map(|i| (format!("lxc{i}"), 100 + i)).collect(),
+        ..NodeContext::default()
     };
     (snapshot, node)
 }

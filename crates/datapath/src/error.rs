@@ -47,6 +47,8 @@ pub enum DatapathError {
         path: PathBuf,
         source: MapError,
     },
+    #[error("creating a {map} map: {source}")]
+    MapCreate { map: &'static str, source: MapError },
     #[error("reading the kernel's info on map {map}: {source}")]
     MapInfo { map: &'static str, source: MapError },
     #[error(

@@ -28,12 +28,12 @@ use aya::{
     sys::SyscallError,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, EndpointInfo, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue,
-    names, programs,
+    Ct4Entry, Ct4Key, EndpointInfo, Frag4Key, Frag4Ports, IpcacheEntry, IpcacheKey, Lb4Backend,
+    Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue, names, programs,
 };
 
 pub use error::DatapathError;
-pub use pinned::{PinnedMaps, remove_pins};
+pub use pinned::{PinnedMaps, PolicyMap, create_policy_map, remove_pins};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
 
@@ -66,7 +66,7 @@ struct MapSpec {
     value_size: usize,
 }
 
-const MAPS: [MapSpec; 5] = [
+const MAPS: [MapSpec; 8] = [
     MapSpec {
         name: names::SERVICES,
         map_type: MapType::Hash,
@@ -96,6 +96,25 @@ const MAPS: [MapSpec; 5] = [
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<MetricsValue>(),
+    },
+    MapSpec {
+        name: names::IPCACHE,
+        map_type: MapType::LpmTrie,
+        key_size: size_of::<IpcacheKey>(),
+        value_size: size_of::<IpcacheEntry>(),
+    },
+    MapSpec {
+        name: names::POLICY,
+        map_type: MapType::HashOfMaps,
+        key_size: size_of::<u32>(),
+        // The value of a map of maps is the inner map's id.
+        value_size: size_of::<u32>(),
+    },
+    MapSpec {
+        name: names::FRAGMENTS,
+        map_type: MapType::LruHash,
+        key_size: size_of::<Frag4Key>(),
+        value_size: size_of::<Frag4Ports>(),
     },
 ];
 

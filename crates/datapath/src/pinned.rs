@@ -2,11 +2,27 @@
 
 use std::{fs, io, path::Path};
 
-use aya::maps::{HashMap, IterableMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, HashOfMaps, LpmTrie, Map, MapData, PerCpuArray};
 use sluice_common::{
-    Ct4Entry, Ct4Key, EndpointInfo, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue,
-    names,
+    Ct4Entry, Ct4Key, EndpointInfo, Frag4Key, Frag4Ports, IpcacheEntry, Lb4Backend, Lb4BackendKey,
+    Lb4Key, Lb4Service, MetricsValue, PolicyEntry, PolicyMatch, names,
 };
+
+/// One endpoint's policy: an LPM trie of allow rows.
+pub type PolicyMap = LpmTrie<MapData, PolicyMatch, PolicyEntry>;
+
+/// `BPF_F_NO_PREALLOC`, which the kernel requires of LPM tries.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Creates an empty, unpinned policy map for one endpoint, holding up to `capacity` rows.
+/// It is filled and then swapped into [`PinnedMaps::policy`] in one update, so the
+/// endpoint never sees a partial policy.
+pub fn create_policy_map(capacity: u32) -> Result<PolicyMap, DatapathError> {
+    PolicyMap::create(capacity, BPF_F_NO_PREALLOC).map_err(|source| DatapathError::MapCreate {
+        map: names::POLICY,
+        source,
+    })
+}
 
 use crate::DatapathError;
 
@@ -18,6 +34,12 @@ pub struct PinnedMaps {
     pub conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
     pub metrics: PerCpuArray<MapData, MetricsValue>,
+    /// Address prefix (aya's LPM key around the network-order address) -> identity.
+    pub ipcache: LpmTrie<MapData, u32, IpcacheEntry>,
+    /// ifindex -> that endpoint's [`PolicyMap`].
+    pub policy: HashOfMaps<MapData, u32, PolicyMap>,
+    pub fragments: HashMap<MapData, Frag4Key, Frag4Ports>,
+    capacities: Vec<(&'static str, u32)>,
 }
 
 impl std::fmt::Debug for PinnedMaps {
@@ -28,40 +50,41 @@ impl std::fmt::Debug for PinnedMaps {
 
 impl PinnedMaps {
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let mut capacities = Vec::new();
+        let mut open = |name| open_pinned(pin_dir, name, &mut capacities);
+        let services = open(names::SERVICES)?;
+        let backends = open(names::BACKENDS)?;
+        let conntrack = open(names::CONNTRACK)?;
+        let endpoints = open(names::ENDPOINTS)?;
+        let metrics = open(names::METRICS)?;
+        let ipcache = open(names::IPCACHE)?;
+        let policy = open(names::POLICY)?;
+        let fragments = open(names::FRAGMENTS)?;
         Ok(Self {
-            services: typed(pin_dir, names::SERVICES, HashMap::try_from)?,
-            backends: typed(pin_dir, names::BACKENDS, HashMap::try_from)?,
-            conntrack: typed(pin_dir, names::CONNTRACK, HashMap::try_from)?,
-            endpoints: typed(pin_dir, names::ENDPOINTS, HashMap::try_from)?,
-            metrics: typed(pin_dir, names::METRICS, PerCpuArray::try_from)?,
+            services: typed(pin_dir, names::SERVICES, services, HashMap::try_from)?,
+            backends: typed(pin_dir, names::BACKENDS, backends, HashMap::try_from)?,
+            conntrack: typed(pin_dir, names::CONNTRACK, conntrack, HashMap::try_from)?,
+            endpoints: typed(pin_dir, names::ENDPOINTS, endpoints, HashMap::try_from)?,
+            metrics: typed(pin_dir, names::METRICS, metrics, PerCpuArray::try_from)?,
+            ipcache: typed(pin_dir, names::IPCACHE, ipcache, LpmTrie::try_from)?,
+            policy: typed(pin_dir, names::POLICY, policy, HashOfMaps::try_from)?,
+            fragments: typed(pin_dir, names::FRAGMENTS, fragments, HashMap::try_from)?,
+            capacities,
         })
     }
 
-    /// `(name, max_entries)` of each map, read from the kernel's map info.
-    pub fn capacities(&self) -> Result<Vec<(&'static str, u32)>, DatapathError> {
-        let maps: [(&'static str, &MapData); 5] = [
-            (names::SERVICES, self.services.map()),
-            (names::BACKENDS, self.backends.map()),
-            (names::CONNTRACK, self.conntrack.map()),
-            (names::ENDPOINTS, self.endpoints.map()),
-            (names::METRICS, self.metrics.map()),
-        ];
-        maps.into_iter()
-            .map(|(name, map)| {
-                let info = map
-                    .info()
-                    .map_err(|source| DatapathError::MapInfo { map: name, source })?;
-                Ok((name, info.max_entries()))
-            })
-            .collect()
+    /// `(name, max_entries)` of each map, read from the kernel's map info at open.
+    pub fn capacities(&self) -> &[(&'static str, u32)] {
+        &self.capacities
     }
 }
 
-fn typed<T>(
+/// Opens the map pinned as `name` and records its capacity.
+fn open_pinned(
     pin_dir: &Path,
     name: &'static str,
-    convert: impl FnOnce(Map) -> Result<T, aya::maps::MapError>,
-) -> Result<T, DatapathError> {
+    capacities: &mut Vec<(&'static str, u32)>,
+) -> Result<Map, DatapathError> {
     let path = pin_dir.join(name);
     let map_err = |source| DatapathError::Map {
         map: name,
@@ -69,8 +92,24 @@ fn typed<T>(
         source,
     };
     let data = MapData::from_pin(&path).map_err(map_err)?;
-    let map = Map::from_map_data(data).map_err(map_err)?;
-    convert(map).map_err(map_err)
+    let info = data
+        .info()
+        .map_err(|source| DatapathError::MapInfo { map: name, source })?;
+    capacities.push((name, info.max_entries()));
+    Map::from_map_data(data).map_err(map_err)
+}
+
+fn typed<T>(
+    pin_dir: &Path,
+    name: &'static str,
+    map: Map,
+    convert: impl FnOnce(Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, DatapathError> {
+    convert(map).map_err(|source| DatapathError::Map {
+        map: name,
+        path: pin_dir.join(name),
+        source,
+    })
 }
 
 /// Removes `<pin_dir>` and everything pinned under it. Unpinning the links detaches

@@ -12,7 +12,9 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Namespace, Pod, PodCondition, PodIP, PodStatus, Service},
+        core::v1::{
+            Namespace, Node, NodeAddress, NodeStatus, Pod, PodCondition, PodIP, PodStatus, Service,
+        },
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
@@ -247,6 +249,12 @@ impl LabState {
         let pods = self.pod_objects();
         Snapshot {
             generation: self.generation,
+            nodes: self
+                .spec
+                .nodes
+                .iter()
+                .map(|n| node_object(&n.name, n.router_ip()))
+                .collect(),
             namespaces: self.namespaces.values().map(|n| n.object.clone()).collect(),
             endpoint_slices: self.endpoint_slices(&pods),
             pods,
@@ -280,6 +288,24 @@ impl LabState {
         nodes
             .chain(self.pods.values().map(|p| p.netns.clone()))
             .collect()
+    }
+}
+
+/// A Node with its one address, the router IP its pods use as gateway.
+fn node_object(name: &str, address: Ipv4Addr) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".into(),
+                address: address.to_string(),
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

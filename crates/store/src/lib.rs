@@ -13,7 +13,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
@@ -53,6 +53,10 @@ pub struct LocalEndpoint {
 pub struct Snapshot {
     /// Increases with every change; agents report the generation they have realized.
     pub generation: u64,
+    /// Nodes with their addresses (status.addresses): the compiler maps this node's to
+    /// the host identity and the others' to remote-node.
+    #[serde(default)]
+    pub nodes: Vec<Node>,
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
     #[serde(default)]
