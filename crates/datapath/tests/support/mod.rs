@@ -9,12 +9,17 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::{
+    maps::lpm_trie::Key,
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
 use sluice_common::{
     BACKEND_STATE_ACTIVE, IPPROTO_TCP, IPPROTO_UDP, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_WILDCARD,
+    PolicyEntry, PolicyKey, PolicyMatch, SVC_FLAG_CLUSTER_IP, SVC_FLAG_WILDCARD,
 };
-use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, remove_pins};
+use sluice_datapath::{
+    Datapath, DatapathConfig, PinnedMaps, PolicyMap, create_policy_map, remove_pins,
+};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -419,4 +424,27 @@ pub fn join<T>(thread: std::thread::JoinHandle<T>) -> T {
         Ok(value) => value,
         Err(panic) => std::panic::resume_unwind(panic),
     }
+}
+
+// ---- policy ----
+
+/// The LPM key aya's trie takes for a policy row.
+pub fn policy_row(key: PolicyKey) -> Key<PolicyMatch> {
+    Key::new(key.prefixlen, key.rule)
+}
+
+/// Creates the policy map of endpoint `ifindex` holding `rows` (zeroed counters) and
+/// installs it in the outer map, as the realizer does. The returned handle writes to
+/// the installed map.
+pub fn install_policy(maps: &mut PinnedMaps, ifindex: u32, rows: &[PolicyKey]) -> PolicyMap {
+    let mut map = create_policy_map(rows.len().max(1) as u32)
+        .unwrap_or_else(|err| panic!("create policy map: {err}"));
+    for &row in rows {
+        map.insert(&policy_row(row), PolicyEntry::default(), 0)
+            .unwrap_or_else(|err| panic!("insert {row:?}: {err}"));
+    }
+    maps.policy
+        .insert(ifindex, &map, 0)
+        .unwrap_or_else(|err| panic!("install the policy of {ifindex}: {err}"));
+    map
 }
