@@ -6,14 +6,24 @@
 //!
 //! Writes are ordered so the datapath never sees a dangling reference: backends before the
 //! service slots that name them, slots before the frontend whose count covers them; removals
-//! go the other way round. Each single entry update is atomic in the kernel.
+//! go the other way round. Each single entry update is atomic in the kernel. Identities
+//! reach the ipcache before the policy rows that name them, and a policy map is in place
+//! before the endpoint's flags enforce it; removals go the other way round.
 
+mod policy;
 mod table;
 
 use std::{collections::BTreeMap, fmt::Display};
 
-use sluice_common::{EndpointInfo, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, names};
-pub use table::{KernelMap, MemoryMap, Named};
+pub use policy::{
+    InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyPlan, PolicyTable,
+    PolicyWrite, diff_policies,
+};
+use sluice_common::{
+    EndpointInfo, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, names,
+};
+use sluice_compiler::{DesiredState, EndpointPolicy};
+pub use table::{Ipcache, KernelMap, MemoryMap, Named, write_stamp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RealizerError {
@@ -23,6 +33,15 @@ pub enum RealizerError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("{op} on the policy map of endpoint ifindex {ifindex}: {source}")]
+    Policy {
+        op: &'static str,
+        ifindex: u32,
+        source: aya::maps::MapError,
+    },
+    // Boxed: the datapath's error is large and every realizer result would carry its size.
+    #[error(transparent)]
+    Datapath(Box<sluice_datapath::DatapathError>),
 }
 
 /// What differs between desired and actual content of one map.
@@ -177,12 +196,14 @@ pub fn converge<K: Ord + Clone, V: PartialEq + Clone, M: KernelMap<K, V>>(
 }
 
 /// The datapath's maps that hold desired state, behind [`KernelMap`] so the same code
-/// drives the kernel and the in-memory tests. Conntrack and metrics are runtime state
-/// and are never realized.
-pub struct Tables<S, B, E> {
+/// drives the kernel and the in-memory tests. Conntrack, metrics and fragments are
+/// runtime state and are never realized.
+pub struct Tables<S, B, E, I, P> {
     pub services: S,
     pub backends: B,
     pub endpoints: E,
+    pub ipcache: I,
+    pub policy: P,
 }
 
 /// The desired content of every realized map.
@@ -191,6 +212,25 @@ pub struct Desired<'a> {
     pub services: &'a BTreeMap<Lb4Key, Lb4Service>,
     pub backends: &'a BTreeMap<Lb4BackendKey, Lb4Backend>,
     pub endpoints: &'a BTreeMap<u32, EndpointInfo>,
+    pub ipcache: &'a BTreeMap<IpcacheKey, IpcacheEntry>,
+    /// ifindex -> allow rows, for each endpoint that gets a policy map.
+    pub policies: &'a BTreeMap<u32, EndpointPolicy>,
+    /// max_entries of every policy map.
+    pub policy_capacity: u32,
+}
+
+impl<'a> Desired<'a> {
+    /// The realized part of a compiled state, with policy maps of `policy_capacity` rows.
+    pub fn of(state: &'a DesiredState, policy_capacity: u32) -> Self {
+        Self {
+            services: &state.services,
+            backends: &state.backends,
+            endpoints: &state.endpoints,
+            ipcache: &state.ipcache,
+            policies: &state.policies,
+            policy_capacity,
+        }
+    }
 }
 
 /// The differences found in one read of the kernel.
@@ -198,6 +238,8 @@ pub struct Plan {
     pub services: MapDiff<Lb4Key, Lb4Service>,
     pub backends: MapDiff<Lb4BackendKey, Lb4Backend>,
     pub endpoints: MapDiff<u32, EndpointInfo>,
+    pub ipcache: MapDiff<IpcacheKey, IpcacheEntry>,
+    pub policy: PolicyPlan,
 }
 
 /// Frontends (slot 0) are written after their slots and removed before them.
@@ -209,11 +251,13 @@ fn frontends_first(k: &Lb4Key) -> u8 {
     u8::from(k.slot != 0)
 }
 
-impl<S, B, E> Tables<S, B, E>
+impl<S, B, E, I, P> Tables<S, B, E, I, P>
 where
     S: KernelMap<Lb4Key, Lb4Service>,
     B: KernelMap<Lb4BackendKey, Lb4Backend>,
     E: KernelMap<u32, EndpointInfo>,
+    I: KernelMap<IpcacheKey, IpcacheEntry>,
+    P: PolicyTable,
 {
     /// Reads every realized map from the kernel and diffs it against `desired`.
     pub fn plan(&self, desired: Desired<'_>) -> Result<Plan, RealizerError> {
@@ -221,18 +265,35 @@ where
             services: diff(desired.services, &self.services.read_all()?),
             backends: diff(desired.backends, &self.backends.read_all()?),
             endpoints: diff(desired.endpoints, &self.endpoints.read_all()?),
+            ipcache: diff(desired.ipcache, &self.ipcache.read_all()?),
+            policy: diff_policies(
+                desired.policies,
+                desired.policy_capacity,
+                self.policy.read_all()?,
+            ),
         })
     }
 
     /// Applies `plan` in dependency order.
     pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, RealizerError> {
         let mut stats = ApplyStats::default();
+        stats.upserted += apply_upserts(&mut self.ipcache, &plan.ipcache, |_| 0)?;
+        for install in &plan.policy.installs {
+            self.policy
+                .install(install.ifindex, install.capacity, &install.rows)?;
+            stats.upserted += 1;
+        }
         stats.upserted += apply_upserts(&mut self.endpoints, &plan.endpoints, |_| 0)?;
         stats.upserted += apply_upserts(&mut self.backends, &plan.backends, |_| 0)?;
         stats.upserted += apply_upserts(&mut self.services, &plan.services, slots_first)?;
         stats.removed += apply_removes(&mut self.services, &plan.services, frontends_first)?;
         stats.removed += apply_removes(&mut self.backends, &plan.backends, |_| 0)?;
         stats.removed += apply_removes(&mut self.endpoints, &plan.endpoints, |_| 0)?;
+        for (ifindex, _) in &plan.policy.removes {
+            self.policy.remove(*ifindex)?;
+            stats.removed += 1;
+        }
+        stats.removed += apply_removes(&mut self.ipcache, &plan.ipcache, |_| 0)?;
         Ok(stats)
     }
 
@@ -245,7 +306,11 @@ where
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.backends.is_empty() && self.endpoints.is_empty()
+        self.services.is_empty()
+            && self.backends.is_empty()
+            && self.endpoints.is_empty()
+            && self.ipcache.is_empty()
+            && self.policy.is_empty()
     }
 
     /// Every drifted entry of every map.
@@ -253,6 +318,8 @@ impl Plan {
         let mut out = self.services.drift(names::SERVICES);
         out.extend(self.backends.drift(names::BACKENDS));
         out.extend(self.endpoints.drift(names::ENDPOINTS));
+        out.extend(self.ipcache.drift(names::IPCACHE));
+        out.extend(self.policy.drift());
         out
     }
 }

@@ -4,12 +4,17 @@
 use std::{
     borrow::{Borrow, BorrowMut},
     collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use aya::{
     Pod,
-    maps::{HashMap, MapData, MapError},
+    maps::{
+        HashMap, MapData, MapError,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
+use sluice_common::{IpcacheEntry, IpcacheKey, names};
 
 use crate::RealizerError;
 
@@ -59,15 +64,12 @@ where
 
     fn remove(&mut self, key: &K) -> Result<(), RealizerError> {
         match self.map.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
-                Ok(())
-            }
-            Err(source) => Err(RealizerError::Map {
+            Err(source) if !is_not_found(&source) => Err(RealizerError::Map {
                 op: "delete",
                 map: self.name,
                 source,
             }),
+            _ => Ok(()),
         }
     }
 }
@@ -79,6 +81,16 @@ pub struct MemoryMap<K, V> {
     pub entries: BTreeMap<K, V>,
     /// Every write in order: `(key, Some(value))` for an upsert, `(key, None)` for a removal.
     pub log: Vec<(K, Option<V>)>,
+    /// The [`write_stamp`] of each write in `log`, to order writes across maps.
+    pub stamps: Vec<u64>,
+}
+
+static WRITE_CLOCK: AtomicU64 = AtomicU64::new(0);
+
+/// A process-wide increasing number, stamped on every write to an in-memory table so tests
+/// can check the order of writes across maps.
+pub fn write_stamp() -> u64 {
+    WRITE_CLOCK.fetch_add(1, Ordering::Relaxed)
 }
 
 impl<K, V> MemoryMap<K, V> {
@@ -87,6 +99,7 @@ impl<K, V> MemoryMap<K, V> {
             name,
             entries: BTreeMap::new(),
             log: Vec::new(),
+            stamps: Vec::new(),
         }
     }
 }
@@ -101,11 +114,80 @@ impl<K: Ord + Clone, V: Clone> KernelMap<K, V> for MemoryMap<K, V> {
     fn upsert(&mut self, key: &K, value: &V) -> Result<(), RealizerError> {
         self.entries.insert(key.clone(), value.clone());
         self.log.push((key.clone(), Some(value.clone())));
+        self.stamps.push(write_stamp());
         Ok(())
     }
     fn remove(&mut self, key: &K) -> Result<(), RealizerError> {
         self.entries.remove(key);
         self.log.push((key.clone(), None));
+        self.stamps.push(write_stamp());
         Ok(())
+    }
+}
+
+/// The ipcache LPM trie, keyed by aya's LPM key around the network-order address.
+pub struct Ipcache {
+    pub map: LpmTrie<MapData, u32, IpcacheEntry>,
+}
+
+fn lpm_key(key: &IpcacheKey) -> Key<u32> {
+    Key::new(key.prefixlen, key.address)
+}
+
+impl KernelMap<IpcacheKey, IpcacheEntry> for Ipcache {
+    fn name(&self) -> &'static str {
+        names::IPCACHE
+    }
+
+    fn read_all(&self) -> Result<BTreeMap<IpcacheKey, IpcacheEntry>, RealizerError> {
+        self.map
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    (
+                        IpcacheKey {
+                            prefixlen: k.prefix_len(),
+                            address: k.data(),
+                        },
+                        v,
+                    )
+                })
+                .map_err(|source| RealizerError::Map {
+                    op: "iterate",
+                    map: names::IPCACHE,
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    fn upsert(&mut self, key: &IpcacheKey, value: &IpcacheEntry) -> Result<(), RealizerError> {
+        self.map
+            .insert(&lpm_key(key), value, 0)
+            .map_err(|source| RealizerError::Map {
+                op: "update",
+                map: names::IPCACHE,
+                source,
+            })
+    }
+
+    fn remove(&mut self, key: &IpcacheKey) -> Result<(), RealizerError> {
+        match self.map.remove(&lpm_key(key)) {
+            Err(source) if !is_not_found(&source) => Err(RealizerError::Map {
+                op: "delete",
+                map: names::IPCACHE,
+                source,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether a map error means the key (or the map behind an id) is absent.
+pub(crate) fn is_not_found(err: &MapError) -> bool {
+    match err {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
     }
 }

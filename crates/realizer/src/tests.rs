@@ -1,6 +1,11 @@
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use sluice_common::*;
+
+use sluice_compiler::{DesiredState, EndpointPolicy};
 
 use super::*;
 
@@ -42,6 +47,8 @@ type MemTables = Tables<
     MemoryMap<Lb4Key, Lb4Service>,
     MemoryMap<Lb4BackendKey, Lb4Backend>,
     MemoryMap<u32, EndpointInfo>,
+    MemoryMap<IpcacheKey, IpcacheEntry>,
+    MemoryPolicy,
 >;
 
 fn tables() -> MemTables {
@@ -49,17 +56,21 @@ fn tables() -> MemTables {
         services: MemoryMap::new(names::SERVICES),
         backends: MemoryMap::new(names::BACKENDS),
         endpoints: MemoryMap::new(names::ENDPOINTS),
+        ipcache: MemoryMap::new(names::IPCACHE),
+        policy: MemoryPolicy::default(),
+    }
+}
+
+fn services_only(ids: &[u8]) -> DesiredState {
+    DesiredState {
+        services: frontend(ids),
+        backends: backends(ids),
+        ..DesiredState::default()
     }
 }
 
 fn realize(t: &mut MemTables, ids: &[u8]) -> ApplyStats {
-    let (s, b, e) = (frontend(ids), backends(ids), BTreeMap::new());
-    t.realize(Desired {
-        services: &s,
-        backends: &b,
-        endpoints: &e,
-    })
-    .unwrap()
+    t.realize(Desired::of(&services_only(ids), 16)).unwrap()
 }
 
 /// Every prefix of the write log must leave the frontend's count covered by slots that exist
@@ -158,12 +169,8 @@ fn drift_behind_the_realizers_back_is_reported_and_repaired() {
     let stray = Lb4Key::new(Ipv4Addr::new(10, 96, 0, 99), 53, IPPROTO_UDP, 0);
     t.services.entries.insert(stray, Lb4Service::frontend(0, 0));
 
-    let (s, b, e) = (frontend(&[2, 3]), backends(&[2, 3]), BTreeMap::new());
-    let desired = Desired {
-        services: &s,
-        backends: &b,
-        endpoints: &e,
-    };
+    let state = services_only(&[2, 3]);
+    let desired = Desired::of(&state, 16);
     let plan = t.plan(desired).unwrap();
     let kinds: Vec<_> = plan
         .drift()
@@ -192,4 +199,210 @@ fn drift_behind_the_realizers_back_is_reported_and_repaired() {
     );
     t.apply(&plan).unwrap();
     assert!(t.plan(desired).unwrap().is_empty());
+}
+
+// ---- ipcache and policy ----
+
+const WEB: u32 = 256;
+const DB: u32 = 257;
+const EP: u32 = 5;
+const OTHER_EP: u32 = 6;
+
+fn pod(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 1, i)
+}
+
+fn policy(rows: &[PolicyKey]) -> EndpointPolicy {
+    EndpointPolicy {
+        rows: rows
+            .iter()
+            .map(|k| (*k, BTreeSet::from(["default/allow".to_string()])))
+            .collect(),
+    }
+}
+
+fn host_row() -> PolicyKey {
+    PolicyKey::any(IDENTITY_HOST, POLICY_INGRESS)
+}
+
+fn web_80() -> PolicyKey {
+    PolicyKey::ports(WEB, POLICY_INGRESS, IPPROTO_TCP, 80, 16)
+}
+
+/// Endpoint `EP` (pod 10) enforcing ingress with `rows`, plus `OTHER_EP` (pod 11) with just
+/// the host row, and the ipcache naming both pods.
+fn enforced(rows: &[PolicyKey]) -> DesiredState {
+    let mut state = DesiredState::default();
+    for (ifindex, ip, identity) in [(EP, pod(10), DB), (OTHER_EP, pod(11), WEB)] {
+        let mut info = EndpointInfo::new(ip, identity);
+        info.flags = ENDPOINT_F_INGRESS_ENFORCED;
+        state.endpoints.insert(ifindex, info);
+        state
+            .ipcache
+            .insert(IpcacheKey::new(ip, 32), IpcacheEntry::local(identity));
+    }
+    state.ipcache.insert(
+        IpcacheKey::new(Ipv4Addr::UNSPECIFIED, 0),
+        IpcacheEntry::local(IDENTITY_WORLD),
+    );
+    state.policies.insert(EP, policy(rows));
+    state.policies.insert(OTHER_EP, policy(&[host_row()]));
+    state
+}
+
+#[test]
+fn policy_maps_go_in_after_the_ipcache_and_before_the_flags_that_enforce_them() {
+    let mut t = tables();
+    t.realize(Desired::of(&enforced(&[host_row(), web_80()]), 16))
+        .unwrap();
+    let first_flag = t.endpoints.stamps.iter().min().unwrap();
+    let last_ipcache = t.ipcache.stamps.iter().max().unwrap();
+    assert!(t.policy.stamps.iter().all(|s| s > last_ipcache && s < first_flag));
+    assert_eq!(t.policy.maps.len(), 2);
+
+    // Un-enforcing: flags are cleared before the maps go, and ipcache entries go last.
+    t.endpoints.stamps.clear();
+    t.policy.stamps.clear();
+    t.ipcache.stamps.clear();
+    t.realize(Desired::of(&DesiredState::default(), 16)).unwrap();
+    let last_endpoint = t.endpoints.stamps.iter().max().unwrap();
+    let first_ipcache = t.ipcache.stamps.iter().min().unwrap();
+    assert!(
+        t.policy
+            .stamps
+            .iter()
+            .all(|s| s > last_endpoint && s < first_ipcache)
+    );
+    assert!(t.policy.maps.is_empty());
+    assert!(t.ipcache.entries.is_empty());
+}
+
+#[test]
+fn a_changed_policy_is_swapped_in_whole_and_only_for_that_endpoint() {
+    let mut t = tables();
+    t.realize(Desired::of(&enforced(&[host_row(), web_80()]), 16))
+        .unwrap();
+    t.policy.log.clear();
+    let db_any = PolicyKey::any_port(DB, POLICY_INGRESS, IPPROTO_UDP);
+    let state = enforced(&[host_row(), web_80(), db_any]);
+    t.realize(Desired::of(&state, 16)).unwrap();
+    // One write: the complete new map for EP. No removal first (that would open a window
+    // with no policy), no rows added to the live map, and OTHER_EP untouched.
+    let [PolicyWrite::Install { ifindex, policy }] = t.policy.log.as_slice() else {
+        panic!("expected one install, got {:?}", t.policy.log);
+    };
+    assert_eq!(*ifindex, EP);
+    assert_eq!(
+        policy.rows.keys().copied().collect::<Vec<_>>(),
+        state.policies[&EP].rows.keys().copied().collect::<Vec<_>>()
+    );
+    assert!(
+        t.realize(Desired::of(&state, 16))
+            .map(|s| !s.changed())
+            .unwrap()
+    );
+}
+
+#[test]
+fn counters_carry_over_a_swap_and_never_count_as_drift() {
+    let mut t = tables();
+    t.realize(Desired::of(&enforced(&[host_row(), web_80()]), 16))
+        .unwrap();
+    let counted = PolicyEntry {
+        packets: 3,
+        bytes: 180,
+    };
+    t.policy
+        .maps
+        .get_mut(&EP)
+        .unwrap()
+        .rows
+        .insert(web_80(), counted);
+    let same = enforced(&[host_row(), web_80()]);
+    assert!(t.plan(Desired::of(&same, 16)).unwrap().is_empty());
+
+    let more = enforced(&[
+        host_row(),
+        web_80(),
+        PolicyKey::any(DB, POLICY_INGRESS),
+    ]);
+    t.realize(Desired::of(&more, 16)).unwrap();
+    assert_eq!(t.policy.maps[&EP].rows[&web_80()], counted);
+    assert_eq!(t.policy.maps[&EP].rows.len(), 3);
+}
+
+#[test]
+fn a_capacity_change_swaps_every_map() {
+    let mut t = tables();
+    let state = enforced(&[host_row(), web_80()]);
+    t.realize(Desired::of(&state, 16)).unwrap();
+    t.policy.log.clear();
+    let plan = t.plan(Desired::of(&state, 32)).unwrap();
+    let drift: Vec<_> = plan.drift().into_iter().map(|d| d.key).collect();
+    assert_eq!(drift, ["ifindex 5 capacity", "ifindex 6 capacity"]);
+    t.apply(&plan).unwrap();
+    assert_eq!(t.policy.log.len(), 2);
+    assert!(t.policy.maps.values().all(|m| m.capacity == 32));
+}
+
+#[test]
+fn policy_drift_names_each_row_and_map_and_is_repaired() {
+    let mut t = tables();
+    let state = enforced(&[host_row(), web_80()]);
+    t.realize(Desired::of(&state, 16)).unwrap();
+    // Behind the realizer's back: a row allowing UDP/53 from the world appears in EP's map,
+    // the host row vanishes, OTHER_EP's map is gone, and a stray endpoint has one.
+    let ep = t.policy.maps.get_mut(&EP).unwrap();
+    let stray_row = PolicyKey::ports(IDENTITY_WORLD, POLICY_INGRESS, IPPROTO_UDP, 53, 16);
+    ep.rows.insert(stray_row, PolicyEntry::default());
+    ep.rows.remove(&host_row());
+    t.policy.maps.remove(&OTHER_EP);
+    t.policy.maps.insert(99, InstalledPolicy::default());
+
+    let plan = t.plan(Desired::of(&state, 16)).unwrap();
+    let drift: Vec<_> = plan
+        .drift()
+        .into_iter()
+        .map(|d| (d.map, d.kind, d.key))
+        .collect();
+    assert_eq!(
+        drift,
+        [
+            (
+                names::POLICY,
+                DriftKind::Missing,
+                "ifindex 5 ingress identity=1 ANY prefix 40".to_string()
+            ),
+            (
+                names::POLICY,
+                DriftKind::Unexpected,
+                "ifindex 5 ingress identity=2 53/UDP prefix 64".to_string()
+            ),
+            (names::POLICY, DriftKind::Missing, "ifindex 6".to_string()),
+            (names::POLICY, DriftKind::Unexpected, "ifindex 99".to_string()),
+        ]
+    );
+    t.apply(&plan).unwrap();
+    assert!(t.plan(Desired::of(&state, 16)).unwrap().is_empty());
+    assert!(!t.policy.maps.contains_key(&99));
+}
+
+#[test]
+fn ipcache_drift_is_reported_and_repaired() {
+    let mut t = tables();
+    let state = enforced(&[host_row()]);
+    t.realize(Desired::of(&state, 16)).unwrap();
+    t.ipcache.entries.insert(
+        IpcacheKey::new(pod(10), 32),
+        IpcacheEntry::local(IDENTITY_WORLD),
+    );
+    let plan = t.plan(Desired::of(&state, 16)).unwrap();
+    let drift = plan.drift();
+    assert_eq!(drift.len(), 1);
+    assert_eq!(
+        (drift[0].map, drift[0].kind, drift[0].key.as_str()),
+        (names::IPCACHE, DriftKind::Differs, "10.244.1.10/32")
+    );
+    t.apply(&plan).unwrap();
+    assert!(t.plan(Desired::of(&state, 16)).unwrap().is_empty());
 }
