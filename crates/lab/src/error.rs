@@ -80,6 +80,16 @@ pub enum LabError {
         log: PathBuf,
         tail: LogTail,
     },
+    #[error("server of world host {host} {problem}; see {log}{tail}")]
+    WorldServer {
+        host: String,
+        problem: String,
+        log: PathBuf,
+        tail: LogTail,
+    },
+    /// A probe that cannot be run as asked (bad target, no such service, SCTP).
+    #[error("probe: {0}")]
+    Probe(String),
     #[error("no pod {0} in the lab")]
     PodNotFound(String),
     #[error("no node {0} in the lab")]

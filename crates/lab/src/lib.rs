@@ -11,6 +11,7 @@ mod ipam;
 mod names;
 mod net;
 mod plan;
+mod probe;
 mod process;
 mod server;
 mod slices;
@@ -34,8 +35,9 @@ use serde::Serialize;
 use sluice_api::Client;
 
 pub use error::{LabError, LogTail};
+pub use probe::{Probe, ProbeMatrix, ProbeOptions, ProbeRequest, Protocol, Via};
 pub use server::serve_pod;
-pub use spec::{LabSpec, NodeSpec};
+pub use spec::{LabSpec, NodeSpec, WorldHostSpec, WorldPort};
 
 use crate::{
     error::io_err,
@@ -128,6 +130,17 @@ pub struct EndpointsView {
     pub endpoints: String,
 }
 
+/// A host outside the cluster, as `lab get world` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorldHostView {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub node: String,
+    /// `80/TCP,53/UDP`.
+    pub ports: String,
+    pub netns: String,
+}
+
 /// A lab that exists on this machine.
 pub struct Lab {
     dir: PathBuf,
@@ -209,6 +222,23 @@ fn require_binary(path: &Path, what: &'static str, env: &'static str) -> Result<
     }
 }
 
+/// Waits for a server started by [`Lab::spawn_server`] to write `<dir>/ready`; what went
+/// wrong if it does not.
+fn wait_server(dir: &Path, server: &Detached, deadline: Instant) -> Option<String> {
+    loop {
+        if dir.join("ready").exists() {
+            return None;
+        }
+        if let Some(status) = server.exited() {
+            return Some(format!("exited ({status}) before binding its ports"));
+        }
+        if Instant::now() > deadline {
+            return Some(format!("did not bind its ports within {CHANGE_TIMEOUT:?}"));
+        }
+        thread::sleep(POLL);
+    }
+}
+
 fn split_pod_ref(pod: &str) -> (&str, &str) {
     pod.split_once('/').unwrap_or(("default", pod))
 }
@@ -223,8 +253,9 @@ impl Lab {
             require_binary(agent, "sluice-agent", "SLUICE_AGENT_BIN")?;
         }
         // Namespace names are global to the machine, whatever the state root.
-        for node in &spec.nodes {
-            let netns = names::node_netns(name, &node.name);
+        let nodes = spec.nodes.iter().map(|n| names::node_netns(name, &n.name));
+        let world = spec.world.iter().map(|w| names::world_netns(name, &w.name));
+        for netns in nodes.chain(world) {
             if net::netns_exists(&netns) {
                 return Err(LabError::Exists {
                     name: name.into(),
@@ -274,6 +305,7 @@ impl Lab {
             state,
         };
         lab.write(&lab.state)?;
+        lab.start_world()?;
         let mut agents = Vec::new();
         if let Some(agent) = &opts.binaries.agent {
             for node in &spec.nodes {
@@ -449,6 +481,48 @@ impl Lab {
     /// `name` in `default`), keeping the host's /sys and bpffs.
     pub fn pod_command(&self, pod: &str, program: &str) -> Result<Command, LabError> {
         Ok(net::in_netns(&self.pod_netns(pod)?, program))
+    }
+
+    /// A Command that runs `program` in a pod's network namespace or, for `world/<name>`, in
+    /// that world host's: `lab exec` reaches both.
+    pub fn command_in(&self, target: &str, program: &str) -> Result<Command, LabError> {
+        Ok(net::in_netns(&self.netns_of(target)?, program))
+    }
+
+    /// The network namespace of a pod (`namespace/name` or `name`) or a world host
+    /// (`world/<name>`). A lab that declares a world host `<name>` means that host by
+    /// `world/<name>`, even if a namespace `world` has a pod of that name.
+    pub fn netns_of(&self, target: &str) -> Result<String, LabError> {
+        match self.world_host_ref(target) {
+            Some(host) => Ok(names::world_netns(&self.state.name, &host.name)),
+            None => self.pod_netns(target),
+        }
+    }
+
+    fn world_host_ref(&self, target: &str) -> Option<&WorldHostSpec> {
+        let name = target.strip_prefix(probe::WORLD_PREFIX)?;
+        self.state.spec.world_host(name)
+    }
+
+    /// The lab's hosts outside the cluster, in lab file order.
+    pub fn world_hosts(&self) -> Vec<WorldHostView> {
+        self.state
+            .spec
+            .world
+            .iter()
+            .map(|w| WorldHostView {
+                name: w.name.clone(),
+                address: w.address,
+                node: w.node.clone(),
+                ports: w
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                netns: names::world_netns(&self.state.name, &w.name),
+            })
+            .collect()
     }
 
     /// The network namespace (under /run/netns) of a pod, `namespace/name` or `name`.
@@ -705,11 +779,69 @@ impl Lab {
         })?;
         let dir = self.pod_dir(record);
         fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
+        let (tcp, udp) = record.ports();
+        self.spawn_server(&record.netns, record.name(), &tcp, &udp, &dir)
+    }
+
+    /// Creates every world host's namespace and link to its node, starts its server and
+    /// waits until all of them serve.
+    fn start_world(&self) -> Result<(), LabError> {
+        if !self.state.spec.world.is_empty() {
+            require_binary(&self.opts.binaries.sluice, "sluice", "SLUICE_BIN")?;
+        }
+        let mut started = Vec::new();
+        for host in &self.state.spec.world {
+            let node = self
+                .state
+                .spec
+                .node(&host.node)
+                .ok_or_else(|| LabError::NodeNotFound(host.node.clone()))?;
+            let netns = names::world_netns(&self.state.name, &host.name);
+            journal_netns(&self.dir, &netns)?;
+            net::add_netns(&netns)?;
+            net::setup_world(&net::WorldLink {
+                lab: &self.state.name,
+                node_netns: &self.node_netns(&node.name),
+                world_netns: &netns,
+                interface: &names::world_interface(&host.name),
+                address: host.address,
+                router: node.router_ip(),
+            })?;
+            let dir = self.dir.join("world").join(&host.name);
+            fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
+            let (tcp, udp) = host.ports();
+            let server = self.spawn_server(&netns, &host.name, &tcp, &udp, &dir)?;
+            started.push((host.name.clone(), dir, server));
+        }
+        let deadline = Instant::now() + CHANGE_TIMEOUT;
+        for (host, dir, server) in &started {
+            if let Some(problem) = wait_server(dir, server, deadline) {
+                let log = dir.join("server.log");
+                return Err(LabError::WorldServer {
+                    host: host.clone(),
+                    problem,
+                    tail: LogTail::of(&log),
+                    log,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts `sluice lab pod-server` in `netns`; it writes `<dir>/ready` once it serves and
+    /// logs to `<dir>/server.log`.
+    fn spawn_server(
+        &self,
+        netns: &str,
+        name: &str,
+        tcp: &[u16],
+        udp: &[u16],
+        dir: &Path,
+    ) -> Result<Detached, LabError> {
         let ready = dir.join("ready");
         if ready.exists() {
             fs::remove_file(&ready).map_err(io_err("unlink", &ready))?;
         }
-        let (tcp, udp) = record.ports();
         let list = |ports: &[u16]| {
             ports
                 .iter()
@@ -718,19 +850,12 @@ impl Lab {
                 .join(",")
         };
         let mut cmd = Command::new(&self.opts.binaries.sluice);
-        cmd.args([
-            "lab",
-            "pod-server",
-            "--netns",
-            &record.netns,
-            "--name",
-            record.name(),
-        ]);
+        cmd.args(["lab", "pod-server", "--netns", netns, "--name", name]);
         if !tcp.is_empty() {
-            cmd.arg("--tcp").arg(list(&tcp));
+            cmd.arg("--tcp").arg(list(tcp));
         }
         if !udp.is_empty() {
-            cmd.arg("--udp").arg(list(&udp));
+            cmd.arg("--udp").arg(list(udp));
         }
         cmd.arg("--ready-file").arg(&ready);
         process::spawn_detached(cmd, &dir.join("server.log"))
@@ -743,19 +868,7 @@ impl Lab {
                 continue;
             };
             let dir = self.pod_dir(record);
-            let problem = loop {
-                if dir.join("ready").exists() {
-                    break None;
-                }
-                if let Some(status) = server.exited() {
-                    break Some(format!("exited ({status}) before binding its ports"));
-                }
-                if Instant::now() > deadline {
-                    break Some(format!("did not bind its ports within {CHANGE_TIMEOUT:?}"));
-                }
-                thread::sleep(POLL);
-            };
-            if let Some(problem) = problem {
+            if let Some(problem) = wait_server(&dir, server, deadline) {
                 let log = dir.join("server.log");
                 return Err(LabError::PodServer {
                     pod: k.clone(),

@@ -77,6 +77,17 @@ pub fn pod_netns(lab: &str, namespace: &str, pod: &str) -> String {
     format!("{NETNS_PREFIX}-{lab}-{namespace}-{pod}")
 }
 
+/// A world host's namespace. `world` cannot be a node name's prefix here (the lab file
+/// refuses node `world-<host>`), but a pod in namespace `world` could meet it: plan checks.
+pub fn world_netns(lab: &str, host: &str) -> String {
+    format!("{NETNS_PREFIX}-{lab}-world-{host}")
+}
+
+/// Node-side veth of a world host: `wld` and 8 hex digits, like the pods' `lxc` names.
+pub fn world_interface(host: &str) -> String {
+    format!("wld{:08x}", fnv32a(host.as_bytes()))
+}
+
 /// Every netns of lab `lab` starts with this; other labs' may too (`demo` vs `demo-2`).
 pub fn netns_prefix(lab: &str) -> String {
     format!("{NETNS_PREFIX}-{lab}-")

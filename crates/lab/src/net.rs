@@ -205,6 +205,44 @@ pub fn setup_pod(l: &PodLink<'_>) -> Result<(), LabError> {
     Ok(())
 }
 
+/// What connects a world host to its node.
+pub struct WorldLink<'a> {
+    pub lab: &'a str,
+    pub node_netns: &'a str,
+    pub world_netns: &'a str,
+    /// Node-side veth name.
+    pub interface: &'a str,
+    pub address: Ipv4Addr,
+    pub router: Ipv4Addr,
+}
+
+/// Wired like a pod (its `eth0` with a /32, default route via the node's router address, the
+/// node's /32 route back), but on an interface no agent attaches to: a host outside the
+/// cluster, whose traffic the pods' own interfaces judge.
+pub fn setup_world(l: &WorldLink<'_>) -> Result<(), LabError> {
+    let (node, world, veth) = (l.node_netns, l.world_netns, l.interface);
+    let (address, router) = (l.address, l.router);
+    ip_batch(
+        node,
+        &[
+            format!("link add {veth} type veth peer name eth0 netns {world}"),
+            format!("link set {veth} up"),
+            format!("route add {address}/32 dev {veth} src {router}"),
+        ],
+    )?;
+    ip_batch(
+        world,
+        &[
+            "link set lo up".into(),
+            format!("link set eth0 alias {}", alias(l.lab)),
+            format!("addr add {address}/32 dev eth0"),
+            "link set eth0 up".into(),
+            format!("route add {router} dev eth0 scope link"),
+            format!("route add default via {router} dev eth0"),
+        ],
+    )
+}
+
 /// Whether an interface of `netns` carries the lab's alias.
 pub fn has_alias(netns: &str, lab: &str) -> bool {
     let Ok(out) = ip(netns, &["-o", "link", "show"]) else {

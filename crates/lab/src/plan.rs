@@ -206,12 +206,18 @@ fn add_pod(
         .nodes
         .iter()
         .map(|n| names::node_netns(&st.name, &n.name));
+    let world_netns = st
+        .spec
+        .world
+        .iter()
+        .map(|w| names::world_netns(&st.name, &w.name));
     if let Some(other) = node_netns
+        .chain(world_netns)
         .chain(st.pods.values().map(|p| p.netns.clone()))
         .find(|n| *n == netns)
     {
         return Err(format!(
-            "the pod's network namespace name {other} is taken by another pod or a node; rename the pod"
+            "the pod's network namespace name {other} is taken by another pod, a node or a world host; rename the pod"
         ));
     }
     let taken: BTreeSet<&str> = st.pods.values().map(|p| p.interface.as_str()).collect();

@@ -1,4 +1,5 @@
-//! The lab file: which nodes exist, their pod CIDRs and the service CIDR.
+//! The lab file: which nodes exist, their pod CIDRs and the service CIDR, and the hosts
+//! outside the cluster (the world) that ipBlock rules can be tested against.
 
 use std::{net::Ipv4Addr, path::Path};
 
@@ -18,6 +19,42 @@ pub struct LabSpec {
     pub service_cidr: Ipv4Net,
     pub tx_checksum_offload: bool,
     pub nodes: Vec<NodeSpec>,
+    /// Labs written before world hosts existed have none.
+    #[serde(default)]
+    pub world: Vec<WorldHostSpec>,
+}
+
+/// A host outside the cluster: its own network namespace behind one node, serving its ports
+/// like a pod does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorldHostSpec {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// The node it hangs off (default: the first node).
+    pub node: String,
+    pub ports: Vec<WorldPort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorldPort {
+    pub port: u16,
+    /// `TCP` or `UDP`: the lab's servers speak nothing else.
+    pub protocol: String,
+}
+
+impl WorldHostSpec {
+    /// TCP and UDP ports, as the pod server takes them.
+    pub fn ports(&self) -> (Vec<u16>, Vec<u16>) {
+        let pick = |proto: &str| {
+            self.ports
+                .iter()
+                .filter(|p| p.protocol == proto)
+                .map(|p| p.port)
+                .collect()
+        };
+        (pick("TCP"), pick("UDP"))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +81,23 @@ struct RawLab {
     service_cidr: Option<String>,
     tx_checksum_offload: Option<bool>,
     nodes: Option<Vec<RawNode>>,
+    world: Option<Vec<RawWorldHost>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorldHost {
+    name: Option<String>,
+    address: Option<String>,
+    node: Option<String>,
+    ports: Option<Vec<RawWorldPort>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorldPort {
+    port: Option<u32>,
+    protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -130,16 +184,147 @@ impl LabSpec {
             }
             nodes.push(NodeSpec { name, pod_cidr });
         }
+        let mut world: Vec<WorldHostSpec> = Vec::new();
+        for (i, host) in raw.world.unwrap_or_default().into_iter().enumerate() {
+            world.push(parse_world_host(
+                i,
+                host,
+                service_cidr,
+                &nodes,
+                &world,
+                &err,
+            )?);
+        }
         Ok(LabSpec {
             service_cidr,
             tx_checksum_offload: raw.tx_checksum_offload.unwrap_or(true),
             nodes,
+            world,
         })
+    }
+
+    pub fn world_host(&self, name: &str) -> Option<&WorldHostSpec> {
+        self.world.iter().find(|w| w.name == name)
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
         self.nodes.iter().find(|n| n.name == name)
     }
+}
+
+/// One `world[i]` entry, checked against the nodes and the hosts before it.
+fn parse_world_host(
+    i: usize,
+    host: RawWorldHost,
+    service_cidr: Ipv4Net,
+    nodes: &[NodeSpec],
+    before: &[WorldHostSpec],
+    err: &impl Fn(&str, String) -> LabError,
+) -> Result<WorldHostSpec, LabError> {
+    let field = |f: &str| format!("world[{i}].{f}");
+    let name = host
+        .name
+        .ok_or_else(|| err(&field("name"), "required".into()))?;
+    names::check_dns_label(&name, names::MAX_NODE_NAME).map_err(|m| err(&field("name"), m))?;
+    if let Some(j) = before.iter().position(|w| w.name == name) {
+        return Err(err(
+            &field("name"),
+            format!("duplicate world host name {name:?} (also world[{j}])"),
+        ));
+    }
+    // World hosts live in `sluice-<lab>-world-<name>`, which a node name could also produce.
+    if let Some(node) = nodes.iter().find(|n| n.name == format!("world-{name}")) {
+        return Err(err(
+            &field("name"),
+            format!(
+                "its network namespace name would be that of node {:?}; rename one",
+                node.name
+            ),
+        ));
+    }
+    let text = host
+        .address
+        .ok_or_else(|| err(&field("address"), "required".into()))?;
+    let address: Ipv4Addr = text.parse().map_err(|_| {
+        err(
+            &field("address"),
+            format!("{text:?} is not an IPv4 address"),
+        )
+    })?;
+    if address.is_unspecified() || address.is_loopback() || address.is_multicast() {
+        return Err(err(
+            &field("address"),
+            format!("{address} cannot be a host's address"),
+        ));
+    }
+    if service_cidr.contains(&address) {
+        return Err(err(
+            &field("address"),
+            format!("{address} is in serviceCIDR {service_cidr}"),
+        ));
+    }
+    if let Some(node) = nodes.iter().find(|n| n.pod_cidr.contains(&address)) {
+        return Err(err(
+            &field("address"),
+            format!(
+                "{address} is in podCIDR {} of node {}: world hosts are outside the cluster",
+                node.pod_cidr, node.name
+            ),
+        ));
+    }
+    if let Some(j) = before.iter().position(|w| w.address == address) {
+        return Err(err(
+            &field("address"),
+            format!("{address} is also the address of world[{j}]"),
+        ));
+    }
+    let node = match host.node {
+        Some(node) if nodes.iter().any(|n| n.name == node) => node,
+        Some(node) => {
+            return Err(err(
+                &field("node"),
+                format!("{node:?} is not a node of the lab"),
+            ));
+        }
+        None => nodes
+            .first()
+            .map(|n| n.name.clone())
+            .ok_or_else(|| err(&field("node"), "the lab has no nodes".into()))?,
+    };
+    let mut ports: Vec<WorldPort> = Vec::new();
+    for (j, p) in host.ports.unwrap_or_default().into_iter().enumerate() {
+        let pfield = |f: &str| field(&format!("ports[{j}].{f}"));
+        let port = p
+            .port
+            .ok_or_else(|| err(&pfield("port"), "required".into()))?;
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| err(&pfield("port"), format!("{port} is not a port (1-65535)")))?;
+        let protocol = p.protocol.unwrap_or_else(|| "TCP".into());
+        if protocol != "TCP" && protocol != "UDP" {
+            return Err(err(
+                &pfield("protocol"),
+                format!("must be TCP or UDP (got {protocol:?}): the lab serves nothing else"),
+            ));
+        }
+        if ports
+            .iter()
+            .any(|q| q.port == port && q.protocol == protocol)
+        {
+            return Err(err(
+                &pfield("port"),
+                format!("duplicate port {port}/{protocol}"),
+            ));
+        }
+        ports.push(WorldPort { port, protocol });
+    }
+    Ok(WorldHostSpec {
+        name,
+        address,
+        node,
+        ports,
+    })
 }
 
 fn parse_cidr(text: &str, max_prefix: u8) -> Result<Ipv4Net, String> {
@@ -184,6 +369,74 @@ mod tests {
         assert!(spec.tx_checksum_offload);
         assert_eq!(spec.nodes.len(), 2);
         assert_eq!(spec.nodes[1].router_ip(), Ipv4Addr::new(10, 244, 2, 1));
+    }
+
+    #[test]
+    fn world_hosts_default_to_the_first_node_and_tcp() {
+        let spec = parse(&format!(
+            "{HEAD}nodes: [{{name: a, podCIDR: 10.244.1.0/24}}, {{name: b, podCIDR: 10.244.2.0/24}}]\nworld:\n  - name: internet\n    address: 203.0.113.10\n    ports: [{{port: 80}}, {{port: 53, protocol: UDP}}]\n  - {{name: partner, address: 198.51.100.7, node: b}}\n"
+        ))
+        .unwrap();
+        assert_eq!(spec.world.len(), 2);
+        let internet = spec.world_host("internet").unwrap();
+        assert_eq!(internet.address, Ipv4Addr::new(203, 0, 113, 10));
+        assert_eq!(internet.node, "a");
+        assert_eq!(internet.ports(), (vec![80], vec![53]));
+        assert_eq!(spec.world[1].node, "b");
+        assert!(spec.world[1].ports.is_empty());
+    }
+
+    #[test]
+    fn world_host_errors_name_the_field() {
+        let nodes = "nodes: [{name: a, podCIDR: 10.244.1.0/24}]\n";
+        let cases = [
+            ("world: [{address: 1.2.3.4}]", "world[0].name: required"),
+            ("world: [{name: w}]", "world[0].address: required"),
+            (
+                "world: [{name: w, address: x}]",
+                "world[0].address: \"x\" is not",
+            ),
+            (
+                "world: [{name: w, address: 10.244.1.9}]",
+                "world[0].address: 10.244.1.9 is in podCIDR",
+            ),
+            (
+                "world: [{name: w, address: 10.96.0.1}]",
+                "world[0].address: 10.96.0.1 is in serviceCIDR",
+            ),
+            (
+                "world: [{name: w, address: 1.2.3.4}, {name: w, address: 1.2.3.5}]",
+                "world[1].name: duplicate world host name",
+            ),
+            (
+                "world: [{name: v, address: 1.2.3.4}, {name: w, address: 1.2.3.4}]",
+                "world[1].address: 1.2.3.4 is also the address of world[0]",
+            ),
+            (
+                "world: [{name: w, address: 1.2.3.4, node: z}]",
+                "world[0].node: \"z\" is not a node",
+            ),
+            (
+                "world: [{name: w, address: 1.2.3.4, ports: [{port: 0}]}]",
+                "world[0].ports[0].port: 0 is not a port",
+            ),
+            (
+                "world: [{name: w, address: 1.2.3.4, ports: [{port: 9, protocol: SCTP}]}]",
+                "world[0].ports[0].protocol: must be TCP or UDP",
+            ),
+            (
+                "world: [{name: w, address: 1.2.3.4, ports: [{port: 9}, {port: 9, protocol: TCP}]}]",
+                "world[0].ports[1].port: duplicate port 9/TCP",
+            ),
+        ];
+        for (world, expected) in cases {
+            let text = format!("{HEAD}{nodes}{world}\n");
+            let err = parse(&text).expect_err(world);
+            assert!(
+                err.starts_with(&format!("lab.yaml: {expected}")),
+                "{world}\n  got: {err}\n want: {expected}"
+            );
+        }
     }
 
     #[test]

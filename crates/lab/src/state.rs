@@ -285,7 +285,13 @@ impl LabState {
             .nodes
             .iter()
             .map(|n| crate::names::node_netns(&self.name, &n.name));
+        let world = self
+            .spec
+            .world
+            .iter()
+            .map(|w| crate::names::world_netns(&self.name, &w.name));
         nodes
+            .chain(world)
             .chain(self.pods.values().map(|p| p.netns.clone()))
             .collect()
     }

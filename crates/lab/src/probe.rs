@@ -1,0 +1,718 @@
+//! `sluice lab probe`: real connections between the lab's pods and world hosts, as the
+//! upstream NetworkPolicy e2e tests make them, gathered into their "truth table".
+//!
+//! A probe runs on a thread that has entered the source's network namespace, so the packets
+//! leave through the source's own interface and meet the dataplane exactly as its traffic
+//! would. TCP: connect, send a unique token, expect it echoed. UDP: send the token, expect it
+//! back. Anything else within the timeout (no answer, refused, reset) counts as denied.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    fs::File,
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    str::FromStr,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::{
+    Lab, LabError,
+    error::io_err,
+    names, net, plan, slices,
+    state::{PodRecord, key},
+};
+
+/// How peers outside the cluster are named among pods (`world/internet`).
+pub const WORLD_PREFIX: &str = "world/";
+/// Probes in flight at once: a 9x9 matrix on 4 port/protocol pairs finishes in a few
+/// timeouts even when everything is denied.
+const MAX_PARALLEL: usize = 32;
+/// UDP has no handshake: the token is sent this many times within the timeout, so one
+/// datagram lost to neighbour resolution does not read as a denial.
+const UDP_ATTEMPTS: u32 = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            _ => Err(format!("{s:?} is not a protocol (TCP, UDP or SCTP)")),
+        }
+    }
+}
+
+/// Which address of a destination pod a probe connects to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Via {
+    /// The pod's own IP.
+    #[default]
+    PodIp,
+    /// The ClusterIP of a Service whose ready endpoints are exactly that pod and that has a
+    /// port numbered as the probed port with the probed protocol (the conformance model
+    /// makes one such Service per pod). World hosts are always probed at their address.
+    Service,
+}
+
+impl fmt::Display for Via {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Via::PodIp => "pod-ip",
+            Via::Service => "service",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeOptions {
+    pub via: Via,
+    /// For the whole probe: connect and echo (TCP), or the echo (UDP).
+    pub timeout: Duration,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            via: Via::PodIp,
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A matrix: every selected peer to every selected peer, on every port and protocol.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeRequest {
+    /// Pods of these namespaces (all if empty).
+    pub namespaces: Vec<String>,
+    /// Pods carrying all these labels (matchLabels).
+    pub selector: BTreeMap<String, String>,
+    /// The world hosts too, as sources and destinations.
+    pub world: bool,
+    pub ports: Vec<u16>,
+    pub protocols: Vec<Protocol>,
+    pub options: ProbeOptions,
+}
+
+/// One connection attempt and its outcome.
+#[derive(Clone, Debug, Serialize)]
+pub struct Probe {
+    /// `namespace/pod` or `world/<host>`.
+    pub from: String,
+    /// `namespace/pod`, `world/<host>`, or the address probed when given as one.
+    pub to: String,
+    /// What the probe connected to: pod IP, ClusterIP or world address.
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub allowed: bool,
+    /// `echoed`, `timed out`, `refused`, `reset`, ...
+    pub detail: String,
+}
+
+/// Every probe of a request; `sources` and `destinations` in row and column order.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeMatrix {
+    pub via: Via,
+    pub sources: Vec<String>,
+    pub destinations: Vec<String>,
+    pub probes: Vec<Probe>,
+}
+
+impl ProbeMatrix {
+    /// The verdict for one cell, if it was probed.
+    pub fn allowed(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> Option<bool> {
+        self.probes
+            .iter()
+            .find(|p| p.from == from && p.to == to && p.port == port && p.protocol == protocol)
+            .map(|p| p.allowed)
+    }
+
+    /// One truth table per port and protocol, as the upstream e2e tests print them: rows are
+    /// sources, columns destinations, `.` allowed and `X` denied.
+    pub fn render(&self) -> String {
+        let pairs: BTreeSet<(u16, Protocol)> =
+            self.probes.iter().map(|p| (p.port, p.protocol)).collect();
+        let cells: BTreeMap<(&str, &str, u16, Protocol), bool> = self
+            .probes
+            .iter()
+            .map(|p| {
+                (
+                    (p.from.as_str(), p.to.as_str(), p.port, p.protocol),
+                    p.allowed,
+                )
+            })
+            .collect();
+        let first = self
+            .sources
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut out = String::new();
+        for (port, protocol) in pairs {
+            let allowed = self
+                .probes
+                .iter()
+                .filter(|p| p.port == port && p.protocol == protocol && p.allowed)
+                .count();
+            let total = self.sources.len() * self.destinations.len();
+            out.push_str(&format!(
+                "{port}/{protocol} via {}: {allowed} of {total} allowed\n",
+                self.via
+            ));
+            out.push_str(&format!("{:first$}", "-"));
+            for d in &self.destinations {
+                out.push_str(&format!(" {d}"));
+            }
+            out.push('\n');
+            for s in &self.sources {
+                let mut row = format!("{s:first$}");
+                for d in &self.destinations {
+                    let mark = match cells.get(&(s.as_str(), d.as_str(), port, protocol)) {
+                        Some(true) => ".",
+                        Some(false) => "X",
+                        None => "?",
+                    };
+                    row.push_str(&format!(" {mark:w$}", w = d.len()));
+                }
+                out.push_str(row.trim_end());
+                out.push('\n');
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// A peer of a matrix or a single probe.
+struct Peer {
+    name: String,
+    netns: String,
+    kind: PeerKind,
+}
+
+enum PeerKind {
+    /// Key of the pod record.
+    Pod(String),
+    World(Ipv4Addr),
+}
+
+/// One probe to run: from a source's namespace to an address.
+struct Job {
+    from: String,
+    netns: usize,
+    to: String,
+    address: SocketAddr,
+    protocol: Protocol,
+}
+
+fn check_protocol(protocol: Protocol) -> Result<(), LabError> {
+    if protocol != Protocol::Sctp {
+        return Ok(());
+    }
+    let why = match nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::empty(),
+        nix::sys::socket::SockProtocol::Sctp,
+    ) {
+        Err(e) => format!("this kernel has no SCTP sockets (socket: {e})"),
+        Ok(_) => "the lab's servers serve TCP and UDP only".into(),
+    };
+    Err(LabError::Probe(format!("cannot probe SCTP: {why}")))
+}
+
+fn labels_match(record: &PodRecord, selector: &BTreeMap<String, String>) -> bool {
+    let labels = record.pod.metadata.labels.as_ref();
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+impl Lab {
+    /// Probes every selected peer to every selected peer on every port and protocol.
+    pub fn probe(&self, request: &ProbeRequest) -> Result<ProbeMatrix, LabError> {
+        if request.ports.is_empty() || request.protocols.is_empty() {
+            return Err(LabError::Probe(
+                "at least one port and one protocol are needed".into(),
+            ));
+        }
+        for protocol in &request.protocols {
+            check_protocol(*protocol)?;
+        }
+        let mut peers: Vec<Peer> = self
+            .state
+            .pods
+            .iter()
+            .filter(|(_, p)| p.ready && p.deleting.is_none())
+            .filter(|(_, p)| {
+                request.namespaces.is_empty()
+                    || request.namespaces.iter().any(|n| n == p.namespace())
+            })
+            .filter(|(_, p)| labels_match(p, &request.selector))
+            .map(|(k, p)| Peer {
+                name: k.clone(),
+                netns: p.netns.clone(),
+                kind: PeerKind::Pod(k.clone()),
+            })
+            .collect();
+        if request.world {
+            peers.extend(self.world_peers());
+        }
+        if peers.is_empty() {
+            return Err(LabError::Probe(format!(
+                "no ready pod matches namespaces {:?} and selector {:?}",
+                request.namespaces, request.selector
+            )));
+        }
+        let netns: Vec<String> = peers.iter().map(|p| p.netns.clone()).collect();
+        let services = self.single_pod_services();
+        let mut jobs = Vec::new();
+        for &port in &request.ports {
+            for &protocol in &request.protocols {
+                for (i, from) in peers.iter().enumerate() {
+                    for to in &peers {
+                        let address =
+                            self.address_of(to, port, protocol, request.options.via, &services)?;
+                        jobs.push(Job {
+                            from: from.name.clone(),
+                            netns: i,
+                            to: to.name.clone(),
+                            address: SocketAddr::from((address, port)),
+                            protocol,
+                        });
+                    }
+                }
+            }
+        }
+        let names: Vec<String> = peers.into_iter().map(|p| p.name).collect();
+        Ok(ProbeMatrix {
+            via: request.options.via,
+            sources: names.clone(),
+            destinations: names,
+            probes: run(&netns, jobs, request.options.timeout)?,
+        })
+    }
+
+    /// One probe. `from`: `namespace/pod`, `pod` (in default) or `world/<host>`; `to`: the
+    /// same, or an IPv4 address.
+    pub fn probe_one(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        protocol: Protocol,
+        options: &ProbeOptions,
+    ) -> Result<Probe, LabError> {
+        check_protocol(protocol)?;
+        let source = self.peer(from)?;
+        let (to, address) = match to.parse::<Ipv4Addr>() {
+            Ok(address) => (to.to_string(), address),
+            Err(_) => {
+                let peer = self.peer(to)?;
+                let services = self.single_pod_services();
+                let address = self.address_of(&peer, port, protocol, options.via, &services)?;
+                (peer.name, address)
+            }
+        };
+        let job = Job {
+            from: source.name,
+            netns: 0,
+            to,
+            address: SocketAddr::from((address, port)),
+            protocol,
+        };
+        run(&[source.netns], vec![job], options.timeout)?
+            .pop()
+            .ok_or_else(|| LabError::Probe("the probe produced no result".into()))
+    }
+
+    fn world_peers(&self) -> Vec<Peer> {
+        self.state
+            .spec
+            .world
+            .iter()
+            .map(|w| Peer {
+                name: format!("{WORLD_PREFIX}{}", w.name),
+                netns: names::world_netns(&self.state.name, &w.name),
+                kind: PeerKind::World(w.address),
+            })
+            .collect()
+    }
+
+    fn peer(&self, text: &str) -> Result<Peer, LabError> {
+        if let Some(host) = text
+            .strip_prefix(WORLD_PREFIX)
+            .and_then(|name| self.state.spec.world_host(name))
+        {
+            return Ok(Peer {
+                name: format!("{WORLD_PREFIX}{}", host.name),
+                netns: names::world_netns(&self.state.name, &host.name),
+                kind: PeerKind::World(host.address),
+            });
+        }
+        let (namespace, name) = text.split_once('/').unwrap_or(("default", text));
+        let k = key(namespace, name);
+        let record = self
+            .state
+            .pods
+            .get(&k)
+            .ok_or_else(|| LabError::PodNotFound(k.clone()))?;
+        Ok(Peer {
+            name: k.clone(),
+            netns: record.netns.clone(),
+            kind: PeerKind::Pod(k),
+        })
+    }
+
+    /// Service key -> (ClusterIP, the single ready endpoint address), for every Service with a
+    /// ClusterIP whose ready endpoints are exactly one address.
+    fn single_pod_services(&self) -> BTreeMap<String, (Ipv4Addr, Ipv4Addr)> {
+        let pods = self.state.pod_objects();
+        let all = self.state.endpoint_slices(&pods);
+        let mut out = BTreeMap::new();
+        for (k, svc) in &self.state.services {
+            let Some(cluster_ip) = plan::cluster_ip(&svc.object) else {
+                continue;
+            };
+            let namespace = svc
+                .object
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or("default");
+            let name = svc.object.metadata.name.as_deref().unwrap_or_default();
+            let ready: BTreeSet<&str> = all
+                .iter()
+                .filter(|s| {
+                    s.metadata.namespace.as_deref() == Some(namespace)
+                        && s.metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(slices::SERVICE_NAME_LABEL))
+                            .is_some_and(|n| n == name)
+                })
+                .flat_map(|s| &s.endpoints)
+                // An absent condition means ready, as the API defines it.
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+                .flat_map(|e| &e.addresses)
+                .map(String::as_str)
+                .collect();
+            if let [only] = ready.into_iter().collect::<Vec<_>>()[..]
+                && let Ok(address) = only.parse()
+            {
+                out.insert(k.clone(), (cluster_ip, address));
+            }
+        }
+        out
+    }
+
+    fn address_of(
+        &self,
+        peer: &Peer,
+        port: u16,
+        protocol: Protocol,
+        via: Via,
+        services: &BTreeMap<String, (Ipv4Addr, Ipv4Addr)>,
+    ) -> Result<Ipv4Addr, LabError> {
+        let record = match &peer.kind {
+            PeerKind::World(address) => return Ok(*address),
+            PeerKind::Pod(k) => self
+                .state
+                .pods
+                .get(k)
+                .ok_or_else(|| LabError::PodNotFound(k.clone()))?,
+        };
+        if via == Via::PodIp {
+            return Ok(record.ip);
+        }
+        // In key order, so the choice is stable when several qualify.
+        let found = services.iter().find(|(k, (_, endpoint))| {
+            *endpoint == record.ip
+                && self.state.services.get(*k).is_some_and(|svc| {
+                    svc.object.metadata.namespace.as_deref() == Some(record.namespace())
+                        && svc
+                            .object
+                            .spec
+                            .iter()
+                            .flat_map(|s| s.ports.iter().flatten())
+                            .any(|p| {
+                                i32::from(port) == p.port
+                                    && slices::protocol(p.protocol.as_ref()) == protocol.as_str()
+                            })
+                })
+        });
+        found.map(|(_, (cluster_ip, _))| *cluster_ip).ok_or_else(|| {
+            LabError::Probe(format!(
+                "--via service: no Service in {} has exactly {} as its ready endpoint and a port {port}/{protocol}",
+                record.namespace(),
+                peer.name
+            ))
+        })
+    }
+}
+
+/// Runs the jobs on up to [`MAX_PARALLEL`] threads, each entering the namespace of its job's
+/// source (threads of their own: the caller's namespace never changes). Results in job order.
+fn run(netns: &[String], jobs: Vec<Job>, timeout: Duration) -> Result<Vec<Probe>, LabError> {
+    let files = netns
+        .iter()
+        .map(|n| {
+            let path = net::netns_path(n);
+            File::open(&path).map_err(io_err("open", path))
+        })
+        .collect::<Result<Vec<File>, LabError>>()?;
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Probe>>> = Mutex::new(jobs.iter().map(|_| None).collect());
+    let first_error: Mutex<Option<LabError>> = Mutex::new(None);
+    let token_base = fastrand::u64(..);
+    thread::scope(|scope| {
+        for _ in 0..jobs.len().min(MAX_PARALLEL) {
+            scope.spawn(|| {
+                let mut entered = None;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    if entered != Some(job.netns) {
+                        let entry = nix::sched::setns(
+                            &files[job.netns],
+                            nix::sched::CloneFlags::CLONE_NEWNET,
+                        );
+                        if let Err(source) = entry {
+                            if let Ok(mut slot) = first_error.lock() {
+                                slot.get_or_insert(LabError::Sys {
+                                    call: "setns",
+                                    source,
+                                });
+                            }
+                            break;
+                        }
+                        entered = Some(job.netns);
+                    }
+                    let token = format!(
+                        "sluice-probe {token_base:016x}-{i} {} -> {}\n",
+                        job.from, job.to
+                    );
+                    let (allowed, detail) = match job.protocol {
+                        Protocol::Udp => probe_udp(job.address, token.as_bytes(), timeout),
+                        _ => probe_tcp(job.address, token.as_bytes(), timeout),
+                    };
+                    if let Ok(mut slots) = results.lock() {
+                        slots[i] = Some(Probe {
+                            from: job.from.clone(),
+                            to: job.to.clone(),
+                            address: match job.address {
+                                SocketAddr::V4(a) => *a.ip(),
+                                SocketAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+                            },
+                            port: job.address.port(),
+                            protocol: job.protocol,
+                            allowed,
+                            detail,
+                        });
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    let results = results.into_inner().unwrap_or_default();
+    let probes: Vec<Probe> = results.into_iter().flatten().collect();
+    if probes.len() != jobs.len() {
+        return Err(LabError::Probe(format!(
+            "{} of {} probes produced no result",
+            jobs.len() - probes.len(),
+            jobs.len()
+        )));
+    }
+    Ok(probes)
+}
+
+fn describe(e: &std::io::Error) -> String {
+    match e.kind() {
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timed out".into(),
+        ErrorKind::ConnectionRefused => "refused".into(),
+        ErrorKind::ConnectionReset => "reset".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Time left until `deadline`, at least a millisecond (a zero timeout means "none" to std).
+fn left(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
+fn probe_tcp(address: SocketAddr, token: &[u8], timeout: Duration) -> (bool, String) {
+    let deadline = Instant::now() + timeout;
+    let mut stream = match TcpStream::connect_timeout(&address, timeout) {
+        Ok(s) => s,
+        Err(e) => return (false, describe(&e)),
+    };
+    let mut exchange = || -> std::io::Result<Vec<u8>> {
+        stream.set_write_timeout(Some(left(deadline)))?;
+        stream.write_all(token)?;
+        let mut got = Vec::with_capacity(token.len());
+        let mut buf = [0u8; 512];
+        while got.len() < token.len() {
+            stream.set_read_timeout(Some(left(deadline)))?;
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        Ok(got)
+    };
+    match exchange() {
+        Ok(got) if got == token => (true, "echoed".into()),
+        Ok(got) => (
+            false,
+            format!(
+                "connected, but the answer was {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        ),
+        Err(e) => (false, format!("connected, then {}", describe(&e))),
+    }
+}
+
+fn probe_udp(address: SocketAddr, token: &[u8], timeout: Duration) -> (bool, String) {
+    let deadline = Instant::now() + timeout;
+    let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| {
+        s.connect(address)?;
+        Ok(s)
+    }) {
+        Ok(s) => s,
+        Err(e) => return (false, format!("socket: {e}")),
+    };
+    let mut buf = [0u8; 2048];
+    let mut last = "timed out".to_string();
+    for _ in 0..UDP_ATTEMPTS {
+        if Instant::now() >= deadline {
+            break;
+        }
+        if let Err(e) = socket.send(token) {
+            return (false, describe(&e));
+        }
+        let wait = (timeout / UDP_ATTEMPTS).min(left(deadline));
+        loop {
+            if let Err(e) = socket.set_read_timeout(Some(wait.max(Duration::from_millis(1)))) {
+                return (false, e.to_string());
+            }
+            match socket.recv(&mut buf) {
+                Ok(n) if &buf[..n] == token => return (true, "echoed".into()),
+                // Something else (a late answer to nothing we sent): keep listening.
+                Ok(_) => {}
+                // ICMP port unreachable: nothing listens, or a reject.
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    return (false, "refused".into());
+                }
+                Err(e) => {
+                    last = describe(&e);
+                    break;
+                }
+            }
+        }
+    }
+    (false, last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_parse_in_any_case() {
+        assert_eq!("tcp".parse::<Protocol>(), Ok(Protocol::Tcp));
+        assert_eq!("UDP".parse::<Protocol>(), Ok(Protocol::Udp));
+        assert_eq!("Sctp".parse::<Protocol>(), Ok(Protocol::Sctp));
+        assert!("icmp".parse::<Protocol>().is_err());
+    }
+
+    #[test]
+    fn sctp_is_refused_with_a_reason() {
+        let err = check_protocol(Protocol::Sctp).unwrap_err().to_string();
+        assert!(err.starts_with("probe: cannot probe SCTP: "), "{err}");
+        assert!(check_protocol(Protocol::Udp).is_ok());
+    }
+
+    #[test]
+    fn the_truth_table_marks_allowed_and_denied() {
+        let probe = |from: &str, to: &str, protocol, allowed| Probe {
+            from: from.into(),
+            to: to.into(),
+            address: Ipv4Addr::LOCALHOST,
+            port: 80,
+            protocol,
+            allowed,
+            detail: String::new(),
+        };
+        let matrix = ProbeMatrix {
+            via: Via::PodIp,
+            sources: vec!["x/a".into(), "x/b".into()],
+            destinations: vec!["x/a".into(), "x/b".into()],
+            probes: vec![
+                probe("x/a", "x/a", Protocol::Tcp, true),
+                probe("x/a", "x/b", Protocol::Tcp, false),
+                probe("x/b", "x/a", Protocol::Tcp, true),
+                probe("x/b", "x/b", Protocol::Tcp, true),
+                probe("x/a", "x/b", Protocol::Udp, true),
+            ],
+        };
+        assert_eq!(
+            matrix.render(),
+            "80/TCP via pod-ip: 3 of 4 allowed\n\
+             -   x/a x/b\n\
+             x/a .   X\n\
+             x/b .   .\n\
+             \n\
+             80/UDP via pod-ip: 1 of 4 allowed\n\
+             -   x/a x/b\n\
+             x/a ?   .\n\
+             x/b ?   ?\n\
+             \n"
+        );
+        assert_eq!(matrix.allowed("x/a", "x/b", 80, Protocol::Tcp), Some(false));
+        assert_eq!(matrix.allowed("x/a", "x/b", 81, Protocol::Tcp), None);
+    }
+}
