@@ -36,6 +36,10 @@ pub enum AgentError {
         call: &'static str,
         source: nix::Error,
     },
+    /// An API request the agent cannot answer: an unknown endpoint or identity, or
+    /// missing params.
+    #[error("{0}")]
+    Query(String),
     #[error("reading map {map}: {source}")]
     Map {
         map: &'static str,
@@ -60,6 +64,8 @@ pub struct AgentConfig {
     pub api_socket: PathBuf,
     /// How often a full reconcile re-reads the kernel, whatever changed upstream.
     pub reconcile_interval: Duration,
+    /// Rows each endpoint's policy map holds; a policy that needs more fails closed.
+    pub policy_map_max: u32,
     pub datapath: sluice_datapath::DatapathConfig,
 }
 

@@ -28,6 +28,10 @@ struct Args {
     /// Seconds between full reconciles that re-read the kernel.
     #[arg(long, default_value_t = 2.0)]
     reconcile_interval: f64,
+    /// Rows each endpoint's policy map holds; an endpoint whose policy needs more fails
+    /// closed and is reported by status and verify.
+    #[arg(long, default_value_t = sluice_compiler::DEFAULT_POLICY_MAP_MAX)]
+    policy_map_max: u32,
     /// Conntrack table size.
     #[arg(long, default_value_t = DatapathConfig::default().ct_max_entries)]
     ct_max_entries: u32,
@@ -55,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         pin_dir: args.pin_dir,
         api_socket: args.api_socket,
         reconcile_interval: Duration::from_secs_f64(args.reconcile_interval.max(0.1)),
+        policy_map_max: args.policy_map_max,
         datapath: DatapathConfig {
             ct_max_entries: args.ct_max_entries,
         },

@@ -11,16 +11,17 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use sluice_api::{
-    AgentStatus, BackendEntry, CtEntry, Drift, MapStatus, ServiceEntry, VerifyReport,
+    AgentStatus, BackendEntry, CtEntry, Drift, EndpointEntry, EndpointPolicyView, FailsClosed,
+    IdentityEntry, MapStatus, PolicyRow, ServiceEntry, VerifyReport,
 };
 use sluice_common::{
     CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_SERVICE,
-    Ct4Entry, Ct4Key, EndpointInfo, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, names, programs,
-    proto_name,
+    Ct4Entry, Ct4Key, EndpointInfo, Frag4Key, Frag4Ports, IDENTITY_ANY, Lb4Backend, Lb4BackendKey,
+    Lb4Key, Lb4Service, POLICY_EGRESS, POLICY_INGRESS, names, programs, proto_name,
 };
 use sluice_compiler::{DesiredState, NodeContext};
 use sluice_datapath::{Datapath, PinnedMaps};
-use sluice_realizer::{Desired, Named, Tables};
+use sluice_realizer::{Desired, Ipcache, KernelPolicy, Named, PolicyTable, Tables};
 use sluice_store::Snapshot;
 use tracing::{debug, info, warn};
 
@@ -30,6 +31,8 @@ type KernelTables = Tables<
     Named<MapData, Lb4Key, Lb4Service>,
     Named<MapData, Lb4BackendKey, Lb4Backend>,
     Named<MapData, u32, EndpointInfo>,
+    Ipcache,
+    KernelPolicy,
 >;
 
 pub struct Node {
@@ -37,6 +40,11 @@ pub struct Node {
     datapath: Datapath,
     tables: KernelTables,
     conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
+    fragments: HashMap<MapData, Frag4Key, Frag4Ports>,
+    /// Rows each endpoint's policy map holds.
+    policy_map_max: u32,
+    /// max_entries of the outer policy map (aya exposes no map info for hashes of maps).
+    policy_endpoints_max: u32,
     snapshot: Arc<Snapshot>,
     desired: DesiredState,
     realized_generation: u64,
@@ -49,6 +57,11 @@ impl Node {
     pub fn start(config: &AgentConfig) -> Result<Self, AgentError> {
         let datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
         let maps = PinnedMaps::open(&config.pin_dir)?;
+        let policy_endpoints_max = maps
+            .capacities()
+            .iter()
+            .find(|(name, _)| *name == names::POLICY)
+            .map_or(0, |(_, max)| *max);
         Ok(Self {
             name: config.node.clone(),
             datapath,
@@ -65,8 +78,13 @@ impl Node {
                     name: names::ENDPOINTS,
                     map: maps.endpoints,
                 },
+                ipcache: Ipcache { map: maps.ipcache },
+                policy: KernelPolicy { map: maps.policy },
             },
             conntrack: maps.conntrack,
+            fragments: maps.fragments,
+            policy_map_max: config.policy_map_max,
+            policy_endpoints_max,
             snapshot: Arc::new(Snapshot::default()),
             desired: DesiredState::default(),
             realized_generation: 0,
@@ -104,7 +122,9 @@ impl Node {
         for problem in &desired.problems {
             debug!(%problem, "compiler");
         }
-        let stats = self.tables.realize(desired_maps(&desired))?;
+        let stats = self
+            .tables
+            .realize(Desired::of(&desired, self.policy_map_max))?;
         // Programs go on after the maps they read are complete, and come off interfaces
         // whose endpoint is gone.
         let mut attached = false;
@@ -134,7 +154,7 @@ impl Node {
             &NodeContext {
                 node: self.name.clone(),
                 interfaces,
-                ..NodeContext::default()
+                policy_map_max: self.policy_map_max,
             },
         )
     }
@@ -173,6 +193,21 @@ impl Node {
                 self.tables.endpoints.map.keys().count(),
                 max_entries(self.tables.endpoints.map.map()),
             ),
+            (
+                names::IPCACHE,
+                self.tables.ipcache.map.keys().count(),
+                max_entries(self.tables.ipcache.map.map()),
+            ),
+            (
+                names::POLICY,
+                self.tables.policy.map.keys().count(),
+                self.policy_endpoints_max,
+            ),
+            (
+                names::FRAGMENTS,
+                self.fragments.keys().count(),
+                max_entries(self.fragments.map()),
+            ),
         ] {
             maps.push(MapStatus {
                 name: name.to_string(),
@@ -190,7 +225,13 @@ impl Node {
             reconciles: self.reconciles,
             endpoints: self.desired.endpoints.len(),
             maps,
+            fails_closed: self.fails_closed(),
         })
+    }
+
+    /// Endpoints whose policy does not fit their map, from the last compiled state.
+    fn fails_closed(&self) -> Vec<FailsClosed> {
+        fails_closed(&self.desired, self.policy_map_max)
     }
 
     /// Frontends and their backends as the kernel holds them, named from the desired state.
@@ -289,7 +330,9 @@ impl Node {
     /// Recompiles from the current snapshot and compares with the kernel; optionally repairs.
     pub fn verify(&mut self, repair: bool) -> Result<VerifyReport, AgentError> {
         let desired = self.compile();
-        let plan = self.tables.plan(desired_maps(&desired))?;
+        let plan = self
+            .tables
+            .plan(Desired::of(&desired, self.policy_map_max))?;
         let mut drift: Vec<Drift> = plan
             .drift()
             .into_iter()
@@ -329,16 +372,23 @@ impl Node {
             generation: self.snapshot.generation,
             drift,
             repaired,
+            fails_closed: fails_closed(&desired, self.policy_map_max),
         })
     }
 }
 
-fn desired_maps(d: &DesiredState) -> Desired<'_> {
-    Desired {
-        services: &d.services,
-        backends: &d.backends,
-        endpoints: &d.endpoints,
-    }
+fn fails_closed(desired: &DesiredState, map_max: u32) -> Vec<FailsClosed> {
+    desired
+        .endpoint_details
+        .iter()
+        .filter(|(_, d)| d.overflow)
+        .map(|(&ifindex, d)| FailsClosed {
+            endpoint: format!("{}/{}", d.namespace, d.pod),
+            ifindex,
+            rows_needed: d.policy_rows,
+            map_max,
+        })
+        .collect()
 }
 
 /// Whether the kernel runs our two programs on `ifname` (the truth, not our memory of it).
@@ -368,4 +418,175 @@ fn monotonic_ns() -> u64 {
                 + u64::try_from(t.tv_nsec()).unwrap_or(0)
         })
         .unwrap_or(0)
+}
+
+impl Node {
+    /// Local endpoints of the last compiled state, with identities and policy state.
+    pub fn endpoints(&self) -> Vec<EndpointEntry> {
+        self.desired
+            .endpoints
+            .keys()
+            .map(|&ifindex| self.endpoint_entry(ifindex))
+            .collect()
+    }
+
+    /// The endpoint named `query`: `namespace/pod`, a pod name unique on this node, or an
+    /// ifindex.
+    pub fn endpoint(&self, query: &str) -> Result<EndpointEntry, AgentError> {
+        self.resolve(query)
+            .map(|ifindex| self.endpoint_entry(ifindex))
+    }
+
+    fn resolve(&self, query: &str) -> Result<u32, AgentError> {
+        if let Ok(ifindex) = query.parse::<u32>()
+            && self.desired.endpoints.contains_key(&ifindex)
+        {
+            return Ok(ifindex);
+        }
+        let matches: Vec<u32> = self
+            .desired
+            .endpoint_details
+            .iter()
+            .filter(|(_, d)| match query.split_once('/') {
+                Some((ns, pod)) => d.namespace == ns && d.pod == pod,
+                None => d.pod == query,
+            })
+            .map(|(&ifindex, _)| ifindex)
+            .collect();
+        match matches.as_slice() {
+            [ifindex] => Ok(*ifindex),
+            [] => Err(AgentError::Query(format!(
+                "no endpoint {query:?} on node {}",
+                self.name
+            ))),
+            _ => Err(AgentError::Query(format!(
+                "{query:?} names {} endpoints on node {}; use namespace/pod",
+                matches.len(),
+                self.name
+            ))),
+        }
+    }
+
+    fn endpoint_entry(&self, ifindex: u32) -> EndpointEntry {
+        let info = self
+            .desired
+            .endpoints
+            .get(&ifindex)
+            .copied()
+            .unwrap_or_default();
+        let details = self.desired.endpoint_details.get(&ifindex);
+        let identity = details.map_or(info.identity, |d| d.identity);
+        let overflow = details.is_some_and(|d| d.overflow);
+        EndpointEntry {
+            ifindex,
+            namespace: details.map(|d| d.namespace.clone()).unwrap_or_default(),
+            pod: details.map(|d| d.pod.clone()).unwrap_or_default(),
+            interface: details.map(|d| d.interface.clone()).unwrap_or_default(),
+            ipv4: details.map_or(info.ip(), |d| d.ipv4),
+            identity,
+            labels: self.labels(identity),
+            ingress_enforced: details.is_some_and(|d| d.ingress_enforced),
+            egress_enforced: details.is_some_and(|d| d.egress_enforced),
+            policy_rows: details.map_or(0, |d| d.policy_rows),
+            policy_map_max: self.policy_map_max,
+            policies: details.map(|d| d.policies.clone()).unwrap_or_default(),
+            status: if overflow { "fails-closed" } else { "ready" }.to_string(),
+        }
+    }
+
+    fn labels(&self, identity: u32) -> Vec<String> {
+        if identity == IDENTITY_ANY {
+            return vec!["ANY".to_string()];
+        }
+        self.desired
+            .identities
+            .get(&identity)
+            .map(|i| i.labels.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every identity of the last compiled state.
+    pub fn identities(&self) -> Vec<IdentityEntry> {
+        self.desired
+            .identities
+            .keys()
+            .map(|&id| self.identity_entry(id))
+            .collect()
+    }
+
+    pub fn identity(&self, id: u32) -> Result<IdentityEntry, AgentError> {
+        if !self.desired.identities.contains_key(&id) {
+            return Err(AgentError::Query(format!("no identity {id}")));
+        }
+        Ok(self.identity_entry(id))
+    }
+
+    fn identity_entry(&self, id: u32) -> IdentityEntry {
+        IdentityEntry {
+            id,
+            labels: self.labels(id),
+            endpoints: self
+                .desired
+                .endpoint_details
+                .values()
+                .filter(|d| d.identity == id)
+                .map(|d| format!("{}/{}", d.namespace, d.pod))
+                .collect(),
+        }
+    }
+
+    /// The endpoint's policy map read from the kernel, with its counters, joined with the
+    /// desired rows for labels and origins.
+    pub fn policy(&self, query: &str) -> Result<EndpointPolicyView, AgentError> {
+        let ifindex = self.resolve(query)?;
+        let installed = self.tables.policy.read(ifindex)?;
+        let empty = BTreeMap::new();
+        let desired = self
+            .desired
+            .policies
+            .get(&ifindex)
+            .map_or(&empty, |p| &p.rows);
+        let kernel = installed.as_ref().map(|p| &p.rows);
+        let keys: BTreeSet<_> = desired
+            .keys()
+            .chain(kernel.into_iter().flat_map(BTreeMap::keys))
+            .copied()
+            .collect();
+        let rows = keys
+            .into_iter()
+            .map(|key| {
+                let counters = kernel.and_then(|k| k.get(&key));
+                let allowed_by = desired.get(&key);
+                PolicyRow {
+                    direction: match key.rule.direction {
+                        POLICY_INGRESS => "ingress",
+                        POLICY_EGRESS => "egress",
+                        _ => "unknown",
+                    }
+                    .to_string(),
+                    identity: key.rule.identity,
+                    identity_labels: self.labels(key.rule.identity),
+                    protocol: proto_name(key.rule.proto).to_string(),
+                    ports: key.port_range(),
+                    prefix: key.prefixlen,
+                    packets: counters.map_or(0, |c| c.packets),
+                    bytes: counters.map_or(0, |c| c.bytes),
+                    allowed_by: allowed_by
+                        .map(|b| b.iter().cloned().collect())
+                        .unwrap_or_default(),
+                    state: match (counters.is_some(), allowed_by.is_some()) {
+                        (true, true) => "realized",
+                        (true, false) => "unexpected",
+                        _ => "missing",
+                    }
+                    .to_string(),
+                }
+            })
+            .collect();
+        Ok(EndpointPolicyView {
+            endpoint: self.endpoint_entry(ifindex),
+            map_max_entries: installed.map(|p| p.capacity),
+            rows,
+        })
+    }
 }

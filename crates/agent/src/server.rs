@@ -74,11 +74,34 @@ async fn dispatch(request: Request, node: &Mutex<Node>) -> Response {
                 .unwrap_or(false);
             node.verify(repair).map(to_json)
         }
+        Method::EndpointList => Ok(to_json(node.endpoints())),
+        Method::EndpointGet => param_str(&request.params, "endpoint")
+            .and_then(|e| node.endpoint(e))
+            .map(to_json),
+        Method::IdentityList => Ok(to_json(node.identities())),
+        Method::IdentityGet => request
+            .params
+            .get("id")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| AgentError::Query("params need a numeric \"id\"".into()))
+            .and_then(|id| node.identity(id))
+            .map(to_json),
+        Method::PolicyGet => param_str(&request.params, "endpoint")
+            .and_then(|e| node.policy(e))
+            .map(to_json),
     };
     match result {
         Ok(value) => Response::Result(value),
         Err(e) => Response::Error(e.to_string()),
     }
+}
+
+fn param_str<'a>(params: &'a serde_json::Value, name: &str) -> Result<&'a str, AgentError> {
+    params
+        .get(name)
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| AgentError::Query(format!("params need a string {name:?}")))
 }
 
 fn to_json<T: serde::Serialize>(value: T) -> serde_json::Value {

@@ -56,6 +56,16 @@ pub enum Method {
     CtList,
     /// [`VerifyReport`]; params `{"repair": bool}`
     Verify,
+    /// `Vec<`[`EndpointEntry`]`>`
+    EndpointList,
+    /// [`EndpointEntry`]; params `{"endpoint": "ns/pod" | "pod" | "<ifindex>"}`
+    EndpointGet,
+    /// `Vec<`[`IdentityEntry`]`>`
+    IdentityList,
+    /// [`IdentityEntry`]; params `{"id": u32}`
+    IdentityGet,
+    /// [`EndpointPolicyView`]; params `{"endpoint": ...}` as for `EndpointGet`
+    PolicyGet,
 }
 
 /// One response line.
@@ -80,6 +90,85 @@ pub struct AgentStatus {
     pub reconciles: u64,
     pub endpoints: usize,
     pub maps: Vec<MapStatus>,
+    /// Endpoints whose policy does not fit their map: they drop new connections in every
+    /// enforced direction until it does.
+    #[serde(default)]
+    pub fails_closed: Vec<FailsClosed>,
+}
+
+/// An endpoint whose computed policy needs more rows than its map may hold.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FailsClosed {
+    /// `namespace/pod`.
+    pub endpoint: String,
+    pub ifindex: u32,
+    pub rows_needed: usize,
+    pub map_max: u32,
+}
+
+/// A local endpoint with its identity and policy state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EndpointEntry {
+    /// ifindex of the host-side veth: the key of the endpoints and policy maps.
+    pub ifindex: u32,
+    pub namespace: String,
+    pub pod: String,
+    pub interface: String,
+    pub ipv4: Ipv4Addr,
+    pub identity: u32,
+    /// Labels of the identity.
+    pub labels: Vec<String>,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    /// Rows its policy needs.
+    pub policy_rows: usize,
+    pub policy_map_max: u32,
+    /// NetworkPolicies (`namespace/name`) selecting it.
+    pub policies: Vec<String>,
+    /// `ready`, or `fails-closed` when its policy does not fit its map.
+    pub status: String,
+}
+
+/// A security identity and the local endpoints that carry it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IdentityEntry {
+    pub id: u32,
+    pub labels: Vec<String>,
+    /// `namespace/pod` of local endpoints with this identity.
+    pub endpoints: Vec<String>,
+}
+
+/// One endpoint's policy map as the kernel holds it, joined with the desired rows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EndpointPolicyView {
+    pub endpoint: EndpointEntry,
+    /// max_entries of the installed map; None when no map is installed.
+    pub map_max_entries: Option<u32>,
+    pub rows: Vec<PolicyRow>,
+}
+
+/// An allow row.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicyRow {
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// 0 (ANY) matches every peer.
+    pub identity: u32,
+    pub identity_labels: Vec<String>,
+    /// `TCP`, `UDP`, `SCTP`, or `ANY`.
+    pub protocol: String,
+    /// First and last destination port; None for any protocol.
+    pub ports: Option<(u16, u16)>,
+    /// LPM prefix length of the row: 40 any protocol, 48 any port, 64 one port.
+    pub prefix: u32,
+    /// Counters from the kernel: packets and bytes of the connections it admitted.
+    pub packets: u64,
+    pub bytes: u64,
+    /// What allows it: NetworkPolicies (`namespace/name`) or `reserved:host`.
+    pub allowed_by: Vec<String>,
+    /// `realized` (in the kernel and desired), `unexpected` (in the kernel only) or
+    /// `missing` (desired, not in the kernel).
+    pub state: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -130,6 +219,9 @@ pub struct VerifyReport {
     pub generation: u64,
     pub drift: Vec<Drift>,
     pub repaired: bool,
+    /// Endpoints realized as intended but failing closed: their policy does not fit.
+    #[serde(default)]
+    pub fails_closed: Vec<FailsClosed>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
