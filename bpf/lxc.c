@@ -3,6 +3,8 @@
  * Programs on the host-side veth of every local pod (the lxc* interface):
  *  from_container at tc ingress: packets leaving the pod;
  *  to_container   at tc egress:  packets entering the pod.
+ * Each judges the new connections of its direction against the pod's policy where
+ * it creates their conntrack entry (CT_EGRESS, CT_INGRESS).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -16,6 +18,7 @@
 #include "lib/metrics.h"
 #include "lib/nat.h"
 #include "lib/parse.h"
+#include "lib/policy.h"
 #include "lib/reject.h"
 
 #define LOOPBACK_IPV4 bpf_htonl(LOOPBACK_IPV4_HOST_ORDER)
@@ -38,10 +41,12 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 	return bpf_redirect(skb->ifindex, 0);
 }
 
-/* A packet to a service frontend: pick the backend, record the connection and
- * DNAT it (plus SNAT to LOOPBACK_IPV4 when the pod reaches itself). */
+/* A packet to a service frontend: pick the backend, judge a new connection against
+ * the backend's address and port, record it and DNAT it (plus SNAT to LOOPBACK_IPV4
+ * when the pod reaches itself). */
 static __always_inline int service_forward(struct __sk_buff *skb, const struct pkt4 *pkt,
-					   const struct lb4_service *svc, __u64 now)
+					   const struct lb4_service *svc,
+					   const struct endpoint_info *ep, __u64 now)
 {
 	struct lb4_service backend = {};
 	__be32 saddr = pkt->saddr;
@@ -50,6 +55,9 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 	int reason;
 
 	if (svc->count == 0) {
+		/* Its first fragment was rejected already; this one holds nothing to quote. */
+		if (pkt->later_fragment)
+			return verdict_drop(skb, DROP_NO_SERVICE, METRIC_DIR_EGRESS);
 		/* No ready backend: refuse at once instead of letting the client time out. */
 		metrics_count(skb, DROP_NO_SERVICE, METRIC_DIR_EGRESS);
 		if (reject_port_unreachable(skb, pkt) < 0)
@@ -73,8 +81,17 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 
 	ct_key_init(&key, saddr, backend.backend_address, pkt->sport, backend.backend_port,
 		    pkt->proto, CT_EGRESS);
-	if (ct_upsert(&key, pkt, pkt->daddr, pkt->dport, ct_flags, skb->ifindex, now) < 0)
-		return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
+	if (!ct_track_established(&key, pkt, pkt->daddr, pkt->dport, ct_flags, now)) {
+		/* Hairpin is the pod talking to itself: never judged. */
+		if (!ct_flags) {
+			reason = policy_verdict(ep, skb->ifindex, POLICY_EGRESS,
+						backend.backend_address, pkt, backend.backend_port);
+			if (reason)
+				return verdict_drop(skb, reason, METRIC_DIR_EGRESS);
+		}
+		if (ct_create(&key, pkt, pkt->daddr, pkt->dport, ct_flags, skb->ifindex, now) < 0)
+			return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
+	}
 
 	if (nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, backend.backend_address) < 0 ||
 	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, backend.backend_port) < 0 ||
@@ -86,20 +103,35 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 SEC("classifier")
 int from_container(struct __sk_buff *skb)
 {
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_info *ep;
+	enum parse_result parsed;
 	struct lb4_service *svc;
 	struct ct4_entry *entry;
 	struct ct4_key key;
 	struct pkt4 pkt;
 	__u64 now;
+	int reason;
 
-	switch (parse_ipv4(skb, &pkt)) {
+	parsed = parse_ipv4(skb, &pkt);
+	switch (parsed) {
+	case PARSE_NOT_IPV4:
+		return verdict_pass(skb, METRIC_DIR_EGRESS);
 	case PARSE_INVALID:
 		return verdict_drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
-	case PARSE_OTHER:
-		return verdict_pass(skb, METRIC_DIR_EGRESS);
+	case PARSE_FRAG_NOT_FOUND:
+		return verdict_drop(skb, DROP_FRAG_NOT_FOUND, METRIC_DIR_EGRESS);
+	case PARSE_IPV4:
 	case PARSE_L4:
 		break;
 	}
+
+	/* A pod may only send from its own address (an unknown interface is not checked). */
+	ep = bpf_map_lookup_elem(&endpoints, &ifindex);
+	if (ep && pkt.saddr != ep->ipv4)
+		return verdict_drop(skb, DROP_INVALID_SOURCE, METRIC_DIR_EGRESS);
+	if (parsed == PARSE_IPV4)
+		return verdict_pass(skb, METRIC_DIR_EGRESS);
 	now = bpf_ktime_get_ns();
 
 	entry = ct_lookup(&pkt, CT_EGRESS, true);
@@ -114,33 +146,59 @@ int from_container(struct __sk_buff *skb)
 		return verdict_pass(skb, METRIC_DIR_EGRESS);
 	}
 
-	svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
-	if (svc)
-		return service_forward(skb, &pkt, svc, now);
-	if (lb4_vip_known(pkt.daddr))
-		return verdict_drop(skb, DROP_SERVICE_PORT_UNKNOWN, METRIC_DIR_EGRESS);
+	/* Services balance ports; ICMP to a service address goes where the node routes it. */
+	if (pkt.proto != IPPROTO_ICMP) {
+		svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
+		if (svc)
+			return service_forward(skb, &pkt, svc, ep, now);
+		if (lb4_vip_known(pkt.daddr))
+			return verdict_drop(skb, DROP_SERVICE_PORT_UNKNOWN, METRIC_DIR_EGRESS);
+	}
 
-	/* A new or ongoing connection to a non-service destination.
-	 * (Egress policy will judge new connections here.) */
+	/* A new or ongoing connection to a non-service destination. */
 	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_EGRESS);
-	if (ct_upsert(&key, &pkt, 0, 0, 0, skb->ifindex, now) < 0)
-		return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
+	if (!ct_track_established(&key, &pkt, 0, 0, 0, now)) {
+		reason = policy_verdict(ep, ifindex, POLICY_EGRESS, pkt.daddr, &pkt, pkt.dport);
+		if (reason)
+			return verdict_drop(skb, reason, METRIC_DIR_EGRESS);
+		if (ct_create(&key, &pkt, 0, 0, 0, ifindex, now) < 0)
+			return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
+	}
 	return verdict_pass(skb, METRIC_DIR_EGRESS);
+}
+
+/* Whether @pkt, entering a pod from LOOPBACK_IPV4, is the pod reaching itself
+ * through a service (hairpin): its own from_container recorded the translated tuple.
+ * Checked against conntrack so a forged loopback source gains nothing. */
+static __always_inline bool hairpin_request(const struct pkt4 *pkt)
+{
+	struct ct4_entry *entry;
+
+	if (pkt->saddr != LOOPBACK_IPV4)
+		return false;
+	entry = ct_lookup(pkt, CT_EGRESS, false);
+	return entry && (entry->flags & CT_FLAG_LOOPBACK);
 }
 
 SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_info *ep;
 	struct ct4_entry *entry;
 	struct ct4_key key;
 	struct pkt4 pkt;
 	__u64 now;
+	int reason;
 
 	switch (parse_ipv4(skb, &pkt)) {
+	case PARSE_NOT_IPV4:
+	case PARSE_IPV4:
+		return verdict_pass(skb, METRIC_DIR_INGRESS);
 	case PARSE_INVALID:
 		return verdict_drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
-	case PARSE_OTHER:
-		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	case PARSE_FRAG_NOT_FOUND:
+		return verdict_drop(skb, DROP_FRAG_NOT_FOUND, METRIC_DIR_INGRESS);
 	case PARSE_L4:
 		break;
 	}
@@ -177,11 +235,19 @@ int to_container(struct __sk_buff *skb)
 		return verdict_pass(skb, METRIC_DIR_INGRESS);
 	}
 
-	/* A new or ongoing inbound connection.
-	 * (Ingress policy will judge new connections here.) */
+	/* A new or ongoing inbound connection. */
 	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_INGRESS);
-	if (ct_upsert(&key, &pkt, 0, 0, 0, skb->ifindex, now) < 0)
-		return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_INGRESS);
+	if (!ct_track_established(&key, &pkt, 0, 0, 0, now)) {
+		if (!hairpin_request(&pkt)) {
+			ep = bpf_map_lookup_elem(&endpoints, &ifindex);
+			reason = policy_verdict(ep, ifindex, POLICY_INGRESS, pkt.saddr, &pkt,
+						pkt.dport);
+			if (reason)
+				return verdict_drop(skb, reason, METRIC_DIR_INGRESS);
+		}
+		if (ct_create(&key, &pkt, 0, 0, 0, ifindex, now) < 0)
+			return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_INGRESS);
+	}
 	return verdict_pass(skb, METRIC_DIR_INGRESS);
 }
 

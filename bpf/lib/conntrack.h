@@ -93,23 +93,25 @@ static __always_inline int ct_create(const struct ct4_key *key, const struct pkt
 	return bpf_map_update_elem(&ct4, key, &entry, BPF_ANY);
 }
 
-/* Accounts @pkt to the entry of @key, creating it on a miss. An existing entry is
- * replaced when it no longer describes this connection: its translation differs, or
- * a pure SYN shows the tuple was reused for a new connection (stale tuples after
- * source port reuse would otherwise be rev-NATed wrongly). */
-static __always_inline int ct_upsert(const struct ct4_key *key, const struct pkt4 *pkt,
-				     __be32 nat_address, __be16 nat_port, __u8 flags,
-				     __u32 ifindex, __u64 now)
+/* Accounts @pkt to the entry of @key if that still describes this connection, and
+ * says whether it did; false means @pkt starts a new connection, to be judged by policy
+ * and recorded with ct_create. An entry no longer describes the connection when its
+ * translation differs, when a pure SYN shows the tuple was reused for a new connection
+ * (stale tuples after source port reuse would otherwise be rev-NATed wrongly), or when
+ * it has outlived its lifetime (an idle flow is judged again, as after Cilium's GC). */
+static __always_inline bool ct_track_established(const struct ct4_key *key, const struct pkt4 *pkt,
+						 __be32 nat_address, __be16 nat_port, __u8 flags,
+						 __u64 now)
 {
 	struct ct4_entry *entry = bpf_map_lookup_elem(&ct4, key);
 
-	if (entry && !tcp_pure_syn(pkt) && entry->nat_address == nat_address &&
-	    entry->nat_port == nat_port &&
-	    (entry->flags & CT_FLAG_LOOPBACK) == (flags & CT_FLAG_LOOPBACK)) {
-		ct_account(entry, pkt, 0, now);
-		return 0;
-	}
-	return ct_create(key, pkt, nat_address, nat_port, flags, ifindex, now);
+	if (!entry || tcp_pure_syn(pkt) || entry->nat_address != nat_address ||
+	    entry->nat_port != nat_port ||
+	    (entry->flags & CT_FLAG_LOOPBACK) != (flags & CT_FLAG_LOOPBACK) ||
+	    ct_expired(entry, pkt->proto, now))
+		return false;
+	ct_account(entry, pkt, 0, now);
+	return true;
 }
 
 #endif

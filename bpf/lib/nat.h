@@ -3,6 +3,7 @@
 #ifndef SLUICE_NAT_H
 #define SLUICE_NAT_H
 
+#include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -17,7 +18,7 @@
 #define IP_SADDR_OFF (ETH_HLEN + __builtin_offsetof(struct iphdr, saddr))
 #define IP_DADDR_OFF (ETH_HLEN + __builtin_offsetof(struct iphdr, daddr))
 
-/* Source and destination ports sit at the same offsets in TCP and UDP. */
+/* Source and destination ports sit at the same offsets in TCP, UDP and SCTP. */
 static __always_inline __u32 l4_sport_off(const struct pkt4 *pkt)
 {
 	return pkt->l4_off + __builtin_offsetof(struct tcphdr, source);
@@ -26,6 +27,15 @@ static __always_inline __u32 l4_sport_off(const struct pkt4 *pkt)
 static __always_inline __u32 l4_dport_off(const struct pkt4 *pkt)
 {
 	return pkt->l4_off + __builtin_offsetof(struct tcphdr, dest);
+}
+
+/* Whether this packet holds a TCP or UDP checksum to update. A later fragment has no
+ * L4 header (its datagram's checksum sits in the first fragment, which was updated by
+ * the same difference). SCTP's CRC32c covers no IP address, and a changed port cannot
+ * be folded into it incrementally: rewrites leave it as it is. */
+static __always_inline bool l4_csum_present(const struct pkt4 *pkt)
+{
+	return !pkt->later_fragment && (pkt->proto == IPPROTO_TCP || pkt->proto == IPPROTO_UDP);
 }
 
 static __always_inline __u32 l4_csum_off(const struct pkt4 *pkt)
@@ -49,7 +59,8 @@ static __always_inline int nat_rewrite_addr(struct __sk_buff *skb, const struct 
 {
 	if (old_addr == new_addr)
 		return 0;
-	if (bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_addr, new_addr,
+	if (l4_csum_present(pkt) &&
+	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_addr, new_addr,
 				BPF_F_PSEUDO_HDR | sizeof(new_addr) | l4_csum_flags(pkt)) < 0)
 		return -1;
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) < 0)
@@ -58,13 +69,14 @@ static __always_inline int nat_rewrite_addr(struct __sk_buff *skb, const struct 
 }
 
 /* Rewrites the port at @off (l4_sport_off or l4_dport_off); ports are not in the
- * pseudo-header. */
+ * pseudo-header. A later fragment has no port to rewrite. */
 static __always_inline int nat_rewrite_port(struct __sk_buff *skb, const struct pkt4 *pkt,
 					    __u32 off, __be16 old_port, __be16 new_port)
 {
-	if (old_port == new_port)
+	if (old_port == new_port || pkt->later_fragment)
 		return 0;
-	if (bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_port, new_port,
+	if (l4_csum_present(pkt) &&
+	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_port, new_port,
 				sizeof(new_port) | l4_csum_flags(pkt)) < 0)
 		return -1;
 	return bpf_skb_store_bytes(skb, off, &new_port, sizeof(new_port), 0);

@@ -1,5 +1,6 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Ethernet + IPv4 + TCP/UDP header parsing with bounds-checked direct packet access. */
+/* Ethernet + IPv4 + TCP/UDP/SCTP/ICMP echo header parsing with bounds-checked direct
+ * packet access; later fragments take their ports from their first fragment (frag.h). */
 #ifndef SLUICE_PARSE_H
 #define SLUICE_PARSE_H
 
@@ -13,6 +14,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "frag.h"
+
 /* Not in the uapi headers (they live in include/net/ip.h). */
 #define IP_MF     0x2000
 #define IP_OFFSET 0x1fff
@@ -24,22 +27,50 @@
 #define TCP_FLAG_ACK 0x10
 #define TCP_FLAGS_OFF 13
 
-/* The headers of an IPv4 TCP/UDP packet, addresses and ports in network order. */
+/* <linux/icmp.h> includes glibc's <sys/socket.h> (through <linux/if.h>), which does
+ * not build for the BPF target, so the values used are repeated here. */
+#define ICMP_ECHOREPLY 0
+#define ICMP_ECHO      8
+
+/* The SCTP common header is 12 bytes; its ports sit where TCP's and UDP's do. */
+#define SCTP_HDR_LEN 12
+
+/* The start of every L4 header with ports (TCP, UDP, SCTP). */
+struct l4_ports {
+	__be16 source;
+	__be16 dest;
+};
+
+/* An ICMP echo request or reply header. */
+struct icmp4_echo {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be16 id;
+	__be16 sequence;
+};
+
+/* The headers of an IPv4 packet of a connection, addresses and ports in network order.
+ * ICMP echo uses its identifier as both ports, so the reversed tuple of a request is
+ * its reply's. */
 struct pkt4 {
 	__be32 saddr;
 	__be32 daddr;
 	__be16 sport;
 	__be16 dport;
 	__u8 proto;
-	__u8 tcp_flags; /* 0 for UDP */
-	__u16 l4_off;   /* from the start of the Ethernet header */
-	__u32 len;      /* skb->len, for counters */
+	__u8 tcp_flags;      /* 0 for other protocols and for later fragments */
+	__u16 l4_off;        /* from the start of the Ethernet header */
+	__u32 len;           /* skb->len, for counters */
+	bool later_fragment; /* no L4 header here: ports came from frag4, nothing L4 to rewrite */
 };
 
 enum parse_result {
-	PARSE_L4,      /* IPv4 TCP/UDP with its ports: pkt is filled in */
-	PARSE_OTHER,   /* not ours to handle (other L3/L4, non-first fragment): pass */
-	PARSE_INVALID, /* malformed: drop */
+	PARSE_L4,             /* a connection's packet: pkt is filled in */
+	PARSE_IPV4,           /* IPv4 with nothing to track (other L4, ICMP errors): addresses filled in */
+	PARSE_NOT_IPV4,       /* ARP, IPv6 and the rest: not ours */
+	PARSE_INVALID,        /* malformed: drop */
+	PARSE_FRAG_NOT_FOUND, /* later fragment whose first fragment was not seen: drop */
 };
 
 /* Makes the first @len bytes reachable by direct packet access. Callers still
@@ -60,16 +91,24 @@ static __always_inline bool tcp_pure_syn(const struct pkt4 *pkt)
 	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
+/* Protocols whose packets are tracked as connections, by ports or echo identifier. */
+static __always_inline bool l4_tracked(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP ||
+	       proto == IPPROTO_ICMP;
+}
+
 static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struct pkt4 *pkt)
 {
 	void *data, *data_end;
 	struct iphdr *ip;
 	__u32 ip_len, tot_len, l4_min;
+	__be16 frag_off, ip_id;
 	__u8 *l4;
 
-	/* skb->protocol comes from the Ethernet header (ARP, IPv6 and others pass). */
+	/* skb->protocol comes from the Ethernet header. */
 	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return PARSE_OTHER;
+		return PARSE_NOT_IPV4;
 	if (!pkt_make_linear(skb, ETH_HLEN + sizeof(struct iphdr)))
 		return PARSE_INVALID;
 
@@ -89,24 +128,34 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 	if (tot_len < ip_len || tot_len > skb->len - ETH_HLEN)
 		return PARSE_INVALID;
 
-	/* Later fragments carry no L4 header; fragment tracking is not implemented yet. */
-	if (ip->frag_off & bpf_htons(IP_OFFSET))
-		return PARSE_OTHER;
-
 	pkt->saddr = ip->saddr;
 	pkt->daddr = ip->daddr;
 	pkt->proto = ip->protocol;
 	pkt->tcp_flags = 0;
 	pkt->l4_off = ETH_HLEN + ip_len;
 	pkt->len = skb->len;
+	pkt->later_fragment = false;
+	frag_off = ip->frag_off;
+	ip_id = ip->id;
+
+	if (!l4_tracked(pkt->proto))
+		return PARSE_IPV4;
+	if (frag_off & bpf_htons(IP_OFFSET)) {
+		if (!frag4_ports_of(pkt->saddr, pkt->daddr, ip_id, pkt->proto, &pkt->sport,
+				    &pkt->dport))
+			return PARSE_FRAG_NOT_FOUND;
+		pkt->later_fragment = true;
+		return PARSE_L4;
+	}
 
 	if (pkt->proto == IPPROTO_TCP)
 		l4_min = sizeof(struct tcphdr);
-	else if (pkt->proto == IPPROTO_UDP)
-		l4_min = sizeof(struct udphdr);
-	else
-		return PARSE_OTHER;
+	else if (pkt->proto == IPPROTO_SCTP)
+		l4_min = SCTP_HDR_LEN;
+	else /* UDP, ICMP */
+		l4_min = 8;
 
+	/* A first fragment too short for the L4 header would hide its ports. */
 	if (tot_len < ip_len + l4_min)
 		return PARSE_INVALID;
 	if (!pkt_make_linear(skb, ETH_HLEN + ip_len + l4_min))
@@ -116,24 +165,36 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	l4 = data + ETH_HLEN + ip_len;
-	if (pkt->proto == IPPROTO_TCP) {
-		struct tcphdr *tcp = (struct tcphdr *)l4;
+	if (pkt->proto == IPPROTO_ICMP) {
+		struct icmp4_echo *icmp = (struct icmp4_echo *)l4;
 
-		if ((void *)(tcp + 1) > data_end)
+		if ((void *)(icmp + 1) > data_end)
 			return PARSE_INVALID;
-		if (tcp->doff < 5 || ip_len + tcp->doff * 4 > tot_len)
-			return PARSE_INVALID;
-		pkt->sport = tcp->source;
-		pkt->dport = tcp->dest;
-		pkt->tcp_flags = l4[TCP_FLAGS_OFF];
+		/* Errors relate to a connection of their own and pass. */
+		if ((icmp->type != ICMP_ECHO && icmp->type != ICMP_ECHOREPLY) || icmp->code != 0)
+			return PARSE_IPV4;
+		pkt->sport = icmp->id;
+		pkt->dport = icmp->id;
 	} else {
-		struct udphdr *udp = (struct udphdr *)l4;
+		struct l4_ports *ports = (struct l4_ports *)l4;
 
-		if ((void *)(udp + 1) > data_end)
+		if ((void *)(ports + 1) > data_end)
 			return PARSE_INVALID;
-		pkt->sport = udp->source;
-		pkt->dport = udp->dest;
+		pkt->sport = ports->source;
+		pkt->dport = ports->dest;
+		if (pkt->proto == IPPROTO_TCP) {
+			struct tcphdr *tcp = (struct tcphdr *)l4;
+
+			if ((void *)(tcp + 1) > data_end)
+				return PARSE_INVALID;
+			if (tcp->doff < 5 || ip_len + tcp->doff * 4 > tot_len)
+				return PARSE_INVALID;
+			pkt->tcp_flags = l4[TCP_FLAGS_OFF];
+		}
 	}
+
+	if (frag_off & bpf_htons(IP_MF))
+		frag4_record(pkt->saddr, pkt->daddr, ip_id, pkt->proto, pkt->sport, pkt->dport);
 	return PARSE_L4;
 }
 

@@ -13,8 +13,7 @@
 #include "nat.h"
 #include "parse.h"
 
-/* <linux/icmp.h> includes glibc's <sys/socket.h> (through <linux/if.h>), which does
- * not build for the BPF target, so the two values are repeated here. */
+/* Not from <linux/icmp.h>, for the reason given in parse.h. */
 #define ICMP_DEST_UNREACH 3
 #define ICMP_PORT_UNREACH 3
 

@@ -582,16 +582,17 @@ fn other_traffic_passes_untouched() {
     let mut fx = Fixture::new();
     fx.add_service(vip(80), IPPROTO_TCP, &[BACKEND_1]);
 
-    // ICMP echo to the VIP, ARP, and a non-first fragment.
+    // ICMP echo to the VIP (not balanced: only ports are), ARP, and an ICMP error.
     let mut icmp = support::ipv4_header(CLIENT, VIP, IPPROTO_ICMP, 8);
     icmp.extend_from_slice(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]);
     let icmp = support::ethernet(POD_MAC, NODE_MAC, &icmp);
     let mut arp = support::ethernet(POD_MAC, [0xff; 6], &[0u8; 28]);
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    let mut fragment = tcp(client(40011), vip(80), TCP_ACK, b"payload");
-    fragment[ETH_HLEN + 6..ETH_HLEN + 8].copy_from_slice(&0x0010u16.to_be_bytes());
+    let mut unreachable = support::ipv4_header(CLIENT, VIP, IPPROTO_ICMP, 8);
+    unreachable.extend_from_slice(&[3, 1, 0xfc, 0xfe, 0, 0, 0, 0]);
+    let unreachable = support::ethernet(POD_MAC, NODE_MAC, &unreachable);
 
-    for packet in [icmp, arp, fragment] {
+    for packet in [icmp, arp, unreachable] {
         for to_container in [false, true] {
             let out = if to_container {
                 fx.run_to_container(&packet)

@@ -1,0 +1,22 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* The security identity of a remote address, from the ipcache. */
+#ifndef SLUICE_IDENTITY_H
+#define SLUICE_IDENTITY_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "common.h"
+#include "maps.h"
+
+/* The identity of the longest ipcache prefix holding @address. The realizer installs
+ * 0.0.0.0/0 as world; a miss (ipcache not written yet) means world too. */
+static __always_inline __u32 ipcache_identity(__be32 address)
+{
+	struct ipcache_key key = { .prefixlen = 32, .address = address };
+	struct ipcache_entry *entry = bpf_map_lookup_elem(&ipcache, &key);
+
+	return entry ? entry->identity : IDENTITY_WORLD;
+}
+
+#endif

@@ -1,0 +1,72 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* The policy verdict on a new connection of a local endpoint. Only new connections are
+ * judged: replies and established flows follow their conntrack entry. */
+#ifndef SLUICE_POLICY_H
+#define SLUICE_POLICY_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+
+#include "common.h"
+#include "identity.h"
+#include "maps.h"
+#include "parse.h"
+
+/* The row of the endpoint's policy map @rows admitting @key: the remote identity's own
+ * row, else the row for any peer. Out of line on purpose: BTF describes the types of
+ * function signatures but not those of locals in inlined code, and user space checks
+ * its mirrors of policy_key and policy_entry against the object's BTF. */
+static __noinline struct policy_entry *policy_row_lookup(void *rows, struct policy_key *key)
+{
+	struct policy_entry *row = bpf_map_lookup_elem(rows, key);
+
+	if (row)
+		return row;
+	key->rule.identity = IDENTITY_ANY;
+	return bpf_map_lookup_elem(rows, key);
+}
+
+/* Judges a new connection of the endpoint on @ifindex (@ep; NULL when the interface
+ * is no known endpoint, which enforces nothing) with the peer @remote on @dport (after
+ * service translation). Returns 0 when allowed, after counting the packet on the
+ * admitting row, or the DROP_* reason. */
+static __always_inline int policy_verdict(const struct endpoint_info *ep, __u32 ifindex,
+					  __u8 direction, __be32 remote, const struct pkt4 *pkt,
+					  __be16 dport)
+{
+	__u32 enforced = direction == POLICY_INGRESS ? ENDPOINT_F_INGRESS_ENFORCED
+						     : ENDPOINT_F_EGRESS_ENFORCED;
+	struct policy_entry *row;
+	struct policy_key key;
+	void *rows;
+
+	if (!ep || !(ep->flags & enforced))
+		return 0;
+	/* Fail closed: a policy that did not fit is not installed, and a map that is
+	 * missing cannot say what is allowed. */
+	if (ep->flags & ENDPOINT_F_POLICY_OVERFLOW)
+		return DROP_POLICY_UNAVAILABLE;
+	rows = bpf_map_lookup_elem(&policy, &ifindex);
+	if (!rows)
+		return DROP_POLICY_UNAVAILABLE;
+
+	key = (struct policy_key){
+		.prefixlen = POLICY_PREFIX_FULL,
+		.rule = {
+			.identity = ipcache_identity(remote),
+			.direction = direction,
+			.proto = pkt->proto,
+			/* ICMP echo has no port: only rows for any protocol match it. */
+			.dport = pkt->proto == IPPROTO_ICMP ? 0 : dport,
+		},
+	};
+	row = policy_row_lookup(rows, &key);
+	if (!row)
+		return DROP_POLICY;
+	__sync_fetch_and_add(&row->packets, 1);
+	__sync_fetch_and_add(&row->bytes, pkt->len);
+	return 0;
+}
+
+#endif
