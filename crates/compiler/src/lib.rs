@@ -141,12 +141,18 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
             .unwrap_or_default();
         compilation.service(&format!("{namespace}/{name}"), service, service_slices);
     }
-    compilation.endpoints(snapshot, node);
+    let local = compilation.endpoints(snapshot, node);
     let Compilation {
         mut state,
-        problems,
+        mut problems,
         ..
     } = compilation;
+    let input = policy::PolicyInput {
+        snapshot,
+        node,
+        endpoints: &local,
+    };
+    policy::compile(&input, &mut state, &mut problems);
     state
         .frontends
         .sort_by_key(|f| (f.address, f.port, f.protocol));
@@ -172,6 +178,44 @@ impl DesiredState {
         for (ifindex, value) in &self.endpoints {
             let _ = writeln!(out, "{} ifindex {ifindex} -> {value}", names::ENDPOINTS);
         }
+        for (ifindex, d) in &self.endpoint_details {
+            let _ = writeln!(
+                out,
+                "endpoint ifindex {ifindex} {}/{} identity={} ingress={} egress={} rows={}{} policies=[{}]",
+                d.namespace,
+                d.pod,
+                d.identity,
+                enforcement(d.ingress_enforced),
+                enforcement(d.egress_enforced),
+                d.policy_rows,
+                if d.overflow { " OVERFLOW" } else { "" },
+                d.policies.join(",")
+            );
+        }
+        let mut ipcache: Vec<_> = self.ipcache.iter().collect();
+        ipcache.sort_by_key(|(k, _)| (k.addr(), k.prefixlen));
+        for (key, value) in ipcache {
+            let _ = writeln!(out, "{} {key} -> {value}", names::IPCACHE);
+        }
+        for identity in self.identities.values() {
+            let _ = writeln!(
+                out,
+                "identity {} {}",
+                identity.id,
+                identity.labels.join(",")
+            );
+        }
+        for (ifindex, policy) in &self.policies {
+            for (row, origins) in &policy.rows {
+                let origins: Vec<&str> = origins.iter().map(String::as_str).collect();
+                let _ = writeln!(
+                    out,
+                    "{} ifindex {ifindex} {row} <- {}",
+                    names::POLICY,
+                    origins.join(",")
+                );
+            }
+        }
         for interface in &self.interfaces {
             let _ = writeln!(out, "interface {interface}");
         }
@@ -180,6 +224,10 @@ impl DesiredState {
         }
         out
     }
+}
+
+fn enforcement(enforced: bool) -> &'static str {
+    if enforced { "enforced" } else { "open" }
 }
 
 fn namespace_of(namespace: Option<&String>) -> &str {
@@ -397,8 +445,19 @@ impl Compilation {
         });
     }
 
-    fn endpoints(&mut self, snapshot: &Snapshot, node: &NodeContext) {
-        let mut endpoints: Vec<&LocalEndpoint> = snapshot.endpoints_on(&node.node).collect();
+    /// Fills the endpoints map (policy adds identities and flags) and returns the
+    /// endpoints that got an interface, by ifindex.
+    fn endpoints<'a>(
+        &mut self,
+        snapshot: &'a Snapshot,
+        node: &NodeContext,
+    ) -> BTreeMap<u32, &'a LocalEndpoint> {
+        let mut local = BTreeMap::new();
+        let mut endpoints: Vec<&LocalEndpoint> = snapshot
+            .endpoints
+            .iter()
+            .filter(|e| e.node == node.node)
+            .collect();
         // Sorted so that which of two endpoints claiming one interface wins is order-independent.
         endpoints.sort_by(|a, b| {
             (&a.interface, a.ipv4, &a.namespace, &a.pod).cmp(&(
@@ -430,7 +489,9 @@ impl Compilation {
                 .endpoints
                 .insert(ifindex, EndpointInfo::new(endpoint.ipv4, 0));
             self.state.interfaces.insert(endpoint.interface.clone());
+            local.insert(ifindex, endpoint);
         }
+        local
     }
 }
 
@@ -504,6 +565,10 @@ fn slice_port<'a>(slice: &'a EndpointSlice, name: &str, proto: u8) -> Option<&'a
             && protocol_number(p.protocol.as_ref()) == Some(proto)
     })
 }
+
+mod identity;
+mod policy;
+mod selector;
 
 #[cfg(test)]
 mod tests;

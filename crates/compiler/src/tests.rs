@@ -111,6 +111,7 @@ fn odd_input_is_skipped_and_reported() {
     assert_eq!(
         state.problems,
         [
+            "endpoint default/a: no Pod object: treated as a pod without labels",
             "endpoint default/b: interface lxc1 (ifindex 11) already belongs to endpoint default/a: skipped",
             "endpoint default/c: interface lxc9 not found on node node-a: skipped",
             "endpointslice default/web-1 port \"huge\": no usable port number (Some(70000)): skipped",
@@ -139,7 +140,12 @@ lb4_services 10.96.0.10:80/TCP slot 1 -> backend=10.244.1.5:8080
 lb4_services 10.96.0.10:81/TCP slot 0 -> count=0 flags=0x01
 lb4_services 10.96.0.10:82/TCP slot 0 -> count=0 flags=0x01
 lb4_backends 10.244.1.5:8080/TCP -> active
-endpoints ifindex 11 -> ipv4=10.244.1.5 identity=0 flags=0x0
+endpoints ifindex 11 -> ipv4=10.244.1.5 identity=19487 flags=0x0
+endpoint ifindex 11 default/a identity=19487 ingress=open egress=open rows=0 policies=[]
+ipcache 0.0.0.0/0 -> identity=2
+ipcache 10.244.1.5/32 -> identity=19487
+identity 2 reserved:world
+identity 19487 k8s:io.kubernetes.pod.namespace=default
 interface lxc1
 "
         .to_string()

@@ -31,6 +31,19 @@ struct TestNode {
     interfaces: BTreeMap<String, u32>,
     #[serde(default)]
     endpoints: Vec<TestEndpoint>,
+    /// Rows one endpoint's policy map holds (NodeContext::policy_map_max).
+    #[serde(default, rename = "policyMapMax")]
+    policy_map_max: Option<u32>,
+    /// Nodes of the cluster with their addresses (this one included, by name).
+    #[serde(default)]
+    nodes: Vec<TestClusterNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestClusterNode {
+    name: String,
+    addresses: Vec<Ipv4Addr>,
 }
 
 #[derive(Deserialize)]
@@ -104,15 +117,35 @@ fn load_case(dir: &Path) -> Case {
             ipv4: e.ipv4,
         })
         .collect();
+    snapshot.nodes = header
+        .nodes
+        .iter()
+        .map(|n| {
+            let addresses: Vec<serde_json::Value> = n
+                .addresses
+                .iter()
+                .map(|a| serde_json::json!({"type": "InternalIP", "address": a.to_string()}))
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": n.name},
+                "status": {"addresses": addresses},
+            }))
+            .unwrap_or_else(|e| panic!("{name}: node {}: {e}", n.name))
+        })
+        .collect();
+    let mut node = NodeContext {
+        node: header.name,
+        interfaces: header.interfaces,
+        ..NodeContext::default()
+    };
+    if let Some(max) = header.policy_map_max {
+        node.policy_map_max = max;
+    }
     Case {
         name,
         dir: dir.to_path_buf(),
         snapshot,
-        node: NodeContext {
-            node: header.name,
-            interfaces: header.interfaces,
-            ..NodeContext::default()
-        },
+        node,
     }
 }
 
@@ -179,6 +212,27 @@ fn shuffle_snapshot(rng: &mut fastrand::Rng, snapshot: &mut Snapshot) {
     rng.shuffle(&mut snapshot.endpoint_slices);
     rng.shuffle(&mut snapshot.network_policies);
     rng.shuffle(&mut snapshot.endpoints);
+    rng.shuffle(&mut snapshot.nodes);
+    // Nor does the order of a policy's rules, peers and ports.
+    for policy in &mut snapshot.network_policies {
+        let Some(spec) = &mut policy.spec else {
+            continue;
+        };
+        for rule in spec.ingress.iter_mut().flatten() {
+            rule.from.iter_mut().for_each(|v| rng.shuffle(v));
+            rule.ports.iter_mut().for_each(|v| rng.shuffle(v));
+        }
+        if let Some(rules) = &mut spec.ingress {
+            rng.shuffle(rules);
+        }
+        for rule in spec.egress.iter_mut().flatten() {
+            rule.to.iter_mut().for_each(|v| rng.shuffle(v));
+            rule.ports.iter_mut().for_each(|v| rng.shuffle(v));
+        }
+        if let Some(rules) = &mut spec.egress {
+            rng.shuffle(rules);
+        }
+    }
     // Within a slice, the order of endpoints and ports carries no meaning either.
     for slice in &mut snapshot.endpoint_slices {
         rng.shuffle(&mut slice.endpoints);
