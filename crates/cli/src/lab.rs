@@ -1,13 +1,15 @@
 //! `sluice lab ...`: thin glue from the command line to the `sluice-lab` library.
 
 use std::{
+    collections::BTreeMap,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
-use sluice_lab::{Lab, LabBinaries, LabOptions};
+use sluice_lab::{Lab, LabBinaries, LabOptions, ProbeOptions, ProbeRequest, Protocol, Via};
 
 use crate::{Output, print_json, table};
 
@@ -31,13 +33,17 @@ pub enum LabCommand {
     },
     /// List pods, services or endpoints.
     Get { what: Resource },
-    /// Run a command inside a pod's network namespace: lab exec ns/pod -- curl ...
+    /// Run a command inside a pod's or a world host's network namespace: lab exec ns/pod -- curl ...
     Exec {
-        /// `namespace/pod`, or `pod` in the default namespace.
+        /// `namespace/pod`, `pod` in the default namespace, or `world/<host>`.
         pod: String,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Reachability between pods (and world hosts) with real connections: a truth table per
+    /// port and protocol (`.` allowed, `X` denied), or with --from/--to one probe whose exit
+    /// status is the verdict (0 connected, 1 denied, 2 usage or lab error).
+    Probe(ProbeArgs),
     /// Stop every agent and pod and remove every namespace, pin and file of the lab.
     Down,
     /// Labs that exist on this machine.
@@ -58,6 +64,58 @@ pub enum LabCommand {
     },
 }
 
+#[derive(clap::Args)]
+pub struct ProbeArgs {
+    /// Only pods of this namespace (repeatable; default: all).
+    #[arg(short = 'n', long = "namespace", conflicts_with = "from")]
+    namespaces: Vec<String>,
+    /// Only pods with these labels: `k=v,k2=v2`.
+    #[arg(short = 'l', long, conflicts_with = "from")]
+    selector: Option<String>,
+    /// The lab's world hosts too, as sources and destinations.
+    #[arg(long, conflicts_with = "from")]
+    world: bool,
+    /// Port to probe (repeatable).
+    #[arg(long = "port", required = true)]
+    ports: Vec<u16>,
+    /// TCP, UDP or SCTP (repeatable; default TCP).
+    #[arg(long = "protocol", default_value = "TCP")]
+    protocols: Vec<Protocol>,
+    /// Connect to each destination pod's IP, or to the ClusterIP of a Service whose only
+    /// ready endpoint is that pod and that has the probed port.
+    #[arg(long, value_enum, default_value_t = ViaArg::PodIp)]
+    via: ViaArg,
+    /// Per probe: `1s`, `500ms`, or seconds.
+    #[arg(long, default_value = "1s", value_parser = parse_timeout)]
+    timeout: Duration,
+    /// Single probe from `namespace/pod` or `world/<host>`.
+    #[arg(long, requires = "to")]
+    from: Option<String>,
+    /// Single probe to `namespace/pod`, `world/<host>` or an IPv4 address.
+    #[arg(long, requires = "from")]
+    to: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ViaArg {
+    PodIp,
+    Service,
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else {
+        (text.strip_suffix('s').unwrap_or(text), 1.0)
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .and_then(|n| Duration::try_from_secs_f64(n * scale).ok())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a timeout like 1s, 500ms or 0.5"))
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Resource {
     #[value(alias = "pod", alias = "po")]
@@ -66,6 +124,9 @@ pub enum Resource {
     Services,
     #[value(alias = "endpoint", alias = "ep")]
     Endpoints,
+    /// Hosts outside the cluster, from the lab file.
+    #[value(alias = "world-hosts")]
+    World,
 }
 
 fn options() -> anyhow::Result<LabOptions> {
@@ -113,9 +174,18 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
                 format!("default/{pod}")
             };
             let (program, args) = command.split_first().context("no command given")?;
-            let err = lab.pod_command(&pod, program)?.args(args).exec();
+            let err = lab.command_in(&pod, program)?.args(args).exec();
             bail!("exec {program} in {pod}: {err}");
         }
+        LabCommand::Probe(args) => match probe(name, &opts, args, output) {
+            Ok(true) => {}
+            Ok(false) => std::process::exit(1),
+            // Exit status 1 means "denied", so errors take 2, as clap's usage errors do.
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                std::process::exit(2);
+            }
+        },
         LabCommand::Down => {
             Lab::down(name, &opts)?;
             println!("lab {name} is down");
@@ -138,6 +208,65 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
     Ok(())
 }
 
+/// Runs the probe or the matrix and prints it; false for a single probe that was denied.
+fn probe(name: &str, opts: &LabOptions, args: &ProbeArgs, output: Output) -> anyhow::Result<bool> {
+    let lab = Lab::open(name, opts)?;
+    let options = ProbeOptions {
+        via: match args.via {
+            ViaArg::PodIp => Via::PodIp,
+            ViaArg::Service => Via::Service,
+        },
+        timeout: args.timeout,
+    };
+    if let (Some(from), Some(to)) = (&args.from, &args.to) {
+        let ([port], [protocol]) = (&args.ports[..], &args.protocols[..]) else {
+            bail!("a single probe (--from/--to) takes one --port and one --protocol");
+        };
+        let p = lab.probe_one(from, to, *port, *protocol, &options)?;
+        if output == Output::Json {
+            print_json(&p)?;
+        } else {
+            println!(
+                "{} -> {} ({}:{}/{}): {} ({})",
+                p.from,
+                p.to,
+                p.address,
+                p.port,
+                p.protocol,
+                if p.allowed { "allowed" } else { "denied" },
+                p.detail
+            );
+        }
+        return Ok(p.allowed);
+    }
+    let selector = match &args.selector {
+        None => BTreeMap::new(),
+        Some(text) => text
+            .split(',')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .with_context(|| format!("--selector: {kv:?} is not key=value"))
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let matrix = lab.probe(&ProbeRequest {
+        namespaces: args.namespaces.clone(),
+        selector,
+        world: args.world,
+        ports: args.ports.clone(),
+        protocols: args.protocols.clone(),
+        options,
+    })?;
+    if output == Output::Json {
+        print_json(&matrix)?;
+    } else {
+        print!("{}", matrix.render());
+    }
+    Ok(true)
+}
+
 fn report(r: sluice_lab::ApplyReport) {
     for line in &r.lines {
         println!("{line}");
@@ -154,6 +283,16 @@ fn get(lab: &Lab, what: Resource, output: Output) -> anyhow::Result<()> {
         (Resource::Pods, Output::Json) => print_json(&lab.pods()),
         (Resource::Services, Output::Json) => print_json(&lab.services()),
         (Resource::Endpoints, Output::Json) => print_json(&lab.endpoints()),
+        (Resource::World, Output::Json) => print_json(&lab.world_hosts()),
+        (Resource::World, Output::Table) => {
+            let rows: Vec<_> = lab
+                .world_hosts()
+                .into_iter()
+                .map(|w| vec![w.name, w.address.to_string(), w.node, w.ports])
+                .collect();
+            table::print(&["NAME", "ADDRESS", "NODE", "PORT(S)"], &rows);
+            Ok(())
+        }
         (Resource::Pods, Output::Table) => {
             let rows: Vec<_> = lab
                 .pods()

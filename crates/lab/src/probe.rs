@@ -140,7 +140,7 @@ pub struct Probe {
     pub port: u16,
     pub protocol: Protocol,
     pub allowed: bool,
-    /// `echoed`, `timed out`, `refused`, `reset`, ...
+    /// `echoed`, `timed out`, `refused`, `reset`, `unreachable`, ...
     pub detail: String,
 }
 
@@ -389,11 +389,13 @@ impl Lab {
         }
         let (namespace, name) = text.split_once('/').unwrap_or(("default", text));
         let k = key(namespace, name);
-        let record = self
-            .state
-            .pods
-            .get(&k)
-            .ok_or_else(|| LabError::PodNotFound(k.clone()))?;
+        let record = self.state.pods.get(&k).ok_or_else(|| {
+            if text.starts_with(WORLD_PREFIX) {
+                LabError::Probe(format!("no world host {name} (and no pod {k}) in the lab"))
+            } else {
+                LabError::PodNotFound(k.clone())
+            }
+        })?;
         Ok(Peer {
             name: k.clone(),
             netns: record.netns.clone(),
@@ -571,6 +573,7 @@ fn describe(e: &std::io::Error) -> String {
         ErrorKind::TimedOut | ErrorKind::WouldBlock => "timed out".into(),
         ErrorKind::ConnectionRefused => "refused".into(),
         ErrorKind::ConnectionReset => "reset".into(),
+        ErrorKind::NetworkUnreachable | ErrorKind::HostUnreachable => "unreachable".into(),
         _ => e.to_string(),
     }
 }

@@ -15,7 +15,9 @@ use std::{
     time::Duration,
 };
 
-use sluice_lab::{Lab, LabBinaries, LabError, LabOptions};
+use sluice_lab::{
+    Lab, LabBinaries, LabError, LabOptions, ProbeOptions, ProbeRequest, Protocol, Via,
+};
 use sluice_store::Snapshot;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -48,6 +50,20 @@ fn sluice_bin() -> PathBuf {
     assert!(
         path.exists(),
         "{} not found: run `cargo build --bins` first (or set SLUICE_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// The real agent, built like the `sluice` binary (SLUICE_AGENT_BIN in scripts/test.sh).
+fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("SLUICE_AGENT_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/sluice-agent"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --bins` first (or set SLUICE_AGENT_BIN)",
         path.display()
     );
     path
@@ -95,8 +111,27 @@ impl TestLab {
         Self::start(name, tmp, opts)
     }
 
+    /// Bare routing, from another lab file.
+    fn up_from(name: &str, lab_file: &str) -> Self {
+        let tmp = test_dir(name);
+        let opts = options(&tmp);
+        Self::start_from(name, tmp, opts, lab_file)
+    }
+
+    /// With the real sluice-agent on every node: the dataplane that makes ClusterIPs work.
+    fn up_with_agent(name: &str, lab_file: &str) -> Self {
+        let tmp = test_dir(name);
+        let mut opts = options(&tmp);
+        opts.binaries.agent = Some(agent_bin());
+        Self::start_from(name, tmp, opts, lab_file)
+    }
+
     fn start(name: &str, tmp: PathBuf, opts: LabOptions) -> Self {
-        let lab = match Lab::up(name, &examples().join("lab.yaml"), &opts) {
+        Self::start_from(name, tmp, opts, "lab.yaml")
+    }
+
+    fn start_from(name: &str, tmp: PathBuf, opts: LabOptions, lab_file: &str) -> Self {
+        let lab = match Lab::up(name, &examples().join(lab_file), &opts) {
             Ok(lab) => lab,
             Err(e) => {
                 let _ = Lab::down(name, &opts);
@@ -744,4 +779,377 @@ fn up_fails_with_the_log_of_an_agent_that_exits_and_leaves_nothing() {
     );
     assert!(netns_of(&name).is_empty());
     assert!(!opts.state_root.join(&name).exists());
+}
+
+const WORLD_ADDRESS: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+
+fn pod_ip(lab: &Lab, name: &str) -> Ipv4Addr {
+    lab.pods()
+        .into_iter()
+        .find(|p| p.name == name)
+        .and_then(|p| p.ip)
+        .unwrap()
+}
+
+/// The conformance model's shape, in one namespace: pods a, b, c with their own Services.
+fn probe_pods() -> PathBuf {
+    examples().join("probe-pods.yaml")
+}
+
+fn all_ports() -> ProbeRequest {
+    ProbeRequest {
+        ports: vec![80, 81],
+        protocols: vec![Protocol::Tcp, Protocol::Udp],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn world_hosts_reach_pods_and_pods_reach_them() {
+    let mut t = TestLab::up_from(&unique("lw"), "lab-world.yaml");
+    let world_netns = format!("sluice-{}-world-internet", t.name);
+    assert!(netns_list().contains(&world_netns));
+    let hosts = t.lab.world_hosts();
+    assert_eq!(hosts.len(), 1);
+    assert_eq!(
+        (
+            hosts[0].name.as_str(),
+            hosts[0].address,
+            hosts[0].node.as_str(),
+            hosts[0].ports.as_str(),
+            hosts[0].netns.as_str()
+        ),
+        (
+            "internet",
+            WORLD_ADDRESS,
+            "node-1",
+            "80/TCP,81/TCP,80/UDP,81/UDP",
+            world_netns.as_str()
+        )
+    );
+    assert_eq!(t.lab.netns_of("world/internet").unwrap(), world_netns);
+    let server_pids = pids_in(&world_netns);
+    assert_eq!(server_pids.len(), 1, "one server in the world host");
+
+    t.apply(&[examples().join("client.yaml"), probe_pods()]);
+    // Pod to world: the world host's server answers HTTP with its name.
+    assert_eq!(
+        t.curl("default/client", &format!("http://{WORLD_ADDRESS}/"))
+            .unwrap(),
+        "internet\n"
+    );
+    // World to pod, through `lab exec world/internet`'s way into the namespace.
+    let a = pod_ip(&t.lab, "a");
+    let out = t
+        .lab
+        .command_in("world/internet", "curl")
+        .unwrap()
+        .args(["-sS", "--max-time", "3", &format!("http://{a}:81/")])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "a\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The world host's source address is its own: it is outside the cluster, not NATed.
+    let seen = in_netns(&world_netns, move || {
+        let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        udp.connect(SocketAddr::from((a, 80))).unwrap();
+        udp.send(b"hostname").unwrap();
+        let mut buf = [0u8; 64];
+        let n = udp.recv(&mut buf).unwrap();
+        (
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+            udp.local_addr().unwrap(),
+        )
+    });
+    assert_eq!(seen.0, "a");
+    assert_eq!(seen.1.ip(), std::net::IpAddr::V4(WORLD_ADDRESS));
+    // Both probe directions through the library.
+    let options = ProbeOptions::default();
+    for (from, to) in [
+        ("default/a", "world/internet"),
+        ("world/internet", "default/a"),
+    ] {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let p = t.lab.probe_one(from, to, 80, protocol, &options).unwrap();
+            assert!(p.allowed, "{p:?}");
+        }
+    }
+
+    // `lab down` takes the world host and its server too.
+    Lab::down(&t.name, &t.opts).unwrap();
+    assert!(!netns_list().contains(&world_netns));
+    for pid in server_pids {
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        for _ in 0..100 {
+            if !proc.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!proc.exists(), "world server {pid} is gone");
+    }
+}
+
+#[test]
+fn a_pod_may_not_take_a_world_hosts_namespace_name() {
+    let mut t = TestLab::up_from(&unique("ln"), "lab-world.yaml");
+    let clash = "apiVersion: v1\nkind: Namespace\nmetadata: {name: world}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: internet, namespace: world}\nspec: {containers: [{name: c, image: x}]}\n";
+    let err = t
+        .lab
+        .apply(&[t.write("clash.yaml", clash)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is taken by another pod, a node or a world host"),
+        "{err}"
+    );
+}
+
+#[test]
+fn probe_matrix_without_policy_is_all_allowed() {
+    let mut t = TestLab::up_from(&unique("lp"), "lab-world.yaml");
+    t.apply(&[probe_pods(), examples().join("client.yaml")]);
+    let started = std::time::Instant::now();
+    let mut request = all_ports();
+    request.selector = [("pod".to_string(), "b".to_string())].into();
+    let only_b = t.lab.probe(&request).unwrap();
+    assert_eq!(only_b.sources, ["default/b"]);
+
+    let request = ProbeRequest {
+        namespaces: vec!["default".into()],
+        world: true,
+        ..all_ports()
+    };
+    let matrix = t.lab.probe(&request).unwrap();
+    eprintln!(
+        "{} probes in {:?}\n{}",
+        matrix.probes.len(),
+        started.elapsed(),
+        matrix.render()
+    );
+    let peers = [
+        "default/a",
+        "default/b",
+        "default/c",
+        "default/client",
+        "world/internet",
+    ];
+    assert_eq!(matrix.sources, peers);
+    assert_eq!(matrix.destinations, peers);
+    // The client pod serves no port: every probe to it is refused, as upstream's X.
+    for p in &matrix.probes {
+        assert_eq!(p.allowed, p.to != "default/client", "{p:?}");
+    }
+    assert_eq!(matrix.probes.len(), 5 * 5 * 4);
+    let text = matrix.render();
+    assert!(
+        text.starts_with("80/TCP via pod-ip: 20 of 25 allowed\n"),
+        "{text}"
+    );
+    assert_eq!(
+        matrix.allowed("world/internet", "default/c", 81, Protocol::Udp),
+        Some(true)
+    );
+    let a = matrix.probes.iter().find(|p| p.to == "default/a").unwrap();
+    assert_eq!(a.address, pod_ip(&t.lab, "a"));
+    assert_eq!(a.detail, "echoed");
+    let refused = matrix
+        .probes
+        .iter()
+        .find(|p| p.to == "default/client" && p.protocol == Protocol::Tcp)
+        .unwrap();
+    assert_eq!(refused.detail, "refused");
+    // Denied probes end at the timeout, and run in parallel: 20 of them in about one.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let err = t
+        .lab
+        .probe(&ProbeRequest {
+            protocols: vec![Protocol::Sctp],
+            ..all_ports()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot probe SCTP"), "{err}");
+    let err = t
+        .lab
+        .probe(&ProbeRequest {
+            namespaces: vec!["nowhere".into()],
+            ..all_ports()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no ready pod matches"), "{err}");
+}
+
+#[test]
+fn single_probe_answers_with_its_exit_status() {
+    let mut t = TestLab::up_from(&unique("lo"), "lab-world.yaml");
+    t.apply(&[probe_pods()]);
+    let probe = |args: &[&str]| {
+        let out = Command::new(sluice_bin())
+            .env("SLUICE_LAB_STATE", &t.opts.state_root)
+            .args(["--lab", &t.name, "lab", "probe", "--timeout", "300ms"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = probe(&["--from", "default/a", "--to", "default/b", "--port", "80"]);
+    assert_eq!(code, Some(0), "{text}");
+    let b = pod_ip(&t.lab, "b");
+    assert_eq!(
+        text,
+        format!("default/a -> default/b ({b}:80/TCP): allowed (echoed)\n")
+    );
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &[
+                "--from",
+                "a",
+                "--to",
+                "world/internet",
+                "--port",
+                "81",
+                "--protocol",
+                "UDP",
+            ],
+            0,
+            "allowed",
+        ),
+        (
+            &["--from", "world/internet", "--to", "c", "--port", "80"],
+            0,
+            "allowed",
+        ),
+        // Nothing listens on 82: refused, the verdict is "denied".
+        (
+            &["--from", "a", "--to", "b", "--port", "82"],
+            1,
+            "denied (refused)",
+        ),
+        // No node routes it (the lab has no way out).
+        (
+            &["--from", "a", "--to", "203.0.113.99", "--port", "80"],
+            1,
+            "denied (unreachable)",
+        ),
+        (
+            &["--from", "a", "--to", "nobody", "--port", "80"],
+            2,
+            "no pod default/nobody",
+        ),
+        (
+            &["--from", "world/nope", "--to", "a", "--port", "80"],
+            2,
+            "no world host nope",
+        ),
+        (
+            &[
+                "--from",
+                "a",
+                "--to",
+                "b",
+                "--port",
+                "80",
+                "--protocol",
+                "SCTP",
+            ],
+            2,
+            "cannot probe SCTP",
+        ),
+        (
+            &["--from", "a", "--to", "b", "--port", "80", "--port", "81"],
+            2,
+            "one --port",
+        ),
+        (&["--from", "a", "--port", "80"], 2, "--to"),
+    ];
+    for (args, want, says) in cases {
+        let (code, text) = probe(args);
+        assert_eq!(code, Some(*want), "{args:?}: {text}");
+        assert!(text.contains(says), "{args:?}: {text}");
+    }
+    let (code, text) = probe(&["--from", "a", "--to", "c", "--port", "81", "-o", "json"]);
+    assert_eq!(code, Some(0), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["allowed"], true);
+    assert_eq!(json["protocol"], "TCP");
+    assert_eq!(json["to"], "default/c");
+    // The matrix through the CLI, as JSON: every probe with its verdict.
+    let (code, text) = probe(&["--port", "80", "-l", "pod=a", "-o", "json"]);
+    assert_eq!(code, Some(0), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(json["probes"].as_array().unwrap().len(), 1);
+    assert_eq!(json["probes"][0]["from"], "default/a");
+    assert_eq!(json["probes"][0]["allowed"], true);
+}
+
+#[test]
+fn probes_via_service_reach_each_pods_own_cluster_ip() {
+    let mut t = TestLab::up_with_agent(&unique("lv"), "lab-world.yaml");
+    t.apply(&[probe_pods()]);
+    let services: std::collections::BTreeMap<String, Ipv4Addr> = t
+        .lab
+        .services()
+        .into_iter()
+        .map(|s| (s.name, s.cluster_ip.parse().unwrap()))
+        .collect();
+    let request = ProbeRequest {
+        options: ProbeOptions {
+            via: Via::Service,
+            ..Default::default()
+        },
+        ..all_ports()
+    };
+    let matrix = t.lab.probe(&request).unwrap();
+    eprintln!("{}", matrix.render());
+    assert_eq!(matrix.probes.len(), 3 * 3 * 4);
+    for p in &matrix.probes {
+        let pod = p.to.trim_start_matches("default/");
+        assert_eq!(p.address, services[&format!("s-{pod}")], "{p:?}");
+        assert!(p.allowed, "{p:?}");
+    }
+    let p = t
+        .lab
+        .probe_one("a", "default/b", 81, Protocol::Udp, &request.options)
+        .unwrap();
+    assert!(p.allowed && p.address == services["s-b"], "{p:?}");
+
+    // A Service over two pods names neither; a pod without a Service of its own cannot be
+    // probed by ClusterIP, and the error says why.
+    let both = "apiVersion: v1\nkind: Pod\nmetadata: {name: d, labels: {app: pair}}\nspec: {containers: [{name: c, image: x, ports: [{containerPort: 80}]}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: e, labels: {app: pair}}\nspec: {containers: [{name: c, image: x, ports: [{containerPort: 80}]}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: pair}\nspec:\n  selector: {app: pair}\n  ports: [{port: 80}]\n";
+    t.apply(&[t.write("pair.yaml", both)]);
+    let err = t
+        .lab
+        .probe_one("a", "d", 80, Protocol::Tcp, &request.options)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "no Service in default has exactly default/d as its ready endpoint and a port 80/TCP"
+        ),
+        "{err}"
+    );
+    // A port the pod's Service does not have.
+    let err = t
+        .lab
+        .probe_one("a", "b", 82, Protocol::Tcp, &request.options)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("a port 82/TCP"), "{err}");
 }
