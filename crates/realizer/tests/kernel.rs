@@ -1,5 +1,7 @@
 //! The realizer against a real loaded datapath: ipcache and per-endpoint policy maps
 //! (needs root and bpffs; never skipped).
+// Test helpers outside #[test] functions: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     collections::BTreeSet,
