@@ -14,8 +14,9 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
 use sluice_common::{
-    BACKEND_STATE_ACTIVE, IPPROTO_TCP, IPPROTO_UDP, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
-    PolicyEntry, PolicyKey, PolicyMatch, SVC_FLAG_CLUSTER_IP, SVC_FLAG_WILDCARD,
+    BACKEND_STATE_ACTIVE, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Lb4Backend, Lb4BackendKey,
+    Lb4Key, Lb4Service, PolicyEntry, PolicyKey, PolicyMatch, SVC_FLAG_CLUSTER_IP,
+    SVC_FLAG_WILDCARD,
 };
 use sluice_datapath::{
     Datapath, DatapathConfig, PinnedMaps, PolicyMap, create_policy_map, remove_pins,
@@ -205,6 +206,76 @@ pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     };
     l4[6..8].copy_from_slice(&sum.to_be_bytes());
     frame(src, dst, IPPROTO_UDP, &l4)
+}
+
+/// An Ethernet frame from the pod to the node with an SCTP common header (verification
+/// tag 1, a fixed CRC32c field the datapath must leave alone) and `chunks`.
+pub fn sctp(src: SocketAddrV4, dst: SocketAddrV4, chunks: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![0u8; 12];
+    l4[0..2].copy_from_slice(&src.port().to_be_bytes());
+    l4[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    l4[4..8].copy_from_slice(&1u32.to_be_bytes());
+    l4[8..12].copy_from_slice(&0x5c7f_0a11u32.to_be_bytes());
+    l4.extend_from_slice(chunks);
+    frame(src, dst, IPPROTO_SCTP, &l4)
+}
+
+pub const ICMP_ECHO: u8 = 8;
+pub const ICMP_ECHOREPLY: u8 = 0;
+
+/// An Ethernet frame with an ICMP echo request or reply (`kind`) and a valid checksum.
+pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, id: u16, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = vec![kind, 0, 0, 0];
+    l4.extend_from_slice(&id.to_be_bytes());
+    l4.extend_from_slice(&1u16.to_be_bytes());
+    l4.extend_from_slice(payload);
+    let sum = checksum(&l4);
+    l4[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = ipv4_header(src, dst, IPPROTO_ICMP, l4.len());
+    ip.extend_from_slice(&l4);
+    ethernet(POD_MAC, NODE_MAC, &ip)
+}
+
+/// Splits the IPv4 datagram in `frame` (no IP options) into a first fragment carrying
+/// `first` bytes of it (a multiple of 8) and a later fragment with the rest, both with
+/// valid IP header checksums.
+pub fn fragment(frame: &[u8], first: usize) -> [Vec<u8>; 2] {
+    assert_eq!(first % 8, 0, "fragment offsets count 8-byte units");
+    let ip = &frame[ETH_HLEN..];
+    let (head, l4) = ip.split_at(20);
+    let piece = |flags_offset: u16, data: &[u8]| {
+        let mut header = head.to_vec();
+        header[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        header[6..8].copy_from_slice(&flags_offset.to_be_bytes());
+        header[10..12].fill(0);
+        let sum = checksum(&header);
+        header[10..12].copy_from_slice(&sum.to_be_bytes());
+        header.extend_from_slice(data);
+        let mut out = frame[..ETH_HLEN].to_vec();
+        out.extend_from_slice(&header);
+        out
+    };
+    let more_fragments = 0x2000;
+    [
+        piece(more_fragments, &l4[..first]),
+        piece((first / 8) as u16, &l4[first..]),
+    ]
+}
+
+/// Whether the IP header checksum of `frame` is right.
+pub fn ip_checksum_ok(frame: &[u8]) -> bool {
+    checksum(&frame[ETH_HLEN..ETH_HLEN + 20]) == 0
+}
+
+/// Whether `l4` (a whole TCP/UDP segment, e.g. reassembled from fragments) carries the
+/// right checksum for the addresses.
+pub fn l4_checksum_ok(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> bool {
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    fold(sum16(l4, sum16(&pseudo, 0))) == 0
 }
 
 fn frame(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, l4: &[u8]) -> Vec<u8> {
