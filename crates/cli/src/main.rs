@@ -257,10 +257,17 @@ fn verify(client: &Client, repair: bool, output: Output) -> anyhow::Result<()> {
         client.call(Method::Verify, serde_json::json!({ "repair": repair }))?;
     if output == Output::Json {
         print_json(&report)?;
-    } else if report.drift.is_empty() {
+    } else if report.drift.is_empty() && report.fails_closed.is_empty() {
         println!(
             "generation {}: every map matches the desired state",
             report.generation
+        );
+    } else if report.drift.is_empty() {
+        println!(
+            "generation {}: every map matches the desired state, but {} endpoint(s) fail \
+             closed: their policy does not fit the policy map (raise --policy-map-max)",
+            report.generation,
+            report.fails_closed.len()
         );
     } else {
         let rows: Vec<_> = report
