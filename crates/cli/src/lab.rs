@@ -182,7 +182,7 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
             Ok(false) => std::process::exit(1),
             // Exit status 1 means "denied", so errors take 2, as clap's usage errors do.
             Err(e) => {
-                eprintln!("Error: {e:#}");
+                eprintln!("Error: {e}");
                 std::process::exit(2);
             }
         },

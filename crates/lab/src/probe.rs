@@ -85,7 +85,9 @@ pub enum Via {
     PodIp,
     /// The ClusterIP of a Service whose ready endpoints are exactly that pod and that has a
     /// port numbered as the probed port with the probed protocol (the conformance model
-    /// makes one such Service per pod). World hosts are always probed at their address.
+    /// makes one such Service per pod). World hosts are always probed at their address;
+    /// a world host probing a ClusterIP is denied, as outside a real cluster: only the pods'
+    /// own interfaces translate ClusterIPs.
     Service,
 }
 

@@ -1153,3 +1153,49 @@ fn probes_via_service_reach_each_pods_own_cluster_ip() {
         .to_string();
     assert!(err.contains("a port 82/TCP"), "{err}");
 }
+
+#[test]
+fn probes_see_an_ipblock_policy_toward_a_world_host() {
+    let mut t = TestLab::up_with_agent(&unique("lk"), "lab-world.yaml");
+    t.apply(&[probe_pods()]);
+    // b may only reach the world's /24, and only on 81; a admits only pods.
+    let policy = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-to-world-81}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 203.0.113.0/24}}]\n    ports: [{port: 81}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a-from-pods}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {}}]\n";
+    t.apply(&[t.write("policy.yaml", policy)]);
+    let matrix = t
+        .lab
+        .probe(&ProbeRequest {
+            world: true,
+            ports: vec![80, 81],
+            protocols: vec![Protocol::Tcp],
+            options: ProbeOptions {
+                timeout: Duration::from_millis(500),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+    eprintln!("{}", matrix.render());
+    let denied: BTreeSet<(&str, &str, u16)> = matrix
+        .probes
+        .iter()
+        .filter(|p| !p.allowed)
+        .map(|p| (p.from.as_str(), p.to.as_str(), p.port))
+        .collect();
+    let expect: BTreeSet<(&str, &str, u16)> = [
+        ("default/b", "default/a", 80),
+        ("default/b", "default/a", 81),
+        ("default/b", "default/c", 80),
+        ("default/b", "default/c", 81),
+        ("default/b", "world/internet", 80),
+        ("world/internet", "default/a", 80),
+        ("world/internet", "default/a", 81),
+    ]
+    .into();
+    assert_eq!(denied, expect, "\n{}", matrix.render());
+    let denied = matrix
+        .probes
+        .iter()
+        .find(|p| p.from == "default/b" && p.to == "world/internet" && p.port == 80)
+        .unwrap();
+    assert_eq!(denied.detail, "timed out");
+}
