@@ -78,7 +78,7 @@ pub struct ProbeArgs {
     /// Port to probe (repeatable).
     #[arg(long = "port", required = true)]
     ports: Vec<u16>,
-    /// TCP, UDP or SCTP (repeatable; default TCP).
+    /// TCP, UDP or SCTP (repeatable).
     #[arg(long = "protocol", default_value = "TCP")]
     protocols: Vec<Protocol>,
     /// Connect to each destination pod's IP, or to the ClusterIP of a Service whose only
