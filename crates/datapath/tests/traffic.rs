@@ -25,13 +25,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_common::{IPPROTO_TCP, IPPROTO_UDP, LOOPBACK_IPV4};
+use aya::maps::lpm_trie::Key;
+use sluice_common::{
+    DropReason, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, IDENTITY_HOST, IDENTITY_WORLD,
+    IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, LOOPBACK_IPV4, METRIC_DIR_INGRESS, MetricsValue,
+    POLICY_INGRESS, PolicyEntry, PolicyKey, addr_be, metrics_index,
+};
 use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps};
-use support::{NetNs, PinDir};
+use support::{NetNs, PinDir, policy_row};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const CLIENT_IDENTITY: u32 = 300;
+const BACKEND_IDENTITY: u32 = 301;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn vip(port: u16) -> SocketAddrV4 {
@@ -45,7 +52,7 @@ struct Topology {
     maps: PinnedMaps,
     // Removing the pins detaches the programs and releases the maps.
     _pins: PinDir,
-    _node: NetNs,
+    node: NetNs,
 }
 
 impl Topology {
@@ -101,8 +108,47 @@ impl Topology {
             backend,
             maps,
             _pins: pins,
-            _node: node,
+            node,
         }
+    }
+
+    /// The ifindex of `lxc` in the node namespace: its endpoint and policy key.
+    fn ifindex(&self, lxc: &'static str) -> u32 {
+        self.node
+            .run(move || nix::net::if_::if_nametoindex(lxc))
+            .unwrap_or_else(|err| panic!("if_nametoindex {lxc}: {err}"))
+    }
+
+    /// Registers both pods as endpoints (`backend_flags` on the backend) and gives the
+    /// ipcache their identities, the node's addresses and the world, as the realizer does.
+    fn add_endpoints(&mut self, backend_flags: u32) -> (u32, u32) {
+        let client_ifindex = self.ifindex("lxc-c");
+        let backend_ifindex = self.ifindex("lxc-b");
+        let mut backend = EndpointInfo::new(BACKEND, BACKEND_IDENTITY);
+        backend.flags = backend_flags;
+        for (ifindex, endpoint) in [
+            (client_ifindex, EndpointInfo::new(CLIENT, CLIENT_IDENTITY)),
+            (backend_ifindex, backend),
+        ] {
+            self.maps.endpoints.insert(ifindex, endpoint, 0).unwrap();
+        }
+        for (address, prefixlen, identity) in [
+            (CLIENT, 32, CLIENT_IDENTITY),
+            (BACKEND, 32, BACKEND_IDENTITY),
+            (Ipv4Addr::new(10, 0, 1, 1), 32, IDENTITY_HOST),
+            (Ipv4Addr::new(10, 0, 2, 1), 32, IDENTITY_HOST),
+            (Ipv4Addr::UNSPECIFIED, 0, IDENTITY_WORLD),
+        ] {
+            self.maps
+                .ipcache
+                .insert(
+                    &Key::new(prefixlen, addr_be(address)),
+                    IpcacheEntry::local(identity),
+                    0,
+                )
+                .unwrap();
+        }
+        (client_ifindex, backend_ifindex)
     }
 }
 
@@ -249,6 +295,22 @@ fn services_through_the_datapath(lxc_tx_checksum: bool) {
             );
         }
 
+        // A datagram over the MTU leaves in fragments: the later ones, with no UDP header,
+        // follow their first fragment to the backend, which reassembles a valid datagram.
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(vip(53)).unwrap();
+        socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+        socket.send(&[0x5a; 4000]).unwrap();
+        let mut buf = [0u8; 1500];
+        let n = socket
+            .recv(&mut buf)
+            .expect("answer to a fragmented datagram");
+        let reply = String::from_utf8_lossy(&buf[..n]);
+        assert!(
+            reply.starts_with(&format!("{dns} saw {CLIENT}:")),
+            "{reply}"
+        );
+
         // No backends: refused at once rather than timing out.
         let started = Instant::now();
         let err = tcp_get(vip(81)).expect_err("no backends");
@@ -274,4 +336,94 @@ fn services_work_with_default_offloads() {
 #[test]
 fn services_work_with_lxc_tx_checksum_off() {
     services_through_the_datapath(false);
+}
+
+/// `ping -c 2 -s <size>` from `netns` to `to`: whether replies came back.
+fn ping(netns: &NetNs, to: Ipv4Addr, size: u16) -> bool {
+    let net = format!("--net=/run/netns/{}", netns.name);
+    let status = std::process::Command::new("nsenter")
+        .args([
+            net.as_str(),
+            "--",
+            "ping",
+            "-q",
+            "-n",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+        ])
+        .args(["-s", &size.to_string(), &to.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("running ping");
+    status.success()
+}
+
+#[test]
+fn ingress_policy_on_real_traffic() {
+    let mut topo = Topology::new(true);
+    let (_, backend_ifindex) = topo.add_endpoints(ENDPOINT_F_INGRESS_ENFORCED);
+    let web = SocketAddrV4::new(BACKEND, 8080);
+    let _web = tcp_server(&topo.backend, web);
+    // The backend's policy: only its node may reach it, as every policy allows.
+    let host = PolicyKey::any(IDENTITY_HOST, POLICY_INGRESS);
+    let mut rows = support::install_policy(&mut topo.maps, backend_ifindex, &[host]);
+    let mut add_row = |key: PolicyKey| {
+        rows.insert(&policy_row(key), PolicyEntry::default(), 0)
+            .unwrap()
+    };
+
+    // Denied, then allowed by a row written into the installed map, nothing restarted.
+    topo.client.run(move || {
+        let err = TcpStream::connect_timeout(&web.into(), Duration::from_millis(700))
+            .expect_err("no row allows the client");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    });
+    let tcp_row = PolicyKey::ports(CLIENT_IDENTITY, POLICY_INGRESS, IPPROTO_TCP, 8080, 16);
+    add_row(tcp_row);
+    topo.client.run(move || {
+        let (reply, local) = tcp_get(web).expect("the row allows the client");
+        assert_eq!(reply, format!("{web} saw {local}"));
+    });
+
+    // A ping of 3000 bytes leaves the client in three fragments (MTU 1500); a port row
+    // does not admit ICMP.
+    assert!(
+        !ping(&topo.client, BACKEND, 3000),
+        "ICMP needs a row for any protocol"
+    );
+    let any = PolicyKey::any(CLIENT_IDENTITY, POLICY_INGRESS);
+    add_row(any);
+    assert!(
+        ping(&topo.client, BACKEND, 3000),
+        "fragmented ping with the row"
+    );
+    let fragments = topo.maps.fragments.keys().count();
+    assert!(fragments > 0, "the first fragments were recorded");
+    let admitted = topo.maps.policy.get(&backend_ifindex, 0).unwrap();
+    assert_eq!(
+        admitted.get(&policy_row(any), 0).unwrap().packets,
+        1,
+        "one echo, judged once"
+    );
+
+    // Without the row a new ping (a new echo identifier) is dropped; TCP still passes.
+    rows.remove(&policy_row(any)).unwrap();
+    assert!(!ping(&topo.client, BACKEND, 3000), "the row is gone");
+    topo.client
+        .run(move || tcp_get(web).expect("the TCP row stays"));
+
+    // Every loss was the policy's: no fragment went missing, no policy map was missing.
+    let count = |reason: DropReason| -> u64 {
+        let index = metrics_index(reason.code(), METRIC_DIR_INGRESS);
+        let values: aya::maps::PerCpuValues<MetricsValue> =
+            topo.maps.metrics.get(&index, 0).unwrap();
+        values.iter().map(|v| v.packets).sum()
+    };
+    assert!(count(DropReason::Policy) > 0);
+    assert_eq!(count(DropReason::FragNotFound), 0);
+    assert_eq!(count(DropReason::PolicyUnavailable), 0);
 }

@@ -506,9 +506,9 @@ pub fn policy_row(key: PolicyKey) -> Key<PolicyMatch> {
 
 /// Creates the policy map of endpoint `ifindex` holding `rows` (zeroed counters) and
 /// installs it in the outer map, as the realizer does. The returned handle writes to
-/// the installed map.
+/// the installed map, which has room for at least 8 rows.
 pub fn install_policy(maps: &mut PinnedMaps, ifindex: u32, rows: &[PolicyKey]) -> PolicyMap {
-    let mut map = create_policy_map(rows.len().max(1) as u32)
+    let mut map = create_policy_map(rows.len().max(8) as u32)
         .unwrap_or_else(|err| panic!("create policy map: {err}"));
     for &row in rows {
         map.insert(&policy_row(row), PolicyEntry::default(), 0)
