@@ -6,7 +6,7 @@
 //! them), namespace name and labels, and the policy CIDRs that contain their address.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     net::Ipv4Addr,
 };
 
@@ -352,16 +352,15 @@ fn policies_in_order<'a>(
     out
 }
 
+/// A rule: its direction, peers (`from` or `to`) and ports.
+type Rule<'a> = (
+    u8,
+    Option<&'a Vec<NetworkPolicyPeer>>,
+    Option<&'a Vec<NetworkPolicyPort>>,
+);
+
 /// The peers of every rule of the policy, with the direction they are in.
-fn rules<'a>(
-    policy: &'a NetworkPolicy,
-) -> impl Iterator<
-    Item = (
-        u8,
-        Option<&'a Vec<NetworkPolicyPeer>>,
-        Option<&'a Vec<NetworkPolicyPort>>,
-    ),
-> {
+fn rules(policy: &NetworkPolicy) -> impl Iterator<Item = Rule<'_>> {
     let spec = policy.spec.as_ref();
     let ingress = spec
         .and_then(|s| s.ingress.as_ref())
@@ -459,10 +458,13 @@ fn namespace_labels(
         };
         let mut labels = ns.metadata.labels.clone().unwrap_or_default();
         labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
-        if out.contains_key(&name) {
-            twice.insert(name);
-        } else {
-            out.insert(name, labels);
+        match out.entry(name) {
+            Entry::Occupied(e) => {
+                twice.insert(e.key().clone());
+            }
+            Entry::Vacant(e) => {
+                e.insert(labels);
+            }
         }
     }
     // A namespace defined twice is treated as unknown: either copy would depend on order.
