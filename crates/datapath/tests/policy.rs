@@ -108,20 +108,20 @@ impl Fixture {
         map.get(&policy_row(key), 0).expect("row")
     }
 
-    fn from_container(&mut self, packet: &[u8]) -> RunResult {
+    fn run_from_container(&mut self, packet: &[u8]) -> RunResult {
         run(self.datapath.program(FROM_CONTAINER).unwrap(), packet)
     }
 
-    fn to_container(&mut self, packet: &[u8]) -> RunResult {
+    fn run_to_container(&mut self, packet: &[u8]) -> RunResult {
         run(self.datapath.program(TO_CONTAINER).unwrap(), packet)
     }
 
-    fn from_verdict(&mut self, packet: &[u8]) -> u32 {
-        self.from_container(packet).verdict
+    fn egress_verdict(&mut self, packet: &[u8]) -> u32 {
+        self.run_from_container(packet).verdict
     }
 
-    fn to_verdict(&mut self, packet: &[u8]) -> u32 {
-        self.to_container(packet).verdict
+    fn ingress_verdict(&mut self, packet: &[u8]) -> u32 {
+        self.run_to_container(packet).verdict
     }
 
     /// Packets counted for `reason` in `dir`, summed over CPUs.
@@ -144,33 +144,42 @@ fn exact_port_row_allows_that_port_only() {
     fx.policy(&[ingress, egress]);
 
     assert_eq!(
-        fx.to_verdict(&tcp(peer(40000), pod(80), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(peer(40000), pod(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
     assert_eq!(
-        fx.to_verdict(&tcp(peer(40001), pod(81), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(peer(40001), pod(81), TCP_SYN, b"")),
         TC_ACT_SHOT
     );
     // Same port, other protocol; same port, other peer; same port, other direction.
-    assert_eq!(fx.to_verdict(&udp(peer(40002), pod(80), b"x")), TC_ACT_SHOT);
+    assert_eq!(
+        fx.ingress_verdict(&udp(peer(40002), pod(80), b"x")),
+        TC_ACT_SHOT
+    );
     let stranger = SocketAddrV4::new(STRANGER, 40003);
     assert_eq!(
-        fx.to_verdict(&tcp(stranger, pod(80), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(stranger, pod(80), TCP_SYN, b"")),
         TC_ACT_SHOT
     );
     assert_eq!(
-        fx.from_verdict(&tcp(pod(40004), peer(80), TCP_SYN, b"")),
+        fx.egress_verdict(&tcp(pod(40004), peer(80), TCP_SYN, b"")),
         TC_ACT_SHOT
     );
 
-    assert_eq!(fx.from_verdict(&udp(pod(40005), peer(53), b"q")), TC_ACT_OK);
     assert_eq!(
-        fx.from_verdict(&udp(pod(40006), peer(54), b"q")),
+        fx.egress_verdict(&udp(pod(40005), peer(53), b"q")),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        fx.egress_verdict(&udp(pod(40006), peer(54), b"q")),
         TC_ACT_SHOT
     );
     // The world (no ipcache entry of its own) is not the peer.
     let world = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 53);
-    assert_eq!(fx.from_verdict(&udp(pod(40007), world, b"q")), TC_ACT_SHOT);
+    assert_eq!(
+        fx.egress_verdict(&udp(pod(40007), world, b"q")),
+        TC_ACT_SHOT
+    );
 
     assert_eq!(fx.metric(DropReason::Policy, METRIC_DIR_INGRESS), 3);
     assert_eq!(fx.metric(DropReason::Policy, METRIC_DIR_EGRESS), 3);
@@ -190,12 +199,12 @@ fn any_identity_row_matches_every_peer() {
     let stranger = SocketAddrV4::new(STRANGER, 40000);
     for from in [peer(40000), stranger, world] {
         assert_eq!(
-            fx.to_verdict(&tcp(from, pod(443), TCP_SYN, b"")),
+            fx.ingress_verdict(&tcp(from, pod(443), TCP_SYN, b"")),
             TC_ACT_OK,
             "{from}"
         );
         assert_eq!(
-            fx.to_verdict(&tcp(from, pod(444), TCP_SYN, b"")),
+            fx.ingress_verdict(&tcp(from, pod(444), TCP_SYN, b"")),
             TC_ACT_SHOT,
             "{from}"
         );
@@ -218,7 +227,7 @@ fn port_range_row_covers_its_prefix() {
         (8088, TC_ACT_SHOT),
     ] {
         let syn = tcp(peer(41000 + port % 100), pod(port), TCP_SYN, b"");
-        assert_eq!(fx.to_verdict(&syn), verdict, "port {port}");
+        assert_eq!(fx.ingress_verdict(&syn), verdict, "port {port}");
     }
     assert_eq!(fx.row(range).packets, 3);
 }
@@ -231,14 +240,17 @@ fn any_protocol_and_any_port_rows() {
         PolicyKey::any_port(STRANGER_IDENTITY, POLICY_INGRESS, IPPROTO_UDP),
     ]);
     assert_eq!(
-        fx.to_verdict(&tcp(peer(1), pod(2), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(peer(1), pod(2), TCP_SYN, b"")),
         TC_ACT_OK
     );
-    assert_eq!(fx.to_verdict(&udp(peer(3), pod(4), b"x")), TC_ACT_OK);
+    assert_eq!(fx.ingress_verdict(&udp(peer(3), pod(4), b"x")), TC_ACT_OK);
     let stranger = |port| SocketAddrV4::new(STRANGER, port);
-    assert_eq!(fx.to_verdict(&udp(stranger(5), pod(6), b"x")), TC_ACT_OK);
     assert_eq!(
-        fx.to_verdict(&tcp(stranger(7), pod(8), TCP_SYN, b"")),
+        fx.ingress_verdict(&udp(stranger(5), pod(6), b"x")),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        fx.ingress_verdict(&tcp(stranger(7), pod(8), TCP_SYN, b"")),
         TC_ACT_SHOT
     );
 }
@@ -249,15 +261,15 @@ fn denied_connections_are_counted_as_policy_drops() {
     fx.policy(&[]);
     let syn = tcp(peer(40000), pod(80), TCP_SYN, b"");
     for _ in 0..3 {
-        assert_eq!(fx.to_verdict(&syn), TC_ACT_SHOT);
+        assert_eq!(fx.ingress_verdict(&syn), TC_ACT_SHOT);
     }
     // Not established by being tried: later segments of it are judged, and dropped, too.
     assert_eq!(
-        fx.to_verdict(&tcp(peer(40000), pod(80), TCP_ACK, b"data")),
+        fx.ingress_verdict(&tcp(peer(40000), pod(80), TCP_ACK, b"data")),
         TC_ACT_SHOT
     );
     assert_eq!(
-        fx.from_verdict(&tcp(pod(40001), peer(80), TCP_SYN, b"")),
+        fx.egress_verdict(&tcp(pod(40001), peer(80), TCP_SYN, b"")),
         TC_ACT_SHOT
     );
     assert_eq!(fx.metric(DropReason::Policy, METRIC_DIR_INGRESS), 4);
@@ -270,12 +282,12 @@ fn unenforced_direction_passes_without_a_policy_map() {
     let mut fx = Fixture::new(ENDPOINT_F_INGRESS_ENFORCED);
     // No policy map at all: egress is not enforced, so it does not need one...
     assert_eq!(
-        fx.from_verdict(&tcp(pod(40000), peer(80), TCP_SYN, b"")),
+        fx.egress_verdict(&tcp(pod(40000), peer(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
     // ...and the enforced ingress fails closed.
     assert_eq!(
-        fx.to_verdict(&tcp(peer(40001), pod(80), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(peer(40001), pod(80), TCP_SYN, b"")),
         TC_ACT_SHOT
     );
     assert_eq!(
@@ -287,11 +299,11 @@ fn unenforced_direction_passes_without_a_policy_map() {
     let mut fx = Fixture::new(0);
     fx.maps.endpoints.remove(&IFINDEX).unwrap();
     assert_eq!(
-        fx.to_verdict(&tcp(peer(40002), pod(80), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(peer(40002), pod(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
     assert_eq!(
-        fx.from_verdict(&tcp(pod(40003), peer(80), TCP_SYN, b"")),
+        fx.egress_verdict(&tcp(pod(40003), peer(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
 }
@@ -305,7 +317,7 @@ fn overflow_fails_closed_in_enforced_directions() {
         PolicyKey::any(IDENTITY_ANY, POLICY_EGRESS),
     ]);
     assert_eq!(
-        fx.to_verdict(&tcp(peer(40000), pod(80), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(peer(40000), pod(80), TCP_SYN, b"")),
         TC_ACT_SHOT
     );
     assert_eq!(
@@ -314,7 +326,7 @@ fn overflow_fails_closed_in_enforced_directions() {
     );
     // Egress is not enforced.
     assert_eq!(
-        fx.from_verdict(&tcp(pod(40001), peer(80), TCP_SYN, b"")),
+        fx.egress_verdict(&tcp(pod(40001), peer(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
     assert_eq!(
@@ -327,7 +339,7 @@ fn overflow_fails_closed_in_enforced_directions() {
 fn enforced_without_a_policy_map_fails_closed() {
     let mut fx = Fixture::new(ENDPOINT_F_EGRESS_ENFORCED);
     assert_eq!(
-        fx.from_verdict(&udp(pod(40000), peer(53), b"q")),
+        fx.egress_verdict(&udp(pod(40000), peer(53), b"q")),
         TC_ACT_SHOT
     );
     assert_eq!(
@@ -337,10 +349,13 @@ fn enforced_without_a_policy_map_fails_closed() {
 
     // Installed, it decides; removed again, the endpoint fails closed again.
     fx.policy(&[port_row(PEER_IDENTITY, POLICY_EGRESS, IPPROTO_UDP, 53)]);
-    assert_eq!(fx.from_verdict(&udp(pod(40001), peer(53), b"q")), TC_ACT_OK);
+    assert_eq!(
+        fx.egress_verdict(&udp(pod(40001), peer(53), b"q")),
+        TC_ACT_OK
+    );
     fx.maps.policy.remove(&IFINDEX).unwrap();
     assert_eq!(
-        fx.from_verdict(&udp(pod(40002), peer(53), b"q")),
+        fx.egress_verdict(&udp(pod(40002), peer(53), b"q")),
         TC_ACT_SHOT
     );
     assert_eq!(
@@ -361,10 +376,10 @@ fn row_counters_count_admitted_connections() {
     for port in 40000..40005 {
         let syn = tcp(peer(port), pod(80), TCP_SYN, b"");
         bytes += syn.len() as u64;
-        assert_eq!(fx.to_verdict(&syn), TC_ACT_OK);
+        assert_eq!(fx.ingress_verdict(&syn), TC_ACT_OK);
         // The rest of the connection is established: not judged, not counted.
         assert_eq!(
-            fx.to_verdict(&tcp(peer(port), pod(80), TCP_ACK, b"more")),
+            fx.ingress_verdict(&tcp(peer(port), pod(80), TCP_ACK, b"more")),
             TC_ACT_OK
         );
     }
@@ -373,11 +388,11 @@ fn row_counters_count_admitted_connections() {
     // The identity's own row is preferred to the row for any peer.
     fx.policy(&[row, any]);
     assert_eq!(
-        fx.to_verdict(&tcp(peer(41000), pod(80), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(peer(41000), pod(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
     assert_eq!(
-        fx.to_verdict(&tcp(peer(41001), pod(81), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(peer(41001), pod(81), TCP_SYN, b"")),
         TC_ACT_OK
     );
     assert_eq!(fx.row(row).packets, 1);
@@ -394,29 +409,32 @@ fn replies_pass_when_the_reverse_direction_has_no_rows() {
 
     // Out and back: ingress has no TCP row, the reply passes.
     assert_eq!(
-        fx.from_verdict(&tcp(pod(40000), peer(80), TCP_SYN, b"")),
+        fx.egress_verdict(&tcp(pod(40000), peer(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
     let synack = tcp(peer(80), pod(40000), TCP_SYN | TCP_ACK, b"");
-    assert_eq!(fx.to_verdict(&synack), TC_ACT_OK);
+    assert_eq!(fx.ingress_verdict(&synack), TC_ACT_OK);
     assert_eq!(
-        fx.to_verdict(&tcp(peer(80), pod(40000), TCP_ACK, b"data")),
+        fx.ingress_verdict(&tcp(peer(80), pod(40000), TCP_ACK, b"data")),
         TC_ACT_OK
     );
     // In and back: egress has no UDP row, the answer passes.
-    assert_eq!(fx.to_verdict(&udp(peer(40001), pod(5353), b"q")), TC_ACT_OK);
     assert_eq!(
-        fx.from_verdict(&udp(pod(5353), peer(40001), b"answer")),
+        fx.ingress_verdict(&udp(peer(40001), pod(5353), b"q")),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        fx.egress_verdict(&udp(pod(5353), peer(40001), b"answer")),
         TC_ACT_OK
     );
 
     // The same packets without the connection before them are new, and denied.
     assert_eq!(
-        fx.to_verdict(&tcp(peer(80), pod(40002), TCP_ACK, b"data")),
+        fx.ingress_verdict(&tcp(peer(80), pod(40002), TCP_ACK, b"data")),
         TC_ACT_SHOT
     );
     assert_eq!(
-        fx.from_verdict(&udp(pod(5353), peer(40003), b"answer")),
+        fx.egress_verdict(&udp(pod(5353), peer(40003), b"answer")),
         TC_ACT_SHOT
     );
 }
@@ -427,18 +445,18 @@ fn established_connections_survive_a_row_removal() {
     let row = port_row(PEER_IDENTITY, POLICY_INGRESS, IPPROTO_TCP, 80);
     fx.policy(&[row]);
     assert_eq!(
-        fx.to_verdict(&tcp(peer(40000), pod(80), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(peer(40000), pod(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
 
     fx.policy(&[]);
     assert_eq!(
-        fx.to_verdict(&tcp(peer(40000), pod(80), TCP_ACK, b"data")),
+        fx.ingress_verdict(&tcp(peer(40000), pod(80), TCP_ACK, b"data")),
         TC_ACT_OK
     );
     // A new connection on the same tuple (a pure SYN) is judged again.
     assert_eq!(
-        fx.to_verdict(&tcp(peer(40000), pod(80), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(peer(40000), pod(80), TCP_SYN, b"")),
         TC_ACT_SHOT
     );
 }
@@ -460,23 +478,23 @@ fn service_connections_are_judged_against_the_backend() {
         port_row(PEER_IDENTITY, POLICY_EGRESS, IPPROTO_TCP, 80),
         port_row(IDENTITY_WORLD, POLICY_EGRESS, IPPROTO_TCP, 80),
     ]);
-    assert_eq!(fx.from_verdict(&to_vip(40000)), TC_ACT_SHOT);
+    assert_eq!(fx.egress_verdict(&to_vip(40000)), TC_ACT_SHOT);
     assert_eq!(fx.metric(DropReason::Policy, METRIC_DIR_EGRESS), 1);
 
     // The backend's row does.
     let row = port_row(PEER_IDENTITY, POLICY_EGRESS, IPPROTO_TCP, 8080);
     fx.policy(&[row]);
-    let out = fx.from_container(&to_vip(40001));
+    let out = fx.run_from_container(&to_vip(40001));
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(Frame(&out.packet).dst(), backend);
     assert_eq!(fx.row(row).packets, 1);
     // Established through the service: the next segment is not judged again.
     let ack = tcp(pod(40001), SocketAddrV4::new(VIP, 80), TCP_ACK, b"data");
-    assert_eq!(fx.from_verdict(&ack), TC_ACT_OK);
+    assert_eq!(fx.egress_verdict(&ack), TC_ACT_OK);
     assert_eq!(fx.row(row).packets, 1);
     // And the reply is rev-NATed, with ingress enforced and no ingress rows.
     fx.set_endpoint(BOTH);
-    let out = fx.to_container(&tcp(backend, pod(40001), TCP_SYN | TCP_ACK, b""));
+    let out = fx.run_to_container(&tcp(backend, pod(40001), TCP_SYN | TCP_ACK, b""));
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(Frame(&out.packet).src(), SocketAddrV4::new(VIP, 80));
 }
@@ -489,25 +507,25 @@ fn hairpin_is_never_judged() {
     let frontend = SocketAddrV4::new(VIP, 82);
     support::add_service(&mut fx.maps, frontend, IPPROTO_TCP, &[own]);
 
-    let out = fx.from_container(&tcp(pod(40000), frontend, TCP_SYN, b""));
+    let out = fx.run_from_container(&tcp(pod(40000), frontend, TCP_SYN, b""));
     assert_eq!(out.verdict, TC_ACT_OK);
     let looped = out.packet;
     assert_eq!(
         Frame(&looped).src(),
         SocketAddrV4::new(LOOPBACK_IPV4, 40000)
     );
-    assert_eq!(fx.to_verdict(&looped), TC_ACT_OK);
+    assert_eq!(fx.ingress_verdict(&looped), TC_ACT_OK);
     let reply = tcp(
         own,
         SocketAddrV4::new(LOOPBACK_IPV4, 40000),
         TCP_SYN | TCP_ACK,
         b"",
     );
-    assert_eq!(fx.from_verdict(&reply), TC_ACT_REDIRECT);
+    assert_eq!(fx.egress_verdict(&reply), TC_ACT_REDIRECT);
 
     // A forged loopback source with no hairpin connection behind it is judged.
     let forged = tcp(SocketAddrV4::new(LOOPBACK_IPV4, 40001), own, TCP_SYN, b"");
-    assert_eq!(fx.to_verdict(&forged), TC_ACT_SHOT);
+    assert_eq!(fx.ingress_verdict(&forged), TC_ACT_SHOT);
     assert_eq!(fx.metric(DropReason::Policy, METRIC_DIR_INGRESS), 1);
 }
 
@@ -516,32 +534,35 @@ fn spoofed_sources_are_dropped() {
     let mut fx = Fixture::new(0);
     let spoofed = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 99), 40000);
     assert_eq!(
-        fx.from_verdict(&tcp(spoofed, peer(80), TCP_SYN, b"")),
+        fx.egress_verdict(&tcp(spoofed, peer(80), TCP_SYN, b"")),
         TC_ACT_SHOT
     );
-    assert_eq!(fx.from_verdict(&udp(spoofed, peer(53), b"q")), TC_ACT_SHOT);
+    assert_eq!(
+        fx.egress_verdict(&udp(spoofed, peer(53), b"q")),
+        TC_ACT_SHOT
+    );
     let ping = icmp_echo(*spoofed.ip(), PEER, ICMP_ECHO, 7, b"");
-    assert_eq!(fx.from_verdict(&ping), TC_ACT_SHOT);
+    assert_eq!(fx.egress_verdict(&ping), TC_ACT_SHOT);
     // IPv4 of any other protocol too (47, GRE).
     let mut gre = support::ipv4_header(*spoofed.ip(), PEER, 47, 4);
     gre.extend_from_slice(&[0; 4]);
     let gre = support::ethernet(support::POD_MAC, support::NODE_MAC, &gre);
-    assert_eq!(fx.from_verdict(&gre), TC_ACT_SHOT);
+    assert_eq!(fx.egress_verdict(&gre), TC_ACT_SHOT);
     assert_eq!(fx.metric(DropReason::InvalidSource, METRIC_DIR_EGRESS), 4);
 
     // Its own address passes; packets entering the pod are not checked.
     assert_eq!(
-        fx.from_verdict(&tcp(pod(40000), peer(80), TCP_SYN, b"")),
+        fx.egress_verdict(&tcp(pod(40000), peer(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
     assert_eq!(
-        fx.to_verdict(&tcp(spoofed, pod(80), TCP_SYN, b"")),
+        fx.ingress_verdict(&tcp(spoofed, pod(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
     // An interface that is no endpoint is not checked.
     fx.maps.endpoints.remove(&IFINDEX).unwrap();
     assert_eq!(
-        fx.from_verdict(&tcp(spoofed, peer(80), TCP_SYN, b"")),
+        fx.egress_verdict(&tcp(spoofed, peer(80), TCP_SYN, b"")),
         TC_ACT_OK
     );
 }
@@ -555,23 +576,23 @@ fn icmp_echo_is_tracked_and_judged_without_ports() {
         PolicyKey::any_port(PEER_IDENTITY, POLICY_INGRESS, IPPROTO_UDP),
     ]);
     let request = icmp_echo(PEER, POD, ICMP_ECHO, 0x78, b"ping");
-    assert_eq!(fx.to_verdict(&request), TC_ACT_SHOT);
+    assert_eq!(fx.ingress_verdict(&request), TC_ACT_SHOT);
     assert_eq!(fx.metric(DropReason::Policy, METRIC_DIR_INGRESS), 1);
 
     // ...a row for any protocol does.
     let row = PolicyKey::any(PEER_IDENTITY, POLICY_INGRESS);
     fx.policy(&[row]);
-    assert_eq!(fx.to_verdict(&request), TC_ACT_OK);
+    assert_eq!(fx.ingress_verdict(&request), TC_ACT_OK);
     assert_eq!(fx.row(row).packets, 1);
     // The reply leaves with egress enforced and no egress rows: it is the same "connection"
     // (the echo identifier is both ports).
     let reply = icmp_echo(POD, PEER, ICMP_ECHOREPLY, 0x78, b"ping");
-    assert_eq!(fx.from_verdict(&reply), TC_ACT_OK);
+    assert_eq!(fx.egress_verdict(&reply), TC_ACT_OK);
     // Another identifier is another connection: a request out is judged, and denied.
     let out = icmp_echo(POD, PEER, ICMP_ECHO, 0x79, b"ping");
-    assert_eq!(fx.from_verdict(&out), TC_ACT_SHOT);
+    assert_eq!(fx.egress_verdict(&out), TC_ACT_SHOT);
     // The next request of the allowed echo is established.
-    assert_eq!(fx.to_verdict(&request), TC_ACT_OK);
+    assert_eq!(fx.ingress_verdict(&request), TC_ACT_OK);
     assert_eq!(fx.row(row).packets, 1);
     let key = Ct4Key::new((PEER, 0x78), (POD, 0x78), IPPROTO_ICMP, CT_INGRESS);
     assert_eq!(fx.maps.conntrack.get(&key, 0).unwrap().packets, 3);
@@ -580,7 +601,7 @@ fn icmp_echo_is_tracked_and_judged_without_ports() {
     let mut error = support::ipv4_header(PEER, POD, IPPROTO_ICMP, 8);
     error.extend_from_slice(&[3, 1, 0xfc, 0xfe, 0, 0, 0, 0]);
     let error = support::ethernet(support::POD_MAC, support::NODE_MAC, &error);
-    assert_eq!(fx.to_verdict(&error), TC_ACT_OK);
+    assert_eq!(fx.ingress_verdict(&error), TC_ACT_OK);
 }
 
 #[test]
@@ -588,8 +609,8 @@ fn later_fragment_without_its_first_is_dropped() {
     let mut fx = Fixture::new(0);
     let datagram = udp(peer(40000), pod(53), &[0x42; 64]);
     let [_, later] = support::fragment(&datagram, 32);
-    assert_eq!(fx.to_verdict(&later), TC_ACT_SHOT);
-    assert_eq!(fx.from_verdict(&later), TC_ACT_SHOT);
+    assert_eq!(fx.ingress_verdict(&later), TC_ACT_SHOT);
+    assert_eq!(fx.egress_verdict(&later), TC_ACT_SHOT);
     assert_eq!(fx.metric(DropReason::FragNotFound, METRIC_DIR_INGRESS), 1);
     assert_eq!(fx.metric(DropReason::FragNotFound, METRIC_DIR_EGRESS), 1);
 }
@@ -603,7 +624,7 @@ fn fragments_follow_their_first_fragment() {
     let allowed = udp(peer(40000), pod(5353), &[0x42; 100]);
     let [first, later] = support::fragment(&allowed, 48);
     for fragment in [&first, &later] {
-        let out = fx.to_container(fragment);
+        let out = fx.run_to_container(fragment);
         assert_eq!(out.verdict, TC_ACT_OK);
         assert_eq!(&out.packet, fragment, "passes untouched");
     }
@@ -617,16 +638,16 @@ fn fragments_follow_their_first_fragment() {
     let mut denied = udp(peer(40001), pod(5354), &[0x42; 100]);
     denied[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&0x4321u16.to_be_bytes());
     let [first, later] = support::fragment(&denied, 48);
-    assert_eq!(fx.to_verdict(&first), TC_ACT_SHOT);
-    assert_eq!(fx.to_verdict(&later), TC_ACT_SHOT);
+    assert_eq!(fx.ingress_verdict(&first), TC_ACT_SHOT);
+    assert_eq!(fx.ingress_verdict(&later), TC_ACT_SHOT);
     assert_eq!(fx.metric(DropReason::Policy, METRIC_DIR_INGRESS), 2);
 
     // ICMP echo fragments (a large ping) follow the echo identifier.
     fx.policy(&[PolicyKey::any(PEER_IDENTITY, POLICY_INGRESS)]);
     let ping = icmp_echo(PEER, POD, ICMP_ECHO, 0x99, &[0x33; 200]);
     let [first, later] = support::fragment(&ping, 104);
-    assert_eq!(fx.to_verdict(&first), TC_ACT_OK);
-    assert_eq!(fx.to_verdict(&later), TC_ACT_OK);
+    assert_eq!(fx.ingress_verdict(&first), TC_ACT_OK);
+    assert_eq!(fx.ingress_verdict(&later), TC_ACT_OK);
     let key = Ct4Key::new((PEER, 0x99), (POD, 0x99), IPPROTO_ICMP, CT_INGRESS);
     assert_eq!(fx.maps.conntrack.get(&key, 0).unwrap().packets, 2);
 }
@@ -642,8 +663,8 @@ fn service_fragments_are_translated_as_their_datagram() {
     let payload: Vec<u8> = (0..200u8).collect();
     let datagram = udp(pod(40000), frontend, &payload);
     let [first, later] = support::fragment(&datagram, 64);
-    let first_out = fx.from_container(&first);
-    let later_out = fx.from_container(&later);
+    let first_out = fx.run_from_container(&first);
+    let later_out = fx.run_from_container(&later);
     assert_eq!(first_out.verdict, TC_ACT_OK);
     assert_eq!(later_out.verdict, TC_ACT_OK);
     for out in [&first_out.packet, &later_out.packet] {
@@ -665,27 +686,27 @@ fn sctp_is_judged_by_port_and_left_unrewritten() {
     fx.policy(&[port_row(PEER_IDENTITY, POLICY_INGRESS, IPPROTO_SCTP, 9000)]);
 
     let init = sctp(peer(40000), pod(9000), &[1, 0, 0, 4]);
-    let out = fx.to_container(&init);
+    let out = fx.run_to_container(&init);
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(out.packet, init, "no checksum rewrite");
     let answer = sctp(pod(9000), peer(40000), &[2, 0, 0, 4]);
-    let out = fx.from_container(&answer);
+    let out = fx.run_from_container(&answer);
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(out.packet, answer);
 
     assert_eq!(
-        fx.to_verdict(&sctp(peer(40001), pod(9001), &[1, 0, 0, 4])),
+        fx.ingress_verdict(&sctp(peer(40001), pod(9001), &[1, 0, 0, 4])),
         TC_ACT_SHOT
     );
     assert_eq!(
-        fx.from_verdict(&sctp(pod(40002), peer(9000), &[1, 0, 0, 4])),
+        fx.egress_verdict(&sctp(pod(40002), peer(9000), &[1, 0, 0, 4])),
         TC_ACT_SHOT
     );
     // A truncated common header is malformed.
     let short = sctp(peer(40003), pod(9000), b"")[..ETH_HLEN + 20 + 8].to_vec();
     let mut short = short;
     short[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&28u16.to_be_bytes());
-    assert_eq!(fx.to_verdict(&short), TC_ACT_SHOT);
+    assert_eq!(fx.ingress_verdict(&short), TC_ACT_SHOT);
     assert_eq!(fx.metric(DropReason::Invalid, METRIC_DIR_INGRESS), 1);
 }
 
@@ -708,8 +729,8 @@ fn policy_maps_of_any_capacity_fit_the_outer_map() {
         }
         fx.maps.policy.insert(IFINDEX, &rows, 0).unwrap();
         let syn = tcp(peer(40000), pod(87), TCP_SYN, b"");
-        assert_eq!(fx.to_verdict(&syn), TC_ACT_OK, "capacity {capacity}");
+        assert_eq!(fx.ingress_verdict(&syn), TC_ACT_OK, "capacity {capacity}");
         let syn = tcp(peer(40001), pod(88), TCP_SYN, b"");
-        assert_eq!(fx.to_verdict(&syn), TC_ACT_SHOT, "capacity {capacity}");
+        assert_eq!(fx.ingress_verdict(&syn), TC_ACT_SHOT, "capacity {capacity}");
     }
 }
