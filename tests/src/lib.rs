@@ -18,6 +18,8 @@ use std::{
 
 use sluice_lab::{Lab, LabBinaries, LabOptions};
 
+pub mod netpol;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A lab with a unique name and state root, removed (namespaces, processes, pins, files) on drop,

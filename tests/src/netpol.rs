@@ -1,0 +1,203 @@
+//! The upstream NetworkPolicy conformance model (namespaces x, y, z; pods a, b, c; ports 80
+//! and 81 over TCP and UDP), probed with real sockets and judged by the reference evaluator.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use sluice_policy_reference::{Cluster, Connection, Peer};
+use sluice_store::Snapshot;
+
+use crate::{TestLab, in_netns};
+
+pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+pub const PODS: [&str; 3] = ["a", "b", "c"];
+pub const PORTS: [u16; 2] = [80, 81];
+pub const PROTOCOLS: [&str; 2] = ["TCP", "UDP"];
+
+/// The model's namespaces and pods, as the upstream suite labels them (`ns=<name>`,
+/// `pod=<name>`), each pod serving 80 and 81 over TCP and UDP under the upstream port names.
+pub fn model_yaml() -> String {
+    let mut out = String::new();
+    for ns in NAMESPACES {
+        out += &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"{ns}\"\n  labels: {{ns: \"{ns}\"}}\n---\n"
+        );
+        for pod in PODS {
+            out += &format!(
+                "apiVersion: v1
+kind: Pod
+metadata:
+  name: {pod}
+  namespace: \"{ns}\"
+  labels: {{pod: {pod}}}
+spec:
+  containers:
+  - name: cont
+    image: agnhost
+    ports:
+    - {{name: serve-80-tcp, containerPort: 80, protocol: TCP}}
+    - {{name: serve-81-tcp, containerPort: 81, protocol: TCP}}
+    - {{name: serve-80-udp, containerPort: 80, protocol: UDP}}
+    - {{name: serve-81-udp, containerPort: 81, protocol: UDP}}
+---
+"
+            );
+        }
+    }
+    out
+}
+
+/// Every pod of the model as `ns/pod`.
+pub fn model_pods() -> Vec<String> {
+    NAMESPACES
+        .iter()
+        .flat_map(|ns| PODS.iter().map(move |p| format!("{ns}/{p}")))
+        .collect()
+}
+
+/// One probe: from a pod to a pod on a port and protocol.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Probe {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: &'static str,
+}
+
+/// The verdict of the reference evaluator for each probe, given the lab's current objects.
+pub fn expected(snapshot: &Snapshot, probes: &[Probe]) -> BTreeMap<Probe, bool> {
+    let pod = |name: &str| -> &Pod {
+        let (ns, pod) = name.split_once('/').expect("ns/pod");
+        snapshot
+            .pods
+            .iter()
+            .find(|p| {
+                p.metadata.namespace.as_deref() == Some(ns)
+                    && p.metadata.name.as_deref() == Some(pod)
+            })
+            .unwrap_or_else(|| panic!("pod {name} not in the snapshot"))
+    };
+    let cluster = Cluster {
+        namespaces: &snapshot.namespaces,
+        policies: &snapshot.network_policies,
+    };
+    probes
+        .iter()
+        .map(|p| {
+            let allowed = cluster.allows(&Connection {
+                from: Peer::Pod(pod(&p.from)),
+                to: Peer::Pod(pod(&p.to)),
+                port: p.port,
+                protocol: p.protocol,
+            });
+            (p.clone(), allowed)
+        })
+        .collect()
+}
+
+/// Whether a connection gets through: TCP connects and its payload comes back answered,
+/// UDP gets its datagram echoed.
+pub fn connects(addr: SocketAddr, protocol: &str, timeout: Duration) -> bool {
+    match protocol {
+        "TCP" => TcpStream::connect_timeout(&addr, timeout).is_ok_and(|mut s| {
+            let _ = s.set_read_timeout(Some(timeout));
+            let mut buf = [0u8; 64];
+            s.write_all(b"probe\n").is_ok() && s.read(&mut buf).is_ok_and(|n| n > 0)
+        }),
+        "UDP" => UdpSocket::bind("0.0.0.0:0").is_ok_and(|s| {
+            let _ = s.set_read_timeout(Some(timeout));
+            let mut buf = [0u8; 64];
+            s.connect(addr).is_ok()
+                && s.send(b"probe").is_ok()
+                && s.recv(&mut buf).is_ok_and(|n| n > 0)
+        }),
+        other => panic!("cannot probe {other} here"),
+    }
+}
+
+/// Runs every probe from its source pod's network namespace, all in parallel. A probe whose
+/// answer disagrees with `expected` is tried once more with a longer timeout, so a slow
+/// machine cannot turn "allowed" into "denied".
+pub fn probe_all(
+    lab: &TestLab,
+    probes: &[Probe],
+    expected: &BTreeMap<Probe, bool>,
+) -> BTreeMap<Probe, bool> {
+    let handles: Vec<_> = probes
+        .iter()
+        .map(|p| {
+            let netns = lab.lab.pod_netns(&p.from).expect("source netns");
+            let addr = SocketAddr::from((lab.pod_ip(&p.to), p.port));
+            let probe = p.clone();
+            let want = expected.get(p).copied();
+            std::thread::spawn(move || {
+                in_netns(&netns, move || {
+                    let mut got = connects(addr, probe.protocol, Duration::from_millis(400));
+                    if Some(got) != want {
+                        got = connects(addr, probe.protocol, Duration::from_millis(1500));
+                    }
+                    (probe, got)
+                })
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("probe thread"))
+        .collect()
+}
+
+/// Every probe of the full model: 9 x 9 pods x 2 ports x 2 protocols.
+pub fn full_matrix() -> Vec<Probe> {
+    let pods = model_pods();
+    let mut probes = Vec::new();
+    for from in &pods {
+        for to in &pods {
+            if from == to {
+                // A pod reaches itself over loopback, which no policy governs.
+                continue;
+            }
+            for port in PORTS {
+                for protocol in PROTOCOLS {
+                    probes.push(Probe {
+                        from: from.clone(),
+                        to: to.clone(),
+                        port,
+                        protocol,
+                    });
+                }
+            }
+        }
+    }
+    probes
+}
+
+/// The probes whose real verdict differs from the reference, as a readable report.
+pub fn mismatches(expected: &BTreeMap<Probe, bool>, actual: &BTreeMap<Probe, bool>) -> String {
+    let verdict = |allowed: bool| if allowed { "allowed" } else { "denied" };
+    expected
+        .iter()
+        .filter(|(p, want)| actual.get(*p) != Some(*want))
+        .map(|(p, want)| {
+            format!(
+                "{} -> {} {}/{}: reference {}, datapath {}\n",
+                p.from,
+                p.to,
+                p.port,
+                p.protocol,
+                verdict(*want),
+                actual.get(p).map_or("not probed", |a| verdict(*a))
+            )
+        })
+        .collect()
+}
+
+/// The lab's current objects, as the agents read them.
+pub fn snapshot(lab: &TestLab) -> Snapshot {
+    Snapshot::read_file(&lab.lab.cluster_file()).expect("read the lab's cluster file")
+}

@@ -1,0 +1,291 @@
+//! The upstream NetworkPolicy conformance model in the lab: real traffic between the pods of
+//! namespaces x, y and z on ports 80 and 81 over TCP and UDP must get exactly the verdicts
+//! of the reference evaluator (a separate reading of the spec), for the upstream suite's
+//! policies and for random sequences of policy, pod-label and namespace-label changes.
+
+use std::time::Instant;
+
+use sluice_integration::{
+    ONE_NODE_LAB, TestLab,
+    netpol::{self, Probe},
+};
+
+fn model_lab(prefix: &str) -> TestLab {
+    let mut lab = TestLab::up(prefix, ONE_NODE_LAB);
+    lab.apply_yaml("model.yaml", &netpol::model_yaml());
+    lab
+}
+
+/// Probes every pair and compares with the reference; panics with the differences.
+fn check(lab: &TestLab, probes: &[Probe], what: &str) {
+    let snapshot = netpol::snapshot(lab);
+    let expected = netpol::expected(&snapshot, probes);
+    let start = Instant::now();
+    let actual = netpol::probe_all(lab, probes, &expected);
+    let report = netpol::mismatches(&expected, &actual);
+    let allowed = actual.values().filter(|a| **a).count();
+    eprintln!(
+        "{what}: {} probes, {allowed} allowed, in {:?}",
+        probes.len(),
+        start.elapsed()
+    );
+    assert!(report.is_empty(), "{what}: verdicts differ:\n{report}");
+}
+
+fn policy(name: &str, namespace: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: \"{namespace}\"\nspec:\n{spec}"
+    )
+}
+
+/// Policies from the upstream suite (test/e2e/network/netpol), each applied alone.
+fn upstream_cases() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "default-deny-ingress",
+            policy(
+                "deny-ingress",
+                "x",
+                "  podSelector: {}\n  policyTypes: [Ingress]\n",
+            ),
+        ),
+        (
+            "default-deny-egress",
+            policy(
+                "deny-egress",
+                "x",
+                "  podSelector: {}\n  policyTypes: [Egress]\n",
+            ),
+        ),
+        (
+            "allow-from-namespace-y-to-x-a",
+            policy(
+                "allow-ns-y",
+                "x",
+                "  podSelector:\n    matchLabels: {pod: a}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchLabels: {ns: \"y\"}\n",
+            ),
+        ),
+        (
+            "and-namespace-y-pod-b",
+            policy(
+                "and-peer",
+                "x",
+                "  podSelector:\n    matchLabels: {pod: a}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchLabels: {ns: \"y\"}\n      podSelector:\n        matchLabels: {pod: b}\n",
+            ),
+        ),
+        (
+            "or-namespace-y-or-pod-b",
+            policy(
+                "or-peer",
+                "x",
+                "  podSelector:\n    matchLabels: {pod: a}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchLabels: {ns: \"y\"}\n    - podSelector:\n        matchLabels: {pod: b}\n",
+            ),
+        ),
+        (
+            "namespace-not-in-y",
+            policy(
+                "not-in-y",
+                "x",
+                "  podSelector:\n    matchLabels: {pod: a}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: ns, operator: NotIn, values: [\"y\"]}\n",
+            ),
+        ),
+        (
+            "pod-exists-and-not-c",
+            policy(
+                "exists",
+                "x",
+                "  podSelector:\n    matchExpressions:\n    - {key: pod, operator: Exists}\n  ingress:\n  - from:\n    - namespaceSelector: {}\n      podSelector:\n        matchExpressions:\n        - {key: pod, operator: In, values: [a, b]}\n",
+            ),
+        ),
+        (
+            "named-port-81-tcp-only",
+            policy(
+                "named-port",
+                "x",
+                "  podSelector: {}\n  ingress:\n  - ports:\n    - {port: serve-81-tcp}\n",
+            ),
+        ),
+        (
+            "named-port-wrong-protocol-matches-nothing",
+            policy(
+                "named-wrong",
+                "x",
+                "  podSelector: {}\n  ingress:\n  - ports:\n    - {port: serve-80-tcp, protocol: UDP}\n",
+            ),
+        ),
+        (
+            "end-port-udp-80-81",
+            policy(
+                "end-port",
+                "x",
+                "  podSelector: {}\n  ingress:\n  - ports:\n    - {port: 80, endPort: 81, protocol: UDP}\n",
+            ),
+        ),
+        (
+            "egress-to-y-port-80",
+            policy(
+                "egress-y",
+                "x",
+                "  podSelector: {}\n  egress:\n  - to:\n    - namespaceSelector:\n        matchLabels: {ns: \"y\"}\n    ports:\n    - {port: 80}\n",
+            ),
+        ),
+        (
+            "named-egress-port-per-destination",
+            policy(
+                "egress-named",
+                "x",
+                "  podSelector:\n    matchLabels: {pod: a}\n  egress:\n  - ports:\n    - {port: serve-81-udp, protocol: UDP}\n",
+            ),
+        ),
+        (
+            "ingress-and-egress-types-without-egress-rules",
+            policy(
+                "both-types",
+                "y",
+                "  podSelector:\n    matchLabels: {pod: b}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - {}\n",
+            ),
+        ),
+        (
+            "ip-block-with-except",
+            policy(
+                "ip-block",
+                "x",
+                "  podSelector:\n    matchLabels: {pod: a}\n  ingress:\n  - from:\n    - ipBlock:\n        cidr: 10.244.0.0/16\n        except: [EXCEPT/32]\n",
+            ),
+        ),
+    ]
+}
+
+#[test]
+fn the_upstream_conformance_model_matches_the_reference() {
+    let mut lab = model_lab("model");
+    let probes = netpol::full_matrix();
+    check(&lab, &probes, "no policy");
+    let except = lab.pod_ip("y/b").to_string();
+    for (name, yaml) in upstream_cases() {
+        let yaml = yaml.replace("EXCEPT", &except);
+        let file = format!("{name}.yaml");
+        lab.apply_yaml(&file, &yaml);
+        check(&lab, &probes, name);
+        let path = std::env::temp_dir().join(format!("sluice-test-{}-{file}", lab.name));
+        std::fs::write(&path, &yaml).unwrap();
+        lab.lab.delete(&[path.clone()]).expect("delete the policy");
+        let _ = std::fs::remove_file(&path);
+    }
+    check(&lab, &probes, "all policies deleted");
+}
+
+/// One random change to the model: a policy applied or deleted, a pod or a namespace relabelled.
+fn random_change(rng: &mut fastrand::Rng, step: usize, applied: &mut Vec<String>) -> Change {
+    let ns = netpol::NAMESPACES[rng.usize(..3)];
+    let value = |rng: &mut fastrand::Rng| ["a", "b", "c"][rng.usize(..3)];
+    match rng.u8(..10) {
+        0..=4 => {
+            let name = format!("p{step}");
+            let peer = match rng.u8(..5) {
+                0 => format!("    - podSelector:\n        matchLabels: {{pod: {}}}\n", value(rng)),
+                1 => format!(
+                    "    - namespaceSelector:\n        matchLabels: {{ns: \"{}\"}}\n",
+                    netpol::NAMESPACES[rng.usize(..3)]
+                ),
+                2 => format!(
+                    "    - namespaceSelector:\n        matchExpressions:\n        - {{key: ns, operator: NotIn, values: [\"{}\"]}}\n      podSelector:\n        matchLabels: {{pod: {}}}\n",
+                    netpol::NAMESPACES[rng.usize(..3)],
+                    value(rng)
+                ),
+                3 => "    - podSelector:\n        matchExpressions:\n        - {key: tier, operator: Exists}\n".to_string(),
+                _ => "    - ipBlock: {cidr: 10.244.1.0/25}\n".to_string(),
+            };
+            let ports = match rng.u8(..4) {
+                0 => String::new(),
+                1 => format!("    ports:\n    - {{port: {}}}\n", 80 + rng.u16(..2)),
+                2 => "    ports:\n    - {port: serve-81-udp, protocol: UDP}\n".to_string(),
+                _ => "    ports:\n    - {port: 80, endPort: 81, protocol: UDP}\n".to_string(),
+            };
+            let (direction, peers) = if rng.bool() {
+                ("ingress", "from")
+            } else {
+                ("egress", "to")
+            };
+            let spec = format!(
+                "  podSelector:\n    matchLabels: {{pod: {}}}\n  {direction}:\n  - {peers}:\n{peer}{ports}",
+                value(rng)
+            );
+            let yaml = policy(&name, ns, &spec);
+            applied.push(yaml.clone());
+            Change::Apply(format!("policy {ns}/{name}"), yaml)
+        }
+        5..=6 if !applied.is_empty() => {
+            let yaml = applied.remove(rng.usize(..applied.len()));
+            Change::Delete(yaml)
+        }
+        7..=8 => {
+            let pod = value(rng);
+            let tier = if rng.bool() { "tier: web, " } else { "" };
+            Change::Apply(
+                format!("relabel pod {ns}/{pod}"),
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: \"{ns}\"\n  labels: {{{tier}pod: {pod}}}\nspec:\n  containers:\n  - name: cont\n    image: agnhost\n    ports:\n    - {{name: serve-80-tcp, containerPort: 80, protocol: TCP}}\n    - {{name: serve-81-tcp, containerPort: 81, protocol: TCP}}\n    - {{name: serve-80-udp, containerPort: 80, protocol: UDP}}\n    - {{name: serve-81-udp, containerPort: 81, protocol: UDP}}\n"
+                ),
+            )
+        }
+        _ => {
+            let team = ["red", "blue"][rng.usize(..2)];
+            Change::Apply(
+                format!("relabel namespace {ns}"),
+                format!(
+                    "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"{ns}\"\n  labels: {{ns: \"{ns}\", team: {team}}}\n"
+                ),
+            )
+        }
+    }
+}
+
+enum Change {
+    Apply(String, String),
+    Delete(String),
+}
+
+/// Random sequences of changes; after every step the kernel's maps equal the compiler's
+/// output (`sluice verify`) and sampled real probes get the reference's verdicts.
+#[test]
+fn random_changes_keep_the_kernel_and_the_traffic_equal_to_the_reference() {
+    let seed = std::env::var("SLUICE_PROPERTY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let steps: usize = std::env::var("SLUICE_PROPERTY_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    eprintln!("property seed {seed} ({steps} steps; rerun with SLUICE_PROPERTY_SEED={seed})");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut lab = model_lab("property");
+    let all = netpol::full_matrix();
+    let mut applied = Vec::new();
+    for step in 0..steps {
+        let what = match random_change(&mut rng, step, &mut applied) {
+            Change::Apply(what, yaml) => {
+                lab.apply_yaml(&format!("step-{step}.yaml"), &yaml);
+                what
+            }
+            Change::Delete(yaml) => {
+                let path =
+                    std::env::temp_dir().join(format!("sluice-test-{}-del-{step}.yaml", lab.name));
+                std::fs::write(&path, &yaml).unwrap();
+                lab.lab.delete(&[path.clone()]).expect("delete");
+                let _ = std::fs::remove_file(&path);
+                "delete a policy".to_string()
+            }
+        };
+        let verify = lab.cli(&["verify"]);
+        assert!(
+            verify.contains("every map matches"),
+            "seed {seed} step {step} ({what}): kernel differs from the compiler:\n{verify}"
+        );
+        let sample: Vec<Probe> = (0..24)
+            .map(|_| all[rng.usize(..all.len())].clone())
+            .collect();
+        check(&lab, &sample, &format!("seed {seed} step {step} ({what})"));
+    }
+}

@@ -1,0 +1,534 @@
+//! NetworkPolicy end to end: a lab with a real agent, policy enforced by the eBPF datapath on
+//! every pod's veth, real TCP, UDP and ICMP between pod namespaces.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use sluice_integration::{ONE_NODE_LAB, TestLab, http_get, udp_ask};
+
+/// Namespace `app`: `probe` (the long-lived client), `db` (a server on 27017 and 8000-8031).
+const APP: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: app
+  labels: {team: payments}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: probe
+  namespace: app
+  labels: {app: probe}
+spec:
+  containers:
+  - name: probe
+    image: netshoot
+    ports:
+    - {containerPort: 80}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db
+  namespace: app
+  labels: {app: db}
+spec:
+  containers:
+  - name: db
+    image: mongo
+    ports:
+    - {name: mongo, containerPort: 27017}
+    - {containerPort: 8005}
+    - {containerPort: 8011}
+    - {name: dns, containerPort: 5353, protocol: UDP}
+";
+
+const DENY_EGRESS: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: deny-egress
+  namespace: app
+spec:
+  podSelector:
+    matchLabels: {app: probe}
+  policyTypes: [Egress]
+";
+
+/// A TCP connect with a short timeout: a policy drop shows as a timeout.
+fn tcp_connects(addr: SocketAddr, timeout: Duration) -> bool {
+    TcpStream::connect_timeout(&addr, timeout).is_ok()
+}
+
+fn app_lab(prefix: &str) -> TestLab {
+    let mut lab = TestLab::up(prefix, ONE_NODE_LAB);
+    lab.apply_yaml("app.yaml", APP);
+    lab
+}
+
+/// Tries `probe` from inside `pod` every 20 ms until it succeeds or `limit` passes; returns
+/// how long it took.
+fn first_success(
+    lab: &TestLab,
+    pod: &str,
+    limit: Duration,
+    probe: impl Fn() -> bool + Send + 'static,
+) -> Option<Duration> {
+    let start = Instant::now();
+    lab.in_pod(pod, move || {
+        while start.elapsed() < limit {
+            if probe() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    })
+}
+
+fn verify_is_clean(lab: &TestLab) {
+    let out = lab.cli(&["verify"]);
+    assert!(out.contains("every map matches"), "verify: {out}");
+}
+
+/// The incumbent's field failure: a NetworkPolicy is deleted and a long-lived pod stays
+/// blocked until it restarts. Here the running pod connects at once, a new pod too, and
+/// verify finds nothing stale.
+#[test]
+fn a_deleted_policy_unblocks_the_running_pod_without_a_restart() {
+    let mut lab = app_lab("fieldfail");
+    let db = SocketAddr::from((lab.pod_ip("app/db"), 27017));
+    assert!(
+        lab.in_pod("app/probe", move || tcp_connects(
+            db,
+            Duration::from_secs(1)
+        )),
+        "db reachable before any policy"
+    );
+
+    lab.apply_yaml("deny.yaml", DENY_EGRESS);
+    assert!(
+        !lab.in_pod("app/probe", move || tcp_connects(
+            db,
+            Duration::from_millis(500)
+        )),
+        "default-deny egress blocks the probe"
+    );
+
+    let deleted = Instant::now();
+    let path = std::env::temp_dir().join(format!("sluice-test-{}-deny.yaml", lab.name));
+    std::fs::write(&path, DENY_EGRESS).unwrap();
+    let report = lab.lab.delete(&[path.clone()]).expect("delete the policy");
+    let _ = std::fs::remove_file(&path);
+    let reconnect = first_success(&lab, "app/probe", Duration::from_secs(5), move || {
+        tcp_connects(db, Duration::from_millis(200))
+    })
+    .expect("the same running pod connects after the policy is deleted");
+    let total = deleted.elapsed().min(reconnect + report.realized_in);
+    eprintln!(
+        "policy deleted -> realized in {:?}; running pod connected {:?} after delete returned",
+        report.realized_in, reconnect
+    );
+    assert!(
+        report.realized_in + reconnect < Duration::from_secs(1),
+        "the running pod connected {total:?} after the delete, more than 1 s"
+    );
+
+    lab.apply_yaml(
+        "new.yaml",
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: probe-2
+  namespace: app
+  labels: {app: probe}
+spec:
+  containers:
+  - name: probe
+    image: netshoot
+",
+    );
+    assert!(
+        lab.in_pod("app/probe-2", move || tcp_connects(
+            db,
+            Duration::from_secs(1)
+        )),
+        "a new pod connects too"
+    );
+    verify_is_clean(&lab);
+}
+
+#[test]
+fn end_port_ranges_are_enforced() {
+    let mut lab = app_lab("endport");
+    lab.apply_yaml(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: range
+  namespace: app
+spec:
+  podSelector:
+    matchLabels: {app: db}
+  ingress:
+  - ports:
+    - {port: 8000, endPort: 8010}
+",
+    );
+    let ip = lab.pod_ip("app/db");
+    let (inside, outside, mongo) = lab.in_pod("app/probe", move || {
+        let t = Duration::from_millis(500);
+        (
+            tcp_connects((ip, 8005).into(), t),
+            tcp_connects((ip, 8011).into(), t),
+            tcp_connects((ip, 27017).into(), t),
+        )
+    });
+    assert!(inside, "8005 is inside 8000-8010");
+    assert!(!outside, "8011 is outside 8000-8010");
+    assert!(!mongo, "27017 is not allowed");
+}
+
+/// Service traffic is judged after DNAT, against the backend pod and its target port.
+#[test]
+fn service_traffic_is_judged_against_the_backend() {
+    let mut lab = app_lab("svcpolicy");
+    lab.apply_yaml(
+        "svc.yaml",
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: db
+  namespace: app
+spec:
+  selector: {app: db}
+  ports:
+  - {name: mongo, port: 80, targetPort: mongo}
+",
+    );
+    let vip = SocketAddr::from((lab.cluster_ip("db"), 80));
+    let policy = |port: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: db-ingress
+  namespace: app
+spec:
+  podSelector:
+    matchLabels: {{app: db}}
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels: {{app: probe}}
+    ports:
+    - port: {port}
+"
+        )
+    };
+    lab.apply_yaml("p.yaml", &policy("80"));
+    assert!(
+        !lab.in_pod("app/probe", move || tcp_connects(
+            vip,
+            Duration::from_millis(500)
+        )),
+        "a rule for the service port does not admit traffic to the target port"
+    );
+    lab.apply_yaml("p.yaml", &policy("mongo"));
+    assert!(
+        lab.in_pod("app/probe", move || tcp_connects(
+            vip,
+            Duration::from_secs(1)
+        )),
+        "the named target port admits the connection through the VIP"
+    );
+}
+
+/// Replies to allowed connections pass even when the replying pod is isolated for egress.
+#[test]
+fn replies_pass_and_policy_is_stateful() {
+    let mut lab = app_lab("stateful");
+    lab.apply_yaml(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: db-no-egress
+  namespace: app
+spec:
+  podSelector:
+    matchLabels: {app: db}
+  policyTypes: [Egress]
+",
+    );
+    let db = lab.pod_ip("app/db");
+    let (tcp, udp) = lab.in_pod("app/probe", move || {
+        (
+            http_get((db, 27017).into()),
+            udp_ask((db, 5353).into(), b"ping"),
+        )
+    });
+    assert_eq!(tcp.expect("TCP request answered"), "db");
+    assert_eq!(udp.expect("UDP echoed").0, "ping");
+    let probe = lab.pod_ip("app/probe");
+    assert!(
+        !lab.in_pod("app/db", move || tcp_connects(
+            (probe, 80).into(),
+            Duration::from_millis(500)
+        )),
+        "new connections from db are denied"
+    );
+}
+
+/// A 3,000-byte ping is fragmented at MTU 1500; every fragment of an allowed flow passes.
+#[test]
+fn fragmented_ping_between_allowed_pods_works() {
+    let mut lab = app_lab("frag");
+    lab.apply_yaml(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: db-from-probe
+  namespace: app
+spec:
+  podSelector:
+    matchLabels: {app: db}
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels: {app: probe}
+",
+    );
+    let db = lab.pod_ip("app/db").to_string();
+    let out = lab
+        .lab
+        .pod_command("app/probe", "ping")
+        .unwrap()
+        .args(["-c", "3", "-W", "2", "-s", "3000", &db])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ping -s 3000: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A pod that sends from an address that is not its own is dropped (anti-spoofing).
+#[test]
+fn spoofed_sources_are_dropped() {
+    let lab = app_lab("spoof");
+    let spoofed = Ipv4Addr::new(10, 244, 1, 250);
+    let add = lab
+        .lab
+        .pod_command("app/probe", "ip")
+        .unwrap()
+        .args(["addr", "add", &format!("{spoofed}/32"), "dev", "eth0"])
+        .status()
+        .unwrap();
+    assert!(add.success(), "add a second address inside the pod");
+    let db = SocketAddr::from((lab.pod_ip("app/db"), 5353));
+    let (honest, forged) = lab.in_pod("app/probe", move || {
+        let honest = udp_ask(db, b"honest").is_ok();
+        let s = std::net::UdpSocket::bind((spoofed, 0)).unwrap();
+        s.connect(db).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s.send(b"forged").unwrap();
+        let mut buf = [0u8; 64];
+        (honest, s.recv(&mut buf).is_ok())
+    });
+    assert!(honest, "from its own address the pod is answered");
+    assert!(!forged, "from a forged address nothing comes back");
+}
+
+/// The time from a policy change to enforcement on every affected endpoint, for 100
+/// endpoints: the apply returns once the agent has realized the change; every endpoint is
+/// then probed.
+#[test]
+fn a_policy_change_reaches_100_endpoints() {
+    let mut lab = TestLab::up("hundred", ONE_NODE_LAB);
+    lab.apply_yaml(
+        "web.yaml",
+        "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 100
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: agnhost
+        ports:
+        - {containerPort: 80}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  labels: {app: client}
+spec:
+  containers:
+  - name: client
+    image: netshoot
+",
+    );
+    let targets: Vec<SocketAddr> = lab
+        .pods_named("web-")
+        .iter()
+        .map(|p| SocketAddr::from((lab.pod_ip(p), 80)))
+        .collect();
+    assert_eq!(targets.len(), 100);
+    let reachable = |lab: &TestLab, timeout: Duration| {
+        let targets = targets.clone();
+        lab.in_pod("default/client", move || {
+            let handles: Vec<_> = targets
+                .into_iter()
+                .map(|t| std::thread::spawn(move || tcp_connects(t, timeout)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|ok| *ok)
+                .count()
+        })
+    };
+    assert_eq!(reachable(&lab, Duration::from_secs(2)), 100);
+
+    let deny = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: web-deny
+spec:
+  podSelector:
+    matchLabels: {app: web}
+  policyTypes: [Ingress]
+";
+    let start = Instant::now();
+    let report = lab.apply_yaml("deny.yaml", deny);
+    let applied = start.elapsed();
+    let open = reachable(&lab, Duration::from_millis(500));
+    eprintln!(
+        "deny on 100 endpoints: realized in {:?} (apply call {applied:?}); {open} still reachable",
+        report.realized_in
+    );
+    assert_eq!(open, 0, "every endpoint enforces the new policy");
+
+    let path = std::env::temp_dir().join(format!("sluice-test-{}-deny.yaml", lab.name));
+    std::fs::write(&path, deny).unwrap();
+    let start = Instant::now();
+    let report = lab.lab.delete(&[path.clone()]).expect("delete");
+    let applied = start.elapsed();
+    let _ = std::fs::remove_file(&path);
+    let open = reachable(&lab, Duration::from_secs(2));
+    eprintln!(
+        "delete on 100 endpoints: realized in {:?} (delete call {applied:?}); {open} reachable",
+        report.realized_in
+    );
+    assert_eq!(open, 100, "every endpoint is open again");
+}
+
+/// A policy row written straight into the kernel is reported by verify and removed by the
+/// periodic reconcile; the endpoint's traffic follows the desired policy again.
+#[test]
+fn a_wrong_policy_row_in_the_kernel_is_reported_and_repaired() {
+    let mut lab = app_lab("policydrift");
+    lab.apply_yaml("deny.yaml", DENY_EGRESS);
+    let api = lab.client();
+    let clean: sluice_api::VerifyReport = api
+        .call(sluice_api::Method::Verify, serde_json::json!({}))
+        .unwrap();
+    assert!(clean.drift.is_empty(), "no drift: {:?}", clean.drift);
+
+    // Allow probe -> db:27017 behind the agent's back.
+    let probe_ip = lab.pod_ip("app/probe");
+    let db_ip = lab.pod_ip("app/db");
+    let maps = sluice_datapath::PinnedMaps::open(&lab.lab.pin_dir(&lab.node())).unwrap();
+    let ifindex = maps
+        .endpoints
+        .iter()
+        .map(|e| e.unwrap())
+        .find(|(_, info)| info.ip() == probe_ip)
+        .map(|(ifindex, _)| ifindex)
+        .expect("probe's endpoint");
+    let db_identity = maps
+        .ipcache
+        .get(
+            &aya::maps::lpm_trie::Key::new(32, sluice_common::addr_be(db_ip)),
+            0,
+        )
+        .unwrap()
+        .identity;
+    let mut inner = maps.policy.get(&ifindex, 0).expect("probe's policy map");
+    let row = sluice_common::PolicyKey::ports(
+        db_identity,
+        sluice_common::POLICY_EGRESS,
+        sluice_common::IPPROTO_TCP,
+        27017,
+        16,
+    );
+    inner
+        .insert(
+            &aya::maps::lpm_trie::Key::new(row.prefixlen, row.rule),
+            sluice_common::PolicyEntry::default(),
+            0,
+        )
+        .unwrap();
+    let db = SocketAddr::from((db_ip, 27017));
+    assert!(
+        lab.in_pod("app/probe", move || tcp_connects(
+            db,
+            Duration::from_secs(1)
+        )),
+        "the forged row admits the connection"
+    );
+
+    let report: sluice_api::VerifyReport = api
+        .call(sluice_api::Method::Verify, serde_json::json!({}))
+        .unwrap();
+    assert!(
+        report
+            .drift
+            .iter()
+            .any(|d| d.map == sluice_common::names::POLICY && d.key.contains("27017")),
+        "verify names the forged row: {:?}",
+        report.drift
+    );
+
+    let started = Instant::now();
+    loop {
+        let r: sluice_api::VerifyReport = api
+            .call(sluice_api::Method::Verify, serde_json::json!({}))
+            .unwrap();
+        if r.drift.is_empty() {
+            eprintln!(
+                "periodic reconcile removed the forged row after {:?}",
+                started.elapsed()
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not repaired: {:?}",
+            r.drift
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !lab.in_pod("app/probe", move || tcp_connects(
+            db,
+            Duration::from_millis(500)
+        )),
+        "denied again once repaired"
+    );
+}
