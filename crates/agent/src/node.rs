@@ -79,7 +79,7 @@ impl Node {
                     map: maps.endpoints,
                 },
                 ipcache: Ipcache { map: maps.ipcache },
-                policy: KernelPolicy { map: maps.policy },
+                policy: KernelPolicy::open(&config.pin_dir)?,
             },
             conntrack: maps.conntrack,
             fragments: maps.fragments,
@@ -200,7 +200,7 @@ impl Node {
             ),
             (
                 names::POLICY,
-                self.tables.policy.map.keys().count(),
+                self.tables.policy.endpoint_count(),
                 self.policy_endpoints_max,
             ),
             (

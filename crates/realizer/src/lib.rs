@@ -10,6 +10,7 @@
 //! reach the ipcache before the policy rows that name them, and a policy map is in place
 //! before the endpoint's flags enforce it; removals go the other way round.
 
+mod batch;
 mod policy;
 mod table;
 
@@ -38,6 +39,12 @@ pub enum RealizerError {
         op: &'static str,
         ifindex: u32,
         source: aya::maps::MapError,
+    },
+    #[error("{call} on map {map}: {source}")]
+    Sys {
+        call: &'static str,
+        map: &'static str,
+        source: std::io::Error,
     },
     // Boxed: the datapath's error is large and every realizer result would carry its size.
     #[error(transparent)]
@@ -278,21 +285,17 @@ where
     pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, RealizerError> {
         let mut stats = ApplyStats::default();
         stats.upserted += apply_upserts(&mut self.ipcache, &plan.ipcache, |_| 0)?;
-        for install in &plan.policy.installs {
-            self.policy
-                .install(install.ifindex, install.capacity, &install.rows)?;
-            stats.upserted += 1;
-        }
+        self.policy.install(&plan.policy.installs)?;
+        stats.upserted += plan.policy.installs.len();
         stats.upserted += apply_upserts(&mut self.endpoints, &plan.endpoints, |_| 0)?;
         stats.upserted += apply_upserts(&mut self.backends, &plan.backends, |_| 0)?;
         stats.upserted += apply_upserts(&mut self.services, &plan.services, slots_first)?;
         stats.removed += apply_removes(&mut self.services, &plan.services, frontends_first)?;
         stats.removed += apply_removes(&mut self.backends, &plan.backends, |_| 0)?;
         stats.removed += apply_removes(&mut self.endpoints, &plan.endpoints, |_| 0)?;
-        for (ifindex, _) in &plan.policy.removes {
-            self.policy.remove(*ifindex)?;
-            stats.removed += 1;
-        }
+        let gone: Vec<u32> = plan.policy.removes.iter().map(|(i, _)| *i).collect();
+        self.policy.remove(&gone)?;
+        stats.removed += gone.len();
         stats.removed += apply_removes(&mut self.ipcache, &plan.ipcache, |_| 0)?;
         Ok(stats)
     }

@@ -6,14 +6,18 @@
 //! outer map with one update, so the datapath sees either the old policy or the new one,
 //! never an empty or partial one. Endpoints whose rows match are not touched.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    path::Path,
+};
 
-use aya::maps::{HashOfMaps, IterableMap, MapData, lpm_trie::Key};
+use aya::maps::{HashOfMaps, IterableMap, Map, MapData, lpm_trie::Key};
 use sluice_common::{PolicyEntry, PolicyKey, names};
 use sluice_compiler::EndpointPolicy;
 use sluice_datapath::{PolicyMap, create_policy_map};
 
-use crate::{DriftEntry, DriftKind, RealizerError, table::is_not_found, write_stamp};
+use crate::{DriftEntry, DriftKind, RealizerError, batch, table::is_not_found, write_stamp};
 
 /// One endpoint's policy map as the kernel holds it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -30,16 +34,11 @@ pub trait PolicyTable {
     fn endpoints(&self) -> Result<BTreeSet<u32>, RealizerError>;
     /// The map installed for `ifindex`, read from the kernel, or None.
     fn read(&self, ifindex: u32) -> Result<Option<InstalledPolicy>, RealizerError>;
-    /// Creates a map of `capacity` holding exactly `rows`, then points `ifindex` at it in
-    /// one update.
-    fn install(
-        &mut self,
-        ifindex: u32,
-        capacity: u32,
-        rows: &BTreeMap<PolicyKey, PolicyEntry>,
-    ) -> Result<(), RealizerError>;
-    /// Removes `ifindex`'s map; an endpoint without one is not an error.
-    fn remove(&mut self, ifindex: u32) -> Result<(), RealizerError>;
+    /// For each install, creates a map of its capacity holding exactly its rows, then points
+    /// its endpoint at it with one update of the outer map.
+    fn install(&mut self, installs: &[PolicyInstall]) -> Result<(), RealizerError>;
+    /// Removes these endpoints' maps; an endpoint without one is not an error.
+    fn remove(&mut self, ifindexes: &[u32]) -> Result<(), RealizerError>;
 
     /// Every installed map.
     fn read_all(&self) -> Result<BTreeMap<u32, InstalledPolicy>, RealizerError> {
@@ -154,9 +153,9 @@ pub fn diff_policies(
     let mut plan = PolicyPlan::default();
     for (&ifindex, policy) in desired {
         let current = installed.remove(&ifindex);
-        let same = current.as_ref().is_some_and(|c| {
-            c.capacity == capacity && c.rows.keys().eq(policy.rows.keys())
-        });
+        let same = current
+            .as_ref()
+            .is_some_and(|c| c.capacity == capacity && c.rows.keys().eq(policy.rows.keys()));
         if same {
             continue;
         }
@@ -184,7 +183,9 @@ pub fn diff_policies(
 
 /// The kernel's `policy` hash of maps.
 pub struct KernelPolicy {
-    pub map: HashOfMaps<MapData, u32, PolicyMap>,
+    map: HashOfMaps<MapData, u32, PolicyMap>,
+    /// The same map, for the batch updates aya does not offer.
+    fd: OwnedFd,
 }
 
 fn policy_err(op: &'static str, ifindex: u32) -> impl Fn(aya::maps::MapError) -> RealizerError {
@@ -192,6 +193,39 @@ fn policy_err(op: &'static str, ifindex: u32) -> impl Fn(aya::maps::MapError) ->
         op,
         ifindex,
         source,
+    }
+}
+
+impl KernelPolicy {
+    /// Opens the `policy` map pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
+        let map_err = |op| {
+            move |source| RealizerError::Map {
+                op,
+                map: names::POLICY,
+                source,
+            }
+        };
+        let data =
+            MapData::from_pin(pin_dir.join(names::POLICY)).map_err(map_err("open pinned"))?;
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| RealizerError::Sys {
+                call: "dup",
+                map: names::POLICY,
+                source,
+            })?;
+        let map = Map::from_map_data(data)
+            .and_then(HashOfMaps::try_from)
+            .map_err(map_err("open pinned"))?;
+        Ok(Self { map, fd })
+    }
+
+    /// How many endpoints have a policy map.
+    pub fn endpoint_count(&self) -> usize {
+        self.map.keys().count()
     }
 }
 
@@ -239,31 +273,50 @@ impl PolicyTable for KernelPolicy {
         Ok(Some(InstalledPolicy { capacity, rows }))
     }
 
-    fn install(
-        &mut self,
-        ifindex: u32,
-        capacity: u32,
-        rows: &BTreeMap<PolicyKey, PolicyEntry>,
-    ) -> Result<(), RealizerError> {
-        let mut fresh =
-            create_policy_map(capacity).map_err(|e| RealizerError::Datapath(Box::new(e)))?;
-        for (key, counters) in rows {
-            fresh
-                .insert(&Key::new(key.prefixlen, key.rule), counters, 0)
-                .map_err(policy_err("fill new map", ifindex))?;
+    fn install(&mut self, installs: &[PolicyInstall]) -> Result<(), RealizerError> {
+        if installs.is_empty() {
+            return Ok(());
         }
-        // The swap: one update of the outer map. The old map is freed once the last
-        // program run holding it ends.
-        self.map
-            .insert(ifindex, &fresh, 0)
-            .map_err(policy_err("swap in new map", ifindex))
+        let mut fresh = Vec::with_capacity(installs.len());
+        for install in installs {
+            let mut map = create_policy_map(install.capacity)
+                .map_err(|e| RealizerError::Datapath(Box::new(e)))?;
+            for (key, counters) in &install.rows {
+                map.insert(&Key::new(key.prefixlen, key.rule), counters, 0)
+                    .map_err(policy_err("fill new map", install.ifindex))?;
+            }
+            fresh.push(map);
+        }
+        // The swaps, in one batch: each element is one atomic update of the outer map, and
+        // the kernel waits for running programs to let go of the old maps once per batch
+        // instead of once per endpoint (about 14 ms each). The new maps' fds may close
+        // afterwards: the outer map holds them.
+        let keys: Vec<u32> = installs.iter().map(|i| i.ifindex).collect();
+        let fds = fresh
+            .iter()
+            .map(|m| u32::try_from(m.map().fd().as_fd().as_raw_fd()))
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(|_| RealizerError::Sys {
+                call: "bpf(BPF_MAP_UPDATE_BATCH)",
+                map: names::POLICY,
+                source: std::io::Error::from_raw_os_error(libc::EBADF),
+            })?;
+        batch::update(self.fd.as_fd(), &keys, &fds).map_err(|source| RealizerError::Sys {
+            call: "bpf(BPF_MAP_UPDATE_BATCH)",
+            map: names::POLICY,
+            source,
+        })
     }
 
-    fn remove(&mut self, ifindex: u32) -> Result<(), RealizerError> {
-        match self.map.remove(&ifindex) {
-            Err(e) if !is_not_found(&e) => Err(policy_err("delete", ifindex)(e)),
-            _ => Ok(()),
+    fn remove(&mut self, ifindexes: &[u32]) -> Result<(), RealizerError> {
+        if ifindexes.is_empty() {
+            return Ok(());
         }
+        batch::delete(self.fd.as_fd(), ifindexes).map_err(|source| RealizerError::Sys {
+            call: "bpf(BPF_MAP_DELETE_BATCH)",
+            map: names::POLICY,
+            source,
+        })
     }
 }
 
@@ -298,26 +351,28 @@ impl PolicyTable for MemoryPolicy {
         Ok(self.maps.get(&ifindex).cloned())
     }
 
-    fn install(
-        &mut self,
-        ifindex: u32,
-        capacity: u32,
-        rows: &BTreeMap<PolicyKey, PolicyEntry>,
-    ) -> Result<(), RealizerError> {
-        let policy = InstalledPolicy {
-            capacity,
-            rows: rows.clone(),
-        };
-        self.maps.insert(ifindex, policy.clone());
-        self.log.push(PolicyWrite::Install { ifindex, policy });
-        self.stamps.push(write_stamp());
+    fn install(&mut self, installs: &[PolicyInstall]) -> Result<(), RealizerError> {
+        for install in installs {
+            let policy = InstalledPolicy {
+                capacity: install.capacity,
+                rows: install.rows.clone(),
+            };
+            self.maps.insert(install.ifindex, policy.clone());
+            self.log.push(PolicyWrite::Install {
+                ifindex: install.ifindex,
+                policy,
+            });
+            self.stamps.push(write_stamp());
+        }
         Ok(())
     }
 
-    fn remove(&mut self, ifindex: u32) -> Result<(), RealizerError> {
-        self.maps.remove(&ifindex);
-        self.log.push(PolicyWrite::Remove { ifindex });
-        self.stamps.push(write_stamp());
+    fn remove(&mut self, ifindexes: &[u32]) -> Result<(), RealizerError> {
+        for &ifindex in ifindexes {
+            self.maps.remove(&ifindex);
+            self.log.push(PolicyWrite::Remove { ifindex });
+            self.stamps.push(write_stamp());
+        }
         Ok(())
     }
 }

@@ -257,14 +257,20 @@ fn policy_maps_go_in_after_the_ipcache_and_before_the_flags_that_enforce_them() 
         .unwrap();
     let first_flag = t.endpoints.stamps.iter().min().unwrap();
     let last_ipcache = t.ipcache.stamps.iter().max().unwrap();
-    assert!(t.policy.stamps.iter().all(|s| s > last_ipcache && s < first_flag));
+    assert!(
+        t.policy
+            .stamps
+            .iter()
+            .all(|s| s > last_ipcache && s < first_flag)
+    );
     assert_eq!(t.policy.maps.len(), 2);
 
     // Un-enforcing: flags are cleared before the maps go, and ipcache entries go last.
     t.endpoints.stamps.clear();
     t.policy.stamps.clear();
     t.ipcache.stamps.clear();
-    t.realize(Desired::of(&DesiredState::default(), 16)).unwrap();
+    t.realize(Desired::of(&DesiredState::default(), 16))
+        .unwrap();
     let last_endpoint = t.endpoints.stamps.iter().max().unwrap();
     let first_ipcache = t.ipcache.stamps.iter().min().unwrap();
     assert!(
@@ -321,11 +327,7 @@ fn counters_carry_over_a_swap_and_never_count_as_drift() {
     let same = enforced(&[host_row(), web_80()]);
     assert!(t.plan(Desired::of(&same, 16)).unwrap().is_empty());
 
-    let more = enforced(&[
-        host_row(),
-        web_80(),
-        PolicyKey::any(DB, POLICY_INGRESS),
-    ]);
+    let more = enforced(&[host_row(), web_80(), PolicyKey::any(DB, POLICY_INGRESS)]);
     t.realize(Desired::of(&more, 16)).unwrap();
     assert_eq!(t.policy.maps[&EP].rows[&web_80()], counted);
     assert_eq!(t.policy.maps[&EP].rows.len(), 3);
@@ -379,7 +381,11 @@ fn policy_drift_names_each_row_and_map_and_is_repaired() {
                 "ifindex 5 ingress identity=2 53/UDP prefix 64".to_string()
             ),
             (names::POLICY, DriftKind::Missing, "ifindex 6".to_string()),
-            (names::POLICY, DriftKind::Unexpected, "ifindex 99".to_string()),
+            (
+                names::POLICY,
+                DriftKind::Unexpected,
+                "ifindex 99".to_string()
+            ),
         ]
     );
     t.apply(&plan).unwrap();

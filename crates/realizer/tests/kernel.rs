@@ -66,7 +66,7 @@ fn load() -> (PinDir, Datapath, KernelTables) {
             map: maps.endpoints,
         },
         ipcache: Ipcache { map: maps.ipcache },
-        policy: KernelPolicy { map: maps.policy },
+        policy: KernelPolicy::open(&pins.0).expect("open policy map"),
     };
     (pins, datapath, tables)
 }
@@ -316,4 +316,75 @@ fn ipcache_and_policy_removals_and_drift() {
         .unwrap();
     assert!(tables.policy.endpoints().unwrap().is_empty());
     assert_eq!(maps.ipcache.keys().count(), 0);
+}
+
+/// The realizer's share of "policy change to enforcement": 100 enforced endpoints with 20
+/// rows each, then one change that affects all of them, then one that affects a single
+/// endpoint.
+#[test]
+fn a_policy_change_over_100_endpoints_is_realized_promptly() {
+    let (_pins, _datapath, mut tables) = load();
+    let build = |extra_port: u16| {
+        let mut state = DesiredState::default();
+        for n in 0..100u32 {
+            let ifindex = 1000 + n;
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + n);
+            let mut info = EndpointInfo::new(ip, WEB + n);
+            info.flags = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
+            state.endpoints.insert(ifindex, info);
+            state
+                .ipcache
+                .insert(IpcacheKey::new(ip, 32), IpcacheEntry::local(WEB + n));
+            let mut rows = vec![host_row(), PolicyKey::any(IDENTITY_HOST, POLICY_EGRESS)];
+            rows.extend((0..18).map(|p| {
+                PolicyKey::ports(WEB + p, POLICY_INGRESS, IPPROTO_TCP, 8000 + p as u16, 16)
+            }));
+            // The changing row: every endpoint for a port below 100, only the first above.
+            if extra_port < 100 || n == 0 {
+                rows.push(PolicyKey::ports(
+                    IDENTITY_ANY,
+                    POLICY_EGRESS,
+                    IPPROTO_UDP,
+                    extra_port,
+                    16,
+                ));
+            }
+            state.policies.insert(ifindex, policy(&rows));
+        }
+        state
+    };
+    let timed = |tables: &mut KernelTables, state: &DesiredState| {
+        let started = std::time::Instant::now();
+        tables.realize(Desired::of(state, 1024)).unwrap();
+        started.elapsed()
+    };
+    let first = timed(&mut tables, &build(53));
+    let all = timed(&mut tables, &build(54));
+    let _ = timed(&mut tables, &build(5353));
+    let one = timed(&mut tables, &build(5354));
+    let idle = timed(&mut tables, &build(5354));
+    assert!(
+        tables
+            .plan(Desired::of(&build(5354), 1024))
+            .unwrap()
+            .is_empty()
+    );
+    let removed = timed(&mut tables, &DesiredState::default());
+    println!(
+        "100 endpoints x 21 rows: install {first:?}; change on all {all:?}; \
+         change on one {one:?}; no change {idle:?}; all removed {removed:?}"
+    );
+    assert!(all.as_secs_f64() < 1.0, "{all:?}");
+    assert!(removed.as_secs_f64() < 1.0, "{removed:?}");
+    assert_eq!(tables.policy.endpoint_count(), 0);
+}
+
+#[test]
+fn a_batch_removal_skips_endpoints_already_gone() {
+    let (_pins, _datapath, mut tables) = load();
+    tables
+        .realize(Desired::of(&state(&[host_row()]), 64))
+        .unwrap();
+    tables.policy.remove(&[12345, EP, 777, OTHER_EP]).unwrap();
+    assert!(tables.policy.endpoints().unwrap().is_empty());
 }
