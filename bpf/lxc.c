@@ -146,8 +146,7 @@ int from_container(struct __sk_buff *skb)
 		return verdict_pass(skb, METRIC_DIR_EGRESS);
 	}
 
-	/* Services balance ports; ICMP to a service address goes where the node routes it. */
-	if (pkt.proto != IPPROTO_ICMP) {
+	if (lb4_balanced(pkt.proto)) {
 		svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
 		if (svc)
 			return service_forward(skb, &pkt, svc, ep, now);

@@ -5,12 +5,20 @@
 
 #include <stdbool.h>
 #include <linux/bpf.h>
+#include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 
 #include "common.h"
 #include "conntrack.h"
 #include "maps.h"
 #include "parse.h"
+
+/* Services balance TCP, UDP and SCTP by port; anything else to a service address
+ * goes where the node routes it. */
+static __always_inline bool lb4_balanced(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+}
 
 /* Frontend (slot 0) of vip:port/proto, or one of its backend slots. */
 static __always_inline struct lb4_service *lb4_lookup(__be32 vip, __be16 port, __u8 proto, __u16 slot)

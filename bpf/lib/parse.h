@@ -29,8 +29,13 @@
 
 /* <linux/icmp.h> includes glibc's <sys/socket.h> (through <linux/if.h>), which does
  * not build for the BPF target, so the values used are repeated here. */
-#define ICMP_ECHOREPLY 0
-#define ICMP_ECHO      8
+#define ICMP_ECHOREPLY     0
+#define ICMP_DEST_UNREACH  3
+#define ICMP_SOURCE_QUENCH 4
+#define ICMP_REDIRECT      5
+#define ICMP_ECHO          8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
 
 /* The SCTP common header is 12 bytes; its ports sit where TCP's and UDP's do. */
 #define SCTP_HDR_LEN 12
@@ -52,7 +57,8 @@ struct icmp4_echo {
 
 /* The headers of an IPv4 packet of a connection, addresses and ports in network order.
  * ICMP echo uses its identifier as both ports, so the reversed tuple of a request is
- * its reply's. */
+ * its reply's; other ICMP messages and protocols without ports have ports 0, so they
+ * are tracked (and judged) per address pair and protocol. */
 struct pkt4 {
 	__be32 saddr;
 	__be32 daddr;
@@ -67,7 +73,7 @@ struct pkt4 {
 
 enum parse_result {
 	PARSE_L4,             /* a connection's packet: pkt is filled in */
-	PARSE_IPV4,           /* IPv4 with nothing to track (other L4, ICMP errors): addresses filled in */
+	PARSE_IPV4,           /* IPv4 with nothing to track (ICMP errors): addresses filled in */
 	PARSE_NOT_IPV4,       /* ARP, IPv6 and the rest: not ours */
 	PARSE_INVALID,        /* malformed: drop */
 	PARSE_FRAG_NOT_FOUND, /* later fragment whose first fragment was not seen: drop */
@@ -91,11 +97,18 @@ static __always_inline bool tcp_pure_syn(const struct pkt4 *pkt)
 	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 }
 
-/* Protocols whose packets are tracked as connections, by ports or echo identifier. */
-static __always_inline bool l4_tracked(__u8 proto)
+/* Protocols whose header names the connection (ports, or the ICMP echo identifier). */
+static __always_inline bool l4_has_ports(__u8 proto)
 {
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP ||
 	       proto == IPPROTO_ICMP;
+}
+
+/* ICMP errors quote a packet of a connection of their own; they pass unjudged. */
+static __always_inline bool icmp_is_error(__u8 type)
+{
+	return type == ICMP_DEST_UNREACH || type == ICMP_SOURCE_QUENCH || type == ICMP_REDIRECT ||
+	       type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
 }
 
 static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struct pkt4 *pkt)
@@ -135,11 +148,15 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 	pkt->l4_off = ETH_HLEN + ip_len;
 	pkt->len = skb->len;
 	pkt->later_fragment = false;
+	pkt->sport = 0;
+	pkt->dport = 0;
 	frag_off = ip->frag_off;
 	ip_id = ip->id;
 
-	if (!l4_tracked(pkt->proto))
-		return PARSE_IPV4;
+	if (!l4_has_ports(pkt->proto)) {
+		pkt->later_fragment = frag_off & bpf_htons(IP_OFFSET);
+		return PARSE_L4;
+	}
 	if (frag_off & bpf_htons(IP_OFFSET)) {
 		if (!frag4_ports_of(pkt->saddr, pkt->daddr, ip_id, pkt->proto, &pkt->sport,
 				    &pkt->dport))
@@ -170,11 +187,12 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 
 		if ((void *)(icmp + 1) > data_end)
 			return PARSE_INVALID;
-		/* Errors relate to a connection of their own and pass. */
-		if ((icmp->type != ICMP_ECHO && icmp->type != ICMP_ECHOREPLY) || icmp->code != 0)
+		if (icmp_is_error(icmp->type))
 			return PARSE_IPV4;
-		pkt->sport = icmp->id;
-		pkt->dport = icmp->id;
+		if (icmp->type == ICMP_ECHO || icmp->type == ICMP_ECHOREPLY) {
+			pkt->sport = icmp->id;
+			pkt->dport = icmp->id;
+		}
 	} else {
 		struct l4_ports *ports = (struct l4_ports *)l4;
 

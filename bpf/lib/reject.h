@@ -13,8 +13,7 @@
 #include "nat.h"
 #include "parse.h"
 
-/* Not from <linux/icmp.h>, for the reason given in parse.h. */
-#define ICMP_DEST_UNREACH 3
+/* Not from <linux/icmp.h>, for the reason given in parse.h (ICMP_DEST_UNREACH is there). */
 #define ICMP_PORT_UNREACH 3
 
 #define REJECT_TTL 64

@@ -604,6 +604,48 @@ fn icmp_echo_is_tracked_and_judged_without_ports() {
     assert_eq!(fx.ingress_verdict(&error), TC_ACT_OK);
 }
 
+/// A GRE packet (protocol 47, no ports) between two addresses.
+fn gre(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut ip = support::ipv4_header(src, dst, IPPROTO_GRE, 4);
+    ip.extend_from_slice(&[0, 0, 0x08, 0x00]);
+    support::ethernet(support::POD_MAC, support::NODE_MAC, &ip)
+}
+
+const IPPROTO_GRE: u8 = 47;
+
+#[test]
+fn protocols_without_ports_are_tracked_by_address() {
+    let mut fx = Fixture::new(BOTH);
+    fx.policy(&[port_row(PEER_IDENTITY, POLICY_INGRESS, IPPROTO_TCP, 80)]);
+    assert_eq!(fx.ingress_verdict(&gre(PEER, POD)), TC_ACT_SHOT);
+    assert_eq!(fx.metric(DropReason::Policy, METRIC_DIR_INGRESS), 1);
+
+    // Rows for the protocol, or for any protocol, admit it; its answers follow.
+    fx.policy(&[PolicyKey::any_port(
+        PEER_IDENTITY,
+        POLICY_INGRESS,
+        IPPROTO_GRE,
+    )]);
+    assert_eq!(fx.ingress_verdict(&gre(PEER, POD)), TC_ACT_OK);
+    assert_eq!(fx.egress_verdict(&gre(POD, PEER)), TC_ACT_OK);
+    let key = Ct4Key::new((PEER, 0), (POD, 0), IPPROTO_GRE, CT_INGRESS);
+    assert_eq!(fx.maps.conntrack.get(&key, 0).unwrap().packets, 2);
+    // Another peer is another connection.
+    assert_eq!(fx.egress_verdict(&gre(POD, STRANGER)), TC_ACT_SHOT);
+
+    // To a service address it is not balanced, nor refused as an unknown port.
+    support::add_service(
+        &mut fx.maps,
+        SocketAddrV4::new(VIP, 80),
+        IPPROTO_TCP,
+        &[peer(80)],
+    );
+    fx.set_endpoint(0);
+    let out = fx.run_from_container(&gre(POD, VIP));
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.packet, gre(POD, VIP));
+}
+
 #[test]
 fn later_fragment_without_its_first_is_dropped() {
     let mut fx = Fixture::new(0);
