@@ -597,13 +597,13 @@ fn network_policy(policy: &NetworkPolicy) -> Check {
     if let Some(selector) = &spec.pod_selector {
         label_selector("spec.podSelector", selector)?;
     }
-    for (i, kind) in spec.policy_types.iter().flatten().enumerate() {
-        one_of(
-            &format!("spec.policyTypes[{i}]"),
-            kind,
-            "policy type",
-            POLICY_TYPES,
-        )?;
+    let types = spec.policy_types.as_deref().unwrap_or_default();
+    for (i, kind) in types.iter().enumerate() {
+        let field = format!("spec.policyTypes[{i}]");
+        one_of(&field, kind, "policy type", POLICY_TYPES)?;
+        if types[..i].contains(kind) {
+            return Err(invalid(field, format!("duplicate value {kind:?}")));
+        }
     }
     for (i, rule) in spec.ingress.iter().flatten().enumerate() {
         let field = format!("spec.ingress[{i}]");
@@ -665,12 +665,17 @@ fn policy_peer(field: &str, peer: &NetworkPolicyPeer) -> Check {
         Some(block) => {
             check_str(&format!("{field}.ipBlock.cidr"), &block.cidr, "CIDR", cidr)?;
             for (i, except) in block.except.iter().flatten().enumerate() {
-                check_str(
-                    &format!("{field}.ipBlock.except[{i}]"),
-                    except,
-                    "CIDR",
-                    cidr,
-                )?;
+                let field = format!("{field}.ipBlock.except[{i}]");
+                check_str(&field, except, "CIDR", cidr)?;
+                if !strictly_inside(except, &block.cidr) {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "must be a strict subset of cidr {} (got {except})",
+                            block.cidr
+                        ),
+                    ));
+                }
             }
             Ok(())
         }
@@ -687,6 +692,35 @@ fn policy_peer(field: &str, peer: &NetworkPolicyPeer) -> Check {
             Ok(())
         }
     }
+}
+
+/// A CIDR as (address as a 128-bit number, prefix length, whether IPv4); expects a
+/// validated CIDR.
+fn parse_cidr(s: &str) -> Option<(u128, u32, bool)> {
+    let (addr, len) = s.split_once('/')?;
+    let len = len.parse::<u32>().ok()?;
+    match addr.parse::<IpAddr>().ok()? {
+        IpAddr::V4(a) => Some((u128::from(u32::from(a)) << 96, len, true)),
+        IpAddr::V6(a) => Some((u128::from(a), len, false)),
+    }
+}
+
+/// Whether CIDR `inner` lies strictly inside CIDR `outer` (same family, longer prefix).
+fn strictly_inside(inner: &str, outer: &str) -> bool {
+    let (Some((a, a_len, a_v4)), Some((b, b_len, b_v4))) = (parse_cidr(inner), parse_cidr(outer))
+    else {
+        return false;
+    };
+    // IPv4 addresses sit in the top 32 bits, so prefix lengths count from the top for both.
+    if a_v4 != b_v4 || a_len <= b_len {
+        return false;
+    }
+    let mask = if b_len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - b_len)
+    };
+    a & mask == b & mask
 }
 
 fn cidr(s: &str) -> Result<(), String> {

@@ -343,6 +343,84 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "invalid CIDR \"10.0.0.0/40\"",
     ),
     (
+        "policy except outside cidr",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.1.0/24, 10.1.0.0/24]}}]}]}\n",
+        "spec.ingress[0].from[0].ipBlock.except[1]",
+        "must be a strict subset of cidr 10.0.0.0/16 (got 10.1.0.0/24)",
+    ),
+    (
+        "policy except equal to cidr",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}, egress: [{to: [{ipBlock: {cidr: 10.0.0.0/16, except: [10.0.0.0/16]}}]}]}\n",
+        "spec.egress[0].to[0].ipBlock.except[0]",
+        "must be a strict subset of cidr",
+    ),
+    (
+        "policy except of the other family",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}, egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0, except: [\"fd00::/64\"]}}]}]}\n",
+        "spec.egress[0].to[0].ipBlock.except[0]",
+        "must be a strict subset of cidr",
+    ),
+    (
+        "policy except not a CIDR",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}, egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0]}}]}]}\n",
+        "spec.egress[0].to[0].ipBlock.except[0]",
+        "invalid CIDR \"10.1.0.0\"",
+    ),
+    (
+        "policy type listed twice",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}, policyTypes: [Egress, Egress]}\n",
+        "spec.policyTypes[1]",
+        "duplicate value \"Egress\"",
+    ),
+    (
+        "policy selector operator",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}, ingress: [{from: [{podSelector: {matchExpressions: [{key: app, operator: Matches, values: [a]}]}}]}]}\n",
+        "spec.ingress[0].from[0].podSelector.matchExpressions[0].operator",
+        "unsupported operator \"Matches\"",
+    ),
+    (
+        "policy In without values",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}, egress: [{to: [{namespaceSelector: {matchExpressions: [{key: team, operator: NotIn}]}}]}]}\n",
+        "spec.egress[0].to[0].namespaceSelector.matchExpressions[0].values",
+        "must be specified when operator is NotIn",
+    ),
+    (
+        "policy pod selector label value",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {matchLabels: {app: \"a b\"}}}\n",
+        "spec.podSelector.matchLabels.app",
+        "invalid label value",
+    ),
+    (
+        "policy second port endPort below port",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}, ingress: [{ports: [{port: 80}, {port: 90, endPort: 80}]}]}\n",
+        "spec.ingress[0].ports[1].endPort",
+        "must be greater than or equal to port 90 (got 80)",
+    ),
+    (
+        "policy endPort out of range",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}, ingress: [{ports: [{port: 90, endPort: 70000}]}]}\n",
+        "spec.ingress[0].ports[0].endPort",
+        "(got 70000)",
+    ),
+    (
+        "policy empty peer",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {}, ingress: [{from: [{}]}]}\n",
+        "spec.ingress[0].from[0]",
+        "must specify podSelector, namespaceSelector or ipBlock",
+    ),
+    (
+        "namespace label key",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {\"-team\": a}}\n",
+        "metadata.labels",
+        "invalid label key \"-team\"",
+    ),
+    (
+        "namespace name",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x.y}\n",
+        "metadata.name",
+        "invalid name \"x.y\"",
+    ),
+    (
         "slice address type",
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IP\nendpoints: []\n",
         "addressType",
@@ -415,6 +493,14 @@ const VALID: &[(&str, &str)] = &[
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\nspec: {podSelector: {matchLabels: {app: a}}, policyTypes: [Ingress, Egress], ingress: [{ports: [{port: 8000, endPort: 8000}, {port: http}], from: [{namespaceSelector: {}, podSelector: {}}, {ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}]}]}\n",
     ),
     (
+        "policy ipBlocks with nested excepts, both families, every operator",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: x}\nspec:\n  podSelector: {matchExpressions: [{key: app, operator: NotIn, values: [db]}, {key: canary, operator: DoesNotExist}]}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock: {cidr: 0.0.0.0/0, except: [10.0.0.0/8, 192.168.1.1/32]}\n    - ipBlock: {cidr: \"fd00::/8\", except: [\"fd00::/16\"]}\n    - namespaceSelector: {matchExpressions: [{key: team, operator: Exists}]}\n    ports: [{port: 1, endPort: 65535, protocol: SCTP}, {protocol: UDP}]\n",
+    ),
+    (
+        "namespace with labels",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {team: a, kubernetes.io/metadata.name: x}}\n",
+    ),
+    (
         "slice with unnamed port and no endpoints",
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: []\nports: [{port: 8080}]\n",
     ),
@@ -472,4 +558,18 @@ fn selectors_match_like_the_api_server() {
             "{yaml}"
         );
     }
+}
+
+#[test]
+fn policy_errors_name_file_document_object_and_field() {
+    let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: x}\nspec: {podSelector: {}, ingress: [{ports: [{port: 80}, {port: 90, endPort: 80}]}]}\n";
+    let error = match parse_str(Path::new("policy.yaml"), yaml) {
+        Ok(manifests) => panic!("accepted: {manifests:?}"),
+        Err(e) => e,
+    };
+    assert_eq!(
+        error.to_string(),
+        "policy.yaml: document 2: NetworkPolicy x/np: spec.ingress[0].ports[1].endPort: \
+         must be greater than or equal to port 90 (got 80)"
+    );
 }
