@@ -233,6 +233,26 @@ pub(crate) fn compile(
         let Some(w) = workloads.iter().find(|w| {
             (w.namespace, w.name) == (endpoint.namespace.as_str(), endpoint.pod.as_str())
         }) else {
+            // Its Pod is defined twice (reported above): which labels apply is unknown, so
+            // the endpoint fails closed in both directions.
+            let mut info = EndpointInfo::new(endpoint.ipv4, IDENTITY_ANY);
+            info.flags = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
+            state.endpoints.insert(ifindex, info);
+            state.endpoint_details.insert(
+                ifindex,
+                EndpointDetails {
+                    namespace: endpoint.namespace.clone(),
+                    pod: endpoint.pod.clone(),
+                    interface: endpoint.interface.clone(),
+                    ipv4: endpoint.ipv4,
+                    identity: IDENTITY_ANY,
+                    ingress_enforced: true,
+                    egress_enforced: true,
+                    policy_rows: 0,
+                    overflow: false,
+                    policies: Vec::new(),
+                },
+            );
             continue;
         };
         let pod = format!("{}/{}", endpoint.namespace, endpoint.pod);
@@ -267,11 +287,8 @@ pub(crate) fn compile(
             ));
         }
         used.insert(w.identity);
-        let info = EndpointInfo {
-            identity: w.identity,
-            flags,
-            ..EndpointInfo::new(endpoint.ipv4, w.identity)
-        };
+        let mut info = EndpointInfo::new(endpoint.ipv4, w.identity);
+        info.flags = flags;
         state.endpoints.insert(ifindex, info);
         state.endpoint_details.insert(
             ifindex,
@@ -520,18 +537,17 @@ fn workload<'a>(
 ) -> Option<Workload<'a>> {
     let status = pod.and_then(|p| p.status.as_ref());
     let spec = pod.and_then(|p| p.spec.as_ref());
-    // A host-network pod is the node as far as addresses go.
-    if spec.and_then(|s| s.host_network) == Some(true) {
-        return None;
-    }
+    // A host-network pod is the node as far as addresses go, and a terminated one has
+    // none; either still matters if it is a local endpoint, for its flags and rows.
+    let host_network = spec.and_then(|s| s.host_network) == Some(true);
     let terminated = matches!(
         status.and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
     );
-    if terminated && endpoint.is_none() {
+    if (host_network || terminated) && endpoint.is_none() {
         return None;
     }
-    let address = if terminated {
+    let address = if host_network || terminated {
         None
     } else {
         status

@@ -244,3 +244,105 @@ fn frontends_name_every_programmed_port() {
         ]
     );
 }
+
+fn pod(
+    name: &str,
+    labels: serde_json::Value,
+    status: serde_json::Value,
+) -> k8s_openapi::api::core::v1::Pod {
+    object(json!({
+        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "spec": {"containers": [{"name": "c", "image": "i"}]},
+        "status": status,
+    }))
+}
+
+fn policy(name: &str, spec: serde_json::Value) -> k8s_openapi::api::networking::v1::NetworkPolicy {
+    object(json!({"metadata": {"name": name, "namespace": "default"}, "spec": spec}))
+}
+
+#[test]
+fn odd_policy_input_fails_closed_and_is_reported() {
+    let mut host_pod = pod(
+        "host",
+        json!({"app": "host"}),
+        json!({"podIP": "192.168.0.1"}),
+    );
+    if let Some(spec) = &mut host_pod.spec {
+        spec.host_network = Some(true);
+    }
+    let snapshot = Snapshot {
+        nodes: vec![object(json!({"metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}}))],
+        pods: vec![
+            // Defined twice: its endpoint cannot know its labels.
+            pod("twin", json!({"app": "a"}), json!({"podIP": "10.244.1.5"})),
+            pod("twin", json!({"app": "b"}), json!({"podIP": "10.244.1.5"})),
+            host_pod,
+            pod("thief", json!({}), json!({"podIP": "192.168.0.1"})),
+            pod("first", json!({}), json!({"podIP": "10.244.1.9"})),
+            pod("second", json!({}), json!({"podIP": "10.244.1.9"})),
+        ],
+        network_policies: vec![
+            policy("dup", json!({"podSelector": {}})),
+            policy("dup", json!({"podSelector": {}, "policyTypes": ["Egress"]})),
+            policy(
+                "bad-cidr",
+                json!({"podSelector": {"matchLabels": {"app": "x"}},
+                "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/99"}}]}]}),
+            ),
+            policy(
+                "bad-port",
+                json!({"podSelector": {"matchLabels": {"app": "x"}},
+                "ingress": [{"ports": [{"port": 90, "endPort": 80}, {"port": 53, "protocol": "DNS"}]}]}),
+            ),
+        ],
+        endpoints: vec![endpoint("twin", "lxc1", [10, 244, 1, 5])],
+        ..Snapshot::default()
+    };
+    let state = compile(&snapshot, &node());
+    assert_eq!(
+        state.problems,
+        [
+            "networkpolicy default/bad-cidr: ipBlock \"10.0.0.0/99\" is not a CIDR: the peer matches nothing",
+            "networkpolicy default/dup: defined 2 times: skipped",
+            "pod default/second: address 10.244.1.9 already belongs to pod default/first: not in the ipcache",
+            "pod default/thief: address 192.168.0.1 belongs to a node: not in the ipcache",
+            "pod default/twin: defined 2 times: skipped",
+        ]
+    );
+    let twin = state.endpoints[&11];
+    assert_eq!(
+        twin.flags,
+        sluice_common::ENDPOINT_F_INGRESS_ENFORCED | sluice_common::ENDPOINT_F_EGRESS_ENFORCED
+    );
+    assert!(!state.policies.contains_key(&11), "no rows: fails closed");
+    assert_eq!(
+        state.ipcache[&IpcacheKey::new(Ipv4Addr::new(192, 168, 0, 1), 32)].identity,
+        sluice_common::IDENTITY_HOST
+    );
+    // bad-port selects nothing here; its problems show once it selects a pod.
+    let mut snapshot = snapshot;
+    snapshot.pods.push(pod(
+        "x",
+        json!({"app": "x"}),
+        json!({"podIP": "10.244.1.7"}),
+    ));
+    snapshot.endpoints = vec![endpoint("x", "lxc2", [10, 244, 1, 7])];
+    let state = compile(&snapshot, &node());
+    assert!(
+        state.problems.contains(
+            &"networkpolicy default/bad-port: port range 90..80 is empty or out of range: the port matches nothing".to_string()
+        ) && state.problems.contains(
+            &"networkpolicy default/bad-port: unsupported protocol \"DNS\": the port matches nothing".to_string()
+        ),
+        "{:?}",
+        state.problems
+    );
+    let rows: Vec<String> = state.policies[&12]
+        .rows
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(rows, ["ingress identity=1 ANY"]);
+}
