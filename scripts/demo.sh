@@ -34,6 +34,30 @@ done
 step "requests per backend"
 for b in "${!count[@]}"; do echo "$b: ${count[$b]}"; done
 
+step "NetworkPolicy: nginx accepts ingress only from role=frontend (examples/policy.yaml)"
+sl lab apply -f examples/policy.yaml
+try() { # try <pod>: one request to the VIP, its HTTP status or "timed out"
+  local code
+  if code=$(sl lab exec "default/$1" -- curl -s --max-time 2 -o /dev/null -w '%{http_code}' "http://$vip/"); then
+    echo "$1 -> $vip: HTTP $code"
+  else
+    echo "$1 -> $vip: timed out (denied by policy)"
+  fi
+}
+try frontend
+try client
+step "sluice lab probe: the reachability matrix on port 80 (. allowed, X denied)"
+sl lab probe --namespace default --port 80 --protocol TCP --timeout 500ms
+step "sluice endpoint list / identity list"
+sl endpoint list
+sl identity list
+nginx_pod=$(sl lab get pods -o json | jq -r '[.[] | select(.name | startswith("nginx"))][0] | "\(.namespace)/\(.name)"')
+step "sluice policy get $nginx_pod (allow rows with their counters)"
+sl policy get "$nginx_pod"
+step "deleting the policy: the running client connects at once"
+sl lab delete -f examples/policy.yaml
+try client
+
 step "sluice service list"
 sl service list
 step "sluice ct list (first 10 entries)"

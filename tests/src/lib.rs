@@ -157,15 +157,20 @@ impl TestLab {
 }
 
 impl TestLab {
-    /// Runs the `sluice` binary against this lab and returns its stdout; fails the test if it fails.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(binary("SLUICE_BIN", "sluice"))
+    /// Runs the `sluice` binary against this lab, whatever its exit status.
+    pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(binary("SLUICE_BIN", "sluice"))
             .env("SLUICE_LAB_STATE", &self.opts.state_root)
             .arg("--lab")
             .arg(&self.name)
             .args(args)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Runs the `sluice` binary against this lab and returns its stdout; fails the test if it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = self.cli_output(args);
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(
             out.status.success(),

@@ -532,3 +532,150 @@ fn a_wrong_policy_row_in_the_kernel_is_reported_and_repaired() {
         "denied again once repaired"
     );
 }
+
+/// `endpoint list`, `identity list` and `policy get` show who is who and which rows admitted
+/// traffic, with counters read from the kernel.
+#[test]
+fn debug_commands_show_endpoints_identities_and_row_counters() {
+    let mut lab = app_lab("debugcmds");
+    lab.apply_yaml(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: db-from-probe
+  namespace: app
+spec:
+  podSelector:
+    matchLabels: {app: db}
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels: {app: probe}
+    ports:
+    - {port: 8000, endPort: 8015}
+",
+    );
+    let db = lab.pod_ip("app/db");
+    assert!(lab.in_pod("app/probe", move || tcp_connects(
+        (db, 8005).into(),
+        Duration::from_secs(1)
+    )));
+
+    let endpoints = lab.cli_json(&["endpoint", "list"]);
+    let db_endpoint = endpoints
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["pod"] == "db")
+        .expect("db in endpoint list")
+        .clone();
+    assert_eq!(db_endpoint["ingress_enforced"], true);
+    assert_eq!(db_endpoint["egress_enforced"], false);
+    assert!(
+        db_endpoint["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l == "k8s:app=db"),
+        "{db_endpoint}"
+    );
+    let table = lab.cli(&["endpoint", "list"]);
+    assert!(table.contains("app/db") || table.contains("db"), "{table}");
+
+    let identities = lab.cli_json(&["identity", "list"]);
+    let probe_identity = identities
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| {
+            i["labels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l == "k8s:app=probe")
+        })
+        .expect("probe's identity")["id"]
+        .as_u64()
+        .unwrap();
+    let one = lab.cli_json(&["identity", "get", &probe_identity.to_string()]);
+    assert_eq!(one["id"].as_u64(), Some(probe_identity));
+
+    let policy = lab.cli_json(&["policy", "get", "app/db"]);
+    let rows = policy["rows"].as_array().unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["identity"].as_u64() == Some(probe_identity))
+        .unwrap_or_else(|| panic!("a row for probe's identity: {policy}"));
+    assert_eq!(row["direction"], "ingress");
+    assert_eq!(row["protocol"], "TCP");
+    assert_eq!(row["ports"], serde_json::json!([8000, 8015]));
+    assert_eq!(row["allowed_by"], serde_json::json!(["app/db-from-probe"]));
+    assert!(row["packets"].as_u64().unwrap() >= 1, "{row}");
+    assert!(
+        rows.iter()
+            .any(|r| r["identity"] == 1 && r["allowed_by"] == serde_json::json!(["reserved:host"])),
+        "the node's own row: {policy}"
+    );
+    let table = lab.cli(&["policy", "get", "app/db"]);
+    assert!(table.contains("8000-8015/TCP"), "{table}");
+}
+
+/// A policy that needs more rows than the endpoint's map holds fails closed and is reported
+/// by status and verify; it never leaves an empty or partial map.
+#[test]
+fn an_endpoint_whose_policy_does_not_fit_fails_closed_and_is_reported() {
+    let mut lab = TestLab::up("overflow", &format!("{ONE_NODE_LAB}policyMapMax: 3\n"));
+    lab.apply_yaml("app.yaml", APP);
+    lab.apply_yaml(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: many-ports
+  namespace: app
+spec:
+  podSelector:
+    matchLabels: {app: db}
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels: {app: probe}
+    ports:
+    - {port: 27017}
+    - {port: 8005}
+    - {port: 8011}
+    - {port: 5353, protocol: UDP}
+",
+    );
+    let db = lab.pod_ip("app/db");
+    assert!(
+        !lab.in_pod("app/probe", move || tcp_connects(
+            (db, 27017).into(),
+            Duration::from_millis(500)
+        )),
+        "an allowed peer is still refused: the endpoint fails closed"
+    );
+    let status = lab.cli(&["status"]);
+    assert!(status.to_lowercase().contains("fail"), "{status}");
+    assert!(status.contains("app/db"), "{status}");
+
+    let out = lab.cli_output(&["verify"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "verify: {text}");
+    assert!(
+        text.contains("FAILS CLOSED") && text.contains("app/db"),
+        "{text}"
+    );
+
+    // The policy of the other pod fits, and it is enforced normally.
+    let probe = lab.pod_ip("app/probe");
+    assert!(
+        lab.in_pod("app/db", move || tcp_connects(
+            (probe, 80).into(),
+            Duration::from_secs(1)
+        )),
+        "probe is not selected and accepts connections"
+    );
+}

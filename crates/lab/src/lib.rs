@@ -320,6 +320,9 @@ impl Lab {
                     .arg(lab.pin_dir(&node.name))
                     .arg("--api-socket")
                     .arg(lab.agent_socket(&node.name));
+                if let Some(max) = spec.policy_map_max {
+                    cmd.arg("--policy-map-max").arg(max.to_string());
+                }
                 agents.push((
                     node.name.clone(),
                     process::spawn_detached(cmd, &lab.agent_log(&node.name))?,

@@ -22,6 +22,10 @@ pub struct LabSpec {
     /// Labs written before world hosts existed have none.
     #[serde(default)]
     pub world: Vec<WorldHostSpec>,
+    /// Rows each endpoint's policy map holds (the agents' `--policy-map-max`); None: their
+    /// default.
+    #[serde(default)]
+    pub policy_map_max: Option<u32>,
 }
 
 /// A host outside the cluster: its own network namespace behind one node, serving its ports
@@ -80,6 +84,7 @@ struct RawLab {
     #[serde(rename = "serviceCIDR")]
     service_cidr: Option<String>,
     tx_checksum_offload: Option<bool>,
+    policy_map_max: Option<u32>,
     nodes: Option<Vec<RawNode>>,
     world: Option<Vec<RawWorldHost>>,
 }
@@ -195,11 +200,15 @@ impl LabSpec {
                 &err,
             )?);
         }
+        if raw.policy_map_max == Some(0) {
+            return Err(err("policyMapMax", "must be at least 1 (got 0)".into()));
+        }
         Ok(LabSpec {
             service_cidr,
             tx_checksum_offload: raw.tx_checksum_offload.unwrap_or(true),
             nodes,
             world,
+            policy_map_max: raw.policy_map_max,
         })
     }
 
