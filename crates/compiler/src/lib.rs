@@ -7,6 +7,11 @@
 //! datapath cannot represent is skipped and reported in [`DesiredState::problems`], never a
 //! panic or an error, so one odd object cannot keep the rest of the node from converging.
 //!
+//! NetworkPolicy follows networking.k8s.io/v1 and Cilium's layout: every distinct set of
+//! security-relevant labels is an identity, the ipcache maps addresses to identities, and
+//! each local endpoint gets the allow rows of the policies that select it, by identity,
+//! direction, protocol and port (see `policy`).
+//!
 //! Output depends only on the content of the snapshot, not on the order of its lists:
 //! services are processed sorted by name, backends are sorted by address, and conflicts are
 //! resolved by that order.

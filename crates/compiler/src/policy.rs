@@ -83,47 +83,158 @@ pub(crate) fn compile(
     let snapshot = input.snapshot;
     let policies = policies_in_order(snapshot, problems);
     let cidrs = policy_cidrs(&policies, problems);
-    let selected_keys = selected_pod_keys(&policies);
     let namespaces = namespace_labels(snapshot, problems);
+    let node_addresses = node_addresses(snapshot, &input.node.node);
+    let mut workloads = workloads(input, &namespaces, &node_addresses, problems);
 
+    let mut labels_of: BTreeMap<u32, Vec<String>> = [
+        (IDENTITY_HOST, vec![LABEL_HOST.to_string()]),
+        (IDENTITY_WORLD, vec![LABEL_WORLD.to_string()]),
+        (IDENTITY_REMOTE_NODE, vec![LABEL_REMOTE_NODE.to_string()]),
+    ]
+    .into();
+    let selected_keys = selected_pod_keys(&policies);
+    pod_identities(
+        &mut workloads,
+        &cidrs,
+        &selected_keys,
+        &mut labels_of,
+        problems,
+    );
+    let cidr_identities = cidr_identities(&cidrs, &mut labels_of, problems);
+
+    // The ipcache, more specific sources last so they replace less specific ones.
+    let ipcache = &mut state.ipcache;
+    ipcache.insert(
+        IpcacheKey::new(Ipv4Addr::UNSPECIFIED, 0),
+        IpcacheEntry::local(IDENTITY_WORLD),
+    );
+    for (prefix, &id) in &cidr_identities {
+        ipcache.insert(
+            IpcacheKey::new(prefix.network(), prefix.prefix_len()),
+            IpcacheEntry::local(id),
+        );
+    }
+    for w in &workloads {
+        if let Some(address) = w.address {
+            ipcache.insert(
+                IpcacheKey::new(address, 32),
+                IpcacheEntry::local(w.identity),
+            );
+        }
+    }
+    for (&address, &id) in &node_addresses {
+        ipcache.insert(IpcacheKey::new(address, 32), IpcacheEntry::local(id));
+    }
+
+    let world = World {
+        ipcache: &state.ipcache,
+        workloads: &workloads,
+        namespaces: &namespaces,
+    };
+    let mut used: BTreeSet<u32> = state.ipcache.values().map(|e| e.identity).collect();
+    let by_name: BTreeMap<(&str, &str), &Workload<'_>> = workloads
+        .iter()
+        .map(|w| ((w.namespace, w.name), w))
+        .collect();
+    let mut endpoints = Vec::new();
+    for (&ifindex, endpoint) in input.endpoints {
+        let key = (endpoint.namespace.as_str(), endpoint.pod.as_str());
+        let compiled = match by_name.get(&key) {
+            Some(w) => world.endpoint(endpoint, w, &policies, input.node.policy_map_max, problems),
+            None => CompiledEndpoint::unknown(endpoint),
+        };
+        used.insert(compiled.details.identity);
+        if let Some(policy) = &compiled.policy {
+            used.extend(policy.rows.keys().map(|k| k.rule.identity));
+        }
+        endpoints.push((ifindex, compiled));
+    }
+    for (ifindex, compiled) in endpoints {
+        state.endpoints.insert(ifindex, compiled.info);
+        state.endpoint_details.insert(ifindex, compiled.details);
+        if let Some(policy) = compiled.policy {
+            state.policies.insert(ifindex, policy);
+        }
+    }
+    used.remove(&IDENTITY_ANY);
+    for id in used {
+        if let Some(labels) = labels_of.remove(&id) {
+            state.identities.insert(id, Identity { id, labels });
+        }
+    }
+}
+
+/// One local endpoint's map entries.
+struct CompiledEndpoint {
+    info: EndpointInfo,
+    details: EndpointDetails,
+    /// None when no direction is enforced or the rows do not fit.
+    policy: Option<EndpointPolicy>,
+}
+
+impl CompiledEndpoint {
+    /// An endpoint whose Pod is defined twice (reported with the pods): which labels apply
+    /// is unknown, so it fails closed in both directions.
+    fn unknown(endpoint: &LocalEndpoint) -> Self {
+        let mut info = EndpointInfo::new(endpoint.ipv4, IDENTITY_ANY);
+        info.flags = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
+        Self {
+            info,
+            details: EndpointDetails {
+                namespace: endpoint.namespace.clone(),
+                pod: endpoint.pod.clone(),
+                interface: endpoint.interface.clone(),
+                ipv4: endpoint.ipv4,
+                identity: IDENTITY_ANY,
+                ingress_enforced: true,
+                egress_enforced: true,
+                policy_rows: 0,
+                overflow: false,
+                policies: Vec::new(),
+            },
+            policy: None,
+        }
+    }
+}
+
+/// Every pod with an address or a local endpoint, sorted by (namespace, name), with the
+/// local endpoints that have no Pod object at all as pods without labels. Of two pods
+/// claiming one address the first keeps it; node addresses win over pods.
+fn workloads<'a>(
+    input: &PolicyInput<'a>,
+    namespaces: &'a BTreeMap<String, Labels>,
+    node_addresses: &BTreeMap<Ipv4Addr, u32>,
+    problems: &mut BTreeSet<String>,
+) -> Vec<Workload<'a>> {
     let local: BTreeMap<(&str, &str), &LocalEndpoint> = input
         .endpoints
         .values()
         .map(|e| ((e.namespace.as_str(), e.pod.as_str()), *e))
         .collect();
-    let (pods, missing) = pods_in_order(snapshot, &local, problems);
-    let mut workloads: Vec<Workload<'_>> = Vec::new();
-    for (namespace, name, pod) in &pods {
-        let Some(workload) = workload(
-            namespace,
-            name,
-            Some(*pod),
-            local.get(&(*namespace, *name)),
-            &namespaces,
-        ) else {
-            continue;
-        };
-        workloads.push(workload);
-    }
+    let (pods, missing) = pods_in_order(input.snapshot, &local, problems);
+    let mut workloads: Vec<Workload<'a>> = pods
+        .into_iter()
+        .filter_map(|(namespace, name, pod)| {
+            let endpoint = local.get(&(namespace, name)).copied();
+            workload(namespace, name, Some(pod), endpoint, namespaces)
+        })
+        .collect();
     for endpoint in missing {
         problems.insert(format!(
             "endpoint {}/{}: no Pod object: treated as a pod without labels",
             endpoint.namespace, endpoint.pod
         ));
-        if let Some(w) = workload(
+        workloads.extend(workload(
             &endpoint.namespace,
             &endpoint.pod,
             None,
-            Some(&endpoint),
-            &namespaces,
-        ) {
-            workloads.push(w);
-        }
+            Some(endpoint),
+            namespaces,
+        ));
     }
     workloads.sort_by(|a, b| (a.namespace, a.name).cmp(&(b.namespace, b.name)));
 
-    // Pod addresses: the first claim in name order wins; node addresses win over pods.
-    let node_addresses = node_addresses(snapshot, &input.node.node);
     let mut address_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     for w in &mut workloads {
         let Some(address) = w.address else { continue };
@@ -142,186 +253,79 @@ pub(crate) fn compile(
             address_owner.insert(address, who);
         }
     }
+    workloads
+}
 
-    // Identities of pods: only those that appear somewhere get a number, so that the
-    // numbers of live pods do not depend on terminated ones.
-    let mut pod_sets: Vec<Vec<String>> = Vec::with_capacity(workloads.len());
-    for w in &workloads {
-        let containing = w
-            .address
-            .map(|a| cidrs.iter().filter(move |c| c.contains(&a)).copied())
-            .into_iter()
-            .flatten();
-        pod_sets.push(identity::pod_labels(
-            w.namespace,
-            &w.labels,
-            w.namespace_labels,
-            containing,
-            &selected_keys,
-        ));
-    }
-    let (pod_numbers, left_out) =
-        identity::allocate(&pod_sets.iter().cloned().collect(), Scope::Label);
+/// Gives every workload the identity of its label set.
+fn pod_identities(
+    workloads: &mut [Workload<'_>],
+    cidrs: &BTreeSet<Ipv4Net>,
+    selected_keys: &BTreeSet<String>,
+    labels_of: &mut BTreeMap<u32, Vec<String>>,
+    problems: &mut BTreeSet<String>,
+) {
+    let sets: Vec<Vec<String>> = workloads
+        .iter()
+        .map(|w| {
+            let containing = w
+                .address
+                .map(|a| cidrs.iter().filter(move |c| c.contains(&a)).copied())
+                .into_iter()
+                .flatten();
+            identity::pod_labels(
+                w.namespace,
+                &w.labels,
+                w.namespace_labels,
+                containing,
+                selected_keys,
+            )
+        })
+        .collect();
+    let (numbers, left_out) = identity::allocate(&sets.iter().cloned().collect(), Scope::Label);
     for set in left_out {
         problems.insert(format!(
             "identity space exhausted: pods labelled {} are the world",
             set.join(",")
         ));
     }
-    let mut labels_of: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    for (w, set) in workloads.iter_mut().zip(&pod_sets) {
-        w.identity = pod_numbers.get(set).copied().unwrap_or(IDENTITY_WORLD);
-        labels_of.insert(w.identity, set.clone());
+    for (w, set) in workloads.iter_mut().zip(sets) {
+        w.identity = numbers.get(&set).copied().unwrap_or(IDENTITY_WORLD);
+        if w.identity != IDENTITY_WORLD {
+            labels_of.insert(w.identity, set);
+        }
     }
+}
 
-    // Identities of policy CIDRs; 0.0.0.0/0 is the world itself.
-    let cidr_sets: BTreeMap<Ipv4Net, Vec<String>> = cidrs
+/// The identity of every policy CIDR but 0.0.0.0/0, which is the world itself.
+fn cidr_identities(
+    cidrs: &BTreeSet<Ipv4Net>,
+    labels_of: &mut BTreeMap<u32, Vec<String>>,
+    problems: &mut BTreeSet<String>,
+) -> BTreeMap<Ipv4Net, u32> {
+    let sets: BTreeMap<Ipv4Net, Vec<String>> = cidrs
         .iter()
         .filter(|c| c.prefix_len() > 0)
         .map(|&p| {
-            (
-                p,
-                identity::cidr_labels(cidrs.iter().filter(|c| c.contains(&p)).copied()),
-            )
+            let containing = cidrs.iter().filter(|c| c.contains(&p)).copied();
+            (p, identity::cidr_labels(containing))
         })
         .collect();
-    let (cidr_numbers, left_out) =
-        identity::allocate(&cidr_sets.values().cloned().collect(), Scope::Cidr);
+    let (numbers, left_out) = identity::allocate(&sets.values().cloned().collect(), Scope::Cidr);
     for set in left_out {
         problems.insert(format!(
             "identity space exhausted: {} is the world",
             set.join(",")
         ));
     }
-
-    // The ipcache, more specific sources last so they replace less specific ones.
-    let ipcache = &mut state.ipcache;
-    ipcache.insert(
-        IpcacheKey::new(Ipv4Addr::UNSPECIFIED, 0),
-        IpcacheEntry::local(IDENTITY_WORLD),
-    );
-    for (prefix, set) in &cidr_sets {
-        let id = cidr_numbers.get(set).copied().unwrap_or(IDENTITY_WORLD);
-        labels_of.insert(id, set.clone());
-        ipcache.insert(
-            IpcacheKey::new(prefix.network(), prefix.prefix_len()),
-            IpcacheEntry::local(id),
-        );
-    }
-    for w in &workloads {
-        if let Some(address) = w.address {
-            ipcache.insert(
-                IpcacheKey::new(address, 32),
-                IpcacheEntry::local(w.identity),
-            );
-        }
-    }
-    for (&address, &id) in &node_addresses {
-        ipcache.insert(IpcacheKey::new(address, 32), IpcacheEntry::local(id));
-    }
-    labels_of.insert(IDENTITY_HOST, vec![LABEL_HOST.into()]);
-    labels_of.insert(IDENTITY_WORLD, vec![LABEL_WORLD.into()]);
-    labels_of.insert(IDENTITY_REMOTE_NODE, vec![LABEL_REMOTE_NODE.into()]);
-
-    let world = World {
-        ipcache: &state.ipcache,
-        workloads: &workloads,
-        namespaces: &namespaces,
-    };
-    let mut used: BTreeSet<u32> = state.ipcache.values().map(|e| e.identity).collect();
-    for (&ifindex, endpoint) in input.endpoints {
-        let Some(w) = workloads.iter().find(|w| {
-            (w.namespace, w.name) == (endpoint.namespace.as_str(), endpoint.pod.as_str())
-        }) else {
-            // Its Pod is defined twice (reported above): which labels apply is unknown, so
-            // the endpoint fails closed in both directions.
-            let mut info = EndpointInfo::new(endpoint.ipv4, IDENTITY_ANY);
-            info.flags = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
-            state.endpoints.insert(ifindex, info);
-            state.endpoint_details.insert(
-                ifindex,
-                EndpointDetails {
-                    namespace: endpoint.namespace.clone(),
-                    pod: endpoint.pod.clone(),
-                    interface: endpoint.interface.clone(),
-                    ipv4: endpoint.ipv4,
-                    identity: IDENTITY_ANY,
-                    ingress_enforced: true,
-                    egress_enforced: true,
-                    policy_rows: 0,
-                    overflow: false,
-                    policies: Vec::new(),
-                },
-            );
-            continue;
-        };
-        let pod = format!("{}/{}", endpoint.namespace, endpoint.pod);
-        let selecting: Vec<&Policy<'_>> = policies.iter().filter(|p| selects(p, w)).collect();
-        let ingress = selecting.iter().any(|p| p.ingress);
-        let egress = selecting.iter().any(|p| p.egress);
-        let mut rows: BTreeMap<PolicyKey, BTreeSet<String>> = BTreeMap::new();
-        for p in &selecting {
-            world.policy_rows(p, w, &mut rows, problems);
-        }
-        for (enforced, direction) in [(ingress, POLICY_INGRESS), (egress, POLICY_EGRESS)] {
-            if enforced {
-                rows.entry(PolicyKey::any(IDENTITY_HOST, direction))
-                    .or_default()
-                    .insert(HOST_ORIGIN.into());
+    sets.into_iter()
+        .map(|(prefix, set)| {
+            let id = numbers.get(&set).copied().unwrap_or(IDENTITY_WORLD);
+            if id != IDENTITY_WORLD {
+                labels_of.insert(id, set);
             }
-        }
-        let capacity = input.node.policy_map_max;
-        let overflow = rows.len() > capacity as usize;
-        let mut flags = 0;
-        if ingress {
-            flags |= ENDPOINT_F_INGRESS_ENFORCED;
-        }
-        if egress {
-            flags |= ENDPOINT_F_EGRESS_ENFORCED;
-        }
-        if overflow {
-            flags |= ENDPOINT_F_POLICY_OVERFLOW;
-            problems.insert(format!(
-                "endpoint {pod}: policy needs {} rows, the map holds {capacity}: fails closed",
-                rows.len()
-            ));
-        }
-        used.insert(w.identity);
-        let mut info = EndpointInfo::new(endpoint.ipv4, w.identity);
-        info.flags = flags;
-        state.endpoints.insert(ifindex, info);
-        state.endpoint_details.insert(
-            ifindex,
-            EndpointDetails {
-                namespace: endpoint.namespace.clone(),
-                pod: endpoint.pod.clone(),
-                interface: endpoint.interface.clone(),
-                ipv4: endpoint.ipv4,
-                identity: w.identity,
-                ingress_enforced: ingress,
-                egress_enforced: egress,
-                policy_rows: rows.len(),
-                overflow,
-                policies: selecting.iter().map(|p| p.owner.clone()).collect(),
-            },
-        );
-        if (ingress || egress) && !overflow {
-            used.extend(rows.keys().map(|k| k.rule.identity));
-            state.policies.insert(ifindex, EndpointPolicy { rows });
-        }
-    }
-    used.remove(&IDENTITY_ANY);
-    for id in used {
-        if let Some(labels) = labels_of.get(&id) {
-            state.identities.insert(
-                id,
-                Identity {
-                    id,
-                    labels: labels.clone(),
-                },
-            );
-        }
-    }
+            (prefix, id)
+        })
+        .collect()
 }
 
 /// NetworkPolicies sorted by (namespace, name); a name defined twice is skipped, since
@@ -532,7 +536,7 @@ fn workload<'a>(
     namespace: &'a str,
     name: &'a str,
     pod: Option<&'a Pod>,
-    endpoint: Option<&&LocalEndpoint>,
+    endpoint: Option<&LocalEndpoint>,
     namespaces: &'a BTreeMap<String, Labels>,
 ) -> Option<Workload<'a>> {
     let status = pod.and_then(|p| p.status.as_ref());
@@ -555,6 +559,10 @@ fn workload<'a>(
             .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
             .or(endpoint.map(|e| e.ipv4))
     };
+    // Without an address or a local endpoint a pod can be neither reached nor judged.
+    if address.is_none() && endpoint.is_none() {
+        return None;
+    }
     let ports = spec
         .into_iter()
         .flat_map(|s| &s.containers)
@@ -620,6 +628,64 @@ struct World<'a> {
 }
 
 impl World<'_> {
+    /// The flags, details and rows of a local endpoint.
+    fn endpoint(
+        &self,
+        endpoint: &LocalEndpoint,
+        w: &Workload<'_>,
+        policies: &[Policy<'_>],
+        capacity: u32,
+        problems: &mut BTreeSet<String>,
+    ) -> CompiledEndpoint {
+        let selecting: Vec<&Policy<'_>> = policies.iter().filter(|p| selects(p, w)).collect();
+        let ingress = selecting.iter().any(|p| p.ingress);
+        let egress = selecting.iter().any(|p| p.egress);
+        let mut rows: BTreeMap<PolicyKey, BTreeSet<String>> = BTreeMap::new();
+        for p in &selecting {
+            self.policy_rows(p, w, &mut rows, problems);
+        }
+        let mut flags = 0;
+        for (enforced, direction, flag) in [
+            (ingress, POLICY_INGRESS, ENDPOINT_F_INGRESS_ENFORCED),
+            (egress, POLICY_EGRESS, ENDPOINT_F_EGRESS_ENFORCED),
+        ] {
+            if enforced {
+                flags |= flag;
+                rows.entry(PolicyKey::any(IDENTITY_HOST, direction))
+                    .or_default()
+                    .insert(HOST_ORIGIN.into());
+            }
+        }
+        let overflow = rows.len() > capacity as usize;
+        if overflow {
+            flags |= ENDPOINT_F_POLICY_OVERFLOW;
+            problems.insert(format!(
+                "endpoint {}/{}: policy needs {} rows, the map holds {capacity}: fails closed",
+                endpoint.namespace,
+                endpoint.pod,
+                rows.len()
+            ));
+        }
+        let mut info = EndpointInfo::new(endpoint.ipv4, w.identity);
+        info.flags = flags;
+        CompiledEndpoint {
+            info,
+            details: EndpointDetails {
+                namespace: endpoint.namespace.clone(),
+                pod: endpoint.pod.clone(),
+                interface: endpoint.interface.clone(),
+                ipv4: endpoint.ipv4,
+                identity: w.identity,
+                ingress_enforced: ingress,
+                egress_enforced: egress,
+                policy_rows: rows.len(),
+                overflow,
+                policies: selecting.iter().map(|p| p.owner.clone()).collect(),
+            },
+            policy: ((ingress || egress) && !overflow).then_some(EndpointPolicy { rows }),
+        }
+    }
+
     /// Adds the rows `policy` allows for endpoint `w`, in the directions it isolates.
     fn policy_rows(
         &self,
