@@ -45,6 +45,9 @@ struct Policy<'a> {
     policy: &'a NetworkPolicy,
     ingress: bool,
     egress: bool,
+    /// The peers of each rule, in `rules` order; they do not depend on the endpoint, so
+    /// they are resolved once.
+    peers: Vec<Peers>,
 }
 
 /// A pod as policy sees it.
@@ -132,6 +135,12 @@ pub(crate) fn compile(
         workloads: &workloads,
         namespaces: &namespaces,
     };
+    let mut policies = policies;
+    for p in &mut policies {
+        p.peers = rules(p.policy)
+            .map(|(_, peers, _)| world.peers(&p.owner, p.namespace, peers, problems))
+            .collect();
+    }
     let mut used: BTreeSet<u32> = state.ipcache.values().map(|e| e.identity).collect();
     let by_name: BTreeMap<(&str, &str), &Workload<'_>> = workloads
         .iter()
@@ -368,6 +377,7 @@ fn policies_in_order<'a>(
             policy,
             ingress,
             egress,
+            peers: Vec::new(),
         });
     }
     out
@@ -694,7 +704,7 @@ impl World<'_> {
         rows: &mut BTreeMap<PolicyKey, BTreeSet<String>>,
         problems: &mut BTreeSet<String>,
     ) {
-        for (direction, peers, ports) in rules(policy.policy) {
+        for ((direction, _, ports), peers) in rules(policy.policy).zip(&policy.peers) {
             let isolates = if direction == POLICY_INGRESS {
                 policy.ingress
             } else {
@@ -703,16 +713,6 @@ impl World<'_> {
             if !isolates {
                 continue;
             }
-            let peers = match peers {
-                Some(list) if !list.is_empty() => {
-                    let mut ids = BTreeSet::new();
-                    for peer in list {
-                        ids.extend(self.peer_identities(policy, peer, problems));
-                    }
-                    Peers::Identities(ids)
-                }
-                _ => Peers::Any,
-            };
             let mut add = |key: PolicyKey| {
                 rows.entry(key).or_default().insert(policy.owner.clone());
             };
@@ -779,10 +779,31 @@ impl World<'_> {
         }
     }
 
+    /// The peers of one rule of the policy `owner` in `namespace`.
+    fn peers(
+        &self,
+        owner: &str,
+        namespace: &str,
+        peers: Option<&Vec<NetworkPolicyPeer>>,
+        problems: &mut BTreeSet<String>,
+    ) -> Peers {
+        match peers {
+            Some(list) if !list.is_empty() => {
+                let mut ids = BTreeSet::new();
+                for peer in list {
+                    ids.extend(self.peer_identities(owner, namespace, peer, problems));
+                }
+                Peers::Identities(ids)
+            }
+            _ => Peers::Any,
+        }
+    }
+
     /// The identities one peer selects.
     fn peer_identities(
         &self,
-        policy: &Policy<'_>,
+        owner: &str,
+        namespace: &str,
         peer: &NetworkPolicyPeer,
         problems: &mut BTreeSet<String>,
     ) -> BTreeSet<u32> {
@@ -790,7 +811,7 @@ impl World<'_> {
             let Some(Block {
                 cidr: Some(cidr),
                 except,
-            }) = block(&policy.owner, peer, problems)
+            }) = block(owner, peer, problems)
             else {
                 return BTreeSet::new();
             };
@@ -817,7 +838,7 @@ impl World<'_> {
             .filter(|w| w.address.is_some())
             .filter(|w| {
                 let namespace_ok = match &peer.namespace_selector {
-                    None => w.namespace == policy.namespace,
+                    None => w.namespace == namespace,
                     Some(s) => self
                         .namespaces
                         .get(w.namespace)
