@@ -508,14 +508,16 @@ fn namespace_labels(
     out
 }
 
+/// A pod with its namespace and name.
+type NamedPod<'a> = (&'a str, &'a str, &'a Pod);
+
 /// Pods by (namespace, name), skipping names defined twice, and the local endpoints that
 /// have no Pod object at all.
-#[allow(clippy::type_complexity)]
 fn pods_in_order<'a>(
     snapshot: &'a Snapshot,
     local: &BTreeMap<(&'a str, &'a str), &'a LocalEndpoint>,
     problems: &mut BTreeSet<String>,
-) -> (Vec<(&'a str, &'a str, &'a Pod)>, Vec<&'a LocalEndpoint>) {
+) -> (Vec<NamedPod<'a>>, Vec<&'a LocalEndpoint>) {
     let mut by_name: BTreeMap<(&str, &str), Vec<&Pod>> = BTreeMap::new();
     for pod in &snapshot.pods {
         let namespace = namespace_of(pod.metadata.namespace.as_ref());
@@ -542,6 +544,7 @@ fn pods_in_order<'a>(
     (pods, missing)
 }
 
+/// The pod as policy sees it, or None if it neither has an address nor is a local endpoint.
 fn workload<'a>(
     namespace: &'a str,
     name: &'a str,
