@@ -97,6 +97,15 @@ impl TestLab {
             .unwrap_or_else(|e| panic!("apply {file}: {e}"))
     }
 
+    /// Writes `yaml` to a file and deletes what it names, like `kubectl delete -f`.
+    pub fn delete_yaml(&mut self, file: &str, yaml: &str) -> sluice_lab::ApplyReport {
+        let path = self.dir.join(file);
+        fs::write(&path, yaml).unwrap();
+        self.lab
+            .delete(&[path])
+            .unwrap_or_else(|e| panic!("delete {file}: {e}"))
+    }
+
     pub fn try_apply_yaml(
         &mut self,
         file: &str,

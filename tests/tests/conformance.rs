@@ -167,10 +167,7 @@ fn the_upstream_conformance_model_matches_the_reference() {
         let file = format!("{name}.yaml");
         lab.apply_yaml(&file, &yaml);
         check(&lab, &probes, name);
-        let path = std::env::temp_dir().join(format!("sluice-test-{}-{file}", lab.name));
-        std::fs::write(&path, &yaml).unwrap();
-        lab.lab.delete(&[path.clone()]).expect("delete the policy");
-        let _ = std::fs::remove_file(&path);
+        lab.delete_yaml(&file, &yaml);
     }
     check(&lab, &probes, "all policies deleted");
 }
@@ -270,11 +267,7 @@ fn random_changes_keep_the_kernel_and_the_traffic_equal_to_the_reference() {
                 what
             }
             Change::Delete(yaml) => {
-                let path =
-                    std::env::temp_dir().join(format!("sluice-test-{}-del-{step}.yaml", lab.name));
-                std::fs::write(&path, &yaml).unwrap();
-                lab.lab.delete(&[path.clone()]).expect("delete");
-                let _ = std::fs::remove_file(&path);
+                lab.delete_yaml(&format!("delete-{step}.yaml"), &yaml);
                 "delete a policy".to_string()
             }
         };

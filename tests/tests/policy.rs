@@ -1,6 +1,12 @@
 //! NetworkPolicy end to end: a lab with a real agent, policy enforced by the eBPF datapath on
 //! every pod's veth, real TCP, UDP and ICMP between pod namespaces.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failed step must fail the test loudly"
+)]
+
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
@@ -117,10 +123,7 @@ fn a_deleted_policy_unblocks_the_running_pod_without_a_restart() {
     );
 
     let deleted = Instant::now();
-    let path = std::env::temp_dir().join(format!("sluice-test-{}-deny.yaml", lab.name));
-    std::fs::write(&path, DENY_EGRESS).unwrap();
-    let report = lab.lab.delete(&[path.clone()]).expect("delete the policy");
-    let _ = std::fs::remove_file(&path);
+    let report = lab.delete_yaml("deny.yaml", DENY_EGRESS);
     let reconnect = first_success(&lab, "app/probe", Duration::from_secs(5), move || {
         tcp_connects(db, Duration::from_millis(200))
     })
@@ -424,12 +427,9 @@ spec:
     );
     assert_eq!(open, 0, "every endpoint enforces the new policy");
 
-    let path = std::env::temp_dir().join(format!("sluice-test-{}-deny.yaml", lab.name));
-    std::fs::write(&path, deny).unwrap();
     let start = Instant::now();
-    let report = lab.lab.delete(&[path.clone()]).expect("delete");
+    let report = lab.delete_yaml("deny.yaml", deny);
     let applied = start.elapsed();
-    let _ = std::fs::remove_file(&path);
     let open = reachable(&lab, Duration::from_secs(2));
     eprintln!(
         "delete on 100 endpoints: realized in {:?} (delete call {applied:?}); {open} reachable",

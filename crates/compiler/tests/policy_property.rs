@@ -256,6 +256,7 @@ fn cluster(rng: &mut fastrand::Rng) -> (Snapshot, NodeContext) {
             rng,
             &[
                 None,
+                Some(&[][..]),
                 Some(&["Ingress"][..]),
                 Some(&["Egress"][..]),
                 Some(&["Ingress", "Egress"][..]),

@@ -187,7 +187,8 @@ pub fn policy_types(policy: &NetworkPolicy) -> Vec<Direction> {
     let Some(spec) = &policy.spec else {
         return vec![];
     };
-    match &spec.policy_types {
+    // The API server defaults an empty list exactly like an absent one.
+    match spec.policy_types.as_ref().filter(|t| !t.is_empty()) {
         Some(types) => types
             .iter()
             .filter_map(|t| match t.as_str() {

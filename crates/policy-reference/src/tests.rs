@@ -231,6 +231,16 @@ fn egress_rules_without_policy_types_isolate_egress_too() {
 }
 
 #[test]
+fn an_empty_policy_types_list_is_defaulted_like_an_absent_one() {
+    let p = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  policyTypes: []\n  egress:\n  - {}\n";
+    let policy: NetworkPolicy = serde_saphyr::from_str(p).unwrap();
+    assert_eq!(
+        policy_types(&policy),
+        vec![Direction::Ingress, Direction::Egress]
+    );
+}
+
+#[test]
 fn policies_combine_as_a_union() {
     let p = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-y, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: y}}}]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-z, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {ns: z}}}]\n";
     assert_eq!(
