@@ -16,24 +16,16 @@ use sluice_api::{
 };
 use sluice_common::{
     CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_SERVICE,
-    Ct4Entry, Ct4Key, EndpointInfo, Frag4Key, Frag4Ports, IDENTITY_ANY, Lb4Backend, Lb4BackendKey,
-    Lb4Key, Lb4Service, POLICY_EGRESS, POLICY_INGRESS, names, programs, proto_name,
+    Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, IDENTITY_ANY, Lb4BackendKey, Lb4Key, POLICY_EGRESS,
+    POLICY_INGRESS, names, programs, proto_name,
 };
 use sluice_compiler::{DesiredState, NodeContext};
 use sluice_datapath::{Datapath, PinnedMaps};
-use sluice_realizer::{Desired, Ipcache, KernelPolicy, Named, PolicyTable, Tables};
+use sluice_realizer::{Desired, KernelTables, PolicyTable};
 use sluice_store::Snapshot;
 use tracing::{debug, info, warn};
 
 use crate::{AgentConfig, AgentError};
-
-type KernelTables = Tables<
-    Named<MapData, Lb4Key, Lb4Service>,
-    Named<MapData, Lb4BackendKey, Lb4Backend>,
-    Named<MapData, u32, EndpointInfo>,
-    Ipcache,
-    KernelPolicy,
->;
 
 pub struct Node {
     name: String,
@@ -65,22 +57,7 @@ impl Node {
         Ok(Self {
             name: config.node.clone(),
             datapath,
-            tables: Tables {
-                services: Named {
-                    name: names::SERVICES,
-                    map: maps.services,
-                },
-                backends: Named {
-                    name: names::BACKENDS,
-                    map: maps.backends,
-                },
-                endpoints: Named {
-                    name: names::ENDPOINTS,
-                    map: maps.endpoints,
-                },
-                ipcache: Ipcache { map: maps.ipcache },
-                policy: KernelPolicy::open(&config.pin_dir)?,
-            },
+            tables: KernelTables::open(&config.pin_dir)?,
             conntrack: maps.conntrack,
             fragments: maps.fragments,
             policy_map_max: config.policy_map_max,

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnet::Ipv4Net;
 use sluice_common::{IDENTITY_FIRST_ALLOCATED, IDENTITY_SCOPE_CIDR};
 
-use crate::selector::Labels;
+use sluice_store::selector::Labels;
 
 /// Pod labels that differ between otherwise identical pods (Cilium's default exclusions).
 /// Giving each value its own identity would make one identity per pod; they stay relevant

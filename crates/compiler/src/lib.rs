@@ -573,7 +573,6 @@ fn slice_port<'a>(slice: &'a EndpointSlice, name: &str, proto: u8) -> Option<&'a
 
 mod identity;
 mod policy;
-mod selector;
 
 #[cfg(test)]
 mod tests;

@@ -23,13 +23,15 @@ use sluice_common::{
     EndpointInfo, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD, IpcacheEntry,
     IpcacheKey, POLICY_EGRESS, POLICY_INGRESS, PolicyKey,
 };
-use sluice_store::{LocalEndpoint, Snapshot};
+use sluice_store::{
+    LocalEndpoint, Snapshot,
+    selector::{self, Labels},
+};
 
 use crate::{
     DesiredState, EndpointDetails, EndpointPolicy, Identity, NodeContext,
     identity::{self, LABEL_HOST, LABEL_REMOTE_NODE, LABEL_WORLD, Scope},
     namespace_of, protocol_number,
-    selector::{self, Labels},
 };
 
 /// The origin recorded on the rows that let the node reach its pods.

@@ -14,7 +14,9 @@ mod batch;
 mod policy;
 mod table;
 
-use std::{collections::BTreeMap, fmt::Display};
+use std::{collections::BTreeMap, fmt::Display, path::Path};
+
+use aya::maps::MapData;
 
 pub use policy::{
     InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyPlan, PolicyTable,
@@ -24,6 +26,7 @@ use sluice_common::{
     EndpointInfo, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, names,
 };
 use sluice_compiler::{DesiredState, EndpointPolicy};
+use sluice_datapath::PinnedMaps;
 pub use table::{Ipcache, KernelMap, MemoryMap, Named, write_stamp};
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +214,38 @@ pub struct Tables<S, B, E, I, P> {
     pub endpoints: E,
     pub ipcache: I,
     pub policy: P,
+}
+
+/// The realized maps as they are pinned in the kernel.
+pub type KernelTables = Tables<
+    Named<MapData, Lb4Key, Lb4Service>,
+    Named<MapData, Lb4BackendKey, Lb4Backend>,
+    Named<MapData, u32, EndpointInfo>,
+    Ipcache,
+    KernelPolicy,
+>;
+
+impl KernelTables {
+    /// Opens the realized maps pinned under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
+        let maps = PinnedMaps::open(pin_dir).map_err(|e| RealizerError::Datapath(Box::new(e)))?;
+        Ok(Tables {
+            services: Named {
+                name: names::SERVICES,
+                map: maps.services,
+            },
+            backends: Named {
+                name: names::BACKENDS,
+                map: maps.backends,
+            },
+            endpoints: Named {
+                name: names::ENDPOINTS,
+                map: maps.endpoints,
+            },
+            ipcache: Ipcache { map: maps.ipcache },
+            policy: KernelPolicy::open(pin_dir)?,
+        })
+    }
 }
 
 /// The desired content of every realized map.

@@ -10,11 +10,11 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::maps::{IterableMap, MapData, lpm_trie::Key};
+use aya::maps::{IterableMap, lpm_trie::Key};
 use sluice_common::*;
 use sluice_compiler::{DesiredState, EndpointPolicy};
 use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, PolicyMap, remove_pins};
-use sluice_realizer::{Desired, DriftKind, Ipcache, KernelPolicy, Named, PolicyTable, Tables};
+use sluice_realizer::{Desired, DriftKind, KernelTables, PolicyTable};
 
 /// A pin directory on bpffs that is removed, with all it holds, on drop.
 struct PinDir(PathBuf);
@@ -38,36 +38,12 @@ impl Drop for PinDir {
     }
 }
 
-type KernelTables = Tables<
-    Named<MapData, Lb4Key, Lb4Service>,
-    Named<MapData, Lb4BackendKey, Lb4Backend>,
-    Named<MapData, u32, EndpointInfo>,
-    Ipcache,
-    KernelPolicy,
->;
-
 /// Loads the datapath and opens its maps as the agent does. Panics if BPF can't load.
 fn load() -> (PinDir, Datapath, KernelTables) {
     let pins = PinDir::new();
     let datapath = Datapath::load(&pins.0, &DatapathConfig::default())
         .unwrap_or_else(|err| panic!("loading the datapath into {}: {err}", pins.0.display()));
-    let maps = PinnedMaps::open(&pins.0).expect("open pinned maps");
-    let tables = Tables {
-        services: Named {
-            name: names::SERVICES,
-            map: maps.services,
-        },
-        backends: Named {
-            name: names::BACKENDS,
-            map: maps.backends,
-        },
-        endpoints: Named {
-            name: names::ENDPOINTS,
-            map: maps.endpoints,
-        },
-        ipcache: Ipcache { map: maps.ipcache },
-        policy: KernelPolicy::open(&pins.0).expect("open policy map"),
-    };
+    let tables = KernelTables::open(&pins.0).expect("open the realized maps");
     (pins, datapath, tables)
 }
 

@@ -279,27 +279,6 @@ fn selector_is_empty(selector: &LabelSelector) -> bool {
             .is_none_or(Vec::is_empty)
 }
 
-/// Whether `selector` selects an object with `labels`; expects a validated selector.
-fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let match_labels = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let match_expressions = selector.match_expressions.iter().flatten().all(|r| {
-        let value = labels.get(&r.key);
-        let listed = value.is_some_and(|v| r.values.iter().flatten().any(|x| x == v));
-        match r.operator.as_str() {
-            "In" => listed,
-            "NotIn" => !listed,
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            _ => false,
-        }
-    });
-    match_labels && match_expressions
-}
-
 // ---- ports ----
 
 fn port_number(field: &str, port: i32) -> Check {
@@ -426,7 +405,8 @@ fn deployment(deployment: &Deployment) -> Check {
         .as_ref()
         .and_then(|m| m.labels.as_ref());
     labels("spec.template.metadata.labels", template_labels)?;
-    if !selector_matches(&spec.selector, template_labels.unwrap_or(&BTreeMap::new())) {
+    if !sluice_store::selector::matches(&spec.selector, template_labels.unwrap_or(&BTreeMap::new()))
+    {
         return Err(invalid(
             "spec.template.metadata.labels",
             "`selector` does not match template `labels`",

@@ -19,6 +19,8 @@ use k8s_openapi::api::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod selector;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{call} {path}: {source}")]

@@ -553,7 +553,7 @@ fn selectors_match_like_the_api_server() {
     ];
     for (yaml, expected) in cases {
         assert_eq!(
-            selector_matches(&selector(yaml), &labels),
+            sluice_store::selector::matches(&selector(yaml), &labels),
             expected,
             "{yaml}"
         );

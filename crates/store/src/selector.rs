@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-pub(crate) type Labels = BTreeMap<String, String>;
+pub type Labels = BTreeMap<String, String>;
 
 /// LabelSelector semantics: every matchLabels pair and every matchExpressions requirement must
 /// hold; an empty selector matches everything. An unknown operator matches nothing, so a
 /// selector the validator would refuse never selects more than it names.
-pub(crate) fn matches(selector: &LabelSelector, labels: &Labels) -> bool {
+pub fn matches(selector: &LabelSelector, labels: &Labels) -> bool {
     let pairs = selector
         .match_labels
         .iter()
@@ -30,7 +30,7 @@ pub(crate) fn matches(selector: &LabelSelector, labels: &Labels) -> bool {
 }
 
 /// Every label key the selector names.
-pub(crate) fn keys(selector: &LabelSelector) -> impl Iterator<Item = &str> {
+pub fn keys(selector: &LabelSelector) -> impl Iterator<Item = &str> {
     let pairs = selector
         .match_labels
         .iter()
