@@ -28,13 +28,22 @@ pub fn model_yaml() -> String {
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"{ns}\"\n  labels: {{ns: \"{ns}\"}}\n---\n"
         );
         for pod in PODS {
-            out += &format!(
-                "apiVersion: v1
+            out += &pod_yaml(ns, pod, &format!("pod: {pod}"));
+            out += "---\n";
+        }
+    }
+    out
+}
+
+/// A model pod `ns/name` with `labels` (YAML flow-map content), serving the model's ports.
+pub fn pod_yaml(ns: &str, name: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1
 kind: Pod
 metadata:
-  name: {pod}
+  name: {name}
   namespace: \"{ns}\"
-  labels: {{pod: {pod}}}
+  labels: {{{labels}}}
 spec:
   containers:
   - name: cont
@@ -44,12 +53,8 @@ spec:
     - {{name: serve-81-tcp, containerPort: 81, protocol: TCP}}
     - {{name: serve-80-udp, containerPort: 80, protocol: UDP}}
     - {{name: serve-81-udp, containerPort: 81, protocol: UDP}}
----
 "
-            );
-        }
-    }
-    out
+    )
 }
 
 /// Every pod of the model as `ns/pod`.
@@ -154,10 +159,14 @@ pub fn probe_all(
 
 /// Every probe of the full model: 9 x 9 pods x 2 ports x 2 protocols.
 pub fn full_matrix() -> Vec<Probe> {
-    let pods = model_pods();
+    matrix(&model_pods())
+}
+
+/// Every probe between distinct `pods` (`ns/pod`) on the model's ports and protocols.
+pub fn matrix(pods: &[String]) -> Vec<Probe> {
     let mut probes = Vec::new();
-    for from in &pods {
-        for to in &pods {
+    for from in pods {
+        for to in pods {
             if from == to {
                 // A pod reaches itself over loopback, which no policy governs.
                 continue;

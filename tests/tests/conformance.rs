@@ -172,11 +172,20 @@ fn the_upstream_conformance_model_matches_the_reference() {
     check(&lab, &probes, "all policies deleted");
 }
 
-/// One random change to the model: a policy applied or deleted, a pod or a namespace relabelled.
-fn random_change(rng: &mut fastrand::Rng, step: usize, applied: &mut Vec<String>) -> Change {
+/// What the random sequence has created so far, to delete later.
+#[derive(Default)]
+struct Created {
+    policies: Vec<String>,
+    /// `(ns/pod, yaml)` of pods added to the model.
+    pods: Vec<(String, String)>,
+}
+
+/// One random change to the model: a policy applied or deleted, a pod added, deleted or
+/// relabelled, a namespace relabelled.
+fn random_change(rng: &mut fastrand::Rng, step: usize, created: &mut Created) -> Change {
     let ns = netpol::NAMESPACES[rng.usize(..3)];
     let value = |rng: &mut fastrand::Rng| ["a", "b", "c"][rng.usize(..3)];
-    match rng.u8(..10) {
+    match rng.u8(..12) {
         0..=4 => {
             let name = format!("p{step}");
             let peer = match rng.u8(..5) {
@@ -209,21 +218,30 @@ fn random_change(rng: &mut fastrand::Rng, step: usize, applied: &mut Vec<String>
                 value(rng)
             );
             let yaml = policy(&name, ns, &spec);
-            applied.push(yaml.clone());
+            created.policies.push(yaml.clone());
             Change::Apply(format!("policy {ns}/{name}"), yaml)
         }
-        5..=6 if !applied.is_empty() => {
-            let yaml = applied.remove(rng.usize(..applied.len()));
-            Change::Delete(yaml)
+        5..=6 if !created.policies.is_empty() => {
+            let yaml = created.policies.remove(rng.usize(..created.policies.len()));
+            Change::Delete("delete a policy".into(), yaml)
         }
-        7..=8 => {
+        7 => {
+            // A new pod that shares a label with the model's pods, so policies select it.
+            let name = format!("d{step}");
+            let yaml = netpol::pod_yaml(ns, &name, &format!("pod: {}", value(rng)));
+            created.pods.push((format!("{ns}/{name}"), yaml.clone()));
+            Change::Apply(format!("add pod {ns}/{name}"), yaml)
+        }
+        8 if !created.pods.is_empty() => {
+            let (pod, yaml) = created.pods.remove(rng.usize(..created.pods.len()));
+            Change::Delete(format!("delete pod {pod}"), yaml)
+        }
+        8..=9 => {
             let pod = value(rng);
             let tier = if rng.bool() { "tier: web, " } else { "" };
             Change::Apply(
                 format!("relabel pod {ns}/{pod}"),
-                format!(
-                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: \"{ns}\"\n  labels: {{{tier}pod: {pod}}}\nspec:\n  containers:\n  - name: cont\n    image: agnhost\n    ports:\n    - {{name: serve-80-tcp, containerPort: 80, protocol: TCP}}\n    - {{name: serve-81-tcp, containerPort: 81, protocol: TCP}}\n    - {{name: serve-80-udp, containerPort: 80, protocol: UDP}}\n    - {{name: serve-81-udp, containerPort: 81, protocol: UDP}}\n"
-                ),
+                netpol::pod_yaml(ns, pod, &format!("{tier}pod: {pod}")),
             )
         }
         _ => {
@@ -239,8 +257,10 @@ fn random_change(rng: &mut fastrand::Rng, step: usize, applied: &mut Vec<String>
 }
 
 enum Change {
+    /// What it does, and the YAML to apply.
     Apply(String, String),
-    Delete(String),
+    /// What it does, and the YAML of what to delete.
+    Delete(String, String),
 }
 
 /// Random sequences of changes; after every step the kernel's maps equal the compiler's
@@ -258,17 +278,16 @@ fn random_changes_keep_the_kernel_and_the_traffic_equal_to_the_reference() {
     eprintln!("property seed {seed} ({steps} steps; rerun with SLUICE_PROPERTY_SEED={seed})");
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut lab = model_lab("property");
-    let all = netpol::full_matrix();
-    let mut applied = Vec::new();
+    let mut created = Created::default();
     for step in 0..steps {
-        let what = match random_change(&mut rng, step, &mut applied) {
+        let what = match random_change(&mut rng, step, &mut created) {
             Change::Apply(what, yaml) => {
                 lab.apply_yaml(&format!("step-{step}.yaml"), &yaml);
                 what
             }
-            Change::Delete(yaml) => {
+            Change::Delete(what, yaml) => {
                 lab.delete_yaml(&format!("delete-{step}.yaml"), &yaml);
-                "delete a policy".to_string()
+                what
             }
         };
         let verify = lab.cli(&["verify"]);
@@ -276,6 +295,9 @@ fn random_changes_keep_the_kernel_and_the_traffic_equal_to_the_reference() {
             verify.contains("every map matches"),
             "seed {seed} step {step} ({what}): kernel differs from the compiler:\n{verify}"
         );
+        let mut pods = netpol::model_pods();
+        pods.extend(created.pods.iter().map(|(pod, _)| pod.clone()));
+        let all = netpol::matrix(&pods);
         let sample: Vec<Probe> = (0..24)
             .map(|_| all[rng.usize(..all.len())].clone())
             .collect();
