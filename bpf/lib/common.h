@@ -178,6 +178,62 @@ struct frag4_ports {
 	__be16 dport;
 };
 
+/* ---- flow events: one ring buffer the agent's observer drains ----
+ * Allowed traffic yields events per connection, never per packet: the first packet
+ * (TRACE, with the service translation if any; POLICY_VERDICT where policy judged it)
+ * and, for TCP, the first FIN or RST (CLOSE). Every drop yields a DROP event. Events are
+ * rate-limited per CPU; what is suppressed or lost is counted in `event_counters`. */
+#define EVENT_DROP           1 /* Hubble's monitor type numbers */
+#define EVENT_TRACE          4
+#define EVENT_POLICY_VERDICT 5
+#define EVENT_CLOSE          6 /* sluice's own: first FIN/RST of a TCP connection */
+
+#define EVENT_F_SERVICE (1 << 0) /* translated: orig_daddr:orig_dport was the frontend */
+#define EVENT_F_REPLY   (1 << 1) /* the packet travels in the reply direction */
+#define EVENT_F_DENIED  (1 << 2) /* POLICY_VERDICT: denied (reason says why) */
+#define EVENT_F_HOST_ROW (1 << 3) /* POLICY_VERDICT: allowed by the reserved:host row */
+
+struct flow_event {
+	__u64 time_ns;        /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u8 type;            /* EVENT_* */
+	__u8 direction;       /* METRIC_DIR_*: egress leaves the pod, ingress enters it */
+	__u8 reason;          /* DROP_* for drops and denials; 0 otherwise */
+	__u8 proto;
+	__u8 tcp_flags;
+	__u8 flags;           /* EVENT_F_* */
+	__u16 pad;
+	__u32 ifindex;        /* the endpoint's host-side veth */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__be32 saddr;         /* as the endpoint sees it: after DNAT on egress */
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__be32 orig_daddr;    /* the service frontend before DNAT (EVENT_F_SERVICE) */
+	__be16 orig_dport;
+	__u16 pad2;
+	__u32 len;            /* bytes of the packet */
+	__u32 pad3;
+};
+
+/* Which events to emit, and how many per second per CPU (token bucket). */
+#define EVENT_CONFIG_F_ENABLED (1 << 0)
+struct event_config {
+	__u32 flags;          /* EVENT_CONFIG_F_* */
+	__u32 rate;           /* events per second per CPU; 0: no limit */
+	__u32 burst;          /* bucket size */
+	__u32 pad;
+};
+
+/* Per event type and direction (index type * 2 + direction): emitted, suppressed by
+ * the rate limit, lost because the ring buffer was full. */
+#define EVENT_COUNTERS_MAX (8 * 2)
+struct event_counter {
+	__u64 emitted;
+	__u64 suppressed;
+	__u64 lost;
+};
+
 /* ---- metrics: per-CPU packet and byte counters by reason and direction ---- */
 
 #define METRIC_DIR_EGRESS  0 /* leaving a pod (from_container) */

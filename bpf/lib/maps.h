@@ -18,6 +18,7 @@
 #define IPCACHE_MAX      65536
 #define POLICY_MAX       16384 /* template only: user space sizes each endpoint's map */
 #define FRAG4_MAX        8192
+#define EVENTS_RING_SIZE (1 << 20) /* 1 MiB: about 17,000 events */
 
 /* The service, backend and endpoint maps are written by user space only, so they
  * need no preallocation (Cilium does the same); LRU maps are always preallocated. */
@@ -92,5 +93,37 @@ struct {
 	__type(value, struct metrics_value);
 	__uint(max_entries, METRICS_MAX);
 } metrics SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, EVENTS_RING_SIZE);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32); /* always 0 */
+	__type(value, struct event_config);
+	__uint(max_entries, 1);
+} event_config SEC(".maps");
+
+/* The rate limit's bucket: tokens left and when it was last refilled. */
+struct event_bucket {
+	__u64 tokens;
+	__u64 refilled_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32); /* always 0 */
+	__type(value, struct event_bucket);
+	__uint(max_entries, 1);
+} event_bucket SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32); /* type * 2 + direction */
+	__type(value, struct event_counter);
+	__uint(max_entries, EVENT_COUNTERS_MAX);
+} event_counters SEC(".maps");
 
 #endif

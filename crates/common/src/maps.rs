@@ -16,6 +16,11 @@ pub mod names {
     /// The hash of maps from endpoint ifindex to that endpoint's policy LPM trie.
     pub const POLICY: &str = "policy";
     pub const FRAGMENTS: &str = "frag4";
+    /// The ring buffer of flow events.
+    pub const EVENTS: &str = "events";
+    pub const EVENT_CONFIG: &str = "event_config";
+    pub const EVENT_BUCKET: &str = "event_bucket";
+    pub const EVENT_COUNTERS: &str = "event_counters";
 }
 
 /// Names of the programs in the C object.
@@ -411,6 +416,83 @@ pub struct Frag4Ports {
     pub dport: u16,
 }
 
+// ---- flow events ----
+
+pub const EVENT_DROP: u8 = 1;
+pub const EVENT_TRACE: u8 = 4;
+pub const EVENT_POLICY_VERDICT: u8 = 5;
+pub const EVENT_CLOSE: u8 = 6;
+
+pub const EVENT_F_SERVICE: u8 = 1 << 0;
+pub const EVENT_F_REPLY: u8 = 1 << 1;
+pub const EVENT_F_DENIED: u8 = 1 << 2;
+pub const EVENT_F_HOST_ROW: u8 = 1 << 3;
+
+/// One datapath event, as written to the `events` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowEvent {
+    pub time_ns: u64,
+    pub type_: u8,
+    pub direction: u8,
+    pub reason: u8,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub flags: u8,
+    pub pad: u16,
+    pub ifindex: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub orig_daddr: u32,
+    pub orig_dport: u16,
+    pub pad2: u16,
+    pub len: u32,
+    pub pad3: u32,
+}
+
+impl FlowEvent {
+    /// Reads an event from a ring buffer record; None if the record is too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: FlowEvent is #[repr(C)] plain data for which every bit pattern is valid,
+        // and the length was checked; read_unaligned copes with any record alignment.
+        Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
+}
+
+pub const EVENT_CONFIG_F_ENABLED: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EventConfig {
+    pub flags: u32,
+    /// Events per second per CPU; 0: no limit.
+    pub rate: u32,
+    pub burst: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EventCounter {
+    pub emitted: u64,
+    pub suppressed: u64,
+    pub lost: u64,
+}
+
+pub const EVENT_COUNTERS_MAX: u32 = 8 * 2;
+
+/// Index into `event_counters`: type * 2 + direction.
+pub fn event_counter_index(type_: u8, direction: u32) -> u32 {
+    u32::from(type_) * 2 + direction
+}
+
 // ---- metrics ----
 
 pub const METRIC_DIR_EGRESS: u32 = 0;
@@ -446,6 +528,9 @@ unsafe impl aya::Pod for PolicyKey {}
 unsafe impl aya::Pod for PolicyEntry {}
 unsafe impl aya::Pod for Frag4Key {}
 unsafe impl aya::Pod for Frag4Ports {}
+unsafe impl aya::Pod for FlowEvent {}
+unsafe impl aya::Pod for EventConfig {}
+unsafe impl aya::Pod for EventCounter {}
 
 const _: () = {
     assert!(size_of::<Lb4Key>() == 12);
@@ -463,6 +548,9 @@ const _: () = {
     assert!(size_of::<PolicyEntry>() == 16);
     assert!(size_of::<Frag4Key>() == 12);
     assert!(size_of::<Frag4Ports>() == 4);
+    assert!(size_of::<FlowEvent>() == 56);
+    assert!(size_of::<EventConfig>() == 16);
+    assert!(size_of::<EventCounter>() == 24);
 };
 
 /// A field of a shared struct: its C name and byte offset.
@@ -536,6 +624,95 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!("policy_entry", PolicyEntry, [packets, bytes]),
     layout!("frag4_key", Frag4Key, [saddr, daddr, id, proto, pad]),
     layout!("frag4_ports", Frag4Ports, [sport, dport]),
+    StructLayout {
+        name: "flow_event",
+        size: size_of::<FlowEvent>(),
+        // `type` is a Rust keyword: the mirror calls it `type_`.
+        fields: &[
+            FieldLayout {
+                name: "time_ns",
+                offset: std::mem::offset_of!(FlowEvent, time_ns),
+            },
+            FieldLayout {
+                name: "type",
+                offset: std::mem::offset_of!(FlowEvent, type_),
+            },
+            FieldLayout {
+                name: "direction",
+                offset: std::mem::offset_of!(FlowEvent, direction),
+            },
+            FieldLayout {
+                name: "reason",
+                offset: std::mem::offset_of!(FlowEvent, reason),
+            },
+            FieldLayout {
+                name: "proto",
+                offset: std::mem::offset_of!(FlowEvent, proto),
+            },
+            FieldLayout {
+                name: "tcp_flags",
+                offset: std::mem::offset_of!(FlowEvent, tcp_flags),
+            },
+            FieldLayout {
+                name: "flags",
+                offset: std::mem::offset_of!(FlowEvent, flags),
+            },
+            FieldLayout {
+                name: "pad",
+                offset: std::mem::offset_of!(FlowEvent, pad),
+            },
+            FieldLayout {
+                name: "ifindex",
+                offset: std::mem::offset_of!(FlowEvent, ifindex),
+            },
+            FieldLayout {
+                name: "src_identity",
+                offset: std::mem::offset_of!(FlowEvent, src_identity),
+            },
+            FieldLayout {
+                name: "dst_identity",
+                offset: std::mem::offset_of!(FlowEvent, dst_identity),
+            },
+            FieldLayout {
+                name: "saddr",
+                offset: std::mem::offset_of!(FlowEvent, saddr),
+            },
+            FieldLayout {
+                name: "daddr",
+                offset: std::mem::offset_of!(FlowEvent, daddr),
+            },
+            FieldLayout {
+                name: "sport",
+                offset: std::mem::offset_of!(FlowEvent, sport),
+            },
+            FieldLayout {
+                name: "dport",
+                offset: std::mem::offset_of!(FlowEvent, dport),
+            },
+            FieldLayout {
+                name: "orig_daddr",
+                offset: std::mem::offset_of!(FlowEvent, orig_daddr),
+            },
+            FieldLayout {
+                name: "orig_dport",
+                offset: std::mem::offset_of!(FlowEvent, orig_dport),
+            },
+            FieldLayout {
+                name: "pad2",
+                offset: std::mem::offset_of!(FlowEvent, pad2),
+            },
+            FieldLayout {
+                name: "len",
+                offset: std::mem::offset_of!(FlowEvent, len),
+            },
+            FieldLayout {
+                name: "pad3",
+                offset: std::mem::offset_of!(FlowEvent, pad3),
+            },
+        ],
+    },
+    layout!("event_config", EventConfig, [flags, rate, burst, pad]),
+    layout!("event_counter", EventCounter, [emitted, suppressed, lost]),
 ];
 
 // ---- one textual form per entry, shared by the compiler's dumps, verify and the CLI ----
