@@ -67,18 +67,26 @@ pub struct AgentConfig {
     /// Rows each endpoint's policy map holds; a policy that needs more fails closed.
     pub policy_map_max: u32,
     pub datapath: sluice_datapath::DatapathConfig,
+    /// Flows the observer keeps for `sluice observe --last`.
+    pub flows_max: usize,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay, so traffic keeps
 /// flowing while the agent is down and a new agent picks up where this one stopped.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let node = Arc::new(Mutex::new(Node::start(&config)?));
+    // The observer's flows: the API serves them, the policy log subscribes to them.
+    let flows = Arc::new(sluice_observer::FlowBuffer::new(config.flows_max));
     let mut snapshots = source::watch(config.cluster_file.clone())?;
     node.lock()
         .await
         .set_snapshot(Arc::clone(&snapshots.borrow_and_update()));
     let listener = server::bind(&config.api_socket)?;
-    tokio::spawn(server::serve(listener, Arc::clone(&node)));
+    tokio::spawn(server::serve(
+        listener,
+        Arc::clone(&node),
+        Arc::clone(&flows),
+    ));
 
     let mut tick = tokio::time::interval(config.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -35,6 +35,9 @@ struct Args {
     /// Conntrack table size.
     #[arg(long, default_value_t = DatapathConfig::default().ct_max_entries)]
     ct_max_entries: u32,
+    /// Flows the observer keeps for `sluice observe` (Hubble's default).
+    #[arg(long, default_value_t = sluice_observer::DEFAULT_FLOWS_MAX)]
+    flows_max: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         datapath: DatapathConfig {
             ct_max_entries: args.ct_max_entries,
         },
+        flows_max: args.flows_max,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

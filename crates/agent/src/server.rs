@@ -1,12 +1,20 @@
-//! The local API: one JSON request line and one JSON response line per connection.
+//! The local API: one JSON request line and one JSON response line per connection, except
+//! `observe`, which answers a stream of flow lines.
 
 use std::{path::Path, sync::Arc};
 
-use sluice_api::{Method, Request, Response};
+use sluice_api::{
+    Method, Request, Response,
+    flow::{Flow, ObserveRequest},
+};
+use sluice_observer::FlowBuffer;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
-    sync::Mutex,
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{
+        UnixListener, UnixStream,
+        unix::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::{Mutex, broadcast::error::RecvError},
 };
 use tracing::warn;
 
@@ -31,32 +39,82 @@ pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
     UnixListener::bind(path).map_err(io("bind"))
 }
 
-pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>) {
+pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>, flows: Arc<FlowBuffer>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(handle(stream, Arc::clone(&node)));
+                tokio::spawn(handle(stream, Arc::clone(&node), Arc::clone(&flows)));
             }
             Err(e) => warn!(error = %e, "accept on API socket failed"),
         }
     }
 }
 
-async fn handle(stream: UnixStream, node: Arc<Mutex<Node>>) {
+async fn handle(stream: UnixStream, node: Arc<Mutex<Node>>, flows: Arc<FlowBuffer>) {
     let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
     let mut line = String::new();
-    if BufReader::new(read).read_line(&mut line).await.is_err() {
+    if read.read_line(&mut line).await.is_err() {
         return;
     }
     let response = match serde_json::from_str::<Request>(&line) {
+        Ok(request) if request.method == Method::Observe => {
+            match serde_json::from_value::<ObserveRequest>(request.params) {
+                Ok(observe) => return stream_flows(observe, read, write, &flows).await,
+                Err(e) => Response::Error(format!("malformed observe params: {e}")),
+            }
+        }
         Ok(request) => dispatch(request, &node).await,
         Err(e) => Response::Error(format!("malformed request: {e}")),
     };
-    let mut out = serde_json::to_vec(&response)
+    if let Err(e) = write.write_all(&encode(&response)).await {
+        warn!(error = %e, "writing API response failed");
+    }
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec(value)
         .unwrap_or_else(|e| format!(r#"{{"error":"encoding response: {e}"}}"#).into_bytes());
     out.push(b'\n');
-    if let Err(e) = write.write_all(&out).await {
-        warn!(error = %e, "writing API response failed");
+    out
+}
+
+/// Sends the buffered flows the request selects, then, with `follow`, every new matching
+/// flow until the client hangs up. Filtering happens here, as in Hubble, so a follower of
+/// a rare flow costs the socket nothing for the others.
+async fn stream_flows(
+    request: ObserveRequest,
+    mut read: BufReader<OwnedReadHalf>,
+    mut write: OwnedWriteHalf,
+    flows: &FlowBuffer,
+) {
+    let keep = |flow: &Flow| sluice_observer::matches(&request.filter, flow);
+    let (buffered, mut receiver) = flows.snapshot(request.last, keep);
+    let mut out = Vec::new();
+    for flow in &buffered {
+        out.extend(encode(flow.as_ref()));
+    }
+    if write.write_all(&out).await.is_err() || !request.follow {
+        return;
+    }
+    let mut scratch = [0u8; 64];
+    loop {
+        tokio::select! {
+            // The client sends nothing more: a read returning is its hang-up.
+            _ = read.read(&mut scratch) => return,
+            received = receiver.recv() => match received {
+                Ok(flow) if keep(&flow) => {
+                    if write.write_all(&encode(flow.as_ref())).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(missed)) => {
+                    warn!(missed, "observe client too slow; skipped flows");
+                }
+                Err(RecvError::Closed) => return,
+            },
+        }
     }
 }
 
@@ -90,6 +148,8 @@ async fn dispatch(request: Request, node: &Mutex<Node>) -> Response {
         Method::PolicyGet => param_str(&request.params, "endpoint")
             .and_then(|e| node.policy(e))
             .map(to_json),
+        // Answered by handle() as a stream before it gets here.
+        Method::Observe => Err(AgentError::Query("observe is a stream".into())),
     };
     match result {
         Ok(value) => Response::Result(value),

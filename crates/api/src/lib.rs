@@ -15,6 +15,8 @@ use std::{
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+pub mod flow;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("connect {path}: {source} (is the agent running?)")]
@@ -66,6 +68,10 @@ pub enum Method {
     IdentityGet,
     /// [`EndpointPolicyView`]; params `{"endpoint": ...}` as for `EndpointGet`
     PolicyGet,
+    /// A stream of [`flow::Flow`]s, one JSON line each (no response envelope), ending when
+    /// the buffered flows are sent or, with `follow`, when the client hangs up; params
+    /// [`flow::ObserveRequest`]. A refused request answers one `{"error":...}` line.
+    Observe,
 }
 
 /// One response line.
@@ -294,5 +300,83 @@ impl Client {
 
     pub fn status(&self) -> Result<AgentStatus, ApiError> {
         self.call(Method::Status, serde_json::Value::Null)
+    }
+
+    /// Streams flows: the buffered ones the request selects, then (with `follow`) new ones
+    /// as they come, until the iterator is dropped.
+    pub fn observe(&self, request: &flow::ObserveRequest) -> Result<FlowStream, ApiError> {
+        let path = &self.path;
+        let io = |call| {
+            move |source| ApiError::Io {
+                call,
+                path: path.clone(),
+                source,
+            }
+        };
+        let mut stream = UnixStream::connect(path).map_err(|source| ApiError::Connect {
+            path: path.clone(),
+            source,
+        })?;
+        // A followed stream may be quiet for as long as the traffic is.
+        let timeout = (!request.follow).then_some(self.timeout);
+        stream.set_read_timeout(timeout).map_err(io("setsockopt"))?;
+        let params = serde_json::to_value(request).map_err(|source| ApiError::Decode {
+            path: path.clone(),
+            source,
+        })?;
+        let mut line = serde_json::to_vec(&Request {
+            method: Method::Observe,
+            params,
+        })
+        .map_err(|source| ApiError::Decode {
+            path: path.clone(),
+            source,
+        })?;
+        line.push(b'\n');
+        stream.write_all(&line).map_err(io("write"))?;
+        Ok(FlowStream {
+            path: path.clone(),
+            reader: BufReader::new(stream),
+        })
+    }
+}
+
+/// The flows of one `observe` call, in order; ends when the agent closes the stream.
+pub struct FlowStream {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+}
+
+impl Iterator for FlowStream {
+    type Item = Result<flow::Flow, ApiError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => return None,
+            Ok(_) => {}
+            Err(source) => {
+                return Some(Err(ApiError::Io {
+                    call: "read",
+                    path: self.path.clone(),
+                    source,
+                }));
+            }
+        }
+        let decode = |source| ApiError::Decode {
+            path: self.path.clone(),
+            source,
+        };
+        let value = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(value) => value,
+            Err(e) => return Some(Err(decode(e))),
+        };
+        if let Some(message) = value.get("error").and_then(serde_json::Value::as_str) {
+            return Some(Err(ApiError::Agent {
+                path: self.path.clone(),
+                message: message.to_string(),
+            }));
+        }
+        Some(serde_json::from_value(value).map_err(decode))
     }
 }
