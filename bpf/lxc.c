@@ -4,7 +4,9 @@
  *  from_container at tc ingress: packets leaving the pod;
  *  to_container   at tc egress:  packets entering the pod.
  * Each judges the new connections of its direction against the pod's policy where
- * it creates their conntrack entry (CT_EGRESS, CT_INGRESS).
+ * it creates their conntrack entry (CT_EGRESS, CT_INGRESS), and reports there what
+ * the flow events describe (common.h): the verdict, the new connection (TRACE), its
+ * first FIN or RST (CLOSE) and every drop.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -13,6 +15,7 @@
 
 #include "lib/common.h"
 #include "lib/conntrack.h"
+#include "lib/events.h"
 #include "lib/lb.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
@@ -36,7 +39,7 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 	    nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, pkt->saddr) < 0 ||
 	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, frontend_port) < 0 ||
 	    eth_swap_macs(skb) < 0)
-		return verdict_drop(skb, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
 	return bpf_redirect(skb->ifindex, 0);
 }
@@ -48,8 +51,10 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 					   const struct lb4_service *svc,
 					   const struct endpoint_info *ep, __u64 now)
 {
+	struct policy_trace trace = { .remote_identity = IDENTITY_UNRESOLVED };
 	struct lb4_service backend = {};
 	__be32 saddr = pkt->saddr;
+	enum ct_state state;
 	__u8 ct_flags = 0;
 	struct ct4_key key;
 	int reason;
@@ -57,9 +62,11 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 	if (svc->count == 0) {
 		/* Its first fragment was rejected already; this one holds nothing to quote. */
 		if (pkt->later_fragment)
-			return verdict_drop(skb, DROP_NO_SERVICE, METRIC_DIR_EGRESS);
+			return verdict_drop(skb, pkt, DROP_NO_SERVICE, METRIC_DIR_EGRESS);
 		/* No ready backend: refuse at once instead of letting the client time out. */
 		metrics_count(skb, DROP_NO_SERVICE, METRIC_DIR_EGRESS);
+		event_packet(skb, pkt, EVENT_DROP, METRIC_DIR_EGRESS, DROP_NO_SERVICE, 0,
+			     IDENTITY_UNRESOLVED);
 		if (reject_port_unreachable(skb, pkt) < 0)
 			return TC_ACT_SHOT;
 		/* Straight into the pod's end of the veth. Through the lxc's own transmit
@@ -71,7 +78,7 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 
 	reason = lb4_select_backend(skb, pkt, svc, now, &backend);
 	if (reason)
-		return verdict_drop(skb, reason, METRIC_DIR_EGRESS);
+		return verdict_drop(skb, pkt, reason, METRIC_DIR_EGRESS);
 
 	if (backend.backend_address == pkt->saddr) {
 		/* The backend would see its own address as source and answer itself. */
@@ -81,22 +88,36 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 
 	ct_key_init(&key, saddr, backend.backend_address, pkt->sport, backend.backend_port,
 		    pkt->proto, CT_EGRESS);
-	if (!ct_track_established(&key, pkt, pkt->daddr, pkt->dport, ct_flags, now)) {
+	state = ct_track_established(&key, pkt, pkt->daddr, pkt->dport, ct_flags, now);
+	if (state == CT_NEW) {
 		/* Hairpin is the pod talking to itself: never judged. */
 		if (!ct_flags) {
 			reason = policy_verdict(ep, skb->ifindex, POLICY_EGRESS,
-						backend.backend_address, pkt, backend.backend_port);
+						backend.backend_address, pkt, backend.backend_port,
+						&trace);
+			if (trace.judged)
+				event_service(skb, pkt, EVENT_POLICY_VERDICT, reason,
+					      policy_event_flags(reason, &trace),
+					      trace.remote_identity, &backend);
 			if (reason)
-				return verdict_drop(skb, reason, METRIC_DIR_EGRESS);
+				return verdict_drop_service(skb, pkt, reason, trace.remote_identity,
+							    &backend);
 		}
 		if (ct_create(&key, pkt, pkt->daddr, pkt->dport, ct_flags, skb->ifindex, now) < 0)
-			return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
+			return verdict_drop_service(skb, pkt, DROP_CT_CREATE_FAILED,
+						    trace.remote_identity, &backend);
+		event_service(skb, pkt, EVENT_TRACE, 0, 0, trace.remote_identity,
+			      &backend);
+	} else if (state == CT_CLOSING) {
+		event_service(skb, pkt, EVENT_CLOSE, 0, 0, IDENTITY_UNRESOLVED,
+			      &backend);
 	}
 
 	if (nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, backend.backend_address) < 0 ||
 	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, backend.backend_port) < 0 ||
 	    nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, saddr) < 0)
-		return verdict_drop(skb, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+		return verdict_drop_service(skb, pkt, DROP_WRITE_ERROR, trace.remote_identity,
+					    &backend);
 	return verdict_pass(skb, METRIC_DIR_EGRESS);
 }
 
@@ -106,8 +127,10 @@ int from_container(struct __sk_buff *skb)
 	__u32 ifindex = skb->ifindex;
 	struct endpoint_info *ep;
 	enum parse_result parsed;
+	struct policy_trace trace;
 	struct lb4_service *svc;
 	struct ct4_entry *entry;
+	enum ct_state state;
 	struct ct4_key key;
 	struct pkt4 pkt;
 	__u64 now;
@@ -118,9 +141,9 @@ int from_container(struct __sk_buff *skb)
 	case PARSE_NOT_IPV4:
 		return verdict_pass(skb, METRIC_DIR_EGRESS);
 	case PARSE_INVALID:
-		return verdict_drop(skb, DROP_INVALID, METRIC_DIR_EGRESS);
+		return verdict_drop(skb, &pkt, DROP_INVALID, METRIC_DIR_EGRESS);
 	case PARSE_FRAG_NOT_FOUND:
-		return verdict_drop(skb, DROP_FRAG_NOT_FOUND, METRIC_DIR_EGRESS);
+		return verdict_drop(skb, &pkt, DROP_FRAG_NOT_FOUND, METRIC_DIR_EGRESS);
 	case PARSE_IPV4:
 	case PARSE_L4:
 		break;
@@ -129,20 +152,24 @@ int from_container(struct __sk_buff *skb)
 	/* A pod may only send from its own address (an unknown interface is not checked). */
 	ep = bpf_map_lookup_elem(&endpoints, &ifindex);
 	if (ep && pkt.saddr != ep->ipv4)
-		return verdict_drop(skb, DROP_INVALID_SOURCE, METRIC_DIR_EGRESS);
+		return verdict_drop(skb, &pkt, DROP_INVALID_SOURCE, METRIC_DIR_EGRESS);
 	if (parsed == PARSE_IPV4)
 		return verdict_pass(skb, METRIC_DIR_EGRESS);
 	now = bpf_ktime_get_ns();
 
 	entry = ct_lookup(&pkt, CT_EGRESS, true);
 	if (entry && (entry->flags & CT_FLAG_LOOPBACK)) {
-		ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now);
+		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
+			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
+				     IDENTITY_UNRESOLVED);
 		return hairpin_reply(skb, &pkt, entry);
 	}
 
 	entry = ct_lookup(&pkt, CT_INGRESS, true);
 	if (entry) {
-		ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now);
+		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
+			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
+				     IDENTITY_UNRESOLVED);
 		return verdict_pass(skb, METRIC_DIR_EGRESS);
 	}
 
@@ -151,17 +178,28 @@ int from_container(struct __sk_buff *skb)
 		if (svc)
 			return service_forward(skb, &pkt, svc, ep, now);
 		if (lb4_vip_known(pkt.daddr))
-			return verdict_drop(skb, DROP_SERVICE_PORT_UNKNOWN, METRIC_DIR_EGRESS);
+			return verdict_drop(skb, &pkt, DROP_SERVICE_PORT_UNKNOWN,
+					    METRIC_DIR_EGRESS);
 	}
 
 	/* A new or ongoing connection to a non-service destination. */
 	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_EGRESS);
-	if (!ct_track_established(&key, &pkt, 0, 0, 0, now)) {
-		reason = policy_verdict(ep, ifindex, POLICY_EGRESS, pkt.daddr, &pkt, pkt.dport);
+	state = ct_track_established(&key, &pkt, 0, 0, 0, now);
+	if (state == CT_NEW) {
+		reason = policy_verdict(ep, ifindex, POLICY_EGRESS, pkt.daddr, &pkt, pkt.dport,
+					&trace);
+		if (trace.judged)
+			event_packet(skb, &pkt, EVENT_POLICY_VERDICT, METRIC_DIR_EGRESS, reason,
+				     policy_event_flags(reason, &trace), trace.remote_identity);
 		if (reason)
-			return verdict_drop(skb, reason, METRIC_DIR_EGRESS);
+			return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_EGRESS,
+						 trace.remote_identity);
 		if (ct_create(&key, &pkt, 0, 0, 0, ifindex, now) < 0)
-			return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
+			return verdict_drop(skb, &pkt, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
+		event_packet(skb, &pkt, EVENT_TRACE, METRIC_DIR_EGRESS, 0, 0,
+			     trace.remote_identity);
+	} else if (state == CT_CLOSING) {
+		event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, 0, IDENTITY_UNRESOLVED);
 	}
 	return verdict_pass(skb, METRIC_DIR_EGRESS);
 }
@@ -183,8 +221,10 @@ SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
+	struct policy_trace trace = { .remote_identity = IDENTITY_UNRESOLVED };
 	struct endpoint_info *ep;
 	struct ct4_entry *entry;
+	enum ct_state state;
 	struct ct4_key key;
 	struct pkt4 pkt;
 	__u64 now;
@@ -195,9 +235,9 @@ int to_container(struct __sk_buff *skb)
 	case PARSE_IPV4:
 		return verdict_pass(skb, METRIC_DIR_INGRESS);
 	case PARSE_INVALID:
-		return verdict_drop(skb, DROP_INVALID, METRIC_DIR_INGRESS);
+		return verdict_drop(skb, &pkt, DROP_INVALID, METRIC_DIR_INGRESS);
 	case PARSE_FRAG_NOT_FOUND:
-		return verdict_drop(skb, DROP_FRAG_NOT_FOUND, METRIC_DIR_INGRESS);
+		return verdict_drop(skb, &pkt, DROP_FRAG_NOT_FOUND, METRIC_DIR_INGRESS);
 	case PARSE_L4:
 		break;
 	}
@@ -210,7 +250,9 @@ int to_container(struct __sk_buff *skb)
 		__be16 frontend_port = entry->nat_port;
 		struct ct4_entry *service;
 
-		ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now);
+		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
+			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_INGRESS, 0, EVENT_F_REPLY,
+				     IDENTITY_UNRESOLVED);
 		if (!frontend || (entry->flags & CT_FLAG_LOOPBACK))
 			return verdict_pass(skb, METRIC_DIR_INGRESS);
 
@@ -223,7 +265,7 @@ int to_container(struct __sk_buff *skb)
 
 		if (nat_rewrite_addr(skb, &pkt, IP_SADDR_OFF, pkt.saddr, frontend) < 0 ||
 		    nat_rewrite_port(skb, &pkt, l4_sport_off(&pkt), pkt.sport, frontend_port) < 0)
-			return verdict_drop(skb, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
+			return verdict_drop(skb, &pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
 		return verdict_pass(skb, METRIC_DIR_INGRESS);
 	}
 
@@ -236,16 +278,26 @@ int to_container(struct __sk_buff *skb)
 
 	/* A new or ongoing inbound connection. */
 	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_INGRESS);
-	if (!ct_track_established(&key, &pkt, 0, 0, 0, now)) {
+	state = ct_track_established(&key, &pkt, 0, 0, 0, now);
+	if (state == CT_NEW) {
 		if (!hairpin_request(&pkt)) {
 			ep = bpf_map_lookup_elem(&endpoints, &ifindex);
 			reason = policy_verdict(ep, ifindex, POLICY_INGRESS, pkt.saddr, &pkt,
-						pkt.dport);
+						pkt.dport, &trace);
+			if (trace.judged)
+				event_packet(skb, &pkt, EVENT_POLICY_VERDICT, METRIC_DIR_INGRESS,
+					     reason, policy_event_flags(reason, &trace),
+					     trace.remote_identity);
 			if (reason)
-				return verdict_drop(skb, reason, METRIC_DIR_INGRESS);
+				return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_INGRESS,
+							 trace.remote_identity);
 		}
 		if (ct_create(&key, &pkt, 0, 0, 0, ifindex, now) < 0)
-			return verdict_drop(skb, DROP_CT_CREATE_FAILED, METRIC_DIR_INGRESS);
+			return verdict_drop(skb, &pkt, DROP_CT_CREATE_FAILED, METRIC_DIR_INGRESS);
+		event_packet(skb, &pkt, EVENT_TRACE, METRIC_DIR_INGRESS, 0, 0,
+			     trace.remote_identity);
+	} else if (state == CT_CLOSING) {
+		event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_INGRESS, 0, 0, IDENTITY_UNRESOLVED);
 	}
 	return verdict_pass(skb, METRIC_DIR_INGRESS);
 }

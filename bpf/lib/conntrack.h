@@ -60,18 +60,24 @@ static __always_inline bool ct_expired(const struct ct4_entry *entry, __u8 proto
 
 /* Accounts @pkt to an existing entry in place, without a map update: only counters,
  * last_seen and flags change. Flag bytes race benignly (a lost bit comes back with the
- * next packet); the counters use atomic adds. */
-static __always_inline void ct_account(struct ct4_entry *entry, const struct pkt4 *pkt,
+ * next packet); the counters use atomic adds. Returns whether @pkt is the first FIN or
+ * RST the entry sees (its connection's CLOSE event; two CPUs racing on the first FINs
+ * of both directions may both see it). */
+static __always_inline bool ct_account(struct ct4_entry *entry, const struct pkt4 *pkt,
 				       __u8 flags, __u64 now)
 {
+	__u8 new_flags;
+
 	flags |= ct_flags_of(pkt);
 	entry->last_seen_ns = now;
 	__sync_fetch_and_add(&entry->packets, 1);
 	__sync_fetch_and_add(&entry->bytes, pkt->len);
 	if ((entry->tcp_flags_seen & pkt->tcp_flags) != pkt->tcp_flags)
 		entry->tcp_flags_seen |= pkt->tcp_flags;
-	if ((entry->flags & flags) != flags)
-		entry->flags |= flags;
+	new_flags = flags & ~entry->flags;
+	if (new_flags)
+		entry->flags |= new_flags;
+	return new_flags & CT_FLAG_CLOSING;
 }
 
 static __always_inline int ct_create(const struct ct4_key *key, const struct pkt4 *pkt,
@@ -93,15 +99,23 @@ static __always_inline int ct_create(const struct ct4_key *key, const struct pkt
 	return bpf_map_update_elem(&ct4, key, &entry, BPF_ANY);
 }
 
+/* What ct_track_established found. */
+enum ct_state {
+	CT_NEW,         /* @pkt starts a new connection */
+	CT_ESTABLISHED, /* accounted to its entry */
+	CT_CLOSING,     /* accounted, and the entry's first FIN or RST */
+};
+
 /* Accounts @pkt to the entry of @key if that still describes this connection, and
- * says whether it did; false means @pkt starts a new connection, to be judged by policy
+ * says whether it did; CT_NEW means @pkt starts a new connection, to be judged by policy
  * and recorded with ct_create. An entry no longer describes the connection when its
  * translation differs, when a pure SYN shows the tuple was reused for a new connection
  * (stale tuples after source port reuse would otherwise be rev-NATed wrongly), or when
  * it has outlived its lifetime (an idle flow is judged again, as after Cilium's GC). */
-static __always_inline bool ct_track_established(const struct ct4_key *key, const struct pkt4 *pkt,
-						 __be32 nat_address, __be16 nat_port, __u8 flags,
-						 __u64 now)
+static __always_inline enum ct_state ct_track_established(const struct ct4_key *key,
+							  const struct pkt4 *pkt,
+							  __be32 nat_address, __be16 nat_port,
+							  __u8 flags, __u64 now)
 {
 	struct ct4_entry *entry = bpf_map_lookup_elem(&ct4, key);
 
@@ -109,9 +123,8 @@ static __always_inline bool ct_track_established(const struct ct4_key *key, cons
 	    entry->nat_port != nat_port ||
 	    (entry->flags & CT_FLAG_LOOPBACK) != (flags & CT_FLAG_LOOPBACK) ||
 	    ct_expired(entry, pkt->proto, now))
-		return false;
-	ct_account(entry, pkt, 0, now);
-	return true;
+		return CT_NEW;
+	return ct_account(entry, pkt, 0, now) ? CT_CLOSING : CT_ESTABLISHED;
 }
 
 #endif

@@ -9,6 +9,10 @@
 #include "common.h"
 #include "maps.h"
 
+/* Stands for an identity not looked up yet; never a real one (those fit 24 bits plus
+ * the scope byte, and the top scope is unused). */
+#define IDENTITY_UNRESOLVED 0xffffffffU
+
 /* The identity of the longest ipcache prefix holding @address. The realizer installs
  * 0.0.0.0/0 as world; a miss (ipcache not written yet) means world too. */
 static __always_inline __u32 ipcache_identity(__be32 address)

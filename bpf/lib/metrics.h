@@ -29,10 +29,4 @@ static __always_inline int verdict_pass(struct __sk_buff *skb, __u32 dir)
 	return TC_ACT_OK;
 }
 
-static __always_inline int verdict_drop(struct __sk_buff *skb, __u8 reason, __u32 dir)
-{
-	metrics_count(skb, reason, dir);
-	return TC_ACT_SHOT;
-}
-
 #endif

@@ -122,6 +122,8 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 	/* skb->protocol comes from the Ethernet header. */
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return PARSE_NOT_IPV4;
+	/* A malformed packet's drop event carries what was parsed before the fault. */
+	*pkt = (struct pkt4){ .len = skb->len };
 	if (!pkt_make_linear(skb, ETH_HLEN + sizeof(struct iphdr)))
 		return PARSE_INVALID;
 
@@ -130,6 +132,9 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 	ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > data_end)
 		return PARSE_INVALID;
+	pkt->saddr = ip->saddr;
+	pkt->daddr = ip->daddr;
+	pkt->proto = ip->protocol;
 	if (ip->version != 4 || ip->ihl < 5)
 		return PARSE_INVALID;
 
@@ -141,15 +146,7 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 	if (tot_len < ip_len || tot_len > skb->len - ETH_HLEN)
 		return PARSE_INVALID;
 
-	pkt->saddr = ip->saddr;
-	pkt->daddr = ip->daddr;
-	pkt->proto = ip->protocol;
-	pkt->tcp_flags = 0;
 	pkt->l4_off = ETH_HLEN + ip_len;
-	pkt->len = skb->len;
-	pkt->later_fragment = false;
-	pkt->sport = 0;
-	pkt->dport = 0;
 	frag_off = ip->frag_off;
 	ip_id = ip->id;
 

@@ -4,6 +4,7 @@
 #ifndef SLUICE_POLICY_H
 #define SLUICE_POLICY_H
 
+#include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
@@ -27,13 +28,20 @@ static __noinline struct policy_entry *policy_row_lookup(void *rows, struct poli
 	return bpf_map_lookup_elem(rows, key);
 }
 
+/* What policy_verdict learnt besides the verdict, for the POLICY_VERDICT event. */
+struct policy_trace {
+	__u32 remote_identity; /* IDENTITY_UNRESOLVED unless the ipcache was consulted */
+	bool judged;           /* the direction is enforced: policy decided */
+	bool host_row;         /* admitted by a row for reserved:host itself */
+};
+
 /* Judges a new connection of the endpoint on @ifindex (@ep; NULL when the interface
  * is no known endpoint, which enforces nothing) with the peer @remote on @dport (after
  * service translation). Returns 0 when allowed, after counting the packet on the
- * admitting row, or the DROP_* reason. */
+ * admitting row, or the DROP_* reason; fills in @trace. */
 static __always_inline int policy_verdict(const struct endpoint_info *ep, __u32 ifindex,
 					  __u8 direction, __be32 remote, const struct pkt4 *pkt,
-					  __be16 dport)
+					  __be16 dport, struct policy_trace *trace)
 {
 	__u32 enforced = direction == POLICY_INGRESS ? ENDPOINT_F_INGRESS_ENFORCED
 						     : ENDPOINT_F_EGRESS_ENFORCED;
@@ -41,8 +49,12 @@ static __always_inline int policy_verdict(const struct endpoint_info *ep, __u32 
 	struct policy_key key;
 	void *rows;
 
+	trace->remote_identity = IDENTITY_UNRESOLVED;
+	trace->judged = false;
+	trace->host_row = false;
 	if (!ep || !(ep->flags & enforced))
 		return 0;
+	trace->judged = true;
 	/* Fail closed: a policy that did not fit is not installed, and a map that is
 	 * missing cannot say what is allowed. */
 	if (ep->flags & ENDPOINT_F_POLICY_OVERFLOW)
@@ -51,10 +63,11 @@ static __always_inline int policy_verdict(const struct endpoint_info *ep, __u32 
 	if (!rows)
 		return DROP_POLICY_UNAVAILABLE;
 
+	trace->remote_identity = ipcache_identity(remote);
 	key = (struct policy_key){
 		.prefixlen = POLICY_PREFIX_FULL,
 		.rule = {
-			.identity = ipcache_identity(remote),
+			.identity = trace->remote_identity,
 			.direction = direction,
 			.proto = pkt->proto,
 			/* ICMP echo has no port: only rows for any protocol match it. */
@@ -64,6 +77,8 @@ static __always_inline int policy_verdict(const struct endpoint_info *ep, __u32 
 	row = policy_row_lookup(rows, &key);
 	if (!row)
 		return DROP_POLICY;
+	/* policy_row_lookup widens the key to any peer when the identity's own row misses. */
+	trace->host_row = key.rule.identity == IDENTITY_HOST;
 	__sync_fetch_and_add(&row->packets, 1);
 	__sync_fetch_and_add(&row->bytes, pkt->len);
 	return 0;

@@ -28,12 +28,12 @@ use aya::{
     sys::SyscallError,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, EndpointInfo, Frag4Key, Frag4Ports, IpcacheEntry, IpcacheKey, Lb4Backend,
-    Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue, names, programs,
+    Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
+    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue, names, programs,
 };
 
 pub use error::DatapathError;
-pub use pinned::{PinnedMaps, PolicyMap, create_policy_map, remove_pins};
+pub use pinned::{PinnedMaps, PolicyMap, create_policy_map, open_events, remove_pins};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
 
@@ -66,7 +66,11 @@ struct MapSpec {
     value_size: usize,
 }
 
-const MAPS: [MapSpec; 8] = [
+/// `struct event_bucket` in bpf/lib/maps.h: tokens and the last refill time. Only the
+/// datapath reads it, so it has no Rust mirror.
+const EVENT_BUCKET_SIZE: usize = 2 * size_of::<u64>();
+
+const MAPS: [MapSpec; 12] = [
     MapSpec {
         name: names::SERVICES,
         map_type: MapType::Hash,
@@ -115,6 +119,31 @@ const MAPS: [MapSpec; 8] = [
         map_type: MapType::LruHash,
         key_size: size_of::<Frag4Key>(),
         value_size: size_of::<Frag4Ports>(),
+    },
+    MapSpec {
+        name: names::EVENTS,
+        map_type: MapType::RingBuf,
+        // A ring buffer has neither keys nor values; its size is max_entries.
+        key_size: 0,
+        value_size: 0,
+    },
+    MapSpec {
+        name: names::EVENT_CONFIG,
+        map_type: MapType::Array,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<EventConfig>(),
+    },
+    MapSpec {
+        name: names::EVENT_BUCKET,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: EVENT_BUCKET_SIZE,
+    },
+    MapSpec {
+        name: names::EVENT_COUNTERS,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<EventCounter>(),
     },
 ];
 

@@ -2,10 +2,10 @@
 
 use std::{fs, io, path::Path};
 
-use aya::maps::{HashMap, HashOfMaps, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, PerCpuArray, RingBuf};
 use sluice_common::{
-    Ct4Entry, Ct4Key, EndpointInfo, Frag4Key, Frag4Ports, IpcacheEntry, Lb4Backend, Lb4BackendKey,
-    Lb4Key, Lb4Service, MetricsValue, PolicyEntry, PolicyMatch, names,
+    Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
+    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue, PolicyEntry, PolicyMatch, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -39,6 +39,10 @@ pub struct PinnedMaps {
     /// ifindex -> that endpoint's [`PolicyMap`].
     pub policy: HashOfMaps<MapData, u32, PolicyMap>,
     pub fragments: HashMap<MapData, Frag4Key, Frag4Ports>,
+    /// Which flow events to emit and their rate limit (index 0).
+    pub event_config: Array<MapData, EventConfig>,
+    /// Emitted, suppressed and lost events per CPU, at `event_counter_index(type, dir)`.
+    pub event_counters: PerCpuArray<MapData, EventCounter>,
     capacities: Vec<(&'static str, u32)>,
 }
 
@@ -60,6 +64,12 @@ impl PinnedMaps {
         let ipcache = open(names::IPCACHE)?;
         let policy = open(names::POLICY)?;
         let fragments = open(names::FRAGMENTS)?;
+        // The ring and the bucket are opened for their capacities only (the ring's
+        // max_entries is its size in bytes); the observer reads the ring (open_events).
+        open(names::EVENTS)?;
+        let event_config = open(names::EVENT_CONFIG)?;
+        open(names::EVENT_BUCKET)?;
+        let event_counters = open(names::EVENT_COUNTERS)?;
         Ok(Self {
             services: typed(pin_dir, names::SERVICES, services, HashMap::try_from)?,
             backends: typed(pin_dir, names::BACKENDS, backends, HashMap::try_from)?,
@@ -69,6 +79,13 @@ impl PinnedMaps {
             ipcache: typed(pin_dir, names::IPCACHE, ipcache, LpmTrie::try_from)?,
             policy: typed(pin_dir, names::POLICY, policy, HashOfMaps::try_from)?,
             fragments: typed(pin_dir, names::FRAGMENTS, fragments, HashMap::try_from)?,
+            event_config: typed(pin_dir, names::EVENT_CONFIG, event_config, Array::try_from)?,
+            event_counters: typed(
+                pin_dir,
+                names::EVENT_COUNTERS,
+                event_counters,
+                PerCpuArray::try_from,
+            )?,
             capacities,
         })
     }
@@ -77,6 +94,21 @@ impl PinnedMaps {
     pub fn capacities(&self) -> &[(&'static str, u32)] {
         &self.capacities
     }
+}
+
+/// Opens the pinned ring buffer of flow events for reading (one reader at a time: reading
+/// moves the consumer position every opener shares). It implements `AsRawFd`, so it can
+/// be polled, e.g. with tokio's `AsyncFd`.
+pub fn open_events(pin_dir: &Path) -> Result<RingBuf<MapData>, DatapathError> {
+    let path = pin_dir.join(names::EVENTS);
+    let map_err = |source| DatapathError::Map {
+        map: names::EVENTS,
+        path: path.clone(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(map_err)?;
+    let map = Map::from_map_data(data).map_err(map_err)?;
+    RingBuf::try_from(map).map_err(map_err)
 }
 
 /// Opens the map pinned as `name` and records its capacity.

@@ -29,6 +29,10 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::IPCACHE, 65536),
             (names::POLICY, 4096),
             (names::FRAGMENTS, 8192),
+            (names::EVENTS, 1 << 20),
+            (names::EVENT_CONFIG, 1),
+            (names::EVENT_BUCKET, 1),
+            (names::EVENT_COUNTERS, 16),
         ]
     );
 
