@@ -27,8 +27,9 @@ use k8s_openapi::api::{
     discovery::v1::{EndpointPort, EndpointSlice},
 };
 use sluice_common::{
-    BACKEND_STATE_ACTIVE, EndpointInfo, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry,
-    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, PolicyKey, SVC_FLAG_CLUSTER_IP,
+    BACKEND_STATE_ACTIVE, EndpointInfo, IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
+    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyKey, SVC_FLAG_CLUSTER_IP,
     SVC_FLAG_WILDCARD, names, proto_name,
 };
 use sluice_store::{LocalEndpoint, Snapshot};
@@ -99,6 +100,37 @@ pub struct EndpointPolicy {
     /// Row -> the NetworkPolicies (`namespace/name`) that allow it, or `reserved:host` for
     /// the row that lets the node reach its pods.
     pub rows: BTreeMap<PolicyKey, BTreeSet<String>>,
+}
+
+impl EndpointPolicy {
+    /// The row that admits a new connection with the peer `identity` in `direction`
+    /// (`POLICY_INGRESS`/`POLICY_EGRESS`) to `proto`/`port`, with what allows it, found as
+    /// the datapath finds it: the longest prefix among the peer's own rows, else among the
+    /// rows for any peer (identity 0). None: policy denies it.
+    pub fn admitting(
+        &self,
+        identity: u32,
+        direction: u8,
+        proto: u8,
+        port: u16,
+    ) -> Option<(&PolicyKey, &BTreeSet<String>)> {
+        let covers = |key: &PolicyKey| {
+            if key.prefixlen <= POLICY_PREFIX_ANY_PROTO {
+                return true;
+            }
+            let bits = key.prefixlen.saturating_sub(POLICY_PREFIX_ANY_PORT).min(16);
+            let mask = u16::MAX.checked_shl(16 - bits).unwrap_or(0);
+            key.rule.proto == proto && (port & mask) == (u16::from_be(key.rule.dport) & mask)
+        };
+        [identity, IDENTITY_ANY].into_iter().find_map(|peer| {
+            self.rows
+                .iter()
+                .filter(|(key, _)| {
+                    key.rule.identity == peer && key.rule.direction == direction && covers(key)
+                })
+                .max_by_key(|(key, _)| key.prefixlen)
+        })
+    }
 }
 
 /// A local endpoint with its names and policy state.
