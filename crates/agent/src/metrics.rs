@@ -1,0 +1,495 @@
+//! Prometheus metrics, in the text exposition format.
+//!
+//! Datapath figures are read from the kernel maps at scrape time, never mirrored in the
+//! agent: the maps are the truth, so a restarted agent or a map changed behind its back
+//! cannot make the figures drift. Only what happens in the agent itself (reconcile passes,
+//! suppressed policy log lines) is counted here.
+
+use std::{fmt, time::Duration};
+
+use aya::maps::{MapData, PerCpuArray};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        MetricType, counter::ConstCounter, counter::Counter, gauge::ConstGauge,
+        histogram::Histogram, info::Info,
+    },
+    registry::{Registry, Unit},
+};
+use sluice_common::{
+    DropReason, EVENT_CLOSE, EVENT_DROP, EVENT_POLICY_VERDICT, EVENT_TRACE, EventCounter,
+    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, event_counter_index, metrics_index, names,
+};
+use sluice_datapath::PinnedMaps;
+
+use crate::AgentError;
+
+/// Content type of [`Metrics::render`]'s output: OpenMetrics text, which Prometheus reads.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Metrics the agent itself produces; cheap clones share the same values.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    reconcile_duration: Histogram,
+    reconcile_errors: Counter,
+    policy_log_suppressed: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            // 1 ms to ~16 s: a pass that swaps many policy maps takes tens of ms.
+            reconcile_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+            ),
+            reconcile_errors: Counter::default(),
+            policy_log_suppressed: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe_reconcile(&self, elapsed: Duration, ok: bool) {
+        self.reconcile_duration.observe(elapsed.as_secs_f64());
+        if !ok {
+            self.reconcile_errors.inc();
+        }
+    }
+
+    /// The counter of policy log lines not written (rate limit or full queue).
+    pub fn policy_log_suppressed(&self) -> Counter {
+        self.policy_log_suppressed.clone()
+    }
+
+    /// Reads the kernel maps and encodes every metric.
+    pub fn render(&self, maps: &PinnedMaps) -> Result<String, AgentError> {
+        self.encode(KernelSample::read(maps)?)
+    }
+
+    /// The agent's own metrics, with no kernel maps: for tests of the HTTP server.
+    #[cfg(test)]
+    pub(crate) fn render_agent_only(&self) -> String {
+        self.encode(KernelSample::default()).unwrap_or_default()
+    }
+
+    fn encode(&self, sample: KernelSample) -> Result<String, AgentError> {
+        let mut registry = Registry::default();
+        registry.register_with_unit(
+            "sluice_reconcile_duration",
+            "Duration of the agent's reconcile passes (compile, diff against the kernel, apply)",
+            Unit::Seconds,
+            self.reconcile_duration.clone(),
+        );
+        registry.register(
+            "sluice_reconcile_errors",
+            "Reconcile passes that failed and will be retried",
+            self.reconcile_errors.clone(),
+        );
+        registry.register(
+            "sluice_policy_log_suppressed",
+            "Policy action log lines not written because of the rate limit or a full queue",
+            self.policy_log_suppressed.clone(),
+        );
+        registry.register(
+            "sluice_build",
+            "Agent build information",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register_collector(Box::new(sample));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .map_err(|_| AgentError::Query("encoding metrics failed".into()))?;
+        Ok(out)
+    }
+}
+
+const DIRECTIONS: [(u32, &str); 2] = [
+    (METRIC_DIR_EGRESS, "egress"),
+    (METRIC_DIR_INGRESS, "ingress"),
+];
+
+/// Drop reasons as Hubble's `drop_reason_desc` names them (as `sluice observe` does);
+/// a code the datapath should not produce keeps its number, so labels stay unique.
+pub fn reason_label(code: u8) -> String {
+    if DropReason::from_code(code).is_some() {
+        sluice_observer::drop_reason_desc(code)
+    } else {
+        format!("UNKNOWN_{code}")
+    }
+}
+
+const EVENT_TYPES: [(u8, &str); 4] = [
+    (EVENT_DROP, "drop"),
+    (EVENT_TRACE, "trace"),
+    (EVENT_POLICY_VERDICT, "policy-verdict"),
+    (EVENT_CLOSE, "close"),
+];
+
+/// One read of the kernel maps, encoded by the registry at scrape time.
+#[derive(Debug, Default)]
+struct KernelSample {
+    /// (reason, direction) -> summed over CPUs; reason 0 is forwarded traffic.
+    traffic: Vec<(u8, u32, MetricsValue)>,
+    /// (type, direction) -> summed over CPUs.
+    events: Vec<(u8, u32, EventCounter)>,
+    /// (map, entries, max_entries).
+    maps: Vec<(&'static str, u64, u32)>,
+}
+
+impl KernelSample {
+    fn read(maps: &PinnedMaps) -> Result<Self, AgentError> {
+        let mut traffic = Vec::new();
+        for reason in 0..=u8::MAX {
+            for (dir, _) in DIRECTIONS {
+                let value = per_cpu_sum(&maps.metrics, metrics_index(reason, dir))?;
+                let known = reason == 0 || DropReason::from_code(reason).is_some();
+                if known || value.packets != 0 {
+                    traffic.push((reason, dir, value));
+                }
+            }
+        }
+        let mut events = Vec::new();
+        for (type_, _) in EVENT_TYPES {
+            for (dir, _) in DIRECTIONS {
+                let index = event_counter_index(type_, dir);
+                let values =
+                    maps.event_counters
+                        .get(&index, 0)
+                        .map_err(|source| AgentError::Map {
+                            map: names::EVENT_COUNTERS,
+                            source,
+                        })?;
+                let sum = values
+                    .iter()
+                    .fold(EventCounter::default(), |acc, v| EventCounter {
+                        emitted: acc.emitted + v.emitted,
+                        suppressed: acc.suppressed + v.suppressed,
+                        lost: acc.lost + v.lost,
+                    });
+                events.push((type_, dir, sum));
+            }
+        }
+        let capacity = |name| {
+            maps.capacities()
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, max)| *max)
+        };
+        let mut sizes = vec![
+            (
+                names::SERVICES,
+                count(maps.services.keys(), names::SERVICES)?,
+            ),
+            (
+                names::BACKENDS,
+                count(maps.backends.keys(), names::BACKENDS)?,
+            ),
+            (
+                names::CONNTRACK,
+                count(maps.conntrack.keys(), names::CONNTRACK)?,
+            ),
+            (
+                names::ENDPOINTS,
+                count(maps.endpoints.keys(), names::ENDPOINTS)?,
+            ),
+            (names::IPCACHE, count(maps.ipcache.keys(), names::IPCACHE)?),
+            (names::POLICY, count(maps.policy.keys(), names::POLICY)?),
+            (
+                names::FRAGMENTS,
+                count(maps.fragments.keys(), names::FRAGMENTS)?,
+            ),
+        ];
+        sizes.sort_by_key(|(name, _)| *name);
+        Ok(Self {
+            traffic,
+            events,
+            maps: sizes
+                .into_iter()
+                .map(|(name, entries)| (name, entries, capacity(name)))
+                .collect(),
+        })
+    }
+
+    fn entries(&self, map: &str) -> u64 {
+        self.maps
+            .iter()
+            .find(|(name, _, _)| *name == map)
+            .map_or(0, |(_, entries, _)| *entries)
+    }
+
+    /// Policy verdicts on new connections in `dir`: (allowed, denied).
+    ///
+    /// Denied is exact whatever the event configuration: every denied packet is judged
+    /// (it created no conntrack entry) and counted in `metrics` under reason 133 or 212.
+    /// The datapath offers every verdict, allowed or denied, to the event path, which counts
+    /// it as emitted, suppressed or lost; so allowed = those minus the denied ones. That is
+    /// exact while events are enabled, the agent's default: with events off nothing is
+    /// counted and allowed reads 0.
+    fn policy_verdicts(&self, dir: u32) -> (u64, u64) {
+        let denied = [DropReason::Policy, DropReason::PolicyUnavailable]
+            .into_iter()
+            .map(|r| self.traffic(r.code(), dir).packets)
+            .sum::<u64>();
+        let offered = self
+            .events
+            .iter()
+            .filter(|(t, d, _)| *t == EVENT_POLICY_VERDICT && *d == dir)
+            .map(|(_, _, c)| c.emitted + c.suppressed + c.lost)
+            .sum::<u64>();
+        (offered.saturating_sub(denied), denied)
+    }
+
+    fn traffic(&self, reason: u8, dir: u32) -> MetricsValue {
+        self.traffic
+            .iter()
+            .find(|(r, d, _)| *r == reason && *d == dir)
+            .map_or_else(MetricsValue::default, |(_, _, v)| *v)
+    }
+}
+
+fn count<K, E>(
+    keys: impl Iterator<Item = Result<K, E>>,
+    map: &'static str,
+) -> Result<u64, AgentError>
+where
+    aya::maps::MapError: From<E>,
+{
+    let mut n = 0;
+    for key in keys {
+        key.map_err(|e| AgentError::Map {
+            map,
+            source: e.into(),
+        })?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn per_cpu_sum(
+    map: &PerCpuArray<MapData, MetricsValue>,
+    index: u32,
+) -> Result<MetricsValue, AgentError> {
+    let values = map.get(&index, 0).map_err(|source| AgentError::Map {
+        map: names::METRICS,
+        source,
+    })?;
+    Ok(values
+        .iter()
+        .fold(MetricsValue::default(), |acc, v| MetricsValue {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+        }))
+}
+
+impl Collector for KernelSample {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        for (name, help, field) in [
+            (
+                "sluice_forward_packets",
+                "Packets the datapath forwarded, by direction (egress leaves the pod)",
+                (|v: &MetricsValue| v.packets) as fn(&MetricsValue) -> u64,
+            ),
+            (
+                "sluice_forward_bytes",
+                "Bytes the datapath forwarded, by direction",
+                |v: &MetricsValue| v.bytes,
+            ),
+        ] {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (dir, direction) in DIRECTIONS {
+                let labels = [("direction", direction)];
+                ConstCounter::new(field(&self.traffic(0, dir)))
+                    .encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, field) in [
+            (
+                "sluice_drop_packets",
+                "Packets the datapath dropped, by reason and direction",
+                (|v: &MetricsValue| v.packets) as fn(&MetricsValue) -> u64,
+            ),
+            (
+                "sluice_drop_bytes",
+                "Bytes the datapath dropped, by reason and direction",
+                |v: &MetricsValue| v.bytes,
+            ),
+        ] {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (reason, dir, value) in self.traffic.iter().filter(|(r, _, _)| *r != 0) {
+                let labels = [
+                    ("reason", reason_label(*reason)),
+                    ("direction", direction_name(*dir).to_string()),
+                ];
+                ConstCounter::new(field(value)).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "sluice_policy_verdicts",
+                "NetworkPolicy verdicts on new connections, by direction and verdict",
+                None,
+                MetricType::Counter,
+            )?;
+            for (dir, direction) in DIRECTIONS {
+                let (allowed, denied) = self.policy_verdicts(dir);
+                for (verdict, n) in [("allowed", allowed), ("denied", denied)] {
+                    let labels = [("direction", direction), ("verdict", verdict)];
+                    ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "sluice_events",
+                "Flow events by type and direction: emitted to the ring buffer, suppressed by \
+                 the rate limit, or lost to a full ring",
+                None,
+                MetricType::Counter,
+            )?;
+            for (type_, dir, counter) in &self.events {
+                let name = EVENT_TYPES
+                    .iter()
+                    .find(|(t, _)| t == type_)
+                    .map_or("unknown", |(_, n)| n);
+                for (outcome, n) in [
+                    ("emitted", counter.emitted),
+                    ("suppressed", counter.suppressed),
+                    ("lost", counter.lost),
+                ] {
+                    let labels = [
+                        ("type", name),
+                        ("direction", direction_name(*dir)),
+                        ("outcome", outcome),
+                    ];
+                    ConstCounter::new(n).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let metric = encoder.encode_descriptor(
+                "sluice_conntrack_entries",
+                "Entries in the conntrack table",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(gauge(self.entries(names::CONNTRACK))).encode(metric)?;
+        }
+        {
+            let metric = encoder.encode_descriptor(
+                "sluice_endpoints",
+                "Local endpoints the datapath knows",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(gauge(self.entries(names::ENDPOINTS))).encode(metric)?;
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "sluice_map_entries",
+                "Entries in each datapath map",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (map, entries, _) in &self.maps {
+                ConstGauge::new(gauge(*entries)).encode(metric.encode_family(&[("map", *map)])?)?;
+            }
+        }
+        {
+            let mut metric = encoder.encode_descriptor(
+                "sluice_map_capacity",
+                "Maximum entries of each datapath map",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (map, _, capacity) in &self.maps {
+                ConstGauge::new(i64::from(*capacity))
+                    .encode(metric.encode_family(&[("map", *map)])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn direction_name(dir: u32) -> &'static str {
+    if dir == METRIC_DIR_INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    }
+}
+
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_names_by_prometheus_conventions() {
+        let metrics = Metrics::default();
+        metrics.observe_reconcile(Duration::from_millis(3), true);
+        metrics.observe_reconcile(Duration::from_millis(5), false);
+        let sample = KernelSample {
+            traffic: vec![
+                (
+                    0,
+                    METRIC_DIR_EGRESS,
+                    MetricsValue {
+                        packets: 7,
+                        bytes: 700,
+                    },
+                ),
+                (
+                    133,
+                    METRIC_DIR_INGRESS,
+                    MetricsValue {
+                        packets: 2,
+                        bytes: 120,
+                    },
+                ),
+            ],
+            events: vec![(
+                EVENT_POLICY_VERDICT,
+                METRIC_DIR_INGRESS,
+                EventCounter {
+                    emitted: 4,
+                    suppressed: 1,
+                    lost: 0,
+                },
+            )],
+            maps: vec![(names::CONNTRACK, 3, 65536), (names::ENDPOINTS, 2, 1024)],
+        };
+        let text = metrics.encode(sample).expect("encode");
+        for line in [
+            "sluice_forward_packets_total{direction=\"egress\"} 7",
+            "sluice_forward_bytes_total{direction=\"egress\"} 700",
+            "sluice_forward_packets_total{direction=\"ingress\"} 0",
+            "sluice_drop_packets_total{reason=\"POLICY_DENIED\",direction=\"ingress\"} 2",
+            "sluice_drop_bytes_total{reason=\"POLICY_DENIED\",direction=\"ingress\"} 120",
+            "sluice_policy_verdicts_total{direction=\"ingress\",verdict=\"allowed\"} 3",
+            "sluice_policy_verdicts_total{direction=\"ingress\",verdict=\"denied\"} 2",
+            "sluice_policy_verdicts_total{direction=\"egress\",verdict=\"allowed\"} 0",
+            "sluice_events_total{type=\"policy-verdict\",direction=\"ingress\",outcome=\"suppressed\"} 1",
+            "sluice_conntrack_entries 3",
+            "sluice_endpoints 2",
+            "sluice_map_entries{map=\"ct4\"} 3",
+            "sluice_map_capacity{map=\"ct4\"} 65536",
+            "sluice_reconcile_duration_seconds_count 2",
+            "sluice_reconcile_errors_total 1",
+            "sluice_policy_log_suppressed_total 0",
+            "sluice_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn reasons_use_hubble_names() {
+        assert_eq!(reason_label(133), "POLICY_DENIED");
+        assert_eq!(reason_label(212), "POLICY_UNAVAILABLE");
+        assert_eq!(reason_label(9), "UNKNOWN_9");
+    }
+}
