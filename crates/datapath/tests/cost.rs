@@ -1,5 +1,6 @@
 //! What the programs cost: translated instruction counts and the average time per packet
-//! through BPF_PROG_TEST_RUN, printed for the README's figures (run with `--nocapture`).
+//! through BPF_PROG_TEST_RUN, with flow events off and on, printed for the README's
+//! figures (run with `--nocapture`).
 //! Needs root; never skipped.
 // A test binary: a panic in a fixture helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -8,13 +9,18 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
 use sluice_common::{
-    ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, IDENTITY_ANY,
-    IPPROTO_TCP, POLICY_EGRESS, POLICY_INGRESS, PolicyKey,
+    ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EVENT_CONFIG_F_ENABLED,
+    EVENT_POLICY_VERDICT, EVENT_TRACE, EndpointInfo, EventConfig, IDENTITY_ANY, IPPROTO_TCP,
+    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, POLICY_EGRESS, POLICY_INGRESS, PolicyKey,
+    event_counter_index,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
-use sluice_datapath::PinnedMaps;
+use sluice_datapath::{Datapath, PinnedMaps, open_events};
 use support::{TC_ACT_OK, TCP_ACK, TCP_SYN, tcp};
 
 const POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 40000);
@@ -23,16 +29,20 @@ const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 /// The test run's device: the loopback device, ifindex 1.
 const IFINDEX: u32 = 1;
 const REPEAT: u32 = 100_000;
+/// Runs of a packet that starts a new connection each time. With events on, each writes
+/// up to two events (verdict and trace); this many fit the 1 MiB ring (16,384 records),
+/// so every event measured is really written rather than lost.
+const REPEAT_NEW: u32 = 5_000;
 
-/// Average nanoseconds per run of `program` on `packet` over `REPEAT` runs (the kernel
+/// Average nanoseconds per run of `program` on `packet` over `repeat` runs (the kernel
 /// runs the same skb again, so the packet must reach a steady state after one run).
-fn ns_per_run(program: &SchedClassifier, packet: &[u8]) -> f64 {
+fn ns_per_run(program: &SchedClassifier, packet: &[u8], repeat: u32) -> f64 {
     let mut out = vec![0u8; packet.len() + 256];
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
-            repeat: REPEAT,
+            repeat,
             ..TestRunOptions::default()
         })
         .expect("BPF_PROG_TEST_RUN");
@@ -46,10 +56,63 @@ fn translated_insns(program: &SchedClassifier) -> u32 {
     info.size_translated().expect("xlated size") / 8
 }
 
+/// What one pass measures, in ns per packet.
+struct Costs {
+    egress: f64,
+    egress_new: f64,
+    reply: f64,
+    ingress: f64,
+    ingress_new: f64,
+}
+
+/// One pass over the five kinds of packet; `ring` is drained before every measurement so
+/// the events of new connections always find room.
+fn measure(datapath: &mut Datapath, ring: &mut RingBuf<MapData>) -> Costs {
+    let drain = |ring: &mut RingBuf<MapData>| while ring.next().is_some() {};
+    let from = datapath.program(FROM_CONTAINER).unwrap();
+    drain(ring);
+    // Established connection to a pod (the first run creates it).
+    let egress = ns_per_run(from, &tcp(POD, PEER, TCP_ACK, b"data"), REPEAT);
+    drain(ring);
+    // A new connection every time: a pure SYN is judged and creates its entry again.
+    let egress_new = ns_per_run(
+        from,
+        &tcp(POD, SocketAddrV4::new(*PEER.ip(), 9), TCP_SYN, b""),
+        REPEAT_NEW,
+    );
+    let to = datapath.program(TO_CONTAINER).unwrap();
+    drain(ring);
+    // The reply of that connection.
+    let reply = ns_per_run(to, &tcp(PEER, POD, TCP_ACK, b"data"), REPEAT);
+    // Inbound connection, established.
+    let inbound = SocketAddrV4::new(*PEER.ip(), 33000);
+    drain(ring);
+    let ingress = ns_per_run(
+        to,
+        &tcp(inbound, SocketAddrV4::new(*POD.ip(), 80), TCP_ACK, b"data"),
+        REPEAT,
+    );
+    drain(ring);
+    let ingress_new = ns_per_run(
+        to,
+        &tcp(inbound, SocketAddrV4::new(*POD.ip(), 81), TCP_SYN, b""),
+        REPEAT_NEW,
+    );
+    drain(ring);
+    Costs {
+        egress,
+        egress_new,
+        reply,
+        ingress,
+        ingress_new,
+    }
+}
+
 #[test]
 fn cost_of_the_programs() {
     let (pins, mut datapath) = support::load();
     let mut maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
+    let mut ring = open_events(pins.path()).expect("open the events ring");
     support::add_service(&mut maps, VIP, IPPROTO_TCP, &[PEER]);
     // An endpoint with both directions enforced and a row for each, the common case
     // once policy is in use.
@@ -65,36 +128,48 @@ fn cost_of_the_programs() {
         ],
     );
 
-    let from = datapath.program(FROM_CONTAINER).unwrap();
-    let from_insns = translated_insns(from);
-    // Established connection to a pod (the first run creates it).
-    let egress = ns_per_run(from, &tcp(POD, PEER, TCP_ACK, b"data"));
-    // A new connection every time: a pure SYN is judged and creates its entry again.
-    let egress_new = ns_per_run(
-        from,
-        &tcp(POD, SocketAddrV4::new(*PEER.ip(), 9), TCP_SYN, b""),
-    );
-    let to = datapath.program(TO_CONTAINER).unwrap();
-    let to_insns = translated_insns(to);
-    // The reply of that connection.
-    let reply = ns_per_run(to, &tcp(PEER, POD, TCP_ACK, b"data"));
-    // Inbound connection, established.
-    let inbound = SocketAddrV4::new(*PEER.ip(), 33000);
-    let ingress = ns_per_run(
-        to,
-        &tcp(inbound, SocketAddrV4::new(*POD.ip(), 80), TCP_ACK, b"data"),
-    );
-    let ingress_new = ns_per_run(
-        to,
-        &tcp(inbound, SocketAddrV4::new(*POD.ip(), 81), TCP_SYN, b""),
-    );
+    let from_insns = translated_insns(datapath.program(FROM_CONTAINER).unwrap());
+    let to_insns = translated_insns(datapath.program(TO_CONTAINER).unwrap());
+    let mut set_events = |flags| {
+        let config = EventConfig {
+            flags,
+            ..EventConfig::default()
+        };
+        maps.event_config.set(0, config, 0).unwrap();
+    };
+    set_events(0);
+    let off = measure(&mut datapath, &mut ring);
+    // Unlimited: every new connection writes its events.
+    set_events(EVENT_CONFIG_F_ENABLED);
+    let on = measure(&mut datapath, &mut ring);
+    let emitted: u64 = [EVENT_TRACE, EVENT_POLICY_VERDICT]
+        .into_iter()
+        .flat_map(|type_| [(type_, METRIC_DIR_EGRESS), (type_, METRIC_DIR_INGRESS)])
+        .map(|(type_, dir)| {
+            let values = maps
+                .event_counters
+                .get(&event_counter_index(type_, dir), 0)
+                .unwrap();
+            values.iter().map(|c| c.emitted).sum::<u64>()
+        })
+        .sum();
 
     println!("from_container: {from_insns} translated instructions");
-    println!("  established egress {egress:.0} ns/run, new egress (SYN) {egress_new:.0} ns/run");
     println!("to_container: {to_insns} translated instructions");
-    println!(
-        "  reply {reply:.0} ns/run, established ingress {ingress:.0} ns/run, new ingress (SYN) {ingress_new:.0} ns/run"
-    );
+    println!("ns/packet (BPF_PROG_TEST_RUN)   events off   events on");
+    for (what, off, on) in [
+        ("established egress", off.egress, on.egress),
+        ("new egress (SYN)", off.egress_new, on.egress_new),
+        ("reply (to_container)", off.reply, on.reply),
+        ("established ingress", off.ingress, on.ingress),
+        ("new ingress (SYN)", off.ingress_new, on.ingress_new),
+    ] {
+        println!("  {what:<28} {off:>10.0} {on:>11.0}");
+    }
+    println!("  ({emitted} events written with events on)");
     // Far below the verifier's limits; a jump here means something went wrong.
     assert!(from_insns < 4096 && to_insns < 4096);
+    // Events on: every new connection wrote its verdict and trace (at least one run
+    // of each measurement, whatever the CPU), established packets none.
+    assert!(emitted >= u64::from(2 * REPEAT_NEW), "{emitted} events");
 }
