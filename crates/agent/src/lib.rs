@@ -7,12 +7,14 @@
 //! kernel even when nothing upstream changed. [`server`] answers the CLI on a Unix socket.
 
 mod node;
+mod observe;
 mod server;
 mod source;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 pub use node::Node;
+pub use observe::{DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE, EventsConfig};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
@@ -69,6 +71,8 @@ pub struct AgentConfig {
     pub datapath: sluice_datapath::DatapathConfig,
     /// Flows the observer keeps for `sluice observe --last`.
     pub flows_max: usize,
+    /// Which datapath events to emit, at what rate.
+    pub events: EventsConfig,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay, so traffic keeps
@@ -77,6 +81,13 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let node = Arc::new(Mutex::new(Node::start(&config)?));
     // The observer's flows: the API serves them, the policy log subscribes to them.
     let flows = Arc::new(sluice_observer::FlowBuffer::new(config.flows_max));
+    observe::configure_events(&config.pin_dir, config.events)?;
+    let names = Arc::new(observe::Names::new(&config.node)?);
+    tokio::spawn(observe::read_events(
+        observe::open(&config.pin_dir)?,
+        Arc::clone(&names),
+        Arc::clone(&flows),
+    ));
     let mut snapshots = source::watch(config.cluster_file.clone())?;
     node.lock()
         .await
@@ -108,7 +119,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        node.lock().await.reconcile();
+        let mut guard = node.lock().await;
+        guard.reconcile();
+        guard.name_flows(&names);
     }
     info!("agent stopping; pinned maps and links keep the datapath running");
     let _ = std::fs::remove_file(&config.api_socket);

@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use sluice_agent::AgentConfig;
+use sluice_agent::{AgentConfig, EventsConfig};
 use sluice_datapath::DatapathConfig;
 
 #[derive(Parser)]
@@ -38,6 +38,16 @@ struct Args {
     /// Flows the observer keeps for `sluice observe` (Hubble's default).
     #[arg(long, default_value_t = sluice_observer::DEFAULT_FLOWS_MAX)]
     flows_max: usize,
+    /// Datapath flow events (drops, traces, policy verdicts, closes): on or off. Off, the
+    /// datapath emits nothing; drops are still counted in the metrics.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    events: String,
+    /// Events per second per CPU; more are counted as suppressed. 0: no limit.
+    #[arg(long, default_value_t = sluice_agent::DEFAULT_EVENT_RATE)]
+    event_rate: u32,
+    /// Events a CPU may emit at once above the rate.
+    #[arg(long, default_value_t = sluice_agent::DEFAULT_EVENT_BURST)]
+    event_burst: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +77,11 @@ fn main() -> anyhow::Result<()> {
             ct_max_entries: args.ct_max_entries,
         },
         flows_max: args.flows_max,
+        events: EventsConfig {
+            enabled: args.events == "on",
+            rate: args.event_rate,
+            burst: args.event_burst,
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

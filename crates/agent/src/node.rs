@@ -39,6 +39,8 @@ pub struct Node {
     policy_endpoints_max: u32,
     snapshot: Arc<Snapshot>,
     desired: DesiredState,
+    /// Changes whenever `desired` does, so the observer renames flows only then.
+    desired_version: u64,
     realized_generation: u64,
     reconciles: u64,
     last_error: Option<String>,
@@ -64,6 +66,7 @@ impl Node {
             policy_endpoints_max,
             snapshot: Arc::new(Snapshot::default()),
             desired: DesiredState::default(),
+            desired_version: 0,
             realized_generation: 0,
             reconciles: 0,
             last_error: None,
@@ -72,6 +75,11 @@ impl Node {
 
     pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
         self.snapshot = snapshot;
+    }
+
+    /// Hands the observer the names of the current desired state, if it changed.
+    pub(crate) fn name_flows(&self, names: &crate::observe::Names) {
+        names.update(self.desired_version, &self.desired, &self.snapshot);
     }
 
     /// One full pass: compile, realize the maps, then attach and detach programs. Errors are
@@ -112,6 +120,9 @@ impl Node {
             info!(%ifname, "detaching from removed endpoint");
             self.datapath.detach(ifname)?;
             attached = true;
+        }
+        if desired != self.desired {
+            self.desired_version += 1;
         }
         self.desired = desired;
         Ok(stats.changed() || attached)
