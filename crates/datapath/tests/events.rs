@@ -790,3 +790,61 @@ fn a_full_ring_counts_lost_events() {
     );
     assert_eq!(fx.event().sport, 40001u16.to_be());
 }
+
+#[test]
+fn the_reader_is_woken_once_a_batch_is_waiting() {
+    use std::{
+        os::fd::AsRawFd,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+    let mut fx = Fixture::new(0);
+    let fd = fx.ring.as_raw_fd();
+    let woken = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let woken = Arc::clone(&woken);
+        std::thread::spawn(move || {
+            let mut pollfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; the fixture keeps the ring's fd open until joined.
+            let ready = unsafe { libc::poll(&mut pollfd, 1, 5_000) };
+            woken.store(true, Ordering::SeqCst);
+            (ready, pollfd.revents)
+        })
+    };
+    // Let the reader block on the empty ring first.
+    std::thread::sleep(Duration::from_millis(200));
+
+    // 63 events: below the batch, nobody is woken (the reader would drain them later).
+    for port in 0..63 {
+        let syn = tcp(pod(40000 + port), peer(8080), TCP_SYN, b"");
+        assert_eq!(fx.egress(&syn), TC_ACT_OK);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !woken.load(Ordering::SeqCst),
+        "woken before a batch was waiting"
+    );
+
+    // The 64th completes the batch.
+    let start = Instant::now();
+    assert_eq!(
+        fx.egress(&tcp(pod(41000), peer(8080), TCP_SYN, b"")),
+        TC_ACT_OK
+    );
+    let (ready, revents) = support::join(reader);
+    assert_eq!(ready, 1, "poll timed out instead of being woken");
+    assert_ne!(revents & libc::POLLIN, 0);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(fx.events().len(), 64);
+}
