@@ -6,12 +6,20 @@
 //! kernel and applies the difference. The periodic pass is what repairs drift: it re-reads the
 //! kernel even when nothing upstream changed. [`server`] answers the CLI on a Unix socket.
 
+mod http;
+pub mod metrics;
 mod node;
 mod observe;
+pub mod policy_log;
 mod server;
 mod source;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 pub use node::Node;
 pub use observe::{DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE, EventsConfig};
@@ -73,6 +81,10 @@ pub struct AgentConfig {
     pub flows_max: usize,
     /// Which datapath events to emit, at what rate.
     pub events: EventsConfig,
+    /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
+    pub metrics_address: Option<SocketAddr>,
+    /// Policy action log; None: off.
+    pub policy_log: Option<policy_log::PolicyLogConfig>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay, so traffic keeps
@@ -99,6 +111,23 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         Arc::clone(&flows),
     ));
 
+    let metrics = metrics::Metrics::default();
+    if let Some(address) = config.metrics_address {
+        // Handles of its own on the pinned maps: a scrape never waits for the node's lock.
+        let maps = Arc::new(sluice_datapath::PinnedMaps::open(&config.pin_dir)?);
+        let scrape = metrics.clone();
+        let render: http::Render =
+            Arc::new(move || Ok((scrape.render(&maps)?, metrics::CONTENT_TYPE)));
+        let listener = http::bind(address).await?;
+        info!(%address, "serving metrics");
+        tokio::spawn(http::serve(listener, render));
+    }
+    if let Some(log) = &config.policy_log {
+        let logger = policy_log::PolicyLogger::start(log, metrics.policy_log_suppressed())?;
+        info!(path = %log.path.display(), mode = ?log.mode, "policy action log");
+        tokio::spawn(policy_log::follow(flows.subscribe(), logger));
+    }
+
     let mut tick = tokio::time::interval(config.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -120,7 +149,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             _ = int.recv() => break,
         }
         let mut guard = node.lock().await;
-        guard.reconcile();
+        let started = Instant::now();
+        let ok = guard.reconcile();
+        metrics.observe_reconcile(started.elapsed(), ok);
         guard.name_flows(&names);
     }
     info!("agent stopping; pinned maps and links keep the datapath running");

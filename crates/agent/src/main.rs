@@ -4,7 +4,10 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use sluice_agent::{AgentConfig, EventsConfig};
+use sluice_agent::{
+    AgentConfig, EventsConfig,
+    policy_log::{PolicyLogConfig, PolicyLogMode},
+};
 use sluice_datapath::DatapathConfig;
 
 #[derive(Parser)]
@@ -48,6 +51,26 @@ struct Args {
     /// Events a CPU may emit at once above the rate.
     #[arg(long, default_value_t = sluice_agent::DEFAULT_EVENT_BURST)]
     event_burst: u32,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 0.0.0.0:9962.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
+    /// Log policy decisions (one JSON line per connection, GKE's format): allow, deny or all.
+    #[arg(long)]
+    policy_log: Option<PolicyLogMode>,
+    /// The policy action log file; rotated files get .1, .2, ... appended.
+    #[arg(long, default_value = "/var/log/sluice/policy_action.log")]
+    policy_log_file: PathBuf,
+    /// Bytes after which the policy log is rotated.
+    #[arg(long, default_value_t = PolicyLogConfig::DEFAULT_MAX_SIZE)]
+    policy_log_max_size: u64,
+    /// Policy log files kept, the active one included.
+    #[arg(long, default_value_t = PolicyLogConfig::DEFAULT_MAX_FILES,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    policy_log_max_files: u32,
+    /// Policy log lines per second; more are dropped and counted in
+    /// sluice_policy_log_suppressed_total. 0: no limit.
+    #[arg(long, default_value_t = PolicyLogConfig::DEFAULT_RATE)]
+    policy_log_rate: u32,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,6 +105,14 @@ fn main() -> anyhow::Result<()> {
             rate: args.event_rate,
             burst: args.event_burst,
         },
+        metrics_address: args.metrics_address,
+        policy_log: args.policy_log.map(|mode| PolicyLogConfig {
+            mode,
+            path: args.policy_log_file,
+            max_size: args.policy_log_max_size,
+            max_files: args.policy_log_max_files,
+            rate: args.policy_log_rate,
+        }),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -83,8 +83,8 @@ impl Node {
     }
 
     /// One full pass: compile, realize the maps, then attach and detach programs. Errors are
-    /// kept for `status` and retried on the next pass.
-    pub fn reconcile(&mut self) {
+    /// kept for `status` and retried on the next pass; returns whether the pass succeeded.
+    pub fn reconcile(&mut self) -> bool {
         let started = Instant::now();
         self.reconciles += 1;
         match self.try_reconcile() {
@@ -94,10 +94,12 @@ impl Node {
                 }
                 self.realized_generation = self.snapshot.generation;
                 self.last_error = None;
+                true
             }
             Err(e) => {
                 warn!(error = %e, "reconcile failed; retrying on the next pass");
                 self.last_error = Some(e.to_string());
+                false
             }
         }
     }

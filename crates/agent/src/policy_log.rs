@@ -520,6 +520,56 @@ mod tests {
         assert_eq!(world, serde_json::json!({"instance": "192.0.2.1"}));
     }
 
+    fn verdict_flow(denied: bool) -> Flow {
+        let flow = serde_json::json!({
+            "time": "2026-11-30T10:00:00.000000001Z",
+            "verdict": if denied { "DROPPED" } else { "FORWARDED" },
+            "drop_reason": if denied { 133 } else { 0 },
+            "IP": {"source": "10.0.0.5", "destination": "10.0.0.9", "ipVersion": "IPv4"},
+            "l4": {"TCP": {"source_port": 40000, "destination_port": 80}},
+            "source": {"identity": 300, "namespace": "default", "pod_name": "client"},
+            "destination": {"identity": 301, "namespace": "default", "pod_name": "nginx-1"},
+            "Type": "L3_L4",
+            "node_name": "node-a",
+            "event_type": {"type": 5, "sub_type": 0},
+            "traffic_direction": "INGRESS",
+            "is_reply": false,
+            "ingress_allowed_by": if denied {
+                serde_json::json!([])
+            } else {
+                serde_json::json!([{"name": "allow-frontend", "namespace": "default",
+                                     "kind": "NetworkPolicy"}])
+            },
+            "Summary": "TCP Flags: SYN",
+        });
+        serde_json::from_value(flow).expect("flow")
+    }
+
+    #[test]
+    fn entries_come_from_policy_verdict_flows() {
+        let allow = PolicyLogEntry::from_flow(&verdict_flow(false)).expect("a verdict");
+        assert_eq!(
+            allow,
+            PolicyLogEntry {
+                timestamp: "2026-11-30T10:00:00.000000001Z".into(),
+                ..entry(true)
+            }
+        );
+        let deny = PolicyLogEntry::from_flow(&verdict_flow(true)).expect("a verdict");
+        assert_eq!(deny.disposition, "deny");
+        assert_eq!(deny.reason, Some("default deny"));
+        assert!(deny.policies.is_empty());
+
+        let mut world = verdict_flow(true);
+        world.source = Endpoint::default();
+        let entry = PolicyLogEntry::from_flow(&world).expect("a verdict");
+        assert_eq!(entry.src, Peer::instance(Ipv4Addr::new(10, 0, 0, 5)));
+
+        let mut trace = verdict_flow(false);
+        trace.event_type.event_type = sluice_api::flow::EVENT_TYPE_TRACE;
+        assert_eq!(PolicyLogEntry::from_flow(&trace), None);
+    }
+
     #[test]
     fn mode_selects_dispositions() {
         assert_eq!("deny".parse(), Ok(PolicyLogMode::Deny));
