@@ -1,6 +1,7 @@
 //! `sluice`: the command line for an agent (status, services, conntrack, verify) and the lab.
 
 mod lab;
+mod observe;
 mod policy;
 mod table;
 
@@ -71,6 +72,9 @@ enum Command {
         #[command(subcommand)]
         command: policy::PolicyCommand,
     },
+    /// Flows the agent observed: drops, connections, policy verdicts (like `hubble
+    /// observe`; filters apply in the agent). `-o json` prints Hubble's flow JSON.
+    Observe(observe::ObserveArgs),
     /// A local cluster in network namespaces.
     Lab {
         #[command(subcommand)]
@@ -107,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         Command::Endpoint { command } => policy::endpoint(&client(&cli)?, command, cli.output),
         Command::Identity { command } => policy::identity(&client(&cli)?, command, cli.output),
         Command::Policy { command } => policy::policy(&client(&cli)?, command, cli.output),
+        Command::Observe(args) => observe::run(&client(&cli)?, args, cli.output),
     }
 }
 
