@@ -1,0 +1,251 @@
+//! `sluice observe`: the agent's flows, as `hubble observe` prints them.
+
+use std::{
+    io::Write,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use sluice_api::{
+    Client,
+    flow::{Flow, FlowFilter, ObserveRequest, Timestamp, Verdict},
+};
+
+use crate::Output;
+
+/// Flows printed without --last, --follow or --since (as `hubble observe`).
+const DEFAULT_LAST: usize = 20;
+
+#[derive(Args)]
+pub struct ObserveArgs {
+    /// Keep printing new flows until interrupted.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// The last N buffered flows (default 20; with --follow or --since: none or all).
+    #[arg(long)]
+    last: Option<usize>,
+    /// Flows from this pod (`namespace/name`; a name alone is in `default`; prefixes match).
+    #[arg(long)]
+    from_pod: Vec<String>,
+    /// Flows to this pod.
+    #[arg(long)]
+    to_pod: Vec<String>,
+    /// Flows from or to this pod.
+    #[arg(long)]
+    pod: Vec<String>,
+    /// Flows from or to pods of this namespace.
+    #[arg(long)]
+    namespace: Vec<String>,
+    /// Flows from or to an identity with this label (`key=value` or `key`).
+    #[arg(long)]
+    label: Vec<String>,
+    #[arg(long, value_enum, ignore_case = true)]
+    verdict: Vec<VerdictArg>,
+    /// Event type.
+    #[arg(short = 't', long = "type",
+          value_parser = ["drop", "trace", "policy-verdict", "close"])]
+    event_type: Vec<String>,
+    /// tcp, udp, sctp or icmp.
+    #[arg(long, ignore_case = true, value_parser = ["tcp", "udp", "sctp", "icmp"])]
+    protocol: Vec<String>,
+    /// Source or destination port.
+    #[arg(long)]
+    port: Vec<u16>,
+    /// Flows since a time: a duration ago (`30s`, `5m`, `2h`, `1d`) or RFC 3339.
+    #[arg(long, value_parser = parse_since)]
+    since: Option<Timestamp>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum VerdictArg {
+    #[value(name = "FORWARDED")]
+    Forwarded,
+    #[value(name = "DROPPED")]
+    Dropped,
+}
+
+pub fn run(client: &Client, args: &ObserveArgs, output: Output) -> anyhow::Result<()> {
+    let request = request(args);
+    let mut out = std::io::stdout().lock();
+    for flow in client.observe(&request)? {
+        let flow = flow?;
+        let line = match output {
+            Output::Table => sluice_observer::compact(&flow),
+            Output::Json => json_line(&flow)?,
+        };
+        writeln!(out, "{line}").context("writing to stdout")?;
+        // Followed flows appear as they come, not when a buffer fills.
+        if request.follow {
+            out.flush().context("writing to stdout")?;
+        }
+    }
+    Ok(())
+}
+
+fn request(args: &ObserveArgs) -> ObserveRequest {
+    let last = match (args.last, args.since, args.follow) {
+        (Some(n), _, _) => Some(n),
+        // Every buffered flow since then (the filter keeps the time).
+        (None, Some(_), _) => None,
+        (None, None, true) => Some(0),
+        (None, None, false) => Some(DEFAULT_LAST),
+    };
+    ObserveRequest {
+        last,
+        follow: args.follow,
+        filter: FlowFilter {
+            from_pod: args.from_pod.clone(),
+            to_pod: args.to_pod.clone(),
+            pod: args.pod.clone(),
+            namespace: args.namespace.clone(),
+            label: args.label.clone(),
+            verdict: args
+                .verdict
+                .iter()
+                .map(|v| match v {
+                    VerdictArg::Forwarded => Verdict::Forwarded,
+                    VerdictArg::Dropped => Verdict::Dropped,
+                })
+                .collect(),
+            event_type: args.event_type.clone(),
+            protocol: args.protocol.iter().map(|p| p.to_lowercase()).collect(),
+            port: args.port.clone(),
+            since: args.since,
+        },
+    }
+}
+
+/// Hubble's `-o json` line: a GetFlowsResponse, so `hubble observe --input-file` reads it.
+fn json_line(flow: &Flow) -> anyhow::Result<String> {
+    serde_json::to_string(&serde_json::json!({
+        "flow": flow,
+        "node_name": flow.node_name,
+        "time": flow.time,
+    }))
+    .context("encoding flow")
+}
+
+fn parse_since(s: &str) -> anyhow::Result<Timestamp> {
+    if let Some(t) = Timestamp::parse_rfc3339(s) {
+        return Ok(t);
+    }
+    let ago = parse_duration(s)?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .context("system clock before 1970")?;
+    let since = now.saturating_sub(ago);
+    Ok(Timestamp(
+        i64::try_from(since.as_nanos()).unwrap_or(i64::MAX),
+    ))
+}
+
+/// `30s`, `5m`, `2h`, `1d`, `1h30m`.
+fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        bail!("empty duration");
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            bail!("{s:?} is neither RFC 3339 nor a duration like 30s, 5m, 2h or 1d");
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .with_context(|| format!("duration {s:?}"))?;
+        rest = &rest[digits..];
+        let unit = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let secs = match &rest[..unit] {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            other => bail!("unknown unit {other:?} in {s:?} (use s, m, h or d)"),
+        };
+        rest = &rest[unit..];
+        total += Duration::from_secs(n.saturating_mul(secs));
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ObserveArgs,
+    }
+
+    fn request_for(argv: &[&str]) -> ObserveRequest {
+        let cli = Cli::try_parse_from(std::iter::once("observe").chain(argv.iter().copied()));
+        match cli {
+            Ok(cli) => request(&cli.args),
+            Err(e) => panic!("{argv:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn modes_pick_the_buffered_flows_as_hubble_does() {
+        assert_eq!(request_for(&[]).last, Some(20));
+        assert_eq!(request_for(&["--last", "5"]).last, Some(5));
+        let follow = request_for(&["-f"]);
+        assert_eq!((follow.last, follow.follow), (Some(0), true));
+        assert_eq!(request_for(&["--since", "5m"]).last, None);
+        assert_eq!(request_for(&["--follow", "--since", "5m"]).last, None);
+        assert_eq!(request_for(&["--follow", "--last", "3"]).last, Some(3));
+    }
+
+    #[test]
+    fn filters_go_to_the_agent() {
+        let r = request_for(&[
+            "--from-pod",
+            "default/client",
+            "--to-pod",
+            "nginx",
+            "--label",
+            "app=nginx",
+            "--verdict",
+            "dropped",
+            "--type",
+            "policy-verdict",
+            "--protocol",
+            "TCP",
+            "--port",
+            "80",
+            "--since",
+            "2026-11-30T10:00:00Z",
+        ]);
+        assert_eq!(
+            serde_json::to_value(&r.filter).unwrap_or_default(),
+            serde_json::json!({
+                "from_pod": ["default/client"],
+                "to_pod": ["nginx"],
+                "label": ["app=nginx"],
+                "verdict": ["DROPPED"],
+                "event_type": ["policy-verdict"],
+                "protocol": ["tcp"],
+                "port": [80],
+                "since": "2026-11-30T10:00:00.000000000Z",
+            })
+        );
+        assert!(Cli::try_parse_from(["observe", "--type", "bogus"]).is_err());
+        assert!(Cli::try_parse_from(["observe", "--since", "yesterday"]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        let d = |s| parse_duration(s).ok();
+        assert_eq!(d("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(d("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(d("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(d("1d"), Some(Duration::from_secs(86_400)));
+        assert_eq!(d("5"), None);
+        assert_eq!(d("5w"), None);
+        assert_eq!(d(""), None);
+    }
+}
