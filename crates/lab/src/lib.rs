@@ -23,7 +23,7 @@ use std::{
     env,
     fs::{self, File},
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::Command,
     thread,
@@ -37,7 +37,7 @@ use sluice_api::Client;
 pub use error::{LabError, LogTail};
 pub use probe::{Probe, ProbeMatrix, ProbeOptions, ProbeRequest, Protocol, Via};
 pub use server::serve_pod;
-pub use spec::{LabSpec, NodeSpec, WorldHostSpec, WorldPort};
+pub use spec::{LabSpec, METRICS_PORT, NodeSpec, Observability, WorldHostSpec, WorldPort};
 
 use crate::{
     error::io_err,
@@ -45,6 +45,23 @@ use crate::{
     process::Detached,
     state::{LabState, PodRecord},
 };
+
+/// One HTTP/1.1 GET, answered and closed by the server: (status line, body).
+fn http_get(address: SocketAddrV4, path: &str) -> std::io::Result<(String, String)> {
+    use std::io::Read;
+    let timeout = Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&address.into(), timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    Ok((status, body.to_string()))
+}
 
 /// Where the agents pin their maps and links: `<PIN_ROOT>/<lab>/<node>`.
 const PIN_ROOT: &str = "/sys/fs/bpf/sluice";
@@ -323,6 +340,21 @@ impl Lab {
                 if let Some(max) = spec.policy_map_max {
                     cmd.arg("--policy-map-max").arg(max.to_string());
                 }
+                let observability = &spec.observability;
+                if observability.metrics {
+                    // Every address of the node's namespace, none of the root's.
+                    cmd.arg("--metrics-address")
+                        .arg(format!("0.0.0.0:{}", spec::METRICS_PORT));
+                }
+                if let Some(mode) = &observability.policy_log {
+                    cmd.arg("--policy-log")
+                        .arg(mode)
+                        .arg("--policy-log-file")
+                        .arg(lab.policy_log(&node.name));
+                    if let Some(rate) = observability.policy_log_rate {
+                        cmd.arg("--policy-log-rate").arg(rate.to_string());
+                    }
+                }
                 agents.push((
                     node.name.clone(),
                     process::spawn_detached(cmd, &lab.agent_log(&node.name))?,
@@ -563,6 +595,62 @@ impl Lab {
 
     pub fn agent_log(&self, node: &str) -> PathBuf {
         self.dir.join("nodes").join(node).join("agent.log")
+    }
+
+    /// The policy action log of `node`'s agent (rotated files get `.1`, `.2`, ...), written
+    /// when the lab file sets `observability.policyLog`.
+    pub fn policy_log(&self, node: &str) -> PathBuf {
+        self.dir.join("nodes").join(node).join("policy_action.log")
+    }
+
+    /// Where `node`'s agent serves Prometheus metrics: its router address, reachable from
+    /// inside the node's namespace (and its pods). None unless the lab file sets
+    /// `observability.metrics`, or for an unknown node.
+    pub fn metrics_address(&self, node: &str) -> Option<SocketAddrV4> {
+        let spec = &self.state.spec;
+        if !spec.observability.metrics {
+            return None;
+        }
+        let node = spec.node(node)?;
+        Some(SocketAddrV4::new(node.router_ip(), spec::METRICS_PORT))
+    }
+
+    /// `GET /metrics` from `node`'s agent, sent from inside the node's namespace; the body.
+    pub fn scrape_metrics(&self, node: &str) -> Result<String, LabError> {
+        let address = self
+            .metrics_address(node)
+            .ok_or_else(|| LabError::Command {
+                command: format!("GET /metrics of node {node}"),
+                detail: "the lab file does not set observability.metrics for this node".into(),
+            })?;
+        let netns = net::netns_path(&self.node_netns(node));
+        let ns = File::open(&netns).map_err(io_err("open", &netns))?;
+        let failed = |detail: String| LabError::Command {
+            command: format!("GET http://{address}/metrics"),
+            detail,
+        };
+        // A thread of its own enters the node's namespace, so this one stays where it is.
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
+                        |source| LabError::Sys {
+                            call: "setns",
+                            source,
+                        },
+                    )?;
+                    http_get(address, "/metrics").map_err(|e| failed(e.to_string()))
+                })
+                .join()
+                .map_err(|_| failed("the scraping thread panicked".into()))?
+        })
+        .and_then(|(status, body)| {
+            if status.starts_with("HTTP/1.1 200 ") {
+                Ok(body)
+            } else {
+                Err(failed(status))
+            }
+        })
     }
 
     pub fn pin_dir(&self, node: &str) -> PathBuf {

@@ -26,7 +26,25 @@ pub struct LabSpec {
     /// default.
     #[serde(default)]
     pub policy_map_max: Option<u32>,
+    /// What the agents expose besides the datapath; labs written before it have nothing.
+    #[serde(default)]
+    pub observability: Observability,
 }
+
+/// `observability:` in the lab file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Observability {
+    /// Each agent serves Prometheus metrics on [`METRICS_PORT`] in its node's namespace.
+    pub metrics: bool,
+    /// Policy action logging: `allow`, `deny` or `all` (the agents' `--policy-log`).
+    pub policy_log: Option<String>,
+    /// Policy log lines per second (the agents' `--policy-log-rate`); None: their default.
+    pub policy_log_rate: Option<u32>,
+}
+
+/// Where each lab agent serves metrics, on every address of its node's namespace.
+pub const METRICS_PORT: u16 = 9962;
 
 /// A host outside the cluster: its own network namespace behind one node, serving its ports
 /// like a pod does.
@@ -85,8 +103,17 @@ struct RawLab {
     service_cidr: Option<String>,
     tx_checksum_offload: Option<bool>,
     policy_map_max: Option<u32>,
+    observability: Option<RawObservability>,
     nodes: Option<Vec<RawNode>>,
     world: Option<Vec<RawWorldHost>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawObservability {
+    metrics: Option<bool>,
+    policy_log: Option<String>,
+    policy_log_rate: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -203,12 +230,31 @@ impl LabSpec {
         if raw.policy_map_max == Some(0) {
             return Err(err("policyMapMax", "must be at least 1 (got 0)".into()));
         }
+        let observability = match raw.observability {
+            None => Observability::default(),
+            Some(o) => {
+                if let Some(mode) = o.policy_log.as_deref()
+                    && !matches!(mode, "allow" | "deny" | "all")
+                {
+                    return Err(err(
+                        "observability.policyLog",
+                        format!("must be allow, deny or all (got {mode:?})"),
+                    ));
+                }
+                Observability {
+                    metrics: o.metrics.unwrap_or(false),
+                    policy_log: o.policy_log,
+                    policy_log_rate: o.policy_log_rate,
+                }
+            }
+        };
         Ok(LabSpec {
             service_cidr,
             tx_checksum_offload: raw.tx_checksum_offload.unwrap_or(true),
             nodes,
             world,
             policy_map_max: raw.policy_map_max,
+            observability,
         })
     }
 
@@ -378,6 +424,27 @@ mod tests {
         assert!(spec.tx_checksum_offload);
         assert_eq!(spec.nodes.len(), 2);
         assert_eq!(spec.nodes[1].router_ip(), Ipv4Addr::new(10, 244, 2, 1));
+    }
+
+    #[test]
+    fn observability_is_off_unless_asked_for() {
+        let nodes = "nodes: [{name: a, podCIDR: 10.244.1.0/24}]\n";
+        let spec = parse(&format!("{HEAD}{nodes}")).unwrap();
+        assert_eq!(spec.observability, Observability::default());
+        let spec = parse(&format!(
+            "{HEAD}{nodes}observability: {{metrics: true, policyLog: deny, policyLogRate: 50}}\n"
+        ))
+        .unwrap();
+        assert!(spec.observability.metrics);
+        assert_eq!(spec.observability.policy_log.as_deref(), Some("deny"));
+        assert_eq!(spec.observability.policy_log_rate, Some(50));
+        let bad = parse(&format!(
+            "{HEAD}{nodes}observability: {{policyLog: some}}\n"
+        ))
+        .unwrap_err();
+        assert!(bad.contains("observability.policyLog"), "{bad}");
+        let unknown = parse(&format!("{HEAD}{nodes}observability: {{tracing: true}}\n"));
+        assert!(unknown.is_err());
     }
 
     #[test]

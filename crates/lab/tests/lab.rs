@@ -131,7 +131,11 @@ impl TestLab {
     }
 
     fn start_from(name: &str, tmp: PathBuf, opts: LabOptions, lab_file: &str) -> Self {
-        let lab = match Lab::up(name, &examples().join(lab_file), &opts) {
+        Self::start_at(name, tmp, opts, &examples().join(lab_file))
+    }
+
+    fn start_at(name: &str, tmp: PathBuf, opts: LabOptions, lab_file: &Path) -> Self {
+        let lab = match Lab::up(name, lab_file, &opts) {
             Ok(lab) => lab,
             Err(e) => {
                 let _ = Lab::down(name, &opts);
@@ -1198,4 +1202,116 @@ fn probes_see_an_ipblock_policy_toward_a_world_host() {
         .find(|p| p.from == "default/b" && p.to == "world/internet" && p.port == 80)
         .unwrap();
     assert_eq!(denied.detail, "timed out");
+}
+
+/// The value of the sample `series` (name and labels, exactly as exposed) in a scrape.
+fn sample(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Seed 003's policy scenario with the observability options on: nginx admits ingress only
+/// from role=frontend. The agent's metrics (scraped inside the node's namespace) count the
+/// denied packets and both verdicts, and the policy action log has one line per decision.
+#[test]
+fn metrics_and_policy_log_record_the_seed_scenario() {
+    let name = unique("obs");
+    let tmp = test_dir(&name);
+    let lab_file = tmp.join("lab.yaml");
+    fs::write(
+        &lab_file,
+        "apiVersion: sluice.dev/v1alpha1\nkind: Lab\nnodes:\n  - name: node-1\n    podCIDR: 10.244.1.0/24\nobservability:\n  metrics: true\n  policyLog: all\n",
+    )
+    .unwrap();
+    let mut opts = options(&tmp);
+    opts.binaries.agent = Some(agent_bin());
+    let mut t = TestLab::start_at(&name, tmp, opts, &lab_file);
+    assert_eq!(
+        t.lab.metrics_address("node-1").map(|a| a.to_string()),
+        Some("10.244.1.1:9962".to_string())
+    );
+    let before = t.lab.scrape_metrics("node-1").unwrap();
+    assert!(before.contains("sluice_build_info{version="), "{before}");
+
+    let examples = examples();
+    t.apply(&[
+        examples.join("nginx.yaml"),
+        examples.join("client.yaml"),
+        examples.join("policy.yaml"),
+    ]);
+    let (nginx, nginx_ip) = t.nginx_pods().into_iter().next().unwrap();
+    let url = format!("http://{nginx_ip}/");
+    let body = t.curl("frontend", &url).unwrap();
+    assert!(body.contains("nginx-deployment-"), "{body}");
+    assert!(t.curl("client", &url).is_err(), "client must be denied");
+
+    let text = t.lab.scrape_metrics("node-1").unwrap();
+    let denied_packets = sample(
+        &text,
+        "sluice_drop_packets_total{reason=\"POLICY_DENIED\",direction=\"ingress\"}",
+    );
+    assert!(denied_packets.is_some_and(|n| n >= 1), "{text}");
+    let verdicts = |verdict: &str| {
+        sample(
+            &text,
+            &format!("sluice_policy_verdicts_total{{direction=\"ingress\",verdict=\"{verdict}\"}}"),
+        )
+    };
+    assert_eq!(verdicts("denied"), denied_packets, "{text}");
+    assert!(verdicts("allowed").is_some_and(|n| n >= 1), "{text}");
+    assert!(
+        sample(&text, "sluice_endpoints").is_some_and(|n| n >= 3),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "sluice_conntrack_entries").is_some_and(|n| n >= 1),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "sluice_map_capacity{map=\"ct4\"}").is_some_and(|n| n > 0),
+        "{text}"
+    );
+
+    // The observer drains the ring every 100 ms; the writer flushes once its queue is empty.
+    let log = t.lab.policy_log("node-1");
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let decided = |lines: &[serde_json::Value], disposition: &str, pod: &str| {
+        lines.iter().any(|l| {
+            l["disposition"] == disposition
+                && l["src"]["pod_name"] == pod
+                && l["dest"]["pod_name"] == nginx.as_str()
+        })
+    };
+    while std::time::Instant::now() < deadline {
+        lines = fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if decided(&lines, "deny", "client") && decided(&lines, "allow", "frontend") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deny = lines
+        .iter()
+        .find(|l| l["disposition"] == "deny" && l["src"]["pod_name"] == "client")
+        .unwrap_or_else(|| panic!("no deny line in {}: {lines:?}", log.display()));
+    println!("deny: {deny}");
+    assert_eq!(deny["reason"], "default deny");
+    assert_eq!(deny["policies"], serde_json::json!([]));
+    assert_eq!(deny["connection"]["dest_port"], 80);
+    assert_eq!(deny["connection"]["protocol"], "tcp");
+    assert_eq!(deny["connection"]["direction"], "ingress");
+    assert_eq!(deny["node_name"], "node-1");
+    let allow = lines
+        .iter()
+        .find(|l| l["disposition"] == "allow" && l["src"]["pod_name"] == "frontend")
+        .unwrap_or_else(|| panic!("no allow line in {}: {lines:?}", log.display()));
+    println!("allow: {allow}");
+    assert_eq!(
+        allow["policies"],
+        serde_json::json!([{"name": "nginx-from-frontend", "namespace": "default"}])
+    );
 }
