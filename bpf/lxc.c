@@ -95,7 +95,7 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 			reason = policy_verdict(ep, skb->ifindex, POLICY_EGRESS,
 						backend.backend_address, pkt, backend.backend_port,
 						&trace);
-			if (trace.judged)
+			if (trace.judged && ct_opens_connection(pkt))
 				event_service(skb, pkt, EVENT_POLICY_VERDICT, reason,
 					      policy_event_flags(reason, &trace),
 					      trace.remote_identity, &backend);
@@ -103,11 +103,14 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 				return verdict_drop_service(skb, pkt, reason, trace.remote_identity,
 							    &backend);
 		}
-		if (ct_create(&key, pkt, pkt->daddr, pkt->dport, ct_flags, skb->ifindex, now) < 0)
-			return verdict_drop_service(skb, pkt, DROP_CT_CREATE_FAILED,
-						    trace.remote_identity, &backend);
-		event_service(skb, pkt, EVENT_TRACE, 0, 0, trace.remote_identity,
-			      &backend);
+		if (ct_opens_connection(pkt)) {
+			if (ct_create(&key, pkt, pkt->daddr, pkt->dport, ct_flags, skb->ifindex,
+				      now) < 0)
+				return verdict_drop_service(skb, pkt, DROP_CT_CREATE_FAILED,
+							    trace.remote_identity, &backend);
+			event_service(skb, pkt, EVENT_TRACE, 0, 0, trace.remote_identity,
+				      &backend);
+		}
 	} else if (state == CT_CLOSING) {
 		event_service(skb, pkt, EVENT_CLOSE, 0, 0, IDENTITY_UNRESOLVED,
 			      &backend);
@@ -188,12 +191,14 @@ int from_container(struct __sk_buff *skb)
 	if (state == CT_NEW) {
 		reason = policy_verdict(ep, ifindex, POLICY_EGRESS, pkt.daddr, &pkt, pkt.dport,
 					&trace);
-		if (trace.judged)
+		if (trace.judged && ct_opens_connection(&pkt))
 			event_packet(skb, &pkt, EVENT_POLICY_VERDICT, METRIC_DIR_EGRESS, reason,
 				     policy_event_flags(reason, &trace), trace.remote_identity);
 		if (reason)
 			return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_EGRESS,
 						 trace.remote_identity);
+		if (!ct_opens_connection(&pkt))
+			return verdict_pass(skb, METRIC_DIR_EGRESS);
 		if (ct_create(&key, &pkt, 0, 0, 0, ifindex, now) < 0)
 			return verdict_drop(skb, &pkt, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
 		event_packet(skb, &pkt, EVENT_TRACE, METRIC_DIR_EGRESS, 0, 0,
@@ -284,7 +289,7 @@ int to_container(struct __sk_buff *skb)
 			ep = bpf_map_lookup_elem(&endpoints, &ifindex);
 			reason = policy_verdict(ep, ifindex, POLICY_INGRESS, pkt.saddr, &pkt,
 						pkt.dport, &trace);
-			if (trace.judged)
+			if (trace.judged && ct_opens_connection(&pkt))
 				event_packet(skb, &pkt, EVENT_POLICY_VERDICT, METRIC_DIR_INGRESS,
 					     reason, policy_event_flags(reason, &trace),
 					     trace.remote_identity);
@@ -292,6 +297,8 @@ int to_container(struct __sk_buff *skb)
 				return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_INGRESS,
 							 trace.remote_identity);
 		}
+		if (!ct_opens_connection(&pkt))
+			return verdict_pass(skb, METRIC_DIR_INGRESS);
 		if (ct_create(&key, &pkt, 0, 0, 0, ifindex, now) < 0)
 			return verdict_drop(skb, &pkt, DROP_CT_CREATE_FAILED, METRIC_DIR_INGRESS);
 		event_packet(skb, &pkt, EVENT_TRACE, METRIC_DIR_INGRESS, 0, 0,

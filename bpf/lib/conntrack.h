@@ -55,7 +55,9 @@ static __always_inline bool ct_expired(const struct ct4_entry *entry, __u8 proto
 
 	if (proto == IPPROTO_TCP)
 		lifetime = entry->flags & CT_FLAG_CLOSING ? CT_LIFETIME_TCP_CLOSING : CT_LIFETIME_TCP;
-	return now - entry->last_seen_ns > lifetime;
+	/* Another CPU may have stamped the entry with a slightly later clock than this
+	 * packet's: that is a fresh entry, not one from the far past. */
+	return now > entry->last_seen_ns && now - entry->last_seen_ns > lifetime;
 }
 
 /* Accounts @pkt to an existing entry in place, without a map update: only counters,
@@ -99,6 +101,26 @@ static __always_inline int ct_create(const struct ct4_key *key, const struct pkt
 	return bpf_map_update_elem(&ct4, key, &entry, BPF_ANY);
 }
 
+/* Whether @pkt, a packet on @entry's tuple, starts a new connection there: a pure SYN
+ * after the tuple's earlier connection was closed (FIN or RST seen), as when a client
+ * reuses its port. Any other pure SYN retransmits the same attempt, which keeps its
+ * entry, its backend and its single trace event; a SYN-ACK lost after it passed us
+ * must not turn the retransmission into a second connection. */
+static __always_inline bool ct_syn_starts_over(const struct ct4_entry *entry,
+					       const struct pkt4 *pkt)
+{
+	return tcp_pure_syn(pkt) && (entry->flags & CT_FLAG_CLOSING);
+}
+
+/* Whether @pkt, seen with no conntrack entry, may open a connection. A TCP RST never
+ * does: it is judged by policy but leaves no entry and no trace event. Its entry may
+ * have been evicted while the connection lived, and it must still reach the peer to
+ * end the connection. */
+static __always_inline bool ct_opens_connection(const struct pkt4 *pkt)
+{
+	return !(pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & TCP_FLAG_RST));
+}
+
 /* What ct_track_established found. */
 enum ct_state {
 	CT_NEW,         /* @pkt starts a new connection */
@@ -110,7 +132,8 @@ enum ct_state {
  * says whether it did; CT_NEW means @pkt starts a new connection, to be judged by policy
  * and recorded with ct_create. An entry no longer describes the connection when its
  * translation differs, when a pure SYN shows the tuple was reused for a new connection
- * (stale tuples after source port reuse would otherwise be rev-NATed wrongly), or when
+ * (ct_syn_starts_over: stale tuples after source port reuse would otherwise be
+ * rev-NATed wrongly), or when
  * it has outlived its lifetime (an idle flow is judged again, as after Cilium's GC). */
 static __always_inline enum ct_state ct_track_established(const struct ct4_key *key,
 							  const struct pkt4 *pkt,
@@ -119,7 +142,7 @@ static __always_inline enum ct_state ct_track_established(const struct ct4_key *
 {
 	struct ct4_entry *entry = bpf_map_lookup_elem(&ct4, key);
 
-	if (!entry || tcp_pure_syn(pkt) || entry->nat_address != nat_address ||
+	if (!entry || ct_syn_starts_over(entry, pkt) || entry->nat_address != nat_address ||
 	    entry->nat_port != nat_port ||
 	    (entry->flags & CT_FLAG_LOOPBACK) != (flags & CT_FLAG_LOOPBACK) ||
 	    ct_expired(entry, pkt->proto, now))

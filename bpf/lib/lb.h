@@ -66,7 +66,7 @@ static __always_inline int lb4_select_backend(struct __sk_buff *skb, const struc
 
 	ct_key_init(&key, pkt->saddr, pkt->daddr, pkt->sport, pkt->dport, pkt->proto, CT_SERVICE);
 	entry = bpf_map_lookup_elem(&ct4, &key);
-	if (entry && !tcp_pure_syn(pkt) && !ct_expired(entry, pkt->proto, now) &&
+	if (entry && !ct_syn_starts_over(entry, pkt) && !ct_expired(entry, pkt->proto, now) &&
 	    lb4_backend_active(entry->nat_address, entry->nat_port, pkt->proto)) {
 		backend->backend_address = entry->nat_address;
 		backend->backend_port = entry->nat_port;

@@ -761,10 +761,11 @@ fn rate_limit_suppresses_and_counts() {
 #[test]
 fn a_full_ring_counts_lost_events() {
     let mut fx = Fixture::new(0);
-    // Every run of a pure SYN starts a new connection: one trace each, more than the
-    // 1 MiB ring holds (64 bytes a record) when nobody reads it.
+    // Every run of a malformed packet is dropped with an event: more than the 1 MiB ring
+    // holds (64 bytes a record) when nobody reads it.
     let runs = 20_000u32;
-    let syn = tcp(pod(40000), peer(8080), TCP_SYN, b"");
+    let mut syn = tcp(pod(40000), peer(8080), TCP_SYN, b"");
+    syn[ETH_HLEN + 20 + 12] = 4 << 4;
     let program = fx.datapath.program(FROM_CONTAINER).unwrap();
     let mut out = vec![0u8; syn.len() + 256];
     let result = aya::programs::TestRun::test_run(
@@ -777,9 +778,9 @@ fn a_full_ring_counts_lost_events() {
         },
     )
     .expect("BPF_PROG_TEST_RUN");
-    assert_eq!(result.return_value, TC_ACT_OK);
+    assert_eq!(result.return_value, TC_ACT_SHOT);
 
-    let trace = fx.counter(EVENT_TRACE, METRIC_DIR_EGRESS);
+    let trace = fx.counter(EVENT_DROP, METRIC_DIR_EGRESS);
     assert!(trace.lost > 0, "{trace:?}");
     assert_eq!(trace.emitted + trace.lost, u64::from(runs));
     assert_eq!(fx.events().len() as u64, trace.emitted);

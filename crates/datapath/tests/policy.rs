@@ -23,7 +23,8 @@ use sluice_common::{
 use sluice_datapath::{Datapath, PinnedMaps, PolicyMap, create_policy_map};
 use support::{
     ETH_HLEN, Frame, ICMP_ECHO, ICMP_ECHOREPLY, IPPROTO_ICMP, PinDir, RunResult, TC_ACT_OK,
-    TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_SYN, icmp_echo, policy_row, run, sctp, tcp, udp,
+    TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_SYN, icmp_echo, policy_row, run, sctp, tcp,
+    udp,
 };
 
 /// The endpoint's interface in a test run.
@@ -454,7 +455,11 @@ fn established_connections_survive_a_row_removal() {
         fx.ingress_verdict(&tcp(peer(40000), pod(80), TCP_ACK, b"data")),
         TC_ACT_OK
     );
-    // A new connection on the same tuple (a pure SYN) is judged again.
+    assert_eq!(
+        fx.ingress_verdict(&tcp(peer(40000), pod(80), TCP_FIN | TCP_ACK, b"")),
+        TC_ACT_OK
+    );
+    // A new connection on the same tuple (a pure SYN after the close) is judged again.
     assert_eq!(
         fx.ingress_verdict(&tcp(peer(40000), pod(80), TCP_SYN, b"")),
         TC_ACT_SHOT

@@ -18,7 +18,7 @@ use sluice_common::{
 use sluice_datapath::{Datapath, PinnedMaps};
 use support::{
     ETH_HLEN, Frame, IPPROTO_ICMP, NODE_MAC, POD_MAC, PinDir, RunResult, TC_ACT_OK,
-    TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, run, tcp, udp,
+    TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, run, tcp, udp,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
@@ -425,9 +425,17 @@ fn pure_syn_on_a_reused_port_selects_again() {
     fx.add_service(vip(80), IPPROTO_TCP, &[BACKEND_1, BACKEND_2]);
 
     let first = fx.tcp_backend(client(40007), TCP_SYN);
-    // Each new SYN picks at random; 64 picks all equal has probability 2^-63.
+    // Until the connection closes, a SYN is a retransmission and keeps its backend.
+    for _ in 0..16 {
+        assert_eq!(fx.tcp_backend(client(40007), TCP_SYN), first);
+    }
+    // After a FIN, a pure SYN is a new connection on a reused port and picks again; 64
+    // picks all equal has probability 2^-63.
     let other = (0..64)
-        .map(|_| fx.tcp_backend(client(40007), TCP_SYN))
+        .map(|_| {
+            fx.tcp_backend(client(40007), TCP_FIN | TCP_ACK);
+            fx.tcp_backend(client(40007), TCP_SYN)
+        })
         .find(|&backend| backend != first)
         .expect("a new SYN selects the backend again");
     assert_eq!(fx.tcp_backend(client(40007), TCP_ACK), other);
@@ -435,6 +443,41 @@ fn pure_syn_on_a_reused_port_selects_again() {
         .ct(client(40007), vip(80), IPPROTO_TCP, CT_SERVICE)
         .unwrap();
     assert_eq!(service.nat(), Some((*other.ip(), other.port())));
+}
+
+#[test]
+fn an_entry_stamped_by_a_cpu_whose_clock_runs_ahead_is_not_expired() {
+    let mut fx = Fixture::new();
+    fx.run_from_container(&tcp(client(40021), BACKEND_1, TCP_SYN, b""));
+    let key = Ct4Key::new(
+        (CLIENT, 40021),
+        (*BACKEND_1.ip(), BACKEND_1.port()),
+        IPPROTO_TCP,
+        CT_EGRESS,
+    );
+    let mut entry = fx.maps.conntrack.get(&key, 0).unwrap();
+    // Another CPU's reply stamped the entry a little "later" than this CPU's clock reads.
+    entry.last_seen_ns = monotonic_ns() + 1_000_000_000;
+    fx.maps.conntrack.insert(key, entry, 0).unwrap();
+
+    fx.run_from_container(&tcp(client(40021), BACKEND_1, TCP_ACK, b""));
+    let after = fx.maps.conntrack.get(&key, 0).unwrap();
+    assert_eq!(
+        after.created_ns, entry.created_ns,
+        "the entry was kept, not made anew"
+    );
+    assert_eq!(after.packets, entry.packets + 1);
+}
+
+#[test]
+fn a_stray_rst_passes_but_opens_no_connection() {
+    let mut fx = Fixture::new();
+    let out = fx.run_from_container(&tcp(client(40020), BACKEND_1, TCP_RST | TCP_ACK, b""));
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert!(
+        fx.ct(client(40020), BACKEND_1, IPPROTO_TCP, CT_EGRESS)
+            .is_none()
+    );
 }
 
 #[test]
