@@ -46,6 +46,12 @@ try() { # try <pod>: one request to the VIP, its HTTP status or "timed out"
 }
 try frontend
 try client
+step "sluice observe: the denied connection, by identity, with its reason"
+sl observe --last 200 --pod default/client --type policy-verdict
+sl observe --last 200 --pod default/client --verdict DROPPED | tail -n 3
+step "the policy action log and the metrics endpoint say the same"
+tail -n 2 "$SLUICE_LAB_STATE/$lab/nodes/node-1/policy_action.log"
+sl lab exec default/client -- curl -s http://10.244.1.1:9962/metrics | grep '^sluice_drop_packets_total.*POLICY_DENIED'
 step "sluice lab probe: the reachability matrix on port 80 (. allowed, X denied)"
 sl lab probe --namespace default --port 80 --protocol TCP --timeout 500ms
 step "sluice endpoint list / identity list"

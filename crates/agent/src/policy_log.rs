@@ -6,6 +6,7 @@
 //! and counted as suppressed.
 
 use std::{
+    collections::HashMap,
     fs::{self, File, OpenOptions},
     io::{BufWriter, Write},
     net::Ipv4Addr,
@@ -16,7 +17,7 @@ use std::{
         mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
     thread::JoinHandle,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use prometheus_client::metrics::counter::Counter;
@@ -90,7 +91,7 @@ pub struct PolicyLogEntry {
     pub timestamp: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Connection {
     pub src_ip: Ipv4Addr,
     pub dest_ip: Ipv4Addr,
@@ -284,14 +285,17 @@ impl PolicyLogger {
 /// Logs every policy verdict flow `flows` receives until the observer stops, then
 /// writes what is queued.
 pub async fn follow(mut flows: broadcast::Receiver<Arc<Flow>>, mut logger: PolicyLogger) {
+    let mut denials = RecentDenials::default();
     loop {
         match flows.recv().await {
             Ok(flow) => {
                 let Some(entry) = PolicyLogEntry::from_flow(&flow) else {
                     continue;
                 };
-                if logger.wants(entry.disposition == "allow") {
-                    logger.log(&entry, Instant::now());
+                let now = Instant::now();
+                let allowed = entry.disposition == "allow";
+                if logger.wants(allowed) && (allowed || denials.first(&entry.connection, now)) {
+                    logger.log(&entry, now);
                 }
             }
             // Flows missed by a lagging subscriber are counted whatever their type: an
@@ -303,6 +307,32 @@ pub async fn follow(mut flows: broadcast::Receiver<Arc<Flow>>, mut logger: Polic
     // The writer thread does blocking file I/O.
     if let Err(e) = tokio::task::spawn_blocking(move || logger.close()).await {
         warn!(error = %e, "closing the policy log failed");
+    }
+}
+
+/// Connections denied lately. A denied connection's client retransmits its first packet,
+/// and each retransmission is judged again; the log records the decision once.
+#[derive(Default)]
+struct RecentDenials {
+    seen: HashMap<Connection, Instant>,
+}
+
+impl RecentDenials {
+    /// Longer than a client's retransmissions of a connection attempt usually last.
+    const WINDOW: Duration = Duration::from_secs(30);
+    /// Past this many connections, the expired ones are forgotten.
+    const PURGE_AT: usize = 4096;
+
+    /// Whether `connection` was not denied within the window; records it.
+    fn first(&mut self, connection: &Connection, now: Instant) -> bool {
+        if self.seen.len() >= Self::PURGE_AT {
+            self.seen
+                .retain(|_, at| now.duration_since(*at) < Self::WINDOW);
+        }
+        match self.seen.insert(connection.clone(), now) {
+            Some(at) => now.duration_since(at) >= Self::WINDOW,
+            None => true,
+        }
     }
 }
 
@@ -448,9 +478,24 @@ impl TokenBucket {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
+
+    #[test]
+    fn a_denied_connection_is_logged_once_however_often_its_client_retries() {
+        let mut denials = RecentDenials::default();
+        let start = Instant::now();
+        let connection = entry(false).connection;
+        assert!(denials.first(&connection, start));
+        assert!(!denials.first(&connection, start + Duration::from_secs(1)));
+        assert!(!denials.first(&connection, start + Duration::from_secs(3)));
+        let other = Connection {
+            src_port: 40_001,
+            ..connection.clone()
+        };
+        assert!(denials.first(&other, start + Duration::from_secs(3)));
+        // Long after, the same tuple is another connection.
+        assert!(denials.first(&connection, start + Duration::from_secs(60)));
+    }
 
     fn entry(allowed: bool) -> PolicyLogEntry {
         PolicyLogEntry {
