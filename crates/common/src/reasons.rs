@@ -66,6 +66,23 @@ impl DropReason {
         }
     }
 
+    /// The name Hubble's flow JSON gives the reason (`drop_reason_desc`); sluice's own
+    /// reasons keep their header name.
+    pub const fn hubble_name(self) -> &'static str {
+        match self {
+            DropReason::InvalidSource => "INVALID_SOURCE_IP",
+            DropReason::Policy => "POLICY_DENIED",
+            DropReason::Invalid => "INVALID_PACKET_DROPPED",
+            DropReason::WriteError => "ERROR_WRITING_TO_PACKET",
+            DropReason::CtCreateFailed => "CT_MAP_INSERTION_FAILED",
+            DropReason::NoService => "SERVICE_BACKEND_NOT_FOUND",
+            DropReason::FragNotFound => "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
+            DropReason::ServicePortUnknown
+            | DropReason::NoBackendSlot
+            | DropReason::PolicyUnavailable => self.name(),
+        }
+    }
+
     pub const fn description(self) -> &'static str {
         match self {
             DropReason::InvalidSource => "Invalid source ip",

@@ -28,20 +28,9 @@ const DIRECTION_INGRESS: u8 = 1;
 /// Hubble's `DropReason` enum name for a datapath reason; sluice's own reasons (210-212)
 /// have no Hubble name and keep theirs.
 pub fn drop_reason_desc(code: u8) -> String {
-    let hubble = match code {
-        132 => "INVALID_SOURCE_IP",
-        133 => "POLICY_DENIED",
-        134 => "INVALID_PACKET_DROPPED",
-        141 => "ERROR_WRITING_TO_PACKET",
-        155 => "CT_MAP_INSERTION_FAILED",
-        158 => "SERVICE_BACKEND_NOT_FOUND",
-        175 => "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
-        _ => {
-            return DropReason::from_code(code)
-                .map_or_else(|| "DROP_REASON_UNKNOWN".into(), |r| r.name().into());
-        }
-    };
-    hubble.into()
+    DropReason::from_code(code)
+        .map_or("DROP_REASON_UNKNOWN", DropReason::hubble_name)
+        .into()
 }
 
 /// Everything needed to name the parties of an event, taken from one desired state. The
