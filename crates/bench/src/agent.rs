@@ -1,0 +1,225 @@
+//! Agent cost: a real `sluice-agent` programs the node from a cluster file while the client
+//! opens connections through a ClusterIP at a fixed rate; its CPU time and RSS come from
+//! /proc/<pid>/stat and /proc/<pid>/status.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sluice_common::{IPPROTO_TCP, Lb4Key};
+use sluice_datapath::PinnedMaps;
+
+use crate::{
+    BenchError, Topology,
+    kproxy::ServiceSpec,
+    load::{self, Rate},
+    netns::unique_name,
+    sluice::{NODE, PinDir, snapshot},
+};
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AgentCost {
+    pub services: usize,
+    pub target_rate: f64,
+    pub achieved: Rate,
+    /// Share of one core over the load phase.
+    pub cpu_fraction: f64,
+    pub rss_kib: u64,
+    pub seconds: f64,
+}
+
+/// The agent binary: `$SLUICE_AGENT_BIN`, else next to this executable (or one directory
+/// up, where test binaries live in `deps/`).
+pub fn agent_binary() -> Result<PathBuf, BenchError> {
+    if let Some(path) = std::env::var_os("SLUICE_AGENT_BIN") {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe().map_err(|source| BenchError::Io {
+        call: "current_exe",
+        what: "sluice-bench".into(),
+        source,
+    })?;
+    let dir = exe.parent();
+    for candidate in [dir, dir.and_then(Path::parent)]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("sluice-agent"))
+    {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(BenchError::Failed(
+        "sluice-agent not found: build it (cargo build -p sluice-agent) or set SLUICE_AGENT_BIN"
+            .into(),
+    ))
+}
+
+/// The agent process, killed and reaped on drop.
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Err(err) = self.0.kill() {
+            eprintln!("cleanup: kill agent {}: {err}", self.0.id());
+        }
+        if let Err(err) = self.0.wait() {
+            eprintln!("cleanup: wait agent {}: {err}", self.0.id());
+        }
+    }
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(err) = fs::remove_dir_all(&self.0) {
+            eprintln!("cleanup: {}: {err}", self.0.display());
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String, BenchError> {
+    fs::read_to_string(path).map_err(|source| BenchError::Io {
+        call: "read",
+        what: path.display().to_string(),
+        source,
+    })
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64, BenchError> {
+    let stat = read(Path::new(&format!("/proc/{pid}/stat")))?;
+    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| BenchError::Failed(format!("/proc/{pid}/stat: unexpected format")))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64, BenchError> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| BenchError::Failed(format!("/proc/{pid}/stat: field {i}")))
+    };
+    // Field 3 (state) is index 0 here, so utime (14) is index 11.
+    let total = ticks(11)? + ticks(12)?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Ok(total as f64 / hz as f64)
+}
+
+fn rss_kib(pid: u32) -> Result<u64, BenchError> {
+    let status = read(Path::new(&format!("/proc/{pid}/status")))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| BenchError::Failed(format!("/proc/{pid}/status: no VmRSS")))
+}
+
+/// Starts the agent on a fresh topology with `services` (the measured one last), waits
+/// until the measured frontend is programmed and the client's veth attached, then opens
+/// connections at `target_rate` per second for `duration`.
+pub fn measure(
+    services: &[ServiceSpec],
+    target_rate: f64,
+    duration: Duration,
+) -> Result<AgentCost, BenchError> {
+    let measured = services
+        .last()
+        .ok_or_else(|| BenchError::Failed("no service to measure".into()))?;
+    let topo = Topology::new()?;
+    let _servers = load::Server::start_all(&topo.servers)?;
+    let dir = TempDir(std::env::temp_dir().join(unique_name("sluice-bench-agent-")));
+    fs::create_dir_all(&dir.0).map_err(|source| BenchError::Io {
+        call: "mkdir",
+        what: dir.0.display().to_string(),
+        source,
+    })?;
+    let cluster_file = dir.0.join("cluster.json");
+    snapshot(services)
+        .write_file(&cluster_file)
+        .map_err(|e| BenchError::Failed(format!("writing the cluster file: {e}")))?;
+    let pins = PinDir::new();
+    let log_path = dir.0.join("agent.log");
+    let log = fs::File::create(&log_path).map_err(|source| BenchError::Io {
+        call: "create",
+        what: log_path.display().to_string(),
+        source,
+    })?;
+    let binary = agent_binary()?;
+    let child = Command::new(&binary)
+        .arg("--node")
+        .arg(NODE)
+        .arg("--netns")
+        .arg(&topo.node.name)
+        .arg("--cluster-file")
+        .arg(&cluster_file)
+        .arg("--pin-dir")
+        .arg(pins.path())
+        .arg("--api-socket")
+        .arg(dir.0.join("agent.sock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|source| BenchError::Io {
+            call: "spawn",
+            what: binary.display().to_string(),
+            source,
+        })?;
+    let agent = AgentProcess(child);
+    let pid = agent.0.id();
+
+    let frontend = Lb4Key::new(measured.vip, measured.port, IPPROTO_TCP, 0);
+    let link = pins
+        .path()
+        .join("links")
+        .join(format!("{}_ingress", crate::CLIENT_IF));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let programmed = PinnedMaps::open(pins.path())
+            .ok()
+            .is_some_and(|maps| maps.services.get(&frontend, 0).is_ok());
+        if programmed && link.exists() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let log = read(&log_path).unwrap_or_default();
+            return Err(BenchError::Failed(format!(
+                "the agent did not program {} within 60 s; log:\n{log}",
+                measured.vip
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Let the start-up work (first realize, attach) settle out of the measurement.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let cpu_before = cpu_seconds(pid)?;
+    let t = Instant::now();
+    let achieved = load::connect_request_close(
+        &topo.client,
+        crate::vip_addr(measured),
+        duration,
+        Some(target_rate),
+    )?;
+    let seconds = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    let rss = rss_kib(pid)?;
+    drop(agent);
+    drop(pins);
+    Ok(AgentCost {
+        services: services.len(),
+        target_rate,
+        achieved,
+        cpu_fraction: cpu / seconds,
+        rss_kib: rss,
+        seconds,
+    })
+}

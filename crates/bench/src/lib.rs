@@ -1,0 +1,540 @@
+//! Benchmarks of sluice side by side with kube-proxy's iptables and nftables modes and the
+//! bare routed path (issue 5). Every measurement builds fresh namespaces:
+//!
+//! ```text
+//! client   netns eth0 10.1.0.2/24 ─veth─ lxc-c  10.1.0.1 ┐
+//! server-0 netns eth0 10.2.0.2/24 ─veth─ lxc-s0 10.2.0.1 ├ node netns (forwarding)
+//! server-1 netns eth0 10.2.1.2/24 ─veth─ lxc-s1 10.2.1.1 │
+//! server-2 netns eth0 10.2.2.2/24 ─veth─ lxc-s2 10.2.2.1 ┘
+//! ```
+//!
+//! The three servers are the measured service's backends. The variants differ only in
+//! what the node does with traffic to the ClusterIP 10.100.0.10:80: bare connects to
+//! 10.2.0.2:8080 directly; sluice runs its programs on every pod's veth;
+//! iptables and nftables load kube-proxy's rules into the node netns. N services are
+//! programmed, N-1 decoys with 2 backends each first and the measured service last.
+
+pub mod agent;
+pub mod kproxy;
+pub mod load;
+pub mod netns;
+pub mod report;
+pub mod sluice;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use kproxy::ServiceSpec;
+use load::Rate;
+use netns::NetNs;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{call} {what}: {source}")]
+    Io {
+        call: &'static str,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{command} failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+pub const CLIENT_IF: &str = "lxc-c";
+pub const SERVER_IFS: [&str; 3] = ["lxc-s0", "lxc-s1", "lxc-s2"];
+pub const SERVER_IPS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 2, 0, 2),
+    Ipv4Addr::new(10, 2, 1, 2),
+    Ipv4Addr::new(10, 2, 2, 2),
+];
+pub const MEASURED_VIP: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 10);
+
+/// Client, servers and the node between them, deleted on drop.
+pub struct Topology {
+    pub client: NetNs,
+    pub servers: Vec<NetNs>,
+    pub node: NetNs,
+}
+
+impl Topology {
+    pub fn new() -> Result<Self, BenchError> {
+        let topo = Self {
+            client: NetNs::new("client")?,
+            servers: (0..SERVER_IPS.len())
+                .map(|i| NetNs::new(&format!("server{i}")))
+                .collect::<Result<_, _>>()?,
+            node: NetNs::new("node")?,
+        };
+        topo.node.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            // Reverse-NATed replies come from the ClusterIP, which has no route back.
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ])?;
+        let pods = std::iter::once((&topo.client, CLIENT_IF, CLIENT_IP)).chain(
+            topo.servers
+                .iter()
+                .zip(SERVER_IFS)
+                .zip(SERVER_IPS)
+                .map(|((ns, lxc), ip)| (ns, lxc, ip)),
+        );
+        for (pod, lxc, address) in pods {
+            let [a, b, c, _] = address.octets();
+            let gateway = Ipv4Addr::new(a, b, c, 1);
+            topo.node.ip(&[
+                "link", "add", lxc, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+            ])?;
+            topo.node
+                .ip(&["addr", "add", &format!("{gateway}/24"), "dev", lxc])?;
+            topo.node.ip(&["link", "set", lxc, "up"])?;
+            pod.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
+            pod.ip(&["link", "set", "eth0", "up"])?;
+            pod.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+        }
+        // New connections/s for seconds on end need more ports than the default range
+        // and TIME_WAIT reuse, as netperf users set up.
+        topo.client.sysctl(&[
+            "net.ipv4.ip_local_port_range=1024 65535",
+            "net.ipv4.tcp_tw_reuse=1",
+        ])?;
+        Ok(topo)
+    }
+}
+
+fn decoy(i: usize) -> ServiceSpec {
+    let i = i as u32;
+    let base = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + 2 * i;
+    ServiceSpec {
+        namespace: "bench".into(),
+        name: format!("decoy-{i}"),
+        vip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i),
+        port: 80,
+        target_port: load::SERVER_PORT,
+        backends: vec![Ipv4Addr::from(base), Ipv4Addr::from(base + 1)],
+    }
+}
+
+/// `n` services: `n - 1` decoys with two backends each, then the measured one with three.
+pub fn services(n: usize) -> Vec<ServiceSpec> {
+    let mut out: Vec<ServiceSpec> = (0..n.saturating_sub(1)).map(decoy).collect();
+    out.push(ServiceSpec {
+        namespace: "bench".into(),
+        name: "measured".into(),
+        vip: MEASURED_VIP,
+        port: 80,
+        target_port: load::SERVER_PORT,
+        backends: SERVER_IPS.to_vec(),
+    });
+    out
+}
+
+pub fn vip_addr(s: &ServiceSpec) -> SocketAddrV4 {
+    SocketAddrV4::new(s.vip, s.port)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Variant {
+    Bare,
+    Sluice,
+    Iptables,
+    Nftables,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 4] = [
+        Variant::Bare,
+        Variant::Sluice,
+        Variant::Iptables,
+        Variant::Nftables,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Bare => "bare",
+            Variant::Sluice => "sluice",
+            Variant::Iptables => "iptables",
+            Variant::Nftables => "nftables",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Durations {
+    pub rr: Duration,
+    pub crr: Duration,
+    pub stream: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentLoad {
+    pub services: usize,
+    pub rate: f64,
+    pub duration: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub services: Vec<usize>,
+    pub variants: Vec<Variant>,
+    pub reps: usize,
+    pub durations: Durations,
+    /// `iptables-restore` binary: kube-proxy uses whichever mode the node uses.
+    pub iptables_restore: String,
+    /// Above this many services iptables and nftables are not loaded (their load time
+    /// alone would exceed the run's budget); their rows say so.
+    pub kproxy_max_services: usize,
+    pub convergence_endpoints: Option<usize>,
+    pub agent: Option<AgentLoad>,
+}
+
+impl Config {
+    pub fn standard() -> Self {
+        Self {
+            services: vec![1, 1_000, 10_000, 100_000],
+            variants: Variant::ALL.to_vec(),
+            reps: 3,
+            durations: Durations {
+                rr: Duration::from_secs(3),
+                crr: Duration::from_secs(3),
+                stream: Duration::from_secs(2),
+            },
+            iptables_restore: "iptables-legacy-restore".into(),
+            kproxy_max_services: 10_000,
+            convergence_endpoints: Some(1_000),
+            agent: Some(AgentLoad {
+                services: 1_000,
+                rate: 10_000.0,
+                duration: Duration::from_secs(5),
+            }),
+        }
+    }
+
+    pub fn quick() -> Self {
+        Self {
+            services: vec![1, 1_000],
+            reps: 1,
+            durations: Durations {
+                rr: Duration::from_millis(700),
+                crr: Duration::from_millis(700),
+                stream: Duration::from_millis(400),
+            },
+            agent: Some(AgentLoad {
+                services: 1_000,
+                rate: 10_000.0,
+                duration: Duration::from_secs(2),
+            }),
+            ..Self::standard()
+        }
+    }
+}
+
+/// Mean ns per run of from_container and to_container over one traffic phase.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BpfCost {
+    pub from_container_ns: f64,
+    pub to_container_ns: f64,
+    pub runs: u64,
+}
+
+/// What proves the traffic went through the variant under test.
+#[derive(Clone, Debug, Default)]
+pub struct Proof {
+    pub what: &'static str,
+    pub count: u64,
+}
+
+/// One measurement of one variant at one N.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub variant: Variant,
+    pub services: usize,
+    pub rep: usize,
+    /// Programming N services from empty.
+    pub program: Option<Duration>,
+    /// Programming one more service on top.
+    pub incremental: Option<Duration>,
+    pub rr: Rate,
+    pub crr: Rate,
+    pub stream_gbps: f64,
+    pub bpf_rr: Option<BpfCost>,
+    pub bpf_crr: Option<BpfCost>,
+    pub proof: Proof,
+}
+
+/// A (variant, N) that could not be measured, and why.
+#[derive(Clone, Debug)]
+pub struct Skipped {
+    pub variant: Variant,
+    pub services: usize,
+    pub why: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Results {
+    pub samples: Vec<Sample>,
+    pub skipped: Vec<Skipped>,
+    pub convergence: Option<sluice::Convergence>,
+    pub agent: Option<agent::AgentCost>,
+    pub elapsed: Duration,
+}
+
+fn bpf_delta(before: [(Duration, u64); 2], after: [(Duration, u64); 2]) -> BpfCost {
+    let per = |i: usize| {
+        let runs = after[i].1.saturating_sub(before[i].1);
+        let ns = after[i].0.saturating_sub(before[i].0).as_nanos() as f64;
+        if runs == 0 { 0.0 } else { ns / runs as f64 }
+    };
+    BpfCost {
+        from_container_ns: per(0),
+        to_container_ns: per(1),
+        runs: after[0].1.saturating_sub(before[0].1) + after[1].1.saturating_sub(before[1].1),
+    }
+}
+
+/// The variant's rules or maps in a topology's node.
+enum Dataplane {
+    Bare,
+    Sluice(Box<sluice::Sluice>),
+    Kproxy,
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T, BenchError>) -> Result<(T, Duration), BenchError> {
+    let t = Instant::now();
+    let out = f()?;
+    Ok((out, t.elapsed()))
+}
+
+/// One measurement on fresh namespaces.
+pub fn measure(
+    config: &Config,
+    variant: Variant,
+    n: usize,
+    rep: usize,
+) -> Result<Sample, BenchError> {
+    let svcs = services(n);
+    let measured = svcs
+        .last()
+        .cloned()
+        .ok_or_else(|| BenchError::Failed("no services".into()))?;
+    let extra = decoy(n);
+    let topo = Topology::new()?;
+    let _servers = load::Server::start_all(&topo.servers)?;
+    let (mut dataplane, program) = match variant {
+        Variant::Bare => (Dataplane::Bare, None),
+        Variant::Sluice => {
+            let (dp, programming) = sluice::Sluice::start(&topo.node, &svcs)?;
+            (Dataplane::Sluice(Box::new(dp)), Some(programming.total()))
+        }
+        Variant::Iptables => {
+            let rules = kproxy::iptables_full(&svcs);
+            let ((), took) = timed(|| {
+                topo.node
+                    .exec_stdin(&config.iptables_restore, &[], rules.as_bytes())
+                    .map(drop)
+            })?;
+            (Dataplane::Kproxy, Some(took))
+        }
+        Variant::Nftables => {
+            let rules = kproxy::nftables_full(&svcs);
+            let ((), took) = timed(|| {
+                topo.node
+                    .exec_stdin("nft", &["-f", "-"], rules.as_bytes())
+                    .map(drop)
+            })?;
+            (Dataplane::Kproxy, Some(took))
+        }
+    };
+    let target = match variant {
+        Variant::Bare => SocketAddrV4::new(SERVER_IPS[0], load::SERVER_PORT),
+        _ => vip_addr(&measured),
+    };
+
+    let stats = |dp: &mut Dataplane| match dp {
+        Dataplane::Sluice(s) => s.run_stats().map(Some),
+        _ => Ok(None),
+    };
+    let before = stats(&mut dataplane)?;
+    let rr = load::request_response(&topo.client, target, config.durations.rr)?;
+    let mid = stats(&mut dataplane)?;
+    let crr = load::connect_request_close(&topo.client, target, config.durations.crr, None)?;
+    let after = stats(&mut dataplane)?;
+    let stream_gbps = load::stream(&topo.client, target, config.durations.stream)?;
+    let (bpf_rr, bpf_crr) = match (before, mid, after) {
+        (Some(b), Some(m), Some(a)) => (Some(bpf_delta(b, m)), Some(bpf_delta(m, a))),
+        _ => (None, None),
+    };
+
+    let proof = match &dataplane {
+        Dataplane::Bare => Proof {
+            what: "connections made straight to the backend",
+            count: (crr.per_sec * config.durations.crr.as_secs_f64()) as u64,
+        },
+        Dataplane::Sluice(s) => Proof {
+            what: "sluice conntrack entries",
+            count: s.conntrack_entries()?,
+        },
+        Dataplane::Kproxy if variant == Variant::Iptables => {
+            let listing = topo.node.exec(
+                iptables_binary(&config.iptables_restore),
+                &[
+                    "-t",
+                    "nat",
+                    "-L",
+                    &kproxy::svc_chain(&measured),
+                    "-v",
+                    "-x",
+                    "-n",
+                ],
+            )?;
+            Proof {
+                what: "packets through the measured KUBE-SVC chain's KUBE-SEP jumps",
+                count: kproxy::parse_iptables_sep_packets(&listing),
+            }
+        }
+        Dataplane::Kproxy => {
+            let listing = topo.node.exec(
+                "nft",
+                &[
+                    "list",
+                    "chain",
+                    "ip",
+                    "kube-proxy",
+                    &kproxy::nft_counted_chain(&measured),
+                ],
+            )?;
+            Proof {
+                what: "packets counted in the measured service chain",
+                count: kproxy::parse_nft_counter(&listing).unwrap_or(0),
+            }
+        }
+    };
+
+    let incremental = match (&mut dataplane, variant) {
+        (Dataplane::Bare, _) => None,
+        (Dataplane::Sluice(s), _) => Some(s.add_service(&extra)?.total()),
+        (Dataplane::Kproxy, Variant::Iptables) => {
+            let rules = kproxy::iptables_add(&svcs, &extra);
+            Some(
+                timed(|| {
+                    topo.node
+                        .exec_stdin(&config.iptables_restore, &["--noflush"], rules.as_bytes())
+                        .map(drop)
+                })?
+                .1,
+            )
+        }
+        (Dataplane::Kproxy, _) => {
+            let rules = kproxy::nftables_add(&extra);
+            Some(
+                timed(|| {
+                    topo.node
+                        .exec_stdin("nft", &["-f", "-"], rules.as_bytes())
+                        .map(drop)
+                })?
+                .1,
+            )
+        }
+    };
+    Ok(Sample {
+        variant,
+        services: n,
+        rep,
+        program,
+        incremental,
+        rr,
+        crr,
+        stream_gbps,
+        bpf_rr,
+        bpf_crr,
+        proof,
+    })
+}
+
+/// `iptables-legacy-restore` -> `iptables-legacy`.
+pub fn iptables_binary(restore: &str) -> &str {
+    restore.strip_suffix("-restore").unwrap_or("iptables")
+}
+
+/// Why `variant` cannot run at `n` services, if it cannot.
+fn not_measurable(config: &Config, variant: Variant, n: usize) -> Option<String> {
+    match variant {
+        Variant::Iptables | Variant::Nftables if n > config.kproxy_max_services => Some(format!(
+            "not loaded above {} services: the load alone exceeds the run's time budget \
+             (see the programming table)",
+            config.kproxy_max_services
+        )),
+        // Each service takes a wildcard, a frontend and one slot per backend in
+        // lb4_services (LB4_SERVICES_MAX = 65,536 entries in bpf/lib/maps.h).
+        Variant::Sluice if n * 4 + 4 > 65_536 => Some(format!(
+            "{} entries needed in lb4_services, which holds 65,536 (LB4_SERVICES_MAX)",
+            n * 4 + 4
+        )),
+        _ => None,
+    }
+}
+
+/// Runs the matrix: for each repetition, each N, every variant in an order rotated per
+/// repetition, so drift of the machine hits all variants alike.
+pub fn run(config: &Config, progress: &mut dyn FnMut(&str)) -> Result<Results, BenchError> {
+    let start = Instant::now();
+    // Run-time statistics of every BPF program stay on while this fd is held.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| BenchError::Failed(format!("BPF_ENABLE_STATS: {e}")))?;
+    let mut results = Results::default();
+    for &n in &config.services {
+        for &variant in &config.variants {
+            if let Some(why) = not_measurable(config, variant, n) {
+                results.skipped.push(Skipped {
+                    variant,
+                    services: n,
+                    why,
+                });
+            }
+        }
+    }
+    for rep in 0..config.reps {
+        for &n in &config.services {
+            let k = config.variants.len().max(1);
+            for i in 0..k {
+                let variant = config.variants[(i + rep) % k];
+                if not_measurable(config, variant, n).is_some() {
+                    continue;
+                }
+                progress(&format!("rep {} N={n} {}", rep + 1, variant.name()));
+                let sample = measure(config, variant, n, rep)
+                    .map_err(|e| BenchError::Failed(format!("{} at N={n}: {e}", variant.name())))?;
+                progress(&format!(
+                    "  rr {:.0}/s crr {:.0}/s stream {:.1} Gbit/s program {:?}",
+                    sample.rr.per_sec, sample.crr.per_sec, sample.stream_gbps, sample.program
+                ));
+                results.samples.push(sample);
+            }
+        }
+    }
+    if let Some(endpoints) = config.convergence_endpoints {
+        progress(&format!("policy convergence, {endpoints} endpoints"));
+        results.convergence = Some(sluice::policy_convergence(endpoints)?);
+    }
+    if let Some(load) = &config.agent {
+        progress(&format!(
+            "agent cost at {} conn/s, {} services",
+            load.rate, load.services
+        ));
+        results.agent = Some(agent::measure(
+            &services(load.services),
+            load.rate,
+            load.duration,
+        )?);
+    }
+    results.elapsed = start.elapsed();
+    Ok(results)
+}

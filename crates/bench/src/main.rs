@@ -1,0 +1,69 @@
+//! `sluice-bench`: runs the benchmark matrix and writes the report (see the crate docs).
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::Parser;
+use sluice_bench::{Config, Variant, report};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-bench",
+    about = "sluice vs kube-proxy iptables/nftables vs the bare path"
+)]
+struct Args {
+    /// Quick mode: N = 1 and 1k, one repetition, short durations.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for report.md and the charts.
+    #[arg(long, default_value = "bench/results/latest")]
+    out: PathBuf,
+    /// Comma-separated service counts (overrides the mode's).
+    #[arg(long, value_delimiter = ',')]
+    services: Option<Vec<usize>>,
+    /// Repetitions per point (overrides the mode's).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Seconds per traffic test (RR and CRR; stream gets two thirds).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// iptables-restore binary (iptables-legacy-restore or iptables-nft-restore).
+    #[arg(long)]
+    iptables_restore: Option<String>,
+    /// Skip the agent-cost measurement.
+    #[arg(long)]
+    no_agent: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut config = if args.quick {
+        Config::quick()
+    } else {
+        Config::standard()
+    };
+    if let Some(services) = args.services {
+        config.services = services;
+    }
+    if let Some(reps) = args.reps {
+        config.reps = reps;
+    }
+    if let Some(s) = args.seconds {
+        config.durations.rr = Duration::from_secs_f64(s);
+        config.durations.crr = Duration::from_secs_f64(s);
+        config.durations.stream = Duration::from_secs_f64(s * 2.0 / 3.0);
+    }
+    if let Some(bin) = args.iptables_restore {
+        config.iptables_restore = bin;
+    }
+    if args.no_agent {
+        config.agent = None;
+    }
+    config.variants = Variant::ALL.to_vec();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let results =
+        sluice_bench::run(&config, &mut |line| eprintln!("{line}")).context("benchmark failed")?;
+    report::write(&results, &config, &args.out, &command).context("writing the report")?;
+    eprintln!("report: {}", args.out.join("report.md").display());
+    Ok(())
+}
