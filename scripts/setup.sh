@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(clang-19 llvm-19 libbpf-dev libelf-dev zlib1g-dev linux-libc-dev bpftool iproute2 ethtool curl
-          procps psmisc util-linux iputils-ping tcpdump socat jq)
+          procps psmisc util-linux iputils-ping tcpdump socat jq iptables nftables fonts-dejavu-core)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

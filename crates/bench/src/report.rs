@@ -143,7 +143,7 @@ fn num(v: f64) -> String {
     let s = r.abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -582,6 +582,13 @@ fn charts(
                 }
             })
             .y_desc(unit)
+            .y_label_formatter(&|y| {
+                if *y >= 100.0 {
+                    num(*y)
+                } else {
+                    format!("{y:.2}")
+                }
+            })
             .label_style(("sans-serif", 15))
             .draw()
             .map_err(chart_err)?;

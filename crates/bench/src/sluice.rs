@@ -231,6 +231,26 @@ fn program(pin_dir: &Path, snap: &Snapshot, node: &NodeContext) -> Result<Progra
     })
 }
 
+/// How long compiling a snapshot with `services` takes (the topology's endpoints, no
+/// kernel involved).
+pub fn compile_time(services: &[ServiceSpec]) -> Duration {
+    let snap = snapshot(services);
+    let node = NodeContext {
+        node: NODE.into(),
+        interfaces: topology_pods()
+            .into_iter()
+            .zip(1..)
+            .map(|((_, _, _, lxc), ifindex)| (lxc.to_owned(), ifindex))
+            .collect(),
+        policy_map_max: DEFAULT_POLICY_MAP_MAX,
+    };
+    let t = Instant::now();
+    let state = compile(&snap, &node);
+    let took = t.elapsed();
+    drop(state);
+    took
+}
+
 /// The datapath attached to the node's veths and programmed with a snapshot.
 pub struct Sluice {
     // Dropped before the pins: closing the programs, then unpinning the links detaches them.
