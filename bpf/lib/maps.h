@@ -11,11 +11,11 @@
 
 #include "common.h"
 
-#define LB4_SERVICES_MAX 65536
-#define LB4_BACKENDS_MAX 65536
+#define LB4_SERVICES_MAX (1 << 20) /* user space may override with set_max_entries */
+#define LB4_BACKENDS_MAX (1 << 20)
 #define CT4_MAX          65536 /* user space may override with set_max_entries */
 #define ENDPOINTS_MAX    4096
-#define IPCACHE_MAX      65536
+#define IPCACHE_MAX      (1 << 19) /* pods, nodes and policy CIDRs of the whole cluster */
 #define POLICY_MAX       16384 /* template only: user space sizes each endpoint's map */
 #define FRAG4_MAX        8192
 #define EVENTS_RING_SIZE (1 << 20) /* 1 MiB: about 17,000 events */

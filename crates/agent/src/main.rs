@@ -38,6 +38,10 @@ struct Args {
     /// Conntrack table size.
     #[arg(long, default_value_t = DatapathConfig::default().ct_max_entries)]
     ct_max_entries: u32,
+    /// Entries of the service map (one per service port plus one per backend slot) and of
+    /// the backend map.
+    #[arg(long, default_value_t = DatapathConfig::default().lb_max_entries)]
+    lb_map_max: u32,
     /// Flows the observer keeps for `sluice observe` (Hubble's default).
     #[arg(long, default_value_t = sluice_observer::DEFAULT_FLOWS_MAX)]
     flows_max: usize,
@@ -98,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         policy_map_max: args.policy_map_max,
         datapath: DatapathConfig {
             ct_max_entries: args.ct_max_entries,
+            lb_max_entries: args.lb_map_max,
         },
         flows_max: args.flows_max,
         events: EventsConfig {

@@ -51,6 +51,7 @@ fn scrape_reads_the_kernel_maps() {
     let pins = PinDir::new();
     let config = DatapathConfig {
         ct_max_entries: 4096,
+        ..DatapathConfig::default()
     };
     let _datapath = Datapath::load(&pins.0, &config)
         .unwrap_or_else(|e| panic!("loading the datapath into {}: {e}", pins.0.display()));

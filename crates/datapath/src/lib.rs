@@ -151,12 +151,19 @@ const MAPS: [MapSpec; 12] = [
 pub struct DatapathConfig {
     /// Capacity of the conntrack map when it is created (a reused pin keeps its own).
     pub ct_max_entries: u32,
+    /// Capacity of the service map (a frontend takes one entry per port plus one per
+    /// backend slot) and of the backend map, when they are created. Both are allocated
+    /// per entry, so a large cap costs only its hash buckets (16 bytes an entry).
+    pub lb_max_entries: u32,
 }
 
 impl Default for DatapathConfig {
     fn default() -> Self {
         Self {
             ct_max_entries: 65536,
+            // 100,000 services with three backends take 500,000 service entries; the
+            // incumbent's ceiling of 260,000 backends must not be ours.
+            lb_max_entries: 1 << 20,
         }
     }
 }
@@ -192,6 +199,8 @@ impl Datapath {
 
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(names::CONNTRACK, config.ct_max_entries);
+        loader.map_max_entries(names::SERVICES, config.lb_max_entries);
+        loader.map_max_entries(names::BACKENDS, config.lb_max_entries);
         for spec in &MAPS {
             loader.map_pin_path(spec.name, pin_dir.join(spec.name));
         }

@@ -14,6 +14,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
     let pins = PinDir::new();
     let config = DatapathConfig {
         ct_max_entries: 4096,
+        lb_max_entries: 300_000,
     };
     let mut datapath = Datapath::load(pins.path(), &config).expect("load");
 
@@ -21,12 +22,12 @@ fn load_pins_every_map_and_reports_program_sizes() {
     assert_eq!(
         maps.capacities(),
         [
-            (names::SERVICES, 65536),
-            (names::BACKENDS, 65536),
+            (names::SERVICES, 300_000),
+            (names::BACKENDS, 300_000),
             (names::CONNTRACK, 4096),
             (names::ENDPOINTS, 4096),
             (names::METRICS, 512),
-            (names::IPCACHE, 65536),
+            (names::IPCACHE, 1 << 19),
             (names::POLICY, 4096),
             (names::FRAGMENTS, 8192),
             (names::EVENTS, 1 << 20),
@@ -71,6 +72,7 @@ fn reload_reuses_pinned_maps() {
         pins.path(),
         &DatapathConfig {
             ct_max_entries: 1024,
+            ..DatapathConfig::default()
         },
     )
     .expect("second load");
