@@ -160,7 +160,8 @@ int from_container(struct __sk_buff *skb)
 		return verdict_pass(skb, METRIC_DIR_EGRESS);
 	now = bpf_ktime_get_ns();
 
-	entry = ct_lookup(&pkt, CT_EGRESS, true);
+	/* Only a hairpin reply goes to LOOPBACK_IPV4: other packets skip the lookup. */
+	entry = pkt.daddr == LOOPBACK_IPV4 ? ct_lookup(&pkt, CT_EGRESS, true) : NULL;
 	if (entry && (entry->flags & CT_FLAG_LOOPBACK)) {
 		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
 			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
