@@ -471,8 +471,10 @@ pub fn iptables_binary(restore: &str) -> &str {
     restore.strip_suffix("-restore").unwrap_or("iptables")
 }
 
-/// Entries of the datapath's service map (bpf/lib/maps.h).
-const LB4_SERVICES_MAX: usize = 65_536;
+/// Entries of the service map as the datapath creates it.
+fn lb_max_entries() -> usize {
+    sluice_datapath::DatapathConfig::default().lb_max_entries as usize
+}
 
 /// Why `variant` cannot run at `n` services, if it cannot.
 fn not_measurable(config: &Config, variant: Variant, n: usize) -> Option<String> {
@@ -487,11 +489,11 @@ fn not_measurable(config: &Config, variant: Variant, n: usize) -> Option<String>
             config.nftables_max_services
         )),
         // Each service takes a wildcard, a frontend and one slot per backend in
-        // lb4_services (LB4_SERVICES_MAX = 65,536 entries in bpf/lib/maps.h).
-        Variant::Sluice if n * 4 + 4 > LB4_SERVICES_MAX => Some(format!(
-            "{} entries needed in lb4_services, which holds {LB4_SERVICES_MAX} \
-             (LB4_SERVICES_MAX in bpf/lib/maps.h)",
-            n * 4 + 4
+        // lb4_services, which the datapath sizes at load.
+        Variant::Sluice if n * 4 + 4 > lb_max_entries() => Some(format!(
+            "{} entries needed in lb4_services, which holds {}",
+            n * 4 + 4,
+            lb_max_entries()
         )),
         _ => None,
     }
