@@ -158,7 +158,7 @@ int from_container(struct __sk_buff *skb)
 		return verdict_drop(skb, &pkt, DROP_INVALID_SOURCE, METRIC_DIR_EGRESS);
 	if (parsed == PARSE_IPV4)
 		return verdict_pass(skb, METRIC_DIR_EGRESS);
-	now = bpf_ktime_get_ns();
+	now = ct_now();
 
 	/* Only a hairpin reply goes to LOOPBACK_IPV4: other packets skip the lookup. */
 	entry = pkt.daddr == LOOPBACK_IPV4 ? ct_lookup(&pkt, CT_EGRESS, true) : NULL;
@@ -247,7 +247,7 @@ int to_container(struct __sk_buff *skb)
 	case PARSE_L4:
 		break;
 	}
-	now = bpf_ktime_get_ns();
+	now = ct_now();
 
 	entry = ct_lookup(&pkt, CT_EGRESS, true);
 	if (entry) {

@@ -14,6 +14,14 @@
 
 #define NSEC_PER_SEC 1000000000ULL
 
+/* The clock of conntrack timestamps: CLOCK_MONOTONIC at tick resolution. Lifetimes are
+ * seconds to hours, and reading the coarse clock costs no TSC read, which is most of a
+ * precise read's cost in a VM (a per-packet saving of about 20 ns). */
+static __always_inline __u64 ct_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
 /* How long an idle entry keeps describing its connection. */
 #define CT_LIFETIME_TCP         (6ULL * 3600 * NSEC_PER_SEC)
 #define CT_LIFETIME_TCP_CLOSING (10ULL * NSEC_PER_SEC)
