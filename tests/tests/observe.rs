@@ -254,8 +254,9 @@ fn every_connection_under_load_is_an_event_or_a_counted_suppression() {
                             let ok = TcpStream::connect_timeout(&vip, Duration::from_secs(2))
                                 .and_then(|mut s| {
                                     s.write_all(b"x")?;
-                                    let mut buf = [0u8; 16];
-                                    s.read(&mut buf)?;
+                                    // The pod server echoes the byte.
+                                    let mut echo = [0u8; 1];
+                                    s.read_exact(&mut echo)?;
                                     // Close with a RST: 50,000 TIME_WAIT sockets would use up
                                     // the client's ephemeral ports.
                                     nix::sys::socket::setsockopt(
