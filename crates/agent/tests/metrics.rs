@@ -1,11 +1,7 @@
 //! The metrics endpoint's families, read from a real loaded datapath (needs root and
 //! bpffs; never skipped).
 
-use std::{
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::net::Ipv4Addr;
 
 use aya::maps::PerCpuValues;
 use sluice_agent::metrics::Metrics;
@@ -14,29 +10,7 @@ use sluice_common::{
     IPPROTO_TCP, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, event_counter_index,
     metrics_index,
 };
-use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, remove_pins};
-
-/// A pin directory on bpffs that is removed, with all it holds, on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self(
-            Path::new("/sys/fs/bpf")
-                .join(format!("sluice-test-metrics-{}-{n}", std::process::id())),
-        )
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(err) = remove_pins(&self.0) {
-            eprintln!("cleanup: {err}");
-        }
-    }
-}
+use sluice_datapath::{Datapath, DatapathConfig, PinDir, PinnedMaps};
 
 /// `value` on the first CPU, zero on the others: the sum is what a scrape must show.
 fn on_cpu0<T: aya::Pod + Default>(value: T) -> PerCpuValues<T> {
@@ -48,14 +22,14 @@ fn on_cpu0<T: aya::Pod + Default>(value: T) -> PerCpuValues<T> {
 
 #[test]
 fn scrape_reads_the_kernel_maps() {
-    let pins = PinDir::new();
+    let pins = PinDir::unique("sluice-test-metrics-");
     let config = DatapathConfig {
         ct_max_entries: 4096,
         ..DatapathConfig::default()
     };
-    let _datapath = Datapath::load(&pins.0, &config)
-        .unwrap_or_else(|e| panic!("loading the datapath into {}: {e}", pins.0.display()));
-    let mut maps = PinnedMaps::open(&pins.0).expect("open pinned maps");
+    let _datapath = Datapath::load(pins.path(), &config)
+        .unwrap_or_else(|e| panic!("loading the datapath into {}: {e}", pins.path().display()));
+    let mut maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
 
     let set = |maps: &mut PinnedMaps, reason: u8, dir: u32, packets: u64, bytes: u64| {
         maps.metrics

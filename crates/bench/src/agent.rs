@@ -10,14 +10,14 @@ use std::{
 };
 
 use sluice_common::{IPPROTO_TCP, Lb4Key};
-use sluice_datapath::PinnedMaps;
+use sluice_datapath::{PinDir, PinnedMaps};
 
 use crate::{
     BenchError, Topology,
     kproxy::ServiceSpec,
     load::{self, Rate},
     netns::unique_name,
-    sluice::{NODE, PinDir, snapshot},
+    sluice::{NODE, snapshot},
 };
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -145,7 +145,7 @@ pub fn measure(
     snapshot(services)
         .write_file(&cluster_file)
         .map_err(|e| BenchError::Failed(format!("writing the cluster file: {e}")))?;
-    let pins = PinDir::new();
+    let pins = PinDir::unique("sluice-bench-agent-");
     let log_path = dir.0.join("agent.log");
     let log = fs::File::create(&log_path).map_err(|source| BenchError::Io {
         call: "create",

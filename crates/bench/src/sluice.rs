@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -27,45 +27,14 @@ use k8s_openapi::{
 };
 use sluice_common::programs;
 use sluice_compiler::{DEFAULT_POLICY_MAP_MAX, NodeContext, compile};
-use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, remove_pins};
+use sluice_datapath::{Datapath, DatapathConfig, PinDir, PinnedMaps};
 use sluice_realizer::{Desired, KernelTables};
 use sluice_store::{LocalEndpoint, Snapshot};
 
-use crate::{
-    BenchError,
-    kproxy::ServiceSpec,
-    netns::{NetNs, unique_name},
-};
+use crate::{BenchError, kproxy::ServiceSpec, netns::NetNs};
 
 pub const NODE: &str = "bench";
 const NAMESPACE: &str = "bench";
-
-/// A pin directory on bpffs, removed with everything pinned in it (links included, which
-/// detaches the programs) on drop.
-pub struct PinDir(PathBuf);
-
-impl PinDir {
-    pub fn new() -> Self {
-        Self(Path::new("/sys/fs/bpf").join(unique_name("sluice-bench-")))
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Default for PinDir {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(err) = remove_pins(&self.0) {
-            eprintln!("cleanup: {err}");
-        }
-    }
-}
 
 fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
     ObjectMeta {
@@ -271,7 +240,7 @@ impl Sluice {
             .into_iter()
             .map(|(_, _, _, lxc)| lxc)
             .collect();
-        let pins = PinDir::new();
+        let pins = PinDir::unique("sluice-bench-");
         let pin_dir = pins.path().to_owned();
         let (datapath, ifindexes) = node_ns.run(move || {
             let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default())
@@ -388,7 +357,7 @@ fn web_policy(ports: &[i32]) -> NetworkPolicy {
 /// keys endpoints and policy maps by ifindex; no packet flows here). The change adds a
 /// port to the policy, so every endpoint's policy map is rebuilt and swapped.
 pub fn policy_convergence(endpoints: usize) -> Result<Convergence, BenchError> {
-    let pins = PinDir::new();
+    let pins = PinDir::unique("sluice-bench-");
     // The maps are created by loading the object; nothing is attached.
     let _datapath = Datapath::load(pins.path(), &DatapathConfig::default())
         .map_err(|e| BenchError::Failed(format!("loading the datapath: {e}")))?;

@@ -33,7 +33,7 @@ use sluice_common::{
 };
 
 pub use error::DatapathError;
-pub use pinned::{PinnedMaps, PolicyMap, create_policy_map, open_events, remove_pins};
+pub use pinned::{PinDir, PinnedMaps, PolicyMap, create_policy_map, open_events, remove_pins};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
 

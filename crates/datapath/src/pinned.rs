@@ -1,6 +1,10 @@
 //! The pinned maps, opened from bpffs without loading any program.
 
-use std::{fs, io, path::Path};
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use aya::maps::{Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, PerCpuArray, RingBuf};
 use sluice_common::{
@@ -142,6 +146,35 @@ fn typed<T>(
         path: pin_dir.join(name),
         source,
     })
+}
+
+/// A fresh pin directory on bpffs, removed with everything pinned under it (links
+/// included, which detaches their programs) when dropped: for tests and benchmarks that
+/// load a datapath of their own.
+#[derive(Debug)]
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    /// `/sys/fs/bpf/<prefix><pid>-<n>`, unique to this process and call; not created yet
+    /// ([`crate::Datapath::load`] creates it).
+    pub fn unique(prefix: &str) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Self(Path::new("/sys/fs/bpf").join(format!("{prefix}{}-{n}", std::process::id())))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        // Drop has no caller to report to; say it where a test or benchmark log shows it.
+        if let Err(err) = remove_pins(&self.0) {
+            eprintln!("removing pins at {}: {err}", self.0.display());
+        }
+    }
 }
 
 /// Removes `<pin_dir>` and everything pinned under it. Unpinning the links detaches

@@ -33,7 +33,7 @@ fn attach_detach_and_restart_swap() {
     ]);
     netns.ip(&["link", "set", "lxc0", "up"]);
     netns.ip(&["link", "set", "eth0", "up"]);
-    let pins = PinDir::new();
+    let pins = PinDir::unique("sluice-test-");
     let pin_dir = pins.path().to_owned();
 
     netns.run(move || {
@@ -87,7 +87,7 @@ fn interface_gone_and_recreated() {
     netns.ip(&[
         "link", "add", "lxc1", "type", "veth", "peer", "name", "eth1",
     ]);
-    let pins = PinDir::new();
+    let pins = PinDir::unique("sluice-test-");
     let pin_dir = pins.path().to_owned();
     let name = netns.name.clone();
 
@@ -120,7 +120,7 @@ fn interface_gone_and_recreated() {
 
 #[test]
 fn bad_interface_names_are_refused() {
-    let pins = PinDir::new();
+    let pins = PinDir::unique("sluice-test-");
     let mut datapath = Datapath::load(pins.path(), &DatapathConfig::default()).expect("load");
     for name in ["", "..", "a/b", "eth0.100", "name-that-is-too-long"] {
         assert!(datapath.attach(name).is_err(), "{name:?}");

@@ -11,7 +11,7 @@ use support::PinDir;
 
 #[test]
 fn load_pins_every_map_and_reports_program_sizes() {
-    let pins = PinDir::new();
+    let pins = PinDir::unique("sluice-test-");
     let config = DatapathConfig {
         ct_max_entries: 4096,
         lb_max_entries: 300_000,
@@ -51,7 +51,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
 
 #[test]
 fn reload_reuses_pinned_maps() {
-    let pins = PinDir::new();
+    let pins = PinDir::unique("sluice-test-");
     let key = Ct4Key::new(
         (Ipv4Addr::new(10, 0, 1, 2), 40000),
         (Ipv4Addr::new(10, 0, 2, 2), 80),
@@ -84,7 +84,7 @@ fn reload_reuses_pinned_maps() {
 
 #[test]
 fn incompatible_pinned_map_is_refused() {
-    let pins = PinDir::new();
+    let pins = PinDir::unique("sluice-test-");
     std::fs::create_dir_all(pins.path()).unwrap();
     let wrong: HashMap<MapData, u32, u32> = HashMap::create(16, 0).expect("create map");
     wrong

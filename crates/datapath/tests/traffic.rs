@@ -94,7 +94,7 @@ impl Topology {
             }
         }
 
-        let pins = PinDir::new();
+        let pins = PinDir::unique("sluice-test-");
         let pin_dir = pins.path().to_owned();
         node.run(move || {
             let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");

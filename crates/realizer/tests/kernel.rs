@@ -3,53 +3,26 @@
 // Test helpers outside #[test] functions: a failed expectation is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    collections::BTreeSet,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{IterableMap, lpm_trie::Key};
 use sluice_common::*;
 use sluice_compiler::{DesiredState, EndpointPolicy};
-use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, PolicyMap, remove_pins};
+use sluice_datapath::{Datapath, DatapathConfig, PinDir, PinnedMaps, PolicyMap};
 use sluice_realizer::{Desired, DriftKind, KernelTables, PolicyTable};
-
-/// A pin directory on bpffs that is removed, with all it holds, on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self(
-            Path::new("/sys/fs/bpf")
-                .join(format!("sluice-realizer-test-{}-{n}", std::process::id())),
-        )
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(err) = remove_pins(&self.0) {
-            eprintln!("cleanup: {err}");
-        }
-    }
-}
 
 /// Loads the datapath and opens its maps as the agent does. Panics if BPF can't load.
 fn load() -> (PinDir, Datapath, KernelTables) {
-    let pins = PinDir::new();
-    let datapath = Datapath::load(&pins.0, &DatapathConfig::default())
-        .unwrap_or_else(|err| panic!("loading the datapath into {}: {err}", pins.0.display()));
-    let tables = KernelTables::open(&pins.0).expect("open the realized maps");
+    let pins = PinDir::unique("sluice-test-realizer-");
+    let datapath = Datapath::load(pins.path(), &DatapathConfig::default())
+        .unwrap_or_else(|err| panic!("loading the datapath into {}: {err}", pins.path().display()));
+    let tables = KernelTables::open(pins.path()).expect("open the realized maps");
     (pins, datapath, tables)
 }
 
 /// A second handle on the pinned maps, for writes behind the realizer's back.
 fn behind_the_back(pins: &PinDir) -> PinnedMaps {
-    PinnedMaps::open(&pins.0).expect("open pinned maps")
+    PinnedMaps::open(pins.path()).expect("open pinned maps")
 }
 
 const WEB: u32 = 256;

@@ -5,7 +5,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -18,9 +18,7 @@ use sluice_common::{
     Lb4Key, Lb4Service, PolicyEntry, PolicyKey, PolicyMatch, SVC_FLAG_CLUSTER_IP,
     SVC_FLAG_WILDCARD,
 };
-use sluice_datapath::{
-    Datapath, DatapathConfig, PinnedMaps, PolicyMap, create_policy_map, remove_pins,
-};
+use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, PolicyMap, create_policy_map};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -30,29 +28,11 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}-{n}", std::process::id())
 }
 
-/// A pin directory on bpffs that is removed, with all it holds, on drop.
-pub struct PinDir(PathBuf);
-
-impl PinDir {
-    pub fn new() -> Self {
-        Self(Path::new("/sys/fs/bpf").join(unique_name("sluice-test-")))
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        if let Err(err) = remove_pins(&self.0) {
-            eprintln!("cleanup: {err}");
-        }
-    }
-}
+pub use sluice_datapath::PinDir;
 
 /// Loads the datapath into a fresh pin dir. Panics (fails the test) if BPF can't load.
 pub fn load() -> (PinDir, Datapath) {
-    let pins = PinDir::new();
+    let pins = PinDir::unique("sluice-test-");
     let datapath = Datapath::load(pins.path(), &DatapathConfig::default())
         .unwrap_or_else(|err| panic!("loading the datapath into {}: {err}", pins.path().display()));
     (pins, datapath)
