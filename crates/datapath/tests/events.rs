@@ -13,40 +13,28 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::{MapData, PerCpuValues, RingBuf, lpm_trie::Key};
+use aya::maps::{MapData, PerCpuValues, RingBuf};
 use sluice_common::{
     DropReason, ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED,
     ENDPOINT_F_POLICY_OVERFLOW, EVENT_CLOSE, EVENT_CONFIG_F_ENABLED, EVENT_DROP, EVENT_F_DENIED,
     EVENT_F_HOST_ROW, EVENT_F_REPLY, EVENT_F_SERVICE, EVENT_POLICY_VERDICT, EVENT_TRACE,
-    EndpointInfo, EventConfig, EventCounter, FlowEvent, IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP,
-    IPPROTO_UDP, IpcacheEntry, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, POLICY_EGRESS,
-    POLICY_INGRESS, PolicyKey, addr_be, event_counter_index, metrics_index,
+    EventConfig, EventCounter, FlowEvent, IDENTITY_HOST, IPPROTO_TCP, IPPROTO_UDP,
+    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, POLICY_EGRESS, POLICY_INGRESS, PolicyKey,
+    addr_be, event_counter_index, metrics_index,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::{Datapath, PinnedMaps, open_events};
 use support::{
     ETH_HLEN, PinDir, TC_ACT_OK, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, run, tcp, udp,
+    world::{
+        self, IFINDEX, PEER, PEER_IDENTITY, POD_IDENTITY, STRANGER, STRANGER_IDENTITY, VIP, peer,
+        pod,
+    },
 };
 
-const IFINDEX: u32 = 1;
-const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
-const POD_IDENTITY: u32 = 300;
-const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-const PEER_IDENTITY: u32 = 301;
-const STRANGER: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 3);
-const STRANGER_IDENTITY: u32 = 302;
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BOTH: u32 = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
 const EVENT_TYPES: [u8; 4] = [EVENT_DROP, EVENT_TRACE, EVENT_POLICY_VERDICT, EVENT_CLOSE];
-
-fn pod(port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(POD, port)
-}
-
-fn peer(port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(PEER, port)
-}
 
 fn stranger(port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(STRANGER, port)
@@ -91,35 +79,18 @@ impl Fixture {
             ring,
             _pins: pins,
         };
-        fx.set_endpoint(flags);
-        for (address, identity) in [
-            (POD, POD_IDENTITY),
-            (PEER, PEER_IDENTITY),
-            (STRANGER, STRANGER_IDENTITY),
-            (NODE, IDENTITY_HOST),
-        ] {
-            fx.ipcache(address, 32, identity);
-        }
-        fx.ipcache(Ipv4Addr::UNSPECIFIED, 0, IDENTITY_WORLD);
+        world::install(&mut fx.maps, flags);
+        fx.ipcache(NODE, 32, IDENTITY_HOST);
         fx.configure(EVENT_CONFIG_F_ENABLED, 0, 0);
         fx
     }
 
     fn set_endpoint(&mut self, flags: u32) {
-        let mut endpoint = EndpointInfo::new(POD, POD_IDENTITY);
-        endpoint.flags = flags;
-        self.maps.endpoints.insert(IFINDEX, endpoint, 0).unwrap();
+        world::set_endpoint(&mut self.maps, flags);
     }
 
     fn ipcache(&mut self, address: Ipv4Addr, prefixlen: u32, identity: u32) {
-        self.maps
-            .ipcache
-            .insert(
-                &Key::new(prefixlen, addr_be(address)),
-                IpcacheEntry::local(identity),
-                0,
-            )
-            .unwrap();
+        world::ipcache(&mut self.maps, address, prefixlen, identity);
     }
 
     fn configure(&mut self, flags: u32, rate: u32, burst: u32) {

@@ -12,12 +12,12 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::{PerCpuValues, lpm_trie::Key};
+use aya::maps::PerCpuValues;
 use sluice_common::{
     CT_INGRESS, Ct4Key, DropReason, ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED,
-    ENDPOINT_F_POLICY_OVERFLOW, EndpointInfo, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, LOOPBACK_IPV4, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS,
-    MetricsValue, POLICY_EGRESS, POLICY_INGRESS, PolicyEntry, PolicyKey, addr_be, metrics_index,
+    ENDPOINT_F_POLICY_OVERFLOW, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, LOOPBACK_IPV4, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, POLICY_EGRESS,
+    POLICY_INGRESS, PolicyEntry, PolicyKey, metrics_index,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::{Datapath, PinnedMaps, PolicyMap, create_policy_map};
@@ -25,27 +25,10 @@ use support::{
     ETH_HLEN, Frame, ICMP_ECHO, ICMP_ECHOREPLY, IPPROTO_ICMP, PinDir, RunResult, TC_ACT_OK,
     TC_ACT_REDIRECT, TC_ACT_SHOT, TCP_ACK, TCP_FIN, TCP_SYN, icmp_echo, policy_row, run, sctp, tcp,
     udp,
+    world::{self, IFINDEX, PEER, PEER_IDENTITY, POD, STRANGER, STRANGER_IDENTITY, VIP, peer, pod},
 };
 
-/// The endpoint's interface in a test run.
-const IFINDEX: u32 = 1;
-const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
-const POD_IDENTITY: u32 = 300;
-const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-const PEER_IDENTITY: u32 = 301;
-/// A pod with an identity of its own no row names.
-const STRANGER: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 3);
-const STRANGER_IDENTITY: u32 = 302;
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const BOTH: u32 = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
-
-fn pod(port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(POD, port)
-}
-
-fn peer(port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(PEER, port)
-}
 
 /// An exact-port row.
 fn port_row(identity: u32, direction: u8, proto: u8, port: u16) -> PolicyKey {
@@ -69,33 +52,12 @@ impl Fixture {
             maps,
             _pins: pins,
         };
-        fx.set_endpoint(flags);
-        for (address, identity) in [
-            (POD, POD_IDENTITY),
-            (PEER, PEER_IDENTITY),
-            (STRANGER, STRANGER_IDENTITY),
-        ] {
-            fx.ipcache(address, 32, identity);
-        }
-        fx.ipcache(Ipv4Addr::UNSPECIFIED, 0, IDENTITY_WORLD);
+        world::install(&mut fx.maps, flags);
         fx
     }
 
     fn set_endpoint(&mut self, flags: u32) {
-        let mut endpoint = EndpointInfo::new(POD, POD_IDENTITY);
-        endpoint.flags = flags;
-        self.maps.endpoints.insert(IFINDEX, endpoint, 0).unwrap();
-    }
-
-    fn ipcache(&mut self, address: Ipv4Addr, prefixlen: u32, identity: u32) {
-        self.maps
-            .ipcache
-            .insert(
-                &Key::new(prefixlen, addr_be(address)),
-                IpcacheEntry::local(identity),
-                0,
-            )
-            .unwrap();
+        world::set_endpoint(&mut self.maps, flags);
     }
 
     /// Installs a fresh policy map holding `rows` for the endpoint.

@@ -499,3 +499,64 @@ pub fn install_policy(maps: &mut PinnedMaps, ifindex: u32, rows: &[PolicyKey]) -
         .unwrap_or_else(|err| panic!("install the policy of {ifindex}: {err}"));
     map
 }
+
+/// The endpoint and peers of the policy and event tests: POD is the endpoint on IFINDEX,
+/// PEER and STRANGER are pods with identities of their own, and the rest is world.
+pub mod world {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use aya::maps::lpm_trie::Key;
+    use sluice_common::{EndpointInfo, IDENTITY_WORLD, IpcacheEntry, addr_be};
+    use sluice_datapath::PinnedMaps;
+
+    /// The test run's device: the loopback device, ifindex 1.
+    pub const IFINDEX: u32 = 1;
+    pub const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+    pub const POD_IDENTITY: u32 = 300;
+    pub const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+    pub const PEER_IDENTITY: u32 = 301;
+    /// A pod no row names.
+    pub const STRANGER: Ipv4Addr = Ipv4Addr::new(10, 0, 3, 3);
+    pub const STRANGER_IDENTITY: u32 = 302;
+    pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+    pub fn pod(port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(POD, port)
+    }
+
+    pub fn peer(port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(PEER, port)
+    }
+
+    /// POD as the endpoint on IFINDEX with `flags`.
+    pub fn set_endpoint(maps: &mut PinnedMaps, flags: u32) {
+        let mut endpoint = EndpointInfo::new(POD, POD_IDENTITY);
+        endpoint.flags = flags;
+        maps.endpoints
+            .insert(IFINDEX, endpoint, 0)
+            .unwrap_or_else(|e| panic!("writing the endpoint: {e}"));
+    }
+
+    pub fn ipcache(maps: &mut PinnedMaps, address: Ipv4Addr, prefixlen: u32, identity: u32) {
+        maps.ipcache
+            .insert(
+                &Key::new(prefixlen, addr_be(address)),
+                IpcacheEntry::local(identity),
+                0,
+            )
+            .unwrap_or_else(|e| panic!("writing the ipcache: {e}"));
+    }
+
+    /// The endpoint with `flags`, the pods' identities and the world in the ipcache.
+    pub fn install(maps: &mut PinnedMaps, flags: u32) {
+        set_endpoint(maps, flags);
+        for (address, identity) in [
+            (POD, POD_IDENTITY),
+            (PEER, PEER_IDENTITY),
+            (STRANGER, STRANGER_IDENTITY),
+        ] {
+            ipcache(maps, address, 32, identity);
+        }
+        ipcache(maps, Ipv4Addr::UNSPECIFIED, 0, IDENTITY_WORLD);
+    }
+}
