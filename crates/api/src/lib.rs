@@ -260,31 +260,15 @@ impl Client {
         params: serde_json::Value,
     ) -> Result<T, ApiError> {
         let path = &self.path;
-        let io = |call| {
-            move |source| ApiError::Io {
-                call,
-                path: path.clone(),
-                source,
-            }
-        };
-        let mut stream = UnixStream::connect(path).map_err(|source| ApiError::Connect {
-            path: path.clone(),
-            source,
-        })?;
-        stream
-            .set_read_timeout(Some(self.timeout))
-            .map_err(io("setsockopt"))?;
-        let mut line =
-            serde_json::to_vec(&Request { method, params }).map_err(|source| ApiError::Decode {
-                path: path.clone(),
-                source,
-            })?;
-        line.push(b'\n');
-        stream.write_all(&line).map_err(io("write"))?;
+        let stream = self.send(method, params, Some(self.timeout))?;
         let mut reply = String::new();
         BufReader::new(stream)
             .read_line(&mut reply)
-            .map_err(io("read"))?;
+            .map_err(|source| ApiError::Io {
+                call: "read",
+                path: path.clone(),
+                source,
+            })?;
         let decode = |source| ApiError::Decode {
             path: path.clone(),
             source,
@@ -305,6 +289,26 @@ impl Client {
     /// Streams flows: the buffered ones the request selects, then (with `follow`) new ones
     /// as they come, until the iterator is dropped.
     pub fn observe(&self, request: &flow::ObserveRequest) -> Result<FlowStream, ApiError> {
+        let params = serde_json::to_value(request).map_err(|source| ApiError::Decode {
+            path: self.path.clone(),
+            source,
+        })?;
+        // A followed stream may be quiet for as long as the traffic is.
+        let timeout = (!request.follow).then_some(self.timeout);
+        let stream = self.send(Method::Observe, params, timeout)?;
+        Ok(FlowStream {
+            path: self.path.clone(),
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Connects to the agent and sends one request; replies are read with `timeout`.
+    fn send(
+        &self,
+        method: Method,
+        params: serde_json::Value,
+        timeout: Option<Duration>,
+    ) -> Result<UnixStream, ApiError> {
         let path = &self.path;
         let io = |call| {
             move |source| ApiError::Io {
@@ -317,27 +321,15 @@ impl Client {
             path: path.clone(),
             source,
         })?;
-        // A followed stream may be quiet for as long as the traffic is.
-        let timeout = (!request.follow).then_some(self.timeout);
         stream.set_read_timeout(timeout).map_err(io("setsockopt"))?;
-        let params = serde_json::to_value(request).map_err(|source| ApiError::Decode {
-            path: path.clone(),
-            source,
-        })?;
-        let mut line = serde_json::to_vec(&Request {
-            method: Method::Observe,
-            params,
-        })
-        .map_err(|source| ApiError::Decode {
-            path: path.clone(),
-            source,
-        })?;
+        let mut line =
+            serde_json::to_vec(&Request { method, params }).map_err(|source| ApiError::Decode {
+                path: path.clone(),
+                source,
+            })?;
         line.push(b'\n');
         stream.write_all(&line).map_err(io("write"))?;
-        Ok(FlowStream {
-            path: path.clone(),
-            reader: BufReader::new(stream),
-        })
+        Ok(stream)
     }
 }
 
