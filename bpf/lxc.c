@@ -44,6 +44,43 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* The first packet of a connection, with no live entry under @key. Unless it is exempt
+ * (@judge false: hairpin), @ep's policy judges it in @direction against @remote:@dport,
+ * with its verdict event; then it gets its entry (a TCP RST gets none) and its TRACE
+ * event. @backend, if not NULL, is the service backend the packet goes to. Returns 0 to
+ * forward the packet or the DROP_* reason; @trace names the remote identity either way. */
+static __always_inline int ct_open(struct __sk_buff *skb, const struct pkt4 *pkt,
+				   const struct ct4_key *key, const struct endpoint_info *ep,
+				   bool judge, __u8 direction, __be32 remote, __be16 dport,
+				   __be32 nat_address, __be16 nat_port, __u8 ct_flags, __u64 now,
+				   const struct lb4_service *backend, struct policy_trace *trace)
+{
+	/* Events count directions as the metrics do: egress leaves the pod. */
+	__u8 event_dir = direction == POLICY_EGRESS ? METRIC_DIR_EGRESS : METRIC_DIR_INGRESS;
+	bool opens = ct_opens_connection(pkt);
+	int reason;
+
+	*trace = (struct policy_trace){ .remote_identity = IDENTITY_UNRESOLVED };
+	if (judge) {
+		reason = policy_verdict(ep, skb->ifindex, direction, remote, pkt, dport, trace);
+		if (trace->judged && opens)
+			event_emit(skb, pkt,
+				   EVENT_WHAT(EVENT_POLICY_VERDICT, event_dir, reason,
+					      policy_event_flags(reason, trace),
+					      trace->remote_identity),
+				   backend);
+		if (reason)
+			return reason;
+	}
+	if (!opens)
+		return 0;
+	if (ct_create(key, pkt, nat_address, nat_port, ct_flags, skb->ifindex, now) < 0)
+		return DROP_CT_CREATE_FAILED;
+	event_emit(skb, pkt, EVENT_WHAT(EVENT_TRACE, event_dir, 0, 0, trace->remote_identity),
+		   backend);
+	return 0;
+}
+
 /* A packet to a service frontend: pick the backend, judge a new connection against
  * the backend's address and port, record it and DNAT it (plus SNAT to LOOPBACK_IPV4
  * when the pod reaches itself). */
@@ -91,26 +128,12 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 	state = ct_track_established(&key, pkt, pkt->daddr, pkt->dport, ct_flags, now);
 	if (state == CT_NEW) {
 		/* Hairpin is the pod talking to itself: never judged. */
-		if (!ct_flags) {
-			reason = policy_verdict(ep, skb->ifindex, POLICY_EGRESS,
-						backend.backend_address, pkt, backend.backend_port,
-						&trace);
-			if (trace.judged && ct_opens_connection(pkt))
-				event_service(skb, pkt, EVENT_POLICY_VERDICT, reason,
-					      policy_event_flags(reason, &trace),
-					      trace.remote_identity, &backend);
-			if (reason)
-				return verdict_drop_service(skb, pkt, reason, trace.remote_identity,
-							    &backend);
-		}
-		if (ct_opens_connection(pkt)) {
-			if (ct_create(&key, pkt, pkt->daddr, pkt->dport, ct_flags, skb->ifindex,
-				      now) < 0)
-				return verdict_drop_service(skb, pkt, DROP_CT_CREATE_FAILED,
-							    trace.remote_identity, &backend);
-			event_service(skb, pkt, EVENT_TRACE, 0, 0, trace.remote_identity,
-				      &backend);
-		}
+		reason = ct_open(skb, pkt, &key, ep, !ct_flags, POLICY_EGRESS,
+				 backend.backend_address, backend.backend_port, pkt->daddr,
+				 pkt->dport, ct_flags, now, &backend, &trace);
+		if (reason)
+			return verdict_drop_service(skb, pkt, reason, trace.remote_identity,
+						    &backend);
 	} else if (state == CT_CLOSING) {
 		event_service(skb, pkt, EVENT_CLOSE, 0, 0, IDENTITY_UNRESOLVED,
 			      &backend);
@@ -190,20 +213,11 @@ int from_container(struct __sk_buff *skb)
 	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_EGRESS);
 	state = ct_track_established(&key, &pkt, 0, 0, 0, now);
 	if (state == CT_NEW) {
-		reason = policy_verdict(ep, ifindex, POLICY_EGRESS, pkt.daddr, &pkt, pkt.dport,
-					&trace);
-		if (trace.judged && ct_opens_connection(&pkt))
-			event_packet(skb, &pkt, EVENT_POLICY_VERDICT, METRIC_DIR_EGRESS, reason,
-				     policy_event_flags(reason, &trace), trace.remote_identity);
+		reason = ct_open(skb, &pkt, &key, ep, true, POLICY_EGRESS, pkt.daddr, pkt.dport,
+				 0, 0, 0, now, NULL, &trace);
 		if (reason)
 			return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_EGRESS,
 						 trace.remote_identity);
-		if (!ct_opens_connection(&pkt))
-			return verdict_pass(skb, METRIC_DIR_EGRESS);
-		if (ct_create(&key, &pkt, 0, 0, 0, ifindex, now) < 0)
-			return verdict_drop(skb, &pkt, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
-		event_packet(skb, &pkt, EVENT_TRACE, METRIC_DIR_EGRESS, 0, 0,
-			     trace.remote_identity);
 	} else if (state == CT_CLOSING) {
 		event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, 0, IDENTITY_UNRESOLVED);
 	}
@@ -286,24 +300,14 @@ int to_container(struct __sk_buff *skb)
 	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_INGRESS);
 	state = ct_track_established(&key, &pkt, 0, 0, 0, now);
 	if (state == CT_NEW) {
-		if (!hairpin_request(&pkt)) {
-			ep = bpf_map_lookup_elem(&endpoints, &ifindex);
-			reason = policy_verdict(ep, ifindex, POLICY_INGRESS, pkt.saddr, &pkt,
-						pkt.dport, &trace);
-			if (trace.judged && ct_opens_connection(&pkt))
-				event_packet(skb, &pkt, EVENT_POLICY_VERDICT, METRIC_DIR_INGRESS,
-					     reason, policy_event_flags(reason, &trace),
-					     trace.remote_identity);
-			if (reason)
-				return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_INGRESS,
-							 trace.remote_identity);
-		}
-		if (!ct_opens_connection(&pkt))
-			return verdict_pass(skb, METRIC_DIR_INGRESS);
-		if (ct_create(&key, &pkt, 0, 0, 0, ifindex, now) < 0)
-			return verdict_drop(skb, &pkt, DROP_CT_CREATE_FAILED, METRIC_DIR_INGRESS);
-		event_packet(skb, &pkt, EVENT_TRACE, METRIC_DIR_INGRESS, 0, 0,
-			     trace.remote_identity);
+		bool judge = !hairpin_request(&pkt);
+
+		ep = judge ? bpf_map_lookup_elem(&endpoints, &ifindex) : NULL;
+		reason = ct_open(skb, &pkt, &key, ep, judge, POLICY_INGRESS, pkt.saddr, pkt.dport,
+				 0, 0, 0, now, NULL, &trace);
+		if (reason)
+			return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_INGRESS,
+						 trace.remote_identity);
 	} else if (state == CT_CLOSING) {
 		event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_INGRESS, 0, 0, IDENTITY_UNRESOLVED);
 	}
