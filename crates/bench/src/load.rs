@@ -135,22 +135,9 @@ fn handle(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
     conn.set_nodelay(true)?;
     conn.set_read_timeout(Some(Duration::from_millis(POLL_MS as u64)))?;
     let mut first = [0u8; 1];
-    loop {
-        match conn.read(&mut first) {
-            Ok(0) => return Ok(()),
-            Ok(_) => break,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-            }
-            Err(e) => return Err(e),
-        }
+    match read_or_stop(&mut conn, &mut first, stop)? {
+        None | Some(0) => return Ok(()),
+        Some(_) => {}
     }
     if first[0] == STREAM_MARK {
         return sink(conn, stop);
@@ -158,9 +145,22 @@ fn handle(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
     conn.write_all(&first)?;
     let mut buf = [0u8; 256];
     loop {
-        match conn.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => conn.write_all(&buf[..n])?,
+        match read_or_stop(&mut conn, &mut buf, stop)? {
+            None | Some(0) => return Ok(()),
+            Some(n) => conn.write_all(&buf[..n])?,
+        }
+    }
+}
+
+/// Reads into `buf`, waiting out read timeouts until data comes or `stop` is set (None).
+fn read_or_stop(
+    conn: &mut TcpStream,
+    buf: &mut [u8],
+    stop: &AtomicBool,
+) -> io::Result<Option<usize>> {
+    loop {
+        match conn.read(buf) {
+            Ok(n) => return Ok(Some(n)),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -168,7 +168,7 @@ fn handle(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
                 ) =>
             {
                 if stop.load(Ordering::Relaxed) {
-                    return Ok(());
+                    return Ok(None);
                 }
             }
             Err(e) => return Err(e),
@@ -181,20 +181,10 @@ fn sink(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
     let mut buf = vec![0u8; STREAM_CHUNK];
     let mut total = 0u64;
     loop {
-        match conn.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => total += n as u64,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if stop.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-            }
-            Err(e) => return Err(e),
+        match read_or_stop(&mut conn, &mut buf, stop)? {
+            None => return Ok(()),
+            Some(0) => break,
+            Some(n) => total += n as u64,
         }
     }
     // The mark byte was read by the caller.
