@@ -164,8 +164,10 @@ int from_container(struct __sk_buff *skb)
 
 	parsed = parse_ipv4(skb, &pkt);
 	switch (parsed) {
-	case PARSE_NOT_IPV4:
+	case PARSE_ARP:
 		return verdict_pass(skb, METRIC_DIR_EGRESS);
+	case PARSE_UNSUPPORTED_L3:
+		return verdict_drop(skb, &pkt, DROP_UNKNOWN_L3, METRIC_DIR_EGRESS);
 	case PARSE_INVALID:
 		return verdict_drop(skb, &pkt, DROP_INVALID, METRIC_DIR_EGRESS);
 	case PARSE_FRAG_NOT_FOUND:
@@ -251,9 +253,11 @@ int to_container(struct __sk_buff *skb)
 	int reason;
 
 	switch (parse_ipv4(skb, &pkt)) {
-	case PARSE_NOT_IPV4:
+	case PARSE_ARP:
 	case PARSE_IPV4:
 		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	case PARSE_UNSUPPORTED_L3:
+		return verdict_drop(skb, &pkt, DROP_UNKNOWN_L3, METRIC_DIR_INGRESS);
 	case PARSE_INVALID:
 		return verdict_drop(skb, &pkt, DROP_INVALID, METRIC_DIR_INGRESS);
 	case PARSE_FRAG_NOT_FOUND:

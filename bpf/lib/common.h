@@ -253,6 +253,7 @@ struct metrics_value {
 #define DROP_INVALID_SOURCE        132 /* pod sent from an address not its own */
 #define DROP_POLICY                133 /* no policy row allows the new connection */
 #define DROP_INVALID               134 /* malformed IPv4 or L4 header */
+#define DROP_UNKNOWN_L3            139 /* neither IPv4 nor ARP (IPv6 is not supported yet) */
 #define DROP_WRITE_ERROR           141 /* a packet rewrite helper failed */
 #define DROP_CT_CREATE_FAILED      155 /* conntrack entry could not be written */
 #define DROP_NO_SERVICE            158 /* service has no ready backend: rejected */

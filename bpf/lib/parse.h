@@ -74,7 +74,8 @@ struct pkt4 {
 enum parse_result {
 	PARSE_L4,             /* a connection's packet: pkt is filled in */
 	PARSE_IPV4,           /* IPv4 with nothing to track (ICMP errors): addresses filled in */
-	PARSE_NOT_IPV4,       /* ARP, IPv6 and the rest: not ours */
+	PARSE_ARP,            /* ARP, which IPv4 needs: passes */
+	PARSE_UNSUPPORTED_L3, /* IPv6 (until it is supported) and every other L3: drop */
 	PARSE_INVALID,        /* malformed: drop */
 	PARSE_FRAG_NOT_FOUND, /* later fragment whose first fragment was not seen: drop */
 };
@@ -119,11 +120,15 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 	__be16 frag_off, ip_id;
 	__u8 *l4;
 
-	/* skb->protocol comes from the Ethernet header. */
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return PARSE_NOT_IPV4;
 	/* A malformed packet's drop event carries what was parsed before the fault. */
 	*pkt = (struct pkt4){ .len = skb->len };
+	/* skb->protocol comes from the Ethernet header. Nothing passes unjudged but ARP:
+	 * an IPv6 packet would bypass policy and services, so it is dropped until the
+	 * datapath handles IPv6. */
+	if (skb->protocol == bpf_htons(ETH_P_ARP))
+		return PARSE_ARP;
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return PARSE_UNSUPPORTED_L3;
 	if (!pkt_make_linear(skb, ETH_HLEN + sizeof(struct iphdr)))
 		return PARSE_INVALID;
 

@@ -8,6 +8,7 @@ pub enum DropReason {
     InvalidSource,
     Policy,
     Invalid,
+    UnknownL3,
     WriteError,
     CtCreateFailed,
     NoService,
@@ -18,10 +19,11 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::InvalidSource,
         DropReason::Policy,
         DropReason::Invalid,
+        DropReason::UnknownL3,
         DropReason::WriteError,
         DropReason::CtCreateFailed,
         DropReason::NoService,
@@ -36,6 +38,7 @@ impl DropReason {
             DropReason::InvalidSource => 132,
             DropReason::Policy => 133,
             DropReason::Invalid => 134,
+            DropReason::UnknownL3 => 139,
             DropReason::WriteError => 141,
             DropReason::CtCreateFailed => 155,
             DropReason::NoService => 158,
@@ -56,6 +59,7 @@ impl DropReason {
             DropReason::InvalidSource => "INVALID_SOURCE",
             DropReason::Policy => "POLICY",
             DropReason::Invalid => "INVALID",
+            DropReason::UnknownL3 => "UNKNOWN_L3",
             DropReason::WriteError => "WRITE_ERROR",
             DropReason::CtCreateFailed => "CT_CREATE_FAILED",
             DropReason::NoService => "NO_SERVICE",
@@ -73,6 +77,7 @@ impl DropReason {
             DropReason::InvalidSource => "INVALID_SOURCE_IP",
             DropReason::Policy => "POLICY_DENIED",
             DropReason::Invalid => "INVALID_PACKET_DROPPED",
+            DropReason::UnknownL3 => "UNKNOWN_L3_TARGET_ADDRESS",
             DropReason::WriteError => "ERROR_WRITING_TO_PACKET",
             DropReason::CtCreateFailed => "CT_MAP_INSERTION_FAILED",
             DropReason::NoService => "SERVICE_BACKEND_NOT_FOUND",
@@ -88,6 +93,7 @@ impl DropReason {
             DropReason::InvalidSource => "Invalid source ip",
             DropReason::Policy => "Policy denied",
             DropReason::Invalid => "Invalid packet",
+            DropReason::UnknownL3 => "Unsupported L3 protocol (IPv6 is not supported yet)",
             DropReason::WriteError => "Failed to write packet",
             DropReason::CtCreateFailed => "Conntrack entry could not be created",
             DropReason::NoService => "Service has no ready backend (rejected)",
