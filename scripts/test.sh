@@ -8,6 +8,8 @@ bash scripts/setup.sh
 [ "$(id -u)" = 0 ] || { echo "tests load eBPF programs and create network namespaces: run as root" >&2; exit 1; }
 
 cargo fmt --all -- --check
+# The lints the workspace declares (unwrap_used, dbg_macro, ...) hold only if something runs them.
+cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 # The lab integration tests start these binaries as agents and pod servers.
 export SLUICE_BIN="$PWD/target/debug/sluice"

@@ -3,6 +3,9 @@
 //! its node are refused by the pod programs, counted under UNKNOWN_L3, while IPv4 between the
 //! same two namespaces works.
 
+// A test binary: a failed step in a helper must fail the test loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::{
     fs,
     net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream},
