@@ -210,7 +210,9 @@ impl Netlink {
     pub fn set_controller(&self, link: &str, bridge: &str) -> Result<(), NetNsError> {
         let controller = self.index(bridge)?;
         self.set(
-            LinkUnspec::new_with_name(link).controller(controller).build(),
+            LinkUnspec::new_with_name(link)
+                .controller(controller)
+                .build(),
             format!("{link} master {bridge}"),
         )
     }
@@ -225,7 +227,10 @@ impl Netlink {
 
     /// `ip link set <name> up`.
     pub fn set_up(&self, name: &str) -> Result<(), NetNsError> {
-        self.set(LinkUnspec::new_with_name(name).up().build(), format!("{name} up"))
+        self.set(
+            LinkUnspec::new_with_name(name).up().build(),
+            format!("{name} up"),
+        )
     }
 
     /// `ip link set <name> down`.

@@ -98,7 +98,9 @@ impl NetNs {
                 )
                 .map_err(sys_err("mount", path.display().to_string()))
             });
-            thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         });
         let made = made.and_then(|()| ns.netlink()?.set_up("lo"));
         if let Err(e) = made {
@@ -126,9 +128,7 @@ impl NetNs {
             }
         }
         match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(io_err("unlink", path)(e))
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err("unlink", path)(e)),
             _ => Ok(()),
         }
     }
@@ -208,7 +208,9 @@ impl NetNs {
                     Ok(f())
                 })
                 .map_err(io_err("spawn thread in", self.path()))?;
-            thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 
@@ -272,14 +274,12 @@ pub struct NsThread<T> {
 }
 
 impl<T> NsThread<T> {
-    /// Waits for the thread; a panic in it goes on in the caller.
-    pub fn join(self) -> T {
-        match self.handle.join() {
-            Ok(Some(value)) => value,
+    /// Waits for the thread, like [`thread::JoinHandle::join`]: `Err` holds its panic.
+    pub fn join(self) -> thread::Result<T> {
+        self.handle.join().map(|value| {
             // `spawn` returns an NsThread only once the thread has entered, and then it runs `f`.
-            Ok(None) => unreachable!("an NsThread runs its function"),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
+            value.unwrap_or_else(|| unreachable!("an NsThread runs its function"))
+        })
     }
 
     pub fn is_finished(&self) -> bool {
@@ -328,7 +328,9 @@ impl Drop for OwnedNetNs {
 /// mount yet), as iproute2 does, so the namespaces mounted in it show in every mount
 /// namespace that later copies it.
 fn share_run_dir() -> Result<(), NetNsError> {
-    let _serial = RUN_DIR.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = RUN_DIR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     fs::create_dir_all(NETNS_DIR).map_err(io_err("mkdir", NETNS_DIR))?;
     let shared = || {
         mount(

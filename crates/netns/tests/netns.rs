@@ -3,7 +3,10 @@
 //! without it. Every namespace is an OwnedNetNs with a unique name, deleted even when a
 //! test fails.
 
-#![allow(clippy::unwrap_used, reason = "test code: a failed step must fail the test")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step must fail the test"
+)]
 
 use std::{
     io::{Read, Write},
@@ -80,7 +83,8 @@ fn veth_addresses_routes_and_real_packets() {
     p.set_up("eth0").unwrap();
     p.add_route(&Route::device(net(&format!("{router}/32")), "eth0"))
         .unwrap();
-    p.add_route(&Route::default_via(router).dev("eth0")).unwrap();
+    p.add_route(&Route::default_via(router).dev("eth0"))
+        .unwrap();
 
     let eth0 = p.links().unwrap().into_iter().find(|l| l.name == "eth0");
     assert_eq!(eth0.unwrap().alias.as_deref(), Some("sluice-test"));
@@ -178,7 +182,7 @@ fn spawned_threads_stay_inside() {
             listener.local_addr().unwrap().port()
         })
         .unwrap();
-    let port = thread.join();
+    let port = thread.join().unwrap();
     assert!(port > 0);
     let ns_ino = ns.id().map(|(_, ino)| ino);
     let seen = ns
@@ -187,6 +191,7 @@ fn spawned_threads_stay_inside() {
             std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
         })
         .unwrap()
-        .join();
+        .join()
+        .unwrap();
     assert_eq!(Some(seen), ns_ino);
 }
