@@ -100,35 +100,7 @@ impl Lab {
         let mut agents = Vec::new();
         if let Some(agent) = &opts.binaries.agent {
             for node in &spec.nodes {
-                let mut cmd = Command::new(agent);
-                cmd.arg("--node")
-                    .arg(&node.name)
-                    .arg("--netns")
-                    .arg(lab.node_netns(&node.name))
-                    .arg("--cluster-file")
-                    .arg(lab.dir.join("cluster.json"))
-                    .arg("--pin-dir")
-                    .arg(lab.pin_dir(&node.name))
-                    .arg("--api-socket")
-                    .arg(lab.agent_socket(&node.name));
-                if let Some(max) = spec.policy_map_max {
-                    cmd.arg("--policy-map-max").arg(max.to_string());
-                }
-                let observability = &spec.observability;
-                if observability.metrics {
-                    // Every address of the node's namespace, none of the root's.
-                    cmd.arg("--metrics-address")
-                        .arg(format!("0.0.0.0:{}", spec::METRICS_PORT));
-                }
-                if let Some(mode) = &observability.policy_log {
-                    cmd.arg("--policy-log")
-                        .arg(mode)
-                        .arg("--policy-log-file")
-                        .arg(lab.policy_log(&node.name));
-                    if let Some(rate) = observability.policy_log_rate {
-                        cmd.arg("--policy-log-rate").arg(rate.to_string());
-                    }
-                }
+                let cmd = lab.agent_command(agent, &node.name)?;
                 agents.push((
                     node.name.clone(),
                     process::spawn_detached(cmd, &lab.agent_log(&node.name))?,
@@ -137,6 +109,43 @@ impl Lab {
         }
         lab.wait_agents(1, STARTUP_TIMEOUT, &agents)?;
         Ok(lab)
+    }
+
+    /// `sluice-agent` for `node`, started inside the node's namespace, as a DaemonSet pod
+    /// with hostNetwork runs in its node's (it is also told `--netns`, and enters it itself
+    /// when started elsewhere).
+    fn agent_command(&self, agent: &Path, node: &str) -> Result<Command, LabError> {
+        let spec = &self.state.spec;
+        let mut cmd = NetNs::named(self.node_netns(node)).command(agent)?;
+        cmd.arg("--node")
+            .arg(node)
+            .arg("--netns")
+            .arg(self.node_netns(node))
+            .arg("--cluster-file")
+            .arg(self.dir.join("cluster.json"))
+            .arg("--pin-dir")
+            .arg(self.pin_dir(node))
+            .arg("--api-socket")
+            .arg(self.agent_socket(node));
+        if let Some(max) = spec.policy_map_max {
+            cmd.arg("--policy-map-max").arg(max.to_string());
+        }
+        let observability = &spec.observability;
+        if observability.metrics {
+            // Every address of the node's namespace, none of the root's.
+            cmd.arg("--metrics-address")
+                .arg(format!("0.0.0.0:{}", spec::METRICS_PORT));
+        }
+        if let Some(mode) = &observability.policy_log {
+            cmd.arg("--policy-log")
+                .arg(mode)
+                .arg("--policy-log-file")
+                .arg(self.policy_log(node));
+            if let Some(rate) = observability.policy_log_rate {
+                cmd.arg("--policy-log-rate").arg(rate.to_string());
+            }
+        }
+        Ok(cmd)
     }
 
     /// A lab made by an earlier `up`, possibly in another process.

@@ -625,8 +625,8 @@ fn up_refuses_an_existing_lab_and_a_bad_lab_file() {
 }
 
 /// A stand-in for sluice-agent with the same arguments: it serves `status` on the API socket
-/// from inside the node's network namespace (so `lab down` must find it there) through
-/// socat and [`FAKE_AGENT_HANDLER`].
+/// from inside the node's network namespace, where the lab starts agents (so `lab down`
+/// must find it there), through socat and [`FAKE_AGENT_HANDLER`].
 const FAKE_AGENT: &str = r#"#!/bin/sh
 while [ $# -gt 1 ]; do
   case "$1" in
@@ -639,7 +639,7 @@ done
 record_dir=$(dirname "$sock")
 export cluster record_dir
 echo "fake agent for $netns"
-exec nsenter --net="/run/netns/$netns" socat UNIX-LISTEN:"$sock",fork EXEC:HANDLER
+exec socat UNIX-LISTEN:"$sock",fork EXEC:HANDLER
 "#;
 
 /// Answers one status request: the generation in cluster.json counts as realized at once.
