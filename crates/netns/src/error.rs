@@ -20,7 +20,8 @@ pub enum NetNsError {
         call: &'static str,
         what: String,
         netns: String,
-        source: rtnetlink::Error,
+        // Boxed: the error holds a whole netlink message.
+        source: Box<rtnetlink::Error>,
     },
     #[error("network namespace {0} already exists")]
     Exists(String),

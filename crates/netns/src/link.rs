@@ -113,7 +113,7 @@ impl Netlink {
             call,
             what,
             netns,
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -75,7 +75,7 @@ impl NetNs {
         match File::options()
             .write(true)
             .create_new(true)
-            .mode(0)
+            .mode(0o000)
             .open(&path)
         {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {

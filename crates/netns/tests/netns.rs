@@ -26,7 +26,7 @@ fn create_list_enter_and_delete() {
     let name = ns.name().to_string();
     assert!(ns.exists());
     assert!(NetNs::list().contains(&name));
-    assert_eq!(NetNs::list_with_prefix(&name), [name.clone()]);
+    assert_eq!(NetNs::list_with_prefix(&name), vec![name.clone()]);
     assert!(matches!(NetNs::create(&name), Err(NetNsError::Exists(n)) if n == name));
 
     // A thread inside sees its own namespace: another inode than ours, with lo up.
