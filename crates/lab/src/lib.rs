@@ -5,6 +5,13 @@
 //! The lab plays the API server (validation, ClusterIP allocation), the controllers
 //! (Deployment pods, EndpointSlices), the scheduler, the kubelet and the CNI plugin. Its state
 //! lives in `<state_root>/<lab>/lab.json`; what the agents read is `cluster.json`.
+//!
+//! Where things are: [`Lab`] and where its parts live (this file); `lifecycle` (up, open,
+//! down, list, the agents' command lines); `apply` (carrying out a `plan`); `generations`
+//! (writing cluster.json and waiting for the agents to realize it); `pods` (pod and world
+//! host namespaces, links and servers); `views` (`lab get`); `journal` (the state
+//! directory's lock and namespace journal); `metrics`; `net` (wiring, over sluice-netns);
+//! `process` (detached processes and stopping them by namespace).
 
 mod apply;
 mod error;
