@@ -34,6 +34,23 @@ pub struct Route<'a> {
     pub source: Option<Ipv4Addr>,
 }
 
+/// In `ip route`'s words, for errors.
+impl std::fmt::Display for Route<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.destination)?;
+        if let Some(gateway) = self.gateway {
+            write!(f, " via {gateway}")?;
+        }
+        if let Some(device) = self.device {
+            write!(f, " dev {device}")?;
+        }
+        if let Some(source) = self.source {
+            write!(f, " src {source}")?;
+        }
+        Ok(())
+    }
+}
+
 impl<'a> Route<'a> {
     /// `<destination> dev <device>`: on-link, no gateway.
     pub fn device(destination: Ipv4Net, device: &'a str) -> Self {
@@ -293,6 +310,6 @@ impl Netlink {
         }
         self.runtime
             .block_on(self.handle.route().add(builder.build()).execute())
-            .map_err(self.fail("RTM_NEWROUTE", format!("{route:?}")))
+            .map_err(self.fail("RTM_NEWROUTE", route.to_string()))
     }
 }

@@ -3,10 +3,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::{
     maps::lpm_trie::Key,
@@ -19,12 +16,9 @@ use sluice_common::{
 };
 use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, PolicyMap, create_policy_map};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
 /// A name unique to this process and call, for pin dirs, namespaces and interfaces.
 pub fn unique_name(prefix: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{}-{n}", std::process::id())
+    sluice_netns::unique_name(prefix)
 }
 
 pub use sluice_datapath::PinDir;
