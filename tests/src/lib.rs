@@ -222,14 +222,9 @@ impl Drop for TestLab {
 
 /// Runs `f` on a new thread inside network namespace `/run/netns/<netns>`.
 pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = PathBuf::from("/run/netns").join(netns);
-    std::thread::spawn(move || {
-        let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
+    sluice_netns::NetNs::named(netns)
+        .run(f)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One HTTP GET over a fresh connection; the lab's pod servers answer with their pod name.

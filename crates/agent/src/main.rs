@@ -88,10 +88,9 @@ fn main() -> anyhow::Result<()> {
     // Enter the node's netns before any thread exists: every thread the runtime starts
     // inherits it, while the mount namespace (and so bpffs) stays the host's.
     if let Some(netns) = &args.netns {
-        let path = PathBuf::from("/run/netns").join(netns);
-        let ns = std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("setns {}", path.display()))?;
+        sluice_netns::NetNs::named(netns.as_str())
+            .enter()
+            .context("entering the node's network namespace")?;
     }
     let config = AgentConfig {
         node: args.node,

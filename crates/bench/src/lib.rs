@@ -46,6 +46,8 @@ pub enum BenchError {
     },
     #[error("{0}")]
     Failed(String),
+    #[error(transparent)]
+    Netns(#[from] sluice_netns::NetNsError),
 }
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
@@ -75,10 +77,10 @@ impl Topology {
             node: NetNs::new("node")?,
         };
         topo.node.sysctl(&[
-            "net.ipv4.ip_forward=1",
+            ("net.ipv4.ip_forward", "1"),
             // Reverse-NATed replies come from the ClusterIP, which has no route back.
-            "net.ipv4.conf.all.rp_filter=0",
-            "net.ipv4.conf.default.rp_filter=0",
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
         ])?;
         let pods = std::iter::once((&topo.client, CLIENT_IF, CLIENT_IP)).chain(
             topo.servers
@@ -88,23 +90,13 @@ impl Topology {
                 .map(|((ns, lxc), ip)| (ns, lxc, ip)),
         );
         for (pod, lxc, address) in pods {
-            let [a, b, c, _] = address.octets();
-            let gateway = Ipv4Addr::new(a, b, c, 1);
-            topo.node.ip(&[
-                "link", "add", lxc, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
-            ])?;
-            topo.node
-                .ip(&["addr", "add", &format!("{gateway}/24"), "dev", lxc])?;
-            topo.node.ip(&["link", "set", lxc, "up"])?;
-            pod.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
-            pod.ip(&["link", "set", "eth0", "up"])?;
-            pod.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+            topo.node.wire_pod(pod, lxc, address)?;
         }
         // New connections/s for seconds on end need more ports than the default range
         // and TIME_WAIT reuse, as netperf users set up.
         topo.client.sysctl(&[
-            "net.ipv4.ip_local_port_range=1024 65535",
-            "net.ipv4.tcp_tw_reuse=1",
+            ("net.ipv4.ip_local_port_range", "1024 65535"),
+            ("net.ipv4.tcp_tw_reuse", "1"),
         ])?;
         Ok(topo)
     }

@@ -1,28 +1,20 @@
-//! Network namespaces the benchmark creates and always removes (RAII), and running code
-//! or commands inside them. Nothing here touches the root namespace.
+//! Network namespaces the benchmark creates and always removes (sluice-netns's
+//! `OwnedNetNs`), and running code or commands inside them. Nothing here touches the root
+//! namespace.
 
 use std::{
     io::Write,
+    net::Ipv4Addr,
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
-    thread,
 };
+
+pub use sluice_netns::unique_name;
+use sluice_netns::{Ipv4Net, OwnedNetNs, Route};
 
 use crate::BenchError;
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A name unique to this process and call (namespaces, pin directories).
-pub fn unique_name(prefix: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{}-{n}", std::process::id())
-}
-
-/// Runs `cmd`, returning its stdout; a failure carries the command line and stderr.
-pub fn run(cmd: &mut Command) -> Result<String, BenchError> {
-    output(cmd, None)
-}
-
+/// Runs `cmd`, feeding `stdin` if any; its stdout, or a failure with the command line and
+/// stderr.
 fn output(cmd: &mut Command, stdin: Option<&[u8]>) -> Result<String, BenchError> {
     let line = format!("{cmd:?}");
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -63,25 +55,21 @@ fn output(cmd: &mut Command, stdin: Option<&[u8]>) -> Result<String, BenchError>
 #[derive(Debug)]
 pub struct NetNs {
     pub name: String,
+    ns: OwnedNetNs,
 }
 
 impl NetNs {
     pub fn new(role: &str) -> Result<Self, BenchError> {
-        let name = unique_name(&format!("sbench-{role}-"));
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
-        Ok(ns)
+        let ns = OwnedNetNs::unique(&format!("sbench-{role}-"))?;
+        Ok(Self {
+            name: ns.name().into(),
+            ns,
+        })
     }
 
-    /// `ip -n <ns> ...`
-    pub fn ip(&self, args: &[&str]) -> Result<String, BenchError> {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
-    }
-
-    /// `ip netns exec <ns> program args...`
+    /// `program args...` inside this namespace.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String, BenchError> {
-        run(self.command(program).args(args))
+        output(self.ns.command(program)?.args(args), None)
     }
 
     /// Like [`exec`](Self::exec), feeding `input` on stdin (rule sets for restore tools).
@@ -91,69 +79,38 @@ impl NetNs {
         args: &[&str],
         input: &[u8],
     ) -> Result<String, BenchError> {
-        output(self.command(program).args(args), Some(input))
+        output(self.ns.command(program)?.args(args), Some(input))
     }
 
-    pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
+    pub fn sysctl(&self, settings: &[(&str, &str)]) -> Result<(), BenchError> {
+        Ok(self.ns.set_sysctls(settings)?)
     }
 
-    pub fn sysctl(&self, settings: &[&str]) -> Result<(), BenchError> {
-        let mut args = vec!["-q", "-w"];
-        args.extend_from_slice(settings);
-        self.exec("sysctl", &args).map(drop)
+    /// Connects `pod` to this namespace (the node) like a pod on its node: `lxc` here with
+    /// the gateway's /24, `eth0` in the pod with `address`/24 and a default route via the
+    /// gateway (`address` with its last octet 1).
+    pub fn wire_pod(&self, pod: &NetNs, lxc: &str, address: Ipv4Addr) -> Result<(), BenchError> {
+        let [a, b, c, _] = address.octets();
+        let gateway = Ipv4Addr::new(a, b, c, 1);
+        let subnet = |ip| Ipv4Net::new(ip, 24).map_err(|e| BenchError::Failed(e.to_string()));
+        let node = self.ns.netlink()?;
+        node.add_veth(lxc, "eth0", Some(&pod.ns))?;
+        node.add_address(lxc, subnet(gateway)?.into())?;
+        node.set_up(lxc)?;
+        let inside = pod.ns.netlink()?;
+        inside.add_address("eth0", subnet(address)?.into())?;
+        inside.set_up("eth0")?;
+        inside.add_route(&Route::default_via(gateway))?;
+        Ok(())
     }
 
-    /// Starts `f` on a new thread inside this namespace. Threads it spawns inherit the
-    /// namespace, and sockets it creates stay in it.
-    pub fn spawn<T, F>(&self, f: F) -> Result<thread::JoinHandle<Result<T, BenchError>>, BenchError>
-    where
-        T: Send + 'static,
-        F: FnOnce() -> Result<T, BenchError> + Send + 'static,
-    {
-        let path = format!("/run/netns/{}", self.name);
-        let file = std::fs::File::open(&path).map_err(|source| BenchError::Io {
-            call: "open",
-            what: path.clone(),
-            source,
-        })?;
-        thread::Builder::new()
-            .name(format!("ns-{}", self.name))
-            .spawn(move || {
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|errno| {
-                    BenchError::Io {
-                        call: "setns",
-                        what: path,
-                        source: errno.into(),
-                    }
-                })?;
-                f()
-            })
-            .map_err(|source| BenchError::Io {
-                call: "spawn thread",
-                what: self.name.clone(),
-                source,
-            })
-    }
-
-    /// Runs `f` inside this namespace and waits for it.
+    /// Runs `f` on a thread inside this namespace and waits for it. Threads it spawns
+    /// inherit the namespace, and sockets it creates stay in it.
     pub fn run<T, F>(&self, f: F) -> Result<T, BenchError>
     where
-        T: Send + 'static,
-        F: FnOnce() -> Result<T, BenchError> + Send + 'static,
+        T: Send,
+        F: FnOnce() -> Result<T, BenchError> + Send,
     {
-        self.spawn(f)?
-            .join()
-            .map_err(|_| BenchError::Failed(format!("a thread in {} panicked", self.name)))?
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        if let Err(err) = run(Command::new("ip").args(["netns", "del", &self.name])) {
-            eprintln!("cleanup: {err}");
-        }
+        self.ns.run(f)?
     }
 }

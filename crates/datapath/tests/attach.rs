@@ -28,11 +28,10 @@ fn tcx_program_ids(ifname: &str, attach_type: TcAttachType) -> Vec<u32> {
 #[test]
 fn attach_detach_and_restart_swap() {
     let netns = NetNs::new();
-    netns.ip(&[
-        "link", "add", "lxc0", "type", "veth", "peer", "name", "eth0",
-    ]);
-    netns.ip(&["link", "set", "lxc0", "up"]);
-    netns.ip(&["link", "set", "eth0", "up"]);
+    let links = netns.netlink();
+    links.add_veth("lxc0", "eth0", None).unwrap();
+    links.set_up("lxc0").unwrap();
+    links.set_up("eth0").unwrap();
     let pins = PinDir::unique("sluice-test-");
     let pin_dir = pins.path().to_owned();
 
@@ -84,25 +83,18 @@ fn attach_detach_and_restart_swap() {
 #[test]
 fn interface_gone_and_recreated() {
     let netns = NetNs::new();
-    netns.ip(&[
-        "link", "add", "lxc1", "type", "veth", "peer", "name", "eth1",
-    ]);
+    let links = netns.netlink();
+    links.add_veth("lxc1", "eth1", None).unwrap();
     let pins = PinDir::unique("sluice-test-");
     let pin_dir = pins.path().to_owned();
-    let name = netns.name.clone();
 
     netns.run(move || {
         let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
         datapath.attach("lxc1").expect("attach");
-        support::sh("ip", &["-n", &name, "link", "del", "lxc1"]);
+        links.delete_link("lxc1").unwrap();
         // A pod replaced by one whose veth has the same name: the defunct pinned link is
         // replaced by a new one.
-        support::sh(
-            "ip",
-            &[
-                "-n", &name, "link", "add", "lxc1", "type", "veth", "peer", "name", "eth1",
-            ],
-        );
+        links.add_veth("lxc1", "eth1", None).unwrap();
         datapath
             .attach("lxc1")
             .expect("attach to the new interface");
@@ -110,7 +102,7 @@ fn interface_gone_and_recreated() {
             tcx_programs("lxc1", TcAttachType::Ingress),
             [programs::FROM_CONTAINER]
         );
-        support::sh("ip", &["-n", &name, "link", "del", "lxc1"]);
+        links.delete_link("lxc1").unwrap();
         datapath
             .detach("lxc1")
             .expect("detach after the interface is gone");

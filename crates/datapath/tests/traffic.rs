@@ -21,7 +21,6 @@ use std::{
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
-    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -32,6 +31,7 @@ use sluice_common::{
     POLICY_INGRESS, PolicyEntry, PolicyKey, addr_be, metrics_index,
 };
 use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps};
+use sluice_netns::{Ipv4Net, NsThread, Route};
 use support::{NetNs, PinDir, policy_row};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
@@ -60,37 +60,32 @@ impl Topology {
         let node = NetNs::new();
         let client = NetNs::new();
         let backend = NetNs::new();
-        node.exec(
-            "sysctl",
-            &[
-                "-q",
-                "-w",
-                "net.ipv4.ip_forward=1",
+        node.ns()
+            .set_sysctls(&[
+                ("net.ipv4.ip_forward", "1"),
                 // Rev-NATed replies come from the VIP, which has no route back; Cilium
                 // turns rp_filter off for the same reason.
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            ],
-        );
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+            ])
+            .unwrap();
+        let on_node = node.netlink();
         for (pod, lxc, subnet) in [(&client, "lxc-c", 1), (&backend, "lxc-b", 2)] {
-            node.ip(&[
-                "link", "add", lxc, "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
-            ]);
-            node.ip(&["addr", "add", &format!("10.0.{subnet}.1/24"), "dev", lxc]);
-            node.ip(&["link", "set", lxc, "up"]);
-            pod.ip(&["addr", "add", &format!("10.0.{subnet}.2/24"), "dev", "eth0"]);
-            pod.ip(&["link", "set", "eth0", "up"]);
-            pod.ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.0.{subnet}.1"),
-            ]);
+            let gateway = Ipv4Addr::new(10, 0, subnet, 1);
+            let in_pod = pod.netlink();
+            on_node.add_veth(lxc, "eth0", Some(pod.ns())).unwrap();
+            on_node
+                .add_address(lxc, Ipv4Net::new(gateway, 24).unwrap().into())
+                .unwrap();
+            on_node.set_up(lxc).unwrap();
+            let address = Ipv4Net::new(Ipv4Addr::new(10, 0, subnet, 2), 24).unwrap();
+            in_pod.add_address("eth0", address.into()).unwrap();
+            in_pod.set_up("eth0").unwrap();
+            in_pod.add_route(&Route::default_via(gateway)).unwrap();
             if !lxc_tx_checksum {
                 // Forces the kernel to finish partial checksums in software on the way
                 // into the pod, which exposes incremental checksum mistakes.
-                node.exec("ethtool", &["-K", lxc, "tx", "off"]);
+                node.ns().set_tx_checksum(lxc, false).unwrap();
             }
         }
 
@@ -155,7 +150,7 @@ impl Topology {
 /// A server thread in a namespace, stopped and joined on drop.
 struct Server {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<NsThread<()>>,
 }
 
 impl Drop for Server {
@@ -340,21 +335,11 @@ fn services_work_with_lxc_tx_checksum_off() {
 
 /// `ping -c 2 -s <size>` from `netns` to `to`: whether replies came back.
 fn ping(netns: &NetNs, to: Ipv4Addr, size: u16) -> bool {
-    let net = format!("--net=/run/netns/{}", netns.name);
-    let status = std::process::Command::new("nsenter")
-        .args([
-            net.as_str(),
-            "--",
-            "ping",
-            "-q",
-            "-n",
-            "-c",
-            "2",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-        ])
+    let status = netns
+        .ns()
+        .command("ping")
+        .unwrap()
+        .args(["-q", "-n", "-c", "2", "-i", "0.2", "-W", "1"])
         .args(["-s", &size.to_string(), &to.to_string()])
         .stdout(std::process::Stdio::null())
         .status()

@@ -43,6 +43,9 @@ pub enum LabError {
     },
     #[error(transparent)]
     Store(#[from] sluice_store::StoreError),
+    /// Namespaces, links, addresses, routes, sysctls and offloads.
+    #[error(transparent)]
+    Netns(#[from] sluice_netns::NetNsError),
     /// Generic manifest errors, from the sources crate.
     #[error(transparent)]
     Manifest(#[from] ManifestError),

@@ -9,7 +9,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    fs::File,
     io::{ErrorKind, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     str::FromStr,
@@ -22,11 +21,10 @@ use std::{
 };
 
 use serde::Serialize;
+use sluice_netns::NetNs;
 
 use crate::{
-    Lab, LabError,
-    error::io_err,
-    names, net, plan, slices,
+    Lab, LabError, names, plan, slices,
     state::{PodRecord, key},
 };
 
@@ -495,13 +493,10 @@ impl Lab {
 /// Runs the jobs on up to [`MAX_PARALLEL`] threads, each entering the namespace of its job's
 /// source (threads of their own: the caller's namespace never changes). Results in job order.
 fn run(netns: &[String], jobs: Vec<Job>, timeout: Duration) -> Result<Vec<Probe>, LabError> {
-    let files = netns
+    let namespaces = netns
         .iter()
-        .map(|n| {
-            let path = net::netns_path(n);
-            File::open(&path).map_err(io_err("open", path))
-        })
-        .collect::<Result<Vec<File>, LabError>>()?;
+        .map(|n| NetNs::open(n))
+        .collect::<Result<Vec<NetNs>, _>>()?;
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Probe>>> = Mutex::new(jobs.iter().map(|_| None).collect());
     let first_error: Mutex<Option<LabError>> = Mutex::new(None);
@@ -514,16 +509,10 @@ fn run(netns: &[String], jobs: Vec<Job>, timeout: Duration) -> Result<Vec<Probe>
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(job) = jobs.get(i) else { break };
                     if entered != Some(job.netns) {
-                        let entry = nix::sched::setns(
-                            &files[job.netns],
-                            nix::sched::CloneFlags::CLONE_NEWNET,
-                        );
-                        if let Err(source) = entry {
+                        // This scoped thread is the probe's own: it may switch namespaces.
+                        if let Err(e) = namespaces[job.netns].enter() {
                             if let Ok(mut slot) = first_error.lock() {
-                                slot.get_or_insert(LabError::Sys {
-                                    call: "setns",
-                                    source,
-                                });
+                                slot.get_or_insert(e.into());
                             }
                             break;
                         }

@@ -16,7 +16,9 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{LabError, error::io_err, net};
+use sluice_netns::NetNs;
+
+use crate::{LabError, error::io_err};
 
 /// A started process. A thread reaps it when it exits, so a long-lived caller (a test)
 /// collects no zombies; when the CLI exits first, init inherits it.
@@ -67,13 +69,10 @@ fn ns_id(path: &Path) -> Option<(u64, u64)> {
 
 /// Processes with any thread in network namespace `/run/netns/<netns>`, except this one.
 pub fn pids_in_netns(netns: &str) -> Vec<i32> {
-    let Some(target) = ns_id(&net::netns_path(netns)) else {
+    // None also for an unmounted name, a plain file of /run that no process can be "in".
+    let Some(target) = NetNs::named(netns).id() else {
         return Vec::new();
     };
-    // An unmounted name is a plain file of /run; no process can be "in" it.
-    if ns_id(Path::new("/proc/self/ns/net")).map(|(dev, _)| dev) != Some(target.0) {
-        return Vec::new();
-    }
     let me = std::process::id();
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();

@@ -15,7 +15,9 @@ use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
 };
 
-use crate::{LabError, error::io_err, net};
+use sluice_netns::NetNs;
+
+use crate::{LabError, error::io_err};
 
 /// Methods that start an HTTP/1 request line.
 const METHODS: &[&str] = &[
@@ -34,18 +36,12 @@ pub fn serve_pod(
     udp: &[u16],
     ready_file: &Path,
 ) -> Result<(), LabError> {
-    let path = net::netns_path(netns);
-    let ns = fs::File::open(&path).map_err(io_err("open", &path))?;
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| {
-        LabError::Sys {
-            call: "setns",
-            source,
-        }
-    })?;
+    let ns = NetNs::open(netns)?;
+    ns.enter()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(io_err("tokio runtime", path))?;
+        .map_err(io_err("tokio runtime", ns.path()))?;
     runtime.block_on(serve(name, tcp, udp, ready_file))
 }
 

@@ -18,6 +18,7 @@ use std::{
 use sluice_lab::{
     Lab, LabBinaries, LabError, LabOptions, ProbeOptions, ProbeRequest, Protocol, Via,
 };
+use sluice_netns::NetNs;
 use sluice_store::Snapshot;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -204,23 +205,11 @@ impl Drop for TestLab {
 
 /// Runs `f` on a thread of its own inside `/run/netns/<netns>`.
 fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = PathBuf::from("/run/netns").join(netns);
-    std::thread::spawn(move || {
-        let ns = fs::File::open(&path).unwrap();
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
+    NetNs::named(netns).run(f).unwrap()
 }
 
 fn netns_list() -> BTreeSet<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .map(String::from)
-        .collect()
+    NetNs::list().into_iter().collect()
 }
 
 fn netns_of(lab: &str) -> BTreeSet<String> {
@@ -234,15 +223,14 @@ fn netns_of(lab: &str) -> BTreeSet<String> {
 /// Pids of the processes whose network namespace is `/run/netns/<netns>`.
 fn pids_in(netns: &str) -> Vec<u32> {
     use std::os::unix::fs::MetadataExt;
-    let Ok(target) = fs::metadata(Path::new("/run/netns").join(netns)) else {
+    let Some(target) = NetNs::named(netns).id() else {
         return Vec::new();
     };
     fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|m| (m.dev(), m.ino()) == (target.dev(), target.ino()))
+            fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| (m.dev(), m.ino()) == target)
         })
         .collect()
 }
@@ -329,20 +317,10 @@ fn pods_serve_http_tcp_echo_and_udp_over_real_routes() {
 
     // tx checksum offload is off on the host side, as the lab file asks.
     let lxc = &snapshot.endpoints[0].interface;
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", t.lab.node_netns("node-1")))
-        .args(["ethtool", "-k", lxc])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("tx-checksumming: off"));
-    let node_sysctl = |key: &str| {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", t.lab.node_netns("node-1")))
-            .args(["sysctl", "-n", key])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let node = NetNs::named(t.lab.node_netns("node-1"));
+    // `ethtool -k`'s "tx-checksumming: off".
+    assert!(!node.tx_checksum(lxc).unwrap());
+    let node_sysctl = |key: &str| node.sysctl(key).unwrap();
     assert_eq!(node_sysctl("net.ipv4.ip_forward"), "1");
     assert_eq!(node_sysctl(&format!("net.ipv4.conf.{lxc}.rp_filter")), "0");
     assert_eq!(node_sysctl("net.ipv4.conf.all.rp_filter"), "0");
@@ -647,8 +625,8 @@ fn up_refuses_an_existing_lab_and_a_bad_lab_file() {
 }
 
 /// A stand-in for sluice-agent with the same arguments: it serves `status` on the API socket
-/// from inside the node's network namespace (so `lab down` must find it there) through
-/// socat and [`FAKE_AGENT_HANDLER`].
+/// from inside the node's network namespace, where the lab starts agents (so `lab down`
+/// must find it there), through socat and [`FAKE_AGENT_HANDLER`].
 const FAKE_AGENT: &str = r#"#!/bin/sh
 while [ $# -gt 1 ]; do
   case "$1" in
@@ -661,7 +639,7 @@ done
 record_dir=$(dirname "$sock")
 export cluster record_dir
 echo "fake agent for $netns"
-exec nsenter --net="/run/netns/$netns" socat UNIX-LISTEN:"$sock",fork EXEC:HANDLER
+exec socat UNIX-LISTEN:"$sock",fork EXEC:HANDLER
 "#;
 
 /// Answers one status request: the generation in cluster.json counts as realized at once.

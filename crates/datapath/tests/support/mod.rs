@@ -3,11 +3,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use std::{
-    net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::{
     maps::lpm_trie::Key,
@@ -20,12 +16,9 @@ use sluice_common::{
 };
 use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, PolicyMap, create_policy_map};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
 /// A name unique to this process and call, for pin dirs, namespaces and interfaces.
 pub fn unique_name(prefix: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{}-{n}", std::process::id())
+    sluice_netns::unique_name(prefix)
 }
 
 pub use sluice_datapath::PinDir;
@@ -391,49 +384,33 @@ pub fn run(program: &SchedClassifier, packet: &[u8]) -> RunResult {
 
 // ---- network namespaces ----
 
-/// Runs `cmd`, panicking with its stderr if it fails.
-pub fn sh(program: &str, args: &[&str]) {
-    let output = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| panic!("running {program}: {err}"));
-    assert!(
-        output.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// A named network namespace created for one test and deleted (with its interfaces)
-/// on drop. Nothing is ever created in the root namespace.
-pub struct NetNs {
-    pub name: String,
-}
+/// A network namespace created for one test (through sluice-netns) and deleted, with its
+/// interfaces, on drop. Nothing is ever created in the root namespace. Its helpers panic
+/// (fail the test) where sluice-netns returns an error.
+pub struct NetNs(sluice_netns::OwnedNetNs);
 
 impl NetNs {
     pub fn new() -> Self {
-        let name = unique_name("sluice-dp-");
-        sh("ip", &["netns", "add", &name]);
-        let netns = Self { name };
-        netns.ip(&["link", "set", "lo", "up"]);
-        netns
+        Self(
+            sluice_netns::OwnedNetNs::unique("sluice-dp-")
+                .unwrap_or_else(|err| panic!("creating a namespace: {err}")),
+        )
     }
 
-    /// `ip -n <name> args...`
-    pub fn ip(&self, args: &[&str]) {
-        let mut full = vec!["-n", self.name.as_str()];
-        full.extend_from_slice(args);
-        sh("ip", &full);
+    pub fn name(&self) -> &str {
+        self.0.name()
     }
 
-    /// Runs `program args...` in this namespace, keeping the host's /sys (unlike
-    /// `ip netns exec`).
-    pub fn exec(&self, program: &str, args: &[&str]) {
-        let net = format!("--net=/run/netns/{}", self.name);
-        let mut full = vec![net.as_str(), "--", program];
-        full.extend_from_slice(args);
-        sh("nsenter", &full);
+    /// The namespace itself, for sysctls and offloads.
+    pub fn ns(&self) -> &sluice_netns::NetNs {
+        &self.0
+    }
+
+    /// A netlink connection acting in this namespace: links, addresses, routes.
+    pub fn netlink(&self) -> sluice_netns::Netlink {
+        self.0
+            .netlink()
+            .unwrap_or_else(|err| panic!("netlink in {}: {err}", self.name()))
     }
 
     /// Starts `f` on a new thread that has entered this namespace (the network namespace
@@ -441,31 +418,17 @@ impl NetNs {
     pub fn spawn<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path)
-                .unwrap_or_else(|err| panic!("open {}: {err}", path.display()));
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|err| panic!("setns {}: {err}", path.display()));
-            f()
-        })
+    ) -> sluice_netns::NsThread<T> {
+        self.0
+            .spawn(f)
+            .unwrap_or_else(|err| panic!("a thread in {}: {err}", self.name()))
     }
 
     /// Runs `f` in this namespace on a thread of its own and waits for it.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        join(self.spawn(f))
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let status = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("cleanup: ip netns del {} failed", self.name);
-        }
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        self.0
+            .run(f)
+            .unwrap_or_else(|err| panic!("a thread in {}: {err}", self.name()))
     }
 }
 

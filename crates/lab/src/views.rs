@@ -1,0 +1,178 @@
+//! What `lab get` shows: pods, services, endpoints and world hosts, in kubectl's shapes.
+
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+use crate::{Lab, names, slices};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PodView {
+    pub namespace: String,
+    pub name: String,
+    pub ready: bool,
+    /// `Running` or `Terminating`, as kubectl shows it.
+    pub status: String,
+    pub ip: Option<Ipv4Addr>,
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    /// ClusterIP, NodePort, LoadBalancer or ExternalName.
+    pub kind: String,
+    /// The address, `None` for a headless service, empty for ExternalName.
+    pub cluster_ip: String,
+    /// `80/TCP,53/UDP` (`80:30080/TCP` with a nodePort).
+    pub ports: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EndpointsView {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints as `ip:port,...`, like `kubectl get endpoints`; empty if none.
+    pub endpoints: String,
+}
+
+/// A host outside the cluster, as `lab get world` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorldHostView {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub node: String,
+    /// `80/TCP,53/UDP`.
+    pub ports: String,
+    pub netns: String,
+}
+
+impl Lab {
+    pub fn pods(&self) -> Vec<PodView> {
+        self.state
+            .pods
+            .values()
+            .map(|p| PodView {
+                namespace: p.namespace().into(),
+                name: p.name().into(),
+                ready: p.ready && p.deleting.is_none(),
+                status: if p.deleting.is_some() {
+                    "Terminating"
+                } else {
+                    "Running"
+                }
+                .into(),
+                ip: Some(p.ip),
+                node: p.node.clone(),
+            })
+            .collect()
+    }
+
+    pub fn services(&self) -> Vec<ServiceView> {
+        self.state
+            .services
+            .values()
+            .map(|s| {
+                let spec = s.object.spec.clone().unwrap_or_default();
+                let ports = spec
+                    .ports
+                    .iter()
+                    .flatten()
+                    .map(|p| {
+                        let proto = slices::protocol(p.protocol.as_ref());
+                        match p.node_port {
+                            Some(np) => format!("{}:{np}/{proto}", p.port),
+                            None => format!("{}/{proto}", p.port),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",");
+                ServiceView {
+                    namespace: s.object.metadata.namespace.clone().unwrap_or_default(),
+                    name: s.object.metadata.name.clone().unwrap_or_default(),
+                    kind: spec.type_.unwrap_or_else(|| "ClusterIP".into()),
+                    cluster_ip: spec.cluster_ip.unwrap_or_default(),
+                    ports,
+                }
+            })
+            .collect()
+    }
+
+    pub fn endpoints(&self) -> Vec<EndpointsView> {
+        let pods = self.state.pod_objects();
+        let all = self.state.endpoint_slices(&pods);
+        self.state
+            .services
+            .values()
+            .map(|s| {
+                let namespace = s.object.metadata.namespace.clone().unwrap_or_default();
+                let name = s.object.metadata.name.clone().unwrap_or_default();
+                let mut endpoints = Vec::new();
+                let of_service = all.iter().filter(|slice| {
+                    slice.metadata.namespace.as_deref() == Some(&namespace)
+                        && slice
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(slices::SERVICE_NAME_LABEL))
+                            == Some(&name)
+                });
+                for slice in of_service {
+                    // An unset `ready` means ready, per the EndpointSlice API.
+                    let ready = slice
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true));
+                    let ports: Vec<i32> = slice
+                        .ports
+                        .iter()
+                        .flatten()
+                        .filter_map(|p| p.port)
+                        .collect();
+                    for address in ready.flat_map(|e| &e.addresses) {
+                        let ip = address.parse().unwrap_or(Ipv4Addr::UNSPECIFIED);
+                        if ports.is_empty() {
+                            endpoints.push((ip, None, address.clone()));
+                        }
+                        endpoints.extend(
+                            ports
+                                .iter()
+                                .map(|p| (ip, Some(*p), format!("{address}:{p}"))),
+                        );
+                    }
+                }
+                // In address order, as the Endpoints object lists them.
+                endpoints.sort();
+                let endpoints: Vec<String> =
+                    endpoints.into_iter().map(|(_, _, text)| text).collect();
+                EndpointsView {
+                    namespace,
+                    name,
+                    endpoints: endpoints.join(","),
+                }
+            })
+            .collect()
+    }
+
+    /// The lab's hosts outside the cluster, in lab file order.
+    pub fn world_hosts(&self) -> Vec<WorldHostView> {
+        self.state
+            .spec
+            .world
+            .iter()
+            .map(|w| WorldHostView {
+                name: w.name.clone(),
+                address: w.address,
+                node: w.node.clone(),
+                ports: w
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                netns: names::world_netns(&self.state.name, &w.name),
+            })
+            .collect()
+    }
+}

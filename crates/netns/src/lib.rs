@@ -1,0 +1,19 @@
+//! Network namespaces and what lives in them: veth pairs, bridges, addresses, routes, link
+//! state and MTU over rtnetlink; sysctls; transmit checksum offload; code and processes run
+//! inside a namespace. One place for the lab, the benchmark, the tests (and the CNI plugin
+//! to come), instead of each running `ip`, `sysctl`, `ethtool` and `nsenter` and entering
+//! namespaces by hand.
+//!
+//! Namespaces are named under /run/netns exactly as `ip netns add` names them, so `ip netns`
+//! and every other tool sees them; nothing here changes the caller's own namespace.
+
+mod error;
+mod link;
+mod ns;
+mod offload;
+mod sysctl;
+
+pub use error::NetNsError;
+pub use ipnet::{IpNet, Ipv4Net};
+pub use link::{Link, Netlink, Route};
+pub use ns::{NETNS_DIR, NetNs, NsThread, OwnedNetNs, unique_name};

@@ -1,0 +1,315 @@
+//! Links, addresses and routes of one namespace over rtnetlink (what `ip link`, `ip addr`
+//! and `ip route` do), synchronous for callers without a runtime of their own.
+
+use std::{net::Ipv4Addr, os::fd::AsRawFd};
+
+use futures::TryStreamExt;
+use ipnet::{IpNet, Ipv4Net};
+use rtnetlink::{
+    Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    packet_route::{
+        link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
+        route::RouteScope,
+    },
+};
+
+use crate::{NetNs, NetNsError, error::io_err};
+
+/// A link as `ip link show` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub alias: Option<String>,
+    /// The bridge (or bond) it is a port of.
+    pub controller: Option<u32>,
+}
+
+/// An IPv4 route: `ip route add <destination> [via <gateway>] [dev <device>] [src <source>]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route<'a> {
+    pub destination: Ipv4Net,
+    pub device: Option<&'a str>,
+    pub gateway: Option<Ipv4Addr>,
+    pub source: Option<Ipv4Addr>,
+}
+
+/// In `ip route`'s words, for errors.
+impl std::fmt::Display for Route<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.destination)?;
+        if let Some(gateway) = self.gateway {
+            write!(f, " via {gateway}")?;
+        }
+        if let Some(device) = self.device {
+            write!(f, " dev {device}")?;
+        }
+        if let Some(source) = self.source {
+            write!(f, " src {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl<'a> Route<'a> {
+    /// `<destination> dev <device>`: on-link, no gateway.
+    pub fn device(destination: Ipv4Net, device: &'a str) -> Self {
+        Self {
+            destination,
+            device: Some(device),
+            gateway: None,
+            source: None,
+        }
+    }
+
+    /// `<destination> via <gateway>`.
+    pub fn via(destination: Ipv4Net, gateway: Ipv4Addr) -> Self {
+        Self {
+            destination,
+            device: None,
+            gateway: Some(gateway),
+            source: None,
+        }
+    }
+
+    /// `default via <gateway>`.
+    pub fn default_via(gateway: Ipv4Addr) -> Self {
+        Self::via(Ipv4Net::default(), gateway)
+    }
+
+    pub fn dev(mut self, device: &'a str) -> Self {
+        self.device = Some(device);
+        self
+    }
+
+    pub fn src(mut self, source: Ipv4Addr) -> Self {
+        self.source = Some(source);
+        self
+    }
+}
+
+/// A netlink route socket opened inside one namespace: it acts there from whichever thread
+/// uses it. Requests run one at a time on a runtime of its own.
+pub struct Netlink {
+    runtime: tokio::runtime::Runtime,
+    handle: Handle,
+    netns: String,
+}
+
+impl NetNs {
+    /// A netlink connection acting in this namespace.
+    pub fn netlink(&self) -> Result<Netlink, NetNsError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(io_err("tokio runtime for", self.path()))?;
+        // The socket belongs to the namespace of the thread that opens it.
+        let (connection, handle, _) = self
+            .run(|| {
+                let _runtime = runtime.enter();
+                rtnetlink::new_connection()
+            })?
+            .map_err(io_err("socket(NETLINK_ROUTE) in", self.path()))?;
+        runtime.spawn(connection);
+        Ok(Netlink {
+            runtime,
+            handle,
+            netns: self.name().into(),
+        })
+    }
+}
+
+impl Netlink {
+    fn fail(
+        &self,
+        call: &'static str,
+        what: impl Into<String>,
+    ) -> impl FnOnce(rtnetlink::Error) -> NetNsError {
+        let (what, netns) = (what.into(), self.netns.clone());
+        move |source| NetNsError::Netlink {
+            call,
+            what,
+            netns,
+            source: Box::new(source),
+        }
+    }
+
+    /// The interface index of `name`.
+    pub fn index(&self, name: &str) -> Result<u32, NetNsError> {
+        let found = self.runtime.block_on(async {
+            self.handle
+                .link()
+                .get()
+                .match_name(name)
+                .execute()
+                .try_next()
+                .await
+        });
+        let missing = || NetNsError::NoInterface {
+            netns: self.netns.clone(),
+            interface: name.into(),
+        };
+        match found {
+            Ok(Some(link)) => Ok(link.header.index),
+            Ok(None) => Err(missing()),
+            // A lookup by name of a link that does not exist is answered with ENODEV.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                Err(missing())
+            }
+            Err(e) => Err(self.fail("RTM_GETLINK", name)(e)),
+        }
+    }
+
+    /// Every link of the namespace.
+    pub fn links(&self) -> Result<Vec<Link>, NetNsError> {
+        let messages: Vec<LinkMessage> = self
+            .runtime
+            .block_on(async { self.handle.link().get().execute().try_collect().await })
+            .map_err(self.fail("RTM_GETLINK", "dump"))?;
+        Ok(messages
+            .into_iter()
+            .map(|m| {
+                let mut link = Link {
+                    index: m.header.index,
+                    name: String::new(),
+                    alias: None,
+                    controller: None,
+                };
+                for attribute in m.attributes {
+                    match attribute {
+                        LinkAttribute::IfName(name) => link.name = name,
+                        LinkAttribute::IfAlias(alias) => link.alias = Some(alias),
+                        LinkAttribute::Controller(index) => link.controller = Some(index),
+                        _ => {}
+                    }
+                }
+                link
+            })
+            .collect())
+    }
+
+    /// `ip link add <name> type veth peer name <peer> [netns <peer_netns>]`.
+    pub fn add_veth(
+        &self,
+        name: &str,
+        peer: &str,
+        peer_netns: Option<&NetNs>,
+    ) -> Result<(), NetNsError> {
+        let mut peer_link = LinkUnspec::new_with_name(peer);
+        // Held open until the request is answered: the kernel reads the fd then.
+        let peer_file = match peer_netns {
+            Some(ns) => {
+                let file = std::fs::File::open(ns.path()).map_err(io_err("open", ns.path()))?;
+                peer_link = peer_link.setns_by_fd(file.as_raw_fd());
+                Some(file)
+            }
+            None => None,
+        };
+        let message = LinkVeth::new(name, peer)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_link.build())))
+            .build();
+        let added = self
+            .runtime
+            .block_on(self.handle.link().add(message).execute());
+        drop(peer_file);
+        added.map_err(self.fail("RTM_NEWLINK", format!("veth {name} peer {peer}")))
+    }
+
+    /// `ip link add <name> type bridge` (down, like `ip` leaves it).
+    pub fn add_bridge(&self, name: &str) -> Result<(), NetNsError> {
+        let message = LinkBridge::new(name).down().build();
+        self.runtime
+            .block_on(self.handle.link().add(message).execute())
+            .map_err(self.fail("RTM_NEWLINK", format!("bridge {name}")))
+    }
+
+    /// `ip link set <link> master <bridge>`.
+    pub fn set_controller(&self, link: &str, bridge: &str) -> Result<(), NetNsError> {
+        let controller = self.index(bridge)?;
+        self.set(
+            LinkUnspec::new_with_name(link)
+                .controller(controller)
+                .build(),
+            format!("{link} master {bridge}"),
+        )
+    }
+
+    /// `ip link del <name>` (a veth takes its peer with it).
+    pub fn delete_link(&self, name: &str) -> Result<(), NetNsError> {
+        let message = LinkUnspec::new_with_name(name).build();
+        self.runtime
+            .block_on(self.handle.link().del_with_message(message).execute())
+            .map_err(self.fail("RTM_DELLINK", name))
+    }
+
+    /// `ip link set <name> up`.
+    pub fn set_up(&self, name: &str) -> Result<(), NetNsError> {
+        self.set(
+            LinkUnspec::new_with_name(name).up().build(),
+            format!("{name} up"),
+        )
+    }
+
+    /// `ip link set <name> down`.
+    pub fn set_down(&self, name: &str) -> Result<(), NetNsError> {
+        self.set(
+            LinkUnspec::new_with_name(name).down().build(),
+            format!("{name} down"),
+        )
+    }
+
+    /// `ip link set <name> mtu <mtu>`.
+    pub fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetNsError> {
+        self.set(
+            LinkUnspec::new_with_name(name).mtu(mtu).build(),
+            format!("{name} mtu {mtu}"),
+        )
+    }
+
+    /// `ip link set <name> alias <alias>`.
+    pub fn set_alias(&self, name: &str, alias: &str) -> Result<(), NetNsError> {
+        self.set(
+            LinkUnspec::new_with_name(name).alias(alias).build(),
+            format!("{name} alias {alias}"),
+        )
+    }
+
+    /// RTM_SETLINK addressed by name (the kernel looks the name up when the index is 0).
+    fn set(&self, message: LinkMessage, what: String) -> Result<(), NetNsError> {
+        self.runtime
+            .block_on(self.handle.link().set(message).execute())
+            .map_err(self.fail("RTM_SETLINK", what))
+    }
+
+    /// `ip addr add <address> dev <device>`.
+    pub fn add_address(&self, device: &str, address: IpNet) -> Result<(), NetNsError> {
+        let index = self.index(device)?;
+        let request = self
+            .handle
+            .address()
+            .add(index, address.addr(), address.prefix_len());
+        self.runtime
+            .block_on(request.execute())
+            .map_err(self.fail("RTM_NEWADDR", format!("{address} dev {device}")))
+    }
+
+    /// `ip route add ...`; a route without a gateway is on-link (scope link), as `ip` makes it.
+    pub fn add_route(&self, route: &Route<'_>) -> Result<(), NetNsError> {
+        let destination = route.destination.trunc();
+        let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(destination.addr(), destination.prefix_len());
+        if let Some(device) = route.device {
+            builder = builder.output_interface(self.index(device)?);
+        }
+        builder = match route.gateway {
+            Some(gateway) => builder.gateway(gateway),
+            None => builder.scope(RouteScope::Link),
+        };
+        if let Some(source) = route.source {
+            builder = builder.pref_source(source);
+        }
+        self.runtime
+            .block_on(self.handle.route().add(builder.build()).execute())
+            .map_err(self.fail("RTM_NEWROUTE", route.to_string()))
+    }
+}

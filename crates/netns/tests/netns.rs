@@ -1,0 +1,197 @@
+//! sluice-netns on the real kernel: namespaces, links, addresses, routes, sysctls, offloads
+//! and processes, with real packets between namespaces. Needs root; fails (never skips)
+//! without it. Every namespace is an OwnedNetNs with a unique name, deleted even when a
+//! test fails.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step must fail the test"
+)]
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    time::Duration,
+};
+
+use sluice_netns::{Ipv4Net, NetNs, NetNsError, OwnedNetNs, Route};
+
+fn net(text: &str) -> Ipv4Net {
+    text.parse().unwrap()
+}
+
+#[test]
+fn create_list_enter_and_delete() {
+    let ns = OwnedNetNs::unique("snt-a-").unwrap();
+    let name = ns.name().to_string();
+    assert!(ns.exists());
+    assert!(NetNs::list().contains(&name));
+    assert_eq!(NetNs::list_with_prefix(&name), vec![name.clone()]);
+    assert!(matches!(NetNs::create(&name), Err(NetNsError::Exists(n)) if n == name));
+
+    // A thread inside sees its own namespace: another inode than ours, with lo up.
+    let (inside, links) = ns
+        .run(|| {
+            let inode = std::fs::metadata("/proc/thread-self/ns/net").unwrap();
+            use std::os::unix::fs::MetadataExt;
+            (inode.ino(), std::fs::read_dir("/sys/class/net").is_ok())
+        })
+        .unwrap();
+    assert_eq!(Some(inside), ns.id().map(|(_, ino)| ino));
+    assert!(links);
+    let outside = std::fs::metadata("/proc/self/ns/net").unwrap();
+    assert_ne!(
+        std::os::unix::fs::MetadataExt::ino(&outside),
+        inside,
+        "the caller's thread did not move"
+    );
+    let lo = ns.netlink().unwrap().links().unwrap();
+    assert_eq!(lo.len(), 1);
+    assert_eq!(lo[0].name, "lo");
+    assert_eq!(ns.sysctl("net.ipv4.conf.lo.forwarding").unwrap(), "0");
+
+    // A panic inside goes on in the caller.
+    let panicked = std::panic::catch_unwind(|| ns.run(|| panic!("inside")));
+    assert!(panicked.is_err());
+
+    drop(ns);
+    assert!(!NetNs::named(name.as_str()).exists());
+    assert!(matches!(NetNs::open(&name), Err(NetNsError::NotFound(_))));
+    // Deleting what is gone is fine.
+    NetNs::delete(&name).unwrap();
+}
+
+/// Two namespaces joined by a veth pair, addressed and routed like a pod and its node:
+/// TCP crosses it both ways.
+#[test]
+fn veth_addresses_routes_and_real_packets() {
+    let node = OwnedNetNs::unique("snt-node-").unwrap();
+    let pod = OwnedNetNs::unique("snt-pod-").unwrap();
+    let (router, pod_ip) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(10, 77, 1, 2));
+    let n = node.netlink().unwrap();
+    n.add_veth("lxc-t", "eth0", Some(&pod)).unwrap();
+    n.add_address("lxc-t", net(&format!("{router}/32")).into())
+        .unwrap();
+    n.set_up("lxc-t").unwrap();
+    n.add_route(&Route::device(net(&format!("{pod_ip}/32")), "lxc-t").src(router))
+        .unwrap();
+    let p = pod.netlink().unwrap();
+    p.set_alias("eth0", "sluice-test").unwrap();
+    p.add_address("eth0", net(&format!("{pod_ip}/32")).into())
+        .unwrap();
+    p.set_mtu("eth0", 1400).unwrap();
+    p.set_up("eth0").unwrap();
+    p.add_route(&Route::device(net(&format!("{router}/32")), "eth0"))
+        .unwrap();
+    p.add_route(&Route::default_via(router).dev("eth0"))
+        .unwrap();
+
+    let eth0 = p.links().unwrap().into_iter().find(|l| l.name == "eth0");
+    assert_eq!(eth0.unwrap().alias.as_deref(), Some("sluice-test"));
+    assert_eq!(pod.sysctl("net/ipv4/conf/eth0/forwarding").unwrap(), "0");
+    assert!(n.index("lxc-t").unwrap() > 1);
+    assert!(matches!(
+        n.index("eth0"),
+        Err(NetNsError::NoInterface { .. })
+    ));
+
+    let listener = node
+        .run(|| TcpListener::bind((router, 0)).unwrap())
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(&buf).unwrap();
+        peer
+    });
+    let echoed = pod
+        .run(move || {
+            let to = SocketAddr::from((router, port));
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).unwrap();
+            s.write_all(b"ping").unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).unwrap();
+            buf
+        })
+        .unwrap();
+    assert_eq!(&echoed, b"ping");
+    assert_eq!(server.join().unwrap().ip(), std::net::IpAddr::V4(pod_ip));
+
+    // Deleting one end removes the pair.
+    n.delete_link("lxc-t").unwrap();
+    assert!(!p.links().unwrap().iter().any(|l| l.name == "eth0"));
+}
+
+#[test]
+fn sysctls_offloads_and_bridges() {
+    let ns = OwnedNetNs::unique("snt-k-").unwrap();
+    ns.set_sysctls(&[
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+    ])
+    .unwrap();
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward").unwrap(), "1");
+    // Only inside: a fresh namespace next to it keeps the default.
+    let other = OwnedNetNs::unique("snt-k-").unwrap();
+    assert_eq!(other.sysctl("net.ipv4.ip_forward").unwrap(), "0");
+
+    let nl = ns.netlink().unwrap();
+    nl.add_veth("v0", "v1", None).unwrap();
+    assert!(ns.tx_checksum("v0").unwrap(), "veth starts with offload on");
+    ns.set_tx_checksum("v0", false).unwrap();
+    assert!(!ns.tx_checksum("v0").unwrap());
+    ns.set_tx_checksum("v0", true).unwrap();
+    assert!(ns.tx_checksum("v0").unwrap());
+    assert!(ns.tx_checksum("nope").is_err());
+
+    nl.add_bridge("br0").unwrap();
+    nl.set_controller("v1", "br0").unwrap();
+    nl.set_up("br0").unwrap();
+    nl.set_down("br0").unwrap();
+    let bridge = nl.index("br0").unwrap();
+    let v1 = nl.links().unwrap().into_iter().find(|l| l.name == "v1");
+    assert_eq!(v1.unwrap().controller, Some(bridge));
+}
+
+#[test]
+fn commands_run_inside_the_namespace() {
+    let ns = OwnedNetNs::unique("snt-c-").unwrap();
+    let out = ns
+        .command("stat")
+        .unwrap()
+        .args(["-L", "-c", "%i", "/proc/self/ns/net"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let inode: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert_eq!(Some(inode), ns.id().map(|(_, ino)| ino));
+
+    let gone = NetNs::named("snt-never-made");
+    assert!(matches!(gone.command("true"), Err(NetNsError::NotFound(_))));
+    assert!(matches!(gone.run(|| ()), Err(NetNsError::NotFound(_))));
+}
+
+#[test]
+fn spawned_threads_stay_inside() {
+    let ns = OwnedNetNs::unique("snt-s-").unwrap();
+    let thread = ns
+        .spawn(|| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        })
+        .unwrap();
+    let port = thread.join().unwrap();
+    assert!(port > 0);
+    let ns_ino = ns.id().map(|(_, ino)| ino);
+    let seen = ns
+        .spawn(|| {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(Some(seen), ns_ino);
+}
