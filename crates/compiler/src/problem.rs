@@ -314,8 +314,8 @@ impl fmt::Display for PortProblem {
 }
 
 /// One line per problem, naming the object first so that sorted reports group by object.
-// One arm per variant: the wording of every report is here, in one place.
 impl fmt::Display for Problem {
+    // Long, but one arm per variant: the wording of every report, in one place.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Unsupported(u) => u.fmt(f),
