@@ -101,6 +101,8 @@ pub enum ServiceField {
     TrafficDistribution,
     /// Any family but IPv4.
     IpFamilies,
+    /// RequireDualStack.
+    IpFamilyPolicy,
     /// The `service.kubernetes.io/topology-mode` annotation (topology aware routing).
     TopologyMode,
 }
@@ -118,6 +120,7 @@ impl ServiceField {
             Self::LoadBalancerSourceRanges => "spec.loadBalancerSourceRanges",
             Self::TrafficDistribution => "spec.trafficDistribution",
             Self::IpFamilies => "spec.ipFamilies",
+            Self::IpFamilyPolicy => "spec.ipFamilyPolicy",
             Self::TopologyMode => "metadata.annotations[service.kubernetes.io/topology-mode]",
         }
     }
@@ -135,7 +138,7 @@ impl ServiceField {
             Self::TrafficDistribution | Self::TopologyMode => {
                 "backends are chosen without regard to topology"
             }
-            Self::IpFamilies => "only the IPv4 ClusterIP is programmed",
+            Self::IpFamilies | Self::IpFamilyPolicy => "only the IPv4 ClusterIP is programmed",
         }
     }
 }

@@ -4,8 +4,8 @@
 //!
 //! Fields are reported only when they ask for behaviour other than the default the API
 //! server fills in (`sessionAffinity: None`, `internalTrafficPolicy: Cluster`,
-//! `ipFamilies: [IPv4]`), so a Service read from a real API server reports what its author
-//! asked for and nothing else.
+//! `ipFamilies: [IPv4]`, `ipFamilyPolicy: SingleStack`), so a Service read from a real API
+//! server reports what its author asked for and nothing else.
 
 use k8s_openapi::api::core::v1::Service;
 
@@ -61,6 +61,13 @@ pub(crate) fn service_fields(object: &ObjectRef, service: &Service) -> Vec<Unsup
             set(spec.traffic_distribution.as_ref(), ""),
         ),
         (ServiceField::IpFamilies, list(families)),
+        // PreferDualStack is met by one family; only a requirement goes unmet.
+        (
+            ServiceField::IpFamilyPolicy,
+            spec.ip_family_policy
+                .clone()
+                .filter(|p| p == "RequireDualStack"),
+        ),
         // "Disabled" is the annotation's way of saying no topology aware routing.
         (ServiceField::TopologyMode, set(topology, "Disabled")),
     ]
