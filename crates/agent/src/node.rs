@@ -12,7 +12,7 @@ use aya::{
 };
 use sluice_api::{
     AgentStatus, BackendEntry, CtEntry, Drift, EndpointEntry, EndpointPolicyView, FailsClosed,
-    IdentityEntry, MapStatus, PolicyRow, ServiceEntry, VerifyReport,
+    IdentityEntry, MapStatus, PolicyRow, ServiceEntry, UnsupportedField, VerifyReport,
 };
 use sluice_common::{
     CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_SERVICE,
@@ -108,6 +108,13 @@ impl Node {
         let desired = self.compile();
         for problem in &desired.problems {
             debug!(%problem, "compiler");
+        }
+        // Once per field, not every pass: a field stays unsupported until its object changes.
+        for u in desired
+            .unsupported()
+            .filter(|u| !self.desired.unsupported().any(|o| o == *u))
+        {
+            warn!(object = %u.object, field = u.field.path(), value = %u.value, programmed = u.field.programmed(), "not implemented");
         }
         let stats = self
             .tables
@@ -216,6 +223,7 @@ impl Node {
             endpoints: self.desired.endpoints.len(),
             maps,
             fails_closed: self.fails_closed(),
+            unsupported: self.desired.unsupported().map(unsupported_field).collect(),
         })
     }
 
@@ -578,5 +586,16 @@ impl Node {
             map_max_entries: installed.map(|p| p.capacity),
             rows,
         })
+    }
+}
+
+fn unsupported_field(u: &sluice_compiler::Unsupported) -> UnsupportedField {
+    UnsupportedField {
+        kind: u.object.kind.as_str().to_string(),
+        namespace: u.object.namespace.clone(),
+        name: u.object.name.clone(),
+        field: u.field.path().to_string(),
+        value: u.value.clone(),
+        programmed: u.field.programmed().to_string(),
     }
 }

@@ -100,6 +100,24 @@ pub struct AgentStatus {
     /// enforced direction until it does.
     #[serde(default)]
     pub fails_closed: Vec<FailsClosed>,
+    /// Fields of programmed objects the datapath does not implement yet: each object is
+    /// programmed without them, as `programmed` says.
+    #[serde(default)]
+    pub unsupported: Vec<UnsupportedField>,
+}
+
+/// A field the compiler does not implement, on one object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnsupportedField {
+    /// `Service`.
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// The field's path, such as `spec.sessionAffinity`.
+    pub field: String,
+    pub value: String,
+    /// What is programmed without the field.
+    pub programmed: String,
 }
 
 /// An endpoint whose computed policy needs more rows than its map may hold.

@@ -178,6 +178,24 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
         );
         print_fails_closed(&s.fails_closed);
     }
+    if !s.unsupported.is_empty() {
+        println!();
+        println!("Not implemented (the rest of each object is programmed):");
+        let rows: Vec<_> = s
+            .unsupported
+            .iter()
+            .map(|u| {
+                let object = format!("{} {}/{}", u.kind, u.namespace, u.name);
+                vec![
+                    object,
+                    u.field.clone(),
+                    u.value.clone(),
+                    u.programmed.clone(),
+                ]
+            })
+            .collect();
+        table::print(&["OBJECT", "FIELD", "VALUE", "PROGRAMMED"], &rows);
+    }
     if !s.healthy {
         bail!("agent is not healthy");
     }

@@ -6,6 +6,9 @@
 //! slice port of the same name and protocol. Input is never trusted: an object or entry the
 //! datapath cannot represent is skipped and reported in [`DesiredState::problems`], never a
 //! panic or an error, so one odd object cannot keep the rest of the node from converging.
+//! A Service field the datapath does not implement yet (NodePort, session affinity, traffic
+//! policies, ...) is reported there too ([`Problem::Unsupported`]), with what is programmed
+//! without it.
 //!
 //! NetworkPolicy follows networking.k8s.io/v1 and Cilium's layout: every distinct set of
 //! security-relevant labels is an identity, the ipcache maps addresses to identities, and
@@ -18,21 +21,28 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write,
     net::Ipv4Addr,
 };
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
-    discovery::v1::{EndpointPort, EndpointSlice},
+    discovery::v1::EndpointSlice,
 };
 use sluice_common::{
     BACKEND_STATE_ACTIVE, EndpointInfo, IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
     IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyKey, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_WILDCARD, names, proto_name,
+    SVC_FLAG_WILDCARD,
 };
 use sluice_store::{LocalEndpoint, Snapshot};
+
+pub use crate::problem::{
+    ObjectKind, ObjectRef, PortProblem, Problem, ServiceField, ServicePortRef, Unsupported,
+};
+use crate::{
+    backends::{backends_for, slices_by_service},
+    problem::Problems,
+};
 
 /// The label by which an EndpointSlice names its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -81,8 +91,9 @@ pub struct DesiredState {
     pub identities: BTreeMap<u32, Identity>,
     /// ifindex -> the endpoint as people name it, for status and the CLI.
     pub endpoint_details: BTreeMap<u32, EndpointDetails>,
-    /// Objects or entries skipped because the datapath cannot represent them; sorted.
-    pub problems: Vec<String>,
+    /// Objects or entries skipped because the datapath cannot represent them, and Service
+    /// fields it does not implement; sorted by their line.
+    pub problems: Vec<Problem>,
 }
 
 /// A security identity: one per distinct set of security-relevant labels.
@@ -167,6 +178,13 @@ pub struct Frontend {
     pub backends: Vec<(Ipv4Addr, u16)>,
 }
 
+impl DesiredState {
+    /// The Service fields the datapath does not implement, from [`Self::problems`].
+    pub fn unsupported(&self) -> impl Iterator<Item = &Unsupported> {
+        self.problems.iter().filter_map(Problem::unsupported)
+    }
+}
+
 /// Computes the desired content of every map on `node` from `snapshot`.
 pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
     let mut compilation = Compilation::default();
@@ -176,7 +194,8 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
             .get(&(namespace, name))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        compilation.service(&format!("{namespace}/{name}"), service, service_slices);
+        let object = ObjectRef::new(ObjectKind::Service, namespace, name);
+        compilation.service(&object, service, service_slices);
     }
     let local = compilation.endpoints(snapshot, node);
     let Compilation {
@@ -193,78 +212,8 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
     state
         .frontends
         .sort_by_key(|f| (f.address, f.port, f.protocol));
-    state.problems = problems.into_iter().collect();
+    state.problems = problems.into_sorted();
     state
-}
-
-impl DesiredState {
-    /// One line per map entry, then the interfaces and problems, sorted, human-readable.
-    pub fn dump(&self) -> String {
-        // Writing to a String cannot fail, hence the ignored results below.
-        let mut out = String::new();
-        let mut services: Vec<_> = self.services.iter().collect();
-        services.sort_by_key(|(k, _)| (k.vip(), k.port(), k.proto, k.slot));
-        for (key, value) in services {
-            let _ = writeln!(out, "{} {key} -> {value}", names::SERVICES);
-        }
-        let mut backends: Vec<_> = self.backends.iter().collect();
-        backends.sort_by_key(|(k, _)| (k.addr(), k.port(), k.proto));
-        for (key, value) in backends {
-            let _ = writeln!(out, "{} {key} -> {value}", names::BACKENDS);
-        }
-        for (ifindex, value) in &self.endpoints {
-            let _ = writeln!(out, "{} ifindex {ifindex} -> {value}", names::ENDPOINTS);
-        }
-        for (ifindex, d) in &self.endpoint_details {
-            let _ = writeln!(
-                out,
-                "endpoint ifindex {ifindex} {}/{} identity={} ingress={} egress={} rows={}{} policies=[{}]",
-                d.namespace,
-                d.pod,
-                d.identity,
-                enforcement(d.ingress_enforced),
-                enforcement(d.egress_enforced),
-                d.policy_rows,
-                if d.overflow { " OVERFLOW" } else { "" },
-                d.policies.join(",")
-            );
-        }
-        let mut ipcache: Vec<_> = self.ipcache.iter().collect();
-        ipcache.sort_by_key(|(k, _)| (k.addr(), k.prefixlen));
-        for (key, value) in ipcache {
-            let _ = writeln!(out, "{} {key} -> {value}", names::IPCACHE);
-        }
-        for identity in self.identities.values() {
-            let _ = writeln!(
-                out,
-                "identity {} {}",
-                identity.id,
-                identity.labels.join(",")
-            );
-        }
-        for (ifindex, policy) in &self.policies {
-            for (row, origins) in &policy.rows {
-                let origins: Vec<&str> = origins.iter().map(String::as_str).collect();
-                let _ = writeln!(
-                    out,
-                    "{} ifindex {ifindex} {row} <- {}",
-                    names::POLICY,
-                    origins.join(",")
-                );
-            }
-        }
-        for interface in &self.interfaces {
-            let _ = writeln!(out, "interface {interface}");
-        }
-        for problem in &self.problems {
-            let _ = writeln!(out, "problem: {problem}");
-        }
-        out
-    }
-}
-
-fn enforcement(enforced: bool) -> &'static str {
-    if enforced { "enforced" } else { "open" }
 }
 
 fn namespace_of(namespace: Option<&String>) -> &str {
@@ -275,7 +224,7 @@ fn namespace_of(namespace: Option<&String>) -> &str {
 /// keeping either copy would make the output depend on list order.
 fn services_in_order<'a>(
     snapshot: &'a Snapshot,
-    problems: &mut BTreeSet<String>,
+    problems: &mut Problems,
 ) -> Vec<(&'a str, &'a str, &'a Service)> {
     let mut by_name: BTreeMap<(&str, &str), Vec<&Service>> = BTreeMap::new();
     for service in &snapshot.services {
@@ -285,9 +234,9 @@ fn services_in_order<'a>(
                 by_name.entry((namespace, name)).or_default().push(service)
             }
             _ => {
-                problems.insert(format!(
-                    "service without a name in namespace {namespace}: skipped"
-                ));
+                problems.insert(Problem::UnnamedService {
+                    namespace: namespace.to_string(),
+                });
             }
         }
     }
@@ -296,38 +245,14 @@ fn services_in_order<'a>(
         .filter_map(|((namespace, name), copies)| match copies.as_slice() {
             [service] => Some((namespace, name, *service)),
             _ => {
-                problems.insert(format!(
-                    "service {namespace}/{name}: defined {} times: skipped",
-                    copies.len()
-                ));
+                problems.insert(Problem::Duplicate {
+                    object: ObjectRef::new(ObjectKind::Service, namespace, name),
+                    copies: copies.len(),
+                });
                 None
             }
         })
         .collect()
-}
-
-/// IPv4 EndpointSlices by the (namespace, name) of the Service they belong to.
-fn slices_by_service(snapshot: &Snapshot) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
-    let mut slices: BTreeMap<_, Vec<_>> = BTreeMap::new();
-    for slice in &snapshot.endpoint_slices {
-        // IPv6 and FQDN slices are for other consumers; the datapath is IPv4 only.
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let service = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL));
-        if let Some(service) = service {
-            let namespace = namespace_of(slice.metadata.namespace.as_ref());
-            slices
-                .entry((namespace, service.as_str()))
-                .or_default()
-                .push(slice);
-        }
-    }
-    slices
 }
 
 /// IP protocol number of a Kubernetes protocol name; unset means TCP.
@@ -348,7 +273,7 @@ fn port_number(port: i32) -> Option<u16> {
 #[derive(Default)]
 struct Compilation {
     state: DesiredState,
-    problems: BTreeSet<String>,
+    problems: Problems,
     /// Which service each VIP belongs to. The API server's allocator never gives one address
     /// to two services, so a second claim is bogus input and loses.
     vip_owners: BTreeMap<Ipv4Addr, String>,
@@ -357,13 +282,16 @@ struct Compilation {
 }
 
 impl Compilation {
-    fn problem(&mut self, message: String) {
-        self.problems.insert(message);
+    fn problem(&mut self, problem: Problem) {
+        self.problems.insert(problem);
     }
 
-    fn service(&mut self, owner: &str, service: &Service, slices: &[&EndpointSlice]) {
+    fn service(&mut self, object: &ObjectRef, service: &Service, slices: &[&EndpointSlice]) {
+        let owner = &format!("{}/{}", object.namespace, object.name);
         let Some(spec) = &service.spec else {
-            self.problem(format!("service {owner}: no spec: skipped"));
+            self.problem(Problem::NoSpec {
+                object: object.clone(),
+            });
             return;
         };
         let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
@@ -372,9 +300,10 @@ impl Compilation {
             // DNS-only: there is no address to program.
             "ExternalName" => return,
             other => {
-                self.problem(format!(
-                    "service {owner}: unsupported type {other:?}: skipped"
-                ));
+                self.problem(Problem::ServiceType {
+                    service: object.clone(),
+                    value: other.to_string(),
+                });
                 return;
             }
         }
@@ -382,62 +311,78 @@ impl Compilation {
             // Headless: clients resolve the endpoints themselves.
             "None" => return,
             "" => {
-                self.problem(format!("service {owner}: no clusterIP allocated: skipped"));
+                self.problem(Problem::NoClusterIp {
+                    service: object.clone(),
+                });
                 return;
             }
             ip => match ip.parse::<Ipv4Addr>() {
                 Ok(vip) => vip,
                 Err(_) => {
-                    self.problem(format!(
-                        "service {owner}: clusterIP {ip:?} is not an IPv4 address: skipped"
-                    ));
+                    self.problem(Problem::ClusterIpNotIpv4 {
+                        service: object.clone(),
+                        value: ip.to_string(),
+                    });
                     return;
                 }
             },
         };
         if let Some(holder) = self.vip_owners.get(&vip) {
-            self.problem(format!(
-                "service {owner}: clusterIP {vip} already belongs to {holder}: skipped"
-            ));
+            self.problem(Problem::ClusterIpTaken {
+                service: object.clone(),
+                vip,
+                holder: holder.clone(),
+            });
             return;
         }
         self.vip_owners.insert(vip, owner.to_string());
+        // What the datapath cannot do for this Service is said, not half-done silently.
+        for field in unsupported::service_fields(object, service) {
+            self.problem(Problem::Unsupported(field));
+        }
         self.state.services.insert(
             Lb4Key::wildcard(vip),
             Lb4Service::frontend(0, SVC_FLAG_WILDCARD),
         );
         for port in spec.ports.iter().flatten() {
-            self.port(owner, kind, vip, port, slices);
+            self.port(object, kind, vip, port, slices);
         }
     }
 
     fn port(
         &mut self,
-        owner: &str,
+        object: &ObjectRef,
         kind: &str,
         vip: Ipv4Addr,
         port: &ServicePort,
         slices: &[&EndpointSlice],
     ) {
         let port_name = port.name.as_deref().unwrap_or("");
-        let what = format!("service {owner} {}", describe_port(port_name, port.port));
+        let owner = format!("{}/{}", object.namespace, object.name);
+        let port_problem = |problem| Problem::ServicePort {
+            service: object.clone(),
+            port: ServicePortRef {
+                name: port_name.to_string(),
+                port: port.port,
+            },
+            problem,
+        };
         let Some(proto) = protocol_number(port.protocol.as_ref()) else {
-            self.problem(format!(
-                "{what}: unsupported protocol {:?}: skipped",
-                port.protocol.as_deref().unwrap_or("")
-            ));
+            let protocol = port.protocol.clone().unwrap_or_default();
+            self.problem(port_problem(PortProblem::Protocol(protocol)));
             return;
         };
         let Some(number) = port_number(port.port) else {
-            self.problem(format!("{what}: out of range: skipped"));
+            self.problem(port_problem(PortProblem::OutOfRange));
             return;
         };
         let key = Lb4Key::new(vip, number, proto, 0);
         if self.state.services.contains_key(&key) {
-            self.problem(format!(
-                "{what}: {vip}:{number}/{} is listed twice: skipped",
-                proto_name(proto)
-            ));
+            self.problem(port_problem(PortProblem::ListedTwice {
+                vip,
+                port: number,
+                proto,
+            }));
             return;
         }
 
@@ -446,11 +391,10 @@ impl Compilation {
         let count = match u16::try_from(backends.len()) {
             Ok(count) => count,
             Err(_) => {
-                self.problem(format!(
-                    "{what}: {} backends, only the first {} are used",
-                    backends.len(),
-                    u16::MAX
-                ));
+                self.problem(port_problem(PortProblem::TooManyBackends {
+                    count: backends.len(),
+                    used: u16::MAX,
+                }));
                 backends.truncate(usize::from(u16::MAX));
                 u16::MAX
             }
@@ -472,7 +416,7 @@ impl Compilation {
             .services
             .insert(key, Lb4Service::frontend(count, SVC_FLAG_CLUSTER_IP));
         self.state.frontends.push(Frontend {
-            service: owner.to_string(),
+            service: owner,
             port_name: port_name.to_string(),
             kind: kind.to_string(),
             address: vip,
@@ -506,19 +450,22 @@ impl Compilation {
         });
         for endpoint in endpoints {
             let pod = format!("{}/{}", endpoint.namespace, endpoint.pod);
+            let object = ObjectRef::new(ObjectKind::Endpoint, &endpoint.namespace, &endpoint.pod);
             let Some(&ifindex) = node.interfaces.get(&endpoint.interface) else {
-                self.problem(format!(
-                    "endpoint {pod}: interface {} not found on node {}: skipped",
-                    endpoint.interface, node.node
-                ));
+                self.problem(Problem::InterfaceNotFound {
+                    endpoint: object,
+                    interface: endpoint.interface.clone(),
+                    node: node.node.clone(),
+                });
                 continue;
             };
             if let Some(holder) = self.ifindex_owners.get(&ifindex) {
-                self.problem(format!(
-                    "endpoint {pod}: interface {} (ifindex {ifindex}) already belongs to \
-                     endpoint {holder}: skipped",
-                    endpoint.interface
-                ));
+                self.problem(Problem::InterfaceTaken {
+                    endpoint: object,
+                    interface: endpoint.interface.clone(),
+                    ifindex,
+                    holder: holder.clone(),
+                });
                 continue;
             }
             self.ifindex_owners.insert(ifindex, pod);
@@ -532,79 +479,13 @@ impl Compilation {
     }
 }
 
-/// `port "http"` or `port 80`, to name a service port in problems without its list index,
-/// which would make messages depend on list order.
-fn describe_port(name: &str, number: i32) -> String {
-    if name.is_empty() {
-        format!("port {number}")
-    } else {
-        format!("port {name:?}")
-    }
-}
-
-/// Ready endpoints of `slices` on the slice port named `port_name` with protocol `proto`,
-/// deduplicated and sorted so slot order does not depend on slice order.
-fn backends_for(
-    port_name: &str,
-    proto: u8,
-    slices: &[&EndpointSlice],
-    problems: &mut BTreeSet<String>,
-) -> Vec<(Ipv4Addr, u16)> {
-    let mut backends = BTreeSet::new();
-    for slice in slices {
-        let slice_name = format!(
-            "endpointslice {}/{}",
-            namespace_of(slice.metadata.namespace.as_ref()),
-            slice.metadata.name.as_deref().unwrap_or("")
-        );
-        let Some(port) = slice_port(slice, port_name, proto) else {
-            continue;
-        };
-        let Some(number) = port.port.and_then(port_number) else {
-            problems.insert(format!(
-                "{slice_name} port {port_name:?}: no usable port number ({:?}): skipped",
-                port.port
-            ));
-            continue;
-        };
-        for endpoint in &slice.endpoints {
-            // The API documents a nil `ready` as ready.
-            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                continue;
-            }
-            // Addresses are fungible and consumers may use only the first, as kube-proxy does.
-            let Some(address) = endpoint.addresses.first() else {
-                problems.insert(format!(
-                    "{slice_name}: endpoint without an address: skipped"
-                ));
-                continue;
-            };
-            match address.parse::<Ipv4Addr>() {
-                Ok(address) => {
-                    backends.insert((address, number));
-                }
-                Err(_) => {
-                    problems.insert(format!(
-                        "{slice_name}: address {address:?} is not IPv4: skipped"
-                    ));
-                }
-            }
-        }
-    }
-    backends.into_iter().collect()
-}
-
-/// The slice port matching a service port: same name (both empty for an unnamed port) and
-/// same protocol.
-fn slice_port<'a>(slice: &'a EndpointSlice, name: &str, proto: u8) -> Option<&'a EndpointPort> {
-    slice.ports.iter().flatten().find(|p| {
-        p.name.as_deref().unwrap_or("") == name
-            && protocol_number(p.protocol.as_ref()) == Some(proto)
-    })
-}
-
+mod backends;
+mod dump;
 mod identity;
+mod ipcache;
 mod policy;
+mod problem;
+mod unsupported;
 
 #[cfg(test)]
 mod tests;

@@ -35,6 +35,11 @@ fn endpoint(pod: &str, interface: &str, ip: [u8; 4]) -> LocalEndpoint {
     }
 }
 
+/// Problems as the lines they render to.
+fn problem_lines(state: &DesiredState) -> Vec<String> {
+    state.problems.iter().map(ToString::to_string).collect()
+}
+
 fn node() -> NodeContext {
     NodeContext {
         node: "node-a".into(),
@@ -109,7 +114,7 @@ fn odd_input_is_skipped_and_reported() {
     };
     let state = compile(&snapshot, &node());
     assert_eq!(
-        state.problems,
+        problem_lines(&state),
         [
             "endpoint default/a: no Pod object: treated as a pod without labels",
             "endpoint default/b: interface lxc1 (ifindex 11) already belongs to endpoint default/a: skipped",
@@ -302,7 +307,7 @@ fn odd_policy_input_fails_closed_and_is_reported() {
     };
     let state = compile(&snapshot, &node());
     assert_eq!(
-        state.problems,
+        problem_lines(&state),
         [
             "networkpolicy default/bad-cidr: ipBlock \"10.0.0.0/99\" is not a CIDR: the peer matches nothing",
             "networkpolicy default/dup: defined 2 times: skipped",
@@ -331,9 +336,9 @@ fn odd_policy_input_fails_closed_and_is_reported() {
     snapshot.endpoints = vec![endpoint("x", "lxc2", [10, 244, 1, 7])];
     let state = compile(&snapshot, &node());
     assert!(
-        state.problems.contains(
+        problem_lines(&state).contains(
             &"networkpolicy default/bad-port: port range 90..80 is empty or out of range: the port matches nothing".to_string()
-        ) && state.problems.contains(
+        ) && problem_lines(&state).contains(
             &"networkpolicy default/bad-port: unsupported protocol \"DNS\": the port matches nothing".to_string()
         ),
         "{:?}",

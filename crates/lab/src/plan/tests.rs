@@ -1,7 +1,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::spec::LabSpec;
+use crate::{slices, spec::LabSpec};
 
 const NGINX: &str = "apiVersion: apps/v1
 kind: Deployment

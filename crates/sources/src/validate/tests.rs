@@ -1,4 +1,6 @@
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::*;
 use crate::manifest::parse_str;

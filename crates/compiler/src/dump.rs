@@ -1,0 +1,77 @@
+//! [`DesiredState::dump`]: the state as sorted lines, for table tests and people.
+
+use std::fmt::Write;
+
+use sluice_common::names;
+
+use crate::DesiredState;
+
+impl DesiredState {
+    /// One line per map entry, then the interfaces and problems, sorted, human-readable.
+    pub fn dump(&self) -> String {
+        // Writing to a String cannot fail, hence the ignored results below.
+        let mut out = String::new();
+        let mut services: Vec<_> = self.services.iter().collect();
+        services.sort_by_key(|(k, _)| (k.vip(), k.port(), k.proto, k.slot));
+        for (key, value) in services {
+            let _ = writeln!(out, "{} {key} -> {value}", names::SERVICES);
+        }
+        let mut backends: Vec<_> = self.backends.iter().collect();
+        backends.sort_by_key(|(k, _)| (k.addr(), k.port(), k.proto));
+        for (key, value) in backends {
+            let _ = writeln!(out, "{} {key} -> {value}", names::BACKENDS);
+        }
+        for (ifindex, value) in &self.endpoints {
+            let _ = writeln!(out, "{} ifindex {ifindex} -> {value}", names::ENDPOINTS);
+        }
+        for (ifindex, d) in &self.endpoint_details {
+            let _ = writeln!(
+                out,
+                "endpoint ifindex {ifindex} {}/{} identity={} ingress={} egress={} rows={}{} policies=[{}]",
+                d.namespace,
+                d.pod,
+                d.identity,
+                enforcement(d.ingress_enforced),
+                enforcement(d.egress_enforced),
+                d.policy_rows,
+                if d.overflow { " OVERFLOW" } else { "" },
+                d.policies.join(",")
+            );
+        }
+        let mut ipcache: Vec<_> = self.ipcache.iter().collect();
+        ipcache.sort_by_key(|(k, _)| (k.addr(), k.prefixlen));
+        for (key, value) in ipcache {
+            let _ = writeln!(out, "{} {key} -> {value}", names::IPCACHE);
+        }
+        for identity in self.identities.values() {
+            let _ = writeln!(
+                out,
+                "identity {} {}",
+                identity.id,
+                identity.labels.join(",")
+            );
+        }
+        for (ifindex, policy) in &self.policies {
+            for (row, origins) in &policy.rows {
+                let origins: Vec<&str> = origins.iter().map(String::as_str).collect();
+                let _ = writeln!(
+                    out,
+                    "{} ifindex {ifindex} {row} <- {}",
+                    names::POLICY,
+                    origins.join(",")
+                );
+            }
+        }
+        for interface in &self.interfaces {
+            let _ = writeln!(out, "interface {interface}");
+        }
+        for problem in &self.problems {
+            let _ = writeln!(out, "problem: {problem}");
+        }
+        out
+    }
+}
+
+fn enforcement(enforced: bool) -> &'static str {
+    if enforced { "enforced" } else { "open" }
+}

@@ -1,0 +1,108 @@
+//! The identities of pods and policy CIDRs, and the table of those in use.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::Ipv4Net;
+use sluice_common::{IDENTITY_ANY, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD};
+
+use super::workloads::Workload;
+use crate::{
+    Identity, Problem,
+    identity::{self, LABEL_HOST, LABEL_REMOTE_NODE, LABEL_WORLD, Scope},
+    problem::Problems,
+};
+
+/// Identity -> labels, starting with the reserved identities.
+pub(super) fn reserved() -> BTreeMap<u32, Vec<String>> {
+    [
+        (IDENTITY_HOST, vec![LABEL_HOST.to_string()]),
+        (IDENTITY_WORLD, vec![LABEL_WORLD.to_string()]),
+        (IDENTITY_REMOTE_NODE, vec![LABEL_REMOTE_NODE.to_string()]),
+    ]
+    .into()
+}
+
+/// Gives every workload the identity of its label set.
+pub(super) fn pods(
+    workloads: &mut [Workload<'_>],
+    cidrs: &BTreeSet<Ipv4Net>,
+    selected_keys: &BTreeSet<String>,
+    labels_of: &mut BTreeMap<u32, Vec<String>>,
+    problems: &mut Problems,
+) {
+    let sets: Vec<Vec<String>> = workloads
+        .iter()
+        .map(|w| {
+            let containing = w
+                .address
+                .map(|a| cidrs.iter().filter(move |c| c.contains(&a)).copied())
+                .into_iter()
+                .flatten();
+            identity::pod_labels(
+                w.namespace,
+                &w.labels,
+                w.namespace_labels,
+                containing,
+                selected_keys,
+            )
+        })
+        .collect();
+    let (numbers, left_out) = identity::allocate(&sets.iter().cloned().collect(), Scope::Label);
+    for labels in left_out {
+        problems.insert(Problem::PodIdentitiesExhausted { labels });
+    }
+    for (w, set) in workloads.iter_mut().zip(sets) {
+        w.identity = numbers.get(&set).copied().unwrap_or(IDENTITY_WORLD);
+        if w.identity != IDENTITY_WORLD {
+            labels_of.insert(w.identity, set);
+        }
+    }
+}
+
+/// The identity of every policy CIDR but 0.0.0.0/0, which is the world itself.
+pub(super) fn cidrs(
+    cidrs: &BTreeSet<Ipv4Net>,
+    labels_of: &mut BTreeMap<u32, Vec<String>>,
+    problems: &mut Problems,
+) -> BTreeMap<Ipv4Net, u32> {
+    let sets: BTreeMap<Ipv4Net, Vec<String>> = cidrs
+        .iter()
+        .filter(|c| c.prefix_len() > 0)
+        .map(|&p| {
+            let containing = cidrs.iter().filter(|c| c.contains(&p)).copied();
+            (p, identity::cidr_labels(containing))
+        })
+        .collect();
+    let (numbers, left_out) = identity::allocate(&sets.values().cloned().collect(), Scope::Cidr);
+    for labels in left_out {
+        problems.insert(Problem::CidrIdentitiesExhausted { labels });
+    }
+    sets.into_iter()
+        .map(|(prefix, set)| {
+            let id = numbers.get(&set).copied().unwrap_or(IDENTITY_WORLD);
+            if id != IDENTITY_WORLD {
+                labels_of.insert(id, set);
+            }
+            (prefix, id)
+        })
+        .collect()
+}
+
+/// The identities in `used` with their labels; identity 0 (any peer) is no identity.
+pub(super) fn named(
+    used: BTreeSet<u32>,
+    mut labels_of: BTreeMap<u32, Vec<String>>,
+) -> BTreeMap<u32, Identity> {
+    used.into_iter()
+        .filter(|&id| id != IDENTITY_ANY)
+        .filter_map(|id| {
+            Some((
+                id,
+                Identity {
+                    id,
+                    labels: labels_of.remove(&id)?,
+                },
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,213 @@
+//! Pods: lab-level checks of pod specs, scheduling and addresses for new pods, and the
+//! label-only updates the API server allows.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::{
+    api::core::v1::{Pod, PodSpec},
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use serde_json::Value;
+use sluice_sources::Manifest;
+
+use super::{Apply, new_uid, resource};
+use crate::{
+    ipam, names, slices,
+    spec::LabSpec,
+    state::{LabState, Owner, PodRecord, key, now},
+};
+
+impl Apply<'_> {
+    /// A bare Pod: created, or its labels and annotations updated.
+    pub(super) fn pod(&mut self, m: &Manifest, pod: &Pod, applied: Value) {
+        self.check_pod_spec(m, pod.spec.as_ref(), "");
+        let k = key(m.namespace(), m.name());
+        let Some(existing) = self.st.pods.get_mut(&k) else {
+            match add_pod(&mut self.st, pod.clone(), None, Some(applied)) {
+                Ok(k) => {
+                    self.lines.push(format!("{} created", resource(m)));
+                    self.create.push(k);
+                }
+                Err(message) => self.violation(m, "", message),
+            }
+            return;
+        };
+        if existing.owner.is_some() || existing.deleting.is_some() {
+            let why = match &existing.owner {
+                Some(o) => format!("of Deployment {}", o.deployment),
+                None => "terminating".into(),
+            };
+            self.violation(
+                m,
+                "metadata.name",
+                format!("a pod named {k} already exists ({why})"),
+            );
+            return;
+        }
+        let before = existing.applied.as_ref().and_then(|a| a.get("spec"));
+        if before != applied.get("spec") {
+            self.violation(
+                m,
+                "spec",
+                "pod updates may not change fields other than labels and annotations; delete the pod first",
+            );
+            return;
+        }
+        let previous = existing.applied.clone();
+        existing.pod.metadata.labels = pod.metadata.labels.clone();
+        existing.pod.metadata.annotations = pod.metadata.annotations.clone();
+        existing.applied = Some(applied.clone());
+        self.line(m, Some(&previous), &applied);
+    }
+
+    /// Lab-level checks of a pod spec (a Pod's or a Deployment's template).
+    pub(super) fn check_pod_spec(
+        &mut self,
+        m: &Manifest,
+        pod_spec: Option<&PodSpec>,
+        prefix: &str,
+    ) {
+        for (field, message) in duplicate_ports(pod_spec, prefix) {
+            self.violation(m, &field, message);
+        }
+        if let Some(node) = pod_spec.and_then(|s| s.node_name.as_deref())
+            && self.st.spec.node(node).is_none()
+        {
+            let nodes: Vec<_> = self.st.spec.nodes.iter().map(|n| n.name.as_str()).collect();
+            self.violation(
+                m,
+                &format!("{prefix}spec.nodeName"),
+                format!(
+                    "node {node:?} is not a node of the lab (nodes: {})",
+                    nodes.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+/// The node for a new pod: the one it names, else the one with the fewest pods (ties: the
+/// first in the lab file). Terminating pods do not count; they are on their way out.
+fn schedule(spec: &LabSpec, pods: &BTreeMap<String, PodRecord>, requested: Option<&str>) -> String {
+    if let Some(node) = requested {
+        return node.to_string();
+    }
+    let count = |node: &str| {
+        pods.values()
+            .filter(|p| p.node == node && p.deleting.is_none())
+            .count()
+    };
+    spec.nodes
+        .iter()
+        .min_by_key(|n| count(&n.name))
+        .map(|n| n.name.clone())
+        .unwrap_or_default()
+}
+
+/// `spec.containers[i].ports[j]` fields that repeat a (containerPort, protocol) of the pod.
+fn duplicate_ports(spec: Option<&PodSpec>, prefix: &str) -> Vec<(String, String)> {
+    let mut seen: BTreeMap<(i32, String), String> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (i, c) in spec.iter().flat_map(|s| s.containers.iter()).enumerate() {
+        for (j, p) in c.ports.iter().flatten().enumerate() {
+            let field = format!("{prefix}spec.containers[{i}].ports[{j}].containerPort");
+            let proto = slices::protocol(p.protocol.as_ref()).to_string();
+            let id = (p.container_port, proto.clone());
+            if let Some(first) = seen.get(&id) {
+                out.push((
+                    field,
+                    format!("duplicate port {}/{proto}: also {first}", p.container_port),
+                ));
+            } else {
+                seen.insert(id, field);
+            }
+        }
+    }
+    out
+}
+
+/// Adds a pod on a scheduled node with the lowest free address there.
+pub(super) fn add_pod(
+    st: &mut LabState,
+    mut pod: Pod,
+    owner: Option<Owner>,
+    applied: Option<Value>,
+) -> Result<String, String> {
+    let requested = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let node = schedule(&st.spec, &st.pods, requested.as_deref());
+    let cidr = st
+        .spec
+        .node(&node)
+        .map(|n| n.pod_cidr)
+        .ok_or_else(|| format!("node {node:?} is not a node of the lab"))?;
+    let used: BTreeSet<Ipv4Addr> = st.pods.values().map(|p| p.ip).collect();
+    let ip = ipam::lowest_free(cidr, ipam::FIRST_POD_OFFSET, &used)
+        .ok_or_else(|| format!("no free address in podCIDR {cidr} of node {node}"))?;
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let netns = pod_netns(st, &namespace, &name)?;
+    let taken: BTreeSet<&str> = st.pods.values().map(|p| p.interface.as_str()).collect();
+    let interface = (0..)
+        .map(|salt| names::interface_name(&namespace, &name, salt))
+        .find(|i| !taken.contains(i.as_str()))
+        .unwrap_or_default();
+    pod.metadata.uid = Some(new_uid());
+    pod.metadata.creation_timestamp = Some(now());
+    pod.spec.get_or_insert_with(Default::default).node_name = Some(node.clone());
+    pod.status = None;
+    let k = key(&namespace, &name);
+    st.pods.insert(
+        k.clone(),
+        PodRecord {
+            netns,
+            pod,
+            node,
+            ip,
+            interface,
+            seq: st.next_seq,
+            owner,
+            applied,
+            ready: false,
+            deleting: None,
+        },
+    );
+    st.next_seq += 1;
+    Ok(k)
+}
+
+/// The network namespace name of a new pod, unless a pod, a node or a world host has it:
+/// names join with '-', so `a-b/c` and `a/b-c`, or a pod and a node, could meet.
+fn pod_netns(st: &LabState, namespace: &str, name: &str) -> Result<String, String> {
+    let netns = names::pod_netns(&st.name, namespace, name);
+    let node_netns = st
+        .spec
+        .nodes
+        .iter()
+        .map(|n| names::node_netns(&st.name, &n.name));
+    let world_netns = st
+        .spec
+        .world
+        .iter()
+        .map(|w| names::world_netns(&st.name, &w.name));
+    if let Some(other) = node_netns
+        .chain(world_netns)
+        .chain(st.pods.values().map(|p| p.netns.clone()))
+        .find(|n| *n == netns)
+    {
+        return Err(format!(
+            "the pod's network namespace name {other} is taken by another pod, a node or a world host; rename the pod"
+        ));
+    }
+    Ok(netns)
+}
+
+pub(super) fn mark_deleting(st: &mut LabState, pod_key: &str, when: &Time) {
+    if let Some(p) = st.pods.get_mut(pod_key)
+        && p.deleting.is_none()
+    {
+        p.deleting = Some(when.clone());
+    }
+}
