@@ -10,20 +10,20 @@
 //! reach the ipcache before the policy rows that name them, and a policy map is in place
 //! before the endpoint's flags enforce it; removals go the other way round.
 
-mod batch;
 mod policy;
 mod table;
 
 use std::{collections::BTreeMap, fmt::Display, path::Path};
 
-use aya::maps::MapData;
+use aya::{Pod, maps::MapData};
 
 pub use policy::{
     InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyPlan, PolicyTable,
     PolicyWrite, diff_policies,
 };
 use sluice_common::{
-    EndpointInfo, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, names,
+    EndpointInfo, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MapId,
+    names, registry,
 };
 use sluice_compiler::{DesiredState, EndpointPolicy};
 use sluice_datapath::PinnedMaps;
@@ -49,6 +49,8 @@ pub enum RealizerError {
         map: &'static str,
         source: std::io::Error,
     },
+    #[error("map {map} has a realize order but the realizer has no table for it")]
+    NotRealized { map: &'static str },
     // Boxed: the datapath's error is large and every realizer result would carry its size.
     #[error(transparent)]
     Datapath(Box<sluice_datapath::DatapathError>),
@@ -205,25 +207,46 @@ pub fn converge<K: Ord + Clone, V: PartialEq + Clone, M: KernelMap<K, V>>(
     })
 }
 
-/// The datapath's maps that hold desired state, behind [`KernelMap`] so the same code
-/// drives the kernel and the in-memory tests. Conntrack, metrics and fragments are
-/// runtime state and are never realized.
-pub struct Tables<S, B, E, I, P> {
-    pub services: S,
-    pub backends: B,
-    pub endpoints: E,
-    pub ipcache: I,
-    pub policy: P,
+/// The handles a realizer writes through: the kernel's pinned maps ([`Kernel`]), or
+/// in-memory maps that record every write ([`Memory`], for tests).
+pub trait Backing {
+    /// A hash map of keys to values.
+    type Hash<K: Pod + Ord, V: Pod + PartialEq>: KernelMap<K, V>;
+    type Ipcache: KernelMap<IpcacheKey, IpcacheEntry>;
+    type Policy: PolicyTable;
+}
+
+/// The maps pinned in the kernel.
+pub struct Kernel;
+
+impl Backing for Kernel {
+    type Hash<K: Pod + Ord, V: Pod + PartialEq> = Named<MapData, K, V>;
+    type Ipcache = Ipcache;
+    type Policy = KernelPolicy;
+}
+
+/// In-memory maps, for tests of ordering and convergence that need no kernel.
+pub struct Memory;
+
+impl Backing for Memory {
+    type Hash<K: Pod + Ord, V: Pod + PartialEq> = MemoryMap<K, V>;
+    type Ipcache = MemoryMap<IpcacheKey, IpcacheEntry>;
+    type Policy = MemoryPolicy;
+}
+
+/// The datapath's maps that hold desired state: those the registry gives a realize order
+/// (`sluice_common::registry::realized`). Conntrack, metrics and fragments are runtime
+/// state and are never realized.
+pub struct Tables<B: Backing> {
+    pub services: B::Hash<Lb4Key, Lb4Service>,
+    pub backends: B::Hash<Lb4BackendKey, Lb4Backend>,
+    pub endpoints: B::Hash<u32, EndpointInfo>,
+    pub ipcache: B::Ipcache,
+    pub policy: B::Policy,
 }
 
 /// The realized maps as they are pinned in the kernel.
-pub type KernelTables = Tables<
-    Named<MapData, Lb4Key, Lb4Service>,
-    Named<MapData, Lb4BackendKey, Lb4Backend>,
-    Named<MapData, u32, EndpointInfo>,
-    Ipcache,
-    KernelPolicy,
->;
+pub type KernelTables = Tables<Kernel>;
 
 impl KernelTables {
     /// Opens the realized maps pinned under `pin_dir`.
@@ -293,14 +316,71 @@ fn frontends_first(k: &Lb4Key) -> u8 {
     u8::from(k.slot != 0)
 }
 
-impl<S, B, E, I, P> Tables<S, B, E, I, P>
+fn unordered<K>(_: &K) -> u8 {
+    0
+}
+
+/// One realized map's part of a plan, written when the registry's order reaches it.
+trait Step {
+    fn upsert(&mut self) -> Result<usize, RealizerError>;
+    fn remove(&mut self) -> Result<usize, RealizerError>;
+}
+
+/// A key-value map's diff, with the order of its keys within each phase.
+struct Entries<'a, K, V, M> {
+    map: &'a mut M,
+    diff: &'a MapDiff<K, V>,
+    upsert_rank: fn(&K) -> u8,
+    remove_rank: fn(&K) -> u8,
+}
+
+impl<K: Clone, V, M: KernelMap<K, V>> Step for Entries<'_, K, V, M> {
+    fn upsert(&mut self) -> Result<usize, RealizerError> {
+        apply_upserts(self.map, self.diff, self.upsert_rank)
+    }
+    fn remove(&mut self) -> Result<usize, RealizerError> {
+        apply_removes(self.map, self.diff, self.remove_rank)
+    }
+}
+
+/// Policy maps: whole maps swapped in, then endpoints' maps removed.
+struct Policies<'a, P> {
+    table: &'a mut P,
+    plan: &'a PolicyPlan,
+}
+
+impl<P: PolicyTable> Step for Policies<'_, P> {
+    fn upsert(&mut self) -> Result<usize, RealizerError> {
+        self.table.install(&self.plan.installs)?;
+        Ok(self.plan.installs.len())
+    }
+    fn remove(&mut self) -> Result<usize, RealizerError> {
+        let gone: Vec<u32> = self.plan.removes.iter().map(|(i, _)| *i).collect();
+        self.table.remove(&gone)?;
+        Ok(gone.len())
+    }
+}
+
+fn entries<'a, K, V, M>(
+    map: &'a mut M,
+    diff: &'a MapDiff<K, V>,
+    upsert_rank: fn(&K) -> u8,
+    remove_rank: fn(&K) -> u8,
+) -> Box<dyn Step + 'a>
 where
-    S: KernelMap<Lb4Key, Lb4Service>,
-    B: KernelMap<Lb4BackendKey, Lb4Backend>,
-    E: KernelMap<u32, EndpointInfo>,
-    I: KernelMap<IpcacheKey, IpcacheEntry>,
-    P: PolicyTable,
+    K: Clone + 'a,
+    V: 'a,
+    M: KernelMap<K, V> + 'a,
 {
+    Box::new(Entries {
+        map,
+        diff,
+        upsert_rank,
+        remove_rank,
+    })
+}
+
+impl<B: Backing> Tables<B> {
     /// Reads every realized map from the kernel and diffs it against `desired`.
     pub fn plan(&self, desired: Desired<'_>) -> Result<Plan, RealizerError> {
         Ok(Plan {
@@ -316,22 +396,58 @@ where
         })
     }
 
-    /// Applies `plan` in dependency order.
+    /// Each realized map with its part of `plan`.
+    fn steps<'a>(&'a mut self, plan: &'a Plan) -> BTreeMap<MapId, Box<dyn Step + 'a>> {
+        BTreeMap::from([
+            (
+                MapId::Services,
+                entries(
+                    &mut self.services,
+                    &plan.services,
+                    slots_first,
+                    frontends_first,
+                ),
+            ),
+            (
+                MapId::Backends,
+                entries(&mut self.backends, &plan.backends, unordered, unordered),
+            ),
+            (
+                MapId::Endpoints,
+                entries(&mut self.endpoints, &plan.endpoints, unordered, unordered),
+            ),
+            (
+                MapId::Ipcache,
+                entries(&mut self.ipcache, &plan.ipcache, unordered, unordered),
+            ),
+            (
+                MapId::Policy,
+                Box::new(Policies {
+                    table: &mut self.policy,
+                    plan: &plan.policy,
+                }) as Box<dyn Step>,
+            ),
+        ])
+    }
+
+    /// Applies `plan`: upserts in the registry's realize order, then removals in the
+    /// reverse order.
     pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, RealizerError> {
+        let mut steps = self.steps(plan);
+        let mut ordered = Vec::new();
+        for def in registry::realized() {
+            let step = steps
+                .remove(&def.id)
+                .ok_or(RealizerError::NotRealized { map: def.name })?;
+            ordered.push(step);
+        }
         let mut stats = ApplyStats::default();
-        stats.upserted += apply_upserts(&mut self.ipcache, &plan.ipcache, |_| 0)?;
-        self.policy.install(&plan.policy.installs)?;
-        stats.upserted += plan.policy.installs.len();
-        stats.upserted += apply_upserts(&mut self.endpoints, &plan.endpoints, |_| 0)?;
-        stats.upserted += apply_upserts(&mut self.backends, &plan.backends, |_| 0)?;
-        stats.upserted += apply_upserts(&mut self.services, &plan.services, slots_first)?;
-        stats.removed += apply_removes(&mut self.services, &plan.services, frontends_first)?;
-        stats.removed += apply_removes(&mut self.backends, &plan.backends, |_| 0)?;
-        stats.removed += apply_removes(&mut self.endpoints, &plan.endpoints, |_| 0)?;
-        let gone: Vec<u32> = plan.policy.removes.iter().map(|(i, _)| *i).collect();
-        self.policy.remove(&gone)?;
-        stats.removed += gone.len();
-        stats.removed += apply_removes(&mut self.ipcache, &plan.ipcache, |_| 0)?;
+        for step in &mut ordered {
+            stats.upserted += step.upsert()?;
+        }
+        for step in ordered.iter_mut().rev() {
+            stats.removed += step.remove()?;
+        }
         Ok(stats)
     }
 
@@ -342,23 +458,54 @@ where
     }
 }
 
+/// A realized map's part of a plan, for reports.
+trait Part {
+    fn is_empty(&self) -> bool;
+    fn drift(&self, map: &'static str) -> Vec<DriftEntry>;
+}
+
+impl<K: Display, V: Display> Part for MapDiff<K, V> {
+    fn is_empty(&self) -> bool {
+        MapDiff::is_empty(self)
+    }
+    fn drift(&self, map: &'static str) -> Vec<DriftEntry> {
+        MapDiff::drift(self, map)
+    }
+}
+
+impl Part for PolicyPlan {
+    fn is_empty(&self) -> bool {
+        PolicyPlan::is_empty(self)
+    }
+    fn drift(&self, _map: &'static str) -> Vec<DriftEntry> {
+        PolicyPlan::drift(self)
+    }
+}
+
 impl Plan {
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
-            && self.backends.is_empty()
-            && self.endpoints.is_empty()
-            && self.ipcache.is_empty()
-            && self.policy.is_empty()
+    /// Every map's part, in registry order.
+    fn parts(&self) -> [(MapId, &dyn Part); 5] {
+        [
+            (MapId::Services, &self.services),
+            (MapId::Backends, &self.backends),
+            (MapId::Endpoints, &self.endpoints),
+            (MapId::Ipcache, &self.ipcache),
+            (MapId::Policy, &self.policy),
+        ]
     }
 
-    /// Every drifted entry of every map.
+    pub fn is_empty(&self) -> bool {
+        self.parts().iter().all(|(_, part)| part.is_empty())
+    }
+
+    /// Every drifted entry of every map, map by map in registry order.
     pub fn drift(&self) -> Vec<DriftEntry> {
-        let mut out = self.services.drift(names::SERVICES);
-        out.extend(self.backends.drift(names::BACKENDS));
-        out.extend(self.endpoints.drift(names::ENDPOINTS));
-        out.extend(self.ipcache.drift(names::IPCACHE));
-        out.extend(self.policy.drift());
-        out
+        let mut parts = self.parts();
+        parts.sort_by_key(|(id, _)| *id);
+        parts
+            .iter()
+            .flat_map(|(id, part)| part.drift(id.name()))
+            .collect()
     }
 }
 

@@ -43,13 +43,7 @@ fn backends(ids: &[u8]) -> BTreeMap<Lb4BackendKey, Lb4Backend> {
         .collect()
 }
 
-type MemTables = Tables<
-    MemoryMap<Lb4Key, Lb4Service>,
-    MemoryMap<Lb4BackendKey, Lb4Backend>,
-    MemoryMap<u32, EndpointInfo>,
-    MemoryMap<IpcacheKey, IpcacheEntry>,
-    MemoryPolicy,
->;
+type MemTables = Tables<Memory>;
 
 fn tables() -> MemTables {
     Tables {
