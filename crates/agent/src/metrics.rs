@@ -19,7 +19,8 @@ use prometheus_client::{
 };
 use sluice_common::{
     DropReason, EVENT_CLOSE, EVENT_DROP, EVENT_POLICY_VERDICT, EVENT_TRACE, EventCounter,
-    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, event_counter_index, metrics_index, names,
+    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MapId, MetricsValue, event_counter_index, metrics_index,
+    names, registry,
 };
 use sluice_datapath::PinnedMaps;
 
@@ -170,51 +171,25 @@ impl KernelSample {
                 events.push((type_, dir, sum));
             }
         }
-        let capacity = |name| {
-            maps.capacities()
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or(0, |(_, max)| *max)
-        };
-        let mut sizes = vec![
-            (
-                names::SERVICES,
-                count(maps.services.keys(), names::SERVICES)?,
-            ),
-            (
-                names::BACKENDS,
-                count(maps.backends.keys(), names::BACKENDS)?,
-            ),
-            (
-                names::CONNTRACK,
-                count(maps.conntrack.keys(), names::CONNTRACK)?,
-            ),
-            (
-                names::ENDPOINTS,
-                count(maps.endpoints.keys(), names::ENDPOINTS)?,
-            ),
-            (names::IPCACHE, count(maps.ipcache.keys(), names::IPCACHE)?),
-            (names::POLICY, count(maps.policy.keys(), names::POLICY)?),
-            (
-                names::FRAGMENTS,
-                count(maps.fragments.keys(), names::FRAGMENTS)?,
-            ),
-        ];
-        sizes.sort_by_key(|(name, _)| *name);
+        // Sorted by name, as the registry's order means nothing to a dashboard.
+        let mut sizes = registry::counted()
+            .map(|def| {
+                let entries = maps.inventory.entries(def.id)?;
+                Ok((def.name, entries, maps.inventory.capacity(def.id)))
+            })
+            .collect::<Result<Vec<_>, AgentError>>()?;
+        sizes.sort_by_key(|(name, _, _)| *name);
         Ok(Self {
             traffic,
             events,
-            maps: sizes
-                .into_iter()
-                .map(|(name, entries)| (name, entries, capacity(name)))
-                .collect(),
+            maps: sizes,
         })
     }
 
-    fn entries(&self, map: &str) -> u64 {
+    fn entries(&self, map: MapId) -> u64 {
         self.maps
             .iter()
-            .find(|(name, _, _)| *name == map)
+            .find(|(name, _, _)| *name == map.name())
             .map_or(0, |(_, entries, _)| *entries)
     }
 
@@ -246,24 +221,6 @@ impl KernelSample {
             .find(|(r, d, _)| *r == reason && *d == dir)
             .map_or_else(MetricsValue::default, |(_, _, v)| *v)
     }
-}
-
-fn count<K, E>(
-    keys: impl Iterator<Item = Result<K, E>>,
-    map: &'static str,
-) -> Result<u64, AgentError>
-where
-    aya::maps::MapError: From<E>,
-{
-    let mut n = 0;
-    for key in keys {
-        key.map_err(|e| AgentError::Map {
-            map,
-            source: e.into(),
-        })?;
-        n += 1;
-    }
-    Ok(n)
 }
 
 fn per_cpu_sum(
@@ -373,7 +330,7 @@ impl Collector for KernelSample {
                 None,
                 MetricType::Gauge,
             )?;
-            ConstGauge::new(gauge(self.entries(names::CONNTRACK))).encode(metric)?;
+            ConstGauge::new(gauge(self.entries(MapId::Conntrack))).encode(metric)?;
         }
         {
             let metric = encoder.encode_descriptor(
@@ -382,7 +339,7 @@ impl Collector for KernelSample {
                 None,
                 MetricType::Gauge,
             )?;
-            ConstGauge::new(gauge(self.entries(names::ENDPOINTS))).encode(metric)?;
+            ConstGauge::new(gauge(self.entries(MapId::Endpoints))).encode(metric)?;
         }
         {
             let mut metric = encoder.encode_descriptor(
