@@ -134,8 +134,8 @@ struct KernelSample {
     traffic: Vec<(u8, u32, MetricsValue)>,
     /// (type, direction) -> summed over CPUs.
     events: Vec<(u8, u32, EventCounter)>,
-    /// (map, entries, max_entries).
-    maps: Vec<(&'static str, u64, u32)>,
+    /// (map, entries, max_entries), by map name.
+    maps: Vec<(MapId, u64, u32)>,
 }
 
 impl KernelSample {
@@ -175,10 +175,10 @@ impl KernelSample {
         let mut sizes = registry::counted()
             .map(|def| {
                 let entries = maps.inventory.entries(def.id)?;
-                Ok((def.name, entries, maps.inventory.capacity(def.id)))
+                Ok((def.id, entries, maps.inventory.capacity(def.id)))
             })
             .collect::<Result<Vec<_>, AgentError>>()?;
-        sizes.sort_by_key(|(name, _, _)| *name);
+        sizes.sort_by_key(|(id, _, _)| id.name());
         Ok(Self {
             traffic,
             events,
@@ -189,7 +189,7 @@ impl KernelSample {
     fn entries(&self, map: MapId) -> u64 {
         self.maps
             .iter()
-            .find(|(name, _, _)| *name == map.name())
+            .find(|(id, _, _)| *id == map)
             .map_or(0, |(_, entries, _)| *entries)
     }
 
@@ -349,7 +349,8 @@ impl Collector for KernelSample {
                 MetricType::Gauge,
             )?;
             for (map, entries, _) in &self.maps {
-                ConstGauge::new(gauge(*entries)).encode(metric.encode_family(&[("map", *map)])?)?;
+                ConstGauge::new(gauge(*entries))
+                    .encode(metric.encode_family(&[("map", map.name())])?)?;
             }
         }
         {
@@ -361,7 +362,7 @@ impl Collector for KernelSample {
             )?;
             for (map, _, capacity) in &self.maps {
                 ConstGauge::new(i64::from(*capacity))
-                    .encode(metric.encode_family(&[("map", *map)])?)?;
+                    .encode(metric.encode_family(&[("map", map.name())])?)?;
             }
         }
         Ok(())
@@ -417,7 +418,7 @@ mod tests {
                     lost: 0,
                 },
             )],
-            maps: vec![(names::CONNTRACK, 3, 65536), (names::ENDPOINTS, 2, 1024)],
+            maps: vec![(MapId::Conntrack, 3, 65536), (MapId::Endpoints, 2, 1024)],
         };
         let text = metrics.encode(sample).expect("encode");
         for line in [

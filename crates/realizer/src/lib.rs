@@ -8,7 +8,9 @@
 //! service slots that name them, slots before the frontend whose count covers them; removals
 //! go the other way round. Each single entry update is atomic in the kernel. Identities
 //! reach the ipcache before the policy rows that name them, and a policy map is in place
-//! before the endpoint's flags enforce it; removals go the other way round.
+//! before the endpoint's flags enforce it; removals go the other way round. The order of
+//! maps is the registry's realize order (`sluice_common::registry`); the order of keys
+//! within a map (slots before their frontend) is the map's own, here.
 
 mod policy;
 mod table;
