@@ -17,8 +17,6 @@ pub enum AttachRole {
 }
 
 impl AttachRole {
-    pub const ALL: [AttachRole; 1] = [AttachRole::PodVeth];
-
     /// The directory under `<pin_dir>/links/` holding this role's pinned links.
     pub const fn pin_dir_name(self) -> &'static str {
         match self {
