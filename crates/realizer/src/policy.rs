@@ -17,7 +17,7 @@ use sluice_common::{PolicyEntry, PolicyKey, names};
 use sluice_compiler::EndpointPolicy;
 use sluice_datapath::{PolicyMap, create_policy_map, sys};
 
-use crate::{DriftEntry, DriftKind, RealizerError, table::is_not_found, write_stamp};
+use crate::{DriftEntry, DriftKind, RealizerError, maps::is_not_found, write_stamp};
 
 fn sys_err(err: aya::sys::SyscallError) -> RealizerError {
     RealizerError::Sys {
