@@ -128,7 +128,7 @@ impl Datapath {
     }
 
     fn links_dir(&self, role: AttachRole) -> PathBuf {
-        self.pin_dir.join(LINKS_DIR).join(role.pin_dir_name())
+        links_dir(&self.pin_dir, role)
     }
 
     /// Attaches the programs of `role` to `target` (for device roles, an interface in the
@@ -141,7 +141,7 @@ impl Datapath {
         let links_dir = self.links_dir(role);
         create_dir(&links_dir)?;
         for program in role.programs() {
-            let path = links_dir.join(link_pin_name(target, program));
+            let path = link_pin_path(&self.pin_dir, program, target);
             match program.hook {
                 Hook::Tcx(attach_type) => {
                     let classifier = classifier(&mut self.ebpf, program.name)?;
@@ -156,9 +156,8 @@ impl Datapath {
     /// target is already gone).
     pub fn detach(&mut self, role: AttachRole, target: &str) -> Result<(), DatapathError> {
         check_target(target)?;
-        let links_dir = self.links_dir(role);
         for program in role.programs() {
-            let path = links_dir.join(link_pin_name(target, program));
+            let path = link_pin_path(&self.pin_dir, program, target);
             detach_pinned_link(&path)?;
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -191,6 +190,16 @@ impl Datapath {
     pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
         classifier(&mut self.ebpf, name)
     }
+}
+
+fn links_dir(pin_dir: &Path, role: AttachRole) -> PathBuf {
+    pin_dir.join(LINKS_DIR).join(role.pin_dir_name())
+}
+
+/// Where the link of `program` on `target` is pinned, for whoever waits for an agent to
+/// attach it.
+pub fn link_pin_path(pin_dir: &Path, program: &ProgramDef, target: &str) -> PathBuf {
+    links_dir(pin_dir, program.role).join(link_pin_name(target, program))
 }
 
 fn create_dir(path: &Path) -> Result<(), DatapathError> {
