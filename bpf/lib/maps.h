@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * BTF map definitions. Names are the pin names (crates/common/src/maps.rs `names`);
+ * BTF map definitions, one per entry of the map registry (crates/common/src/registry.rs
+ * `MAPS`; a test compares the two). Names are the pin names;
  * user space pins every map itself, so no `pinning` attribute here.
  */
 #ifndef SLUICE_MAPS_H

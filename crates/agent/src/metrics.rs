@@ -19,7 +19,8 @@ use prometheus_client::{
 };
 use sluice_common::{
     DropReason, EVENT_CLOSE, EVENT_DROP, EVENT_POLICY_VERDICT, EVENT_TRACE, EventCounter,
-    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, event_counter_index, metrics_index, names,
+    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MapId, MetricsValue, event_counter_index, metrics_index,
+    names, registry,
 };
 use sluice_datapath::PinnedMaps;
 
@@ -133,8 +134,8 @@ struct KernelSample {
     traffic: Vec<(u8, u32, MetricsValue)>,
     /// (type, direction) -> summed over CPUs.
     events: Vec<(u8, u32, EventCounter)>,
-    /// (map, entries, max_entries).
-    maps: Vec<(&'static str, u64, u32)>,
+    /// (map, entries, max_entries), by map name.
+    maps: Vec<(MapId, u64, u32)>,
 }
 
 impl KernelSample {
@@ -170,51 +171,25 @@ impl KernelSample {
                 events.push((type_, dir, sum));
             }
         }
-        let capacity = |name| {
-            maps.capacities()
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map_or(0, |(_, max)| *max)
-        };
-        let mut sizes = vec![
-            (
-                names::SERVICES,
-                count(maps.services.keys(), names::SERVICES)?,
-            ),
-            (
-                names::BACKENDS,
-                count(maps.backends.keys(), names::BACKENDS)?,
-            ),
-            (
-                names::CONNTRACK,
-                count(maps.conntrack.keys(), names::CONNTRACK)?,
-            ),
-            (
-                names::ENDPOINTS,
-                count(maps.endpoints.keys(), names::ENDPOINTS)?,
-            ),
-            (names::IPCACHE, count(maps.ipcache.keys(), names::IPCACHE)?),
-            (names::POLICY, count(maps.policy.keys(), names::POLICY)?),
-            (
-                names::FRAGMENTS,
-                count(maps.fragments.keys(), names::FRAGMENTS)?,
-            ),
-        ];
-        sizes.sort_by_key(|(name, _)| *name);
+        // Sorted by name, as the registry's order means nothing to a dashboard.
+        let mut sizes = registry::counted()
+            .map(|def| {
+                let entries = maps.inventory.entries(def.id)?;
+                Ok((def.id, entries, maps.inventory.capacity(def.id)))
+            })
+            .collect::<Result<Vec<_>, AgentError>>()?;
+        sizes.sort_by_key(|(id, _, _)| id.name());
         Ok(Self {
             traffic,
             events,
-            maps: sizes
-                .into_iter()
-                .map(|(name, entries)| (name, entries, capacity(name)))
-                .collect(),
+            maps: sizes,
         })
     }
 
-    fn entries(&self, map: &str) -> u64 {
+    fn entries(&self, map: MapId) -> u64 {
         self.maps
             .iter()
-            .find(|(name, _, _)| *name == map)
+            .find(|(id, _, _)| *id == map)
             .map_or(0, |(_, entries, _)| *entries)
     }
 
@@ -246,24 +221,6 @@ impl KernelSample {
             .find(|(r, d, _)| *r == reason && *d == dir)
             .map_or_else(MetricsValue::default, |(_, _, v)| *v)
     }
-}
-
-fn count<K, E>(
-    keys: impl Iterator<Item = Result<K, E>>,
-    map: &'static str,
-) -> Result<u64, AgentError>
-where
-    aya::maps::MapError: From<E>,
-{
-    let mut n = 0;
-    for key in keys {
-        key.map_err(|e| AgentError::Map {
-            map,
-            source: e.into(),
-        })?;
-        n += 1;
-    }
-    Ok(n)
 }
 
 fn per_cpu_sum(
@@ -373,7 +330,7 @@ impl Collector for KernelSample {
                 None,
                 MetricType::Gauge,
             )?;
-            ConstGauge::new(gauge(self.entries(names::CONNTRACK))).encode(metric)?;
+            ConstGauge::new(gauge(self.entries(MapId::Conntrack))).encode(metric)?;
         }
         {
             let metric = encoder.encode_descriptor(
@@ -382,7 +339,7 @@ impl Collector for KernelSample {
                 None,
                 MetricType::Gauge,
             )?;
-            ConstGauge::new(gauge(self.entries(names::ENDPOINTS))).encode(metric)?;
+            ConstGauge::new(gauge(self.entries(MapId::Endpoints))).encode(metric)?;
         }
         {
             let mut metric = encoder.encode_descriptor(
@@ -392,7 +349,8 @@ impl Collector for KernelSample {
                 MetricType::Gauge,
             )?;
             for (map, entries, _) in &self.maps {
-                ConstGauge::new(gauge(*entries)).encode(metric.encode_family(&[("map", *map)])?)?;
+                ConstGauge::new(gauge(*entries))
+                    .encode(metric.encode_family(&[("map", map.name())])?)?;
             }
         }
         {
@@ -404,7 +362,7 @@ impl Collector for KernelSample {
             )?;
             for (map, _, capacity) in &self.maps {
                 ConstGauge::new(i64::from(*capacity))
-                    .encode(metric.encode_family(&[("map", *map)])?)?;
+                    .encode(metric.encode_family(&[("map", map.name())])?)?;
             }
         }
         Ok(())
@@ -460,7 +418,7 @@ mod tests {
                     lost: 0,
                 },
             )],
-            maps: vec![(names::CONNTRACK, 3, 65536), (names::ENDPOINTS, 2, 1024)],
+            maps: vec![(MapId::Conntrack, 3, 65536), (MapId::Endpoints, 2, 1024)],
         };
         let text = metrics.encode(sample).expect("encode");
         for line in [

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap, IterableMap, MapData},
+    maps::{HashMap, MapData},
     programs::{SchedClassifier, TcAttachType},
 };
 use sluice_api::{
@@ -16,11 +16,11 @@ use sluice_api::{
 };
 use sluice_common::{
     CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_SERVICE,
-    Ct4Entry, Ct4Key, Frag4Key, Frag4Ports, IDENTITY_ANY, Lb4BackendKey, Lb4Key, POLICY_EGRESS,
-    POLICY_INGRESS, names, programs, proto_name,
+    Ct4Entry, Ct4Key, IDENTITY_ANY, Lb4BackendKey, Lb4Key, POLICY_EGRESS, POLICY_INGRESS, names,
+    programs, proto_name, registry,
 };
 use sluice_compiler::{DesiredState, NodeContext};
-use sluice_datapath::{Datapath, PinnedMaps};
+use sluice_datapath::{AttachRole, Datapath, MapInventory, PinnedMaps};
 use sluice_realizer::{Desired, KernelTables, PolicyTable};
 use sluice_store::Snapshot;
 use tracing::{debug, info, warn};
@@ -32,11 +32,10 @@ pub struct Node {
     datapath: Datapath,
     tables: KernelTables,
     conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
-    fragments: HashMap<MapData, Frag4Key, Frag4Ports>,
+    /// Every map of the registry, for the sizes `status` reports.
+    inventory: MapInventory,
     /// Rows each endpoint's policy map holds.
     policy_map_max: u32,
-    /// max_entries of the outer policy map (aya exposes no map info for hashes of maps).
-    policy_endpoints_max: u32,
     snapshot: Arc<Snapshot>,
     desired: DesiredState,
     /// Changes whenever `desired` does, so the observer renames flows only then.
@@ -51,19 +50,13 @@ impl Node {
     pub fn start(config: &AgentConfig) -> Result<Self, AgentError> {
         let datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
         let maps = PinnedMaps::open(&config.pin_dir)?;
-        let policy_endpoints_max = maps
-            .capacities()
-            .iter()
-            .find(|(name, _)| *name == names::POLICY)
-            .map_or(0, |(_, max)| *max);
         Ok(Self {
             name: config.node.clone(),
             datapath,
             tables: KernelTables::open(&config.pin_dir)?,
             conntrack: maps.conntrack,
-            fragments: maps.fragments,
+            inventory: maps.inventory,
             policy_map_max: config.policy_map_max,
-            policy_endpoints_max,
             snapshot: Arc::new(Snapshot::default()),
             desired: DesiredState::default(),
             desired_version: 0,
@@ -125,9 +118,13 @@ impl Node {
         for ifname in &desired.interfaces {
             attached |= self.ensure_attached(ifname)?;
         }
-        for ifname in self.datapath.attached()?.difference(&desired.interfaces) {
+        for ifname in self
+            .datapath
+            .attached(AttachRole::PodVeth)?
+            .difference(&desired.interfaces)
+        {
             info!(%ifname, "detaching from removed endpoint");
-            self.datapath.detach(ifname)?;
+            self.datapath.detach(AttachRole::PodVeth, ifname)?;
             attached = true;
         }
         if desired != self.desired {
@@ -163,55 +160,20 @@ impl Node {
         }
         info!(%ifname, "attaching datapath");
         // Datapath::attach replaces links left pinned for an interface that was re-created.
-        self.datapath.attach(ifname)?;
+        self.datapath.attach(AttachRole::PodVeth, ifname)?;
         Ok(true)
     }
 
     pub fn status(&self) -> Result<AgentStatus, AgentError> {
-        let mut maps = Vec::new();
-        for (name, entries, max_entries) in [
-            (
-                names::SERVICES,
-                self.tables.services.map.keys().count(),
-                max_entries(self.tables.services.map.map()),
-            ),
-            (
-                names::BACKENDS,
-                self.tables.backends.map.keys().count(),
-                max_entries(self.tables.backends.map.map()),
-            ),
-            (
-                names::CONNTRACK,
-                self.conntrack.keys().count(),
-                max_entries(self.conntrack.map()),
-            ),
-            (
-                names::ENDPOINTS,
-                self.tables.endpoints.map.keys().count(),
-                max_entries(self.tables.endpoints.map.map()),
-            ),
-            (
-                names::IPCACHE,
-                self.tables.ipcache.map.keys().count(),
-                max_entries(self.tables.ipcache.map.map()),
-            ),
-            (
-                names::POLICY,
-                self.tables.policy.endpoint_count(),
-                self.policy_endpoints_max,
-            ),
-            (
-                names::FRAGMENTS,
-                self.fragments.keys().count(),
-                max_entries(self.fragments.map()),
-            ),
-        ] {
-            maps.push(MapStatus {
-                name: name.to_string(),
-                entries: entries as u64,
-                max_entries,
-            });
-        }
+        let maps = registry::counted()
+            .map(|def| {
+                Ok(MapStatus {
+                    name: def.name.to_string(),
+                    entries: self.inventory.entries(def.id)?,
+                    max_entries: self.inventory.capacity(def.id),
+                })
+            })
+            .collect::<Result<_, AgentError>>()?;
         Ok(AgentStatus {
             node: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -398,10 +360,6 @@ fn runs_datapath(ifname: &str) -> bool {
     };
     has(TcAttachType::Ingress, programs::FROM_CONTAINER)
         && has(TcAttachType::Egress, programs::TO_CONTAINER)
-}
-
-fn max_entries(map: &MapData) -> u32 {
-    map.info().map(|i| i.max_entries()).unwrap_or(0)
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> AgentError {

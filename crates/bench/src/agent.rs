@@ -10,7 +10,7 @@ use std::{
 };
 
 use sluice_common::{IPPROTO_TCP, Lb4Key};
-use sluice_datapath::{PinDir, PinnedMaps};
+use sluice_datapath::{PROGRAMS, PinDir, PinnedMaps};
 
 use crate::{
     BenchError, Topology,
@@ -177,10 +177,8 @@ pub fn measure(
     let pid = agent.0.id();
 
     let frontend = Lb4Key::new(measured.vip, measured.port, IPPROTO_TCP, 0);
-    let link = pins
-        .path()
-        .join("links")
-        .join(format!("{}_ingress", crate::CLIENT_IF));
+    // from_container's link, the first the agent pins.
+    let link = sluice_datapath::link_pin_path(pins.path(), &PROGRAMS[0], crate::CLIENT_IF);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let programmed = PinnedMaps::open(pins.path())

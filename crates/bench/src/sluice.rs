@@ -27,7 +27,7 @@ use k8s_openapi::{
 };
 use sluice_common::programs;
 use sluice_compiler::{DEFAULT_POLICY_MAP_MAX, NodeContext, compile};
-use sluice_datapath::{Datapath, DatapathConfig, PinDir, PinnedMaps};
+use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinDir, PinnedMaps};
 use sluice_realizer::{Desired, KernelTables};
 use sluice_store::{LocalEndpoint, Snapshot};
 
@@ -248,7 +248,7 @@ impl Sluice {
             let mut ifindexes = BTreeMap::new();
             for ifname in interfaces {
                 datapath
-                    .attach(ifname)
+                    .attach(AttachRole::PodVeth, ifname)
                     .map_err(|e| BenchError::Failed(format!("attach {ifname}: {e}")))?;
                 let ifindex =
                     nix::net::if_::if_nametoindex(ifname).map_err(|errno| BenchError::Io {

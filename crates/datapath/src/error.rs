@@ -49,6 +49,11 @@ pub enum DatapathError {
     },
     #[error("creating a {map} map: {source}")]
     MapCreate { map: &'static str, source: MapError },
+    #[error("map {map}: {source}")]
+    Sys {
+        map: &'static str,
+        source: aya::sys::SyscallError,
+    },
     #[error("reading the kernel's info on map {map}: {source}")]
     MapInfo { map: &'static str, source: MapError },
     #[error(

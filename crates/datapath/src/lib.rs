@@ -1,15 +1,15 @@
 //! The eBPF datapath: the C programs in `bpf/` (compiled by `build.rs`) and their loader.
 //!
-//! Every map is pinned by name under one directory on bpffs, so user space without the
-//! programs ([`PinnedMaps`]) and a restarted agent see the same state. tcx links are pinned
-//! under `<pin_dir>/links/`, so traffic keeps flowing while no agent runs; a new agent
-//! swaps its programs into the existing links atomically.
-//!
-//! bpffs reserves names containing a dot, so links are pinned as `<ifname>_ingress` and
-//! `<ifname>_egress`, and interface names with a dot are refused.
+//! Every map of the registry (`sluice_common::MAPS`) is pinned by name under one directory
+//! on bpffs, so user space without the programs ([`PinnedMaps`]) and a restarted agent see
+//! the same state. Every program of [`PROGRAMS`] is loaded; links are pinned per
+//! [`AttachRole`] under `<pin_dir>/links/<role>/`, so traffic keeps flowing while no agent
+//! runs, and a new agent swaps its programs into the existing links atomically.
 
 mod error;
 mod pinned;
+mod programs;
+pub mod sys;
 
 use std::{
     collections::BTreeSet,
@@ -19,7 +19,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapInfo, MapType},
+    maps::MapInfo,
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -27,13 +27,14 @@ use aya::{
     },
     sys::SyscallError,
 };
-use sluice_common::{
-    Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue, names, programs,
-};
+use sluice_common::{CapacitySetting, MAPS, MapDef, MapId};
 
 pub use error::DatapathError;
-pub use pinned::{PinDir, PinnedMaps, PolicyMap, create_policy_map, open_events, remove_pins};
+pub use pinned::{
+    MapInventory, PinDir, PinnedMaps, PolicyMap, create_policy_map, open_events, remove_pins,
+};
+pub use programs::{AttachRole, Hook, PROGRAMS, ProgramDef};
+use programs::{link_pin_name, link_target};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
 
@@ -42,110 +43,8 @@ pub fn object_bytes() -> &'static [u8] {
     OBJECT
 }
 
-/// Subdirectory of the pin directory holding the pinned tcx links.
+/// Subdirectory of the pin directory holding the pinned links, one directory per role.
 const LINKS_DIR: &str = "links";
-const LINK_SUFFIX_SEPARATOR: char = '_';
-
-/// File name of the pinned link of `ifname` for one direction. The suffix holds no
-/// separator, so splitting at the last one recovers the interface name.
-fn link_pin_name(ifname: &str, suffix: &str) -> String {
-    format!("{ifname}{LINK_SUFFIX_SEPARATOR}{suffix}")
-}
-
-/// Where each program is attached on a pod's host-side veth.
-const HOOKS: [(&str, TcAttachType, &str); 2] = [
-    (programs::FROM_CONTAINER, TcAttachType::Ingress, "ingress"),
-    (programs::TO_CONTAINER, TcAttachType::Egress, "egress"),
-];
-
-/// What a map pinned by an earlier run must look like to be reused.
-struct MapSpec {
-    name: &'static str,
-    map_type: MapType,
-    key_size: usize,
-    value_size: usize,
-}
-
-/// `struct event_bucket` in bpf/lib/maps.h: tokens and the last refill time. Only the
-/// datapath reads it, so it has no Rust mirror.
-const EVENT_BUCKET_SIZE: usize = 2 * size_of::<u64>();
-
-const MAPS: [MapSpec; 12] = [
-    MapSpec {
-        name: names::SERVICES,
-        map_type: MapType::Hash,
-        key_size: size_of::<Lb4Key>(),
-        value_size: size_of::<Lb4Service>(),
-    },
-    MapSpec {
-        name: names::BACKENDS,
-        map_type: MapType::Hash,
-        key_size: size_of::<Lb4BackendKey>(),
-        value_size: size_of::<Lb4Backend>(),
-    },
-    MapSpec {
-        name: names::CONNTRACK,
-        map_type: MapType::LruHash,
-        key_size: size_of::<Ct4Key>(),
-        value_size: size_of::<Ct4Entry>(),
-    },
-    MapSpec {
-        name: names::ENDPOINTS,
-        map_type: MapType::Hash,
-        key_size: size_of::<u32>(),
-        value_size: size_of::<EndpointInfo>(),
-    },
-    MapSpec {
-        name: names::METRICS,
-        map_type: MapType::PerCpuArray,
-        key_size: size_of::<u32>(),
-        value_size: size_of::<MetricsValue>(),
-    },
-    MapSpec {
-        name: names::IPCACHE,
-        map_type: MapType::LpmTrie,
-        key_size: size_of::<IpcacheKey>(),
-        value_size: size_of::<IpcacheEntry>(),
-    },
-    MapSpec {
-        name: names::POLICY,
-        map_type: MapType::HashOfMaps,
-        key_size: size_of::<u32>(),
-        // The value of a map of maps is the inner map's id.
-        value_size: size_of::<u32>(),
-    },
-    MapSpec {
-        name: names::FRAGMENTS,
-        map_type: MapType::LruHash,
-        key_size: size_of::<Frag4Key>(),
-        value_size: size_of::<Frag4Ports>(),
-    },
-    MapSpec {
-        name: names::EVENTS,
-        map_type: MapType::RingBuf,
-        // A ring buffer has neither keys nor values; its size is max_entries.
-        key_size: 0,
-        value_size: 0,
-    },
-    MapSpec {
-        name: names::EVENT_CONFIG,
-        map_type: MapType::Array,
-        key_size: size_of::<u32>(),
-        value_size: size_of::<EventConfig>(),
-    },
-    MapSpec {
-        name: names::EVENT_BUCKET,
-        map_type: MapType::PerCpuArray,
-        key_size: size_of::<u32>(),
-        value_size: EVENT_BUCKET_SIZE,
-    },
-    MapSpec {
-        name: names::EVENT_COUNTERS,
-        map_type: MapType::PerCpuArray,
-        key_size: size_of::<u32>(),
-        value_size: size_of::<EventCounter>(),
-    },
-];
 
 #[derive(Clone, Debug)]
 pub struct DatapathConfig {
@@ -160,10 +59,20 @@ pub struct DatapathConfig {
 impl Default for DatapathConfig {
     fn default() -> Self {
         Self {
-            ct_max_entries: 65536,
+            ct_max_entries: MapId::Conntrack.def().max_entries,
             // 100,000 services with three backends take 500,000 service entries; the
             // incumbent's ceiling of 260,000 backends must not be ours.
-            lb_max_entries: 1 << 20,
+            lb_max_entries: MapId::Services.def().max_entries,
+        }
+    }
+}
+
+impl DatapathConfig {
+    /// The capacity `setting` gives the maps it sizes.
+    pub fn capacity(&self, setting: CapacitySetting) -> u32 {
+        match setting {
+            CapacitySetting::Conntrack => self.ct_max_entries,
+            CapacitySetting::LoadBalancer => self.lb_max_entries,
         }
     }
 }
@@ -186,69 +95,69 @@ impl Datapath {
     /// Loads the embedded object. Every map is pinned as `<pin_dir>/<map name>`; maps
     /// already pinned there are reused (agent restart keeps state). Creates `pin_dir`.
     pub fn load(pin_dir: &Path, config: &DatapathConfig) -> Result<Self, DatapathError> {
-        fs::create_dir_all(pin_dir).map_err(|source| DatapathError::Io {
-            call: "mkdir",
-            path: pin_dir.into(),
-            source,
-        })?;
+        create_dir(pin_dir)?;
         // aya reuses a pinned map without comparing it to the object, so a layout change
         // would otherwise go unnoticed and corrupt entries.
-        for spec in &MAPS {
-            check_pinned_map(pin_dir, spec)?;
+        for def in &MAPS {
+            check_pinned_map(pin_dir, def)?;
         }
 
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(names::CONNTRACK, config.ct_max_entries);
-        loader.map_max_entries(names::SERVICES, config.lb_max_entries);
-        loader.map_max_entries(names::BACKENDS, config.lb_max_entries);
-        for spec in &MAPS {
-            loader.map_pin_path(spec.name, pin_dir.join(spec.name));
+        for def in &MAPS {
+            if let Some(setting) = def.capacity {
+                loader.map_max_entries(def.name, config.capacity(setting));
+            }
+            loader.map_pin_path(def.name, pin_dir.join(def.name));
         }
         let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
 
-        for (name, _, _) in HOOKS {
-            classifier(&mut ebpf, name)?
-                .load()
-                .map_err(|source| DatapathError::ProgramLoad {
-                    program: name,
-                    source,
-                })?;
+        for program in &PROGRAMS {
+            let loaded = match program.hook {
+                Hook::Tcx(_) => classifier(&mut ebpf, program.name)?.load(),
+            };
+            loaded.map_err(|source| DatapathError::ProgramLoad {
+                program: program.name,
+                source,
+            })?;
         }
+        adopt_unsorted_links(pin_dir)?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.into(),
         })
     }
 
-    /// Attaches from_container (tcx ingress) and to_container (tcx egress) to `ifname` in
-    /// the current network namespace. Links are pinned as
-    /// `<pin_dir>/links/<ifname>_{ingress,egress}` so traffic survives an agent exit; if
+    fn links_dir(&self, role: AttachRole) -> PathBuf {
+        links_dir(&self.pin_dir, role)
+    }
+
+    /// Attaches the programs of `role` to `target` (for device roles, an interface in the
+    /// current network namespace). Links are pinned as
+    /// `<pin_dir>/links/<role>/<target>_<suffix>` so traffic survives an agent exit; if
     /// pinned links already exist (agent restarted), this program is swapped in atomically.
-    /// Calling it again for an attached interface is harmless.
-    pub fn attach(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        check_ifname(ifname)?;
-        let links_dir = self.pin_dir.join(LINKS_DIR);
-        fs::create_dir_all(&links_dir).map_err(|source| DatapathError::Io {
-            call: "mkdir",
-            path: links_dir.clone(),
-            source,
-        })?;
-        for (name, attach_type, suffix) in HOOKS {
-            let path = links_dir.join(link_pin_name(ifname, suffix));
-            let program = classifier(&mut self.ebpf, name)?;
-            attach_pinned(program, name, ifname, attach_type, &path)?;
+    /// Calling it again for an attached target is harmless.
+    pub fn attach(&mut self, role: AttachRole, target: &str) -> Result<(), DatapathError> {
+        check_target(target)?;
+        let links_dir = self.links_dir(role);
+        create_dir(&links_dir)?;
+        for program in role.programs() {
+            let path = link_pin_path(&self.pin_dir, program, target);
+            match program.hook {
+                Hook::Tcx(attach_type) => {
+                    let classifier = classifier(&mut self.ebpf, program.name)?;
+                    attach_tcx(classifier, program.name, target, attach_type, &path)?;
+                }
+            }
         }
         Ok(())
     }
 
-    /// Unpins and so detaches the links of `ifname` (fine if the interface is already gone).
-    pub fn detach(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        check_ifname(ifname)?;
-        for (_, _, suffix) in HOOKS {
-            let path = self
-                .pin_dir
-                .join(LINKS_DIR)
-                .join(link_pin_name(ifname, suffix));
+    /// Detaches the programs of `role` from `target` and removes their pins (fine if the
+    /// target is already gone).
+    pub fn detach(&mut self, role: AttachRole, target: &str) -> Result<(), DatapathError> {
+        check_target(target)?;
+        for program in role.programs() {
+            let path = link_pin_path(&self.pin_dir, program, target);
             detach_pinned_link(&path)?;
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -265,38 +174,87 @@ impl Datapath {
         Ok(())
     }
 
-    /// Interfaces with pinned links.
-    pub fn attached(&self) -> Result<BTreeSet<String>, DatapathError> {
-        let links_dir = self.pin_dir.join(LINKS_DIR);
-        let io_err = |source| DatapathError::Io {
-            call: "readdir",
-            path: links_dir.clone(),
-            source,
-        };
-        let entries = match fs::read_dir(&links_dir) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
-            Err(err) => return Err(io_err(err)),
-        };
-        let mut interfaces = BTreeSet::new();
-        for entry in entries {
-            let file_name = entry.map_err(io_err)?.file_name();
-            let Some(file_name) = file_name.to_str() else {
-                continue;
-            };
-            if let Some((ifname, suffix)) = file_name.rsplit_once(LINK_SUFFIX_SEPARATOR)
-                && HOOKS.iter().any(|(_, _, s)| *s == suffix)
-            {
-                interfaces.insert(ifname.to_owned());
+    /// Targets of `role` with pinned links.
+    pub fn attached(&self, role: AttachRole) -> Result<BTreeSet<String>, DatapathError> {
+        let links_dir = self.links_dir(role);
+        let mut targets = BTreeSet::new();
+        for file_name in pin_names(&links_dir)? {
+            if let Some(target) = link_target(role, &file_name) {
+                targets.insert(target.to_owned());
             }
         }
-        Ok(interfaces)
+        Ok(targets)
     }
 
     /// The from_container / to_container program, for BPF_PROG_TEST_RUN.
     pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
         classifier(&mut self.ebpf, name)
     }
+}
+
+fn links_dir(pin_dir: &Path, role: AttachRole) -> PathBuf {
+    pin_dir.join(LINKS_DIR).join(role.pin_dir_name())
+}
+
+/// Where the link of `program` on `target` is pinned, for whoever waits for an agent to
+/// attach it.
+pub fn link_pin_path(pin_dir: &Path, program: &ProgramDef, target: &str) -> PathBuf {
+    links_dir(pin_dir, program.role).join(link_pin_name(target, program))
+}
+
+fn create_dir(path: &Path) -> Result<(), DatapathError> {
+    fs::create_dir_all(path).map_err(|source| DatapathError::Io {
+        call: "mkdir",
+        path: path.into(),
+        source,
+    })
+}
+
+/// Names of the files (pins) directly in `dir`; none if it does not exist.
+fn pin_names(dir: &Path) -> Result<Vec<String>, DatapathError> {
+    let io_err = |source| DatapathError::Io {
+        call: "readdir",
+        path: dir.into(),
+        source,
+    };
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(io_err(err)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err)?;
+        if entry.file_type().map_err(io_err)?.is_dir() {
+            continue;
+        }
+        if let Ok(name) = entry.file_name().into_string() {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+/// Moves the pod links an agent before per-role directories pinned straight under
+/// `<pin_dir>/links/` into the pod role's directory, so this agent swaps its programs into
+/// them instead of attaching a second copy beside them.
+fn adopt_unsorted_links(pin_dir: &Path) -> Result<(), DatapathError> {
+    let links_dir = pin_dir.join(LINKS_DIR);
+    let role = AttachRole::PodVeth;
+    for file_name in pin_names(&links_dir)? {
+        if link_target(role, &file_name).is_none() {
+            continue;
+        }
+        let role_dir = links_dir.join(role.pin_dir_name());
+        create_dir(&role_dir)?;
+        let from = links_dir.join(&file_name);
+        fs::rename(&from, role_dir.join(&file_name)).map_err(|source| DatapathError::Io {
+            call: "rename",
+            path: from,
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 fn classifier<'a>(
@@ -314,27 +272,28 @@ fn classifier<'a>(
         })
 }
 
-/// Interface names become file names under the pin directory.
-fn check_ifname(ifname: &str) -> Result<(), DatapathError> {
+/// Targets become file names under the pin directory.
+fn check_target(target: &str) -> Result<(), DatapathError> {
     // IFNAMSIZ is 16 including the terminating NUL; bpffs refuses names with a dot.
-    let valid = !ifname.is_empty()
-        && ifname.len() < 16
-        && !ifname.contains(['/', '.', '\0'])
-        && !ifname.chars().any(char::is_whitespace);
+    let valid = !target.is_empty()
+        && target.len() < 16
+        && !target.contains(['/', '.', '\0'])
+        && !target.chars().any(char::is_whitespace);
     if valid {
         Ok(())
     } else {
-        Err(DatapathError::InvalidInterfaceName(ifname.to_owned()))
+        Err(DatapathError::InvalidInterfaceName(target.to_owned()))
     }
 }
 
-fn check_pinned_map(pin_dir: &Path, spec: &MapSpec) -> Result<(), DatapathError> {
-    let path = pin_dir.join(spec.name);
+/// Refuses a map pinned by an earlier run that does not match the registry.
+fn check_pinned_map(pin_dir: &Path, def: &MapDef) -> Result<(), DatapathError> {
+    let path = pin_dir.join(def.name);
     if !path.exists() {
         return Ok(());
     }
     let map_err = |source| DatapathError::Map {
-        map: spec.name,
+        map: def.name,
         path: path.clone(),
         source,
     };
@@ -345,23 +304,23 @@ fn check_pinned_map(pin_dir: &Path, spec: &MapSpec) -> Result<(), DatapathError>
         info.key_size() as usize,
         info.value_size() as usize,
     );
-    if found != (spec.map_type, spec.key_size, spec.value_size) {
+    if found != (def.kind, def.key_size, def.value_size) {
         return Err(DatapathError::IncompatibleMap {
-            map: spec.name,
+            map: def.name,
             path,
             found: format!("{:?} key {} value {}", found.0, found.1, found.2),
             expected: format!(
-                "{:?} key {} value {}",
-                spec.map_type, spec.key_size, spec.value_size
+                "{:?} key {} ({}) value {} ({})",
+                def.kind, def.key_size, def.key_type, def.value_size, def.value_type
             ),
         });
     }
     Ok(())
 }
 
-/// Attaches `program` through the link pinned at `path`, creating and pinning the link
+/// Attaches `program` through the tcx link pinned at `path`, creating and pinning the link
 /// when there is none yet, or when the pinned one is defunct (its interface was deleted).
-fn attach_pinned(
+fn attach_tcx(
     program: &mut SchedClassifier,
     name: &'static str,
     ifname: &str,
@@ -437,63 +396,22 @@ fn remove_file(path: &Path) -> Result<(), DatapathError> {
 /// Takes the program of the link pinned at `path` off its hook before returning.
 ///
 /// Removing the pin alone would release the link only when the kernel frees it, a moment
-/// later, and aya 0.14 has no call for `BPF_LINK_DETACH`; so open the pin and detach
-/// explicitly. A missing pin, or a link already defunct (its interface is gone), is fine.
+/// later; so open the pin and detach explicitly. A missing pin, or a link already defunct
+/// (its interface is gone), is fine.
 fn detach_pinned_link(path: &Path) -> Result<(), DatapathError> {
-    use std::os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
+    use std::os::fd::AsFd;
+    let sys_err = |err: SyscallError| DatapathError::Io {
+        call: err.call,
+        path: path.into(),
+        source: err.io_error,
     };
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let io_err = |call: &'static str| {
-        let source = io::Error::last_os_error();
-        DatapathError::Io {
-            call,
-            path: path.to_path_buf(),
-            source,
-        }
+    let link = match sys::obj_get(path) {
+        Ok(link) => link,
+        Err(err) if err.io_error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(sys_err(err)),
     };
-    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return Err(DatapathError::InvalidInterfaceName(
-            path.display().to_string(),
-        ));
-    };
-    // union bpf_attr, zeroed; BPF_OBJ_GET reads `pathname` from its first 8 bytes.
-    let mut attr = [0u64; 16];
-    attr[0] = cpath.as_ptr() as u64;
-    // SAFETY: attr outlives the call and is as large as the kernel reads; cpath is NUL-terminated.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_ptr(),
-            size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return match io::Error::last_os_error().kind() {
-            io::ErrorKind::NotFound => Ok(()),
-            _ => Err(io_err("bpf(BPF_OBJ_GET)")),
-        };
+    match sys::link_detach(link.as_fd()) {
+        Err(err) if err.io_error.raw_os_error() != Some(libc::ENOLINK) => Err(sys_err(err)),
+        _ => Ok(()),
     }
-    let fd = i32::try_from(fd).map_err(|_| io_err("bpf(BPF_OBJ_GET)"))?;
-    // SAFETY: the kernel just returned this fd and nothing else owns it.
-    let link = unsafe { OwnedFd::from_raw_fd(fd) };
-    // BPF_LINK_DETACH reads `link_fd`, a u32 in the first 4 bytes (little endian here).
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(link.as_raw_fd().unsigned_abs());
-    // SAFETY: as above.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            attr.as_ptr(),
-            size_of_val(&attr),
-        )
-    };
-    if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::ENOLINK) {
-        return Err(io_err("bpf(BPF_LINK_DETACH)"));
-    }
-    Ok(())
 }

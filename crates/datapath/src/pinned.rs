@@ -2,14 +2,18 @@
 
 use std::{
     fs, io,
+    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::maps::{Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{
+    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf,
+};
 use sluice_common::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue, PolicyEntry, PolicyMatch, names,
+    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MapDef, MapId, MetricsValue, PolicyEntry,
+    PolicyMatch, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -28,7 +32,7 @@ pub fn create_policy_map(capacity: u32) -> Result<PolicyMap, DatapathError> {
     })
 }
 
-use crate::DatapathError;
+use crate::{DatapathError, sys};
 
 /// Typed handles on the pinned maps, opened from bpffs with no programs loaded
 /// (realizer, CLI, tests).
@@ -47,7 +51,8 @@ pub struct PinnedMaps {
     pub event_config: Array<MapData, EventConfig>,
     /// Emitted, suppressed and lost events per CPU, at `event_counter_index(type, dir)`.
     pub event_counters: PerCpuArray<MapData, EventCounter>,
-    capacities: Vec<(&'static str, u32)>,
+    /// Every map of the registry, for capacities and entry counts.
+    pub inventory: MapInventory,
 }
 
 impl std::fmt::Debug for PinnedMaps {
@@ -58,49 +63,102 @@ impl std::fmt::Debug for PinnedMaps {
 
 impl PinnedMaps {
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let mut capacities = Vec::new();
-        let mut open = |name| open_pinned(pin_dir, name, &mut capacities);
-        let services = open(names::SERVICES)?;
-        let backends = open(names::BACKENDS)?;
-        let conntrack = open(names::CONNTRACK)?;
-        let endpoints = open(names::ENDPOINTS)?;
-        let metrics = open(names::METRICS)?;
-        let ipcache = open(names::IPCACHE)?;
-        let policy = open(names::POLICY)?;
-        let fragments = open(names::FRAGMENTS)?;
-        // The ring and the bucket are opened for their capacities only (the ring's
-        // max_entries is its size in bytes); the observer reads the ring (open_events).
-        open(names::EVENTS)?;
-        let event_config = open(names::EVENT_CONFIG)?;
-        open(names::EVENT_BUCKET)?;
-        let event_counters = open(names::EVENT_COUNTERS)?;
         Ok(Self {
-            services: typed(pin_dir, names::SERVICES, services, HashMap::try_from)?,
-            backends: typed(pin_dir, names::BACKENDS, backends, HashMap::try_from)?,
-            conntrack: typed(pin_dir, names::CONNTRACK, conntrack, HashMap::try_from)?,
-            endpoints: typed(pin_dir, names::ENDPOINTS, endpoints, HashMap::try_from)?,
-            metrics: typed(pin_dir, names::METRICS, metrics, PerCpuArray::try_from)?,
-            ipcache: typed(pin_dir, names::IPCACHE, ipcache, LpmTrie::try_from)?,
-            policy: typed(pin_dir, names::POLICY, policy, HashOfMaps::try_from)?,
-            fragments: typed(pin_dir, names::FRAGMENTS, fragments, HashMap::try_from)?,
-            event_config: typed(pin_dir, names::EVENT_CONFIG, event_config, Array::try_from)?,
-            event_counters: typed(
-                pin_dir,
-                names::EVENT_COUNTERS,
-                event_counters,
-                PerCpuArray::try_from,
-            )?,
-            capacities,
+            services: open_typed(pin_dir, MapId::Services, HashMap::try_from)?,
+            backends: open_typed(pin_dir, MapId::Backends, HashMap::try_from)?,
+            conntrack: open_typed(pin_dir, MapId::Conntrack, HashMap::try_from)?,
+            endpoints: open_typed(pin_dir, MapId::Endpoints, HashMap::try_from)?,
+            metrics: open_typed(pin_dir, MapId::Metrics, PerCpuArray::try_from)?,
+            ipcache: open_typed(pin_dir, MapId::Ipcache, LpmTrie::try_from)?,
+            policy: open_typed(pin_dir, MapId::Policy, HashOfMaps::try_from)?,
+            fragments: open_typed(pin_dir, MapId::Fragments, HashMap::try_from)?,
+            event_config: open_typed(pin_dir, MapId::EventConfig, Array::try_from)?,
+            event_counters: open_typed(pin_dir, MapId::EventCounters, PerCpuArray::try_from)?,
+            inventory: MapInventory::open(pin_dir)?,
         })
     }
 
-    /// `(name, max_entries)` of each map, read from the kernel's map info at open.
-    pub fn capacities(&self) -> &[(&'static str, u32)] {
-        &self.capacities
+    /// `(name, max_entries)` of each map in registry order, read from the kernel at open.
+    pub fn capacities(&self) -> Vec<(&'static str, u32)> {
+        self.inventory.capacities()
     }
 }
 
-/// Opens the pinned ring buffer of flow events for reading (one reader at a time: reading
+/// Every pinned map of the registry with its capacity, read from the kernel's map info at
+/// open, and a handle to count its entries whatever its key type.
+pub struct MapInventory {
+    maps: Vec<InventoryEntry>,
+}
+
+struct InventoryEntry {
+    def: &'static MapDef,
+    max_entries: u32,
+    data: MapData,
+}
+
+impl std::fmt::Debug for MapInventory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.maps.iter().map(|m| (m.def.name, m.max_entries)))
+            .finish()
+    }
+}
+
+impl MapInventory {
+    /// Opens every map of the registry pinned under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let mut maps = Vec::with_capacity(MAPS.len());
+        for def in &MAPS {
+            let data = open_pinned(pin_dir, def)?;
+            let max_entries = data
+                .info()
+                .map_err(|source| DatapathError::MapInfo {
+                    map: def.name,
+                    source,
+                })?
+                .max_entries();
+            maps.push(InventoryEntry {
+                def,
+                max_entries,
+                data,
+            });
+        }
+        Ok(Self { maps })
+    }
+
+    fn entry(&self, id: MapId) -> Option<&InventoryEntry> {
+        self.maps.get(id as usize)
+    }
+
+    /// max_entries of the map (for the ring buffer: its size in bytes).
+    pub fn capacity(&self, id: MapId) -> u32 {
+        self.entry(id).map_or(0, |m| m.max_entries)
+    }
+
+    /// How many entries the map holds now, counted as the registry says (see
+    /// `sluice_common::Count`); 0 for a map the registry does not count.
+    pub fn entries(&self, id: MapId) -> Result<u64, DatapathError> {
+        let Some(map) = self.entry(id).filter(|m| m.def.count.is_counted()) else {
+            return Ok(0);
+        };
+        sys::map_count_keys(map.data.fd().as_fd(), map.def.key_size).map_err(|err| {
+            DatapathError::Sys {
+                map: map.def.name,
+                source: err,
+            }
+        })
+    }
+
+    /// `(name, max_entries)` of each map in registry order.
+    pub fn capacities(&self) -> Vec<(&'static str, u32)> {
+        self.maps
+            .iter()
+            .map(|m| (m.def.name, m.max_entries))
+            .collect()
+    }
+}
+
+/// Opens the ring buffer of flow events for reading (one reader at a time: reading
 /// moves the consumer position every opener shares). It implements `AsRawFd`, so it can
 /// be polled, e.g. with tokio's `AsyncFd`.
 pub fn open_events(pin_dir: &Path) -> Result<RingBuf<MapData>, DatapathError> {
@@ -115,37 +173,30 @@ pub fn open_events(pin_dir: &Path) -> Result<RingBuf<MapData>, DatapathError> {
     RingBuf::try_from(map).map_err(map_err)
 }
 
-/// Opens the map pinned as `name` and records its capacity.
-fn open_pinned(
-    pin_dir: &Path,
-    name: &'static str,
-    capacities: &mut Vec<(&'static str, u32)>,
-) -> Result<Map, DatapathError> {
-    let path = pin_dir.join(name);
-    let map_err = |source| DatapathError::Map {
-        map: name,
-        path: path.clone(),
-        source,
-    };
-    let data = MapData::from_pin(&path).map_err(map_err)?;
-    let info = data
-        .info()
-        .map_err(|source| DatapathError::MapInfo { map: name, source })?;
-    capacities.push((name, info.max_entries()));
-    Map::from_map_data(data).map_err(map_err)
-}
-
-fn typed<T>(
-    pin_dir: &Path,
-    name: &'static str,
-    map: Map,
-    convert: impl FnOnce(Map) -> Result<T, aya::maps::MapError>,
-) -> Result<T, DatapathError> {
-    convert(map).map_err(|source| DatapathError::Map {
-        map: name,
-        path: pin_dir.join(name),
+/// Opens the map pinned for `def`.
+fn open_pinned(pin_dir: &Path, def: &MapDef) -> Result<MapData, DatapathError> {
+    let path = pin_dir.join(def.name);
+    MapData::from_pin(&path).map_err(|source| DatapathError::Map {
+        map: def.name,
+        path,
         source,
     })
+}
+
+/// Opens the map pinned for `id` as its typed handle.
+fn open_typed<T>(
+    pin_dir: &Path,
+    id: MapId,
+    convert: impl FnOnce(Map) -> Result<T, MapError>,
+) -> Result<T, DatapathError> {
+    let data = open_pinned(pin_dir, id.def())?;
+    Map::from_map_data(data)
+        .and_then(convert)
+        .map_err(|source| DatapathError::Map {
+            map: id.name(),
+            path: pin_dir.join(id.name()),
+            source,
+        })
 }
 
 /// A fresh pin directory on bpffs, removed with everything pinned under it (links

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use sluice_common::programs;
-use sluice_datapath::{Datapath, DatapathConfig};
+use sluice_datapath::{AttachRole, Datapath, DatapathConfig};
 use support::{NetNs, PinDir};
 
 /// Names of the tcx programs on `ifname` for `attach_type`, in the current netns.
@@ -38,7 +38,7 @@ fn attach_detach_and_restart_swap() {
     netns.run(move || {
         let config = DatapathConfig::default();
         let mut first = Datapath::load(&pin_dir, &config).expect("load");
-        first.attach("lxc0").expect("attach");
+        first.attach(AttachRole::PodVeth, "lxc0").expect("attach");
         assert_eq!(
             tcx_programs("lxc0", TcAttachType::Ingress),
             [programs::FROM_CONTAINER]
@@ -48,11 +48,13 @@ fn attach_detach_and_restart_swap() {
             [programs::TO_CONTAINER]
         );
         assert_eq!(
-            first.attached().unwrap(),
+            first.attached(AttachRole::PodVeth).unwrap(),
             BTreeSet::from(["lxc0".to_owned()])
         );
         // Attaching again is idempotent: still one program per direction.
-        first.attach("lxc0").expect("attach again");
+        first
+            .attach(AttachRole::PodVeth, "lxc0")
+            .expect("attach again");
         assert_eq!(tcx_programs("lxc0", TcAttachType::Ingress).len(), 1);
         let old_ids = tcx_program_ids("lxc0", TcAttachType::Ingress);
 
@@ -62,7 +64,9 @@ fn attach_detach_and_restart_swap() {
 
         // A restarted agent swaps its own programs into the pinned links.
         let mut second = Datapath::load(&pin_dir, &config).expect("reload");
-        second.attach("lxc0").expect("attach after restart");
+        second
+            .attach(AttachRole::PodVeth, "lxc0")
+            .expect("attach after restart");
         let new_ids = tcx_program_ids("lxc0", TcAttachType::Ingress);
         assert_eq!(new_ids.len(), 1);
         assert_ne!(new_ids, old_ids, "the new program replaced the old one");
@@ -71,12 +75,14 @@ fn attach_detach_and_restart_swap() {
             [programs::TO_CONTAINER]
         );
 
-        second.detach("lxc0").expect("detach");
+        second.detach(AttachRole::PodVeth, "lxc0").expect("detach");
         assert!(tcx_programs("lxc0", TcAttachType::Ingress).is_empty());
         assert!(tcx_programs("lxc0", TcAttachType::Egress).is_empty());
-        assert!(second.attached().unwrap().is_empty());
+        assert!(second.attached(AttachRole::PodVeth).unwrap().is_empty());
         // Detaching what is not attached is fine.
-        second.detach("lxc0").expect("detach again");
+        second
+            .detach(AttachRole::PodVeth, "lxc0")
+            .expect("detach again");
     });
 }
 
@@ -90,13 +96,15 @@ fn interface_gone_and_recreated() {
 
     netns.run(move || {
         let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
-        datapath.attach("lxc1").expect("attach");
+        datapath
+            .attach(AttachRole::PodVeth, "lxc1")
+            .expect("attach");
         links.delete_link("lxc1").unwrap();
         // A pod replaced by one whose veth has the same name: the defunct pinned link is
         // replaced by a new one.
         links.add_veth("lxc1", "eth1", None).unwrap();
         datapath
-            .attach("lxc1")
+            .attach(AttachRole::PodVeth, "lxc1")
             .expect("attach to the new interface");
         assert_eq!(
             tcx_programs("lxc1", TcAttachType::Ingress),
@@ -104,9 +112,9 @@ fn interface_gone_and_recreated() {
         );
         links.delete_link("lxc1").unwrap();
         datapath
-            .detach("lxc1")
+            .detach(AttachRole::PodVeth, "lxc1")
             .expect("detach after the interface is gone");
-        assert!(datapath.attached().unwrap().is_empty());
+        assert!(datapath.attached(AttachRole::PodVeth).unwrap().is_empty());
     });
 }
 
@@ -115,7 +123,52 @@ fn bad_interface_names_are_refused() {
     let pins = PinDir::unique("sluice-test-");
     let mut datapath = Datapath::load(pins.path(), &DatapathConfig::default()).expect("load");
     for name in ["", "..", "a/b", "eth0.100", "name-that-is-too-long"] {
-        assert!(datapath.attach(name).is_err(), "{name:?}");
-        assert!(datapath.detach(name).is_err(), "{name:?}");
+        assert!(
+            datapath.attach(AttachRole::PodVeth, name).is_err(),
+            "{name:?}"
+        );
+        assert!(
+            datapath.detach(AttachRole::PodVeth, name).is_err(),
+            "{name:?}"
+        );
     }
+}
+
+#[test]
+fn links_are_pinned_by_role_and_an_older_agents_links_are_adopted() {
+    let netns = NetNs::new();
+    netns.netlink().add_veth("lxc2", "eth2", None).unwrap();
+    let pins = PinDir::unique("sluice-test-");
+    let pin_dir = pins.path().to_owned();
+
+    netns.run(move || {
+        let links = pin_dir.join("links");
+        let mut first = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
+        first.attach(AttachRole::PodVeth, "lxc2").expect("attach");
+        for suffix in ["ingress", "egress"] {
+            assert!(links.join("pod").join(format!("lxc2_{suffix}")).exists());
+        }
+        let old_ids = tcx_program_ids("lxc2", TcAttachType::Ingress);
+        // An agent from before per-role directories pinned its links straight under links/.
+        for suffix in ["ingress", "egress"] {
+            let name = format!("lxc2_{suffix}");
+            std::fs::rename(links.join("pod").join(&name), links.join(&name)).expect("rename");
+        }
+        drop(first);
+
+        let mut second = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("reload");
+        assert_eq!(
+            second.attached(AttachRole::PodVeth).unwrap(),
+            BTreeSet::from(["lxc2".to_owned()])
+        );
+        second.attach(AttachRole::PodVeth, "lxc2").expect("attach");
+        // Swapped into the adopted link: one program, a new one.
+        let new_ids = tcx_program_ids("lxc2", TcAttachType::Ingress);
+        assert_eq!(new_ids.len(), 1);
+        assert_ne!(new_ids, old_ids);
+        assert_eq!(tcx_programs("lxc2", TcAttachType::Egress).len(), 1);
+        assert!(!links.join("lxc2_ingress").exists());
+        second.detach(AttachRole::PodVeth, "lxc2").expect("detach");
+        assert!(tcx_programs("lxc2", TcAttachType::Ingress).is_empty());
+    });
 }

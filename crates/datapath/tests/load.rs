@@ -5,7 +5,7 @@ mod support;
 use std::net::Ipv4Addr;
 
 use aya::maps::{HashMap, MapData};
-use sluice_common::{CT_EGRESS, Ct4Entry, Ct4Key, IPPROTO_TCP, names, programs};
+use sluice_common::{CT_EGRESS, Ct4Entry, Ct4Key, IPPROTO_TCP, MapId, names, programs};
 use sluice_datapath::{Datapath, DatapathConfig, DatapathError, PinnedMaps};
 use support::PinDir;
 
@@ -96,4 +96,29 @@ fn incompatible_pinned_map_is_refused() {
         matches!(err, DatapathError::IncompatibleMap { map, .. } if map == names::CONNTRACK),
         "{err}"
     );
+}
+
+#[test]
+fn inventory_counts_entries_as_the_registry_says() {
+    let pins = PinDir::unique("sluice-test-");
+    let _datapath = Datapath::load(pins.path(), &DatapathConfig::default()).expect("load");
+    let mut maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
+    for port in [40000, 40001, 40002] {
+        let key = Ct4Key::new(
+            (Ipv4Addr::new(10, 0, 1, 2), port),
+            (Ipv4Addr::new(10, 0, 2, 2), 80),
+            IPPROTO_TCP,
+            CT_EGRESS,
+        );
+        maps.conntrack
+            .insert(key, Ct4Entry::default(), 0)
+            .expect("insert");
+    }
+    let inventory = &maps.inventory;
+    assert_eq!(inventory.entries(MapId::Conntrack).expect("count"), 3);
+    assert_eq!(inventory.entries(MapId::Services).expect("count"), 0);
+    // Arrays and the ring are not counted.
+    assert_eq!(inventory.entries(MapId::Metrics).expect("count"), 0);
+    assert_eq!(inventory.capacity(MapId::Conntrack), 65536);
+    assert_eq!(inventory.capacity(MapId::Policy), 4096);
 }

@@ -30,7 +30,7 @@ use sluice_common::{
     IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, LOOPBACK_IPV4, METRIC_DIR_INGRESS, MetricsValue,
     POLICY_INGRESS, PolicyEntry, PolicyKey, addr_be, metrics_index,
 };
-use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps};
+use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
 use sluice_netns::{Ipv4Net, NsThread, Route};
 use support::{NetNs, PinDir, policy_row};
 
@@ -93,8 +93,12 @@ impl Topology {
         let pin_dir = pins.path().to_owned();
         node.run(move || {
             let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
-            datapath.attach("lxc-c").expect("attach lxc-c");
-            datapath.attach("lxc-b").expect("attach lxc-b");
+            datapath
+                .attach(AttachRole::PodVeth, "lxc-c")
+                .expect("attach lxc-c");
+            datapath
+                .attach(AttachRole::PodVeth, "lxc-b")
+                .expect("attach lxc-b");
             // The pinned links keep the programs attached once the loader is gone.
         });
         let maps = PinnedMaps::open(pins.path()).expect("open pinned maps");

@@ -15,9 +15,17 @@ use std::{
 use aya::maps::{HashOfMaps, IterableMap, Map, MapData, lpm_trie::Key};
 use sluice_common::{PolicyEntry, PolicyKey, names};
 use sluice_compiler::EndpointPolicy;
-use sluice_datapath::{PolicyMap, create_policy_map};
+use sluice_datapath::{PolicyMap, create_policy_map, sys};
 
-use crate::{DriftEntry, DriftKind, RealizerError, batch, table::is_not_found, write_stamp};
+use crate::{DriftEntry, DriftKind, RealizerError, maps::is_not_found, write_stamp};
+
+fn sys_err(err: aya::sys::SyscallError) -> RealizerError {
+    RealizerError::Sys {
+        call: err.call,
+        map: names::POLICY,
+        source: err.io_error,
+    }
+}
 
 /// One endpoint's policy map as the kernel holds it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -301,22 +309,14 @@ impl PolicyTable for KernelPolicy {
                 map: names::POLICY,
                 source: std::io::Error::from_raw_os_error(libc::EBADF),
             })?;
-        batch::update(self.fd.as_fd(), &keys, &fds).map_err(|source| RealizerError::Sys {
-            call: "bpf(BPF_MAP_UPDATE_BATCH)",
-            map: names::POLICY,
-            source,
-        })
+        sys::map_update_batch(self.fd.as_fd(), &keys, &fds).map_err(sys_err)
     }
 
     fn remove(&mut self, ifindexes: &[u32]) -> Result<(), RealizerError> {
         if ifindexes.is_empty() {
             return Ok(());
         }
-        batch::delete(self.fd.as_fd(), ifindexes).map_err(|source| RealizerError::Sys {
-            call: "bpf(BPF_MAP_DELETE_BATCH)",
-            map: names::POLICY,
-            source,
-        })
+        sys::map_delete_batch(self.fd.as_fd(), ifindexes).map_err(sys_err)
     }
 }
 

@@ -43,13 +43,7 @@ fn backends(ids: &[u8]) -> BTreeMap<Lb4BackendKey, Lb4Backend> {
         .collect()
 }
 
-type MemTables = Tables<
-    MemoryMap<Lb4Key, Lb4Service>,
-    MemoryMap<Lb4BackendKey, Lb4Backend>,
-    MemoryMap<u32, EndpointInfo>,
-    MemoryMap<IpcacheKey, IpcacheEntry>,
-    MemoryPolicy,
->;
+type MemTables = Tables<Memory>;
 
 fn tables() -> MemTables {
     Tables {
@@ -411,4 +405,17 @@ fn ipcache_drift_is_reported_and_repaired() {
     );
     t.apply(&plan).unwrap();
     assert!(t.plan(Desired::of(&state, 16)).unwrap().is_empty());
+}
+
+#[test]
+fn the_plan_covers_exactly_the_maps_the_registry_realizes() {
+    let state = DesiredState::default();
+    let plan = tables().plan(Desired::of(&state, 16)).unwrap();
+    let mut parts: Vec<MapId> = plan.parts().iter().map(|(id, _)| *id).collect();
+    parts.sort();
+    let mut realized: Vec<MapId> = sluice_common::registry::realized().map(|d| d.id).collect();
+    realized.sort();
+    assert_eq!(parts, realized);
+    // And apply finds a table for each of them.
+    assert!(!tables().apply(&plan).unwrap().changed());
 }

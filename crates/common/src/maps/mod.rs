@@ -1,0 +1,60 @@
+//! `#[repr(C)]` mirrors of the keys and values in `bpf/lib/common.h`, one module per concern.
+//!
+//! Addresses and ports are stored in network byte order, as the datapath reads them
+//! straight from packets; the constructors take host values and convert. Each entry has
+//! one textual form (`Display`), shared by the compiler's dumps, `verify` and the CLI.
+
+mod conntrack;
+mod endpoints;
+mod events;
+mod fragments;
+mod identity;
+mod layout;
+mod metrics;
+mod policy;
+mod services;
+
+use std::net::Ipv4Addr;
+
+pub use conntrack::*;
+pub use endpoints::*;
+pub use events::*;
+pub use fragments::*;
+pub use identity::*;
+pub use layout::*;
+pub use metrics::*;
+pub use policy::*;
+pub use services::*;
+
+/// Names of the programs in the C object.
+pub mod programs {
+    /// tc ingress of the host-side veth: packets leaving the pod.
+    pub const FROM_CONTAINER: &str = "from_container";
+    /// tc egress of the host-side veth: packets entering the pod.
+    pub const TO_CONTAINER: &str = "to_container";
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Network-order `u32` for an address, as the datapath stores it.
+pub fn addr_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Address from a network-order `u32`.
+pub fn addr_from_be(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+/// Protocol name as Kubernetes spells it.
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "TCP",
+        IPPROTO_UDP => "UDP",
+        IPPROTO_SCTP => "SCTP",
+        0 => "ANY",
+        _ => "OTHER",
+    }
+}

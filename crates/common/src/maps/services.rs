@@ -1,0 +1,173 @@
+//! Service frontends and their backend slots (`lb4_services`), and backends (`lb4_backends`).
+
+use super::{addr_be, addr_from_be, proto_name};
+use std::{fmt, net::Ipv4Addr};
+
+pub const SVC_FLAG_CLUSTER_IP: u8 = 1 << 0;
+pub const SVC_FLAG_WILDCARD: u8 = 1 << 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lb4Key {
+    pub address: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: u8,
+    pub slot: u16,
+    pub pad2: u16,
+}
+
+impl Lb4Key {
+    pub fn new(vip: Ipv4Addr, port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            address: addr_be(vip),
+            dport: port.to_be(),
+            proto,
+            pad: 0,
+            slot,
+            pad2: 0,
+        }
+    }
+    /// The key that marks `vip` as a known service address on any port.
+    pub fn wildcard(vip: Ipv4Addr) -> Self {
+        Self::new(vip, 0, 0, 0)
+    }
+    pub fn vip(&self) -> Ipv4Addr {
+        addr_from_be(self.address)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.dport)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Lb4Service {
+    pub backend_address: u32,
+    pub backend_port: u16,
+    pub count: u16,
+    pub flags: u8,
+    pub pad: [u8; 3],
+}
+
+impl Lb4Service {
+    /// Slot 0 of a frontend.
+    pub fn frontend(count: u16, flags: u8) -> Self {
+        Self {
+            count,
+            flags,
+            ..Self::default()
+        }
+    }
+    /// Slot 1..=count of a frontend.
+    pub fn slot(backend: Ipv4Addr, port: u16) -> Self {
+        Self {
+            backend_address: addr_be(backend),
+            backend_port: port.to_be(),
+            ..Self::default()
+        }
+    }
+    pub fn backend(&self) -> Ipv4Addr {
+        addr_from_be(self.backend_address)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.backend_port)
+    }
+}
+
+pub const BACKEND_STATE_ACTIVE: u8 = 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lb4BackendKey {
+    pub address: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+impl Lb4BackendKey {
+    pub fn new(addr: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self {
+            address: addr_be(addr),
+            port: port.to_be(),
+            proto,
+            pad: 0,
+        }
+    }
+    pub fn addr(&self) -> Ipv4Addr {
+        addr_from_be(self.address)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Lb4Backend {
+    pub state: u8,
+    pub pad: [u8; 3],
+}
+
+// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
+// initialized and any bit pattern is valid.
+unsafe impl aya::Pod for Lb4Key {}
+unsafe impl aya::Pod for Lb4Service {}
+unsafe impl aya::Pod for Lb4BackendKey {}
+unsafe impl aya::Pod for Lb4Backend {}
+
+const _: () = {
+    assert!(size_of::<Lb4Key>() == 12);
+    assert!(size_of::<Lb4Service>() == 12);
+    assert!(size_of::<Lb4BackendKey>() == 8);
+    assert!(size_of::<Lb4Backend>() == 4);
+};
+
+impl fmt::Display for Lb4Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.proto == 0 && self.dport == 0 {
+            write!(f, "{}:*", self.vip())
+        } else {
+            write!(
+                f,
+                "{}:{}/{} slot {}",
+                self.vip(),
+                self.port(),
+                proto_name(self.proto),
+                self.slot
+            )
+        }
+    }
+}
+
+impl fmt::Display for Lb4Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.backend_address == 0 {
+            write!(f, "count={} flags={:#04x}", self.count, self.flags)
+        } else {
+            write!(f, "backend={}:{}", self.backend(), self.port())
+        }
+    }
+}
+
+impl fmt::Display for Lb4BackendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}/{}",
+            self.addr(),
+            self.port(),
+            proto_name(self.proto)
+        )
+    }
+}
+
+impl fmt::Display for Lb4Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.state {
+            BACKEND_STATE_ACTIVE => f.write_str("active"),
+            other => write!(f, "state={other}"),
+        }
+    }
+}

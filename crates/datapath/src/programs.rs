@@ -1,0 +1,96 @@
+//! Every program of the datapath, declared once with the role of what it attaches to and
+//! its hook. The loader loads every program here and attaches a role's programs together;
+//! a program for an existing hook kind is one more entry in [`PROGRAMS`].
+//!
+//! Links are pinned per role, as `<pin_dir>/links/<role>/<target>_<suffix>`; bpffs reserves
+//! names containing a dot, so targets with a dot are refused.
+
+use aya::programs::TcAttachType;
+use sluice_common::programs::{FROM_CONTAINER, TO_CONTAINER};
+
+/// What a group of programs is attached to. The pod's host-side veth now; the node's
+/// device, the tunnel device and cgroup socket hooks are the roles to come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AttachRole {
+    /// The host side of a pod's veth pair, one per local endpoint.
+    PodVeth,
+}
+
+impl AttachRole {
+    /// The directory under `<pin_dir>/links/` holding this role's pinned links.
+    pub const fn pin_dir_name(self) -> &'static str {
+        match self {
+            AttachRole::PodVeth => "pod",
+        }
+    }
+
+    /// The programs attached for this role.
+    pub fn programs(self) -> impl Iterator<Item = &'static ProgramDef> {
+        PROGRAMS.iter().filter(move |p| p.role == self)
+    }
+}
+
+/// Where a program is attached: the program type the loader loads it as, and the hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// A tc classifier on a tcx hook of an interface.
+    Tcx(TcAttachType),
+}
+
+/// One program of the C object.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgramDef {
+    /// The function name in the object.
+    pub name: &'static str,
+    pub role: AttachRole,
+    pub hook: Hook,
+    /// Ends the link's pin name; holds no `_`, so the target is what precedes the last one.
+    pub link_suffix: &'static str,
+}
+
+pub const PROGRAMS: [ProgramDef; 2] = [
+    // Packets leaving the pod.
+    ProgramDef {
+        name: FROM_CONTAINER,
+        role: AttachRole::PodVeth,
+        hook: Hook::Tcx(TcAttachType::Ingress),
+        link_suffix: "ingress",
+    },
+    // Packets entering the pod.
+    ProgramDef {
+        name: TO_CONTAINER,
+        role: AttachRole::PodVeth,
+        hook: Hook::Tcx(TcAttachType::Egress),
+        link_suffix: "egress",
+    },
+];
+
+pub(crate) const LINK_SUFFIX_SEPARATOR: char = '_';
+
+/// File name of the pinned link of `program` on `target`.
+pub(crate) fn link_pin_name(target: &str, program: &ProgramDef) -> String {
+    format!("{target}{LINK_SUFFIX_SEPARATOR}{}", program.link_suffix)
+}
+
+/// The target of a link pinned as `file_name` for a program of `role`, if it is one.
+pub(crate) fn link_target(role: AttachRole, file_name: &str) -> Option<&str> {
+    let (target, suffix) = file_name.rsplit_once(LINK_SUFFIX_SEPARATOR)?;
+    role.programs()
+        .any(|p| p.link_suffix == suffix)
+        .then_some(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip() {
+        for program in AttachRole::PodVeth.programs() {
+            assert!(!program.link_suffix.contains(LINK_SUFFIX_SEPARATOR));
+            let name = link_pin_name("lxc_a1", program);
+            assert_eq!(link_target(AttachRole::PodVeth, &name), Some("lxc_a1"));
+        }
+        assert_eq!(link_target(AttachRole::PodVeth, "lxc0_sideways"), None);
+    }
+}

@@ -1,0 +1,227 @@
+//! The bpf(2) commands aya 0.14 does not offer, in one place: opening a pinned object
+//! (`BPF_OBJ_GET`), detaching a link (`BPF_LINK_DETACH`), walking a map's keys without
+//! knowing their type (`BPF_MAP_GET_NEXT_KEY`), and batch updates and deletes
+//! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`).
+//!
+//! Each command gets its own `#[repr(C)]` member of `union bpf_attr` and passes that
+//! member's size; the kernel treats the missing tail of the union as zero. Every failure is
+//! an aya [`SyscallError`] naming the command.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+use aya::sys::SyscallError;
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// bpf(2) with `attr` as its `union bpf_attr`.
+///
+/// # Safety
+/// `A` must be the `#[repr(C)]` layout of the member of `union bpf_attr` that `cmd` reads,
+/// and every pointer it holds must be valid for what the kernel reads or writes through it
+/// during the call.
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> libc::c_long {
+    // SAFETY: the caller vouches for the layout and the pointers; the size passed is A's.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, size_of::<A>()) }
+}
+
+fn last_error(call: &'static str) -> SyscallError {
+    SyscallError {
+        call,
+        io_error: io::Error::last_os_error(),
+    }
+}
+
+fn invalid(call: &'static str) -> SyscallError {
+    SyscallError {
+        call,
+        io_error: io::Error::from_raw_os_error(libc::EINVAL),
+    }
+}
+
+fn raw_fd(fd: BorrowedFd<'_>, call: &'static str) -> Result<u32, SyscallError> {
+    u32::try_from(fd.as_raw_fd()).map_err(|_| invalid(call))
+}
+
+/// The `obj_pin` member: BPF_OBJ_GET reads `pathname` and `file_flags`.
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Opens the object pinned at `path` (a map, program or link). A missing pin is an error
+/// whose kind is [`io::ErrorKind::NotFound`].
+pub fn obj_get(path: &Path) -> Result<OwnedFd, SyscallError> {
+    const CALL: &str = "bpf(BPF_OBJ_GET)";
+    let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| invalid(CALL))?;
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        ..ObjAttr::default()
+    };
+    // SAFETY: ObjAttr is the obj_pin member; `path` is NUL-terminated and outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) };
+    if fd < 0 {
+        return Err(last_error(CALL));
+    }
+    let fd = i32::try_from(fd).map_err(|_| invalid(CALL))?;
+    // SAFETY: the kernel just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The `link_detach` member.
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+/// Takes the program of `link` off its hook now, rather than when the kernel frees the link.
+/// A link already defunct (its interface is gone) fails with `ENOLINK`.
+pub fn link_detach(link: BorrowedFd<'_>) -> Result<(), SyscallError> {
+    const CALL: &str = "bpf(BPF_LINK_DETACH)";
+    let mut attr = LinkDetachAttr {
+        link_fd: raw_fd(link, CALL)?,
+    };
+    // SAFETY: LinkDetachAttr is the link_detach member and holds no pointers.
+    if unsafe { bpf(BPF_LINK_DETACH, &mut attr) } < 0 {
+        return Err(last_error(CALL));
+    }
+    Ok(())
+}
+
+/// The element member used by BPF_MAP_GET_NEXT_KEY.
+#[repr(C)]
+#[derive(Default)]
+struct NextKeyAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    next_key: u64,
+}
+
+/// How many keys the map behind `map` holds, whatever their type (`key_size` bytes each),
+/// counted by walking them as aya's `keys()` does.
+pub fn map_count_keys(map: BorrowedFd<'_>, key_size: usize) -> Result<u64, SyscallError> {
+    const CALL: &str = "bpf(BPF_MAP_GET_NEXT_KEY)";
+    let map_fd = raw_fd(map, CALL)?;
+    let mut key = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut count = 0;
+    loop {
+        let mut attr = NextKeyAttr {
+            map_fd,
+            // A null key asks for the first one.
+            key: if count == 0 { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            ..NextKeyAttr::default()
+        };
+        // SAFETY: NextKeyAttr is the element member; `key` and `next` hold key_size bytes,
+        // what the kernel reads and writes, and outlive the call.
+        if unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } < 0 {
+            let err = last_error(CALL);
+            return match err.io_error.raw_os_error() {
+                Some(libc::ENOENT) => Ok(count),
+                _ => Err(err),
+            };
+        }
+        count += 1;
+        std::mem::swap(&mut key, &mut next);
+    }
+}
+
+/// The `batch` member.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Sets `keys[i]` to `values[i]` in the map behind `map` (u32 keys and values, as in a hash
+/// of maps from ifindex to inner map fd), in order. On a map of maps the kernel waits for
+/// running programs to let go of the old inner maps once per call (about 14 ms), so a batch
+/// costs one wait instead of one per key. On error, the updates before the failing one are
+/// done.
+pub fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u32],
+    values: &[u32],
+) -> Result<(), SyscallError> {
+    const CALL: &str = "bpf(BPF_MAP_UPDATE_BATCH)";
+    if keys.len() != values.len() {
+        return Err(invalid(CALL));
+    }
+    batch(
+        CALL,
+        BPF_MAP_UPDATE_BATCH,
+        map,
+        keys,
+        values.as_ptr() as u64,
+    )
+    .map_err(|(e, _)| e)
+}
+
+/// Deletes `keys` (u32) from the map behind `map`; keys already absent are skipped.
+pub fn map_delete_batch(map: BorrowedFd<'_>, keys: &[u32]) -> Result<(), SyscallError> {
+    const CALL: &str = "bpf(BPF_MAP_DELETE_BATCH)";
+    let mut rest = keys;
+    while !rest.is_empty() {
+        match batch(CALL, BPF_MAP_DELETE_BATCH, map, rest, 0) {
+            Ok(()) => return Ok(()),
+            // The kernel stops at the first absent key and reports how many it deleted.
+            Err((e, done)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                rest = rest.get(done + 1..).unwrap_or_default();
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One batch command over `keys` (and `values`, a pointer to as many u32 values, or 0).
+/// On error, also says how many elements were done.
+fn batch(
+    call: &'static str,
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    keys: &[u32],
+    values: u64,
+) -> Result<(), (SyscallError, usize)> {
+    let (Ok(count), Ok(map_fd)) = (u32::try_from(keys.len()), raw_fd(map, call)) else {
+        return Err((invalid(call), 0));
+    };
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values,
+        count,
+        map_fd,
+        ..BatchAttr::default()
+    };
+    // SAFETY: BatchAttr is the batch member; `keys` (and `values`, given by the caller for
+    // `count` elements) hold u32s, the key and value size of the maps this is used on, and
+    // outlive the call.
+    if unsafe { bpf(cmd, &mut attr) } < 0 {
+        let err = last_error(call);
+        return Err((err, usize::try_from(attr.count).unwrap_or(0)));
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! The set of realized maps and one pass over it: read and diff every map ([`Tables::plan`]),
+//! then write the difference map by map in the registry's realize order
+//! ([`Tables::apply`]).
+
+use std::{collections::BTreeMap, fmt::Display, path::Path};
+
+use aya::{Pod, maps::MapData};
+use sluice_common::{
+    EndpointInfo, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MapId,
+    names, registry,
+};
+use sluice_compiler::{DesiredState, EndpointPolicy};
+use sluice_datapath::PinnedMaps;
+
+use crate::{
+    ApplyStats, DriftEntry, Ipcache, KernelMap, KernelPolicy, MapDiff, MemoryMap, MemoryPolicy,
+    Named, PolicyPlan, PolicyTable, RealizerError, apply_removes, apply_upserts, diff,
+    diff_policies,
+};
+
+/// The handles a realizer writes through: the kernel's pinned maps ([`Kernel`]), or
+/// in-memory maps that record every write ([`Memory`], for tests).
+pub trait Backing {
+    /// A hash map of keys to values.
+    type Hash<K: Pod + Ord, V: Pod + PartialEq>: KernelMap<K, V>;
+    type Ipcache: KernelMap<IpcacheKey, IpcacheEntry>;
+    type Policy: PolicyTable;
+}
+
+/// The maps pinned in the kernel.
+pub struct Kernel;
+
+impl Backing for Kernel {
+    type Hash<K: Pod + Ord, V: Pod + PartialEq> = Named<MapData, K, V>;
+    type Ipcache = Ipcache;
+    type Policy = KernelPolicy;
+}
+
+/// In-memory maps, for tests of ordering and convergence that need no kernel.
+pub struct Memory;
+
+impl Backing for Memory {
+    type Hash<K: Pod + Ord, V: Pod + PartialEq> = MemoryMap<K, V>;
+    type Ipcache = MemoryMap<IpcacheKey, IpcacheEntry>;
+    type Policy = MemoryPolicy;
+}
+
+/// The datapath's maps that hold desired state: those the registry gives a realize order
+/// (`sluice_common::registry::realized`). Conntrack, metrics and fragments are runtime
+/// state and are never realized.
+pub struct Tables<B: Backing> {
+    pub services: B::Hash<Lb4Key, Lb4Service>,
+    pub backends: B::Hash<Lb4BackendKey, Lb4Backend>,
+    pub endpoints: B::Hash<u32, EndpointInfo>,
+    pub ipcache: B::Ipcache,
+    pub policy: B::Policy,
+}
+
+/// The realized maps as they are pinned in the kernel.
+pub type KernelTables = Tables<Kernel>;
+
+impl KernelTables {
+    /// Opens the realized maps pinned under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
+        let maps = PinnedMaps::open(pin_dir).map_err(|e| RealizerError::Datapath(Box::new(e)))?;
+        Ok(Tables {
+            services: Named {
+                name: names::SERVICES,
+                map: maps.services,
+            },
+            backends: Named {
+                name: names::BACKENDS,
+                map: maps.backends,
+            },
+            endpoints: Named {
+                name: names::ENDPOINTS,
+                map: maps.endpoints,
+            },
+            ipcache: Ipcache { map: maps.ipcache },
+            policy: KernelPolicy::open(pin_dir)?,
+        })
+    }
+}
+
+/// The desired content of every realized map.
+#[derive(Clone, Copy)]
+pub struct Desired<'a> {
+    pub services: &'a BTreeMap<Lb4Key, Lb4Service>,
+    pub backends: &'a BTreeMap<Lb4BackendKey, Lb4Backend>,
+    pub endpoints: &'a BTreeMap<u32, EndpointInfo>,
+    pub ipcache: &'a BTreeMap<IpcacheKey, IpcacheEntry>,
+    /// ifindex -> allow rows, for each endpoint that gets a policy map.
+    pub policies: &'a BTreeMap<u32, EndpointPolicy>,
+    /// max_entries of every policy map.
+    pub policy_capacity: u32,
+}
+
+impl<'a> Desired<'a> {
+    /// The realized part of a compiled state, with policy maps of `policy_capacity` rows.
+    pub fn of(state: &'a DesiredState, policy_capacity: u32) -> Self {
+        Self {
+            services: &state.services,
+            backends: &state.backends,
+            endpoints: &state.endpoints,
+            ipcache: &state.ipcache,
+            policies: &state.policies,
+            policy_capacity,
+        }
+    }
+}
+
+/// The differences found in one read of the kernel.
+pub struct Plan {
+    pub services: MapDiff<Lb4Key, Lb4Service>,
+    pub backends: MapDiff<Lb4BackendKey, Lb4Backend>,
+    pub endpoints: MapDiff<u32, EndpointInfo>,
+    pub ipcache: MapDiff<IpcacheKey, IpcacheEntry>,
+    pub policy: PolicyPlan,
+}
+
+/// Frontends (slot 0) are written after their slots and removed before them.
+fn slots_first(k: &Lb4Key) -> u8 {
+    u8::from(k.slot == 0)
+}
+
+fn frontends_first(k: &Lb4Key) -> u8 {
+    u8::from(k.slot != 0)
+}
+
+fn unordered<K>(_: &K) -> u8 {
+    0
+}
+
+/// One realized map's part of a plan, written when the registry's order reaches it.
+trait Step {
+    fn upsert(&mut self) -> Result<usize, RealizerError>;
+    fn remove(&mut self) -> Result<usize, RealizerError>;
+}
+
+/// A key-value map's diff, with the order of its keys within each phase.
+struct Entries<'a, K, V, M> {
+    map: &'a mut M,
+    diff: &'a MapDiff<K, V>,
+    upsert_rank: fn(&K) -> u8,
+    remove_rank: fn(&K) -> u8,
+}
+
+impl<K: Clone, V, M: KernelMap<K, V>> Step for Entries<'_, K, V, M> {
+    fn upsert(&mut self) -> Result<usize, RealizerError> {
+        apply_upserts(self.map, self.diff, self.upsert_rank)
+    }
+    fn remove(&mut self) -> Result<usize, RealizerError> {
+        apply_removes(self.map, self.diff, self.remove_rank)
+    }
+}
+
+/// Policy maps: whole maps swapped in, then endpoints' maps removed.
+struct Policies<'a, P> {
+    table: &'a mut P,
+    plan: &'a PolicyPlan,
+}
+
+impl<P: PolicyTable> Step for Policies<'_, P> {
+    fn upsert(&mut self) -> Result<usize, RealizerError> {
+        self.table.install(&self.plan.installs)?;
+        Ok(self.plan.installs.len())
+    }
+    fn remove(&mut self) -> Result<usize, RealizerError> {
+        let gone: Vec<u32> = self.plan.removes.iter().map(|(i, _)| *i).collect();
+        self.table.remove(&gone)?;
+        Ok(gone.len())
+    }
+}
+
+fn entries<'a, K, V, M>(
+    map: &'a mut M,
+    diff: &'a MapDiff<K, V>,
+    upsert_rank: fn(&K) -> u8,
+    remove_rank: fn(&K) -> u8,
+) -> Box<dyn Step + 'a>
+where
+    K: Clone + 'a,
+    V: 'a,
+    M: KernelMap<K, V> + 'a,
+{
+    Box::new(Entries {
+        map,
+        diff,
+        upsert_rank,
+        remove_rank,
+    })
+}
+
+impl<B: Backing> Tables<B> {
+    /// Reads every realized map from the kernel and diffs it against `desired`.
+    pub fn plan(&self, desired: Desired<'_>) -> Result<Plan, RealizerError> {
+        Ok(Plan {
+            services: diff(desired.services, &self.services.read_all()?),
+            backends: diff(desired.backends, &self.backends.read_all()?),
+            endpoints: diff(desired.endpoints, &self.endpoints.read_all()?),
+            ipcache: diff(desired.ipcache, &self.ipcache.read_all()?),
+            policy: diff_policies(
+                desired.policies,
+                desired.policy_capacity,
+                self.policy.read_all()?,
+            ),
+        })
+    }
+
+    /// Each realized map with its part of `plan`.
+    fn steps<'a>(&'a mut self, plan: &'a Plan) -> BTreeMap<MapId, Box<dyn Step + 'a>> {
+        BTreeMap::from([
+            (
+                MapId::Services,
+                entries(
+                    &mut self.services,
+                    &plan.services,
+                    slots_first,
+                    frontends_first,
+                ),
+            ),
+            (
+                MapId::Backends,
+                entries(&mut self.backends, &plan.backends, unordered, unordered),
+            ),
+            (
+                MapId::Endpoints,
+                entries(&mut self.endpoints, &plan.endpoints, unordered, unordered),
+            ),
+            (
+                MapId::Ipcache,
+                entries(&mut self.ipcache, &plan.ipcache, unordered, unordered),
+            ),
+            (
+                MapId::Policy,
+                Box::new(Policies {
+                    table: &mut self.policy,
+                    plan: &plan.policy,
+                }) as Box<dyn Step>,
+            ),
+        ])
+    }
+
+    /// Applies `plan`: upserts in the registry's realize order, then removals in the
+    /// reverse order.
+    pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, RealizerError> {
+        let mut steps = self.steps(plan);
+        let mut ordered = Vec::new();
+        for def in registry::realized() {
+            let step = steps
+                .remove(&def.id)
+                .ok_or(RealizerError::NotRealized { map: def.name })?;
+            ordered.push(step);
+        }
+        let mut stats = ApplyStats::default();
+        for step in &mut ordered {
+            stats.upserted += step.upsert()?;
+        }
+        for step in ordered.iter_mut().rev() {
+            stats.removed += step.remove()?;
+        }
+        Ok(stats)
+    }
+
+    /// Reads, diffs and applies: one reconcile pass.
+    pub fn realize(&mut self, desired: Desired<'_>) -> Result<ApplyStats, RealizerError> {
+        let plan = self.plan(desired)?;
+        self.apply(&plan)
+    }
+}
+
+/// A realized map's part of a plan, for reports.
+pub(crate) trait Part {
+    fn is_empty(&self) -> bool;
+    fn drift(&self, map: &'static str) -> Vec<DriftEntry>;
+}
+
+impl<K: Display, V: Display> Part for MapDiff<K, V> {
+    fn is_empty(&self) -> bool {
+        MapDiff::is_empty(self)
+    }
+    fn drift(&self, map: &'static str) -> Vec<DriftEntry> {
+        MapDiff::drift(self, map)
+    }
+}
+
+impl Part for PolicyPlan {
+    fn is_empty(&self) -> bool {
+        PolicyPlan::is_empty(self)
+    }
+    fn drift(&self, _map: &'static str) -> Vec<DriftEntry> {
+        PolicyPlan::drift(self)
+    }
+}
+
+impl Plan {
+    /// Every map's part, in registry order.
+    pub(crate) fn parts(&self) -> [(MapId, &dyn Part); 5] {
+        [
+            (MapId::Services, &self.services),
+            (MapId::Backends, &self.backends),
+            (MapId::Endpoints, &self.endpoints),
+            (MapId::Ipcache, &self.ipcache),
+            (MapId::Policy, &self.policy),
+        ]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts().iter().all(|(_, part)| part.is_empty())
+    }
+
+    /// Every drifted entry of every map, map by map in registry order.
+    pub fn drift(&self) -> Vec<DriftEntry> {
+        let mut parts = self.parts();
+        parts.sort_by_key(|(id, _)| *id);
+        parts
+            .iter()
+            .flat_map(|(id, part)| part.drift(id.name()))
+            .collect()
+    }
+}
