@@ -23,6 +23,7 @@
 #include "lib/parse.h"
 #include "lib/policy.h"
 #include "lib/reject.h"
+#include "lib/tunnel.h"
 
 #define LOOPBACK_IPV4 bpf_htonl(LOOPBACK_IPV4_HOST_ORDER)
 
@@ -47,20 +48,23 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 /* The first packet of a connection, with no live entry under @key. Unless it is exempt
  * (@judge false: hairpin), @ep's policy judges it in @direction against @remote:@dport,
  * with its verdict event; then it gets its entry (a TCP RST gets none) and its TRACE
- * event. @backend, if not NULL, is the service backend the packet goes to. Returns 0 to
- * forward the packet or the DROP_* reason; @trace names the remote identity either way. */
+ * event. @remote_identity is the identity a tunnel carried for @remote, or
+ * IDENTITY_UNRESOLVED. @backend, if not NULL, is the service backend the packet goes
+ * to. Returns 0 to forward the packet or the DROP_* reason; @trace names the remote
+ * identity either way. */
 static __always_inline int ct_open(struct __sk_buff *skb, const struct pkt4 *pkt,
 				   const struct ct4_key *key, const struct endpoint_info *ep,
-				   bool judge, __u8 direction, __be32 remote, __be16 dport,
-				   __be32 nat_address, __be16 nat_port, __u8 ct_flags, __u64 now,
-				   const struct lb4_service *backend, struct policy_trace *trace)
+				   bool judge, __u8 direction, __be32 remote, __u32 remote_identity,
+				   __be16 dport, __be32 nat_address, __be16 nat_port, __u8 ct_flags,
+				   __u64 now, const struct lb4_service *backend,
+				   struct policy_trace *trace)
 {
 	/* Events count directions as the metrics do: egress leaves the pod. */
 	__u8 event_dir = direction == POLICY_EGRESS ? METRIC_DIR_EGRESS : METRIC_DIR_INGRESS;
 	bool opens = ct_opens_connection(pkt);
 	int reason;
 
-	*trace = (struct policy_trace){ .remote_identity = IDENTITY_UNRESOLVED };
+	*trace = (struct policy_trace){ .remote_identity = remote_identity };
 	if (judge) {
 		reason = policy_verdict(ep, skb->ifindex, direction, remote, pkt, dport, trace);
 		if (trace->judged && opens)
@@ -129,8 +133,8 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 	if (state == CT_NEW) {
 		/* Hairpin is the pod talking to itself: never judged. */
 		reason = ct_open(skb, pkt, &key, ep, !ct_flags, POLICY_EGRESS,
-				 backend.backend_address, backend.backend_port, pkt->daddr,
-				 pkt->dport, ct_flags, now, &backend, &trace);
+				 backend.backend_address, IDENTITY_UNRESOLVED, backend.backend_port,
+				 pkt->daddr, pkt->dport, ct_flags, now, &backend, &trace);
 		if (reason)
 			return verdict_drop_service(skb, pkt, reason, trace.remote_identity,
 						    &backend);
@@ -144,7 +148,7 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 	    nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, saddr) < 0)
 		return verdict_drop_service(skb, pkt, DROP_WRITE_ERROR, trace.remote_identity,
 					    &backend);
-	return verdict_pass(skb, METRIC_DIR_EGRESS);
+	return forward_egress(skb, pkt, backend.backend_address, ep);
 }
 
 SEC("classifier")
@@ -182,7 +186,7 @@ int from_container(struct __sk_buff *skb)
 	if (ep && pkt.saddr != ep->ipv4)
 		return verdict_drop(skb, &pkt, DROP_INVALID_SOURCE, METRIC_DIR_EGRESS);
 	if (parsed == PARSE_IPV4)
-		return verdict_pass(skb, METRIC_DIR_EGRESS);
+		return forward_egress(skb, &pkt, pkt.daddr, ep);
 	now = ct_now();
 
 	/* Only a hairpin reply goes to LOOPBACK_IPV4: other packets skip the lookup. */
@@ -199,7 +203,7 @@ int from_container(struct __sk_buff *skb)
 		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
 			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
-		return verdict_pass(skb, METRIC_DIR_EGRESS);
+		return forward_egress(skb, &pkt, pkt.daddr, ep);
 	}
 
 	if (lb4_balanced(pkt.proto)) {
@@ -215,15 +219,15 @@ int from_container(struct __sk_buff *skb)
 	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_EGRESS);
 	state = ct_track_established(&key, &pkt, 0, 0, 0, now);
 	if (state == CT_NEW) {
-		reason = ct_open(skb, &pkt, &key, ep, true, POLICY_EGRESS, pkt.daddr, pkt.dport,
-				 0, 0, 0, now, NULL, &trace);
+		reason = ct_open(skb, &pkt, &key, ep, true, POLICY_EGRESS, pkt.daddr,
+				 IDENTITY_UNRESOLVED, pkt.dport, 0, 0, 0, now, NULL, &trace);
 		if (reason)
 			return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_EGRESS,
 						 trace.remote_identity);
 	} else if (state == CT_CLOSING) {
 		event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, 0, IDENTITY_UNRESOLVED);
 	}
-	return verdict_pass(skb, METRIC_DIR_EGRESS);
+	return forward_egress(skb, &pkt, pkt.daddr, ep);
 }
 
 /* Whether @pkt, entering a pod from LOOPBACK_IPV4, is the pod reaching itself
@@ -244,6 +248,8 @@ int to_container(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
 	struct policy_trace trace = { .remote_identity = IDENTITY_UNRESOLVED };
+	/* Taken first, so no mark of ours ever reaches the pod. */
+	__u32 carried = tunnel_identity_take(skb);
 	struct endpoint_info *ep;
 	struct ct4_entry *entry;
 	enum ct_state state;
@@ -307,8 +313,8 @@ int to_container(struct __sk_buff *skb)
 		bool judge = !hairpin_request(&pkt);
 
 		ep = judge ? bpf_map_lookup_elem(&endpoints, &ifindex) : NULL;
-		reason = ct_open(skb, &pkt, &key, ep, judge, POLICY_INGRESS, pkt.saddr, pkt.dport,
-				 0, 0, 0, now, NULL, &trace);
+		reason = ct_open(skb, &pkt, &key, ep, judge, POLICY_INGRESS, pkt.saddr, carried,
+				 pkt.dport, 0, 0, 0, now, NULL, &trace);
 		if (reason)
 			return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_INGRESS,
 						 trace.remote_identity);

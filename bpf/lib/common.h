@@ -118,7 +118,8 @@ struct endpoint_info {
 #define IDENTITY_HOST       1 /* this node */
 #define IDENTITY_WORLD      2 /* outside the cluster, 0.0.0.0/0 */
 #define IDENTITY_REMOTE_NODE 6
-#define IDENTITY_FIRST_ALLOCATED 256 /* label identities; CIDR identities carry scope 0x01 << 24 */
+#define IDENTITY_FIRST_ALLOCATED 256 /* label identities, below IDENTITY_SCOPE_CIDR */
+#define IDENTITY_SCOPE_CIDR (0x01 << 24) /* scope bits of the identities of policy CIDRs */
 
 /* ---- ipcache: LPM trie from address prefix to identity ---- */
 
@@ -130,6 +131,20 @@ struct ipcache_key {
 struct ipcache_entry {
 	__u32 identity;
 	__be32 tunnel_endpoint; /* node that hosts the address; 0: this node or the world */
+};
+
+/* ---- node: how this node reaches the others ---- */
+
+#define ROUTING_MODE_LOCAL  0 /* one node: the node's stack routes every packet */
+#define ROUTING_MODE_TUNNEL 1 /* VXLAN to the node in the ipcache, identity in the VNI */
+#define ROUTING_MODE_NATIVE 2 /* the underlay routes pod addresses: straight to the node */
+
+/* One entry (index 0), written by the agent at start. */
+struct node_config {
+	__u32 tunnel_ifindex;   /* the collect-metadata VXLAN device (tunnel mode) */
+	__u32 underlay_ifindex; /* the device toward the other nodes (native mode) */
+	__u8 routing_mode;      /* ROUTING_MODE_* */
+	__u8 pad[7];
 };
 
 /* ---- policy: per endpoint, an LPM trie inside a hash of maps keyed by ifindex ----
@@ -253,10 +268,15 @@ struct metrics_value {
 #define DROP_INVALID_SOURCE        132 /* pod sent from an address not its own */
 #define DROP_POLICY                133 /* no policy row allows the new connection */
 #define DROP_INVALID               134 /* malformed IPv4 or L4 header */
+#define DROP_FRAG_NEEDED           136 /* DF packet larger than the path: answered with ICMP */
 #define DROP_UNKNOWN_L3            139 /* neither IPv4 nor ARP (IPv6 is not supported yet) */
 #define DROP_WRITE_ERROR           141 /* a packet rewrite helper failed */
+#define DROP_NO_TUNNEL_KEY         147 /* a packet on the tunnel device without tunnel metadata */
 #define DROP_CT_CREATE_FAILED      155 /* conntrack entry could not be written */
 #define DROP_NO_SERVICE            158 /* service has no ready backend: rejected */
+#define DROP_NO_TUNNEL_ENDPOINT    160 /* no node in the ipcache for a tunneled destination */
+#define DROP_INVALID_IDENTITY      171 /* the tunnel carried an identity no pod or node has */
+#define DROP_UNKNOWN_SENDER        172 /* a tunnel packet from an address that is no node */
 #define DROP_FRAG_NOT_FOUND        175 /* later fragment whose first fragment was not seen */
 #define DROP_SERVICE_PORT_UNKNOWN  210 /* known VIP, no frontend for this port */
 #define DROP_NO_BACKEND_SLOT       211 /* frontend count points past its slots */

@@ -96,6 +96,13 @@ struct {
 } metrics SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32); /* always 0 */
+	__type(value, struct node_config);
+	__uint(max_entries, 1);
+} node_config SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, EVENTS_RING_SIZE);
 } events SEC(".maps");

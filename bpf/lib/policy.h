@@ -30,7 +30,8 @@ static __noinline struct policy_entry *policy_row_lookup(void *rows, struct poli
 
 /* What policy_verdict learnt besides the verdict, for the POLICY_VERDICT event. */
 struct policy_trace {
-	__u32 remote_identity; /* IDENTITY_UNRESOLVED unless the ipcache was consulted */
+	__u32 remote_identity; /* in: the identity a tunnel carried, or IDENTITY_UNRESOLVED;
+				* out: also what the ipcache said, if it was consulted */
 	bool judged;           /* the direction is enforced: policy decided */
 	bool host_row;         /* admitted by a row for reserved:host itself */
 };
@@ -38,7 +39,8 @@ struct policy_trace {
 /* Judges a new connection of the endpoint on @ifindex (@ep; NULL when the interface
  * is no known endpoint, which enforces nothing) with the peer @remote on @dport (after
  * service translation). Returns 0 when allowed, after counting the packet on the
- * admitting row, or the DROP_* reason; fills in @trace. */
+ * admitting row, or the DROP_* reason; fills in @trace, whose remote identity the
+ * caller set (IDENTITY_UNRESOLVED: look @remote up). */
 static __always_inline int policy_verdict(const struct endpoint_info *ep, __u32 ifindex,
 					  __u8 direction, __be32 remote, const struct pkt4 *pkt,
 					  __be16 dport, struct policy_trace *trace)
@@ -49,7 +51,6 @@ static __always_inline int policy_verdict(const struct endpoint_info *ep, __u32 
 	struct policy_key key;
 	void *rows;
 
-	trace->remote_identity = IDENTITY_UNRESOLVED;
 	trace->judged = false;
 	trace->host_row = false;
 	if (!ep || !(ep->flags & enforced))
@@ -63,7 +64,9 @@ static __always_inline int policy_verdict(const struct endpoint_info *ep, __u32 
 	if (!rows)
 		return DROP_POLICY_UNAVAILABLE;
 
-	trace->remote_identity = ipcache_identity(remote);
+	/* The identity a tunnel carried is the sender's own; otherwise the ipcache says. */
+	if (trace->remote_identity == IDENTITY_UNRESOLVED)
+		trace->remote_identity = ipcache_identity(remote);
 	key = (struct policy_key){
 		.prefixlen = POLICY_PREFIX_FULL,
 		.rule = {

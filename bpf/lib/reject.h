@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Turning a packet to a service without backends into an ICMP port unreachable. */
+/* Turning a packet back to its sender as ICMP destination unreachable: port unreachable
+ * for a service without backends, fragmentation needed for a DF packet the path to
+ * another node cannot carry. */
 #ifndef SLUICE_REJECT_H
 #define SLUICE_REJECT_H
 
@@ -15,6 +17,7 @@
 
 /* Not from <linux/icmp.h>, for the reason given in parse.h (ICMP_DEST_UNREACH is there). */
 #define ICMP_PORT_UNREACH 3
+#define ICMP_FRAG_NEEDED  4
 
 #define REJECT_TTL 64
 
@@ -24,7 +27,8 @@ struct icmp4_unreach {
 	__u8 type;
 	__u8 code;
 	__sum16 checksum;
-	__be32 unused;
+	__be16 unused;
+	__be16 mtu; /* next-hop MTU of fragmentation needed (RFC 1191); 0 otherwise */
 	struct iphdr quoted_ip;
 	__u8 quoted_l4[8];
 };
@@ -40,12 +44,12 @@ static __always_inline __sum16 csum_fold(__s64 csum)
 	return (__sum16)~sum;
 }
 
-/* Rewrites @pkt in place into an ICMP destination unreachable / port unreachable
- * from the service address back to the client, ready to be redirected to the
- * client. Linux reports it as ECONNREFUSED to TCP connect() and to connected UDP
- * sockets. Only option-less IP headers are quoted (the caller drops others).
- * Returns 0 or a negative value when a helper failed. */
-static __always_inline int reject_port_unreachable(struct __sk_buff *skb, const struct pkt4 *pkt)
+/* Rewrites @pkt in place into an ICMP destination unreachable with @code (and @mtu
+ * for fragmentation needed) from its destination back to its sender, ready to be
+ * redirected to the sender. Only option-less IP headers are quoted (the caller drops
+ * others). Returns 0 or a negative value when a helper failed. */
+static __always_inline int reject_unreachable(struct __sk_buff *skb, const struct pkt4 *pkt,
+					      __u8 code, __u16 mtu)
 {
 	struct icmp4_unreach msg = {};
 	struct iphdr ip = {};
@@ -69,7 +73,8 @@ static __always_inline int reject_port_unreachable(struct __sk_buff *skb, const 
 		return -1;
 
 	msg.type = ICMP_DEST_UNREACH;
-	msg.code = ICMP_PORT_UNREACH;
+	msg.code = code;
+	msg.mtu = bpf_htons(mtu);
 	msg.checksum = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&msg, sizeof(msg), 0));
 
 	ip.version = 4;
@@ -84,6 +89,14 @@ static __always_inline int reject_port_unreachable(struct __sk_buff *skb, const 
 	if (bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) < 0)
 		return -1;
 	return bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &msg, sizeof(msg), 0);
+}
+
+/* A packet to a service without backends, from the service address back to the
+ * client: Linux reports it as ECONNREFUSED to TCP connect() and to connected UDP
+ * sockets. */
+static __always_inline int reject_port_unreachable(struct __sk_buff *skb, const struct pkt4 *pkt)
+{
+	return reject_unreachable(skb, pkt, ICMP_PORT_UNREACH, 0);
 }
 
 #endif

@@ -11,7 +11,7 @@ use aya::maps::MapType;
 
 use crate::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue,
+    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -29,6 +29,7 @@ pub enum MapId {
     EventConfig,
     EventBucket,
     EventCounters,
+    NodeConfig,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -135,7 +136,7 @@ const ENDPOINTS_MAX: u32 = 4096;
 /// Every map, in [`MapId`] order. The realize order puts identities in the ipcache before
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
 /// and backends before the service slots that name them.
-pub const MAPS: [MapDef; 12] = [
+pub const MAPS: [MapDef; 13] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(4), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
@@ -161,6 +162,9 @@ pub const MAPS: [MapDef; 12] = [
          "struct event_bucket", EVENT_BUCKET_SIZE, 1, None, None, Uncounted),
     map!(EventCounters, "event_counters", PerCpuArray, u32 => EventCounter,
          crate::EVENT_COUNTERS_MAX, capacity: None, realize: None, count: Uncounted),
+    // Written once by the agent at start, from its routing flags.
+    map!(NodeConfig, "node_config", Array, u32 => NodeConfig, 1,
+         capacity: None, realize: None, count: Uncounted),
 ];
 
 const _: () = {
@@ -201,6 +205,8 @@ pub mod names {
     pub const EVENT_CONFIG: &str = MapId::EventConfig.name();
     pub const EVENT_BUCKET: &str = MapId::EventBucket.name();
     pub const EVENT_COUNTERS: &str = MapId::EventCounters.name();
+    /// How this node reaches the others.
+    pub const NODE_CONFIG: &str = MapId::NodeConfig.name();
 }
 
 #[cfg(test)]

@@ -33,14 +33,13 @@ pub use error::DatapathError;
 pub use pinned::{
     MapInventory, PinDir, PinnedMaps, PolicyMap, create_policy_map, open_events, remove_pins,
 };
-pub use programs::{AttachRole, Hook, PROGRAMS, ProgramDef};
+pub use programs::{AttachRole, Hook, Object, PROGRAMS, ProgramDef};
 use programs::{link_pin_name, link_target};
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
-
-/// The embedded object, for tests that read its BTF.
+/// The pod programs' object, for tests that read its BTF (every object declares the same
+/// maps and structs).
 pub fn object_bytes() -> &'static [u8] {
-    OBJECT
+    Object::Lxc.bytes()
 }
 
 /// Subdirectory of the pin directory holding the pinned links, one directory per role.
@@ -79,7 +78,8 @@ impl DatapathConfig {
 
 /// The loaded programs and the directory their maps and links are pinned under.
 pub struct Datapath {
-    ebpf: Ebpf,
+    /// One loaded object per [`Object`], in [`Object::ALL`] order.
+    objects: Vec<Ebpf>,
     pin_dir: PathBuf,
 }
 
@@ -92,8 +92,9 @@ impl std::fmt::Debug for Datapath {
 }
 
 impl Datapath {
-    /// Loads the embedded object. Every map is pinned as `<pin_dir>/<map name>`; maps
-    /// already pinned there are reused (agent restart keeps state). Creates `pin_dir`.
+    /// Loads the embedded objects. Every map is pinned as `<pin_dir>/<map name>`; maps
+    /// already pinned there are reused (agent restart keeps state), and the objects share
+    /// them the same way. Creates `pin_dir`.
     pub fn load(pin_dir: &Path, config: &DatapathConfig) -> Result<Self, DatapathError> {
         create_dir(pin_dir)?;
         // aya reuses a pinned map without comparing it to the object, so a layout change
@@ -102,29 +103,19 @@ impl Datapath {
             check_pinned_map(pin_dir, def)?;
         }
 
-        let mut loader = EbpfLoader::new();
-        for def in &MAPS {
-            if let Some(setting) = def.capacity {
-                loader.map_max_entries(def.name, config.capacity(setting));
-            }
-            loader.map_pin_path(def.name, pin_dir.join(def.name));
-        }
-        let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
-
-        for program in &PROGRAMS {
-            let loaded = match program.hook {
-                Hook::Tcx(_) => classifier(&mut ebpf, program.name)?.load(),
-            };
-            loaded.map_err(|source| DatapathError::ProgramLoad {
-                program: program.name,
-                source,
-            })?;
-        }
+        let objects = Object::ALL
+            .into_iter()
+            .map(|object| load_object(object, pin_dir, config))
+            .collect::<Result<_, _>>()?;
         adopt_unsorted_links(pin_dir)?;
         Ok(Self {
-            ebpf,
+            objects,
             pin_dir: pin_dir.into(),
         })
+    }
+
+    fn ebpf(&mut self, object: Object) -> &mut Ebpf {
+        &mut self.objects[object as usize]
     }
 
     fn links_dir(&self, role: AttachRole) -> PathBuf {
@@ -144,7 +135,7 @@ impl Datapath {
             let path = link_pin_path(&self.pin_dir, program, target);
             match program.hook {
                 Hook::Tcx(attach_type) => {
-                    let classifier = classifier(&mut self.ebpf, program.name)?;
+                    let classifier = classifier(self.ebpf(program.object), program.name)?;
                     attach_tcx(classifier, program.name, target, attach_type, &path)?;
                 }
             }
@@ -186,10 +177,41 @@ impl Datapath {
         Ok(targets)
     }
 
-    /// The from_container / to_container program, for BPF_PROG_TEST_RUN.
+    /// A loaded program by name, for BPF_PROG_TEST_RUN.
     pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
-        classifier(&mut self.ebpf, name)
+        let object = PROGRAMS
+            .iter()
+            .find(|p| p.name == name)
+            .map_or(Object::Lxc, |p| p.object);
+        classifier(self.ebpf(object), name)
     }
+}
+
+/// Loads `object` with every map of the registry pinned under `pin_dir` (created by the
+/// first object, reused by the others) and loads its programs into the kernel.
+fn load_object(
+    object: Object,
+    pin_dir: &Path,
+    config: &DatapathConfig,
+) -> Result<Ebpf, DatapathError> {
+    let mut loader = EbpfLoader::new();
+    for def in &MAPS {
+        if let Some(setting) = def.capacity {
+            loader.map_max_entries(def.name, config.capacity(setting));
+        }
+        loader.map_pin_path(def.name, pin_dir.join(def.name));
+    }
+    let mut ebpf = loader.load(object.bytes()).map_err(DatapathError::Load)?;
+    for program in PROGRAMS.iter().filter(|p| p.object == object) {
+        let loaded = match program.hook {
+            Hook::Tcx(_) => classifier(&mut ebpf, program.name)?.load(),
+        };
+        loaded.map_err(|source| DatapathError::ProgramLoad {
+            program: program.name,
+            source,
+        })?;
+    }
+    Ok(ebpf)
 }
 
 fn links_dir(pin_dir: &Path, role: AttachRole) -> PathBuf {

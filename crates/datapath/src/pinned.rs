@@ -12,8 +12,8 @@ use aya::maps::{
 };
 use sluice_common::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MapDef, MapId, MetricsValue, PolicyEntry,
-    PolicyMatch, names,
+    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MapDef, MapId, MetricsValue, NodeConfig,
+    PolicyEntry, PolicyMatch, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -51,6 +51,8 @@ pub struct PinnedMaps {
     pub event_config: Array<MapData, EventConfig>,
     /// Emitted, suppressed and lost events per CPU, at `event_counter_index(type, dir)`.
     pub event_counters: PerCpuArray<MapData, EventCounter>,
+    /// How this node reaches the others (index 0).
+    pub node_config: Array<MapData, NodeConfig>,
     /// Every map of the registry, for capacities and entry counts.
     pub inventory: MapInventory,
 }
@@ -74,6 +76,7 @@ impl PinnedMaps {
             fragments: open_typed(pin_dir, MapId::Fragments, HashMap::try_from)?,
             event_config: open_typed(pin_dir, MapId::EventConfig, Array::try_from)?,
             event_counters: open_typed(pin_dir, MapId::EventCounters, PerCpuArray::try_from)?,
+            node_config: open_typed(pin_dir, MapId::NodeConfig, Array::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
     }

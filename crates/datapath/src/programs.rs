@@ -6,21 +6,26 @@
 //! names containing a dot, so targets with a dot are refused.
 
 use aya::programs::TcAttachType;
-use sluice_common::programs::{FROM_CONTAINER, TO_CONTAINER};
+use sluice_common::programs::{FROM_CONTAINER, FROM_TUNNEL, TO_CONTAINER, TO_TUNNEL};
 
-/// What a group of programs is attached to. The pod's host-side veth now; the node's
-/// device, the tunnel device and cgroup socket hooks are the roles to come.
+/// What a group of programs is attached to. The pod's host-side veth and the node's tunnel
+/// device now; the node's device and cgroup socket hooks are the roles to come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AttachRole {
     /// The host side of a pod's veth pair, one per local endpoint.
     PodVeth,
+    /// The node's collect-metadata VXLAN device (tunnel routing mode).
+    TunnelDevice,
 }
 
 impl AttachRole {
+    pub const ALL: [AttachRole; 2] = [AttachRole::PodVeth, AttachRole::TunnelDevice];
+
     /// The directory under `<pin_dir>/links/` holding this role's pinned links.
     pub const fn pin_dir_name(self) -> &'static str {
         match self {
             AttachRole::PodVeth => "pod",
+            AttachRole::TunnelDevice => "tunnel",
         }
     }
 
@@ -37,21 +42,48 @@ pub enum Hook {
     Tcx(TcAttachType),
 }
 
-/// One program of the C object.
+/// The compiled objects, one per C file of `bpf/` (one file per attach point). They share
+/// every map through the pins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Object {
+    /// `bpf/lxc.c`: the pod's veth.
+    Lxc,
+    /// `bpf/tunnel.c`: the node's tunnel device.
+    Tunnel,
+}
+
+impl Object {
+    pub const ALL: [Object; 2] = [Object::Lxc, Object::Tunnel];
+
+    /// The object's ELF bytes, embedded at build time.
+    pub fn bytes(self) -> &'static [u8] {
+        match self {
+            Object::Lxc => LXC_OBJECT,
+            Object::Tunnel => TUNNEL_OBJECT,
+        }
+    }
+}
+
+static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
+static TUNNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunnel.o"));
+
+/// One program of a C object.
 #[derive(Clone, Copy, Debug)]
 pub struct ProgramDef {
     /// The function name in the object.
     pub name: &'static str,
+    pub object: Object,
     pub role: AttachRole,
     pub hook: Hook,
     /// Ends the link's pin name; holds no `_`, so the target is what precedes the last one.
     pub link_suffix: &'static str,
 }
 
-pub const PROGRAMS: [ProgramDef; 2] = [
+pub const PROGRAMS: [ProgramDef; 4] = [
     // Packets leaving the pod.
     ProgramDef {
         name: FROM_CONTAINER,
+        object: Object::Lxc,
         role: AttachRole::PodVeth,
         hook: Hook::Tcx(TcAttachType::Ingress),
         link_suffix: "ingress",
@@ -59,7 +91,24 @@ pub const PROGRAMS: [ProgramDef; 2] = [
     // Packets entering the pod.
     ProgramDef {
         name: TO_CONTAINER,
+        object: Object::Lxc,
         role: AttachRole::PodVeth,
+        hook: Hook::Tcx(TcAttachType::Egress),
+        link_suffix: "egress",
+    },
+    // Pod traffic from other nodes, decapsulated.
+    ProgramDef {
+        name: FROM_TUNNEL,
+        object: Object::Tunnel,
+        role: AttachRole::TunnelDevice,
+        hook: Hook::Tcx(TcAttachType::Ingress),
+        link_suffix: "ingress",
+    },
+    // What the node's stack routes into the tunnel.
+    ProgramDef {
+        name: TO_TUNNEL,
+        object: Object::Tunnel,
+        role: AttachRole::TunnelDevice,
         hook: Hook::Tcx(TcAttachType::Egress),
         link_suffix: "egress",
     },
@@ -86,10 +135,12 @@ mod tests {
 
     #[test]
     fn pin_names_round_trip() {
-        for program in AttachRole::PodVeth.programs() {
-            assert!(!program.link_suffix.contains(LINK_SUFFIX_SEPARATOR));
-            let name = link_pin_name("lxc_a1", program);
-            assert_eq!(link_target(AttachRole::PodVeth, &name), Some("lxc_a1"));
+        for role in AttachRole::ALL {
+            for program in role.programs() {
+                assert!(!program.link_suffix.contains(LINK_SUFFIX_SEPARATOR));
+                let name = link_pin_name("lxc_a1", program);
+                assert_eq!(link_target(role, &name), Some("lxc_a1"));
+            }
         }
         assert_eq!(link_target(AttachRole::PodVeth, "lxc0_sideways"), None);
     }

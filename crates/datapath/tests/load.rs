@@ -34,10 +34,16 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::EVENT_CONFIG, 1),
             (names::EVENT_BUCKET, 1),
             (names::EVENT_COUNTERS, 16),
+            (names::NODE_CONFIG, 1),
         ]
     );
 
-    for name in [programs::FROM_CONTAINER, programs::TO_CONTAINER] {
+    for name in [
+        programs::FROM_CONTAINER,
+        programs::TO_CONTAINER,
+        programs::FROM_TUNNEL,
+        programs::TO_TUNNEL,
+    ] {
         let info = datapath.program(name).unwrap().info().unwrap();
         let xlated = info.size_translated().unwrap_or(0) / 8;
         println!(

@@ -1,5 +1,5 @@
-//! The map registry in sluice-common matches the maps the compiled object declares, and the
-//! program registry names programs the object has.
+//! The map registry in sluice-common matches the maps every compiled object declares, and
+//! the program registry names programs its object has.
 // A test binary: a panic in a helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -7,13 +7,13 @@ use std::collections::BTreeMap;
 
 use aya_obj::Object;
 use sluice_common::{MAPS, MapDef};
-use sluice_datapath::{PROGRAMS, object_bytes};
+use sluice_datapath::PROGRAMS;
 
 /// `(type, key size, value size, max_entries)` of a map definition.
 type Shape = (u32, usize, usize, u32);
 
-fn object_maps() -> BTreeMap<String, Shape> {
-    let object = Object::parse(object_bytes()).expect("parse the object");
+fn object_maps(bytes: &[u8]) -> BTreeMap<String, Shape> {
+    let object = Object::parse(bytes).expect("parse the object");
     object
         .maps
         .iter()
@@ -63,14 +63,16 @@ fn mismatches(registry: &[MapDef], object: &BTreeMap<String, Shape>) -> Vec<Stri
 }
 
 #[test]
-fn registry_matches_the_object() {
-    let problems = mismatches(&MAPS, &object_maps());
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
+fn registry_matches_every_object() {
+    for object in sluice_datapath::Object::ALL {
+        let problems = mismatches(&MAPS, &object_maps(object.bytes()));
+        assert!(problems.is_empty(), "{object:?}: {}", problems.join("\n"));
+    }
 }
 
 #[test]
 fn a_wrong_declaration_is_caught() {
-    let object = object_maps();
+    let object = object_maps(sluice_datapath::object_bytes());
     let mut registry = MAPS.to_vec();
     registry[sluice_common::MapId::Conntrack as usize].value_size += 8;
     registry.retain(|d| d.name != "frag4");
@@ -81,13 +83,14 @@ fn a_wrong_declaration_is_caught() {
 }
 
 #[test]
-fn every_program_is_in_the_object() {
-    let object = Object::parse(object_bytes()).expect("parse the object");
+fn every_program_is_in_its_object() {
     for program in PROGRAMS {
+        let object = Object::parse(program.object.bytes()).expect("parse the object");
         assert!(
             object.programs.contains_key(program.name),
-            "{} is not in the object",
-            program.name
+            "{} is not in {:?}",
+            program.name,
+            program.object
         );
     }
 }

@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, os::fd::AsRawFd};
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::{
-    Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
     packet_route::{
         link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
         route::RouteScope,
@@ -213,6 +213,33 @@ impl Netlink {
             .block_on(self.handle.link().add(message).execute());
         drop(peer_file);
         added.map_err(self.fail("RTM_NEWLINK", format!("veth {name} peer {peer}")))
+    }
+
+    /// `ip link add <name> type vxlan external dstport <port>`: a VXLAN device whose
+    /// remote and VNI come with each packet (collect metadata, set by eBPF), down.
+    pub fn add_vxlan_external(&self, name: &str, port: u16) -> Result<(), NetNsError> {
+        // As `ip`'s `external`: no VNI of its own and no learning from received packets.
+        let message = LinkMessageBuilder::<LinkVxlan>::new(name)
+            .collect_metadata(true)
+            .learning(false)
+            .port(port)
+            .down()
+            .build();
+        self.runtime
+            .block_on(self.handle.link().add(message).execute())
+            .map_err(self.fail(
+                "RTM_NEWLINK",
+                format!("vxlan {name} external dstport {port}"),
+            ))
+    }
+
+    /// `ip link set <name> arp on|off`.
+    pub fn set_arp(&self, name: &str, on: bool) -> Result<(), NetNsError> {
+        let state = if on { "on" } else { "off" };
+        self.set(
+            LinkUnspec::new_with_name(name).arp(on).build(),
+            format!("{name} arp {state}"),
+        )
     }
 
     /// `ip link add <name> type bridge` (down, like `ip` leaves it).

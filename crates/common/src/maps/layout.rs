@@ -76,6 +76,11 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!("policy_entry", PolicyEntry, [packets, bytes]),
     layout!("frag4_key", Frag4Key, [saddr, daddr, id, proto, pad]),
     layout!("frag4_ports", Frag4Ports, [sport, dport]),
+    layout!(
+        "node_config",
+        NodeConfig,
+        [tunnel_ifindex, underlay_ifindex, routing_mode, pad]
+    ),
     StructLayout {
         name: "flow_event",
         size: size_of::<FlowEvent>(),

@@ -11,6 +11,7 @@ mod fragments;
 mod identity;
 mod layout;
 mod metrics;
+mod node;
 mod policy;
 mod services;
 
@@ -23,6 +24,7 @@ pub use fragments::*;
 pub use identity::*;
 pub use layout::*;
 pub use metrics::*;
+pub use node::*;
 pub use policy::*;
 pub use services::*;
 
@@ -32,6 +34,10 @@ pub mod programs {
     pub const FROM_CONTAINER: &str = "from_container";
     /// tc egress of the host-side veth: packets entering the pod.
     pub const TO_CONTAINER: &str = "to_container";
+    /// tc ingress of the VXLAN device: pod traffic from other nodes.
+    pub const FROM_TUNNEL: &str = "from_tunnel";
+    /// tc egress of the VXLAN device: what the node's stack routes into the tunnel.
+    pub const TO_TUNNEL: &str = "to_tunnel";
 }
 
 pub const IPPROTO_TCP: u8 = 6;

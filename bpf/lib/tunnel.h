@@ -1,0 +1,142 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Pod traffic between nodes. The ipcache names the node that hosts every remote pod
+ * address (tunnel_endpoint); a packet from a local pod to such an address is sent
+ * straight to that node by the datapath, never left to the node's routing table:
+ *  tunnel mode: VXLAN through the node's collect-metadata device, the VNI carrying the
+ *               sending pod's security identity, so the receiving node judges the
+ *               sender's real identity without an ipcache lookup;
+ *  native mode: out of the underlay device to the node's address, which the
+ *               underlay routes to.
+ * A DF packet the path cannot carry is answered with ICMP fragmentation needed, so
+ * path-MTU discovery works; a packet without DF goes to the node's stack, which
+ * fragments it and routes it through the tunnel device (to_tunnel gives it its key).
+ */
+#ifndef SLUICE_TUNNEL_H
+#define SLUICE_TUNNEL_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "common.h"
+#include "events.h"
+#include "identity.h"
+#include "maps.h"
+#include "metrics.h"
+#include "parse.h"
+#include "reject.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+#define TUNNEL_TTL 64
+#define IP_DF      0x4000
+
+/* The identity the tunnel carried travels from from_tunnel to to_container in the
+ * packet's mark: the top byte says the rest is an identity (a VNI has 24 bits). */
+#define MARK_MAGIC_IDENTITY 0xe5000000U
+#define MARK_MAGIC_MASK     0xff000000U
+#define MARK_IDENTITY_MASK  0x00ffffffU
+
+static __always_inline struct node_config *node_config_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&node_config, &zero);
+}
+
+/* The ipcache entry of the longest prefix holding @address, or NULL. */
+static __always_inline struct ipcache_entry *ipcache_lookup(__be32 address)
+{
+	struct ipcache_key key = { .prefixlen = 32, .address = address };
+
+	return bpf_map_lookup_elem(&ipcache, &key);
+}
+
+/* Takes the identity from_tunnel left in the mark, or IDENTITY_UNRESOLVED. */
+static __always_inline __u32 tunnel_identity_take(struct __sk_buff *skb)
+{
+	__u32 identity;
+
+	if ((skb->mark & MARK_MAGIC_MASK) != MARK_MAGIC_IDENTITY)
+		return IDENTITY_UNRESOLVED;
+	identity = skb->mark & MARK_IDENTITY_MASK;
+	skb->mark = 0;
+	return identity;
+}
+
+static __always_inline bool ip_dont_fragment(struct __sk_buff *skb)
+{
+	__be16 frag_off = 0;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + __builtin_offsetof(struct iphdr, frag_off),
+			       &frag_off, sizeof(frag_off)) < 0)
+		return false;
+	return frag_off & bpf_htons(IP_DF);
+}
+
+/* @pkt, from a local pod with @identity, goes to the pod network of the node at
+ * @node (network order). Returns the program's verdict. */
+static __always_inline int forward_to_node(struct __sk_buff *skb, const struct pkt4 *pkt,
+					   const struct node_config *cfg, __be32 node,
+					   __u32 identity)
+{
+	bool tunnel = cfg->routing_mode == ROUTING_MODE_TUNNEL;
+	__u32 ifindex = tunnel ? cfg->tunnel_ifindex : cfg->underlay_ifindex;
+	__u32 mtu = 0;
+
+	if (bpf_check_mtu(skb, ifindex, &mtu, 0, BPF_MTU_CHK_SEGS) > 0) {
+		if (!ip_dont_fragment(skb))
+			return verdict_pass(skb, METRIC_DIR_EGRESS);
+		metrics_count(skb, DROP_FRAG_NEEDED, METRIC_DIR_EGRESS);
+		event_packet(skb, pkt, EVENT_DROP, METRIC_DIR_EGRESS, DROP_FRAG_NEEDED, 0,
+			     IDENTITY_UNRESOLVED);
+		if (reject_unreachable(skb, pkt, ICMP_FRAG_NEEDED, mtu) < 0)
+			return TC_ACT_SHOT;
+		/* Back into the pod's end of the veth, as a service rejection goes. */
+		return bpf_redirect_peer(skb->ifindex, 0);
+	}
+
+	if (tunnel) {
+		struct bpf_tunnel_key key = {
+			.tunnel_id = identity & MARK_IDENTITY_MASK,
+			.remote_ipv4 = bpf_ntohl(node),
+			.tunnel_ttl = TUNNEL_TTL,
+		};
+
+		if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+			return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+		metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
+		return bpf_redirect(ifindex, 0);
+	}
+
+	struct bpf_redir_neigh next_hop = { .nh_family = AF_INET, .ipv4_nh = node };
+
+	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
+	return bpf_redirect_neigh(ifindex, &next_hop, sizeof(next_hop), 0);
+}
+
+/* Forwards @pkt, leaving the local pod @ep for @daddr (after any service translation):
+ * to another node when the ipcache says a node hosts @daddr, else to the node's stack
+ * (this node's pods and the world). */
+static __always_inline int forward_egress(struct __sk_buff *skb, const struct pkt4 *pkt,
+					  __be32 daddr, const struct endpoint_info *ep)
+{
+	struct node_config *cfg = node_config_get();
+	struct ipcache_entry *dest;
+
+	if (!cfg || cfg->routing_mode == ROUTING_MODE_LOCAL)
+		return verdict_pass(skb, METRIC_DIR_EGRESS);
+	dest = ipcache_lookup(daddr);
+	if (!dest || !dest->tunnel_endpoint)
+		return verdict_pass(skb, METRIC_DIR_EGRESS);
+	return forward_to_node(skb, pkt, cfg, dest->tunnel_endpoint,
+			       ep ? ep->identity : ipcache_identity(pkt->saddr));
+}
+
+#endif

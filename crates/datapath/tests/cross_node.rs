@@ -1,0 +1,434 @@
+//! Pod traffic between two nodes through the datapath, in both routing modes (needs root;
+//! never skipped). Each test builds its own topology:
+//!
+//! ```text
+//! pod-a eth0 10.1.1.2 ─veth─ lxc-a ┐                                  ┌ lxc-b ─veth─ eth0 10.1.2.2 pod-b
+//!                         node-a netns ─ u-a 10.200.0.1 ─veth─ u-b 10.200.0.2 ─ node-b netns
+//!                       (tunnel: vxlan0, collect metadata)    (tunnel: vxlan0, collect metadata)
+//! ```
+//!
+//! Neither node has a route to the other's pod subnet: the programs send every pod packet
+//! to the node the ipcache names. Sockets are opened inside a namespace and then used from
+//! the test's thread (a socket keeps the namespace it was made in).
+// A test binary: a panic in a helper is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use aya::maps::{PerCpuValues, lpm_trie::Key};
+use sluice_common::{
+    DropReason, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, IDENTITY_HOST, IDENTITY_REMOTE_NODE,
+    IDENTITY_WORLD, IPPROTO_TCP, IpcacheEntry, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue,
+    NodeConfig, POLICY_INGRESS, PolicyKey, RoutingMode, addr_be, metrics_index,
+};
+use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
+use sluice_netns::{Ipv4Net, Route};
+use support::{NetNs, PinDir, install_policy};
+
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 2);
+const GATEWAY_A: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 1);
+const GATEWAY_B: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 1);
+const NODE_A: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+const NODE_B: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+const IDENTITY_A: u32 = 300;
+const IDENTITY_B: u32 = 301;
+/// What node-b's ipcache wrongly says of pod-a in the tunnel tests: policy must judge
+/// the identity the tunnel carried instead.
+const STALE_IDENTITY: u32 = 999;
+const PORT: u16 = 8080;
+const VXLAN_PORT: u16 = 8472;
+const UNDERLAY_MTU: u32 = 1500;
+/// VXLAN over IPv4 adds 50 bytes.
+const TUNNEL_MTU: u32 = UNDERLAY_MTU - 50;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One node: its namespace, its datapath's maps, and its pod's host-side veth.
+struct Node {
+    ns: NetNs,
+    maps: PinnedMaps,
+    lxc_ifindex: u32,
+    _pins: PinDir,
+}
+
+impl Node {
+    fn metric(&self, reason: DropReason, dir: u32) -> u64 {
+        let values: PerCpuValues<MetricsValue> = self
+            .maps
+            .metrics
+            .get(&metrics_index(reason.code(), dir), 0)
+            .unwrap();
+        values.iter().map(|v| v.packets).sum()
+    }
+
+    fn ipcache(&mut self, address: Ipv4Addr, identity: u32, tunnel_endpoint: Option<Ipv4Addr>) {
+        let prefixlen = if address.is_unspecified() { 0 } else { 32 };
+        let entry = IpcacheEntry {
+            identity,
+            tunnel_endpoint: tunnel_endpoint.map_or(0, addr_be),
+        };
+        self.maps
+            .ipcache
+            .insert(&Key::new(prefixlen, addr_be(address)), entry, 0)
+            .unwrap();
+    }
+
+    /// The pod's ingress allows TCP to PORT from `identity` only.
+    fn allow_ingress_from(&mut self, identity: u32) {
+        let ifindex = self.lxc_ifindex;
+        let mut endpoint = self.maps.endpoints.get(&ifindex, 0).unwrap();
+        endpoint.flags |= ENDPOINT_F_INGRESS_ENFORCED;
+        install_policy(
+            &mut self.maps,
+            ifindex,
+            &[PolicyKey::ports(
+                identity,
+                POLICY_INGRESS,
+                IPPROTO_TCP,
+                PORT,
+                16,
+            )],
+        );
+        self.maps.endpoints.insert(ifindex, endpoint, 0).unwrap();
+    }
+}
+
+struct TwoNodes {
+    a: Node,
+    b: Node,
+    pod_a: NetNs,
+    pod_b: NetNs,
+}
+
+/// Builds one node's namespace with its pod, loads and attaches the datapath. Returns the
+/// node, its pod, the pins and the ifindex of the pod's host-side veth.
+fn node(mode: RoutingMode, suffix: char, subnet: u8, pod_mtu: u32) -> (NetNs, NetNs, PinDir, u32) {
+    let ns = NetNs::new();
+    let pod = NetNs::new();
+    ns.ns()
+        .set_sysctls(&[
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ])
+        .unwrap();
+    let lxc = format!("lxc-{suffix}");
+    let gateway = Ipv4Addr::new(10, 1, subnet, 1);
+    let on_node = ns.netlink();
+    let in_pod = pod.netlink();
+    on_node.add_veth(&lxc, "eth0", Some(pod.ns())).unwrap();
+    on_node
+        .add_address(&lxc, Ipv4Net::new(gateway, 24).unwrap().into())
+        .unwrap();
+    on_node.set_up(&lxc).unwrap();
+    in_pod.set_mtu("eth0", pod_mtu).unwrap();
+    in_pod
+        .add_address(
+            "eth0",
+            Ipv4Net::new(Ipv4Addr::new(10, 1, subnet, 2), 24)
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    in_pod.set_up("eth0").unwrap();
+    in_pod.add_route(&Route::default_via(gateway)).unwrap();
+    if mode == RoutingMode::Tunnel {
+        on_node.add_vxlan_external("vxlan0", VXLAN_PORT).unwrap();
+        on_node.set_mtu("vxlan0", TUNNEL_MTU).unwrap();
+        // Without neighbours on the tunnel, the stack's own packets to remote pods (the
+        // fallback route) go out with the device's own address as inner destination.
+        on_node.set_arp("vxlan0", false).unwrap();
+        on_node.set_up("vxlan0").unwrap();
+    }
+
+    let pins = PinDir::unique("sluice-test-");
+    let pin_dir = pins.path().to_owned();
+    let lxc_name = lxc.clone();
+    let lxc_ifindex = ns.run(move || {
+        let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
+        datapath
+            .attach(AttachRole::PodVeth, &lxc_name)
+            .expect("attach lxc");
+        if mode == RoutingMode::Tunnel {
+            datapath
+                .attach(AttachRole::TunnelDevice, "vxlan0")
+                .expect("attach vxlan0");
+        }
+        nix::net::if_::if_nametoindex(lxc_name.as_str()).unwrap()
+    });
+    (ns, pod, pins, lxc_ifindex)
+}
+
+impl TwoNodes {
+    fn new(mode: RoutingMode, pod_mtu: u32) -> Self {
+        let (ns_a, pod_a, pins_a, lxc_a) = node(mode, 'a', 1, pod_mtu);
+        let (ns_b, pod_b, pins_b, lxc_b) = node(mode, 'b', 2, pod_mtu);
+        ns_a.netlink()
+            .add_veth("u-a", "u-b", Some(ns_b.ns()))
+            .unwrap();
+        for (ns, dev, addr) in [(&ns_a, "u-a", NODE_A), (&ns_b, "u-b", NODE_B)] {
+            let links = ns.netlink();
+            links
+                .add_address(dev, Ipv4Net::new(addr, 24).unwrap().into())
+                .unwrap();
+            links.set_mtu(dev, UNDERLAY_MTU).unwrap();
+            links.set_up(dev).unwrap();
+        }
+        let mut nodes = [
+            (
+                ns_a, pins_a, lxc_a, POD_A, IDENTITY_A, NODE_A, GATEWAY_A, "u-a",
+            ),
+            (
+                ns_b, pins_b, lxc_b, POD_B, IDENTITY_B, NODE_B, GATEWAY_B, "u-b",
+            ),
+        ]
+        .map(
+            |(ns, pins, lxc_ifindex, pod, identity, address, gateway, underlay)| {
+                let mut maps = PinnedMaps::open(pins.path()).unwrap();
+                maps.endpoints
+                    .insert(lxc_ifindex, EndpointInfo::new(pod, identity), 0)
+                    .unwrap();
+                let (tunnel_ifindex, underlay_ifindex) = ns.run(move || {
+                    let index = |name: &str| nix::net::if_::if_nametoindex(name).unwrap_or(0);
+                    (index("vxlan0"), index(underlay))
+                });
+                maps.node_config
+                    .set(
+                        0,
+                        NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex),
+                        0,
+                    )
+                    .unwrap();
+                let mut node = Node {
+                    ns,
+                    maps,
+                    lxc_ifindex,
+                    _pins: pins,
+                };
+                node.ipcache(pod, identity, None);
+                node.ipcache(address, IDENTITY_HOST, None);
+                node.ipcache(gateway, IDENTITY_HOST, None);
+                node.ipcache(Ipv4Addr::UNSPECIFIED, IDENTITY_WORLD, None);
+                node
+            },
+        );
+        // Each node learns the other: its pod, its pod-network address and its own.
+        let [a, b] = &mut nodes;
+        for (node, pod, identity, address, gateway) in [
+            (&mut *a, POD_B, IDENTITY_B, NODE_B, GATEWAY_B),
+            (&mut *b, POD_A, IDENTITY_A, NODE_A, GATEWAY_A),
+        ] {
+            node.ipcache(pod, identity, Some(address));
+            node.ipcache(gateway, IDENTITY_REMOTE_NODE, Some(address));
+            node.ipcache(address, IDENTITY_REMOTE_NODE, None);
+        }
+        let [a, b] = nodes;
+        Self { a, b, pod_a, pod_b }
+    }
+}
+
+fn listen(netns: &NetNs, port: u16) -> TcpListener {
+    netns.run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap())
+}
+
+fn connect(netns: &NetNs, to: Ipv4Addr, port: u16) -> io::Result<TcpStream> {
+    let to = SocketAddrV4::new(to, port);
+    netns.run(move || TcpStream::connect_timeout(&to.into(), TIMEOUT))
+}
+
+/// One request and answer over a new connection: the server answers with the client's
+/// address as it saw it. Returns that address.
+fn exchange(client: &NetNs, listener: &TcpListener, to: Ipv4Addr) -> io::Result<String> {
+    let mut stream = connect(client, to, PORT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let (mut accepted, peer) = listener.accept()?;
+    stream.write_all(b"ping")?;
+    let mut request = [0u8; 4];
+    accepted.read_exact(&mut request)?;
+    accepted.write_all(peer.ip().to_string().as_bytes())?;
+    drop(accepted);
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn udp_round_trip(nodes: &TwoNodes) -> String {
+    let server = nodes
+        .pod_b
+        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PORT)).unwrap());
+    let client = nodes
+        .pod_a
+        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap());
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    server.set_read_timeout(Some(TIMEOUT)).unwrap();
+    client.send_to(b"question", (POD_B, PORT)).unwrap();
+    let mut buf = [0u8; 64];
+    let (_, peer) = server.recv_from(&mut buf).expect("datagram across nodes");
+    server
+        .send_to(peer.ip().to_string().as_bytes(), peer)
+        .unwrap();
+    let n = client.recv(&mut buf).expect("answer across nodes");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn tunnel_carries_pod_traffic_and_the_senders_identity() {
+    let mut nodes = TwoNodes::new(RoutingMode::Tunnel, TUNNEL_MTU);
+    let listener = listen(&nodes.pod_b, PORT);
+    assert_eq!(
+        exchange(&nodes.pod_a, &listener, POD_B).unwrap(),
+        POD_A.to_string()
+    );
+    assert_eq!(udp_round_trip(&nodes), POD_A.to_string());
+
+    // node-b's ipcache no longer tells pod-a's identity; the VNI still does.
+    nodes.b.ipcache(POD_A, STALE_IDENTITY, Some(NODE_A));
+    nodes.b.allow_ingress_from(IDENTITY_A);
+    assert_eq!(
+        exchange(&nodes.pod_a, &listener, POD_B).unwrap(),
+        POD_A.to_string(),
+        "policy admits the identity the tunnel carried"
+    );
+    nodes.b.allow_ingress_from(STALE_IDENTITY);
+    let denied_before = nodes.b.metric(DropReason::Policy, METRIC_DIR_INGRESS);
+    assert!(connect(&nodes.pod_a, POD_B, PORT).is_err());
+    assert!(nodes.b.metric(DropReason::Policy, METRIC_DIR_INGRESS) > denied_before);
+}
+
+#[test]
+fn native_routing_carries_pod_traffic_without_node_routes() {
+    let mut nodes = TwoNodes::new(RoutingMode::Native, UNDERLAY_MTU);
+    let listener = listen(&nodes.pod_b, PORT);
+    assert_eq!(
+        exchange(&nodes.pod_a, &listener, POD_B).unwrap(),
+        POD_A.to_string()
+    );
+    assert_eq!(udp_round_trip(&nodes), POD_A.to_string());
+
+    // Without a tunnel the ipcache names the sender.
+    nodes.b.allow_ingress_from(IDENTITY_A);
+    assert!(exchange(&nodes.pod_a, &listener, POD_B).is_ok());
+    nodes.b.allow_ingress_from(STALE_IDENTITY);
+    assert!(connect(&nodes.pod_a, POD_B, PORT).is_err());
+}
+
+#[test]
+fn a_node_reaches_a_pod_on_another_node_as_remote_node() {
+    let mut nodes = TwoNodes::new(RoutingMode::Tunnel, TUNNEL_MTU);
+    // The node's own traffic takes its stack's route into the tunnel; to_tunnel keys it.
+    nodes
+        .a
+        .ns
+        .netlink()
+        .add_route(&Route::device("10.1.2.0/24".parse().unwrap(), "vxlan0").src(GATEWAY_A))
+        .unwrap();
+    let listener = listen(&nodes.pod_b, PORT);
+    nodes.b.allow_ingress_from(IDENTITY_REMOTE_NODE);
+    assert_eq!(
+        exchange(&nodes.a.ns, &listener, POD_B).unwrap(),
+        GATEWAY_A.to_string()
+    );
+    nodes.b.allow_ingress_from(IDENTITY_A);
+    assert!(connect(&nodes.a.ns, POD_B, PORT).is_err());
+}
+
+/// A VXLAN datagram whose VNI claims pod-a's identity and whose inner packet is a UDP
+/// datagram from pod-a to pod-b.
+fn forged_vxlan(vni: u32) -> Vec<u8> {
+    let mut inner_udp = Vec::new();
+    inner_udp.extend_from_slice(&40000u16.to_be_bytes());
+    inner_udp.extend_from_slice(&PORT.to_be_bytes());
+    inner_udp.extend_from_slice(&(8u16 + 6).to_be_bytes());
+    inner_udp.extend_from_slice(&[0, 0]);
+    inner_udp.extend_from_slice(b"forged");
+    let mut ip = support::ipv4_header(POD_A, POD_B, 17, inner_udp.len());
+    ip.extend_from_slice(&inner_udp);
+    let frame = support::ethernet(support::POD_MAC, support::NODE_MAC, &ip);
+    let mut vxlan = vec![0x08, 0, 0, 0];
+    vxlan.extend_from_slice(&(vni << 8).to_be_bytes());
+    vxlan.extend_from_slice(&frame);
+    vxlan
+}
+
+#[test]
+fn a_vxlan_packet_from_a_pod_cannot_claim_an_identity() {
+    let nodes = TwoNodes::new(RoutingMode::Tunnel, TUNNEL_MTU);
+    let server = nodes
+        .pod_b
+        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PORT)).unwrap());
+    server
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let sender = nodes
+        .pod_a
+        .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap());
+    for _ in 0..3 {
+        sender
+            .send_to(&forged_vxlan(IDENTITY_A), (NODE_B, VXLAN_PORT))
+            .unwrap();
+    }
+    let mut buf = [0u8; 64];
+    assert!(server.recv_from(&mut buf).is_err(), "nothing reaches pod-b");
+    assert!(
+        nodes
+            .b
+            .metric(DropReason::UnknownSender, METRIC_DIR_INGRESS)
+            >= 3
+    );
+}
+
+#[test]
+fn path_mtu_discovery_works_through_the_tunnel() {
+    // The pods believe in the underlay's MTU; the tunnel carries 50 bytes less.
+    let nodes = TwoNodes::new(RoutingMode::Tunnel, UNDERLAY_MTU);
+    let listener = listen(&nodes.pod_b, PORT);
+    let mut stream = connect(&nodes.pod_a, POD_B, PORT).unwrap();
+    let (mut accepted, _) = listener.accept().unwrap();
+    accepted.set_read_timeout(Some(TIMEOUT)).unwrap();
+
+    let payload: Vec<u8> = (0..4 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+    let expected = payload.clone();
+    let writer = std::thread::spawn(move || {
+        stream.write_all(&payload).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut received = Vec::new();
+    accepted.read_to_end(&mut received).unwrap();
+    writer.join().unwrap();
+    assert!(received == expected, "4 MiB arrived intact");
+    assert!(nodes.a.metric(DropReason::FragNeeded, METRIC_DIR_EGRESS) > 0);
+}
+
+#[test]
+fn a_cluster_ip_balances_to_a_backend_on_another_node_in_both_modes() {
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+    for mode in [RoutingMode::Tunnel, RoutingMode::Native] {
+        let mut nodes = TwoNodes::new(mode, TUNNEL_MTU);
+        support::add_service(
+            &mut nodes.a.maps,
+            SocketAddrV4::new(VIP, 80),
+            IPPROTO_TCP,
+            &[SocketAddrV4::new(POD_B, PORT)],
+        );
+        let listener = listen(&nodes.pod_b, PORT);
+        for _ in 0..3 {
+            let mut stream = connect(&nodes.pod_a, VIP, 80).unwrap();
+            stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+            let (mut accepted, peer) = listener.accept().unwrap();
+            assert_eq!(peer.ip(), POD_A, "{mode:?}: the backend sees the client");
+            accepted.write_all(b"pong").unwrap();
+            drop(accepted);
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).unwrap();
+            // The reply was reverse-NATed where the client is.
+            assert_eq!(answer, "pong");
+            assert_eq!(stream.peer_addr().unwrap().ip(), VIP);
+        }
+    }
+}
