@@ -29,7 +29,7 @@ use sluice_store::{
 };
 
 use crate::{
-    DesiredState, EndpointDetails, EndpointPolicy, Identity, NodeContext,
+    DesiredState, EndpointDetails, EndpointPolicy, Identity, NodeContext, admitted_ipv4,
     identity::{self, LABEL_HOST, LABEL_REMOTE_NODE, LABEL_WORLD, Scope},
     namespace_of, protocol_number,
 };
@@ -188,7 +188,7 @@ impl CompiledEndpoint {
     /// An endpoint whose Pod is defined twice (reported with the pods): which labels apply
     /// is unknown, so it fails closed in both directions.
     fn unknown(endpoint: &LocalEndpoint) -> Self {
-        let mut info = EndpointInfo::new(endpoint.ipv4, IDENTITY_ANY);
+        let mut info = EndpointInfo::new(admitted_ipv4(endpoint), IDENTITY_ANY);
         info.flags = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
         Self {
             info,
@@ -196,7 +196,7 @@ impl CompiledEndpoint {
                 namespace: endpoint.namespace.clone(),
                 pod: endpoint.pod.clone(),
                 interface: endpoint.interface.clone(),
-                ipv4: endpoint.ipv4,
+                ipv4: admitted_ipv4(endpoint),
                 identity: IDENTITY_ANY,
                 ingress_enforced: true,
                 egress_enforced: true,
@@ -572,7 +572,7 @@ fn workload<'a>(
         status
             .and_then(|s| s.pod_ip.as_deref())
             .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-            .or(endpoint.map(|e| e.ipv4))
+            .or(endpoint.and_then(LocalEndpoint::ipv4))
     };
     // Without an address or a local endpoint a pod can be neither reached nor judged.
     if address.is_none() && endpoint.is_none() {
@@ -681,7 +681,7 @@ impl World<'_> {
                 rows.len()
             ));
         }
-        let mut info = EndpointInfo::new(endpoint.ipv4, w.identity);
+        let mut info = EndpointInfo::new(admitted_ipv4(endpoint), w.identity);
         info.flags = flags;
         CompiledEndpoint {
             info,
@@ -689,7 +689,7 @@ impl World<'_> {
                 namespace: endpoint.namespace.clone(),
                 pod: endpoint.pod.clone(),
                 interface: endpoint.interface.clone(),
-                ipv4: endpoint.ipv4,
+                ipv4: admitted_ipv4(endpoint),
                 identity: w.identity,
                 ingress_enforced: ingress,
                 egress_enforced: egress,
