@@ -31,7 +31,7 @@ use crate::{AgentError, reconcile::Request};
 
 /// The reconcile loop's state as of its last step, replaced whole (never edited) so a
 /// reader holds a consistent copy for as long as it likes.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug)]
 pub struct Published {
     pub name: String,
     /// Rows each endpoint's policy map holds.
