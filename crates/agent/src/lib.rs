@@ -60,8 +60,9 @@ pub enum AgentError {
     NoSnapshot,
     #[error("the reconcile loop has stopped")]
     Stopped,
-    #[error("a reconcile step or API view panicked: {0}")]
-    Panicked(#[from] tokio::task::JoinError),
+    /// A reconcile step or API view on the blocking pool panicked or was cancelled.
+    #[error("blocking task: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
 }
 
 impl From<sluice_datapath::DatapathError> for AgentError {

@@ -63,13 +63,13 @@ fn keeps_reconciling_and_stops_on_sigterm_after_its_source_ends() {
 
 #[test]
 fn status_answers_while_a_long_pass_runs() {
-    const SERVICES: u32 = 8_000;
+    const SERVICES: u32 = 10_000;
     let mut agent = Agent::start("busy", &snapshot(1, 1), "2");
     agent.wait_realized(1);
 
     // Thousands of services: one pass compiles them and writes five map entries each (a
     // frontend, two slots, two backends), seconds of work in a debug build. Status itself
-    // counts every map's entries, so it too grows with them: 8,000 keep it near 0.1 s.
+    // counts every map's entries, so it too grows with them: 10,000 keep it near 0.1 s.
     write(&agent.cluster_file(), &snapshot(2, SERVICES));
     let written = Instant::now();
     let client = Client::new(&agent.socket);
@@ -93,7 +93,7 @@ fn status_answers_while_a_long_pass_runs() {
             "{SERVICES} services not realized within 300 s\n{}",
             agent.log_text()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
     }
     eprintln!(
         "{SERVICES} services realized {:?} after the write; status answered {} times during \
