@@ -117,3 +117,74 @@ fn read(path: &Path) -> Option<Snapshot> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test")]
+
+    use std::{sync::Arc, time::Duration};
+
+    use tokio::sync::watch;
+
+    use super::*;
+
+    fn snapshot(revision: u64) -> Snapshot {
+        Snapshot {
+            revision,
+            ..Snapshot::default()
+        }
+    }
+
+    /// The next snapshot the source sends, or None once it has ended.
+    fn next(rx: &mut watch::Receiver<Arc<Snapshot>>) -> Option<u64> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), rx.changed())
+                .await
+                .unwrap()
+                .ok()?;
+            Some(rx.borrow_and_update().revision)
+        })
+    }
+
+    /// Removes the directory also when the test fails before it does.
+    struct Cleanup(PathBuf);
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn sends_each_new_revision_and_ends_with_its_directory() {
+        let dir = std::env::temp_dir().join(format!("sluice-cluster-file-{}", std::process::id()));
+        let _cleanup = Cleanup(dir.clone());
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cluster.json");
+        snapshot(1).write_file(&path).unwrap();
+        let source = Box::new(ClusterFile::open(path.clone()).unwrap());
+        let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
+        let thread = std::thread::spawn(move || source.run(&Updates(tx)));
+
+        assert_eq!(next(&mut rx), Some(1), "the file as it is at start");
+        snapshot(1).write_file(&path).unwrap();
+        snapshot(2).write_file(&path).unwrap();
+        assert_eq!(
+            next(&mut rx),
+            Some(2),
+            "the same revision again is no change"
+        );
+        std::fs::write(dir.join("other.json"), "{}").unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(next(&mut rx), None, "the source ended");
+        let ended = thread.join().unwrap();
+        assert!(
+            matches!(&ended, Err(AgentError::SourceGone { path }) if *path == dir),
+            "{ended:?}"
+        );
+    }
+}
