@@ -56,7 +56,8 @@ pub enum AgentError {
     },
     #[error("{path} was removed or moved away")]
     SourceGone { path: PathBuf },
-    #[error("the source ended before its first snapshot")]
+    /// The source has not delivered its first snapshot (or ended without one).
+    #[error("no snapshot from the source yet")]
     NoSnapshot,
     #[error("the reconcile loop has stopped")]
     Stopped,

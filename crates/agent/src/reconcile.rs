@@ -98,8 +98,14 @@ impl Request {
     fn answer(self, node: &mut Node) {
         match self {
             Request::Verify { repair, reply } => {
+                // Against an empty snapshot a repair would empty the pinned maps.
+                let report = if node.has_snapshot() {
+                    node.verify(repair)
+                } else {
+                    Err(AgentError::NoSnapshot)
+                };
                 // The asker may have hung up; the repair is done either way.
-                let _ = reply.send(node.verify(repair));
+                let _ = reply.send(report);
             }
         }
     }
