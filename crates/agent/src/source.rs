@@ -22,7 +22,9 @@ pub enum SourceConfig {
     ClusterFile(PathBuf),
 }
 
-/// A producer of snapshots.
+/// A producer of snapshots. It runs on a thread of its own, so a blocking reader (inotify)
+/// needs nothing more, and an async one (kube-rs watchers) drives its streams there on a
+/// current-thread runtime of its own, apart from the agent's.
 pub trait Source: Send + 'static {
     /// Names the source in logs.
     fn describe(&self) -> String;
