@@ -1,30 +1,29 @@
 //! The sluice agent, one per node.
 //!
-//! Data flows one way: the [`source`] turns the cluster file into store snapshots; on every
-//! new snapshot and on a periodic tick, [`node::Node::reconcile`] compiles the snapshot into
-//! the desired content of every map and hands it to the realizer, which diffs it against the
-//! kernel and applies the difference. The periodic pass is what repairs drift: it re-reads the
-//! kernel even when nothing upstream changed. [`server`] answers the CLI on a Unix socket.
+//! Data flows one way: a [`source`] hands the agent whole snapshots; on every new snapshot
+//! and on a periodic tick, the [`reconcile`] loop has [`Node`] compile the snapshot into
+//! the desired content of every map and realize it (diff against the kernel, apply the
+//! difference). The periodic pass is what repairs drift: it re-reads the kernel even when
+//! nothing upstream changed. All kernel work runs on the blocking pool; [`server`] answers
+//! the CLI on a Unix socket from the state the loop publishes (see [`views`]).
 
 mod http;
 pub mod metrics;
 mod node;
 mod observe;
 pub mod policy_log;
+mod reconcile;
 mod server;
-mod source;
+pub mod source;
+mod views;
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
+use arc_swap::ArcSwap;
 pub use node::Node;
 pub use observe::{DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE, EventsConfig};
-use tokio::sync::Mutex;
-use tracing::{info, warn};
+pub use source::SourceConfig;
+use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -55,6 +54,16 @@ pub enum AgentError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("{path} was removed or moved away")]
+    SourceGone { path: PathBuf },
+    /// The source has not delivered its first snapshot (or ended without one).
+    #[error("no snapshot from the source yet")]
+    NoSnapshot,
+    #[error("the reconcile loop has stopped")]
+    Stopped,
+    /// A reconcile step or API view on the blocking pool panicked or was cancelled.
+    #[error("blocking task: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
 }
 
 impl From<sluice_datapath::DatapathError> for AgentError {
@@ -67,8 +76,8 @@ impl From<sluice_datapath::DatapathError> for AgentError {
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node: String,
-    /// Snapshot written by the lab (later: produced by the Kubernetes watchers).
-    pub cluster_file: PathBuf,
+    /// Where the desired objects come from.
+    pub source: SourceConfig,
     /// bpffs directory for this agent's maps and links.
     pub pin_dir: PathBuf,
     pub api_socket: PathBuf,
@@ -90,7 +99,11 @@ pub struct AgentConfig {
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay, so traffic keeps
 /// flowing while the agent is down and a new agent picks up where this one stopped.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
-    let node = Arc::new(Mutex::new(Node::start(&config)?));
+    let node = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || Node::start(&config)
+    })
+    .await??;
     // The observer's flows: the API serves them, the policy log subscribes to them.
     let flows = Arc::new(sluice_observer::FlowBuffer::new(config.flows_max));
     observe::configure_events(&config.pin_dir, config.events)?;
@@ -100,20 +113,19 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         Arc::clone(&names),
         Arc::clone(&flows),
     ));
-    let mut snapshots = source::watch(config.cluster_file.clone())?;
-    node.lock()
-        .await
-        .set_snapshot(Arc::clone(&snapshots.borrow_and_update()));
+    let published = Arc::new(ArcSwap::from_pointee(node.published()));
+    let (requests, requests_rx) = tokio::sync::mpsc::channel(8);
+    let views = views::Views::new(
+        Arc::clone(&published),
+        views::ApiMaps::open(&config.pin_dir)?,
+        requests,
+    );
     let listener = server::bind(&config.api_socket)?;
-    tokio::spawn(server::serve(
-        listener,
-        Arc::clone(&node),
-        Arc::clone(&flows),
-    ));
+    tokio::spawn(server::serve(listener, Arc::new(views), Arc::clone(&flows)));
 
     let metrics = metrics::Metrics::default();
     if let Some(address) = config.metrics_address {
-        // Handles of its own on the pinned maps: a scrape never waits for the node's lock.
+        // Handles of its own on the pinned maps: a scrape never waits for a pass.
         let maps = Arc::new(sluice_datapath::PinnedMaps::open(&config.pin_dir)?);
         let scrape = metrics.clone();
         let render: http::Render =
@@ -128,43 +140,19 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         tokio::spawn(policy_log::follow(flows.subscribe(), logger));
     }
 
-    let mut tick = tokio::time::interval(config.reconcile_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let snapshots = source::start(&config.source)?;
     info!(node = %config.node, "agent running");
-    loop {
-        tokio::select! {
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    warn!("cluster source stopped; keeping the last snapshot");
-                    // Without a source only the periodic reconcile is left.
-                    std::future::pending::<()>().await;
-                }
-                let snapshot = Arc::clone(&snapshots.borrow_and_update());
-                node.lock().await.set_snapshot(snapshot);
-            }
-            _ = tick.tick() => {}
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
-        let mut guard = node.lock().await;
-        let started = Instant::now();
-        let ok = guard.reconcile();
-        metrics.observe_reconcile(started.elapsed(), ok);
-        guard.name_flows(&names);
+    let result = reconcile::Loop {
+        node,
+        snapshots,
+        requests: requests_rx,
+        published,
+        names,
+        metrics,
+        interval: config.reconcile_interval,
     }
-    info!("agent stopping; pinned maps and links keep the datapath running");
+    .run()
+    .await;
     let _ = std::fs::remove_file(&config.api_socket);
-    Ok(())
-}
-
-fn signal(
-    kind: tokio::signal::unix::SignalKind,
-) -> Result<tokio::signal::unix::Signal, AgentError> {
-    tokio::signal::unix::signal(kind).map_err(|source| AgentError::Io {
-        call: "sigaction",
-        path: PathBuf::new(),
-        source,
-    })
+    result
 }

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::Parser;
 use sluice_agent::{
-    AgentConfig, EventsConfig,
+    AgentConfig, EventsConfig, SourceConfig,
     policy_log::{PolicyLogConfig, PolicyLogMode},
 };
 use sluice_datapath::DatapathConfig;
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
     }
     let config = AgentConfig {
         node: args.node,
-        cluster_file: args.cluster_file,
+        source: SourceConfig::ClusterFile(args.cluster_file),
         pin_dir: args.pin_dir,
         api_socket: args.api_socket,
         reconcile_interval: Duration::from_secs_f64(args.reconcile_interval.max(0.1)),

@@ -1,4 +1,6 @@
-//! One node's datapath and the state of its reconcile loop.
+//! One node's datapath as the reconcile loop drives it: compile, realize, attach, verify.
+//! Everything here is kernel work and runs on the blocking pool, one step at a time; the
+//! API reads what [`Node::published`] leaves behind (see `views`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -6,41 +8,32 @@ use std::{
     time::Instant,
 };
 
-use aya::{
-    maps::{HashMap, MapData},
-    programs::{SchedClassifier, TcAttachType},
-};
-use sluice_api::{
-    AgentStatus, BackendEntry, CtEntry, Drift, EndpointEntry, EndpointPolicyView, FailsClosed,
-    IdentityEntry, MapStatus, PolicyRow, ServiceEntry, UnsupportedField, VerifyReport,
-};
-use sluice_common::{
-    CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_SERVICE,
-    Ct4Entry, Ct4Key, IDENTITY_ANY, Lb4BackendKey, Lb4Key, POLICY_EGRESS, POLICY_INGRESS, names,
-    programs, proto_name, registry,
-};
+use aya::programs::{SchedClassifier, TcAttachType};
+use sluice_api::{Drift, VerifyReport};
+use sluice_common::programs;
 use sluice_compiler::{DesiredState, NodeContext};
-use sluice_datapath::{AttachRole, Datapath, MapInventory, PinnedMaps};
-use sluice_realizer::{Desired, KernelTables, PolicyTable};
+use sluice_datapath::{AttachRole, Datapath};
+use sluice_realizer::{Desired, KernelTables};
 use sluice_store::Snapshot;
 use tracing::{debug, info, warn};
 
-use crate::{AgentConfig, AgentError};
+use crate::{AgentConfig, AgentError, views::Published, views::fails_closed};
 
 pub struct Node {
     name: String,
     datapath: Datapath,
     tables: KernelTables,
-    conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
-    /// Every map of the registry, for the sizes `status` reports.
-    inventory: MapInventory,
     /// Rows each endpoint's policy map holds.
     policy_map_max: u32,
     snapshot: Arc<Snapshot>,
-    desired: DesiredState,
+    /// The agent's number for `snapshot`: one more for every snapshot accepted, whatever
+    /// the source counts.
+    generation: u64,
+    desired: Arc<DesiredState>,
     /// Changes whenever `desired` does, so the observer renames flows only then.
     desired_version: u64,
     realized_generation: u64,
+    realized_revision: u64,
     reconciles: u64,
     last_error: Option<String>,
 }
@@ -49,25 +42,47 @@ impl Node {
     /// Loads (or, after a restart, re-opens) the pinned datapath.
     pub fn start(config: &AgentConfig) -> Result<Self, AgentError> {
         let datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
-        let maps = PinnedMaps::open(&config.pin_dir)?;
         Ok(Self {
             name: config.node.clone(),
             datapath,
             tables: KernelTables::open(&config.pin_dir)?,
-            conntrack: maps.conntrack,
-            inventory: maps.inventory,
             policy_map_max: config.policy_map_max,
             snapshot: Arc::new(Snapshot::default()),
-            desired: DesiredState::default(),
+            generation: 0,
+            desired: Arc::default(),
             desired_version: 0,
             realized_generation: 0,
+            realized_revision: 0,
             reconciles: 0,
             last_error: None,
         })
     }
 
-    pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
+    /// Takes a new snapshot from the source under the next generation.
+    pub fn accept(&mut self, snapshot: Arc<Snapshot>) {
         self.snapshot = snapshot;
+        self.generation += 1;
+    }
+
+    /// Whether a source has delivered anything yet: before that, a pass would empty the
+    /// maps a restarted agent found pinned.
+    pub fn has_snapshot(&self) -> bool {
+        self.generation > 0
+    }
+
+    /// The state the API reads until the next step.
+    pub fn published(&self) -> Published {
+        Published {
+            name: self.name.clone(),
+            policy_map_max: self.policy_map_max,
+            snapshot: Arc::clone(&self.snapshot),
+            desired: Arc::clone(&self.desired),
+            desired_generation: self.generation,
+            realized_generation: self.realized_generation,
+            realized_revision: self.realized_revision,
+            reconciles: self.reconciles,
+            last_error: self.last_error.clone(),
+        }
     }
 
     /// Hands the observer the names of the current desired state, if it changed.
@@ -82,10 +97,16 @@ impl Node {
         self.reconciles += 1;
         match self.try_reconcile() {
             Ok(changed) => {
-                if changed || self.realized_generation != self.snapshot.generation {
-                    info!(generation = self.snapshot.generation, elapsed = ?started.elapsed(), "realized");
+                if changed || self.realized_generation != self.generation {
+                    info!(
+                        generation = self.generation,
+                        revision = self.snapshot.revision,
+                        elapsed = ?started.elapsed(),
+                        "realized"
+                    );
                 }
-                self.realized_generation = self.snapshot.generation;
+                self.realized_generation = self.generation;
+                self.realized_revision = self.snapshot.revision;
                 self.last_error = None;
                 true
             }
@@ -127,10 +148,10 @@ impl Node {
             self.datapath.detach(AttachRole::PodVeth, ifname)?;
             attached = true;
         }
-        if desired != self.desired {
+        if desired != *self.desired {
             self.desired_version += 1;
         }
-        self.desired = desired;
+        self.desired = Arc::new(desired);
         Ok(stats.changed() || attached)
     }
 
@@ -162,129 +183,6 @@ impl Node {
         // Datapath::attach replaces links left pinned for an interface that was re-created.
         self.datapath.attach(AttachRole::PodVeth, ifname)?;
         Ok(true)
-    }
-
-    pub fn status(&self) -> Result<AgentStatus, AgentError> {
-        let maps = registry::counted()
-            .map(|def| {
-                Ok(MapStatus {
-                    name: def.name.to_string(),
-                    entries: self.inventory.entries(def.id)?,
-                    max_entries: self.inventory.capacity(def.id),
-                })
-            })
-            .collect::<Result<_, AgentError>>()?;
-        Ok(AgentStatus {
-            node: self.name.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            healthy: self.last_error.is_none(),
-            desired_generation: self.snapshot.generation,
-            realized_generation: self.realized_generation,
-            last_error: self.last_error.clone(),
-            reconciles: self.reconciles,
-            endpoints: self.desired.endpoints.len(),
-            maps,
-            fails_closed: self.fails_closed(),
-            unsupported: self.desired.unsupported().map(unsupported_field).collect(),
-        })
-    }
-
-    /// Endpoints whose policy does not fit their map, from the last compiled state.
-    fn fails_closed(&self) -> Vec<FailsClosed> {
-        fails_closed(&self.desired, self.policy_map_max)
-    }
-
-    /// Frontends and their backends as the kernel holds them, named from the desired state.
-    pub fn services(&self) -> Result<Vec<ServiceEntry>, AgentError> {
-        let services = self
-            .tables
-            .services
-            .map
-            .iter()
-            .collect::<Result<BTreeMap<_, _>, _>>()
-            .map_err(map_err(names::SERVICES))?;
-        let backends = self
-            .tables
-            .backends
-            .map
-            .iter()
-            .collect::<Result<BTreeMap<_, _>, _>>()
-            .map_err(map_err(names::BACKENDS))?;
-        let mut out = Vec::new();
-        for (key, frontend) in services.iter().filter(|(k, _)| k.slot == 0 && k.proto != 0) {
-            let known = self.desired.frontends.iter().find(|f| {
-                f.address == key.vip() && f.port == key.port() && f.protocol == key.proto
-            });
-            let backends = (1..=frontend.count)
-                .filter_map(|slot| services.get(&Lb4Key { slot, ..*key }))
-                .map(|s| {
-                    let bk = Lb4BackendKey::new(s.backend(), s.port(), key.proto);
-                    let state = backends
-                        .get(&bk)
-                        .map_or_else(|| "missing".to_string(), ToString::to_string);
-                    BackendEntry {
-                        address: s.backend(),
-                        port: s.port(),
-                        state,
-                    }
-                })
-                .collect();
-            out.push(ServiceEntry {
-                service: known.map(|f| {
-                    if f.port_name.is_empty() {
-                        f.service.clone()
-                    } else {
-                        format!("{}:{}", f.service, f.port_name)
-                    }
-                }),
-                kind: known.map_or_else(|| "ClusterIP".to_string(), |f| f.kind.clone()),
-                address: key.vip(),
-                port: key.port(),
-                protocol: proto_name(key.proto).to_string(),
-                backends,
-            });
-        }
-        Ok(out)
-    }
-
-    pub fn conntrack(&self) -> Result<Vec<CtEntry>, AgentError> {
-        let now = monotonic_ns();
-        let mut out = Vec::new();
-        for item in self.conntrack.iter() {
-            let (k, v) = item.map_err(map_err(names::CONNTRACK))?;
-            let addr = |(ip, port): (std::net::Ipv4Addr, u16)| format!("{ip}:{port}");
-            let flags = [
-                (CT_FLAG_LOOPBACK, "loopback"),
-                (CT_FLAG_SEEN_REPLY, "seen-reply"),
-                (CT_FLAG_CLOSING, "closing"),
-            ]
-            .into_iter()
-            .filter(|(bit, _)| v.flags & bit != 0)
-            .map(|(_, name)| name.to_string())
-            .collect();
-            out.push(CtEntry {
-                protocol: proto_name(k.proto).to_string(),
-                scope: match k.scope {
-                    CT_EGRESS => "egress",
-                    CT_INGRESS => "ingress",
-                    CT_SERVICE => "service",
-                    _ => "unknown",
-                }
-                .to_string(),
-                source: addr(k.src()),
-                destination: addr(k.dst()),
-                nat: v.nat().map(addr),
-                packets: v.packets,
-                bytes: v.bytes,
-                age_seconds: now.saturating_sub(v.created_ns) / 1_000_000_000,
-                idle_seconds: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
-                flags,
-            });
-        }
-        out.sort_by(|a, b| {
-            (&a.source, &a.destination, &a.scope).cmp(&(&b.source, &b.destination, &b.scope))
-        });
-        Ok(out)
     }
 
     /// Recompiles from the current snapshot and compares with the kernel; optionally repairs.
@@ -329,26 +227,12 @@ impl Node {
             }
         }
         Ok(VerifyReport {
-            generation: self.snapshot.generation,
+            generation: self.generation,
             drift,
             repaired,
             fails_closed: fails_closed(&desired, self.policy_map_max),
         })
     }
-}
-
-fn fails_closed(desired: &DesiredState, map_max: u32) -> Vec<FailsClosed> {
-    desired
-        .endpoint_details
-        .iter()
-        .filter(|(_, d)| d.overflow)
-        .map(|(&ifindex, d)| FailsClosed {
-            endpoint: format!("{}/{}", d.namespace, d.pod),
-            ifindex,
-            rows_needed: d.policy_rows,
-            map_max,
-        })
-        .collect()
 }
 
 /// Whether the kernel runs our two programs on `ifname` (the truth, not our memory of it).
@@ -360,200 +244,4 @@ fn runs_datapath(ifname: &str) -> bool {
     };
     has(TcAttachType::Ingress, programs::FROM_CONTAINER)
         && has(TcAttachType::Egress, programs::TO_CONTAINER)
-}
-
-fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> AgentError {
-    move |source| AgentError::Map { map, source }
-}
-
-/// CLOCK_MONOTONIC in ns, the clock of bpf_ktime_get_ns.
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| {
-            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
-                + u64::try_from(t.tv_nsec()).unwrap_or(0)
-        })
-        .unwrap_or(0)
-}
-
-impl Node {
-    /// Local endpoints of the last compiled state, with identities and policy state.
-    pub fn endpoints(&self) -> Vec<EndpointEntry> {
-        self.desired
-            .endpoints
-            .keys()
-            .map(|&ifindex| self.endpoint_entry(ifindex))
-            .collect()
-    }
-
-    /// The endpoint named `query`: `namespace/pod`, a pod name unique on this node, or an
-    /// ifindex.
-    pub fn endpoint(&self, query: &str) -> Result<EndpointEntry, AgentError> {
-        self.resolve(query)
-            .map(|ifindex| self.endpoint_entry(ifindex))
-    }
-
-    fn resolve(&self, query: &str) -> Result<u32, AgentError> {
-        if let Ok(ifindex) = query.parse::<u32>()
-            && self.desired.endpoints.contains_key(&ifindex)
-        {
-            return Ok(ifindex);
-        }
-        let matches: Vec<u32> = self
-            .desired
-            .endpoint_details
-            .iter()
-            .filter(|(_, d)| match query.split_once('/') {
-                Some((ns, pod)) => d.namespace == ns && d.pod == pod,
-                None => d.pod == query,
-            })
-            .map(|(&ifindex, _)| ifindex)
-            .collect();
-        match matches.as_slice() {
-            [ifindex] => Ok(*ifindex),
-            [] => Err(AgentError::Query(format!(
-                "no endpoint {query:?} on node {}",
-                self.name
-            ))),
-            _ => Err(AgentError::Query(format!(
-                "{query:?} names {} endpoints on node {}; use namespace/pod",
-                matches.len(),
-                self.name
-            ))),
-        }
-    }
-
-    fn endpoint_entry(&self, ifindex: u32) -> EndpointEntry {
-        let info = self
-            .desired
-            .endpoints
-            .get(&ifindex)
-            .copied()
-            .unwrap_or_default();
-        let details = self.desired.endpoint_details.get(&ifindex);
-        let identity = details.map_or(info.identity, |d| d.identity);
-        let overflow = details.is_some_and(|d| d.overflow);
-        EndpointEntry {
-            ifindex,
-            namespace: details.map(|d| d.namespace.clone()).unwrap_or_default(),
-            pod: details.map(|d| d.pod.clone()).unwrap_or_default(),
-            interface: details.map(|d| d.interface.clone()).unwrap_or_default(),
-            ipv4: details.map_or(info.ip(), |d| d.ipv4),
-            identity,
-            labels: self.labels(identity),
-            ingress_enforced: details.is_some_and(|d| d.ingress_enforced),
-            egress_enforced: details.is_some_and(|d| d.egress_enforced),
-            policy_rows: details.map_or(0, |d| d.policy_rows),
-            policy_map_max: self.policy_map_max,
-            policies: details.map(|d| d.policies.clone()).unwrap_or_default(),
-            status: if overflow { "fails-closed" } else { "ready" }.to_string(),
-        }
-    }
-
-    fn labels(&self, identity: u32) -> Vec<String> {
-        if identity == IDENTITY_ANY {
-            return vec!["ANY".to_string()];
-        }
-        self.desired
-            .identities
-            .get(&identity)
-            .map(|i| i.labels.clone())
-            .unwrap_or_default()
-    }
-
-    /// Every identity of the last compiled state.
-    pub fn identities(&self) -> Vec<IdentityEntry> {
-        self.desired
-            .identities
-            .keys()
-            .map(|&id| self.identity_entry(id))
-            .collect()
-    }
-
-    pub fn identity(&self, id: u32) -> Result<IdentityEntry, AgentError> {
-        if !self.desired.identities.contains_key(&id) {
-            return Err(AgentError::Query(format!("no identity {id}")));
-        }
-        Ok(self.identity_entry(id))
-    }
-
-    fn identity_entry(&self, id: u32) -> IdentityEntry {
-        IdentityEntry {
-            id,
-            labels: self.labels(id),
-            endpoints: self
-                .desired
-                .endpoint_details
-                .values()
-                .filter(|d| d.identity == id)
-                .map(|d| format!("{}/{}", d.namespace, d.pod))
-                .collect(),
-        }
-    }
-
-    /// The endpoint's policy map read from the kernel, with its counters, joined with the
-    /// desired rows for labels and origins.
-    pub fn policy(&self, query: &str) -> Result<EndpointPolicyView, AgentError> {
-        let ifindex = self.resolve(query)?;
-        let installed = self.tables.policy.read(ifindex)?;
-        let empty = BTreeMap::new();
-        let desired = self
-            .desired
-            .policies
-            .get(&ifindex)
-            .map_or(&empty, |p| &p.rows);
-        let kernel = installed.as_ref().map(|p| &p.rows);
-        let keys: BTreeSet<_> = desired
-            .keys()
-            .chain(kernel.into_iter().flat_map(BTreeMap::keys))
-            .copied()
-            .collect();
-        let rows = keys
-            .into_iter()
-            .map(|key| {
-                let counters = kernel.and_then(|k| k.get(&key));
-                let allowed_by = desired.get(&key);
-                PolicyRow {
-                    direction: match key.rule.direction {
-                        POLICY_INGRESS => "ingress",
-                        POLICY_EGRESS => "egress",
-                        _ => "unknown",
-                    }
-                    .to_string(),
-                    identity: key.rule.identity,
-                    identity_labels: self.labels(key.rule.identity),
-                    protocol: proto_name(key.rule.proto).to_string(),
-                    ports: key.port_range(),
-                    prefix: key.prefixlen,
-                    packets: counters.map_or(0, |c| c.packets),
-                    bytes: counters.map_or(0, |c| c.bytes),
-                    allowed_by: allowed_by
-                        .map(|b| b.iter().cloned().collect())
-                        .unwrap_or_default(),
-                    state: match (counters.is_some(), allowed_by.is_some()) {
-                        (true, true) => "realized",
-                        (true, false) => "unexpected",
-                        _ => "missing",
-                    }
-                    .to_string(),
-                }
-            })
-            .collect();
-        Ok(EndpointPolicyView {
-            endpoint: self.endpoint_entry(ifindex),
-            map_max_entries: installed.map(|p| p.capacity),
-            rows,
-        })
-    }
-}
-
-fn unsupported_field(u: &sluice_compiler::Unsupported) -> UnsupportedField {
-    UnsupportedField {
-        kind: u.object.kind.as_str().to_string(),
-        namespace: u.object.namespace.clone(),
-        name: u.object.name.clone(),
-        field: u.field.path().to_string(),
-        value: u.value.clone(),
-        programmed: u.field.programmed().to_string(),
-    }
 }

@@ -14,11 +14,11 @@ use tokio::{
         UnixListener, UnixStream,
         unix::{OwnedReadHalf, OwnedWriteHalf},
     },
-    sync::{Mutex, broadcast::error::RecvError},
+    sync::broadcast::error::RecvError,
 };
 use tracing::warn;
 
-use crate::{AgentError, Node};
+use crate::{AgentError, views::Views};
 
 /// Binds the socket, replacing a stale one left by a previous agent.
 pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
@@ -39,18 +39,18 @@ pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
     UnixListener::bind(path).map_err(io("bind"))
 }
 
-pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>, flows: Arc<FlowBuffer>) {
+pub async fn serve(listener: UnixListener, views: Arc<Views>, flows: Arc<FlowBuffer>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(handle(stream, Arc::clone(&node), Arc::clone(&flows)));
+                tokio::spawn(handle(stream, Arc::clone(&views), Arc::clone(&flows)));
             }
             Err(e) => warn!(error = %e, "accept on API socket failed"),
         }
     }
 }
 
-async fn handle(stream: UnixStream, node: Arc<Mutex<Node>>, flows: Arc<FlowBuffer>) {
+async fn handle(stream: UnixStream, views: Arc<Views>, flows: Arc<FlowBuffer>) {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let mut line = String::new();
@@ -64,7 +64,7 @@ async fn handle(stream: UnixStream, node: Arc<Mutex<Node>>, flows: Arc<FlowBuffe
                 Err(e) => Response::Error(format!("malformed observe params: {e}")),
             }
         }
-        Ok(request) => dispatch(request, &node).await,
+        Ok(request) => dispatch(request, &views).await,
         Err(e) => Response::Error(format!("malformed request: {e}")),
     };
     if let Err(e) = write.write_all(&encode(&response)).await {
@@ -118,36 +118,36 @@ async fn stream_flows(
     }
 }
 
-async fn dispatch(request: Request, node: &Mutex<Node>) -> Response {
-    let mut node = node.lock().await;
+async fn dispatch(request: Request, views: &Views) -> Response {
     let result = match request.method {
-        Method::Status => node.status().map(to_json),
-        Method::ServiceList => node.services().map(to_json),
-        Method::CtList => node.conntrack().map(to_json),
+        Method::Status => views.status().await.map(to_json),
+        Method::ServiceList => views.services().await.map(to_json),
+        Method::CtList => views.conntrack().await.map(to_json),
         Method::Verify => {
             let repair = request
                 .params
                 .get("repair")
                 .and_then(serde_json::Value::as_bool)
                 .unwrap_or(false);
-            node.verify(repair).map(to_json)
+            views.verify(repair).await.map(to_json)
         }
-        Method::EndpointList => Ok(to_json(node.endpoints())),
+        Method::EndpointList => Ok(to_json(views.endpoints())),
         Method::EndpointGet => param_str(&request.params, "endpoint")
-            .and_then(|e| node.endpoint(e))
+            .and_then(|e| views.endpoint(e))
             .map(to_json),
-        Method::IdentityList => Ok(to_json(node.identities())),
+        Method::IdentityList => Ok(to_json(views.identities())),
         Method::IdentityGet => request
             .params
             .get("id")
             .and_then(serde_json::Value::as_u64)
             .and_then(|id| u32::try_from(id).ok())
             .ok_or_else(|| AgentError::Query("params need a numeric \"id\"".into()))
-            .and_then(|id| node.identity(id))
+            .and_then(|id| views.identity(id))
             .map(to_json),
-        Method::PolicyGet => param_str(&request.params, "endpoint")
-            .and_then(|e| node.policy(e))
-            .map(to_json),
+        Method::PolicyGet => match param_str(&request.params, "endpoint") {
+            Ok(e) => views.policy(e.to_string()).await.map(to_json),
+            Err(e) => Err(e),
+        },
         // Answered by handle() as a stream before it gets here.
         Method::Observe => Err(AgentError::Query("observe is a stream".into())),
     };

@@ -88,10 +88,14 @@ pub struct AgentStatus {
     pub version: String,
     /// False while the last reconcile failed; `last_error` says why.
     pub healthy: bool,
-    /// Generation of the newest snapshot the agent has read.
+    /// The agent's number for the newest snapshot it accepted from its source.
     pub desired_generation: u64,
     /// Generation whose map content is in the kernel.
     pub realized_generation: u64,
+    /// The source's own revision of the desired generation (the lab's generation).
+    pub desired_revision: u64,
+    /// The source's revision of the realized generation: what a writer waits for.
+    pub realized_revision: u64,
     pub last_error: Option<String>,
     pub reconciles: u64,
     pub endpoints: usize,

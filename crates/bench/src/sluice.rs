@@ -129,7 +129,7 @@ fn topology_pods() -> Vec<(String, &'static str, Ipv4Addr, &'static str)> {
 pub fn snapshot(services: &[ServiceSpec]) -> Snapshot {
     let pods = topology_pods();
     let mut snap = Snapshot {
-        generation: 1,
+        revision: 1,
         namespaces: vec![Namespace {
             metadata: ObjectMeta {
                 name: Some(NAMESPACE.into()),
@@ -148,7 +148,7 @@ pub fn snapshot(services: &[ServiceSpec]) -> Snapshot {
                 namespace: NAMESPACE.into(),
                 pod: name.clone(),
                 interface: (*lxc).into(),
-                ipv4: *ip,
+                addresses: [(*ip).into()].into(),
             })
             .collect(),
         ..Snapshot::default()
@@ -282,7 +282,7 @@ impl Sluice {
     /// handles every change.
     pub fn add_service(&mut self, service: &ServiceSpec) -> Result<Programming, BenchError> {
         add_services(&mut self.snap, std::slice::from_ref(service));
-        self.snap.generation += 1;
+        self.snap.revision += 1;
         program(self.pins.path(), &self.snap, &self.node)
     }
 
@@ -375,7 +375,7 @@ pub fn policy_convergence(endpoints: usize) -> Result<Convergence, BenchError> {
             namespace: NAMESPACE.into(),
             pod: name,
             interface,
-            ipv4: ip,
+            addresses: [ip.into()].into(),
         });
     }
     let node = NodeContext {
@@ -386,7 +386,7 @@ pub fn policy_convergence(endpoints: usize) -> Result<Convergence, BenchError> {
     snap.network_policies = vec![web_policy(&[8080])];
     let initial = program(pins.path(), &snap, &node)?;
     snap.network_policies = vec![web_policy(&[8080, 9090])];
-    snap.generation += 1;
+    snap.revision += 1;
     let change = program(pins.path(), &snap, &node)?;
     // Realized means a fresh read of every map finds nothing left to do.
     let state = compile(&snap, &node);

@@ -441,9 +441,9 @@ impl Compilation {
             .collect();
         // Sorted so that which of two endpoints claiming one interface wins is order-independent.
         endpoints.sort_by(|a, b| {
-            (&a.interface, a.ipv4, &a.namespace, &a.pod).cmp(&(
+            (&a.interface, &a.addresses, &a.namespace, &a.pod).cmp(&(
                 &b.interface,
-                b.ipv4,
+                &b.addresses,
                 &b.namespace,
                 &b.pod,
             ))
@@ -451,6 +451,10 @@ impl Compilation {
         for endpoint in endpoints {
             let pod = format!("{}/{}", endpoint.namespace, endpoint.pod);
             let object = ObjectRef::new(ObjectKind::Endpoint, &endpoint.namespace, &endpoint.pod);
+            let Some(ipv4) = endpoint.ipv4() else {
+                self.problem(Problem::EndpointWithoutIpv4 { endpoint: object });
+                continue;
+            };
             let Some(&ifindex) = node.interfaces.get(&endpoint.interface) else {
                 self.problem(Problem::InterfaceNotFound {
                     endpoint: object,
@@ -471,12 +475,18 @@ impl Compilation {
             self.ifindex_owners.insert(ifindex, pod);
             self.state
                 .endpoints
-                .insert(ifindex, EndpointInfo::new(endpoint.ipv4, 0));
+                .insert(ifindex, EndpointInfo::new(ipv4, 0));
             self.state.interfaces.insert(endpoint.interface.clone());
             local.insert(ifindex, endpoint);
         }
         local
     }
+}
+
+/// The IPv4 address of an endpoint that `Compiler::endpoints` admitted: it skips, and
+/// reports, every endpoint without one.
+fn admitted_ipv4(endpoint: &LocalEndpoint) -> Ipv4Addr {
+    endpoint.ipv4().unwrap_or(Ipv4Addr::UNSPECIFIED)
 }
 
 mod backends;

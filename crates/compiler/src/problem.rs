@@ -229,6 +229,10 @@ pub enum Problem {
         slice: ObjectRef,
         address: String,
     },
+    /// A local endpoint with no IPv4 address, which the datapath cannot serve yet.
+    EndpointWithoutIpv4 {
+        endpoint: ObjectRef,
+    },
     InterfaceNotFound {
         endpoint: ObjectRef,
         interface: String,
@@ -373,6 +377,10 @@ impl fmt::Display for Problem {
             Self::SliceAddressNotIpv4 { slice, address } => {
                 write!(f, "{slice}: address {address:?} is not IPv4: skipped")
             }
+            Self::EndpointWithoutIpv4 { endpoint } => write!(
+                f,
+                "{endpoint}: no IPv4 address (IPv6 is not supported yet): skipped"
+            ),
             Self::InterfaceNotFound {
                 endpoint,
                 interface,

@@ -31,7 +31,7 @@ fn endpoint(pod: &str, interface: &str, ip: [u8; 4]) -> LocalEndpoint {
         namespace: "default".into(),
         pod: pod.into(),
         interface: interface.into(),
-        ipv4: Ipv4Addr::from(ip),
+        addresses: [Ipv4Addr::from(ip).into()].into(),
     }
 }
 

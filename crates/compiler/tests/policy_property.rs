@@ -241,7 +241,7 @@ fn cluster(rng: &mut fastrand::Rng) -> (Snapshot, NodeContext) {
             namespace: namespace.into(),
             pod: name,
             interface,
-            ipv4: ip,
+            addresses: [ip.into()].into(),
         });
     }
     for (name, address) in [(NODE, "172.16.0.1"), ("node-b", "172.16.0.2")] {

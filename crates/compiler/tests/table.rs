@@ -90,7 +90,7 @@ fn load_case(dir: &Path) -> Case {
     assert_eq!(header.kind, "TestNode", "{name}: first document");
 
     let mut snapshot = Snapshot {
-        generation: 1,
+        revision: 1,
         ..Snapshot::default()
     };
     let manifests =
@@ -114,7 +114,7 @@ fn load_case(dir: &Path) -> Case {
             namespace: e.namespace,
             pod: e.pod,
             interface: e.interface,
-            ipv4: e.ipv4,
+            addresses: [e.ipv4.into()].into(),
         })
         .collect();
     snapshot.nodes = header
@@ -324,7 +324,7 @@ fn generated_snapshot(rng: &mut fastrand::Rng) -> (Snapshot, NodeContext) {
             namespace: "a".into(),
             pod: format!("pod-{}", rng.u8(0..15)),
             interface: format!("lxc{}", rng.u8(0..12)),
-            ipv4: Ipv4Addr::new(10, 244, 0, rng.u8(1..30)),
+            addresses: [Ipv4Addr::new(10, 244, 0, rng.u8(1..30)).into()].into(),
         });
     }
     let node = NodeContext {

@@ -46,13 +46,13 @@ impl Lab {
                 match Client::new(self.agent_socket(&node)).status() {
                     // At startup the agent must also be healthy: it has loaded the datapath.
                     Ok(s)
-                        if s.realized_generation >= generation
+                        if s.realized_revision >= generation
                             && (s.healthy || started.is_empty()) => {}
                     Ok(s) => {
                         last = format!(
                             "realized {} of {}, healthy {}{}",
-                            s.realized_generation,
-                            s.desired_generation,
+                            s.realized_revision,
+                            s.desired_revision,
                             s.healthy,
                             s.last_error
                                 .map(|e| format!(", last error: {e}"))

@@ -248,7 +248,7 @@ impl LabState {
     pub fn snapshot(&self) -> Snapshot {
         let pods = self.pod_objects();
         Snapshot {
-            generation: self.generation,
+            revision: self.generation,
             nodes: self
                 .spec
                 .nodes
@@ -272,7 +272,7 @@ impl LabState {
                     namespace: p.namespace().to_string(),
                     pod: p.name().to_string(),
                     interface: p.interface.clone(),
-                    ipv4: p.ip,
+                    addresses: [p.ip.into()].into(),
                 })
                 .collect(),
         }

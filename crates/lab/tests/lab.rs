@@ -303,7 +303,7 @@ fn pods_serve_http_tcp_echo_and_udp_over_real_routes() {
 
     // What the agents would read.
     let snapshot = t.snapshot();
-    assert_eq!(snapshot.generation, t.lab.generation());
+    assert_eq!(snapshot.revision, t.lab.generation());
     assert_eq!(snapshot.pods.len(), 3);
     assert_eq!(snapshot.endpoints.len(), 3);
     let slice = &snapshot.endpoint_slices[0];
@@ -642,21 +642,21 @@ echo "fake agent for $netns"
 exec socat UNIX-LISTEN:"$sock",fork EXEC:HANDLER
 "#;
 
-/// Answers one status request: the generation in cluster.json counts as realized at once.
+/// Answers one status request: the revision in cluster.json counts as realized at once.
 /// The first time it reports a generation it keeps that snapshot (`gen-N.json`) and the
 /// network namespaces that existed at that moment (`gen-N.netns`).
 const FAKE_AGENT_HANDLER: &str = r#"#!/bin/sh
 read -r request
 copy="$record_dir/now.$$"
 cp "$cluster" "$copy"
-gen=$(sed -n 's/^  "generation": \([0-9]*\),$/\1/p' "$copy")
+gen=$(sed -n 's/^  "revision": \([0-9]*\),$/\1/p' "$copy")
 if [ -e "$record_dir/gen-$gen.json" ]; then
   rm -f "$copy"
 else
   ls /run/netns > "$record_dir/gen-$gen.netns"
   mv "$copy" "$record_dir/gen-$gen.json"
 fi
-printf '{"result":{"node":"fake","version":"0","healthy":true,"desired_generation":%s,"realized_generation":%s,"last_error":null,"reconciles":0,"endpoints":0,"maps":[]}}\n' "$gen" "$gen"
+printf '{"result":{"node":"fake","version":"0","healthy":true,"desired_generation":%s,"realized_generation":%s,"desired_revision":%s,"realized_revision":%s,"last_error":null,"reconciles":0,"endpoints":0,"maps":[]}}\n' "$gen" "$gen" "$gen" "$gen"
 "#;
 
 #[test]

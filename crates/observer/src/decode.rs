@@ -71,7 +71,7 @@ impl Resolver {
                 snapshot
                     .endpoints
                     .iter()
-                    .map(|e| (e.ipv4, (e.namespace.clone(), e.pod.clone()))),
+                    .filter_map(|e| Some((e.ipv4()?, (e.namespace.clone(), e.pod.clone())))),
             )
             .collect();
         Self {

@@ -97,14 +97,14 @@ fn resolver() -> Resolver {
     );
     desired.policies.insert(NGINX_IF, policy);
     let snapshot: Snapshot = serde_json::from_value(serde_json::json!({
-        "generation": 1,
+        "revision": 1,
         "pods": [
             {"metadata": {"name": "client", "namespace": "default"},
              "status": {"podIP": CLIENT.to_string()}},
         ],
         "endpoints": [
             {"node": "node-1", "namespace": "default", "pod": "nginx-x",
-             "interface": "lxc-nginx", "ipv4": NGINX.to_string()},
+             "interface": "lxc-nginx", "addresses": [NGINX.to_string()]},
         ],
     }))
     .unwrap_or_default();

@@ -6,9 +6,10 @@
 //! plugin rather than the API.
 
 use std::{
+    collections::BTreeSet,
     fs,
     io::Write,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -46,15 +47,29 @@ pub struct LocalEndpoint {
     pub pod: String,
     /// Host-side veth in the node's network namespace.
     pub interface: String,
-    pub ipv4: Ipv4Addr,
+    /// The pod's addresses on that interface: one IPv4 today, IPv6 beside it later.
+    pub addresses: BTreeSet<IpAddr>,
 }
 
-/// Everything the agent should make true, at one generation.
+impl LocalEndpoint {
+    /// The endpoint's IPv4 address, the one the datapath enforces; the lowest if several.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        self.addresses.iter().find_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+}
+
+/// Everything the agent should make true.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Snapshot {
-    /// Increases with every change; agents report the generation they have realized.
-    pub generation: u64,
+    /// The source's own revision of these objects (the lab's generation), opaque to the
+    /// agent: it reports the revision it last realized so the writer can wait for it. The
+    /// agent numbers the snapshots it accepts with generations of its own.
+    #[serde(default)]
+    pub revision: u64,
     /// Nodes with their addresses (status.addresses): the compiler maps this node's to
     /// the host identity and the others' to remote-node.
     #[serde(default)]

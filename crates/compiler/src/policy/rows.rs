@@ -41,7 +41,7 @@ impl CompiledEndpoint {
     /// An endpoint whose Pod is defined twice (reported with the pods): which labels apply
     /// is unknown, so it fails closed in both directions.
     fn unknown(endpoint: &LocalEndpoint) -> Self {
-        let mut info = EndpointInfo::new(endpoint.ipv4, IDENTITY_ANY);
+        let mut info = EndpointInfo::new(crate::admitted_ipv4(endpoint), IDENTITY_ANY);
         info.flags = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
         Self {
             info,
@@ -49,7 +49,7 @@ impl CompiledEndpoint {
                 namespace: endpoint.namespace.clone(),
                 pod: endpoint.pod.clone(),
                 interface: endpoint.interface.clone(),
-                ipv4: endpoint.ipv4,
+                ipv4: crate::admitted_ipv4(endpoint),
                 identity: IDENTITY_ANY,
                 ingress_enforced: true,
                 egress_enforced: true,
@@ -127,7 +127,7 @@ impl World<'_> {
                 capacity,
             });
         }
-        let mut info = EndpointInfo::new(endpoint.ipv4, w.identity);
+        let mut info = EndpointInfo::new(crate::admitted_ipv4(endpoint), w.identity);
         info.flags = flags;
         CompiledEndpoint {
             info,
@@ -135,7 +135,7 @@ impl World<'_> {
                 namespace: endpoint.namespace.clone(),
                 pod: endpoint.pod.clone(),
                 interface: endpoint.interface.clone(),
-                ipv4: endpoint.ipv4,
+                ipv4: crate::admitted_ipv4(endpoint),
                 identity: w.identity,
                 ingress_enforced: ingress,
                 egress_enforced: egress,

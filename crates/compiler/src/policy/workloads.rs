@@ -151,7 +151,7 @@ fn workload<'a>(
         status
             .and_then(|s| s.pod_ip.as_deref())
             .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-            .or(endpoint.map(|e| e.ipv4))
+            .or(endpoint.and_then(LocalEndpoint::ipv4))
     };
     // Without an address or a local endpoint a pod can be neither reached nor judged.
     if address.is_none() && endpoint.is_none() {

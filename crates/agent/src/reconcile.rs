@@ -1,0 +1,132 @@
+//! The reconcile loop: takes snapshots from the source, runs a full pass on every new one
+//! and on a periodic tick, and answers verify requests between passes. Each step runs on
+//! the blocking pool with the [`Node`] moved into it, so no lock exists for an API request
+//! to wait on; after each step the loop publishes what the API reads.
+
+use std::{sync::Arc, time::Duration, time::Instant};
+
+use arc_swap::ArcSwap;
+use sluice_api::VerifyReport;
+use sluice_store::Snapshot;
+use tokio::{
+    signal::unix::{Signal, SignalKind},
+    sync::{mpsc, oneshot, watch},
+};
+use tracing::{info, warn};
+
+use crate::{AgentError, Node, metrics::Metrics, observe::Names, views::Published};
+
+/// What the API asks of the loop: work that writes the kernel or must not overlap a pass.
+pub enum Request {
+    Verify {
+        repair: bool,
+        reply: oneshot::Sender<Result<VerifyReport, AgentError>>,
+    },
+}
+
+pub struct Loop {
+    pub node: Node,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub requests: mpsc::Receiver<Request>,
+    pub published: Arc<ArcSwap<Published>>,
+    pub names: Arc<Names>,
+    pub metrics: Metrics,
+    /// How often a full pass re-reads the kernel, whatever changed upstream.
+    pub interval: Duration,
+}
+
+impl Loop {
+    /// Runs until SIGTERM or SIGINT; a pass in progress finishes first.
+    pub async fn run(self) -> Result<(), AgentError> {
+        let Loop {
+            mut node,
+            mut snapshots,
+            mut requests,
+            published,
+            names,
+            metrics,
+            interval,
+        } = self;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut source_open = true;
+        loop {
+            tokio::select! {
+                changed = snapshots.changed(), if source_open => {
+                    if changed.is_err() {
+                        // Only the periodic pass is left; it still repairs drift.
+                        source_open = false;
+                        if !node.has_snapshot() {
+                            return Err(AgentError::NoSnapshot);
+                        }
+                        warn!("source ended; keeping the last snapshot");
+                        continue;
+                    }
+                    node.accept(Arc::clone(&snapshots.borrow_and_update()));
+                    published.store(Arc::new(node.published()));
+                }
+                _ = tick.tick() => {
+                    if !node.has_snapshot() {
+                        continue;
+                    }
+                }
+                Some(request) = requests.recv() => {
+                    node = step(node, move |node| request.answer(node)).await?;
+                    continue;
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+            let (names, metrics) = (Arc::clone(&names), metrics.clone());
+            node = step(node, move |node| {
+                let started = Instant::now();
+                let ok = node.reconcile();
+                metrics.observe_reconcile(started.elapsed(), ok);
+                node.name_flows(&names);
+            })
+            .await?;
+            published.store(Arc::new(node.published()));
+        }
+        info!("agent stopping; pinned maps and links keep the datapath running");
+        Ok(())
+    }
+}
+
+impl Request {
+    fn answer(self, node: &mut Node) {
+        match self {
+            Request::Verify { repair, reply } => {
+                // Against an empty snapshot a repair would empty the pinned maps.
+                let report = if node.has_snapshot() {
+                    node.verify(repair)
+                } else {
+                    Err(AgentError::NoSnapshot)
+                };
+                // The asker may have hung up; the repair is done either way.
+                let _ = reply.send(report);
+            }
+        }
+    }
+}
+
+/// Runs `f` on the blocking pool and hands the node back.
+async fn step(
+    mut node: Node,
+    f: impl FnOnce(&mut Node) + Send + 'static,
+) -> Result<Node, AgentError> {
+    Ok(tokio::task::spawn_blocking(move || {
+        f(&mut node);
+        node
+    })
+    .await?)
+}
+
+fn signal(kind: SignalKind) -> Result<Signal, AgentError> {
+    tokio::signal::unix::signal(kind).map_err(|source| AgentError::Io {
+        call: "sigaction",
+        path: std::path::PathBuf::new(),
+        source,
+    })
+}

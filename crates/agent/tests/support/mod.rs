@@ -1,0 +1,232 @@
+//! A real `sluice-agent` process in an empty network namespace of its own, with its pins,
+//! socket, log and cluster file under names unique to the test; all removed on drop, also
+//! when the test panics.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use sluice_api::{AgentStatus, Client};
+use sluice_datapath::PinDir;
+use sluice_store::Snapshot;
+
+pub const NODE: &str = "node-1";
+
+fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}-{n}", std::process::id())
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    assert!(status.success(), "ip {args:?}: {status}");
+}
+
+/// An empty network namespace under /run/netns.
+pub struct NetNs(pub String);
+
+impl NetNs {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        ip(&["netns", "add", &name]);
+        Self(name)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running agent and everything it was given. Fields drop in order: the process first.
+pub struct Agent {
+    child: Child,
+    pub pins: PinDir,
+    /// Kept until the agent is gone.
+    _netns: NetNs,
+    /// Holds only the cluster file, so removing it ends the source and nothing else.
+    pub source_dir: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Agent {
+    /// Writes `snapshot` as the cluster file, then starts the agent on it.
+    pub fn start(name: &str, snapshot: &Snapshot, reconcile_interval: &str) -> Self {
+        let dir = TempDir(std::env::temp_dir().join(unique(&format!("sluice-test-{name}-"))));
+        let source_dir = dir.0.join("source");
+        fs::create_dir_all(&source_dir).expect("create the test directory");
+        let pins = PinDir::unique(&format!("sluice-test-{name}-"));
+        let netns = NetNs::new(&format!("sluice-test-{name}-"));
+        let cluster_file = source_dir.join("cluster.json");
+        snapshot
+            .write_file(&cluster_file)
+            .expect("write the cluster file");
+        let socket = dir.0.join("agent.sock");
+        let log = dir.0.join("agent.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice-agent"))
+            .args(["--node", NODE, "--netns", &netns.0])
+            .arg("--cluster-file")
+            .arg(&cluster_file)
+            .arg("--pin-dir")
+            .arg(pins.path())
+            .arg("--api-socket")
+            .arg(&socket)
+            .args(["--reconcile-interval", reconcile_interval])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("create the agent log"))
+            .spawn()
+            .expect("spawn sluice-agent");
+        Self {
+            child,
+            pins,
+            _netns: netns,
+            source_dir,
+            socket,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn cluster_file(&self) -> PathBuf {
+        self.source_dir.join("cluster.json")
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        Client::new(&self.socket)
+            .status()
+            .unwrap_or_else(|e| panic!("status: {e}\n{}", self.log_text()))
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `done` holds, failing with the agent's log after `timeout`.
+    pub fn wait(&mut self, what: &str, timeout: Duration, mut done: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done(self) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the agent exited ({status}) waiting for {what}\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {timeout:?}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the agent has realized the source's `revision`; the first pass loads
+    /// the datapath, which takes a while in a debug build.
+    pub fn wait_realized(&mut self, revision: u64) {
+        self.wait(
+            &format!("revision {revision} realized"),
+            Duration::from_secs(120),
+            |a| {
+                Client::new(&a.socket)
+                    .status()
+                    .is_ok_and(|s| s.realized_revision >= revision)
+            },
+        );
+    }
+
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        kill(pid, Signal::SIGTERM).expect("kill -TERM the agent");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the agent") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent ignored SIGTERM for {timeout:?}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The frontend address of service `i`.
+pub fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 10)) + i)
+}
+
+/// A snapshot at `revision` with `services` ClusterIP services on port 80/TCP, each with
+/// two ready backends, and node-1 as the only node.
+pub fn snapshot(revision: u64, services: u32) -> Snapshot {
+    let mut objects = serde_json::json!({
+        "revision": revision,
+        "nodes": [{"metadata": {"name": NODE},
+                   "status": {"addresses": [{"type": "InternalIP", "address": "172.16.0.1"}]}}],
+        "services": [],
+        "endpointSlices": [],
+    });
+    for i in 0..services {
+        let name = format!("svc-{i}");
+        let backend = |n: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + 2 * i + n);
+        objects["services"]
+            .as_array_mut()
+            .expect("services")
+            .push(serde_json::json!({
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"type": "ClusterIP", "clusterIP": vip(i).to_string(),
+                         "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
+            }));
+        let endpoints = [0, 1].map(|n| {
+            serde_json::json!({"addresses": [backend(n).to_string()], "conditions": {"ready": true}})
+        });
+        objects["endpointSlices"]
+            .as_array_mut()
+            .expect("slices")
+            .push(serde_json::json!({
+                "metadata": {"name": format!("{name}-1"), "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "endpoints": endpoints,
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            }));
+    }
+    serde_json::from_value(objects).expect("a valid snapshot")
+}
+
+pub fn write(path: &Path, snapshot: &Snapshot) {
+    snapshot.write_file(path).expect("write the cluster file");
+}
