@@ -4,6 +4,7 @@
 //! time below, and `sluice-datapath`'s test `btf_layouts_match` compares every field
 //! offset against the BTF of the compiled object.
 
+pub mod kinds;
 pub mod maps;
 pub mod reasons;
 
