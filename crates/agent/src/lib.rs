@@ -112,6 +112,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     ));
 
     let metrics = metrics::Metrics::default();
+    let readiness = http::Readiness::default();
     if let Some(address) = config.metrics_address {
         // Handles of its own on the pinned maps: a scrape never waits for the node's lock.
         let maps = Arc::new(sluice_datapath::PinnedMaps::open(&config.pin_dir)?);
@@ -120,7 +121,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             Arc::new(move || Ok((scrape.render(&maps)?, metrics::CONTENT_TYPE)));
         let listener = http::bind(address).await?;
         info!(%address, "serving metrics");
-        tokio::spawn(http::serve(listener, render));
+        tokio::spawn(http::serve(listener, render, readiness.clone()));
     }
     if let Some(log) = &config.policy_log {
         let logger = policy_log::PolicyLogger::start(log, metrics.policy_log_suppressed())?;
@@ -152,6 +153,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         let started = Instant::now();
         let ok = guard.reconcile();
         metrics.observe_reconcile(started.elapsed(), ok);
+        if ok {
+            readiness.set();
+        }
         guard.name_flows(&names);
     }
     info!("agent stopping; pinned maps and links keep the datapath running");

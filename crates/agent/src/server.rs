@@ -1,20 +1,32 @@
-//! The local API: one JSON request line and one JSON response line per connection, except
-//! `observe`, which answers a stream of flow lines.
+//! The local API on the agent's Unix socket: axum routes, one per question of
+//! [`sluice_api::routes`], typed requests and JSON answers; `observe` answers a chunked
+//! stream of flow lines.
 
 use std::{path::Path, sync::Arc};
 
+use axum::{
+    Json, Router,
+    body::{Body, Bytes},
+    extract::{
+        Query, State,
+        rejection::{JsonRejection, QueryRejection},
+    },
+    http::{Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use futures_util::{StreamExt, stream};
+use serde::Serialize;
 use sluice_api::{
-    Method, Request, Response,
+    AgentStatus, CtEntry, EndpointEntry, EndpointPolicyView, EndpointQuery, ErrorBody,
+    IdentityEntry, IdentityQuery, NDJSON, ServiceEntry, VerifyReport, VerifyRequest,
     flow::{Flow, ObserveRequest},
+    routes,
 };
 use sluice_observer::FlowBuffer;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{
-        UnixListener, UnixStream,
-        unix::{OwnedReadHalf, OwnedWriteHalf},
-    },
-    sync::{Mutex, broadcast::error::RecvError},
+    net::UnixListener,
+    sync::{Mutex, broadcast},
 };
 use tracing::warn;
 
@@ -40,131 +52,190 @@ pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
 }
 
 pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>, flows: Arc<FlowBuffer>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(handle(stream, Arc::clone(&node), Arc::clone(&flows)));
-            }
-            Err(e) => warn!(error = %e, "accept on API socket failed"),
+    if let Err(e) = axum::serve(listener, router(node, flows)).await {
+        warn!(error = %e, "API server stopped");
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    node: Arc<Mutex<Node>>,
+    flows: Arc<FlowBuffer>,
+}
+
+fn router(node: Arc<Mutex<Node>>, flows: Arc<FlowBuffer>) -> Router {
+    Router::new()
+        .route(routes::STATUS, get(status))
+        .route(routes::SERVICES, get(services))
+        .route(routes::CONNTRACK, get(conntrack))
+        .route(routes::VERIFY, post(verify))
+        .route(routes::ENDPOINTS, get(endpoints))
+        .route(routes::ENDPOINT, get(endpoint))
+        .route(routes::IDENTITIES, get(identities))
+        .route(routes::IDENTITY, get(identity))
+        .route(routes::POLICY, get(policy))
+        .route(routes::OBSERVE, post(observe))
+        .fallback(unknown_route)
+        .with_state(Api { node, flows })
+}
+
+/// A refused request: its status and the message the CLI prints.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<AgentError> for Refusal {
+    fn from(e: AgentError) -> Self {
+        let status = match e {
+            AgentError::Query(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Refusal(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for Refusal {
+    fn from(e: JsonRejection) -> Self {
+        Refusal(e.status(), format!("malformed request: {}", e.body_text()))
+    }
+}
+
+impl From<QueryRejection> for Refusal {
+    fn from(e: QueryRejection) -> Self {
+        Refusal(e.status(), format!("malformed request: {}", e.body_text()))
+    }
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> Refusal {
+    Refusal(StatusCode::NOT_FOUND, format!("no route {method} {uri}"))
+}
+
+type Answer<T> = Result<Json<T>, Refusal>;
+
+impl Api {
+    /// Runs `view` on the node off the async workers: views read kernel maps with one
+    /// syscall per entry (65k for a full conntrack).
+    async fn with_node<T: Send + 'static>(
+        &self,
+        view: impl FnOnce(&mut Node) -> Result<T, AgentError> + Send + 'static,
+    ) -> Answer<T> {
+        let mut node = Arc::clone(&self.node).lock_owned().await;
+        match tokio::task::spawn_blocking(move || view(&mut node)).await {
+            Ok(answer) => answer.map(Json).map_err(Refusal::from),
+            Err(e) => Err(Refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the request's task failed: {e}"),
+            )),
         }
     }
 }
 
-async fn handle(stream: UnixStream, node: Arc<Mutex<Node>>, flows: Arc<FlowBuffer>) {
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    let mut line = String::new();
-    if read.read_line(&mut line).await.is_err() {
-        return;
-    }
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) if request.method == Method::Observe => {
-            match serde_json::from_value::<ObserveRequest>(request.params) {
-                Ok(observe) => return stream_flows(observe, read, write, &flows).await,
-                Err(e) => Response::Error(format!("malformed observe params: {e}")),
-            }
-        }
-        Ok(request) => dispatch(request, &node).await,
-        Err(e) => Response::Error(format!("malformed request: {e}")),
-    };
-    if let Err(e) = write.write_all(&encode(&response)).await {
-        warn!(error = %e, "writing API response failed");
-    }
+async fn status(State(api): State<Api>) -> Answer<AgentStatus> {
+    api.with_node(|node| node.status()).await
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    let mut out = serde_json::to_vec(value)
-        .unwrap_or_else(|e| format!(r#"{{"error":"encoding response: {e}"}}"#).into_bytes());
-    out.push(b'\n');
-    out
+async fn services(State(api): State<Api>) -> Answer<Vec<ServiceEntry>> {
+    api.with_node(|node| node.services()).await
+}
+
+async fn conntrack(State(api): State<Api>) -> Answer<Vec<CtEntry>> {
+    api.with_node(|node| node.conntrack()).await
+}
+
+async fn verify(
+    State(api): State<Api>,
+    request: Result<Json<VerifyRequest>, JsonRejection>,
+) -> Answer<VerifyReport> {
+    let Json(request) = request?;
+    api.with_node(move |node| node.verify(request.repair)).await
+}
+
+async fn endpoints(State(api): State<Api>) -> Answer<Vec<EndpointEntry>> {
+    api.with_node(|node| Ok(node.endpoints())).await
+}
+
+async fn endpoint(
+    State(api): State<Api>,
+    query: Result<Query<EndpointQuery>, QueryRejection>,
+) -> Answer<EndpointEntry> {
+    let Query(query) = query?;
+    api.with_node(move |node| node.endpoint(&query.endpoint))
+        .await
+}
+
+async fn identities(State(api): State<Api>) -> Answer<Vec<IdentityEntry>> {
+    api.with_node(|node| Ok(node.identities())).await
+}
+
+async fn identity(
+    State(api): State<Api>,
+    query: Result<Query<IdentityQuery>, QueryRejection>,
+) -> Answer<IdentityEntry> {
+    let Query(query) = query?;
+    api.with_node(move |node| node.identity(query.id)).await
+}
+
+async fn policy(
+    State(api): State<Api>,
+    query: Result<Query<EndpointQuery>, QueryRejection>,
+) -> Answer<EndpointPolicyView> {
+    let Query(query) = query?;
+    api.with_node(move |node| node.policy(&query.endpoint))
+        .await
 }
 
 /// Sends the buffered flows the request selects, then, with `follow`, every new matching
-/// flow until the client hangs up. Filtering happens here, as in Hubble, so a follower of
-/// a rare flow costs the socket nothing for the others.
-async fn stream_flows(
-    request: ObserveRequest,
-    mut read: BufReader<OwnedReadHalf>,
-    mut write: OwnedWriteHalf,
-    flows: &FlowBuffer,
-) {
-    let keep = |flow: &Flow| sluice_observer::matches(&request.filter, flow);
-    let (buffered, mut receiver) = flows.snapshot(request.last, keep);
-    let mut out = Vec::new();
+/// flow until the client hangs up (hyper then drops the body). Filtering happens here, as
+/// in Hubble, so a follower of a rare flow costs the socket nothing for the others.
+async fn observe(
+    State(api): State<Api>,
+    request: Result<Json<ObserveRequest>, JsonRejection>,
+) -> Result<Response, Refusal> {
+    let Json(request) = request?;
+    let filter = request.filter;
+    let keep = move |flow: &Flow| sluice_observer::matches(&filter, flow);
+    let (buffered, receiver) = api.flows.snapshot(request.last, &keep);
+    let mut head = Vec::new();
     for flow in &buffered {
-        out.extend(encode(flow.as_ref()));
+        head.extend(line(flow.as_ref()));
     }
-    if write.write_all(&out).await.is_err() || !request.follow {
-        return;
-    }
-    let mut scratch = [0u8; 64];
-    loop {
-        tokio::select! {
-            // The client sends nothing more: a read returning is its hang-up.
-            _ = read.read(&mut scratch) => return,
-            received = receiver.recv() => match received {
+    let body = if request.follow {
+        let first = stream::once(async move { Ok(Bytes::from(head)) });
+        Body::from_stream(first.chain(follow(receiver, keep)))
+    } else {
+        Body::from(head)
+    };
+    Ok(([(header::CONTENT_TYPE, NDJSON)], body).into_response())
+}
+
+/// New flows that `keep` selects, one line each, until the buffer closes.
+fn follow(
+    receiver: broadcast::Receiver<Arc<Flow>>,
+    keep: impl Fn(&Flow) -> bool + Send + 'static,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    stream::unfold((receiver, keep), |(mut receiver, keep)| async move {
+        loop {
+            match receiver.recv().await {
                 Ok(flow) if keep(&flow) => {
-                    if write.write_all(&encode(flow.as_ref())).await.is_err() {
-                        return;
-                    }
+                    return Some((Ok(Bytes::from(line(flow.as_ref()))), (receiver, keep)));
                 }
                 Ok(_) => {}
-                Err(RecvError::Lagged(missed)) => {
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
                     warn!(missed, "observe client too slow; skipped flows");
                 }
-                Err(RecvError::Closed) => return,
-            },
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
         }
-    }
+    })
 }
 
-async fn dispatch(request: Request, node: &Mutex<Node>) -> Response {
-    let mut node = node.lock().await;
-    let result = match request.method {
-        Method::Status => node.status().map(to_json),
-        Method::ServiceList => node.services().map(to_json),
-        Method::CtList => node.conntrack().map(to_json),
-        Method::Verify => {
-            let repair = request
-                .params
-                .get("repair")
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false);
-            node.verify(repair).map(to_json)
-        }
-        Method::EndpointList => Ok(to_json(node.endpoints())),
-        Method::EndpointGet => param_str(&request.params, "endpoint")
-            .and_then(|e| node.endpoint(e))
-            .map(to_json),
-        Method::IdentityList => Ok(to_json(node.identities())),
-        Method::IdentityGet => request
-            .params
-            .get("id")
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|id| u32::try_from(id).ok())
-            .ok_or_else(|| AgentError::Query("params need a numeric \"id\"".into()))
-            .and_then(|id| node.identity(id))
-            .map(to_json),
-        Method::PolicyGet => param_str(&request.params, "endpoint")
-            .and_then(|e| node.policy(e))
-            .map(to_json),
-        // Answered by handle() as a stream before it gets here.
-        Method::Observe => Err(AgentError::Query("observe is a stream".into())),
-    };
-    match result {
-        Ok(value) => Response::Result(value),
-        Err(e) => Response::Error(e.to_string()),
-    }
-}
-
-fn param_str<'a>(params: &'a serde_json::Value, name: &str) -> Result<&'a str, AgentError> {
-    params
-        .get(name)
-        .and_then(serde_json::Value::as_str)
-        .ok_or_else(|| AgentError::Query(format!("params need a string {name:?}")))
-}
-
-fn to_json<T: serde::Serialize>(value: T) -> serde_json::Value {
-    serde_json::to_value(value)
-        .unwrap_or_else(|e| serde_json::Value::String(format!("encoding failed: {e}")))
+fn line<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec(value)
+        .unwrap_or_else(|e| format!(r#"{{"error":"encoding a flow: {e}"}}"#).into_bytes());
+    out.push(b'\n');
+    out
 }

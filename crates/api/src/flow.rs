@@ -316,7 +316,7 @@ pub struct FlowFilter {
     pub since: Option<Timestamp>,
 }
 
-/// Params of `Method::Observe`.
+/// The body of `POST` [`routes::OBSERVE`](crate::routes::OBSERVE).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObserveRequest {
     /// The last N matching flows of the buffer; None: all it holds (with `follow`: none).

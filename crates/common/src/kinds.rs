@@ -145,7 +145,9 @@ impl CtFlag {
 }
 
 /// A Kubernetes Service's `spec.type`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub enum ServiceKind {
     #[default]
     ClusterIP,

@@ -30,7 +30,9 @@ use sluice_common::{
     BACKEND_STATE_ACTIVE, EndpointInfo, IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
     IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyKey, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_WILDCARD, names, proto_name,
+    SVC_FLAG_WILDCARD,
+    kinds::{RuleOrigin, ServiceKind, UnknownServiceKind},
+    names, proto_name,
 };
 use sluice_store::{LocalEndpoint, Snapshot};
 
@@ -97,9 +99,9 @@ pub struct Identity {
 /// The allow rows of one endpoint's policy map.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointPolicy {
-    /// Row -> the NetworkPolicies (`namespace/name`) that allow it, or `reserved:host` for
-    /// the row that lets the node reach its pods.
-    pub rows: BTreeMap<PolicyKey, BTreeSet<String>>,
+    /// Row -> the NetworkPolicies that allow it, or the host for the row that lets the
+    /// node reach its pods.
+    pub rows: BTreeMap<PolicyKey, BTreeSet<RuleOrigin>>,
 }
 
 impl EndpointPolicy {
@@ -113,7 +115,7 @@ impl EndpointPolicy {
         direction: u8,
         proto: u8,
         port: u16,
-    ) -> Option<(&PolicyKey, &BTreeSet<String>)> {
+    ) -> Option<(&PolicyKey, &BTreeSet<RuleOrigin>)> {
         let covers = |key: &PolicyKey| {
             if key.prefixlen <= POLICY_PREFIX_ANY_PROTO {
                 return true;
@@ -158,8 +160,7 @@ pub struct Frontend {
     pub service: String,
     /// Name of the service port; empty for a service's single unnamed port.
     pub port_name: String,
-    /// Service type: ClusterIP, NodePort or LoadBalancer.
-    pub kind: String,
+    pub kind: ServiceKind,
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: u8,
@@ -244,7 +245,7 @@ impl DesiredState {
         }
         for (ifindex, policy) in &self.policies {
             for (row, origins) in &policy.rows {
-                let origins: Vec<&str> = origins.iter().map(String::as_str).collect();
+                let origins: Vec<String> = origins.iter().map(ToString::to_string).collect();
                 let _ = writeln!(
                     out,
                     "{} ifindex {ifindex} {row} <- {}",
@@ -366,18 +367,21 @@ impl Compilation {
             self.problem(format!("service {owner}: no spec: skipped"));
             return;
         };
-        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-        match kind {
-            "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+        let kind = match spec
+            .type_
+            .as_deref()
+            .map_or(Ok(ServiceKind::ClusterIP), str::parse)
+        {
             // DNS-only: there is no address to program.
-            "ExternalName" => return,
-            other => {
+            Ok(ServiceKind::ExternalName) => return,
+            Ok(kind) => kind,
+            Err(UnknownServiceKind(other)) => {
                 self.problem(format!(
                     "service {owner}: unsupported type {other:?}: skipped"
                 ));
                 return;
             }
-        }
+        };
         let vip = match spec.cluster_ip.as_deref().unwrap_or("") {
             // Headless: clients resolve the endpoints themselves.
             "None" => return,
@@ -414,7 +418,7 @@ impl Compilation {
     fn port(
         &mut self,
         owner: &str,
-        kind: &str,
+        kind: ServiceKind,
         vip: Ipv4Addr,
         port: &ServicePort,
         slices: &[&EndpointSlice],
@@ -474,7 +478,7 @@ impl Compilation {
         self.state.frontends.push(Frontend {
             service: owner.to_string(),
             port_name: port_name.to_string(),
-            kind: kind.to_string(),
+            kind,
             address: vip,
             port: number,
             protocol: proto,

@@ -18,6 +18,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
+use sluice_common::kinds::RuleOrigin;
 use sluice_common::{
     ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, ENDPOINT_F_POLICY_OVERFLOW,
     EndpointInfo, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD, IpcacheEntry,
@@ -34,8 +35,6 @@ use crate::{
     namespace_of, protocol_number,
 };
 
-/// The origin recorded on the rows that let the node reach its pods.
-const HOST_ORIGIN: &str = LABEL_HOST;
 /// The label the API server puts on every namespace.
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
@@ -655,7 +654,7 @@ impl World<'_> {
         let selecting: Vec<&Policy<'_>> = policies.iter().filter(|p| selects(p, w)).collect();
         let ingress = selecting.iter().any(|p| p.ingress);
         let egress = selecting.iter().any(|p| p.egress);
-        let mut rows: BTreeMap<PolicyKey, BTreeSet<String>> = BTreeMap::new();
+        let mut rows: BTreeMap<PolicyKey, BTreeSet<RuleOrigin>> = BTreeMap::new();
         for p in &selecting {
             self.policy_rows(p, w, &mut rows, problems);
         }
@@ -668,7 +667,7 @@ impl World<'_> {
                 flags |= flag;
                 rows.entry(PolicyKey::any(IDENTITY_HOST, direction))
                     .or_default()
-                    .insert(HOST_ORIGIN.into());
+                    .insert(RuleOrigin::Host);
             }
         }
         let overflow = rows.len() > capacity as usize;
@@ -706,7 +705,7 @@ impl World<'_> {
         &self,
         policy: &Policy<'_>,
         w: &Workload<'_>,
-        rows: &mut BTreeMap<PolicyKey, BTreeSet<String>>,
+        rows: &mut BTreeMap<PolicyKey, BTreeSet<RuleOrigin>>,
         problems: &mut BTreeSet<String>,
     ) {
         for ((direction, _, ports), peers) in rules(policy.policy).zip(&policy.peers) {
@@ -719,7 +718,9 @@ impl World<'_> {
                 continue;
             }
             let mut add = |key: PolicyKey| {
-                rows.entry(key).or_default().insert(policy.owner.clone());
+                rows.entry(key)
+                    .or_default()
+                    .insert(RuleOrigin::Policy(policy.owner.clone()));
             };
             let ports = ports.map(Vec::as_slice).unwrap_or_default();
             if ports.is_empty() {

@@ -46,23 +46,6 @@ use crate::{
     state::{LabState, PodRecord},
 };
 
-/// One HTTP/1.1 GET, answered and closed by the server: (status line, body).
-fn http_get(address: SocketAddrV4, path: &str) -> std::io::Result<(String, String)> {
-    use std::io::Read;
-    let timeout = Duration::from_secs(5);
-    let mut stream = std::net::TcpStream::connect_timeout(&address.into(), timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.lines().next().unwrap_or_default().to_string();
-    Ok((status, body.to_string()))
-}
-
 /// Where the agents pin their maps and links: `<PIN_ROOT>/<lab>/<node>`.
 const PIN_ROOT: &str = "/sys/fs/bpf/sluice";
 /// How long agents get to realize a change, and pod servers to bind their ports.
@@ -70,6 +53,8 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Agents load the datapath before their first generation, which takes longer.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(10);
+/// How long a metrics scrape may take, connection included.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a process gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -639,17 +624,11 @@ impl Lab {
                             source,
                         },
                     )?;
-                    http_get(address, "/metrics").map_err(|e| failed(e.to_string()))
+                    sluice_api::scrape(address.into(), "/metrics", SCRAPE_TIMEOUT)
+                        .map_err(|e| failed(e.to_string()))
                 })
                 .join()
                 .map_err(|_| failed("the scraping thread panicked".into()))?
-        })
-        .and_then(|(status, body)| {
-            if status.starts_with("HTTP/1.1 200 ") {
-                Ok(body)
-            } else {
-                Err(failed(status))
-            }
         })
     }
 

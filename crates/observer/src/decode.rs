@@ -235,10 +235,10 @@ impl Resolver {
             (true, false) => POLICY_MATCH_L4_ONLY,
             (true, true) => POLICY_MATCH_ALL,
         };
-        // Only NetworkPolicies: the node's own row (`reserved:host`) is no policy object.
+        // Only NetworkPolicies: the node's own row is no policy object.
         let policies = origins
             .iter()
-            .filter_map(|origin| origin.split_once('/'))
+            .filter_map(|origin| origin.policy()?.split_once('/'))
             .map(|(namespace, name)| Policy {
                 name: name.into(),
                 namespace: namespace.into(),
