@@ -1,6 +1,9 @@
 //! The local API and the probes of a real agent process: its datapath loaded, its socket
 //! served by axum (needs root and bpffs; never skipped).
 
+// Helpers outside #[test] functions panic too: a failed step fails the test.
+#![allow(clippy::expect_used)]
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener},
