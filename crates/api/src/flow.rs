@@ -50,9 +50,9 @@ pub struct Flow {
     pub traffic_direction: TrafficDirection,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub policy_match_type: u32,
-    /// `TO_ENDPOINT` or `FROM_ENDPOINT`, for traces.
+    /// Where a trace was observed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace_observation_point: Option<String>,
+    pub trace_observation_point: Option<TraceObservationPoint>,
     pub is_reply: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<Interface>,
@@ -135,6 +135,16 @@ impl TrafficDirection {
             TrafficDirection::Egress => "EGRESS",
         }
     }
+}
+
+/// Hubble's `TraceObservationPoint`, of the points sluice observes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TraceObservationPoint {
+    /// Entering the pod (`to_container`).
+    ToEndpoint,
+    /// Leaving the pod (`from_container`).
+    FromEndpoint,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
