@@ -60,7 +60,6 @@ pub async fn serve(listener: UnixListener, node: Arc<Mutex<Node>>, flows: Arc<Fl
 #[derive(Clone)]
 struct Api {
     node: Arc<Mutex<Node>>,
-    flows: Arc<FlowBuffer>,
 }
 
 fn router(node: Arc<Mutex<Node>>, flows: Arc<FlowBuffer>) -> Router {
@@ -74,9 +73,16 @@ fn router(node: Arc<Mutex<Node>>, flows: Arc<FlowBuffer>) -> Router {
         .route(routes::IDENTITIES, get(identities))
         .route(routes::IDENTITY, get(identity))
         .route(routes::POLICY, get(policy))
-        .route(routes::OBSERVE, post(observe))
+        .with_state(Api { node })
+        .merge(observe_router(flows))
         .fallback(unknown_route)
-        .with_state(Api { node, flows })
+}
+
+/// The flows need no node: kept apart, they are served (and tested) from the buffer alone.
+fn observe_router(flows: Arc<FlowBuffer>) -> Router {
+    Router::new()
+        .route(routes::OBSERVE, post(observe))
+        .with_state(flows)
 }
 
 /// A refused request: its status and the message the CLI prints.
@@ -192,13 +198,13 @@ async fn policy(
 /// flow until the client hangs up (hyper then drops the body). Filtering happens here, as
 /// in Hubble, so a follower of a rare flow costs the socket nothing for the others.
 async fn observe(
-    State(api): State<Api>,
+    State(flows): State<Arc<FlowBuffer>>,
     request: Result<Json<ObserveRequest>, JsonRejection>,
 ) -> Result<Response, Refusal> {
     let Json(request) = request?;
     let filter = request.filter;
     let keep = move |flow: &Flow| sluice_observer::matches(&filter, flow);
-    let (buffered, receiver) = api.flows.snapshot(request.last, &keep);
+    let (buffered, receiver) = flows.snapshot(request.last, &keep);
     let mut head = Vec::new();
     for flow in &buffered {
         head.extend(line(flow.as_ref()));
@@ -238,4 +244,134 @@ fn line<T: Serialize>(value: &T) -> Vec<u8> {
         .unwrap_or_else(|e| format!(r#"{{"error":"encoding a flow: {e}"}}"#).into_bytes());
     out.push(b'\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, time::Duration};
+
+    use sluice_api::{
+        Client,
+        flow::{
+            EVENT_TYPE_DROP, EVENT_TYPE_TRACE, Endpoint, EventType, FlowFilter, Ip, Timestamp,
+            TrafficDirection, Verdict,
+        },
+    };
+
+    use super::*;
+
+    fn flow(n: i64, event_type: i32) -> Flow {
+        Flow {
+            time: Timestamp(n),
+            verdict: Verdict::Forwarded,
+            drop_reason: 0,
+            drop_reason_desc: None,
+            ip: Ip {
+                source: Ipv4Addr::new(10, 0, 0, 1),
+                destination: Ipv4Addr::new(10, 0, 0, 2),
+                ip_version: "IPv4".into(),
+            },
+            l4: None,
+            source: Endpoint::default(),
+            destination: Endpoint::default(),
+            flow_type: "L3_L4".into(),
+            node_name: "node-1".into(),
+            event_type: EventType {
+                event_type,
+                sub_type: 0,
+            },
+            traffic_direction: TrafficDirection::Egress,
+            policy_match_type: 0,
+            trace_observation_point: None,
+            is_reply: false,
+            interface: None,
+            destination_service: None,
+            ingress_allowed_by: Vec::new(),
+            egress_allowed_by: Vec::new(),
+            summary: format!("flow {n}"),
+        }
+    }
+
+    /// Buffered flows, then followed ones as they come, filtered in the agent, one JSON
+    /// line each over the chunked body; a malformed request is refused with its status.
+    #[test]
+    fn observe_streams_buffered_then_followed_flows() {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = Removed(
+            std::env::temp_dir().join(format!("sluice-test-observe-{}", std::process::id())),
+        );
+        let socket = dir.0.join("api.sock");
+        let listener = runtime.block_on(async { bind(&socket) }).expect("bind");
+        let flows = Arc::new(FlowBuffer::new(16));
+        flows.push(flow(1, EVENT_TYPE_TRACE));
+        flows.push(flow(2, EVENT_TYPE_DROP));
+        let router = observe_router(Arc::clone(&flows)).fallback(unknown_route);
+        runtime.spawn(async move { axum::serve(listener, router).await });
+
+        let client = Client::new(&socket);
+        let drops = FlowFilter {
+            event_type: vec!["drop".into()],
+            ..FlowFilter::default()
+        };
+        let buffered: Vec<Flow> = client
+            .observe(&ObserveRequest {
+                last: None,
+                follow: false,
+                filter: drops.clone(),
+            })
+            .expect("observe")
+            .collect::<Result<_, _>>()
+            .expect("flows");
+        assert_eq!(buffered, [flow(2, EVENT_TYPE_DROP)]);
+
+        let mut followed = client
+            .observe(&ObserveRequest {
+                last: Some(1),
+                follow: true,
+                filter: drops,
+            })
+            .expect("follow");
+        assert_eq!(
+            followed.next().and_then(Result::ok),
+            Some(flow(2, EVENT_TYPE_DROP))
+        );
+        // The subscription exists once the buffered flow arrived: later pushes reach it.
+        flows.push(flow(3, EVENT_TYPE_TRACE));
+        flows.push(flow(4, EVENT_TYPE_DROP));
+        assert_eq!(
+            followed.next().and_then(Result::ok),
+            Some(flow(4, EVENT_TYPE_DROP))
+        );
+        drop(followed);
+
+        let refused = raw_post(&socket, routes::OBSERVE, r#"{"last": "many"}"#);
+        assert!(refused.starts_with("HTTP/1.1 422 "), "{refused}");
+        assert!(refused.contains("malformed request"), "{refused}");
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+
+    /// A directory removed when the test ends, passed or failed.
+    struct Removed(std::path::PathBuf);
+
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A raw POST on the socket, for answers the client turns into errors.
+    fn raw_post(path: &Path, route: &str, body: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect");
+        write!(
+            stream,
+            "POST {route} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut out = String::new();
+        stream.read_to_string(&mut out).expect("read");
+        out
+    }
 }
