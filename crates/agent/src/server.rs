@@ -253,8 +253,8 @@ mod tests {
     use sluice_api::{
         Client,
         flow::{
-            EVENT_TYPE_DROP, EVENT_TYPE_TRACE, Endpoint, EventType, FlowFilter, Ip, Timestamp,
-            TrafficDirection, Verdict,
+            EVENT_TYPE_DROP, EVENT_TYPE_TRACE, Endpoint, EventType, FlowEventType, FlowFilter, Ip,
+            Timestamp, TrafficDirection, Verdict,
         },
     };
 
@@ -310,7 +310,7 @@ mod tests {
 
         let client = Client::new(&socket);
         let drops = FlowFilter {
-            event_type: vec!["drop".into()],
+            event_type: vec![FlowEventType::Drop],
             ..FlowFilter::default()
         };
         let buffered: Vec<Flow> = client

@@ -417,7 +417,7 @@ fn filters_follow_hubbles_semantics() {
     assert!(!matches(&f("reserved:world"), &denied));
 
     let by_type = |t: &str| FlowFilter {
-        event_type: vec![t.into()],
+        event_type: vec![serde_json::from_value(serde_json::json!(t)).expect("an event type")],
         ..FlowFilter::default()
     };
     assert_eq!(filter(by_type("policy-verdict")), (true, false));
@@ -429,7 +429,7 @@ fn filters_follow_hubbles_semantics() {
     };
     assert_eq!(filter(verdict), (true, true));
     let proto = |p: &str, port: u16| FlowFilter {
-        protocol: vec![p.into()],
+        protocol: vec![p.parse().expect("a protocol")],
         port: vec![port],
         ..FlowFilter::default()
     };
