@@ -97,6 +97,8 @@ impl IntoResponse for Refusal {
 impl From<AgentError> for Refusal {
     fn from(e: AgentError) -> Self {
         let status = match e {
+            // The request names no endpoint or identity of this node (or, for a bare pod
+            // name, no single one).
             AgentError::Query(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -342,7 +344,17 @@ mod tests {
             followed.next().and_then(Result::ok),
             Some(flow(4, EVENT_TYPE_DROP))
         );
+        assert_eq!(flows.subscribers(), 1);
+        // The client hanging up ends the follow: hyper drops the body and its subscription.
         drop(followed);
+        let hung_up = std::time::Instant::now();
+        while flows.subscribers() > 0 {
+            assert!(
+                hung_up.elapsed() < Duration::from_secs(5),
+                "the follow outlived its client"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
 
         let refused = raw_post(&socket, routes::OBSERVE, r#"{"last": "many"}"#);
         assert!(refused.starts_with("HTTP/1.1 422 "), "{refused}");
