@@ -89,13 +89,7 @@ fn tcp_requests_to_the_cluster_ip_are_spread_over_both_backends() {
         );
     }
 
-    let services = lab
-        .client()
-        .call::<Vec<sluice_api::ServiceEntry>>(
-            sluice_api::Method::ServiceList,
-            serde_json::Value::Null,
-        )
-        .unwrap();
+    let services = lab.client().services().unwrap();
     let nginx = services
         .iter()
         .find(|s| {
@@ -213,9 +207,7 @@ fn a_pod_reaches_a_service_backed_by_itself_and_pods_reach_each_other() {
 fn verify_reports_drift_and_the_periodic_reconcile_repairs_it() {
     let lab = nginx_lab("drift");
     let api = lab.client();
-    let clean: sluice_api::VerifyReport = api
-        .call(sluice_api::Method::Verify, serde_json::json!({}))
-        .unwrap();
+    let clean: sluice_api::VerifyReport = api.verify(sluice_api::VerifyRequest::default()).unwrap();
     assert!(
         clean.drift.is_empty(),
         "fresh lab has no drift: {:?}",
@@ -234,18 +226,15 @@ fn verify_reports_drift_and_the_periodic_reconcile_repairs_it() {
         )
         .unwrap();
 
-    let report: sluice_api::VerifyReport = api
-        .call(sluice_api::Method::Verify, serde_json::json!({}))
-        .unwrap();
+    let report: sluice_api::VerifyReport =
+        api.verify(sluice_api::VerifyRequest::default()).unwrap();
     assert_eq!(report.drift.len(), 1, "{:?}", report.drift);
     assert_eq!(report.drift[0].kind, "differs");
     assert!(report.drift[0].key.contains("slot 1"));
 
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(10) {
-        let r: sluice_api::VerifyReport = api
-            .call(sluice_api::Method::Verify, serde_json::json!({}))
-            .unwrap();
+        let r: sluice_api::VerifyReport = api.verify(sluice_api::VerifyRequest::default()).unwrap();
         if r.drift.is_empty() {
             eprintln!(
                 "periodic reconcile repaired the drift after {:?}",

@@ -445,9 +445,7 @@ fn a_wrong_policy_row_in_the_kernel_is_reported_and_repaired() {
     let mut lab = app_lab("policydrift");
     lab.apply_yaml("deny.yaml", DENY_EGRESS);
     let api = lab.client();
-    let clean: sluice_api::VerifyReport = api
-        .call(sluice_api::Method::Verify, serde_json::json!({}))
-        .unwrap();
+    let clean: sluice_api::VerifyReport = api.verify(sluice_api::VerifyRequest::default()).unwrap();
     assert!(clean.drift.is_empty(), "no drift: {:?}", clean.drift);
 
     // Allow probe -> db:27017 behind the agent's back.
@@ -493,9 +491,8 @@ fn a_wrong_policy_row_in_the_kernel_is_reported_and_repaired() {
         "the forged row admits the connection"
     );
 
-    let report: sluice_api::VerifyReport = api
-        .call(sluice_api::Method::Verify, serde_json::json!({}))
-        .unwrap();
+    let report: sluice_api::VerifyReport =
+        api.verify(sluice_api::VerifyRequest::default()).unwrap();
     assert!(
         report
             .drift
@@ -507,9 +504,7 @@ fn a_wrong_policy_row_in_the_kernel_is_reported_and_repaired() {
 
     let started = Instant::now();
     loop {
-        let r: sluice_api::VerifyReport = api
-            .call(sluice_api::Method::Verify, serde_json::json!({}))
-            .unwrap();
+        let r: sluice_api::VerifyReport = api.verify(sluice_api::VerifyRequest::default()).unwrap();
         if r.drift.is_empty() {
             eprintln!(
                 "periodic reconcile removed the forged row after {:?}",

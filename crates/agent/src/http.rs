@@ -1,26 +1,45 @@
-//! A minimal HTTP/1.1 server for `GET /metrics`: one request per connection, then close.
-//!
-//! Prometheus needs nothing more, and a server this small has no state to get wrong:
-//! each connection reads at most one bounded request head, under a timeout, and is closed.
+//! The metrics address: `GET /metrics` for Prometheus, `/healthz` and `/readyz` for the
+//! kubelet's probes, on axum.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
-
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
-use tracing::{debug, warn};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use tokio::net::TcpListener;
+use tracing::warn;
 
 use crate::AgentError;
-
-/// A request head larger than this is refused: a scrape sends a few hundred bytes.
-const MAX_HEAD: usize = 8 * 1024;
-/// A client that does not send its request in this time is dropped.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Produces the body of `GET /metrics` and its content type. Called on a blocking thread:
 /// it reads kernel maps with one syscall per entry.
 pub type Render = Arc<dyn Fn() -> Result<(String, &'static str), AgentError> + Send + Sync>;
+
+/// Whether the agent is ready to serve its node: set once the first reconcile pass has
+/// realized the maps, and never cleared (a later failed pass is `status`'s business, not a
+/// reason for the kubelet to restart an agent whose datapath keeps running).
+#[derive(Clone, Debug, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 pub async fn bind(address: SocketAddr) -> Result<TcpListener, AgentError> {
     TcpListener::bind(address)
@@ -32,114 +51,80 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener, AgentError> {
         })
 }
 
-pub async fn serve(listener: TcpListener, render: Render) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let render = Arc::clone(&render);
-                tokio::spawn(async move {
-                    if let Err(e) = handle(stream, render).await {
-                        debug!(%peer, error = %e, "metrics connection failed");
-                    }
-                });
-            }
-            Err(e) => {
-                warn!(error = %e, "accept on metrics address failed");
-                // Out of descriptors, most likely: give connections time to close.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+pub async fn serve(listener: TcpListener, render: Render, readiness: Readiness) {
+    if let Err(e) = axum::serve(listener, router(render, readiness)).await {
+        warn!(error = %e, "metrics server stopped");
     }
 }
 
-async fn handle(mut stream: TcpStream, render: Render) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
-    };
-    let response = match head {
-        None => response("400 Bad Request", "text/plain", "bad request\n"),
-        Some(head) => match request_target(&head) {
-            Some(("GET" | "HEAD", "/metrics")) => {
-                let body = tokio::task::spawn_blocking(move || render()).await;
-                match body {
-                    Ok(Ok((body, content_type))) => {
-                        let mut out = response("200 OK", content_type, &body);
-                        if head.starts_with("HEAD ") {
-                            out.truncate(out.len() - body.len());
-                        }
-                        out
-                    }
-                    Ok(Err(e)) => {
-                        warn!(error = %e, "reading metrics failed");
-                        response("500 Internal Server Error", "text/plain", &format!("{e}\n"))
-                    }
-                    Err(e) => {
-                        response("500 Internal Server Error", "text/plain", &format!("{e}\n"))
-                    }
-                }
-            }
-            Some(("GET" | "HEAD", _)) => response("404 Not Found", "text/plain", "not found\n"),
-            Some(_) => response("405 Method Not Allowed", "text/plain", "only GET\n"),
-            None => response("400 Bad Request", "text/plain", "bad request\n"),
-        },
-    };
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+#[derive(Clone)]
+struct Probes {
+    render: Render,
+    readiness: Readiness,
 }
 
-/// Reads up to the blank line that ends the request head; None if it is too long or the
-/// client closed first.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
+fn router(render: Render, readiness: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(unknown_route)
+        .with_state(Probes { render, readiness })
+}
+
+async fn metrics(State(probes): State<Probes>) -> Response {
+    let render = probes.render;
+    match tokio::task::spawn_blocking(move || render()).await {
+        Ok(Ok((body, content_type))) => {
+            ([(header::CONTENT_TYPE, content_type)], body).into_response()
         }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.truncate(end);
-            return Ok(String::from_utf8(buf).ok());
+        Ok(Err(e)) => {
+            warn!(error = %e, "reading metrics failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
         }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
-        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
     }
 }
 
-/// Method and path of the request line, without any query string.
-fn request_target(head: &str) -> Option<(&str, &str)> {
-    let line = head.lines().next()?;
-    let mut parts = line.split(' ');
-    let method = parts.next()?;
-    let target = parts.next()?;
-    parts.next().filter(|v| v.starts_with("HTTP/1."))?;
-    Some((method, target.split('?').next().unwrap_or(target)))
+/// Liveness: the process serves.
+async fn healthz() -> &'static str {
+    "ok\n"
 }
 
-fn response(status: &str, content_type: &str, body: &str) -> String {
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+async fn readyz(State(probes): State<Probes>) -> (StatusCode, &'static str) {
+    if probes.readiness.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no reconcile pass has realized the maps yet\n",
+        )
+    }
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> (StatusCode, String) {
+    (StatusCode::NOT_FOUND, format!("no route {method} {uri}\n"))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     async fn request(address: SocketAddr, raw: &str) -> String {
-        let mut stream = TcpStream::connect(address).await.expect("connect");
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
         stream.write_all(raw.as_bytes()).await.expect("write");
         let mut out = String::new();
         stream.read_to_string(&mut out).await.expect("read");
         out
     }
 
-    #[tokio::test]
-    async fn serves_metrics_and_refuses_the_rest() {
+    async fn start(readiness: Readiness) -> SocketAddr {
         let listener = bind("127.0.0.1:0".parse().expect("address"))
             .await
             .expect("bind");
@@ -148,16 +133,22 @@ mod tests {
             let metrics = crate::metrics::Metrics::default();
             Ok((metrics.render_agent_only(), crate::metrics::CONTENT_TYPE))
         });
-        tokio::spawn(serve(listener, render));
+        tokio::spawn(serve(listener, render, readiness));
+        address
+    }
 
+    #[tokio::test]
+    async fn serves_metrics_and_refuses_the_rest() {
+        let address = start(Readiness::default()).await;
         let ok = request(
             address,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         )
         .await;
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        // hyper writes header names in lower case, as HTTP/2 requires and HTTP/1.1 allows.
         assert!(
-            ok.contains("Content-Type: application/openmetrics-text"),
+            ok.contains("content-type: application/openmetrics-text"),
             "{ok}"
         );
         assert!(
@@ -167,18 +158,49 @@ mod tests {
         assert!(ok.contains("sluice_build_info{version="), "{ok}");
         let (head, body) = ok.split_once("\r\n\r\n").expect("head and body");
         assert!(
-            head.contains(&format!("Content-Length: {}", body.len())),
+            head.contains(&format!("content-length: {}", body.len())),
             "{head}"
         );
 
-        let missing = request(address, "GET / HTTP/1.1\r\n\r\n").await;
+        let close = "HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let missing = request(address, &format!("GET / {close}")).await;
         assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
-        let post = request(address, "POST /metrics HTTP/1.1\r\n\r\n").await;
+        let post = request(address, &format!("POST /metrics {close}")).await;
         assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
         let garbage = request(address, "hello\r\n\r\n").await;
         assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
-        // Exactly one byte too many, so the server has read all of it when it answers.
-        let huge = request(address, &"X".repeat(MAX_HEAD + 1)).await;
-        assert!(huge.starts_with("HTTP/1.1 400 "), "{huge}");
+    }
+
+    /// The probes as the kubelet sees them, through the client the lab uses.
+    #[test]
+    fn ready_only_after_the_first_pass() {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let readiness = Readiness::default();
+        let address = runtime.block_on(start(readiness.clone()));
+        let timeout = Duration::from_secs(5);
+        let get = |path: &str| sluice_api::scrape(address, path, timeout);
+
+        assert_eq!(get("/healthz").expect("healthz"), "ok\n");
+        match get("/readyz") {
+            Err(sluice_api::ApiError::Agent {
+                status, message, ..
+            }) => {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+                assert!(message.contains("not ready"), "{message}");
+            }
+            other => panic!("ready before the first pass: {other:?}"),
+        }
+        readiness.set();
+        assert_eq!(get("/readyz").expect("readyz"), "ready\n");
+        assert_eq!(get("/healthz").expect("healthz"), "ok\n");
+        match get("/nothing-here") {
+            Err(sluice_api::ApiError::Agent {
+                status, message, ..
+            }) => {
+                assert_eq!(status, StatusCode::NOT_FOUND);
+                assert!(message.contains("no route GET /nothing-here"), "{message}");
+            }
+            other => panic!("an unknown route answered: {other:?}"),
+        }
     }
 }

@@ -124,6 +124,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     tokio::spawn(server::serve(listener, Arc::new(views), Arc::clone(&flows)));
 
     let metrics = metrics::Metrics::default();
+    let readiness = http::Readiness::default();
     if let Some(address) = config.metrics_address {
         // Handles of its own on the pinned maps: a scrape never waits for a pass.
         let maps = Arc::new(sluice_datapath::PinnedMaps::open(&config.pin_dir)?);
@@ -132,7 +133,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             Arc::new(move || Ok((scrape.render(&maps)?, metrics::CONTENT_TYPE)));
         let listener = http::bind(address).await?;
         info!(%address, "serving metrics");
-        tokio::spawn(http::serve(listener, render));
+        tokio::spawn(http::serve(listener, render, readiness.clone()));
     }
     if let Some(log) = &config.policy_log {
         let logger = policy_log::PolicyLogger::start(log, metrics.policy_log_suppressed())?;
@@ -149,6 +150,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         published,
         names,
         metrics,
+        readiness,
         interval: config.reconcile_interval,
     }
     .run()

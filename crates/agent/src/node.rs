@@ -10,7 +10,7 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use sluice_api::{Drift, VerifyReport};
-use sluice_common::programs;
+use sluice_common::{kinds::DriftKind, programs};
 use sluice_compiler::{DesiredState, NodeContext};
 use sluice_datapath::{AttachRole, Datapath};
 use sluice_realizer::{Desired, KernelTables};
@@ -196,7 +196,7 @@ impl Node {
             .into_iter()
             .map(|d| Drift {
                 map: d.map.to_string(),
-                kind: d.kind.as_str().into(),
+                kind: d.kind,
                 key: d.key,
                 desired: d.desired,
                 actual: d.actual,
@@ -210,7 +210,7 @@ impl Node {
             .collect();
         drift.extend(detached.iter().map(|i| Drift {
             map: "tcx".into(),
-            kind: "missing".into(),
+            kind: DriftKind::Missing,
             key: i.clone(),
             desired: Some(format!(
                 "{} ingress, {} egress",

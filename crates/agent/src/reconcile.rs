@@ -14,7 +14,9 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{AgentError, Node, metrics::Metrics, observe::Names, views::Published};
+use crate::{
+    AgentError, Node, http::Readiness, metrics::Metrics, observe::Names, views::Published,
+};
 
 /// What the API asks of the loop: work that writes the kernel or must not overlap a pass.
 pub enum Request {
@@ -31,6 +33,8 @@ pub struct Loop {
     pub published: Arc<ArcSwap<Published>>,
     pub names: Arc<Names>,
     pub metrics: Metrics,
+    /// Set after the first pass that realized the maps (`/readyz`).
+    pub readiness: Readiness,
     /// How often a full pass re-reads the kernel, whatever changed upstream.
     pub interval: Duration,
 }
@@ -45,6 +49,7 @@ impl Loop {
             published,
             names,
             metrics,
+            readiness,
             interval,
         } = self;
         let mut tick = tokio::time::interval(interval);
@@ -79,11 +84,14 @@ impl Loop {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
-            let (names, metrics) = (Arc::clone(&names), metrics.clone());
+            let (names, metrics, ready) = (Arc::clone(&names), metrics.clone(), readiness.clone());
             node = step(node, move |node| {
                 let started = Instant::now();
                 let ok = node.reconcile();
                 metrics.observe_reconcile(started.elapsed(), ok);
+                if ok {
+                    ready.set();
+                }
                 node.name_flows(&names);
             })
             .await?;

@@ -1,21 +1,30 @@
-//! The local API: one JSON request line and one JSON response line per connection, except
-//! `observe`, which answers a stream of flow lines.
+//! The local API on the agent's Unix socket: axum routes, one per question of
+//! [`sluice_api::routes`], typed requests and JSON answers; `observe` answers a chunked
+//! stream of flow lines.
 
 use std::{path::Path, sync::Arc};
 
+use axum::{
+    Json, Router,
+    body::{Body, Bytes},
+    extract::{
+        Query, State,
+        rejection::{JsonRejection, QueryRejection},
+    },
+    http::{Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use futures_util::{StreamExt, stream};
+use serde::Serialize;
 use sluice_api::{
-    Method, Request, Response,
+    AgentStatus, CtEntry, EndpointEntry, EndpointPolicyView, EndpointQuery, ErrorBody,
+    IdentityEntry, IdentityQuery, NDJSON, ServiceEntry, VerifyReport, VerifyRequest,
     flow::{Flow, ObserveRequest},
+    routes,
 };
 use sluice_observer::FlowBuffer;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{
-        UnixListener, UnixStream,
-        unix::{OwnedReadHalf, OwnedWriteHalf},
-    },
-    sync::broadcast::error::RecvError,
-};
+use tokio::{net::UnixListener, sync::broadcast};
 use tracing::warn;
 
 use crate::{AgentError, views::Views};
@@ -40,131 +49,326 @@ pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
 }
 
 pub async fn serve(listener: UnixListener, views: Arc<Views>, flows: Arc<FlowBuffer>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(handle(stream, Arc::clone(&views), Arc::clone(&flows)));
-            }
-            Err(e) => warn!(error = %e, "accept on API socket failed"),
-        }
+    if let Err(e) = axum::serve(listener, router(views, flows)).await {
+        warn!(error = %e, "API server stopped");
     }
 }
 
-async fn handle(stream: UnixStream, views: Arc<Views>, flows: Arc<FlowBuffer>) {
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    let mut line = String::new();
-    if read.read_line(&mut line).await.is_err() {
-        return;
+/// The views answer without waiting for a reconcile pass: they read the state the loop
+/// published and, on the blocking pool, the kernel maps.
+#[derive(Clone)]
+struct Api {
+    views: Arc<Views>,
+}
+
+fn router(views: Arc<Views>, flows: Arc<FlowBuffer>) -> Router {
+    Router::new()
+        .route(routes::STATUS, get(status))
+        .route(routes::SERVICES, get(services))
+        .route(routes::CONNTRACK, get(conntrack))
+        .route(routes::VERIFY, post(verify))
+        .route(routes::ENDPOINTS, get(endpoints))
+        .route(routes::ENDPOINT, get(endpoint))
+        .route(routes::IDENTITIES, get(identities))
+        .route(routes::IDENTITY, get(identity))
+        .route(routes::POLICY, get(policy))
+        .with_state(Api { views })
+        .merge(observe_router(flows))
+        .fallback(unknown_route)
+}
+
+/// The flows need no node: kept apart, they are served (and tested) from the buffer alone.
+fn observe_router(flows: Arc<FlowBuffer>) -> Router {
+    Router::new()
+        .route(routes::OBSERVE, post(observe))
+        .with_state(flows)
+}
+
+/// A refused request: its status and the message the CLI prints.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) if request.method == Method::Observe => {
-            match serde_json::from_value::<ObserveRequest>(request.params) {
-                Ok(observe) => return stream_flows(observe, read, write, &flows).await,
-                Err(e) => Response::Error(format!("malformed observe params: {e}")),
-            }
-        }
-        Ok(request) => dispatch(request, &views).await,
-        Err(e) => Response::Error(format!("malformed request: {e}")),
+}
+
+impl From<AgentError> for Refusal {
+    fn from(e: AgentError) -> Self {
+        let status = match e {
+            // The request names no endpoint or identity of this node (or, for a bare pod
+            // name, no single one).
+            AgentError::Query(_) => StatusCode::NOT_FOUND,
+            // No snapshot yet, or the reconcile loop is shutting down: ask again later.
+            AgentError::NoSnapshot | AgentError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Refusal(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for Refusal {
+    fn from(e: JsonRejection) -> Self {
+        Refusal(e.status(), format!("malformed request: {}", e.body_text()))
+    }
+}
+
+impl From<QueryRejection> for Refusal {
+    fn from(e: QueryRejection) -> Self {
+        Refusal(e.status(), format!("malformed request: {}", e.body_text()))
+    }
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> Refusal {
+    Refusal(StatusCode::NOT_FOUND, format!("no route {method} {uri}"))
+}
+
+type Answer<T> = Result<Json<T>, Refusal>;
+
+fn answer<T>(result: Result<T, AgentError>) -> Answer<T> {
+    result.map(Json).map_err(Refusal::from)
+}
+
+async fn status(State(api): State<Api>) -> Answer<AgentStatus> {
+    answer(api.views.status().await)
+}
+
+async fn services(State(api): State<Api>) -> Answer<Vec<ServiceEntry>> {
+    answer(api.views.services().await)
+}
+
+async fn conntrack(State(api): State<Api>) -> Answer<Vec<CtEntry>> {
+    answer(api.views.conntrack().await)
+}
+
+async fn verify(
+    State(api): State<Api>,
+    request: Result<Json<VerifyRequest>, JsonRejection>,
+) -> Answer<VerifyReport> {
+    let Json(request) = request?;
+    answer(api.views.verify(request.repair).await)
+}
+
+async fn endpoints(State(api): State<Api>) -> Answer<Vec<EndpointEntry>> {
+    Ok(Json(api.views.endpoints()))
+}
+
+async fn endpoint(
+    State(api): State<Api>,
+    query: Result<Query<EndpointQuery>, QueryRejection>,
+) -> Answer<EndpointEntry> {
+    let Query(query) = query?;
+    answer(api.views.endpoint(&query.endpoint))
+}
+
+async fn identities(State(api): State<Api>) -> Answer<Vec<IdentityEntry>> {
+    Ok(Json(api.views.identities()))
+}
+
+async fn identity(
+    State(api): State<Api>,
+    query: Result<Query<IdentityQuery>, QueryRejection>,
+) -> Answer<IdentityEntry> {
+    let Query(query) = query?;
+    answer(api.views.identity(query.id))
+}
+
+async fn policy(
+    State(api): State<Api>,
+    query: Result<Query<EndpointQuery>, QueryRejection>,
+) -> Answer<EndpointPolicyView> {
+    let Query(query) = query?;
+    answer(api.views.policy(query.endpoint).await)
+}
+
+/// Sends the buffered flows the request selects, then, with `follow`, every new matching
+/// flow until the client hangs up (hyper then drops the body). Filtering happens here, as
+/// in Hubble, so a follower of a rare flow costs the socket nothing for the others.
+async fn observe(
+    State(flows): State<Arc<FlowBuffer>>,
+    request: Result<Json<ObserveRequest>, JsonRejection>,
+) -> Result<Response, Refusal> {
+    let Json(request) = request?;
+    let filter = request.filter;
+    let keep = move |flow: &Flow| sluice_observer::matches(&filter, flow);
+    let (buffered, receiver) = flows.snapshot(request.last, &keep);
+    let mut head = Vec::new();
+    for flow in &buffered {
+        head.extend(line(flow.as_ref()));
+    }
+    let body = if request.follow {
+        let first = stream::once(async move { Ok(Bytes::from(head)) });
+        Body::from_stream(first.chain(follow(receiver, keep)))
+    } else {
+        Body::from(head)
     };
-    if let Err(e) = write.write_all(&encode(&response)).await {
-        warn!(error = %e, "writing API response failed");
-    }
+    Ok(([(header::CONTENT_TYPE, NDJSON)], body).into_response())
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+/// New flows that `keep` selects, one line each, until the buffer closes.
+fn follow(
+    receiver: broadcast::Receiver<Arc<Flow>>,
+    keep: impl Fn(&Flow) -> bool + Send + 'static,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    stream::unfold((receiver, keep), |(mut receiver, keep)| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(flow) if keep(&flow) => {
+                    return Some((Ok(Bytes::from(line(flow.as_ref()))), (receiver, keep)));
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    warn!(missed, "observe client too slow; skipped flows");
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+}
+
+fn line<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = serde_json::to_vec(value)
-        .unwrap_or_else(|e| format!(r#"{{"error":"encoding response: {e}"}}"#).into_bytes());
+        .unwrap_or_else(|e| format!(r#"{{"error":"encoding a flow: {e}"}}"#).into_bytes());
     out.push(b'\n');
     out
 }
 
-/// Sends the buffered flows the request selects, then, with `follow`, every new matching
-/// flow until the client hangs up. Filtering happens here, as in Hubble, so a follower of
-/// a rare flow costs the socket nothing for the others.
-async fn stream_flows(
-    request: ObserveRequest,
-    mut read: BufReader<OwnedReadHalf>,
-    mut write: OwnedWriteHalf,
-    flows: &FlowBuffer,
-) {
-    let keep = |flow: &Flow| sluice_observer::matches(&request.filter, flow);
-    let (buffered, mut receiver) = flows.snapshot(request.last, keep);
-    let mut out = Vec::new();
-    for flow in &buffered {
-        out.extend(encode(flow.as_ref()));
-    }
-    if write.write_all(&out).await.is_err() || !request.follow {
-        return;
-    }
-    let mut scratch = [0u8; 64];
-    loop {
-        tokio::select! {
-            // The client sends nothing more: a read returning is its hang-up.
-            _ = read.read(&mut scratch) => return,
-            received = receiver.recv() => match received {
-                Ok(flow) if keep(&flow) => {
-                    if write.write_all(&encode(flow.as_ref())).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(RecvError::Lagged(missed)) => {
-                    warn!(missed, "observe client too slow; skipped flows");
-                }
-                Err(RecvError::Closed) => return,
-            },
-        }
-    }
-}
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, time::Duration};
 
-async fn dispatch(request: Request, views: &Views) -> Response {
-    let result = match request.method {
-        Method::Status => views.status().await.map(to_json),
-        Method::ServiceList => views.services().await.map(to_json),
-        Method::CtList => views.conntrack().await.map(to_json),
-        Method::Verify => {
-            let repair = request
-                .params
-                .get("repair")
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false);
-            views.verify(repair).await.map(to_json)
-        }
-        Method::EndpointList => Ok(to_json(views.endpoints())),
-        Method::EndpointGet => param_str(&request.params, "endpoint")
-            .and_then(|e| views.endpoint(e))
-            .map(to_json),
-        Method::IdentityList => Ok(to_json(views.identities())),
-        Method::IdentityGet => request
-            .params
-            .get("id")
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|id| u32::try_from(id).ok())
-            .ok_or_else(|| AgentError::Query("params need a numeric \"id\"".into()))
-            .and_then(|id| views.identity(id))
-            .map(to_json),
-        Method::PolicyGet => match param_str(&request.params, "endpoint") {
-            Ok(e) => views.policy(e.to_string()).await.map(to_json),
-            Err(e) => Err(e),
+    use sluice_api::{
+        Client,
+        flow::{
+            EVENT_TYPE_DROP, EVENT_TYPE_TRACE, Endpoint, EventType, FlowEventType, FlowFilter, Ip,
+            Timestamp, TrafficDirection, Verdict,
         },
-        // Answered by handle() as a stream before it gets here.
-        Method::Observe => Err(AgentError::Query("observe is a stream".into())),
     };
-    match result {
-        Ok(value) => Response::Result(value),
-        Err(e) => Response::Error(e.to_string()),
+
+    use super::*;
+
+    fn flow(n: i64, event_type: i32) -> Flow {
+        Flow {
+            time: Timestamp(n),
+            verdict: Verdict::Forwarded,
+            drop_reason: 0,
+            drop_reason_desc: None,
+            ip: Ip {
+                source: Ipv4Addr::new(10, 0, 0, 1),
+                destination: Ipv4Addr::new(10, 0, 0, 2),
+                ip_version: "IPv4".into(),
+            },
+            l4: None,
+            source: Endpoint::default(),
+            destination: Endpoint::default(),
+            flow_type: "L3_L4".into(),
+            node_name: "node-1".into(),
+            event_type: EventType {
+                event_type,
+                sub_type: 0,
+            },
+            traffic_direction: TrafficDirection::Egress,
+            policy_match_type: 0,
+            trace_observation_point: None,
+            is_reply: false,
+            interface: None,
+            destination_service: None,
+            ingress_allowed_by: Vec::new(),
+            egress_allowed_by: Vec::new(),
+            summary: format!("flow {n}"),
+        }
     }
-}
 
-fn param_str<'a>(params: &'a serde_json::Value, name: &str) -> Result<&'a str, AgentError> {
-    params
-        .get(name)
-        .and_then(serde_json::Value::as_str)
-        .ok_or_else(|| AgentError::Query(format!("params need a string {name:?}")))
-}
+    /// Buffered flows, then followed ones as they come, filtered in the agent, one JSON
+    /// line each over the chunked body; a malformed request is refused with its status.
+    #[test]
+    fn observe_streams_buffered_then_followed_flows() {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let dir = Removed(
+            std::env::temp_dir().join(format!("sluice-test-observe-{}", std::process::id())),
+        );
+        let socket = dir.0.join("api.sock");
+        let listener = runtime.block_on(async { bind(&socket) }).expect("bind");
+        let flows = Arc::new(FlowBuffer::new(16));
+        flows.push(flow(1, EVENT_TYPE_TRACE));
+        flows.push(flow(2, EVENT_TYPE_DROP));
+        let router = observe_router(Arc::clone(&flows)).fallback(unknown_route);
+        runtime.spawn(async move { axum::serve(listener, router).await });
 
-fn to_json<T: serde::Serialize>(value: T) -> serde_json::Value {
-    serde_json::to_value(value)
-        .unwrap_or_else(|e| serde_json::Value::String(format!("encoding failed: {e}")))
+        let client = Client::new(&socket);
+        let drops = FlowFilter {
+            event_type: vec![FlowEventType::Drop],
+            ..FlowFilter::default()
+        };
+        let buffered: Vec<Flow> = client
+            .observe(&ObserveRequest {
+                last: None,
+                follow: false,
+                filter: drops.clone(),
+            })
+            .expect("observe")
+            .collect::<Result<_, _>>()
+            .expect("flows");
+        assert_eq!(buffered, [flow(2, EVENT_TYPE_DROP)]);
+
+        let mut followed = client
+            .observe(&ObserveRequest {
+                last: Some(1),
+                follow: true,
+                filter: drops,
+            })
+            .expect("follow");
+        assert_eq!(
+            followed.next().and_then(Result::ok),
+            Some(flow(2, EVENT_TYPE_DROP))
+        );
+        // The subscription exists once the buffered flow arrived: later pushes reach it.
+        flows.push(flow(3, EVENT_TYPE_TRACE));
+        flows.push(flow(4, EVENT_TYPE_DROP));
+        assert_eq!(
+            followed.next().and_then(Result::ok),
+            Some(flow(4, EVENT_TYPE_DROP))
+        );
+        assert_eq!(flows.subscribers(), 1);
+        // The client hanging up ends the follow: hyper drops the body and its subscription.
+        drop(followed);
+        let hung_up = std::time::Instant::now();
+        while flows.subscribers() > 0 {
+            assert!(
+                hung_up.elapsed() < Duration::from_secs(5),
+                "the follow outlived its client"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+
+        let refused = raw_post(&socket, routes::OBSERVE, r#"{"last": "many"}"#);
+        assert!(refused.starts_with("HTTP/1.1 422 "), "{refused}");
+        assert!(refused.contains("malformed request"), "{refused}");
+        runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+
+    /// A directory removed when the test ends, passed or failed.
+    struct Removed(std::path::PathBuf);
+
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A raw POST on the socket, for answers the client turns into errors.
+    fn raw_post(path: &Path, route: &str, body: &str) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect");
+        write!(
+            stream,
+            "POST {route} HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut out = String::new();
+        stream.read_to_string(&mut out).expect("read");
+        out
+    }
 }

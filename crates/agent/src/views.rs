@@ -17,9 +17,11 @@ use sluice_api::{
     IdentityEntry, MapStatus, PolicyRow, ServiceEntry, UnsupportedField, VerifyReport,
 };
 use sluice_common::{
-    CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_SERVICE,
-    Ct4Entry, Ct4Key, IDENTITY_ANY, Lb4BackendKey, Lb4Key, POLICY_EGRESS, POLICY_INGRESS, names,
-    proto_name, registry,
+    Ct4Entry, Ct4Key, IDENTITY_ANY, Lb4BackendKey, Lb4Key,
+    kinds::{
+        BackendState, CtFlag, CtScope, Direction, EndpointStatus, Protocol, RowState, ServiceKind,
+    },
+    names, registry,
 };
 use sluice_compiler::DesiredState;
 use sluice_datapath::{MapInventory, PinnedMaps};
@@ -230,9 +232,9 @@ impl<'a> View<'a> {
                 .filter_map(|slot| services.get(&Lb4Key { slot, ..*key }))
                 .map(|s| {
                     let bk = Lb4BackendKey::new(s.backend(), s.port(), key.proto);
-                    let state = backends
-                        .get(&bk)
-                        .map_or_else(|| "missing".to_string(), ToString::to_string);
+                    let state = backends.get(&bk).map_or(BackendState::Missing, |b| {
+                        BackendState::from_number(b.state)
+                    });
                     BackendEntry {
                         address: s.backend(),
                         port: s.port(),
@@ -248,10 +250,10 @@ impl<'a> View<'a> {
                         format!("{}:{}", f.service, f.port_name)
                     }
                 }),
-                kind: known.map_or_else(|| "ClusterIP".to_string(), |f| f.kind.clone()),
+                kind: known.map_or(ServiceKind::ClusterIP, |f| f.kind),
                 address: key.vip(),
                 port: key.port(),
-                protocol: proto_name(key.proto).to_string(),
+                protocol: Protocol::from_number(key.proto),
                 backends,
             });
         }
@@ -264,24 +266,9 @@ impl<'a> View<'a> {
         for item in self.conntrack.iter() {
             let (k, v) = item.map_err(map_err(names::CONNTRACK))?;
             let addr = |(ip, port): (std::net::Ipv4Addr, u16)| format!("{ip}:{port}");
-            let flags = [
-                (CT_FLAG_LOOPBACK, "loopback"),
-                (CT_FLAG_SEEN_REPLY, "seen-reply"),
-                (CT_FLAG_CLOSING, "closing"),
-            ]
-            .into_iter()
-            .filter(|(bit, _)| v.flags & bit != 0)
-            .map(|(_, name)| name.to_string())
-            .collect();
             out.push(CtEntry {
-                protocol: proto_name(k.proto).to_string(),
-                scope: match k.scope {
-                    CT_EGRESS => "egress",
-                    CT_INGRESS => "ingress",
-                    CT_SERVICE => "service",
-                    _ => "unknown",
-                }
-                .to_string(),
+                protocol: Protocol::from_number(k.proto),
+                scope: CtScope::from_number(k.scope),
                 source: addr(k.src()),
                 destination: addr(k.dst()),
                 nat: v.nat().map(addr),
@@ -289,11 +276,16 @@ impl<'a> View<'a> {
                 bytes: v.bytes,
                 age_seconds: now.saturating_sub(v.created_ns) / 1_000_000_000,
                 idle_seconds: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
-                flags,
+                flags: CtFlag::from_bits(v.flags),
             });
         }
+        // By scope's word, as the list has always been ordered.
         out.sort_by(|a, b| {
-            (&a.source, &a.destination, &a.scope).cmp(&(&b.source, &b.destination, &b.scope))
+            (&a.source, &a.destination, a.scope.as_str()).cmp(&(
+                &b.source,
+                &b.destination,
+                b.scope.as_str(),
+            ))
         });
         Ok(out)
     }
@@ -397,7 +389,11 @@ impl View<'_> {
             policy_rows: details.map_or(0, |d| d.policy_rows),
             policy_map_max: self.policy_map_max,
             policies: details.map(|d| d.policies.clone()).unwrap_or_default(),
-            status: if overflow { "fails-closed" } else { "ready" }.to_string(),
+            status: if overflow {
+                EndpointStatus::FailsClosed
+            } else {
+                EndpointStatus::Ready
+            },
         }
     }
 
@@ -465,15 +461,10 @@ impl View<'_> {
                 let counters = kernel.and_then(|k| k.get(&key));
                 let allowed_by = desired.get(&key);
                 PolicyRow {
-                    direction: match key.rule.direction {
-                        POLICY_INGRESS => "ingress",
-                        POLICY_EGRESS => "egress",
-                        _ => "unknown",
-                    }
-                    .to_string(),
+                    direction: Direction::from_policy(key.rule.direction),
                     identity: key.rule.identity,
                     identity_labels: self.labels(key.rule.identity),
-                    protocol: proto_name(key.rule.proto).to_string(),
+                    protocol: Protocol::from_number(key.rule.proto),
                     ports: key.port_range(),
                     prefix: key.prefixlen,
                     packets: counters.map_or(0, |c| c.packets),
@@ -481,12 +472,7 @@ impl View<'_> {
                     allowed_by: allowed_by
                         .map(|b| b.iter().cloned().collect())
                         .unwrap_or_default(),
-                    state: match (counters.is_some(), allowed_by.is_some()) {
-                        (true, true) => "realized",
-                        (true, false) => "unexpected",
-                        _ => "missing",
-                    }
-                    .to_string(),
+                    state: RowState::of(counters.is_some(), allowed_by.is_some()),
                 }
             })
             .collect();

@@ -50,9 +50,9 @@ pub struct Flow {
     pub traffic_direction: TrafficDirection,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub policy_match_type: u32,
-    /// `TO_ENDPOINT` or `FROM_ENDPOINT`, for traces.
+    /// Where a trace was observed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace_observation_point: Option<String>,
+    pub trace_observation_point: Option<TraceObservationPoint>,
     pub is_reply: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<Interface>,
@@ -135,6 +135,16 @@ impl TrafficDirection {
             TrafficDirection::Egress => "EGRESS",
         }
     }
+}
+
+/// Hubble's `TraceObservationPoint`, of the points sluice observes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TraceObservationPoint {
+    /// Entering the pod (`to_container`).
+    ToEndpoint,
+    /// Leaving the pod (`from_container`).
+    FromEndpoint,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,12 +312,10 @@ pub struct FlowFilter {
     pub label: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verdict: Vec<Verdict>,
-    /// `drop`, `trace`, `policy-verdict` or `close`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub event_type: Vec<String>,
-    /// `tcp`, `udp`, `sctp`, `icmp` (any case).
+    pub event_type: Vec<FlowEventType>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub protocol: Vec<String>,
+    pub protocol: Vec<FlowProtocol>,
     /// Source or destination port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port: Vec<u16>,
@@ -316,7 +324,68 @@ pub struct FlowFilter {
     pub since: Option<Timestamp>,
 }
 
-/// Params of `Method::Observe`.
+/// The event types a filter selects, named as `hubble observe --type` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlowEventType {
+    Drop,
+    Trace,
+    PolicyVerdict,
+    Close,
+}
+
+impl FlowEventType {
+    /// The `event_type.type` of the flows it selects.
+    pub fn code(self) -> i32 {
+        match self {
+            FlowEventType::Drop => EVENT_TYPE_DROP,
+            FlowEventType::Trace => EVENT_TYPE_TRACE,
+            FlowEventType::PolicyVerdict => EVENT_TYPE_POLICY_VERDICT,
+            FlowEventType::Close => EVENT_TYPE_CLOSE,
+        }
+    }
+}
+
+/// The layer-4 protocols a filter selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowProtocol {
+    Tcp,
+    Udp,
+    Sctp,
+    #[serde(alias = "icmpv4")]
+    Icmp,
+}
+
+impl FlowProtocol {
+    /// Whether a flow's layer 4 is of this protocol.
+    pub fn carries(self, l4: &Layer4) -> bool {
+        matches!(
+            (self, l4),
+            (FlowProtocol::Tcp, Layer4::Tcp(_))
+                | (FlowProtocol::Udp, Layer4::Udp(_))
+                | (FlowProtocol::Sctp, Layer4::Sctp(_))
+                | (FlowProtocol::Icmp, Layer4::Icmpv4(_))
+        )
+    }
+}
+
+impl std::str::FromStr for FlowProtocol {
+    type Err = String;
+
+    /// Any case, as Hubble takes it; `icmpv4` is `icmp`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(FlowProtocol::Tcp),
+            "udp" => Ok(FlowProtocol::Udp),
+            "sctp" => Ok(FlowProtocol::Sctp),
+            "icmp" | "icmpv4" => Ok(FlowProtocol::Icmp),
+            _ => Err(format!("unknown protocol {s:?}: tcp, udp, sctp or icmp")),
+        }
+    }
+}
+
+/// The body of `POST` [`routes::OBSERVE`](crate::routes::OBSERVE).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObserveRequest {
     /// The last N matching flows of the buffer; None: all it holds (with `follow`: none).

@@ -1,85 +1,76 @@
-//! The agent's local API.
+//! The agent's local API: HTTP/1.1 with JSON bodies on the agent's Unix socket.
 //!
-//! The agent listens on a Unix socket. Each connection carries one request line and one
-//! response line, both JSON: `{"method":"status","params":null}` answers
-//! `{"result":{...}}` or `{"error":"..."}`. A line protocol keeps the CLI free of an HTTP
-//! stack; the Hubble-compatible gRPC API planned for the observer is a separate listener.
+//! One route per question ([`routes`]); requests with parameters carry them as typed query
+//! structs ([`EndpointQuery`], [`IdentityQuery`]) or JSON bodies ([`VerifyRequest`],
+//! [`flow::ObserveRequest`]); answers are the types below, and a refused request answers
+//! an error status with an [`ErrorBody`]. `observe` answers a chunked stream of flows, one
+//! JSON object per line. The agent serves it with axum; [`Client`] is its blocking client
+//! for the CLI and the lab, on hyper.
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    net::Ipv4Addr,
-    os::unix::net::UnixStream,
-    path::{Path, PathBuf},
-    time::Duration,
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+pub use sluice_common::kinds::{
+    BackendState, CtFlag, CtScope, Direction, DriftKind, EndpointStatus, Protocol, RowState,
+    RuleOrigin, ServiceKind,
 };
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
-
+mod client;
 pub mod flow;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("connect {path}: {source} (is the agent running?)")]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{call} on {path}: {source}")]
-    Io {
-        call: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("malformed message from {path}: {source}")]
-    Decode {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("agent at {path} answered: {message}")]
-    Agent { path: PathBuf, message: String },
+pub use client::{ApiError, Client, FlowStream, scrape};
+
+/// The paths the agent serves, one per question.
+pub mod routes {
+    /// GET: [`AgentStatus`](super::AgentStatus).
+    pub const STATUS: &str = "/v1/status";
+    /// GET: `Vec<`[`ServiceEntry`](super::ServiceEntry)`>`.
+    pub const SERVICES: &str = "/v1/services";
+    /// GET: `Vec<`[`CtEntry`](super::CtEntry)`>`.
+    pub const CONNTRACK: &str = "/v1/conntrack";
+    /// POST [`VerifyRequest`](super::VerifyRequest): [`VerifyReport`](super::VerifyReport).
+    pub const VERIFY: &str = "/v1/verify";
+    /// GET: `Vec<`[`EndpointEntry`](super::EndpointEntry)`>`.
+    pub const ENDPOINTS: &str = "/v1/endpoints";
+    /// GET ?[`EndpointQuery`](super::EndpointQuery): [`EndpointEntry`](super::EndpointEntry).
+    pub const ENDPOINT: &str = "/v1/endpoint";
+    /// GET: `Vec<`[`IdentityEntry`](super::IdentityEntry)`>`.
+    pub const IDENTITIES: &str = "/v1/identities";
+    /// GET ?[`IdentityQuery`](super::IdentityQuery): [`IdentityEntry`](super::IdentityEntry).
+    pub const IDENTITY: &str = "/v1/identity";
+    /// GET ?[`EndpointQuery`](super::EndpointQuery):
+    /// [`EndpointPolicyView`](super::EndpointPolicyView).
+    pub const POLICY: &str = "/v1/policy";
+    /// POST [`ObserveRequest`](super::flow::ObserveRequest): flows as JSON lines, ending when
+    /// the buffered ones are sent or, with `follow`, when the client hangs up.
+    pub const OBSERVE: &str = "/v1/observe";
 }
 
-/// One request line.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Request {
-    pub method: Method,
+/// Content type of the `observe` stream: one JSON object per line.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// The body of every refused request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct VerifyRequest {
+    /// Also write the desired content where it drifted.
     #[serde(default)]
-    pub params: serde_json::Value,
+    pub repair: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    /// [`AgentStatus`]
-    Status,
-    /// `Vec<`[`ServiceEntry`]`>`
-    ServiceList,
-    /// `Vec<`[`CtEntry`]`>`
-    CtList,
-    /// [`VerifyReport`]; params `{"repair": bool}`
-    Verify,
-    /// `Vec<`[`EndpointEntry`]`>`
-    EndpointList,
-    /// [`EndpointEntry`]; params `{"endpoint": "ns/pod" | "pod" | "<ifindex>"}`
-    EndpointGet,
-    /// `Vec<`[`IdentityEntry`]`>`
-    IdentityList,
-    /// [`IdentityEntry`]; params `{"id": u32}`
-    IdentityGet,
-    /// [`EndpointPolicyView`]; params `{"endpoint": ...}` as for `EndpointGet`
-    PolicyGet,
-    /// A stream of [`flow::Flow`]s, one JSON line each (no response envelope), ending when
-    /// the buffered flows are sent or, with `follow`, when the client hangs up; params
-    /// [`flow::ObserveRequest`]. A refused request answers one `{"error":...}` line.
-    Observe,
+/// Names a local endpoint: `namespace/pod`, a pod name unique on the node, or an ifindex.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EndpointQuery {
+    pub endpoint: String,
 }
 
-/// One response line.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Response {
-    Result(serde_json::Value),
-    Error(String),
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct IdentityQuery {
+    pub id: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -154,7 +145,7 @@ pub struct EndpointEntry {
     /// NetworkPolicies (`namespace/name`) selecting it.
     pub policies: Vec<String>,
     /// `ready`, or `fails-closed` when its policy does not fit its map.
-    pub status: String,
+    pub status: EndpointStatus,
 }
 
 /// A security identity and the local endpoints that carry it.
@@ -178,13 +169,11 @@ pub struct EndpointPolicyView {
 /// An allow row.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PolicyRow {
-    /// `ingress` or `egress`.
-    pub direction: String,
+    pub direction: Direction,
     /// 0 (ANY) matches every peer.
     pub identity: u32,
     pub identity_labels: Vec<String>,
-    /// `TCP`, `UDP`, `SCTP`, or `ANY`.
-    pub protocol: String,
+    pub protocol: Protocol,
     /// First and last destination port; None for any protocol.
     pub ports: Option<(u16, u16)>,
     /// LPM prefix length of the row: 40 any protocol, 48 any port, 64 one port.
@@ -192,11 +181,10 @@ pub struct PolicyRow {
     /// Counters from the kernel: packets and bytes of the connections it admitted.
     pub packets: u64,
     pub bytes: u64,
-    /// What allows it: NetworkPolicies (`namespace/name`) or `reserved:host`.
-    pub allowed_by: Vec<String>,
-    /// `realized` (in the kernel and desired), `unexpected` (in the kernel only) or
-    /// `missing` (desired, not in the kernel).
-    pub state: String,
+    /// What allows it: NetworkPolicies (`namespace/name`) or the node itself
+    /// (`reserved:host`).
+    pub allowed_by: Vec<RuleOrigin>,
+    pub state: RowState,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -211,10 +199,10 @@ pub struct MapStatus {
 pub struct ServiceEntry {
     /// `namespace/name:port-name` of the Kubernetes Service, when the agent knows it.
     pub service: Option<String>,
-    pub kind: String,
+    pub kind: ServiceKind,
     pub address: Ipv4Addr,
     pub port: u16,
-    pub protocol: String,
+    pub protocol: Protocol,
     pub backends: Vec<BackendEntry>,
 }
 
@@ -222,14 +210,13 @@ pub struct ServiceEntry {
 pub struct BackendEntry {
     pub address: Ipv4Addr,
     pub port: u16,
-    pub state: String,
+    pub state: BackendState,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CtEntry {
-    pub protocol: String,
-    /// `egress`, `ingress` or `service`.
-    pub scope: String,
+    pub protocol: Protocol,
+    pub scope: CtScope,
     pub source: String,
     pub destination: String,
     /// Backend (service scope) or frontend to restore on replies (egress scope).
@@ -238,7 +225,7 @@ pub struct CtEntry {
     pub bytes: u64,
     pub age_seconds: u64,
     pub idle_seconds: u64,
-    pub flags: Vec<String>,
+    pub flags: Vec<CtFlag>,
 }
 
 /// What `sluice verify` found: entries whose kernel content differs from the desired one.
@@ -255,142 +242,8 @@ pub struct VerifyReport {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Drift {
     pub map: String,
-    /// `missing`, `unexpected` or `differs`.
-    pub kind: String,
+    pub kind: DriftKind,
     pub key: String,
     pub desired: Option<String>,
     pub actual: Option<String>,
-}
-
-/// Blocking client, one connection per call.
-pub struct Client {
-    path: PathBuf,
-    timeout: Duration,
-}
-
-impl Client {
-    pub fn new(path: impl AsRef<Path>) -> Self {
-        Self {
-            path: path.as_ref().to_path_buf(),
-            timeout: Duration::from_secs(30),
-        }
-    }
-
-    pub fn call<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        params: serde_json::Value,
-    ) -> Result<T, ApiError> {
-        let path = &self.path;
-        let stream = self.send(method, params, Some(self.timeout))?;
-        let mut reply = String::new();
-        BufReader::new(stream)
-            .read_line(&mut reply)
-            .map_err(|source| ApiError::Io {
-                call: "read",
-                path: path.clone(),
-                source,
-            })?;
-        let decode = |source| ApiError::Decode {
-            path: path.clone(),
-            source,
-        };
-        match serde_json::from_str::<Response>(&reply).map_err(decode)? {
-            Response::Result(value) => serde_json::from_value(value).map_err(decode),
-            Response::Error(message) => Err(ApiError::Agent {
-                path: path.clone(),
-                message,
-            }),
-        }
-    }
-
-    pub fn status(&self) -> Result<AgentStatus, ApiError> {
-        self.call(Method::Status, serde_json::Value::Null)
-    }
-
-    /// Streams flows: the buffered ones the request selects, then (with `follow`) new ones
-    /// as they come, until the iterator is dropped.
-    pub fn observe(&self, request: &flow::ObserveRequest) -> Result<FlowStream, ApiError> {
-        let params = serde_json::to_value(request).map_err(|source| ApiError::Decode {
-            path: self.path.clone(),
-            source,
-        })?;
-        // A followed stream may be quiet for as long as the traffic is.
-        let timeout = (!request.follow).then_some(self.timeout);
-        let stream = self.send(Method::Observe, params, timeout)?;
-        Ok(FlowStream {
-            path: self.path.clone(),
-            reader: BufReader::new(stream),
-        })
-    }
-
-    /// Connects to the agent and sends one request; replies are read with `timeout`.
-    fn send(
-        &self,
-        method: Method,
-        params: serde_json::Value,
-        timeout: Option<Duration>,
-    ) -> Result<UnixStream, ApiError> {
-        let path = &self.path;
-        let io = |call| {
-            move |source| ApiError::Io {
-                call,
-                path: path.clone(),
-                source,
-            }
-        };
-        let mut stream = UnixStream::connect(path).map_err(|source| ApiError::Connect {
-            path: path.clone(),
-            source,
-        })?;
-        stream.set_read_timeout(timeout).map_err(io("setsockopt"))?;
-        let mut line =
-            serde_json::to_vec(&Request { method, params }).map_err(|source| ApiError::Decode {
-                path: path.clone(),
-                source,
-            })?;
-        line.push(b'\n');
-        stream.write_all(&line).map_err(io("write"))?;
-        Ok(stream)
-    }
-}
-
-/// The flows of one `observe` call, in order; ends when the agent closes the stream.
-pub struct FlowStream {
-    path: PathBuf,
-    reader: BufReader<UnixStream>,
-}
-
-impl Iterator for FlowStream {
-    type Item = Result<flow::Flow, ApiError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => return None,
-            Ok(_) => {}
-            Err(source) => {
-                return Some(Err(ApiError::Io {
-                    call: "read",
-                    path: self.path.clone(),
-                    source,
-                }));
-            }
-        }
-        let decode = |source| ApiError::Decode {
-            path: self.path.clone(),
-            source,
-        };
-        let value = match serde_json::from_str::<serde_json::Value>(&line) {
-            Ok(value) => value,
-            Err(e) => return Some(Err(decode(e))),
-        };
-        if let Some(message) = value.get("error").and_then(serde_json::Value::as_str) {
-            return Some(Err(ApiError::Agent {
-                path: self.path.clone(),
-                message: message.to_string(),
-            }));
-        }
-        Some(serde_json::from_value(value).map_err(decode))
-    }
 }

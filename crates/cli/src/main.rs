@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use sluice_api::{AgentStatus, Client, CtEntry, FailsClosed, Method, ServiceEntry, VerifyReport};
+use sluice_api::{
+    AgentStatus, Client, CtEntry, FailsClosed, ServiceEntry, VerifyReport, VerifyRequest,
+};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "eBPF dataplane for Kubernetes")]
@@ -203,7 +205,7 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
 }
 
 fn service_list(client: &Client, output: Output) -> anyhow::Result<()> {
-    let services: Vec<ServiceEntry> = client.call(Method::ServiceList, serde_json::Value::Null)?;
+    let services: Vec<ServiceEntry> = client.services()?;
     if output == Output::Json {
         return print_json(&services);
     }
@@ -215,7 +217,7 @@ fn service_list(client: &Client, output: Output) -> anyhow::Result<()> {
             rows.push(vec![
                 id.to_string(),
                 frontend.clone(),
-                s.kind.clone(),
+                s.kind.to_string(),
                 String::new(),
                 name.clone(),
             ]);
@@ -229,7 +231,7 @@ fn service_list(client: &Client, output: Output) -> anyhow::Result<()> {
                 (
                     id.to_string(),
                     frontend.clone(),
-                    s.kind.clone(),
+                    s.kind.to_string(),
                     name.clone(),
                 )
             } else {
@@ -246,7 +248,7 @@ fn service_list(client: &Client, output: Output) -> anyhow::Result<()> {
 }
 
 fn ct_list(client: &Client, output: Output) -> anyhow::Result<()> {
-    let entries: Vec<CtEntry> = client.call(Method::CtList, serde_json::Value::Null)?;
+    let entries: Vec<CtEntry> = client.conntrack()?;
     if output == Output::Json {
         return print_json(&entries);
     }
@@ -254,15 +256,19 @@ fn ct_list(client: &Client, output: Output) -> anyhow::Result<()> {
         .iter()
         .map(|e| {
             vec![
-                e.protocol.clone(),
-                e.scope.to_uppercase(),
+                e.protocol.to_string(),
+                e.scope.as_str().to_uppercase(),
                 format!("{} -> {}", e.source, e.destination),
                 e.nat.clone().unwrap_or_default(),
                 e.packets.to_string(),
                 e.bytes.to_string(),
                 format!("{}s", e.age_seconds),
                 format!("{}s", e.idle_seconds),
-                e.flags.join(","),
+                e.flags
+                    .iter()
+                    .map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
             ]
         })
         .collect();
@@ -276,8 +282,7 @@ fn ct_list(client: &Client, output: Output) -> anyhow::Result<()> {
 }
 
 fn verify(client: &Client, repair: bool, output: Output) -> anyhow::Result<()> {
-    let report: VerifyReport =
-        client.call(Method::Verify, serde_json::json!({ "repair": repair }))?;
+    let report: VerifyReport = client.verify(VerifyRequest { repair })?;
     if output == Output::Json {
         print_json(&report)?;
     } else if report.drift.is_empty() && report.fails_closed.is_empty() {
@@ -299,7 +304,7 @@ fn verify(client: &Client, repair: bool, output: Output) -> anyhow::Result<()> {
             .map(|d| {
                 vec![
                     d.map.clone(),
-                    d.kind.clone(),
+                    d.kind.to_string(),
                     d.key.clone(),
                     d.desired.clone().unwrap_or_else(|| "-".into()),
                     d.actual.clone().unwrap_or_else(|| "-".into()),

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use sluice_api::{
     Client,
-    flow::{Flow, FlowFilter, ObserveRequest, Timestamp, Verdict},
+    flow::{Flow, FlowEventType, FlowFilter, FlowProtocol, ObserveRequest, Timestamp, Verdict},
 };
 
 use crate::Output;
@@ -43,12 +43,10 @@ pub struct ObserveArgs {
     #[arg(long, value_enum, ignore_case = true)]
     verdict: Vec<VerdictArg>,
     /// Event type.
-    #[arg(short = 't', long = "type",
-          value_parser = ["drop", "trace", "policy-verdict", "close"])]
-    event_type: Vec<String>,
-    /// tcp, udp, sctp or icmp.
-    #[arg(long, ignore_case = true, value_parser = ["tcp", "udp", "sctp", "icmp"])]
-    protocol: Vec<String>,
+    #[arg(short = 't', long = "type", value_enum)]
+    event_type: Vec<EventTypeArg>,
+    #[arg(long, value_enum, ignore_case = true)]
+    protocol: Vec<ProtocolArg>,
     /// Source or destination port.
     #[arg(long)]
     port: Vec<u16>,
@@ -63,6 +61,22 @@ enum VerdictArg {
     Forwarded,
     #[value(name = "DROPPED")]
     Dropped,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EventTypeArg {
+    Drop,
+    Trace,
+    PolicyVerdict,
+    Close,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProtocolArg {
+    Tcp,
+    Udp,
+    Sctp,
+    Icmp,
 }
 
 pub fn run(client: &Client, args: &ObserveArgs, output: Output) -> anyhow::Result<()> {
@@ -108,8 +122,26 @@ fn request(args: &ObserveArgs) -> ObserveRequest {
                     VerdictArg::Dropped => Verdict::Dropped,
                 })
                 .collect(),
-            event_type: args.event_type.clone(),
-            protocol: args.protocol.iter().map(|p| p.to_lowercase()).collect(),
+            event_type: args
+                .event_type
+                .iter()
+                .map(|t| match t {
+                    EventTypeArg::Drop => FlowEventType::Drop,
+                    EventTypeArg::Trace => FlowEventType::Trace,
+                    EventTypeArg::PolicyVerdict => FlowEventType::PolicyVerdict,
+                    EventTypeArg::Close => FlowEventType::Close,
+                })
+                .collect(),
+            protocol: args
+                .protocol
+                .iter()
+                .map(|p| match p {
+                    ProtocolArg::Tcp => FlowProtocol::Tcp,
+                    ProtocolArg::Udp => FlowProtocol::Udp,
+                    ProtocolArg::Sctp => FlowProtocol::Sctp,
+                    ProtocolArg::Icmp => FlowProtocol::Icmp,
+                })
+                .collect(),
             port: args.port.clone(),
             since: args.since,
         },

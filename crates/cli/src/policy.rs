@@ -2,7 +2,9 @@
 //! agent computed them and as the kernel holds them, shaped like cilium-dbg's output.
 
 use clap::Subcommand;
-use sluice_api::{Client, EndpointEntry, EndpointPolicyView, IdentityEntry, Method, PolicyRow};
+use sluice_api::{
+    Client, EndpointEntry, EndpointPolicyView, EndpointStatus, IdentityEntry, PolicyRow, RowState,
+};
 
 use crate::{Output, print_json, table};
 
@@ -31,8 +33,7 @@ pub enum PolicyCommand {
 pub fn endpoint(client: &Client, command: &EndpointCommand, output: Output) -> anyhow::Result<()> {
     match command {
         EndpointCommand::List => {
-            let endpoints: Vec<EndpointEntry> =
-                client.call(Method::EndpointList, serde_json::Value::Null)?;
+            let endpoints: Vec<EndpointEntry> = client.endpoints()?;
             if output == Output::Json {
                 return print_json(&endpoints);
             }
@@ -45,7 +46,7 @@ pub fn endpoint(client: &Client, command: &EndpointCommand, output: Output) -> a
                     enforcement(e.egress_enforced).to_string(),
                     e.identity.to_string(),
                 ];
-                let tail = [e.ipv4.to_string(), e.status.clone()];
+                let tail = [e.ipv4.to_string(), e.status.to_string()];
                 push_with_labels(&mut rows, first, &e.labels, &tail);
             }
             table::print(
@@ -64,10 +65,7 @@ pub fn endpoint(client: &Client, command: &EndpointCommand, output: Output) -> a
             Ok(())
         }
         EndpointCommand::Get { endpoint } => {
-            let e: EndpointEntry = client.call(
-                Method::EndpointGet,
-                serde_json::json!({ "endpoint": endpoint }),
-            )?;
+            let e: EndpointEntry = client.endpoint(endpoint)?;
             if output == Output::Json {
                 return print_json(&e);
             }
@@ -134,7 +132,7 @@ fn print_endpoint(e: &EndpointEntry) {
         e.policy_rows, e.policy_map_max
     );
     println!("Status:     {}", e.status);
-    if e.status == "fails-closed" {
+    if e.status == EndpointStatus::FailsClosed {
         println!(
             "WARNING: fails closed: policy needs {} rows, map holds {}",
             e.policy_rows, e.policy_map_max
@@ -144,10 +142,9 @@ fn print_endpoint(e: &EndpointEntry) {
 
 pub fn identity(client: &Client, command: &IdentityCommand, output: Output) -> anyhow::Result<()> {
     let identities: Vec<IdentityEntry> = match command {
-        IdentityCommand::List => client.call(Method::IdentityList, serde_json::Value::Null)?,
+        IdentityCommand::List => client.identities()?,
         IdentityCommand::Get { id } => {
-            let one: IdentityEntry =
-                client.call(Method::IdentityGet, serde_json::json!({ "id": id }))?;
+            let one: IdentityEntry = client.identity(*id)?;
             if output == Output::Json {
                 return print_json(&one);
             }
@@ -172,24 +169,27 @@ pub fn identity(client: &Client, command: &IdentityCommand, output: Output) -> a
 
 pub fn policy(client: &Client, command: &PolicyCommand, output: Output) -> anyhow::Result<()> {
     let PolicyCommand::Get { endpoint } = command;
-    let view: EndpointPolicyView = client.call(
-        Method::PolicyGet,
-        serde_json::json!({ "endpoint": endpoint }),
-    )?;
+    let view: EndpointPolicyView = client.policy(endpoint)?;
     if output == Output::Json {
         return print_json(&view);
     }
     let mut rows = Vec::new();
     for r in &view.rows {
-        let (verdict, packets, bytes) = match r.state.as_str() {
-            "missing" => ("Missing", "-".to_string(), "-".to_string()),
-            _ => ("Allow", r.packets.to_string(), r.bytes.to_string()),
+        let (verdict, packets, bytes) = match r.state {
+            RowState::Missing => ("Missing", "-".to_string(), "-".to_string()),
+            RowState::Realized | RowState::Unexpected => {
+                ("Allow", r.packets.to_string(), r.bytes.to_string())
+            }
         };
-        let first = vec![verdict.to_string(), capitalized(&r.direction)];
-        let allowed_by = if r.state == "unexpected" {
+        let first = vec![verdict.to_string(), capitalized(r.direction.as_str())];
+        let allowed_by = if r.state == RowState::Unexpected {
             "(not desired)".to_string()
         } else {
-            r.allowed_by.join(",")
+            r.allowed_by
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         };
         let tail = [
             port_proto(r),
@@ -215,7 +215,7 @@ pub fn policy(client: &Client, command: &PolicyCommand, output: Output) -> anyho
     );
     let e = &view.endpoint;
     match view.map_max_entries {
-        _ if e.status == "fails-closed" => println!(
+        _ if e.status == EndpointStatus::FailsClosed => println!(
             "WARNING: {}/{} fails closed: policy needs {} rows, map holds {}",
             e.namespace, e.pod, e.policy_rows, e.policy_map_max
         ),

@@ -6,6 +6,7 @@
 //! offset against the BTF of the compiled object; its `registry_matches_the_object`
 //! compares [`registry::MAPS`] with the object's map definitions.
 
+pub mod kinds;
 pub mod maps;
 pub mod reasons;
 pub mod registry;

@@ -53,7 +53,7 @@ impl DesiredState {
         }
         for (ifindex, policy) in &self.policies {
             for (row, origins) in &policy.rows {
-                let origins: Vec<&str> = origins.iter().map(String::as_str).collect();
+                let origins: Vec<String> = origins.iter().map(ToString::to_string).collect();
                 let _ = writeln!(
                     out,
                     "{} ifindex {ifindex} {row} <- {}",

@@ -33,6 +33,7 @@ use sluice_common::{
     IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
     POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyKey, SVC_FLAG_CLUSTER_IP,
     SVC_FLAG_WILDCARD,
+    kinds::{RuleOrigin, ServiceKind, UnknownServiceKind},
 };
 use sluice_store::{LocalEndpoint, Snapshot};
 
@@ -108,9 +109,9 @@ pub struct Identity {
 /// The allow rows of one endpoint's policy map.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointPolicy {
-    /// Row -> the NetworkPolicies (`namespace/name`) that allow it, or `reserved:host` for
-    /// the row that lets the node reach its pods.
-    pub rows: BTreeMap<PolicyKey, BTreeSet<String>>,
+    /// Row -> the NetworkPolicies that allow it, or the host for the row that lets the
+    /// node reach its pods.
+    pub rows: BTreeMap<PolicyKey, BTreeSet<RuleOrigin>>,
 }
 
 impl EndpointPolicy {
@@ -124,7 +125,7 @@ impl EndpointPolicy {
         direction: u8,
         proto: u8,
         port: u16,
-    ) -> Option<(&PolicyKey, &BTreeSet<String>)> {
+    ) -> Option<(&PolicyKey, &BTreeSet<RuleOrigin>)> {
         let covers = |key: &PolicyKey| {
             if key.prefixlen <= POLICY_PREFIX_ANY_PROTO {
                 return true;
@@ -169,8 +170,7 @@ pub struct Frontend {
     pub service: String,
     /// Name of the service port; empty for a service's single unnamed port.
     pub port_name: String,
-    /// Service type: ClusterIP, NodePort or LoadBalancer.
-    pub kind: String,
+    pub kind: ServiceKind,
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: u8,
@@ -294,19 +294,22 @@ impl Compilation {
             });
             return;
         };
-        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-        match kind {
-            "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+        let kind = match spec
+            .type_
+            .as_deref()
+            .map_or(Ok(ServiceKind::ClusterIP), str::parse)
+        {
             // DNS-only: there is no address to program.
-            "ExternalName" => return,
-            other => {
+            Ok(ServiceKind::ExternalName) => return,
+            Ok(kind) => kind,
+            Err(UnknownServiceKind(other)) => {
                 self.problem(Problem::ServiceType {
                     service: object.clone(),
-                    value: other.to_string(),
+                    value: other,
                 });
                 return;
             }
-        }
+        };
         let vip = match spec.cluster_ip.as_deref().unwrap_or("") {
             // Headless: clients resolve the endpoints themselves.
             "None" => return,
@@ -352,7 +355,7 @@ impl Compilation {
     fn port(
         &mut self,
         object: &ObjectRef,
-        kind: &str,
+        kind: ServiceKind,
         vip: Ipv4Addr,
         port: &ServicePort,
         slices: &[&EndpointSlice],
@@ -418,7 +421,7 @@ impl Compilation {
         self.state.frontends.push(Frontend {
             service: owner,
             port_name: port_name.to_string(),
-            kind: kind.to_string(),
+            kind,
             address: vip,
             port: number,
             protocol: proto,

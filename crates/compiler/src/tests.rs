@@ -208,7 +208,7 @@ fn frontends_name_every_programmed_port() {
                     backends: &[(Ipv4Addr, u16)]| Frontend {
         service: service.into(),
         port_name: port_name.into(),
-        kind: kind.into(),
+        kind: kind.parse().expect("a service type"),
         address,
         port,
         protocol,

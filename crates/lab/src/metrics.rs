@@ -1,27 +1,13 @@
 //! Scraping an agent's Prometheus metrics from inside its node's namespace.
 
-use std::{io::Write, net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddrV4, time::Duration};
 
 use sluice_netns::NetNs;
 
 use crate::{Lab, LabError, spec};
 
-/// One HTTP/1.1 GET, answered and closed by the server: (status line, body).
-fn http_get(address: SocketAddrV4, path: &str) -> std::io::Result<(String, String)> {
-    use std::io::Read;
-    let timeout = Duration::from_secs(5);
-    let mut stream = std::net::TcpStream::connect_timeout(&address.into(), timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.lines().next().unwrap_or_default().to_string();
-    Ok((status, body.to_string()))
-}
+/// How long a metrics scrape may take, connection included.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Lab {
     /// Where `node`'s agent serves Prometheus metrics: its router address, reachable from
@@ -50,14 +36,7 @@ impl Lab {
         };
         // A thread of its own enters the node's namespace, so this one stays where it is.
         NetNs::named(self.node_netns(node))
-            .run(|| http_get(address, "/metrics"))?
+            .run(|| sluice_api::scrape(address.into(), "/metrics", SCRAPE_TIMEOUT))?
             .map_err(|e| failed(e.to_string()))
-            .and_then(|(status, body)| {
-                if status.starts_with("HTTP/1.1 200 ") {
-                    Ok(body)
-                } else {
-                    Err(failed(status))
-                }
-            })
     }
 }

@@ -642,11 +642,13 @@ echo "fake agent for $netns"
 exec socat UNIX-LISTEN:"$sock",fork EXEC:HANDLER
 "#;
 
-/// Answers one status request: the revision in cluster.json counts as realized at once.
-/// The first time it reports a generation it keeps that snapshot (`gen-N.json`) and the
-/// network namespaces that existed at that moment (`gen-N.netns`).
+/// Answers one status request (`GET /v1/status`, HTTP/1.1): the revision in cluster.json
+/// counts as realized at once. The first time it reports a generation it keeps that
+/// snapshot (`gen-N.json`) and the network namespaces that existed at that moment
+/// (`gen-N.netns`).
 const FAKE_AGENT_HANDLER: &str = r#"#!/bin/sh
-read -r request
+cr=$(printf '\r')
+while IFS= read -r line && [ "${line%"$cr"}" != "" ]; do :; done
 copy="$record_dir/now.$$"
 cp "$cluster" "$copy"
 gen=$(sed -n 's/^  "revision": \([0-9]*\),$/\1/p' "$copy")
@@ -656,7 +658,8 @@ else
   ls /run/netns > "$record_dir/gen-$gen.netns"
   mv "$copy" "$record_dir/gen-$gen.json"
 fi
-printf '{"result":{"node":"fake","version":"0","healthy":true,"desired_generation":%s,"realized_generation":%s,"desired_revision":%s,"realized_revision":%s,"last_error":null,"reconciles":0,"endpoints":0,"maps":[]}}\n' "$gen" "$gen" "$gen" "$gen"
+body=$(printf '{"node":"fake","version":"0","healthy":true,"desired_generation":%s,"realized_generation":%s,"desired_revision":%s,"realized_revision":%s,"last_error":null,"reconciles":0,"endpoints":0,"maps":[]}' "$gen" "$gen" "$gen" "$gen")
+printf 'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %s\r\nConnection: close\r\n\r\n%s' "${#body}" "$body"
 "#;
 
 #[test]

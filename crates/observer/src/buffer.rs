@@ -42,6 +42,11 @@ impl FlowBuffer {
         self.sender.subscribe()
     }
 
+    /// Receivers of new flows: the policy log and every `observe --follow` in progress.
+    pub fn subscribers(&self) -> usize {
+        self.sender.receiver_count()
+    }
+
     pub fn push(&self, flow: Flow) {
         let flow = Arc::new(flow);
         self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -11,7 +11,8 @@ use sluice_api::flow::{
     EVENT_TYPE_CLOSE, EVENT_TYPE_DROP, EVENT_TYPE_POLICY_VERDICT, EVENT_TYPE_TRACE, Endpoint,
     EventType, Flow, Icmp, Interface, Ip, Layer4, POLICY_MATCH_ALL, POLICY_MATCH_L3_L4,
     POLICY_MATCH_L3_ONLY, POLICY_MATCH_L4_ONLY, POLICY_MATCH_NONE, Policy, Ports, Service,
-    TRACE_FROM_ENDPOINT, TRACE_TO_ENDPOINT, Tcp, TcpFlags, Timestamp, TrafficDirection, Verdict,
+    TRACE_FROM_ENDPOINT, TRACE_TO_ENDPOINT, Tcp, TcpFlags, Timestamp, TraceObservationPoint,
+    TrafficDirection, Verdict,
 };
 use sluice_common::{
     DropReason, EVENT_CLOSE, EVENT_DROP, EVENT_F_DENIED, EVENT_F_REPLY, EVENT_F_SERVICE,
@@ -153,13 +154,10 @@ impl Resolver {
                 TrafficDirection::Egress
             },
             policy_match_type: POLICY_MATCH_NONE,
-            trace_observation_point: (event.type_ == EVENT_TRACE).then(|| {
-                if ingress {
-                    "TO_ENDPOINT"
-                } else {
-                    "FROM_ENDPOINT"
-                }
-                .to_string()
+            trace_observation_point: (event.type_ == EVENT_TRACE).then_some(if ingress {
+                TraceObservationPoint::ToEndpoint
+            } else {
+                TraceObservationPoint::FromEndpoint
             }),
             is_reply,
             interface: Some(Interface {
@@ -235,10 +233,10 @@ impl Resolver {
             (true, false) => POLICY_MATCH_L4_ONLY,
             (true, true) => POLICY_MATCH_ALL,
         };
-        // Only NetworkPolicies: the node's own row (`reserved:host`) is no policy object.
+        // Only NetworkPolicies: the node's own row is no policy object.
         let policies = origins
             .iter()
-            .filter_map(|origin| origin.split_once('/'))
+            .filter_map(|origin| origin.policy()?.split_once('/'))
             .map(|(namespace, name)| Policy {
                 name: name.into(),
                 namespace: namespace.into(),

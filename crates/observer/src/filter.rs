@@ -1,20 +1,6 @@
 //! Flow filters with Hubble's semantics: fields ANDed, the values of one field ORed.
 
-use sluice_api::flow::{
-    EVENT_TYPE_CLOSE, EVENT_TYPE_DROP, EVENT_TYPE_POLICY_VERDICT, EVENT_TYPE_TRACE, Endpoint, Flow,
-    FlowFilter, Layer4,
-};
-
-/// The `event_type.type` a `--type` name selects; None for an unknown name.
-pub fn event_type_code(name: &str) -> Option<i32> {
-    match name.to_ascii_lowercase().as_str() {
-        "drop" => Some(EVENT_TYPE_DROP),
-        "trace" => Some(EVENT_TYPE_TRACE),
-        "policy-verdict" => Some(EVENT_TYPE_POLICY_VERDICT),
-        "close" => Some(EVENT_TYPE_CLOSE),
-        _ => None,
-    }
-}
+use sluice_api::flow::{Endpoint, Flow, FlowFilter};
 
 /// Whether `flow` passes every field of `filter`.
 pub fn matches(filter: &FlowFilter, flow: &Flow) -> bool {
@@ -31,9 +17,11 @@ pub fn matches(filter: &FlowFilter, flow: &Flow) -> bool {
         })
         && any_or_empty(&filter.verdict, |v| flow.verdict == *v)
         && any_or_empty(&filter.event_type, |t| {
-            event_type_code(t) == Some(flow.event_type.event_type)
+            t.code() == flow.event_type.event_type
         })
-        && any_or_empty(&filter.protocol, |p| protocol_matches(p, flow))
+        && any_or_empty(&filter.protocol, |p| {
+            flow.l4.as_ref().is_some_and(|l4| p.carries(l4))
+        })
         && any_or_empty(&filter.port, |port| {
             flow.ports().is_some_and(|(s, d)| s == *port || d == *port)
         })
@@ -73,18 +61,4 @@ fn label_matches(pattern: &str, endpoint: &Endpoint) -> bool {
             && key == want_key
             && want_value.is_none_or(|v| v == value)
     })
-}
-
-fn protocol_matches(name: &str, flow: &Flow) -> bool {
-    let Some(l4) = &flow.l4 else {
-        return false;
-    };
-    let actual = match l4 {
-        Layer4::Tcp(_) => "tcp",
-        Layer4::Udp(_) => "udp",
-        Layer4::Sctp(_) => "sctp",
-        Layer4::Icmpv4(_) => "icmp",
-    };
-    let name = name.to_ascii_lowercase();
-    name == actual || (actual == "icmp" && name == "icmpv4")
 }

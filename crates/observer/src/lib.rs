@@ -15,5 +15,5 @@ mod tests;
 pub use buffer::{DEFAULT_FLOWS_MAX, FlowBuffer};
 pub use compact::compact;
 pub use decode::{Resolver, drop_reason_desc};
-pub use filter::{event_type_code, matches};
+pub use filter::matches;
 pub use sluice_api::flow::Flow;

@@ -5,6 +5,7 @@ use sluice_common::{
     EVENT_CLOSE, EVENT_DROP, EVENT_F_DENIED, EVENT_F_REPLY, EVENT_F_SERVICE, EVENT_POLICY_VERDICT,
     EVENT_TRACE, FlowEvent, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP,
     POLICY_EGRESS, POLICY_INGRESS, PolicyKey, addr_be,
+    kinds::{RuleOrigin, ServiceKind},
 };
 use sluice_compiler::{DesiredState, EndpointDetails, EndpointPolicy, Frontend, Identity};
 use sluice_store::Snapshot;
@@ -43,8 +44,11 @@ fn details(pod: &str, interface: &str, ip: Ipv4Addr, identity: u32) -> EndpointD
     }
 }
 
-fn origins(names: &[&str]) -> BTreeSet<String> {
-    names.iter().map(|n| n.to_string()).collect()
+fn origins(names: &[&str]) -> BTreeSet<RuleOrigin> {
+    names
+        .iter()
+        .map(|n| RuleOrigin::from(n.to_string()))
+        .collect()
 }
 
 fn resolver() -> Resolver {
@@ -71,7 +75,7 @@ fn resolver() -> Resolver {
     desired.frontends = vec![Frontend {
         service: "default/nginx".into(),
         port_name: String::new(),
-        kind: "ClusterIP".into(),
+        kind: ServiceKind::ClusterIP,
         address: VIP,
         port: 80,
         protocol: IPPROTO_TCP,
@@ -350,7 +354,7 @@ fn the_admitting_row_is_found_as_the_datapath_finds_it() {
     let find = |id, dir, proto, port| {
         policy
             .admitting(id, dir, proto, port)
-            .map(|(_, o)| o.iter().next().cloned().unwrap_or_default())
+            .map(|(_, o)| o.iter().next().map(ToString::to_string).unwrap_or_default())
     };
     // The peer's own rows come first, longest prefix among them.
     assert_eq!(
@@ -413,7 +417,7 @@ fn filters_follow_hubbles_semantics() {
     assert!(!matches(&f("reserved:world"), &denied));
 
     let by_type = |t: &str| FlowFilter {
-        event_type: vec![t.into()],
+        event_type: vec![serde_json::from_value(serde_json::json!(t)).expect("an event type")],
         ..FlowFilter::default()
     };
     assert_eq!(filter(by_type("policy-verdict")), (true, false));
@@ -425,7 +429,7 @@ fn filters_follow_hubbles_semantics() {
     };
     assert_eq!(filter(verdict), (true, true));
     let proto = |p: &str, port: u16| FlowFilter {
-        protocol: vec![p.into()],
+        protocol: vec![p.parse().expect("a protocol")],
         port: vec![port],
         ..FlowFilter::default()
     };

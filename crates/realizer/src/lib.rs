@@ -97,25 +97,7 @@ pub struct DriftEntry {
     pub actual: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DriftKind {
-    /// Desired but absent from the kernel.
-    Missing,
-    /// In the kernel but not desired.
-    Unexpected,
-    /// Present with a different value.
-    Differs,
-}
-
-impl DriftKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DriftKind::Missing => "missing",
-            DriftKind::Unexpected => "unexpected",
-            DriftKind::Differs => "differs",
-        }
-    }
-}
+pub use sluice_common::kinds::DriftKind;
 
 impl<K: Display, V: Display> MapDiff<K, V> {
     /// Describes the diff entry by entry.

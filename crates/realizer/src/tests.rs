@@ -3,7 +3,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use sluice_common::*;
+use sluice_common::{kinds::RuleOrigin, *};
 
 use sluice_compiler::{DesiredState, EndpointPolicy};
 
@@ -210,7 +210,12 @@ fn policy(rows: &[PolicyKey]) -> EndpointPolicy {
     EndpointPolicy {
         rows: rows
             .iter()
-            .map(|k| (*k, BTreeSet::from(["default/allow".to_string()])))
+            .map(|k| {
+                (
+                    *k,
+                    BTreeSet::from([RuleOrigin::Policy("default/allow".into())]),
+                )
+            })
             .collect(),
     }
 }

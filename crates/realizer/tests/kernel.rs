@@ -6,7 +6,7 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{IterableMap, lpm_trie::Key};
-use sluice_common::*;
+use sluice_common::{kinds::RuleOrigin, *};
 use sluice_compiler::{DesiredState, EndpointPolicy};
 use sluice_datapath::{Datapath, DatapathConfig, PinDir, PinnedMaps, PolicyMap};
 use sluice_realizer::{Desired, DriftKind, KernelTables, PolicyTable};
@@ -51,7 +51,12 @@ fn policy(rows: &[PolicyKey]) -> EndpointPolicy {
     EndpointPolicy {
         rows: rows
             .iter()
-            .map(|k| (*k, BTreeSet::from(["default/allow".to_string()])))
+            .map(|k| {
+                (
+                    *k,
+                    BTreeSet::from([RuleOrigin::Policy("default/allow".into())]),
+                )
+            })
             .collect(),
     }
 }

@@ -19,15 +19,13 @@ use super::{
     workloads::Workload,
 };
 use crate::{
-    EndpointDetails, EndpointPolicy, ObjectKind, ObjectRef, Problem, identity::LABEL_HOST,
-    problem::Problems, protocol_number,
+    EndpointDetails, EndpointPolicy, ObjectKind, ObjectRef, Problem, problem::Problems,
+    protocol_number,
 };
+use sluice_common::kinds::RuleOrigin;
 
-/// The origin recorded on the rows that let the node reach its pods.
-const HOST_ORIGIN: &str = LABEL_HOST;
-
-/// Rows with the policies (`namespace/name`) that allow each.
-type Rows = BTreeMap<PolicyKey, BTreeSet<String>>;
+/// Rows with what allows each: the policies, or the host.
+type Rows = BTreeMap<PolicyKey, BTreeSet<RuleOrigin>>;
 
 /// One local endpoint's map entries.
 pub(super) struct CompiledEndpoint {
@@ -115,7 +113,7 @@ impl World<'_> {
                 flags |= flag;
                 rows.entry(PolicyKey::any(IDENTITY_HOST, direction))
                     .or_default()
-                    .insert(HOST_ORIGIN.into());
+                    .insert(RuleOrigin::Host);
             }
         }
         let overflow = rows.len() > capacity as usize;
@@ -270,5 +268,7 @@ struct RulePort<'a> {
 }
 
 fn add(rows: &mut Rows, policy: &Policy<'_>, key: PolicyKey) {
-    rows.entry(key).or_default().insert(policy.owner.clone());
+    rows.entry(key)
+        .or_default()
+        .insert(RuleOrigin::Policy(policy.owner.clone()));
 }

@@ -1,0 +1,159 @@
+//! The local API and the probes of a real agent process: its datapath loaded, its socket
+//! served by axum (needs root and bpffs; never skipped).
+
+// Helpers outside #[test] functions panic too: a failed step fails the test.
+#![allow(clippy::expect_used)]
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use sluice_api::{ApiError, Client, VerifyRequest, flow::ObserveRequest};
+use sluice_datapath::PinDir;
+
+/// The agent process and its files, stopped and removed on drop even when the test fails.
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+    metrics: SocketAddr,
+    _pins: PinDir,
+}
+
+impl Agent {
+    fn start(name: &str) -> Self {
+        let pins = PinDir::unique(&format!("sluice-test-{name}-"));
+        let dir = std::env::temp_dir().join(format!("sluice-test-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("test directory");
+        let socket = dir.join("agent.sock");
+        // A free loopback port: bound, read, released for the agent.
+        let metrics = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice-agent"))
+            .args(["--node", "node-1", "--reconcile-interval", "0.2"])
+            .arg("--cluster-file")
+            .arg(dir.join("cluster.json"))
+            .arg("--pin-dir")
+            .arg(pins.path())
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--metrics-address")
+            .arg(metrics.to_string())
+            .spawn()
+            .expect("start sluice-agent");
+        Self {
+            child,
+            dir,
+            socket,
+            metrics,
+            _pins: pins,
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+
+    /// Waits until `/readyz` answers 200: the first pass realized the maps.
+    fn wait_ready(&mut self) {
+        let started = Instant::now();
+        loop {
+            match sluice_api::scrape(self.metrics, "/readyz", Duration::from_secs(2)) {
+                Ok(body) => {
+                    assert_eq!(body, "ready\n");
+                    return;
+                }
+                Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                    if let Ok(Some(status)) = self.child.try_wait() {
+                        panic!("the agent exited with {status} before it was ready: {e}");
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("not ready after 30 s: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One raw HTTP/1.1 request on the socket: the status line and the body.
+fn raw(socket: &Path, request: &str) -> (String, String) {
+    let mut stream = UnixStream::connect(socket).expect("connect to the agent");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("head and body");
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+#[test]
+fn api_answers_typed_requests_and_refuses_the_rest() {
+    let mut agent = Agent::start("api");
+    agent.wait_ready();
+    assert_eq!(
+        sluice_api::scrape(agent.metrics, "/healthz", Duration::from_secs(2)).expect("healthz"),
+        "ok\n"
+    );
+    let metrics =
+        sluice_api::scrape(agent.metrics, "/metrics", Duration::from_secs(5)).expect("metrics");
+    assert!(metrics.contains("sluice_build_info"), "{metrics}");
+
+    let api = agent.client();
+    let status = api.status().expect("status");
+    assert!(status.healthy, "{status:?}");
+    assert_eq!(status.node, "node-1");
+    assert!(api.services().expect("services").is_empty());
+    assert!(api.endpoints().expect("endpoints").is_empty());
+    let report = api.verify(VerifyRequest { repair: false }).expect("verify");
+    assert!(report.drift.is_empty(), "{:?}", report.drift);
+    let flows: Vec<_> = api
+        .observe(&ObserveRequest::default())
+        .expect("observe")
+        .collect::<Result<_, _>>()
+        .expect("flows");
+    assert!(flows.is_empty(), "{flows:?}");
+
+    // A refusal carries its status and the agent's message, printed as before.
+    let refused = api
+        .endpoint("default/nobody")
+        .expect_err("an unknown endpoint is refused");
+    let text = refused.to_string();
+    assert!(text.starts_with("agent at "), "{text}");
+    assert!(
+        text.contains("answered: no endpoint \"default/nobody\" on node node-1"),
+        "{text}"
+    );
+    match refused {
+        ApiError::Agent { status, .. } => assert_eq!(status.as_u16(), 404),
+        other => panic!("not the agent's refusal: {other:?}"),
+    }
+    let close = "HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n";
+    let (status, body) = raw(&agent.socket, &format!("GET /v1/identity?id=many {close}"));
+    assert!(status.starts_with("HTTP/1.1 400 "), "{status}");
+    assert!(body.contains("malformed request"), "{body}");
+    let (status, body) = raw(&agent.socket, &format!("GET /v1/nothing {close}"));
+    assert!(status.starts_with("HTTP/1.1 404 "), "{status}");
+    assert!(body.contains("no route GET /v1/nothing"), "{body}");
+    let (status, _) = raw(&agent.socket, &format!("GET /v1/verify {close}"));
+    assert!(status.starts_with("HTTP/1.1 405 "), "{status}");
+}
