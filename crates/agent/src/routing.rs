@@ -135,6 +135,20 @@ impl Routing {
                 actual: actual.as_ref().map(describe),
             });
         }
+        if plan.node_config.is_some_and(|(desired, _)| {
+            self.config.mode == RoutingMode::Tunnel && desired.tunnel_ifindex == 0
+        }) {
+            drift.push(Drift {
+                map: "link".into(),
+                kind: DriftKind::Missing,
+                key: self.config.tunnel_device.clone(),
+                desired: Some(format!(
+                    "vxlan external dstport {}",
+                    self.config.tunnel_port
+                )),
+                actual: None,
+            });
+        }
         if plan.tunnel_detached {
             drift.push(Drift {
                 map: "tcx".into(),
@@ -252,14 +266,18 @@ impl Routing {
         })
     }
 
+    /// `node_config` for the devices as they are; a missing tunnel device (only `verify`
+    /// sees one: a pass makes it first) has index 0.
     fn desired_node_config(&self, netlink: &Netlink) -> Result<NodeConfig, AgentError> {
-        let index = |name: &str| netlink.index(name);
         let underlay = match (&self.config.underlay_device, self.config.mode) {
-            (Some(device), RoutingMode::Tunnel | RoutingMode::Native) => index(device)?,
+            (Some(device), RoutingMode::Tunnel | RoutingMode::Native) => netlink.index(device)?,
             _ => 0,
         };
         let tunnel = match self.config.mode {
-            RoutingMode::Tunnel => index(&self.config.tunnel_device)?,
+            RoutingMode::Tunnel => match netlink.index(&self.config.tunnel_device) {
+                Err(NetNsError::NoInterface { .. }) => 0,
+                index => index?,
+            },
             _ => 0,
         };
         Ok(NodeConfig::new(self.config.mode, tunnel, underlay))

@@ -298,6 +298,10 @@ fn tunnel_mode_agents_carry_pods_and_nodes_across() {
     let status = nodes.agent_a.status();
     assert_eq!(status.routing.mode, RoutingMode::Tunnel);
     assert_eq!(status.routing.tunnel_device.as_deref(), Some(TUNNEL));
+    let client = Client::new(&nodes.agent_a.socket);
+    let verify = || client.verify(VerifyRequest { repair: false }).unwrap();
+    let report = verify();
+    assert!(report.drift.is_empty(), "{report:?}");
 
     let listener = listen(&nodes.pod_b);
     assert_eq!(
@@ -314,9 +318,7 @@ fn tunnel_mode_agents_carry_pods_and_nodes_across() {
     // A route removed behind the agent's back is drift, and the next pass puts it back.
     let route = nodes.routes_a().remove(0);
     links.delete_route(&route.route()).unwrap();
-    let report = Client::new(&nodes.agent_a.socket)
-        .verify(VerifyRequest { repair: false })
-        .unwrap();
+    let report = verify();
     assert!(
         report
             .drift
@@ -334,6 +336,41 @@ fn tunnel_mode_agents_carry_pods_and_nodes_across() {
         "route removed behind the agent's back: restored after {:?} (interval 0.5 s)",
         removed.elapsed()
     );
+
+    // The tunnel device deleted behind the agent's back (its route goes with it): the next
+    // pass makes it again, points node_config at it, attaches the programs and routes.
+    let old_index = links.index(TUNNEL).unwrap();
+    links.delete_link(TUNNEL).unwrap();
+    let report = verify();
+    assert!(
+        report
+            .drift
+            .iter()
+            .any(|d| d.map == "link" && d.key == TUNNEL && d.kind == DriftKind::Missing),
+        "{report:?}"
+    );
+    let deleted = Instant::now();
+    nodes
+        .agent_a
+        .wait("the tunnel device re-made", Duration::from_secs(5), |_| {
+            links.index(TUNNEL).is_ok_and(|i| i != old_index)
+                && links.routes(ROUTE_PROTOCOL).unwrap().len() == 1
+        });
+    let maps = PinnedMaps::open(nodes.agent_a.pins.path()).unwrap();
+    nodes.agent_a.wait(
+        "node_config names the new device",
+        Duration::from_secs(5),
+        |_| maps.node_config.get(&0, 0).unwrap().tunnel_ifindex == links.index(TUNNEL).unwrap(),
+    );
+    assert_eq!(
+        exchange(&nodes.pod_a, &listener).unwrap(),
+        POD_A.to_string()
+    );
+    eprintln!(
+        "tunnel device deleted behind the agent's back: carrying pod traffic again after {:?}",
+        deleted.elapsed()
+    );
+    assert!(verify().drift.is_empty());
 
     node_b_leaves(&mut nodes);
 }
