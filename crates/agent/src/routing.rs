@@ -47,10 +47,20 @@ impl Default for RoutingConfig {
 }
 
 impl RoutingConfig {
-    /// The underlay device, which tunnel and native mode cannot do without.
+    /// The underlay device, which tunnel and native mode cannot do without, and a tunnel
+    /// device name the kernel and the link pins accept.
     pub fn validate(&self) -> Result<(), AgentError> {
         if self.mode != RoutingMode::Local && self.underlay_device.is_none() {
             return Err(AgentError::NoUnderlay { mode: self.mode });
+        }
+        let name = &self.tunnel_device;
+        // IFNAMSIZ less the NUL; bpffs reserves names with a dot for itself.
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['.', '/'])
+            || name.contains(char::is_whitespace)
+        {
+            return Err(AgentError::BadTunnelDevice(name.clone()));
         }
         Ok(())
     }
@@ -360,4 +370,55 @@ fn describe(config: &NodeConfig) -> String {
         "mode {mode}, tunnel ifindex {}, underlay ifindex {}",
         config.tunnel_ifindex, config.underlay_ifindex
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_checked_before_anything_starts() {
+        let tunnel = RoutingConfig {
+            mode: RoutingMode::Tunnel,
+            ..RoutingConfig::default()
+        };
+        assert_eq!(
+            tunnel.validate().map_err(|e| e.to_string()),
+            Err("--routing-mode tunnel needs --underlay-device".into())
+        );
+        let with_underlay = RoutingConfig {
+            underlay_device: Some("underlay0".into()),
+            ..tunnel
+        };
+        assert!(with_underlay.validate().is_ok());
+        for bad in ["", "vxlan.0", "a-name-of-16-chr", "a b"] {
+            let config = RoutingConfig {
+                tunnel_device: bad.into(),
+                ..with_underlay.clone()
+            };
+            assert!(
+                matches!(config.validate(), Err(AgentError::BadTunnelDevice(n)) if n == bad),
+                "{bad:?}"
+            );
+        }
+        assert!(RoutingConfig::default().validate().is_ok(), "local mode");
+    }
+
+    #[test]
+    fn status_names_the_devices_the_mode_uses() {
+        let native = RoutingConfig {
+            mode: RoutingMode::Native,
+            underlay_device: Some("underlay0".into()),
+            ..RoutingConfig::default()
+        };
+        assert_eq!(
+            native.status(),
+            RoutingStatus {
+                mode: RoutingMode::Native,
+                tunnel_device: None,
+                underlay_device: Some("underlay0".into()),
+            }
+        );
+        assert_eq!(RoutingConfig::default().status(), RoutingStatus::default());
+    }
 }
