@@ -73,10 +73,18 @@ pub enum CidrDefect {
 pub enum NodeFault {
     Unnamed,
     /// The same name on more than one Node: every copy is left out.
-    Duplicate { copies: usize },
+    Duplicate {
+        copies: usize,
+    },
     NoInternalIp,
-    PodCidrInvalid { value: String, defect: CidrDefect },
-    PodCidrOutsideCluster { pod_cidr: Ipv4Net, cluster: Ipv4Net },
+    PodCidrInvalid {
+        value: String,
+        defect: CidrDefect,
+    },
+    PodCidrOutsideCluster {
+        pod_cidr: Ipv4Net,
+        cluster: Ipv4Net,
+    },
     /// Both nodes are left out: either one's pods could be sent to the other.
     PodCidrOverlap {
         pod_cidr: Ipv4Net,

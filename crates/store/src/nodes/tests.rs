@@ -34,7 +34,10 @@ fn good_nodes_are_kept_sorted_with_their_router() {
     assert_eq!(lines(&checked), Vec::<String>::new());
     let names: Vec<_> = checked.nodes.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["a", "b", "c"]);
-    assert_eq!(checked.nodes[0].router(), Some(Ipv4Addr::new(10, 244, 1, 1)));
+    assert_eq!(
+        checked.nodes[0].router(),
+        Some(Ipv4Addr::new(10, 244, 1, 1))
+    );
     assert_eq!(checked.nodes[1].internal_ip, Ipv4Addr::new(172, 30, 0, 12));
     assert_eq!(checked.nodes[2].router(), None);
 }
@@ -52,16 +55,27 @@ fn only_an_ipv4_internal_ip_counts() {
     assert!(checked.nodes.is_empty());
     assert_eq!(
         lines(&checked),
-        ["Node x: status.addresses: no IPv4 address of type InternalIP: other nodes cannot reach the node"]
+        [
+            "Node x: status.addresses: no IPv4 address of type InternalIP: other nodes cannot reach the node"
+        ]
     );
 }
 
 #[test]
 fn every_bad_pod_cidr_is_named() {
     let cases = [
-        ("10.244.1/24", "invalid pod CIDR \"10.244.1/24\": not a CIDR"),
-        ("fd00:1::/64", "invalid pod CIDR \"fd00:1::/64\": not an IPv4 CIDR"),
-        ("10.244.1.5/24", "invalid pod CIDR \"10.244.1.5/24\": has host bits set"),
+        (
+            "10.244.1/24",
+            "invalid pod CIDR \"10.244.1/24\": not a CIDR",
+        ),
+        (
+            "fd00:1::/64",
+            "invalid pod CIDR \"fd00:1::/64\": not an IPv4 CIDR",
+        ),
+        (
+            "10.244.1.5/24",
+            "invalid pod CIDR \"10.244.1.5/24\": has host bits set",
+        ),
         (
             "10.244.1.0/31",
             "invalid pod CIDR \"10.244.1.0/31\": longer than /30, no room for a router and a pod",
@@ -77,7 +91,10 @@ fn every_bad_pod_cidr_is_named() {
             Some(net("10.244.0.0/16")),
         );
         assert!(checked.nodes.is_empty(), "{cidr} kept");
-        assert_eq!(lines(&checked), [format!("Node n: spec.podCIDR: {message}")]);
+        assert_eq!(
+            lines(&checked),
+            [format!("Node n: spec.podCIDR: {message}")]
+        );
     }
 }
 
