@@ -23,7 +23,6 @@ pub struct Link {
     pub alias: Option<String>,
     /// The bridge (or bond) it is a port of.
     pub controller: Option<u32>,
-    pub mtu: Option<u32>,
 }
 
 /// An IPv4 route: `ip route add <destination> [via <gateway>] [dev <device>] [src <source>]`.
@@ -175,12 +174,10 @@ impl Netlink {
                     name: String::new(),
                     alias: None,
                     controller: None,
-                    mtu: None,
                 };
                 for attribute in m.attributes {
                     match attribute {
                         LinkAttribute::IfName(name) => link.name = name,
-                        LinkAttribute::Mtu(mtu) => link.mtu = Some(mtu),
                         LinkAttribute::IfAlias(alias) => link.alias = Some(alias),
                         LinkAttribute::Controller(index) => link.controller = Some(index),
                         _ => {}
@@ -325,24 +322,6 @@ impl Netlink {
 
     /// `ip route add ...`; a route without a gateway is on-link (scope link), as `ip` makes it.
     pub fn add_route(&self, route: &Route<'_>) -> Result<(), NetNsError> {
-        let request = self.handle.route().add(self.route_message(route)?);
-        self.runtime
-            .block_on(request.execute())
-            .map_err(self.fail("RTM_NEWROUTE", route.to_string()))
-    }
-
-    /// `ip route replace ...`: adds the route, or replaces the one to the same destination.
-    pub fn replace_route(&self, route: &Route<'_>) -> Result<(), NetNsError> {
-        let request = self.handle.route().add(self.route_message(route)?).replace();
-        self.runtime
-            .block_on(request.execute())
-            .map_err(self.fail("RTM_NEWROUTE", format!("replace {route}")))
-    }
-
-    fn route_message(
-        &self,
-        route: &Route<'_>,
-    ) -> Result<rtnetlink::packet_route::route::RouteMessage, NetNsError> {
         let destination = route.destination.trunc();
         let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(destination.addr(), destination.prefix_len());
@@ -356,6 +335,8 @@ impl Netlink {
         if let Some(source) = route.source {
             builder = builder.pref_source(source);
         }
-        Ok(builder.build())
+        self.runtime
+            .block_on(self.handle.route().add(builder.build()).execute())
+            .map_err(self.fail("RTM_NEWROUTE", route.to_string()))
     }
 }
