@@ -13,7 +13,8 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{
-            Namespace, Node, NodeAddress, NodeSpec as NodeSpec_, NodeStatus, Pod, PodCondition, PodIP, PodStatus, Service,
+            Namespace, Node, NodeAddress, NodeSpec as NodeSpec_, NodeStatus, Pod, PodCondition,
+            PodIP, PodStatus, Service,
         },
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
@@ -255,12 +256,7 @@ impl LabState {
         let pods = self.pod_objects();
         Snapshot {
             revision: self.generation,
-            nodes: self
-                .spec
-                .nodes
-                .iter()
-                .map(node_object)
-                .collect(),
+            nodes: self.spec.nodes.iter().map(node_object).collect(),
             namespaces: self.namespaces.values().map(|n| n.object.clone()).collect(),
             endpoint_slices: self.endpoint_slices(&pods),
             pods,
