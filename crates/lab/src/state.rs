@@ -13,7 +13,7 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{
-            Namespace, Node, NodeAddress, NodeSpec as NodeSpec_, NodeStatus, Pod, PodCondition,
+            Namespace, Node, NodeAddress, NodeSpec as KubeNodeSpec, NodeStatus, Pod, PodCondition,
             PodIP, PodStatus, Service,
         },
         discovery::v1::EndpointSlice,
@@ -314,7 +314,7 @@ fn node_object(node: &NodeSpec) -> Node {
             name: Some(node.name.clone()),
             ..Default::default()
         },
-        spec: Some(NodeSpec_ {
+        spec: Some(KubeNodeSpec {
             pod_cidr: Some(pod_cidr.clone()),
             pod_cidrs: Some(vec![pod_cidr]),
             ..Default::default()
@@ -326,7 +326,6 @@ fn node_object(node: &NodeSpec) -> Node {
             }]),
             ..Default::default()
         }),
-        ..Default::default()
     }
 }
 
