@@ -171,9 +171,25 @@ fn a_denied_verdict_has_hubbles_field_names_and_resolved_identities() {
         "Nov 30 10:00:01.123: default/client:43210 (ID:1234) -> default/nginx-x:8080 \
          (ID:5678) policy-verdict:none INGRESS DENIED (TCP Flags: SYN)"
     );
+    assert_eq!(
+        crate::compact_with_node(&flow),
+        "Nov 30 10:00:01.123 [node-1]: default/client:43210 (ID:1234) -> default/nginx-x:8080 \
+         (ID:5678) policy-verdict:none INGRESS DENIED (TCP Flags: SYN)"
+    );
     // The JSON reads back to the same flow: the CLI decodes what the agent sends.
     let back: sluice_api::flow::Flow = serde_json::from_value(json).unwrap_or(flow.clone());
     assert_eq!(back, flow);
+}
+
+#[test]
+fn before_the_first_desired_state_flows_still_carry_their_node_and_time() {
+    let flow = Resolver::for_node("node-2", BOOT_OFFSET).flow(&ingress_syn(EVENT_TRACE, 0, 0));
+    assert_eq!(flow.node_name, "node-2");
+    assert_eq!(
+        flow.time,
+        Timestamp::parse_rfc3339("2026-11-30T10:00:01.123Z").unwrap_or_default()
+    );
+    assert_eq!(flow.destination.pod_name, "");
 }
 
 #[test]
