@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use sluice_integration::{
     ONE_NODE_LAB, TestLab,
-    netpol::{self, Probe},
+    netpol::{self, Probe, policy, upstream_cases},
 };
 
 fn model_lab(prefix: &str) -> TestLab {
@@ -30,130 +30,6 @@ fn check(lab: &TestLab, probes: &[Probe], what: &str) {
         start.elapsed()
     );
     assert!(report.is_empty(), "{what}: verdicts differ:\n{report}");
-}
-
-fn policy(name: &str, namespace: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: {name}\n  namespace: \"{namespace}\"\nspec:\n{spec}"
-    )
-}
-
-/// Policies from the upstream suite (test/e2e/network/netpol), each applied alone.
-fn upstream_cases() -> Vec<(&'static str, String)> {
-    vec![
-        (
-            "default-deny-ingress",
-            policy(
-                "deny-ingress",
-                "x",
-                "  podSelector: {}\n  policyTypes: [Ingress]\n",
-            ),
-        ),
-        (
-            "default-deny-egress",
-            policy(
-                "deny-egress",
-                "x",
-                "  podSelector: {}\n  policyTypes: [Egress]\n",
-            ),
-        ),
-        (
-            "allow-from-namespace-y-to-x-a",
-            policy(
-                "allow-ns-y",
-                "x",
-                "  podSelector:\n    matchLabels: {pod: a}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchLabels: {ns: \"y\"}\n",
-            ),
-        ),
-        (
-            "and-namespace-y-pod-b",
-            policy(
-                "and-peer",
-                "x",
-                "  podSelector:\n    matchLabels: {pod: a}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchLabels: {ns: \"y\"}\n      podSelector:\n        matchLabels: {pod: b}\n",
-            ),
-        ),
-        (
-            "or-namespace-y-or-pod-b",
-            policy(
-                "or-peer",
-                "x",
-                "  podSelector:\n    matchLabels: {pod: a}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchLabels: {ns: \"y\"}\n    - podSelector:\n        matchLabels: {pod: b}\n",
-            ),
-        ),
-        (
-            "namespace-not-in-y",
-            policy(
-                "not-in-y",
-                "x",
-                "  podSelector:\n    matchLabels: {pod: a}\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchExpressions:\n        - {key: ns, operator: NotIn, values: [\"y\"]}\n",
-            ),
-        ),
-        (
-            "pod-exists-and-not-c",
-            policy(
-                "exists",
-                "x",
-                "  podSelector:\n    matchExpressions:\n    - {key: pod, operator: Exists}\n  ingress:\n  - from:\n    - namespaceSelector: {}\n      podSelector:\n        matchExpressions:\n        - {key: pod, operator: In, values: [a, b]}\n",
-            ),
-        ),
-        (
-            "named-port-81-tcp-only",
-            policy(
-                "named-port",
-                "x",
-                "  podSelector: {}\n  ingress:\n  - ports:\n    - {port: serve-81-tcp}\n",
-            ),
-        ),
-        (
-            "named-port-wrong-protocol-matches-nothing",
-            policy(
-                "named-wrong",
-                "x",
-                "  podSelector: {}\n  ingress:\n  - ports:\n    - {port: serve-80-tcp, protocol: UDP}\n",
-            ),
-        ),
-        (
-            "end-port-udp-80-81",
-            policy(
-                "end-port",
-                "x",
-                "  podSelector: {}\n  ingress:\n  - ports:\n    - {port: 80, endPort: 81, protocol: UDP}\n",
-            ),
-        ),
-        (
-            "egress-to-y-port-80",
-            policy(
-                "egress-y",
-                "x",
-                "  podSelector: {}\n  egress:\n  - to:\n    - namespaceSelector:\n        matchLabels: {ns: \"y\"}\n    ports:\n    - {port: 80}\n",
-            ),
-        ),
-        (
-            "named-egress-port-per-destination",
-            policy(
-                "egress-named",
-                "x",
-                "  podSelector:\n    matchLabels: {pod: a}\n  egress:\n  - ports:\n    - {port: serve-81-udp, protocol: UDP}\n",
-            ),
-        ),
-        (
-            "ingress-and-egress-types-without-egress-rules",
-            policy(
-                "both-types",
-                "y",
-                "  podSelector:\n    matchLabels: {pod: b}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - {}\n",
-            ),
-        ),
-        (
-            "ip-block-with-except",
-            policy(
-                "ip-block",
-                "x",
-                "  podSelector:\n    matchLabels: {pod: a}\n  ingress:\n  - from:\n    - ipBlock:\n        cidr: 10.244.0.0/16\n        except: [EXCEPT/32]\n",
-            ),
-        ),
-    ]
 }
 
 #[test]
