@@ -7,7 +7,8 @@ use sluice_common::names;
 use crate::DesiredState;
 
 impl DesiredState {
-    /// One line per map entry, then the interfaces and problems, sorted, human-readable.
+    /// One line per map entry, then the nodes, interfaces and problems, sorted,
+    /// human-readable.
     pub fn dump(&self) -> String {
         // Writing to a String cannot fail, hence the ignored results below.
         let mut out = String::new();
@@ -61,6 +62,17 @@ impl DesiredState {
                     origins.join(",")
                 );
             }
+        }
+        let local = self.nodes.local.iter().map(|n| ("local", n));
+        for (side, n) in local.chain(self.nodes.remote.iter().map(|n| ("remote", n))) {
+            let _ = writeln!(
+                out,
+                "node {side} {} internalIP={} podCIDR={} router={}",
+                n.name,
+                n.internal_ip,
+                n.pod_cidr.map_or("-".into(), |c| c.to_string()),
+                n.router().map_or("-".into(), |r| r.to_string()),
+            );
         }
         for interface in &self.interfaces {
             let _ = writeln!(out, "interface {interface}");

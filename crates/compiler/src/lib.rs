@@ -15,6 +15,26 @@
 //! each local endpoint gets the allow rows of the policies that select it, by identity,
 //! direction, protocol and port (see `policy`).
 //!
+//! Several nodes: the state is compiled for one node ([`NodeContext::node`]) from the
+//! Node objects of the whole cluster. The ipcache sends what lives elsewhere to its node:
+//! - every pod /32 -> its identity, with `tunnel_endpoint` = its node's InternalIP when
+//!   its `spec.nodeName` is another node (0 on this node);
+//! - every node address (`status.addresses`) -> host on this node, remote-node on the
+//!   others, without a tunnel endpoint (the underlay reaches it);
+//! - every node's router address (the first host of its `spec.podCIDR`) -> host here,
+//!   remote-node with that node as tunnel endpoint elsewhere;
+//! - every other node's pod CIDR -> its node as tunnel endpoint, so a pod not known yet
+//!   still routes there, with the identity the address has without it (the world unless
+//!   a policy CIDR holds it).
+//!
+//! [`DesiredState::nodes`] exports the same nodes, typed, for the agent's routes and
+//! tunnel: this node ([`Nodes::local`]) and every other ([`Nodes::remote`], sorted by
+//! name), each a [`ClusterNode`] with its name, InternalIP, pod CIDR and
+//! [`ClusterNode::router`]. A Node routing cannot use (overlapping pod CIDRs, no
+//! InternalIP, a pod CIDR that is not an IPv4 network or lies outside
+//! `Snapshot::cluster_cidr`) is a [`Problem::Node`] naming the field, and is left out of
+//! both whole: `sluice_sources::validate_nodes` refuses the same input at the source.
+//!
 //! Output depends only on the content of the snapshot, not on the order of its lists:
 //! services are processed sorted by name, backends are sorted by address, and conflicts are
 //! resolved by that order.
@@ -37,12 +57,17 @@ use sluice_common::{
 };
 use sluice_store::{LocalEndpoint, Snapshot};
 
-pub use crate::problem::{
-    ObjectKind, ObjectRef, PortProblem, Problem, ServiceField, ServicePortRef, Unsupported,
-};
+pub use sluice_store::nodes::{ClusterNode, NodeFault, NodeFaultAt, NodeField};
+
 use crate::{
     backends::{backends_for, slices_by_service},
     problem::Problems,
+};
+pub use crate::{
+    nodes::Nodes,
+    problem::{
+        ObjectKind, ObjectRef, PortProblem, Problem, ServiceField, ServicePortRef, Unsupported,
+    },
 };
 
 /// The label by which an EndpointSlice names its Service.
@@ -83,8 +108,11 @@ pub struct DesiredState {
     pub interfaces: BTreeSet<String>,
     /// One per programmed service port, sorted by (address, port, protocol), for display.
     pub frontends: Vec<Frontend>,
-    /// Address prefix -> identity, for every pod, node and policy CIDR, plus the world.
+    /// Address prefix -> identity and tunnel endpoint, for every pod, node address,
+    /// router address, policy CIDR and other node's pod CIDR, plus the world.
     pub ipcache: BTreeMap<IpcacheKey, IpcacheEntry>,
+    /// This node and the others as routing uses them, for the agent's routes and tunnel.
+    pub nodes: Nodes,
     /// ifindex -> the endpoint's policy rows, for each endpoint with an enforced direction
     /// whose policy fits its map. An enforced endpoint missing here fails closed.
     pub policies: BTreeMap<u32, EndpointPolicy>,
@@ -198,6 +226,7 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
         compilation.service(&object, service, service_slices);
     }
     let local = compilation.endpoints(snapshot, node);
+    compilation.state.nodes = nodes::nodes(snapshot, &node.node, &mut compilation.problems);
     let Compilation {
         mut state,
         mut problems,
@@ -496,6 +525,7 @@ mod backends;
 mod dump;
 mod identity;
 mod ipcache;
+mod nodes;
 mod policy;
 mod problem;
 mod unsupported;

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, btree_map::Entry};
 
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
-use sluice_common::{POLICY_EGRESS, POLICY_INGRESS};
+use sluice_common::{IpcacheEntry, POLICY_EGRESS, POLICY_INGRESS};
 use sluice_store::{
     LocalEndpoint, Snapshot,
     selector::{self, Labels},
@@ -65,8 +65,9 @@ pub(crate) fn compile(input: &PolicyInput<'_>, state: &mut DesiredState, problem
     let mut policies = policies_in_order(snapshot, problems);
     let cidrs = cidr::policy_cidrs(&policies, problems);
     let namespaces = namespace_labels(snapshot, problems);
-    let node_addresses = workloads::node_addresses(snapshot, &input.node.node);
-    let mut workloads = workloads::workloads(input, &namespaces, &node_addresses, problems);
+    let this = input.node.node.as_str();
+    let node_addresses = state.nodes.addresses(snapshot, this);
+    let mut workloads = workloads::workloads(input, &namespaces, &node_addresses.entries, problems);
 
     let mut labels_of = identities::reserved();
     let selected_keys = selected_pod_keys(&policies);
@@ -78,13 +79,24 @@ pub(crate) fn compile(input: &PolicyInput<'_>, state: &mut DesiredState, problem
         problems,
     );
     let cidr_identities = identities::cidrs(&cidrs, &mut labels_of, problems);
-    let pod_addresses = workloads
-        .iter()
-        .filter_map(|w| Some((w.address?, w.identity)));
-    state.ipcache = ipcache::build(&cidr_identities, pod_addresses, &node_addresses);
+    let pod_addresses = workloads.iter().filter_map(|w| {
+        let address = w.address?;
+        let entry = IpcacheEntry {
+            identity: w.identity,
+            tunnel_endpoint: state.nodes.pod_tunnel(this, w.node, address),
+        };
+        Some((address, entry))
+    });
+    state.ipcache = ipcache::build(
+        &cidr_identities,
+        pod_addresses,
+        &node_addresses.entries,
+        &state.nodes,
+    );
 
     let world = World {
         ipcache: &state.ipcache,
+        routers: &node_addresses.router_only,
         workloads: &workloads,
         namespaces: &namespaces,
     };

@@ -4,6 +4,7 @@
 use std::{fmt, net::Ipv4Addr};
 
 use sluice_common::proto_name;
+use sluice_store::nodes::NodeFaultAt;
 
 /// The kinds of object a report can be about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -178,6 +179,8 @@ pub enum PortProblem {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Problem {
     Unsupported(Unsupported),
+    /// A Node routing cannot use: left out of routing whole.
+    Node(NodeFaultAt),
     /// A Service, NetworkPolicy or Pod defined more than once: every copy is skipped.
     Duplicate {
         object: ObjectRef,
@@ -326,6 +329,16 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Unsupported(u) => u.fmt(f),
+            Self::Node(at) if at.node.is_empty() => {
+                write!(f, "node without a name: {}: skipped", at.fault)
+            }
+            Self::Node(at) => write!(
+                f,
+                "node {}: {}: {}: left out of routing",
+                at.node,
+                at.fault.field().path(),
+                at.fault
+            ),
             Self::Duplicate { object, copies } => {
                 write!(f, "{object}: defined {copies} times: skipped")
             }

@@ -8,8 +8,14 @@
 //! over the compiled maps (ipcache LPM lookup, endpoint flags, the exact-then-ANY row
 //! lookup) and by `sluice_policy_reference`; the verdicts must agree.
 //! `SLUICE_POLICY_SEED=<n>` replays one case.
+//!
+//! The same cases run again with the pods spread over two nodes (by pod CIDR): each node's
+//! state is compiled on its own, egress is judged on the sender's node and ingress on the
+//! receiver's, with the identity the tunnel carries (the sender's endpoint identity),
+//! which must equal what the receiver's ipcache says of the sender's address (native
+//! routing). Policy must not depend on where pods run.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::{core::v1::Pod, networking::v1::NetworkPolicy};
 use serde_json::{Value, json};
@@ -23,6 +29,7 @@ use sluice_policy_reference::{Cluster, Connection, Peer};
 use sluice_store::{LocalEndpoint, Snapshot};
 
 const NODE: &str = "node-a";
+const OTHER_NODE: &str = "node-b";
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const CIDRS: [&str; 7] = [
     "10.0.0.0/16",
@@ -197,7 +204,9 @@ fn from_json<T: serde::de::DeserializeOwned>(value: Value) -> T {
     serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
 }
 
-fn cluster(rng: &mut fastrand::Rng) -> (Snapshot, NodeContext) {
+/// A random cluster, on node-a alone or, if `spread`, over node-a (pod CIDR 10.0.1.0/24)
+/// and node-b (10.0.2.0/24).
+fn cluster(rng: &mut fastrand::Rng, spread: bool) -> (Snapshot, NodeContext) {
     let mut snapshot = Snapshot::default();
     for ns in NAMESPACES {
         snapshot.namespaces.push(from_json(
@@ -228,25 +237,34 @@ fn cluster(rng: &mut fastrand::Rng) -> (Snapshot, NodeContext) {
         replicas.push((namespace, pod_labels.clone()));
         let ports = container_ports(pod_labels.get("app").and_then(Value::as_str));
         let ip = Ipv4Addr::new(10, 0, rng.u8(1..3), 10 + i);
+        let on = if spread && ip.octets()[2] == 2 {
+            OTHER_NODE
+        } else {
+            NODE
+        };
         snapshot.pods.push(from_json(json!({
             "metadata": {"name": name, "namespace": namespace, "labels": pod_labels},
-            "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "i", "ports": ports}]},
+            "spec": {"nodeName": on, "containers": [{"name": "c", "image": "i", "ports": ports}]},
             "status": {"phase": "Running", "podIP": ip.to_string()},
         })));
         let interface = format!("lxc{i}");
         node.interfaces
             .insert(interface.clone(), 100 + u32::from(i));
         snapshot.endpoints.push(LocalEndpoint {
-            node: NODE.into(),
+            node: on.into(),
             namespace: namespace.into(),
             pod: name,
             interface,
             addresses: [ip.into()].into(),
         });
     }
-    for (name, address) in [(NODE, "172.16.0.1"), ("node-b", "172.16.0.2")] {
+    for (name, address, pod_cidr) in [
+        (NODE, "172.16.0.1", "10.0.1.0/24"),
+        (OTHER_NODE, "172.16.0.2", "10.0.2.0/24"),
+    ] {
         snapshot.nodes.push(from_json(json!({
             "metadata": {"name": name},
+            "spec": {"podCIDR": spread.then_some(pod_cidr)},
             "status": {"addresses": [{"type": "InternalIP", "address": address}]},
         })));
     }
@@ -300,12 +318,12 @@ fn proto_number(protocol: &str) -> u8 {
     }
 }
 
-/// One endpoint's verdict for a new connection in `direction` with `remote`.
+/// One endpoint's verdict for a new connection in `direction` with the peer `identity`.
 fn endpoint_allows(
     state: &DesiredState,
     ifindex: u32,
     direction: u8,
-    remote: Ipv4Addr,
+    identity: u32,
     proto: u8,
     port: u16,
 ) -> bool {
@@ -324,7 +342,6 @@ fn endpoint_allows(
     let Some(policy) = state.policies.get(&ifindex) else {
         return false;
     };
-    let identity = lookup_identity(state, remote);
     [identity, IDENTITY_ANY].iter().any(|&id| {
         policy.rows.keys().any(|k| {
             k.rule.identity == id
@@ -369,16 +386,36 @@ fn describe(peer: &Peer<'_>) -> String {
     }
 }
 
+/// The node a pod runs on.
+fn node_of(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .unwrap_or(NODE)
+}
+
 /// Verdicts of one case: (allowed, denied).
-fn run_case(seed: u64) -> (usize, usize) {
+fn run_case(seed: u64, spread: bool) -> (usize, usize) {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let (snapshot, node) = cluster(&mut rng);
-    let state = compile(&snapshot, &node);
-    assert!(
-        state.problems.is_empty(),
-        "seed {seed}: problems {:?}",
-        state.problems
-    );
+    let (snapshot, node) = cluster(&mut rng, spread);
+    let states: BTreeMap<&str, DesiredState> = [NODE, OTHER_NODE]
+        .into_iter()
+        .map(|name| {
+            let context = NodeContext {
+                node: name.into(),
+                ..node.clone()
+            };
+            (name, compile(&snapshot, &context))
+        })
+        .collect();
+    for state in states.values() {
+        assert!(
+            state.problems.is_empty(),
+            "seed {seed}: problems {:?}",
+            state.problems
+        );
+    }
+    let state_of = |pod: &Pod| &states[node_of(pod)];
     let reference = Cluster {
         namespaces: &snapshot.namespaces,
         policies: &snapshot.network_policies,
@@ -434,24 +471,40 @@ fn run_case(seed: u64) -> (usize, usize) {
         let proto = proto_number(protocol);
         let egress = match from {
             Peer::Pod(pod) => endpoint_allows(
-                &state,
+                state_of(pod),
                 ifindex(&node, &snapshot, pod),
                 POLICY_EGRESS,
-                address(&to),
+                lookup_identity(state_of(pod), address(&to)),
                 proto,
                 port,
             ),
             Peer::External(_) => true,
         };
         let ingress = match to {
-            Peer::Pod(pod) => endpoint_allows(
-                &state,
-                ifindex(&node, &snapshot, pod),
-                POLICY_INGRESS,
-                address(&from),
-                proto,
-                port,
-            ),
+            Peer::Pod(pod) => {
+                let state = state_of(pod);
+                let identity = lookup_identity(state, address(&from));
+                if let Peer::Pod(sender) = from {
+                    // What the tunnel carries: the sender's identity on its own node.
+                    let carried =
+                        state_of(sender).endpoints[&ifindex(&node, &snapshot, sender)].identity;
+                    assert_eq!(
+                        carried,
+                        identity,
+                        "seed {seed}: {} has identity {carried} on its node, {identity} in \
+                         the receiver's ipcache",
+                        describe(&from)
+                    );
+                }
+                endpoint_allows(
+                    state,
+                    ifindex(&node, &snapshot, pod),
+                    POLICY_INGRESS,
+                    identity,
+                    proto,
+                    port,
+                )
+            }
             Peer::External(_) => true,
         };
         if expected {
@@ -469,7 +522,7 @@ fn run_case(seed: u64) -> (usize, usize) {
                 .iter()
                 .map(|p| {
                     serde_json::to_string(&p.metadata).unwrap_or_default()
-                        + &format!(" ip {}", pod_ip(p))
+                        + &format!(" ip {} on {}", pod_ip(p), node_of(p))
                 })
                 .collect();
             let namespaces: Vec<String> = snapshot
@@ -486,7 +539,11 @@ fn run_case(seed: u64) -> (usize, usize) {
                 namespaces.join("\n"),
                 pods.join("\n"),
                 policies.join("\n"),
-                state.dump()
+                states
+                    .iter()
+                    .map(|(name, state)| format!("on {name}:\n{}", state.dump()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
         }
     }
@@ -495,16 +552,25 @@ fn run_case(seed: u64) -> (usize, usize) {
 
 #[test]
 fn compiled_policy_agrees_with_the_reference() {
+    agrees_with_the_reference(false);
+}
+
+#[test]
+fn compiled_policy_agrees_with_the_reference_across_nodes() {
+    agrees_with_the_reference(true);
+}
+
+fn agrees_with_the_reference(spread: bool) {
     if let Some(seed) = std::env::var("SLUICE_POLICY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
     {
-        run_case(seed);
+        run_case(seed, spread);
         return;
     }
     let (mut allowed, mut denied) = (0, 0);
     for seed in 0..1000 {
-        let (a, d) = run_case(seed);
+        let (a, d) = run_case(seed, spread);
         allowed += a;
         denied += d;
     }

@@ -3,8 +3,10 @@
 //! files instead; review the diff before committing it.
 //!
 //! An input file starts with a `kind: TestNode` document naming the node under test, its
-//! interfaces and the local endpoints (what the CNI plugin reports on a real node); the
-//! other documents are Kubernetes manifests, read and validated by `sluice-sources`.
+//! interfaces and the local endpoints (what the CNI plugin reports on a real node), and
+//! the cluster's nodes; the other documents are Kubernetes manifests, read and validated
+//! by `sluice-sources`. `alsoFor: [node-b, ...]` compiles the same input for other nodes
+//! too, each compared with `expected.<node>.txt`.
 //!
 //! The same cases feed the determinism property: shuffling every list of the snapshot must
 //! not change the compiled state.
@@ -16,6 +18,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use ipnet::Ipv4Net;
 use serde::Deserialize;
 use sluice_compiler::{NodeContext, compile};
 use sluice_sources::{Object, parse_str};
@@ -37,13 +40,23 @@ struct TestNode {
     /// Nodes of the cluster with their addresses (this one included, by name).
     #[serde(default)]
     nodes: Vec<TestClusterNode>,
+    /// The snapshot's cluster CIDR.
+    #[serde(default, rename = "clusterCIDR")]
+    cluster_cidr: Option<Ipv4Net>,
+    /// Other nodes to compile the same snapshot for.
+    #[serde(default, rename = "alsoFor")]
+    also_for: Vec<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TestClusterNode {
     name: String,
-    addresses: Vec<Ipv4Addr>,
+    /// InternalIP addresses; written as given, so a bad one reaches the compiler.
+    addresses: Vec<String>,
+    /// spec.podCIDR, as written.
+    #[serde(default, rename = "podCIDR")]
+    pod_cidr: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -63,8 +76,9 @@ fn default_namespace() -> String {
 }
 
 struct Case {
+    /// The directory's name, and the node when compiled for another than the header's.
     name: String,
-    dir: PathBuf,
+    expected: PathBuf,
     snapshot: Snapshot,
     node: NodeContext,
 }
@@ -73,7 +87,8 @@ fn testdata() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata")
 }
 
-fn load_case(dir: &Path) -> Case {
+/// The case in `dir`, compiled for the header's node, then for each of `alsoFor`.
+fn load_case(dir: &Path) -> Vec<Case> {
     let name = dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -124,15 +139,17 @@ fn load_case(dir: &Path) -> Case {
             let addresses: Vec<serde_json::Value> = n
                 .addresses
                 .iter()
-                .map(|a| serde_json::json!({"type": "InternalIP", "address": a.to_string()}))
+                .map(|a| serde_json::json!({"type": "InternalIP", "address": a}))
                 .collect();
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": n.name},
+                "spec": {"podCIDR": n.pod_cidr},
                 "status": {"addresses": addresses},
             }))
             .unwrap_or_else(|e| panic!("{name}: node {}: {e}", n.name))
         })
         .collect();
+    snapshot.cluster_cidr = header.cluster_cidr;
     let mut node = NodeContext {
         node: header.name,
         interfaces: header.interfaces,
@@ -141,12 +158,24 @@ fn load_case(dir: &Path) -> Case {
     if let Some(max) = header.policy_map_max {
         node.policy_map_max = max;
     }
-    Case {
-        name,
-        dir: dir.to_path_buf(),
-        snapshot,
-        node,
+    let mut cases = vec![Case {
+        name: name.clone(),
+        expected: dir.join("expected.txt"),
+        snapshot: snapshot.clone(),
+        node: node.clone(),
+    }];
+    for other in header.also_for {
+        cases.push(Case {
+            name: format!("{name} on {other}"),
+            expected: dir.join(format!("expected.{other}.txt")),
+            snapshot: snapshot.clone(),
+            node: NodeContext {
+                node: other,
+                ..node.clone()
+            },
+        });
     }
+    cases
 }
 
 fn cases() -> Vec<Case> {
@@ -160,7 +189,7 @@ fn cases() -> Vec<Case> {
         .filter(|p| p.is_dir())
         .collect();
     dirs.sort();
-    let cases: Vec<Case> = dirs.iter().map(|d| load_case(d)).collect();
+    let cases: Vec<Case> = dirs.iter().flat_map(|d| load_case(d)).collect();
     assert!(cases.len() >= 10, "found only {} cases", cases.len());
     cases
 }
@@ -188,12 +217,12 @@ fn table() {
     let mut failures = Vec::new();
     for case in cases() {
         let actual = compile(&case.snapshot, &case.node).dump();
-        let path = case.dir.join("expected.txt");
+        let path = &case.expected;
         if update {
-            fs::write(&path, &actual).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            fs::write(path, &actual).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
             continue;
         }
-        let expected = fs::read_to_string(&path).unwrap_or_default();
+        let expected = fs::read_to_string(path).unwrap_or_default();
         if expected != actual {
             failures.push(format!("{}:\n{}", case.name, diff(&expected, &actual)));
         }
@@ -262,7 +291,9 @@ fn compile_is_deterministic_under_shuffled_input() {
 
 #[test]
 fn seed_demo_frontend_is_named() {
-    let case = load_case(&testdata().join("seed-demo"));
+    let [case] = load_case(&testdata().join("seed-demo"))
+        .try_into()
+        .unwrap_or_else(|_| panic!("seed-demo is compiled for one node"));
     let state = compile(&case.snapshot, &case.node);
     let [frontend] = state.frontends.as_slice() else {
         panic!("expected one frontend, got {:?}", state.frontends);

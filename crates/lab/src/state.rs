@@ -275,6 +275,7 @@ impl LabState {
                     addresses: [p.ip.into()].into(),
                 })
                 .collect(),
+            cluster_cidr: None,
         }
     }
 

@@ -108,7 +108,7 @@ fn int_or_name(field: &str, port: &IntOrString) -> Check {
     }
 }
 
-fn metadata(kind: &str, meta: &ObjectMeta) -> Check {
+pub(crate) fn metadata(kind: &str, meta: &ObjectMeta) -> Check {
     let name = match meta.name.as_deref() {
         Some(name) if !name.is_empty() => name,
         _ => return Err(invalid("metadata.name", "is required")),

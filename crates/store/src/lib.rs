@@ -13,6 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -20,6 +21,7 @@ use k8s_openapi::api::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod nodes;
 pub mod selector;
 
 #[derive(Debug, thiserror::Error)]
@@ -70,10 +72,15 @@ pub struct Snapshot {
     /// agent numbers the snapshots it accepts with generations of its own.
     #[serde(default)]
     pub revision: u64,
-    /// Nodes with their addresses (status.addresses): the compiler maps this node's to
-    /// the host identity and the others' to remote-node.
+    /// Nodes with their addresses (status.addresses) and pod CIDRs (spec.podCIDR): the
+    /// compiler maps this node's addresses to the host identity and the others' to
+    /// remote-node, and routes every other node's pods to its InternalIP.
     #[serde(default)]
     pub nodes: Vec<Node>,
+    /// The cluster's pod network (kubeadm's `networking.podSubnet`, the lab file's
+    /// `clusterCIDR`): every node's pod CIDR must lie inside. None: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_cidr: Option<Ipv4Net>,
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
     #[serde(default)]

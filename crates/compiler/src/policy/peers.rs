@@ -1,6 +1,9 @@
 //! The peers of a rule, as the identities they select.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
@@ -39,6 +42,8 @@ impl Peers {
 /// What rules are evaluated against.
 pub(super) struct World<'a> {
     pub ipcache: &'a ipcache::Ipcache,
+    /// Router addresses that are no node's address: left out of ipBlock verdicts.
+    pub routers: &'a BTreeSet<Ipv4Addr>,
     pub workloads: &'a [Workload<'a>],
     pub namespaces: &'a BTreeMap<String, Labels>,
 }
@@ -104,11 +109,14 @@ impl World<'_> {
 
     /// The identities an ipBlock selects: those whose every prefix in the ipcache lies in
     /// the block and outside each except. Policy CIDRs are all in the ipcache, so the
-    /// prefixes of one identity agree on every block.
+    /// prefixes of one identity agree on every block. Nodes are judged by their own
+    /// addresses, not their router addresses.
     fn block_identities(&self, cidr: Ipv4Net, except: &[Ipv4Net]) -> BTreeSet<u32> {
         let inside = |p: &Ipv4Net| cidr.contains(p) && !except.iter().any(|e| e.contains(p));
         let mut verdicts: BTreeMap<u32, bool> = BTreeMap::new();
-        for (prefix, identity) in ipcache::prefixes(self.ipcache) {
+        let prefixes = ipcache::prefixes(self.ipcache)
+            .filter(|(p, _)| p.prefix_len() < 32 || !self.routers.contains(&p.addr()));
+        for (prefix, identity) in prefixes {
             let verdict = verdicts.entry(identity).or_insert(true);
             *verdict &= inside(&prefix);
         }

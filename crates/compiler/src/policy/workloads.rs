@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::core::v1::Pod;
-use sluice_common::{IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD};
+use sluice_common::{IDENTITY_WORLD, IpcacheEntry};
 use sluice_store::{LocalEndpoint, Snapshot, selector::Labels};
 
 use super::PolicyInput;
@@ -19,6 +19,8 @@ pub(super) struct Workload<'a> {
     pub namespace_labels: Option<&'a Labels>,
     /// The address the ipcache maps to the pod's identity, if it has one there.
     pub address: Option<Ipv4Addr>,
+    /// The node the pod runs on: this node for a local endpoint, else `spec.nodeName`.
+    pub node: Option<&'a str>,
     /// containerPorts as (name, protocol, number), for named ports.
     pub ports: Vec<(String, u8, u16)>,
     pub identity: u32,
@@ -30,7 +32,7 @@ pub(super) struct Workload<'a> {
 pub(super) fn workloads<'a>(
     input: &PolicyInput<'a>,
     namespaces: &'a BTreeMap<String, Labels>,
-    node_addresses: &BTreeMap<Ipv4Addr, u32>,
+    node_addresses: &BTreeMap<Ipv4Addr, IpcacheEntry>,
     problems: &mut Problems,
 ) -> Vec<Workload<'a>> {
     let local: BTreeMap<(&str, &str), &LocalEndpoint> = input
@@ -66,7 +68,7 @@ pub(super) fn workloads<'a>(
 /// Takes the address from a pod that claims a node's address or another pod's.
 fn claim_addresses(
     workloads: &mut [Workload<'_>],
-    node_addresses: &BTreeMap<Ipv4Addr, u32>,
+    node_addresses: &BTreeMap<Ipv4Addr, IpcacheEntry>,
     problems: &mut Problems,
 ) {
     let mut address_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
@@ -130,7 +132,7 @@ fn workload<'a>(
     namespace: &'a str,
     name: &'a str,
     pod: Option<&'a Pod>,
-    endpoint: Option<&LocalEndpoint>,
+    endpoint: Option<&'a LocalEndpoint>,
     namespaces: &'a BTreeMap<String, Labels>,
 ) -> Option<Workload<'a>> {
     let status = pod.and_then(|p| p.status.as_ref());
@@ -176,31 +178,10 @@ fn workload<'a>(
             .unwrap_or_default(),
         namespace_labels: namespaces.get(namespace),
         address,
+        node: endpoint
+            .map(|e| e.node.as_str())
+            .or(spec.and_then(|s| s.node_name.as_deref())),
         ports,
         identity: IDENTITY_WORLD,
     })
-}
-
-/// IPv4 addresses of every node -> host (this node) or remote-node (the others).
-pub(super) fn node_addresses(snapshot: &Snapshot, this_node: &str) -> BTreeMap<Ipv4Addr, u32> {
-    let mut nodes: Vec<_> = snapshot.nodes.iter().collect();
-    nodes.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    let mut out = BTreeMap::new();
-    for node in nodes {
-        let id = if node.metadata.name.as_deref() == Some(this_node) {
-            IDENTITY_HOST
-        } else {
-            IDENTITY_REMOTE_NODE
-        };
-        let addresses = node
-            .status
-            .iter()
-            .flat_map(|s| s.addresses.iter().flatten());
-        for address in addresses.filter_map(|a| a.address.parse::<Ipv4Addr>().ok()) {
-            // The host identity wins an address claimed by this node and another.
-            let entry = out.entry(address).or_insert(id);
-            *entry = (*entry).min(id);
-        }
-    }
-    out
 }
