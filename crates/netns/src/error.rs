@@ -29,6 +29,12 @@ pub enum NetNsError {
     NotFound(String),
     #[error("invalid network namespace name {0:?}")]
     BadName(String),
+    #[error("interface {interface} in netns {netns} has no {attribute}")]
+    NoAttribute {
+        netns: String,
+        interface: String,
+        attribute: &'static str,
+    },
     #[error("no interface {interface} in netns {netns}")]
     NoInterface { netns: String, interface: String },
 }

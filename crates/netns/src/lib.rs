@@ -11,9 +11,11 @@ mod error;
 mod link;
 mod ns;
 mod offload;
+mod route;
 mod sysctl;
 
 pub use error::NetNsError;
 pub use ipnet::{IpNet, Ipv4Net};
-pub use link::{Link, Netlink, Route};
+pub use link::{Link, LinkKind, Netlink};
 pub use ns::{NETNS_DIR, NetNs, NsThread, OwnedNetNs, unique_name};
+pub use route::{Route, RouteEntry};

@@ -1,15 +1,14 @@
 //! Links, addresses and routes of one namespace over rtnetlink (what `ip link`, `ip addr`
 //! and `ip route` do), synchronous for callers without a runtime of their own.
 
-use std::{net::Ipv4Addr, os::fd::AsRawFd};
+use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use rtnetlink::{
-    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
-    packet_route::{
-        link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
-        route::RouteScope,
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
+    packet_route::link::{
+        InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
     },
 };
 
@@ -25,75 +24,23 @@ pub struct Link {
     pub controller: Option<u32>,
 }
 
-/// An IPv4 route: `ip route add <destination> [via <gateway>] [dev <device>] [src <source>]`.
+/// What kind of link a device is, as far as the callers here care.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Route<'a> {
-    pub destination: Ipv4Net,
-    pub device: Option<&'a str>,
-    pub gateway: Option<Ipv4Addr>,
-    pub source: Option<Ipv4Addr>,
-}
-
-/// In `ip route`'s words, for errors.
-impl std::fmt::Display for Route<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.destination)?;
-        if let Some(gateway) = self.gateway {
-            write!(f, " via {gateway}")?;
-        }
-        if let Some(device) = self.device {
-            write!(f, " dev {device}")?;
-        }
-        if let Some(source) = self.source {
-            write!(f, " src {source}")?;
-        }
-        Ok(())
-    }
-}
-
-impl<'a> Route<'a> {
-    /// `<destination> dev <device>`: on-link, no gateway.
-    pub fn device(destination: Ipv4Net, device: &'a str) -> Self {
-        Self {
-            destination,
-            device: Some(device),
-            gateway: None,
-            source: None,
-        }
-    }
-
-    /// `<destination> via <gateway>`.
-    pub fn via(destination: Ipv4Net, gateway: Ipv4Addr) -> Self {
-        Self {
-            destination,
-            device: None,
-            gateway: Some(gateway),
-            source: None,
-        }
-    }
-
-    /// `default via <gateway>`.
-    pub fn default_via(gateway: Ipv4Addr) -> Self {
-        Self::via(Ipv4Net::default(), gateway)
-    }
-
-    pub fn dev(mut self, device: &'a str) -> Self {
-        self.device = Some(device);
-        self
-    }
-
-    pub fn src(mut self, source: Ipv4Addr) -> Self {
-        self.source = Some(source);
-        self
-    }
+pub enum LinkKind {
+    /// A VXLAN device: its UDP port, and whether it takes remote and VNI from each packet
+    /// (`external`, collect metadata).
+    Vxlan { port: u16, external: bool },
+    /// Anything else, by the kind the kernel names (`veth`, `bridge`...; empty for a
+    /// physical device or loopback).
+    Other(String),
 }
 
 /// A netlink route socket opened inside one namespace: it acts there from whichever thread
 /// uses it. Requests run one at a time on a runtime of its own.
 pub struct Netlink {
-    runtime: tokio::runtime::Runtime,
-    handle: Handle,
-    netns: String,
+    pub(crate) runtime: tokio::runtime::Runtime,
+    pub(crate) handle: Handle,
+    pub(crate) netns: String,
 }
 
 impl NetNs {
@@ -120,7 +67,30 @@ impl NetNs {
 }
 
 impl Netlink {
-    fn fail(
+    /// A netlink connection acting in the calling thread's own namespace (a process that
+    /// entered its namespace at start, like the agent).
+    pub fn current() -> Result<Netlink, NetNsError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(io_err("tokio runtime for", "/proc/thread-self/ns/net"))?;
+        let (connection, handle, _) = {
+            let _runtime = runtime.enter();
+            rtnetlink::new_connection()
+        }
+        .map_err(io_err(
+            "socket(NETLINK_ROUTE) in",
+            "/proc/thread-self/ns/net",
+        ))?;
+        runtime.spawn(connection);
+        Ok(Netlink {
+            runtime,
+            handle,
+            netns: "(current)".into(),
+        })
+    }
+
+    pub(crate) fn fail(
         &self,
         call: &'static str,
         what: impl Into<String>,
@@ -136,6 +106,65 @@ impl Netlink {
 
     /// The interface index of `name`.
     pub fn index(&self, name: &str) -> Result<u32, NetNsError> {
+        Ok(self.link(name)?.header.index)
+    }
+
+    /// `name`'s MTU.
+    pub fn mtu(&self, name: &str) -> Result<u32, NetNsError> {
+        let link = self.link(name)?;
+        link.attributes
+            .into_iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(mtu) => Some(mtu),
+                _ => None,
+            })
+            .ok_or_else(|| NetNsError::NoAttribute {
+                netns: self.netns.clone(),
+                interface: name.into(),
+                attribute: "IFLA_MTU",
+            })
+    }
+
+    /// What kind of link `name` is.
+    pub fn link_kind(&self, name: &str) -> Result<LinkKind, NetNsError> {
+        let infos = self
+            .link(name)?
+            .attributes
+            .into_iter()
+            .find_map(|a| match a {
+                LinkAttribute::LinkInfo(infos) => Some(infos),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let mut kind = None;
+        let mut vxlan = None;
+        for info in infos {
+            match info {
+                LinkInfo::Kind(k) => kind = Some(k),
+                LinkInfo::Data(InfoData::Vxlan(data)) => vxlan = Some(data),
+                _ => {}
+            }
+        }
+        Ok(match (kind, vxlan) {
+            (Some(InfoKind::Vxlan), Some(data)) => {
+                let mut port = 0;
+                let mut external = false;
+                for attribute in data {
+                    match attribute {
+                        InfoVxlan::Port(p) => port = p,
+                        InfoVxlan::CollectMetadata(on) => external = on,
+                        _ => {}
+                    }
+                }
+                LinkKind::Vxlan { port, external }
+            }
+            (Some(other), _) => LinkKind::Other(other.to_string()),
+            (None, _) => LinkKind::Other(String::new()),
+        })
+    }
+
+    /// The link called `name`.
+    fn link(&self, name: &str) -> Result<LinkMessage, NetNsError> {
         let found = self.runtime.block_on(async {
             self.handle
                 .link()
@@ -150,7 +179,7 @@ impl Netlink {
             interface: name.into(),
         };
         match found {
-            Ok(Some(link)) => Ok(link.header.index),
+            Ok(Some(link)) => Ok(link),
             Ok(None) => Err(missing()),
             // A lookup by name of a link that does not exist is answered with ENODEV.
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
@@ -318,25 +347,5 @@ impl Netlink {
         self.runtime
             .block_on(request.execute())
             .map_err(self.fail("RTM_NEWADDR", format!("{address} dev {device}")))
-    }
-
-    /// `ip route add ...`; a route without a gateway is on-link (scope link), as `ip` makes it.
-    pub fn add_route(&self, route: &Route<'_>) -> Result<(), NetNsError> {
-        let destination = route.destination.trunc();
-        let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(destination.addr(), destination.prefix_len());
-        if let Some(device) = route.device {
-            builder = builder.output_interface(self.index(device)?);
-        }
-        builder = match route.gateway {
-            Some(gateway) => builder.gateway(gateway),
-            None => builder.scope(RouteScope::Link),
-        };
-        if let Some(source) = route.source {
-            builder = builder.pref_source(source);
-        }
-        self.runtime
-            .block_on(self.handle.route().add(builder.build()).execute())
-            .map_err(self.fail("RTM_NEWROUTE", route.to_string()))
     }
 }

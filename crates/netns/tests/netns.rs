@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_netns::{Ipv4Net, NetNs, NetNsError, OwnedNetNs, Route};
+use sluice_netns::{Ipv4Net, LinkKind, NetNs, NetNsError, Netlink, OwnedNetNs, Route, RouteEntry};
 
 fn net(text: &str) -> Ipv4Net {
     text.parse().unwrap()
@@ -153,6 +153,80 @@ fn sysctls_offloads_and_bridges() {
     let bridge = nl.index("br0").unwrap();
     let v1 = nl.links().unwrap().into_iter().find(|l| l.name == "v1");
     assert_eq!(v1.unwrap().controller, Some(bridge));
+}
+
+#[test]
+fn routes_listed_by_protocol_and_deleted() {
+    const OURS: u8 = 199;
+    let ns = OwnedNetNs::unique("snt-r-").unwrap();
+    let nl = ns.netlink().unwrap();
+    nl.add_veth("r0", "r1", None).unwrap();
+    nl.add_address("r0", net("192.0.2.1/24").into()).unwrap();
+    nl.set_up("r0").unwrap();
+    nl.set_up("r1").unwrap();
+    let via = Route::via(net("10.9.0.0/16"), "192.0.2.2".parse().unwrap())
+        .dev("r0")
+        .protocol(OURS);
+    let on_link = Route::device(net("10.8.0.0/24"), "r0")
+        .src("192.0.2.1".parse().unwrap())
+        .protocol(OURS);
+    nl.add_route(&via).unwrap();
+    nl.add_route(&on_link).unwrap();
+    // Someone else's route: never listed as ours.
+    nl.add_route(&Route::device(net("10.7.0.0/24"), "r0"))
+        .unwrap();
+
+    let mut ours = nl.routes(OURS).unwrap();
+    ours.sort();
+    let expected = vec![
+        RouteEntry {
+            destination: net("10.8.0.0/24"),
+            gateway: None,
+            device: Some("r0".into()),
+            source: Some("192.0.2.1".parse().unwrap()),
+            protocol: OURS,
+        },
+        RouteEntry {
+            destination: net("10.9.0.0/16"),
+            gateway: Some("192.0.2.2".parse().unwrap()),
+            device: Some("r0".into()),
+            source: None,
+            protocol: OURS,
+        },
+    ];
+    assert_eq!(ours, expected);
+    // A listed route deletes itself.
+    nl.delete_route(&ours[1].route()).unwrap();
+    assert_eq!(nl.routes(OURS).unwrap(), expected[..1]);
+    assert!(nl.delete_route(&ours[1].route()).is_err(), "already gone");
+    assert_eq!(nl.routes(4).unwrap().len(), 1, "the static route stays");
+}
+
+#[test]
+fn link_kinds_mtu_and_the_current_namespace() {
+    let ns = OwnedNetNs::unique("snt-l-").unwrap();
+    let nl = ns.netlink().unwrap();
+    nl.add_vxlan_external("vx0", 8472).unwrap();
+    nl.add_veth("k0", "k1", None).unwrap();
+    nl.set_mtu("k0", 1400).unwrap();
+    assert_eq!(
+        nl.link_kind("vx0").unwrap(),
+        LinkKind::Vxlan {
+            port: 8472,
+            external: true
+        }
+    );
+    assert_eq!(nl.link_kind("k0").unwrap(), LinkKind::Other("veth".into()));
+    assert_eq!(nl.mtu("k0").unwrap(), 1400);
+    assert!(matches!(
+        nl.link_kind("nope"),
+        Err(NetNsError::NoInterface { interface, .. }) if interface == "nope"
+    ));
+    // A connection opened on a thread inside the namespace acts there.
+    let index = ns
+        .run(|| Netlink::current().unwrap().index("k1").unwrap())
+        .unwrap();
+    assert_eq!(index, nl.index("k1").unwrap());
 }
 
 #[test]
