@@ -2,6 +2,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::Ipv4Addr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     time::Duration,
@@ -9,18 +10,24 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
-use sluice_lab::{Lab, LabBinaries, LabOptions, ProbeOptions, ProbeRequest, Protocol, Via};
+use sluice_lab::{
+    Ipv4Net, Lab, LabBinaries, LabOptions, NodeSpec, ProbeOptions, ProbeRequest, Protocol, Via,
+};
 
 use crate::{Output, print_json, table};
 
 #[derive(Subcommand)]
 pub enum LabCommand {
-    /// Create the lab's nodes (network namespaces) and start one agent per node.
+    /// Create the lab's underlay and nodes (network namespaces) and start one agent per
+    /// node. On a running lab, adds and removes nodes to match the file.
     Up {
-        /// Lab file: nodes, pod CIDRs, service CIDR.
+        /// Lab file: nodes, pod CIDRs, service CIDR, routing mode, underlay.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Add or remove a node of a running lab.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Create or update objects from manifests (files or directories), like kubectl apply -f.
     Apply {
         #[arg(short = 'f', long = "filename", required = true)]
@@ -62,6 +69,22 @@ pub enum LabCommand {
         #[arg(long)]
         ready_file: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// A new node: its namespace, underlay link and agent; every other agent learns it.
+    Add {
+        name: String,
+        /// Inside the lab's clusterCIDR, overlapping no other node's.
+        #[arg(long)]
+        pod_cidr: Ipv4Net,
+        /// Default: the lowest free address of the underlay from network + 11.
+        #[arg(long)]
+        underlay_address: Option<Ipv4Addr>,
+    },
+    /// Delete the node's pods, stop its agent, remove its namespace and Node object.
+    Remove { name: String },
 }
 
 #[derive(clap::Args)]
@@ -159,9 +182,29 @@ pub fn agent_socket(name: &str, node: Option<&str>) -> anyhow::Result<Option<Pat
 pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<()> {
     let opts = options()?;
     match command {
+        LabCommand::Up { file } if Lab::list(&opts)?.iter().any(|l| l == name) => {
+            Lab::open(name, &opts)?.reapply(file)?;
+            println!("lab {name} is up, its nodes as {} says", file.display());
+        }
         LabCommand::Up { file } => {
             Lab::up(name, file, &opts)?;
             println!("lab {name} is up");
+        }
+        LabCommand::Node(NodeCommand::Add {
+            name: node,
+            pod_cidr,
+            underlay_address,
+        }) => {
+            Lab::open(name, &opts)?.add_node(NodeSpec {
+                name: node.clone(),
+                pod_cidr: *pod_cidr,
+                underlay_address: *underlay_address,
+            })?;
+            println!("node {node} added to lab {name}");
+        }
+        LabCommand::Node(NodeCommand::Remove { name: node }) => {
+            Lab::open(name, &opts)?.remove_node(node)?;
+            println!("node {node} removed from lab {name}");
         }
         LabCommand::Apply { files } => report(Lab::open(name, &opts)?.apply(files)?),
         LabCommand::Delete { files } => report(Lab::open(name, &opts)?.delete(files)?),

@@ -97,6 +97,21 @@ pub enum LabError {
     PodNotFound(String),
     #[error("no node {0} in the lab")]
     NodeNotFound(String),
+    /// A node refused by `lab node add` (or a re-applied lab file), nothing changed.
+    #[error("node {node}: {field}: {message}")]
+    InvalidNode {
+        node: String,
+        field: String,
+        message: String,
+    },
+    #[error("node {0} is the lab's last node: `lab down` removes the lab")]
+    LastNode(String),
+    #[error(
+        "lab {0} has no underlay: a lab of one node without `underlay:` in its file runs local mode and takes no more nodes"
+    )]
+    NoUnderlay(String),
+    #[error("node {node}: world host {host} hangs off it; take the host off the lab file first")]
+    NodeInUse { node: String, host: String },
 }
 
 fn render_violations(violations: &[ManifestError]) -> String {

@@ -11,7 +11,9 @@
 //! (writing cluster.json and waiting for the agents to realize it); `pods` (pod and world
 //! host namespaces, links and servers); `views` (`lab get`); `journal` (the state
 //! directory's lock and namespace journal); `metrics`; `net` (wiring, over sluice-netns);
-//! `process` (detached processes and stopping them by namespace).
+//! `process` (detached processes and stopping them by namespace); `topology` (cluster CIDR,
+//! routing mode, underlay and the rules nodes obey); `nodes` (adding and removing nodes of
+//! a running lab).
 
 mod apply;
 mod error;
@@ -22,6 +24,7 @@ mod lifecycle;
 mod metrics;
 mod names;
 mod net;
+mod nodes;
 mod plan;
 mod pods;
 mod probe;
@@ -30,6 +33,7 @@ mod server;
 mod slices;
 mod spec;
 mod state;
+mod topology;
 mod views;
 
 use std::{
@@ -43,9 +47,12 @@ use serde::Serialize;
 use sluice_netns::NetNs;
 
 pub use error::{LabError, LogTail};
+/// Node pod CIDRs and the lab's ranges, as [`NodeSpec`] takes them.
+pub use ipnet::Ipv4Net;
 pub use probe::{Probe, ProbeMatrix, ProbeOptions, ProbeRequest, Protocol, Via};
 pub use server::serve_pod;
 pub use spec::{LabSpec, METRICS_PORT, NodeSpec, Observability, WorldHostSpec, WorldPort};
+pub use topology::{RoutingMode, UNDERLAY_BRIDGE, UNDERLAY_DEVICE, UnderlaySpec, WorldAttach};
 pub use views::{EndpointsView, PodView, ServiceView, WorldHostView};
 
 use crate::{
@@ -198,6 +205,18 @@ impl Lab {
 
     pub fn node_netns(&self, node: &str) -> String {
         names::node_netns(&self.state.name, node)
+    }
+
+    /// The namespace holding the underlay bridge (`br0`) every node's `underlay0` is linked
+    /// to; it exists only in a lab with an underlay.
+    pub fn underlay_netns(&self) -> String {
+        names::underlay_netns(&self.state.name)
+    }
+
+    /// The lab as its file (and later node changes) made it: routing mode, underlay, nodes
+    /// with their underlay addresses.
+    pub fn spec(&self) -> &LabSpec {
+        &self.state.spec
     }
 
     /// The file the agents read.

@@ -16,6 +16,7 @@ use crate::{
     names, net, process, spec,
     state::LabState,
     state_dir,
+    topology::UNDERLAY_DEVICE,
 };
 
 pub(crate) fn require_binary(
@@ -46,7 +47,8 @@ impl Lab {
         // Namespace names are global to the machine, whatever the state root.
         let nodes = spec.nodes.iter().map(|n| names::node_netns(name, &n.name));
         let world = spec.world.iter().map(|w| names::world_netns(name, &w.name));
-        for netns in nodes.chain(world) {
+        let underlay = spec.underlay.map(|_| names::underlay_netns(name));
+        for netns in nodes.chain(world).chain(underlay) {
             if NetNs::named(netns.as_str()).exists() {
                 return Err(LabError::Exists {
                     name: name.into(),
@@ -82,19 +84,20 @@ impl Lab {
         for sub in ["nodes", "pods"] {
             fs::create_dir_all(dir.join(sub)).map_err(io_err("mkdir", dir.join(sub)))?;
         }
-        for node in &spec.nodes {
-            let netns = names::node_netns(name, &node.name);
-            journal_netns(&dir, &netns)?;
-            NetNs::create(&netns)?;
-            net::setup_node(name, &netns, node.router_ip())?;
-            let node_dir = dir.join("nodes").join(&node.name);
-            fs::create_dir_all(&node_dir).map_err(io_err("mkdir", &node_dir))?;
-        }
         let lab = Lab {
             dir,
             opts: opts.clone(),
             state,
         };
+        if let Some(underlay) = spec.underlay {
+            let netns = lab.underlay_netns();
+            journal_netns(&lab.dir, &netns)?;
+            NetNs::create(&netns)?;
+            net::setup_underlay(name, &netns, underlay.mtu)?;
+        }
+        for node in &spec.nodes {
+            lab.build_node(&spec, node)?;
+        }
         lab.write(&lab.state)?;
         lab.start_world()?;
         let mut agents = Vec::new();
@@ -114,7 +117,7 @@ impl Lab {
     /// `sluice-agent` for `node`, started inside the node's namespace, as a DaemonSet pod
     /// with hostNetwork runs in its node's (it is also told `--netns`, and enters it itself
     /// when started elsewhere).
-    fn agent_command(&self, agent: &Path, node: &str) -> Result<Command, LabError> {
+    pub(crate) fn agent_command(&self, agent: &Path, node: &str) -> Result<Command, LabError> {
         let spec = &self.state.spec;
         let mut cmd = NetNs::named(self.node_netns(node)).command(agent)?;
         cmd.arg("--node")
@@ -127,6 +130,12 @@ impl Lab {
             .arg(self.pin_dir(node))
             .arg("--api-socket")
             .arg(self.agent_socket(node));
+        if spec.underlay.is_some() {
+            cmd.arg("--routing-mode")
+                .arg(spec.routing_mode.as_str())
+                .arg("--underlay-device")
+                .arg(UNDERLAY_DEVICE);
+        }
         if let Some(max) = spec.policy_map_max {
             cmd.arg("--policy-map-max").arg(max.to_string());
         }

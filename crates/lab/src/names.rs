@@ -83,6 +83,17 @@ pub fn world_netns(lab: &str, host: &str) -> String {
     format!("{NETNS_PREFIX}-{lab}-world-{host}")
 }
 
+/// The namespace of the lab's underlay: a node cannot be named `underlay` (the lab file
+/// refuses it), and a pod's namespace name always has a '-' after the lab's prefix.
+pub fn underlay_netns(lab: &str) -> String {
+    format!("{NETNS_PREFIX}-{lab}-underlay")
+}
+
+/// The bridge port of a node's underlay link, in the underlay namespace.
+pub fn underlay_port(node: &str) -> String {
+    format!("und{:08x}", fnv32a(node.as_bytes()))
+}
+
 /// Node-side veth of a world host: `wld` and 8 hex digits, like the pods' `lxc` names.
 pub fn world_interface(host: &str) -> String {
     format!("wld{:08x}", fnv32a(host.as_bytes()))

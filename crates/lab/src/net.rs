@@ -6,7 +6,10 @@ use std::net::Ipv4Addr;
 
 use sluice_netns::{Ipv4Net, NetNs, Netlink, Route};
 
-use crate::LabError;
+use crate::{
+    LabError,
+    topology::{UNDERLAY_BRIDGE, UNDERLAY_DEVICE},
+};
 
 /// Interface holding the node's router address: one end of a veth pair, like Cilium's
 /// cilium_host/cilium_net (a dummy would do, but kernels without CONFIG_DUMMY exist; veth is
@@ -52,6 +55,8 @@ pub struct PodLink<'a> {
     pub ip: Ipv4Addr,
     pub router: Ipv4Addr,
     pub tx_checksum_offload: bool,
+    /// Both ends' MTU; None keeps the veth default (local mode).
+    pub mtu: Option<u32>,
 }
 
 /// The pod's `eth0` with its /32, routed through the node's router address, and the node's
@@ -67,6 +72,7 @@ pub fn setup_pod(l: &PodLink<'_>) -> Result<(), LabError> {
             interface: l.interface,
             address: l.ip,
             router: l.router,
+            mtu: l.mtu,
         },
     )?;
     if !l.tx_checksum_offload {
@@ -86,6 +92,7 @@ pub struct WorldLink<'a> {
     pub interface: &'a str,
     pub address: Ipv4Addr,
     pub router: Ipv4Addr,
+    pub mtu: Option<u32>,
 }
 
 /// Wired like a pod (its `eth0` with a /32, default route via the node's router address, the
@@ -101,6 +108,7 @@ pub fn setup_world(l: &WorldLink<'_>) -> Result<(), LabError> {
             interface: l.interface,
             address: l.address,
             router: l.router,
+            mtu: l.mtu,
         },
     )
 }
@@ -112,19 +120,88 @@ struct Guest<'a> {
     interface: &'a str,
     address: Ipv4Addr,
     router: Ipv4Addr,
+    mtu: Option<u32>,
 }
 
 fn wire_guest(node: &NetNs, guest: &NetNs, g: &Guest<'_>) -> Result<(), LabError> {
     let on_node: Netlink = node.netlink()?;
     on_node.add_veth(g.interface, "eth0", Some(guest))?;
+    if let Some(mtu) = g.mtu {
+        on_node.set_mtu(g.interface, mtu)?;
+    }
     on_node.set_up(g.interface)?;
     on_node.add_route(&Route::device(host(g.address), g.interface).src(g.router))?;
     let inside = guest.netlink()?;
     inside.set_alias("eth0", &alias(g.lab))?;
+    if let Some(mtu) = g.mtu {
+        inside.set_mtu("eth0", mtu)?;
+    }
     inside.add_address("eth0", host(g.address).into())?;
     inside.set_up("eth0")?;
     inside.add_route(&Route::device(host(g.router), "eth0"))?;
     inside.add_route(&Route::default_via(g.router).dev("eth0"))?;
+    Ok(())
+}
+
+/// The underlay namespace: a bridge with the underlay's MTU, carrying the lab's alias.
+pub fn setup_underlay(lab: &str, netns: &str, mtu: u32) -> Result<(), LabError> {
+    let nl = NetNs::open(netns)?.netlink()?;
+    nl.add_bridge(UNDERLAY_BRIDGE)?;
+    nl.set_alias(UNDERLAY_BRIDGE, &alias(lab))?;
+    nl.set_mtu(UNDERLAY_BRIDGE, mtu)?;
+    nl.set_up(UNDERLAY_BRIDGE)?;
+    Ok(())
+}
+
+/// A namespace on the underlay segment: a node, or a world host with `attach: underlay`.
+pub struct UnderlayLink<'a> {
+    pub lab: &'a str,
+    pub underlay_netns: &'a str,
+    pub netns: &'a str,
+    /// The bridge port, in the underlay namespace.
+    pub port: &'a str,
+    /// `underlay0` for a node, `eth0` for a world host.
+    pub device: &'a str,
+    pub address: Ipv4Addr,
+    /// The underlay's CIDR: a node's address carries its prefix; a world host's address is
+    /// its own /32 and the segment is routed on-link.
+    pub cidr: Ipv4Net,
+    pub mtu: u32,
+}
+
+/// A veth from the namespace to a port of the underlay bridge, with the underlay's MTU on
+/// both ends.
+pub fn join_underlay(l: &UnderlayLink<'_>) -> Result<(), LabError> {
+    let (underlay, ns) = (NetNs::open(l.underlay_netns)?, NetNs::open(l.netns)?);
+    let on_bridge = underlay.netlink()?;
+    on_bridge.add_veth(l.port, l.device, Some(&ns))?;
+    on_bridge.set_mtu(l.port, l.mtu)?;
+    on_bridge.set_controller(l.port, UNDERLAY_BRIDGE)?;
+    on_bridge.set_up(l.port)?;
+    let inside = ns.netlink()?;
+    inside.set_alias(l.device, &alias(l.lab))?;
+    inside.set_mtu(l.device, l.mtu)?;
+    if l.device == UNDERLAY_DEVICE {
+        let address = Ipv4Net::new(l.address, l.cidr.prefix_len()).map_err(|_| {
+            LabError::Command {
+                command: format!("ip addr add {}/{}", l.address, l.cidr.prefix_len()),
+                detail: "invalid prefix".into(),
+            }
+        })?;
+        inside.add_address(l.device, address.into())?;
+        inside.set_up(l.device)?;
+    } else {
+        inside.add_address(l.device, host(l.address).into())?;
+        inside.set_up(l.device)?;
+        inside.add_route(&Route::device(l.cidr, l.device))?;
+    }
+    Ok(())
+}
+
+/// A host route in `netns`, replacing one to the same destination: a node re-added under
+/// the same pod CIDR moves its route to its new address.
+pub fn route_host(netns: &str, route: &Route<'_>) -> Result<(), LabError> {
+    NetNs::open(netns)?.netlink()?.replace_route(route)?;
     Ok(())
 }
 

@@ -3,10 +3,11 @@
 
 use std::{fs, path::Path, process::Command, thread, time::Instant};
 
-use sluice_netns::NetNs;
+use sluice_netns::{NetNs, Route};
 
 use crate::{
-    CHANGE_TIMEOUT, Lab, LabError, LogTail, POLL, STOP_GRACE,
+    CHANGE_TIMEOUT, Lab, LabError, LogTail, NodeSpec, POLL, STOP_GRACE, WorldAttach,
+    WorldHostSpec,
     error::io_err,
     journal::{journal_netns, remove_tree},
     lifecycle::require_binary,
@@ -91,6 +92,7 @@ impl Lab {
             ip: record.ip,
             router: node.router_ip(),
             tx_checksum_offload: state.spec.tx_checksum_offload,
+            mtu: state.spec.pod_mtu(),
         })?;
         let dir = self.pod_dir(record);
         fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
@@ -106,22 +108,10 @@ impl Lab {
         }
         let mut started = Vec::new();
         for host in &self.state.spec.world {
-            let node = self
-                .state
-                .spec
-                .node(&host.node)
-                .ok_or_else(|| LabError::NodeNotFound(host.node.clone()))?;
             let netns = names::world_netns(&self.state.name, &host.name);
             journal_netns(&self.dir, &netns)?;
             NetNs::create(&netns)?;
-            net::setup_world(&net::WorldLink {
-                lab: &self.state.name,
-                node_netns: &self.node_netns(&node.name),
-                world_netns: &netns,
-                interface: &names::world_interface(&host.name),
-                address: host.address,
-                router: node.router_ip(),
-            })?;
+            self.wire_world_host(host, &netns)?;
             let dir = self.dir.join("world").join(&host.name);
             fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
             let (tcp, udp) = host.ports();
@@ -141,6 +131,54 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// A world host's link: a veth to its node as a pod has, or a port of the underlay
+    /// bridge with a route to every node's pod CIDR via that node, as a native underlay
+    /// routes them.
+    fn wire_world_host(&self, host: &WorldHostSpec, netns: &str) -> Result<(), LabError> {
+        let spec = &self.state.spec;
+        match (&host.attach, spec.underlay) {
+            (WorldAttach::Underlay, Some(underlay)) => {
+                net::join_underlay(&net::UnderlayLink {
+                    lab: &self.state.name,
+                    underlay_netns: &self.underlay_netns(),
+                    netns,
+                    port: &names::world_interface(&host.name),
+                    device: "eth0",
+                    address: host.address,
+                    cidr: underlay.cidr,
+                    mtu: underlay.mtu,
+                })?;
+                for node in &spec.nodes {
+                    self.route_to_node(netns, node)?;
+                }
+                Ok(())
+            }
+            (WorldAttach::Underlay, None) => Err(LabError::NoUnderlay(self.state.name.clone())),
+            (WorldAttach::Node(name), _) => {
+                let node = spec
+                    .node(name)
+                    .ok_or_else(|| LabError::NodeNotFound(name.clone()))?;
+                net::setup_world(&net::WorldLink {
+                    lab: &self.state.name,
+                    node_netns: &self.node_netns(&node.name),
+                    world_netns: netns,
+                    interface: &names::world_interface(&host.name),
+                    address: host.address,
+                    router: node.router_ip(),
+                    mtu: spec.pod_mtu(),
+                })
+            }
+        }
+    }
+
+    /// In a world host on the underlay: `node`'s pod CIDR via its underlay address.
+    pub(crate) fn route_to_node(&self, netns: &str, node: &NodeSpec) -> Result<(), LabError> {
+        let Some(address) = node.underlay_address else {
+            return Ok(());
+        };
+        net::route_host(netns, &Route::via(node.pod_cidr, address).dev("eth0"))
     }
 
     /// Starts `sluice lab pod-server` in `netns`; it writes `<dir>/ready` once it serves and

@@ -6,7 +6,15 @@ use std::{net::Ipv4Addr, path::Path};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::{LabError, error::io_err, ipam, names};
+use crate::{
+    LabError,
+    error::io_err,
+    ipam,
+    topology::{
+        self, DEFAULT_UNDERLAY_CIDR, DEFAULT_UNDERLAY_MTU, MAX_UNDERLAY_MTU, MIN_UNDERLAY_MTU,
+        RoutingMode, UnderlaySpec, VXLAN_OVERHEAD, WorldAttach, check_cidr, overlaps,
+    },
+};
 
 pub const API_VERSION: &str = "sluice.dev/v1alpha1";
 pub const KIND: &str = "Lab";
@@ -17,6 +25,14 @@ const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/16";
 #[serde(rename_all = "camelCase")]
 pub struct LabSpec {
     pub service_cidr: Ipv4Net,
+    /// Every node's pod CIDR lies inside; fixed for the lab's life, so nodes added later
+    /// are held to it.
+    pub cluster_cidr: Ipv4Net,
+    /// Labs written before several nodes existed run local mode without an underlay.
+    #[serde(default)]
+    pub routing_mode: RoutingMode,
+    #[serde(default)]
+    pub underlay: Option<UnderlaySpec>,
     pub tx_checksum_offload: bool,
     pub nodes: Vec<NodeSpec>,
     /// Labs written before world hosts existed have none.
@@ -46,15 +62,15 @@ pub struct Observability {
 /// Where each lab agent serves metrics, on every address of its node's namespace.
 pub const METRICS_PORT: u16 = 9962;
 
-/// A host outside the cluster: its own network namespace behind one node, serving its ports
-/// like a pod does.
+/// A host outside the cluster: its own network namespace behind one node or on the
+/// underlay, serving its ports like a pod does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorldHostSpec {
     pub name: String,
     pub address: Ipv4Addr,
-    /// The node it hangs off (default: the first node).
-    pub node: String,
+    /// The node it hangs off (default: the first node), or the underlay.
+    pub attach: WorldAttach,
     pub ports: Vec<WorldPort>,
 }
 
@@ -84,12 +100,21 @@ impl WorldHostSpec {
 pub struct NodeSpec {
     pub name: String,
     pub pod_cidr: Ipv4Net,
+    /// On the node's `underlay0`, the Node's InternalIP; None without an underlay. A node
+    /// given to [`crate::Lab::add_node`] without one gets the lowest free address.
+    #[serde(default)]
+    pub underlay_address: Option<Ipv4Addr>,
 }
 
 impl NodeSpec {
     /// The node's address in its own pod CIDR: every pod's gateway.
     pub fn router_ip(&self) -> Ipv4Addr {
         ipam::router_ip(self.pod_cidr)
+    }
+
+    /// The Node object's InternalIP: its underlay address, else its router address.
+    pub fn internal_ip(&self) -> Ipv4Addr {
+        self.underlay_address.unwrap_or_else(|| self.router_ip())
     }
 }
 
@@ -101,11 +126,22 @@ struct RawLab {
     kind: Option<String>,
     #[serde(rename = "serviceCIDR")]
     service_cidr: Option<String>,
+    #[serde(rename = "clusterCIDR")]
+    cluster_cidr: Option<String>,
+    routing_mode: Option<String>,
+    underlay: Option<RawUnderlay>,
     tx_checksum_offload: Option<bool>,
     policy_map_max: Option<u32>,
     observability: Option<RawObservability>,
     nodes: Option<Vec<RawNode>>,
     world: Option<Vec<RawWorldHost>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnderlay {
+    cidr: Option<String>,
+    mtu: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +157,9 @@ struct RawObservability {
 struct RawWorldHost {
     name: Option<String>,
     address: Option<String>,
+    /// `underlay` or a node's name.
+    attach: Option<String>,
+    /// The older spelling of `attach: <node>`.
     node: Option<String>,
     ports: Option<Vec<RawWorldPort>>,
 }
@@ -138,6 +177,17 @@ struct RawNode {
     name: Option<String>,
     #[serde(rename = "podCIDR")]
     pod_cidr: Option<String>,
+    #[serde(rename = "underlayAddress")]
+    underlay_address: Option<String>,
+}
+
+/// `nodes[i].field`, as the lab file's errors name a node's field.
+fn node_field(i: usize, field: &str) -> String {
+    if field.is_empty() {
+        format!("nodes[{i}]")
+    } else {
+        format!("nodes[{i}].{field}")
+    }
 }
 
 impl LabSpec {
@@ -148,6 +198,17 @@ impl LabSpec {
 
     /// Parses and validates; `path` only names the file in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, LabError> {
+        Self::parse_explicit(path, text).map(|(spec, _)| spec)
+    }
+
+    /// [`Self::load`], and the names of the nodes whose `underlayAddress` the file sets
+    /// (a running lab gives the others the lowest free address, not their position's).
+    pub(crate) fn load_explicit(path: &Path) -> Result<(Self, Vec<String>), LabError> {
+        let text = std::fs::read_to_string(path).map_err(io_err("read", path))?;
+        Self::parse_explicit(path, &text)
+    }
+
+    fn parse_explicit(path: &Path, text: &str) -> Result<(Self, Vec<String>), LabError> {
         let err = |field: &str, message: String| LabError::LabFile {
             path: path.to_path_buf(),
             field: field.to_string(),
@@ -176,86 +237,110 @@ impl LabSpec {
             28,
         )
         .map_err(|m| err("serviceCIDR", m))?;
-        let raw_nodes = raw.nodes.unwrap_or_default();
-        if raw_nodes.is_empty() {
-            return Err(err("nodes", "at least one node is required".into()));
-        }
-        let mut nodes: Vec<NodeSpec> = Vec::with_capacity(raw_nodes.len());
-        for (i, node) in raw_nodes.into_iter().enumerate() {
-            let name = node
-                .name
-                .ok_or_else(|| err(&format!("nodes[{i}].name"), "required".into()))?;
-            names::check_dns_label(&name, names::MAX_NODE_NAME)
-                .map_err(|m| err(&format!("nodes[{i}].name"), m))?;
-            if let Some(j) = nodes.iter().position(|n| n.name == name) {
-                return Err(err(
-                    &format!("nodes[{i}].name"),
-                    format!("duplicate node name {name:?} (also nodes[{j}])"),
-                ));
+        let nodes = parse_nodes(raw.nodes.unwrap_or_default(), &err)?;
+        let cluster_cidr = match raw.cluster_cidr.as_deref() {
+            None => topology::default_cluster_cidr(&nodes),
+            Some(text) => {
+                let cidr = parse_cidr(text, 30).map_err(|m| err("clusterCIDR", m))?;
+                if overlaps(cidr, service_cidr) {
+                    return Err(err(
+                        "clusterCIDR",
+                        format!("{cidr} overlaps serviceCIDR {service_cidr}"),
+                    ));
+                }
+                cidr
             }
-            let field = format!("nodes[{i}].podCIDR");
-            let cidr = node
-                .pod_cidr
-                .ok_or_else(|| err(&field, "required".into()))?;
-            // The node's router takes .1 and pods need at least one more address.
-            let pod_cidr = parse_cidr(&cidr, 30).map_err(|m| err(&field, m))?;
-            if let Some(j) = nodes.iter().position(|n| overlaps(n.pod_cidr, pod_cidr)) {
-                return Err(err(
-                    &field,
-                    format!(
-                        "{pod_cidr} overlaps nodes[{j}].podCIDR {}",
-                        nodes[j].pod_cidr
-                    ),
-                ));
-            }
-            if overlaps(service_cidr, pod_cidr) {
-                return Err(err(
-                    &field,
-                    format!("{pod_cidr} overlaps serviceCIDR {service_cidr}"),
-                ));
-            }
-            nodes.push(NodeSpec { name, pod_cidr });
-        }
-        let mut world: Vec<WorldHostSpec> = Vec::new();
+        };
+        let routing_mode = raw
+            .routing_mode
+            .as_deref()
+            .map(RoutingMode::parse)
+            .transpose()
+            .map_err(|m| err("routingMode", m))?;
+        // Several nodes always need a segment between them; so does a lab that names a
+        // routing mode, to be able to grow.
+        let joined = raw.underlay.is_some() || nodes.len() > 1 || routing_mode.is_some();
+        let underlay = match raw.underlay {
+            Some(u) => Some(parse_underlay(u, &err)?),
+            None if joined => Some(UnderlaySpec {
+                cidr: DEFAULT_UNDERLAY_CIDR,
+                mtu: DEFAULT_UNDERLAY_MTU,
+            }),
+            None => None,
+        };
+        let mut spec = LabSpec {
+            service_cidr,
+            cluster_cidr,
+            routing_mode: match (&underlay, routing_mode) {
+                (None, _) => RoutingMode::Local,
+                (Some(_), mode) => mode.unwrap_or(RoutingMode::Tunnel),
+            },
+            underlay,
+            tx_checksum_offload: raw.tx_checksum_offload.unwrap_or(true),
+            nodes,
+            world: Vec::new(),
+            policy_map_max: raw.policy_map_max,
+            observability: Observability::default(),
+        };
+        topology::check_underlay(&spec).map_err(|(f, m)| err(&f, m))?;
+        let explicit = spec
+            .nodes
+            .iter()
+            .filter(|n| n.underlay_address.is_some())
+            .map(|n| n.name.clone())
+            .collect();
+        spec.place_on_underlay(&err)?;
+        topology::check_nodes(&spec, &node_field).map_err(|(f, m)| err(&f, m))?;
         for (i, host) in raw.world.unwrap_or_default().into_iter().enumerate() {
-            world.push(parse_world_host(
-                i,
-                host,
-                service_cidr,
-                &nodes,
-                &world,
-                &err,
-            )?);
+            let host = world::parse_world_host(i, host, &spec, &err)?;
+            spec.world.push(host);
         }
         if raw.policy_map_max == Some(0) {
             return Err(err("policyMapMax", "must be at least 1 (got 0)".into()));
         }
-        let observability = match raw.observability {
-            None => Observability::default(),
-            Some(o) => {
-                if let Some(mode) = o.policy_log.as_deref()
-                    && !matches!(mode, "allow" | "deny" | "all")
-                {
-                    return Err(err(
-                        "observability.policyLog",
-                        format!("must be allow, deny or all (got {mode:?})"),
-                    ));
-                }
-                Observability {
-                    metrics: o.metrics.unwrap_or(false),
-                    policy_log: o.policy_log,
-                    policy_log_rate: o.policy_log_rate,
-                }
+        if let Some(o) = raw.observability {
+            if let Some(mode) = o.policy_log.as_deref()
+                && !matches!(mode, "allow" | "deny" | "all")
+            {
+                return Err(err(
+                    "observability.policyLog",
+                    format!("must be allow, deny or all (got {mode:?})"),
+                ));
             }
+            spec.observability = Observability {
+                metrics: o.metrics.unwrap_or(false),
+                policy_log: o.policy_log,
+                policy_log_rate: o.policy_log_rate,
+            };
+        }
+        Ok((spec, explicit))
+    }
+
+    /// Gives node k without an `underlayAddress` the address `network + 11 + k`.
+    fn place_on_underlay(
+        &mut self,
+        err: &impl Fn(&str, String) -> LabError,
+    ) -> Result<(), LabError> {
+        let Some(underlay) = self.underlay else {
+            return Ok(());
         };
-        Ok(LabSpec {
-            service_cidr,
-            tx_checksum_offload: raw.tx_checksum_offload.unwrap_or(true),
-            nodes,
-            world,
-            policy_map_max: raw.policy_map_max,
-            observability,
-        })
+        let count = self.nodes.len();
+        for (k, node) in self.nodes.iter_mut().enumerate() {
+            if node.underlay_address.is_none() {
+                let address = underlay.default_address(k).ok_or_else(|| {
+                    err(
+                        "underlay.cidr",
+                        format!(
+                            "{} is too small for {count} nodes: node k takes network + {} + k",
+                            underlay.cidr,
+                            topology::FIRST_NODE_OFFSET
+                        ),
+                    )
+                })?;
+                node.underlay_address = Some(address);
+            }
+        }
+        Ok(())
     }
 
     pub fn world_host(&self, name: &str) -> Option<&WorldHostSpec> {
@@ -265,121 +350,77 @@ impl LabSpec {
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
         self.nodes.iter().find(|n| n.name == name)
     }
+
+    /// The MTU of pods' (and node-attached world hosts') links: the underlay's, less the
+    /// VXLAN header in tunnel mode; None in local mode, which keeps the veth default.
+    pub fn pod_mtu(&self) -> Option<u32> {
+        let underlay = self.underlay?;
+        match self.routing_mode {
+            RoutingMode::Local => None,
+            RoutingMode::Tunnel => Some(underlay.mtu - VXLAN_OVERHEAD),
+            RoutingMode::Native => Some(underlay.mtu),
+        }
+    }
 }
 
-/// One `world[i]` entry, checked against the nodes and the hosts before it.
-fn parse_world_host(
-    i: usize,
-    host: RawWorldHost,
-    service_cidr: Ipv4Net,
-    nodes: &[NodeSpec],
-    before: &[WorldHostSpec],
+/// `nodes:` with each node's own fields checked; [`topology::check_nodes`] checks them
+/// against each other once their underlay addresses are known.
+fn parse_nodes(
+    raw_nodes: Vec<RawNode>,
     err: &impl Fn(&str, String) -> LabError,
-) -> Result<WorldHostSpec, LabError> {
-    let field = |f: &str| format!("world[{i}].{f}");
-    let name = host
-        .name
-        .ok_or_else(|| err(&field("name"), "required".into()))?;
-    names::check_dns_label(&name, names::MAX_NODE_NAME).map_err(|m| err(&field("name"), m))?;
-    if let Some(j) = before.iter().position(|w| w.name == name) {
-        return Err(err(
-            &field("name"),
-            format!("duplicate world host name {name:?} (also world[{j}])"),
-        ));
+) -> Result<Vec<NodeSpec>, LabError> {
+    if raw_nodes.is_empty() {
+        return Err(err("nodes", "at least one node is required".into()));
     }
-    // World hosts live in `sluice-<lab>-world-<name>`, which a node name could also produce.
-    if let Some(node) = nodes.iter().find(|n| n.name == format!("world-{name}")) {
-        return Err(err(
-            &field("name"),
-            format!(
-                "its network namespace name would be that of node {:?}; rename one",
-                node.name
-            ),
-        ));
+    let mut nodes: Vec<NodeSpec> = Vec::with_capacity(raw_nodes.len());
+    for (i, node) in raw_nodes.into_iter().enumerate() {
+        let name = node
+            .name
+            .ok_or_else(|| err(&node_field(i, "name"), "required".into()))?;
+        let field = node_field(i, "podCIDR");
+        let cidr = node
+            .pod_cidr
+            .ok_or_else(|| err(&field, "required".into()))?;
+        // The node's router takes .1 and pods need at least one more address.
+        let pod_cidr = parse_cidr(&cidr, 30).map_err(|m| err(&field, m))?;
+        let underlay_address = node
+            .underlay_address
+            .map(|text| {
+                text.parse::<Ipv4Addr>().map_err(|_| {
+                    err(
+                        &node_field(i, "underlayAddress"),
+                        format!("{text:?} is not an IPv4 address"),
+                    )
+                })
+            })
+            .transpose()?;
+        nodes.push(NodeSpec {
+            name,
+            pod_cidr,
+            underlay_address,
+        });
     }
-    let text = host
-        .address
-        .ok_or_else(|| err(&field("address"), "required".into()))?;
-    let address: Ipv4Addr = text.parse().map_err(|_| {
-        err(
-            &field("address"),
-            format!("{text:?} is not an IPv4 address"),
-        )
-    })?;
-    if address.is_unspecified() || address.is_loopback() || address.is_multicast() {
-        return Err(err(
-            &field("address"),
-            format!("{address} cannot be a host's address"),
-        ));
-    }
-    if service_cidr.contains(&address) {
-        return Err(err(
-            &field("address"),
-            format!("{address} is in serviceCIDR {service_cidr}"),
-        ));
-    }
-    if let Some(node) = nodes.iter().find(|n| n.pod_cidr.contains(&address)) {
-        return Err(err(
-            &field("address"),
-            format!(
-                "{address} is in podCIDR {} of node {}: world hosts are outside the cluster",
-                node.pod_cidr, node.name
-            ),
-        ));
-    }
-    if let Some(j) = before.iter().position(|w| w.address == address) {
-        return Err(err(
-            &field("address"),
-            format!("{address} is also the address of world[{j}]"),
-        ));
-    }
-    let node = match host.node {
-        Some(node) if nodes.iter().any(|n| n.name == node) => node,
-        Some(node) => {
-            return Err(err(
-                &field("node"),
-                format!("{node:?} is not a node of the lab"),
-            ));
-        }
-        None => nodes
-            .first()
-            .map(|n| n.name.clone())
-            .ok_or_else(|| err(&field("node"), "the lab has no nodes".into()))?,
+    Ok(nodes)
+}
+
+fn parse_underlay(
+    raw: RawUnderlay,
+    err: &impl Fn(&str, String) -> LabError,
+) -> Result<UnderlaySpec, LabError> {
+    let cidr = match raw.cidr {
+        None => DEFAULT_UNDERLAY_CIDR,
+        Some(text) => parse_cidr(&text, 30).map_err(|m| err("underlay.cidr", m))?,
     };
-    let mut ports: Vec<WorldPort> = Vec::new();
-    for (j, p) in host.ports.unwrap_or_default().into_iter().enumerate() {
-        let pfield = |f: &str| field(&format!("ports[{j}].{f}"));
-        let port = p
-            .port
-            .ok_or_else(|| err(&pfield("port"), "required".into()))?;
-        let port = u16::try_from(port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| err(&pfield("port"), format!("{port} is not a port (1-65535)")))?;
-        let protocol = p.protocol.unwrap_or_else(|| "TCP".into());
-        if protocol != "TCP" && protocol != "UDP" {
-            return Err(err(
-                &pfield("protocol"),
-                format!("must be TCP or UDP (got {protocol:?}): the lab serves nothing else"),
-            ));
-        }
-        if ports
-            .iter()
-            .any(|q| q.port == port && q.protocol == protocol)
-        {
-            return Err(err(
-                &pfield("port"),
-                format!("duplicate port {port}/{protocol}"),
-            ));
-        }
-        ports.push(WorldPort { port, protocol });
+    let mtu = raw.mtu.unwrap_or(DEFAULT_UNDERLAY_MTU);
+    if !(MIN_UNDERLAY_MTU..=MAX_UNDERLAY_MTU).contains(&mtu) {
+        return Err(err(
+            "underlay.mtu",
+            format!(
+                "{mtu} is outside {MIN_UNDERLAY_MTU}-{MAX_UNDERLAY_MTU}: pods keep 576 bytes inside the tunnel"
+            ),
+        ));
     }
-    Ok(WorldHostSpec {
-        name,
-        address,
-        node,
-        ports,
-    })
+    Ok(UnderlaySpec { cidr, mtu })
 }
 
 fn parse_cidr(text: &str, max_prefix: u8) -> Result<Ipv4Net, String> {
@@ -392,198 +433,10 @@ fn parse_cidr(text: &str, max_prefix: u8) -> Result<Ipv4Net, String> {
             net.trunc()
         ));
     }
-    if net.prefix_len() > max_prefix {
-        return Err(format!(
-            "{text} is too small: the prefix may be at most /{max_prefix}"
-        ));
-    }
+    check_cidr(net, max_prefix)?;
     Ok(net)
 }
 
-fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<LabSpec, String> {
-        LabSpec::parse(Path::new("lab.yaml"), text).map_err(|e| e.to_string())
-    }
-
-    const HEAD: &str = "apiVersion: sluice.dev/v1alpha1\nkind: Lab\n";
-
-    #[test]
-    fn parses_the_example_with_defaults() {
-        let spec = parse(&format!(
-            "{HEAD}nodes:\n  - name: node-1\n    podCIDR: 10.244.1.0/24\n  - name: node-2\n    podCIDR: 10.244.2.0/24\n"
-        ))
-        .unwrap();
-        assert_eq!(spec.service_cidr.to_string(), "10.96.0.0/16");
-        assert!(spec.tx_checksum_offload);
-        assert_eq!(spec.nodes.len(), 2);
-        assert_eq!(spec.nodes[1].router_ip(), Ipv4Addr::new(10, 244, 2, 1));
-    }
-
-    #[test]
-    fn observability_is_off_unless_asked_for() {
-        let nodes = "nodes: [{name: a, podCIDR: 10.244.1.0/24}]\n";
-        let spec = parse(&format!("{HEAD}{nodes}")).unwrap();
-        assert_eq!(spec.observability, Observability::default());
-        let spec = parse(&format!(
-            "{HEAD}{nodes}observability: {{metrics: true, policyLog: deny, policyLogRate: 50}}\n"
-        ))
-        .unwrap();
-        assert!(spec.observability.metrics);
-        assert_eq!(spec.observability.policy_log.as_deref(), Some("deny"));
-        assert_eq!(spec.observability.policy_log_rate, Some(50));
-        let bad = parse(&format!(
-            "{HEAD}{nodes}observability: {{policyLog: some}}\n"
-        ))
-        .unwrap_err();
-        assert!(bad.contains("observability.policyLog"), "{bad}");
-        let unknown = parse(&format!("{HEAD}{nodes}observability: {{tracing: true}}\n"));
-        assert!(unknown.is_err());
-    }
-
-    #[test]
-    fn world_hosts_default_to_the_first_node_and_tcp() {
-        let spec = parse(&format!(
-            "{HEAD}nodes: [{{name: a, podCIDR: 10.244.1.0/24}}, {{name: b, podCIDR: 10.244.2.0/24}}]\nworld:\n  - name: internet\n    address: 203.0.113.10\n    ports: [{{port: 80}}, {{port: 53, protocol: UDP}}]\n  - {{name: partner, address: 198.51.100.7, node: b}}\n"
-        ))
-        .unwrap();
-        assert_eq!(spec.world.len(), 2);
-        let internet = spec.world_host("internet").unwrap();
-        assert_eq!(internet.address, Ipv4Addr::new(203, 0, 113, 10));
-        assert_eq!(internet.node, "a");
-        assert_eq!(internet.ports(), (vec![80], vec![53]));
-        assert_eq!(spec.world[1].node, "b");
-        assert!(spec.world[1].ports.is_empty());
-    }
-
-    #[test]
-    fn world_host_errors_name_the_field() {
-        let nodes = "nodes: [{name: a, podCIDR: 10.244.1.0/24}]\n";
-        let cases = [
-            ("world: [{address: 1.2.3.4}]", "world[0].name: required"),
-            ("world: [{name: w}]", "world[0].address: required"),
-            (
-                "world: [{name: w, address: x}]",
-                "world[0].address: \"x\" is not",
-            ),
-            (
-                "world: [{name: w, address: 10.244.1.9}]",
-                "world[0].address: 10.244.1.9 is in podCIDR",
-            ),
-            (
-                "world: [{name: w, address: 10.96.0.1}]",
-                "world[0].address: 10.96.0.1 is in serviceCIDR",
-            ),
-            (
-                "world: [{name: w, address: 1.2.3.4}, {name: w, address: 1.2.3.5}]",
-                "world[1].name: duplicate world host name",
-            ),
-            (
-                "world: [{name: v, address: 1.2.3.4}, {name: w, address: 1.2.3.4}]",
-                "world[1].address: 1.2.3.4 is also the address of world[0]",
-            ),
-            (
-                "world: [{name: w, address: 1.2.3.4, node: z}]",
-                "world[0].node: \"z\" is not a node",
-            ),
-            (
-                "world: [{name: w, address: 1.2.3.4, ports: [{port: 0}]}]",
-                "world[0].ports[0].port: 0 is not a port",
-            ),
-            (
-                "world: [{name: w, address: 1.2.3.4, ports: [{port: 9, protocol: SCTP}]}]",
-                "world[0].ports[0].protocol: must be TCP or UDP",
-            ),
-            (
-                "world: [{name: w, address: 1.2.3.4, ports: [{port: 9}, {port: 9, protocol: TCP}]}]",
-                "world[0].ports[1].port: duplicate port 9/TCP",
-            ),
-        ];
-        for (world, expected) in cases {
-            let text = format!("{HEAD}{nodes}{world}\n");
-            let err = parse(&text).expect_err(world);
-            assert!(
-                err.starts_with(&format!("lab.yaml: {expected}")),
-                "{world}\n  got: {err}\n want: {expected}"
-            );
-        }
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        let cases = [
-            ("kind: Lab\nnodes: []\n", "lab.yaml: apiVersion: required"),
-            (
-                "apiVersion: v1\nkind: Lab\n",
-                "lab.yaml: apiVersion: must be \"sluice.dev/v1alpha1\"",
-            ),
-            (
-                "apiVersion: sluice.dev/v1alpha1\nkind: Cluster\n",
-                "lab.yaml: kind: must be \"Lab\"",
-            ),
-            (
-                &format!("{HEAD}nodes: []\n"),
-                "lab.yaml: nodes: at least one node",
-            ),
-            (
-                &format!(
-                    "{HEAD}serviceCIDR: 10.96.0.0/33\nnodes: [{{name: a, podCIDR: 10.244.1.0/24}}]\n"
-                ),
-                "lab.yaml: serviceCIDR: \"10.96.0.0/33\" is not an IPv4 CIDR",
-            ),
-            (
-                &format!("{HEAD}nodes: [{{name: a, podCIDR: 10.244.1.7/24}}]\n"),
-                "lab.yaml: nodes[0].podCIDR: 10.244.1.7/24 has host bits set; the network is 10.244.1.0/24",
-            ),
-            (
-                &format!("{HEAD}nodes: [{{name: a, podCIDR: 10.244.1.0/31}}]\n"),
-                "lab.yaml: nodes[0].podCIDR: 10.244.1.0/31 is too small",
-            ),
-            (
-                &format!(
-                    "{HEAD}nodes: [{{name: a, podCIDR: 10.244.0.0/16}}, {{name: b, podCIDR: 10.244.2.0/24}}]\n"
-                ),
-                "lab.yaml: nodes[1].podCIDR: 10.244.2.0/24 overlaps nodes[0].podCIDR 10.244.0.0/16",
-            ),
-            (
-                &format!("{HEAD}nodes: [{{name: a, podCIDR: 10.96.1.0/24}}]\n"),
-                "lab.yaml: nodes[0].podCIDR: 10.96.1.0/24 overlaps serviceCIDR 10.96.0.0/16",
-            ),
-            (
-                &format!(
-                    "{HEAD}nodes: [{{name: a, podCIDR: 10.244.1.0/24}}, {{name: a, podCIDR: 10.244.2.0/24}}]\n"
-                ),
-                "lab.yaml: nodes[1].name: duplicate node name \"a\" (also nodes[0])",
-            ),
-            (
-                &format!("{HEAD}nodes: [{{name: Node_1, podCIDR: 10.244.1.0/24}}]\n"),
-                "lab.yaml: nodes[0].name: ",
-            ),
-            (
-                &format!("{HEAD}nodes: [{{podCIDR: 10.244.1.0/24}}]\n"),
-                "lab.yaml: nodes[0].name: required",
-            ),
-            (
-                &format!("{HEAD}nodes: [{{name: a}}]\n"),
-                "lab.yaml: nodes[0].podCIDR: required",
-            ),
-            (
-                &format!("{HEAD}extra: 1\nnodes: []\n"),
-                "lab.yaml: (document): ",
-            ),
-        ];
-        for (text, expected) in cases {
-            let err = parse(text).expect_err(text);
-            assert!(
-                err.starts_with(expected),
-                "{text:?}\n  got: {err}\n want: {expected}"
-            );
-        }
-    }
-}
+mod tests;
+mod world;

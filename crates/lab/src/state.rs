@@ -13,7 +13,7 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{
-            Namespace, Node, NodeAddress, NodeStatus, Pod, PodCondition, PodIP, PodStatus, Service,
+            Namespace, Node, NodeAddress, NodeSpec as NodeSpec_, NodeStatus, Pod, PodCondition, PodIP, PodStatus, Service,
         },
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
@@ -25,7 +25,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_store::{LocalEndpoint, Snapshot};
 
-use crate::{LabError, error::io_err, slices, spec::LabSpec};
+use crate::{
+    LabError,
+    error::io_err,
+    slices,
+    spec::{LabSpec, NodeSpec},
+};
 
 /// Namespaces every lab has from `lab up` on.
 pub const BUILTIN_NAMESPACES: &[&str] = &["default", "kube-system"];
@@ -120,7 +125,7 @@ impl PodRecord {
     }
 
     /// The full Pod object, with the status a kubelet would report.
-    pub fn object(&self, router_ip: Ipv4Addr) -> Pod {
+    pub fn object(&self, host_ip: Ipv4Addr) -> Pod {
         let mut pod = self.pod.clone();
         pod.metadata.deletion_timestamp = self.deleting.clone();
         let ready = self.ready && self.deleting.is_none();
@@ -136,7 +141,7 @@ impl PodRecord {
             pod_ips: Some(vec![PodIP {
                 ip: self.ip.to_string(),
             }]),
-            host_ip: Some(router_ip.to_string()),
+            host_ip: Some(host_ip.to_string()),
             start_time: pod.metadata.creation_timestamp.clone(),
             conditions: Some(vec![
                 condition("PodScheduled", true),
@@ -221,16 +226,17 @@ impl LabState {
         fs::rename(&tmp, path).map_err(io_err("rename", PathBuf::from(path)))
     }
 
-    pub fn router_ip(&self, node: &str) -> Ipv4Addr {
+    /// The node's InternalIP, a pod's hostIP.
+    pub fn node_ip(&self, node: &str) -> Ipv4Addr {
         self.spec
             .node(node)
-            .map_or(Ipv4Addr::UNSPECIFIED, |n| n.router_ip())
+            .map_or(Ipv4Addr::UNSPECIFIED, |n| n.internal_ip())
     }
 
     pub fn pod_objects(&self) -> Vec<Pod> {
         self.pods
             .values()
-            .map(|p| p.object(self.router_ip(&p.node)))
+            .map(|p| p.object(self.node_ip(&p.node)))
             .collect()
     }
 
@@ -253,7 +259,7 @@ impl LabState {
                 .spec
                 .nodes
                 .iter()
-                .map(|n| node_object(&n.name, n.router_ip()))
+                .map(node_object)
                 .collect(),
             namespaces: self.namespaces.values().map(|n| n.object.clone()).collect(),
             endpoint_slices: self.endpoint_slices(&pods),
@@ -291,24 +297,37 @@ impl LabState {
             .world
             .iter()
             .map(|w| crate::names::world_netns(&self.name, &w.name));
+        let underlay = self
+            .spec
+            .underlay
+            .map(|_| crate::names::underlay_netns(&self.name));
         nodes
             .chain(world)
+            .chain(underlay)
             .chain(self.pods.values().map(|p| p.netns.clone()))
             .collect()
     }
 }
 
-/// A Node with its one address, the router IP its pods use as gateway.
-fn node_object(name: &str, address: Ipv4Addr) -> Node {
+/// A Node as a Kubernetes source provides it: its pod CIDR, and its InternalIP (the
+/// underlay address, or in a lab without an underlay the router address its pods use as
+/// gateway).
+fn node_object(node: &NodeSpec) -> Node {
+    let pod_cidr = node.pod_cidr.to_string();
     Node {
         metadata: ObjectMeta {
-            name: Some(name.to_string()),
+            name: Some(node.name.clone()),
             ..Default::default()
         },
+        spec: Some(NodeSpec_ {
+            pod_cidr: Some(pod_cidr.clone()),
+            pod_cidrs: Some(vec![pod_cidr]),
+            ..Default::default()
+        }),
         status: Some(NodeStatus {
             addresses: Some(vec![NodeAddress {
                 type_: "InternalIP".into(),
-                address: address.to_string(),
+                address: node.internal_ip().to_string(),
             }]),
             ..Default::default()
         }),

@@ -42,6 +42,7 @@ pub struct EndpointsView {
 pub struct WorldHostView {
     pub name: String,
     pub address: Ipv4Addr,
+    /// The node it hangs off, or `underlay`.
     pub node: String,
     /// `80/TCP,53/UDP`.
     pub ports: String,
@@ -164,7 +165,7 @@ impl Lab {
             .map(|w| WorldHostView {
                 name: w.name.clone(),
                 address: w.address,
-                node: w.node.clone(),
+                node: w.attach.to_string(),
                 ports: w
                     .ports
                     .iter()
