@@ -152,31 +152,13 @@ pub enum Resource {
     World,
 }
 
-fn options() -> anyhow::Result<LabOptions> {
+pub fn options() -> anyhow::Result<LabOptions> {
     let state_root = std::env::var_os("SLUICE_LAB_STATE")
         .map_or_else(|| PathBuf::from("/run/sluice/labs"), PathBuf::from);
     Ok(LabOptions {
         binaries: LabBinaries::discover()?,
         state_root,
     })
-}
-
-/// The agent socket of `node` (default: the first) in lab `name`, if that lab exists.
-pub fn agent_socket(name: &str, node: Option<&str>) -> anyhow::Result<Option<PathBuf>> {
-    let opts = options()?;
-    if !Lab::list(&opts)?.iter().any(|l| l == name) {
-        return Ok(None);
-    }
-    let lab = Lab::open(name, &opts)?;
-    let node = match node {
-        Some(n) => n.to_string(),
-        None => lab
-            .nodes()
-            .into_iter()
-            .next()
-            .context("the lab has no nodes")?,
-    };
-    Ok(Some(lab.agent_socket(&node)))
 }
 
 pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
 //! `sluice`: the command line for an agent (status, services, conntrack, verify) and the lab.
 
+mod agents;
 mod lab;
 mod observe;
 mod policy;
@@ -9,9 +10,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
 use sluice_api::{
     AgentStatus, Client, CtEntry, FailsClosed, ServiceEntry, VerifyReport, VerifyRequest,
 };
+
+use crate::agents::{Agent, Agents};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "eBPF dataplane for Kubernetes")]
@@ -22,7 +26,8 @@ struct Cli {
     /// Lab name (for `lab` commands, and to reach a lab node's agent).
     #[arg(long, global = true, env = "SLUICE_LAB", default_value = "sluice")]
     lab: String,
-    /// Lab node whose agent to talk to (default: the first node).
+    /// Lab node whose agent to talk to (default: the first node; for `observe` and
+    /// `verify` every node, for `endpoint get` and `policy get` the pod's own).
     #[arg(long, global = true)]
     node: Option<String>,
     /// Output format.
@@ -52,8 +57,9 @@ enum Command {
         #[command(subcommand)]
         command: ListCommand,
     },
-    /// Compare every map in the kernel with the desired state; exit 1 on drift, 2 when the
-    /// maps match but some endpoint fails closed (its policy does not fit its map).
+    /// Compare every map in the kernel with the desired state, on every node of a lab (or
+    /// --node's); exit 1 on drift, naming each node that drifts, 2 when the maps match but
+    /// some endpoint fails closed (its policy does not fit its map).
     Verify {
         /// Also write the desired content where it drifted.
         #[arg(long)]
@@ -100,31 +106,47 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let cli = Cli::parse();
+    let node = cli.node.as_deref();
+    let agents = || {
+        let sockets = match (&cli.command, &cli.socket) {
+            (Command::Observe(args), _) if !args.agents.is_empty() => args.agents.clone(),
+            (_, socket) => socket.iter().cloned().collect(),
+        };
+        Agents::find(sockets, &cli.lab)
+    };
+    let one = || anyhow::Ok(agents()?.one(node)?.client());
     match &cli.command {
         Command::Lab { command } => lab::run(command, &cli.lab, cli.output),
-        Command::Status => status(&client(&cli)?, cli.output),
+        Command::Status => status(&one()?, cli.output),
         Command::Service {
             command: ListCommand::List,
-        } => service_list(&client(&cli)?, cli.output),
+        } => service_list(&one()?, cli.output),
         Command::Ct {
             command: ListCommand::List,
-        } => ct_list(&client(&cli)?, cli.output),
-        Command::Verify { repair } => verify(&client(&cli)?, *repair, cli.output),
-        Command::Endpoint { command } => policy::endpoint(&client(&cli)?, command, cli.output),
-        Command::Identity { command } => policy::identity(&client(&cli)?, command, cli.output),
-        Command::Policy { command } => policy::policy(&client(&cli)?, command, cli.output),
-        Command::Observe(args) => observe::run(&client(&cli)?, args, cli.output),
+        } => ct_list(&one()?, cli.output),
+        Command::Verify { repair } => verify(&agents()?.selected(node)?, *repair, cli.output),
+        Command::Endpoint { command } => {
+            let agent = match command {
+                policy::EndpointCommand::Get { endpoint } => {
+                    agents()?.of_endpoint(node, endpoint)?
+                }
+                policy::EndpointCommand::List => agents()?.one(node)?,
+            };
+            policy::endpoint(&agent.client(), command, cli.output)
+        }
+        Command::Identity { command } => policy::identity(&one()?, command, cli.output),
+        Command::Policy { command } => {
+            let policy::PolicyCommand::Get { endpoint } = command;
+            let agent = agents()?.of_endpoint(node, endpoint)?;
+            policy::policy(&agent.client(), command, cli.output)
+        }
+        Command::Observe(args) => {
+            let agents = agents()?;
+            // Outside a lab --node filters the flows; in a lab it picks the agent.
+            let selected = agents.selected(node)?;
+            observe::run(&selected, node, args, cli.output)
+        }
     }
-}
-
-fn client(cli: &Cli) -> anyhow::Result<Client> {
-    if let Some(socket) = &cli.socket {
-        return Ok(Client::new(socket));
-    }
-    if let Some(socket) = lab::agent_socket(&cli.lab, cli.node.as_deref())? {
-        return Ok(Client::new(socket));
-    }
-    Ok(Client::new("/run/sluice/agent.sock"))
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
@@ -281,23 +303,92 @@ fn ct_list(client: &Client, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn verify(client: &Client, repair: bool, output: Output) -> anyhow::Result<()> {
-    let report: VerifyReport = client.verify(VerifyRequest { repair })?;
-    if output == Output::Json {
-        print_json(&report)?;
-    } else if report.drift.is_empty() && report.fails_closed.is_empty() {
+/// One node's verify report, as `verify -o json` lists them in a lab.
+#[derive(Serialize)]
+struct NodeReport {
+    node: String,
+    report: VerifyReport,
+}
+
+/// Verifies every agent in turn; exit 1 naming each node that drifts (or could not be
+/// verified), else 2 if an endpoint fails closed.
+fn verify(agents: &[Agent], repair: bool, output: Output) -> anyhow::Result<()> {
+    let mut reports = Vec::new();
+    let mut unreachable = Vec::new();
+    for agent in agents {
+        match agent.client().verify(VerifyRequest { repair }) {
+            Ok(report) => reports.push((agent, report)),
+            Err(e) => {
+                eprintln!("{}: {e}", agent.name());
+                unreachable.push(agent.name());
+            }
+        }
+    }
+    let in_lab = agents.iter().any(|a| a.node.is_some());
+    match (output, in_lab, &reports[..]) {
+        // One agent outside a lab: its report as it always was.
+        (Output::Json, false, [(_, report)]) => print_json(report)?,
+        (Output::Json, _, _) => print_json(
+            &reports
+                .iter()
+                .map(|(agent, report)| NodeReport {
+                    node: agent.name(),
+                    report: report.clone(),
+                })
+                .collect::<Vec<_>>(),
+        )?,
+        (Output::Table, _, _) => {
+            for (agent, report) in &reports {
+                let prefix = if in_lab {
+                    format!("node {}: ", agent.name())
+                } else {
+                    String::new()
+                };
+                print_verify(&prefix, report);
+            }
+        }
+    }
+    let drifting: Vec<String> = reports
+        .iter()
+        .filter(|(_, r)| !r.drift.is_empty() && !r.repaired)
+        .map(|(agent, _)| agent.name())
+        .chain(unreachable.iter().cloned())
+        .collect();
+    if !drifting.is_empty() {
+        let what = if unreachable.is_empty() {
+            "drift on"
+        } else {
+            "drift on or not verified"
+        };
+        eprintln!("{what}: {}", drifting.join(", "));
+        std::process::exit(1);
+    }
+    // Realized as computed, but not as intended: those endpoints drop new connections.
+    if reports.iter().any(|(_, r)| !r.fails_closed.is_empty()) {
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+fn print_verify(prefix: &str, report: &VerifyReport) {
+    if report.drift.is_empty() && report.fails_closed.is_empty() {
         println!(
-            "generation {}: every map matches the desired state",
+            "{prefix}generation {}: every map matches the desired state",
             report.generation
         );
     } else if report.drift.is_empty() {
         println!(
-            "generation {}: every map matches the desired state, but {} endpoint(s) fail \
-             closed: their policy does not fit the policy map (raise --policy-map-max)",
+            "{prefix}generation {}: every map matches the desired state, but {} endpoint(s) \
+             fail closed: their policy does not fit the policy map (raise --policy-map-max)",
             report.generation,
             report.fails_closed.len()
         );
     } else {
+        println!(
+            "{prefix}generation {}: {} entries drift",
+            report.generation,
+            report.drift.len()
+        );
         let rows: Vec<_> = report
             .drift
             .iter()
@@ -316,17 +407,7 @@ fn verify(client: &Client, repair: bool, output: Output) -> anyhow::Result<()> {
             println!("repaired {} entries", report.drift.len());
         }
     }
-    if output != Output::Json && !report.fails_closed.is_empty() {
-        print_fails_closed(&report.fails_closed);
-    }
-    if !report.drift.is_empty() && !report.repaired {
-        std::process::exit(1);
-    }
-    // Realized as computed, but not as intended: those endpoints drop new connections.
-    if !report.fails_closed.is_empty() {
-        std::process::exit(2);
-    }
-    Ok(())
+    print_fails_closed(&report.fails_closed);
 }
 
 fn print_fails_closed(endpoints: &[FailsClosed]) {

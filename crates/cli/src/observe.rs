@@ -2,27 +2,34 @@
 
 use std::{
     io::Write,
+    path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use sluice_api::{
-    Client,
+    ApiError,
     flow::{Flow, FlowEventType, FlowFilter, FlowProtocol, ObserveRequest, Timestamp, Verdict},
 };
+use sluice_observer::{Arrival, FollowSource, SourceFlows};
 
-use crate::Output;
+use crate::{Output, agents::Agent};
 
 /// Flows printed without --last, --follow or --since (as `hubble observe`).
 const DEFAULT_LAST: usize = 20;
 
 #[derive(Args)]
 pub struct ObserveArgs {
+    /// Agent sockets whose flows to merge (outside a lab; in a lab every node's agent is
+    /// used, or --node's).
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Vec<PathBuf>,
     /// Keep printing new flows until interrupted.
     #[arg(short = 'f', long)]
     follow: bool,
-    /// The last N buffered flows (default 20; with --follow or --since: none or all).
+    /// The last N buffered flows across all agents (default 20; with --follow or --since:
+    /// none or all).
     #[arg(long)]
     last: Option<usize>,
     /// Flows from this pod (`namespace/name`; a name alone is in `default`; prefixes match).
@@ -79,22 +86,159 @@ enum ProtocolArg {
     Icmp,
 }
 
-pub fn run(client: &Client, args: &ObserveArgs, output: Output) -> anyhow::Result<()> {
+/// Prints the flows of `agents`, merged: the buffered ones in time order, then (with
+/// --follow) new ones as they arrive. `node` keeps the flows of that node only. An agent
+/// that cannot be reached is reported on stderr and the others go on; with none, exit 2.
+pub fn run(
+    agents: &[Agent],
+    node: Option<&str>,
+    args: &ObserveArgs,
+    output: Output,
+) -> anyhow::Result<()> {
     let request = request(args);
-    let mut out = std::io::stdout().lock();
-    for flow in client.observe(&request)? {
-        let flow = flow?;
-        let line = match output {
-            Output::Table => sluice_observer::compact(&flow),
-            Output::Json => json_line(&flow)?,
-        };
-        writeln!(out, "{line}").context("writing to stdout")?;
-        // Followed flows appear as they come, not when a buffer fills.
-        if request.follow {
-            out.flush().context("writing to stdout")?;
+    let mut printer = Printer {
+        out: std::io::stdout().lock(),
+        output,
+        // One agent's flows are all its node's; several need their node on each line.
+        with_node: agents.len() > 1,
+        node,
+        follow: request.follow,
+    };
+    // Plain --follow: nothing buffered, only what comes from now on.
+    if request.follow && request.last == Some(0) {
+        let streams = agents
+            .iter()
+            .filter_map(|a| reported(a, a.client().observe(&request)).map(|s| (a, s)))
+            .map(|(a, stream)| follow_source(a, stream, Vec::new()))
+            .collect();
+        return follow(streams, &mut printer);
+    }
+    let buffered_request = ObserveRequest {
+        follow: false,
+        ..request.clone()
+    };
+    let mut reachable = Vec::new();
+    for agent in agents {
+        let flows = agent
+            .client()
+            .observe(&buffered_request)
+            .and_then(|stream| stream.collect::<Result<Vec<_>, _>>());
+        if let Some(flows) = reported(agent, flows) {
+            reachable.push((agent, flows));
+        }
+    }
+    if reachable.is_empty() {
+        no_agent();
+    }
+    let sources = reachable
+        .iter()
+        .map(|(agent, flows)| SourceFlows {
+            node: agent.node.clone(),
+            flows: flows.clone(),
+        })
+        .collect();
+    for flow in sluice_observer::merge_last(sources, request.last) {
+        printer.print(&flow)?;
+    }
+    if !request.follow {
+        return Ok(());
+    }
+    let streams = reachable
+        .into_iter()
+        .filter_map(|(agent, seen)| followed_after(agent, &request, seen))
+        .collect();
+    follow(streams, &mut printer)
+}
+
+type FlowResults = Box<dyn Iterator<Item = Result<Flow, ApiError>> + Send>;
+
+/// Follows `agent` from the newest flow it already sent (`seen`): asking from that time on
+/// leaves no gap between the two calls, and the flows of that very time already sent are
+/// skipped, so none is printed twice.
+fn followed_after(
+    agent: &Agent,
+    request: &ObserveRequest,
+    seen: Vec<Flow>,
+) -> Option<FollowSource<FlowResults>> {
+    let newest = seen.iter().map(|f| f.time).max();
+    let mut filter = request.filter.clone();
+    filter.since = filter.since.max(newest);
+    let request = ObserveRequest {
+        last: None,
+        follow: true,
+        filter,
+    };
+    let stream = reported(agent, agent.client().observe(&request))?;
+    let already: Vec<Flow> = seen
+        .into_iter()
+        .filter(|f| Some(f.time) == newest)
+        .collect();
+    Some(follow_source(agent, stream, already))
+}
+
+fn follow_source(
+    agent: &Agent,
+    stream: sluice_api::FlowStream,
+    already: Vec<Flow>,
+) -> FollowSource<FlowResults> {
+    let flows = stream.filter(move |f| !matches!(f, Ok(f) if already.contains(f)));
+    FollowSource {
+        name: agent.name(),
+        node: agent.node.clone(),
+        flows: Box::new(flows),
+    }
+}
+
+fn follow(sources: Vec<FollowSource<FlowResults>>, printer: &mut Printer) -> anyhow::Result<()> {
+    if sources.is_empty() {
+        no_agent();
+    }
+    for arrival in sluice_observer::interleave(sources) {
+        match arrival {
+            Arrival::Flow(flow) => printer.print(&flow)?,
+            Arrival::Failed { source, error } => eprintln!("{source}: {error}"),
+            Arrival::Ended { source } => eprintln!("{source}: the agent ended the stream"),
         }
     }
     Ok(())
+}
+
+/// The value, or None after saying on stderr which agent failed and why.
+fn reported<T>(agent: &Agent, result: Result<T, ApiError>) -> Option<T> {
+    result.map_err(|e| eprintln!("{}: {e}", agent.name())).ok()
+}
+
+fn no_agent() -> ! {
+    eprintln!("Error: no agent could be reached");
+    std::process::exit(2)
+}
+
+struct Printer<'a> {
+    out: std::io::StdoutLock<'static>,
+    output: Output,
+    with_node: bool,
+    node: Option<&'a str>,
+    follow: bool,
+}
+
+impl Printer<'_> {
+    fn print(&mut self, flow: &Flow) -> anyhow::Result<()> {
+        // Outside a lab --node cannot choose the agent, so it chooses the flows.
+        if self.node.is_some_and(|n| n != flow.node_name) {
+            return Ok(());
+        }
+        let line = match (self.output, self.with_node) {
+            (Output::Table, false) => sluice_observer::compact(flow),
+            (Output::Table, true) => sluice_observer::compact_with_node(flow),
+            (Output::Json, _) => json_line(flow)?,
+        };
+        writeln!(self.out, "{line}").context("writing to stdout")?;
+        // Followed flows appear as they come, not when a buffer fills.
+        if self.follow {
+            self.out.flush().context("writing to stdout")?;
+        }
+        Ok(())
+    }
 }
 
 fn request(args: &ObserveArgs) -> ObserveRequest {

@@ -15,6 +15,16 @@ const MONTHS: [&str; 12] = [
 /// policy-verdict:L3-L4 INGRESS ALLOWED (TCP Flags: SYN)`. Replies are printed as Hubble
 /// does: from the connection's initiator's point of view, with `<-`.
 pub fn compact(flow: &Flow) -> String {
+    line(flow, None)
+}
+
+/// [`compact`] with the node after the time, as `hubble observe --print-node-name` prints
+/// flows merged from several nodes: `Nov 30 10:00:01.123 [node-1]: ...`.
+pub fn compact_with_node(flow: &Flow) -> String {
+    line(flow, Some(&flow.node_name))
+}
+
+fn line(flow: &Flow, node: Option<&str>) -> String {
     let ports = flow.ports();
     let mut src = side(
         &flow.source,
@@ -31,8 +41,9 @@ pub fn compact(flow: &Flow) -> String {
         std::mem::swap(&mut src, &mut dst);
         arrow = "<-";
     }
+    let node = node.map(|n| format!(" [{n}]")).unwrap_or_default();
     format!(
-        "{}: {src} {arrow} {dst} {} {} ({})",
+        "{}{node}: {src} {arrow} {dst} {} {} ({})",
         time(flow.time),
         kind(flow),
         verdict(flow),

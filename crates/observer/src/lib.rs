@@ -3,17 +3,20 @@
 //!
 //! Everything here is pure: the agent reads the ring buffer and hands the events to a
 //! [`Resolver`] built from its current desired state, then pushes the flows into the
-//! [`FlowBuffer`].
+//! [`FlowBuffer`]. The CLI merges the flows of several agents with [`merge_last`] and
+//! [`interleave`].
 
 mod buffer;
 mod compact;
 mod decode;
 mod filter;
+mod merge;
 #[cfg(test)]
 mod tests;
 
 pub use buffer::{DEFAULT_FLOWS_MAX, FlowBuffer};
-pub use compact::compact;
+pub use compact::{compact, compact_with_node};
 pub use decode::{Resolver, drop_reason_desc};
 pub use filter::matches;
+pub use merge::{Arrival, FollowSource, SourceFlows, interleave, merge_last};
 pub use sluice_api::flow::Flow;

@@ -171,6 +171,11 @@ fn a_denied_verdict_has_hubbles_field_names_and_resolved_identities() {
         "Nov 30 10:00:01.123: default/client:43210 (ID:1234) -> default/nginx-x:8080 \
          (ID:5678) policy-verdict:none INGRESS DENIED (TCP Flags: SYN)"
     );
+    assert_eq!(
+        crate::compact_with_node(&flow),
+        "Nov 30 10:00:01.123 [node-1]: default/client:43210 (ID:1234) -> default/nginx-x:8080 \
+         (ID:5678) policy-verdict:none INGRESS DENIED (TCP Flags: SYN)"
+    );
     // The JSON reads back to the same flow: the CLI decodes what the agent sends.
     let back: sluice_api::flow::Flow = serde_json::from_value(json).unwrap_or(flow.clone());
     assert_eq!(back, flow);
