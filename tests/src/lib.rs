@@ -66,7 +66,7 @@ impl TestLab {
 
     /// [`Self::up`], or what failed: whatever the attempt made is left for the caller to
     /// inspect, and removed when the [`FailedLab`] drops.
-    pub fn try_up(prefix: &str, lab_yaml: &str) -> Result<Self, FailedLab> {
+    pub fn try_up(prefix: &str, lab_yaml: &str) -> Result<Self, Box<FailedLab>> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{prefix}-{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(format!("sluice-test-{name}"));
@@ -87,12 +87,12 @@ impl TestLab {
                 opts,
                 dir,
             }),
-            Err(error) => Err(FailedLab {
+            Err(error) => Err(Box::new(FailedLab {
                 name,
                 opts,
                 dir,
                 error,
-            }),
+            })),
         }
     }
 

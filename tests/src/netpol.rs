@@ -365,3 +365,112 @@ pub fn upstream_cases() -> Vec<(&'static str, String)> {
         ),
     ]
 }
+
+/// What the random sequence has created so far, to delete later.
+#[derive(Default)]
+pub struct Created {
+    pub policies: Vec<String>,
+    /// `(ns/pod, yaml)` of pods added to the model.
+    pub pods: Vec<(String, String)>,
+}
+
+/// One random change to the model: a policy applied or deleted, a pod added, deleted or
+/// relabelled, a namespace relabelled.
+///
+/// With `nodes`, a relabelled model pod stays on the node [`model_yaml_on`] gave it and a new
+/// pod goes to a random one of them.
+pub fn random_change(
+    rng: &mut fastrand::Rng,
+    step: usize,
+    created: &mut Created,
+    nodes: &[&str],
+) -> Change {
+    let ns = NAMESPACES[rng.usize(..3)];
+    let value = |rng: &mut fastrand::Rng| ["a", "b", "c"][rng.usize(..3)];
+    match rng.u8(..12) {
+        0..=4 => {
+            let name = format!("p{step}");
+            let peer = match rng.u8(..5) {
+                0 => format!("    - podSelector:\n        matchLabels: {{pod: {}}}\n", value(rng)),
+                1 => format!(
+                    "    - namespaceSelector:\n        matchLabels: {{ns: \"{}\"}}\n",
+                    NAMESPACES[rng.usize(..3)]
+                ),
+                2 => format!(
+                    "    - namespaceSelector:\n        matchExpressions:\n        - {{key: ns, operator: NotIn, values: [\"{}\"]}}\n      podSelector:\n        matchLabels: {{pod: {}}}\n",
+                    NAMESPACES[rng.usize(..3)],
+                    value(rng)
+                ),
+                3 => "    - podSelector:\n        matchExpressions:\n        - {key: tier, operator: Exists}\n".to_string(),
+                _ => "    - ipBlock: {cidr: 10.244.1.0/25}\n".to_string(),
+            };
+            let ports = match rng.u8(..4) {
+                0 => String::new(),
+                1 => format!("    ports:\n    - {{port: {}}}\n", 80 + rng.u16(..2)),
+                2 => "    ports:\n    - {port: serve-81-udp, protocol: UDP}\n".to_string(),
+                _ => "    ports:\n    - {port: 80, endPort: 81, protocol: UDP}\n".to_string(),
+            };
+            let (direction, peers) = if rng.bool() {
+                ("ingress", "from")
+            } else {
+                ("egress", "to")
+            };
+            let spec = format!(
+                "  podSelector:\n    matchLabels: {{pod: {}}}\n  {direction}:\n  - {peers}:\n{peer}{ports}",
+                value(rng)
+            );
+            let yaml = policy(&name, ns, &spec);
+            created.policies.push(yaml.clone());
+            Change::Apply(format!("policy {ns}/{name}"), yaml)
+        }
+        5..=6 if !created.policies.is_empty() => {
+            let yaml = created.policies.remove(rng.usize(..created.policies.len()));
+            Change::Delete("delete a policy".into(), yaml)
+        }
+        7 => {
+            // A new pod that shares a label with the model's pods, so policies select it.
+            let name = format!("d{step}");
+            let yaml = pod_yaml_on(
+                ns,
+                &name,
+                &format!("pod: {}", value(rng)),
+                (!nodes.is_empty()).then(|| nodes[rng.usize(..nodes.len())]),
+            );
+            created.pods.push((format!("{ns}/{name}"), yaml.clone()));
+            Change::Apply(format!("add pod {ns}/{name}"), yaml)
+        }
+        8 if !created.pods.is_empty() => {
+            let (pod, yaml) = created.pods.remove(rng.usize(..created.pods.len()));
+            Change::Delete(format!("delete pod {pod}"), yaml)
+        }
+        8..=9 => {
+            let pod = value(rng);
+            let tier = if rng.bool() { "tier: web, " } else { "" };
+            Change::Apply(
+                format!("relabel pod {ns}/{pod}"),
+                pod_yaml_on(
+                    ns,
+                    pod,
+                    &format!("{tier}pod: {pod}"),
+                    (!nodes.is_empty()).then(|| node_for(ns, pod, nodes)),
+                ),
+            )
+        }
+        _ => {
+            let team = ["red", "blue"][rng.usize(..2)];
+            Change::Apply(
+                format!("relabel namespace {ns}"),
+                format!(
+                    "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"{ns}\"\n  labels: {{ns: \"{ns}\", team: {team}}}\n"
+                ),
+            )
+        }
+    }
+}
+
+pub enum Change {
+    /// What it does, and the YAML to apply.
+    Apply(String, String),
+    /// What it does, and the YAML of what to delete.
+    Delete(String, String),
+}
