@@ -10,9 +10,11 @@
 mod http;
 pub mod metrics;
 mod node;
+mod nodes;
 mod observe;
 pub mod policy_log;
 mod reconcile;
+pub mod routing;
 mod server;
 pub mod source;
 mod views;
@@ -59,6 +61,19 @@ pub enum AgentError {
     /// The source has not delivered its first snapshot (or ended without one).
     #[error("no snapshot from the source yet")]
     NoSnapshot,
+    #[error(transparent)]
+    Netns(#[from] sluice_netns::NetNsError),
+    #[error("--routing-mode {mode} needs --underlay-device")]
+    NoUnderlay { mode: sluice_common::RoutingMode },
+    /// A device named as the tunnel device exists but is not ours to use.
+    #[error(
+        "tunnel device {device} is {found}, not a VXLAN device with external and dstport {port}"
+    )]
+    TunnelDevice {
+        device: String,
+        found: String,
+        port: u16,
+    },
     #[error("the reconcile loop has stopped")]
     Stopped,
     /// A reconcile step or API view on the blocking pool panicked or was cancelled.
@@ -94,11 +109,15 @@ pub struct AgentConfig {
     pub metrics_address: Option<SocketAddr>,
     /// Policy action log; None: off.
     pub policy_log: Option<policy_log::PolicyLogConfig>,
+    /// How pod traffic reaches other nodes.
+    pub routing: routing::RoutingConfig,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay, so traffic keeps
 /// flowing while the agent is down and a new agent picks up where this one stopped.
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    // Refused before anything is loaded or created.
+    config.routing.validate()?;
     let node = tokio::task::spawn_blocking({
         let config = config.clone();
         move || Node::start(&config)

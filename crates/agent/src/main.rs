@@ -7,7 +7,9 @@ use clap::Parser;
 use sluice_agent::{
     AgentConfig, EventsConfig, SourceConfig,
     policy_log::{PolicyLogConfig, PolicyLogMode},
+    routing::RoutingConfig,
 };
+use sluice_common::RoutingMode;
 use sluice_datapath::DatapathConfig;
 
 #[derive(Parser)]
@@ -75,6 +77,19 @@ struct Args {
     /// sluice_policy_log_suppressed_total. 0: no limit.
     #[arg(long, default_value_t = PolicyLogConfig::DEFAULT_RATE)]
     policy_log_rate: u32,
+    /// How pod traffic reaches other nodes: local (one node), tunnel (VXLAN, the sender's
+    /// identity as VNI) or native (the underlay routes pod CIDRs).
+    #[arg(long, default_value_t = RoutingMode::Local)]
+    routing_mode: RoutingMode,
+    /// The device toward the other nodes; required for tunnel and native.
+    #[arg(long)]
+    underlay_device: Option<String>,
+    /// The collect-metadata VXLAN device the agent creates in tunnel mode.
+    #[arg(long, default_value_t = RoutingConfig::default().tunnel_device)]
+    tunnel_device: String,
+    /// The tunnel device's UDP port.
+    #[arg(long, default_value_t = RoutingConfig::default().tunnel_port)]
+    tunnel_port: u16,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -117,6 +132,12 @@ fn main() -> anyhow::Result<()> {
             max_files: args.policy_log_max_files,
             rate: args.policy_log_rate,
         }),
+        routing: RoutingConfig {
+            mode: args.routing_mode,
+            underlay_device: args.underlay_device,
+            tunnel_device: args.tunnel_device,
+            tunnel_port: args.tunnel_port,
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

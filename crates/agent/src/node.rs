@@ -8,20 +8,26 @@ use std::{
     time::Instant,
 };
 
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::SchedClassifier;
 use sluice_api::{Drift, VerifyReport};
-use sluice_common::{kinds::DriftKind, programs};
+use sluice_common::kinds::DriftKind;
 use sluice_compiler::{DesiredState, NodeContext};
-use sluice_datapath::{AttachRole, Datapath};
+use sluice_datapath::{AttachRole, Datapath, Hook};
 use sluice_realizer::{Desired, KernelTables};
 use sluice_store::Snapshot;
 use tracing::{debug, info, warn};
 
-use crate::{AgentConfig, AgentError, views::Published, views::fails_closed};
+use crate::{
+    AgentConfig, AgentError, nodes,
+    routing::{self, Routing},
+    views::Published,
+    views::fails_closed,
+};
 
 pub struct Node {
     name: String,
     datapath: Datapath,
+    routing: Routing,
     tables: KernelTables,
     /// Rows each endpoint's policy map holds.
     policy_map_max: u32,
@@ -42,9 +48,11 @@ impl Node {
     /// Loads (or, after a restart, re-opens) the pinned datapath.
     pub fn start(config: &AgentConfig) -> Result<Self, AgentError> {
         let datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
+        let routing = Routing::start(config.routing.clone(), &config.pin_dir)?;
         Ok(Self {
             name: config.node.clone(),
             datapath,
+            routing,
             tables: KernelTables::open(&config.pin_dir)?,
             policy_map_max: config.policy_map_max,
             snapshot: Arc::new(Snapshot::default()),
@@ -75,6 +83,7 @@ impl Node {
         Published {
             name: self.name.clone(),
             policy_map_max: self.policy_map_max,
+            routing: self.routing.config().status(),
             snapshot: Arc::clone(&self.snapshot),
             desired: Arc::clone(&self.desired),
             desired_generation: self.generation,
@@ -148,11 +157,25 @@ impl Node {
             self.datapath.detach(AttachRole::PodVeth, ifname)?;
             attached = true;
         }
+        let (others, own_router) = self.other_nodes();
+        attached |= self
+            .routing
+            .reconcile(&mut self.datapath, &others, own_router)?;
         if desired != *self.desired {
             self.desired_version += 1;
         }
         self.desired = Arc::new(desired);
         Ok(stats.changed() || attached)
+    }
+
+    /// The other nodes of the snapshot and this node's router address.
+    fn other_nodes(&self) -> (Vec<nodes::ClusterNode>, Option<std::net::Ipv4Addr>) {
+        let others = nodes::cluster_nodes(&self.snapshot)
+            .into_values()
+            .filter(|n| n.name != self.name)
+            .collect();
+        let own_router = nodes::own_pod_cidr(&self.snapshot, &self.name).map(nodes::router_address);
+        (others, own_router)
     }
 
     fn compile(&self) -> DesiredState {
@@ -164,19 +187,21 @@ impl Node {
                 Some((e.interface.clone(), index))
             })
             .collect::<BTreeMap<_, _>>();
-        sluice_compiler::compile(
+        let mut desired = sluice_compiler::compile(
             &self.snapshot,
             &NodeContext {
                 node: self.name.clone(),
                 interfaces,
                 policy_map_max: self.policy_map_max,
             },
-        )
+        );
+        nodes::complete_ipcache(&mut desired, &self.snapshot, &self.name);
+        desired
     }
 
     /// Attaches the datapath to `ifname` unless the kernel already runs it there.
     fn ensure_attached(&mut self, ifname: &str) -> Result<bool, AgentError> {
-        if runs_datapath(ifname) {
+        if runs_role(AttachRole::PodVeth, ifname) {
             return Ok(false);
         }
         info!(%ifname, "attaching datapath");
@@ -205,26 +230,26 @@ impl Node {
         let detached: BTreeSet<_> = desired
             .interfaces
             .iter()
-            .filter(|i| !runs_datapath(i))
+            .filter(|i| !runs_role(AttachRole::PodVeth, i))
             .cloned()
             .collect();
         drift.extend(detached.iter().map(|i| Drift {
             map: "tcx".into(),
             kind: DriftKind::Missing,
             key: i.clone(),
-            desired: Some(format!(
-                "{} ingress, {} egress",
-                programs::FROM_CONTAINER,
-                programs::TO_CONTAINER
-            )),
+            desired: Some(routing::programs(AttachRole::PodVeth)),
             actual: None,
         }));
+        let (others, own_router) = self.other_nodes();
+        drift.extend(self.routing.drift(&others, own_router)?);
         let repaired = repair && !drift.is_empty();
         if repaired {
             self.tables.apply(&plan)?;
             for ifname in &detached {
                 self.ensure_attached(ifname)?;
             }
+            self.routing
+                .reconcile(&mut self.datapath, &others, own_router)?;
         }
         Ok(VerifyReport {
             generation: self.generation,
@@ -235,13 +260,13 @@ impl Node {
     }
 }
 
-/// Whether the kernel runs our two programs on `ifname` (the truth, not our memory of it).
-fn runs_datapath(ifname: &str) -> bool {
-    let has = |attach, name: &str| {
+/// Whether the kernel runs every program of `role` on `ifname` (the truth, not our
+/// memory of it).
+pub(crate) fn runs_role(role: AttachRole, ifname: &str) -> bool {
+    role.programs().all(|program| {
+        let Hook::Tcx(attach) = program.hook;
         SchedClassifier::query_tcx(ifname, attach)
-            .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(name)))
+            .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(program.name)))
             .unwrap_or(false)
-    };
-    has(TcAttachType::Ingress, programs::FROM_CONTAINER)
-        && has(TcAttachType::Egress, programs::TO_CONTAINER)
+    })
 }

@@ -38,6 +38,8 @@ pub struct Published {
     pub name: String,
     /// Rows each endpoint's policy map holds.
     pub policy_map_max: u32,
+    /// The routing mode and its devices, for `status`.
+    pub routing: sluice_api::RoutingStatus,
     /// The newest snapshot accepted from the source.
     pub snapshot: Arc<Snapshot>,
     /// The last compiled state.
@@ -199,6 +201,7 @@ impl<'a> View<'a> {
             maps,
             fails_closed: self.fails_closed(),
             unsupported: self.desired.unsupported().map(unsupported_field).collect(),
+            routing: self.routing.clone(),
         })
     }
 

@@ -99,6 +99,19 @@ pub struct AgentStatus {
     /// programmed without them, as `programmed` says.
     #[serde(default)]
     pub unsupported: Vec<UnsupportedField>,
+    /// How this node carries pod traffic to the others.
+    #[serde(default)]
+    pub routing: RoutingStatus,
+}
+
+/// The routing mode of pod traffic between nodes and the devices it uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingStatus {
+    pub mode: sluice_common::RoutingMode,
+    /// The VXLAN device (tunnel mode).
+    pub tunnel_device: Option<String>,
+    /// The device toward the other nodes (tunnel and native mode).
+    pub underlay_device: Option<String>,
 }
 
 /// A field the compiler does not implement, on one object.

@@ -174,6 +174,14 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
     );
     println!("Reconciles: {}", s.reconciles);
     println!("Endpoints:  {}", s.endpoints);
+    let mut routing = s.routing.mode.to_string();
+    if let Some(tunnel) = &s.routing.tunnel_device {
+        routing.push_str(&format!(", tunnel device {tunnel}"));
+    }
+    if let Some(underlay) = &s.routing.underlay_device {
+        routing.push_str(&format!(", underlay device {underlay}"));
+    }
+    println!("Routing:    {routing}");
     println!();
     let rows: Vec<_> = s
         .maps

@@ -1,6 +1,8 @@
 //! A real `sluice-agent` process in an empty network namespace of its own, with its pins,
 //! socket, log and cluster file under names unique to the test; all removed on drop, also
 //! when the test panics.
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
 
 use std::{
     fs,
@@ -64,8 +66,8 @@ impl Drop for TempDir {
 pub struct Agent {
     child: Child,
     pub pins: PinDir,
-    /// Kept until the agent is gone.
-    _netns: NetNs,
+    /// Kept until the agent is gone; None when the caller owns the namespace.
+    _netns: Option<NetNs>,
     /// Holds only the cluster file, so removing it ends the source and nothing else.
     pub source_dir: PathBuf,
     pub socket: PathBuf,
@@ -79,23 +81,51 @@ impl Agent {
         let dir = TempDir(std::env::temp_dir().join(unique(&format!("sluice-test-{name}-"))));
         let source_dir = dir.0.join("source");
         fs::create_dir_all(&source_dir).expect("create the test directory");
-        let pins = PinDir::unique(&format!("sluice-test-{name}-"));
         let netns = NetNs::new(&format!("sluice-test-{name}-"));
         let cluster_file = source_dir.join("cluster.json");
         snapshot
             .write_file(&cluster_file)
             .expect("write the cluster file");
+        let args = ["--reconcile-interval", reconcile_interval];
+        let mut agent = Self::spawn(name, NODE, &netns.0, &cluster_file, &args, dir);
+        agent._netns = Some(netns);
+        agent
+    }
+
+    /// Starts the agent of `node` inside the caller's namespace `netns`, on the caller's
+    /// cluster file, with `args` added.
+    pub fn start_node(
+        name: &str,
+        node: &str,
+        netns: &str,
+        cluster_file: &Path,
+        args: &[&str],
+    ) -> Self {
+        let dir = TempDir(std::env::temp_dir().join(unique(&format!("sluice-test-{name}-"))));
+        fs::create_dir_all(&dir.0).expect("create the test directory");
+        Self::spawn(name, node, netns, cluster_file, args, dir)
+    }
+
+    fn spawn(
+        name: &str,
+        node: &str,
+        netns: &str,
+        cluster_file: &Path,
+        args: &[&str],
+        dir: TempDir,
+    ) -> Self {
+        let pins = PinDir::unique(&format!("sluice-test-{name}-"));
         let socket = dir.0.join("agent.sock");
         let log = dir.0.join("agent.log");
         let child = Command::new(env!("CARGO_BIN_EXE_sluice-agent"))
-            .args(["--node", NODE, "--netns", &netns.0])
+            .args(["--node", node, "--netns", netns])
             .arg("--cluster-file")
-            .arg(&cluster_file)
+            .arg(cluster_file)
             .arg("--pin-dir")
             .arg(pins.path())
             .arg("--api-socket")
             .arg(&socket)
-            .args(["--reconcile-interval", reconcile_interval])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("create the agent log"))
@@ -104,8 +134,10 @@ impl Agent {
         Self {
             child,
             pins,
-            _netns: netns,
-            source_dir,
+            _netns: None,
+            source_dir: cluster_file
+                .parent()
+                .map_or_else(PathBuf::new, Path::to_path_buf),
             socket,
             log,
             _dir: dir,
@@ -157,6 +189,22 @@ impl Agent {
                     .is_ok_and(|s| s.realized_revision >= revision)
             },
         );
+    }
+
+    /// Waits for the agent to exit by itself, failing after `timeout`.
+    pub fn exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the agent") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent still runs after {timeout:?}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {

@@ -1,8 +1,9 @@
 //! How this node sends pod traffic to the others (`node_config`, one entry at index 0).
 
 /// The routing mode of pod traffic between nodes (`ROUTING_MODE_*` in common.h), as
-/// Cilium's `routing-mode` names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// Cilium's `routing-mode` names it; serialized and parsed as its word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[repr(u8)]
 pub enum RoutingMode {
     /// One node: the node's stack routes every packet.
@@ -12,6 +13,41 @@ pub enum RoutingMode {
     Tunnel = 1,
     /// Straight out of the underlay device to the node's address.
     Native = 2,
+}
+
+impl RoutingMode {
+    pub const ALL: [RoutingMode; 3] =
+        [RoutingMode::Local, RoutingMode::Tunnel, RoutingMode::Native];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingMode::Local => "local",
+            RoutingMode::Tunnel => "tunnel",
+            RoutingMode::Native => "native",
+        }
+    }
+
+    /// The mode a `node_config` entry holds; None for a number the datapath does not define.
+    pub fn from_number(mode: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| *m as u8 == mode)
+    }
+}
+
+impl std::fmt::Display for RoutingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RoutingMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown routing mode {s:?} (local, tunnel or native)"))
+    }
 }
 
 /// `struct node_config`: the devices and the mode of pod traffic between nodes.
