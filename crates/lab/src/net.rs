@@ -182,12 +182,11 @@ pub fn join_underlay(l: &UnderlayLink<'_>) -> Result<(), LabError> {
     inside.set_alias(l.device, &alias(l.lab))?;
     inside.set_mtu(l.device, l.mtu)?;
     if l.device == UNDERLAY_DEVICE {
-        let address = Ipv4Net::new(l.address, l.cidr.prefix_len()).map_err(|_| {
-            LabError::Command {
+        let address =
+            Ipv4Net::new(l.address, l.cidr.prefix_len()).map_err(|_| LabError::Command {
                 command: format!("ip addr add {}/{}", l.address, l.cidr.prefix_len()),
                 detail: "invalid prefix".into(),
-            }
-        })?;
+            })?;
         inside.add_address(l.device, address.into())?;
         inside.set_up(l.device)?;
     } else {
@@ -198,10 +197,15 @@ pub fn join_underlay(l: &UnderlayLink<'_>) -> Result<(), LabError> {
     Ok(())
 }
 
-/// A host route in `netns`, replacing one to the same destination: a node re-added under
-/// the same pod CIDR moves its route to its new address.
-pub fn route_host(netns: &str, route: &Route<'_>) -> Result<(), LabError> {
-    NetNs::open(netns)?.netlink()?.replace_route(route)?;
+/// Adds a route in `netns`.
+pub fn add_route(netns: &str, route: &Route<'_>) -> Result<(), LabError> {
+    NetNs::open(netns)?.netlink()?.add_route(route)?;
+    Ok(())
+}
+
+/// Deletes a route from `netns`.
+pub fn delete_route(netns: &str, route: &Route<'_>) -> Result<(), LabError> {
+    NetNs::open(netns)?.netlink()?.delete_route(route)?;
     Ok(())
 }
 

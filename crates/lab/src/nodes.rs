@@ -47,7 +47,7 @@ impl Lab {
                         }
                     }
                 };
-                net::route_host(&netns, &route)?;
+                net::add_route(&netns, &route)?;
             }
         }
         let dir = self.dir.join("nodes").join(&node.name);
@@ -111,9 +111,6 @@ impl Lab {
         // addresses they will get.
         let mut target = current.clone();
         target.nodes.retain(|n| !remove.contains(&n.name));
-        for name in &remove {
-            Self::removable(&target, name)?;
-        }
         for node in &mut add {
             // The file's default address is its position there; a running lab hands out
             // the lowest free one instead, so the nodes that stay keep theirs.
@@ -121,6 +118,9 @@ impl Lab {
                 node.underlay_address = None;
             }
             target = self.with_node(&target, node.clone())?;
+        }
+        for name in &remove {
+            Self::removable(&target, name)?;
         }
         for name in &remove {
             self.remove_node_locked(name)?;
@@ -157,14 +157,16 @@ impl Lab {
 
     fn start_node(&mut self, spec: LabSpec, node: &NodeSpec) -> Result<(), LabError> {
         self.build_node(&spec, node)?;
-        for host in &spec.world {
-            if host.attach == WorldAttach::Underlay {
-                self.route_to_node(&names::world_netns(&self.state.name, &host.name), node)?;
-            }
-        }
         let mut state = self.state.clone();
         state.spec = spec;
         self.commit(state)?;
+        // Once the node is in the state, so that a rollback's teardown removes these too.
+        for host in &self.state.spec.world {
+            if host.attach == WorldAttach::Underlay {
+                let world = names::world_netns(&self.state.name, &host.name);
+                self.route_to_node(&world, node, false)?;
+            }
+        }
         let mut agents = Vec::new();
         if let Some(agent) = self.opts.binaries.agent.clone() {
             let cmd = self.agent_command(&agent, &node.name)?;
@@ -188,7 +190,11 @@ impl Lab {
             message,
         };
         let netns = self.node_netns(&node.name);
-        if let Some(host) = spec.world.iter().find(|w| node.name == format!("world-{}", w.name)) {
+        if let Some(host) = spec
+            .world
+            .iter()
+            .find(|w| node.name == format!("world-{}", w.name))
+        {
             return Err(invalid(
                 "name",
                 format!("its network namespace would be world host {}'s", host.name),
@@ -297,7 +303,7 @@ impl Lab {
     }
 
     /// Stops the node's agent and removes its namespace (its underlay link goes with it),
-    /// pins and files.
+    /// pins and files, then the world hosts' routes to it.
     fn teardown_node(&self, name: &str) -> Result<(), LabError> {
         let netns = self.node_netns(name);
         process::kill_netns(&netns, STOP_GRACE)?;
@@ -305,7 +311,20 @@ impl Lab {
             NetNs::delete(&netns)?;
         }
         remove_tree(&Path::new(PIN_ROOT).join(&self.state.name).join(name))?;
-        remove_tree(&self.dir.join("nodes").join(name))
+        remove_tree(&self.dir.join("nodes").join(name))?;
+        let spec = &self.state.spec;
+        let Some(node) = spec.node(name) else {
+            return Ok(());
+        };
+        for host in spec
+            .world
+            .iter()
+            .filter(|w| w.attach == WorldAttach::Underlay)
+        {
+            let world = names::world_netns(&self.state.name, &host.name);
+            self.route_to_node(&world, node, true)?;
+        }
+        Ok(())
     }
 }
 
@@ -322,8 +341,14 @@ fn check_same_but_nodes(path: &Path, current: &LabSpec, wanted: &LabSpec) -> Res
             current.tx_checksum_offload != wanted.tx_checksum_offload,
         ),
         ("world", current.world != wanted.world),
-        ("policyMapMax", current.policy_map_max != wanted.policy_map_max),
-        ("observability", current.observability != wanted.observability),
+        (
+            "policyMapMax",
+            current.policy_map_max != wanted.policy_map_max,
+        ),
+        (
+            "observability",
+            current.observability != wanted.observability,
+        ),
     ];
     match differs.iter().find(|(_, d)| *d) {
         Some((field, _)) => Err(LabError::LabFile {

@@ -6,8 +6,7 @@ use std::{fs, path::Path, process::Command, thread, time::Instant};
 use sluice_netns::{NetNs, Route};
 
 use crate::{
-    CHANGE_TIMEOUT, Lab, LabError, LogTail, NodeSpec, POLL, STOP_GRACE, WorldAttach,
-    WorldHostSpec,
+    CHANGE_TIMEOUT, Lab, LabError, LogTail, NodeSpec, POLL, STOP_GRACE, WorldAttach, WorldHostSpec,
     error::io_err,
     journal::{journal_netns, remove_tree},
     lifecycle::require_binary,
@@ -151,7 +150,7 @@ impl Lab {
                     mtu: underlay.mtu,
                 })?;
                 for node in &spec.nodes {
-                    self.route_to_node(netns, node)?;
+                    self.route_to_node(netns, node, false)?;
                 }
                 Ok(())
             }
@@ -173,12 +172,23 @@ impl Lab {
         }
     }
 
-    /// In a world host on the underlay: `node`'s pod CIDR via its underlay address.
-    pub(crate) fn route_to_node(&self, netns: &str, node: &NodeSpec) -> Result<(), LabError> {
+    /// In a world host on the underlay: `node`'s pod CIDR via its underlay address (added,
+    /// or with `remove` deleted as the node leaves).
+    pub(crate) fn route_to_node(
+        &self,
+        netns: &str,
+        node: &NodeSpec,
+        remove: bool,
+    ) -> Result<(), LabError> {
         let Some(address) = node.underlay_address else {
             return Ok(());
         };
-        net::route_host(netns, &Route::via(node.pod_cidr, address).dev("eth0"))
+        let route = Route::via(node.pod_cidr, address).dev("eth0");
+        if remove {
+            net::delete_route(netns, &route)
+        } else {
+            net::add_route(netns, &route)
+        }
     }
 
     /// Starts `sluice lab pod-server` in `netns`; it writes `<dir>/ready` once it serves and

@@ -13,7 +13,8 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{
-            Namespace, Node, NodeAddress, NodeSpec as NodeSpec_, NodeStatus, Pod, PodCondition, PodIP, PodStatus, Service,
+            Namespace, Node, NodeAddress, NodeSpec as KubeNodeSpec, NodeStatus, Pod, PodCondition,
+            PodIP, PodStatus, Service,
         },
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
@@ -255,12 +256,7 @@ impl LabState {
         let pods = self.pod_objects();
         Snapshot {
             revision: self.generation,
-            nodes: self
-                .spec
-                .nodes
-                .iter()
-                .map(node_object)
-                .collect(),
+            nodes: self.spec.nodes.iter().map(node_object).collect(),
             namespaces: self.namespaces.values().map(|n| n.object.clone()).collect(),
             endpoint_slices: self.endpoint_slices(&pods),
             pods,
@@ -319,7 +315,7 @@ fn node_object(node: &NodeSpec) -> Node {
             name: Some(node.name.clone()),
             ..Default::default()
         },
-        spec: Some(NodeSpec_ {
+        spec: Some(KubeNodeSpec {
             pod_cidr: Some(pod_cidr.clone()),
             pod_cidrs: Some(vec![pod_cidr]),
             ..Default::default()
@@ -331,7 +327,6 @@ fn node_object(node: &NodeSpec) -> Node {
             }]),
             ..Default::default()
         }),
-        ..Default::default()
     }
 }
 

@@ -111,7 +111,9 @@ impl fmt::Display for WorldAttach {
 
 /// The smallest supernet of every pod CIDR with a prefix of at most /16.
 pub fn default_cluster_cidr(nodes: &[NodeSpec]) -> Ipv4Net {
-    let first = nodes.first().map_or(Ipv4Addr::UNSPECIFIED, |n| n.pod_cidr.addr());
+    let first = nodes
+        .first()
+        .map_or(Ipv4Addr::UNSPECIFIED, |n| n.pod_cidr.addr());
     (0..=DEFAULT_CLUSTER_PREFIX)
         .rev()
         .filter_map(|prefix| Ipv4Net::new(first, prefix).ok().map(|n| n.trunc()))
@@ -177,21 +179,31 @@ pub fn check_nodes(
         if node.name == UNDERLAY_NETNS_SUFFIX {
             return fail(
                 "name",
-                format!("{:?} names the lab's underlay namespace; rename the node", node.name),
+                format!(
+                    "{:?} names the lab's underlay namespace; rename the node",
+                    node.name
+                ),
             );
         }
         let earlier = &spec.nodes[..i];
         if let Some(j) = earlier.iter().position(|n| n.name == node.name) {
             return fail(
                 "name",
-                format!("duplicate node name {:?} (also {})", node.name, field_of(j, "")),
+                format!(
+                    "duplicate node name {:?} (also {})",
+                    node.name,
+                    field_of(j, "")
+                ),
             );
         }
         // The node's router takes .1 and pods need at least one more address.
         if let Err(m) = check_cidr(node.pod_cidr, 30) {
             return fail("podCIDR", m);
         }
-        if let Some(j) = earlier.iter().position(|n| overlaps(n.pod_cidr, node.pod_cidr)) {
+        if let Some(j) = earlier
+            .iter()
+            .position(|n| overlaps(n.pod_cidr, node.pod_cidr))
+        {
             return fail(
                 "podCIDR",
                 format!(
@@ -205,7 +217,10 @@ pub fn check_nodes(
         if overlaps(spec.service_cidr, node.pod_cidr) {
             return fail(
                 "podCIDR",
-                format!("{} overlaps serviceCIDR {}", node.pod_cidr, spec.service_cidr),
+                format!(
+                    "{} overlaps serviceCIDR {}",
+                    node.pod_cidr, spec.service_cidr
+                ),
             );
         }
         if let Some(underlay) = spec.underlay
@@ -219,13 +234,23 @@ pub fn check_nodes(
         if !spec.cluster_cidr.contains(&node.pod_cidr) {
             return fail(
                 "podCIDR",
-                format!("{} is outside clusterCIDR {}", node.pod_cidr, spec.cluster_cidr),
+                format!(
+                    "{} is outside clusterCIDR {}",
+                    node.pod_cidr, spec.cluster_cidr
+                ),
             );
         }
-        if let Some(w) = spec.world.iter().find(|w| node.pod_cidr.contains(&w.address)) {
+        if let Some(w) = spec
+            .world
+            .iter()
+            .find(|w| node.pod_cidr.contains(&w.address))
+        {
             return fail(
                 "podCIDR",
-                format!("{} holds world host {}'s address {}", node.pod_cidr, w.name, w.address),
+                format!(
+                    "{} holds world host {}'s address {}",
+                    node.pod_cidr, w.name, w.address
+                ),
             );
         }
         check_underlay_address(spec, i, field_of)?;

@@ -49,9 +49,7 @@ fn nodes_of(snapshot: &Snapshot) -> Vec<(String, String, String)> {
 }
 
 fn mtu(netns: &str, device: &str) -> u32 {
-    let links = NetNs::named(netns).netlink().unwrap().links().unwrap();
-    let link = links.iter().find(|l| l.name == device).unwrap();
-    link.mtu.unwrap()
+    NetNs::named(netns).netlink().unwrap().mtu(device).unwrap()
 }
 
 /// One ICMP echo from `netns` to `to`.
@@ -93,16 +91,11 @@ fn three_nodes_come_up_on_an_underlay_and_go_down_leaving_nothing() {
     eprintln!("lab up, 3 nodes and a world host on the underlay, no agents: {took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
 
-    let expected: std::collections::BTreeSet<String> = [
-        "node-1",
-        "node-2",
-        "node-3",
-        "underlay",
-        "world-internet",
-    ]
-    .iter()
-    .map(|n| format!("sluice-{name}-{n}"))
-    .collect();
+    let expected: std::collections::BTreeSet<String> =
+        ["node-1", "node-2", "node-3", "underlay", "world-internet"]
+            .iter()
+            .map(|n| format!("sluice-{name}-{n}"))
+            .collect();
     assert_eq!(netns_of(&name), expected);
     assert_eq!(t.lab.underlay_netns(), format!("sluice-{name}-underlay"));
 
@@ -110,9 +103,21 @@ fn three_nodes_come_up_on_an_underlay_and_go_down_leaving_nothing() {
     assert_eq!(
         nodes_of(&t.snapshot()),
         [
-            ("node-1".into(), "172.30.0.11".into(), "10.244.1.0/24".into()),
-            ("node-2".into(), "172.30.0.12".into(), "10.244.2.0/24".into()),
-            ("node-3".into(), "172.30.0.13".into(), "10.244.3.0/24".into()),
+            (
+                "node-1".into(),
+                "172.30.0.11".into(),
+                "10.244.1.0/24".into()
+            ),
+            (
+                "node-2".into(),
+                "172.30.0.12".into(),
+                "10.244.2.0/24".into()
+            ),
+            (
+                "node-3".into(),
+                "172.30.0.13".into(),
+                "10.244.3.0/24".into()
+            ),
         ]
     );
     // Every node's underlay0 is a port of br0, at the underlay MTU.
@@ -143,9 +148,16 @@ fn three_nodes_come_up_on_an_underlay_and_go_down_leaving_nothing() {
     t.lab.apply(&[pod]).unwrap();
     let pod_netns = t.lab.pod_netns("default/web").unwrap();
     assert_eq!(mtu(&pod_netns, "eth0"), 1450);
-    let node_links = NetNs::named(n("node-2")).netlink().unwrap().links().unwrap();
-    let lxc = node_links.iter().find(|l| l.name.starts_with("lxc")).unwrap();
-    assert_eq!(lxc.mtu, Some(1450));
+    let node_links = NetNs::named(n("node-2"))
+        .netlink()
+        .unwrap()
+        .links()
+        .unwrap();
+    let lxc = node_links
+        .iter()
+        .find(|l| l.name.starts_with("lxc"))
+        .unwrap();
+    assert_eq!(mtu(&n("node-2"), &lxc.name), 1450);
 
     // The world host on the underlay and a pod on node-2 reach each other (no agents:
     // the node's and the world host's routes).
@@ -177,11 +189,21 @@ fn generations_seen(t: &TestLab, node: &str) -> Vec<Snapshot> {
         .unwrap()
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
-            let generation = name.strip_prefix("gen-")?.strip_suffix(".json")?.parse().ok()?;
+            let generation = name
+                .strip_prefix("gen-")?
+                .strip_suffix(".json")?
+                .parse()
+                .ok()?;
             Some((generation, name))
         })
         .map(|(g, file)| {
-            let path = t.opts.state_root.join(&t.name).join("nodes").join(node).join(file);
+            let path = t
+                .opts
+                .state_root
+                .join(&t.name)
+                .join("nodes")
+                .join(node)
+                .join(file);
             (g, Snapshot::read_file(&path).unwrap())
         })
         .collect();
@@ -192,7 +214,9 @@ fn generations_seen(t: &TestLab, node: &str) -> Vec<Snapshot> {
 #[test]
 fn nodes_join_and_leave_a_running_lab() {
     let name = unique("mj");
-    let mut t = TestLab::up(&name, &two_nodes(), true);
+    let world =
+        "world: [{name: far, address: 198.51.100.9, attach: underlay, ports: [{port: 80}]}]\n";
+    let mut t = TestLab::up(&name, &format!("{}{world}", two_nodes()), true);
     let log = std::fs::read_to_string(t.lab.agent_log("node-1")).unwrap();
     assert!(
         log.contains("--routing-mode tunnel --underlay-device underlay0"),
@@ -207,9 +231,15 @@ fn nodes_join_and_leave_a_running_lab() {
             underlay_address: None,
         })
         .unwrap();
-    eprintln!("node added, every agent realized it: {:?}", started.elapsed());
+    eprintln!(
+        "node added, every agent realized it: {:?}",
+        started.elapsed()
+    );
     assert_eq!(nodes_of(&t.snapshot())[2].1, "172.30.0.13");
-    assert!(ping(&t.lab.node_netns("node-3"), Ipv4Addr::new(172, 30, 0, 11)));
+    assert!(ping(
+        &t.lab.node_netns("node-3"),
+        Ipv4Addr::new(172, 30, 0, 11)
+    ));
     let log = std::fs::read_to_string(t.lab.agent_log("node-3")).unwrap();
     assert!(log.contains("--node node-3"), "{log}");
     // Node-1's agent learned the new node from the snapshot.
@@ -220,9 +250,23 @@ fn nodes_join_and_leave_a_running_lab() {
     t.lab.apply(&[pod]).unwrap();
     let pod_netns = t.lab.pod_netns("default/on-3").unwrap();
 
+    // The world host on the underlay routes the new node's pod CIDR to it.
+    let options = ProbeOptions {
+        via: Via::PodIp,
+        timeout: Duration::from_secs(2),
+    };
+    let probe = t
+        .lab
+        .probe_one("world/far", "default/on-3", 80, Protocol::Tcp, &options)
+        .unwrap();
+    assert!(probe.allowed, "{probe:?}");
+
     let started = Instant::now();
     t.lab.remove_node("node-3").unwrap();
-    eprintln!("node removed, every agent realized it: {:?}", started.elapsed());
+    eprintln!(
+        "node removed, every agent realized it: {:?}",
+        started.elapsed()
+    );
     assert!(t.lab.pods().is_empty());
     assert!(!NetNs::named(pod_netns.as_str()).exists());
     assert!(!NetNs::named(t.lab.node_netns("node-3").as_str()).exists());
@@ -236,23 +280,35 @@ fn nodes_join_and_leave_a_running_lab() {
                 .any(|p| p.metadata.deletion_timestamp.is_some())
     });
     let gone = seen.iter().rposition(|s| s.nodes.len() == 2);
-    assert!(terminating.is_some() && terminating < gone, "{terminating:?} {gone:?}");
+    assert!(
+        terminating.is_some() && terminating < gone,
+        "{terminating:?} {gone:?}"
+    );
 
     // Re-applying the lab file: node-2 goes, node-4 comes (at the lowest free address).
     let file = t.write(
         "lab-2.yaml",
         &format!(
-            "{HEAD}clusterCIDR: 10.244.0.0/16\nnodes:\n- {{name: node-1, podCIDR: 10.244.1.0/24}}\n- {{name: node-4, podCIDR: 10.244.4.0/24}}\n"
+            "{HEAD}clusterCIDR: 10.244.0.0/16\nnodes:\n- {{name: node-1, podCIDR: 10.244.1.0/24}}\n- {{name: node-4, podCIDR: 10.244.4.0/24}}\n{world}"
         ),
     );
     t.lab.reapply(&file).unwrap();
     assert_eq!(t.lab.nodes(), ["node-1", "node-4"]);
     assert_eq!(nodes_of(&t.snapshot())[1].1, "172.30.0.12");
-    let expected: std::collections::BTreeSet<String> = ["node-1", "node-4", "underlay"]
-        .iter()
-        .map(|n| format!("sluice-{name}-{n}"))
-        .collect();
+    let expected: std::collections::BTreeSet<String> =
+        ["node-1", "node-4", "underlay", "world-far"]
+            .iter()
+            .map(|n| format!("sluice-{name}-{n}"))
+            .collect();
     assert_eq!(netns_of(&name), expected);
+    t.lab
+        .add_node(NodeSpec {
+            name: "node-3".into(),
+            pod_cidr: "10.244.3.0/24".parse().unwrap(),
+            underlay_address: Some(Ipv4Addr::new(172, 30, 0, 40)),
+        })
+        .unwrap();
+    assert_eq!(nodes_of(&t.snapshot())[2].1, "172.30.0.40");
 }
 
 #[test]
@@ -284,7 +340,11 @@ fn bad_node_changes_are_refused_and_change_nothing() {
             "node underlay: name: \"underlay\" names the lab's underlay namespace",
         ),
         (
-            node("node-3", "10.244.3.0/24", Some(Ipv4Addr::new(172, 30, 0, 12))),
+            node(
+                "node-3",
+                "10.244.3.0/24",
+                Some(Ipv4Addr::new(172, 30, 0, 12)),
+            ),
             "node node-3: underlayAddress: 172.30.0.12 is also underlayAddress of node node-2",
         ),
     ];
@@ -299,7 +359,10 @@ fn bad_node_changes_are_refused_and_change_nothing() {
         &two_nodes().replace("kind: Lab\n", "kind: Lab\nroutingMode: native\n"),
     );
     let err = t.lab.reapply(&changed).unwrap_err().to_string();
-    assert!(err.contains("routingMode: differs from the running lab's"), "{err}");
+    assert!(
+        err.contains("routingMode: differs from the running lab's"),
+        "{err}"
+    );
     assert_eq!(
         (netns_of(&name), t.lab.generation(), cluster(&t)),
         before,

@@ -181,7 +181,10 @@ fn errors_name_the_field() {
 
 #[test]
 fn one_node_runs_local_and_several_are_joined_by_a_tunnel_underlay() {
-    let one = parse(&format!("{HEAD}nodes: [{{name: a, podCIDR: 10.244.1.0/24}}]\n")).unwrap();
+    let one = parse(&format!(
+        "{HEAD}nodes: [{{name: a, podCIDR: 10.244.1.0/24}}]\n"
+    ))
+    .unwrap();
     assert_eq!(one.routing_mode, RoutingMode::Local);
     assert_eq!(one.underlay, None);
     assert_eq!(one.nodes[0].underlay_address, None);
@@ -218,7 +221,10 @@ fn one_node_runs_local_and_several_are_joined_by_a_tunnel_underlay() {
     .unwrap();
     assert_eq!(native.routing_mode, RoutingMode::Native);
     assert_eq!(native.pod_mtu(), Some(9000));
-    assert_eq!(native.nodes[0].underlay_address, Some(Ipv4Addr::new(192, 168, 50, 11)));
+    assert_eq!(
+        native.nodes[0].underlay_address,
+        Some(Ipv4Addr::new(192, 168, 50, 11))
+    );
     assert_eq!(native.world[0].attach, WorldAttach::Underlay);
 }
 

@@ -50,8 +50,8 @@ pub(super) fn parse_world_host(
             format!("{address} is also the address of world[{j}]"),
         ));
     }
-    let attach = parse_attach(spec, host.attach, host.node, address)
-        .map_err(|(f, m)| err(&field(f), m))?;
+    let attach =
+        parse_attach(spec, host.attach, host.node, address).map_err(|(f, m)| err(&field(f), m))?;
     let ports = parse_world_ports(host.ports.unwrap_or_default(), &|f: &str| field(f), err)?;
     Ok(WorldHostSpec {
         name,
@@ -67,10 +67,7 @@ fn check_world_address(spec: &LabSpec, address: Ipv4Addr) -> Result<(), String> 
         return Err(format!("{address} cannot be a host's address"));
     }
     if spec.service_cidr.contains(&address) {
-        return Err(format!(
-            "{address} is in serviceCIDR {}",
-            spec.service_cidr
-        ));
+        return Err(format!("{address} is in serviceCIDR {}", spec.service_cidr));
     }
     if let Some(node) = spec.nodes.iter().find(|n| n.pod_cidr.contains(&address)) {
         return Err(format!(
