@@ -174,15 +174,20 @@ impl TestLab {
 }
 
 impl TestLab {
-    /// Runs the `sluice` binary against this lab, whatever its exit status.
-    pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(binary("SLUICE_BIN", "sluice"))
+    /// The `sluice` command against this lab, to spawn (`observe --follow`).
+    pub fn cli_command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(binary("SLUICE_BIN", "sluice"));
+        command
             .env("SLUICE_LAB_STATE", &self.opts.state_root)
             .arg("--lab")
             .arg(&self.name)
-            .args(args)
-            .output()
-            .unwrap()
+            .args(args);
+        command
+    }
+
+    /// Runs the `sluice` binary against this lab, whatever its exit status.
+    pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
+        self.cli_command(args).output().unwrap()
     }
 
     /// Runs the `sluice` binary against this lab and returns its stdout; fails the test if it fails.

@@ -78,10 +78,12 @@ pub struct Names {
 
 impl Names {
     pub fn new(node: &str) -> Result<Self, AgentError> {
+        let boot_offset_ns = boot_offset_ns()?;
+        let before_first = Resolver::for_node(node, boot_offset_ns);
         Ok(Self {
             node: node.to_string(),
-            boot_offset_ns: boot_offset_ns()?,
-            current: RwLock::new((u64::MAX, Arc::new(Resolver::default()))),
+            boot_offset_ns,
+            current: RwLock::new((u64::MAX, Arc::new(before_first))),
         })
     }
 

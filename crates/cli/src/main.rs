@@ -332,6 +332,9 @@ fn verify(agents: &[Agent], repair: bool, output: Output) -> anyhow::Result<()> 
             }
         }
     }
+    if reports.is_empty() {
+        bail!("no agent could be verified");
+    }
     let in_lab = agents.iter().any(|a| a.node.is_some());
     match (output, in_lab, &reports[..]) {
         // One agent outside a lab: its report as it always was.
@@ -360,15 +363,14 @@ fn verify(agents: &[Agent], repair: bool, output: Output) -> anyhow::Result<()> 
         .iter()
         .filter(|(_, r)| !r.drift.is_empty() && !r.repaired)
         .map(|(agent, _)| agent.name())
-        .chain(unreachable.iter().cloned())
         .collect();
     if !drifting.is_empty() {
-        let what = if unreachable.is_empty() {
-            "drift on"
-        } else {
-            "drift on or not verified"
-        };
-        eprintln!("{what}: {}", drifting.join(", "));
+        eprintln!("drift on: {}", drifting.join(", "));
+    }
+    if !unreachable.is_empty() {
+        eprintln!("not verified: {}", unreachable.join(", "));
+    }
+    if !drifting.is_empty() || !unreachable.is_empty() {
         std::process::exit(1);
     }
     // Realized as computed, but not as intended: those endpoints drop new connections.

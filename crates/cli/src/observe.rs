@@ -414,6 +414,16 @@ mod tests {
     }
 
     #[test]
+    fn agents_are_a_list_of_sockets() {
+        let cli = Cli::try_parse_from(["observe", "--agents", "/run/a.sock,/run/b.sock"]);
+        let agents = cli.map(|c| c.args.agents).unwrap_or_default();
+        assert_eq!(
+            agents,
+            [PathBuf::from("/run/a.sock"), PathBuf::from("/run/b.sock")]
+        );
+    }
+
+    #[test]
     fn durations() {
         let d = |s| parse_duration(s).ok();
         assert_eq!(d("30s"), Some(Duration::from_secs(30)));

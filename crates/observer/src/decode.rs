@@ -53,6 +53,17 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// Names no party yet, but stamps flows with the node and the wall time: what the agent
+    /// uses until its first desired state, when a restarted agent's pinned programs may
+    /// already send events.
+    pub fn for_node(node_name: &str, boot_offset_ns: i64) -> Self {
+        Self {
+            node_name: node_name.to_string(),
+            boot_offset_ns,
+            ..Self::default()
+        }
+    }
+
     pub fn new(
         node_name: &str,
         boot_offset_ns: i64,

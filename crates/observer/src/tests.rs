@@ -182,6 +182,17 @@ fn a_denied_verdict_has_hubbles_field_names_and_resolved_identities() {
 }
 
 #[test]
+fn before_the_first_desired_state_flows_still_carry_their_node_and_time() {
+    let flow = Resolver::for_node("node-2", BOOT_OFFSET).flow(&ingress_syn(EVENT_TRACE, 0, 0));
+    assert_eq!(flow.node_name, "node-2");
+    assert_eq!(
+        flow.time,
+        Timestamp::parse_rfc3339("2026-11-30T10:00:01.123Z").unwrap_or_default()
+    );
+    assert_eq!(flow.destination.pod_name, "");
+}
+
+#[test]
 fn an_allowed_verdict_names_the_policies_of_the_admitting_row() {
     let flow = resolver().flow(&ingress_syn(EVENT_POLICY_VERDICT, 0, 0));
     assert_eq!(flow.verdict, Verdict::Forwarded);
