@@ -334,6 +334,105 @@ fn cross_node_drop_is_observed(lab: &mut TestLab, mode: Mode) {
     lab.delete_yaml("only-web.yaml", &only_web);
 }
 
+/// Policy on the pods of node-2 admitting only app=client: a 3,000-byte ping from node-1's
+/// client arrives in fragments and passes whole; a datagram client-1 sends from an address
+/// not its own is dropped; node-1 (remote-node there) is denied while node-2 (the pod's own
+/// host) passes, until an ipBlock holding every node's address admits remote-node.
+fn fragments_spoofing_and_nodes(lab: &mut TestLab, mode: Mode) {
+    let clients_only = policy(
+        "clients-only",
+        "default",
+        "  podSelector:\n    matchLabels: {app: client}\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels: {app: client}\n",
+    );
+    lab.apply_yaml("clients-only.yaml", &clients_only);
+    let to = lab.pod_ip("default/client-2").to_string();
+    let ping = lab
+        .lab
+        .pod_command("default/client-1", "ping")
+        .unwrap()
+        .args(["-c", "2", "-W", "2", "-s", "3000", &to])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "{mode:?}: fragmented ping across nodes: {}{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr)
+    );
+
+    let spoofed = Ipv4Addr::new(10, 244, 1, 250);
+    let add = lab
+        .lab
+        .pod_command("default/client-1", "ip")
+        .unwrap()
+        .args(["addr", "add", &format!("{spoofed}/32"), "dev", "eth0"])
+        .status()
+        .unwrap();
+    assert!(add.success(), "add a second address inside client-1");
+    let peer = SocketAddr::from((lab.pod_ip("default/client-2"), 80));
+    let before = multinode::dropped(
+        lab,
+        "node-1",
+        sluice_common::DropReason::InvalidSource,
+        sluice_common::METRIC_DIR_EGRESS,
+    );
+    let (honest, forged) = lab.in_pod("default/client-1", move || {
+        let honest = udp_ask(peer, b"hostname").is_ok();
+        let s = std::net::UdpSocket::bind((spoofed, 0)).unwrap();
+        s.connect(peer).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s.send(b"hostname").unwrap();
+        let mut buf = [0u8; 64];
+        (honest, s.recv(&mut buf).is_ok())
+    });
+    assert!(
+        honest,
+        "{mode:?}: from its own address client-1 is answered"
+    );
+    assert!(
+        !forged,
+        "{mode:?}: from a forged address nothing comes back"
+    );
+    let after = multinode::dropped(
+        lab,
+        "node-1",
+        sluice_common::DropReason::InvalidSource,
+        sluice_common::METRIC_DIR_EGRESS,
+    );
+    assert!(after > before, "{mode:?}: dropped at the sender's node");
+
+    let pod = SocketAddr::from((lab.pod_ip("default/client-2"), 80));
+    let from_node = |lab: &TestLab, node: &str| {
+        lab.in_node(node, move || {
+            TcpStream::connect_timeout(&pod, Duration::from_millis(700)).is_ok()
+        })
+    };
+    assert!(
+        from_node(lab, "node-2"),
+        "{mode:?}: the pod's own host passes"
+    );
+    assert!(!from_node(lab, "node-1"), "{mode:?}: remote-node is denied");
+    // Policy judges identities: remote-node is every other node at once, so the block
+    // must hold every node's own address (router addresses are not judged).
+    let nodes_too = policy(
+        "node-1-too",
+        "default",
+        &format!(
+            "  podSelector:\n    matchLabels: {{app: client}}\n  ingress:\n  - from:\n    - ipBlock: {{cidr: {}}}\n",
+            multinode::UNDERLAY_CIDR
+        ),
+    );
+    lab.apply_yaml("node-1-too.yaml", &nodes_too);
+    assert!(
+        from_node(lab, "node-1"),
+        "{mode:?}: an ipBlock admits node-1"
+    );
+    lab.verify_every_node("with node policies");
+    lab.delete_yaml("node-1-too.yaml", &nodes_too);
+    lab.delete_yaml("clients-only.yaml", &clients_only);
+}
+
 fn pods_services_and_flows(mode: Mode) {
     let mut lab = three_nodes(&format!("mn-{}", mode.as_str()), mode);
     lab.apply_yaml("workload.yaml", &workload());
@@ -347,6 +446,7 @@ fn pods_services_and_flows(mode: Mode) {
         BULK as f64 * 8.0 / took.as_secs_f64() / 1e9
     );
     scale_under_load(&mut lab, mode);
+    fragments_spoofing_and_nodes(&mut lab, mode);
     cross_node_drop_is_observed(&mut lab, mode);
     lab.verify_every_node("at the end");
 }
