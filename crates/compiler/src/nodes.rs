@@ -48,10 +48,15 @@ impl Nodes {
         if node == Some(this) {
             return 0;
         }
-        match self.remote.iter().find(|n| Some(n.name.as_str()) == node) {
-            Some(n) => addr_be(n.internal_ip),
-            None => self.prefix_tunnel(Ipv4Net::from(address)),
-        }
+        // `remote` is sorted by name.
+        let known = node.and_then(|node| {
+            let i = self
+                .remote
+                .binary_search_by(|n| n.name.as_str().cmp(node))
+                .ok()?;
+            Some(addr_be(self.remote[i].internal_ip))
+        });
+        known.unwrap_or_else(|| self.prefix_tunnel(Ipv4Net::from(address)))
     }
 
     /// The InternalIP of the other node whose pod CIDR holds `prefix`, else 0. An entry
