@@ -65,6 +65,10 @@ pub enum AgentError {
     Netns(#[from] sluice_netns::NetNsError),
     #[error("--routing-mode {mode} needs --underlay-device")]
     NoUnderlay { mode: sluice_common::RoutingMode },
+    #[error(
+        "--tunnel-device {0:?}: an interface name has 1 to 15 characters and no dot, slash or space"
+    )]
+    BadTunnelDevice(String),
     /// A device named as the tunnel device exists but is not ours to use.
     #[error(
         "tunnel device {device} is {found}, not a VXLAN device with external and dstport {port}"

@@ -47,10 +47,20 @@ impl Default for RoutingConfig {
 }
 
 impl RoutingConfig {
-    /// The underlay device, which tunnel and native mode cannot do without.
+    /// The underlay device, which tunnel and native mode cannot do without, and a tunnel
+    /// device name the kernel and the link pins accept.
     pub fn validate(&self) -> Result<(), AgentError> {
         if self.mode != RoutingMode::Local && self.underlay_device.is_none() {
             return Err(AgentError::NoUnderlay { mode: self.mode });
+        }
+        let name = &self.tunnel_device;
+        // IFNAMSIZ less the NUL; bpffs reserves names with a dot for itself.
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains(['.', '/'])
+            || name.contains(char::is_whitespace)
+        {
+            return Err(AgentError::BadTunnelDevice(name.clone()));
         }
         Ok(())
     }
@@ -133,6 +143,20 @@ impl Routing {
                 key: "0".into(),
                 desired: Some(describe(&desired)),
                 actual: actual.as_ref().map(describe),
+            });
+        }
+        if plan.node_config.is_some_and(|(desired, _)| {
+            self.config.mode == RoutingMode::Tunnel && desired.tunnel_ifindex == 0
+        }) {
+            drift.push(Drift {
+                map: "link".into(),
+                kind: DriftKind::Missing,
+                key: self.config.tunnel_device.clone(),
+                desired: Some(format!(
+                    "vxlan external dstport {}",
+                    self.config.tunnel_port
+                )),
+                actual: None,
             });
         }
         if plan.tunnel_detached {
@@ -252,14 +276,18 @@ impl Routing {
         })
     }
 
+    /// `node_config` for the devices as they are; a missing tunnel device (only `verify`
+    /// sees one: a pass makes it first) has index 0.
     fn desired_node_config(&self, netlink: &Netlink) -> Result<NodeConfig, AgentError> {
-        let index = |name: &str| netlink.index(name);
         let underlay = match (&self.config.underlay_device, self.config.mode) {
-            (Some(device), RoutingMode::Tunnel | RoutingMode::Native) => index(device)?,
+            (Some(device), RoutingMode::Tunnel | RoutingMode::Native) => netlink.index(device)?,
             _ => 0,
         };
         let tunnel = match self.config.mode {
-            RoutingMode::Tunnel => index(&self.config.tunnel_device)?,
+            RoutingMode::Tunnel => match netlink.index(&self.config.tunnel_device) {
+                Err(NetNsError::NoInterface { .. }) => 0,
+                index => index?,
+            },
             _ => 0,
         };
         Ok(NodeConfig::new(self.config.mode, tunnel, underlay))
@@ -342,4 +370,55 @@ fn describe(config: &NodeConfig) -> String {
         "mode {mode}, tunnel ifindex {}, underlay ifindex {}",
         config.tunnel_ifindex, config.underlay_ifindex
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_checked_before_anything_starts() {
+        let tunnel = RoutingConfig {
+            mode: RoutingMode::Tunnel,
+            ..RoutingConfig::default()
+        };
+        assert_eq!(
+            tunnel.validate().map_err(|e| e.to_string()),
+            Err("--routing-mode tunnel needs --underlay-device".into())
+        );
+        let with_underlay = RoutingConfig {
+            underlay_device: Some("underlay0".into()),
+            ..tunnel
+        };
+        assert!(with_underlay.validate().is_ok());
+        for bad in ["", "vxlan.0", "a-name-of-16-chr", "a b"] {
+            let config = RoutingConfig {
+                tunnel_device: bad.into(),
+                ..with_underlay.clone()
+            };
+            assert!(
+                matches!(config.validate(), Err(AgentError::BadTunnelDevice(n)) if n == bad),
+                "{bad:?}"
+            );
+        }
+        assert!(RoutingConfig::default().validate().is_ok(), "local mode");
+    }
+
+    #[test]
+    fn status_names_the_devices_the_mode_uses() {
+        let native = RoutingConfig {
+            mode: RoutingMode::Native,
+            underlay_device: Some("underlay0".into()),
+            ..RoutingConfig::default()
+        };
+        assert_eq!(
+            native.status(),
+            RoutingStatus {
+                mode: RoutingMode::Native,
+                tunnel_device: None,
+                underlay_device: Some("underlay0".into()),
+            }
+        );
+        assert_eq!(RoutingConfig::default().status(), RoutingStatus::default());
+    }
 }

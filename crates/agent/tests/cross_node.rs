@@ -8,7 +8,8 @@
 //!
 //! The agents learn each other from the Node objects of one cluster file: the agent makes
 //! the tunnel device, writes node_config, attaches the tunnel programs and routes the
-//! node's own traffic to the other node's pod CIDR; the datapath carries the pods'.
+//! node's own traffic to the other node's pod CIDR; the datapath carries the pods' (TCP
+//! and UDP).
 // A test binary: a panic in a helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,7 +17,7 @@ mod support;
 
 use std::{
     io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -222,6 +223,26 @@ fn exchange(client: &OwnedNetNs, listener: &TcpListener) -> io::Result<String> {
     Ok(answer)
 }
 
+/// A datagram from pod-a to pod-b and back: returns the sender address pod-b saw.
+fn udp_round_trip(nodes: &TwoNodes) -> String {
+    let bind = |ns: &OwnedNetNs, port| {
+        let socket = ns
+            .run(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap())
+            .unwrap();
+        socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+        socket
+    };
+    let (server, client) = (bind(&nodes.pod_b, PORT), bind(&nodes.pod_a, 0));
+    client.send_to(b"question", (POD_B, PORT)).unwrap();
+    let mut buf = [0u8; 64];
+    let (_, peer) = server.recv_from(&mut buf).expect("datagram across nodes");
+    server
+        .send_to(peer.ip().to_string().as_bytes(), peer)
+        .unwrap();
+    let n = client.recv(&mut buf).expect("answer across nodes");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 /// Removing node-b from the cluster file takes its route and every ipcache entry behind
 /// it away on node-a.
 fn node_b_leaves(nodes: &mut TwoNodes) {
@@ -298,12 +319,17 @@ fn tunnel_mode_agents_carry_pods_and_nodes_across() {
     let status = nodes.agent_a.status();
     assert_eq!(status.routing.mode, RoutingMode::Tunnel);
     assert_eq!(status.routing.tunnel_device.as_deref(), Some(TUNNEL));
+    let client = Client::new(&nodes.agent_a.socket);
+    let verify = || client.verify(VerifyRequest { repair: false }).unwrap();
+    let report = verify();
+    assert!(report.drift.is_empty(), "{report:?}");
 
     let listener = listen(&nodes.pod_b);
     assert_eq!(
         exchange(&nodes.pod_a, &listener).unwrap(),
         POD_A.to_string()
     );
+    assert_eq!(udp_round_trip(&nodes), POD_A.to_string());
     // The node's own traffic takes the agent's route into the tunnel, from its router
     // address, so the reply comes back through the tunnel too.
     assert_eq!(
@@ -312,18 +338,21 @@ fn tunnel_mode_agents_carry_pods_and_nodes_across() {
     );
 
     // A route removed behind the agent's back is drift, and the next pass puts it back.
+    // A periodic pass between the removal and verify repairs it first: then try again.
     let route = nodes.routes_a().remove(0);
-    links.delete_route(&route.route()).unwrap();
-    let report = Client::new(&nodes.agent_a.socket)
-        .verify(VerifyRequest { repair: false })
-        .unwrap();
-    assert!(
-        report
+    let reported = (0..5).any(|_| {
+        nodes
+            .agent_a
+            .wait("the route", Duration::from_secs(5), |_| {
+                links.routes(ROUTE_PROTOCOL).unwrap().len() == 1
+            });
+        links.delete_route(&route.route()).unwrap();
+        verify()
             .drift
             .iter()
-            .any(|d| d.map == "routes" && d.kind == DriftKind::Missing),
-        "{report:?}"
-    );
+            .any(|d| d.map == "routes" && d.kind == DriftKind::Missing)
+    });
+    assert!(reported, "verify reports the missing route");
     let removed = Instant::now();
     nodes
         .agent_a
@@ -334,6 +363,47 @@ fn tunnel_mode_agents_carry_pods_and_nodes_across() {
         "route removed behind the agent's back: restored after {:?} (interval 0.5 s)",
         removed.elapsed()
     );
+
+    // The tunnel device deleted behind the agent's back (its route goes with it): the next
+    // pass makes it again, points node_config at it, attaches the programs and routes.
+    // As with the route, a pass may re-make it before verify asks.
+    let mut old_index = 0;
+    let reported = (0..5).any(|_| {
+        nodes
+            .agent_a
+            .wait("the tunnel device", Duration::from_secs(5), |_| {
+                links.index(TUNNEL).is_ok() && links.routes(ROUTE_PROTOCOL).unwrap().len() == 1
+            });
+        old_index = links.index(TUNNEL).unwrap();
+        links.delete_link(TUNNEL).unwrap();
+        verify()
+            .drift
+            .iter()
+            .any(|d| d.map == "link" && d.key == TUNNEL && d.kind == DriftKind::Missing)
+    });
+    assert!(reported, "verify reports the missing tunnel device");
+    let deleted = Instant::now();
+    nodes
+        .agent_a
+        .wait("the tunnel device re-made", Duration::from_secs(5), |_| {
+            links.index(TUNNEL).is_ok_and(|i| i != old_index)
+                && links.routes(ROUTE_PROTOCOL).unwrap().len() == 1
+        });
+    let maps = PinnedMaps::open(nodes.agent_a.pins.path()).unwrap();
+    nodes.agent_a.wait(
+        "node_config names the new device",
+        Duration::from_secs(5),
+        |_| maps.node_config.get(&0, 0).unwrap().tunnel_ifindex == links.index(TUNNEL).unwrap(),
+    );
+    assert_eq!(
+        exchange(&nodes.pod_a, &listener).unwrap(),
+        POD_A.to_string()
+    );
+    eprintln!(
+        "tunnel device deleted behind the agent's back: carrying pod traffic again after {:?}",
+        deleted.elapsed()
+    );
+    assert!(verify().drift.is_empty());
 
     node_b_leaves(&mut nodes);
 }
@@ -364,6 +434,7 @@ fn native_mode_agents_carry_pods_and_nodes_across() {
         exchange(&nodes.pod_a, &listener).unwrap(),
         POD_A.to_string()
     );
+    assert_eq!(udp_round_trip(&nodes), POD_A.to_string());
     assert_eq!(
         exchange(&nodes.node_a, &listener).unwrap(),
         NODE_A.to_string()
