@@ -27,7 +27,13 @@ impl Lab {
         self.execute(plan, started)
     }
 
-    fn execute(&mut self, plan: Plan, started: Instant) -> Result<ApplyReport, LabError> {
+    /// Starts the plan's new pods, commits, waits for every agent, then removes the
+    /// terminating pods.
+    pub(crate) fn execute(
+        &mut self,
+        plan: Plan,
+        started: Instant,
+    ) -> Result<ApplyReport, LabError> {
         let Plan {
             mut state,
             create,

@@ -104,6 +104,9 @@ pub enum LabError {
         field: String,
         message: String,
     },
+    /// The pods of a removed node could not be replaced on the others.
+    #[error("deployment {deployment}: replacing the pods of a removed node: {message}")]
+    Reschedule { deployment: String, message: String },
     #[error("node {0} is the lab's last node: `lab down` removes the lab")]
     LastNode(String),
     #[error(

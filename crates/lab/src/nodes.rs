@@ -1,7 +1,7 @@
 //! A lab's nodes: each one's namespace and underlay link, and adding and removing nodes
 //! while the lab runs (`lab node add|remove`, or `lab up -f` again with a changed file).
 
-use std::{collections::BTreeSet, fs, net::Ipv4Addr, path::Path};
+use std::{collections::BTreeSet, fs, net::Ipv4Addr, path::Path, time::Instant};
 
 use sluice_netns::{Ipv4Net, NetNs, Route};
 
@@ -10,7 +10,7 @@ use crate::{
     WorldAttach,
     error::io_err,
     journal::{journal_netns, lock, remove_tree},
-    names, net, process,
+    names, net, plan, process,
     state::now,
     topology::{self, UNDERLAY_DEVICE},
 };
@@ -66,7 +66,8 @@ impl Lab {
 
     /// Removes a node from the running lab: its pods terminate first (out of every agent's
     /// dataplane, then stopped), then its agent stops and its namespace, pins and Node
-    /// object go; returns once every remaining agent realized that. The last node, and a
+    /// object go, and Deployments replace their pods on the other nodes; returns once every
+    /// remaining agent realized that. The last node, and a
     /// node a world host hangs off, are refused.
     pub fn remove_node(&mut self, name: &str) -> Result<(), LabError> {
         let _lock = lock(&self.dir, None)?;
@@ -299,7 +300,13 @@ impl Lab {
         }
         self.commit(state)?;
         result?;
-        self.wait_agents(self.state.generation, CHANGE_TIMEOUT, &[])
+        self.wait_agents(self.state.generation, CHANGE_TIMEOUT, &[])?;
+        // Deployments get their replicas back on the remaining nodes.
+        let plan = plan::reconcile_deployments(&self.state)?;
+        if !plan.create.is_empty() {
+            self.execute(plan, Instant::now())?;
+        }
+        Ok(())
     }
 
     /// Stops the node's agent and removes its namespace (its underlay link goes with it),

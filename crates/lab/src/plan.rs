@@ -23,7 +23,7 @@ mod deployments;
 mod pods;
 mod services;
 
-pub use self::services::cluster_ip;
+pub use self::{deployments::reconcile_deployments, services::cluster_ip};
 use self::{pods::mark_deleting, services::ClusterIps};
 // The tests name pod records through `super::*`.
 #[cfg(test)]

@@ -33,6 +33,18 @@ fn pinned_pod(name: &str, node: &str) -> String {
     )
 }
 
+const DEPLOYMENT: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: c, image: agnhost, ports: [{containerPort: 80}]}]
+";
+
 /// `(node, InternalIP, podCIDR)` of every Node object in the snapshot.
 fn nodes_of(snapshot: &Snapshot) -> Vec<(String, String, String)> {
     snapshot
@@ -84,18 +96,31 @@ fn tcp_between(lab: &Lab, from: &str, to: &str, address: Ipv4Addr) {
 #[test]
 fn three_nodes_come_up_on_an_underlay_and_go_down_leaving_nothing() {
     let name = unique("mn");
-    let text = std::fs::read_to_string(examples().join("lab-3nodes.yaml")).unwrap();
+    // The example, and a world host behind node-3.
+    let text = std::fs::read_to_string(examples().join("lab-3nodes.yaml"))
+        .unwrap()
+        .replace(
+            "world:\n",
+            "world:\n  - {name: partner, address: 198.51.100.7, attach: node-3}\n",
+        );
+    assert!(text.contains("partner"));
     let started = Instant::now();
     let mut t = TestLab::up(&name, &text, false);
     let took = started.elapsed();
-    eprintln!("lab up, 3 nodes and a world host on the underlay, no agents: {took:?}");
+    eprintln!("lab up, 3 nodes and 2 world hosts, no agents: {took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
 
-    let expected: std::collections::BTreeSet<String> =
-        ["node-1", "node-2", "node-3", "underlay", "world-internet"]
-            .iter()
-            .map(|n| format!("sluice-{name}-{n}"))
-            .collect();
+    let expected: std::collections::BTreeSet<String> = [
+        "node-1",
+        "node-2",
+        "node-3",
+        "underlay",
+        "world-internet",
+        "world-partner",
+    ]
+    .iter()
+    .map(|n| format!("sluice-{name}-{n}"))
+    .collect();
     assert_eq!(netns_of(&name), expected);
     assert_eq!(t.lab.underlay_netns(), format!("sluice-{name}-underlay"));
 
@@ -142,6 +167,8 @@ fn three_nodes_come_up_on_an_underlay_and_go_down_leaving_nothing() {
     assert!(ping(&n("node-1"), Ipv4Addr::new(172, 30, 0, 13)));
     assert!(ping(&n("node-3"), Ipv4Addr::new(172, 30, 0, 11)));
     tcp_between(&t.lab, "node-2", "node-3", Ipv4Addr::new(172, 30, 0, 13));
+    // Other nodes reach a world host behind node-3 through node-3.
+    assert!(ping(&n("node-1"), Ipv4Addr::new(198, 51, 100, 7)));
 
     // Tunnel mode: pods get the underlay MTU less VXLAN's 50 bytes, on both veth ends.
     let pod = t.write("pod.yaml", &pinned_pod("web", "node-2"));
@@ -246,8 +273,22 @@ fn nodes_join_and_leave_a_running_lab() {
     let last = generations_seen(&t, "node-1").pop().unwrap();
     assert_eq!(last.nodes.len(), 3);
 
+    // One replica per node (the least loaded first), then a pod on node-3.
+    let deployment = t.write("deployment.yaml", DEPLOYMENT);
+    t.lab.apply(&[deployment]).unwrap();
     let pod = t.write("pod.yaml", &pinned_pod("on-3", "node-3"));
     t.lab.apply(&[pod]).unwrap();
+    let replicas = |lab: &Lab| -> Vec<String> {
+        let mut nodes: Vec<String> = lab
+            .pods()
+            .into_iter()
+            .filter(|p| p.name.starts_with("web-"))
+            .map(|p| p.node)
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    assert_eq!(replicas(&t.lab), ["node-1", "node-2", "node-3"]);
     let pod_netns = t.lab.pod_netns("default/on-3").unwrap();
 
     // The world host on the underlay routes the new node's pod CIDR to it.
@@ -267,8 +308,11 @@ fn nodes_join_and_leave_a_running_lab() {
         "node removed, every agent realized it: {:?}",
         started.elapsed()
     );
-    assert!(t.lab.pods().is_empty());
+    assert!(t.lab.pods().iter().all(|p| p.node != "node-3"));
     assert!(!NetNs::named(pod_netns.as_str()).exists());
+    // The Deployment's replica on node-3 was replaced on a remaining node.
+    let after = replicas(&t.lab);
+    assert_eq!(after.len(), 3, "{after:?}");
     assert!(!NetNs::named(t.lab.node_netns("node-3").as_str()).exists());
     assert_eq!(nodes_of(&t.snapshot()).len(), 2);
     // Its pod left every dataplane (terminating, node still there) before the node went.
@@ -300,7 +344,15 @@ fn nodes_join_and_leave_a_running_lab() {
             .iter()
             .map(|n| format!("sluice-{name}-{n}"))
             .collect();
-    assert_eq!(netns_of(&name), expected);
+    let pods: std::collections::BTreeSet<String> = t
+        .lab
+        .pods()
+        .iter()
+        .map(|p| t.lab.pod_netns(&format!("default/{}", p.name)).unwrap())
+        .collect();
+    let nodes_and_hosts: std::collections::BTreeSet<String> =
+        netns_of(&name).difference(&pods).cloned().collect();
+    assert_eq!(nodes_and_hosts, expected);
     t.lab
         .add_node(NodeSpec {
             name: "node-3".into(),

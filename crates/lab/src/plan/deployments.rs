@@ -8,12 +8,12 @@ use serde_json::Value;
 use sluice_sources::Manifest;
 
 use super::{
-    Apply, new_uid,
+    Apply, Plan, new_uid,
     pods::{add_pod, mark_deleting},
 };
 use crate::{
-    names,
-    state::{LabState, Owner, Stored, key},
+    LabError, names,
+    state::{LabState, Owner, Stored, key, now},
 };
 
 impl Apply<'_> {
@@ -47,6 +47,39 @@ impl Apply<'_> {
             Err(message) => self.violation(m, "", message),
         }
     }
+}
+
+/// Every Deployment's pods reconciled again, as the ReplicaSet controller does once a
+/// removed node's pods are gone: the replacements go to the remaining nodes. A Deployment
+/// whose template names a node the lab no longer has keeps its missing pods missing, as
+/// Kubernetes leaves them pending.
+pub fn reconcile_deployments(current: &LabState) -> Result<Plan, LabError> {
+    let mut st = current.clone();
+    let when = now();
+    let mut create = Vec::new();
+    let deployments: Vec<(String, Deployment)> = st
+        .deployments
+        .iter()
+        .map(|(k, d)| (k.clone(), d.object.clone()))
+        .collect();
+    for (k, deployment) in deployments {
+        let pinned = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|s| s.node_name.as_deref());
+        if pinned.is_some_and(|node| st.spec.node(node).is_none()) {
+            continue;
+        }
+        let created = reconcile_deployment(&mut st, &k, &deployment, &when).map_err(|message| {
+            LabError::Reschedule {
+                deployment: k.clone(),
+                message,
+            }
+        })?;
+        create.extend(created);
+    }
+    Ok(Plan::finish(st, create, Vec::new()))
 }
 
 /// The ReplicaSet part of a Deployment: `replicas` pods of the current template; pods of an
