@@ -13,7 +13,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     process::{Child, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sluice_integration::{TestLab, http_get};
@@ -113,7 +113,18 @@ fn observe_merges_the_flows_of_every_node_in_time_order() {
     // Flows reach the buffer within the reader's 100 ms drain.
     std::thread::sleep(Duration::from_millis(300));
 
+    let started = Instant::now();
     let all = observe(&lab, &["--last", "1000"]);
+    let merged_in = started.elapsed();
+    let started = Instant::now();
+    let one_node = observe(&lab, &["--last", "1000", "--node", "node-1"]);
+    eprintln!(
+        "observe --last 1000: {} flows of 2 nodes merged in {merged_in:?} (the CLI process \
+         included); {} flows of one node in {:?}",
+        all.len(),
+        one_node.len(),
+        started.elapsed()
+    );
     let nodes: Vec<&str> = all.iter().map(node_of).collect();
     assert!(
         nodes.contains(&"node-1") && nodes.contains(&"node-2"),
