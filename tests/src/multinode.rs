@@ -5,10 +5,14 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
-use crate::{TestLab, in_netns};
+use crate::{TestLab, http_get, in_netns};
 
 /// The node names of [`lab_yaml`], in lab-file order.
 pub const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -158,4 +162,100 @@ pub fn dropped(lab: &TestLab, node: &str, reason: sluice_common::DropReason, dir
         .get(&sluice_common::metrics_index(reason.code(), dir), 0)
         .unwrap();
     values.iter().map(|v| v.packets).sum()
+}
+
+/// A three-node lab in `mode` (underlay MTU 1,500), its nodes checked.
+pub fn three_nodes(prefix: &str, mode: Mode) -> TestLab {
+    let started = Instant::now();
+    let lab = TestLab::up(prefix, &lab_yaml(mode, 3, 1500));
+    eprintln!("{mode:?}: lab up with 3 nodes in {:?}", started.elapsed());
+    assert_eq!(lab.lab.nodes(), NODES, "the lab's nodes, in lab-file order");
+    lab
+}
+
+/// One request of a loop: when it started and what answered.
+pub struct Sample {
+    pub started: Instant,
+    pub answer: Result<String, String>,
+}
+
+/// A request loop from `pod` to `addr` until the returned flag is set.
+pub fn request_loop(
+    lab: &TestLab,
+    pod: &str,
+    addr: SocketAddr,
+) -> (
+    Arc<AtomicBool>,
+    Arc<Mutex<Vec<Sample>>>,
+    std::thread::JoinHandle<()>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let netns = lab.lab.pod_netns(pod).unwrap();
+    let thread = {
+        let (stop, samples) = (Arc::clone(&stop), Arc::clone(&samples));
+        std::thread::spawn(move || {
+            in_netns(&netns, move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let answer = http_get(addr).map_err(|e| e.to_string());
+                    samples.lock().unwrap().push(Sample { started, answer });
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        })
+    };
+    (stop, samples, thread)
+}
+
+/// Byte `i` of a transfer: period 251, so a buffer of a multiple of 251 bytes repeats it.
+fn pattern(i: usize) -> u8 {
+    ((i % 251) * 7 % 251) as u8
+}
+
+/// Sends `len` bytes from `from` to a listener in `to`, checking every byte as it arrives.
+pub fn bulk_transfer(lab: &TestLab, from: &str, to: &str, len: usize) -> Duration {
+    let listener = lab.in_pod(to, || {
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, 9000)).unwrap()
+    });
+    let addr = SocketAddr::from((lab.pod_ip(to), 9000));
+    let stream = lab.in_pod(from, move || {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap()
+    });
+    let started = Instant::now();
+    let writer = std::thread::spawn(move || {
+        let mut stream = stream;
+        let chunk: Vec<u8> = (0..251 * 256).map(pattern).collect();
+        let mut sent = 0;
+        while sent < len {
+            let n = chunk.len().min(len - sent);
+            stream.write_all(&chunk[..n]).unwrap();
+            sent += n;
+        }
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let (mut accepted, _) = listener.accept().unwrap();
+    accepted
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // What any read may hold, from any phase of the pattern: compared with one memcmp.
+    let expected: Vec<u8> = (0..251 + (1 << 16)).map(pattern).collect();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = accepted.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        let phase = received % 251;
+        assert!(
+            buf[..n] == expected[phase..phase + n],
+            "bytes {received}..{} differ",
+            received + n
+        );
+        received += n;
+    }
+    writer.join().unwrap();
+    assert_eq!(received, len, "every byte arrived");
+    started.elapsed()
 }
