@@ -12,10 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::PerCpuValues;
-use sluice_common::{
-    DropReason, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, metrics_index,
-};
+use sluice_common::{DropReason, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS};
 use sluice_datapath::PinnedMaps;
 use sluice_integration::{ONE_NODE_LAB, TestLab, examples, in_netns};
 
@@ -64,11 +61,9 @@ fn connects(addr: SocketAddr) -> bool {
 
 fn dropped(lab: &TestLab, dir: u32) -> u64 {
     let maps = PinnedMaps::open(&lab.lab.pin_dir(&lab.node())).unwrap();
-    let values: PerCpuValues<MetricsValue> = maps
-        .metrics
-        .get(&metrics_index(DropReason::UnknownL3.code(), dir), 0)
-        .unwrap();
-    values.iter().map(|v| v.packets).sum()
+    maps.counted(DropReason::UnknownL3.code(), dir)
+        .unwrap()
+        .packets
 }
 
 #[test]

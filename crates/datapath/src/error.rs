@@ -54,6 +54,8 @@ pub enum DatapathError {
         map: &'static str,
         source: aya::sys::SyscallError,
     },
+    #[error("reading map {map}: {source}")]
+    MapRead { map: &'static str, source: MapError },
     #[error("reading the kernel's info on map {map}: {source}")]
     MapInfo { map: &'static str, source: MapError },
     #[error(

@@ -13,7 +13,7 @@ use aya::maps::{
 use sluice_common::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
     Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MapDef, MapId, MetricsValue, NodeConfig,
-    PolicyEntry, PolicyMatch, names,
+    PolicyEntry, PolicyMatch, metrics_index, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -64,6 +64,24 @@ impl std::fmt::Debug for PinnedMaps {
 }
 
 impl PinnedMaps {
+    /// What the `metrics` map counted for `reason` (a `DROP_*` code, or 0 for forwarded) in
+    /// `direction`, summed over CPUs.
+    pub fn counted(&self, reason: u8, direction: u32) -> Result<MetricsValue, DatapathError> {
+        let per_cpu = self
+            .metrics
+            .get(&metrics_index(reason, direction), 0)
+            .map_err(|source| DatapathError::MapRead {
+                map: MapId::Metrics.name(),
+                source,
+            })?;
+        Ok(per_cpu
+            .iter()
+            .fold(MetricsValue::default(), |sum, v| MetricsValue {
+                packets: sum.packets + v.packets,
+                bytes: sum.bytes + v.bytes,
+            }))
+    }
+
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
         Ok(Self {
             services: open_typed(pin_dir, MapId::Services, HashMap::try_from)?,

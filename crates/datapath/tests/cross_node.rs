@@ -21,11 +21,11 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{PerCpuValues, lpm_trie::Key};
+use aya::maps::lpm_trie::Key;
 use sluice_common::{
     DropReason, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, IDENTITY_HOST, IDENTITY_REMOTE_NODE,
-    IDENTITY_WORLD, IPPROTO_TCP, IpcacheEntry, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue,
-    NodeConfig, POLICY_INGRESS, PolicyKey, RoutingMode, addr_be, metrics_index,
+    IDENTITY_WORLD, IPPROTO_TCP, IpcacheEntry, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, NodeConfig,
+    POLICY_INGRESS, PolicyKey, RoutingMode, addr_be,
 };
 use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
 use sluice_netns::{Ipv4Net, Route};
@@ -59,12 +59,7 @@ struct Node {
 
 impl Node {
     fn metric(&self, reason: DropReason, dir: u32) -> u64 {
-        let values: PerCpuValues<MetricsValue> = self
-            .maps
-            .metrics
-            .get(&metrics_index(reason.code(), dir), 0)
-            .unwrap();
-        values.iter().map(|v| v.packets).sum()
+        self.maps.counted(reason.code(), dir).unwrap().packets
     }
 
     fn ipcache(&mut self, address: Ipv4Addr, identity: u32, tunnel_endpoint: Option<Ipv4Addr>) {

@@ -19,8 +19,8 @@ use sluice_common::{
     ENDPOINT_F_POLICY_OVERFLOW, EVENT_CLOSE, EVENT_CONFIG_F_ENABLED, EVENT_DROP, EVENT_F_DENIED,
     EVENT_F_HOST_ROW, EVENT_F_REPLY, EVENT_F_SERVICE, EVENT_POLICY_VERDICT, EVENT_TRACE,
     EventConfig, EventCounter, FlowEvent, IDENTITY_HOST, IPPROTO_TCP, IPPROTO_UDP,
-    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, POLICY_EGRESS, POLICY_INGRESS, PolicyKey,
-    addr_be, event_counter_index, metrics_index,
+    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, POLICY_EGRESS, POLICY_INGRESS, PolicyKey, addr_be,
+    event_counter_index,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::{Datapath, PinnedMaps, open_events};
@@ -159,12 +159,7 @@ impl Fixture {
 
     /// Packets counted in `metrics` for `reason` in `dir`, summed over CPUs.
     fn metric(&self, reason: DropReason, dir: u32) -> u64 {
-        let values: PerCpuValues<MetricsValue> = self
-            .maps
-            .metrics
-            .get(&metrics_index(reason.code(), dir), 0)
-            .unwrap();
-        values.iter().map(|v| v.packets).sum()
+        self.maps.counted(reason.code(), dir).unwrap().packets
     }
 }
 

@@ -12,12 +12,11 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::PerCpuValues;
 use sluice_common::{
     CT_INGRESS, Ct4Key, DropReason, ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED,
     ENDPOINT_F_POLICY_OVERFLOW, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, LOOPBACK_IPV4, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, POLICY_EGRESS,
-    POLICY_INGRESS, PolicyEntry, PolicyKey, metrics_index,
+    IPPROTO_UDP, LOOPBACK_IPV4, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, POLICY_EGRESS,
+    POLICY_INGRESS, PolicyEntry, PolicyKey,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::{Datapath, PinnedMaps, PolicyMap, create_policy_map};
@@ -93,9 +92,7 @@ impl Fixture {
     }
 
     fn metric_code(&self, code: u8, dir: u32) -> u64 {
-        let values: PerCpuValues<MetricsValue> =
-            self.maps.metrics.get(&metrics_index(code, dir), 0).unwrap();
-        values.iter().map(|v| v.packets).sum()
+        self.maps.counted(code, dir).unwrap().packets
     }
 }
 

@@ -7,12 +7,10 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use aya::maps::PerCpuValues;
 use sluice_common::{
     CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_SERVICE,
     Ct4Entry, Ct4Key, DropReason, IPPROTO_TCP, IPPROTO_UDP, LOOPBACK_IPV4, Lb4BackendKey, Lb4Key,
     Lb4Service, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, SVC_FLAG_CLUSTER_IP,
-    metrics_index,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::{Datapath, PinnedMaps};
@@ -98,17 +96,7 @@ impl Fixture {
 
     /// Packets and bytes counted for `reason` in `dir`, summed over CPUs.
     fn metric(&self, reason: u8, dir: u32) -> MetricsValue {
-        let values: PerCpuValues<MetricsValue> = self
-            .maps
-            .metrics
-            .get(&metrics_index(reason, dir), 0)
-            .unwrap();
-        values
-            .iter()
-            .fold(MetricsValue::default(), |sum, v| MetricsValue {
-                packets: sum.packets + v.packets,
-                bytes: sum.bytes + v.bytes,
-            })
+        self.maps.counted(reason, dir).unwrap()
     }
 
     /// The backend a TCP packet from `src` to the VIP is sent to.

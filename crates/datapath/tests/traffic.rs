@@ -27,8 +27,8 @@ use std::{
 use aya::maps::lpm_trie::Key;
 use sluice_common::{
     DropReason, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, IDENTITY_HOST, IDENTITY_WORLD,
-    IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, LOOPBACK_IPV4, METRIC_DIR_INGRESS, MetricsValue,
-    POLICY_INGRESS, PolicyEntry, PolicyKey, addr_be, metrics_index,
+    IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, LOOPBACK_IPV4, METRIC_DIR_INGRESS, POLICY_INGRESS,
+    PolicyEntry, PolicyKey, addr_be,
 };
 use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
 use sluice_netns::{Ipv4Net, NsThread, Route};
@@ -407,10 +407,10 @@ fn ingress_policy_on_real_traffic() {
 
     // Every loss was the policy's: no fragment went missing, no policy map was missing.
     let count = |reason: DropReason| -> u64 {
-        let index = metrics_index(reason.code(), METRIC_DIR_INGRESS);
-        let values: aya::maps::PerCpuValues<MetricsValue> =
-            topo.maps.metrics.get(&index, 0).unwrap();
-        values.iter().map(|v| v.packets).sum()
+        topo.maps
+            .counted(reason.code(), METRIC_DIR_INGRESS)
+            .unwrap()
+            .packets
     };
     assert!(count(DropReason::Policy) > 0);
     assert_eq!(count(DropReason::FragNotFound), 0);

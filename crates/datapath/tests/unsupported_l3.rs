@@ -6,9 +6,8 @@
 
 mod support;
 
-use aya::maps::PerCpuValues;
 use sluice_common::{
-    DropReason, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, metrics_index,
+    DropReason, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::PinnedMaps;
@@ -57,11 +56,7 @@ fn arp_request() -> Vec<u8> {
 }
 
 fn dropped(maps: &PinnedMaps, reason: DropReason, dir: u32) -> u64 {
-    let values: PerCpuValues<MetricsValue> = maps
-        .metrics
-        .get(&metrics_index(reason.code(), dir), 0)
-        .unwrap();
-    values.iter().map(|v| v.packets).sum()
+    maps.counted(reason.code(), dir).unwrap().packets
 }
 
 #[test]

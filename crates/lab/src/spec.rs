@@ -241,40 +241,15 @@ impl LabSpec {
         let cluster_cidr = match raw.cluster_cidr.as_deref() {
             None => topology::default_cluster_cidr(&nodes),
             Some(text) => {
-                let cidr = parse_cidr(text, 30).map_err(|m| err("clusterCIDR", m))?;
-                if overlaps(cidr, service_cidr) {
-                    return Err(err(
-                        "clusterCIDR",
-                        format!("{cidr} overlaps serviceCIDR {service_cidr}"),
-                    ));
-                }
-                cidr
+                parse_cluster_cidr(text, service_cidr).map_err(|m| err("clusterCIDR", m))?
             }
         };
-        let routing_mode = raw
-            .routing_mode
-            .as_deref()
-            .map(RoutingMode::parse)
-            .transpose()
-            .map_err(|m| err("routingMode", m))?;
-        // Several nodes always need a segment between them; so does a lab that names a
-        // routing mode, to be able to grow.
-        let joined = raw.underlay.is_some() || nodes.len() > 1 || routing_mode.is_some();
-        let underlay = match raw.underlay {
-            Some(u) => Some(parse_underlay(u, &err)?),
-            None if joined => Some(UnderlaySpec {
-                cidr: DEFAULT_UNDERLAY_CIDR,
-                mtu: DEFAULT_UNDERLAY_MTU,
-            }),
-            None => None,
-        };
+        let (routing_mode, underlay) =
+            parse_joining(raw.routing_mode.as_deref(), raw.underlay, nodes.len(), &err)?;
         let mut spec = LabSpec {
             service_cidr,
             cluster_cidr,
-            routing_mode: match (&underlay, routing_mode) {
-                (None, _) => RoutingMode::Local,
-                (Some(_), mode) => mode.unwrap_or(RoutingMode::Tunnel),
-            },
+            routing_mode,
             underlay,
             tx_checksum_offload: raw.tx_checksum_offload.unwrap_or(true),
             nodes,
@@ -401,6 +376,39 @@ fn parse_nodes(
         });
     }
     Ok(nodes)
+}
+
+fn parse_cluster_cidr(text: &str, service_cidr: Ipv4Net) -> Result<Ipv4Net, String> {
+    let cidr = parse_cidr(text, 30)?;
+    if overlaps(cidr, service_cidr) {
+        return Err(format!("{cidr} overlaps serviceCIDR {service_cidr}"));
+    }
+    Ok(cidr)
+}
+
+/// `routingMode` and `underlay`: several nodes always need a segment between them, and so
+/// does a lab that names a routing mode, to be able to grow; a lab of one node without
+/// either runs local mode.
+fn parse_joining(
+    routing_mode: Option<&str>,
+    underlay: Option<RawUnderlay>,
+    nodes: usize,
+    err: &impl Fn(&str, String) -> LabError,
+) -> Result<(RoutingMode, Option<UnderlaySpec>), LabError> {
+    let mode = routing_mode
+        .map(RoutingMode::parse)
+        .transpose()
+        .map_err(|m| err("routingMode", m))?;
+    let joined = underlay.is_some() || nodes > 1 || mode.is_some();
+    let underlay = match underlay {
+        Some(u) => parse_underlay(u, err)?,
+        None if joined => UnderlaySpec {
+            cidr: DEFAULT_UNDERLAY_CIDR,
+            mtu: DEFAULT_UNDERLAY_MTU,
+        },
+        None => return Ok((RoutingMode::Local, None)),
+    };
+    Ok((mode.unwrap_or(RoutingMode::Tunnel), Some(underlay)))
 }
 
 fn parse_underlay(

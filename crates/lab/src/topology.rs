@@ -196,64 +196,65 @@ pub fn check_nodes(
                 ),
             );
         }
-        // The node's router takes .1 and pods need at least one more address.
-        if let Err(m) = check_cidr(node.pod_cidr, 30) {
-            return fail("podCIDR", m);
-        }
-        if let Some(j) = earlier
-            .iter()
-            .position(|n| overlaps(n.pod_cidr, node.pod_cidr))
-        {
-            return fail(
-                "podCIDR",
-                format!(
-                    "{} overlaps {} {}",
-                    node.pod_cidr,
-                    field_of(j, "podCIDR"),
-                    spec.nodes[j].pod_cidr
-                ),
-            );
-        }
-        if overlaps(spec.service_cidr, node.pod_cidr) {
-            return fail(
-                "podCIDR",
-                format!(
-                    "{} overlaps serviceCIDR {}",
-                    node.pod_cidr, spec.service_cidr
-                ),
-            );
-        }
-        if let Some(underlay) = spec.underlay
-            && overlaps(underlay.cidr, node.pod_cidr)
-        {
-            return fail(
-                "podCIDR",
-                format!("{} overlaps underlay.cidr {}", node.pod_cidr, underlay.cidr),
-            );
-        }
-        if !spec.cluster_cidr.contains(&node.pod_cidr) {
-            return fail(
-                "podCIDR",
-                format!(
-                    "{} is outside clusterCIDR {}",
-                    node.pod_cidr, spec.cluster_cidr
-                ),
-            );
-        }
-        if let Some(w) = spec
-            .world
-            .iter()
-            .find(|w| node.pod_cidr.contains(&w.address))
-        {
-            return fail(
-                "podCIDR",
-                format!(
-                    "{} holds world host {}'s address {}",
-                    node.pod_cidr, w.name, w.address
-                ),
-            );
-        }
+        check_pod_cidr(spec, i, field_of)?;
         check_underlay_address(spec, i, field_of)?;
+    }
+    Ok(())
+}
+
+/// Node i's pod CIDR: big enough, inside the cluster's, clear of every other range.
+fn check_pod_cidr(
+    spec: &LabSpec,
+    i: usize,
+    field_of: &dyn Fn(usize, &str) -> String,
+) -> Result<(), Violation> {
+    let node = &spec.nodes[i];
+    let earlier = &spec.nodes[..i];
+    let fail = |message: String| Err((field_of(i, "podCIDR"), message));
+    // The node's router takes .1 and pods need at least one more address.
+    if let Err(m) = check_cidr(node.pod_cidr, 30) {
+        return fail(m);
+    }
+    if let Some(j) = earlier
+        .iter()
+        .position(|n| overlaps(n.pod_cidr, node.pod_cidr))
+    {
+        return fail(format!(
+            "{} overlaps {} {}",
+            node.pod_cidr,
+            field_of(j, "podCIDR"),
+            spec.nodes[j].pod_cidr
+        ));
+    }
+    if overlaps(spec.service_cidr, node.pod_cidr) {
+        return fail(format!(
+            "{} overlaps serviceCIDR {}",
+            node.pod_cidr, spec.service_cidr
+        ));
+    }
+    if let Some(underlay) = spec.underlay
+        && overlaps(underlay.cidr, node.pod_cidr)
+    {
+        return fail(format!(
+            "{} overlaps underlay.cidr {}",
+            node.pod_cidr, underlay.cidr
+        ));
+    }
+    if !spec.cluster_cidr.contains(&node.pod_cidr) {
+        return fail(format!(
+            "{} is outside clusterCIDR {}",
+            node.pod_cidr, spec.cluster_cidr
+        ));
+    }
+    if let Some(w) = spec
+        .world
+        .iter()
+        .find(|w| node.pod_cidr.contains(&w.address))
+    {
+        return fail(format!(
+            "{} holds world host {}'s address {}",
+            node.pod_cidr, w.name, w.address
+        ));
     }
     Ok(())
 }

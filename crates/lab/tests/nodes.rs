@@ -14,10 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_lab::{Lab, LabError, NodeSpec, ProbeOptions, Protocol, UNDERLAY_DEVICE, Via};
+use sluice_lab::{
+    Lab, LabError, NodeSpec, ProbeOptions, ProbeRequest, Protocol, UNDERLAY_DEVICE, Via,
+};
 use sluice_netns::NetNs;
 use sluice_store::Snapshot;
-use support::{TestLab, examples, netns_of, unique};
+use support::{Agent, TestLab, examples, netns_of, unique};
 
 const HEAD: &str = "apiVersion: sluice.dev/v1alpha1\nkind: Lab\n";
 
@@ -105,7 +107,7 @@ fn three_nodes_come_up_on_an_underlay_and_go_down_leaving_nothing() {
         );
     assert!(text.contains("partner"));
     let started = Instant::now();
-    let mut t = TestLab::up(&name, &text, false);
+    let mut t = TestLab::up(&name, &text, Agent::None);
     let took = started.elapsed();
     eprintln!("lab up, 3 nodes and 2 world hosts, no agents: {took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
@@ -243,7 +245,7 @@ fn nodes_join_and_leave_a_running_lab() {
     let name = unique("mj");
     let world =
         "world: [{name: far, address: 198.51.100.9, attach: underlay, ports: [{port: 80}]}]\n";
-    let mut t = TestLab::up(&name, &format!("{}{world}", two_nodes()), true);
+    let mut t = TestLab::up(&name, &format!("{}{world}", two_nodes()), Agent::Fake);
     let log = std::fs::read_to_string(t.lab.agent_log("node-1")).unwrap();
     assert!(
         log.contains("--routing-mode tunnel --underlay-device underlay0"),
@@ -366,7 +368,7 @@ fn nodes_join_and_leave_a_running_lab() {
 #[test]
 fn bad_node_changes_are_refused_and_change_nothing() {
     let name = unique("mr");
-    let mut t = TestLab::up(&name, &two_nodes(), false);
+    let mut t = TestLab::up(&name, &two_nodes(), Agent::None);
     let cluster = |t: &TestLab| std::fs::read_to_string(t.lab.cluster_file()).unwrap();
     let before = (netns_of(&name), t.lab.generation(), cluster(&t));
     let node = |name: &str, cidr: &str, address: Option<Ipv4Addr>| NodeSpec {
@@ -430,7 +432,7 @@ fn bad_node_changes_are_refused_and_change_nothing() {
     let local = TestLab::up(
         &unique("ml"),
         &format!("{HEAD}nodes: [{{name: node-1, podCIDR: 10.244.1.0/24}}]\n"),
-        false,
+        Agent::None,
     );
     assert!(!NetNs::named(local.lab.underlay_netns().as_str()).exists());
     let mut lab = Lab::open(&local.name, &local.opts).unwrap();
@@ -438,4 +440,79 @@ fn bad_node_changes_are_refused_and_change_nothing() {
         .add_node(node("node-2", "10.244.2.0/24", None))
         .unwrap_err();
     assert!(matches!(err, LabError::NoUnderlay(_)), "{err}");
+}
+
+/// Pods on every node, and the world host on the underlay, reach each other over TCP and
+/// UDP with the real agents, in `mode`; also after a node joins and another leaves.
+fn pods_across_nodes(file: &str) {
+    let mode = if file.ends_with("native.yaml") {
+        " (native)"
+    } else {
+        " (tunnel)"
+    };
+    let name = unique("mx");
+    let text = std::fs::read_to_string(examples().join(file)).unwrap();
+    let started = Instant::now();
+    let mut t = TestLab::up(&name, &text, Agent::Real);
+    eprintln!("lab up{mode}, 3 nodes with agents: {:?}", started.elapsed());
+    let pods: String = ["node-1", "node-2", "node-3", "node-1"]
+        .iter()
+        .enumerate()
+        .map(|(i, node)| udp_tcp_pod(&format!("p{i}"), node))
+        .collect();
+    let file = t.write("pods.yaml", &pods);
+    t.lab.apply(&[file]).unwrap();
+    let all_allowed = |lab: &Lab, expect: usize| {
+        let matrix = lab
+            .probe(&ProbeRequest {
+                namespaces: Vec::new(),
+                selector: Default::default(),
+                world: true,
+                ports: vec![80],
+                protocols: vec![Protocol::Tcp, Protocol::Udp],
+                options: ProbeOptions {
+                    via: Via::PodIp,
+                    timeout: Duration::from_secs(2),
+                },
+            })
+            .unwrap();
+        let denied: Vec<_> = matrix.probes.iter().filter(|p| !p.allowed).collect();
+        assert!(denied.is_empty(), "{mode}: {denied:?}");
+        assert_eq!(matrix.probes.len(), expect);
+    };
+    // 4 pods and the world host, both ways, TCP and UDP.
+    all_allowed(&t.lab, 5 * 5 * 2);
+
+    let started = Instant::now();
+    t.lab
+        .add_node(NodeSpec {
+            name: "node-4".into(),
+            pod_cidr: "10.244.4.0/24".parse().unwrap(),
+            underlay_address: None,
+        })
+        .unwrap();
+    eprintln!("node added{mode}, agents healthy: {:?}", started.elapsed());
+    let file = t.write("p4.yaml", &udp_tcp_pod("p4", "node-4"));
+    t.lab.apply(&[file]).unwrap();
+    all_allowed(&t.lab, 6 * 6 * 2);
+    let started = Instant::now();
+    t.lab.remove_node("node-3").unwrap();
+    eprintln!("node removed{mode}: {:?}", started.elapsed());
+    all_allowed(&t.lab, 5 * 5 * 2);
+}
+
+fn udp_tcp_pod(name: &str, node: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: agnhost\n    ports: [{{containerPort: 80}}, {{containerPort: 80, protocol: UDP}}]\n"
+    )
+}
+
+#[test]
+fn pods_across_nodes_by_tunnel() {
+    pods_across_nodes("lab-3nodes.yaml");
+}
+
+#[test]
+fn pods_across_nodes_natively() {
+    pods_across_nodes("lab-3nodes-native.yaml");
 }

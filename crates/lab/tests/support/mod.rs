@@ -38,6 +38,31 @@ pub fn sluice_bin() -> PathBuf {
     path
 }
 
+/// The real agent, built like the `sluice` binary.
+pub fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("SLUICE_AGENT_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/sluice-agent"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --bins` first (or set SLUICE_AGENT_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// What runs on every node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Agent {
+    /// No agent at all: bare routing.
+    None,
+    /// [`FAKE_AGENT`].
+    Fake,
+    /// The real sluice-agent.
+    Real,
+}
+
 fn script(path: &Path, text: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     fs::write(path, text).unwrap();
@@ -54,9 +79,8 @@ pub struct TestLab {
 }
 
 impl TestLab {
-    /// `lab up` of `text`; with `fake_agent`, [`FAKE_AGENT`] runs on every node, else no
-    /// agent at all (bare routing).
-    pub fn up(name: &str, text: &str, fake_agent: bool) -> Self {
+    /// `lab up` of `text` with `agent` on every node.
+    pub fn up(name: &str, text: &str, agent: Agent) -> Self {
         let tmp = std::env::temp_dir().join(format!("sluice-lab-test-{name}"));
         fs::create_dir_all(&tmp).unwrap();
         let mut opts = LabOptions {
@@ -66,7 +90,10 @@ impl TestLab {
             },
             state_root: tmp.join("state"),
         };
-        if fake_agent {
+        if agent == Agent::Real {
+            opts.binaries.agent = Some(agent_bin());
+        }
+        if agent == Agent::Fake {
             let handler = script(&tmp.join("handler.sh"), FAKE_AGENT_HANDLER);
             let agent = FAKE_AGENT.replace("HANDLER", &handler.display().to_string());
             opts.binaries.agent = Some(script(&tmp.join("agent.sh"), &agent));
