@@ -157,7 +157,7 @@ impl Node {
             self.datapath.detach(AttachRole::PodVeth, ifname)?;
             attached = true;
         }
-        let (others, own_router) = self.other_nodes();
+        let (others, own_router) = nodes::routed(&desired.nodes);
         attached |= self
             .routing
             .reconcile(&mut self.datapath, &others, own_router)?;
@@ -166,16 +166,6 @@ impl Node {
         }
         self.desired = Arc::new(desired);
         Ok(stats.changed() || attached)
-    }
-
-    /// The other nodes of the snapshot and this node's router address.
-    fn other_nodes(&self) -> (Vec<nodes::ClusterNode>, Option<std::net::Ipv4Addr>) {
-        let others = nodes::cluster_nodes(&self.snapshot)
-            .into_values()
-            .filter(|n| n.name != self.name)
-            .collect();
-        let own_router = nodes::own_pod_cidr(&self.snapshot, &self.name).map(nodes::router_address);
-        (others, own_router)
     }
 
     fn compile(&self) -> DesiredState {
@@ -187,16 +177,14 @@ impl Node {
                 Some((e.interface.clone(), index))
             })
             .collect::<BTreeMap<_, _>>();
-        let mut desired = sluice_compiler::compile(
+        sluice_compiler::compile(
             &self.snapshot,
             &NodeContext {
                 node: self.name.clone(),
                 interfaces,
                 policy_map_max: self.policy_map_max,
             },
-        );
-        nodes::complete_ipcache(&mut desired, &self.snapshot, &self.name);
-        desired
+        )
     }
 
     /// Attaches the datapath to `ifname` unless the kernel already runs it there.
@@ -240,7 +228,7 @@ impl Node {
             desired: Some(routing::programs(AttachRole::PodVeth)),
             actual: None,
         }));
-        let (others, own_router) = self.other_nodes();
+        let (others, own_router) = nodes::routed(&desired.nodes);
         drift.extend(self.routing.drift(&others, own_router)?);
         let repaired = repair && !drift.is_empty();
         if repaired {
