@@ -277,7 +277,7 @@ impl LabState {
                     addresses: [p.ip.into()].into(),
                 })
                 .collect(),
-            cluster_cidr: None,
+            cluster_cidr: Some(self.spec.cluster_cidr),
         }
     }
 
