@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark matrix: sluice, kube-proxy's iptables and nftables rules and the bare path,
-# side by side in namespaces it creates (needs root). Writes bench/results/latest/report.md
-# and its charts. `--quick`: N = 1 and 1k, one repetition, short runs (under 2 minutes).
+# side by side in namespaces it creates (needs root), and the cross-node variants (bare
+# routing, sluice tunnel, sluice native between two node namespaces). Writes
+# bench/results/latest/report.md and its charts. `--quick`: N = 1 and 1k, one repetition, short runs (under 2 minutes).
 # Other arguments go to sluice-bench (see `sluice-bench --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,8 @@ bash scripts/setup.sh
 [ "$(id -u)" = 0 ] || { echo "the benchmark creates network namespaces and loads eBPF: run as root" >&2; exit 1; }
 
 cargo build --release -p sluice-bench -p sluice-agent
-export SLUICE_AGENT_BIN="$PWD/target/release/sluice-agent"
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+export SLUICE_AGENT_BIN="$target/release/sluice-agent"
 out=bench/results/latest
 [ "${1:-}" = --quick ] && out=bench/results/quick
-exec ./target/release/sluice-bench --out "$out" "$@"
+exec "$target/release/sluice-bench" --out "$out" "$@"

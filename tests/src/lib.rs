@@ -18,6 +18,7 @@ use std::{
 
 use sluice_lab::{Lab, LabBinaries, LabOptions};
 
+pub mod multinode;
 pub mod netpol;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -56,8 +57,16 @@ pub fn examples() -> PathBuf {
 }
 
 impl TestLab {
-    /// Starts a one-node lab (`lab_yaml` is the lab file's text) under a unique name.
+    /// Starts a lab (`lab_yaml` is the lab file's text) under a unique name.
     pub fn up(prefix: &str, lab_yaml: &str) -> Self {
+        // A half-made lab is torn down when `failed` drops.
+        Self::try_up(prefix, lab_yaml)
+            .unwrap_or_else(|failed| panic!("lab up {}: {}", failed.name, failed.error))
+    }
+
+    /// [`Self::up`], or what failed: whatever the attempt made is left for the caller to
+    /// inspect, and removed when the [`FailedLab`] drops.
+    pub fn try_up(prefix: &str, lab_yaml: &str) -> Result<Self, Box<FailedLab>> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{prefix}-{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(format!("sluice-test-{name}"));
@@ -71,20 +80,19 @@ impl TestLab {
         };
         let lab_file = dir.join("lab.yaml");
         fs::write(&lab_file, lab_yaml).unwrap();
-        // Tear down a half-made lab too.
-        let lab = match Lab::up(&name, &lab_file, &opts) {
-            Ok(lab) => lab,
-            Err(e) => {
-                let _ = Lab::down(&name, &opts);
-                let _ = fs::remove_dir_all(&dir);
-                panic!("lab up {name}: {e}");
-            }
-        };
-        Self {
-            lab,
-            name,
-            opts,
-            dir,
+        match Lab::up(&name, &lab_file, &opts) {
+            Ok(lab) => Ok(Self {
+                lab,
+                name,
+                opts,
+                dir,
+            }),
+            Err(error) => Err(Box::new(FailedLab {
+                name,
+                opts,
+                dir,
+                error,
+            })),
         }
     }
 
@@ -213,6 +221,21 @@ impl TestLab {
         let mut args = args.to_vec();
         args.extend(["-o", "json"]);
         serde_json::from_str(&self.cli(&args)).unwrap()
+    }
+}
+
+/// A lab that did not come up: its name, options and error.
+pub struct FailedLab {
+    pub name: String,
+    pub opts: LabOptions,
+    dir: PathBuf,
+    pub error: sluice_lab::LabError,
+}
+
+impl Drop for FailedLab {
+    fn drop(&mut self) {
+        let _ = Lab::down(&self.name, &self.opts);
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -13,8 +13,12 @@
 //! 10.2.0.2:8080 directly; sluice runs its programs on every pod's veth;
 //! iptables and nftables load kube-proxy's rules into the node netns. N services are
 //! programmed, N-1 decoys with 2 backends each first and the measured service last.
+//!
+//! The cross-node variants (bare routing, sluice tunnel, sluice native between two node
+//! namespaces over an underlay veth) have their own topology: see [`crossnode`].
 
 pub mod agent;
+pub mod crossnode;
 pub mod kproxy;
 pub mod load;
 pub mod netns;
@@ -190,6 +194,8 @@ pub struct Config {
     pub single_rep_above: usize,
     pub convergence_endpoints: Option<usize>,
     pub agent: Option<AgentLoad>,
+    /// Run the cross-node variants (bare, tunnel, native between two node namespaces).
+    pub cross_node: bool,
 }
 
 impl Config {
@@ -214,6 +220,7 @@ impl Config {
                 rate: 10_000.0,
                 duration: Duration::from_secs(5),
             }),
+            cross_node: true,
         }
     }
 
@@ -283,6 +290,7 @@ pub struct Results {
     pub skipped: Vec<Skipped>,
     pub convergence: Option<sluice::Convergence>,
     pub agent: Option<agent::AgentCost>,
+    pub cross_node: Vec<crossnode::CrossSample>,
     pub elapsed: Duration,
 }
 
@@ -538,6 +546,9 @@ pub fn run(config: &Config, progress: &mut dyn FnMut(&str)) -> Result<Results, B
                 results.samples.push(sample);
             }
         }
+    }
+    if config.cross_node {
+        results.cross_node = crossnode::run(config, progress)?;
     }
     if let Some(endpoints) = config.convergence_endpoints {
         progress(&format!("policy convergence, {endpoints} endpoints"));

@@ -33,6 +33,9 @@ struct Args {
     /// Skip the agent-cost measurement.
     #[arg(long)]
     no_agent: bool,
+    /// Skip the cross-node variants.
+    #[arg(long)]
+    no_cross_node: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +61,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.no_agent {
         config.agent = None;
+    }
+    if args.no_cross_node {
+        config.cross_node = false;
     }
     config.variants = Variant::ALL.to_vec();
     let command = std::env::args().collect::<Vec<_>>().join(" ");

@@ -82,6 +82,16 @@ impl NetNs {
         output(self.ns.command(program)?.args(args), Some(input))
     }
 
+    /// The namespace itself, for links whose peer goes into it.
+    pub fn ns(&self) -> &sluice_netns::NetNs {
+        &self.ns
+    }
+
+    /// A netlink connection acting in this namespace.
+    pub fn netlink(&self) -> Result<sluice_netns::Netlink, BenchError> {
+        Ok(self.ns.netlink()?)
+    }
+
     pub fn sysctl(&self, settings: &[(&str, &str)]) -> Result<(), BenchError> {
         Ok(self.ns.set_sysctls(settings)?)
     }

@@ -9,7 +9,7 @@ use crate::{BenchError, Config, Results, Sample, Variant};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -127,7 +127,7 @@ pub fn machine(config: &Config) -> Vec<(String, String)> {
     ]
 }
 
-fn ratio(a: f64, b: f64) -> String {
+pub(crate) fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 && a.is_finite() {
         format!("{:.2}x", a / b)
     } else {
@@ -135,7 +135,7 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-fn num(v: f64) -> String {
+pub(crate) fn num(v: f64) -> String {
     if !v.is_finite() {
         return "–".into();
     }
@@ -155,7 +155,7 @@ fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map(f).unwrap_or_else(|| "–".into())
 }
 
-fn target_line(
+pub(crate) fn target_line(
     out: &mut String,
     what: &str,
     target: &str,
@@ -420,6 +420,19 @@ pub fn write(
         }
     }
 
+    if !results.cross_node.is_empty() {
+        // Same-node figures at the smallest N measured, beside the cross-node ones.
+        let same_node = ns
+            .first()
+            .map(|&n| {
+                [Variant::Bare, Variant::Sluice]
+                    .into_iter()
+                    .filter_map(|v| Some((v, *get(n, v)?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        crate::crossnode::report(&mut md, &results.cross_node, &same_node);
+    }
     if let Some(c) = &results.convergence {
         let _ = writeln!(
             md,

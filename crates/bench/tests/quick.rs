@@ -57,6 +57,33 @@ fn quick_matrix_produces_numbers_through_every_variant() {
             }
         }
     }
+    for variant in sluice_bench::crossnode::CrossVariant::ALL {
+        let sample = results
+            .cross_node
+            .iter()
+            .find(|s| s.variant == variant)
+            .unwrap_or_else(|| panic!("no sample for {}", variant.name()));
+        let what = variant.name();
+        assert!(sample.rr.per_sec > 0.0, "{what}: no transactions");
+        assert!(sample.crr.per_sec > 0.0, "{what}: no new connections");
+        assert!(sample.stream_gbps > 0.0, "{what}: no stream");
+        assert!(sample.proof > 0, "{what}: no traffic through it");
+        if variant == sluice_bench::crossnode::CrossVariant::Bare {
+            assert!(sample.cost_rr.is_none());
+        } else {
+            let cost = sample.cost_rr.as_ref().expect("BPF run-time stats");
+            assert!(cost.per_packet_ns > 0.0, "{what}: {cost:?}");
+            // Tunnel traffic must have been decapsulated by from_tunnel; native never is.
+            let decapsulated = cost
+                .programs
+                .contains_key(sluice_common::programs::FROM_TUNNEL);
+            assert_eq!(
+                decapsulated,
+                variant == sluice_bench::crossnode::CrossVariant::Tunnel,
+                "{what}: {cost:?}"
+            );
+        }
+    }
     let convergence = results.convergence.expect("policy convergence measured");
     assert_eq!(convergence.endpoints, 100);
     let agent = results.agent.expect("agent cost measured");
@@ -67,4 +94,5 @@ fn quick_matrix_produces_numbers_through_every_variant() {
     let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(md.contains("## Summary: ratios to the bare path"));
+    assert!(md.contains("## Across nodes"));
 }
