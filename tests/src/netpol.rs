@@ -474,3 +474,19 @@ pub enum Change {
     /// What it does, and the YAML of what to delete.
     Delete(String, String),
 }
+
+/// The property tests' seed and number of steps: `SLUICE_PROPERTY_SEED` and
+/// `SLUICE_PROPERTY_STEPS` when set (to replay a run), else a random seed and
+/// `default_steps`. The seed is printed so a failure can be replayed.
+pub fn property_seed_and_steps(default_steps: usize) -> (u64, usize) {
+    let seed = std::env::var("SLUICE_PROPERTY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let steps = std::env::var("SLUICE_PROPERTY_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_steps);
+    eprintln!("property seed {seed} ({steps} steps; rerun with SLUICE_PROPERTY_SEED={seed})");
+    (seed, steps)
+}

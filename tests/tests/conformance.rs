@@ -52,15 +52,7 @@ fn the_upstream_conformance_model_matches_the_reference() {
 /// output (`sluice verify`) and sampled real probes get the reference's verdicts.
 #[test]
 fn random_changes_keep_the_kernel_and_the_traffic_equal_to_the_reference() {
-    let seed = std::env::var("SLUICE_PROPERTY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    let steps: usize = std::env::var("SLUICE_PROPERTY_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(12);
-    eprintln!("property seed {seed} ({steps} steps; rerun with SLUICE_PROPERTY_SEED={seed})");
+    let (seed, steps) = sluice_integration::netpol::property_seed_and_steps(12);
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut lab = model_lab("property");
     let mut created = Created::default();

@@ -55,17 +55,8 @@ fn native_conformance_model_spread_over_three_nodes() {
 /// each node's kernel equals its compiler (`verify` on every node) and sampled probes,
 /// most of them between nodes, get the reference's verdicts.
 fn random_changes(mode: Mode) {
-    let seed = std::env::var("SLUICE_PROPERTY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    let steps: usize = std::env::var("SLUICE_PROPERTY_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
-    eprintln!(
-        "{mode:?}: property seed {seed} ({steps} steps; rerun with SLUICE_PROPERTY_SEED={seed})"
-    );
+    eprintln!("{mode:?}");
+    let (seed, steps) = sluice_integration::netpol::property_seed_and_steps(8);
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut lab = three_nodes(&format!("mnp-{}", mode.as_str()), mode);
     lab.apply_yaml("model.yaml", &netpol::model_yaml_on(&NODES));

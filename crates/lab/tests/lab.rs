@@ -11,7 +11,6 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
@@ -21,11 +20,9 @@ use sluice_lab::{
 use sluice_netns::NetNs;
 use sluice_store::Snapshot;
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+mod support;
 
-fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
-}
+use support::{agent_bin, examples, netns_of, script, sluice_bin, unique};
 
 /// A lab with a unique name and a unique temporary state root, torn down on drop (also when
 /// the test fails).
@@ -34,40 +31,6 @@ struct TestLab {
     name: String,
     opts: LabOptions,
     tmp: PathBuf,
-}
-
-fn unique(prefix: &str) -> String {
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{}-{n}", std::process::id())
-}
-
-/// The `sluice` binary, whose `lab pod-server` runs the pods: built by `cargo build --bins`
-/// (scripts/test.sh does it and sets SLUICE_BIN).
-fn sluice_bin() -> PathBuf {
-    let path = std::env::var_os("SLUICE_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/sluice"),
-        PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "{} not found: run `cargo build --bins` first (or set SLUICE_BIN)",
-        path.display()
-    );
-    path
-}
-
-/// The real agent, built like the `sluice` binary (SLUICE_AGENT_BIN in scripts/test.sh).
-fn agent_bin() -> PathBuf {
-    let path = std::env::var_os("SLUICE_AGENT_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/sluice-agent"),
-        PathBuf::from,
-    );
-    assert!(
-        path.exists(),
-        "{} not found: run `cargo build --bins` first (or set SLUICE_AGENT_BIN)",
-        path.display()
-    );
-    path
 }
 
 fn options(tmp: &Path) -> LabOptions {
@@ -84,14 +47,6 @@ fn test_dir(name: &str) -> PathBuf {
     let tmp = std::env::temp_dir().join(format!("sluice-lab-test-{name}"));
     fs::create_dir_all(&tmp).unwrap();
     tmp
-}
-
-/// Writes an executable script.
-fn script(path: &Path, text: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    fs::write(path, text).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_path_buf()
 }
 
 impl TestLab {
@@ -210,14 +165,6 @@ fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'stat
 
 fn netns_list() -> BTreeSet<String> {
     NetNs::list().into_iter().collect()
-}
-
-fn netns_of(lab: &str) -> BTreeSet<String> {
-    let prefix = format!("sluice-{lab}-");
-    netns_list()
-        .into_iter()
-        .filter(|n| n.starts_with(&prefix))
-        .collect()
 }
 
 /// Pids of the processes whose network namespace is `/run/netns/<netns>`.

@@ -1,5 +1,6 @@
-//! What the lab's multi-node tests share: a lab torn down on drop, the binaries, and a
-//! fake agent.
+//! What the lab's tests share: a lab torn down on drop, the binaries, and a fake agent.
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
 
 use std::{
     collections::BTreeSet,
@@ -63,7 +64,8 @@ pub enum Agent {
     Real,
 }
 
-fn script(path: &Path, text: &str) -> PathBuf {
+/// Writes an executable script.
+pub fn script(path: &Path, text: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     fs::write(path, text).unwrap();
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
