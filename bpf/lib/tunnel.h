@@ -50,14 +50,6 @@ static __always_inline struct node_config *node_config_get(void)
 	return bpf_map_lookup_elem(&node_config, &zero);
 }
 
-/* The ipcache entry of the longest prefix holding @address, or NULL. */
-static __always_inline struct ipcache_entry *ipcache_lookup(__be32 address)
-{
-	struct ipcache_key key = { .prefixlen = 32, .address = address };
-
-	return bpf_map_lookup_elem(&ipcache, &key);
-}
-
 /* Takes the identity from_tunnel left in the mark, or IDENTITY_UNRESOLVED. */
 static __always_inline __u32 tunnel_identity_take(struct __sk_buff *skb)
 {
