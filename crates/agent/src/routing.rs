@@ -53,16 +53,9 @@ impl RoutingConfig {
         if self.mode != RoutingMode::Local && self.underlay_device.is_none() {
             return Err(AgentError::NoUnderlay { mode: self.mode });
         }
-        let name = &self.tunnel_device;
-        // IFNAMSIZ less the NUL; bpffs reserves names with a dot for itself.
-        if name.is_empty()
-            || name.len() > 15
-            || name.contains(['.', '/'])
-            || name.contains(char::is_whitespace)
-        {
-            return Err(AgentError::BadTunnelDevice(name.clone()));
-        }
-        Ok(())
+        // The tunnel programs' links are pinned under the device's name.
+        sluice_datapath::check_target(&self.tunnel_device)
+            .map_err(|_| AgentError::BadTunnelDevice(self.tunnel_device.clone()))
     }
 
     pub fn status(&self) -> RoutingStatus {

@@ -294,8 +294,9 @@ fn classifier<'a>(
         })
 }
 
-/// Targets become file names under the pin directory.
-fn check_target(target: &str) -> Result<(), DatapathError> {
+/// Refuses an attach target (an interface name) that the kernel or the link pins cannot
+/// take: targets become file names under the pin directory.
+pub fn check_target(target: &str) -> Result<(), DatapathError> {
     // IFNAMSIZ is 16 including the terminating NUL; bpffs refuses names with a dot.
     let valid = !target.is_empty()
         && target.len() < 16
