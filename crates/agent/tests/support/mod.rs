@@ -193,23 +193,17 @@ impl Agent {
 
     /// Waits for the agent to exit by itself, failing after `timeout`.
     pub fn exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for the agent") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent still runs after {timeout:?}\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_exit(timeout, "the agent still runs")
     }
 
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
         kill(pid, Signal::SIGTERM).expect("kill -TERM the agent");
+        self.wait_exit(timeout, "the agent ignored SIGTERM")
+    }
+
+    /// The agent's exit status once it exits, failing with `what` after `timeout`.
+    fn wait_exit(&mut self, timeout: Duration, what: &str) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the agent") {
@@ -217,7 +211,7 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent ignored SIGTERM for {timeout:?}\n{}",
+                "{what} after {timeout:?}\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
