@@ -24,17 +24,31 @@ struct lb4_key {
 	__u16 pad2;
 };
 
-/* Frontend (slot 0): count and flags. Backend slot: backend address and port. */
+/* Frontend (slot 0): count, flags and the frontend's options. Backend slot: backend
+ * address and port. */
 struct lb4_service {
 	__be32 backend_address;
 	__be16 backend_port;
 	__u16 count;
-	__u8 flags;
-	__u8 pad[3];
+	__u16 flags;            /* SVC_FLAG_* (frontend) */
+	__u16 pad;
+	__u32 affinity_timeout; /* sessionAffinity ClientIP: seconds (frontend) */
 };
 
-#define SVC_FLAG_CLUSTER_IP   (1 << 0)
-#define SVC_FLAG_WILDCARD     (1 << 1) /* the VIP itself, any port */
+/* What kind of frontend a key is; one Service yields several (seed 003: ClusterIP,
+ * NodePort and LoadBalancer VIP). NodePort frontends sit on this node's own addresses. */
+#define SVC_FLAG_CLUSTER_IP    (1 << 0)
+#define SVC_FLAG_WILDCARD      (1 << 1) /* the VIP itself, any port */
+#define SVC_FLAG_NODE_PORT     (1 << 2)
+#define SVC_FLAG_EXTERNAL_IP   (1 << 3)
+#define SVC_FLAG_LOAD_BALANCER (1 << 4)
+/* externalTrafficPolicy (external frontends) or internalTrafficPolicy (ClusterIP)
+ * Local: the slots hold this node's backends only, the client's source address is
+ * kept, and a frontend without slots refuses at once. */
+#define SVC_FLAG_LOCAL         (1 << 5)
+#define SVC_FLAG_SOURCE_RANGES (1 << 6) /* loadBalancerSourceRanges apply */
+#define SVC_FLAG_AFFINITY      (1 << 7) /* sessionAffinity ClientIP */
+#define SVC_FLAG_MAGLEV        (1 << 8) /* backends chosen by the Maglev table */
 
 /* Backends are keyed by address so conntrack can name a backend without an
  * allocated ID; presence in this map means the backend may take traffic. */

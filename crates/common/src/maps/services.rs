@@ -3,8 +3,16 @@
 use super::{addr_be, addr_from_be, proto_name};
 use std::{fmt, net::Ipv4Addr};
 
-pub const SVC_FLAG_CLUSTER_IP: u8 = 1 << 0;
-pub const SVC_FLAG_WILDCARD: u8 = 1 << 1;
+pub const SVC_FLAG_CLUSTER_IP: u16 = 1 << 0;
+pub const SVC_FLAG_WILDCARD: u16 = 1 << 1;
+pub const SVC_FLAG_NODE_PORT: u16 = 1 << 2;
+pub const SVC_FLAG_EXTERNAL_IP: u16 = 1 << 3;
+pub const SVC_FLAG_LOAD_BALANCER: u16 = 1 << 4;
+/// Traffic policy Local: node-local backends only, the client's source kept.
+pub const SVC_FLAG_LOCAL: u16 = 1 << 5;
+pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 6;
+pub const SVC_FLAG_AFFINITY: u16 = 1 << 7;
+pub const SVC_FLAG_MAGLEV: u16 = 1 << 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -46,13 +54,16 @@ pub struct Lb4Service {
     pub backend_address: u32,
     pub backend_port: u16,
     pub count: u16,
-    pub flags: u8,
-    pub pad: [u8; 3],
+    /// `SVC_FLAG_*`, on a frontend.
+    pub flags: u16,
+    pub pad: u16,
+    /// sessionAffinity ClientIP timeout in seconds, on a frontend.
+    pub affinity_timeout: u32,
 }
 
 impl Lb4Service {
     /// Slot 0 of a frontend.
-    pub fn frontend(count: u16, flags: u8) -> Self {
+    pub fn frontend(count: u16, flags: u16) -> Self {
         Self {
             count,
             flags,
@@ -119,7 +130,7 @@ unsafe impl aya::Pod for Lb4Backend {}
 
 const _: () = {
     assert!(size_of::<Lb4Key>() == 12);
-    assert!(size_of::<Lb4Service>() == 12);
+    assert!(size_of::<Lb4Service>() == 16);
     assert!(size_of::<Lb4BackendKey>() == 8);
     assert!(size_of::<Lb4Backend>() == 4);
 };
