@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapInfo,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramInfo, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -33,7 +33,7 @@ pub use error::DatapathError;
 pub use pinned::{
     MapInventory, PinDir, PinnedMaps, PolicyMap, create_policy_map, open_events, remove_pins,
 };
-pub use programs::{AttachRole, Hook, Object, PROGRAMS, ProgramDef};
+pub use programs::{AttachRole, HOST_CGROUP_TARGET, Hook, Object, PROGRAMS, ProgramDef};
 use programs::{link_pin_name, link_target};
 
 /// The pod programs' object, for tests that read its BTF (every object declares the same
@@ -128,6 +128,9 @@ impl Datapath {
     /// pinned links already exist (agent restarted), this program is swapped in atomically.
     /// Calling it again for an attached target is harmless.
     pub fn attach(&mut self, role: AttachRole, target: &str) -> Result<(), DatapathError> {
+        if role == AttachRole::HostCgroup {
+            return Err(DatapathError::NotADeviceRole(role));
+        }
         check_target(target)?;
         let links_dir = self.links_dir(role);
         create_dir(&links_dir)?;
@@ -138,7 +141,29 @@ impl Datapath {
                     let classifier = classifier(self.ebpf(program.object), program.name)?;
                     attach_tcx(classifier, program.name, target, attach_type, &path)?;
                 }
+                Hook::CgroupSockAddr => unreachable_role(role)?,
             }
+        }
+        Ok(())
+    }
+
+    /// Attaches the socket programs ([`AttachRole::HostCgroup`]) to the cgroup v2 directory
+    /// `cgroup`, pinning their links as `<pin_dir>/links/cgroup/host_<hook>`. If links are
+    /// pinned already (agent restarted), this program is swapped into them in one step and
+    /// they keep the cgroup they were made for. The caller vouches that `cgroup` holds only
+    /// the node's own processes: every socket they open is load-balanced.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let role = AttachRole::HostCgroup;
+        create_dir(&self.links_dir(role))?;
+        let dir = fs::File::open(cgroup).map_err(|source| DatapathError::Io {
+            call: "open",
+            path: cgroup.into(),
+            source,
+        })?;
+        for program in role.programs() {
+            let path = link_pin_path(&self.pin_dir, program, HOST_CGROUP_TARGET);
+            let sock = sock_addr_program(self.ebpf(program.object), program.name)?;
+            attach_cgroup_link(sock, program.name, &dir, cgroup, &path)?;
         }
         Ok(())
     }
@@ -177,6 +202,22 @@ impl Datapath {
         Ok(targets)
     }
 
+    /// The kernel's information on a loaded program of any type, by name.
+    pub fn program_info(&mut self, name: &str) -> Result<ProgramInfo, DatapathError> {
+        let def = PROGRAMS
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
+        let program = self
+            .ebpf(def.object)
+            .program(name)
+            .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
+        program.info().map_err(|source| DatapathError::ProgramType {
+            program: name.to_owned(),
+            source,
+        })
+    }
+
     /// A loaded program by name, for BPF_PROG_TEST_RUN.
     pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
         let object = PROGRAMS
@@ -205,6 +246,7 @@ fn load_object(
     for program in PROGRAMS.iter().filter(|p| p.object == object) {
         let loaded = match program.hook {
             Hook::Tcx(_) => classifier(&mut ebpf, program.name)?.load(),
+            Hook::CgroupSockAddr => sock_addr_program(&mut ebpf, program.name)?.load(),
         };
         loaded.map_err(|source| DatapathError::ProgramLoad {
             program: program.name,
@@ -292,6 +334,26 @@ fn classifier<'a>(
             program: name.to_owned(),
             source,
         })
+}
+
+fn sock_addr_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
+    program
+        .try_into()
+        .map_err(|source| DatapathError::ProgramType {
+            program: name.to_owned(),
+            source,
+        })
+}
+
+/// The programs of `role` attach to no interface.
+fn unreachable_role(role: AttachRole) -> Result<(), DatapathError> {
+    Err(DatapathError::NotADeviceRole(role))
 }
 
 /// Refuses an attach target (an interface name) that the kernel or the link pins cannot
@@ -394,6 +456,59 @@ fn attach_tcx(
             attach_type,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
+        .map_err(attach_err)?;
+    let link = program.take_link(id).map_err(attach_err)?;
+    let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+        path: path.into(),
+        source,
+    })?;
+    // On failure the link is dropped here, which detaches the program again.
+    link.pin(path).map_err(|source| DatapathError::PinLink {
+        path: path.into(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Attaches `program` to the cgroup open as `dir` through the link pinned at `path`: the
+/// pinned link gets this program in place of its own, or, when there is none or its
+/// cgroup was removed, a new link is made and pinned.
+fn attach_cgroup_link(
+    program: &mut CgroupSockAddr,
+    name: &'static str,
+    dir: &fs::File,
+    cgroup: &Path,
+    path: &Path,
+) -> Result<(), DatapathError> {
+    use std::os::fd::AsFd;
+    let attach_err = |source| DatapathError::AttachCgroup {
+        program: name,
+        cgroup: cgroup.into(),
+        source,
+    };
+    let sys_err = |err: SyscallError| DatapathError::Io {
+        call: err.call,
+        path: path.into(),
+        source: err.io_error,
+    };
+    match sys::obj_get(path) {
+        Ok(link) => {
+            let fd = program.fd().map_err(attach_err)?;
+            match sys::link_update(link.as_fd(), fd.as_fd()) {
+                Ok(()) => return Ok(()),
+                // The cgroup behind the link is gone.
+                Err(err) if err.io_error.raw_os_error() == Some(libc::ENOLINK) => {
+                    remove_file(path)?;
+                }
+                Err(err) => return Err(sys_err(err)),
+            }
+        }
+        Err(err) if err.io_error.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(sys_err(err)),
+    }
+
+    let id = program
+        .attach(dir, CgroupAttachMode::AllowMultiple)
         .map_err(attach_err)?;
     let link = program.take_link(id).map_err(attach_err)?;
     let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {

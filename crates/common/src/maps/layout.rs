@@ -77,6 +77,16 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!("frag4_key", Frag4Key, [saddr, daddr, id, proto, pad]),
     layout!("frag4_ports", Frag4Ports, [sport, dport]),
     layout!(
+        "lb4_revnat_sk_key",
+        Lb4RevnatSkKey,
+        [cookie, backend_address, backend_port, pad]
+    ),
+    layout!(
+        "lb4_revnat_sk",
+        Lb4RevnatSk,
+        [frontend_address, frontend_port, pad]
+    ),
+    layout!(
         "node_config",
         NodeConfig,
         [tunnel_ifindex, underlay_ifindex, routing_mode, pad]
