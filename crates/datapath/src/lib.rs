@@ -507,8 +507,9 @@ fn attach_cgroup_link(
         Err(err) => return Err(sys_err(err)),
     }
 
+    // A link is always one of many on its cgroup; the kernel takes no mode flags with it.
     let id = program
-        .attach(dir, CgroupAttachMode::AllowMultiple)
+        .attach(dir, CgroupAttachMode::Single)
         .map_err(attach_err)?;
     let link = program.take_link(id).map_err(attach_err)?;
     let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
