@@ -7,6 +7,7 @@
 //! nothing upstream changed. All kernel work runs on the blocking pool; [`server`] answers
 //! the CLI on a Unix socket from the state the loop publishes (see [`views`]).
 
+mod host_cgroup;
 mod http;
 pub mod metrics;
 mod node;
@@ -115,6 +116,9 @@ pub struct AgentConfig {
     pub policy_log: Option<policy_log::PolicyLogConfig>,
     /// How pod traffic reaches other nodes.
     pub routing: routing::RoutingConfig,
+    /// The cgroup of the node's own processes, for socket load balancing; None: no socket
+    /// programs.
+    pub host_cgroup: Option<PathBuf>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay, so traffic keeps

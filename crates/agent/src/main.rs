@@ -90,6 +90,12 @@ struct Args {
     /// The tunnel device's UDP port.
     #[arg(long, default_value_t = RoutingConfig::default().tunnel_port)]
     tunnel_port: u16,
+    /// The cgroup (v2 directory) holding the node's own processes: their connections to
+    /// ClusterIPs and NodePorts are load-balanced by socket programs attached to it. Refused
+    /// if it is the root or holds a process of another network namespace. Without it, no
+    /// socket programs are attached.
+    #[arg(long)]
+    host_cgroup: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -138,6 +144,7 @@ fn main() -> anyhow::Result<()> {
             tunnel_device: args.tunnel_device,
             tunnel_port: args.tunnel_port,
         },
+        host_cgroup: args.host_cgroup,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -47,7 +47,8 @@ pub struct Node {
 impl Node {
     /// Loads (or, after a restart, re-opens) the pinned datapath.
     pub fn start(config: &AgentConfig) -> Result<Self, AgentError> {
-        let datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
+        let mut datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
+        crate::host_cgroup::attach(&mut datapath, config.host_cgroup.as_deref())?;
         let routing = Routing::start(config.routing.clone(), &config.pin_dir)?;
         Ok(Self {
             name: config.node.clone(),
@@ -252,7 +253,10 @@ impl Node {
 /// memory of it).
 pub(crate) fn runs_role(role: AttachRole, ifname: &str) -> bool {
     role.programs().all(|program| {
-        let Hook::Tcx(attach) = program.hook;
+        // Socket programs run on a cgroup, never on an interface.
+        let Hook::Tcx(attach) = program.hook else {
+            return false;
+        };
         SchedClassifier::query_tcx(ifname, attach)
             .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(program.name)))
             .unwrap_or(false)
