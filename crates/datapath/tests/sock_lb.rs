@@ -51,7 +51,7 @@ fn vip(port: u16) -> SocketAddr {
 struct Topology {
     cgroup: OwnedCgroup,
     maps: PinnedMaps,
-    _pins: PinDir,
+    pins: PinDir,
     node: NetNs,
     _backend: NetNs,
 }
@@ -114,7 +114,7 @@ impl Topology {
         Self {
             cgroup,
             maps,
-            _pins: pins,
+            pins,
             node,
             _backend: backend,
         }
@@ -319,4 +319,52 @@ fn host_cgroup_check_refuses_the_root_and_foreign_processes() {
     assert_eq!(refusal(&cgroup), None);
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
+}
+
+/// (link id, program id) of the connect4 link pinned under `pins`.
+fn connect_link(pins: &PinDir) -> (u32, u32) {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let program = sluice_datapath::PROGRAMS
+        .iter()
+        .find(|p| p.name == sluice_common::programs::SOCK4_CONNECT)
+        .unwrap();
+    let path =
+        sluice_datapath::link_pin_path(pins.path(), program, sluice_datapath::HOST_CGROUP_TARGET);
+    let info = FdLink::from(PinnedLink::from_pin(&path).unwrap())
+        .info()
+        .unwrap();
+    (info.id(), info.program_id())
+}
+
+#[test]
+fn a_restarted_loader_swaps_its_programs_into_the_pinned_links() {
+    use sluice_datapath::{AttachRole, HOST_CGROUP_TARGET};
+    let topology = Topology::new();
+    let (link, old_program) = connect_link(&topology.pins);
+
+    // A new loader on the same pins (an agent restart): the same links, its programs.
+    let mut datapath = Datapath::load(topology.pins.path(), &DatapathConfig::default()).unwrap();
+    datapath.attach_cgroup(topology.cgroup.path()).unwrap();
+    let new_program = datapath
+        .program_info(sluice_common::programs::SOCK4_CONNECT)
+        .unwrap()
+        .id();
+    assert_eq!(connect_link(&topology.pins), (link, new_program));
+    assert_ne!(old_program, new_program);
+    let results = topology.run_client();
+    assert!(
+        results.contains(&format!("tcp {VIP}:{TCP_PORT} {TCP_REPLY}")),
+        "{results:?}"
+    );
+
+    // Detached: the pins go, and the cgroup's sockets are left alone again.
+    datapath
+        .detach(AttachRole::HostCgroup, HOST_CGROUP_TARGET)
+        .unwrap();
+    assert!(
+        datapath
+            .attached(AttachRole::HostCgroup)
+            .unwrap()
+            .is_empty()
+    );
 }
