@@ -40,6 +40,10 @@ const TCP_REPLY: &str = "backend";
 const TIMEOUT: Duration = Duration::from_secs(3);
 /// Set in the client's environment; the `node_client` test does nothing without it.
 const CLIENT_ENV: &str = "SLUICE_SOCK_LB_CLIENT";
+/// [`CLIENT_ENV`]'s value that also times connections.
+const MEASURE: &str = "measure";
+/// Connections timed each way.
+const TIMED_CONNECTIONS: u32 = 300;
 
 fn vip(port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(VIP, port))
@@ -123,6 +127,12 @@ impl Topology {
     /// Runs the `node_client` test of this binary in the node namespace and the cgroup
     /// (the only process ever in it), and returns its `RESULT` lines.
     fn run_client(&self) -> Vec<String> {
+        self.run_client_with(false)
+    }
+
+    /// [`Self::run_client`], also timing connections through the ClusterIP and straight to
+    /// the backend when `measure` is set.
+    fn run_client_with(&self, measure: bool) -> Vec<String> {
         let exe = std::env::current_exe().unwrap();
         let mut command = self.node.ns().command(&exe).unwrap();
         command
@@ -133,7 +143,7 @@ impl Topology {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(CLIENT_ENV, "1");
+            .env(CLIENT_ENV, if measure { MEASURE } else { "1" });
         self.cgroup.enter_on_exec(&mut command).unwrap();
         let Output {
             status,
@@ -186,9 +196,9 @@ fn serve(backend: &NetNs) {
 #[test]
 #[ignore = "the client process of the other tests, run by them in the node's cgroup"]
 fn node_client() {
-    if std::env::var_os(CLIENT_ENV).is_none() {
+    let Some(mode) = std::env::var_os(CLIENT_ENV) else {
         return;
-    }
+    };
     // TCP: connect() to the ClusterIP; getpeername shows it.
     let mut stream = TcpStream::connect_timeout(&vip(TCP_PORT), TIMEOUT).unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -222,6 +232,25 @@ fn node_client() {
     let refused =
         UdpSocket::bind("0.0.0.0:0").and_then(|udp| udp.send_to(b"ping", vip(EMPTY_UDP_PORT)));
     println!("RESULT udp-empty {}", outcome(refused.map(drop)));
+
+    if mode == MEASURE {
+        for (what, to) in [
+            ("through the ClusterIP", vip(TCP_PORT)),
+            ("straight to the backend", SocketAddr::V4(BACKEND_TCP)),
+        ] {
+            let started = std::time::Instant::now();
+            for _ in 0..TIMED_CONNECTIONS {
+                let mut stream = TcpStream::connect_timeout(&to, TIMEOUT).unwrap();
+                stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+                let mut reply = String::new();
+                stream.read_to_string(&mut reply).unwrap();
+            }
+            let each = started.elapsed() / TIMED_CONNECTIONS;
+            println!(
+                "RESULT timing {TIMED_CONNECTIONS} TCP connections {what}: {each:?} each (connect, reply, close)"
+            );
+        }
+    }
 }
 
 /// `ok`, or the errno of the failure.
@@ -235,7 +264,7 @@ fn outcome(result: std::io::Result<()>) -> String {
 #[test]
 fn node_process_reaches_cluster_ip_and_sees_it_as_peer() {
     let topology = Topology::new();
-    let results = topology.run_client();
+    let results = topology.run_client_with(true);
     let expect = |line: &str| {
         assert!(
             results.iter().any(|r| r == line),
