@@ -12,6 +12,7 @@ mod support;
 
 use std::{fs, path::Path, process::Command, time::Duration};
 
+use sluice_api::{Client, VerifyRequest};
 use sluice_netns::{OwnedCgroup, cgroup2_root};
 use support::{Agent, NODE, NetNs, snapshot, write};
 
@@ -81,8 +82,11 @@ fn attaches_to_a_cgroup_of_its_own_namespace_only() {
     // Empty (or the node's own processes only): attached, links pinned.
     let mut agent = start("own", &netns, dir, cgroup.path());
     agent.wait_realized(1);
-    for hook in ["connect4", "sendmsg4", "recvmsg4", "getpeername4"] {
-        let pin = agent.pins.path().join(format!("links/cgroup/host_{hook}"));
+    let pins = |agent: &Agent| {
+        ["connect4", "sendmsg4", "recvmsg4", "getpeername4"]
+            .map(|hook| agent.pins.path().join(format!("links/cgroup/host_{hook}")))
+    };
+    for pin in pins(&agent) {
         assert!(
             pin.exists(),
             "{} missing\n{}",
@@ -90,4 +94,38 @@ fn attaches_to_a_cgroup_of_its_own_namespace_only() {
             agent.log_text()
         );
     }
+
+    // A link taken off behind the agent's back: verify names it, a pass puts it back.
+    let connect = pins(&agent)[0].clone();
+    let link = sluice_datapath::sys::obj_get(&connect).unwrap();
+    sluice_datapath::sys::link_detach(std::os::fd::AsFd::as_fd(&link)).unwrap();
+    fs::remove_file(&connect).unwrap();
+    let report = Client::new(&agent.socket)
+        .verify(VerifyRequest { repair: false })
+        .unwrap();
+    assert!(
+        report
+            .drift
+            .iter()
+            .any(|d| d.map == "cgroup" && d.key.ends_with("connect4")),
+        "{:?}",
+        report.drift
+    );
+    agent.wait("connect4 attached again", EXIT, |_| connect.exists());
+
+    // A process of another namespace moved in later: the programs come off, the pass fails.
+    let mut command = Command::new("sleep");
+    command.arg("60");
+    cgroup.enter_on_exec(&mut command).unwrap();
+    let mut sleeper = command.spawn().unwrap();
+    agent.wait("socket programs detached", EXIT, |a| {
+        pins(a).iter().all(|pin| !pin.exists())
+    });
+    agent.wait("the refusal reported", EXIT, |a| {
+        a.status()
+            .last_error
+            .is_some_and(|e| e.contains("another network namespace"))
+    });
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
 }

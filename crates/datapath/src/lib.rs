@@ -190,6 +190,34 @@ impl Datapath {
         Ok(())
     }
 
+    /// The socket programs whose pinned cgroup link is missing or runs another program
+    /// than this loader's (removed or replaced behind the agent's back).
+    pub fn stale_cgroup_links(&mut self) -> Result<Vec<&'static ProgramDef>, DatapathError> {
+        let mut stale = Vec::new();
+        for program in AttachRole::HostCgroup.programs() {
+            let path = link_pin_path(&self.pin_dir, program, HOST_CGROUP_TARGET);
+            let linked = match PinnedLink::from_pin(&path) {
+                Ok(pinned) => FdLink::from(pinned)
+                    .info()
+                    .map_err(|source| DatapathError::Link {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .program_id(),
+                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.kind() == io::ErrorKind::NotFound =>
+                {
+                    0
+                }
+                Err(source) => return Err(DatapathError::Link { path, source }),
+            };
+            if linked != self.program_info(program.name)?.id() {
+                stale.push(program);
+            }
+        }
+        Ok(stale)
+    }
+
     /// Targets of `role` with pinned links.
     pub fn attached(&self, role: AttachRole) -> Result<BTreeSet<String>, DatapathError> {
         let links_dir = self.links_dir(role);
