@@ -9,6 +9,7 @@
 mod error;
 mod pinned;
 mod programs;
+mod sock;
 pub mod sys;
 
 use std::{
@@ -21,7 +22,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapInfo,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramInfo, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -147,27 +148,6 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the socket programs ([`AttachRole::HostCgroup`]) to the cgroup v2 directory
-    /// `cgroup`, pinning their links as `<pin_dir>/links/cgroup/host_<hook>`. If links are
-    /// pinned already (agent restarted), this program is swapped into them in one step and
-    /// they keep the cgroup they were made for. The caller vouches that `cgroup` holds only
-    /// the node's own processes: every socket they open is load-balanced.
-    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
-        let role = AttachRole::HostCgroup;
-        create_dir(&self.links_dir(role))?;
-        let dir = fs::File::open(cgroup).map_err(|source| DatapathError::Io {
-            call: "open",
-            path: cgroup.into(),
-            source,
-        })?;
-        for program in role.programs() {
-            let path = link_pin_path(&self.pin_dir, program, HOST_CGROUP_TARGET);
-            let sock = sock_addr_program(self.ebpf(program.object), program.name)?;
-            attach_cgroup_link(sock, program.name, &dir, cgroup, &path)?;
-        }
-        Ok(())
-    }
-
     /// Detaches the programs of `role` from `target` and removes their pins (fine if the
     /// target is already gone).
     pub fn detach(&mut self, role: AttachRole, target: &str) -> Result<(), DatapathError> {
@@ -188,34 +168,6 @@ impl Datapath {
             }
         }
         Ok(())
-    }
-
-    /// The socket programs whose pinned cgroup link is missing or runs another program
-    /// than this loader's (removed or replaced behind the agent's back).
-    pub fn stale_cgroup_links(&mut self) -> Result<Vec<&'static ProgramDef>, DatapathError> {
-        let mut stale = Vec::new();
-        for program in AttachRole::HostCgroup.programs() {
-            let path = link_pin_path(&self.pin_dir, program, HOST_CGROUP_TARGET);
-            let linked = match PinnedLink::from_pin(&path) {
-                Ok(pinned) => FdLink::from(pinned)
-                    .info()
-                    .map_err(|source| DatapathError::Link {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .program_id(),
-                Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-                    if io_error.kind() == io::ErrorKind::NotFound =>
-                {
-                    0
-                }
-                Err(source) => return Err(DatapathError::Link { path, source }),
-            };
-            if linked != self.program_info(program.name)?.id() {
-                stale.push(program);
-            }
-        }
-        Ok(stale)
     }
 
     /// Targets of `role` with pinned links.
@@ -274,7 +226,7 @@ fn load_object(
     for program in PROGRAMS.iter().filter(|p| p.object == object) {
         let loaded = match program.hook {
             Hook::Tcx(_) => classifier(&mut ebpf, program.name)?.load(),
-            Hook::CgroupSockAddr => sock_addr_program(&mut ebpf, program.name)?.load(),
+            Hook::CgroupSockAddr => sock::sock_addr_program(&mut ebpf, program.name)?.load(),
         };
         loaded.map_err(|source| DatapathError::ProgramLoad {
             program: program.name,
@@ -353,21 +305,6 @@ fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &str,
 ) -> Result<&'a mut SchedClassifier, DatapathError> {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
-    program
-        .try_into()
-        .map_err(|source| DatapathError::ProgramType {
-            program: name.to_owned(),
-            source,
-        })
-}
-
-fn sock_addr_program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-) -> Result<&'a mut CgroupSockAddr, DatapathError> {
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
@@ -484,60 +421,6 @@ fn attach_tcx(
             attach_type,
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
-        .map_err(attach_err)?;
-    let link = program.take_link(id).map_err(attach_err)?;
-    let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
-        path: path.into(),
-        source,
-    })?;
-    // On failure the link is dropped here, which detaches the program again.
-    link.pin(path).map_err(|source| DatapathError::PinLink {
-        path: path.into(),
-        source,
-    })?;
-    Ok(())
-}
-
-/// Attaches `program` to the cgroup open as `dir` through the link pinned at `path`: the
-/// pinned link gets this program in place of its own, or, when there is none or its
-/// cgroup was removed, a new link is made and pinned.
-fn attach_cgroup_link(
-    program: &mut CgroupSockAddr,
-    name: &'static str,
-    dir: &fs::File,
-    cgroup: &Path,
-    path: &Path,
-) -> Result<(), DatapathError> {
-    use std::os::fd::AsFd;
-    let attach_err = |source| DatapathError::AttachCgroup {
-        program: name,
-        cgroup: cgroup.into(),
-        source,
-    };
-    let sys_err = |err: SyscallError| DatapathError::Io {
-        call: err.call,
-        path: path.into(),
-        source: err.io_error,
-    };
-    match sys::obj_get(path) {
-        Ok(link) => {
-            let fd = program.fd().map_err(attach_err)?;
-            match sys::link_update(link.as_fd(), fd.as_fd()) {
-                Ok(()) => return Ok(()),
-                // The cgroup behind the link is gone.
-                Err(err) if err.io_error.raw_os_error() == Some(libc::ENOLINK) => {
-                    remove_file(path)?;
-                }
-                Err(err) => return Err(sys_err(err)),
-            }
-        }
-        Err(err) if err.io_error.kind() == io::ErrorKind::NotFound => {}
-        Err(err) => return Err(sys_err(err)),
-    }
-
-    // A link is always one of many on its cgroup; the kernel takes no mode flags with it.
-    let id = program
-        .attach(dir, CgroupAttachMode::Single)
         .map_err(attach_err)?;
     let link = program.take_link(id).map_err(attach_err)?;
     let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
