@@ -34,7 +34,14 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!(
         "lb4_service",
         Lb4Service,
-        [backend_address, backend_port, count, flags, pad]
+        [
+            backend_address,
+            backend_port,
+            count,
+            flags,
+            pad,
+            affinity_timeout
+        ]
     ),
     layout!(
         "lb4_backend_key",
