@@ -21,6 +21,7 @@ mod generations;
 mod ipam;
 mod journal;
 mod lifecycle;
+mod loadbalancer;
 mod metrics;
 mod names;
 mod net;
@@ -29,6 +30,7 @@ mod plan;
 mod pods;
 mod probe;
 mod process;
+mod router;
 mod server;
 mod slices;
 mod spec;
@@ -50,8 +52,12 @@ pub use error::{LabError, LogTail};
 /// Node pod CIDRs and the lab's ranges, as [`NodeSpec`] takes them.
 pub use ipnet::Ipv4Net;
 pub use probe::{Probe, ProbeMatrix, ProbeOptions, ProbeRequest, Protocol, Via};
+pub use router::VIP_ROUTE_PROTOCOL;
 pub use server::serve_pod;
-pub use spec::{LabSpec, METRICS_PORT, NodeSpec, Observability, WorldHostSpec, WorldPort};
+pub use spec::{
+    HealthCheckSpec, LabSpec, LoadBalancerSpec, METRICS_PORT, NodePortRange, NodeSpec,
+    Observability, WorldHostSpec, WorldPort, router_address,
+};
 pub use topology::{RoutingMode, UNDERLAY_BRIDGE, UNDERLAY_DEVICE, UnderlaySpec, WorldAttach};
 pub use views::{EndpointsView, PodView, ServiceView, WorldHostView};
 

@@ -15,16 +15,17 @@ use serde_json::Value;
 use sluice_sources::{Manifest, ManifestError, Object};
 
 use crate::{
-    LabError,
+    LabError, loadbalancer,
     state::{self, LabState, Stored, key, now},
 };
 
 mod deployments;
+mod nodeports;
 mod pods;
 mod services;
 
 pub use self::{deployments::reconcile_deployments, services::cluster_ip};
-use self::{pods::mark_deleting, services::ClusterIps};
+use self::{nodeports::NodePorts, pods::mark_deleting, services::ClusterIps};
 // The tests name pod records through `super::*`.
 #[cfg(test)]
 use crate::state::PodRecord;
@@ -137,11 +138,11 @@ impl Apply<'_> {
     }
 
     /// Writes one object, with what its controller does about it.
-    fn object(&mut self, m: &Manifest, cluster_ips: &mut ClusterIps) {
+    fn object(&mut self, m: &Manifest, cluster_ips: &mut ClusterIps, node_ports: &mut NodePorts) {
         let applied = applied_json(m);
         match &m.object {
             Object::Namespace(_) => {}
-            Object::Service(svc) => self.service(m, svc, applied, cluster_ips),
+            Object::Service(svc) => self.service(m, svc, applied, cluster_ips, node_ports),
             Object::EndpointSlice(slice) => {
                 self.store(m, slice, applied, |st| &mut st.endpoint_slices);
             }
@@ -166,11 +167,24 @@ pub fn apply(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErro
     };
     apply.namespaces();
     let mut cluster_ips = apply.requested_cluster_ips();
+    let mut node_ports = nodeports::claimed(&apply.st, manifests);
     for m in manifests {
-        apply.object(m, &mut cluster_ips);
+        apply.object(m, &mut cluster_ips, &mut node_ports);
     }
     if !apply.errors.is_empty() {
         return Err(LabError::Invalid(apply.errors));
+    }
+    let pending = loadbalancer::assign(&mut apply.st);
+    // What a cloud's events would say, for the Services of this apply.
+    for (k, message) in pending {
+        if manifests
+            .iter()
+            .any(|m| matches!(m.object, Object::Service(_)) && key(m.namespace(), m.name()) == k)
+        {
+            apply.lines.push(format!(
+                "Warning: service/{k}: LoadBalancer pending: {message}"
+            ));
+        }
     }
     Ok(Plan::finish(apply.st, apply.create, apply.lines))
 }
@@ -284,6 +298,8 @@ pub fn delete(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErr
     if !errors.is_empty() {
         return Err(LabError::Invalid(errors));
     }
+    // A deleted Service's VIP goes back to the pool, perhaps to a pending Service.
+    loadbalancer::assign(&mut st);
     Ok(Plan::finish(st, Vec::new(), lines))
 }
 

@@ -154,7 +154,10 @@ impl Lab {
                 }
                 Ok(())
             }
-            (WorldAttach::Underlay, None) => Err(LabError::NoUnderlay(self.state.name.clone())),
+            (WorldAttach::Underlay | WorldAttach::Router, None) => {
+                Err(LabError::NoUnderlay(self.state.name.clone()))
+            }
+            (WorldAttach::Router, Some(_)) => self.wire_behind_router(host, netns),
             (WorldAttach::Node(name), _) => {
                 let node = spec
                     .node(name)

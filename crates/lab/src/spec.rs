@@ -45,6 +45,12 @@ pub struct LabSpec {
     /// What the agents expose besides the datapath; labs written before it have nothing.
     #[serde(default)]
     pub observability: Observability,
+    /// Where nodePorts and healthCheckNodePorts come from.
+    #[serde(default)]
+    pub node_port_range: NodePortRange,
+    /// The lab's cloud load balancer: a VIP pool and a router in front of the nodes.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSpec>,
 }
 
 /// `observability:` in the lab file.
@@ -133,6 +139,8 @@ struct RawLab {
     tx_checksum_offload: Option<bool>,
     policy_map_max: Option<u32>,
     observability: Option<RawObservability>,
+    node_port_range: Option<String>,
+    load_balancer: Option<cloud::RawLoadBalancer>,
     nodes: Option<Vec<RawNode>>,
     world: Option<Vec<RawWorldHost>>,
 }
@@ -256,6 +264,8 @@ impl LabSpec {
             world: Vec::new(),
             policy_map_max: raw.policy_map_max,
             observability: Observability::default(),
+            node_port_range: cloud::parse_node_port_range(raw.node_port_range.as_deref(), &err)?,
+            load_balancer: None,
         };
         topology::check_underlay(&spec).map_err(|(f, m)| err(&f, m))?;
         let explicit = spec
@@ -266,10 +276,15 @@ impl LabSpec {
             .collect();
         spec.place_on_underlay(&err)?;
         topology::check_nodes(&spec, &node_field).map_err(|(f, m)| err(&f, m))?;
+        spec.load_balancer = raw
+            .load_balancer
+            .map(|lb| cloud::parse_load_balancer(lb, &spec, &err))
+            .transpose()?;
         for (i, host) in raw.world.unwrap_or_default().into_iter().enumerate() {
             let host = world::parse_world_host(i, host, &spec, &err)?;
             spec.world.push(host);
         }
+        cloud::check_router_address(&spec, &err)?;
         if raw.policy_map_max == Some(0) {
             return Err(err("policyMapMax", "must be at least 1 (got 0)".into()));
         }
@@ -316,6 +331,14 @@ impl LabSpec {
             }
         }
         Ok(())
+    }
+
+    /// Whether the lab has a router in front of its nodes: for a load balancer pool, or for
+    /// world hosts behind it.
+    pub fn has_router(&self) -> bool {
+        self.underlay.is_some()
+            && (self.load_balancer.is_some()
+                || self.world.iter().any(|w| w.attach == WorldAttach::Router))
     }
 
     pub fn world_host(&self, name: &str) -> Option<&WorldHostSpec> {
@@ -445,6 +468,9 @@ fn parse_cidr(text: &str, max_prefix: u8) -> Result<Ipv4Net, String> {
     Ok(net)
 }
 
+mod cloud;
 #[cfg(test)]
 mod tests;
 mod world;
+
+pub use cloud::{HealthCheckSpec, LoadBalancerSpec, NodePortRange, router_address};

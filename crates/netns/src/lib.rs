@@ -9,6 +9,7 @@
 
 mod error;
 mod link;
+mod multipath;
 mod ns;
 mod offload;
 mod route;
@@ -17,5 +18,6 @@ mod sysctl;
 pub use error::NetNsError;
 pub use ipnet::{IpNet, Ipv4Net};
 pub use link::{Link, LinkKind, Netlink};
+pub use multipath::{MultipathEntry, MultipathRoute};
 pub use ns::{NETNS_DIR, NetNs, NsThread, OwnedNetNs, unique_name};
 pub use route::{Route, RouteEntry};
