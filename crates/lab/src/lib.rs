@@ -18,6 +18,7 @@
 mod apply;
 mod error;
 mod generations;
+mod healthcheck;
 mod ipam;
 mod journal;
 mod lifecycle;
@@ -49,6 +50,7 @@ use serde::Serialize;
 use sluice_netns::NetNs;
 
 pub use error::{LabError, LogTail};
+pub use healthcheck::run_router_health;
 /// Node pod CIDRs and the lab's ranges, as [`NodeSpec`] takes them.
 pub use ipnet::Ipv4Net;
 pub use probe::{Probe, ProbeMatrix, ProbeOptions, ProbeRequest, Protocol, Via};

@@ -104,6 +104,7 @@ impl Lab {
         }
         lab.write(&lab.state)?;
         lab.start_world()?;
+        lab.start_health_checker()?;
         let mut agents = Vec::new();
         if let Some(agent) = &opts.binaries.agent {
             for node in &spec.nodes {

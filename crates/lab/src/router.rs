@@ -6,15 +6,21 @@
 //! the nodes route those hosts back through it. Everything here acts in the lab's own
 //! namespaces.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::Ipv4Addr,
+    path::Path,
+};
 
 use sluice_netns::{Ipv4Net, MultipathRoute, NetNs, Route};
 
 use crate::{
     Lab, LabError, NodeSpec, WorldHostSpec,
     journal::journal_netns,
+    lifecycle::require_binary,
     loadbalancer::{self, is_load_balancer},
-    names, net,
+    names, net, process,
     spec::{LabSpec, router_address},
     state::LabState,
     topology::UNDERLAY_DEVICE,
@@ -26,10 +32,15 @@ pub const VIP_ROUTE_PROTOCOL: u8 = 202;
 /// The router's port on the underlay bridge (the nodes' are `und` and 8 hex digits).
 const ROUTER_PORT: &str = "undrouter";
 
-/// Every VIP of the lab's LoadBalancer Services and the nodes it is spread over: all of
-/// them, in lab file order, as a target pool without health checks sends to every
-/// instance.
-pub fn vip_next_hops(st: &LabState) -> BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> {
+/// The nodes (underlay addresses) the router's health check took out of each VIP's next
+/// hops; kept in `<lab>/router-health.json` by the health checker.
+pub type Unhealthy = BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>>;
+const HEALTH_FILE: &str = "router-health.json";
+
+/// Every VIP of the lab's LoadBalancer Services and the nodes it is spread over: every
+/// node, in lab file order, but those `unhealthy` names for it; if that is every node, all
+/// of them again, as a target pool with no healthy instance sends to every one.
+pub fn vip_next_hops(st: &LabState, unhealthy: &Unhealthy) -> BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> {
     let nodes: Vec<Ipv4Addr> = st
         .spec
         .nodes
@@ -40,8 +51,73 @@ pub fn vip_next_hops(st: &LabState) -> BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> {
         .values()
         .filter(|s| is_load_balancer(&s.object))
         .flat_map(|s| loadbalancer::vips(&s.object))
-        .map(|vip| (vip, nodes.clone()))
+        .map(|vip| {
+            let out = unhealthy.get(&vip);
+            let healthy: Vec<Ipv4Addr> = nodes
+                .iter()
+                .copied()
+                .filter(|n| out.is_none_or(|o| !o.contains(n)))
+                .collect();
+            (
+                vip,
+                if healthy.is_empty() {
+                    nodes.clone()
+                } else {
+                    healthy
+                },
+            )
+        })
         .collect()
+}
+
+/// What the health checker last decided; nothing (every node healthy) before it has.
+pub fn read_unhealthy(dir: &Path) -> Unhealthy {
+    fs::read(dir.join(HEALTH_FILE))
+        .ok()
+        .and_then(|data| serde_json::from_slice(&data).ok())
+        .unwrap_or_default()
+}
+
+/// Writes through a temporary file and a rename, so a reader never sees half of it.
+pub fn write_unhealthy(dir: &Path, unhealthy: &Unhealthy) -> Result<(), LabError> {
+    let path = dir.join(HEALTH_FILE);
+    let tmp = path.with_extension("json.tmp");
+    let data = serde_json::to_vec(unhealthy).map_err(|source| LabError::Encode {
+        what: "router health",
+        source,
+    })?;
+    fs::write(&tmp, data).map_err(crate::error::io_err("write", &tmp))?;
+    fs::rename(&tmp, &path).map_err(crate::error::io_err("rename", &path))
+}
+
+/// Makes the VIP routes of the router namespace `netns` those of [`vip_next_hops`]: each
+/// changed one replaced in one message, those of released VIPs deleted.
+pub fn sync_vip_routes(netns: &str, st: &LabState, unhealthy: &Unhealthy) -> Result<(), LabError> {
+    let nl = NetNs::open(netns)?.netlink()?;
+    let have: BTreeMap<Ipv4Net, Vec<Ipv4Addr>> = nl
+        .multipath_routes(VIP_ROUTE_PROTOCOL)?
+        .into_iter()
+        .map(|e| (e.destination, e.gateways))
+        .collect();
+    let want: BTreeMap<Ipv4Net, Vec<Ipv4Addr>> = vip_next_hops(st, unhealthy)
+        .into_iter()
+        .filter(|(_, hops)| !hops.is_empty())
+        .map(|(vip, hops)| (Ipv4Net::from(vip), hops))
+        .collect();
+    for (destination, gateways) in &want {
+        if have.get(destination) != Some(gateways) {
+            nl.replace_multipath_route(&MultipathRoute {
+                destination: *destination,
+                device: UNDERLAY_DEVICE,
+                gateways: gateways.clone(),
+                protocol: VIP_ROUTE_PROTOCOL,
+            })?;
+        }
+    }
+    for destination in have.keys().filter(|d| !want.contains_key(d)) {
+        nl.delete_route_of(*destination, VIP_ROUTE_PROTOCOL)?;
+    }
+    Ok(())
 }
 
 impl Lab {
@@ -123,36 +199,35 @@ impl Lab {
         })
     }
 
-    /// Makes the router's VIP routes those of [`vip_next_hops`]: each changed one
-    /// replaced in one message, those of released VIPs deleted.
+    /// The router's VIP routes after a change of the lab: VIPs given or released, nodes
+    /// come or gone, with the health checker's last word on the nodes.
     pub(crate) fn sync_router(&self) -> Result<(), LabError> {
         if !self.state.spec.has_router() {
             return Ok(());
         }
-        let nl = NetNs::open(&self.router_netns())?.netlink()?;
-        let have: BTreeMap<Ipv4Net, Vec<Ipv4Addr>> = nl
-            .multipath_routes(VIP_ROUTE_PROTOCOL)?
-            .into_iter()
-            .map(|e| (e.destination, e.gateways))
-            .collect();
-        let want: BTreeMap<Ipv4Net, Vec<Ipv4Addr>> = vip_next_hops(&self.state)
-            .into_iter()
-            .filter(|(_, hops)| !hops.is_empty())
-            .map(|(vip, hops)| (Ipv4Net::from(vip), hops))
-            .collect();
-        for (destination, gateways) in &want {
-            if have.get(destination) != Some(gateways) {
-                nl.replace_multipath_route(&MultipathRoute {
-                    destination: *destination,
-                    device: UNDERLAY_DEVICE,
-                    gateways: gateways.clone(),
-                    protocol: VIP_ROUTE_PROTOCOL,
-                })?;
-            }
+        sync_vip_routes(
+            &self.router_netns(),
+            &self.state,
+            &read_unhealthy(&self.dir),
+        )
+    }
+
+    /// Starts the router's health checker (`sluice lab router-health`) inside the router's
+    /// namespace, when the lab file asks for one; `lab down` stops it with the namespace.
+    pub(crate) fn start_health_checker(&self) -> Result<(), LabError> {
+        let checks = self
+            .state
+            .spec
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.health_check);
+        if checks.is_none() {
+            return Ok(());
         }
-        for destination in have.keys().filter(|d| !want.contains_key(d)) {
-            nl.delete_route_of(*destination, VIP_ROUTE_PROTOCOL)?;
-        }
-        Ok(())
+        require_binary(&self.opts.binaries.sluice, "sluice", "SLUICE_BIN")?;
+        let mut cmd = NetNs::named(self.router_netns()).command(&self.opts.binaries.sluice)?;
+        cmd.args(["lab", "router-health", "--lab-dir"])
+            .arg(&self.dir);
+        process::spawn_detached(cmd, &self.dir.join("router-health.log")).map(drop)
     }
 }
