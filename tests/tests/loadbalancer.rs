@@ -164,7 +164,7 @@ fn seed_003_cluster_then_local_failover() {
     // The pod-less node refuses at once, at its NodePort...
     let addr = SocketAddr::from((underlay_address(&lab, empty), node_port));
     let a = get_from_client(&lab, addr);
-    let err = a.result.err().expect("the pod-less node answered");
+    let err = a.result.expect_err("the pod-less node answered");
     eprintln!(
         "ETP=Local: the pod-less node's NodePort {addr} refused the client after {:.2} ms ({err}; target < 50 ms)",
         a.took.as_secs_f64() * 1e3

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_lab::{Lab, VIP_ROUTE_PROTOCOL};
+use sluice_lab::{Lab, NodeSpec, VIP_ROUTE_PROTOCOL};
 use sluice_netns::{IpNet, Ipv4Net, NetNs};
 use support::{Agent, TestLab, netns_of, unique};
 
@@ -136,6 +136,22 @@ fn vips_are_assigned_routed_over_every_node_and_released() {
         vec![(host(web), vec![NODE_1, NODE_2])],
         "one ECMP route over both nodes"
     );
+
+    // A node that joins is a next hop at once, one that leaves is no more.
+    t.lab
+        .add_node(NodeSpec {
+            name: "node-3".into(),
+            pod_cidr: "10.244.3.0/24".parse().unwrap(),
+            underlay_address: None,
+        })
+        .unwrap();
+    let node_3 = Ipv4Addr::new(172, 30, 0, 13);
+    assert_eq!(
+        vip_routes(&t.lab),
+        vec![(host(web), vec![NODE_1, NODE_2, node_3])]
+    );
+    t.lab.remove_node("node-3").unwrap();
+    assert_eq!(vip_routes(&t.lab), vec![(host(web), vec![NODE_1, NODE_2])]);
 
     let file = t.write(
         "more.yaml",
