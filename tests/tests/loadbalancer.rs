@@ -8,8 +8,9 @@
 //! own address, and the VIP converges once the health check takes the node out.
 //!
 //! The NodePort and VIP frontends, ETP=Local refusal and SNAT are the datapath's
-//! (bpf/host.c) and the compiler's; these tests pass once those are in. What the lab owns
-//! is tested alone in crates/lab/tests/loadbalancer.rs.
+//! (bpf/host.c) and the compiler's, the per-frontend `service list` the CLI's: the last two
+//! tests pass once those are in. The first, the lab's own part with the real agents, passes
+//! alone; crates/lab/tests/loadbalancer.rs tests the lab without any agent.
 // A test binary: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -114,6 +115,48 @@ fn underlay_address(lab: &TestLab, node: &str) -> Ipv4Addr {
         .node(node)
         .and_then(|n| n.underlay_address)
         .unwrap()
+}
+
+/// What the lab owns, with the real agents: the VIP in the Service's status, the router's
+/// ECMP route over both nodes, and the client behind the router reaching every pod by its
+/// address, which sees the client's own address. Passes without the NodePort datapath.
+#[test]
+fn seed_003_lab_gives_the_vip_and_routes_the_client_to_the_pods() {
+    let lab = seed_003("seed3r");
+    let (vip, node_port, _) = frontends(&lab);
+    assert!(
+        "198.51.100.0/28"
+            .parse::<sluice_lab::Ipv4Net>()
+            .unwrap()
+            .contains(&vip)
+    );
+    assert!((30000..=32767).contains(&node_port));
+    let routes = sluice_netns::NetNs::named(lab.lab.router_netns())
+        .netlink()
+        .unwrap()
+        .multipath_routes(sluice_lab::VIP_ROUTE_PROTOCOL)
+        .unwrap();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(routes[0].destination.addr(), vip);
+    assert_eq!(
+        routes[0].gateways,
+        vec![
+            underlay_address(&lab, "node-1"),
+            underlay_address(&lab, "node-2")
+        ]
+    );
+    for pod in lab
+        .lab
+        .pods()
+        .into_iter()
+        .filter(|p| p.namespace == "netflow-test")
+    {
+        let a = get_from_client(&lab, (pod.ip.unwrap(), 80).into());
+        let (by, client) = a
+            .result
+            .unwrap_or_else(|e| panic!("client -> {} on {}: {e}", pod.name, pod.node));
+        assert_eq!((by, client), (pod.name.clone(), CLIENT.to_string()));
+    }
 }
 
 #[test]

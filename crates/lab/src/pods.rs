@@ -152,7 +152,7 @@ impl Lab {
                 for node in &spec.nodes {
                     self.route_to_node(netns, node, false)?;
                 }
-                Ok(())
+                self.routes_behind_router(netns)
             }
             (WorldAttach::Underlay | WorldAttach::Router, None) => {
                 Err(LabError::NoUnderlay(self.state.name.clone()))

@@ -16,7 +16,7 @@ use std::{
 use sluice_netns::{Ipv4Net, MultipathRoute, NetNs, Route};
 
 use crate::{
-    Lab, LabError, NodeSpec, WorldHostSpec,
+    Lab, LabError, NodeSpec, WorldAttach, WorldHostSpec,
     journal::journal_netns,
     lifecycle::require_binary,
     loadbalancer::{self, is_load_balancer},
@@ -121,6 +121,25 @@ pub fn sync_vip_routes(netns: &str, st: &LabState, unhealthy: &Unhealthy) -> Res
 }
 
 impl Lab {
+    /// In a world host on the underlay: the hosts behind the router, via the router.
+    pub(crate) fn routes_behind_router(&self, netns: &str) -> Result<(), LabError> {
+        let spec = &self.state.spec;
+        let Some(router) = router_address(spec).filter(|_| spec.has_router()) else {
+            return Ok(());
+        };
+        for host in spec
+            .world
+            .iter()
+            .filter(|w| w.attach == WorldAttach::Router)
+        {
+            net::add_route(
+                netns,
+                &Route::via(Ipv4Net::from(host.address), router).dev("eth0"),
+            )?;
+        }
+        Ok(())
+    }
+
     /// The namespace of the router in front of the nodes; it exists when the lab file
     /// has `loadBalancer:` or world hosts with `attach: router`.
     pub fn router_netns(&self) -> String {
@@ -156,6 +175,17 @@ impl Lab {
         })?;
         for node in &spec.nodes {
             self.router_route_to_node(node, false)?;
+        }
+        // World hosts behind a node, via that node (those on the underlay are on-link).
+        for host in &spec.world {
+            if let WorldAttach::Node(behind) = &host.attach
+                && let Some(via) = spec.node(behind).and_then(|n| n.underlay_address)
+            {
+                net::add_route(
+                    &netns,
+                    &Route::via(Ipv4Net::from(host.address), via).dev(UNDERLAY_DEVICE),
+                )?;
+            }
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_lab::{Lab, NodeSpec, VIP_ROUTE_PROTOCOL};
+use sluice_lab::{Lab, NodeSpec, ProbeOptions, ProbeRequest, Protocol, VIP_ROUTE_PROTOCOL, Via};
 use sluice_netns::{IpNet, Ipv4Net, NetNs};
 use support::{Agent, TestLab, netns_of, unique};
 
@@ -44,7 +44,7 @@ loadBalancer:
 - {{name: node-1, podCIDR: 10.244.1.0/24}}
 - {{name: node-2, podCIDR: 10.244.2.0/24}}
 world:
-- {{name: client, address: {CLIENT}, attach: router}}
+- {{name: client, address: {CLIENT}, attach: router, ports: [{{port: 80}}]}}
 "
     )
 }
@@ -239,7 +239,11 @@ fn read_from(netns: &str, addr: SocketAddr) -> String {
 #[test]
 fn a_world_host_behind_the_router_reaches_nodes_pods_and_every_node_through_a_vip() {
     let name = unique("lw");
-    let mut t = TestLab::up(&name, &lab_file("198.51.100.0/28", ""), Agent::None);
+    // With a host on the underlay and one behind node-1 too.
+    let text = lab_file("198.51.100.0/28", "")
+        + "- {name: segment, address: 172.30.0.50, attach: underlay, ports: [{port: 80}]}\n"
+        + "- {name: branch, address: 203.0.113.20, attach: node-1, ports: [{port: 80}]}\n";
+    let mut t = TestLab::up(&name, &text, Agent::None);
     let client = format!("sluice-{name}-world-client");
     let file = t.write(
         "web.yaml",
@@ -280,6 +284,31 @@ fn a_world_host_behind_the_router_reaches_nodes_pods_and_every_node_through_a_vi
         answer.contains(&format!("X-Client-Address: {CLIENT}:")),
         "{answer}"
     );
+
+    // The client behind the router and the pod and the other world hosts reach each other,
+    // whichever way each is attached.
+    let matrix = t
+        .lab
+        .probe(&ProbeRequest {
+            namespaces: Vec::new(),
+            selector: Default::default(),
+            world: true,
+            ports: vec![80],
+            protocols: vec![Protocol::Tcp],
+            options: ProbeOptions {
+                via: Via::PodIp,
+                timeout: Duration::from_secs(2),
+            },
+        })
+        .unwrap();
+    // (Between the others, a lab without agents has no routes to other nodes' pods.)
+    let ours: Vec<_> = matrix
+        .probes
+        .iter()
+        .filter(|p| p.from != p.to && (p.from == "world/client" || p.to == "world/client"))
+        .collect();
+    assert_eq!(ours.len(), 6, "{ours:?}");
+    assert!(ours.iter().all(|p| p.allowed), "{ours:?}");
 
     // The VIP, with no dataplane to answer it: each node takes it as a local address, as
     // a NodePort frontend would, and says who it is. The router spreads the client's
