@@ -296,16 +296,19 @@ fn seed_003_service_list_shows_three_frontends() {
                 .is_some_and(|n| n.starts_with("netflow-test/nginx"))
         })
         .collect();
-    let has = |kind: &str, address: Option<Ipv4Addr>, port: u16| {
+    // Each frontend's kind, as the agent's API names it (`frontend`), like Cilium's list.
+    let has = |kind: &str, address: Ipv4Addr, port: u16| {
         ours.iter().any(|s| {
-            s["kind"] == kind
+            s["frontend"] == kind
                 && s["port"] == port
-                && address.is_none_or(|a| s["address"] == a.to_string())
+                && s["address"] == address.to_string()
                 && s["backends"].as_array().is_some_and(|b| b.len() == 3)
         })
     };
-    assert!(has("ClusterIP", Some(cluster_ip), 80), "{ours:#?}");
-    assert!(has("NodePort", None, node_port), "{ours:#?}");
-    assert!(has("LoadBalancer", Some(vip), 80), "{ours:#?}");
+    assert!(has("ClusterIP", cluster_ip, 80), "{ours:#?}");
+    // node-1's agent: its own address at the nodePort.
+    let node_1 = underlay_address(&lab, "node-1");
+    assert!(has("NodePort", node_1, node_port), "{ours:#?}");
+    assert!(has("LoadBalancer", vip, 80), "{ours:#?}");
     eprintln!("{}", lab.cli(&["--node", "node-1", "service", "list"]));
 }

@@ -364,12 +364,12 @@ fn check_same_but_nodes(path: &Path, current: &LabSpec, wanted: &LabSpec) -> Res
             current.policy_map_max != wanted.policy_map_max,
         ),
         (
-            "observability",
-            current.observability != wanted.observability,
-        ),
-        (
             "nodePortRange",
             current.node_port_range != wanted.node_port_range,
+        ),
+        (
+            "observability",
+            current.observability != wanted.observability,
         ),
         (
             "loadBalancer",

@@ -42,12 +42,13 @@ pub struct LabSpec {
     /// default.
     #[serde(default)]
     pub policy_map_max: Option<u32>,
+    /// Ports node port Services may use (the agents' `--node-port-range`); None: the
+    /// default, 30000-32767.
+    #[serde(default)]
+    pub node_port_range: Option<NodePortRange>,
     /// What the agents expose besides the datapath; labs written before it have nothing.
     #[serde(default)]
     pub observability: Observability,
-    /// Where nodePorts and healthCheckNodePorts come from.
-    #[serde(default)]
-    pub node_port_range: NodePortRange,
     /// The lab's cloud load balancer: a VIP pool and a router in front of the nodes.
     #[serde(default)]
     pub load_balancer: Option<LoadBalancerSpec>,
@@ -138,8 +139,8 @@ struct RawLab {
     underlay: Option<RawUnderlay>,
     tx_checksum_offload: Option<bool>,
     policy_map_max: Option<u32>,
-    observability: Option<RawObservability>,
     node_port_range: Option<String>,
+    observability: Option<RawObservability>,
     load_balancer: Option<cloud::RawLoadBalancer>,
     nodes: Option<Vec<RawNode>>,
     world: Option<Vec<RawWorldHost>>,
@@ -263,8 +264,13 @@ impl LabSpec {
             nodes,
             world: Vec::new(),
             policy_map_max: raw.policy_map_max,
+            node_port_range: raw
+                .node_port_range
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|m| err("nodePortRange", m))?,
             observability: Observability::default(),
-            node_port_range: cloud::parse_node_port_range(raw.node_port_range.as_deref(), &err)?,
             load_balancer: None,
         };
         topology::check_underlay(&spec).map_err(|(f, m)| err(&f, m))?;

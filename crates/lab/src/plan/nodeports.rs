@@ -57,7 +57,8 @@ pub(super) fn claimed(st: &LabState, manifests: &[Manifest]) -> NodePorts {
 
 /// The automatic band first (from `first + offset`), then the lowest ports.
 fn lowest_free(range: NodePortRange, claimed: &NodePorts) -> Option<u16> {
-    let offset = (range.size() / 32).clamp(16, 128);
+    let size = u32::from(range.last) - u32::from(range.first) + 1;
+    let offset = (size / 32).clamp(16, 128);
     let split = u32::from(range.first) + offset;
     let upper = (split..=u32::from(range.last)).filter_map(|p| u16::try_from(p).ok());
     let lower = range.first..=u16::try_from(split - 1).map_or(range.last, |p| p.min(range.last));
@@ -116,7 +117,7 @@ impl Apply<'_> {
     }
 
     fn take(&mut self, m: &Manifest, k: &str, field: &str, claimed: &mut NodePorts) -> Option<i32> {
-        let range = self.st.spec.node_port_range;
+        let range = self.st.spec.node_port_range.unwrap_or_default();
         match lowest_free(range, claimed) {
             Some(port) => {
                 claimed.insert(port, k.to_string());

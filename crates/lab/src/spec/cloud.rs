@@ -13,14 +13,10 @@ use crate::{
     topology::{self, overlaps},
 };
 
-/// The API server's default `--service-node-port-range`.
-pub const DEFAULT_NODE_PORT_RANGE: NodePortRange = NodePortRange {
-    first: 30000,
-    last: 32767,
-};
-
-/// `nodePortRange: 30000-32767`: both ends included.
+/// The ports node port Services may use (kube-apiserver's `--service-node-port-range`),
+/// written `first-last`, both ends included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct NodePortRange {
     pub first: u16,
     pub last: u16,
@@ -28,37 +24,45 @@ pub struct NodePortRange {
 
 impl Default for NodePortRange {
     fn default() -> Self {
-        DEFAULT_NODE_PORT_RANGE
-    }
-}
-
-impl NodePortRange {
-    pub fn contains(&self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-
-    /// Ports in the range, both ends included.
-    pub fn size(&self) -> u32 {
-        u32::from(self.last) - u32::from(self.first) + 1
-    }
-
-    fn parse(text: &str) -> Result<Self, String> {
-        let bad = || format!("{text:?} is not a port range like 30000-32767");
-        let (first, last) = text.split_once('-').ok_or_else(bad)?;
-        let first: u16 = first.trim().parse().map_err(|_| bad())?;
-        let last: u16 = last.trim().parse().map_err(|_| bad())?;
-        if first == 0 || first > last {
-            return Err(format!(
-                "{text:?}: the first port must be at least 1 and not above the last"
-            ));
+        Self {
+            first: 30000,
+            last: 32767,
         }
-        Ok(Self { first, last })
     }
 }
 
 impl std::fmt::Display for NodePortRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// `first-last`, both port numbers, first not above last.
+impl std::str::FromStr for NodePortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("invalid node port range {s:?}: want FIRST-LAST, e.g. 30000-32767");
+        let (first, last) = s.split_once('-').ok_or_else(bad)?;
+        let port = |p: &str| p.trim().parse::<u16>().ok().filter(|&p| p != 0);
+        match (port(first), port(last)) {
+            (Some(first), Some(last)) if first <= last => Ok(Self { first, last }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl TryFrom<String> for NodePortRange {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<NodePortRange> for String {
+    fn from(range: NodePortRange) -> Self {
+        range.to_string()
     }
 }
 
@@ -98,14 +102,6 @@ pub(super) struct RawLoadBalancer {
 pub(super) struct RawHealthCheck {
     delay: Option<String>,
     interval: Option<String>,
-}
-
-pub(super) fn parse_node_port_range(
-    text: Option<&str>,
-    err: &impl Fn(&str, String) -> LabError,
-) -> Result<NodePortRange, LabError> {
-    text.map_or(Ok(DEFAULT_NODE_PORT_RANGE), NodePortRange::parse)
-        .map_err(|m| err("nodePortRange", m))
 }
 
 /// `loadBalancer:` once the nodes and the underlay are known: the pool stays clear of the

@@ -299,7 +299,7 @@ fn bad_nodes_and_underlays_are_refused_naming_the_field() {
 fn the_cloud_fields_parse_with_their_defaults() {
     let nodes = "nodes: [{name: a, podCIDR: 10.244.1.0/24}, {name: b, podCIDR: 10.244.2.0/24}]\n";
     let spec = parse(&format!("{HEAD}{nodes}")).unwrap();
-    assert_eq!(spec.node_port_range.to_string(), "30000-32767");
+    assert_eq!(spec.node_port_range, None);
     assert_eq!(spec.load_balancer, None);
     assert!(!spec.has_router());
     let spec = parse(&format!(
@@ -310,7 +310,10 @@ world:
 "
     ))
     .unwrap();
-    assert_eq!(spec.node_port_range.to_string(), "31000-31999");
+    assert_eq!(
+        spec.node_port_range.map(|r| r.to_string()).as_deref(),
+        Some("31000-31999")
+    );
     let lb = spec.load_balancer.clone().unwrap();
     assert_eq!(lb.pool.to_string(), "198.51.100.0/28");
     let check = lb.health_check.unwrap();
@@ -328,7 +331,7 @@ fn bad_cloud_fields_are_refused_naming_the_field() {
         ("nodePortRange: 32767-30000\n", "nodePortRange"),
         (
             "nodePortRange: ports\n",
-            "nodePortRange: \"ports\" is not a port range",
+            "nodePortRange: invalid node port range \"ports\"",
         ),
         ("loadBalancer: {}\n", "loadBalancer.pool: required"),
         (
