@@ -69,6 +69,8 @@ struct Apply<'a> {
     lines: Vec<String>,
     create: Vec<String>,
     when: Time,
+    /// nodePorts and healthCheckNodePorts taken, so allocation steps around them.
+    claimed_node_ports: NodePorts,
 }
 
 impl Apply<'_> {
@@ -138,11 +140,11 @@ impl Apply<'_> {
     }
 
     /// Writes one object, with what its controller does about it.
-    fn object(&mut self, m: &Manifest, cluster_ips: &mut ClusterIps, node_ports: &mut NodePorts) {
+    fn object(&mut self, m: &Manifest, cluster_ips: &mut ClusterIps) {
         let applied = applied_json(m);
         match &m.object {
             Object::Namespace(_) => {}
-            Object::Service(svc) => self.service(m, svc, applied, cluster_ips, node_ports),
+            Object::Service(svc) => self.service(m, svc, applied, cluster_ips),
             Object::EndpointSlice(slice) => {
                 self.store(m, slice, applied, |st| &mut st.endpoint_slices);
             }
@@ -164,12 +166,12 @@ pub fn apply(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErro
         lines: Vec::new(),
         create: Vec::new(),
         when: now(),
+        claimed_node_ports: nodeports::claimed(current, manifests),
     };
     apply.namespaces();
     let mut cluster_ips = apply.requested_cluster_ips();
-    let mut node_ports = nodeports::claimed(&apply.st, manifests);
     for m in manifests {
-        apply.object(m, &mut cluster_ips, &mut node_ports);
+        apply.object(m, &mut cluster_ips);
     }
     if !apply.errors.is_empty() {
         return Err(LabError::Invalid(apply.errors));

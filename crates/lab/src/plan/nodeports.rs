@@ -90,14 +90,13 @@ fn previous_node_port(previous: Option<&Service>, port: &ServicePort) -> Option<
 }
 
 impl Apply<'_> {
-    /// Fills in the nodePorts and healthCheckNodePort of Service `m` (`k`), keeping those
+    /// Fills in the nodePorts and healthCheckNodePort of Service `m`, keeping those
     /// it had; a full range is a violation naming the field.
     pub(super) fn allocate_node_ports(
         &mut self,
         m: &Manifest,
         spec: &mut ServiceSpec,
         previous: Option<&Service>,
-        claimed: &mut NodePorts,
     ) {
         let k = key(m.namespace(), m.name());
         if needs_node_ports(spec) {
@@ -106,21 +105,21 @@ impl Apply<'_> {
                     continue;
                 }
                 port.node_port = previous_node_port(previous, port)
-                    .or_else(|| self.take(m, &k, &format!("spec.ports[{i}].nodePort"), claimed));
+                    .or_else(|| self.take(m, &k, &format!("spec.ports[{i}].nodePort")));
             }
         }
         if needs_health_check_port(spec) && spec.health_check_node_port.is_none_or(|p| p == 0) {
             spec.health_check_node_port = previous
                 .and_then(|p| p.spec.as_ref()?.health_check_node_port)
-                .or_else(|| self.take(m, &k, "spec.healthCheckNodePort", claimed));
+                .or_else(|| self.take(m, &k, "spec.healthCheckNodePort"));
         }
     }
 
-    fn take(&mut self, m: &Manifest, k: &str, field: &str, claimed: &mut NodePorts) -> Option<i32> {
+    fn take(&mut self, m: &Manifest, k: &str, field: &str) -> Option<i32> {
         let range = self.st.spec.node_port_range.unwrap_or_default();
-        match lowest_free(range, claimed) {
+        match lowest_free(range, &self.claimed_node_ports) {
             Some(port) => {
-                claimed.insert(port, k.to_string());
+                self.claimed_node_ports.insert(port, k.to_string());
                 Some(i32::from(port))
             }
             None => {

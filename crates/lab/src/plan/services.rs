@@ -7,7 +7,7 @@ use k8s_openapi::{api::core::v1::Service, apimachinery::pkg::apis::meta::v1::Obj
 use serde_json::Value;
 use sluice_sources::{Manifest, Object};
 
-use super::{Apply, new_uid, nodeports::NodePorts};
+use super::{Apply, new_uid};
 use crate::{
     ipam,
     slices::SERVICE_NAME_LABEL,
@@ -80,7 +80,6 @@ impl Apply<'_> {
         svc: &Service,
         applied: Value,
         claimed: &mut ClusterIps,
-        node_ports: &mut NodePorts,
     ) {
         let k = key(m.namespace(), m.name());
         let previous = self.st.services.get(&k).cloned();
@@ -113,7 +112,7 @@ impl Apply<'_> {
             spec.cluster_ips = ip.clone().map(|ip| vec![ip]);
             spec.cluster_ip = ip;
         }
-        self.allocate_node_ports(m, spec, previous.as_ref().map(|p| &p.object), node_ports);
+        self.allocate_node_ports(m, spec, previous.as_ref().map(|p| &p.object));
         // The VIP a LoadBalancer Service was given stays its own across applies.
         svc.status = previous.as_ref().and_then(|p| p.object.status.clone());
         svc.metadata.uid = previous

@@ -224,3 +224,6 @@ pub(super) fn check_router_address(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
