@@ -132,9 +132,10 @@ impl Lab {
         Ok(())
     }
 
-    /// A world host's link: a veth to its node as a pod has, or a port of the underlay
-    /// bridge with a route to every node's pod CIDR via that node, as a native underlay
-    /// routes them.
+    /// A world host's link: a veth to its node as a pod has, a veth to the router in front
+    /// of the nodes, or a port of the underlay bridge with a route to every node's pod CIDR
+    /// via that node, as a native underlay routes them (and to the hosts behind the router
+    /// via the router).
     fn wire_world_host(&self, host: &WorldHostSpec, netns: &str) -> Result<(), LabError> {
         let spec = &self.state.spec;
         match (&host.attach, spec.underlay) {

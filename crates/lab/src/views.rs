@@ -48,7 +48,7 @@ pub struct EndpointsView {
 pub struct WorldHostView {
     pub name: String,
     pub address: Ipv4Addr,
-    /// The node it hangs off, or `underlay`.
+    /// The node it hangs off, `underlay` or `router`.
     pub node: String,
     /// `80/TCP,53/UDP`.
     pub ports: String,
