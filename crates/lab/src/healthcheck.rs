@@ -19,7 +19,7 @@ use crate::{
     LabError,
     loadbalancer::{is_load_balancer, vips},
     names,
-    router::{Unhealthy, read_unhealthy, sync_vip_routes, write_unhealthy},
+    router::{Unhealthy, next_hops, read_unhealthy, sync_vip_routes, write_unhealthy},
     state::LabState,
 };
 
@@ -47,12 +47,7 @@ fn healthy(node: Ipv4Addr, port: u16, timeout: Duration) -> bool {
 /// The checks of one pass: every (VIP, node) of a Local LoadBalancer Service with a
 /// healthCheckNodePort, and that port.
 fn checks(st: &LabState) -> Vec<(Ipv4Addr, Ipv4Addr, u16)> {
-    let nodes: Vec<Ipv4Addr> = st
-        .spec
-        .nodes
-        .iter()
-        .filter_map(|n| n.underlay_address)
-        .collect();
+    let nodes = next_hops(&st.spec);
     let mut out = Vec::new();
     for s in st.services.values().filter(|s| is_load_balancer(&s.object)) {
         let Some(spec) = s.object.spec.as_ref() else {

@@ -37,16 +37,20 @@ const ROUTER_PORT: &str = "undrouter";
 pub type Unhealthy = BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>>;
 const HEALTH_FILE: &str = "router-health.json";
 
+/// What the router sends a VIP's traffic to: every node's underlay address, in lab file
+/// order.
+pub fn next_hops(spec: &LabSpec) -> Vec<Ipv4Addr> {
+    spec.nodes
+        .iter()
+        .filter_map(|n| n.underlay_address)
+        .collect()
+}
+
 /// Every VIP of the lab's LoadBalancer Services and the nodes it is spread over: every
 /// node, in lab file order, but those `unhealthy` names for it; if that is every node, all
 /// of them again, as a target pool with no healthy instance sends to every one.
 pub fn vip_next_hops(st: &LabState, unhealthy: &Unhealthy) -> BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> {
-    let nodes: Vec<Ipv4Addr> = st
-        .spec
-        .nodes
-        .iter()
-        .filter_map(|n| n.underlay_address)
-        .collect();
+    let nodes = next_hops(&st.spec);
     st.services
         .values()
         .filter(|s| is_load_balancer(&s.object))
