@@ -75,6 +75,13 @@ pub enum LabCommand {
         #[arg(long)]
         ready_file: PathBuf,
     },
+    /// The router's health check of the nodes (started by the lab inside the router's
+    /// namespace when the lab file sets loadBalancer.healthCheck).
+    #[command(hide = true)]
+    RouterHealth {
+        #[arg(long)]
+        lab_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -242,6 +249,7 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
         } => {
             sluice_lab::serve_pod(netns, name, tcp, udp, Path::new(ready_file))?;
         }
+        LabCommand::RouterHealth { lab_dir } => sluice_lab::run_router_health(lab_dir)?,
     }
     Ok(())
 }
@@ -357,10 +365,26 @@ fn get(lab: &Lab, what: Resource, output: Output) -> anyhow::Result<()> {
             let rows: Vec<_> = lab
                 .services()
                 .into_iter()
-                .map(|s| vec![s.namespace, s.name, s.kind, s.cluster_ip, s.ports])
+                .map(|s| {
+                    vec![
+                        s.namespace,
+                        s.name,
+                        s.kind,
+                        s.cluster_ip,
+                        s.external_ip,
+                        s.ports,
+                    ]
+                })
                 .collect();
             table::print(
-                &["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORT(S)"],
+                &[
+                    "NAMESPACE",
+                    "NAME",
+                    "TYPE",
+                    "CLUSTER-IP",
+                    "EXTERNAL-IP",
+                    "PORT(S)",
+                ],
                 &rows,
             );
             Ok(())

@@ -23,6 +23,8 @@ impl Lab {
         state.generation = self.state.generation + 1;
         self.write(&state)?;
         self.state = state;
+        // The cloud's side of the change: VIPs given or released, nodes come or gone.
+        self.sync_router()?;
         Ok(self.state.generation)
     }
 

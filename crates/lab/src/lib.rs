@@ -18,10 +18,12 @@
 mod apply;
 mod error;
 mod generations;
+mod healthcheck;
 mod host_cgroup;
 mod ipam;
 mod journal;
 mod lifecycle;
+mod loadbalancer;
 mod metrics;
 mod names;
 mod net;
@@ -30,6 +32,7 @@ mod plan;
 mod pods;
 mod probe;
 mod process;
+mod router;
 mod server;
 mod slices;
 mod spec;
@@ -48,11 +51,16 @@ use serde::Serialize;
 use sluice_netns::NetNs;
 
 pub use error::{LabError, LogTail};
+pub use healthcheck::run_router_health;
 /// Node pod CIDRs and the lab's ranges, as [`NodeSpec`] takes them.
 pub use ipnet::Ipv4Net;
 pub use probe::{Probe, ProbeMatrix, ProbeOptions, ProbeRequest, Protocol, Via};
+pub use router::VIP_ROUTE_PROTOCOL;
 pub use server::serve_pod;
-pub use spec::{LabSpec, METRICS_PORT, NodeSpec, Observability, WorldHostSpec, WorldPort};
+pub use spec::{
+    HealthCheckSpec, LabSpec, LoadBalancerSpec, METRICS_PORT, NodePortRange, NodeSpec,
+    Observability, WorldHostSpec, WorldPort, router_address,
+};
 pub use topology::{RoutingMode, UNDERLAY_BRIDGE, UNDERLAY_DEVICE, UnderlaySpec, WorldAttach};
 pub use views::{EndpointsView, PodView, ServiceView, WorldHostView};
 

@@ -48,7 +48,8 @@ impl Lab {
         let nodes = spec.nodes.iter().map(|n| names::node_netns(name, &n.name));
         let world = spec.world.iter().map(|w| names::world_netns(name, &w.name));
         let underlay = spec.underlay.map(|_| names::underlay_netns(name));
-        for netns in nodes.chain(world).chain(underlay) {
+        let router = spec.has_router().then(|| names::router_netns(name));
+        for netns in nodes.chain(world).chain(underlay).chain(router) {
             if NetNs::named(netns.as_str()).exists() {
                 return Err(LabError::Exists {
                     name: name.into(),
@@ -98,8 +99,12 @@ impl Lab {
         for node in &spec.nodes {
             lab.build_node(&spec, node)?;
         }
+        if spec.has_router() {
+            lab.build_router(&spec)?;
+        }
         lab.write(&lab.state)?;
         lab.start_world()?;
+        lab.start_health_checker()?;
         let mut agents = Vec::new();
         if let Some(agent) = &opts.binaries.agent {
             for node in &spec.nodes {

@@ -89,6 +89,12 @@ pub fn underlay_netns(lab: &str) -> String {
     format!("{NETNS_PREFIX}-{lab}-underlay")
 }
 
+/// The namespace of the router in front of the nodes: no node may be named `router` (the
+/// lab file refuses it).
+pub fn router_netns(lab: &str) -> String {
+    format!("{NETNS_PREFIX}-{lab}-router")
+}
+
 /// The bridge port of a node's underlay link, in the underlay namespace.
 pub fn underlay_port(node: &str) -> String {
     format!("und{:08x}", fnv32a(node.as_bytes()))

@@ -11,6 +11,7 @@ use crate::{
     error::io_err,
     journal::{journal_netns, lock, remove_tree},
     names, net, plan, process,
+    spec::router_address,
     state::now,
     topology::{self, UNDERLAY_DEVICE},
 };
@@ -40,6 +41,10 @@ impl Lab {
                 let to = Ipv4Net::from(host.address);
                 let route = match &host.attach {
                     WorldAttach::Underlay => Route::device(to, UNDERLAY_DEVICE),
+                    WorldAttach::Router => match router_address(spec) {
+                        Some(router) => Route::via(to, router).dev(UNDERLAY_DEVICE),
+                        None => continue,
+                    },
                     WorldAttach::Node(behind) if *behind == node.name => continue,
                     WorldAttach::Node(behind) => {
                         match spec.node(behind).and_then(|n| n.underlay_address) {
@@ -163,6 +168,9 @@ impl Lab {
         state.spec = spec;
         self.commit(state)?;
         // Once the node is in the state, so that a rollback's teardown removes these too.
+        if self.state.spec.has_router() {
+            self.router_route_to_node(node, false)?;
+        }
         for host in &self.state.spec.world {
             if host.attach == WorldAttach::Underlay {
                 let world = names::world_netns(&self.state.name, &host.name);
@@ -325,6 +333,9 @@ impl Lab {
         let Some(node) = spec.node(name) else {
             return Ok(());
         };
+        if spec.has_router() {
+            self.router_route_to_node(node, true)?;
+        }
         for host in spec
             .world
             .iter()
@@ -355,8 +366,16 @@ fn check_same_but_nodes(path: &Path, current: &LabSpec, wanted: &LabSpec) -> Res
             current.policy_map_max != wanted.policy_map_max,
         ),
         (
+            "nodePortRange",
+            current.node_port_range != wanted.node_port_range,
+        ),
+        (
             "observability",
             current.observability != wanted.observability,
+        ),
+        (
+            "loadBalancer",
+            current.load_balancer != wanted.load_balancer,
         ),
     ];
     match differs.iter().find(|(_, d)| *d) {

@@ -15,16 +15,17 @@ use serde_json::Value;
 use sluice_sources::{Manifest, ManifestError, Object};
 
 use crate::{
-    LabError,
+    LabError, loadbalancer,
     state::{self, LabState, Stored, key, now},
 };
 
 mod deployments;
+mod nodeports;
 mod pods;
 mod services;
 
 pub use self::{deployments::reconcile_deployments, services::cluster_ip};
-use self::{pods::mark_deleting, services::ClusterIps};
+use self::{nodeports::NodePorts, pods::mark_deleting, services::ClusterIps};
 // The tests name pod records through `super::*`.
 #[cfg(test)]
 use crate::state::PodRecord;
@@ -68,6 +69,8 @@ struct Apply<'a> {
     lines: Vec<String>,
     create: Vec<String>,
     when: Time,
+    /// nodePorts and healthCheckNodePorts taken, so allocation steps around them.
+    claimed_node_ports: NodePorts,
 }
 
 impl Apply<'_> {
@@ -163,6 +166,7 @@ pub fn apply(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErro
         lines: Vec::new(),
         create: Vec::new(),
         when: now(),
+        claimed_node_ports: nodeports::claimed(current, manifests),
     };
     apply.namespaces();
     let mut cluster_ips = apply.requested_cluster_ips();
@@ -171,6 +175,18 @@ pub fn apply(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErro
     }
     if !apply.errors.is_empty() {
         return Err(LabError::Invalid(apply.errors));
+    }
+    let pending = loadbalancer::assign(&mut apply.st);
+    // What a cloud's events would say, for the Services of this apply.
+    for (k, message) in pending {
+        if manifests
+            .iter()
+            .any(|m| matches!(m.object, Object::Service(_)) && key(m.namespace(), m.name()) == k)
+        {
+            apply.lines.push(format!(
+                "Warning: service/{k}: LoadBalancer pending: {message}"
+            ));
+        }
     }
     Ok(Plan::finish(apply.st, apply.create, apply.lines))
 }
@@ -284,6 +300,8 @@ pub fn delete(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErr
     if !errors.is_empty() {
         return Err(LabError::Invalid(errors));
     }
+    // A deleted Service's VIP goes back to the pool, perhaps to a pending Service.
+    loadbalancer::assign(&mut st);
     Ok(Plan::finish(st, Vec::new(), lines))
 }
 

@@ -132,9 +132,10 @@ impl Lab {
         Ok(())
     }
 
-    /// A world host's link: a veth to its node as a pod has, or a port of the underlay
-    /// bridge with a route to every node's pod CIDR via that node, as a native underlay
-    /// routes them.
+    /// A world host's link: a veth to its node as a pod has, a veth to the router in front
+    /// of the nodes, or a port of the underlay bridge with a route to every node's pod CIDR
+    /// via that node, as a native underlay routes them (and to the hosts behind the router
+    /// via the router).
     fn wire_world_host(&self, host: &WorldHostSpec, netns: &str) -> Result<(), LabError> {
         let spec = &self.state.spec;
         match (&host.attach, spec.underlay) {
@@ -152,9 +153,12 @@ impl Lab {
                 for node in &spec.nodes {
                     self.route_to_node(netns, node, false)?;
                 }
-                Ok(())
+                self.routes_behind_router(netns)
             }
-            (WorldAttach::Underlay, None) => Err(LabError::NoUnderlay(self.state.name.clone())),
+            (WorldAttach::Underlay | WorldAttach::Router, None) => {
+                Err(LabError::NoUnderlay(self.state.name.clone()))
+            }
+            (WorldAttach::Router, Some(_)) => self.wire_behind_router(host, netns),
             (WorldAttach::Node(name), _) => {
                 let node = spec
                     .node(name)

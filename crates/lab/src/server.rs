@@ -233,8 +233,14 @@ fn parse_head(buf: &[u8]) -> Result<Option<Request>, String> {
     Ok(Some(req))
 }
 
+/// Answers every request with the pod's name; the `X-Client-Address` header says whom the
+/// pod saw connect (what nginx logs as `$remote_addr`), so a test sees whether the
+/// client's address survived the way in.
 async fn http(mut stream: TcpStream, mut buf: Vec<u8>, name: &str) -> std::io::Result<()> {
     let body = format!("{name}\n");
+    let client = stream
+        .peer_addr()
+        .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
     loop {
         let req = loop {
             match parse_head(&buf) {
@@ -262,7 +268,7 @@ async fn http(mut stream: TcpStream, mut buf: Vec<u8>, name: &str) -> std::io::R
         buf = rest.split_off(req.content_length);
         let close = req.close || req.chunked || (req.http10 && !req.keep_alive);
         let mut response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nX-Client-Address: {client}\r\nContent-Length: {}\r\n",
             body.len()
         );
         if close {

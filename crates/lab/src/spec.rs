@@ -42,9 +42,16 @@ pub struct LabSpec {
     /// default.
     #[serde(default)]
     pub policy_map_max: Option<u32>,
+    /// Ports node port Services may use (the agents' `--node-port-range`); None: the
+    /// default, 30000-32767.
+    #[serde(default)]
+    pub node_port_range: Option<NodePortRange>,
     /// What the agents expose besides the datapath; labs written before it have nothing.
     #[serde(default)]
     pub observability: Observability,
+    /// The lab's cloud load balancer: a VIP pool and a router in front of the nodes.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSpec>,
 }
 
 /// `observability:` in the lab file.
@@ -132,7 +139,9 @@ struct RawLab {
     underlay: Option<RawUnderlay>,
     tx_checksum_offload: Option<bool>,
     policy_map_max: Option<u32>,
+    node_port_range: Option<String>,
     observability: Option<RawObservability>,
+    load_balancer: Option<cloud::RawLoadBalancer>,
     nodes: Option<Vec<RawNode>>,
     world: Option<Vec<RawWorldHost>>,
 }
@@ -255,7 +264,14 @@ impl LabSpec {
             nodes,
             world: Vec::new(),
             policy_map_max: raw.policy_map_max,
+            node_port_range: raw
+                .node_port_range
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|m| err("nodePortRange", m))?,
             observability: Observability::default(),
+            load_balancer: None,
         };
         topology::check_underlay(&spec).map_err(|(f, m)| err(&f, m))?;
         let explicit = spec
@@ -266,10 +282,15 @@ impl LabSpec {
             .collect();
         spec.place_on_underlay(&err)?;
         topology::check_nodes(&spec, &node_field).map_err(|(f, m)| err(&f, m))?;
+        spec.load_balancer = raw
+            .load_balancer
+            .map(|lb| cloud::parse_load_balancer(lb, &spec, &err))
+            .transpose()?;
         for (i, host) in raw.world.unwrap_or_default().into_iter().enumerate() {
             let host = world::parse_world_host(i, host, &spec, &err)?;
             spec.world.push(host);
         }
+        cloud::check_router_address(&spec, &err)?;
         if raw.policy_map_max == Some(0) {
             return Err(err("policyMapMax", "must be at least 1 (got 0)".into()));
         }
@@ -316,6 +337,14 @@ impl LabSpec {
             }
         }
         Ok(())
+    }
+
+    /// Whether the lab has a router in front of its nodes: for a load balancer pool, or for
+    /// world hosts behind it.
+    pub fn has_router(&self) -> bool {
+        self.underlay.is_some()
+            && (self.load_balancer.is_some()
+                || self.world.iter().any(|w| w.attach == WorldAttach::Router))
     }
 
     pub fn world_host(&self, name: &str) -> Option<&WorldHostSpec> {
@@ -445,6 +474,9 @@ fn parse_cidr(text: &str, max_prefix: u8) -> Result<Ipv4Net, String> {
     Ok(net)
 }
 
+mod cloud;
 #[cfg(test)]
 mod tests;
 mod world;
+
+pub use cloud::{HealthCheckSpec, LoadBalancerSpec, NodePortRange, router_address};

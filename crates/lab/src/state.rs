@@ -297,9 +297,14 @@ impl LabState {
             .spec
             .underlay
             .map(|_| crate::names::underlay_netns(&self.name));
+        let router = self
+            .spec
+            .has_router()
+            .then(|| crate::names::router_netns(&self.name));
         nodes
             .chain(world)
             .chain(underlay)
+            .chain(router)
             .chain(self.pods.values().map(|p| p.netns.clone()))
             .collect()
     }

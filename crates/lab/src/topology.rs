@@ -18,11 +18,16 @@ pub const UNDERLAY_DEVICE: &str = "underlay0";
 pub const UNDERLAY_BRIDGE: &str = "br0";
 /// The underlay namespace is `sluice-<lab>-underlay`, so no node may take this name.
 pub const UNDERLAY_NETNS_SUFFIX: &str = "underlay";
+/// The router's namespace is `sluice-<lab>-router`, so no node may take this name.
+pub const ROUTER_NETNS_SUFFIX: &str = "router";
 pub const DEFAULT_UNDERLAY_CIDR: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(172, 30, 0, 0), 24);
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 /// Node k of the lab file takes `network + 11 + k`; the addresses below are left to
 /// routers and hosts on the underlay, as on a real segment.
 pub const FIRST_NODE_OFFSET: u32 = 11;
+/// The router in front of the nodes (for LoadBalancer VIPs and world hosts behind it)
+/// takes the underlay's network + 1, as a segment's gateway.
+pub const ROUTER_OFFSET: u32 = 1;
 /// VXLAN over IPv4: outer IPv4 (20), UDP (8), VXLAN (8) and the inner Ethernet header (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 /// Pods keep at least IPv4's 576-byte datagram inside the tunnel.
@@ -97,6 +102,9 @@ impl UnderlaySpec {
 #[serde(rename_all = "camelCase")]
 pub enum WorldAttach {
     Underlay,
+    /// Behind the lab's router, on a subnet of its own: a client out on the internet,
+    /// reaching the nodes (and LoadBalancer VIPs) through the router.
+    Router,
     Node(String),
 }
 
@@ -104,6 +112,7 @@ impl fmt::Display for WorldAttach {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WorldAttach::Underlay => f.write_str("underlay"),
+            WorldAttach::Router => f.write_str("router"),
             WorldAttach::Node(node) => f.write_str(node),
         }
     }
@@ -175,6 +184,15 @@ pub fn check_nodes(
         let fail = |f: &str, message: String| Err((field_of(i, f), message));
         if let Err(m) = names::check_dns_label(&node.name, names::MAX_NODE_NAME) {
             return fail("name", m);
+        }
+        if node.name == ROUTER_NETNS_SUFFIX {
+            return fail(
+                "name",
+                format!(
+                    "{:?} names the lab's load balancer router namespace; rename the node",
+                    node.name
+                ),
+            );
         }
         if node.name == UNDERLAY_NETNS_SUFFIX {
             return fail(

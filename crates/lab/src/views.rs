@@ -4,7 +4,7 @@ use std::net::Ipv4Addr;
 
 use serde::Serialize;
 
-use crate::{Lab, names, slices};
+use crate::{Lab, loadbalancer, names, slices};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PodView {
@@ -25,6 +25,12 @@ pub struct ServiceView {
     pub kind: String,
     /// The address, `None` for a headless service, empty for ExternalName.
     pub cluster_ip: String,
+    /// As kubectl shows it: a LoadBalancer's VIPs, `<pending>` while it has none, else
+    /// `<none>`.
+    pub external_ip: String,
+    /// An externalTrafficPolicy=Local LoadBalancer's port for the load balancer's health
+    /// check.
+    pub health_check_node_port: Option<i32>,
     /// `80/TCP,53/UDP` (`80:30080/TCP` with a nodePort).
     pub ports: String,
 }
@@ -42,7 +48,7 @@ pub struct EndpointsView {
 pub struct WorldHostView {
     pub name: String,
     pub address: Ipv4Addr,
-    /// The node it hangs off, or `underlay`.
+    /// The node it hangs off, `underlay` or `router`.
     pub node: String,
     /// `80/TCP,53/UDP`.
     pub ports: String,
@@ -89,7 +95,20 @@ impl Lab {
                     })
                     .collect::<Vec<_>>()
                     .join(",");
+                let vips = loadbalancer::vips(&s.object);
+                let external_ip = if !vips.is_empty() {
+                    vips.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                } else if loadbalancer::is_load_balancer(&s.object) {
+                    "<pending>".into()
+                } else {
+                    "<none>".into()
+                };
                 ServiceView {
+                    external_ip,
+                    health_check_node_port: spec.health_check_node_port,
                     namespace: s.object.metadata.namespace.clone().unwrap_or_default(),
                     name: s.object.metadata.name.clone().unwrap_or_default(),
                     kind: spec.type_.unwrap_or_else(|| "ClusterIP".into()),

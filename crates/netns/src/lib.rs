@@ -10,6 +10,7 @@
 mod cgroup;
 mod error;
 mod link;
+mod multipath;
 mod ns;
 mod offload;
 mod route;
@@ -19,5 +20,6 @@ pub use cgroup::{Cgroup, CgroupRefusal, OwnedCgroup, cgroup2_root};
 pub use error::NetNsError;
 pub use ipnet::{IpNet, Ipv4Net};
 pub use link::{Link, LinkKind, Netlink};
+pub use multipath::{MultipathEntry, MultipathRoute};
 pub use ns::{NETNS_DIR, NetNs, NsThread, OwnedNetNs, unique_name};
 pub use route::{Route, RouteEntry};

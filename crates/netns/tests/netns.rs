@@ -14,7 +14,10 @@ use std::{
     time::Duration,
 };
 
-use sluice_netns::{Ipv4Net, LinkKind, NetNs, NetNsError, Netlink, OwnedNetNs, Route, RouteEntry};
+use sluice_netns::{
+    Ipv4Net, LinkKind, MultipathEntry, MultipathRoute, NetNs, NetNsError, Netlink, OwnedNetNs,
+    Route, RouteEntry,
+};
 
 fn net(text: &str) -> Ipv4Net {
     text.parse().unwrap()
@@ -200,6 +203,44 @@ fn routes_listed_by_protocol_and_deleted() {
     assert_eq!(nl.routes(OURS).unwrap(), expected[..1]);
     assert!(nl.delete_route(&ours[1].route()).is_err(), "already gone");
     assert_eq!(nl.routes(4).unwrap().len(), 1, "the static route stays");
+}
+
+#[test]
+fn multipath_routes_are_replaced_listed_and_deleted() {
+    const OURS: u8 = 198;
+    let ns = OwnedNetNs::unique("snt-m-").unwrap();
+    let nl = ns.netlink().unwrap();
+    nl.add_veth("m0", "m1", None).unwrap();
+    nl.add_address("m0", net("192.0.2.1/24").into()).unwrap();
+    nl.set_up("m0").unwrap();
+    nl.set_up("m1").unwrap();
+    let (a, b): (Ipv4Addr, Ipv4Addr) =
+        ("192.0.2.11".parse().unwrap(), "192.0.2.12".parse().unwrap());
+    let vip = net("198.51.100.1/32");
+    let route = |gateways: Vec<Ipv4Addr>| MultipathRoute {
+        destination: vip,
+        device: "m0",
+        gateways,
+        protocol: OURS,
+    };
+    nl.replace_multipath_route(&route(vec![a, b])).unwrap();
+    let listed = |nl: &Netlink| nl.multipath_routes(OURS).unwrap();
+    assert_eq!(
+        listed(&nl),
+        vec![MultipathEntry {
+            destination: vip,
+            gateways: vec![a, b]
+        }]
+    );
+    // Replaced in place: one next hop left (the kernel keeps it as a plain route).
+    nl.replace_multipath_route(&route(vec![b])).unwrap();
+    assert_eq!(listed(&nl)[0].gateways, vec![b]);
+    nl.replace_multipath_route(&route(vec![b, a])).unwrap();
+    assert_eq!(listed(&nl)[0].gateways, vec![b, a]);
+    assert_eq!(nl.routes(4).unwrap(), vec![], "nothing else was added");
+    nl.delete_route_of(vip, OURS).unwrap();
+    assert!(listed(&nl).is_empty());
+    assert!(nl.delete_route_of(vip, OURS).is_err(), "already gone");
 }
 
 #[test]

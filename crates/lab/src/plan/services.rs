@@ -112,6 +112,9 @@ impl Apply<'_> {
             spec.cluster_ips = ip.clone().map(|ip| vec![ip]);
             spec.cluster_ip = ip;
         }
+        self.allocate_node_ports(m, spec, previous.as_ref().map(|p| &p.object));
+        // The VIP a LoadBalancer Service was given stays its own across applies.
+        svc.status = previous.as_ref().and_then(|p| p.object.status.clone());
         svc.metadata.uid = previous
             .as_ref()
             .and_then(|p| p.object.metadata.uid.clone())

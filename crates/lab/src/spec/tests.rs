@@ -270,7 +270,7 @@ fn bad_nodes_and_underlays_are_refused_naming_the_field() {
         ),
         (
             format!("{two}\nworld: [{{name: w, address: 1.2.3.4, attach: moon}}]"),
-            "world[0].attach: \"moon\" is neither underlay nor a node of the lab",
+            "world[0].attach: \"moon\" is neither underlay, router nor a node of the lab",
         ),
         (
             "nodes: [{name: a, podCIDR: 10.244.1.0/24}]\nworld: [{name: w, address: 1.2.3.4, attach: underlay}]".into(),

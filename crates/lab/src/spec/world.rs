@@ -88,8 +88,8 @@ fn check_world_address(spec: &LabSpec, address: Ipv4Addr) -> Result<(), String> 
     Ok(())
 }
 
-/// `attach:` (or the older `node:`): `underlay` or a node of the lab; default the first
-/// node. Only a host on the underlay may take an address inside it.
+/// `attach:` (or the older `node:`): `underlay`, `router` or a node of the lab; default
+/// the first node. Only a host on the underlay may take an address inside it.
 fn parse_attach(
     spec: &LabSpec,
     attach: Option<String>,
@@ -113,11 +113,20 @@ fn parse_attach(
                 ));
             }
         },
+        Some("router") if field == "attach" => match spec.underlay {
+            Some(_) => WorldAttach::Router,
+            None => {
+                return Err((
+                    field,
+                    "the router sits on the underlay, and the lab has none (one node and no `underlay:` entry)".into(),
+                ));
+            }
+        },
         Some(name) if spec.node(name).is_some() => WorldAttach::Node(name.to_string()),
         Some(other) if field == "attach" => {
             return Err((
                 field,
-                format!("{other:?} is neither underlay nor a node of the lab"),
+                format!("{other:?} is neither underlay, router nor a node of the lab"),
             ));
         }
         Some(other) => return Err((field, format!("{other:?} is not a node of the lab"))),
@@ -128,7 +137,7 @@ fn parse_attach(
                 .ok_or_else(|| (field, "the lab has no nodes".to_string()))?,
         ),
     };
-    if let (WorldAttach::Node(_), Some(underlay)) = (&attach, spec.underlay)
+    if let (WorldAttach::Node(_) | WorldAttach::Router, Some(underlay)) = (&attach, spec.underlay)
         && underlay.cidr.contains(&address)
     {
         return Err((
