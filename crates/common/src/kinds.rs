@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::maps::{
     BACKEND_STATE_ACTIVE, CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY,
-    CT_INGRESS, CT_SERVICE, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS,
+    CT_INGRESS, CT_NODEPORT, CT_SERVICE, CT_SNAT, CT_SNAT_PORT, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS,
 };
 
 /// An IP protocol as a map key carries it; 0 means any protocol (policy rows, wildcards).
@@ -85,6 +85,12 @@ pub enum CtScope {
     Egress,
     Ingress,
     Service,
+    /// From outside the node to an external frontend, as the backend sees it.
+    Nodeport,
+    /// SNATed to a backend on another node, as the backend sees it.
+    Snat,
+    /// SNATed to a backend on another node, as the client sent it.
+    SnatPort,
     /// A scope the datapath does not define (written behind the agent's back).
     Unknown,
 }
@@ -95,6 +101,9 @@ impl CtScope {
             CT_EGRESS => CtScope::Egress,
             CT_INGRESS => CtScope::Ingress,
             CT_SERVICE => CtScope::Service,
+            CT_NODEPORT => CtScope::Nodeport,
+            CT_SNAT => CtScope::Snat,
+            CT_SNAT_PORT => CtScope::SnatPort,
             _ => CtScope::Unknown,
         }
     }
@@ -104,6 +113,9 @@ impl CtScope {
             CtScope::Egress => "egress",
             CtScope::Ingress => "ingress",
             CtScope::Service => "service",
+            CtScope::Nodeport => "nodeport",
+            CtScope::Snat => "snat",
+            CtScope::SnatPort => "snat-port",
             CtScope::Unknown => "unknown",
         }
     }

@@ -6,26 +6,33 @@
 //! names containing a dot, so targets with a dot are refused.
 
 use aya::programs::TcAttachType;
-use sluice_common::programs::{FROM_CONTAINER, FROM_TUNNEL, TO_CONTAINER, TO_TUNNEL};
+use sluice_common::programs::{FROM_CONTAINER, FROM_NETDEV, FROM_TUNNEL, TO_CONTAINER, TO_TUNNEL};
 
-/// What a group of programs is attached to. The pod's host-side veth and the node's tunnel
-/// device now; the node's device and cgroup socket hooks are the roles to come.
+/// What a group of programs is attached to: the pod's host-side veth, the node's tunnel
+/// device and its underlay device; cgroup socket hooks are the role to come.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AttachRole {
     /// The host side of a pod's veth pair, one per local endpoint.
     PodVeth,
     /// The node's collect-metadata VXLAN device (tunnel routing mode).
     TunnelDevice,
+    /// The node's underlay device, toward the other nodes and the world.
+    Netdev,
 }
 
 impl AttachRole {
-    pub const ALL: [AttachRole; 2] = [AttachRole::PodVeth, AttachRole::TunnelDevice];
+    pub const ALL: [AttachRole; 3] = [
+        AttachRole::PodVeth,
+        AttachRole::TunnelDevice,
+        AttachRole::Netdev,
+    ];
 
     /// The directory under `<pin_dir>/links/` holding this role's pinned links.
     pub const fn pin_dir_name(self) -> &'static str {
         match self {
             AttachRole::PodVeth => "pod",
             AttachRole::TunnelDevice => "tunnel",
+            AttachRole::Netdev => "netdev",
         }
     }
 
@@ -50,22 +57,26 @@ pub enum Object {
     Lxc,
     /// `bpf/tunnel.c`: the node's tunnel device.
     Tunnel,
+    /// `bpf/host.c`: the node's underlay device.
+    Host,
 }
 
 impl Object {
-    pub const ALL: [Object; 2] = [Object::Lxc, Object::Tunnel];
+    pub const ALL: [Object; 3] = [Object::Lxc, Object::Tunnel, Object::Host];
 
     /// The object's ELF bytes, embedded at build time.
     pub fn bytes(self) -> &'static [u8] {
         match self {
             Object::Lxc => LXC_OBJECT,
             Object::Tunnel => TUNNEL_OBJECT,
+            Object::Host => HOST_OBJECT,
         }
     }
 }
 
 static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
 static TUNNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunnel.o"));
+static HOST_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/host.o"));
 
 /// One program of a C object.
 #[derive(Clone, Copy, Debug)]
@@ -79,7 +90,7 @@ pub struct ProgramDef {
     pub link_suffix: &'static str,
 }
 
-pub const PROGRAMS: [ProgramDef; 4] = [
+pub const PROGRAMS: [ProgramDef; 5] = [
     // Packets leaving the pod.
     ProgramDef {
         name: FROM_CONTAINER,
@@ -111,6 +122,14 @@ pub const PROGRAMS: [ProgramDef; 4] = [
         role: AttachRole::TunnelDevice,
         hook: Hook::Tcx(TcAttachType::Egress),
         link_suffix: "egress",
+    },
+    // External frontends from outside the node, and their SNATed replies.
+    ProgramDef {
+        name: FROM_NETDEV,
+        object: Object::Host,
+        role: AttachRole::Netdev,
+        hook: Hook::Tcx(TcAttachType::Ingress),
+        link_suffix: "ingress",
     },
 ];
 

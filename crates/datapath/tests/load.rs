@@ -43,6 +43,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
         programs::TO_CONTAINER,
         programs::FROM_TUNNEL,
         programs::TO_TUNNEL,
+        programs::FROM_NETDEV,
     ] {
         let info = datapath.program(name).unwrap().info().unwrap();
         let xlated = info.size_translated().unwrap_or(0) / 8;

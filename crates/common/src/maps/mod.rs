@@ -38,6 +38,8 @@ pub mod programs {
     pub const FROM_TUNNEL: &str = "from_tunnel";
     /// tc egress of the VXLAN device: what the node's stack routes into the tunnel.
     pub const TO_TUNNEL: &str = "to_tunnel";
+    /// tc ingress of the underlay device: external frontends and their SNATed replies.
+    pub const FROM_NETDEV: &str = "from_netdev";
 }
 
 pub const IPPROTO_TCP: u8 = 6;
