@@ -34,7 +34,14 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!(
         "lb4_service",
         Lb4Service,
-        [backend_address, backend_port, count, flags, pad, affinity_timeout]
+        [
+            backend_address,
+            backend_port,
+            count,
+            flags,
+            pad,
+            affinity_timeout
+        ]
     ),
     layout!(
         "lb4_backend_key",
@@ -79,7 +86,13 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!(
         "node_config",
         NodeConfig,
-        [tunnel_ifindex, underlay_ifindex, routing_mode, pad, node_address]
+        [
+            tunnel_ifindex,
+            underlay_ifindex,
+            routing_mode,
+            pad,
+            node_address
+        ]
     ),
     StructLayout {
         name: "flow_event",
