@@ -157,10 +157,8 @@ impl Node {
             self.datapath.detach(AttachRole::PodVeth, ifname)?;
             attached = true;
         }
-        let (others, own_router) = nodes::routed(&desired.nodes);
-        attached |= self
-            .routing
-            .reconcile(&mut self.datapath, &others, own_router)?;
+        let (others, own) = nodes::routed(&desired.nodes);
+        attached |= self.routing.reconcile(&mut self.datapath, &others, own)?;
         if desired != *self.desired {
             self.desired_version += 1;
         }
@@ -228,16 +226,15 @@ impl Node {
             desired: Some(routing::programs(AttachRole::PodVeth)),
             actual: None,
         }));
-        let (others, own_router) = nodes::routed(&desired.nodes);
-        drift.extend(self.routing.drift(&others, own_router)?);
+        let (others, own) = nodes::routed(&desired.nodes);
+        drift.extend(self.routing.drift(&others, own)?);
         let repaired = repair && !drift.is_empty();
         if repaired {
             self.tables.apply(&plan)?;
             for ifname in &detached {
                 self.ensure_attached(ifname)?;
             }
-            self.routing
-                .reconcile(&mut self.datapath, &others, own_router)?;
+            self.routing.reconcile(&mut self.datapath, &others, own)?;
         }
         Ok(VerifyReport {
             generation: self.generation,

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! The agents learn each other from the Node objects of one cluster file: the agent makes
-//! the tunnel device, writes node_config, attaches the tunnel programs and routes the
+//! the tunnel device, writes node_config (with the node's address), attaches the tunnel
+//! programs and from_netdev on the underlay device, and routes the
 //! node's own traffic to the other node's pod CIDR; the datapath carries the pods' (TCP
 //! and UDP).
 // A test binary: a panic in a helper is the failure report.
@@ -22,7 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::lpm_trie::Key;
+use aya::{
+    maps::lpm_trie::Key,
+    programs::{SchedClassifier, TcAttachType},
+};
 use sluice_api::{Client, VerifyRequest};
 use sluice_common::{NodeConfig, RoutingMode, addr_be, kinds::DriftKind};
 use sluice_datapath::PinnedMaps;
@@ -193,6 +197,18 @@ impl TwoNodes {
             .unwrap()
     }
 
+    /// Whether node-a's underlay device runs from_netdev (external frontends).
+    fn runs_from_netdev(&self) -> bool {
+        let (_, programs) = self
+            .node_a
+            .run(|| SchedClassifier::query_tcx(UNDERLAY, TcAttachType::Ingress))
+            .unwrap()
+            .unwrap();
+        programs
+            .iter()
+            .any(|p| p.name_as_str() == Some(sluice_common::programs::FROM_NETDEV))
+    }
+
     fn node_config_a(&self) -> NodeConfig {
         let maps = PinnedMaps::open(self.agent_a.pins.path()).unwrap();
         maps.node_config.get(&0, 0).unwrap()
@@ -305,6 +321,11 @@ fn tunnel_mode_agents_carry_pods_and_nodes_across() {
             links.index(TUNNEL).unwrap(),
             links.index(UNDERLAY).unwrap()
         )
+        .with_node_address(NODE_A)
+    );
+    assert!(
+        nodes.runs_from_netdev(),
+        "from_netdev on the underlay device"
     );
     assert_eq!(
         nodes.routes_a(),
@@ -416,6 +437,11 @@ fn native_mode_agents_carry_pods_and_nodes_across() {
     assert_eq!(
         nodes.node_config_a(),
         NodeConfig::new(RoutingMode::Native, 0, links.index(UNDERLAY).unwrap())
+            .with_node_address(NODE_A)
+    );
+    assert!(
+        nodes.runs_from_netdev(),
+        "from_netdev on the underlay device"
     );
     assert_eq!(
         nodes.routes_a(),
