@@ -261,7 +261,7 @@ static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, const struct
 	fwd = bpf_map_lookup_elem(&ct4, &key);
 	if (fwd)
 		fwd->last_seen_ns = now;
-	return nodeport_reply(skb, pkt, ext, client, client_port, now, NETDEV_DIR);
+	return nodeport_reply(skb, pkt, ext, true, client, client_port, now, NETDEV_DIR);
 }
 
 SEC("classifier")

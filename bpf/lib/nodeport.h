@@ -63,25 +63,27 @@ static __always_inline void nodeport_touch_service(__be32 client, __be16 client_
 		service->last_seen_ns = now;
 }
 
-/* A backend's reply on the connection of @ext (its CT_NODEPORT entry) to @client:@client_port:
- * the source becomes the frontend again (and the destination the client, when it was
- * SNATed), and the packet leaves by the device the client's packets came in on.
- * @direction is the metrics direction of the calling program. */
+/* A backend's reply on the connection of @ext (its CT_NODEPORT entry): the source becomes
+ * the frontend again and, when the connection was SNATed (@snat, a constant at each call
+ * site), the destination @client:@client_port; then the packet leaves by the device the
+ * client's packets came in on. @direction is the metrics direction of the caller. */
 static __always_inline int nodeport_reply(struct __sk_buff *skb, const struct pkt4 *pkt,
-					  struct ct4_entry *ext, __be32 client,
+					  struct ct4_entry *ext, bool snat, __be32 client,
 					  __be16 client_port, __u64 now, __u8 direction)
 {
 	__be32 frontend = ext->nat_address;
 	__be16 frontend_port = ext->nat_port;
 	__u32 ifindex = ext->ifindex;
 
-	/* The caller's own entry reports the connection's close. */
-	ct_account(ext, pkt, CT_FLAG_SEEN_REPLY, now);
+	/* The caller's own entry counts the packet and reports the close; this one only
+	 * has to stay alive. */
+	ext->last_seen_ns = now;
 	nodeport_touch_service(client, client_port, ext, pkt->proto, now);
 	if (nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, frontend) < 0 ||
-	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, frontend_port) < 0 ||
-	    nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, client) < 0 ||
-	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, client_port) < 0)
+	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, frontend_port) < 0)
+		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, direction);
+	if (snat && (nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, client) < 0 ||
+		     nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, client_port) < 0))
 		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, direction);
 	metrics_count(skb, REASON_FORWARDED, direction);
 	/* The frontend may be the node's own address, which its stack would not forward
@@ -99,7 +101,8 @@ static __always_inline int nodeport_reply_local(struct __sk_buff *skb, const str
 
 	if (!ext)
 		return -1;
-	return nodeport_reply(skb, pkt, ext, pkt->daddr, pkt->dport, now, METRIC_DIR_EGRESS);
+	return nodeport_reply(skb, pkt, ext, false, pkt->daddr, pkt->dport, now,
+			      METRIC_DIR_EGRESS);
 }
 
 #endif

@@ -28,11 +28,12 @@ use std::{
 
 use aya::maps::lpm_trie::Key;
 use sluice_common::{
-    DropReason, EndpointInfo, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD, IPPROTO_TCP,
+    DropReason, EVENT_CONFIG_F_ENABLED, EVENT_DROP, EVENT_F_SERVICE, EVENT_TRACE, EndpointInfo,
+    EventConfig, FlowEvent, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD, IPPROTO_TCP,
     IPPROTO_UDP, IpcacheEntry, Lb4Key, Lb4Service, METRIC_DIR_INGRESS, NodeConfig, RoutingMode,
     SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL, SVC_FLAG_NODE_PORT, addr_be,
 };
-use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
+use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps, open_events};
 use sluice_netns::{Ipv4Net, Route};
 use support::{NetNs, PinDir};
 
@@ -65,7 +66,7 @@ struct Node {
     ns: NetNs,
     pod: NetNs,
     maps: PinnedMaps,
-    _pins: PinDir,
+    pins: PinDir,
 }
 
 impl Node {
@@ -215,7 +216,7 @@ fn node(mode: RoutingMode, underlay: &NetNs, suffix: char, subnet: u8, address: 
         ns,
         pod,
         maps,
-        _pins: pins,
+        pins,
     };
     node.ipcache(pod_address, identity, None);
     node.ipcache(address, IDENTITY_HOST, None);
@@ -504,4 +505,53 @@ fn other_underlay_traffic_passes_unchanged() {
         .run(|| TcpListener::bind((NODE_A, 8082)).unwrap());
     let peer = exchange(&cluster.world, &listener, NODE_A, 8082).unwrap();
     assert_eq!(peer.ip(), WORLD, "the node's own socket answered");
+}
+
+#[test]
+fn external_connections_emit_trace_and_drop_events_with_the_translation() {
+    let cluster = Cluster::new(RoutingMode::Native);
+    let mut maps = PinnedMaps::open(cluster.a.pins.path()).unwrap();
+    let config = EventConfig {
+        flags: EVENT_CONFIG_F_ENABLED,
+        rate: 0,
+        burst: 0,
+        pad: 0,
+    };
+    maps.event_config.set(0, config, 0).unwrap();
+    let mut ring = open_events(cluster.a.pins.path()).unwrap();
+
+    let at_b = listen(&cluster.b.pod);
+    exchange(&cluster.world, &at_b, NODE_A, NODE_PORT_REMOTE).unwrap();
+    assert!(connect(&cluster.world, NODE_A, NODE_PORT_NONE).is_err());
+
+    let mut events = Vec::new();
+    while let Some(record) = ring.next() {
+        events.push(FlowEvent::from_bytes(&record).unwrap());
+    }
+    let trace = events
+        .iter()
+        .find(|e| e.type_ == EVENT_TRACE)
+        .unwrap_or_else(|| panic!("a trace event: {events:#?}"));
+    assert_eq!(trace.flags & EVENT_F_SERVICE, EVENT_F_SERVICE);
+    assert_eq!(trace.direction as u32, METRIC_DIR_INGRESS);
+    assert_eq!(
+        (trace.saddr, trace.daddr, u16::from_be(trace.dport)),
+        (addr_be(WORLD), addr_be(POD_B), PORT),
+        "the client and the backend"
+    );
+    assert_eq!(
+        (trace.orig_daddr, u16::from_be(trace.orig_dport)),
+        (addr_be(NODE_A), NODE_PORT_REMOTE),
+        "the frontend"
+    );
+    assert_eq!(trace.src_identity, IDENTITY_WORLD);
+    let drop = events
+        .iter()
+        .find(|e| e.type_ == EVENT_DROP)
+        .unwrap_or_else(|| panic!("a drop event: {events:#?}"));
+    assert_eq!(drop.reason, DropReason::NoService.code());
+    assert_eq!(
+        (drop.daddr, u16::from_be(drop.dport)),
+        (addr_be(NODE_A), NODE_PORT_NONE)
+    );
 }
