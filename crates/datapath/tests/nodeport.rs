@@ -31,11 +31,11 @@ use sluice_common::{
     DropReason, EVENT_CONFIG_F_ENABLED, EVENT_DROP, EVENT_F_SERVICE, EVENT_TRACE, EndpointInfo,
     EventConfig, FlowEvent, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD, IPPROTO_TCP,
     IPPROTO_UDP, IpcacheEntry, Lb4Key, Lb4Service, METRIC_DIR_INGRESS, NodeConfig, RoutingMode,
-    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL, SVC_FLAG_NODE_PORT, addr_be,
+    SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL, SVC_FLAG_NODE_PORT, addr_be, programs::FROM_NETDEV,
 };
 use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps, open_events};
 use sluice_netns::{Ipv4Net, Route};
-use support::{NetNs, PinDir};
+use support::{Frame, NetNs, PinDir};
 
 const POD_A: Ipv4Addr = Ipv4Addr::new(10, 1, 1, 2);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 1, 2, 2);
@@ -553,5 +553,98 @@ fn external_connections_emit_trace_and_drop_events_with_the_translation() {
     assert_eq!(
         (drop.daddr, u16::from_be(drop.dport)),
         (addr_be(NODE_A), NODE_PORT_NONE)
+    );
+}
+
+/// The refusals as BPF_PROG_TEST_RUN sees them: whole packets with correct checksums
+/// (over veth the world host's kernel would not check them).
+#[test]
+fn refusals_are_well_formed_rst_and_icmp() {
+    let (pins, mut datapath) = support::load();
+    let mut maps = PinnedMaps::open(pins.path()).unwrap();
+    let frontend = SocketAddrV4::new(NODE_A, NODE_PORT_NONE);
+    let client = SocketAddrV4::new(WORLD, 40000);
+    for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+        maps.services
+            .insert(
+                Lb4Key::new(NODE_A, NODE_PORT_NONE, proto, 0),
+                Lb4Service::frontend(0, SVC_FLAG_NODE_PORT | SVC_FLAG_LOCAL),
+                0,
+            )
+            .unwrap();
+    }
+    let program = datapath.program(FROM_NETDEV).unwrap();
+    let tcp_field = |frame: &[u8], at: usize| {
+        let l4 = Frame(frame).l4().to_vec();
+        u32::from_be_bytes([l4[at], l4[at + 1], l4[at + 2], l4[at + 3]])
+    };
+
+    // A SYN: <SEQ=0><ACK=SEG.SEQ+1><CTL=RST,ACK>, back to the client.
+    let syn = support::tcp(client, frontend, support::TCP_SYN, b"");
+    let out = support::run(program, &syn);
+    assert_eq!(out.verdict, support::TC_ACT_REDIRECT);
+    let reset = Frame(&out.packet);
+    reset.assert_checksums();
+    assert_eq!((reset.src(), reset.dst()), (frontend, client));
+    assert_eq!(reset.eth_dst(), support::POD_MAC, "to the sender's MAC");
+    assert_eq!(reset.tot_len(), 40, "bare IP and TCP headers");
+    assert_eq!(reset.l4()[13], support::TCP_RST | support::TCP_ACK);
+    assert_eq!(
+        (tcp_field(&out.packet, 4), tcp_field(&out.packet, 8)),
+        (0, 1001)
+    );
+
+    // A segment with ACK and 5 bytes: <SEQ=SEG.ACK><CTL=RST>.
+    let data = support::tcp(
+        client,
+        frontend,
+        support::TCP_ACK | support::TCP_PSH,
+        b"hello",
+    );
+    let out = support::run(program, &data);
+    assert_eq!(out.verdict, support::TC_ACT_REDIRECT);
+    Frame(&out.packet).assert_checksums();
+    assert_eq!(Frame(&out.packet).l4()[13], support::TCP_RST);
+    assert_eq!(tcp_field(&out.packet, 4), 2000);
+
+    // An RST is never answered.
+    let rst = support::tcp(client, frontend, support::TCP_RST, b"");
+    assert_eq!(support::run(program, &rst).verdict, support::TC_ACT_SHOT);
+
+    // UDP: ICMP port unreachable from the frontend, quoting the datagram.
+    let datagram = support::udp(client, frontend, b"anyone?");
+    let out = support::run(program, &datagram);
+    assert_eq!(out.verdict, support::TC_ACT_REDIRECT);
+    let icmp = Frame(&out.packet);
+    icmp.assert_checksums();
+    assert_eq!(
+        (icmp.proto(), icmp.l4()[0], icmp.l4()[1]),
+        (support::IPPROTO_ICMP, 3, 3)
+    );
+    assert_eq!((icmp.src_ip(), icmp.dst_ip()), (NODE_A, WORLD));
+
+    // Anything else on the device passes untouched: VXLAN to the node, a pod's packet.
+    for packet in [
+        support::udp(
+            SocketAddrV4::new(NODE_B, 40000),
+            SocketAddrV4::new(NODE_A, VXLAN_PORT),
+            b"x",
+        ),
+        support::tcp(
+            client,
+            SocketAddrV4::new(POD_A, PORT),
+            support::TCP_SYN,
+            b"",
+        ),
+    ] {
+        let out = support::run(program, &packet);
+        assert_eq!(out.verdict, support::TC_ACT_OK);
+        assert_eq!(out.packet, packet);
+    }
+    assert_eq!(
+        maps.counted(DropReason::NoService.code(), METRIC_DIR_INGRESS)
+            .unwrap()
+            .packets,
+        4
     );
 }
