@@ -648,3 +648,68 @@ fn refusals_are_well_formed_rst_and_icmp() {
         4
     );
 }
+
+/// 1 MiB each way over a connection, checked byte for byte (large segments, GSO).
+fn bulk(world: &NetNs, listener: &TcpListener, to: Ipv4Addr, port: u16) {
+    let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let mut stream = connect(world, to, port).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let (mut accepted, _) = listener.accept().unwrap();
+    accepted.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let upload = payload.clone();
+    let writer = std::thread::spawn(move || {
+        stream.write_all(&upload).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed).unwrap();
+        echoed
+    });
+    let mut received = Vec::new();
+    accepted.read_to_end(&mut received).unwrap();
+    assert!(
+        received == payload,
+        "{to}:{port}: the upload arrived intact"
+    );
+    accepted.write_all(&received).unwrap();
+    drop(accepted);
+    let echoed = support::join(writer);
+    assert!(
+        echoed == payload,
+        "{to}:{port}: the download arrived intact"
+    );
+}
+
+#[test]
+fn bulk_transfers_through_dnat_and_snat_in_both_modes() {
+    for mode in [RoutingMode::Native, RoutingMode::Tunnel] {
+        let cluster = Cluster::new(mode);
+        bulk(
+            &cluster.world,
+            &listen(&cluster.a.pod),
+            NODE_A,
+            NODE_PORT_LOCAL,
+        );
+        bulk(&cluster.world, &listen(&cluster.b.pod), VIP, VIP_PORT);
+    }
+}
+
+/// In tunnel mode the path to a backend on another node carries 50 bytes less than the
+/// underlay: a DF datagram too large for it is answered with fragmentation needed from
+/// the frontend, and the client's kernel reports EMSGSIZE on its connected socket.
+#[test]
+fn path_mtu_discovery_works_for_world_clients() {
+    let cluster = Cluster::new(RoutingMode::Tunnel);
+    let client = udp_socket(&cluster.world, SocketAddrV4::new(WORLD, 0));
+    client.connect((VIP, VIP_PORT)).unwrap();
+    // 1500 bytes of IP: the underlay's MTU, 50 more than the tunnel's.
+    client.send(&[0u8; 1472]).unwrap();
+    let mut buf = [0u8; 16];
+    let err = client.recv(&mut buf).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
+    assert!(cluster.a.metric(DropReason::FragNeeded) >= 1);
+    let server = udp_socket(
+        &cluster.b.pod,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+    );
+    assert_eq!(udp_exchange(&client, &server, VIP, VIP_PORT).ip(), NODE_A);
+}
