@@ -52,7 +52,9 @@ static __always_inline int nodeport_refuse(struct __sk_buff *skb, const struct p
 }
 
 /* Records the SNAT of @pkt's connection to @node:@port toward @backend, if that tuple is
- * free (or already this connection's). Returns whether it was recorded. */
+ * free (or already this connection's, or its entry has expired). A free tuple is claimed
+ * atomically, so two CPUs can never give it to two connections. Returns whether it was
+ * recorded. */
 static __always_inline bool snat_claim(struct __sk_buff *skb, const struct pkt4 *pkt,
 				       const struct lb4_service *backend, __be32 node,
 				       __be16 port, __u64 now)
@@ -62,6 +64,8 @@ static __always_inline bool snat_claim(struct __sk_buff *skb, const struct pkt4 
 
 	ct_key_init(&key, node, backend->backend_address, port, backend->backend_port,
 		    pkt->proto, CT_SNAT);
+	if (ct_write(&key, pkt, pkt->saddr, pkt->sport, 0, skb->ifindex, now, BPF_NOEXIST) == 0)
+		return true;
 	held = bpf_map_lookup_elem(&ct4, &key);
 	if (held && !ct_expired(held, pkt->proto, now) &&
 	    (held->nat_address != pkt->saddr || held->nat_port != pkt->sport))
