@@ -197,22 +197,21 @@ impl TwoNodes {
             .unwrap()
     }
 
-    /// Whether node-a's underlay device runs from_netdev (external frontends).
-    fn runs_from_netdev(&self) -> bool {
-        let (_, programs) = self
-            .node_a
-            .run(|| SchedClassifier::query_tcx(UNDERLAY, TcAttachType::Ingress))
-            .unwrap()
-            .unwrap();
-        programs
-            .iter()
-            .any(|p| p.name_as_str() == Some(sluice_common::programs::FROM_NETDEV))
-    }
-
     fn node_config_a(&self) -> NodeConfig {
         let maps = PinnedMaps::open(self.agent_a.pins.path()).unwrap();
         maps.node_config.get(&0, 0).unwrap()
     }
+}
+
+/// Whether the node's underlay device runs from_netdev (external frontends).
+fn runs_from_netdev(node: &OwnedNetNs) -> bool {
+    let (_, programs) = node
+        .run(|| SchedClassifier::query_tcx(UNDERLAY, TcAttachType::Ingress))
+        .unwrap()
+        .unwrap();
+    programs
+        .iter()
+        .any(|p| p.name_as_str() == Some(sluice_common::programs::FROM_NETDEV))
 }
 
 fn listen(ns: &OwnedNetNs) -> TcpListener {
@@ -324,7 +323,7 @@ fn tunnel_mode_agents_carry_pods_and_nodes_across() {
         .with_node_address(NODE_A)
     );
     assert!(
-        nodes.runs_from_netdev(),
+        runs_from_netdev(&nodes.node_a),
         "from_netdev on the underlay device"
     );
     assert_eq!(
@@ -440,7 +439,7 @@ fn native_mode_agents_carry_pods_and_nodes_across() {
             .with_node_address(NODE_A)
     );
     assert!(
-        nodes.runs_from_netdev(),
+        runs_from_netdev(&nodes.node_a),
         "from_netdev on the underlay device"
     );
     assert_eq!(
@@ -454,6 +453,21 @@ fn native_mode_agents_carry_pods_and_nodes_across() {
         }]
     );
     assert_eq!(nodes.agent_a.status().routing.mode, RoutingMode::Native);
+
+    // from_netdev detached behind the agent's back (its link's pin was the only
+    // reference): a pass attaches it again, and pins the new link.
+    let from_netdev = sluice_datapath::PROGRAMS
+        .iter()
+        .find(|p| p.name == sluice_common::programs::FROM_NETDEV)
+        .unwrap();
+    let pin = sluice_datapath::link_pin_path(nodes.agent_a.pins.path(), from_netdev, UNDERLAY);
+    std::fs::remove_file(&pin).unwrap();
+    let node_a = &nodes.node_a;
+    nodes
+        .agent_a
+        .wait("from_netdev attached again", Duration::from_secs(5), |_| {
+            pin.exists() && runs_from_netdev(node_a)
+        });
 
     let listener = listen(&nodes.pod_b);
     assert_eq!(
