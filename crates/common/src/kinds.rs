@@ -91,6 +91,7 @@ pub enum CtScope {
     /// SNATed to a backend on another node, as the backend sees it.
     Snat,
     /// SNATed to a backend on another node, as the client sent it.
+    #[serde(rename = "snat-port")]
     SnatPort,
     /// A scope the datapath does not define (written behind the agent's back).
     Unknown,
@@ -427,7 +428,15 @@ mod tests {
             let d = Direction::from_policy(d);
             assert_eq!(word(d), d.as_str());
         }
-        for s in [CT_EGRESS, CT_INGRESS, CT_SERVICE, 9] {
+        for s in [
+            CT_EGRESS,
+            CT_INGRESS,
+            CT_SERVICE,
+            CT_NODEPORT,
+            CT_SNAT,
+            CT_SNAT_PORT,
+            9,
+        ] {
             let s = CtScope::from_number(s);
             assert_eq!(word(s), s.as_str());
         }
