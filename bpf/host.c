@@ -30,6 +30,23 @@
 /* Packets from outside enter the node: events and metrics count them as ingress. */
 #define NETDEV_DIR METRIC_DIR_INGRESS
 
+/* The device the replies to @client leave by (the CT_NODEPORT entry's ifindex): the one
+ * its packets came in on, except for a pod on another node in tunnel mode, which only
+ * the tunnel reaches (to_tunnel keys the replies). */
+static __always_inline __u32 nodeport_reply_device(struct __sk_buff *skb,
+						   const struct node_config *cfg, __be32 client)
+{
+	__u32 device = skb->ifindex;
+	struct ipcache_entry *peer;
+
+	if (cfg && cfg->routing_mode == ROUTING_MODE_TUNNEL) {
+		peer = ipcache_lookup(client);
+		if (peer && peer->tunnel_endpoint)
+			device = cfg->tunnel_ifindex;
+	}
+	return device;
+}
+
 /* A frontend without backends (externalTrafficPolicy Local on a node without one, or no
  * ready backend at all): refused at once back out the device, a TCP RST for TCP and ICMP
  * port unreachable otherwise, which the client sees as ECONNREFUSED. */
@@ -174,7 +191,8 @@ static __always_inline int nodeport_to_remote(struct __sk_buff *skb, const struc
 	ct_key_init(&key, node, backend->backend_address, port, backend->backend_port,
 		    pkt->proto, CT_NODEPORT);
 	if (ct_track_established(&key, pkt, pkt->daddr, pkt->dport, 0, now) == CT_NEW &&
-	    ct_create(&key, pkt, pkt->daddr, pkt->dport, 0, skb->ifindex, now) < 0)
+	    ct_create(&key, pkt, pkt->daddr, pkt->dport, 0,
+		      nodeport_reply_device(skb, cfg, pkt->saddr), now) < 0)
 		return verdict_drop_from(skb, pkt, DROP_CT_CREATE_FAILED, NETDEV_DIR,
 					 IDENTITY_UNRESOLVED);
 
@@ -191,7 +209,8 @@ static __always_inline int nodeport_to_remote(struct __sk_buff *skb, const struc
 /* @pkt goes to @backend on this node: DNAT only, so the pod sees the client's address;
  * the node's stack routes it to the pod's veth, where to_container judges it. */
 static __always_inline int nodeport_to_local(struct __sk_buff *skb, const struct pkt4 *pkt,
-					     const struct lb4_service *backend, __u64 now)
+					     const struct lb4_service *backend,
+					     const struct node_config *cfg, __u64 now)
 {
 	struct ct4_key key;
 	enum ct_state state;
@@ -200,7 +219,8 @@ static __always_inline int nodeport_to_local(struct __sk_buff *skb, const struct
 		    pkt->proto, CT_NODEPORT);
 	state = ct_track_established(&key, pkt, pkt->daddr, pkt->dport, 0, now);
 	if (state == CT_NEW && ct_opens_connection(pkt)) {
-		if (ct_create(&key, pkt, pkt->daddr, pkt->dport, 0, skb->ifindex, now) < 0)
+		if (ct_create(&key, pkt, pkt->daddr, pkt->dport, 0,
+			      nodeport_reply_device(skb, cfg, pkt->saddr), now) < 0)
 			return verdict_drop_from(skb, pkt, DROP_CT_CREATE_FAILED, NETDEV_DIR,
 						 IDENTITY_UNRESOLVED);
 		event_emit(skb, pkt, EVENT_WHAT(EVENT_TRACE, NETDEV_DIR, 0, 0, IDENTITY_UNRESOLVED),
@@ -235,7 +255,7 @@ static __always_inline int nodeport_lb(struct __sk_buff *skb, const struct pkt4 
 		       : NULL;
 	if (dest && dest->tunnel_endpoint)
 		return nodeport_to_remote(skb, pkt, &backend, cfg, dest->tunnel_endpoint, now);
-	return nodeport_to_local(skb, pkt, &backend, now);
+	return nodeport_to_local(skb, pkt, &backend, cfg, now);
 }
 
 /* A reply to node_address from a backend on another node, if it is one: back to the

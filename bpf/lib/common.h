@@ -81,7 +81,7 @@ struct lb4_backend {
  * LoadBalancer VIP), made by from_netdev (nodeport.h):
  *  CT_NODEPORT  - tuple as it reaches the backend (after DNAT, and SNAT when the backend
  *                 is on another node); nat_* hold the frontend to restore on replies,
- *                 ifindex the device the client's packets came in on (replies leave there).
+ *                 ifindex the device replies leave by (the client's, or the tunnel).
  *  CT_SNAT      - tuple as it reaches a backend on another node, source node_address:port;
  *                 nat_* hold the client, the destination of the replies.
  *  CT_SNAT_PORT - tuple as the client sent it to the frontend; nat_* hold the

@@ -5,7 +5,8 @@
  * lb4_select_backend as for a ClusterIP, then:
  *  - a backend on this node gets the packet DNATed, with the client's own address, through
  *    the node's stack (its to_container judges it); its replies are rev-DNATed by its
- *    from_container (CT_NODEPORT) and sent straight out the device the client came in on;
+ *    from_container (CT_NODEPORT) and sent straight out the device the client came in on
+ *    (the tunnel for a pod on another node in tunnel mode);
  *  - a backend on another node gets it DNATed and SNATed to node_address with a port that
  *    keeps the tuple unique (CT_SNAT, CT_SNAT_PORT), forwarded with forward_to_node; the
  *    replies come back to node_address and from_netdev restores client and frontend.
@@ -65,8 +66,8 @@ static __always_inline void nodeport_touch_service(__be32 client, __be16 client_
 
 /* A backend's reply on the connection of @ext (its CT_NODEPORT entry): the source becomes
  * the frontend again and, when the connection was SNATed (@snat, a constant at each call
- * site), the destination @client:@client_port; then the packet leaves by the device the
- * client's packets came in on. @direction is the metrics direction of the caller. */
+ * site), the destination @client:@client_port; then the packet leaves by the entry's
+ * device. @direction is the metrics direction of the caller. */
 static __always_inline int nodeport_reply(struct __sk_buff *skb, const struct pkt4 *pkt,
 					  struct ct4_entry *ext, bool snat, __be32 client,
 					  __be16 client_port, __u64 now, __u8 direction)

@@ -15,9 +15,11 @@ use std::{
 
 use sluice_common::{
     DropReason, EVENT_CONFIG_F_ENABLED, EVENT_DROP, EVENT_F_SERVICE, EVENT_TRACE, EventConfig,
-    FlowEvent, IDENTITY_WORLD, METRIC_DIR_INGRESS, RoutingMode, addr_be,
+    FlowEvent, IDENTITY_WORLD, IPPROTO_TCP, METRIC_DIR_INGRESS, RoutingMode, SVC_FLAG_NODE_PORT,
+    addr_be,
 };
 use sluice_datapath::{PinnedMaps, open_events};
+use sluice_netns::Route;
 use support::NetNs;
 use underlay::*;
 
@@ -233,4 +235,28 @@ fn path_mtu_discovery_works_for_world_clients() {
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
     );
     assert_eq!(udp_exchange(&client, &server, VIP, VIP_PORT).ip(), NODE_A);
+}
+
+/// A pod reaching another node's NodePort: the request crosses the underlay as it is, the
+/// backend there sees the pod's address, and the reply takes the way back to a pod on
+/// another node (the tunnel in tunnel mode).
+#[test]
+fn a_pod_reaches_the_node_port_of_another_node_in_both_modes() {
+    for mode in [RoutingMode::Native, RoutingMode::Tunnel] {
+        let mut cluster = Cluster::new(mode);
+        let node_port = SVC_FLAG_NODE_PORT;
+        cluster
+            .b
+            .frontend(NODE_B, NODE_PORT_LOCAL, IPPROTO_TCP, node_port, &[POD_B]);
+        // node-b's route to pod-a's subnet, as the agent makes it.
+        let to_pod_a = "10.1.1.0/24".parse().unwrap();
+        let route = match mode {
+            RoutingMode::Tunnel => Route::device(to_pod_a, VXLAN),
+            _ => Route::via(to_pod_a, NODE_A),
+        };
+        cluster.b.ns.netlink().add_route(&route).unwrap();
+        let at_b = listen(&cluster.b.pod);
+        let peer = exchange(&cluster.a.pod, &at_b, NODE_B, NODE_PORT_LOCAL).unwrap();
+        assert_eq!(peer.ip(), POD_A, "{mode:?}: the backend sees the pod");
+    }
 }
