@@ -68,6 +68,12 @@ fn reaches_backends_from_the_world(mode: RoutingMode) {
         assert_eq!(udp_exchange(&client, &server_b, to, port), peer);
     }
     assert_eq!(cluster.a.metric(DropReason::NatNoMapping), 0);
+
+    // A pod reaches the same frontends through its own from_container, unSNATed.
+    for (to, port) in [(NODE_A, NODE_PORT_REMOTE), (VIP, VIP_PORT)] {
+        let peer = exchange(&cluster.a.pod, &at_b, to, port).unwrap();
+        assert_eq!(peer.ip(), POD_A, "{mode:?}: pod-a to {to}:{port}");
+    }
 }
 
 #[test]
