@@ -1,6 +1,7 @@
 //! External frontends without a backend (externalTrafficPolicy Local on a node without
-//! one) refused at once, and the underlay's other traffic left alone by from_netdev
-//! (needs root; never skipped). Each test builds its own topology (underlay/mod.rs).
+//! one) refused at once, SNAT port exhaustion dropped with its reason, and the underlay's
+//! other traffic left alone by from_netdev (needs root; never skipped). Each socket test
+//! builds its own topology (underlay/mod.rs).
 // A test binary: a panic in a helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,9 +14,11 @@ use std::{
     time::Instant,
 };
 
+use aya::maps::lpm_trie::Key;
 use sluice_common::{
-    DropReason, IPPROTO_TCP, IPPROTO_UDP, Lb4Key, Lb4Service, METRIC_DIR_INGRESS, RoutingMode,
-    SVC_FLAG_LOCAL, SVC_FLAG_NODE_PORT, programs::FROM_NETDEV,
+    CT_SNAT, Ct4Entry, Ct4Key, DropReason, IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, Lb4Key,
+    Lb4Service, METRIC_DIR_INGRESS, NodeConfig, RoutingMode, SVC_FLAG_LOAD_BALANCER,
+    SVC_FLAG_LOCAL, SVC_FLAG_NODE_PORT, addr_be, programs::FROM_NETDEV,
 };
 use sluice_datapath::PinnedMaps;
 use support::Frame;
@@ -165,4 +168,84 @@ fn refusals_are_well_formed_rst_and_icmp() {
             .packets,
         4
     );
+}
+
+/// Every SNAT port toward a backend taken (by live connections of another client): a new
+/// connection is dropped with NAT_NO_MAPPING rather than given a port in use; once its
+/// own port is free again it gets that one.
+#[test]
+fn snat_port_exhaustion_drops_with_a_reason() {
+    let (pins, mut datapath) = support::load();
+    let mut maps = PinnedMaps::open(pins.path()).unwrap();
+    // Native mode through the test run's loopback device (ifindex 1).
+    maps.node_config
+        .set(
+            0,
+            NodeConfig::new(RoutingMode::Native, 0, 1).with_node_address(NODE_A),
+            0,
+        )
+        .unwrap();
+    let remote = IpcacheEntry {
+        identity: 301,
+        tunnel_endpoint: addr_be(NODE_B),
+    };
+    maps.ipcache
+        .insert(&Key::new(32, addr_be(POD_B)), remote, 0)
+        .unwrap();
+    maps.services
+        .insert(
+            Lb4Key::new(VIP, VIP_PORT, IPPROTO_TCP, 1),
+            Lb4Service::slot(POD_B, PORT),
+            0,
+        )
+        .unwrap();
+    support::add_backend(&mut maps, SocketAddrV4::new(POD_B, PORT), IPPROTO_TCP);
+    maps.services
+        .insert(
+            Lb4Key::new(VIP, VIP_PORT, IPPROTO_TCP, 0),
+            Lb4Service::frontend(1, SVC_FLAG_LOAD_BALANCER),
+            0,
+        )
+        .unwrap();
+    let taken = |port: u16| Ct4Key::new((NODE_A, port), (POD_B, PORT), IPPROTO_TCP, CT_SNAT);
+    // Seen in the far future: never expired.
+    let other_client = Ct4Entry {
+        last_seen_ns: u64::MAX / 2,
+        nat_address: addr_be(WORLD_2),
+        nat_port: 40000u16.to_be(),
+        ..Ct4Entry::default()
+    };
+    for port in 32768..=u16::MAX {
+        maps.conntrack.insert(taken(port), other_client, 0).unwrap();
+    }
+
+    let client = SocketAddrV4::new(WORLD, 40000);
+    let syn = support::tcp(
+        client,
+        SocketAddrV4::new(VIP, VIP_PORT),
+        support::TCP_SYN,
+        b"",
+    );
+    let program = datapath.program(FROM_NETDEV).unwrap();
+    assert_eq!(support::run(program, &syn).verdict, support::TC_ACT_SHOT);
+    let dropped = |maps: &PinnedMaps| {
+        maps.counted(DropReason::NatNoMapping.code(), METRIC_DIR_INGRESS)
+            .unwrap()
+            .packets
+    };
+    assert_eq!(dropped(&maps), 1);
+
+    maps.conntrack.remove(&taken(40000)).unwrap();
+    let out = support::run(program, &syn);
+    assert_eq!(out.verdict, support::TC_ACT_REDIRECT);
+    let frame = Frame(&out.packet);
+    frame.assert_checksums();
+    assert_eq!(
+        (frame.src(), frame.dst()),
+        (
+            SocketAddrV4::new(NODE_A, 40000),
+            SocketAddrV4::new(POD_B, PORT)
+        )
+    );
+    assert_eq!(dropped(&maps), 1);
 }
