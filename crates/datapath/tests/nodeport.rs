@@ -166,7 +166,11 @@ fn external_connections_emit_trace_and_drop_events_with_the_translation() {
         (addr_be(NODE_A), NODE_PORT_REMOTE),
         "the frontend"
     );
-    assert_eq!(trace.src_identity, IDENTITY_WORLD);
+    assert_eq!(
+        (trace.src_identity, trace.dst_identity),
+        (IDENTITY_WORLD, IDENTITY_B),
+        "the world client and the backend pod"
+    );
     let drop = events
         .iter()
         .find(|e| e.type_ == EVENT_DROP)
