@@ -205,7 +205,7 @@ int from_container(struct __sk_buff *skb)
 			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
 		/* A reply to a client outside the node that reached this pod through an
-		 * external frontend: rev-DNATed and sent out the device it came in on. */
+		 * external frontend: rev-DNATed and sent straight back toward the client. */
 		reason = nodeport_reply_local(skb, &pkt, now);
 		if (reason >= 0)
 			return reason;
