@@ -265,6 +265,15 @@ impl Routing {
             datapath.attach(AttachRole::Netdev, device)?;
             changed = true;
         }
+        // A device that is no longer the underlay (the agent restarted with other flags)
+        // loses from_netdev, which would go on translating for this node there.
+        for device in datapath.attached(AttachRole::Netdev)? {
+            if self.config.underlay_device.as_deref() != Some(device.as_str()) {
+                info!(%device, "detaching from a device that is no longer the underlay");
+                datapath.detach(AttachRole::Netdev, &device)?;
+                changed = true;
+            }
+        }
         // Removals first: a node whose address changed keeps its pod CIDR, and the kernel
         // refuses a second route to the same destination.
         for route in &plan.routes_unexpected {

@@ -480,6 +480,20 @@ fn native_mode_agents_carry_pods_and_nodes_across() {
         NODE_A.to_string()
     );
     node_b_leaves(&mut nodes);
+
+    // Restarted without an underlay device, the agent takes from_netdev off it.
+    let netns = nodes.node_a.name().to_owned();
+    let cluster_file = nodes.cluster_file.clone();
+    let args = ["--routing-mode", "local", "--reconcile-interval", "0.5"];
+    nodes
+        .agent_a
+        .restart("node-a", &netns, &cluster_file, &args);
+    let node_a = &nodes.node_a;
+    nodes
+        .agent_a
+        .wait("from_netdev detached", Duration::from_secs(60), |_| {
+            !pin.exists() && !runs_from_netdev(node_a)
+        });
 }
 
 fn cluster_file_in(dir: &Path) -> PathBuf {
