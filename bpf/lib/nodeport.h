@@ -16,7 +16,6 @@
 #define SLUICE_NODEPORT_H
 
 #include <linux/bpf.h>
-#include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -27,10 +26,6 @@
 #include "metrics.h"
 #include "nat.h"
 #include "parse.h"
-
-#ifndef AF_INET
-#define AF_INET 2
-#endif
 
 /* The frontends reached from outside the node; a ClusterIP is not one. */
 #define SVC_FLAGS_EXTERNAL (SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER)
