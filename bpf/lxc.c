@@ -20,6 +20,7 @@
 #include "lib/maps.h"
 #include "lib/metrics.h"
 #include "lib/nat.h"
+#include "lib/nodeport.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
 #include "lib/reject.h"
@@ -203,6 +204,11 @@ int from_container(struct __sk_buff *skb)
 		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
 			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
+		/* A reply to a client outside the node that reached this pod through an
+		 * external frontend: rev-DNATed and sent straight back toward the client. */
+		reason = nodeport_reply_local(skb, &pkt, now);
+		if (reason >= 0)
+			return reason;
 		return forward_egress(skb, &pkt, pkt.daddr, ep);
 	}
 

@@ -95,6 +95,18 @@ struct lb4_revnat_sk {
 #define CT_EGRESS  0
 #define CT_INGRESS 1
 #define CT_SERVICE 2
+/* Connections from outside the node to an external frontend (NodePort, externalIP,
+ * LoadBalancer VIP), made by from_netdev (nodeport.h):
+ *  CT_NODEPORT  - tuple as it reaches the backend (after DNAT, and SNAT when the backend
+ *                 is on another node); nat_* hold the frontend to restore on replies,
+ *                 ifindex the device replies leave by (the client's, or the tunnel).
+ *  CT_SNAT      - tuple as it reaches a backend on another node, source node_address:port;
+ *                 nat_* hold the client, the destination of the replies.
+ *  CT_SNAT_PORT - tuple as the client sent it to the frontend; nat_* hold the
+ *                 node_address:port it is SNATed to, so every packet keeps the same port. */
+#define CT_NODEPORT  3
+#define CT_SNAT      4
+#define CT_SNAT_PORT 5
 
 struct ct4_key {
 	__be32 saddr;
@@ -176,7 +188,8 @@ struct node_config {
 	__u32 tunnel_ifindex;   /* the collect-metadata VXLAN device (tunnel mode) */
 	__u32 underlay_ifindex; /* the device toward the other nodes (native mode) */
 	__u8 routing_mode;      /* ROUTING_MODE_* */
-	__u8 pad[7];
+	__u8 pad[3];
+	__be32 node_address;    /* the node's InternalIP: source of SNATed external traffic */
 };
 
 /* ---- policy: per endpoint, an LPM trie inside a hash of maps keyed by ifindex ----
@@ -307,11 +320,13 @@ struct metrics_value {
 #define DROP_CT_CREATE_FAILED      155 /* conntrack entry could not be written */
 #define DROP_NO_SERVICE            158 /* service has no ready backend: rejected */
 #define DROP_NO_TUNNEL_ENDPOINT    160 /* no node in the ipcache for a tunneled destination */
+#define DROP_NAT_NO_MAPPING        167 /* no free SNAT port toward the backend */
 #define DROP_INVALID_IDENTITY      171 /* the tunnel carried an identity no pod or node has */
 #define DROP_UNKNOWN_SENDER        172 /* a tunnel packet from an address that is no node */
 #define DROP_FRAG_NOT_FOUND        175 /* later fragment whose first fragment was not seen */
 #define DROP_SERVICE_PORT_UNKNOWN  210 /* known VIP, no frontend for this port */
 #define DROP_NO_BACKEND_SLOT       211 /* frontend count points past its slots */
 #define DROP_POLICY_UNAVAILABLE    212 /* enforced endpoint without a realized policy map (overflow): fail closed */
+#define DROP_NO_NODE_ADDRESS       213 /* external frontend's backend on another node, no node_address to SNAT to */
 
 #endif

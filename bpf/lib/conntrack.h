@@ -90,9 +90,11 @@ static __always_inline bool ct_account(struct ct4_entry *entry, const struct pkt
 	return new_flags & CT_FLAG_CLOSING;
 }
 
-static __always_inline int ct_create(const struct ct4_key *key, const struct pkt4 *pkt,
-				     __be32 nat_address, __be16 nat_port, __u8 flags,
-				     __u32 ifindex, __u64 now)
+/* Writes the entry of a new connection under @key; @map_flags BPF_NOEXIST claims a
+ * tuple only if it is free (SNAT ports, nodeport.h). */
+static __always_inline int ct_write(const struct ct4_key *key, const struct pkt4 *pkt,
+				    __be32 nat_address, __be16 nat_port, __u8 flags,
+				    __u32 ifindex, __u64 now, __u64 map_flags)
 {
 	struct ct4_entry entry = {
 		.created_ns = now,
@@ -106,7 +108,14 @@ static __always_inline int ct_create(const struct ct4_key *key, const struct pkt
 		.ifindex = ifindex,
 	};
 
-	return bpf_map_update_elem(&ct4, key, &entry, BPF_ANY);
+	return bpf_map_update_elem(&ct4, key, &entry, map_flags);
+}
+
+static __always_inline int ct_create(const struct ct4_key *key, const struct pkt4 *pkt,
+				     __be32 nat_address, __be16 nat_port, __u8 flags,
+				     __u32 ifindex, __u64 now)
+{
+	return ct_write(key, pkt, nat_address, nat_port, flags, ifindex, now, BPF_ANY);
 }
 
 /* Whether @pkt, a packet on @entry's tuple, starts a new connection there: a pure SYN

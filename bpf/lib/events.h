@@ -79,7 +79,7 @@ static __noinline void event_fill(struct flow_event *ev, struct __sk_buff *skb,
 	__u8 direction = what >> 8;
 	bool egress = direction == METRIC_DIR_EGRESS;
 	struct endpoint_info *ep;
-	__be32 remote_addr;
+	__be32 remote_addr, own_addr;
 
 	*ev = (struct flow_event){
 		.time_ns = bpf_ktime_get_ns(),
@@ -106,6 +106,13 @@ static __noinline void event_fill(struct flow_event *ev, struct __sk_buff *skb,
 
 	ep = bpf_map_lookup_elem(&endpoints, &ifindex);
 	own = ep ? ep->identity : 0;
+	/* A node device (from_netdev, the tunnel) is no endpoint: its side of the packet
+	 * (the backend of an external frontend, the pod a tunnel packet goes to) is named
+	 * by the ipcache, like the peer. */
+	if (!ep) {
+		own_addr = egress ? ev->saddr : ev->daddr;
+		own = own_addr ? ipcache_identity(own_addr) : 0;
+	}
 	if (remote == IDENTITY_UNRESOLVED) {
 		remote_addr = egress ? ev->daddr : ev->saddr;
 		/* A packet too short to name its peer has no identity to look up. */

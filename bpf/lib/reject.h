@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Turning a packet back to its sender as ICMP destination unreachable: port unreachable
  * for a service without backends, fragmentation needed for a DF packet the path to
- * another node cannot carry. */
+ * another node cannot carry; or, for a TCP segment from outside the node, as a TCP RST. */
 #ifndef SLUICE_REJECT_H
 #define SLUICE_REJECT_H
 
@@ -9,6 +9,7 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/tcp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -97,6 +98,74 @@ static __always_inline int reject_unreachable(struct __sk_buff *skb, const struc
 static __always_inline int reject_port_unreachable(struct __sk_buff *skb, const struct pkt4 *pkt)
 {
 	return reject_unreachable(skb, pkt, ICMP_PORT_UNREACH, 0);
+}
+
+/* The TCP pseudo-header the RST's checksum covers (RFC 9293 3.1). */
+struct tcp4_pseudo {
+	__be32 saddr;
+	__be32 daddr;
+	__u8 zero;
+	__u8 proto;
+	__be16 len;
+};
+
+#define RESET_LEN (ETH_HLEN + sizeof(struct iphdr) + sizeof(struct tcphdr))
+
+/* Rewrites the TCP segment @pkt in place into the RST that refuses it, from its
+ * destination back to its sender (RFC 9293 3.10.7.1: a segment with ACK gets
+ * <SEQ=SEG.ACK><CTL=RST>, one without gets <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>).
+ * The caller drops an incoming RST instead. Returns 0 or a negative value. */
+static __always_inline int reject_tcp_reset(struct __sk_buff *skb, const struct pkt4 *pkt)
+{
+	struct tcp4_pseudo pseudo = {};
+	struct tcphdr in, out = {};
+	struct iphdr ip = {};
+	__u32 seg_len;
+	__s64 csum;
+
+	if (pkt->l4_off != ETH_HLEN + sizeof(struct iphdr) || pkt->later_fragment)
+		return -1;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 ||
+	    bpf_skb_load_bytes(skb, pkt->l4_off, &in, sizeof(in)) < 0)
+		return -1;
+	/* SYN and FIN take a sequence number each. */
+	seg_len = bpf_ntohs(ip.tot_len) - sizeof(ip) - in.doff * 4 + in.syn + in.fin;
+
+	out.source = in.dest;
+	out.dest = in.source;
+	out.doff = sizeof(out) / 4;
+	out.rst = 1;
+	if (in.ack) {
+		out.seq = in.ack_seq;
+	} else {
+		out.ack = 1;
+		out.ack_seq = bpf_htonl(bpf_ntohl(in.seq) + seg_len);
+	}
+	pseudo.saddr = pkt->daddr;
+	pseudo.daddr = pkt->saddr;
+	pseudo.proto = IPPROTO_TCP;
+	pseudo.len = bpf_htons(sizeof(out));
+	csum = bpf_csum_diff(NULL, 0, (__be32 *)&pseudo, sizeof(pseudo), 0);
+	if (csum < 0)
+		return -1;
+	out.check = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&out, sizeof(out), csum));
+
+	ip = (struct iphdr){
+		.version = 4,
+		.ihl = sizeof(struct iphdr) / 4,
+		.tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(out)),
+		.ttl = REJECT_TTL,
+		.protocol = IPPROTO_TCP,
+		.saddr = pkt->daddr,
+		.daddr = pkt->saddr,
+	};
+	ip.check = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
+
+	if (eth_swap_macs(skb) < 0 || bpf_skb_change_tail(skb, RESET_LEN, 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &ip, sizeof(ip), 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(ip), &out, sizeof(out), 0);
 }
 
 #endif

@@ -162,10 +162,10 @@ impl Node {
             self.datapath.detach(AttachRole::PodVeth, ifname)?;
             attached = true;
         }
-        let (others, own_router) = nodes::routed(&desired.nodes);
+        let (others, own) = nodes::routed(&desired.nodes);
         attached |= self
             .routing
-            .reconcile(&mut self.datapath, &others, own_router)?;
+            .reconcile(&mut self.datapath, &others, own)?;
         // Last: a cgroup refused since start fails the pass once the rest is done.
         let host = self
             .host_cgroup
@@ -243,8 +243,8 @@ impl Node {
         if let Some(cgroup) = &self.host_cgroup {
             drift.extend(host_cgroup::drift(&mut self.datapath, cgroup)?);
         }
-        let (others, own_router) = nodes::routed(&desired.nodes);
-        drift.extend(self.routing.drift(&others, own_router)?);
+        let (others, own) = nodes::routed(&desired.nodes);
+        drift.extend(self.routing.drift(&others, own)?);
         let repaired = repair && !drift.is_empty();
         if repaired {
             self.tables.apply(&plan)?;
@@ -255,7 +255,7 @@ impl Node {
                 host_cgroup::reconcile(&mut self.datapath, cgroup)?;
             }
             self.routing
-                .reconcile(&mut self.datapath, &others, own_router)?;
+                .reconcile(&mut self.datapath, &others, own)?;
         }
         Ok(VerifyReport {
             generation: self.generation,

@@ -7,6 +7,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use sluice_compiler::Nodes;
 
+use crate::routing::OwnAddresses;
+
 /// A node whose pod CIDR the node's own traffic is routed to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterNode {
@@ -17,8 +19,8 @@ pub struct ClusterNode {
 }
 
 /// The other nodes with a pod CIDR (one without has nothing to route to yet), and this
-/// node's router address: the source of what it sends into the tunnel.
-pub fn routed(nodes: &Nodes) -> (Vec<ClusterNode>, Option<Ipv4Addr>) {
+/// node's own addresses.
+pub fn routed(nodes: &Nodes) -> (Vec<ClusterNode>, OwnAddresses) {
     let others = nodes
         .remote
         .iter()
@@ -30,5 +32,9 @@ pub fn routed(nodes: &Nodes) -> (Vec<ClusterNode>, Option<Ipv4Addr>) {
             })
         })
         .collect();
-    (others, nodes.local.as_ref().and_then(|n| n.router()))
+    let own = OwnAddresses {
+        address: nodes.local.as_ref().map(|n| n.internal_ip),
+        router: nodes.local.as_ref().and_then(|n| n.router()),
+    };
+    (others, own)
 }

@@ -1,6 +1,8 @@
 //! Pod traffic between nodes, the agent's part (Cilium's `routing-mode`). The datapath
 //! forwards pod traffic from the ipcache; the agent gives it what it reads besides: the
-//! tunnel device with the tunnel programs on it, and `node_config` (mode and devices).
+//! tunnel device with the tunnel programs on it, `node_config` (mode, devices and the
+//! node's own address), and from_netdev on the underlay device, which serves external
+//! frontends (NodePort, externalIPs, LoadBalancer VIPs) to clients outside the node.
 //! The node's own stack still needs a route for what it sends itself to other nodes'
 //! pods; those routes carry a protocol number of ours, so every pass reads them back from
 //! the kernel and removes only ours that no node explains any more.
@@ -15,6 +17,15 @@ use sluice_netns::{LinkKind, NetNsError, Netlink, RouteEntry};
 use tracing::info;
 
 use crate::{AgentError, node::runs_role, nodes::ClusterNode};
+
+/// This node's own addresses, from its Node object (`DesiredState.nodes.local`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnAddresses {
+    /// Its InternalIP: what external traffic to a backend on another node is SNATed to.
+    pub address: Option<std::net::Ipv4Addr>,
+    /// Its router address: the source of what it sends into the tunnel.
+    pub router: Option<std::net::Ipv4Addr>,
+}
 
 /// `proto` of the routes the agent installs (`ip route show proto 201`); not one of
 /// iproute2's named protocols.
@@ -81,6 +92,8 @@ pub struct Routing {
 struct Plan {
     node_config: Option<(NodeConfig, Option<NodeConfig>)>,
     tunnel_detached: bool,
+    /// The underlay device, when one is configured and from_netdev is not on it.
+    netdev_detached: Option<String>,
     routes_missing: Vec<RouteEntry>,
     routes_unexpected: Vec<RouteEntry>,
 }
@@ -104,19 +117,20 @@ impl Routing {
         &self.config
     }
 
-    /// One pass: the tunnel device and its programs, `node_config`, and the node's routes
-    /// to the pod CIDRs of `others`. Returns whether anything changed.
+    /// One pass: the tunnel device and its programs, `node_config`, the underlay device's
+    /// program, and the node's routes to the pod CIDRs of `others`. Returns whether
+    /// anything changed.
     pub fn reconcile(
         &mut self,
         datapath: &mut Datapath,
         others: &[ClusterNode],
-        own_router: Option<std::net::Ipv4Addr>,
+        own: OwnAddresses,
     ) -> Result<bool, AgentError> {
         let netlink = Netlink::current()?;
         if self.config.mode == RoutingMode::Tunnel {
             self.ensure_tunnel_device(&netlink, false)?;
         }
-        let plan = self.plan(&netlink, others, own_router)?;
+        let plan = self.plan(&netlink, others, own)?;
         self.apply(&netlink, datapath, &plan)
     }
 
@@ -124,10 +138,10 @@ impl Routing {
     pub fn drift(
         &self,
         others: &[ClusterNode],
-        own_router: Option<std::net::Ipv4Addr>,
+        own: OwnAddresses,
     ) -> Result<Vec<Drift>, AgentError> {
         let netlink = Netlink::current()?;
-        let plan = self.plan(&netlink, others, own_router)?;
+        let plan = self.plan(&netlink, others, own)?;
         let mut drift = Vec::new();
         if let Some((desired, actual)) = plan.node_config {
             drift.push(Drift {
@@ -161,6 +175,15 @@ impl Routing {
                 actual: None,
             });
         }
+        if let Some(device) = &plan.netdev_detached {
+            drift.push(Drift {
+                map: "tcx".into(),
+                kind: DriftKind::Missing,
+                key: device.clone(),
+                desired: Some(programs(AttachRole::Netdev)),
+                actual: None,
+            });
+        }
         let route = |kind, r: &RouteEntry, present: bool| Drift {
             map: "routes".into(),
             kind,
@@ -185,19 +208,27 @@ impl Routing {
         &self,
         netlink: &Netlink,
         others: &[ClusterNode],
-        own_router: Option<std::net::Ipv4Addr>,
+        own: OwnAddresses,
     ) -> Result<Plan, AgentError> {
         let mut plan = Plan::default();
-        let desired = self.desired_node_config(netlink)?;
+        let mut desired = self.desired_node_config(netlink)?;
+        if let Some(address) = own.address {
+            desired = desired.with_node_address(address);
+        }
         let actual = self.node_config.get(&0, 0).ok();
         if actual != Some(desired) {
             plan.node_config = Some((desired, actual));
         }
         plan.tunnel_detached = self.config.mode == RoutingMode::Tunnel
             && !runs_role(AttachRole::TunnelDevice, &self.config.tunnel_device);
+        plan.netdev_detached = self
+            .config
+            .underlay_device
+            .clone()
+            .filter(|device| !runs_role(AttachRole::Netdev, device));
         let desired: BTreeSet<RouteEntry> = others
             .iter()
-            .filter_map(|node| self.route_to(node, own_router))
+            .filter_map(|node| self.route_to(node, own.router))
             .collect();
         let actual: BTreeSet<RouteEntry> = netlink.routes(ROUTE_PROTOCOL)?.into_iter().collect();
         plan.routes_missing = desired.difference(&actual).cloned().collect();
@@ -227,6 +258,21 @@ impl Routing {
             info!(device = %self.config.tunnel_device, "attaching the tunnel programs");
             datapath.attach(AttachRole::TunnelDevice, &self.config.tunnel_device)?;
             changed = true;
+        }
+        // from_netdev reads node_config (written above) for the node's address.
+        if let Some(device) = &plan.netdev_detached {
+            info!(%device, "attaching the underlay device's program");
+            datapath.attach(AttachRole::Netdev, device)?;
+            changed = true;
+        }
+        // A device that is no longer the underlay (the agent restarted with other flags)
+        // loses from_netdev, which would go on translating for this node there.
+        for device in datapath.attached(AttachRole::Netdev)? {
+            if self.config.underlay_device.as_deref() != Some(device.as_str()) {
+                info!(%device, "detaching from a device that is no longer the underlay");
+                datapath.detach(AttachRole::Netdev, &device)?;
+                changed = true;
+            }
         }
         // Removals first: a node whose address changed keeps its pod CIDR, and the kernel
         // refuses a second route to the same destination.
@@ -363,8 +409,10 @@ fn describe(config: &NodeConfig) -> String {
     let mode = RoutingMode::from_number(config.routing_mode)
         .map_or_else(|| config.routing_mode.to_string(), |m| m.to_string());
     format!(
-        "mode {mode}, tunnel ifindex {}, underlay ifindex {}",
-        config.tunnel_ifindex, config.underlay_ifindex
+        "mode {mode}, tunnel ifindex {}, underlay ifindex {}, node address {}",
+        config.tunnel_ifindex,
+        config.underlay_ifindex,
+        sluice_common::addr_from_be(config.node_address)
     )
 }
 

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! The agents learn each other from the Node objects of one cluster file: the agent makes
-//! the tunnel device, writes node_config, attaches the tunnel programs and routes the
+//! the tunnel device, writes node_config (with the node's address), attaches the tunnel
+//! programs and from_netdev on the underlay device, and routes the
 //! node's own traffic to the other node's pod CIDR; the datapath carries the pods' (TCP
 //! and UDP).
 // A test binary: a panic in a helper is the failure report.
@@ -22,7 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::lpm_trie::Key;
+use aya::{
+    maps::lpm_trie::Key,
+    programs::{SchedClassifier, TcAttachType},
+};
 use sluice_api::{Client, VerifyRequest};
 use sluice_common::{NodeConfig, RoutingMode, addr_be, kinds::DriftKind};
 use sluice_datapath::PinnedMaps;
@@ -199,6 +203,17 @@ impl TwoNodes {
     }
 }
 
+/// Whether the node's underlay device runs from_netdev (external frontends).
+fn runs_from_netdev(node: &OwnedNetNs) -> bool {
+    let (_, programs) = node
+        .run(|| SchedClassifier::query_tcx(UNDERLAY, TcAttachType::Ingress))
+        .unwrap()
+        .unwrap();
+    programs
+        .iter()
+        .any(|p| p.name_as_str() == Some(sluice_common::programs::FROM_NETDEV))
+}
+
 fn listen(ns: &OwnedNetNs) -> TcpListener {
     ns.run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, PORT)).unwrap())
         .unwrap()
@@ -305,6 +320,11 @@ fn tunnel_mode_agents_carry_pods_and_nodes_across() {
             links.index(TUNNEL).unwrap(),
             links.index(UNDERLAY).unwrap()
         )
+        .with_node_address(NODE_A)
+    );
+    assert!(
+        runs_from_netdev(&nodes.node_a),
+        "from_netdev on the underlay device"
     );
     assert_eq!(
         nodes.routes_a(),
@@ -416,6 +436,11 @@ fn native_mode_agents_carry_pods_and_nodes_across() {
     assert_eq!(
         nodes.node_config_a(),
         NodeConfig::new(RoutingMode::Native, 0, links.index(UNDERLAY).unwrap())
+            .with_node_address(NODE_A)
+    );
+    assert!(
+        runs_from_netdev(&nodes.node_a),
+        "from_netdev on the underlay device"
     );
     assert_eq!(
         nodes.routes_a(),
@@ -429,6 +454,21 @@ fn native_mode_agents_carry_pods_and_nodes_across() {
     );
     assert_eq!(nodes.agent_a.status().routing.mode, RoutingMode::Native);
 
+    // from_netdev detached behind the agent's back (its link's pin was the only
+    // reference): a pass attaches it again, and pins the new link.
+    let from_netdev = sluice_datapath::PROGRAMS
+        .iter()
+        .find(|p| p.name == sluice_common::programs::FROM_NETDEV)
+        .unwrap();
+    let pin = sluice_datapath::link_pin_path(nodes.agent_a.pins.path(), from_netdev, UNDERLAY);
+    std::fs::remove_file(&pin).unwrap();
+    let node_a = &nodes.node_a;
+    nodes
+        .agent_a
+        .wait("from_netdev attached again", Duration::from_secs(5), |_| {
+            pin.exists() && runs_from_netdev(node_a)
+        });
+
     let listener = listen(&nodes.pod_b);
     assert_eq!(
         exchange(&nodes.pod_a, &listener).unwrap(),
@@ -440,6 +480,20 @@ fn native_mode_agents_carry_pods_and_nodes_across() {
         NODE_A.to_string()
     );
     node_b_leaves(&mut nodes);
+
+    // Restarted without an underlay device, the agent takes from_netdev off it.
+    let netns = nodes.node_a.name().to_owned();
+    let cluster_file = nodes.cluster_file.clone();
+    let args = ["--routing-mode", "local", "--reconcile-interval", "0.5"];
+    nodes
+        .agent_a
+        .restart("node-a", &netns, &cluster_file, &args);
+    let node_a = &nodes.node_a;
+    nodes
+        .agent_a
+        .wait("from_netdev detached", Duration::from_secs(60), |_| {
+            !pin.exists() && !runs_from_netdev(node_a)
+        });
 }
 
 fn cluster_file_in(dir: &Path) -> PathBuf {

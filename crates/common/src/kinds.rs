@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::maps::{
     BACKEND_STATE_ACTIVE, CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY,
-    CT_INGRESS, CT_SERVICE, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS,
+    CT_INGRESS, CT_NODEPORT, CT_SERVICE, CT_SNAT, CT_SNAT_PORT, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS,
 };
 
 /// An IP protocol as a map key carries it; 0 means any protocol (policy rows, wildcards).
@@ -85,6 +86,13 @@ pub enum CtScope {
     Egress,
     Ingress,
     Service,
+    /// From outside the node to an external frontend, as the backend sees it.
+    Nodeport,
+    /// SNATed to a backend on another node, as the backend sees it.
+    Snat,
+    /// SNATed to a backend on another node, as the client sent it.
+    #[serde(rename = "snat-port")]
+    SnatPort,
     /// A scope the datapath does not define (written behind the agent's back).
     Unknown,
 }
@@ -95,6 +103,9 @@ impl CtScope {
             CT_EGRESS => CtScope::Egress,
             CT_INGRESS => CtScope::Ingress,
             CT_SERVICE => CtScope::Service,
+            CT_NODEPORT => CtScope::Nodeport,
+            CT_SNAT => CtScope::Snat,
+            CT_SNAT_PORT => CtScope::SnatPort,
             _ => CtScope::Unknown,
         }
     }
@@ -104,6 +115,9 @@ impl CtScope {
             CtScope::Egress => "egress",
             CtScope::Ingress => "ingress",
             CtScope::Service => "service",
+            CtScope::Nodeport => "nodeport",
+            CtScope::Snat => "snat",
+            CtScope::SnatPort => "snat-port",
             CtScope::Unknown => "unknown",
         }
     }
@@ -414,7 +428,15 @@ mod tests {
             let d = Direction::from_policy(d);
             assert_eq!(word(d), d.as_str());
         }
-        for s in [CT_EGRESS, CT_INGRESS, CT_SERVICE, 9] {
+        for s in [
+            CT_EGRESS,
+            CT_INGRESS,
+            CT_SERVICE,
+            CT_NODEPORT,
+            CT_SNAT,
+            CT_SNAT_PORT,
+            9,
+        ] {
             let s = CtScope::from_number(s);
             assert_eq!(word(s), s.as_str());
         }

@@ -15,16 +15,18 @@ pub enum DropReason {
     CtCreateFailed,
     NoService,
     NoTunnelEndpoint,
+    NatNoMapping,
     InvalidIdentity,
     UnknownSender,
     FragNotFound,
     ServicePortUnknown,
     NoBackendSlot,
     PolicyUnavailable,
+    NoNodeAddress,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::InvalidSource,
         DropReason::Policy,
         DropReason::Invalid,
@@ -35,12 +37,14 @@ impl DropReason {
         DropReason::CtCreateFailed,
         DropReason::NoService,
         DropReason::NoTunnelEndpoint,
+        DropReason::NatNoMapping,
         DropReason::InvalidIdentity,
         DropReason::UnknownSender,
         DropReason::FragNotFound,
         DropReason::ServicePortUnknown,
         DropReason::NoBackendSlot,
         DropReason::PolicyUnavailable,
+        DropReason::NoNodeAddress,
     ];
 
     pub const fn code(self) -> u8 {
@@ -55,12 +59,14 @@ impl DropReason {
             DropReason::CtCreateFailed => 155,
             DropReason::NoService => 158,
             DropReason::NoTunnelEndpoint => 160,
+            DropReason::NatNoMapping => 167,
             DropReason::InvalidIdentity => 171,
             DropReason::UnknownSender => 172,
             DropReason::FragNotFound => 175,
             DropReason::ServicePortUnknown => 210,
             DropReason::NoBackendSlot => 211,
             DropReason::PolicyUnavailable => 212,
+            DropReason::NoNodeAddress => 213,
         }
     }
 
@@ -81,12 +87,14 @@ impl DropReason {
             DropReason::CtCreateFailed => "CT_CREATE_FAILED",
             DropReason::NoService => "NO_SERVICE",
             DropReason::NoTunnelEndpoint => "NO_TUNNEL_ENDPOINT",
+            DropReason::NatNoMapping => "NAT_NO_MAPPING",
             DropReason::InvalidIdentity => "INVALID_IDENTITY",
             DropReason::UnknownSender => "UNKNOWN_SENDER",
             DropReason::FragNotFound => "FRAG_NOT_FOUND",
             DropReason::ServicePortUnknown => "SERVICE_PORT_UNKNOWN",
             DropReason::NoBackendSlot => "NO_BACKEND_SLOT",
             DropReason::PolicyUnavailable => "POLICY_UNAVAILABLE",
+            DropReason::NoNodeAddress => "NO_NODE_ADDRESS",
         }
     }
 
@@ -104,12 +112,14 @@ impl DropReason {
             DropReason::CtCreateFailed => "CT_MAP_INSERTION_FAILED",
             DropReason::NoService => "SERVICE_BACKEND_NOT_FOUND",
             DropReason::NoTunnelEndpoint => "NO_TUNNEL_OR_ENCAPSULATION_ENDPOINT",
+            DropReason::NatNoMapping => "SNAT_NO_MAP_FOUND",
             DropReason::InvalidIdentity => "INVALID_IDENTITY",
             DropReason::UnknownSender => "UNKNOWN_SENDER",
             DropReason::FragNotFound => "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
             DropReason::ServicePortUnknown
             | DropReason::NoBackendSlot
-            | DropReason::PolicyUnavailable => self.name(),
+            | DropReason::PolicyUnavailable
+            | DropReason::NoNodeAddress => self.name(),
         }
     }
 
@@ -125,12 +135,14 @@ impl DropReason {
             DropReason::CtCreateFailed => "Conntrack entry could not be created",
             DropReason::NoService => "Service has no ready backend (rejected)",
             DropReason::NoTunnelEndpoint => "No tunnel/encapsulation endpoint",
+            DropReason::NatNoMapping => "No free SNAT port toward the backend",
             DropReason::InvalidIdentity => "Invalid identity",
             DropReason::UnknownSender => "Tunnel packet from an address that is no node",
             DropReason::FragNotFound => "First logical datagram fragment not found",
             DropReason::ServicePortUnknown => "Service port not found",
             DropReason::NoBackendSlot => "Service backend slot not found",
             DropReason::PolicyUnavailable => "Endpoint policy not realized (fails closed)",
+            DropReason::NoNodeAddress => "Backend on another node, but no node address to SNAT to",
         }
     }
 }

@@ -7,18 +7,20 @@
 
 use aya::programs::TcAttachType;
 use sluice_common::programs::{
-    FROM_CONTAINER, FROM_TUNNEL, SOCK4_CONNECT, SOCK4_GETPEERNAME, SOCK4_RECVMSG, SOCK4_SENDMSG,
-    TO_CONTAINER, TO_TUNNEL,
+    FROM_CONTAINER, FROM_NETDEV, FROM_TUNNEL, SOCK4_CONNECT, SOCK4_GETPEERNAME, SOCK4_RECVMSG,
+    SOCK4_SENDMSG, TO_CONTAINER, TO_TUNNEL,
 };
 
 /// What a group of programs is attached to: the pod's host-side veth, the node's tunnel
-/// device, and the cgroup of the node's own processes.
+/// device and its underlay device, and the cgroup of the node's own processes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AttachRole {
     /// The host side of a pod's veth pair, one per local endpoint.
     PodVeth,
     /// The node's collect-metadata VXLAN device (tunnel routing mode).
     TunnelDevice,
+    /// The node's underlay device, toward the other nodes and the world.
+    Netdev,
     /// The cgroup holding the node's own processes (socket load balancing); its one
     /// target is [`HOST_CGROUP_TARGET`].
     HostCgroup,
@@ -28,9 +30,10 @@ pub enum AttachRole {
 pub const HOST_CGROUP_TARGET: &str = "host";
 
 impl AttachRole {
-    pub const ALL: [AttachRole; 3] = [
+    pub const ALL: [AttachRole; 4] = [
         AttachRole::PodVeth,
         AttachRole::TunnelDevice,
+        AttachRole::Netdev,
         AttachRole::HostCgroup,
     ];
 
@@ -39,6 +42,7 @@ impl AttachRole {
         match self {
             AttachRole::PodVeth => "pod",
             AttachRole::TunnelDevice => "tunnel",
+            AttachRole::Netdev => "netdev",
             AttachRole::HostCgroup => "cgroup",
         }
     }
@@ -68,18 +72,21 @@ pub enum Object {
     Lxc,
     /// `bpf/tunnel.c`: the node's tunnel device.
     Tunnel,
+    /// `bpf/host.c`: the node's underlay device.
+    Host,
     /// `bpf/sock.c`: the node's cgroup.
     Sock,
 }
 
 impl Object {
-    pub const ALL: [Object; 3] = [Object::Lxc, Object::Tunnel, Object::Sock];
+    pub const ALL: [Object; 4] = [Object::Lxc, Object::Tunnel, Object::Host, Object::Sock];
 
     /// The object's ELF bytes, embedded at build time.
     pub fn bytes(self) -> &'static [u8] {
         match self {
             Object::Lxc => LXC_OBJECT,
             Object::Tunnel => TUNNEL_OBJECT,
+            Object::Host => HOST_OBJECT,
             Object::Sock => SOCK_OBJECT,
         }
     }
@@ -87,6 +94,7 @@ impl Object {
 
 static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
 static TUNNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunnel.o"));
+static HOST_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/host.o"));
 static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
 
 /// One program of a C object.
@@ -101,7 +109,7 @@ pub struct ProgramDef {
     pub link_suffix: &'static str,
 }
 
-pub const PROGRAMS: [ProgramDef; 8] = [
+pub const PROGRAMS: [ProgramDef; 9] = [
     // Packets leaving the pod.
     ProgramDef {
         name: FROM_CONTAINER,
@@ -133,6 +141,14 @@ pub const PROGRAMS: [ProgramDef; 8] = [
         role: AttachRole::TunnelDevice,
         hook: Hook::Tcx(TcAttachType::Egress),
         link_suffix: "egress",
+    },
+    // External frontends from outside the node, and their SNATed replies.
+    ProgramDef {
+        name: FROM_NETDEV,
+        object: Object::Host,
+        role: AttachRole::Netdev,
+        hook: Hook::Tcx(TcAttachType::Ingress),
+        link_suffix: "ingress",
     },
     // connect() of the node's TCP and UDP sockets: a frontend becomes a backend.
     ProgramDef {

@@ -18,10 +18,10 @@ use sluice_common::{
     EVENT_POLICY_VERDICT, EVENT_TRACE, EndpointInfo, EventConfig, IDENTITY_ANY, IPPROTO_TCP,
     METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, POLICY_EGRESS, POLICY_INGRESS, PolicyKey,
     event_counter_index,
-    programs::{FROM_CONTAINER, TO_CONTAINER},
+    programs::{FROM_CONTAINER, FROM_NETDEV, TO_CONTAINER},
 };
 use sluice_datapath::{Datapath, PinnedMaps, open_events};
-use support::{TC_ACT_OK, TCP_ACK, TCP_SYN, tcp};
+use support::{TC_ACT_OK, TCP_ACK, TCP_SYN, tcp, udp};
 
 const POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 40000);
 const PEER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 8080);
@@ -211,9 +211,39 @@ fn cost_of_the_programs() {
         println!("  {what:<28} {off:>10.0} {on:>11.0}");
     }
     println!("  ({emitted} events written with events on)");
-    // Far below the verifier's limits; a jump here means something went wrong.
-    assert!(from_insns < 4096 && to_insns < 4096);
+    // Far below the verifier's limits; a jump here means something went wrong. (from_container
+    // is about 4,200 since it rev-DNATs replies to clients of external frontends.)
+    assert!(from_insns < 5120 && to_insns < 4096);
     // Events on: every new connection wrote its verdict and trace (at least one run
     // of each measurement, whatever the CPU), established packets none.
     assert!(emitted >= u64::from(2 * REPEAT_NEW), "{emitted} events");
+}
+
+/// What from_netdev costs the underlay's other traffic, which it passes unchanged: a
+/// pod's packet between nodes (native mode) and a VXLAN datagram to the node itself.
+#[test]
+fn cost_of_from_netdev_on_passing_traffic() {
+    let (pins, mut datapath) = support::load();
+    let mut maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
+    // A frontend in the map, so the lookup is not of an empty map.
+    support::add_service(&mut maps, VIP, IPPROTO_TCP, &[PEER]);
+    let program = datapath.program(FROM_NETDEV).unwrap();
+    let node = SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 1), 8472);
+    let other_node = SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 2), 40000);
+    println!(
+        "from_netdev: {} translated instructions",
+        translated_insns(program)
+    );
+    for (what, packet) in [
+        ("pod packet (native mode)", tcp(POD, PEER, TCP_ACK, b"data")),
+        (
+            "VXLAN datagram to the node",
+            udp(other_node, node, b"vxlan"),
+        ),
+    ] {
+        println!(
+            "  {what:<28} {:>6.0} ns/packet",
+            ns_per_run(program, &packet, REPEAT)
+        );
+    }
 }

@@ -48,6 +48,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
         programs::SOCK4_SENDMSG,
         programs::SOCK4_RECVMSG,
         programs::SOCK4_GETPEERNAME,
+        programs::FROM_NETDEV,
     ] {
         let info = datapath.program_info(name).unwrap();
         let xlated = info.size_translated().unwrap_or(0) / 8;

@@ -117,20 +117,7 @@ impl Agent {
         let pins = PinDir::unique(&format!("sluice-test-{name}-"));
         let socket = dir.0.join("agent.sock");
         let log = dir.0.join("agent.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice-agent"))
-            .args(["--node", node, "--netns", netns])
-            .arg("--cluster-file")
-            .arg(cluster_file)
-            .arg("--pin-dir")
-            .arg(pins.path())
-            .arg("--api-socket")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("create the agent log"))
-            .spawn()
-            .expect("spawn sluice-agent");
+        let child = run_agent(node, netns, cluster_file, pins.path(), &socket, &log, args);
         Self {
             child,
             pins,
@@ -142,6 +129,22 @@ impl Agent {
             log,
             _dir: dir,
         }
+    }
+
+    /// Stops the agent (SIGTERM) and starts it again on the same pins, socket and log,
+    /// with other `args`, as an operator changing its flags would.
+    pub fn restart(&mut self, node: &str, netns: &str, cluster_file: &Path, args: &[&str]) {
+        assert!(self.terminate(Duration::from_secs(10)).success());
+        let _ = fs::remove_file(&self.socket);
+        self.child = run_agent(
+            node,
+            netns,
+            cluster_file,
+            self.pins.path(),
+            &self.socket,
+            &self.log,
+            args,
+        );
     }
 
     pub fn cluster_file(&self) -> PathBuf {
@@ -217,6 +220,31 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+fn run_agent(
+    node: &str,
+    netns: &str,
+    cluster_file: &Path,
+    pins: &Path,
+    socket: &Path,
+    log: &Path,
+    args: &[&str],
+) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sluice-agent"))
+        .args(["--node", node, "--netns", netns])
+        .arg("--cluster-file")
+        .arg(cluster_file)
+        .arg("--pin-dir")
+        .arg(pins)
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(log).expect("create the agent log"))
+        .spawn()
+        .expect("spawn sluice-agent")
 }
 
 impl Drop for Agent {

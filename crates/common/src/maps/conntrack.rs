@@ -6,6 +6,14 @@ use std::net::Ipv4Addr;
 pub const CT_EGRESS: u8 = 0;
 pub const CT_INGRESS: u8 = 1;
 pub const CT_SERVICE: u8 = 2;
+/// A connection from outside the node to an external frontend, keyed as it reaches the
+/// backend; holds the frontend.
+pub const CT_NODEPORT: u8 = 3;
+/// The same connection SNATed to a backend on another node, keyed as it reaches the
+/// backend; holds the client.
+pub const CT_SNAT: u8 = 4;
+/// The same connection keyed as the client sent it; holds node address and SNAT port.
+pub const CT_SNAT_PORT: u8 = 5;
 
 pub const CT_FLAG_LOOPBACK: u8 = 1 << 0;
 pub const CT_FLAG_SEEN_REPLY: u8 = 1 << 1;

@@ -96,7 +96,13 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!(
         "node_config",
         NodeConfig,
-        [tunnel_ifindex, underlay_ifindex, routing_mode, pad]
+        [
+            tunnel_ifindex,
+            underlay_ifindex,
+            routing_mode,
+            pad,
+            node_address
+        ]
     ),
     StructLayout {
         name: "flow_event",

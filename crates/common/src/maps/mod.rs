@@ -48,6 +48,8 @@ pub mod programs {
     pub const SOCK4_RECVMSG: &str = "sock4_recvmsg";
     /// cgroup getpeername4: a connected socket's peer shown as the frontend.
     pub const SOCK4_GETPEERNAME: &str = "sock4_getpeername";
+    /// tc ingress of the underlay device: external frontends and their SNATed replies.
+    pub const FROM_NETDEV: &str = "from_netdev";
 }
 
 pub const IPPROTO_TCP: u8 = 6;

@@ -59,7 +59,10 @@ pub struct NodeConfig {
     /// The device toward the other nodes (native mode).
     pub underlay_ifindex: u32,
     pub routing_mode: u8,
-    pub pad: [u8; 7],
+    pub pad: [u8; 3],
+    /// The node's InternalIP (network order): the source external traffic to a backend
+    /// on another node is SNATed to; 0 when the node has none yet.
+    pub node_address: u32,
 }
 
 impl NodeConfig {
@@ -68,7 +71,16 @@ impl NodeConfig {
             tunnel_ifindex,
             underlay_ifindex,
             routing_mode: mode as u8,
-            pad: [0; 7],
+            pad: [0; 3],
+            node_address: 0,
+        }
+    }
+
+    /// The same, with the node's own address to SNAT to.
+    pub fn with_node_address(self, address: std::net::Ipv4Addr) -> Self {
+        Self {
+            node_address: super::addr_be(address),
+            ..self
         }
     }
 }

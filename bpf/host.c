@@ -1,0 +1,318 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * The program on the node's underlay device, which carries traffic from the other nodes
+ * and from the world:
+ *  from_netdev at tc ingress: packets to an external frontend (NodePort, externalIPs,
+ *              LoadBalancer VIPs) are balanced, translated and forwarded (nodeport.h), or
+ *              refused at once when the frontend has no backend; replies of connections
+ *              SNATed to a backend on another node are translated back to the client.
+ * Everything else (VXLAN, the node's own traffic, ARP, pod traffic between nodes in
+ * native mode) passes unchanged and uncounted.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lib/common.h"
+#include "lib/conntrack.h"
+#include "lib/events.h"
+#include "lib/identity.h"
+#include "lib/lb.h"
+#include "lib/maps.h"
+#include "lib/metrics.h"
+#include "lib/nat.h"
+#include "lib/nodeport.h"
+#include "lib/parse.h"
+#include "lib/reject.h"
+#include "lib/tunnel.h"
+
+/* Packets from outside enter the node: events and metrics count them as ingress. */
+#define NETDEV_DIR METRIC_DIR_INGRESS
+
+/* The device the replies to @client leave by (the CT_NODEPORT entry's ifindex): the one
+ * its packets came in on, except for a pod on another node in tunnel mode, which only
+ * the tunnel reaches (to_tunnel keys the replies). */
+static __always_inline __u32 nodeport_reply_device(struct __sk_buff *skb,
+						   const struct node_config *cfg, __be32 client)
+{
+	__u32 device = skb->ifindex;
+	struct ipcache_entry *peer;
+
+	if (cfg && cfg->routing_mode == ROUTING_MODE_TUNNEL) {
+		peer = ipcache_lookup(client);
+		if (peer && peer->tunnel_endpoint)
+			device = cfg->tunnel_ifindex;
+	}
+	return device;
+}
+
+/* A frontend without backends (externalTrafficPolicy Local on a node without one, or no
+ * ready backend at all): refused at once back out the device, a TCP RST for TCP and ICMP
+ * port unreachable otherwise, which the client sees as ECONNREFUSED. */
+static __always_inline int nodeport_refuse(struct __sk_buff *skb, const struct pkt4 *pkt)
+{
+	int err;
+
+	metrics_count(skb, DROP_NO_SERVICE, NETDEV_DIR);
+	event_packet(skb, pkt, EVENT_DROP, NETDEV_DIR, DROP_NO_SERVICE, 0, IDENTITY_UNRESOLVED);
+	/* A later fragment holds nothing to quote; an RST is never answered. */
+	if (pkt->later_fragment || (pkt->tcp_flags & TCP_FLAG_RST))
+		return TC_ACT_SHOT;
+	if (pkt->proto == IPPROTO_TCP)
+		err = reject_tcp_reset(skb, pkt);
+	else
+		err = reject_port_unreachable(skb, pkt);
+	if (err < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* Records the SNAT of @pkt's connection to @node:@port toward @backend, if that tuple is
+ * free (or already this connection's, or its entry has expired). A free tuple is claimed
+ * atomically, so two CPUs can never give it to two connections. Returns whether it was
+ * recorded. */
+static __always_inline bool snat_claim(struct __sk_buff *skb, const struct pkt4 *pkt,
+				       const struct lb4_service *backend, __be32 node,
+				       __be16 port, __u64 now)
+{
+	struct ct4_entry *held;
+	struct ct4_key key;
+
+	ct_key_init(&key, node, backend->backend_address, port, backend->backend_port,
+		    pkt->proto, CT_SNAT);
+	if (ct_write(&key, pkt, pkt->saddr, pkt->sport, 0, skb->ifindex, now, BPF_NOEXIST) == 0)
+		return true;
+	held = bpf_map_lookup_elem(&ct4, &key);
+	if (held && !ct_expired(held, pkt->proto, now) &&
+	    (held->nat_address != pkt->saddr || held->nat_port != pkt->sport))
+		return false;
+	return ct_create(&key, pkt, pkt->saddr, pkt->sport, 0, skb->ifindex, now) == 0;
+}
+
+/* The SNAT port of a new connection: the client's own if it is in the SNAT range and
+ * free, else the first free one of SNAT_TRIES random ports. Returns 0 if none is free. */
+static __always_inline __be16 snat_pick_port(struct __sk_buff *skb, const struct pkt4 *pkt,
+					     const struct lb4_service *backend, __be32 node,
+					     __u64 now)
+{
+	__be16 port;
+	int i;
+
+	if (snat_port_range(pkt->sport) && snat_claim(skb, pkt, backend, node, pkt->sport, now))
+		return pkt->sport;
+	for (i = 0; i < SNAT_TRIES; i++) {
+		port = bpf_htons(SNAT_PORT_MIN +
+				 bpf_get_prandom_u32() % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1));
+		if (snat_claim(skb, pkt, backend, node, port, now))
+			return port;
+	}
+	return 0;
+}
+
+/* A DF packet that the path to @backend's node cannot carry is answered with ICMP
+ * fragmentation needed from the frontend, before any translation, so path-MTU
+ * discovery works for clients outside the cluster too. Returns whether it was. */
+static __always_inline bool nodeport_too_big(struct __sk_buff *skb, const struct pkt4 *pkt,
+					     const struct node_config *cfg, int *verdict)
+{
+	__u32 ifindex = cfg->routing_mode == ROUTING_MODE_TUNNEL ? cfg->tunnel_ifindex
+								  : cfg->underlay_ifindex;
+	__u32 mtu = 0;
+
+	if (bpf_check_mtu(skb, ifindex, &mtu, 0, BPF_MTU_CHK_SEGS) <= 0 ||
+	    !ip_dont_fragment(skb))
+		return false;
+	metrics_count(skb, DROP_FRAG_NEEDED, NETDEV_DIR);
+	event_packet(skb, pkt, EVENT_DROP, NETDEV_DIR, DROP_FRAG_NEEDED, 0, IDENTITY_UNRESOLVED);
+	*verdict = reject_unreachable(skb, pkt, ICMP_FRAG_NEEDED, mtu) < 0
+			   ? TC_ACT_SHOT
+			   : bpf_redirect(skb->ifindex, 0);
+	return true;
+}
+
+/* @pkt goes to @backend on the node @node_ip: DNAT, SNAT to node_address with the
+ * connection's port (picked on its first packet), then forward_to_node. */
+static __always_inline int nodeport_to_remote(struct __sk_buff *skb, const struct pkt4 *pkt,
+					      const struct lb4_service *backend,
+					      const struct node_config *cfg, __be32 node_ip,
+					      __u64 now)
+{
+	__be32 node = cfg->node_address;
+	struct ct4_entry *fwd, *snat;
+	struct ct4_key key;
+	__be16 port = 0;
+	bool opens;
+	int verdict;
+
+	if (!node)
+		return verdict_drop_from(skb, pkt, DROP_NO_NODE_ADDRESS, NETDEV_DIR,
+					 IDENTITY_UNRESOLVED);
+	if (nodeport_too_big(skb, pkt, cfg, &verdict))
+		return verdict;
+
+	ct_key_init(&key, pkt->saddr, pkt->daddr, pkt->sport, pkt->dport, pkt->proto,
+		    CT_SNAT_PORT);
+	fwd = bpf_map_lookup_elem(&ct4, &key);
+	opens = !fwd || ct_syn_starts_over(fwd, pkt) || ct_expired(fwd, pkt->proto, now) ||
+		fwd->nat_address != node;
+	if (!opens) {
+		port = fwd->nat_port;
+		if (ct_account(fwd, pkt, 0, now))
+			event_emit(skb, pkt, EVENT_WHAT(EVENT_CLOSE, NETDEV_DIR, 0, 0,
+							IDENTITY_UNRESOLVED),
+				   backend);
+		/* The backend may have changed under the connection (it was removed): the
+		 * port must be claimed toward the new one. */
+		ct_key_init(&key, node, backend->backend_address, port, backend->backend_port,
+			    pkt->proto, CT_SNAT);
+		snat = bpf_map_lookup_elem(&ct4, &key);
+		if (snat && snat->nat_address == pkt->saddr && snat->nat_port == pkt->sport)
+			ct_account(snat, pkt, 0, now);
+		else if (!snat_claim(skb, pkt, backend, node, port, now))
+			port = 0;
+	}
+	if (!port) {
+		port = snat_pick_port(skb, pkt, backend, node, now);
+		if (!port)
+			return verdict_drop_from(skb, pkt, DROP_NAT_NO_MAPPING, NETDEV_DIR,
+						 IDENTITY_UNRESOLVED);
+		/* The client's tuple remembers the port for the packets to come. */
+		ct_key_init(&key, pkt->saddr, pkt->daddr, pkt->sport, pkt->dport, pkt->proto,
+			    CT_SNAT_PORT);
+		if (ct_create(&key, pkt, node, port, 0, skb->ifindex, now) < 0)
+			return verdict_drop_from(skb, pkt, DROP_CT_CREATE_FAILED, NETDEV_DIR,
+						 IDENTITY_UNRESOLVED);
+	}
+	if (opens)
+		event_emit(skb, pkt, EVENT_WHAT(EVENT_TRACE, NETDEV_DIR, 0, 0, IDENTITY_UNRESOLVED),
+			   backend);
+	/* The SNATed tuple remembers the frontend, for the replies. */
+	ct_key_init(&key, node, backend->backend_address, port, backend->backend_port,
+		    pkt->proto, CT_NODEPORT);
+	if (ct_track_established(&key, pkt, pkt->daddr, pkt->dport, 0, now) == CT_NEW &&
+	    ct_create(&key, pkt, pkt->daddr, pkt->dport, 0,
+		      nodeport_reply_device(skb, cfg, pkt->saddr), now) < 0)
+		return verdict_drop_from(skb, pkt, DROP_CT_CREATE_FAILED, NETDEV_DIR,
+					 IDENTITY_UNRESOLVED);
+
+	if (nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, backend->backend_address) < 0 ||
+	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, backend->backend_port) < 0 ||
+	    nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, node) < 0 ||
+	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, port) < 0)
+		return verdict_drop_from(skb, pkt, DROP_WRITE_ERROR, NETDEV_DIR,
+					 IDENTITY_UNRESOLVED);
+	/* The source is this node now: the other node sees remote-node. */
+	return forward_to_node(skb, pkt, cfg, node_ip, IDENTITY_HOST);
+}
+
+/* @pkt goes to @backend on this node: DNAT only, so the pod sees the client's address;
+ * the node's stack routes it to the pod's veth, where to_container judges it. */
+static __always_inline int nodeport_to_local(struct __sk_buff *skb, const struct pkt4 *pkt,
+					     const struct lb4_service *backend,
+					     const struct node_config *cfg, __u64 now)
+{
+	struct ct4_key key;
+	enum ct_state state;
+
+	ct_key_init(&key, pkt->saddr, backend->backend_address, pkt->sport, backend->backend_port,
+		    pkt->proto, CT_NODEPORT);
+	state = ct_track_established(&key, pkt, pkt->daddr, pkt->dport, 0, now);
+	if (state == CT_NEW && ct_opens_connection(pkt)) {
+		if (ct_create(&key, pkt, pkt->daddr, pkt->dport, 0,
+			      nodeport_reply_device(skb, cfg, pkt->saddr), now) < 0)
+			return verdict_drop_from(skb, pkt, DROP_CT_CREATE_FAILED, NETDEV_DIR,
+						 IDENTITY_UNRESOLVED);
+		event_emit(skb, pkt, EVENT_WHAT(EVENT_TRACE, NETDEV_DIR, 0, 0, IDENTITY_UNRESOLVED),
+			   backend);
+	} else if (state == CT_CLOSING) {
+		event_emit(skb, pkt, EVENT_WHAT(EVENT_CLOSE, NETDEV_DIR, 0, 0, IDENTITY_UNRESOLVED),
+			   backend);
+	}
+	if (nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, backend->backend_address) < 0 ||
+	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, backend->backend_port) < 0)
+		return verdict_drop_from(skb, pkt, DROP_WRITE_ERROR, NETDEV_DIR,
+					 IDENTITY_UNRESOLVED);
+	return verdict_pass(skb, NETDEV_DIR);
+}
+
+/* A packet to the external frontend @svc. */
+static __always_inline int nodeport_lb(struct __sk_buff *skb, const struct pkt4 *pkt,
+				       const struct lb4_service *svc,
+				       const struct node_config *cfg, __u64 now)
+{
+	struct lb4_service backend = {};
+	struct ipcache_entry *dest;
+	int reason;
+
+	if (svc->count == 0)
+		return nodeport_refuse(skb, pkt);
+	reason = lb4_select_backend(skb, pkt, svc, now, &backend);
+	if (reason)
+		return verdict_drop_from(skb, pkt, reason, NETDEV_DIR, IDENTITY_UNRESOLVED);
+	dest = cfg && cfg->routing_mode != ROUTING_MODE_LOCAL
+		       ? ipcache_lookup(backend.backend_address)
+		       : NULL;
+	if (dest && dest->tunnel_endpoint)
+		return nodeport_to_remote(skb, pkt, &backend, cfg, dest->tunnel_endpoint, now);
+	return nodeport_to_local(skb, pkt, &backend, cfg, now);
+}
+
+/* A reply to node_address from a backend on another node, if it is one: back to the
+ * client from the frontend. Returns the verdict, or -1 to let the packet pass. */
+static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, const struct pkt4 *pkt,
+					     __u64 now)
+{
+	struct ct4_entry *snat, *ext;
+	struct ct4_entry *fwd;
+	struct ct4_key key;
+	__be32 client;
+	__be16 client_port;
+
+	snat = ct_lookup(pkt, CT_SNAT, true);
+	if (!snat)
+		return -1;
+	ext = ct_lookup(pkt, CT_NODEPORT, true);
+	if (!ext)
+		return -1;
+	client = snat->nat_address;
+	client_port = snat->nat_port;
+	if (ct_account(snat, pkt, CT_FLAG_SEEN_REPLY, now))
+		event_packet(skb, pkt, EVENT_CLOSE, NETDEV_DIR, 0, EVENT_F_REPLY,
+			     IDENTITY_UNRESOLVED);
+	ct_key_init(&key, client, ext->nat_address, client_port, ext->nat_port, pkt->proto,
+		    CT_SNAT_PORT);
+	fwd = bpf_map_lookup_elem(&ct4, &key);
+	if (fwd)
+		fwd->last_seen_ns = now;
+	return nodeport_reply(skb, pkt, ext, true, client, client_port, now, NETDEV_DIR);
+}
+
+SEC("classifier")
+int from_netdev(struct __sk_buff *skb)
+{
+	struct node_config *cfg;
+	struct lb4_service *svc;
+	struct pkt4 pkt;
+	__u64 now;
+	int verdict;
+
+	if (parse_ipv4(skb, &pkt) != PARSE_L4 || !lb4_balanced(pkt.proto))
+		return TC_ACT_OK;
+	now = ct_now();
+
+	cfg = node_config_get();
+	if (cfg && cfg->node_address && pkt.daddr == cfg->node_address &&
+	    snat_port_range(pkt.dport)) {
+		verdict = nodeport_rev_snat(skb, &pkt, now);
+		if (verdict >= 0)
+			return verdict;
+	}
+
+	svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
+	if (svc && (svc->flags & SVC_FLAGS_EXTERNAL))
+		return nodeport_lb(skb, &pkt, svc, cfg, now);
+	return TC_ACT_OK;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
