@@ -45,28 +45,28 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 use sluice_common::{
     BACKEND_STATE_ACTIVE, EndpointInfo, IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
     IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyKey, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_WILDCARD,
-    kinds::{RuleOrigin, ServiceKind, UnknownServiceKind},
+    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyKey, SVC_FLAG_LOCAL, SVC_FLAG_WILDCARD,
+    kinds::{FrontendKind, RuleOrigin, ServiceKind, UnknownServiceKind},
 };
 use sluice_store::{LocalEndpoint, Snapshot};
 
 pub use sluice_store::nodes::{ClusterNode, NodeFault, NodeFaultAt, NodeField};
 
 use crate::{
-    backends::{backends_for, slices_by_service},
+    backends::{SliceBackend, backends_for, slices_by_service, slot_backends},
     problem::Problems,
 };
 pub use crate::{
     nodes::Nodes,
     problem::{
         ObjectKind, ObjectRef, PortProblem, Problem, ServiceField, ServicePortRef, Unsupported,
+        ValueField,
     },
 };
 
@@ -198,7 +198,12 @@ pub struct Frontend {
     pub service: String,
     /// Name of the service port; empty for a service's single unnamed port.
     pub port_name: String,
+    /// The Service's `spec.type`.
     pub kind: ServiceKind,
+    /// Which of the Service's addresses this frontend is.
+    pub frontend: FrontendKind,
+    /// Traffic policy Local: the backends are this node's only.
+    pub local: bool,
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: u8,
@@ -215,7 +220,11 @@ impl DesiredState {
 
 /// Computes the desired content of every map on `node` from `snapshot`.
 pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
-    let mut compilation = Compilation::default();
+    let mut compilation = Compilation {
+        node: node.node.clone(),
+        node_addresses: nodes::node_addresses(snapshot, &node.node),
+        ..Compilation::default()
+    };
     let slices = slices_by_service(snapshot);
     for (namespace, name, service) in services_in_order(snapshot, &mut compilation.problems) {
         let service_slices = slices
@@ -243,6 +252,11 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
         .sort_by_key(|f| (f.address, f.port, f.protocol));
     state.problems = problems.into_sorted();
     state
+}
+
+/// `namespace/name`, as frontends and conflicts name their Service.
+fn object_name(object: &ObjectRef) -> String {
+    format!("{}/{}", object.namespace, object.name)
 }
 
 fn namespace_of(namespace: Option<&String>) -> &str {
@@ -308,6 +322,32 @@ struct Compilation {
     vip_owners: BTreeMap<Ipv4Addr, String>,
     /// Which endpoint each ifindex belongs to, for the same reason.
     ifindex_owners: BTreeMap<u32, String>,
+    /// Which service each frontend (slot 0 key) belongs to: a node port, external IP or
+    /// load balancer address claimed twice is kept by the first in processing order.
+    frontend_owners: BTreeMap<Lb4Key, String>,
+    /// The node compiled for, whose backends traffic policy Local keeps.
+    node: String,
+    /// Its own IPv4 addresses (InternalIP and ExternalIP), where node ports listen.
+    node_addresses: Vec<Ipv4Addr>,
+}
+
+/// The addresses of one Service besides its ClusterIP, and its traffic policies.
+struct ServiceAddresses {
+    kind: ServiceKind,
+    vip: Ipv4Addr,
+    external_ips: Vec<Ipv4Addr>,
+    load_balancer_ips: Vec<Ipv4Addr>,
+    /// externalTrafficPolicy Local: node port, external IP and load balancer frontends.
+    external_local: bool,
+    /// internalTrafficPolicy Local: the ClusterIP frontend.
+    internal_local: bool,
+}
+
+/// One frontend of a service port, before it is programmed.
+struct FrontendAt {
+    frontend: FrontendKind,
+    address: Ipv4Addr,
+    port: u16,
 }
 
 impl Compilation {
@@ -316,7 +356,7 @@ impl Compilation {
     }
 
     fn service(&mut self, object: &ObjectRef, service: &Service, slices: &[&EndpointSlice]) {
-        let owner = &format!("{}/{}", object.namespace, object.name);
+        let owner = object_name(object);
         let Some(spec) = &service.spec else {
             self.problem(Problem::NoSpec {
                 object: object.clone(),
@@ -367,7 +407,7 @@ impl Compilation {
             });
             return;
         }
-        self.vip_owners.insert(vip, owner.to_string());
+        self.vip_owners.insert(vip, owner);
         // What the datapath cannot do for this Service is said, not half-done silently.
         for field in unsupported::service_fields(object, service) {
             self.problem(Problem::Unsupported(field));
@@ -376,21 +416,79 @@ impl Compilation {
             Lb4Key::wildcard(vip),
             Lb4Service::frontend(0, SVC_FLAG_WILDCARD),
         );
+        let addresses = self.service_addresses(object, kind, vip, service, spec);
         for port in spec.ports.iter().flatten() {
-            self.port(object, kind, vip, port, slices);
+            self.port(object, &addresses, port, slices);
         }
+    }
+
+    /// The Service's external and load balancer addresses, parsed; one that is not an
+    /// IPv4 address is reported and left out.
+    fn service_addresses(
+        &mut self,
+        object: &ObjectRef,
+        kind: ServiceKind,
+        vip: Ipv4Addr,
+        service: &Service,
+        spec: &ServiceSpec,
+    ) -> ServiceAddresses {
+        let external_ips = spec.external_ips.iter().flatten().map(String::as_str);
+        let external_ips = self.ipv4_values(object, ValueField::ExternalIp, external_ips);
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref());
+        let load_balancer_ips = if kind == ServiceKind::LoadBalancer {
+            self.ipv4_values(object, ValueField::LoadBalancerIngress, ingress)
+        } else {
+            Vec::new()
+        };
+        let local = |policy: Option<&String>| policy.is_some_and(|p| p == "Local");
+        ServiceAddresses {
+            kind,
+            vip,
+            external_ips,
+            load_balancer_ips,
+            external_local: local(spec.external_traffic_policy.as_ref()),
+            internal_local: local(spec.internal_traffic_policy.as_ref()),
+        }
+    }
+
+    /// `values` parsed as IPv4 addresses, sorted and deduplicated; the others reported.
+    fn ipv4_values<'a>(
+        &mut self,
+        object: &ObjectRef,
+        field: ValueField,
+        values: impl Iterator<Item = &'a str>,
+    ) -> Vec<Ipv4Addr> {
+        let mut addresses = BTreeSet::new();
+        for value in values {
+            match value.parse::<Ipv4Addr>() {
+                Ok(address) => {
+                    addresses.insert(address);
+                }
+                Err(_) => self.problem(Problem::ServiceValue {
+                    service: object.clone(),
+                    field,
+                    value: value.to_string(),
+                }),
+            }
+        }
+        addresses.into_iter().collect()
     }
 
     fn port(
         &mut self,
         object: &ObjectRef,
-        kind: ServiceKind,
-        vip: Ipv4Addr,
+        addresses: &ServiceAddresses,
         port: &ServicePort,
         slices: &[&EndpointSlice],
     ) {
         let port_name = port.name.as_deref().unwrap_or("");
-        let owner = format!("{}/{}", object.namespace, object.name);
         let port_problem = |problem| Problem::ServicePort {
             service: object.clone(),
             port: ServicePortRef {
@@ -408,54 +506,154 @@ impl Compilation {
             self.problem(port_problem(PortProblem::OutOfRange));
             return;
         };
-        let key = Lb4Key::new(vip, number, proto, 0);
-        if self.state.services.contains_key(&key) {
-            self.problem(port_problem(PortProblem::ListedTwice {
-                vip,
-                port: number,
-                proto,
-            }));
-            return;
-        }
-
-        let mut backends = backends_for(port_name, proto, slices, &mut self.problems);
-        // Slots are numbered by u16; a longer list cannot be addressed.
-        let count = match u16::try_from(backends.len()) {
-            Ok(count) => count,
-            Err(_) => {
-                self.problem(port_problem(PortProblem::TooManyBackends {
-                    count: backends.len(),
-                    used: u16::MAX,
-                }));
-                backends.truncate(usize::from(u16::MAX));
-                u16::MAX
+        let mut frontends = vec![FrontendAt {
+            frontend: FrontendKind::ClusterIP,
+            address: addresses.vip,
+            port: number,
+        }];
+        if matches!(
+            addresses.kind,
+            ServiceKind::NodePort | ServiceKind::LoadBalancer
+        ) {
+            match port.node_port {
+                Some(node_port) => match port_number(node_port) {
+                    Some(node_port) => {
+                        frontends.extend(self.node_addresses.iter().map(|&address| FrontendAt {
+                            frontend: FrontendKind::NodePort,
+                            address,
+                            port: node_port,
+                        }))
+                    }
+                    None => self.problem(port_problem(PortProblem::NodePortOutOfRange(node_port))),
+                },
+                // A LoadBalancer may go without node ports (allocateLoadBalancerNodePorts).
+                None if addresses.kind == ServiceKind::NodePort => {
+                    self.problem(port_problem(PortProblem::NoNodePort))
+                }
+                None => {}
             }
+        }
+        let at = |frontend, ips: &[Ipv4Addr]| {
+            ips.iter()
+                .map(move |&address| FrontendAt {
+                    frontend,
+                    address,
+                    port: number,
+                })
+                .collect::<Vec<_>>()
         };
-        for (slot, &(address, backend_port)) in (1..=count).zip(&backends) {
+        frontends.extend(at(FrontendKind::ExternalIP, &addresses.external_ips));
+        frontends.extend(at(FrontendKind::LoadBalancer, &addresses.load_balancer_ips));
+
+        let backends = backends_for(port_name, proto, slices, &mut self.problems);
+        let mut programmed = false;
+        for at in frontends {
+            let key = Lb4Key::new(at.address, at.port, proto, 0);
+            if let Some(holder) = self.frontend_owners.get(&key) {
+                let problem =
+                    if *holder == object_name(object) && at.frontend == FrontendKind::ClusterIP {
+                        PortProblem::ListedTwice {
+                            vip: at.address,
+                            port: at.port,
+                            proto,
+                        }
+                    } else {
+                        PortProblem::FrontendTaken {
+                            frontend: at.frontend,
+                            address: at.address,
+                            port: at.port,
+                            proto,
+                            holder: holder.clone(),
+                        }
+                    };
+                self.problem(port_problem(problem));
+                continue;
+            }
+            let local = if at.frontend.is_external() {
+                addresses.external_local
+            } else {
+                addresses.internal_local
+            };
+            let mut slots = slot_backends(&backends, local.then_some(self.node.as_str()));
+            // Slots are numbered by u16; a longer list cannot be addressed.
+            let count = match u16::try_from(slots.len()) {
+                Ok(count) => count,
+                Err(_) => {
+                    self.problem(port_problem(PortProblem::TooManyBackends {
+                        count: slots.len(),
+                        used: u16::MAX,
+                    }));
+                    slots.truncate(usize::from(u16::MAX));
+                    u16::MAX
+                }
+            };
+            self.frontend(
+                object,
+                addresses.kind,
+                port_name,
+                &at,
+                proto,
+                local,
+                count,
+                slots,
+            );
+            programmed = true;
+        }
+        if programmed {
+            self.backends(proto, &backends);
+        }
+    }
+
+    /// Programs one frontend with its slots (`count` of them, in slot order).
+    #[allow(clippy::too_many_arguments)]
+    fn frontend(
+        &mut self,
+        object: &ObjectRef,
+        kind: ServiceKind,
+        port_name: &str,
+        at: &FrontendAt,
+        proto: u8,
+        local: bool,
+        count: u16,
+        slots: Vec<(Ipv4Addr, u16)>,
+    ) {
+        for (slot, &(address, backend_port)) in (1..=count).zip(&slots) {
             self.state.services.insert(
-                Lb4Key::new(vip, number, proto, slot),
+                Lb4Key::new(at.address, at.port, proto, slot),
                 Lb4Service::slot(address, backend_port),
             );
+        }
+        let flags = at.frontend.flag() | if local { SVC_FLAG_LOCAL } else { 0 };
+        let key = Lb4Key::new(at.address, at.port, proto, 0);
+        self.state
+            .services
+            .insert(key, Lb4Service::frontend(count, flags));
+        self.frontend_owners.insert(key, object_name(object));
+        self.state.frontends.push(Frontend {
+            service: object_name(object),
+            port_name: port_name.to_string(),
+            kind,
+            frontend: at.frontend,
+            local,
+            address: at.address,
+            port: at.port,
+            protocol: proto,
+            backends: slots,
+        });
+    }
+
+    /// Every backend of a programmed port that may take traffic: those in its slots, and
+    /// the serving-terminating ones, whose established connections keep working.
+    fn backends(&mut self, proto: u8, backends: &[SliceBackend]) {
+        for backend in backends.iter().filter(|b| b.may_take_traffic()) {
             self.state.backends.insert(
-                Lb4BackendKey::new(address, backend_port, proto),
+                Lb4BackendKey::new(backend.address, backend.port, proto),
                 Lb4Backend {
                     state: BACKEND_STATE_ACTIVE,
                     ..Lb4Backend::default()
                 },
             );
         }
-        self.state
-            .services
-            .insert(key, Lb4Service::frontend(count, SVC_FLAG_CLUSTER_IP));
-        self.state.frontends.push(Frontend {
-            service: owner,
-            port_name: port_name.to_string(),
-            kind,
-            address: vip,
-            port: number,
-            protocol: proto,
-            backends,
-        });
     }
 
     /// Fills the endpoints map (policy adds identities and flags) and returns the
