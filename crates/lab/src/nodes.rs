@@ -353,6 +353,10 @@ fn check_same_but_nodes(path: &Path, current: &LabSpec, wanted: &LabSpec) -> Res
             current.policy_map_max != wanted.policy_map_max,
         ),
         (
+            "nodePortRange",
+            current.node_port_range != wanted.node_port_range,
+        ),
+        (
             "observability",
             current.observability != wanted.observability,
         ),

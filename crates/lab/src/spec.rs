@@ -42,6 +42,10 @@ pub struct LabSpec {
     /// default.
     #[serde(default)]
     pub policy_map_max: Option<u32>,
+    /// Ports node port Services may use (the agents' `--node-port-range`); None: the
+    /// default, 30000-32767.
+    #[serde(default)]
+    pub node_port_range: Option<sluice_sources::NodePortRange>,
     /// What the agents expose besides the datapath; labs written before it have nothing.
     #[serde(default)]
     pub observability: Observability,
@@ -132,6 +136,7 @@ struct RawLab {
     underlay: Option<RawUnderlay>,
     tx_checksum_offload: Option<bool>,
     policy_map_max: Option<u32>,
+    node_port_range: Option<String>,
     observability: Option<RawObservability>,
     nodes: Option<Vec<RawNode>>,
     world: Option<Vec<RawWorldHost>>,
@@ -255,6 +260,12 @@ impl LabSpec {
             nodes,
             world: Vec::new(),
             policy_map_max: raw.policy_map_max,
+            node_port_range: raw
+                .node_port_range
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|m| err("nodePortRange", m))?,
             observability: Observability::default(),
         };
         topology::check_underlay(&spec).map_err(|(f, m)| err(&f, m))?;

@@ -1,6 +1,11 @@
 //! Services.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use ipnet::IpNet;
 
 use k8s_openapi::{
     api::core::v1::{Service, ServicePort},
@@ -44,6 +49,7 @@ pub(super) fn service(service: &Service) -> Check {
         )?;
     }
     labels("spec.selector", spec.selector.as_ref())?;
+    addresses(service)?;
 
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() && kind != "ExternalName" && !headless {
@@ -66,6 +72,54 @@ pub(super) fn service(service: &Service) -> Check {
             return Err(invalid(
                 field,
                 format!("duplicate port {}/{proto}", port.port),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The addresses and ranges a Service lists must parse: the compiler would have to leave
+/// them out.
+fn addresses(service: &Service) -> Check {
+    let Some(spec) = &service.spec else {
+        return Ok(());
+    };
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        if ip.parse::<IpAddr>().is_err() {
+            return Err(invalid(
+                format!("spec.externalIPs[{i}]"),
+                format!("must be a valid IP address (got {ip:?})"),
+            ));
+        }
+    }
+    for (i, range) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        if range.trim().parse::<IpNet>().is_err() {
+            return Err(invalid(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!("must be a CIDR such as 192.0.2.0/24 (got {range:?})"),
+            ));
+        }
+    }
+    if let Some(port) = spec.health_check_node_port.filter(|&p| p != 0) {
+        port_number("spec.healthCheckNodePort", port)?;
+    }
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ingress) in ingress.into_iter().flatten().enumerate() {
+        if let Some(ip) = &ingress.ip
+            && ip.parse::<IpAddr>().is_err()
+        {
+            return Err(invalid(
+                format!("status.loadBalancer.ingress[{i}].ip"),
+                format!("must be a valid IP address (got {ip:?})"),
             ));
         }
     }

@@ -171,6 +171,30 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "(got 99999)",
     ),
     (
+        "external IP",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {externalIPs: [192.0.2.1, 192.0.2.300], ports: [{port: 80}]}\n",
+        "spec.externalIPs[1]",
+        "must be a valid IP address (got \"192.0.2.300\")",
+    ),
+    (
+        "load balancer source range",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: LoadBalancer, loadBalancerSourceRanges: [10.0.0.0/33], ports: [{port: 80}]}\n",
+        "spec.loadBalancerSourceRanges[0]",
+        "must be a CIDR such as 192.0.2.0/24 (got \"10.0.0.0/33\")",
+    ),
+    (
+        "load balancer ingress IP",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: LoadBalancer, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: lb.example.com}]}}\n",
+        "status.loadBalancer.ingress[0].ip",
+        "must be a valid IP address (got \"lb.example.com\")",
+    ),
+    (
+        "health check node port",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 70000, ports: [{port: 80}]}\n",
+        "spec.healthCheckNodePort",
+        "(got 70000)",
+    ),
+    (
         "node port on a ClusterIP service",
         "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80, nodePort: 30080}]}\n",
         "spec.ports[0].nodePort",
