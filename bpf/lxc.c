@@ -208,6 +208,8 @@ int from_container(struct __sk_buff *skb)
 
 	if (lb4_balanced(pkt.proto)) {
 		svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
+		if (svc && !lb4_source_allowed(svc, pkt.daddr, pkt.dport, pkt.proto, pkt.saddr))
+			return verdict_drop(skb, &pkt, DROP_NOT_IN_SRC_RANGE, METRIC_DIR_EGRESS);
 		if (svc)
 			return service_forward(skb, &pkt, svc, ep, now);
 		if (lb4_vip_known(pkt.daddr))

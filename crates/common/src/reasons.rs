@@ -18,13 +18,14 @@ pub enum DropReason {
     InvalidIdentity,
     UnknownSender,
     FragNotFound,
+    NotInSrcRange,
     ServicePortUnknown,
     NoBackendSlot,
     PolicyUnavailable,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::InvalidSource,
         DropReason::Policy,
         DropReason::Invalid,
@@ -38,6 +39,7 @@ impl DropReason {
         DropReason::InvalidIdentity,
         DropReason::UnknownSender,
         DropReason::FragNotFound,
+        DropReason::NotInSrcRange,
         DropReason::ServicePortUnknown,
         DropReason::NoBackendSlot,
         DropReason::PolicyUnavailable,
@@ -58,6 +60,7 @@ impl DropReason {
             DropReason::InvalidIdentity => 171,
             DropReason::UnknownSender => 172,
             DropReason::FragNotFound => 175,
+            DropReason::NotInSrcRange => 177,
             DropReason::ServicePortUnknown => 210,
             DropReason::NoBackendSlot => 211,
             DropReason::PolicyUnavailable => 212,
@@ -84,6 +87,7 @@ impl DropReason {
             DropReason::InvalidIdentity => "INVALID_IDENTITY",
             DropReason::UnknownSender => "UNKNOWN_SENDER",
             DropReason::FragNotFound => "FRAG_NOT_FOUND",
+            DropReason::NotInSrcRange => "NOT_IN_SRC_RANGE",
             DropReason::ServicePortUnknown => "SERVICE_PORT_UNKNOWN",
             DropReason::NoBackendSlot => "NO_BACKEND_SLOT",
             DropReason::PolicyUnavailable => "POLICY_UNAVAILABLE",
@@ -107,6 +111,7 @@ impl DropReason {
             DropReason::InvalidIdentity => "INVALID_IDENTITY",
             DropReason::UnknownSender => "UNKNOWN_SENDER",
             DropReason::FragNotFound => "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
+            DropReason::NotInSrcRange => "DENIED_BY_LB_SRC_RANGE_CHECK",
             DropReason::ServicePortUnknown
             | DropReason::NoBackendSlot
             | DropReason::PolicyUnavailable => self.name(),
@@ -128,6 +133,7 @@ impl DropReason {
             DropReason::InvalidIdentity => "Invalid identity",
             DropReason::UnknownSender => "Tunnel packet from an address that is no node",
             DropReason::FragNotFound => "First logical datagram fragment not found",
+            DropReason::NotInSrcRange => "Source outside the load balancer's source ranges",
             DropReason::ServicePortUnknown => "Service port not found",
             DropReason::NoBackendSlot => "Service backend slot not found",
             DropReason::PolicyUnavailable => "Endpoint policy not realized (fails closed)",

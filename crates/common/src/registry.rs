@@ -11,7 +11,8 @@ use aya::maps::MapType;
 
 use crate::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue, NodeConfig,
+    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, Lb4SourceRangeKey, MetricsValue,
+    NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -30,6 +31,7 @@ pub enum MapId {
     EventBucket,
     EventCounters,
     NodeConfig,
+    SourceRanges,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -135,10 +137,11 @@ const ENDPOINTS_MAX: u32 = 4096;
 
 /// Every map, in [`MapId`] order. The realize order puts identities in the ipcache before
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
-/// and backends before the service slots that name them.
-pub const MAPS: [MapDef; 13] = [
+/// backends before the service slots that name them, and source ranges before the
+/// frontend flag that restricts to them.
+pub const MAPS: [MapDef; 14] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
-         capacity: Some(CapacitySetting::LoadBalancer), realize: Some(4), count: Entries),
+         capacity: Some(CapacitySetting::LoadBalancer), realize: Some(5), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(3), count: Entries),
     map!(Conntrack, "ct4", LruHash, Ct4Key => Ct4Entry, 65536,
@@ -165,6 +168,8 @@ pub const MAPS: [MapDef; 13] = [
     // Written once by the agent at start, from its routing flags.
     map!(NodeConfig, "node_config", Array, u32 => NodeConfig, 1,
          capacity: None, realize: None, count: Uncounted),
+    map!(SourceRanges, "lb4_source_ranges", LpmTrie, Lb4SourceRangeKey => u32, 65536,
+         capacity: None, realize: Some(4), count: Entries),
 ];
 
 const _: () = {
@@ -207,6 +212,8 @@ pub mod names {
     pub const EVENT_COUNTERS: &str = MapId::EventCounters.name();
     /// How this node reaches the others.
     pub const NODE_CONFIG: &str = MapId::NodeConfig.name();
+    /// The sources each load balancer frontend with loadBalancerSourceRanges admits.
+    pub const SOURCE_RANGES: &str = MapId::SourceRanges.name();
 }
 
 #[cfg(test)]
@@ -223,6 +230,7 @@ mod tests {
                 MapId::Policy,
                 MapId::Endpoints,
                 MapId::Backends,
+                MapId::SourceRanges,
                 MapId::Services
             ]
         );
@@ -244,7 +252,8 @@ mod tests {
                 names::ENDPOINTS,
                 names::IPCACHE,
                 names::POLICY,
-                names::FRAGMENTS
+                names::FRAGMENTS,
+                names::SOURCE_RANGES
             ]
         );
     }

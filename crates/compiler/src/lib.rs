@@ -44,14 +44,16 @@ use std::{
     net::Ipv4Addr,
 };
 
+use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 use sluice_common::{
     BACKEND_STATE_ACTIVE, EndpointInfo, IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyKey, SVC_FLAG_LOCAL, SVC_FLAG_WILDCARD,
+    IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, Lb4SourceRangeKey,
+    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyKey, SOURCE_RANGE_ALLOWED,
+    SVC_FLAG_LOCAL, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_WILDCARD,
     kinds::{FrontendKind, RuleOrigin, ServiceKind, UnknownServiceKind},
 };
 use sluice_store::{LocalEndpoint, Snapshot};
@@ -111,6 +113,9 @@ pub struct DesiredState {
     /// Address prefix -> identity and tunnel endpoint, for every pod, node address,
     /// router address, policy CIDR and other node's pod CIDR, plus the world.
     pub ipcache: BTreeMap<IpcacheKey, IpcacheEntry>,
+    /// Load balancer frontend and admitted source prefix (loadBalancerSourceRanges) ->
+    /// `SOURCE_RANGE_ALLOWED`, for each frontend flagged `SVC_FLAG_SOURCE_RANGES`.
+    pub source_ranges: BTreeMap<Lb4SourceRangeKey, u32>,
     /// This node and the others as routing uses them, for the agent's routes and tunnel.
     pub nodes: Nodes,
     /// ifindex -> the endpoint's policy rows, for each endpoint with an enforced direction
@@ -341,6 +346,20 @@ struct ServiceAddresses {
     external_local: bool,
     /// internalTrafficPolicy Local: the ClusterIP frontend.
     internal_local: bool,
+    /// loadBalancerSourceRanges of a LoadBalancer Service, IPv4 ones parsed; None: any
+    /// source. Some and empty (every range IPv6 or unparsable) admits no IPv4 source.
+    source_ranges: Option<Vec<Ipv4Net>>,
+}
+
+impl ServiceAddresses {
+    /// Whether the traffic policy that applies to `frontend` is Local.
+    fn local(&self, frontend: FrontendKind) -> bool {
+        if frontend.is_external() {
+            self.external_local
+        } else {
+            self.internal_local
+        }
+    }
 }
 
 /// One frontend of a service port, before it is programmed.
@@ -447,6 +466,11 @@ impl Compilation {
         } else {
             Vec::new()
         };
+        let ranges = spec
+            .load_balancer_source_ranges
+            .as_ref()
+            .filter(|r| kind == ServiceKind::LoadBalancer && !r.is_empty());
+        let source_ranges = ranges.map(|ranges| self.source_ranges(object, ranges));
         let local = |policy: Option<&String>| policy.is_some_and(|p| p == "Local");
         ServiceAddresses {
             kind,
@@ -455,7 +479,28 @@ impl Compilation {
             load_balancer_ips,
             external_local: local(spec.external_traffic_policy.as_ref()),
             internal_local: local(spec.internal_traffic_policy.as_ref()),
+            source_ranges,
         }
+    }
+
+    /// The IPv4 ranges of `ranges`, sorted; IPv6 ones cannot match an IPv4 client and are
+    /// skipped, unparsable ones reported.
+    fn source_ranges(&mut self, object: &ObjectRef, ranges: &[String]) -> Vec<Ipv4Net> {
+        let mut parsed = BTreeSet::new();
+        for range in ranges {
+            match range.trim().parse::<IpNet>() {
+                Ok(IpNet::V4(net)) => {
+                    parsed.insert(net.trunc());
+                }
+                Ok(IpNet::V6(_)) => {}
+                Err(_) => self.problem(Problem::ServiceValue {
+                    service: object.clone(),
+                    field: ValueField::SourceRange,
+                    value: range.clone(),
+                }),
+            }
+        }
+        parsed.into_iter().collect()
     }
 
     /// `values` parsed as IPv4 addresses, sorted and deduplicated; the others reported.
@@ -569,34 +614,17 @@ impl Compilation {
                 self.problem(port_problem(problem));
                 continue;
             }
-            let local = if at.frontend.is_external() {
-                addresses.external_local
-            } else {
-                addresses.internal_local
-            };
+            let local = addresses.local(at.frontend);
             let mut slots = slot_backends(&backends, local.then_some(self.node.as_str()));
             // Slots are numbered by u16; a longer list cannot be addressed.
-            let count = match u16::try_from(slots.len()) {
-                Ok(count) => count,
-                Err(_) => {
-                    self.problem(port_problem(PortProblem::TooManyBackends {
-                        count: slots.len(),
-                        used: u16::MAX,
-                    }));
-                    slots.truncate(usize::from(u16::MAX));
-                    u16::MAX
-                }
-            };
-            self.frontend(
-                object,
-                addresses.kind,
-                port_name,
-                &at,
-                proto,
-                local,
-                count,
-                slots,
-            );
+            if slots.len() > usize::from(u16::MAX) {
+                self.problem(port_problem(PortProblem::TooManyBackends {
+                    count: slots.len(),
+                    used: u16::MAX,
+                }));
+                slots.truncate(usize::from(u16::MAX));
+            }
+            self.frontend(object, addresses, port_name, &at, proto, slots);
             programmed = true;
         }
         if programmed {
@@ -604,26 +632,42 @@ impl Compilation {
         }
     }
 
-    /// Programs one frontend with its slots (`count` of them, in slot order).
-    #[allow(clippy::too_many_arguments)]
+    /// Programs one frontend with its slots (at most `u16::MAX`, in slot order), and for
+    /// a load balancer frontend the source ranges it admits.
     fn frontend(
         &mut self,
         object: &ObjectRef,
-        kind: ServiceKind,
+        addresses: &ServiceAddresses,
         port_name: &str,
         at: &FrontendAt,
         proto: u8,
-        local: bool,
-        count: u16,
         slots: Vec<(Ipv4Addr, u16)>,
     ) {
+        let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
+        let local = addresses.local(at.frontend);
+        let mut flags = at.frontend.flag() | if local { SVC_FLAG_LOCAL } else { 0 };
+        if let (FrontendKind::LoadBalancer, Some(ranges)) = (at.frontend, &addresses.source_ranges)
+        {
+            flags |= SVC_FLAG_SOURCE_RANGES;
+            for range in ranges {
+                self.state.source_ranges.insert(
+                    Lb4SourceRangeKey::new(
+                        at.address,
+                        at.port,
+                        proto,
+                        range.network(),
+                        range.prefix_len(),
+                    ),
+                    SOURCE_RANGE_ALLOWED,
+                );
+            }
+        }
         for (slot, &(address, backend_port)) in (1..=count).zip(&slots) {
             self.state.services.insert(
                 Lb4Key::new(at.address, at.port, proto, slot),
                 Lb4Service::slot(address, backend_port),
             );
         }
-        let flags = at.frontend.flag() | if local { SVC_FLAG_LOCAL } else { 0 };
         let key = Lb4Key::new(at.address, at.port, proto, 0);
         self.state
             .services
@@ -632,7 +676,7 @@ impl Compilation {
         self.state.frontends.push(Frontend {
             service: object_name(object),
             port_name: port_name.to_string(),
-            kind,
+            kind: addresses.kind,
             frontend: at.frontend,
             local,
             address: at.address,

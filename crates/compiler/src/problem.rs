@@ -91,7 +91,6 @@ pub enum ServiceField {
     /// ClientIP.
     SessionAffinity,
     LoadBalancerIp,
-    LoadBalancerSourceRanges,
     TrafficDistribution,
     /// Any family but IPv4.
     IpFamilies,
@@ -107,7 +106,6 @@ impl ServiceField {
         match self {
             Self::SessionAffinity => "spec.sessionAffinity",
             Self::LoadBalancerIp => "spec.loadBalancerIP",
-            Self::LoadBalancerSourceRanges => "spec.loadBalancerSourceRanges",
             Self::TrafficDistribution => "spec.trafficDistribution",
             Self::IpFamilies => "spec.ipFamilies",
             Self::IpFamilyPolicy => "spec.ipFamilyPolicy",
@@ -119,7 +117,6 @@ impl ServiceField {
     pub fn programmed(self) -> &'static str {
         match self {
             Self::SessionAffinity => "each new connection picks a backend at random",
-            Self::LoadBalancerSourceRanges => "its load balancer frontends accept every source",
             Self::LoadBalancerIp => {
                 "the address is not programmed (status.loadBalancer.ingress is)"
             }

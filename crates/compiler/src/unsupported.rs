@@ -42,10 +42,6 @@ pub(crate) fn service_fields(object: &ObjectRef, service: &Service) -> Vec<Unsup
             set(spec.load_balancer_ip.as_ref(), ""),
         ),
         (
-            ServiceField::LoadBalancerSourceRanges,
-            list(spec.load_balancer_source_ranges.as_ref()),
-        ),
-        (
             ServiceField::TrafficDistribution,
             set(spec.traffic_distribution.as_ref(), ""),
         ),

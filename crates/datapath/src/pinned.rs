@@ -12,8 +12,8 @@ use aya::maps::{
 };
 use sluice_common::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MapDef, MapId, MetricsValue, NodeConfig,
-    PolicyEntry, PolicyMatch, metrics_index, names,
+    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, Lb4SourceRange, MAPS, MapDef, MapId,
+    MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -53,6 +53,8 @@ pub struct PinnedMaps {
     pub event_counters: PerCpuArray<MapData, EventCounter>,
     /// How this node reaches the others (index 0).
     pub node_config: Array<MapData, NodeConfig>,
+    /// Load balancer frontend and source prefix -> admitted (loadBalancerSourceRanges).
+    pub source_ranges: LpmTrie<MapData, Lb4SourceRange, u32>,
     /// Every map of the registry, for capacities and entry counts.
     pub inventory: MapInventory,
 }
@@ -95,6 +97,7 @@ impl PinnedMaps {
             event_config: open_typed(pin_dir, MapId::EventConfig, Array::try_from)?,
             event_counters: open_typed(pin_dir, MapId::EventCounters, PerCpuArray::try_from)?,
             node_config: open_typed(pin_dir, MapId::NodeConfig, Array::try_from)?,
+            source_ranges: open_typed(pin_dir, MapId::SourceRanges, LpmTrie::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
     }

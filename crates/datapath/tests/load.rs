@@ -35,6 +35,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::EVENT_BUCKET, 1),
             (names::EVENT_COUNTERS, 16),
             (names::NODE_CONFIG, 1),
+            (names::SOURCE_RANGES, 65536),
         ]
     );
 

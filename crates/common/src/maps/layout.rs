@@ -34,7 +34,14 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!(
         "lb4_service",
         Lb4Service,
-        [backend_address, backend_port, count, flags, pad]
+        [
+            backend_address,
+            backend_port,
+            count,
+            flags,
+            pad,
+            affinity_timeout
+        ]
     ),
     layout!(
         "lb4_backend_key",
@@ -42,6 +49,16 @@ pub const LAYOUTS: &[StructLayout] = &[
         [address, port, proto, pad]
     ),
     layout!("lb4_backend", Lb4Backend, [state, pad]),
+    layout!(
+        "lb4_source_range",
+        Lb4SourceRange,
+        [address, dport, proto, pad, source]
+    ),
+    layout!(
+        "lb4_source_range_key",
+        Lb4SourceRangeKey,
+        [prefixlen, range]
+    ),
     layout!(
         "ct4_key",
         Ct4Key,
