@@ -7,6 +7,7 @@
 //! nothing upstream changed. All kernel work runs on the blocking pool; [`server`] answers
 //! the CLI on a Unix socket from the state the loop publishes (see [`views`]).
 
+pub mod health;
 mod http;
 pub mod metrics;
 mod node;

@@ -1,6 +1,9 @@
 //! The backends of a service port, from the EndpointSlices of its Service.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use sluice_store::Snapshot;
@@ -158,6 +161,19 @@ pub(crate) fn slot_backends(
         .filter(|b| b.serving_terminating)
         .map(|b| (b.address, b.port))
         .collect()
+}
+
+/// How many distinct endpoints of `slices` on `node` are ready: what a Service's
+/// healthCheckNodePort reports for the node, as kube-proxy's does.
+pub(crate) fn local_ready_endpoints(slices: &[&EndpointSlice], node: &str) -> usize {
+    let addresses: BTreeSet<&str> = slices
+        .iter()
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|e| e.node_name.as_deref() == Some(node))
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .filter_map(|e| e.addresses.first().map(String::as_str))
+        .collect();
+    addresses.len()
 }
 
 /// The slice port matching a service port: same name (both empty for an unnamed port) and

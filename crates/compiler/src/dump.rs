@@ -82,6 +82,13 @@ impl DesiredState {
                 n.router().map_or("-".into(), |r| r.to_string()),
             );
         }
+        for (port, check) in &self.health_checks {
+            let _ = writeln!(
+                out,
+                "health check :{port} {}/{} local endpoints={}",
+                check.namespace, check.name, check.local_endpoints
+            );
+        }
         for interface in &self.interfaces {
             let _ = writeln!(out, "interface {interface}");
         }

@@ -61,7 +61,9 @@ use sluice_store::{LocalEndpoint, Snapshot};
 pub use sluice_store::nodes::{ClusterNode, NodeFault, NodeFaultAt, NodeField};
 
 use crate::{
-    backends::{SliceBackend, backends_for, slices_by_service, slot_backends},
+    backends::{
+        SliceBackend, backends_for, local_ready_endpoints, slices_by_service, slot_backends,
+    },
     problem::Problems,
 };
 pub use crate::{
@@ -116,6 +118,12 @@ pub struct DesiredState {
     /// Load balancer frontend and admitted source prefix (loadBalancerSourceRanges) ->
     /// `SOURCE_RANGE_ALLOWED`, for each frontend flagged `SVC_FLAG_SOURCE_RANGES`.
     pub source_ranges: BTreeMap<Lb4SourceRangeKey, u32>,
+    /// healthCheckNodePort -> the LoadBalancer Service with externalTrafficPolicy Local it
+    /// answers for, with its endpoints on this node; the agent serves each.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// This node's own IPv4 addresses (InternalIP and ExternalIP): where node ports and
+    /// health checks listen.
+    pub node_addresses: Vec<Ipv4Addr>,
     /// This node and the others as routing uses them, for the agent's routes and tunnel.
     pub nodes: Nodes,
     /// ifindex -> the endpoint's policy rows, for each endpoint with an enforced direction
@@ -128,6 +136,16 @@ pub struct DesiredState {
     /// Objects or entries skipped because the datapath cannot represent them, and Service
     /// fields it does not implement; sorted by their line.
     pub problems: Vec<Problem>,
+}
+
+/// What a healthCheckNodePort answers on this node, as kube-proxy's does: 200 with the
+/// count when the Service has local endpoints, 503 without.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_endpoints: usize,
 }
 
 /// A security identity: one per distinct set of security-relevant labels.
@@ -230,6 +248,7 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
         node_addresses: nodes::node_addresses(snapshot, &node.node),
         ..Compilation::default()
     };
+    compilation.state.node_addresses = compilation.node_addresses.clone();
     let slices = slices_by_service(snapshot);
     for (namespace, name, service) in services_in_order(snapshot, &mut compilation.problems) {
         let service_slices = slices
@@ -439,6 +458,34 @@ impl Compilation {
         for port in spec.ports.iter().flatten() {
             self.port(object, &addresses, port, slices);
         }
+        if kind == ServiceKind::LoadBalancer && addresses.external_local {
+            self.health_check(object, spec, slices);
+        }
+    }
+
+    /// The Service's healthCheckNodePort, if it has one; a port another Service already
+    /// answers on is kept by that one and reported.
+    fn health_check(&mut self, object: &ObjectRef, spec: &ServiceSpec, slices: &[&EndpointSlice]) {
+        let Some(port) = spec.health_check_node_port.and_then(port_number) else {
+            return;
+        };
+        if let Some(holder) = self.state.health_checks.get(&port) {
+            let holder = format!("{}/{}", holder.namespace, holder.name);
+            self.problem(Problem::HealthCheckPortTaken {
+                service: object.clone(),
+                port,
+                holder,
+            });
+            return;
+        }
+        self.state.health_checks.insert(
+            port,
+            HealthCheck {
+                namespace: object.namespace.clone(),
+                name: object.name.clone(),
+                local_endpoints: local_ready_endpoints(slices, &self.node),
+            },
+        );
     }
 
     /// The Service's external and load balancer addresses, parsed; one that is not an

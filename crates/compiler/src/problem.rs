@@ -244,6 +244,12 @@ pub enum Problem {
         port: ServicePortRef,
         problem: PortProblem,
     },
+    /// The healthCheckNodePort already answers for `holder` (`namespace/name`): not served.
+    HealthCheckPortTaken {
+        service: ObjectRef,
+        port: u16,
+        holder: String,
+    },
     /// An address or range of the Service that is not IPv4: left out.
     ServiceValue {
         service: ObjectRef,
@@ -421,6 +427,14 @@ impl fmt::Display for Problem {
                 port,
                 problem,
             } => write!(f, "{service} {port}: {problem}"),
+            Self::HealthCheckPortTaken {
+                service,
+                port,
+                holder,
+            } => write!(
+                f,
+                "{service}: healthCheckNodePort {port} already answers for {holder}: not served"
+            ),
             Self::ServiceValue {
                 service,
                 field,
