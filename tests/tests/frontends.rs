@@ -1,0 +1,200 @@
+//! A Service's frontends and its terminating endpoints in a live lab, through real
+//! packets from a pod: `service list` names each frontend's kind, the node port and the
+//! external IP answer like the ClusterIP, and a terminating endpoint keeps its established
+//! connections while new ones go to the ready endpoints (KEP-1669).
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use sluice_integration::{ONE_NODE_LAB, TestLab, examples, http_get};
+
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 50);
+
+const WEB: &str = "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: nginx}
+  externalIPs: [192.0.2.50]
+  ports: [{port: 80, nodePort: 30080}]
+";
+
+fn lab_with_nginx(prefix: &str) -> TestLab {
+    let mut lab = TestLab::up(prefix, ONE_NODE_LAB);
+    lab.lab
+        .apply(&[
+            examples().join("nginx.yaml"),
+            examples().join("client.yaml"),
+        ])
+        .unwrap_or_else(|e| panic!("apply nginx + client: {e}"));
+    lab
+}
+
+#[test]
+fn node_port_and_external_ip_frontends_are_listed_and_answer() {
+    let mut lab = lab_with_nginx("frontends");
+    lab.apply_yaml("web.yaml", WEB);
+    let vip = lab.cluster_ip("web");
+
+    let services = lab.cli_json(&["service", "list"]);
+    let mut web: Vec<(String, String)> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["service"] == "default/web")
+        .map(|s| {
+            assert_eq!(s["kind"], "NodePort", "{s}");
+            assert_eq!(s["backends"].as_array().unwrap().len(), 2, "{s}");
+            let frontend = format!("{}:{}", s["address"].as_str().unwrap(), s["port"]);
+            (s["frontend"].as_str().unwrap().to_string(), frontend)
+        })
+        .collect();
+    web.sort();
+    let node_ports: Vec<&(String, String)> = web.iter().filter(|(k, _)| k == "NodePort").collect();
+    assert!(
+        !node_ports.is_empty(),
+        "a node port on the node's address: {web:?}"
+    );
+    assert!(
+        web.contains(&("ClusterIP".into(), format!("{vip}:80")))
+            && web.contains(&("ExternalIP".into(), format!("{EXTERNAL_IP}:80"))),
+        "{web:?}"
+    );
+    let table = lab.cli(&["service", "list"]);
+    assert!(
+        table.contains("ExternalIP") && table.contains("NodePort") && table.contains("ClusterIP"),
+        "{table}"
+    );
+
+    // From a pod, every frontend reaches the nginx pods.
+    let node_port: SocketAddr = node_ports[0].1.parse().unwrap();
+    for target in [
+        SocketAddr::from((vip, 80)),
+        SocketAddr::from((EXTERNAL_IP, 80)),
+        node_port,
+    ] {
+        let answer = lab.in_pod("default/client", move || http_get(target));
+        assert!(
+            answer
+                .as_deref()
+                .is_ok_and(|a| a.starts_with("nginx-deployment-")),
+            "{target}: {answer:?}"
+        );
+    }
+}
+
+/// A Service without a selector whose EndpointSlice lists the nginx pods with the given
+/// conditions (`ready`, `serving`, `terminating`).
+fn manual(pods: &[(Ipv4Addr, [bool; 3])]) -> String {
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: manual}\nspec:\n  ports: [{port: 80}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: manual-1\n  \
+         labels: {kubernetes.io/service-name: manual}\naddressType: IPv4\nports: [{port: 80}]\nendpoints:\n",
+    );
+    for (ip, [ready, serving, terminating]) in pods {
+        yaml.push_str(&format!(
+            "- addresses: [{ip}]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n"
+        ));
+    }
+    yaml
+}
+
+/// One request on an open keep-alive connection; the pod's name.
+fn ask(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: manual\r\n\r\n")
+        .unwrap_or_else(|e| panic!("write: {e}"));
+    let mut response = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("read: {e}"));
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&response));
+        response.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&response).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|l| l.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no Content-Length: {head}"));
+            if body.len() >= length {
+                return body.trim().to_string();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_terminating_endpoint_keeps_its_connections_and_gets_no_new_ones() {
+    let mut lab = lab_with_nginx("terminating");
+    let pods = lab.pods_named("nginx-deployment-");
+    assert_eq!(pods.len(), 2);
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| lab.pod_ip(p)).collect();
+    let name_of = |ip: Ipv4Addr| pods[ips.iter().position(|&i| i == ip).unwrap()].clone();
+    const READY: [bool; 3] = [true, true, false];
+    const SERVING_TERMINATING: [bool; 3] = [false, true, true];
+
+    lab.apply_yaml("manual.yaml", &manual(&[(ips[0], READY), (ips[1], READY)]));
+    let vip = SocketAddr::from((lab.cluster_ip("manual"), 80));
+    let mut stream = lab
+        .in_pod("default/client", move || {
+            TcpStream::connect_timeout(&vip, Duration::from_secs(2))
+        })
+        .unwrap_or_else(|e| panic!("connect {vip}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let first = ask(&mut stream);
+    let (draining, staying) = if name_of(ips[0]).ends_with(&first) {
+        (ips[0], ips[1])
+    } else {
+        (ips[1], ips[0])
+    };
+    assert!(
+        name_of(draining).ends_with(&first),
+        "{first} is one of {pods:?}"
+    );
+
+    // The backend of the open connection starts terminating: the connection keeps it...
+    lab.apply_yaml(
+        "manual.yaml",
+        &manual(&[(draining, SERVING_TERMINATING), (staying, READY)]),
+    );
+    assert_eq!(
+        ask(&mut stream),
+        first,
+        "the established connection keeps its pod"
+    );
+    // ...and every new connection goes to the ready one.
+    let staying_name = name_of(staying);
+    for _ in 0..10 {
+        let answer = lab.in_pod("default/client", move || http_get(vip));
+        assert!(
+            answer.as_deref().is_ok_and(|a| staying_name.ends_with(a)),
+            "a new connection: {answer:?}, want {staying_name}"
+        );
+    }
+
+    // With none ready, the serving-terminating endpoints take new connections.
+    lab.apply_yaml(
+        "manual.yaml",
+        &manual(&[
+            (draining, SERVING_TERMINATING),
+            (staying, SERVING_TERMINATING),
+        ]),
+    );
+    let answer = lab.in_pod("default/client", move || http_get(vip));
+    assert!(
+        answer
+            .as_deref()
+            .is_ok_and(|a| a.starts_with("nginx-deployment-")),
+        "with no endpoint ready: {answer:?}"
+    );
+    assert_eq!(ask(&mut stream), first);
+}
