@@ -1,7 +1,8 @@
 //! A Service's frontends and its terminating endpoints in a live lab, through real
 //! packets from a pod: `service list` names each frontend's kind, the node port and the
-//! external IP answer like the ClusterIP, and a terminating endpoint keeps its established
-//! connections while new ones go to the ready endpoints (KEP-1669).
+//! external IP answer like the ClusterIP, loadBalancerSourceRanges restrict the load
+//! balancer frontend only, and a terminating endpoint keeps its established connections
+//! while new ones go to the ready endpoints (KEP-1669).
 
 use std::{
     io::{Read, Write},
@@ -197,4 +198,87 @@ fn a_terminating_endpoint_keeps_its_connections_and_gets_no_new_ones() {
         "with no endpoint ready: {answer:?}"
     );
     assert_eq!(ask(&mut stream), first);
+}
+
+const LB_VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 60);
+
+const OUTSIDER: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: outsider, labels: {app: outsider}}
+spec:
+  containers: [{name: c, image: curlimages/curl:latest, command: [sleep, infinity]}]
+";
+
+/// A LoadBalancer Service whose load balancer admits `range` only; the lab plays the
+/// cloud by writing its ingress IP into the status.
+fn load_balancer(range: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: lb}}
+spec:
+  type: LoadBalancer
+  selector: {{app: nginx}}
+  loadBalancerSourceRanges: [{range}]
+  ports: [{{port: 80, nodePort: 30081}}]
+status:
+  loadBalancer:
+    ingress: [{{ip: {LB_VIP}}}]
+"
+    )
+}
+
+#[test]
+fn source_ranges_restrict_the_load_balancer_frontend_only() {
+    let mut lab = lab_with_nginx("srcrange");
+    lab.apply_yaml("outsider.yaml", OUTSIDER);
+    let client = lab.pod_ip("default/client");
+    lab.apply_yaml("lb.yaml", &load_balancer(&format!("{client}/32")));
+    let vip = lab.cluster_ip("lb");
+    let lb = SocketAddr::from((LB_VIP, 80));
+
+    let frontends = lab.cli_json(&["service", "list"]);
+    assert!(
+        frontends
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["frontend"] == "LoadBalancer" && s["address"] == LB_VIP.to_string()),
+        "{frontends}"
+    );
+    let from_client = lab.in_pod("default/client", move || http_get(lb));
+    assert!(
+        from_client
+            .as_deref()
+            .is_ok_and(|a| a.starts_with("nginx-deployment-")),
+        "the client is in the range: {from_client:?}"
+    );
+    let maps = sluice_datapath::PinnedMaps::open(&lab.lab.pin_dir(&lab.node())).unwrap();
+    let refused = || {
+        maps.counted(
+            sluice_common::DropReason::NotInSrcRange.code(),
+            sluice_common::METRIC_DIR_EGRESS,
+        )
+        .unwrap()
+        .packets
+    };
+    assert_eq!(refused(), 0);
+    let from_outsider = lab.in_pod("default/outsider", move || http_get(lb));
+    assert!(
+        from_outsider.is_err(),
+        "outside the range: {from_outsider:?}"
+    );
+    assert!(refused() > 0, "dropped as NOT_IN_SRC_RANGE");
+    // The Service's other frontends admit everyone.
+    let cluster_ip = SocketAddr::from((vip, 80));
+    let answer = lab.in_pod("default/outsider", move || http_get(cluster_ip));
+    assert!(
+        answer.is_ok(),
+        "the ClusterIP from outside the range: {answer:?}"
+    );
+
+    // Widened to the pod CIDR: the outsider gets through too.
+    lab.apply_yaml("lb.yaml", &load_balancer("10.244.0.0/16"));
+    let answer = lab.in_pod("default/outsider", move || http_get(lb));
+    assert!(answer.is_ok(), "inside the widened range: {answer:?}");
 }
