@@ -282,3 +282,66 @@ fn source_ranges_restrict_the_load_balancer_frontend_only() {
     let answer = lab.in_pod("default/outsider", move || http_get(lb));
     assert!(answer.is_ok(), "inside the widened range: {answer:?}");
 }
+
+/// `GET /` on `addr`: the status line's code and the body.
+fn status_and_body(addr: SocketAddr) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok((code, body.trim().to_string()))
+}
+
+#[test]
+fn the_agent_serves_the_health_check_node_port_of_a_local_load_balancer() {
+    let mut lab = lab_with_nginx("healthcheck");
+    let service = |replicas_selector: &str| {
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: local}}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  selector: {{app: {replicas_selector}}}
+  ports: [{{port: 80, nodePort: 30082}}]
+"
+        )
+    };
+    lab.apply_yaml("local.yaml", &service("nginx"));
+    let node_port = lab
+        .cli_json(&["service", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["frontend"] == "NodePort" && s["service"] == "default/local")
+        .map(|s| s["address"].as_str().unwrap().parse::<Ipv4Addr>().unwrap())
+        .expect("a node port frontend on the node's address");
+    let health = SocketAddr::from((node_port, 32000));
+    let answer = lab.in_pod("default/client", move || status_and_body(health));
+    assert_eq!(
+        answer.unwrap_or_else(|e| panic!("GET {health}: {e}")),
+        (
+            200,
+            r#"{"service":{"namespace":"default","name":"local"},"localEndpoints":2}"#.into()
+        )
+    );
+    // No pod selected: no local endpoint, 503.
+    lab.apply_yaml("local.yaml", &service("nothing"));
+    let answer = lab.in_pod("default/client", move || status_and_body(health));
+    assert_eq!(
+        answer.unwrap_or_else(|e| panic!("GET {health}: {e}")),
+        (
+            503,
+            r#"{"service":{"namespace":"default","name":"local"},"localEndpoints":0}"#.into()
+        )
+    );
+}
