@@ -1,6 +1,7 @@
 //! Inputs the manifest source would refuse but a snapshot may still hold (written by hand,
 //! by an older agent, or by a future watcher): the compiler must skip them and say so.
 
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
 use super::*;
