@@ -2,13 +2,15 @@
 //! content of every BPF map on one node.
 //!
 //! It follows kube-proxy's semantics. Each port of a Service with an IPv4 cluster IP is a
-//! frontend; its backends are the ready endpoints of the Service's EndpointSlices for the
-//! slice port of the same name and protocol. Input is never trusted: an object or entry the
-//! datapath cannot represent is skipped and reported in [`DesiredState::problems`], never a
-//! panic or an error, so one odd object cannot keep the rest of the node from converging.
-//! A Service field the datapath does not implement yet (NodePort, session affinity, traffic
-//! policies, ...) is reported there too ([`Problem::Unsupported`]), with what is programmed
-//! without it.
+//! frontend on that IP, on its nodePort at each of this node's addresses, on each external
+//! IP and on each load balancer ingress IP (`services`); its backends are the ready
+//! endpoints of the Service's EndpointSlices for the slice port of the same name and
+//! protocol, or the serving-terminating ones when none is ready, and only this node's under
+//! traffic policy Local. Input is never trusted: an object or entry the datapath cannot
+//! represent is skipped and reported in [`DesiredState::problems`], never a panic or an
+//! error, so one odd object cannot keep the rest of the node from converging. A Service
+//! field the datapath does not implement yet (session affinity, topology, ...) is reported
+//! there too ([`Problem::Unsupported`]), with what is programmed without it.
 //!
 //! NetworkPolicy follows networking.k8s.io/v1 and Cilium's layout: every distinct set of
 //! security-relevant labels is an identity, the ipcache maps addresses to identities, and
