@@ -18,6 +18,7 @@ use super::{
 };
 
 const SERVICE_TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
+const TRAFFIC_POLICIES: &[&str] = &["Cluster", "Local"];
 
 pub(super) fn service(service: &Service) -> Check {
     let spec = required("spec", &service.spec)?;
@@ -50,6 +51,7 @@ pub(super) fn service(service: &Service) -> Check {
     }
     labels("spec.selector", spec.selector.as_ref())?;
     addresses(service)?;
+    traffic_policies(service, kind)?;
 
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() && kind != "ExternalName" && !headless {
@@ -74,6 +76,51 @@ pub(super) fn service(service: &Service) -> Check {
                 format!("duplicate port {}/{proto}", port.port),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Traffic policies are Cluster or Local; an external one only where traffic comes from
+/// outside (node ports, load balancers, external IPs), and a health check node port only
+/// for a LoadBalancer with externalTrafficPolicy Local, as the API server has it.
+fn traffic_policies(service: &Service, kind: &str) -> Check {
+    let Some(spec) = &service.spec else {
+        return Ok(());
+    };
+    let external = spec.external_traffic_policy.as_deref();
+    if let Some(policy) = external {
+        one_of(
+            "spec.externalTrafficPolicy",
+            policy,
+            "traffic policy",
+            TRAFFIC_POLICIES,
+        )?;
+        let outside = matches!(kind, "NodePort" | "LoadBalancer")
+            || spec
+                .external_ips
+                .as_ref()
+                .is_some_and(|ips| !ips.is_empty());
+        if !outside {
+            return Err(invalid(
+                "spec.externalTrafficPolicy",
+                "may only be set for a NodePort or LoadBalancer service or one with externalIPs",
+            ));
+        }
+    }
+    if let Some(policy) = spec.internal_traffic_policy.as_deref() {
+        one_of(
+            "spec.internalTrafficPolicy",
+            policy,
+            "traffic policy",
+            TRAFFIC_POLICIES,
+        )?;
+    }
+    let health_check = spec.health_check_node_port.is_some_and(|p| p != 0);
+    if health_check && !(kind == "LoadBalancer" && external == Some("Local")) {
+        return Err(invalid(
+            "spec.healthCheckNodePort",
+            "may only be set when type is LoadBalancer and externalTrafficPolicy is Local",
+        ));
     }
     Ok(())
 }

@@ -195,6 +195,30 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "(got 70000)",
     ),
     (
+        "external traffic policy value",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: NodePort, externalTrafficPolicy: local, ports: [{port: 80}]}\n",
+        "spec.externalTrafficPolicy",
+        "unsupported traffic policy \"local\": must be one of Cluster, Local",
+    ),
+    (
+        "external traffic policy on a ClusterIP service",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {externalTrafficPolicy: Local, ports: [{port: 80}]}\n",
+        "spec.externalTrafficPolicy",
+        "may only be set for a NodePort or LoadBalancer service or one with externalIPs",
+    ),
+    (
+        "internal traffic policy value",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {internalTrafficPolicy: Node, ports: [{port: 80}]}\n",
+        "spec.internalTrafficPolicy",
+        "unsupported traffic policy \"Node\"",
+    ),
+    (
+        "health check node port without traffic policy Local",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: LoadBalancer, healthCheckNodePort: 32000, ports: [{port: 80}]}\n",
+        "spec.healthCheckNodePort",
+        "may only be set when type is LoadBalancer and externalTrafficPolicy is Local",
+    ),
+    (
         "node port on a ClusterIP service",
         "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80, nodePort: 30080}]}\n",
         "spec.ports[0].nodePort",
