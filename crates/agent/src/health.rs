@@ -80,6 +80,9 @@ impl Drop for Server {
 #[derive(Default)]
 pub struct HealthServers {
     servers: BTreeMap<u16, Server>,
+    /// Why each port that could not be bound failed last, so a pass logs it only when it
+    /// changes, not every two seconds.
+    failed: BTreeMap<u16, String>,
 }
 
 impl HealthServers {
@@ -115,11 +118,20 @@ impl HealthServers {
                 Ok(server) => {
                     info!(port, service = %format!("{}/{}", check.namespace, check.name),
                           "health check server started");
+                    self.failed.remove(&port);
                     self.servers.insert(port, server);
                 }
-                Err(e) => warn!(port, error = %e, "health check server not started"),
+                Err(e) => {
+                    let error = e.to_string();
+                    if self.failed.get(&port) != Some(&error) {
+                        warn!(port, %error, "health check server not started; retrying every pass");
+                        self.failed.insert(port, error);
+                    }
+                }
             }
         }
+        self.failed
+            .retain(|port, _| desired.health_checks.contains_key(port));
     }
 
     /// The ports served, for tests and status.
