@@ -102,7 +102,8 @@ pub struct DesiredState {
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     /// Interfaces the datapath must be attached to.
     pub interfaces: BTreeSet<String>,
-    /// One per programmed service port, sorted by (address, port, protocol), for display.
+    /// One per programmed frontend (a service port on one of its addresses), sorted by
+    /// (address, port, protocol), for display.
     pub frontends: Vec<Frontend>,
     /// Address prefix -> identity and tunnel endpoint, for every pod, node address,
     /// router address, policy CIDR and other node's pod CIDR, plus the world.
@@ -206,7 +207,8 @@ pub struct EndpointDetails {
     pub policies: Vec<String>,
 }
 
-/// A service port as programmed, with names the maps do not hold.
+/// A frontend as programmed: one service port on one of its addresses, with names the
+/// maps do not hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     /// `namespace/name` of the Service.
