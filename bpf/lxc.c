@@ -214,11 +214,13 @@ int from_container(struct __sk_buff *skb)
 
 	if (lb4_balanced(pkt.proto)) {
 		svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
-		if (svc)
+		if (svc && lb4_source_allowed(svc, pkt.daddr, pkt.dport, pkt.proto, pkt.saddr))
 			return service_forward(skb, &pkt, svc, ep, now);
-		if (lb4_vip_known(pkt.daddr))
-			return verdict_drop(skb, &pkt, DROP_SERVICE_PORT_UNKNOWN,
-					    METRIC_DIR_EGRESS);
+		/* One drop for both: each inlined copy costs the event code again. */
+		reason = svc ? DROP_NOT_IN_SRC_RANGE :
+		       lb4_vip_known(pkt.daddr) ? DROP_SERVICE_PORT_UNKNOWN : 0;
+		if (reason)
+			return verdict_drop(skb, &pkt, reason, METRIC_DIR_EGRESS);
 	}
 
 	/* A new or ongoing connection to a non-service destination. */

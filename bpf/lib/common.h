@@ -84,6 +84,24 @@ struct lb4_revnat_sk {
 	__u16 pad;
 };
 
+/* loadBalancerSourceRanges: LPM trie of the sources each load balancer frontend with
+ * SVC_FLAG_SOURCE_RANGES admits. The frontend part of the key is always matched whole,
+ * so prefixlen is LB4_SOURCE_RANGE_PREFIX plus the source prefix. */
+struct lb4_source_range {
+	__be32 address; /* frontend */
+	__be16 dport;
+	__u8 proto;
+	__u8 pad;
+	__be32 source;
+};
+
+struct lb4_source_range_key {
+	__u32 prefixlen;
+	struct lb4_source_range range;
+};
+
+#define LB4_SOURCE_RANGE_PREFIX 64 /* bits of address, dport, proto and pad */
+
 /* ---- conntrack: one LRU map, node-wide ---- */
 
 /* Scopes keep the entries of one connection apart:
@@ -324,6 +342,7 @@ struct metrics_value {
 #define DROP_INVALID_IDENTITY      171 /* the tunnel carried an identity no pod or node has */
 #define DROP_UNKNOWN_SENDER        172 /* a tunnel packet from an address that is no node */
 #define DROP_FRAG_NOT_FOUND        175 /* later fragment whose first fragment was not seen */
+#define DROP_NOT_IN_SRC_RANGE      177 /* source outside the frontend's loadBalancerSourceRanges */
 #define DROP_SERVICE_PORT_UNKNOWN  210 /* known VIP, no frontend for this port */
 #define DROP_NO_BACKEND_SLOT       211 /* frontend count points past its slots */
 #define DROP_POLICY_UNAVAILABLE    212 /* enforced endpoint without a realized policy map (overflow): fail closed */

@@ -39,6 +39,29 @@ static __always_inline bool lb4_vip_known(__be32 vip)
 	return lb4_lookup(vip, 0, 0, 0) != NULL;
 }
 
+/* loadBalancerSourceRanges: whether @saddr may use the frontend @svc, found for
+ * @daddr:@dport/@proto. Only a frontend flagged SVC_FLAG_SOURCE_RANGES (the load
+ * balancer frontends of a Service with ranges) is restricted, to the prefixes
+ * lb4_source_ranges holds for it. Every program that finds a frontend calls this before
+ * choosing a backend, and drops with DROP_NOT_IN_SRC_RANGE when it says no. */
+static __always_inline bool lb4_source_allowed(const struct lb4_service *svc, __be32 daddr,
+					       __be16 dport, __u8 proto, __be32 saddr)
+{
+	struct lb4_source_range_key key = {
+		.prefixlen = LB4_SOURCE_RANGE_PREFIX + 32,
+		.range = {
+			.address = daddr,
+			.dport = dport,
+			.proto = proto,
+			.source = saddr,
+		},
+	};
+
+	if (!(svc->flags & SVC_FLAG_SOURCE_RANGES))
+		return true;
+	return bpf_map_lookup_elem(&lb4_source_ranges, &key) != NULL;
+}
+
 /* Presence in lb4_backends means the backend may take traffic. */
 static __always_inline bool lb4_backend_active(__be32 address, __be16 port, __u8 proto)
 {

@@ -17,6 +17,7 @@
 #define CT4_MAX          65536 /* user space may override with set_max_entries */
 #define ENDPOINTS_MAX    4096
 #define IPCACHE_MAX      (1 << 19) /* pods, nodes and policy CIDRs of the whole cluster */
+#define LB4_SOURCE_RANGES_MAX 65536
 #define POLICY_MAX       16384 /* template only: user space sizes each endpoint's map */
 #define FRAG4_MAX        8192
 #define LB4_REVNAT_SK_MAX 65536 /* sockets of the node talking to frontends */
@@ -39,6 +40,15 @@ struct {
 	__uint(max_entries, LB4_BACKENDS_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } lb4_backends SEC(".maps");
+
+/* Presence admits the source; the value is unused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct lb4_source_range_key);
+	__type(value, __u32);
+	__uint(max_entries, LB4_SOURCE_RANGES_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} lb4_source_ranges SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

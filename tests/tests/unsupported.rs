@@ -15,7 +15,8 @@ kind: Service
 metadata:
   name: sticky
 spec:
-  type: NodePort
+  type: LoadBalancer
+  loadBalancerIP: 192.0.2.80
   sessionAffinity: ClientIP
   selector: {app: nginx}
   ports:
@@ -23,7 +24,7 @@ spec:
 ";
 
 #[test]
-fn a_node_port_service_with_session_affinity_is_reported_and_its_cluster_ip_works() {
+fn a_load_balancer_ip_and_session_affinity_are_reported_and_the_cluster_ip_works() {
     let mut lab = TestLab::up("unsupported", ONE_NODE_LAB);
     lab.lab
         .apply(&[
@@ -61,8 +62,8 @@ fn a_node_port_service_with_session_affinity_is_reported_and_its_cluster_ip_work
     assert_eq!(
         reported,
         [
+            expected("spec.loadBalancerIP", "192.0.2.80"),
             expected("spec.sessionAffinity", "ClientIP"),
-            expected("spec.type", "NodePort"),
         ],
         "{status}"
     );
@@ -85,12 +86,14 @@ fn a_node_port_service_with_session_affinity_is_reported_and_its_cluster_ip_work
                     && l.contains(field)
             })
         };
-        if (named("spec.type") && named("spec.sessionAffinity")) || Instant::now() > deadline {
+        if (named("spec.loadBalancerIP") && named("spec.sessionAffinity"))
+            || Instant::now() > deadline
+        {
             break log;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    for field in ["spec.type", "spec.sessionAffinity"] {
+    for field in ["spec.loadBalancerIP", "spec.sessionAffinity"] {
         assert!(
             log.lines().any(|l| l.contains("WARN")
                 && l.contains("not implemented")
@@ -107,6 +110,6 @@ fn a_node_port_service_with_session_affinity_is_reported_and_its_cluster_ip_work
         answer
             .as_deref()
             .is_ok_and(|a| a.starts_with("nginx-deployment-")),
-        "request through the ClusterIP of a NodePort service: {answer:?}"
+        "request through the ClusterIP of a LoadBalancer service: {answer:?}"
     );
 }

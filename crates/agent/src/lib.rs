@@ -7,6 +7,7 @@
 //! nothing upstream changed. All kernel work runs on the blocking pool; [`server`] answers
 //! the CLI on a Unix socket from the state the loop publishes (see [`views`]).
 
+pub mod health;
 mod host_cgroup;
 mod http;
 pub mod metrics;
@@ -98,6 +99,8 @@ pub struct AgentConfig {
     pub node: String,
     /// Where the desired objects come from.
     pub source: SourceConfig,
+    /// Ports node port Services may use; a snapshot using others is refused.
+    pub node_port_range: sluice_sources::NodePortRange,
     /// bpffs directory for this agent's maps and links.
     pub pin_dir: PathBuf,
     pub api_socket: PathBuf,
@@ -168,7 +171,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         tokio::spawn(policy_log::follow(flows.subscribe(), logger));
     }
 
-    let snapshots = source::start(&config.source)?;
+    let snapshots = source::start(&config.source, config.node_port_range)?;
     info!(node = %config.node, "agent running");
     let result = reconcile::Loop {
         node,

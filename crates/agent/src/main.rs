@@ -24,6 +24,10 @@ struct Args {
     /// Snapshot file to watch.
     #[arg(long)]
     cluster_file: PathBuf,
+    /// Ports node port Services may use (nodePort and healthCheckNodePort), FIRST-LAST; a
+    /// snapshot with a Service outside it is refused whole.
+    #[arg(long, default_value_t = sluice_sources::NodePortRange::default())]
+    node_port_range: sluice_sources::NodePortRange,
     /// bpffs directory for pinned maps and links.
     #[arg(long)]
     pin_dir: PathBuf,
@@ -116,6 +120,7 @@ fn main() -> anyhow::Result<()> {
     let config = AgentConfig {
         node: args.node,
         source: SourceConfig::ClusterFile(args.cluster_file),
+        node_port_range: args.node_port_range,
         pin_dir: args.pin_dir,
         api_socket: args.api_socket,
         reconcile_interval: Duration::from_secs_f64(args.reconcile_interval.max(0.1)),

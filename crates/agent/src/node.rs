@@ -163,9 +163,7 @@ impl Node {
             attached = true;
         }
         let (others, own) = nodes::routed(&desired.nodes);
-        attached |= self
-            .routing
-            .reconcile(&mut self.datapath, &others, own)?;
+        attached |= self.routing.reconcile(&mut self.datapath, &others, own)?;
         // Last: a cgroup refused since start fails the pass once the rest is done.
         let host = self
             .host_cgroup
@@ -254,8 +252,7 @@ impl Node {
             if let Some(cgroup) = &self.host_cgroup {
                 host_cgroup::reconcile(&mut self.datapath, cgroup)?;
             }
-            self.routing
-                .reconcile(&mut self.datapath, &others, own)?;
+            self.routing.reconcile(&mut self.datapath, &others, own)?;
         }
         Ok(VerifyReport {
             generation: self.generation,

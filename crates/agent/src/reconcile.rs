@@ -15,7 +15,8 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    AgentError, Node, http::Readiness, metrics::Metrics, observe::Names, views::Published,
+    AgentError, Node, health::HealthServers, http::Readiness, metrics::Metrics, observe::Names,
+    views::Published,
 };
 
 /// What the API asks of the loop: work that writes the kernel or must not overlap a pass.
@@ -57,6 +58,7 @@ impl Loop {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut source_open = true;
+        let mut health = HealthServers::default();
         loop {
             tokio::select! {
                 changed = snapshots.changed(), if source_open => {
@@ -95,7 +97,9 @@ impl Loop {
                 node.name_flows(&names);
             })
             .await?;
-            published.store(Arc::new(node.published()));
+            let state = node.published();
+            health.follow(&state.desired).await;
+            published.store(Arc::new(state));
         }
         info!("agent stopping; pinned maps and links keep the datapath running");
         Ok(())

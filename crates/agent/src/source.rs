@@ -8,6 +8,7 @@ mod cluster_file;
 use std::{path::PathBuf, sync::Arc};
 
 pub use cluster_file::ClusterFile;
+use sluice_sources::{NodePortRange, validate_services};
 use sluice_store::Snapshot;
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -36,19 +37,36 @@ pub trait Source: Send + 'static {
 }
 
 /// The agent's end of a source: only the newest snapshot it has not taken yet matters, so
-/// a burst of changes costs one pass.
-pub struct Updates(watch::Sender<Arc<Snapshot>>);
+/// a burst of changes costs one pass. Every source's snapshots are checked here, whole.
+pub struct Updates {
+    tx: watch::Sender<Arc<Snapshot>>,
+    node_ports: NodePortRange,
+}
 
 impl Updates {
-    /// Offers `snapshot` to the agent; false once the agent has stopped listening.
+    pub fn new(tx: watch::Sender<Arc<Snapshot>>, node_ports: NodePortRange) -> Self {
+        Self { tx, node_ports }
+    }
+
+    /// Offers `snapshot` to the agent; false once the agent has stopped listening. A
+    /// snapshot whose Services clash on a node port, or use one outside the range, is
+    /// refused whole and logged with the object and field: the agent keeps the last one it
+    /// accepted, so nothing of it is applied.
     pub fn send(&self, snapshot: Snapshot) -> bool {
-        self.0.send(Arc::new(snapshot)).is_ok()
+        if let Err(e) = validate_services(&snapshot.services, self.node_ports) {
+            error!(revision = snapshot.revision, error = %e, "snapshot refused");
+            return !self.tx.is_closed();
+        }
+        self.tx.send(Arc::new(snapshot)).is_ok()
     }
 }
 
 /// Starts the configured source on its own thread. The receiver's first change is the
 /// source's first snapshot; `changed()` failing means the source ended.
-pub fn start(config: &SourceConfig) -> Result<watch::Receiver<Arc<Snapshot>>, AgentError> {
+pub fn start(
+    config: &SourceConfig,
+    node_ports: NodePortRange,
+) -> Result<watch::Receiver<Arc<Snapshot>>, AgentError> {
     let source: Box<dyn Source> = match config {
         SourceConfig::ClusterFile(path) => Box::new(ClusterFile::open(path.clone())?),
     };
@@ -56,7 +74,7 @@ pub fn start(config: &SourceConfig) -> Result<watch::Receiver<Arc<Snapshot>>, Ag
     let name = source.describe();
     std::thread::Builder::new()
         .name("source".into())
-        .spawn(move || match source.run(&Updates(tx)) {
+        .spawn(move || match source.run(&Updates::new(tx, node_ports)) {
             Ok(()) => info!(source = %name, "source stopped"),
             Err(e) => error!(source = %name, error = %e, "source ended"),
         })
@@ -66,4 +84,43 @@ pub fn start(config: &SourceConfig) -> Result<watch::Receiver<Arc<Snapshot>>, Ag
             source,
         })?;
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test")]
+
+    use super::*;
+
+    fn with_node_port(revision: u64, name: &str, node_port: i32) -> Snapshot {
+        let service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": node_port}]},
+        }))
+        .unwrap();
+        Snapshot {
+            revision,
+            services: vec![service],
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn a_snapshot_with_a_bad_node_port_is_refused_whole() {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let updates = Updates::new(tx, "30000-30100".parse().unwrap());
+        assert!(updates.send(with_node_port(1, "web", 30080)));
+        assert_eq!(rx.borrow().revision, 1);
+        // Outside the configured range: the agent keeps revision 1.
+        assert!(updates.send(with_node_port(2, "web", 30200)));
+        assert_eq!(rx.borrow().revision, 1);
+        let mut clash = with_node_port(3, "web", 30080);
+        clash
+            .services
+            .extend(with_node_port(3, "api", 30080).services);
+        assert!(updates.send(clash));
+        assert_eq!(rx.borrow().revision, 1);
+        drop(rx);
+        assert!(!updates.send(with_node_port(4, "web", 30080)));
+    }
 }

@@ -19,7 +19,8 @@ use sluice_api::{
 use sluice_common::{
     Ct4Entry, Ct4Key, IDENTITY_ANY, Lb4BackendKey, Lb4Key,
     kinds::{
-        BackendState, CtFlag, CtScope, Direction, EndpointStatus, Protocol, RowState, ServiceKind,
+        BackendState, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind, Protocol, RowState,
+        ServiceKind,
     },
     names, registry,
 };
@@ -254,6 +255,7 @@ impl<'a> View<'a> {
                     }
                 }),
                 kind: known.map_or(ServiceKind::ClusterIP, |f| f.kind),
+                frontend: FrontendKind::from_flags(frontend.flags),
                 address: key.vip(),
                 port: key.port(),
                 protocol: Protocol::from_number(key.proto),

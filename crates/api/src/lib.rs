@@ -11,8 +11,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 pub use sluice_common::kinds::{
-    BackendState, CtFlag, CtScope, Direction, DriftKind, EndpointStatus, Protocol, RowState,
-    RuleOrigin, ServiceKind,
+    BackendState, CtFlag, CtScope, Direction, DriftKind, EndpointStatus, FrontendKind, Protocol,
+    RowState, RuleOrigin, ServiceKind,
 };
 
 mod client;
@@ -212,7 +212,10 @@ pub struct MapStatus {
 pub struct ServiceEntry {
     /// `namespace/name:port-name` of the Kubernetes Service, when the agent knows it.
     pub service: Option<String>,
+    /// The Service's `spec.type`.
     pub kind: ServiceKind,
+    /// Which of the Service's addresses this is, from the frontend's flags.
+    pub frontend: FrontendKind,
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,

@@ -247,7 +247,7 @@ fn service_list(client: &Client, output: Output) -> anyhow::Result<()> {
             rows.push(vec![
                 id.to_string(),
                 frontend.clone(),
-                s.kind.to_string(),
+                s.frontend.to_string(),
                 String::new(),
                 name.clone(),
             ]);
@@ -261,7 +261,7 @@ fn service_list(client: &Client, output: Output) -> anyhow::Result<()> {
                 (
                     id.to_string(),
                     frontend.clone(),
-                    s.kind.to_string(),
+                    s.frontend.to_string(),
                     name.clone(),
                 )
             } else {

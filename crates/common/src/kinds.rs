@@ -207,6 +207,58 @@ impl FromStr for ServiceKind {
     }
 }
 
+/// Which address of a Service a frontend is: its ClusterIP, a node's address at its
+/// nodePort, one of `spec.externalIPs`, or a `status.loadBalancer.ingress` IP. One Service
+/// can have several (Cilium's `service list` prints the same words).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub enum FrontendKind {
+    #[default]
+    ClusterIP,
+    NodePort,
+    ExternalIP,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIP => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIP => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        }
+    }
+
+    /// The `SVC_FLAG_*` bit that marks a frontend of this kind.
+    pub fn flag(self) -> u16 {
+        match self {
+            FrontendKind::ClusterIP => crate::SVC_FLAG_CLUSTER_IP,
+            FrontendKind::NodePort => crate::SVC_FLAG_NODE_PORT,
+            FrontendKind::ExternalIP => crate::SVC_FLAG_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => crate::SVC_FLAG_LOAD_BALANCER,
+        }
+    }
+
+    /// The kind a frontend's `SVC_FLAG_*` bits mark, as read back from the kernel.
+    pub fn from_flags(flags: u16) -> Self {
+        [
+            FrontendKind::NodePort,
+            FrontendKind::ExternalIP,
+            FrontendKind::LoadBalancer,
+        ]
+        .into_iter()
+        .find(|kind| flags & kind.flag() != 0)
+        .unwrap_or(FrontendKind::ClusterIP)
+    }
+
+    /// Whether `externalTrafficPolicy` (rather than `internalTrafficPolicy`) applies.
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIP
+    }
+}
+
 /// How a map entry in the kernel differs from the desired one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -401,6 +453,7 @@ display_as_str!(
     CtScope,
     CtFlag,
     ServiceKind,
+    FrontendKind,
     DriftKind,
     EndpointStatus,
     RowState
@@ -450,6 +503,16 @@ mod tests {
             assert_eq!(word(kind), k);
         }
         assert!("Headless".parse::<ServiceKind>().is_err());
+        assert_eq!(word(FrontendKind::ExternalIP), "ExternalIP");
+        for kind in [
+            FrontendKind::ClusterIP,
+            FrontendKind::NodePort,
+            FrontendKind::ExternalIP,
+            FrontendKind::LoadBalancer,
+        ] {
+            let flags = kind.flag() | crate::SVC_FLAG_LOCAL;
+            assert_eq!(FrontendKind::from_flags(flags), kind);
+        }
         assert_eq!(word(DriftKind::Differs), "differs");
         assert_eq!(word(EndpointStatus::FailsClosed), "fails-closed");
         assert_eq!(word(RowState::of(true, false)), "unexpected");

@@ -19,6 +19,7 @@ pub enum DropReason {
     InvalidIdentity,
     UnknownSender,
     FragNotFound,
+    NotInSrcRange,
     ServicePortUnknown,
     NoBackendSlot,
     PolicyUnavailable,
@@ -26,7 +27,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::InvalidSource,
         DropReason::Policy,
         DropReason::Invalid,
@@ -41,6 +42,7 @@ impl DropReason {
         DropReason::InvalidIdentity,
         DropReason::UnknownSender,
         DropReason::FragNotFound,
+        DropReason::NotInSrcRange,
         DropReason::ServicePortUnknown,
         DropReason::NoBackendSlot,
         DropReason::PolicyUnavailable,
@@ -63,6 +65,7 @@ impl DropReason {
             DropReason::InvalidIdentity => 171,
             DropReason::UnknownSender => 172,
             DropReason::FragNotFound => 175,
+            DropReason::NotInSrcRange => 177,
             DropReason::ServicePortUnknown => 210,
             DropReason::NoBackendSlot => 211,
             DropReason::PolicyUnavailable => 212,
@@ -91,6 +94,7 @@ impl DropReason {
             DropReason::InvalidIdentity => "INVALID_IDENTITY",
             DropReason::UnknownSender => "UNKNOWN_SENDER",
             DropReason::FragNotFound => "FRAG_NOT_FOUND",
+            DropReason::NotInSrcRange => "NOT_IN_SRC_RANGE",
             DropReason::ServicePortUnknown => "SERVICE_PORT_UNKNOWN",
             DropReason::NoBackendSlot => "NO_BACKEND_SLOT",
             DropReason::PolicyUnavailable => "POLICY_UNAVAILABLE",
@@ -116,6 +120,7 @@ impl DropReason {
             DropReason::InvalidIdentity => "INVALID_IDENTITY",
             DropReason::UnknownSender => "UNKNOWN_SENDER",
             DropReason::FragNotFound => "FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND",
+            DropReason::NotInSrcRange => "DENIED_BY_LB_SRC_RANGE_CHECK",
             DropReason::ServicePortUnknown
             | DropReason::NoBackendSlot
             | DropReason::PolicyUnavailable
@@ -139,6 +144,7 @@ impl DropReason {
             DropReason::InvalidIdentity => "Invalid identity",
             DropReason::UnknownSender => "Tunnel packet from an address that is no node",
             DropReason::FragNotFound => "First logical datagram fragment not found",
+            DropReason::NotInSrcRange => "Source outside the load balancer's source ranges",
             DropReason::ServicePortUnknown => "Service port not found",
             DropReason::NoBackendSlot => "Service backend slot not found",
             DropReason::PolicyUnavailable => "Endpoint policy not realized (fails closed)",

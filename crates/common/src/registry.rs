@@ -12,7 +12,7 @@ use aya::maps::MapType;
 use crate::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
     IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service,
-    MetricsValue, NodeConfig,
+    Lb4SourceRangeKey, MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -32,6 +32,7 @@ pub enum MapId {
     EventCounters,
     NodeConfig,
     RevNatSockets,
+    SourceRanges,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -137,10 +138,11 @@ const ENDPOINTS_MAX: u32 = 4096;
 
 /// Every map, in [`MapId`] order. The realize order puts identities in the ipcache before
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
-/// and backends before the service slots that name them.
-pub const MAPS: [MapDef; 14] = [
+/// backends before the service slots that name them, and source ranges before the
+/// frontend flag that restricts to them.
+pub const MAPS: [MapDef; 15] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
-         capacity: Some(CapacitySetting::LoadBalancer), realize: Some(4), count: Entries),
+         capacity: Some(CapacitySetting::LoadBalancer), realize: Some(5), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(3), count: Entries),
     map!(Conntrack, "ct4", LruHash, Ct4Key => Ct4Entry, 65536,
@@ -170,6 +172,8 @@ pub const MAPS: [MapDef; 14] = [
     // Runtime state of the socket programs (bpf/sock.c), written by them only.
     map!(RevNatSockets, "lb4_reverse_nat_sk", LruHash, Lb4RevnatSkKey => Lb4RevnatSk, 65536,
          capacity: None, realize: None, count: Entries),
+    map!(SourceRanges, "lb4_source_ranges", LpmTrie, Lb4SourceRangeKey => u32, 65536,
+         capacity: None, realize: Some(4), count: Entries),
 ];
 
 const _: () = {
@@ -214,6 +218,8 @@ pub mod names {
     pub const NODE_CONFIG: &str = MapId::NodeConfig.name();
     /// The frontend each of the node's sockets asked for (socket load balancing).
     pub const REVNAT_SOCKETS: &str = MapId::RevNatSockets.name();
+    /// The sources each load balancer frontend with loadBalancerSourceRanges admits.
+    pub const SOURCE_RANGES: &str = MapId::SourceRanges.name();
 }
 
 #[cfg(test)]
@@ -230,6 +236,7 @@ mod tests {
                 MapId::Policy,
                 MapId::Endpoints,
                 MapId::Backends,
+                MapId::SourceRanges,
                 MapId::Services
             ]
         );
@@ -252,7 +259,8 @@ mod tests {
                 names::IPCACHE,
                 names::POLICY,
                 names::FRAGMENTS,
-                names::REVNAT_SOCKETS
+                names::REVNAT_SOCKETS,
+                names::SOURCE_RANGES,
             ]
         );
     }

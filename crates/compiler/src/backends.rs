@@ -39,15 +39,38 @@ pub(crate) fn slices_by_service(
     slices
 }
 
-/// Ready endpoints of `slices` on the slice port named `port_name` with protocol `proto`,
-/// deduplicated and sorted so slot order does not depend on slice order.
+/// One endpoint of a Service's slices, for one service port, with the conditions that
+/// decide whether it takes new connections (KEP-1669).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SliceBackend {
+    pub(crate) address: Ipv4Addr,
+    pub(crate) port: u16,
+    /// The slice's `nodeName`: where the endpoint runs, for traffic policy Local.
+    pub(crate) node: Option<String>,
+    pub(crate) ready: bool,
+    /// Serving while terminating: used only when no endpoint is ready.
+    pub(crate) serving_terminating: bool,
+}
+
+impl SliceBackend {
+    /// Whether connections may reach it: new ones when ready, established ones (and new
+    /// ones when nothing is ready) while it is serving and terminating. These are the
+    /// backends `lb4_backends` holds.
+    pub(crate) fn may_take_traffic(&self) -> bool {
+        self.ready || self.serving_terminating
+    }
+}
+
+/// The endpoints of `slices` on the slice port named `port_name` with protocol `proto`
+/// that may take traffic, deduplicated by (address, port) and sorted so slot order does
+/// not depend on slice order. An address listed twice is as ready as its readiest copy.
 pub(crate) fn backends_for(
     port_name: &str,
     proto: u8,
     slices: &[&EndpointSlice],
     problems: &mut Problems,
-) -> Vec<(Ipv4Addr, u16)> {
-    let mut backends = BTreeSet::new();
+) -> Vec<SliceBackend> {
+    let mut backends: BTreeMap<(Ipv4Addr, u16), SliceBackend> = BTreeMap::new();
     for slice in slices {
         let slice_name = ObjectRef::new(
             ObjectKind::EndpointSlice,
@@ -66,8 +89,13 @@ pub(crate) fn backends_for(
             continue;
         };
         for endpoint in &slice.endpoints {
-            // The API documents a nil `ready` as ready.
-            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+            // The API documents nil `ready` and `serving` as true, nil `terminating` as false.
+            let conditions = endpoint.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready) != Some(false);
+            let serving = conditions.and_then(|c| c.serving) != Some(false);
+            let terminating = conditions.and_then(|c| c.terminating) == Some(true);
+            let serving_terminating = serving && terminating;
+            if !ready && !serving_terminating {
                 continue;
             }
             // Addresses are fungible and consumers may use only the first, as kube-proxy does.
@@ -77,20 +105,75 @@ pub(crate) fn backends_for(
                 });
                 continue;
             };
-            match address.parse::<Ipv4Addr>() {
-                Ok(address) => {
-                    backends.insert((address, number));
-                }
-                Err(_) => {
-                    problems.insert(Problem::SliceAddressNotIpv4 {
-                        slice: slice_name.clone(),
-                        address: address.clone(),
-                    });
-                }
-            }
+            let Ok(address) = address.parse::<Ipv4Addr>() else {
+                problems.insert(Problem::SliceAddressNotIpv4 {
+                    slice: slice_name.clone(),
+                    address: address.clone(),
+                });
+                continue;
+            };
+            let backend = SliceBackend {
+                address,
+                port: number,
+                node: endpoint.node_name.clone(),
+                ready,
+                serving_terminating,
+            };
+            backends
+                .entry((address, number))
+                .and_modify(|known| {
+                    known.ready |= backend.ready;
+                    known.serving_terminating |= backend.serving_terminating;
+                    // The smallest name, so the result does not depend on slice order.
+                    if backend.node.is_some() && (known.node.is_none() || backend.node < known.node)
+                    {
+                        known.node.clone_from(&backend.node);
+                    }
+                })
+                .or_insert(backend);
         }
     }
-    backends.into_iter().collect()
+    backends.into_values().collect()
+}
+
+/// The backends a frontend's slots hold, in slot order: the ready ones, or when none is
+/// ready the serving-terminating ones (KEP-1669), so a Service whose pods are all rolling
+/// out still answers. With `local_node` (traffic policy Local) only those on that node,
+/// chosen the same way among them, as kube-proxy does.
+pub(crate) fn slot_backends(
+    backends: &[SliceBackend],
+    local_node: Option<&str>,
+) -> Vec<(Ipv4Addr, u16)> {
+    let candidates: Vec<&SliceBackend> = backends
+        .iter()
+        .filter(|b| local_node.is_none_or(|node| b.node.as_deref() == Some(node)))
+        .collect();
+    let ready: Vec<(Ipv4Addr, u16)> = candidates
+        .iter()
+        .filter(|b| b.ready)
+        .map(|b| (b.address, b.port))
+        .collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    candidates
+        .iter()
+        .filter(|b| b.serving_terminating)
+        .map(|b| (b.address, b.port))
+        .collect()
+}
+
+/// How many distinct endpoints of `slices` on `node` are ready: what a Service's
+/// healthCheckNodePort reports for the node, as kube-proxy's does.
+pub(crate) fn local_ready_endpoints(slices: &[&EndpointSlice], node: &str) -> usize {
+    let addresses: BTreeSet<&str> = slices
+        .iter()
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|e| e.node_name.as_deref() == Some(node))
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .filter_map(|e| e.addresses.first().map(String::as_str))
+        .collect();
+    addresses.len()
 }
 
 /// The slice port matching a service port: same name (both empty for an unnamed port) and

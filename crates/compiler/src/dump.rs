@@ -22,6 +22,14 @@ impl DesiredState {
         for (key, value) in backends {
             let _ = writeln!(out, "{} {key} -> {value}", names::BACKENDS);
         }
+        let mut ranges: Vec<_> = self.source_ranges.keys().collect();
+        ranges.sort_by_key(|k| {
+            let port = u16::from_be(k.range.dport);
+            (k.frontend(), port, k.range.proto, k.source(), k.prefixlen)
+        });
+        for key in ranges {
+            let _ = writeln!(out, "{} {key}", names::SOURCE_RANGES);
+        }
         for (ifindex, value) in &self.endpoints {
             let _ = writeln!(out, "{} ifindex {ifindex} -> {value}", names::ENDPOINTS);
         }
@@ -72,6 +80,13 @@ impl DesiredState {
                 n.internal_ip,
                 n.pod_cidr.map_or("-".into(), |c| c.to_string()),
                 n.router().map_or("-".into(), |r| r.to_string()),
+            );
+        }
+        for (port, check) in &self.health_checks {
+            let _ = writeln!(
+                out,
+                "health check :{port} {}/{} local endpoints={}",
+                check.namespace, check.name, check.local_endpoints
             );
         }
         for interface in &self.interfaces {

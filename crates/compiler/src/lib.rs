@@ -2,13 +2,15 @@
 //! content of every BPF map on one node.
 //!
 //! It follows kube-proxy's semantics. Each port of a Service with an IPv4 cluster IP is a
-//! frontend; its backends are the ready endpoints of the Service's EndpointSlices for the
-//! slice port of the same name and protocol. Input is never trusted: an object or entry the
-//! datapath cannot represent is skipped and reported in [`DesiredState::problems`], never a
-//! panic or an error, so one odd object cannot keep the rest of the node from converging.
-//! A Service field the datapath does not implement yet (NodePort, session affinity, traffic
-//! policies, ...) is reported there too ([`Problem::Unsupported`]), with what is programmed
-//! without it.
+//! frontend on that IP, on its nodePort at each of this node's addresses, on each external
+//! IP and on each load balancer ingress IP (`services`); its backends are the ready
+//! endpoints of the Service's EndpointSlices for the slice port of the same name and
+//! protocol, or the serving-terminating ones when none is ready, and only this node's under
+//! traffic policy Local. Input is never trusted: an object or entry the datapath cannot
+//! represent is skipped and reported in [`DesiredState::problems`], never a panic or an
+//! error, so one odd object cannot keep the rest of the node from converging. A Service
+//! field the datapath does not implement yet (session affinity, topology, ...) is reported
+//! there too ([`Problem::Unsupported`]), with what is programmed without it.
 //!
 //! NetworkPolicy follows networking.k8s.io/v1 and Cilium's layout: every distinct set of
 //! security-relevant labels is an identity, the ipcache maps addresses to identities, and
@@ -44,29 +46,23 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Service;
 use sluice_common::{
-    BACKEND_STATE_ACTIVE, EndpointInfo, IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
-    IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
-    POLICY_PREFIX_ANY_PORT, POLICY_PREFIX_ANY_PROTO, PolicyKey, SVC_FLAG_CLUSTER_IP,
-    SVC_FLAG_WILDCARD,
-    kinds::{RuleOrigin, ServiceKind, UnknownServiceKind},
+    EndpointInfo, IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, IpcacheKey,
+    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, Lb4SourceRangeKey, POLICY_PREFIX_ANY_PORT,
+    POLICY_PREFIX_ANY_PROTO, PolicyKey,
+    kinds::{FrontendKind, RuleOrigin, ServiceKind},
 };
 use sluice_store::{LocalEndpoint, Snapshot};
 
 pub use sluice_store::nodes::{ClusterNode, NodeFault, NodeFaultAt, NodeField};
 
-use crate::{
-    backends::{backends_for, slices_by_service},
-    problem::Problems,
-};
+use crate::{backends::slices_by_service, problem::Problems};
 pub use crate::{
     nodes::Nodes,
     problem::{
         ObjectKind, ObjectRef, PortProblem, Problem, ServiceField, ServicePortRef, Unsupported,
+        ValueField,
     },
 };
 
@@ -106,11 +102,21 @@ pub struct DesiredState {
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     /// Interfaces the datapath must be attached to.
     pub interfaces: BTreeSet<String>,
-    /// One per programmed service port, sorted by (address, port, protocol), for display.
+    /// One per programmed frontend (a service port on one of its addresses), sorted by
+    /// (address, port, protocol), for display.
     pub frontends: Vec<Frontend>,
     /// Address prefix -> identity and tunnel endpoint, for every pod, node address,
     /// router address, policy CIDR and other node's pod CIDR, plus the world.
     pub ipcache: BTreeMap<IpcacheKey, IpcacheEntry>,
+    /// Load balancer frontend and admitted source prefix (loadBalancerSourceRanges) ->
+    /// `SOURCE_RANGE_ALLOWED`, for each frontend flagged `SVC_FLAG_SOURCE_RANGES`.
+    pub source_ranges: BTreeMap<Lb4SourceRangeKey, u32>,
+    /// healthCheckNodePort -> the LoadBalancer Service with externalTrafficPolicy Local it
+    /// answers for, with its endpoints on this node; the agent serves each.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// This node's own IPv4 addresses (InternalIP and ExternalIP): where node ports and
+    /// health checks listen.
+    pub node_addresses: Vec<Ipv4Addr>,
     /// This node and the others as routing uses them, for the agent's routes and tunnel.
     pub nodes: Nodes,
     /// ifindex -> the endpoint's policy rows, for each endpoint with an enforced direction
@@ -123,6 +129,16 @@ pub struct DesiredState {
     /// Objects or entries skipped because the datapath cannot represent them, and Service
     /// fields it does not implement; sorted by their line.
     pub problems: Vec<Problem>,
+}
+
+/// What a healthCheckNodePort answers on this node, as kube-proxy's does: 200 with the
+/// count when the Service has local endpoints, 503 without.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_endpoints: usize,
 }
 
 /// A security identity: one per distinct set of security-relevant labels.
@@ -191,14 +207,20 @@ pub struct EndpointDetails {
     pub policies: Vec<String>,
 }
 
-/// A service port as programmed, with names the maps do not hold.
+/// A frontend as programmed: one service port on one of its addresses, with names the
+/// maps do not hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     /// `namespace/name` of the Service.
     pub service: String,
     /// Name of the service port; empty for a service's single unnamed port.
     pub port_name: String,
+    /// The Service's `spec.type`.
     pub kind: ServiceKind,
+    /// Which of the Service's addresses this frontend is.
+    pub frontend: FrontendKind,
+    /// Traffic policy Local: the backends are this node's only.
+    pub local: bool,
     pub address: Ipv4Addr,
     pub port: u16,
     pub protocol: u8,
@@ -215,7 +237,12 @@ impl DesiredState {
 
 /// Computes the desired content of every map on `node` from `snapshot`.
 pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
-    let mut compilation = Compilation::default();
+    let mut compilation = Compilation {
+        node: node.node.clone(),
+        node_addresses: nodes::node_addresses(snapshot, &node.node),
+        ..Compilation::default()
+    };
+    compilation.state.node_addresses = compilation.node_addresses.clone();
     let slices = slices_by_service(snapshot);
     for (namespace, name, service) in services_in_order(snapshot, &mut compilation.problems) {
         let service_slices = slices
@@ -243,6 +270,11 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
         .sort_by_key(|f| (f.address, f.port, f.protocol));
     state.problems = problems.into_sorted();
     state
+}
+
+/// `namespace/name`, as frontends and conflicts name their Service.
+fn object_name(object: &ObjectRef) -> String {
+    format!("{}/{}", object.namespace, object.name)
 }
 
 fn namespace_of(namespace: Option<&String>) -> &str {
@@ -308,154 +340,18 @@ struct Compilation {
     vip_owners: BTreeMap<Ipv4Addr, String>,
     /// Which endpoint each ifindex belongs to, for the same reason.
     ifindex_owners: BTreeMap<u32, String>,
+    /// Which service each frontend (slot 0 key) belongs to: a node port, external IP or
+    /// load balancer address claimed twice is kept by the first in processing order.
+    frontend_owners: BTreeMap<Lb4Key, String>,
+    /// The node compiled for, whose backends traffic policy Local keeps.
+    node: String,
+    /// Its own IPv4 addresses (InternalIP and ExternalIP), where node ports listen.
+    node_addresses: Vec<Ipv4Addr>,
 }
 
 impl Compilation {
     fn problem(&mut self, problem: Problem) {
         self.problems.insert(problem);
-    }
-
-    fn service(&mut self, object: &ObjectRef, service: &Service, slices: &[&EndpointSlice]) {
-        let owner = &format!("{}/{}", object.namespace, object.name);
-        let Some(spec) = &service.spec else {
-            self.problem(Problem::NoSpec {
-                object: object.clone(),
-            });
-            return;
-        };
-        let kind = match spec
-            .type_
-            .as_deref()
-            .map_or(Ok(ServiceKind::ClusterIP), str::parse)
-        {
-            // DNS-only: there is no address to program.
-            Ok(ServiceKind::ExternalName) => return,
-            Ok(kind) => kind,
-            Err(UnknownServiceKind(other)) => {
-                self.problem(Problem::ServiceType {
-                    service: object.clone(),
-                    value: other,
-                });
-                return;
-            }
-        };
-        let vip = match spec.cluster_ip.as_deref().unwrap_or("") {
-            // Headless: clients resolve the endpoints themselves.
-            "None" => return,
-            "" => {
-                self.problem(Problem::NoClusterIp {
-                    service: object.clone(),
-                });
-                return;
-            }
-            ip => match ip.parse::<Ipv4Addr>() {
-                Ok(vip) => vip,
-                Err(_) => {
-                    self.problem(Problem::ClusterIpNotIpv4 {
-                        service: object.clone(),
-                        value: ip.to_string(),
-                    });
-                    return;
-                }
-            },
-        };
-        if let Some(holder) = self.vip_owners.get(&vip) {
-            self.problem(Problem::ClusterIpTaken {
-                service: object.clone(),
-                vip,
-                holder: holder.clone(),
-            });
-            return;
-        }
-        self.vip_owners.insert(vip, owner.to_string());
-        // What the datapath cannot do for this Service is said, not half-done silently.
-        for field in unsupported::service_fields(object, service) {
-            self.problem(Problem::Unsupported(field));
-        }
-        self.state.services.insert(
-            Lb4Key::wildcard(vip),
-            Lb4Service::frontend(0, SVC_FLAG_WILDCARD),
-        );
-        for port in spec.ports.iter().flatten() {
-            self.port(object, kind, vip, port, slices);
-        }
-    }
-
-    fn port(
-        &mut self,
-        object: &ObjectRef,
-        kind: ServiceKind,
-        vip: Ipv4Addr,
-        port: &ServicePort,
-        slices: &[&EndpointSlice],
-    ) {
-        let port_name = port.name.as_deref().unwrap_or("");
-        let owner = format!("{}/{}", object.namespace, object.name);
-        let port_problem = |problem| Problem::ServicePort {
-            service: object.clone(),
-            port: ServicePortRef {
-                name: port_name.to_string(),
-                port: port.port,
-            },
-            problem,
-        };
-        let Some(proto) = protocol_number(port.protocol.as_ref()) else {
-            let protocol = port.protocol.clone().unwrap_or_default();
-            self.problem(port_problem(PortProblem::Protocol(protocol)));
-            return;
-        };
-        let Some(number) = port_number(port.port) else {
-            self.problem(port_problem(PortProblem::OutOfRange));
-            return;
-        };
-        let key = Lb4Key::new(vip, number, proto, 0);
-        if self.state.services.contains_key(&key) {
-            self.problem(port_problem(PortProblem::ListedTwice {
-                vip,
-                port: number,
-                proto,
-            }));
-            return;
-        }
-
-        let mut backends = backends_for(port_name, proto, slices, &mut self.problems);
-        // Slots are numbered by u16; a longer list cannot be addressed.
-        let count = match u16::try_from(backends.len()) {
-            Ok(count) => count,
-            Err(_) => {
-                self.problem(port_problem(PortProblem::TooManyBackends {
-                    count: backends.len(),
-                    used: u16::MAX,
-                }));
-                backends.truncate(usize::from(u16::MAX));
-                u16::MAX
-            }
-        };
-        for (slot, &(address, backend_port)) in (1..=count).zip(&backends) {
-            self.state.services.insert(
-                Lb4Key::new(vip, number, proto, slot),
-                Lb4Service::slot(address, backend_port),
-            );
-            self.state.backends.insert(
-                Lb4BackendKey::new(address, backend_port, proto),
-                Lb4Backend {
-                    state: BACKEND_STATE_ACTIVE,
-                    ..Lb4Backend::default()
-                },
-            );
-        }
-        self.state
-            .services
-            .insert(key, Lb4Service::frontend(count, SVC_FLAG_CLUSTER_IP));
-        self.state.frontends.push(Frontend {
-            service: owner,
-            port_name: port_name.to_string(),
-            kind,
-            address: vip,
-            port: number,
-            protocol: proto,
-            backends,
-        });
     }
 
     /// Fills the endpoints map (policy adds identities and flags) and returns the
@@ -528,6 +424,7 @@ mod ipcache;
 mod nodes;
 mod policy;
 mod problem;
+mod services;
 mod unsupported;
 
 #[cfg(test)]

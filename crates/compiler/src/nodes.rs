@@ -40,6 +40,21 @@ pub(crate) fn nodes(snapshot: &Snapshot, this: &str, problems: &mut Problems) ->
     }
 }
 
+/// The IPv4 InternalIP and ExternalIP addresses of the Node named `this`, sorted: where
+/// its node ports listen. Addresses that do not parse are left to `check_nodes` to report.
+pub(crate) fn node_addresses(snapshot: &Snapshot, this: &str) -> Vec<Ipv4Addr> {
+    let addresses: BTreeSet<Ipv4Addr> = snapshot
+        .nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() == Some(this))
+        .filter_map(|n| n.status.as_ref()?.addresses.as_ref())
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    addresses.into_iter().collect()
+}
+
 impl Nodes {
     /// Where a pod's packets go: nowhere special on this node (0), to its node's
     /// InternalIP on another node, and for a pod whose node is unknown (or left out), to

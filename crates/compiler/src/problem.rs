@@ -3,7 +3,7 @@
 
 use std::{fmt, net::Ipv4Addr};
 
-use sluice_common::proto_name;
+use sluice_common::{kinds::FrontendKind, proto_name};
 use sluice_store::nodes::NodeFaultAt;
 
 /// The kinds of object a report can be about.
@@ -88,17 +88,9 @@ impl fmt::Display for Unsupported {
 /// Service fields with behaviour the datapath lacks, when set to other than their default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ServiceField {
-    /// NodePort or LoadBalancer.
-    Type,
     /// ClientIP.
     SessionAffinity,
-    /// Local.
-    ExternalTrafficPolicy,
-    /// Local.
-    InternalTrafficPolicy,
-    ExternalIps,
     LoadBalancerIp,
-    LoadBalancerSourceRanges,
     TrafficDistribution,
     /// Any family but IPv4.
     IpFamilies,
@@ -112,13 +104,8 @@ impl ServiceField {
     /// The field's path in the Service, as the API server names it in errors.
     pub fn path(self) -> &'static str {
         match self {
-            Self::Type => "spec.type",
             Self::SessionAffinity => "spec.sessionAffinity",
-            Self::ExternalTrafficPolicy => "spec.externalTrafficPolicy",
-            Self::InternalTrafficPolicy => "spec.internalTrafficPolicy",
-            Self::ExternalIps => "spec.externalIPs",
             Self::LoadBalancerIp => "spec.loadBalancerIP",
-            Self::LoadBalancerSourceRanges => "spec.loadBalancerSourceRanges",
             Self::TrafficDistribution => "spec.trafficDistribution",
             Self::IpFamilies => "spec.ipFamilies",
             Self::IpFamilyPolicy => "spec.ipFamilyPolicy",
@@ -129,13 +116,10 @@ impl ServiceField {
     /// What the datapath does for the Service without the field.
     pub fn programmed(self) -> &'static str {
         match self {
-            Self::Type => "only its ClusterIP frontend is programmed",
             Self::SessionAffinity => "each new connection picks a backend at random",
-            Self::ExternalTrafficPolicy | Self::LoadBalancerSourceRanges => {
-                "no node port, load balancer or external IP frontend is programmed for it to apply to"
+            Self::LoadBalancerIp => {
+                "the address is not programmed (status.loadBalancer.ingress is)"
             }
-            Self::InternalTrafficPolicy => "backends on every node are used",
-            Self::ExternalIps | Self::LoadBalancerIp => "the address is not programmed",
             Self::TrafficDistribution | Self::TopologyMode => {
                 "backends are chosen without regard to topology"
             }
@@ -173,6 +157,46 @@ pub enum PortProblem {
     ListedTwice { vip: Ipv4Addr, port: u16, proto: u8 },
     /// More backends than slots can number: the first are used.
     TooManyBackends { count: usize, used: u16 },
+    /// A NodePort Service port without a nodePort: no node port frontend.
+    NoNodePort,
+    /// A nodePort that is not a port number: no node port frontend.
+    NodePortOutOfRange(i32),
+    /// The frontend (a node port, external IP or load balancer address) already belongs
+    /// to `holder` (`namespace/name`, maybe this Service): skipped.
+    FrontendTaken {
+        frontend: FrontendKind,
+        address: Ipv4Addr,
+        port: u16,
+        proto: u8,
+        holder: String,
+    },
+}
+
+/// A Service field holding addresses the compiler parses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ValueField {
+    ExternalIp,
+    LoadBalancerIngress,
+    SourceRange,
+}
+
+impl ValueField {
+    /// The field's path in the Service.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ExternalIp => "spec.externalIPs",
+            Self::LoadBalancerIngress => "status.loadBalancer.ingress[].ip",
+            Self::SourceRange => "spec.loadBalancerSourceRanges",
+        }
+    }
+
+    /// What a value must be.
+    pub fn expected(self) -> &'static str {
+        match self {
+            Self::ExternalIp | Self::LoadBalancerIngress => "an IPv4 address",
+            Self::SourceRange => "an IPv4 CIDR",
+        }
+    }
 }
 
 /// Input the compiler skipped or programmed in part, or a field it does not implement.
@@ -219,6 +243,18 @@ pub enum Problem {
         service: ObjectRef,
         port: ServicePortRef,
         problem: PortProblem,
+    },
+    /// The healthCheckNodePort already answers for `holder` (`namespace/name`): not served.
+    HealthCheckPortTaken {
+        service: ObjectRef,
+        port: u16,
+        holder: String,
+    },
+    /// An address or range of the Service that is not IPv4: left out.
+    ServiceValue {
+        service: ObjectRef,
+        field: ValueField,
+        value: String,
     },
     SlicePortNumber {
         slice: ObjectRef,
@@ -319,6 +355,21 @@ impl fmt::Display for PortProblem {
             Self::TooManyBackends { count, used } => {
                 write!(f, "{count} backends, only the first {used} are used")
             }
+            Self::NoNodePort => write!(f, "no nodePort allocated: no node port frontend"),
+            Self::NodePortOutOfRange(port) => {
+                write!(f, "nodePort {port} is out of range: no node port frontend")
+            }
+            Self::FrontendTaken {
+                frontend,
+                address,
+                port,
+                proto,
+                holder,
+            } => write!(
+                f,
+                "{frontend} frontend {address}:{port}/{} already belongs to {holder}: skipped",
+                proto_name(*proto)
+            ),
         }
     }
 }
@@ -376,6 +427,24 @@ impl fmt::Display for Problem {
                 port,
                 problem,
             } => write!(f, "{service} {port}: {problem}"),
+            Self::HealthCheckPortTaken {
+                service,
+                port,
+                holder,
+            } => write!(
+                f,
+                "{service}: healthCheckNodePort {port} already answers for {holder}: not served"
+            ),
+            Self::ServiceValue {
+                service,
+                field,
+                value,
+            } => write!(
+                f,
+                "{service}: {} {value:?} is not {}: left out",
+                field.path(),
+                field.expected()
+            ),
             Self::SlicePortNumber {
                 slice,
                 port_name,

@@ -1,6 +1,7 @@
 //! Inputs the manifest source would refuse but a snapshot may still hold (written by hand,
 //! by an older agent, or by a future watcher): the compiler must skip them and say so.
 
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 
 use super::*;
@@ -164,7 +165,7 @@ interface lxc1
 
 #[test]
 fn frontends_name_every_programmed_port() {
-    let snapshot = Snapshot {
+    let mut snapshot = Snapshot {
         services: vec![
             service(
                 "web",
@@ -199,54 +200,66 @@ fn frontends_name_every_programmed_port() {
         ],
         ..Snapshot::default()
     };
-    let frontend = |service: &str,
-                    port_name: &str,
-                    kind: &str,
-                    address,
-                    port,
-                    protocol,
-                    backends: &[(Ipv4Addr, u16)]| Frontend {
+    snapshot.nodes = vec![object(json!({"metadata": {"name": "node-a"},
+    "status": {"addresses": [
+        {"type": "InternalIP", "address": "192.168.0.1"},
+        {"type": "ExternalIP", "address": "203.0.113.1"},
+        {"type": "Hostname", "address": "node-a"},
+    ]}}))];
+    let frontend = |service: &str, port_name: &str, frontend: FrontendKind| Frontend {
         service: service.into(),
         port_name: port_name.into(),
-        kind: kind.parse().expect("a service type"),
-        address,
-        port,
-        protocol,
-        backends: backends.to_vec(),
+        kind: if service == "default/web" {
+            ServiceKind::NodePort
+        } else {
+            ServiceKind::ClusterIP
+        },
+        frontend,
+        local: false,
+        address: Ipv4Addr::UNSPECIFIED,
+        port: 0,
+        protocol: IPPROTO_TCP,
+        backends: Vec::new(),
     };
     let web = Ipv4Addr::new(10, 96, 0, 20);
     let (b9, b10) = (Ipv4Addr::new(10, 244, 1, 9), Ipv4Addr::new(10, 244, 1, 10));
+    let https = vec![(b9, 8443), (b10, 8443)];
+    let node_port = |address| Frontend {
+        address,
+        port: 30443,
+        backends: https.clone(),
+        ..frontend("default/web", "https", FrontendKind::NodePort)
+    };
+    let state = compile(&snapshot, &node());
     assert_eq!(
-        compile(&snapshot, &node()).frontends,
+        state.frontends,
         [
-            frontend(
-                "default/dns",
-                "",
-                "ClusterIP",
-                Ipv4Addr::new(10, 96, 0, 3),
-                53,
-                IPPROTO_UDP,
-                &[(Ipv4Addr::new(10, 244, 2, 2), 53)]
-            ),
-            frontend(
-                "default/web",
-                "http",
-                "NodePort",
-                web,
-                80,
-                IPPROTO_TCP,
-                &[(b9, 8080), (b10, 8080)]
-            ),
-            frontend(
-                "default/web",
-                "https",
-                "NodePort",
-                web,
-                443,
-                IPPROTO_TCP,
-                &[(b9, 8443), (b10, 8443)]
-            ),
+            Frontend {
+                address: Ipv4Addr::new(10, 96, 0, 3),
+                port: 53,
+                protocol: IPPROTO_UDP,
+                backends: vec![(Ipv4Addr::new(10, 244, 2, 2), 53)],
+                ..frontend("default/dns", "", FrontendKind::ClusterIP)
+            },
+            Frontend {
+                address: web,
+                port: 80,
+                backends: vec![(b9, 8080), (b10, 8080)],
+                ..frontend("default/web", "http", FrontendKind::ClusterIP)
+            },
+            Frontend {
+                address: web,
+                port: 443,
+                backends: https.clone(),
+                ..frontend("default/web", "https", FrontendKind::ClusterIP)
+            },
+            node_port(Ipv4Addr::new(192, 168, 0, 1)),
+            node_port(Ipv4Addr::new(203, 0, 113, 1)),
         ]
+    );
+    assert_eq!(
+        problem_lines(&state),
+        ["service default/web port \"http\": no nodePort allocated: no node port frontend"]
     );
 }
 
@@ -350,4 +363,99 @@ fn odd_policy_input_fails_closed_and_is_reported() {
         .map(ToString::to_string)
         .collect();
     assert_eq!(rows, ["ingress identity=1 ANY"]);
+}
+
+#[test]
+fn frontends_claimed_twice_and_bad_addresses_are_reported() {
+    let node_port = |name: &str, vip: &str, spec: serde_json::Value| {
+        let mut spec_fields = json!({"type": "LoadBalancer", "clusterIP": vip});
+        if let (Some(target), serde_json::Value::Object(fields)) =
+            (spec_fields.as_object_mut(), spec)
+        {
+            target.extend(fields);
+        }
+        service(name, spec_fields)
+    };
+    let mut lb = node_port(
+        "b-lb",
+        "10.96.0.2",
+        json!({"externalIPs": ["192.0.2.1", "not-an-ip"],
+               "ports": [{"port": 80, "nodePort": 30080}, {"name": "again", "port": 81, "nodePort": 30080}]}),
+    );
+    lb.status = Some(object(
+        json!({"loadBalancer": {"ingress": [{"ip": "2001:db8::1"}]}}),
+    ));
+    let snapshot = Snapshot {
+        nodes: vec![object(json!({"metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}}))],
+        services: vec![
+            lb,
+            // First by name: keeps node port 30080 and the external IP's port 80.
+            node_port(
+                "a-first",
+                "10.96.0.1",
+                json!({"externalIPs": ["192.0.2.1"], "ports": [{"port": 80, "nodePort": 30080}]}),
+            ),
+        ],
+        ..Snapshot::default()
+    };
+    let state = compile(&snapshot, &node());
+    assert_eq!(
+        problem_lines(&state),
+        [
+            "service default/b-lb port \"again\": NodePort frontend 192.168.0.1:30080/TCP already belongs to default/a-first: skipped",
+            "service default/b-lb port 80: ExternalIP frontend 192.0.2.1:80/TCP already belongs to default/a-first: skipped",
+            "service default/b-lb port 80: NodePort frontend 192.168.0.1:30080/TCP already belongs to default/a-first: skipped",
+            "service default/b-lb: spec.externalIPs \"not-an-ip\" is not an IPv4 address: left out",
+            "service default/b-lb: status.loadBalancer.ingress[].ip \"2001:db8::1\" is not an IPv4 address: left out",
+        ]
+    );
+    let kinds: Vec<(String, FrontendKind, Ipv4Addr, u16)> = state
+        .frontends
+        .iter()
+        .map(|f| (f.service.clone(), f.frontend, f.address, f.port))
+        .collect();
+    let first = "default/a-first".to_string();
+    let lb = "default/b-lb".to_string();
+    assert_eq!(
+        kinds,
+        [
+            (
+                first.clone(),
+                FrontendKind::ClusterIP,
+                Ipv4Addr::new(10, 96, 0, 1),
+                80
+            ),
+            (
+                lb.clone(),
+                FrontendKind::ClusterIP,
+                Ipv4Addr::new(10, 96, 0, 2),
+                80
+            ),
+            (
+                lb.clone(),
+                FrontendKind::ClusterIP,
+                Ipv4Addr::new(10, 96, 0, 2),
+                81
+            ),
+            (
+                first.clone(),
+                FrontendKind::ExternalIP,
+                Ipv4Addr::new(192, 0, 2, 1),
+                80
+            ),
+            (
+                lb,
+                FrontendKind::ExternalIP,
+                Ipv4Addr::new(192, 0, 2, 1),
+                81
+            ),
+            (
+                first,
+                FrontendKind::NodePort,
+                Ipv4Addr::new(192, 168, 0, 1),
+                30080
+            ),
+        ]
+    );
 }

@@ -3,8 +3,7 @@
 //! reported, so nothing is half-programmed silently.
 //!
 //! Fields are reported only when they ask for behaviour other than the default the API
-//! server fills in (`sessionAffinity: None`, `internalTrafficPolicy: Cluster`,
-//! `ipFamilies: [IPv4]`, `ipFamilyPolicy: SingleStack`), so a Service read from a real API
+//! server fills in (`sessionAffinity: None`, `ipFamilies: [IPv4]`, `ipFamilyPolicy: SingleStack`), so a Service read from a real API
 //! server reports what its author asked for and nothing else.
 
 use k8s_openapi::api::core::v1::Service;
@@ -34,27 +33,13 @@ pub(crate) fn service_fields(object: &ObjectRef, service: &Service) -> Vec<Unsup
         .as_ref()
         .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION));
     [
-        (ServiceField::Type, set(spec.type_.as_ref(), "ClusterIP")),
         (
             ServiceField::SessionAffinity,
             set(spec.session_affinity.as_ref(), "None"),
         ),
         (
-            ServiceField::ExternalTrafficPolicy,
-            set(spec.external_traffic_policy.as_ref(), "Cluster"),
-        ),
-        (
-            ServiceField::InternalTrafficPolicy,
-            set(spec.internal_traffic_policy.as_ref(), "Cluster"),
-        ),
-        (ServiceField::ExternalIps, list(spec.external_ips.as_ref())),
-        (
             ServiceField::LoadBalancerIp,
             set(spec.load_balancer_ip.as_ref(), ""),
-        ),
-        (
-            ServiceField::LoadBalancerSourceRanges,
-            list(spec.load_balancer_source_ranges.as_ref()),
         ),
         (
             ServiceField::TrafficDistribution,

@@ -54,6 +54,9 @@ struct TestClusterNode {
     name: String,
     /// InternalIP addresses; written as given, so a bad one reaches the compiler.
     addresses: Vec<String>,
+    /// ExternalIP addresses (node ports listen on these too).
+    #[serde(default, rename = "externalAddresses")]
+    external_addresses: Vec<String>,
     /// spec.podCIDR, as written.
     #[serde(default, rename = "podCIDR")]
     pod_cidr: Option<String>,
@@ -140,6 +143,11 @@ fn load_case(dir: &Path) -> Vec<Case> {
                 .addresses
                 .iter()
                 .map(|a| serde_json::json!({"type": "InternalIP", "address": a}))
+                .chain(
+                    n.external_addresses
+                        .iter()
+                        .map(|a| serde_json::json!({"type": "ExternalIP", "address": a})),
+                )
                 .collect();
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": n.name},

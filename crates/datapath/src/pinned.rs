@@ -12,8 +12,8 @@ use aya::maps::{
 };
 use sluice_common::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, MAPS, MapDef,
-    MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index, names,
+    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRange,
+    MAPS, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -55,6 +55,8 @@ pub struct PinnedMaps {
     pub node_config: Array<MapData, NodeConfig>,
     /// The frontend each socket of the node asked for, by socket cookie and backend.
     pub revnat_sockets: HashMap<MapData, Lb4RevnatSkKey, Lb4RevnatSk>,
+    /// Load balancer frontend and source prefix -> admitted (loadBalancerSourceRanges).
+    pub source_ranges: LpmTrie<MapData, Lb4SourceRange, u32>,
     /// Every map of the registry, for capacities and entry counts.
     pub inventory: MapInventory,
 }
@@ -98,6 +100,7 @@ impl PinnedMaps {
             event_counters: open_typed(pin_dir, MapId::EventCounters, PerCpuArray::try_from)?,
             node_config: open_typed(pin_dir, MapId::NodeConfig, Array::try_from)?,
             revnat_sockets: open_typed(pin_dir, MapId::RevNatSockets, HashMap::try_from)?,
+            source_ranges: open_typed(pin_dir, MapId::SourceRanges, LpmTrie::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
     }

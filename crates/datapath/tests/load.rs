@@ -36,6 +36,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::EVENT_COUNTERS, 16),
             (names::NODE_CONFIG, 1),
             (names::REVNAT_SOCKETS, 65536),
+            (names::SOURCE_RANGES, 65536),
         ]
     );
 

@@ -146,6 +146,9 @@ impl Lab {
         if let Some(max) = spec.policy_map_max {
             cmd.arg("--policy-map-max").arg(max.to_string());
         }
+        if let Some(range) = spec.node_port_range {
+            cmd.arg("--node-port-range").arg(range.to_string());
+        }
         let observability = &spec.observability;
         if observability.metrics {
             // Every address of the node's namespace, none of the root's.

@@ -140,6 +140,51 @@ impl Apply<'_> {
     }
 
     /// Writes one object, with what its controller does about it.
+    /// The Services as they would be after the apply, checked together as the agents will
+    /// check them: node ports in range and not used twice. Those this apply leaves alone
+    /// go first, so a fault is named at the manifest that brings it.
+    fn node_ports(&mut self) {
+        let applied = |namespace: &str, name: &str| {
+            self.manifests.iter().find(|m| {
+                matches!(m.object, Object::Service(_))
+                    && m.namespace() == namespace
+                    && m.name() == name
+            })
+        };
+        let (new, kept): (Vec<_>, Vec<_>) = self.st.services.values().partition(|s| {
+            let meta = &s.object.metadata;
+            applied(
+                meta.namespace.as_deref().unwrap_or("default"),
+                meta.name.as_deref().unwrap_or(""),
+            )
+            .is_some()
+        });
+        let services: Vec<_> = kept
+            .into_iter()
+            .chain(new)
+            .map(|s| s.object.clone())
+            .collect();
+        let range = self.st.spec.node_port_range.unwrap_or_default();
+        let Err(e) = sluice_sources::validate_services(&services, range) else {
+            return;
+        };
+        let (namespace, name) = e.name.split_once('/').unwrap_or(("", &e.name));
+        match applied(namespace, name) {
+            Some(m) => {
+                let error = violation(m, &e.field, e.message);
+                self.errors.push(error);
+            }
+            // Only when the lab already held an invalid set (a narrower range, say).
+            None => self.errors.push(ManifestError {
+                file: Default::default(),
+                document: None,
+                object: Some(format!("Service {}", e.name)),
+                field: Some(e.field),
+                message: e.message,
+            }),
+        }
+    }
+
     fn object(&mut self, m: &Manifest, cluster_ips: &mut ClusterIps) {
         let applied = applied_json(m);
         match &m.object {
@@ -172,6 +217,9 @@ pub fn apply(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErro
     let mut cluster_ips = apply.requested_cluster_ips();
     for m in manifests {
         apply.object(m, &mut cluster_ips);
+    }
+    if apply.errors.is_empty() {
+        apply.node_ports();
     }
     if !apply.errors.is_empty() {
         return Err(LabError::Invalid(apply.errors));

@@ -479,4 +479,5 @@ mod cloud;
 mod tests;
 mod world;
 
-pub use cloud::{HealthCheckSpec, LoadBalancerSpec, NodePortRange, router_address};
+pub use cloud::{HealthCheckSpec, LoadBalancerSpec, router_address};
+pub use sluice_sources::NodePortRange;

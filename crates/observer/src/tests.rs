@@ -76,6 +76,8 @@ fn resolver() -> Resolver {
         service: "default/nginx".into(),
         port_name: String::new(),
         kind: ServiceKind::ClusterIP,
+        frontend: sluice_common::kinds::FrontendKind::ClusterIP,
+        local: false,
         address: VIP,
         port: 80,
         protocol: IPPROTO_TCP,

@@ -18,7 +18,7 @@ mod tables;
 
 use std::{collections::BTreeMap, fmt::Display};
 
-pub use maps::{Ipcache, KernelMap, MemoryMap, Named, write_stamp};
+pub use maps::{Ipcache, KernelMap, Lpm, LpmKey, MemoryMap, Named, write_stamp};
 pub use policy::{
     InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyPlan, PolicyTable,
     PolicyWrite, diff_policies,

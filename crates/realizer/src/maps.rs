@@ -14,7 +14,7 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
 };
-use sluice_common::{IpcacheEntry, IpcacheKey, names};
+use sluice_common::{IpcacheEntry, IpcacheKey, Lb4SourceRange, Lb4SourceRangeKey};
 
 use crate::RealizerError;
 
@@ -125,57 +125,83 @@ impl<K: Ord + Clone, V: Clone> KernelMap<K, V> for MemoryMap<K, V> {
     }
 }
 
-/// The ipcache LPM trie, keyed by aya's LPM key around the network-order address.
-pub struct Ipcache {
-    pub map: LpmTrie<MapData, u32, IpcacheEntry>,
+/// A key of an LPM trie as the registry declares it (prefix length first), and as aya
+/// wants it: its LPM key around the data after the prefix length.
+pub trait LpmKey: Ord + Clone {
+    type Data: Pod;
+    fn to_lpm(&self) -> Key<Self::Data>;
+    fn from_lpm(key: &Key<Self::Data>) -> Self;
 }
 
-fn lpm_key(key: &IpcacheKey) -> Key<u32> {
-    Key::new(key.prefixlen, key.address)
+impl LpmKey for IpcacheKey {
+    type Data = u32;
+    fn to_lpm(&self) -> Key<u32> {
+        Key::new(self.prefixlen, self.address)
+    }
+    fn from_lpm(key: &Key<u32>) -> Self {
+        IpcacheKey {
+            prefixlen: key.prefix_len(),
+            address: key.data(),
+        }
+    }
 }
 
-impl KernelMap<IpcacheKey, IpcacheEntry> for Ipcache {
+impl LpmKey for Lb4SourceRangeKey {
+    type Data = Lb4SourceRange;
+    fn to_lpm(&self) -> Key<Lb4SourceRange> {
+        Key::new(self.prefixlen, self.range)
+    }
+    fn from_lpm(key: &Key<Lb4SourceRange>) -> Self {
+        Lb4SourceRangeKey {
+            prefixlen: key.prefix_len(),
+            range: key.data(),
+        }
+    }
+}
+
+/// A named LPM trie (the ipcache, the source ranges).
+pub struct Lpm<K: LpmKey, V> {
+    pub name: &'static str,
+    pub map: LpmTrie<MapData, K::Data, V>,
+}
+
+/// The ipcache LPM trie.
+pub type Ipcache = Lpm<IpcacheKey, IpcacheEntry>;
+
+impl<K: LpmKey, V: Pod> KernelMap<K, V> for Lpm<K, V> {
     fn name(&self) -> &'static str {
-        names::IPCACHE
+        self.name
     }
 
-    fn read_all(&self) -> Result<BTreeMap<IpcacheKey, IpcacheEntry>, RealizerError> {
+    fn read_all(&self) -> Result<BTreeMap<K, V>, RealizerError> {
         self.map
             .iter()
             .map(|r| {
-                r.map(|(k, v)| {
-                    (
-                        IpcacheKey {
-                            prefixlen: k.prefix_len(),
-                            address: k.data(),
-                        },
-                        v,
-                    )
-                })
-                .map_err(|source| RealizerError::Map {
-                    op: "iterate",
-                    map: names::IPCACHE,
-                    source,
-                })
+                r.map(|(k, v)| (K::from_lpm(&k), v))
+                    .map_err(|source| RealizerError::Map {
+                        op: "iterate",
+                        map: self.name,
+                        source,
+                    })
             })
             .collect()
     }
 
-    fn upsert(&mut self, key: &IpcacheKey, value: &IpcacheEntry) -> Result<(), RealizerError> {
+    fn upsert(&mut self, key: &K, value: &V) -> Result<(), RealizerError> {
         self.map
-            .insert(&lpm_key(key), value, 0)
+            .insert(&key.to_lpm(), value, 0)
             .map_err(|source| RealizerError::Map {
                 op: "update",
-                map: names::IPCACHE,
+                map: self.name,
                 source,
             })
     }
 
-    fn remove(&mut self, key: &IpcacheKey) -> Result<(), RealizerError> {
-        match self.map.remove(&lpm_key(key)) {
+    fn remove(&mut self, key: &K) -> Result<(), RealizerError> {
+        match self.map.remove(&key.to_lpm()) {
             Err(source) if !is_not_found(&source) => Err(RealizerError::Map {
                 op: "delete",
-                map: names::IPCACHE,
+                map: self.name,
                 source,
             }),
             _ => Ok(()),

@@ -6,14 +6,14 @@ use std::{collections::BTreeMap, fmt::Display, path::Path};
 
 use aya::{Pod, maps::MapData};
 use sluice_common::{
-    EndpointInfo, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MapId,
-    names, registry,
+    EndpointInfo, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
+    Lb4SourceRangeKey, MapId, names, registry,
 };
 use sluice_compiler::{DesiredState, EndpointPolicy};
 use sluice_datapath::PinnedMaps;
 
 use crate::{
-    ApplyStats, DriftEntry, Ipcache, KernelMap, KernelPolicy, MapDiff, MemoryMap, MemoryPolicy,
+    ApplyStats, DriftEntry, KernelMap, KernelPolicy, Lpm, LpmKey, MapDiff, MemoryMap, MemoryPolicy,
     Named, PolicyPlan, PolicyTable, RealizerError, apply_removes, apply_upserts, diff,
     diff_policies,
 };
@@ -23,7 +23,8 @@ use crate::{
 pub trait Backing {
     /// A hash map of keys to values.
     type Hash<K: Pod + Ord, V: Pod + PartialEq>: KernelMap<K, V>;
-    type Ipcache: KernelMap<IpcacheKey, IpcacheEntry>;
+    /// An LPM trie.
+    type Lpm<K: LpmKey, V: Pod + PartialEq>: KernelMap<K, V>;
     type Policy: PolicyTable;
 }
 
@@ -32,7 +33,7 @@ pub struct Kernel;
 
 impl Backing for Kernel {
     type Hash<K: Pod + Ord, V: Pod + PartialEq> = Named<MapData, K, V>;
-    type Ipcache = Ipcache;
+    type Lpm<K: LpmKey, V: Pod + PartialEq> = Lpm<K, V>;
     type Policy = KernelPolicy;
 }
 
@@ -41,7 +42,7 @@ pub struct Memory;
 
 impl Backing for Memory {
     type Hash<K: Pod + Ord, V: Pod + PartialEq> = MemoryMap<K, V>;
-    type Ipcache = MemoryMap<IpcacheKey, IpcacheEntry>;
+    type Lpm<K: LpmKey, V: Pod + PartialEq> = MemoryMap<K, V>;
     type Policy = MemoryPolicy;
 }
 
@@ -52,7 +53,8 @@ pub struct Tables<B: Backing> {
     pub services: B::Hash<Lb4Key, Lb4Service>,
     pub backends: B::Hash<Lb4BackendKey, Lb4Backend>,
     pub endpoints: B::Hash<u32, EndpointInfo>,
-    pub ipcache: B::Ipcache,
+    pub ipcache: B::Lpm<IpcacheKey, IpcacheEntry>,
+    pub source_ranges: B::Lpm<Lb4SourceRangeKey, u32>,
     pub policy: B::Policy,
 }
 
@@ -76,7 +78,14 @@ impl KernelTables {
                 name: names::ENDPOINTS,
                 map: maps.endpoints,
             },
-            ipcache: Ipcache { map: maps.ipcache },
+            ipcache: Lpm {
+                name: names::IPCACHE,
+                map: maps.ipcache,
+            },
+            source_ranges: Lpm {
+                name: names::SOURCE_RANGES,
+                map: maps.source_ranges,
+            },
             policy: KernelPolicy::open(pin_dir)?,
         })
     }
@@ -89,6 +98,7 @@ pub struct Desired<'a> {
     pub backends: &'a BTreeMap<Lb4BackendKey, Lb4Backend>,
     pub endpoints: &'a BTreeMap<u32, EndpointInfo>,
     pub ipcache: &'a BTreeMap<IpcacheKey, IpcacheEntry>,
+    pub source_ranges: &'a BTreeMap<Lb4SourceRangeKey, u32>,
     /// ifindex -> allow rows, for each endpoint that gets a policy map.
     pub policies: &'a BTreeMap<u32, EndpointPolicy>,
     /// max_entries of every policy map.
@@ -103,6 +113,7 @@ impl<'a> Desired<'a> {
             backends: &state.backends,
             endpoints: &state.endpoints,
             ipcache: &state.ipcache,
+            source_ranges: &state.source_ranges,
             policies: &state.policies,
             policy_capacity,
         }
@@ -115,6 +126,7 @@ pub struct Plan {
     pub backends: MapDiff<Lb4BackendKey, Lb4Backend>,
     pub endpoints: MapDiff<u32, EndpointInfo>,
     pub ipcache: MapDiff<IpcacheKey, IpcacheEntry>,
+    pub source_ranges: MapDiff<Lb4SourceRangeKey, u32>,
     pub policy: PolicyPlan,
 }
 
@@ -199,6 +211,7 @@ impl<B: Backing> Tables<B> {
             backends: diff(desired.backends, &self.backends.read_all()?),
             endpoints: diff(desired.endpoints, &self.endpoints.read_all()?),
             ipcache: diff(desired.ipcache, &self.ipcache.read_all()?),
+            source_ranges: diff(desired.source_ranges, &self.source_ranges.read_all()?),
             policy: diff_policies(
                 desired.policies,
                 desired.policy_capacity,
@@ -230,6 +243,15 @@ impl<B: Backing> Tables<B> {
             (
                 MapId::Ipcache,
                 entries(&mut self.ipcache, &plan.ipcache, unordered, unordered),
+            ),
+            (
+                MapId::SourceRanges,
+                entries(
+                    &mut self.source_ranges,
+                    &plan.source_ranges,
+                    unordered,
+                    unordered,
+                ),
             ),
             (
                 MapId::Policy,
@@ -295,13 +317,14 @@ impl Part for PolicyPlan {
 
 impl Plan {
     /// Every map's part, in registry order.
-    pub(crate) fn parts(&self) -> [(MapId, &dyn Part); 5] {
+    pub(crate) fn parts(&self) -> [(MapId, &dyn Part); 6] {
         [
             (MapId::Services, &self.services),
             (MapId::Backends, &self.backends),
             (MapId::Endpoints, &self.endpoints),
             (MapId::Ipcache, &self.ipcache),
             (MapId::Policy, &self.policy),
+            (MapId::SourceRanges, &self.source_ranges),
         ]
     }
 

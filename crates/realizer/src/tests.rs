@@ -51,6 +51,7 @@ fn tables() -> MemTables {
         backends: MemoryMap::new(names::BACKENDS),
         endpoints: MemoryMap::new(names::ENDPOINTS),
         ipcache: MemoryMap::new(names::IPCACHE),
+        source_ranges: MemoryMap::new(names::SOURCE_RANGES),
         policy: MemoryPolicy::default(),
     }
 }

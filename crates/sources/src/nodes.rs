@@ -5,35 +5,13 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 use sluice_store::nodes::{NodeFaultAt, check_nodes};
 
-use crate::validate;
-
-/// Why a list of Nodes was refused. Displays as `Node node-b: spec.podCIDR: 10.244.1.0/24
-/// overlaps node node-a's spec.podCIDR 10.244.1.0/24`.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{}", self.render())]
-pub struct ValidationError {
-    /// The node's name; empty when it has none.
-    pub node: String,
-    /// Path of the offending field, e.g. `spec.podCIDR`.
-    pub field: String,
-    pub message: String,
-}
-
-impl ValidationError {
-    fn render(&self) -> String {
-        let object = if self.node.is_empty() {
-            "Node".to_string()
-        } else {
-            format!("Node {}", self.node)
-        };
-        format!("{object}: {}: {}", self.field, self.message)
-    }
-}
+use crate::{ValidationError, validate};
 
 impl From<NodeFaultAt> for ValidationError {
     fn from(at: NodeFaultAt) -> Self {
         Self {
-            node: at.node,
+            kind: "Node",
+            name: at.node,
             field: at.fault.field().path().to_string(),
             message: at.fault.to_string(),
         }
@@ -49,7 +27,8 @@ pub fn validate_nodes(
 ) -> Result<(), ValidationError> {
     for node in nodes {
         validate::metadata("Node", &node.metadata).map_err(|invalid| ValidationError {
-            node: node.metadata.name.clone().unwrap_or_default(),
+            kind: "Node",
+            name: node.metadata.name.clone().unwrap_or_default(),
             field: invalid.field,
             message: invalid.message,
         })?;

@@ -168,7 +168,7 @@ mod tests {
         snapshot(1).write_file(&path).unwrap();
         let source = Box::new(ClusterFile::open(path.clone()).unwrap());
         let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
-        let thread = std::thread::spawn(move || source.run(&Updates(tx)));
+        let thread = std::thread::spawn(move || source.run(&Updates::new(tx, Default::default())));
 
         assert_eq!(next(&mut rx), Some(1), "the file as it is at start");
         snapshot(1).write_file(&path).unwrap();

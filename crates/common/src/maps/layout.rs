@@ -50,6 +50,16 @@ pub const LAYOUTS: &[StructLayout] = &[
     ),
     layout!("lb4_backend", Lb4Backend, [state, pad]),
     layout!(
+        "lb4_source_range",
+        Lb4SourceRange,
+        [address, dport, proto, pad, source]
+    ),
+    layout!(
+        "lb4_source_range_key",
+        Lb4SourceRangeKey,
+        [prefixlen, range]
+    ),
+    layout!(
         "ct4_key",
         Ct4Key,
         [saddr, daddr, sport, dport, proto, scope, pad]

@@ -121,8 +121,60 @@ pub struct Lb4Backend {
     pub pad: [u8; 3],
 }
 
+/// Bits of a [`Lb4SourceRangeKey`] before the source: the frontend, always matched whole.
+pub const LB4_SOURCE_RANGE_PREFIX: u32 = 64;
+
+/// The data of a `lb4_source_ranges` key: a load balancer frontend and a source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lb4SourceRange {
+    pub address: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: u8,
+    pub source: u32,
+}
+
+/// A `lb4_source_ranges` key: the sources `source/source_prefix` may use the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lb4SourceRangeKey {
+    pub prefixlen: u32,
+    pub range: Lb4SourceRange,
+}
+
+impl Lb4SourceRangeKey {
+    pub fn new(frontend: Ipv4Addr, port: u16, proto: u8, source: Ipv4Addr, prefix: u8) -> Self {
+        Self {
+            prefixlen: LB4_SOURCE_RANGE_PREFIX + u32::from(prefix.min(32)),
+            range: Lb4SourceRange {
+                address: addr_be(frontend),
+                dport: port.to_be(),
+                proto,
+                pad: 0,
+                source: addr_be(source),
+            },
+        }
+    }
+    pub fn frontend(&self) -> Ipv4Addr {
+        addr_from_be(self.range.address)
+    }
+    pub fn source(&self) -> Ipv4Addr {
+        addr_from_be(self.range.source)
+    }
+    /// The source prefix length.
+    pub fn source_prefix(&self) -> u32 {
+        self.prefixlen.saturating_sub(LB4_SOURCE_RANGE_PREFIX)
+    }
+}
+
+/// The value of a `lb4_source_ranges` entry: presence admits, the value is unused.
+pub const SOURCE_RANGE_ALLOWED: u32 = 1;
+
 // SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
 // initialized and any bit pattern is valid.
+unsafe impl aya::Pod for Lb4SourceRange {}
+unsafe impl aya::Pod for Lb4SourceRangeKey {}
 unsafe impl aya::Pod for Lb4Key {}
 unsafe impl aya::Pod for Lb4Service {}
 unsafe impl aya::Pod for Lb4BackendKey {}
@@ -133,7 +185,23 @@ const _: () = {
     assert!(size_of::<Lb4Service>() == 16);
     assert!(size_of::<Lb4BackendKey>() == 8);
     assert!(size_of::<Lb4Backend>() == 4);
+    assert!(size_of::<Lb4SourceRange>() == 12);
+    assert!(size_of::<Lb4SourceRangeKey>() == 16);
 };
+
+impl fmt::Display for Lb4SourceRangeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}/{} from {}/{}",
+            self.frontend(),
+            u16::from_be(self.range.dport),
+            proto_name(self.range.proto),
+            self.source(),
+            self.source_prefix()
+        )
+    }
+}
 
 impl fmt::Display for Lb4Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

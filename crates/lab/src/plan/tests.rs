@@ -468,3 +468,30 @@ spec:
         ["networkpolicy.networking.k8s.io/deny-all unchanged"]
     );
 }
+
+#[test]
+fn a_node_port_taken_by_another_service_or_outside_the_range_is_refused() {
+    let node_port = |name: &str, port: i32| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: NodePort\n  \
+             selector: {{app: {name}}}\n  ports: [{{port: 80, nodePort: {port}}}]\n"
+        )
+    };
+    let (st, _) = apply_ok(&one_node(), &node_port("zeta", 30080));
+    // Named at the newcomer, whatever the names' order.
+    assert_eq!(
+        apply_err(&st, "alpha.yaml", &node_port("alpha", 30080)),
+        "alpha.yaml: document 1: Service default/alpha: spec.ports[0].nodePort: 30080/TCP is already used by Service default/zeta (spec.ports[0].nodePort)"
+    );
+    assert_eq!(
+        apply_err(&st, "low.yaml", &node_port("low", 80)),
+        "low.yaml: document 1: Service default/low: spec.ports[0].nodePort: 80 is outside the node port range 30000-32767"
+    );
+    // Nothing changed: the port is still zeta's, and free once zeta moves off it.
+    let moved = format!(
+        "{}---\n{}",
+        node_port("zeta", 30081),
+        node_port("alpha", 30080)
+    );
+    apply_ok(&st, &moved);
+}

@@ -1,5 +1,4 @@
-//! What the lab plays the cloud with: `nodePortRange` (the API server's
-//! `--service-node-port-range`) and `loadBalancer:` (the pool VIPs come from and the health
+//! What the lab plays the cloud with: `loadBalancer:` (the pool VIPs come from and the health
 //! check of the router in front of the nodes).
 
 use std::{net::Ipv4Addr, time::Duration};
@@ -12,59 +11,6 @@ use crate::{
     LabError,
     topology::{self, overlaps},
 };
-
-/// The ports node port Services may use (kube-apiserver's `--service-node-port-range`),
-/// written `first-last`, both ends included.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct NodePortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl Default for NodePortRange {
-    fn default() -> Self {
-        Self {
-            first: 30000,
-            last: 32767,
-        }
-    }
-}
-
-impl std::fmt::Display for NodePortRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
-}
-
-/// `first-last`, both port numbers, first not above last.
-impl std::str::FromStr for NodePortRange {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid node port range {s:?}: want FIRST-LAST, e.g. 30000-32767");
-        let (first, last) = s.split_once('-').ok_or_else(bad)?;
-        let port = |p: &str| p.trim().parse::<u16>().ok().filter(|&p| p != 0);
-        match (port(first), port(last)) {
-            (Some(first), Some(last)) if first <= last => Ok(Self { first, last }),
-            _ => Err(bad()),
-        }
-    }
-}
-
-impl TryFrom<String> for NodePortRange {
-    type Error = String;
-
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<NodePortRange> for String {
-    fn from(range: NodePortRange) -> Self {
-        range.to_string()
-    }
-}
 
 /// `loadBalancer:` in the lab file: the lab's cloud load balancer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -294,3 +294,22 @@ fn bad_nodes_and_underlays_are_refused_naming_the_field() {
         );
     }
 }
+
+#[test]
+fn the_node_port_range_is_the_default_unless_given() {
+    let nodes = "nodes: [{name: a, podCIDR: 10.244.1.0/24}]\n";
+    assert_eq!(
+        parse(&format!("{HEAD}{nodes}")).unwrap().node_port_range,
+        None
+    );
+    let spec = parse(&format!("{HEAD}{nodes}nodePortRange: 31000-31999\n")).unwrap();
+    assert_eq!(
+        spec.node_port_range.map(|r| r.to_string()).as_deref(),
+        Some("31000-31999")
+    );
+    let bad = parse(&format!("{HEAD}{nodes}nodePortRange: 31999-31000\n")).unwrap_err();
+    assert!(
+        bad.contains("nodePortRange") && bad.contains("FIRST-LAST"),
+        "{bad}"
+    );
+}

@@ -1,6 +1,11 @@
 //! Services.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use ipnet::IpNet;
 
 use k8s_openapi::{
     api::core::v1::{Service, ServicePort},
@@ -13,6 +18,7 @@ use super::{
 };
 
 const SERVICE_TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
+const TRAFFIC_POLICIES: &[&str] = &["Cluster", "Local"];
 
 pub(super) fn service(service: &Service) -> Check {
     let spec = required("spec", &service.spec)?;
@@ -44,6 +50,8 @@ pub(super) fn service(service: &Service) -> Check {
         )?;
     }
     labels("spec.selector", spec.selector.as_ref())?;
+    addresses(service)?;
+    traffic_policies(service, kind)?;
 
     let ports = spec.ports.as_deref().unwrap_or_default();
     if ports.is_empty() && kind != "ExternalName" && !headless {
@@ -66,6 +74,99 @@ pub(super) fn service(service: &Service) -> Check {
             return Err(invalid(
                 field,
                 format!("duplicate port {}/{proto}", port.port),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Traffic policies are Cluster or Local; an external one only where traffic comes from
+/// outside (node ports, load balancers, external IPs), and a health check node port only
+/// for a LoadBalancer with externalTrafficPolicy Local, as the API server has it.
+fn traffic_policies(service: &Service, kind: &str) -> Check {
+    let Some(spec) = &service.spec else {
+        return Ok(());
+    };
+    let external = spec.external_traffic_policy.as_deref();
+    if let Some(policy) = external {
+        one_of(
+            "spec.externalTrafficPolicy",
+            policy,
+            "traffic policy",
+            TRAFFIC_POLICIES,
+        )?;
+        let outside = matches!(kind, "NodePort" | "LoadBalancer")
+            || spec
+                .external_ips
+                .as_ref()
+                .is_some_and(|ips| !ips.is_empty());
+        if !outside {
+            return Err(invalid(
+                "spec.externalTrafficPolicy",
+                "may only be set for a NodePort or LoadBalancer service or one with externalIPs",
+            ));
+        }
+    }
+    if let Some(policy) = spec.internal_traffic_policy.as_deref() {
+        one_of(
+            "spec.internalTrafficPolicy",
+            policy,
+            "traffic policy",
+            TRAFFIC_POLICIES,
+        )?;
+    }
+    let health_check = spec.health_check_node_port.is_some_and(|p| p != 0);
+    if health_check && !(kind == "LoadBalancer" && external == Some("Local")) {
+        return Err(invalid(
+            "spec.healthCheckNodePort",
+            "may only be set when type is LoadBalancer and externalTrafficPolicy is Local",
+        ));
+    }
+    Ok(())
+}
+
+/// The addresses and ranges a Service lists must parse: the compiler would have to leave
+/// them out.
+fn addresses(service: &Service) -> Check {
+    let Some(spec) = &service.spec else {
+        return Ok(());
+    };
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        if ip.parse::<IpAddr>().is_err() {
+            return Err(invalid(
+                format!("spec.externalIPs[{i}]"),
+                format!("must be a valid IP address (got {ip:?})"),
+            ));
+        }
+    }
+    for (i, range) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        if range.trim().parse::<IpNet>().is_err() {
+            return Err(invalid(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                format!("must be a CIDR such as 192.0.2.0/24 (got {range:?})"),
+            ));
+        }
+    }
+    if let Some(port) = spec.health_check_node_port.filter(|&p| p != 0) {
+        port_number("spec.healthCheckNodePort", port)?;
+    }
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ingress) in ingress.into_iter().flatten().enumerate() {
+        if let Some(ip) = &ingress.ip
+            && ip.parse::<IpAddr>().is_err()
+        {
+            return Err(invalid(
+                format!("status.loadBalancer.ingress[{i}].ip"),
+                format!("must be a valid IP address (got {ip:?})"),
             ));
         }
     }
