@@ -10,8 +10,9 @@
 use aya::maps::MapType;
 
 use crate::{
-    Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue, NodeConfig,
+    Ct4Entry, Ct4Key, CtConfig, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports,
+    IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue,
+    NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -30,6 +31,7 @@ pub enum MapId {
     EventBucket,
     EventCounters,
     NodeConfig,
+    CtConfig,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -136,7 +138,7 @@ const ENDPOINTS_MAX: u32 = 4096;
 /// Every map, in [`MapId`] order. The realize order puts identities in the ipcache before
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
 /// and backends before the service slots that name them.
-pub const MAPS: [MapDef; 13] = [
+pub const MAPS: [MapDef; 14] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(4), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
@@ -164,6 +166,9 @@ pub const MAPS: [MapDef; 13] = [
          crate::EVENT_COUNTERS_MAX, capacity: None, realize: None, count: Uncounted),
     // Written once by the agent at start, from its routing flags.
     map!(NodeConfig, "node_config", Array, u32 => NodeConfig, 1,
+         capacity: None, realize: None, count: Uncounted),
+    // Written by the datapath's loader from the agent's conntrack timeout flags.
+    map!(CtConfig, "ct_config", Array, u32 => CtConfig, 1,
          capacity: None, realize: None, count: Uncounted),
 ];
 
@@ -207,6 +212,8 @@ pub mod names {
     pub const EVENT_COUNTERS: &str = MapId::EventCounters.name();
     /// How this node reaches the others.
     pub const NODE_CONFIG: &str = MapId::NodeConfig.name();
+    /// Conntrack lifetimes by connection state.
+    pub const CT_CONFIG: &str = MapId::CtConfig.name();
 }
 
 #[cfg(test)]

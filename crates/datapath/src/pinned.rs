@@ -11,9 +11,9 @@ use aya::maps::{
     Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MapDef, MapId, MetricsValue, NodeConfig,
-    PolicyEntry, PolicyMatch, metrics_index, names,
+    Ct4Entry, Ct4Key, CtConfig, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports,
+    IpcacheEntry, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MapDef, MapId, MetricsValue,
+    NodeConfig, PolicyEntry, PolicyMatch, metrics_index, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -53,6 +53,8 @@ pub struct PinnedMaps {
     pub event_counters: PerCpuArray<MapData, EventCounter>,
     /// How this node reaches the others (index 0).
     pub node_config: Array<MapData, NodeConfig>,
+    /// Conntrack lifetimes by connection state (index 0).
+    pub ct_config: Array<MapData, CtConfig>,
     /// Every map of the registry, for capacities and entry counts.
     pub inventory: MapInventory,
 }
@@ -95,6 +97,7 @@ impl PinnedMaps {
             event_config: open_typed(pin_dir, MapId::EventConfig, Array::try_from)?,
             event_counters: open_typed(pin_dir, MapId::EventCounters, PerCpuArray::try_from)?,
             node_config: open_typed(pin_dir, MapId::NodeConfig, Array::try_from)?,
+            ct_config: open_typed(pin_dir, MapId::CtConfig, Array::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
     }
