@@ -18,7 +18,9 @@ use sluice_store::Snapshot;
 use tracing::{debug, info, warn};
 
 use crate::{
-    AgentConfig, AgentError, nodes,
+    AgentConfig, AgentError,
+    conntrack::{self, Conntrack},
+    nodes,
     routing::{self, Routing},
     views::Published,
     views::fails_closed,
@@ -42,6 +44,10 @@ pub struct Node {
     realized_revision: u64,
     reconciles: u64,
     last_error: Option<String>,
+    /// Where the service connections of removed backends are purged.
+    conntrack: Conntrack,
+    /// Entries purged since the loop last took the count for the metrics.
+    purged: u64,
 }
 
 impl Node {
@@ -49,6 +55,7 @@ impl Node {
     pub fn start(config: &AgentConfig) -> Result<Self, AgentError> {
         let datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
         let routing = Routing::start(config.routing.clone(), &config.pin_dir)?;
+        conntrack::check_capacity(&config.pin_dir, config.datapath.ct_max_entries)?;
         Ok(Self {
             name: config.node.clone(),
             datapath,
@@ -63,6 +70,8 @@ impl Node {
             realized_revision: 0,
             reconciles: 0,
             last_error: None,
+            conntrack: Conntrack::open(&config.pin_dir)?,
+            purged: 0,
         })
     }
 
@@ -142,6 +151,7 @@ impl Node {
         let stats = self
             .tables
             .realize(Desired::of(&desired, self.policy_map_max))?;
+        self.purge_removed_backends(&desired)?;
         // Programs go on after the maps they read are complete, and come off interfaces
         // whose endpoint is gone.
         let mut attached = false;
@@ -166,6 +176,34 @@ impl Node {
         }
         self.desired = Arc::new(desired);
         Ok(stats.changed() || attached)
+    }
+
+    /// Right after the realizer removed backends, removes their service connections from
+    /// conntrack, so their clients choose again with their next packet (a UDP client on
+    /// one source port would otherwise keep its entry for as long as it sends).
+    fn purge_removed_backends(&mut self, desired: &DesiredState) -> Result<(), AgentError> {
+        let gone: BTreeSet<_> = self
+            .desired
+            .backends
+            .keys()
+            .filter(|key| !desired.backends.contains_key(key))
+            .copied()
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let purged = self.conntrack.purge_backends(&gone)?;
+        info!(
+            backends = gone.len(),
+            purged, "purged the conntrack entries of removed backends"
+        );
+        self.purged += purged;
+        Ok(())
+    }
+
+    /// Conntrack entries purged since the last call, for the metrics.
+    pub fn take_purged(&mut self) -> u64 {
+        std::mem::take(&mut self.purged)
     }
 
     fn compile(&self) -> DesiredState {

@@ -78,6 +78,15 @@ pub struct Agent {
 impl Agent {
     /// Writes `snapshot` as the cluster file, then starts the agent on it.
     pub fn start(name: &str, snapshot: &Snapshot, reconcile_interval: &str) -> Self {
+        Self::start_with(
+            name,
+            snapshot,
+            &["--reconcile-interval", reconcile_interval],
+        )
+    }
+
+    /// Writes `snapshot` as the cluster file, then starts the agent on it with `args`.
+    pub fn start_with(name: &str, snapshot: &Snapshot, args: &[&str]) -> Self {
         let dir = TempDir(std::env::temp_dir().join(unique(&format!("sluice-test-{name}-"))));
         let source_dir = dir.0.join("source");
         fs::create_dir_all(&source_dir).expect("create the test directory");
@@ -86,8 +95,7 @@ impl Agent {
         snapshot
             .write_file(&cluster_file)
             .expect("write the cluster file");
-        let args = ["--reconcile-interval", reconcile_interval];
-        let mut agent = Self::spawn(name, NODE, &netns.0, &cluster_file, &args, dir);
+        let mut agent = Self::spawn(name, NODE, &netns.0, &cluster_file, args, dir);
         agent._netns = Some(netns);
         agent
     }
