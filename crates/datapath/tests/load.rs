@@ -15,6 +15,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
     let config = DatapathConfig {
         ct_max_entries: 4096,
         lb_max_entries: 300_000,
+        ..DatapathConfig::default()
     };
     let mut datapath = Datapath::load(pins.path(), &config).expect("load");
 
@@ -35,6 +36,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::EVENT_BUCKET, 1),
             (names::EVENT_COUNTERS, 16),
             (names::NODE_CONFIG, 1),
+            (names::CT_CONFIG, 1),
         ]
     );
 
