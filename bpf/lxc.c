@@ -16,6 +16,7 @@
 #include "lib/common.h"
 #include "lib/conntrack.h"
 #include "lib/events.h"
+#include "lib/icmp.h"
 #include "lib/lb.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
@@ -243,6 +244,24 @@ static __always_inline bool hairpin_request(const struct pkt4 *pkt)
 	return entry && (entry->flags & CT_FLAG_LOOPBACK);
 }
 
+/* An ICMP error entering a pod about a connection it opened through a service: it names
+ * the backend, and is translated back to the frontend (icmp.h). Other untracked IPv4
+ * (errors about other connections) passes as it is. */
+static __always_inline int icmp_error_to_container(struct __sk_buff *skb, const struct pkt4 *pkt)
+{
+	struct ct4_entry *entry;
+	struct pkt4 quoted;
+
+	if (!parse_icmp_quote(skb, pkt, &quoted) || quoted.saddr != pkt->daddr)
+		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	entry = ct_lookup(&quoted, CT_EGRESS, false);
+	if (!entry || !entry->nat_address || (entry->flags & CT_FLAG_LOOPBACK))
+		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	if (icmp_error_rev_nat(skb, pkt, &quoted, entry->nat_address, entry->nat_port) < 0)
+		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
+	return verdict_pass(skb, METRIC_DIR_INGRESS);
+}
+
 SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
@@ -260,8 +279,9 @@ int to_container(struct __sk_buff *skb)
 
 	switch (parse_ipv4(skb, &pkt)) {
 	case PARSE_ARP:
-	case PARSE_IPV4:
 		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	case PARSE_IPV4:
+		return icmp_error_to_container(skb, &pkt);
 	case PARSE_UNSUPPORTED_L3:
 		return verdict_drop(skb, &pkt, DROP_UNKNOWN_L3, METRIC_DIR_INGRESS);
 	case PARSE_INVALID:
