@@ -1,0 +1,178 @@
+//! Conntrack end to end: a UDP client on a loop from one source port keeps its backend
+//! until that backend's pod is deleted, then moves to the other at once, and the agent has
+//! purged the removed backend's service conntrack entries.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use sluice_common::{CT_EGRESS, CT_SERVICE, IPPROTO_UDP};
+use sluice_integration::{ONE_NODE_LAB, TestLab, examples, in_netns};
+
+const CLIENT_PORT: u16 = 40123;
+
+fn echo_pod(name: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels: {{app: echo}}
+spec:
+  containers:
+  - name: echo
+    image: agnhost
+    ports:
+    - {{name: dns, containerPort: 5353, protocol: UDP}}
+"
+    )
+}
+
+const SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+spec:
+  selector: {app: echo}
+  ports:
+  - {name: dns, port: 53, targetPort: dns, protocol: UDP}
+";
+
+/// One answer of the loop: when it arrived and which pod sent it.
+struct Answer {
+    at: Instant,
+    pod: String,
+}
+
+/// Asks `vip` for its hostname from `CLIENT_PORT` on one connected socket, again and again,
+/// until `stop`; every answer goes to `answers`. Lost datagrams and the ICMP errors of a
+/// vanishing pod are the loop's business, not failures.
+fn ask_on_a_loop(vip: SocketAddr, stop: Arc<AtomicBool>, answers: mpsc::Sender<Answer>) {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, CLIENT_PORT)).expect("bind");
+    socket.connect(vip).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    while !stop.load(Ordering::Relaxed) {
+        let _ = socket.send(b"hostname");
+        if let Ok(n) = socket.recv(&mut buf) {
+            let pod = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+            if answers
+                .send(Answer {
+                    at: Instant::now(),
+                    pod,
+                })
+                .is_err()
+            {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_udp_client_on_a_loop_moves_to_another_backend_when_its_backend_is_deleted() {
+    let mut lab = TestLab::up("ct-udp", ONE_NODE_LAB);
+    lab.lab
+        .apply(&[examples().join("client.yaml")])
+        .unwrap_or_else(|e| panic!("apply client: {e}"));
+    let pods = format!("{}---\n{}", echo_pod("echo-a"), echo_pod("echo-b"));
+    lab.apply_yaml("echo.yaml", &format!("{pods}---\n{SERVICE}"));
+    let vip = SocketAddr::from((lab.cluster_ip("echo"), 53));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, answers) = mpsc::channel();
+    let netns = lab.lab.pod_netns("default/client").unwrap();
+    let client = std::thread::spawn({
+        let stop = Arc::clone(&stop);
+        move || in_netns(&netns, move || ask_on_a_loop(vip, stop, tx))
+    });
+    // Stops the loop however the test ends.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let _stop = StopOnDrop(Arc::clone(&stop));
+
+    // The first answers: one source port, one connection, one backend.
+    let first: Vec<Answer> = (0..10)
+        .map(|_| {
+            answers
+                .recv_timeout(Duration::from_secs(5))
+                .expect("an answer")
+        })
+        .collect();
+    let chosen = first[0].pod.clone();
+    assert!(
+        first.iter().all(|a| a.pod == chosen),
+        "one source port stays on one backend: {:?}",
+        first.iter().map(|a| &a.pod).collect::<Vec<_>>()
+    );
+    let other = if chosen == "echo-a" {
+        "echo-b"
+    } else {
+        "echo-a"
+    };
+    let chosen_ip = lab.pod_ip(&format!("default/{chosen}"));
+
+    let deleting = Instant::now();
+    lab.delete_yaml("gone.yaml", &echo_pod(&chosen));
+    let deleted = Instant::now();
+
+    // Every conntrack entry leading a client to the deleted backend is gone.
+    let maps = sluice_datapath::PinnedMaps::open(&lab.lab.pin_dir(&lab.node())).unwrap();
+    let stale: Vec<_> = maps
+        .conntrack
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, entry)| {
+            key.proto == IPPROTO_UDP
+                && match key.scope {
+                    CT_SERVICE => entry.nat().is_some_and(|(a, _)| a == chosen_ip),
+                    CT_EGRESS => entry.nat().is_some() && key.dst().0 == chosen_ip,
+                    _ => false,
+                }
+        })
+        .collect();
+    assert!(stale.is_empty(), "entries left for {chosen}: {stale:?}");
+
+    // From the moment the delete returned (the agent realized it), the loop hears only
+    // from the other backend.
+    let moved = loop {
+        let answer = answers
+            .recv_timeout(Duration::from_secs(5))
+            .expect("answers go on after the delete");
+        if answer.at < deleted {
+            continue;
+        }
+        assert_eq!(
+            answer.pod, other,
+            "after the delete the loop reaches the remaining backend"
+        );
+        break answer.at;
+    };
+    stop.store(true, Ordering::Relaxed);
+    drop(answers);
+    client.join().expect("the client loop");
+    let took = moved - deleting;
+    eprintln!(
+        "UDP loop moved from {chosen} to {other} {took:?} after the delete began \
+         ({:?} after it returned)",
+        moved - deleted
+    );
+    // The agent's reconcile interval in the lab (its default): the requirement's bound.
+    assert!(
+        took < Duration::from_secs(2),
+        "moved within one reconcile interval: {took:?}"
+    );
+}
