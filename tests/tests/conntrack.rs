@@ -2,6 +2,12 @@
 //! until that backend's pod is deleted, then moves to the other at once, and the agent has
 //! purged the removed backend's service conntrack entries.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test: a failed step must fail the test loudly"
+)]
+
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     sync::{

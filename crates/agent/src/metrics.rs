@@ -24,7 +24,9 @@ use sluice_common::{
 };
 use sluice_datapath::PinnedMaps;
 
-use crate::{AgentError, conntrack::Removal};
+use crate::AgentError;
+/// Why the agent removed conntrack entries: the label of `sluice_conntrack_gc_deleted`.
+pub use crate::conntrack::Removal;
 
 /// Content type of [`Metrics::render`]'s output: OpenMetrics text, which Prometheus reads.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
