@@ -11,13 +11,13 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use sluice_api::{
     AgentStatus, BackendEntry, CtEntry, EndpointEntry, EndpointPolicyView, FailsClosed,
     IdentityEntry, MapStatus, PolicyRow, ServiceEntry, UnsupportedField, VerifyReport,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, IDENTITY_ANY, Lb4BackendKey, Lb4Key,
+    Ct4Entry, Ct4Key, CtConfig, IDENTITY_ANY, Lb4BackendKey, Lb4Key,
     kinds::{
         BackendState, CtFlag, CtScope, Direction, EndpointStatus, Protocol, RowState, ServiceKind,
     },
@@ -57,6 +57,8 @@ pub struct Published {
 pub struct ApiMaps {
     tables: KernelTables,
     conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
+    /// The conntrack lifetimes the datapath and the GC expire entries by.
+    ct_config: Array<MapData, CtConfig>,
     /// Every map of the registry, for the sizes `status` reports.
     inventory: MapInventory,
 }
@@ -67,6 +69,7 @@ impl ApiMaps {
         Ok(Self {
             tables: KernelTables::open(pin_dir)?,
             conntrack: maps.conntrack,
+            ct_config: maps.ct_config,
             inventory: maps.inventory,
         })
     }
@@ -156,6 +159,7 @@ pub struct View<'a> {
     state: Arc<Published>,
     tables: &'a KernelTables,
     conntrack: &'a HashMap<MapData, Ct4Key, Ct4Entry>,
+    ct_config: &'a Array<MapData, CtConfig>,
     inventory: &'a MapInventory,
 }
 
@@ -173,6 +177,7 @@ impl<'a> View<'a> {
             state,
             tables: &maps.tables,
             conntrack: &maps.conntrack,
+            ct_config: &maps.ct_config,
             inventory: &maps.inventory,
         }
     }
@@ -202,6 +207,14 @@ impl<'a> View<'a> {
             fails_closed: self.fails_closed(),
             unsupported: self.desired.unsupported().map(unsupported_field).collect(),
             routing: self.routing.clone(),
+            conntrack: Some(
+                self.ct_config
+                    .get(&0, 0)
+                    .map_err(|source| AgentError::Map {
+                        map: names::CT_CONFIG,
+                        source,
+                    })?,
+            ),
         })
     }
 

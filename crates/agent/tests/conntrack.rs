@@ -68,15 +68,17 @@ fn the_collector_removes_expired_entries_by_the_configured_lifetimes() {
     );
     agent.wait_realized(1);
     let mut maps = PinnedMaps::open(agent.pins.path()).unwrap();
+    let configured = CtConfig {
+        tcp_syn_s: 5,
+        non_tcp_s: 30,
+        ..CtConfig::default()
+    };
     assert_eq!(
         maps.ct_config.get(&0, 0).unwrap(),
-        CtConfig {
-            tcp_syn_s: 5,
-            non_tcp_s: 30,
-            ..CtConfig::default()
-        },
+        configured,
         "the flags reach the datapath's ct_config"
     );
+    assert_eq!(agent.status().conntrack, Some(configured), "and status");
 
     let key =
         |port: u16, proto: u8| Ct4Key::new((CLIENT, port), (backend(0), 8080), proto, CT_EGRESS);

@@ -102,6 +102,9 @@ pub struct AgentStatus {
     /// How this node carries pod traffic to the others.
     #[serde(default)]
     pub routing: RoutingStatus,
+    /// The conntrack lifetimes the datapath and the garbage collector expire entries by.
+    #[serde(default)]
+    pub conntrack: Option<sluice_common::CtConfig>,
 }
 
 /// The routing mode of pod traffic between nodes and the devices it uses.

@@ -182,6 +182,12 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
         routing.push_str(&format!(", underlay device {underlay}"));
     }
     println!("Routing:    {routing}");
+    if let Some(ct) = &s.conntrack {
+        println!(
+            "Conntrack:  idle lifetimes TCP SYN {}s, established {}s, closing {}s, other {}s",
+            ct.tcp_syn_s, ct.tcp_established_s, ct.tcp_closing_s, ct.non_tcp_s
+        );
+    }
     println!();
     let rows: Vec<_> = s
         .maps
