@@ -168,3 +168,73 @@ fn a_removed_backend_loses_its_service_connections_at_once() {
         agent.log_text()
     );
 }
+
+#[test]
+fn the_collector_walks_a_large_table() {
+    const ENTRIES: u32 = 50_000;
+    let mut agent = Agent::start_with(
+        "ct-gc-large",
+        &snapshot(1, 1),
+        &["--ct-gc-interval", "1", "--ct-max-entries", "131072"],
+    );
+    agent.wait_realized(1);
+    let mut maps = PinnedMaps::open(agent.pins.path()).unwrap();
+    // Half of them idle past the UDP lifetime (60 s by default).
+    for i in 0..ENTRIES {
+        let client = Ipv4Addr::from(u32::from(CLIENT) + i / 60_000);
+        let key = Ct4Key::new(
+            (client, (i % 60_000) as u16 + 1),
+            (backend(0), 8080),
+            IPPROTO_UDP,
+            CT_EGRESS,
+        );
+        let age = if i % 2 == 0 { 120 } else { 1 };
+        maps.conntrack.insert(key, entry(age, 0, None), 0).unwrap();
+    }
+    // The runs so far, as the agent logged them (a run may have started mid-insert).
+    let runs = |a: &Agent| -> Vec<String> {
+        strip_ansi(&a.log_text())
+            .lines()
+            .filter(|l| l.contains("conntrack GC removed expired entries"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let removed = |line: &str| -> u32 {
+        let value = line.split("removed=").nth(1).unwrap_or_default();
+        value
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or(0)
+    };
+    agent.wait("the collector's runs", Duration::from_secs(30), |a| {
+        runs(a).iter().map(|l| removed(l)).sum::<u32>() == ENTRIES / 2
+    });
+    for line in runs(&agent) {
+        eprintln!("{ENTRIES} entries, half expired: {line}");
+    }
+    assert_eq!(
+        maps.conntrack.keys().filter_map(Result::ok).count(),
+        ENTRIES as usize / 2
+    );
+}
+
+/// The log without its colours.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
