@@ -49,12 +49,15 @@ __noinline int sctp_crc32c(struct __sk_buff *skb, __u32 off, __u32 len, __u32 *c
 
 	if (!crc)
 		return -1;
-	/* Whole chunks: a fixed inner loop, so the verifier walks each chunk once. */
+	/* Whole chunks: a fixed inner loop, so the verifier walks each chunk once. Loops stay
+	 * loops: unrolled, they would add a thousand instructions to every program. */
+#pragma clang loop unroll(disable)
 	for (c = 0; c < SCTP_CRC_MAX_CHUNKS; c++) {
 		if (len - done < SCTP_CRC_CHUNK || done >= len)
 			break;
 		if (bpf_skb_load_bytes(skb, off + done, buf, SCTP_CRC_CHUNK) < 0)
 			return -1;
+#pragma clang loop unroll(disable)
 		for (i = 0; i < SCTP_CRC_CHUNK; i++)
 			sum = crc32c_byte(table, sum, buf[i]);
 		done += SCTP_CRC_CHUNK;
@@ -67,6 +70,7 @@ __noinline int sctp_crc32c(struct __sk_buff *skb, __u32 off, __u32 len, __u32 *c
 	if (rest) {
 		if (bpf_skb_load_bytes(skb, off + done, buf, rest) < 0)
 			return -1;
+#pragma clang loop unroll(disable)
 		for (i = 0; i < SCTP_CRC_CHUNK - 1; i++) {
 			if (i >= rest)
 				break;
@@ -81,8 +85,9 @@ __noinline int sctp_crc32c(struct __sk_buff *skb, __u32 off, __u32 len, __u32 *c
  * were rewritten. A GSO packet is left alone: the kernel computes each segment's CRC
  * when it cuts them. So is the first fragment of a fragmented packet, whose CRC covers
  * bytes this packet does not hold (SCTP fragments into chunks itself; IP fragments of it
- * are not expected). Returns 0 or -1. */
-static __always_inline int sctp_csum_update(struct __sk_buff *skb, __u32 l4_off)
+ * are not expected). A global function, so its code is not repeated at every port
+ * rewrite. Returns 0 or -1. */
+__noinline int sctp_csum_update(struct __sk_buff *skb, __u32 l4_off)
 {
 	__u32 zero = 0, crc;
 	struct iphdr ip;
@@ -96,7 +101,7 @@ static __always_inline int sctp_csum_update(struct __sk_buff *skb, __u32 l4_off)
 	if (ip.frag_off & bpf_htons(IP_MF))
 		return 0;
 	len = bpf_ntohs(ip.tot_len);
-	if (len < l4_off - ETH_HLEN)
+	if (l4_off < ETH_HLEN || len < l4_off - ETH_HLEN)
 		return -1;
 	len -= l4_off - ETH_HLEN;
 	/* The checksum is computed with its own field zero. */

@@ -8,6 +8,7 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+use aya::programs::{TestRun, TestRunOptions};
 use sluice_common::{
     IPPROTO_SCTP,
     programs::{FROM_CONTAINER, TO_CONTAINER},
@@ -99,4 +100,59 @@ fn an_init_to_a_cluster_ip_leaves_with_the_backend_port_and_a_valid_crc() {
             "CRC32c after reverse NAT ({extra} bytes)"
         );
     }
+}
+
+/// What the CRC costs: new SCTP and UDP connections of the same size through the same
+/// service, each a single test run; the difference is mostly the CRC32c. Printed for the
+/// notes (`--nocapture`), not asserted.
+#[test]
+fn cost_of_the_crc() {
+    const RUNS: u16 = 300;
+    let (pins, mut datapath) = support::load();
+    let mut maps = PinnedMaps::open(pins.path()).unwrap();
+    support::add_service(&mut maps, FRONTEND, IPPROTO_SCTP, &[BACKEND]);
+    support::add_service(&mut maps, FRONTEND, sluice_common::IPPROTO_UDP, &[BACKEND]);
+    let program = datapath.program(FROM_CONTAINER).unwrap();
+    let chunk = init_chunk(1400);
+    let time = |make: &dyn Fn(SocketAddrV4) -> Vec<u8>| {
+        let packets: Vec<_> = (0..RUNS)
+            .map(|i| make(SocketAddrV4::new(*CLIENT.ip(), 20000 + i)))
+            .collect();
+        let mut total = std::time::Duration::ZERO;
+        for packet in &packets {
+            let mut out = vec![0u8; packet.len() + 256];
+            let result = program
+                .test_run(TestRunOptions {
+                    data_in: Some(packet),
+                    data_out: Some(&mut out),
+                    ..TestRunOptions::default()
+                })
+                .unwrap();
+            assert_eq!(result.return_value, TC_ACT_OK);
+            // The kernel's own time for the run, without the syscall around it.
+            total += result.duration;
+        }
+        total / u32::from(RUNS)
+    };
+    // Once each first: the first runs pay for cold caches.
+    time(&|client| sctp(client, FRONTEND, &chunk));
+    let sctp_new = time(&|client| {
+        sctp(
+            SocketAddrV4::new(*client.ip(), client.port() + 2000),
+            FRONTEND,
+            &chunk,
+        )
+    });
+    let udp_new = time(&|client| {
+        support::udp(
+            SocketAddrV4::new(*client.ip(), client.port() + 1000),
+            FRONTEND,
+            &chunk,
+        )
+    });
+    eprintln!(
+        "new connection through a service, {} bytes of L4: SCTP {sctp_new:?}, UDP {udp_new:?} \
+         per test run (the difference is mostly the CRC32c)",
+        chunk.len() + 12
+    );
 }
