@@ -207,14 +207,15 @@ impl<'a> View<'a> {
             fails_closed: self.fails_closed(),
             unsupported: self.desired.unsupported().map(unsupported_field).collect(),
             routing: self.routing.clone(),
-            conntrack: Some(
-                self.ct_config
-                    .get(&0, 0)
-                    .map_err(|source| AgentError::Map {
-                        map: names::CT_CONFIG,
-                        source,
-                    })?,
-            ),
+            conntrack: Some(self.ct_config()?),
+        })
+    }
+
+    /// The conntrack lifetimes as the kernel holds them.
+    fn ct_config(&self) -> Result<CtConfig, AgentError> {
+        self.ct_config.get(&0, 0).map_err(|source| AgentError::Map {
+            map: names::CT_CONFIG,
+            source,
         })
     }
 
@@ -278,6 +279,7 @@ impl<'a> View<'a> {
 
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, AgentError> {
         let now = monotonic_ns();
+        let config = self.ct_config()?;
         let mut out = Vec::new();
         for item in self.conntrack.iter() {
             let (k, v) = item.map_err(map_err(names::CONNTRACK))?;
@@ -292,6 +294,8 @@ impl<'a> View<'a> {
                 bytes: v.bytes,
                 age_seconds: now.saturating_sub(v.created_ns) / 1_000_000_000,
                 idle_seconds: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+                expires_seconds: u64::from(config.lifetime_s(k.proto, v.flags))
+                    .saturating_sub(now.saturating_sub(v.last_seen_ns) / 1_000_000_000),
                 flags: CtFlag::from_bits(v.flags),
             });
         }

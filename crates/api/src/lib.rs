@@ -241,6 +241,10 @@ pub struct CtEntry {
     pub bytes: u64,
     pub age_seconds: u64,
     pub idle_seconds: u64,
+    /// Seconds of idleness left before the entry expires (the lifetime of its state, see
+    /// `AgentStatus::conntrack`); 0 once expired, until the GC removes it.
+    #[serde(default)]
+    pub expires_seconds: u64,
     pub flags: Vec<CtFlag>,
 }
 

@@ -300,6 +300,7 @@ fn ct_list(client: &Client, output: Output) -> anyhow::Result<()> {
                 e.bytes.to_string(),
                 format!("{}s", e.age_seconds),
                 format!("{}s", e.idle_seconds),
+                format!("{}s", e.expires_seconds),
                 e.flags
                     .iter()
                     .map(|f| f.as_str())
@@ -310,7 +311,7 @@ fn ct_list(client: &Client, output: Output) -> anyhow::Result<()> {
         .collect();
     table::print(
         &[
-            "PROTO", "SCOPE", "TUPLE", "NAT", "PACKETS", "BYTES", "AGE", "IDLE", "FLAGS",
+            "PROTO", "SCOPE", "TUPLE", "NAT", "PACKETS", "BYTES", "AGE", "IDLE", "EXPIRES", "FLAGS",
         ],
         &rows,
     );
