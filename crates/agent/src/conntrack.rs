@@ -3,7 +3,7 @@
 //! connections right after the pass that removed it. Both walk `ct4` on the blocking pool
 //! through handles of their own, so neither waits for the other or for the reconcile loop.
 
-use std::{collections::BTreeSet, path::Path, time::Duration, time::Instant};
+use std::{path::Path, time::Duration, time::Instant};
 
 use aya::maps::{Array, HashMap, MapData};
 use nix::time::{ClockId, clock_gettime};
@@ -64,22 +64,21 @@ impl Conntrack {
         self.remove_where(|key, entry| entry.expired(key.proto, now, &config))
     }
 
-    /// Removes the service conntrack entries of connections to `gone`: the CT_SERVICE
-    /// entries that chose one of them and the CT_EGRESS entries of connections to one
-    /// through a frontend. The next packet of such a connection chooses again.
-    pub fn purge_backends(&mut self, gone: &BTreeSet<Lb4BackendKey>) -> Result<u64, AgentError> {
-        if gone.is_empty() {
-            return Ok(0);
-        }
+    /// Removes the service conntrack entries of connections to backends that are `gone`:
+    /// the CT_SERVICE entries that chose one and the CT_EGRESS entries of connections to
+    /// one through a frontend. The next packet of such a connection chooses again.
+    pub fn purge_backends(
+        &mut self,
+        gone: impl Fn(&Lb4BackendKey) -> bool,
+    ) -> Result<u64, AgentError> {
         self.remove_where(|key, entry| {
             let backend = match key.scope {
                 CT_SERVICE => entry.nat(),
                 CT_EGRESS if entry.nat().is_some() => Some(key.dst()),
                 _ => None,
             };
-            backend.is_some_and(|(address, port)| {
-                gone.contains(&Lb4BackendKey::new(address, port, key.proto))
-            })
+            backend
+                .is_some_and(|(address, port)| gone(&Lb4BackendKey::new(address, port, key.proto)))
         })
     }
 

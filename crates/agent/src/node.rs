@@ -48,6 +48,8 @@ pub struct Node {
     conntrack: Conntrack,
     /// Entries purged since the loop last took the count for the metrics.
     purged: u64,
+    /// Whether conntrack was checked against the backends once since the start.
+    backends_checked: bool,
 }
 
 impl Node {
@@ -72,6 +74,7 @@ impl Node {
             last_error: None,
             conntrack: Conntrack::open(&config.pin_dir)?,
             purged: 0,
+            backends_checked: false,
         })
     }
 
@@ -180,21 +183,35 @@ impl Node {
 
     /// Right after the realizer removed backends, removes their service connections from
     /// conntrack, so their clients choose again with their next packet (a UDP client on
-    /// one source port would otherwise keep its entry for as long as it sends).
+    /// one source port would otherwise keep its entry for as long as it sends). After a
+    /// start, what was removed while no agent ran is unknown: the first pass removes the
+    /// service connections of every backend the desired state does not have.
     fn purge_removed_backends(&mut self, desired: &DesiredState) -> Result<(), AgentError> {
-        let gone: BTreeSet<_> = self
-            .desired
-            .backends
-            .keys()
-            .filter(|key| !desired.backends.contains_key(key))
-            .copied()
-            .collect();
-        if gone.is_empty() {
-            return Ok(());
-        }
-        let purged = self.conntrack.purge_backends(&gone)?;
+        let (backends, purged) = if self.backends_checked {
+            let gone: BTreeSet<_> = self
+                .desired
+                .backends
+                .keys()
+                .filter(|key| !desired.backends.contains_key(key))
+                .copied()
+                .collect();
+            if gone.is_empty() {
+                return Ok(());
+            }
+            let purged = self.conntrack.purge_backends(|b| gone.contains(b))?;
+            (gone.len(), purged)
+        } else {
+            let purged = self
+                .conntrack
+                .purge_backends(|b| !desired.backends.contains_key(b))?;
+            self.backends_checked = true;
+            if purged == 0 {
+                return Ok(());
+            }
+            (0, purged)
+        };
         info!(
-            backends = gone.len(),
+            backends,
             purged, "purged the conntrack entries of removed backends"
         );
         self.purged += purged;

@@ -170,6 +170,46 @@ fn a_removed_backend_loses_its_service_connections_at_once() {
 }
 
 #[test]
+fn a_backend_removed_while_no_agent_ran_is_purged_at_start() {
+    let mut agent = Agent::start("ct-restart", &snapshot(1, 1), "0.5");
+    agent.wait_realized(1);
+    let mut maps = PinnedMaps::open(agent.pins.path()).unwrap();
+    let frontend = (vip(0), 80);
+    let service = |n: u32| {
+        Ct4Key::new(
+            (CLIENT, 40000 + n as u16),
+            frontend,
+            IPPROTO_TCP,
+            CT_SERVICE,
+        )
+    };
+    for n in [0, 1] {
+        let chose = entry(0, CT_FLAG_SEEN_REPLY, Some((backend(n), 8080)));
+        maps.conntrack.insert(service(n), chose, 0).unwrap();
+    }
+
+    // Backend 0 leaves while the agent is down; the pinned datapath keeps running.
+    agent.terminate(Duration::from_secs(10));
+    let mut objects = serde_json::to_value(snapshot(2, 1)).unwrap();
+    objects["endpointSlices"][0]["endpoints"]
+        .as_array_mut()
+        .unwrap()
+        .remove(0);
+    write(
+        &agent.cluster_file(),
+        &serde_json::from_value(objects).unwrap(),
+    );
+    agent.restart(&["--reconcile-interval", "0.5"]);
+    agent.wait_realized(2);
+
+    assert!(
+        !present(&maps, &service(0)),
+        "backend 0's connection purged"
+    );
+    assert!(present(&maps, &service(1)), "backend 1's connection kept");
+}
+
+#[test]
 fn the_collector_walks_a_large_table() {
     const ENTRIES: u32 = 50_000;
     let mut agent = Agent::start_with(
