@@ -82,7 +82,8 @@ static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, const struc
 	new.checksum = csum_fold(bpf_csum_diff((__be32 *)&old, sizeof(old), (__be32 *)&new,
 					       sizeof(new), (__u16)~old_check));
 
-	/* TCP's checksum lies past the 8 bytes every error quotes; Linux quotes more. */
+	/* TCP's checksum lies past the 8 bytes every error quotes; Linux quotes more. The
+	 * field is one more word under the ICMP checksum, which follows its change. */
 	if (quoted->proto == IPPROTO_TCP && tcp_check_off + sizeof(tcp_check) <= skb->len &&
 	    bpf_skb_load_bytes(skb, tcp_check_off, &tcp_check, sizeof(tcp_check)) == 0) {
 		struct quote_dst was = { .port = tcp_check };

@@ -22,8 +22,8 @@
 #define SCTP_CRC_MAX_CHUNKS 64
 
 /* One byte into the reflected CRC32c (polynomial 0x1EDC6F41, reversed 0x82F63B78), four
- * bits at a time: @table[i] is the CRC of the nibble i. A 16-entry table fits on the stack;
- * a 256-entry one would need a map. */
+ * bits at a time: @table[i] is the CRC of the nibble i. A 16-entry table is 64 bytes of
+ * constant data (the object's .rodata); a byte-wide one would take 1 KiB. */
 static __always_inline __u32 crc32c_byte(const __u32 *table, __u32 crc, __u8 byte)
 {
 	crc ^= byte;
