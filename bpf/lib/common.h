@@ -66,6 +66,24 @@ struct lb4_backend {
 
 #define BACKEND_STATE_ACTIVE 0
 
+/* ---- socket load balancing: the node's own sockets (bpf/sock.c) ----
+ * connect4 and sendmsg4 rewrite a frontend to a backend in the socket address; this
+ * entry lets recvmsg4 and getpeername4 show the frontend again (Cilium's
+ * lb4_reverse_nat_sk). Keyed by socket cookie and backend, as one UDP socket may
+ * talk to several frontends. */
+struct lb4_revnat_sk_key {
+	__u64 cookie;
+	__be32 backend_address;
+	__be16 backend_port;
+	__u16 pad;
+};
+
+struct lb4_revnat_sk {
+	__be32 frontend_address;
+	__be16 frontend_port;
+	__u16 pad;
+};
+
 /* ---- conntrack: one LRU map, node-wide ---- */
 
 /* Scopes keep the entries of one connection apart:

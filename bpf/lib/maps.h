@@ -19,6 +19,7 @@
 #define IPCACHE_MAX      (1 << 19) /* pods, nodes and policy CIDRs of the whole cluster */
 #define POLICY_MAX       16384 /* template only: user space sizes each endpoint's map */
 #define FRAG4_MAX        8192
+#define LB4_REVNAT_SK_MAX 65536 /* sockets of the node talking to frontends */
 #define EVENTS_RING_SIZE (1 << 20) /* 1 MiB: about 17,000 events */
 
 /* The service, backend and endpoint maps are written by user space only, so they
@@ -94,6 +95,15 @@ struct {
 	__type(value, struct frag4_ports);
 	__uint(max_entries, FRAG4_MAX);
 } frag4 SEC(".maps");
+
+/* Written by the socket programs only; an entry lives as long as LRU keeps it, as the
+ * kernel tells no program when a socket closes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb4_revnat_sk_key);
+	__type(value, struct lb4_revnat_sk);
+	__uint(max_entries, LB4_REVNAT_SK_MAX);
+} lb4_reverse_nat_sk SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -8,6 +8,7 @@
 //! the CLI on a Unix socket from the state the loop publishes (see [`views`]).
 
 mod conntrack;
+mod host_cgroup;
 mod http;
 pub mod metrics;
 mod node;
@@ -118,6 +119,9 @@ pub struct AgentConfig {
     pub routing: routing::RoutingConfig,
     /// How often the conntrack garbage collector removes expired entries.
     pub ct_gc_interval: Duration,
+    /// The cgroup of the node's own processes, for socket load balancing; None: no socket
+    /// programs.
+    pub host_cgroup: Option<PathBuf>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay, so traffic keeps

@@ -106,6 +106,12 @@ struct Args {
     /// The tunnel device's UDP port.
     #[arg(long, default_value_t = RoutingConfig::default().tunnel_port)]
     tunnel_port: u16,
+    /// The cgroup (v2 directory) holding the node's own processes: their connections to
+    /// ClusterIPs and NodePorts are load-balanced by socket programs attached to it. Refused
+    /// if it is the root or holds a process of another network namespace. Without it, no
+    /// socket programs are attached.
+    #[arg(long)]
+    host_cgroup: Option<PathBuf>,
 }
 
 /// A lifetime in seconds: zero would expire every entry at its first packet.
@@ -166,6 +172,7 @@ fn main() -> anyhow::Result<()> {
             tunnel_device: args.tunnel_device,
             tunnel_port: args.tunnel_port,
         },
+        host_cgroup: args.host_cgroup,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

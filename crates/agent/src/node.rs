@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
     sync::Arc,
     time::Instant,
 };
@@ -20,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::{
     AgentConfig, AgentError,
     conntrack::{self, Conntrack},
-    nodes,
+    host_cgroup, nodes,
     routing::{self, Routing},
     views::Published,
     views::fails_closed,
@@ -29,6 +30,8 @@ use crate::{
 pub struct Node {
     name: String,
     datapath: Datapath,
+    /// `--host-cgroup`: the cgroup the socket programs run on.
+    host_cgroup: Option<PathBuf>,
     routing: Routing,
     tables: KernelTables,
     /// Rows each endpoint's policy map holds.
@@ -55,12 +58,14 @@ pub struct Node {
 impl Node {
     /// Loads (or, after a restart, re-opens) the pinned datapath.
     pub fn start(config: &AgentConfig) -> Result<Self, AgentError> {
-        let datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
+        let mut datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
+        host_cgroup::start(&mut datapath, config.host_cgroup.as_deref())?;
         let routing = Routing::start(config.routing.clone(), &config.pin_dir)?;
         conntrack::check_capacity(&config.pin_dir, config.datapath.ct_max_entries)?;
         Ok(Self {
             name: config.node.clone(),
             datapath,
+            host_cgroup: config.host_cgroup.clone(),
             routing,
             tables: KernelTables::open(&config.pin_dir)?,
             policy_map_max: config.policy_map_max,
@@ -174,10 +179,17 @@ impl Node {
         attached |= self
             .routing
             .reconcile(&mut self.datapath, &others, own_router)?;
+        // Last: a cgroup refused since start fails the pass once the rest is done.
+        let host = self
+            .host_cgroup
+            .as_deref()
+            .map(|cgroup| host_cgroup::reconcile(&mut self.datapath, cgroup))
+            .transpose();
         if desired != *self.desired {
             self.desired_version += 1;
         }
         self.desired = Arc::new(desired);
+        attached |= host?.unwrap_or(false);
         Ok(stats.changed() || attached)
     }
 
@@ -283,6 +295,9 @@ impl Node {
             desired: Some(routing::programs(AttachRole::PodVeth)),
             actual: None,
         }));
+        if let Some(cgroup) = &self.host_cgroup {
+            drift.extend(host_cgroup::drift(&mut self.datapath, cgroup)?);
+        }
         let (others, own_router) = nodes::routed(&desired.nodes);
         drift.extend(self.routing.drift(&others, own_router)?);
         let repaired = repair && !drift.is_empty();
@@ -290,6 +305,9 @@ impl Node {
             self.tables.apply(&plan)?;
             for ifname in &detached {
                 self.ensure_attached(ifname)?;
+            }
+            if let Some(cgroup) = &self.host_cgroup {
+                host_cgroup::reconcile(&mut self.datapath, cgroup)?;
             }
             self.routing
                 .reconcile(&mut self.datapath, &others, own_router)?;
@@ -307,7 +325,10 @@ impl Node {
 /// memory of it).
 pub(crate) fn runs_role(role: AttachRole, ifname: &str) -> bool {
     role.programs().all(|program| {
-        let Hook::Tcx(attach) = program.hook;
+        // Socket programs run on a cgroup, never on an interface.
+        let Hook::Tcx(attach) = program.hook else {
+            return false;
+        };
         SchedClassifier::query_tcx(ifname, attach)
             .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(program.name)))
             .unwrap_or(false)

@@ -341,8 +341,11 @@ impl Routing {
 pub fn programs(role: AttachRole) -> String {
     role.programs()
         .map(|p| {
-            let sluice_datapath::Hook::Tcx(hook) = p.hook;
-            format!("{} {}", p.name, hook_word(hook))
+            let hook = match p.hook {
+                sluice_datapath::Hook::Tcx(hook) => hook_word(hook),
+                sluice_datapath::Hook::CgroupSockAddr => p.link_suffix,
+            };
+            format!("{} {hook}", p.name)
         })
         .collect::<Vec<_>>()
         .join(", ")

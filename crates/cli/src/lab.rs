@@ -41,9 +41,15 @@ pub enum LabCommand {
     /// List pods, services or endpoints.
     Get { what: Resource },
     /// Run a command inside a pod's or a world host's network namespace: lab exec ns/pod -- curl ...
+    /// or on a node (its namespace and cgroup, as a process of the node): lab exec --node n -- curl ...
     Exec {
         /// `namespace/pod`, `pod` in the default namespace, or `world/<host>`.
-        pod: String,
+        #[arg(required_unless_present = "node", conflicts_with = "node")]
+        pod: Option<String>,
+        /// A node of the lab: the command's connections to ClusterIPs and NodePorts are
+        /// load-balanced by the node's socket programs.
+        #[arg(long)]
+        node: Option<String>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -191,16 +197,23 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
         LabCommand::Apply { files } => report(Lab::open(name, &opts)?.apply(files)?),
         LabCommand::Delete { files } => report(Lab::open(name, &opts)?.delete(files)?),
         LabCommand::Get { what } => get(&Lab::open(name, &opts)?, *what, output)?,
-        LabCommand::Exec { pod, command } => {
+        LabCommand::Exec { pod, node, command } => {
             let lab = Lab::open(name, &opts)?;
-            let pod = if pod.contains('/') {
-                pod.clone()
-            } else {
-                format!("default/{pod}")
-            };
             let (program, args) = command.split_first().context("no command given")?;
-            let err = lab.command_in(&pod, program)?.args(args).exec();
-            bail!("exec {program} in {pod}: {err}");
+            let (mut cmd, target) = match (pod, node) {
+                (_, Some(node)) => (lab.command_on_node(node, program)?, format!("node {node}")),
+                (Some(pod), None) => {
+                    let pod = if pod.contains('/') {
+                        pod.clone()
+                    } else {
+                        format!("default/{pod}")
+                    };
+                    (lab.command_in(&pod, program)?, pod)
+                }
+                (None, None) => bail!("lab exec needs a pod or --node"),
+            };
+            let err = cmd.args(args).exec();
+            bail!("exec {program} in {target}: {err}");
         }
         LabCommand::Probe(args) => match probe(name, &opts, args, output) {
             Ok(true) => {}

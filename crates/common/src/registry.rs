@@ -11,8 +11,8 @@ use aya::maps::MapType;
 
 use crate::{
     Ct4Entry, Ct4Key, CtConfig, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports,
-    IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue,
-    NodeConfig,
+    IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey,
+    Lb4Service, MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -31,6 +31,7 @@ pub enum MapId {
     EventBucket,
     EventCounters,
     NodeConfig,
+    RevNatSockets,
     CtConfig,
 }
 
@@ -138,7 +139,7 @@ const ENDPOINTS_MAX: u32 = 4096;
 /// Every map, in [`MapId`] order. The realize order puts identities in the ipcache before
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
 /// and backends before the service slots that name them.
-pub const MAPS: [MapDef; 14] = [
+pub const MAPS: [MapDef; 15] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(4), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
@@ -167,6 +168,9 @@ pub const MAPS: [MapDef; 14] = [
     // Written once by the agent at start, from its routing flags.
     map!(NodeConfig, "node_config", Array, u32 => NodeConfig, 1,
          capacity: None, realize: None, count: Uncounted),
+    // Runtime state of the socket programs (bpf/sock.c), written by them only.
+    map!(RevNatSockets, "lb4_reverse_nat_sk", LruHash, Lb4RevnatSkKey => Lb4RevnatSk, 65536,
+         capacity: None, realize: None, count: Entries),
     // Written by the datapath's loader from the agent's conntrack timeout flags.
     map!(CtConfig, "ct_config", Array, u32 => CtConfig, 1,
          capacity: None, realize: None, count: Uncounted),
@@ -212,6 +216,8 @@ pub mod names {
     pub const EVENT_COUNTERS: &str = MapId::EventCounters.name();
     /// How this node reaches the others.
     pub const NODE_CONFIG: &str = MapId::NodeConfig.name();
+    /// The frontend each of the node's sockets asked for (socket load balancing).
+    pub const REVNAT_SOCKETS: &str = MapId::RevNatSockets.name();
     /// Conntrack lifetimes by connection state.
     pub const CT_CONFIG: &str = MapId::CtConfig.name();
 }
@@ -251,7 +257,8 @@ mod tests {
                 names::ENDPOINTS,
                 names::IPCACHE,
                 names::POLICY,
-                names::FRAGMENTS
+                names::FRAGMENTS,
+                names::REVNAT_SOCKETS
             ]
         );
     }

@@ -19,7 +19,7 @@ pub enum DatapathError {
     Load(#[source] EbpfError),
     #[error("program {0} is not in the datapath object")]
     MissingProgram(String),
-    #[error("program {program} is not a tc classifier: {source}")]
+    #[error("program {program} is not of the type its hook needs: {source}")]
     ProgramType {
         program: String,
         source: ProgramError,
@@ -29,12 +29,20 @@ pub enum DatapathError {
         program: &'static str,
         source: ProgramError,
     },
+    #[error("{0:?} programs attach to a cgroup, not to an interface")]
+    NotADeviceRole(crate::AttachRole),
     #[error("invalid interface name {0:?}")]
     InvalidInterfaceName(String),
     #[error("attaching {program} to {interface}: {source}")]
     Attach {
         program: &'static str,
         interface: String,
+        source: ProgramError,
+    },
+    #[error("attaching {program} to cgroup {cgroup}: {source}")]
+    AttachCgroup {
+        program: &'static str,
+        cgroup: PathBuf,
         source: ProgramError,
     },
     #[error("link pinned at {path}: {source}")]

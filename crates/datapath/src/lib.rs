@@ -9,6 +9,7 @@
 mod error;
 mod pinned;
 mod programs;
+mod sock;
 pub mod sys;
 
 use std::{
@@ -21,7 +22,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapInfo,
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -33,7 +34,7 @@ pub use error::DatapathError;
 pub use pinned::{
     MapInventory, PinDir, PinnedMaps, PolicyMap, create_policy_map, open_events, remove_pins,
 };
-pub use programs::{AttachRole, Hook, Object, PROGRAMS, ProgramDef};
+pub use programs::{AttachRole, HOST_CGROUP_TARGET, Hook, Object, PROGRAMS, ProgramDef};
 use programs::{link_pin_name, link_target};
 
 /// The pod programs' object, for tests that read its BTF (every object declares the same
@@ -133,6 +134,9 @@ impl Datapath {
     /// pinned links already exist (agent restarted), this program is swapped in atomically.
     /// Calling it again for an attached target is harmless.
     pub fn attach(&mut self, role: AttachRole, target: &str) -> Result<(), DatapathError> {
+        if role == AttachRole::HostCgroup {
+            return Err(DatapathError::NotADeviceRole(role));
+        }
         check_target(target)?;
         let links_dir = self.links_dir(role);
         create_dir(&links_dir)?;
@@ -143,6 +147,7 @@ impl Datapath {
                     let classifier = classifier(self.ebpf(program.object), program.name)?;
                     attach_tcx(classifier, program.name, target, attach_type, &path)?;
                 }
+                Hook::CgroupSockAddr => unreachable_role(role)?,
             }
         }
         Ok(())
@@ -182,6 +187,22 @@ impl Datapath {
         Ok(targets)
     }
 
+    /// The kernel's information on a loaded program of any type, by name.
+    pub fn program_info(&mut self, name: &str) -> Result<ProgramInfo, DatapathError> {
+        let def = PROGRAMS
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
+        let program = self
+            .ebpf(def.object)
+            .program(name)
+            .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
+        program.info().map_err(|source| DatapathError::ProgramType {
+            program: name.to_owned(),
+            source,
+        })
+    }
+
     /// A loaded program by name, for BPF_PROG_TEST_RUN.
     pub fn program(&mut self, name: &str) -> Result<&mut SchedClassifier, DatapathError> {
         let object = PROGRAMS
@@ -210,6 +231,7 @@ fn load_object(
     for program in PROGRAMS.iter().filter(|p| p.object == object) {
         let loaded = match program.hook {
             Hook::Tcx(_) => classifier(&mut ebpf, program.name)?.load(),
+            Hook::CgroupSockAddr => sock::sock_addr_program(&mut ebpf, program.name)?.load(),
         };
         loaded.map_err(|source| DatapathError::ProgramLoad {
             program: program.name,
@@ -308,6 +330,11 @@ fn classifier<'a>(
             program: name.to_owned(),
             source,
         })
+}
+
+/// The programs of `role` attach to no interface.
+fn unreachable_role(role: AttachRole) -> Result<(), DatapathError> {
+    Err(DatapathError::NotADeviceRole(role))
 }
 
 /// Refuses an attach target (an interface name) that the kernel or the link pins cannot

@@ -12,8 +12,8 @@ use aya::maps::{
 };
 use sluice_common::{
     Ct4Entry, Ct4Key, CtConfig, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports,
-    IpcacheEntry, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MapDef, MapId, MetricsValue,
-    NodeConfig, PolicyEntry, PolicyMatch, metrics_index, names,
+    IpcacheEntry, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, MAPS,
+    MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -53,6 +53,8 @@ pub struct PinnedMaps {
     pub event_counters: PerCpuArray<MapData, EventCounter>,
     /// How this node reaches the others (index 0).
     pub node_config: Array<MapData, NodeConfig>,
+    /// The frontend each socket of the node asked for, by socket cookie and backend.
+    pub revnat_sockets: HashMap<MapData, Lb4RevnatSkKey, Lb4RevnatSk>,
     /// Conntrack lifetimes by connection state (index 0).
     pub ct_config: Array<MapData, CtConfig>,
     /// Every map of the registry, for capacities and entry counts.
@@ -97,6 +99,7 @@ impl PinnedMaps {
             event_config: open_typed(pin_dir, MapId::EventConfig, Array::try_from)?,
             event_counters: open_typed(pin_dir, MapId::EventCounters, PerCpuArray::try_from)?,
             node_config: open_typed(pin_dir, MapId::NodeConfig, Array::try_from)?,
+            revnat_sockets: open_typed(pin_dir, MapId::RevNatSockets, HashMap::try_from)?,
             ct_config: open_typed(pin_dir, MapId::CtConfig, Array::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })

@@ -6,26 +6,40 @@
 //! names containing a dot, so targets with a dot are refused.
 
 use aya::programs::TcAttachType;
-use sluice_common::programs::{FROM_CONTAINER, FROM_TUNNEL, TO_CONTAINER, TO_TUNNEL};
+use sluice_common::programs::{
+    FROM_CONTAINER, FROM_TUNNEL, SOCK4_CONNECT, SOCK4_GETPEERNAME, SOCK4_RECVMSG, SOCK4_SENDMSG,
+    TO_CONTAINER, TO_TUNNEL,
+};
 
-/// What a group of programs is attached to. The pod's host-side veth and the node's tunnel
-/// device now; the node's device and cgroup socket hooks are the roles to come.
+/// What a group of programs is attached to: the pod's host-side veth, the node's tunnel
+/// device, and the cgroup of the node's own processes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AttachRole {
     /// The host side of a pod's veth pair, one per local endpoint.
     PodVeth,
     /// The node's collect-metadata VXLAN device (tunnel routing mode).
     TunnelDevice,
+    /// The cgroup holding the node's own processes (socket load balancing); its one
+    /// target is [`HOST_CGROUP_TARGET`].
+    HostCgroup,
 }
 
+/// The name the host cgroup's links are pinned under, whatever the cgroup's path.
+pub const HOST_CGROUP_TARGET: &str = "host";
+
 impl AttachRole {
-    pub const ALL: [AttachRole; 2] = [AttachRole::PodVeth, AttachRole::TunnelDevice];
+    pub const ALL: [AttachRole; 3] = [
+        AttachRole::PodVeth,
+        AttachRole::TunnelDevice,
+        AttachRole::HostCgroup,
+    ];
 
     /// The directory under `<pin_dir>/links/` holding this role's pinned links.
     pub const fn pin_dir_name(self) -> &'static str {
         match self {
             AttachRole::PodVeth => "pod",
             AttachRole::TunnelDevice => "tunnel",
+            AttachRole::HostCgroup => "cgroup",
         }
     }
 
@@ -40,6 +54,10 @@ impl AttachRole {
 pub enum Hook {
     /// A tc classifier on a tcx hook of an interface.
     Tcx(TcAttachType),
+    /// A cgroup socket address hook; the program's section names which one
+    /// (`cgroup/connect4`...), as aya takes the attach type from it, and so does the link
+    /// suffix.
+    CgroupSockAddr,
 }
 
 /// The compiled objects, one per C file of `bpf/` (one file per attach point). They share
@@ -50,22 +68,26 @@ pub enum Object {
     Lxc,
     /// `bpf/tunnel.c`: the node's tunnel device.
     Tunnel,
+    /// `bpf/sock.c`: the node's cgroup.
+    Sock,
 }
 
 impl Object {
-    pub const ALL: [Object; 2] = [Object::Lxc, Object::Tunnel];
+    pub const ALL: [Object; 3] = [Object::Lxc, Object::Tunnel, Object::Sock];
 
     /// The object's ELF bytes, embedded at build time.
     pub fn bytes(self) -> &'static [u8] {
         match self {
             Object::Lxc => LXC_OBJECT,
             Object::Tunnel => TUNNEL_OBJECT,
+            Object::Sock => SOCK_OBJECT,
         }
     }
 }
 
 static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
 static TUNNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunnel.o"));
+static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
 
 /// One program of a C object.
 #[derive(Clone, Copy, Debug)]
@@ -79,7 +101,7 @@ pub struct ProgramDef {
     pub link_suffix: &'static str,
 }
 
-pub const PROGRAMS: [ProgramDef; 4] = [
+pub const PROGRAMS: [ProgramDef; 8] = [
     // Packets leaving the pod.
     ProgramDef {
         name: FROM_CONTAINER,
@@ -111,6 +133,38 @@ pub const PROGRAMS: [ProgramDef; 4] = [
         role: AttachRole::TunnelDevice,
         hook: Hook::Tcx(TcAttachType::Egress),
         link_suffix: "egress",
+    },
+    // connect() of the node's TCP and UDP sockets: a frontend becomes a backend.
+    ProgramDef {
+        name: SOCK4_CONNECT,
+        object: Object::Sock,
+        role: AttachRole::HostCgroup,
+        hook: Hook::CgroupSockAddr,
+        link_suffix: "connect4",
+    },
+    // sendto() of unconnected UDP sockets.
+    ProgramDef {
+        name: SOCK4_SENDMSG,
+        object: Object::Sock,
+        role: AttachRole::HostCgroup,
+        hook: Hook::CgroupSockAddr,
+        link_suffix: "sendmsg4",
+    },
+    // recvfrom() of UDP replies: the backend shown as the frontend.
+    ProgramDef {
+        name: SOCK4_RECVMSG,
+        object: Object::Sock,
+        role: AttachRole::HostCgroup,
+        hook: Hook::CgroupSockAddr,
+        link_suffix: "recvmsg4",
+    },
+    // getpeername() of connected sockets.
+    ProgramDef {
+        name: SOCK4_GETPEERNAME,
+        object: Object::Sock,
+        role: AttachRole::HostCgroup,
+        hook: Hook::CgroupSockAddr,
+        link_suffix: "getpeername4",
     },
 ];
 

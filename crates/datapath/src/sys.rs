@@ -1,5 +1,6 @@
 //! The bpf(2) commands aya 0.14 does not offer, in one place: opening a pinned object
-//! (`BPF_OBJ_GET`), detaching a link (`BPF_LINK_DETACH`), walking a map's keys without
+//! (`BPF_OBJ_GET`), detaching a link (`BPF_LINK_DETACH`), swapping a link's program
+//! (`BPF_LINK_UPDATE`), walking a map's keys without
 //! knowing their type (`BPF_MAP_GET_NEXT_KEY`), and batch updates and deletes
 //! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`).
 //!
@@ -23,6 +24,7 @@ const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// bpf(2) with `attr` as its `union bpf_attr`.
@@ -97,6 +99,30 @@ pub fn link_detach(link: BorrowedFd<'_>) -> Result<(), SyscallError> {
     };
     // SAFETY: LinkDetachAttr is the link_detach member and holds no pointers.
     if unsafe { bpf(BPF_LINK_DETACH, &mut attr) } < 0 {
+        return Err(last_error(CALL));
+    }
+    Ok(())
+}
+
+/// The `link_update` member (no `old_prog_fd`: the swap is unconditional).
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+}
+
+/// Puts `program` in place of the program of `link` in one step, for hooks whose links aya
+/// cannot update (cgroup links); the hook is never left empty.
+pub fn link_update(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> Result<(), SyscallError> {
+    const CALL: &str = "bpf(BPF_LINK_UPDATE)";
+    let mut attr = LinkUpdateAttr {
+        link_fd: raw_fd(link, CALL)?,
+        new_prog_fd: raw_fd(program, CALL)?,
+        flags: 0,
+    };
+    // SAFETY: LinkUpdateAttr is the link_update member and holds no pointers.
+    if unsafe { bpf(BPF_LINK_UPDATE, &mut attr) } < 0 {
         return Err(last_error(CALL));
     }
     Ok(())

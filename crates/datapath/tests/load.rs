@@ -36,6 +36,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::EVENT_BUCKET, 1),
             (names::EVENT_COUNTERS, 16),
             (names::NODE_CONFIG, 1),
+            (names::REVNAT_SOCKETS, 65536),
             (names::CT_CONFIG, 1),
         ]
     );
@@ -45,8 +46,12 @@ fn load_pins_every_map_and_reports_program_sizes() {
         programs::TO_CONTAINER,
         programs::FROM_TUNNEL,
         programs::TO_TUNNEL,
+        programs::SOCK4_CONNECT,
+        programs::SOCK4_SENDMSG,
+        programs::SOCK4_RECVMSG,
+        programs::SOCK4_GETPEERNAME,
     ] {
-        let info = datapath.program(name).unwrap().info().unwrap();
+        let info = datapath.program_info(name).unwrap();
         let xlated = info.size_translated().unwrap_or(0) / 8;
         println!(
             "{name}: {xlated} xlated instructions, {} verified",

@@ -18,6 +18,7 @@
 mod apply;
 mod error;
 mod generations;
+mod host_cgroup;
 mod ipam;
 mod journal;
 mod lifecycle;

@@ -129,7 +129,9 @@ impl Lab {
             .arg("--pin-dir")
             .arg(self.pin_dir(node))
             .arg("--api-socket")
-            .arg(self.agent_socket(node));
+            .arg(self.agent_socket(node))
+            .arg("--host-cgroup")
+            .arg(self.node_cgroup(node)?);
         if spec.underlay.is_some() {
             cmd.arg("--routing-mode")
                 .arg(spec.routing_mode.as_str())
@@ -208,6 +210,12 @@ impl Lab {
         let mut errors = Vec::new();
         for ns in &netns {
             if let Err(e) = process::kill_netns(ns, STOP_GRACE) {
+                errors.push(e);
+            }
+        }
+        // Nodes' cgroups carry their namespace's name; other namespaces have none.
+        for ns in &netns {
+            if let Err(e) = crate::host_cgroup::remove_cgroup(ns) {
                 errors.push(e);
             }
         }

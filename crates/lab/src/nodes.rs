@@ -23,6 +23,7 @@ impl Lab {
         let netns = self.node_netns(&node.name);
         journal_netns(&self.dir, &netns)?;
         NetNs::create(&netns)?;
+        self.create_node_cgroup(&node.name)?;
         net::setup_node(lab, &netns, node.router_ip())?;
         if let (Some(underlay), Some(address)) = (spec.underlay, node.underlay_address) {
             net::join_underlay(&net::UnderlayLink {
@@ -314,6 +315,7 @@ impl Lab {
     fn teardown_node(&self, name: &str) -> Result<(), LabError> {
         let netns = self.node_netns(name);
         process::kill_netns(&netns, STOP_GRACE)?;
+        self.remove_node_cgroup(name)?;
         if NetNs::named(netns.as_str()).exists() {
             NetNs::delete(&netns)?;
         }

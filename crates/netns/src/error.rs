@@ -37,6 +37,15 @@ pub enum NetNsError {
     },
     #[error("no interface {interface} in netns {netns}")]
     NoInterface { netns: String, interface: String },
+    #[error("no cgroup v2 hierarchy is mounted (in /proc/self/mountinfo)")]
+    NoCgroup2,
+    #[error("invalid cgroup name {0:?}")]
+    BadCgroupName(String),
+    #[error("cgroup {path} refused: {reason}")]
+    CgroupRefused {
+        path: PathBuf,
+        reason: crate::CgroupRefusal,
+    },
 }
 
 /// `map_err` helper for I/O failures on a path.

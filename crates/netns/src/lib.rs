@@ -1,12 +1,13 @@
 //! Network namespaces and what lives in them: veth pairs, bridges, addresses, routes, link
 //! state and MTU over rtnetlink; sysctls; transmit checksum offload; code and processes run
-//! inside a namespace. One place for the lab, the benchmark, the tests (and the CNI plugin
-//! to come), instead of each running `ip`, `sysctl`, `ethtool` and `nsenter` and entering
-//! namespaces by hand.
+//! inside a namespace; the cgroup v2 directories that hold a node's processes. One place
+//! for the lab, the benchmark, the tests (and the CNI plugin to come), instead of each
+//! running `ip`, `sysctl`, `ethtool` and `nsenter` and entering namespaces by hand.
 //!
 //! Namespaces are named under /run/netns exactly as `ip netns add` names them, so `ip netns`
 //! and every other tool sees them; nothing here changes the caller's own namespace.
 
+mod cgroup;
 mod error;
 mod link;
 mod ns;
@@ -14,6 +15,7 @@ mod offload;
 mod route;
 mod sysctl;
 
+pub use cgroup::{Cgroup, CgroupRefusal, OwnedCgroup, cgroup2_root};
 pub use error::NetNsError;
 pub use ipnet::{IpNet, Ipv4Net};
 pub use link::{Link, LinkKind, Netlink};

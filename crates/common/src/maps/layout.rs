@@ -34,7 +34,14 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!(
         "lb4_service",
         Lb4Service,
-        [backend_address, backend_port, count, flags, pad]
+        [
+            backend_address,
+            backend_port,
+            count,
+            flags,
+            pad,
+            affinity_timeout
+        ]
     ),
     layout!(
         "lb4_backend_key",
@@ -81,6 +88,16 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!("policy_entry", PolicyEntry, [packets, bytes]),
     layout!("frag4_key", Frag4Key, [saddr, daddr, id, proto, pad]),
     layout!("frag4_ports", Frag4Ports, [sport, dport]),
+    layout!(
+        "lb4_revnat_sk_key",
+        Lb4RevnatSkKey,
+        [cookie, backend_address, backend_port, pad]
+    ),
+    layout!(
+        "lb4_revnat_sk",
+        Lb4RevnatSk,
+        [frontend_address, frontend_port, pad]
+    ),
     layout!(
         "node_config",
         NodeConfig,

@@ -14,6 +14,7 @@ mod metrics;
 mod node;
 mod policy;
 mod services;
+mod sockets;
 
 use std::net::Ipv4Addr;
 
@@ -27,6 +28,7 @@ pub use metrics::*;
 pub use node::*;
 pub use policy::*;
 pub use services::*;
+pub use sockets::*;
 
 /// Names of the programs in the C object.
 pub mod programs {
@@ -38,6 +40,14 @@ pub mod programs {
     pub const FROM_TUNNEL: &str = "from_tunnel";
     /// tc egress of the VXLAN device: what the node's stack routes into the tunnel.
     pub const TO_TUNNEL: &str = "to_tunnel";
+    /// cgroup connect4 of the node's cgroup: TCP and connected UDP to a frontend.
+    pub const SOCK4_CONNECT: &str = "sock4_connect";
+    /// cgroup sendmsg4: unconnected UDP datagrams to a frontend.
+    pub const SOCK4_SENDMSG: &str = "sock4_sendmsg";
+    /// cgroup recvmsg4: a UDP reply's sender shown as the frontend.
+    pub const SOCK4_RECVMSG: &str = "sock4_recvmsg";
+    /// cgroup getpeername4: a connected socket's peer shown as the frontend.
+    pub const SOCK4_GETPEERNAME: &str = "sock4_getpeername";
 }
 
 pub const IPPROTO_TCP: u8 = 6;

@@ -1,0 +1,125 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Socket load balancing for the node's own processes, on the cgroup the node's
+ * processes live in (never the root cgroup: the agent refuses it):
+ *  sock4_connect     at cgroup/connect4:     TCP and connected UDP;
+ *  sock4_sendmsg     at cgroup/sendmsg4:     unconnected UDP, per datagram;
+ *  sock4_recvmsg     at cgroup/recvmsg4:     the sender of a UDP reply;
+ *  sock4_getpeername at cgroup/getpeername4: the peer of a connected socket.
+ * A frontend in lb4_services is rewritten to one of its backends once, in the socket
+ * address, before any packet exists, so the packets need no translation, conntrack or
+ * reverse NAT on their way (Cilium's bpf_sock.c does the same). recvmsg4 and
+ * getpeername4 show the frontend again from lb4_reverse_nat_sk.
+ */
+#include <stdbool.h>
+#include <linux/bpf.h>
+#include <linux/errno.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+
+#include "lib/common.h"
+#include "lib/lb.h"
+#include "lib/maps.h"
+
+#define SYS_REJECT  0
+#define SYS_PROCEED 1
+
+enum xlate {
+	XLATE_NONE,     /* no frontend: the address stays as it is */
+	XLATE_DONE,     /* rewritten to a backend */
+	XLATE_NO_BACKEND,
+};
+
+/* Rewrites ctx's destination when it is a frontend, choosing the backend as
+ * lb4_select_backend does for a new connection (a random slot), and records the
+ * frontend for the reverse direction. */
+static __always_inline enum xlate sock4_xlate_fwd(struct bpf_sock_addr *ctx)
+{
+	__be32 frontend_address = ctx->user_ip4;
+	__be16 frontend_port = (__be16)ctx->user_port;
+	__u8 proto = (__u8)ctx->protocol;
+	struct lb4_revnat_sk_key key = {};
+	struct lb4_revnat_sk frontend = {};
+	struct lb4_service *svc, *slot;
+
+	if (!lb4_balanced(proto))
+		return XLATE_NONE;
+	svc = lb4_lookup(frontend_address, frontend_port, proto, 0);
+	if (!svc || (svc->flags & SVC_FLAG_WILDCARD))
+		return XLATE_NONE;
+	if (svc->count == 0)
+		return XLATE_NO_BACKEND;
+	slot = lb4_lookup(frontend_address, frontend_port, proto,
+			  (__u16)(bpf_get_prandom_u32() % svc->count + 1));
+	if (!slot)
+		return XLATE_NO_BACKEND;
+
+	key.cookie = bpf_get_socket_cookie(ctx);
+	key.backend_address = slot->backend_address;
+	key.backend_port = slot->backend_port;
+	frontend.frontend_address = frontend_address;
+	frontend.frontend_port = frontend_port;
+	/* Without the entry replies would show the backend: better refuse than lie. */
+	if (bpf_map_update_elem(&lb4_reverse_nat_sk, &key, &frontend, BPF_ANY) < 0)
+		return XLATE_NO_BACKEND;
+
+	ctx->user_ip4 = slot->backend_address;
+	ctx->user_port = (__u32)slot->backend_port;
+	return XLATE_DONE;
+}
+
+/* A frontend without a backend refuses the call at once with ECONNREFUSED, as the pod
+ * path's ICMP port unreachable makes a pod's connect() fail. */
+static __always_inline int sock4_verdict(struct bpf_sock_addr *ctx)
+{
+	if (sock4_xlate_fwd(ctx) == XLATE_NO_BACKEND) {
+		bpf_set_retval(-ECONNREFUSED);
+		return SYS_REJECT;
+	}
+	return SYS_PROCEED;
+}
+
+/* Shows the frontend instead of the backend the socket talks to. */
+static __always_inline void sock4_xlate_rev(struct bpf_sock_addr *ctx)
+{
+	struct lb4_revnat_sk_key key = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.backend_address = ctx->user_ip4,
+		.backend_port = (__be16)ctx->user_port,
+	};
+	struct lb4_revnat_sk *frontend;
+
+	frontend = bpf_map_lookup_elem(&lb4_reverse_nat_sk, &key);
+	if (!frontend)
+		return;
+	ctx->user_ip4 = frontend->frontend_address;
+	ctx->user_port = (__u32)frontend->frontend_port;
+}
+
+SEC("cgroup/connect4")
+int sock4_connect(struct bpf_sock_addr *ctx)
+{
+	return sock4_verdict(ctx);
+}
+
+SEC("cgroup/sendmsg4")
+int sock4_sendmsg(struct bpf_sock_addr *ctx)
+{
+	return sock4_verdict(ctx);
+}
+
+SEC("cgroup/recvmsg4")
+int sock4_recvmsg(struct bpf_sock_addr *ctx)
+{
+	sock4_xlate_rev(ctx);
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/getpeername4")
+int sock4_getpeername(struct bpf_sock_addr *ctx)
+{
+	sock4_xlate_rev(ctx);
+	return SYS_PROCEED;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

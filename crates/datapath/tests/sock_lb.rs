@@ -1,0 +1,399 @@
+//! Socket load balancing (`bpf/sock.c`) with real sockets (needs root; never skipped): a
+//! client process in a cgroup made for the test, in the node's network namespace, reaches
+//! a backend in a pod namespace through a ClusterIP that is configured nowhere.
+//!
+//! ```text
+//! node netns (cgroup <test>: the client process only) lxc-b 10.0.2.1 ─veth─ eth0 10.0.2.2 backend netns
+//! ```
+//!
+//! The client is this test binary run again (the `node_client` test, ignored otherwise):
+//! cgroup membership is per process, so the test's own threads cannot be the client
+//! without putting the test runner itself in the cgroup.
+// A test binary: a panic in a helper is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    process::Output,
+    time::Duration,
+};
+
+use sluice_common::{IPPROTO_TCP, IPPROTO_UDP};
+use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps};
+use sluice_netns::{Ipv4Net, OwnedCgroup};
+use support::{NetNs, PinDir, add_service};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const TCP_PORT: u16 = 80;
+const UDP_PORT: u16 = 53;
+/// Frontends without a backend.
+const EMPTY_TCP_PORT: u16 = 81;
+const EMPTY_UDP_PORT: u16 = 54;
+const BACKEND_TCP: SocketAddrV4 = SocketAddrV4::new(BACKEND, 8080);
+const BACKEND_UDP: SocketAddrV4 = SocketAddrV4::new(BACKEND, 5353);
+const TCP_REPLY: &str = "backend";
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// Set in the client's environment; the `node_client` test does nothing without it.
+const CLIENT_ENV: &str = "SLUICE_SOCK_LB_CLIENT";
+/// [`CLIENT_ENV`]'s value that also times connections.
+const MEASURE: &str = "measure";
+/// Connections timed each way.
+const TIMED_CONNECTIONS: u32 = 300;
+
+fn vip(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VIP, port))
+}
+
+/// The node and pod namespaces, the backend servers, the socket programs on a cgroup of
+/// the test's own, and the frontends. Fields drop in order: the cgroup (killing what is
+/// left in it), the pins (detaching the programs), the namespaces.
+struct Topology {
+    cgroup: OwnedCgroup,
+    maps: PinnedMaps,
+    pins: PinDir,
+    node: NetNs,
+    _backend: NetNs,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let node = NetNs::new();
+        let backend = NetNs::new();
+        let on_node = node.netlink();
+        on_node
+            .add_veth("lxc-b", "eth0", Some(backend.ns()))
+            .unwrap();
+        on_node
+            .add_address("lxc-b", Ipv4Net::new(NODE, 24).unwrap().into())
+            .unwrap();
+        on_node.set_up("lxc-b").unwrap();
+        let in_pod = backend.netlink();
+        in_pod
+            .add_address("eth0", Ipv4Net::new(BACKEND, 24).unwrap().into())
+            .unwrap();
+        in_pod.set_up("eth0").unwrap();
+        serve(&backend);
+
+        let cgroup = OwnedCgroup::unique("sluice-test-")
+            .unwrap_or_else(|err| panic!("creating the test's cgroup: {err}"));
+        let pins = PinDir::unique("sluice-test-");
+        let mut datapath = Datapath::load(pins.path(), &DatapathConfig::default())
+            .unwrap_or_else(|err| panic!("loading the datapath: {err}"));
+        datapath
+            .attach_cgroup(cgroup.path())
+            .unwrap_or_else(|err| panic!("attaching to {}: {err}", cgroup.path().display()));
+        // The pinned links keep the programs attached once the loader is gone.
+        drop(datapath);
+
+        let mut maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
+        add_service(
+            &mut maps,
+            SocketAddrV4::new(VIP, TCP_PORT),
+            IPPROTO_TCP,
+            &[BACKEND_TCP],
+        );
+        add_service(
+            &mut maps,
+            SocketAddrV4::new(VIP, UDP_PORT),
+            IPPROTO_UDP,
+            &[BACKEND_UDP],
+        );
+        add_service(
+            &mut maps,
+            SocketAddrV4::new(VIP, EMPTY_TCP_PORT),
+            IPPROTO_TCP,
+            &[],
+        );
+        add_service(
+            &mut maps,
+            SocketAddrV4::new(VIP, EMPTY_UDP_PORT),
+            IPPROTO_UDP,
+            &[],
+        );
+        Self {
+            cgroup,
+            maps,
+            pins,
+            node,
+            _backend: backend,
+        }
+    }
+
+    /// Runs the `node_client` test of this binary in the node namespace and the cgroup
+    /// (the only process ever in it), and returns its `RESULT` lines.
+    fn run_client(&self) -> Vec<String> {
+        self.run_client_with(false)
+    }
+
+    /// [`Self::run_client`], also timing connections through the ClusterIP and straight to
+    /// the backend when `measure` is set.
+    fn run_client_with(&self, measure: bool) -> Vec<String> {
+        let exe = std::env::current_exe().unwrap();
+        let mut command = self.node.ns().command(&exe).unwrap();
+        command
+            .args([
+                "node_client",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CLIENT_ENV, if measure { MEASURE } else { "1" });
+        self.cgroup.enter_on_exec(&mut command).unwrap();
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = command.output().unwrap();
+        let stdout = String::from_utf8_lossy(&stdout);
+        assert!(
+            status.success(),
+            "client failed ({status}):\n{stdout}\n{}",
+            String::from_utf8_lossy(&stderr)
+        );
+        // libtest may print "test node_client ... " before the first line.
+        let results: Vec<String> = stdout
+            .lines()
+            .filter_map(|l| l.split_once("RESULT "))
+            .map(|(_, result)| result.to_owned())
+            .collect();
+        println!("client in the node's cgroup:\n  {}", results.join("\n  "));
+        results
+    }
+}
+
+/// The backend: a TCP server answering every connection with its name, a UDP server
+/// echoing every datagram; they live as long as the process (the namespace goes first).
+fn serve(backend: &NetNs) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let _tcp = backend.spawn(move || {
+        let listener = TcpListener::bind(BACKEND_TCP).unwrap();
+        let udp = UdpSocket::bind(BACKEND_UDP).unwrap();
+        ready_tx.send(()).unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                let mut reply = b"echo:".to_vec();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = udp.send_to(&reply, from);
+            }
+        });
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.write_all(TCP_REPLY.as_bytes());
+        }
+    });
+    ready_rx
+        .recv_timeout(TIMEOUT)
+        .expect("backend servers ready");
+}
+
+/// The client's side, run by [`Topology::run_client`] in the cgroup: one line per check.
+#[test]
+#[ignore = "the client process of the other tests, run by them in the node's cgroup"]
+fn node_client() {
+    let Some(mode) = std::env::var_os(CLIENT_ENV) else {
+        return;
+    };
+    // TCP: connect() to the ClusterIP; getpeername shows it.
+    let mut stream = TcpStream::connect_timeout(&vip(TCP_PORT), TIMEOUT).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    println!("RESULT tcp {} {reply}", stream.peer_addr().unwrap());
+
+    // Unconnected UDP: sendto the ClusterIP; recvfrom shows it as the sender.
+    let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
+    udp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    udp.send_to(b"ping", vip(UDP_PORT)).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, from) = udp.recv_from(&mut buf).unwrap();
+    println!("RESULT udp {from} {}", String::from_utf8_lossy(&buf[..n]));
+
+    // Connected UDP: connect() translates once; the peer stays the ClusterIP.
+    let connected = UdpSocket::bind("0.0.0.0:0").unwrap();
+    connected.set_read_timeout(Some(TIMEOUT)).unwrap();
+    connected.connect(vip(UDP_PORT)).unwrap();
+    connected.send(b"pong").unwrap();
+    let n = connected.recv(&mut buf).unwrap();
+    println!(
+        "RESULT udp-connected {} {}",
+        connected.peer_addr().unwrap(),
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    // Frontends without a backend refuse at once.
+    let refused = TcpStream::connect_timeout(&vip(EMPTY_TCP_PORT), TIMEOUT);
+    println!("RESULT tcp-empty {}", outcome(refused.map(drop)));
+    let refused =
+        UdpSocket::bind("0.0.0.0:0").and_then(|udp| udp.send_to(b"ping", vip(EMPTY_UDP_PORT)));
+    println!("RESULT udp-empty {}", outcome(refused.map(drop)));
+
+    if mode == MEASURE {
+        for (what, to) in [
+            ("through the ClusterIP", vip(TCP_PORT)),
+            ("straight to the backend", SocketAddr::V4(BACKEND_TCP)),
+        ] {
+            let started = std::time::Instant::now();
+            for _ in 0..TIMED_CONNECTIONS {
+                let mut stream = TcpStream::connect_timeout(&to, TIMEOUT).unwrap();
+                stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+                let mut reply = String::new();
+                stream.read_to_string(&mut reply).unwrap();
+            }
+            let each = started.elapsed() / TIMED_CONNECTIONS;
+            println!(
+                "RESULT timing {TIMED_CONNECTIONS} TCP connections {what}: {each:?} each (connect, reply, close)"
+            );
+        }
+    }
+}
+
+/// `ok`, or the errno of the failure.
+fn outcome(result: std::io::Result<()>) -> String {
+    match result {
+        Ok(()) => "ok".to_owned(),
+        Err(err) => format!("errno={}", err.raw_os_error().unwrap_or(0)),
+    }
+}
+
+#[test]
+fn node_process_reaches_cluster_ip_and_sees_it_as_peer() {
+    let topology = Topology::new();
+    let results = topology.run_client_with(true);
+    let expect = |line: &str| {
+        assert!(
+            results.iter().any(|r| r == line),
+            "expected {line:?} among {results:?}"
+        );
+    };
+    expect(&format!("tcp {VIP}:{TCP_PORT} {TCP_REPLY}"));
+    expect(&format!("udp {VIP}:{UDP_PORT} echo:ping"));
+    expect(&format!("udp-connected {VIP}:{UDP_PORT} echo:pong"));
+    expect(&format!("tcp-empty errno={}", libc::ECONNREFUSED));
+    expect(&format!("udp-empty errno={}", libc::ECONNREFUSED));
+
+    // The reverse translation is keyed by socket and backend, and names the frontend.
+    let frontends: Vec<_> = topology
+        .maps
+        .revnat_sockets
+        .iter()
+        .map(|entry| entry.unwrap().1.frontend())
+        .collect();
+    assert!(frontends.contains(&(VIP, TCP_PORT)), "{frontends:?}");
+    assert!(frontends.contains(&(VIP, UDP_PORT)), "{frontends:?}");
+}
+
+#[test]
+fn processes_outside_the_cgroup_are_not_translated() {
+    let topology = Topology::new();
+    // The test's own thread is in the node namespace but not in the cgroup: the ClusterIP
+    // is configured nowhere and the node has no route to it.
+    let direct = topology
+        .node
+        .run(|| TcpStream::connect_timeout(&vip(TCP_PORT), TIMEOUT).map(drop));
+    let err = direct.expect_err("a connection to the ClusterIP from outside the cgroup");
+    assert_eq!(err.raw_os_error(), Some(libc::ENETUNREACH), "{err}");
+    // The cgroup's own process still is.
+    let results = topology.run_client();
+    assert!(
+        results.contains(&format!("tcp {VIP}:{TCP_PORT} {TCP_REPLY}")),
+        "{results:?}"
+    );
+}
+
+#[test]
+fn host_cgroup_check_refuses_the_root_and_foreign_processes() {
+    use sluice_netns::{Cgroup, CgroupRefusal, NetNsError, cgroup2_root};
+    let node = NetNs::new();
+    let cgroup = OwnedCgroup::unique("sluice-test-").unwrap();
+    let root = Cgroup::at(cgroup2_root().unwrap());
+    let refusal = |cgroup: &Cgroup| {
+        let cgroup = cgroup.clone();
+        node.run(move || match cgroup.check_confined() {
+            Err(NetNsError::CgroupRefused { reason, .. }) => Some(reason),
+            Ok(()) => None,
+            Err(err) => panic!("checking {}: {err}", cgroup.path().display()),
+        })
+    };
+    assert_eq!(refusal(&root), Some(CgroupRefusal::Root));
+    // Empty: nothing else would be load-balanced.
+    assert_eq!(refusal(&cgroup), None);
+
+    // A process of the root namespace in it: refused from the node's namespace.
+    let mut command = std::process::Command::new("sleep");
+    command.arg("60");
+    cgroup.enter_on_exec(&mut command).unwrap();
+    let mut sleeper = command.spawn().unwrap();
+    let pid = i32::try_from(sleeper.id()).unwrap();
+    assert_eq!(
+        refusal(&cgroup),
+        Some(CgroupRefusal::ForeignProcess {
+            pid,
+            cgroup: std::fs::canonicalize(cgroup.path()).unwrap()
+        })
+    );
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+
+    // One in the node's namespace is the node's own.
+    let mut command = node.ns().command("sleep").unwrap();
+    command.arg("60");
+    cgroup.enter_on_exec(&mut command).unwrap();
+    let mut sleeper = command.spawn().unwrap();
+    assert_eq!(refusal(&cgroup), None);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+}
+
+/// (link id, program id) of the connect4 link pinned under `pins`.
+fn connect_link(pins: &PinDir) -> (u32, u32) {
+    use aya::programs::links::{FdLink, PinnedLink};
+    let program = sluice_datapath::PROGRAMS
+        .iter()
+        .find(|p| p.name == sluice_common::programs::SOCK4_CONNECT)
+        .unwrap();
+    let path =
+        sluice_datapath::link_pin_path(pins.path(), program, sluice_datapath::HOST_CGROUP_TARGET);
+    let info = FdLink::from(PinnedLink::from_pin(&path).unwrap())
+        .info()
+        .unwrap();
+    (info.id(), info.program_id())
+}
+
+#[test]
+fn a_restarted_loader_swaps_its_programs_into_the_pinned_links() {
+    use sluice_datapath::{AttachRole, HOST_CGROUP_TARGET};
+    let topology = Topology::new();
+    let (link, old_program) = connect_link(&topology.pins);
+
+    // A new loader on the same pins (an agent restart): the same links, its programs.
+    let mut datapath = Datapath::load(topology.pins.path(), &DatapathConfig::default()).unwrap();
+    datapath.attach_cgroup(topology.cgroup.path()).unwrap();
+    let new_program = datapath
+        .program_info(sluice_common::programs::SOCK4_CONNECT)
+        .unwrap()
+        .id();
+    assert_eq!(connect_link(&topology.pins), (link, new_program));
+    assert_ne!(old_program, new_program);
+    let results = topology.run_client();
+    assert!(
+        results.contains(&format!("tcp {VIP}:{TCP_PORT} {TCP_REPLY}")),
+        "{results:?}"
+    );
+
+    // Detached: the pins go, and the cgroup's sockets are left alone again.
+    datapath
+        .detach(AttachRole::HostCgroup, HOST_CGROUP_TARGET)
+        .unwrap();
+    assert!(
+        datapath
+            .attached(AttachRole::HostCgroup)
+            .unwrap()
+            .is_empty()
+    );
+}
