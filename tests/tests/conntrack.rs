@@ -1,6 +1,7 @@
 //! Conntrack end to end: a UDP client on a loop from one source port keeps its backend
-//! until that backend's pod is deleted, then moves to the other at once, and the agent has
-//! purged the removed backend's service conntrack entries.
+//! until that backend's pod is deleted, then moves to the other at once, and the agent of
+//! the client's node has purged the removed backend's service conntrack entries; on one
+//! node, and with the client and the two backends on three nodes.
 
 #![allow(
     clippy::unwrap_used,
@@ -19,35 +20,22 @@ use std::{
 };
 
 use sluice_common::{CT_EGRESS, CT_SERVICE, IPPROTO_UDP};
-use sluice_integration::{ONE_NODE_LAB, TestLab, examples, in_netns};
+use sluice_integration::{
+    ONE_NODE_LAB, TestLab, in_netns,
+    multinode::{Mode, pod_on, three_nodes},
+};
 
 const CLIENT_PORT: u16 = 40123;
-
-fn echo_pod(name: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  labels: {{app: echo}}
-spec:
-  containers:
-  - name: echo
-    image: agnhost
-    ports:
-    - {{name: dns, containerPort: 5353, protocol: UDP}}
-"
-    )
-}
 
 const SERVICE: &str = "apiVersion: v1
 kind: Service
 metadata:
   name: echo
+  namespace: default
 spec:
   selector: {app: echo}
   ports:
-  - {name: dns, port: 53, targetPort: dns, protocol: UDP}
+  - {name: dns, port: 53, targetPort: 80, protocol: UDP}
 ";
 
 /// One answer of the loop: when the datagram it answers was sent, and which pod answered.
@@ -79,31 +67,37 @@ fn ask_on_a_loop(vip: SocketAddr, stop: Arc<AtomicBool>, answers: mpsc::Sender<A
     }
 }
 
-#[test]
-fn a_udp_client_on_a_loop_moves_to_another_backend_when_its_backend_is_deleted() {
-    let mut lab = TestLab::up("ct-udp", ONE_NODE_LAB);
-    lab.lab
-        .apply(&[examples().join("client.yaml")])
-        .unwrap_or_else(|e| panic!("apply client: {e}"));
-    let pods = format!("{}---\n{}", echo_pod("echo-a"), echo_pod("echo-b"));
-    lab.apply_yaml("echo.yaml", &format!("{pods}---\n{SERVICE}"));
+/// Stops the loop however the test ends.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The client on `nodes[0]`, backends echo-a and echo-b on `nodes[1]` and `nodes[2]`: the
+/// loop keeps one backend, that backend's pod is deleted, the loop moves at once.
+fn a_udp_loop_moves_when_its_backend_is_deleted(lab: &mut TestLab, nodes: [&str; 3]) {
+    let pods = [
+        pod_on("default", "client", nodes[0], "app: client"),
+        pod_on("default", "echo-a", nodes[1], "app: echo"),
+        pod_on("default", "echo-b", nodes[2], "app: echo"),
+    ];
+    lab.apply_yaml(
+        "echo.yaml",
+        &format!("{}---\n{SERVICE}", pods.join("---\n")),
+    );
     let vip = SocketAddr::from((lab.cluster_ip("echo"), 53));
 
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop = StopOnDrop(Arc::clone(&stop));
     let (tx, answers) = mpsc::channel();
     let netns = lab.lab.pod_netns("default/client").unwrap();
     let client = std::thread::spawn({
         let stop = Arc::clone(&stop);
         move || in_netns(&netns, move || ask_on_a_loop(vip, stop, tx))
     });
-    // Stops the loop however the test ends.
-    struct StopOnDrop(Arc<AtomicBool>);
-    impl Drop for StopOnDrop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
-    let _stop = StopOnDrop(Arc::clone(&stop));
 
     // The first answers: one source port, one connection, one backend.
     let first: Vec<Answer> = (0..10)
@@ -119,19 +113,19 @@ fn a_udp_client_on_a_loop_moves_to_another_backend_when_its_backend_is_deleted()
         "one source port stays on one backend: {:?}",
         first.iter().map(|a| &a.pod).collect::<Vec<_>>()
     );
-    let other = if chosen == "echo-a" {
-        "echo-b"
+    let (gone, other) = if chosen == "echo-a" {
+        (&pods[1], "echo-b")
     } else {
-        "echo-a"
+        (&pods[2], "echo-a")
     };
     let chosen_ip = lab.pod_ip(&format!("default/{chosen}"));
 
     let deleting = Instant::now();
-    lab.delete_yaml("gone.yaml", &echo_pod(&chosen));
+    lab.delete_yaml("gone.yaml", gone);
     let deleted = Instant::now();
 
-    // Every conntrack entry leading a client to the deleted backend is gone.
-    let maps = sluice_datapath::PinnedMaps::open(&lab.lab.pin_dir(&lab.node())).unwrap();
+    // No conntrack entry of the client's node leads to the deleted backend any more.
+    let maps = sluice_datapath::PinnedMaps::open(&lab.lab.pin_dir(nodes[0])).unwrap();
     let stale: Vec<_> = maps
         .conntrack
         .iter()
@@ -147,7 +141,7 @@ fn a_udp_client_on_a_loop_moves_to_another_backend_when_its_backend_is_deleted()
         .collect();
     assert!(stale.is_empty(), "entries left for {chosen}: {stale:?}");
 
-    // Every datagram sent once the delete returned (the agent realized it) reaches the
+    // Every datagram sent once the delete returned (every agent realized it) reaches the
     // other backend, the first one included.
     let mut moved = None;
     loop {
@@ -169,15 +163,27 @@ fn a_udp_client_on_a_loop_moves_to_another_backend_when_its_backend_is_deleted()
     stop.store(true, Ordering::Relaxed);
     drop(answers);
     client.join().expect("the client loop");
-    let took = moved - deleting;
+    let took = moved.saturating_duration_since(deleting);
     eprintln!(
-        "UDP loop moved from {chosen} to {other} {took:?} after the delete began (the delete \
-         took {:?})",
+        "{nodes:?}: UDP loop moved from {chosen} to {other} {took:?} after the delete began \
+         (the delete took {:?})",
         deleted - deleting
     );
-    // The agent's reconcile interval in the lab (its default): the requirement's bound.
+    // The agents' reconcile interval in the lab (their default): the requirement's bound.
     assert!(
         took < Duration::from_secs(2),
         "moved within one reconcile interval: {took:?}"
     );
+}
+
+#[test]
+fn a_udp_client_on_a_loop_moves_to_another_backend_when_its_backend_is_deleted() {
+    let mut lab = TestLab::up("ct-udp", ONE_NODE_LAB);
+    a_udp_loop_moves_when_its_backend_is_deleted(&mut lab, ["node-1"; 3]);
+}
+
+#[test]
+fn across_nodes_too() {
+    let mut lab = three_nodes("ct-udp-3", Mode::Tunnel);
+    a_udp_loop_moves_when_its_backend_is_deleted(&mut lab, ["node-1", "node-2", "node-3"]);
 }
