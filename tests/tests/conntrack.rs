@@ -187,3 +187,37 @@ fn across_nodes_too() {
     let mut lab = three_nodes("ct-udp-3", Mode::Tunnel);
     a_udp_loop_moves_when_its_backend_is_deleted(&mut lab, ["node-1", "node-2", "node-3"]);
 }
+
+/// A Service whose target port its backend does not serve: the backend's kernel answers
+/// port unreachable, which crosses the tunnel and reaches the client's socket only
+/// because to_container names the frontend again in it.
+#[test]
+fn a_backend_port_nobody_serves_is_refused_through_the_frontend_across_nodes() {
+    let mut lab = three_nodes("ct-icmp-3", Mode::Tunnel);
+    let closed = "apiVersion: v1
+kind: Service
+metadata:
+  name: closed
+  namespace: default
+spec:
+  selector: {app: echo}
+  ports:
+  - {name: dns, port: 54, targetPort: 81, protocol: UDP}
+";
+    let pods = [
+        pod_on("default", "client", "node-1", "app: client"),
+        pod_on("default", "echo-a", "node-2", "app: echo"),
+    ];
+    lab.apply_yaml(
+        "closed.yaml",
+        &format!("{}---\n{closed}", pods.join("---\n")),
+    );
+    let vip = SocketAddr::from((lab.cluster_ip("closed"), 54));
+    let refused = lab.in_pod("default/client", move || {
+        sluice_integration::udp_ask(vip, b"hostname").map(|_| ())
+    });
+    assert_eq!(
+        refused.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+}
