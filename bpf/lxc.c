@@ -16,6 +16,7 @@
 #include "lib/common.h"
 #include "lib/conntrack.h"
 #include "lib/events.h"
+#include "lib/icmp.h"
 #include "lib/lb.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
@@ -251,6 +252,24 @@ static __always_inline bool hairpin_request(const struct pkt4 *pkt)
 	return entry && (entry->flags & CT_FLAG_LOOPBACK);
 }
 
+/* An ICMP error entering a pod about a connection it opened through a service: it names
+ * the backend, and is translated back to the frontend (icmp.h). Other untracked IPv4
+ * (errors about other connections) passes as it is. */
+static __always_inline int icmp_error_to_container(struct __sk_buff *skb, const struct pkt4 *pkt)
+{
+	struct ct4_entry *entry;
+	struct pkt4 quoted;
+
+	if (!parse_icmp_quote(skb, pkt, &quoted) || quoted.saddr != pkt->daddr)
+		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	entry = ct_lookup(&quoted, CT_EGRESS, false);
+	if (!entry || !entry->nat_address || (entry->flags & CT_FLAG_LOOPBACK))
+		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	if (icmp_error_rev_nat(skb, pkt, &quoted, entry->nat_address, entry->nat_port) < 0)
+		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
+	return verdict_pass(skb, METRIC_DIR_INGRESS);
+}
+
 SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
@@ -268,8 +287,9 @@ int to_container(struct __sk_buff *skb)
 
 	switch (parse_ipv4(skb, &pkt)) {
 	case PARSE_ARP:
-	case PARSE_IPV4:
 		return verdict_pass(skb, METRIC_DIR_INGRESS);
+	case PARSE_IPV4:
+		return icmp_error_to_container(skb, &pkt);
 	case PARSE_UNSUPPORTED_L3:
 		return verdict_drop(skb, &pkt, DROP_UNKNOWN_L3, METRIC_DIR_INGRESS);
 	case PARSE_INVALID:
@@ -295,11 +315,17 @@ int to_container(struct __sk_buff *skb)
 			return verdict_pass(skb, METRIC_DIR_INGRESS);
 
 		/* Replies keep the connection's backend choice alive too, so a client that
-		 * only receives does not get moved to another backend. */
+		 * only receives does not get moved to another backend; they also move it out
+		 * of SYN (and into closing), as its lifetime follows the connection's state. */
 		ct_key_init(&key, pkt.daddr, frontend, pkt.dport, frontend_port, pkt.proto, CT_SERVICE);
 		service = bpf_map_lookup_elem(&ct4, &key);
-		if (service)
+		if (service) {
+			__u8 new_flags = (CT_FLAG_SEEN_REPLY | ct_flags_of(&pkt)) & ~service->flags;
+
 			service->last_seen_ns = now;
+			if (new_flags)
+				service->flags |= new_flags;
+		}
 
 		if (nat_rewrite_addr(skb, &pkt, IP_SADDR_OFF, pkt.saddr, frontend) < 0 ||
 		    nat_rewrite_port(skb, &pkt, l4_sport_off(&pkt), pkt.sport, frontend_port) < 0)

@@ -153,6 +153,18 @@ struct ct4_entry {
 #define CT_FLAG_SEEN_REPLY (1 << 1)
 #define CT_FLAG_CLOSING    (1 << 2) /* FIN or RST seen */
 
+/* How long an idle entry keeps describing its connection, in seconds, by state: a TCP
+ * connection is in SYN until its entry sees a reply (CT_FLAG_SEEN_REPLY), established
+ * after that, closing once a FIN or RST was seen (CT_FLAG_CLOSING). One entry (index 0),
+ * written by the agent from its flags whenever it loads the datapath; the datapath and
+ * the agent's conntrack GC both judge expiry by it. */
+struct ct_config {
+	__u32 tcp_syn_s;
+	__u32 tcp_established_s;
+	__u32 tcp_closing_s;
+	__u32 non_tcp_s;
+};
+
 /* Source address for hairpin connections, so the backend's reply to its own
  * service leaves the pod instead of looping inside it (Cilium's IPV4_LOOPBACK). */
 #define LOOPBACK_IPV4_HOST_ORDER 0xa9fe2a01 /* 169.254.42.1 */

@@ -22,11 +22,6 @@ static __always_inline __u64 ct_now(void)
 	return bpf_ktime_get_coarse_ns();
 }
 
-/* How long an idle entry keeps describing its connection. */
-#define CT_LIFETIME_TCP         (6ULL * 3600 * NSEC_PER_SEC)
-#define CT_LIFETIME_TCP_CLOSING (10ULL * NSEC_PER_SEC)
-#define CT_LIFETIME_NONTCP      (60ULL * NSEC_PER_SEC)
-
 static __always_inline void ct_key_init(struct ct4_key *key, __be32 saddr, __be32 daddr,
 					__be16 sport, __be16 dport, __u8 proto, __u8 scope)
 {
@@ -57,15 +52,32 @@ static __always_inline __u8 ct_flags_of(const struct pkt4 *pkt)
 	return pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) ? CT_FLAG_CLOSING : 0;
 }
 
+/* The lifetime of @entry in its state (struct ct_config). Datapath::load writes the
+ * configuration before any program is attached; zero seconds would expire at once. */
+static __always_inline __u64 ct_lifetime(const struct ct4_entry *entry, __u8 proto)
+{
+	__u32 zero = 0;
+	const struct ct_config *config = bpf_map_lookup_elem(&ct_config, &zero);
+	__u32 seconds;
+
+	if (!config)
+		return 0;
+	if (proto != IPPROTO_TCP)
+		seconds = config->non_tcp_s;
+	else if (entry->flags & CT_FLAG_CLOSING)
+		seconds = config->tcp_closing_s;
+	else if (entry->flags & CT_FLAG_SEEN_REPLY)
+		seconds = config->tcp_established_s;
+	else
+		seconds = config->tcp_syn_s;
+	return seconds * NSEC_PER_SEC;
+}
+
 static __always_inline bool ct_expired(const struct ct4_entry *entry, __u8 proto, __u64 now)
 {
-	__u64 lifetime = CT_LIFETIME_NONTCP;
-
-	if (proto == IPPROTO_TCP)
-		lifetime = entry->flags & CT_FLAG_CLOSING ? CT_LIFETIME_TCP_CLOSING : CT_LIFETIME_TCP;
 	/* Another CPU may have stamped the entry with a slightly later clock than this
 	 * packet's: that is a fresh entry, not one from the far past. */
-	return now > entry->last_seen_ns && now - entry->last_seen_ns > lifetime;
+	return now > entry->last_seen_ns && now - entry->last_seen_ns > ct_lifetime(entry, proto);
 }
 
 /* Accounts @pkt to an existing entry in place, without a map update: only counters,

@@ -58,6 +58,13 @@ struct {
 } ct4 SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32); /* always 0 */
+	__type(value, struct ct_config);
+	__uint(max_entries, 1);
+} ct_config SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32); /* ifindex of the host-side veth */
 	__type(value, struct endpoint_info);

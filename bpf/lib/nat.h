@@ -13,6 +13,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "parse.h"
+#include "sctp.h"
 
 #define IP_CSUM_OFF  (ETH_HLEN + __builtin_offsetof(struct iphdr, check))
 #define IP_SADDR_OFF (ETH_HLEN + __builtin_offsetof(struct iphdr, saddr))
@@ -32,7 +33,7 @@ static __always_inline __u32 l4_dport_off(const struct pkt4 *pkt)
 /* Whether this packet holds a TCP or UDP checksum to update. A later fragment has no
  * L4 header (its datagram's checksum sits in the first fragment, which was updated by
  * the same difference). SCTP's CRC32c covers no IP address, and a changed port cannot
- * be folded into it incrementally: rewrites leave it as it is. */
+ * be folded into it incrementally: nat_rewrite_port recomputes it (sctp.h). */
 static __always_inline bool l4_csum_present(const struct pkt4 *pkt)
 {
 	return !pkt->later_fragment && (pkt->proto == IPPROTO_TCP || pkt->proto == IPPROTO_UDP);
@@ -79,7 +80,11 @@ static __always_inline int nat_rewrite_port(struct __sk_buff *skb, const struct 
 	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_port, new_port,
 				sizeof(new_port) | l4_csum_flags(pkt)) < 0)
 		return -1;
-	return bpf_skb_store_bytes(skb, off, &new_port, sizeof(new_port), 0);
+	if (bpf_skb_store_bytes(skb, off, &new_port, sizeof(new_port), 0) < 0)
+		return -1;
+	if (pkt->proto == IPPROTO_SCTP)
+		return sctp_csum_update(skb, pkt->l4_off);
+	return 0;
 }
 
 /* Swaps the Ethernet addresses so a frame turned around towards its sender is

@@ -218,4 +218,55 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 	return PARSE_L4;
 }
 
+/* Where an ICMP error's quoted packet sits: the ICMP header (8 bytes: type, code,
+ * checksum, 4 more) at pkt->l4_off, then the quoted IP header, then its L4 header. */
+#define ICMP_HDR_LEN    8
+#define ICMP_QUOTED_L4  8 /* the L4 bytes RFC 792 guarantees: the ports and, for UDP, the checksum */
+
+/* The packet an ICMP error quotes (@pkt is the error, PARSE_IPV4 from parse_ipv4): its
+ * tuple as its sender sent it into *@quoted, l4_off naming the quoted L4 header.
+ * Returns whether the error quotes an option-less IPv4 header of a protocol with ports
+ * (TCP, UDP, SCTP) with at least its first 8 L4 bytes; other errors carry nothing to
+ * translate. */
+static __always_inline bool parse_icmp_quote(struct __sk_buff *skb, const struct pkt4 *pkt,
+					     struct pkt4 *quoted)
+{
+	__u32 ip_off = pkt->l4_off + ICMP_HDR_LEN;
+	void *data, *data_end;
+	struct l4_ports *ports;
+	struct iphdr *ip;
+	__u8 *icmp;
+
+	if (pkt->proto != IPPROTO_ICMP || pkt->l4_off != ETH_HLEN + sizeof(struct iphdr))
+		return false;
+	if (!pkt_make_linear(skb, ETH_HLEN + sizeof(struct iphdr) + ICMP_HDR_LEN +
+				       sizeof(struct iphdr) + ICMP_QUOTED_L4))
+		return false;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	icmp = data + ETH_HLEN + sizeof(struct iphdr);
+	ip = data + ETH_HLEN + sizeof(struct iphdr) + ICMP_HDR_LEN;
+	ports = (void *)(ip + 1);
+	if ((void *)(ports + 1) > data_end || (void *)(icmp + ICMP_HDR_LEN) > data_end)
+		return false;
+	if (!icmp_is_error(icmp[0]) || ip->version != 4 || ip->ihl != 5)
+		return false;
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
+	    ip->protocol != IPPROTO_SCTP)
+		return false;
+	/* A quoted later fragment holds no ports. */
+	if (ip->frag_off & bpf_htons(IP_OFFSET))
+		return false;
+	*quoted = (struct pkt4){
+		.saddr = ip->saddr,
+		.daddr = ip->daddr,
+		.sport = ports->source,
+		.dport = ports->dest,
+		.proto = ip->protocol,
+		.l4_off = ip_off + sizeof(struct iphdr),
+		.len = pkt->len,
+	};
+	return true;
+}
+
 #endif

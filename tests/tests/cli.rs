@@ -58,10 +58,24 @@ fn the_cli_inspects_the_agent_and_drives_the_lab() {
             .iter()
             .any(|e| e["scope"] == "service" && e["destination"] == format!("{vip}:80"))
     );
+    // curl's connection is closed: its entries have the closing lifetime (10 s) left at most.
+    for e in ct.as_array().unwrap() {
+        let closing = e["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "closing");
+        if e["protocol"] == "TCP" && closing {
+            assert!(e["expires_seconds"].as_u64().unwrap() <= 10, "{e}");
+        }
+    }
+    assert!(lab.cli(&["ct", "list"]).contains("EXPIRES"));
 
     let status = lab.cli_json(&["status"]);
     assert_eq!(status["healthy"], true);
     assert_eq!(status["desired_generation"], status["realized_generation"]);
+    assert_eq!(status["conntrack"]["tcp_established_s"], 21_600);
+    assert!(lab.cli(&["status"]).contains("established 21600s"));
     assert!(
         status["maps"]
             .as_array()

@@ -7,6 +7,7 @@
 //! nothing upstream changed. All kernel work runs on the blocking pool; [`server`] answers
 //! the CLI on a Unix socket from the state the loop publishes (see [`views`]).
 
+mod conntrack;
 pub mod health;
 mod host_cgroup;
 mod http;
@@ -119,6 +120,8 @@ pub struct AgentConfig {
     pub policy_log: Option<policy_log::PolicyLogConfig>,
     /// How pod traffic reaches other nodes.
     pub routing: routing::RoutingConfig,
+    /// How often the conntrack garbage collector removes expired entries.
+    pub ct_gc_interval: Duration,
     /// The cgroup of the node's own processes, for socket load balancing; None: no socket
     /// programs.
     pub host_cgroup: Option<PathBuf>,
@@ -170,6 +173,17 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         info!(path = %log.path.display(), mode = ?log.mode, "policy action log");
         tokio::spawn(policy_log::follow(flows.subscribe(), logger));
     }
+
+    tokio::spawn({
+        let (pin_dir, metrics) = (config.pin_dir.clone(), metrics.clone());
+        async move {
+            if let Err(e) =
+                conntrack::collect_garbage(pin_dir, config.ct_gc_interval, metrics).await
+            {
+                tracing::error!(error = %e, "conntrack GC stopped");
+            }
+        }
+    });
 
     let snapshots = source::start(&config.source, config.node_port_range)?;
     info!(node = %config.node, "agent running");

@@ -9,7 +9,7 @@ use sluice_agent::{
     policy_log::{PolicyLogConfig, PolicyLogMode},
     routing::RoutingConfig,
 };
-use sluice_common::RoutingMode;
+use sluice_common::{CtConfig, RoutingMode};
 use sluice_datapath::DatapathConfig;
 
 #[derive(Parser)]
@@ -41,9 +41,25 @@ struct Args {
     /// closed and is reported by status and verify.
     #[arg(long, default_value_t = sluice_compiler::DEFAULT_POLICY_MAP_MAX)]
     policy_map_max: u32,
-    /// Conntrack table size.
-    #[arg(long, default_value_t = DatapathConfig::default().ct_max_entries)]
+    /// Conntrack table size, when the table is created (a pinned table keeps its size: the
+    /// agent warns, and removing the pin resizes it at the next start).
+    #[arg(long, alias = "ct-max", default_value_t = DatapathConfig::default().ct_max_entries)]
     ct_max_entries: u32,
+    /// Seconds an idle TCP connection keeps its conntrack entry before any reply.
+    #[arg(long, default_value_t = CtConfig::default().tcp_syn_s, value_parser = seconds())]
+    ct_timeout_syn: u32,
+    /// Seconds an idle established TCP connection keeps its entry.
+    #[arg(long, default_value_t = CtConfig::default().tcp_established_s, value_parser = seconds())]
+    ct_timeout_established: u32,
+    /// Seconds an idle TCP connection keeps its entry after a FIN or RST.
+    #[arg(long, default_value_t = CtConfig::default().tcp_closing_s, value_parser = seconds())]
+    ct_timeout_closing: u32,
+    /// Seconds an idle UDP, SCTP or ICMP flow keeps its entry.
+    #[arg(long, default_value_t = CtConfig::default().non_tcp_s, value_parser = seconds())]
+    ct_timeout_non_tcp: u32,
+    /// Seconds between runs of the conntrack garbage collector.
+    #[arg(long, default_value_t = 30.0)]
+    ct_gc_interval: f64,
     /// Entries of the service map (one per service port plus one per backend slot) and of
     /// the backend map.
     #[arg(long, default_value_t = DatapathConfig::default().lb_max_entries)]
@@ -102,6 +118,11 @@ struct Args {
     host_cgroup: Option<PathBuf>,
 }
 
+/// A lifetime in seconds: zero would expire every entry at its first packet.
+fn seconds() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -128,7 +149,14 @@ fn main() -> anyhow::Result<()> {
         datapath: DatapathConfig {
             ct_max_entries: args.ct_max_entries,
             lb_max_entries: args.lb_map_max,
+            ct_timeouts: CtConfig {
+                tcp_syn_s: args.ct_timeout_syn,
+                tcp_established_s: args.ct_timeout_established,
+                tcp_closing_s: args.ct_timeout_closing,
+                non_tcp_s: args.ct_timeout_non_tcp,
+            },
         },
+        ct_gc_interval: Duration::from_secs_f64(args.ct_gc_interval.max(0.1)),
         flows_max: args.flows_max,
         events: EventsConfig {
             enabled: args.events == "on",

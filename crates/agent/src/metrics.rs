@@ -12,7 +12,7 @@ use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{
-        MetricType, counter::ConstCounter, counter::Counter, gauge::ConstGauge,
+        MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge,
         histogram::Histogram, info::Info,
     },
     registry::{Registry, Unit},
@@ -25,6 +25,8 @@ use sluice_common::{
 use sluice_datapath::PinnedMaps;
 
 use crate::AgentError;
+/// Why the agent removed conntrack entries: the label of `sluice_conntrack_gc_deleted`.
+pub use crate::conntrack::Removal;
 
 /// Content type of [`Metrics::render`]'s output: OpenMetrics text, which Prometheus reads.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -35,6 +37,10 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     reconcile_errors: Counter,
     policy_log_suppressed: Counter,
+    ct_gc_runs: Counter,
+    ct_gc_duration: Histogram,
+    /// Conntrack entries removed by the agent, by [`Removal`].
+    ct_removed: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -46,6 +52,12 @@ impl Default for Metrics {
             ),
             reconcile_errors: Counter::default(),
             policy_log_suppressed: Counter::default(),
+            ct_gc_runs: Counter::default(),
+            // 1 ms to ~4 s: a run walks up to the whole table.
+            ct_gc_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 13),
+            ),
+            ct_removed: Family::default(),
         }
     }
 }
@@ -56,6 +68,20 @@ impl Metrics {
         if !ok {
             self.reconcile_errors.inc();
         }
+    }
+
+    /// One run of the conntrack garbage collector, which removed `removed` entries.
+    pub fn observe_ct_gc(&self, elapsed: Duration, reason: Removal, removed: u64) {
+        self.ct_gc_runs.inc();
+        self.ct_gc_duration.observe(elapsed.as_secs_f64());
+        self.count_ct_removed(reason, removed);
+    }
+
+    /// Conntrack entries the agent removed, and why.
+    pub fn count_ct_removed(&self, reason: Removal, removed: u64) {
+        self.ct_removed
+            .get_or_create(&vec![("reason", reason.as_str())])
+            .inc_by(removed);
     }
 
     /// The counter of policy log lines not written (rate limit or full queue).
@@ -91,6 +117,27 @@ impl Metrics {
             "sluice_policy_log_suppressed",
             "Policy action log lines not written because of the rate limit or a full queue",
             self.policy_log_suppressed.clone(),
+        );
+        registry.register(
+            "sluice_conntrack_gc_runs",
+            "Runs of the conntrack garbage collector",
+            self.ct_gc_runs.clone(),
+        );
+        registry.register_with_unit(
+            "sluice_conntrack_gc_duration",
+            "Duration of the conntrack garbage collector's runs (a walk of the table)",
+            Unit::Seconds,
+            self.ct_gc_duration.clone(),
+        );
+        // Every reason from the start, so a rate over it exists before the first removal.
+        for reason in Removal::ALL {
+            self.count_ct_removed(reason, 0);
+        }
+        registry.register(
+            "sluice_conntrack_gc_deleted",
+            "Conntrack entries the agent removed: expired (garbage collector) or \
+             backend_removed (purged after their backend left the service)",
+            self.ct_removed.clone(),
         );
         registry.register(
             "sluice_build",
@@ -184,6 +231,17 @@ impl KernelSample {
             events,
             maps: sizes,
         })
+    }
+
+    /// Entries over capacity (0 for a map not sampled).
+    fn fill(&self, map: MapId) -> f64 {
+        self.maps
+            .iter()
+            .find(|(id, _, _)| *id == map)
+            .filter(|(_, _, capacity)| *capacity > 0)
+            .map_or(0.0, |(_, entries, capacity)| {
+                *entries as f64 / f64::from(*capacity)
+            })
     }
 
     fn entries(&self, map: MapId) -> u64 {
@@ -331,6 +389,16 @@ impl Collector for KernelSample {
                 MetricType::Gauge,
             )?;
             ConstGauge::new(gauge(self.entries(MapId::Conntrack))).encode(metric)?;
+        }
+        {
+            let metric = encoder.encode_descriptor(
+                "sluice_conntrack_fill_ratio",
+                "Entries in the conntrack table over its capacity; the LRU evicts live \
+                 connections near 1",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(self.fill(MapId::Conntrack)).encode(metric)?;
         }
         {
             let metric = encoder.encode_descriptor(

@@ -19,7 +19,9 @@ use sluice_store::Snapshot;
 use tracing::{debug, info, warn};
 
 use crate::{
-    AgentConfig, AgentError, host_cgroup, nodes,
+    AgentConfig, AgentError,
+    conntrack::{self, Conntrack},
+    host_cgroup, nodes,
     routing::{self, Routing},
     views::Published,
     views::fails_closed,
@@ -45,6 +47,12 @@ pub struct Node {
     realized_revision: u64,
     reconciles: u64,
     last_error: Option<String>,
+    /// Where the service connections of removed backends are purged.
+    conntrack: Conntrack,
+    /// Entries purged since the loop last took the count for the metrics.
+    purged: u64,
+    /// Whether conntrack was checked against the backends once since the start.
+    backends_checked: bool,
 }
 
 impl Node {
@@ -53,6 +61,7 @@ impl Node {
         let mut datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
         host_cgroup::start(&mut datapath, config.host_cgroup.as_deref())?;
         let routing = Routing::start(config.routing.clone(), &config.pin_dir)?;
+        conntrack::check_capacity(&config.pin_dir, config.datapath.ct_max_entries)?;
         Ok(Self {
             name: config.node.clone(),
             datapath,
@@ -68,6 +77,9 @@ impl Node {
             realized_revision: 0,
             reconciles: 0,
             last_error: None,
+            conntrack: Conntrack::open(&config.pin_dir)?,
+            purged: 0,
+            backends_checked: false,
         })
     }
 
@@ -147,6 +159,7 @@ impl Node {
         let stats = self
             .tables
             .realize(Desired::of(&desired, self.policy_map_max))?;
+        self.purge_removed_backends(&desired)?;
         // Programs go on after the maps they read are complete, and come off interfaces
         // whose endpoint is gone.
         let mut attached = false;
@@ -176,6 +189,48 @@ impl Node {
         self.desired = Arc::new(desired);
         attached |= host?.unwrap_or(false);
         Ok(stats.changed() || attached)
+    }
+
+    /// Right after the realizer removed backends, removes their service connections from
+    /// conntrack, so their clients choose again with their next packet (a UDP client on
+    /// one source port would otherwise keep its entry for as long as it sends). After a
+    /// start, what was removed while no agent ran is unknown: the first pass removes the
+    /// service connections of every backend the desired state does not have.
+    fn purge_removed_backends(&mut self, desired: &DesiredState) -> Result<(), AgentError> {
+        let (backends, purged) = if self.backends_checked {
+            let gone: BTreeSet<_> = self
+                .desired
+                .backends
+                .keys()
+                .filter(|key| !desired.backends.contains_key(key))
+                .copied()
+                .collect();
+            if gone.is_empty() {
+                return Ok(());
+            }
+            let purged = self.conntrack.purge_backends(|b| gone.contains(b))?;
+            (gone.len(), purged)
+        } else {
+            let purged = self
+                .conntrack
+                .purge_backends(|b| !desired.backends.contains_key(b))?;
+            self.backends_checked = true;
+            if purged == 0 {
+                return Ok(());
+            }
+            (0, purged)
+        };
+        info!(
+            backends,
+            purged, "purged the conntrack entries of removed backends"
+        );
+        self.purged += purged;
+        Ok(())
+    }
+
+    /// Conntrack entries purged since the last call, for the metrics.
+    pub fn take_purged(&mut self) -> u64 {
+        std::mem::take(&mut self.purged)
     }
 
     fn compile(&self) -> DesiredState {

@@ -15,8 +15,8 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    AgentError, Node, health::HealthServers, http::Readiness, metrics::Metrics, observe::Names,
-    views::Published,
+    AgentError, Node, conntrack::Removal, health::HealthServers, http::Readiness, metrics::Metrics,
+    observe::Names, views::Published,
 };
 
 /// What the API asks of the loop: work that writes the kernel or must not overlap a pass.
@@ -91,6 +91,7 @@ impl Loop {
                 let started = Instant::now();
                 let ok = node.reconcile();
                 metrics.observe_reconcile(started.elapsed(), ok);
+                metrics.count_ct_removed(Removal::BackendRemoved, node.take_purged());
                 if ok {
                     ready.set();
                 }

@@ -11,13 +11,13 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use sluice_api::{
     AgentStatus, BackendEntry, CtEntry, EndpointEntry, EndpointPolicyView, FailsClosed,
     IdentityEntry, MapStatus, PolicyRow, ServiceEntry, UnsupportedField, VerifyReport,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, IDENTITY_ANY, Lb4BackendKey, Lb4Key,
+    Ct4Entry, Ct4Key, CtConfig, IDENTITY_ANY, Lb4BackendKey, Lb4Key,
     kinds::{
         BackendState, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind, Protocol, RowState,
         ServiceKind,
@@ -58,6 +58,8 @@ pub struct Published {
 pub struct ApiMaps {
     tables: KernelTables,
     conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
+    /// The conntrack lifetimes the datapath and the GC expire entries by.
+    ct_config: Array<MapData, CtConfig>,
     /// Every map of the registry, for the sizes `status` reports.
     inventory: MapInventory,
 }
@@ -68,6 +70,7 @@ impl ApiMaps {
         Ok(Self {
             tables: KernelTables::open(pin_dir)?,
             conntrack: maps.conntrack,
+            ct_config: maps.ct_config,
             inventory: maps.inventory,
         })
     }
@@ -157,6 +160,7 @@ pub struct View<'a> {
     state: Arc<Published>,
     tables: &'a KernelTables,
     conntrack: &'a HashMap<MapData, Ct4Key, Ct4Entry>,
+    ct_config: &'a Array<MapData, CtConfig>,
     inventory: &'a MapInventory,
 }
 
@@ -174,6 +178,7 @@ impl<'a> View<'a> {
             state,
             tables: &maps.tables,
             conntrack: &maps.conntrack,
+            ct_config: &maps.ct_config,
             inventory: &maps.inventory,
         }
     }
@@ -203,6 +208,15 @@ impl<'a> View<'a> {
             fails_closed: self.fails_closed(),
             unsupported: self.desired.unsupported().map(unsupported_field).collect(),
             routing: self.routing.clone(),
+            conntrack: Some(self.ct_config()?),
+        })
+    }
+
+    /// The conntrack lifetimes as the kernel holds them.
+    fn ct_config(&self) -> Result<CtConfig, AgentError> {
+        self.ct_config.get(&0, 0).map_err(|source| AgentError::Map {
+            map: names::CT_CONFIG,
+            source,
         })
     }
 
@@ -267,6 +281,7 @@ impl<'a> View<'a> {
 
     pub fn conntrack(&self) -> Result<Vec<CtEntry>, AgentError> {
         let now = monotonic_ns();
+        let config = self.ct_config()?;
         let mut out = Vec::new();
         for item in self.conntrack.iter() {
             let (k, v) = item.map_err(map_err(names::CONNTRACK))?;
@@ -281,6 +296,8 @@ impl<'a> View<'a> {
                 bytes: v.bytes,
                 age_seconds: now.saturating_sub(v.created_ns) / 1_000_000_000,
                 idle_seconds: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+                expires_seconds: u64::from(config.lifetime_s(k.proto, v.flags))
+                    .saturating_sub(now.saturating_sub(v.last_seen_ns) / 1_000_000_000),
                 flags: CtFlag::from_bits(v.flags),
             });
         }

@@ -482,12 +482,8 @@ fn native_mode_agents_carry_pods_and_nodes_across() {
     node_b_leaves(&mut nodes);
 
     // Restarted without an underlay device, the agent takes from_netdev off it.
-    let netns = nodes.node_a.name().to_owned();
-    let cluster_file = nodes.cluster_file.clone();
     let args = ["--routing-mode", "local", "--reconcile-interval", "0.5"];
-    nodes
-        .agent_a
-        .restart("node-a", &netns, &cluster_file, &args);
+    nodes.agent_a.restart(&args);
     let node_a = &nodes.node_a;
     nodes
         .agent_a

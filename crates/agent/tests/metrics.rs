@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use aya::maps::PerCpuValues;
-use sluice_agent::metrics::Metrics;
+use sluice_agent::metrics::{Metrics, Removal};
 use sluice_common::{
     CT_EGRESS, Ct4Entry, Ct4Key, DropReason, EVENT_DROP, EVENT_POLICY_VERDICT, EventCounter,
     IPPROTO_TCP, METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MetricsValue, event_counter_index,
@@ -92,6 +92,8 @@ fn scrape_reads_the_kernel_maps() {
 
     let metrics = Metrics::default();
     metrics.observe_reconcile(std::time::Duration::from_millis(12), true);
+    metrics.observe_ct_gc(std::time::Duration::from_millis(3), Removal::Expired, 5);
+    metrics.count_ct_removed(Removal::BackendRemoved, 2);
     let text = metrics.render(&maps).expect("render");
     for line in [
         "sluice_forward_packets_total{direction=\"egress\"} 10",
@@ -108,6 +110,12 @@ fn scrape_reads_the_kernel_maps() {
         "sluice_events_total{type=\"policy-verdict\",direction=\"ingress\",outcome=\"lost\"} 1",
         "sluice_events_total{type=\"drop\",direction=\"ingress\",outcome=\"emitted\"} 4",
         "sluice_conntrack_entries 2",
+        // 2 of 4096.
+        "sluice_conntrack_fill_ratio 0.00048828125",
+        "sluice_conntrack_gc_runs_total 1",
+        "sluice_conntrack_gc_duration_seconds_count 1",
+        "sluice_conntrack_gc_deleted_total{reason=\"expired\"} 5",
+        "sluice_conntrack_gc_deleted_total{reason=\"backend_removed\"} 2",
         "sluice_map_entries{map=\"ct4\"} 2",
         "sluice_map_capacity{map=\"ct4\"} 4096",
         "sluice_map_capacity{map=\"policy\"} 4096",

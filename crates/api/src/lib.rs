@@ -102,6 +102,9 @@ pub struct AgentStatus {
     /// How this node carries pod traffic to the others.
     #[serde(default)]
     pub routing: RoutingStatus,
+    /// The conntrack lifetimes the datapath and the garbage collector expire entries by.
+    #[serde(default)]
+    pub conntrack: Option<sluice_common::CtConfig>,
 }
 
 /// The routing mode of pod traffic between nodes and the devices it uses.
@@ -241,6 +244,10 @@ pub struct CtEntry {
     pub bytes: u64,
     pub age_seconds: u64,
     pub idle_seconds: u64,
+    /// Seconds of idleness left before the entry expires (the lifetime of its state, see
+    /// `AgentStatus::conntrack`); 0 once expired, until the GC removes it.
+    #[serde(default)]
+    pub expires_seconds: u64,
     pub flags: Vec<CtFlag>,
 }
 

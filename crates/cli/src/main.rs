@@ -182,6 +182,12 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
         routing.push_str(&format!(", underlay device {underlay}"));
     }
     println!("Routing:    {routing}");
+    if let Some(ct) = &s.conntrack {
+        println!(
+            "Conntrack:  idle lifetimes TCP SYN {}s, established {}s, closing {}s, other {}s",
+            ct.tcp_syn_s, ct.tcp_established_s, ct.tcp_closing_s, ct.non_tcp_s
+        );
+    }
     println!();
     let rows: Vec<_> = s
         .maps
@@ -294,6 +300,7 @@ fn ct_list(client: &Client, output: Output) -> anyhow::Result<()> {
                 e.bytes.to_string(),
                 format!("{}s", e.age_seconds),
                 format!("{}s", e.idle_seconds),
+                format!("{}s", e.expires_seconds),
                 e.flags
                     .iter()
                     .map(|f| f.as_str())
@@ -304,7 +311,7 @@ fn ct_list(client: &Client, output: Output) -> anyhow::Result<()> {
         .collect();
     table::print(
         &[
-            "PROTO", "SCOPE", "TUPLE", "NAT", "PACKETS", "BYTES", "AGE", "IDLE", "FLAGS",
+            "PROTO", "SCOPE", "TUPLE", "NAT", "PACKETS", "BYTES", "AGE", "IDLE", "EXPIRES", "FLAGS",
         ],
         &rows,
     );

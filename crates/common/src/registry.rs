@@ -10,9 +10,9 @@
 use aya::maps::MapType;
 
 use crate::{
-    Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service,
-    Lb4SourceRangeKey, MetricsValue, NodeConfig,
+    Ct4Entry, Ct4Key, CtConfig, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports,
+    IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey,
+    Lb4Service, Lb4SourceRangeKey, MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -33,6 +33,7 @@ pub enum MapId {
     NodeConfig,
     RevNatSockets,
     SourceRanges,
+    CtConfig,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -140,7 +141,7 @@ const ENDPOINTS_MAX: u32 = 4096;
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
 /// backends before the service slots that name them, and source ranges before the
 /// frontend flag that restricts to them.
-pub const MAPS: [MapDef; 15] = [
+pub const MAPS: [MapDef; 16] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(5), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
@@ -174,6 +175,9 @@ pub const MAPS: [MapDef; 15] = [
          capacity: None, realize: None, count: Entries),
     map!(SourceRanges, "lb4_source_ranges", LpmTrie, Lb4SourceRangeKey => u32, 65536,
          capacity: None, realize: Some(4), count: Entries),
+    // Written by the datapath's loader from the agent's conntrack timeout flags.
+    map!(CtConfig, "ct_config", Array, u32 => CtConfig, 1,
+         capacity: None, realize: None, count: Uncounted),
 ];
 
 const _: () = {
@@ -220,6 +224,8 @@ pub mod names {
     pub const REVNAT_SOCKETS: &str = MapId::RevNatSockets.name();
     /// The sources each load balancer frontend with loadBalancerSourceRanges admits.
     pub const SOURCE_RANGES: &str = MapId::SourceRanges.name();
+    /// Conntrack lifetimes by connection state.
+    pub const CT_CONFIG: &str = MapId::CtConfig.name();
 }
 
 #[cfg(test)]

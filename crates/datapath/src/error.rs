@@ -64,6 +64,8 @@ pub enum DatapathError {
     },
     #[error("reading map {map}: {source}")]
     MapRead { map: &'static str, source: MapError },
+    #[error("writing map {map}: {source}")]
+    MapWrite { map: &'static str, source: MapError },
     #[error("reading the kernel's info on map {map}: {source}")]
     MapInfo { map: &'static str, source: MapError },
     #[error(

@@ -28,7 +28,7 @@ use aya::{
     },
     sys::SyscallError,
 };
-use sluice_common::{CapacitySetting, MAPS, MapDef, MapId};
+use sluice_common::{CapacitySetting, CtConfig, MAPS, MapDef, MapId};
 
 pub use error::DatapathError;
 pub use pinned::{
@@ -54,6 +54,8 @@ pub struct DatapathConfig {
     /// backend slot) and of the backend map, when they are created. Both are allocated
     /// per entry, so a large cap costs only its hash buckets (16 bytes an entry).
     pub lb_max_entries: u32,
+    /// Conntrack lifetimes by connection state, written to `ct_config` at every load.
+    pub ct_timeouts: CtConfig,
 }
 
 impl Default for DatapathConfig {
@@ -63,6 +65,7 @@ impl Default for DatapathConfig {
             // 100,000 services with three backends take 500,000 service entries; the
             // incumbent's ceiling of 260,000 backends must not be ours.
             lb_max_entries: MapId::Services.def().max_entries,
+            ct_timeouts: CtConfig::default(),
         }
     }
 }
@@ -109,6 +112,8 @@ impl Datapath {
             .map(|object| load_object(object, pin_dir, config))
             .collect::<Result<_, _>>()?;
         adopt_unsorted_links(pin_dir)?;
+        // Before any program is attached: the datapath expires entries by it.
+        write_ct_config(pin_dir, config.ct_timeouts)?;
         Ok(Self {
             objects,
             pin_dir: pin_dir.into(),
@@ -234,6 +239,17 @@ fn load_object(
         })?;
     }
     Ok(ebpf)
+}
+
+/// Writes the conntrack lifetimes the datapath and the agent's GC expire entries by.
+fn write_ct_config(pin_dir: &Path, config: CtConfig) -> Result<(), DatapathError> {
+    let mut maps = PinnedMaps::open(pin_dir)?;
+    maps.ct_config
+        .set(0, config, 0)
+        .map_err(|source| DatapathError::MapWrite {
+            map: MapId::CtConfig.name(),
+            source,
+        })
 }
 
 fn links_dir(pin_dir: &Path, role: AttachRole) -> PathBuf {

@@ -11,9 +11,10 @@ use aya::maps::{
     Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRange,
-    MAPS, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index, names,
+    Ct4Entry, Ct4Key, CtConfig, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports,
+    IpcacheEntry, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service,
+    Lb4SourceRange, MAPS, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch,
+    metrics_index, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -57,6 +58,8 @@ pub struct PinnedMaps {
     pub revnat_sockets: HashMap<MapData, Lb4RevnatSkKey, Lb4RevnatSk>,
     /// Load balancer frontend and source prefix -> admitted (loadBalancerSourceRanges).
     pub source_ranges: LpmTrie<MapData, Lb4SourceRange, u32>,
+    /// Conntrack lifetimes by connection state (index 0).
+    pub ct_config: Array<MapData, CtConfig>,
     /// Every map of the registry, for capacities and entry counts.
     pub inventory: MapInventory,
 }
@@ -101,6 +104,7 @@ impl PinnedMaps {
             node_config: open_typed(pin_dir, MapId::NodeConfig, Array::try_from)?,
             revnat_sockets: open_typed(pin_dir, MapId::RevNatSockets, HashMap::try_from)?,
             source_ranges: open_typed(pin_dir, MapId::SourceRanges, LpmTrie::try_from)?,
+            ct_config: open_typed(pin_dir, MapId::CtConfig, Array::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
     }

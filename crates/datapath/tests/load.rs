@@ -15,6 +15,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
     let config = DatapathConfig {
         ct_max_entries: 4096,
         lb_max_entries: 300_000,
+        ..DatapathConfig::default()
     };
     let mut datapath = Datapath::load(pins.path(), &config).expect("load");
 
@@ -37,6 +38,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::NODE_CONFIG, 1),
             (names::REVNAT_SOCKETS, 65536),
             (names::SOURCE_RANGES, 65536),
+            (names::CT_CONFIG, 1),
         ]
     );
 

@@ -558,13 +558,38 @@ fn expired_service_entries_select_again() {
     );
     assert_eq!(udp_to(&mut fx), BACKEND_1);
 
-    // TCP: hours while open (well past the UDP lifetime), 10 s once closing.
+    // TCP: 60 s before a reply (SYN), hours once established (well past the UDP
+    // lifetime), 10 s once closing.
     fx.set_ct(
         client(40010),
         vip(80),
         IPPROTO_TCP,
         CT_SERVICE,
-        entry(100, 0),
+        entry(100, CT_FLAG_SEEN_REPLY),
+    );
+    assert_eq!(fx.tcp_backend(client(40010), TCP_ACK), pinned);
+    fx.set_ct(
+        client(40011),
+        vip(80),
+        IPPROTO_TCP,
+        CT_SERVICE,
+        entry(30, 0),
+    );
+    assert_eq!(fx.tcp_backend(client(40011), TCP_SYN), pinned);
+    fx.set_ct(
+        client(40011),
+        vip(80),
+        IPPROTO_TCP,
+        CT_SERVICE,
+        entry(61, 0),
+    );
+    assert_eq!(fx.tcp_backend(client(40011), TCP_SYN), BACKEND_1);
+    fx.set_ct(
+        client(40010),
+        vip(80),
+        IPPROTO_TCP,
+        CT_SERVICE,
+        entry(5, CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING),
     );
     assert_eq!(fx.tcp_backend(client(40010), TCP_ACK), pinned);
     fx.set_ct(
@@ -572,15 +597,7 @@ fn expired_service_entries_select_again() {
         vip(80),
         IPPROTO_TCP,
         CT_SERVICE,
-        entry(5, CT_FLAG_CLOSING),
-    );
-    assert_eq!(fx.tcp_backend(client(40010), TCP_ACK), pinned);
-    fx.set_ct(
-        client(40010),
-        vip(80),
-        IPPROTO_TCP,
-        CT_SERVICE,
-        entry(11, CT_FLAG_CLOSING),
+        entry(11, CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING),
     );
     assert_eq!(fx.tcp_backend(client(40010), TCP_ACK), BACKEND_1);
 }

@@ -267,6 +267,9 @@ fn services_through_the_datapath(lxc_tx_checksum: bool) {
     support::add_service(&mut topo.maps, vip(81), IPPROTO_TCP, &[]);
     support::add_service(&mut topo.maps, vip(54), IPPROTO_UDP, &[]);
     support::add_service(&mut topo.maps, vip(82), IPPROTO_TCP, &[own]);
+    // A backend port nobody listens on: the backend's kernel answers port unreachable.
+    let closed = SocketAddrV4::new(BACKEND, 5999);
+    support::add_service(&mut topo.maps, vip(55), IPPROTO_UDP, &[closed]);
     let _web = tcp_server(&topo.backend, web);
     let _dns = udp_server(&topo.backend, dns);
     let _own = tcp_server(&topo.client, own);
@@ -316,6 +319,10 @@ fn services_through_the_datapath(lxc_tx_checksum: bool) {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
         assert!(started.elapsed() < Duration::from_secs(1));
         let err = udp_ask(vip(54)).expect_err("no backends");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        // The backend's own port unreachable reaches the socket only because its quoted
+        // header was translated back to the frontend the socket is connected to.
+        let err = udp_ask(vip(55)).expect_err("nobody listens on the backend port");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
 
         // Hairpin: the pod reaches itself through its service.

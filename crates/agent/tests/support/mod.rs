@@ -65,6 +65,7 @@ impl Drop for TempDir {
 /// A running agent and everything it was given. Fields drop in order: the process first.
 pub struct Agent {
     child: Child,
+    launch: Launch,
     pub pins: PinDir,
     /// Kept until the agent is gone; None when the caller owns the namespace.
     _netns: Option<NetNs>,
@@ -78,6 +79,15 @@ pub struct Agent {
 impl Agent {
     /// Writes `snapshot` as the cluster file, then starts the agent on it.
     pub fn start(name: &str, snapshot: &Snapshot, reconcile_interval: &str) -> Self {
+        Self::start_with(
+            name,
+            snapshot,
+            &["--reconcile-interval", reconcile_interval],
+        )
+    }
+
+    /// Writes `snapshot` as the cluster file, then starts the agent on it with `args`.
+    pub fn start_with(name: &str, snapshot: &Snapshot, args: &[&str]) -> Self {
         let dir = TempDir(std::env::temp_dir().join(unique(&format!("sluice-test-{name}-"))));
         let source_dir = dir.0.join("source");
         fs::create_dir_all(&source_dir).expect("create the test directory");
@@ -86,8 +96,7 @@ impl Agent {
         snapshot
             .write_file(&cluster_file)
             .expect("write the cluster file");
-        let args = ["--reconcile-interval", reconcile_interval];
-        let mut agent = Self::spawn(name, NODE, &netns.0, &cluster_file, &args, dir);
+        let mut agent = Self::spawn(name, NODE, &netns.0, &cluster_file, args, dir);
         agent._netns = Some(netns);
         agent
     }
@@ -117,9 +126,15 @@ impl Agent {
         let pins = PinDir::unique(&format!("sluice-test-{name}-"));
         let socket = dir.0.join("agent.sock");
         let log = dir.0.join("agent.log");
-        let child = run_agent(node, netns, cluster_file, pins.path(), &socket, &log, args);
+        let launch = Launch {
+            node: node.to_owned(),
+            netns: netns.to_owned(),
+            cluster_file: cluster_file.to_owned(),
+        };
+        let child = launch.spawn(pins.path(), &socket, &log, args);
         Self {
             child,
+            launch,
             pins,
             _netns: None,
             source_dir: cluster_file
@@ -129,22 +144,6 @@ impl Agent {
             log,
             _dir: dir,
         }
-    }
-
-    /// Stops the agent (SIGTERM) and starts it again on the same pins, socket and log,
-    /// with other `args`, as an operator changing its flags would.
-    pub fn restart(&mut self, node: &str, netns: &str, cluster_file: &Path, args: &[&str]) {
-        assert!(self.terminate(Duration::from_secs(10)).success());
-        let _ = fs::remove_file(&self.socket);
-        self.child = run_agent(
-            node,
-            netns,
-            cluster_file,
-            self.pins.path(),
-            &self.socket,
-            &self.log,
-            args,
-        );
     }
 
     pub fn cluster_file(&self) -> PathBuf {
@@ -199,6 +198,20 @@ impl Agent {
         self.wait_exit(timeout, "the agent still runs")
     }
 
+    /// Starts a new agent with `args` on the same cluster file, pins, socket and log, as a
+    /// restarted DaemonSet pod would, once the current one is stopped (here, unless the
+    /// caller stopped it already).
+    pub fn restart(&mut self, args: &[&str]) {
+        let exit = match self.child.try_wait().expect("wait for the agent") {
+            Some(exit) => exit,
+            None => self.terminate(Duration::from_secs(10)),
+        };
+        assert!(exit.success(), "{exit}\n{}", self.log_text());
+        self.child = self
+            .launch
+            .spawn(self.pins.path(), &self.socket, &self.log, args);
+    }
+
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
         kill(pid, Signal::SIGTERM).expect("kill -TERM the agent");
@@ -222,29 +235,30 @@ impl Agent {
     }
 }
 
-fn run_agent(
-    node: &str,
-    netns: &str,
-    cluster_file: &Path,
-    pins: &Path,
-    socket: &Path,
-    log: &Path,
-    args: &[&str],
-) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sluice-agent"))
-        .args(["--node", node, "--netns", netns])
-        .arg("--cluster-file")
-        .arg(cluster_file)
-        .arg("--pin-dir")
-        .arg(pins)
-        .arg("--api-socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(log).expect("create the agent log"))
-        .spawn()
-        .expect("spawn sluice-agent")
+/// What an agent process is started with, besides its pins, socket, log and flags.
+struct Launch {
+    node: String,
+    netns: String,
+    cluster_file: PathBuf,
+}
+
+impl Launch {
+    fn spawn(&self, pins: &Path, socket: &Path, log: &Path, args: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_sluice-agent"))
+            .args(["--node", &self.node, "--netns", &self.netns])
+            .arg("--cluster-file")
+            .arg(&self.cluster_file)
+            .arg("--pin-dir")
+            .arg(pins)
+            .arg("--api-socket")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(log).expect("create the agent log"))
+            .spawn()
+            .expect("spawn sluice-agent")
+    }
 }
 
 impl Drop for Agent {

@@ -77,12 +77,100 @@ impl Ct4Entry {
     }
 }
 
+impl Ct4Entry {
+    /// Whether the entry no longer describes its connection at `now_ns` (CLOCK_MONOTONIC),
+    /// by the datapath's rule (`ct_expired` in bpf/lib/conntrack.h): idle for longer than
+    /// the lifetime of its state. A stamp later than `now_ns` (another CPU's clock) is fresh.
+    pub fn expired(&self, proto: u8, now_ns: u64, config: &CtConfig) -> bool {
+        now_ns > self.last_seen_ns
+            && now_ns - self.last_seen_ns
+                > u64::from(config.lifetime_s(proto, self.flags)) * NS_PER_SEC
+    }
+}
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// `struct ct_config`: idle lifetimes in seconds by connection state (`ct_config`, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CtConfig {
+    /// TCP before any reply was seen.
+    pub tcp_syn_s: u32,
+    /// TCP after a reply, until a FIN or RST.
+    pub tcp_established_s: u32,
+    /// TCP after a FIN or RST.
+    pub tcp_closing_s: u32,
+    /// Every other protocol.
+    pub non_tcp_s: u32,
+}
+
+/// Cilium's defaults (`--bpf-ct-timeout-regular-tcp-syn` 1m, `-tcp` 6h, `-tcp-fin` 10s,
+/// `-any` 1m).
+impl Default for CtConfig {
+    fn default() -> Self {
+        Self {
+            tcp_syn_s: 60,
+            tcp_established_s: 6 * 3600,
+            tcp_closing_s: 10,
+            non_tcp_s: 60,
+        }
+    }
+}
+
+impl CtConfig {
+    /// The lifetime of an entry of `proto` with `flags` (`ct_lifetime` in conntrack.h).
+    pub fn lifetime_s(&self, proto: u8, flags: u8) -> u32 {
+        if proto != crate::IPPROTO_TCP {
+            self.non_tcp_s
+        } else if flags & CT_FLAG_CLOSING != 0 {
+            self.tcp_closing_s
+        } else if flags & CT_FLAG_SEEN_REPLY != 0 {
+            self.tcp_established_s
+        } else {
+            self.tcp_syn_s
+        }
+    }
+}
+
 // SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
 // initialized and any bit pattern is valid.
 unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Entry {}
+unsafe impl aya::Pod for CtConfig {}
 
 const _: () = {
     assert!(size_of::<Ct4Key>() == 16);
     assert!(size_of::<Ct4Entry>() == 48);
+    assert!(size_of::<CtConfig>() == 16);
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetime_follows_the_tcp_state() {
+        let config = CtConfig::default();
+        let tcp = crate::IPPROTO_TCP;
+        assert_eq!(config.lifetime_s(tcp, 0), 60);
+        assert_eq!(config.lifetime_s(tcp, CT_FLAG_SEEN_REPLY), 21_600);
+        assert_eq!(
+            config.lifetime_s(tcp, CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING),
+            10
+        );
+        assert_eq!(
+            config.lifetime_s(crate::IPPROTO_UDP, CT_FLAG_SEEN_REPLY),
+            60
+        );
+        let entry = Ct4Entry {
+            last_seen_ns: 100 * NS_PER_SEC,
+            ..Ct4Entry::default()
+        };
+        assert!(!entry.expired(tcp, 160 * NS_PER_SEC, &config));
+        assert!(entry.expired(tcp, 161 * NS_PER_SEC, &config));
+        assert!(
+            !entry.expired(tcp, 50 * NS_PER_SEC, &config),
+            "a later stamp is fresh"
+        );
+    }
+}

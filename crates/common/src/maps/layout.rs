@@ -80,6 +80,11 @@ pub const LAYOUTS: &[StructLayout] = &[
             pad
         ]
     ),
+    layout!(
+        "ct_config",
+        CtConfig,
+        [tcp_syn_s, tcp_established_s, tcp_closing_s, non_tcp_s]
+    ),
     layout!("endpoint_info", EndpointInfo, [ipv4, identity, flags, pad]),
     layout!("metrics_value", MetricsValue, [packets, bytes]),
     layout!("ipcache_key", IpcacheKey, [prefixlen, address]),

@@ -1,0 +1,185 @@
+//! Conntrack housekeeping: the garbage collector, which removes expired entries by the
+//! datapath's own rule (`ct_config`), and the purge of a removed backend's service
+//! connections right after the pass that removed it. Both walk `ct4` on the blocking pool
+//! through handles of their own, so neither waits for the other or for the reconcile loop.
+
+use std::{path::Path, time::Duration, time::Instant};
+
+use aya::maps::{Array, HashMap, MapData};
+use nix::time::{ClockId, clock_gettime};
+use sluice_common::{
+    CT_EGRESS, CT_SERVICE, Ct4Entry, Ct4Key, CtConfig, Lb4BackendKey, MapId, names,
+};
+use sluice_datapath::PinnedMaps;
+use tracing::{info, warn};
+
+use crate::{AgentError, metrics::Metrics};
+
+/// Why an entry was removed, as the metrics label it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Removal {
+    /// Idle for longer than the lifetime of its state.
+    Expired,
+    /// It led to a backend that left `lb4_backends`.
+    BackendRemoved,
+}
+
+impl Removal {
+    pub const ALL: [Removal; 2] = [Removal::Expired, Removal::BackendRemoved];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Removal::Expired => "expired",
+            Removal::BackendRemoved => "backend_removed",
+        }
+    }
+}
+
+/// The pinned conntrack table and its lifetimes.
+pub struct Conntrack {
+    table: HashMap<MapData, Ct4Key, Ct4Entry>,
+    config: Array<MapData, CtConfig>,
+}
+
+impl Conntrack {
+    pub fn open(pin_dir: &Path) -> Result<Self, AgentError> {
+        let maps = PinnedMaps::open(pin_dir)?;
+        Ok(Self {
+            table: maps.conntrack,
+            config: maps.ct_config,
+        })
+    }
+
+    fn config(&self) -> Result<CtConfig, AgentError> {
+        self.config.get(&0, 0).map_err(|source| AgentError::Map {
+            map: names::CT_CONFIG,
+            source,
+        })
+    }
+
+    /// Removes every entry that has expired (one GC run); returns how many it removed.
+    pub fn collect_expired(&mut self) -> Result<u64, AgentError> {
+        let config = self.config()?;
+        let now = monotonic_coarse_ns()?;
+        self.remove_where(|key, entry| entry.expired(key.proto, now, &config))
+    }
+
+    /// Removes the service conntrack entries of connections to backends that are `gone`:
+    /// the CT_SERVICE entries that chose one and the CT_EGRESS entries of connections to
+    /// one through a frontend. The next packet of such a connection chooses again.
+    pub fn purge_backends(
+        &mut self,
+        gone: impl Fn(&Lb4BackendKey) -> bool,
+    ) -> Result<u64, AgentError> {
+        self.remove_where(|key, entry| {
+            let backend = match key.scope {
+                CT_SERVICE => entry.nat(),
+                CT_EGRESS if entry.nat().is_some() => Some(key.dst()),
+                _ => None,
+            };
+            backend
+                .is_some_and(|(address, port)| gone(&Lb4BackendKey::new(address, port, key.proto)))
+        })
+    }
+
+    /// Deletes the entries `doomed` picks. Keys are gathered first (deleting while walking
+    /// would restart the kernel's walk), and each entry is judged once more just before
+    /// its deletion, as the datapath may have refreshed it meanwhile.
+    fn remove_where(
+        &mut self,
+        doomed: impl Fn(&Ct4Key, &Ct4Entry) -> bool,
+    ) -> Result<u64, AgentError> {
+        let read_err = |source| AgentError::Map {
+            map: names::CONNTRACK,
+            source,
+        };
+        let mut candidates = Vec::new();
+        for item in self.table.iter() {
+            match item {
+                Ok((key, entry)) if doomed(&key, &entry) => candidates.push(key),
+                Ok(_) => {}
+                // The LRU evicted the entry between two steps of the walk.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(read_err(source)),
+            }
+        }
+        let mut removed = 0;
+        for key in candidates {
+            let Ok(entry) = self.table.get(&key, 0) else {
+                continue;
+            };
+            if !doomed(&key, &entry) {
+                continue;
+            }
+            match self.table.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(read_err(source)),
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// The datapath's conntrack clock (`ct_now`: bpf_ktime_get_coarse_ns).
+fn monotonic_coarse_ns() -> Result<u64, AgentError> {
+    let now = clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_err(|source| AgentError::Sys {
+        call: "clock_gettime",
+        source,
+    })?;
+    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+}
+
+/// Runs the garbage collector every `interval` until the runtime stops: each run walks the
+/// table on the blocking pool, then logs and counts what it removed.
+pub async fn collect_garbage(
+    pin_dir: std::path::PathBuf,
+    interval: Duration,
+    metrics: Metrics,
+) -> Result<(), AgentError> {
+    let mut conntrack =
+        Some(tokio::task::spawn_blocking(move || Conntrack::open(&pin_dir)).await??);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick fires at once; the first run waits one interval.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(mut table) = conntrack.take() else {
+            return Ok(());
+        };
+        let (table, outcome, elapsed) = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let outcome = table.collect_expired();
+            (table, outcome, started.elapsed())
+        })
+        .await?;
+        conntrack = Some(table);
+        match outcome {
+            Ok(removed) => {
+                metrics.observe_ct_gc(elapsed, Removal::Expired, removed);
+                if removed > 0 {
+                    info!(removed, elapsed = ?elapsed, "conntrack GC removed expired entries");
+                }
+            }
+            Err(e) => warn!(error = %e, "conntrack GC failed; retrying on the next run"),
+        }
+    }
+}
+
+/// The capacity the conntrack table was created with differs from the configured one:
+/// a pinned table keeps its size (its live connections with it), so say so once.
+pub fn check_capacity(pin_dir: &Path, configured: u32) -> Result<(), AgentError> {
+    let maps = PinnedMaps::open(pin_dir)?;
+    let actual = maps.inventory.capacity(MapId::Conntrack);
+    if actual != configured {
+        warn!(
+            pinned = actual,
+            configured,
+            "the pinned conntrack table keeps its capacity; remove {} to resize it (its \
+             connections are then judged again)",
+            pin_dir.join(names::CONNTRACK).display()
+        );
+    }
+    Ok(())
+}

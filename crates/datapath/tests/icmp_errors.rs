@@ -1,0 +1,144 @@
+//! ICMP errors about service connections, on crafted packets through to_container
+//! (BPF_PROG_TEST_RUN; needs root, never skipped): the outer source and the quoted header
+//! are translated back to the frontend with every checksum right. The real-socket side
+//! (a connected UDP socket gets ECONNREFUSED) is in traffic.rs.
+// A test binary: a panic in a fixture helper is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use sluice_common::{
+    CT_EGRESS, CT_FLAG_SEEN_REPLY, Ct4Entry, Ct4Key, IPPROTO_TCP, IPPROTO_UDP, addr_be,
+    programs::TO_CONTAINER,
+};
+use sluice_datapath::PinnedMaps;
+use support::{
+    ETH_HLEN, Frame, IPPROTO_ICMP, NODE_MAC, POD_MAC, TC_ACT_OK, TCP_ACK, TCP_PSH, checksum,
+    ethernet, ip_checksum_ok, ipv4_header, l4_checksum_ok, run, tcp, udp,
+};
+
+const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 50000);
+const FRONTEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 53);
+const BACKEND: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 5353);
+/// A router between client and backend, as the sender of fragmentation needed.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+
+/// An ICMP destination unreachable from `from` to the quoted packet's sender, quoting the
+/// IP packet of `frame` whole (Linux quotes up to 576 bytes).
+fn unreachable(from: Ipv4Addr, code: u8, mtu: u16, frame: &[u8]) -> Vec<u8> {
+    let quoted = &frame[ETH_HLEN..];
+    let mut icmp = vec![ICMP_DEST_UNREACH, code, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let to = Ipv4Addr::new(quoted[12], quoted[13], quoted[14], quoted[15]);
+    let mut ip = ipv4_header(from, to, IPPROTO_ICMP, icmp.len());
+    ip.extend_from_slice(&icmp);
+    ethernet(NODE_MAC, POD_MAC, &ip)
+}
+
+/// The client's connection through the frontend to the backend, as from_container
+/// records it.
+fn service_connection(maps: &mut PinnedMaps, client: SocketAddrV4, proto: u8) {
+    let key = Ct4Key::new(
+        (*client.ip(), client.port()),
+        (*BACKEND.ip(), BACKEND.port()),
+        proto,
+        CT_EGRESS,
+    );
+    let entry = Ct4Entry {
+        nat_address: addr_be(*FRONTEND.ip()),
+        nat_port: FRONTEND.port().to_be(),
+        flags: CT_FLAG_SEEN_REPLY,
+        ..Ct4Entry::default()
+    };
+    maps.conntrack.insert(key, entry, 0).unwrap();
+}
+
+/// The ICMP message of `frame` and the packet it quotes (IP header and L4).
+fn icmp_and_quote(frame: &[u8]) -> (&[u8], &[u8]) {
+    let ip = &frame[ETH_HLEN..];
+    let icmp = &ip[Frame(frame).ihl()..Frame(frame).tot_len()];
+    (icmp, &icmp[8..])
+}
+
+/// Checks every checksum of the error `out` and returns its quoted packet's source and
+/// destination.
+fn assert_translated(out: &[u8], outer_src: Ipv4Addr, proto: u8) -> (SocketAddrV4, SocketAddrV4) {
+    let frame = Frame(out);
+    assert_eq!(frame.src_ip(), outer_src, "outer source");
+    assert_eq!(frame.dst_ip(), *CLIENT.ip());
+    assert!(ip_checksum_ok(out), "outer IP checksum");
+    let (icmp, quote) = icmp_and_quote(out);
+    assert_eq!(checksum(icmp), 0, "ICMP checksum");
+    assert_eq!(checksum(&quote[..20]), 0, "quoted IP checksum");
+    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let (src, dst) = (addr(&quote[12..16]), addr(&quote[16..20]));
+    let l4 = &quote[20..];
+    assert!(
+        l4_checksum_ok(src, dst, proto, l4),
+        "quoted L4 checksum, for the quoted addresses"
+    );
+    (
+        SocketAddrV4::new(src, port(&l4[0..2])),
+        SocketAddrV4::new(dst, port(&l4[2..4])),
+    )
+}
+
+#[test]
+fn port_unreachable_from_a_backend_names_the_frontend() {
+    let (pins, mut datapath) = support::load();
+    let mut maps = PinnedMaps::open(pins.path()).unwrap();
+    service_connection(&mut maps, CLIENT, IPPROTO_UDP);
+
+    // The datagram as the backend received it: after DNAT.
+    let datagram = udp(CLIENT, BACKEND, b"question");
+    let error = unreachable(*BACKEND.ip(), ICMP_PORT_UNREACH, 0, &datagram);
+    let out = run(datapath.program(TO_CONTAINER).unwrap(), &error);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let quoted = assert_translated(&out.packet, *FRONTEND.ip(), IPPROTO_UDP);
+    assert_eq!(quoted, (CLIENT, FRONTEND), "the quote names the frontend");
+}
+
+#[test]
+fn frag_needed_from_a_router_keeps_its_source_and_fixes_the_tcp_quote() {
+    let (pins, mut datapath) = support::load();
+    let mut maps = PinnedMaps::open(pins.path()).unwrap();
+    service_connection(&mut maps, CLIENT, IPPROTO_TCP);
+
+    let segment = tcp(CLIENT, BACKEND, TCP_ACK | TCP_PSH, &[0x42; 100]);
+    let error = unreachable(ROUTER, ICMP_FRAG_NEEDED, 1400, &segment);
+    let out = run(datapath.program(TO_CONTAINER).unwrap(), &error);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let quoted = assert_translated(&out.packet, ROUTER, IPPROTO_TCP);
+    assert_eq!(quoted, (CLIENT, FRONTEND));
+    let (icmp, _) = icmp_and_quote(&out.packet);
+    assert_eq!(&icmp[6..8], &1400u16.to_be_bytes(), "the MTU is kept");
+}
+
+#[test]
+fn errors_about_other_connections_pass_unchanged() {
+    let (pins, mut datapath) = support::load();
+    let mut maps = PinnedMaps::open(pins.path()).unwrap();
+    service_connection(&mut maps, CLIENT, IPPROTO_UDP);
+
+    // Straight to the backend from another port: no service, nothing to translate.
+    let other = SocketAddrV4::new(*CLIENT.ip(), 50001);
+    let error = unreachable(
+        *BACKEND.ip(),
+        ICMP_PORT_UNREACH,
+        0,
+        &udp(other, BACKEND, b"x"),
+    );
+    let out = run(datapath.program(TO_CONTAINER).unwrap(), &error);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(out.packet, error);
+}
