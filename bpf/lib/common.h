@@ -31,7 +31,7 @@ struct lb4_service {
 	__be16 backend_port;
 	__u16 count;
 	__u16 flags;            /* SVC_FLAG_* (frontend) */
-	__u16 pad;
+	__u16 maglev_size;      /* SVC_FLAG_MAGLEV: M, the prime size of its table (frontend) */
 	__u32 affinity_timeout; /* sessionAffinity ClientIP: seconds (frontend) */
 };
 
@@ -65,6 +65,31 @@ struct lb4_backend {
 };
 
 #define BACKEND_STATE_ACTIVE 0
+
+/* ---- sessionAffinity ClientIP: the backend each client last got from a frontend ---- */
+
+struct lb4_affinity_key {
+	__be32 client;  /* the client's address */
+	__be32 address; /* the frontend */
+	__be16 dport;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* The backend, and when a new connection last went to it by this entry: the timeout
+ * counts from there, as with kube-proxy's `recent` match and Cilium's affinity map. */
+struct lb4_affinity {
+	__u64 last_used_ns;
+	__be32 backend_address;
+	__be16 backend_port;
+	__u16 pad;
+};
+
+/* ---- Maglev: per frontend, a table of M backend slot numbers (M prime) ----
+ * The inner array packs LB4_MAGLEV_SLOTS_PER_ENTRY u16 slots into each element, since the
+ * kernel rounds every array element up to 8 bytes: M * 2 bytes per frontend. Entry i / 4,
+ * lane i % 4 holds table position i. */
+#define LB4_MAGLEV_SLOTS_PER_ENTRY 4
 
 /* ---- conntrack: one LRU map, node-wide ---- */
 

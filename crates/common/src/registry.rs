@@ -11,7 +11,8 @@ use aya::maps::MapType;
 
 use crate::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MetricsValue, NodeConfig,
+    IpcacheKey, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
+    MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -30,6 +31,8 @@ pub enum MapId {
     EventBucket,
     EventCounters,
     NodeConfig,
+    Affinity,
+    Maglev,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -136,9 +139,9 @@ const ENDPOINTS_MAX: u32 = 4096;
 /// Every map, in [`MapId`] order. The realize order puts identities in the ipcache before
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
 /// and backends before the service slots that name them.
-pub const MAPS: [MapDef; 13] = [
+pub const MAPS: [MapDef; 15] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
-         capacity: Some(CapacitySetting::LoadBalancer), realize: Some(4), count: Entries),
+         capacity: Some(CapacitySetting::LoadBalancer), realize: Some(5), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(3), count: Entries),
     map!(Conntrack, "ct4", LruHash, Ct4Key => Ct4Entry, 65536,
@@ -165,6 +168,13 @@ pub const MAPS: [MapDef; 13] = [
     // Written once by the agent at start, from its routing flags.
     map!(NodeConfig, "node_config", Array, u32 => NodeConfig, 1,
          capacity: None, realize: None, count: Uncounted),
+    // sessionAffinity ClientIP: runtime state, written by the datapath.
+    map!(Affinity, "lb4_affinity", LruHash, Lb4AffinityKey => Lb4Affinity, 65536,
+         capacity: None, realize: None, count: Entries),
+    // Frontend -> its Maglev table, an array user space creates with M / 4 elements.
+    // Written after the backends and before the frontends that use them.
+    map!(Maglev, "lb4_maglev", HashOfMaps, Lb4Key => u32, 8192,
+         capacity: None, realize: Some(4), count: Entries),
 ];
 
 const _: () = {
@@ -207,6 +217,10 @@ pub mod names {
     pub const EVENT_COUNTERS: &str = MapId::EventCounters.name();
     /// How this node reaches the others.
     pub const NODE_CONFIG: &str = MapId::NodeConfig.name();
+    /// sessionAffinity ClientIP: the backend of each client of a frontend.
+    pub const AFFINITY: &str = MapId::Affinity.name();
+    /// The hash of maps from frontend to its Maglev table.
+    pub const MAGLEV: &str = MapId::Maglev.name();
 }
 
 #[cfg(test)]
@@ -223,6 +237,7 @@ mod tests {
                 MapId::Policy,
                 MapId::Endpoints,
                 MapId::Backends,
+                MapId::Maglev,
                 MapId::Services
             ]
         );
@@ -244,7 +259,9 @@ mod tests {
                 names::ENDPOINTS,
                 names::IPCACHE,
                 names::POLICY,
-                names::FRAGMENTS
+                names::FRAGMENTS,
+                names::AFFINITY,
+                names::MAGLEV
             ]
         );
     }

@@ -61,9 +61,11 @@ pub use sluice_store::nodes::{ClusterNode, NodeFault, NodeFaultAt, NodeField};
 
 use crate::{
     backends::{backends_for, slices_by_service},
+    balancing::FrontendOptions,
     problem::Problems,
 };
 pub use crate::{
+    balancing::{Balancing, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION, LbAlgorithm},
     nodes::Nodes,
     problem::{
         ObjectKind, ObjectRef, PortProblem, Problem, ServiceField, ServicePortRef, Unsupported,
@@ -85,6 +87,8 @@ pub struct NodeContext {
     /// Rows one endpoint's policy map holds; an endpoint whose policy needs more fails
     /// closed and is reported.
     pub policy_map_max: u32,
+    /// The default load-balancing algorithm and the Maglev table size.
+    pub balancing: Balancing,
 }
 
 impl Default for NodeContext {
@@ -93,6 +97,7 @@ impl Default for NodeContext {
             node: String::new(),
             interfaces: BTreeMap::new(),
             policy_map_max: DEFAULT_POLICY_MAP_MAX,
+            balancing: Balancing::default(),
         }
     }
 }
@@ -102,6 +107,9 @@ impl Default for NodeContext {
 pub struct DesiredState {
     pub services: BTreeMap<Lb4Key, Lb4Service>,
     pub backends: BTreeMap<Lb4BackendKey, Lb4Backend>,
+    /// Frontend (slot 0 key) -> its Maglev table, for frontends with SVC_FLAG_MAGLEV and
+    /// at least one backend: M backend slot numbers (`maglev::table`).
+    pub maglev: BTreeMap<Lb4Key, Vec<u16>>,
     /// ifindex -> endpoint.
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     /// Interfaces the datapath must be attached to.
@@ -223,7 +231,7 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
             .map(Vec::as_slice)
             .unwrap_or_default();
         let object = ObjectRef::new(ObjectKind::Service, namespace, name);
-        compilation.service(&object, service, service_slices);
+        compilation.service(&object, service, service_slices, node.balancing);
     }
     let local = compilation.endpoints(snapshot, node);
     compilation.state.nodes = nodes::nodes(snapshot, &node.node, &mut compilation.problems);
@@ -315,7 +323,13 @@ impl Compilation {
         self.problems.insert(problem);
     }
 
-    fn service(&mut self, object: &ObjectRef, service: &Service, slices: &[&EndpointSlice]) {
+    fn service(
+        &mut self,
+        object: &ObjectRef,
+        service: &Service,
+        slices: &[&EndpointSlice],
+        balancing: Balancing,
+    ) {
         let owner = &format!("{}/{}", object.namespace, object.name);
         let Some(spec) = &service.spec else {
             self.problem(Problem::NoSpec {
@@ -372,12 +386,13 @@ impl Compilation {
         for field in unsupported::service_fields(object, service) {
             self.problem(Problem::Unsupported(field));
         }
+        let options = balancing::frontend_options(object, service, balancing, &mut self.problems);
         self.state.services.insert(
             Lb4Key::wildcard(vip),
             Lb4Service::frontend(0, SVC_FLAG_WILDCARD),
         );
         for port in spec.ports.iter().flatten() {
-            self.port(object, kind, vip, port, slices);
+            self.port(object, kind, vip, port, slices, options);
         }
     }
 
@@ -388,6 +403,7 @@ impl Compilation {
         vip: Ipv4Addr,
         port: &ServicePort,
         slices: &[&EndpointSlice],
+        options: FrontendOptions,
     ) {
         let port_name = port.name.as_deref().unwrap_or("");
         let owner = format!("{}/{}", object.namespace, object.name);
@@ -446,7 +462,12 @@ impl Compilation {
         }
         self.state
             .services
-            .insert(key, Lb4Service::frontend(count, SVC_FLAG_CLUSTER_IP));
+            .insert(key, options.frontend(count, SVC_FLAG_CLUSTER_IP));
+        if let Some(size) = options.maglev.filter(|_| !backends.is_empty()) {
+            self.state
+                .maglev
+                .insert(key, maglev::table(&backends, size));
+        }
         self.state.frontends.push(Frontend {
             service: owner,
             port_name: port_name.to_string(),
@@ -522,9 +543,11 @@ fn admitted_ipv4(endpoint: &LocalEndpoint) -> Ipv4Addr {
 }
 
 mod backends;
+mod balancing;
 mod dump;
 mod identity;
 mod ipcache;
+pub mod maglev;
 mod nodes;
 mod policy;
 mod problem;

@@ -90,8 +90,6 @@ impl fmt::Display for Unsupported {
 pub enum ServiceField {
     /// NodePort or LoadBalancer.
     Type,
-    /// ClientIP.
-    SessionAffinity,
     /// Local.
     ExternalTrafficPolicy,
     /// Local.
@@ -113,7 +111,6 @@ impl ServiceField {
     pub fn path(self) -> &'static str {
         match self {
             Self::Type => "spec.type",
-            Self::SessionAffinity => "spec.sessionAffinity",
             Self::ExternalTrafficPolicy => "spec.externalTrafficPolicy",
             Self::InternalTrafficPolicy => "spec.internalTrafficPolicy",
             Self::ExternalIps => "spec.externalIPs",
@@ -130,7 +127,6 @@ impl ServiceField {
     pub fn programmed(self) -> &'static str {
         match self {
             Self::Type => "only its ClusterIP frontend is programmed",
-            Self::SessionAffinity => "each new connection picks a backend at random",
             Self::ExternalTrafficPolicy | Self::LoadBalancerSourceRanges => {
                 "no node port, load balancer or external IP frontend is programmed for it to apply to"
             }
@@ -201,6 +197,14 @@ pub enum Problem {
     ServiceType {
         service: ObjectRef,
         value: String,
+    },
+    /// A load-balancing setting the API would refuse (`field` is its path): the Service is
+    /// programmed as `fallback` says.
+    BalancingSetting {
+        service: ObjectRef,
+        field: &'static str,
+        value: String,
+        fallback: &'static str,
     },
     NoClusterIp {
         service: ObjectRef,
@@ -356,6 +360,12 @@ impl fmt::Display for Problem {
             Self::ServiceType { service, value } => {
                 write!(f, "{service}: unsupported type {value:?}: skipped")
             }
+            Self::BalancingSetting {
+                service,
+                field,
+                value,
+                fallback,
+            } => write!(f, "{service}: {field} {value:?} is {fallback}"),
             Self::NoClusterIp { service } => {
                 write!(f, "{service}: no clusterIP allocated: skipped")
             }

@@ -3,7 +3,7 @@
 //! reported, so nothing is half-programmed silently.
 //!
 //! Fields are reported only when they ask for behaviour other than the default the API
-//! server fills in (`sessionAffinity: None`, `internalTrafficPolicy: Cluster`,
+//! server fills in (`internalTrafficPolicy: Cluster`,
 //! `ipFamilies: [IPv4]`, `ipFamilyPolicy: SingleStack`), so a Service read from a real API
 //! server reports what its author asked for and nothing else.
 
@@ -35,10 +35,6 @@ pub(crate) fn service_fields(object: &ObjectRef, service: &Service) -> Vec<Unsup
         .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION));
     [
         (ServiceField::Type, set(spec.type_.as_ref(), "ClusterIP")),
-        (
-            ServiceField::SessionAffinity,
-            set(spec.session_affinity.as_ref(), "None"),
-        ),
         (
             ServiceField::ExternalTrafficPolicy,
             set(spec.external_traffic_policy.as_ref(), "Cluster"),

@@ -12,8 +12,8 @@ use aya::maps::{
 };
 use sluice_common::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MapDef, MapId, MetricsValue, NodeConfig,
-    PolicyEntry, PolicyMatch, metrics_index, names,
+    LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MaglevLanes,
+    MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -28,6 +28,24 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 pub fn create_policy_map(capacity: u32) -> Result<PolicyMap, DatapathError> {
     PolicyMap::create(capacity, BPF_F_NO_PREALLOC).map_err(|source| DatapathError::MapCreate {
         map: names::POLICY,
+        source,
+    })
+}
+
+/// One frontend's Maglev table: element i holds positions 4i..4i+3 (backend slots).
+pub type MaglevTable = Array<MapData, MaglevLanes>;
+
+/// `BPF_F_INNER_MAP`: the table's max_entries may differ from the template's.
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// Creates an unpinned Maglev table holding `positions` (M) slots, all 0 (no backend: the
+/// datapath picks at random). It is filled and then swapped into [`PinnedMaps::maglev`] in
+/// one update, so a frontend never sees a partial table.
+pub fn create_maglev_table(positions: usize) -> Result<MaglevTable, DatapathError> {
+    let entries = positions.div_ceil(LB4_MAGLEV_SLOTS_PER_ENTRY).max(1);
+    let entries = u32::try_from(entries).unwrap_or(u32::MAX);
+    MaglevTable::create(entries, BPF_F_INNER_MAP).map_err(|source| DatapathError::MapCreate {
+        map: names::MAGLEV,
         source,
     })
 }
@@ -53,6 +71,8 @@ pub struct PinnedMaps {
     pub event_counters: PerCpuArray<MapData, EventCounter>,
     /// How this node reaches the others (index 0).
     pub node_config: Array<MapData, NodeConfig>,
+    /// Frontend -> its [`MaglevTable`].
+    pub maglev: HashOfMaps<MapData, Lb4Key, MaglevTable>,
     /// Every map of the registry, for capacities and entry counts.
     pub inventory: MapInventory,
 }
@@ -95,6 +115,7 @@ impl PinnedMaps {
             event_config: open_typed(pin_dir, MapId::EventConfig, Array::try_from)?,
             event_counters: open_typed(pin_dir, MapId::EventCounters, PerCpuArray::try_from)?,
             node_config: open_typed(pin_dir, MapId::NodeConfig, Array::try_from)?,
+            maglev: open_typed(pin_dir, MapId::Maglev, HashOfMaps::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
     }

@@ -35,6 +35,8 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::EVENT_BUCKET, 1),
             (names::EVENT_COUNTERS, 16),
             (names::NODE_CONFIG, 1),
+            (names::AFFINITY, 65536),
+            (names::MAGLEV, 8192),
         ]
     );
 

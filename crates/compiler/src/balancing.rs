@@ -1,0 +1,163 @@
+//! How a Service's frontends choose backends: sessionAffinity ClientIP and its timeout,
+//! and the algorithm for new connections (random, or Maglev by the
+//! `service.sluice.dev/lb-algorithm` annotation or the node's default).
+
+use std::{fmt, str::FromStr};
+
+use k8s_openapi::api::core::v1::Service;
+use sluice_common::{Lb4Service, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV};
+
+use crate::{ObjectRef, Problem, maglev::TableSize, problem::Problems};
+
+/// The annotation that picks a Service's algorithm, overriding the node's default.
+pub const LB_ALGORITHM_ANNOTATION: &str = "service.sluice.dev/lb-algorithm";
+
+/// sessionAffinityConfig.clientIP.timeoutSeconds when unset (the API's default, 3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+
+/// The API server's upper bound of the timeout (one day).
+const MAX_AFFINITY_TIMEOUT: i32 = 86400;
+
+/// How a frontend picks the backend of a new connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LbAlgorithm {
+    /// A uniformly random backend slot.
+    #[default]
+    Random,
+    /// The backend the frontend's Maglev table gives the flow's hash: the same on every
+    /// node, and few flows move when a backend comes or goes.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub const ALL: [LbAlgorithm; 2] = [LbAlgorithm::Random, LbAlgorithm::Maglev];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbAlgorithm::Random => "random",
+            LbAlgorithm::Maglev => "maglev",
+        }
+    }
+}
+
+impl fmt::Display for LbAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LbAlgorithm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown load-balancing algorithm {s:?} (random or maglev)"))
+    }
+}
+
+/// The node's load-balancing settings (`--lb-algorithm`, `--maglev-table-size`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Balancing {
+    /// For Services without the annotation.
+    pub algorithm: LbAlgorithm,
+    /// M of every Maglev table.
+    pub maglev_table_size: TableSize,
+}
+
+/// What every frontend of one Service carries in its `lb4_services` value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FrontendOptions {
+    /// `SVC_FLAG_AFFINITY` and `SVC_FLAG_MAGLEV`, as they apply.
+    pub flags: u16,
+    /// Seconds; 0 without affinity.
+    pub affinity_timeout: u32,
+    /// The table size when the Service uses Maglev.
+    pub maglev: Option<TableSize>,
+}
+
+impl FrontendOptions {
+    /// The frontend (slot 0) value of a frontend of kind `kind` (`SVC_FLAG_CLUSTER_IP`...)
+    /// with `count` backend slots.
+    pub fn frontend(&self, count: u16, kind: u16) -> Lb4Service {
+        Lb4Service {
+            maglev_size: self.maglev.map_or(0, TableSize::get),
+            affinity_timeout: self.affinity_timeout,
+            ..Lb4Service::frontend(count, kind | self.flags)
+        }
+    }
+}
+
+/// The balancing options of `service` (named `object`). A value the API would refuse is
+/// reported and the Service is programmed with what the report says.
+pub(crate) fn frontend_options(
+    object: &ObjectRef,
+    service: &Service,
+    balancing: Balancing,
+    problems: &mut Problems,
+) -> FrontendOptions {
+    let mut options = FrontendOptions::default();
+    let mut invalid = |field, value: String, fallback| {
+        problems.insert(Problem::BalancingSetting {
+            service: object.clone(),
+            field,
+            value,
+            fallback,
+        });
+    };
+    let annotation = service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION));
+    let algorithm = match annotation.map(|v| v.parse::<LbAlgorithm>()) {
+        None => balancing.algorithm,
+        Some(Ok(algorithm)) => algorithm,
+        Some(Err(_)) => {
+            invalid(
+                "metadata.annotations[service.sluice.dev/lb-algorithm]",
+                annotation.cloned().unwrap_or_default(),
+                "not random or maglev: the node's default algorithm applies",
+            );
+            balancing.algorithm
+        }
+    };
+    if algorithm == LbAlgorithm::Maglev {
+        options.flags |= SVC_FLAG_MAGLEV;
+        options.maglev = Some(balancing.maglev_table_size);
+    }
+
+    let Some(spec) = &service.spec else {
+        return options;
+    };
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => {}
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            options.flags |= SVC_FLAG_AFFINITY;
+            options.affinity_timeout = match timeout {
+                None => DEFAULT_AFFINITY_TIMEOUT,
+                Some(seconds @ 1..=MAX_AFFINITY_TIMEOUT) => seconds.unsigned_abs(),
+                Some(seconds) => {
+                    invalid(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        seconds.to_string(),
+                        "not from 1 to 86400: the default 10800 applies",
+                    );
+                    DEFAULT_AFFINITY_TIMEOUT
+                }
+            };
+        }
+        Some(other) => invalid(
+            "spec.sessionAffinity",
+            other.to_string(),
+            "not None or ClientIP: no affinity",
+        ),
+    }
+    options
+}
