@@ -16,6 +16,7 @@ use crate::{
     ApplyStats, DriftEntry, Ipcache, KernelMap, KernelPolicy, MapDiff, MemoryMap, MemoryPolicy,
     Named, PolicyPlan, PolicyTable, RealizerError, apply_removes, apply_upserts, diff,
     diff_policies,
+    maglev::{KernelMaglev, MaglevPlan, MaglevTables, MemoryMaglev, diff_tables},
 };
 
 /// The handles a realizer writes through: the kernel's pinned maps ([`Kernel`]), or
@@ -25,6 +26,7 @@ pub trait Backing {
     type Hash<K: Pod + Ord, V: Pod + PartialEq>: KernelMap<K, V>;
     type Ipcache: KernelMap<IpcacheKey, IpcacheEntry>;
     type Policy: PolicyTable;
+    type Maglev: MaglevTables;
 }
 
 /// The maps pinned in the kernel.
@@ -34,6 +36,7 @@ impl Backing for Kernel {
     type Hash<K: Pod + Ord, V: Pod + PartialEq> = Named<MapData, K, V>;
     type Ipcache = Ipcache;
     type Policy = KernelPolicy;
+    type Maglev = KernelMaglev;
 }
 
 /// In-memory maps, for tests of ordering and convergence that need no kernel.
@@ -43,6 +46,7 @@ impl Backing for Memory {
     type Hash<K: Pod + Ord, V: Pod + PartialEq> = MemoryMap<K, V>;
     type Ipcache = MemoryMap<IpcacheKey, IpcacheEntry>;
     type Policy = MemoryPolicy;
+    type Maglev = MemoryMaglev;
 }
 
 /// The datapath's maps that hold desired state: those the registry gives a realize order
@@ -54,6 +58,7 @@ pub struct Tables<B: Backing> {
     pub endpoints: B::Hash<u32, EndpointInfo>,
     pub ipcache: B::Ipcache,
     pub policy: B::Policy,
+    pub maglev: B::Maglev,
 }
 
 /// The realized maps as they are pinned in the kernel.
@@ -78,6 +83,7 @@ impl KernelTables {
             },
             ipcache: Ipcache { map: maps.ipcache },
             policy: KernelPolicy::open(pin_dir)?,
+            maglev: KernelMaglev::open(pin_dir)?,
         })
     }
 }
@@ -93,6 +99,8 @@ pub struct Desired<'a> {
     pub policies: &'a BTreeMap<u32, EndpointPolicy>,
     /// max_entries of every policy map.
     pub policy_capacity: u32,
+    /// Frontend -> its Maglev table (M backend slots).
+    pub maglev: &'a BTreeMap<Lb4Key, Vec<u16>>,
 }
 
 impl<'a> Desired<'a> {
@@ -105,6 +113,7 @@ impl<'a> Desired<'a> {
             ipcache: &state.ipcache,
             policies: &state.policies,
             policy_capacity,
+            maglev: &state.maglev,
         }
     }
 }
@@ -116,6 +125,7 @@ pub struct Plan {
     pub endpoints: MapDiff<u32, EndpointInfo>,
     pub ipcache: MapDiff<IpcacheKey, IpcacheEntry>,
     pub policy: PolicyPlan,
+    pub maglev: MaglevPlan,
 }
 
 /// Frontends (slot 0) are written after their slots and removed before them.
@@ -135,6 +145,30 @@ fn unordered<K>(_: &K) -> u8 {
 trait Step {
     fn upsert(&mut self) -> Result<usize, RealizerError>;
     fn remove(&mut self) -> Result<usize, RealizerError>;
+}
+
+/// Maglev tables: whole tables swapped in, then frontends' tables removed.
+struct Maglev<'a, T> {
+    tables: &'a mut T,
+    plan: &'a MaglevPlan,
+}
+
+impl<T: MaglevTables> Step for Maglev<'_, T> {
+    fn upsert(&mut self) -> Result<usize, RealizerError> {
+        let installs: Vec<_> = self
+            .plan
+            .installs
+            .iter()
+            .map(|(key, lanes, _)| (*key, lanes.clone()))
+            .collect();
+        self.tables.install(&installs)?;
+        Ok(installs.len())
+    }
+    fn remove(&mut self) -> Result<usize, RealizerError> {
+        let gone: Vec<Lb4Key> = self.plan.removes.iter().map(|(k, _)| *k).collect();
+        self.tables.remove(&gone)?;
+        Ok(gone.len())
+    }
 }
 
 /// A key-value map's diff, with the order of its keys within each phase.
@@ -204,6 +238,7 @@ impl<B: Backing> Tables<B> {
                 desired.policy_capacity,
                 self.policy.read_all()?,
             ),
+            maglev: diff_tables(desired.maglev, self.maglev.read_all()?),
         })
     }
 
@@ -237,6 +272,13 @@ impl<B: Backing> Tables<B> {
                     table: &mut self.policy,
                     plan: &plan.policy,
                 }) as Box<dyn Step>,
+            ),
+            (
+                MapId::Maglev,
+                Box::new(Maglev {
+                    tables: &mut self.maglev,
+                    plan: &plan.maglev,
+                }),
             ),
         ])
     }
@@ -293,15 +335,25 @@ impl Part for PolicyPlan {
     }
 }
 
+impl Part for MaglevPlan {
+    fn is_empty(&self) -> bool {
+        MaglevPlan::is_empty(self)
+    }
+    fn drift(&self, _map: &'static str) -> Vec<DriftEntry> {
+        MaglevPlan::drift(self)
+    }
+}
+
 impl Plan {
     /// Every map's part, in registry order.
-    pub(crate) fn parts(&self) -> [(MapId, &dyn Part); 5] {
+    pub(crate) fn parts(&self) -> [(MapId, &dyn Part); 6] {
         [
             (MapId::Services, &self.services),
             (MapId::Backends, &self.backends),
             (MapId::Endpoints, &self.endpoints),
             (MapId::Ipcache, &self.ipcache),
             (MapId::Policy, &self.policy),
+            (MapId::Maglev, &self.maglev),
         ]
     }
 

@@ -1,0 +1,234 @@
+//! Maglev tables: the `lb4_maglev` hash of maps points each Maglev frontend at an array of
+//! its table's positions, four u16 backend slots per element.
+//!
+//! Like a policy map, a table is never edited in place: when a frontend's table differs
+//! from the desired one (its backends or M changed), a new array is created, filled
+//! completely and swapped in with one update, so the datapath sees the old table or the
+//! new one, never a mix. Tables are written after the backends and before the frontends
+//! (registry realize order): a frontend that comes with Maglev finds its table in place,
+//! and one whose table names a slot not written yet falls back to a random slot.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::maps::{HashOfMaps, Map, MapData};
+use sluice_common::{LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Key, MaglevLanes, names};
+use sluice_datapath::{MaglevTable, create_maglev_table};
+
+use crate::{DriftEntry, DriftKind, RealizerError, maps::is_not_found, write_stamp};
+
+/// A table as its map holds it: positions packed four to an element, the last element
+/// padded with 0 (no backend).
+pub type Lanes = Vec<MaglevLanes>;
+
+/// `table` (M slot numbers) packed as the datapath reads it.
+pub fn pack(table: &[u16]) -> Lanes {
+    table
+        .chunks(LB4_MAGLEV_SLOTS_PER_ENTRY)
+        .map(|chunk| {
+            let mut lanes = MaglevLanes::default();
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            lanes
+        })
+        .collect()
+}
+
+fn map_err(op: &'static str) -> impl Fn(aya::maps::MapError) -> RealizerError {
+    move |source| RealizerError::Map {
+        op,
+        map: names::MAGLEV,
+        source,
+    }
+}
+
+/// The outer `lb4_maglev` map and the tables it points at.
+pub trait MaglevTables {
+    /// Every frontend with its table, read from the kernel.
+    fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError>;
+    /// For each install, creates a table holding exactly its lanes, then points its
+    /// frontend at it with one update of the outer map.
+    fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError>;
+    /// Removes these frontends' tables; a frontend without one is not an error.
+    fn remove(&mut self, frontends: &[Lb4Key]) -> Result<(), RealizerError>;
+}
+
+/// What differs between the desired and the installed tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MaglevPlan {
+    /// Frontend, its desired table and what the kernel holds now, if anything.
+    pub installs: Vec<(Lb4Key, Lanes, Option<Lanes>)>,
+    /// Frontends whose table must go, with the table.
+    pub removes: Vec<(Lb4Key, Lanes)>,
+}
+
+/// `table of M positions` for drift reports (a table is too long to print).
+fn describe(lanes: &Lanes) -> String {
+    let positions = lanes.iter().flatten().filter(|&&slot| slot != 0).count();
+    format!("table of {positions} positions")
+}
+
+impl MaglevPlan {
+    pub fn is_empty(&self) -> bool {
+        self.installs.is_empty() && self.removes.is_empty()
+    }
+
+    /// One entry per drifted table.
+    pub fn drift(&self) -> Vec<DriftEntry> {
+        let installs = self
+            .installs
+            .iter()
+            .map(|(key, desired, actual)| DriftEntry {
+                map: names::MAGLEV,
+                kind: if actual.is_some() {
+                    DriftKind::Differs
+                } else {
+                    DriftKind::Missing
+                },
+                key: key.to_string(),
+                desired: Some(describe(desired)),
+                actual: actual.as_ref().map(describe),
+            });
+        let removes = self.removes.iter().map(|(key, actual)| DriftEntry {
+            map: names::MAGLEV,
+            kind: DriftKind::Unexpected,
+            key: key.to_string(),
+            desired: None,
+            actual: Some(describe(actual)),
+        });
+        installs.chain(removes).collect()
+    }
+}
+
+/// Compares the desired tables (M slot numbers per frontend) with `installed`.
+pub fn diff_tables(
+    desired: &BTreeMap<Lb4Key, Vec<u16>>,
+    mut installed: BTreeMap<Lb4Key, Lanes>,
+) -> MaglevPlan {
+    let mut plan = MaglevPlan::default();
+    for (key, table) in desired {
+        let lanes = pack(table);
+        let current = installed.remove(key);
+        if current.as_ref() != Some(&lanes) {
+            plan.installs.push((*key, lanes, current));
+        }
+    }
+    plan.removes = installed.into_iter().collect();
+    plan
+}
+
+/// The kernel's `lb4_maglev` hash of maps.
+pub struct KernelMaglev {
+    map: HashOfMaps<MapData, Lb4Key, MaglevTable>,
+}
+
+impl KernelMaglev {
+    /// Opens the `lb4_maglev` map pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
+        let data =
+            MapData::from_pin(pin_dir.join(names::MAGLEV)).map_err(map_err("open pinned"))?;
+        let map = Map::from_map_data(data)
+            .and_then(HashOfMaps::try_from)
+            .map_err(map_err("open pinned"))?;
+        Ok(Self { map })
+    }
+}
+
+impl MaglevTables for KernelMaglev {
+    fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError> {
+        let keys: Vec<Lb4Key> = self
+            .map
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("iterate"))?;
+        let mut out = BTreeMap::new();
+        for key in keys {
+            // Each lookup opens a new fd on the table; it is closed when `table` drops.
+            let table = match self.map.get(&key, 0) {
+                Ok(table) => table,
+                // Removed between listing and reading: simply not there.
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(map_err("lookup")(e)),
+            };
+            let lanes = table
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err("read table"))?;
+            out.insert(key, lanes);
+        }
+        Ok(out)
+    }
+
+    fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError> {
+        for (key, lanes) in installs {
+            let positions = lanes.len() * LB4_MAGLEV_SLOTS_PER_ENTRY;
+            let mut table =
+                create_maglev_table(positions).map_err(|e| RealizerError::Datapath(Box::new(e)))?;
+            for (index, lane) in (0u32..).zip(lanes) {
+                table
+                    .set(index, lane, 0)
+                    .map_err(map_err("fill new table"))?;
+            }
+            // The swap: one atomic update; the table's fd may close afterwards, the outer
+            // map holds it.
+            self.map
+                .insert(key, &table, 0)
+                .map_err(map_err("swap in table"))?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, frontends: &[Lb4Key]) -> Result<(), RealizerError> {
+        for key in frontends {
+            match self.map.remove(key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("remove")(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One write to a [`MemoryMaglev`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MaglevWrite {
+    Install { frontend: Lb4Key, lanes: Lanes },
+    Remove { frontend: Lb4Key },
+}
+
+/// In-memory tables that record every write, for tests.
+#[derive(Debug, Default)]
+pub struct MemoryMaglev {
+    pub tables: BTreeMap<Lb4Key, Lanes>,
+    pub log: Vec<MaglevWrite>,
+    /// The [`write_stamp`] of each write in `log`.
+    pub stamps: Vec<u64>,
+}
+
+impl MaglevTables for MemoryMaglev {
+    fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError> {
+        Ok(self.tables.clone())
+    }
+
+    fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError> {
+        for (frontend, lanes) in installs {
+            self.tables.insert(*frontend, lanes.clone());
+            self.log.push(MaglevWrite::Install {
+                frontend: *frontend,
+                lanes: lanes.clone(),
+            });
+            self.stamps.push(write_stamp());
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, frontends: &[Lb4Key]) -> Result<(), RealizerError> {
+        for frontend in frontends {
+            self.tables.remove(frontend);
+            self.log.push(MaglevWrite::Remove {
+                frontend: *frontend,
+            });
+            self.stamps.push(write_stamp());
+        }
+        Ok(())
+    }
+}
