@@ -12,8 +12,9 @@ use aya::maps::{
 };
 use sluice_common::{
     Ct4Entry, Ct4Key, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports, IpcacheEntry,
-    LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MAPS, MaglevLanes,
-    MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index, names,
+    LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4BackendKey, Lb4Key,
+    Lb4Service, MAPS, MaglevLanes, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry,
+    PolicyMatch, metrics_index, names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -71,6 +72,8 @@ pub struct PinnedMaps {
     pub event_counters: PerCpuArray<MapData, EventCounter>,
     /// How this node reaches the others (index 0).
     pub node_config: Array<MapData, NodeConfig>,
+    /// sessionAffinity ClientIP: each client's backend per frontend.
+    pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
     /// Frontend -> its [`MaglevTable`].
     pub maglev: HashOfMaps<MapData, Lb4Key, MaglevTable>,
     /// Every map of the registry, for capacities and entry counts.
@@ -115,6 +118,7 @@ impl PinnedMaps {
             event_config: open_typed(pin_dir, MapId::EventConfig, Array::try_from)?,
             event_counters: open_typed(pin_dir, MapId::EventCounters, PerCpuArray::try_from)?,
             node_config: open_typed(pin_dir, MapId::NodeConfig, Array::try_from)?,
+            affinity: open_typed(pin_dir, MapId::Affinity, HashMap::try_from)?,
             maglev: open_typed(pin_dir, MapId::Maglev, HashOfMaps::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
