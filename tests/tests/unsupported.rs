@@ -16,14 +16,14 @@ metadata:
   name: sticky
 spec:
   type: NodePort
-  sessionAffinity: ClientIP
+  trafficDistribution: PreferClose
   selector: {app: nginx}
   ports:
   - {port: 80, nodePort: 30080}
 ";
 
 #[test]
-fn a_node_port_service_with_session_affinity_is_reported_and_its_cluster_ip_works() {
+fn a_node_port_service_with_traffic_distribution_is_reported_and_its_cluster_ip_works() {
     let mut lab = TestLab::up("unsupported", ONE_NODE_LAB);
     lab.lab
         .apply(&[
@@ -61,14 +61,14 @@ fn a_node_port_service_with_session_affinity_is_reported_and_its_cluster_ip_work
     assert_eq!(
         reported,
         [
-            expected("spec.sessionAffinity", "ClientIP"),
+            expected("spec.trafficDistribution", "PreferClose"),
             expected("spec.type", "NodePort"),
         ],
         "{status}"
     );
     let table = lab.cli(&["status"]);
     assert!(
-        table.contains("spec.sessionAffinity") && table.contains("Service default/sticky"),
+        table.contains("spec.trafficDistribution") && table.contains("Service default/sticky"),
         "{table}"
     );
 
@@ -85,12 +85,12 @@ fn a_node_port_service_with_session_affinity_is_reported_and_its_cluster_ip_work
                     && l.contains(field)
             })
         };
-        if (named("spec.type") && named("spec.sessionAffinity")) || Instant::now() > deadline {
+        if (named("spec.type") && named("spec.trafficDistribution")) || Instant::now() > deadline {
             break log;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    for field in ["spec.type", "spec.sessionAffinity"] {
+    for field in ["spec.type", "spec.trafficDistribution"] {
         assert!(
             log.lines().any(|l| l.contains("WARN")
                 && l.contains("not implemented")
