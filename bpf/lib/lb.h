@@ -169,21 +169,19 @@ static __always_inline int lb4_choose_backend(const struct pkt4 *pkt,
 	struct lb4_service *slot;
 	__u16 number = 0;
 
-	if (affinity && lb4_affinity_backend(pkt, svc, now, backend)) {
-		lb4_affinity_update(pkt, backend, now);
-		return 0;
+	if (!affinity || !lb4_affinity_backend(pkt, svc, now, backend)) {
+		if (svc->flags & SVC_FLAG_MAGLEV)
+			number = lb4_maglev_slot(pkt, svc);
+		/* A slot past the count belongs to a table written for backends whose slots
+		 * are not all there yet: random until the realizer's pass is through. */
+		if (number == 0 || number > svc->count)
+			number = (__u16)(bpf_get_prandom_u32() % svc->count + 1);
+		slot = lb4_lookup(pkt->daddr, pkt->dport, pkt->proto, number);
+		if (!slot)
+			return DROP_NO_BACKEND_SLOT;
+		backend->backend_address = slot->backend_address;
+		backend->backend_port = slot->backend_port;
 	}
-	if (svc->flags & SVC_FLAG_MAGLEV)
-		number = lb4_maglev_slot(pkt, svc);
-	/* A slot past the count belongs to a table written for backends whose slots are not
-	 * all there yet: random until the realizer's pass is through. */
-	if (number == 0 || number > svc->count)
-		number = (__u16)(bpf_get_prandom_u32() % svc->count + 1);
-	slot = lb4_lookup(pkt->daddr, pkt->dport, pkt->proto, number);
-	if (!slot)
-		return DROP_NO_BACKEND_SLOT;
-	backend->backend_address = slot->backend_address;
-	backend->backend_port = slot->backend_port;
 	if (affinity)
 		lb4_affinity_update(pkt, backend, now);
 	return 0;

@@ -211,8 +211,9 @@ fn cost_of_the_programs() {
         println!("  {what:<28} {off:>10.0} {on:>11.0}");
     }
     println!("  ({emitted} events written with events on)");
-    // Far below the verifier's limits; a jump here means something went wrong.
-    assert!(from_insns < 4096 && to_insns < 4096);
+    // Far below the verifier's limits; a jump here means something went wrong. Affinity
+    // and Maglev selection brought from_container past 4,096 (about 4,220).
+    assert!(from_insns < 4608 && to_insns < 4096);
     // Events on: every new connection wrote its verdict and trace (at least one run
     // of each measurement, whatever the CPU), established packets none.
     assert!(emitted >= u64::from(2 * REPEAT_NEW), "{emitted} events");
