@@ -1,0 +1,79 @@
+//! Maglev by annotation end to end: a lab with a real agent that computes the table,
+//! realizes it into `lb4_maglev`, and real TCP connections from a pod that the datapath
+//! spreads by the flow hash.
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use sluice_common::{IPPROTO_TCP, Lb4Key, SVC_FLAG_MAGLEV};
+use sluice_integration::{ONE_NODE_LAB, TestLab, examples, http_get};
+
+const HASHED: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: hashed
+  annotations: {service.sluice.dev/lb-algorithm: maglev}
+spec:
+  selector: {app: nginx}
+  ports:
+  - {port: 80}
+";
+
+#[test]
+fn a_maglev_service_is_realized_verified_and_spreads_connections() {
+    let mut lab = TestLab::up("maglev", ONE_NODE_LAB);
+    lab.lab
+        .apply(&[
+            examples().join("nginx.yaml"),
+            examples().join("client.yaml"),
+        ])
+        .unwrap_or_else(|e| panic!("apply nginx + client: {e}"));
+    lab.apply_yaml("hashed.yaml", HASHED);
+    let vip = lab.cluster_ip("hashed");
+
+    let maps = sluice_datapath::PinnedMaps::open(&lab.lab.pin_dir(&lab.node())).unwrap();
+    let key = Lb4Key::new(vip, 80, IPPROTO_TCP, 0);
+    let frontend = maps.services.get(&key, 0).unwrap();
+    assert_eq!(frontend.flags & SVC_FLAG_MAGLEV, SVC_FLAG_MAGLEV);
+    assert_eq!(frontend.maglev_size, 16381, "the agent's default M");
+    let table = maps.maglev.get(&key, 0).expect("the frontend's table");
+    let mut held = BTreeMap::<u16, usize>::new();
+    for lanes in table.iter() {
+        for slot in lanes.unwrap() {
+            *held.entry(slot).or_default() += 1;
+        }
+    }
+    eprintln!("maglev table positions per slot (0: padding): {held:?}");
+    assert_eq!(held.keys().copied().collect::<Vec<_>>(), [0, 1, 2]);
+
+    let report = lab
+        .client()
+        .verify(sluice_api::VerifyRequest::default())
+        .unwrap();
+    assert!(report.drift.is_empty(), "no drift: {:?}", report.drift);
+
+    // Each connection has its own source port, so its own hash: both backends answer.
+    let to = SocketAddr::from((vip, 80));
+    let answers = lab.in_pod("default/client", move || {
+        (0..40)
+            .map(|_| http_get(to).expect("request through the VIP"))
+            .collect::<Vec<_>>()
+    });
+    let mut per_backend = BTreeMap::<String, usize>::new();
+    for a in answers {
+        *per_backend.entry(a).or_default() += 1;
+    }
+    eprintln!("maglev: 40 connections per backend: {per_backend:?}");
+    assert_eq!(per_backend.len(), 2, "{per_backend:?}");
+
+    // The annotation removed: the table goes with the next pass.
+    lab.apply_yaml("hashed.yaml", &HASHED.replace("maglev", "random"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while maps.maglev.get(&key, 0).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "table still there");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        maps.services.get(&key, 0).unwrap().flags & SVC_FLAG_MAGLEV,
+        0
+    );
+}
