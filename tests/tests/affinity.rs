@@ -1,5 +1,7 @@
 //! sessionAffinity ClientIP end to end: a lab with a real agent, pods making real TCP
 //! connections to a ClusterIP, one new connection per request.
+// Test helpers outside #[test] functions: a failed request is a failed test.
+#![allow(clippy::expect_used)]
 
 use std::{collections::BTreeMap, net::SocketAddr, thread, time::Duration};
 

@@ -64,7 +64,7 @@ fn state(n: u8, size: u16) -> DesiredState {
 fn installed(maps: &PinnedMaps) -> (Vec<u16>, u32) {
     let table = maps.maglev.get(&frontend_key(), 0).unwrap();
     let id = table.map().info().unwrap().id();
-    let positions = table.iter().map(Result::unwrap).flatten().collect();
+    let positions = table.iter().flat_map(Result::unwrap).collect();
     (positions, id)
 }
 
