@@ -10,9 +10,11 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{HashOfMaps, Map, MapData};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use aya::maps::{HashOfMaps, IterableMap, Map, MapData};
 use sluice_common::{LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Key, MaglevLanes, names};
-use sluice_datapath::{MaglevTable, create_maglev_table};
+use sluice_datapath::{MaglevTable, create_maglev_table, sys};
 
 use crate::{DriftEntry, DriftKind, RealizerError, maps::is_not_found, write_stamp};
 
@@ -30,6 +32,14 @@ pub fn pack(table: &[u16]) -> Lanes {
             lanes
         })
         .collect()
+}
+
+fn sys_err(err: aya::sys::SyscallError) -> RealizerError {
+    RealizerError::Sys {
+        call: err.call,
+        map: names::MAGLEV,
+        source: err.io_error,
+    }
 }
 
 fn map_err(op: &'static str) -> impl Fn(aya::maps::MapError) -> RealizerError {
@@ -118,6 +128,8 @@ pub fn diff_tables(
 /// The kernel's `lb4_maglev` hash of maps.
 pub struct KernelMaglev {
     map: HashOfMaps<MapData, Lb4Key, MaglevTable>,
+    /// The same map, for the batch updates aya does not offer.
+    fd: OwnedFd,
 }
 
 impl KernelMaglev {
@@ -125,10 +137,19 @@ impl KernelMaglev {
     pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
         let data =
             MapData::from_pin(pin_dir.join(names::MAGLEV)).map_err(map_err("open pinned"))?;
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| RealizerError::Sys {
+                call: "dup",
+                map: names::MAGLEV,
+                source,
+            })?;
         let map = Map::from_map_data(data)
             .and_then(HashOfMaps::try_from)
             .map_err(map_err("open pinned"))?;
-        Ok(Self { map })
+        Ok(Self { map, fd })
     }
 }
 
@@ -148,43 +169,46 @@ impl MaglevTables for KernelMaglev {
                 Err(e) if is_not_found(&e) => continue,
                 Err(e) => return Err(map_err("lookup")(e)),
             };
-            let lanes = table
-                .iter()
-                .collect::<Result<_, _>>()
-                .map_err(map_err("read table"))?;
+            let lanes =
+                sys::array_lookup_all(table.map().fd().as_fd(), table.len()).map_err(sys_err)?;
             out.insert(key, lanes);
         }
         Ok(out)
     }
 
     fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError> {
-        for (key, lanes) in installs {
-            let positions = lanes.len() * LB4_MAGLEV_SLOTS_PER_ENTRY;
-            let mut table =
-                create_maglev_table(positions).map_err(|e| RealizerError::Datapath(Box::new(e)))?;
-            for (index, lane) in (0u32..).zip(lanes) {
-                table
-                    .set(index, lane, 0)
-                    .map_err(map_err("fill new table"))?;
-            }
-            // The swap: one atomic update; the table's fd may close afterwards, the outer
-            // map holds it.
-            self.map
-                .insert(key, &table, 0)
-                .map_err(map_err("swap in table"))?;
+        if installs.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let mut fresh = Vec::with_capacity(installs.len());
+        for (_, lanes) in installs {
+            let positions = lanes.len() * LB4_MAGLEV_SLOTS_PER_ENTRY;
+            let table =
+                create_maglev_table(positions).map_err(|e| RealizerError::Datapath(Box::new(e)))?;
+            sys::array_update_all(table.map().fd().as_fd(), lanes).map_err(sys_err)?;
+            fresh.push(table);
+        }
+        // The swaps, in one batch as for policy maps: each one atomic, and one wait for
+        // running programs to let go of the old tables instead of one per frontend. The
+        // new tables' fds may close afterwards: the outer map holds them.
+        let keys: Vec<Lb4Key> = installs.iter().map(|(key, _)| *key).collect();
+        let fds = fresh
+            .iter()
+            .map(|t| u32::try_from(t.map().fd().as_fd().as_raw_fd()))
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(|_| RealizerError::Sys {
+                call: "bpf(BPF_MAP_UPDATE_BATCH)",
+                map: names::MAGLEV,
+                source: std::io::Error::from_raw_os_error(libc::EBADF),
+            })?;
+        sys::map_update_batch(self.fd.as_fd(), &keys, &fds).map_err(sys_err)
     }
 
     fn remove(&mut self, frontends: &[Lb4Key]) -> Result<(), RealizerError> {
-        for key in frontends {
-            match self.map.remove(key) {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(map_err("remove")(e)),
-            }
+        if frontends.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        sys::map_delete_batch(self.fd.as_fd(), frontends).map_err(sys_err)
     }
 }
 
