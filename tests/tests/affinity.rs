@@ -93,6 +93,22 @@ fn client_ip_affinity_keeps_each_client_on_one_backend_until_the_timeout() {
     let sticky = SocketAddr::from((lab.cluster_ip("sticky"), 80));
     let plain = SocketAddr::from((lab.cluster_ip("plain"), 80));
 
+    let listed = lab.cli_json(&["service", "list"]);
+    let entry = |name: &str| {
+        listed
+            .as_array()
+            .and_then(|l| l.iter().find(|s| s["service"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} in {listed}"))
+    };
+    assert_eq!(entry("default/sticky")["affinity_timeout"], 2);
+    assert_eq!(entry("default/sticky")["algorithm"], "random");
+    assert!(entry("default/plain").get("affinity_timeout").is_none());
+    assert!(
+        lab.cli(&["service", "list"])
+            .contains("random, ClientIP 2s")
+    );
+
     let a = answers(&lab, "default/client-a", sticky, CONNECTIONS);
     eprintln!(
         "affinity: client-a, {CONNECTIONS} connections: hit rate {:.0}% {a:?}",

@@ -45,6 +45,16 @@ fn a_maglev_service_is_realized_verified_and_spreads_connections() {
     eprintln!("maglev table positions per slot (0: padding): {held:?}");
     assert_eq!(held.keys().copied().collect::<Vec<_>>(), [0, 1, 2]);
 
+    let listed = lab.cli_json(&["service", "list"]);
+    let hashed = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "default/hashed")
+        .unwrap_or_else(|| panic!("hashed in {listed}"));
+    assert_eq!(hashed["algorithm"], "maglev", "{hashed}");
+    assert!(lab.cli(&["service", "list"]).contains("maglev"));
+
     let report = lab
         .client()
         .verify(sluice_api::VerifyRequest::default())

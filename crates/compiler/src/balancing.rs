@@ -2,9 +2,8 @@
 //! and the algorithm for new connections (random, or Maglev by the
 //! `service.sluice.dev/lb-algorithm` annotation or the node's default).
 
-use std::{fmt, str::FromStr};
-
 use k8s_openapi::api::core::v1::Service;
+pub use sluice_common::kinds::LbAlgorithm;
 use sluice_common::{Lb4Service, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV};
 
 use crate::{ObjectRef, Problem, maglev::TableSize, problem::Problems};
@@ -17,45 +16,6 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
 
 /// The API server's upper bound of the timeout (one day).
 const MAX_AFFINITY_TIMEOUT: i32 = 86400;
-
-/// How a frontend picks the backend of a new connection.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum LbAlgorithm {
-    /// A uniformly random backend slot.
-    #[default]
-    Random,
-    /// The backend the frontend's Maglev table gives the flow's hash: the same on every
-    /// node, and few flows move when a backend comes or goes.
-    Maglev,
-}
-
-impl LbAlgorithm {
-    pub const ALL: [LbAlgorithm; 2] = [LbAlgorithm::Random, LbAlgorithm::Maglev];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LbAlgorithm::Random => "random",
-            LbAlgorithm::Maglev => "maglev",
-        }
-    }
-}
-
-impl fmt::Display for LbAlgorithm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for LbAlgorithm {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| format!("unknown load-balancing algorithm {s:?} (random or maglev)"))
-    }
-}
 
 /// The node's load-balancing settings (`--lb-algorithm`, `--maglev-table-size`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
