@@ -87,3 +87,67 @@ fn a_maglev_service_is_realized_verified_and_spreads_connections() {
         0
     );
 }
+
+const SPREAD: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: spread
+  annotations: {service.sluice.dev/lb-algorithm: maglev}
+spec:
+  selector: {app: spread}
+  ports:
+  - {port: 80}
+";
+
+#[test]
+fn every_node_realizes_the_same_table_and_a_client_reaches_every_backend() {
+    use sluice_integration::multinode::{Mode, NODES, pod_on, three_nodes};
+
+    let mut lab = three_nodes("maglev-nodes", Mode::Tunnel);
+    let mut pods = String::from(SPREAD);
+    for (i, node) in NODES.iter().enumerate() {
+        pods.push_str("---\n");
+        pods.push_str(&pod_on(
+            "default",
+            &format!("spread-{i}"),
+            node,
+            "app: spread",
+        ));
+    }
+    lab.apply_yaml("spread.yaml", &pods);
+    let vip = lab.cluster_ip("spread");
+    let key = Lb4Key::new(vip, 80, IPPROTO_TCP, 0);
+
+    let tables: Vec<Vec<[u16; 4]>> = NODES
+        .iter()
+        .map(|node| {
+            let maps = sluice_datapath::PinnedMaps::open(&lab.lab.pin_dir(node)).unwrap();
+            let table = maps
+                .maglev
+                .get(&key, 0)
+                .unwrap_or_else(|e| panic!("{node} has no table: {e}"));
+            table.iter().map(Result::unwrap).collect()
+        })
+        .collect();
+    assert_eq!(tables[0].len(), 16384 / 4);
+    assert_eq!(
+        tables[0], tables[1],
+        "node-1 and node-2 hold the same table"
+    );
+    assert_eq!(
+        tables[0], tables[2],
+        "node-1 and node-3 hold the same table"
+    );
+    lab.verify_every_node("a Maglev service on three nodes");
+
+    // From a pod on node-1, connections (each its own source port, so its own hash) reach
+    // backends on every node.
+    let to = SocketAddr::from((vip, 80));
+    let answers = lab.in_pod("default/spread-0", move || {
+        (0..30)
+            .map(|_| http_get(to).expect("request through the VIP"))
+            .collect::<std::collections::BTreeSet<_>>()
+    });
+    eprintln!("maglev across nodes: answered by {answers:?}");
+    assert_eq!(answers.len(), 3, "{answers:?}");
+}
