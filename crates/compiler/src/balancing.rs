@@ -2,11 +2,17 @@
 //! and the algorithm for new connections (random, or Maglev by the
 //! `service.sluice.dev/lb-algorithm` annotation or the node's default).
 
+use std::net::Ipv4Addr;
+
 use k8s_openapi::api::core::v1::Service;
 pub use sluice_common::kinds::LbAlgorithm;
-use sluice_common::{Lb4Service, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV};
+use sluice_common::{Lb4Key, Lb4Service, SVC_FLAG_AFFINITY, SVC_FLAG_MAGLEV};
 
-use crate::{ObjectRef, Problem, maglev::TableSize, problem::Problems};
+use crate::{
+    DesiredState, ObjectRef, Problem,
+    maglev::{self, TableSize},
+    problem::Problems,
+};
 
 /// The annotation that picks a Service's algorithm, overriding the node's default.
 pub const LB_ALGORITHM_ANNOTATION: &str = "service.sluice.dev/lb-algorithm";
@@ -120,4 +126,21 @@ pub(crate) fn frontend_options(
         ),
     }
     options
+}
+
+/// Inserts the frontend `key` (slot 0) with `value` and, for a Maglev Service with
+/// backends, its table computed from `backends` (in slot order). Every kind of frontend of
+/// a Service (ClusterIP, NodePort, LoadBalancer, external IP) goes through here, so each
+/// gets the Service's options and its own table.
+pub(crate) fn insert_frontend(
+    state: &mut DesiredState,
+    key: Lb4Key,
+    value: Lb4Service,
+    options: FrontendOptions,
+    backends: &[(Ipv4Addr, u16)],
+) {
+    state.services.insert(key, value);
+    if let Some(size) = options.maglev.filter(|_| !backends.is_empty()) {
+        state.maglev.insert(key, maglev::table(backends, size));
+    }
 }

@@ -460,14 +460,13 @@ impl Compilation {
                 },
             );
         }
-        self.state
-            .services
-            .insert(key, options.frontend(count, SVC_FLAG_CLUSTER_IP));
-        if let Some(size) = options.maglev.filter(|_| !backends.is_empty()) {
-            self.state
-                .maglev
-                .insert(key, maglev::table(&backends, size));
-        }
+        balancing::insert_frontend(
+            &mut self.state,
+            key,
+            options.frontend(count, SVC_FLAG_CLUSTER_IP),
+            options,
+            &backends,
+        );
         self.state.frontends.push(Frontend {
             service: owner,
             port_name: port_name.to_string(),
