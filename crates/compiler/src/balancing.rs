@@ -2,7 +2,7 @@
 //! and the algorithm for new connections (random, or Maglev by the
 //! `service.sluice.dev/lb-algorithm` annotation or the node's default).
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::core::v1::Service;
 pub use sluice_common::kinds::LbAlgorithm;
@@ -134,6 +134,7 @@ pub(crate) fn frontend_options(
 /// gets the Service's options and its own table.
 pub(crate) fn insert_frontend(
     state: &mut DesiredState,
+    tables: &mut MaglevTables,
     key: Lb4Key,
     value: Lb4Service,
     options: FrontendOptions,
@@ -141,6 +142,12 @@ pub(crate) fn insert_frontend(
 ) {
     state.services.insert(key, value);
     if let Some(size) = options.maglev.filter(|_| !backends.is_empty()) {
-        state.maglev.insert(key, maglev::table(backends, size));
+        let table = tables
+            .entry((backends.to_vec(), size))
+            .or_insert_with(|| maglev::table(backends, size).into());
+        state.maglev.insert(key, Arc::clone(table));
     }
 }
+
+/// Maglev tables of one compilation by their backends (in slot order) and size.
+pub(crate) type MaglevTables = BTreeMap<(Vec<(Ipv4Addr, u16)>, TableSize), Arc<[u16]>>;

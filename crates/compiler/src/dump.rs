@@ -20,7 +20,7 @@ impl DesiredState {
         // A table is M positions: its line gives how many each backend slot holds.
         for (key, table) in &self.maglev {
             let mut held = vec![0usize; table.iter().copied().max().map_or(0, usize::from)];
-            for &slot in table {
+            for &slot in table.iter() {
                 if let Some(count) = usize::from(slot)
                     .checked_sub(1)
                     .and_then(|i| held.get_mut(i))

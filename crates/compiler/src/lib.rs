@@ -42,6 +42,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -108,8 +109,9 @@ pub struct DesiredState {
     pub services: BTreeMap<Lb4Key, Lb4Service>,
     pub backends: BTreeMap<Lb4BackendKey, Lb4Backend>,
     /// Frontend (slot 0 key) -> its Maglev table, for frontends with SVC_FLAG_MAGLEV and
-    /// at least one backend: M backend slot numbers (`maglev::table`).
-    pub maglev: BTreeMap<Lb4Key, Vec<u16>>,
+    /// at least one backend: M backend slot numbers (`maglev::table`). Frontends of one
+    /// Service with the same backends share one table.
+    pub maglev: BTreeMap<Lb4Key, Arc<[u16]>>,
     /// ifindex -> endpoint.
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     /// Interfaces the datapath must be attached to.
@@ -316,6 +318,9 @@ struct Compilation {
     vip_owners: BTreeMap<Ipv4Addr, String>,
     /// Which endpoint each ifindex belongs to, for the same reason.
     ifindex_owners: BTreeMap<u32, String>,
+    /// Maglev tables computed so far, by backends and size: the frontends of one Service
+    /// (ClusterIP, NodePort on each address, ...) share one.
+    maglev_tables: balancing::MaglevTables,
 }
 
 impl Compilation {
@@ -462,6 +467,7 @@ impl Compilation {
         }
         balancing::insert_frontend(
             &mut self.state,
+            &mut self.maglev_tables,
             key,
             options.frontend(count, SVC_FLAG_CLUSTER_IP),
             options,

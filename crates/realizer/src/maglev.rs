@@ -8,7 +8,7 @@
 //! (registry realize order): a frontend that comes with Maglev finds its table in place,
 //! and one whose table names a slot not written yet falls back to a random slot.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
@@ -110,7 +110,7 @@ impl MaglevPlan {
 
 /// Compares the desired tables (M slot numbers per frontend) with `installed`.
 pub fn diff_tables(
-    desired: &BTreeMap<Lb4Key, Vec<u16>>,
+    desired: &BTreeMap<Lb4Key, Arc<[u16]>>,
     mut installed: BTreeMap<Lb4Key, Lanes>,
 ) -> MaglevPlan {
     let mut plan = MaglevPlan::default();

@@ -2,7 +2,7 @@
 //! then write the difference map by map in the registry's realize order
 //! ([`Tables::apply`]).
 
-use std::{collections::BTreeMap, fmt::Display, path::Path};
+use std::{collections::BTreeMap, fmt::Display, path::Path, sync::Arc};
 
 use aya::{Pod, maps::MapData};
 use sluice_common::{
@@ -100,7 +100,7 @@ pub struct Desired<'a> {
     /// max_entries of every policy map.
     pub policy_capacity: u32,
     /// Frontend -> its Maglev table (M backend slots).
-    pub maglev: &'a BTreeMap<Lb4Key, Vec<u16>>,
+    pub maglev: &'a BTreeMap<Lb4Key, Arc<[u16]>>,
 }
 
 impl<'a> Desired<'a> {

@@ -56,7 +56,7 @@ fn state(n: u8, size: u16) -> DesiredState {
     );
     state
         .maglev
-        .insert(frontend_key(), maglev::table(&backends, size));
+        .insert(frontend_key(), maglev::table(&backends, size).into());
     state
 }
 
@@ -78,7 +78,7 @@ fn tables_are_swapped_in_whole_and_drift_is_repaired() {
     let (positions, id) = installed(&maps);
     // 251 positions in 63 elements of four, the last lane padding.
     assert_eq!(positions.len(), 252);
-    assert_eq!(&positions[..251], three.maglev[&frontend_key()].as_slice());
+    assert_eq!(&positions[..251], &*three.maglev[&frontend_key()]);
     assert_eq!(positions[251], 0);
 
     assert!(!tables.realize(Desired::of(&three, 16)).unwrap().changed());
@@ -93,7 +93,7 @@ fn tables_are_swapped_in_whole_and_drift_is_repaired() {
     tables.realize(Desired::of(&four, 16)).unwrap();
     let (positions, new_id) = installed(&maps);
     assert_ne!(new_id, id);
-    assert_eq!(&positions[..251], four.maglev[&frontend_key()].as_slice());
+    assert_eq!(&positions[..251], &*four.maglev[&frontend_key()]);
     let bigger = state(4, 16381);
     tables.realize(Desired::of(&bigger, 16)).unwrap();
     assert_eq!(installed(&maps).0.len(), 16384);
@@ -108,7 +108,7 @@ fn tables_are_swapped_in_whole_and_drift_is_repaired() {
     tables.realize(Desired::of(&bigger, 16)).unwrap();
     assert_eq!(
         &installed(&maps).0[..16381],
-        bigger.maglev[&frontend_key()].as_slice()
+        &*bigger.maglev[&frontend_key()]
     );
 
     // The Service goes: frontend and table both.
@@ -128,7 +128,9 @@ fn a_pass_reads_50_tables_of_16381_positions_promptly() {
     let mut state = DesiredState::default();
     for port in 1..=50u16 {
         let key = Lb4Key::new(VIP, port, IPPROTO_TCP, 0);
-        state.maglev.insert(key, maglev::table(&backends, size));
+        state
+            .maglev
+            .insert(key, maglev::table(&backends, size).into());
     }
     let started = std::time::Instant::now();
     tables.realize(Desired::of(&state, 16)).unwrap();
