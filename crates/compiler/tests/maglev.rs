@@ -131,3 +131,30 @@ fn the_cost_of_tables_is_printed() {
         started.elapsed() / 100
     );
 }
+
+#[test]
+fn frontends_with_the_same_backends_share_one_table() {
+    let service = from_json(json!({
+        "metadata": {"name": "two", "namespace": "default",
+                     "annotations": {"service.sluice.dev/lb-algorithm": "maglev"}},
+        "spec": {"clusterIP": "10.96.0.20",
+                 "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 81}]}
+    }));
+    let slice = from_json(json!({
+        "metadata": {"name": "two-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "two"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "a", "port": 8080}, {"name": "b", "port": 8080}],
+        "endpoints": [{"addresses": ["10.244.0.1"]}, {"addresses": ["10.244.0.2"]}]
+    }));
+    let snap = Snapshot {
+        revision: 1,
+        services: vec![service],
+        endpoint_slices: vec![slice],
+        ..Snapshot::default()
+    };
+    let state = compile_on("node-0", &snap, Balancing::default());
+    let a = &state.maglev[&Lb4Key::new([10, 96, 0, 20].into(), 80, 6, 0)];
+    let b = &state.maglev[&Lb4Key::new([10, 96, 0, 20].into(), 81, 6, 0)];
+    assert!(std::sync::Arc::ptr_eq(a, b), "one table for both ports");
+}
