@@ -31,7 +31,7 @@ struct lb4_service {
 	__be16 backend_port;
 	__u16 count;
 	__u16 flags;            /* SVC_FLAG_* (frontend) */
-	__u16 pad;
+	__u16 maglev_size;      /* SVC_FLAG_MAGLEV: M, the prime size of its table (frontend) */
 	__u32 affinity_timeout; /* sessionAffinity ClientIP: seconds (frontend) */
 };
 
@@ -84,6 +84,25 @@ struct lb4_revnat_sk {
 	__u16 pad;
 };
 
+/* ---- sessionAffinity ClientIP: the backend each client last got from a frontend ---- */
+
+struct lb4_affinity_key {
+	__be32 client;  /* the client's address */
+	__be32 address; /* the frontend */
+	__be16 dport;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* The backend, and when a new connection last went to it by this entry: the timeout
+ * counts from there, as with kube-proxy's `recent` match and Cilium's affinity map. */
+struct lb4_affinity {
+	__u64 last_used_ns;
+	__be32 backend_address;
+	__be16 backend_port;
+	__u16 pad;
+};
+
 /* loadBalancerSourceRanges: LPM trie of the sources each load balancer frontend with
  * SVC_FLAG_SOURCE_RANGES admits. The frontend part of the key is always matched whole,
  * so prefixlen is LB4_SOURCE_RANGE_PREFIX plus the source prefix. */
@@ -101,6 +120,12 @@ struct lb4_source_range_key {
 };
 
 #define LB4_SOURCE_RANGE_PREFIX 64 /* bits of address, dport, proto and pad */
+
+/* ---- Maglev: per frontend, a table of M backend slot numbers (M prime) ----
+ * The inner array packs LB4_MAGLEV_SLOTS_PER_ENTRY u16 slots into each element, since the
+ * kernel rounds every array element up to 8 bytes: M * 2 bytes per frontend. Entry i / 4,
+ * lane i % 4 holds table position i. */
+#define LB4_MAGLEV_SLOTS_PER_ENTRY 4
 
 /* ---- conntrack: one LRU map, node-wide ---- */
 

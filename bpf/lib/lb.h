@@ -74,6 +74,142 @@ static __always_inline bool lb4_backend_active(__be32 address, __be16 port, __u8
 	return bpf_map_lookup_elem(&lb4_backends, &key) != NULL;
 }
 
+/* Murmur3's 32-bit mixing of @k into @h. */
+static __always_inline __u32 lb4_hash_mix(__u32 h, __u32 k)
+{
+	k *= 0xcc9e2d51;
+	k = (k << 15) | (k >> 17);
+	k *= 0x1b873593;
+	h ^= k;
+	h = (h << 13) | (h >> 19);
+	return h * 5 + 0xe6546b64;
+}
+
+/* The Maglev hash of @pkt's flow as the client sent it: source address and port,
+ * protocol and frontend port. The frontend address is left out because it is the one
+ * part that differs between nodes (a NodePort is reached on each node's own address), so
+ * a flow that lands on another node hashes the same there and keeps its backend. */
+static __always_inline __u32 lb4_flow_hash(const struct pkt4 *pkt)
+{
+	__u32 h = 0;
+
+	h = lb4_hash_mix(h, pkt->saddr);
+	h = lb4_hash_mix(h, ((__u32)pkt->sport << 16) | pkt->dport);
+	h = lb4_hash_mix(h, pkt->proto);
+	/* fmix32: every input bit reaches every output bit before the modulo. */
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	return h ^ (h >> 16);
+}
+
+/* The backend slot the frontend's Maglev table gives @pkt's flow, or 0 when the table
+ * is not there (yet: the realizer writes it before the frontend that names it). */
+static __always_inline __u16 lb4_maglev_slot(const struct pkt4 *pkt, const struct lb4_service *svc)
+{
+	struct lb4_key key = {
+		.address = pkt->daddr,
+		.dport = pkt->dport,
+		.proto = pkt->proto,
+	};
+	__u32 position, entry;
+	__u16 *lanes;
+	void *table;
+
+	if (!svc->maglev_size)
+		return 0;
+	table = bpf_map_lookup_elem(&lb4_maglev, &key);
+	if (!table)
+		return 0;
+	position = lb4_flow_hash(pkt) % svc->maglev_size;
+	entry = position / LB4_MAGLEV_SLOTS_PER_ENTRY;
+	lanes = bpf_map_lookup_elem(table, &entry);
+	if (!lanes)
+		return 0;
+	return lanes[position % LB4_MAGLEV_SLOTS_PER_ENTRY];
+}
+
+static __always_inline void lb4_affinity_key_init(struct lb4_affinity_key *key,
+						  const struct pkt4 *pkt)
+{
+	*key = (struct lb4_affinity_key){
+		.client = pkt->saddr,
+		.address = pkt->daddr,
+		.dport = pkt->dport,
+		.proto = pkt->proto,
+	};
+}
+
+/* sessionAffinity ClientIP: the backend this client's last new connection to the
+ * frontend went to, if that was within the frontend's timeout and the backend may still
+ * take traffic. */
+static __always_inline bool lb4_affinity_backend(const struct pkt4 *pkt,
+						 const struct lb4_service *svc, __u64 now,
+						 struct lb4_service *backend)
+{
+	struct lb4_affinity_key key;
+	struct lb4_affinity *entry;
+
+	lb4_affinity_key_init(&key, pkt);
+	entry = bpf_map_lookup_elem(&lb4_affinity, &key);
+	if (!entry)
+		return false;
+	if (now > entry->last_used_ns &&
+	    now - entry->last_used_ns > (__u64)svc->affinity_timeout * NSEC_PER_SEC)
+		return false;
+	if (!lb4_backend_active(entry->backend_address, entry->backend_port, pkt->proto))
+		return false;
+	backend->backend_address = entry->backend_address;
+	backend->backend_port = entry->backend_port;
+	return true;
+}
+
+/* Records that a new connection of @pkt's client went to @backend now. A failed write
+ * only costs the next connection its affinity, so it does not drop this one. */
+static __always_inline void lb4_affinity_update(const struct pkt4 *pkt,
+						const struct lb4_service *backend, __u64 now)
+{
+	struct lb4_affinity_key key;
+	struct lb4_affinity entry = {
+		.last_used_ns = now,
+		.backend_address = backend->backend_address,
+		.backend_port = backend->backend_port,
+	};
+
+	lb4_affinity_key_init(&key, pkt);
+	bpf_map_update_elem(&lb4_affinity, &key, &entry, BPF_ANY);
+}
+
+/* A backend for a new connection to @svc: the client's affinity backend if it has one,
+ * else the slot the Maglev table gives the flow (SVC_FLAG_MAGLEV) or a random slot.
+ * Returns 0, or a DROP_* reason. */
+static __always_inline int lb4_choose_backend(const struct pkt4 *pkt,
+					      const struct lb4_service *svc, __u64 now,
+					      struct lb4_service *backend)
+{
+	bool affinity = svc->flags & SVC_FLAG_AFFINITY;
+	struct lb4_service *slot;
+	__u16 number = 0;
+
+	if (!affinity || !lb4_affinity_backend(pkt, svc, now, backend)) {
+		if (svc->flags & SVC_FLAG_MAGLEV)
+			number = lb4_maglev_slot(pkt, svc);
+		/* A slot past the count belongs to a table written for backends whose slots
+		 * are not all there yet: random until the realizer's pass is through. */
+		if (number == 0 || number > svc->count)
+			number = (__u16)(bpf_get_prandom_u32() % svc->count + 1);
+		slot = lb4_lookup(pkt->daddr, pkt->dport, pkt->proto, number);
+		if (!slot)
+			return DROP_NO_BACKEND_SLOT;
+		backend->backend_address = slot->backend_address;
+		backend->backend_port = slot->backend_port;
+	}
+	if (affinity)
+		lb4_affinity_update(pkt, backend, now);
+	return 0;
+}
+
 /* Picks the backend of @pkt's connection to the frontend @svc into *backend.
  * The CT_SERVICE entry pins a connection to its backend; a new one is chosen when
  * there is no entry, a pure SYN starts a new connection on a reused tuple, the
@@ -85,7 +221,7 @@ static __always_inline int lb4_select_backend(struct __sk_buff *skb, const struc
 {
 	struct ct4_key key;
 	struct ct4_entry *entry;
-	struct lb4_service *slot;
+	int reason;
 
 	ct_key_init(&key, pkt->saddr, pkt->daddr, pkt->sport, pkt->dport, pkt->proto, CT_SERVICE);
 	entry = bpf_map_lookup_elem(&ct4, &key);
@@ -97,12 +233,9 @@ static __always_inline int lb4_select_backend(struct __sk_buff *skb, const struc
 		return 0;
 	}
 
-	slot = lb4_lookup(pkt->daddr, pkt->dport, pkt->proto,
-			  (__u16)(bpf_get_prandom_u32() % svc->count + 1));
-	if (!slot)
-		return DROP_NO_BACKEND_SLOT;
-	backend->backend_address = slot->backend_address;
-	backend->backend_port = slot->backend_port;
+	reason = lb4_choose_backend(pkt, svc, now, backend);
+	if (reason)
+		return reason;
 	if (ct_create(&key, pkt, backend->backend_address, backend->backend_port, 0,
 		      skb->ifindex, now) < 0)
 		return DROP_CT_CREATE_FAILED;

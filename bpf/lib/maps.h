@@ -22,6 +22,9 @@
 #define FRAG4_MAX        8192
 #define LB4_REVNAT_SK_MAX 65536 /* sockets of the node talking to frontends */
 #define EVENTS_RING_SIZE (1 << 20) /* 1 MiB: about 17,000 events */
+#define LB4_AFFINITY_MAX 65536 /* clients x frontends with sessionAffinity, as Cilium's */
+#define LB4_MAGLEV_MAX   8192  /* Maglev frontends per node */
+#define LB4_MAGLEV_TABLE_ENTRIES 4096 /* template only: user space sizes each table */
 
 /* The service, backend and endpoint maps are written by user space only, so they
  * need no preallocation (Cilium does the same); LRU maps are always preallocated. */
@@ -49,6 +52,32 @@ struct {
 	__uint(max_entries, LB4_SOURCE_RANGES_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } lb4_source_ranges SEC(".maps");
+
+/* Runtime state like conntrack: written by the datapath, never realized. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb4_affinity_key);
+	__type(value, struct lb4_affinity);
+	__uint(max_entries, LB4_AFFINITY_MAX);
+} lb4_affinity SEC(".maps");
+
+/* One table per Maglev frontend, swapped in whole like a policy map. BPF_F_INNER_MAP lets
+ * each table have its own max_entries (M / 4 rounded up), so the table size can change
+ * without reloading the programs. */
+struct lb4_maglev_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u16) * LB4_MAGLEV_SLOTS_PER_ENTRY);
+	__uint(max_entries, LB4_MAGLEV_TABLE_ENTRIES);
+	__uint(map_flags, BPF_F_INNER_MAP);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__type(key, struct lb4_key); /* the frontend (slot 0) */
+	__uint(max_entries, LB4_MAGLEV_MAX);
+	__array(values, struct lb4_maglev_inner);
+} lb4_maglev SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

@@ -17,14 +17,14 @@ metadata:
 spec:
   type: LoadBalancer
   loadBalancerIP: 192.0.2.80
-  sessionAffinity: ClientIP
+  trafficDistribution: PreferClose
   selector: {app: nginx}
   ports:
   - {port: 80, nodePort: 30080}
 ";
 
 #[test]
-fn a_load_balancer_ip_and_session_affinity_are_reported_and_the_cluster_ip_works() {
+fn a_load_balancer_ip_and_traffic_distribution_are_reported_and_the_cluster_ip_works() {
     let mut lab = TestLab::up("unsupported", ONE_NODE_LAB);
     lab.lab
         .apply(&[
@@ -63,13 +63,13 @@ fn a_load_balancer_ip_and_session_affinity_are_reported_and_the_cluster_ip_works
         reported,
         [
             expected("spec.loadBalancerIP", "192.0.2.80"),
-            expected("spec.sessionAffinity", "ClientIP"),
+            expected("spec.trafficDistribution", "PreferClose"),
         ],
         "{status}"
     );
     let table = lab.cli(&["status"]);
     assert!(
-        table.contains("spec.sessionAffinity") && table.contains("Service default/sticky"),
+        table.contains("spec.trafficDistribution") && table.contains("Service default/sticky"),
         "{table}"
     );
 
@@ -86,14 +86,14 @@ fn a_load_balancer_ip_and_session_affinity_are_reported_and_the_cluster_ip_works
                     && l.contains(field)
             })
         };
-        if (named("spec.loadBalancerIP") && named("spec.sessionAffinity"))
+        if (named("spec.loadBalancerIP") && named("spec.trafficDistribution"))
             || Instant::now() > deadline
         {
             break log;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    for field in ["spec.loadBalancerIP", "spec.sessionAffinity"] {
+    for field in ["spec.loadBalancerIP", "spec.trafficDistribution"] {
         assert!(
             log.lines().any(|l| l.contains("WARN")
                 && l.contains("not implemented")

@@ -109,6 +109,8 @@ pub struct AgentConfig {
     pub reconcile_interval: Duration,
     /// Rows each endpoint's policy map holds; a policy that needs more fails closed.
     pub policy_map_max: u32,
+    /// The default load-balancing algorithm and the Maglev table size.
+    pub balancing: sluice_compiler::Balancing,
     pub datapath: sluice_datapath::DatapathConfig,
     /// Flows the observer keeps for `sluice observe --last`.
     pub flows_max: usize,

@@ -10,6 +10,7 @@ use sluice_agent::{
     routing::RoutingConfig,
 };
 use sluice_common::{CtConfig, RoutingMode};
+use sluice_compiler::{Balancing, LbAlgorithm, maglev::TableSize};
 use sluice_datapath::DatapathConfig;
 
 #[derive(Parser)]
@@ -41,6 +42,15 @@ struct Args {
     /// closed and is reported by status and verify.
     #[arg(long, default_value_t = sluice_compiler::DEFAULT_POLICY_MAP_MAX)]
     policy_map_max: u32,
+    /// How Services without the service.sluice.dev/lb-algorithm annotation pick the
+    /// backend of a new connection: random or maglev (consistent hashing).
+    #[arg(long, default_value_t = LbAlgorithm::Random)]
+    lb_algorithm: LbAlgorithm,
+    /// Positions of every Maglev table (M): a prime from 3 to 65521; M * 2 bytes per
+    /// Maglev frontend. Maglev keeps each backend's share within about 1% when M is at
+    /// least 100 times the backends of a frontend.
+    #[arg(long, default_value_t = TableSize::default())]
+    maglev_table_size: TableSize,
     /// Conntrack table size, when the table is created (a pinned table keeps its size: the
     /// agent warns, and removing the pin resizes it at the next start).
     #[arg(long, alias = "ct-max", default_value_t = DatapathConfig::default().ct_max_entries)]
@@ -146,6 +156,10 @@ fn main() -> anyhow::Result<()> {
         api_socket: args.api_socket,
         reconcile_interval: Duration::from_secs_f64(args.reconcile_interval.max(0.1)),
         policy_map_max: args.policy_map_max,
+        balancing: Balancing {
+            algorithm: args.lb_algorithm,
+            maglev_table_size: args.maglev_table_size,
+        },
         datapath: DatapathConfig {
             ct_max_entries: args.ct_max_entries,
             lb_max_entries: args.lb_map_max,

@@ -12,7 +12,7 @@ use std::{
 use aya::programs::SchedClassifier;
 use sluice_api::{Drift, VerifyReport};
 use sluice_common::kinds::DriftKind;
-use sluice_compiler::{DesiredState, NodeContext};
+use sluice_compiler::{Balancing, DesiredState, NodeContext};
 use sluice_datapath::{AttachRole, Datapath, Hook};
 use sluice_realizer::{Desired, KernelTables};
 use sluice_store::Snapshot;
@@ -36,6 +36,7 @@ pub struct Node {
     tables: KernelTables,
     /// Rows each endpoint's policy map holds.
     policy_map_max: u32,
+    balancing: Balancing,
     snapshot: Arc<Snapshot>,
     /// The agent's number for `snapshot`: one more for every snapshot accepted, whatever
     /// the source counts.
@@ -69,6 +70,7 @@ impl Node {
             routing,
             tables: KernelTables::open(&config.pin_dir)?,
             policy_map_max: config.policy_map_max,
+            balancing: config.balancing,
             snapshot: Arc::new(Snapshot::default()),
             generation: 0,
             desired: Arc::default(),
@@ -248,6 +250,7 @@ impl Node {
                 node: self.name.clone(),
                 interfaces,
                 policy_map_max: self.policy_map_max,
+                balancing: self.balancing,
             },
         )
     }

@@ -17,10 +17,10 @@ use sluice_api::{
     IdentityEntry, MapStatus, PolicyRow, ServiceEntry, UnsupportedField, VerifyReport,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, CtConfig, IDENTITY_ANY, Lb4BackendKey, Lb4Key,
+    Ct4Entry, Ct4Key, CtConfig, IDENTITY_ANY, Lb4BackendKey, Lb4Key, SVC_FLAG_AFFINITY,
     kinds::{
-        BackendState, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind, Protocol, RowState,
-        ServiceKind,
+        BackendState, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind, LbAlgorithm,
+        Protocol, RowState, ServiceKind,
     },
     names, registry,
 };
@@ -274,6 +274,9 @@ impl<'a> View<'a> {
                 port: key.port(),
                 protocol: Protocol::from_number(key.proto),
                 backends,
+                algorithm: LbAlgorithm::of_frontend(frontend.flags),
+                affinity_timeout: (frontend.flags & SVC_FLAG_AFFINITY != 0)
+                    .then_some(frontend.affinity_timeout),
             });
         }
         Ok(out)

@@ -11,8 +11,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 pub use sluice_common::kinds::{
-    BackendState, CtFlag, CtScope, Direction, DriftKind, EndpointStatus, FrontendKind, Protocol,
-    RowState, RuleOrigin, ServiceKind,
+    BackendState, CtFlag, CtScope, Direction, DriftKind, EndpointStatus, FrontendKind, LbAlgorithm,
+    Protocol, RowState, RuleOrigin, ServiceKind,
 };
 
 mod client;
@@ -223,6 +223,13 @@ pub struct ServiceEntry {
     pub port: u16,
     pub protocol: Protocol,
     pub backends: Vec<BackendEntry>,
+    /// How a new connection's backend is chosen.
+    #[serde(default)]
+    pub algorithm: LbAlgorithm,
+    /// sessionAffinity ClientIP: seconds a client keeps its backend after its last new
+    /// connection; None without affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

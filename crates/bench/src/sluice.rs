@@ -212,6 +212,7 @@ pub fn compile_time(services: &[ServiceSpec]) -> Duration {
             .map(|((_, _, _, lxc), ifindex)| (lxc.to_owned(), ifindex))
             .collect(),
         policy_map_max: DEFAULT_POLICY_MAP_MAX,
+        ..NodeContext::default()
     };
     let t = Instant::now();
     let state = compile(&snap, &node);
@@ -264,6 +265,7 @@ impl Sluice {
             node: NODE.into(),
             interfaces: ifindexes,
             policy_map_max: DEFAULT_POLICY_MAP_MAX,
+            ..NodeContext::default()
         };
         let snap = snapshot(services);
         let programming = program(pins.path(), &snap, &node)?;
@@ -382,6 +384,7 @@ pub fn policy_convergence(endpoints: usize) -> Result<Convergence, BenchError> {
         node: NODE.into(),
         interfaces,
         policy_map_max: DEFAULT_POLICY_MAP_MAX,
+        ..NodeContext::default()
     };
     snap.network_policies = vec![web_policy(&[8080])];
     let initial = program(pins.path(), &snap, &node)?;

@@ -249,35 +249,39 @@ fn service_list(client: &Client, output: Output) -> anyhow::Result<()> {
     for (id, s) in (1..).zip(&services) {
         let frontend = format!("{}:{}/{}", s.address, s.port, s.protocol);
         let name = s.service.clone().unwrap_or_default();
+        let balancing = match s.affinity_timeout {
+            Some(timeout) => format!("{}, ClientIP {timeout}s", s.algorithm),
+            None => s.algorithm.to_string(),
+        };
+        // The frontend's columns on its first row only.
+        let first = vec![id.to_string(), frontend, s.frontend.to_string()];
+        let last = vec![name, balancing];
         if s.backends.is_empty() {
-            rows.push(vec![
-                id.to_string(),
-                frontend.clone(),
-                s.frontend.to_string(),
-                String::new(),
-                name.clone(),
-            ]);
+            rows.push([first.clone(), vec![String::new()], last.clone()].concat());
         }
         for (n, b) in (1..).zip(&s.backends) {
             let backend = format!(
                 "{n} => {}:{}/{} ({})",
                 b.address, b.port, s.protocol, b.state
             );
-            let (id, frontend, kind, name) = if n == 1 {
-                (
-                    id.to_string(),
-                    frontend.clone(),
-                    s.frontend.to_string(),
-                    name.clone(),
-                )
+            if n == 1 {
+                rows.push([first.clone(), vec![backend], last.clone()].concat());
             } else {
-                Default::default()
-            };
-            rows.push(vec![id, frontend, kind, backend, name]);
+                let mut row = vec![String::new(); 6];
+                row[3] = backend;
+                rows.push(row);
+            }
         }
     }
     table::print(
-        &["ID", "FRONTEND", "SERVICE TYPE", "BACKEND", "SERVICE"],
+        &[
+            "ID",
+            "FRONTEND",
+            "SERVICE TYPE",
+            "BACKEND",
+            "SERVICE",
+            "BALANCING",
+        ],
         &rows,
     );
     Ok(())

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::maps::{
     BACKEND_STATE_ACTIVE, CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY,
     CT_INGRESS, CT_NODEPORT, CT_SERVICE, CT_SNAT, CT_SNAT_PORT, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS,
+    IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS, SVC_FLAG_MAGLEV,
 };
 
 /// An IP protocol as a map key carries it; 0 means any protocol (policy rows, wildcards).
@@ -259,6 +259,51 @@ impl FrontendKind {
     }
 }
 
+/// How a frontend picks the backend of a new connection (`SVC_FLAG_MAGLEV` in the map).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LbAlgorithm {
+    /// A uniformly random backend slot.
+    #[default]
+    Random,
+    /// The backend the frontend's Maglev table gives the flow's hash: the same on every
+    /// node, and few flows move when a backend comes or goes.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub const ALL: [LbAlgorithm; 2] = [LbAlgorithm::Random, LbAlgorithm::Maglev];
+
+    /// The algorithm of a frontend with `flags` (`SVC_FLAG_*`).
+    pub fn of_frontend(flags: u16) -> Self {
+        if flags & SVC_FLAG_MAGLEV != 0 {
+            LbAlgorithm::Maglev
+        } else {
+            LbAlgorithm::Random
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbAlgorithm::Random => "random",
+            LbAlgorithm::Maglev => "maglev",
+        }
+    }
+}
+
+impl FromStr for LbAlgorithm {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown load-balancing algorithm {s:?} (random or maglev)"))
+    }
+}
+
 /// How a map entry in the kernel differs from the desired one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -454,6 +499,7 @@ display_as_str!(
     CtFlag,
     ServiceKind,
     FrontendKind,
+    LbAlgorithm,
     DriftKind,
     EndpointStatus,
     RowState
@@ -481,6 +527,14 @@ mod tests {
             let d = Direction::from_policy(d);
             assert_eq!(word(d), d.as_str());
         }
+        for a in LbAlgorithm::ALL {
+            assert_eq!(word(a), a.as_str());
+            assert_eq!(a.as_str().parse::<LbAlgorithm>(), Ok(a));
+        }
+        assert_eq!(
+            LbAlgorithm::of_frontend(SVC_FLAG_MAGLEV | 1),
+            LbAlgorithm::Maglev
+        );
         for s in [
             CT_EGRESS,
             CT_INGRESS,

@@ -11,8 +11,8 @@ use aya::maps::MapType;
 
 use crate::{
     Ct4Entry, Ct4Key, CtConfig, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports,
-    IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey,
-    Lb4Service, Lb4SourceRangeKey, MetricsValue, NodeConfig,
+    IpcacheEntry, IpcacheKey, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4BackendKey, Lb4Key,
+    Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRangeKey, MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -34,6 +34,8 @@ pub enum MapId {
     RevNatSockets,
     SourceRanges,
     CtConfig,
+    Affinity,
+    Maglev,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -139,11 +141,11 @@ const ENDPOINTS_MAX: u32 = 4096;
 
 /// Every map, in [`MapId`] order. The realize order puts identities in the ipcache before
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
-/// backends before the service slots that name them, and source ranges before the
-/// frontend flag that restricts to them.
-pub const MAPS: [MapDef; 16] = [
+/// backends before the service slots that name them, source ranges before the frontend
+/// flag that restricts to them, and Maglev tables before the frontends that use them.
+pub const MAPS: [MapDef; 18] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
-         capacity: Some(CapacitySetting::LoadBalancer), realize: Some(5), count: Entries),
+         capacity: Some(CapacitySetting::LoadBalancer), realize: Some(6), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(3), count: Entries),
     map!(Conntrack, "ct4", LruHash, Ct4Key => Ct4Entry, 65536,
@@ -178,6 +180,13 @@ pub const MAPS: [MapDef; 16] = [
     // Written by the datapath's loader from the agent's conntrack timeout flags.
     map!(CtConfig, "ct_config", Array, u32 => CtConfig, 1,
          capacity: None, realize: None, count: Uncounted),
+    // sessionAffinity ClientIP: runtime state, written by the datapath.
+    map!(Affinity, "lb4_affinity", LruHash, Lb4AffinityKey => Lb4Affinity, 65536,
+         capacity: None, realize: None, count: Entries),
+    // Frontend -> its Maglev table, an array user space creates with M / 4 elements.
+    // Written after the backends and before the frontends that use them.
+    map!(Maglev, "lb4_maglev", HashOfMaps, Lb4Key => u32, 8192,
+         capacity: None, realize: Some(5), count: Entries),
 ];
 
 const _: () = {
@@ -226,6 +235,10 @@ pub mod names {
     pub const SOURCE_RANGES: &str = MapId::SourceRanges.name();
     /// Conntrack lifetimes by connection state.
     pub const CT_CONFIG: &str = MapId::CtConfig.name();
+    /// sessionAffinity ClientIP: the backend of each client of a frontend.
+    pub const AFFINITY: &str = MapId::Affinity.name();
+    /// The hash of maps from frontend to its Maglev table.
+    pub const MAGLEV: &str = MapId::Maglev.name();
 }
 
 #[cfg(test)]
@@ -243,6 +256,7 @@ mod tests {
                 MapId::Endpoints,
                 MapId::Backends,
                 MapId::SourceRanges,
+                MapId::Maglev,
                 MapId::Services
             ]
         );
@@ -267,6 +281,8 @@ mod tests {
                 names::FRAGMENTS,
                 names::REVNAT_SOCKETS,
                 names::SOURCE_RANGES,
+                names::AFFINITY,
+                names::MAGLEV,
             ]
         );
     }

@@ -17,6 +17,26 @@ impl DesiredState {
         for (key, value) in services {
             let _ = writeln!(out, "{} {key} -> {value}", names::SERVICES);
         }
+        // A table is M positions: its line gives how many each backend slot holds.
+        for (key, table) in &self.maglev {
+            let mut held = vec![0usize; table.iter().copied().max().map_or(0, usize::from)];
+            for &slot in table.iter() {
+                if let Some(count) = usize::from(slot)
+                    .checked_sub(1)
+                    .and_then(|i| held.get_mut(i))
+                {
+                    *count += 1;
+                }
+            }
+            let held: Vec<String> = (1..).zip(&held).map(|(s, n)| format!("{s}:{n}")).collect();
+            let _ = writeln!(
+                out,
+                "{} {key} -> M={} slots {}",
+                names::MAGLEV,
+                table.len(),
+                held.join(" ")
+            );
+        }
         let mut backends: Vec<_> = self.backends.iter().collect();
         backends.sort_by_key(|(k, _)| (k.addr(), k.port(), k.proto));
         for (key, value) in backends {

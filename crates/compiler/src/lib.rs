@@ -44,6 +44,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::core::v1::Service;
@@ -59,6 +60,7 @@ pub use sluice_store::nodes::{ClusterNode, NodeFault, NodeFaultAt, NodeField};
 
 use crate::{backends::slices_by_service, problem::Problems};
 pub use crate::{
+    balancing::{Balancing, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION, LbAlgorithm},
     nodes::Nodes,
     problem::{
         ObjectKind, ObjectRef, PortProblem, Problem, ServiceField, ServicePortRef, Unsupported,
@@ -81,6 +83,8 @@ pub struct NodeContext {
     /// Rows one endpoint's policy map holds; an endpoint whose policy needs more fails
     /// closed and is reported.
     pub policy_map_max: u32,
+    /// The default load-balancing algorithm and the Maglev table size.
+    pub balancing: Balancing,
 }
 
 impl Default for NodeContext {
@@ -89,6 +93,7 @@ impl Default for NodeContext {
             node: String::new(),
             interfaces: BTreeMap::new(),
             policy_map_max: DEFAULT_POLICY_MAP_MAX,
+            balancing: Balancing::default(),
         }
     }
 }
@@ -98,6 +103,10 @@ impl Default for NodeContext {
 pub struct DesiredState {
     pub services: BTreeMap<Lb4Key, Lb4Service>,
     pub backends: BTreeMap<Lb4BackendKey, Lb4Backend>,
+    /// Frontend (slot 0 key) -> its Maglev table, for frontends with SVC_FLAG_MAGLEV and
+    /// at least one backend: M backend slot numbers (`maglev::table`). Frontends of one
+    /// Service with the same backends share one table.
+    pub maglev: BTreeMap<Lb4Key, Arc<[u16]>>,
     /// ifindex -> endpoint.
     pub endpoints: BTreeMap<u32, EndpointInfo>,
     /// Interfaces the datapath must be attached to.
@@ -250,7 +259,7 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
             .map(Vec::as_slice)
             .unwrap_or_default();
         let object = ObjectRef::new(ObjectKind::Service, namespace, name);
-        compilation.service(&object, service, service_slices);
+        compilation.service(&object, service, service_slices, node.balancing);
     }
     let local = compilation.endpoints(snapshot, node);
     compilation.state.nodes = nodes::nodes(snapshot, &node.node, &mut compilation.problems);
@@ -347,6 +356,9 @@ struct Compilation {
     node: String,
     /// Its own IPv4 addresses (InternalIP and ExternalIP), where node ports listen.
     node_addresses: Vec<Ipv4Addr>,
+    /// Maglev tables computed so far, by backends and size: the frontends of one Service
+    /// (ClusterIP, NodePort on each address, ...) share one.
+    maglev_tables: balancing::MaglevTables,
 }
 
 impl Compilation {
@@ -418,9 +430,11 @@ fn admitted_ipv4(endpoint: &LocalEndpoint) -> Ipv4Addr {
 }
 
 mod backends;
+mod balancing;
 mod dump;
 mod identity;
 mod ipcache;
+pub mod maglev;
 mod nodes;
 mod policy;
 mod problem;

@@ -88,8 +88,6 @@ impl fmt::Display for Unsupported {
 /// Service fields with behaviour the datapath lacks, when set to other than their default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ServiceField {
-    /// ClientIP.
-    SessionAffinity,
     LoadBalancerIp,
     TrafficDistribution,
     /// Any family but IPv4.
@@ -104,7 +102,6 @@ impl ServiceField {
     /// The field's path in the Service, as the API server names it in errors.
     pub fn path(self) -> &'static str {
         match self {
-            Self::SessionAffinity => "spec.sessionAffinity",
             Self::LoadBalancerIp => "spec.loadBalancerIP",
             Self::TrafficDistribution => "spec.trafficDistribution",
             Self::IpFamilies => "spec.ipFamilies",
@@ -116,7 +113,6 @@ impl ServiceField {
     /// What the datapath does for the Service without the field.
     pub fn programmed(self) -> &'static str {
         match self {
-            Self::SessionAffinity => "each new connection picks a backend at random",
             Self::LoadBalancerIp => {
                 "the address is not programmed (status.loadBalancer.ingress is)"
             }
@@ -225,6 +221,14 @@ pub enum Problem {
     ServiceType {
         service: ObjectRef,
         value: String,
+    },
+    /// A load-balancing setting the API would refuse (`field` is its path): the Service is
+    /// programmed as `fallback` says.
+    BalancingSetting {
+        service: ObjectRef,
+        field: &'static str,
+        value: String,
+        fallback: &'static str,
     },
     NoClusterIp {
         service: ObjectRef,
@@ -407,6 +411,12 @@ impl fmt::Display for Problem {
             Self::ServiceType { service, value } => {
                 write!(f, "{service}: unsupported type {value:?}: skipped")
             }
+            Self::BalancingSetting {
+                service,
+                field,
+                value,
+                fallback,
+            } => write!(f, "{service}: {field} {value:?} is {fallback}"),
             Self::NoClusterIp { service } => {
                 write!(f, "{service}: no clusterIP allocated: skipped")
             }

@@ -18,6 +18,7 @@ use crate::{
     Compilation, Frontend, HealthCheck, ObjectRef, PortProblem, Problem, ServicePortRef,
     ValueField,
     backends::{SliceBackend, backends_for, local_ready_endpoints, slot_backends},
+    balancing::{self, Balancing, FrontendOptions},
     object_name, port_number, protocol_number, unsupported,
 };
 
@@ -34,6 +35,8 @@ struct ServiceAddresses {
     /// loadBalancerSourceRanges of a LoadBalancer Service, IPv4 ones parsed; None: any
     /// source. Some and empty (every range IPv6 or unparsable) admits no IPv4 source.
     source_ranges: Option<Vec<Ipv4Net>>,
+    /// Affinity and the backend selection algorithm, the same on every frontend.
+    balancing: FrontendOptions,
 }
 
 impl ServiceAddresses {
@@ -60,6 +63,7 @@ impl Compilation {
         object: &ObjectRef,
         service: &Service,
         slices: &[&EndpointSlice],
+        balancing: Balancing,
     ) {
         let owner = object_name(object);
         let Some(spec) = &service.spec else {
@@ -121,7 +125,8 @@ impl Compilation {
             Lb4Key::wildcard(vip),
             Lb4Service::frontend(0, SVC_FLAG_WILDCARD),
         );
-        let addresses = self.service_addresses(object, kind, vip, service, spec);
+        let options = balancing::frontend_options(object, service, balancing, &mut self.problems);
+        let addresses = self.service_addresses(object, kind, vip, service, spec, options);
         for port in spec.ports.iter().flatten() {
             self.port(object, &addresses, port, slices);
         }
@@ -164,6 +169,7 @@ impl Compilation {
         vip: Ipv4Addr,
         service: &Service,
         spec: &ServiceSpec,
+        balancing: FrontendOptions,
     ) -> ServiceAddresses {
         let external_ips = spec.external_ips.iter().flatten().map(String::as_str);
         let external_ips = self.ipv4_values(object, ValueField::ExternalIp, external_ips);
@@ -194,6 +200,7 @@ impl Compilation {
             external_local: local(spec.external_traffic_policy.as_ref()),
             internal_local: local(spec.internal_traffic_policy.as_ref()),
             source_ranges,
+            balancing,
         }
     }
 
@@ -383,9 +390,15 @@ impl Compilation {
             );
         }
         let key = Lb4Key::new(at.address, at.port, proto, 0);
-        self.state
-            .services
-            .insert(key, Lb4Service::frontend(count, flags));
+        let options = addresses.balancing;
+        balancing::insert_frontend(
+            &mut self.state,
+            &mut self.maglev_tables,
+            key,
+            options.frontend(count, flags),
+            options,
+            &slots,
+        );
         self.frontend_owners.insert(key, object_name(object));
         self.state.frontends.push(Frontend {
             service: object_name(object),

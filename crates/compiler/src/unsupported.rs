@@ -3,8 +3,8 @@
 //! reported, so nothing is half-programmed silently.
 //!
 //! Fields are reported only when they ask for behaviour other than the default the API
-//! server fills in (`sessionAffinity: None`, `ipFamilies: [IPv4]`, `ipFamilyPolicy: SingleStack`), so a Service read from a real API
-//! server reports what its author asked for and nothing else.
+//! server fills in (`ipFamilies: [IPv4]`, `ipFamilyPolicy: SingleStack`), so a Service read
+//! from a real API server reports what its author asked for and nothing else.
 
 use k8s_openapi::api::core::v1::Service;
 
@@ -33,10 +33,6 @@ pub(crate) fn service_fields(object: &ObjectRef, service: &Service) -> Vec<Unsup
         .as_ref()
         .and_then(|a| a.get(TOPOLOGY_MODE_ANNOTATION));
     [
-        (
-            ServiceField::SessionAffinity,
-            set(spec.session_affinity.as_ref(), "None"),
-        ),
         (
             ServiceField::LoadBalancerIp,
             set(spec.load_balancer_ip.as_ref(), ""),

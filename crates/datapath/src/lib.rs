@@ -32,7 +32,8 @@ use sluice_common::{CapacitySetting, CtConfig, MAPS, MapDef, MapId};
 
 pub use error::DatapathError;
 pub use pinned::{
-    MapInventory, PinDir, PinnedMaps, PolicyMap, create_policy_map, open_events, remove_pins,
+    MaglevTable, MapInventory, PinDir, PinnedMaps, PolicyMap, create_maglev_table,
+    create_policy_map, open_events, remove_pins,
 };
 pub use programs::{AttachRole, HOST_CGROUP_TARGET, Hook, Object, PROGRAMS, ProgramDef};
 use programs::{link_pin_name, link_target};

@@ -12,9 +12,10 @@ use aya::maps::{
 };
 use sluice_common::{
     Ct4Entry, Ct4Key, CtConfig, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports,
-    IpcacheEntry, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service,
-    Lb4SourceRange, MAPS, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch,
-    metrics_index, names,
+    IpcacheEntry, LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Affinity, Lb4AffinityKey, Lb4Backend,
+    Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRange, MAPS,
+    MaglevLanes, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index,
+    names,
 };
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -29,6 +30,24 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 pub fn create_policy_map(capacity: u32) -> Result<PolicyMap, DatapathError> {
     PolicyMap::create(capacity, BPF_F_NO_PREALLOC).map_err(|source| DatapathError::MapCreate {
         map: names::POLICY,
+        source,
+    })
+}
+
+/// One frontend's Maglev table: element i holds positions 4i..4i+3 (backend slots).
+pub type MaglevTable = Array<MapData, MaglevLanes>;
+
+/// `BPF_F_INNER_MAP`: the table's max_entries may differ from the template's.
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// Creates an unpinned Maglev table holding `positions` (M) slots, all 0 (no backend: the
+/// datapath picks at random). It is filled and then swapped into [`PinnedMaps::maglev`] in
+/// one update, so a frontend never sees a partial table.
+pub fn create_maglev_table(positions: usize) -> Result<MaglevTable, DatapathError> {
+    let entries = positions.div_ceil(LB4_MAGLEV_SLOTS_PER_ENTRY).max(1);
+    let entries = u32::try_from(entries).unwrap_or(u32::MAX);
+    MaglevTable::create(entries, BPF_F_INNER_MAP).map_err(|source| DatapathError::MapCreate {
+        map: names::MAGLEV,
         source,
     })
 }
@@ -60,6 +79,10 @@ pub struct PinnedMaps {
     pub source_ranges: LpmTrie<MapData, Lb4SourceRange, u32>,
     /// Conntrack lifetimes by connection state (index 0).
     pub ct_config: Array<MapData, CtConfig>,
+    /// sessionAffinity ClientIP: each client's backend per frontend.
+    pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
+    /// Frontend -> its [`MaglevTable`].
+    pub maglev: HashOfMaps<MapData, Lb4Key, MaglevTable>,
     /// Every map of the registry, for capacities and entry counts.
     pub inventory: MapInventory,
 }
@@ -105,6 +128,8 @@ impl PinnedMaps {
             revnat_sockets: open_typed(pin_dir, MapId::RevNatSockets, HashMap::try_from)?,
             source_ranges: open_typed(pin_dir, MapId::SourceRanges, LpmTrie::try_from)?,
             ct_config: open_typed(pin_dir, MapId::CtConfig, Array::try_from)?,
+            affinity: open_typed(pin_dir, MapId::Affinity, HashMap::try_from)?,
+            maglev: open_typed(pin_dir, MapId::Maglev, HashOfMaps::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
     }

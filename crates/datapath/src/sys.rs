@@ -1,8 +1,8 @@
 //! The bpf(2) commands aya 0.14 does not offer, in one place: opening a pinned object
 //! (`BPF_OBJ_GET`), detaching a link (`BPF_LINK_DETACH`), swapping a link's program
-//! (`BPF_LINK_UPDATE`), walking a map's keys without
-//! knowing their type (`BPF_MAP_GET_NEXT_KEY`), and batch updates and deletes
-//! (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`).
+//! (`BPF_LINK_UPDATE`), walking a map's keys without knowing their type
+//! (`BPF_MAP_GET_NEXT_KEY`), and batch lookups, updates and deletes
+//! (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`).
 //!
 //! Each command gets its own `#[repr(C)]` member of `union bpf_attr` and passes that
 //! member's size; the kernel treats the missing tail of the union as zero. Every failure is
@@ -22,6 +22,7 @@ use aya::sys::SyscallError;
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -182,14 +183,14 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Sets `keys[i]` to `values[i]` in the map behind `map` (u32 keys and values, as in a hash
-/// of maps from ifindex to inner map fd), in order. On a map of maps the kernel waits for
-/// running programs to let go of the old inner maps once per call (about 14 ms), so a batch
-/// costs one wait instead of one per key. On error, the updates before the failing one are
-/// done.
-pub fn map_update_batch(
+/// Sets `keys[i]` to `values[i]` in the map behind `map` (u32 values, as in a map of maps
+/// from a key to inner map fd; keys of the map's key type: an ifindex, a frontend), in
+/// order. On a map of maps the kernel waits for running programs to let go of the old inner
+/// maps once per call (about 14 ms), so a batch costs one wait instead of one per key. On
+/// error, the updates before the failing one are done.
+pub fn map_update_batch<K: aya::Pod>(
     map: BorrowedFd<'_>,
-    keys: &[u32],
+    keys: &[K],
     values: &[u32],
 ) -> Result<(), SyscallError> {
     const CALL: &str = "bpf(BPF_MAP_UPDATE_BATCH)";
@@ -206,8 +207,9 @@ pub fn map_update_batch(
     .map_err(|(e, _)| e)
 }
 
-/// Deletes `keys` (u32) from the map behind `map`; keys already absent are skipped.
-pub fn map_delete_batch(map: BorrowedFd<'_>, keys: &[u32]) -> Result<(), SyscallError> {
+/// Deletes `keys` (of the map's key type) from the map behind `map`; keys already absent
+/// are skipped.
+pub fn map_delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), SyscallError> {
     const CALL: &str = "bpf(BPF_MAP_DELETE_BATCH)";
     let mut rest = keys;
     while !rest.is_empty() {
@@ -223,13 +225,67 @@ pub fn map_delete_batch(map: BorrowedFd<'_>, keys: &[u32]) -> Result<(), Syscall
     Ok(())
 }
 
-/// One batch command over `keys` (and `values`, a pointer to as many u32 values, or 0).
+/// Every element of the array behind `map`, which has `entries` elements of `V`, in index
+/// order: one BPF_MAP_LOOKUP_BATCH instead of a lookup per element (a Maglev table has
+/// thousands).
+pub fn array_lookup_all<V: aya::Pod + Default>(
+    map: BorrowedFd<'_>,
+    entries: u32,
+) -> Result<Vec<V>, SyscallError> {
+    const CALL: &str = "bpf(BPF_MAP_LOOKUP_BATCH)";
+    let map_fd = raw_fd(map, CALL)?;
+    let len = usize::try_from(entries).map_err(|_| invalid(CALL))?;
+    let mut keys = vec![0u32; len];
+    let mut values = vec![V::default(); len];
+    let mut out_batch = 0u32;
+    let mut attr = BatchAttr {
+        out_batch: &mut out_batch as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: entries,
+        map_fd,
+        ..BatchAttr::default()
+    };
+    // SAFETY: BatchAttr is the batch member; `keys` and `values` hold `entries` u32 keys
+    // and `V` values (the array's key and value size; the caller names the map's value
+    // type), `out_batch` the u32 cursor of an array, all outliving the call.
+    if unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } < 0 {
+        let err = last_error(CALL);
+        // ENOENT: the array ended before `entries`; what was read is in place.
+        if err.io_error.raw_os_error() != Some(libc::ENOENT) {
+            return Err(err);
+        }
+    }
+    values.truncate(usize::try_from(attr.count).unwrap_or(0));
+    Ok(values)
+}
+
+/// Sets elements 0..values.len() of the array behind `map` (values of `V`, its value type)
+/// in one BPF_MAP_UPDATE_BATCH.
+pub fn array_update_all<V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    values: &[V],
+) -> Result<(), SyscallError> {
+    const CALL: &str = "bpf(BPF_MAP_UPDATE_BATCH)";
+    let keys = (0..u32::try_from(values.len()).map_err(|_| invalid(CALL))?).collect::<Vec<_>>();
+    batch(
+        CALL,
+        BPF_MAP_UPDATE_BATCH,
+        map,
+        &keys,
+        values.as_ptr() as u64,
+    )
+    .map_err(|(e, _)| e)
+}
+
+/// One batch command over `keys` (and `values`, a pointer to as many values of the map's
+/// value size, or 0).
 /// On error, also says how many elements were done.
-fn batch(
+fn batch<K: aya::Pod>(
     call: &'static str,
     cmd: libc::c_long,
     map: BorrowedFd<'_>,
-    keys: &[u32],
+    keys: &[K],
     values: u64,
 ) -> Result<(), (SyscallError, usize)> {
     let (Ok(count), Ok(map_fd)) = (u32::try_from(keys.len()), raw_fd(map, call)) else {
@@ -242,9 +298,9 @@ fn batch(
         map_fd,
         ..BatchAttr::default()
     };
-    // SAFETY: BatchAttr is the batch member; `keys` (and `values`, given by the caller for
-    // `count` elements) hold u32s, the key and value size of the maps this is used on, and
-    // outlive the call.
+    // SAFETY: BatchAttr is the batch member; `keys` holds `count` keys of the map's key type
+    // (the callers name it) and `values` (given by the caller) `count` values of the map's
+    // value size; both outlive the call.
     if unsafe { bpf(cmd, &mut attr) } < 0 {
         let err = last_error(call);
         return Err((err, usize::try_from(attr.count).unwrap_or(0)));

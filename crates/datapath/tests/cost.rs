@@ -212,8 +212,8 @@ fn cost_of_the_programs() {
     }
     println!("  ({emitted} events written with events on)");
     // Far below the verifier's limits; a jump here means something went wrong. (from_container
-    // grew past 4,096 with the rev-DNAT of external frontends' replies and SCTP's CRC32c
-    // subprograms, about 180 instructions.)
+    // grew past 4,096 with the rev-DNAT of external frontends' replies, affinity and Maglev
+    // selection, and SCTP's CRC32c subprograms, about 180 instructions.)
     assert!(from_insns < 6144 && to_insns < 6144);
     // Events on: every new connection wrote its verdict and trace (at least one run
     // of each measurement, whatever the CPU), established packets none.

@@ -39,6 +39,8 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::REVNAT_SOCKETS, 65536),
             (names::SOURCE_RANGES, 65536),
             (names::CT_CONFIG, 1),
+            (names::AFFINITY, 65536),
+            (names::MAGLEV, 8192),
         ]
     );
 

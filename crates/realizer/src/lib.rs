@@ -12,6 +12,7 @@
 //! maps is the registry's realize order (`sluice_common::registry`); the order of keys
 //! within a map (slots before their frontend) is the map's own, here.
 
+pub mod maglev;
 mod maps;
 mod policy;
 mod tables;

@@ -2,7 +2,7 @@
 //! then write the difference map by map in the registry's realize order
 //! ([`Tables::apply`]).
 
-use std::{collections::BTreeMap, fmt::Display, path::Path};
+use std::{collections::BTreeMap, fmt::Display, path::Path, sync::Arc};
 
 use aya::{Pod, maps::MapData};
 use sluice_common::{
@@ -16,6 +16,7 @@ use crate::{
     ApplyStats, DriftEntry, KernelMap, KernelPolicy, Lpm, LpmKey, MapDiff, MemoryMap, MemoryPolicy,
     Named, PolicyPlan, PolicyTable, RealizerError, apply_removes, apply_upserts, diff,
     diff_policies,
+    maglev::{KernelMaglev, MaglevPlan, MaglevTables, MemoryMaglev, diff_tables},
 };
 
 /// The handles a realizer writes through: the kernel's pinned maps ([`Kernel`]), or
@@ -26,6 +27,7 @@ pub trait Backing {
     /// An LPM trie.
     type Lpm<K: LpmKey, V: Pod + PartialEq>: KernelMap<K, V>;
     type Policy: PolicyTable;
+    type Maglev: MaglevTables;
 }
 
 /// The maps pinned in the kernel.
@@ -35,6 +37,7 @@ impl Backing for Kernel {
     type Hash<K: Pod + Ord, V: Pod + PartialEq> = Named<MapData, K, V>;
     type Lpm<K: LpmKey, V: Pod + PartialEq> = Lpm<K, V>;
     type Policy = KernelPolicy;
+    type Maglev = KernelMaglev;
 }
 
 /// In-memory maps, for tests of ordering and convergence that need no kernel.
@@ -44,6 +47,7 @@ impl Backing for Memory {
     type Hash<K: Pod + Ord, V: Pod + PartialEq> = MemoryMap<K, V>;
     type Lpm<K: LpmKey, V: Pod + PartialEq> = MemoryMap<K, V>;
     type Policy = MemoryPolicy;
+    type Maglev = MemoryMaglev;
 }
 
 /// The datapath's maps that hold desired state: those the registry gives a realize order
@@ -56,6 +60,7 @@ pub struct Tables<B: Backing> {
     pub ipcache: B::Lpm<IpcacheKey, IpcacheEntry>,
     pub source_ranges: B::Lpm<Lb4SourceRangeKey, u32>,
     pub policy: B::Policy,
+    pub maglev: B::Maglev,
 }
 
 /// The realized maps as they are pinned in the kernel.
@@ -87,6 +92,7 @@ impl KernelTables {
                 map: maps.source_ranges,
             },
             policy: KernelPolicy::open(pin_dir)?,
+            maglev: KernelMaglev::open(pin_dir)?,
         })
     }
 }
@@ -103,6 +109,8 @@ pub struct Desired<'a> {
     pub policies: &'a BTreeMap<u32, EndpointPolicy>,
     /// max_entries of every policy map.
     pub policy_capacity: u32,
+    /// Frontend -> its Maglev table (M backend slots).
+    pub maglev: &'a BTreeMap<Lb4Key, Arc<[u16]>>,
 }
 
 impl<'a> Desired<'a> {
@@ -116,6 +124,7 @@ impl<'a> Desired<'a> {
             source_ranges: &state.source_ranges,
             policies: &state.policies,
             policy_capacity,
+            maglev: &state.maglev,
         }
     }
 }
@@ -128,6 +137,7 @@ pub struct Plan {
     pub ipcache: MapDiff<IpcacheKey, IpcacheEntry>,
     pub source_ranges: MapDiff<Lb4SourceRangeKey, u32>,
     pub policy: PolicyPlan,
+    pub maglev: MaglevPlan,
 }
 
 /// Frontends (slot 0) are written after their slots and removed before them.
@@ -147,6 +157,30 @@ fn unordered<K>(_: &K) -> u8 {
 trait Step {
     fn upsert(&mut self) -> Result<usize, RealizerError>;
     fn remove(&mut self) -> Result<usize, RealizerError>;
+}
+
+/// Maglev tables: whole tables swapped in, then frontends' tables removed.
+struct Maglev<'a, T> {
+    tables: &'a mut T,
+    plan: &'a MaglevPlan,
+}
+
+impl<T: MaglevTables> Step for Maglev<'_, T> {
+    fn upsert(&mut self) -> Result<usize, RealizerError> {
+        let installs: Vec<_> = self
+            .plan
+            .installs
+            .iter()
+            .map(|(key, lanes, _)| (*key, lanes.clone()))
+            .collect();
+        self.tables.install(&installs)?;
+        Ok(installs.len())
+    }
+    fn remove(&mut self) -> Result<usize, RealizerError> {
+        let gone: Vec<Lb4Key> = self.plan.removes.iter().map(|(k, _)| *k).collect();
+        self.tables.remove(&gone)?;
+        Ok(gone.len())
+    }
 }
 
 /// A key-value map's diff, with the order of its keys within each phase.
@@ -217,6 +251,7 @@ impl<B: Backing> Tables<B> {
                 desired.policy_capacity,
                 self.policy.read_all()?,
             ),
+            maglev: diff_tables(desired.maglev, self.maglev.read_all()?),
         })
     }
 
@@ -259,6 +294,13 @@ impl<B: Backing> Tables<B> {
                     table: &mut self.policy,
                     plan: &plan.policy,
                 }) as Box<dyn Step>,
+            ),
+            (
+                MapId::Maglev,
+                Box::new(Maglev {
+                    tables: &mut self.maglev,
+                    plan: &plan.maglev,
+                }),
             ),
         ])
     }
@@ -315,9 +357,18 @@ impl Part for PolicyPlan {
     }
 }
 
+impl Part for MaglevPlan {
+    fn is_empty(&self) -> bool {
+        MaglevPlan::is_empty(self)
+    }
+    fn drift(&self, _map: &'static str) -> Vec<DriftEntry> {
+        MaglevPlan::drift(self)
+    }
+}
+
 impl Plan {
     /// Every map's part, in registry order.
-    pub(crate) fn parts(&self) -> [(MapId, &dyn Part); 6] {
+    pub(crate) fn parts(&self) -> [(MapId, &dyn Part); 7] {
         [
             (MapId::Services, &self.services),
             (MapId::Backends, &self.backends),
@@ -325,6 +376,7 @@ impl Plan {
             (MapId::Ipcache, &self.ipcache),
             (MapId::Policy, &self.policy),
             (MapId::SourceRanges, &self.source_ranges),
+            (MapId::Maglev, &self.maglev),
         ]
     }
 

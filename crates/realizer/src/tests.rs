@@ -8,6 +8,7 @@ use sluice_common::{kinds::RuleOrigin, *};
 use sluice_compiler::{DesiredState, EndpointPolicy};
 
 use super::*;
+use crate::maglev::MemoryMaglev;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
@@ -53,6 +54,7 @@ fn tables() -> MemTables {
         ipcache: MemoryMap::new(names::IPCACHE),
         source_ranges: MemoryMap::new(names::SOURCE_RANGES),
         policy: MemoryPolicy::default(),
+        maglev: MemoryMaglev::default(),
     }
 }
 
@@ -424,4 +426,59 @@ fn the_plan_covers_exactly_the_maps_the_registry_realizes() {
     assert_eq!(parts, realized);
     // And apply finds a table for each of them.
     assert!(!tables().apply(&plan).unwrap().changed());
+}
+
+/// `services_only(ids)` with the frontend on Maglev and a table of 7 positions.
+fn maglev_state(ids: &[u8]) -> DesiredState {
+    let mut state = services_only(ids);
+    let key = Lb4Key::new(VIP, 80, IPPROTO_TCP, 0);
+    let n = u16::try_from(ids.len()).unwrap();
+    state
+        .maglev
+        .insert(key, (0..7).map(|i| i % n + 1).collect());
+    state
+}
+
+#[test]
+fn maglev_tables_go_in_after_backends_and_out_after_frontends() {
+    let mut t = tables();
+    let key = Lb4Key::new(VIP, 80, IPPROTO_TCP, 0);
+    t.realize(Desired::of(&maglev_state(&[2, 3]), 16)).unwrap();
+    let lanes = &t.maglev.tables[&key];
+    assert_eq!(
+        lanes.as_slice(),
+        [[1, 2, 1, 2], [1, 2, 1, 0]],
+        "packed, padded with 0"
+    );
+    let table_written = t.maglev.stamps[0];
+    assert!(t.backends.stamps.iter().all(|&s| s < table_written));
+    assert!(t.services.stamps.iter().all(|&s| s > table_written));
+
+    // Unchanged: nothing is swapped.
+    let stats = t.realize(Desired::of(&maglev_state(&[2, 3]), 16)).unwrap();
+    assert!(!stats.changed());
+    assert_eq!(t.maglev.log.len(), 1);
+
+    // A third backend: a whole new table.
+    t.realize(Desired::of(&maglev_state(&[2, 3, 4]), 16))
+        .unwrap();
+    assert_eq!(t.maglev.tables[&key], [[1, 2, 3, 1], [2, 3, 1, 0]]);
+
+    // The Service goes: the frontend is removed before its table.
+    t.services.stamps.clear();
+    t.realize(Desired::of(&DesiredState::default(), 16))
+        .unwrap();
+    assert!(t.maglev.tables.is_empty());
+    let removed = *t.maglev.stamps.last().unwrap();
+    assert!(t.services.stamps.iter().all(|&s| s < removed));
+
+    // A table nobody asked for is drift, reported and removed.
+    t.maglev.tables.insert(key, vec![[1, 1, 1, 1]]);
+    let empty = DesiredState::default();
+    let plan = t.plan(Desired::of(&empty, 16)).unwrap();
+    let drift = plan.drift();
+    assert_eq!(drift.len(), 1);
+    assert_eq!(drift[0].map, names::MAGLEV);
+    assert_eq!(drift[0].kind, DriftKind::Unexpected);
+    assert_eq!(drift[0].actual.as_deref(), Some("table of 4 positions"));
 }

@@ -39,9 +39,19 @@ pub const LAYOUTS: &[StructLayout] = &[
             backend_port,
             count,
             flags,
-            pad,
+            maglev_size,
             affinity_timeout
         ]
+    ),
+    layout!(
+        "lb4_affinity_key",
+        Lb4AffinityKey,
+        [client, address, dport, proto, pad]
+    ),
+    layout!(
+        "lb4_affinity",
+        Lb4Affinity,
+        [last_used_ns, backend_address, backend_port, pad]
     ),
     layout!(
         "lb4_backend_key",

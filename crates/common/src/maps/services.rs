@@ -56,7 +56,8 @@ pub struct Lb4Service {
     pub count: u16,
     /// `SVC_FLAG_*`, on a frontend.
     pub flags: u16,
-    pub pad: u16,
+    /// `SVC_FLAG_MAGLEV`: M, the prime size of the frontend's Maglev table.
+    pub maglev_size: u16,
     /// sessionAffinity ClientIP timeout in seconds, on a frontend.
     pub affinity_timeout: u32,
 }
@@ -87,6 +88,55 @@ impl Lb4Service {
 }
 
 pub const BACKEND_STATE_ACTIVE: u8 = 0;
+
+/// Maglev table positions packed into one element of a frontend's table map: the kernel
+/// rounds array elements up to 8 bytes, so four u16 slots share one (M * 2 bytes).
+pub const LB4_MAGLEV_SLOTS_PER_ENTRY: usize = 4;
+
+/// One element of a Maglev table map: positions `4 i .. 4 i + 3`, each a backend slot.
+pub type MaglevLanes = [u16; LB4_MAGLEV_SLOTS_PER_ENTRY];
+
+/// sessionAffinity ClientIP: a client of one frontend (`lb4_affinity`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lb4AffinityKey {
+    pub client: u32,
+    pub address: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+impl Lb4AffinityKey {
+    pub fn new(client: Ipv4Addr, frontend: Ipv4Addr, port: u16, proto: u8) -> Self {
+        Self {
+            client: addr_be(client),
+            address: addr_be(frontend),
+            dport: port.to_be(),
+            proto,
+            pad: 0,
+        }
+    }
+}
+
+/// The backend a client's last new connection to the frontend went to, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Lb4Affinity {
+    pub last_used_ns: u64,
+    pub backend_address: u32,
+    pub backend_port: u16,
+    pub pad: u16,
+}
+
+impl Lb4Affinity {
+    pub fn backend(&self) -> Ipv4Addr {
+        addr_from_be(self.backend_address)
+    }
+    pub fn port(&self) -> u16 {
+        u16::from_be(self.backend_port)
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -179,6 +229,8 @@ unsafe impl aya::Pod for Lb4Key {}
 unsafe impl aya::Pod for Lb4Service {}
 unsafe impl aya::Pod for Lb4BackendKey {}
 unsafe impl aya::Pod for Lb4Backend {}
+unsafe impl aya::Pod for Lb4AffinityKey {}
+unsafe impl aya::Pod for Lb4Affinity {}
 
 const _: () = {
     assert!(size_of::<Lb4Key>() == 12);
@@ -187,6 +239,8 @@ const _: () = {
     assert!(size_of::<Lb4Backend>() == 4);
     assert!(size_of::<Lb4SourceRange>() == 12);
     assert!(size_of::<Lb4SourceRangeKey>() == 16);
+    assert!(size_of::<Lb4AffinityKey>() == 12);
+    assert!(size_of::<Lb4Affinity>() == 16);
 };
 
 impl fmt::Display for Lb4SourceRangeKey {
@@ -223,10 +277,36 @@ impl fmt::Display for Lb4Key {
 impl fmt::Display for Lb4Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.backend_address == 0 {
-            write!(f, "count={} flags={:#04x}", self.count, self.flags)
+            write!(f, "count={} flags={:#04x}", self.count, self.flags)?;
+            if self.flags & SVC_FLAG_AFFINITY != 0 {
+                write!(f, " affinity={}s", self.affinity_timeout)?;
+            }
+            if self.flags & SVC_FLAG_MAGLEV != 0 {
+                write!(f, " maglev={}", self.maglev_size)?;
+            }
+            Ok(())
         } else {
             write!(f, "backend={}:{}", self.backend(), self.port())
         }
+    }
+}
+
+impl fmt::Display for Lb4AffinityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} -> {}:{}/{}",
+            addr_from_be(self.client),
+            addr_from_be(self.address),
+            u16::from_be(self.dport),
+            proto_name(self.proto)
+        )
+    }
+}
+
+impl fmt::Display for Lb4Affinity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "backend={}:{}", self.backend(), self.port())
     }
 }
 

@@ -1,0 +1,258 @@
+//! Maglev tables: the `lb4_maglev` hash of maps points each Maglev frontend at an array of
+//! its table's positions, four u16 backend slots per element.
+//!
+//! Like a policy map, a table is never edited in place: when a frontend's table differs
+//! from the desired one (its backends or M changed), a new array is created, filled
+//! completely and swapped in with one update, so the datapath sees the old table or the
+//! new one, never a mix. Tables are written after the backends and before the frontends
+//! (registry realize order): a frontend that comes with Maglev finds its table in place,
+//! and one whose table names a slot not written yet falls back to a random slot.
+
+use std::{collections::BTreeMap, path::Path, sync::Arc};
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use aya::maps::{HashOfMaps, IterableMap, Map, MapData};
+use sluice_common::{LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Key, MaglevLanes, names};
+use sluice_datapath::{MaglevTable, create_maglev_table, sys};
+
+use crate::{DriftEntry, DriftKind, RealizerError, maps::is_not_found, write_stamp};
+
+/// A table as its map holds it: positions packed four to an element, the last element
+/// padded with 0 (no backend).
+pub type Lanes = Vec<MaglevLanes>;
+
+/// `table` (M slot numbers) packed as the datapath reads it.
+pub fn pack(table: &[u16]) -> Lanes {
+    table
+        .chunks(LB4_MAGLEV_SLOTS_PER_ENTRY)
+        .map(|chunk| {
+            let mut lanes = MaglevLanes::default();
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            lanes
+        })
+        .collect()
+}
+
+fn sys_err(err: aya::sys::SyscallError) -> RealizerError {
+    RealizerError::Sys {
+        call: err.call,
+        map: names::MAGLEV,
+        source: err.io_error,
+    }
+}
+
+fn map_err(op: &'static str) -> impl Fn(aya::maps::MapError) -> RealizerError {
+    move |source| RealizerError::Map {
+        op,
+        map: names::MAGLEV,
+        source,
+    }
+}
+
+/// The outer `lb4_maglev` map and the tables it points at.
+pub trait MaglevTables {
+    /// Every frontend with its table, read from the kernel.
+    fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError>;
+    /// For each install, creates a table holding exactly its lanes, then points its
+    /// frontend at it with one update of the outer map.
+    fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError>;
+    /// Removes these frontends' tables; a frontend without one is not an error.
+    fn remove(&mut self, frontends: &[Lb4Key]) -> Result<(), RealizerError>;
+}
+
+/// What differs between the desired and the installed tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MaglevPlan {
+    /// Frontend, its desired table and what the kernel holds now, if anything.
+    pub installs: Vec<(Lb4Key, Lanes, Option<Lanes>)>,
+    /// Frontends whose table must go, with the table.
+    pub removes: Vec<(Lb4Key, Lanes)>,
+}
+
+/// `table of M positions` for drift reports (a table is too long to print).
+fn describe(lanes: &Lanes) -> String {
+    let positions = lanes.iter().flatten().filter(|&&slot| slot != 0).count();
+    format!("table of {positions} positions")
+}
+
+impl MaglevPlan {
+    pub fn is_empty(&self) -> bool {
+        self.installs.is_empty() && self.removes.is_empty()
+    }
+
+    /// One entry per drifted table.
+    pub fn drift(&self) -> Vec<DriftEntry> {
+        let installs = self
+            .installs
+            .iter()
+            .map(|(key, desired, actual)| DriftEntry {
+                map: names::MAGLEV,
+                kind: if actual.is_some() {
+                    DriftKind::Differs
+                } else {
+                    DriftKind::Missing
+                },
+                key: key.to_string(),
+                desired: Some(describe(desired)),
+                actual: actual.as_ref().map(describe),
+            });
+        let removes = self.removes.iter().map(|(key, actual)| DriftEntry {
+            map: names::MAGLEV,
+            kind: DriftKind::Unexpected,
+            key: key.to_string(),
+            desired: None,
+            actual: Some(describe(actual)),
+        });
+        installs.chain(removes).collect()
+    }
+}
+
+/// Compares the desired tables (M slot numbers per frontend) with `installed`.
+pub fn diff_tables(
+    desired: &BTreeMap<Lb4Key, Arc<[u16]>>,
+    mut installed: BTreeMap<Lb4Key, Lanes>,
+) -> MaglevPlan {
+    let mut plan = MaglevPlan::default();
+    for (key, table) in desired {
+        let lanes = pack(table);
+        let current = installed.remove(key);
+        if current.as_ref() != Some(&lanes) {
+            plan.installs.push((*key, lanes, current));
+        }
+    }
+    plan.removes = installed.into_iter().collect();
+    plan
+}
+
+/// The kernel's `lb4_maglev` hash of maps.
+pub struct KernelMaglev {
+    map: HashOfMaps<MapData, Lb4Key, MaglevTable>,
+    /// The same map, for the batch updates aya does not offer.
+    fd: OwnedFd,
+}
+
+impl KernelMaglev {
+    /// Opens the `lb4_maglev` map pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
+        let data =
+            MapData::from_pin(pin_dir.join(names::MAGLEV)).map_err(map_err("open pinned"))?;
+        let fd = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| RealizerError::Sys {
+                call: "dup",
+                map: names::MAGLEV,
+                source,
+            })?;
+        let map = Map::from_map_data(data)
+            .and_then(HashOfMaps::try_from)
+            .map_err(map_err("open pinned"))?;
+        Ok(Self { map, fd })
+    }
+}
+
+impl MaglevTables for KernelMaglev {
+    fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError> {
+        let keys: Vec<Lb4Key> = self
+            .map
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("iterate"))?;
+        let mut out = BTreeMap::new();
+        for key in keys {
+            // Each lookup opens a new fd on the table; it is closed when `table` drops.
+            let table = match self.map.get(&key, 0) {
+                Ok(table) => table,
+                // Removed between listing and reading: simply not there.
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(map_err("lookup")(e)),
+            };
+            let lanes =
+                sys::array_lookup_all(table.map().fd().as_fd(), table.len()).map_err(sys_err)?;
+            out.insert(key, lanes);
+        }
+        Ok(out)
+    }
+
+    fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError> {
+        if installs.is_empty() {
+            return Ok(());
+        }
+        let mut fresh = Vec::with_capacity(installs.len());
+        for (_, lanes) in installs {
+            let positions = lanes.len() * LB4_MAGLEV_SLOTS_PER_ENTRY;
+            let table =
+                create_maglev_table(positions).map_err(|e| RealizerError::Datapath(Box::new(e)))?;
+            sys::array_update_all(table.map().fd().as_fd(), lanes).map_err(sys_err)?;
+            fresh.push(table);
+        }
+        // The swaps, in one batch as for policy maps: each one atomic, and one wait for
+        // running programs to let go of the old tables instead of one per frontend. The
+        // new tables' fds may close afterwards: the outer map holds them.
+        let keys: Vec<Lb4Key> = installs.iter().map(|(key, _)| *key).collect();
+        let fds = fresh
+            .iter()
+            .map(|t| u32::try_from(t.map().fd().as_fd().as_raw_fd()))
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(|_| RealizerError::Sys {
+                call: "bpf(BPF_MAP_UPDATE_BATCH)",
+                map: names::MAGLEV,
+                source: std::io::Error::from_raw_os_error(libc::EBADF),
+            })?;
+        sys::map_update_batch(self.fd.as_fd(), &keys, &fds).map_err(sys_err)
+    }
+
+    fn remove(&mut self, frontends: &[Lb4Key]) -> Result<(), RealizerError> {
+        if frontends.is_empty() {
+            return Ok(());
+        }
+        sys::map_delete_batch(self.fd.as_fd(), frontends).map_err(sys_err)
+    }
+}
+
+/// One write to a [`MemoryMaglev`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MaglevWrite {
+    Install { frontend: Lb4Key, lanes: Lanes },
+    Remove { frontend: Lb4Key },
+}
+
+/// In-memory tables that record every write, for tests.
+#[derive(Debug, Default)]
+pub struct MemoryMaglev {
+    pub tables: BTreeMap<Lb4Key, Lanes>,
+    pub log: Vec<MaglevWrite>,
+    /// The [`write_stamp`] of each write in `log`.
+    pub stamps: Vec<u64>,
+}
+
+impl MaglevTables for MemoryMaglev {
+    fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError> {
+        Ok(self.tables.clone())
+    }
+
+    fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError> {
+        for (frontend, lanes) in installs {
+            self.tables.insert(*frontend, lanes.clone());
+            self.log.push(MaglevWrite::Install {
+                frontend: *frontend,
+                lanes: lanes.clone(),
+            });
+            self.stamps.push(write_stamp());
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, frontends: &[Lb4Key]) -> Result<(), RealizerError> {
+        for frontend in frontends {
+            self.tables.remove(frontend);
+            self.log.push(MaglevWrite::Remove {
+                frontend: *frontend,
+            });
+            self.stamps.push(write_stamp());
+        }
+        Ok(())
+    }
+}
