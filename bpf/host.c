@@ -245,6 +245,10 @@ static __always_inline int nodeport_lb(struct __sk_buff *skb, const struct pkt4 
 	struct ipcache_entry *dest;
 	int reason;
 
+	/* loadBalancerSourceRanges hold before anything else, refusals included. */
+	if (!lb4_source_allowed(svc, pkt->daddr, pkt->dport, pkt->proto, pkt->saddr))
+		return verdict_drop_from(skb, pkt, DROP_NOT_IN_SRC_RANGE, NETDEV_DIR,
+					 IDENTITY_UNRESOLVED);
 	if (svc->count == 0)
 		return nodeport_refuse(skb, pkt);
 	reason = lb4_select_backend(skb, pkt, svc, now, &backend);
@@ -284,7 +288,7 @@ static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, const struct
 		    CT_SNAT_PORT);
 	fwd = bpf_map_lookup_elem(&ct4, &key);
 	if (fwd)
-		fwd->last_seen_ns = now;
+		ct_touch_reply(fwd, pkt, now);
 	return nodeport_reply(skb, pkt, ext, true, client, client_port, now, NETDEV_DIR);
 }
 

@@ -319,13 +319,8 @@ int to_container(struct __sk_buff *skb)
 		 * of SYN (and into closing), as its lifetime follows the connection's state. */
 		ct_key_init(&key, pkt.daddr, frontend, pkt.dport, frontend_port, pkt.proto, CT_SERVICE);
 		service = bpf_map_lookup_elem(&ct4, &key);
-		if (service) {
-			__u8 new_flags = (CT_FLAG_SEEN_REPLY | ct_flags_of(&pkt)) & ~service->flags;
-
-			service->last_seen_ns = now;
-			if (new_flags)
-				service->flags |= new_flags;
-		}
+		if (service)
+			ct_touch_reply(service, &pkt, now);
 
 		if (nat_rewrite_addr(skb, &pkt, IP_SADDR_OFF, pkt.saddr, frontend) < 0 ||
 		    nat_rewrite_port(skb, &pkt, l4_sport_off(&pkt), pkt.sport, frontend_port) < 0)

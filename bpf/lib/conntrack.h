@@ -104,6 +104,19 @@ static __always_inline bool ct_account(struct ct4_entry *entry, const struct pkt
 
 /* Writes the entry of a new connection under @key; @map_flags BPF_NOEXIST claims a
  * tuple only if it is free (SNAT ports, nodeport.h). */
+/* Keeps @entry, the entry of another scope of @pkt's connection, alive on a reply: the
+ * reply also moves it out of SYN (and into closing), as its lifetime follows the
+ * connection's state. Counters stay with the scope the caller accounts the packet to. */
+static __always_inline void ct_touch_reply(struct ct4_entry *entry, const struct pkt4 *pkt,
+					   __u64 now)
+{
+	__u8 new_flags = (CT_FLAG_SEEN_REPLY | ct_flags_of(pkt)) & ~entry->flags;
+
+	entry->last_seen_ns = now;
+	if (new_flags)
+		entry->flags |= new_flags;
+}
+
 static __always_inline int ct_write(const struct ct4_key *key, const struct pkt4 *pkt,
 				    __be32 nat_address, __be16 nat_port, __u8 flags,
 				    __u32 ifindex, __u64 now, __u64 map_flags)

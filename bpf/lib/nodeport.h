@@ -47,16 +47,17 @@ static __always_inline bool snat_port_range(__be16 dport)
 /* Keeps the client's choice of backend (CT_SERVICE) alive on replies too, so a client
  * that only receives is not moved to another backend. */
 static __always_inline void nodeport_touch_service(__be32 client, __be16 client_port,
-						   const struct ct4_entry *ext, __u8 proto,
-						   __u64 now)
+						   const struct ct4_entry *ext,
+						   const struct pkt4 *pkt, __u64 now)
 {
 	struct ct4_entry *service;
 	struct ct4_key key;
 
-	ct_key_init(&key, client, ext->nat_address, client_port, ext->nat_port, proto, CT_SERVICE);
+	ct_key_init(&key, client, ext->nat_address, client_port, ext->nat_port, pkt->proto,
+		    CT_SERVICE);
 	service = bpf_map_lookup_elem(&ct4, &key);
 	if (service)
-		service->last_seen_ns = now;
+		ct_touch_reply(service, pkt, now);
 }
 
 /* A backend's reply on the connection of @ext (its CT_NODEPORT entry): the source becomes
@@ -72,9 +73,9 @@ static __always_inline int nodeport_reply(struct __sk_buff *skb, const struct pk
 	__u32 ifindex = ext->ifindex;
 
 	/* The caller's own entry counts the packet and reports the close; this one only
-	 * has to stay alive. */
-	ext->last_seen_ns = now;
-	nodeport_touch_service(client, client_port, ext, pkt->proto, now);
+	 * has to stay alive, with the lifetime of an answered connection. */
+	ct_touch_reply(ext, pkt, now);
+	nodeport_touch_service(client, client_port, ext, pkt, now);
 	if (nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, frontend) < 0 ||
 	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, frontend_port) < 0)
 		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, direction);

@@ -24,8 +24,8 @@ spec:
   ports: [{port: 80, nodePort: 30080}]
 ";
 
-fn lab_with_nginx(prefix: &str) -> TestLab {
-    let mut lab = TestLab::up(prefix, ONE_NODE_LAB);
+fn lab_with_nginx(prefix: &str, lab_file: &str) -> TestLab {
+    let mut lab = TestLab::up(prefix, lab_file);
     lab.lab
         .apply(&[
             examples().join("nginx.yaml"),
@@ -37,7 +37,7 @@ fn lab_with_nginx(prefix: &str) -> TestLab {
 
 #[test]
 fn node_port_and_external_ip_frontends_are_listed_and_answer() {
-    let mut lab = lab_with_nginx("frontends");
+    let mut lab = lab_with_nginx("frontends", ONE_NODE_LAB);
     lab.apply_yaml("web.yaml", WEB);
     let vip = lab.cluster_ip("web");
 
@@ -133,7 +133,7 @@ fn ask(stream: &mut TcpStream) -> String {
 
 #[test]
 fn a_terminating_endpoint_keeps_its_connections_and_gets_no_new_ones() {
-    let mut lab = lab_with_nginx("terminating");
+    let mut lab = lab_with_nginx("terminating", ONE_NODE_LAB);
     let pods = lab.pods_named("nginx-deployment-");
     assert_eq!(pods.len(), 2);
     let ips: Vec<Ipv4Addr> = pods.iter().map(|p| lab.pod_ip(p)).collect();
@@ -209,8 +209,22 @@ spec:
   containers: [{name: c, image: curlimages/curl:latest, command: [sleep, infinity]}]
 ";
 
-/// A LoadBalancer Service whose load balancer admits `range` only; the lab plays the
-/// cloud by writing its ingress IP into the status.
+/// One node with a load balancer pool holding LB_VIP: the lab plays the cloud and writes
+/// the VIP it gives into the Service's status (a manifest's own status is ignored, as the
+/// API server ignores it).
+const LOAD_BALANCER_LAB: &str = "apiVersion: sluice.dev/v1alpha1
+kind: Lab
+serviceCIDR: 10.96.0.0/16
+txChecksumOffload: false
+underlay: {cidr: 172.30.9.0/24, mtu: 1500}
+loadBalancer: {pool: 192.0.2.56/29}
+nodes:
+  - name: node-1
+    podCIDR: 10.244.1.0/24
+";
+
+/// A LoadBalancer Service whose load balancer admits `range` only, asking the lab's pool
+/// for LB_VIP.
 fn load_balancer(range: &str) -> String {
     format!(
         "apiVersion: v1
@@ -218,19 +232,17 @@ kind: Service
 metadata: {{name: lb}}
 spec:
   type: LoadBalancer
+  loadBalancerIP: {LB_VIP}
   selector: {{app: nginx}}
   loadBalancerSourceRanges: [{range}]
   ports: [{{port: 80, nodePort: 30081}}]
-status:
-  loadBalancer:
-    ingress: [{{ip: {LB_VIP}}}]
 "
     )
 }
 
 #[test]
 fn source_ranges_restrict_the_load_balancer_frontend_only() {
-    let mut lab = lab_with_nginx("srcrange");
+    let mut lab = lab_with_nginx("srcrange", LOAD_BALANCER_LAB);
     lab.apply_yaml("outsider.yaml", OUTSIDER);
     let client = lab.pod_ip("default/client");
     lab.apply_yaml("lb.yaml", &load_balancer(&format!("{client}/32")));
@@ -301,7 +313,7 @@ fn status_and_body(addr: SocketAddr) -> std::io::Result<(u16, String)> {
 
 #[test]
 fn the_agent_serves_the_health_check_node_port_of_a_local_load_balancer() {
-    let mut lab = lab_with_nginx("healthcheck");
+    let mut lab = lab_with_nginx("healthcheck", ONE_NODE_LAB);
     let service = |replicas_selector: &str| {
         format!(
             "apiVersion: v1

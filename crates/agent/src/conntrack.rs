@@ -8,7 +8,8 @@ use std::{path::Path, time::Duration, time::Instant};
 use aya::maps::{Array, HashMap, MapData};
 use nix::time::{ClockId, clock_gettime};
 use sluice_common::{
-    CT_EGRESS, CT_SERVICE, Ct4Entry, Ct4Key, CtConfig, Lb4BackendKey, MapId, names,
+    CT_EGRESS, CT_NODEPORT, CT_SERVICE, CT_SNAT, Ct4Entry, Ct4Key, CtConfig, Lb4BackendKey, MapId,
+    names,
 };
 use sluice_datapath::PinnedMaps;
 use tracing::{info, warn};
@@ -65,8 +66,9 @@ impl Conntrack {
     }
 
     /// Removes the service conntrack entries of connections to backends that are `gone`:
-    /// the CT_SERVICE entries that chose one and the CT_EGRESS entries of connections to
-    /// one through a frontend. The next packet of such a connection chooses again.
+    /// the CT_SERVICE entries that chose one, the CT_EGRESS entries of connections to
+    /// one through a frontend, and the CT_NODEPORT and CT_SNAT entries of connections to
+    /// one from outside the node. The next packet of such a connection chooses again.
     pub fn purge_backends(
         &mut self,
         gone: impl Fn(&Lb4BackendKey) -> bool,
@@ -75,6 +77,8 @@ impl Conntrack {
             let backend = match key.scope {
                 CT_SERVICE => entry.nat(),
                 CT_EGRESS if entry.nat().is_some() => Some(key.dst()),
+                // Connections from outside the node: the translated tuple names the backend.
+                CT_NODEPORT | CT_SNAT => Some(key.dst()),
                 _ => None,
             };
             backend

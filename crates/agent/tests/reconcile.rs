@@ -52,8 +52,13 @@ fn keeps_reconciling_and_stops_on_sigterm_after_its_source_ends() {
         "frontend removed after the source ended: repaired in {:?} (interval 0.5 s)",
         removed.elapsed()
     );
+    // The pass counts itself once it has finished, after its writes: wait for the count.
+    agent.wait(
+        "the repairing pass to be counted",
+        Duration::from_secs(10),
+        |a| a.status().reconciles > reconciles,
+    );
     let status = agent.status();
-    assert!(status.reconciles > reconciles, "{status:?}");
     assert!(status.healthy, "{status:?}");
 
     let exit = agent.terminate(Duration::from_secs(10));

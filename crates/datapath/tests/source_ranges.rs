@@ -1,7 +1,8 @@
 //! loadBalancerSourceRanges through BPF_PROG_TEST_RUN (needs root; never skipped): a load
 //! balancer frontend flagged SVC_FLAG_SOURCE_RANGES admits only the sources its
 //! `lb4_source_ranges` prefixes hold and drops the rest with DROP_NOT_IN_SRC_RANGE; the
-//! Service's other frontends admit everyone.
+//! Service's other frontends admit everyone. from_netdev, where clients outside the
+//! cluster reach the frontend, checks the same ranges.
 // A test binary: a panic in a fixture helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,7 +13,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use aya::maps::lpm_trie::Key;
 use sluice_common::{
     DropReason, IPPROTO_TCP, IPPROTO_UDP, Lb4Key, Lb4Service, Lb4SourceRangeKey, METRIC_DIR_EGRESS,
-    SOURCE_RANGE_ALLOWED, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_SOURCE_RANGES, programs::FROM_CONTAINER,
+    METRIC_DIR_INGRESS, SOURCE_RANGE_ALLOWED, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_SOURCE_RANGES,
+    programs::{FROM_CONTAINER, FROM_NETDEV},
 };
 use sluice_datapath::{Datapath, PinnedMaps};
 use support::{Frame, PinDir, TC_ACT_OK, TC_ACT_SHOT, TCP_SYN, run, tcp, udp};
@@ -68,12 +70,20 @@ impl Fixture {
         (out.verdict, out.packet)
     }
 
-    fn refused(&self) -> u64 {
+    fn run_from_netdev(&mut self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let out = run(self.datapath.program(FROM_NETDEV).unwrap(), packet);
+        (out.verdict, out.packet)
+    }
+
+    /// Drops for a source outside the ranges, counted in `direction` (from_container
+    /// counts egress from the pod, from_netdev ingress into the node).
+    fn refused_in(&self, direction: u8) -> u64 {
         let reason = DropReason::NotInSrcRange.code();
-        self.maps
-            .counted(reason, METRIC_DIR_EGRESS)
-            .unwrap()
-            .packets
+        self.maps.counted(reason, direction).unwrap().packets
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused_in(METRIC_DIR_EGRESS)
     }
 }
 
@@ -125,4 +135,21 @@ fn udp_is_checked_alike_and_no_range_admits_nobody() {
         nobody.run_from_container(&tcp(from([10, 0, 1, 2], 40000), lb, TCP_SYN, b""));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(nobody.refused(), 1);
+}
+
+#[test]
+fn clients_outside_the_cluster_are_held_to_the_ranges_too() {
+    let mut fx = Fixture::new(IPPROTO_TCP, &[(Ipv4Addr::new(203, 0, 113, 0), 24)]);
+    let lb = SocketAddrV4::new(LB_VIP, 443);
+    let (verdict, packet) =
+        fx.run_from_netdev(&tcp(from([203, 0, 113, 9], 40000), lb, TCP_SYN, b""));
+    assert_eq!(verdict, TC_ACT_OK, "a source in the range is balanced");
+    assert_eq!(Frame(&packet).dst(), BACKEND);
+
+    let (verdict, _) = fx.run_from_netdev(&tcp(from([192, 0, 2, 9], 40001), lb, TCP_SYN, b""));
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "a source outside every range is dropped"
+    );
+    assert_eq!(fx.refused_in(METRIC_DIR_INGRESS), 1);
 }
