@@ -77,7 +77,7 @@ impl Fixture {
 
     /// Drops for a source outside the ranges, counted in `direction` (from_container
     /// counts egress from the pod, from_netdev ingress into the node).
-    fn refused_in(&self, direction: u8) -> u64 {
+    fn refused_in(&self, direction: u32) -> u64 {
         let reason = DropReason::NotInSrcRange.code();
         self.maps.counted(reason, direction).unwrap().packets
     }
