@@ -17,14 +17,14 @@ metadata:
 spec:
   type: LoadBalancer
   loadBalancerIP: 192.0.2.80
-  trafficDistribution: PreferClose
+  ipFamilyPolicy: RequireDualStack
   selector: {app: nginx}
   ports:
   - {port: 80, nodePort: 30080}
 ";
 
 #[test]
-fn a_load_balancer_ip_and_traffic_distribution_are_reported_and_the_cluster_ip_works() {
+fn a_load_balancer_ip_and_dual_stack_are_reported_and_the_cluster_ip_works() {
     let mut lab = TestLab::up("unsupported", ONE_NODE_LAB);
     lab.lab
         .apply(&[
@@ -63,13 +63,13 @@ fn a_load_balancer_ip_and_traffic_distribution_are_reported_and_the_cluster_ip_w
         reported,
         [
             expected("spec.loadBalancerIP", "192.0.2.80"),
-            expected("spec.trafficDistribution", "PreferClose"),
+            expected("spec.ipFamilyPolicy", "RequireDualStack"),
         ],
         "{status}"
     );
     let table = lab.cli(&["status"]);
     assert!(
-        table.contains("spec.trafficDistribution") && table.contains("Service default/sticky"),
+        table.contains("spec.ipFamilyPolicy") && table.contains("Service default/sticky"),
         "{table}"
     );
 
@@ -86,14 +86,14 @@ fn a_load_balancer_ip_and_traffic_distribution_are_reported_and_the_cluster_ip_w
                     && l.contains(field)
             })
         };
-        if (named("spec.loadBalancerIP") && named("spec.trafficDistribution"))
+        if (named("spec.loadBalancerIP") && named("spec.ipFamilyPolicy"))
             || Instant::now() > deadline
         {
             break log;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    for field in ["spec.loadBalancerIP", "spec.trafficDistribution"] {
+    for field in ["spec.loadBalancerIP", "spec.ipFamilyPolicy"] {
         assert!(
             log.lines().any(|l| l.contains("WARN")
                 && l.contains("not implemented")

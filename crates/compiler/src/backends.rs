@@ -10,7 +10,9 @@ use sluice_store::Snapshot;
 
 use crate::{
     ObjectKind, ObjectRef, Problem, SERVICE_NAME_LABEL, namespace_of, port_number,
-    problem::Problems, protocol_number,
+    problem::Problems,
+    protocol_number,
+    topology::{Distribution, Place},
 };
 
 /// IPv4 EndpointSlices by the (namespace, name) of the Service they belong to.
@@ -47,6 +49,11 @@ pub(crate) struct SliceBackend {
     pub(crate) port: u16,
     /// The slice's `nodeName`: where the endpoint runs, for traffic policy Local.
     pub(crate) node: Option<String>,
+    /// The endpoint's `zone`, for traffic distribution.
+    pub(crate) zone: Option<String>,
+    /// Its `hints.forZones` and `hints.forNodes`: who should use it; None when not given.
+    pub(crate) zone_hints: Option<BTreeSet<String>>,
+    pub(crate) node_hints: Option<BTreeSet<String>>,
     pub(crate) ready: bool,
     /// Serving while terminating: used only when no endpoint is ready.
     pub(crate) serving_terminating: bool,
@@ -112,10 +119,14 @@ pub(crate) fn backends_for(
                 });
                 continue;
             };
+            let hints = endpoint.hints.as_ref();
             let backend = SliceBackend {
                 address,
                 port: number,
                 node: endpoint.node_name.clone(),
+                zone: endpoint.zone.clone().filter(|z| !z.is_empty()),
+                zone_hints: hint_names(hints.and_then(|h| h.for_zones.as_ref()), |z| &z.name),
+                node_hints: hint_names(hints.and_then(|h| h.for_nodes.as_ref()), |n| &n.name),
                 ready,
                 serving_terminating,
             };
@@ -124,11 +135,12 @@ pub(crate) fn backends_for(
                 .and_modify(|known| {
                     known.ready |= backend.ready;
                     known.serving_terminating |= backend.serving_terminating;
-                    // The smallest name, so the result does not depend on slice order.
-                    if backend.node.is_some() && (known.node.is_none() || backend.node < known.node)
-                    {
-                        known.node.clone_from(&backend.node);
-                    }
+                    // The smallest names and all hints, so the result does not depend on
+                    // slice order.
+                    smallest(&mut known.node, &backend.node);
+                    smallest(&mut known.zone, &backend.zone);
+                    union(&mut known.zone_hints, &backend.zone_hints);
+                    union(&mut known.node_hints, &backend.node_hints);
                 })
                 .or_insert(backend);
         }
@@ -136,25 +148,53 @@ pub(crate) fn backends_for(
     backends.into_values().collect()
 }
 
-/// The backends a frontend's slots hold, in slot order: the ready ones, or when none is
-/// ready the serving-terminating ones (KEP-1669), so a Service whose pods are all rolling
-/// out still answers. With `local_node` (traffic policy Local) only those on that node,
-/// chosen the same way among them, as kube-proxy does.
-pub(crate) fn slot_backends(
-    backends: &[SliceBackend],
-    local_node: Option<&str>,
-) -> Vec<(Ipv4Addr, u16)> {
+/// The names of a list of hints; None when there are none, as an empty list gives none.
+fn hint_names<T>(hints: Option<&Vec<T>>, name: impl Fn(&T) -> &String) -> Option<BTreeSet<String>> {
+    hints
+        .filter(|h| !h.is_empty())
+        .map(|h| h.iter().map(|hint| name(hint).clone()).collect())
+}
+
+fn smallest(known: &mut Option<String>, other: &Option<String>) {
+    if other.is_some() && (known.is_none() || other < known) {
+        known.clone_from(other);
+    }
+}
+
+fn union(known: &mut Option<BTreeSet<String>>, other: &Option<BTreeSet<String>>) {
+    if let Some(other) = other {
+        known.get_or_insert_default().extend(other.iter().cloned());
+    }
+}
+
+/// Which of a port's backends a frontend may use.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Scope<'a> {
+    /// Traffic policy Local: those on this node.
+    Node(&'a str),
+    /// Traffic policy Cluster: any, narrowed among the ready ones by the Service's traffic
+    /// distribution, as seen from this node's place.
+    Cluster(Distribution, Place<'a>),
+}
+
+/// The backends a frontend's slots hold, in slot order: the ready ones in `scope`, or when
+/// none is ready the serving-terminating ones (KEP-1669), so a Service whose pods are all
+/// rolling out still answers. Topology narrows only the ready ones, as kube-proxy does.
+pub(crate) fn slot_backends(backends: &[SliceBackend], scope: Scope<'_>) -> Vec<(Ipv4Addr, u16)> {
     let candidates: Vec<&SliceBackend> = backends
         .iter()
-        .filter(|b| local_node.is_none_or(|node| b.node.as_deref() == Some(node)))
+        .filter(|b| match scope {
+            Scope::Node(node) => b.node.as_deref() == Some(node),
+            Scope::Cluster(..) => true,
+        })
         .collect();
-    let ready: Vec<(Ipv4Addr, u16)> = candidates
-        .iter()
-        .filter(|b| b.ready)
-        .map(|b| (b.address, b.port))
-        .collect();
+    let ready: Vec<&SliceBackend> = candidates.iter().copied().filter(|b| b.ready).collect();
     if !ready.is_empty() {
-        return ready;
+        let chosen = match scope {
+            Scope::Node(_) => ready,
+            Scope::Cluster(distribution, place) => distribution.closest(ready, place),
+        };
+        return chosen.iter().map(|b| (b.address, b.port)).collect();
     }
     candidates
         .iter()

@@ -6,10 +6,12 @@
 //! IP and on each load balancer ingress IP (`services`); its backends are the ready
 //! endpoints of the Service's EndpointSlices for the slice port of the same name and
 //! protocol, or the serving-terminating ones when none is ready, and only this node's under
-//! traffic policy Local. Input is never trusted: an object or entry the datapath cannot
+//! traffic policy Local; otherwise the ready ones narrow to this node's zone (or the node
+//! itself) when the Service's traffic distribution asks for it and one is there
+//! (`topology`). Input is never trusted: an object or entry the datapath cannot
 //! represent is skipped and reported in [`DesiredState::problems`], never a panic or an
 //! error, so one odd object cannot keep the rest of the node from converging. A Service
-//! field the datapath does not implement yet (session affinity, topology, ...) is reported
+//! field the datapath does not implement yet (dual stack, loadBalancerIP, ...) is reported
 //! there too ([`Problem::Unsupported`]), with what is programmed without it.
 //!
 //! NetworkPolicy follows networking.k8s.io/v1 and Cilium's layout: every distinct set of
@@ -249,6 +251,7 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
     let mut compilation = Compilation {
         node: node.node.clone(),
         node_addresses: nodes::node_addresses(snapshot, &node.node),
+        zone: nodes::node_zone(snapshot, &node.node),
         ..Compilation::default()
     };
     compilation.state.node_addresses = compilation.node_addresses.clone();
@@ -356,6 +359,8 @@ struct Compilation {
     node: String,
     /// Its own IPv4 addresses (InternalIP and ExternalIP), where node ports listen.
     node_addresses: Vec<Ipv4Addr>,
+    /// Its zone label, which traffic distribution prefers backends in.
+    zone: Option<String>,
     /// Maglev tables computed so far, by backends and size: the frontends of one Service
     /// (ClusterIP, NodePort on each address, ...) share one.
     maglev_tables: balancing::MaglevTables,
@@ -439,6 +444,7 @@ mod nodes;
 mod policy;
 mod problem;
 mod services;
+mod topology;
 mod unsupported;
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use sluice_store::{
     nodes::{ClusterNode, check_nodes},
 };
 
-use crate::{Problem, problem::Problems};
+use crate::{Problem, problem::Problems, topology::ZONE_LABEL};
 
 /// The nodes routing can use, seen from the node compiled for: what the agent reads to set
 /// up its routes and its tunnel. A Node that fails a check (see [`sluice_store::nodes`]) is
@@ -53,6 +53,20 @@ pub(crate) fn node_addresses(snapshot: &Snapshot, this: &str) -> Vec<Ipv4Addr> {
         .filter_map(|a| a.address.parse().ok())
         .collect();
     addresses.into_iter().collect()
+}
+
+/// The zone of the Node named `this`: its `topology.kubernetes.io/zone` label, if set.
+pub(crate) fn node_zone(snapshot: &Snapshot, this: &str) -> Option<String> {
+    snapshot
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(this))?
+        .metadata
+        .labels
+        .as_ref()?
+        .get(ZONE_LABEL)
+        .filter(|zone| !zone.is_empty())
+        .cloned()
 }
 
 impl Nodes {

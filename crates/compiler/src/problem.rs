@@ -89,12 +89,14 @@ impl fmt::Display for Unsupported {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ServiceField {
     LoadBalancerIp,
+    /// A value other than PreferClose, PreferSameZone and PreferSameNode.
     TrafficDistribution,
     /// Any family but IPv4.
     IpFamilies,
     /// RequireDualStack.
     IpFamilyPolicy,
-    /// The `service.kubernetes.io/topology-mode` annotation (topology aware routing).
+    /// The `service.kubernetes.io/topology-mode` annotation (topology aware routing),
+    /// other than Auto and Disabled.
     TopologyMode,
 }
 

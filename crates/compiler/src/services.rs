@@ -17,9 +17,11 @@ use sluice_common::{
 use crate::{
     Compilation, Frontend, HealthCheck, ObjectRef, PortProblem, Problem, ServicePortRef,
     ValueField,
-    backends::{SliceBackend, backends_for, local_ready_endpoints, slot_backends},
+    backends::{Scope, SliceBackend, backends_for, local_ready_endpoints, slot_backends},
     balancing::{self, Balancing, FrontendOptions},
-    object_name, port_number, protocol_number, unsupported,
+    object_name, port_number, protocol_number,
+    topology::{Distribution, Place},
+    unsupported,
 };
 
 /// The addresses of one Service besides its ClusterIP, and its traffic policies.
@@ -32,6 +34,8 @@ struct ServiceAddresses {
     external_local: bool,
     /// internalTrafficPolicy Local: the ClusterIP frontend.
     internal_local: bool,
+    /// Which backends the frontends under traffic policy Cluster prefer.
+    distribution: Distribution,
     /// loadBalancerSourceRanges of a LoadBalancer Service, IPv4 ones parsed; None: any
     /// source. Some and empty (every range IPv6 or unparsable) admits no IPv4 source.
     source_ranges: Option<Vec<Ipv4Net>>,
@@ -199,6 +203,7 @@ impl Compilation {
             load_balancer_ips,
             external_local: local(spec.external_traffic_policy.as_ref()),
             internal_local: local(spec.internal_traffic_policy.as_ref()),
+            distribution: Distribution::of(service),
             source_ranges,
             balancing,
         }
@@ -335,8 +340,16 @@ impl Compilation {
                 self.problem(port_problem(problem));
                 continue;
             }
-            let local = addresses.local(at.frontend);
-            let mut slots = slot_backends(&backends, local.then_some(self.node.as_str()));
+            let scope = if addresses.local(at.frontend) {
+                Scope::Node(&self.node)
+            } else {
+                let place = Place {
+                    node: &self.node,
+                    zone: self.zone.as_deref(),
+                };
+                Scope::Cluster(addresses.distribution, place)
+            };
+            let mut slots = slot_backends(&backends, scope);
             // Slots are numbered by u16; a longer list cannot be addressed.
             if slots.len() > usize::from(u16::MAX) {
                 self.problem(port_problem(PortProblem::TooManyBackends {

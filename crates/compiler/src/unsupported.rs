@@ -8,9 +8,10 @@
 
 use k8s_openapi::api::core::v1::Service;
 
-use crate::problem::{ObjectRef, ServiceField, Unsupported};
-
-const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+use crate::{
+    problem::{ObjectRef, ServiceField, Unsupported},
+    topology::{TOPOLOGY_MODE_ANNOTATION, topology_mode, traffic_distribution},
+};
 
 /// The unimplemented fields `service` (named `object`) sets, in field order.
 pub(crate) fn service_fields(object: &ObjectRef, service: &Service) -> Vec<Unsupported> {
@@ -39,7 +40,9 @@ pub(crate) fn service_fields(object: &ObjectRef, service: &Service) -> Vec<Unsup
         ),
         (
             ServiceField::TrafficDistribution,
-            set(spec.traffic_distribution.as_ref(), ""),
+            spec.traffic_distribution
+                .clone()
+                .filter(|d| traffic_distribution(d).is_none()),
         ),
         (ServiceField::IpFamilies, list(families)),
         // PreferDualStack is met by one family; only a requirement goes unmet.
@@ -49,8 +52,10 @@ pub(crate) fn service_fields(object: &ObjectRef, service: &Service) -> Vec<Unsup
                 .clone()
                 .filter(|p| p == "RequireDualStack"),
         ),
-        // "Disabled" is the annotation's way of saying no topology aware routing.
-        (ServiceField::TopologyMode, set(topology, "Disabled")),
+        (
+            ServiceField::TopologyMode,
+            topology.filter(|m| topology_mode(m).is_none()).cloned(),
+        ),
     ]
     .into_iter()
     .filter_map(|(field, value)| {

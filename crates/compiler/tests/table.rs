@@ -60,6 +60,9 @@ struct TestClusterNode {
     /// spec.podCIDR, as written.
     #[serde(default, rename = "podCIDR")]
     pod_cidr: Option<String>,
+    /// metadata.labels, e.g. the node's zone.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -150,7 +153,7 @@ fn load_case(dir: &Path) -> Vec<Case> {
                 )
                 .collect();
             serde_json::from_value(serde_json::json!({
-                "metadata": {"name": n.name},
+                "metadata": {"name": n.name, "labels": n.labels},
                 "spec": {"podCIDR": n.pod_cidr},
                 "status": {"addresses": addresses},
             }))
