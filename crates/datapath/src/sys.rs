@@ -183,24 +183,28 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Sets `keys[i]` to `values[i]` in the map behind `map` (u32 values, as in a map of maps
-/// from a key to inner map fd; keys of the map's key type: an ifindex, a frontend), in
-/// order. On a map of maps the kernel waits for running programs to let go of the old inner
-/// maps once per call (about 14 ms), so a batch costs one wait instead of one per key. On
-/// error, the updates before the failing one are done.
-pub fn map_update_batch<K: aya::Pod>(
-    map: BorrowedFd<'_>,
+/// Swaps `inners[i]` in under `keys[i]` of the map of maps behind `outer` (keys of its key
+/// type: an ifindex, a frontend), in order, in one batch: each element is one atomic update,
+/// and the kernel waits for running programs to let go of the old inner maps once per call
+/// (about 14 ms) instead of once per key. The inner maps' fds may close afterwards: the
+/// outer map holds them. On error, the updates before the failing one are done.
+pub fn swap_inner_maps<K: aya::Pod>(
+    outer: BorrowedFd<'_>,
     keys: &[K],
-    values: &[u32],
+    inners: &[BorrowedFd<'_>],
 ) -> Result<(), SyscallError> {
     const CALL: &str = "bpf(BPF_MAP_UPDATE_BATCH)";
-    if keys.len() != values.len() {
+    if keys.len() != inners.len() {
         return Err(invalid(CALL));
     }
+    let values = inners
+        .iter()
+        .map(|&fd| raw_fd(fd, CALL))
+        .collect::<Result<Vec<u32>, _>>()?;
     batch(
         CALL,
         BPF_MAP_UPDATE_BATCH,
-        map,
+        outer,
         keys,
         values.as_ptr() as u64,
     )

@@ -10,7 +10,7 @@
 
 use std::{collections::BTreeMap, path::Path, sync::Arc};
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use aya::maps::{HashOfMaps, IterableMap, Map, MapData};
 use sluice_common::{LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Key, MaglevLanes, names};
@@ -188,20 +188,10 @@ impl MaglevTables for KernelMaglev {
             sys::array_update_all(table.map().fd().as_fd(), lanes).map_err(sys_err)?;
             fresh.push(table);
         }
-        // The swaps, in one batch as for policy maps: each one atomic, and one wait for
-        // running programs to let go of the old tables instead of one per frontend. The
-        // new tables' fds may close afterwards: the outer map holds them.
+        // The swaps, in one batch as for policy maps.
         let keys: Vec<Lb4Key> = installs.iter().map(|(key, _)| *key).collect();
-        let fds = fresh
-            .iter()
-            .map(|t| u32::try_from(t.map().fd().as_fd().as_raw_fd()))
-            .collect::<Result<Vec<u32>, _>>()
-            .map_err(|_| RealizerError::Sys {
-                call: "bpf(BPF_MAP_UPDATE_BATCH)",
-                map: names::MAGLEV,
-                source: std::io::Error::from_raw_os_error(libc::EBADF),
-            })?;
-        sys::map_update_batch(self.fd.as_fd(), &keys, &fds).map_err(sys_err)
+        let inners: Vec<_> = fresh.iter().map(|t| t.map().fd().as_fd()).collect();
+        sys::swap_inner_maps(self.fd.as_fd(), &keys, &inners).map_err(sys_err)
     }
 
     fn remove(&mut self, frontends: &[Lb4Key]) -> Result<(), RealizerError> {

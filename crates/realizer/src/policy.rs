@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    os::fd::{AsFd, AsRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     path::Path,
 };
 
@@ -295,21 +295,10 @@ impl PolicyTable for KernelPolicy {
             }
             fresh.push(map);
         }
-        // The swaps, in one batch: each element is one atomic update of the outer map, and
-        // the kernel waits for running programs to let go of the old maps once per batch
-        // instead of once per endpoint (about 14 ms each). The new maps' fds may close
-        // afterwards: the outer map holds them.
+        // The swaps, in one batch (sys::swap_inner_maps says why).
         let keys: Vec<u32> = installs.iter().map(|i| i.ifindex).collect();
-        let fds = fresh
-            .iter()
-            .map(|m| u32::try_from(m.map().fd().as_fd().as_raw_fd()))
-            .collect::<Result<Vec<u32>, _>>()
-            .map_err(|_| RealizerError::Sys {
-                call: "bpf(BPF_MAP_UPDATE_BATCH)",
-                map: names::POLICY,
-                source: std::io::Error::from_raw_os_error(libc::EBADF),
-            })?;
-        sys::map_update_batch(self.fd.as_fd(), &keys, &fds).map_err(sys_err)
+        let inners: Vec<_> = fresh.iter().map(|m| m.map().fd().as_fd()).collect();
+        sys::swap_inner_maps(self.fd.as_fd(), &keys, &inners).map_err(sys_err)
     }
 
     fn remove(&mut self, ifindexes: &[u32]) -> Result<(), RealizerError> {
