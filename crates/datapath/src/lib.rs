@@ -440,6 +440,14 @@ fn attach_tcx(
         )
         .map_err(attach_err)?;
     let link = program.take_link(id).map_err(attach_err)?;
+    pin_new_link(link, path)
+}
+
+/// Pins a link just made at `path`, so it outlives this process.
+pub(crate) fn pin_new_link<L>(link: L, path: &Path) -> Result<(), DatapathError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
     let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
         path: path.into(),
         source,

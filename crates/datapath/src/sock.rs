@@ -15,7 +15,7 @@ use aya::{
 
 use crate::{
     AttachRole, Datapath, DatapathError, HOST_CGROUP_TARGET, ProgramDef, create_dir, link_pin_path,
-    remove_file, sys,
+    pin_new_link, remove_file, sys,
 };
 
 impl Datapath {
@@ -126,14 +126,5 @@ fn attach_cgroup_link(
         .attach(dir, CgroupAttachMode::Single)
         .map_err(attach_err)?;
     let link = program.take_link(id).map_err(attach_err)?;
-    let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
-        path: path.into(),
-        source,
-    })?;
-    // On failure the link is dropped here, which detaches the program again.
-    link.pin(path).map_err(|source| DatapathError::PinLink {
-        path: path.into(),
-        source,
-    })?;
-    Ok(())
+    pin_new_link(link, path)
 }
