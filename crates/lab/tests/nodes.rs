@@ -258,6 +258,7 @@ fn nodes_join_and_leave_a_running_lab() {
             name: "node-3".into(),
             pod_cidr: "10.244.3.0/24".parse().unwrap(),
             underlay_address: None,
+            zone: None,
         })
         .unwrap();
     eprintln!(
@@ -360,6 +361,7 @@ fn nodes_join_and_leave_a_running_lab() {
             name: "node-3".into(),
             pod_cidr: "10.244.3.0/24".parse().unwrap(),
             underlay_address: Some(Ipv4Addr::new(172, 30, 0, 40)),
+            zone: None,
         })
         .unwrap();
     assert_eq!(nodes_of(&t.snapshot())[2].1, "172.30.0.40");
@@ -375,6 +377,7 @@ fn bad_node_changes_are_refused_and_change_nothing() {
         name: name.into(),
         pod_cidr: cidr.parse().unwrap(),
         underlay_address: address,
+        zone: None,
     };
     let cases = [
         (
@@ -489,6 +492,7 @@ fn pods_across_nodes(file: &str) {
             name: "node-4".into(),
             pod_cidr: "10.244.4.0/24".parse().unwrap(),
             underlay_address: None,
+            zone: None,
         })
         .unwrap();
     eprintln!("node added{mode}, agents healthy: {:?}", started.elapsed());
