@@ -95,6 +95,9 @@ pub enum NodeCommand {
         /// Default: the lowest free address of the underlay from network + 11.
         #[arg(long)]
         underlay_address: Option<Ipv4Addr>,
+        /// The Node's topology.kubernetes.io/zone label, and its pods' endpoints' zone.
+        #[arg(long)]
+        zone: Option<String>,
     },
     /// Delete the node's pods, stop its agent, remove its namespace and Node object.
     Remove { name: String },
@@ -189,11 +192,13 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
             name: node,
             pod_cidr,
             underlay_address,
+            zone,
         }) => {
             Lab::open(name, &opts)?.add_node(NodeSpec {
                 name: node.clone(),
                 pod_cidr: *pod_cidr,
                 underlay_address: *underlay_address,
+                zone: zone.clone(),
             })?;
             println!("node {node} added to lab {name}");
         }

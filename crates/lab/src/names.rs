@@ -129,6 +129,33 @@ pub fn check_dns_label(name: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest label value Kubernetes accepts.
+pub const MAX_LABEL_VALUE: usize = 63;
+
+/// Checks a Kubernetes label value that must not be empty (a node's zone): alphanumerics,
+/// '-', '_' and '.', starting and ending alphanumeric.
+pub fn check_label_value(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.len() > MAX_LABEL_VALUE {
+        return Err(format!(
+            "{value:?} is longer than {MAX_LABEL_VALUE} characters"
+        ));
+    }
+    let valid_chars = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    let alnum_ends = value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !valid_chars || !alnum_ends {
+        return Err(format!(
+            "{value:?} must consist of letters, digits, '-', '_' and '.', and start and end with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
 pub fn check_lab_name(name: &str) -> Result<(), LabError> {
     check_dns_label(name, MAX_LAB_NAME).map_err(|message| LabError::LabName {
         name: name.to_string(),

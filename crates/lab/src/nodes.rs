@@ -84,7 +84,7 @@ impl Lab {
 
     /// `lab up -f` on a running lab: adds the nodes the file has and the lab not, removes
     /// those the lab has and the file not. Only nodes may change, and a node that stays
-    /// keeps its pod CIDR and underlay address; everything is checked before anything
+    /// keeps its pod CIDR, zone and underlay address; everything is checked before anything
     /// changes.
     pub fn reapply(&mut self, lab_file: &Path) -> Result<(), LabError> {
         let (wanted, explicit) = LabSpec::load_explicit(lab_file)?;
@@ -96,8 +96,7 @@ impl Lab {
         for (i, node) in wanted.nodes.iter().enumerate() {
             match current.node(&node.name) {
                 None => add.push(node.clone()),
-                Some(have) if have.pod_cidr == node.pod_cidr => {}
-                Some(have) => {
+                Some(have) if have.pod_cidr != node.pod_cidr => {
                     return Err(LabError::LabFile {
                         path: lab_file.to_path_buf(),
                         field: format!("nodes[{i}].podCIDR"),
@@ -107,6 +106,19 @@ impl Lab {
                         ),
                     });
                 }
+                // Its agent and the slices of its pods' services hold the zone it started in.
+                Some(have) if have.zone != node.zone => {
+                    return Err(LabError::LabFile {
+                        path: lab_file.to_path_buf(),
+                        field: format!("nodes[{i}].zone"),
+                        message: format!(
+                            "node {} runs in zone {}; remove it before giving it another",
+                            node.name,
+                            have.zone.as_deref().unwrap_or("(none)")
+                        ),
+                    });
+                }
+                Some(_) => {}
             }
         }
         for node in &current.nodes {

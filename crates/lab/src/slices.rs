@@ -14,7 +14,7 @@ use k8s_openapi::{
     },
 };
 
-use crate::names;
+use crate::{names, spec::NodeSpec};
 
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
@@ -36,9 +36,10 @@ pub fn protocol(p: Option<&String>) -> &str {
     p.map_or("TCP", String::as_str)
 }
 
-/// The slices of `service` over `pods` (any namespace; the service's own is filtered here).
-/// Services without a selector get none: their slices come from the user.
-pub fn derive(service: &Service, pods: &[Pod]) -> Vec<EndpointSlice> {
+/// The slices of `service` over `pods` (any namespace; the service's own is filtered here),
+/// each endpoint in the zone of its pod's node among `nodes`. Services without a selector
+/// get none: their slices come from the user.
+pub fn derive(service: &Service, pods: &[Pod], nodes: &[NodeSpec]) -> Vec<EndpointSlice> {
     let Some(spec) = service.spec.as_ref() else {
         return Vec::new();
     };
@@ -78,7 +79,7 @@ pub fn derive(service: &Service, pods: &[Pod]) -> Vec<EndpointSlice> {
         groups
             .entry(ports)
             .or_default()
-            .push(endpoint(pod, publish_not_ready));
+            .push(endpoint(pod, publish_not_ready, nodes));
     }
     if groups.is_empty() {
         // The controller keeps one empty slice so that "no endpoints" is observable.
@@ -124,7 +125,7 @@ fn resolve(service_port: &ServicePort, pod: &Pod) -> Option<PortKey> {
     })
 }
 
-fn endpoint(pod: &Pod, publish_not_ready: bool) -> Endpoint {
+fn endpoint(pod: &Pod, publish_not_ready: bool, nodes: &[NodeSpec]) -> Endpoint {
     let terminating = pod.metadata.deletion_timestamp.is_some();
     let serving = publish_not_ready || is_ready(pod);
     let ip = pod
@@ -132,6 +133,7 @@ fn endpoint(pod: &Pod, publish_not_ready: bool) -> Endpoint {
         .as_ref()
         .and_then(|s| s.pod_ip.clone())
         .unwrap_or_default();
+    let node_name = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     Endpoint {
         addresses: vec![ip],
         conditions: Some(EndpointConditions {
@@ -140,7 +142,11 @@ fn endpoint(pod: &Pod, publish_not_ready: bool) -> Endpoint {
             serving: Some(serving),
             terminating: Some(terminating),
         }),
-        node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        node_name: node_name.clone(),
+        // As the controller does: the zone label of the pod's node.
+        zone: node_name
+            .and_then(|name| nodes.iter().find(|n| n.name == name))
+            .and_then(|n| n.zone.clone()),
         target_ref: Some(ObjectReference {
             kind: Some("Pod".into()),
             namespace: pod.metadata.namespace.clone(),
@@ -338,7 +344,11 @@ mod tests {
             pod("pod-4", "db", true, &[]),
             other_ns,
         ];
-        let slices = derive(&service(&[("app", "web")], &[("", 80, None, "TCP")]), &pods);
+        let slices = derive(
+            &service(&[("app", "web")], &[("", 80, None, "TCP")]),
+            &pods,
+            &[],
+        );
         assert_eq!(
             summary(&slices),
             [(
@@ -380,7 +390,7 @@ mod tests {
             &[("http", 80, Some(IntOrString::Int(8080)), "TCP")],
         );
         assert_eq!(
-            summary(&derive(&svc, &pods)),
+            summary(&derive(&svc, &pods, &[])),
             [(
                 vec![
                     "pod-1@10.244.1.1 110".to_string(),
@@ -392,7 +402,7 @@ mod tests {
         );
         let mut publish = svc.clone();
         publish.spec.as_mut().unwrap().publish_not_ready_addresses = Some(true);
-        let eps = &summary(&derive(&publish, &pods))[0].0;
+        let eps = &summary(&derive(&publish, &pods, &[]))[0].0;
         assert_eq!(eps[1], "pod-2@10.244.1.2 110");
         assert_eq!(eps[2], "pod-3@10.244.1.3 111");
     }
@@ -430,7 +440,7 @@ mod tests {
                 ("dns", 53, Some(IntOrString::String("dns".into())), "UDP"),
             ],
         );
-        let mut got = summary(&derive(&svc, &pods));
+        let mut got = summary(&derive(&svc, &pods, &[]));
         got.sort();
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let mut want = vec![
@@ -447,7 +457,7 @@ mod tests {
         want.sort();
         assert_eq!(got, want);
         // Distinct port sets get distinct, stable names.
-        let names: std::collections::BTreeSet<_> = derive(&svc, &pods)
+        let names: std::collections::BTreeSet<_> = derive(&svc, &pods, &[])
             .iter()
             .map(|s| s.metadata.name.clone().unwrap())
             .collect();
@@ -462,12 +472,28 @@ mod tests {
             &[("dns", 53, Some(IntOrString::String("dns".into())), "UDP")],
         );
         // No endpoints, but the controller's empty placeholder slice.
-        assert_eq!(summary(&derive(&svc, &pods)), [(vec![], vec![])]);
+        assert_eq!(summary(&derive(&svc, &pods, &[])), [(vec![], vec![])]);
     }
 
     #[test]
     fn services_without_selector_get_no_derived_slices() {
         let pods = [pod("pod-1", "web", true, &[])];
-        assert!(derive(&service(&[], &[("", 80, None, "TCP")]), &pods).is_empty());
+        assert!(derive(&service(&[], &[("", 80, None, "TCP")]), &pods, &[]).is_empty());
+    }
+
+    #[test]
+    fn endpoints_are_in_the_zone_of_their_pods_node() {
+        let pods = [pod("web-1", "web", true, &[])];
+        let svc = service(&[("app", "web")], &[("", 80, None, "TCP")]);
+        let node = |zone: Option<&str>| NodeSpec {
+            name: "node-1".into(),
+            pod_cidr: "10.244.1.0/24".parse().unwrap(),
+            underlay_address: None,
+            zone: zone.map(str::to_string),
+        };
+        let zone_of = |nodes: &[NodeSpec]| derive(&svc, &pods, nodes)[0].endpoints[0].zone.clone();
+        assert_eq!(zone_of(&[node(Some("a"))]).as_deref(), Some("a"));
+        assert_eq!(zone_of(&[node(None)]), None);
+        assert_eq!(zone_of(&[]), None, "a pod on no known node has no zone");
     }
 }

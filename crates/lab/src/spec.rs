@@ -111,6 +111,10 @@ pub struct NodeSpec {
     /// given to [`crate::Lab::add_node`] without one gets the lowest free address.
     #[serde(default)]
     pub underlay_address: Option<Ipv4Addr>,
+    /// The Node's `topology.kubernetes.io/zone` label, and the `zone` of the endpoints of
+    /// its pods; None: no zone, so zones decide nothing for it.
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 impl NodeSpec {
@@ -188,6 +192,7 @@ struct RawNode {
     pod_cidr: Option<String>,
     #[serde(rename = "underlayAddress")]
     underlay_address: Option<String>,
+    zone: Option<String>,
 }
 
 /// `nodes[i].field`, as the lab file's errors name a node's field.
@@ -402,6 +407,7 @@ fn parse_nodes(
             name,
             pod_cidr,
             underlay_address,
+            zone: node.zone,
         });
     }
     Ok(nodes)

@@ -246,7 +246,7 @@ impl LabState {
         let derived = self
             .services
             .values()
-            .flat_map(|s| slices::derive(&s.object, pods));
+            .flat_map(|s| slices::derive(&s.object, pods, &self.spec.nodes));
         let user = self.endpoint_slices.values().map(|s| s.object.clone());
         derived.chain(user).collect()
     }
@@ -310,14 +310,21 @@ impl LabState {
     }
 }
 
-/// A Node as a Kubernetes source provides it: its pod CIDR, and its InternalIP (the
-/// underlay address, or in a lab without an underlay the router address its pods use as
-/// gateway).
-fn node_object(node: &NodeSpec) -> Node {
+/// The Node label naming its zone, which trafficDistribution prefers endpoints by.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// A Node as a Kubernetes source provides it: its pod CIDR, its zone label, and its
+/// InternalIP (the underlay address, or in a lab without an underlay the router address
+/// its pods use as gateway).
+pub(crate) fn node_object(node: &NodeSpec) -> Node {
     let pod_cidr = node.pod_cidr.to_string();
     Node {
         metadata: ObjectMeta {
             name: Some(node.name.clone()),
+            labels: node
+                .zone
+                .as_ref()
+                .map(|zone| [(ZONE_LABEL.to_string(), zone.clone())].into()),
             ..Default::default()
         },
         spec: Some(KubeNodeSpec {

@@ -214,6 +214,11 @@ pub fn check_nodes(
                 ),
             );
         }
+        if let Some(zone) = &node.zone
+            && let Err(m) = names::check_label_value(zone)
+        {
+            return fail("zone", m);
+        }
         check_pod_cidr(spec, i, field_of)?;
         check_underlay_address(spec, i, field_of)?;
     }

@@ -143,6 +143,7 @@ fn vips_are_assigned_routed_over_every_node_and_released() {
             name: "node-3".into(),
             pod_cidr: "10.244.3.0/24".parse().unwrap(),
             underlay_address: None,
+            zone: None,
         })
         .unwrap();
     let node_3 = Ipv4Addr::new(172, 30, 0, 13);

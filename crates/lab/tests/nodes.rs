@@ -258,6 +258,7 @@ fn nodes_join_and_leave_a_running_lab() {
             name: "node-3".into(),
             pod_cidr: "10.244.3.0/24".parse().unwrap(),
             underlay_address: None,
+            zone: None,
         })
         .unwrap();
     eprintln!(
@@ -360,6 +361,7 @@ fn nodes_join_and_leave_a_running_lab() {
             name: "node-3".into(),
             pod_cidr: "10.244.3.0/24".parse().unwrap(),
             underlay_address: Some(Ipv4Addr::new(172, 30, 0, 40)),
+            zone: None,
         })
         .unwrap();
     assert_eq!(nodes_of(&t.snapshot())[2].1, "172.30.0.40");
@@ -375,6 +377,7 @@ fn bad_node_changes_are_refused_and_change_nothing() {
         name: name.into(),
         pod_cidr: cidr.parse().unwrap(),
         underlay_address: address,
+        zone: None,
     };
     let cases = [
         (
@@ -402,6 +405,14 @@ fn bad_node_changes_are_refused_and_change_nothing() {
             "node node-3: underlayAddress: 172.30.0.12 is also underlayAddress of node node-2",
         ),
     ];
+    let zoned = NodeSpec {
+        zone: Some("zone a".into()),
+        ..node("node-3", "10.244.3.0/24", None)
+    };
+    let cases = cases.into_iter().chain([(
+        zoned,
+        "node node-3: zone: \"zone a\" must consist of letters, digits",
+    )]);
     for (spec, expected) in cases {
         let err = t.lab.add_node(spec).unwrap_err().to_string();
         assert!(err.starts_with(expected), "got: {err}\nwant: {expected}");
@@ -415,6 +426,15 @@ fn bad_node_changes_are_refused_and_change_nothing() {
     let err = t.lab.reapply(&changed).unwrap_err().to_string();
     assert!(
         err.contains("routingMode: differs from the running lab's"),
+        "{err}"
+    );
+    let rezoned = t.write(
+        "rezoned.yaml",
+        &two_nodes().replace("{name: node-2,", "{name: node-2, zone: b,"),
+    );
+    let err = t.lab.reapply(&rezoned).unwrap_err().to_string();
+    assert!(
+        err.contains("nodes[1].zone: node node-2 runs in zone (none)"),
         "{err}"
     );
     assert_eq!(
@@ -489,6 +509,7 @@ fn pods_across_nodes(file: &str) {
             name: "node-4".into(),
             pod_cidr: "10.244.4.0/24".parse().unwrap(),
             underlay_address: None,
+            zone: None,
         })
         .unwrap();
     eprintln!("node added{mode}, agents healthy: {:?}", started.elapsed());

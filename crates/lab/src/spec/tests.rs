@@ -313,3 +313,35 @@ fn the_node_port_range_is_the_default_unless_given() {
         "{bad}"
     );
 }
+
+#[test]
+fn zones_are_label_values_and_become_the_node_label() {
+    let node = |zone: &str| {
+        format!("{HEAD}nodes:\n  - name: a\n    podCIDR: 10.244.1.0/24\n    zone: {zone:?}\n")
+    };
+    let spec = parse(&node("eu-west1_a.1")).unwrap();
+    assert_eq!(spec.nodes[0].zone.as_deref(), Some("eu-west1_a.1"));
+    let labels = crate::state::node_object(&spec.nodes[0]).metadata.labels;
+    assert_eq!(
+        labels.unwrap()[crate::state::ZONE_LABEL],
+        "eu-west1_a.1",
+        "the Node carries its zone"
+    );
+    let plain = parse(&format!(
+        "{HEAD}nodes: [{{name: a, podCIDR: 10.244.1.0/24}}]\n"
+    ))
+    .unwrap();
+    assert_eq!(plain.nodes[0].zone, None);
+    assert_eq!(
+        crate::state::node_object(&plain.nodes[0]).metadata.labels,
+        None
+    );
+    for bad in ["", "-a", "a-", "a b", "zone/a", &"z".repeat(64)] {
+        let message = parse(&node(bad)).unwrap_err();
+        assert!(
+            message.starts_with("lab.yaml: nodes[0].zone: "),
+            "{bad:?}: {message}"
+        );
+    }
+    assert!(parse(&node(&"z".repeat(63))).is_ok());
+}
