@@ -13,7 +13,9 @@ use sluice_store::{
     nodes::{ClusterNode, check_nodes},
 };
 
-use crate::{Problem, problem::Problems, topology::ZONE_LABEL};
+use sluice_store::nodes::ZONE_LABEL;
+
+use crate::{Problem, problem::Problems};
 
 /// The nodes routing can use, seen from the node compiled for: what the agent reads to set
 /// up its routes and its tunnel. A Node that fails a check (see [`sluice_store::nodes`]) is

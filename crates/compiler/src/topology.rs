@@ -8,8 +8,6 @@ use k8s_openapi::api::core::v1::Service;
 
 use crate::backends::SliceBackend;
 
-/// The Node label naming its zone.
-pub(crate) const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// The annotation of topology aware routing, which predates `spec.trafficDistribution`.
 pub(crate) const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
 

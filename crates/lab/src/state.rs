@@ -24,7 +24,7 @@ use k8s_openapi::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sluice_store::{LocalEndpoint, Snapshot};
+use sluice_store::{LocalEndpoint, Snapshot, nodes::ZONE_LABEL};
 
 use crate::{
     LabError,
@@ -309,9 +309,6 @@ impl LabState {
             .collect()
     }
 }
-
-/// The Node label naming its zone, which trafficDistribution prefers endpoints by.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// A Node as a Kubernetes source provides it: its pod CIDR, its zone label, and its
 /// InternalIP (the underlay address, or in a lab without an underlay the router address

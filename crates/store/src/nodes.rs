@@ -17,6 +17,9 @@ use k8s_openapi::api::core::v1::Node;
 /// The `status.addresses` type other nodes reach a node at.
 pub const INTERNAL_IP: &str = "InternalIP";
 
+/// The Node label naming its zone, by which trafficDistribution prefers endpoints.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// A node that routing can use: named once, reachable at an IPv4 InternalIP, and with a
 /// pod CIDR (if any) that is valid, inside the cluster CIDR and overlaps no other node's.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

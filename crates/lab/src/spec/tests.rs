@@ -323,7 +323,7 @@ fn zones_are_label_values_and_become_the_node_label() {
     assert_eq!(spec.nodes[0].zone.as_deref(), Some("eu-west1_a.1"));
     let labels = crate::state::node_object(&spec.nodes[0]).metadata.labels;
     assert_eq!(
-        labels.unwrap()[crate::state::ZONE_LABEL],
+        labels.unwrap()[sluice_store::nodes::ZONE_LABEL],
         "eu-west1_a.1",
         "the Node carries its zone"
     );
