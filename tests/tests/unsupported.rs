@@ -62,8 +62,8 @@ fn a_load_balancer_ip_and_dual_stack_are_reported_and_the_cluster_ip_works() {
     assert_eq!(
         reported,
         [
-            expected("spec.loadBalancerIP", "192.0.2.80"),
             expected("spec.ipFamilyPolicy", "RequireDualStack"),
+            expected("spec.loadBalancerIP", "192.0.2.80"),
         ],
         "{status}"
     );
