@@ -131,11 +131,13 @@ static __always_inline int nodeport_to_remote(struct __sk_buff *skb, const struc
 		snat = bpf_map_lookup_elem(&ct4, &key);
 		if (snat && snat->nat_address == pkt->saddr && snat->nat_port == pkt->sport)
 			ct_account(snat, pkt, 0, now);
-		else if (!snat_claim(skb, pkt, backend->backend_address, backend->backend_port, node, port, 0, now))
+		else if (!snat_claim(skb, pkt, backend->backend_address, backend->backend_port,
+				     node, port, 0, now))
 			port = 0;
 	}
 	if (!port) {
-		port = snat_pick_port(skb, pkt, backend->backend_address, backend->backend_port, node, 0, now);
+		port = snat_pick_port(skb, pkt, backend->backend_address, backend->backend_port,
+				      node, 0, now);
 		if (!port)
 			return verdict_drop_from(skb, pkt, DROP_NAT_NO_MAPPING, NETDEV_DIR,
 						 IDENTITY_UNRESOLVED);
