@@ -482,8 +482,29 @@ mod tests {
                 mode: RoutingMode::Native,
                 tunnel_device: None,
                 underlay_device: Some("underlay0".into()),
+                non_masquerade_cidrs: None,
             }
         );
         assert_eq!(RoutingConfig::default().status(), RoutingStatus::default());
+        let masquerading = RoutingConfig {
+            masquerade: MasqueradeConfig {
+                enabled: true,
+                non_masquerade_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+            },
+            ..native
+        };
+        assert_eq!(
+            masquerading.status().non_masquerade_cidrs,
+            Some(vec!["192.0.2.0/24".parse().unwrap()])
+        );
+        let without_underlay = RoutingConfig {
+            underlay_device: None,
+            mode: RoutingMode::Local,
+            ..masquerading
+        };
+        assert_eq!(
+            without_underlay.validate().map_err(|e| e.to_string()),
+            Err("--masquerade needs --underlay-device: to_netdev masquerades on it".into())
+        );
     }
 }
