@@ -33,7 +33,8 @@ static __always_inline bool masquerade_pod_identity(__u32 identity)
 /* Whether @pkt, leaving by the underlay device, is masqueraded: from a pod of this node
  * (in the ipcache with no tunnel endpoint) to an address outside the cluster (world or a
  * policy CIDR in the ipcache, so not a pod, a node or a pod CIDR) that no
- * nonMasqueradeCIDR holds. */
+ * nonMasqueradeCIDR holds, and not the pod's reply on a connection opened to it from
+ * outside (its CT_INGRESS entry), which the client knows by the pod's address. */
 static __always_inline bool masquerade_wanted(const struct pkt4 *pkt)
 {
 	struct ipcache_key key = { .prefixlen = 32, .address = pkt->daddr };
@@ -45,7 +46,9 @@ static __always_inline bool masquerade_wanted(const struct pkt4 *pkt)
 	dest = ipcache_lookup(pkt->daddr);
 	if (dest && dest->identity != IDENTITY_WORLD && !(dest->identity & IDENTITY_SCOPE_CIDR))
 		return false;
-	return !bpf_map_lookup_elem(&non_masq_cidrs, &key);
+	if (bpf_map_lookup_elem(&non_masq_cidrs, &key))
+		return false;
+	return !ct_lookup(pkt, CT_INGRESS, true);
 }
 
 /* The pod's packet @pkt leaves SNATed to @node with its connection's port, picked on its

@@ -110,6 +110,23 @@ fn a_non_masquerade_cidr_sees_the_pod() {
 }
 
 #[test]
+fn replies_to_a_world_host_that_reached_the_pod_directly_keep_the_pod_address() {
+    let cluster = masquerading_cluster(RoutingMode::Native);
+    cluster
+        .world
+        .netlink()
+        .add_route(&Route::via(
+            Ipv4Net::new(Ipv4Addr::new(10, 1, 1, 0), 24).unwrap(),
+            NODE_A,
+        ))
+        .unwrap();
+    let at_a = listen(&cluster.a.pod);
+    // exchange checks that the answer came from the address the world host asked.
+    let peer = exchange(&cluster.world, &at_a, POD_A, PORT).unwrap();
+    assert_eq!(peer.ip(), WORLD);
+}
+
+#[test]
 fn masquerading_off_leaves_the_pod_address() {
     let cluster = Cluster::new(RoutingMode::Native);
     cluster
