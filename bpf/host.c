@@ -5,7 +5,10 @@
  *  from_netdev at tc ingress: packets to an external frontend (NodePort, externalIPs,
  *              LoadBalancer VIPs) are balanced, translated and forwarded (nodeport.h), or
  *              refused at once when the frontend has no backend; replies of connections
- *              SNATed to a backend on another node are translated back to the client.
+ *              SNATed to a backend on another node are translated back to the client,
+ *              and replies of masqueraded pod connections back to the pod.
+ *  to_netdev   at tc egress: pod traffic leaving the cluster is masqueraded to the
+ *              node's address when masquerading is on (masquerade.h).
  * Everything else (VXLAN, the node's own traffic, ARP, pod traffic between nodes in
  * native mode) passes unchanged and uncounted.
  */
@@ -24,6 +27,7 @@
 #include "lib/nat.h"
 #include "lib/nodeport.h"
 #include "lib/parse.h"
+#include "lib/masquerade.h"
 #include "lib/reject.h"
 #include "lib/tunnel.h"
 
@@ -66,48 +70,6 @@ static __always_inline int nodeport_refuse(struct __sk_buff *skb, const struct p
 	if (err < 0)
 		return TC_ACT_SHOT;
 	return bpf_redirect(skb->ifindex, 0);
-}
-
-/* Records the SNAT of @pkt's connection to @node:@port toward @backend, if that tuple is
- * free (or already this connection's, or its entry has expired). A free tuple is claimed
- * atomically, so two CPUs can never give it to two connections. Returns whether it was
- * recorded. */
-static __always_inline bool snat_claim(struct __sk_buff *skb, const struct pkt4 *pkt,
-				       const struct lb4_service *backend, __be32 node,
-				       __be16 port, __u64 now)
-{
-	struct ct4_entry *held;
-	struct ct4_key key;
-
-	ct_key_init(&key, node, backend->backend_address, port, backend->backend_port,
-		    pkt->proto, CT_SNAT);
-	if (ct_write(&key, pkt, pkt->saddr, pkt->sport, 0, skb->ifindex, now, BPF_NOEXIST) == 0)
-		return true;
-	held = bpf_map_lookup_elem(&ct4, &key);
-	if (held && !ct_expired(held, pkt->proto, now) &&
-	    (held->nat_address != pkt->saddr || held->nat_port != pkt->sport))
-		return false;
-	return ct_create(&key, pkt, pkt->saddr, pkt->sport, 0, skb->ifindex, now) == 0;
-}
-
-/* The SNAT port of a new connection: the client's own if it is in the SNAT range and
- * free, else the first free one of SNAT_TRIES random ports. Returns 0 if none is free. */
-static __always_inline __be16 snat_pick_port(struct __sk_buff *skb, const struct pkt4 *pkt,
-					     const struct lb4_service *backend, __be32 node,
-					     __u64 now)
-{
-	__be16 port;
-	int i;
-
-	if (snat_port_range(pkt->sport) && snat_claim(skb, pkt, backend, node, pkt->sport, now))
-		return pkt->sport;
-	for (i = 0; i < SNAT_TRIES; i++) {
-		port = bpf_htons(SNAT_PORT_MIN +
-				 bpf_get_prandom_u32() % (SNAT_PORT_MAX - SNAT_PORT_MIN + 1));
-		if (snat_claim(skb, pkt, backend, node, port, now))
-			return port;
-	}
-	return 0;
 }
 
 /* A DF packet that the path to @backend's node cannot carry is answered with ICMP
@@ -169,11 +131,13 @@ static __always_inline int nodeport_to_remote(struct __sk_buff *skb, const struc
 		snat = bpf_map_lookup_elem(&ct4, &key);
 		if (snat && snat->nat_address == pkt->saddr && snat->nat_port == pkt->sport)
 			ct_account(snat, pkt, 0, now);
-		else if (!snat_claim(skb, pkt, backend, node, port, now))
+		else if (!snat_claim(skb, pkt, backend->backend_address, backend->backend_port,
+				     node, port, 0, now))
 			port = 0;
 	}
 	if (!port) {
-		port = snat_pick_port(skb, pkt, backend, node, now);
+		port = snat_pick_port(skb, pkt, backend->backend_address, backend->backend_port,
+				      node, 0, now);
 		if (!port)
 			return verdict_drop_from(skb, pkt, DROP_NAT_NO_MAPPING, NETDEV_DIR,
 						 IDENTITY_UNRESOLVED);
@@ -262,20 +226,18 @@ static __always_inline int nodeport_lb(struct __sk_buff *skb, const struct pkt4 
 	return nodeport_to_local(skb, pkt, &backend, cfg, now);
 }
 
-/* A reply to node_address from a backend on another node, if it is one: back to the
- * client from the frontend. Returns the verdict, or -1 to let the packet pass. */
+/* A reply to node_address from a backend on another node, on the connection SNATed as
+ * @snat: back to the client from the frontend. Returns the verdict, or -1 to let the
+ * packet pass. */
 static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, const struct pkt4 *pkt,
-					     __u64 now)
+					     struct ct4_entry *snat, __u64 now)
 {
-	struct ct4_entry *snat, *ext;
+	struct ct4_entry *ext;
 	struct ct4_entry *fwd;
 	struct ct4_key key;
 	__be32 client;
 	__be16 client_port;
 
-	snat = ct_lookup(pkt, CT_SNAT, true);
-	if (!snat)
-		return -1;
 	ext = ct_lookup(pkt, CT_NODEPORT, true);
 	if (!ext)
 		return -1;
@@ -295,6 +257,7 @@ static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, const struct
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
 {
+	struct ct4_entry *snat;
 	struct node_config *cfg;
 	struct lb4_service *svc;
 	struct pkt4 pkt;
@@ -308,15 +271,34 @@ int from_netdev(struct __sk_buff *skb)
 	cfg = node_config_get();
 	if (cfg && cfg->node_address && pkt.daddr == cfg->node_address &&
 	    snat_port_range(pkt.dport)) {
-		verdict = nodeport_rev_snat(skb, &pkt, now);
-		if (verdict >= 0)
-			return verdict;
+		snat = ct_lookup(&pkt, CT_SNAT, true);
+		if (snat && (snat->flags & CT_FLAG_MASQUERADE))
+			return masquerade_rev_snat(skb, &pkt, snat, now);
+		if (snat) {
+			verdict = nodeport_rev_snat(skb, &pkt, snat, now);
+			if (verdict >= 0)
+				return verdict;
+		}
 	}
 
 	svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
 	if (svc && (svc->flags & SVC_FLAGS_EXTERNAL))
 		return nodeport_lb(skb, &pkt, svc, cfg, now);
 	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int to_netdev(struct __sk_buff *skb)
+{
+	struct node_config *cfg = node_config_get();
+	struct pkt4 pkt;
+
+	if (!cfg || !cfg->masquerade || !cfg->node_address)
+		return TC_ACT_OK;
+	if (parse_ipv4(skb, &pkt) != PARSE_L4 || !lb4_balanced(pkt.proto) ||
+	    !masquerade_wanted(&pkt))
+		return TC_ACT_OK;
+	return masquerade(skb, &pkt, cfg->node_address, ct_now());
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -177,6 +177,7 @@ struct ct4_entry {
 #define CT_FLAG_LOOPBACK   (1 << 0) /* hairpin: source rewritten to LOOPBACK_IPV4 */
 #define CT_FLAG_SEEN_REPLY (1 << 1)
 #define CT_FLAG_CLOSING    (1 << 2) /* FIN or RST seen */
+#define CT_FLAG_MASQUERADE (1 << 3) /* CT_SNAT: a pod's connection out of the cluster */
 
 /* How long an idle entry keeps describing its connection, in seconds, by state: a TCP
  * connection is in SYN until its entry sees a reply (CT_FLAG_SEEN_REPLY), established
@@ -243,7 +244,8 @@ struct node_config {
 	__u32 tunnel_ifindex;   /* the collect-metadata VXLAN device (tunnel mode) */
 	__u32 underlay_ifindex; /* the device toward the other nodes (native mode) */
 	__u8 routing_mode;      /* ROUTING_MODE_* */
-	__u8 pad[3];
+	__u8 masquerade;        /* 1: pod traffic leaving the cluster is SNATed (to_netdev) */
+	__u8 pad[2];
 	__be32 node_address;    /* the node's InternalIP: source of SNATed external traffic */
 };
 

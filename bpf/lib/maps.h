@@ -22,6 +22,7 @@
 #define FRAG4_MAX        8192
 #define LB4_REVNAT_SK_MAX 65536 /* sockets of the node talking to frontends */
 #define EVENTS_RING_SIZE (1 << 20) /* 1 MiB: about 17,000 events */
+#define NON_MASQ_CIDRS_MAX 1024 /* ip-masq-agent nonMasqueradeCIDRs */
 #define LB4_AFFINITY_MAX 65536 /* clients x frontends with sessionAffinity, as Cilium's */
 #define LB4_MAGLEV_MAX   8192  /* Maglev frontends per node */
 #define LB4_MAGLEV_TABLE_ENTRIES 4096 /* template only: user space sizes each table */
@@ -189,5 +190,15 @@ struct {
 	__type(value, struct event_counter);
 	__uint(max_entries, EVENT_COUNTERS_MAX);
 } event_counters SEC(".maps");
+
+/* nonMasqueradeCIDRs: pod traffic to these prefixes keeps the pod's address. Presence
+ * exempts; the value is unused. Written by the agent at start from its flags. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, __u32);
+	__uint(max_entries, NON_MASQ_CIDRS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} non_masq_cidrs SEC(".maps");
 
 #endif

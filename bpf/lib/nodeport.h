@@ -26,23 +26,10 @@
 #include "metrics.h"
 #include "nat.h"
 #include "parse.h"
+#include "snat.h"
 
 /* The frontends reached from outside the node; a ClusterIP is not one. */
 #define SVC_FLAGS_EXTERNAL (SVC_FLAG_NODE_PORT | SVC_FLAG_EXTERNAL_IP | SVC_FLAG_LOAD_BALANCER)
-
-/* Source ports of SNATed connections: above the nodePort range (30000-32767), so a
- * reply's destination port tells it from traffic to the node's own services; a port
- * collides with the node's own sockets only toward the same backend address and port. */
-#define SNAT_PORT_MIN 32768
-#define SNAT_PORT_MAX 65535
-/* Random ports tried after the client's own before the connection is refused. */
-#define SNAT_TRIES 16
-
-/* Whether a packet to node_address:@dport may be the reply of a SNATed connection. */
-static __always_inline bool snat_port_range(__be16 dport)
-{
-	return bpf_ntohs(dport) >= SNAT_PORT_MIN;
-}
 
 /* Keeps the client's choice of backend (CT_SERVICE) alive on replies too, so a client
  * that only receives is not moved to another backend. */

@@ -11,6 +11,7 @@ mod conntrack;
 pub mod health;
 mod host_cgroup;
 mod http;
+pub mod masquerade;
 pub mod metrics;
 mod node;
 mod nodes;
@@ -68,6 +69,8 @@ pub enum AgentError {
     Netns(#[from] sluice_netns::NetNsError),
     #[error("--routing-mode {mode} needs --underlay-device")]
     NoUnderlay { mode: sluice_common::RoutingMode },
+    #[error("--masquerade needs --underlay-device: to_netdev masquerades on it")]
+    MasqueradeWithoutUnderlay,
     #[error(
         "--tunnel-device {0:?}: an interface name has 1 to 15 characters and no dot, slash or space"
     )]

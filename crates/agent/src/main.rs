@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use sluice_agent::{
     AgentConfig, EventsConfig, SourceConfig,
+    masquerade::MasqueradeConfig,
     policy_log::{PolicyLogConfig, PolicyLogMode},
     routing::RoutingConfig,
 };
@@ -120,6 +121,15 @@ struct Args {
     /// The tunnel device's UDP port.
     #[arg(long, default_value_t = RoutingConfig::default().tunnel_port)]
     tunnel_port: u16,
+    /// SNAT pod traffic leaving the cluster to the node's address (ip-masq-agent), on the
+    /// underlay device.
+    #[arg(long)]
+    masquerade: bool,
+    /// A destination prefix pod traffic keeps its address to (repeatable); without one,
+    /// ip-masq-agent's GKE defaults. The cluster itself is never masqueraded.
+    #[arg(long = "non-masquerade-cidr", value_name = "CIDR", requires = "masquerade",
+          value_parser = sluice_agent::masquerade::parse_cidr)]
+    non_masquerade_cidrs: Vec<ipnet::Ipv4Net>,
     /// The cgroup (v2 directory) holding the node's own processes: their connections to
     /// ClusterIPs and NodePorts are load-balanced by socket programs attached to it. Refused
     /// if it is the root or holds a process of another network namespace. Without it, no
@@ -190,6 +200,10 @@ fn main() -> anyhow::Result<()> {
             underlay_device: args.underlay_device,
             tunnel_device: args.tunnel_device,
             tunnel_port: args.tunnel_port,
+            masquerade: MasqueradeConfig {
+                enabled: args.masquerade,
+                non_masquerade_cidrs: args.non_masquerade_cidrs,
+            },
         },
         host_cgroup: args.host_cgroup,
     };

@@ -16,7 +16,12 @@ use sluice_datapath::{AttachRole, Datapath};
 use sluice_netns::{LinkKind, NetNsError, Netlink, RouteEntry};
 use tracing::info;
 
-use crate::{AgentError, node::runs_role, nodes::ClusterNode};
+use crate::{
+    AgentError,
+    masquerade::{CidrPlan, MasqueradeConfig, NonMasqueradeCidrs},
+    node::runs_role,
+    nodes::ClusterNode,
+};
 
 /// This node's own addresses, from its Node object (`DesiredState.nodes.local`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,6 +49,8 @@ pub struct RoutingConfig {
     pub tunnel_device: String,
     /// The tunnel device's UDP port.
     pub tunnel_port: u16,
+    /// Egress masquerading of pod traffic leaving the cluster (to_netdev).
+    pub masquerade: MasqueradeConfig,
 }
 
 impl Default for RoutingConfig {
@@ -53,6 +60,7 @@ impl Default for RoutingConfig {
             underlay_device: None,
             tunnel_device: "sluice_vxlan".into(),
             tunnel_port: 8472,
+            masquerade: MasqueradeConfig::default(),
         }
     }
 }
@@ -63,6 +71,9 @@ impl RoutingConfig {
     pub fn validate(&self) -> Result<(), AgentError> {
         if self.mode != RoutingMode::Local && self.underlay_device.is_none() {
             return Err(AgentError::NoUnderlay { mode: self.mode });
+        }
+        if self.masquerade.enabled && self.underlay_device.is_none() {
+            return Err(AgentError::MasqueradeWithoutUnderlay);
         }
         // The tunnel programs' links are pinned under the device's name.
         sluice_datapath::check_target(&self.tunnel_device)
@@ -77,14 +88,17 @@ impl RoutingConfig {
                 RoutingMode::Local => None,
                 _ => self.underlay_device.clone(),
             },
+            non_masquerade_cidrs: self.masquerade.status(),
         }
     }
 }
 
-/// The agent's routing state: its config and the pinned `node_config` map.
+/// The agent's routing state: its config and the pinned `node_config` and
+/// `non_masq_cidrs` maps.
 pub struct Routing {
     config: RoutingConfig,
     node_config: Array<MapData, NodeConfig>,
+    non_masq_cidrs: NonMasqueradeCidrs,
 }
 
 /// What differs between the kernel and the routing the nodes call for.
@@ -96,6 +110,7 @@ struct Plan {
     netdev_detached: Option<String>,
     routes_missing: Vec<RouteEntry>,
     routes_unexpected: Vec<RouteEntry>,
+    non_masq_cidrs: CidrPlan,
 }
 
 impl Routing {
@@ -106,6 +121,7 @@ impl Routing {
         let routing = Self {
             config,
             node_config: maps.node_config,
+            non_masq_cidrs: NonMasqueradeCidrs::new(maps.non_masq_cidrs),
         };
         if routing.config.mode == RoutingMode::Tunnel {
             routing.ensure_tunnel_device(&Netlink::current()?, true)?;
@@ -201,6 +217,7 @@ impl Routing {
                 .iter()
                 .map(|r| route(DriftKind::Unexpected, r, true)),
         );
+        drift.extend(plan.non_masq_cidrs.drift());
         Ok(drift)
     }
 
@@ -233,6 +250,7 @@ impl Routing {
         let actual: BTreeSet<RouteEntry> = netlink.routes(ROUTE_PROTOCOL)?.into_iter().collect();
         plan.routes_missing = desired.difference(&actual).cloned().collect();
         plan.routes_unexpected = actual.difference(&desired).cloned().collect();
+        plan.non_masq_cidrs = self.non_masq_cidrs.plan(&self.config.masquerade)?;
         Ok(plan)
     }
 
@@ -242,7 +260,8 @@ impl Routing {
         datapath: &mut Datapath,
         plan: &Plan,
     ) -> Result<bool, AgentError> {
-        let mut changed = false;
+        // The exemptions are in place before node_config turns masquerading on.
+        let mut changed = self.non_masq_cidrs.apply(&plan.non_masq_cidrs)?;
         // node_config names the tunnel device, so the device's programs go on after it.
         if let Some((desired, _)) = plan.node_config {
             info!(config = %describe(&desired), "writing node_config");
@@ -329,7 +348,8 @@ impl Routing {
             },
             _ => 0,
         };
-        Ok(NodeConfig::new(self.config.mode, tunnel, underlay))
+        Ok(NodeConfig::new(self.config.mode, tunnel, underlay)
+            .with_masquerade(self.config.masquerade.enabled))
     }
 
     /// Creates the tunnel device if it is missing (MTU the underlay's less the VXLAN
@@ -409,10 +429,11 @@ fn describe(config: &NodeConfig) -> String {
     let mode = RoutingMode::from_number(config.routing_mode)
         .map_or_else(|| config.routing_mode.to_string(), |m| m.to_string());
     format!(
-        "mode {mode}, tunnel ifindex {}, underlay ifindex {}, node address {}",
+        "mode {mode}, tunnel ifindex {}, underlay ifindex {}, node address {}, masquerade {}",
         config.tunnel_ifindex,
         config.underlay_ifindex,
-        sluice_common::addr_from_be(config.node_address)
+        sluice_common::addr_from_be(config.node_address),
+        if config.masquerade != 0 { "on" } else { "off" }
     )
 }
 
@@ -461,8 +482,29 @@ mod tests {
                 mode: RoutingMode::Native,
                 tunnel_device: None,
                 underlay_device: Some("underlay0".into()),
+                non_masquerade_cidrs: None,
             }
         );
         assert_eq!(RoutingConfig::default().status(), RoutingStatus::default());
+        let masquerading = RoutingConfig {
+            masquerade: MasqueradeConfig {
+                enabled: true,
+                non_masquerade_cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+            },
+            ..native
+        };
+        assert_eq!(
+            masquerading.status().non_masquerade_cidrs,
+            Some(vec!["192.0.2.0/24".parse().unwrap()])
+        );
+        let without_underlay = RoutingConfig {
+            underlay_device: None,
+            mode: RoutingMode::Local,
+            ..masquerading
+        };
+        assert_eq!(
+            without_underlay.validate().map_err(|e| e.to_string()),
+            Err("--masquerade needs --underlay-device: to_netdev masquerades on it".into())
+        );
     }
 }

@@ -115,6 +115,10 @@ pub struct RoutingStatus {
     pub tunnel_device: Option<String>,
     /// The device toward the other nodes (tunnel and native mode).
     pub underlay_device: Option<String>,
+    /// With egress masquerading on, the prefixes pod traffic keeps its address to
+    /// (nonMasqueradeCIDRs); None when it is off.
+    #[serde(default)]
+    pub non_masquerade_cidrs: Option<Vec<ipnet::Ipv4Net>>,
 }
 
 /// A field the compiler does not implement, on one object.

@@ -181,6 +181,16 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
     if let Some(underlay) = &s.routing.underlay_device {
         routing.push_str(&format!(", underlay device {underlay}"));
     }
+    match &s.routing.non_masquerade_cidrs {
+        Some(cidrs) => {
+            let cidrs: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+            routing.push_str(&format!(
+                ", masquerade on (nonMasqueradeCIDRs {})",
+                cidrs.join(" ")
+            ));
+        }
+        None => routing.push_str(", masquerade off"),
+    }
     println!("Routing:    {routing}");
     if let Some(ct) = &s.conntrack {
         println!(

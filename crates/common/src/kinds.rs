@@ -10,9 +10,9 @@ use std::{fmt, str::FromStr};
 use serde::{Deserialize, Serialize};
 
 use crate::maps::{
-    BACKEND_STATE_ACTIVE, CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_SEEN_REPLY,
-    CT_INGRESS, CT_NODEPORT, CT_SERVICE, CT_SNAT, CT_SNAT_PORT, IPPROTO_SCTP, IPPROTO_TCP,
-    IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS, SVC_FLAG_MAGLEV,
+    BACKEND_STATE_ACTIVE, CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_MASQUERADE,
+    CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_NODEPORT, CT_SERVICE, CT_SNAT, CT_SNAT_PORT, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS, SVC_FLAG_MAGLEV,
 };
 
 /// An IP protocol as a map key carries it; 0 means any protocol (policy rows, wildcards).
@@ -131,13 +131,16 @@ pub enum CtFlag {
     Loopback,
     SeenReply,
     Closing,
+    /// A pod's connection masqueraded out of the cluster (its CT_SNAT entry).
+    Masquerade,
 }
 
 impl CtFlag {
-    const BITS: [(u8, CtFlag); 3] = [
+    const BITS: [(u8, CtFlag); 4] = [
         (CT_FLAG_LOOPBACK, CtFlag::Loopback),
         (CT_FLAG_SEEN_REPLY, CtFlag::SeenReply),
         (CT_FLAG_CLOSING, CtFlag::Closing),
+        (CT_FLAG_MASQUERADE, CtFlag::Masquerade),
     ];
 
     /// The flags set in an entry's `flags` byte, in bit order.
@@ -154,6 +157,7 @@ impl CtFlag {
             CtFlag::Loopback => "loopback",
             CtFlag::SeenReply => "seen-reply",
             CtFlag::Closing => "closing",
+            CtFlag::Masquerade => "masquerade",
         }
     }
 }

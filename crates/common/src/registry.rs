@@ -36,6 +36,7 @@ pub enum MapId {
     CtConfig,
     Affinity,
     Maglev,
+    NonMasqCidrs,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -143,7 +144,7 @@ const ENDPOINTS_MAX: u32 = 4096;
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
 /// backends before the service slots that name them, source ranges before the frontend
 /// flag that restricts to them, and Maglev tables before the frontends that use them.
-pub const MAPS: [MapDef; 18] = [
+pub const MAPS: [MapDef; 19] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(6), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
@@ -187,6 +188,9 @@ pub const MAPS: [MapDef; 18] = [
     // Written after the backends and before the frontends that use them.
     map!(Maglev, "lb4_maglev", HashOfMaps, Lb4Key => u32, 8192,
          capacity: None, realize: Some(5), count: Entries),
+    // nonMasqueradeCIDRs: written by the agent at start from its masquerade flags.
+    map!(NonMasqCidrs, "non_masq_cidrs", LpmTrie, IpcacheKey => u32, 1024,
+         capacity: None, realize: None, count: Uncounted),
 ];
 
 const _: () = {
@@ -239,6 +243,8 @@ pub mod names {
     pub const AFFINITY: &str = MapId::Affinity.name();
     /// The hash of maps from frontend to its Maglev table.
     pub const MAGLEV: &str = MapId::Maglev.name();
+    /// The prefixes pod traffic keeps its address to (nonMasqueradeCIDRs).
+    pub const NON_MASQ_CIDRS: &str = MapId::NonMasqCidrs.name();
 }
 
 #[cfg(test)]

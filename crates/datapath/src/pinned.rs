@@ -83,6 +83,9 @@ pub struct PinnedMaps {
     pub affinity: HashMap<MapData, Lb4AffinityKey, Lb4Affinity>,
     /// Frontend -> its [`MaglevTable`].
     pub maglev: HashOfMaps<MapData, Lb4Key, MaglevTable>,
+    /// nonMasqueradeCIDRs: prefix (aya's LPM key around the network-order address) ->
+    /// exempt from masquerading.
+    pub non_masq_cidrs: LpmTrie<MapData, u32, u32>,
     /// Every map of the registry, for capacities and entry counts.
     pub inventory: MapInventory,
 }
@@ -130,6 +133,7 @@ impl PinnedMaps {
             ct_config: open_typed(pin_dir, MapId::CtConfig, Array::try_from)?,
             affinity: open_typed(pin_dir, MapId::Affinity, HashMap::try_from)?,
             maglev: open_typed(pin_dir, MapId::Maglev, HashOfMaps::try_from)?,
+            non_masq_cidrs: open_typed(pin_dir, MapId::NonMasqCidrs, LpmTrie::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
     }

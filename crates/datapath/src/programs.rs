@@ -8,7 +8,7 @@
 use aya::programs::TcAttachType;
 use sluice_common::programs::{
     FROM_CONTAINER, FROM_NETDEV, FROM_TUNNEL, SOCK4_CONNECT, SOCK4_GETPEERNAME, SOCK4_RECVMSG,
-    SOCK4_SENDMSG, TO_CONTAINER, TO_TUNNEL,
+    SOCK4_SENDMSG, TO_CONTAINER, TO_NETDEV, TO_TUNNEL,
 };
 
 /// What a group of programs is attached to: the pod's host-side veth, the node's tunnel
@@ -109,7 +109,7 @@ pub struct ProgramDef {
     pub link_suffix: &'static str,
 }
 
-pub const PROGRAMS: [ProgramDef; 9] = [
+pub const PROGRAMS: [ProgramDef; 10] = [
     // Packets leaving the pod.
     ProgramDef {
         name: FROM_CONTAINER,
@@ -149,6 +149,14 @@ pub const PROGRAMS: [ProgramDef; 9] = [
         role: AttachRole::Netdev,
         hook: Hook::Tcx(TcAttachType::Ingress),
         link_suffix: "ingress",
+    },
+    // Pod traffic leaving the cluster: egress masquerading.
+    ProgramDef {
+        name: TO_NETDEV,
+        object: Object::Host,
+        role: AttachRole::Netdev,
+        hook: Hook::Tcx(TcAttachType::Egress),
+        link_suffix: "egress",
     },
     // connect() of the node's TCP and UDP sockets: a frontend becomes a backend.
     ProgramDef {

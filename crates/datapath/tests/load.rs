@@ -41,6 +41,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::CT_CONFIG, 1),
             (names::AFFINITY, 65536),
             (names::MAGLEV, 8192),
+            (names::NON_MASQ_CIDRS, 1024),
         ]
     );
 
@@ -54,6 +55,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
         programs::SOCK4_RECVMSG,
         programs::SOCK4_GETPEERNAME,
         programs::FROM_NETDEV,
+        programs::TO_NETDEV,
     ] {
         let info = datapath.program_info(name).unwrap();
         let xlated = info.size_translated().unwrap_or(0) / 8;

@@ -149,6 +149,12 @@ impl Lab {
         if let Some(range) = spec.node_port_range {
             cmd.arg("--node-port-range").arg(range.to_string());
         }
+        if let Some(masquerade) = &spec.masquerade {
+            cmd.arg("--masquerade");
+            for cidr in &masquerade.non_masquerade_cidrs {
+                cmd.arg("--non-masquerade-cidr").arg(cidr.to_string());
+            }
+        }
         let observability = &spec.observability;
         if observability.metrics {
             // Every address of the node's namespace, none of the root's.

@@ -389,6 +389,7 @@ fn check_same_but_nodes(path: &Path, current: &LabSpec, wanted: &LabSpec) -> Res
             "loadBalancer",
             current.load_balancer != wanted.load_balancer,
         ),
+        ("masquerade", current.masquerade != wanted.masquerade),
     ];
     match differs.iter().find(|(_, d)| *d) {
         Some((field, _)) => Err(LabError::LabFile {

@@ -52,6 +52,9 @@ pub struct LabSpec {
     /// The lab's cloud load balancer: a VIP pool and a router in front of the nodes.
     #[serde(default)]
     pub load_balancer: Option<LoadBalancerSpec>,
+    /// Egress masquerading (the agents' `--masquerade`); None: off.
+    #[serde(default)]
+    pub masquerade: Option<MasqueradeSpec>,
 }
 
 /// `observability:` in the lab file.
@@ -146,6 +149,7 @@ struct RawLab {
     node_port_range: Option<String>,
     observability: Option<RawObservability>,
     load_balancer: Option<cloud::RawLoadBalancer>,
+    masquerade: Option<masquerade::RawMasquerade>,
     nodes: Option<Vec<RawNode>>,
     world: Option<Vec<RawWorldHost>>,
 }
@@ -277,6 +281,7 @@ impl LabSpec {
                 .map_err(|m| err("nodePortRange", m))?,
             observability: Observability::default(),
             load_balancer: None,
+            masquerade: None,
         };
         topology::check_underlay(&spec).map_err(|(f, m)| err(&f, m))?;
         let explicit = spec
@@ -296,6 +301,10 @@ impl LabSpec {
             spec.world.push(host);
         }
         cloud::check_router_address(&spec, &err)?;
+        spec.masquerade = raw
+            .masquerade
+            .map(|m| masquerade::parse_masquerade(m, &spec, &err))
+            .transpose()?;
         if raw.policy_map_max == Some(0) {
             return Err(err("policyMapMax", "must be at least 1 (got 0)".into()));
         }
@@ -481,9 +490,11 @@ fn parse_cidr(text: &str, max_prefix: u8) -> Result<Ipv4Net, String> {
 }
 
 mod cloud;
+mod masquerade;
 #[cfg(test)]
 mod tests;
 mod world;
 
 pub use cloud::{HealthCheckSpec, LoadBalancerSpec, router_address};
+pub use masquerade::MasqueradeSpec;
 pub use sluice_sources::NodePortRange;

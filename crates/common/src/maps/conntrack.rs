@@ -18,6 +18,8 @@ pub const CT_SNAT_PORT: u8 = 5;
 pub const CT_FLAG_LOOPBACK: u8 = 1 << 0;
 pub const CT_FLAG_SEEN_REPLY: u8 = 1 << 1;
 pub const CT_FLAG_CLOSING: u8 = 1 << 2;
+/// A CT_SNAT entry of a pod's connection masqueraded out of the cluster.
+pub const CT_FLAG_MASQUERADE: u8 = 1 << 3;
 
 /// Source address given to hairpin connections (a pod reaching itself through a service).
 pub const LOOPBACK_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);

@@ -125,6 +125,7 @@ pub const LAYOUTS: &[StructLayout] = &[
             tunnel_ifindex,
             underlay_ifindex,
             routing_mode,
+            masquerade,
             pad,
             node_address
         ]

@@ -50,6 +50,8 @@ pub mod programs {
     pub const SOCK4_GETPEERNAME: &str = "sock4_getpeername";
     /// tc ingress of the underlay device: external frontends and their SNATed replies.
     pub const FROM_NETDEV: &str = "from_netdev";
+    /// tc egress of the underlay device: pod traffic leaving the cluster, masqueraded.
+    pub const TO_NETDEV: &str = "to_netdev";
 }
 
 pub const IPPROTO_TCP: u8 = 6;

@@ -59,7 +59,9 @@ pub struct NodeConfig {
     /// The device toward the other nodes (native mode).
     pub underlay_ifindex: u32,
     pub routing_mode: u8,
-    pub pad: [u8; 3],
+    /// 1: pod traffic leaving the cluster is SNATed to `node_address` (to_netdev).
+    pub masquerade: u8,
+    pub pad: [u8; 2],
     /// The node's InternalIP (network order): the source external traffic to a backend
     /// on another node is SNATed to; 0 when the node has none yet.
     pub node_address: u32,
@@ -71,7 +73,8 @@ impl NodeConfig {
             tunnel_ifindex,
             underlay_ifindex,
             routing_mode: mode as u8,
-            pad: [0; 3],
+            masquerade: 0,
+            pad: [0; 2],
             node_address: 0,
         }
     }
@@ -80,6 +83,14 @@ impl NodeConfig {
     pub fn with_node_address(self, address: std::net::Ipv4Addr) -> Self {
         Self {
             node_address: super::addr_be(address),
+            ..self
+        }
+    }
+
+    /// The same, with pod traffic leaving the cluster masqueraded (or not).
+    pub fn with_masquerade(self, on: bool) -> Self {
+        Self {
+            masquerade: u8::from(on),
             ..self
         }
     }

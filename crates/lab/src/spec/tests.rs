@@ -345,3 +345,43 @@ fn zones_are_label_values_and_become_the_node_label() {
     }
     assert!(parse(&node(&"z".repeat(63))).is_ok());
 }
+
+#[test]
+fn masquerade_is_off_unless_asked_for_and_needs_an_underlay() {
+    let native = "routingMode: native\nunderlay: {cidr: 192.168.50.0/24}\nnodes: [{name: a, podCIDR: 10.244.1.0/24}]\n";
+    assert_eq!(parse(&format!("{HEAD}{native}")).unwrap().masquerade, None);
+    let spec = parse(&format!(
+        "{HEAD}{native}masquerade: {{nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24]}}\n"
+    ))
+    .unwrap();
+    let cidrs: Vec<String> = spec
+        .masquerade
+        .unwrap()
+        .non_masquerade_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(cidrs, ["10.0.0.0/8", "192.0.2.0/24"]);
+    let defaults = parse(&format!("{HEAD}{native}masquerade: {{}}\n")).unwrap();
+    assert_eq!(defaults.masquerade, Some(MasqueradeSpec::default()));
+
+    let bad = parse(&format!(
+        "{HEAD}{native}masquerade: {{nonMasqueradeCIDRs: [10.0.0.0/8, 10.0.0.1/8]}}\n"
+    ))
+    .unwrap_err();
+    assert!(
+        bad.contains("masquerade.nonMasqueradeCIDRs[1]") && bad.contains("host bits"),
+        "{bad}"
+    );
+    let bad = parse(&format!(
+        "{HEAD}{native}masquerade: {{nonMasqueradeCIDRs: [outside]}}\n"
+    ))
+    .unwrap_err();
+    assert!(bad.contains("masquerade.nonMasqueradeCIDRs[0]"), "{bad}");
+    let local = "nodes: [{name: a, podCIDR: 10.244.1.0/24}]\n";
+    let bad = parse(&format!("{HEAD}{local}masquerade: {{}}\n")).unwrap_err();
+    assert!(
+        bad.contains("masquerade") && bad.contains("underlay"),
+        "{bad}"
+    );
+}
