@@ -8,15 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
-cargo build --release --bins
-export PATH="$PWD/target/release:$PATH"
-export SLUICE_LAB_STATE="${SLUICE_LAB_STATE:-/run/sluice/labs}"
-lab="seed-$$"
-sl() { sluice --lab "$lab" "$@"; }
-trap 'sl lab down >/dev/null 2>&1 || true' EXIT
-
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+. scripts/demo-lib.sh
+demo_init seed
 # curl_loop <n> <url>: the seed's loop, from the client behind the router.
 curl_loop() {
   for _ in $(seq 1 "$1"); do

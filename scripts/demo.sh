@@ -1,18 +1,12 @@
 #!/usr/bin/env bash
 # The demo: a one-node lab with the seed's nginx Deployment (2 replicas) behind the ClusterIP
-# Service nginx-service, a client pod that calls the service, and the agent's view of it.
+# Service nginx-service, a client pod that calls the service, and the agent's view of it;
+# then seed 003's LoadBalancer scenario on two nodes (scripts/demo-seed003.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup.sh
-cargo build --release --bins
-export PATH="$PWD/target/release:$PATH"
-export SLUICE_LAB_STATE="${SLUICE_LAB_STATE:-/run/sluice/labs}"
-lab="demo-$$"
-sl() { sluice --lab "$lab" "$@"; }
-trap 'sl lab down >/dev/null 2>&1 || true' EXIT
-
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+. scripts/demo-lib.sh
+demo_init demo
 
 step "sluice lab up: one node (a network namespace) running its own agent"
 sl lab up -f examples/lab.yaml
@@ -76,3 +70,6 @@ sl verify
 step "tearing down"
 sl lab down
 trap - EXIT
+
+step "seed 003: a LoadBalancer Service on two nodes, the lab playing the cloud"
+bash scripts/demo-seed003.sh
