@@ -22,7 +22,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapInfo,
     programs::{
-        LinkOrder, ProgramInfo, SchedClassifier, TcAttachType,
+        CgroupSockAddr, LinkOrder, Program, ProgramError, ProgramInfo, SchedClassifier,
+        TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
     },
@@ -145,7 +146,8 @@ impl Datapath {
             let path = link_pin_path(&self.pin_dir, program, target);
             match program.hook {
                 Hook::Tcx(attach_type) => {
-                    let classifier = classifier(self.ebpf(program.object), program.name)?;
+                    let classifier: &mut SchedClassifier =
+                        typed_program(self.ebpf(program.object), program.name)?;
                     attach_tcx(classifier, program.name, target, attach_type, &path)?;
                 }
                 Hook::CgroupSockAddr => unreachable_role(role)?,
@@ -210,7 +212,7 @@ impl Datapath {
             .iter()
             .find(|p| p.name == name)
             .map_or(Object::Lxc, |p| p.object);
-        classifier(self.ebpf(object), name)
+        typed_program(self.ebpf(object), name)
     }
 }
 
@@ -231,8 +233,10 @@ fn load_object(
     let mut ebpf = loader.load(object.bytes()).map_err(DatapathError::Load)?;
     for program in PROGRAMS.iter().filter(|p| p.object == object) {
         let loaded = match program.hook {
-            Hook::Tcx(_) => classifier(&mut ebpf, program.name)?.load(),
-            Hook::CgroupSockAddr => sock::sock_addr_program(&mut ebpf, program.name)?.load(),
+            Hook::Tcx(_) => typed_program::<SchedClassifier>(&mut ebpf, program.name)?.load(),
+            Hook::CgroupSockAddr => {
+                typed_program::<CgroupSockAddr>(&mut ebpf, program.name)?.load()
+            }
         };
         loaded.map_err(|source| DatapathError::ProgramLoad {
             program: program.name,
@@ -318,10 +322,14 @@ fn adopt_unsorted_links(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
-fn classifier<'a>(
+/// The program `name` of `ebpf` as its type `P` (a tc classifier, a cgroup sock_addr hook).
+pub(crate) fn typed_program<'a, P>(
     ebpf: &'a mut Ebpf,
     name: &str,
-) -> Result<&'a mut SchedClassifier, DatapathError> {
+) -> Result<&'a mut P, DatapathError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
     let program = ebpf
         .program_mut(name)
         .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
@@ -413,9 +421,9 @@ fn attach_tcx(
                     drop(program.take_link(id).map_err(attach_err)?);
                     return Ok(());
                 }
-                Err(aya::programs::ProgramError::SyscallError(SyscallError {
-                    io_error, ..
-                })) if io_error.raw_os_error() == Some(libc::ENOLINK) => {
+                Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
+                    if io_error.raw_os_error() == Some(libc::ENOLINK) =>
+                {
                     // The interface behind the link is gone; a new one may carry its name.
                     remove_file(path)?;
                 }

@@ -5,7 +5,6 @@
 use std::{fs, io, path::Path};
 
 use aya::{
-    Ebpf,
     programs::{
         CgroupAttachMode, CgroupSockAddr,
         links::{FdLink, LinkError, PinnedLink},
@@ -15,7 +14,7 @@ use aya::{
 
 use crate::{
     AttachRole, Datapath, DatapathError, HOST_CGROUP_TARGET, ProgramDef, create_dir, link_pin_path,
-    pin_new_link, remove_file, sys,
+    pin_new_link, remove_file, sys, typed_program,
 };
 
 impl Datapath {
@@ -34,7 +33,7 @@ impl Datapath {
         })?;
         for program in role.programs() {
             let path = link_pin_path(&self.pin_dir, program, HOST_CGROUP_TARGET);
-            let sock = sock_addr_program(self.ebpf(program.object), program.name)?;
+            let sock: &mut CgroupSockAddr = typed_program(self.ebpf(program.object), program.name)?;
             attach_cgroup_link(sock, program.name, &dir, cgroup, &path)?;
         }
         Ok(())
@@ -67,21 +66,6 @@ impl Datapath {
         }
         Ok(stale)
     }
-}
-
-pub(crate) fn sock_addr_program<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &str,
-) -> Result<&'a mut CgroupSockAddr, DatapathError> {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?;
-    program
-        .try_into()
-        .map_err(|source| DatapathError::ProgramType {
-            program: name.to_owned(),
-            source,
-        })
 }
 
 /// Attaches `program` to the cgroup open as `dir` through the link pinned at `path`: the

@@ -12,11 +12,15 @@ use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use aya::maps::{HashOfMaps, IterableMap, Map, MapData};
+use aya::maps::{HashOfMaps, IterableMap, MapData};
 use sluice_common::{LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Key, MaglevLanes, names};
 use sluice_datapath::{MaglevTable, create_maglev_table, sys};
 
-use crate::{DriftEntry, DriftKind, RealizerError, maps::is_not_found, write_stamp};
+use crate::{
+    DriftEntry, DriftKind, RealizerError,
+    maps::{is_not_found, open_map_of_maps},
+    write_stamp,
+};
 
 /// A table as its map holds it: positions packed four to an element, the last element
 /// padded with 0 (no backend).
@@ -135,20 +139,7 @@ pub struct KernelMaglev {
 impl KernelMaglev {
     /// Opens the `lb4_maglev` map pinned in `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
-        let data =
-            MapData::from_pin(pin_dir.join(names::MAGLEV)).map_err(map_err("open pinned"))?;
-        let fd = data
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| RealizerError::Sys {
-                call: "dup",
-                map: names::MAGLEV,
-                source,
-            })?;
-        let map = Map::from_map_data(data)
-            .and_then(HashOfMaps::try_from)
-            .map_err(map_err("open pinned"))?;
+        let (map, fd) = open_map_of_maps(pin_dir, names::MAGLEV)?;
         Ok(Self { map, fd })
     }
 }

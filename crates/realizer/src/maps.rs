@@ -4,19 +4,48 @@
 use std::{
     borrow::{Borrow, BorrowMut},
     collections::BTreeMap,
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
     sync::atomic::{AtomicU64, Ordering},
 };
 
 use aya::{
     Pod,
     maps::{
-        HashMap, MapData, MapError,
+        HashMap, HashOfMaps, InnerMap, Map, MapData, MapError,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use sluice_common::{IpcacheEntry, IpcacheKey, Lb4SourceRange, Lb4SourceRangeKey};
 
 use crate::RealizerError;
+
+/// Opens the map of maps `name` pinned in `pin_dir` (endpoint policy, Maglev tables), with
+/// a second handle on it for the batch updates aya does not offer.
+pub(crate) fn open_map_of_maps<K: Pod, V: InnerMap>(
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<(HashOfMaps<MapData, K, V>, OwnedFd), RealizerError> {
+    let map_err = |source| RealizerError::Map {
+        op: "open pinned",
+        map: name,
+        source,
+    };
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err)?;
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| RealizerError::Sys {
+            call: "dup",
+            map: name,
+            source,
+        })?;
+    let map = Map::from_map_data(data)
+        .and_then(HashOfMaps::try_from)
+        .map_err(map_err)?;
+    Ok((map, fd))
+}
 
 /// A key-value map whose whole content can be read and changed entry by entry.
 pub trait KernelMap<K, V> {

@@ -12,12 +12,16 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashOfMaps, IterableMap, Map, MapData, lpm_trie::Key};
+use aya::maps::{HashOfMaps, IterableMap, MapData, lpm_trie::Key};
 use sluice_common::{PolicyEntry, PolicyKey, names};
 use sluice_compiler::EndpointPolicy;
 use sluice_datapath::{PolicyMap, create_policy_map, sys};
 
-use crate::{DriftEntry, DriftKind, RealizerError, maps::is_not_found, write_stamp};
+use crate::{
+    DriftEntry, DriftKind, RealizerError,
+    maps::{is_not_found, open_map_of_maps},
+    write_stamp,
+};
 
 fn sys_err(err: aya::sys::SyscallError) -> RealizerError {
     RealizerError::Sys {
@@ -207,27 +211,7 @@ fn policy_err(op: &'static str, ifindex: u32) -> impl Fn(aya::maps::MapError) ->
 impl KernelPolicy {
     /// Opens the `policy` map pinned in `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
-        let map_err = |op| {
-            move |source| RealizerError::Map {
-                op,
-                map: names::POLICY,
-                source,
-            }
-        };
-        let data =
-            MapData::from_pin(pin_dir.join(names::POLICY)).map_err(map_err("open pinned"))?;
-        let fd = data
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| RealizerError::Sys {
-                call: "dup",
-                map: names::POLICY,
-                source,
-            })?;
-        let map = Map::from_map_data(data)
-            .and_then(HashOfMaps::try_from)
-            .map_err(map_err("open pinned"))?;
+        let (map, fd) = open_map_of_maps(pin_dir, names::POLICY)?;
         Ok(Self { map, fd })
     }
 
