@@ -206,10 +206,13 @@ int from_container(struct __sk_buff *skb)
 			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
 		/* A reply to a client outside the node that reached this pod through an
-		 * external frontend: rev-DNATed and sent straight back toward the client. */
-		reason = nodeport_reply_local(skb, &pkt, now);
-		if (reason >= 0)
-			return reason;
+		 * external frontend: rev-DNATed and sent straight back toward the client.
+		 * The flag spares every other reply the CT_NODEPORT lookup. */
+		if (entry->flags & CT_FLAG_NODEPORT) {
+			reason = nodeport_reply_local(skb, &pkt, now);
+			if (reason >= 0)
+				return reason;
+		}
 		return forward_egress(skb, &pkt, pkt.daddr, ep);
 	}
 
@@ -341,9 +344,13 @@ int to_container(struct __sk_buff *skb)
 	if (state == CT_NEW) {
 		bool judge = !hairpin_request(&pkt);
 
+		/* from_netdev recorded a connection from outside the node: its replies are
+		 * rev-DNATed in from_container, which the flag tells, once per connection. */
+		__u8 ct_flags = ct_lookup(&pkt, CT_NODEPORT, false) ? CT_FLAG_NODEPORT : 0;
+
 		ep = judge ? bpf_map_lookup_elem(&endpoints, &ifindex) : NULL;
 		reason = ct_open(skb, &pkt, &key, ep, judge, POLICY_INGRESS, pkt.saddr, carried,
-				 pkt.dport, 0, 0, 0, now, NULL, &trace);
+				 pkt.dport, 0, 0, ct_flags, now, NULL, &trace);
 		if (reason)
 			return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_INGRESS,
 						 trace.remote_identity);

@@ -178,6 +178,7 @@ struct ct4_entry {
 #define CT_FLAG_SEEN_REPLY (1 << 1)
 #define CT_FLAG_CLOSING    (1 << 2) /* FIN or RST seen */
 #define CT_FLAG_MASQUERADE (1 << 3) /* CT_SNAT: a pod's connection out of the cluster */
+#define CT_FLAG_NODEPORT   (1 << 4) /* CT_INGRESS: reached the pod through an external frontend */
 
 /* How long an idle entry keeps describing its connection, in seconds, by state: a TCP
  * connection is in SYN until its entry sees a reply (CT_FLAG_SEEN_REPLY), established

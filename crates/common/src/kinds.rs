@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::maps::{
     BACKEND_STATE_ACTIVE, CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_MASQUERADE,
-    CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_NODEPORT, CT_SERVICE, CT_SNAT, CT_SNAT_PORT, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS, SVC_FLAG_MAGLEV,
+    CT_FLAG_NODEPORT, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_NODEPORT, CT_SERVICE, CT_SNAT,
+    CT_SNAT_PORT, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS,
+    SVC_FLAG_MAGLEV,
 };
 
 /// An IP protocol as a map key carries it; 0 means any protocol (policy rows, wildcards).
@@ -133,14 +134,17 @@ pub enum CtFlag {
     Closing,
     /// A pod's connection masqueraded out of the cluster (its CT_SNAT entry).
     Masquerade,
+    /// A connection that reached its pod through an external frontend (its CT_INGRESS entry).
+    NodePort,
 }
 
 impl CtFlag {
-    const BITS: [(u8, CtFlag); 4] = [
+    const BITS: [(u8, CtFlag); 5] = [
         (CT_FLAG_LOOPBACK, CtFlag::Loopback),
         (CT_FLAG_SEEN_REPLY, CtFlag::SeenReply),
         (CT_FLAG_CLOSING, CtFlag::Closing),
         (CT_FLAG_MASQUERADE, CtFlag::Masquerade),
+        (CT_FLAG_NODEPORT, CtFlag::NodePort),
     ];
 
     /// The flags set in an entry's `flags` byte, in bit order.
@@ -158,6 +162,7 @@ impl CtFlag {
             CtFlag::SeenReply => "seen-reply",
             CtFlag::Closing => "closing",
             CtFlag::Masquerade => "masquerade",
+            CtFlag::NodePort => "nodeport",
         }
     }
 }

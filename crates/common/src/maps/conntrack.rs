@@ -20,6 +20,8 @@ pub const CT_FLAG_SEEN_REPLY: u8 = 1 << 1;
 pub const CT_FLAG_CLOSING: u8 = 1 << 2;
 /// A CT_SNAT entry of a pod's connection masqueraded out of the cluster.
 pub const CT_FLAG_MASQUERADE: u8 = 1 << 3;
+/// A CT_INGRESS entry of a connection that reached its pod through an external frontend.
+pub const CT_FLAG_NODEPORT: u8 = 1 << 4;
 
 /// Source address given to hairpin connections (a pod reaching itself through a service).
 pub const LOOPBACK_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
