@@ -140,13 +140,12 @@ fn wire(
     attachment: &CniAttachment,
     allocation: &CniAllocation,
 ) -> Result<(), CniError> {
-    if !has_link(node, ROUTER_INTERFACE)? {
-        if let Err(e) = add_router_interface(node, allocation.router, None) {
-            // Another ADD made it meanwhile.
-            if !has_link(node, ROUTER_INTERFACE)? {
-                return Err(e.into());
-            }
-        }
+    if !has_link(node, ROUTER_INTERFACE)?
+        && let Err(e) = add_router_interface(node, allocation.router, None)
+        // Another ADD may have made it meanwhile.
+        && !has_link(node, ROUTER_INTERFACE)?
+    {
+        return Err(e.into());
     }
     wire_guest(
         node,

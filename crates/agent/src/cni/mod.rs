@@ -194,7 +194,7 @@ impl Cni {
     /// Whether the agent can take a new pod: a pass realized, a pod CIDR, a free address.
     pub fn status(&self) -> CniStatus {
         let state = self.published.load_full();
-        let allocated = lock(&self.registry).len();
+        let allocated = lock(&self.registry).allocated();
         let network = pod_network(&state);
         let pod_cidr = network.as_ref().ok().map(|(cidr, _)| *cidr);
         let capacity = pod_cidr.map_or(0, registry::capacity);

@@ -80,7 +80,8 @@ impl Registry {
         self.endpoints.get(attachment)
     }
 
-    pub fn len(&self) -> usize {
+    /// Addresses allocated: one per recorded attachment.
+    pub fn allocated(&self) -> usize {
         self.endpoints.len()
     }
 
