@@ -20,7 +20,10 @@ use serde::Serialize;
 use sluice_api::{
     AgentStatus, CtEntry, EndpointEntry, EndpointPolicyView, EndpointQuery, ErrorBody,
     IdentityEntry, IdentityQuery, NDJSON, ServiceEntry, VerifyReport, VerifyRequest,
-    cni::{CniAddRequest, CniAllocation, CniAttachment, CniEndpointState, CniRemoved, CniStatus},
+    cni::{
+        CniAddRequest, CniAllocation, CniAttachment, CniEndpoint, CniEndpointState, CniRemoved,
+        CniStatus,
+    },
     flow::{Flow, ObserveRequest},
     routes,
 };
@@ -92,6 +95,7 @@ fn cni_router(cni: Arc<Cni>) -> Router {
         .route(routes::CNI_CHECK, post(cni_check))
         .route(routes::CNI_DEL, post(cni_del))
         .route(routes::CNI_STATUS, get(cni_status))
+        .route(routes::CNI_ENDPOINTS, get(cni_endpoints))
         .with_state(cni)
 }
 
@@ -239,6 +243,10 @@ async fn cni_del(
 
 async fn cni_status(State(cni): State<Arc<Cni>>) -> Answer<CniStatus> {
     Ok(Json(cni.status()))
+}
+
+async fn cni_endpoints(State(cni): State<Arc<Cni>>) -> Answer<Vec<CniEndpoint>> {
+    Ok(Json(cni.endpoints()))
 }
 
 /// Sends the buffered flows the request selects, then, with `follow`, every new matching

@@ -24,7 +24,10 @@ use tokio::{
 use crate::{
     AgentStatus, CtEntry, EndpointEntry, EndpointPolicyView, EndpointQuery, ErrorBody,
     IdentityEntry, IdentityQuery, ServiceEntry, VerifyReport, VerifyRequest,
-    cni::{CniAddRequest, CniAllocation, CniAttachment, CniEndpointState, CniRemoved, CniStatus},
+    cni::{
+        CniAddRequest, CniAllocation, CniAttachment, CniEndpoint, CniEndpointState, CniRemoved,
+        CniStatus,
+    },
     flow, routes,
 };
 
@@ -136,6 +139,11 @@ impl Client {
     /// CNI `STATUS`: whether the agent can take new pods.
     pub fn cni_status(&self) -> Result<CniStatus, ApiError> {
         self.get(routes::CNI_STATUS, None::<&()>)
+    }
+
+    /// Every attachment the agent holds (CNI `GC` removes those the runtime no longer has).
+    pub fn cni_endpoints(&self) -> Result<Vec<CniEndpoint>, ApiError> {
+        self.get(routes::CNI_ENDPOINTS, None::<&()>)
     }
 
     /// Streams flows: the buffered ones the request selects, then (with `follow`) new ones

@@ -58,6 +58,8 @@ pub mod routes {
     pub const CNI_DEL: &str = "/v1/cni/del";
     /// GET: [`CniStatus`](super::cni::CniStatus).
     pub const CNI_STATUS: &str = "/v1/cni/status";
+    /// GET: `Vec<`[`CniEndpoint`](super::cni::CniEndpoint)`>`, for the plugin's GC.
+    pub const CNI_ENDPOINTS: &str = "/v1/cni/endpoints";
 }
 
 /// Content type of the `observe` stream: one JSON object per line.

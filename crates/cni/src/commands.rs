@@ -33,6 +33,7 @@ pub fn dispatch(runtime: &Runtime, stdin: &[u8]) -> Result<String, CniError> {
         Command::Del => del(runtime, &agent).map(|()| String::new()),
         Command::Check => check(runtime, &config, &agent).map(|()| String::new()),
         Command::Status => status(&agent).map(|()| String::new()),
+        Command::Gc => gc(&config, &agent).map(|()| String::new()),
         Command::Version => version(stdin),
     }
 }
@@ -235,6 +236,32 @@ fn check(runtime: &Runtime, config: &NetConf, agent: &Client) -> Result<(), CniE
                 "prevResult does not name the pod's address {}",
                 endpoint.address
             )));
+        }
+    }
+    Ok(())
+}
+
+/// Removes every attachment the agent holds that the runtime's list lacks, as DEL would.
+fn gc(config: &NetConf, agent: &Client) -> Result<(), CniError> {
+    let valid = config
+        .valid_attachments
+        .as_ref()
+        .or(config.attachments.as_ref())
+        .ok_or_else(|| {
+            CniError::InvalidConfig(
+                "GC needs cni.dev/valid-attachments (removing every attachment is never meant)"
+                    .into(),
+            )
+        })?;
+    let node = Netlink::current()?;
+    for endpoint in agent.cni_endpoints()? {
+        let attachment = &endpoint.attachment;
+        let kept = valid
+            .iter()
+            .any(|v| v.container_id == attachment.container_id && v.ifname == attachment.ifname);
+        if !kept {
+            remove_veth(&node, &endpoint.interface)?;
+            agent.cni_del(attachment)?;
         }
     }
     Ok(())

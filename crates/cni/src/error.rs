@@ -8,7 +8,7 @@ use crate::spec::ErrorCode;
 pub enum CniError {
     #[error("CNI_COMMAND is not set")]
     NoCommand,
-    #[error("CNI_COMMAND {0:?} is unknown: ADD, DEL, CHECK, STATUS or VERSION")]
+    #[error("CNI_COMMAND {0:?} is unknown: ADD, DEL, CHECK, STATUS, VERSION or GC")]
     UnknownCommand(String),
     #[error("{var} is not set ({command} needs it)")]
     MissingVar {

@@ -6,7 +6,8 @@
 //! then tells the agent, which answers once the endpoint's policy is realized and its
 //! programs attached: the pod's first packet is already policed. DEL removes the veth and
 //! the agent's record, and succeeds whatever is already gone. CHECK compares the kernel and
-//! the agent with what ADD made; STATUS asks the agent whether it can take pods.
+//! the agent with what ADD made; STATUS asks the agent whether it can take pods; GC removes
+//! every attachment the runtime's list of valid ones lacks.
 
 mod commands;
 mod error;

@@ -10,6 +10,7 @@ pub enum Command {
     Check,
     Status,
     Version,
+    Gc,
 }
 
 impl Command {
@@ -20,6 +21,7 @@ impl Command {
             Self::Check => "CHECK",
             Self::Status => "STATUS",
             Self::Version => "VERSION",
+            Self::Gc => "GC",
         }
     }
 }
@@ -53,6 +55,7 @@ impl Runtime {
             Some("CHECK") => Command::Check,
             Some("STATUS") => Command::Status,
             Some("VERSION") => Command::Version,
+            Some("GC") => Command::Gc,
             Some(other) => return Err(CniError::UnknownCommand(other.into())),
         };
         Ok(Self {

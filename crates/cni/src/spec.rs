@@ -50,6 +50,21 @@ pub struct NetConf {
     /// CHECK (and DEL): what ADD returned.
     #[serde(default)]
     pub prev_result: Option<serde_json::Value>,
+    /// GC: the attachments the runtime still has; every other one is stale.
+    #[serde(default, rename = "cni.dev/valid-attachments")]
+    pub valid_attachments: Option<Vec<GcAttachment>>,
+    /// The same list under the name an earlier draft of the spec used; libcni sends both.
+    #[serde(default, rename = "cni.dev/attachments")]
+    pub attachments: Option<Vec<GcAttachment>>,
+}
+
+/// One attachment of GC's list.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GcAttachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
 }
 
 /// VERSION reads only the version on stdin.

@@ -1,6 +1,6 @@
 //! The plugin binary run as a runtime runs it, against a node namespace with a real agent
 //! and pod namespaces the test creates: ADD (result checked), CHECK, DEL twice, STATUS,
-//! VERSION, an agent restart that keeps the allocations, and every error case with its
+//! VERSION, GC, an agent restart that keeps the allocations, and every error case with its
 //! code (needs root and bpffs; never skipped).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, reason = "test")]
@@ -111,6 +111,35 @@ fn add_check_del_status_version_and_every_error() {
     assert_eq!(api["ips"][0]["address"], "10.244.7.3/32");
 
     errors(&node, &conf, &web_path, &web_args);
+
+    // GC with only web valid: api's veth and record go, web's stay.
+    let mut gc_conf = net_conf("1.1.0", &node.socket);
+    gc_conf["cni.dev/valid-attachments"] = json!([{"containerID": "c0ffee01", "ifname": "eth0"}]);
+    gc_conf["cni.dev/attachments"] = gc_conf["cni.dev/valid-attachments"].clone();
+    let gc = node.plugin(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
+        &gc_conf.to_string(),
+    );
+    assert!(gc.success, "{}", gc.stdout);
+    assert_eq!(gc.stdout, "");
+    assert!(!has_link(&node, &host_interface("c0ffee02", "eth0")));
+    assert!(has_link(&node, &host));
+    let kept: Vec<_> = node
+        .client()
+        .cni_endpoints()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.attachment)
+        .collect();
+    assert_eq!(kept, [attachment("c0ffee01")]);
+
+    // GC without its list would remove everything: refused.
+    let no_list = node.plugin(
+        &[("CNI_COMMAND", "GC")],
+        &net_conf("1.1.0", &node.socket).to_string(),
+    );
+    assert_eq!(no_list.error_code(), 7);
+    assert!(has_link(&node, &host));
 
     // A pod the source does not know: refused once the wait runs out, nothing left behind.
     let ghost_ns = OwnedNetNs::unique("sluice-test-cni-ghost-").unwrap();

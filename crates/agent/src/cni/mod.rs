@@ -191,6 +191,11 @@ impl Cni {
         Ok(CniRemoved { endpoint: removed })
     }
 
+    /// Every recorded attachment.
+    pub fn endpoints(&self) -> Vec<CniEndpoint> {
+        lock(&self.registry).endpoints().cloned().collect()
+    }
+
     /// Whether the agent can take a new pod: a pass realized, a pod CIDR, a free address.
     pub fn status(&self) -> CniStatus {
         let state = self.published.load_full();

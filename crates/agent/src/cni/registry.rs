@@ -80,6 +80,10 @@ impl Registry {
         self.endpoints.get(attachment)
     }
 
+    pub fn endpoints(&self) -> impl Iterator<Item = &CniEndpoint> {
+        self.endpoints.values()
+    }
+
     /// Addresses allocated: one per recorded attachment.
     pub fn allocated(&self) -> usize {
         self.endpoints.len()
