@@ -98,6 +98,9 @@ fn add(runtime: &Runtime, config: &NetConf, agent: &Client) -> Result<String, Cn
         interface: interface.clone(),
     })?;
     let node = Netlink::current()?;
+    // A veth of this name is this attachment's, left by an ADD that died half way: a
+    // retried ADD starts afresh.
+    remove_veth(&node, &interface)?;
     let attached = wire(&node, &pod_netns, &attachment, &allocation)
         .and_then(|()| agent.cni_attached(&attachment).map_err(CniError::from));
     if let Err(e) = attached {
