@@ -35,7 +35,9 @@ struct Pod {
 fn add(node: &Node, conf: &str, name: &str) -> (Pod, Duration) {
     let netns = OwnedNetNs::unique(&format!("sluice-test-cni-{name}-")).unwrap();
     let path = netns.path().display().to_string();
-    let container = format!("{name}-{}", std::process::id());
+    static ADDED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = ADDED.fetch_add(1, Ordering::Relaxed);
+    let container = format!("{name}-{}-{n}", std::process::id());
     let args = pod_args("default", name);
     let run = node.plugin(&vars("ADD", &container, &path, &args), conf);
     let result = run.result();
@@ -235,6 +237,34 @@ fn a_pod_attached_by_the_plugin_gets_traffic_and_policy_like_a_lab_pod() {
         median(&mut dels),
         dels.len()
     );
+    // Four ADDs at once, as a runtime starting several sandboxes makes them: distinct
+    // addresses, each pod policed and reaching the ClusterIP.
+    let started = std::time::Instant::now();
+    let batch: Vec<(Pod, Duration)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (1..5)
+            .map(|i| {
+                let (node, conf) = (&node, &conf);
+                scope.spawn(move || add(node, conf, &format!("lat-{i}")))
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let wall = started.elapsed();
+    let mut addresses: Vec<&str> = batch.iter().map(|(p, _)| p.address.as_str()).collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    assert_eq!(addresses.len(), 4, "{addresses:?}");
+    for (pod, _) in &batch {
+        exchange(&pod.netns, &format!("{SERVICE_IP}:80")).expect("a pod of the batch");
+    }
+    let mut each: Vec<Duration> = batch.iter().map(|(_, d)| *d).collect();
+    println!(
+        "4 concurrent CNI ADDs: all done after {wall:?}, each median {:?}",
+        median(&mut each)
+    );
+    for (pod, _) in &batch {
+        del(&node, &conf, pod);
+    }
     for pod in [&server, &client, &denied] {
         del(&node, &conf, pod);
     }

@@ -78,7 +78,7 @@ impl Cni {
 
     /// Records the attachment with an address from the node's pod CIDR.
     pub async fn add(&self, request: CniAddRequest) -> Result<CniAllocation, AgentError> {
-        check_interface(&request.interface)?;
+        check_request(&request)?;
         let state = self.published.load_full();
         let (pod_cidr, router) = pod_network(&state)?;
         let taken = taken_addresses(&state.snapshot, pod_cidr);
@@ -234,6 +234,22 @@ fn unknown(attachment: &CniAttachment) -> AgentError {
         container_id: attachment.container_id.clone(),
         ifname: attachment.ifname.clone(),
     }
+}
+
+/// A request the registry can record: every name given, the host interface one the
+/// kernel takes.
+fn check_request(request: &CniAddRequest) -> Result<(), AgentError> {
+    let fields = [
+        ("container_id", &request.attachment.container_id),
+        ("ifname", &request.attachment.ifname),
+        ("netns", &request.netns),
+        ("namespace", &request.namespace),
+        ("pod", &request.pod),
+    ];
+    if let Some((field, _)) = fields.iter().find(|(_, value)| value.is_empty()) {
+        return Err(AgentError::CniRefused(format!("{field} is empty")));
+    }
+    check_interface(&request.interface)
 }
 
 /// An interface name the kernel takes: 1 to 15 bytes, no slash, space or colon.
