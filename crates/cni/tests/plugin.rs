@@ -155,6 +155,38 @@ fn add_check_del_status_version_and_every_error() {
     assert!(!has_link(&node, &host_interface("c0ffee03", "eth0")));
     assert!(node.client().cni_check(&attachment("c0ffee03")).is_err());
 
+    // A Pod that shows up while ADD waits (a watch a little behind the kubelet): ADD
+    // returns once it is known and its endpoint realized.
+    let late_ns = OwnedNetNs::unique("sluice-test-cni-late-").unwrap();
+    let late_path = late_ns.path().display().to_string();
+    let late_args = pod_args("default", "late");
+    let late = std::thread::scope(|scope| {
+        let adding =
+            scope.spawn(|| node.plugin(&vars("ADD", "c0ffee04", &late_path, &late_args), &conf));
+        // Once the agent holds the attachment, ADD is waiting for the Pod.
+        while !node
+            .client()
+            .cni_endpoints()
+            .unwrap()
+            .iter()
+            .any(|e| e.attachment == attachment("c0ffee04"))
+        {
+            assert!(!adding.is_finished(), "ADD ended before the Pod existed");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let pods = json!({"pods": [pod("web", "web", None), pod("api", "api", None), pod("late", "late", None)]});
+        snapshot(2, pods).write_file(&node.cluster_file).unwrap();
+        adding.join().unwrap()
+    });
+    let late = late.result();
+    // .3 is free again: GC released it.
+    assert_eq!(late["ips"][0]["address"], "10.244.7.3/32", "{late}");
+    assert!(node.client().endpoint("default/late").is_ok());
+    assert!(
+        node.plugin(&vars("DEL", "c0ffee04", &late_path, &late_args), &conf)
+            .success
+    );
+
     // DEL twice; then DEL of a container never added, and DEL after the netns is gone.
     for _ in 0..2 {
         let del = node.plugin(&vars("DEL", "c0ffee01", &web_path, &web_args), &conf);
