@@ -286,3 +286,37 @@ fn errors(node: &Node, conf: &str, netns: &str, args: &str) {
     assert!(!has_link(node, &host_interface("e1", "eth0")));
     assert_eq!(node.client().cni_status().unwrap().allocated, 2);
 }
+
+/// In tunnel mode the agent gives the pod the underlay's MTU less VXLAN's 50 bytes, on both
+/// ends of its veth.
+#[test]
+fn a_pod_of_a_tunnel_node_gets_the_underlay_mtu_less_the_tunnel_overhead() {
+    let objects = json!({"pods": [pod("web", "web", None)]});
+    let node = Node::start_with(
+        "cni-mtu",
+        &snapshot(1, objects),
+        &["--routing-mode", "tunnel", "--underlay-device", "underlay0"],
+        |netns| {
+            let nl = netns.netlink().unwrap();
+            nl.add_veth("underlay0", "underlay1", None).unwrap();
+            nl.set_mtu("underlay0", 1400).unwrap();
+            nl.add_address("underlay0", "172.16.7.1/24".parse().unwrap())
+                .unwrap();
+            nl.set_up("underlay1").unwrap();
+            nl.set_up("underlay0").unwrap();
+        },
+    );
+    let conf = net_conf("1.0.0", &node.socket).to_string();
+    let web_ns = OwnedNetNs::unique("sluice-test-cni-mtu-").unwrap();
+    let web_path = web_ns.path().display().to_string();
+    let args = pod_args("default", "web");
+    node.plugin(&vars("ADD", "c0ffee11", &web_path, &args), &conf)
+        .result();
+    assert_eq!(web_ns.netlink().unwrap().mtu("eth0").unwrap(), 1350);
+    let host = host_interface("c0ffee11", "eth0");
+    assert_eq!(node.netns.netlink().unwrap().mtu(&host).unwrap(), 1350);
+    assert!(
+        node.plugin(&vars("DEL", "c0ffee11", &web_path, &args), &conf)
+            .success
+    );
+}

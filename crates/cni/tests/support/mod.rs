@@ -17,7 +17,7 @@ use std::{
 use serde_json::{Value, json};
 use sluice_api::Client;
 use sluice_datapath::PinDir;
-use sluice_netns::{OwnedNetNs, unique_name};
+use sluice_netns::{NetNs, OwnedNetNs, unique_name};
 use sluice_store::Snapshot;
 
 pub const NODE: &str = "node-1";
@@ -109,6 +109,17 @@ pub struct Node {
 impl Node {
     /// Starts the agent on `snapshot` with `args` added, and waits for its first pass.
     pub fn start(name: &str, snapshot: &Snapshot, args: &[&str]) -> Self {
+        Self::start_with(name, snapshot, args, |_| {})
+    }
+
+    /// [`Self::start`], with `prepare` run on the node's namespace before the agent starts
+    /// (devices the agent's flags name).
+    pub fn start_with(
+        name: &str,
+        snapshot: &Snapshot,
+        args: &[&str],
+        prepare: impl FnOnce(&NetNs),
+    ) -> Self {
         let dir = TempDir::new(&format!("sluice-test-{name}-"));
         let netns = OwnedNetNs::unique(&format!("sluice-test-{name}-")).expect("node netns");
         netns
@@ -118,6 +129,7 @@ impl Node {
                 ("net.ipv4.conf.default.rp_filter", "0"),
             ])
             .expect("node sysctls");
+        prepare(&netns);
         let cluster_file = dir.0.join("source").join("cluster.json");
         fs::create_dir_all(cluster_file.parent().expect("parent")).expect("source dir");
         snapshot.write_file(&cluster_file).expect("cluster file");
