@@ -139,11 +139,12 @@ struct Args {
     host_cgroup: Option<PathBuf>,
     /// Where the CNI endpoint registry (and so the IPAM allocations) is kept across
     /// restarts.
-    #[arg(long, env = "SLUICE_STATE_DIR", default_value = "/var/lib/sluice")]
+    #[arg(long, env = "SLUICE_STATE_DIR", default_value_os_t = CniConfig::default().state_dir)]
     state_dir: PathBuf,
     /// Seconds a CNI ADD waits for the new endpoint's policy to be realized (and for its Pod
     /// object, if the source lacks it) before it fails.
-    #[arg(long, env = "SLUICE_CNI_ADD_TIMEOUT", default_value_t = 20.0)]
+    #[arg(long, env = "SLUICE_CNI_ADD_TIMEOUT",
+          default_value_t = CniConfig::default().add_timeout.as_secs_f64())]
     cni_add_timeout: f64,
 }
 

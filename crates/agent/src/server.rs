@@ -230,7 +230,7 @@ async fn cni_check(
     request: Result<Json<CniAttachment>, JsonRejection>,
 ) -> Answer<CniEndpointState> {
     let Json(attachment) = request?;
-    answer(cni.check(&attachment))
+    answer(cni.check(attachment).await)
 }
 
 async fn cni_del(
@@ -242,11 +242,11 @@ async fn cni_del(
 }
 
 async fn cni_status(State(cni): State<Arc<Cni>>) -> Answer<CniStatus> {
-    Ok(Json(cni.status()))
+    answer(cni.status().await)
 }
 
 async fn cni_endpoints(State(cni): State<Arc<Cni>>) -> Answer<Vec<CniEndpoint>> {
-    Ok(Json(cni.endpoints()))
+    answer(cni.endpoints().await)
 }
 
 /// Sends the buffered flows the request selects, then, with `follow`, every new matching

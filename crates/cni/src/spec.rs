@@ -20,7 +20,6 @@ pub const DEFAULT_AGENT_SOCKET: &str = "/run/sluice/agent.sock";
 #[repr(u32)]
 pub enum ErrorCode {
     IncompatibleVersion = 1,
-    UnsupportedField = 2,
     ContainerUnknown = 3,
     InvalidEnvironment = 4,
     IoFailure = 5,

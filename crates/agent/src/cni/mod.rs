@@ -104,15 +104,15 @@ impl Cni {
         &self,
         attachment: CniAttachment,
     ) -> Result<CniEndpointState, AgentError> {
-        let endpoint = {
-            let registry = lock(&self.registry);
-            let endpoint = registry
-                .get(&attachment)
-                .cloned()
-                .ok_or_else(|| unknown(&attachment))?;
-            registry.republish();
-            endpoint
-        };
+        let recorded = attachment.clone();
+        let endpoint = self
+            .registry(move |registry| {
+                let endpoint = registry.get(&recorded).cloned();
+                registry.republish();
+                endpoint
+            })
+            .await?
+            .ok_or_else(|| unknown(&attachment))?;
         let mut changes = self.changes.clone();
         let mut including = None;
         let waited = tokio::time::timeout(self.add_timeout, async {
@@ -165,11 +165,12 @@ impl Cni {
     }
 
     /// The recorded endpoint, and whether its policy is realized now.
-    pub fn check(&self, attachment: &CniAttachment) -> Result<CniEndpointState, AgentError> {
-        let endpoint = lock(&self.registry)
-            .get(attachment)
-            .cloned()
-            .ok_or_else(|| unknown(attachment))?;
+    pub async fn check(&self, attachment: CniAttachment) -> Result<CniEndpointState, AgentError> {
+        let recorded = attachment.clone();
+        let endpoint = self
+            .registry(move |registry| registry.get(&recorded).cloned())
+            .await?
+            .ok_or_else(|| unknown(&attachment))?;
         let state = self.published.load_full();
         let realized =
             includes(&state.snapshot, &state.name, &endpoint) && policed(&state, &endpoint);
@@ -181,9 +182,9 @@ impl Cni {
 
     /// Removes the attachment, if recorded, and frees its address.
     pub async fn del(&self, attachment: CniAttachment) -> Result<CniRemoved, AgentError> {
-        let registry = Arc::clone(&self.registry);
-        let removed =
-            tokio::task::spawn_blocking(move || lock(&registry).remove(&attachment)).await??;
+        let removed = self
+            .registry(move |registry| registry.remove(&attachment))
+            .await??;
         if let Some(endpoint) = &removed {
             info!(container = %endpoint.attachment.container_id, interface = %endpoint.interface,
                   address = %endpoint.address, "CNI endpoint deleted");
@@ -192,14 +193,15 @@ impl Cni {
     }
 
     /// Every recorded attachment.
-    pub fn endpoints(&self) -> Vec<CniEndpoint> {
-        lock(&self.registry).endpoints().cloned().collect()
+    pub async fn endpoints(&self) -> Result<Vec<CniEndpoint>, AgentError> {
+        self.registry(|registry| registry.endpoints().cloned().collect())
+            .await
     }
 
     /// Whether the agent can take a new pod: a pass realized, a pod CIDR, a free address.
-    pub fn status(&self) -> CniStatus {
+    pub async fn status(&self) -> Result<CniStatus, AgentError> {
         let state = self.published.load_full();
-        let allocated = lock(&self.registry).allocated();
+        let allocated = self.registry(|registry| registry.allocated()).await?;
         let network = pod_network(&state);
         let pod_cidr = network.as_ref().ok().map(|(cidr, _)| *cidr);
         let capacity = pod_cidr.map_or(0, registry::capacity);
@@ -212,13 +214,23 @@ impl Cni {
         } else {
             None
         };
-        CniStatus {
+        Ok(CniStatus {
             ready: reason.is_none(),
             reason,
             pod_cidr,
             allocated,
             capacity,
-        }
+        })
+    }
+
+    /// Runs `f` on the registry on the blocking pool: a change writes and fsyncs its file
+    /// under the lock, which no runtime thread may wait for.
+    async fn registry<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Registry) -> T + Send + 'static,
+    ) -> Result<T, AgentError> {
+        let registry = Arc::clone(&self.registry);
+        Ok(tokio::task::spawn_blocking(move || f(&mut lock(&registry))).await?)
     }
 }
 
