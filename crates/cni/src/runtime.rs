@@ -117,3 +117,60 @@ impl Runtime {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test")]
+
+    use super::*;
+
+    fn runtime(vars: &[(&str, &str)]) -> Result<Runtime, CniError> {
+        Runtime::from_vars(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_string())
+        })
+    }
+
+    /// containerd's CNI_ARGS (unknown keys, IgnoreUnknown) give the pod; a pair without
+    /// `=`, or a missing or empty pod key, is refused naming it.
+    #[test]
+    fn cni_args_name_the_pod() {
+        let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_UID=u";
+        let pod = runtime(&[("CNI_COMMAND", "ADD"), ("CNI_ARGS", args)])
+            .unwrap()
+            .pod()
+            .unwrap();
+        assert_eq!(
+            pod,
+            PodRef {
+                namespace: "shop".into(),
+                name: "web-0".into()
+            }
+        );
+        for (args, named) in [
+            ("K8S_POD_NAMESPACE=shop;junk", "\"junk\""),
+            ("K8S_POD_NAMESPACE=shop", "K8S_POD_NAME"),
+            ("K8S_POD_NAMESPACE=;K8S_POD_NAME=web-0", "K8S_POD_NAMESPACE"),
+        ] {
+            let error = runtime(&[("CNI_COMMAND", "ADD"), ("CNI_ARGS", args)])
+                .unwrap()
+                .pod()
+                .unwrap_err();
+            assert!(error.to_string().contains(named), "{args}: {error}");
+        }
+    }
+
+    /// An empty variable is an unset one; the command is checked first.
+    #[test]
+    fn variables_are_required_by_name() {
+        assert!(matches!(runtime(&[]), Err(CniError::NoCommand)));
+        assert!(matches!(
+            runtime(&[("CNI_COMMAND", "add")]),
+            Err(CniError::UnknownCommand(_))
+        ));
+        let add = runtime(&[("CNI_COMMAND", "ADD"), ("CNI_NETNS", "")]).unwrap();
+        let error = add.netns().unwrap_err();
+        assert_eq!(error.to_string(), "CNI_NETNS is not set (ADD needs it)");
+    }
+}
