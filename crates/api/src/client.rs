@@ -74,6 +74,11 @@ impl Client {
         }
     }
 
+    /// The same client, waiting up to `timeout` (30 s by default) for each answer.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
+    }
+
     pub fn status(&self) -> Result<AgentStatus, ApiError> {
         self.get(routes::STATUS, None::<&()>)
     }

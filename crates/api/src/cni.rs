@@ -2,7 +2,7 @@
 //! IPAM: it knows the node's `spec.podCIDR`), that the wired interface be policed, whether
 //! a recorded one still is, its removal, and whether the agent can take pods at all.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -52,6 +52,9 @@ pub struct CniAllocation {
     pub router: Ipv4Addr,
     /// The pod's MTU; None keeps the veth default.
     pub mtu: Option<u32>,
+    /// How long the agent will wait for the endpoint to be realized once it is wired
+    /// (`--cni-add-timeout`): the plugin waits a little longer for the answer.
+    pub attach_timeout: Duration,
 }
 
 /// The answer to `ADD`'s second step and to `CHECK`: the endpoint and whether its policy

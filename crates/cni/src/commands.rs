@@ -1,5 +1,7 @@
 //! The five operations.
 
+use std::time::Duration;
+
 use ipnet::Ipv4Net;
 use sluice_api::{
     ApiError, Client,
@@ -22,12 +24,7 @@ pub fn dispatch(runtime: &Runtime, stdin: &[u8]) -> Result<String, CniError> {
         return version(stdin);
     }
     let config = config(stdin)?;
-    let agent = Client::new(
-        config
-            .agent_socket
-            .as_deref()
-            .unwrap_or(DEFAULT_AGENT_SOCKET),
-    );
+    let agent = Client::new(socket(&config));
     match runtime.command {
         Command::Add => add(runtime, &config, &agent),
         Command::Del => del(runtime, &agent).map(|()| String::new()),
@@ -36,6 +33,16 @@ pub fn dispatch(runtime: &Runtime, stdin: &[u8]) -> Result<String, CniError> {
         Command::Gc => gc(&config, &agent).map(|()| String::new()),
         Command::Version => version(stdin),
     }
+}
+
+/// How much longer than the agent the plugin waits for an attached endpoint's answer.
+const ATTACH_MARGIN: Duration = Duration::from_secs(5);
+
+fn socket(config: &NetConf) -> &str {
+    config
+        .agent_socket
+        .as_deref()
+        .unwrap_or(DEFAULT_AGENT_SOCKET)
 }
 
 /// The configuration, checked: a version this plugin speaks, a name, this plugin's type.
@@ -101,8 +108,12 @@ fn add(runtime: &Runtime, config: &NetConf, agent: &Client) -> Result<String, Cn
     // A veth of this name is this attachment's, left by an ADD that died half way: a
     // retried ADD starts afresh.
     remove_veth(&node, &interface)?;
+    // The agent answers within its own timeout; the plugin waits a little longer, so the
+    // agent's reason reaches the runtime rather than a bare timeout.
+    let patient =
+        Client::new(socket(config)).with_timeout(allocation.attach_timeout + ATTACH_MARGIN);
     let attached = wire(&node, &pod_netns, &attachment, &allocation)
-        .and_then(|()| agent.cni_attached(&attachment).map_err(CniError::from));
+        .and_then(|()| patient.cni_attached(&attachment).map_err(CniError::from));
     if let Err(e) = attached {
         // Nothing half-made stays: the runtime may never call DEL after a failed ADD.
         let _ = remove_veth(&node, &interface);

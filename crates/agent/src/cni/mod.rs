@@ -83,6 +83,7 @@ impl Cni {
         let (pod_cidr, router) = pod_network(&state)?;
         let taken = taken_addresses(&state.snapshot, pod_cidr);
         let (registry, routing) = (Arc::clone(&self.registry), self.routing.clone());
+        let attach_timeout = self.add_timeout;
         tokio::task::spawn_blocking(move || {
             let mtu = routing.pod_mtu()?;
             let endpoint = lock(&registry).add(&request, pod_cidr, &taken)?;
@@ -93,6 +94,7 @@ impl Cni {
                 pod_cidr,
                 router,
                 mtu,
+                attach_timeout,
             })
         })
         .await?
