@@ -1,4 +1,4 @@
-//! The five operations.
+//! The operations: ADD, DEL, CHECK, STATUS, VERSION and GC.
 
 use std::time::Duration;
 
