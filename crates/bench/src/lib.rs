@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod crossnode;
+pub mod external;
 pub mod kproxy;
 pub mod load;
 pub mod netns;
@@ -106,7 +107,7 @@ impl Topology {
     }
 }
 
-fn decoy(i: usize) -> ServiceSpec {
+pub(crate) fn decoy(i: usize) -> ServiceSpec {
     let i = i as u32;
     let base = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + 2 * i;
     ServiceSpec {
@@ -116,6 +117,7 @@ fn decoy(i: usize) -> ServiceSpec {
         port: 80,
         target_port: load::SERVER_PORT,
         backends: vec![Ipv4Addr::from(base), Ipv4Addr::from(base + 1)],
+        external: None,
     }
 }
 
@@ -129,6 +131,7 @@ pub fn services(n: usize) -> Vec<ServiceSpec> {
         port: 80,
         target_port: load::SERVER_PORT,
         backends: SERVER_IPS.to_vec(),
+        external: None,
     });
     out
 }
@@ -196,6 +199,9 @@ pub struct Config {
     pub agent: Option<AgentLoad>,
     /// Run the cross-node variants (bare, tunnel, native between two node namespaces).
     pub cross_node: bool,
+    /// Service counts of the NodePort and LoadBalancer variants (world host -> node ->
+    /// pod on another node, [`external`]); empty: not run.
+    pub external_services: Vec<usize>,
 }
 
 impl Config {
@@ -221,6 +227,7 @@ impl Config {
                 duration: Duration::from_secs(5),
             }),
             cross_node: true,
+            external_services: vec![1, 1_000, 10_000],
         }
     }
 
@@ -238,6 +245,7 @@ impl Config {
                 rate: 10_000.0,
                 duration: Duration::from_secs(2),
             }),
+            external_services: vec![1, 1_000],
             ..Self::standard()
         }
     }
@@ -291,6 +299,7 @@ pub struct Results {
     pub convergence: Option<sluice::Convergence>,
     pub agent: Option<agent::AgentCost>,
     pub cross_node: Vec<crossnode::CrossSample>,
+    pub external: Vec<external::ExternalSample>,
     pub elapsed: Duration,
 }
 
@@ -351,7 +360,7 @@ pub fn measure(
             (Dataplane::Kproxy, Some(took))
         }
         Variant::Nftables => {
-            let rules = kproxy::nftables_full(&svcs);
+            let rules = kproxy::nftables_full(&svcs, &[]);
             let ((), took) = timed(|| {
                 topo.node
                     .exec_stdin("nft", &["-f", "-"], rules.as_bytes())
@@ -549,6 +558,9 @@ pub fn run(config: &Config, progress: &mut dyn FnMut(&str)) -> Result<Results, B
     }
     if config.cross_node {
         results.cross_node = crossnode::run(config, progress)?;
+    }
+    if !config.external_services.is_empty() {
+        results.external = external::run(config, progress)?;
     }
     if let Some(endpoints) = config.convergence_endpoints {
         progress(&format!("policy convergence, {endpoints} endpoints"));

@@ -36,6 +36,13 @@ struct Args {
     /// Skip the cross-node variants.
     #[arg(long)]
     no_cross_node: bool,
+    /// Comma-separated service counts of the NodePort and LoadBalancer variants
+    /// (overrides the mode's).
+    #[arg(long, value_delimiter = ',')]
+    external_services: Option<Vec<usize>>,
+    /// Skip the NodePort and LoadBalancer variants.
+    #[arg(long)]
+    no_external: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +71,12 @@ fn main() -> anyhow::Result<()> {
     }
     if args.no_cross_node {
         config.cross_node = false;
+    }
+    if let Some(services) = args.external_services {
+        config.external_services = services;
+    }
+    if args.no_external {
+        config.external_services.clear();
     }
     config.variants = Variant::ALL.to_vec();
     let command = std::env::args().collect::<Vec<_>>().join(" ");

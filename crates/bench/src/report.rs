@@ -433,6 +433,7 @@ pub fn write(
             .unwrap_or_default();
         crate::crossnode::report(&mut md, &results.cross_node, &same_node);
     }
+    crate::external::report::write(&mut md, &results.external, &config.external_services);
     if let Some(c) = &results.convergence {
         let _ = writeln!(
             md,

@@ -1,0 +1,208 @@
+//! The report's section on the NodePort and LoadBalancer variants: medians per (N,
+//! variant, frontend), ratios to bare at the same N, sluice's eBPF time on the path.
+
+use std::{collections::BTreeMap, fmt::Write};
+
+use crate::{
+    Variant,
+    report::{median, num, ratio},
+};
+
+use super::{ExternalSample, Frontend, LOAD_BALANCER_IP, NODE_PORT, PathCost};
+
+/// Medians of one (N, variant, frontend) over its repetitions.
+struct Summary {
+    reps: usize,
+    tps: f64,
+    rr_p50: f64,
+    rr_p99: f64,
+    cps: f64,
+    crr_p50: f64,
+    crr_p99: f64,
+    gbps: f64,
+    program_s: Option<f64>,
+    proof_min: u64,
+    proof_what: &'static str,
+    per_transaction_ns: Option<f64>,
+    per_connection_ns: Option<f64>,
+    /// (node, program) -> median mean ns per run, RR phase.
+    programs_rr: BTreeMap<(&'static str, &'static str), f64>,
+}
+
+type Key = (usize, Variant, Option<Frontend>);
+
+fn opt_median(v: Vec<f64>) -> Option<f64> {
+    (!v.is_empty()).then(|| median(v))
+}
+
+fn summarize(samples: &[ExternalSample]) -> BTreeMap<Key, Summary> {
+    let mut groups: BTreeMap<Key, Vec<&ExternalSample>> = BTreeMap::new();
+    for s in samples {
+        groups
+            .entry((s.services, s.variant, s.frontend))
+            .or_default()
+            .push(s);
+    }
+    groups
+        .into_iter()
+        .map(|(key, g)| {
+            let m = |f: fn(&ExternalSample) -> f64| median(g.iter().map(|s| f(s)).collect());
+            let cost = |f: fn(&ExternalSample) -> Option<&PathCost>| {
+                opt_median(
+                    g.iter()
+                        .filter_map(|s| f(s))
+                        .map(|c| c.per_operation_ns)
+                        .collect(),
+                )
+            };
+            let mut programs: BTreeMap<(&'static str, &'static str), Vec<f64>> = BTreeMap::new();
+            for c in g.iter().filter_map(|s| s.cost_rr.as_ref()) {
+                for p in &c.programs {
+                    programs
+                        .entry((p.node, p.program))
+                        .or_default()
+                        .push(p.mean_ns);
+                }
+            }
+            let summary = Summary {
+                reps: g.len(),
+                tps: m(|s| s.rr.per_sec),
+                rr_p50: m(|s| s.rr.p50_us),
+                rr_p99: m(|s| s.rr.p99_us),
+                cps: m(|s| s.crr.per_sec),
+                crr_p50: m(|s| s.crr.p50_us),
+                crr_p99: m(|s| s.crr.p99_us),
+                gbps: m(|s| s.stream_gbps),
+                program_s: opt_median(
+                    g.iter()
+                        .filter_map(|s| s.program.map(|d| d.as_secs_f64()))
+                        .collect(),
+                ),
+                proof_min: g.iter().map(|s| s.proof).min().unwrap_or(0),
+                proof_what: g.first().map_or("", |s| s.proof_what),
+                per_transaction_ns: cost(|s| s.cost_rr.as_ref()),
+                per_connection_ns: cost(|s| s.cost_crr.as_ref()),
+                programs_rr: programs.into_iter().map(|(k, v)| (k, median(v))).collect(),
+            };
+            (key, summary)
+        })
+        .collect()
+}
+
+fn label(variant: Variant, frontend: Option<Frontend>) -> String {
+    match frontend {
+        Some(f) => format!("{} {}", variant.name(), f.name()),
+        None => format!("{} (to the pod)", variant.name()),
+    }
+}
+
+/// Appends the section to `md`; nothing when no sample was taken.
+pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
+    if samples.is_empty() {
+        return;
+    }
+    let sums = summarize(samples);
+    let _ = writeln!(
+        md,
+        "\n## NodePort and LoadBalancer: world host -> node-a -> pod on node-b\n"
+    );
+    let _ = writeln!(
+        md,
+        "A world host, node-a and node-b on an underlay bridge (namespaces); the backend pod on node-b. N LoadBalancer services with externalTrafficPolicy Cluster (N-1 decoys with two backends, node ports from 20000, load balancer IPs from 198.18.0.0; the measured one last, its one backend the pod): the world host connects to node-a:{NODE_PORT} (NodePort) or {LOAD_BALANCER_IP}:80 (LoadBalancer, routed to node-a by the world host, as the cloud's load balancer would), so node-a DNATs to the pod, SNATs to its own address and forwards to node-b; replies return through node-a. **bare**: the world host connects to the pod's address, routed through node-a both ways, no translation. **sluice**: the datapath on both nodes, native routing, maps from the compiler and the realizer (`from_netdev` on node-a's underlay device does the translation and the redirect). **iptables** / **nftables**: kube-proxy's rules for the N services in node-a (`KUBE-NODEPORTS`, `KUBE-SERVICES` load balancer IP rules, `KUBE-EXT-*` marking for masquerade / the `service-nodeports` map, `nodeport-ips`, `external-*` chains), plain routing. Each measurement loads the rules once and measures both frontends on them; same load and durations as above.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| N | variant | tps / bare | conn/s / bare | stream / bare |\n|---:|---|---:|---:|---:|"
+    );
+    for &n in ns {
+        let Some(bare) = sums.get(&(n, Variant::Bare, None)) else {
+            continue;
+        };
+        for frontend in Frontend::ALL {
+            for v in [Variant::Sluice, Variant::Iptables, Variant::Nftables] {
+                if let Some(s) = sums.get(&(n, v, Some(frontend))) {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {} | {} | {} | {} |",
+                        num(n as f64),
+                        label(v, Some(frontend)),
+                        ratio(s.tps, bare.tps),
+                        ratio(s.cps, bare.cps),
+                        ratio(s.gbps, bare.gbps)
+                    );
+                }
+            }
+        }
+    }
+
+    let _ = writeln!(
+        md,
+        "\n| N | variant | reps | RR tps | RR p50 / p99 µs | conn/s | CRR p50 / p99 µs | stream Gbit/s | N services programmed | proof of path |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
+    for ((n, v, frontend), s) in &sums {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0} / {:.0} | {} | {:.0} / {:.0} | {:.2} | {} | {} {} (min over reps) |",
+            num(*n as f64),
+            label(*v, *frontend),
+            s.reps,
+            num(s.tps),
+            s.rr_p50,
+            s.rr_p99,
+            num(s.cps),
+            s.crr_p50,
+            s.crr_p99,
+            s.gbps,
+            s.program_s.map_or("–".into(), |x| format!("{x:.3} s")),
+            num(s.proof_min as f64),
+            s.proof_what
+        );
+    }
+
+    let columns: Vec<(&'static str, &'static str)> = {
+        let mut seen: Vec<(&'static str, &'static str)> = sums
+            .values()
+            .flat_map(|s| s.programs_rr.keys().copied())
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen
+    };
+    if columns.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\nsluice's eBPF time on the path (medians): every program's run time on both nodes over the RR phase divided by its transactions (four packets each: request and reply through node-a), over the CRR phase by its connections; then each program's mean ns per run in the RR phase.\n"
+    );
+    let mut header =
+        String::from("| N | frontend | per transaction (RR) ns | per connection (CRR) ns |");
+    let mut rule = String::from("|---:|---|---:|---:|");
+    for (node, program) in &columns {
+        let _ = write!(header, " {node} {program} |");
+        rule.push_str("---:|");
+    }
+    let _ = writeln!(md, "{header}\n{rule}");
+    for ((n, v, frontend), s) in &sums {
+        if *v != Variant::Sluice {
+            continue;
+        }
+        let mut row = format!(
+            "| {} | {} | {} | {} |",
+            num(*n as f64),
+            frontend.map_or("–", Frontend::name),
+            s.per_transaction_ns
+                .map_or("–".into(), |x| format!("{x:.0}")),
+            s.per_connection_ns
+                .map_or("–".into(), |x| format!("{x:.0}"))
+        );
+        for key in &columns {
+            let cell = s
+                .programs_rr
+                .get(key)
+                .map_or("–".into(), |x| format!("{x:.0}"));
+            let _ = write!(row, " {cell} |");
+        }
+        let _ = writeln!(md, "{row}");
+    }
+}
