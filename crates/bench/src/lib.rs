@@ -16,6 +16,9 @@
 //!
 //! The cross-node variants (bare routing, sluice tunnel, sluice native between two node
 //! namespaces over an underlay veth) have their own topology: see [`crossnode`].
+//! So do the NodePort and LoadBalancer variants (a world host reaching a pod on node-b
+//! through node-a's frontends, against kube-proxy's NodePort rules and bare routing): see
+//! [`external`].
 
 pub mod agent;
 pub mod crossnode;
@@ -202,6 +205,8 @@ pub struct Config {
     /// Service counts of the NodePort and LoadBalancer variants (world host -> node ->
     /// pod on another node, [`external`]); empty: not run.
     pub external_services: Vec<usize>,
+    /// Measure sluice's external variants in tunnel mode too, besides native.
+    pub external_tunnel: bool,
 }
 
 impl Config {
@@ -228,6 +233,7 @@ impl Config {
             }),
             cross_node: true,
             external_services: vec![1, 1_000, 10_000],
+            external_tunnel: true,
         }
     }
 

@@ -43,6 +43,9 @@ struct Args {
     /// Skip the NodePort and LoadBalancer variants.
     #[arg(long)]
     no_external: bool,
+    /// Measure sluice's NodePort and LoadBalancer variants in native routing mode only.
+    #[arg(long)]
+    no_external_tunnel: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +80,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.no_external {
         config.external_services.clear();
+    }
+    if args.no_external_tunnel {
+        config.external_tunnel = false;
     }
     config.variants = Variant::ALL.to_vec();
     let command = std::env::args().collect::<Vec<_>>().join(" ");

@@ -18,9 +18,10 @@
 //! the replies come back through it.
 //! - **bare**: the world host connects to pod-b itself, routed through node-a both ways; no
 //!   translation, no rules. The limit.
-//! - **sluice**: the datapath on both nodes in native routing mode, maps from the compiler
-//!   and the realizer as each node's agent writes them: `from_netdev` on node-a's underlay
-//!   device translates and redirects to node-b, and translates the replies back.
+//! - **sluice**: the datapath on both nodes, maps from the compiler and the realizer as each
+//!   node's agent writes them: `from_netdev` on node-a's underlay device translates and
+//!   sends the packet to node-b, natively (`bpf_redirect_neigh`) or, with
+//!   [`Config::external_tunnel`], through the VXLAN tunnel; it translates the replies back.
 //! - **iptables** / **nftables**: kube-proxy's rules for the N services in node-a
 //!   (`KUBE-NODEPORTS` and `KUBE-EXT-*` with the masquerade mark; the nftables
 //!   `service-nodeports` map and `external-*` chains), plain routing to node-b.
@@ -35,6 +36,33 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
+
+use sluice_common::RoutingMode;
+
+/// How sluice's node-a sends the translated packet to node-b (the others route plainly).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Forwarding {
+    Native,
+    Tunnel,
+}
+
+impl Forwarding {
+    pub const ALL: [Forwarding; 2] = [Forwarding::Native, Forwarding::Tunnel];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Forwarding::Native => "native",
+            Forwarding::Tunnel => "tunnel",
+        }
+    }
+
+    fn routing_mode(self) -> RoutingMode {
+        match self {
+            Forwarding::Native => RoutingMode::Native,
+            Forwarding::Tunnel => RoutingMode::Tunnel,
+        }
+    }
+}
 
 use crate::{
     BenchError, Config, Variant, decoy, iptables_binary,
@@ -138,6 +166,8 @@ pub struct PathCost {
 #[derive(Clone, Debug)]
 pub struct ExternalSample {
     pub variant: Variant,
+    /// How sluice's node-a reaches node-b; None for the others (plain routing).
+    pub forwarding: Option<Forwarding>,
     /// None for bare.
     pub frontend: Option<Frontend>,
     pub services: usize,
@@ -252,24 +282,28 @@ fn counted(
 }
 
 /// One variant at `n` services on fresh namespaces: both frontends (bare: the pod).
+/// `forwarding` is sluice's, ignored by the others.
 pub fn measure(
     config: &Config,
     variant: Variant,
+    forwarding: Forwarding,
     n: usize,
     rep: usize,
 ) -> Result<Vec<ExternalSample>, BenchError> {
+    let forwarding = (variant == Variant::Sluice).then_some(forwarding);
     let svcs = services(n)?;
     let measured = svcs
         .last()
         .cloned()
         .ok_or_else(|| BenchError::Failed("no services".into()))?;
-    let topo = Topology::new(LOAD_BALANCER_IP)?;
+    let topo = Topology::new(LOAD_BALANCER_IP, forwarding == Some(Forwarding::Tunnel))?;
     let _server = load::Server::start(&topo.pod)?;
     let node_a = &topo.nodes[0];
     let (mut dataplane, program) = match variant {
         Variant::Bare => (Dataplane::Bare, None),
         Variant::Sluice => {
-            let (nodes, took) = SluiceNodes::start(&topo, &svcs)?;
+            let mode = forwarding.unwrap_or(Forwarding::Native).routing_mode();
+            let (nodes, took) = SluiceNodes::start(&topo, &svcs, mode)?;
             (Dataplane::Sluice(nodes), Some(took))
         }
         Variant::Iptables => {
@@ -315,6 +349,7 @@ pub fn measure(
         let connections = crr.per_sec * config.durations.crr.as_secs_f64();
         samples.push(ExternalSample {
             variant,
+            forwarding,
             frontend,
             services: n,
             rep,
@@ -331,6 +366,37 @@ pub fn measure(
     // The datapaths go before the namespaces their links sit in.
     drop(dataplane);
     Ok(samples)
+}
+
+/// sluice's ways to node-b to measure; one (ignored) for the other variants.
+fn forwardings(config: &Config, variant: Variant) -> &'static [Forwarding] {
+    if variant == Variant::Sluice && config.external_tunnel {
+        &Forwarding::ALL
+    } else {
+        &[Forwarding::Native]
+    }
+}
+
+/// How the report and the progress lines name a variant.
+pub fn label(
+    variant: Variant,
+    forwarding: Option<Forwarding>,
+    frontend: Option<Frontend>,
+) -> String {
+    let mut out = variant.name().to_owned();
+    if let Some(f) = forwarding {
+        out.push(' ');
+        out.push_str(f.name());
+    }
+    match frontend {
+        Some(f) => {
+            out.push(' ');
+            out.push_str(f.name());
+        }
+        None if variant == Variant::Bare => out.push_str(" (to the pod)"),
+        None => {}
+    }
+    out
 }
 
 /// Why `variant` is not loaded at `n` services, if it is not.
@@ -369,25 +435,28 @@ pub fn run(
                     }
                     continue;
                 }
-                progress(&format!(
-                    "rep {} N={n} external {}",
-                    rep + 1,
-                    variant.name()
-                ));
-                let measured = measure(config, variant, n, rep).map_err(|e| {
-                    BenchError::Failed(format!("external {} at N={n}: {e}", variant.name()))
-                })?;
-                for s in &measured {
-                    progress(&format!(
-                        "  {} rr {:.0}/s crr {:.0}/s stream {:.1} Gbit/s program {:?}",
-                        s.frontend.map_or("pod", Frontend::name),
-                        s.rr.per_sec,
-                        s.crr.per_sec,
-                        s.stream_gbps,
-                        s.program
-                    ));
+                for &forwarding in forwardings(config, variant) {
+                    let name = label(
+                        variant,
+                        Some(forwarding).filter(|_| variant == Variant::Sluice),
+                        None,
+                    );
+                    progress(&format!("rep {} N={n} external {name}", rep + 1));
+                    let measured = measure(config, variant, forwarding, n, rep).map_err(|e| {
+                        BenchError::Failed(format!("external {name} at N={n}: {e}"))
+                    })?;
+                    for s in &measured {
+                        progress(&format!(
+                            "  {} rr {:.0}/s crr {:.0}/s stream {:.1} Gbit/s program {:?}",
+                            s.frontend.map_or("pod", Frontend::name),
+                            s.rr.per_sec,
+                            s.crr.per_sec,
+                            s.stream_gbps,
+                            s.program
+                        ));
+                    }
+                    samples.extend(measured);
                 }
-                samples.extend(measured);
             }
         }
     }

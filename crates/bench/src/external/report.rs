@@ -8,7 +8,7 @@ use crate::{
     report::{median, num, ratio},
 };
 
-use super::{ExternalSample, Frontend, LOAD_BALANCER_IP, NODE_PORT, PathCost};
+use super::{ExternalSample, Forwarding, Frontend, LOAD_BALANCER_IP, NODE_PORT, PathCost, label};
 
 /// Medians of one (N, variant, frontend) over its repetitions.
 struct Summary {
@@ -29,7 +29,7 @@ struct Summary {
     programs_rr: BTreeMap<(&'static str, &'static str), f64>,
 }
 
-type Key = (usize, Variant, Option<Frontend>);
+type Key = (usize, Variant, Option<Forwarding>, Option<Frontend>);
 
 fn opt_median(v: Vec<f64>) -> Option<f64> {
     (!v.is_empty()).then(|| median(v))
@@ -39,7 +39,7 @@ fn summarize(samples: &[ExternalSample]) -> BTreeMap<Key, Summary> {
     let mut groups: BTreeMap<Key, Vec<&ExternalSample>> = BTreeMap::new();
     for s in samples {
         groups
-            .entry((s.services, s.variant, s.frontend))
+            .entry((s.services, s.variant, s.forwarding, s.frontend))
             .or_default()
             .push(s);
     }
@@ -89,13 +89,6 @@ fn summarize(samples: &[ExternalSample]) -> BTreeMap<Key, Summary> {
         .collect()
 }
 
-fn label(variant: Variant, frontend: Option<Frontend>) -> String {
-    match frontend {
-        Some(f) => format!("{} {}", variant.name(), f.name()),
-        None => format!("{} (to the pod)", variant.name()),
-    }
-}
-
 /// Appends the section to `md`; nothing when no sample was taken.
 pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
     if samples.is_empty() {
@@ -108,24 +101,29 @@ pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
     );
     let _ = writeln!(
         md,
-        "A world host, node-a and node-b on an underlay bridge (namespaces); the backend pod on node-b. N LoadBalancer services with externalTrafficPolicy Cluster (N-1 decoys with two backends, node ports from 20000, load balancer IPs from 198.18.0.0; the measured one last, its one backend the pod): the world host connects to node-a:{NODE_PORT} (NodePort) or {LOAD_BALANCER_IP}:80 (LoadBalancer, routed to node-a by the world host, as the cloud's load balancer would), so node-a DNATs to the pod, SNATs to its own address and forwards to node-b; replies return through node-a. **bare**: the world host connects to the pod's address, routed through node-a both ways, no translation. **sluice**: the datapath on both nodes, native routing, maps from the compiler and the realizer (`from_netdev` on node-a's underlay device does the translation and the redirect). **iptables** / **nftables**: kube-proxy's rules for the N services in node-a (`KUBE-NODEPORTS`, `KUBE-SERVICES` load balancer IP rules, `KUBE-EXT-*` marking for masquerade / the `service-nodeports` map, `nodeport-ips`, `external-*` chains), plain routing. Each measurement loads the rules once and measures both frontends on them; same load and durations as above.\n"
+        "A world host, node-a and node-b on an underlay bridge (namespaces); the backend pod on node-b. N LoadBalancer services with externalTrafficPolicy Cluster (N-1 decoys with two backends, node ports from 20000, load balancer IPs from 198.18.0.0; the measured one last, its one backend the pod): the world host connects to node-a:{NODE_PORT} (NodePort) or {LOAD_BALANCER_IP}:80 (LoadBalancer, routed to node-a by the world host, as the cloud's load balancer would), so node-a DNATs to the pod, SNATs to its own address and forwards to node-b; replies return through node-a. **bare**: the world host connects to the pod's address, routed through node-a both ways, no translation. **sluice**: the datapath on both nodes, maps from the compiler and the realizer (`from_netdev` on node-a's underlay device does the translation and sends the packet to node-b: **native** with `bpf_redirect_neigh`, **tunnel** through the VXLAN device, pod MTU 1,450). **iptables** / **nftables**: kube-proxy's rules for the N services in node-a (`KUBE-NODEPORTS`, `KUBE-SERVICES` load balancer IP rules, `KUBE-EXT-*` marking for masquerade / the `service-nodeports` map, `nodeport-ips`, `external-*` chains), plain routing. Each measurement loads the rules once and measures both frontends on them; same load and durations as above.\n"
     );
     let _ = writeln!(
         md,
         "| N | variant | tps / bare | conn/s / bare | stream / bare |\n|---:|---|---:|---:|---:|"
     );
     for &n in ns {
-        let Some(bare) = sums.get(&(n, Variant::Bare, None)) else {
+        let Some(bare) = sums.get(&(n, Variant::Bare, None, None)) else {
             continue;
         };
         for frontend in Frontend::ALL {
-            for v in [Variant::Sluice, Variant::Iptables, Variant::Nftables] {
-                if let Some(s) = sums.get(&(n, v, Some(frontend))) {
+            for (v, forwarding) in [
+                (Variant::Sluice, Some(Forwarding::Native)),
+                (Variant::Sluice, Some(Forwarding::Tunnel)),
+                (Variant::Iptables, None),
+                (Variant::Nftables, None),
+            ] {
+                if let Some(s) = sums.get(&(n, v, forwarding, Some(frontend))) {
                     let _ = writeln!(
                         md,
                         "| {} | {} | {} | {} | {} |",
                         num(n as f64),
-                        label(v, Some(frontend)),
+                        label(v, forwarding, Some(frontend)),
                         ratio(s.tps, bare.tps),
                         ratio(s.cps, bare.cps),
                         ratio(s.gbps, bare.gbps)
@@ -139,12 +137,12 @@ pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
         md,
         "\n| N | variant | reps | RR tps | RR p50 / p99 µs | conn/s | CRR p50 / p99 µs | stream Gbit/s | N services programmed | proof of path |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
     );
-    for ((n, v, frontend), s) in &sums {
+    for ((n, v, forwarding, frontend), s) in &sums {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {:.0} / {:.0} | {} | {:.0} / {:.0} | {:.2} | {} | {} {} (min over reps) |",
             num(*n as f64),
-            label(*v, *frontend),
+            label(*v, *forwarding, *frontend),
             s.reps,
             num(s.tps),
             s.rr_p50,
@@ -173,24 +171,24 @@ pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
     }
     let _ = writeln!(
         md,
-        "\nsluice's eBPF time on the path (medians): every program's run time on both nodes over the RR phase divided by its transactions (four packets each: request and reply through node-a), over the CRR phase by its connections; then each program's mean ns per run in the RR phase.\n"
+        "\nsluice's eBPF time on the path (medians): every program's run time on both nodes over the RR phase divided by its transactions (a request and a reply, each through both nodes), over the CRR phase by its connections; then each program's mean ns per run in the RR phase.\n"
     );
     let mut header =
-        String::from("| N | frontend | per transaction (RR) ns | per connection (CRR) ns |");
+        String::from("| N | variant | per transaction (RR) ns | per connection (CRR) ns |");
     let mut rule = String::from("|---:|---|---:|---:|");
     for (node, program) in &columns {
         let _ = write!(header, " {node} {program} |");
         rule.push_str("---:|");
     }
     let _ = writeln!(md, "{header}\n{rule}");
-    for ((n, v, frontend), s) in &sums {
+    for ((n, v, forwarding, frontend), s) in &sums {
         if *v != Variant::Sluice {
             continue;
         }
         let mut row = format!(
             "| {} | {} | {} | {} |",
             num(*n as f64),
-            frontend.map_or("–", Frontend::name),
+            label(*v, *forwarding, *frontend),
             s.per_transaction_ns
                 .map_or("–".into(), |x| format!("{x:.0}")),
             s.per_connection_ns

@@ -23,6 +23,11 @@ use crate::{
 use super::{NODE_A, NODE_B, POD, WORLD};
 
 const UNDERLAY: &str = "underlay0";
+const UNDERLAY_MTU: u32 = 1500;
+const VXLAN: &str = "vxlan0";
+const VXLAN_PORT: u16 = 8472;
+/// VXLAN over IPv4 adds 50 bytes; the agent gives pods this MTU in tunnel mode.
+const TUNNEL_MTU: u32 = UNDERLAY_MTU - 50;
 const BRIDGE: &str = "br0";
 const POD_IF: &str = "lxc-s";
 const NAMESPACE: &str = "bench";
@@ -48,8 +53,9 @@ impl Topology {
     /// The same namespaces and routes for every variant: the world host routes pod-b's
     /// subnet and `load_balancer_ip` via node-a, node-a routes pod-b's subnet via node-b,
     /// node-b the world host via node-a (so the bare path crosses node-a both ways, as
-    /// the translated ones do).
-    pub fn new(load_balancer_ip: Ipv4Addr) -> Result<Self, BenchError> {
+    /// the translated ones do). `tunnel`: each node gets a collect-metadata VXLAN device
+    /// and the pod the tunnel's MTU, as the agent sets them up in tunnel mode.
+    pub fn new(load_balancer_ip: Ipv4Addr, tunnel: bool) -> Result<Self, BenchError> {
         let topo = Self {
             world: NetNs::new("eworld")?,
             pod: NetNs::new("epod")?,
@@ -75,6 +81,16 @@ impl Topology {
         }
         let [a, b] = &topo.nodes;
         b.wire_pod(&topo.pod, POD_IF, POD)?;
+        if tunnel {
+            for node in [a, b] {
+                let links = node.netlink()?;
+                links.add_vxlan_external(VXLAN, VXLAN_PORT)?;
+                links.set_mtu(VXLAN, TUNNEL_MTU)?;
+                links.set_arp(VXLAN, false)?;
+                links.set_up(VXLAN)?;
+            }
+            topo.pod.netlink()?.set_mtu("eth0", TUNNEL_MTU)?;
+        }
         topo.attach(&topo.world, "ul-w", WORLD)?;
         let world = topo.world.netlink()?;
         world.add_route(&Route::via(pod_subnet, NODE_A))?;
@@ -154,9 +170,11 @@ fn snapshot(services: &[ServiceSpec]) -> Snapshot {
 }
 
 /// The programs whose run time is measured, on either node.
-pub(super) const PROGRAMS: [&str; 4] = [
+pub(super) const PROGRAMS: [&str; 6] = [
     programs::FROM_NETDEV,
     programs::TO_NETDEV,
+    programs::FROM_TUNNEL,
+    programs::TO_TUNNEL,
     programs::FROM_CONTAINER,
     programs::TO_CONTAINER,
 ];
@@ -171,20 +189,23 @@ struct SluiceNode {
     pins: PinDir,
 }
 
-/// sluice on both nodes, native routing, as two agents would program them.
+/// sluice on both nodes, as two agents would program them.
 pub(super) struct SluiceNodes {
     nodes: Vec<SluiceNode>,
 }
 
 impl SluiceNodes {
     /// Loads and attaches the datapath on each node (`from_netdev`/`to_netdev` on the
-    /// underlay device, node-b's pod veth), writes `node_config` as the agent does in
-    /// native mode and programs `services` with the compiler and the realizer. Returns
-    /// the time node-a's programming took.
+    /// underlay device, node-b's pod veth, in tunnel mode the tunnel programs on the VXLAN
+    /// device the topology made), writes `node_config` as the agent does in `mode` and
+    /// programs `services` with the compiler and the realizer. Returns the time node-a's
+    /// programming took.
     pub fn start(
         topo: &Topology,
         services: &[ServiceSpec],
+        mode: RoutingMode,
     ) -> Result<(Self, Duration), BenchError> {
+        let tunnel = (mode == RoutingMode::Tunnel).then_some(VXLAN);
         let snap = snapshot(services);
         let mut nodes = Vec::new();
         let mut node_a_programming = Duration::ZERO;
@@ -192,12 +213,13 @@ impl SluiceNodes {
             let pod_if = (name == NODES[1].0).then_some(POD_IF);
             let pins = PinDir::unique("sluice-bench-e-");
             let pin_dir = pins.path().to_owned();
-            let (datapath, underlay_ifindex, interfaces) = ns.run(move || {
+            let (datapath, underlay_ifindex, tunnel_ifindex, interfaces) = ns.run(move || {
                 let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default())
                     .map_err(|e| BenchError::Failed(format!("loading the datapath: {e}")))?;
                 let mut interfaces = BTreeMap::new();
                 for (role, device) in [
                     (AttachRole::Netdev, Some(UNDERLAY)),
+                    (AttachRole::TunnelDevice, tunnel),
                     (AttachRole::PodVeth, pod_if),
                 ] {
                     let Some(device) = device else { continue };
@@ -215,12 +237,13 @@ impl SluiceNodes {
                 if let Some(device) = pod_if {
                     interfaces.insert(device.to_owned(), index(device)?);
                 }
-                Ok((datapath, index(UNDERLAY)?, interfaces))
+                let tunnel_ifindex = tunnel.map(index).transpose()?.unwrap_or(0);
+                Ok((datapath, index(UNDERLAY)?, tunnel_ifindex, interfaces))
             })?;
             let mut maps = PinnedMaps::open(pins.path())
                 .map_err(|e| BenchError::Failed(format!("open pinned maps: {e}")))?;
-            let config = NodeConfig::new(RoutingMode::Native, 0, underlay_ifindex)
-                .with_node_address(address);
+            let config =
+                NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex).with_node_address(address);
             maps.node_config
                 .set(0, config, 0)
                 .map_err(|e| BenchError::Failed(format!("node_config: {e}")))?;
