@@ -281,6 +281,37 @@ fn counted(
     })
 }
 
+/// Programs `services` into node-a (sluice: both nodes) as `variant` does; how long that
+/// took, except for bare.
+fn start(
+    config: &Config,
+    variant: Variant,
+    forwarding: Option<Forwarding>,
+    topo: &Topology,
+    services: &[ServiceSpec],
+) -> Result<(Dataplane, Option<Duration>), BenchError> {
+    let node_a = &topo.nodes[0];
+    Ok(match variant {
+        Variant::Bare => (Dataplane::Bare, None),
+        Variant::Sluice => {
+            let mode = forwarding.unwrap_or(Forwarding::Native).routing_mode();
+            let (nodes, took) = SluiceNodes::start(topo, services, mode)?;
+            (Dataplane::Sluice(nodes), Some(took))
+        }
+        Variant::Iptables => {
+            let rules = kproxy::iptables_full(services);
+            let took =
+                timed(|| node_a.exec_stdin(&config.iptables_restore, &[], rules.as_bytes()))?;
+            (Dataplane::Kproxy, Some(took))
+        }
+        Variant::Nftables => {
+            let rules = kproxy::nftables_full(services, &[NODE_A]);
+            let took = timed(|| node_a.exec_stdin("nft", &["-f", "-"], rules.as_bytes()))?;
+            (Dataplane::Kproxy, Some(took))
+        }
+    })
+}
+
 /// One variant at `n` services on fresh namespaces: both frontends (bare: the pod).
 /// `forwarding` is sluice's, ignored by the others.
 pub fn measure(
@@ -298,26 +329,7 @@ pub fn measure(
         .ok_or_else(|| BenchError::Failed("no services".into()))?;
     let topo = Topology::new(LOAD_BALANCER_IP, forwarding == Some(Forwarding::Tunnel))?;
     let _server = load::Server::start(&topo.pod)?;
-    let node_a = &topo.nodes[0];
-    let (mut dataplane, program) = match variant {
-        Variant::Bare => (Dataplane::Bare, None),
-        Variant::Sluice => {
-            let mode = forwarding.unwrap_or(Forwarding::Native).routing_mode();
-            let (nodes, took) = SluiceNodes::start(&topo, &svcs, mode)?;
-            (Dataplane::Sluice(nodes), Some(took))
-        }
-        Variant::Iptables => {
-            let rules = kproxy::iptables_full(&svcs);
-            let took =
-                timed(|| node_a.exec_stdin(&config.iptables_restore, &[], rules.as_bytes()))?;
-            (Dataplane::Kproxy, Some(took))
-        }
-        Variant::Nftables => {
-            let rules = kproxy::nftables_full(&svcs, &[NODE_A]);
-            let took = timed(|| node_a.exec_stdin("nft", &["-f", "-"], rules.as_bytes()))?;
-            (Dataplane::Kproxy, Some(took))
-        }
-    };
+    let (mut dataplane, program) = start(config, variant, forwarding, &topo, &svcs)?;
     let targets: Vec<(Option<Frontend>, SocketAddrV4)> = match variant {
         Variant::Bare => vec![(None, SocketAddrV4::new(POD, load::SERVER_PORT))],
         _ => Frontend::ALL

@@ -103,6 +103,13 @@ pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
         md,
         "A world host, node-a and node-b on an underlay bridge (namespaces); the backend pod on node-b. N LoadBalancer services with externalTrafficPolicy Cluster (N-1 decoys with two backends, node ports from 20000, load balancer IPs from 198.18.0.0; the measured one last, its one backend the pod): the world host connects to node-a:{NODE_PORT} (NodePort) or {LOAD_BALANCER_IP}:80 (LoadBalancer, routed to node-a by the world host, as the cloud's load balancer would), so node-a DNATs to the pod, SNATs to its own address and forwards to node-b; replies return through node-a. **bare**: the world host connects to the pod's address, routed through node-a both ways, no translation. **sluice**: the datapath on both nodes, maps from the compiler and the realizer (`from_netdev` on node-a's underlay device does the translation and sends the packet to node-b: **native** with `bpf_redirect_neigh`, **tunnel** through the VXLAN device, pod MTU 1,450). **iptables** / **nftables**: kube-proxy's rules for the N services in node-a (`KUBE-NODEPORTS`, `KUBE-SERVICES` load balancer IP rules, `KUBE-EXT-*` marking for masquerade / the `service-nodeports` map, `nodeport-ips`, `external-*` chains), plain routing. Each measurement loads the rules once and measures both frontends on them; same load and durations as above.\n"
     );
+    ratios(md, &sums, ns);
+    traffic(md, &sums);
+    ebpf(md, &sums);
+}
+
+/// Each variant and frontend against bare at the same N.
+fn ratios(md: &mut String, sums: &BTreeMap<Key, Summary>, ns: &[usize]) {
     let _ = writeln!(
         md,
         "| N | variant | tps / bare | conn/s / bare | stream / bare |\n|---:|---|---:|---:|---:|"
@@ -132,12 +139,14 @@ pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
             }
         }
     }
+}
 
+fn traffic(md: &mut String, sums: &BTreeMap<Key, Summary>) {
     let _ = writeln!(
         md,
         "\n| N | variant | reps | RR tps | RR p50 / p99 µs | conn/s | CRR p50 / p99 µs | stream Gbit/s | N services programmed | proof of path |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"
     );
-    for ((n, v, forwarding, frontend), s) in &sums {
+    for ((n, v, forwarding, frontend), s) in sums {
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {:.0} / {:.0} | {} | {:.0} / {:.0} | {:.2} | {} | {} {} (min over reps) |",
@@ -156,7 +165,10 @@ pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
             s.proof_what
         );
     }
+}
 
+/// sluice's programs on the path, per operation and per run.
+fn ebpf(md: &mut String, sums: &BTreeMap<Key, Summary>) {
     let columns: Vec<(&'static str, &'static str)> = {
         let mut seen: Vec<(&'static str, &'static str)> = sums
             .values()
@@ -181,7 +193,7 @@ pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
         rule.push_str("---:|");
     }
     let _ = writeln!(md, "{header}\n{rule}");
-    for ((n, v, forwarding, frontend), s) in &sums {
+    for ((n, v, forwarding, frontend), s) in sums {
         if *v != Variant::Sluice {
             continue;
         }

@@ -46,7 +46,7 @@ pub(super) struct Topology {
     pub world: NetNs,
     pub pod: NetNs,
     pub nodes: [NetNs; 2],
-    _underlay: NetNs,
+    underlay: NetNs,
 }
 
 impl Topology {
@@ -60,9 +60,9 @@ impl Topology {
             world: NetNs::new("eworld")?,
             pod: NetNs::new("epod")?,
             nodes: [NetNs::new("enode-a")?, NetNs::new("enode-b")?],
-            _underlay: NetNs::new("eunderlay")?,
+            underlay: NetNs::new("eunderlay")?,
         };
-        let bridge = topo._underlay.netlink()?;
+        let bridge = topo.underlay.netlink()?;
         bridge.add_bridge(BRIDGE)?;
         bridge.set_up(BRIDGE)?;
         let pod_subnet = net(NODES[1].2, 24)?;
@@ -110,10 +110,10 @@ impl Topology {
     /// `underlay0` in `ns` at `address`/24, its peer `port` on the bridge.
     fn attach(&self, ns: &NetNs, port: &str, address: Ipv4Addr) -> Result<(), BenchError> {
         let links = ns.netlink()?;
-        links.add_veth(UNDERLAY, port, Some(self._underlay.ns()))?;
+        links.add_veth(UNDERLAY, port, Some(self.underlay.ns()))?;
         links.add_address(UNDERLAY, net(address, 24)?.into())?;
         links.set_up(UNDERLAY)?;
-        let bridge = self._underlay.netlink()?;
+        let bridge = self.underlay.netlink()?;
         bridge.set_controller(port, BRIDGE)?;
         bridge.set_up(port)?;
         Ok(())
