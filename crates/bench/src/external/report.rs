@@ -1,11 +1,13 @@
 //! The report's section on the NodePort and LoadBalancer variants: medians per (N,
 //! variant, frontend), ratios to bare at the same N, sluice's eBPF time on the path.
 
-use std::{collections::BTreeMap, fmt::Write};
+use std::{collections::BTreeMap, fmt::Write, path::Path};
+
+use plotters::style::RGBColor;
 
 use crate::{
-    Variant,
-    report::{median, num, ratio},
+    BenchError, Variant,
+    report::{Series, color, line_chart, median, num, ratio, register_font},
 };
 
 use super::{ExternalSample, Forwarding, Frontend, LOAD_BALANCER_IP, NODE_PORT, PathCost, label};
@@ -89,8 +91,9 @@ fn summarize(samples: &[ExternalSample]) -> BTreeMap<Key, Summary> {
         .collect()
 }
 
-/// Appends the section to `md`; nothing when no sample was taken.
-pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
+/// Appends the section to `md`, its charts drawn into `dir`; nothing when no sample was
+/// taken.
+pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize], dir: &Path) {
     if samples.is_empty() {
         return;
     }
@@ -106,6 +109,66 @@ pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize]) {
     ratios(md, &sums, ns);
     traffic(md, &sums);
     ebpf(md, &sums);
+    match charts(&sums, ns, dir) {
+        Ok(files) => {
+            let _ = writeln!(md);
+            for (file, title) in files {
+                let _ = writeln!(md, "![{title}]({file})");
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(md, "\nCharts could not be drawn: {e}");
+        }
+    }
+}
+
+/// New connections/s against N through each frontend, one line per variant.
+fn charts(
+    sums: &BTreeMap<Key, Summary>,
+    ns: &[usize],
+    dir: &Path,
+) -> Result<Vec<(String, String)>, BenchError> {
+    register_font()?;
+    let lines = [
+        (Variant::Bare, None, color(Variant::Bare)),
+        (
+            Variant::Sluice,
+            Some(Forwarding::Native),
+            color(Variant::Sluice),
+        ),
+        (
+            Variant::Sluice,
+            Some(Forwarding::Tunnel),
+            RGBColor(86, 180, 233),
+        ),
+        (Variant::Iptables, None, color(Variant::Iptables)),
+        (Variant::Nftables, None, color(Variant::Nftables)),
+    ];
+    let labels: Vec<String> = ns.iter().map(|&n| format!("N={}", num(n as f64))).collect();
+    let mut out = Vec::new();
+    for frontend in Frontend::ALL {
+        let series: Vec<Series> = lines
+            .iter()
+            .map(|&(v, forwarding, c)| {
+                // Bare has no frontend: its line is the same on both charts.
+                let frontend = (v != Variant::Bare).then_some(frontend);
+                let pts = ns
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, &n)| Some((i, sums.get(&(n, v, forwarding, frontend))?.cps)))
+                    .collect();
+                (label(v, forwarding, None), c, pts)
+            })
+            .collect();
+        let file = format!("external_crr_{}.png", frontend.name().to_lowercase());
+        let title = format!(
+            "New connections per second, world host -> {} -> pod on another node",
+            frontend.name()
+        );
+        line_chart(&dir.join(&file), &title, "conn/s", &labels, &series)?;
+        out.push((file, title));
+    }
+    Ok(out)
 }
 
 /// Each variant and frontend against bare at the same N.
