@@ -597,7 +597,8 @@ pub(crate) fn line_chart(
     labels: &[String],
     series: &[Series],
 ) -> Result<(), BenchError> {
-    let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = series
+    // Each line as drawn: finite points at their x positions.
+    let lines = series
         .iter()
         .map(|(name, c, pts)| {
             let line = pts
@@ -608,8 +609,8 @@ pub(crate) fn line_chart(
             (name.as_str(), *c, line)
         })
         .filter(|(_, _, line)| !line.is_empty())
-        .collect();
-    let ymax = series
+        .collect::<Vec<_>>();
+    let ymax = lines
         .iter()
         .flat_map(|(_, _, p)| p.iter().map(|(_, y)| *y))
         .fold(0.0f64, f64::max)
@@ -645,7 +646,7 @@ pub(crate) fn line_chart(
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(chart_err)?;
-    for (name, c, line) in series {
+    for (name, c, line) in lines {
         chart
             .draw_series(LineSeries::new(line.clone(), c.stroke_width(3)))
             .map_err(chart_err)?
