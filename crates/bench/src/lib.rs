@@ -518,6 +518,10 @@ fn not_measurable(config: &Config, variant: Variant, n: usize) -> Option<String>
 /// repetition, so drift of the machine hits all variants alike.
 pub fn run(config: &Config, progress: &mut dyn FnMut(&str)) -> Result<Results, BenchError> {
     let start = Instant::now();
+    // A count the external variants cannot take fails now, not after the other variants ran.
+    for &n in &config.external_services {
+        external::check_services(n)?;
+    }
     // Run-time statistics of every BPF program stay on while this fd is held.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| BenchError::Failed(format!("BPF_ENABLE_STATS: {e}")))?;

@@ -111,13 +111,19 @@ impl Frontend {
     }
 }
 
-/// `n` LoadBalancer services: `n - 1` decoys, then the measured one (see the module docs).
-pub fn services(n: usize) -> Result<Vec<ServiceSpec>, BenchError> {
+/// Refuses a service count the node ports cannot hold.
+pub fn check_services(n: usize) -> Result<(), BenchError> {
     if n == 0 || n > MAX_SERVICES {
         return Err(BenchError::Failed(format!(
-            "external variants: N = {n} services, but the node ports hold 1 to {MAX_SERVICES}"
+            "external variants: N = {n} services, but their node ports hold 1 to {MAX_SERVICES}"
         )));
     }
+    Ok(())
+}
+
+/// `n` LoadBalancer services: `n - 1` decoys, then the measured one (see the module docs).
+pub fn services(n: usize) -> Result<Vec<ServiceSpec>, BenchError> {
+    check_services(n)?;
     let mut out: Vec<ServiceSpec> = (0..n - 1)
         .map(|i| {
             let mut s = decoy(i);
