@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark matrix: sluice, kube-proxy's iptables and nftables rules and the bare path,
-# side by side in namespaces it creates (needs root), and the cross-node variants (bare
-# routing, sluice tunnel, sluice native between two node namespaces). Writes
+# side by side in namespaces it creates (needs root), the cross-node variants (bare
+# routing, sluice tunnel, sluice native between two node namespaces) and the NodePort and
+# LoadBalancer variants (a world host through node-a to a pod on node-b). Writes
 # bench/results/latest/report.md and its charts. `--quick`: N = 1 and 1k, one repetition, short runs (under 2 minutes).
 # Other arguments go to sluice-bench (see `sluice-bench --help`).
 set -euo pipefail

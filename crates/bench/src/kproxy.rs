@@ -1,12 +1,13 @@
 //! kube-proxy's rule sets, in the exact shapes its iptables and nftables proxiers write
 //! (pkg/proxy/iptables and pkg/proxy/nftables, as their proxier tests expect them), for
-//! ClusterIP services with TCP ports.
+//! services with one TCP port: ClusterIP, and LoadBalancer (a node port and a load
+//! balancer IP besides, externalTrafficPolicy Cluster) when [`ServiceSpec::external`] is set.
 
 use std::{fmt::Write, net::Ipv4Addr};
 
 use sha2::{Digest, Sha256};
 
-/// One ClusterIP service with one TCP port named `http`.
+/// One service with one TCP port named `http`.
 #[derive(Clone, Debug)]
 pub struct ServiceSpec {
     pub namespace: String,
@@ -15,6 +16,17 @@ pub struct ServiceSpec {
     pub port: u16,
     pub target_port: u16,
     pub backends: Vec<Ipv4Addr>,
+    /// None: a ClusterIP service; Some: a LoadBalancer one.
+    pub external: Option<External>,
+}
+
+/// The frontends of a LoadBalancer service besides its ClusterIP, externalTrafficPolicy
+/// Cluster: `node_port` on every node address, `load_balancer_ip` (its
+/// `status.loadBalancer.ingress[0].ip`) on `port`.
+#[derive(Clone, Copy, Debug)]
+pub struct External {
+    pub node_port: u16,
+    pub load_balancer_ip: Ipv4Addr,
 }
 
 impl ServiceSpec {
@@ -54,6 +66,14 @@ pub fn svc_chain(s: &ServiceSpec) -> String {
     )
 }
 
+/// The chain node ports and load balancer IPs jump to (same hash as the service chain).
+pub fn ext_chain(s: &ServiceSpec) -> String {
+    format!(
+        "KUBE-EXT-{}",
+        hash_name(&format!("{}tcp", s.port_name()), 16)
+    )
+}
+
 fn sep_chain(s: &ServiceSpec, backend: Ipv4Addr) -> String {
     format!(
         "KUBE-SEP-{}",
@@ -68,7 +88,8 @@ fn sep_chain(s: &ServiceSpec, backend: Ipv4Addr) -> String {
 /// ClusterIP is masqueraded.
 pub const CLUSTER_CIDR: &str = "10.0.0.0/8";
 
-/// `KUBE-SERVICES` -> `KUBE-SVC-*` rule of one service.
+/// `KUBE-SERVICES` rules of one service: its ClusterIP to `KUBE-SVC-*`, its load balancer
+/// IP to `KUBE-EXT-*`.
 fn services_rule(out: &mut String, s: &ServiceSpec) {
     let _ = writeln!(
         out,
@@ -78,10 +99,36 @@ fn services_rule(out: &mut String, s: &ServiceSpec) {
         s.port,
         svc_chain(s)
     );
+    if let Some(ext) = &s.external {
+        let _ = writeln!(
+            out,
+            "-A KUBE-SERVICES -m comment --comment \"{} loadbalancer IP\" -m tcp -p tcp -d {} --dport {} -j {}",
+            s.port_name(),
+            ext.load_balancer_ip,
+            s.port,
+            ext_chain(s)
+        );
+    }
+}
+
+/// The `KUBE-NODEPORTS` rule of one service, if it has a node port.
+fn nodeports_rule(out: &mut String, s: &ServiceSpec) {
+    if let Some(ext) = &s.external {
+        let _ = writeln!(
+            out,
+            "-A KUBE-NODEPORTS -m comment --comment {} -m tcp -p tcp --dport {} -j {}",
+            s.port_name(),
+            ext.node_port,
+            ext_chain(s)
+        );
+    }
 }
 
 fn service_chains(out: &mut String, s: &ServiceSpec) {
     let _ = writeln!(out, ":{} - [0:0]", svc_chain(s));
+    if s.external.is_some() {
+        let _ = writeln!(out, ":{} - [0:0]", ext_chain(s));
+    }
     for b in &s.backends {
         let _ = writeln!(out, ":{} - [0:0]", sep_chain(s, *b));
     }
@@ -90,6 +137,15 @@ fn service_chains(out: &mut String, s: &ServiceSpec) {
 fn service_rules(out: &mut String, s: &ServiceSpec) {
     let svc = svc_chain(s);
     let pn = s.port_name();
+    if s.external.is_some() {
+        // externalTrafficPolicy Cluster: whatever arrives from outside is masqueraded.
+        let ext = ext_chain(s);
+        let _ = writeln!(
+            out,
+            "-A {ext} -m comment --comment \"masquerade traffic for {pn} external destinations\" -j KUBE-MARK-MASQ"
+        );
+        let _ = writeln!(out, "-A {ext} -j {svc}");
+    }
     let _ = writeln!(
         out,
         "-A {svc} -m comment --comment \"{pn} cluster IP\" -m tcp -p tcp -d {} --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
@@ -148,6 +204,9 @@ pub fn iptables_full(services: &[ServiceSpec]) -> String {
     }
     out.push_str(NODEPORTS_RULE);
     for s in services {
+        nodeports_rule(&mut out, s);
+    }
+    for s in services {
         service_rules(&mut out, s);
     }
     out.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
@@ -159,16 +218,25 @@ pub fn iptables_full(services: &[ServiceSpec]) -> String {
 }
 
 /// One added service the way kube-proxy syncs it since MinimizeIPTablesRestore
-/// (`iptables-restore --noflush`): the changed `KUBE-SERVICES` chain in full, plus the new
-/// service's chains.
+/// (`iptables-restore --noflush`): the changed `KUBE-SERVICES` chain in full (and
+/// `KUBE-NODEPORTS` when the service has a node port), plus the new service's chains.
 pub fn iptables_add(services: &[ServiceSpec], added: &ServiceSpec) -> String {
     let mut out = String::with_capacity(services.len() * 200 + 4096);
     out.push_str("*nat\n:KUBE-SERVICES - [0:0]\n");
+    if added.external.is_some() {
+        out.push_str(":KUBE-NODEPORTS - [0:0]\n");
+    }
     service_chains(&mut out, added);
-    for s in services.iter().chain(std::iter::once(added)) {
+    let all = || services.iter().chain(std::iter::once(added));
+    for s in all() {
         services_rule(&mut out, s);
     }
     out.push_str(NODEPORTS_RULE);
+    if added.external.is_some() {
+        for s in all() {
+            nodeports_rule(&mut out, s);
+        }
+    }
     service_rules(&mut out, added);
     out.push_str("COMMIT\n");
     out
@@ -179,6 +247,11 @@ const NFT_TABLE: &str = "ip kube-proxy";
 fn nft_service_chain(s: &ServiceSpec) -> String {
     let id = format!("{}/{}/tcp/http", s.namespace, s.name);
     format!("service-{}-{id}", hash_name(&id, 8))
+}
+
+fn nft_external_chain(s: &ServiceSpec) -> String {
+    let id = format!("{}/{}/tcp/http", s.namespace, s.name);
+    format!("external-{}-{id}", hash_name(&id, 8))
 }
 
 fn nft_endpoint_chain(s: &ServiceSpec, b: Ipv4Addr) -> String {
@@ -202,9 +275,12 @@ fn nft_base(out: &mut String) {
         "add rule TABLE masquerading masquerade fully-random",
         "add set TABLE cluster-ips { type ipv4_addr ; comment \"Active ClusterIPs\" ; }",
         "add map TABLE service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }",
+        "add set TABLE nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }",
+        "add map TABLE service-nodeports { type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }",
         "add map TABLE no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }",
         "add chain TABLE services",
         "add rule TABLE services ip daddr . meta l4proto . th dport vmap @service-ips",
+        "add rule TABLE services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports",
         "add chain TABLE service-endpoints-check",
         "add rule TABLE service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
         "add chain TABLE cluster-ips-check",
@@ -264,18 +340,42 @@ fn nft_service(out: &mut String, s: &ServiceSpec, counted: bool) {
         s.backends.len(),
         vmap.join(" , ")
     );
+    if s.external.is_some() {
+        // externalTrafficPolicy Cluster: whatever arrives from outside is masqueraded.
+        let ext = nft_external_chain(s);
+        let _ = writeln!(out, "add chain {t} {ext}");
+        let _ = writeln!(out, "add rule {t} {ext} jump mark-for-masquerade");
+        let _ = writeln!(out, "add rule {t} {ext} goto {chain}");
+    }
     let _ = writeln!(out, "add element {t} cluster-ips {{ {} }}", s.vip);
     let _ = writeln!(
         out,
         "add element {t} service-ips {{ {} . tcp . {} : goto {chain} }}",
         s.vip, s.port
     );
+    if let Some(external) = &s.external {
+        let ext = nft_external_chain(s);
+        let _ = writeln!(
+            out,
+            "add element {t} service-ips {{ {} . tcp . {} : goto {ext} }}",
+            external.load_balancer_ip, s.port
+        );
+        let _ = writeln!(
+            out,
+            "add element {t} service-nodeports {{ tcp . {} : goto {ext} }}",
+            external.node_port
+        );
+    }
 }
 
-/// The whole ruleset for `nft -f`, the last service counted.
-pub fn nftables_full(services: &[ServiceSpec]) -> String {
+/// The whole ruleset for `nft -f`, the last service counted; node ports listen on
+/// `node_addresses` (kube-proxy's `nodeport-ips`, from `--nodeport-addresses primary`).
+pub fn nftables_full(services: &[ServiceSpec], node_addresses: &[Ipv4Addr]) -> String {
     let mut out = String::with_capacity(services.len() * 1000 + 4096);
     nft_base(&mut out);
+    for address in node_addresses {
+        let _ = writeln!(out, "add element {NFT_TABLE} nodeport-ips {{ {address} }}");
+    }
     for (i, s) in services.iter().enumerate() {
         nft_service(&mut out, s, i + 1 == services.len());
     }
@@ -301,6 +401,11 @@ pub fn parse_nft_counter(listing: &str) -> Option<u64> {
 
 /// Packets that jumped to a `KUBE-SEP-*` chain, summed over `iptables -L <chain> -v -x -n`.
 pub fn parse_iptables_sep_packets(listing: &str) -> u64 {
+    parse_iptables_jump_packets(listing, "KUBE-SEP-")
+}
+
+/// Packets that jumped to a chain named `prefix...`, summed over `iptables -L <chain> -v -x -n`.
+pub fn parse_iptables_jump_packets(listing: &str, prefix: &str) -> u64 {
     listing
         .lines()
         .filter_map(|line| {
@@ -308,7 +413,7 @@ pub fn parse_iptables_sep_packets(listing: &str) -> u64 {
             let pkts = cols.next()?.parse::<u64>().ok()?;
             let _bytes = cols.next()?;
             let target = cols.next()?;
-            target.starts_with("KUBE-SEP-").then_some(pkts)
+            target.starts_with(prefix).then_some(pkts)
         })
         .sum()
 }
@@ -341,12 +446,52 @@ mod tests {
                 Ipv4Addr::new(10, 180, 0, 2),
                 Ipv4Addr::new(10, 180, 0, 3),
             ],
+            external: None,
         };
         let rules = iptables_full(std::slice::from_ref(&s));
         assert!(rules.contains("--probability 0.3333333333 -j KUBE-SEP-"));
         assert!(rules.contains("--probability 0.5000000000 -j KUBE-SEP-"));
-        let nft = nftables_full(&[s]);
+        let nft = nftables_full(&[s], &[]);
         assert!(nft.contains("numgen random mod 3 vmap { 0 : goto endpoint-"));
+    }
+
+    #[test]
+    fn load_balancer_services_get_node_port_and_load_balancer_rules() {
+        let s = ServiceSpec {
+            namespace: "ns2".into(),
+            name: "svc2".into(),
+            vip: Ipv4Addr::new(172, 30, 0, 42),
+            port: 80,
+            target_port: 80,
+            backends: vec![Ipv4Addr::new(10, 180, 0, 2)],
+            external: Some(External {
+                node_port: 3001,
+                load_balancer_ip: Ipv4Addr::new(1, 2, 3, 4),
+            }),
+        };
+        let ext = ext_chain(&s);
+        assert_eq!(&ext[9..], &svc_chain(&s)[9..], "KUBE-EXT-* shares the hash");
+        let rules = iptables_full(std::slice::from_ref(&s));
+        for line in [
+            format!(
+                "-A KUBE-NODEPORTS -m comment --comment ns2/svc2:http -m tcp -p tcp --dport 3001 -j {ext}"
+            ),
+            format!(
+                "-A KUBE-SERVICES -m comment --comment \"ns2/svc2:http loadbalancer IP\" -m tcp -p tcp -d 1.2.3.4 --dport 80 -j {ext}"
+            ),
+            format!("-A {ext} -j {}", svc_chain(&s)),
+        ] {
+            assert!(rules.contains(&line), "{line} in\n{rules}");
+        }
+        let nft = nftables_full(&[s], &[Ipv4Addr::new(192, 168, 0, 2)]);
+        for line in [
+            "add element ip kube-proxy nodeport-ips { 192.168.0.2 }",
+            "add rule ip kube-proxy external-WYWTN2IK-ns2/svc2/tcp/http goto service-WYWTN2IK-ns2/svc2/tcp/http",
+            "add element ip kube-proxy service-ips { 1.2.3.4 . tcp . 80 : goto external-WYWTN2IK-ns2/svc2/tcp/http }",
+            "add element ip kube-proxy service-nodeports { tcp . 3001 : goto external-WYWTN2IK-ns2/svc2/tcp/http }",
+        ] {
+            assert!(nft.contains(line), "{line} in\n{nft}");
+        }
     }
 
     #[test]

@@ -16,9 +16,13 @@
 //!
 //! The cross-node variants (bare routing, sluice tunnel, sluice native between two node
 //! namespaces over an underlay veth) have their own topology: see [`crossnode`].
+//! So do the NodePort and LoadBalancer variants (a world host reaching a pod on node-b
+//! through node-a's frontends, against kube-proxy's NodePort rules and bare routing): see
+//! [`external`].
 
 pub mod agent;
 pub mod crossnode;
+pub mod external;
 pub mod kproxy;
 pub mod load;
 pub mod netns;
@@ -106,7 +110,7 @@ impl Topology {
     }
 }
 
-fn decoy(i: usize) -> ServiceSpec {
+pub(crate) fn decoy(i: usize) -> ServiceSpec {
     let i = i as u32;
     let base = u32::from(Ipv4Addr::new(10, 128, 0, 0)) + 2 * i;
     ServiceSpec {
@@ -116,6 +120,7 @@ fn decoy(i: usize) -> ServiceSpec {
         port: 80,
         target_port: load::SERVER_PORT,
         backends: vec![Ipv4Addr::from(base), Ipv4Addr::from(base + 1)],
+        external: None,
     }
 }
 
@@ -129,6 +134,7 @@ pub fn services(n: usize) -> Vec<ServiceSpec> {
         port: 80,
         target_port: load::SERVER_PORT,
         backends: SERVER_IPS.to_vec(),
+        external: None,
     });
     out
 }
@@ -196,6 +202,11 @@ pub struct Config {
     pub agent: Option<AgentLoad>,
     /// Run the cross-node variants (bare, tunnel, native between two node namespaces).
     pub cross_node: bool,
+    /// Service counts of the NodePort and LoadBalancer variants (world host -> node ->
+    /// pod on another node, [`external`]); empty: not run.
+    pub external_services: Vec<usize>,
+    /// Measure sluice's external variants in tunnel mode too, besides native.
+    pub external_tunnel: bool,
 }
 
 impl Config {
@@ -221,6 +232,8 @@ impl Config {
                 duration: Duration::from_secs(5),
             }),
             cross_node: true,
+            external_services: vec![1, 1_000, 10_000],
+            external_tunnel: true,
         }
     }
 
@@ -238,6 +251,7 @@ impl Config {
                 rate: 10_000.0,
                 duration: Duration::from_secs(2),
             }),
+            external_services: vec![1, 1_000],
             ..Self::standard()
         }
     }
@@ -291,6 +305,7 @@ pub struct Results {
     pub convergence: Option<sluice::Convergence>,
     pub agent: Option<agent::AgentCost>,
     pub cross_node: Vec<crossnode::CrossSample>,
+    pub external: Vec<external::ExternalSample>,
     pub elapsed: Duration,
 }
 
@@ -351,7 +366,7 @@ pub fn measure(
             (Dataplane::Kproxy, Some(took))
         }
         Variant::Nftables => {
-            let rules = kproxy::nftables_full(&svcs);
+            let rules = kproxy::nftables_full(&svcs, &[]);
             let ((), took) = timed(|| {
                 topo.node
                     .exec_stdin("nft", &["-f", "-"], rules.as_bytes())
@@ -503,6 +518,10 @@ fn not_measurable(config: &Config, variant: Variant, n: usize) -> Option<String>
 /// repetition, so drift of the machine hits all variants alike.
 pub fn run(config: &Config, progress: &mut dyn FnMut(&str)) -> Result<Results, BenchError> {
     let start = Instant::now();
+    // A count the external variants cannot take fails now, not after the other variants ran.
+    for &n in &config.external_services {
+        external::check_services(n)?;
+    }
     // Run-time statistics of every BPF program stay on while this fd is held.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| BenchError::Failed(format!("BPF_ENABLE_STATS: {e}")))?;
@@ -549,6 +568,9 @@ pub fn run(config: &Config, progress: &mut dyn FnMut(&str)) -> Result<Results, B
     }
     if config.cross_node {
         results.cross_node = crossnode::run(config, progress)?;
+    }
+    if !config.external_services.is_empty() {
+        results.external = external::run(config, progress)?;
     }
     if let Some(endpoints) = config.convergence_endpoints {
         progress(&format!("policy convergence, {endpoints} endpoints"));

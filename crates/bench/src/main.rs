@@ -36,6 +36,16 @@ struct Args {
     /// Skip the cross-node variants.
     #[arg(long)]
     no_cross_node: bool,
+    /// Comma-separated service counts of the NodePort and LoadBalancer variants
+    /// (overrides the mode's).
+    #[arg(long, value_delimiter = ',')]
+    external_services: Option<Vec<usize>>,
+    /// Skip the NodePort and LoadBalancer variants.
+    #[arg(long)]
+    no_external: bool,
+    /// Measure sluice's NodePort and LoadBalancer variants in native routing mode only.
+    #[arg(long)]
+    no_external_tunnel: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +74,15 @@ fn main() -> anyhow::Result<()> {
     }
     if args.no_cross_node {
         config.cross_node = false;
+    }
+    if let Some(services) = args.external_services {
+        config.external_services = services;
+    }
+    if args.no_external {
+        config.external_services.clear();
+    }
+    if args.no_external_tunnel {
+        config.external_tunnel = false;
     }
     config.variants = Variant::ALL.to_vec();
     let command = std::env::args().collect::<Vec<_>>().join(" ");

@@ -433,6 +433,7 @@ pub fn write(
             .unwrap_or_default();
         crate::crossnode::report(&mut md, &results.cross_node, &same_node);
     }
+    crate::external::report::write(&mut md, &results.external, &config.external_services, dir);
     if let Some(c) = &results.convergence {
         let _ = writeln!(
             md,
@@ -499,7 +500,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn color(v: Variant) -> RGBColor {
+pub(crate) fn color(v: Variant) -> RGBColor {
     match v {
         Variant::Bare => RGBColor(90, 90, 90),
         Variant::Sluice => RGBColor(0, 114, 178),
@@ -513,7 +514,7 @@ fn chart_err(e: impl std::fmt::Display) -> BenchError {
 }
 
 /// Registers DejaVu Sans (fonts-dejavu-core) as plotters' sans-serif.
-fn register_font() -> Result<(), BenchError> {
+pub(crate) fn register_font() -> Result<(), BenchError> {
     let bytes = fs::read(FONT).map_err(|source| BenchError::Io {
         call: "read",
         what: FONT.into(),
@@ -564,83 +565,104 @@ fn charts(
             |s| s.program_s,
         ),
     ];
+    let labels: Vec<String> = ns.iter().map(|&n| format!("N={}", num(n as f64))).collect();
     let mut out = Vec::new();
     for (file, title, unit, f) in metrics {
-        let path = dir.join(file);
-        let series: Vec<(Variant, Vec<(usize, f64)>)> = Variant::ALL
+        let series: Vec<Series> = Variant::ALL
             .iter()
             .map(|&v| {
                 let pts = ns
                     .iter()
                     .enumerate()
                     .filter_map(|(i, &n)| Some((i, f(sums.get(&(n, v))?)?)))
-                    .filter(|(_, y)| y.is_finite())
                     .collect::<Vec<_>>();
-                (v, pts)
+                (v.name().to_owned(), color(v), pts)
             })
-            .filter(|(_, pts)| !pts.is_empty())
             .collect();
-        let ymax = series
-            .iter()
-            .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
-            .fold(0.0f64, f64::max)
-            * 1.15;
-        let root = BitMapBackend::new(&path, (900, 520)).into_drawing_area();
-        root.fill(&WHITE).map_err(chart_err)?;
-        let labels: Vec<String> = ns.iter().map(|&n| format!("N={}", num(n as f64))).collect();
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(15)
-            .x_label_area_size(40)
-            .y_label_area_size(80)
-            .build_cartesian_2d(-0.3f64..(ns.len() as f64 - 0.7), 0.0f64..ymax.max(1e-9))
-            .map_err(chart_err)?;
-        chart
-            .configure_mesh()
-            .x_labels(ns.len())
-            .x_label_formatter(&|x| {
-                let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 {
-                    labels.get(i as usize).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
-            .y_desc(unit)
-            .y_label_formatter(&|y| {
-                if *y >= 100.0 {
-                    num(*y)
-                } else {
-                    format!("{y:.2}")
-                }
-            })
-            .label_style(("sans-serif", 15))
-            .draw()
-            .map_err(chart_err)?;
-        for (v, pts) in &series {
-            let c = color(*v);
-            let line: Vec<(f64, f64)> = pts.iter().map(|(i, y)| (*i as f64, *y)).collect();
-            chart
-                .draw_series(LineSeries::new(line.clone(), c.stroke_width(3)))
-                .map_err(chart_err)?
-                .label(v.name())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                });
-            chart
-                .draw_series(line.iter().map(|p| Circle::new(*p, 5, c.filled())))
-                .map_err(chart_err)?;
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 15))
-            .position(SeriesLabelPosition::LowerLeft)
-            .draw()
-            .map_err(chart_err)?;
-        root.present().map_err(chart_err)?;
+        line_chart(&dir.join(file), title, unit, &labels, &series)?;
         out.push((file.to_owned(), title.to_owned()));
     }
     Ok(out)
+}
+
+/// One chart's line: its legend, colour and (x index, value) points.
+pub(crate) type Series = (String, RGBColor, Vec<(usize, f64)>);
+
+/// A line chart of `series` over the x positions `labels`, written to `path` as PNG;
+/// empty series and points that are not finite are left out.
+pub(crate) fn line_chart(
+    path: &Path,
+    title: &str,
+    unit: &str,
+    labels: &[String],
+    series: &[Series],
+) -> Result<(), BenchError> {
+    // Each line as drawn: finite points at their x positions.
+    let lines = series
+        .iter()
+        .map(|(name, c, pts)| {
+            let line = pts
+                .iter()
+                .filter(|(_, y)| y.is_finite())
+                .map(|(i, y)| (*i as f64, *y))
+                .collect::<Vec<_>>();
+            (name.as_str(), *c, line)
+        })
+        .filter(|(_, _, line)| !line.is_empty())
+        .collect::<Vec<_>>();
+    let ymax = lines
+        .iter()
+        .flat_map(|(_, _, p)| p.iter().map(|(_, y)| *y))
+        .fold(0.0f64, f64::max)
+        * 1.15;
+    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(chart_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(80)
+        .build_cartesian_2d(-0.3f64..(labels.len() as f64 - 0.7), 0.0f64..ymax.max(1e-9))
+        .map_err(chart_err)?;
+    chart
+        .configure_mesh()
+        .x_labels(labels.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(unit)
+        .y_label_formatter(&|y| {
+            if *y >= 100.0 {
+                num(*y)
+            } else {
+                format!("{y:.2}")
+            }
+        })
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(chart_err)?;
+    for (name, c, line) in lines {
+        chart
+            .draw_series(LineSeries::new(line.clone(), c.stroke_width(3)))
+            .map_err(chart_err)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart
+            .draw_series(line.iter().map(|p| Circle::new(*p, 5, c.filled())))
+            .map_err(chart_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .position(SeriesLabelPosition::LowerLeft)
+        .draw()
+        .map_err(chart_err)?;
+    root.present().map_err(chart_err)
 }

@@ -12,8 +12,8 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{
-            Namespace, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort,
-            ServiceSpec as K8sServiceSpec,
+            LoadBalancerIngress, LoadBalancerStatus, Namespace, Pod, PodIP, PodSpec, PodStatus,
+            Service, ServicePort, ServiceSpec as K8sServiceSpec, ServiceStatus,
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
         networking::v1::{
@@ -36,7 +36,7 @@ use crate::{BenchError, kproxy::ServiceSpec, netns::NetNs};
 pub const NODE: &str = "bench";
 const NAMESPACE: &str = "bench";
 
-fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+pub(crate) fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.into()),
         namespace: Some(NAMESPACE.into()),
@@ -51,10 +51,15 @@ fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
 }
 
 fn pod(name: &str, app: &str, ip: Ipv4Addr) -> Pod {
+    pod_on(NODE, name, app, ip)
+}
+
+/// A running pod on `node`.
+pub(crate) fn pod_on(node: &str, name: &str, app: &str, ip: Ipv4Addr) -> Pod {
     Pod {
         metadata: meta(name, &[("app", app)]),
         spec: Some(PodSpec {
-            node_name: Some(NODE.into()),
+            node_name: Some(node.into()),
             ..PodSpec::default()
         }),
         status: Some(PodStatus {
@@ -66,22 +71,40 @@ fn pod(name: &str, app: &str, ip: Ipv4Addr) -> Pod {
     }
 }
 
-fn service_objects(s: &ServiceSpec) -> (Service, EndpointSlice) {
+pub(crate) fn service_objects(s: &ServiceSpec) -> (Service, EndpointSlice) {
     let service = Service {
         metadata: meta(&s.name, &[]),
         spec: Some(K8sServiceSpec {
             cluster_ip: Some(s.vip.to_string()),
-            type_: Some("ClusterIP".into()),
+            type_: Some(
+                if s.external.is_some() {
+                    "LoadBalancer"
+                } else {
+                    "ClusterIP"
+                }
+                .into(),
+            ),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: i32::from(s.port),
                 protocol: Some("TCP".into()),
                 target_port: Some(IntOrString::Int(i32::from(s.target_port))),
+                node_port: s.external.map(|e| i32::from(e.node_port)),
                 ..ServicePort::default()
             }]),
+            external_traffic_policy: s.external.map(|_| "Cluster".into()),
             ..K8sServiceSpec::default()
         }),
-        status: None,
+        status: s.external.map(|e| ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some(e.load_balancer_ip.to_string()),
+                    ip_mode: Some("VIP".into()),
+                    ..LoadBalancerIngress::default()
+                }]),
+            }),
+            ..ServiceStatus::default()
+        }),
     };
     let slice = EndpointSlice {
         metadata: meta(
@@ -182,7 +205,11 @@ fn realizer_err(e: sluice_realizer::RealizerError) -> BenchError {
     BenchError::Failed(format!("realize: {e}"))
 }
 
-fn program(pin_dir: &Path, snap: &Snapshot, node: &NodeContext) -> Result<Programming, BenchError> {
+pub(crate) fn program(
+    pin_dir: &Path,
+    snap: &Snapshot,
+    node: &NodeContext,
+) -> Result<Programming, BenchError> {
     let t = Instant::now();
     let state = compile(snap, node);
     let compiled = t.elapsed();

@@ -1,17 +1,23 @@
 //! CI smoke test of the benchmark (needs root; never skipped): quick mode with tiny
-//! durations. It checks only that every variant produced numbers and that the traffic went
-//! through the variant under test; it asserts no timing.
+//! durations. It checks only that every variant (same node, across nodes, NodePort and
+//! LoadBalancer from a world host) produced numbers and that the traffic went through the
+//! variant under test; it asserts no timing.
 // A test binary: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
-use sluice_bench::{Config, Variant, report};
+use sluice_bench::{
+    Config, Variant,
+    external::{self, ExternalSample, Forwarding, Frontend},
+    report,
+};
 
 #[test]
 fn quick_matrix_produces_numbers_through_every_variant() {
     let mut config = Config::quick();
     config.services = vec![1, 1_000];
+    config.external_services = vec![1, 1_000];
     config.durations.rr = Duration::from_millis(200);
     config.durations.crr = Duration::from_millis(200);
     config.durations.stream = Duration::from_millis(100);
@@ -84,6 +90,9 @@ fn quick_matrix_produces_numbers_through_every_variant() {
             );
         }
     }
+    for &n in &config.external_services {
+        check_external(&results.external, n);
+    }
     let convergence = results.convergence.expect("policy convergence measured");
     assert_eq!(convergence.endpoints, 100);
     let agent = results.agent.expect("agent cost measured");
@@ -95,4 +104,66 @@ fn quick_matrix_produces_numbers_through_every_variant() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(md.contains("## Summary: ratios to the bare path"));
     assert!(md.contains("## Across nodes"));
+    assert!(md.contains("## NodePort and LoadBalancer"));
+}
+
+/// Every variant at `n` services reached the pod from the world host, through each
+/// frontend (bare: straight), and the frontend's own count saw the connections.
+fn check_external(samples: &[ExternalSample], n: usize) {
+    use sluice_common::programs::{FROM_CONTAINER, FROM_NETDEV, FROM_TUNNEL};
+    for variant in Variant::ALL {
+        let frontends: Vec<Option<Frontend>> = match variant {
+            Variant::Bare => vec![None],
+            _ => Frontend::ALL.into_iter().map(Some).collect(),
+        };
+        let forwardings = match variant {
+            Variant::Sluice => Forwarding::ALL.into_iter().map(Some).collect(),
+            _ => vec![None],
+        };
+        for (frontend, forwarding) in frontends
+            .iter()
+            .flat_map(|f| forwardings.iter().map(move |r| (*f, *r)))
+        {
+            let what = external::label(variant, forwarding, frontend) + &format!(" at N={n}");
+            let sample = samples
+                .iter()
+                .find(|s| {
+                    (s.services, s.variant, s.forwarding, s.frontend)
+                        == (n, variant, forwarding, frontend)
+                })
+                .unwrap_or_else(|| panic!("no sample for {what}"));
+            assert!(sample.rr.per_sec > 0.0, "{what}: no transactions");
+            assert!(sample.crr.per_sec > 0.0, "{what}: no new connections");
+            assert!(sample.stream_gbps > 0.0, "{what}: no stream");
+            assert!(
+                sample.proof > 0,
+                "{what}: no connection counted by {}",
+                sample.proof_what
+            );
+            assert_eq!(sample.program.is_some(), variant != Variant::Bare, "{what}");
+            if variant == Variant::Sluice {
+                // node-a's from_netdev translated the requests, node-b's pod veth saw them.
+                let cost = sample.cost_rr.as_ref().expect("BPF run-time stats");
+                let ran = |node: &str, program: &str| {
+                    cost.programs
+                        .iter()
+                        .any(|p| p.node == node && p.program == program && p.runs > 0)
+                };
+                for (node, program) in [("node-a", FROM_NETDEV), ("node-b", FROM_CONTAINER)] {
+                    assert!(
+                        ran(node, program),
+                        "{what}: {node} {program} never ran: {cost:?}"
+                    );
+                }
+                // Through the tunnel node-b decapsulates; natively it never does.
+                assert_eq!(
+                    ran("node-b", FROM_TUNNEL),
+                    forwarding == Some(Forwarding::Tunnel),
+                    "{what}: {cost:?}"
+                );
+            } else {
+                assert!(sample.cost_rr.is_none(), "{what}");
+            }
+        }
+    }
 }
