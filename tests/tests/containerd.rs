@@ -2,7 +2,8 @@
 //! RunPodSandbox makes the pod's network namespace and runs ADD, PodSandboxStatus reports
 //! the address the plugins gave, StopPodSandbox and RemovePodSandbox run DEL. containerd
 //! runs in a network namespace the test owns (the node), with a root, sockets and CNI
-//! directories of its own.
+//! directories of its own; with `sluice-cni`, next to a real agent in that namespace.
+//! Prints the RunPodSandbox latencies (needs root and bpffs; never skipped).
 
 #![allow(
     clippy::unwrap_used,
@@ -18,7 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_integration::cri::{Containerd, Sandbox};
+use serde_json::json;
+use sluice_integration::{
+    cri::{Containerd, Sandbox},
+    node::{AgentNode, POD_CIDR, pod, sluice_cni, snapshot},
+};
 use sluice_netns::OwnedNetNs;
 
 /// Where Debian's containernetworking-plugins installs the reference plugins.
@@ -34,27 +39,33 @@ fn reference_plugin(name: &str) -> PathBuf {
     path
 }
 
-/// A server on `port` in the pod that answers each connection with `reply`.
-fn serve(pod: &Sandbox, port: u16, reply: &'static str) -> thread::JoinHandle<()> {
+/// A server on `port` in the pod that answers `connections` connections with `reply`.
+fn serve(
+    pod: &Sandbox,
+    port: u16,
+    connections: usize,
+    reply: &'static str,
+) -> thread::JoinHandle<()> {
     let listener = pod.run_in(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap());
     thread::spawn(move || {
-        // One connection from the node, one from the other pod.
-        for _ in 0..2 {
+        for _ in 0..connections {
             let (mut stream, _) = listener.accept().unwrap();
             stream.write_all(reply.as_bytes()).unwrap();
         }
     })
 }
 
-fn fetch(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+/// Connects to `addr` and reads what the server says, or the error if it cannot.
+fn try_fetch(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn fetch(addr: SocketAddr) -> String {
+    try_fetch(addr).unwrap_or_else(|e| panic!("{addr}: {e}"))
 }
 
 /// Development baseline without sluice: the reference `ptp` plugin with `host-local` IPAM,
@@ -100,7 +111,8 @@ fn containerd_runs_pod_sandboxes_through_reference_cni_plugins() {
     let lease = containerd.dir().join("ipam/cri-test").join(&web.ip);
     assert!(lease.exists(), "no lease {}", lease.display());
 
-    let server = serve(&web, 8080, "web");
+    // One connection from the node, one from the other pod.
+    let server = serve(&web, 8080, 2, "web");
     let addr = SocketAddr::from((web_ip, 8080));
     assert_eq!(node.run(move || fetch(addr)).unwrap(), "web");
     assert_eq!(client.run_in(move || fetch(addr)), "web");
@@ -119,6 +131,86 @@ fn containerd_runs_pod_sandboxes_through_reference_cni_plugins() {
         .map(|s| s.id)
         .collect();
     assert_eq!(left, [client.id.as_str()]);
+    drop(containerd);
+    println!("test took {:?}", started.elapsed());
+}
+
+/// RunPodSandbox through `containerd`, timed; panics with the runtime's and agent's logs.
+fn run_pod(containerd: &mut Containerd, node: &AgentNode, name: &str) -> (Sandbox, Duration) {
+    let begin = Instant::now();
+    let sandbox = containerd.run_pod("default", name).unwrap_or_else(|e| {
+        panic!(
+            "RunPodSandbox {name}: {e}\n{}\nagent log:\n{}",
+            containerd.log_tail(),
+            node.log_text()
+        )
+    });
+    (sandbox, begin.elapsed())
+}
+
+/// containerd calls `sluice-cni` as under a kubelet: the agent gives each pod an address
+/// of the node's podCIDR and polices it from its first packet; a pod reaches another, a
+/// NetworkPolicy keeps out the pod it does not admit, and removal (DEL) takes the endpoint
+/// out of the agent.
+#[test]
+fn containerd_attaches_pods_through_sluice_cni() {
+    let started = Instant::now();
+    let objects = json!({
+        "pods": [pod("web", "web", Some(8080)), pod("client", "client", None),
+                 pod("denied", "denied", None)],
+        "networkPolicies": [{
+            "metadata": {"name": "web-from-client", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                     "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                                  "ports": [{"port": 8080, "protocol": "TCP"}]}]},
+        }],
+    });
+    let node = AgentNode::start("cri", &snapshot(1, &objects));
+    let plugins = [reference_plugin("loopback"), sluice_cni()];
+    let plugins: Vec<&Path> = plugins.iter().map(PathBuf::as_path).collect();
+    // The network configuration of the DaemonSet's conflist, with this node's socket.
+    let socket = node.socket.display().to_string();
+    let mut containerd = Containerd::start(&node.netns, &plugins, |_| {
+        json!({"cniVersion": "1.0.0", "name": "sluice",
+               "plugins": [{"type": "sluice-cni", "agentSocket": socket}]})
+        .to_string()
+    });
+
+    let (web, web_latency) = run_pod(&mut containerd, &node, "web");
+    let (client, client_latency) = run_pod(&mut containerd, &node, "client");
+    let (denied, denied_latency) = run_pod(&mut containerd, &node, "denied");
+    println!(
+        "RunPodSandbox with sluice-cni: {web_latency:?}, {client_latency:?}, {denied_latency:?}"
+    );
+
+    let cidr: ipnet::Ipv4Net = POD_CIDR.parse().unwrap();
+    let web_ip: Ipv4Addr = web.ip.parse().unwrap();
+    assert!(cidr.contains(&web_ip), "web got {web_ip}, not of {cidr}");
+    let endpoints = node.client().endpoints().unwrap();
+    let endpoint = endpoints
+        .iter()
+        .find(|e| e.namespace == "default" && e.pod == "web")
+        .unwrap_or_else(|| panic!("no endpoint for default/web in {endpoints:?}"));
+    assert_eq!(endpoint.ipv4, web_ip);
+    assert!(endpoint.ingress_enforced, "{endpoint:?}");
+    assert_eq!(endpoint.policies, ["default/web-from-client"]);
+
+    let server = serve(&web, 8080, 1, "web");
+    let addr = SocketAddr::from((web_ip, 8080));
+    assert_eq!(client.run_in(move || fetch(addr)), "web");
+    let refused = denied.run_in(move || try_fetch(addr));
+    assert!(refused.is_err(), "denied reached web: {refused:?}");
+    server.join().unwrap();
+
+    let begin = Instant::now();
+    containerd.remove_pod(&web.id).unwrap();
+    println!("StopPodSandbox + RemovePodSandbox: {:?}", begin.elapsed());
+    let endpoints = node.client().endpoints().unwrap();
+    assert!(
+        !endpoints.iter().any(|e| e.pod == "web"),
+        "default/web still an endpoint after DEL: {endpoints:?}"
+    );
     drop(containerd);
     println!("test took {:?}", started.elapsed());
 }
