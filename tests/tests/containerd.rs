@@ -131,7 +131,11 @@ fn containerd_runs_pod_sandboxes_through_reference_cni_plugins() {
         .map(|s| s.id)
         .collect();
     assert_eq!(left, [client.id.as_str()]);
+    // Dropping the harness with `client` still running is what a failed test does: it
+    // removes the sandbox, then the daemon and all it made.
+    let footprint = containerd.footprint();
     drop(containerd);
+    assert_eq!(footprint.remaining(), Vec::<String>::new());
     println!("test took {:?}", started.elapsed());
 }
 
@@ -211,6 +215,10 @@ fn containerd_attaches_pods_through_sluice_cni() {
         !endpoints.iter().any(|e| e.pod == "web"),
         "default/web still an endpoint after DEL: {endpoints:?}"
     );
+    let footprint = containerd.footprint();
     drop(containerd);
+    assert_eq!(footprint.remaining(), Vec::<String>::new());
+    // The sandboxes the harness removed on drop went through DEL too.
+    assert_eq!(node.client().endpoints().unwrap().len(), 0);
     println!("test took {:?}", started.elapsed());
 }

@@ -205,6 +205,11 @@ impl Containerd {
         &self.daemon.dir
     }
 
+    /// Where this daemon's traces would be, to check they are gone after drop.
+    pub fn footprint(&self) -> Footprint {
+        self.daemon.footprint()
+    }
+
     /// The snapshotter the CRI plugin unpacks images with.
     pub fn snapshotter(&self) -> &'static str {
         self.daemon.snapshotter
@@ -252,23 +257,24 @@ impl Daemon {
         );
     }
 
-    /// Pids of processes whose command line names this daemon's socket: its shims.
-    fn shim_pids(&self) -> Vec<i32> {
-        let socket = self.socket.to_string_lossy().into_owned();
-        let own = std::process::id() as i32;
-        fs::read_dir("/proc")
+    /// The cgroup directories sandboxes get, one per mounted hierarchy.
+    fn cgroups(&self) -> Vec<PathBuf> {
+        let parent = self.cgroup_parent.trim_start_matches('/');
+        cgroup_mounts()
             .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|&pid| pid != own && pid != self.process.id() as i32)
-            .filter(|pid| {
-                fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&socket))
-            })
+            .map(|m| m.join(parent))
             .collect()
     }
 
-    /// The last lines of the daemon's log, for failure messages.
+    /// What the daemon could leave behind, to check after it is gone.
+    fn footprint(&self) -> Footprint {
+        Footprint {
+            dir: self.dir.clone(),
+            socket: self.socket.clone(),
+            cgroups: self.cgroups(),
+        }
+    }
+
     fn log_tail(&self) -> String {
         let log = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -347,6 +353,65 @@ impl Containerd {
     }
 }
 
+/// The places a daemon's traces would be: its directory (and mounts under it), its cgroups
+/// and processes naming its socket (its shims).
+pub struct Footprint {
+    dir: PathBuf,
+    socket: PathBuf,
+    cgroups: Vec<PathBuf>,
+}
+
+impl Footprint {
+    /// What is still there, described; empty once everything is cleaned up.
+    pub fn remaining(&self) -> Vec<String> {
+        let mut left: Vec<String> = mounts_under(&self.dir)
+            .iter()
+            .map(|m| format!("mount {}", m.display()))
+            .collect();
+        left.extend(
+            [&self.dir]
+                .into_iter()
+                .chain(&self.cgroups)
+                .filter(|path| path.exists())
+                .map(|path| format!("directory {}", path.display())),
+        );
+        left.extend(
+            pids_naming(&self.socket)
+                .iter()
+                .map(|pid| format!("process {pid}")),
+        );
+        left
+    }
+}
+
+/// Pids of processes whose command line names `socket` (a daemon's shims), but this one's.
+fn pids_naming(socket: &Path) -> Vec<i32> {
+    let socket = socket.to_string_lossy().into_owned();
+    let own = std::process::id().to_string();
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|pid| *pid != own)
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&socket))
+        })
+        .filter_map(|pid| pid.parse().ok())
+        .collect()
+}
+
+/// Mount points under `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut mounts: Vec<PathBuf> = mount_table()
+        .into_iter()
+        .map(|(point, _)| point)
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    mounts
+}
+
 /// Mount points of every cgroup hierarchy (v1 controllers and v2).
 fn cgroup_mounts() -> Vec<PathBuf> {
     mount_table()
@@ -421,11 +486,9 @@ impl Drop for Daemon {
         let _ = self.process.kill();
         let _ = self.process.wait();
         // Whatever a failed removal left: shims, and pause processes in the test's cgroups.
-        let cgroups: Vec<PathBuf> = cgroup_mounts()
-            .into_iter()
-            .map(|m| m.join(self.cgroup_parent.trim_start_matches('/')))
-            .collect();
-        let mut leftovers = self.shim_pids();
+        // The daemon is gone, so only its shims name its socket now.
+        let cgroups = self.cgroups();
+        let mut leftovers = pids_naming(&self.socket);
         for cgroup in &cgroups {
             cgroup_pids(cgroup, &mut leftovers);
         }
@@ -439,13 +502,7 @@ impl Drop for Daemon {
             thread::sleep(Duration::from_millis(200));
         }
         // Mounts under the directory (rootfs, pod network namespaces), deepest first.
-        let mut mounts: Vec<PathBuf> = mount_table()
-            .into_iter()
-            .map(|(point, _)| point)
-            .filter(|point| point.starts_with(&self.dir))
-            .collect();
-        mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for point in mounts {
+        for point in mounts_under(&self.dir) {
             if let Err(e) = umount2(&point, MntFlags::MNT_DETACH) {
                 eprintln!("cleanup: umount {}: {e}", point.display());
             }

@@ -7,5 +7,5 @@ mod containerd;
 mod image;
 
 pub use client::{CriClient, proto};
-pub use containerd::{Containerd, Sandbox};
+pub use containerd::{Containerd, Footprint, Sandbox};
 pub use image::{PAUSE_IMAGE, write_pause_image};
