@@ -7,6 +7,7 @@
 //! nothing upstream changed. All kernel work runs on the blocking pool; [`server`] answers
 //! the CLI on a Unix socket from the state the loop publishes (see [`views`]).
 
+pub mod cni;
 mod conntrack;
 pub mod health;
 mod host_cgroup;
@@ -86,6 +87,25 @@ pub enum AgentError {
     },
     #[error("the reconcile loop has stopped")]
     Stopped,
+    /// The CNI plugin named an attachment the registry does not hold.
+    #[error("no CNI endpoint for container {container_id} interface {ifname}")]
+    CniUnknown {
+        container_id: String,
+        ifname: String,
+    },
+    /// The agent cannot take pods yet (no Node, no pod CIDR): ask again later.
+    #[error("{0}")]
+    CniNotReady(String),
+    #[error("no free address in the pod CIDR {pod_cidr}")]
+    CniPoolExhausted { pod_cidr: ipnet::Ipv4Net },
+    /// A CNI request the agent will not carry out, with the field and why.
+    #[error("{0}")]
+    CniRefused(String),
+    #[error("CNI ADD: still waiting after {after:?} for {waiting}")]
+    CniTimeout { after: Duration, waiting: String },
+    /// The registry's file under --state-dir cannot be read back.
+    #[error("CNI endpoint registry {path}: {detail}")]
+    CniState { path: PathBuf, detail: String },
     /// A reconcile step or API view on the blocking pool panicked or was cancelled.
     #[error("blocking task: {0}")]
     Blocking(#[from] tokio::task::JoinError),
@@ -130,6 +150,8 @@ pub struct AgentConfig {
     /// The cgroup of the node's own processes, for socket load balancing; None: no socket
     /// programs.
     pub host_cgroup: Option<PathBuf>,
+    /// The CNI endpoint registry's directory and how long `ADD` waits.
+    pub cni: cni::CniConfig,
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay, so traffic keeps
@@ -151,7 +173,18 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         Arc::clone(&names),
         Arc::clone(&flows),
     ));
+    // Read before anything is served: the plugin's endpoints are merged into the first
+    // snapshot, so a restarted agent keeps policing its pods.
+    let (registry, local_endpoints) = cni::Registry::open(&config.node, &config.cni.state_dir)?;
     let published = Arc::new(ArcSwap::from_pointee(node.published()));
+    let (changes, changes_rx) = tokio::sync::watch::channel(());
+    let cni = cni::Cni::new(
+        registry,
+        Arc::clone(&published),
+        changes_rx,
+        config.routing.clone(),
+        config.cni.add_timeout,
+    );
     let (requests, requests_rx) = tokio::sync::mpsc::channel(8);
     let views = views::Views::new(
         Arc::clone(&published),
@@ -159,7 +192,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         requests,
     );
     let listener = server::bind(&config.api_socket)?;
-    tokio::spawn(server::serve(listener, Arc::new(views), Arc::clone(&flows)));
+    tokio::spawn(server::serve(
+        listener,
+        Arc::new(views),
+        Arc::clone(&flows),
+        Arc::new(cni),
+    ));
 
     let metrics = metrics::Metrics::default();
     let readiness = http::Readiness::default();
@@ -195,8 +233,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let result = reconcile::Loop {
         node,
         snapshots,
+        local_endpoints,
         requests: requests_rx,
         published,
+        changes,
         names,
         metrics,
         readiness,

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use sluice_agent::{
     AgentConfig, EventsConfig, SourceConfig,
+    cni::CniConfig,
     masquerade::MasqueradeConfig,
     policy_log::{PolicyLogConfig, PolicyLogMode},
     routing::RoutingConfig,
@@ -136,6 +137,15 @@ struct Args {
     /// socket programs are attached.
     #[arg(long)]
     host_cgroup: Option<PathBuf>,
+    /// Where the CNI endpoint registry (and so the IPAM allocations) is kept across
+    /// restarts.
+    #[arg(long, env = "SLUICE_STATE_DIR", default_value_os_t = CniConfig::default().state_dir)]
+    state_dir: PathBuf,
+    /// Seconds a CNI ADD waits for the new endpoint's policy to be realized (and for its Pod
+    /// object, if the source lacks it) before it fails.
+    #[arg(long, env = "SLUICE_CNI_ADD_TIMEOUT",
+          default_value_t = CniConfig::default().add_timeout.as_secs_f64())]
+    cni_add_timeout: f64,
 }
 
 /// A lifetime in seconds: zero would expire every entry at its first packet.
@@ -206,6 +216,10 @@ fn main() -> anyhow::Result<()> {
             },
         },
         host_cgroup: args.host_cgroup,
+        cni: CniConfig {
+            state_dir: args.state_dir,
+            add_timeout: Duration::from_secs_f64(args.cni_add_timeout.max(0.1)),
+        },
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -15,8 +15,8 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    AgentError, Node, conntrack::Removal, health::HealthServers, http::Readiness, metrics::Metrics,
-    observe::Names, views::Published,
+    AgentError, Node, cni::LocalEndpoints, conntrack::Removal, health::HealthServers,
+    http::Readiness, metrics::Metrics, observe::Names, views::Published,
 };
 
 /// What the API asks of the loop: work that writes the kernel or must not overlap a pass.
@@ -30,8 +30,12 @@ pub enum Request {
 pub struct Loop {
     pub node: Node,
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The CNI plugin's endpoints, merged into every snapshot the source hands over.
+    pub local_endpoints: watch::Receiver<LocalEndpoints>,
     pub requests: mpsc::Receiver<Request>,
     pub published: Arc<ArcSwap<Published>>,
+    /// Told after every publication (the CNI ADD waits on it for its realized generation).
+    pub changes: watch::Sender<()>,
     pub names: Arc<Names>,
     pub metrics: Metrics,
     /// Set after the first pass that realized the maps (`/readyz`).
@@ -46,8 +50,10 @@ impl Loop {
         let Loop {
             mut node,
             mut snapshots,
+            mut local_endpoints,
             mut requests,
             published,
+            changes,
             names,
             metrics,
             readiness,
@@ -58,7 +64,14 @@ impl Loop {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut source_open = true;
+        let mut registry_open = true;
+        // The source's own last snapshot, before the CNI endpoints are merged in.
+        let mut source_snapshot: Option<Arc<Snapshot>> = None;
         let mut health = HealthServers::default();
+        let publish = |state: Published| {
+            published.store(Arc::new(state));
+            changes.send_replace(());
+        };
         loop {
             tokio::select! {
                 changed = snapshots.changed(), if source_open => {
@@ -71,8 +84,21 @@ impl Loop {
                         warn!("source ended; keeping the last snapshot");
                         continue;
                     }
-                    node.accept(Arc::clone(&snapshots.borrow_and_update()));
-                    published.store(Arc::new(node.published()));
+                    let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                    node.accept(merged(&snapshot, &local_endpoints.borrow_and_update()));
+                    source_snapshot = Some(snapshot);
+                    publish(node.published());
+                }
+                changed = local_endpoints.changed(), if registry_open => {
+                    if changed.is_err() {
+                        registry_open = false;
+                        continue;
+                    }
+                    // Before the source's first snapshot a pass would empty the pinned
+                    // maps; that snapshot takes the endpoints with it.
+                    let Some(snapshot) = &source_snapshot else { continue };
+                    node.accept(merged(snapshot, &local_endpoints.borrow_and_update()));
+                    publish(node.published());
                 }
                 _ = tick.tick() => {
                     if !node.has_snapshot() {
@@ -100,11 +126,21 @@ impl Loop {
             .await?;
             let state = node.published();
             health.follow(&state.desired).await;
-            published.store(Arc::new(state));
+            publish(state);
         }
         info!("agent stopping; pinned maps and links keep the datapath running");
         Ok(())
     }
+}
+
+/// The source's snapshot with the CNI plugin's endpoints added to its own.
+fn merged(snapshot: &Arc<Snapshot>, local: &LocalEndpoints) -> Arc<Snapshot> {
+    if local.is_empty() {
+        return Arc::clone(snapshot);
+    }
+    let mut merged = Snapshot::clone(snapshot);
+    merged.endpoints.extend(local.iter().cloned());
+    Arc::new(merged)
 }
 
 impl Request {

@@ -53,6 +53,23 @@ pub struct RoutingConfig {
     pub masquerade: MasqueradeConfig,
 }
 
+impl RoutingConfig {
+    /// The MTU a pod of this node gets: the underlay's, less the tunnel's overhead in
+    /// tunnel mode; None (the veth default) in local mode.
+    pub fn pod_mtu(&self) -> Result<Option<u32>, AgentError> {
+        let underlay = match (self.mode, self.underlay_device.as_deref()) {
+            (RoutingMode::Local, _) => return Ok(None),
+            (mode, None) => return Err(AgentError::NoUnderlay { mode }),
+            (_, Some(device)) => device,
+        };
+        let mtu = Netlink::current()?.mtu(underlay)?;
+        Ok(Some(match self.mode {
+            RoutingMode::Tunnel => mtu.saturating_sub(VXLAN_OVERHEAD),
+            _ => mtu,
+        }))
+    }
+}
+
 impl Default for RoutingConfig {
     fn default() -> Self {
         Self {

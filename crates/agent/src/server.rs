@@ -20,6 +20,10 @@ use serde::Serialize;
 use sluice_api::{
     AgentStatus, CtEntry, EndpointEntry, EndpointPolicyView, EndpointQuery, ErrorBody,
     IdentityEntry, IdentityQuery, NDJSON, ServiceEntry, VerifyReport, VerifyRequest,
+    cni::{
+        CniAddRequest, CniAllocation, CniAttachment, CniEndpoint, CniEndpointState, CniRemoved,
+        CniStatus,
+    },
     flow::{Flow, ObserveRequest},
     routes,
 };
@@ -27,7 +31,7 @@ use sluice_observer::FlowBuffer;
 use tokio::{net::UnixListener, sync::broadcast};
 use tracing::warn;
 
-use crate::{AgentError, views::Views};
+use crate::{AgentError, cni::Cni, views::Views};
 
 /// Binds the socket, replacing a stale one left by a previous agent.
 pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
@@ -48,8 +52,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
     UnixListener::bind(path).map_err(io("bind"))
 }
 
-pub async fn serve(listener: UnixListener, views: Arc<Views>, flows: Arc<FlowBuffer>) {
-    if let Err(e) = axum::serve(listener, router(views, flows)).await {
+pub async fn serve(
+    listener: UnixListener,
+    views: Arc<Views>,
+    flows: Arc<FlowBuffer>,
+    cni: Arc<Cni>,
+) {
+    if let Err(e) = axum::serve(listener, router(views, flows, cni)).await {
         warn!(error = %e, "API server stopped");
     }
 }
@@ -61,7 +70,7 @@ struct Api {
     views: Arc<Views>,
 }
 
-fn router(views: Arc<Views>, flows: Arc<FlowBuffer>) -> Router {
+fn router(views: Arc<Views>, flows: Arc<FlowBuffer>, cni: Arc<Cni>) -> Router {
     Router::new()
         .route(routes::STATUS, get(status))
         .route(routes::SERVICES, get(services))
@@ -74,7 +83,20 @@ fn router(views: Arc<Views>, flows: Arc<FlowBuffer>) -> Router {
         .route(routes::POLICY, get(policy))
         .with_state(Api { views })
         .merge(observe_router(flows))
+        .merge(cni_router(cni))
         .fallback(unknown_route)
+}
+
+/// The CNI plugin's routes: they need the endpoint registry, not the views.
+fn cni_router(cni: Arc<Cni>) -> Router {
+    Router::new()
+        .route(routes::CNI_ADD, post(cni_add))
+        .route(routes::CNI_ATTACHED, post(cni_attached))
+        .route(routes::CNI_CHECK, post(cni_check))
+        .route(routes::CNI_DEL, post(cni_del))
+        .route(routes::CNI_STATUS, get(cni_status))
+        .route(routes::CNI_ENDPOINTS, get(cni_endpoints))
+        .with_state(cni)
 }
 
 /// The flows need no node: kept apart, they are served (and tested) from the buffer alone.
@@ -100,7 +122,13 @@ impl From<AgentError> for Refusal {
             // name, no single one).
             AgentError::Query(_) => StatusCode::NOT_FOUND,
             // No snapshot yet, or the reconcile loop is shutting down: ask again later.
-            AgentError::NoSnapshot | AgentError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::NoSnapshot | AgentError::Stopped | AgentError::CniNotReady(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            AgentError::CniUnknown { .. } => StatusCode::NOT_FOUND,
+            AgentError::CniRefused(_) => StatusCode::BAD_REQUEST,
+            AgentError::CniPoolExhausted { .. } => StatusCode::CONFLICT,
+            AgentError::CniTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Refusal(status, e.to_string())
@@ -179,6 +207,46 @@ async fn policy(
 ) -> Answer<EndpointPolicyView> {
     let Query(query) = query?;
     answer(api.views.policy(query.endpoint).await)
+}
+
+async fn cni_add(
+    State(cni): State<Arc<Cni>>,
+    request: Result<Json<CniAddRequest>, JsonRejection>,
+) -> Answer<CniAllocation> {
+    let Json(request) = request?;
+    answer(cni.add(request).await)
+}
+
+async fn cni_attached(
+    State(cni): State<Arc<Cni>>,
+    request: Result<Json<CniAttachment>, JsonRejection>,
+) -> Answer<CniEndpointState> {
+    let Json(attachment) = request?;
+    answer(cni.attached(attachment).await)
+}
+
+async fn cni_check(
+    State(cni): State<Arc<Cni>>,
+    request: Result<Json<CniAttachment>, JsonRejection>,
+) -> Answer<CniEndpointState> {
+    let Json(attachment) = request?;
+    answer(cni.check(attachment).await)
+}
+
+async fn cni_del(
+    State(cni): State<Arc<Cni>>,
+    request: Result<Json<CniAttachment>, JsonRejection>,
+) -> Answer<CniRemoved> {
+    let Json(attachment) = request?;
+    answer(cni.del(attachment).await)
+}
+
+async fn cni_status(State(cni): State<Arc<Cni>>) -> Answer<CniStatus> {
+    answer(cni.status().await)
+}
+
+async fn cni_endpoints(State(cni): State<Arc<Cni>>) -> Answer<Vec<CniEndpoint>> {
+    answer(cni.endpoints().await)
 }
 
 /// Sends the buffered flows the request selects, then, with `follow`, every new matching

@@ -43,6 +43,8 @@ impl Agent {
             .arg(pins.path())
             .arg("--api-socket")
             .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
             .arg("--metrics-address")
             .arg(metrics.to_string())
             .spawn()

@@ -23,7 +23,12 @@ use tokio::{
 
 use crate::{
     AgentStatus, CtEntry, EndpointEntry, EndpointPolicyView, EndpointQuery, ErrorBody,
-    IdentityEntry, IdentityQuery, ServiceEntry, VerifyReport, VerifyRequest, flow, routes,
+    IdentityEntry, IdentityQuery, ServiceEntry, VerifyReport, VerifyRequest,
+    cni::{
+        CniAddRequest, CniAllocation, CniAttachment, CniEndpoint, CniEndpointState, CniRemoved,
+        CniStatus,
+    },
+    flow, routes,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +74,11 @@ impl Client {
         }
     }
 
+    /// The same client, waiting up to `timeout` (30 s by default) for each answer.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
+    }
+
     pub fn status(&self) -> Result<AgentStatus, ApiError> {
         self.get(routes::STATUS, None::<&()>)
     }
@@ -109,6 +119,36 @@ impl Client {
             endpoint: endpoint.to_string(),
         };
         self.get(routes::POLICY, Some(&query))
+    }
+
+    /// CNI `ADD`, first step: records the attachment and allocates its address.
+    pub fn cni_add(&self, request: &CniAddRequest) -> Result<CniAllocation, ApiError> {
+        self.json(self.post(routes::CNI_ADD, request)?)
+    }
+
+    /// CNI `ADD`, second step: the veth is wired; answers once its policy is realized.
+    pub fn cni_attached(&self, attachment: &CniAttachment) -> Result<CniEndpointState, ApiError> {
+        self.json(self.post(routes::CNI_ATTACHED, attachment)?)
+    }
+
+    /// CNI `CHECK`: the recorded endpoint and whether it is realized.
+    pub fn cni_check(&self, attachment: &CniAttachment) -> Result<CniEndpointState, ApiError> {
+        self.json(self.post(routes::CNI_CHECK, attachment)?)
+    }
+
+    /// CNI `DEL`: removes the attachment and releases its address; idempotent.
+    pub fn cni_del(&self, attachment: &CniAttachment) -> Result<CniRemoved, ApiError> {
+        self.json(self.post(routes::CNI_DEL, attachment)?)
+    }
+
+    /// CNI `STATUS`: whether the agent can take new pods.
+    pub fn cni_status(&self) -> Result<CniStatus, ApiError> {
+        self.get(routes::CNI_STATUS, None::<&()>)
+    }
+
+    /// Every attachment the agent holds (CNI `GC` removes those the runtime no longer has).
+    pub fn cni_endpoints(&self) -> Result<Vec<CniEndpoint>, ApiError> {
+        self.get(routes::CNI_ENDPOINTS, None::<&()>)
     }
 
     /// Streams flows: the buffered ones the request selects, then (with `follow`) new ones

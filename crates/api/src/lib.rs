@@ -16,6 +16,7 @@ pub use sluice_common::kinds::{
 };
 
 mod client;
+pub mod cni;
 pub mod flow;
 
 pub use client::{ApiError, Client, FlowStream, scrape};
@@ -44,6 +45,21 @@ pub mod routes {
     /// POST [`ObserveRequest`](super::flow::ObserveRequest): flows as JSON lines, ending when
     /// the buffered ones are sent or, with `follow`, when the client hangs up.
     pub const OBSERVE: &str = "/v1/observe";
+    /// POST [`CniAddRequest`](super::cni::CniAddRequest):
+    /// [`CniAllocation`](super::cni::CniAllocation).
+    pub const CNI_ADD: &str = "/v1/cni/add";
+    /// POST [`CniAttachment`](super::cni::CniAttachment), once its veth is wired: answers
+    /// [`CniEndpointState`](super::cni::CniEndpointState) when its policy is realized.
+    pub const CNI_ATTACHED: &str = "/v1/cni/attached";
+    /// POST [`CniAttachment`](super::cni::CniAttachment):
+    /// [`CniEndpointState`](super::cni::CniEndpointState).
+    pub const CNI_CHECK: &str = "/v1/cni/check";
+    /// POST [`CniAttachment`](super::cni::CniAttachment): [`CniRemoved`](super::cni::CniRemoved).
+    pub const CNI_DEL: &str = "/v1/cni/del";
+    /// GET: [`CniStatus`](super::cni::CniStatus).
+    pub const CNI_STATUS: &str = "/v1/cni/status";
+    /// GET: `Vec<`[`CniEndpoint`](super::cni::CniEndpoint)`>`, for the plugin's GC.
+    pub const CNI_ENDPOINTS: &str = "/v1/cni/endpoints";
 }
 
 /// Content type of the `observe` stream: one JSON object per line.

@@ -135,6 +135,10 @@ impl Lab {
             .arg(self.pin_dir(node))
             .arg("--api-socket")
             .arg(self.agent_socket(node))
+            // The lab plays the CNI plugin through its cluster file; the agent's own
+            // registry stays empty, in the lab's directory, never the host's.
+            .arg("--state-dir")
+            .arg(self.dir.join("nodes").join(node).join("state"))
             .arg("--host-cgroup")
             .arg(self.node_cgroup(node)?);
         if spec.underlay.is_some() {

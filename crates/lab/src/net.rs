@@ -4,18 +4,13 @@
 
 use std::net::Ipv4Addr;
 
-use sluice_netns::{Ipv4Net, NetNs, Netlink, Route};
+use sluice_netns::{Guest, Ipv4Net, NetNs, Route, add_router_interface, wire_guest};
 
 use crate::{
     LabError,
     topology::{UNDERLAY_BRIDGE, UNDERLAY_DEVICE},
 };
 
-/// Interface holding the node's router address: one end of a veth pair, like Cilium's
-/// cilium_host/cilium_net (a dummy would do, but kernels without CONFIG_DUMMY exist; veth is
-/// needed for the pods anyway).
-pub const HOST_INTERFACE: &str = "sluice_host";
-const HOST_PEER: &str = "sluice_net";
 /// Interface alias that marks a namespace as the lab's, for `lab down` without `lab.json`.
 pub fn alias(lab: &str) -> String {
     format!("sluice-lab={lab}")
@@ -27,7 +22,8 @@ fn host(address: Ipv4Addr) -> Ipv4Net {
 }
 
 /// A node: forwarding on, reverse-path filtering off (replies from a service's backends carry
-/// the ClusterIP as source, which has no route back), and the router address on `sluice_host`.
+/// the ClusterIP as source, which has no route back), and the router address on
+/// `sluice_host`.
 pub fn setup_node(lab: &str, netns: &str, router: Ipv4Addr) -> Result<(), LabError> {
     let ns = NetNs::open(netns)?;
     // Before any lxc exists: new interfaces copy `default`, so every lxc gets rp_filter 0.
@@ -36,12 +32,7 @@ pub fn setup_node(lab: &str, netns: &str, router: Ipv4Addr) -> Result<(), LabErr
         ("net.ipv4.conf.all.rp_filter", "0"),
         ("net.ipv4.conf.default.rp_filter", "0"),
     ])?;
-    let nl = ns.netlink()?;
-    nl.add_veth(HOST_INTERFACE, HOST_PEER, None)?;
-    nl.set_alias(HOST_INTERFACE, &alias(lab))?;
-    nl.add_address(HOST_INTERFACE, host(router).into())?;
-    nl.set_up(HOST_PEER)?;
-    nl.set_up(HOST_INTERFACE)?;
+    add_router_interface(&ns.netlink()?, router, Some(&alias(lab)))?;
     Ok(())
 }
 
@@ -64,15 +55,17 @@ pub struct PodLink<'a> {
 /// on any interface.
 pub fn setup_pod(l: &PodLink<'_>) -> Result<(), LabError> {
     let (node, pod) = (NetNs::open(l.node_netns)?, NetNs::open(l.pod_netns)?);
+    let alias = alias(l.lab);
     wire_guest(
-        &node,
+        &node.netlink()?,
         &pod,
         &Guest {
-            lab: l.lab,
             interface: l.interface,
+            device: "eth0",
             address: l.ip,
             router: l.router,
             mtu: l.mtu,
+            alias: Some(&alias),
         },
     )?;
     if !l.tx_checksum_offload {
@@ -100,46 +93,19 @@ pub struct WorldLink<'a> {
 /// cluster, whose traffic the pods' own interfaces judge.
 pub fn setup_world(l: &WorldLink<'_>) -> Result<(), LabError> {
     let (node, world) = (NetNs::open(l.node_netns)?, NetNs::open(l.world_netns)?);
+    let alias = alias(l.lab);
     wire_guest(
-        &node,
+        &node.netlink()?,
         &world,
         &Guest {
-            lab: l.lab,
             interface: l.interface,
+            device: "eth0",
             address: l.address,
             router: l.router,
             mtu: l.mtu,
+            alias: Some(&alias),
         },
-    )
-}
-
-/// A namespace hanging off a node by a veth: a pod or a world host.
-struct Guest<'a> {
-    lab: &'a str,
-    /// Node-side veth name; the guest's side is `eth0`.
-    interface: &'a str,
-    address: Ipv4Addr,
-    router: Ipv4Addr,
-    mtu: Option<u32>,
-}
-
-fn wire_guest(node: &NetNs, guest: &NetNs, g: &Guest<'_>) -> Result<(), LabError> {
-    let on_node: Netlink = node.netlink()?;
-    on_node.add_veth(g.interface, "eth0", Some(guest))?;
-    if let Some(mtu) = g.mtu {
-        on_node.set_mtu(g.interface, mtu)?;
-    }
-    on_node.set_up(g.interface)?;
-    on_node.add_route(&Route::device(host(g.address), g.interface).src(g.router))?;
-    let inside = guest.netlink()?;
-    inside.set_alias("eth0", &alias(g.lab))?;
-    if let Some(mtu) = g.mtu {
-        inside.set_mtu("eth0", mtu)?;
-    }
-    inside.add_address("eth0", host(g.address).into())?;
-    inside.set_up("eth0")?;
-    inside.add_route(&Route::device(host(g.router), "eth0"))?;
-    inside.add_route(&Route::default_via(g.router).dev("eth0"))?;
+    )?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Network namespaces and what lives in them: veth pairs, bridges, addresses, routes, link
 //! state and MTU over rtnetlink; sysctls; transmit checksum offload; code and processes run
 //! inside a namespace; the cgroup v2 directories that hold a node's processes. One place
-//! for the lab, the benchmark, the tests (and the CNI plugin to come), instead of each
+//! for the lab, the benchmark, the tests and the CNI plugin, instead of each
 //! running `ip`, `sysctl`, `ethtool` and `nsenter` and entering namespaces by hand.
 //!
 //! Namespaces are named under /run/netns exactly as `ip netns add` names them, so `ip netns`
@@ -9,6 +9,7 @@
 
 mod cgroup;
 mod error;
+mod guest;
 mod link;
 mod multipath;
 mod ns;
@@ -18,6 +19,7 @@ mod sysctl;
 
 pub use cgroup::{Cgroup, CgroupRefusal, OwnedCgroup, cgroup2_root};
 pub use error::NetNsError;
+pub use guest::{Guest, ROUTER_INTERFACE, add_router_interface, wire_guest};
 pub use ipnet::{IpNet, Ipv4Net};
 pub use link::{Link, LinkKind, Netlink};
 pub use multipath::{MultipathEntry, MultipathRoute};

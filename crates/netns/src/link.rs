@@ -7,8 +7,9 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
-    packet_route::link::{
-        InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
+    packet_route::{
+        address::{AddressAttribute, AddressMessage},
+        link::{InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
     },
 };
 
@@ -123,6 +124,56 @@ impl Netlink {
                 interface: name.into(),
                 attribute: "IFLA_MTU",
             })
+    }
+
+    /// `name`'s hardware address, as `ip link` prints it (`aa:bb:cc:dd:ee:ff`).
+    pub fn mac(&self, name: &str) -> Result<String, NetNsError> {
+        let link = self.link(name)?;
+        link.attributes
+            .into_iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(bytes) => Some(
+                    bytes
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                ),
+                _ => None,
+            })
+            .ok_or_else(|| NetNsError::NoAttribute {
+                netns: self.netns.clone(),
+                interface: name.into(),
+                attribute: "IFLA_ADDRESS",
+            })
+    }
+
+    /// `ip addr show dev <name>`: its addresses with their prefix lengths.
+    pub fn addresses(&self, name: &str) -> Result<Vec<IpNet>, NetNsError> {
+        let index = self.index(name)?;
+        let messages: Vec<AddressMessage> = self
+            .runtime
+            .block_on(async {
+                self.handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(index)
+                    .execute()
+                    .try_collect()
+                    .await
+            })
+            .map_err(self.fail("RTM_GETADDR", name))?;
+        Ok(messages
+            .into_iter()
+            .filter(|m| m.header.index == index)
+            .filter_map(|m| {
+                let prefix = m.header.prefix_len;
+                m.attributes.into_iter().find_map(|a| match a {
+                    AddressAttribute::Address(address) => IpNet::new(address, prefix).ok(),
+                    _ => None,
+                })
+            })
+            .collect())
     }
 
     /// What kind of link `name` is.

@@ -41,17 +41,32 @@ pub const NETNS_DIR: &str = "/run/netns";
 static RUN_DIR: Mutex<()> = Mutex::new(());
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A named network namespace (`/run/netns/<name>`). The handle does not own it: see
-/// [`OwnedNetNs`] for one deleted on drop.
+/// A named network namespace (`/run/netns/<name>`), or one a runtime names by any path of
+/// nsfs (a CNI plugin's `CNI_NETNS`). The handle does not own it: see [`OwnedNetNs`] for one
+/// deleted on drop.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NetNs {
     name: String,
+    path: PathBuf,
 }
 
 impl NetNs {
     /// The namespace called `name`, whether or not it exists yet.
     pub fn named(name: impl Into<String>) -> Self {
-        Self { name: name.into() }
+        let name = name.into();
+        let path = Self::path_of(&name);
+        Self { name, path }
+    }
+
+    /// The namespace bind-mounted (or, under /proc, held) at `path`, named by that path in
+    /// messages. It must exist.
+    pub fn at_path(path: impl Into<PathBuf>) -> Result<Self, NetNsError> {
+        let path = path.into();
+        let name = path.display().to_string();
+        if !path.exists() {
+            return Err(NetNsError::NotFound(name));
+        }
+        Ok(Self { name, path })
     }
 
     /// An existing namespace.
@@ -162,7 +177,7 @@ impl NetNs {
     }
 
     pub fn path(&self) -> PathBuf {
-        Self::path_of(&self.name)
+        self.path.clone()
     }
 
     pub fn exists(&self) -> bool {

@@ -252,6 +252,8 @@ impl Launch {
             .arg(pins)
             .arg("--api-socket")
             .arg(socket)
+            .arg("--state-dir")
+            .arg(socket.with_file_name("state"))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
