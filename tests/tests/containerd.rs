@@ -46,7 +46,8 @@ fn serve(
     connections: usize,
     reply: &'static str,
 ) -> thread::JoinHandle<()> {
-    let listener = pod.run_in(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap());
+    let bind = || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
+    let listener = pod.netns.run(bind).unwrap().unwrap();
     thread::spawn(move || {
         for _ in 0..connections {
             let (mut stream, _) = listener.accept().unwrap();
@@ -115,7 +116,7 @@ fn containerd_runs_pod_sandboxes_through_reference_cni_plugins() {
     let server = serve(&web, 8080, 2, "web");
     let addr = SocketAddr::from((web_ip, 8080));
     assert_eq!(node.run(move || fetch(addr)).unwrap(), "web");
-    assert_eq!(client.run_in(move || fetch(addr)), "web");
+    assert_eq!(client.netns.run(move || fetch(addr)).unwrap(), "web");
     server.join().unwrap();
 
     // Stop and remove run DEL: the lease is released and the sandbox is gone.
@@ -202,8 +203,8 @@ fn containerd_attaches_pods_through_sluice_cni() {
 
     let server = serve(&web, 8080, 1, "web");
     let addr = SocketAddr::from((web_ip, 8080));
-    assert_eq!(client.run_in(move || fetch(addr)), "web");
-    let refused = denied.run_in(move || try_fetch(addr));
+    assert_eq!(client.netns.run(move || fetch(addr)).unwrap(), "web");
+    let refused = denied.netns.run(move || try_fetch(addr)).unwrap();
     assert!(refused.is_err(), "denied reached web: {refused:?}");
     server.join().unwrap();
 

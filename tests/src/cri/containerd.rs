@@ -16,7 +16,6 @@ use std::{
 
 use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
-    sched::{CloneFlags, setns},
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
@@ -38,25 +37,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Sandbox {
     pub id: String,
     pub ip: String,
-    pub netns: PathBuf,
-}
-
-impl Sandbox {
-    /// Runs `f` on a new thread inside the pod's network namespace.
-    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = fs::File::open(&self.netns)
-            .unwrap_or_else(|e| panic!("open {}: {e}", self.netns.display()));
-        thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    setns(&file, CloneFlags::CLONE_NEWNET)
-                        .unwrap_or_else(|e| panic!("setns into the pod: {e}"));
-                    f()
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
+    pub netns: NetNs,
 }
 
 /// The daemon with its CRI client. Fields drop in order: the client after `drop` has
@@ -337,8 +318,8 @@ impl Containerd {
             .flatten()
             .find(|ns| ns["type"] == "network")
             .and_then(|ns| ns["path"].as_str())
-            .map(PathBuf::from)
             .ok_or_else(|| Status::internal(format!("no network namespace in {info}")))?;
+        let netns = NetNs::at_path(netns).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Sandbox {
             id: id.into(),
             ip,
