@@ -65,8 +65,8 @@ pub struct AgentNode {
 }
 
 impl AgentNode {
-    /// Starts the agent on `snapshot` and waits until it realized it.
-    pub fn start(prefix: &str, snapshot: &Snapshot) -> Self {
+    /// Starts the agent on `snapshot`, with `args` added, and waits until it realized it.
+    pub fn start(prefix: &str, snapshot: &Snapshot, args: &[&str]) -> Self {
         let name = unique_name(&format!("sluice-{prefix}-"));
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir).unwrap();
@@ -99,6 +99,7 @@ impl AgentNode {
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())

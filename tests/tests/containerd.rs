@@ -155,8 +155,9 @@ fn run_pod(containerd: &mut Containerd, node: &AgentNode, name: &str) -> (Sandbo
 
 /// containerd calls `sluice-cni` as under a kubelet: the agent gives each pod an address
 /// of the node's podCIDR and polices it from its first packet; a pod reaches another, a
-/// NetworkPolicy keeps out the pod it does not admit, and removal (DEL) takes the endpoint
-/// out of the agent.
+/// NetworkPolicy keeps out the pod it does not admit, a pod the agent cannot admit fails
+/// RunPodSandbox with the plugin's reason and leaves nothing, and removal (DEL) takes the
+/// endpoint out of the agent.
 #[test]
 fn containerd_attaches_pods_through_sluice_cni() {
     let started = Instant::now();
@@ -171,7 +172,8 @@ fn containerd_attaches_pods_through_sluice_cni() {
                                   "ports": [{"port": 8080, "protocol": "TCP"}]}]},
         }],
     });
-    let node = AgentNode::start("cri", &snapshot(1, &objects));
+    // A Pod the source does not know is waited for this long before ADD fails.
+    let node = AgentNode::start("cri", &snapshot(1, &objects), &["--cni-add-timeout", "1"]);
     let plugins = [reference_plugin("loopback"), sluice_cni()];
     let plugins: Vec<&Path> = plugins.iter().map(PathBuf::as_path).collect();
     // The network configuration of the DaemonSet's conflist, with this node's socket.
@@ -207,6 +209,19 @@ fn containerd_attaches_pods_through_sluice_cni() {
     let refused = denied.netns.run(move || try_fetch(addr)).unwrap();
     assert!(refused.is_err(), "denied reached web: {refused:?}");
     server.join().unwrap();
+
+    // No Pod object: the plugin's error reaches the CRI caller, as a kubelet would log it,
+    // and containerd's own cleanup after the failed ADD (DEL) leaves no endpoint.
+    let error = containerd.run_pod("default", "ghost").unwrap_err();
+    println!(
+        "RunPodSandbox of a pod the agent does not know: {}",
+        error.message()
+    );
+    assert!(error.message().contains("default/ghost"), "{error}");
+    let endpoints = node.client().endpoints().unwrap();
+    assert!(!endpoints.iter().any(|e| e.pod == "ghost"), "{endpoints:?}");
+    let sandboxes = containerd.cri.list_pod_sandbox().unwrap();
+    assert_eq!(sandboxes.len(), 3, "{sandboxes:?}");
 
     let begin = Instant::now();
     containerd.remove_pod(&web.id).unwrap();
