@@ -156,16 +156,24 @@ impl Containerd {
         fs::write(&config, config_toml(&dir, snapshotter)).unwrap();
         let log = dir.join("containerd.log");
         let log_file = fs::File::create(&log).unwrap();
-        let process = node
+        let spawned = node
             .command("containerd")
-            .unwrap_or_else(|e| panic!("{e}"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn containerd: {e} (scripts/setup.sh installs it)"));
+            .map_err(|e| e.to_string())
+            .and_then(|mut command| {
+                command
+                    .arg("--config")
+                    .arg(&config)
+                    .stdin(Stdio::null())
+                    .stdout(log_file.try_clone().unwrap())
+                    .stderr(log_file)
+                    .spawn()
+                    .map_err(|e| format!("spawn containerd: {e} (scripts/setup.sh installs it)"))
+            });
+        let process = spawned.unwrap_or_else(|error| {
+            // Without a process there is no Daemon to clean up: the directory goes here.
+            let _ = fs::remove_dir_all(&dir);
+            panic!("{error}")
+        });
         let mut daemon = Daemon {
             socket: dir.join("containerd.sock"),
             dir,
