@@ -105,6 +105,7 @@ fn containerd_runs_pod_sandboxes_through_reference_cni_plugins() {
         web.ip, client.ip
     );
 
+    assert!(web.ready && client.ready, "{web:?} {client:?}");
     let web_ip: Ipv4Addr = web.ip.parse().unwrap();
     assert!(web_ip.octets()[..3] == [10, 250, 0], "web got {web_ip}");
     assert_ne!(web.ip, client.ip);
@@ -191,6 +192,7 @@ fn containerd_attaches_pods_through_sluice_cni() {
         "RunPodSandbox with sluice-cni: {web_latency:?}, {client_latency:?}, {denied_latency:?}"
     );
 
+    assert!(web.ready && client.ready && denied.ready);
     let cidr: ipnet::Ipv4Net = POD_CIDR.parse().unwrap();
     let web_ip: Ipv4Addr = web.ip.parse().unwrap();
     assert!(cidr.contains(&web_ip), "web got {web_ip}, not of {cidr}");

@@ -31,11 +31,13 @@ use super::{
 const CRI_NAMESPACE: &str = "k8s.io";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A sandbox the runtime reports running: its id, the pod IP from its status, and the
-/// network namespace the runtime made for it (the CNI_NETNS its plugins were given).
+/// A sandbox as the runtime reports it: its id, whether it is ready, the pod IP from its
+/// status, and the network namespace the runtime made for it (the CNI_NETNS its plugins
+/// were given).
 #[derive(Debug, Clone)]
 pub struct Sandbox {
     pub id: String,
+    pub ready: bool,
     pub ip: String,
     pub netns: NetNs,
 }
@@ -313,6 +315,7 @@ impl Containerd {
     pub fn sandbox(&mut self, id: &str) -> Result<Sandbox, Status> {
         let response = self.cri.pod_sandbox_status(id)?;
         let status = response.status.unwrap_or_default();
+        let ready = status.state() == proto::PodSandboxState::SandboxReady;
         let ip = status.network.unwrap_or_default().ip;
         // containerd's verbose info: its runtime spec names the network namespace.
         let info: serde_json::Value = response
@@ -330,6 +333,7 @@ impl Containerd {
         let netns = NetNs::at_path(netns).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Sandbox {
             id: id.into(),
+            ready,
             ip,
             netns,
         })
