@@ -204,6 +204,21 @@ fn containerd_attaches_pods_through_sluice_cni() {
     assert_eq!(endpoint.ipv4, web_ip);
     assert!(endpoint.ingress_enforced, "{endpoint:?}");
     assert_eq!(endpoint.policies, ["default/web-from-client"]);
+    // The plugin ran where containerd runs: the pod's host-side veth is in the node's
+    // namespace, not in the root one.
+    assert!(
+        node.netns
+            .netlink()
+            .unwrap()
+            .index(&endpoint.interface)
+            .is_ok()
+    );
+    let root = sluice_netns::Netlink::current().unwrap();
+    assert!(
+        root.index(&endpoint.interface).is_err(),
+        "{} in the root namespace",
+        endpoint.interface
+    );
 
     let server = serve(&web, 8080, 1, "web");
     let addr = SocketAddr::from((web_ip, 8080));
