@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use serde_json::{Value, json};
 use sluice_api::cni::CniAttachment;
 use sluice_cni::host_interface;
-use sluice_netns::{Netlink, OwnedNetNs};
+use sluice_netns::{NetNs, Netlink, OwnedNetNs};
 use support::{Node, ROUTER, net_conf, pod, pod_args, snapshot, vars};
 
 /// ADD is refused after this long when the Pod object never shows up.
@@ -36,54 +36,14 @@ fn add_check_del_status_version_and_every_error() {
     let web_args = pod_args("default", "web");
     let web = vars("ADD", "c0ffee01", &web_path, &web_args);
 
-    // STATUS and VERSION.
-    let status = node.plugin(
-        &vars("STATUS", "", "", ""),
-        &net_conf("1.1.0", &node.socket).to_string(),
-    );
-    assert!(status.success, "{} {}", status.stdout, status.stderr);
-    assert_eq!(status.stdout, "");
-    let version = node.plugin(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"1.0.0"}"#);
-    assert_eq!(
-        version.result(),
-        json!({"cniVersion": "1.0.0", "supportedVersions": ["1.0.0", "1.1.0"]})
-    );
+    status_and_version(&node);
 
     // ADD: the result as the spec shapes it, the wiring in the kernel, the endpoint policed.
     let add = node.plugin(&web, &conf);
     let result = add.result();
     println!("CNI ADD result: {result}");
     let host = host_interface("c0ffee01", "eth0");
-    assert_eq!(result["cniVersion"], "1.0.0");
-    assert_eq!(result["interfaces"][0]["name"], host.as_str());
-    assert!(result["interfaces"][0].get("sandbox").is_none());
-    assert_eq!(result["interfaces"][1]["name"], "eth0");
-    assert_eq!(result["interfaces"][1]["sandbox"], web_path.as_str());
-    assert!(
-        result["interfaces"][1]["mac"]
-            .as_str()
-            .is_some_and(|m| m.len() == 17)
-    );
-    assert_eq!(
-        result["ips"],
-        json!([{"address": "10.244.7.2/32", "gateway": ROUTER, "interface": 1}])
-    );
-    assert_eq!(
-        result["routes"],
-        json!([{"dst": "0.0.0.0/0", "gw": ROUTER}])
-    );
-    assert_eq!(result["dns"], json!({}));
-    assert!(has_link(&node, &host));
-    assert!(has_link(&node, sluice_netns::ROUTER_INTERFACE));
-    let inside = web_ns.netlink().unwrap();
-    let addresses = inside.addresses("eth0").unwrap();
-    assert!(
-        addresses.contains(&"10.244.7.2/32".parse().unwrap()),
-        "{addresses:?}"
-    );
-    let endpoint = node.client().endpoint("default/web").unwrap();
-    assert_eq!(endpoint.interface, host);
-    assert_eq!(endpoint.ipv4, Ipv4Addr::new(10, 244, 7, 2));
+    check_add_result(&node, &result, &web_ns, &host);
     println!("CNI ADD took {:?}", add.elapsed);
 
     // CHECK, with ADD's result as prevResult.
@@ -112,80 +72,8 @@ fn add_check_del_status_version_and_every_error() {
 
     errors(&node, &conf, &web_path, &web_args);
 
-    // GC with only web valid: api's veth and record go, web's stay.
-    let mut gc_conf = net_conf("1.1.0", &node.socket);
-    gc_conf["cni.dev/valid-attachments"] = json!([{"containerID": "c0ffee01", "ifname": "eth0"}]);
-    gc_conf["cni.dev/attachments"] = gc_conf["cni.dev/valid-attachments"].clone();
-    let gc = node.plugin(
-        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
-        &gc_conf.to_string(),
-    );
-    assert!(gc.success, "{}", gc.stdout);
-    assert_eq!(gc.stdout, "");
-    assert!(!has_link(&node, &host_interface("c0ffee02", "eth0")));
-    assert!(has_link(&node, &host));
-    let kept: Vec<_> = node
-        .client()
-        .cni_endpoints()
-        .unwrap()
-        .into_iter()
-        .map(|e| e.attachment)
-        .collect();
-    assert_eq!(kept, [attachment("c0ffee01")]);
-
-    // GC without its list would remove everything: refused.
-    let no_list = node.plugin(
-        &[("CNI_COMMAND", "GC")],
-        &net_conf("1.1.0", &node.socket).to_string(),
-    );
-    assert_eq!(no_list.error_code(), 7);
-    assert!(has_link(&node, &host));
-
-    // A pod the source does not know: refused once the wait runs out, nothing left behind.
-    let ghost_ns = OwnedNetNs::unique("sluice-test-cni-ghost-").unwrap();
-    let ghost_path = ghost_ns.path().display().to_string();
-    let ghost_args = pod_args("default", "ghost");
-    let ghost = node.plugin(&vars("ADD", "c0ffee03", &ghost_path, &ghost_args), &conf);
-    assert_eq!(ghost.error_code(), 11, "{}", ghost.stdout);
-    assert!(
-        ghost.stdout.contains("Pod default/ghost"),
-        "{}",
-        ghost.stdout
-    );
-    assert!(!has_link(&node, &host_interface("c0ffee03", "eth0")));
-    assert!(node.client().cni_check(&attachment("c0ffee03")).is_err());
-
-    // A Pod that shows up while ADD waits (a watch a little behind the kubelet): ADD
-    // returns once it is known and its endpoint realized.
-    let late_ns = OwnedNetNs::unique("sluice-test-cni-late-").unwrap();
-    let late_path = late_ns.path().display().to_string();
-    let late_args = pod_args("default", "late");
-    let late = std::thread::scope(|scope| {
-        let adding =
-            scope.spawn(|| node.plugin(&vars("ADD", "c0ffee04", &late_path, &late_args), &conf));
-        // Once the agent holds the attachment, ADD is waiting for the Pod.
-        while !node
-            .client()
-            .cni_endpoints()
-            .unwrap()
-            .iter()
-            .any(|e| e.attachment == attachment("c0ffee04"))
-        {
-            assert!(!adding.is_finished(), "ADD ended before the Pod existed");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let pods = json!({"pods": [pod("web", "web", None), pod("api", "api", None), pod("late", "late", None)]});
-        snapshot(2, pods).write_file(&node.cluster_file).unwrap();
-        adding.join().unwrap()
-    });
-    let late = late.result();
-    // .3 is free again: GC released it.
-    assert_eq!(late["ips"][0]["address"], "10.244.7.3/32", "{late}");
-    assert!(node.client().endpoint("default/late").is_ok());
-    assert!(
-        node.plugin(&vars("DEL", "c0ffee04", &late_path, &late_args), &conf)
-            .success
-    );
+    gc(&node, &host);
+    waits_for_the_pod(&node, &conf);
 
     // DEL twice; then DEL of a container never added, and DEL after the netns is gone.
     for _ in 0..2 {
@@ -222,6 +110,138 @@ fn add_check_del_status_version_and_every_error() {
         .filter(|n| n.starts_with("lxc"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// STATUS succeeds silently once the agent realized a pass; VERSION lists 1.0.0 and 1.1.0.
+fn status_and_version(node: &Node) {
+    let status = node.plugin(
+        &vars("STATUS", "", "", ""),
+        &net_conf("1.1.0", &node.socket).to_string(),
+    );
+    assert!(status.success, "{} {}", status.stdout, status.stderr);
+    assert_eq!(status.stdout, "");
+    let version = node.plugin(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"1.0.0"}"#);
+    assert_eq!(
+        version.result(),
+        json!({"cniVersion": "1.0.0", "supportedVersions": ["1.0.0", "1.1.0"]})
+    );
+}
+
+/// ADD's result as the spec shapes it, the wiring in the kernel, the endpoint policed.
+fn check_add_result(node: &Node, result: &Value, web_ns: &NetNs, host: &str) {
+    let web_path = web_ns.path().display().to_string();
+    assert_eq!(result["cniVersion"], "1.0.0");
+    assert_eq!(result["interfaces"][0]["name"], host);
+    assert!(result["interfaces"][0].get("sandbox").is_none());
+    assert_eq!(result["interfaces"][1]["name"], "eth0");
+    assert_eq!(result["interfaces"][1]["sandbox"], web_path.as_str());
+    assert!(
+        result["interfaces"][1]["mac"]
+            .as_str()
+            .is_some_and(|m| m.len() == 17)
+    );
+    assert_eq!(
+        result["ips"],
+        json!([{"address": "10.244.7.2/32", "gateway": ROUTER, "interface": 1}])
+    );
+    assert_eq!(
+        result["routes"],
+        json!([{"dst": "0.0.0.0/0", "gw": ROUTER}])
+    );
+    assert_eq!(result["dns"], json!({}));
+    assert!(has_link(node, host));
+    assert!(has_link(node, sluice_netns::ROUTER_INTERFACE));
+    let inside = web_ns.netlink().unwrap();
+    let addresses = inside.addresses("eth0").unwrap();
+    assert!(
+        addresses.contains(&"10.244.7.2/32".parse().unwrap()),
+        "{addresses:?}"
+    );
+    let endpoint = node.client().endpoint("default/web").unwrap();
+    assert_eq!(endpoint.interface, host);
+    assert_eq!(endpoint.ipv4, Ipv4Addr::new(10, 244, 7, 2));
+}
+
+/// GC with only web (c0ffee01) valid removes api (c0ffee02); without its list it refuses.
+fn gc(node: &Node, host: &str) {
+    // GC with only web valid: api's veth and record go, web's stay.
+    let mut gc_conf = net_conf("1.1.0", &node.socket);
+    gc_conf["cni.dev/valid-attachments"] = json!([{"containerID": "c0ffee01", "ifname": "eth0"}]);
+    gc_conf["cni.dev/attachments"] = gc_conf["cni.dev/valid-attachments"].clone();
+    let gc = node.plugin(
+        &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")],
+        &gc_conf.to_string(),
+    );
+    assert!(gc.success, "{}", gc.stdout);
+    assert_eq!(gc.stdout, "");
+    assert!(!has_link(node, &host_interface("c0ffee02", "eth0")));
+    assert!(has_link(node, host));
+    let kept: Vec<_> = node
+        .client()
+        .cni_endpoints()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.attachment)
+        .collect();
+    assert_eq!(kept, [attachment("c0ffee01")]);
+
+    // GC without its list would remove everything: refused.
+    let no_list = node.plugin(
+        &[("CNI_COMMAND", "GC")],
+        &net_conf("1.1.0", &node.socket).to_string(),
+    );
+    assert_eq!(no_list.error_code(), 7);
+    assert!(has_link(node, host));
+}
+
+/// A Pod the source never knows is refused once the wait runs out, leaving nothing; one
+/// that shows up while ADD waits is attached.
+fn waits_for_the_pod(node: &Node, conf: &str) {
+    // A pod the source does not know: refused once the wait runs out, nothing left behind.
+    let ghost_ns = OwnedNetNs::unique("sluice-test-cni-ghost-").unwrap();
+    let ghost_path = ghost_ns.path().display().to_string();
+    let ghost_args = pod_args("default", "ghost");
+    let ghost = node.plugin(&vars("ADD", "c0ffee03", &ghost_path, &ghost_args), conf);
+    assert_eq!(ghost.error_code(), 11, "{}", ghost.stdout);
+    assert!(
+        ghost.stdout.contains("Pod default/ghost"),
+        "{}",
+        ghost.stdout
+    );
+    assert!(!has_link(node, &host_interface("c0ffee03", "eth0")));
+    assert!(node.client().cni_check(&attachment("c0ffee03")).is_err());
+
+    // A Pod that shows up while ADD waits (a watch a little behind the kubelet): ADD
+    // returns once it is known and its endpoint realized.
+    let late_ns = OwnedNetNs::unique("sluice-test-cni-late-").unwrap();
+    let late_path = late_ns.path().display().to_string();
+    let late_args = pod_args("default", "late");
+    let late = std::thread::scope(|scope| {
+        let adding =
+            scope.spawn(|| node.plugin(&vars("ADD", "c0ffee04", &late_path, &late_args), conf));
+        // Once the agent holds the attachment, ADD is waiting for the Pod.
+        while !node
+            .client()
+            .cni_endpoints()
+            .unwrap()
+            .iter()
+            .any(|e| e.attachment == attachment("c0ffee04"))
+        {
+            assert!(!adding.is_finished(), "ADD ended before the Pod existed");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let pods = json!({"pods": [pod("web", "web", None), pod("api", "api", None), pod("late", "late", None)]});
+        snapshot(2, pods).write_file(&node.cluster_file).unwrap();
+        adding.join().unwrap()
+    });
+    let late = late.result();
+    // .3 is free again: GC released it.
+    assert_eq!(late["ips"][0]["address"], "10.244.7.3/32", "{late}");
+    assert!(node.client().endpoint("default/late").is_ok());
+    assert!(
+        node.plugin(&vars("DEL", "c0ffee04", &late_path, &late_args), conf)
+            .success
+    );
 }
 
 fn attachment(container_id: &str) -> CniAttachment {

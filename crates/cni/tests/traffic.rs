@@ -197,13 +197,28 @@ fn a_pod_attached_by_the_plugin_gets_traffic_and_policy_like_a_lab_pod() {
     let entry = node.client().endpoint("default/denied").unwrap();
     assert!(entry.egress_enforced, "{entry:?}");
     // Dropped by policy (reason 133), not lost on the way: the datapath says so.
+    assert_policy_drop(&node, "default/denied");
+    // While a pod without the policy, added just the same, gets through at once.
+    let (free, _) = add(&node, &conf, "lat-0");
+    exchange(&free.netns, &format!("{SERVICE_IP}:80")).expect("a pod without policy");
+
+    sequential_latency(&node, &conf, &free);
+    concurrent_adds(&node, &conf);
+    for pod in [&server, &client, &denied] {
+        del(&node, &conf, pod);
+    }
+    assert_eq!(node.client().cni_status().unwrap().allocated, 0);
+}
+
+/// The endpoint's datapath dropped a connection of `pod` by policy (reason 133).
+fn assert_policy_drop(node: &Node, pod: &str) {
     let drops: Vec<Flow> = node
         .client()
         .observe(&ObserveRequest {
             last: None,
             follow: false,
             filter: FlowFilter {
-                from_pod: vec!["default/denied".into()],
+                from_pod: vec![pod.into()],
                 verdict: vec![Verdict::Dropped],
                 ..FlowFilter::default()
             },
@@ -213,19 +228,19 @@ fn a_pod_attached_by_the_plugin_gets_traffic_and_policy_like_a_lab_pod() {
         .unwrap();
     assert!(
         drops.iter().any(|f| f.drop_reason == 133),
-        "no policy drop from the denied pod: {drops:?}"
+        "no policy drop from {pod}: {drops:?}"
     );
-    // While a pod without the policy, added just the same, gets through at once.
-    let (free, _) = add(&node, &conf, "lat-0");
-    exchange(&free.netns, &format!("{SERVICE_IP}:80")).expect("a pod without policy");
+}
 
-    // Latency: ADD (allocate, wire, realize, attach) and DEL of several pods.
+/// ADD (allocate, wire, realize, attach) and DEL of several pods, one after the other:
+/// their medians are printed.
+fn sequential_latency(node: &Node, conf: &str, free: &Pod) {
     let mut adds = Vec::new();
-    let mut dels = vec![del(&node, &conf, &free)];
+    let mut dels = vec![del(node, conf, free)];
     for i in 1..5 {
-        let (pod, elapsed) = add(&node, &conf, &format!("lat-{i}"));
+        let (pod, elapsed) = add(node, conf, &format!("lat-{i}"));
         adds.push(elapsed);
-        dels.push(del(&node, &conf, &pod));
+        dels.push(del(node, conf, &pod));
     }
     println!(
         "CNI ADD latency: median {:?} of {} ({adds:?})",
@@ -237,15 +252,15 @@ fn a_pod_attached_by_the_plugin_gets_traffic_and_policy_like_a_lab_pod() {
         median(&mut dels),
         dels.len()
     );
-    // Four ADDs at once, as a runtime starting several sandboxes makes them: distinct
-    // addresses, each pod policed and reaching the ClusterIP.
+}
+
+/// Four ADDs at once, as a runtime starting several sandboxes makes them: distinct
+/// addresses, each pod policed and reaching the ClusterIP.
+fn concurrent_adds(node: &Node, conf: &str) {
     let started = std::time::Instant::now();
     let batch: Vec<(Pod, Duration)> = std::thread::scope(|scope| {
         let threads: Vec<_> = (1..5)
-            .map(|i| {
-                let (node, conf) = (&node, &conf);
-                scope.spawn(move || add(node, conf, &format!("lat-{i}")))
-            })
+            .map(|i| scope.spawn(move || add(node, conf, &format!("lat-{i}"))))
             .collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
@@ -263,10 +278,6 @@ fn a_pod_attached_by_the_plugin_gets_traffic_and_policy_like_a_lab_pod() {
         median(&mut each)
     );
     for (pod, _) in &batch {
-        del(&node, &conf, pod);
+        del(node, conf, pod);
     }
-    for pod in [&server, &client, &denied] {
-        del(&node, &conf, pod);
-    }
-    assert_eq!(node.client().cni_status().unwrap().allocated, 0);
 }
