@@ -3,7 +3,10 @@
 //! that namespace and never in the root one. Root, state, sockets, runc state, pod network
 //! namespaces and config all live under one temporary directory; sandbox cgroups under a
 //! parent named for the test. Drop removes every sandbox (the CNI DEL a kubelet would cause),
-//! then the daemon, its shims, mounts, cgroups and files, also when the test panics.
+//! then the daemon, its shims, mounts, cgroups and files, also when the test panics. Left
+//! are two empty directories containerd 1.6 has no setting for: /run/containerd/s (shim
+//! sockets) and /var/lib/cni/results (libcni's result cache); removing them could race
+//! another test's daemon.
 
 use std::{
     fs,
