@@ -39,34 +39,37 @@ fn reference_plugin(name: &str) -> PathBuf {
     path
 }
 
-/// A server on `port` in the pod that answers `connections` connections with `reply`.
+/// A server on `port` in the pod that answers `connections` connections with `reply`; the
+/// listening socket it returns keeps the port open after that, so a connection that fails
+/// later fails for another reason than a closed port.
 fn serve(
     pod: &Sandbox,
     port: u16,
     connections: usize,
     reply: &'static str,
-) -> thread::JoinHandle<()> {
+) -> (TcpListener, thread::JoinHandle<()>) {
     let bind = || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port));
     let listener = pod.netns.run(bind).unwrap().unwrap();
-    thread::spawn(move || {
+    let accepting = listener.try_clone().unwrap();
+    let server = thread::spawn(move || {
         for _ in 0..connections {
-            let (mut stream, _) = listener.accept().unwrap();
+            let (mut stream, _) = accepting.accept().unwrap();
             stream.write_all(reply.as_bytes()).unwrap();
         }
-    })
+    });
+    (listener, server)
 }
 
-/// Connects to `addr` and reads what the server says, or the error if it cannot.
-fn try_fetch(addr: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    Ok(answer)
-}
-
+/// Connects to `addr` and reads what the server says.
 fn fetch(addr: SocketAddr) -> String {
-    try_fetch(addr).unwrap_or_else(|e| panic!("{addr}: {e}"))
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
 }
 
 /// Development baseline without sluice: the reference `ptp` plugin with `host-local` IPAM,
@@ -114,7 +117,7 @@ fn containerd_runs_pod_sandboxes_through_reference_cni_plugins() {
     assert!(lease.exists(), "no lease {}", lease.display());
 
     // One connection from the node, one from the other pod.
-    let server = serve(&web, 8080, 2, "web");
+    let (_listening, server) = serve(&web, 8080, 2, "web");
     let addr = SocketAddr::from((web_ip, 8080));
     assert_eq!(node.run(move || fetch(addr)).unwrap(), "web");
     assert_eq!(client.netns.run(move || fetch(addr)).unwrap(), "web");
@@ -220,10 +223,12 @@ fn containerd_attaches_pods_through_sluice_cni() {
         endpoint.interface
     );
 
-    let server = serve(&web, 8080, 1, "web");
+    let (_listening, server) = serve(&web, 8080, 1, "web");
     let addr = SocketAddr::from((web_ip, 8080));
     assert_eq!(client.netns.run(move || fetch(addr)).unwrap(), "web");
-    let refused = denied.netns.run(move || try_fetch(addr)).unwrap();
+    // web still listens: only the policy can keep the handshake from completing.
+    let connect = move || TcpStream::connect_timeout(&addr, Duration::from_secs(2));
+    let refused = denied.netns.run(connect).unwrap();
     assert!(refused.is_err(), "denied reached web: {refused:?}");
     server.join().unwrap();
 
