@@ -4,7 +4,10 @@
 set -euo pipefail
 
 PACKAGES=(clang-19 llvm-19 libbpf-dev libelf-dev zlib1g-dev linux-libc-dev bpftool iproute2 ethtool curl
-          procps psmisc util-linux iputils-ping tcpdump socat jq iptables nftables fonts-dejavu-core)
+          procps psmisc util-linux iputils-ping tcpdump socat jq iptables nftables fonts-dejavu-core
+          # The containerd tests: a private containerd driven through its CRI (protoc builds the
+          # client), the reference CNI plugins, and a static pause program for the sandbox image.
+          containerd runc containernetworking-plugins protobuf-compiler gcc libc6-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

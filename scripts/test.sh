@@ -14,4 +14,6 @@ cargo build --workspace --bins
 # The lab integration tests start these binaries as agents and pod servers.
 export SLUICE_BIN="$PWD/target/debug/sluice"
 export SLUICE_AGENT_BIN="$PWD/target/debug/sluice-agent"
+# The containerd test installs this as the node's CNI plugin.
+export SLUICE_CNI_BIN="$PWD/target/debug/sluice-cni"
 cargo test --workspace --all-targets --no-fail-fast -- "$@"

@@ -18,8 +18,10 @@ use std::{
 
 use sluice_lab::{Lab, LabBinaries, LabOptions};
 
+pub mod cri;
 pub mod multinode;
 pub mod netpol;
+pub mod node;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -39,7 +41,7 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn binary(env: &str, name: &str) -> PathBuf {
+pub(crate) fn binary(env: &str, name: &str) -> PathBuf {
     let path = std::env::var_os(env).map_or_else(
         || workspace_root().join("target/debug").join(name),
         PathBuf::from,
