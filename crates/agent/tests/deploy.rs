@@ -620,3 +620,55 @@ fn the_kind_cluster_leaves_the_pod_network_and_services_to_sluice() {
     let name = kind["name"].as_str().expect("the cluster is named");
     assert_eq!(host, Some(format!("{name}-control-plane")));
 }
+
+/// A value from the environment is checked as its flag's would be, and refused naming the
+/// flag; `SLUICE_MASQUERADE=false` counts as given for clap, so CIDRs beside it are refused
+/// by the agent rather than ignored.
+#[test]
+fn a_bad_environment_value_is_refused_naming_its_flag() {
+    let refused = |vars: &[(&str, &str)]| -> String {
+        let mut agent = Command::new(env!("CARGO_BIN_EXE_sluice-agent"));
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("SLUICE_") {
+                agent.env_remove(name);
+            }
+        }
+        // The paths do not exist: flags are checked before any of them is used.
+        agent
+            .env("SLUICE_NODE", "node-a")
+            .env("SLUICE_CLUSTER_FILE", "/nonexistent/cluster.json")
+            .env("SLUICE_PIN_DIR", "/nonexistent/pins")
+            .envs(vars.iter().copied());
+        let output = agent
+            .output()
+            .unwrap_or_else(|e| panic!("running sluice-agent: {e}"));
+        assert!(!output.status.success(), "{vars:?} was accepted");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let err = refused(&[("SLUICE_MAGLEV_TABLE_SIZE", "16384")]);
+    assert!(
+        err.contains("--maglev-table-size") && err.contains("not prime"),
+        "{err}"
+    );
+    let err = refused(&[("SLUICE_MASQUERADE", "yes")]);
+    assert!(
+        err.contains("--masquerade") && err.contains("true, false"),
+        "{err}"
+    );
+    let err = refused(&[
+        ("SLUICE_MASQUERADE", "false"),
+        ("SLUICE_NON_MASQUERADE_CIDR", "10.0.0.0/8,192.168.0.0/16"),
+    ]);
+    assert!(
+        err.contains("--non-masquerade-cidr") && err.contains("needs --masquerade"),
+        "{err}"
+    );
+    let err = refused(&[
+        ("SLUICE_MASQUERADE", "true"),
+        ("SLUICE_NON_MASQUERADE_CIDR", "10.0.0.0/8,10.1.0.1/16"),
+    ]);
+    assert!(
+        err.contains("--non-masquerade-cidr") && err.contains("host bits set"),
+        "{err}"
+    );
+}
