@@ -38,7 +38,13 @@ const NOT_MANIFESTS: [&str; 2] = ["kustomization.yaml", "kind-cluster.yaml"];
 /// Keys of the ConfigMap for flags that come with the merge of issue 12's other branches
 /// (the Kubernetes source and the CNI plugin's state). The integrator empties this list once
 /// they are flags; a name here that is already a flag fails the test.
-const ADDED_BY_THE_MERGE: [&str; 3] = ["SLUICE_SOURCE", "SLUICE_KUBECONFIG", "SLUICE_STATE_DIR"];
+const ADDED_BY_THE_MERGE: [&str; 5] = [
+    "SLUICE_SOURCE",
+    "SLUICE_KUBECONFIG",
+    "SLUICE_CLUSTER_CIDR",
+    "SLUICE_STATE_DIR",
+    "SLUICE_CNI_ADD_TIMEOUT",
+];
 /// Keys set to a cluster's value rather than the flag's default (the ConfigMap says why).
 const CLUSTER_VALUES: [&str; 1] = ["SLUICE_ROUTING_MODE"];
 /// Keys the DaemonSet sets per pod rather than the ConfigMap.
@@ -619,6 +625,12 @@ fn the_kind_cluster_leaves_the_pod_network_and_services_to_sluice() {
         .and_then(|e| e.value.clone());
     let name = kind["name"].as_str().expect("the cluster is named");
     assert_eq!(host, Some(format!("{name}-control-plane")));
+    // The agent checks every Node's podCIDR against the cluster's pod network.
+    let map = agent_config_map();
+    assert_eq!(
+        kind["networking"]["podSubnet"].as_str(),
+        map.set.get("SLUICE_CLUSTER_CIDR").map(String::as_str)
+    );
 }
 
 /// A value from the environment is checked as its flag's would be, and refused naming the
