@@ -46,7 +46,7 @@ const ADDED_BY_THE_MERGE: [&str; 5] = [
     "SLUICE_CNI_ADD_TIMEOUT",
 ];
 /// Keys set to a cluster's value rather than the flag's default (the ConfigMap says why).
-const CLUSTER_VALUES: [&str; 1] = ["SLUICE_ROUTING_MODE"];
+const CLUSTER_VALUES: [&str; 2] = ["SLUICE_SOURCE", "SLUICE_ROUTING_MODE"];
 /// Keys the DaemonSet sets per pod rather than the ConfigMap.
 const SET_BY_THE_DAEMONSET: [&str; 1] = ["SLUICE_NODE"];
 
