@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser, error::ErrorKind};
 use sluice_agent::{
     AgentConfig, EventsConfig, SourceConfig,
     cni::CniConfig,
@@ -19,123 +19,132 @@ use sluice_datapath::DatapathConfig;
 #[command(name = "sluice-agent", version, about = "sluice per-node agent")]
 struct Args {
     /// Name of this node, as pods' spec.nodeName and the endpoints name it.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_NODE")]
     node: String,
     /// Network namespace (under /run/netns) to run in; omit to stay in the current one.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_NETNS")]
     netns: Option<String>,
     /// Snapshot file to watch.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_CLUSTER_FILE")]
     cluster_file: PathBuf,
     /// Ports node port Services may use (nodePort and healthCheckNodePort), FIRST-LAST; a
     /// snapshot with a Service outside it is refused whole.
-    #[arg(long, default_value_t = sluice_sources::NodePortRange::default())]
+    #[arg(long, env = "SLUICE_NODE_PORT_RANGE", default_value_t = sluice_sources::NodePortRange::default())]
     node_port_range: sluice_sources::NodePortRange,
     /// bpffs directory for pinned maps and links.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_PIN_DIR")]
     pin_dir: PathBuf,
     /// Unix socket for the CLI.
-    #[arg(long, default_value = "/run/sluice/agent.sock")]
+    #[arg(
+        long,
+        env = "SLUICE_API_SOCKET",
+        default_value = "/run/sluice/agent.sock"
+    )]
     api_socket: PathBuf,
     /// Seconds between full reconciles that re-read the kernel.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, env = "SLUICE_RECONCILE_INTERVAL", default_value_t = 2.0)]
     reconcile_interval: f64,
     /// Rows each endpoint's policy map holds; an endpoint whose policy needs more fails
     /// closed and is reported by status and verify.
-    #[arg(long, default_value_t = sluice_compiler::DEFAULT_POLICY_MAP_MAX)]
+    #[arg(long, env = "SLUICE_POLICY_MAP_MAX", default_value_t = sluice_compiler::DEFAULT_POLICY_MAP_MAX)]
     policy_map_max: u32,
     /// How Services without the service.sluice.dev/lb-algorithm annotation pick the
     /// backend of a new connection: random or maglev (consistent hashing).
-    #[arg(long, default_value_t = LbAlgorithm::Random)]
+    #[arg(long, env = "SLUICE_LB_ALGORITHM", default_value_t = LbAlgorithm::Random)]
     lb_algorithm: LbAlgorithm,
     /// Positions of every Maglev table (M): a prime from 3 to 65521; M * 2 bytes per
     /// Maglev frontend. Maglev keeps each backend's share within about 1% when M is at
     /// least 100 times the backends of a frontend.
-    #[arg(long, default_value_t = TableSize::default())]
+    #[arg(long, env = "SLUICE_MAGLEV_TABLE_SIZE", default_value_t = TableSize::default())]
     maglev_table_size: TableSize,
     /// Conntrack table size, when the table is created (a pinned table keeps its size: the
     /// agent warns, and removing the pin resizes it at the next start).
-    #[arg(long, alias = "ct-max", default_value_t = DatapathConfig::default().ct_max_entries)]
+    #[arg(long, env = "SLUICE_CT_MAX_ENTRIES", alias = "ct-max", default_value_t = DatapathConfig::default().ct_max_entries)]
     ct_max_entries: u32,
     /// Seconds an idle TCP connection keeps its conntrack entry before any reply.
-    #[arg(long, default_value_t = CtConfig::default().tcp_syn_s, value_parser = seconds())]
+    #[arg(long, env = "SLUICE_CT_TIMEOUT_SYN", default_value_t = CtConfig::default().tcp_syn_s, value_parser = seconds())]
     ct_timeout_syn: u32,
     /// Seconds an idle established TCP connection keeps its entry.
-    #[arg(long, default_value_t = CtConfig::default().tcp_established_s, value_parser = seconds())]
+    #[arg(long, env = "SLUICE_CT_TIMEOUT_ESTABLISHED", default_value_t = CtConfig::default().tcp_established_s, value_parser = seconds())]
     ct_timeout_established: u32,
     /// Seconds an idle TCP connection keeps its entry after a FIN or RST.
-    #[arg(long, default_value_t = CtConfig::default().tcp_closing_s, value_parser = seconds())]
+    #[arg(long, env = "SLUICE_CT_TIMEOUT_CLOSING", default_value_t = CtConfig::default().tcp_closing_s, value_parser = seconds())]
     ct_timeout_closing: u32,
     /// Seconds an idle UDP, SCTP or ICMP flow keeps its entry.
-    #[arg(long, default_value_t = CtConfig::default().non_tcp_s, value_parser = seconds())]
+    #[arg(long, env = "SLUICE_CT_TIMEOUT_NON_TCP", default_value_t = CtConfig::default().non_tcp_s, value_parser = seconds())]
     ct_timeout_non_tcp: u32,
     /// Seconds between runs of the conntrack garbage collector.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, env = "SLUICE_CT_GC_INTERVAL", default_value_t = 30.0)]
     ct_gc_interval: f64,
     /// Entries of the service map (one per service port plus one per backend slot) and of
     /// the backend map.
-    #[arg(long, default_value_t = DatapathConfig::default().lb_max_entries)]
+    #[arg(long, env = "SLUICE_LB_MAP_MAX", default_value_t = DatapathConfig::default().lb_max_entries)]
     lb_map_max: u32,
     /// Flows the observer keeps for `sluice observe` (Hubble's default).
-    #[arg(long, default_value_t = sluice_observer::DEFAULT_FLOWS_MAX)]
+    #[arg(long, env = "SLUICE_FLOWS_MAX", default_value_t = sluice_observer::DEFAULT_FLOWS_MAX)]
     flows_max: usize,
     /// Datapath flow events (drops, traces, policy verdicts, closes): on or off. Off, the
     /// datapath emits nothing; drops are still counted in the metrics.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    #[arg(long, env = "SLUICE_EVENTS", default_value = "on", value_parser = ["on", "off"])]
     events: String,
     /// Events per second per CPU; more are counted as suppressed. 0: no limit.
-    #[arg(long, default_value_t = sluice_agent::DEFAULT_EVENT_RATE)]
+    #[arg(long, env = "SLUICE_EVENT_RATE", default_value_t = sluice_agent::DEFAULT_EVENT_RATE)]
     event_rate: u32,
     /// Events a CPU may emit at once above the rate.
-    #[arg(long, default_value_t = sluice_agent::DEFAULT_EVENT_BURST)]
+    #[arg(long, env = "SLUICE_EVENT_BURST", default_value_t = sluice_agent::DEFAULT_EVENT_BURST)]
     event_burst: u32,
     /// Serve Prometheus metrics on this address (`GET /metrics`), e.g. 0.0.0.0:9962.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_METRICS_ADDRESS")]
     metrics_address: Option<std::net::SocketAddr>,
     /// Log policy decisions (one JSON line per connection, GKE's format): allow, deny or all.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_POLICY_LOG")]
     policy_log: Option<PolicyLogMode>,
     /// The policy action log file; rotated files get .1, .2, ... appended.
-    #[arg(long, default_value = "/var/log/sluice/policy_action.log")]
+    #[arg(
+        long,
+        env = "SLUICE_POLICY_LOG_FILE",
+        default_value = "/var/log/sluice/policy_action.log"
+    )]
     policy_log_file: PathBuf,
     /// Bytes after which the policy log is rotated.
-    #[arg(long, default_value_t = PolicyLogConfig::DEFAULT_MAX_SIZE)]
+    #[arg(long, env = "SLUICE_POLICY_LOG_MAX_SIZE", default_value_t = PolicyLogConfig::DEFAULT_MAX_SIZE)]
     policy_log_max_size: u64,
     /// Policy log files kept, the active one included.
-    #[arg(long, default_value_t = PolicyLogConfig::DEFAULT_MAX_FILES,
+    #[arg(long, env = "SLUICE_POLICY_LOG_MAX_FILES", default_value_t = PolicyLogConfig::DEFAULT_MAX_FILES,
           value_parser = clap::value_parser!(u32).range(1..))]
     policy_log_max_files: u32,
     /// Policy log lines per second; more are dropped and counted in
     /// sluice_policy_log_suppressed_total. 0: no limit.
-    #[arg(long, default_value_t = PolicyLogConfig::DEFAULT_RATE)]
+    #[arg(long, env = "SLUICE_POLICY_LOG_RATE", default_value_t = PolicyLogConfig::DEFAULT_RATE)]
     policy_log_rate: u32,
     /// How pod traffic reaches other nodes: local (one node), tunnel (VXLAN, the sender's
     /// identity as VNI) or native (the underlay routes pod CIDRs).
-    #[arg(long, default_value_t = RoutingMode::Local)]
+    #[arg(long, env = "SLUICE_ROUTING_MODE", default_value_t = RoutingMode::Local)]
     routing_mode: RoutingMode,
     /// The device toward the other nodes; required for tunnel and native.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_UNDERLAY_DEVICE")]
     underlay_device: Option<String>,
     /// The collect-metadata VXLAN device the agent creates in tunnel mode.
-    #[arg(long, default_value_t = RoutingConfig::default().tunnel_device)]
+    #[arg(long, env = "SLUICE_TUNNEL_DEVICE", default_value_t = RoutingConfig::default().tunnel_device)]
     tunnel_device: String,
     /// The tunnel device's UDP port.
-    #[arg(long, default_value_t = RoutingConfig::default().tunnel_port)]
+    #[arg(long, env = "SLUICE_TUNNEL_PORT", default_value_t = RoutingConfig::default().tunnel_port)]
     tunnel_port: u16,
     /// SNAT pod traffic leaving the cluster to the node's address (ip-masq-agent), on the
     /// underlay device.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_MASQUERADE")]
     masquerade: bool,
     /// A destination prefix pod traffic keeps its address to (repeatable); without one,
     /// ip-masq-agent's GKE defaults. The cluster itself is never masqueraded.
-    #[arg(long = "non-masquerade-cidr", value_name = "CIDR", requires = "masquerade",
+    #[arg(long = "non-masquerade-cidr", env = "SLUICE_NON_MASQUERADE_CIDR", value_name = "CIDR", requires = "masquerade",
+          value_delimiter = ',',
           value_parser = sluice_agent::masquerade::parse_cidr)]
     non_masquerade_cidrs: Vec<ipnet::Ipv4Net>,
     /// The cgroup (v2 directory) holding the node's own processes: their connections to
     /// ClusterIPs and NodePorts are load-balanced by socket programs attached to it. Refused
     /// if it is the root or holds a process of another network namespace. Without it, no
     /// socket programs are attached.
-    #[arg(long)]
+    #[arg(long, env = "SLUICE_HOST_CGROUP")]
     host_cgroup: Option<PathBuf>,
     /// Where the CNI endpoint registry (and so the IPAM allocations) is kept across
     /// restarts.
@@ -155,6 +164,16 @@ fn seconds() -> clap::builder::RangedI64ValueParser<u32> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // `requires` counts SLUICE_MASQUERADE=false as given: the CIDRs would be ignored unseen.
+    if !args.masquerade && !args.non_masquerade_cidrs.is_empty() {
+        Args::command()
+            .error(
+                ErrorKind::MissingRequiredArgument,
+                "--non-masquerade-cidr (SLUICE_NON_MASQUERADE_CIDR) needs --masquerade \
+                 (SLUICE_MASQUERADE=true)",
+            )
+            .exit();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
