@@ -84,6 +84,20 @@ pub enum AgentError {
         found: String,
         port: u16,
     },
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes API config: not in a pod ({incluster}), and no kubeconfig ({kubeconfig})"
+    )]
+    NoKubeConfig {
+        incluster: kube::config::InClusterError,
+        kubeconfig: kube::config::KubeconfigError,
+    },
+    #[error("kubernetes client: {0}")]
+    KubeClient(kube::Error),
     #[error("the reconcile loop has stopped")]
     Stopped,
     /// A reconcile step or API view on the blocking pool panicked or was cancelled.
