@@ -66,6 +66,13 @@ impl Updates {
     }
 }
 
+impl Updates {
+    /// Resolves once the agent has stopped listening, for an async source to stop.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
 /// Starts the configured source on its own thread. The receiver's first change is the
 /// source's first snapshot; `changed()` failing means the source ended.
 pub fn start(

@@ -266,7 +266,13 @@ fn serve(state: &Shared, group: &str, version: &str, plural: &str, params: &Para
         Answer::List(body) => json_response(StatusCode::OK, &body),
         Answer::Watch(rx) => {
             let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|chunk| (chunk, rx))
+                let chunk = rx.recv().await?;
+                if chunk.is_err() {
+                    // hyper flushes what it buffered when the body waits; failing at once
+                    // could drop the chunks before the cut along with the connection.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Some((chunk, rx))
             });
             (
                 [(header::CONTENT_TYPE, "application/json")],

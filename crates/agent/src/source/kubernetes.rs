@@ -149,19 +149,19 @@ impl Kubernetes {
         let mut revision = 0;
         loop {
             let mut changed = false;
-            let open = self
-                .config
-                .debounce
-                .gather(&mut rx, |touch| match touch {
-                    Touch::Changed => changed = true,
-                    Touch::Listed(kind) => {
-                        changed = true;
-                        if listed.insert(kind) {
-                            info!(kind, "initial list complete");
-                        }
+            let gather = self.config.debounce.gather(&mut rx, |touch| match touch {
+                Touch::Changed => changed = true,
+                Touch::Listed(kind) => {
+                    changed = true;
+                    if listed.insert(kind) {
+                        info!(kind, "initial list complete");
                     }
-                })
-                .await;
+                }
+            });
+            let open = tokio::select! {
+                open = gather => open,
+                () = updates.closed() => false,
+            };
             if !open {
                 return Ok(());
             }
