@@ -11,6 +11,7 @@ mod resource;
 mod state;
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     thread::JoinHandle,
@@ -27,7 +28,7 @@ use axum::{
 pub use resource::Resource;
 use serde::{Deserialize, Serialize};
 use state::{Answer, State};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FakeError {
@@ -68,6 +69,8 @@ pub struct RequestLog {
 
 pub struct FakeApiServer {
     state: Arc<Mutex<State>>,
+    /// Resources whose lists wait (the connection open, no answer) until resumed.
+    paused: Arc<watch::Sender<BTreeSet<Resource>>>,
     address: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -84,7 +87,11 @@ impl FakeApiServer {
             .build()
             .map_err(io("tokio runtime"))?;
         let state = Arc::new(Mutex::new(State::default()));
-        let router = router(Arc::clone(&state));
+        let paused = Arc::new(watch::Sender::new(BTreeSet::new()));
+        let router = router(Shared {
+            state: Arc::clone(&state),
+            paused: Arc::clone(&paused),
+        });
         let (shutdown, stop) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("fake-apiserver".into())
@@ -104,6 +111,7 @@ impl FakeApiServer {
             .map_err(io("spawn"))?;
         Ok(Self {
             state,
+            paused,
             address,
             shutdown: Some(shutdown),
             thread: Some(thread),
@@ -180,6 +188,20 @@ impl FakeApiServer {
         self.lock().inject(resource, fault);
     }
 
+    /// Holds the lists of `resource` unanswered until [`Self::resume`], as a slow server
+    /// would: the client's initial list stays incomplete meanwhile.
+    pub fn pause(&self, resource: Resource) {
+        self.paused.send_modify(|p| {
+            p.insert(resource);
+        });
+    }
+
+    pub fn resume(&self, resource: Resource) {
+        self.paused.send_modify(|p| {
+            p.remove(&resource);
+        });
+    }
+
     /// Open watches of `resource`.
     pub fn watches(&self, resource: Resource) -> usize {
         self.lock().watch_count(resource)
@@ -195,6 +217,7 @@ impl Drop for FakeApiServer {
     fn drop(&mut self) {
         // Open watches end with the state's senders; graceful shutdown waits for them.
         *self.lock() = State::default();
+        self.paused.send_replace(BTreeSet::new());
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
@@ -204,7 +227,11 @@ impl Drop for FakeApiServer {
     }
 }
 
-type Shared = Arc<Mutex<State>>;
+#[derive(Clone)]
+struct Shared {
+    state: Arc<Mutex<State>>,
+    paused: Arc<watch::Sender<BTreeSet<Resource>>>,
+}
 
 fn router(state: Shared) -> Router {
     Router::new()
@@ -233,7 +260,7 @@ async fn core(
     Path((version, plural)): Path<(String, String)>,
     Query(params): Query<Params>,
 ) -> Response {
-    serve(&state, "", &version, &plural, &params)
+    serve(&state, "", &version, &plural, &params).await
 }
 
 async fn grouped(
@@ -241,20 +268,36 @@ async fn grouped(
     Path((group, version, plural)): Path<(String, String, String)>,
     Query(params): Query<Params>,
 ) -> Response {
-    serve(&state, &group, &version, &plural, &params)
+    serve(&state, &group, &version, &plural, &params).await
 }
 
-fn serve(state: &Shared, group: &str, version: &str, plural: &str, params: &Params) -> Response {
+async fn serve(
+    shared: &Shared,
+    group: &str,
+    version: &str,
+    plural: &str,
+    params: &Params,
+) -> Response {
     let Some(resource) = Resource::from_path(group, version, plural) else {
         let body = state::status(404, "NotFound", format!("the server could not find {plural}"));
         return json_response(StatusCode::NOT_FOUND, &body);
     };
-    let answer = state
+    let watch = truthy(params.watch.as_deref());
+    if !watch {
+        // The sender lives as long as the server; a closed channel just answers.
+        let _ = shared
+            .paused
+            .subscribe()
+            .wait_for(|p| !p.contains(&resource))
+            .await;
+    }
+    let answer = shared
+        .state
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .answer(
             resource,
-            truthy(params.watch.as_deref()),
+            watch,
             params.resource_version.as_deref(),
             truthy(params.allow_watch_bookmarks.as_deref()),
         );
