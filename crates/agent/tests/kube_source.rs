@@ -418,3 +418,37 @@ fn ten_thousand_changes_converge_and_bursts_are_debounced() {
         source.snapshots() - before
     );
 }
+
+#[test]
+fn ten_thousand_services_listed_and_compiled() {
+    const SERVICES: u32 = 10_000;
+    let api = FakeApi::start("sk-svc10k-");
+    api.seed();
+    for i in 0..SERVICES {
+        let name = format!("s-{i}");
+        let [_, _, hi, lo] = (u32::from_be_bytes([10, 97, 0, 0]) + i).to_be_bytes();
+        let [_, _, bhi, blo] = (u32::from_be_bytes([10, 244, 0, 0]) + i).to_be_bytes();
+        api.apply(&service(&name, &format!("10.97.{hi}.{lo}")));
+        api.apply(&fake_api::slice(&name, &[&format!("10.244.{bhi}.{blo}")]));
+    }
+    let started = Instant::now();
+    let mut source = start_source(&api);
+    let snapshot = source.wait("10,000 Services", |s| {
+        s.services.len() == 10_002 && s.endpoint_slices.len() == 10_002
+    });
+    let listed = started.elapsed();
+    let context = sluice_compiler::NodeContext {
+        node: "node-1".into(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let desired = sluice_compiler::compile(&snapshot, &context);
+    let compiled = started.elapsed();
+    assert!(desired.services.len() >= 2 * 10_002, "a frontend and a slot each");
+    eprintln!(
+        "10,002 Services and slices: listed into a snapshot in {listed:?}, one compile {compiled:?} \
+         ({} service entries; {} build)",
+        desired.services.len(),
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    );
+}
