@@ -121,9 +121,15 @@ fn lab_and_kubernetes_sources_compile_to_identical_maps() {
 
     // The same store: every kind holds the same objects.
     assert_eq!(normalized(&from_api.nodes), normalized(&from_lab.nodes));
-    assert_eq!(normalized(&from_api.namespaces), normalized(&from_lab.namespaces));
+    assert_eq!(
+        normalized(&from_api.namespaces),
+        normalized(&from_lab.namespaces)
+    );
     assert_eq!(normalized(&from_api.pods), normalized(&from_lab.pods));
-    assert_eq!(normalized(&from_api.services), normalized(&from_lab.services));
+    assert_eq!(
+        normalized(&from_api.services),
+        normalized(&from_lab.services)
+    );
     assert_eq!(
         normalized(&from_api.endpoint_slices),
         normalized(&from_lab.endpoint_slices)

@@ -6,10 +6,10 @@ use anyhow::Context;
 use clap::Parser;
 use sluice_agent::{
     AgentConfig, EventsConfig, SourceConfig,
-    source::KubernetesConfig,
     masquerade::MasqueradeConfig,
     policy_log::{PolicyLogConfig, PolicyLogMode},
     routing::RoutingConfig,
+    source::KubernetesConfig,
 };
 use sluice_common::{CtConfig, RoutingMode};
 use sluice_compiler::{Balancing, LbAlgorithm, maglev::TableSize};

@@ -75,7 +75,10 @@ impl Agent {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !done(self) {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the agent exited ({status}) waiting for {what}\n{}", self.log_text());
+                panic!(
+                    "the agent exited ({status}) waiting for {what}\n{}",
+                    self.log_text()
+                );
             }
             assert!(Instant::now() < deadline, "{what}\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
@@ -118,7 +121,11 @@ fn realizes_the_api_objects_and_is_ready_only_after_the_first_full_sync() {
     let metrics: SocketAddr = "127.0.0.1:9962".parse().unwrap();
     let mut agent = Agent::start(&api, metrics);
     agent.wait("the probes to answer", |_| ready(&api, metrics).is_some());
-    assert_eq!(ready(&api, metrics), Some(false), "ready before the pods were listed");
+    assert_eq!(
+        ready(&api, metrics),
+        Some(false),
+        "ready before the pods were listed"
+    );
     // The agent realizes nothing from a partial list either.
     let status = Client::new(&agent.socket).status().unwrap();
     assert_eq!(status.realized_generation, 0, "{status:?}");
@@ -126,10 +133,16 @@ fn realizes_the_api_objects_and_is_ready_only_after_the_first_full_sync() {
     api.server.resume(Resource::Pods);
     let resumed = Instant::now();
     agent.wait("/readyz 200", |_| ready(&api, metrics) == Some(true));
-    eprintln!("ready {:?} after the pods list was answered", resumed.elapsed());
+    eprintln!(
+        "ready {:?} after the pods list was answered",
+        resumed.elapsed()
+    );
     let maps = PinnedMaps::open(agent.pins.path()).unwrap();
     for ip in [[10, 96, 0, 10], [10, 96, 0, 11]] {
-        assert!(maps.services.get(&frontend(ip), 0).is_ok(), "{ip:?} realized");
+        assert!(
+            maps.services.get(&frontend(ip), 0).is_ok(),
+            "{ip:?} realized"
+        );
     }
     let listed = Client::new(&agent.socket).services().unwrap();
     assert!(

@@ -21,10 +21,7 @@ use std::{
 use fake_api::{FakeApi, names, pod, service};
 use sluice_agent::{
     AgentError,
-    source::{
-        Kubernetes, KubernetesConfig, Source, Updates,
-        kubernetes::SourceStats,
-    },
+    source::{Kubernetes, KubernetesConfig, Source, Updates, kubernetes::SourceStats},
 };
 use sluice_fake_apiserver::{Fault, Resource};
 use sluice_netns::NsThread;
@@ -93,9 +90,9 @@ impl Running {
     /// The next snapshot the source sends.
     fn next(&mut self, what: &str) -> Arc<Snapshot> {
         let rx = &mut self.rx;
-        let changed = self.runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(25), rx.changed()).await
-        });
+        let changed = self
+            .runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(25), rx.changed()).await });
         match changed {
             Ok(Ok(())) => Arc::clone(&self.rx.borrow_and_update()),
             Ok(Err(_)) => panic!("the source ended waiting for {what}"),
@@ -159,7 +156,8 @@ fn the_first_snapshot_waits_for_every_initial_list() {
     // agent remove their endpoints' policy.
     api.server.inject(Resource::Pods, Fault::Status(500));
     api.server.inject(Resource::Pods, Fault::Status(500));
-    api.server.inject(Resource::NetworkPolicies, Fault::Status(429));
+    api.server
+        .inject(Resource::NetworkPolicies, Fault::Status(429));
     let started = Instant::now();
     let mut source = start_source(&api);
     let first = source.wait("the first snapshot", |_| true);
@@ -198,7 +196,10 @@ fn gone_relists_in_the_stream_and_on_a_watch_start() {
     let api = FakeApi::start("sk-gone-");
     api.seed();
     let mut source = start_source(&api);
-    source.wait("the first snapshot", has_services(&["svc-a=10.96.0.10", "svc-b=10.96.0.11"]));
+    source.wait(
+        "the first snapshot",
+        has_services(&["svc-a=10.96.0.10", "svc-b=10.96.0.11"]),
+    );
     assert_eq!(lists(&api, Resource::Services), 1);
 
     // The server forgets its history: every watch gets an ERROR event with a 410 Status,
@@ -219,7 +220,8 @@ fn gone_relists_in_the_stream_and_on_a_watch_start() {
     // A watch start refused with HTTP 410: kube-rs would retry it from the same expired
     // version forever; the source relists instead.
     let lists_before = lists(&api, Resource::Services);
-    api.server.inject(Resource::Services, Fault::GoneOnWatchStart);
+    api.server
+        .inject(Resource::Services, Fault::GoneOnWatchStart);
     api.server.drop_watches(Resource::Services);
     api.apply(&service("svc-d", "10.96.0.13"));
     source.wait(
@@ -255,7 +257,10 @@ fn dropped_connections_resume_without_loss_or_duplicates() {
     let api = FakeApi::start("sk-drop-");
     api.seed();
     let mut source = start_source(&api);
-    source.wait("the first snapshot", has_services(&["svc-a=10.96.0.10", "svc-b=10.96.0.11"]));
+    source.wait(
+        "the first snapshot",
+        has_services(&["svc-a=10.96.0.10", "svc-b=10.96.0.11"]),
+    );
     let list_version = api.server.revision();
 
     // Cut half way through svc-c's ADDED event; svc-d goes to no open watch.
@@ -295,7 +300,10 @@ fn dropped_connections_resume_without_loss_or_duplicates() {
         .map(|r| r.resource_version.as_deref().unwrap().parse().unwrap())
         .collect();
     assert!(resumed.len() >= 3, "{resumed:?}");
-    assert_eq!(resumed[0], list_version, "the first watch from the list's version");
+    assert_eq!(
+        resumed[0], list_version,
+        "the first watch from the list's version"
+    );
     assert!(
         resumed.windows(2).all(|w| w[0] <= w[1]),
         "each watch resumed from the last version seen: {resumed:?}"
@@ -370,7 +378,10 @@ fn ten_thousand_changes_converge_and_bursts_are_debounced() {
         "debounce: {events} pod events in, {burst_snapshots} snapshots out, {compiles} compile passes"
     );
     assert_eq!(events, 1000);
-    assert!(burst_snapshots < 100, "{burst_snapshots} snapshots for 1,000 events");
+    assert!(
+        burst_snapshots < 100,
+        "{burst_snapshots} snapshots for 1,000 events"
+    );
 
     // 10,000 changes: 4,000 pods created, 4,000 relabelled, 2,000 deleted, with the pod
     // watch dropped half way through.
@@ -396,11 +407,19 @@ fn ten_thousand_changes_converge_and_bursts_are_debounced() {
             .unwrap();
     }
     let done = source.wait("10,000 changes", |s| {
-        s.pods.iter().filter(|p| p.metadata.name.as_deref().unwrap().starts_with("p-")).count()
+        s.pods
+            .iter()
+            .filter(|p| p.metadata.name.as_deref().unwrap().starts_with("p-"))
+            .count()
             == 2000
             && s.pods.iter().all(|p| {
                 !p.metadata.name.as_deref().unwrap().starts_with("p-")
-                    || p.metadata.labels.as_ref().unwrap().get("step").map(String::as_str)
+                    || p.metadata
+                        .labels
+                        .as_ref()
+                        .unwrap()
+                        .get("step")
+                        .map(String::as_str)
                         == Some("2")
             })
     });
@@ -410,7 +429,10 @@ fn ten_thousand_changes_converge_and_bursts_are_debounced() {
     assert_eq!(unique.len(), all.len(), "no pod twice");
     assert_eq!(all.len(), 2000 + 1002);
     let expected: BTreeSet<String> = (2000..4000).map(|i| format!("default/p-{i}")).collect();
-    let got: BTreeSet<String> = all.into_iter().filter(|n| n.starts_with("default/p-")).collect();
+    let got: BTreeSet<String> = all
+        .into_iter()
+        .filter(|n| n.starts_with("default/p-"))
+        .collect();
     assert_eq!(got, expected);
     eprintln!(
         "10,000 changes converged in {elapsed:?} ({:.0} events/s) with {} snapshots",
@@ -444,11 +466,18 @@ fn ten_thousand_services_listed_and_compiled() {
     let started = Instant::now();
     let desired = sluice_compiler::compile(&snapshot, &context);
     let compiled = started.elapsed();
-    assert!(desired.services.len() >= 2 * 10_002, "a frontend and a slot each");
+    assert!(
+        desired.services.len() >= 2 * 10_002,
+        "a frontend and a slot each"
+    );
     eprintln!(
         "10,002 Services and slices: listed into a snapshot in {listed:?}, one compile {compiled:?} \
          ({} service entries; {} build)",
         desired.services.len(),
-        if cfg!(debug_assertions) { "debug" } else { "release" }
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
 }

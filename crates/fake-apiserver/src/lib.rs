@@ -137,7 +137,10 @@ impl FakeApiServer {
     }
 
     /// Creates or replaces `object` (any of the served kinds); returns its resourceVersion.
-    pub fn apply<K: k8s_openapi::Resource + Serialize>(&self, object: &K) -> Result<u64, FakeError> {
+    pub fn apply<K: k8s_openapi::Resource + Serialize>(
+        &self,
+        object: &K,
+    ) -> Result<u64, FakeError> {
         let resource = Resource::of_kind(K::KIND).ok_or_else(|| FakeError::UnknownKind {
             kind: K::KIND.to_owned(),
         })?;
@@ -145,11 +148,9 @@ impl FakeApiServer {
             kind: resource.kind(),
             source,
         })?;
-        self.lock()
-            .apply(resource, value)
-            .ok_or(FakeError::NoName {
-                kind: resource.kind(),
-            })
+        self.lock().apply(resource, value).ok_or(FakeError::NoName {
+            kind: resource.kind(),
+        })
     }
 
     /// Deletes the object `key` (`namespace/name`, or `name` for Nodes and Namespaces);
@@ -279,7 +280,11 @@ async fn serve(
     params: &Params,
 ) -> Response {
     let Some(resource) = Resource::from_path(group, version, plural) else {
-        let body = state::status(404, "NotFound", format!("the server could not find {plural}"));
+        let body = state::status(
+            404,
+            "NotFound",
+            format!("the server could not find {plural}"),
+        );
         return json_response(StatusCode::NOT_FOUND, &body);
     };
     let watch = truthy(params.watch.as_deref());

@@ -73,7 +73,8 @@ pub(crate) fn status(code: u16, reason: &str, message: String) -> Value {
 }
 
 fn line(kind: &str, object: &Value) -> Vec<u8> {
-    let mut bytes = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    let mut bytes =
+        serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     bytes.push(b'\n');
     bytes
 }
@@ -203,7 +204,10 @@ impl State {
     }
 
     pub(crate) fn watch_count(&self, resource: Resource) -> usize {
-        self.watches.iter().filter(|w| w.resource == resource).count()
+        self.watches
+            .iter()
+            .filter(|w| w.resource == resource)
+            .count()
     }
 
     /// The next queued fault of `resource` that applies to this request.

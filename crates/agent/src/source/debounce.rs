@@ -26,7 +26,11 @@ impl Default for Debounce {
 impl Debounce {
     /// Waits for the next burst on `rx` and hands each item to `take`; returns false once
     /// every sender is gone and nothing arrived.
-    pub async fn gather<T>(&self, rx: &mut mpsc::UnboundedReceiver<T>, mut take: impl FnMut(T)) -> bool {
+    pub async fn gather<T>(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<T>,
+        mut take: impl FnMut(T),
+    ) -> bool {
         let Some(first) = rx.recv().await else {
             return false;
         };

@@ -109,10 +109,11 @@ impl Kubernetes {
         let options = KubeConfigOptions::default();
         let config = match &self.config.kubeconfig {
             Some(path) => {
-                let file = Kubeconfig::read_from(path).map_err(|source| AgentError::Kubeconfig {
-                    path: path.clone(),
-                    source,
-                })?;
+                let file =
+                    Kubeconfig::read_from(path).map_err(|source| AgentError::Kubeconfig {
+                        path: path.clone(),
+                        source,
+                    })?;
                 kube::Config::from_custom_kubeconfig(file, &options)
                     .await
                     .map_err(|source| AgentError::Kubeconfig {
@@ -122,12 +123,14 @@ impl Kubernetes {
             }
             None => match kube::Config::incluster() {
                 Ok(config) => config,
-                Err(incluster) => kube::Config::from_kubeconfig(&options)
-                    .await
-                    .map_err(|kubeconfig| AgentError::NoKubeConfig {
-                        incluster,
-                        kubeconfig,
-                    })?,
+                Err(incluster) => {
+                    kube::Config::from_kubeconfig(&options)
+                        .await
+                        .map_err(|kubeconfig| AgentError::NoKubeConfig {
+                            incluster,
+                            kubeconfig,
+                        })?
+                }
             },
         };
         Client::try_from(config).map_err(AgentError::KubeClient)
@@ -220,9 +223,7 @@ impl Stores {
 
 fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
     let mut objects: Vec<K> = store.state().iter().map(|o| K::clone(o)).collect();
-    objects.sort_by(|a, b| {
-        (a.namespace(), a.name_any()).cmp(&(b.namespace(), b.name_any()))
-    });
+    objects.sort_by_cached_key(|o| (o.namespace(), o.name_any()));
     objects
 }
 
@@ -321,4 +322,3 @@ async fn watch<K>(
         }
     }
 }
-

@@ -127,7 +127,9 @@ pub fn policy(name: &str) -> NetworkPolicy {
 }
 
 /// `namespace/name` of each object, in the snapshot's order.
-pub fn names<K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+pub fn names<
+    K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+>(
     objects: &[K],
 ) -> Vec<String> {
     objects
