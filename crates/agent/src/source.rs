@@ -81,7 +81,7 @@ pub fn start(
 ) -> Result<watch::Receiver<Arc<Snapshot>>, AgentError> {
     let source: Box<dyn Source> = match config {
         SourceConfig::ClusterFile(path) => Box::new(ClusterFile::open(path.clone())?),
-        SourceConfig::Kubernetes(config) => Box::new(Kubernetes::new(config.clone())),
+        SourceConfig::Kubernetes(config) => Box::new(Kubernetes::open(config.clone())?),
     };
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let name = source.describe();

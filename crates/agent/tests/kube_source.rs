@@ -38,10 +38,11 @@ struct Running {
 }
 
 fn start_source(api: &FakeApi) -> Running {
-    let source = Kubernetes::new(KubernetesConfig {
+    let source = Kubernetes::open(KubernetesConfig {
         kubeconfig: Some(api.kubeconfig.clone()),
         ..KubernetesConfig::default()
-    });
+    })
+    .expect("read the kubeconfig");
     let stats = source.stats();
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let updates = Updates::new(tx, Default::default());

@@ -70,6 +70,8 @@ pub struct SourceStats {
 
 pub struct Kubernetes {
     config: KubernetesConfig,
+    /// `config.kubeconfig`, read.
+    kubeconfig: Option<Kubeconfig>,
     stats: Arc<SourceStats>,
 }
 
@@ -94,11 +96,24 @@ struct Stores {
 const KINDS: usize = 6;
 
 impl Kubernetes {
-    pub fn new(config: KubernetesConfig) -> Self {
-        Self {
+    /// Reads the kubeconfig file now, so a missing or malformed one stops the agent at
+    /// start, naming the file.
+    pub fn open(config: KubernetesConfig) -> Result<Self, AgentError> {
+        let kubeconfig = config
+            .kubeconfig
+            .as_ref()
+            .map(|path| {
+                Kubeconfig::read_from(path).map_err(|source| AgentError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
             config,
+            kubeconfig,
             stats: Arc::default(),
-        }
+        })
     }
 
     pub fn stats(&self) -> Arc<SourceStats> {
@@ -107,21 +122,16 @@ impl Kubernetes {
 
     async fn client(&self) -> Result<Client, AgentError> {
         let options = KubeConfigOptions::default();
-        let config = match &self.config.kubeconfig {
-            Some(path) => {
-                let file =
-                    Kubeconfig::read_from(path).map_err(|source| AgentError::Kubeconfig {
-                        path: path.clone(),
-                        source,
-                    })?;
-                kube::Config::from_custom_kubeconfig(file, &options)
+        let config = match (&self.kubeconfig, &self.config.kubeconfig) {
+            (Some(file), Some(path)) => {
+                kube::Config::from_custom_kubeconfig(file.clone(), &options)
                     .await
                     .map_err(|source| AgentError::Kubeconfig {
                         path: path.clone(),
                         source,
                     })?
             }
-            None => match kube::Config::incluster() {
+            _ => match kube::Config::incluster() {
                 Ok(config) => config,
                 Err(incluster) => {
                     kube::Config::from_kubeconfig(&options)
@@ -320,5 +330,37 @@ async fn watch<K>(
         if let Some(delay) = std::iter::Iterator::next(&mut relist_backoff) {
             tokio::time::sleep(delay).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_malformed_kubeconfig_is_refused_naming_the_file() {
+        let missing = PathBuf::from("/nonexistent/kubeconfig");
+        let config = |path: &PathBuf| KubernetesConfig {
+            kubeconfig: Some(path.clone()),
+            ..KubernetesConfig::default()
+        };
+        let Err(e) = Kubernetes::open(config(&missing)) else {
+            panic!("a missing kubeconfig was accepted");
+        };
+        assert!(
+            e.to_string()
+                .starts_with("kubeconfig /nonexistent/kubeconfig: "),
+            "{e}"
+        );
+
+        let bad =
+            std::env::temp_dir().join(format!("sluice-bad-kubeconfig-{}", std::process::id()));
+        std::fs::write(&bad, "clusters: [").expect("write");
+        let refused = Kubernetes::open(config(&bad));
+        let _ = std::fs::remove_file(&bad);
+        let Err(e) = refused else {
+            panic!("a malformed kubeconfig was accepted");
+        };
+        assert!(e.to_string().contains(&bad.display().to_string()), "{e}");
     }
 }
