@@ -98,12 +98,15 @@ fn lab_and_kubernetes_sources_compile_to_identical_maps() {
     }
     let kubeconfig = std::env::temp_dir().join(format!("{}.kubeconfig", ns.name()));
     std::fs::write(&kubeconfig, server.kubeconfig()).unwrap();
-    let source = Kubernetes::open(KubernetesConfig {
-        kubeconfig: Some(kubeconfig.clone()),
-        // The flag that states what the lab file states.
-        cluster_cidr: from_lab.cluster_cidr,
-        ..KubernetesConfig::default()
-    })
+    let source = Kubernetes::open(
+        KubernetesConfig {
+            kubeconfig: Some(kubeconfig.clone()),
+            // The flag that states what the lab file states.
+            cluster_cidr: from_lab.cluster_cidr,
+            ..KubernetesConfig::default()
+        },
+        Default::default(),
+    )
     .expect("read the kubeconfig");
     let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
     let updates = Updates::new(tx, Default::default());

@@ -204,7 +204,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
     });
 
-    let snapshots = source::start(&config.source, config.node_port_range)?;
+    let snapshots = source::start(
+        &config.source,
+        config.node_port_range,
+        metrics.source_stats(),
+    )?;
     info!(node = %config.node, "agent running");
     let result = reconcile::Loop {
         node,

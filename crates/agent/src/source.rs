@@ -78,10 +78,11 @@ impl Updates {
 pub fn start(
     config: &SourceConfig,
     node_ports: NodePortRange,
+    stats: kubernetes::SourceStats,
 ) -> Result<watch::Receiver<Arc<Snapshot>>, AgentError> {
     let source: Box<dyn Source> = match config {
         SourceConfig::ClusterFile(path) => Box::new(ClusterFile::open(path.clone())?),
-        SourceConfig::Kubernetes(config) => Box::new(Kubernetes::open(config.clone())?),
+        SourceConfig::Kubernetes(config) => Box::new(Kubernetes::open(config.clone(), stats)?),
     };
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let name = source.describe();

@@ -174,6 +174,47 @@ fn realizes_the_api_objects_and_is_ready_only_after_the_first_full_sync() {
     }
     eprintln!("watch event -> realized maps, listed by the API: {samples:?}");
 
+    // A burst of 1,000 pod events: events in, snapshots out, compile passes.
+    let counter = |name: &str| -> u64 {
+        let text = api
+            .ns
+            .run(|| sluice_api::scrape(metrics, "/metrics", Duration::from_secs(5)))
+            .unwrap()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
+            .unwrap_or_else(|| panic!("{name} not in {text}"))
+            .parse()
+            .unwrap()
+    };
+    let socket = agent.socket.clone();
+    let status = || Client::new(&socket).status().unwrap();
+    let (events, snapshots) = (
+        counter("sluice_kubernetes_watch_events"),
+        counter("sluice_kubernetes_snapshots"),
+    );
+    let (accepted, passes) = (status().desired_generation, status().reconciles);
+    let burst = Instant::now();
+    for i in 0..1000 {
+        api.apply(&fake_api::pod(&format!("burst-{i}"), "10.244.1.200"));
+    }
+    agent.wait("the burst realized", |_| {
+        counter("sluice_kubernetes_watch_events") == events + 1000
+            && status().realized_generation == status().desired_generation
+            && status().desired_generation > accepted
+    });
+    let (snapshots, accepted, passes) = (
+        counter("sluice_kubernetes_snapshots") - snapshots,
+        status().desired_generation - accepted,
+        status().reconciles - passes,
+    );
+    eprintln!(
+        "burst: 1000 pod events in, {snapshots} snapshots out, {accepted} taken by the loop, \
+         {passes} compile passes, realized after {:?}",
+        burst.elapsed()
+    );
+    assert!(snapshots < 100, "{snapshots} snapshots for 1,000 events");
+
     // A deletion is realized too.
     api.server.delete(Resource::Services, "default/svc-a");
     agent.wait("svc-a removed", |_| {

@@ -14,7 +14,7 @@ mod fake_api;
 
 use std::{
     collections::BTreeSet,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -31,19 +31,22 @@ use tokio::sync::watch;
 /// The source on a thread inside the fake's namespace, and the agent's end of it.
 struct Running {
     rx: watch::Receiver<Arc<Snapshot>>,
-    stats: Arc<SourceStats>,
+    stats: SourceStats,
     runtime: tokio::runtime::Runtime,
     /// Ends once `rx` is dropped.
     _thread: NsThread<Result<(), AgentError>>,
 }
 
 fn start_source(api: &FakeApi) -> Running {
-    let source = Kubernetes::open(KubernetesConfig {
-        kubeconfig: Some(api.kubeconfig.clone()),
-        ..KubernetesConfig::default()
-    })
+    let stats = SourceStats::default();
+    let source = Kubernetes::open(
+        KubernetesConfig {
+            kubeconfig: Some(api.kubeconfig.clone()),
+            ..KubernetesConfig::default()
+        },
+        stats.clone(),
+    )
     .expect("read the kubeconfig");
-    let stats = source.stats();
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let updates = Updates::new(tx, Default::default());
     let thread = api
@@ -102,7 +105,7 @@ impl Running {
     }
 
     fn snapshots(&self) -> u64 {
-        self.stats.snapshots.load(Ordering::Relaxed)
+        self.stats.snapshots.get()
     }
 }
 
@@ -240,7 +243,7 @@ fn gone_relists_in_the_stream_and_on_a_watch_start() {
     until("a relist after the 410 watch start", || {
         lists(&api, Resource::Services) > lists_before
     });
-    assert_eq!(source.stats.relists.load(Ordering::Relaxed), 1);
+    assert_eq!(source.stats.relists.get(), 1);
     api.apply(&service("svc-e", "10.96.0.14"));
     source.wait(
         "svc-e after the relist",
@@ -359,7 +362,7 @@ fn ten_thousand_changes_converge_and_bursts_are_debounced() {
     // A burst of 1,000 pod events: a handful of snapshots, and the agent's end (a watch
     // channel keeping only the newest) compiles fewer still.
     let before = source.snapshots();
-    let events_before = source.stats.events.load(Ordering::Relaxed);
+    let events_before = source.stats.events.get();
     for i in 0..1000 {
         api.apply(&pod(&format!("burst-{i}"), "10.244.1.200"));
     }
@@ -374,7 +377,7 @@ fn ten_thousand_changes_converge_and_bursts_are_debounced() {
         }
     }
     let burst_snapshots = source.snapshots() - before;
-    let events = source.stats.events.load(Ordering::Relaxed) - events_before;
+    let events = source.stats.events.get() - events_before;
     eprintln!(
         "debounce: {events} pod events in, {burst_snapshots} snapshots out, {compiles} compile passes"
     );

@@ -9,14 +9,7 @@
 //! one snapshot per burst. Snapshots carry no local endpoints: on a node those come from
 //! the CNI plugin.
 
-use std::{
-    fmt::Debug,
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-};
+use std::{fmt::Debug, path::PathBuf};
 
 use futures::StreamExt;
 use ipnet::Ipv4Net;
@@ -37,6 +30,7 @@ use kube::{
         watcher::{self, DefaultBackoff, Event},
     },
 };
+use prometheus_client::metrics::counter::Counter;
 use sluice_store::Snapshot;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -57,22 +51,23 @@ pub struct KubernetesConfig {
     pub debounce: Debounce,
 }
 
-/// What the source has done so far, for logs and measurements.
-#[derive(Debug, Default)]
+/// What the source has done, counted for the metrics (`sluice_kubernetes_*`); clones
+/// share the counts.
+#[derive(Clone, Debug, Default)]
 pub struct SourceStats {
     /// Watch events applied to the stores (objects of initial lists included).
-    pub events: AtomicU64,
+    pub events: Counter,
     /// Snapshots handed to the agent.
-    pub snapshots: AtomicU64,
-    /// Relists after the server said 410 Gone to a watch.
-    pub relists: AtomicU64,
+    pub snapshots: Counter,
+    /// Relists after the server refused a watch with 410 Gone.
+    pub relists: Counter,
 }
 
 pub struct Kubernetes {
     config: KubernetesConfig,
     /// `config.kubeconfig`, read.
     kubeconfig: Option<Kubeconfig>,
-    stats: Arc<SourceStats>,
+    stats: SourceStats,
 }
 
 /// What a watcher tells the snapshot maker.
@@ -98,7 +93,7 @@ const KINDS: usize = 6;
 impl Kubernetes {
     /// Reads the kubeconfig file now, so a missing or malformed one stops the agent at
     /// start, naming the file.
-    pub fn open(config: KubernetesConfig) -> Result<Self, AgentError> {
+    pub fn open(config: KubernetesConfig, stats: SourceStats) -> Result<Self, AgentError> {
         let kubeconfig = config
             .kubeconfig
             .as_ref()
@@ -112,12 +107,8 @@ impl Kubernetes {
         Ok(Self {
             config,
             kubeconfig,
-            stats: Arc::default(),
+            stats,
         })
-    }
-
-    pub fn stats(&self) -> Arc<SourceStats> {
-        Arc::clone(&self.stats)
     }
 
     async fn client(&self) -> Result<Client, AgentError> {
@@ -187,7 +178,7 @@ impl Kubernetes {
             if !updates.send(stores.snapshot(revision, self.config.cluster_cidr)) {
                 return Ok(());
             }
-            self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+            self.stats.snapshots.inc();
         }
     }
 }
@@ -241,7 +232,7 @@ fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
 fn spawn_watch<K>(
     client: &Client,
     tx: &mpsc::UnboundedSender<Touch>,
-    stats: &Arc<SourceStats>,
+    stats: &SourceStats,
 ) -> Store<K>
 where
     K: Resource<DynamicType = ()>
@@ -259,7 +250,7 @@ where
         Api::all(client.clone()),
         writer,
         tx.clone(),
-        Arc::clone(stats),
+        stats.clone(),
     ));
     store
 }
@@ -269,7 +260,7 @@ async fn watch<K>(
     api: Api<K>,
     mut writer: Writer<K>,
     tx: mpsc::UnboundedSender<Touch>,
-    stats: Arc<SourceStats>,
+    stats: SourceStats,
 ) where
     K: Resource<DynamicType = ()>
         + k8s_openapi::Resource
@@ -299,7 +290,7 @@ async fn watch<K>(
                     if status.code == 410 =>
                 {
                     warn!(kind, "watch refused with 410 Gone; relisting");
-                    stats.relists.fetch_add(1, Ordering::Relaxed);
+                    stats.relists.inc();
                     break;
                 }
                 Err(e) => {
@@ -315,13 +306,13 @@ async fn watch<K>(
                 Event::Apply(_) | Event::Delete(_) => Touch::Changed,
                 Event::InitDone => Touch::Listed(kind),
                 Event::InitApply(_) => {
-                    stats.events.fetch_add(1, Ordering::Relaxed);
+                    stats.events.inc();
                     continue;
                 }
                 Event::Init => continue,
             };
             if matches!(touch, Touch::Changed) {
-                stats.events.fetch_add(1, Ordering::Relaxed);
+                stats.events.inc();
             }
             if tx.send(touch).is_err() {
                 return;
@@ -344,7 +335,7 @@ mod tests {
             kubeconfig: Some(path.clone()),
             ..KubernetesConfig::default()
         };
-        let Err(e) = Kubernetes::open(config(&missing)) else {
+        let Err(e) = Kubernetes::open(config(&missing), SourceStats::default()) else {
             panic!("a missing kubeconfig was accepted");
         };
         assert!(
@@ -356,7 +347,7 @@ mod tests {
         let bad =
             std::env::temp_dir().join(format!("sluice-bad-kubeconfig-{}", std::process::id()));
         std::fs::write(&bad, "clusters: [").expect("write");
-        let refused = Kubernetes::open(config(&bad));
+        let refused = Kubernetes::open(config(&bad), SourceStats::default());
         let _ = std::fs::remove_file(&bad);
         let Err(e) = refused else {
             panic!("a malformed kubeconfig was accepted");
