@@ -1,5 +1,6 @@
 //! A Kubernetes API server at the HTTP level, for tests: cluster-wide `GET` lists with a
-//! resourceVersion, and `?watch=1&resourceVersion=..&allowWatchBookmarks=true` as chunked
+//! resourceVersion (in pages with `limit` and `continue`, all read at the first page's
+//! version), and `?watch=1&resourceVersion=..&allowWatchBookmarks=true` as chunked
 //! streams of JSON lines (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR), as the API reference
 //! describes them. A test can inject what a real server does to its clients: 410 Gone (in
 //! the stream and as the answer to a watch), dropped connections, 500 and 429.
@@ -242,14 +243,17 @@ fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// The query parameters of a list or watch this server reads; others are ignored
-/// (`limit`: every list is one page, which the API allows a server to return).
+/// The query parameters of a list or watch this server reads (label and field selectors,
+/// which sluice does not send, are ignored).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Params {
     watch: Option<String>,
     resource_version: Option<String>,
     allow_watch_bookmarks: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
 }
 
 fn truthy(value: Option<&str>) -> bool {
@@ -300,12 +304,14 @@ async fn serve(
         .state
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .answer(
+        .answer(&state::Request {
             resource,
             watch,
-            params.resource_version.as_deref(),
-            truthy(params.allow_watch_bookmarks.as_deref()),
-        );
+            resource_version: params.resource_version.as_deref(),
+            bookmarks: truthy(params.allow_watch_bookmarks.as_deref()),
+            limit: params.limit,
+            continue_token: params.continue_token.as_deref(),
+        });
     match answer {
         Answer::Status(code, body) => json_response(
             StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

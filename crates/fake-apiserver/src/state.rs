@@ -50,7 +50,29 @@ pub(crate) struct State {
     history: BTreeMap<Resource, Vec<(u64, EventType, Value)>>,
     watches: Vec<Watch>,
     faults: BTreeMap<Resource, VecDeque<Fault>>,
+    /// Lists with pages still to serve, by the number in their continue token.
+    paged: BTreeMap<u64, Paged>,
+    next_token: u64,
     pub(crate) requests: Vec<RequestLog>,
+}
+
+/// A list or watch request, as its query parameters say.
+pub(crate) struct Request<'a> {
+    pub resource: Resource,
+    pub watch: bool,
+    pub resource_version: Option<&'a str>,
+    pub bookmarks: bool,
+    /// Items per page of a list; None: all at once.
+    pub limit: Option<usize>,
+    /// The `continue` token of the previous page.
+    pub continue_token: Option<&'a str>,
+}
+
+/// A list being served page by page: every page comes from the objects as they were at
+/// the first (the real server reads them at one version from etcd).
+struct Paged {
+    revision: u64,
+    items: Vec<Value>,
 }
 
 /// What a request gets: a status answer, a list, or a watch stream.
@@ -210,6 +232,68 @@ impl State {
             .count()
     }
 
+    /// A page of a list: the first, or the one a continue token names (`<list>:<offset>`).
+    fn list(&mut self, request: &Request<'_>) -> Answer {
+        let resource = request.resource;
+        let (token, revision, offset) = match request.continue_token {
+            None | Some("") => {
+                let items: Vec<Value> = self
+                    .objects
+                    .get(&resource)
+                    .into_iter()
+                    .flat_map(BTreeMap::values)
+                    .map(|o| {
+                        // Items of a list carry no kind or apiVersion: the list's say it.
+                        let mut o = o.clone();
+                        if let Some(map) = o.as_object_mut() {
+                            map.remove("kind");
+                            map.remove("apiVersion");
+                        }
+                        o
+                    })
+                    .collect();
+                self.next_token += 1;
+                let token = self.next_token;
+                let revision = self.revision;
+                self.paged.insert(token, Paged { revision, items });
+                (token, revision, 0)
+            }
+            Some(text) => {
+                let parsed = text
+                    .split_once(':')
+                    .and_then(|(t, o)| Some((t.parse::<u64>().ok()?, o.parse::<usize>().ok()?)));
+                match parsed.and_then(|(t, o)| Some((t, self.paged.get(&t)?.revision, o))) {
+                    Some(found) => found,
+                    None => {
+                        let message = format!("the continue token {text:?} has expired");
+                        return Answer::Status(410, status(410, "Expired", message));
+                    }
+                }
+            }
+        };
+        let Some(paged) = self.paged.get(&token) else {
+            return Answer::Status(500, status(500, "InternalError", "lost a list".into()));
+        };
+        let end = request
+            .limit
+            .filter(|&l| l > 0)
+            .map_or(paged.items.len(), |l| (offset + l).min(paged.items.len()));
+        let items = paged.items.get(offset..end).unwrap_or_default().to_vec();
+        let mut metadata = json!({"resourceVersion": revision.to_string()});
+        if end < paged.items.len() {
+            metadata["continue"] = json!(format!("{token}:{end}"));
+            metadata["remainingItemCount"] = json!(paged.items.len() - end);
+        } else {
+            self.paged.remove(&token);
+        }
+        Answer::List(json!({
+            "kind": format!("{}List", resource.kind()),
+            "apiVersion": resource.api_version(),
+            "metadata": metadata,
+            "items": items,
+        }))
+    }
+
     /// The next queued fault of `resource` that applies to this request.
     fn take_fault(&mut self, resource: Resource, watch: bool) -> Option<Fault> {
         let faults = self.faults.get_mut(&resource)?;
@@ -220,18 +304,12 @@ impl State {
     }
 
     /// Answers a list (`watch` false) or a watch from `resource_version`.
-    pub(crate) fn answer(
-        &mut self,
-        resource: Resource,
-        watch: bool,
-        resource_version: Option<&str>,
-        bookmarks: bool,
-    ) -> Answer {
-        let answer = self.answer_inner(resource, watch, resource_version, bookmarks);
+    pub(crate) fn answer(&mut self, request: &Request<'_>) -> Answer {
+        let answer = self.answer_inner(request);
         self.requests.push(RequestLog {
-            resource,
-            watch,
-            resource_version: resource_version.map(str::to_owned),
+            resource: request.resource,
+            watch: request.watch,
+            resource_version: request.resource_version.map(str::to_owned),
             status: match &answer {
                 Answer::Status(code, _) => *code,
                 Answer::List(_) | Answer::Watch(_) => 200,
@@ -240,13 +318,14 @@ impl State {
         answer
     }
 
-    fn answer_inner(
-        &mut self,
-        resource: Resource,
-        watch: bool,
-        resource_version: Option<&str>,
-        bookmarks: bool,
-    ) -> Answer {
+    fn answer_inner(&mut self, request: &Request<'_>) -> Answer {
+        let Request {
+            resource,
+            watch,
+            resource_version,
+            bookmarks,
+            ..
+        } = *request;
         match self.take_fault(resource, watch) {
             Some(Fault::Status(code)) => {
                 let reason = match code {
@@ -262,27 +341,7 @@ impl State {
             None => {}
         }
         if !watch {
-            let items: Vec<Value> = self
-                .objects
-                .get(&resource)
-                .into_iter()
-                .flat_map(BTreeMap::values)
-                .map(|o| {
-                    // Items of a list carry no kind or apiVersion: the list's say it.
-                    let mut o = o.clone();
-                    if let Some(map) = o.as_object_mut() {
-                        map.remove("kind");
-                        map.remove("apiVersion");
-                    }
-                    o
-                })
-                .collect();
-            return Answer::List(json!({
-                "kind": format!("{}List", resource.kind()),
-                "apiVersion": resource.api_version(),
-                "metadata": {"resourceVersion": self.revision.to_string()},
-                "items": items,
-            }));
+            return self.list(request);
         }
         let from = match resource_version {
             None | Some("" | "0") => self.revision,
