@@ -159,7 +159,7 @@ impl Metrics {
         );
         registry.register(
             "sluice_kubernetes_relists",
-            "Relists after the API server refused a watch with 410 Gone",
+            "Lists after the first of their kind: the API server said 410 Gone to a watch",
             self.source.relists.clone(),
         );
         registry.register(

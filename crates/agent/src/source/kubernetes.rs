@@ -59,7 +59,8 @@ pub struct SourceStats {
     pub events: Counter,
     /// Snapshots handed to the agent.
     pub snapshots: Counter,
-    /// Relists after the server refused a watch with 410 Gone.
+    /// Lists after the first of their kind: the server said 410 Gone, in the stream or
+    /// to a watch start.
     pub relists: Counter,
 }
 
@@ -275,6 +276,8 @@ async fn watch<K>(
     // Paces relists forced by a watch refused with 410 (the watcher's own backoff covers
     // the errors it retries itself); reset by any event.
     let mut relist_backoff = DefaultBackoff::default();
+    // Every list after the first is a relist (410 Gone, in the stream or on a watch start).
+    let mut listed_once = false;
     loop {
         let mut events = watcher::watcher(api.clone(), watcher::Config::default())
             .default_backoff()
@@ -290,7 +293,6 @@ async fn watch<K>(
                     if status.code == 410 =>
                 {
                     warn!(kind, "watch refused with 410 Gone; relisting");
-                    stats.relists.inc();
                     break;
                 }
                 Err(e) => {
@@ -303,17 +305,23 @@ async fn watch<K>(
             let event = event.modify(|o| o.meta_mut().managed_fields = None);
             writer.apply_watcher_event(&event);
             let touch = match event {
-                Event::Apply(_) | Event::Delete(_) => Touch::Changed,
-                Event::InitDone => Touch::Listed(kind),
+                Event::Init => {
+                    if listed_once {
+                        stats.relists.inc();
+                    }
+                    listed_once = true;
+                    continue;
+                }
                 Event::InitApply(_) => {
                     stats.events.inc();
                     continue;
                 }
-                Event::Init => continue,
+                Event::Apply(_) | Event::Delete(_) => {
+                    stats.events.inc();
+                    Touch::Changed
+                }
+                Event::InitDone => Touch::Listed(kind),
             };
-            if matches!(touch, Touch::Changed) {
-                stats.events.inc();
-            }
             if tx.send(touch).is_err() {
                 return;
             }
