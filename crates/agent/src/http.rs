@@ -25,8 +25,10 @@ use crate::AgentError;
 /// it reads kernel maps with one syscall per entry.
 pub type Render = Arc<dyn Fn() -> Result<(String, &'static str), AgentError> + Send + Sync>;
 
-/// Whether the agent is ready to serve its node: set once the first reconcile pass has
-/// realized the maps, and never cleared (a later failed pass is `status`'s business, not a
+/// Whether the agent is ready to serve its node: set once a reconcile pass has realized
+/// the first snapshot its source delivered (the Kubernetes source delivers none before
+/// every initial list is complete; the cluster file none before the file exists; the
+/// empty snapshot the agent starts with never counts), and never cleared (a later failed pass is `status`'s business, not a
 /// reason for the kubelet to restart an agent whose datapath keeps running).
 #[derive(Clone, Debug, Default)]
 pub struct Readiness(Arc<AtomicBool>);

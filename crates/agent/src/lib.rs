@@ -85,6 +85,20 @@ pub enum AgentError {
         found: String,
         port: u16,
     },
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes API config: not in a pod ({incluster}), and no kubeconfig ({kubeconfig})"
+    )]
+    NoKubeConfig {
+        incluster: kube::config::InClusterError,
+        kubeconfig: kube::config::KubeconfigError,
+    },
+    #[error("kubernetes client: {0}")]
+    KubeClient(kube::Error),
     #[error("the reconcile loop has stopped")]
     Stopped,
     /// The CNI plugin named an attachment the registry does not hold.
@@ -228,7 +242,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
     });
 
-    let snapshots = source::start(&config.source, config.node_port_range)?;
+    let snapshots = source::start(
+        &config.source,
+        config.node_port_range,
+        metrics.source_stats(),
+    )?;
     info!(node = %config.node, "agent running");
     let result = reconcile::Loop {
         node,

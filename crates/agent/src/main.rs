@@ -10,6 +10,7 @@ use sluice_agent::{
     masquerade::MasqueradeConfig,
     policy_log::{PolicyLogConfig, PolicyLogMode},
     routing::RoutingConfig,
+    source::KubernetesConfig,
 };
 use sluice_common::{CtConfig, RoutingMode};
 use sluice_compiler::{Balancing, LbAlgorithm, maglev::TableSize};
@@ -24,9 +25,22 @@ struct Args {
     /// Network namespace (under /run/netns) to run in; omit to stay in the current one.
     #[arg(long, env = "SLUICE_NETNS")]
     netns: Option<String>,
-    /// Snapshot file to watch.
+    /// Where the desired objects come from: cluster-file (the lab's snapshot file) or
+    /// kubernetes (the API server's list and watch API).
+    #[arg(long, env = "SLUICE_SOURCE", value_enum, default_value_t = SourceKind::ClusterFile)]
+    source: SourceKind,
+    /// Snapshot file to watch; required with --source cluster-file.
     #[arg(long, env = "SLUICE_CLUSTER_FILE")]
-    cluster_file: PathBuf,
+    cluster_file: Option<PathBuf>,
+    /// Kubeconfig for --source kubernetes; without it, the pod's service account
+    /// (in-cluster), else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, env = "SLUICE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The cluster's pod network for --source kubernetes (kubeadm's podSubnet, GKE's
+    /// cluster IPv4 CIDR): no API object states it. Every Node's podCIDR must lie inside;
+    /// without it, not checked.
+    #[arg(long, env = "SLUICE_CLUSTER_CIDR")]
+    cluster_cidr: Option<ipnet::Ipv4Net>,
     /// Ports node port Services may use (nodePort and healthCheckNodePort), FIRST-LAST; a
     /// snapshot with a Service outside it is refused whole.
     #[arg(long, env = "SLUICE_NODE_PORT_RANGE", default_value_t = sluice_sources::NodePortRange::default())]
@@ -157,6 +171,12 @@ struct Args {
     cni_add_timeout: f64,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SourceKind {
+    ClusterFile,
+    Kubernetes,
+}
+
 /// A lifetime in seconds: zero would expire every entry at its first packet.
 fn seconds() -> clap::builder::RangedI64ValueParser<u32> {
     clap::value_parser!(u32).range(1..)
@@ -187,9 +207,29 @@ fn main() -> anyhow::Result<()> {
             .enter()
             .context("entering the node's network namespace")?;
     }
+    let source = match args.source {
+        SourceKind::ClusterFile => {
+            // The lab file states its own clusterCIDR; a kubeconfig would go unused.
+            if args.kubeconfig.is_some() || args.cluster_cidr.is_some() {
+                anyhow::bail!("--kubeconfig and --cluster-cidr apply to --source kubernetes only");
+            }
+            SourceConfig::ClusterFile(
+                args.cluster_file
+                    .context("--cluster-file is required with --source cluster-file")?,
+            )
+        }
+        SourceKind::Kubernetes if args.cluster_file.is_some() => {
+            anyhow::bail!("--cluster-file applies to --source cluster-file only");
+        }
+        SourceKind::Kubernetes => SourceConfig::Kubernetes(KubernetesConfig {
+            kubeconfig: args.kubeconfig,
+            cluster_cidr: args.cluster_cidr,
+            debounce: Default::default(),
+        }),
+    };
     let config = AgentConfig {
         node: args.node,
-        source: SourceConfig::ClusterFile(args.cluster_file),
+        source,
         node_port_range: args.node_port_range,
         pin_dir: args.pin_dir,
         api_socket: args.api_socket,

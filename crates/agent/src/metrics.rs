@@ -24,9 +24,9 @@ use sluice_common::{
 };
 use sluice_datapath::PinnedMaps;
 
-use crate::AgentError;
 /// Why the agent removed conntrack entries: the label of `sluice_conntrack_gc_deleted`.
 pub use crate::conntrack::Removal;
+use crate::{AgentError, source::kubernetes::SourceStats};
 
 /// Content type of [`Metrics::render`]'s output: OpenMetrics text, which Prometheus reads.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -41,6 +41,8 @@ pub struct Metrics {
     ct_gc_duration: Histogram,
     /// Conntrack entries removed by the agent, by [`Removal`].
     ct_removed: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// What the Kubernetes source did (zero with a cluster file).
+    source: SourceStats,
 }
 
 impl Default for Metrics {
@@ -58,6 +60,7 @@ impl Default for Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 13),
             ),
             ct_removed: Family::default(),
+            source: SourceStats::default(),
         }
     }
 }
@@ -87,6 +90,11 @@ impl Metrics {
     /// The counter of policy log lines not written (rate limit or full queue).
     pub fn policy_log_suppressed(&self) -> Counter {
         self.policy_log_suppressed.clone()
+    }
+
+    /// The Kubernetes source's counters.
+    pub fn source_stats(&self) -> SourceStats {
+        self.source.clone()
     }
 
     /// Reads the kernel maps and encodes every metric.
@@ -138,6 +146,21 @@ impl Metrics {
             "Conntrack entries the agent removed: expired (garbage collector) or \
              backend_removed (purged after their backend left the service)",
             self.ct_removed.clone(),
+        );
+        registry.register(
+            "sluice_kubernetes_watch_events",
+            "Watch events the Kubernetes source applied to its stores (initial lists included)",
+            self.source.events.clone(),
+        );
+        registry.register(
+            "sluice_kubernetes_snapshots",
+            "Snapshots the Kubernetes source made: one per burst of watch events",
+            self.source.snapshots.clone(),
+        );
+        registry.register(
+            "sluice_kubernetes_relists",
+            "Lists after the first of their kind: the API server said 410 Gone to a watch",
+            self.source.relists.clone(),
         );
         registry.register(
             "sluice_build",

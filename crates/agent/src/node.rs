@@ -42,6 +42,8 @@ pub struct Node {
     /// the source counts.
     generation: u64,
     desired: Arc<DesiredState>,
+    /// What `desired` was compiled from; None before the first pass that realized it.
+    compiled_from: Option<CompiledFrom>,
     /// Changes whenever `desired` does, so the observer renames flows only then.
     desired_version: u64,
     realized_generation: u64,
@@ -54,6 +56,14 @@ pub struct Node {
     purged: u64,
     /// Whether conntrack was checked against the backends once since the start.
     backends_checked: bool,
+}
+
+/// The compiler's input besides the node's fixed settings: the snapshot (by the generation
+/// it was accepted under) and the ifindex of each local endpoint's interface.
+#[derive(Debug, PartialEq, Eq)]
+struct CompiledFrom {
+    generation: u64,
+    interfaces: BTreeMap<String, u32>,
 }
 
 impl Node {
@@ -74,6 +84,7 @@ impl Node {
             snapshot: Arc::new(Snapshot::default()),
             generation: 0,
             desired: Arc::default(),
+            compiled_from: None,
             desired_version: 0,
             realized_generation: 0,
             realized_revision: 0,
@@ -147,7 +158,7 @@ impl Node {
     }
 
     fn try_reconcile(&mut self) -> Result<bool, AgentError> {
-        let desired = self.compile();
+        let (desired, compiled_from) = self.compile();
         for problem in &desired.problems {
             debug!(%problem, "compiler");
         }
@@ -185,10 +196,11 @@ impl Node {
             .as_deref()
             .map(|cgroup| host_cgroup::reconcile(&mut self.datapath, cgroup))
             .transpose();
-        if desired != *self.desired {
+        if *desired != *self.desired {
             self.desired_version += 1;
         }
-        self.desired = Arc::new(desired);
+        self.desired = desired;
+        self.compiled_from = Some(compiled_from);
         attached |= host?.unwrap_or(false);
         Ok(stats.changed() || attached)
     }
@@ -235,7 +247,11 @@ impl Node {
         std::mem::take(&mut self.purged)
     }
 
-    fn compile(&self) -> DesiredState {
+    /// The desired state of the current snapshot and interfaces, and what it was compiled
+    /// from. The compiler is a pure function of the two, so a pass over the same input (the
+    /// periodic one) takes the last output rather than compiling again: at 10k Services a
+    /// compile costs hundreds of milliseconds.
+    fn compile(&self) -> (Arc<DesiredState>, CompiledFrom) {
         let interfaces = self
             .snapshot
             .endpoints_on(&self.name)
@@ -244,15 +260,23 @@ impl Node {
                 Some((e.interface.clone(), index))
             })
             .collect::<BTreeMap<_, _>>();
-        sluice_compiler::compile(
+        let from = CompiledFrom {
+            generation: self.generation,
+            interfaces,
+        };
+        if self.compiled_from.as_ref() == Some(&from) {
+            return (Arc::clone(&self.desired), from);
+        }
+        let desired = sluice_compiler::compile(
             &self.snapshot,
             &NodeContext {
                 node: self.name.clone(),
-                interfaces,
+                interfaces: from.interfaces.clone(),
                 policy_map_max: self.policy_map_max,
                 balancing: self.balancing,
             },
-        )
+        );
+        (Arc::new(desired), from)
     }
 
     /// Attaches the datapath to `ifname` unless the kernel already runs it there.
@@ -268,7 +292,7 @@ impl Node {
 
     /// Recompiles from the current snapshot and compares with the kernel; optionally repairs.
     pub fn verify(&mut self, repair: bool) -> Result<VerifyReport, AgentError> {
-        let desired = self.compile();
+        let (desired, _) = self.compile();
         let plan = self
             .tables
             .plan(Desired::of(&desired, self.policy_map_max))?;

@@ -38,7 +38,7 @@ pub struct Loop {
     pub changes: watch::Sender<()>,
     pub names: Arc<Names>,
     pub metrics: Metrics,
-    /// Set after the first pass that realized the maps (`/readyz`).
+    /// Set after the first pass that realized a snapshot of the source (`/readyz`).
     pub readiness: Readiness,
     /// How often a full pass re-reads the kernel, whatever changed upstream.
     pub interval: Duration,
@@ -118,7 +118,8 @@ impl Loop {
                 let ok = node.reconcile();
                 metrics.observe_reconcile(started.elapsed(), ok);
                 metrics.count_ct_removed(Removal::BackendRemoved, node.take_purged());
-                if ok {
+                // Only a snapshot the source delivered makes the agent ready.
+                if ok && node.has_snapshot() {
                     ready.set();
                 }
                 node.name_flows(&names);

@@ -1,13 +1,16 @@
 //! Where the desired objects come from. A [`Source`] runs on a thread of its own and hands
 //! the agent whole snapshots; the agent numbers each one it accepts with a generation of its
-//! own. The lab's cluster file is one source; the Kubernetes watchers slot in beside it as
-//! another variant of [`SourceConfig`].
+//! own. The lab's cluster file is one source; the Kubernetes API (kube-rs watchers) is
+//! the other.
 
 mod cluster_file;
+mod debounce;
+pub mod kubernetes;
 
 use std::{path::PathBuf, sync::Arc};
 
 pub use cluster_file::ClusterFile;
+pub use kubernetes::{Kubernetes, KubernetesConfig};
 use sluice_sources::{NodePortRange, validate_services};
 use sluice_store::Snapshot;
 use tokio::sync::watch;
@@ -21,6 +24,8 @@ pub enum SourceConfig {
     /// A snapshot file that the lab (in the roles of the API server and the CNI plugin)
     /// replaces atomically.
     ClusterFile(PathBuf),
+    /// The API server's objects, through its list and watch API.
+    Kubernetes(KubernetesConfig),
 }
 
 /// A producer of snapshots. It runs on a thread of its own, so a blocking reader (inotify)
@@ -61,14 +66,23 @@ impl Updates {
     }
 }
 
+impl Updates {
+    /// Resolves once the agent has stopped listening, for an async source to stop.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
 /// Starts the configured source on its own thread. The receiver's first change is the
 /// source's first snapshot; `changed()` failing means the source ended.
 pub fn start(
     config: &SourceConfig,
     node_ports: NodePortRange,
+    stats: kubernetes::SourceStats,
 ) -> Result<watch::Receiver<Arc<Snapshot>>, AgentError> {
     let source: Box<dyn Source> = match config {
         SourceConfig::ClusterFile(path) => Box::new(ClusterFile::open(path.clone())?),
+        SourceConfig::Kubernetes(config) => Box::new(Kubernetes::open(config.clone(), stats)?),
     };
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let name = source.describe();

@@ -31,6 +31,10 @@ impl Agent {
         let dir = std::env::temp_dir().join(format!("sluice-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("test directory");
         let socket = dir.join("agent.sock");
+        // An empty cluster: the agent is ready once it has realized it.
+        sluice_store::Snapshot::default()
+            .write_file(&dir.join("cluster.json"))
+            .expect("write the cluster file");
         // A free loopback port: bound, read, released for the agent.
         let metrics = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

@@ -35,16 +35,6 @@ const KUBERNETES_VALIDATE: &str = "/opt/sluice/venv/bin/kubernetes-validate";
 /// Files of deploy/ that are no Kubernetes objects, so have no schema to validate against.
 const NOT_MANIFESTS: [&str; 2] = ["kustomization.yaml", "kind-cluster.yaml"];
 
-/// Keys of the ConfigMap for flags that come with the merge of issue 12's other branches
-/// (the Kubernetes source and the CNI plugin's state). The integrator empties this list once
-/// they are flags; a name here that is already a flag fails the test.
-const ADDED_BY_THE_MERGE: [&str; 5] = [
-    "SLUICE_SOURCE",
-    "SLUICE_KUBECONFIG",
-    "SLUICE_CLUSTER_CIDR",
-    "SLUICE_STATE_DIR",
-    "SLUICE_CNI_ADD_TIMEOUT",
-];
 /// Keys set to a cluster's value rather than the flag's default (the ConfigMap says why).
 const CLUSTER_VALUES: [&str; 2] = ["SLUICE_SOURCE", "SLUICE_ROUTING_MODE"];
 /// Keys the DaemonSet sets per pod rather than the ConfigMap.
@@ -276,13 +266,6 @@ fn the_configmap_sets_every_agent_flag_with_its_default() {
         );
     }
     let by_env: BTreeMap<String, &Flag> = flags.iter().map(|f| (env_name(&f.long), f)).collect();
-    for name in ADDED_BY_THE_MERGE {
-        assert!(
-            !by_env.contains_key(name),
-            "{name} is a flag now: remove it from ADDED_BY_THE_MERGE"
-        );
-    }
-
     let map = agent_config_map();
     let ds = daemonset();
     let from_daemonset: BTreeSet<String> = agent_container(&ds)
@@ -314,7 +297,7 @@ fn the_configmap_sets_every_agent_flag_with_its_default() {
     for (name, where_) in &places {
         assert_eq!(where_.len(), 1, "{name} is {}", where_.join(" and "));
         assert!(
-            by_env.contains_key(*name) || ADDED_BY_THE_MERGE.contains(name),
+            by_env.contains_key(*name),
             "{name} ({}) is no sluice-agent flag",
             where_[0]
         );
@@ -346,13 +329,12 @@ fn the_configmap_sets_every_agent_flag_with_its_default() {
         }
     }
     println!(
-        "{} flags: {} set in ConfigMap {}, {} commented out, {} by the DaemonSet; {} keys wait for the merge",
+        "{} flags: {} set in ConfigMap {}, {} commented out, {} by the DaemonSet",
         flags.len(),
         map.set.len(),
         map.name,
         map.commented.len(),
-        from_daemonset.len(),
-        ADDED_BY_THE_MERGE.len()
+        from_daemonset.len()
     );
 }
 
@@ -374,10 +356,6 @@ fn the_agent_accepts_the_configmap_values() {
         .env("SLUICE_NODE", "node-a")
         .env("SLUICE_NETNS", &netns)
         .env("RUST_BACKTRACE", "0");
-    // Until --source arrives with the merge, --cluster-file is required.
-    if ADDED_BY_THE_MERGE.contains(&"SLUICE_SOURCE") {
-        agent.env("SLUICE_CLUSTER_FILE", "/nonexistent/cluster.json");
-    }
     let output = agent
         .output()
         .unwrap_or_else(|e| panic!("running sluice-agent: {e}"));

@@ -60,13 +60,16 @@ impl Source for ClusterFile {
         format!("cluster file {}", self.path.display())
     }
 
-    /// A missing file is an empty snapshot at revision 0. The source ends when its
+    /// Nothing is sent until the file exists: an agent started before the lab wrote it
+    /// is not ready (`/readyz`) and keeps what its pins hold. The source ends when its
     /// directory goes away: nothing can replace the file after that.
     fn run(self: Box<Self>, updates: &Updates) -> Result<(), AgentError> {
-        let first = read(&self.path).unwrap_or_default();
-        let mut revision = first.revision;
-        if !updates.send(first) {
-            return Ok(());
+        let mut revision = None;
+        if let Some(first) = read(&self.path) {
+            revision = Some(first.revision);
+            if !updates.send(first) {
+                return Ok(());
+            }
         }
         let gone =
             AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF | AddWatchFlags::IN_IGNORED;
@@ -92,9 +95,9 @@ impl Source for ClusterFile {
             }
             // The same revision written again is no change.
             if let Some(snapshot) = read(&self.path)
-                && snapshot.revision != revision
+                && Some(snapshot.revision) != revision
             {
-                revision = snapshot.revision;
+                revision = Some(snapshot.revision);
                 if !updates.send(snapshot) {
                     return Ok(());
                 }

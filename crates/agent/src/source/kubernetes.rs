@@ -1,0 +1,365 @@
+//! The Kubernetes API as a source: one kube-rs watcher and reflector store per kind
+//! (Nodes, Namespaces, Pods, Services, EndpointSlices, NetworkPolicies), all cluster-wide.
+//!
+//! The watcher lists, watches from the list's resourceVersion, follows bookmarks, and
+//! relists when the server says 410 Gone; its stream backs off with jitter after errors.
+//! A relist replaces a store whole only once the new list is complete, so no object is
+//! lost or doubled across a reconnect. The first snapshot goes out only once every kind
+//! has completed its initial list; after that, changes are gathered by [`Debounce`] into
+//! one snapshot per burst. Snapshots carry no local endpoints: on a node those come from
+//! the CNI plugin.
+
+use std::{fmt::Debug, path::PathBuf};
+
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    },
+    serde::de::DeserializeOwned,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt,
+        reflector::{Store, store::Writer},
+        watcher::{self, DefaultBackoff, Event},
+    },
+};
+use prometheus_client::metrics::counter::Counter;
+use sluice_store::Snapshot;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+pub use super::debounce::Debounce;
+use super::{Source, Updates};
+use crate::AgentError;
+
+/// How the agent reaches the API server and shapes what it reads.
+#[derive(Clone, Debug, Default)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; None: the pod's service account (in-cluster), else
+    /// $KUBECONFIG or ~/.kube/config.
+    pub kubeconfig: Option<PathBuf>,
+    /// The cluster's pod network, which no API object states (kubeadm's
+    /// `networking.podSubnet`): every Node's podCIDR must lie inside. None: not checked.
+    pub cluster_cidr: Option<Ipv4Net>,
+    pub debounce: Debounce,
+}
+
+/// What the source has done, counted for the metrics (`sluice_kubernetes_*`); clones
+/// share the counts.
+#[derive(Clone, Debug, Default)]
+pub struct SourceStats {
+    /// Watch events applied to the stores (objects of initial lists included).
+    pub events: Counter,
+    /// Snapshots handed to the agent.
+    pub snapshots: Counter,
+    /// Lists after the first of their kind: the server said 410 Gone, in the stream or
+    /// to a watch start.
+    pub relists: Counter,
+}
+
+pub struct Kubernetes {
+    config: KubernetesConfig,
+    /// `config.kubeconfig`, read.
+    kubeconfig: Option<Kubeconfig>,
+    stats: SourceStats,
+}
+
+/// What a watcher tells the snapshot maker.
+enum Touch {
+    /// A store changed.
+    Changed,
+    /// A store holds a complete list (the first, or one after a relist).
+    Listed(&'static str),
+}
+
+/// The six stores a snapshot is read from.
+struct Stores {
+    nodes: Store<Node>,
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    network_policies: Store<NetworkPolicy>,
+}
+
+const KINDS: usize = 6;
+
+impl Kubernetes {
+    /// Reads the kubeconfig file now, so a missing or malformed one stops the agent at
+    /// start, naming the file.
+    pub fn open(config: KubernetesConfig, stats: SourceStats) -> Result<Self, AgentError> {
+        let kubeconfig = config
+            .kubeconfig
+            .as_ref()
+            .map(|path| {
+                Kubeconfig::read_from(path).map_err(|source| AgentError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            config,
+            kubeconfig,
+            stats,
+        })
+    }
+
+    async fn client(&self) -> Result<Client, AgentError> {
+        let options = KubeConfigOptions::default();
+        let config = match (&self.kubeconfig, &self.config.kubeconfig) {
+            (Some(file), Some(path)) => {
+                kube::Config::from_custom_kubeconfig(file.clone(), &options)
+                    .await
+                    .map_err(|source| AgentError::Kubeconfig {
+                        path: path.clone(),
+                        source,
+                    })?
+            }
+            _ => match kube::Config::incluster() {
+                Ok(config) => config,
+                Err(incluster) => {
+                    kube::Config::from_kubeconfig(&options)
+                        .await
+                        .map_err(|kubeconfig| AgentError::NoKubeConfig {
+                            incluster,
+                            kubeconfig,
+                        })?
+                }
+            },
+        };
+        Client::try_from(config).map_err(AgentError::KubeClient)
+    }
+
+    async fn run_async(&self, updates: &Updates) -> Result<(), AgentError> {
+        let client = self.client().await?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let stores = Stores {
+            nodes: spawn_watch(&client, &tx, &self.stats),
+            namespaces: spawn_watch(&client, &tx, &self.stats),
+            pods: spawn_watch(&client, &tx, &self.stats),
+            services: spawn_watch(&client, &tx, &self.stats),
+            endpoint_slices: spawn_watch(&client, &tx, &self.stats),
+            network_policies: spawn_watch(&client, &tx, &self.stats),
+        };
+        drop(tx);
+        let mut listed = std::collections::BTreeSet::new();
+        let mut revision = 0;
+        loop {
+            let mut changed = false;
+            let gather = self.config.debounce.gather(&mut rx, |touch| match touch {
+                Touch::Changed => changed = true,
+                Touch::Listed(kind) => {
+                    changed = true;
+                    if listed.insert(kind) {
+                        info!(kind, "initial list complete");
+                    }
+                }
+            });
+            let open = tokio::select! {
+                open = gather => open,
+                () = updates.closed() => false,
+            };
+            if !open {
+                return Ok(());
+            }
+            // The first snapshot waits for every kind: a partial one would have the agent
+            // remove what it programmed for the kinds still listing.
+            if !changed || listed.len() < KINDS {
+                continue;
+            }
+            revision += 1;
+            if !updates.send(stores.snapshot(revision, self.config.cluster_cidr)) {
+                return Ok(());
+            }
+            self.stats.snapshots.inc();
+        }
+    }
+}
+
+impl Source for Kubernetes {
+    fn describe(&self) -> String {
+        match &self.config.kubeconfig {
+            Some(path) => format!("kubernetes API ({})", path.display()),
+            None => "kubernetes API".into(),
+        }
+    }
+
+    fn run(self: Box<Self>, updates: &Updates) -> Result<(), AgentError> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| AgentError::Io {
+                call: "tokio runtime",
+                path: PathBuf::from("source"),
+                source,
+            })?
+            .block_on(self.run_async(updates))
+    }
+}
+
+impl Stores {
+    /// Every object of every store, each kind sorted by namespace and name, so the same
+    /// objects make the same snapshot whatever order they arrived in.
+    fn snapshot(&self, revision: u64, cluster_cidr: Option<Ipv4Net>) -> Snapshot {
+        Snapshot {
+            revision,
+            nodes: sorted(&self.nodes),
+            cluster_cidr,
+            namespaces: sorted(&self.namespaces),
+            pods: sorted(&self.pods),
+            services: sorted(&self.services),
+            endpoint_slices: sorted(&self.endpoint_slices),
+            network_policies: sorted(&self.network_policies),
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
+    let mut objects: Vec<K> = store.state().iter().map(|o| K::clone(o)).collect();
+    objects.sort_by_cached_key(|o| (o.namespace(), o.name_any()));
+    objects
+}
+
+/// Starts the watcher of kind `K` on the current runtime; returns its store.
+fn spawn_watch<K>(
+    client: &Client,
+    tx: &mpsc::UnboundedSender<Touch>,
+    stats: &SourceStats,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let writer = Writer::<K>::default();
+    let store = writer.as_reader();
+    tokio::spawn(watch(
+        Api::all(client.clone()),
+        writer,
+        tx.clone(),
+        stats.clone(),
+    ));
+    store
+}
+
+/// Feeds one store from its watcher for as long as the snapshot maker listens.
+async fn watch<K>(
+    api: Api<K>,
+    mut writer: Writer<K>,
+    tx: mpsc::UnboundedSender<Touch>,
+    stats: SourceStats,
+) where
+    K: Resource<DynamicType = ()>
+        + k8s_openapi::Resource
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let kind = <K as k8s_openapi::Resource>::KIND;
+    // Paces relists forced by a watch refused with 410 (the watcher's own backoff covers
+    // the errors it retries itself); reset by any event.
+    let mut relist_backoff = DefaultBackoff::default();
+    // Every list after the first is a relist (410 Gone, in the stream or on a watch start).
+    let mut listed_once = false;
+    loop {
+        let mut events = watcher::watcher(api.clone(), watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        while let Some(item) = events.next().await {
+            let event = match item {
+                Ok(event) => event,
+                // kube-rs relists after a 410 in the stream, but retries a watch the
+                // server refused with 410 from the same, expired resourceVersion: a new
+                // watcher lists again. The store keeps its objects until that list is
+                // complete.
+                Err(watcher::Error::WatchStartFailed(kube::Error::Api(status)))
+                    if status.code == 410 =>
+                {
+                    warn!(kind, "watch refused with 410 Gone; relisting");
+                    break;
+                }
+                Err(e) => {
+                    warn!(kind, error = %e, "watch failed; retrying after a backoff");
+                    continue;
+                }
+            };
+            relist_backoff = DefaultBackoff::default();
+            // managedFields are large and nothing here reads them.
+            let event = event.modify(|o| o.meta_mut().managed_fields = None);
+            writer.apply_watcher_event(&event);
+            let touch = match event {
+                Event::Init => {
+                    if listed_once {
+                        stats.relists.inc();
+                    }
+                    listed_once = true;
+                    continue;
+                }
+                Event::InitApply(_) => {
+                    stats.events.inc();
+                    continue;
+                }
+                Event::Apply(_) | Event::Delete(_) => {
+                    stats.events.inc();
+                    Touch::Changed
+                }
+                Event::InitDone => Touch::Listed(kind),
+            };
+            if tx.send(touch).is_err() {
+                return;
+            }
+        }
+        if let Some(delay) = std::iter::Iterator::next(&mut relist_backoff) {
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_malformed_kubeconfig_is_refused_naming_the_file() {
+        let missing = PathBuf::from("/nonexistent/kubeconfig");
+        let config = |path: &PathBuf| KubernetesConfig {
+            kubeconfig: Some(path.clone()),
+            ..KubernetesConfig::default()
+        };
+        let Err(e) = Kubernetes::open(config(&missing), SourceStats::default()) else {
+            panic!("a missing kubeconfig was accepted");
+        };
+        assert!(
+            e.to_string()
+                .starts_with("kubeconfig /nonexistent/kubeconfig: "),
+            "{e}"
+        );
+
+        let bad =
+            std::env::temp_dir().join(format!("sluice-bad-kubeconfig-{}", std::process::id()));
+        std::fs::write(&bad, "clusters: [").expect("write");
+        let refused = Kubernetes::open(config(&bad), SourceStats::default());
+        let _ = std::fs::remove_file(&bad);
+        let Err(e) = refused else {
+            panic!("a malformed kubeconfig was accepted");
+        };
+        assert!(e.to_string().contains(&bad.display().to_string()), "{e}");
+    }
+}
