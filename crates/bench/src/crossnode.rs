@@ -288,7 +288,8 @@ fn start_node(
     maps.node_config
         .set(
             0,
-            NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex).with_node_address(facts.address),
+            NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex)
+                .with_node_address(facts.address),
             0,
         )
         .map_err(map_err("node_config"))?;

@@ -154,12 +154,19 @@ fn node(mode: RoutingMode, suffix: char, subnet: u8, pod_mtu: u32) -> (NetNs, Ne
 /// Loads the datapath in `ns` and attaches it as the agent does: the pod's veth `lxc`,
 /// the underlay device and, in tunnel mode, the tunnel device. Returns the pins and the
 /// ifindex of the pod's host-side veth.
-fn start(ns: &NetNs, mode: RoutingMode, lxc: &'static str, underlay: &'static str) -> (PinDir, u32) {
+fn start(
+    ns: &NetNs,
+    mode: RoutingMode,
+    lxc: &'static str,
+    underlay: &'static str,
+) -> (PinDir, u32) {
     let pins = PinDir::unique("sluice-test-");
     let pin_dir = pins.path().to_owned();
     let lxc_ifindex = ns.run(move || {
         let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
-        datapath.attach(AttachRole::PodVeth, lxc).expect("attach lxc");
+        datapath
+            .attach(AttachRole::PodVeth, lxc)
+            .expect("attach lxc");
         datapath
             .attach(AttachRole::Netdev, underlay)
             .expect("attach underlay");
@@ -498,7 +505,10 @@ fn packets_for_a_pod_skip_its_veth_in_both_modes() {
             "{mode:?}: {ROUNDS} round trips; pod-b received {pod_received} packets, \
              {veth_sent} of them sent by lxc-b (the stack's path), {counted} counted forwarded"
         );
-        assert!(pod_received >= ROUNDS, "{mode:?}: every request reached pod-b");
+        assert!(
+            pod_received >= ROUNDS,
+            "{mode:?}: every request reached pod-b"
+        );
         // Delivered with bpf_redirect_peer: the pod's veth transmits none of them.
         assert!(
             veth_sent * 10 < pod_received,
@@ -507,6 +517,9 @@ fn packets_for_a_pod_skip_its_veth_in_both_modes() {
         // Metrics as before: to_container's count for every packet entering the pod
         // (and, in tunnel mode, from_tunnel's own).
         let per_packet = if mode == RoutingMode::Tunnel { 2 } else { 1 };
-        assert!(counted >= per_packet * ROUNDS, "{mode:?}: {counted} forwarded");
+        assert!(
+            counted >= per_packet * ROUNDS,
+            "{mode:?}: {counted} forwarded"
+        );
     }
 }
