@@ -451,25 +451,6 @@ fn a_cluster_ip_balances_to_a_backend_on_another_node_in_both_modes() {
     }
 }
 
-/// (received, sent) packets of `device` in `netns`, from the namespace's own
-/// `/proc/net/dev` (the calling thread's namespace is the one it shows).
-fn link_packets(netns: &NetNs, device: &'static str) -> (u64, u64) {
-    netns.run(move || {
-        let table = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
-        let line = table
-            .lines()
-            .find_map(|line| line.trim_start().strip_prefix(&format!("{device}:")))
-            .unwrap_or_else(|| panic!("{device} in /proc/net/dev"))
-            .to_owned();
-        let fields: Vec<u64> = line
-            .split_whitespace()
-            .map(|field| field.parse().unwrap())
-            .collect();
-        // rx: bytes packets errs drop fifo frame compressed multicast; then tx: bytes packets
-        (fields[1], fields[9])
-    })
-}
-
 #[test]
 fn packets_for_a_pod_skip_its_veth_in_both_modes() {
     const ROUNDS: u64 = 200;
@@ -488,8 +469,8 @@ fn packets_for_a_pod_skip_its_veth_in_both_modes() {
         accepted.set_read_timeout(Some(TIMEOUT)).unwrap();
         accepted.set_nodelay(true).unwrap();
 
-        let (pod_rx, _) = link_packets(&nodes.pod_b, "eth0");
-        let (_, lxc_tx) = link_packets(&nodes.b.ns, "lxc-b");
+        let (pod_rx, _) = nodes.pod_b.link_packets("eth0");
+        let (_, lxc_tx) = nodes.b.ns.link_packets("lxc-b");
         let forwarded = nodes.b.forwarded_in();
         let mut byte = [0u8; 1];
         for _ in 0..ROUNDS {
@@ -498,8 +479,8 @@ fn packets_for_a_pod_skip_its_veth_in_both_modes() {
             accepted.write_all(b"a").unwrap();
             stream.read_exact(&mut byte).unwrap();
         }
-        let pod_received = link_packets(&nodes.pod_b, "eth0").0 - pod_rx;
-        let veth_sent = link_packets(&nodes.b.ns, "lxc-b").1 - lxc_tx;
+        let pod_received = nodes.pod_b.link_packets("eth0").0 - pod_rx;
+        let veth_sent = nodes.b.ns.link_packets("lxc-b").1 - lxc_tx;
         let counted = nodes.b.forwarded_in() - forwarded;
         println!(
             "{mode:?}: {ROUNDS} round trips; pod-b received {pod_received} packets, \
