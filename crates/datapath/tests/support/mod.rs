@@ -435,7 +435,8 @@ impl NetNs {
     /// (it shows the namespace of the thread that reads it).
     pub fn link_packets(&self, device: &'static str) -> (u64, u64) {
         self.run(move || {
-            let table = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
+            let table = std::fs::read_to_string("/proc/thread-self/net/dev")
+                .unwrap_or_else(|err| panic!("reading /proc/net/dev: {err}"));
             let line = table
                 .lines()
                 .find_map(|line| line.trim_start().strip_prefix(&format!("{device}:")))
@@ -443,7 +444,11 @@ impl NetNs {
                 .to_owned();
             let fields: Vec<u64> = line
                 .split_whitespace()
-                .map(|field| field.parse().unwrap())
+                .map(|field| {
+                    field
+                        .parse()
+                        .unwrap_or_else(|err| panic!("{device}: counter {field:?}: {err}"))
+                })
                 .collect();
             // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets
             (fields[1], fields[9])
