@@ -9,8 +9,9 @@
  *              and replies of masqueraded pod connections back to the pod.
  *  to_netdev   at tc egress: pod traffic leaving the cluster is masqueraded to the
  *              node's address when masquerading is on (masquerade.h).
- * Everything else (VXLAN, the node's own traffic, ARP, pod traffic between nodes in
- * native mode) passes unchanged and uncounted.
+ * Packets for a local pod (pod traffic between nodes in native mode, world hosts) are
+ * delivered straight into the pod after its to_container's checks (host_routing.h).
+ * Everything else (VXLAN, the node's own traffic, ARP) passes unchanged and uncounted.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -20,6 +21,7 @@
 #include "lib/common.h"
 #include "lib/conntrack.h"
 #include "lib/events.h"
+#include "lib/host_routing.h"
 #include "lib/identity.h"
 #include "lib/lb.h"
 #include "lib/maps.h"
@@ -254,6 +256,21 @@ static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, const struct
 	return nodeport_reply(skb, pkt, ext, true, client, client_port, now, NETDEV_DIR);
 }
 
+/* A packet from_netdev leaves as it is: one for a local pod (from another node in
+ * native mode, or from the world) goes straight in (host_routing.h), anything else to
+ * the node's stack, uncounted. The node's own address (VXLAN, its own traffic) skips
+ * the route lookup. */
+static __always_inline int netdev_pass(struct __sk_buff *skb, const struct node_config *cfg,
+				       const struct pkt4 *pkt)
+{
+	int verdict;
+
+	if (cfg && cfg->node_address && pkt->daddr == cfg->node_address)
+		return TC_ACT_OK;
+	verdict = host_route_local(skb, IDENTITY_UNRESOLVED);
+	return verdict >= 0 ? verdict : TC_ACT_OK;
+}
+
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
 {
@@ -264,11 +281,11 @@ int from_netdev(struct __sk_buff *skb)
 	__u64 now;
 	int verdict;
 
+	cfg = node_config_get();
 	if (parse_ipv4(skb, &pkt) != PARSE_L4 || !lb4_balanced(pkt.proto))
-		return TC_ACT_OK;
+		return netdev_pass(skb, cfg, &pkt);
 	now = ct_now();
 
-	cfg = node_config_get();
 	if (cfg && cfg->node_address && pkt.daddr == cfg->node_address &&
 	    snat_port_range(pkt.dport)) {
 		snat = ct_lookup(&pkt, CT_SNAT, true);
@@ -284,7 +301,7 @@ int from_netdev(struct __sk_buff *skb)
 	svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
 	if (svc && (svc->flags & SVC_FLAGS_EXTERNAL))
 		return nodeport_lb(skb, &pkt, svc, cfg, now);
-	return TC_ACT_OK;
+	return netdev_pass(skb, cfg, &pkt);
 }
 
 SEC("classifier")

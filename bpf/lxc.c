@@ -15,7 +15,9 @@
 
 #include "lib/common.h"
 #include "lib/conntrack.h"
+#include "lib/endpoint.h"
 #include "lib/events.h"
+#include "lib/host_routing.h"
 #include "lib/icmp.h"
 #include "lib/lb.h"
 #include "lib/maps.h"
@@ -26,8 +28,6 @@
 #include "lib/policy.h"
 #include "lib/reject.h"
 #include "lib/tunnel.h"
-
-#define LOOPBACK_IPV4 bpf_htonl(LOOPBACK_IPV4_HOST_ORDER)
 
 /* The backend's reply on a hairpin connection (it reached itself through a service
  * and its own connection was source-NATed to LOOPBACK_IPV4): restore the frontend as
@@ -45,46 +45,6 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
 	return bpf_redirect(skb->ifindex, 0);
-}
-
-/* The first packet of a connection, with no live entry under @key. Unless it is exempt
- * (@judge false: hairpin), @ep's policy judges it in @direction against @remote:@dport,
- * with its verdict event; then it gets its entry (a TCP RST gets none) and its TRACE
- * event. @remote_identity is the identity a tunnel carried for @remote, or
- * IDENTITY_UNRESOLVED. @backend, if not NULL, is the service backend the packet goes
- * to. Returns 0 to forward the packet or the DROP_* reason; @trace names the remote
- * identity either way. */
-static __always_inline int ct_open(struct __sk_buff *skb, const struct pkt4 *pkt,
-				   const struct ct4_key *key, const struct endpoint_info *ep,
-				   bool judge, __u8 direction, __be32 remote, __u32 remote_identity,
-				   __be16 dport, __be32 nat_address, __be16 nat_port, __u8 ct_flags,
-				   __u64 now, const struct lb4_service *backend,
-				   struct policy_trace *trace)
-{
-	/* Events count directions as the metrics do: egress leaves the pod. */
-	__u8 event_dir = direction == POLICY_EGRESS ? METRIC_DIR_EGRESS : METRIC_DIR_INGRESS;
-	bool opens = ct_opens_connection(pkt);
-	int reason;
-
-	*trace = (struct policy_trace){ .remote_identity = remote_identity };
-	if (judge) {
-		reason = policy_verdict(ep, skb->ifindex, direction, remote, pkt, dport, trace);
-		if (trace->judged && opens)
-			event_emit(skb, pkt,
-				   EVENT_WHAT(EVENT_POLICY_VERDICT, event_dir, reason,
-					      policy_event_flags(reason, trace),
-					      trace->remote_identity),
-				   backend);
-		if (reason)
-			return reason;
-	}
-	if (!opens)
-		return 0;
-	if (ct_create(key, pkt, nat_address, nat_port, ct_flags, skb->ifindex, now) < 0)
-		return DROP_CT_CREATE_FAILED;
-	event_emit(skb, pkt, EVENT_WHAT(EVENT_TRACE, event_dir, 0, 0, trace->remote_identity),
-		   backend);
-	return 0;
 }
 
 /* A packet to a service frontend: pick the backend, judge a new connection against
@@ -153,8 +113,10 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 	return forward_egress(skb, pkt, backend.backend_address, ep);
 }
 
-SEC("classifier")
-int from_container(struct __sk_buff *skb)
+/* What leaves a pod: anti-spoofing, hairpin and NodePort replies, service translation,
+ * egress policy and conntrack, then the forwarding decision. Returns the verdict;
+ * TC_ACT_OK hands the packet to the node's stack. */
+static __always_inline int container_egress(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
 	struct endpoint_info *ep;
@@ -242,122 +204,25 @@ int from_container(struct __sk_buff *skb)
 	return forward_egress(skb, &pkt, pkt.daddr, ep);
 }
 
-/* Whether @pkt, entering a pod from LOOPBACK_IPV4, is the pod reaching itself
- * through a service (hairpin): its own from_container recorded the translated tuple.
- * Checked against conntrack so a forged loopback source gains nothing. */
-static __always_inline bool hairpin_request(const struct pkt4 *pkt)
+SEC("classifier")
+int from_container(struct __sk_buff *skb)
 {
-	struct ct4_entry *entry;
+	int verdict = container_egress(skb);
 
-	if (pkt->saddr != LOOPBACK_IPV4)
-		return false;
-	entry = ct_lookup(pkt, CT_EGRESS, false);
-	return entry && (entry->flags & CT_FLAG_LOOPBACK);
-}
-
-/* An ICMP error entering a pod about a connection it opened through a service: it names
- * the backend, and is translated back to the frontend (icmp.h). Other untracked IPv4
- * (errors about other connections) passes as it is. */
-static __always_inline int icmp_error_to_container(struct __sk_buff *skb, const struct pkt4 *pkt)
-{
-	struct ct4_entry *entry;
-	struct pkt4 quoted;
-
-	if (!parse_icmp_quote(skb, pkt, &quoted) || quoted.saddr != pkt->daddr)
-		return verdict_pass(skb, METRIC_DIR_INGRESS);
-	entry = ct_lookup(&quoted, CT_EGRESS, false);
-	if (!entry || !entry->nat_address || (entry->flags & CT_FLAG_LOOPBACK))
-		return verdict_pass(skb, METRIC_DIR_INGRESS);
-	if (icmp_error_rev_nat(skb, pkt, &quoted, entry->nat_address, entry->nat_port) < 0)
-		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
-	return verdict_pass(skb, METRIC_DIR_INGRESS);
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	/* What the node's stack would route to a pod of this node goes straight in. */
+	verdict = host_route_local(skb, IDENTITY_UNRESOLVED);
+	return verdict >= 0 ? verdict : TC_ACT_OK;
 }
 
 SEC("classifier")
 int to_container(struct __sk_buff *skb)
 {
-	__u32 ifindex = skb->ifindex;
-	struct policy_trace trace = { .remote_identity = IDENTITY_UNRESOLVED };
 	/* Taken first, so no mark of ours ever reaches the pod. */
 	__u32 carried = tunnel_identity_take(skb);
-	struct endpoint_info *ep;
-	struct ct4_entry *entry;
-	enum ct_state state;
-	struct ct4_key key;
-	struct pkt4 pkt;
-	__u64 now;
-	int reason;
 
-	switch (parse_ipv4(skb, &pkt)) {
-	case PARSE_ARP:
-		return verdict_pass(skb, METRIC_DIR_INGRESS);
-	case PARSE_IPV4:
-		return icmp_error_to_container(skb, &pkt);
-	case PARSE_UNSUPPORTED_L3:
-		return verdict_drop(skb, &pkt, DROP_UNKNOWN_L3, METRIC_DIR_INGRESS);
-	case PARSE_INVALID:
-		return verdict_drop(skb, &pkt, DROP_INVALID, METRIC_DIR_INGRESS);
-	case PARSE_FRAG_NOT_FOUND:
-		return verdict_drop(skb, &pkt, DROP_FRAG_NOT_FOUND, METRIC_DIR_INGRESS);
-	case PARSE_L4:
-		break;
-	}
-	now = ct_now();
-
-	entry = ct_lookup(&pkt, CT_EGRESS, true);
-	if (entry) {
-		/* A reply on a connection the pod opened. */
-		__be32 frontend = entry->nat_address;
-		__be16 frontend_port = entry->nat_port;
-		struct ct4_entry *service;
-
-		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
-			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_INGRESS, 0, EVENT_F_REPLY,
-				     IDENTITY_UNRESOLVED);
-		if (!frontend || (entry->flags & CT_FLAG_LOOPBACK))
-			return verdict_pass(skb, METRIC_DIR_INGRESS);
-
-		/* Replies keep the connection's backend choice alive too, so a client that
-		 * only receives does not get moved to another backend; they also move it out
-		 * of SYN (and into closing), as its lifetime follows the connection's state. */
-		ct_key_init(&key, pkt.daddr, frontend, pkt.dport, frontend_port, pkt.proto, CT_SERVICE);
-		service = bpf_map_lookup_elem(&ct4, &key);
-		if (service)
-			ct_touch_reply(service, &pkt, now);
-
-		if (nat_rewrite_addr(skb, &pkt, IP_SADDR_OFF, pkt.saddr, frontend) < 0 ||
-		    nat_rewrite_port(skb, &pkt, l4_sport_off(&pkt), pkt.sport, frontend_port) < 0)
-			return verdict_drop(skb, &pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
-		return verdict_pass(skb, METRIC_DIR_INGRESS);
-	}
-
-	entry = ct_lookup(&pkt, CT_SERVICE, true);
-	if (entry) {
-		/* A hairpin reply, already rev-NATed by from_container. */
-		ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now);
-		return verdict_pass(skb, METRIC_DIR_INGRESS);
-	}
-
-	/* A new or ongoing inbound connection. */
-	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_INGRESS);
-	state = ct_track_established(&key, &pkt, 0, 0, 0, now);
-	if (state == CT_NEW) {
-		bool judge = !hairpin_request(&pkt);
-
-		/* from_netdev recorded a connection from outside the node: its replies are
-		 * rev-DNATed in from_container, which the flag tells, once per connection. */
-		__u8 ct_flags = ct_lookup(&pkt, CT_NODEPORT, false) ? CT_FLAG_NODEPORT : 0;
-
-		ep = judge ? bpf_map_lookup_elem(&endpoints, &ifindex) : NULL;
-		reason = ct_open(skb, &pkt, &key, ep, judge, POLICY_INGRESS, pkt.saddr, carried,
-				 pkt.dport, 0, 0, ct_flags, now, NULL, &trace);
-		if (reason)
-			return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_INGRESS,
-						 trace.remote_identity);
-	} else if (state == CT_CLOSING) {
-		event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_INGRESS, 0, 0, IDENTITY_UNRESOLVED);
-	}
-	return verdict_pass(skb, METRIC_DIR_INGRESS);
+	return endpoint_ingress(skb, skb->ifindex, carried);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

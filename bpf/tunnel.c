@@ -4,9 +4,10 @@
  *  from_tunnel at tc ingress: pod traffic from other nodes, decapsulated;
  *  to_tunnel   at tc egress:  what the node's stack routes into the tunnel.
  * The VNI carries the sending pod's security identity. from_tunnel accepts it only
- * from an address the ipcache knows as another node, and hands it to to_container
- * in the packet's mark, so the destination pod's policy judges the sender's real
- * identity. Pod packets arrive with their keys set by from_container; to_tunnel
+ * from an address the ipcache knows as another node, and the destination pod's policy
+ * judges the sender by it: from_tunnel delivers a local pod's packet itself
+ * (host_routing.h), and hands anything the node's stack routes to to_container in the
+ * packet's mark. Pod packets arrive with their keys set by from_container; to_tunnel
  * keys the rest (the node's own traffic, and packets the stack fragmented).
  */
 #include <linux/bpf.h>
@@ -17,6 +18,7 @@
 
 #include "lib/common.h"
 #include "lib/events.h"
+#include "lib/host_routing.h"
 #include "lib/identity.h"
 #include "lib/maps.h"
 #include "lib/metrics.h"
@@ -27,7 +29,7 @@
  * no fragment tracking here (to_container does both). Returns false if it is no IPv4. */
 static __always_inline bool inner_addresses(struct __sk_buff *skb, struct pkt4 *pkt)
 {
-	*pkt = (struct pkt4){ .len = skb->len };
+	*pkt = (struct pkt4){ .len = skb->len, .ifindex = skb->ifindex };
 	if (skb->protocol != bpf_htons(ETH_P_IP))
 		return false;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN + __builtin_offsetof(struct iphdr, saddr),
@@ -52,6 +54,7 @@ int from_tunnel(struct __sk_buff *skb)
 	struct bpf_tunnel_key key = {};
 	__u32 identity;
 	struct pkt4 pkt;
+	int verdict;
 
 	if (!inner_addresses(skb, &pkt)) {
 		if (skb->protocol == bpf_htons(ETH_P_ARP))
@@ -68,12 +71,18 @@ int from_tunnel(struct __sk_buff *skb)
 		return verdict_drop(skb, &pkt, DROP_INVALID_IDENTITY, METRIC_DIR_INGRESS);
 	if (identity == IDENTITY_HOST)
 		identity = IDENTITY_REMOTE_NODE;
-	skb->mark = MARK_MAGIC_IDENTITY | identity;
 	/* The inner Ethernet header names the sending node's devices; the stack would
 	 * discard the packet as addressed to another host. */
 	if (bpf_skb_change_type(skb, PACKET_HOST) < 0)
 		return verdict_drop(skb, &pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
-	return verdict_pass(skb, METRIC_DIR_INGRESS);
+	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_INGRESS);
+	/* A local pod's packet goes straight in, judged on the identity carried. */
+	verdict = host_route_local(skb, identity);
+	if (verdict >= 0)
+		return verdict;
+	/* Anything else through the node's stack; to_container takes the identity. */
+	skb->mark = MARK_MAGIC_IDENTITY | identity;
+	return TC_ACT_OK;
 }
 
 SEC("classifier")

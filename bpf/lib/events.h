@@ -75,7 +75,7 @@ static __noinline void event_fill(struct flow_event *ev, struct __sk_buff *skb,
 				  const struct pkt4 *pkt, __u64 what,
 				  const struct lb4_service *backend)
 {
-	__u32 ifindex = skb->ifindex, own, remote = what >> 32;
+	__u32 ifindex = pkt->ifindex, own, remote = what >> 32;
 	__u8 direction = what >> 8;
 	bool egress = direction == METRIC_DIR_EGRESS;
 	struct endpoint_info *ep;
@@ -124,8 +124,8 @@ static __noinline void event_fill(struct flow_event *ev, struct __sk_buff *skb,
 }
 
 /* Writes one event on @pkt (as parsed; fields a malformed packet did not reach are 0)
- * at the endpoint of @skb, if events are enabled and the rate limit admits it, and
- * counts it as emitted, suppressed or lost. @what is EVENT_WHAT(...); its remote
+ * at the endpoint pkt->ifindex names, if events are enabled and the rate limit admits
+ * it, and counts it as emitted, suppressed or lost. @what is EVENT_WHAT(...); its remote
  * identity is IDENTITY_UNRESOLVED unless the caller looked it up already. @backend,
  * if not NULL, is where a packet sent to a service frontend goes. */
 static __noinline int event_emit(struct __sk_buff *skb, const struct pkt4 *pkt, __u64 what,

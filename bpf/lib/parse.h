@@ -68,6 +68,8 @@ struct pkt4 {
 	__u8 tcp_flags;      /* 0 for other protocols and for later fragments */
 	__u16 l4_off;        /* from the start of the Ethernet header */
 	__u32 len;           /* skb->len, for counters */
+	__u32 ifindex;       /* the endpoint's interface events and policy name: skb's own,
+			      * or a pod's lxc when a node device's program delivers into it */
 	bool later_fragment; /* no L4 header here: ports came from frag4, nothing L4 to rewrite */
 };
 
@@ -121,7 +123,7 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 	__u8 *l4;
 
 	/* A malformed packet's drop event carries what was parsed before the fault. */
-	*pkt = (struct pkt4){ .len = skb->len };
+	*pkt = (struct pkt4){ .len = skb->len, .ifindex = skb->ifindex };
 	/* skb->protocol comes from the Ethernet header. Nothing passes unjudged but ARP:
 	 * an IPv6 packet would bypass policy and services, so it is dropped until the
 	 * datapath handles IPv6. */
@@ -265,6 +267,7 @@ static __always_inline bool parse_icmp_quote(struct __sk_buff *skb, const struct
 		.proto = ip->protocol,
 		.l4_off = ip_off + sizeof(struct iphdr),
 		.len = pkt->len,
+		.ifindex = pkt->ifindex,
 	};
 	return true;
 }

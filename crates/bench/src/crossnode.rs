@@ -13,6 +13,9 @@
 //!   sender's identity as VNI; pod MTU = underlay MTU − 50, as the agent configures it.
 //! - **native**: sluice's datapath on both nodes, `bpf_redirect_neigh` out of the underlay.
 //!
+//! Both sluice variants attach what the agent attaches with `--underlay-device`:
+//! `from_netdev` and `to_netdev` on the underlay device, so its cost is in the path.
+//!
 //! Neither sluice variant has a node route to the other pod subnet: the programs forward by
 //! the ipcache. The maps hold what the compiler gives a node of a two-node cluster (each
 //! pod, each node's addresses, `node_config`), written directly because only the datapath
@@ -104,11 +107,13 @@ pub struct CrossSample {
     pub proof: u64,
 }
 
-const PROGRAMS: [&str; 4] = [
+const PROGRAMS: [&str; 6] = [
     programs::FROM_CONTAINER,
     programs::TO_CONTAINER,
     programs::FROM_TUNNEL,
     programs::TO_TUNNEL,
+    programs::FROM_NETDEV,
+    programs::TO_NETDEV,
 ];
 
 /// One node's loaded datapath. Dropped before its pins: closing the programs, then
@@ -271,6 +276,7 @@ fn start_node(
         if mode == RoutingMode::Tunnel {
             attach(&mut datapath, AttachRole::TunnelDevice, VXLAN_DEVICE)?;
         }
+        attach(&mut datapath, AttachRole::Netdev, underlay)?;
         let index = |name: &str| nix::net::if_::if_nametoindex(name).unwrap_or(0);
         Ok((datapath, index(lxc), index(VXLAN_DEVICE), index(underlay)))
     })?;
@@ -282,7 +288,8 @@ fn start_node(
     maps.node_config
         .set(
             0,
-            NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex),
+            NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex)
+                .with_node_address(facts.address),
             0,
         )
         .map_err(map_err("node_config"))?;
@@ -519,7 +526,7 @@ pub fn report(md: &mut String, samples: &[CrossSample], same_node: &BTreeMap<Var
     }
     let _ = writeln!(
         md,
-        "\n### eBPF cost of the path (medians, ns)\n\nPer packet = the run time of every program on both nodes divided by the packets that left a pod (from_container runs). Per program = mean ns per run in the RR phase.\n\n| variant | per packet, RR | per packet, CRR | from_container | to_container | from_tunnel | to_tunnel |\n|---|---:|---:|---:|---:|---:|---:|"
+        "\n### eBPF cost of the path (medians, ns)\n\nPer packet = the run time of every program on both nodes divided by the packets that left a pod (from_container runs). Per program = mean ns per run in the RR phase.\n\n| variant | per packet, RR | per packet, CRR | from_container | to_container | from_tunnel | to_tunnel | from_netdev | to_netdev |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for v in [CrossVariant::Native, CrossVariant::Tunnel] {
         let Some(s) = sums.get(&v) else { continue };
@@ -530,7 +537,7 @@ pub fn report(md: &mut String, samples: &[CrossSample], same_node: &BTreeMap<Var
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             v.name(),
             s.per_packet_rr.map_or("–".into(), |ns| format!("{ns:.0}")),
             s.per_packet_crr.map_or("–".into(), |ns| format!("{ns:.0}")),
@@ -538,6 +545,8 @@ pub fn report(md: &mut String, samples: &[CrossSample], same_node: &BTreeMap<Var
             prog(programs::TO_CONTAINER),
             prog(programs::FROM_TUNNEL),
             prog(programs::TO_TUNNEL),
+            prog(programs::FROM_NETDEV),
+            prog(programs::TO_NETDEV),
         );
     }
     if let (Some(t), Some(n)) = (

@@ -213,8 +213,10 @@ fn cost_of_the_programs() {
     println!("  ({emitted} events written with events on)");
     // Far below the verifier's limits; a jump here means something went wrong. (from_container
     // grew past 4,096 with the rev-DNAT of external frontends' replies, affinity and Maglev
-    // selection, and SCTP's CRC32c subprograms, about 180 instructions.)
-    assert!(from_insns < 6144 && to_insns < 6144);
+    // selection, and SCTP's CRC32c subprograms, about 180 instructions; past 6,144 with eBPF
+    // host routing, which runs to_container's endpoint_ingress before it delivers a packet
+    // to a pod of the node, about 1,900.)
+    assert!(from_insns < 8192 && to_insns < 6144);
     // Events on: every new connection wrote its verdict and trace (at least one run
     // of each measurement, whatever the CPU), established packets none.
     assert!(emitted >= u64::from(2 * REPEAT_NEW), "{emitted} events");

@@ -8,7 +8,9 @@
 //! ```
 //!
 //! Neither node has a route to the other's pod subnet: the programs send every pod packet
-//! to the node the ipcache names. Sockets are opened inside a namespace and then used from
+//! to the node the ipcache names. Each node runs what the agent runs with
+//! `--underlay-device`: from_netdev/to_netdev on its underlay end, so a packet for the
+//! local pod is delivered into it by from_tunnel (tunnel) or from_netdev (native). Sockets are opened inside a namespace and then used from
 //! the test's thread (a socket keeps the namespace it was made in).
 // A test binary: a panic in a helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -62,6 +64,11 @@ impl Node {
         self.maps.counted(reason.code(), dir).unwrap().packets
     }
 
+    /// Packets counted forwarded into the node's pods (reason 0, REASON_FORWARDED).
+    fn forwarded_in(&self) -> u64 {
+        self.maps.counted(0, METRIC_DIR_INGRESS).unwrap().packets
+    }
+
     fn ipcache(&mut self, address: Ipv4Addr, identity: u32, tunnel_endpoint: Option<Ipv4Addr>) {
         let prefixlen = if address.is_unspecified() { 0 } else { 32 };
         let entry = IpcacheEntry {
@@ -101,9 +108,9 @@ struct TwoNodes {
     pod_b: NetNs,
 }
 
-/// Builds one node's namespace with its pod, loads and attaches the datapath. Returns the
-/// node, its pod, the pins and the ifindex of the pod's host-side veth.
-fn node(mode: RoutingMode, suffix: char, subnet: u8, pod_mtu: u32) -> (NetNs, NetNs, PinDir, u32) {
+/// Builds one node's namespace with its pod (and its tunnel device). Returns the node and
+/// its pod.
+fn node(mode: RoutingMode, suffix: char, subnet: u8, pod_mtu: u32) -> (NetNs, NetNs) {
     let ns = NetNs::new();
     let pod = NetNs::new();
     ns.ns()
@@ -141,29 +148,42 @@ fn node(mode: RoutingMode, suffix: char, subnet: u8, pod_mtu: u32) -> (NetNs, Ne
         on_node.set_arp("vxlan0", false).unwrap();
         on_node.set_up("vxlan0").unwrap();
     }
+    (ns, pod)
+}
 
+/// Loads the datapath in `ns` and attaches it as the agent does: the pod's veth `lxc`,
+/// the underlay device and, in tunnel mode, the tunnel device. Returns the pins and the
+/// ifindex of the pod's host-side veth.
+fn start(
+    ns: &NetNs,
+    mode: RoutingMode,
+    lxc: &'static str,
+    underlay: &'static str,
+) -> (PinDir, u32) {
     let pins = PinDir::unique("sluice-test-");
     let pin_dir = pins.path().to_owned();
-    let lxc_name = lxc.clone();
     let lxc_ifindex = ns.run(move || {
         let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
         datapath
-            .attach(AttachRole::PodVeth, &lxc_name)
+            .attach(AttachRole::PodVeth, lxc)
             .expect("attach lxc");
+        datapath
+            .attach(AttachRole::Netdev, underlay)
+            .expect("attach underlay");
         if mode == RoutingMode::Tunnel {
             datapath
                 .attach(AttachRole::TunnelDevice, "vxlan0")
                 .expect("attach vxlan0");
         }
-        nix::net::if_::if_nametoindex(lxc_name.as_str()).unwrap()
+        nix::net::if_::if_nametoindex(lxc).unwrap()
     });
-    (ns, pod, pins, lxc_ifindex)
+    (pins, lxc_ifindex)
 }
 
 impl TwoNodes {
     fn new(mode: RoutingMode, pod_mtu: u32) -> Self {
-        let (ns_a, pod_a, pins_a, lxc_a) = node(mode, 'a', 1, pod_mtu);
-        let (ns_b, pod_b, pins_b, lxc_b) = node(mode, 'b', 2, pod_mtu);
+        let (ns_a, pod_a) = node(mode, 'a', 1, pod_mtu);
+        let (ns_b, pod_b) = node(mode, 'b', 2, pod_mtu);
         ns_a.netlink()
             .add_veth("u-a", "u-b", Some(ns_b.ns()))
             .unwrap();
@@ -175,6 +195,8 @@ impl TwoNodes {
             links.set_mtu(dev, UNDERLAY_MTU).unwrap();
             links.set_up(dev).unwrap();
         }
+        let (pins_a, lxc_a) = start(&ns_a, mode, "lxc-a", "u-a");
+        let (pins_b, lxc_b) = start(&ns_b, mode, "lxc-b", "u-b");
         let mut nodes = [
             (
                 ns_a, pins_a, lxc_a, POD_A, IDENTITY_A, NODE_A, GATEWAY_A, "u-a",
@@ -196,7 +218,8 @@ impl TwoNodes {
                 maps.node_config
                     .set(
                         0,
-                        NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex),
+                        NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex)
+                            .with_node_address(address),
                         0,
                     )
                     .unwrap();
@@ -425,5 +448,59 @@ fn a_cluster_ip_balances_to_a_backend_on_another_node_in_both_modes() {
             assert_eq!(answer, "pong");
             assert_eq!(stream.peer_addr().unwrap().ip(), VIP);
         }
+    }
+}
+
+#[test]
+fn packets_for_a_pod_skip_its_veth_in_both_modes() {
+    const ROUNDS: u64 = 200;
+    for mode in [RoutingMode::Tunnel, RoutingMode::Native] {
+        let nodes = TwoNodes::new(mode, TUNNEL_MTU);
+        let listener = listen(&nodes.pod_b, PORT);
+        // The first exchange has node-b's stack resolve pod-b's neighbour entry.
+        assert_eq!(
+            exchange(&nodes.pod_a, &listener, POD_B).unwrap(),
+            POD_A.to_string()
+        );
+        let mut stream = connect(&nodes.pod_a, POD_B, PORT).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        accepted.set_read_timeout(Some(TIMEOUT)).unwrap();
+        accepted.set_nodelay(true).unwrap();
+
+        let (pod_rx, _) = nodes.pod_b.link_packets("eth0");
+        let (_, lxc_tx) = nodes.b.ns.link_packets("lxc-b");
+        let forwarded = nodes.b.forwarded_in();
+        let mut byte = [0u8; 1];
+        for _ in 0..ROUNDS {
+            stream.write_all(b"q").unwrap();
+            accepted.read_exact(&mut byte).unwrap();
+            accepted.write_all(b"a").unwrap();
+            stream.read_exact(&mut byte).unwrap();
+        }
+        let pod_received = nodes.pod_b.link_packets("eth0").0 - pod_rx;
+        let veth_sent = nodes.b.ns.link_packets("lxc-b").1 - lxc_tx;
+        let counted = nodes.b.forwarded_in() - forwarded;
+        println!(
+            "{mode:?}: {ROUNDS} round trips; pod-b received {pod_received} packets, \
+             {veth_sent} of them sent by lxc-b (the stack's path), {counted} counted forwarded"
+        );
+        assert!(
+            pod_received >= ROUNDS,
+            "{mode:?}: every request reached pod-b"
+        );
+        // Delivered with bpf_redirect_peer: the pod's veth transmits none of them.
+        assert!(
+            veth_sent * 10 < pod_received,
+            "{mode:?}: only the stack's packets cross lxc-b ({veth_sent} of {pod_received})"
+        );
+        // Metrics as before: to_container's count for every packet entering the pod
+        // (and, in tunnel mode, from_tunnel's own).
+        let per_packet = if mode == RoutingMode::Tunnel { 2 } else { 1 };
+        assert!(
+            counted >= per_packet * ROUNDS,
+            "{mode:?}: {counted} forwarded"
+        );
     }
 }

@@ -423,3 +423,66 @@ fn ingress_policy_on_real_traffic() {
     assert_eq!(count(DropReason::FragNotFound), 0);
     assert_eq!(count(DropReason::PolicyUnavailable), 0);
 }
+
+/// A pod's packets to a pod of its own node, through a service and back, are delivered
+/// by the sender's from_container straight into the other pod (host routing): neither
+/// pod's veth transmits them, and the replies are still rev-NATed to the VIP.
+#[test]
+fn a_service_between_two_pods_of_a_node_skips_the_stack_and_both_veths() {
+    const ROUNDS: u64 = 200;
+    let mut topo = Topology::new(true);
+    topo.add_endpoints(0);
+    let web = SocketAddrV4::new(BACKEND, 8080);
+    support::add_service(&mut topo.maps, vip(80), IPPROTO_TCP, &[web]);
+    let listener = topo.backend.run(move || TcpListener::bind(web).unwrap());
+    let mut stream = topo
+        .client
+        .run(|| TcpStream::connect_timeout(&vip(80).into(), TIMEOUT))
+        .expect("TCP through the VIP");
+    let (mut accepted, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), CLIENT, "the backend sees the client");
+    for socket in [&stream, &accepted] {
+        socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+        socket.set_nodelay(true).unwrap();
+    }
+    let mut byte = [0u8; 1];
+    // The first round trip has the node resolve both pods' neighbour entries.
+    stream.write_all(b"q").unwrap();
+    accepted.read_exact(&mut byte).unwrap();
+    accepted.write_all(b"a").unwrap();
+    stream.read_exact(&mut byte).unwrap();
+
+    let before = [
+        topo.backend.link_packets("eth0").0,
+        topo.client.link_packets("eth0").0,
+        topo.node.link_packets("lxc-b").1,
+        topo.node.link_packets("lxc-c").1,
+    ];
+    for _ in 0..ROUNDS {
+        stream.write_all(b"q").unwrap();
+        accepted.read_exact(&mut byte).unwrap();
+        accepted.write_all(b"a").unwrap();
+        stream.read_exact(&mut byte).unwrap();
+    }
+    let after = [
+        topo.backend.link_packets("eth0").0,
+        topo.client.link_packets("eth0").0,
+        topo.node.link_packets("lxc-b").1,
+        topo.node.link_packets("lxc-c").1,
+    ];
+    let [backend_received, client_received, lxc_b_sent, lxc_c_sent] =
+        [0, 1, 2, 3].map(|i| after[i] - before[i]);
+    println!(
+        "{ROUNDS} round trips through the VIP: backend received {backend_received} packets \
+         ({lxc_b_sent} sent by lxc-b), client {client_received} ({lxc_c_sent} sent by lxc-c)"
+    );
+    assert!(backend_received >= ROUNDS && client_received >= ROUNDS);
+    assert!(
+        lxc_b_sent * 10 < backend_received && lxc_c_sent * 10 < client_received,
+        "only the stack's packets cross the veths"
+    );
+    assert_eq!(
+        stream.peer_addr().unwrap(),
+        std::net::SocketAddr::V4(vip(80))
+    );
+}

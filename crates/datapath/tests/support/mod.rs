@@ -430,6 +430,30 @@ impl NetNs {
             .run(f)
             .unwrap_or_else(|err| panic!("a thread in {}: {err}", self.name()))
     }
+
+    /// (received, sent) packets of `device`, from this namespace's own `/proc/net/dev`
+    /// (it shows the namespace of the thread that reads it).
+    pub fn link_packets(&self, device: &'static str) -> (u64, u64) {
+        self.run(move || {
+            let table = std::fs::read_to_string("/proc/thread-self/net/dev")
+                .unwrap_or_else(|err| panic!("reading /proc/net/dev: {err}"));
+            let line = table
+                .lines()
+                .find_map(|line| line.trim_start().strip_prefix(&format!("{device}:")))
+                .unwrap_or_else(|| panic!("{device} in /proc/net/dev"))
+                .to_owned();
+            let fields: Vec<u64> = line
+                .split_whitespace()
+                .map(|field| {
+                    field
+                        .parse()
+                        .unwrap_or_else(|err| panic!("{device}: counter {field:?}: {err}"))
+                })
+                .collect();
+            // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets
+            (fields[1], fields[9])
+        })
+    }
 }
 
 /// Joins `thread`, passing its panic on.

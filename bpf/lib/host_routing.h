@@ -1,0 +1,102 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * eBPF host routing: a packet for a pod of this node is delivered straight into the
+ * pod's namespace with bpf_redirect_peer by the program that sees it first (from_tunnel,
+ * from_netdev, or from_container of another local pod). That skips the node's IP stack
+ * (routing, netfilter, neighbour output) and the transmit on the pod's host-side veth
+ * with its queueing, so to_container's work on that veth runs here first: the same
+ * function, endpoint_ingress, with the same policy, conntrack, events and metrics.
+ *
+ * The node's own routing table and neighbour cache name the pod's veth and the MACs
+ * (bpf_fib_lookup), so a packet goes exactly where the stack would have sent it, and
+ * the TTL is decremented as forwarding does. Left to the node's stack, where
+ * to_container judges them as before:
+ *  - destinations that are no local pod (the node itself, the world, other nodes);
+ *  - a pod whose neighbour entry the node has not resolved (the stack resolves it,
+ *    the next packets take this path);
+ *  - a packet larger than the pod's MTU, or whose TTL would expire (the stack answers
+ *    them with ICMP);
+ *  - what is not IPv4, and headers outside the linear data.
+ */
+#ifndef SLUICE_HOST_ROUTING_H
+#define SLUICE_HOST_ROUTING_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "common.h"
+#include "endpoint.h"
+#include "maps.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+/* The Ethernet addresses of a delivered frame: the pod's MAC, and its veth's as the
+ * sender, as the node's neighbour output would have written them. */
+struct eth_addrs {
+	__u8 dest[ETH_ALEN];
+	__u8 source[ETH_ALEN];
+};
+
+/* The host-side veth of the local pod @skb is addressed to, and in @macs the addresses
+ * to deliver it with, from the node's routing table and neighbour cache; 0 when the
+ * node's stack is to route it. Out of line, so the lookup's parameters take no room on
+ * the caller's stack beside endpoint_ingress's. */
+static __noinline __u32 host_route_target(struct __sk_buff *skb, struct eth_addrs *macs)
+{
+	struct bpf_fib_lookup fib = { .family = AF_INET, .ifindex = skb->ifindex };
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP) || (void *)(ip + 1) > data_end || ip->ttl <= 1)
+		return 0;
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	/* No tot_len: the kernel checks the packet (GSO aware) against the veth's MTU. */
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS ||
+	    !bpf_map_lookup_elem(&endpoints, &fib.ifindex))
+		return 0;
+	__builtin_memcpy(macs->dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(macs->source, fib.smac, ETH_ALEN);
+	return fib.ifindex;
+}
+
+/* Delivers @skb into the local pod it is addressed to, after endpoint_ingress has let it
+ * in; @carried is the identity a tunnel carried for the sender, or IDENTITY_UNRESOLVED.
+ * Returns the verdict (the redirect, or the drop endpoint_ingress chose), or -1 when the
+ * node's stack is to route the packet (nothing changed then that it would not redo). */
+static __always_inline int host_route_local(struct __sk_buff *skb, __u32 carried)
+{
+	__u32 ifindex, check;
+	struct eth_addrs macs;
+	void *data, *data_end;
+	struct iphdr *ip;
+	int verdict;
+
+	ifindex = host_route_target(skb, &macs);
+	if (!ifindex || bpf_skb_store_bytes(skb, 0, &macs, sizeof(macs), 0) < 0)
+		return -1;
+	/* The store made the header writable; the TTL's checksum update (RFC 1624, as the
+	 * kernel's ip_decrease_ttl) cannot fail. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	check = ip->check;
+	check += bpf_htons(0x0100);
+	ip->check = (__sum16)(check + (check >= 0xffff));
+	ip->ttl -= 1;
+
+	verdict = endpoint_ingress(skb, ifindex, carried);
+	if (verdict != TC_ACT_OK)
+		return verdict;
+	return bpf_redirect_peer(ifindex, 0);
+}
+
+#endif
