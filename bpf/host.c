@@ -6,9 +6,10 @@
  *              LoadBalancer VIPs) are balanced, translated and forwarded (nodeport.h), or
  *              refused at once when the frontend has no backend; replies of connections
  *              SNATed to a backend on another node are translated back to the client,
- *              and replies of masqueraded pod connections back to the pod.
- *  to_netdev   at tc egress: pod traffic leaving the cluster is masqueraded to the
- *              node's address when masquerading is on (masquerade.h).
+ *              and replies of masqueraded pod connections (pings included) back to the
+ *              pod; ICMP errors about either are translated back the same way.
+ *  to_netdev   at tc egress: pod traffic leaving the cluster (pings included) is
+ *              masqueraded to the node's address when masquerading is on (masquerade.h).
  * Everything else (VXLAN, the node's own traffic, ARP, pod traffic between nodes in
  * native mode) passes unchanged and uncounted.
  */
@@ -254,21 +255,50 @@ static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, const struct
 	return nodeport_reply(skb, pkt, ext, true, client, client_port, now, NETDEV_DIR);
 }
 
+/* An ICMP error to node_address (@pkt, PARSE_IPV4) about a connection SNATed to it,
+ * found by the quoted tuple as it left the node: to the pod of a masqueraded connection,
+ * or to the client of an external frontend's connection to a backend on another node. */
+static __always_inline int snat_icmp_error(struct __sk_buff *skb, const struct pkt4 *pkt,
+					   const struct node_config *cfg)
+{
+	struct ct4_entry *snat;
+	struct pkt4 quoted;
+	int verdict;
+
+	if (!cfg || !cfg->node_address || pkt->daddr != cfg->node_address ||
+	    !parse_icmp_quote(skb, pkt, &quoted) || quoted.saddr != pkt->daddr ||
+	    !snat_port_range(quoted.sport))
+		return TC_ACT_OK;
+	snat = ct_lookup(&quoted, CT_SNAT, false);
+	if (!snat)
+		return TC_ACT_OK;
+	if (snat->flags & CT_FLAG_MASQUERADE)
+		return masquerade_icmp_error(skb, pkt, &quoted, snat);
+	verdict = nodeport_icmp_error(skb, pkt, &quoted, snat->nat_address, snat->nat_port,
+				      NETDEV_DIR);
+	return verdict >= 0 ? verdict : TC_ACT_OK;
+}
+
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
 {
 	struct ct4_entry *snat;
 	struct node_config *cfg;
 	struct lb4_service *svc;
+	enum parse_result parsed;
 	struct pkt4 pkt;
 	__u64 now;
 	int verdict;
 
-	if (parse_ipv4(skb, &pkt) != PARSE_L4 || !lb4_balanced(pkt.proto))
+	parsed = parse_ipv4(skb, &pkt);
+	cfg = node_config_get();
+	if (parsed == PARSE_IPV4)
+		return snat_icmp_error(skb, &pkt, cfg);
+	/* Pings take part for their replies to masqueraded ones. */
+	if (parsed != PARSE_L4 || !snat_translated(skb, &pkt, ICMP_ECHOREPLY))
 		return TC_ACT_OK;
 	now = ct_now();
 
-	cfg = node_config_get();
 	if (cfg && cfg->node_address && pkt.daddr == cfg->node_address &&
 	    snat_port_range(pkt.dport)) {
 		snat = ct_lookup(&pkt, CT_SNAT, true);
@@ -281,6 +311,8 @@ int from_netdev(struct __sk_buff *skb)
 		}
 	}
 
+	if (!lb4_balanced(pkt.proto))
+		return TC_ACT_OK;
 	svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
 	if (svc && (svc->flags & SVC_FLAGS_EXTERNAL))
 		return nodeport_lb(skb, &pkt, svc, cfg, now);
@@ -295,7 +327,7 @@ int to_netdev(struct __sk_buff *skb)
 
 	if (!cfg || !cfg->masquerade || !cfg->node_address)
 		return TC_ACT_OK;
-	if (parse_ipv4(skb, &pkt) != PARSE_L4 || !lb4_balanced(pkt.proto) ||
+	if (parse_ipv4(skb, &pkt) != PARSE_L4 || !snat_translated(skb, &pkt, ICMP_ECHO) ||
 	    !masquerade_wanted(&pkt))
 		return TC_ACT_OK;
 	return masquerade(skb, &pkt, cfg->node_address, ct_now());
