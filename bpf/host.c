@@ -9,7 +9,8 @@
  *              and replies of masqueraded pod connections (pings included) back to the
  *              pod; ICMP errors about either are translated back the same way.
  *  to_netdev   at tc egress: pod traffic leaving the cluster (pings included) is
- *              masqueraded to the node's address when masquerading is on (masquerade.h).
+ *              masqueraded to the node's address when masquerading is on (masquerade.h),
+ *              and ICMP errors about translated connections are translated as well.
  * Everything else (VXLAN, the node's own traffic, ARP, pod traffic between nodes in
  * native mode) passes unchanged and uncounted.
  */
@@ -319,16 +320,45 @@ int from_netdev(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+/* An ICMP error (@pkt, PARSE_IPV4) leaving by the underlay device about a translated
+ * connection: a pod's about its masqueraded connection leaves from node_address, naming
+ * the SNATed tuple; the node's own (fragmentation needed while forwarding to a local
+ * backend narrower than the underlay) about an external frontend's connection names the
+ * frontend again. */
+static __always_inline int icmp_error_to_netdev(struct __sk_buff *skb, const struct pkt4 *pkt,
+						const struct node_config *cfg)
+{
+	struct pkt4 quoted;
+	int verdict;
+	bool err;
+
+	if (!parse_icmp_quote(skb, pkt, &quoted) || quoted.saddr != pkt->daddr)
+		return TC_ACT_OK;
+	if (cfg->masquerade && cfg->node_address) {
+		verdict = masquerade_icmp_error_out(skb, pkt, &quoted, cfg->node_address);
+		if (verdict >= 0)
+			return verdict;
+	}
+	/* The route chose this device: only the quote changes. */
+	if (nodeport_icmp_error_nat(skb, pkt, &quoted, quoted.saddr, quoted.sport, &err) && err)
+		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+	return TC_ACT_OK;
+}
+
 SEC("classifier")
 int to_netdev(struct __sk_buff *skb)
 {
 	struct node_config *cfg = node_config_get();
+	enum parse_result parsed;
 	struct pkt4 pkt;
 
-	if (!cfg || !cfg->masquerade || !cfg->node_address)
+	if (!cfg)
 		return TC_ACT_OK;
-	if (parse_ipv4(skb, &pkt) != PARSE_L4 || !snat_translated(skb, &pkt, ICMP_ECHO) ||
-	    !masquerade_wanted(&pkt))
+	parsed = parse_ipv4(skb, &pkt);
+	if (parsed == PARSE_IPV4)
+		return icmp_error_to_netdev(skb, &pkt, cfg);
+	if (!cfg->masquerade || !cfg->node_address || parsed != PARSE_L4 ||
+	    !snat_translated(skb, &pkt, ICMP_ECHO) || !masquerade_wanted(&pkt))
 		return TC_ACT_OK;
 	return masquerade(skb, &pkt, cfg->node_address, ct_now());
 }

@@ -138,4 +138,28 @@ static __always_inline int masquerade_icmp_error(struct __sk_buff *skb, const st
 	return TC_ACT_OK;
 }
 
+/* An ICMP error a pod of this node sends about its masqueraded connection (@quoted, a
+ * reply the pod received, found reversed in CT_SNAT_PORT: port unreachable for a datagram
+ * that came after its socket closed): it leaves from @node, the quote naming the SNATed
+ * tuple the world host knows. Returns the verdict, or -1 for any other error. */
+static __always_inline int masquerade_icmp_error_out(struct __sk_buff *skb,
+						     const struct pkt4 *pkt,
+						     const struct pkt4 *quoted, __be32 node)
+{
+	struct ct4_entry *fwd = ct_lookup(quoted, CT_SNAT_PORT, true);
+	struct icmp_quote_tuple to;
+
+	if (!fwd || fwd->nat_address != node || quoted->daddr != pkt->saddr)
+		return -1;
+	to = (struct icmp_quote_tuple){
+		.saddr = quoted->saddr,
+		.daddr = node,
+		.sport = quoted->sport,
+		.dport = fwd->nat_port,
+	};
+	if (icmp_error_nat(skb, pkt, quoted, &to) < 0)
+		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+	return TC_ACT_OK;
+}
+
 #endif

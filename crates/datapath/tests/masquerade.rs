@@ -286,6 +286,34 @@ fn icmp_errors_about_masqueraded_connections_reach_the_pod() {
     assert_eq!(cluster.a.metric(DropReason::WriteError), 0);
 }
 
+/// A pod's own ICMP error about its masqueraded connection leaves from node-a naming the
+/// SNATed tuple: the world host's late answer, after the pod's socket closed, is refused
+/// on the world host's connected socket.
+#[test]
+fn a_pods_port_unreachable_about_a_masqueraded_flow_reaches_the_world_host() {
+    let cluster = masquerading_cluster(RoutingMode::Native);
+    let server = udp_socket(
+        &cluster.world,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+    );
+    let client = udp_socket(&cluster.a.pod, SocketAddrV4::new(POD_A, 0));
+    client.send_to(b"hello", (WORLD, PORT)).unwrap();
+    let mut buf = [0u8; 16];
+    let (_, seen) = server.recv_from(&mut buf).unwrap();
+    assert_eq!(seen.ip(), NODE_A);
+    drop(client);
+
+    server.connect(seen).unwrap();
+    let sent = Instant::now();
+    server.send(b"late answer").unwrap();
+    let err = server.recv(&mut buf).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNREFUSED), "{err}");
+    println!(
+        "the pod's port unreachable reached the world host after {:?}",
+        sent.elapsed()
+    );
+}
+
 /// An ICMP socket of `kind` (Datagram: a ping socket; Raw) in `netns`, as a std socket:
 /// send_to, recv_from and timeouts work on any datagram-like socket as on UDP.
 fn icmp_socket(netns: &NetNs, kind: SockType) -> UdpSocket {

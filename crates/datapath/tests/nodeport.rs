@@ -313,3 +313,31 @@ fn a_backends_port_unreachable_reaches_the_world_client_natively() {
 fn a_backends_port_unreachable_reaches_the_world_client_through_the_tunnel() {
     port_unreachable_reaches_the_world_client(RoutingMode::Tunnel);
 }
+
+/// node-a's own fragmentation needed, sent while it forwards a world client's DF datagram
+/// to a local backend behind a narrower veth, quotes the DNATed datagram: to_netdev names
+/// the node port in it again, so the client's socket learns the path MTU (EMSGSIZE), and
+/// its next datagram arrives in fragments.
+#[test]
+fn the_nodes_frag_needed_about_a_node_port_flow_names_the_frontend() {
+    const NARROW: u32 = 1300;
+    let cluster = Cluster::new(RoutingMode::Native);
+    cluster.a.ns.netlink().set_mtu("lxc-a", NARROW).unwrap();
+    let server = udp_socket(
+        &cluster.a.pod,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+    );
+    let client = udp_socket(&cluster.world, SocketAddrV4::new(WORLD, 0));
+    client.connect((NODE_A, NODE_PORT_LOCAL)).unwrap();
+    // 1400 bytes of IP: the underlay carries them, lxc-a does not.
+    let datagram = vec![0x5a; 1372];
+    client.send(&datagram).unwrap();
+    let err = client.recv(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
+    client.send(&datagram).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, peer) = server
+        .recv_from(&mut buf)
+        .expect("the datagram, in fragments");
+    assert_eq!((n, peer.ip()), (datagram.len(), WORLD.into()));
+}
