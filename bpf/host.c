@@ -350,9 +350,17 @@ int to_netdev(struct __sk_buff *skb)
 {
 	struct node_config *cfg = node_config_get();
 	enum parse_result parsed;
+	__u8 proto = 0;
 	struct pkt4 pkt;
 
 	if (!cfg)
+		return TC_ACT_OK;
+	/* Without masquerading only ICMP errors are translated here: the rest (tunnel and
+	 * the node's own traffic) is spared the parse. */
+	if ((!cfg->masquerade || !cfg->node_address) &&
+	    (bpf_skb_load_bytes(skb, ETH_HLEN + __builtin_offsetof(struct iphdr, protocol), &proto,
+				sizeof(proto)) < 0 ||
+	     proto != IPPROTO_ICMP))
 		return TC_ACT_OK;
 	parsed = parse_ipv4(skb, &pkt);
 	if (parsed == PARSE_IPV4)
