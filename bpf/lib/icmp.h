@@ -25,6 +25,7 @@ struct icmp4_quote_hdrs {
 	__sum16 checksum;
 	__be32 rest;
 	struct iphdr ip;
+	/* A quoted ICMP echo has its type and code, checksum, identifier and sequence here. */
 	__be16 sport;
 	__be16 dport;
 	__be16 l4_word; /* UDP: length; TCP and SCTP: part of the sequence number or tag */
@@ -76,8 +77,18 @@ static __always_inline int icmp_error_nat(struct __sk_buff *skb, const struct pk
 	new.ip.daddr = to->daddr;
 	new.ip.check = 0;
 	new.ip.check = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&new.ip, sizeof(new.ip), 0));
-	new.sport = to->sport;
-	new.dport = to->dport;
+	if (quoted->proto == IPPROTO_ICMP) {
+		/* An echo's identifier (its source's) is both its ports; the echo's checksum
+		 * covers no pseudo-header, only the identifier changes under it. */
+		struct icmp_quote_tuple was = { .sport = old.l4_word };
+		struct icmp_quote_tuple now = { .sport = to->sport };
+
+		new.l4_word = to->sport;
+		new.dport = csum_update(old.dport, &was, &now);
+	} else {
+		new.sport = to->sport;
+		new.dport = to->dport;
+	}
 	/* A zero UDP checksum means none and stays zero; a computed zero is sent as 0xffff. */
 	if (quoted->proto == IPPROTO_UDP && old.udp_check) {
 		new.udp_check = csum_update(old.udp_check, &from, to);

@@ -130,7 +130,7 @@ static __always_inline int masquerade_icmp_error(struct __sk_buff *skb, const st
 		.saddr = snat->nat_address,
 		.daddr = quoted->daddr,
 		.sport = snat->nat_port,
-		.dport = quoted->dport,
+		.dport = snat_peer_port(quoted->proto, quoted->dport, snat->nat_port),
 	};
 
 	if (icmp_error_nat(skb, pkt, quoted, &to) < 0)
@@ -154,7 +154,7 @@ static __always_inline int masquerade_icmp_error_out(struct __sk_buff *skb,
 	to = (struct icmp_quote_tuple){
 		.saddr = quoted->saddr,
 		.daddr = node,
-		.sport = quoted->sport,
+		.sport = snat_peer_port(quoted->proto, quoted->sport, fwd->nat_port),
 		.dport = fwd->nat_port,
 	};
 	if (icmp_error_nat(skb, pkt, quoted, &to) < 0)

@@ -398,6 +398,45 @@ fn a_pod_pings_the_world_as_its_node() {
     assert_eq!(cluster.a.metric(DropReason::NatNoMapping), 0);
 }
 
+/// A router's error about a pod's masqueraded ping (network unreachable: the world host
+/// forwards, but has no route to the address) quotes the echo as it left node-a; from_netdev
+/// names the pod's own identifier in it again, so the pod's connected ping socket reports
+/// ENETUNREACH instead of waiting for a reply.
+#[test]
+fn a_routers_error_about_a_masqueraded_ping_reaches_the_pod() {
+    let cluster = masquerading_cluster(RoutingMode::Native);
+    cluster
+        .a
+        .pod
+        .ns()
+        .set_sysctls(&[("net.ipv4.ping_group_range", "0 0")])
+        .unwrap();
+    cluster
+        .world
+        .ns()
+        .set_sysctls(&[("net.ipv4.ip_forward", "1")])
+        .unwrap();
+    let nowhere = Ipv4Addr::new(10, 202, 0, 2);
+    cluster
+        .a
+        .ns
+        .netlink()
+        .add_route(&Route::via(Ipv4Net::new(nowhere, 24).unwrap(), WORLD))
+        .unwrap();
+    let ping = icmp_socket(&cluster.a.pod, SockType::Datagram);
+    // Network unreachable is no hard error: only IP_RECVERR reports it on the socket.
+    nix::sys::socket::setsockopt(&ping, nix::sys::socket::sockopt::Ipv4RecvErr, &true).unwrap();
+    ping.connect(SocketAddrV4::new(nowhere, 0)).unwrap();
+    let sent = Instant::now();
+    ping.send(&[ICMP_ECHO, 0, 0, 0, 0, 0, 0, 1]).unwrap();
+    let err = ping.recv(&mut [0u8; 64]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENETUNREACH), "{err}");
+    println!(
+        "the router's network unreachable about the ping reached the pod after {:?}",
+        sent.elapsed()
+    );
+}
+
 /// The source address and identifier of the echo request with `seq` that `watcher`, a raw
 /// ICMP socket, saw arrive (the IP header first).
 fn echo_request_seen(watcher: &UdpSocket, seq: u16) -> (Ipv4Addr, u16) {
