@@ -6,10 +6,10 @@
  *  sock4_sendmsg     at cgroup/sendmsg4:     unconnected UDP, per datagram;
  *  sock4_recvmsg     at cgroup/recvmsg4:     the sender of a UDP reply;
  *  sock4_getpeername at cgroup/getpeername4: the peer of a connected socket.
- * A frontend in lb4_services is rewritten to one of its backends once, in the socket
- * address, before any packet exists (chosen as the tc path chooses: lb.h), so the packets need no translation, conntrack or
- * reverse NAT on their way (Cilium's bpf_sock.c does the same). recvmsg4 and
- * getpeername4 show the frontend again from lb4_reverse_nat_sk.
+ * A frontend in lb4_services is rewritten to one of its backends (chosen as the tc path
+ * chooses: lb.h) once, in the socket address, before any packet exists, so the packets
+ * need no translation, conntrack or reverse NAT on their way (Cilium's bpf_sock.c does
+ * the same). recvmsg4 and getpeername4 show the frontend again from lb4_reverse_nat_sk.
  */
 #include <stdbool.h>
 #include <linux/bpf.h>

@@ -55,6 +55,14 @@ impl ServiceAddresses {
     }
 }
 
+/// The backends a frontend's slots hold, in slot order, and for an external frontend with
+/// traffic policy Local the cluster-wide ones its internal scope holds for the node's own
+/// processes.
+struct FrontendSlots {
+    slots: Vec<(Ipv4Addr, u16)>,
+    internal: Option<Vec<(Ipv4Addr, u16)>>,
+}
+
 /// One frontend of a service port, before it is programmed.
 struct FrontendAt {
     frontend: FrontendKind,
@@ -367,7 +375,8 @@ impl Compilation {
                     internal.truncate(usize::from(u16::MAX));
                 }
             }
-            self.frontend(object, addresses, port_name, &at, proto, slots, internal);
+            let slots = FrontendSlots { slots, internal };
+            self.frontend(object, addresses, port_name, &at, proto, slots);
             programmed = true;
         }
         if programmed {
@@ -375,11 +384,9 @@ impl Compilation {
         }
     }
 
-    /// Programs one frontend with its slots (at most `u16::MAX`, in slot order), and for
-    /// a load balancer frontend the source ranges it admits. `internal`, the cluster-wide
-    /// slots of an external frontend with traffic policy Local, go beside it in
-    /// `LB4_SCOPE_INTERNAL` for the node's own processes.
-    #[allow(clippy::too_many_arguments)]
+    /// Programs one frontend with its slots (at most `u16::MAX` each), its internal ones
+    /// beside it in `LB4_SCOPE_INTERNAL`, and for a load balancer frontend the source
+    /// ranges it admits.
     fn frontend(
         &mut self,
         object: &ObjectRef,
@@ -387,8 +394,7 @@ impl Compilation {
         port_name: &str,
         at: &FrontendAt,
         proto: u8,
-        slots: Vec<(Ipv4Addr, u16)>,
-        internal: Option<Vec<(Ipv4Addr, u16)>>,
+        FrontendSlots { slots, internal }: FrontendSlots,
     ) {
         let local = addresses.local(at.frontend);
         let mut flags = at.frontend.flag() | if local { SVC_FLAG_LOCAL } else { 0 };
