@@ -20,8 +20,9 @@ use sluice_common::{
 };
 use sluice_datapath::PinnedMaps;
 use support::{
-    ETH_HLEN, Frame, IPPROTO_ICMP, NODE_MAC, POD_MAC, TC_ACT_OK, TC_ACT_REDIRECT, TCP_ACK, TCP_PSH,
-    checksum, ethernet, ip_checksum_ok, ipv4_header, l4_checksum_ok, run, tcp, udp,
+    ETH_HLEN, Frame, ICMP_ECHO, IPPROTO_ICMP, NODE_MAC, POD_MAC, TC_ACT_OK, TC_ACT_REDIRECT,
+    TCP_ACK, TCP_PSH, checksum, ethernet, icmp_echo, ip_checksum_ok, ipv4_header, l4_checksum_ok,
+    run, tcp, udp,
 };
 
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, 2), 50000);
@@ -43,8 +44,13 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 /// An ICMP destination unreachable from `from` to the quoted packet's sender, quoting the
 /// IP packet of `frame` whole (Linux quotes up to 576 bytes).
 fn unreachable(from: Ipv4Addr, code: u8, mtu: u16, frame: &[u8]) -> Vec<u8> {
+    icmp_error(from, ICMP_DEST_UNREACH, code, mtu, frame)
+}
+
+/// An ICMP error of `kind` and `code` from `from` to the sender of `frame`, quoting it.
+fn icmp_error(from: Ipv4Addr, kind: u8, code: u8, mtu: u16, frame: &[u8]) -> Vec<u8> {
     let quoted = &frame[ETH_HLEN..];
-    let mut icmp = vec![ICMP_DEST_UNREACH, code, 0, 0, 0, 0];
+    let mut icmp = vec![kind, code, 0, 0, 0, 0];
     icmp.extend_from_slice(&mtu.to_be_bytes());
     icmp.extend_from_slice(quoted);
     let sum = checksum(&icmp);
@@ -290,4 +296,51 @@ fn frag_needed_about_a_masqueraded_connection_goes_to_the_pod() {
     let error = unreachable(ROUTER, ICMP_FRAG_NEEDED, 1300, &other);
     let out = run(datapath.program(FROM_NETDEV).unwrap(), &error);
     assert_eq!((out.verdict, out.packet), (TC_ACT_OK, error));
+}
+
+#[test]
+fn an_error_quoting_a_masqueraded_ping_names_the_pods_identifier() {
+    const ICMP_TIME_EXCEEDED: u8 = 11;
+    const POD_ID: u16 = 4242;
+    let (pins, mut datapath) = support::load();
+    let mut maps = PinnedMaps::open(pins.path()).unwrap();
+    node_address(&mut maps);
+    // CLIENT's ping (identifier POD_ID) left masqueraded as NODE with SNAT_PORT: an echo's
+    // identifier is both its ports.
+    let left = (
+        SocketAddrV4::new(NODE, SNAT_PORT),
+        SocketAddrV4::new(*WORLD.ip(), SNAT_PORT),
+    );
+    let pod = SocketAddrV4::new(*CLIENT.ip(), POD_ID);
+    ct_entry(
+        &mut maps,
+        left,
+        IPPROTO_ICMP,
+        CT_SNAT,
+        pod,
+        CT_FLAG_MASQUERADE,
+    );
+
+    let echo = icmp_echo(NODE, *WORLD.ip(), ICMP_ECHO, SNAT_PORT, b"sluice ping");
+    let error = icmp_error(ROUTER, ICMP_TIME_EXCEEDED, 0, 0, &echo);
+    let out = run(datapath.program(FROM_NETDEV).unwrap(), &error);
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let frame = Frame(&out.packet);
+    assert_eq!((frame.src_ip(), frame.dst_ip()), (ROUTER, *CLIENT.ip()));
+    assert!(ip_checksum_ok(&out.packet), "outer IP checksum");
+    let (icmp, quote) = icmp_and_quote(&out.packet);
+    assert_eq!(checksum(icmp), 0, "ICMP checksum");
+    assert_eq!(checksum(&quote[..20]), 0, "quoted IP checksum");
+    assert_eq!(
+        &quote[12..16],
+        &CLIENT.ip().octets(),
+        "the quote names the pod"
+    );
+    let quoted_echo = &quote[20..];
+    assert_eq!(
+        &quoted_echo[4..6],
+        &POD_ID.to_be_bytes(),
+        "and its identifier"
+    );
+    assert_eq!(checksum(quoted_echo), 0, "the quoted echo's checksum");
 }
