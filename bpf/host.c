@@ -6,9 +6,11 @@
  *              LoadBalancer VIPs) are balanced, translated and forwarded (nodeport.h), or
  *              refused at once when the frontend has no backend; replies of connections
  *              SNATed to a backend on another node are translated back to the client,
- *              and replies of masqueraded pod connections back to the pod.
- *  to_netdev   at tc egress: pod traffic leaving the cluster is masqueraded to the
- *              node's address when masquerading is on (masquerade.h).
+ *              and replies of masqueraded pod connections (pings included) back to the
+ *              pod; ICMP errors about either are translated back the same way.
+ *  to_netdev   at tc egress: pod traffic leaving the cluster (pings included) is
+ *              masqueraded to the node's address when masquerading is on (masquerade.h),
+ *              and ICMP errors about translated connections are translated as well.
  * Packets for a local pod (pod traffic between nodes in native mode, world hosts) are
  * delivered straight into the pod after its to_container's checks (host_routing.h).
  * Everything else (VXLAN, the node's own traffic, ARP) passes unchanged and uncounted.
@@ -271,18 +273,45 @@ static __always_inline int netdev_pass(struct __sk_buff *skb, const struct node_
 	return verdict >= 0 ? verdict : TC_ACT_OK;
 }
 
+/* An ICMP error to node_address (@pkt, PARSE_IPV4) about a connection SNATed to it,
+ * found by the quoted tuple as it left the node: to the pod of a masqueraded connection,
+ * or to the client of an external frontend's connection to a backend on another node. */
+static __always_inline int snat_icmp_error(struct __sk_buff *skb, const struct pkt4 *pkt)
+{
+	struct ct4_entry *snat;
+	struct pkt4 quoted;
+	int verdict;
+
+	if (!parse_icmp_quote(skb, pkt, &quoted) || quoted.saddr != pkt->daddr ||
+	    !snat_port_range(quoted.sport))
+		return TC_ACT_OK;
+	snat = ct_lookup(&quoted, CT_SNAT, false);
+	if (!snat)
+		return TC_ACT_OK;
+	if (snat->flags & CT_FLAG_MASQUERADE)
+		return masquerade_icmp_error(skb, pkt, &quoted, snat);
+	verdict = nodeport_icmp_error(skb, pkt, &quoted, snat->nat_address, snat->nat_port,
+				      NETDEV_DIR);
+	return verdict >= 0 ? verdict : TC_ACT_OK;
+}
+
 SEC("classifier")
 int from_netdev(struct __sk_buff *skb)
 {
 	struct ct4_entry *snat;
 	struct node_config *cfg;
 	struct lb4_service *svc;
+	enum parse_result parsed;
 	struct pkt4 pkt;
 	__u64 now;
 	int verdict;
 
+	parsed = parse_ipv4(skb, &pkt);
 	cfg = node_config_get();
-	if (parse_ipv4(skb, &pkt) != PARSE_L4 || !lb4_balanced(pkt.proto))
+	if (parsed == PARSE_IPV4 && cfg && cfg->node_address && pkt.daddr == cfg->node_address)
+		return snat_icmp_error(skb, &pkt);
+	/* Pings take part for their replies to masqueraded ones. */
+	if (parsed != PARSE_L4 || !snat_translated(skb, &pkt, ICMP_ECHOREPLY))
 		return netdev_pass(skb, cfg, &pkt);
 	now = ct_now();
 
@@ -298,22 +327,61 @@ int from_netdev(struct __sk_buff *skb)
 		}
 	}
 
+	if (!lb4_balanced(pkt.proto))
+		return netdev_pass(skb, cfg, &pkt);
 	svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
 	if (svc && (svc->flags & SVC_FLAGS_EXTERNAL))
 		return nodeport_lb(skb, &pkt, svc, cfg, now);
 	return netdev_pass(skb, cfg, &pkt);
 }
 
+/* An ICMP error (@pkt, PARSE_IPV4) leaving by the underlay device about a translated
+ * connection: a pod's about its masqueraded connection leaves from node_address, naming
+ * the SNATed tuple; the node's own (fragmentation needed while forwarding to a local
+ * backend narrower than the underlay) about an external frontend's connection names the
+ * frontend again. */
+static __always_inline int icmp_error_to_netdev(struct __sk_buff *skb, const struct pkt4 *pkt,
+						const struct node_config *cfg)
+{
+	struct pkt4 quoted;
+	int verdict;
+	bool err;
+
+	if (!parse_icmp_quote(skb, pkt, &quoted) || quoted.saddr != pkt->daddr)
+		return TC_ACT_OK;
+	if (cfg->masquerade && cfg->node_address) {
+		verdict = masquerade_icmp_error_out(skb, pkt, &quoted, cfg->node_address);
+		if (verdict >= 0)
+			return verdict;
+	}
+	/* The route chose this device: only the quote changes. */
+	if (nodeport_icmp_error_nat(skb, pkt, &quoted, quoted.saddr, quoted.sport, &err) && err)
+		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+	return TC_ACT_OK;
+}
+
 SEC("classifier")
 int to_netdev(struct __sk_buff *skb)
 {
 	struct node_config *cfg = node_config_get();
+	enum parse_result parsed;
+	__u8 proto = 0;
 	struct pkt4 pkt;
 
-	if (!cfg || !cfg->masquerade || !cfg->node_address)
+	if (!cfg)
 		return TC_ACT_OK;
-	if (parse_ipv4(skb, &pkt) != PARSE_L4 || !lb4_balanced(pkt.proto) ||
-	    !masquerade_wanted(&pkt))
+	/* Without masquerading only ICMP errors are translated here: the rest (tunnel and
+	 * the node's own traffic) is spared the parse. */
+	if ((!cfg->masquerade || !cfg->node_address) &&
+	    (bpf_skb_load_bytes(skb, ETH_HLEN + __builtin_offsetof(struct iphdr, protocol), &proto,
+				sizeof(proto)) < 0 ||
+	     proto != IPPROTO_ICMP))
+		return TC_ACT_OK;
+	parsed = parse_ipv4(skb, &pkt);
+	if (parsed == PARSE_IPV4)
+		return icmp_error_to_netdev(skb, &pkt, cfg);
+	if (!cfg->masquerade || !cfg->node_address || parsed != PARSE_L4 ||
+	    !snat_translated(skb, &pkt, ICMP_ECHO) || !masquerade_wanted(&pkt))
 		return TC_ACT_OK;
 	return masquerade(skb, &pkt, cfg->node_address, ct_now());
 }

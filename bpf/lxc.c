@@ -149,8 +149,13 @@ static __always_inline int container_egress(struct __sk_buff *skb)
 	ep = bpf_map_lookup_elem(&endpoints, &ifindex);
 	if (ep && pkt.saddr != ep->ipv4)
 		return verdict_drop(skb, &pkt, DROP_INVALID_SOURCE, METRIC_DIR_EGRESS);
-	if (parsed == PARSE_IPV4)
+	if (parsed == PARSE_IPV4) {
+		/* An error about a connection from outside the node goes back rev-DNATed. */
+		reason = nodeport_icmp_error_local(skb, &pkt);
+		if (reason >= 0)
+			return reason;
 		return forward_egress(skb, &pkt, pkt.daddr, ep);
+	}
 	now = ct_now();
 
 	/* Only a hairpin reply goes to LOOPBACK_IPV4: other packets skip the lookup. */

@@ -6,10 +6,10 @@
  *  sock4_sendmsg     at cgroup/sendmsg4:     unconnected UDP, per datagram;
  *  sock4_recvmsg     at cgroup/recvmsg4:     the sender of a UDP reply;
  *  sock4_getpeername at cgroup/getpeername4: the peer of a connected socket.
- * A frontend in lb4_services is rewritten to one of its backends once, in the socket
- * address, before any packet exists, so the packets need no translation, conntrack or
- * reverse NAT on their way (Cilium's bpf_sock.c does the same). recvmsg4 and
- * getpeername4 show the frontend again from lb4_reverse_nat_sk.
+ * A frontend in lb4_services is rewritten to one of its backends (chosen as the tc path
+ * chooses: lb.h) once, in the socket address, before any packet exists, so the packets
+ * need no translation, conntrack or reverse NAT on their way (Cilium's bpf_sock.c does
+ * the same). recvmsg4 and getpeername4 show the frontend again from lb4_reverse_nat_sk.
  */
 #include <stdbool.h>
 #include <linux/bpf.h>
@@ -18,8 +18,11 @@
 #include <bpf/bpf_helpers.h>
 
 #include "lib/common.h"
+#include "lib/conntrack.h"
 #include "lib/lb.h"
 #include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/tunnel.h"
 
 #define SYS_REJECT  0
 #define SYS_PROCEED 1
@@ -30,41 +33,68 @@ enum xlate {
 	XLATE_NO_BACKEND,
 };
 
+/* The connection a socket opens to the frontend ctx names, as lb.h sees a flow: the
+ * node (node_address; 0 until the agent wrote it) is the client, so ClientIP affinity
+ * holds for all of the node's processes alike as kube-proxy's does for the node's
+ * address; and the socket's cookie stands in for the source port the tc path hashes for
+ * Maglev (connect4 runs before an unbound socket has one), so one socket always hashes
+ * alike. */
+static __always_inline void sock4_flow(struct bpf_sock_addr *ctx, __u64 cookie, struct pkt4 *flow)
+{
+	struct node_config *cfg = node_config_get();
+
+	*flow = (struct pkt4){
+		.saddr = cfg ? cfg->node_address : 0,
+		.daddr = ctx->user_ip4,
+		.sport = (__be16)(cookie ^ (cookie >> 16) ^ (cookie >> 32) ^ (cookie >> 48)),
+		.dport = (__be16)ctx->user_port,
+		.proto = (__u8)ctx->protocol,
+	};
+}
+
 /* Rewrites ctx's destination when it is a frontend, choosing the backend as
- * lb4_select_backend does for a new connection (a random slot), and records the
- * frontend for the reverse direction. */
+ * lb4_select_backend does for a new connection (affinity, Maglev or a random slot), and
+ * records the frontend for the reverse direction. An external frontend with traffic
+ * policy Local is served from its cluster-wide slots (LB4_SCOPE_INTERNAL): kube-proxy
+ * sends the node's own connections to any endpoint of it, not only to local ones. */
 static __always_inline enum xlate sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 {
-	__be32 frontend_address = ctx->user_ip4;
-	__be16 frontend_port = (__be16)ctx->user_port;
-	__u8 proto = (__u8)ctx->protocol;
-	struct lb4_revnat_sk_key key = {};
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct lb4_revnat_sk_key key = { .cookie = cookie };
+	struct lb4_service backend = {};
 	struct lb4_revnat_sk frontend = {};
-	struct lb4_service *svc, *slot;
+	struct lb4_service *svc, *internal;
+	__u8 scope = LB4_SCOPE_DEFAULT;
+	struct pkt4 flow;
 
-	if (!lb4_balanced(proto))
+	sock4_flow(ctx, cookie, &flow);
+	if (!lb4_balanced(flow.proto))
 		return XLATE_NONE;
-	svc = lb4_lookup(frontend_address, frontend_port, proto, 0);
+	svc = lb4_lookup(flow.daddr, flow.dport, flow.proto, 0);
 	if (!svc || (svc->flags & SVC_FLAG_WILDCARD))
 		return XLATE_NONE;
-	if (svc->count == 0)
-		return XLATE_NO_BACKEND;
-	slot = lb4_lookup(frontend_address, frontend_port, proto,
-			  (__u16)(bpf_get_prandom_u32() % svc->count + 1));
-	if (!slot)
+	if (svc->flags & SVC_FLAG_TWO_SCOPES) {
+		/* Not there (yet, or the realizer is removing it): the local slots serve. */
+		internal = lb4_lookup_scoped(flow.daddr, flow.dport, flow.proto,
+					     LB4_SCOPE_INTERNAL, 0);
+		if (internal) {
+			svc = internal;
+			scope = LB4_SCOPE_INTERNAL;
+		}
+	}
+	if (svc->count == 0 || lb4_choose_backend(&flow, svc, scope, ct_now(), &backend))
 		return XLATE_NO_BACKEND;
 
-	key.cookie = bpf_get_socket_cookie(ctx);
-	key.backend_address = slot->backend_address;
-	key.backend_port = slot->backend_port;
-	frontend.frontend_address = frontend_address;
-	frontend.frontend_port = frontend_port;
+	key.backend_address = backend.backend_address;
+	key.backend_port = backend.backend_port;
+	frontend.frontend_address = flow.daddr;
+	frontend.frontend_port = flow.dport;
 	/* Without the entry replies would show the backend: better refuse than lie. */
 	if (bpf_map_update_elem(&lb4_reverse_nat_sk, &key, &frontend, BPF_ANY) < 0)
 		return XLATE_NO_BACKEND;
 
-	ctx->user_ip4 = slot->backend_address;
-	ctx->user_port = (__u32)slot->backend_port;
+	ctx->user_ip4 = backend.backend_address;
+	ctx->user_port = (__u32)backend.backend_port;
 	return XLATE_DONE;
 }
 

@@ -12,17 +12,24 @@
 
 /* ---- services: one map holds frontends (slot 0) and their backend slots ---- */
 
-/* Key (vip, dport, proto, slot). Slot 0 is the frontend; slots 1..count name
+/* Key (vip, dport, proto, scope, slot). Slot 0 is the frontend; slots 1..count name
  * the backends. A key with dport 0 and proto 0 marks the VIP as known, so a
  * packet to a known VIP on an unknown port is dropped rather than routed. */
 struct lb4_key {
 	__be32 address;
 	__be16 dport;
 	__u8 proto;
-	__u8 pad;
+	__u8 scope; /* LB4_SCOPE_* */
 	__u16 slot;
 	__u16 pad2;
 };
+
+/* Which clients a frontend's key serves. An external frontend with traffic policy Local
+ * (SVC_FLAG_TWO_SCOPES) holds this node's backends under LB4_SCOPE_DEFAULT, for clients
+ * outside the node, and every ready backend of the cluster under LB4_SCOPE_INTERNAL, for
+ * the node's own processes (sock.c), which kube-proxy sends to any endpoint. */
+#define LB4_SCOPE_DEFAULT  0
+#define LB4_SCOPE_INTERNAL 1
 
 /* Frontend (slot 0): count, flags and the frontend's options. Backend slot: backend
  * address and port. */
@@ -49,6 +56,7 @@ struct lb4_service {
 #define SVC_FLAG_SOURCE_RANGES (1 << 6) /* loadBalancerSourceRanges apply */
 #define SVC_FLAG_AFFINITY      (1 << 7) /* sessionAffinity ClientIP */
 #define SVC_FLAG_MAGLEV        (1 << 8) /* backends chosen by the Maglev table */
+#define SVC_FLAG_TWO_SCOPES    (1 << 9) /* a LB4_SCOPE_INTERNAL frontend exists beside it */
 
 /* Backends are keyed by address so conntrack can name a backend without an
  * allocated ID; presence in this map means the backend may take traffic. */

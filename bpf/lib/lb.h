@@ -20,17 +20,26 @@ static __always_inline bool lb4_balanced(__u8 proto)
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
 }
 
-/* Frontend (slot 0) of vip:port/proto, or one of its backend slots. */
-static __always_inline struct lb4_service *lb4_lookup(__be32 vip, __be16 port, __u8 proto, __u16 slot)
+/* Frontend (slot 0) of vip:port/proto in @scope (LB4_SCOPE_*), or one of its slots. */
+static __always_inline struct lb4_service *lb4_lookup_scoped(__be32 vip, __be16 port, __u8 proto,
+							     __u8 scope, __u16 slot)
 {
 	struct lb4_key key = {
 		.address = vip,
 		.dport = port,
 		.proto = proto,
+		.scope = scope,
 		.slot = slot,
 	};
 
 	return bpf_map_lookup_elem(&lb4_services, &key);
+}
+
+/* Frontend (slot 0) of vip:port/proto, or one of its backend slots, as every client but
+ * the node's own processes sees it. */
+static __always_inline struct lb4_service *lb4_lookup(__be32 vip, __be16 port, __u8 proto, __u16 slot)
+{
+	return lb4_lookup_scoped(vip, port, proto, LB4_SCOPE_DEFAULT, slot);
 }
 
 /* Whether @vip is a service address at all (the wildcard key {vip, 0, 0, 0}). */
@@ -104,14 +113,17 @@ static __always_inline __u32 lb4_flow_hash(const struct pkt4 *pkt)
 	return h ^ (h >> 16);
 }
 
-/* The backend slot the frontend's Maglev table gives @pkt's flow, or 0 when the table
- * is not there (yet: the realizer writes it before the frontend that names it). */
-static __always_inline __u16 lb4_maglev_slot(const struct pkt4 *pkt, const struct lb4_service *svc)
+/* The backend slot the Maglev table of the frontend @svc in @scope gives @pkt's flow, or
+ * 0 when the table is not there (yet: the realizer writes it before the frontend that
+ * names it). */
+static __always_inline __u16 lb4_maglev_slot(const struct pkt4 *pkt, const struct lb4_service *svc,
+					     __u8 scope)
 {
 	struct lb4_key key = {
 		.address = pkt->daddr,
 		.dport = pkt->dport,
 		.proto = pkt->proto,
+		.scope = scope,
 	};
 	__u32 position, entry;
 	__u16 *lanes;
@@ -181,12 +193,12 @@ static __always_inline void lb4_affinity_update(const struct pkt4 *pkt,
 	bpf_map_update_elem(&lb4_affinity, &key, &entry, BPF_ANY);
 }
 
-/* A backend for a new connection to @svc: the client's affinity backend if it has one,
- * else the slot the Maglev table gives the flow (SVC_FLAG_MAGLEV) or a random slot.
- * Returns 0, or a DROP_* reason. */
+/* A backend for a new connection to @svc, the frontend of @pkt's destination in @scope:
+ * the client's affinity backend if it has one, else the slot the Maglev table gives the
+ * flow (SVC_FLAG_MAGLEV) or a random slot. Returns 0, or a DROP_* reason. */
 static __always_inline int lb4_choose_backend(const struct pkt4 *pkt,
-					      const struct lb4_service *svc, __u64 now,
-					      struct lb4_service *backend)
+					      const struct lb4_service *svc, __u8 scope,
+					      __u64 now, struct lb4_service *backend)
 {
 	bool affinity = svc->flags & SVC_FLAG_AFFINITY;
 	struct lb4_service *slot;
@@ -194,12 +206,12 @@ static __always_inline int lb4_choose_backend(const struct pkt4 *pkt,
 
 	if (!affinity || !lb4_affinity_backend(pkt, svc, now, backend)) {
 		if (svc->flags & SVC_FLAG_MAGLEV)
-			number = lb4_maglev_slot(pkt, svc);
+			number = lb4_maglev_slot(pkt, svc, scope);
 		/* A slot past the count belongs to a table written for backends whose slots
 		 * are not all there yet: random until the realizer's pass is through. */
 		if (number == 0 || number > svc->count)
 			number = (__u16)(bpf_get_prandom_u32() % svc->count + 1);
-		slot = lb4_lookup(pkt->daddr, pkt->dport, pkt->proto, number);
+		slot = lb4_lookup_scoped(pkt->daddr, pkt->dport, pkt->proto, scope, number);
 		if (!slot)
 			return DROP_NO_BACKEND_SLOT;
 		backend->backend_address = slot->backend_address;
@@ -233,7 +245,7 @@ static __always_inline int lb4_select_backend(struct __sk_buff *skb, const struc
 		return 0;
 	}
 
-	reason = lb4_choose_backend(pkt, svc, now, backend);
+	reason = lb4_choose_backend(pkt, svc, LB4_SCOPE_DEFAULT, now, backend);
 	if (reason)
 		return reason;
 	if (ct_create(&key, pkt, backend->backend_address, backend->backend_port, 0,

@@ -6,7 +6,9 @@
  * node_address on the SNAT port, and from_netdev restores the pod as destination before
  * the node's stack routes them to the pod's veth, where to_container sees the reply of the
  * pod's own CT_EGRESS connection. The port allocator is the external frontends' (snat.h):
- * CT_SNAT (flagged CT_FLAG_MASQUERADE) holds the pod, CT_SNAT_PORT the node's port.
+ * CT_SNAT (flagged CT_FLAG_MASQUERADE) holds the pod, CT_SNAT_PORT the node's port. A
+ * pod's ping is masqueraded too, its echo identifier taking the place of the port, and
+ * ICMP errors about a masqueraded connection are translated back to the pod.
  */
 #ifndef SLUICE_MASQUERADE_H
 #define SLUICE_MASQUERADE_H
@@ -17,6 +19,7 @@
 #include "common.h"
 #include "conntrack.h"
 #include "events.h"
+#include "icmp.h"
 #include "identity.h"
 #include "maps.h"
 #include "metrics.h"
@@ -68,7 +71,8 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct pkt4 *
 		port = fwd->nat_port;
 		ct_account(fwd, pkt, 0, now);
 		/* The port stays this connection's only while its CT_SNAT entry says so. */
-		ct_key_init(&key, node, pkt->daddr, port, pkt->dport, pkt->proto, CT_SNAT);
+		ct_key_init(&key, node, pkt->daddr, port,
+			    snat_peer_port(pkt->proto, pkt->dport, port), pkt->proto, CT_SNAT);
 		snat = bpf_map_lookup_elem(&ct4, &key);
 		if (snat && snat->nat_address == pkt->saddr && snat->nat_port == pkt->sport)
 			ct_account(snat, pkt, 0, now);
@@ -87,7 +91,7 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct pkt4 *
 			return verdict_drop(skb, pkt, DROP_CT_CREATE_FAILED, METRIC_DIR_EGRESS);
 	}
 	if (nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, node) < 0 ||
-	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, port) < 0)
+	    snat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, port) < 0)
 		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
 	return TC_ACT_OK;
 }
@@ -103,13 +107,58 @@ static __always_inline int masquerade_rev_snat(struct __sk_buff *skb, const stru
 	struct ct4_key key;
 
 	ct_account(snat, pkt, CT_FLAG_SEEN_REPLY, now);
-	ct_key_init(&key, pod, pkt->saddr, pod_port, pkt->sport, pkt->proto, CT_SNAT_PORT);
+	ct_key_init(&key, pod, pkt->saddr, pod_port,
+		    snat_peer_port(pkt->proto, pkt->sport, pod_port), pkt->proto, CT_SNAT_PORT);
 	fwd = bpf_map_lookup_elem(&ct4, &key);
 	if (fwd)
 		ct_touch_reply(fwd, pkt, now);
 	if (nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, pod) < 0 ||
-	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, pod_port) < 0)
+	    snat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, pod_port) < 0)
 		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
+	return TC_ACT_OK;
+}
+
+/* An ICMP error about a masqueraded connection (@snat, its CT_SNAT entry, found by the
+ * quoted tuple as it left the node), from its destination or a router on the way: to the
+ * pod again, the quote naming the pod's own tuple so that its socket learns of it (path
+ * MTU, ECONNREFUSED). The node's stack routes it to the pod's veth. */
+static __always_inline int masquerade_icmp_error(struct __sk_buff *skb, const struct pkt4 *pkt,
+						 const struct pkt4 *quoted,
+						 const struct ct4_entry *snat)
+{
+	struct icmp_quote_tuple to = {
+		.saddr = snat->nat_address,
+		.daddr = quoted->daddr,
+		.sport = snat->nat_port,
+		.dport = snat_peer_port(quoted->proto, quoted->dport, snat->nat_port),
+	};
+
+	if (icmp_error_nat(skb, pkt, quoted, &to) < 0)
+		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
+	return TC_ACT_OK;
+}
+
+/* An ICMP error a pod of this node sends about its masqueraded connection (@quoted, a
+ * reply the pod received, found reversed in CT_SNAT_PORT: port unreachable for a datagram
+ * that came after its socket closed): it leaves from @node, the quote naming the SNATed
+ * tuple the world host knows. Returns the verdict, or -1 for any other error. */
+static __always_inline int masquerade_icmp_error_out(struct __sk_buff *skb,
+						     const struct pkt4 *pkt,
+						     const struct pkt4 *quoted, __be32 node)
+{
+	struct ct4_entry *fwd = ct_lookup(quoted, CT_SNAT_PORT, true);
+	struct icmp_quote_tuple to;
+
+	if (!fwd || fwd->nat_address != node || quoted->daddr != pkt->saddr)
+		return -1;
+	to = (struct icmp_quote_tuple){
+		.saddr = quoted->saddr,
+		.daddr = node,
+		.sport = snat_peer_port(quoted->proto, quoted->sport, fwd->nat_port),
+		.dport = fwd->nat_port,
+	};
+	if (icmp_error_nat(skb, pkt, quoted, &to) < 0)
+		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
 	return TC_ACT_OK;
 }
 

@@ -87,6 +87,21 @@ static __always_inline int nat_rewrite_port(struct __sk_buff *skb, const struct 
 	return 0;
 }
 
+/* Rewrites the identifier of an ICMP echo request or reply, its "port" (both ports of
+ * pkt4). The ICMP checksum covers no pseudo-header; a later fragment has no header. */
+static __always_inline int nat_rewrite_echo_id(struct __sk_buff *skb, const struct pkt4 *pkt,
+					       __be16 old_id, __be16 new_id)
+{
+	__u32 off = pkt->l4_off + __builtin_offsetof(struct icmp4_echo, id);
+
+	if (old_id == new_id || pkt->later_fragment)
+		return 0;
+	if (bpf_l4_csum_replace(skb, pkt->l4_off + __builtin_offsetof(struct icmp4_echo, checksum),
+				old_id, new_id, sizeof(new_id)) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new_id, sizeof(new_id), 0);
+}
+
 /* Swaps the Ethernet addresses so a frame turned around towards its sender is
  * addressed to it (the pod drops frames not sent to its own MAC). */
 static __always_inline int eth_swap_macs(struct __sk_buff *skb)

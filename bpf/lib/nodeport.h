@@ -22,6 +22,7 @@
 #include "common.h"
 #include "conntrack.h"
 #include "events.h"
+#include "icmp.h"
 #include "maps.h"
 #include "metrics.h"
 #include "nat.h"
@@ -87,6 +88,67 @@ static __always_inline int nodeport_reply_local(struct __sk_buff *skb, const str
 		return -1;
 	return nodeport_reply(skb, pkt, ext, false, pkt->daddr, pkt->dport, now,
 			      METRIC_DIR_EGRESS);
+}
+
+/* An ICMP error about a connection from outside the node (port unreachable from its
+ * backend, fragmentation needed from a router on the way), quoting @quoted as it reached
+ * the backend: its CT_NODEPORT entry names the frontend. The quote is rewritten to name
+ * the client's tuple to the frontend again (@client:@client_port, the quoted source
+ * unless the connection was SNATed), the outer header following it. Returns the entry
+ * (its ifindex is the device toward the client), or NULL when @quoted belongs to no such
+ * connection; *@err is set when a rewrite failed. */
+static __always_inline struct ct4_entry *nodeport_icmp_error_nat(struct __sk_buff *skb,
+								 const struct pkt4 *pkt,
+								 const struct pkt4 *quoted,
+								 __be32 client, __be16 client_port,
+								 bool *err)
+{
+	struct ct4_entry *ext = ct_lookup(quoted, CT_NODEPORT, false);
+	struct icmp_quote_tuple to;
+
+	*err = false;
+	if (!ext)
+		return NULL;
+	to = (struct icmp_quote_tuple){
+		.saddr = client,
+		.daddr = ext->nat_address,
+		.sport = client_port,
+		.dport = ext->nat_port,
+	};
+	*err = icmp_error_nat(skb, pkt, quoted, &to) < 0;
+	return ext;
+}
+
+/* nodeport_icmp_error_nat, then the error leaves toward the client as the replies do.
+ * Returns the verdict, or -1 when @quoted belongs to no connection from outside. */
+static __always_inline int nodeport_icmp_error(struct __sk_buff *skb, const struct pkt4 *pkt,
+					       const struct pkt4 *quoted, __be32 client,
+					       __be16 client_port, __u8 direction)
+{
+	struct ct4_entry *ext;
+	bool err;
+
+	ext = nodeport_icmp_error_nat(skb, pkt, quoted, client, client_port, &err);
+	if (!ext)
+		return -1;
+	if (err)
+		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, direction);
+	metrics_count(skb, REASON_FORWARDED, direction);
+	return bpf_redirect_neigh(ext->ifindex, NULL, 0, 0);
+}
+
+/* An ICMP error a local pod sends (@pkt, PARSE_IPV4), seen by its from_container: about
+ * a connection a client outside the node opened to it through an external frontend, it
+ * is rev-DNATed toward the client. Returns the verdict, or -1 for any other error. */
+static __always_inline int nodeport_icmp_error_local(struct __sk_buff *skb,
+						     const struct pkt4 *pkt)
+{
+	struct pkt4 quoted;
+
+	if (!parse_icmp_quote(skb, pkt, &quoted) || quoted.saddr != pkt->daddr)
+		return -1;
+	return nodeport_icmp_error(skb, pkt, &quoted, quoted.saddr, quoted.sport,
+				   METRIC_DIR_EGRESS);
 }
 
 #endif

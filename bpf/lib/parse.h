@@ -228,13 +228,14 @@ static __always_inline enum parse_result parse_ipv4(struct __sk_buff *skb, struc
 /* The packet an ICMP error quotes (@pkt is the error, PARSE_IPV4 from parse_ipv4): its
  * tuple as its sender sent it into *@quoted, l4_off naming the quoted L4 header.
  * Returns whether the error quotes an option-less IPv4 header of a protocol with ports
- * (TCP, UDP, SCTP) with at least its first 8 L4 bytes; other errors carry nothing to
- * translate. */
+ * (TCP, UDP, SCTP) or of an ICMP echo (its identifier as both ports) with at least its
+ * first 8 L4 bytes; other errors carry nothing to translate. */
 static __always_inline bool parse_icmp_quote(struct __sk_buff *skb, const struct pkt4 *pkt,
 					     struct pkt4 *quoted)
 {
 	__u32 ip_off = pkt->l4_off + ICMP_HDR_LEN;
 	void *data, *data_end;
+	struct icmp4_echo *echo;
 	struct l4_ports *ports;
 	struct iphdr *ip;
 	__u8 *icmp;
@@ -249,12 +250,10 @@ static __always_inline bool parse_icmp_quote(struct __sk_buff *skb, const struct
 	icmp = data + ETH_HLEN + sizeof(struct iphdr);
 	ip = data + ETH_HLEN + sizeof(struct iphdr) + ICMP_HDR_LEN;
 	ports = (void *)(ip + 1);
-	if ((void *)(ports + 1) > data_end || (void *)(icmp + ICMP_HDR_LEN) > data_end)
+	echo = (void *)(ip + 1);
+	if ((void *)(echo + 1) > data_end || (void *)(icmp + ICMP_HDR_LEN) > data_end)
 		return false;
 	if (!icmp_is_error(icmp[0]) || ip->version != 4 || ip->ihl != 5)
-		return false;
-	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP &&
-	    ip->protocol != IPPROTO_SCTP)
 		return false;
 	/* A quoted later fragment holds no ports. */
 	if (ip->frag_off & bpf_htons(IP_OFFSET))
@@ -269,7 +268,15 @@ static __always_inline bool parse_icmp_quote(struct __sk_buff *skb, const struct
 		.len = pkt->len,
 		.ifindex = pkt->ifindex,
 	};
-	return true;
+	if (ip->protocol == IPPROTO_ICMP) {
+		if (echo->type != ICMP_ECHO && echo->type != ICMP_ECHOREPLY)
+			return false;
+		quoted->sport = echo->id;
+		quoted->dport = echo->id;
+		return true;
+	}
+	return ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP ||
+	       ip->protocol == IPPROTO_SCTP;
 }
 
 #endif

@@ -3,7 +3,8 @@
  * Source NAT to node_address, shared by the external frontends' connections to backends
  * on other nodes (host.c, nodeport_to_remote) and by egress masquerading of pod traffic
  * leaving the cluster (host.c, to_netdev). One port allocator: a SNATed tuple toward a
- * destination is held by its CT_SNAT entry, claimed atomically. Scopes in common.h.
+ * destination is held by its CT_SNAT entry, claimed atomically. An ICMP echo's identifier
+ * is its port, taken from the same allocator. Scopes in common.h.
  */
 #ifndef SLUICE_SNAT_H
 #define SLUICE_SNAT_H
@@ -15,6 +16,7 @@
 #include "common.h"
 #include "conntrack.h"
 #include "maps.h"
+#include "nat.h"
 #include "parse.h"
 
 /* Source ports of SNATed connections: above the nodePort range (30000-32767), so a
@@ -31,6 +33,43 @@ static __always_inline bool snat_port_range(__be16 dport)
 	return bpf_ntohs(dport) >= SNAT_PORT_MIN;
 }
 
+/* The destination port of a SNATed tuple whose source port is @port: an ICMP echo's
+ * identifier is both its ports (parse.h), so a translated echo and its reply carry the
+ * SNAT port on both sides. */
+static __always_inline __be16 snat_peer_port(__u8 proto, __be16 dport, __be16 port)
+{
+	return proto == IPPROTO_ICMP ? port : dport;
+}
+
+/* Whether @pkt belongs to a connection SNAT translates: TCP, UDP and SCTP by port, and an
+ * ICMP echo of @echo_type (the request leaving, the reply coming back) by its identifier.
+ * A later fragment holds no ICMP header: it goes by the identifier of its first. */
+static __always_inline bool snat_translated(struct __sk_buff *skb, const struct pkt4 *pkt,
+					    __u8 echo_type)
+{
+	__u8 type;
+
+	if (pkt->proto == IPPROTO_TCP || pkt->proto == IPPROTO_UDP ||
+	    pkt->proto == IPPROTO_SCTP)
+		return true;
+	if (pkt->proto != IPPROTO_ICMP)
+		return false;
+	if (pkt->later_fragment)
+		return true;
+	return bpf_skb_load_bytes(skb, pkt->l4_off, &type, sizeof(type)) == 0 &&
+	       type == echo_type;
+}
+
+/* Rewrites the port at @off (l4_sport_off or l4_dport_off) of a SNATed packet; an ICMP
+ * echo has its identifier rewritten instead. */
+static __always_inline int snat_rewrite_port(struct __sk_buff *skb, const struct pkt4 *pkt,
+					     __u32 off, __be16 old_port, __be16 new_port)
+{
+	if (pkt->proto == IPPROTO_ICMP)
+		return nat_rewrite_echo_id(skb, pkt, old_port, new_port);
+	return nat_rewrite_port(skb, pkt, off, old_port, new_port);
+}
+
 /* Records the SNAT of @pkt's connection to @node:@port toward @daddr:@dport, if that
  * tuple is free (or already this connection's, or its entry has expired). A free tuple
  * is claimed atomically, so two CPUs can never give it to two connections. @flags mark
@@ -42,7 +81,8 @@ static __always_inline bool snat_claim(struct __sk_buff *skb, const struct pkt4 
 	struct ct4_entry *held;
 	struct ct4_key key;
 
-	ct_key_init(&key, node, daddr, port, dport, pkt->proto, CT_SNAT);
+	ct_key_init(&key, node, daddr, port, snat_peer_port(pkt->proto, dport, port), pkt->proto,
+		    CT_SNAT);
 	if (ct_write(&key, pkt, pkt->saddr, pkt->sport, flags, skb->ifindex, now, BPF_NOEXIST) ==
 	    0)
 		return true;

@@ -1,16 +1,19 @@
 //! Egress masquerading (issue 11 item 8, GKE's ip-masq-agent) in a native-mode lab with
 //! the real agents: a pod's connections to a world host on the internet leave with its
-//! node's underlay address, to a world host in a nonMasqueradeCIDR with its own, and
-//! `status` shows masquerading on with the CIDRs.
+//! node's underlay address, to a world host in a nonMasqueradeCIDR with its own, its pings
+//! to the internet come back (the echo identifier masqueraded and restored), and `status`
+//! shows masquerading on with the CIDRs.
 // A test binary: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread::JoinHandle,
     time::Duration,
 };
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockProtocol, SockType, socket};
 
 use sluice_integration::{
     TestLab, in_netns,
@@ -54,6 +57,63 @@ fn serve_peers(lab: &TestLab, host: &str, connections: usize) -> JoinHandle<()> 
     })
 }
 
+/// The echo identifier of the pod's pings, below the SNAT range: node-1 gives them another.
+const ECHO_ID: u16 = 4242;
+
+/// The Internet checksum of `data`.
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A raw ICMP socket in the calling thread's namespace, as a std socket: send_to, recv and
+/// timeouts work on it as on UDP. It sees every ICMP message the namespace receives.
+fn raw_icmp() -> UdpSocket {
+    let raw = socket(
+        AddressFamily::Inet,
+        SockType::Raw,
+        SockFlag::empty(),
+        SockProtocol::Icmp,
+    )
+    .unwrap();
+    let raw = UdpSocket::from(raw);
+    raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    raw
+}
+
+/// Sends `count` echo requests with ECHO_ID to `to` and counts the replies to them from
+/// `to` (identifier and sequence as sent).
+fn ping(to: Ipv4Addr, count: u16) -> usize {
+    let raw = raw_icmp();
+    let mut replies = 0;
+    for seq in 1..=count {
+        let mut request = vec![8, 0, 0, 0];
+        request.extend_from_slice(&ECHO_ID.to_be_bytes());
+        request.extend_from_slice(&seq.to_be_bytes());
+        request.extend_from_slice(b"sluice lab ping");
+        let sum = checksum(&request);
+        request[2..4].copy_from_slice(&sum.to_be_bytes());
+        raw.send_to(&request, (to, 0)).unwrap();
+        let mut packet = [0u8; 256];
+        // The raw socket sees every ICMP message: wait for this request's reply.
+        while let Ok(n) = raw.recv(&mut packet) {
+            let (ip, icmp) = packet[..n].split_at(20);
+            let from = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+            if from == to && icmp[0] == 0 && icmp[4..8] == request[4..8] {
+                replies += 1;
+                break;
+            }
+        }
+    }
+    replies
+}
+
 /// The address `to` saw the pod's connection come from.
 fn seen_from_pod(lab: &TestLab, to: Ipv4Addr) -> std::io::Result<String> {
     lab.in_pod(POD, move || {
@@ -89,6 +149,25 @@ fn pods_reach_the_internet_as_their_node_and_partners_as_themselves() {
     let seen = seen_from_pod(&lab, PARTNER).unwrap();
     assert_eq!(seen, pod, "a nonMasqueradeCIDR sees the pod's own address");
     partner.join().unwrap();
+
+    // The internet sees node-1's address and another identifier, and answers node-1,
+    // which gives the pod its identifier back.
+    let internet_ns = lab.lab.netns_of("world/internet").unwrap();
+    let watcher = in_netns(&internet_ns, raw_icmp);
+    let replies = lab.in_pod(POD, || ping(INTERNET, 3));
+    assert_eq!(replies, 3, "every ping to the internet answered");
+    let mut packet = [0u8; 256];
+    let n = watcher
+        .recv(&mut packet)
+        .expect("an echo request at the internet");
+    let (ip, icmp) = packet[..n].split_at(20);
+    assert_eq!(icmp[0], 8, "an echo request");
+    assert_eq!(
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]).to_string(),
+        node_1
+    );
+    let id = u16::from_be_bytes([icmp[4], icmp[5]]);
+    assert!(id >= 32768, "an identifier from the SNAT range: {id}");
 
     // The flag and the exemptions the agents wrote are what they report as desired.
     lab.verify_every_node("masquerade");

@@ -17,7 +17,8 @@ use sluice_api::{
     IdentityEntry, MapStatus, PolicyRow, ServiceEntry, UnsupportedField, VerifyReport,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, CtConfig, IDENTITY_ANY, Lb4BackendKey, Lb4Key, SVC_FLAG_AFFINITY,
+    Ct4Entry, Ct4Key, CtConfig, IDENTITY_ANY, LB4_SCOPE_DEFAULT, Lb4BackendKey, Lb4Key,
+    SVC_FLAG_AFFINITY,
     kinds::{
         BackendState, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind, LbAlgorithm,
         Protocol, RowState, ServiceKind,
@@ -242,7 +243,11 @@ impl<'a> View<'a> {
             .collect::<Result<BTreeMap<_, _>, _>>()
             .map_err(map_err(names::BACKENDS))?;
         let mut out = Vec::new();
-        for (key, frontend) in services.iter().filter(|(k, _)| k.slot == 0 && k.proto != 0) {
+        // The internal scope's slots are a Local frontend's other face, not a frontend.
+        let frontends = services
+            .iter()
+            .filter(|(k, _)| k.slot == 0 && k.proto != 0 && k.scope == LB4_SCOPE_DEFAULT);
+        for (key, frontend) in frontends {
             let known = self.desired.frontends.iter().find(|f| {
                 f.address == key.vip() && f.port == key.port() && f.protocol == key.proto
             });

@@ -13,7 +13,7 @@ impl DesiredState {
         // Writing to a String cannot fail, hence the ignored results below.
         let mut out = String::new();
         let mut services: Vec<_> = self.services.iter().collect();
-        services.sort_by_key(|(k, _)| (k.vip(), k.port(), k.proto, k.slot));
+        services.sort_by_key(|(k, _)| (k.vip(), k.port(), k.proto, k.scope, k.slot));
         for (key, value) in services {
             let _ = writeln!(out, "{} {key} -> {value}", names::SERVICES);
         }

@@ -9,8 +9,9 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use sluice_common::{
-    BACKEND_STATE_ACTIVE, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, Lb4SourceRangeKey,
-    SOURCE_RANGE_ALLOWED, SVC_FLAG_LOCAL, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_WILDCARD,
+    BACKEND_STATE_ACTIVE, LB4_SCOPE_DEFAULT, LB4_SCOPE_INTERNAL, Lb4Backend, Lb4BackendKey, Lb4Key,
+    Lb4Service, Lb4SourceRangeKey, SOURCE_RANGE_ALLOWED, SVC_FLAG_LOCAL, SVC_FLAG_SOURCE_RANGES,
+    SVC_FLAG_TWO_SCOPES, SVC_FLAG_WILDCARD,
     kinds::{FrontendKind, ServiceKind, UnknownServiceKind},
 };
 
@@ -52,6 +53,14 @@ impl ServiceAddresses {
             self.internal_local
         }
     }
+}
+
+/// The backends a frontend's slots hold, in slot order, and for an external frontend with
+/// traffic policy Local the cluster-wide ones its internal scope holds for the node's own
+/// processes.
+struct FrontendSlots {
+    slots: Vec<(Ipv4Addr, u16)>,
+    internal: Option<Vec<(Ipv4Addr, u16)>>,
 }
 
 /// One frontend of a service port, before it is programmed.
@@ -340,24 +349,33 @@ impl Compilation {
                 self.problem(port_problem(problem));
                 continue;
             }
-            let scope = if addresses.local(at.frontend) {
-                Scope::Node(&self.node)
-            } else {
-                let place = Place {
-                    node: &self.node,
-                    zone: self.zone.as_deref(),
-                };
-                Scope::Cluster(addresses.distribution, place)
+            let place = Place {
+                node: &self.node,
+                zone: self.zone.as_deref(),
             };
-            let mut slots = slot_backends(&backends, scope);
+            let cluster = slot_backends(&backends, Scope::Cluster(addresses.distribution, place));
+            let local = addresses.local(at.frontend);
+            // kube-proxy sends the node's own connections to an externalTrafficPolicy Local
+            // frontend to any endpoint: those slots sit beside the local ones.
+            let mut internal = (local && at.frontend.is_external()).then(|| cluster.clone());
+            let mut slots = if local {
+                slot_backends(&backends, Scope::Node(&self.node))
+            } else {
+                cluster
+            };
             // Slots are numbered by u16; a longer list cannot be addressed.
-            if slots.len() > usize::from(u16::MAX) {
+            let longest = slots.len().max(internal.as_ref().map_or(0, Vec::len));
+            if longest > usize::from(u16::MAX) {
                 self.problem(port_problem(PortProblem::TooManyBackends {
-                    count: slots.len(),
+                    count: longest,
                     used: u16::MAX,
                 }));
                 slots.truncate(usize::from(u16::MAX));
+                if let Some(internal) = &mut internal {
+                    internal.truncate(usize::from(u16::MAX));
+                }
             }
+            let slots = FrontendSlots { slots, internal };
             self.frontend(object, addresses, port_name, &at, proto, slots);
             programmed = true;
         }
@@ -366,8 +384,9 @@ impl Compilation {
         }
     }
 
-    /// Programs one frontend with its slots (at most `u16::MAX`, in slot order), and for
-    /// a load balancer frontend the source ranges it admits.
+    /// Programs one frontend with its slots (at most `u16::MAX` each), its internal ones
+    /// beside it in `LB4_SCOPE_INTERNAL`, and for a load balancer frontend the source
+    /// ranges it admits.
     fn frontend(
         &mut self,
         object: &ObjectRef,
@@ -375,11 +394,21 @@ impl Compilation {
         port_name: &str,
         at: &FrontendAt,
         proto: u8,
-        slots: Vec<(Ipv4Addr, u16)>,
+        FrontendSlots { slots, internal }: FrontendSlots,
     ) {
-        let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
         let local = addresses.local(at.frontend);
         let mut flags = at.frontend.flag() | if local { SVC_FLAG_LOCAL } else { 0 };
+        if let Some(internal) = &internal {
+            flags |= SVC_FLAG_TWO_SCOPES;
+            self.slots(
+                at,
+                proto,
+                LB4_SCOPE_INTERNAL,
+                at.frontend.flag(),
+                addresses,
+                internal,
+            );
+        }
         if let (FrontendKind::LoadBalancer, Some(ranges)) = (at.frontend, &addresses.source_ranges)
         {
             flags |= SVC_FLAG_SOURCE_RANGES;
@@ -396,22 +425,8 @@ impl Compilation {
                 );
             }
         }
-        for (slot, &(address, backend_port)) in (1..=count).zip(&slots) {
-            self.state.services.insert(
-                Lb4Key::new(at.address, at.port, proto, slot),
-                Lb4Service::slot(address, backend_port),
-            );
-        }
+        self.slots(at, proto, LB4_SCOPE_DEFAULT, flags, addresses, &slots);
         let key = Lb4Key::new(at.address, at.port, proto, 0);
-        let options = addresses.balancing;
-        balancing::insert_frontend(
-            &mut self.state,
-            &mut self.maglev_tables,
-            key,
-            options.frontend(count, flags),
-            options,
-            &slots,
-        );
         self.frontend_owners.insert(key, object_name(object));
         self.state.frontends.push(Frontend {
             service: object_name(object),
@@ -424,6 +439,35 @@ impl Compilation {
             protocol: proto,
             backends: slots,
         });
+    }
+
+    /// The frontend (slot 0, with `flags`) of `at` in `scope` and its `slots`.
+    fn slots(
+        &mut self,
+        at: &FrontendAt,
+        proto: u8,
+        scope: u8,
+        flags: u16,
+        addresses: &ServiceAddresses,
+        slots: &[(Ipv4Addr, u16)],
+    ) {
+        let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
+        let key = Lb4Key::new(at.address, at.port, proto, 0).in_scope(scope);
+        for (slot, &(address, backend_port)) in (1..=count).zip(slots) {
+            self.state.services.insert(
+                Lb4Key { slot, ..key },
+                Lb4Service::slot(address, backend_port),
+            );
+        }
+        let options = addresses.balancing;
+        balancing::insert_frontend(
+            &mut self.state,
+            &mut self.maglev_tables,
+            key,
+            options.frontend(count, flags),
+            options,
+            slots,
+        );
     }
 
     /// Every backend of a programmed port that may take traffic: those in its slots, and

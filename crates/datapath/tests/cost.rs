@@ -16,9 +16,9 @@ use aya::{
 use sluice_common::{
     ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EVENT_CONFIG_F_ENABLED,
     EVENT_POLICY_VERDICT, EVENT_TRACE, EndpointInfo, EventConfig, IDENTITY_ANY, IPPROTO_TCP,
-    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, POLICY_EGRESS, POLICY_INGRESS, PolicyKey,
-    event_counter_index,
-    programs::{FROM_CONTAINER, FROM_NETDEV, TO_CONTAINER},
+    METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, NodeConfig, POLICY_EGRESS, POLICY_INGRESS, PolicyKey,
+    RoutingMode, event_counter_index,
+    programs::{FROM_CONTAINER, FROM_NETDEV, TO_CONTAINER, TO_NETDEV},
 };
 use sluice_datapath::{Datapath, PinnedMaps, open_events};
 use support::{TC_ACT_OK, TCP_ACK, TCP_SYN, tcp, udp};
@@ -247,6 +247,36 @@ fn cost_of_from_netdev_on_passing_traffic() {
         println!(
             "  {what:<28} {:>6.0} ns/packet",
             ns_per_run(program, &packet, REPEAT)
+        );
+    }
+}
+
+/// What to_netdev costs the node's traffic it passes (a VXLAN datagram to another node),
+/// with masquerading off (only ICMP is parsed) and on (every packet is parsed and judged).
+#[test]
+fn cost_of_to_netdev_on_passing_traffic() {
+    let (pins, mut datapath) = support::load();
+    let mut maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
+    let node = Ipv4Addr::new(10, 200, 0, 1);
+    let datagram = udp(
+        SocketAddrV4::new(node, 40000),
+        SocketAddrV4::new(Ipv4Addr::new(10, 200, 0, 2), 8472),
+        b"vxlan",
+    );
+    let program = datapath.program(TO_NETDEV).unwrap();
+    println!(
+        "to_netdev: {} translated instructions",
+        translated_insns(program)
+    );
+    for masquerade in [false, true] {
+        let config = NodeConfig::new(RoutingMode::Native, 0, IFINDEX)
+            .with_node_address(node)
+            .with_masquerade(masquerade);
+        maps.node_config.set(0, config, 0).unwrap();
+        println!(
+            "  VXLAN datagram, masquerade {:<5} {:>6.0} ns/packet",
+            masquerade,
+            ns_per_run(program, &datagram, REPEAT)
         );
     }
 }

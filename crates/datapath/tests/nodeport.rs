@@ -1,6 +1,7 @@
 //! External frontends (NodePort, LoadBalancer VIP) reached from a world host outside the
 //! cluster through from_netdev, in both routing modes: local and remote backends, SNAT,
-//! events, bulk transfers and path MTU (needs root; never skipped). Each test builds its
+//! events, bulk transfers, path MTU and the backends' ICMP errors (needs root; never
+//! skipped). Each test builds its
 //! own topology (underlay/mod.rs).
 // A test binary: a panic in a helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,6 +12,7 @@ mod underlay;
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener},
+    time::Instant,
 };
 
 use sluice_common::{
@@ -269,4 +271,73 @@ fn a_pod_reaches_the_node_port_of_another_node_in_both_modes() {
         let peer = exchange(&cluster.a.pod, &at_b, NODE_B, NODE_PORT_LOCAL).unwrap();
         assert_eq!(peer.ip(), POD_A, "{mode:?}: the backend sees the pod");
     }
+}
+
+/// A backend with no socket on the port answers a world client's datagram with ICMP port
+/// unreachable about the translated tuple. Translated back (rev-DNAT from a backend on
+/// this node; rev-SNAT and rev-DNAT at node-a for one on another node), it names the
+/// client's own tuple to the frontend, so the client's connected socket reports
+/// ECONNREFUSED instead of waiting for an answer that never comes.
+fn port_unreachable_reaches_the_world_client(mode: RoutingMode) {
+    let cluster = Cluster::new(mode);
+    for (to, port) in [
+        (NODE_A, NODE_PORT_LOCAL),
+        (NODE_A, NODE_PORT_REMOTE),
+        (VIP, VIP_PORT),
+    ] {
+        let client = udp_socket(&cluster.world, SocketAddrV4::new(WORLD, 0));
+        client.connect((to, port)).unwrap();
+        let sent = Instant::now();
+        client.send(b"anyone there?").unwrap();
+        let mut buf = [0u8; 16];
+        let err = client.recv(&mut buf).unwrap_err();
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::ECONNREFUSED),
+            "{mode:?}: {to}:{port}: {err}"
+        );
+        println!(
+            "{mode:?}: {to}:{port} refused by the backend's port unreachable after {:?}",
+            sent.elapsed()
+        );
+    }
+    assert_eq!(cluster.a.metric(DropReason::WriteError), 0);
+}
+
+#[test]
+fn a_backends_port_unreachable_reaches_the_world_client_natively() {
+    port_unreachable_reaches_the_world_client(RoutingMode::Native);
+}
+
+#[test]
+fn a_backends_port_unreachable_reaches_the_world_client_through_the_tunnel() {
+    port_unreachable_reaches_the_world_client(RoutingMode::Tunnel);
+}
+
+/// node-a's own fragmentation needed, sent while it forwards a world client's DF datagram
+/// to a local backend behind a narrower veth, quotes the DNATed datagram: to_netdev names
+/// the node port in it again, so the client's socket learns the path MTU (EMSGSIZE), and
+/// its next datagram arrives in fragments.
+#[test]
+fn the_nodes_frag_needed_about_a_node_port_flow_names_the_frontend() {
+    const NARROW: u32 = 1300;
+    let cluster = Cluster::new(RoutingMode::Native);
+    cluster.a.ns.netlink().set_mtu("lxc-a", NARROW).unwrap();
+    let server = udp_socket(
+        &cluster.a.pod,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+    );
+    let client = udp_socket(&cluster.world, SocketAddrV4::new(WORLD, 0));
+    client.connect((NODE_A, NODE_PORT_LOCAL)).unwrap();
+    // 1400 bytes of IP: the underlay carries them, lxc-a does not.
+    let datagram = vec![0x5a; 1372];
+    client.send(&datagram).unwrap();
+    let err = client.recv(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EMSGSIZE), "{err}");
+    client.send(&datagram).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, peer) = server
+        .recv_from(&mut buf)
+        .expect("the datagram, in fragments");
+    assert_eq!((n, peer.ip()), (datagram.len(), WORLD.into()));
 }

@@ -1,6 +1,8 @@
 //! Socket load balancing (`bpf/sock.c`) with real sockets (needs root; never skipped): a
 //! client process in a cgroup made for the test, in the node's network namespace, reaches
-//! a backend in a pod namespace through a ClusterIP that is configured nowhere.
+//! a backend in a pod namespace through a ClusterIP that is configured nowhere; an
+//! externalTrafficPolicy Local node port through its cluster-wide slots; and the backend
+//! choice follows sessionAffinity and Maglev as on the tc path.
 //!
 //! ```text
 //! node netns (cgroup <test>: the client process only) lxc-b 10.0.2.1 ─veth─ eth0 10.0.2.2 backend netns
@@ -21,10 +23,14 @@ use std::{
     time::Duration,
 };
 
-use sluice_common::{IPPROTO_TCP, IPPROTO_UDP};
-use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps};
+use sluice_common::{
+    IPPROTO_TCP, IPPROTO_UDP, LB4_SCOPE_INTERNAL, Lb4Key, Lb4Service, SVC_FLAG_AFFINITY,
+    SVC_FLAG_CLUSTER_IP, SVC_FLAG_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT, SVC_FLAG_TWO_SCOPES,
+};
+use sluice_compiler::maglev::{self, TableSize};
+use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, create_maglev_table};
 use sluice_netns::{Ipv4Net, OwnedCgroup};
-use support::{NetNs, PinDir, add_service};
+use support::{NetNs, PinDir, add_backend, add_service};
 
 const NODE: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
@@ -34,6 +40,24 @@ const UDP_PORT: u16 = 53;
 /// Frontends without a backend.
 const EMPTY_TCP_PORT: u16 = 81;
 const EMPTY_UDP_PORT: u16 = 54;
+/// Three backends on one more port, each answering with its own address.
+const BACKENDS: [Ipv4Addr; 3] = [
+    BACKEND,
+    Ipv4Addr::new(10, 0, 2, 3),
+    Ipv4Addr::new(10, 0, 2, 4),
+];
+const WHO_PORT: u16 = 8081;
+/// A node port with externalTrafficPolicy Local on the node's own address, without a
+/// backend on this node; ClusterIP ports with the three backends, with and without
+/// sessionAffinity, and with Maglev.
+const LOCAL_NODE_PORT: u16 = 30081;
+const AFFINITY_PORT: u16 = 82;
+const SPREAD_PORT: u16 = 83;
+const MAGLEV_PORT: u16 = 84;
+/// Connections each of those frontends gets.
+const PARITY_CONNECTIONS: usize = 30;
+/// [`CLIENT_ENV`]'s value for the checks of backend choice.
+const PARITY: &str = "parity";
 const BACKEND_TCP: SocketAddrV4 = SocketAddrV4::new(BACKEND, 8080);
 const BACKEND_UDP: SocketAddrV4 = SocketAddrV4::new(BACKEND, 5353);
 const TCP_REPLY: &str = "backend";
@@ -73,9 +97,11 @@ impl Topology {
             .unwrap();
         on_node.set_up("lxc-b").unwrap();
         let in_pod = backend.netlink();
-        in_pod
-            .add_address("eth0", Ipv4Net::new(BACKEND, 24).unwrap().into())
-            .unwrap();
+        for address in BACKENDS {
+            in_pod
+                .add_address("eth0", Ipv4Net::new(address, 24).unwrap().into())
+                .unwrap();
+        }
         in_pod.set_up("eth0").unwrap();
         serve(&backend);
 
@@ -127,12 +153,12 @@ impl Topology {
     /// Runs the `node_client` test of this binary in the node namespace and the cgroup
     /// (the only process ever in it), and returns its `RESULT` lines.
     fn run_client(&self) -> Vec<String> {
-        self.run_client_with(false)
+        self.run_client_with("1")
     }
 
-    /// [`Self::run_client`], also timing connections through the ClusterIP and straight to
-    /// the backend when `measure` is set.
-    fn run_client_with(&self, measure: bool) -> Vec<String> {
+    /// [`Self::run_client`] in `mode`: [`MEASURE`] also times connections through the
+    /// ClusterIP and straight to the backend, [`PARITY`] checks the backend choice only.
+    fn run_client_with(&self, mode: &str) -> Vec<String> {
         let exe = std::env::current_exe().unwrap();
         let mut command = self.node.ns().command(&exe).unwrap();
         command
@@ -143,7 +169,7 @@ impl Topology {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env(CLIENT_ENV, if measure { MEASURE } else { "1" });
+            .env(CLIENT_ENV, mode);
         self.cgroup.enter_on_exec(&mut command).unwrap();
         let Output {
             status,
@@ -171,6 +197,15 @@ impl Topology {
 /// echoing every datagram; they live as long as the process (the namespace goes first).
 fn serve(backend: &NetNs) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let who_ready = ready_tx.clone();
+    let _who = backend.spawn(move || {
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, WHO_PORT)).unwrap();
+        who_ready.send(()).unwrap();
+        for mut stream in listener.incoming().flatten() {
+            let me = stream.local_addr().map(|a| a.ip().to_string());
+            let _ = stream.write_all(me.unwrap_or_default().as_bytes());
+        }
+    });
     let _tcp = backend.spawn(move || {
         let listener = TcpListener::bind(BACKEND_TCP).unwrap();
         let udp = UdpSocket::bind(BACKEND_UDP).unwrap();
@@ -187,9 +222,11 @@ fn serve(backend: &NetNs) {
             let _ = stream.write_all(TCP_REPLY.as_bytes());
         }
     });
-    ready_rx
-        .recv_timeout(TIMEOUT)
-        .expect("backend servers ready");
+    for _ in 0..2 {
+        ready_rx
+            .recv_timeout(TIMEOUT)
+            .expect("backend servers ready");
+    }
 }
 
 /// The client's side, run by [`Topology::run_client`] in the cgroup: one line per check.
@@ -199,6 +236,26 @@ fn node_client() {
     let Some(mode) = std::env::var_os(CLIENT_ENV) else {
         return;
     };
+    if mode == PARITY {
+        for (label, to) in [
+            ("local-node-port", SocketAddrV4::new(NODE, LOCAL_NODE_PORT)),
+            ("affinity", SocketAddrV4::new(VIP, AFFINITY_PORT)),
+            ("spread", SocketAddrV4::new(VIP, SPREAD_PORT)),
+            ("maglev", SocketAddrV4::new(VIP, MAGLEV_PORT)),
+        ] {
+            let mut reached = std::collections::BTreeMap::<String, usize>::new();
+            for _ in 0..PARITY_CONNECTIONS {
+                let mut stream = TcpStream::connect_timeout(&to.into(), TIMEOUT).unwrap();
+                stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+                let mut who = String::new();
+                stream.read_to_string(&mut who).unwrap();
+                *reached.entry(who).or_default() += 1;
+            }
+            let reached: Vec<String> = reached.iter().map(|(b, n)| format!("{b}={n}")).collect();
+            println!("RESULT {label} {}", reached.join(" "));
+        }
+        return;
+    }
     // TCP: connect() to the ClusterIP; getpeername shows it.
     let mut stream = TcpStream::connect_timeout(&vip(TCP_PORT), TIMEOUT).unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -264,7 +321,7 @@ fn outcome(result: std::io::Result<()>) -> String {
 #[test]
 fn node_process_reaches_cluster_ip_and_sees_it_as_peer() {
     let topology = Topology::new();
-    let results = topology.run_client_with(true);
+    let results = topology.run_client_with(MEASURE);
     let expect = |line: &str| {
         assert!(
             results.iter().any(|r| r == line),
@@ -395,5 +452,107 @@ fn a_restarted_loader_swaps_its_programs_into_the_pinned_links() {
             .attached(AttachRole::HostCgroup)
             .unwrap()
             .is_empty()
+    );
+}
+
+/// Frontend `key` with `value` (its count set) and `backends` on WHO_PORT in its slots.
+fn add_frontend(maps: &mut PinnedMaps, key: Lb4Key, value: Lb4Service, backends: &[Ipv4Addr]) {
+    for (slot, backend) in (1..).zip(backends) {
+        let slot_key = Lb4Key { slot, ..key };
+        maps.services
+            .insert(slot_key, Lb4Service::slot(*backend, WHO_PORT), 0)
+            .unwrap();
+        add_backend(maps, SocketAddrV4::new(*backend, WHO_PORT), key.proto);
+    }
+    let count = u16::try_from(backends.len()).unwrap();
+    maps.services
+        .insert(key, Lb4Service { count, ..value }, 0)
+        .unwrap();
+}
+
+/// The Maglev table of `key` (positions to backend slots), installed as the realizer does.
+fn add_maglev_table(maps: &mut PinnedMaps, key: Lb4Key, table: &[u16]) {
+    let mut map = create_maglev_table(table.len()).unwrap();
+    for (index, chunk) in (0u32..).zip(table.chunks(4)) {
+        let mut lanes = [0u16; 4];
+        lanes[..chunk.len()].copy_from_slice(chunk);
+        map.set(index, lanes, 0).unwrap();
+    }
+    maps.maglev.insert(key, &map, 0).unwrap();
+}
+
+/// How many of the client's connections through `label` reached each backend, from its
+/// `RESULT <label> <backend>=<n> ...` line.
+fn reached(results: &[String], label: &str) -> Vec<(Ipv4Addr, usize)> {
+    let line = results
+        .iter()
+        .find_map(|r| r.strip_prefix(&format!("{label} ")))
+        .unwrap_or_else(|| panic!("no {label} line among {results:?}"));
+    line.split(' ')
+        .map(|pair| {
+            let (backend, n) = pair.split_once('=').unwrap();
+            (backend.parse().unwrap(), n.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The node's own connections to an externalTrafficPolicy Local node port with no backend
+/// on this node reach a backend elsewhere (its internal slots, as kube-proxy does), and
+/// the socket path chooses backends as the tc path does: by the frontend's Maglev table
+/// (the internal slots' own), by the client's affinity, or at random.
+#[test]
+fn node_clients_get_the_cluster_wide_slots_affinity_and_maglev() {
+    let mut topology = Topology::new();
+    let maps = &mut topology.maps;
+    let size = TableSize::new(251).unwrap();
+
+    // The node port: no local backend; its internal slots hold all three and their
+    // Maglev table sends every flow to the second.
+    let node_port = Lb4Key::new(NODE, LOCAL_NODE_PORT, IPPROTO_TCP, 0);
+    let local = SVC_FLAG_NODE_PORT | SVC_FLAG_LOCAL | SVC_FLAG_TWO_SCOPES;
+    add_frontend(maps, node_port, Lb4Service::frontend(0, local), &[]);
+    let internal = node_port.in_scope(LB4_SCOPE_INTERNAL);
+    add_maglev_table(maps, internal, &[2; 251]);
+    let maglev_value = Lb4Service {
+        maglev_size: size.get(),
+        ..Lb4Service::frontend(0, SVC_FLAG_NODE_PORT | SVC_FLAG_MAGLEV)
+    };
+    add_frontend(maps, internal, maglev_value, &BACKENDS);
+
+    let cluster_ip = |port| Lb4Key::new(VIP, port, IPPROTO_TCP, 0);
+    let affinity = Lb4Service {
+        affinity_timeout: 60,
+        ..Lb4Service::frontend(0, SVC_FLAG_CLUSTER_IP | SVC_FLAG_AFFINITY)
+    };
+    add_frontend(maps, cluster_ip(AFFINITY_PORT), affinity, &BACKENDS);
+    let plain = Lb4Service::frontend(0, SVC_FLAG_CLUSTER_IP);
+    add_frontend(maps, cluster_ip(SPREAD_PORT), plain, &BACKENDS);
+    // A real table: each socket hashes to its own position.
+    let named: Vec<(Ipv4Addr, u16)> = BACKENDS.iter().map(|b| (*b, WHO_PORT)).collect();
+    add_maglev_table(maps, cluster_ip(MAGLEV_PORT), &maglev::table(&named, size));
+    let maglev_value = Lb4Service {
+        maglev_size: size.get(),
+        ..Lb4Service::frontend(0, SVC_FLAG_CLUSTER_IP | SVC_FLAG_MAGLEV)
+    };
+    add_frontend(maps, cluster_ip(MAGLEV_PORT), maglev_value, &BACKENDS);
+
+    let results = topology.run_client_with(PARITY);
+    assert_eq!(
+        reached(&results, "local-node-port"),
+        [(BACKENDS[1], PARITY_CONNECTIONS)],
+        "every connection to the Local node port through its internal Maglev table"
+    );
+    let affine = reached(&results, "affinity");
+    assert_eq!(
+        affine.len(),
+        1,
+        "one backend for the node's client: {affine:?}"
+    );
+    let spread = reached(&results, "spread");
+    assert!(spread.len() > 1, "random slots spread: {spread:?}");
+    let hashed = reached(&results, "maglev");
+    assert!(
+        hashed.len() > 1,
+        "sockets hash to several backends: {hashed:?}"
     );
 }

@@ -30,7 +30,11 @@ macro_rules! layout {
 
 /// Every struct shared with the datapath, by its C name.
 pub const LAYOUTS: &[StructLayout] = &[
-    layout!("lb4_key", Lb4Key, [address, dport, proto, pad, slot, pad2]),
+    layout!(
+        "lb4_key",
+        Lb4Key,
+        [address, dport, proto, scope, slot, pad2]
+    ),
     layout!(
         "lb4_service",
         Lb4Service,

@@ -13,6 +13,15 @@ pub const SVC_FLAG_LOCAL: u16 = 1 << 5;
 pub const SVC_FLAG_SOURCE_RANGES: u16 = 1 << 6;
 pub const SVC_FLAG_AFFINITY: u16 = 1 << 7;
 pub const SVC_FLAG_MAGLEV: u16 = 1 << 8;
+/// An external frontend with traffic policy Local whose cluster-wide slots sit beside it
+/// under [`LB4_SCOPE_INTERNAL`], for the node's own processes.
+pub const SVC_FLAG_TWO_SCOPES: u16 = 1 << 9;
+
+/// The frontend as every client but the node's own processes sees it.
+pub const LB4_SCOPE_DEFAULT: u8 = 0;
+/// The cluster-wide slots of a [`SVC_FLAG_TWO_SCOPES`] frontend, for the node's own
+/// processes (socket load balancing), which kube-proxy sends to any endpoint.
+pub const LB4_SCOPE_INTERNAL: u8 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -20,7 +29,8 @@ pub struct Lb4Key {
     pub address: u32,
     pub dport: u16,
     pub proto: u8,
-    pub pad: u8,
+    /// `LB4_SCOPE_*`.
+    pub scope: u8,
     pub slot: u16,
     pub pad2: u16,
 }
@@ -31,10 +41,14 @@ impl Lb4Key {
             address: addr_be(vip),
             dport: port.to_be(),
             proto,
-            pad: 0,
+            scope: LB4_SCOPE_DEFAULT,
             slot,
             pad2: 0,
         }
+    }
+    /// The same key in `scope` (`LB4_SCOPE_*`).
+    pub fn in_scope(self, scope: u8) -> Self {
+        Self { scope, ..self }
     }
     /// The key that marks `vip` as a known service address on any port.
     pub fn wildcard(vip: Ipv4Addr) -> Self {
@@ -262,9 +276,14 @@ impl fmt::Display for Lb4Key {
         if self.proto == 0 && self.dport == 0 {
             write!(f, "{}:*", self.vip())
         } else {
+            let scope = if self.scope == LB4_SCOPE_INTERNAL {
+                " internal"
+            } else {
+                ""
+            };
             write!(
                 f,
-                "{}:{}/{} slot {}",
+                "{}:{}/{}{scope} slot {}",
                 self.vip(),
                 self.port(),
                 proto_name(self.proto),
