@@ -75,7 +75,8 @@ static __always_inline bool lb4_vip_known(__be32 vip)
  * @daddr:@dport/@proto. Only a frontend flagged SVC_FLAG_SOURCE_RANGES (the load
  * balancer frontends of a Service with ranges) is restricted, to the prefixes
  * lb4_source_ranges holds for it. Every program that finds a frontend calls this before
- * choosing a backend, and drops with DROP_NOT_IN_SRC_RANGE when it says no. */
+ * choosing a backend, and drops with DROP_NOT_IN_SRC_RANGE when it says no (sock.c
+ * refuses the call, counted under the same reason). */
 static __always_inline bool lb4_source_allowed(const struct lb4_service *svc, __be32 daddr,
 					       __be16 dport, __u8 proto, __be32 saddr)
 {
