@@ -219,7 +219,7 @@ static __always_inline int nodeport_lb(struct __sk_buff *skb, const struct pkt4 
 					 IDENTITY_UNRESOLVED);
 	if (svc->count == 0)
 		return nodeport_refuse(skb, pkt);
-	reason = lb4_select_backend(skb, pkt, svc, now, &backend);
+	reason = lb4_select_backend(skb, pkt, svc, LB4_SCOPE_DEFAULT, now, &backend);
 	if (reason)
 		return verdict_drop_from(skb, pkt, reason, NETDEV_DIR, IDENTITY_UNRESOLVED);
 	dest = cfg && cfg->routing_mode != ROUTING_MODE_LOCAL

@@ -47,9 +47,10 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 	return bpf_redirect(skb->ifindex, 0);
 }
 
-/* A packet to a service frontend: pick the backend, judge a new connection against
- * the backend's address and port, record it and DNAT it (plus SNAT to LOOPBACK_IPV4
- * when the pod reaches itself). */
+/* A packet to a service frontend: pick the backend (a pod is a client inside the
+ * cluster: lb4_cluster_frontend), judge a new connection against the backend's address
+ * and port, record it and DNAT it (plus SNAT to LOOPBACK_IPV4 when the pod reaches
+ * itself). */
 static __always_inline int service_forward(struct __sk_buff *skb, const struct pkt4 *pkt,
 					   const struct lb4_service *svc,
 					   const struct endpoint_info *ep, __u64 now)
@@ -60,8 +61,10 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 	enum ct_state state;
 	__u8 ct_flags = 0;
 	struct ct4_key key;
+	__u8 scope;
 	int reason;
 
+	svc = lb4_cluster_frontend(svc, pkt->daddr, pkt->dport, pkt->proto, &scope);
 	if (svc->count == 0) {
 		/* Its first fragment was rejected already; this one holds nothing to quote. */
 		if (pkt->later_fragment)
@@ -79,7 +82,7 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 		return bpf_redirect_peer(skb->ifindex, 0);
 	}
 
-	reason = lb4_select_backend(skb, pkt, svc, now, &backend);
+	reason = lb4_select_backend(skb, pkt, svc, scope, now, &backend);
 	if (reason)
 		return verdict_drop(skb, pkt, reason, METRIC_DIR_EGRESS);
 

@@ -21,6 +21,7 @@
 #include "lib/conntrack.h"
 #include "lib/lb.h"
 #include "lib/maps.h"
+#include "lib/metrics.h"
 #include "lib/parse.h"
 #include "lib/tunnel.h"
 
@@ -31,6 +32,7 @@ enum xlate {
 	XLATE_NONE,     /* no frontend: the address stays as it is */
 	XLATE_DONE,     /* rewritten to a backend */
 	XLATE_NO_BACKEND,
+	XLATE_NOT_IN_SRC_RANGE, /* loadBalancerSourceRanges leave the node out */
 };
 
 /* The connection a socket opens to the frontend ctx names, as lb.h sees a flow: the
@@ -54,18 +56,18 @@ static __always_inline void sock4_flow(struct bpf_sock_addr *ctx, __u64 cookie, 
 
 /* Rewrites ctx's destination when it is a frontend, choosing the backend as
  * lb4_select_backend does for a new connection (affinity, Maglev or a random slot), and
- * records the frontend for the reverse direction. An external frontend with traffic
- * policy Local is served from its cluster-wide slots (LB4_SCOPE_INTERNAL): kube-proxy
- * sends the node's own connections to any endpoint of it, not only to local ones. */
+ * records the frontend for the reverse direction. The node's processes are clients
+ * inside the cluster (lb4_cluster_frontend), judged by loadBalancerSourceRanges with the
+ * node's address as their source, as the tc path judges a pod by its own. */
 static __always_inline enum xlate sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct lb4_revnat_sk_key key = { .cookie = cookie };
 	struct lb4_service backend = {};
 	struct lb4_revnat_sk frontend = {};
-	struct lb4_service *svc, *internal;
-	__u8 scope = LB4_SCOPE_DEFAULT;
+	const struct lb4_service *svc;
 	struct pkt4 flow;
+	__u8 scope;
 
 	sock4_flow(ctx, cookie, &flow);
 	if (!lb4_balanced(flow.proto))
@@ -73,15 +75,9 @@ static __always_inline enum xlate sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	svc = lb4_lookup(flow.daddr, flow.dport, flow.proto, 0);
 	if (!svc || (svc->flags & SVC_FLAG_WILDCARD))
 		return XLATE_NONE;
-	if (svc->flags & SVC_FLAG_TWO_SCOPES) {
-		/* Not there (yet, or the realizer is removing it): the local slots serve. */
-		internal = lb4_lookup_scoped(flow.daddr, flow.dport, flow.proto,
-					     LB4_SCOPE_INTERNAL, 0);
-		if (internal) {
-			svc = internal;
-			scope = LB4_SCOPE_INTERNAL;
-		}
-	}
+	if (!lb4_source_allowed(svc, flow.daddr, flow.dport, flow.proto, flow.saddr))
+		return XLATE_NOT_IN_SRC_RANGE;
+	svc = lb4_cluster_frontend(svc, flow.daddr, flow.dport, flow.proto, &scope);
 	if (svc->count == 0 || lb4_choose_backend(&flow, svc, scope, ct_now(), &backend))
 		return XLATE_NO_BACKEND;
 
@@ -99,14 +95,24 @@ static __always_inline enum xlate sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 }
 
 /* A frontend without a backend refuses the call at once with ECONNREFUSED, as the pod
- * path's ICMP port unreachable makes a pod's connect() fail. */
+ * path's ICMP port unreachable makes a pod's connect() fail. A source outside the
+ * loadBalancerSourceRanges fails with EPERM, the kernel's answer to any refusal of a
+ * cgroup socket program: it is a policy verdict, not a missing service. It is counted as
+ * the tc path counts its drop (DROP_NOT_IN_SRC_RANGE, egress), with no bytes since no
+ * packet exists yet. */
 static __always_inline int sock4_verdict(struct bpf_sock_addr *ctx)
 {
-	if (sock4_xlate_fwd(ctx) == XLATE_NO_BACKEND) {
+	switch (sock4_xlate_fwd(ctx)) {
+	case XLATE_NO_BACKEND:
 		bpf_set_retval(-ECONNREFUSED);
 		return SYS_REJECT;
+	case XLATE_NOT_IN_SRC_RANGE:
+		metrics_add(DROP_NOT_IN_SRC_RANGE, METRIC_DIR_EGRESS, 0);
+		bpf_set_retval(-EPERM);
+		return SYS_REJECT;
+	default:
+		return SYS_PROCEED;
 	}
-	return SYS_PROCEED;
 }
 
 /* Shows the frontend instead of the backend the socket talks to. */

@@ -42,6 +42,29 @@ static __always_inline struct lb4_service *lb4_lookup(__be32 vip, __be16 port, _
 	return lb4_lookup_scoped(vip, port, proto, LB4_SCOPE_DEFAULT, slot);
 }
 
+/* The frontend a client inside the cluster (a pod, a node's own process) uses for @svc,
+ * found for @daddr:@dport/@proto, with its scope in *scope. externalTrafficPolicy Local
+ * restricts only clients outside the cluster to this node's backends: kube-proxy's
+ * KUBE-EXT chain sends traffic from the cluster on to the Service's cluster-wide KUBE-SVC
+ * chain (kubernetes#77523, #78662), so an external frontend with traffic policy Local
+ * (SVC_FLAG_TWO_SCOPES) gives such clients its cluster-wide slots (LB4_SCOPE_INTERNAL).
+ * While those are not there (not yet, or being removed) the local slots serve. */
+static __always_inline const struct lb4_service *
+lb4_cluster_frontend(const struct lb4_service *svc, __be32 daddr, __be16 dport, __u8 proto,
+		     __u8 *scope)
+{
+	const struct lb4_service *internal;
+
+	*scope = LB4_SCOPE_DEFAULT;
+	if (!(svc->flags & SVC_FLAG_TWO_SCOPES))
+		return svc;
+	internal = lb4_lookup_scoped(daddr, dport, proto, LB4_SCOPE_INTERNAL, 0);
+	if (!internal)
+		return svc;
+	*scope = LB4_SCOPE_INTERNAL;
+	return internal;
+}
+
 /* Whether @vip is a service address at all (the wildcard key {vip, 0, 0, 0}). */
 static __always_inline bool lb4_vip_known(__be32 vip)
 {
@@ -52,7 +75,8 @@ static __always_inline bool lb4_vip_known(__be32 vip)
  * @daddr:@dport/@proto. Only a frontend flagged SVC_FLAG_SOURCE_RANGES (the load
  * balancer frontends of a Service with ranges) is restricted, to the prefixes
  * lb4_source_ranges holds for it. Every program that finds a frontend calls this before
- * choosing a backend, and drops with DROP_NOT_IN_SRC_RANGE when it says no. */
+ * choosing a backend, and drops with DROP_NOT_IN_SRC_RANGE when it says no (sock.c
+ * refuses the call, counted under the same reason). */
 static __always_inline bool lb4_source_allowed(const struct lb4_service *svc, __be32 daddr,
 					       __be16 dport, __u8 proto, __be32 saddr)
 {
@@ -222,13 +246,13 @@ static __always_inline int lb4_choose_backend(const struct pkt4 *pkt,
 	return 0;
 }
 
-/* Picks the backend of @pkt's connection to the frontend @svc into *backend.
+/* Picks the backend of @pkt's connection to the frontend @svc, in @scope, into *backend.
  * The CT_SERVICE entry pins a connection to its backend; a new one is chosen when
  * there is no entry, a pure SYN starts a new connection on a reused tuple, the
  * backend has been removed, or the entry has outlived its lifetime.
  * Returns 0, or a DROP_* reason. */
 static __always_inline int lb4_select_backend(struct __sk_buff *skb, const struct pkt4 *pkt,
-					      const struct lb4_service *svc, __u64 now,
+					      const struct lb4_service *svc, __u8 scope, __u64 now,
 					      struct lb4_service *backend)
 {
 	struct ct4_key key;
@@ -245,7 +269,7 @@ static __always_inline int lb4_select_backend(struct __sk_buff *skb, const struc
 		return 0;
 	}
 
-	reason = lb4_choose_backend(pkt, svc, LB4_SCOPE_DEFAULT, now, backend);
+	reason = lb4_choose_backend(pkt, svc, scope, now, backend);
 	if (reason)
 		return reason;
 	if (ct_create(&key, pkt, backend->backend_address, backend->backend_port, 0,

@@ -10,7 +10,8 @@
 #include "common.h"
 #include "maps.h"
 
-static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __u32 dir)
+/* Counts one packet of @len bytes (a socket call, of none) under @reason and @dir. */
+static __always_inline void metrics_add(__u8 reason, __u32 dir, __u32 len)
 {
 	__u32 index = (__u32)reason * 2 + dir;
 	struct metrics_value *value = bpf_map_lookup_elem(&metrics, &index);
@@ -18,8 +19,13 @@ static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __
 	/* Per-CPU slot: no other writer, so plain adds are enough. */
 	if (value) {
 		value->packets += 1;
-		value->bytes += skb->len;
+		value->bytes += len;
 	}
+}
+
+static __always_inline void metrics_count(struct __sk_buff *skb, __u8 reason, __u32 dir)
+{
+	metrics_add(reason, dir, skb->len);
 }
 
 /* Counts the packet as forwarded and lets it continue. */

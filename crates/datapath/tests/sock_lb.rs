@@ -23,9 +23,12 @@ use std::{
     time::Duration,
 };
 
+use aya::maps::lpm_trie::Key;
 use sluice_common::{
-    IPPROTO_TCP, IPPROTO_UDP, LB4_SCOPE_INTERNAL, Lb4Key, Lb4Service, SVC_FLAG_AFFINITY,
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_LOCAL, SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT, SVC_FLAG_TWO_SCOPES,
+    DropReason, IPPROTO_TCP, IPPROTO_UDP, LB4_SCOPE_INTERNAL, Lb4Key, Lb4Service,
+    Lb4SourceRangeKey, METRIC_DIR_EGRESS, NodeConfig, RoutingMode, SOURCE_RANGE_ALLOWED,
+    SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_LOAD_BALANCER, SVC_FLAG_LOCAL,
+    SVC_FLAG_MAGLEV, SVC_FLAG_NODE_PORT, SVC_FLAG_SOURCE_RANGES, SVC_FLAG_TWO_SCOPES,
 };
 use sluice_compiler::maglev::{self, TableSize};
 use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, create_maglev_table};
@@ -54,6 +57,14 @@ const LOCAL_NODE_PORT: u16 = 30081;
 const AFFINITY_PORT: u16 = 82;
 const SPREAD_PORT: u16 = 83;
 const MAGLEV_PORT: u16 = 84;
+/// A load balancer VIP with loadBalancerSourceRanges: its port that admits the node's
+/// address, and its port (TCP and UDP) that admits only [`OUTSIDE_RANGE`].
+const LB_VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 30);
+const ADMITTED_PORT: u16 = 85;
+const DENIED_PORT: u16 = 86;
+const OUTSIDE_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(203, 0, 113, 0), 24);
+/// [`CLIENT_ENV`]'s value for the checks of source ranges.
+const RANGES: &str = "ranges";
 /// Connections each of those frontends gets.
 const PARITY_CONNECTIONS: usize = 30;
 /// [`CLIENT_ENV`]'s value for the checks of backend choice.
@@ -236,6 +247,10 @@ fn node_client() {
     let Some(mode) = std::env::var_os(CLIENT_ENV) else {
         return;
     };
+    if mode == RANGES {
+        ranges_client();
+        return;
+    }
     if mode == PARITY {
         for (label, to) in [
             ("local-node-port", SocketAddrV4::new(NODE, LOCAL_NODE_PORT)),
@@ -308,6 +323,26 @@ fn node_client() {
             );
         }
     }
+}
+
+/// The client's side of the source range checks: what a TCP connection to each port of
+/// the load balancer VIP gets, and an unconnected UDP datagram to the denied one.
+fn ranges_client() {
+    for (label, port) in [("in-range", ADMITTED_PORT), ("out-of-range", DENIED_PORT)] {
+        let to = SocketAddr::V4(SocketAddrV4::new(LB_VIP, port));
+        let answer = TcpStream::connect_timeout(&to, TIMEOUT).and_then(|mut stream| {
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            let mut who = String::new();
+            stream.read_to_string(&mut who)?;
+            Ok(who)
+        });
+        let answer =
+            answer.unwrap_or_else(|err| format!("errno={}", err.raw_os_error().unwrap_or(0)));
+        println!("RESULT {label} {answer}");
+    }
+    let sent = UdpSocket::bind("0.0.0.0:0")
+        .and_then(|udp| udp.send_to(b"ping", SocketAddrV4::new(LB_VIP, DENIED_PORT)));
+    println!("RESULT udp-out-of-range {}", outcome(sent.map(drop)));
 }
 
 /// `ok`, or the errno of the failure.
@@ -555,4 +590,55 @@ fn node_clients_get_the_cluster_wide_slots_affinity_and_maglev() {
         hashed.len() > 1,
         "sockets hash to several backends: {hashed:?}"
     );
+}
+
+/// Frontend `key` of the load balancer VIP, restricted to `ranges`, with BACKEND in its slot.
+fn add_ranged_frontend(maps: &mut PinnedMaps, key: Lb4Key, ranges: &[(Ipv4Addr, u8)]) {
+    let flags = SVC_FLAG_LOAD_BALANCER | SVC_FLAG_SOURCE_RANGES;
+    add_frontend(maps, key, Lb4Service::frontend(0, flags), &[BACKEND]);
+    for &(source, prefix) in ranges {
+        let range = Lb4SourceRangeKey::new(LB_VIP, key.port(), key.proto, source, prefix);
+        maps.source_ranges
+            .insert(
+                &Key::new(range.prefixlen, range.range),
+                SOURCE_RANGE_ALLOWED,
+                0,
+            )
+            .unwrap();
+    }
+}
+
+/// loadBalancerSourceRanges judge the node's processes by the node's address: inside a
+/// range they are balanced, outside every range connect() and sendto() fail with EPERM
+/// and each refusal is counted as DROP_NOT_IN_SRC_RANGE, as the tc path counts its drops.
+#[test]
+fn source_ranges_judge_node_processes_by_the_node_address() {
+    let mut topology = Topology::new();
+    let maps = &mut topology.maps;
+    let config = NodeConfig::new(RoutingMode::Native, 0, 0).with_node_address(NODE);
+    maps.node_config.set(0, config, 0).unwrap();
+    let lb = |port, proto| Lb4Key::new(LB_VIP, port, proto, 0);
+    add_ranged_frontend(
+        maps,
+        lb(ADMITTED_PORT, IPPROTO_TCP),
+        &[OUTSIDE_RANGE, (NODE, 32)],
+    );
+    add_ranged_frontend(maps, lb(DENIED_PORT, IPPROTO_TCP), &[OUTSIDE_RANGE]);
+    add_ranged_frontend(maps, lb(DENIED_PORT, IPPROTO_UDP), &[OUTSIDE_RANGE]);
+
+    let results = topology.run_client_with(RANGES);
+    let expect = |line: &str| {
+        assert!(
+            results.iter().any(|r| r == line),
+            "expected {line:?} among {results:?}"
+        );
+    };
+    expect(&format!("in-range {BACKEND}"));
+    expect(&format!("out-of-range errno={}", libc::EPERM));
+    expect(&format!("udp-out-of-range errno={}", libc::EPERM));
+    let refused = topology
+        .maps
+        .counted(DropReason::NotInSrcRange.code(), METRIC_DIR_EGRESS)
+        .unwrap();
+    assert_eq!(refused.packets, 2, "the TCP connect and the UDP sendto");
 }
