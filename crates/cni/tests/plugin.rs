@@ -231,7 +231,7 @@ fn waits_for_the_pod(node: &Node, conf: &str) {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let pods = json!({"pods": [pod("web", "web", None), pod("api", "api", None), pod("late", "late", None)]});
-        snapshot(2, pods).write_file(&node.cluster_file).unwrap();
+        snapshot(2, pods).write_file(node.cluster_file()).unwrap();
         adding.join().unwrap()
     });
     let late = late.result();

@@ -7,129 +7,15 @@
 
 mod support;
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
 use serde_json::{Value, json};
-use sluice_api::flow::{Flow, FlowFilter, ObserveRequest, Verdict};
-use sluice_netns::{NetNs, NsThread, OwnedNetNs};
-use support::{Node, median, net_conf, pod, pod_args, snapshot, vars};
+use support::{
+    Echo, Node, Pod, add, assert_policy_drop, del, exchange, median, net_conf, pod, snapshot,
+};
 
 const SERVICE_IP: &str = "10.96.0.50";
 const PORT: u16 = 8080;
-
-/// A pod namespace the plugin attached, with its address.
-struct Pod {
-    netns: OwnedNetNs,
-    container: String,
-    address: String,
-}
-
-fn add(node: &Node, conf: &str, name: &str) -> (Pod, Duration) {
-    let netns = OwnedNetNs::unique(&format!("sluice-test-cni-{name}-")).unwrap();
-    let path = netns.path().display().to_string();
-    static ADDED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = ADDED.fetch_add(1, Ordering::Relaxed);
-    let container = format!("{name}-{}-{n}", std::process::id());
-    let args = pod_args("default", name);
-    let run = node.plugin(&vars("ADD", &container, &path, &args), conf);
-    let result = run.result();
-    let address = result["ips"][0]["address"]
-        .as_str()
-        .and_then(|a| a.strip_suffix("/32"))
-        .expect("a /32")
-        .to_string();
-    (
-        Pod {
-            netns,
-            container,
-            address,
-        },
-        run.elapsed,
-    )
-}
-
-fn del(node: &Node, conf: &str, pod: &Pod) -> Duration {
-    let path = pod.netns.path().display().to_string();
-    let run = node.plugin(&vars("DEL", &pod.container, &path, ""), conf);
-    assert!(run.success, "{}", run.stdout);
-    run.elapsed
-}
-
-/// An echo server on the pod's port, stopped on drop.
-struct Echo {
-    stop: Arc<AtomicBool>,
-    thread: Option<NsThread<()>>,
-}
-
-impl Echo {
-    fn start(netns: &NetNs) -> Self {
-        let listener = netns
-            .run(|| TcpListener::bind(("0.0.0.0", PORT)))
-            .unwrap()
-            .unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let thread = netns
-            .spawn(move || {
-                while !stopped.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((mut stream, _)) => {
-                            stream.set_nonblocking(false).unwrap();
-                            let mut buf = [0; 64];
-                            if let Ok(n) = stream.read(&mut buf) {
-                                let _ = stream.write_all(&buf[..n]);
-                            }
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-            })
-            .unwrap();
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Connects from `netns` to `to` and exchanges a line; the error if it could not.
-fn exchange(netns: &NetNs, to: &str) -> Result<(), String> {
-    let to: SocketAddr = to.parse().unwrap();
-    netns
-        .run(move || {
-            let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(1))
-                .map_err(|e| format!("connect {to}: {e}"))?;
-            stream
-                .set_read_timeout(Some(Duration::from_secs(2)))
-                .unwrap();
-            stream.write_all(b"ping").map_err(|e| e.to_string())?;
-            let mut answer = [0; 4];
-            stream
-                .read_exact(&mut answer)
-                .map_err(|e| format!("read from {to}: {e}"))?;
-            assert_eq!(&answer, b"ping");
-            Ok(())
-        })
-        .unwrap()
-}
 
 fn objects(extra: &[Value]) -> Value {
     let mut pods = vec![
@@ -159,7 +45,7 @@ fn a_pod_attached_by_the_plugin_gets_traffic_and_policy_like_a_lab_pod() {
     let conf = net_conf("1.0.0", &node.socket).to_string();
     let (server, _) = add(&node, &conf, "server");
     let (client, _) = add(&node, &conf, "client");
-    let _echo = Echo::start(&server.netns);
+    let _echo = Echo::start(&server.netns, PORT);
 
     // The endpoint controller's part: a ClusterIP Service whose slice holds the server.
     let service = json!({
@@ -208,28 +94,6 @@ fn a_pod_attached_by_the_plugin_gets_traffic_and_policy_like_a_lab_pod() {
         del(&node, &conf, pod);
     }
     assert_eq!(node.client().cni_status().unwrap().allocated, 0);
-}
-
-/// The endpoint's datapath dropped a connection of `pod` by policy (reason 133).
-fn assert_policy_drop(node: &Node, pod: &str) {
-    let drops: Vec<Flow> = node
-        .client()
-        .observe(&ObserveRequest {
-            last: None,
-            follow: false,
-            filter: FlowFilter {
-                from_pod: vec![pod.into()],
-                verdict: vec![Verdict::Dropped],
-                ..FlowFilter::default()
-            },
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert!(
-        drops.iter().any(|f| f.drop_reason == 133),
-        "no policy drop from {pod}: {drops:?}"
-    );
 }
 
 /// ADD (allocate, wire, realize, attach) and DEL of several pods, one after the other:

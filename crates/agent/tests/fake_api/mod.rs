@@ -1,6 +1,7 @@
 //! A fake API server on the loopback of a network namespace the test owns, its kubeconfig
 //! in a file, and API objects written as the API reference shows them; all removed on drop,
-//! also when the test panics.
+//! also when the test panics. The CNI plugin's tests use it too (`#[path]`), with the
+//! server on their node's namespace.
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
@@ -16,19 +17,18 @@ use k8s_openapi::{
 };
 use serde_json::json;
 use sluice_fake_apiserver::FakeApiServer;
-use sluice_netns::OwnedNetNs;
+use sluice_netns::{NetNs, OwnedNetNs};
 use sluice_store::Snapshot;
 
-/// Fields drop in order: the server before its namespace.
-pub struct FakeApi {
+/// A fake API server on the loopback of a namespace someone else owns (and drops after
+/// this), with its kubeconfig in a file removed on drop.
+pub struct Served {
     pub server: FakeApiServer,
     pub kubeconfig: PathBuf,
-    pub ns: OwnedNetNs,
 }
 
-impl FakeApi {
-    pub fn start(prefix: &str) -> Self {
-        let ns = OwnedNetNs::unique(prefix).expect("create the test namespace");
+impl Served {
+    pub fn start(ns: &NetNs) -> Self {
         let listener = ns
             .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
             .expect("enter the test namespace")
@@ -36,15 +36,42 @@ impl FakeApi {
         let server = FakeApiServer::start(listener).expect("start the fake API server");
         let kubeconfig = std::env::temp_dir().join(format!("{}.kubeconfig", ns.name()));
         std::fs::write(&kubeconfig, server.kubeconfig()).expect("write the kubeconfig");
-        Self {
-            server,
-            kubeconfig,
-            ns,
-        }
+        Self { server, kubeconfig }
     }
 
     pub fn apply<K: k8s_openapi::Resource + serde::Serialize>(&self, object: &K) -> u64 {
         self.server.apply(object).expect("apply to the fake API")
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+/// A fake API server in a namespace of its own. Fields drop in order: the server before
+/// its namespace.
+pub struct FakeApi {
+    served: Served,
+    pub ns: OwnedNetNs,
+}
+
+impl std::ops::Deref for FakeApi {
+    type Target = Served;
+
+    fn deref(&self) -> &Served {
+        &self.served
+    }
+}
+
+impl FakeApi {
+    pub fn start(prefix: &str) -> Self {
+        let ns = OwnedNetNs::unique(prefix).expect("create the test namespace");
+        Self {
+            served: Served::start(&ns),
+            ns,
+        }
     }
 
     /// A namespace, a node, two Services with one slice each, two pods and a policy.
@@ -58,12 +85,6 @@ impl FakeApi {
         self.apply(&pod("web-0", "10.244.1.10"));
         self.apply(&pod("web-1", "10.244.1.11"));
         self.apply(&policy("web"));
-    }
-}
-
-impl Drop for FakeApi {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.kubeconfig);
     }
 }
 

@@ -1,23 +1,35 @@
 //! A node for the plugin: a network namespace of its own with a real `sluice-agent` in it
-//! (cluster-file source, CNI registry under a state directory of its own), and the plugin
+//! (fed by a cluster file, or by a fake Kubernetes API server on the namespace's loopback;
+//! CNI registry under a state directory of its own), and the plugin
 //! binary run inside it exactly as a runtime runs it: `CNI_*` variables, configuration on
 //! stdin, result or error object on stdout. Everything is removed on drop, also when the
 //! test fails.
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+#[path = "../../../agent/tests/fake_api/mod.rs"]
+pub mod fake_api;
+
 use std::{
     fs,
-    io::Write,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
-use sluice_api::Client;
+use sluice_api::{
+    Client,
+    flow::{Flow, FlowFilter, ObserveRequest, Verdict},
+};
 use sluice_datapath::PinDir;
-use sluice_netns::{NetNs, OwnedNetNs, unique_name};
+use sluice_netns::{NetNs, NsThread, OwnedNetNs, unique_name};
 use sluice_store::Snapshot;
 
 pub const NODE: &str = "node-1";
@@ -93,13 +105,22 @@ impl Run {
     }
 }
 
+/// Where the node's agent reads the cluster from.
+pub enum Source {
+    /// The lab's cluster file, rewritten by [`Node::apply`].
+    ClusterFile(PathBuf),
+    /// A fake API server on the node namespace's loopback (`--source kubernetes`).
+    Kubernetes(fake_api::Served),
+}
+
 /// The node: its namespace (forwarding on, reverse-path filtering off, as a node's
-/// provisioning leaves it), its agent and files. Fields drop in order: the agent first.
+/// provisioning leaves it), its agent and files. Fields drop in order: the agent first,
+/// the source's server before the namespace.
 pub struct Node {
     agent: Option<Child>,
     pub socket: PathBuf,
     pub log: PathBuf,
-    pub cluster_file: PathBuf,
+    pub source: Source,
     pub state_dir: PathBuf,
     pins: PinDir,
     pub netns: OwnedNetNs,
@@ -120,6 +141,35 @@ impl Node {
         args: &[&str],
         prepare: impl FnOnce(&NetNs),
     ) -> Self {
+        Self::start_from(name, args, |netns, dir| {
+            prepare(netns);
+            let cluster_file = dir.join("source").join("cluster.json");
+            fs::create_dir_all(cluster_file.parent().expect("parent")).expect("source dir");
+            snapshot.write_file(&cluster_file).expect("cluster file");
+            (Source::ClusterFile(cluster_file), snapshot.revision)
+        })
+    }
+
+    /// Starts the agent with `--source kubernetes`, its kubeconfig naming a fake API server
+    /// on the node namespace's loopback that `seed` filled, and waits for its first pass.
+    pub fn start_kubernetes(
+        name: &str,
+        args: &[&str],
+        seed: impl FnOnce(&fake_api::Served),
+    ) -> Self {
+        Self::start_from(name, args, |netns, _| {
+            let api = fake_api::Served::start(netns);
+            seed(&api);
+            // The source numbers its snapshots from 1, the first once every kind is listed.
+            (Source::Kubernetes(api), 1)
+        })
+    }
+
+    fn start_from(
+        name: &str,
+        args: &[&str],
+        source: impl FnOnce(&NetNs, &Path) -> (Source, u64),
+    ) -> Self {
         let dir = TempDir::new(&format!("sluice-test-{name}-"));
         let netns = OwnedNetNs::unique(&format!("sluice-test-{name}-")).expect("node netns");
         netns
@@ -129,23 +179,36 @@ impl Node {
                 ("net.ipv4.conf.default.rp_filter", "0"),
             ])
             .expect("node sysctls");
-        prepare(&netns);
-        let cluster_file = dir.0.join("source").join("cluster.json");
-        fs::create_dir_all(cluster_file.parent().expect("parent")).expect("source dir");
-        snapshot.write_file(&cluster_file).expect("cluster file");
+        let (source, revision) = source(&netns, &dir.0);
         let mut node = Self {
             agent: None,
             socket: dir.0.join("agent.sock"),
             log: dir.0.join("agent.log"),
-            cluster_file,
+            source,
             state_dir: dir.0.join("state"),
             pins: PinDir::unique(&format!("sluice-test-{name}-")),
             netns,
             _dir: dir,
         };
         node.agent = Some(node.spawn_agent(args));
-        node.wait_realized(snapshot.revision);
+        node.wait_realized(revision);
         node
+    }
+
+    /// The cluster file of a node fed by one.
+    pub fn cluster_file(&self) -> &Path {
+        match &self.source {
+            Source::ClusterFile(path) => path,
+            Source::Kubernetes(_) => panic!("this node's agent reads the Kubernetes API"),
+        }
+    }
+
+    /// The fake API server of a node fed by one.
+    pub fn api(&self) -> &fake_api::Served {
+        match &self.source {
+            Source::Kubernetes(api) => api,
+            Source::ClusterFile(_) => panic!("this node's agent reads a cluster file"),
+        }
     }
 
     fn spawn_agent(&self, args: &[&str]) -> Child {
@@ -154,11 +217,17 @@ impl Node {
             .append(true)
             .open(&self.log)
             .expect("agent log");
-        Command::new(agent_binary())
+        let mut command = Command::new(agent_binary());
+        command
             .args(["--node", NODE, "--netns", self.netns.name()])
-            .args(["--reconcile-interval", "1"])
-            .arg("--cluster-file")
-            .arg(&self.cluster_file)
+            .args(["--reconcile-interval", "1"]);
+        match &self.source {
+            Source::ClusterFile(path) => command.arg("--cluster-file").arg(path),
+            Source::Kubernetes(api) => command
+                .args(["--source", "kubernetes", "--kubeconfig"])
+                .arg(&api.kubeconfig),
+        };
+        command
             .arg("--pin-dir")
             .arg(self.pins.path())
             .arg("--api-socket")
@@ -181,7 +250,7 @@ impl Node {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
         let status = agent.wait().expect("wait for the agent");
         assert!(status.success(), "{status}\n{}", self.log_text());
-        let revision = Snapshot::read_file(&self.cluster_file)
+        let revision = Snapshot::read_file(self.cluster_file())
             .expect("cluster file")
             .revision;
         self.agent = Some(self.spawn_agent(args));
@@ -199,7 +268,7 @@ impl Node {
     /// Replaces the cluster file and waits until the agent realized it.
     pub fn apply(&mut self, snapshot: &Snapshot) {
         snapshot
-            .write_file(&self.cluster_file)
+            .write_file(self.cluster_file())
             .expect("cluster file");
         self.wait_realized(snapshot.revision);
     }
@@ -323,4 +392,138 @@ pub fn pod(name: &str, app: &str, port: Option<u16>) -> Value {
 pub fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
+}
+
+/// A pod namespace the plugin attached, with its address.
+pub struct Pod {
+    pub netns: OwnedNetNs,
+    pub container: String,
+    pub address: String,
+}
+
+pub fn add(node: &Node, conf: &str, name: &str) -> (Pod, Duration) {
+    let netns = OwnedNetNs::unique(&format!("sluice-test-cni-{name}-")).unwrap();
+    let path = netns.path().display().to_string();
+    static ADDED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = ADDED.fetch_add(1, Ordering::Relaxed);
+    let container = format!("{name}-{}-{n}", std::process::id());
+    let args = pod_args("default", name);
+    let run = node.plugin(&vars("ADD", &container, &path, &args), conf);
+    let result = run.result();
+    let address = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.strip_suffix("/32"))
+        .expect("a /32")
+        .to_string();
+    (
+        Pod {
+            netns,
+            container,
+            address,
+        },
+        run.elapsed,
+    )
+}
+
+pub fn del(node: &Node, conf: &str, pod: &Pod) -> Duration {
+    let path = pod.netns.path().display().to_string();
+    let run = node.plugin(&vars("DEL", &pod.container, &path, ""), conf);
+    assert!(run.success, "{}", run.stdout);
+    run.elapsed
+}
+
+/// An echo server on the pod's port, stopped on drop.
+pub struct Echo {
+    stop: Arc<AtomicBool>,
+    thread: Option<NsThread<()>>,
+}
+
+impl Echo {
+    pub fn start(netns: &NetNs, port: u16) -> Self {
+        let listener = netns
+            .run(|| TcpListener::bind(("0.0.0.0", port)))
+            .unwrap()
+            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = netns
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut stream, _)) => {
+                            stream.set_nonblocking(false).unwrap();
+                            let mut buf = [0; 64];
+                            if let Ok(n) = stream.read(&mut buf) {
+                                let _ = stream.write_all(&buf[..n]);
+                            }
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+            .unwrap();
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Connects from `netns` to `to` and exchanges a line; the error if it could not.
+pub fn exchange(netns: &NetNs, to: &str) -> Result<(), String> {
+    exchange_within(netns, to, Duration::from_secs(1))
+}
+
+/// [`exchange`], giving up on the connection after `connect` (a dropped SYN is not sent
+/// again before a second).
+pub fn exchange_within(netns: &NetNs, to: &str, connect: Duration) -> Result<(), String> {
+    let to: SocketAddr = to.parse().unwrap();
+    netns
+        .run(move || {
+            let mut stream = TcpStream::connect_timeout(&to, connect)
+                .map_err(|e| format!("connect {to}: {e}"))?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            stream.write_all(b"ping").map_err(|e| e.to_string())?;
+            let mut answer = [0; 4];
+            stream
+                .read_exact(&mut answer)
+                .map_err(|e| format!("read from {to}: {e}"))?;
+            assert_eq!(&answer, b"ping");
+            Ok(())
+        })
+        .unwrap()
+}
+
+/// The endpoint's datapath dropped a connection of `pod` by policy (reason 133).
+pub fn assert_policy_drop(node: &Node, pod: &str) {
+    let drops: Vec<Flow> = node
+        .client()
+        .observe(&ObserveRequest {
+            last: None,
+            follow: false,
+            filter: FlowFilter {
+                from_pod: vec![pod.into()],
+                verdict: vec![Verdict::Dropped],
+                ..FlowFilter::default()
+            },
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        drops.iter().any(|f| f.drop_reason == 133),
+        "no policy drop from {pod}: {drops:?}"
+    );
 }
