@@ -20,10 +20,14 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::{
+use k8s_openapi::{
+    Metadata,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    api::{
     core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
+    },
 };
 use sluice_common::Lb4Key;
 use sluice_store::{LocalEndpoint, Snapshot};
@@ -245,9 +249,9 @@ impl ServiceEntry {
 
     /// Whether this entry was compiled from `service` with `slices`.
     fn holds(&self, service: &Service, slices: &[&EndpointSlice]) -> bool {
-        self.service == *service
+        same(&self.service, service)
             && self.slices.len() == slices.len()
-            && self.slices.iter().zip(slices).all(|(a, b)| a == *b)
+            && self.slices.iter().zip(slices).all(|(a, b)| same(a, b))
     }
 }
 
@@ -266,6 +270,19 @@ impl Compilation {
     }
 }
 
+/// Whether `a` and `b` are the same version of one object. The API server changes an
+/// object's resourceVersion on every write, so one uid at one resourceVersion is one
+/// content, and comparing two strings spares a deep comparison; objects without them (the
+/// lab's) are compared whole.
+fn same<T: Metadata<Ty = ObjectMeta> + PartialEq>(a: &T, b: &T) -> bool {
+    let (ma, mb) = (a.metadata(), b.metadata());
+    match (&ma.uid, &ma.resource_version, &mb.uid, &mb.resource_version) {
+        (Some(ua), Some(va), Some(ub), Some(vb)) => ua == ub && va == vb,
+        _ => a == b,
+    }
+}
+
 fn extend<K: Ord + Clone, V: Clone>(into: &mut BTreeMap<K, V>, from: &BTreeMap<K, V>) {
     into.extend(from.iter().map(|(k, v)| (k.clone(), v.clone())));
 }
+

@@ -9,7 +9,10 @@
 //! `one_service_change_at_10k_services` prints the cost of one Service change at 10,000
 //! Services, full against incremental (`--release -- --ignored --nocapture`).
 
-use std::time::Instant;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
 
 use serde_json::{Value, json};
 use sluice_compiler::{CompileCache, DesiredState, NodeContext, compile};
@@ -31,6 +34,16 @@ const EXTERNAL_IPS: [&str; 3] = ["192.0.2.1", "192.0.2.2", "172.16.0.1"];
 const NODE_PORTS: [i32; 3] = [30000, 30001, 70000];
 const HEALTH_PORTS: [i32; 2] = [31000, 31001];
 const BACKENDS: [&str; 5] = ["10.0.1.10", "10.0.1.11", "10.0.2.10", "10.0.2.11", "bad"];
+
+/// A uid and a resourceVersion as the API server gives them (a new version on every
+/// write), on half the objects; the others, like the lab's, have neither.
+fn versioned(rng: &mut fastrand::Rng, metadata: &mut Value, uid: String) {
+    static VERSION: AtomicU64 = AtomicU64::new(1);
+    if rng.bool() {
+        metadata["uid"] = json!(uid);
+        metadata["resourceVersion"] = json!(VERSION.fetch_add(1, Ordering::Relaxed).to_string());
+    }
+}
 
 fn pick<'a, T>(rng: &mut fastrand::Rng, items: &'a [T]) -> &'a T {
     &items[rng.usize(..items.len())]
@@ -90,12 +103,11 @@ fn service(rng: &mut fastrand::Rng) -> Value {
             json!(pick(rng, &["maglev", "random", "fastest"])),
         );
     }
+    let (namespace, name) = (pick(rng, &NAMESPACES), pick(rng, &SERVICE_NAMES));
+    let mut metadata = json!({"name": name, "namespace": namespace, "annotations": annotations});
+    versioned(rng, &mut metadata, format!("svc-{namespace}-{name}"));
     json!({
-        "metadata": {
-            "name": pick(rng, &SERVICE_NAMES),
-            "namespace": pick(rng, &NAMESPACES),
-            "annotations": annotations,
-        },
+        "metadata": metadata,
         "spec": spec,
         "status": {"loadBalancer": {"ingress": [{"ip": pick(rng, &["203.0.113.1", "192.0.2.1"])}]}},
     })
@@ -111,12 +123,14 @@ fn slice(rng: &mut fastrand::Rng, name: usize) -> Value {
             "zone": pick(rng, &["z1", "z2"]),
         }));
     }
+    let mut metadata = json!({
+        "name": format!("slice{name}"),
+        "namespace": pick(rng, &NAMESPACES),
+        "labels": {"kubernetes.io/service-name": pick(rng, &SERVICE_NAMES)},
+    });
+    versioned(rng, &mut metadata, format!("slice-{name}"));
     json!({
-        "metadata": {
-            "name": format!("slice{name}"),
-            "namespace": pick(rng, &NAMESPACES),
-            "labels": {"kubernetes.io/service-name": pick(rng, &SERVICE_NAMES)},
-        },
+        "metadata": metadata,
         "addressType": pick(rng, &["IPv4", "IPv4", "IPv6"]),
         "endpoints": endpoints,
         "ports": [
@@ -344,7 +358,8 @@ fn large(count: usize) -> Snapshot {
     for i in 0..count {
         let vip = format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256);
         snapshot.services.push(from_json(json!({
-            "metadata": {"name": format!("svc{i}"), "namespace": "default"},
+            "metadata": {"name": format!("svc{i}"), "namespace": "default",
+                         "uid": format!("svc{i}"), "resourceVersion": "1"},
             "spec": {"clusterIP": vip, "ports": [{"port": 80, "protocol": "TCP"}]},
         })));
         snapshot.endpoint_slices.push(service_slice(i, 2));
@@ -352,6 +367,7 @@ fn large(count: usize) -> Snapshot {
     snapshot
 }
 
+/// Service `i`'s slice with `backends` endpoints, at resourceVersion `backends`.
 fn service_slice(i: usize, backends: usize) -> k8s_openapi::api::discovery::v1::EndpointSlice {
     let endpoints: Vec<Value> = (0..backends)
         .map(|b| {
@@ -366,6 +382,8 @@ fn service_slice(i: usize, backends: usize) -> k8s_openapi::api::discovery::v1::
             "name": format!("svc{i}-x"),
             "namespace": "default",
             "labels": {"kubernetes.io/service-name": format!("svc{i}")},
+            "uid": format!("svc{i}-x"),
+            "resourceVersion": backends.to_string(),
         },
         "addressType": "IPv4",
         "endpoints": endpoints,
