@@ -57,7 +57,12 @@ pub struct CacheStats {
 pub struct CompileCache {
     /// The node inputs the cached fragments were compiled with.
     inputs: Option<ServiceInputs>,
-    services: HashMap<(String, String), ServiceEntry>,
+    /// Namespace -> name -> the Service's entry.
+    services: HashMap<String, HashMap<String, Box<ServiceEntry>>>,
+    /// How many Services claim each address: one claimed twice is settled in order.
+    claimed: HashMap<Claim, u32>,
+    /// Numbers the calls, to find the entries of Services gone since the last.
+    pass: u64,
     workloads: Option<(WorkloadInputs, Workloads)>,
     stats: CacheStats,
 }
@@ -71,17 +76,14 @@ struct ServiceInputs {
     balancing: Balancing,
 }
 
-/// One Service as last compiled alone.
+/// One Service as last compiled alone (its fragment), and what it claims.
 struct ServiceEntry {
     service: Service,
     slices: Vec<EndpointSlice>,
-    fragment: Fragment,
-}
-
-/// What one Service compiled alone contributes, and what it claims.
-struct Fragment {
-    compilation: Compilation,
+    fragment: Compilation,
     claims: Vec<Claim>,
+    /// The last pass whose snapshot held the Service.
+    seen: u64,
 }
 
 /// What two Services cannot both hold: the first in order keeps it.
@@ -150,48 +152,33 @@ impl CompileCache {
         };
         if self.inputs.as_ref() != Some(&inputs) {
             self.services.clear();
+            self.claimed.clear();
             self.inputs = Some(inputs.clone());
         }
         let slices = slices_by_service(snapshot);
         let ordered = services_in_order(snapshot, &mut assembly.problems);
-        let mut cached = std::mem::take(&mut self.services);
+        self.pass += 1;
         for &(namespace, name, service) in &ordered {
-            let key = (namespace.to_string(), name.to_string());
             let service_slices = slices_of(&slices, namespace, name);
-            let entry = match cached.remove(&key) {
-                Some(entry) if entry.holds(service, service_slices) => {
-                    stats.services_reused += 1;
-                    entry
-                }
-                _ => {
-                    stats.services_compiled += 1;
-                    ServiceEntry::compile(&inputs, service, service_slices)
-                }
-            };
-            self.services.insert(key, entry);
-        }
-        // Dropped with `cached`: the Services gone from the snapshot.
-        drop(cached);
-
-        let mut claimed: HashMap<Claim, u32> = HashMap::new();
-        for entry in self.services.values() {
-            for claim in &entry.fragment.claims {
-                *claimed.entry(*claim).or_default() += 1;
+            if self.refresh(&inputs, namespace, name, service, service_slices) {
+                stats.services_compiled += 1;
+            } else {
+                stats.services_reused += 1;
             }
         }
+        self.forget_unseen();
+        // In the full compile's order: the first Service to claim an address keeps it.
         for (namespace, name, service) in ordered {
-            let key = (namespace.to_string(), name.to_string());
-            let Some(entry) = self.services.get(&key) else {
+            let Some(entry) = self.services.get(namespace).and_then(|n| n.get(name)) else {
                 continue;
             };
-            let contested = entry.fragment.claims.iter().any(|c| claimed[c] > 1);
-            if contested {
+            if entry.claims.iter().any(|c| self.claimed.get(c) > Some(&1)) {
                 stats.services_contested += 1;
                 let object = ObjectRef::new(ObjectKind::Service, namespace, name);
                 let service_slices = slices_of(&slices, namespace, name);
                 assembly.service(&object, service, service_slices, node.balancing);
             } else {
-                assembly.take(&entry.fragment.compilation);
+                assembly.take(&entry.fragment);
             }
         }
 
@@ -209,6 +196,67 @@ impl CompileCache {
         self.workloads = Some(workloads);
         self.stats = stats;
         state
+    }
+}
+
+impl CompileCache {
+    /// Marks the Service seen in this pass, compiling it again unless its entry holds it
+    /// with `slices`; returns whether it compiled.
+    fn refresh(
+        &mut self,
+        inputs: &ServiceInputs,
+        namespace: &str,
+        name: &str,
+        service: &Service,
+        slices: &[&EndpointSlice],
+    ) -> bool {
+        if !self.services.contains_key(namespace) {
+            self.services.insert(namespace.to_string(), HashMap::new());
+        }
+        let Some(names) = self.services.get_mut(namespace) else {
+            return false;
+        };
+        if let Some(entry) = names.get_mut(name)
+            && entry.holds(service, slices)
+        {
+            entry.seen = self.pass;
+            return false;
+        }
+        let mut entry = Box::new(ServiceEntry::compile(inputs, service, slices));
+        entry.seen = self.pass;
+        count(&mut self.claimed, &entry.claims, true);
+        if let Some(old) = names.insert(name.to_string(), entry) {
+            count(&mut self.claimed, &old.claims, false);
+        }
+        true
+    }
+
+    /// Drops the entries of Services not in this pass's snapshot, with their claims.
+    fn forget_unseen(&mut self) {
+        let (pass, claimed) = (self.pass, &mut self.claimed);
+        for names in self.services.values_mut() {
+            names.retain(|_, entry| {
+                if entry.seen != pass {
+                    count(claimed, &entry.claims, false);
+                }
+                entry.seen == pass
+            });
+        }
+        self.services.retain(|_, names| !names.is_empty());
+    }
+}
+
+/// Counts `claims` in (`add`) or out of `claimed`.
+fn count(claimed: &mut HashMap<Claim, u32>, claims: &[Claim], add: bool) {
+    for claim in claims {
+        if add {
+            *claimed.entry(*claim).or_default() += 1;
+        } else if let Some(n) = claimed.get_mut(claim) {
+            *n -= 1;
+            if *n == 0 {
+                claimed.remove(claim);
+            }
+        }
     }
 }
 
@@ -240,10 +288,9 @@ impl ServiceEntry {
         Self {
             service: service.clone(),
             slices: slices.iter().map(|s| (*s).clone()).collect(),
-            fragment: Fragment {
-                compilation,
-                claims,
-            },
+            fragment: compilation,
+            claims,
+            seen: 0,
         }
     }
 
