@@ -22,20 +22,19 @@ use std::{
 use ipnet::Ipv4Net;
 use k8s_openapi::{
     Metadata,
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
     api::{
-    core::v1::{Namespace, Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
     },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use sluice_common::Lb4Key;
 use sluice_store::{LocalEndpoint, Snapshot};
 
 use crate::{
     Balancing, Compilation, DesiredState, NodeContext, ObjectKind, ObjectRef, Workloads,
-    backends::slices_by_service, compile_workloads, services_in_order,
-    slices_of,
+    backends::slices_by_service, compile_workloads, services_in_order, slices_of,
 };
 
 /// What the last [`CompileCache::compile`] recomputed, for tests and logs.
@@ -276,7 +275,12 @@ impl ServiceEntry {
             .vip_owners
             .keys()
             .map(|&vip| Claim::ClusterIp(vip))
-            .chain(compilation.frontend_owners.keys().map(|&k| Claim::Frontend(k)))
+            .chain(
+                compilation
+                    .frontend_owners
+                    .keys()
+                    .map(|&k| Claim::Frontend(k)),
+            )
             .chain(
                 compilation
                     .state
@@ -332,4 +336,3 @@ fn same<T: Metadata<Ty = ObjectMeta> + PartialEq>(a: &T, b: &T) -> bool {
 fn extend<K: Ord + Clone, V: Clone>(into: &mut BTreeMap<K, V>, from: &BTreeMap<K, V>) {
     into.extend(from.iter().map(|(k, v)| (k.clone(), v.clone())));
 }
-

@@ -253,7 +253,12 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
     let slices = slices_by_service(snapshot);
     for (namespace, name, service) in services_in_order(snapshot, &mut compilation.problems) {
         let object = ObjectRef::new(ObjectKind::Service, namespace, name);
-        compilation.service(&object, service, slices_of(&slices, namespace, name), node.balancing);
+        compilation.service(
+            &object,
+            service,
+            slices_of(&slices, namespace, name),
+            node.balancing,
+        );
     }
     compilation.finish(compile_workloads(snapshot, node))
 }

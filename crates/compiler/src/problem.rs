@@ -560,7 +560,9 @@ impl Problems {
     /// Adds every problem of `other`.
     pub(crate) fn extend(&mut self, other: &Problems) {
         for (line, problem) in &other.0 {
-            self.0.entry(line.clone()).or_insert_with(|| problem.clone());
+            self.0
+                .entry(line.clone())
+                .or_insert_with(|| problem.clone());
         }
     }
 

@@ -56,7 +56,13 @@ fn from_json<T: serde::de::DeserializeOwned>(value: Value) -> T {
 fn service(rng: &mut fastrand::Rng) -> Value {
     let kind = pick(
         rng,
-        &["ClusterIP", "ClusterIP", "NodePort", "LoadBalancer", "ExternalName"],
+        &[
+            "ClusterIP",
+            "ClusterIP",
+            "NodePort",
+            "LoadBalancer",
+            "ExternalName",
+        ],
     );
     let mut ports = Vec::new();
     for _ in 0..rng.usize(0..3) {
@@ -187,7 +193,11 @@ fn endpoint(i: usize) -> LocalEndpoint {
 }
 
 /// Replaces the item at a random index of `items`, adds one, or removes one.
-fn churn<T>(rng: &mut fastrand::Rng, items: &mut Vec<T>, make: impl FnOnce(&mut fastrand::Rng) -> T) {
+fn churn<T>(
+    rng: &mut fastrand::Rng,
+    items: &mut Vec<T>,
+    make: impl FnOnce(&mut fastrand::Rng) -> T,
+) {
     match rng.u8(..3) {
         0 if !items.is_empty() => {
             items.remove(rng.usize(..items.len()));
@@ -203,7 +213,9 @@ fn churn<T>(rng: &mut fastrand::Rng, items: &mut Vec<T>, make: impl FnOnce(&mut 
 fn cluster(rng: &mut fastrand::Rng) -> (Snapshot, NodeContext) {
     let mut snapshot = Snapshot::default();
     for ns in NAMESPACES {
-        snapshot.namespaces.push(from_json(json!({"metadata": {"name": ns}})));
+        snapshot
+            .namespaces
+            .push(from_json(json!({"metadata": {"name": ns}})));
     }
     let mut node_context = NodeContext {
         node: NODE.into(),
@@ -235,7 +247,11 @@ fn cluster(rng: &mut fastrand::Rng) -> (Snapshot, NodeContext) {
 }
 
 /// One random change to the snapshot (or the node context); returns what it was.
-fn change(rng: &mut fastrand::Rng, snapshot: &mut Snapshot, node: &mut NodeContext) -> &'static str {
+fn change(
+    rng: &mut fastrand::Rng,
+    snapshot: &mut Snapshot,
+    node: &mut NodeContext,
+) -> &'static str {
     let serial = rng.usize(..100);
     match rng.u8(..8) {
         0 | 1 => {
@@ -249,7 +265,9 @@ fn change(rng: &mut fastrand::Rng, snapshot: &mut Snapshot, node: &mut NodeConte
             "endpoint slice"
         }
         4 => {
-            churn(rng, &mut snapshot.pods, |rng| from_json(pod(rng, serial % 4)));
+            churn(rng, &mut snapshot.pods, |rng| {
+                from_json(pod(rng, serial % 4))
+            });
             "pod"
         }
         5 => {
@@ -323,8 +341,15 @@ fn run_case(seed: u64) -> (usize, usize) {
             "seed {seed}, step {step} ({what}): incremental differs from full in {:?}\n\
              incremental problems: {:#?}\nfull problems: {:#?}",
             differing(&incremental, &full),
-            incremental.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            full.problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            incremental
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            full.problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
         );
         reused += cache.stats().services_reused;
         contested += cache.stats().services_contested;
@@ -405,7 +430,11 @@ fn one_service_change_recompiles_one_service() {
     let state = cache.compile(&snapshot, &node);
     let stats = cache.stats();
     assert_eq!(
-        (stats.services_compiled, stats.services_reused, stats.workloads_compiled),
+        (
+            stats.services_compiled,
+            stats.services_reused,
+            stats.workloads_compiled
+        ),
         (1, 49, false)
     );
     assert!(state == compile(&snapshot, &node));
