@@ -196,9 +196,7 @@ impl CompileCache {
         self.stats = stats;
         state
     }
-}
 
-impl CompileCache {
     /// Marks the Service seen in this pass, compiling it again unless its entry holds it
     /// with `slices`; returns whether it compiled.
     fn refresh(
