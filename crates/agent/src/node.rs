@@ -280,6 +280,7 @@ impl Node {
                 balancing: self.balancing,
             },
         );
+        debug!(stats = ?self.compile_cache.stats(), "compiled");
         (Arc::new(desired), from)
     }
 

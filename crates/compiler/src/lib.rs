@@ -42,6 +42,10 @@
 //! Output depends only on the content of the snapshot, not on the order of its lists:
 //! services are processed sorted by name, backends are sorted by address, and conflicts are
 //! resolved by that order.
+//!
+//! [`CompileCache`] gives the same output recomputing only what changed since its last
+//! call: the Services whose object, slices or node inputs changed, and the policy part when
+//! pods, namespaces, policies, nodes or local endpoints did.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
