@@ -12,7 +12,7 @@ use std::{
 use aya::programs::SchedClassifier;
 use sluice_api::{Drift, VerifyReport};
 use sluice_common::kinds::DriftKind;
-use sluice_compiler::{Balancing, DesiredState, NodeContext};
+use sluice_compiler::{Balancing, CompileCache, DesiredState, NodeContext};
 use sluice_datapath::{AttachRole, Datapath, Hook};
 use sluice_realizer::{Desired, KernelTables};
 use sluice_store::Snapshot;
@@ -44,6 +44,9 @@ pub struct Node {
     desired: Arc<DesiredState>,
     /// What `desired` was compiled from; None before the first pass that realized it.
     compiled_from: Option<CompiledFrom>,
+    /// The previous compiles' per-Service and workload results: a change recompiles what
+    /// it touches.
+    compile_cache: CompileCache,
     /// Changes whenever `desired` does, so the observer renames flows only then.
     desired_version: u64,
     realized_generation: u64,
@@ -85,6 +88,7 @@ impl Node {
             generation: 0,
             desired: Arc::default(),
             compiled_from: None,
+            compile_cache: CompileCache::new(),
             desired_version: 0,
             realized_generation: 0,
             realized_revision: 0,
@@ -249,9 +253,9 @@ impl Node {
 
     /// The desired state of the current snapshot and interfaces, and what it was compiled
     /// from. The compiler is a pure function of the two, so a pass over the same input (the
-    /// periodic one) takes the last output rather than compiling again: at 10k Services a
-    /// compile costs hundreds of milliseconds.
-    fn compile(&self) -> (Arc<DesiredState>, CompiledFrom) {
+    /// periodic one) takes the last output rather than compiling again; a changed input is
+    /// compiled incrementally, with the full compile's output.
+    fn compile(&mut self) -> (Arc<DesiredState>, CompiledFrom) {
         let interfaces = self
             .snapshot
             .endpoints_on(&self.name)
@@ -267,7 +271,7 @@ impl Node {
         if self.compiled_from.as_ref() == Some(&from) {
             return (Arc::clone(&self.desired), from);
         }
-        let desired = sluice_compiler::compile(
+        let desired = self.compile_cache.compile(
             &self.snapshot,
             &NodeContext {
                 node: self.name.clone(),
@@ -276,6 +280,7 @@ impl Node {
                 balancing: self.balancing,
             },
         );
+        debug!(stats = ?self.compile_cache.stats(), "compiled");
         (Arc::new(desired), from)
     }
 

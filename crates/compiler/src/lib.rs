@@ -42,6 +42,10 @@
 //! Output depends only on the content of the snapshot, not on the order of its lists:
 //! services are processed sorted by name, backends are sorted by address, and conflicts are
 //! resolved by that order.
+//!
+//! [`CompileCache`] gives the same output recomputing only what changed since its last
+//! call: the Services whose object, slices or node inputs changed, and the policy part when
+//! pods, namespaces, policies, nodes or local endpoints did.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -49,7 +53,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use sluice_common::{
     EndpointInfo, IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, IpcacheKey,
     Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, Lb4SourceRangeKey, POLICY_PREFIX_ANY_PORT,
@@ -63,6 +67,7 @@ pub use sluice_store::nodes::{ClusterNode, NodeFault, NodeFaultAt, NodeField};
 use crate::{backends::slices_by_service, problem::Problems};
 pub use crate::{
     balancing::{Balancing, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION, LbAlgorithm},
+    incremental::CompileCache,
     nodes::Nodes,
     problem::{
         ObjectKind, ObjectRef, PortProblem, Problem, ServiceField, ServicePortRef, Unsupported,
@@ -248,22 +253,36 @@ impl DesiredState {
 
 /// Computes the desired content of every map on `node` from `snapshot`.
 pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
-    let mut compilation = Compilation {
-        node: node.node.clone(),
-        node_addresses: nodes::node_addresses(snapshot, &node.node),
-        zone: nodes::node_zone(snapshot, &node.node),
-        ..Compilation::default()
-    };
-    compilation.state.node_addresses = compilation.node_addresses.clone();
+    let mut compilation = Compilation::for_services(snapshot, node);
     let slices = slices_by_service(snapshot);
     for (namespace, name, service) in services_in_order(snapshot, &mut compilation.problems) {
-        let service_slices = slices
-            .get(&(namespace, name))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
         let object = ObjectRef::new(ObjectKind::Service, namespace, name);
-        compilation.service(&object, service, service_slices, node.balancing);
+        compilation.service(
+            &object,
+            service,
+            slices_of(&slices, namespace, name),
+            node.balancing,
+        );
     }
+    compilation.finish(compile_workloads(snapshot, node))
+}
+
+/// The slices of the Service `namespace/name`, from [`slices_by_service`].
+fn slices_of<'s, 'a>(
+    slices: &'s BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    namespace: &'a str,
+    name: &'a str,
+) -> &'s [&'a EndpointSlice] {
+    slices
+        .get(&(namespace, name))
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// The part of the state that does not depend on Services: endpoints, nodes, identities,
+/// the ipcache and policy, from pods, namespaces, policies, nodes and local endpoints.
+fn compile_workloads(snapshot: &Snapshot, node: &NodeContext) -> Workloads {
+    let mut compilation = Compilation::default();
     let local = compilation.endpoints(snapshot, node);
     compilation.state.nodes = nodes::nodes(snapshot, &node.node, &mut compilation.problems);
     let Compilation {
@@ -277,11 +296,14 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
         endpoints: &local,
     };
     policy::compile(&input, &mut state, &mut problems);
-    state
-        .frontends
-        .sort_by_key(|f| (f.address, f.port, f.protocol));
-    state.problems = problems.into_sorted();
-    state
+    Workloads { state, problems }
+}
+
+/// What [`compile_workloads`] computes: its fields of a [`DesiredState`] and its problems.
+#[derive(Clone)]
+struct Workloads {
+    state: DesiredState,
+    problems: Problems,
 }
 
 /// `namespace/name`, as frontends and conflicts name their Service.
@@ -367,6 +389,45 @@ struct Compilation {
 }
 
 impl Compilation {
+    /// An empty compilation of the Services of `node`, with the node's inputs they read.
+    fn for_services(snapshot: &Snapshot, node: &NodeContext) -> Self {
+        let node_addresses = nodes::node_addresses(snapshot, &node.node);
+        let mut compilation = Self {
+            node: node.node.clone(),
+            node_addresses: node_addresses.clone(),
+            zone: nodes::node_zone(snapshot, &node.node),
+            ..Self::default()
+        };
+        compilation.state.node_addresses = node_addresses;
+        compilation
+    }
+
+    /// The whole state: these Services with the `workloads` part beside them.
+    fn finish(self, workloads: Workloads) -> DesiredState {
+        let Self {
+            mut state,
+            mut problems,
+            ..
+        } = self;
+        let Workloads {
+            state: other,
+            problems: other_problems,
+        } = workloads;
+        state.endpoints = other.endpoints;
+        state.interfaces = other.interfaces;
+        state.nodes = other.nodes;
+        state.ipcache = other.ipcache;
+        state.policies = other.policies;
+        state.identities = other.identities;
+        state.endpoint_details = other.endpoint_details;
+        problems.extend(&other_problems);
+        state
+            .frontends
+            .sort_by_key(|f| (f.address, f.port, f.protocol));
+        state.problems = problems.into_sorted();
+        state
+    }
+
     fn problem(&mut self, problem: Problem) {
         self.problems.insert(problem);
     }
@@ -438,6 +499,7 @@ mod backends;
 mod balancing;
 mod dump;
 mod identity;
+mod incremental;
 mod ipcache;
 pub mod maglev;
 mod nodes;

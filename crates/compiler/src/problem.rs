@@ -549,12 +549,21 @@ impl fmt::Display for Problem {
 
 /// Problems as the compiler collects them: deduplicated, and sorted by their line so that
 /// output does not depend on the order in which input was visited.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Problems(std::collections::BTreeMap<String, Problem>);
 
 impl Problems {
     pub(crate) fn insert(&mut self, problem: Problem) {
         self.0.entry(problem.to_string()).or_insert(problem);
+    }
+
+    /// Adds every problem of `other`.
+    pub(crate) fn extend(&mut self, other: &Problems) {
+        for (line, problem) in &other.0 {
+            self.0
+                .entry(line.clone())
+                .or_insert_with(|| problem.clone());
+        }
     }
 
     pub(crate) fn into_sorted(self) -> Vec<Problem> {
