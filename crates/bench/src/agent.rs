@@ -164,6 +164,9 @@ pub fn measure(
         .arg(pins.path())
         .arg("--api-socket")
         .arg(dir.0.join("agent.sock"))
+        // The CNI registry stays in the run's directory, never the host's /var/lib/sluice.
+        .arg("--state-dir")
+        .arg(&dir.0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
