@@ -257,11 +257,15 @@ impl Config {
     }
 }
 
-/// Mean ns per run of from_container and to_container over one traffic phase.
+/// Mean ns per run of from_container and to_container over one traffic phase, and what
+/// both cost per packet: every packet leaves a pod through from_container once, while
+/// to_container runs only where host routing falls back to the node's stack, so its mean
+/// per run alone no longer says what a packet costs.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BpfCost {
     pub from_container_ns: f64,
     pub to_container_ns: f64,
+    pub per_packet_ns: f64,
     pub runs: u64,
 }
 
@@ -315,9 +319,16 @@ fn bpf_delta(before: [(Duration, u64); 2], after: [(Duration, u64); 2]) -> BpfCo
         let ns = after[i].0.saturating_sub(before[i].0).as_nanos() as f64;
         if runs == 0 { 0.0 } else { ns / runs as f64 }
     };
+    let total = |i: usize| after[i].0.saturating_sub(before[i].0).as_nanos() as f64;
+    let packets = after[0].1.saturating_sub(before[0].1);
     BpfCost {
         from_container_ns: per(0),
         to_container_ns: per(1),
+        per_packet_ns: if packets == 0 {
+            0.0
+        } else {
+            (total(0) + total(1)) / packets as f64
+        },
         runs: after[0].1.saturating_sub(before[0].1) + after[1].1.saturating_sub(before[1].1),
     }
 }

@@ -36,6 +36,8 @@ pub struct Summary {
     pub program_s: Option<f64>,
     pub incremental_ms: Option<f64>,
     pub bpf_rr: Option<(f64, f64)>,
+    /// Both programs' run time per packet in the RR phase.
+    pub bpf_rr_packet: Option<f64>,
     pub bpf_crr: Option<(f64, f64)>,
     pub proof_min: u64,
 }
@@ -67,6 +69,7 @@ pub fn summarize(results: &Results) -> BTreeMap<(usize, Variant), Summary> {
                 incremental_ms: opt_median(&g, |s| s.incremental.map(|d| d.as_secs_f64() * 1e3)),
                 bpf_rr: opt_median(&g, |s| s.bpf_rr.map(|b| b.from_container_ns))
                     .zip(opt_median(&g, |s| s.bpf_rr.map(|b| b.to_container_ns))),
+                bpf_rr_packet: opt_median(&g, |s| s.bpf_rr.map(|b| b.per_packet_ns)),
                 bpf_crr: opt_median(&g, |s| s.bpf_crr.map(|b| b.from_container_ns))
                     .zip(opt_median(&g, |s| s.bpf_crr.map(|b| b.to_container_ns))),
                 proof_min: g.iter().map(|s| s.proof.count).min().unwrap_or(0),
@@ -291,11 +294,11 @@ pub fn write(
     );
     let established = ns
         .iter()
-        .filter_map(|&n| get(n, Variant::Sluice)?.bpf_rr.map(|(f, t)| f.max(t)))
+        .filter_map(|&n| get(n, Variant::Sluice)?.bpf_rr_packet)
         .max_by(f64::total_cmp);
     target_line(
         &mut md,
-        "cost on an established service flow (RR phase, slower program, worst N)",
+        "cost on an established service flow (RR phase, both programs per packet, worst N)",
         "<= 250 ns/packet",
         established,
         |v| v <= 250.0,
