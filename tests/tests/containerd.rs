@@ -248,10 +248,19 @@ fn containerd_attaches_pods_through_sluice_cni() {
     let begin = Instant::now();
     containerd.remove_pod(&web.id).unwrap();
     println!("StopPodSandbox + RemovePodSandbox: {:?}", begin.elapsed());
-    let endpoints = node.client().endpoints().unwrap();
+    // DEL returns once the agent dropped its record; the endpoint leaves the published
+    // state with the pass that follows, so wait for that pass (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let endpoints = loop {
+        let endpoints = node.client().endpoints().unwrap();
+        if !endpoints.iter().any(|e| e.pod == "web") || Instant::now() > deadline {
+            break endpoints;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
     assert!(
         !endpoints.iter().any(|e| e.pod == "web"),
-        "default/web still an endpoint after DEL: {endpoints:?}"
+        "default/web still an endpoint 10 s after DEL: {endpoints:?}"
     );
     let footprint = containerd.footprint();
     drop(containerd);
