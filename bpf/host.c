@@ -12,8 +12,10 @@
  *              masqueraded to the node's address when masquerading is on (masquerade.h),
  *              and ICMP errors about translated connections are translated as well.
  * Packets for a local pod (pod traffic between nodes in native mode, world hosts) are
- * delivered straight into the pod after its to_container's checks (host_routing.h).
- * Everything else (VXLAN, the node's own traffic, ARP) passes unchanged and uncounted.
+ * delivered straight into the pod after its to_container's checks (host_routing.h), and
+ * so is pod traffic from other nodes in VXLAN, decapsulated here (tunnel_decap.h).
+ * Everything else (the VXLAN the tunnel device takes, the node's own traffic, ARP)
+ * passes unchanged and uncounted.
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -34,6 +36,7 @@
 #include "lib/masquerade.h"
 #include "lib/reject.h"
 #include "lib/tunnel.h"
+#include "lib/tunnel_decap.h"
 
 /* Packets from outside enter the node: events and metrics count them as ingress. */
 #define NETDEV_DIR METRIC_DIR_INGRESS
@@ -310,6 +313,10 @@ int from_netdev(struct __sk_buff *skb)
 	cfg = node_config_get();
 	if (parsed == PARSE_IPV4 && cfg && cfg->node_address && pkt.daddr == cfg->node_address)
 		return snat_icmp_error(skb, &pkt);
+	if (parsed == PARSE_L4 && tunnel_addressed(cfg, &pkt)) {
+		verdict = tunnel_receive(skb, &pkt);
+		return verdict >= 0 ? verdict : TC_ACT_OK;
+	}
 	/* Pings take part for their replies to masqueraded ones. */
 	if (parsed != PARSE_L4 || !snat_translated(skb, &pkt, ICMP_ECHOREPLY))
 		return netdev_pass(skb, cfg, &pkt);

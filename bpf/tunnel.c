@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * Programs on the node's collect-metadata VXLAN device (tunnel routing mode):
- *  from_tunnel at tc ingress: pod traffic from other nodes, decapsulated;
+ *  from_tunnel at tc ingress: pod traffic from other nodes, decapsulated, that
+ *              from_netdev did not decapsulate and deliver itself (tunnel_decap.h):
+ *              GSO aggregates, and what is not for a local pod;
  *  to_tunnel   at tc egress:  what the node's stack routes into the tunnel.
  * The VNI carries the sending pod's security identity. from_tunnel accepts it only
  * from an address the ipcache knows as another node, and the destination pod's policy
@@ -38,14 +40,6 @@ static __always_inline bool inner_addresses(struct __sk_buff *skb, struct pkt4 *
 			       &pkt->daddr, sizeof(pkt->daddr)) < 0)
 		return false;
 	return true;
-}
-
-/* The identity a tunnel may carry: a pod's (label identities) or a node's own traffic
- * (host, which is remote-node here). CIDR identities and world never travel. */
-static __always_inline bool identity_carriable(__u32 identity)
-{
-	return identity == IDENTITY_HOST ||
-	       (identity >= IDENTITY_FIRST_ALLOCATED && identity < IDENTITY_SCOPE_CIDR);
 }
 
 SEC("classifier")

@@ -254,7 +254,8 @@ struct node_config {
 	__u32 underlay_ifindex; /* the device toward the other nodes (native mode) */
 	__u8 routing_mode;      /* ROUTING_MODE_* */
 	__u8 masquerade;        /* 1: pod traffic leaving the cluster is SNATed (to_netdev) */
-	__u8 pad[2];
+	__be16 tunnel_port;     /* VXLAN's UDP port: the datapath encapsulates and decapsulates
+				 * pod traffic itself; 0: only the tunnel device does */
 	__be32 node_address;    /* the node's InternalIP: source of SNATed external traffic */
 };
 

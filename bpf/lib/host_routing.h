@@ -42,21 +42,20 @@ struct eth_addrs {
 	__u8 source[ETH_ALEN];
 };
 
-/* The host-side veth of the local pod @skb is addressed to, and in @macs the addresses
- * to deliver it with, from the node's routing table and neighbour cache; 0 when the
+/* The host-side veth of the local pod @daddr, and in @macs the addresses to deliver a
+ * packet from @saddr with, from the node's routing table and neighbour cache; 0 when the
  * node's stack is to route it. Out of line, so the lookup's parameters take no room on
  * the caller's stack beside endpoint_ingress's. */
-static __noinline __u32 host_route_target(struct __sk_buff *skb, struct eth_addrs *macs)
+static __noinline __u32 host_route_lookup(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
+					  struct eth_addrs *macs)
 {
-	struct bpf_fib_lookup fib = { .family = AF_INET, .ifindex = skb->ifindex };
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + ETH_HLEN;
+	struct bpf_fib_lookup fib = {
+		.family = AF_INET,
+		.ifindex = skb->ifindex,
+		.ipv4_src = saddr,
+		.ipv4_dst = daddr,
+	};
 
-	if (skb->protocol != bpf_htons(ETH_P_IP) || (void *)(ip + 1) > data_end || ip->ttl <= 1)
-		return 0;
-	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
 	/* No tot_len: the kernel checks the packet (GSO aware) against the veth's MTU. */
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS ||
 	    !bpf_map_lookup_elem(&endpoints, &fib.ifindex))
@@ -66,20 +65,32 @@ static __noinline __u32 host_route_target(struct __sk_buff *skb, struct eth_addr
 	return fib.ifindex;
 }
 
-/* Delivers @skb into the local pod it is addressed to, after endpoint_ingress has let it
- * in; @carried is the identity a tunnel carried for the sender, or IDENTITY_UNRESOLVED.
- * Returns the verdict (the redirect, or the drop endpoint_ingress chose), or -1 when the
- * node's stack is to route the packet (nothing changed then that it would not redo). */
-static __always_inline int host_route_local(struct __sk_buff *skb, __u32 carried)
+/* host_route_lookup for the IPv4 packet @skb holds; 0 also when its TTL would expire. */
+static __always_inline __u32 host_route_target(struct __sk_buff *skb, struct eth_addrs *macs)
 {
-	__u32 ifindex, check;
-	struct eth_addrs macs;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP) || (void *)(ip + 1) > data_end || ip->ttl <= 1)
+		return 0;
+	return host_route_lookup(skb, ip->saddr, ip->daddr, macs);
+}
+
+/* Delivers @skb into the local pod behind @ifindex with @macs, after endpoint_ingress has
+ * let it in; @carried is the identity a tunnel carried for the sender, or
+ * IDENTITY_UNRESOLVED. Returns the verdict (the redirect, or the drop endpoint_ingress
+ * chose), or -1 when the node's stack is to route the packet. Inline: endpoint_ingress's
+ * stack beside a caller's would pass the verifier's 512 bytes for a call chain. */
+static __always_inline int host_route_deliver(struct __sk_buff *skb, __u32 ifindex,
+					 const struct eth_addrs *macs, __u32 carried)
+{
 	void *data, *data_end;
 	struct iphdr *ip;
+	__u32 check;
 	int verdict;
 
-	ifindex = host_route_target(skb, &macs);
-	if (!ifindex || bpf_skb_store_bytes(skb, 0, &macs, sizeof(macs), 0) < 0)
+	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(*macs), 0) < 0)
 		return -1;
 	/* The store made the header writable; the TTL's checksum update (RFC 1624, as the
 	 * kernel's ip_decrease_ttl) cannot fail. */
@@ -97,6 +108,19 @@ static __always_inline int host_route_local(struct __sk_buff *skb, __u32 carried
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	return bpf_redirect_peer(ifindex, 0);
+}
+
+/* Delivers @skb into the local pod it is addressed to (host_route_deliver), or returns -1
+ * when the node's stack is to route it (nothing changed then that it would not redo). */
+static __always_inline int host_route_local(struct __sk_buff *skb, __u32 carried)
+{
+	struct eth_addrs macs;
+	__u32 ifindex;
+
+	ifindex = host_route_target(skb, &macs);
+	if (!ifindex)
+		return -1;
+	return host_route_deliver(skb, ifindex, &macs, carried);
 }
 
 #endif

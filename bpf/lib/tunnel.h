@@ -3,22 +3,29 @@
  * Pod traffic between nodes. The ipcache names the node that hosts every remote pod
  * address (tunnel_endpoint); a packet from a local pod to such an address is sent
  * straight to that node by the datapath, never left to the node's routing table:
- *  tunnel mode: VXLAN through the node's collect-metadata device, the VNI carrying the
- *               sending pod's security identity, so the receiving node judges the
- *               sender's real identity without an ipcache lookup;
+ *  tunnel mode: VXLAN, the VNI carrying the sending pod's security identity, so the
+ *               receiving node judges the sender's real identity without an ipcache
+ *               lookup. The datapath writes the outer headers itself and sends the
+ *               packet out of the underlay device (tunnel_encap): the kernel's VXLAN
+ *               device would cost a second transmit and a route lookup per packet.
+ *               Without a tunnel port in node_config, the node's collect-metadata
+ *               device encapsulates instead (bpf_skb_set_tunnel_key);
  *  native mode: out of the underlay device to the node's address, which the
  *               underlay routes to.
  * A DF packet the path cannot carry is answered with ICMP fragmentation needed, so
  * path-MTU discovery works; a packet without DF goes to the node's stack, which
  * fragments it and routes it through the tunnel device (to_tunnel gives it its key).
+ * The tunnel device's MTU is the tunnel's, whichever encapsulates.
  */
 #ifndef SLUICE_TUNNEL_H
 #define SLUICE_TUNNEL_H
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -36,6 +43,22 @@
 
 #define TUNNEL_TTL 64
 #define IP_DF      0x4000
+
+/* VXLAN (RFC 7348): the I flag says the VNI is valid; the VNI is the top 24 bits of
+ * the second word. */
+#define VXLAN_FLAG_VNI 0x08000000U
+#define VXLAN_VNI_SHIFT 8
+
+/* What tunnel_encap puts between the outer Ethernet header and the pod's IP header. */
+struct vxlan_encap {
+	struct iphdr ip;
+	struct udphdr udp;
+	__be32 vx_flags;
+	__be32 vx_vni;
+	struct ethhdr inner;
+} __attribute__((packed));
+
+#define TUNNEL_OVERHEAD ((__s32)sizeof(struct vxlan_encap))
 
 /* The identity the tunnel carried travels from from_tunnel to to_container in the
  * packet's mark: the top byte says the rest is an identity (a VNI has 24 bits). */
@@ -60,6 +83,62 @@ static __always_inline __u32 tunnel_identity_take(struct __sk_buff *skb)
 	identity = skb->mark & MARK_IDENTITY_MASK;
 	skb->mark = 0;
 	return identity;
+}
+
+/* The identity a tunnel may carry: a pod's (label identities) or a node's own traffic
+ * (host, which is remote-node on the receiving node). CIDR identities and world never
+ * travel. */
+static __always_inline bool identity_carriable(__u32 identity)
+{
+	return identity == IDENTITY_HOST ||
+	       (identity >= IDENTITY_FIRST_ALLOCATED && identity < IDENTITY_SCOPE_CIDR);
+}
+
+/* Whether the datapath encapsulates pod traffic itself (tunnel_encap). */
+static __always_inline bool tunnel_in_datapath(const struct node_config *cfg)
+{
+	return cfg->routing_mode == ROUTING_MODE_TUNNEL && cfg->tunnel_port && cfg->node_address;
+}
+
+/* Wraps the Ethernet frame @skb holds in VXLAN from this node to @node with @identity
+ * in the VNI, as the kernel's device would: UDP source port from the flow's hash (so
+ * the underlay spreads flows), no UDP checksum (RFC 7348 allows it over IPv4; the inner
+ * packet keeps its own). GSO packets stay GSO: the kernel segments the inner packets
+ * at the device that needs it. Returns 0, or < 0 if the packet could not be grown. */
+static __always_inline int tunnel_encap(struct __sk_buff *skb, const struct node_config *cfg,
+					__be32 node, __u32 identity)
+{
+	__u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+		      BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
+		      BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN);
+	__u32 frame = skb->len;
+	struct iphdr ip = {
+		.version = 4,
+		.ihl = sizeof(struct iphdr) / 4,
+		.ttl = TUNNEL_TTL,
+		.protocol = IPPROTO_UDP,
+		.tot_len = bpf_htons(frame + TUNNEL_OVERHEAD - ETH_HLEN),
+		.id = (__be16)bpf_get_prandom_u32(),
+		.saddr = cfg->node_address,
+		.daddr = node,
+	};
+	struct vxlan_encap h = {
+		.udp = {
+			.source = bpf_htons(0xc000 | (bpf_get_hash_recalc(skb) & 0x3fff)),
+			.dest = cfg->tunnel_port,
+			.len = bpf_htons(frame + TUNNEL_OVERHEAD - ETH_HLEN - sizeof(struct iphdr)),
+		},
+		.vx_flags = bpf_htonl(VXLAN_FLAG_VNI),
+		.vx_vni = bpf_htonl((identity & MARK_IDENTITY_MASK) << VXLAN_VNI_SHIFT),
+	};
+
+	ip.check = csum_fold(bpf_csum_diff(NULL, 0, (__be32 *)&ip, sizeof(ip), 0));
+	h.ip = ip;
+	if (bpf_skb_load_bytes(skb, 0, &h.inner, sizeof(h.inner)) < 0)
+		return -1;
+	if (bpf_skb_adjust_room(skb, TUNNEL_OVERHEAD, BPF_ADJ_ROOM_MAC, flags) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0);
 }
 
 static __always_inline bool ip_dont_fragment(struct __sk_buff *skb)
@@ -94,7 +173,11 @@ static __always_inline int forward_to_node(struct __sk_buff *skb, const struct p
 		return bpf_redirect_peer(skb->ifindex, 0);
 	}
 
-	if (tunnel) {
+	if (tunnel_in_datapath(cfg)) {
+		if (tunnel_encap(skb, cfg, node, identity) < 0)
+			return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+		ifindex = cfg->underlay_ifindex;
+	} else if (tunnel) {
 		struct bpf_tunnel_key key = {
 			.tunnel_id = identity & MARK_IDENTITY_MASK,
 			.remote_ipv4 = bpf_ntohl(node),

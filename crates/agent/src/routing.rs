@@ -365,8 +365,14 @@ impl Routing {
             },
             _ => 0,
         };
-        Ok(NodeConfig::new(self.config.mode, tunnel, underlay)
-            .with_masquerade(self.config.masquerade.enabled))
+        let config = NodeConfig::new(self.config.mode, tunnel, underlay)
+            .with_masquerade(self.config.masquerade.enabled);
+        Ok(match self.config.mode {
+            // The datapath encapsulates and decapsulates itself; the device stays for
+            // the node's own traffic and what the datapath leaves to it.
+            RoutingMode::Tunnel => config.with_tunnel_port(self.config.tunnel_port),
+            _ => config,
+        })
     }
 
     /// Creates the tunnel device if it is missing (MTU the underlay's less the VXLAN

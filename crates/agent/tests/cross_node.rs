@@ -321,6 +321,7 @@ fn tunnel_mode_agents_carry_pods_and_nodes_across() {
             links.index(UNDERLAY).unwrap()
         )
         .with_node_address(NODE_A)
+        .with_tunnel_port(8472)
     );
     assert!(
         runs_from_netdev(&nodes.node_a),

@@ -289,7 +289,12 @@ fn start_node(
         .set(
             0,
             NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex)
-                .with_node_address(facts.address),
+                .with_node_address(facts.address)
+                .with_tunnel_port(if mode == RoutingMode::Tunnel {
+                    VXLAN_PORT
+                } else {
+                    0
+                }),
             0,
         )
         .map_err(map_err("node_config"))?;

@@ -10,8 +10,10 @@
 //! Neither node has a route to the other's pod subnet: the programs send every pod packet
 //! to the node the ipcache names. Each node runs what the agent runs with
 //! `--underlay-device`: from_netdev/to_netdev on its underlay end, so a packet for the
-//! local pod is delivered into it by from_tunnel (tunnel) or from_netdev (native). Sockets are opened inside a namespace and then used from
-//! the test's thread (a socket keeps the namespace it was made in).
+//! local pod is delivered into it by from_netdev (native, and tunnel with the datapath's
+//! own VXLAN encapsulation) or from_tunnel (tunnel through the device). Sockets are
+//! opened inside a namespace and then used from the test's thread (a socket keeps the
+//! namespace it was made in).
 // A test binary: a panic in a helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -50,6 +52,15 @@ const UNDERLAY_MTU: u32 = 1500;
 /// VXLAN over IPv4 adds 50 bytes.
 const TUNNEL_MTU: u32 = UNDERLAY_MTU - 50;
 const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Who writes and strips the VXLAN headers in tunnel mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encap {
+    /// The programs themselves (node_config's tunnel port set), as the agent runs them.
+    Datapath,
+    /// The collect-metadata device, which the datapath falls back to.
+    Device,
+}
 
 /// One node: its namespace, its datapath's maps, and its pod's host-side veth.
 struct Node {
@@ -182,6 +193,10 @@ fn start(
 
 impl TwoNodes {
     fn new(mode: RoutingMode, pod_mtu: u32) -> Self {
+        Self::with_encap(mode, pod_mtu, Encap::Datapath)
+    }
+
+    fn with_encap(mode: RoutingMode, pod_mtu: u32, encap: Encap) -> Self {
         let (ns_a, pod_a) = node(mode, 'a', 1, pod_mtu);
         let (ns_b, pod_b) = node(mode, 'b', 2, pod_mtu);
         ns_a.netlink()
@@ -215,14 +230,12 @@ impl TwoNodes {
                     let index = |name: &str| nix::net::if_::if_nametoindex(name).unwrap_or(0);
                     (index("vxlan0"), index(underlay))
                 });
-                maps.node_config
-                    .set(
-                        0,
-                        NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex)
-                            .with_node_address(address),
-                        0,
-                    )
-                    .unwrap();
+                let mut config = NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex)
+                    .with_node_address(address);
+                if mode == RoutingMode::Tunnel && encap == Encap::Datapath {
+                    config = config.with_tunnel_port(VXLAN_PORT);
+                }
+                maps.node_config.set(0, config, 0).unwrap();
                 let mut node = Node {
                     ns,
                     maps,
@@ -297,7 +310,13 @@ fn udp_round_trip(nodes: &TwoNodes) -> String {
 
 #[test]
 fn tunnel_carries_pod_traffic_and_the_senders_identity() {
-    let mut nodes = TwoNodes::new(RoutingMode::Tunnel, TUNNEL_MTU);
+    for encap in [Encap::Datapath, Encap::Device] {
+        tunnel_carries_pod_traffic(encap);
+    }
+}
+
+fn tunnel_carries_pod_traffic(encap: Encap) {
+    let mut nodes = TwoNodes::with_encap(RoutingMode::Tunnel, TUNNEL_MTU, encap);
     let listener = listen(&nodes.pod_b, PORT);
     assert_eq!(
         exchange(&nodes.pod_a, &listener, POD_B).unwrap(),
@@ -376,7 +395,13 @@ fn forged_vxlan(vni: u32) -> Vec<u8> {
 
 #[test]
 fn a_vxlan_packet_from_a_pod_cannot_claim_an_identity() {
-    let nodes = TwoNodes::new(RoutingMode::Tunnel, TUNNEL_MTU);
+    for encap in [Encap::Datapath, Encap::Device] {
+        forged_vxlan_is_dropped(encap);
+    }
+}
+
+fn forged_vxlan_is_dropped(encap: Encap) {
+    let nodes = TwoNodes::with_encap(RoutingMode::Tunnel, TUNNEL_MTU, encap);
     let server = nodes
         .pod_b
         .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PORT)).unwrap());
@@ -403,8 +428,14 @@ fn a_vxlan_packet_from_a_pod_cannot_claim_an_identity() {
 
 #[test]
 fn path_mtu_discovery_works_through_the_tunnel() {
+    for encap in [Encap::Datapath, Encap::Device] {
+        path_mtu_discovery(encap);
+    }
+}
+
+fn path_mtu_discovery(encap: Encap) {
     // The pods believe in the underlay's MTU; the tunnel carries 50 bytes less.
-    let nodes = TwoNodes::new(RoutingMode::Tunnel, UNDERLAY_MTU);
+    let nodes = TwoNodes::with_encap(RoutingMode::Tunnel, UNDERLAY_MTU, encap);
     let listener = listen(&nodes.pod_b, PORT);
     let mut stream = connect(&nodes.pod_a, POD_B, PORT).unwrap();
     let (mut accepted, _) = listener.accept().unwrap();
@@ -471,6 +502,7 @@ fn packets_for_a_pod_skip_its_veth_in_both_modes() {
 
         let (pod_rx, _) = nodes.pod_b.link_packets("eth0");
         let (_, lxc_tx) = nodes.b.ns.link_packets("lxc-b");
+        let tunnel_devices = tunnel_device_packets(&nodes, mode);
         let forwarded = nodes.b.forwarded_in();
         let mut byte = [0u8; 1];
         for _ in 0..ROUNDS {
@@ -482,9 +514,16 @@ fn packets_for_a_pod_skip_its_veth_in_both_modes() {
         let pod_received = nodes.pod_b.link_packets("eth0").0 - pod_rx;
         let veth_sent = nodes.b.ns.link_packets("lxc-b").1 - lxc_tx;
         let counted = nodes.b.forwarded_in() - forwarded;
+        let through_devices = tunnel_device_packets(&nodes, mode) - tunnel_devices;
         println!(
             "{mode:?}: {ROUNDS} round trips; pod-b received {pod_received} packets, \
-             {veth_sent} of them sent by lxc-b (the stack's path), {counted} counted forwarded"
+             {veth_sent} of them sent by lxc-b (the stack's path), {counted} counted forwarded, \
+             {through_devices} crossed a tunnel device"
+        );
+        // The datapath's own VXLAN: neither node's tunnel device sends or receives them.
+        assert!(
+            through_devices * 10 < pod_received,
+            "{mode:?}: only stray packets cross vxlan0 ({through_devices} of {pod_received})"
         );
         assert!(
             pod_received >= ROUNDS,
@@ -496,11 +535,19 @@ fn packets_for_a_pod_skip_its_veth_in_both_modes() {
             "{mode:?}: only the stack's packets cross lxc-b ({veth_sent} of {pod_received})"
         );
         // Metrics as before: to_container's count for every packet entering the pod
-        // (and, in tunnel mode, from_tunnel's own).
+        // (and, in tunnel mode, the decapsulation's own, as from_tunnel counts).
         let per_packet = if mode == RoutingMode::Tunnel { 2 } else { 1 };
         assert!(
             counted >= per_packet * ROUNDS,
             "{mode:?}: {counted} forwarded"
         );
     }
+}
+
+/// Packets node-a's tunnel device sent plus those node-b's received (0 in native mode).
+fn tunnel_device_packets(nodes: &TwoNodes, mode: RoutingMode) -> u64 {
+    if mode != RoutingMode::Tunnel {
+        return 0;
+    }
+    nodes.a.ns.link_packets("vxlan0").1 + nodes.b.ns.link_packets("vxlan0").0
 }

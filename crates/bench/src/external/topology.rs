@@ -242,8 +242,11 @@ impl SluiceNodes {
             })?;
             let mut maps = PinnedMaps::open(pins.path())
                 .map_err(|e| BenchError::Failed(format!("open pinned maps: {e}")))?;
-            let config =
+            let mut config =
                 NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex).with_node_address(address);
+            if mode == RoutingMode::Tunnel {
+                config = config.with_tunnel_port(VXLAN_PORT);
+            }
             maps.node_config
                 .set(0, config, 0)
                 .map_err(|e| BenchError::Failed(format!("node_config: {e}")))?;

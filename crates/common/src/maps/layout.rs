@@ -130,7 +130,7 @@ pub const LAYOUTS: &[StructLayout] = &[
             underlay_ifindex,
             routing_mode,
             masquerade,
-            pad,
+            tunnel_port,
             node_address
         ]
     ),

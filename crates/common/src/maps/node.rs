@@ -61,7 +61,9 @@ pub struct NodeConfig {
     pub routing_mode: u8,
     /// 1: pod traffic leaving the cluster is SNATed to `node_address` (to_netdev).
     pub masquerade: u8,
-    pub pad: [u8; 2],
+    /// VXLAN's UDP port (network order) when the datapath encapsulates and decapsulates
+    /// pod traffic itself (tunnel mode); 0 leaves it all to the tunnel device.
+    pub tunnel_port: u16,
     /// The node's InternalIP (network order): the source external traffic to a backend
     /// on another node is SNATed to; 0 when the node has none yet.
     pub node_address: u32,
@@ -74,7 +76,7 @@ impl NodeConfig {
             underlay_ifindex,
             routing_mode: mode as u8,
             masquerade: 0,
-            pad: [0; 2],
+            tunnel_port: 0,
             node_address: 0,
         }
     }
@@ -83,6 +85,15 @@ impl NodeConfig {
     pub fn with_node_address(self, address: std::net::Ipv4Addr) -> Self {
         Self {
             node_address: super::addr_be(address),
+            ..self
+        }
+    }
+
+    /// The same, with pod traffic between nodes encapsulated by the datapath itself to
+    /// VXLAN's UDP `port` (tunnel mode).
+    pub fn with_tunnel_port(self, port: u16) -> Self {
+        Self {
+            tunnel_port: port.to_be(),
             ..self
         }
     }
@@ -96,7 +107,7 @@ impl NodeConfig {
     }
 }
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
+// SAFETY: #[repr(C)] plain data without padding (u32, u32, u8, u8, u16, u32), so every byte is
 // initialized and any bit pattern is valid.
 unsafe impl aya::Pod for NodeConfig {}
 

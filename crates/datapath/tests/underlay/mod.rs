@@ -208,13 +208,13 @@ pub fn node(
     maps.endpoints
         .insert(lxc_ifindex, EndpointInfo::new(pod_address, identity), 0)
         .unwrap();
-    maps.node_config
-        .set(
-            0,
-            NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex).with_node_address(address),
-            0,
-        )
-        .unwrap();
+    // Tunnel mode as the agent runs it: the datapath's own VXLAN encapsulation.
+    let mut config =
+        NodeConfig::new(mode, tunnel_ifindex, underlay_ifindex).with_node_address(address);
+    if mode == RoutingMode::Tunnel {
+        config = config.with_tunnel_port(VXLAN_PORT);
+    }
+    maps.node_config.set(0, config, 0).unwrap();
     let mut node = Node {
         ns,
         pod,
