@@ -44,19 +44,21 @@ struct eth_addrs {
 
 /* The host-side veth of the local pod @daddr, and in @macs the addresses to deliver a
  * packet from @saddr with, from the node's routing table and neighbour cache; 0 when the
- * node's stack is to route it. Out of line, so the lookup's parameters take no room on
- * the caller's stack beside endpoint_ingress's. */
+ * node's stack is to route it, also when the packet is larger than the veth's MTU:
+ * @tot_len is its IP length, or 0 for @skb as it is (the kernel's check is GSO aware).
+ * Out of line, so the lookup's parameters take no room on the caller's stack beside
+ * endpoint_ingress's. */
 static __noinline __u32 host_route_lookup(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
-					  struct eth_addrs *macs)
+					  __u16 tot_len, struct eth_addrs *macs)
 {
 	struct bpf_fib_lookup fib = {
 		.family = AF_INET,
 		.ifindex = skb->ifindex,
 		.ipv4_src = saddr,
 		.ipv4_dst = daddr,
+		.tot_len = tot_len,
 	};
 
-	/* No tot_len: the kernel checks the packet (GSO aware) against the veth's MTU. */
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS ||
 	    !bpf_map_lookup_elem(&endpoints, &fib.ifindex))
 		return 0;
@@ -74,7 +76,7 @@ static __always_inline __u32 host_route_target(struct __sk_buff *skb, struct eth
 
 	if (skb->protocol != bpf_htons(ETH_P_IP) || (void *)(ip + 1) > data_end || ip->ttl <= 1)
 		return 0;
-	return host_route_lookup(skb, ip->saddr, ip->daddr, macs);
+	return host_route_lookup(skb, ip->saddr, ip->daddr, 0, macs);
 }
 
 /* Delivers @skb into the local pod behind @ifindex with @macs, after endpoint_ingress has

@@ -74,7 +74,8 @@ static __always_inline int tunnel_receive(struct __sk_buff *skb, const struct pk
 		return -1;
 	if (identity == IDENTITY_HOST)
 		identity = IDENTITY_REMOTE_NODE;
-	ifindex = host_route_lookup(skb, f.ip.saddr, f.ip.daddr, &macs);
+	/* The inner packet's length: the outer one is 50 bytes longer than the pod's MTU. */
+	ifindex = host_route_lookup(skb, f.ip.saddr, f.ip.daddr, bpf_ntohs(f.ip.tot_len), &macs);
 	if (!ifindex)
 		return -1;
 	/* Outer IP and UDP, VXLAN and the inner Ethernet header go; the outer Ethernet
