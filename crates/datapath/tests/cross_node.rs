@@ -504,6 +504,8 @@ fn packets_for_a_pod_skip_its_veth_in_both_modes() {
         let (pod_rx, _) = nodes.pod_b.link_packets("eth0");
         let (_, lxc_tx) = nodes.b.ns.link_packets("lxc-b");
         let tunnel_devices = tunnel_device_packets(&nodes, mode);
+        let netfilter =
+            [&nodes.a.ns, &nodes.b.ns].map(|ns| support::NetfilterCounter::new(ns, POD_A, POD_B));
         let forwarded = nodes.b.forwarded_in();
         let mut byte = [0u8; 1];
         for _ in 0..ROUNDS {
@@ -521,6 +523,9 @@ fn packets_for_a_pod_skip_its_veth_in_both_modes() {
              {veth_sent} of them sent by lxc-b (the stack's path), {counted} counted forwarded, \
              {through_devices} crossed a tunnel device"
         );
+        // Neither node's netfilter saw a pod packet (outer VXLAN headers name the nodes).
+        let seen: u64 = netfilter.iter().map(|n| n.packets()).sum();
+        assert_eq!(seen, 0, "{mode:?}: pod packets in the nodes' netfilter");
         // The datapath's own VXLAN: neither node's tunnel device sends or receives them.
         assert!(
             through_devices * 10 < pod_received,

@@ -452,6 +452,7 @@ fn a_service_between_two_pods_of_a_node_skips_the_stack_and_both_veths() {
     accepted.write_all(b"a").unwrap();
     stream.read_exact(&mut byte).unwrap();
 
+    let netfilter = support::NetfilterCounter::new(&topo.node, CLIENT, BACKEND);
     let before = [
         topo.backend.link_packets("eth0").0,
         topo.client.link_packets("eth0").0,
@@ -480,6 +481,11 @@ fn a_service_between_two_pods_of_a_node_skips_the_stack_and_both_veths() {
     assert!(
         lxc_b_sent * 10 < backend_received && lxc_c_sent * 10 < client_received,
         "only the stack's packets cross the veths"
+    );
+    assert_eq!(
+        netfilter.packets(),
+        0,
+        "the node's netfilter saw none of the pods' packets"
     );
     assert_eq!(
         stream.peer_addr().unwrap(),

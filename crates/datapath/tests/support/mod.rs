@@ -456,6 +456,68 @@ impl NetNs {
     }
 }
 
+/// Packets between two addresses that the node's netfilter saw: an nftables table in one
+/// of the test's namespaces counting them on the prerouting, forward and postrouting hooks
+/// (removed with the namespace).
+pub struct NetfilterCounter {
+    netns: String,
+}
+
+impl NetfilterCounter {
+    pub const TABLE: &'static str = "sluice_probe";
+
+    pub fn new(netns: &NetNs, a: Ipv4Addr, b: Ipv4Addr) -> Self {
+        let mut script = format!("table ip {} {{\n", Self::TABLE);
+        for hook in ["prerouting", "forward", "postrouting"] {
+            script += &format!(
+                "  chain {hook} {{ type filter hook {hook} priority 0; \
+                 ip saddr {{ {a}, {b} }} ip daddr {{ {a}, {b} }} counter; }}\n"
+            );
+        }
+        script += "}\n";
+        let netns = netns.name().to_owned();
+        nft(&netns, &["-f", "-"], Some(&script));
+        Self { netns }
+    }
+
+    /// Packets counted on every hook, summed.
+    pub fn packets(&self) -> u64 {
+        let listing = nft(&self.netns, &["list", "table", "ip", Self::TABLE], None);
+        listing
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .map(|w| w[1].parse::<u64>().unwrap_or_else(|e| panic!("{w:?}: {e}")))
+            .sum()
+    }
+}
+
+/// Runs nft in `netns` (with `stdin` as its script), panicking on failure; its stdout.
+fn nft(netns: &str, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "nft"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("nft in {netns}: {e}"));
+    let mut input = child.stdin.take().unwrap();
+    if let Some(script) = stdin {
+        input.write_all(script.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args:?} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Joins `thread`, passing its panic on.
 pub fn join<T>(thread: std::thread::JoinHandle<T>) -> T {
     match thread.join() {
