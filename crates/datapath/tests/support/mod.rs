@@ -504,12 +504,19 @@ fn nft(netns: &str, args: &[&str], stdin: Option<&str>) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("nft in {netns}: {e}"));
-    let mut input = child.stdin.take().unwrap();
+    let mut input = child
+        .stdin
+        .take()
+        .unwrap_or_else(|| panic!("nft's stdin in {netns}"));
     if let Some(script) = stdin {
-        input.write_all(script.as_bytes()).unwrap();
+        input
+            .write_all(script.as_bytes())
+            .unwrap_or_else(|e| panic!("writing nft's script in {netns}: {e}"));
     }
     drop(input);
-    let out = child.wait_with_output().unwrap();
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("nft in {netns}: {e}"));
     assert!(
         out.status.success(),
         "nft {args:?} in {netns}: {}",
