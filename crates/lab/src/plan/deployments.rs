@@ -9,7 +9,7 @@ use sluice_sources::Manifest;
 
 use super::{
     Apply, Plan, new_uid,
-    pods::{add_pod, mark_deleting},
+    pods::{POD_IP_ANNOTATION, add_pod, mark_deleting},
 };
 use crate::{
     LabError, names,
@@ -26,6 +26,18 @@ impl Apply<'_> {
             .map(|s| s.template.clone())
             .unwrap_or_default();
         self.check_pod_spec(m, template.spec.as_ref(), "spec.template.");
+        if template
+            .metadata
+            .as_ref()
+            .and_then(|meta| meta.annotations.as_ref())
+            .is_some_and(|a| a.contains_key(POD_IP_ANNOTATION))
+        {
+            self.violation(
+                m,
+                &format!("spec.template.metadata.annotations[{POD_IP_ANNOTATION}]"),
+                "a fixed pod address is for a bare Pod: every replica would ask for it",
+            );
+        }
         let previous = self.st.deployments.get(&k).map(|s| s.applied.clone());
         self.line(m, previous.as_ref(), &applied);
         let mut stored = deployment.clone();
@@ -130,7 +142,7 @@ fn reconcile_deployment(
     let mut created = Vec::new();
     for _ in current.len()..replicas {
         let pod = replica(st, deployment, &namespace, &owner.template_hash);
-        created.push(add_pod(st, pod, Some(owner.clone()), None)?);
+        created.push(add_pod(st, pod, Some(owner.clone()), None, None)?);
     }
     Ok(created)
 }

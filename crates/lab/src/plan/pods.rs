@@ -13,6 +13,8 @@ use k8s_openapi::{
 use serde_json::Value;
 use sluice_sources::Manifest;
 
+use ipnet::Ipv4Net;
+
 use super::{Apply, new_uid, resource};
 use crate::{
     ipam, names, slices,
@@ -25,8 +27,36 @@ impl Apply<'_> {
     pub(super) fn pod(&mut self, m: &Manifest, pod: &Pod, applied: Value) {
         self.check_pod_spec(m, pod.spec.as_ref(), "");
         let k = key(m.namespace(), m.name());
+        let fixed = match fixed_ip(pod) {
+            Ok(fixed) => fixed,
+            Err((field, message)) => return self.violation(m, field, message),
+        };
+        if let Some(existing) = self.st.pods.get(&k)
+            && let Some((ip, field)) = fixed
+            && ip != existing.ip
+        {
+            return self.violation(
+                m,
+                field,
+                format!(
+                    "pod {k} has address {}; a pod's address cannot change, delete the pod first",
+                    existing.ip
+                ),
+            );
+        }
         let Some(existing) = self.st.pods.get_mut(&k) else {
-            match add_pod(&mut self.st, pod.clone(), None, Some(applied)) {
+            if let Some((ip, field)) = fixed
+                && let Err(message) = check_fixed_ip(&self.st, pod, ip)
+            {
+                return self.violation(m, field, message);
+            }
+            match add_pod(
+                &mut self.st,
+                pod.clone(),
+                None,
+                Some(applied),
+                fixed.map(|(ip, _)| ip),
+            ) {
                 Ok(k) => {
                     self.lines.push(format!("{} created", resource(m)));
                     self.create.push(k);
@@ -89,10 +119,100 @@ impl Apply<'_> {
     }
 }
 
-/// The node for a new pod: the one it names, else the one with the fewest pods (ties: the
-/// first in the lab file). Terminating pods do not count; they are on their way out.
-fn schedule(spec: &LabSpec, pods: &BTreeMap<String, PodRecord>, requested: Option<&str>) -> String {
+/// The annotation that gives a pod a fixed address, as `status.podIP` in its manifest does.
+pub const POD_IP_ANNOTATION: &str = "sluice.dev/pod-ip";
+
+/// The address a Pod manifest asks for, with the field that asks: `status.podIP`, or the
+/// annotation; both must agree. Err: (field, message).
+fn fixed_ip(pod: &Pod) -> Result<Option<(Ipv4Addr, &'static str)>, (&'static str, String)> {
+    let status = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
+    let annotation = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(POD_IP_ANNOTATION))
+        .map(String::as_str);
+    const STATUS: &str = "status.podIP";
+    const ANNOTATION: &str = "metadata.annotations[sluice.dev/pod-ip]";
+    let parse = |value: &str, field: &'static str| {
+        value
+            .parse::<Ipv4Addr>()
+            .map_err(|_| (field, format!("{value:?} is not an IPv4 address")))
+    };
+    match (status, annotation) {
+        (None, None) => Ok(None),
+        (Some(s), None) => Ok(Some((parse(s, STATUS)?, STATUS))),
+        (None, Some(a)) => Ok(Some((parse(a, ANNOTATION)?, ANNOTATION))),
+        (Some(s), Some(a)) => {
+            let (ip, other) = (parse(s, STATUS)?, parse(a, ANNOTATION)?);
+            if ip != other {
+                return Err((
+                    ANNOTATION,
+                    format!("{other} differs from status.podIP {ip}"),
+                ));
+            }
+            Ok(Some((ip, STATUS)))
+        }
+    }
+}
+
+/// Whether a new pod may have the fixed address `ip`: inside its node's podCIDR (the node
+/// it names, else the node whose podCIDR holds `ip`), neither the CIDR's network, router nor
+/// broadcast address, and no other pod's.
+fn check_fixed_ip(st: &LabState, pod: &Pod, ip: Ipv4Addr) -> Result<(), String> {
+    let requested = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    let cidr = match requested {
+        Some(node) => st.spec.node(node).map(|n| n.pod_cidr),
+        None => node_holding(&st.spec, ip).map(|(_, cidr)| cidr),
+    };
+    let Some(cidr) = cidr.filter(|c| c.contains(&ip)) else {
+        let cidrs: Vec<String> = st
+            .spec
+            .nodes
+            .iter()
+            .map(|n| format!("{} {}", n.name, n.pod_cidr))
+            .collect();
+        return Err(match requested {
+            Some(node) => format!(
+                "{ip} is outside the podCIDR of node {node} ({})",
+                cidrs.join(", ")
+            ),
+            None => format!("{ip} is in no node's podCIDR ({})", cidrs.join(", ")),
+        });
+    };
+    let offset = u32::from(ip) - u32::from(cidr.network());
+    if offset < ipam::FIRST_POD_OFFSET || ip == cidr.broadcast() {
+        return Err(format!(
+            "{ip} is the network, router or broadcast address of podCIDR {cidr}"
+        ));
+    }
+    if let Some((other, _)) = st.pods.iter().find(|(_, p)| p.ip == ip) {
+        return Err(format!("{ip} is the address of pod {other}"));
+    }
+    Ok(())
+}
+
+/// The node whose podCIDR holds `ip`, with that CIDR.
+fn node_holding(spec: &LabSpec, ip: Ipv4Addr) -> Option<(&str, Ipv4Net)> {
+    spec.nodes
+        .iter()
+        .find(|n| n.pod_cidr.contains(&ip))
+        .map(|n| (n.name.as_str(), n.pod_cidr))
+}
+
+/// The node for a new pod: the one it names, else the one whose podCIDR holds its fixed
+/// address, else the one with the fewest pods (ties: the first in the lab file).
+/// Terminating pods do not count; they are on their way out.
+fn schedule(
+    spec: &LabSpec,
+    pods: &BTreeMap<String, PodRecord>,
+    requested: Option<&str>,
+    fixed: Option<Ipv4Addr>,
+) -> String {
     if let Some(node) = requested {
+        return node.to_string();
+    }
+    if let Some((node, _)) = fixed.and_then(|ip| node_holding(spec, ip)) {
         return node.to_string();
     }
     let count = |node: &str| {
@@ -129,23 +249,28 @@ fn duplicate_ports(spec: Option<&PodSpec>, prefix: &str) -> Vec<(String, String)
     out
 }
 
-/// Adds a pod on a scheduled node with the lowest free address there.
+/// Adds a pod on a scheduled node with its `fixed` address (checked by check_fixed_ip), or
+/// the lowest free address there.
 pub(super) fn add_pod(
     st: &mut LabState,
     mut pod: Pod,
     owner: Option<Owner>,
     applied: Option<Value>,
+    fixed: Option<Ipv4Addr>,
 ) -> Result<String, String> {
     let requested = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-    let node = schedule(&st.spec, &st.pods, requested.as_deref());
+    let node = schedule(&st.spec, &st.pods, requested.as_deref(), fixed);
     let cidr = st
         .spec
         .node(&node)
         .map(|n| n.pod_cidr)
         .ok_or_else(|| format!("node {node:?} is not a node of the lab"))?;
     let used: BTreeSet<Ipv4Addr> = st.pods.values().map(|p| p.ip).collect();
-    let ip = ipam::lowest_free(cidr, ipam::FIRST_POD_OFFSET, &used)
-        .ok_or_else(|| format!("no free address in podCIDR {cidr} of node {node}"))?;
+    let ip = match fixed {
+        Some(ip) => ip,
+        None => ipam::lowest_free(cidr, ipam::FIRST_POD_OFFSET, &used)
+            .ok_or_else(|| format!("no free address in podCIDR {cidr} of node {node}"))?,
+    };
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let netns = pod_netns(st, &namespace, &name)?;

@@ -495,3 +495,85 @@ fn a_node_port_taken_by_another_service_or_outside_the_range_is_refused() {
     );
     apply_ok(&st, &moved);
 }
+
+fn fixed_pod(name: &str, node: Option<&str>, ip_field: &str) -> String {
+    let node = node.map_or(String::new(), |n| format!("  nodeName: {n}\n"));
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n{}spec:\n{node}  containers: [{{name: c, image: x}}]\n{}",
+        ip_field
+            .strip_prefix("annotation:")
+            .map_or(String::new(), |ip| format!(
+                "  annotations: {{sluice.dev/pod-ip: \"{ip}\"}}\n"
+            )),
+        ip_field
+            .strip_prefix("status:")
+            .map_or(String::new(), |ip| format!("status: {{podIP: {ip}}}\n")),
+    )
+}
+
+#[test]
+fn a_pod_gets_the_fixed_address_its_manifest_asks_for() {
+    let st = lab(&[("node-1", "10.244.1.0/24"), ("node-2", "10.244.2.0/24")]);
+    // status.podIP, with no nodeName: the node whose podCIDR holds it.
+    let (st, _) = apply_ok(&st, &fixed_pod("a", None, "status:10.244.2.77"));
+    assert_eq!(st.pods["default/a"].ip.to_string(), "10.244.2.77");
+    assert_eq!(st.pods["default/a"].node, "node-2");
+    // The annotation, on a named node.
+    let (st, _) = apply_ok(
+        &st,
+        &fixed_pod("b", Some("node-1"), "annotation:10.244.1.9"),
+    );
+    assert_eq!(st.pods["default/b"].ip.to_string(), "10.244.1.9");
+    // Pods without one skip the fixed addresses.
+    let (st, _) = apply_ok(&st, &fixed_pod("c", Some("node-2"), ""));
+    assert_eq!(st.pods["default/c"].ip.to_string(), "10.244.2.2");
+    // Applied again unchanged: nothing to do.
+    let (st, _) = apply_ok(&st, &fixed_pod("a", None, "status:10.244.2.77"));
+    assert_eq!(st.pods["default/a"].ip.to_string(), "10.244.2.77");
+}
+
+#[test]
+fn a_fixed_address_that_clashes_or_lies_outside_is_refused_and_nothing_changes() {
+    let st = lab(&[("node-1", "10.244.1.0/24"), ("node-2", "10.244.2.0/24")]);
+    let (st, _) = apply_ok(&st, &fixed_pod("a", None, "status:10.244.2.77"));
+    let cases = [
+        (
+            fixed_pod("b", None, "status:10.244.2.77"),
+            "Pod default/b: status.podIP: 10.244.2.77 is the address of pod default/a",
+        ),
+        (
+            fixed_pod("b", None, "status:10.245.0.5"),
+            "Pod default/b: status.podIP: 10.245.0.5 is in no node's podCIDR (node-1 10.244.1.0/24, node-2 10.244.2.0/24)",
+        ),
+        (
+            fixed_pod("b", Some("node-1"), "annotation:10.244.2.5"),
+            "Pod default/b: metadata.annotations[sluice.dev/pod-ip]: 10.244.2.5 is outside the podCIDR of node node-1",
+        ),
+        (
+            fixed_pod("b", None, "status:10.244.1.1"),
+            "Pod default/b: status.podIP: 10.244.1.1 is the network, router or broadcast address of podCIDR 10.244.1.0/24",
+        ),
+        (
+            fixed_pod("b", None, "status:not-an-ip"),
+            "Pod default/b: status.podIP: \"not-an-ip\" is not an IPv4 address",
+        ),
+        (
+            fixed_pod("a", None, "status:10.244.2.78"),
+            "Pod default/a: status.podIP: pod default/a has address 10.244.2.77; a pod's address cannot change",
+        ),
+        (
+            NGINX.replace(
+                "      labels:\n        app: nginx\n",
+                "      labels:\n        app: nginx\n      annotations: {sluice.dev/pod-ip: 10.244.1.5}\n",
+            ),
+            "Deployment default/nginx-deployment: spec.template.metadata.annotations[sluice.dev/pod-ip]: a fixed pod address is for a bare Pod",
+        ),
+    ];
+    for (yaml, expect) in cases {
+        // A second, valid pod in the same apply must not be half-applied.
+        let both = format!("{yaml}---\n{}", fixed_pod("other", Some("node-1"), ""));
+        let err = apply_err(&st, "fixed.yaml", &both);
+        assert!(err.contains(expect), "\n  got: {err}\n want: {expect}");
+    }
+    assert_eq!(st.pods.len(), 1);
+}
