@@ -114,6 +114,10 @@ pub struct ProbeArgs {
     /// The lab's world hosts too, as sources and destinations.
     #[arg(long, conflicts_with = "from")]
     world: bool,
+    /// Sources beside the pods: `nodes` (each node's own namespace: `host` on its node,
+    /// `remote-node` on the others) and `world` (as --world). Pods are always probed.
+    #[arg(long, value_enum, value_delimiter = ',', conflicts_with = "from")]
+    sources: Vec<SourceKind>,
     /// Port to probe (repeatable).
     #[arg(long = "port", required = true)]
     ports: Vec<u16>,
@@ -127,12 +131,19 @@ pub struct ProbeArgs {
     /// Per probe: `1s`, `500ms`, or seconds.
     #[arg(long, default_value = "1s", value_parser = parse_timeout)]
     timeout: Duration,
-    /// Single probe from `namespace/pod` or `world/<host>`.
+    /// Single probe from `namespace/pod`, `world/<host>` or `node/<node>`.
     #[arg(long, requires = "to")]
     from: Option<String>,
     /// Single probe to `namespace/pod`, `world/<host>` or an IPv4 address.
     #[arg(long, requires = "from")]
     to: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SourceKind {
+    Pods,
+    Nodes,
+    World,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -305,7 +316,8 @@ fn probe(name: &str, opts: &LabOptions, args: &ProbeArgs, output: Output) -> any
     let matrix = lab.probe(&ProbeRequest {
         namespaces: args.namespaces.clone(),
         selector,
-        world: args.world,
+        world: args.world || args.sources.contains(&SourceKind::World),
+        nodes: args.sources.contains(&SourceKind::Nodes),
         ports: args.ports.clone(),
         protocols: args.protocols.clone(),
         options,

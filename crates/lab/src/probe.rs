@@ -30,6 +30,9 @@ use crate::{
 
 /// How peers outside the cluster are named among pods (`world/internet`).
 pub const WORLD_PREFIX: &str = "world/";
+/// How the lab's nodes are named as probe sources (`node/node-1`): traffic from the node's
+/// own namespace, which the node's datapath names `host` and the other nodes `remote-node`.
+pub const NODE_PREFIX: &str = "node/";
 /// Probes in flight at once: a 9x9 matrix on 4 port/protocol pairs finishes in a few
 /// timeouts even when everything is denied.
 const MAX_PARALLEL: usize = 32;
@@ -123,6 +126,8 @@ pub struct ProbeRequest {
     pub selector: BTreeMap<String, String>,
     /// The world hosts too, as sources and destinations.
     pub world: bool,
+    /// The lab's nodes too, as sources (nothing on a node answers a probe).
+    pub nodes: bool,
     pub ports: Vec<u16>,
     pub protocols: Vec<Protocol>,
     pub options: ProbeOptions,
@@ -231,6 +236,8 @@ enum PeerKind {
     /// Key of the pod record.
     Pod(String),
     World(Ipv4Addr),
+    /// A source only.
+    Node,
 }
 
 /// One probe to run: from a source's namespace to an address.
@@ -301,13 +308,19 @@ impl Lab {
                 request.namespaces, request.selector
             )));
         }
+        let destinations: Vec<String> = peers.iter().map(|p| p.name.clone()).collect();
+        if request.nodes {
+            let nodes: Vec<Peer> = self.node_peers();
+            // Nodes first among the sources, then pods and world hosts as before.
+            peers.splice(0..0, nodes);
+        }
         let netns: Vec<String> = peers.iter().map(|p| p.netns.clone()).collect();
         let services = self.single_pod_services();
         let mut jobs = Vec::new();
         for &port in &request.ports {
             for &protocol in &request.protocols {
                 for (i, from) in peers.iter().enumerate() {
-                    for to in &peers {
+                    for to in peers.iter().filter(|p| !matches!(p.kind, PeerKind::Node)) {
                         let address =
                             self.address_of(to, port, protocol, request.options.via, &services)?;
                         jobs.push(Job {
@@ -321,17 +334,17 @@ impl Lab {
                 }
             }
         }
-        let names: Vec<String> = peers.into_iter().map(|p| p.name).collect();
+        let sources: Vec<String> = peers.into_iter().map(|p| p.name).collect();
         Ok(ProbeMatrix {
             via: request.options.via,
-            sources: names.clone(),
-            destinations: names,
+            sources,
+            destinations,
             probes: run(&netns, jobs, request.options.timeout)?,
         })
     }
 
-    /// One probe. `from`: `namespace/pod`, `pod` (in default) or `world/<host>`; `to`: the
-    /// same, or an IPv4 address.
+    /// One probe. `from`: `namespace/pod`, `pod` (in default), `world/<host>` or
+    /// `node/<node>`; `to`: a pod or world host, or an IPv4 address.
     pub fn probe_one(
         &self,
         from: &str,
@@ -346,6 +359,11 @@ impl Lab {
             Ok(address) => (to.to_string(), address),
             Err(_) => {
                 let peer = self.peer(to)?;
+                if matches!(peer.kind, PeerKind::Node) {
+                    return Err(LabError::Probe(format!(
+                        "{to}: a node is a probe source only (nothing on it answers); probe its address instead"
+                    )));
+                }
                 let services = self.single_pod_services();
                 let address = self.address_of(&peer, port, protocol, options.via, &services)?;
                 (peer.name, address)
@@ -376,7 +394,29 @@ impl Lab {
             .collect()
     }
 
+    fn node_peers(&self) -> Vec<Peer> {
+        self.state
+            .spec
+            .nodes
+            .iter()
+            .map(|n| Peer {
+                name: format!("{NODE_PREFIX}{}", n.name),
+                netns: names::node_netns(&self.state.name, &n.name),
+                kind: PeerKind::Node,
+            })
+            .collect()
+    }
+
     fn peer(&self, text: &str) -> Result<Peer, LabError> {
+        if let Some(name) = text.strip_prefix(NODE_PREFIX)
+            && self.state.spec.node(name).is_some()
+        {
+            return Ok(Peer {
+                name: text.to_string(),
+                netns: names::node_netns(&self.state.name, name),
+                kind: PeerKind::Node,
+            });
+        }
         if let Some(host) = text
             .strip_prefix(WORLD_PREFIX)
             .and_then(|name| self.state.spec.world_host(name))
@@ -392,6 +432,8 @@ impl Lab {
         let record = self.state.pods.get(&k).ok_or_else(|| {
             if text.starts_with(WORLD_PREFIX) {
                 LabError::Probe(format!("no world host {name} (and no pod {k}) in the lab"))
+            } else if text.starts_with(NODE_PREFIX) {
+                LabError::Probe(format!("no node {name} (and no pod {k}) in the lab"))
             } else {
                 LabError::PodNotFound(k.clone())
             }
@@ -455,6 +497,12 @@ impl Lab {
     ) -> Result<Ipv4Addr, LabError> {
         let record = match &peer.kind {
             PeerKind::World(address) => return Ok(*address),
+            PeerKind::Node => {
+                return Err(LabError::Probe(format!(
+                    "{}: a node is a probe source only",
+                    peer.name
+                )));
+            }
             PeerKind::Pod(k) => self
                 .state
                 .pods

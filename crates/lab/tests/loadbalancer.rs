@@ -294,6 +294,7 @@ fn a_world_host_behind_the_router_reaches_nodes_pods_and_every_node_through_a_vi
             namespaces: Vec::new(),
             selector: Default::default(),
             world: true,
+            nodes: false,
             ports: vec![80],
             protocols: vec![Protocol::Tcp],
             options: ProbeOptions {
