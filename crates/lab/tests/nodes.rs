@@ -488,6 +488,7 @@ fn pods_across_nodes(file: &str) {
                 namespaces: Vec::new(),
                 selector: Default::default(),
                 world: true,
+                nodes: false,
                 ports: vec![80],
                 protocols: vec![Protocol::Tcp, Protocol::Udp],
                 options: ProbeOptions {
