@@ -131,6 +131,10 @@ pub struct ProbeArgs {
     /// Per probe: `1s`, `500ms`, or seconds.
     #[arg(long, default_value = "1s", value_parser = parse_timeout)]
     timeout: Duration,
+    /// Exit non-zero when a cell could not run (SCTP without SCTP sockets, ...); without it
+    /// such cells are marked and counted but do not fail the matrix.
+    #[arg(long, conflicts_with = "from")]
+    strict: bool,
     /// Single probe from `namespace/pod`, `world/<host>` or `node/<node>`.
     #[arg(long, requires = "to")]
     from: Option<String>,
@@ -296,7 +300,7 @@ fn probe(name: &str, opts: &LabOptions, args: &ProbeArgs, output: Output) -> any
                 p.port,
                 p.protocol,
                 if p.allowed { "allowed" } else { "denied" },
-                p.detail
+                p.outcome.describe()
             );
         }
         return Ok(p.allowed);
@@ -327,7 +331,8 @@ fn probe(name: &str, opts: &LabOptions, args: &ProbeArgs, output: Output) -> any
     } else {
         print!("{}", matrix.render());
     }
-    Ok(true)
+    // Cells that could not run fail the matrix only when asked to.
+    Ok(!(args.strict && matrix.not_runnable() > 0))
 }
 
 fn report(r: sluice_lab::ApplyReport) {

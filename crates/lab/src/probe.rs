@@ -28,6 +28,11 @@ use crate::{
     state::{PodRecord, key},
 };
 
+mod outcome;
+
+use outcome::Traced;
+pub use outcome::{LEGEND, Outcome};
+
 /// How peers outside the cluster are named among pods (`world/internet`).
 pub const WORLD_PREFIX: &str = "world/";
 /// How the lab's nodes are named as probe sources (`node/node-1`): traffic from the node's
@@ -147,6 +152,8 @@ pub struct Probe {
     pub allowed: bool,
     /// `echoed`, `timed out`, `refused`, `reset`, `unreachable`, ...
     pub detail: String,
+    /// Why: what the socket saw, and for silence the datapath's drop events.
+    pub outcome: Outcome,
 }
 
 /// Every probe of a request; `sources` and `destinations` in row and column order.
@@ -172,13 +179,13 @@ impl ProbeMatrix {
     pub fn render(&self) -> String {
         let pairs: BTreeSet<(u16, Protocol)> =
             self.probes.iter().map(|p| (p.port, p.protocol)).collect();
-        let cells: BTreeMap<(&str, &str, u16, Protocol), bool> = self
+        let cells: BTreeMap<(&str, &str, u16, Protocol), char> = self
             .probes
             .iter()
             .map(|p| {
                 (
                     (p.from.as_str(), p.to.as_str(), p.port, p.protocol),
-                    p.allowed,
+                    p.outcome.mark(),
                 )
             })
             .collect();
@@ -197,8 +204,19 @@ impl ProbeMatrix {
                 .filter(|p| p.port == port && p.protocol == protocol && p.allowed)
                 .count();
             let total = self.sources.len() * self.destinations.len();
+            let unrunnable = self
+                .probes
+                .iter()
+                .filter(|p| p.port == port && p.protocol == protocol)
+                .filter(|p| matches!(p.outcome, Outcome::NotRunnable { .. }))
+                .count();
+            let unrunnable = if unrunnable > 0 {
+                format!(", {unrunnable} not runnable")
+            } else {
+                String::new()
+            };
             out.push_str(&format!(
-                "{port}/{protocol} via {}: {allowed} of {total} allowed\n",
+                "{port}/{protocol} via {}: {allowed} of {total} allowed{unrunnable}\n",
                 self.via
             ));
             out.push_str(&format!("{:first$}", "-"));
@@ -209,11 +227,10 @@ impl ProbeMatrix {
             for s in &self.sources {
                 let mut row = format!("{s:first$}");
                 for d in &self.destinations {
-                    let mark = match cells.get(&(s.as_str(), d.as_str(), port, protocol)) {
-                        Some(true) => ".",
-                        Some(false) => "X",
-                        None => "?",
-                    };
+                    let mark = cells
+                        .get(&(s.as_str(), d.as_str(), port, protocol))
+                        .copied()
+                        .unwrap_or('?');
                     row.push_str(&format!(" {mark:w$}", w = d.len()));
                 }
                 out.push_str(row.trim_end());
@@ -221,7 +238,17 @@ impl ProbeMatrix {
             }
             out.push('\n');
         }
+        out.push_str(LEGEND);
+        out.push('\n');
         out
+    }
+
+    /// Cells that could not run (SCTP without SCTP sockets, ...).
+    pub fn not_runnable(&self) -> usize {
+        self.probes
+            .iter()
+            .filter(|p| matches!(p.outcome, Outcome::NotRunnable { .. }))
+            .count()
     }
 }
 
@@ -240,29 +267,33 @@ enum PeerKind {
     Node,
 }
 
-/// One probe to run: from a source's namespace to an address.
+/// One probe to run: from a source's namespace to an address; or, with `skip`, one that
+/// cannot run, with its outcome.
 struct Job {
     from: String,
     netns: usize,
     to: String,
     address: SocketAddr,
     protocol: Protocol,
+    skip: Option<Outcome>,
 }
 
-fn check_protocol(protocol: Protocol) -> Result<(), LabError> {
+/// Why `protocol` cannot be probed here, if it cannot.
+fn unrunnable(protocol: Protocol) -> Option<String> {
     if protocol != Protocol::Sctp {
-        return Ok(());
+        return None;
     }
-    let why = match nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Stream,
-        nix::sys::socket::SockFlag::empty(),
-        nix::sys::socket::SockProtocol::Sctp,
-    ) {
-        Err(e) => format!("this kernel has no SCTP sockets (socket: {e})"),
-        Ok(_) => "the lab's servers serve TCP and UDP only".into(),
-    };
-    Err(LabError::Probe(format!("cannot probe SCTP: {why}")))
+    Some(
+        match nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            nix::sys::socket::SockProtocol::Sctp,
+        ) {
+            Err(e) => format!("this kernel has no SCTP sockets (socket: {e})"),
+            Ok(_) => "the lab's servers serve TCP and UDP only".into(),
+        },
+    )
 }
 
 fn labels_match(record: &PodRecord, selector: &BTreeMap<String, String>) -> bool {
@@ -279,9 +310,6 @@ impl Lab {
             return Err(LabError::Probe(
                 "at least one port and one protocol are needed".into(),
             ));
-        }
-        for protocol in &request.protocols {
-            check_protocol(*protocol)?;
         }
         let mut peers: Vec<Peer> = self
             .state
@@ -317,29 +345,44 @@ impl Lab {
         let netns: Vec<String> = peers.iter().map(|p| p.netns.clone()).collect();
         let services = self.single_pod_services();
         let mut jobs = Vec::new();
+        let mut traced = Vec::new();
         for &port in &request.ports {
             for &protocol in &request.protocols {
+                let unrunnable = unrunnable(protocol);
                 for (i, from) in peers.iter().enumerate() {
                     for to in peers.iter().filter(|p| !matches!(p.kind, PeerKind::Node)) {
-                        let address =
-                            self.address_of(to, port, protocol, request.options.via, &services)?;
+                        // A cell that cannot run needs no Service of its protocol.
+                        let via = match unrunnable {
+                            Some(_) => Via::PodIp,
+                            None => request.options.via,
+                        };
+                        let address = self.address_of(to, port, protocol, via, &services)?;
+                        let skip = match &unrunnable {
+                            Some(why) => Some(Outcome::NotRunnable { why: why.clone() }),
+                            None => not_routed(from, request.options.via),
+                        };
+                        traced.push(self.traced(from, to, address));
                         jobs.push(Job {
                             from: from.name.clone(),
                             netns: i,
                             to: to.name.clone(),
                             address: SocketAddr::from((address, port)),
                             protocol,
+                            skip,
                         });
                     }
                 }
             }
         }
+        let since = outcome::now();
+        let mut probes = run(&netns, jobs, request.options.timeout)?;
+        outcome::explain(&mut probes, &traced, &self.agents(), since);
         let sources: Vec<String> = peers.into_iter().map(|p| p.name).collect();
         Ok(ProbeMatrix {
             via: request.options.via,
             sources,
             destinations,
-            probes: run(&netns, jobs, request.options.timeout)?,
+            probes,
         })
     }
 
@@ -353,10 +396,12 @@ impl Lab {
         protocol: Protocol,
         options: &ProbeOptions,
     ) -> Result<Probe, LabError> {
-        check_protocol(protocol)?;
+        if let Some(why) = unrunnable(protocol) {
+            return Err(LabError::Probe(format!("cannot probe {protocol}: {why}")));
+        }
         let source = self.peer(from)?;
-        let (to, address) = match to.parse::<Ipv4Addr>() {
-            Ok(address) => (to.to_string(), address),
+        let (to, address, destination) = match to.parse::<Ipv4Addr>() {
+            Ok(address) => (to.to_string(), address, None),
             Err(_) => {
                 let peer = self.peer(to)?;
                 if matches!(peer.kind, PeerKind::Node) {
@@ -366,17 +411,28 @@ impl Lab {
                 }
                 let services = self.single_pod_services();
                 let address = self.address_of(&peer, port, protocol, options.via, &services)?;
-                (peer.name, address)
+                (peer.name.clone(), address, Some(peer))
             }
         };
+        let traced = match &destination {
+            Some(peer) => self.traced(&source, peer, address),
+            None => Traced {
+                source: self.source_address(&source),
+                destinations: vec![address],
+            },
+        };
         let job = Job {
-            from: source.name,
+            from: source.name.clone(),
             netns: 0,
             to,
             address: SocketAddr::from((address, port)),
             protocol,
+            skip: destination.and(not_routed(&source, options.via)),
         };
-        run(&[source.netns], vec![job], options.timeout)?
+        let since = outcome::now();
+        let mut probes = run(&[source.netns], vec![job], options.timeout)?;
+        outcome::explain(&mut probes, &[traced], &self.agents(), since);
+        probes
             .pop()
             .ok_or_else(|| LabError::Probe("the probe produced no result".into()))
     }
@@ -392,6 +448,43 @@ impl Lab {
                 kind: PeerKind::World(w.address),
             })
             .collect()
+    }
+
+    /// Every node's agent, asked for drop events with a short timeout.
+    fn agents(&self) -> Vec<sluice_api::Client> {
+        self.state
+            .spec
+            .nodes
+            .iter()
+            .map(|n| {
+                sluice_api::Client::new(self.agent_socket(&n.name))
+                    .with_timeout(Duration::from_secs(2))
+            })
+            .collect()
+    }
+
+    /// The address a source's packets carry, where the lab knows it (a node picks its own).
+    fn source_address(&self, peer: &Peer) -> Option<Ipv4Addr> {
+        match &peer.kind {
+            PeerKind::Pod(k) => self.state.pods.get(k).map(|p| p.ip),
+            PeerKind::World(address) => Some(*address),
+            PeerKind::Node => None,
+        }
+    }
+
+    /// How the drop events name a probe from `from` to `to` at `address`: the dialled
+    /// address, and the pod itself when that is its ClusterIP.
+    fn traced(&self, from: &Peer, to: &Peer, address: Ipv4Addr) -> Traced {
+        let mut destinations = vec![address];
+        if let Some(ip) = self.source_address(to)
+            && ip != address
+        {
+            destinations.push(ip);
+        }
+        Traced {
+            source: self.source_address(from),
+            destinations,
+        }
     }
 
     fn node_peers(&self) -> Vec<Peer> {
@@ -538,6 +631,11 @@ impl Lab {
     }
 }
 
+/// A world host to a ClusterIP: kube-proxy routes none from outside the cluster.
+fn not_routed(from: &Peer, via: Via) -> Option<Outcome> {
+    (matches!(from.kind, PeerKind::World(_)) && via == Via::Service).then_some(Outcome::NotRouted)
+}
+
 /// Runs the jobs on up to [`MAX_PARALLEL`] threads, each entering the namespace of its job's
 /// source (threads of their own: the caller's namespace never changes). Results in job order.
 fn run(netns: &[String], jobs: Vec<Job>, timeout: Duration) -> Result<Vec<Probe>, LabError> {
@@ -570,9 +668,16 @@ fn run(netns: &[String], jobs: Vec<Job>, timeout: Duration) -> Result<Vec<Probe>
                         "sluice-probe {token_base:016x}-{i} {} -> {}\n",
                         job.from, job.to
                     );
-                    let (allowed, detail) = match job.protocol {
-                        Protocol::Udp => probe_udp(job.address, token.as_bytes(), timeout),
-                        _ => probe_tcp(job.address, token.as_bytes(), timeout),
+                    let (allowed, detail, outcome) = match &job.skip {
+                        Some(outcome) => (false, outcome.describe(), outcome.clone()),
+                        None => {
+                            let (allowed, detail) = match job.protocol {
+                                Protocol::Udp => probe_udp(job.address, token.as_bytes(), timeout),
+                                _ => probe_tcp(job.address, token.as_bytes(), timeout),
+                            };
+                            let outcome = outcome::from_socket(allowed, &detail);
+                            (allowed, detail, outcome)
+                        }
                     };
                     if let Ok(mut slots) = results.lock() {
                         slots[i] = Some(Probe {
@@ -586,6 +691,7 @@ fn run(netns: &[String], jobs: Vec<Job>, timeout: Duration) -> Result<Vec<Probe>
                             protocol: job.protocol,
                             allowed,
                             detail,
+                            outcome,
                         });
                     }
                 }

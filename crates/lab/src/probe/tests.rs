@@ -9,10 +9,9 @@ fn protocols_parse_in_any_case() {
 }
 
 #[test]
-fn sctp_is_refused_with_a_reason() {
-    let err = check_protocol(Protocol::Sctp).unwrap_err().to_string();
-    assert!(err.starts_with("probe: cannot probe SCTP: "), "{err}");
-    assert!(check_protocol(Protocol::Udp).is_ok());
+fn sctp_is_not_runnable_with_a_reason() {
+    assert!(unrunnable(Protocol::Sctp).is_some_and(|why| !why.is_empty()));
+    assert_eq!(unrunnable(Protocol::Udp), None);
 }
 
 #[test]
@@ -25,6 +24,14 @@ fn the_truth_table_marks_allowed_and_denied() {
         protocol,
         allowed,
         detail: String::new(),
+        outcome: if allowed {
+            Outcome::Allowed
+        } else {
+            Outcome::DeniedByPolicy {
+                direction: "ingress",
+                endpoint: None,
+            }
+        },
     };
     let matrix = ProbeMatrix {
         via: Via::PodIp,
@@ -50,7 +57,37 @@ fn the_truth_table_marks_allowed_and_denied() {
          x/a ?   .\n\
          x/b ?   ?\n\
          \n"
+        .to_string()
+            + LEGEND
+            + "\n"
     );
     assert_eq!(matrix.allowed("x/a", "x/b", 80, Protocol::Tcp), Some(false));
     assert_eq!(matrix.allowed("x/a", "x/b", 81, Protocol::Tcp), None);
+}
+
+#[test]
+fn every_outcome_has_its_own_mark() {
+    let outcomes = [
+        Outcome::Allowed,
+        Outcome::DeniedByPolicy {
+            direction: "egress",
+            endpoint: Some("x/a".into()),
+        },
+        Outcome::Refused,
+        Outcome::Unreachable,
+        Outcome::Dropped {
+            reason: "INVALID_SOURCE_IP".into(),
+        },
+        Outcome::TimedOut,
+        Outcome::NotRunnable { why: "no".into() },
+        Outcome::NotRouted,
+    ];
+    let marks: BTreeSet<char> = outcomes.iter().map(Outcome::mark).collect();
+    assert_eq!(marks.len(), outcomes.len());
+    for o in &outcomes {
+        assert!(
+            LEGEND.contains(&format!("{} ", o.mark())),
+            "{o:?} in the legend"
+        );
+    }
 }
