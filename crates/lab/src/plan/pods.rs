@@ -13,8 +13,9 @@ use k8s_openapi::{
 use serde_json::Value;
 use sluice_sources::Manifest;
 
-use super::{Apply, new_uid, resource};
+use super::{Apply, change, new_uid};
 use crate::{
+    changes::Action,
     ipam, names, slices,
     spec::LabSpec,
     state::{LabState, Owner, PodRecord, key, now},
@@ -28,7 +29,7 @@ impl Apply<'_> {
         let Some(existing) = self.st.pods.get_mut(&k) else {
             match add_pod(&mut self.st, pod.clone(), None, Some(applied)) {
                 Ok(k) => {
-                    self.lines.push(format!("{} created", resource(m)));
+                    self.changes.push(change(m, Action::Created, Vec::new()));
                     self.create.push(k);
                 }
                 Err(message) => self.violation(m, "", message),
