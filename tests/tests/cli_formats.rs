@@ -3,6 +3,12 @@
 //! exit codes; `lab apply` from stdin and directories, `--dry-run` changing nothing,
 //! `delete --ignore-not-found`, `lab get -l/-n/-A/-o wide`; `observe --last` in time order.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "end-to-end tests: a failed step must fail the test loudly"
+)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -462,6 +468,13 @@ fn apply_reads_stdin_and_directories_dry_runs_change_nothing_and_delete_names_wh
 
     // Delete: what is missing is an error naming it, unless --ignore-not-found.
     let client = dir.join("client.yml").display().to_string();
+    let dry = lab.cli_json(&["lab", "delete", "--dry-run", "-f", &client]);
+    assert_eq!(
+        (&dry["dry_run"], &dry["changes"][0]["action"]),
+        (&Value::Bool(true), &Value::from("deleted"))
+    );
+    let clients = lab.cli_json(&["lab", "get", "pods", "-l", "app=client"]);
+    assert_eq!(clients.as_array().unwrap().len(), 1, "a dry run deleted it");
     lab.cli(&["lab", "delete", "-f", &client]);
     let again = lab.cli_output(&["lab", "delete", "-f", &client]);
     let stderr = String::from_utf8_lossy(&again.stderr);
