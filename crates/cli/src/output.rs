@@ -52,7 +52,14 @@ pub fn yaml<T: Serialize>(value: &T) -> anyhow::Result<String> {
 
 /// Whether stdout takes colour: a terminal, and `NO_COLOR` unset or empty (no-color.org).
 pub fn colour() -> bool {
-    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    colour_for(
+        std::io::stdout().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+fn colour_for(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// The colours words get.
@@ -113,7 +120,12 @@ mod tests {
     }
 
     #[test]
-    fn no_colour_off_a_terminal() {
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_for(true, None));
+        assert!(colour_for(true, Some(OsStr::new(""))));
+        assert!(!colour_for(true, Some(OsStr::new("1"))));
+        assert!(!colour_for(false, None));
         // Test output is captured, never a terminal.
         assert_eq!(paint("DROPPED", Tone::Bad), "DROPPED");
     }
