@@ -1,7 +1,6 @@
-//! Issue 16, items 1, 2 and 7 through the real `sluice` binary against a live lab: every
-//! command of the clap tree prints one JSON (and YAML) document with `-o`, and keeps the
-//! exit codes; `lab apply` from stdin and directories, `--dry-run` changing nothing,
-//! `delete --ignore-not-found`, `lab get -l/-n/-A/-o wide`; `observe --last` in time order.
+//! Issue 16, items 1 and 8 through the real `sluice` binary: every command of the clap
+//! tree prints one JSON (and YAML) document with `-o` against a live lab and keeps the exit
+//! codes; completions and manual pages come from the same tree.
 
 #![allow(
     clippy::unwrap_used,
@@ -10,17 +9,18 @@
 )]
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     fs,
     io::Write,
     path::{Path, PathBuf},
     process::Stdio,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use serde_json::Value;
 use sluice_integration::{
-    ONE_NODE_LAB, TestLab, examples,
+    TestLab,
+    cli::{RemoveDir, WEB_AND_CLIENT},
     multinode::{Mode, lab_yaml},
 };
 
@@ -88,26 +88,6 @@ fn documents(format: &str, stdout: &str) -> Result<Vec<Value>, String> {
     Ok(docs)
 }
 
-const APP: &str = "apiVersion: v1
-kind: Pod
-metadata: {name: web, labels: {app: web}}
-spec:
-  containers: [{name: web, image: nginx, ports: [{containerPort: 80}]}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, labels: {app: client}}
-spec:
-  containers: [{name: client, image: curl}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  selector: {app: web}
-  ports: [{port: 80, protocol: TCP}]
-";
-
 #[test]
 fn every_command_prints_json_and_yaml_and_keeps_its_exit_code() {
     // One node with an underlay, so that `lab node add` has somewhere to put a second.
@@ -117,7 +97,7 @@ fn every_command_prints_json_and_yaml_and_keeps_its_exit_code() {
     let manifests = dir.join("manifests");
     fs::create_dir_all(&manifests).unwrap();
     let _cleanup = RemoveDir(dir.clone());
-    fs::write(manifests.join("app.yaml"), APP).unwrap();
+    fs::write(manifests.join("app.yaml"), WEB_AND_CLIENT).unwrap();
     let lab_file = dir.join("lab.yaml");
     fs::write(&lab_file, &lab_file_text).unwrap();
     let (lab_file, manifests, man) = (
@@ -266,308 +246,6 @@ fn every_command_prints_json_and_yaml_and_keeps_its_exit_code() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(Path::new(&man).join("sluice-lab-apply.1").exists());
-}
-
-/// Removes a directory the test made, also when it fails.
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Every map the realizer writes (the desired state; not the runtime state traffic
-/// changes: conntrack, counters, the event bucket), as bpftool dumps it from the node's
-/// pins, and the store's files.
-fn maps_and_store(lab: &TestLab) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let pins = lab.lab.pin_dir(&lab.node());
-    for def in sluice_common::registry::realized() {
-        let path = pins.join(def.name);
-        if !path.exists() {
-            continue;
-        }
-        let dump = std::process::Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            dump.status.success(),
-            "bpftool map dump {}: {dump:?}",
-            path.display()
-        );
-        out.insert(
-            def.name.to_string(),
-            String::from_utf8_lossy(&dump.stdout).to_string(),
-        );
-    }
-    assert!(out.len() > 5, "the node's maps: {:?}", out.keys());
-    for file in [lab.lab.cluster_file(), state_file(lab)] {
-        out.insert(
-            file.display().to_string(),
-            fs::read_to_string(&file).unwrap(),
-        );
-    }
-    out
-}
-
-fn state_file(lab: &TestLab) -> PathBuf {
-    lab.opts.state_root.join(&lab.name).join("lab.json")
-}
-
-/// `sluice <args>` with `input` on stdin.
-fn cli_stdin(lab: &TestLab, args: &[&str], input: &str) -> std::process::Output {
-    let mut child = lab
-        .cli_command(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn json(out: &std::process::Output) -> Value {
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
-}
-
-#[test]
-fn apply_reads_stdin_and_directories_dry_runs_change_nothing_and_delete_names_what_is_missing() {
-    let lab = TestLab::up("cliapply", ONE_NODE_LAB);
-    let dir = std::env::temp_dir().join(format!("sluice-cliapply-{}", lab.name));
-    fs::create_dir_all(&dir).unwrap();
-    let _cleanup = RemoveDir(dir.clone());
-    let nginx = fs::read_to_string(examples().join("nginx.yaml")).unwrap();
-    fs::write(dir.join("nginx.yaml"), &nginx).unwrap();
-    fs::copy(examples().join("client.yaml"), dir.join("client.yml")).unwrap();
-    fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
-    let d = dir.display().to_string();
-
-    // A directory: every *.yaml / *.yml / *.json in it, nothing else.
-    let report = lab.cli_json(&["lab", "apply", "-f", &d]);
-    eprintln!("apply -f DIR: {report}");
-    let changes = report["changes"].as_array().unwrap();
-    let of = |kind: &str, action: &str| {
-        changes
-            .iter()
-            .filter(|c| c["kind"] == kind && c["action"] == action)
-            .count()
-    };
-    assert_eq!(
-        (of("Deployment", "created"), of("Service", "created")),
-        (1, 1)
-    );
-    assert_eq!(
-        of("Pod", "created"),
-        3,
-        "client and the two replicas: {report}"
-    );
-    assert!(report["generation"].as_u64().unwrap() > 1);
-    let agents = report["agents"].as_array().unwrap();
-    assert_eq!(agents.len(), 1);
-    assert_eq!(agents[0]["node"], "node-1");
-    eprintln!(
-        "realized in {} ms, on node-1 after {} ms",
-        report["realized_ms"], agents[0]["realized_ms"]
-    );
-
-    // A dry run from stdin: what would change, and nothing changes.
-    let scaled = nginx.replace("replicas: 2", "replicas: 3");
-    let before = maps_and_store(&lab);
-    let out = cli_stdin(
-        &lab,
-        &["lab", "apply", "--dry-run", "-f", "-", "-o", "json"],
-        &scaled,
-    );
-    let dry = json(&out);
-    eprintln!("dry run: {dry}");
-    assert_eq!(dry["dry_run"], true);
-    let configured: Vec<&Value> = dry["changes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["action"] == "configured")
-        .collect();
-    assert_eq!(configured.len(), 1, "{dry}");
-    assert_eq!(configured[0]["name"], "nginx-deployment");
-    assert_eq!(
-        configured[0]["fields"],
-        serde_json::json!(["spec.replicas"])
-    );
-    assert!(
-        dry["changes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["kind"] == "Pod"
-                && c["action"] == "created"
-                && c["owner"] == "Deployment default/nginx-deployment"),
-        "{dry}"
-    );
-    let table = cli_stdin(&lab, &["lab", "apply", "--dry-run", "-f", "-"], &scaled);
-    let table = String::from_utf8_lossy(&table.stdout);
-    assert!(
-        table.contains("deployment.apps/nginx-deployment configured (dry run): spec.replicas"),
-        "{table}"
-    );
-    let after = maps_and_store(&lab);
-    assert_eq!(
-        before.keys().collect::<Vec<_>>(),
-        after.keys().collect::<Vec<_>>()
-    );
-    for (name, dump) in &before {
-        assert_eq!(Some(dump), after.get(name), "{name} changed by a dry run");
-    }
-    eprintln!(
-        "dry run compared {} maps and files: unchanged",
-        before.len()
-    );
-    // The CLI changes the lab behind `lab.lab`'s back: ask the CLI.
-    let nginx_pods = lab.cli_json(&["lab", "get", "pods", "-l", "app=nginx"]);
-    assert_eq!(nginx_pods.as_array().unwrap().len(), 2);
-
-    // For real, from stdin.
-    let out = cli_stdin(&lab, &["lab", "apply", "-f", "-", "-o", "json"], &scaled);
-    let real = json(&out);
-    assert_eq!(real["dry_run"], false);
-    let pods = lab.cli_json(&["lab", "get", "pods", "-l", "app=nginx"]);
-    assert_eq!(pods.as_array().unwrap().len(), 3, "{pods}");
-
-    // -n / -A / -l / -o wide.
-    assert_eq!(
-        lab.cli_json(&["lab", "get", "pods", "-n", "kube-system"]),
-        serde_json::json!([])
-    );
-    assert_eq!(
-        lab.cli_json(&["lab", "get", "pods", "-l", "app!=nginx"])
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
-    let wide = lab.cli(&["lab", "get", "pods", "-A", "-o", "wide"]);
-    assert!(
-        wide.starts_with("NAMESPACE") && wide.contains("IDENTITY") && wide.contains("node-1"),
-        "{wide}"
-    );
-    let identities: Vec<u64> = lab
-        .cli_json(&["lab", "get", "pods"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["identity"].as_u64().expect("every pod's identity"))
-        .collect();
-    assert_eq!(identities.len(), 4);
-
-    // Delete: what is missing is an error naming it, unless --ignore-not-found.
-    let client = dir.join("client.yml").display().to_string();
-    let dry = lab.cli_json(&["lab", "delete", "--dry-run", "-f", &client]);
-    assert_eq!(
-        (&dry["dry_run"], &dry["changes"][0]["action"]),
-        (&Value::Bool(true), &Value::from("deleted"))
-    );
-    let clients = lab.cli_json(&["lab", "get", "pods", "-l", "app=client"]);
-    assert_eq!(clients.as_array().unwrap().len(), 1, "a dry run deleted it");
-    lab.cli(&["lab", "delete", "-f", &client]);
-    let again = lab.cli_output(&["lab", "delete", "-f", &client]);
-    let stderr = String::from_utf8_lossy(&again.stderr);
-    assert_eq!(again.status.code(), Some(2), "{again:?}");
-    assert!(
-        stderr.contains("Pod default/client") && stderr.contains("not found"),
-        "{stderr}"
-    );
-    let ignored = lab.cli_output(&["lab", "delete", "-f", &client, "--ignore-not-found"]);
-    assert!(ignored.status.success(), "{ignored:?}");
-    let out = cli_stdin(&lab, &["lab", "delete", "-f", "-", "-o", "json"], &scaled);
-    let deleted = json(&out);
-    assert!(
-        deleted["changes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|c| c["action"] == "deleted"),
-        "{deleted}"
-    );
-}
-
-#[test]
-fn observe_last_is_in_time_order_and_until_bounds_it() {
-    let mut lab = TestLab::up("cliobs", ONE_NODE_LAB);
-    lab.apply_yaml("app.yaml", APP);
-    // Flows: several connections, allowed and refused.
-    for port in [80, 81, 80, 81, 80] {
-        lab.cli_output(&[
-            "lab",
-            "probe",
-            "--from",
-            "default/client",
-            "--to",
-            "default/web",
-            "--port",
-            &port.to_string(),
-        ]);
-    }
-    // The agent's reader drains the ring every 100 ms: wait (bounded) for the 20 flows of
-    // the five connections (SYN both ways, two closes).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let times = loop {
-        let out = lab.cli_output(&["observe", "--last", "50", "-o", "json", "--protocol", "tcp"]);
-        assert!(out.status.success(), "{out:?}");
-        let times: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| {
-                let v: Value = serde_json::from_str(l).unwrap();
-                v["time"].as_str().unwrap().to_string()
-            })
-            .collect();
-        if times.len() >= 20 || Instant::now() > deadline {
-            break times;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    eprintln!(
-        "{} flows:\n{}",
-        times.len(),
-        lab.cli(&["observe", "--last", "50"])
-    );
-    assert!(times.len() >= 20, "{times:?}");
-    // RFC 3339 in UTC with nanoseconds: text order is time order.
-    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
-    let last3 = lab.cli_output(&["observe", "--last", "3", "-o", "json"]);
-    let last3: Vec<&str> = std::str::from_utf8(&last3.stdout)
-        .unwrap()
-        .lines()
-        .collect();
-    assert_eq!(last3.len(), 3);
-
-    // --until the third flow's time: the flows up to it, in order.
-    let until = &times[2];
-    let out = lab.cli_output(&["observe", "--since", "1h", "--until", until, "-o", "json"]);
-    let bounded: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["time"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    assert!(
-        bounded.len() >= 3 && bounded.iter().all(|t| t <= until),
-        "{bounded:?}"
-    );
-    assert!(bounded.windows(2).all(|w| w[0] <= w[1]));
-    let follow_until = lab.cli_output(&["observe", "-f", "--until", "5m"]);
-    assert_eq!(follow_until.status.code(), Some(2));
 }
 
 #[test]

@@ -60,7 +60,7 @@ impl Change {
 }
 
 /// kubectl's resource name of a kind, as its output lines name objects.
-pub fn resource_type(kind: &str) -> &'static str {
+fn resource_type(kind: &str) -> &'static str {
     match kind {
         "Namespace" => "namespace",
         "Pod" => "pod",
