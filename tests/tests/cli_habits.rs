@@ -295,3 +295,94 @@ fn observe_last_is_in_time_order_and_until_bounds_it() {
     let follow_until = lab.cli_output(&["observe", "-f", "--until", "5m"]);
     assert_eq!(follow_until.status.code(), Some(2));
 }
+
+/// `sluice --lab <lab> <args>` run by `script`, on a terminal of its own: what the terminal
+/// showed (stdout and stderr), and the time it took.
+fn on_terminal(lab: &TestLab, args: &str, env: &[(&str, &str)]) -> (String, Duration) {
+    let sluice = lab.cli_command(&[]);
+    let command = format!(
+        "{} --lab {} {args}",
+        sluice.get_program().to_string_lossy(),
+        lab.name
+    );
+    let started = Instant::now();
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("SLUICE_LAB_STATE", &lab.opts.state_root)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{command}: {text}");
+    (text, elapsed)
+}
+
+fn many(name: &str, replicas: usize) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      containers: [{{name: web, image: nginx, ports: [{{containerPort: 80}}]}}]
+"
+    )
+}
+
+#[test]
+fn a_terminal_gets_a_pod_count_and_colour_unless_no_color() {
+    let lab = TestLab::up("clitty", ONE_NODE_LAB);
+    let dir = std::env::temp_dir().join(format!("sluice-clitty-{}", lab.name));
+    fs::create_dir_all(&dir).unwrap();
+    let _cleanup = RemoveDir(dir.clone());
+    let (tty_file, plain_file) = (dir.join("tty.yaml"), dir.join("plain.yaml"));
+    fs::write(&tty_file, many("tty", 40)).unwrap();
+    fs::write(&plain_file, many("plain", 40)).unwrap();
+
+    // On a terminal the pods start in batches, counted on a bar.
+    let (shown, on_tty) = on_terminal(&lab, &format!("lab apply -f {}", tty_file.display()), &[]);
+    assert!(shown.contains("/40 pods"), "{shown}");
+    assert!(shown.contains("deployment.apps/tty created"), "{shown}");
+    // Off a terminal all at once, and nothing but the report.
+    let started = Instant::now();
+    let plain = lab.cli(&["lab", "apply", "-f", &plain_file.display().to_string()]);
+    let off_tty = started.elapsed();
+    assert!(
+        !plain.contains("pods") && !plain.contains('\u{1b}'),
+        "{plain}"
+    );
+    eprintln!(
+        "40 pods: {:.0} ms on a terminal (batches of 16, a bar), {:.0} ms off one (all at once)",
+        on_tty.as_secs_f64() * 1000.0,
+        off_tty.as_secs_f64() * 1000.0
+    );
+    for app in ["tty", "plain"] {
+        let pods = lab.cli_json(&["lab", "get", "pods", "-l", &format!("app={app}")]);
+        let pods = pods.as_array().unwrap();
+        assert_eq!(pods.len(), 40);
+        assert!(
+            pods.iter()
+                .all(|p| p["ready"] == true && p["status"] == "Running")
+        );
+    }
+
+    // Verdicts in colour on a terminal, never with NO_COLOR.
+    let pods = lab.cli_json(&["lab", "get", "pods", "-l", "app=tty"]);
+    let (from, to) = (
+        format!("default/{}", pods[0]["name"].as_str().unwrap()),
+        format!("default/{}", pods[1]["name"].as_str().unwrap()),
+    );
+    let probe = format!("lab probe --from {from} --to {to} --port 80");
+    let (coloured, _) = on_terminal(&lab, &probe, &[]);
+    assert!(coloured.contains("\u{1b}[32mallowed"), "{coloured:?}");
+    let (plain, _) = on_terminal(&lab, &probe, &[("NO_COLOR", "1")]);
+    assert!(
+        plain.contains("allowed") && !plain.contains('\u{1b}'),
+        "{plain:?}"
+    );
+}

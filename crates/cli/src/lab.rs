@@ -11,14 +11,14 @@ use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 use sluice_lab::{
-    ApplyReport, ChangeOptions, Ipv4Net, Lab, LabBinaries, LabOptions, NodeSpec, ProbeOptions,
-    ProbeRequest, Protocol, Via,
+    ApplyReport, ChangeOptions, Ipv4Net, Lab, LabBinaries, LabOptions, NodeSpec, PodProgress,
+    ProbeOptions, ProbeRequest, Protocol, Via,
 };
 
 use crate::{
     EXIT_DENIED, Output,
     get::{GetArgs, get},
-    output::{Tone, paint, print_doc, with_spinner},
+    output::{Tone, paint, pods_bar, print_doc, with_spinner},
     selector::Selector,
 };
 
@@ -309,12 +309,23 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
         }
         LabCommand::Apply { files, dry_run } => {
             let mut lab = Lab::open(name, &opts)?;
+            let bar = pods_bar("applying: pods started");
+            let progress = |done: usize, total: usize| {
+                if let Some(bar) = &bar {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                }
+            };
             let options = ChangeOptions {
                 dry_run: *dry_run,
                 ignore_not_found: false,
+                progress: bar.is_some().then_some(&progress as PodProgress),
             };
-            let r = with_spinner("applying", || lab.apply_with(files, options))?;
-            report(&r, output)?;
+            let r = lab.apply_with(files, options);
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            report(&r?, output)?;
         }
         LabCommand::Delete {
             files,
@@ -325,6 +336,7 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
             let options = ChangeOptions {
                 dry_run: *dry_run,
                 ignore_not_found: *ignore_not_found,
+                progress: None,
             };
             let r = with_spinner("deleting", || lab.delete_with(files, options))?;
             report(&r, output)?;

@@ -99,6 +99,23 @@ pub fn spinner(message: impl Into<String>) -> ProgressBar {
     bar
 }
 
+/// A bar on stderr counting the pods an apply starts, or None unless stdout is a terminal
+/// (then the apply starts them all at once, reporting nothing).
+pub fn pods_bar(message: impl Into<String>) -> Option<ProgressBar> {
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} {msg} {bar:30} {pos}/{len} pods ({elapsed})")
+    {
+        bar.set_style(style);
+    }
+    bar.set_message(message.into());
+    bar.enable_steady_tick(Duration::from_millis(100));
+    Some(bar)
+}
+
 /// Runs `f` under a [`spinner`] with `message`, cleared when `f` returns.
 pub fn with_spinner<T>(message: impl Into<String>, f: impl FnOnce() -> T) -> T {
     let bar = spinner(message);

@@ -14,13 +14,22 @@ use crate::{
     state::LabState,
 };
 
-/// kubectl's flags of `apply` and `delete`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ChangeOptions {
+/// New pods started between two progress reports.
+const PROGRESS_BATCH: usize = 16;
+
+/// Told (pods started, pods to start) as an apply's new pods come up.
+pub type PodProgress<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+/// kubectl's flags of `apply` and `delete`, and who to tell how far it got.
+#[derive(Clone, Copy, Default)]
+pub struct ChangeOptions<'a> {
     /// Report what would change, and change nothing.
     pub dry_run: bool,
     /// `delete`: an object that is not there is skipped, not an error.
     pub ignore_not_found: bool,
+    /// With it the new pods start in batches of [`PROGRESS_BATCH`], each reported; without
+    /// it all at once.
+    pub progress: Option<PodProgress<'a>>,
 }
 
 impl Lab {
@@ -35,7 +44,7 @@ impl Lab {
     pub fn apply_with(
         &mut self,
         paths: &[PathBuf],
-        options: ChangeOptions,
+        options: ChangeOptions<'_>,
     ) -> Result<ApplyReport, LabError> {
         let started = Instant::now();
         let manifests = sluice_sources::load_paths(paths)?;
@@ -56,7 +65,7 @@ impl Lab {
     pub fn delete_with(
         &mut self,
         paths: &[PathBuf],
-        options: ChangeOptions,
+        options: ChangeOptions<'_>,
     ) -> Result<ApplyReport, LabError> {
         let started = Instant::now();
         let manifests = sluice_sources::load_paths(paths)?;
@@ -71,10 +80,10 @@ impl Lab {
         &mut self,
         plan: Plan,
         started: Instant,
-        options: ChangeOptions,
+        options: ChangeOptions<'_>,
     ) -> Result<ApplyReport, LabError> {
         if !options.dry_run {
-            return self.execute(plan, started);
+            return self.execute_reporting(plan, started, options.progress);
         }
         let changes = with_owned_pods(&self.state, &plan);
         Ok(ApplyReport {
@@ -94,6 +103,15 @@ impl Lab {
         plan: Plan,
         started: Instant,
     ) -> Result<ApplyReport, LabError> {
+        self.execute_reporting(plan, started, None)
+    }
+
+    fn execute_reporting(
+        &mut self,
+        plan: Plan,
+        started: Instant,
+        progress: Option<PodProgress<'_>>,
+    ) -> Result<ApplyReport, LabError> {
         let changes = with_owned_pods(&self.state, &plan);
         let Plan {
             mut state,
@@ -102,7 +120,10 @@ impl Lab {
             warnings,
             ..
         } = plan;
-        self.start_pods(&mut state, &create)?;
+        match progress {
+            None => self.start_pods(&mut state, &create)?,
+            Some(progress) => self.start_pods_reporting(&mut state, &create, progress)?,
+        }
         let changed = serde_json::to_value(&state).ok() != serde_json::to_value(&self.state).ok();
         if changed {
             self.commit(state)?;
@@ -146,6 +167,32 @@ impl Lab {
                 })
                 .collect(),
         })
+    }
+}
+
+impl Lab {
+    /// [`Lab::start_pods`] in batches, each reported to `progress`; on failure the pods of
+    /// the batches before are stopped too, so that nothing of the apply is left running.
+    fn start_pods_reporting(
+        &self,
+        state: &mut LabState,
+        keys: &[String],
+        progress: PodProgress<'_>,
+    ) -> Result<(), LabError> {
+        progress(0, keys.len());
+        for (n, batch) in keys.chunks(PROGRESS_BATCH).enumerate() {
+            if let Err(e) = self.start_pods(state, batch) {
+                for k in &keys[..n * PROGRESS_BATCH] {
+                    if let Some(record) = state.pods.get(k) {
+                        // Best effort: the error that stopped the apply is the one to report.
+                        let _ = self.stop_pod(record);
+                    }
+                }
+                return Err(e);
+            }
+            progress(n * PROGRESS_BATCH + batch.len(), keys.len());
+        }
+        Ok(())
     }
 }
 

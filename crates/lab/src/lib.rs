@@ -51,7 +51,7 @@ use std::{
 
 use sluice_netns::NetNs;
 
-pub use apply::ChangeOptions;
+pub use apply::{ChangeOptions, PodProgress};
 pub use changes::{Action, AgentRealized, ApplyReport, Change};
 pub use error::{LabError, LogTail};
 pub use healthcheck::run_router_health;
