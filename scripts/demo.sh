@@ -13,7 +13,7 @@ sl lab up -f examples/lab.yaml
 
 step "kubectl-style apply of the seed's manifest and a client pod"
 sl lab apply -f examples/nginx.yaml -f examples/client.yaml
-sl lab get pods
+sl lab get pods -o wide
 sl lab get services
 sl lab get endpoints
 
@@ -29,6 +29,7 @@ step "requests per backend"
 for b in "${!count[@]}"; do echo "$b: ${count[$b]}"; done
 
 step "NetworkPolicy: nginx accepts ingress only from role=frontend (examples/policy.yaml)"
+sl lab apply --dry-run -f - < examples/policy.yaml
 sl lab apply -f examples/policy.yaml
 try() { # try <pod>: one request to the VIP, its HTTP status or "timed out"
   local code

@@ -18,6 +18,7 @@ use std::{
 
 use sluice_lab::{Lab, LabBinaries, LabOptions};
 
+pub mod cli;
 pub mod cri;
 pub mod multinode;
 pub mod netpol;

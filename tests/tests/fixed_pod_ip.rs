@@ -54,7 +54,7 @@ fn a_fixed_pod_address_is_honoured_and_a_clash_refused_with_nothing_changed() {
     let out = lab.cli_output(&["lab", "apply", "-f", file.to_str().unwrap()]);
     std::fs::remove_file(&file).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains(
             "Pod default/clash: status.podIP: 10.244.1.200 is the address of pod default/fixed"

@@ -51,7 +51,8 @@ fn scaling_two_three_one_under_load_fails_no_request_once_realized() {
     let up_realized = Instant::now();
     eprintln!(
         "scale to 3: {:?}, realized in {:?}",
-        report.lines, report.realized_in
+        report.lines(),
+        report.realized_in
     );
     let three: BTreeSet<String> = lab.pods_named("nginx-deployment").into_iter().collect();
     assert_eq!(three.len(), 3);

@@ -322,6 +322,9 @@ pub struct FlowFilter {
     /// Only flows at or after this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Timestamp>,
+    /// Only flows at or before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
 }
 
 /// The event types a filter selects, named as `hubble observe --type` names them.

@@ -1,20 +1,26 @@
 //! `sluice lab ...`: thin glue from the command line to the `sluice-lab` library.
 
 use std::{
-    collections::BTreeMap,
     net::Ipv4Addr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
+use serde::Serialize;
 use sluice_lab::{
-    Ipv4Net, Lab, LabBinaries, LabOptions, NodeSpec, ProbeOptions, ProbeRequest, Protocol, Via,
+    ApplyReport, ChangeOptions, Ipv4Net, Lab, LabBinaries, LabOptions, NodeSpec, PodProgress,
+    ProbeOptions, ProbeRequest, Protocol, Via,
 };
 
-use crate::{Output, print_json, table};
+use crate::{
+    EXIT_DENIED, Output,
+    get::{GetArgs, get},
+    output::{Tone, paint, pods_bar, print_doc, with_spinner},
+    selector::Selector,
+};
 
 #[derive(Subcommand)]
 pub enum LabCommand {
@@ -28,18 +34,34 @@ pub enum LabCommand {
     /// Add or remove a node of a running lab.
     #[command(subcommand)]
     Node(NodeCommand),
-    /// Create or update objects from manifests (files or directories), like kubectl apply -f.
+    /// Create or update objects from manifests, like kubectl apply -f; nothing changes
+    /// unless all of them are valid.
     Apply {
+        /// A file, a directory (every *.yaml, *.yml and *.json in it) or `-` for stdin
+        /// (repeatable).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+        /// Print what would be created, configured (with the fields that change) and
+        /// deleted, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
-    /// Delete the objects named in manifests.
+    /// Delete the objects named in manifests; each must exist (else exit 2 naming it, and
+    /// nothing is deleted) unless --ignore-not-found.
     Delete {
+        /// As for apply.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+        /// Skip objects that are not there.
+        #[arg(long)]
+        ignore_not_found: bool,
+        /// Print what would be deleted, and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
-    /// List pods, services or endpoints.
-    Get { what: Resource },
+    /// List pods, services or endpoints (of the default namespace unless -n or -A), or the
+    /// world hosts; `-o wide` adds the pods' IP, node and identity, the services' selector.
+    Get(GetArgs),
     /// Run a command inside a pod's or a world host's network namespace: lab exec ns/pod -- curl ...
     /// or on a node (its namespace and cgroup, as a process of the node): lab exec --node n -- curl ...
     Exec {
@@ -109,8 +131,8 @@ pub struct ProbeArgs {
     #[arg(short = 'n', long = "namespace", conflicts_with = "from")]
     namespaces: Vec<String>,
     /// Only pods with these labels: `k=v,k2=v2`.
-    #[arg(short = 'l', long, conflicts_with = "from")]
-    selector: Option<String>,
+    #[arg(short = 'l', long, conflicts_with = "from", value_parser = Selector::parse)]
+    selector: Option<Selector>,
     /// The lab's world hosts too, as sources and destinations.
     #[arg(long, conflicts_with = "from")]
     world: bool,
@@ -170,19 +192,6 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is not a timeout like 1s, 500ms or 0.5"))
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Resource {
-    #[value(alias = "pod", alias = "po")]
-    Pods,
-    #[value(alias = "service", alias = "svc")]
-    Services,
-    #[value(alias = "endpoint", alias = "ep")]
-    Endpoints,
-    /// Hosts outside the cluster, from the lab file.
-    #[value(alias = "world-hosts")]
-    World,
-}
-
 pub fn options() -> anyhow::Result<LabOptions> {
     let state_root = std::env::var_os("SLUICE_LAB_STATE")
         .map_or_else(|| PathBuf::from("/run/sluice/labs"), PathBuf::from);
@@ -192,16 +201,100 @@ pub fn options() -> anyhow::Result<LabOptions> {
     })
 }
 
+/// `lab up` and `lab node add|remove`: the lab's nodes afterwards.
+#[derive(Serialize)]
+struct NodesDoc {
+    lab: String,
+    /// False when `lab up` found the lab running and matched its nodes to the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
+    added: Vec<String>,
+    removed: Vec<String>,
+    nodes: Vec<NodeDoc>,
+    generation: u64,
+    took_ms: f64,
+}
+
+#[derive(Serialize)]
+struct NodeDoc {
+    name: String,
+    pod_cidr: Ipv4Net,
+    agent_socket: PathBuf,
+}
+
+/// `lab down`.
+#[derive(Serialize)]
+struct DownDoc {
+    lab: String,
+    down: bool,
+}
+
+impl NodesDoc {
+    fn new(lab: &Lab, before: &[String], started: Instant) -> Self {
+        let after = lab.nodes();
+        Self {
+            lab: lab.name().to_string(),
+            created: None,
+            added: after
+                .iter()
+                .filter(|n| !before.contains(n))
+                .cloned()
+                .collect(),
+            removed: before
+                .iter()
+                .filter(|n| !after.contains(n))
+                .cloned()
+                .collect(),
+            nodes: lab
+                .spec()
+                .nodes
+                .iter()
+                .map(|n| NodeDoc {
+                    name: n.name.clone(),
+                    pod_cidr: n.pod_cidr,
+                    agent_socket: lab.agent_socket(&n.name),
+                })
+                .collect(),
+            generation: lab.generation(),
+            took_ms: started.elapsed().as_secs_f64() * 1000.0,
+        }
+    }
+
+    fn print(&self, output: Output, prose: String) -> anyhow::Result<()> {
+        if output.structured() {
+            return print_doc(output, self);
+        }
+        println!("{prose}");
+        Ok(())
+    }
+}
+
 pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<()> {
     let opts = options()?;
+    let started = Instant::now();
     match command {
         LabCommand::Up { file } if Lab::list(&opts)?.iter().any(|l| l == name) => {
-            Lab::open(name, &opts)?.reapply(file)?;
-            println!("lab {name} is up, its nodes as {} says", file.display());
+            let mut lab = Lab::open(name, &opts)?;
+            let before = lab.nodes();
+            with_spinner(
+                format!("matching lab {name}'s nodes to {}", file.display()),
+                || lab.reapply(file),
+            )?;
+            let mut doc = NodesDoc::new(&lab, &before, started);
+            doc.created = Some(false);
+            doc.print(
+                output,
+                format!("lab {name} is up, its nodes as {} says", file.display()),
+            )?;
         }
         LabCommand::Up { file } => {
-            Lab::up(name, file, &opts)?;
-            println!("lab {name} is up");
+            let lab = with_spinner(
+                format!("creating lab {name}: nodes, agents loading the datapath"),
+                || Lab::up(name, file, &opts),
+            )?;
+            let mut doc = NodesDoc::new(&lab, &[], started);
+            doc.created = Some(true);
+            doc.print(output, format!("lab {name} is up"))?;
         }
         LabCommand::Node(NodeCommand::Add {
             name: node,
@@ -209,21 +302,61 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
             underlay_address,
             zone,
         }) => {
-            Lab::open(name, &opts)?.add_node(NodeSpec {
-                name: node.clone(),
-                pod_cidr: *pod_cidr,
-                underlay_address: *underlay_address,
-                zone: zone.clone(),
+            let mut lab = Lab::open(name, &opts)?;
+            let before = lab.nodes();
+            with_spinner(format!("adding node {node}"), || {
+                lab.add_node(NodeSpec {
+                    name: node.clone(),
+                    pod_cidr: *pod_cidr,
+                    underlay_address: *underlay_address,
+                    zone: zone.clone(),
+                })
             })?;
-            println!("node {node} added to lab {name}");
+            NodesDoc::new(&lab, &before, started)
+                .print(output, format!("node {node} added to lab {name}"))?;
         }
         LabCommand::Node(NodeCommand::Remove { name: node }) => {
-            Lab::open(name, &opts)?.remove_node(node)?;
-            println!("node {node} removed from lab {name}");
+            let mut lab = Lab::open(name, &opts)?;
+            let before = lab.nodes();
+            with_spinner(format!("removing node {node}"), || lab.remove_node(node))?;
+            NodesDoc::new(&lab, &before, started)
+                .print(output, format!("node {node} removed from lab {name}"))?;
         }
-        LabCommand::Apply { files } => report(Lab::open(name, &opts)?.apply(files)?),
-        LabCommand::Delete { files } => report(Lab::open(name, &opts)?.delete(files)?),
-        LabCommand::Get { what } => get(&Lab::open(name, &opts)?, *what, output)?,
+        LabCommand::Apply { files, dry_run } => {
+            let mut lab = Lab::open(name, &opts)?;
+            let bar = pods_bar("applying: pods started");
+            let progress = |done: usize, total: usize| {
+                if let Some(bar) = &bar {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                }
+            };
+            let options = ChangeOptions {
+                dry_run: *dry_run,
+                ignore_not_found: false,
+                progress: bar.is_some().then_some(&progress as PodProgress),
+            };
+            let r = lab.apply_with(files, options);
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            report(&r?, output)?;
+        }
+        LabCommand::Delete {
+            files,
+            ignore_not_found,
+            dry_run,
+        } => {
+            let mut lab = Lab::open(name, &opts)?;
+            let options = ChangeOptions {
+                dry_run: *dry_run,
+                ignore_not_found: *ignore_not_found,
+                progress: None,
+            };
+            let r = with_spinner("deleting", || lab.delete_with(files, options))?;
+            report(&r, output)?;
+        }
+        LabCommand::Get(args) => get(&Lab::open(name, &opts)?, args, output)?,
         LabCommand::Exec { pod, node, command } => {
             let lab = Lab::open(name, &opts)?;
             let (program, args) = command.split_first().context("no command given")?;
@@ -242,22 +375,33 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
             let err = cmd.args(args).exec();
             bail!("exec {program} in {target}: {err}");
         }
-        LabCommand::Probe(args) => match probe(name, &opts, args, output) {
-            Ok(true) => {}
-            Ok(false) => std::process::exit(1),
-            // Exit status 1 means "denied", so errors take 2, as clap's usage errors do.
-            Err(e) => {
-                eprintln!("Error: {e}");
-                std::process::exit(2);
+        LabCommand::Probe(args) => {
+            if !probe(name, &opts, args, output)? {
+                std::process::exit(EXIT_DENIED.into());
             }
-        },
+        }
         LabCommand::Down => {
-            Lab::down(name, &opts)?;
-            println!("lab {name} is down");
+            with_spinner(format!("removing lab {name}"), || Lab::down(name, &opts))?;
+            if output.structured() {
+                print_doc(
+                    output,
+                    &DownDoc {
+                        lab: name.to_string(),
+                        down: true,
+                    },
+                )?;
+            } else {
+                println!("lab {name} is down");
+            }
         }
         LabCommand::List => {
-            for lab in Lab::list(&opts)? {
-                println!("{lab}");
+            let labs = Lab::list(&opts)?;
+            if output.structured() {
+                print_doc(output, &labs)?;
+            } else {
+                for lab in labs {
+                    println!("{lab}");
+                }
             }
         }
         LabCommand::PodServer {
@@ -289,35 +433,38 @@ fn probe(name: &str, opts: &LabOptions, args: &ProbeArgs, output: Output) -> any
             bail!("a single probe (--from/--to) takes one --port and one --protocol");
         };
         let p = lab.probe_one(from, to, *port, *protocol, &options)?;
-        if output == Output::Json {
-            print_json(&p)?;
+        if output.structured() {
+            print_doc(output, &p)?;
         } else {
+            let verdict = if p.allowed {
+                paint("allowed", Tone::Good)
+            } else {
+                paint("denied", Tone::Bad)
+            };
             println!(
-                "{} -> {} ({}:{}/{}): {} ({})",
+                "{} -> {} ({}:{}/{}): {verdict} ({})",
                 p.from,
                 p.to,
                 p.address,
                 p.port,
                 p.protocol,
-                if p.allowed { "allowed" } else { "denied" },
-                p.outcome.describe()
+                // What answered, or why nothing did.
+                if p.allowed {
+                    p.detail.clone()
+                } else {
+                    p.outcome.describe()
+                }
             );
         }
         return Ok(p.allowed);
     }
     let selector = match &args.selector {
-        None => BTreeMap::new(),
-        Some(text) => text
-            .split(',')
-            .filter(|kv| !kv.is_empty())
-            .map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .with_context(|| format!("--selector: {kv:?} is not key=value"))
-            })
-            .collect::<anyhow::Result<_>>()?,
+        None => Default::default(),
+        Some(selector) => selector
+            .equalities()
+            .map_err(|e| anyhow::anyhow!("--selector: {e}"))?,
     };
-    let matrix = lab.probe(&ProbeRequest {
+    let request = ProbeRequest {
         namespaces: args.namespaces.clone(),
         selector,
         world: args.world || args.sources.contains(&SourceKind::World),
@@ -325,9 +472,10 @@ fn probe(name: &str, opts: &LabOptions, args: &ProbeArgs, output: Output) -> any
         ports: args.ports.clone(),
         protocols: args.protocols.clone(),
         options,
-    })?;
-    if output == Output::Json {
-        print_json(&matrix)?;
+    };
+    let matrix = with_spinner("probing", || lab.probe(&request))?;
+    if output.structured() {
+        print_doc(output, &matrix)?;
     } else {
         print!("{}", matrix.render());
     }
@@ -335,8 +483,29 @@ fn probe(name: &str, opts: &LabOptions, args: &ProbeArgs, output: Output) -> any
     Ok(!(args.strict && matrix.not_runnable() > 0))
 }
 
-fn report(r: sluice_lab::ApplyReport) {
-    for line in &r.lines {
+/// kubectl's lines (a dry run also lists the pods controllers would create or remove, and
+/// the fields each configured object changes), or the report as one document.
+fn report(r: &ApplyReport, output: Output) -> anyhow::Result<()> {
+    if output.structured() {
+        return print_doc(output, r);
+    }
+    if r.dry_run {
+        for c in &r.changes {
+            let mut line = format!("{} (dry run)", c.line());
+            if let Some(owner) = &c.owner {
+                line.push_str(&format!(", by {owner}"));
+            }
+            if !c.fields.is_empty() {
+                line.push_str(&format!(": {}", c.fields.join(", ")));
+            }
+            println!("{line}");
+        }
+        for w in &r.warnings {
+            println!("{}", paint(&format!("Warning: {w}"), Tone::Warn));
+        }
+        return Ok(());
+    }
+    for line in r.lines() {
         println!("{line}");
     }
     println!(
@@ -344,81 +513,5 @@ fn report(r: sluice_lab::ApplyReport) {
         r.generation,
         r.realized_in.as_secs_f64() * 1000.0
     );
-}
-
-fn get(lab: &Lab, what: Resource, output: Output) -> anyhow::Result<()> {
-    match (what, output) {
-        (Resource::Pods, Output::Json) => print_json(&lab.pods()),
-        (Resource::Services, Output::Json) => print_json(&lab.services()),
-        (Resource::Endpoints, Output::Json) => print_json(&lab.endpoints()),
-        (Resource::World, Output::Json) => print_json(&lab.world_hosts()),
-        (Resource::World, Output::Table) => {
-            let rows: Vec<_> = lab
-                .world_hosts()
-                .into_iter()
-                .map(|w| vec![w.name, w.address.to_string(), w.node, w.ports])
-                .collect();
-            table::print(&["NAME", "ADDRESS", "NODE", "PORT(S)"], &rows);
-            Ok(())
-        }
-        (Resource::Pods, Output::Table) => {
-            let rows: Vec<_> = lab
-                .pods()
-                .into_iter()
-                .map(|p| {
-                    let ready = if p.ready { "1/1" } else { "0/1" };
-                    vec![
-                        p.namespace,
-                        p.name,
-                        ready.into(),
-                        p.status,
-                        p.ip.map(|ip| ip.to_string()).unwrap_or_default(),
-                        p.node,
-                    ]
-                })
-                .collect();
-            table::print(
-                &["NAMESPACE", "NAME", "READY", "STATUS", "IP", "NODE"],
-                &rows,
-            );
-            Ok(())
-        }
-        (Resource::Services, Output::Table) => {
-            let rows: Vec<_> = lab
-                .services()
-                .into_iter()
-                .map(|s| {
-                    vec![
-                        s.namespace,
-                        s.name,
-                        s.kind,
-                        s.cluster_ip,
-                        s.external_ip,
-                        s.ports,
-                    ]
-                })
-                .collect();
-            table::print(
-                &[
-                    "NAMESPACE",
-                    "NAME",
-                    "TYPE",
-                    "CLUSTER-IP",
-                    "EXTERNAL-IP",
-                    "PORT(S)",
-                ],
-                &rows,
-            );
-            Ok(())
-        }
-        (Resource::Endpoints, Output::Table) => {
-            let rows: Vec<_> = lab
-                .endpoints()
-                .into_iter()
-                .map(|e| vec![e.namespace, e.name, e.endpoints])
-                .collect();
-            table::print(&["NAMESPACE", "NAME", "ENDPOINTS"], &rows);
-            Ok(())
-        }
-    }
+    Ok(())
 }

@@ -14,7 +14,11 @@ use sluice_api::{
 };
 use sluice_observer::{Arrival, FollowSource, SourceFlows};
 
-use crate::{Output, agents::Agent};
+use crate::{
+    EXIT_ERROR, Output,
+    agents::Agent,
+    output::{Tone, paint, yaml},
+};
 
 /// Flows printed without --last, --follow or --since (as `hubble observe`).
 const DEFAULT_LAST: usize = 20;
@@ -58,8 +62,11 @@ pub struct ObserveArgs {
     #[arg(long)]
     port: Vec<u16>,
     /// Flows since a time: a duration ago (`30s`, `5m`, `2h`, `1d`) or RFC 3339.
-    #[arg(long, value_parser = parse_since)]
+    #[arg(long, value_parser = parse_time)]
     since: Option<Timestamp>,
+    /// Flows until a time, written as for --since (a past time: not with --follow).
+    #[arg(long, value_parser = parse_time, conflicts_with = "follow")]
+    until: Option<Timestamp>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -210,7 +217,7 @@ fn reported<T>(agent: &Agent, result: Result<T, ApiError>) -> Option<T> {
 
 fn no_agent() -> ! {
     eprintln!("Error: no agent could be reached");
-    std::process::exit(2)
+    std::process::exit(EXIT_ERROR.into())
 }
 
 struct Printer<'a> {
@@ -228,9 +235,15 @@ impl Printer<'_> {
             return Ok(());
         }
         let line = match (self.output, self.with_node) {
-            (Output::Table, false) => sluice_observer::compact(flow),
-            (Output::Table, true) => sluice_observer::compact_with_node(flow),
             (Output::Json, _) => json_line(flow)?,
+            // A stream of documents: each flow its own, Hubble's shape as in JSON.
+            (Output::Yaml, _) => format!("---\n{}", yaml(&hubble_response(flow))?.trim_end()),
+            (Output::Table | Output::Wide, false) => {
+                verdict_colour(flow, sluice_observer::compact(flow))
+            }
+            (Output::Table | Output::Wide, true) => {
+                verdict_colour(flow, sluice_observer::compact_with_node(flow))
+            }
         };
         writeln!(self.out, "{line}").context("writing to stdout")?;
         // Followed flows appear as they come, not when a buffer fills.
@@ -288,21 +301,34 @@ fn request(args: &ObserveArgs) -> ObserveRequest {
                 .collect(),
             port: args.port.clone(),
             since: args.since,
+            until: args.until,
         },
     }
 }
 
 /// Hubble's `-o json` line: a GetFlowsResponse, so `hubble observe --input-file` reads it.
 fn json_line(flow: &Flow) -> anyhow::Result<String> {
-    serde_json::to_string(&serde_json::json!({
+    serde_json::to_string(&hubble_response(flow)).context("encoding flow")
+}
+
+fn hubble_response(flow: &Flow) -> serde_json::Value {
+    serde_json::json!({
         "flow": flow,
         "node_name": flow.node_name,
         "time": flow.time,
-    }))
-    .context("encoding flow")
+    })
 }
 
-fn parse_since(s: &str) -> anyhow::Result<Timestamp> {
+/// A dropped flow's line in red, on a terminal.
+fn verdict_colour(flow: &Flow, line: String) -> String {
+    if flow.verdict == Verdict::Dropped {
+        paint(&line, Tone::Bad)
+    } else {
+        line
+    }
+}
+
+fn parse_time(s: &str) -> anyhow::Result<Timestamp> {
     if let Some(t) = Timestamp::parse_rfc3339(s) {
         return Ok(t);
     }
@@ -411,6 +437,12 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["observe", "--type", "bogus"]).is_err());
         assert!(Cli::try_parse_from(["observe", "--since", "yesterday"]).is_err());
+        let until = request_for(&["--since", "1h", "--until", "2026-11-30T10:00:00Z"]);
+        assert_eq!(
+            until.filter.until,
+            Timestamp::parse_rfc3339("2026-11-30T10:00:00Z")
+        );
+        assert!(Cli::try_parse_from(["observe", "-f", "--until", "5m"]).is_err());
     }
 
     #[test]

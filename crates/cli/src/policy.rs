@@ -6,7 +6,7 @@ use sluice_api::{
     Client, EndpointEntry, EndpointPolicyView, EndpointStatus, IdentityEntry, PolicyRow, RowState,
 };
 
-use crate::{Output, print_json, table};
+use crate::{Output, output::print_doc, table};
 
 #[derive(Subcommand)]
 pub enum EndpointCommand {
@@ -34,8 +34,8 @@ pub fn endpoint(client: &Client, command: &EndpointCommand, output: Output) -> a
     match command {
         EndpointCommand::List => {
             let endpoints: Vec<EndpointEntry> = client.endpoints()?;
-            if output == Output::Json {
-                return print_json(&endpoints);
+            if output.structured() {
+                return print_doc(output, &endpoints);
             }
             let mut rows = Vec::new();
             for e in &endpoints {
@@ -66,8 +66,8 @@ pub fn endpoint(client: &Client, command: &EndpointCommand, output: Output) -> a
         }
         EndpointCommand::Get { endpoint } => {
             let e: EndpointEntry = client.endpoint(endpoint)?;
-            if output == Output::Json {
-                return print_json(&e);
+            if output.structured() {
+                return print_doc(output, &e);
             }
             print_endpoint(&e);
             Ok(())
@@ -145,14 +145,14 @@ pub fn identity(client: &Client, command: &IdentityCommand, output: Output) -> a
         IdentityCommand::List => client.identities()?,
         IdentityCommand::Get { id } => {
             let one: IdentityEntry = client.identity(*id)?;
-            if output == Output::Json {
-                return print_json(&one);
+            if output.structured() {
+                return print_doc(output, &one);
             }
             vec![one]
         }
     };
-    if output == Output::Json {
-        return print_json(&identities);
+    if output.structured() {
+        return print_doc(output, &identities);
     }
     let mut rows = Vec::new();
     for i in &identities {
@@ -170,8 +170,8 @@ pub fn identity(client: &Client, command: &IdentityCommand, output: Output) -> a
 pub fn policy(client: &Client, command: &PolicyCommand, output: Output) -> anyhow::Result<()> {
     let PolicyCommand::Get { endpoint } = command;
     let view: EndpointPolicyView = client.policy(endpoint)?;
-    if output == Output::Json {
-        return print_json(&view);
+    if output.structured() {
+        return print_doc(output, &view);
     }
     let mut rows = Vec::new();
     for r in &view.rows {

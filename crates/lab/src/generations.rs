@@ -30,17 +30,19 @@ impl Lab {
 
     /// Waits until every node's agent has realized `generation`. `started` are the agents
     /// `lab up` just started: those must also be healthy, and one that exits fails the wait.
+    /// Returns when each node was first seen with it realized, in node order.
     pub(crate) fn wait_agents(
         &self,
         generation: u64,
         timeout: Duration,
         started: &[(String, Detached)],
-    ) -> Result<(), LabError> {
+    ) -> Result<Vec<(String, Instant)>, LabError> {
         if !self.state.agents {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let deadline = Instant::now() + timeout;
         let mut pending = self.nodes();
+        let mut realized = Vec::new();
         let mut last = String::new();
         loop {
             let mut still = Vec::new();
@@ -49,7 +51,10 @@ impl Lab {
                     // At startup the agent must also be healthy: it has loaded the datapath.
                     Ok(s)
                         if s.realized_revision >= generation
-                            && (s.healthy || started.is_empty()) => {}
+                            && (s.healthy || started.is_empty()) =>
+                    {
+                        realized.push((node, Instant::now()));
+                    }
                     Ok(s) => {
                         last = format!(
                             "realized {} of {}, healthy {}{}",
@@ -70,7 +75,9 @@ impl Lab {
             }
             pending = still;
             let Some(node) = pending.first() else {
-                return Ok(());
+                let order = self.nodes();
+                realized.sort_by_key(|(n, _)| order.iter().position(|o| o == n));
+                return Ok(realized);
             };
             if let Some((_, agent)) = started.iter().find(|(n, _)| n == node)
                 && let Some(status) = agent.exited()

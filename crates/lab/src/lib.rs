@@ -7,7 +7,8 @@
 //! lives in `<state_root>/<lab>/lab.json`; what the agents read is `cluster.json`.
 //!
 //! Where things are: [`Lab`] and where its parts live (this file); `lifecycle` (up, open,
-//! down, list, the agents' command lines); `apply` (carrying out a `plan`); `generations`
+//! down, list, the agents' command lines); `apply` (carrying out a `plan`); `changes` (what
+//! an apply or delete reports); `generations`
 //! (writing cluster.json and waiting for the agents to realize it); `pods` (pod and world
 //! host namespaces, links and servers); `views` (`lab get`); `journal` (the state
 //! directory's lock and namespace journal); `metrics`; `net` (wiring, over sluice-netns);
@@ -16,6 +17,7 @@
 //! a running lab).
 
 mod apply;
+mod changes;
 mod error;
 mod generations;
 mod healthcheck;
@@ -47,9 +49,10 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
 use sluice_netns::NetNs;
 
+pub use apply::{ChangeOptions, PodProgress};
+pub use changes::{Action, AgentRealized, ApplyReport, Change};
 pub use error::{LabError, LogTail};
 pub use healthcheck::run_router_health;
 /// Node pod CIDRs and the lab's ranges, as [`NodeSpec`] takes them.
@@ -108,18 +111,6 @@ pub struct LabOptions {
     pub binaries: LabBinaries,
     /// Labs live in `<state_root>/<lab>/` (the CLI uses /run/sluice/labs).
     pub state_root: PathBuf,
-}
-
-/// What `lab apply` / `lab delete` did.
-#[derive(Clone, Debug, Serialize)]
-pub struct ApplyReport {
-    /// kubectl's lines: "deployment.apps/nginx-deployment created".
-    pub lines: Vec<String>,
-    /// Generation of `cluster.json` after the call.
-    pub generation: u64,
-    /// From the start of the call until every agent had realized the final generation: for a
-    /// new backend, the time from `lab apply` until it can receive traffic.
-    pub realized_in: Duration,
 }
 
 /// A lab that exists on this machine.

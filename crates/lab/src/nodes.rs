@@ -197,7 +197,8 @@ impl Lab {
                 process::spawn_detached(cmd, &self.agent_log(&node.name))?,
             ));
         }
-        self.wait_agents(self.state.generation, STARTUP_TIMEOUT, &agents)
+        self.wait_agents(self.state.generation, STARTUP_TIMEOUT, &agents)?;
+        Ok(())
     }
 
     /// `spec` with `node` added last, if the lab's rules take it; refused naming the node

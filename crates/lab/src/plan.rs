@@ -15,7 +15,9 @@ use serde_json::Value;
 use sluice_sources::{Manifest, ManifestError, Object};
 
 use crate::{
-    LabError, loadbalancer,
+    LabError,
+    changes::{Action, Change, changed_fields},
+    loadbalancer,
     state::{self, LabState, Stored, key, now},
 };
 
@@ -38,12 +40,19 @@ pub struct Plan {
     pub create: Vec<String>,
     /// Keys of the terminating pods, to remove once every agent has realized that.
     pub remove: Vec<String>,
-    /// kubectl's output lines.
-    pub lines: Vec<String>,
+    /// Every object of the input, in input order.
+    pub changes: Vec<Change>,
+    /// What a cloud's events would say: a LoadBalancer left pending.
+    pub warnings: Vec<String>,
 }
 
 impl Plan {
-    fn finish(state: LabState, create: Vec<String>, lines: Vec<String>) -> Self {
+    fn finish(
+        state: LabState,
+        create: Vec<String>,
+        changes: Vec<Change>,
+        warnings: Vec<String>,
+    ) -> Self {
         // Includes pods a failed earlier call left terminating.
         let remove = state
             .pods
@@ -55,8 +64,19 @@ impl Plan {
             state,
             create,
             remove,
-            lines,
+            changes,
+            warnings,
         }
+    }
+
+    /// kubectl's output lines.
+    #[cfg(test)]
+    pub fn lines(&self) -> Vec<String> {
+        self.changes
+            .iter()
+            .map(Change::line)
+            .chain(self.warnings.iter().map(|w| format!("Warning: {w}")))
+            .collect()
     }
 }
 
@@ -66,7 +86,8 @@ struct Apply<'a> {
     /// The whole input, for checks that look at the other objects of the apply.
     manifests: &'a [Manifest],
     errors: Vec<ManifestError>,
-    lines: Vec<String>,
+    changes: Vec<Change>,
+    warnings: Vec<String>,
     create: Vec<String>,
     when: Time,
     /// nodePorts and healthCheckNodePorts taken, so allocation steps around them.
@@ -78,10 +99,15 @@ impl Apply<'_> {
         self.errors.push(violation(m, field, message));
     }
 
-    /// kubectl's line for `m`: created, configured or unchanged against what was applied.
+    /// `m` created, configured or unchanged against what was applied before.
     fn line(&mut self, m: &Manifest, previous: Option<&Option<Value>>, applied: &Value) {
-        self.lines
-            .push(format!("{} {}", resource(m), verb(previous, applied)));
+        let (action, fields) = match previous {
+            None => (Action::Created, Vec::new()),
+            Some(Some(p)) if p == applied => (Action::Unchanged, Vec::new()),
+            Some(Some(p)) => (Action::Configured, changed_fields(p, applied)),
+            Some(None) => (Action::Configured, Vec::new()),
+        };
+        self.changes.push(change(m, action, fields));
     }
 
     /// Stores an object that needs no controller: an EndpointSlice or a NetworkPolicy.
@@ -208,7 +234,8 @@ pub fn apply(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErro
         st: current.clone(),
         manifests,
         errors: Vec::new(),
-        lines: Vec::new(),
+        changes: Vec::new(),
+        warnings: Vec::new(),
         create: Vec::new(),
         when: now(),
         claimed_node_ports: nodeports::claimed(current, manifests),
@@ -231,12 +258,17 @@ pub fn apply(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErro
             .iter()
             .any(|m| matches!(m.object, Object::Service(_)) && key(m.namespace(), m.name()) == k)
         {
-            apply.lines.push(format!(
-                "Warning: service/{k}: LoadBalancer pending: {message}"
-            ));
+            apply
+                .warnings
+                .push(format!("service/{k}: LoadBalancer pending: {message}"));
         }
     }
-    Ok(Plan::finish(apply.st, apply.create, apply.lines))
+    Ok(Plan::finish(
+        apply.st,
+        apply.create,
+        apply.changes,
+        apply.warnings,
+    ))
 }
 
 fn violation(m: &Manifest, field: &str, message: impl Into<String>) -> ManifestError {
@@ -249,19 +281,15 @@ fn violation(m: &Manifest, field: &str, message: impl Into<String>) -> ManifestE
     }
 }
 
-/// `deployment.apps/web`, as kubectl names what it applied.
-fn resource(m: &Manifest) -> String {
-    format!("{}/{}", resource_type(m), m.name())
-}
-
-fn resource_type(m: &Manifest) -> &'static str {
-    match m.object {
-        Object::Namespace(_) => "namespace",
-        Object::Pod(_) => "pod",
-        Object::Deployment(_) => "deployment.apps",
-        Object::Service(_) => "service",
-        Object::EndpointSlice(_) => "endpointslice.discovery.k8s.io",
-        Object::NetworkPolicy(_) => "networkpolicy.networking.k8s.io",
+/// What happened to the object of `m`.
+fn change(m: &Manifest, action: Action, fields: Vec<String>) -> Change {
+    Change {
+        action,
+        kind: m.kind(),
+        namespace: (!m.namespace().is_empty()).then(|| m.namespace().to_string()),
+        name: m.name().to_string(),
+        fields,
+        owner: None,
     }
 }
 
@@ -278,14 +306,6 @@ fn applied_json(m: &Manifest) -> Value {
     value.unwrap_or(Value::Null)
 }
 
-fn verb(previous: Option<&Option<Value>>, applied: &Value) -> &'static str {
-    match previous {
-        None => "created",
-        Some(Some(p)) if p == applied => "unchanged",
-        Some(_) => "configured",
-    }
-}
-
 fn new_uid() -> String {
     let hex = |n: usize| -> String {
         (0..n)
@@ -294,10 +314,15 @@ fn new_uid() -> String {
     };
     format!("{}-{}-{}-{}-{}", hex(8), hex(4), hex(4), hex(4), hex(12))
 }
-pub fn delete(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabError> {
+/// `kubectl delete -f`: every object named must exist, unless `ignore_not_found`.
+pub fn delete(
+    current: &LabState,
+    manifests: &[Manifest],
+    ignore_not_found: bool,
+) -> Result<Plan, LabError> {
     let mut st = current.clone();
     let mut errors = Vec::new();
-    let mut lines = Vec::new();
+    let mut changes = Vec::new();
     let when = now();
     for m in manifests {
         let k = key(m.namespace(), m.name());
@@ -340,9 +365,13 @@ pub fn delete(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErr
             Object::NetworkPolicy(_) => st.network_policies.remove(&k).is_some(),
         };
         if found {
-            lines.push(format!("{} {:?} deleted", resource_type(m), m.name()));
-        } else {
-            errors.push(violation(m, "metadata.name", "not found in the lab"));
+            changes.push(change(m, Action::Deleted, Vec::new()));
+        } else if !ignore_not_found {
+            errors.push(violation(
+                m,
+                "metadata.name",
+                "not found in the lab (--ignore-not-found skips it)",
+            ));
         }
     }
     if !errors.is_empty() {
@@ -350,7 +379,7 @@ pub fn delete(current: &LabState, manifests: &[Manifest]) -> Result<Plan, LabErr
     }
     // A deleted Service's VIP goes back to the pool, perhaps to a pending Service.
     loadbalancer::assign(&mut st);
-    Ok(Plan::finish(st, Vec::new(), lines))
+    Ok(Plan::finish(st, Vec::new(), changes, Vec::new()))
 }
 
 /// Deleting a namespace deletes everything in it, as the namespace controller does.

@@ -1,8 +1,9 @@
 //! What `lab get` shows: pods, services, endpoints and world hosts, in kubectl's shapes.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::Serialize;
+use sluice_api::Client;
 
 use crate::{Lab, loadbalancer, names, slices};
 
@@ -15,6 +16,11 @@ pub struct PodView {
     pub status: String,
     pub ip: Option<Ipv4Addr>,
     pub node: String,
+    pub labels: BTreeMap<String, String>,
+    /// The security identity its node's agent gave it ([`Lab::pod_identities`]); None
+    /// until asked, or when the agent does not know the pod (yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -33,12 +39,17 @@ pub struct ServiceView {
     pub health_check_node_port: Option<i32>,
     /// `80/TCP,53/UDP` (`80:30080/TCP` with a nodePort).
     pub ports: String,
+    pub labels: BTreeMap<String, String>,
+    /// `spec.selector`; empty for a Service without one.
+    pub selector: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct EndpointsView {
     pub namespace: String,
     pub name: String,
+    /// The Service's labels, as the Endpoints object carries them.
+    pub labels: BTreeMap<String, String>,
     /// Ready endpoints as `ip:port,...`, like `kubectl get endpoints`; empty if none.
     pub endpoints: String,
 }
@@ -72,8 +83,31 @@ impl Lab {
                 .into(),
                 ip: Some(p.ip),
                 node: p.node.clone(),
+                labels: p.pod.metadata.labels.clone().unwrap_or_default(),
+                identity: None,
             })
             .collect()
+    }
+
+    /// The identity of every pod the agents know, by `namespace/name`, asked of every
+    /// node's agent; the nodes whose agent did not answer are returned with why.
+    pub fn pod_identities(&self) -> (BTreeMap<String, u32>, Vec<(String, sluice_api::ApiError)>) {
+        let mut identities = BTreeMap::new();
+        let mut failed = Vec::new();
+        if !self.state.agents {
+            return (identities, failed);
+        }
+        for node in self.nodes() {
+            match Client::new(self.agent_socket(&node)).endpoints() {
+                Ok(endpoints) => identities.extend(
+                    endpoints
+                        .into_iter()
+                        .map(|e| (format!("{}/{}", e.namespace, e.pod), e.identity)),
+                ),
+                Err(e) => failed.push((node, e)),
+            }
+        }
+        (identities, failed)
     }
 
     pub fn services(&self) -> Vec<ServiceView> {
@@ -114,6 +148,8 @@ impl Lab {
                     kind: spec.type_.unwrap_or_else(|| "ClusterIP".into()),
                     cluster_ip: spec.cluster_ip.unwrap_or_default(),
                     ports,
+                    labels: s.object.metadata.labels.clone().unwrap_or_default(),
+                    selector: spec.selector.unwrap_or_default(),
                 }
             })
             .collect()
@@ -169,6 +205,7 @@ impl Lab {
                 EndpointsView {
                     namespace,
                     name,
+                    labels: s.object.metadata.labels.clone().unwrap_or_default(),
                     endpoints: endpoints.join(","),
                 }
             })

@@ -205,7 +205,7 @@ fn pods_serve_http_tcp_echo_and_udp_over_real_routes() {
         examples().join("client.yaml"),
     ]);
     assert_eq!(
-        report.lines,
+        report.lines(),
         [
             "deployment.apps/nginx-deployment created",
             "service/nginx-service created",
@@ -335,7 +335,7 @@ fn pods_serve_http_tcp_echo_and_udp_over_real_routes() {
     let netns_before = netns_of(&t.name);
     let report = t.lab.delete(&[examples().join("nginx.yaml")]).unwrap();
     assert_eq!(
-        report.lines,
+        report.lines(),
         [
             "deployment.apps \"nginx-deployment\" deleted",
             "service \"nginx-service\" deleted"
@@ -365,12 +365,16 @@ fn scaling_two_three_one_changes_pods_and_slices() {
     let generation = t.lab.generation();
 
     let report = t.apply(&[t.write("nginx.yaml", &nginx.replace("replicas: 2", "replicas: 3"))]);
-    eprintln!("scale 2→3: {:?} in {:?}", report.lines, report.realized_in);
+    eprintln!(
+        "scale 2→3: {:?} in {:?}",
+        report.lines(),
+        report.realized_in
+    );
     assert_eq!(
-        report.lines[0],
+        report.lines()[0],
         "deployment.apps/nginx-deployment configured"
     );
-    assert_eq!(report.lines[1], "service/nginx-service unchanged");
+    assert_eq!(report.lines()[1], "service/nginx-service unchanged");
     assert_eq!(report.generation, generation + 1);
     let three: BTreeSet<_> = t.nginx_pods().into_iter().collect();
     assert_eq!(three.len(), 3);
@@ -384,7 +388,11 @@ fn scaling_two_three_one_changes_pods_and_slices() {
     assert_eq!(t.lab.endpoints()[0].endpoints.split(',').count(), 3);
 
     let report = t.apply(&[t.write("nginx.yaml", &nginx.replace("replicas: 2", "replicas: 1"))]);
-    eprintln!("scale 3→1: {:?} in {:?}", report.lines, report.realized_in);
+    eprintln!(
+        "scale 3→1: {:?} in {:?}",
+        report.lines(),
+        report.realized_in
+    );
     // Terminating first, then removed: two generations.
     assert_eq!(report.generation, generation + 3);
     let one = t.nginx_pods();
@@ -973,13 +981,13 @@ fn single_probe_answers_with_its_exit_status() {
         (
             &["--from", "a", "--to", "b", "--port", "82"],
             1,
-            "denied (refused)",
+            "denied (refused (nothing listens",
         ),
         // No node routes it (the lab has no way out).
         (
             &["--from", "a", "--to", "203.0.113.99", "--port", "80"],
             1,
-            "denied (unreachable)",
+            "denied (unreachable (no route",
         ),
         (
             &["--from", "a", "--to", "nobody", "--port", "80"],

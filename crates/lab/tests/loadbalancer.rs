@@ -109,7 +109,7 @@ fn vips_are_assigned_routed_over_every_node_and_released() {
         &(web_pod("web-1", "node-1") + &lb_service("web", "")),
     );
     let report = t.lab.apply(&[file]).unwrap();
-    assert!(!report.lines.iter().any(|l| l.contains("Warning")));
+    assert!(!report.lines().iter().any(|l| l.contains("Warning")));
     let web = vip(&t.lab, "web");
     assert_eq!(web, Ipv4Addr::new(198, 51, 100, 1));
     let view = t
@@ -159,11 +159,8 @@ fn vips_are_assigned_routed_over_every_node_and_released() {
         &(lb_service("more", "") + &lb_service("most", "")),
     );
     let report = t.lab.apply(&[file]).unwrap();
-    let warning = report
-        .lines
-        .iter()
-        .find(|l| l.starts_with("Warning"))
-        .unwrap();
+    let lines = report.lines();
+    let warning = lines.iter().find(|l| l.starts_with("Warning")).unwrap();
     assert_eq!(
         warning,
         "Warning: service/default/most: LoadBalancer pending: no free address in the lab's loadBalancer.pool 198.51.100.0/30 (2 in use)"

@@ -26,6 +26,7 @@ pub fn matches(filter: &FlowFilter, flow: &Flow) -> bool {
             flow.ports().is_some_and(|(s, d)| s == *port || d == *port)
         })
         && filter.since.is_none_or(|since| flow.time >= since)
+        && filter.until.is_none_or(|until| flow.time <= until)
 }
 
 fn any_or_empty<T>(values: &[T], f: impl Fn(&T) -> bool) -> bool {

@@ -467,6 +467,12 @@ fn filters_follow_hubbles_semantics() {
     };
     assert_eq!(filter(since(denied.time.0)), (true, true));
     assert_eq!(filter(since(denied.time.0 + 1)), (false, false));
+    let until = |t: i64| FlowFilter {
+        until: Some(Timestamp(t)),
+        ..FlowFilter::default()
+    };
+    assert_eq!(filter(until(denied.time.0)), (true, true));
+    assert_eq!(filter(until(denied.time.0 - 1)), (false, false));
 }
 
 #[test]

@@ -176,11 +176,22 @@ impl ManifestError {
     }
 }
 
-/// Reads every manifest under `paths`, validates all of it, and returns every object or the
-/// first error. The same (kind, namespace, name) twice anywhere in the load is an error.
+/// The path that stands for standard input, as `kubectl apply -f -` has it.
+pub const STDIN: &str = "-";
+
+/// Reads every manifest under `paths` (`-` reads standard input), validates all of it, and
+/// returns every object or the first error. The same (kind, namespace, name) twice anywhere
+/// in the load is an error.
 pub fn load_paths(paths: &[PathBuf]) -> Result<Vec<Manifest>, ManifestError> {
     let mut manifests = Vec::new();
     for path in paths {
+        if path.as_os_str() == STDIN {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| ManifestError::file(Path::new("stdin"), format!("read: {e}")))?;
+            manifests.extend(parse_str(Path::new("stdin"), &text)?);
+            continue;
+        }
         for file in expand(path)? {
             let text = fs::read_to_string(&file)
                 .map_err(|e| ManifestError::file(&file, format!("read: {e}")))?;

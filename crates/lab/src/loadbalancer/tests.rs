@@ -43,7 +43,8 @@ fn lb(name: &str) -> String {
 
 fn apply(st: &LabState, yaml: &str) -> (LabState, Vec<String>) {
     let plan = plan::apply(st, &manifests(yaml)).unwrap_or_else(|e| panic!("{e}"));
-    (plan.state, plan.lines)
+    let lines = plan.lines();
+    (plan.state, lines)
 }
 
 fn vip(st: &LabState, name: &str) -> Option<Ipv4Addr> {
@@ -125,7 +126,7 @@ fn an_exhausted_pool_leaves_the_service_pending_until_a_vip_is_released() {
         "{lines:?}"
     );
     // Deleting a frees its VIP for c, the cloud's controller would retry.
-    let plan = plan::delete(&st, &manifests(&lb("a"))).unwrap();
+    let plan = plan::delete(&st, &manifests(&lb("a")), false).unwrap();
     assert_eq!(vip(&plan.state, "c"), Some(Ipv4Addr::new(198, 51, 100, 1)));
     assert!(
         plan.state.services["default/c"]

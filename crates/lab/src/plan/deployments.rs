@@ -91,7 +91,7 @@ pub fn reconcile_deployments(current: &LabState) -> Result<Plan, LabError> {
         })?;
         create.extend(created);
     }
-    Ok(Plan::finish(st, create, Vec::new()))
+    Ok(Plan::finish(st, create, Vec::new(), Vec::new()))
 }
 
 /// The ReplicaSet part of a Deployment: `replicas` pods of the current template; pods of an

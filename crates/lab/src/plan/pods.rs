@@ -15,8 +15,9 @@ use sluice_sources::Manifest;
 
 use ipnet::Ipv4Net;
 
-use super::{Apply, new_uid, resource};
+use super::{Apply, change, new_uid};
 use crate::{
+    changes::Action,
     ipam, names, slices,
     spec::LabSpec,
     state::{LabState, Owner, PodRecord, key, now},
@@ -58,7 +59,7 @@ impl Apply<'_> {
                 fixed.map(|(ip, _)| ip),
             ) {
                 Ok(k) => {
-                    self.lines.push(format!("{} created", resource(m)));
+                    self.changes.push(change(m, Action::Created, Vec::new()));
                     self.create.push(k);
                 }
                 Err(message) => self.violation(m, "", message),

@@ -88,7 +88,7 @@ fn deployment_pods(st: &LabState) -> Vec<&PodRecord> {
 fn the_seed_manifest_makes_two_named_pods_and_a_cluster_ip() {
     let (st, plan) = apply_ok(&one_node(), NGINX);
     assert_eq!(
-        plan.lines,
+        plan.lines(),
         [
             "deployment.apps/nginx-deployment created",
             "service/nginx-service created"
@@ -147,7 +147,7 @@ fn reapplying_is_unchanged_and_keeps_everything() {
     let (st, _) = apply_ok(&one_node(), NGINX);
     let (again, plan) = apply_ok(&st, NGINX);
     assert_eq!(
-        plan.lines,
+        plan.lines(),
         [
             "deployment.apps/nginx-deployment unchanged",
             "service/nginx-service unchanged"
@@ -168,7 +168,11 @@ fn scaling_adds_pods_and_removes_the_newest() {
         .map(|p| p.name().to_string())
         .collect();
     let (st, plan) = apply_ok(&st, &NGINX.replace("replicas: 2", "replicas: 3"));
-    assert_eq!(plan.lines[0], "deployment.apps/nginx-deployment configured");
+    assert_eq!(
+        plan.lines()[0],
+        "deployment.apps/nginx-deployment configured"
+    );
+    assert_eq!(plan.changes[0].fields, ["spec.replicas"]);
     assert_eq!(plan.create.len(), 1);
     let three = deployment_pods(&st);
     assert_eq!(three.len(), 3);
@@ -339,7 +343,7 @@ fn namespaces_and_selectorless_services_may_come_in_the_same_apply() {
     let yaml = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec:\n  ports: [{port: 5432}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: db-1\n  namespace: shop\n  labels: {kubernetes.io/service-name: db}\naddressType: IPv4\nendpoints:\n- addresses: [10.244.1.50]\nports:\n- {port: 5432}\n";
     let (st, plan) = apply_ok(&one_node(), yaml);
     assert_eq!(
-        plan.lines,
+        plan.lines(),
         [
             "namespace/shop created",
             "service/db created",
@@ -378,7 +382,7 @@ fn bare_pods_accept_label_changes_only() {
     let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: client, labels: {app: client}}\nspec: {containers: [{name: c, image: x}]}\n";
     let (st, _) = apply_ok(&one_node(), pod);
     let (st, plan) = apply_ok(&st, &pod.replace("app: client", "app: other"));
-    assert_eq!(plan.lines, ["pod/client configured"]);
+    assert_eq!(plan.lines(), ["pod/client configured"]);
     assert_eq!(
         st.pods["default/client"]
             .pod
@@ -398,9 +402,9 @@ fn bare_pods_accept_label_changes_only() {
 #[test]
 fn delete_terminates_pods_and_drops_the_rest() {
     let (st, _) = apply_ok(&one_node(), NGINX);
-    let plan = delete(&st, &manifests("nginx.yaml", NGINX)).unwrap();
+    let plan = delete(&st, &manifests("nginx.yaml", NGINX), false).unwrap();
     assert_eq!(
-        plan.lines,
+        plan.lines(),
         [
             "deployment.apps \"nginx-deployment\" deleted",
             "service \"nginx-service\" deleted"
@@ -410,7 +414,7 @@ fn delete_terminates_pods_and_drops_the_rest() {
     assert!(plan.state.services.is_empty() && plan.state.deployments.is_empty());
     let st = settle(&plan);
     assert!(st.pods.is_empty());
-    let err = match delete(&st, &manifests("nginx.yaml", NGINX)) {
+    let err = match delete(&st, &manifests("nginx.yaml", NGINX), false) {
         Ok(_) => panic!("deleting twice succeeded"),
         Err(e) => e.to_string(),
     };
@@ -419,7 +423,10 @@ fn delete_terminates_pods_and_drops_the_rest() {
         "{err}"
     );
     let default_ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n";
-    assert!(delete(&st, &manifests("ns.yaml", default_ns)).is_err());
+    assert!(delete(&st, &manifests("ns.yaml", default_ns), false).is_err());
+    // --ignore-not-found: what is not there is skipped, and nothing is said about it.
+    let plan = delete(&st, &manifests("nginx.yaml", NGINX), true).unwrap();
+    assert!(plan.changes.is_empty() && plan.remove.is_empty());
 }
 
 #[test]
@@ -437,7 +444,7 @@ fn deleting_a_namespace_deletes_its_objects() {
         );
     let (st, _) = apply_ok(&st, &in_shop);
     assert_eq!(st.pods.len(), 2);
-    let plan = delete(&st, &manifests("ns.yaml", ns)).unwrap();
+    let plan = delete(&st, &manifests("ns.yaml", ns), false).unwrap();
     assert_eq!(plan.remove.len(), 2);
     let st = settle(&plan);
     assert!(st.pods.is_empty() && st.services.is_empty() && st.deployments.is_empty());
@@ -455,7 +462,7 @@ spec:
 ";
     let (st, plan) = apply_ok(&one_node(), policy);
     assert_eq!(
-        plan.lines,
+        plan.lines(),
         ["networkpolicy.networking.k8s.io/deny-all created"]
     );
     let snapshot = st.snapshot();
@@ -464,7 +471,7 @@ spec:
     assert!(matches!(applied, Object::NetworkPolicy(p) if *p == snapshot.network_policies[0]));
     let (_, plan) = apply_ok(&st, policy);
     assert_eq!(
-        plan.lines,
+        plan.lines(),
         ["networkpolicy.networking.k8s.io/deny-all unchanged"]
     );
 }
