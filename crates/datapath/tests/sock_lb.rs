@@ -122,7 +122,7 @@ impl Topology {
         let mut datapath = Datapath::load(pins.path(), &DatapathConfig::default())
             .unwrap_or_else(|err| panic!("loading the datapath: {err}"));
         datapath
-            .attach_cgroup(cgroup.path())
+            .attach_cgroup(sluice_datapath::AttachRole::HostCgroup, cgroup.path())
             .unwrap_or_else(|err| panic!("attaching to {}: {err}", cgroup.path().display()));
         // The pinned links keep the programs attached once the loader is gone.
         drop(datapath);
@@ -465,7 +465,7 @@ fn a_restarted_loader_swaps_its_programs_into_the_pinned_links() {
 
     // A new loader on the same pins (an agent restart): the same links, its programs.
     let mut datapath = Datapath::load(topology.pins.path(), &DatapathConfig::default()).unwrap();
-    datapath.attach_cgroup(topology.cgroup.path()).unwrap();
+    datapath.attach_cgroup(sluice_datapath::AttachRole::HostCgroup, topology.cgroup.path()).unwrap();
     let new_program = datapath
         .program_info(sluice_common::programs::SOCK4_CONNECT)
         .unwrap()

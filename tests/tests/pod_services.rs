@@ -1,0 +1,297 @@
+//! Socket-level load balancing for pods (issue 18 item 2), end to end: the lab runs each
+//! pod's processes in a cgroup of their own below the node's pods' cgroup, and the node's
+//! agent attaches the pods' socket programs to that parent (`--pod-cgroup`). A process run
+//! in a pod with `lab exec` (the pod's namespace and cgroup) has its connect() to a
+//! ClusterIP translated once to a backend: no service conntrack entry exists, the egress
+//! entry names the backend, and getpeername() still shows the ClusterIP. The same client
+//! run in the pod's namespace only (outside the pod's cgroup) takes the per-packet path,
+//! which gives the comparison. A connected UDP socket whose backend is removed is
+//! destroyed by the agent, so the application sees ECONNABORTED and its next connect()
+//! reaches a live backend; a pod reaching a Service whose only backend is itself works.
+// A test binary: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, Write},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use sluice_integration::{ONE_NODE_LAB, TestLab, multinode::pod_on};
+
+/// `client`, `web-1` and `web-2` on node-1; `web` (TCP and UDP 80) over both web pods, and
+/// `self-1` over web-1 alone.
+fn workload() -> String {
+    let mut yaml = pod_on("default", "client", "node-1", "app: client") + "---\n";
+    for pod in ["web-1", "web-2"] {
+        yaml += &pod_on("default", pod, "node-1", &format!("app: web, pod: {pod}"));
+        yaml += "---\n";
+    }
+    yaml + "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 80, protocol: TCP}
+  - {name: dns, port: 80, targetPort: 80, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: self-1}
+spec:
+  selector: {pod: web-1}
+  ports:
+  - {name: http, port: 80, targetPort: 80, protocol: TCP}
+"
+}
+
+/// A process killed when dropped, also when the test fails.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl` of `url` from `command` (already placed in a pod): the body (the answering pod's
+/// name), the peer curl saw and its connect time in microseconds.
+fn curl(mut command: Command, url: &str) -> (String, String, f64) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = command
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-w",
+            " %{remote_ip}:%{remote_port} %{time_connect}",
+            url,
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&stdout).into_owned();
+    assert!(
+        status.success(),
+        "curl {url} failed ({status}): {out}{}",
+        String::from_utf8_lossy(&stderr)
+    );
+    let mut fields = out.trim().rsplitn(3, ' ');
+    let connect: f64 = fields.next().unwrap().parse().unwrap();
+    let peer = fields.next().unwrap().to_owned();
+    let name = fields.next().unwrap_or_default().trim().to_owned();
+    (name, peer, connect * 1e6)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[test]
+fn pod_reaches_cluster_ip_by_socket_lb_without_service_conntrack() {
+    const REQUESTS: usize = 20;
+    let mut lab = TestLab::up("podlb", ONE_NODE_LAB);
+    lab.apply_yaml("web.yaml", &workload());
+    let vip = lab.cluster_ip("web");
+    let url = format!("http://{vip}/");
+    let client_ip = lab.pod_ip("default/client");
+    let backends: BTreeSet<String> = ["web-1", "web-2"]
+        .iter()
+        .map(|p| format!("{}:80", lab.pod_ip(&format!("default/{p}"))))
+        .collect();
+
+    // Socket LB: curl in the client pod's namespace and cgroup.
+    let mut answers = BTreeSet::new();
+    let mut socket_lb = Vec::new();
+    for _ in 0..REQUESTS {
+        let command = lab.lab.command_in("default/client", "curl").unwrap();
+        let (name, peer, connect) = curl(command, &url);
+        assert_eq!(peer, format!("{vip}:80"), "getpeername shows the ClusterIP");
+        answers.insert(name);
+        socket_lb.push(connect);
+    }
+    assert_eq!(
+        answers,
+        BTreeSet::from(["web-1".to_owned(), "web-2".to_owned()]),
+        "both backends"
+    );
+
+    let ct = lab.cli_json(&["ct", "list"]);
+    let entries = ct.as_array().unwrap();
+    let service: Vec<_> = entries.iter().filter(|e| e["scope"] == "service").collect();
+    assert!(
+        service.is_empty(),
+        "no service conntrack entry through socket LB: {service:?}"
+    );
+    let to_backends: Vec<_> = entries
+        .iter()
+        .filter(|e| {
+            e["scope"] == "egress"
+                && e["source"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{client_ip}:"))
+        })
+        .collect();
+    assert!(!to_backends.is_empty(), "the client's egress entries: {ct}");
+    for entry in &to_backends {
+        let destination = entry["destination"].as_str().unwrap();
+        assert!(
+            backends.contains(destination),
+            "the packets went to a backend, not the ClusterIP: {entry}"
+        );
+        assert!(entry["nat"].is_null(), "nothing to reverse-NAT: {entry}");
+    }
+
+    // The per-packet path: the same curl in the pod's namespace, outside its cgroup.
+    let mut per_packet = Vec::new();
+    for _ in 0..REQUESTS {
+        let command = lab.lab.pod_command("default/client", "curl").unwrap();
+        let (_, peer, connect) = curl(command, &url);
+        assert_eq!(peer, format!("{vip}:80"));
+        per_packet.push(connect);
+    }
+    let ct = lab.cli_json(&["ct", "list"]);
+    assert!(
+        ct.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["scope"] == "service" && e["destination"] == format!("{vip}:80")),
+        "outside the pod's cgroup the per-packet path translates: {ct}"
+    );
+    println!(
+        "TCP connect() to the ClusterIP, median of {REQUESTS} curl runs: socket LB {:.0} µs, \
+         per packet {:.0} µs ({} service conntrack entries by socket LB, {} egress entries to \
+         the backends)",
+        median(socket_lb),
+        median(per_packet),
+        service.len(),
+        to_backends.len()
+    );
+    lab.verify_every_node("socket LB for pods");
+}
+
+#[test]
+fn pod_reaches_a_service_whose_only_backend_is_itself() {
+    let mut lab = TestLab::up("podhair", ONE_NODE_LAB);
+    lab.apply_yaml("web.yaml", &workload());
+    let vip = lab.cluster_ip("self-1");
+    for _ in 0..5 {
+        let command = lab.lab.command_in("default/web-1", "curl").unwrap();
+        let (name, peer, _) = curl(command, &format!("http://{vip}/"));
+        assert_eq!(name, "web-1", "hairpin: the pod answers itself");
+        assert_eq!(peer, format!("{vip}:80"));
+    }
+    println!("5 of 5 hairpin requests from web-1 through the ClusterIP of self-1 answered");
+}
+
+/// socat with one connected UDP socket to `target`, in the client pod's namespace and
+/// cgroup: each line written to it is a datagram, each answer a line.
+struct UdpClient {
+    child: Reaped,
+    stdin: std::process::ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl UdpClient {
+    fn connect(lab: &TestLab, target: &str) -> Self {
+        let mut child = lab
+            .lab
+            .command_in("default/client", "socat")
+            .unwrap()
+            .args(["-T", "30", "-", target])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child: Reaped(child),
+            stdin,
+            lines,
+        }
+    }
+
+    /// Asks the pod behind the socket its name.
+    fn ask(&mut self) -> String {
+        self.stdin.write_all(b"hostname\n").unwrap();
+        self.lines
+            .recv_timeout(Duration::from_secs(5))
+            .expect("an answer on the connected socket")
+    }
+
+    /// Waits (bounded) for socat to end; its status and what it wrote to stderr.
+    fn ended(mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(
+                    self.child.0.stderr.as_mut().unwrap(),
+                    &mut err,
+                )
+                .unwrap();
+                return (status, err);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the connected UDP socket of a removed backend was not destroyed"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn connected_udp_socket_of_a_removed_backend_is_destroyed() {
+    let mut lab = TestLab::up("podudp", ONE_NODE_LAB);
+    lab.apply_yaml("web.yaml", &workload());
+    let vip = lab.cluster_ip("web");
+    let target = format!("UDP4:{vip}:80");
+
+    let mut client = UdpClient::connect(&lab, &target);
+    let first = client.ask();
+    assert!(["web-1", "web-2"].contains(&first.as_str()), "{first:?}");
+    let other = if first == "web-1" { "web-2" } else { "web-1" };
+
+    // The backend goes away: its pod is deleted.
+    let removed_at = Instant::now();
+    lab.delete_yaml(
+        "gone.yaml",
+        &pod_on("default", &first, "node-1", "app: web"),
+    );
+    let (status, stderr) = client.ended(Duration::from_secs(10));
+    let aborted = removed_at.elapsed();
+    assert!(
+        !status.success() && stderr.contains("Software caused connection abort"),
+        "the socket was destroyed (ECONNABORTED): {status} {stderr}"
+    );
+
+    // The application connects again and reaches the backend that is left.
+    let mut again = UdpClient::connect(&lab, &target);
+    let answer = again.ask();
+    assert_eq!(answer, other, "a new connect() reaches a live backend");
+    println!(
+        "connected UDP socket on {first}: destroyed {:.1} ms after the pod's deletion \
+         began (ECONNABORTED); reconnected to {answer}",
+        aborted.as_secs_f64() * 1e3
+    );
+}
