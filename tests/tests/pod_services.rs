@@ -13,7 +13,7 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead, BufReader, Write},
+    io::{Read, Write},
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
     thread,
@@ -194,7 +194,7 @@ fn pod_reaches_a_service_whose_only_backend_is_itself() {
 }
 
 /// socat with one connected UDP socket to `target`, in the client pod's namespace and
-/// cgroup: each line written to it is a datagram, each answer a line.
+/// cgroup: each line written to it is a datagram, each answer comes back on its stdout.
 struct UdpClient {
     child: Reaped,
     stdin: std::process::ChildStdin,
@@ -216,9 +216,13 @@ impl UdpClient {
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
+        // The pod answers with its bare name, no newline: each read is one answer.
         thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+            let mut stdout = stdout;
+            let mut buf = [0u8; 512];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                let answer = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+                if tx.send(answer).is_err() {
                     break;
                 }
             }
@@ -244,11 +248,13 @@ impl UdpClient {
         loop {
             if let Some(status) = self.child.0.try_wait().unwrap() {
                 let mut err = String::new();
-                std::io::Read::read_to_string(
-                    self.child.0.stderr.as_mut().unwrap(),
-                    &mut err,
-                )
-                .unwrap();
+                self.child
+                    .0
+                    .stderr
+                    .as_mut()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
                 return (status, err);
             }
             assert!(
