@@ -94,15 +94,18 @@ impl SocketCgroups {
         let mut drift = Vec::new();
         for (role, cgroup) in self.roles() {
             let Some(cgroup) = cgroup else { continue };
-            drift.extend(datapath.stale_cgroup_links(role)?.into_iter().map(|program| {
-                Drift {
-                    map: "cgroup".into(),
-                    kind: DriftKind::Missing,
-                    key: format!("{} {}", cgroup.display(), program.link_suffix),
-                    desired: Some(program.name.to_owned()),
-                    actual: None,
-                }
-            }));
+            drift.extend(
+                datapath
+                    .stale_cgroup_links(role)?
+                    .into_iter()
+                    .map(|program| Drift {
+                        map: "cgroup".into(),
+                        kind: DriftKind::Missing,
+                        key: format!("{} {}", cgroup.display(), program.link_suffix),
+                        desired: Some(program.name.to_owned()),
+                        actual: None,
+                    }),
+            );
         }
         Ok(drift)
     }

@@ -22,8 +22,8 @@ use crate::{
     conntrack::{self, Conntrack},
     host_cgroup::SocketCgroups,
     nodes,
-    sock_purge::SocketPurge,
     routing::{self, Routing},
+    sock_purge::SocketPurge,
     views::Published,
     views::fails_closed,
 };

@@ -465,7 +465,12 @@ fn a_restarted_loader_swaps_its_programs_into_the_pinned_links() {
 
     // A new loader on the same pins (an agent restart): the same links, its programs.
     let mut datapath = Datapath::load(topology.pins.path(), &DatapathConfig::default()).unwrap();
-    datapath.attach_cgroup(sluice_datapath::AttachRole::HostCgroup, topology.cgroup.path()).unwrap();
+    datapath
+        .attach_cgroup(
+            sluice_datapath::AttachRole::HostCgroup,
+            topology.cgroup.path(),
+        )
+        .unwrap();
     let new_program = datapath
         .program_info(sluice_common::programs::SOCK4_CONNECT)
         .unwrap()

@@ -32,7 +32,9 @@ impl Lab {
 
     /// The cgroup of the pod `record`, below its node's pods' cgroup.
     fn pod_cgroup(&self, record: &PodRecord) -> Result<Cgroup, LabError> {
-        Ok(Cgroup::at(self.pods_cgroup(&record.node)?.join(&record.netns)))
+        Ok(Cgroup::at(
+            self.pods_cgroup(&record.node)?.join(&record.netns),
+        ))
     }
 
     pub(crate) fn create_node_cgroup(&self, node: &str) -> Result<(), LabError> {

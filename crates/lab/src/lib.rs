@@ -148,8 +148,9 @@ impl Lab {
     /// `world/<name>`, in that world host's network namespace: `lab exec` reaches both.
     pub fn command_in(&self, target: &str, program: &str) -> Result<Command, LabError> {
         match self.world_host_ref(target) {
-            Some(host) => Ok(NetNs::named(names::world_netns(&self.state.name, &host.name))
-                .command(program)?),
+            Some(host) => Ok(
+                NetNs::named(names::world_netns(&self.state.name, &host.name)).command(program)?,
+            ),
             None => self.command_in_pod(target, program),
         }
     }

@@ -97,7 +97,14 @@ impl Lab {
         fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
         let cgroup = self.create_pod_cgroup(record)?;
         let (tcp, udp) = record.ports();
-        self.spawn_server(&record.netns, Some(&cgroup), record.name(), &tcp, &udp, &dir)
+        self.spawn_server(
+            &record.netns,
+            Some(&cgroup),
+            record.name(),
+            &tcp,
+            &udp,
+            &dir,
+        )
     }
 
     /// Creates every world host's namespace and link to its node, starts its server and

@@ -43,7 +43,12 @@ pub fn connected_udp4() -> Result<Vec<ConnectedUdp>, NetNsError> {
         states: StateFlags::ESTABLISHED,
         socket_id: SocketId::new_v4(),
     });
-    send(&mut socket, request, NLM_F_REQUEST | NLM_F_DUMP, "SOCK_DIAG_BY_FAMILY")?;
+    send(
+        &mut socket,
+        request,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        "SOCK_DIAG_BY_FAMILY",
+    )?;
     let mut found = Vec::new();
     receive(&mut socket, "SOCK_DIAG_BY_FAMILY", |message| {
         if let SockDiagMessage::InetResponse(response) = message {
@@ -75,11 +80,14 @@ pub fn destroy_udp4(socket: &ConnectedUdp) -> Result<(), NetNsError> {
         states: StateFlags::all(),
         socket_id: socket.id.clone(),
     }));
-    send(&mut diag, request, NLM_F_REQUEST | NLM_F_ACK, "SOCK_DESTROY")?;
+    send(
+        &mut diag,
+        request,
+        NLM_F_REQUEST | NLM_F_ACK,
+        "SOCK_DESTROY",
+    )?;
     match receive::<SockDiagDestroy>(&mut diag, "SOCK_DESTROY", |_| {}) {
-        Err(NetNsError::SockDiag { source, .. })
-            if source.raw_os_error() == Some(libc::ENOENT) =>
-        {
+        Err(NetNsError::SockDiag { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
             Ok(())
         }
         other => other,
@@ -102,7 +110,12 @@ fn diag_socket(call: &'static str) -> Result<Socket, NetNsError> {
     Ok(socket)
 }
 
-fn send<T>(socket: &mut Socket, message: T, flags: u16, call: &'static str) -> Result<(), NetNsError>
+fn send<T>(
+    socket: &mut Socket,
+    message: T,
+    flags: u16,
+    call: &'static str,
+) -> Result<(), NetNsError>
 where
     T: NetlinkSerializable + Into<NetlinkPayload<T>>,
 {
@@ -120,7 +133,11 @@ where
 
 /// Reads answers until the dump's end or the request's acknowledgement, handing each
 /// message to `each`; an error the kernel answers is returned as its errno.
-fn receive<T>(socket: &mut Socket, call: &'static str, mut each: impl FnMut(T)) -> Result<(), NetNsError>
+fn receive<T>(
+    socket: &mut Socket,
+    call: &'static str,
+    mut each: impl FnMut(T),
+) -> Result<(), NetNsError>
 where
     T: NetlinkDeserializable,
 {
@@ -131,7 +148,10 @@ where
         let mut offset = 0;
         while offset < size {
             let packet = NetlinkMessage::<T>::deserialize(&buf[offset..size]).map_err(|e| {
-                err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+                err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e.to_string(),
+                ))
             })?;
             let length = packet.header.length as usize;
             match packet.payload {
