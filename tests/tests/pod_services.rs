@@ -193,6 +193,52 @@ fn pod_reaches_a_service_whose_only_backend_is_itself() {
     println!("5 of 5 hairpin requests from web-1 through the ClusterIP of self-1 answered");
 }
 
+/// web-1 admits ingress only from pods labelled `app: nobody`.
+const WEB_1_ISOLATED: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-1-isolated}
+spec:
+  podSelector: {matchLabels: {pod: web-1}}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {app: nobody}}
+";
+
+#[test]
+fn policy_judges_a_socket_lb_connection_by_the_backend() {
+    let mut lab = TestLab::up("podpol", ONE_NODE_LAB);
+    lab.apply_yaml("web.yaml", &workload());
+    let url = format!("http://{}/", lab.cluster_ip("self-1"));
+    let attempt = |lab: &TestLab| {
+        lab.lab
+            .command_in("default/client", "curl")
+            .unwrap()
+            .args(["-sS", "--max-time", "2", &url])
+            .output()
+            .unwrap()
+    };
+    let allowed = attempt(&lab);
+    assert!(allowed.status.success(), "{allowed:?}");
+
+    lab.apply_yaml("policy.yaml", WEB_1_ISOLATED);
+    let denied = attempt(&lab);
+    assert!(
+        !denied.status.success(),
+        "web-1's policy denies the client through the ClusterIP: {denied:?}"
+    );
+    let status = lab.cli_json(&["status"]);
+    println!(
+        "socket-LB connection to web-1 denied by its policy (curl: {})",
+        String::from_utf8_lossy(&denied.stderr).trim()
+    );
+    assert_eq!(status["healthy"], true, "{status}");
+
+    lab.delete_yaml("policy.yaml", WEB_1_ISOLATED);
+    let again = attempt(&lab);
+    assert!(again.status.success(), "allowed again: {again:?}");
+}
+
 /// socat with one connected UDP socket to `target`, in the client pod's namespace and
 /// cgroup: each line written to it is a datagram, each answer comes back on its stdout.
 struct UdpClient {
