@@ -184,7 +184,7 @@ impl Cgroup {
     pub fn check_confined(&self) -> Result<(), NetNsError> {
         let own = own_netns()?;
         self.check_processes(|pid, ns, cgroup| {
-            (ns != own).then(|| CgroupRefusal::ForeignProcess { pid, cgroup })
+            (ns != own).then_some(CgroupRefusal::ForeignProcess { pid, cgroup })
         })
     }
 
@@ -199,7 +199,7 @@ impl Cgroup {
         let own = own_netns()?;
         let host = netns_id(Path::new("/proc/1/ns/net")).unwrap_or(None);
         self.check_processes(|pid, ns, cgroup| {
-            (ns == own || Some(ns) == host).then(|| CgroupRefusal::NotAPod { pid, cgroup })
+            (ns == own || Some(ns) == host).then_some(CgroupRefusal::NotAPod { pid, cgroup })
         })
     }
 
