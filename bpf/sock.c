@@ -71,9 +71,10 @@ static __always_inline void sock4_flow(struct bpf_sock_addr *ctx, enum sock_clie
 
 /* Rewrites ctx's destination when it is a frontend, choosing the backend as
  * lb4_select_backend does for a new connection (affinity, Maglev or a random slot), and
- * records the frontend for the reverse direction. The node's processes are clients
- * inside the cluster (lb4_cluster_frontend), judged by loadBalancerSourceRanges with the
- * node's address as their source, as the tc path judges a pod by its own. */
+ * records the frontend for the reverse direction. The node's processes and pods are
+ * clients inside the cluster (lb4_cluster_frontend); the node's are judged by
+ * loadBalancerSourceRanges with the node's address as their source, as the tc path judges
+ * a pod by its own (a pod's frontends with ranges or affinity stay with the tc path). */
 static __always_inline enum xlate sock4_xlate_fwd(struct bpf_sock_addr *ctx,
 						  enum sock_client client)
 {

@@ -115,7 +115,10 @@ impl SocketCgroups {
 fn check(role: AttachRole, cgroup: &Path) -> Result<(), NetNsError> {
     match role {
         AttachRole::PodCgroup => Cgroup::at(cgroup).check_pods_only(),
-        _ => Cgroup::at(cgroup).check_confined(),
+        AttachRole::HostCgroup
+        | AttachRole::PodVeth
+        | AttachRole::TunnelDevice
+        | AttachRole::Netdev => Cgroup::at(cgroup).check_confined(),
     }
 }
 

@@ -495,6 +495,68 @@ fn a_restarted_loader_swaps_its_programs_into_the_pinned_links() {
     );
 }
 
+#[test]
+fn the_node_and_pod_cgroups_keep_links_of_their_own() {
+    use sluice_datapath::{AttachRole, HOST_CGROUP_TARGET, POD_CGROUP_TARGET};
+    let pins = PinDir::unique("sluice-test-");
+    let host = OwnedCgroup::unique("sluice-test-host-").unwrap();
+    let pods = OwnedCgroup::unique("sluice-test-pods-").unwrap();
+    let mut datapath = Datapath::load(pins.path(), &DatapathConfig::default()).unwrap();
+    datapath
+        .attach_cgroup(AttachRole::HostCgroup, host.path())
+        .unwrap();
+    datapath
+        .attach_cgroup(AttachRole::PodCgroup, pods.path())
+        .unwrap();
+    let targets = |datapath: &Datapath, role| {
+        datapath
+            .attached(role)
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        targets(&datapath, AttachRole::HostCgroup),
+        [HOST_CGROUP_TARGET]
+    );
+    assert_eq!(
+        targets(&datapath, AttachRole::PodCgroup),
+        [POD_CGROUP_TARGET]
+    );
+    assert!(
+        datapath
+            .stale_cgroup_links(AttachRole::PodCgroup)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        datapath.attach(AttachRole::PodCgroup, "lxc0"),
+        Err(sluice_datapath::DatapathError::NotADeviceRole(_))
+    ));
+    assert!(matches!(
+        datapath.attach_cgroup(AttachRole::PodVeth, pods.path()),
+        Err(sluice_datapath::DatapathError::NotACgroupRole(_))
+    ));
+
+    // The pods' programs come off; the node's stay.
+    datapath
+        .detach(AttachRole::PodCgroup, POD_CGROUP_TARGET)
+        .unwrap();
+    assert!(targets(&datapath, AttachRole::PodCgroup).is_empty());
+    assert_eq!(
+        targets(&datapath, AttachRole::HostCgroup),
+        [HOST_CGROUP_TARGET]
+    );
+    assert_eq!(
+        datapath
+            .stale_cgroup_links(AttachRole::PodCgroup)
+            .unwrap()
+            .len(),
+        4
+    );
+    drop(datapath);
+}
+
 /// Frontend `key` with `value` (its count set) and `backends` on WHO_PORT in its slots.
 fn add_frontend(maps: &mut PinnedMaps, key: Lb4Key, value: Lb4Service, backends: &[Ipv4Addr]) {
     for (slot, backend) in (1..).zip(backends) {
