@@ -23,7 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_integration::{ONE_NODE_LAB, TestLab, multinode::pod_on};
+use sluice_common::kinds::CtScope;
+use sluice_integration::{ONE_NODE_LAB, TestLab, examples, multinode::pod_on};
 
 /// `client`, `web-1` and `web-2` on node-1; `web` (TCP and UDP 80) over both web pods, and
 /// `self-1` over web-1 alone.
@@ -229,6 +230,48 @@ fn pod_reaches_a_service_whose_only_backend_is_itself() {
         assert_eq!(peer, format!("{vip}:80"));
     }
     println!("5 of 5 hairpin requests from web-1 through the ClusterIP of self-1 answered");
+}
+
+#[test]
+fn pod_reaches_backends_on_other_nodes_by_socket_lb() {
+    const REQUESTS: usize = 20;
+    let lab_yaml = std::fs::read_to_string(examples().join("lab-3nodes.yaml")).unwrap();
+    let mut lab = TestLab::up("podx", &lab_yaml);
+    let mut yaml = pod_on("default", "client", "node-1", "app: client") + "---\n";
+    for (pod, node) in [("web-2", "node-2"), ("web-3", "node-3")] {
+        yaml += &pod_on("default", pod, node, "app: web");
+        yaml += "---\n";
+    }
+    yaml += "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 80, protocol: TCP}]
+";
+    lab.apply_yaml("web.yaml", &yaml);
+    let vip = lab.cluster_ip("web");
+    let answers: BTreeSet<String> = (0..REQUESTS)
+        .map(|_| {
+            let command = lab.lab.command_in("default/client", "curl").unwrap();
+            let (name, peer) = curl(command, &format!("http://{vip}/"));
+            assert_eq!(peer, format!("{vip}:80"));
+            name
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        BTreeSet::from(["web-2".to_owned(), "web-3".to_owned()]),
+        "both backends, on node-2 and node-3"
+    );
+    let service = lab.agent("node-1").conntrack().unwrap();
+    assert!(
+        !service.iter().any(|e| e.scope == CtScope::Service),
+        "no service entry on node-1: {service:?}"
+    );
+    println!(
+        "{REQUESTS} requests from a pod on node-1 through the ClusterIP (tunnel): {answers:?}"
+    );
 }
 
 /// `web` again, with sessionAffinity ClientIP.
