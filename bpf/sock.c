@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * Socket load balancing for the node's own processes, on the cgroup the node's
- * processes live in (never the root cgroup: the agent refuses it):
+ * Socket load balancing, on two cgroups (never the root cgroup: the agent refuses it):
+ * the one the node's own processes live in (sock4_*), and the parent of the node's pods'
+ * cgroups (pod4_*, the kubelet's kubepods on a real node):
  *  sock4_connect     at cgroup/connect4:     TCP and connected UDP;
  *  sock4_sendmsg     at cgroup/sendmsg4:     unconnected UDP, per datagram;
  *  sock4_recvmsg     at cgroup/recvmsg4:     the sender of a UDP reply;
@@ -28,8 +29,21 @@
 #define SYS_REJECT  0
 #define SYS_PROCEED 1
 
+/* Whose sockets a program serves: the client lb.h balances for, and what the per-packet
+ * path is left to do. */
+enum sock_client {
+	/* The node's processes: the node's address is their source, and no other program
+	 * sees their packets before they leave. */
+	CLIENT_NODE,
+	/* A pod's processes: from_container sees every packet, and connect4 does not know
+	 * the pod's address (the socket is not bound yet), so frontends whose backend or
+	 * admission depends on the client's address (ClientIP affinity,
+	 * loadBalancerSourceRanges) stay with from_container, which does. */
+	CLIENT_POD,
+};
+
 enum xlate {
-	XLATE_NONE,     /* no frontend: the address stays as it is */
+	XLATE_NONE,     /* no frontend, or one left to the per-packet path: unchanged */
 	XLATE_DONE,     /* rewritten to a backend */
 	XLATE_NO_BACKEND,
 	XLATE_NOT_IN_SRC_RANGE, /* loadBalancerSourceRanges leave the node out */
@@ -41,9 +55,10 @@ enum xlate {
  * address; and the socket's cookie stands in for the source port the tc path hashes for
  * Maglev (connect4 runs before an unbound socket has one), so one socket always hashes
  * alike. */
-static __always_inline void sock4_flow(struct bpf_sock_addr *ctx, __u64 cookie, struct pkt4 *flow)
+static __always_inline void sock4_flow(struct bpf_sock_addr *ctx, enum sock_client client,
+				       __u64 cookie, struct pkt4 *flow)
 {
-	struct node_config *cfg = node_config_get();
+	struct node_config *cfg = client == CLIENT_NODE ? node_config_get() : NULL;
 
 	*flow = (struct pkt4){
 		.saddr = cfg ? cfg->node_address : 0,
@@ -56,10 +71,12 @@ static __always_inline void sock4_flow(struct bpf_sock_addr *ctx, __u64 cookie, 
 
 /* Rewrites ctx's destination when it is a frontend, choosing the backend as
  * lb4_select_backend does for a new connection (affinity, Maglev or a random slot), and
- * records the frontend for the reverse direction. The node's processes are clients
- * inside the cluster (lb4_cluster_frontend), judged by loadBalancerSourceRanges with the
- * node's address as their source, as the tc path judges a pod by its own. */
-static __always_inline enum xlate sock4_xlate_fwd(struct bpf_sock_addr *ctx)
+ * records the frontend for the reverse direction. The node's processes and pods are
+ * clients inside the cluster (lb4_cluster_frontend); the node's are judged by
+ * loadBalancerSourceRanges with the node's address as their source, as the tc path judges
+ * a pod by its own (a pod's frontends with ranges or affinity stay with the tc path). */
+static __always_inline enum xlate sock4_xlate_fwd(struct bpf_sock_addr *ctx,
+						  enum sock_client client)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct lb4_revnat_sk_key key = { .cookie = cookie };
@@ -69,15 +86,19 @@ static __always_inline enum xlate sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	struct pkt4 flow;
 	__u8 scope;
 
-	sock4_flow(ctx, cookie, &flow);
+	sock4_flow(ctx, client, cookie, &flow);
 	if (!lb4_balanced(flow.proto))
 		return XLATE_NONE;
 	svc = lb4_lookup(flow.daddr, flow.dport, flow.proto, 0);
 	if (!svc || (svc->flags & SVC_FLAG_WILDCARD))
 		return XLATE_NONE;
+	if (client == CLIENT_POD && (svc->flags & SVC_FLAG_SOURCE_RANGES))
+		return XLATE_NONE;
 	if (!lb4_source_allowed(svc, flow.daddr, flow.dport, flow.proto, flow.saddr))
 		return XLATE_NOT_IN_SRC_RANGE;
 	svc = lb4_cluster_frontend(svc, flow.daddr, flow.dport, flow.proto, &scope);
+	if (client == CLIENT_POD && (svc->flags & SVC_FLAG_AFFINITY))
+		return XLATE_NONE;
 	if (svc->count == 0 || lb4_choose_backend(&flow, svc, scope, ct_now(), &backend))
 		return XLATE_NO_BACKEND;
 
@@ -100,9 +121,9 @@ static __always_inline enum xlate sock4_xlate_fwd(struct bpf_sock_addr *ctx)
  * cgroup socket program: it is a policy verdict, not a missing service. It is counted as
  * the tc path counts its drop (DROP_NOT_IN_SRC_RANGE, egress), with no bytes since no
  * packet exists yet. */
-static __always_inline int sock4_verdict(struct bpf_sock_addr *ctx)
+static __always_inline int sock4_verdict(struct bpf_sock_addr *ctx, enum sock_client client)
 {
-	switch (sock4_xlate_fwd(ctx)) {
+	switch (sock4_xlate_fwd(ctx, client)) {
 	case XLATE_NO_BACKEND:
 		bpf_set_retval(-ECONNREFUSED);
 		return SYS_REJECT;
@@ -135,13 +156,13 @@ static __always_inline void sock4_xlate_rev(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int sock4_connect(struct bpf_sock_addr *ctx)
 {
-	return sock4_verdict(ctx);
+	return sock4_verdict(ctx, CLIENT_NODE);
 }
 
 SEC("cgroup/sendmsg4")
 int sock4_sendmsg(struct bpf_sock_addr *ctx)
 {
-	return sock4_verdict(ctx);
+	return sock4_verdict(ctx, CLIENT_NODE);
 }
 
 SEC("cgroup/recvmsg4")
@@ -153,6 +174,35 @@ int sock4_recvmsg(struct bpf_sock_addr *ctx)
 
 SEC("cgroup/getpeername4")
 int sock4_getpeername(struct bpf_sock_addr *ctx)
+{
+	sock4_xlate_rev(ctx);
+	return SYS_PROCEED;
+}
+
+/* The pods' sockets: translated once here, so their packets reach from_container with
+ * the backend as destination, a flow like any other to a pod (policy judges it by the
+ * backend's identity; no service conntrack entry, no reverse NAT on the reply). */
+SEC("cgroup/connect4")
+int pod4_connect(struct bpf_sock_addr *ctx)
+{
+	return sock4_verdict(ctx, CLIENT_POD);
+}
+
+SEC("cgroup/sendmsg4")
+int pod4_sendmsg(struct bpf_sock_addr *ctx)
+{
+	return sock4_verdict(ctx, CLIENT_POD);
+}
+
+SEC("cgroup/recvmsg4")
+int pod4_recvmsg(struct bpf_sock_addr *ctx)
+{
+	sock4_xlate_rev(ctx);
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/getpeername4")
+int pod4_getpeername(struct bpf_sock_addr *ctx)
 {
 	sock4_xlate_rev(ctx);
 	return SYS_PROCEED;

@@ -51,13 +51,28 @@ fn the_cli_inspects_the_agent_and_drives_the_lab() {
         "{table}"
     );
 
+    // `lab exec` runs curl in the pod's cgroup: socket LB sent its connection straight to
+    // the backend that answered, with no service entry.
     let ct = lab.cli_json(&["ct", "list"]);
-    assert!(
-        ct.as_array()
+    let ip_of = |name: &str| {
+        pods.as_array()
             .unwrap()
             .iter()
-            .any(|e| e["scope"] == "service" && e["destination"] == format!("{vip}:80"))
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["ip"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    let backend = format!("{}:80", ip_of(answer.trim()));
+    let client = format!("{}:", ip_of("client"));
+    let entries = ct.as_array().unwrap();
+    assert!(
+        entries.iter().any(|e| e["scope"] == "egress"
+            && e["destination"] == backend
+            && e["source"].as_str().unwrap().starts_with(&client)),
+        "{ct}"
     );
+    assert!(!entries.iter().any(|e| e["scope"] == "service"), "{ct}");
     // curl's connection is closed: its entries have the closing lifetime (10 s) left at most.
     for e in ct.as_array().unwrap() {
         let closing = e["flags"]

@@ -21,6 +21,7 @@ pub mod policy_log;
 mod reconcile;
 pub mod routing;
 mod server;
+mod sock_purge;
 pub mod source;
 mod views;
 
@@ -164,6 +165,9 @@ pub struct AgentConfig {
     /// The cgroup of the node's own processes, for socket load balancing; None: no socket
     /// programs.
     pub host_cgroup: Option<PathBuf>,
+    /// The parent cgroup of the node's pods, for their socket load balancing; None: the
+    /// pods' connections are translated per packet.
+    pub pod_cgroup: Option<PathBuf>,
     /// The CNI endpoint registry's directory and how long `ADD` waits.
     pub cni: cni::CniConfig,
 }

@@ -160,6 +160,13 @@ struct Args {
     /// socket programs are attached.
     #[arg(long, env = "SLUICE_HOST_CGROUP")]
     host_cgroup: Option<PathBuf>,
+    /// The cgroup (v2 directory) above every pod of the node (the kubelet's `kubepods`):
+    /// a pod's connect() and sendto() to a ClusterIP or another frontend are translated to
+    /// a backend once, by socket programs attached to it, instead of in every packet.
+    /// Refused if it is the root or holds a process of the node's or the host's network
+    /// namespace. Without it, pods' connections are translated per packet.
+    #[arg(long, env = "SLUICE_POD_CGROUP")]
+    pod_cgroup: Option<PathBuf>,
     /// Where the CNI endpoint registry (and so the IPAM allocations) is kept across
     /// restarts.
     #[arg(long, env = "SLUICE_STATE_DIR", default_value_os_t = CniConfig::default().state_dir)]
@@ -275,6 +282,7 @@ fn main() -> anyhow::Result<()> {
             },
         },
         host_cgroup: args.host_cgroup,
+        pod_cgroup: args.pod_cgroup,
         cni: CniConfig {
             state_dir: args.state_dir,
             add_timeout: Duration::from_secs_f64(args.cni_add_timeout.max(0.1)),

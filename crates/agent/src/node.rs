@@ -4,7 +4,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
     sync::Arc,
     time::Instant,
 };
@@ -21,8 +20,10 @@ use tracing::{debug, info, warn};
 use crate::{
     AgentConfig, AgentError,
     conntrack::{self, Conntrack},
-    host_cgroup, nodes,
+    host_cgroup::SocketCgroups,
+    nodes,
     routing::{self, Routing},
+    sock_purge::SocketPurge,
     views::Published,
     views::fails_closed,
 };
@@ -30,8 +31,8 @@ use crate::{
 pub struct Node {
     name: String,
     datapath: Datapath,
-    /// `--host-cgroup`: the cgroup the socket programs run on.
-    host_cgroup: Option<PathBuf>,
+    /// `--host-cgroup` and `--pod-cgroup`: the cgroups the socket programs run on.
+    cgroups: SocketCgroups,
     routing: Routing,
     tables: KernelTables,
     /// Rows each endpoint's policy map holds.
@@ -55,6 +56,9 @@ pub struct Node {
     last_error: Option<String>,
     /// Where the service connections of removed backends are purged.
     conntrack: Conntrack,
+    /// Where the connected UDP sockets the socket programs sent to removed backends are
+    /// found.
+    sockets: SocketPurge,
     /// Entries purged since the loop last took the count for the metrics.
     purged: u64,
     /// Whether conntrack was checked against the backends once since the start.
@@ -73,13 +77,17 @@ impl Node {
     /// Loads (or, after a restart, re-opens) the pinned datapath.
     pub fn start(config: &AgentConfig) -> Result<Self, AgentError> {
         let mut datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
-        host_cgroup::start(&mut datapath, config.host_cgroup.as_deref())?;
+        let cgroups = SocketCgroups::start(
+            &mut datapath,
+            config.host_cgroup.as_deref(),
+            config.pod_cgroup.as_deref(),
+        )?;
         let routing = Routing::start(config.routing.clone(), &config.pin_dir)?;
         conntrack::check_capacity(&config.pin_dir, config.datapath.ct_max_entries)?;
         Ok(Self {
             name: config.node.clone(),
             datapath,
-            host_cgroup: config.host_cgroup.clone(),
+            cgroups,
             routing,
             tables: KernelTables::open(&config.pin_dir)?,
             policy_map_max: config.policy_map_max,
@@ -95,6 +103,7 @@ impl Node {
             reconciles: 0,
             last_error: None,
             conntrack: Conntrack::open(&config.pin_dir)?,
+            sockets: SocketPurge::open(&config.pin_dir)?,
             purged: 0,
             backends_checked: false,
         })
@@ -195,17 +204,13 @@ impl Node {
         let (others, own) = nodes::routed(&desired.nodes);
         attached |= self.routing.reconcile(&mut self.datapath, &others, own)?;
         // Last: a cgroup refused since start fails the pass once the rest is done.
-        let host = self
-            .host_cgroup
-            .as_deref()
-            .map(|cgroup| host_cgroup::reconcile(&mut self.datapath, cgroup))
-            .transpose();
+        let sockets = self.cgroups.reconcile(&mut self.datapath);
         if *desired != *self.desired {
             self.desired_version += 1;
         }
         self.desired = desired;
         self.compiled_from = Some(compiled_from);
-        attached |= host?.unwrap_or(false);
+        attached |= sockets?;
         Ok(stats.changed() || attached)
     }
 
@@ -213,7 +218,8 @@ impl Node {
     /// conntrack, so their clients choose again with their next packet (a UDP client on
     /// one source port would otherwise keep its entry for as long as it sends). After a
     /// start, what was removed while no agent ran is unknown: the first pass removes the
-    /// service connections of every backend the desired state does not have.
+    /// service connections of every backend the desired state does not have. Connected
+    /// UDP sockets the socket programs sent to such a backend are destroyed (`sock_purge`).
     fn purge_removed_backends(&mut self, desired: &DesiredState) -> Result<(), AgentError> {
         let (backends, purged) = if self.backends_checked {
             let gone: BTreeSet<_> = self
@@ -226,12 +232,14 @@ impl Node {
             if gone.is_empty() {
                 return Ok(());
             }
+            // Sockets first: they are logged apart from the conntrack entries.
+            self.sockets.purge(&self.cgroups, |b| gone.contains(b))?;
             let purged = self.conntrack.purge_backends(|b| gone.contains(b))?;
             (gone.len(), purged)
         } else {
-            let purged = self
-                .conntrack
-                .purge_backends(|b| !desired.backends.contains_key(b))?;
+            let gone = |b: &_| !desired.backends.contains_key(b);
+            self.sockets.purge(&self.cgroups, gone)?;
+            let purged = self.conntrack.purge_backends(gone)?;
             self.backends_checked = true;
             if purged == 0 {
                 return Ok(());
@@ -325,9 +333,7 @@ impl Node {
             desired: Some(routing::programs(AttachRole::PodVeth)),
             actual: None,
         }));
-        if let Some(cgroup) = &self.host_cgroup {
-            drift.extend(host_cgroup::drift(&mut self.datapath, cgroup)?);
-        }
+        drift.extend(self.cgroups.drift(&mut self.datapath)?);
         let (others, own) = nodes::routed(&desired.nodes);
         drift.extend(self.routing.drift(&others, own)?);
         let repaired = repair && !drift.is_empty();
@@ -336,9 +342,7 @@ impl Node {
             for ifname in &detached {
                 self.ensure_attached(ifname)?;
             }
-            if let Some(cgroup) = &self.host_cgroup {
-                host_cgroup::reconcile(&mut self.datapath, cgroup)?;
-            }
+            self.cgroups.reconcile(&mut self.datapath)?;
             self.routing.reconcile(&mut self.datapath, &others, own)?;
         }
         Ok(VerifyReport {

@@ -129,3 +129,73 @@ fn attaches_to_a_cgroup_of_its_own_namespace_only() {
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
 }
+
+/// A `sleep` in `cgroup`, entered into network namespace `netns` first; killed on drop.
+struct Sleeper(std::process::Child);
+
+impl Sleeper {
+    fn start(cgroup: &OwnedCgroup, netns: &str) -> Self {
+        let mut command = sluice_netns::NetNs::named(netns).command("sleep").unwrap();
+        command.arg("60");
+        cgroup.enter_on_exec(&mut command).unwrap();
+        Self(command.spawn().unwrap())
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_pods_cgroup_holds_only_processes_of_other_namespaces() {
+    let dir = TestDir::new("pod-cgroup");
+    let dir = &dir.0;
+    let node = NetNs::new("sluice-test-podcg-");
+    let pod = NetNs::new("sluice-test-podcg-pod-");
+    let cgroup = OwnedCgroup::unique("sluice-test-podcg-").unwrap();
+    let start = |name: &str| {
+        let cluster_file = dir.join(format!("{name}.json"));
+        write(&cluster_file, &snapshot(1, 1));
+        Agent::start_node(
+            name,
+            NODE,
+            &node.0,
+            &cluster_file,
+            &["--pod-cgroup", cgroup.path().to_str().unwrap()],
+        )
+    };
+
+    // A process of the node's own namespace: no pod, refused before anything attaches.
+    let sleeper = Sleeper::start(&cgroup, &node.0);
+    let mut agent = start("node");
+    assert!(!agent.exit(EXIT).success());
+    let log = agent.log_text();
+    assert!(log.contains("it is no pod"), "{log}");
+    assert!(!agent.pins.path().join("links/cgroup").exists());
+    drop(agent);
+    drop(sleeper);
+
+    // A pod's process: the pods' programs attach.
+    let _pod = Sleeper::start(&cgroup, &pod.0);
+    let mut agent = start("pod");
+    agent.wait_realized(1);
+    for hook in ["connect4", "sendmsg4", "recvmsg4", "getpeername4"] {
+        let pin = agent.pins.path().join(format!("links/cgroup/pods_{hook}"));
+        assert!(
+            pin.exists(),
+            "{} missing\n{}",
+            pin.display(),
+            agent.log_text()
+        );
+    }
+    assert!(
+        !agent
+            .pins
+            .path()
+            .join("links/cgroup/host_connect4")
+            .exists()
+    );
+}

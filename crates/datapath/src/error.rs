@@ -31,6 +31,8 @@ pub enum DatapathError {
     },
     #[error("{0:?} programs attach to a cgroup, not to an interface")]
     NotADeviceRole(crate::AttachRole),
+    #[error("{0:?} programs attach to an interface, not to a cgroup")]
+    NotACgroupRole(crate::AttachRole),
     #[error("invalid interface name {0:?}")]
     InvalidInterfaceName(String),
     #[error("attaching {program} to {interface}: {source}")]

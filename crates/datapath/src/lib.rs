@@ -36,7 +36,9 @@ pub use pinned::{
     MaglevTable, MapInventory, PinDir, PinnedMaps, PolicyMap, create_maglev_table,
     create_policy_map, open_events, remove_pins,
 };
-pub use programs::{AttachRole, HOST_CGROUP_TARGET, Hook, Object, PROGRAMS, ProgramDef};
+pub use programs::{
+    AttachRole, HOST_CGROUP_TARGET, Hook, Object, POD_CGROUP_TARGET, PROGRAMS, ProgramDef,
+};
 use programs::{link_pin_name, link_target};
 
 /// The pod programs' object, for tests that read its BTF (every object declares the same
@@ -136,7 +138,7 @@ impl Datapath {
     /// pinned links already exist (agent restarted), this program is swapped in atomically.
     /// Calling it again for an attached target is harmless.
     pub fn attach(&mut self, role: AttachRole, target: &str) -> Result<(), DatapathError> {
-        if role == AttachRole::HostCgroup {
+        if role.cgroup_target().is_some() {
             return Err(DatapathError::NotADeviceRole(role));
         }
         check_target(target)?;
@@ -183,7 +185,10 @@ impl Datapath {
         let links_dir = self.links_dir(role);
         let mut targets = BTreeSet::new();
         for file_name in pin_names(&links_dir)? {
-            if let Some(target) = link_target(role, &file_name) {
+            // The cgroup roles share a directory, each with its one target.
+            if let Some(target) = link_target(role, &file_name)
+                && role.cgroup_target().is_none_or(|own| own == target)
+            {
                 targets.insert(target.to_owned());
             }
         }

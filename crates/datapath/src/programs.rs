@@ -7,12 +7,14 @@
 
 use aya::programs::TcAttachType;
 use sluice_common::programs::{
-    FROM_CONTAINER, FROM_NETDEV, FROM_TUNNEL, SOCK4_CONNECT, SOCK4_GETPEERNAME, SOCK4_RECVMSG,
-    SOCK4_SENDMSG, TO_CONTAINER, TO_NETDEV, TO_TUNNEL,
+    FROM_CONTAINER, FROM_NETDEV, FROM_TUNNEL, POD4_CONNECT, POD4_GETPEERNAME, POD4_RECVMSG,
+    POD4_SENDMSG, SOCK4_CONNECT, SOCK4_GETPEERNAME, SOCK4_RECVMSG, SOCK4_SENDMSG, TO_CONTAINER,
+    TO_NETDEV, TO_TUNNEL,
 };
 
 /// What a group of programs is attached to: the pod's host-side veth, the node's tunnel
-/// device and its underlay device, and the cgroup of the node's own processes.
+/// device and its underlay device, the cgroup of the node's own processes and the parent
+/// cgroup of the node's pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AttachRole {
     /// The host side of a pod's veth pair, one per local endpoint.
@@ -24,18 +26,33 @@ pub enum AttachRole {
     /// The cgroup holding the node's own processes (socket load balancing); its one
     /// target is [`HOST_CGROUP_TARGET`].
     HostCgroup,
+    /// The parent of the node's pods' cgroups (socket load balancing for pods); its one
+    /// target is [`POD_CGROUP_TARGET`].
+    PodCgroup,
 }
 
 /// The name the host cgroup's links are pinned under, whatever the cgroup's path.
 pub const HOST_CGROUP_TARGET: &str = "host";
+/// The name the pods' cgroup's links are pinned under, whatever the cgroup's path.
+pub const POD_CGROUP_TARGET: &str = "pods";
 
 impl AttachRole {
-    pub const ALL: [AttachRole; 4] = [
+    pub const ALL: [AttachRole; 5] = [
         AttachRole::PodVeth,
         AttachRole::TunnelDevice,
         AttachRole::Netdev,
         AttachRole::HostCgroup,
+        AttachRole::PodCgroup,
     ];
+
+    /// For a cgroup role, the one target its links are pinned under.
+    pub const fn cgroup_target(self) -> Option<&'static str> {
+        match self {
+            AttachRole::HostCgroup => Some(HOST_CGROUP_TARGET),
+            AttachRole::PodCgroup => Some(POD_CGROUP_TARGET),
+            AttachRole::PodVeth | AttachRole::TunnelDevice | AttachRole::Netdev => None,
+        }
+    }
 
     /// The directory under `<pin_dir>/links/` holding this role's pinned links.
     pub const fn pin_dir_name(self) -> &'static str {
@@ -43,7 +60,7 @@ impl AttachRole {
             AttachRole::PodVeth => "pod",
             AttachRole::TunnelDevice => "tunnel",
             AttachRole::Netdev => "netdev",
-            AttachRole::HostCgroup => "cgroup",
+            AttachRole::HostCgroup | AttachRole::PodCgroup => "cgroup",
         }
     }
 
@@ -74,7 +91,7 @@ pub enum Object {
     Tunnel,
     /// `bpf/host.c`: the node's underlay device.
     Host,
-    /// `bpf/sock.c`: the node's cgroup.
+    /// `bpf/sock.c`: the node's cgroup and its pods' cgroup.
     Sock,
 }
 
@@ -109,7 +126,7 @@ pub struct ProgramDef {
     pub link_suffix: &'static str,
 }
 
-pub const PROGRAMS: [ProgramDef; 10] = [
+pub const PROGRAMS: [ProgramDef; 14] = [
     // Packets leaving the pod.
     ProgramDef {
         name: FROM_CONTAINER,
@@ -187,6 +204,35 @@ pub const PROGRAMS: [ProgramDef; 10] = [
         name: SOCK4_GETPEERNAME,
         object: Object::Sock,
         role: AttachRole::HostCgroup,
+        hook: Hook::CgroupSockAddr,
+        link_suffix: "getpeername4",
+    },
+    // The same four hooks for the pods' sockets.
+    ProgramDef {
+        name: POD4_CONNECT,
+        object: Object::Sock,
+        role: AttachRole::PodCgroup,
+        hook: Hook::CgroupSockAddr,
+        link_suffix: "connect4",
+    },
+    ProgramDef {
+        name: POD4_SENDMSG,
+        object: Object::Sock,
+        role: AttachRole::PodCgroup,
+        hook: Hook::CgroupSockAddr,
+        link_suffix: "sendmsg4",
+    },
+    ProgramDef {
+        name: POD4_RECVMSG,
+        object: Object::Sock,
+        role: AttachRole::PodCgroup,
+        hook: Hook::CgroupSockAddr,
+        link_suffix: "recvmsg4",
+    },
+    ProgramDef {
+        name: POD4_GETPEERNAME,
+        object: Object::Sock,
+        role: AttachRole::PodCgroup,
         hook: Hook::CgroupSockAddr,
         link_suffix: "getpeername4",
     },

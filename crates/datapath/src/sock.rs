@@ -1,5 +1,6 @@
 //! The socket programs (`bpf/sock.c`) on the cgroup of the node's own processes
-//! ([`AttachRole::HostCgroup`]): attached through links pinned under
+//! ([`AttachRole::HostCgroup`]) and on the parent cgroup of its pods
+//! ([`AttachRole::PodCgroup`]): attached through links pinned under
 //! `<pin_dir>/links/cgroup/`, which a new loader updates in place.
 
 use std::{fs, io, path::Path};
@@ -13,18 +14,21 @@ use aya::{
 };
 
 use crate::{
-    AttachRole, Datapath, DatapathError, HOST_CGROUP_TARGET, ProgramDef, create_dir, link_pin_path,
-    pin_new_link, remove_file, sys, typed_program,
+    AttachRole, Datapath, DatapathError, ProgramDef, create_dir, link_pin_path, pin_new_link,
+    remove_file, sys, typed_program,
 };
 
 impl Datapath {
-    /// Attaches the socket programs ([`AttachRole::HostCgroup`]) to the cgroup v2 directory
-    /// `cgroup`, pinning their links as `<pin_dir>/links/cgroup/host_<hook>`. If links are
-    /// pinned already (agent restarted), this program is swapped into them in one step and
-    /// they keep the cgroup they were made for. The caller vouches that `cgroup` holds only
-    /// the node's own processes: every socket they open is load-balanced.
-    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
-        let role = AttachRole::HostCgroup;
+    /// Attaches the socket programs of the cgroup role `role` to the cgroup v2 directory
+    /// `cgroup`, pinning their links as `<pin_dir>/links/cgroup/<target>_<hook>`. If links
+    /// are pinned already (agent restarted), this program is swapped into them in one step
+    /// and they keep the cgroup they were made for. The caller vouches that `cgroup` holds
+    /// only the processes `role` is for (the node's own, or its pods'): every socket they
+    /// open is load-balanced.
+    pub fn attach_cgroup(&mut self, role: AttachRole, cgroup: &Path) -> Result<(), DatapathError> {
+        let target = role
+            .cgroup_target()
+            .ok_or(DatapathError::NotACgroupRole(role))?;
         create_dir(&self.links_dir(role))?;
         let dir = fs::File::open(cgroup).map_err(|source| DatapathError::Io {
             call: "open",
@@ -32,19 +36,26 @@ impl Datapath {
             source,
         })?;
         for program in role.programs() {
-            let path = link_pin_path(&self.pin_dir, program, HOST_CGROUP_TARGET);
+            let path = link_pin_path(&self.pin_dir, program, target);
             let sock: &mut CgroupSockAddr = typed_program(self.ebpf(program.object), program.name)?;
             attach_cgroup_link(sock, program.name, &dir, cgroup, &path)?;
         }
         Ok(())
     }
 
-    /// The socket programs whose pinned cgroup link is missing or runs another program
-    /// than this loader's (removed or replaced behind the agent's back).
-    pub fn stale_cgroup_links(&mut self) -> Result<Vec<&'static ProgramDef>, DatapathError> {
+    /// The socket programs of the cgroup role `role` whose pinned cgroup link is missing
+    /// or runs another program than this loader's (removed or replaced behind the agent's
+    /// back).
+    pub fn stale_cgroup_links(
+        &mut self,
+        role: AttachRole,
+    ) -> Result<Vec<&'static ProgramDef>, DatapathError> {
+        let target = role
+            .cgroup_target()
+            .ok_or(DatapathError::NotACgroupRole(role))?;
         let mut stale = Vec::new();
-        for program in AttachRole::HostCgroup.programs() {
-            let path = link_pin_path(&self.pin_dir, program, HOST_CGROUP_TARGET);
+        for program in role.programs() {
+            let path = link_pin_path(&self.pin_dir, program, target);
             let linked = match PinnedLink::from_pin(&path) {
                 Ok(pinned) => FdLink::from(pinned)
                     .info()

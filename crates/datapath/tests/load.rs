@@ -54,6 +54,10 @@ fn load_pins_every_map_and_reports_program_sizes() {
         programs::SOCK4_SENDMSG,
         programs::SOCK4_RECVMSG,
         programs::SOCK4_GETPEERNAME,
+        programs::POD4_CONNECT,
+        programs::POD4_SENDMSG,
+        programs::POD4_RECVMSG,
+        programs::POD4_GETPEERNAME,
         programs::FROM_NETDEV,
         programs::TO_NETDEV,
     ] {

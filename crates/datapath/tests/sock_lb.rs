@@ -122,7 +122,7 @@ impl Topology {
         let mut datapath = Datapath::load(pins.path(), &DatapathConfig::default())
             .unwrap_or_else(|err| panic!("loading the datapath: {err}"));
         datapath
-            .attach_cgroup(cgroup.path())
+            .attach_cgroup(sluice_datapath::AttachRole::HostCgroup, cgroup.path())
             .unwrap_or_else(|err| panic!("attaching to {}: {err}", cgroup.path().display()));
         // The pinned links keep the programs attached once the loader is gone.
         drop(datapath);
@@ -465,7 +465,12 @@ fn a_restarted_loader_swaps_its_programs_into_the_pinned_links() {
 
     // A new loader on the same pins (an agent restart): the same links, its programs.
     let mut datapath = Datapath::load(topology.pins.path(), &DatapathConfig::default()).unwrap();
-    datapath.attach_cgroup(topology.cgroup.path()).unwrap();
+    datapath
+        .attach_cgroup(
+            sluice_datapath::AttachRole::HostCgroup,
+            topology.cgroup.path(),
+        )
+        .unwrap();
     let new_program = datapath
         .program_info(sluice_common::programs::SOCK4_CONNECT)
         .unwrap()
@@ -488,6 +493,68 @@ fn a_restarted_loader_swaps_its_programs_into_the_pinned_links() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[test]
+fn the_node_and_pod_cgroups_keep_links_of_their_own() {
+    use sluice_datapath::{AttachRole, HOST_CGROUP_TARGET, POD_CGROUP_TARGET};
+    let pins = PinDir::unique("sluice-test-");
+    let host = OwnedCgroup::unique("sluice-test-host-").unwrap();
+    let pods = OwnedCgroup::unique("sluice-test-pods-").unwrap();
+    let mut datapath = Datapath::load(pins.path(), &DatapathConfig::default()).unwrap();
+    datapath
+        .attach_cgroup(AttachRole::HostCgroup, host.path())
+        .unwrap();
+    datapath
+        .attach_cgroup(AttachRole::PodCgroup, pods.path())
+        .unwrap();
+    let targets = |datapath: &Datapath, role| {
+        datapath
+            .attached(role)
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        targets(&datapath, AttachRole::HostCgroup),
+        [HOST_CGROUP_TARGET]
+    );
+    assert_eq!(
+        targets(&datapath, AttachRole::PodCgroup),
+        [POD_CGROUP_TARGET]
+    );
+    assert!(
+        datapath
+            .stale_cgroup_links(AttachRole::PodCgroup)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        datapath.attach(AttachRole::PodCgroup, "lxc0"),
+        Err(sluice_datapath::DatapathError::NotADeviceRole(_))
+    ));
+    assert!(matches!(
+        datapath.attach_cgroup(AttachRole::PodVeth, pods.path()),
+        Err(sluice_datapath::DatapathError::NotACgroupRole(_))
+    ));
+
+    // The pods' programs come off; the node's stay.
+    datapath
+        .detach(AttachRole::PodCgroup, POD_CGROUP_TARGET)
+        .unwrap();
+    assert!(targets(&datapath, AttachRole::PodCgroup).is_empty());
+    assert_eq!(
+        targets(&datapath, AttachRole::HostCgroup),
+        [HOST_CGROUP_TARGET]
+    );
+    assert_eq!(
+        datapath
+            .stale_cgroup_links(AttachRole::PodCgroup)
+            .unwrap()
+            .len(),
+        4
+    );
+    drop(datapath);
 }
 
 /// Frontend `key` with `value` (its count set) and `backends` on WHO_PORT in its slots.

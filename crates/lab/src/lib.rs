@@ -135,10 +135,15 @@ impl Lab {
         Ok(NetNs::named(self.pod_netns(pod)?).command(program)?)
     }
 
-    /// A Command that runs `program` in a pod's network namespace or, for `world/<name>`, in
-    /// that world host's: `lab exec` reaches both.
+    /// A Command that runs `program` in a pod (its network namespace and cgroup) or, for
+    /// `world/<name>`, in that world host's network namespace: `lab exec` reaches both.
     pub fn command_in(&self, target: &str, program: &str) -> Result<Command, LabError> {
-        Ok(NetNs::named(self.netns_of(target)?).command(program)?)
+        match self.world_host_ref(target) {
+            Some(host) => Ok(
+                NetNs::named(names::world_netns(&self.state.name, &host.name)).command(program)?,
+            ),
+            None => self.command_in_pod(target, program),
+        }
     }
 
     /// The network namespace of a pod (`namespace/name` or `name`) or a world host

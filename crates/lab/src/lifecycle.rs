@@ -140,7 +140,9 @@ impl Lab {
             .arg("--state-dir")
             .arg(self.dir.join("nodes").join(node).join("state"))
             .arg("--host-cgroup")
-            .arg(self.node_cgroup(node)?);
+            .arg(self.node_cgroup(node)?)
+            .arg("--pod-cgroup")
+            .arg(self.pods_cgroup(node)?);
         if spec.underlay.is_some() {
             cmd.arg("--routing-mode")
                 .arg(spec.routing_mode.as_str())

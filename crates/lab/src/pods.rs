@@ -1,9 +1,9 @@
 //! Pods and world hosts as processes: their namespaces and links, their servers, readiness
 //! and stopping.
 
-use std::{fs, path::Path, process::Command, thread, time::Instant};
+use std::{fs, path::Path, thread, time::Instant};
 
-use sluice_netns::{NetNs, Route};
+use sluice_netns::{Cgroup, NetNs, Route};
 
 use crate::{
     CHANGE_TIMEOUT, Lab, LabError, LogTail, NodeSpec, POLL, STOP_GRACE, WorldAttach, WorldHostSpec,
@@ -95,8 +95,16 @@ impl Lab {
         })?;
         let dir = self.pod_dir(record);
         fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
+        let cgroup = self.create_pod_cgroup(record)?;
         let (tcp, udp) = record.ports();
-        self.spawn_server(&record.netns, record.name(), &tcp, &udp, &dir)
+        self.spawn_server(
+            &record.netns,
+            Some(&cgroup),
+            record.name(),
+            &tcp,
+            &udp,
+            &dir,
+        )
     }
 
     /// Creates every world host's namespace and link to its node, starts its server and
@@ -114,7 +122,7 @@ impl Lab {
             let dir = self.dir.join("world").join(&host.name);
             fs::create_dir_all(&dir).map_err(io_err("mkdir", &dir))?;
             let (tcp, udp) = host.ports();
-            let server = self.spawn_server(&netns, &host.name, &tcp, &udp, &dir)?;
+            let server = self.spawn_server(&netns, None, &host.name, &tcp, &udp, &dir)?;
             started.push((host.name.clone(), dir, server));
         }
         let deadline = Instant::now() + CHANGE_TIMEOUT;
@@ -195,11 +203,12 @@ impl Lab {
         }
     }
 
-    /// Starts `sluice lab pod-server` in `netns`; it writes `<dir>/ready` once it serves and
-    /// logs to `<dir>/server.log`.
+    /// Starts `sluice lab pod-server` in `netns` (and a pod's in its `cgroup`); it writes
+    /// `<dir>/ready` once it serves and logs to `<dir>/server.log`.
     fn spawn_server(
         &self,
         netns: &str,
+        cgroup: Option<&Cgroup>,
         name: &str,
         tcp: &[u16],
         udp: &[u16],
@@ -216,7 +225,11 @@ impl Lab {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        let mut cmd = Command::new(&self.opts.binaries.sluice);
+        // In the namespace from exec on: a pod's cgroup never holds a process of the host's.
+        let mut cmd = NetNs::named(netns).command(&self.opts.binaries.sluice)?;
+        if let Some(cgroup) = cgroup {
+            cgroup.enter_on_exec(&mut cmd)?;
+        }
         cmd.args(["lab", "pod-server", "--netns", netns, "--name", name]);
         if !tcp.is_empty() {
             cmd.arg("--tcp").arg(list(tcp));
@@ -251,6 +264,7 @@ impl Lab {
     /// Stops the pod's server and removes its namespace (and with it both veth ends).
     pub(crate) fn stop_pod(&self, record: &PodRecord) -> Result<(), LabError> {
         process::kill_netns(&record.netns, STOP_GRACE)?;
+        self.remove_pod_cgroup(record)?;
         NetNs::delete(&record.netns)?;
         remove_tree(&self.pod_dir(record))
     }

@@ -34,6 +34,11 @@ pub enum CgroupRefusal {
          not the node's"
     )]
     ForeignProcess { pid: i32, cgroup: PathBuf },
+    #[error(
+        "process {pid} (in {cgroup}) shares the network namespace of the node or the host: \
+         it is no pod"
+    )]
+    NotAPod { pid: i32, cgroup: PathBuf },
 }
 
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
@@ -65,10 +70,15 @@ impl Cgroup {
 
     /// The cgroup `name` directly under the cgroup v2 root, created if missing.
     pub fn create(name: &str) -> Result<Self, NetNsError> {
+        Self::at(cgroup2_root()?).create_child(name)
+    }
+
+    /// The cgroup `name` directly under this one, created if missing.
+    pub fn create_child(&self, name: &str) -> Result<Self, NetNsError> {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             return Err(NetNsError::BadCgroupName(name.to_owned()));
         }
-        let cgroup = Self::at(cgroup2_root()?.join(name));
+        let cgroup = Self::at(self.path.join(name));
         match fs::create_dir(&cgroup.path) {
             Ok(()) => Ok(cgroup),
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(cgroup),
@@ -115,8 +125,24 @@ impl Cgroup {
     }
 
     /// Kills every process in this cgroup and its descendants, waits for them to be
-    /// gone and removes the directory; a cgroup that does not exist is fine.
+    /// gone and removes the directory, its descendants first; a cgroup that does not
+    /// exist is fine.
     pub fn remove(&self) -> Result<(), NetNsError> {
+        if !self.exists() {
+            return Ok(());
+        }
+        // cgroup.kill covers the descendants, but rmdir takes only a cgroup without any.
+        let mut below = descendants(&self.path)?;
+        below.remove(0);
+        for child in below.iter().rev() {
+            Cgroup::at(child).remove_one()?;
+        }
+        self.remove_one()
+    }
+
+    /// Kills what runs in this cgroup (and below) and removes its directory, which must
+    /// have no child cgroup left.
+    fn remove_one(&self) -> Result<(), NetNsError> {
         if !self.exists() {
             return Ok(());
         }
@@ -156,6 +182,52 @@ impl Cgroup {
     /// on the root, or on a cgroup holding processes of the host or of another node, they
     /// would send those processes' connections to this node's backends.
     pub fn check_confined(&self) -> Result<(), NetNsError> {
+        let own = own_netns()?;
+        self.check_processes(|pid, ns, cgroup| {
+            (ns != own).then_some(CgroupRefusal::ForeignProcess { pid, cgroup })
+        })
+    }
+
+    /// Refuses this cgroup as the home of the pods' socket programs unless it is a cgroup
+    /// v2 directory other than the root whose every process (descendants included) lives
+    /// in a network namespace of its own: neither the calling thread's (the node's own
+    /// processes, served as the node by [`Self::check_confined`]'s cgroup; on a real node
+    /// also the host's and hostNetwork pods') nor that of PID 1 (the host's), where this
+    /// process may look at it (a sandbox may deny it even to root). The pods' programs take
+    /// every such socket for a pod's.
+    pub fn check_pods_only(&self) -> Result<(), NetNsError> {
+        let own = own_netns()?;
+        let host = netns_id(Path::new("/proc/1/ns/net")).unwrap_or(None);
+        self.check_processes(|pid, ns, cgroup| {
+            (ns == own || Some(ns) == host).then_some(CgroupRefusal::NotAPod { pid, cgroup })
+        })
+    }
+
+    /// The network namespaces of the processes in this cgroup and its descendants, one
+    /// `/proc/<pid>/ns/net` path for each, in the order first seen.
+    pub fn netns_of_processes(&self) -> Result<Vec<PathBuf>, NetNsError> {
+        let mut seen = Vec::new();
+        let mut paths = Vec::new();
+        for cgroup in descendants(&self.path)? {
+            for pid in Cgroup::at(&cgroup).procs()? {
+                let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+                if let Some(ns) = netns_id(&path)?
+                    && !seen.contains(&ns)
+                {
+                    seen.push(ns);
+                    paths.push(path);
+                }
+            }
+        }
+        Ok(paths)
+    }
+
+    /// Refuses the root, what is not a cgroup v2 directory, and any cgroup where `refuse`
+    /// says no to a process (by pid, network namespace and cgroup) in it or a descendant.
+    fn check_processes(
+        &self,
+        refuse: impl Fn(i32, (u64, u64), PathBuf) -> Option<CgroupRefusal>,
+    ) -> Result<(), NetNsError> {
         let root = cgroup2_root()?;
         let refused = |reason| NetNsError::CgroupRefused {
             path: self.path.clone(),
@@ -169,23 +241,26 @@ impl Cgroup {
         if !path.starts_with(&root) || !path.join(PROCS).is_file() {
             return Err(refused(CgroupRefusal::NotCgroup2(root)));
         }
-        let own =
-            netns_id(Path::new("/proc/thread-self/ns/net"))?.ok_or_else(|| NetNsError::Io {
-                call: "stat",
-                path: "/proc/thread-self/ns/net".into(),
-                source: io::ErrorKind::NotFound.into(),
-            })?;
         for cgroup in descendants(&path)? {
             for pid in Cgroup::at(&cgroup).procs()? {
                 let ns = netns_id(&PathBuf::from(format!("/proc/{pid}/ns/net")))?;
                 // A process that exited meanwhile holds no socket.
-                if ns.is_some_and(|ns| ns != own) {
-                    return Err(refused(CgroupRefusal::ForeignProcess { pid, cgroup }));
+                if let Some(reason) = ns.and_then(|ns| refuse(pid, ns, cgroup.clone())) {
+                    return Err(refused(reason));
                 }
             }
         }
         Ok(())
     }
+}
+
+/// `(device, inode)` of the calling thread's network namespace.
+fn own_netns() -> Result<(u64, u64), NetNsError> {
+    netns_id(Path::new("/proc/thread-self/ns/net"))?.ok_or_else(|| NetNsError::Io {
+        call: "stat",
+        path: "/proc/thread-self/ns/net".into(),
+        source: io::ErrorKind::NotFound.into(),
+    })
 }
 
 /// `(device, inode)` of a network namespace file; None if the process is gone.

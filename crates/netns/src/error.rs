@@ -23,6 +23,12 @@ pub enum NetNsError {
         // Boxed: the error holds a whole netlink message.
         source: Box<rtnetlink::Error>,
     },
+    /// A sock_diag request failed; `call` names the message type.
+    #[error("{call} (sock_diag): {source}")]
+    SockDiag {
+        call: &'static str,
+        source: std::io::Error,
+    },
     #[error("network namespace {0} already exists")]
     Exists(String),
     #[error("no network namespace {0}")]

@@ -15,6 +15,7 @@ mod multipath;
 mod ns;
 mod offload;
 mod route;
+mod sockets;
 mod sysctl;
 
 pub use cgroup::{Cgroup, CgroupRefusal, OwnedCgroup, cgroup2_root};
@@ -25,3 +26,4 @@ pub use link::{Link, LinkKind, Netlink};
 pub use multipath::{MultipathEntry, MultipathRoute};
 pub use ns::{NETNS_DIR, NetNs, NsThread, OwnedNetNs, unique_name};
 pub use route::{Route, RouteEntry};
+pub use sockets::{ConnectedUdp, connected_udp4, destroy_udp4};

@@ -48,6 +48,15 @@ pub mod programs {
     pub const SOCK4_RECVMSG: &str = "sock4_recvmsg";
     /// cgroup getpeername4: a connected socket's peer shown as the frontend.
     pub const SOCK4_GETPEERNAME: &str = "sock4_getpeername";
+    /// cgroup connect4 of the node's pods' parent cgroup: a pod's TCP and connected UDP
+    /// to a frontend, translated once so its packets need no service NAT.
+    pub const POD4_CONNECT: &str = "pod4_connect";
+    /// cgroup sendmsg4 of the pods' cgroup: a pod's unconnected UDP datagrams.
+    pub const POD4_SENDMSG: &str = "pod4_sendmsg";
+    /// cgroup recvmsg4 of the pods' cgroup.
+    pub const POD4_RECVMSG: &str = "pod4_recvmsg";
+    /// cgroup getpeername4 of the pods' cgroup.
+    pub const POD4_GETPEERNAME: &str = "pod4_getpeername";
     /// tc ingress of the underlay device: external frontends and their SNATed replies.
     pub const FROM_NETDEV: &str = "from_netdev";
     /// tc egress of the underlay device: pod traffic leaving the cluster, masqueraded.
