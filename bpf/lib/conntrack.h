@@ -163,6 +163,24 @@ static __always_inline bool ct_opens_connection(const struct pkt4 *pkt)
 	return !(pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & TCP_FLAG_RST));
 }
 
+/* Whether @pkt, which found no entry of its scope, belongs to a connection that had one:
+ * a TCP segment that is not a pure SYN cannot open a connection, so its entry was evicted
+ * or removed while the connection lived. UDP cannot tell, as every datagram may open. */
+static __always_inline bool ct_entry_lost(const struct pkt4 *pkt)
+{
+	return pkt->proto == IPPROTO_TCP && !tcp_pure_syn(pkt);
+}
+
+/* Counts a lost CT_SERVICE entry (struct ct_stats). */
+static __always_inline void ct_count_service_lost(void)
+{
+	__u32 zero = 0;
+	struct ct_stats *stats = bpf_map_lookup_elem(&ct_stats, &zero);
+
+	if (stats)
+		stats->service_lost++;
+}
+
 /* What ct_track_established found. */
 enum ct_state {
 	CT_NEW,         /* @pkt starts a new connection */
