@@ -203,6 +203,10 @@ struct ct_config {
 /* What conntrack saw that no entry shows (index 0 of the per-CPU `ct_stats`), read by
  * the agent for `status` and the metrics. */
 struct ct_stats {
+	/* Entries written for new connections (ct_write), overwrites of a stale entry
+	 * included: an upper bound of what the table grew by, which lets the agent skip
+	 * counting the table while it cannot have reached its pressure threshold. */
+	__u64 created;
 	/* TCP segments to a frontend that do not open a connection (not a pure SYN) and found
 	 * no CT_SERVICE entry: the entry of a live connection was evicted or removed, and the
 	 * flow hash chose its backend again (lb4_select_backend). */

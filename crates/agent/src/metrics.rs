@@ -447,6 +447,16 @@ impl Collector for KernelSample {
         }
         {
             let metric = encoder.encode_descriptor(
+                "sluice_conntrack_entries_created",
+                "Conntrack entries the datapath wrote for new connections (a stale entry \
+                 written again included)",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(self.ct_stats.created).encode(metric)?;
+        }
+        {
+            let metric = encoder.encode_descriptor(
                 "sluice_endpoints",
                 "Local endpoints the datapath knows",
                 None,
@@ -532,7 +542,10 @@ mod tests {
                 },
             )],
             maps: vec![(MapId::Conntrack, 3, 65536), (MapId::Endpoints, 2, 1024)],
-            ct_stats: CtStats { service_lost: 5 },
+            ct_stats: CtStats {
+                created: 9,
+                service_lost: 5,
+            },
         };
         let text = metrics.encode(sample).expect("encode");
         for line in [
@@ -547,6 +560,7 @@ mod tests {
             "sluice_events_total{type=\"policy-verdict\",direction=\"ingress\",outcome=\"suppressed\"} 1",
             "sluice_conntrack_entries 3",
             "sluice_conntrack_service_entries_lost_total 5",
+            "sluice_conntrack_entries_created_total 9",
             "sluice_conntrack_gc_deleted_total{reason=\"pressure\"} 0",
             "sluice_endpoints 2",
             "sluice_map_entries{map=\"ct4\"} 3",

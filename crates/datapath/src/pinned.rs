@@ -25,6 +25,7 @@ pub fn read_ct_stats(map: &PerCpuArray<MapData, CtStats>) -> Result<CtStats, Dat
         source,
     })?;
     Ok(per_cpu.iter().fold(CtStats::default(), |sum, v| CtStats {
+        created: sum.created + v.created,
         service_lost: sum.service_lost + v.service_lost,
     }))
 }

@@ -140,6 +140,9 @@ impl CtConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtStats {
+    /// Entries written for new connections, overwrites of a stale entry included: an upper
+    /// bound of what the table grew by since an earlier reading.
+    pub created: u64,
     /// TCP segments to a frontend, not a pure SYN, that found no `CT_SERVICE` entry: a live
     /// connection's entry was evicted or removed, and the flow hash chose its backend again.
     pub service_lost: u64,
@@ -156,7 +159,7 @@ const _: () = {
     assert!(size_of::<Ct4Key>() == 16);
     assert!(size_of::<Ct4Entry>() == 48);
     assert!(size_of::<CtConfig>() == 16);
-    assert!(size_of::<CtStats>() == 8);
+    assert!(size_of::<CtStats>() == 16);
 };
 
 #[cfg(test)]
