@@ -63,7 +63,8 @@ struct Args {
     #[arg(long, env = "SLUICE_POLICY_MAP_MAX", default_value_t = sluice_compiler::DEFAULT_POLICY_MAP_MAX)]
     policy_map_max: u32,
     /// How Services without the service.sluice.dev/lb-algorithm annotation pick the
-    /// backend of a new connection: random or maglev (consistent hashing).
+    /// backend of a new connection: random (a hash of the flow over the backend slots) or
+    /// maglev (consistent hashing).
     #[arg(long, env = "SLUICE_LB_ALGORITHM", default_value_t = LbAlgorithm::Random)]
     lb_algorithm: LbAlgorithm,
     /// Positions of every Maglev table (M): a prime from 3 to 65521; M * 2 bytes per
