@@ -413,7 +413,11 @@ fn pure_syn_on_a_reused_port_selects_again() {
     fx.add_service(vip(80), IPPROTO_TCP, &[BACKEND_1, BACKEND_2]);
 
     let first = fx.tcp_backend(client(40007), TCP_SYN);
-    let other = if first == BACKEND_1 { BACKEND_2 } else { BACKEND_1 };
+    let other = if first == BACKEND_1 {
+        BACKEND_2
+    } else {
+        BACKEND_1
+    };
     // The slots change places: the flow's hash now gives the slot that holds `other`.
     fx.add_service(vip(80), IPPROTO_TCP, &[BACKEND_2, BACKEND_1]);
     // Until the connection closes, a SYN is a retransmission and keeps its backend.
