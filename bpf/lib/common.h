@@ -200,6 +200,19 @@ struct ct_config {
 	__u32 non_tcp_s;
 };
 
+/* What conntrack saw that no entry shows (index 0 of the per-CPU `ct_stats`), read by
+ * the agent for `status` and the metrics. */
+struct ct_stats {
+	/* Entries written for new connections (ct_write), overwrites of a stale entry
+	 * included: an upper bound of what the table grew by, which lets the agent skip
+	 * counting the table while it cannot have reached its pressure threshold. */
+	__u64 created;
+	/* TCP segments to a frontend that do not open a connection (not a pure SYN) and found
+	 * no CT_SERVICE entry: the entry of a live connection was evicted or removed, and the
+	 * flow hash chose its backend again (lb4_select_backend). */
+	__u64 service_lost;
+};
+
 /* Source address for hairpin connections, so the backend's reply to its own
  * service leaves the pod instead of looping inside it (Cilium's IPV4_LOOPBACK). */
 #define LOOPBACK_IPV4_HOST_ORDER 0xa9fe2a01 /* 169.254.42.1 */

@@ -80,6 +80,23 @@ static __always_inline bool ct_expired(const struct ct4_entry *entry, __u8 proto
 	return now > entry->last_seen_ns && now - entry->last_seen_ns > ct_lifetime(entry, proto);
 }
 
+/* This CPU's conntrack counters (struct ct_stats), or NULL. */
+static __always_inline struct ct_stats *ct_stats_this_cpu(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&ct_stats, &zero);
+}
+
+/* Counts a lost CT_SERVICE entry. */
+static __always_inline void ct_count_service_lost(void)
+{
+	struct ct_stats *stats = ct_stats_this_cpu();
+
+	if (stats)
+		stats->service_lost++;
+}
+
 /* Accounts @pkt to an existing entry in place, without a map update: only counters,
  * last_seen and flags change. Flag bytes race benignly (a lost bit comes back with the
  * next packet); the counters use atomic adds. Returns whether @pkt is the first FIN or
@@ -132,8 +149,13 @@ static __always_inline int ct_write(const struct ct4_key *key, const struct pkt4
 		.tcp_flags_seen = pkt->tcp_flags,
 		.ifindex = ifindex,
 	};
+	struct ct_stats *stats;
+	int err = bpf_map_update_elem(&ct4, key, &entry, map_flags);
 
-	return bpf_map_update_elem(&ct4, key, &entry, map_flags);
+	stats = err ? NULL : ct_stats_this_cpu();
+	if (stats)
+		stats->created++;
+	return err;
 }
 
 static __always_inline int ct_create(const struct ct4_key *key, const struct pkt4 *pkt,
@@ -161,6 +183,14 @@ static __always_inline bool ct_syn_starts_over(const struct ct4_entry *entry,
 static __always_inline bool ct_opens_connection(const struct pkt4 *pkt)
 {
 	return !(pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & TCP_FLAG_RST));
+}
+
+/* Whether @pkt, which found no entry of its scope, belongs to a connection that had one:
+ * a TCP segment that is not a pure SYN cannot open a connection, so its entry was evicted
+ * or removed while the connection lived. UDP cannot tell, as every datagram may open. */
+static __always_inline bool ct_entry_lost(const struct pkt4 *pkt)
+{
+	return pkt->proto == IPPROTO_TCP && !tcp_pure_syn(pkt);
 }
 
 /* What ct_track_established found. */

@@ -118,10 +118,12 @@ static __always_inline __u32 lb4_hash_mix(__u32 h, __u32 k)
 	return h * 5 + 0xe6546b64;
 }
 
-/* The Maglev hash of @pkt's flow as the client sent it: source address and port,
- * protocol and frontend port. The frontend address is left out because it is the one
- * part that differs between nodes (a NodePort is reached on each node's own address), so
- * a flow that lands on another node hashes the same there and keeps its backend. */
+/* The hash of @pkt's flow as the client sent it, which every backend choice that is not
+ * the client's affinity starts from (the Maglev table's position, else the slot): source
+ * address and port, protocol and frontend port. The frontend address is left out because
+ * it is the one part that differs between nodes (a NodePort is reached on each node's own
+ * address), so a flow that lands on another node hashes the same there and keeps its
+ * backend. */
 static __always_inline __u32 lb4_flow_hash(const struct pkt4 *pkt)
 {
 	__u32 h = 0;
@@ -164,6 +166,15 @@ static __always_inline __u16 lb4_maglev_slot(const struct pkt4 *pkt, const struc
 	if (!lanes)
 		return 0;
 	return lanes[position % LB4_MAGLEV_SLOTS_PER_ENTRY];
+}
+
+/* The slot, of the @svc frontend's count, that @pkt's flow hashes to. A flow whose
+ * conntrack entry was lost (LRU eviction under connection churn) gets the same slot
+ * again, so the same backend while the frontend's slots stay as they are; a drawn slot
+ * would move it to another backend, which resets a TCP connection. */
+static __always_inline __u16 lb4_hash_slot(const struct pkt4 *pkt, const struct lb4_service *svc)
+{
+	return (__u16)(lb4_flow_hash(pkt) % svc->count + 1);
 }
 
 static __always_inline void lb4_affinity_key_init(struct lb4_affinity_key *key,
@@ -217,9 +228,11 @@ static __always_inline void lb4_affinity_update(const struct pkt4 *pkt,
 	bpf_map_update_elem(&lb4_affinity, &key, &entry, BPF_ANY);
 }
 
-/* A backend for a new connection to @svc, the frontend of @pkt's destination in @scope:
- * the client's affinity backend if it has one, else the slot the Maglev table gives the
- * flow (SVC_FLAG_MAGLEV) or a random slot. Returns 0, or a DROP_* reason. */
+/* A backend for a flow to @svc, the frontend of @pkt's destination in @scope, that has no
+ * conntrack entry (a new connection, or one whose entry was lost): the client's affinity
+ * backend if it has one, else the slot the Maglev table gives the flow (SVC_FLAG_MAGLEV)
+ * or the slot its hash gives (lb4_hash_slot; the `random` algorithm). Returns 0, or a
+ * DROP_* reason. */
 static __always_inline int lb4_choose_backend(const struct pkt4 *pkt,
 					      const struct lb4_service *svc, __u8 scope,
 					      __u64 now, struct lb4_service *backend)
@@ -232,9 +245,9 @@ static __always_inline int lb4_choose_backend(const struct pkt4 *pkt,
 		if (svc->flags & SVC_FLAG_MAGLEV)
 			number = lb4_maglev_slot(pkt, svc, scope);
 		/* A slot past the count belongs to a table written for backends whose slots
-		 * are not all there yet: random until the realizer's pass is through. */
+		 * are not all there yet: the slot hash until the realizer's pass is through. */
 		if (number == 0 || number > svc->count)
-			number = (__u16)(bpf_get_prandom_u32() % svc->count + 1);
+			number = lb4_hash_slot(pkt, svc);
 		slot = lb4_lookup_scoped(pkt->daddr, pkt->dport, pkt->proto, scope, number);
 		if (!slot)
 			return DROP_NO_BACKEND_SLOT;
@@ -249,7 +262,9 @@ static __always_inline int lb4_choose_backend(const struct pkt4 *pkt,
 /* Picks the backend of @pkt's connection to the frontend @svc, in @scope, into *backend.
  * The CT_SERVICE entry pins a connection to its backend; a new one is chosen when
  * there is no entry, a pure SYN starts a new connection on a reused tuple, the
- * backend has been removed, or the entry has outlived its lifetime.
+ * backend has been removed, or the entry has outlived its lifetime. Without an entry
+ * the choice is by the flow's hash (lb4_choose_backend), so a connection whose entry was
+ * lost returns to its backend; a TCP segment that shows it is counted (ct_stats).
  * Returns 0, or a DROP_* reason. */
 static __always_inline int lb4_select_backend(struct __sk_buff *skb, const struct pkt4 *pkt,
 					      const struct lb4_service *svc, __u8 scope, __u64 now,
@@ -268,6 +283,8 @@ static __always_inline int lb4_select_backend(struct __sk_buff *skb, const struc
 		ct_account(entry, pkt, 0, now);
 		return 0;
 	}
+	if (!entry && ct_entry_lost(pkt))
+		ct_count_service_lost();
 
 	reason = lb4_choose_backend(pkt, svc, scope, now, backend);
 	if (reason)

@@ -95,6 +95,13 @@ struct {
 } ct_config SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32); /* always 0 */
+	__type(value, struct ct_stats);
+	__uint(max_entries, 1);
+} ct_stats SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32); /* ifindex of the host-side veth */
 	__type(value, struct endpoint_info);

@@ -28,6 +28,7 @@ mod views;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
+pub use conntrack::GcConfig;
 pub use node::Node;
 pub use observe::{DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE, EventsConfig};
 pub use source::SourceConfig;
@@ -160,8 +161,8 @@ pub struct AgentConfig {
     pub policy_log: Option<policy_log::PolicyLogConfig>,
     /// How pod traffic reaches other nodes.
     pub routing: routing::RoutingConfig,
-    /// How often the conntrack garbage collector removes expired entries.
-    pub ct_gc_interval: Duration,
+    /// When the conntrack garbage collector runs: its interval and pressure threshold.
+    pub ct_gc: GcConfig,
     /// The cgroup of the node's own processes, for socket load balancing; None: no socket
     /// programs.
     pub host_cgroup: Option<PathBuf>,
@@ -204,9 +205,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         config.cni.add_timeout,
     );
     let (requests, requests_rx) = tokio::sync::mpsc::channel(8);
+    let metrics = metrics::Metrics::default();
     let views = views::Views::new(
         Arc::clone(&published),
         views::ApiMaps::open(&config.pin_dir)?,
+        views::GcView {
+            metrics: metrics.clone(),
+            pressure_threshold: config.ct_gc.pressure_threshold,
+        },
         requests,
     );
     let listener = server::bind(&config.api_socket)?;
@@ -217,7 +223,6 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         Arc::new(cni),
     ));
 
-    let metrics = metrics::Metrics::default();
     let readiness = http::Readiness::default();
     if let Some(address) = config.metrics_address {
         // Handles of its own on the pinned maps: a scrape never waits for a pass.
@@ -238,9 +243,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     tokio::spawn({
         let (pin_dir, metrics) = (config.pin_dir.clone(), metrics.clone());
         async move {
-            if let Err(e) =
-                conntrack::collect_garbage(pin_dir, config.ct_gc_interval, metrics).await
-            {
+            if let Err(e) = conntrack::collect_garbage(pin_dir, config.ct_gc, metrics).await {
                 tracing::error!(error = %e, "conntrack GC stopped");
             }
         }

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::{CommandFactory, Parser, error::ErrorKind};
 use sluice_agent::{
-    AgentConfig, EventsConfig, SourceConfig,
+    AgentConfig, EventsConfig, GcConfig, SourceConfig,
     cni::CniConfig,
     masquerade::MasqueradeConfig,
     policy_log::{PolicyLogConfig, PolicyLogMode},
@@ -63,7 +63,8 @@ struct Args {
     #[arg(long, env = "SLUICE_POLICY_MAP_MAX", default_value_t = sluice_compiler::DEFAULT_POLICY_MAP_MAX)]
     policy_map_max: u32,
     /// How Services without the service.sluice.dev/lb-algorithm annotation pick the
-    /// backend of a new connection: random or maglev (consistent hashing).
+    /// backend of a new connection: random (a hash of the flow over the backend slots) or
+    /// maglev (consistent hashing).
     #[arg(long, env = "SLUICE_LB_ALGORITHM", default_value_t = LbAlgorithm::Random)]
     lb_algorithm: LbAlgorithm,
     /// Positions of every Maglev table (M): a prime from 3 to 65521; M * 2 bytes per
@@ -90,6 +91,15 @@ struct Args {
     /// Seconds between runs of the conntrack garbage collector.
     #[arg(long, env = "SLUICE_CT_GC_INTERVAL", default_value_t = 30.0)]
     ct_gc_interval: f64,
+    /// Conntrack fill (entries over capacity, above 0 and at most 1) from which the garbage
+    /// collector runs at once and also removes closed and half-open TCP connections, so the
+    /// LRU does not evict established ones.
+    #[arg(long, env = "SLUICE_CT_PRESSURE_THRESHOLD", default_value_t = 0.8, value_parser = fill)]
+    ct_pressure_threshold: f64,
+    /// Seconds between two looks at the conntrack fill (the table is counted only when the
+    /// entries created since the last count could have taken it to the threshold).
+    #[arg(long, env = "SLUICE_CT_PRESSURE_INTERVAL", default_value_t = 1.0)]
+    ct_pressure_interval: f64,
     /// Entries of the service map (one per service port plus one per backend slot) and of
     /// the backend map.
     #[arg(long, env = "SLUICE_LB_MAP_MAX", default_value_t = DatapathConfig::default().lb_max_entries)]
@@ -189,6 +199,15 @@ fn seconds() -> clap::builder::RangedI64ValueParser<u32> {
     clap::value_parser!(u32).range(1..)
 }
 
+/// A fill ratio: above 0 and at most 1.
+fn fill(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(fill) if fill > 0.0 && fill <= 1.0 => Ok(fill),
+        Ok(_) => Err("a fill above 0 and at most 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // `requires` counts SLUICE_MASQUERADE=false as given: the CIDRs would be ignored unseen.
@@ -256,7 +275,11 @@ fn main() -> anyhow::Result<()> {
                 non_tcp_s: args.ct_timeout_non_tcp,
             },
         },
-        ct_gc_interval: Duration::from_secs_f64(args.ct_gc_interval.max(0.1)),
+        ct_gc: GcConfig {
+            interval: Duration::from_secs_f64(args.ct_gc_interval.max(0.1)),
+            pressure_threshold: args.ct_pressure_threshold,
+            pressure_interval: Duration::from_secs_f64(args.ct_pressure_interval.max(0.1)),
+        },
         flows_max: args.flows_max,
         events: EventsConfig {
             enabled: args.events == "on",

@@ -18,7 +18,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use sluice_common::{
-    DropReason, EVENT_CLOSE, EVENT_DROP, EVENT_POLICY_VERDICT, EVENT_TRACE, EventCounter,
+    CtStats, DropReason, EVENT_CLOSE, EVENT_DROP, EVENT_POLICY_VERDICT, EVENT_TRACE, EventCounter,
     METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MapId, MetricsValue, event_counter_index, metrics_index,
     names, registry,
 };
@@ -87,6 +87,13 @@ impl Metrics {
             .inc_by(removed);
     }
 
+    /// Conntrack entries the agent removed for `reason` since it started.
+    pub fn ct_removed(&self, reason: Removal) -> u64 {
+        self.ct_removed
+            .get_or_create(&vec![("reason", reason.as_str())])
+            .get()
+    }
+
     /// The counter of policy log lines not written (rate limit or full queue).
     pub fn policy_log_suppressed(&self) -> Counter {
         self.policy_log_suppressed.clone()
@@ -143,8 +150,10 @@ impl Metrics {
         }
         registry.register(
             "sluice_conntrack_gc_deleted",
-            "Conntrack entries the agent removed: expired (garbage collector) or \
-             backend_removed (purged after their backend left the service)",
+            "Conntrack entries the agent removed: expired (garbage collector), \
+             backend_removed (purged after their backend left the service) or pressure \
+             (closed and half-open TCP connections, removed early because the table \
+             passed --ct-pressure-threshold)",
             self.ct_removed.clone(),
         );
         registry.register(
@@ -206,6 +215,8 @@ struct KernelSample {
     events: Vec<(u8, u32, EventCounter)>,
     /// (map, entries, max_entries), by map name.
     maps: Vec<(MapId, u64, u32)>,
+    /// The datapath's conntrack counters, summed over CPUs.
+    ct_stats: CtStats,
 }
 
 impl KernelSample {
@@ -253,6 +264,7 @@ impl KernelSample {
             traffic,
             events,
             maps: sizes,
+            ct_stats: maps.ct_stats()?,
         })
     }
 
@@ -425,6 +437,26 @@ impl Collector for KernelSample {
         }
         {
             let metric = encoder.encode_descriptor(
+                "sluice_conntrack_service_entries_lost",
+                "TCP segments of live connections to a service that found their conntrack \
+                 entry gone (evicted or removed); the flow hash sent each to its backend again",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(self.ct_stats.service_lost).encode(metric)?;
+        }
+        {
+            let metric = encoder.encode_descriptor(
+                "sluice_conntrack_entries_created",
+                "Conntrack entries the datapath wrote for new connections (a stale entry \
+                 written again included)",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(self.ct_stats.created).encode(metric)?;
+        }
+        {
+            let metric = encoder.encode_descriptor(
                 "sluice_endpoints",
                 "Local endpoints the datapath knows",
                 None,
@@ -510,6 +542,10 @@ mod tests {
                 },
             )],
             maps: vec![(MapId::Conntrack, 3, 65536), (MapId::Endpoints, 2, 1024)],
+            ct_stats: CtStats {
+                created: 9,
+                service_lost: 5,
+            },
         };
         let text = metrics.encode(sample).expect("encode");
         for line in [
@@ -523,6 +559,9 @@ mod tests {
             "sluice_policy_verdicts_total{direction=\"egress\",verdict=\"allowed\"} 0",
             "sluice_events_total{type=\"policy-verdict\",direction=\"ingress\",outcome=\"suppressed\"} 1",
             "sluice_conntrack_entries 3",
+            "sluice_conntrack_service_entries_lost_total 5",
+            "sluice_conntrack_entries_created_total 9",
+            "sluice_conntrack_gc_deleted_total{reason=\"pressure\"} 0",
             "sluice_endpoints 2",
             "sluice_map_entries{map=\"ct4\"} 3",
             "sluice_map_capacity{map=\"ct4\"} 65536",

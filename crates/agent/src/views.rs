@@ -11,14 +11,14 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use sluice_api::{
-    AgentStatus, BackendEntry, CtEntry, EndpointEntry, EndpointPolicyView, FailsClosed,
+    AgentStatus, BackendEntry, CtEntry, CtPressure, EndpointEntry, EndpointPolicyView, FailsClosed,
     IdentityEntry, MapStatus, PolicyRow, ServiceEntry, UnsupportedField, VerifyReport,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, CtConfig, IDENTITY_ANY, LB4_SCOPE_DEFAULT, Lb4BackendKey, Lb4Key,
-    SVC_FLAG_AFFINITY,
+    Ct4Entry, Ct4Key, CtConfig, CtStats, IDENTITY_ANY, LB4_SCOPE_DEFAULT, Lb4BackendKey, Lb4Key,
+    MapId, SVC_FLAG_AFFINITY,
     kinds::{
         BackendState, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind, LbAlgorithm,
         Protocol, RowState, ServiceKind,
@@ -26,12 +26,16 @@ use sluice_common::{
     names, registry,
 };
 use sluice_compiler::DesiredState;
-use sluice_datapath::{MapInventory, PinnedMaps};
+use sluice_datapath::{MapInventory, PinnedMaps, read_ct_stats};
 use sluice_realizer::{KernelTables, PolicyTable};
 use sluice_store::Snapshot;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{AgentError, reconcile::Request};
+use crate::{
+    AgentError,
+    metrics::{Metrics, Removal},
+    reconcile::Request,
+};
 
 /// The reconcile loop's state as of its last step, replaced whole (never edited) so a
 /// reader holds a consistent copy for as long as it likes.
@@ -61,6 +65,8 @@ pub struct ApiMaps {
     conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
     /// The conntrack lifetimes the datapath and the GC expire entries by.
     ct_config: Array<MapData, CtConfig>,
+    /// The datapath's conntrack counters.
+    ct_stats: PerCpuArray<MapData, CtStats>,
     /// Every map of the registry, for the sizes `status` reports.
     inventory: MapInventory,
 }
@@ -72,9 +78,19 @@ impl ApiMaps {
             tables: KernelTables::open(pin_dir)?,
             conntrack: maps.conntrack,
             ct_config: maps.ct_config,
+            ct_stats: maps.ct_stats,
             inventory: maps.inventory,
         })
     }
+}
+
+/// What `status` says of the conntrack garbage collector under pressure.
+#[derive(Clone, Debug)]
+pub struct GcView {
+    /// The agent's counters, removals by reason among them.
+    pub metrics: Metrics,
+    /// `--ct-pressure-threshold`.
+    pub pressure_threshold: f64,
 }
 
 /// What the API server holds: every view of the agent, and the one way to ask the
@@ -82,6 +98,7 @@ impl ApiMaps {
 pub struct Views {
     published: Arc<ArcSwap<Published>>,
     maps: Arc<ApiMaps>,
+    gc: Arc<GcView>,
     requests: mpsc::Sender<Request>,
 }
 
@@ -89,17 +106,20 @@ impl Views {
     pub fn new(
         published: Arc<ArcSwap<Published>>,
         maps: ApiMaps,
+        gc: GcView,
         requests: mpsc::Sender<Request>,
     ) -> Self {
         Self {
             published,
             maps: Arc::new(maps),
+            gc: Arc::new(gc),
             requests,
         }
     }
 
     pub async fn status(&self) -> Result<AgentStatus, AgentError> {
-        self.read_kernel(|v| v.status()).await
+        let gc = Arc::clone(&self.gc);
+        self.read_kernel(move |v| v.status(&gc)).await
     }
 
     pub async fn services(&self) -> Result<Vec<ServiceEntry>, AgentError> {
@@ -162,6 +182,7 @@ pub struct View<'a> {
     tables: &'a KernelTables,
     conntrack: &'a HashMap<MapData, Ct4Key, Ct4Entry>,
     ct_config: &'a Array<MapData, CtConfig>,
+    ct_stats: &'a PerCpuArray<MapData, CtStats>,
     inventory: &'a MapInventory,
 }
 
@@ -180,11 +201,12 @@ impl<'a> View<'a> {
             tables: &maps.tables,
             conntrack: &maps.conntrack,
             ct_config: &maps.ct_config,
+            ct_stats: &maps.ct_stats,
             inventory: &maps.inventory,
         }
     }
 
-    pub fn status(&self) -> Result<AgentStatus, AgentError> {
+    pub fn status(&self, gc: &GcView) -> Result<AgentStatus, AgentError> {
         let maps = registry::counted()
             .map(|def| {
                 Ok(MapStatus {
@@ -210,6 +232,18 @@ impl<'a> View<'a> {
             unsupported: self.desired.unsupported().map(unsupported_field).collect(),
             routing: self.routing.clone(),
             conntrack: Some(self.ct_config()?),
+            conntrack_pressure: Some(self.ct_pressure(gc)?),
+        })
+    }
+
+    /// The conntrack fill and what pressure cost it.
+    fn ct_pressure(&self, gc: &GcView) -> Result<CtPressure, AgentError> {
+        Ok(CtPressure {
+            entries: self.inventory.entries(MapId::Conntrack)?,
+            max_entries: self.inventory.capacity(MapId::Conntrack),
+            threshold: gc.pressure_threshold,
+            removed_under_pressure: gc.metrics.ct_removed(Removal::Pressure),
+            service_entries_lost: read_ct_stats(self.ct_stats)?.service_lost,
         })
     }
 

@@ -14,8 +14,8 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use nix::time::{ClockId, clock_gettime};
 use sluice_common::{
-    CT_EGRESS, CT_FLAG_SEEN_REPLY, CT_SERVICE, Ct4Entry, Ct4Key, CtConfig, IPPROTO_TCP,
-    IPPROTO_UDP, addr_be,
+    CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_SERVICE, Ct4Entry, Ct4Key, CtConfig,
+    IPPROTO_TCP, IPPROTO_UDP, MapId, addr_be,
 };
 use sluice_datapath::PinnedMaps;
 use sluice_store::Snapshot;
@@ -258,6 +258,83 @@ fn the_collector_walks_a_large_table() {
         maps.conntrack.keys().filter_map(Result::ok).count(),
         ENTRIES as usize / 2
     );
+}
+
+#[test]
+fn under_pressure_closed_and_half_open_entries_go_first() {
+    // A full-size table (65,536) filled past the default threshold (0.8).
+    const CHURNED: u32 = 25_000;
+    const ESTABLISHED: u32 = 30_000;
+    let mut agent = Agent::start_with(
+        "ct-pressure",
+        &snapshot(1, 1),
+        // Entries written here are not the datapath's, which its `created` counter would
+        // announce: the regular run's count finds them.
+        &["--ct-pressure-interval", "0.2", "--ct-gc-interval", "1"],
+    );
+    agent.wait_realized(1);
+    let mut maps = PinnedMaps::open(agent.pins.path()).unwrap();
+    let key = |i: u32, proto: u8| {
+        let client = Ipv4Addr::from(u32::from(CLIENT) + i / 60_000);
+        Ct4Key::new(
+            (client, (i % 60_000) as u16 + 1),
+            (backend(0), 8080),
+            proto,
+            CT_EGRESS,
+        )
+    };
+    // The churn first: closed (FIN or RST seen) and half-open (no reply), idle 2 s, within
+    // their lifetimes (10 s and 60 s); then the established connections and UDP flows,
+    // whose inserts take the table past the threshold.
+    let churned: Vec<_> = (0..CHURNED).map(|i| key(i, IPPROTO_TCP)).collect();
+    for (n, k) in churned.iter().enumerate() {
+        let flags = if n % 2 == 0 {
+            CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING
+        } else {
+            0
+        };
+        maps.conntrack.insert(k, entry(2, flags, None), 0).unwrap();
+    }
+    let kept: Vec<_> = (CHURNED..CHURNED + ESTABLISHED)
+        .map(|i| key(i, IPPROTO_TCP))
+        .chain((0..1000).map(|i| key(i, IPPROTO_UDP)))
+        .collect();
+    for k in &kept {
+        let flags = if k.proto == IPPROTO_TCP {
+            CT_FLAG_SEEN_REPLY
+        } else {
+            0
+        };
+        maps.conntrack.insert(k, entry(5, flags, None), 0).unwrap();
+    }
+    agent.wait(
+        "the collector under pressure",
+        Duration::from_secs(30),
+        |a| {
+            a.status()
+                .conntrack_pressure
+                .is_some_and(|p| p.removed_under_pressure == u64::from(CHURNED))
+        },
+    );
+    let started = std::time::Instant::now();
+    let entries = maps.inventory.entries(MapId::Conntrack).unwrap();
+    let counted = started.elapsed();
+    let runs: Vec<_> = strip_ansi(&agent.log_text())
+        .lines()
+        .filter(|l| l.contains("conntrack under pressure"))
+        .map(str::to_owned)
+        .collect();
+    println!(
+        "{} of 65,536 entries, {CHURNED} closed or half-open: {runs:?}; counting the {entries} \
+         left took {counted:?}",
+        CHURNED as usize + kept.len()
+    );
+    assert!(churned.iter().all(|k| !present(&maps, k)));
+    assert!(
+        kept.iter().all(|k| present(&maps, k)),
+        "established TCP and UDP entries stay"
+    );
+    assert_eq!(entries, kept.len() as u64);
 }
 
 /// The log without its colours.

@@ -121,6 +121,27 @@ pub struct AgentStatus {
     /// The conntrack lifetimes the datapath and the garbage collector expire entries by.
     #[serde(default)]
     pub conntrack: Option<sluice_common::CtConfig>,
+    /// How full conntrack is and what pressure cost it.
+    #[serde(default)]
+    pub conntrack_pressure: Option<CtPressure>,
+}
+
+/// Conntrack under connection churn: the fill, what the garbage collector removed early to
+/// keep established connections, and what the datapath found lost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CtPressure {
+    pub entries: u64,
+    pub max_entries: u32,
+    /// The fill (entries over max_entries) from which the garbage collector removes closed
+    /// and half-open TCP connections (`--ct-pressure-threshold`).
+    pub threshold: f64,
+    /// Closed and half-open entries the garbage collector removed under pressure since the
+    /// agent started.
+    pub removed_under_pressure: u64,
+    /// TCP segments of live connections to a service that found their entry gone (evicted
+    /// by the LRU, or removed), counted by the datapath since it was loaded; each went back
+    /// to its backend by the flow hash.
+    pub service_entries_lost: u64,
 }
 
 /// The routing mode of pod traffic between nodes and the devices it uses.

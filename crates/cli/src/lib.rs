@@ -235,6 +235,18 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
             ct.tcp_syn_s, ct.tcp_established_s, ct.tcp_closing_s, ct.non_tcp_s
         );
     }
+    if let Some(p) = &s.conntrack_pressure {
+        let fill = 100.0 * p.entries as f64 / f64::from(p.max_entries.max(1));
+        println!(
+            "            fill {fill:.1}% ({} of {}), pressure from {:.0}%: {} closed or \
+             half-open removed early, {} service entries found lost",
+            p.entries,
+            p.max_entries,
+            100.0 * p.threshold,
+            p.removed_under_pressure,
+            p.service_entries_lost
+        );
+    }
     println!();
     let rows: Vec<_> = s
         .maps

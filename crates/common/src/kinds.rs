@@ -274,7 +274,8 @@ impl FrontendKind {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum LbAlgorithm {
-    /// A uniformly random backend slot.
+    /// The backend slot a hash of the flow gives: spread as a draw across flows, the same
+    /// slot for one flow, so a connection whose conntrack entry was lost keeps its backend.
     #[default]
     Random,
     /// The backend the frontend's Maglev table gives the flow's hash: the same on every

@@ -10,9 +10,9 @@
 use aya::maps::MapType;
 
 use crate::{
-    Ct4Entry, Ct4Key, CtConfig, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports,
-    IpcacheEntry, IpcacheKey, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4BackendKey, Lb4Key,
-    Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRangeKey, MetricsValue, NodeConfig,
+    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Frag4Key,
+    Frag4Ports, IpcacheEntry, IpcacheKey, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4BackendKey,
+    Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRangeKey, MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -37,6 +37,7 @@ pub enum MapId {
     Affinity,
     Maglev,
     NonMasqCidrs,
+    CtStats,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -144,7 +145,7 @@ const ENDPOINTS_MAX: u32 = 4096;
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
 /// backends before the service slots that name them, source ranges before the frontend
 /// flag that restricts to them, and Maglev tables before the frontends that use them.
-pub const MAPS: [MapDef; 19] = [
+pub const MAPS: [MapDef; 20] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(6), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
@@ -190,6 +191,9 @@ pub const MAPS: [MapDef; 19] = [
          capacity: None, realize: Some(5), count: Entries),
     // nonMasqueradeCIDRs: written by the agent at start from its masquerade flags.
     map!(NonMasqCidrs, "non_masq_cidrs", LpmTrie, IpcacheKey => u32, 1024,
+         capacity: None, realize: None, count: Uncounted),
+    // Conntrack counters the datapath keeps per CPU (lost service entries).
+    map!(CtStats, "ct_stats", PerCpuArray, u32 => CtStats, 1,
          capacity: None, realize: None, count: Uncounted),
 ];
 
@@ -245,6 +249,8 @@ pub mod names {
     pub const MAGLEV: &str = MapId::Maglev.name();
     /// The prefixes pod traffic keeps its address to (nonMasqueradeCIDRs).
     pub const NON_MASQ_CIDRS: &str = MapId::NonMasqCidrs.name();
+    /// Conntrack counters of the datapath.
+    pub const CT_STATS: &str = MapId::CtStats.name();
 }
 
 #[cfg(test)]

@@ -11,12 +11,24 @@ use aya::maps::{
     Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, CtConfig, EndpointInfo, EventConfig, EventCounter, Frag4Key, Frag4Ports,
-    IpcacheEntry, LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Affinity, Lb4AffinityKey, Lb4Backend,
+    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Frag4Key,
+    Frag4Ports, IpcacheEntry, LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Affinity, Lb4AffinityKey, Lb4Backend,
     Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRange, MAPS,
     MaglevLanes, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index,
     names,
 };
+
+/// The datapath's conntrack counters in `map` (the pinned `ct_stats`), summed over CPUs.
+pub fn read_ct_stats(map: &PerCpuArray<MapData, CtStats>) -> Result<CtStats, DatapathError> {
+    let per_cpu = map.get(&0, 0).map_err(|source| DatapathError::MapRead {
+        map: MapId::CtStats.name(),
+        source,
+    })?;
+    Ok(per_cpu.iter().fold(CtStats::default(), |sum, v| CtStats {
+        created: sum.created + v.created,
+        service_lost: sum.service_lost + v.service_lost,
+    }))
+}
 
 /// One endpoint's policy: an LPM trie of allow rows.
 pub type PolicyMap = LpmTrie<MapData, PolicyMatch, PolicyEntry>;
@@ -41,7 +53,7 @@ pub type MaglevTable = Array<MapData, MaglevLanes>;
 const BPF_F_INNER_MAP: u32 = 1 << 12;
 
 /// Creates an unpinned Maglev table holding `positions` (M) slots, all 0 (no backend: the
-/// datapath picks at random). It is filled and then swapped into [`PinnedMaps::maglev`] in
+/// datapath falls back to the flow's slot hash). It is filled and then swapped into [`PinnedMaps::maglev`] in
 /// one update, so a frontend never sees a partial table.
 pub fn create_maglev_table(positions: usize) -> Result<MaglevTable, DatapathError> {
     let entries = positions.div_ceil(LB4_MAGLEV_SLOTS_PER_ENTRY).max(1);
@@ -86,6 +98,8 @@ pub struct PinnedMaps {
     /// nonMasqueradeCIDRs: prefix (aya's LPM key around the network-order address) ->
     /// exempt from masquerading.
     pub non_masq_cidrs: LpmTrie<MapData, u32, u32>,
+    /// Conntrack counters per CPU (index 0).
+    pub ct_stats: PerCpuArray<MapData, CtStats>,
     /// Every map of the registry, for capacities and entry counts.
     pub inventory: MapInventory,
 }
@@ -115,6 +129,11 @@ impl PinnedMaps {
             }))
     }
 
+    /// The datapath's conntrack counters, summed over CPUs.
+    pub fn ct_stats(&self) -> Result<CtStats, DatapathError> {
+        read_ct_stats(&self.ct_stats)
+    }
+
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
         Ok(Self {
             services: open_typed(pin_dir, MapId::Services, HashMap::try_from)?,
@@ -134,6 +153,7 @@ impl PinnedMaps {
             affinity: open_typed(pin_dir, MapId::Affinity, HashMap::try_from)?,
             maglev: open_typed(pin_dir, MapId::Maglev, HashOfMaps::try_from)?,
             non_masq_cidrs: open_typed(pin_dir, MapId::NonMasqCidrs, LpmTrie::try_from)?,
+            ct_stats: open_typed(pin_dir, MapId::CtStats, PerCpuArray::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
     }

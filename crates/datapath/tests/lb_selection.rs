@@ -1,6 +1,7 @@
 //! Backend selection for new connections through the real `from_container` program
 //! (BPF_PROG_TEST_RUN on crafted packets; needs root, never skipped): Maglev tables as the
-//! compiler computes them, and sessionAffinity ClientIP.
+//! compiler computes them, sessionAffinity ClientIP, and the flow hash that sends a
+//! connection whose conntrack entry was lost back to its backend.
 // A test binary: a panic in a fixture helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,12 +13,12 @@ use std::{
 };
 
 use sluice_common::{
-    IPPROTO_TCP, IPPROTO_UDP, Lb4AffinityKey, Lb4Key, Lb4Service, SVC_FLAG_AFFINITY,
-    SVC_FLAG_CLUSTER_IP, SVC_FLAG_MAGLEV, programs::FROM_CONTAINER,
+    CT_SERVICE, Ct4Key, IPPROTO_TCP, IPPROTO_UDP, Lb4AffinityKey, Lb4Key, Lb4Service,
+    SVC_FLAG_AFFINITY, SVC_FLAG_CLUSTER_IP, SVC_FLAG_MAGLEV, programs::FROM_CONTAINER,
 };
 use sluice_compiler::maglev::{self, TableSize};
 use sluice_datapath::{Datapath, PinnedMaps, create_maglev_table};
-use support::{Frame, PinDir, TC_ACT_OK, TCP_SYN, run, tcp, udp};
+use support::{Frame, PinDir, TC_ACT_OK, TCP_ACK, TCP_SYN, run, tcp, udp};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// Another node's address, as a NodePort frontend would have it there.
@@ -203,7 +204,7 @@ fn maglev_a_flow_keeps_its_backend_on_another_node() {
 }
 
 #[test]
-fn maglev_without_its_table_falls_back_to_random() {
+fn maglev_without_its_table_falls_back_to_the_slot_hash() {
     let mut node = Node::new();
     let frontend = SocketAddrV4::new(VIP, 53);
     let value = Lb4Service {
@@ -302,4 +303,49 @@ fn without_affinity_one_client_spreads() {
     let counts = spread(&chosen);
     println!("no affinity: 50 connections of one client: {counts:?}");
     assert!(counts.len() >= 3, "{counts:?}");
+}
+
+/// A connection whose CT_SERVICE entry is lost (the LRU evicted it under churn) goes back
+/// to its backend with its next segment, and the datapath counts the loss; a new
+/// connection's SYN finds nothing lost.
+#[test]
+fn a_connection_that_lost_its_entry_returns_to_its_backend() {
+    let mut node = Node::new();
+    let frontend = SocketAddrV4::new(VIP, 80);
+    node.add_service(
+        frontend,
+        IPPROTO_TCP,
+        &backends(3),
+        Lb4Service::frontend(0, SVC_FLAG_CLUSTER_IP),
+    );
+    let clients: Vec<_> = flows().into_iter().step_by(10).collect();
+    let first: Vec<_> = clients
+        .iter()
+        .map(|c| node.tcp_backend(*c, frontend))
+        .collect();
+    assert_eq!(node.maps.ct_stats().unwrap().service_lost, 0);
+    for client in &clients {
+        let key = Ct4Key::new(
+            (*client.ip(), client.port()),
+            (*frontend.ip(), frontend.port()),
+            IPPROTO_TCP,
+            CT_SERVICE,
+        );
+        node.maps.conntrack.remove(&key).unwrap();
+    }
+    let again: Vec<_> = clients
+        .iter()
+        .map(|c| node.backend_of(&tcp(*c, frontend, TCP_ACK, b"more")))
+        .collect();
+    let moved = first.iter().zip(&again).filter(|(a, b)| a != b).count();
+    let lost = node.maps.ct_stats().unwrap().service_lost;
+    println!(
+        "{} connections over 3 backends {:?}: {moved} moved after losing their entry, {lost} \
+         losses counted",
+        clients.len(),
+        spread(&first)
+    );
+    assert_eq!(moved, 0);
+    assert_eq!(lost, clients.len() as u64);
+    assert_eq!(spread(&first).len(), 3, "the hash spreads flows");
 }

@@ -42,6 +42,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::AFFINITY, 65536),
             (names::MAGLEV, 8192),
             (names::NON_MASQ_CIDRS, 1024),
+            (names::CT_STATS, 1),
         ]
     );
 

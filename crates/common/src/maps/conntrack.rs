@@ -136,8 +136,21 @@ impl CtConfig {
     }
 }
 
+/// `struct ct_stats`: what conntrack saw that no entry shows (`ct_stats`, index 0, per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtStats {
+    /// Entries written for new connections, overwrites of a stale entry included: an upper
+    /// bound of what the table grew by since an earlier reading.
+    pub created: u64,
+    /// TCP segments to a frontend, not a pure SYN, that found no `CT_SERVICE` entry: a live
+    /// connection's entry was evicted or removed, and the flow hash chose its backend again.
+    pub service_lost: u64,
+}
+
 // SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
 // initialized and any bit pattern is valid.
+unsafe impl aya::Pod for CtStats {}
 unsafe impl aya::Pod for Ct4Key {}
 unsafe impl aya::Pod for Ct4Entry {}
 unsafe impl aya::Pod for CtConfig {}
@@ -146,6 +159,7 @@ const _: () = {
     assert!(size_of::<Ct4Key>() == 16);
     assert!(size_of::<Ct4Entry>() == 48);
     assert!(size_of::<CtConfig>() == 16);
+    assert!(size_of::<CtStats>() == 16);
 };
 
 #[cfg(test)]

@@ -99,6 +99,7 @@ pub const LAYOUTS: &[StructLayout] = &[
         CtConfig,
         [tcp_syn_s, tcp_established_s, tcp_closing_s, non_tcp_s]
     ),
+    layout!("ct_stats", CtStats, [created, service_lost]),
     layout!("endpoint_info", EndpointInfo, [ipv4, identity, flags, pad]),
     layout!("metrics_value", MetricsValue, [packets, bytes]),
     layout!("ipcache_key", IpcacheKey, [prefixlen, address]),
