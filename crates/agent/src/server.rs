@@ -33,8 +33,11 @@ use tracing::warn;
 
 use crate::{AgentError, cni::Cni, views::Views};
 
-/// Binds the socket, replacing a stale one left by a previous agent.
+/// Binds the socket, replacing a stale one left by a previous agent. The API changes the
+/// node's dataplane, so only root may connect: the socket is 0600, and a directory the
+/// agent creates for it is 0700 (one that exists, such as a shared /run, keeps its mode).
 pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let io = |call| {
         move |source| AgentError::Io {
             call,
@@ -42,14 +45,24 @@ pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
             source,
         }
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io("mkdir"))?;
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io("mkdir"))?;
     }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("unlink")(e)),
         _ => {}
     }
-    UnixListener::bind(path).map_err(io("bind"))
+    let listener = UnixListener::bind(path).map_err(io("bind"))?;
+    // bind(2) leaves the mode to the umask; narrow it before anyone is served.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io("chmod"))?;
+    Ok(listener)
 }
 
 pub async fn serve(

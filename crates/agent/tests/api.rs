@@ -30,7 +30,8 @@ impl Agent {
         let pins = PinDir::unique(&format!("sluice-test-{name}-"));
         let dir = std::env::temp_dir().join(format!("sluice-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("test directory");
-        let socket = dir.join("agent.sock");
+        // In a directory the agent makes itself, as /run/sluice on a node.
+        let socket = dir.join("run").join("agent.sock");
         // An empty cluster: the agent is ready once it has realized it.
         sluice_store::Snapshot::default()
             .write_file(&dir.join("cluster.json"))
@@ -162,4 +163,75 @@ fn api_answers_typed_requests_and_refuses_the_rest() {
     assert!(body.contains("no route GET /v1/nothing"), "{body}");
     let (status, _) = raw(&agent.socket, &format!("GET /v1/verify {close}"));
     assert!(status.starts_with("HTTP/1.1 405 "), "{status}");
+}
+
+/// Runs `python3 -c code` as nobody (uid and gid 65534): its exit status and stderr.
+fn as_nobody(code: &str) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new("python3")
+        .args(["-c", code])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("python3 as nobody");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn only_root_reaches_the_api_and_the_probes_change_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut agent = Agent::start("api-perms");
+    agent.wait_ready();
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&agent.socket), 0o600, "the socket");
+    assert_eq!(
+        mode(agent.socket.parent().expect("its directory")),
+        0o700,
+        "its directory"
+    );
+
+    // An unprivileged process can neither reach the socket's directory nor the socket.
+    let connect = format!(
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?}); \
+         s.sendall(b'GET /v1/status HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n'); print(s.recv(100))",
+        agent.socket.display().to_string()
+    );
+    let (ok, stderr) = as_nobody(&connect);
+    assert!(
+        !ok && stderr.contains("PermissionError"),
+        "nobody connected: {stderr}"
+    );
+    // Even with the directory open to all, the socket itself refuses.
+    let parent = agent.socket.parent().expect("its directory").to_path_buf();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&agent.dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (ok, stderr) = as_nobody(&connect);
+    assert!(
+        !ok && stderr.contains("PermissionError"),
+        "nobody connected: {stderr}"
+    );
+    // Root still can.
+    assert!(agent.client().status().expect("status").healthy);
+
+    // The probes answer reads only: a write is refused and changes nothing.
+    let post = format!(
+        "import urllib.request as u, urllib.error as e\n\
+         try:\n  u.urlopen(u.Request('http://{}/metrics', data=b'x', method='POST'), timeout=5)\n\
+         except e.HTTPError as x:\n  print(x.code)\n",
+        agent.metrics
+    );
+    let out = Command::new("python3")
+        .args(["-c", &post])
+        .output()
+        .expect("python3");
+    let code = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        code,
+        "405",
+        "POST /metrics: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
