@@ -1,7 +1,7 @@
 //! The bpf(2) commands aya 0.14 does not offer, in one place: opening a pinned object
 //! (`BPF_OBJ_GET`), detaching a link (`BPF_LINK_DETACH`), swapping a link's program
 //! (`BPF_LINK_UPDATE`), walking a map's keys without knowing their type
-//! (`BPF_MAP_GET_NEXT_KEY`), and batch lookups, updates and deletes
+//! (`BPF_MAP_GET_NEXT_KEY`, also from a given key on), and batch lookups, updates and deletes
 //! (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`).
 //!
 //! Each command gets its own `#[repr(C)]` member of `union bpf_attr` and passes that
@@ -169,6 +169,33 @@ pub fn map_count_keys(map: BorrowedFd<'_>, key_size: usize) -> Result<u64, Sysca
     }
 }
 
+/// The key after `after` in the map behind `map` (keys of `K`, its key type), or the first
+/// key when `after` is None; None past the last. A key that is no longer in the map starts
+/// over from the first, as the kernel does for hash maps and LPM tries.
+pub fn map_next_key<K: aya::Pod + Default>(
+    map: BorrowedFd<'_>,
+    after: Option<&K>,
+) -> Result<Option<K>, SyscallError> {
+    const CALL: &str = "bpf(BPF_MAP_GET_NEXT_KEY)";
+    let mut next = K::default();
+    let mut attr = NextKeyAttr {
+        map_fd: raw_fd(map, CALL)?,
+        key: after.map_or(0, |k| k as *const K as u64),
+        next_key: &mut next as *mut K as u64,
+        ..NextKeyAttr::default()
+    };
+    // SAFETY: NextKeyAttr is the element member; `after` and `next` are keys of the map's
+    // key type (the caller names it), valid for the call.
+    if unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } < 0 {
+        let err = last_error(CALL);
+        return match err.io_error.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    Ok(Some(next))
+}
+
 /// The `batch` member.
 #[repr(C)]
 #[derive(Default)]
@@ -262,6 +289,54 @@ pub fn array_lookup_all<V: aya::Pod + Default>(
     }
     values.truncate(usize::try_from(attr.count).unwrap_or(0));
     Ok(values)
+}
+
+/// Where a batched read of a hash map goes on from: the kernel's opaque bucket cursor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HashCursor(u32);
+
+/// Reads the next entries of the hash map behind `map` (keys of `K`, values of `V`: its
+/// key and value types) with one BPF_MAP_LOOKUP_BATCH, from `cursor` on (None: from the
+/// start), at most `keys.len()` of them into `keys` and `values`, whole buckets at a time.
+/// Returns how many were read and the cursor to go on from, None once the map's end was
+/// reached. An entry changed while a read is in progress is seen as it was when its bucket
+/// was read, or not at all if its bucket was passed.
+pub fn hash_lookup_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    cursor: Option<HashCursor>,
+    keys: &mut [K],
+    values: &mut [V],
+) -> Result<(usize, Option<HashCursor>), SyscallError> {
+    const CALL: &str = "bpf(BPF_MAP_LOOKUP_BATCH)";
+    let count = u32::try_from(keys.len().min(values.len())).map_err(|_| invalid(CALL))?;
+    let in_batch = cursor.map(|HashCursor(bucket)| bucket);
+    let mut out_batch = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: in_batch
+            .as_ref()
+            .map_or(0, |bucket| bucket as *const u32 as u64),
+        out_batch: &mut out_batch as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count,
+        map_fd: raw_fd(map, CALL)?,
+        ..BatchAttr::default()
+    };
+    // SAFETY: BatchAttr is the batch member; `keys` and `values` hold at least `count` keys
+    // and values of the map's types (the caller names them), the cursors are the u32 bucket
+    // index a hash map uses, and all outlive the call.
+    let done = if unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } < 0 {
+        let err = last_error(CALL);
+        // ENOENT: the map's end; the entries read before it are in place.
+        if err.io_error.raw_os_error() != Some(libc::ENOENT) {
+            return Err(err);
+        }
+        true
+    } else {
+        false
+    };
+    let read = usize::try_from(attr.count).map_err(|_| invalid(CALL))?;
+    Ok((read, (!done).then_some(HashCursor(out_batch))))
 }
 
 /// Sets elements 0..values.len() of the array behind `map` (values of `V`, its value type)
