@@ -15,8 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::lpm_trie::Key;
 use sluice_api::Client;
-use sluice_common::{IPPROTO_TCP, Lb4Key, Lb4Service};
+use sluice_common::{IPPROTO_TCP, IpcacheEntry, Lb4Key, Lb4Service, addr_be};
 use sluice_datapath::PinnedMaps;
 use support::{Agent, snapshot, vip, write};
 
@@ -126,7 +127,8 @@ fn status_answers_while_a_long_pass_runs() {
 
 /// The periodic check reads the maps a slice per tick rather than whole, yet a forged, a
 /// missing and an extra entry in a services map of more than 10,000 entries are each found
-/// and repaired within the bound: two sweeps of 20 s and one full pass (60 s in all).
+/// and repaired within the bound: two sweeps of 20 s and one full pass (60 s in all). So is
+/// an extra prefix in the ipcache, an LPM trie.
 #[test]
 fn drift_in_a_large_map_is_found_and_repaired_by_the_rolling_check() {
     const SERVICES: u32 = 10_000;
@@ -168,14 +170,29 @@ fn drift_in_a_large_map_is_found_and_repaired_by_the_rolling_check() {
     });
     let extra_took = started.elapsed();
 
+    // An LPM trie is read by the kernel's generic batch: an extra prefix goes too.
+    let prefix = Key::new(16, addr_be("10.250.0.0".parse().unwrap()));
+    maps.ipcache
+        .insert(&prefix, IpcacheEntry::default(), 0)
+        .expect("add an ipcache prefix");
+    let started = Instant::now();
+    // A lookup matches the longest prefix (the world's /0 too): look for the key itself.
+    agent.wait("the extra ipcache prefix to be removed", BOUND, |_| {
+        !maps.ipcache.keys().any(|k| {
+            k.is_ok_and(|k| k.prefix_len() == prefix.prefix_len() && k.data() == prefix.data())
+        })
+    });
+    let prefix_took = started.elapsed();
+
     eprintln!(
         "{entries} service entries, interval 2 s: forged slot repaired in {forged_took:?}, \
-         missing frontend in {missing_took:?}, extra frontend in {extra_took:?}"
+         missing frontend in {missing_took:?}, extra frontend in {extra_took:?}, extra \
+         ipcache prefix in {prefix_took:?}"
     );
     let log = agent.log_text();
     assert_eq!(
         log.matches("drift found by the periodic check").count(),
-        3,
+        4,
         "one repair per drift:\n{log}"
     );
     let status = agent.status();

@@ -128,6 +128,7 @@ fn rss_kib(pid: u32) -> Result<u64, BenchError> {
 struct Running {
     agent: AgentProcess,
     pins: PinDir,
+    socket: PathBuf,
     _dir: TempDir,
     _servers: Vec<load::Server>,
     topo: Topology,
@@ -162,6 +163,7 @@ fn start(services: &[ServiceSpec]) -> Result<Running, BenchError> {
         source,
     })?;
     let binary = agent_binary()?;
+    let socket = dir.0.join("agent.sock");
     let started = Instant::now();
     let child = Command::new(&binary)
         .arg("--node")
@@ -173,7 +175,7 @@ fn start(services: &[ServiceSpec]) -> Result<Running, BenchError> {
         .arg("--pin-dir")
         .arg(pins.path())
         .arg("--api-socket")
-        .arg(dir.0.join("agent.sock"))
+        .arg(&socket)
         // The CNI registry stays in the run's directory, never the host's /var/lib/sluice.
         .arg("--state-dir")
         .arg(&dir.0)
@@ -212,6 +214,7 @@ fn start(services: &[ServiceSpec]) -> Result<Running, BenchError> {
     Ok(Running {
         agent,
         pins,
+        socket,
         _dir: dir,
         _servers: servers,
         topo,
@@ -270,7 +273,13 @@ pub struct IdleCost {
     pub cpu_fraction: f64,
     pub rss_kib: u64,
     pub seconds: f64,
+    /// The slowest of a few `status` calls after the measurement (status counts every
+    /// map's entries).
+    pub status: Duration,
 }
+
+/// `status` calls timed after an idle measurement.
+const STATUS_CALLS: usize = 5;
 
 /// Starts the agent with `services`, lets its start-up settle (one sweep of the periodic
 /// check), then measures its CPU time over `duration` with no traffic and no change.
@@ -285,6 +294,15 @@ pub fn measure_idle(services: &[ServiceSpec], duration: Duration) -> Result<Idle
     let seconds = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - cpu_before;
     let rss = rss_kib(pid)?;
+    let client = sluice_api::Client::new(&running.socket);
+    let mut status = Duration::ZERO;
+    for _ in 0..STATUS_CALLS {
+        let asked = Instant::now();
+        client
+            .status()
+            .map_err(|e| BenchError::Failed(format!("status: {e}")))?;
+        status = status.max(asked.elapsed());
+    }
     let maps = PinnedMaps::open(running.pins.path())
         .map_err(|e| BenchError::Failed(format!("open the agent's maps: {e}")))?;
     Ok(IdleCost {
@@ -295,5 +313,6 @@ pub fn measure_idle(services: &[ServiceSpec], duration: Duration) -> Result<Idle
         cpu_fraction: cpu / seconds,
         rss_kib: rss,
         seconds,
+        status,
     })
 }

@@ -35,7 +35,7 @@ fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -58,19 +58,20 @@ pub fn markdown(costs: &[IdleCost], command: &str) -> String {
          reading them whole every 2 s.\n\nCommand: `{command}`\n"
     );
     md.push_str(
-        "| N services | map entries (service / backend) | programmed after | idle CPU, % of one core | RSS |\n\
-         |---:|---|---:|---:|---:|\n",
+        "| N services | map entries (service / backend) | programmed after | idle CPU, % of one core | RSS | status, slowest of 5 |\n\
+         |---:|---|---:|---:|---:|---:|\n",
     );
     for c in costs {
         let _ = writeln!(
             md,
-            "| {} | {} / {} | {:.1} s | {:.2}% | {:.0} MiB |",
+            "| {} | {} / {} | {:.1} s | {:.2}% | {:.0} MiB | {:.1} ms |",
             thousands(c.services),
             thousands(c.service_entries),
             thousands(c.backend_entries),
             c.programmed.as_secs_f64(),
             c.cpu_fraction * 100.0,
-            c.rss_kib as f64 / 1024.0
+            c.rss_kib as f64 / 1024.0,
+            c.status.as_secs_f64() * 1e3
         );
     }
     md

@@ -1,7 +1,7 @@
 //! The bpf(2) commands aya 0.14 does not offer, in one place: opening a pinned object
 //! (`BPF_OBJ_GET`), detaching a link (`BPF_LINK_DETACH`), swapping a link's program
 //! (`BPF_LINK_UPDATE`), walking a map's keys without knowing their type
-//! (`BPF_MAP_GET_NEXT_KEY`, also from a given key on), and batch lookups, updates and deletes
+//! (`BPF_MAP_GET_NEXT_KEY`), and batch lookups, updates and deletes
 //! (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`).
 //!
 //! Each command gets its own `#[repr(C)]` member of `union bpf_attr` and passes that
@@ -169,33 +169,6 @@ pub fn map_count_keys(map: BorrowedFd<'_>, key_size: usize) -> Result<u64, Sysca
     }
 }
 
-/// The key after `after` in the map behind `map` (keys of `K`, its key type), or the first
-/// key when `after` is None; None past the last. A key that is no longer in the map starts
-/// over from the first, as the kernel does for hash maps and LPM tries.
-pub fn map_next_key<K: aya::Pod + Default>(
-    map: BorrowedFd<'_>,
-    after: Option<&K>,
-) -> Result<Option<K>, SyscallError> {
-    const CALL: &str = "bpf(BPF_MAP_GET_NEXT_KEY)";
-    let mut next = K::default();
-    let mut attr = NextKeyAttr {
-        map_fd: raw_fd(map, CALL)?,
-        key: after.map_or(0, |k| k as *const K as u64),
-        next_key: &mut next as *mut K as u64,
-        ..NextKeyAttr::default()
-    };
-    // SAFETY: NextKeyAttr is the element member; `after` and `next` are keys of the map's
-    // key type (the caller names it), valid for the call.
-    if unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } < 0 {
-        let err = last_error(CALL);
-        return match err.io_error.raw_os_error() {
-            Some(libc::ENOENT) => Ok(None),
-            _ => Err(err),
-        };
-    }
-    Ok(Some(next))
-}
-
 /// The `batch` member.
 #[repr(C)]
 #[derive(Default)]
@@ -359,23 +332,79 @@ unsafe fn lookup_batch(
     values: *mut u8,
     count: usize,
 ) -> Result<(usize, Option<HashCursor>), SyscallError> {
-    const CALL: &str = "bpf(BPF_MAP_LOOKUP_BATCH)";
-    let count = u32::try_from(count).map_err(|_| invalid(CALL))?;
     let in_batch = cursor.map(|HashCursor(bucket)| bucket);
     let mut out_batch = 0u32;
+    let in_ptr = in_batch
+        .as_ref()
+        .map_or(0, |bucket| bucket as *const u32 as u64);
+    // SAFETY: a hash map's cursors are the u32 bucket index, both valid for the call; the
+    // caller vouches for `keys` and `values`.
+    let (read, done) = unsafe {
+        lookup_batch_raw(
+            map,
+            in_ptr,
+            &mut out_batch as *mut u32 as u64,
+            keys,
+            values,
+            count,
+        )?
+    };
+    Ok((read, (!done).then_some(HashCursor(out_batch))))
+}
+
+/// Reads the entries after `after` (None: from the first) of a map whose batched reads
+/// walk its keys (an LPM trie: the kernel's generic batch, one syscall for a slice), at
+/// most `keys.len()` of them into `keys` and `values` (of `K` and `V`, the map's key and
+/// value types). Returns how many were read and whether the map's end was reached; the
+/// last key read is where the next read goes on from.
+pub fn keyed_lookup_batch<K: aya::Pod + Default, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    after: Option<&K>,
+    keys: &mut [K],
+    values: &mut [V],
+) -> Result<(usize, bool), SyscallError> {
+    let mut out = K::default();
+    let count = keys.len().min(values.len());
+    // SAFETY: the cursors are keys of the map's key type, `keys` and `values` hold `count`
+    // keys and values of its types (the caller names them), all valid for the call.
+    unsafe {
+        lookup_batch_raw(
+            map,
+            after.map_or(0, |k| k as *const K as u64),
+            &mut out as *mut K as u64,
+            keys.as_mut_ptr().cast(),
+            values.as_mut_ptr().cast(),
+            count,
+        )
+    }
+}
+
+/// BPF_MAP_LOOKUP_BATCH with the cursors `in_batch` (0: from the start) and `out_batch`.
+/// Returns how many entries were read and whether the map's end was reached.
+///
+/// # Safety
+/// `in_batch` (unless 0) and `out_batch` must point to cursors of the map's kind (a u32
+/// bucket for hash maps, a key for the generic batch), `keys` and `values` must be valid for
+/// writes of `count` keys and values of the map's sizes, all during the call.
+unsafe fn lookup_batch_raw(
+    map: BorrowedFd<'_>,
+    in_batch: u64,
+    out_batch: u64,
+    keys: *mut u8,
+    values: *mut u8,
+    count: usize,
+) -> Result<(usize, bool), SyscallError> {
+    const CALL: &str = "bpf(BPF_MAP_LOOKUP_BATCH)";
     let mut attr = BatchAttr {
-        in_batch: in_batch
-            .as_ref()
-            .map_or(0, |bucket| bucket as *const u32 as u64),
-        out_batch: &mut out_batch as *mut u32 as u64,
+        in_batch,
+        out_batch,
         keys: keys as u64,
         values: values as u64,
-        count,
+        count: u32::try_from(count).map_err(|_| invalid(CALL))?,
         map_fd: raw_fd(map, CALL)?,
         ..BatchAttr::default()
     };
-    // SAFETY: BatchAttr is the batch member; the caller vouches for `keys` and `values`;
-    // the cursors are the u32 bucket index a hash map uses and outlive the call.
+    // SAFETY: BatchAttr is the batch member; the caller vouches for every pointer.
     let done = if unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } < 0 {
         let err = last_error(CALL);
         // ENOENT: the map's end; the entries read before it are in place.
@@ -387,7 +416,7 @@ unsafe fn lookup_batch(
         false
     };
     let read = usize::try_from(attr.count).map_err(|_| invalid(CALL))?;
-    Ok((read, (!done).then_some(HashCursor(out_batch))))
+    Ok((read, done))
 }
 
 /// Sets elements 0..values.len() of the array behind `map` (values of `V`, its value type)

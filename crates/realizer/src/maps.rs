@@ -273,7 +273,7 @@ pub struct Lpm<K: LpmKey, V> {
 /// The ipcache LPM trie.
 pub type Ipcache = Lpm<IpcacheKey, IpcacheEntry>;
 
-impl<K: LpmKey + Pod + Default, V: Pod> KernelMap<K, V> for Lpm<K, V> {
+impl<K: LpmKey + Pod + Default, V: Pod + Default> KernelMap<K, V> for Lpm<K, V> {
     fn name(&self) -> &'static str {
         self.name
     }
@@ -292,43 +292,37 @@ impl<K: LpmKey + Pod + Default, V: Pod> KernelMap<K, V> for Lpm<K, V> {
             .collect()
     }
 
-    /// Key by key (an LPM trie has no batched read): the next key, then its value.
+    /// One BPF_MAP_LOOKUP_BATCH, the kernel's generic one: it walks the keys from the last
+    /// one read (the registry's LPM keys are the kernel's: prefix length, then the data).
     fn read_from(
         &self,
         cursor: Cursor<K>,
         max: usize,
         visit: &mut dyn FnMut(&K, &V),
     ) -> Result<Option<Cursor<K>>, RealizerError> {
-        let fd = self.map.map().fd().as_fd();
-        let mut after = match cursor {
+        let after = match cursor {
             Cursor::After(key) => Some(key),
             Cursor::Start | Cursor::Bucket(_) => None,
         };
-        for _ in 0..max.max(1) {
-            // The registry's LPM keys are the kernel's: prefix length, then the data.
-            let next = sys::map_next_key(fd, after.as_ref()).map_err(|e| RealizerError::Sys {
-                call: e.call,
-                map: self.name,
-                source: e.io_error,
-            })?;
-            let Some(key) = next else {
-                return Ok(None);
-            };
-            match self.map.get(&key.to_lpm(), 0) {
-                Ok(value) => visit(&key, &value),
-                // Removed between the two calls: simply not there.
-                Err(e) if is_not_found(&e) => {}
-                Err(source) => {
-                    return Err(RealizerError::Map {
-                        op: "lookup",
-                        map: self.name,
-                        source,
-                    });
-                }
-            }
-            after = Some(key);
+        let mut keys = vec![K::default(); max.max(1)];
+        let mut values = vec![V::default(); max.max(1)];
+        let (read, done) = sys::keyed_lookup_batch(
+            self.map.map().fd().as_fd(),
+            after.as_ref(),
+            &mut keys,
+            &mut values,
+        )
+        .map_err(|e| RealizerError::Sys {
+            call: e.call,
+            map: self.name,
+            source: e.io_error,
+        })?;
+        for (k, v) in keys.iter().zip(&values).take(read) {
+            visit(k, v);
         }
-        Ok(after.map(Cursor::After))
+        let last = read.checked_sub(1).and_then(|i| keys.get(i)).cloned();
+        // Nothing read and not at the end cannot happen; it ends the sweep all the same.
+        Ok(last.filter(|_| !done).map(Cursor::After))
     }
 
     fn upsert(&mut self, key: &K, value: &V) -> Result<(), RealizerError> {

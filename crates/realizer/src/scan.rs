@@ -1,6 +1,5 @@
 //! The periodic drift check, at a cost that does not grow with the cluster: each tick
-//! reads a slice of every realized map (a hash map in one batched read, an LPM trie key by
-//! key) and folds it into an order-free digest; when a sweep reaches a map's end, its digest
+//! reads a slice of every realized map (one `BPF_MAP_LOOKUP_BATCH` each) and folds it into an order-free digest; when a sweep reaches a map's end, its digest
 //! is compared with the digest of the desired content. A mismatch is drift, and a full pass
 //! (read everything, diff, apply in the registry's order) finds and repairs it exactly.
 //!

@@ -25,7 +25,7 @@ pub trait Backing {
     /// A hash map of keys to values.
     type Hash<K: Pod + Ord + Default, V: Pod + PartialEq + Default>: KernelMap<K, V>;
     /// An LPM trie.
-    type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq>: KernelMap<K, V>;
+    type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq + Default>: KernelMap<K, V>;
     type Policy: PolicyTable;
     type Maglev: MaglevTables;
 }
@@ -35,7 +35,7 @@ pub struct Kernel;
 
 impl Backing for Kernel {
     type Hash<K: Pod + Ord + Default, V: Pod + PartialEq + Default> = Named<MapData, K, V>;
-    type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq> = Lpm<K, V>;
+    type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq + Default> = Lpm<K, V>;
     type Policy = KernelPolicy;
     type Maglev = KernelMaglev;
 }
@@ -45,7 +45,7 @@ pub struct Memory;
 
 impl Backing for Memory {
     type Hash<K: Pod + Ord + Default, V: Pod + PartialEq + Default> = MemoryMap<K, V>;
-    type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq> = MemoryMap<K, V>;
+    type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq + Default> = MemoryMap<K, V>;
     type Policy = MemoryPolicy;
     type Maglev = MemoryMaglev;
 }
