@@ -53,9 +53,8 @@ pub fn markdown(costs: &[IdleCost], command: &str) -> String {
          benchmark topology programs N ClusterIP Services (N - 1 decoys with 2 backends each, \
          the measured one with 3) from a cluster file; then, with no traffic and no change, its \
          CPU time (utime + stime from /proc/<pid>/stat) is measured over {seconds:.0} s, 5 s \
-         after the Services were programmed, and its RSS (VmRSS) at the end. The periodic pass \
-         checks the maps a slice per tick (every map read once per 20 s sweep) rather than \
-         reading them whole every 2 s.\n\nCommand: `{command}`\n"
+         after the Services were programmed, and its RSS (VmRSS) at the end; then the slowest of five \
+         `status` calls.\n\nCommand: `{command}`\n"
     );
     md.push_str(
         "| N services | map entries (service / backend) | programmed after | idle CPU, % of one core | RSS | status, slowest of 5 |\n\

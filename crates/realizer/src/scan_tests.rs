@@ -64,6 +64,9 @@ fn state(n: u32) -> DesiredState {
     state
 }
 
+/// A change made behind the realizer's back.
+type Drift = dyn Fn(&mut Tables<Memory>);
+
 /// Ticks until a check finds drift and repairs it, failing after `limit` ticks.
 fn ticks_to_repair(
     t: &mut Tables<Memory>,
@@ -120,7 +123,7 @@ fn a_forged_a_missing_and_an_extra_entry_in_a_large_map_are_each_found_and_repai
     let forged = Lb4Key::new(vip(4_321), 80, IPPROTO_TCP, 1);
     let missing = Lb4Key::new(vip(9_999), 80, IPPROTO_TCP, 0);
     let extra = Lb4Key::new(Ipv4Addr::new(10, 97, 0, 1), 80, IPPROTO_TCP, 0);
-    let drifts: [(&str, Box<dyn Fn(&mut Tables<Memory>)>); 3] = [
+    let drifts: [(&str, Box<Drift>); 3] = [
         (
             "forged",
             Box::new(move |t| {
