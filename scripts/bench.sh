@@ -16,4 +16,6 @@ target="${CARGO_TARGET_DIR:-$PWD/target}"
 export SLUICE_AGENT_BIN="$target/release/sluice-agent"
 out=bench/results/latest
 [ "${1:-}" = --quick ] && out=bench/results/quick
+# `--agent-idle 1,1000,10000,100000`: only the idle agent's CPU and RSS at each N (about 4 min).
+[ "${1:-}" = --agent-idle ] && out=bench/results/agent-idle
 exec "$target/release/sluice-bench" --out "$out" "$@"

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use aya::programs::SchedClassifier;
@@ -13,7 +13,7 @@ use sluice_api::{Drift, VerifyReport};
 use sluice_common::kinds::DriftKind;
 use sluice_compiler::{Balancing, CompileCache, DesiredState, NodeContext};
 use sluice_datapath::{AttachRole, Datapath, Hook};
-use sluice_realizer::{Desired, KernelTables};
+use sluice_realizer::{ApplyStats, Desired, KernelTables, Scan, ScanTick};
 use sluice_store::Snapshot;
 use tracing::{debug, info, warn};
 
@@ -28,6 +28,17 @@ use crate::{
     views::fails_closed,
 };
 
+/// How long the periodic check takes to read every map once, however large: drift is found
+/// within two sweeps (see `sluice_realizer::Scan`), so within 40 s and one full pass.
+const SWEEP: Duration = Duration::from_secs(20);
+
+/// How many reconcile ticks one sweep spreads over at `interval`.
+fn ticks_per_sweep(interval: Duration) -> usize {
+    let ticks = SWEEP.as_secs_f64() / interval.as_secs_f64().max(f64::EPSILON);
+    // Saturating: an interval of a few ms gives one tick, one of hours many.
+    ticks.ceil() as usize
+}
+
 pub struct Node {
     name: String,
     datapath: Datapath,
@@ -35,6 +46,8 @@ pub struct Node {
     cgroups: SocketCgroups,
     routing: Routing,
     tables: KernelTables,
+    /// The rolling check of the maps against `desired` between changes.
+    scan: Scan,
     /// Rows each endpoint's policy map holds.
     policy_map_max: u32,
     balancing: Balancing,
@@ -90,6 +103,7 @@ impl Node {
             cgroups,
             routing,
             tables: KernelTables::open(&config.pin_dir)?,
+            scan: Scan::new(ticks_per_sweep(config.reconcile_interval)),
             policy_map_max: config.policy_map_max,
             balancing: config.balancing,
             snapshot: Arc::new(Snapshot::default()),
@@ -142,8 +156,10 @@ impl Node {
         names.update(self.desired_version, &self.desired, &self.snapshot);
     }
 
-    /// One full pass: compile, realize the maps, then attach and detach programs. Errors are
+    /// One pass: compile, realize the maps, then attach and detach programs. Errors are
     /// kept for `status` and retried on the next pass; returns whether the pass succeeded.
+    /// When nothing changed since the last pass that succeeded, the maps are not read whole
+    /// but checked a slice at a time (`Scan`), and repaired in full if they drifted.
     pub fn reconcile(&mut self) -> bool {
         let started = Instant::now();
         self.reconciles += 1;
@@ -182,10 +198,17 @@ impl Node {
         {
             warn!(object = %u.object, field = u.field.path(), value = %u.value, programmed = u.field.programmed(), "not implemented");
         }
-        let stats = self
-            .tables
-            .realize(Desired::of(&desired, self.policy_map_max))?;
-        self.purge_removed_backends(&desired)?;
+        let unchanged = Arc::ptr_eq(&desired, &self.desired) && self.last_error.is_none();
+        let stats = if unchanged {
+            self.check()?
+        } else {
+            let stats = self
+                .tables
+                .realize(Desired::of(&desired, self.policy_map_max))?;
+            self.scan.restart();
+            self.purge_removed_backends(&desired)?;
+            stats
+        };
         // Programs go on after the maps they read are complete, and come off interfaces
         // whose endpoint is gone.
         let mut attached = false;
@@ -205,13 +228,37 @@ impl Node {
         attached |= self.routing.reconcile(&mut self.datapath, &others, own)?;
         // Last: a cgroup refused since start fails the pass once the rest is done.
         let sockets = self.cgroups.reconcile(&mut self.datapath);
-        if *desired != *self.desired {
+        if !unchanged && *desired != *self.desired {
             self.desired_version += 1;
         }
         self.desired = desired;
         self.compiled_from = Some(compiled_from);
         attached |= sockets?;
         Ok(stats.changed() || attached)
+    }
+
+    /// One tick of the rolling check of the maps against the unchanged desired state.
+    fn check(&mut self) -> Result<ApplyStats, AgentError> {
+        let tick: ScanTick = self.tables.check(
+            &mut self.scan,
+            Desired::of(&self.desired, self.policy_map_max),
+            self.desired_version,
+        )?;
+        debug!(read = tick.entries_read, swept = ?tick.swept, "checked the maps");
+        if !tick.drifted.is_empty() {
+            warn!(
+                maps = ?tick.drifted.iter().map(|m| m.name()).collect::<Vec<_>>(),
+                entries = tick.repaired.len(),
+                upserted = tick.stats.upserted,
+                removed = tick.stats.removed,
+                "drift found by the periodic check; repaired"
+            );
+            // The first few name what drifted; the rest would flood the log.
+            for entry in tick.repaired.iter().take(10) {
+                warn!(map = entry.map, kind = entry.kind.as_str(), key = %entry.key, "drift repaired");
+            }
+        }
+        Ok(tick.stats)
     }
 
     /// Right after the realizer removed backends, removes their service connections from
@@ -339,6 +386,7 @@ impl Node {
         let repaired = repair && !drift.is_empty();
         if repaired {
             self.tables.apply(&plan)?;
+            self.scan.restart();
             for ifname in &detached {
                 self.ensure_attached(ifname)?;
             }

@@ -1,6 +1,6 @@
 //! The reconcile loop of a real agent process: it keeps repairing drift and still stops on
-//! SIGTERM after its source has ended, and its API answers while a long pass runs (needs
-//! root and bpffs; never skipped).
+//! SIGTERM after its source has ended, its API answers while a long pass runs, and its
+//! periodic check finds drift in a large map (needs root and bpffs; never skipped).
 
 #![allow(
     clippy::unwrap_used,
@@ -15,8 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::lpm_trie::Key;
 use sluice_api::Client;
-use sluice_common::{IPPROTO_TCP, Lb4Key};
+use sluice_common::{IPPROTO_TCP, IpcacheEntry, Lb4Key, Lb4Service, addr_be};
 use sluice_datapath::PinnedMaps;
 use support::{Agent, snapshot, vip, write};
 
@@ -122,4 +123,78 @@ fn status_answers_while_a_long_pass_runs() {
         maps.services.get(&frontend, 0).is_ok(),
         "last frontend programmed"
     );
+}
+
+/// The periodic check reads the maps a slice per tick rather than whole, yet a forged, a
+/// missing and an extra entry in a services map of more than 10,000 entries are each found
+/// and repaired within the bound: two sweeps of 20 s and one full pass (60 s in all). So is
+/// an extra prefix in the ipcache, an LPM trie.
+#[test]
+fn drift_in_a_large_map_is_found_and_repaired_by_the_rolling_check() {
+    const SERVICES: u32 = 10_000;
+    const BOUND: Duration = Duration::from_secs(60);
+    let mut agent = Agent::start("drift10k", &snapshot(1, SERVICES), "2");
+    agent.wait_realized(1);
+    let mut maps = PinnedMaps::open(agent.pins.path()).expect("open the agent's pinned maps");
+    let entries = maps.services.keys().count();
+    assert!(entries >= 10_000, "services map holds {entries} entries");
+
+    let forged = Lb4Key::new(vip(1_234), 80, IPPROTO_TCP, 1);
+    let desired = maps.services.get(&forged, 0).expect("slot 1 of svc-1234");
+    let bogus = Lb4Service::slot("10.250.0.1".parse().unwrap(), 9);
+    maps.services
+        .insert(forged, bogus, 0)
+        .expect("forge slot 1");
+    let started = Instant::now();
+    agent.wait("the forged slot to be restored", BOUND, |_| {
+        maps.services.get(&forged, 0).ok() == Some(desired)
+    });
+    let forged_took = started.elapsed();
+
+    let missing = Lb4Key::new(vip(4_321), 80, IPPROTO_TCP, 0);
+    maps.services.remove(&missing).expect("remove a frontend");
+    let started = Instant::now();
+    agent.wait("the removed frontend to be restored", BOUND, |_| {
+        maps.services.get(&missing, 0).is_ok()
+    });
+    let missing_took = started.elapsed();
+
+    let extra = Lb4Key::new(vip(SERVICES + 7), 80, IPPROTO_TCP, 0);
+    let frontend = Lb4Service::frontend(2, sluice_common::SVC_FLAG_CLUSTER_IP);
+    maps.services
+        .insert(extra, frontend, 0)
+        .expect("add a frontend");
+    let started = Instant::now();
+    agent.wait("the extra frontend to be removed", BOUND, |_| {
+        maps.services.get(&extra, 0).is_err()
+    });
+    let extra_took = started.elapsed();
+
+    // An LPM trie is read by the kernel's generic batch: an extra prefix goes too.
+    let prefix = Key::new(16, addr_be("10.250.0.0".parse().unwrap()));
+    maps.ipcache
+        .insert(&prefix, IpcacheEntry::default(), 0)
+        .expect("add an ipcache prefix");
+    let started = Instant::now();
+    // A lookup matches the longest prefix (the world's /0 too): look for the key itself.
+    agent.wait("the extra ipcache prefix to be removed", BOUND, |_| {
+        !maps.ipcache.keys().any(|k| {
+            k.is_ok_and(|k| k.prefix_len() == prefix.prefix_len() && k.data() == prefix.data())
+        })
+    });
+    let prefix_took = started.elapsed();
+
+    eprintln!(
+        "{entries} service entries, interval 2 s: forged slot repaired in {forged_took:?}, \
+         missing frontend in {missing_took:?}, extra frontend in {extra_took:?}, extra \
+         ipcache prefix in {prefix_took:?}"
+    );
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("drift found by the periodic check").count(),
+        4,
+        "one repair per drift:\n{log}"
+    );
+    let status = agent.status();
+    assert!(status.healthy, "{status:?}");
 }

@@ -1,6 +1,7 @@
-//! Agent cost: a real `sluice-agent` programs the node from a cluster file while the client
-//! opens connections through a ClusterIP at a fixed rate; its CPU time and RSS come from
-//! /proc/<pid>/stat and /proc/<pid>/status.
+//! Agent cost: a real `sluice-agent` programs the node from a cluster file, then the client
+//! opens connections through a ClusterIP at a fixed rate ([`measure`]), or nothing happens
+//! at all ([`measure_idle`]); its CPU time and RSS come from /proc/<pid>/stat and
+//! /proc/<pid>/status.
 
 use std::{
     fs,
@@ -122,19 +123,28 @@ fn rss_kib(pid: u32) -> Result<u64, BenchError> {
         .ok_or_else(|| BenchError::Failed(format!("/proc/{pid}/status: no VmRSS")))
 }
 
-/// Starts the agent on a fresh topology with `services` (the measured one last), waits
-/// until the measured frontend is programmed and the client's veth attached, then opens
-/// connections at `target_rate` per second for `duration`.
-pub fn measure(
-    services: &[ServiceSpec],
-    target_rate: f64,
-    duration: Duration,
-) -> Result<AgentCost, BenchError> {
+/// A running agent on a fresh topology, programmed with its services. Fields drop in
+/// order: the agent first, then its pins, directory, servers and namespaces.
+struct Running {
+    agent: AgentProcess,
+    pins: PinDir,
+    socket: PathBuf,
+    _dir: TempDir,
+    _servers: Vec<load::Server>,
+    topo: Topology,
+    /// From the agent's start until the measured frontend was programmed and the client's
+    /// veth attached.
+    programmed: Duration,
+}
+
+/// Starts the agent on a fresh topology with `services` (the measured one last) and waits
+/// until the measured frontend is programmed and the client's veth attached.
+fn start(services: &[ServiceSpec]) -> Result<Running, BenchError> {
     let measured = services
         .last()
         .ok_or_else(|| BenchError::Failed("no service to measure".into()))?;
     let topo = Topology::new()?;
-    let _servers = load::Server::start_all(&topo.servers)?;
+    let servers = load::Server::start_all(&topo.servers)?;
     let dir = TempDir(std::env::temp_dir().join(unique_name("sluice-bench-agent-")));
     fs::create_dir_all(&dir.0).map_err(|source| BenchError::Io {
         call: "mkdir",
@@ -153,6 +163,8 @@ pub fn measure(
         source,
     })?;
     let binary = agent_binary()?;
+    let socket = dir.0.join("agent.sock");
+    let started = Instant::now();
     let child = Command::new(&binary)
         .arg("--node")
         .arg(NODE)
@@ -163,7 +175,7 @@ pub fn measure(
         .arg("--pin-dir")
         .arg(pins.path())
         .arg("--api-socket")
-        .arg(dir.0.join("agent.sock"))
+        .arg(&socket)
         // The CNI registry stays in the run's directory, never the host's /var/lib/sluice.
         .arg("--state-dir")
         .arg(&dir.0)
@@ -177,12 +189,12 @@ pub fn measure(
             source,
         })?;
     let agent = AgentProcess(child);
-    let pid = agent.0.id();
 
     let frontend = Lb4Key::new(measured.vip, measured.port, IPPROTO_TCP, 0);
     // from_container's link, the first the agent pins.
     let link = sluice_datapath::link_pin_path(pins.path(), &PROGRAMS[0], crate::CLIENT_IF);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // 100k services take the agent a while to parse, compile and write.
+    let deadline = started + Duration::from_secs(600);
     loop {
         let programmed = PinnedMaps::open(pins.path())
             .ok()
@@ -193,19 +205,43 @@ pub fn measure(
         if Instant::now() > deadline {
             let log = read(&log_path).unwrap_or_default();
             return Err(BenchError::Failed(format!(
-                "the agent did not program {} within 60 s; log:\n{log}",
+                "the agent did not program {} within 600 s; log:\n{log}",
                 measured.vip
             )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(Running {
+        agent,
+        pins,
+        socket,
+        _dir: dir,
+        _servers: servers,
+        topo,
+        programmed: started.elapsed(),
+    })
+}
+
+/// Starts the agent on a fresh topology with `services` (the measured one last), waits
+/// until the measured frontend is programmed and the client's veth attached, then opens
+/// connections at `target_rate` per second for `duration`.
+pub fn measure(
+    services: &[ServiceSpec],
+    target_rate: f64,
+    duration: Duration,
+) -> Result<AgentCost, BenchError> {
+    let measured = services
+        .last()
+        .ok_or_else(|| BenchError::Failed("no service to measure".into()))?;
+    let running = start(services)?;
+    let pid = running.agent.0.id();
     // Let the start-up work (first realize, attach) settle out of the measurement.
     std::thread::sleep(Duration::from_millis(500));
 
     let cpu_before = cpu_seconds(pid)?;
     let t = Instant::now();
     let achieved = load::connect_request_close(
-        &topo.client,
+        &running.topo.client,
         crate::vip_addr(measured),
         duration,
         Some(target_rate),
@@ -213,8 +249,7 @@ pub fn measure(
     let seconds = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - cpu_before;
     let rss = rss_kib(pid)?;
-    drop(agent);
-    drop(pins);
+    drop(running);
     Ok(AgentCost {
         services: services.len(),
         target_rate,
@@ -222,5 +257,62 @@ pub fn measure(
         cpu_fraction: cpu / seconds,
         rss_kib: rss,
         seconds,
+    })
+}
+
+/// The agent's cost with nothing to do: no traffic and no change after it programmed N
+/// services.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IdleCost {
+    pub services: usize,
+    pub service_entries: usize,
+    pub backend_entries: usize,
+    /// From the agent's start until the services were programmed.
+    pub programmed: Duration,
+    /// Share of one core over the measured time.
+    pub cpu_fraction: f64,
+    pub rss_kib: u64,
+    pub seconds: f64,
+    /// The slowest of a few `status` calls after the measurement (status counts every
+    /// map's entries).
+    pub status: Duration,
+}
+
+/// `status` calls timed after an idle measurement.
+const STATUS_CALLS: usize = 5;
+
+/// Starts the agent with `services`, lets its start-up settle (one sweep of the periodic
+/// check), then measures its CPU time over `duration` with no traffic and no change.
+pub fn measure_idle(services: &[ServiceSpec], duration: Duration) -> Result<IdleCost, BenchError> {
+    let running = start(services)?;
+    let pid = running.agent.0.id();
+    // Past the first pass and the digest of the desired content that follows it.
+    std::thread::sleep(Duration::from_secs(5));
+    let cpu_before = cpu_seconds(pid)?;
+    let t = Instant::now();
+    std::thread::sleep(duration);
+    let seconds = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    let rss = rss_kib(pid)?;
+    let client = sluice_api::Client::new(&running.socket);
+    let mut status = Duration::ZERO;
+    for _ in 0..STATUS_CALLS {
+        let asked = Instant::now();
+        client
+            .status()
+            .map_err(|e| BenchError::Failed(format!("status: {e}")))?;
+        status = status.max(asked.elapsed());
+    }
+    let maps = PinnedMaps::open(running.pins.path())
+        .map_err(|e| BenchError::Failed(format!("open the agent's maps: {e}")))?;
+    Ok(IdleCost {
+        services: services.len(),
+        service_entries: maps.services.keys().count(),
+        backend_entries: maps.backends.keys().count(),
+        programmed: running.programmed,
+        cpu_fraction: cpu / seconds,
+        rss_kib: rss,
+        seconds,
+        status,
     })
 }

@@ -23,6 +23,7 @@
 pub mod agent;
 pub mod crossnode;
 pub mod external;
+pub mod idle;
 pub mod kproxy;
 pub mod load;
 pub mod netns;

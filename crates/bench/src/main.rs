@@ -46,10 +46,29 @@ struct Args {
     /// Measure sluice's NodePort and LoadBalancer variants in native routing mode only.
     #[arg(long)]
     no_external_tunnel: bool,
+    /// Only measure the idle agent at these service counts (comma-separated), for
+    /// `--idle-seconds` each; the report goes to --out.
+    #[arg(long, value_delimiter = ',')]
+    agent_idle: Option<Vec<usize>>,
+    /// Seconds of each idle measurement.
+    #[arg(long, default_value_t = 20.0)]
+    idle_seconds: f64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    if let Some(counts) = &args.agent_idle {
+        let costs = sluice_bench::idle::run(
+            counts,
+            Duration::from_secs_f64(args.idle_seconds),
+            &mut |line| eprintln!("{line}"),
+        )
+        .context("idle agent benchmark failed")?;
+        sluice_bench::idle::write(&costs, &args.out, &command).context("writing the report")?;
+        eprintln!("report: {}", args.out.join("report.md").display());
+        return Ok(());
+    }
     let mut config = if args.quick {
         Config::quick()
     } else {
@@ -85,7 +104,6 @@ fn main() -> anyhow::Result<()> {
         config.external_tunnel = false;
     }
     config.variants = Variant::ALL.to_vec();
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
     let results =
         sluice_bench::run(&config, &mut |line| eprintln!("{line}")).context("benchmark failed")?;
     report::write(&results, &config, &args.out, &command).context("writing the report")?;

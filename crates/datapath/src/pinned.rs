@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{
-    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf,
+    Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapType, PerCpuArray, RingBuf,
 };
 use sluice_common::{
     Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Frag4Key,
@@ -221,11 +221,18 @@ impl MapInventory {
         let Some(map) = self.entry(id).filter(|m| m.def.count.is_counted()) else {
             return Ok(0);
         };
-        sys::map_count_keys(map.data.fd().as_fd(), map.def.key_size).map_err(|err| {
-            DatapathError::Sys {
-                map: map.def.name,
-                source: err,
+        let fd = map.data.fd().as_fd();
+        let def = map.def;
+        match def.kind {
+            // Batched: status stays quick with a million service entries.
+            MapType::Hash | MapType::LruHash | MapType::HashOfMaps => {
+                sys::hash_count_entries(fd, def.key_size, def.value_size)
             }
+            _ => sys::map_count_keys(fd, def.key_size),
+        }
+        .map_err(|err| DatapathError::Sys {
+            map: def.name,
+            source: err,
         })
     }
 

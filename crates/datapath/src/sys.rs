@@ -264,6 +264,161 @@ pub fn array_lookup_all<V: aya::Pod + Default>(
     Ok(values)
 }
 
+/// Where a batched read of a hash map goes on from: the kernel's opaque bucket cursor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HashCursor(u32);
+
+/// Reads the next entries of the hash map behind `map` (keys of `K`, values of `V`: its
+/// key and value types) with one BPF_MAP_LOOKUP_BATCH, from `cursor` on (None: from the
+/// start), at most `keys.len()` of them into `keys` and `values`, whole buckets at a time.
+/// Returns how many were read and the cursor to go on from, None once the map's end was
+/// reached. An entry changed while a read is in progress is seen as it was when its bucket
+/// was read, or not at all if its bucket was passed.
+pub fn hash_lookup_batch<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    cursor: Option<HashCursor>,
+    keys: &mut [K],
+    values: &mut [V],
+) -> Result<(usize, Option<HashCursor>), SyscallError> {
+    let count = keys.len().min(values.len());
+    // SAFETY: `keys` and `values` hold `count` keys and values of the map's types (the
+    // caller names them) and outlive the call.
+    unsafe {
+        lookup_batch(
+            map,
+            cursor,
+            keys.as_mut_ptr().cast(),
+            values.as_mut_ptr().cast(),
+            count,
+        )
+    }
+}
+
+/// How many entries the hash map behind `map` holds (keys of `key_size` bytes, values of
+/// `value_size`: not per-CPU), counted with batched reads of 4,096 at a time: a few
+/// hundred syscalls for a million entries where walking the keys takes a million.
+pub fn hash_count_entries(
+    map: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+) -> Result<u64, SyscallError> {
+    const CHUNK: usize = 4096;
+    let mut keys = vec![0u8; key_size.max(1) * CHUNK];
+    let mut values = vec![0u8; value_size.max(1) * CHUNK];
+    let mut cursor = None;
+    let mut total = 0;
+    loop {
+        // SAFETY: the buffers hold CHUNK keys and values of the sizes the caller gives for
+        // the map, and outlive the call.
+        let (read, next) =
+            unsafe { lookup_batch(map, cursor, keys.as_mut_ptr(), values.as_mut_ptr(), CHUNK)? };
+        total += read as u64;
+        match next {
+            Some(next) => cursor = Some(next),
+            None => return Ok(total),
+        }
+    }
+}
+
+/// One BPF_MAP_LOOKUP_BATCH of a hash map (see [`hash_lookup_batch`]).
+///
+/// # Safety
+/// `keys` and `values` must be valid for writes of `count` keys and values of the map's
+/// key and value sizes during the call.
+unsafe fn lookup_batch(
+    map: BorrowedFd<'_>,
+    cursor: Option<HashCursor>,
+    keys: *mut u8,
+    values: *mut u8,
+    count: usize,
+) -> Result<(usize, Option<HashCursor>), SyscallError> {
+    let in_batch = cursor.map(|HashCursor(bucket)| bucket);
+    let mut out_batch = 0u32;
+    let in_ptr = in_batch
+        .as_ref()
+        .map_or(0, |bucket| bucket as *const u32 as u64);
+    // SAFETY: a hash map's cursors are the u32 bucket index, both valid for the call; the
+    // caller vouches for `keys` and `values`.
+    let (read, done) = unsafe {
+        lookup_batch_raw(
+            map,
+            in_ptr,
+            &mut out_batch as *mut u32 as u64,
+            keys,
+            values,
+            count,
+        )?
+    };
+    Ok((read, (!done).then_some(HashCursor(out_batch))))
+}
+
+/// Reads the entries after `after` (None: from the first) of a map whose batched reads
+/// walk its keys (an LPM trie: the kernel's generic batch, one syscall for a slice), at
+/// most `keys.len()` of them into `keys` and `values` (of `K` and `V`, the map's key and
+/// value types). Returns how many were read and whether the map's end was reached; the
+/// last key read is where the next read goes on from.
+pub fn keyed_lookup_batch<K: aya::Pod + Default, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    after: Option<&K>,
+    keys: &mut [K],
+    values: &mut [V],
+) -> Result<(usize, bool), SyscallError> {
+    let mut out = K::default();
+    let count = keys.len().min(values.len());
+    // SAFETY: the cursors are keys of the map's key type, `keys` and `values` hold `count`
+    // keys and values of its types (the caller names them), all valid for the call.
+    unsafe {
+        lookup_batch_raw(
+            map,
+            after.map_or(0, |k| k as *const K as u64),
+            &mut out as *mut K as u64,
+            keys.as_mut_ptr().cast(),
+            values.as_mut_ptr().cast(),
+            count,
+        )
+    }
+}
+
+/// BPF_MAP_LOOKUP_BATCH with the cursors `in_batch` (0: from the start) and `out_batch`.
+/// Returns how many entries were read and whether the map's end was reached.
+///
+/// # Safety
+/// `in_batch` (unless 0) and `out_batch` must point to cursors of the map's kind (a u32
+/// bucket for hash maps, a key for the generic batch), `keys` and `values` must be valid for
+/// writes of `count` keys and values of the map's sizes, all during the call.
+unsafe fn lookup_batch_raw(
+    map: BorrowedFd<'_>,
+    in_batch: u64,
+    out_batch: u64,
+    keys: *mut u8,
+    values: *mut u8,
+    count: usize,
+) -> Result<(usize, bool), SyscallError> {
+    const CALL: &str = "bpf(BPF_MAP_LOOKUP_BATCH)";
+    let mut attr = BatchAttr {
+        in_batch,
+        out_batch,
+        keys: keys as u64,
+        values: values as u64,
+        count: u32::try_from(count).map_err(|_| invalid(CALL))?,
+        map_fd: raw_fd(map, CALL)?,
+        ..BatchAttr::default()
+    };
+    // SAFETY: BatchAttr is the batch member; the caller vouches for every pointer.
+    let done = if unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } < 0 {
+        let err = last_error(CALL);
+        // ENOENT: the map's end; the entries read before it are in place.
+        if err.io_error.raw_os_error() != Some(libc::ENOENT) {
+            return Err(err);
+        }
+        true
+    } else {
+        false
+    };
+    let read = usize::try_from(attr.count).map_err(|_| invalid(CALL))?;
+    Ok((read, done))
+}
+
 /// Sets elements 0..values.len() of the array behind `map` (values of `V`, its value type)
 /// in one BPF_MAP_UPDATE_BATCH.
 pub fn array_update_all<V: aya::Pod>(

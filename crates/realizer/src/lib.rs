@@ -1,8 +1,10 @@
 //! The realizer: makes the maps in the kernel equal to the compiler's desired content.
 //!
-//! It always reads the kernel first and diffs against what it finds, never against a memory
-//! of what it wrote, so an entry changed or removed behind its back (drift) is repaired on
-//! the next pass, and a restarted agent converges from whatever the pins hold.
+//! A full pass reads the kernel first and diffs against what it finds, never against a
+//! memory of what it wrote, so a restarted agent converges from whatever the pins hold.
+//! Between changes, a rolling check ([`Scan`]) reads every map a slice per tick against a
+//! digest of the desired content, and an entry changed or removed behind its back (drift)
+//! sends it back to a full pass, which repairs it.
 //!
 //! Writes are ordered so the datapath never sees a dangling reference: backends before the
 //! service slots that name them, slots before the frontend whose count covers them; removals
@@ -15,15 +17,17 @@
 pub mod maglev;
 mod maps;
 mod policy;
+mod scan;
 mod tables;
 
 use std::{collections::BTreeMap, fmt::Display};
 
-pub use maps::{Ipcache, KernelMap, Lpm, LpmKey, MemoryMap, Named, write_stamp};
+pub use maps::{Cursor, Ipcache, KernelMap, Lpm, LpmKey, MemoryMap, Named, write_stamp};
 pub use policy::{
     InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyPlan, PolicyTable,
     PolicyWrite, diff_policies,
 };
+pub use scan::{MIN_SLICE, Scan, ScanTick};
 pub use tables::{Backing, Desired, Kernel, KernelTables, Memory, Plan, Tables};
 
 #[derive(Debug, thiserror::Error)]
@@ -186,5 +190,7 @@ pub fn converge<K: Ord + Clone, V: PartialEq + Clone, M: KernelMap<K, V>>(
     })
 }
 
+#[cfg(test)]
+mod scan_tests;
 #[cfg(test)]
 mod tests;

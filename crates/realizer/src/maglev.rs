@@ -8,7 +8,11 @@
 //! (registry realize order): a frontend that comes with Maglev finds its table in place,
 //! and one whose table names a slot not written yet falls back to a random slot.
 
-use std::{collections::BTreeMap, path::Path, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    sync::Arc,
+};
 
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -56,13 +60,27 @@ fn map_err(op: &'static str) -> impl Fn(aya::maps::MapError) -> RealizerError {
 
 /// The outer `lb4_maglev` map and the tables it points at.
 pub trait MaglevTables {
-    /// Every frontend with its table, read from the kernel.
-    fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError>;
+    /// Every frontend with a table installed.
+    fn frontends(&self) -> Result<BTreeSet<Lb4Key>, RealizerError>;
+    /// The table installed for `frontend`, read from the kernel, or None.
+    fn read(&self, frontend: &Lb4Key) -> Result<Option<Lanes>, RealizerError>;
     /// For each install, creates a table holding exactly its lanes, then points its
     /// frontend at it with one update of the outer map.
     fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError>;
     /// Removes these frontends' tables; a frontend without one is not an error.
     fn remove(&mut self, frontends: &[Lb4Key]) -> Result<(), RealizerError>;
+
+    /// Every frontend with its table.
+    fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError> {
+        let mut out = BTreeMap::new();
+        for frontend in self.frontends()? {
+            // A table removed between listing and reading is simply not there.
+            if let Some(lanes) = self.read(&frontend)? {
+                out.insert(frontend, lanes);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// What differs between the desired and the installed tables.
@@ -145,26 +163,23 @@ impl KernelMaglev {
 }
 
 impl MaglevTables for KernelMaglev {
-    fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError> {
-        let keys: Vec<Lb4Key> = self
-            .map
+    fn frontends(&self) -> Result<BTreeSet<Lb4Key>, RealizerError> {
+        self.map
             .keys()
             .collect::<Result<_, _>>()
-            .map_err(map_err("iterate"))?;
-        let mut out = BTreeMap::new();
-        for key in keys {
-            // Each lookup opens a new fd on the table; it is closed when `table` drops.
-            let table = match self.map.get(&key, 0) {
-                Ok(table) => table,
-                // Removed between listing and reading: simply not there.
-                Err(e) if is_not_found(&e) => continue,
-                Err(e) => return Err(map_err("lookup")(e)),
-            };
-            let lanes =
-                sys::array_lookup_all(table.map().fd().as_fd(), table.len()).map_err(sys_err)?;
-            out.insert(key, lanes);
-        }
-        Ok(out)
+            .map_err(map_err("iterate"))
+    }
+
+    fn read(&self, frontend: &Lb4Key) -> Result<Option<Lanes>, RealizerError> {
+        // Each lookup opens a new fd on the table; it is closed when `table` drops.
+        let table = match self.map.get(frontend, 0) {
+            Ok(table) => table,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(map_err("lookup")(e)),
+        };
+        sys::array_lookup_all(table.map().fd().as_fd(), table.len())
+            .map(Some)
+            .map_err(sys_err)
     }
 
     fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError> {
@@ -210,8 +225,12 @@ pub struct MemoryMaglev {
 }
 
 impl MaglevTables for MemoryMaglev {
-    fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError> {
-        Ok(self.tables.clone())
+    fn frontends(&self) -> Result<BTreeSet<Lb4Key>, RealizerError> {
+        Ok(self.tables.keys().copied().collect())
+    }
+
+    fn read(&self, frontend: &Lb4Key) -> Result<Option<Lanes>, RealizerError> {
+        Ok(self.tables.get(frontend).cloned())
     }
 
     fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError> {

@@ -4,6 +4,7 @@
 use std::{
     borrow::{Borrow, BorrowMut},
     collections::BTreeMap,
+    ops::Bound,
     os::fd::{AsFd, OwnedFd},
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
@@ -12,11 +13,12 @@ use std::{
 use aya::{
     Pod,
     maps::{
-        HashMap, HashOfMaps, InnerMap, Map, MapData, MapError,
+        HashMap, HashOfMaps, InnerMap, IterableMap, Map, MapData, MapError,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use sluice_common::{IpcacheEntry, IpcacheKey, Lb4SourceRange, Lb4SourceRangeKey};
+use sluice_datapath::sys::{self, HashCursor};
 
 use crate::RealizerError;
 
@@ -47,10 +49,30 @@ pub(crate) fn open_map_of_maps<K: Pod, V: InnerMap>(
     Ok((map, fd))
 }
 
+/// Where a read of a map in slices goes on from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Cursor<K> {
+    /// The map's first entry.
+    #[default]
+    Start,
+    /// A hash map's next bucket, as the kernel's batched read left it.
+    Bucket(HashCursor),
+    /// The entry after this key (LPM tries and in-memory maps, which have no buckets).
+    After(K),
+}
+
 /// A key-value map whose whole content can be read and changed entry by entry.
 pub trait KernelMap<K, V> {
     fn name(&self) -> &'static str;
     fn read_all(&self) -> Result<BTreeMap<K, V>, RealizerError>;
+    /// Reads about `max` entries from `cursor` on, handing each to `visit`, and returns the
+    /// cursor to go on from, None once the map's end was reached.
+    fn read_from(
+        &self,
+        cursor: Cursor<K>,
+        max: usize,
+        visit: &mut dyn FnMut(&K, &V),
+    ) -> Result<Option<Cursor<K>>, RealizerError>;
     fn upsert(&mut self, key: &K, value: &V) -> Result<(), RealizerError>;
     /// Removes `key`; a key that is already absent is not an error.
     fn remove(&mut self, key: &K) -> Result<(), RealizerError>;
@@ -65,8 +87,8 @@ pub struct Named<T, K, V> {
 impl<T, K, V> KernelMap<K, V> for Named<T, K, V>
 where
     T: Borrow<MapData> + BorrowMut<MapData>,
-    K: Pod + Ord,
-    V: Pod,
+    K: Pod + Ord + Default,
+    V: Pod + Default,
 {
     fn name(&self) -> &'static str {
         self.name
@@ -79,6 +101,33 @@ where
             source,
         };
         self.map.iter().map(|r| r.map_err(err)).collect()
+    }
+
+    /// One BPF_MAP_LOOKUP_BATCH: whole buckets, so a slice may end a little short of `max`.
+    fn read_from(
+        &self,
+        cursor: Cursor<K>,
+        max: usize,
+        visit: &mut dyn FnMut(&K, &V),
+    ) -> Result<Option<Cursor<K>>, RealizerError> {
+        // Only Start and Bucket ever come back from here.
+        let bucket = match cursor {
+            Cursor::Bucket(bucket) => Some(bucket),
+            Cursor::Start | Cursor::After(_) => None,
+        };
+        let mut keys = vec![K::default(); max.max(1)];
+        let mut values = vec![V::default(); max.max(1)];
+        let (read, next) =
+            sys::hash_lookup_batch(self.map.map().fd().as_fd(), bucket, &mut keys, &mut values)
+                .map_err(|e| RealizerError::Sys {
+                    call: e.call,
+                    map: self.name,
+                    source: e.io_error,
+                })?;
+        for (k, v) in keys.iter().zip(&values).take(read) {
+            visit(k, v);
+        }
+        Ok(next.map(Cursor::Bucket))
     }
 
     fn upsert(&mut self, key: &K, value: &V) -> Result<(), RealizerError> {
@@ -140,6 +189,33 @@ impl<K: Ord + Clone, V: Clone> KernelMap<K, V> for MemoryMap<K, V> {
     fn read_all(&self) -> Result<BTreeMap<K, V>, RealizerError> {
         Ok(self.entries.clone())
     }
+    fn read_from(
+        &self,
+        cursor: Cursor<K>,
+        max: usize,
+        visit: &mut dyn FnMut(&K, &V),
+    ) -> Result<Option<Cursor<K>>, RealizerError> {
+        let from = match &cursor {
+            Cursor::After(key) => Bound::Excluded(key),
+            Cursor::Start | Cursor::Bucket(_) => Bound::Unbounded,
+        };
+        let mut last = None;
+        for (k, v) in self
+            .entries
+            .range((from, Bound::Unbounded))
+            .take(max.max(1))
+        {
+            visit(k, v);
+            last = Some(k);
+        }
+        let more = last.is_some_and(|k| {
+            self.entries
+                .range((Bound::Excluded(k), Bound::Unbounded))
+                .next()
+                .is_some()
+        });
+        Ok(last.filter(|_| more).map(|k| Cursor::After(k.clone())))
+    }
     fn upsert(&mut self, key: &K, value: &V) -> Result<(), RealizerError> {
         self.entries.insert(key.clone(), value.clone());
         self.log.push((key.clone(), Some(value.clone())));
@@ -197,7 +273,7 @@ pub struct Lpm<K: LpmKey, V> {
 /// The ipcache LPM trie.
 pub type Ipcache = Lpm<IpcacheKey, IpcacheEntry>;
 
-impl<K: LpmKey, V: Pod> KernelMap<K, V> for Lpm<K, V> {
+impl<K: LpmKey + Pod + Default, V: Pod + Default> KernelMap<K, V> for Lpm<K, V> {
     fn name(&self) -> &'static str {
         self.name
     }
@@ -214,6 +290,39 @@ impl<K: LpmKey, V: Pod> KernelMap<K, V> for Lpm<K, V> {
                     })
             })
             .collect()
+    }
+
+    /// One BPF_MAP_LOOKUP_BATCH, the kernel's generic one: it walks the keys from the last
+    /// one read (the registry's LPM keys are the kernel's: prefix length, then the data).
+    fn read_from(
+        &self,
+        cursor: Cursor<K>,
+        max: usize,
+        visit: &mut dyn FnMut(&K, &V),
+    ) -> Result<Option<Cursor<K>>, RealizerError> {
+        let after = match cursor {
+            Cursor::After(key) => Some(key),
+            Cursor::Start | Cursor::Bucket(_) => None,
+        };
+        let mut keys = vec![K::default(); max.max(1)];
+        let mut values = vec![V::default(); max.max(1)];
+        let (read, done) = sys::keyed_lookup_batch(
+            self.map.map().fd().as_fd(),
+            after.as_ref(),
+            &mut keys,
+            &mut values,
+        )
+        .map_err(|e| RealizerError::Sys {
+            call: e.call,
+            map: self.name,
+            source: e.io_error,
+        })?;
+        for (k, v) in keys.iter().zip(&values).take(read) {
+            visit(k, v);
+        }
+        let last = read.checked_sub(1).and_then(|i| keys.get(i)).cloned();
+        // Nothing read and not at the end cannot happen; it ends the sweep all the same.
+        Ok(last.filter(|_| !done).map(Cursor::After))
     }
 
     fn upsert(&mut self, key: &K, value: &V) -> Result<(), RealizerError> {

@@ -23,9 +23,9 @@ use crate::{
 /// in-memory maps that record every write ([`Memory`], for tests).
 pub trait Backing {
     /// A hash map of keys to values.
-    type Hash<K: Pod + Ord, V: Pod + PartialEq>: KernelMap<K, V>;
+    type Hash<K: Pod + Ord + Default, V: Pod + PartialEq + Default>: KernelMap<K, V>;
     /// An LPM trie.
-    type Lpm<K: LpmKey, V: Pod + PartialEq>: KernelMap<K, V>;
+    type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq + Default>: KernelMap<K, V>;
     type Policy: PolicyTable;
     type Maglev: MaglevTables;
 }
@@ -34,8 +34,8 @@ pub trait Backing {
 pub struct Kernel;
 
 impl Backing for Kernel {
-    type Hash<K: Pod + Ord, V: Pod + PartialEq> = Named<MapData, K, V>;
-    type Lpm<K: LpmKey, V: Pod + PartialEq> = Lpm<K, V>;
+    type Hash<K: Pod + Ord + Default, V: Pod + PartialEq + Default> = Named<MapData, K, V>;
+    type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq + Default> = Lpm<K, V>;
     type Policy = KernelPolicy;
     type Maglev = KernelMaglev;
 }
@@ -44,8 +44,8 @@ impl Backing for Kernel {
 pub struct Memory;
 
 impl Backing for Memory {
-    type Hash<K: Pod + Ord, V: Pod + PartialEq> = MemoryMap<K, V>;
-    type Lpm<K: LpmKey, V: Pod + PartialEq> = MemoryMap<K, V>;
+    type Hash<K: Pod + Ord + Default, V: Pod + PartialEq + Default> = MemoryMap<K, V>;
+    type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq + Default> = MemoryMap<K, V>;
     type Policy = MemoryPolicy;
     type Maglev = MemoryMaglev;
 }

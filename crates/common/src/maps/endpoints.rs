@@ -4,7 +4,7 @@ use super::{addr_be, addr_from_be};
 use std::{fmt, net::Ipv4Addr};
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct EndpointInfo {
     pub ipv4: u32,
     pub identity: u32,

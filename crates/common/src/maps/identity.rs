@@ -32,7 +32,7 @@ impl IpcacheKey {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct IpcacheEntry {
     pub identity: u32,
     /// Node hosting the address; 0 for this node and the world.

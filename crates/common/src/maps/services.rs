@@ -63,7 +63,7 @@ impl Lb4Key {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Lb4Service {
     pub backend_address: u32,
     pub backend_port: u16,
@@ -179,7 +179,7 @@ impl Lb4BackendKey {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Lb4Backend {
     pub state: u8,
     pub pad: [u8; 3],

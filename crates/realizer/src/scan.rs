@@ -1,0 +1,317 @@
+//! The periodic drift check, at a cost that does not grow with the cluster: each tick
+//! reads a slice of every realized map (one `BPF_MAP_LOOKUP_BATCH` each) and folds it into an order-free digest; when a sweep reaches a map's end, its digest
+//! is compared with the digest of the desired content. A mismatch is drift, and a full pass
+//! (read everything, diff, apply in the registry's order) finds and repairs it exactly.
+//!
+//! The outer maps of maps (policy, Maglev) are compared key by key on every tick (one key
+//! per local endpoint or Maglev frontend); their inner maps a slice of rows at a time.
+//!
+//! Bound: an entry changed behind the realizer's back after the sweep passed it is seen by
+//! the next sweep, so drift is found within two sweeps. A map of up to [`MIN_SLICE`]
+//! entries is read whole on every tick; a larger one over `ticks_per_sweep` ticks.
+
+use std::{
+    collections::BTreeMap,
+    hash::{BuildHasher, Hash, RandomState},
+};
+
+use sluice_common::{IpcacheKey, Lb4BackendKey, Lb4Key, Lb4SourceRangeKey, MapId};
+
+use crate::{
+    ApplyStats, Backing, Cursor, Desired, DriftEntry, KernelMap, PolicyTable, RealizerError,
+    Tables,
+    maglev::{MaglevTables, pack},
+};
+
+/// Entries of a map read per tick at least: below this a map is checked whole every tick.
+pub const MIN_SLICE: usize = 16_384;
+
+/// Rows of policy maps (or elements of Maglev tables) read per tick at least: they are
+/// read row by row, so the floor is lower than for batched maps.
+const MIN_ROWS: usize = 1_024;
+
+/// A map's content up to order: its entry count and the wrapping sum of a keyed hash of
+/// each entry. A changed, missing or extra entry changes it (but for a 2^-64 chance).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Digest {
+    entries: u64,
+    sum: u64,
+}
+
+impl Digest {
+    fn add(&mut self, hasher: &RandomState, entry: impl Hash) {
+        self.entries += 1;
+        self.sum = self.sum.wrapping_add(hasher.hash_one(entry));
+    }
+
+    fn of<K: Hash, V: Hash>(hasher: &RandomState, map: &BTreeMap<K, V>) -> Self {
+        let mut digest = Self::default();
+        for entry in map {
+            digest.add(hasher, entry);
+        }
+        digest
+    }
+}
+
+/// How many of `total` to read per tick for a sweep of `ticks` ticks.
+fn slice(total: u64, ticks: usize, floor: usize) -> usize {
+    usize::try_from(total)
+        .unwrap_or(usize::MAX)
+        .div_ceil(ticks.max(1))
+        .max(floor)
+}
+
+/// One sweep over one key-value map.
+struct Sweep<K> {
+    cursor: Cursor<K>,
+    read: Digest,
+    want: Digest,
+}
+
+impl<K> Default for Sweep<K> {
+    fn default() -> Self {
+        Self {
+            cursor: Cursor::Start,
+            read: Digest::default(),
+            want: Digest::default(),
+        }
+    }
+}
+
+/// What one step of a sweep read, and at a map's end whether it held the desired content.
+type Step = (usize, Option<bool>);
+
+impl<K: Hash> Sweep<K> {
+    fn restart(&mut self) {
+        self.cursor = Cursor::Start;
+        self.read = Digest::default();
+    }
+
+    fn step<V: Hash, M: KernelMap<K, V>>(
+        &mut self,
+        map: &M,
+        ticks: usize,
+        hasher: &RandomState,
+    ) -> Result<Step, RealizerError> {
+        let max = slice(self.want.entries, ticks, MIN_SLICE);
+        let mut seen = 0;
+        let read = &mut self.read;
+        let cursor = std::mem::replace(&mut self.cursor, Cursor::Start);
+        let next = map.read_from(cursor, max, &mut |k, v| {
+            seen += 1;
+            read.add(hasher, (k, v));
+        });
+        let next = match next {
+            Ok(next) => next,
+            Err(e) => {
+                self.restart();
+                return Err(e);
+            }
+        };
+        if let Some(cursor) = next {
+            self.cursor = cursor;
+            return Ok((seen, None));
+        }
+        let held = std::mem::take(&mut self.read) == self.want;
+        Ok((seen, Some(held)))
+    }
+}
+
+/// The rolling check of every realized map, kept between ticks.
+pub struct Scan {
+    /// Keyed per process, so no content can be crafted to match another's digest.
+    hasher: RandomState,
+    ticks_per_sweep: usize,
+    /// The caller's number for the desired content the digests describe.
+    version: Option<u64>,
+    services: Sweep<Lb4Key>,
+    backends: Sweep<Lb4BackendKey>,
+    endpoints: Sweep<u32>,
+    ipcache: Sweep<IpcacheKey>,
+    source_ranges: Sweep<Lb4SourceRangeKey>,
+    /// The next endpoint whose policy map to check; None: the first.
+    policy: Option<u32>,
+    policy_rows: u64,
+    /// The next frontend whose Maglev table to check; None: the first.
+    maglev: Option<Lb4Key>,
+    maglev_elements: u64,
+}
+
+/// What one tick of the scan did.
+#[derive(Debug, Default)]
+pub struct ScanTick {
+    /// Entries (rows, table elements) read from the kernel.
+    pub entries_read: usize,
+    /// Maps whose sweep reached their end on this tick.
+    pub swept: Vec<MapId>,
+    /// Maps found not to hold their desired content.
+    pub drifted: Vec<MapId>,
+    /// What the full pass after a drift found, entry by entry, and what it wrote.
+    pub repaired: Vec<DriftEntry>,
+    pub stats: ApplyStats,
+}
+
+impl ScanTick {
+    fn note(&mut self, id: MapId, (read, end): Step) {
+        self.entries_read += read;
+        if let Some(held) = end {
+            self.swept.push(id);
+            if !held {
+                self.drifted.push(id);
+            }
+        }
+    }
+}
+
+impl Scan {
+    /// A scan whose sweep of a large map spreads over `ticks_per_sweep` ticks.
+    pub fn new(ticks_per_sweep: usize) -> Self {
+        Self {
+            hasher: RandomState::new(),
+            ticks_per_sweep: ticks_per_sweep.max(1),
+            version: None,
+            services: Sweep::default(),
+            backends: Sweep::default(),
+            endpoints: Sweep::default(),
+            ipcache: Sweep::default(),
+            source_ranges: Sweep::default(),
+            policy: None,
+            policy_rows: 0,
+            maglev: None,
+            maglev_elements: 0,
+        }
+    }
+
+    /// Starts every sweep over: a full pass just made the kernel equal to the desired
+    /// content, so what was read before it says nothing any more.
+    pub fn restart(&mut self) {
+        self.services.restart();
+        self.backends.restart();
+        self.endpoints.restart();
+        self.ipcache.restart();
+        self.source_ranges.restart();
+        self.policy = None;
+        self.maglev = None;
+    }
+
+    /// Digests `desired` when it is not the content (by the caller's `version`) the scan
+    /// describes, and starts over.
+    fn follow(&mut self, desired: Desired<'_>, version: u64) {
+        if self.version == Some(version) {
+            return;
+        }
+        let h = &self.hasher;
+        self.services.want = Digest::of(h, desired.services);
+        self.backends.want = Digest::of(h, desired.backends);
+        self.endpoints.want = Digest::of(h, desired.endpoints);
+        self.ipcache.want = Digest::of(h, desired.ipcache);
+        self.source_ranges.want = Digest::of(h, desired.source_ranges);
+        self.policy_rows = desired.policies.values().map(|p| p.rows.len() as u64).sum();
+        self.maglev_elements = desired.maglev.values().map(|t| t.len() as u64).sum();
+        self.version = Some(version);
+        self.restart();
+    }
+
+    /// Checks the next slice of the policy maps: the endpoints with a map, then each
+    /// endpoint's capacity and rows (counters are runtime state and never differ).
+    fn step_policy<P: PolicyTable>(
+        &mut self,
+        table: &P,
+        desired: Desired<'_>,
+    ) -> Result<Step, RealizerError> {
+        if !table.endpoints()?.iter().eq(desired.policies.keys()) {
+            self.policy = None;
+            return Ok((0, Some(false)));
+        }
+        let budget = slice(self.policy_rows, self.ticks_per_sweep, MIN_ROWS);
+        let from = self.policy.take().unwrap_or(0);
+        let mut read = 0;
+        for (&ifindex, policy) in desired.policies.range(from..) {
+            if read >= budget {
+                self.policy = Some(ifindex);
+                return Ok((read, None));
+            }
+            let held = table.read(ifindex)?.is_some_and(|installed| {
+                read += installed.rows.len();
+                installed.capacity == desired.policy_capacity
+                    && installed.rows.keys().eq(policy.rows.keys())
+            });
+            if !held {
+                return Ok((read, Some(false)));
+            }
+        }
+        Ok((read, Some(true)))
+    }
+
+    /// Checks the next slice of the Maglev tables: the frontends with a table, then each
+    /// table's positions.
+    fn step_maglev<T: MaglevTables>(
+        &mut self,
+        tables: &T,
+        desired: Desired<'_>,
+    ) -> Result<Step, RealizerError> {
+        if !tables.frontends()?.iter().eq(desired.maglev.keys()) {
+            self.maglev = None;
+            return Ok((0, Some(false)));
+        }
+        let budget = slice(self.maglev_elements, self.ticks_per_sweep, MIN_ROWS);
+        let mut read = 0;
+        let range = match self.maglev.take() {
+            Some(from) => desired.maglev.range(from..),
+            None => desired.maglev.range(..),
+        };
+        for (frontend, table) in range {
+            if read >= budget {
+                self.maglev = Some(*frontend);
+                return Ok((read, None));
+            }
+            read += table.len();
+            if tables.read(frontend)? != Some(pack(table)) {
+                return Ok((read, Some(false)));
+            }
+        }
+        Ok((read, Some(true)))
+    }
+}
+
+impl<B: Backing> Tables<B> {
+    /// One tick of the rolling drift check against `desired` (numbered `version` by the
+    /// caller: a new number means new content). A map found drifted is repaired by a full
+    /// pass over every map, which also starts every sweep over.
+    pub fn check(
+        &mut self,
+        scan: &mut Scan,
+        desired: Desired<'_>,
+        version: u64,
+    ) -> Result<ScanTick, RealizerError> {
+        scan.follow(desired, version);
+        let mut tick = ScanTick::default();
+        let (ticks, h) = (scan.ticks_per_sweep, &scan.hasher);
+        tick.note(
+            MapId::Services,
+            scan.services.step(&self.services, ticks, h)?,
+        );
+        tick.note(
+            MapId::Backends,
+            scan.backends.step(&self.backends, ticks, h)?,
+        );
+        tick.note(
+            MapId::Endpoints,
+            scan.endpoints.step(&self.endpoints, ticks, h)?,
+        );
+        tick.note(MapId::Ipcache, scan.ipcache.step(&self.ipcache, ticks, h)?);
+        tick.note(
+            MapId::SourceRanges,
+            scan.source_ranges.step(&self.source_ranges, ticks, h)?,
+        );
+        tick.note(MapId::Policy, scan.step_policy(&self.policy, desired)?);
+        tick.note(MapId::Maglev, scan.step_maglev(&self.maglev, desired)?);
+        if !tick.drifted.is_empty() {
+            let plan = self.plan(desired)?;
+            tick.repaired = plan.drift();
+            tick.stats = self.apply(&plan)?;
+            scan.restart();
+        }
+        Ok(tick)
+    }
+}
