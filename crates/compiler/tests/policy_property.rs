@@ -14,6 +14,9 @@
 //! receiver's, with the identity the tunnel carries (the sender's endpoint identity),
 //! which must equal what the receiver's ipcache says of the sender's address (native
 //! routing). Policy must not depend on where pods run.
+//!
+//! Every connection is also explained (`sluice_compiler::explain`, what `policy explain`
+//! prints), and the explanation's verdict must equal the reference's too.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -24,7 +27,7 @@ use sluice_common::{
     IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS,
     POLICY_PREFIX_ANY_PROTO,
 };
-use sluice_compiler::{DesiredState, NodeContext, compile};
+use sluice_compiler::{DesiredState, FlowEnd, FlowQuery, NodeContext, compile, explain};
 use sluice_policy_reference::{Cluster, Connection, Peer};
 use sluice_store::{LocalEndpoint, Snapshot};
 
@@ -507,6 +510,31 @@ fn run_case(seed: u64, spread: bool) -> (usize, usize) {
             }
             Peer::External(_) => true,
         };
+        let end = |p: &Peer<'_>| match p {
+            Peer::Pod(pod) => FlowEnd::Pod {
+                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                name: pod.metadata.name.clone().unwrap_or_default(),
+            },
+            Peer::External(ip) => FlowEnd::Address(*ip),
+        };
+        let flow = FlowQuery {
+            from: end(&from),
+            to: end(&to),
+            port,
+            protocol: proto,
+        };
+        // The explanation is judged on one node whichever node the pods run on.
+        let explained = explain(&snapshot, &node, &flow)
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"))
+            .allowed();
+        assert_eq!(
+            explained,
+            expected,
+            "seed {seed} (replay with SLUICE_POLICY_SEED={seed}): {} -> {} {port}/{protocol}: \
+             explain {explained}, reference {expected}",
+            describe(&from),
+            describe(&to)
+        );
         if expected {
             verdicts.0 += 1;
         } else {

@@ -21,7 +21,8 @@ use std::{collections::BTreeMap, fmt::Display};
 
 pub use maps::{Ipcache, KernelMap, Lpm, LpmKey, MemoryMap, Named, write_stamp};
 pub use policy::{
-    InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyPlan, PolicyTable,
+    InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyLookup, PolicyPlan,
+    PolicyTable,
     PolicyWrite, diff_policies,
 };
 pub use tables::{Backing, Desired, Kernel, KernelTables, Memory, Plan, Tables};
