@@ -116,16 +116,7 @@ fn readable_output_and_exit_codes(lab: &TestLab) {
     assert!(text.contains("agrees"), "{text}");
 
     let denied = lab.cli_output(&[
-        "policy",
-        "explain",
-        "--from",
-        "x/b",
-        "--to",
-        "x/a",
-        "--port",
-        "81",
-        "-o",
-        "json",
+        "policy", "explain", "--from", "x/b", "--to", "x/a", "--port", "81", "-o", "json",
     ]);
     let json: PolicyExplanation = serde_json::from_slice(&denied.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&denied.stdout)));

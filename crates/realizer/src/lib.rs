@@ -22,8 +22,7 @@ use std::{collections::BTreeMap, fmt::Display};
 pub use maps::{Ipcache, KernelMap, Lpm, LpmKey, MemoryMap, Named, write_stamp};
 pub use policy::{
     InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyLookup, PolicyPlan,
-    PolicyTable,
-    PolicyWrite, diff_policies,
+    PolicyTable, PolicyWrite, diff_policies,
 };
 pub use tables::{Backing, Desired, Kernel, KernelTables, Memory, Plan, Tables};
 

@@ -13,9 +13,7 @@ use std::{
 };
 
 use aya::maps::{HashOfMaps, IterableMap, MapData, lpm_trie::Key};
-use sluice_common::{
-    IDENTITY_ANY, POLICY_PREFIX_FULL, PolicyEntry, PolicyKey, PolicyMatch, names,
-};
+use sluice_common::{IDENTITY_ANY, POLICY_PREFIX_FULL, PolicyEntry, PolicyKey, PolicyMatch, names};
 use sluice_compiler::EndpointPolicy;
 use sluice_datapath::{PolicyMap, create_policy_map, sys};
 

@@ -58,7 +58,10 @@ fn ask(
     } else {
         &args.from
     };
-    let mut explanation = agents.of_endpoint(node, first)?.client().explain(&request)?;
+    let mut explanation = agents
+        .of_endpoint(node, first)?
+        .client()
+        .explain(&request)?;
     if node.is_some() || !matches!(agents, Agents::Lab(_)) {
         return Ok(explanation);
     }
@@ -71,7 +74,10 @@ fn ask(
         let KernelCheck::NotOnThisNode { node: Some(other) } = &direction.kernel else {
             continue;
         };
-        let theirs = agents.one(Some(other.as_str()))?.client().explain(&request)?;
+        let theirs = agents
+            .one(Some(other.as_str()))?
+            .client()
+            .explain(&request)?;
         if ingress {
             explanation.ingress = theirs.ingress;
         } else {

@@ -12,19 +12,17 @@ use k8s_openapi::{
 use sluice_common::{IDENTITY_HOST, IDENTITY_WORLD, POLICY_EGRESS, POLICY_INGRESS};
 
 use super::{
-    Policy,
-    peers::World,
-    ports::named,
-    rows::CompiledEndpoint,
-    selects,
-    workloads::Workload,
+    Policy, peers::World, ports::named, rows::CompiledEndpoint, selects, workloads::Workload,
 };
 use crate::{NodeContext, ObjectKind, ObjectRef, problem::Problems, protocol_number};
 
 /// One end of a flow to explain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FlowEnd {
-    Pod { namespace: String, name: String },
+    Pod {
+        namespace: String,
+        name: String,
+    },
     /// An address; the pod holding it if any, else what the ipcache says it is.
     Address(Ipv4Addr),
 }
@@ -277,20 +275,22 @@ impl Judge<'_, '_> {
         out: &mut Vec<Allow>,
     ) {
         let spec = policy.policy.spec.as_ref();
-        let rules: Vec<(Option<&Vec<NetworkPolicyPeer>>, Option<&Vec<NetworkPolicyPort>>)> =
-            if direction == POLICY_INGRESS {
-                spec.and_then(|s| s.ingress.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .map(|r| (r.from.as_ref(), r.ports.as_ref()))
-                    .collect()
-            } else {
-                spec.and_then(|s| s.egress.as_ref())
-                    .into_iter()
-                    .flatten()
-                    .map(|r| (r.to.as_ref(), r.ports.as_ref()))
-                    .collect()
-            };
+        let rules: Vec<(
+            Option<&Vec<NetworkPolicyPeer>>,
+            Option<&Vec<NetworkPolicyPort>>,
+        )> = if direction == POLICY_INGRESS {
+            spec.and_then(|s| s.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+                .collect()
+        } else {
+            spec.and_then(|s| s.egress.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|r| (r.to.as_ref(), r.ports.as_ref()))
+                .collect()
+        };
         // The destination of the flow names the ports a named port resolves to.
         let destination = if direction == POLICY_INGRESS {
             this
@@ -313,7 +313,12 @@ impl Judge<'_, '_> {
                     .position(|candidate| {
                         let mut ignored = Problems::default();
                         self.world
-                            .peer_identities(&policy.object, policy.namespace, candidate, &mut ignored)
+                            .peer_identities(
+                                &policy.object,
+                                policy.namespace,
+                                candidate,
+                                &mut ignored,
+                            )
                             .contains(&peer.identity())
                     })
                     .map(Some),
@@ -330,7 +335,12 @@ impl Judge<'_, '_> {
     }
 
     /// Whether `port` of a rule covers the flow's protocol and port, as its rows would.
-    fn port_matches(&self, port: &NetworkPolicyPort, direction: u8, destination: &End<'_, '_>) -> bool {
+    fn port_matches(
+        &self,
+        port: &NetworkPolicyPort,
+        direction: u8,
+        destination: &End<'_, '_>,
+    ) -> bool {
         let flow = self.flow;
         if protocol_number(port.protocol.as_ref()) != Some(flow.protocol) {
             return false;
