@@ -143,7 +143,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Policy {
             command: policy::PolicyCommand::Explain(args),
-        } => policy::explain(&agents, node, args, cli.output),
+        } => policy::explain(agents, node, args, cli.output),
         Command::Observe(args) => {
             let agents = agents()?;
             // Outside a lab --node filters the flows; in a lab it picks the agent.

@@ -6,13 +6,12 @@
 use std::{fmt, net::Ipv4Addr};
 
 use k8s_openapi::{
-    api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort},
-    apimachinery::pkg::util::intstr::IntOrString,
+    api::networking::v1::NetworkPolicyPort, apimachinery::pkg::util::intstr::IntOrString,
 };
 use sluice_common::{IDENTITY_HOST, IDENTITY_WORLD, POLICY_EGRESS, POLICY_INGRESS};
 
 use super::{
-    Policy, peers::World, ports::named, rows::CompiledEndpoint, selects, workloads::Workload,
+    Policy, peers::World, ports::named, rows::CompiledEndpoint, rules, selects, workloads::Workload,
 };
 use crate::{NodeContext, ObjectKind, ObjectRef, problem::Problems, protocol_number};
 
@@ -274,30 +273,15 @@ impl Judge<'_, '_> {
         peer: &End<'_, '_>,
         out: &mut Vec<Allow>,
     ) {
-        let spec = policy.policy.spec.as_ref();
-        let rules: Vec<(
-            Option<&Vec<NetworkPolicyPeer>>,
-            Option<&Vec<NetworkPolicyPort>>,
-        )> = if direction == POLICY_INGRESS {
-            spec.and_then(|s| s.ingress.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|r| (r.from.as_ref(), r.ports.as_ref()))
-                .collect()
-        } else {
-            spec.and_then(|s| s.egress.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|r| (r.to.as_ref(), r.ports.as_ref()))
-                .collect()
-        };
         // The destination of the flow names the ports a named port resolves to.
         let destination = if direction == POLICY_INGRESS {
             this
         } else {
             peer
         };
-        for (rule, (peers, ports)) in rules.into_iter().enumerate() {
+        // `rules` lists ingress then egress rules: indices count within the direction.
+        let in_direction = rules(policy.policy).filter(|(d, _, _)| *d == direction);
+        for (rule, (_, peers, ports)) in in_direction.enumerate() {
             let port = match ports.map(Vec::as_slice).unwrap_or_default() {
                 [] => Some(None),
                 ports => ports
