@@ -22,6 +22,10 @@ pub struct ExplainRequest {
 pub struct PolicyExplanation {
     /// The agent that answered; it checks the kernel for its own pods only.
     pub node: String,
+    /// The agent's generation of the snapshot explained, and the one its maps hold: while
+    /// they differ a kernel check may still show the previous policy.
+    pub generation: u64,
+    pub realized_generation: u64,
     pub from: ExplainedEnd,
     pub to: ExplainedEnd,
     pub port: u16,

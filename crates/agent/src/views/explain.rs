@@ -38,6 +38,8 @@ impl View<'_> {
         let (from, to) = (&explanation.from, &explanation.to);
         Ok(PolicyExplanation {
             node: self.name.clone(),
+            generation: self.desired_generation,
+            realized_generation: self.realized_generation,
             from: self.end(from),
             to: self.end(to),
             port: request.port,

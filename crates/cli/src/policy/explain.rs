@@ -109,6 +109,12 @@ fn print(e: &PolicyExplanation) {
             "WARNING: the kernel's maps disagree with the desired state for this flow \
              (`sluice verify` lists the drift, `--repair` fixes it)"
         );
+        if e.generation != e.realized_generation {
+            println!(
+                "(node {} explained generation {} but has realized {} so far: ask again)",
+                e.node, e.generation, e.realized_generation
+            );
+        }
     }
 }
 
