@@ -24,6 +24,7 @@ use sluice_api::{
         CniAddRequest, CniAllocation, CniAttachment, CniEndpoint, CniEndpointState, CniRemoved,
         CniStatus,
     },
+    explain::{ExplainRequest, PolicyExplanation},
     flow::{Flow, ObserveRequest},
     routes,
 };
@@ -94,6 +95,7 @@ fn router(views: Arc<Views>, flows: Arc<FlowBuffer>, cni: Arc<Cni>) -> Router {
         .route(routes::IDENTITIES, get(identities))
         .route(routes::IDENTITY, get(identity))
         .route(routes::POLICY, get(policy))
+        .route(routes::POLICY_EXPLAIN, get(explain))
         .with_state(Api { views })
         .merge(observe_router(flows))
         .merge(cni_router(cni))
@@ -220,6 +222,14 @@ async fn policy(
 ) -> Answer<EndpointPolicyView> {
     let Query(query) = query?;
     answer(api.views.policy(query.endpoint).await)
+}
+
+async fn explain(
+    State(api): State<Api>,
+    query: Result<Query<ExplainRequest>, QueryRejection>,
+) -> Answer<PolicyExplanation> {
+    let Query(query) = query?;
+    answer(api.views.explain(query).await)
 }
 
 async fn cni_add(

@@ -37,6 +37,8 @@ use crate::{
     reconcile::Request,
 };
 
+mod explain;
+
 /// The reconcile loop's state as of its last step, replaced whole (never edited) so a
 /// reader holds a consistent copy for as long as it likes.
 #[derive(Debug)]
@@ -132,6 +134,15 @@ impl Views {
 
     pub async fn policy(&self, query: String) -> Result<EndpointPolicyView, AgentError> {
         self.read_kernel(move |v| v.policy(&query)).await
+    }
+
+    /// Explains one flow from the published snapshot; reads kernel maps for the sides
+    /// that are endpoints here.
+    pub async fn explain(
+        &self,
+        request: sluice_api::explain::ExplainRequest,
+    ) -> Result<sluice_api::explain::PolicyExplanation, AgentError> {
+        self.read_kernel(move |v| v.explain(&request)).await
     }
 
     pub fn endpoints(&self) -> Vec<EndpointEntry> {

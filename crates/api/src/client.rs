@@ -28,7 +28,7 @@ use crate::{
         CniAddRequest, CniAllocation, CniAttachment, CniEndpoint, CniEndpointState, CniRemoved,
         CniStatus,
     },
-    flow, routes,
+    explain, flow, routes,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +119,14 @@ impl Client {
             endpoint: endpoint.to_string(),
         };
         self.get(routes::POLICY, Some(&query))
+    }
+
+    /// Why `request`'s flow is allowed or denied, and whether the kernel agrees.
+    pub fn explain(
+        &self,
+        request: &explain::ExplainRequest,
+    ) -> Result<explain::PolicyExplanation, ApiError> {
+        self.get(routes::POLICY_EXPLAIN, Some(request))
     }
 
     /// CNI `ADD`, first step: records the attachment and allocates its address.

@@ -17,6 +17,7 @@ pub use sluice_common::kinds::{
 
 mod client;
 pub mod cni;
+pub mod explain;
 pub mod flow;
 
 pub use client::{ApiError, Client, FlowStream, scrape};
@@ -42,6 +43,9 @@ pub mod routes {
     /// GET ?[`EndpointQuery`](super::EndpointQuery):
     /// [`EndpointPolicyView`](super::EndpointPolicyView).
     pub const POLICY: &str = "/v1/policy";
+    /// GET ?[`ExplainRequest`](super::explain::ExplainRequest):
+    /// [`PolicyExplanation`](super::explain::PolicyExplanation).
+    pub const POLICY_EXPLAIN: &str = "/v1/policy/explain";
     /// POST [`ObserveRequest`](super::flow::ObserveRequest): flows as JSON lines, ending when
     /// the buffered ones are sent or, with `follow`, when the client hangs up.
     pub const OBSERVE: &str = "/v1/observe";

@@ -86,7 +86,7 @@ enum Command {
         #[command(subcommand)]
         command: policy::IdentityCommand,
     },
-    /// An endpoint's policy map in the kernel.
+    /// An endpoint's policy map in the kernel, and why a flow is allowed or denied.
     Policy {
         #[command(subcommand)]
         command: policy::PolicyCommand,
@@ -166,11 +166,15 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             policy::endpoint(&agent.client(), command, cli.output)
         }
         Command::Identity { command } => policy::identity(&one()?, command, cli.output),
-        Command::Policy { command } => {
-            let policy::PolicyCommand::Get { endpoint } = command;
+        Command::Policy {
+            command: policy::PolicyCommand::Get { endpoint },
+        } => {
             let agent = agents()?.of_endpoint(node, endpoint)?;
-            policy::policy(&agent.client(), command, cli.output)
+            policy::policy(&agent.client(), endpoint, cli.output)
         }
+        Command::Policy {
+            command: policy::PolicyCommand::Explain(args),
+        } => policy::explain(agents, node, args, cli.output),
         Command::Observe(args) => {
             let agents = agents()?;
             // Outside a lab --node filters the flows; in a lab it picks the agent.

@@ -1,12 +1,17 @@
 //! `sluice endpoint`, `sluice identity` and `sluice policy`: identities and policy as the
 //! agent computed them and as the kernel holds them, shaped like cilium-dbg's output.
 
-use clap::Subcommand;
+use clap::{Args, Subcommand, ValueEnum};
 use sluice_api::{
-    Client, EndpointEntry, EndpointPolicyView, EndpointStatus, IdentityEntry, PolicyRow, RowState,
+    Client, EndpointEntry, EndpointPolicyView, EndpointStatus, IdentityEntry, PolicyRow, Protocol,
+    RowState,
 };
 
 use crate::{Output, output::print_doc, table};
+
+mod explain;
+
+pub use explain::explain;
 
 #[derive(Subcommand)]
 pub enum EndpointCommand {
@@ -28,6 +33,44 @@ pub enum IdentityCommand {
 pub enum PolicyCommand {
     /// The allow rows of an endpoint's policy map in the kernel, with their counters.
     Get { endpoint: String },
+    /// Why a new connection is allowed or denied: from the compiled policy (no traffic),
+    /// the source's egress and the destination's ingress with the NetworkPolicies, rules
+    /// and peers behind each verdict, then whether the kernel's maps agree. Exit 0
+    /// allowed, 1 denied (or the kernel disagrees), 2 an error.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// The client: `namespace/pod` or an IPv4 address.
+    #[arg(long)]
+    pub from: String,
+    /// The server: `namespace/pod` or an IPv4 address.
+    #[arg(long)]
+    pub to: String,
+    /// The destination port (a Service's target port: policy judges after translation).
+    #[arg(long)]
+    pub port: u16,
+    #[arg(long, value_enum, ignore_case = true, default_value_t = ExplainProtocol::Tcp)]
+    pub protocol: ExplainProtocol,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "UPPER")]
+pub enum ExplainProtocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl From<ExplainProtocol> for Protocol {
+    fn from(p: ExplainProtocol) -> Self {
+        match p {
+            ExplainProtocol::Tcp => Protocol::Tcp,
+            ExplainProtocol::Udp => Protocol::Udp,
+            ExplainProtocol::Sctp => Protocol::Sctp,
+        }
+    }
 }
 
 pub fn endpoint(client: &Client, command: &EndpointCommand, output: Output) -> anyhow::Result<()> {
@@ -167,8 +210,7 @@ pub fn identity(client: &Client, command: &IdentityCommand, output: Output) -> a
     Ok(())
 }
 
-pub fn policy(client: &Client, command: &PolicyCommand, output: Output) -> anyhow::Result<()> {
-    let PolicyCommand::Get { endpoint } = command;
+pub fn policy(client: &Client, endpoint: &str, output: Output) -> anyhow::Result<()> {
     let view: EndpointPolicyView = client.policy(endpoint)?;
     if output.structured() {
         return print_doc(output, &view);

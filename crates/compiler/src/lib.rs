@@ -69,6 +69,9 @@ pub use crate::{
     balancing::{Balancing, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION, LbAlgorithm},
     incremental::CompileCache,
     nodes::Nodes,
+    policy::explain::{
+        Allow, DirectionExplanation, Explanation, FlowEnd, FlowQuery, FlowSide, Unexplained,
+    },
     problem::{
         ObjectKind, ObjectRef, PortProblem, Problem, ServiceField, ServicePortRef, Unsupported,
         ValueField,
@@ -282,9 +285,7 @@ fn slices_of<'s, 'a>(
 /// The part of the state that does not depend on Services: endpoints, nodes, identities,
 /// the ipcache and policy, from pods, namespaces, policies, nodes and local endpoints.
 fn compile_workloads(snapshot: &Snapshot, node: &NodeContext) -> Workloads {
-    let mut compilation = Compilation::default();
-    let local = compilation.endpoints(snapshot, node);
-    compilation.state.nodes = nodes::nodes(snapshot, &node.node, &mut compilation.problems);
+    let (compilation, local) = Compilation::for_policy(snapshot, node);
     let Compilation {
         mut state,
         mut problems,
@@ -297,6 +298,24 @@ fn compile_workloads(snapshot: &Snapshot, node: &NodeContext) -> Workloads {
     };
     policy::compile(&input, &mut state, &mut problems);
     Workloads { state, problems }
+}
+
+/// Explains one new connection on `node`: the verdict of the source's egress and of the
+/// destination's ingress, with the NetworkPolicies that isolate each side and the rules,
+/// peers and ports that allow it, judged as [`compile`] programs them (no traffic, no
+/// kernel). Either end is a pod or an address.
+pub fn explain(
+    snapshot: &Snapshot,
+    node: &NodeContext,
+    flow: &FlowQuery,
+) -> Result<Explanation, Unexplained> {
+    let (mut compilation, local) = Compilation::for_policy(snapshot, node);
+    let input = policy::PolicyInput {
+        snapshot,
+        node,
+        endpoints: &local,
+    };
+    policy::explain(&input, &mut compilation.state, flow)
 }
 
 /// What [`compile_workloads`] computes: its fields of a [`DesiredState`] and its problems.
@@ -400,6 +419,18 @@ impl Compilation {
         };
         compilation.state.node_addresses = node_addresses;
         compilation
+    }
+
+    /// A compilation of the policy part: the local endpoints admitted (returned by
+    /// ifindex) and the nodes.
+    fn for_policy<'a>(
+        snapshot: &'a Snapshot,
+        node: &NodeContext,
+    ) -> (Self, BTreeMap<u32, &'a LocalEndpoint>) {
+        let mut compilation = Self::default();
+        let local = compilation.endpoints(snapshot, node);
+        compilation.state.nodes = nodes::nodes(snapshot, &node.node, &mut compilation.problems);
+        (compilation, local)
     }
 
     /// The whole state: these Services with the `workloads` part beside them.

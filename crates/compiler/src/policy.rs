@@ -25,6 +25,7 @@ use crate::{
 };
 
 mod cidr;
+pub(crate) mod explain;
 mod identities;
 mod peers;
 mod ports;
@@ -61,6 +62,45 @@ pub(crate) struct PolicyInput<'a> {
 }
 
 pub(crate) fn compile(input: &PolicyInput<'_>, state: &mut DesiredState, problems: &mut Problems) {
+    let (compiled, labels_of) = resolve(input, state, problems, |world, policies, problems| {
+        world.endpoints(input, policies, problems)
+    });
+    let mut used: BTreeSet<u32> = state.ipcache.values().map(|e| e.identity).collect();
+    for (ifindex, endpoint) in compiled {
+        used.insert(endpoint.details.identity);
+        state.endpoints.insert(ifindex, endpoint.info);
+        state.endpoint_details.insert(ifindex, endpoint.details);
+        if let Some(policy) = endpoint.policy {
+            used.extend(policy.rows.keys().map(|k| k.rule.identity));
+            state.policies.insert(ifindex, policy);
+        }
+    }
+    state.identities = identities::named(used, labels_of);
+}
+
+/// Explains one flow against the policies of `input`, as [`compile`] would program them.
+pub(crate) fn explain(
+    input: &PolicyInput<'_>,
+    state: &mut DesiredState,
+    flow: &explain::FlowQuery,
+) -> Result<explain::Explanation, explain::Unexplained> {
+    let mut problems = Problems::default();
+    let (explanation, _) = resolve(input, state, &mut problems, |world, policies, problems| {
+        let compiled = world.endpoints(input, policies, problems);
+        explain::explain(world, policies, &compiled, input.node, flow)
+    });
+    explanation
+}
+
+/// Fills the state's ipcache, resolves the peers of every policy's rules, and hands the
+/// policies with what they are evaluated against to `f`; returns its answer with the
+/// labels of every identity given out.
+fn resolve<R>(
+    input: &PolicyInput<'_>,
+    state: &mut DesiredState,
+    problems: &mut Problems,
+    f: impl FnOnce(&World<'_>, &[Policy<'_>], &mut Problems) -> R,
+) -> (R, BTreeMap<u32, Vec<String>>) {
     let snapshot = input.snapshot;
     let mut policies = policies_in_order(snapshot, problems);
     let cidrs = cidr::policy_cidrs(&policies, problems);
@@ -105,18 +145,7 @@ pub(crate) fn compile(input: &PolicyInput<'_>, state: &mut DesiredState, problem
             .map(|(_, peers, _)| world.peers(&p.object, p.namespace, peers, problems))
             .collect();
     }
-    let compiled = world.endpoints(input, &policies, problems);
-    let mut used: BTreeSet<u32> = state.ipcache.values().map(|e| e.identity).collect();
-    for (ifindex, endpoint) in compiled {
-        used.insert(endpoint.details.identity);
-        state.endpoints.insert(ifindex, endpoint.info);
-        state.endpoint_details.insert(ifindex, endpoint.details);
-        if let Some(policy) = endpoint.policy {
-            used.extend(policy.rows.keys().map(|k| k.rule.identity));
-            state.policies.insert(ifindex, policy);
-        }
-    }
-    state.identities = identities::named(used, labels_of);
+    (f(&world, &policies, problems), labels_of)
 }
 
 /// NetworkPolicies sorted by (namespace, name); a name defined twice is skipped, since

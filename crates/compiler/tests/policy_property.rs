@@ -14,6 +14,9 @@
 //! receiver's, with the identity the tunnel carries (the sender's endpoint identity),
 //! which must equal what the receiver's ipcache says of the sender's address (native
 //! routing). Policy must not depend on where pods run.
+//!
+//! Every 15th connection is also explained (`sluice_compiler::explain`, what `policy explain`
+//! prints), and the explanation's verdict must equal the reference's too.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -24,7 +27,7 @@ use sluice_common::{
     IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS,
     POLICY_PREFIX_ANY_PROTO,
 };
-use sluice_compiler::{DesiredState, NodeContext, compile};
+use sluice_compiler::{DesiredState, FlowEnd, FlowQuery, NodeContext, compile, explain};
 use sluice_policy_reference::{Cluster, Connection, Peer};
 use sluice_store::{LocalEndpoint, Snapshot};
 
@@ -394,6 +397,42 @@ fn node_of(pod: &Pod) -> &str {
         .unwrap_or(NODE)
 }
 
+/// The explanation of `connection` (what `policy explain` prints) must give the
+/// reference's verdict; it is judged on one node whichever node the pods run on.
+fn explains(snapshot: &Snapshot, node: &NodeContext, seed: u64, connection: &Connection<'_>) {
+    let end = |p: &Peer<'_>| match p {
+        Peer::Pod(pod) => FlowEnd::Pod {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+        },
+        Peer::External(ip) => FlowEnd::Address(*ip),
+    };
+    let flow = FlowQuery {
+        from: end(&connection.from),
+        to: end(&connection.to),
+        port: connection.port,
+        protocol: proto_number(connection.protocol),
+    };
+    let explained = explain(snapshot, node, &flow)
+        .unwrap_or_else(|e| panic!("seed {seed}: {e}"))
+        .allowed();
+    let reference = Cluster {
+        namespaces: &snapshot.namespaces,
+        policies: &snapshot.network_policies,
+    };
+    let expected = reference.allows(connection);
+    assert_eq!(
+        explained,
+        expected,
+        "seed {seed} (replay with SLUICE_POLICY_SEED={seed}): {} -> {} {}/{}: explain \
+         {explained}, reference {expected}",
+        describe(&connection.from),
+        describe(&connection.to),
+        connection.port,
+        connection.protocol
+    );
+}
+
 /// Verdicts of one case: (allowed, denied).
 fn run_case(seed: u64, spread: bool) -> (usize, usize) {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -422,7 +461,7 @@ fn run_case(seed: u64, spread: bool) -> (usize, usize) {
     };
     let pods = &snapshot.pods;
     let mut verdicts = (0, 0);
-    for _ in 0..150 {
+    for n in 0..150 {
         let (from, to) = match rng.u8(0..4) {
             0 => (
                 Peer::External(*pick(&mut rng, &EXTERNAL)),
@@ -507,6 +546,10 @@ fn run_case(seed: u64, spread: bool) -> (usize, usize) {
             }
             Peer::External(_) => true,
         };
+        // Every 15th: an explanation compiles the policy part again.
+        if n % 15 == 0 {
+            explains(&snapshot, &node, seed, &connection);
+        }
         if expected {
             verdicts.0 += 1;
         } else {

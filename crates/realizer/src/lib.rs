@@ -24,8 +24,8 @@ use std::{collections::BTreeMap, fmt::Display};
 
 pub use maps::{Cursor, Ipcache, KernelMap, Lpm, LpmKey, MemoryMap, Named, write_stamp};
 pub use policy::{
-    InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyPlan, PolicyTable,
-    PolicyWrite, diff_policies,
+    InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyLookup, PolicyPlan,
+    PolicyTable, PolicyWrite, diff_policies,
 };
 pub use scan::{MIN_SLICE, Scan, ScanTick};
 pub use tables::{Backing, Desired, Kernel, KernelTables, Memory, Plan, Tables};

@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::maps::{HashOfMaps, IterableMap, MapData, lpm_trie::Key};
-use sluice_common::{PolicyEntry, PolicyKey, names};
+use sluice_common::{IDENTITY_ANY, POLICY_PREFIX_FULL, PolicyEntry, PolicyKey, PolicyMatch, names};
 use sluice_compiler::EndpointPolicy;
 use sluice_datapath::{PolicyMap, create_policy_map, sys};
 
@@ -193,6 +193,17 @@ pub fn diff_policies(
     plan
 }
 
+/// What [`KernelPolicy::lookup`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyLookup {
+    /// The endpoint has no policy map.
+    NoMap,
+    /// No row admits the connection.
+    NoRow,
+    /// The admitting row: the peer's own (`identity`) or any peer's (0), with its counters.
+    Row { identity: u32, entry: PolicyEntry },
+}
+
 /// The kernel's `policy` hash of maps.
 pub struct KernelPolicy {
     map: HashOfMaps<MapData, u32, PolicyMap>,
@@ -213,6 +224,26 @@ impl KernelPolicy {
     pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
         let (map, fd) = open_map_of_maps(pin_dir, names::POLICY)?;
         Ok(Self { map, fd })
+    }
+
+    /// The row the datapath finds in `ifindex`'s map for a new connection matching `rule`
+    /// (one port): the kernel's longest-prefix lookup of the peer's own row, else of the
+    /// row for any peer, as `policy_row_lookup` in bpf/lib/policy.h.
+    pub fn lookup(&self, ifindex: u32, rule: PolicyMatch) -> Result<PolicyLookup, RealizerError> {
+        let inner = match self.map.get(&ifindex, 0) {
+            Ok(inner) => inner,
+            Err(e) if is_not_found(&e) => return Ok(PolicyLookup::NoMap),
+            Err(e) => return Err(policy_err("lookup", ifindex)(e)),
+        };
+        for identity in [rule.identity, IDENTITY_ANY] {
+            let key = Key::new(POLICY_PREFIX_FULL, PolicyMatch { identity, ..rule });
+            match inner.get(&key, 0) {
+                Ok(entry) => return Ok(PolicyLookup::Row { identity, entry }),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(policy_err("lookup row", ifindex)(e)),
+            }
+        }
+        Ok(PolicyLookup::NoRow)
     }
 
     /// How many endpoints have a policy map.

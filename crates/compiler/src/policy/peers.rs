@@ -70,7 +70,7 @@ impl World<'_> {
     }
 
     /// The identities one peer selects.
-    fn peer_identities(
+    pub(super) fn peer_identities(
         &self,
         policy: &ObjectRef,
         namespace: &str,
