@@ -6,6 +6,7 @@
 mod cluster_file;
 mod debounce;
 pub mod kubernetes;
+mod slim;
 
 use std::{path::PathBuf, sync::Arc};
 

@@ -60,7 +60,7 @@ pub fn agent_binary() -> Result<PathBuf, BenchError> {
 }
 
 /// The agent process, killed and reaped on drop.
-struct AgentProcess(Child);
+pub(crate) struct AgentProcess(pub(crate) Child);
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
@@ -74,7 +74,7 @@ impl Drop for AgentProcess {
 }
 
 /// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -84,7 +84,7 @@ impl Drop for TempDir {
     }
 }
 
-fn read(path: &Path) -> Result<String, BenchError> {
+pub(crate) fn read(path: &Path) -> Result<String, BenchError> {
     fs::read_to_string(path).map_err(|source| BenchError::Io {
         call: "read",
         what: path.display().to_string(),
@@ -93,7 +93,7 @@ fn read(path: &Path) -> Result<String, BenchError> {
 }
 
 /// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64, BenchError> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64, BenchError> {
     let stat = read(Path::new(&format!("/proc/{pid}/stat")))?;
     // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
     let rest = stat
@@ -114,7 +114,7 @@ fn cpu_seconds(pid: u32) -> Result<f64, BenchError> {
     Ok(total as f64 / hz as f64)
 }
 
-fn rss_kib(pid: u32) -> Result<u64, BenchError> {
+pub(crate) fn rss_kib(pid: u32) -> Result<u64, BenchError> {
     let status = read(Path::new(&format!("/proc/{pid}/status")))?;
     status
         .lines()

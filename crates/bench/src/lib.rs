@@ -21,6 +21,7 @@
 //! [`external`].
 
 pub mod agent;
+pub mod cluster;
 pub mod crossnode;
 pub mod external;
 pub mod idle;

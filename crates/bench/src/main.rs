@@ -4,7 +4,12 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use sluice_bench::{Config, Variant, report};
+use sluice_bench::{
+    Config, Variant,
+    cluster::{self, ClusterConfig},
+    report,
+};
+use sluice_fake_apiserver::cluster::Shape;
 
 #[derive(Parser)]
 #[command(
@@ -15,9 +20,20 @@ struct Args {
     /// Quick mode: N = 1 and 1k, one repetition, short durations.
     #[arg(long)]
     quick: bool,
-    /// Directory for report.md and the charts.
-    #[arg(long, default_value = "bench/results/latest")]
-    out: PathBuf,
+    /// Directory for report.md and the charts (default bench/results/latest, with
+    /// --cluster bench/results/cluster, with --agent-idle bench/results/agent-idle).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Instead of the matrix: the simulated cluster at GKE's limits (one agent fed by the
+    /// fake API server through the Kubernetes source, then churn).
+    #[arg(long)]
+    cluster: bool,
+    /// With --cluster: the limits times this factor (1 = 7,500 nodes, 200,000 pods...).
+    #[arg(long, default_value_t = 1.0, requires = "cluster")]
+    cluster_scale: f64,
+    /// With --cluster: seconds of churn.
+    #[arg(long, default_value_t = 60.0, requires = "cluster")]
+    churn_seconds: f64,
     /// Comma-separated service counts (overrides the mode's).
     #[arg(long, value_delimiter = ',')]
     services: Option<Vec<usize>>,
@@ -59,14 +75,25 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     if let Some(counts) = &args.agent_idle {
+        let out = args.out.unwrap_or_else(|| "bench/results/agent-idle".into());
         let costs = sluice_bench::idle::run(
             counts,
             Duration::from_secs_f64(args.idle_seconds),
             &mut |line| eprintln!("{line}"),
         )
         .context("idle agent benchmark failed")?;
-        sluice_bench::idle::write(&costs, &args.out, &command).context("writing the report")?;
-        eprintln!("report: {}", args.out.join("report.md").display());
+        sluice_bench::idle::write(&costs, &out, &command).context("writing the report")?;
+        eprintln!("report: {}", out.join("report.md").display());
+        return Ok(());
+    }
+    if args.cluster {
+        let mut config = ClusterConfig::with_shape(Shape::scaled(args.cluster_scale));
+        config.churn = Duration::from_secs_f64(args.churn_seconds);
+        let out = args.out.unwrap_or_else(|| "bench/results/cluster".into());
+        let results = cluster::run(&config, &mut |line| eprintln!("{line}"))
+            .context("simulated cluster failed")?;
+        cluster::report::write(&results, &config, &out, &command).context("writing the report")?;
+        eprintln!("report: {}", out.join("report.md").display());
         return Ok(());
     }
     let mut config = if args.quick {
@@ -104,9 +131,10 @@ fn main() -> anyhow::Result<()> {
         config.external_tunnel = false;
     }
     config.variants = Variant::ALL.to_vec();
+    let out = args.out.unwrap_or_else(|| "bench/results/latest".into());
     let results =
         sluice_bench::run(&config, &mut |line| eprintln!("{line}")).context("benchmark failed")?;
-    report::write(&results, &config, &args.out, &command).context("writing the report")?;
-    eprintln!("report: {}", args.out.join("report.md").display());
+    report::write(&results, &config, &out, &command).context("writing the report")?;
+    eprintln!("report: {}", out.join("report.md").display());
     Ok(())
 }

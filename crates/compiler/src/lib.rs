@@ -84,6 +84,12 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Rows one endpoint's policy map holds unless configured otherwise (Cilium's default).
 pub const DEFAULT_POLICY_MAP_MAX: u32 = 16384;
 
+/// Every Service annotation the compiler reads; a source may drop the others.
+pub const SERVICE_ANNOTATIONS: [&str; 2] = [
+    balancing::LB_ALGORITHM_ANNOTATION,
+    topology::TOPOLOGY_MODE_ANNOTATION,
+];
+
 /// The node a state is compiled for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeContext {

@@ -8,6 +8,7 @@
 //! It serves on a listener the test made, so the test chooses the network namespace (a
 //! test namespace's loopback); it runs on a thread and runtime of its own.
 
+pub mod cluster;
 mod resource;
 mod state;
 
@@ -28,6 +29,7 @@ use axum::{
 };
 pub use resource::Resource;
 use serde::{Deserialize, Serialize};
+pub use state::Traffic;
 use state::{Answer, State};
 use tokio::sync::{oneshot, watch};
 
@@ -149,9 +151,26 @@ impl FakeApiServer {
             kind: resource.kind(),
             source,
         })?;
-        self.lock().apply(resource, value).ok_or(FakeError::NoName {
-            kind: resource.kind(),
-        })
+        self.apply_json(resource, value)
+    }
+
+    /// Creates or replaces an object of `resource` given as JSON (a generated cluster's
+    /// objects skip the typed round trip); returns its resourceVersion.
+    pub fn apply_json(
+        &self,
+        resource: Resource,
+        object: serde_json::Value,
+    ) -> Result<u64, FakeError> {
+        self.lock()
+            .apply(resource, object)
+            .ok_or(FakeError::NoName {
+                kind: resource.kind(),
+            })
+    }
+
+    /// What the server has sent on watches and lists so far, per resource.
+    pub fn traffic(&self) -> std::collections::BTreeMap<Resource, Traffic> {
+        self.lock().traffic.clone()
     }
 
     /// Deletes the object `key` (`namespace/name`, or `name` for Nodes and Namespaces);
@@ -317,7 +336,12 @@ async fn serve(
             StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             &body,
         ),
-        Answer::List(body) => json_response(StatusCode::OK, &body),
+        Answer::List(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response(),
         Answer::Watch(rx) => {
             let stream = futures_util::stream::unfold(rx, |mut rx| async move {
                 let chunk = rx.recv().await?;

@@ -1,8 +1,15 @@
 //! What the fake holds: objects, their event history (to serve a watch from any
 //! resourceVersion still in it), open watches and the faults queued for the next requests.
 //! One global resourceVersion, as etcd's revision is for the real server.
+//!
+//! Objects are kept encoded, once, and shared by the store, the history and the lists
+//! being paged: a simulated cluster of hundreds of thousands of objects then costs little
+//! more than its JSON, and serving a page or an event copies bytes, not trees.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::Arc,
+};
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -41,19 +48,44 @@ struct Watch {
 /// `namespace/name`, or `name` for cluster-scoped objects.
 type Key = String;
 
+/// An object as a list serves it: JSON without `kind` and `apiVersion` (the list's say
+/// them; a watch event adds them, see [`line`]).
+type Encoded = Arc<[u8]>;
+
+struct Stored {
+    /// Kept across updates, as the server keeps it.
+    uid: String,
+    json: Encoded,
+}
+
+/// What the server sent on watches and lists of one resource: the API server's side of
+/// an agent's cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// ADDED, MODIFIED and DELETED events sent on watches (bookmarks and errors not
+    /// counted).
+    pub watch_events: u64,
+    /// Bytes of those events, as sent.
+    pub watch_bytes: u64,
+    /// List pages answered, and their bytes.
+    pub list_pages: u64,
+    pub list_bytes: u64,
+}
+
 #[derive(Default)]
 pub(crate) struct State {
     revision: u64,
     /// Watches from a resourceVersion below this get 410 Gone: history before it is gone.
     compacted: u64,
-    objects: BTreeMap<Resource, BTreeMap<Key, Value>>,
-    history: BTreeMap<Resource, Vec<(u64, EventType, Value)>>,
+    objects: BTreeMap<Resource, BTreeMap<Key, Stored>>,
+    history: BTreeMap<Resource, Vec<(u64, EventType, Encoded)>>,
     watches: Vec<Watch>,
     faults: BTreeMap<Resource, VecDeque<Fault>>,
     /// Lists with pages still to serve, by the number in their continue token.
     paged: BTreeMap<u64, Paged>,
     next_token: u64,
     pub(crate) requests: Vec<RequestLog>,
+    pub(crate) traffic: BTreeMap<Resource, Traffic>,
 }
 
 /// A list or watch request, as its query parameters say.
@@ -72,13 +104,14 @@ pub(crate) struct Request<'a> {
 /// the first (the real server reads them at one version from etcd).
 struct Paged {
     revision: u64,
-    items: Vec<Value>,
+    items: Vec<Encoded>,
 }
 
 /// What a request gets: a status answer, a list, or a watch stream.
 pub(crate) enum Answer {
     Status(u16, Value),
-    List(Value),
+    /// An encoded list.
+    List(Vec<u8>),
     Watch(mpsc::UnboundedReceiver<Chunk>),
 }
 
@@ -99,6 +132,31 @@ fn line(kind: &str, object: &Value) -> Vec<u8> {
         serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
     bytes.push(b'\n');
     bytes
+}
+
+/// A watch event's line for a stored object: its `kind` and `apiVersion` spliced in
+/// front of its own fields (an encoded object always starts with `{` and has metadata).
+fn event_line(resource: Resource, kind: EventType, json: &[u8]) -> Vec<u8> {
+    let head = format!(
+        r#"{{"type":"{}","object":{{"kind":"{}","apiVersion":"{}","#,
+        kind.word(),
+        resource.kind(),
+        resource.api_version()
+    );
+    let mut bytes = Vec::with_capacity(head.len() + json.len() + 2);
+    bytes.extend_from_slice(head.as_bytes());
+    bytes.extend_from_slice(json.get(1..).unwrap_or_default());
+    bytes.extend_from_slice(b"}\n");
+    bytes
+}
+
+/// `object` without `kind` and `apiVersion`, encoded.
+fn encode(mut object: Value) -> Encoded {
+    if let Some(map) = object.as_object_mut() {
+        map.remove("kind");
+        map.remove("apiVersion");
+    }
+    serde_json::to_vec(&object).unwrap_or_default().into()
 }
 
 fn key_of(resource: Resource, object: &Value) -> Option<Key> {
@@ -125,40 +183,46 @@ impl State {
         let key = key_of(resource, &object)?;
         self.revision += 1;
         let revision = self.revision;
-        object["apiVersion"] = json!(resource.api_version());
-        object["kind"] = json!(resource.kind());
         if resource.namespaced() && object["metadata"].get("namespace").is_none() {
             object["metadata"]["namespace"] = json!("default");
         }
         object["metadata"]["resourceVersion"] = json!(revision.to_string());
         let objects = self.objects.entry(resource).or_default();
-        let kind = if objects.contains_key(&key) {
-            EventType::Modified
-        } else {
-            // A uid, as the server assigns on create; kept across updates.
-            object["metadata"]["uid"] = json!(format!("00000000-0000-0000-0000-{revision:012}"));
-            EventType::Added
+        let (kind, uid) = match objects.get(&key) {
+            Some(old) => (EventType::Modified, old.uid.clone()),
+            // A uid, as the server assigns on create.
+            None => (
+                EventType::Added,
+                format!("00000000-0000-0000-0000-{revision:012}"),
+            ),
         };
-        if let Some(old) = objects.get(&key) {
-            object["metadata"]["uid"] = old["metadata"]["uid"].clone();
-        }
-        objects.insert(key, object.clone());
-        self.record(resource, revision, kind, object);
+        object["metadata"]["uid"] = json!(uid);
+        let json = encode(object);
+        objects.insert(
+            key,
+            Stored {
+                uid,
+                json: Arc::clone(&json),
+            },
+        );
+        self.record(resource, revision, kind, json);
         Some(revision)
     }
 
     /// Deletes an object; its DELETED event carries the final state under a new version.
     pub(crate) fn delete(&mut self, resource: Resource, key: &str) -> Option<u64> {
-        let mut object = self.objects.get_mut(&resource)?.remove(key)?;
+        let stored = self.objects.get_mut(&resource)?.remove(key)?;
         self.revision += 1;
         let revision = self.revision;
+        let mut object: Value = serde_json::from_slice(&stored.json).ok()?;
         object["metadata"]["resourceVersion"] = json!(revision.to_string());
-        self.record(resource, revision, EventType::Deleted, object);
+        self.record(resource, revision, EventType::Deleted, encode(object));
         Some(revision)
     }
 
-    fn record(&mut self, resource: Resource, revision: u64, kind: EventType, object: Value) {
-        let bytes = line(kind.word(), &object);
+    fn record(&mut self, resource: Resource, revision: u64, kind: EventType, json: Encoded) {
+        let bytes = event_line(resource, kind, &json);
+        let traffic = self.traffic.entry(resource).or_default();
         self.watches.retain_mut(|w| {
             if w.resource != resource {
                 return true;
@@ -169,12 +233,14 @@ impl State {
                 let _ = w.tx.send(Err(dropped()));
                 return false;
             }
+            traffic.watch_events += 1;
+            traffic.watch_bytes += bytes.len() as u64;
             w.tx.send(Ok(bytes.clone())).is_ok()
         });
         self.history
             .entry(resource)
             .or_default()
-            .push((revision, kind, object));
+            .push((revision, kind, json));
     }
 
     /// A BOOKMARK at the current version on every watch that asked for bookmarks.
@@ -237,20 +303,12 @@ impl State {
         let resource = request.resource;
         let (token, revision, offset) = match request.continue_token {
             None | Some("") => {
-                let items: Vec<Value> = self
+                let items: Vec<Encoded> = self
                     .objects
                     .get(&resource)
                     .into_iter()
                     .flat_map(BTreeMap::values)
-                    .map(|o| {
-                        // Items of a list carry no kind or apiVersion: the list's say it.
-                        let mut o = o.clone();
-                        if let Some(map) = o.as_object_mut() {
-                            map.remove("kind");
-                            map.remove("apiVersion");
-                        }
-                        o
-                    })
+                    .map(|o| Arc::clone(&o.json))
                     .collect();
                 self.next_token += 1;
                 let token = self.next_token;
@@ -278,20 +336,36 @@ impl State {
             .limit
             .filter(|&l| l > 0)
             .map_or(paged.items.len(), |l| (offset + l).min(paged.items.len()));
-        let items = paged.items.get(offset..end).unwrap_or_default().to_vec();
         let mut metadata = json!({"resourceVersion": revision.to_string()});
+        let items = paged.items.get(offset..end).unwrap_or_default();
+        let size: usize = items.iter().map(|i| i.len() + 1).sum();
+        let mut body = Vec::with_capacity(size + 256);
         if end < paged.items.len() {
             metadata["continue"] = json!(format!("{token}:{end}"));
             metadata["remainingItemCount"] = json!(paged.items.len() - end);
-        } else {
+        }
+        body.extend_from_slice(
+            format!(
+                r#"{{"kind":"{}List","apiVersion":"{}","metadata":{metadata},"items":["#,
+                resource.kind(),
+                resource.api_version()
+            )
+            .as_bytes(),
+        );
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(item);
+        }
+        body.extend_from_slice(b"]}");
+        if end >= paged.items.len() {
             self.paged.remove(&token);
         }
-        Answer::List(json!({
-            "kind": format!("{}List", resource.kind()),
-            "apiVersion": resource.api_version(),
-            "metadata": metadata,
-            "items": items,
-        }))
+        let traffic = self.traffic.entry(resource).or_default();
+        traffic.list_pages += 1;
+        traffic.list_bytes += body.len() as u64;
+        Answer::List(body)
     }
 
     /// The next queued fault of `resource` that applies to this request.
@@ -361,14 +435,18 @@ impl State {
             let _ = tx.send(Ok(line("ERROR", &gone(self.compacted))));
             return Answer::Watch(rx);
         }
-        for (_, kind, object) in self
+        let traffic = self.traffic.entry(resource).or_default();
+        for (_, kind, json) in self
             .history
             .get(&resource)
             .into_iter()
             .flatten()
             .filter(|(revision, _, _)| *revision > from)
         {
-            let _ = tx.send(Ok(line(kind.word(), object)));
+            let bytes = event_line(resource, *kind, json);
+            traffic.watch_events += 1;
+            traffic.watch_bytes += bytes.len() as u64;
+            let _ = tx.send(Ok(bytes));
         }
         self.watches.push(Watch {
             resource,

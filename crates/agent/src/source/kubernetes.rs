@@ -7,7 +7,8 @@
 //! lost or doubled across a reconnect. The first snapshot goes out only once every kind
 //! has completed its initial list; after that, changes are gathered by [`Debounce`] into
 //! one snapshot per burst. Snapshots carry no local endpoints: on a node those come from
-//! the CNI plugin.
+//! the CNI plugin. Each object is slimmed to the fields the agent reads before it is
+//! stored (`slim.rs`).
 
 use std::{fmt::Debug, path::PathBuf};
 
@@ -36,7 +37,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 pub use super::debounce::Debounce;
-use super::{Source, Updates};
+use super::{Source, Updates, slim::Slim};
 use crate::AgentError;
 
 /// How the agent reaches the API server and shapes what it reads.
@@ -241,6 +242,7 @@ where
         + Clone
         + DeserializeOwned
         + Debug
+        + Slim
         + Send
         + Sync
         + 'static,
@@ -268,6 +270,7 @@ async fn watch<K>(
         + Clone
         + DeserializeOwned
         + Debug
+        + Slim
         + Send
         + Sync
         + 'static,
@@ -301,8 +304,9 @@ async fn watch<K>(
                 }
             };
             relist_backoff = DefaultBackoff::default();
-            // managedFields are large and nothing here reads them.
-            let event = event.modify(|o| o.meta_mut().managed_fields = None);
+            // Only what the agent reads is stored (managedFields, container specs,
+            // conditions and the like are not).
+            let event = event.modify(Slim::slim);
             writer.apply_watcher_event(&event);
             let touch = match event {
                 Event::Init => {
