@@ -75,7 +75,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     if let Some(counts) = &args.agent_idle {
-        let out = args.out.unwrap_or_else(|| "bench/results/agent-idle".into());
+        let out = args
+            .out
+            .unwrap_or_else(|| "bench/results/agent-idle".into());
         let costs = sluice_bench::idle::run(
             counts,
             Duration::from_secs_f64(args.idle_seconds),
