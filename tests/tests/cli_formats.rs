@@ -125,6 +125,20 @@ fn every_command_prints_json_and_yaml_and_keeps_its_exit_code() {
     runs.extend(both("identity list", &["identity", "list"], 0));
     runs.extend(both("identity get", &["identity", "get", &identity], 0));
     runs.extend(both("policy get", &["policy", "get", "default/web"], 0));
+    runs.extend(both(
+        "policy explain",
+        &[
+            "policy",
+            "explain",
+            "--from",
+            "default/client",
+            "--to",
+            "default/web",
+            "--port",
+            "80",
+        ],
+        0,
+    ));
     runs.extend(both("lab probe", &["lab", "probe", "--port", "80"], 0));
     let probe = [
         "lab",

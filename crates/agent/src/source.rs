@@ -12,6 +12,7 @@ use std::{path::PathBuf, sync::Arc};
 
 pub use cluster_file::ClusterFile;
 pub use kubernetes::{Kubernetes, KubernetesConfig};
+pub use slim::slimmed;
 use sluice_sources::{NodePortRange, validate_services};
 use sluice_store::Snapshot;
 use tokio::sync::watch;

@@ -290,7 +290,8 @@ fn exchange(client: &NetNs, listener: &TcpListener, to: Ipv4Addr) -> io::Result<
     Ok(answer)
 }
 
-fn udp_round_trip(nodes: &TwoNodes) -> String {
+/// A UDP server on pod-b's PORT and a client in pod-a, both with TIMEOUT to read.
+fn udp_sockets(nodes: &TwoNodes) -> (UdpSocket, UdpSocket) {
     let server = nodes
         .pod_b
         .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PORT)).unwrap());
@@ -299,6 +300,11 @@ fn udp_round_trip(nodes: &TwoNodes) -> String {
         .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap());
     client.set_read_timeout(Some(TIMEOUT)).unwrap();
     server.set_read_timeout(Some(TIMEOUT)).unwrap();
+    (server, client)
+}
+
+fn udp_round_trip(nodes: &TwoNodes) -> String {
+    let (server, client) = udp_sockets(nodes);
     client.send_to(b"question", (POD_B, PORT)).unwrap();
     let mut buf = [0u8; 64];
     let (_, peer) = server.recv_from(&mut buf).expect("datagram across nodes");
@@ -570,14 +576,7 @@ fn fragmented_datagrams_cross_the_tunnel() {
         nodes
             .b
             .admit_only(PolicyKey::any(IDENTITY_A, POLICY_INGRESS));
-        let server = nodes
-            .pod_b
-            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PORT)).unwrap());
-        let client = nodes
-            .pod_a
-            .run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap());
-        server.set_read_timeout(Some(TIMEOUT)).unwrap();
-        client.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let (server, client) = udp_sockets(&nodes);
         let datagram: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         client.send_to(&datagram, (POD_B, PORT)).unwrap();
         let mut buf = [0u8; 4096];

@@ -24,6 +24,21 @@ pub(super) trait Slim {
     fn slim(&mut self);
 }
 
+/// `snapshot`'s objects as the Kubernetes source stores them: what a test compares the
+/// source's store with, when the same objects came whole from elsewhere (the lab).
+pub fn slimmed(mut snapshot: sluice_store::Snapshot) -> sluice_store::Snapshot {
+    fn each<T: Slim>(objects: &mut [T]) {
+        objects.iter_mut().for_each(Slim::slim);
+    }
+    each(&mut snapshot.nodes);
+    each(&mut snapshot.namespaces);
+    each(&mut snapshot.pods);
+    each(&mut snapshot.services);
+    each(&mut snapshot.endpoint_slices);
+    each(&mut snapshot.network_policies);
+    snapshot
+}
+
 /// Name, namespace, the uid and resourceVersion the incremental compile keys on, and the
 /// labels and annotations `keep` admits.
 fn meta(meta: &mut ObjectMeta, labels: impl Fn(&str) -> bool, annotations: impl Fn(&str) -> bool) {
