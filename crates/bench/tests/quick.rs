@@ -79,13 +79,12 @@ fn quick_matrix_produces_numbers_through_every_variant() {
         } else {
             let cost = sample.cost_rr.as_ref().expect("BPF run-time stats");
             assert!(cost.per_packet_ns > 0.0, "{what}: {cost:?}");
-            // Tunnel traffic must have been decapsulated by from_tunnel; native never is.
-            let decapsulated = cost
-                .programs
-                .contains_key(sluice_common::programs::FROM_TUNNEL);
-            assert_eq!(
-                decapsulated,
-                variant == sluice_bench::crossnode::CrossVariant::Tunnel,
+            // Tunnel traffic is decapsulated by from_netdev itself: the tunnel device's
+            // from_tunnel sees stray packets at most (a neighbour not yet resolved).
+            let runs = |program| cost.programs.get(program).map_or(0, |(_, runs)| *runs);
+            let by_device = runs(sluice_common::programs::FROM_TUNNEL);
+            assert!(
+                by_device * 10 <= runs(sluice_common::programs::FROM_NETDEV),
                 "{what}: {cost:?}"
             );
         }
@@ -155,10 +154,17 @@ fn check_external(samples: &[ExternalSample], n: usize) {
                         "{what}: {node} {program} never ran: {cost:?}"
                     );
                 }
-                // Through the tunnel node-b decapsulates; natively it never does.
-                assert_eq!(
-                    ran("node-b", FROM_TUNNEL),
-                    forwarding == Some(Forwarding::Tunnel),
+                // node-b's from_netdev takes the packets in either mode, decapsulating
+                // VXLAN itself: the tunnel device's from_tunnel sees stray ones at most.
+                let runs = |node: &str, program: &str| {
+                    cost.programs
+                        .iter()
+                        .filter(|p| p.node == node && p.program == program)
+                        .map(|p| p.runs)
+                        .sum::<u64>()
+                };
+                assert!(
+                    runs("node-b", FROM_TUNNEL) * 10 <= runs("node-b", FROM_NETDEV),
                     "{what}: {cost:?}"
                 );
             } else {
