@@ -1,9 +1,10 @@
 //! `sluice-bench`: runs the benchmark matrix and writes the report (see the crate docs).
 
-use std::{path::PathBuf, time::Duration};
+use std::{io::IsTerminal, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
 use sluice_bench::{
     Config, Variant,
     cluster::{self, ClusterConfig},
@@ -71,8 +72,46 @@ struct Args {
     idle_seconds: f64,
 }
 
+/// What the benchmark is doing: on a terminal a spinner with the elapsed time and the
+/// current step above the log of finished ones; elsewhere the log lines alone.
+struct Progress(Option<ProgressBar>);
+
+impl Progress {
+    fn new() -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Self(None);
+        }
+        let bar = ProgressBar::new_spinner();
+        if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed}] {msg}") {
+            bar.set_style(style);
+        }
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Self(Some(bar))
+    }
+
+    /// The sink the benchmark reports each step to.
+    fn line(&self) -> impl FnMut(&str) + '_ {
+        move |line| match &self.0 {
+            Some(bar) => {
+                bar.println(line);
+                bar.set_message(line.trim().to_string());
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let progress = Progress::new();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     if let Some(counts) = &args.agent_idle {
         let out = args
@@ -81,7 +120,7 @@ fn main() -> anyhow::Result<()> {
         let costs = sluice_bench::idle::run(
             counts,
             Duration::from_secs_f64(args.idle_seconds),
-            &mut |line| eprintln!("{line}"),
+            &mut progress.line(),
         )
         .context("idle agent benchmark failed")?;
         sluice_bench::idle::write(&costs, &out, &command).context("writing the report")?;
@@ -92,8 +131,8 @@ fn main() -> anyhow::Result<()> {
         let mut config = ClusterConfig::with_shape(Shape::scaled(args.cluster_scale));
         config.churn = Duration::from_secs_f64(args.churn_seconds);
         let out = args.out.unwrap_or_else(|| "bench/results/cluster".into());
-        let results = cluster::run(&config, &mut |line| eprintln!("{line}"))
-            .context("simulated cluster failed")?;
+        let results =
+            cluster::run(&config, &mut progress.line()).context("simulated cluster failed")?;
         cluster::report::write(&results, &config, &out, &command).context("writing the report")?;
         eprintln!("report: {}", out.join("report.md").display());
         return Ok(());
@@ -134,8 +173,7 @@ fn main() -> anyhow::Result<()> {
     }
     config.variants = Variant::ALL.to_vec();
     let out = args.out.unwrap_or_else(|| "bench/results/latest".into());
-    let results =
-        sluice_bench::run(&config, &mut |line| eprintln!("{line}")).context("benchmark failed")?;
+    let results = sluice_bench::run(&config, &mut progress.line()).context("benchmark failed")?;
     report::write(&results, &config, &out, &command).context("writing the report")?;
     eprintln!("report: {}", out.join("report.md").display());
     Ok(())
