@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -19,6 +19,11 @@ pub const PODS: [&str; 3] = ["a", "b", "c"];
 pub const PORTS: [u16; 2] = [80, 81];
 pub const PROTOCOLS: [&str; 2] = ["TCP", "UDP"];
 
+/// y/b's address in the one-node model (podCIDR 10.244.1.0/24), fixed by `status.podIP`:
+/// the ipBlock case with `except` names it before the pod exists, as a policy written
+/// for known addresses would.
+pub const FIXED_Y_B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 200);
+
 /// The model's namespaces and pods, as the upstream suite labels them (`ns=<name>`,
 /// `pod=<name>`), each pod serving 80 and 81 over TCP and UDP under the upstream port names.
 pub fn model_yaml() -> String {
@@ -29,6 +34,9 @@ pub fn model_yaml() -> String {
         );
         for pod in PODS {
             out += &pod_yaml(ns, pod, &format!("pod: {pod}"));
+            if (ns, pod) == ("y", "b") {
+                out += &format!("status: {{podIP: {FIXED_Y_B}}}\n");
+            }
             out += "---\n";
         }
     }
