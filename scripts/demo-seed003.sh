@@ -24,9 +24,9 @@ sl lab get world
 
 step "the Service: one LoadBalancer, three frontends"
 sl lab apply -f examples/seed003-nginx.yaml
-sl lab get pods
-sl lab get services
-vip=$(sl lab get services -o json | jq -r '.[] | select(.name=="nginx") | .external_ip')
+sl lab get pods -n netflow-test -o wide
+sl lab get services -n netflow-test
+vip=$(sl lab get services -n netflow-test -o json | jq -r '.[] | select(.name=="nginx") | .external_ip')
 step "sluice service list: ClusterIP, NodePort and LoadBalancer resolve to the same backends"
 sl service list
 step "the router's route to $vip: one next hop per node (ECMP, like a target pool)"
@@ -37,7 +37,7 @@ curl_loop 10 "http://$vip/"
 
 step "externalTrafficPolicy Local, one replica: the pod-less node refuses (000), never black-holes"
 sl lab apply -f examples/seed003-local.yaml
-sl lab get pods
+sl lab get pods -n netflow-test -o wide
 curl_loop 20 "http://$vip/"
 
 step "after the health check's delay (6 s) the router sends only to the pod's node"
