@@ -46,9 +46,9 @@ SEC("classifier")
 int from_tunnel(struct __sk_buff *skb)
 {
 	struct bpf_tunnel_key key = {};
-	__u32 identity;
+	__u32 identity = 0;
 	struct pkt4 pkt;
-	int verdict;
+	int verdict, reason;
 
 	if (!inner_addresses(skb, &pkt)) {
 		if (skb->protocol == bpf_htons(ETH_P_ARP))
@@ -57,14 +57,9 @@ int from_tunnel(struct __sk_buff *skb)
 	}
 	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0)
 		return verdict_drop(skb, &pkt, DROP_NO_TUNNEL_KEY, METRIC_DIR_INGRESS);
-	/* Anyone can send a VXLAN datagram; only another node may name an identity. */
-	if (ipcache_identity(bpf_htonl(key.remote_ipv4)) != IDENTITY_REMOTE_NODE)
-		return verdict_drop(skb, &pkt, DROP_UNKNOWN_SENDER, METRIC_DIR_INGRESS);
-	identity = key.tunnel_id;
-	if (!identity_carriable(identity))
-		return verdict_drop(skb, &pkt, DROP_INVALID_IDENTITY, METRIC_DIR_INGRESS);
-	if (identity == IDENTITY_HOST)
-		identity = IDENTITY_REMOTE_NODE;
+	reason = tunnel_sender_identity(bpf_htonl(key.remote_ipv4), key.tunnel_id, &identity);
+	if (reason)
+		return verdict_drop(skb, &pkt, reason, METRIC_DIR_INGRESS);
 	/* The inner Ethernet header names the sending node's devices; the stack would
 	 * discard the packet as addressed to another host. */
 	if (bpf_skb_change_type(skb, PACKET_HOST) < 0)

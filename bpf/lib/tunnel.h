@@ -94,6 +94,21 @@ static __always_inline bool identity_carriable(__u32 identity)
 	       (identity >= IDENTITY_FIRST_ALLOCATED && identity < IDENTITY_SCOPE_CIDR);
 }
 
+/* The identity a VXLAN packet from @sender (network order) carries in @vni, as the
+ * receiving node judges it: anyone can send a VXLAN datagram, but only another node may
+ * name an identity, and only a carriable one (the sender's host is remote-node here).
+ * Returns 0 with *@identity set, or the DROP_* reason. The one rule for both receivers:
+ * from_tunnel and the datapath's own decapsulation (tunnel_decap.h). */
+static __always_inline int tunnel_sender_identity(__be32 sender, __u32 vni, __u32 *identity)
+{
+	if (ipcache_identity(sender) != IDENTITY_REMOTE_NODE)
+		return DROP_UNKNOWN_SENDER;
+	if (!identity_carriable(vni))
+		return DROP_INVALID_IDENTITY;
+	*identity = vni == IDENTITY_HOST ? IDENTITY_REMOTE_NODE : vni;
+	return 0;
+}
+
 /* Whether the datapath encapsulates pod traffic itself (tunnel_encap). */
 static __always_inline bool tunnel_in_datapath(const struct node_config *cfg)
 {

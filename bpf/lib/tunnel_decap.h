@@ -56,7 +56,7 @@ static __always_inline int tunnel_receive(struct __sk_buff *skb, const struct pk
 {
 	struct vxlan_frame f;
 	struct eth_addrs macs;
-	__u32 identity, ifindex;
+	__u32 identity = 0, ifindex;
 	__s32 headers;
 	int verdict;
 
@@ -66,14 +66,10 @@ static __always_inline int tunnel_receive(struct __sk_buff *skb, const struct pk
 	if (f.vx_flags != bpf_htonl(VXLAN_FLAG_VNI) || f.eth.h_proto != bpf_htons(ETH_P_IP) ||
 	    f.ip.version != 4 || f.ip.ttl <= 1)
 		return -1;
-	/* Anyone can send a VXLAN datagram; only another node may name an identity. */
-	if (ipcache_identity(outer->saddr) != IDENTITY_REMOTE_NODE)
+	/* A refusal is from_tunnel's to drop, with its events. */
+	if (tunnel_sender_identity(outer->saddr, bpf_ntohl(f.vx_vni) >> VXLAN_VNI_SHIFT,
+				   &identity))
 		return -1;
-	identity = bpf_ntohl(f.vx_vni) >> VXLAN_VNI_SHIFT;
-	if (!identity_carriable(identity))
-		return -1;
-	if (identity == IDENTITY_HOST)
-		identity = IDENTITY_REMOTE_NODE;
 	/* The inner packet's length: the outer one is 50 bytes longer than the pod's MTU. */
 	ifindex = host_route_lookup(skb, f.ip.saddr, f.ip.daddr, bpf_ntohs(f.ip.tot_len), &macs);
 	if (!ifindex)
