@@ -143,7 +143,8 @@ pub fn open(pin_dir: &Path) -> Result<AsyncFd<RingBuf<MapData>>, AgentError> {
     })
 }
 
-/// Drains the ring whenever the datapath wakes it (>= 64 events pending) and every 100 ms.
+/// Drains the ring whenever the datapath wakes it (>= 64 events pending), when a reader of
+/// the flows asks, and every 100 ms.
 pub async fn read_events(
     mut ring: AsyncFd<RingBuf<MapData>>,
     names: Arc<Names>,
@@ -163,6 +164,7 @@ pub async fn read_events(
                     return poll_only(ring, names, flows).await;
                 }
             },
+            () = flows.drain_wanted() => drain(ring.get_mut(), &names, &flows),
             _ = tick.tick() => drain(ring.get_mut(), &names, &flows),
         }
     }
@@ -171,7 +173,10 @@ pub async fn read_events(
 async fn poll_only(mut ring: AsyncFd<RingBuf<MapData>>, names: Arc<Names>, flows: Arc<FlowBuffer>) {
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            () = flows.drain_wanted() => {}
+            _ = tick.tick() => {}
+        }
         drain(ring.get_mut(), &names, &flows);
     }
 }
@@ -184,4 +189,5 @@ fn drain(ring: &mut RingBuf<MapData>, names: &Names, flows: &FlowBuffer) {
             None => warn!(len = record.len(), "short flow event record"),
         }
     }
+    flows.drained();
 }

@@ -34,6 +34,10 @@ use tracing::warn;
 
 use crate::{AgentError, cni::Cni, views::Views};
 
+/// How long `observe` waits for the event reader to drain the ring before answering from
+/// what the buffer holds.
+const CATCH_UP: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Binds the socket, replacing a stale one left by a previous agent. The API changes the
 /// node's dataplane, so only root may connect: the socket is 0600, and a directory the
 /// agent creates for it is 0700 (one that exists, such as a shared /run, keeps its mode).
@@ -282,6 +286,9 @@ async fn observe(
     let Json(request) = request?;
     let filter = request.filter;
     let keep = move |flow: &Flow| sluice_observer::matches(&filter, flow);
+    // Flows of traffic that just ended may still sit in the ring: `observe --last` right
+    // after a request must show it.
+    flows.catch_up(CATCH_UP).await;
     let (buffered, receiver) = flows.snapshot(request.last, &keep);
     let mut head = Vec::new();
     for flow in &buffered {

@@ -163,6 +163,19 @@ pub fn join_underlay(l: &UnderlayLink<'_>) -> Result<(), LabError> {
     Ok(())
 }
 
+/// Removes a namespace's port from the underlay bridge, with its peer, if it is there.
+pub fn leave_underlay(underlay_netns: &str, port: &str) -> Result<(), LabError> {
+    let underlay = NetNs::named(underlay_netns);
+    if !underlay.exists() {
+        return Ok(());
+    }
+    let nl = underlay.netlink()?;
+    if nl.links()?.iter().any(|l| l.name == port) {
+        nl.delete_link(port)?;
+    }
+    Ok(())
+}
+
 /// Adds a route in `netns`.
 pub fn add_route(netns: &str, route: &Route<'_>) -> Result<(), LabError> {
     NetNs::open(netns)?.netlink()?.add_route(route)?;

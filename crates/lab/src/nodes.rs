@@ -337,6 +337,14 @@ impl Lab {
         let netns = self.node_netns(name);
         process::kill_netns(&netns, STOP_GRACE)?;
         self.remove_node_cgroup(name)?;
+        // The namespace's links go with it only later, from the kernel's cleanup work; the
+        // underlay port is removed now so the node can be added again at once.
+        if self.state.spec.underlay.is_some() {
+            net::leave_underlay(
+                &names::underlay_netns(&self.state.name),
+                &names::underlay_port(name),
+            )?;
+        }
         if NetNs::named(netns.as_str()).exists() {
             NetNs::delete(&netns)?;
         }

@@ -6,7 +6,7 @@ use std::{
 };
 
 use sluice_api::flow::Flow;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast, watch};
 
 /// Flows the buffer keeps unless configured otherwise: Hubble's default.
 pub const DEFAULT_FLOWS_MAX: usize = 4095;
@@ -23,6 +23,10 @@ pub struct FlowBuffer {
     /// Flows pushed since the agent started, kept or not.
     seen: std::sync::atomic::AtomicU64,
     sender: broadcast::Sender<Arc<Flow>>,
+    /// A reader of the buffer asks the event reader to drain the ring now ...
+    drain_wanted: Notify,
+    /// ... and waits for this count of drains to move past the one it saw.
+    drains: watch::Sender<u64>,
 }
 
 impl FlowBuffer {
@@ -33,7 +37,29 @@ impl FlowBuffer {
             flows: Mutex::new(VecDeque::with_capacity(capacity.min(65_536))),
             seen: std::sync::atomic::AtomicU64::new(0),
             sender,
+            drain_wanted: Notify::new(),
+            drains: watch::Sender::new(0),
         }
+    }
+
+    /// Waits until the event reader has drained the ring once more, so flows the datapath
+    /// already emitted are in the buffer, or `patience` has passed (no reader, or a stuck
+    /// one, must not hang a request). The datapath wakes the reader only in batches.
+    pub async fn catch_up(&self, patience: std::time::Duration) {
+        let mut drains = self.drains.subscribe();
+        let seen = *drains.borrow_and_update();
+        self.drain_wanted.notify_one();
+        let _ = tokio::time::timeout(patience, drains.wait_for(|n| *n > seen)).await;
+    }
+
+    /// Resolves when a reader of the buffer has asked for a drain ([`Self::catch_up`]).
+    pub async fn drain_wanted(&self) {
+        self.drain_wanted.notified().await;
+    }
+
+    /// The event reader has drained the ring: wakes every [`Self::catch_up`] waiting.
+    pub fn drained(&self) {
+        self.drains.send_modify(|n| *n += 1);
     }
 
     /// Every flow pushed from now on. A receiver that falls more than 8192 flows behind

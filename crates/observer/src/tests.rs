@@ -500,3 +500,25 @@ fn the_buffer_keeps_the_last_n_and_a_snapshot_and_its_subscription_never_overlap
     buffer.push(resolver.flow(&event));
     assert_eq!(follower.try_recv().map(|f| port(&f)).ok(), Some(6));
 }
+
+#[tokio::test]
+async fn catching_up_waits_for_the_reader_to_drain_and_no_longer_than_told() {
+    use std::{sync::Arc, time::Duration};
+    let buffer = Arc::new(FlowBuffer::new(8));
+    // No reader: the wait ends when patience does.
+    let started = std::time::Instant::now();
+    buffer.catch_up(Duration::from_millis(50)).await;
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    // A reader that drains only when asked: the flow it drains is there once catch_up returns.
+    let reader = tokio::spawn({
+        let buffer = Arc::clone(&buffer);
+        async move {
+            buffer.drain_wanted().await;
+            buffer.push(resolver().flow(&ingress_syn(EVENT_DROP, 0, 133)));
+            buffer.drained();
+        }
+    });
+    buffer.catch_up(Duration::from_secs(30)).await;
+    assert_eq!(buffer.len(), 1);
+    reader.await.unwrap();
+}
