@@ -148,12 +148,7 @@ pub struct CtStats {
     pub service_lost: u64,
 }
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for CtStats {}
-unsafe impl aya::Pod for Ct4Key {}
-unsafe impl aya::Pod for Ct4Entry {}
-unsafe impl aya::Pod for CtConfig {}
+plain_data!(CtStats, Ct4Key, Ct4Entry, CtConfig);
 
 const _: () = {
     assert!(size_of::<Ct4Key>() == 16);

@@ -30,9 +30,7 @@ pub const ENDPOINT_F_INGRESS_ENFORCED: u32 = 1 << 0;
 pub const ENDPOINT_F_EGRESS_ENFORCED: u32 = 1 << 1;
 pub const ENDPOINT_F_POLICY_OVERFLOW: u32 = 1 << 2;
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for EndpointInfo {}
+plain_data!(EndpointInfo);
 
 const _: () = {
     assert!(size_of::<EndpointInfo>() == 16);

@@ -75,11 +75,7 @@ pub fn event_counter_index(type_: u8, direction: u32) -> u32 {
     u32::from(type_) * 2 + direction
 }
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for FlowEvent {}
-unsafe impl aya::Pod for EventConfig {}
-unsafe impl aya::Pod for EventCounter {}
+plain_data!(FlowEvent, EventConfig, EventCounter);
 
 const _: () = {
     assert!(size_of::<FlowEvent>() == 56);

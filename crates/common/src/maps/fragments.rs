@@ -17,10 +17,7 @@ pub struct Frag4Ports {
     pub dport: u16,
 }
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for Frag4Key {}
-unsafe impl aya::Pod for Frag4Ports {}
+plain_data!(Frag4Key, Frag4Ports);
 
 const _: () = {
     assert!(size_of::<Frag4Key>() == 12);

@@ -48,10 +48,7 @@ impl IpcacheEntry {
     }
 }
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for IpcacheKey {}
-unsafe impl aya::Pod for IpcacheEntry {}
+plain_data!(IpcacheKey, IpcacheEntry);
 
 const _: () = {
     assert!(size_of::<IpcacheKey>() == 8);

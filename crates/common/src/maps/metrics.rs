@@ -16,9 +16,7 @@ pub struct MetricsValue {
     pub bytes: u64,
 }
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for MetricsValue {}
+plain_data!(MetricsValue);
 
 const _: () = {
     assert!(size_of::<MetricsValue>() == 16);

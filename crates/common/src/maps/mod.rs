@@ -4,6 +4,19 @@
 //! straight from packets; the constructors take host values and convert. Each entry has
 //! one textual form (`Display`), shared by the compiler's dumps, `verify` and the CLI.
 
+/// Marks map layouts as [`aya::Pod`], so aya copies them to and from the kernel as bytes.
+/// Only for `#[repr(C)]` structs of integers and byte arrays whose padding is spelled out
+/// as fields: the BTF test (`crates/datapath/tests/btf.rs`) checks each against the C.
+macro_rules! plain_data {
+    ($($layout:ty),+ $(,)?) => {
+        $(
+            // SAFETY: a #[repr(C)] struct of integers with every padding byte a named field
+            // has no uninitialized bytes, and every bit pattern is a valid value.
+            unsafe impl aya::Pod for $layout {}
+        )+
+    };
+}
+
 mod conntrack;
 mod endpoints;
 mod events;

@@ -107,8 +107,6 @@ impl NodeConfig {
     }
 }
 
-// SAFETY: #[repr(C)] plain data without padding (u32, u32, u8, u8, u16, u32), so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for NodeConfig {}
+plain_data!(NodeConfig);
 
 const _: () = assert!(size_of::<NodeConfig>() == 16);

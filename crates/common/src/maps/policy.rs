@@ -87,11 +87,7 @@ pub struct PolicyEntry {
     pub bytes: u64,
 }
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for PolicyMatch {}
-unsafe impl aya::Pod for PolicyKey {}
-unsafe impl aya::Pod for PolicyEntry {}
+plain_data!(PolicyMatch, PolicyKey, PolicyEntry);
 
 const _: () = {
     assert!(size_of::<PolicyMatch>() == 8);

@@ -235,16 +235,16 @@ impl Lb4SourceRangeKey {
 /// The value of a `lb4_source_ranges` entry: presence admits, the value is unused.
 pub const SOURCE_RANGE_ALLOWED: u32 = 1;
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for Lb4SourceRange {}
-unsafe impl aya::Pod for Lb4SourceRangeKey {}
-unsafe impl aya::Pod for Lb4Key {}
-unsafe impl aya::Pod for Lb4Service {}
-unsafe impl aya::Pod for Lb4BackendKey {}
-unsafe impl aya::Pod for Lb4Backend {}
-unsafe impl aya::Pod for Lb4AffinityKey {}
-unsafe impl aya::Pod for Lb4Affinity {}
+plain_data!(
+    Lb4SourceRange,
+    Lb4SourceRangeKey,
+    Lb4Key,
+    Lb4Service,
+    Lb4BackendKey,
+    Lb4Backend,
+    Lb4AffinityKey,
+    Lb4Affinity
+);
 
 const _: () = {
     assert!(size_of::<Lb4Key>() == 12);

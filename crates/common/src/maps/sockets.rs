@@ -41,10 +41,7 @@ impl Lb4RevnatSk {
     }
 }
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for Lb4RevnatSkKey {}
-unsafe impl aya::Pod for Lb4RevnatSk {}
+plain_data!(Lb4RevnatSkKey, Lb4RevnatSk);
 
 const _: () = {
     assert!(size_of::<Lb4RevnatSkKey>() == 16);
