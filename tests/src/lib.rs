@@ -205,9 +205,14 @@ impl TestLab {
         stdout
     }
 
-    /// Pids of the lab's agent, found by the API socket on its command line.
+    /// Pids of the lab's (first node's) agent, found by the API socket on its command line.
     pub fn agent_pids(&self) -> Vec<i32> {
-        let socket = self.lab.agent_socket(&self.node());
+        self.agent_pids_of(&self.node())
+    }
+
+    /// Pids of `node`'s agent, found by its API socket on the command line.
+    pub fn agent_pids_of(&self, node: &str) -> Vec<i32> {
+        let socket = self.lab.agent_socket(node);
         let socket = socket.to_string_lossy();
         fs::read_dir("/proc")
             .unwrap()

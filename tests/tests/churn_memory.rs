@@ -101,19 +101,6 @@ struct Holdings {
     rss_kib: u64,
 }
 
-fn agent_pid(lab: &TestLab, node: &str) -> i32 {
-    let socket = lab.lab.agent_socket(node);
-    let socket = socket.to_string_lossy().into_owned();
-    fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&socket))
-        })
-        .unwrap_or_else(|| panic!("no agent for {node}"))
-}
-
 fn files_under(dir: &Path) -> usize {
     fs::read_dir(dir).map_or(0, |entries| {
         entries
@@ -130,7 +117,10 @@ fn files_under(dir: &Path) -> usize {
 }
 
 fn holdings(lab: &TestLab, node: &str) -> Holdings {
-    let pid = agent_pid(lab, node);
+    let pid = *lab
+        .agent_pids_of(node)
+        .first()
+        .unwrap_or_else(|| panic!("no agent for {node}"));
     let status = lab.agent(node).status().unwrap();
     let map_entries = status
         .maps
