@@ -2,8 +2,8 @@
 //! Service and NetworkPolicy churn run while a client loops requests through a ClusterIP
 //! that the churn leaves alone. After every round each node's kernel matches its compiler
 //! output (`verify`); once the churn's objects are gone, every node's desired-state maps
-//! hold exactly what they held before, and its agent holds the same pins and file
-//! descriptors: nothing leaks. The agents' RSS is sampled every round and printed (a
+//! hold exactly what they held before, and its agent holds the same pins and descriptors
+//! of BPF objects: nothing leaks. The agents' RSS is sampled every round and printed (a
 //! figure for the report, not an assertion). CI runs a few rounds; the long run is
 //! `SLUICE_CHURN_MINUTES=30 cargo test -p sluice-integration --test churn_memory -- --nocapture`.
 // A test binary: a panic is the failure report.
@@ -92,11 +92,13 @@ spec:
     )
 }
 
-/// What one node's agent holds: its desired-state map entries, pins, descriptors, RSS.
+/// What one node's agent holds: its desired-state map entries, pins, descriptors of BPF
+/// objects (maps, programs, links), all descriptors, RSS.
 #[derive(Debug, PartialEq, Eq)]
 struct Holdings {
     map_entries: BTreeMap<String, u64>,
     pins: usize,
+    bpf_fds: usize,
     fds: usize,
     rss_kib: u64,
 }
@@ -134,17 +136,27 @@ fn holdings(lab: &TestLab, node: &str) -> Holdings {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
+    let fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .collect();
     Holdings {
         map_entries,
         pins: files_under(&lab.lab.pin_dir(node)),
-        fds: fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count(),
+        bpf_fds: fds
+            .iter()
+            .filter(|target| target.starts_with("anon_inode:bpf"))
+            .count(),
+        fds: fds.len(),
         rss_kib,
     }
 }
 
-/// Holdings without the RSS, which is a figure, not an invariant.
+/// Holdings without the RSS and the count of all descriptors, which are figures: the API
+/// connection that asked for the status may or may not be closed yet.
 fn invariant(h: &Holdings) -> (BTreeMap<String, u64>, usize, usize) {
-    (h.map_entries.clone(), h.pins, h.fds)
+    (h.map_entries.clone(), h.pins, h.bpf_fds)
 }
 
 #[test]
@@ -200,12 +212,14 @@ fn churn_leaves_maps_pins_and_descriptors_as_they_were() {
         let first = &before[node];
         let series = &rss[node];
         println!(
-            "{node}: RSS {} KiB before, {:?} KiB per round, {} KiB after; pins {} / {}; fds {} / {}; map entries {:?}",
+            "{node}: RSS {} KiB before, {:?} KiB per round, {} KiB after; pins {} / {}; BPF fds {} / {}; fds {} / {}; map entries {:?}",
             first.rss_kib,
             series,
             after.rss_kib,
             first.pins,
             after.pins,
+            first.bpf_fds,
+            after.bpf_fds,
             first.fds,
             after.fds,
             after.map_entries
