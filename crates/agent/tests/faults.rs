@@ -1,0 +1,550 @@
+//! Faults injected into a running agent (issue 14 item 2): pins removed from bpffs, a map
+//! too small for the desired state, the ring buffer full, the API socket and the state
+//! directory removed. Each is reported (status, metrics, log) and repaired, or fails
+//! closed. A real agent on a node namespace with a client and a server pod (needs root and
+//! bpffs; never skipped).
+//!
+//! ```text
+//! client eth0 10.244.1.2 ─veth─ lxc-cl ┐ node (router 10.244.1.1, the agent)
+//! server eth0 10.244.1.3 ─veth─ lxc-sv ┘ NetworkPolicy: server takes TCP from app=client
+//! ```
+// A test binary: a panic in a helper is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::{maps::MapInfo, programs::SchedClassifier, programs::tc::TcAttachType};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use sluice_api::{AgentStatus, Client, Fault, VerifyRequest};
+use sluice_common::{LB4_SCOPE_DEFAULT, Lb4Key, Lb4Service, names};
+use sluice_datapath::PinnedMaps;
+use sluice_netns::{Guest, NsThread, OwnedNetNs, add_router_interface, wire_guest};
+use support::{Agent, NODE, snapshot, vip};
+
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
+const PORT: u16 = 8080;
+const TIMEOUT: Duration = Duration::from_secs(3);
+const METRICS: &str = "127.0.0.1:9962";
+
+/// node-1 with both pods, and `policy_ports` TCP ports of the server open to app=client.
+fn cluster(revision: u64, policy_ports: &[u16]) -> sluice_store::Snapshot {
+    let pod = |name: &str, address: Ipv4Addr| {
+        serde_json::json!({"metadata": {"name": name, "namespace": "default", "labels": {"app": name}},
+            "spec": {"nodeName": NODE, "containers": [{"name": "c"}]},
+            "status": {"podIP": address.to_string()}})
+    };
+    let endpoint = |name: &str, interface: &str, address: Ipv4Addr| {
+        serde_json::json!({"node": NODE, "namespace": "default", "pod": name,
+            "interface": interface, "addresses": [address.to_string()]})
+    };
+    let ports: Vec<_> = policy_ports
+        .iter()
+        .map(|p| serde_json::json!({"protocol": "TCP", "port": p}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "revision": revision,
+        "nodes": [{"metadata": {"name": NODE}, "spec": {"podCIDR": "10.244.1.0/24"},
+                   "status": {"addresses": [{"type": "InternalIP", "address": "172.31.0.1"}]}}],
+        "namespaces": [{"metadata": {"name": "default",
+                                      "labels": {"kubernetes.io/metadata.name": "default"}}}],
+        "pods": [pod("client", CLIENT), pod("server", SERVER)],
+        "endpoints": [endpoint("client", "lxc-cl", CLIENT), endpoint("server", "lxc-sv", SERVER)],
+        "networkPolicies": [{"metadata": {"name": "server", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "server"}},
+                     "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                                  "ports": ports}]}}],
+    }))
+    .unwrap()
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Accepts and answers each connection with one line until stopped; joined on drop.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<NsThread<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            eprintln!("the server thread panicked");
+        }
+    }
+}
+
+fn serve(pod: &OwnedNetNs) -> Server {
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = pod
+        .spawn({
+            let stop = stop.clone();
+            move || {
+                let listener = TcpListener::bind(SocketAddrV4::new(SERVER, PORT)).unwrap();
+                listener.set_nonblocking(true).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((mut conn, _)) => {
+                            let _ = writeln!(conn, "ok");
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }
+        })
+        .unwrap();
+    Server {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// The node with its pods wired, the server serving, and the agent.
+/// Fields drop in order: server and agent before the namespaces they run in.
+struct Node {
+    _server: Server,
+    agent: Agent,
+    client: OwnedNetNs,
+    _server_ns: OwnedNetNs,
+    node: OwnedNetNs,
+    _dir: TempDir,
+}
+
+impl Node {
+    fn new(name: &str, cluster: &sluice_store::Snapshot, args: &[&str]) -> Self {
+        let node = OwnedNetNs::unique("sft-node-").unwrap();
+        node.set_sysctls(&[
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ])
+        .unwrap();
+        let on_node = node.netlink().unwrap();
+        add_router_interface(&on_node, ROUTER, None).unwrap();
+        let pod = |prefix: &str, interface: &str, address: Ipv4Addr| {
+            let ns = OwnedNetNs::unique(prefix).unwrap();
+            let guest = Guest {
+                interface,
+                device: "eth0",
+                address,
+                router: ROUTER,
+                mtu: None,
+                alias: None,
+            };
+            wire_guest(&on_node, &ns, &guest).unwrap();
+            ns
+        };
+        let client = pod("sft-client-", "lxc-cl", CLIENT);
+        let server_ns = pod("sft-server-", "lxc-sv", SERVER);
+        let server = serve(&server_ns);
+        let dir = TempDir(std::env::temp_dir().join(sluice_netns::unique_name("sft-cluster-")));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let cluster_file = dir.0.join("cluster.json");
+        cluster.write_file(&cluster_file).unwrap();
+        let mut all = vec!["--reconcile-interval", "0.5", "--metrics-address", METRICS];
+        all.extend_from_slice(args);
+        let mut agent = Agent::start_node(name, NODE, node.name(), &cluster_file, &all);
+        agent.wait_realized(cluster.revision);
+        Self {
+            _server: server,
+            agent,
+            client,
+            _server_ns: server_ns,
+            node,
+            _dir: dir,
+        }
+    }
+
+    /// Whether the client gets the server's answer over a new TCP connection.
+    fn connects(&self) -> bool {
+        self.client
+            .run(|| {
+                let to = SocketAddrV4::new(SERVER, PORT).into();
+                let Ok(mut conn) = TcpStream::connect_timeout(&to, TIMEOUT) else {
+                    return false;
+                };
+                conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+                let mut answer = String::new();
+                conn.read_to_string(&mut answer).is_ok() && answer == "ok\n"
+            })
+            .unwrap()
+    }
+
+    /// GET /metrics from the agent, inside the node's namespace.
+    fn metrics(&self) -> String {
+        self.node
+            .run(|| {
+                let mut conn = TcpStream::connect(METRICS).expect("connect to /metrics");
+                conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+                write!(
+                    conn,
+                    "GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                let mut text = String::new();
+                conn.read_to_string(&mut text).expect("read /metrics");
+                text
+            })
+            .unwrap()
+    }
+
+    /// Whether the pod programs run on `ifname` in the node's namespace.
+    fn attached(&self, ifname: &'static str) -> bool {
+        self.node
+            .run(move || {
+                SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+                    .is_ok_and(|(_, progs)| !progs.is_empty())
+            })
+            .unwrap()
+    }
+
+    fn verify_clean(&self) {
+        let report = Client::new(&self.agent.socket)
+            .verify(VerifyRequest { repair: false })
+            .expect("verify");
+        assert!(report.drift.is_empty(), "{:?}", report.drift);
+    }
+}
+
+/// The value of the sample `name` (with its labels) in a metrics text, 0 if absent.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+fn repaired(status: &AgentStatus, fault: Fault, object: &str) -> u64 {
+    status
+        .repaired
+        .iter()
+        .find(|r| r.fault == fault && r.object == object)
+        .map_or(0, |r| r.count)
+}
+
+/// The kernel's id of the object pinned at `path`.
+fn map_id(path: &Path) -> u32 {
+    MapInfo::from_pin(path).expect("map info").id()
+}
+
+#[test]
+fn removed_pins_are_pinned_again_and_reported() {
+    let mut node = Node::new("pins", &cluster(1, &[PORT]), &[]);
+    assert!(node.connects(), "{}", node.agent.log_text());
+    let pins = node.agent.pins.path().to_path_buf();
+    let link = std::fs::read_dir(pins.join("links/pod"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("lxc-sv"))
+        })
+        .expect("a pinned link on lxc-sv");
+    let link_name = link.strip_prefix(&pins).unwrap().display().to_string();
+    let ids = [names::SERVICES, names::CONNTRACK].map(|m| map_id(&pins.join(m)));
+
+    // One map of desired state, conntrack (runtime state) and a link.
+    for path in [
+        pins.join(names::SERVICES),
+        pins.join(names::CONNTRACK),
+        link,
+    ] {
+        std::fs::remove_file(&path).unwrap();
+    }
+    let removed = Instant::now();
+    // The agent's own fd keeps the link: the server stays policed, no pass needed.
+    assert!(node.attached("lxc-sv"), "the link went with its pin");
+    assert!(node.connects(), "traffic broke with the pins removed");
+    node.agent
+        .wait("the pins restored", Duration::from_secs(10), |a| {
+            let s = a.status();
+            repaired(&s, Fault::PinRemoved, names::SERVICES) == 1
+                && repaired(&s, Fault::PinRemoved, names::CONNTRACK) == 1
+                && repaired(&s, Fault::PinRemoved, &link_name) == 1
+        });
+    eprintln!(
+        "map and link pins removed: pinned again and reported after {:?} (interval 0.5 s)",
+        removed.elapsed()
+    );
+    // The same maps, not new empty ones.
+    assert_eq!(
+        [names::SERVICES, names::CONNTRACK].map(|m| map_id(&pins.join(m))),
+        ids
+    );
+    node.verify_clean();
+    let metrics = node.metrics();
+    for object in [names::SERVICES, names::CONNTRACK, link_name.as_str()] {
+        let line =
+            format!("sluice_faults_repaired_total{{fault=\"pin-removed\",object=\"{object}\"}}");
+        assert_eq!(sample(&metrics, &line), 1.0, "{line} in\n{metrics}");
+    }
+    assert!(
+        node.agent.log_text().contains("pinned again"),
+        "{}",
+        node.agent.log_text()
+    );
+
+    // The whole pin directory, every map and link in it.
+    std::fs::remove_dir_all(&pins).unwrap();
+    let removed = Instant::now();
+    assert!(
+        node.connects(),
+        "traffic broke with the pin directory removed"
+    );
+    node.agent
+        .wait("the pin directory restored", Duration::from_secs(10), |a| {
+            repaired(&a.status(), Fault::PinRemoved, names::IPCACHE) == 1
+        });
+    eprintln!(
+        "pin directory removed: every pin back after {:?}",
+        removed.elapsed()
+    );
+    assert_eq!(map_id(&pins.join(names::SERVICES)), ids[0]);
+    node.verify_clean();
+
+    // A restarted agent finds the same maps, and its links on the pods.
+    node.agent
+        .restart(&["--reconcile-interval", "0.5", "--metrics-address", METRICS]);
+    node.agent.wait_realized(1);
+    assert_eq!(map_id(&pins.join(names::CONNTRACK)), ids[1]);
+    assert!(node.connects());
+    node.verify_clean();
+}
+
+#[test]
+fn a_policy_too_large_for_its_map_fails_closed() {
+    // Three ports from the client: more rows than a policy map of 2 holds.
+    let node = Node::new(
+        "policy-full",
+        &cluster(1, &[PORT, 8081, 8082]),
+        &["--policy-map-max", "2"],
+    );
+    let status = node.agent.status();
+    assert_eq!(status.fails_closed.len(), 1, "{status:?}");
+    assert_eq!(status.fails_closed[0].endpoint, "default/server");
+    let before = sample(
+        &node.metrics(),
+        "sluice_drop_packets_total{reason=\"POLICY_UNAVAILABLE\",direction=\"ingress\"}",
+    );
+    // Even the port the policy allows: the endpoint takes no new connection.
+    assert!(
+        !node.connects(),
+        "a policy that does not fit let traffic in"
+    );
+    let after = sample(
+        &node.metrics(),
+        "sluice_drop_packets_total{reason=\"POLICY_UNAVAILABLE\",direction=\"ingress\"}",
+    );
+    eprintln!("policy over its map: SYNs dropped as POLICY_UNAVAILABLE: {before} -> {after}");
+    assert!(after > before, "no POLICY_UNAVAILABLE drop counted");
+    let report = Client::new(&node.agent.socket)
+        .verify(VerifyRequest { repair: false })
+        .expect("verify");
+    assert_eq!(report.fails_closed.len(), 1, "{report:?}");
+}
+
+/// Every frontend the kernel holds has each slot its count names.
+fn frontends_complete(maps: &PinnedMaps) -> usize {
+    let services: std::collections::BTreeMap<Lb4Key, Lb4Service> =
+        maps.services.iter().map(Result::unwrap).collect();
+    let frontends: Vec<_> = services
+        .iter()
+        .filter(|(k, _)| k.slot == 0 && k.proto != 0 && k.scope == LB4_SCOPE_DEFAULT)
+        .collect();
+    for (key, frontend) in &frontends {
+        for slot in 1..=frontend.count {
+            assert!(
+                services.contains_key(&Lb4Key { slot, ..**key }),
+                "frontend {key:?} counts slot {slot}, which is missing"
+            );
+        }
+    }
+    frontends.len()
+}
+
+#[test]
+fn a_full_service_map_is_reported_and_leaves_complete_frontends() {
+    // 4 entries a Service (its address, its frontend, two slots): 10 hold two Services
+    // and the slots of a third, not four.
+    let mut node = Node::new("lb-full", &snapshot(1, 2), &["--lb-map-max", "10"]);
+    let maps = PinnedMaps::open(node.agent.pins.path()).unwrap();
+    assert_eq!(frontends_complete(&maps), 2);
+    support::write(&node.agent.cluster_file(), &snapshot(2, 4));
+    node.agent
+        .wait("the full map reported", Duration::from_secs(20), |a| {
+            a.status()
+                .last_error
+                .is_some_and(|e| e.contains("map lb4_services is full (raise --lb-map-max)"))
+        });
+    let status = node.agent.status();
+    eprintln!("services map full: {:?}", status.last_error);
+    assert!(!status.healthy);
+    assert_eq!(status.realized_revision, 1, "{status:?}");
+    // Slots go in before their frontends: the new Services have none, the old are whole.
+    assert_eq!(frontends_complete(&maps), 2);
+    assert!(
+        maps.services
+            .get(&Lb4Key::new(vip(3), 80, 6, 0), 0)
+            .is_err()
+    );
+    let metrics = node.metrics();
+    assert!(
+        sample(&metrics, "sluice_map_full_total{map=\"lb4_services\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(node.agent.log_text().contains("map lb4_services is full"));
+
+    // Back within the map: realized, healthy, no drift.
+    support::write(&node.agent.cluster_file(), &snapshot(3, 2));
+    node.agent.wait_realized(3);
+    let status = node.agent.status();
+    assert!(status.healthy, "{status:?}");
+    assert_eq!(frontends_complete(&maps), 2);
+    node.verify_clean();
+}
+
+#[test]
+fn a_full_event_ring_counts_the_lost_events() {
+    // No rate limit: every drop is offered to the ring.
+    let node = Node::new("ring-full", &cluster(1, &[PORT]), &["--event-rate", "0"]);
+    let pid = Pid::from_raw(i32::try_from(node.agent.pid()).unwrap());
+    // A stopped agent reads nothing: 40,000 denied datagrams overflow the 1 MiB ring.
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let sent = node
+        .client
+        .run(|| {
+            let socket = UdpSocket::bind((CLIENT, 0)).unwrap();
+            (0..40_000)
+                .filter(|_| socket.send_to(b"x", (SERVER, 9999)).is_ok())
+                .count()
+        })
+        .unwrap();
+    kill(pid, Signal::SIGCONT).unwrap();
+    let status = node.agent.status();
+    let metrics = node.metrics();
+    let lost = sample(
+        &metrics,
+        "sluice_events_total{type=\"drop\",direction=\"ingress\",outcome=\"lost\"}",
+    );
+    let emitted = sample(
+        &metrics,
+        "sluice_events_total{type=\"drop\",direction=\"ingress\",outcome=\"emitted\"}",
+    );
+    eprintln!(
+        "{sent} denied datagrams with the reader stopped: {emitted} drop events written, \
+         {lost} lost to the full ring; status events_lost {}",
+        status.events_lost
+    );
+    assert!(lost > 0.0, "{metrics}");
+    assert!(status.events_lost >= lost as u64, "{status:?}");
+    // The reader goes on once the agent runs again.
+    assert!(status.healthy, "{status:?}");
+}
+
+#[test]
+fn a_removed_api_socket_and_state_directory_are_restored() {
+    let mut node = Node::new("files", &cluster(1, &[PORT]), &[]);
+    // A CNI endpoint registry from an earlier run, so the agent holds one allocation.
+    let state = node.agent.socket.with_file_name("state");
+    let registry = state.join("cni-endpoints.json");
+    let endpoint = serde_json::json!({"version": 1, "endpoints": [{
+        "container_id": "c0ffee", "ifname": "eth0", "netns": "/run/netns/x",
+        "namespace": "default", "pod": "cni-pod", "interface": "lxc-cni0", "address": "10.244.1.9"}]});
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(&registry, endpoint.to_string()).unwrap();
+    node.agent
+        .restart(&["--reconcile-interval", "0.5", "--metrics-address", METRICS]);
+    node.agent.wait_realized(1);
+    let socket = node.agent.socket.clone();
+    let before = Client::new(&socket).cni_endpoints().expect("cni endpoints");
+    assert_eq!(before.len(), 1);
+
+    std::fs::remove_file(&socket).unwrap();
+    let removed = Instant::now();
+    node.agent
+        .wait("the socket bound again", Duration::from_secs(10), |_| {
+            Client::new(&socket).status().is_ok()
+        });
+    eprintln!(
+        "API socket removed: answering again after {:?}",
+        removed.elapsed()
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket bound again is {mode:o}");
+
+    std::fs::remove_dir_all(&state).unwrap();
+    let removed = Instant::now();
+    node.agent.wait(
+        "the registry written again",
+        Duration::from_secs(10),
+        |_| registry.exists(),
+    );
+    eprintln!(
+        "state directory removed: registry written again after {:?}",
+        removed.elapsed()
+    );
+    let status = node.agent.status();
+    assert_eq!(
+        repaired(
+            &status,
+            Fault::ApiSocketRemoved,
+            &socket.display().to_string()
+        ),
+        1,
+        "{status:?}"
+    );
+    assert_eq!(
+        repaired(
+            &status,
+            Fault::StateRemoved,
+            &registry.display().to_string()
+        ),
+        1,
+        "{status:?}"
+    );
+    let metrics = node.metrics();
+    assert_eq!(
+        sample(
+            &metrics,
+            &format!(
+                "sluice_faults_repaired_total{{fault=\"api-socket-removed\",object=\"{}\"}}",
+                socket.display()
+            )
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // What a restart reads back: the same allocation.
+    node.agent
+        .restart(&["--reconcile-interval", "0.5", "--metrics-address", METRICS]);
+    node.agent.wait_realized(1);
+    assert_eq!(
+        Client::new(&socket).cni_endpoints().expect("cni endpoints"),
+        before
+    );
+}
