@@ -426,6 +426,25 @@ fn a_full_service_map_is_reported_and_leaves_complete_frontends() {
     assert!(status.healthy, "{status:?}");
     assert_eq!(frontends_complete(&maps), 2);
     node.verify_clean();
+
+    // Two Services replaced by two others in a full map: the end state fits, the write
+    // order (new slots before old frontends go) does not; the Services that go whole make
+    // room first.
+    let mut swapped = snapshot(4, 4);
+    swapped.services.drain(..2);
+    swapped.endpoint_slices.drain(..2);
+    support::write(&node.agent.cluster_file(), &swapped);
+    node.agent.wait_realized(4);
+    let status = node.agent.status();
+    assert!(status.healthy, "{status:?}");
+    assert_eq!(frontends_complete(&maps), 2);
+    assert!(maps.services.get(&Lb4Key::new(vip(3), 80, 6, 0), 0).is_ok());
+    assert!(
+        maps.services
+            .get(&Lb4Key::new(vip(0), 80, 6, 0), 0)
+            .is_err()
+    );
+    node.verify_clean();
 }
 
 #[test]
