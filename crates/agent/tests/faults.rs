@@ -14,7 +14,7 @@
 mod support;
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -83,7 +83,8 @@ impl Drop for TempDir {
     }
 }
 
-/// Accepts and answers each connection with one line until stopped; joined on drop.
+/// Answers "ok" to every new connection and to every line a held one sends, until
+/// stopped; joined on drop. One thread, no thread per connection.
 struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<NsThread<()>>,
@@ -108,13 +109,24 @@ fn serve(pod: &OwnedNetNs) -> Server {
             move || {
                 let listener = TcpListener::bind(SocketAddrV4::new(SERVER, PORT)).unwrap();
                 listener.set_nonblocking(true).unwrap();
+                let mut held: Vec<TcpStream> = Vec::new();
+                let mut buf = [0u8; 256];
                 while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((mut conn, _)) => {
-                            let _ = writeln!(conn, "ok");
+                    while let Ok((mut conn, _)) = listener.accept() {
+                        conn.set_nonblocking(true).unwrap();
+                        if writeln!(conn, "ok").is_ok() {
+                            held.push(conn);
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
                     }
+                    held.retain_mut(|conn| match conn.read(&mut buf) {
+                        Ok(0) => false,
+                        Ok(n) => {
+                            let lines = buf[..n].iter().filter(|b| **b == b'\n').count();
+                            (0..lines).all(|_| writeln!(conn, "ok").is_ok())
+                        }
+                        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                    });
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
         })
@@ -123,6 +135,13 @@ fn serve(pod: &OwnedNetNs) -> Server {
         stop,
         thread: Some(thread),
     }
+}
+
+/// Reads one line from `conn`.
+fn line(conn: &mut TcpStream) -> std::io::Result<String> {
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line)?;
+    Ok(line)
 }
 
 /// The node with its pods wired, the server serving, and the agent.
@@ -181,19 +200,21 @@ impl Node {
         }
     }
 
-    /// Whether the client gets the server's answer over a new TCP connection.
-    fn connects(&self) -> bool {
+    /// A TCP connection from the client to the server that got the server's greeting.
+    fn connect(&self) -> Option<TcpStream> {
         self.client
             .run(|| {
                 let to = SocketAddrV4::new(SERVER, PORT).into();
-                let Ok(mut conn) = TcpStream::connect_timeout(&to, TIMEOUT) else {
-                    return false;
-                };
+                let mut conn = TcpStream::connect_timeout(&to, TIMEOUT).ok()?;
                 conn.set_read_timeout(Some(TIMEOUT)).unwrap();
-                let mut answer = String::new();
-                conn.read_to_string(&mut answer).is_ok() && answer == "ok\n"
+                (line(&mut conn).ok()? == "ok\n").then_some(conn)
             })
             .unwrap()
+    }
+
+    /// Whether the client gets the server's answer over a new TCP connection.
+    fn connects(&self) -> bool {
+        self.connect().is_some()
     }
 
     /// GET /metrics from the agent, inside the node's namespace.
@@ -565,5 +586,70 @@ fn a_removed_api_socket_and_state_directory_are_restored() {
     assert_eq!(
         Client::new(&socket).cni_endpoints().expect("cni endpoints"),
         before
+    );
+}
+
+#[test]
+fn a_full_conntrack_table_keeps_the_connection_in_use_and_opens_nothing() {
+    const CT_MAX: u32 = 1024;
+    const CHURN: usize = 3000;
+    let ct_max = CT_MAX.to_string();
+    let node = Node::new(
+        "ct-full",
+        &cluster(1, &[PORT]),
+        &["--ct-max-entries", &ct_max, "--ct-pressure-interval", "0.2"],
+    );
+    let mut held = node.connect().expect("the held connection");
+    // Short connections, each a conntrack entry on both pods' sides, three times what the
+    // table holds: the LRU evicts, the garbage collector removes the closed ones early.
+    let started = Instant::now();
+    let failed = (0..CHURN).filter(|_| !node.connects()).count();
+    let churn = started.elapsed();
+    let status = node.agent.status();
+    let pressure = status
+        .conntrack_pressure
+        .clone()
+        .expect("conntrack pressure");
+    // The connection in use all along answers again.
+    writeln!(held, "again").unwrap();
+    let answer = line(&mut held);
+    let metrics = node.metrics();
+    let create_failed = sample(
+        &metrics,
+        "sluice_drop_packets_total{reason=\"CT_MAP_INSERTION_FAILED\",direction=\"ingress\"}",
+    ) + sample(
+        &metrics,
+        "sluice_drop_packets_total{reason=\"CT_MAP_INSERTION_FAILED\",direction=\"egress\"}",
+    );
+    let denied = sample(
+        &metrics,
+        "sluice_policy_verdicts_total{direction=\"ingress\",verdict=\"denied\"}",
+    );
+    let created = sample(&metrics, "sluice_conntrack_entries_created_total");
+    eprintln!(
+        "{CHURN} connections through a conntrack table of {CT_MAX} in {churn:?}: {failed} \
+         failed; {created} entries created, fill {} of {}, {} closed or half-open removed \
+         under pressure, {} CT_MAP_INSERTION_FAILED drops, {denied} denied; the held \
+         connection: {answer:?}",
+        pressure.entries, pressure.max_entries, pressure.removed_under_pressure, create_failed
+    );
+    assert_eq!(answer.unwrap(), "ok\n", "the connection in use was broken");
+    assert_eq!(failed, 0, "connections failed with the table full");
+    // Still enforced: UDP is not allowed, whatever conntrack went through.
+    let udp_denied = node
+        .client
+        .run(|| {
+            let socket = UdpSocket::bind((CLIENT, 0)).unwrap();
+            socket.send_to(b"x", (SERVER, 9999)).is_ok()
+        })
+        .unwrap();
+    assert!(udp_denied);
+    let after = sample(
+        &node.metrics(),
+        "sluice_policy_verdicts_total{direction=\"ingress\",verdict=\"denied\"}",
+    );
+    assert!(
+        after > denied,
+        "a denied flow was not judged with the table full"
     );
 }
