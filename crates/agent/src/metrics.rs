@@ -547,6 +547,10 @@ mod tests {
         let metrics = Metrics::default();
         metrics.observe_reconcile(Duration::from_millis(3), true);
         metrics.observe_reconcile(Duration::from_millis(5), false);
+        metrics.count_map_full(names::SERVICES);
+        metrics
+            .repairs()
+            .record(sluice_api::Fault::PinRemoved, names::CONNTRACK.into());
         let sample = KernelSample {
             traffic: vec![
                 (
@@ -602,6 +606,8 @@ mod tests {
             "sluice_reconcile_duration_seconds_count 2",
             "sluice_reconcile_errors_total 1",
             "sluice_policy_log_suppressed_total 0",
+            "sluice_map_full_total{map=\"lb4_services\"} 1",
+            "sluice_faults_repaired_total{fault=\"pin-removed\",object=\"ct4\"} 1",
             "sluice_build_info{version=\"",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
