@@ -424,8 +424,17 @@ impl Node {
         drift.extend(self.cgroups.drift(&mut self.datapath)?);
         let (others, own) = nodes::routed(&desired.nodes);
         drift.extend(self.routing.drift(&others, own)?);
+        drift.extend(self.pins.missing()?.into_iter().map(|pin| Drift {
+            map: "pins".into(),
+            kind: DriftKind::Missing,
+            key: pin,
+            desired: Some("pinned".into()),
+            actual: None,
+        }));
         let repaired = repair && !drift.is_empty();
         if repaired {
+            let restored = self.pins.check()?;
+            self.pins_restored.extend(restored);
             self.tables.apply(&plan)?;
             self.scan.restart();
             for ifname in &detached {

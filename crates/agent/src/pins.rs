@@ -29,6 +29,14 @@ struct Held {
     link: bool,
 }
 
+/// Held pins whose file is gone.
+struct Gone {
+    /// To pin again, with the object's id.
+    repin: Vec<(PathBuf, u32)>,
+    /// Links detached (by the agent, or with their device), to let go of.
+    released: Vec<PathBuf>,
+}
+
 pub struct PinGuard {
     pin_dir: PathBuf,
     held: BTreeMap<PathBuf, Held>,
@@ -47,17 +55,12 @@ impl PinGuard {
     /// present. Called between passes, so a link the agent itself detached (its pin
     /// removed with it) is detached in the kernel too, and is let go instead.
     pub fn check(&mut self) -> Result<Vec<String>, AgentError> {
+        let Gone { repin, released } = self.gone()?;
         let mut restored = Vec::new();
-        let mut released = Vec::new();
-        for (path, held) in &self.held {
-            if pin_inode(path)?.is_some() {
+        for (path, id) in repin {
+            let Some(held) = self.held.get(&path) else {
                 continue;
-            }
-            let info = sys::obj_info(held.fd.as_fd(), held.link).map_err(sys_err(path))?;
-            if !info.attached {
-                released.push(path.clone());
-                continue;
-            }
+            };
             if let Some(dir) = path.parent() {
                 fs::create_dir_all(dir).map_err(|source| AgentError::Io {
                     call: "mkdir",
@@ -65,9 +68,9 @@ impl PinGuard {
                     source,
                 })?;
             }
-            sys::obj_pin(held.fd.as_fd(), path).map_err(sys_err(path))?;
-            let name = self.name(path);
-            warn!(pin = %name, id = info.id, "pin removed behind the agent's back; pinned again");
+            sys::obj_pin(held.fd.as_fd(), &path).map_err(sys_err(&path))?;
+            let name = self.name(&path);
+            warn!(pin = %name, id, "pin removed behind the agent's back; pinned again");
             restored.push(name);
         }
         for path in released {
@@ -90,6 +93,29 @@ impl PinGuard {
             }
         }
         Ok(restored)
+    }
+
+    /// The held pins that are gone, relative to the pin directory, for `verify`.
+    pub fn missing(&self) -> Result<Vec<String>, AgentError> {
+        let gone = self.gone()?;
+        Ok(gone.repin.iter().map(|(path, _)| self.name(path)).collect())
+    }
+
+    /// The held pins that are gone.
+    fn gone(&self) -> Result<Gone, AgentError> {
+        let (mut repin, mut released) = (Vec::new(), Vec::new());
+        for (path, held) in &self.held {
+            if pin_inode(path)?.is_some() {
+                continue;
+            }
+            let info = sys::obj_info(held.fd.as_fd(), held.link).map_err(sys_err(path))?;
+            if info.attached {
+                repin.push((path.clone(), info.id));
+            } else {
+                released.push(path.clone());
+            }
+        }
+        Ok(Gone { repin, released })
     }
 
     /// Every map pin of the registry and every link pin of every role, present or not.

@@ -107,6 +107,10 @@ impl Loop {
                 }
                 Some(request) = requests.recv() => {
                     node = step(node, move |node| request.answer(node)).await?;
+                    // verify --repair pins again what it found gone.
+                    for pin in node.take_pins_restored() {
+                        metrics.repairs().record(Fault::PinRemoved, pin);
+                    }
                     continue;
                 }
                 _ = term.recv() => break,

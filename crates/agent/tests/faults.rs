@@ -421,3 +421,37 @@ fn a_full_conntrack_table_keeps_the_connection_in_use_and_opens_nothing() {
         "a denied flow was not judged with the table full"
     );
 }
+
+#[test]
+fn verify_reports_and_repairs_a_removed_pin() {
+    // A pass a minute apart: verify sees the pin gone before any pass puts it back.
+    let mut agent = support::Agent::start("verify-pin", &snapshot(1, 1), "60");
+    agent.wait_realized(1);
+    let pin = agent.pins.path().join(names::BACKENDS);
+    let id = map_id(&pin);
+    std::fs::remove_file(&pin).unwrap();
+    let client = Client::new(&agent.socket);
+    let report = client.verify(VerifyRequest { repair: false }).unwrap();
+    assert_eq!(report.drift.len(), 1, "{:?}", report.drift);
+    assert_eq!(
+        (report.drift[0].map.as_str(), report.drift[0].key.as_str()),
+        ("pins", names::BACKENDS)
+    );
+    assert!(!pin.exists());
+    let report = client.verify(VerifyRequest { repair: true }).unwrap();
+    assert!(report.repaired);
+    assert_eq!(map_id(&pin), id, "the same map pinned again");
+    assert!(
+        client
+            .verify(VerifyRequest { repair: false })
+            .unwrap()
+            .drift
+            .is_empty()
+    );
+    let status = agent.status();
+    assert_eq!(
+        repaired(&status, Fault::PinRemoved, names::BACKENDS),
+        1,
+        "{status:?}"
+    );
+}
