@@ -9,6 +9,7 @@
 
 pub mod cni;
 mod conntrack;
+mod faults;
 pub mod health;
 mod host_cgroup;
 mod http;
@@ -17,6 +18,7 @@ pub mod metrics;
 mod node;
 mod nodes;
 mod observe;
+mod pins;
 pub mod policy_log;
 mod reconcile;
 pub mod routing;
@@ -127,6 +129,16 @@ pub enum AgentError {
     Blocking(#[from] tokio::task::JoinError),
 }
 
+impl AgentError {
+    /// The map a pass could not write because it was full, if that is why it failed.
+    pub fn full_map(&self) -> Option<&'static str> {
+        match self {
+            AgentError::Realizer(e) => e.full_map(),
+            _ => None,
+        }
+    }
+}
+
 impl From<sluice_datapath::DatapathError> for AgentError {
     fn from(e: sluice_datapath::DatapathError) -> Self {
         AgentError::Datapath(Box::new(e))
@@ -216,11 +228,20 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         requests,
     );
     let listener = server::bind(&config.api_socket)?;
-    tokio::spawn(server::serve(
+    let cni = Arc::new(cni);
+    let serve: Box<faults::Serve> = Box::new({
+        let (views, flows, cni) = (Arc::new(views), Arc::clone(&flows), Arc::clone(&cni));
+        move |listener, stop| {
+            let (views, flows, cni) = (Arc::clone(&views), Arc::clone(&flows), Arc::clone(&cni));
+            tokio::spawn(server::serve(listener, views, flows, cni, stop));
+        }
+    });
+    tokio::spawn(faults::watch_files(
+        config.api_socket.clone(),
         listener,
-        Arc::new(views),
-        Arc::clone(&flows),
-        Arc::new(cni),
+        serve,
+        cni,
+        metrics.repairs(),
     ));
 
     let readiness = http::Readiness::default();

@@ -26,7 +26,7 @@ use sluice_datapath::PinnedMaps;
 
 /// Why the agent removed conntrack entries: the label of `sluice_conntrack_gc_deleted`.
 pub use crate::conntrack::Removal;
-use crate::{AgentError, source::kubernetes::SourceStats};
+use crate::{AgentError, faults::Repairs, source::kubernetes::SourceStats};
 
 /// Content type of [`Metrics::render`]'s output: OpenMetrics text, which Prometheus reads.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -43,6 +43,10 @@ pub struct Metrics {
     ct_removed: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// What the Kubernetes source did (zero with a cluster file).
     source: SourceStats,
+    /// Passes that failed because a map was full, by map.
+    map_full: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Faults repaired behind the agent's back.
+    repairs: Repairs,
 }
 
 impl Default for Metrics {
@@ -61,6 +65,8 @@ impl Default for Metrics {
             ),
             ct_removed: Family::default(),
             source: SourceStats::default(),
+            map_full: Family::default(),
+            repairs: Repairs::default(),
         }
     }
 }
@@ -92,6 +98,16 @@ impl Metrics {
         self.ct_removed
             .get_or_create(&vec![("reason", reason.as_str())])
             .get()
+    }
+
+    /// A pass that failed because `map` was full.
+    pub fn count_map_full(&self, map: &'static str) {
+        self.map_full.get_or_create(&vec![("map", map)]).inc();
+    }
+
+    /// The faults repaired behind the agent's back, shared with whoever repairs them.
+    pub fn repairs(&self) -> Repairs {
+        self.repairs.clone()
     }
 
     /// The counter of policy log lines not written (rate limit or full queue).
@@ -172,6 +188,14 @@ impl Metrics {
             self.source.relists.clone(),
         );
         registry.register(
+            "sluice_map_full",
+            "Reconcile passes that failed because a map could not take the desired entries \
+             (the kernel said E2BIG or ENOSPC), by map; status names the map until a pass \
+             succeeds",
+            self.map_full.clone(),
+        );
+        registry.register_collector(Box::new(self.repairs.clone()));
+        registry.register(
             "sluice_build",
             "Agent build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -231,27 +255,7 @@ impl KernelSample {
                 }
             }
         }
-        let mut events = Vec::new();
-        for (type_, _) in EVENT_TYPES {
-            for (dir, _) in DIRECTIONS {
-                let index = event_counter_index(type_, dir);
-                let values =
-                    maps.event_counters
-                        .get(&index, 0)
-                        .map_err(|source| AgentError::Map {
-                            map: names::EVENT_COUNTERS,
-                            source,
-                        })?;
-                let sum = values
-                    .iter()
-                    .fold(EventCounter::default(), |acc, v| EventCounter {
-                        emitted: acc.emitted + v.emitted,
-                        suppressed: acc.suppressed + v.suppressed,
-                        lost: acc.lost + v.lost,
-                    });
-                events.push((type_, dir, sum));
-            }
-        }
+        let events = event_counts(&maps.event_counters)?;
         // Sorted by name, as the registry's order means nothing to a dashboard.
         let mut sizes = registry::counted()
             .map(|def| {
@@ -314,6 +318,36 @@ impl KernelSample {
             .find(|(r, d, _)| *r == reason && *d == dir)
             .map_or_else(MetricsValue::default, |(_, _, v)| *v)
     }
+}
+
+/// The event counters by type and direction, summed over CPUs.
+fn event_counts(
+    map: &PerCpuArray<MapData, EventCounter>,
+) -> Result<Vec<(u8, u32, EventCounter)>, AgentError> {
+    let mut events = Vec::new();
+    for (type_, _) in EVENT_TYPES {
+        for (dir, _) in DIRECTIONS {
+            let index = event_counter_index(type_, dir);
+            let values = map.get(&index, 0).map_err(|source| AgentError::Map {
+                map: names::EVENT_COUNTERS,
+                source,
+            })?;
+            let sum = values
+                .iter()
+                .fold(EventCounter::default(), |acc, v| EventCounter {
+                    emitted: acc.emitted + v.emitted,
+                    suppressed: acc.suppressed + v.suppressed,
+                    lost: acc.lost + v.lost,
+                });
+            events.push((type_, dir, sum));
+        }
+    }
+    Ok(events)
+}
+
+/// Events of every type and direction the datapath could not write to a full ring.
+pub(crate) fn events_lost(map: &PerCpuArray<MapData, EventCounter>) -> Result<u64, AgentError> {
+    Ok(event_counts(map)?.iter().map(|(_, _, c)| c.lost).sum())
 }
 
 fn per_cpu_sum(
@@ -513,6 +547,10 @@ mod tests {
         let metrics = Metrics::default();
         metrics.observe_reconcile(Duration::from_millis(3), true);
         metrics.observe_reconcile(Duration::from_millis(5), false);
+        metrics.count_map_full(names::SERVICES);
+        metrics
+            .repairs()
+            .record(sluice_api::Fault::PinRemoved, names::CONNTRACK.into());
         let sample = KernelSample {
             traffic: vec![
                 (
@@ -568,6 +606,8 @@ mod tests {
             "sluice_reconcile_duration_seconds_count 2",
             "sluice_reconcile_errors_total 1",
             "sluice_policy_log_suppressed_total 0",
+            "sluice_map_full_total{map=\"lb4_services\"} 1",
+            "sluice_faults_repaired_total{fault=\"pin-removed\",object=\"ct4\"} 1",
             "sluice_build_info{version=\"",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");

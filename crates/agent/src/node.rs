@@ -22,6 +22,7 @@ use crate::{
     conntrack::{self, Conntrack},
     host_cgroup::SocketCgroups,
     nodes,
+    pins::PinGuard,
     routing::{self, Routing},
     sock_purge::SocketPurge,
     views::Published,
@@ -76,6 +77,12 @@ pub struct Node {
     purged: u64,
     /// Whether conntrack was checked against the backends once since the start.
     backends_checked: bool,
+    /// Holds every pinned map and link, to pin them again if their pins are removed.
+    pins: PinGuard,
+    /// Pins pinned again since the loop last took them for status and the metrics.
+    pins_restored: Vec<String>,
+    /// The map the last pass could not write because it was full.
+    full_map: Option<&'static str>,
 }
 
 /// The compiler's input besides the node's fixed settings: the snapshot (by the generation
@@ -120,6 +127,9 @@ impl Node {
             sockets: SocketPurge::open(&config.pin_dir)?,
             purged: 0,
             backends_checked: false,
+            pins: PinGuard::new(&config.pin_dir),
+            pins_restored: Vec::new(),
+            full_map: None,
         })
     }
 
@@ -163,6 +173,22 @@ impl Node {
     pub fn reconcile(&mut self) -> bool {
         let started = Instant::now();
         self.reconciles += 1;
+        let ok = self.realize_and_attach(started);
+        // After the pass's own attaches and detaches, so only pins removed by others count.
+        match self.pins.check() {
+            Ok(restored) => self.pins_restored.extend(restored),
+            Err(e) => {
+                warn!(error = %e, "checking the pins failed; retrying on the next pass");
+                self.last_error.get_or_insert_with(|| e.to_string());
+                return false;
+            }
+        }
+        ok
+    }
+
+    /// The pass itself: compile, realize, attach; errors are kept for `status`.
+    fn realize_and_attach(&mut self, started: Instant) -> bool {
+        self.full_map = None;
         match self.try_reconcile() {
             Ok(changed) => {
                 if changed || self.realized_generation != self.generation {
@@ -179,8 +205,13 @@ impl Node {
                 true
             }
             Err(e) => {
-                warn!(error = %e, "reconcile failed; retrying on the next pass");
-                self.last_error = Some(e.to_string());
+                self.full_map = e.full_map();
+                let error = match self.full_map {
+                    Some(map) => format!("map {map} is full{}: {e}", raise_hint(map)),
+                    None => e.to_string(),
+                };
+                warn!(%error, "reconcile failed; retrying on the next pass");
+                self.last_error = Some(error);
                 false
             }
         }
@@ -301,6 +332,16 @@ impl Node {
         Ok(())
     }
 
+    /// Pins pinned again since the last call, for status and the metrics.
+    pub fn take_pins_restored(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.pins_restored)
+    }
+
+    /// The map the last pass could not write because it was full.
+    pub fn full_map(&self) -> Option<&'static str> {
+        self.full_map
+    }
+
     /// Conntrack entries purged since the last call, for the metrics.
     pub fn take_purged(&mut self) -> u64 {
         std::mem::take(&mut self.purged)
@@ -383,8 +424,17 @@ impl Node {
         drift.extend(self.cgroups.drift(&mut self.datapath)?);
         let (others, own) = nodes::routed(&desired.nodes);
         drift.extend(self.routing.drift(&others, own)?);
+        drift.extend(self.pins.missing()?.into_iter().map(|pin| Drift {
+            map: "pins".into(),
+            kind: DriftKind::Missing,
+            key: pin,
+            desired: Some("pinned".into()),
+            actual: None,
+        }));
         let repaired = repair && !drift.is_empty();
         if repaired {
+            let restored = self.pins.check()?;
+            self.pins_restored.extend(restored);
             self.tables.apply(&plan)?;
             self.scan.restart();
             for ifname in &detached {
@@ -400,6 +450,17 @@ impl Node {
             fails_closed: fails_closed(&desired, self.policy_map_max),
         })
     }
+}
+
+/// The flag that sizes `map`, for the error that says it is full.
+fn raise_hint(map: &str) -> String {
+    sluice_common::MAPS
+        .iter()
+        .find(|def| def.name == map)
+        .and_then(|def| def.capacity)
+        .map_or_else(String::new, |setting| {
+            format!(" (raise {})", setting.flag())
+        })
 }
 
 /// Whether the kernel runs every program of `role` on `ifname` (the truth, not our

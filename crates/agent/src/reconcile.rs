@@ -6,7 +6,7 @@
 use std::{sync::Arc, time::Duration, time::Instant};
 
 use arc_swap::ArcSwap;
-use sluice_api::VerifyReport;
+use sluice_api::{Fault, VerifyReport};
 use sluice_store::Snapshot;
 use tokio::{
     signal::unix::{Signal, SignalKind},
@@ -107,6 +107,10 @@ impl Loop {
                 }
                 Some(request) = requests.recv() => {
                     node = step(node, move |node| request.answer(node)).await?;
+                    // verify --repair pins again what it found gone.
+                    for pin in node.take_pins_restored() {
+                        metrics.repairs().record(Fault::PinRemoved, pin);
+                    }
                     continue;
                 }
                 _ = term.recv() => break,
@@ -118,6 +122,12 @@ impl Loop {
                 let ok = node.reconcile();
                 metrics.observe_reconcile(started.elapsed(), ok);
                 metrics.count_ct_removed(Removal::BackendRemoved, node.take_purged());
+                if let Some(map) = node.full_map() {
+                    metrics.count_map_full(map);
+                }
+                for pin in node.take_pins_restored() {
+                    metrics.repairs().record(Fault::PinRemoved, pin);
+                }
                 // Only a snapshot the source delivered makes the agent ready.
                 if ok && node.has_snapshot() {
                     ready.set();

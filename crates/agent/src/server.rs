@@ -70,13 +70,25 @@ pub fn bind(path: &Path) -> Result<UnixListener, AgentError> {
     Ok(listener)
 }
 
+/// The inode of the socket file at `path`, None if there is none: the agent compares it
+/// with the one it bound to notice the file removed or replaced.
+pub fn socket_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|meta| meta.ino())
+}
+
+/// Serves until `stop` fires (or its sender is dropped), then lets open connections finish.
 pub async fn serve(
     listener: UnixListener,
     views: Arc<Views>,
     flows: Arc<FlowBuffer>,
     cni: Arc<Cni>,
+    stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    if let Err(e) = axum::serve(listener, router(views, flows, cni)).await {
+    let server = axum::serve(listener, router(views, flows, cni)).with_graceful_shutdown(async {
+        let _ = stop.await;
+    });
+    if let Err(e) = server.await {
         warn!(error = %e, "API server stopped");
     }
 }

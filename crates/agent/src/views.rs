@@ -17,8 +17,8 @@ use sluice_api::{
     IdentityEntry, MapStatus, PolicyRow, ServiceEntry, UnsupportedField, VerifyReport,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, CtConfig, CtStats, IDENTITY_ANY, LB4_SCOPE_DEFAULT, Lb4BackendKey, Lb4Key,
-    MapId, SVC_FLAG_AFFINITY,
+    Ct4Entry, Ct4Key, CtConfig, CtStats, EventCounter, IDENTITY_ANY, LB4_SCOPE_DEFAULT,
+    Lb4BackendKey, Lb4Key, MapId, SVC_FLAG_AFFINITY,
     kinds::{
         BackendState, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind, LbAlgorithm,
         Protocol, RowState, ServiceKind,
@@ -71,6 +71,8 @@ pub struct ApiMaps {
     ct_stats: PerCpuArray<MapData, CtStats>,
     /// Every map of the registry, for the sizes `status` reports.
     inventory: MapInventory,
+    /// Emitted, suppressed and lost events, for the events `status` says were lost.
+    event_counters: PerCpuArray<MapData, EventCounter>,
 }
 
 impl ApiMaps {
@@ -82,6 +84,7 @@ impl ApiMaps {
             ct_config: maps.ct_config,
             ct_stats: maps.ct_stats,
             inventory: maps.inventory,
+            event_counters: maps.event_counters,
         })
     }
 }
@@ -195,6 +198,7 @@ pub struct View<'a> {
     ct_config: &'a Array<MapData, CtConfig>,
     ct_stats: &'a PerCpuArray<MapData, CtStats>,
     inventory: &'a MapInventory,
+    event_counters: &'a PerCpuArray<MapData, EventCounter>,
 }
 
 impl Deref for View<'_> {
@@ -214,6 +218,7 @@ impl<'a> View<'a> {
             ct_config: &maps.ct_config,
             ct_stats: &maps.ct_stats,
             inventory: &maps.inventory,
+            event_counters: &maps.event_counters,
         }
     }
 
@@ -244,6 +249,8 @@ impl<'a> View<'a> {
             routing: self.routing.clone(),
             conntrack: Some(self.ct_config()?),
             conntrack_pressure: Some(self.ct_pressure(gc)?),
+            repaired: gc.metrics.repairs().list(),
+            events_lost: crate::metrics::events_lost(self.event_counters)?,
         })
     }
 

@@ -455,8 +455,8 @@ fn native_mode_agents_carry_pods_and_nodes_across() {
     );
     assert_eq!(nodes.agent_a.status().routing.mode, RoutingMode::Native);
 
-    // from_netdev detached behind the agent's back (its link's pin was the only
-    // reference): a pass attaches it again, and pins the new link.
+    // from_netdev's pin removed behind the agent's back: the agent holds the link too, so
+    // it stays attached, and a pass pins it again.
     let from_netdev = sluice_datapath::PROGRAMS
         .iter()
         .find(|p| p.name == sluice_common::programs::FROM_NETDEV)

@@ -128,6 +128,51 @@ pub struct AgentStatus {
     /// How full conntrack is and what pressure cost it.
     #[serde(default)]
     pub conntrack_pressure: Option<CtPressure>,
+    /// Faults found behind the agent's back and repaired (a pin removed, the API socket or
+    /// the state directory removed), by fault and object, since the agent started.
+    #[serde(default)]
+    pub repaired: Vec<RepairedFault>,
+    /// Flow events the datapath could not write because the ring buffer was full, since
+    /// it was loaded: `observe`, the policy log and the flow metrics miss them.
+    #[serde(default)]
+    pub events_lost: u64,
+}
+
+/// A fault the agent repaired, and how often.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairedFault {
+    pub fault: Fault,
+    /// What it hit: a map's name, `links/<role>/<pin>`, the socket's or directory's path.
+    pub object: String,
+    pub count: u64,
+}
+
+/// What went missing behind the agent's back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// A pinned map or link was unlinked from bpffs: pinned again from the agent's fd.
+    PinRemoved,
+    /// The API socket file was removed or replaced: bound again.
+    ApiSocketRemoved,
+    /// The state directory or its CNI endpoint registry was removed: written again.
+    StateRemoved,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 3] = [
+        Fault::PinRemoved,
+        Fault::ApiSocketRemoved,
+        Fault::StateRemoved,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::PinRemoved => "pin-removed",
+            Fault::ApiSocketRemoved => "api-socket-removed",
+            Fault::StateRemoved => "state-removed",
+        }
+    }
 }
 
 /// Conntrack under connection churn: the fill, what the garbage collector removed early to

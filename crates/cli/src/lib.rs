@@ -279,6 +279,30 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
         );
         print_fails_closed(&s.fails_closed);
     }
+    if s.events_lost > 0 {
+        println!();
+        println!(
+            "WARNING: {} flow event(s) lost to a full ring buffer: observe, the policy log \
+             and the flow metrics miss them",
+            s.events_lost
+        );
+    }
+    if !s.repaired.is_empty() {
+        println!();
+        println!("Repaired behind the agent's back:");
+        let rows: Vec<_> = s
+            .repaired
+            .iter()
+            .map(|r| {
+                vec![
+                    r.fault.as_str().to_string(),
+                    r.object.clone(),
+                    r.count.to_string(),
+                ]
+            })
+            .collect();
+        table::print(&["FAULT", "OBJECT", "COUNT"], &rows);
+    }
     if !s.unsupported.is_empty() {
         println!();
         println!("Not implemented (the rest of each object is programmed):");

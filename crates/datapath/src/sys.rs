@@ -1,7 +1,8 @@
 //! The bpf(2) commands aya 0.14 does not offer, in one place: opening a pinned object
 //! (`BPF_OBJ_GET`), detaching a link (`BPF_LINK_DETACH`), swapping a link's program
 //! (`BPF_LINK_UPDATE`), walking a map's keys without knowing their type
-//! (`BPF_MAP_GET_NEXT_KEY`), and batch lookups, updates and deletes
+//! (`BPF_MAP_GET_NEXT_KEY`), pinning an object held by fd again (`BPF_OBJ_PIN`), an
+//! object's id and a link's hook (`BPF_OBJ_GET_INFO_BY_FD`), and batch lookups, updates and deletes
 //! (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`).
 //!
 //! Each command gets its own `#[repr(C)]` member of `union bpf_attr` and passes that
@@ -21,7 +22,9 @@ use std::{
 use aya::sys::SyscallError;
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -83,6 +86,71 @@ pub fn obj_get(path: &Path) -> Result<OwnedFd, SyscallError> {
     let fd = i32::try_from(fd).map_err(|_| invalid(CALL))?;
     // SAFETY: the kernel just returned this fd and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Pins the object `fd` refers to (a map, program or link) at `path`, which must not exist.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<(), SyscallError> {
+    const CALL: &str = "bpf(BPF_OBJ_PIN)";
+    let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| invalid(CALL))?;
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: raw_fd(fd, CALL)?,
+        ..ObjAttr::default()
+    };
+    // SAFETY: ObjAttr is the obj_pin member; `path` is NUL-terminated and outlives the call.
+    if unsafe { bpf(BPF_OBJ_PIN, &mut attr) } < 0 {
+        return Err(last_error(CALL));
+    }
+    Ok(())
+}
+
+/// The `info` member: BPF_OBJ_GET_INFO_BY_FD fills `info_len` bytes at `info`.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `BPF_LINK_TYPE_CGROUP` and `BPF_LINK_TYPE_TCX` of `enum bpf_link_type`.
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+const BPF_LINK_TYPE_TCX: u32 = 11;
+
+/// What the kernel says of a map, program or link: its id and, for a link, whether it
+/// still holds its hook (a detached tcx link names ifindex 0, a detached cgroup link
+/// cgroup 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ObjInfo {
+    pub id: u32,
+    pub attached: bool,
+}
+
+/// The id of the object `fd` refers to and, if it is a tcx or cgroup link, whether it is
+/// attached. Every info struct (`bpf_map_info`, `bpf_prog_info`, `bpf_link_info`) starts
+/// with `type` and `id`; a link's hook follows at byte 16 (`tcx.ifindex`, `cgroup.cgroup_id`).
+pub fn obj_info(fd: BorrowedFd<'_>, link: bool) -> Result<ObjInfo, SyscallError> {
+    const CALL: &str = "bpf(BPF_OBJ_GET_INFO_BY_FD)";
+    /// The info struct's first 64 bytes as 32-bit words, aligned for its 64-bit fields.
+    #[repr(C, align(8))]
+    struct Words([u32; 16]);
+    let mut info = Words([0; 16]);
+    let mut attr = InfoAttr {
+        bpf_fd: raw_fd(fd, CALL)?,
+        info_len: size_of::<Words>() as u32,
+        info: info.0.as_mut_ptr() as u64,
+    };
+    // SAFETY: InfoAttr is the info member; `info` is writable for info_len bytes and
+    // outlives the call.
+    if unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) } < 0 {
+        return Err(last_error(CALL));
+    }
+    let [kind, id, _, _, hook_lo, hook_hi, ..] = info.0;
+    let attached = match (link, kind) {
+        (true, BPF_LINK_TYPE_TCX) => hook_lo != 0,
+        (true, BPF_LINK_TYPE_CGROUP) => hook_lo != 0 || hook_hi != 0,
+        _ => true,
+    };
+    Ok(ObjInfo { id, attached })
 }
 
 /// The `link_detach` member.

@@ -57,6 +57,27 @@ pub enum RealizerError {
     Datapath(Box<sluice_datapath::DatapathError>),
 }
 
+impl RealizerError {
+    /// The map a write failed on because it could not take another entry, if that is why:
+    /// a hash map says E2BIG, an LPM trie and a batch update ENOSPC.
+    pub fn full_map(&self) -> Option<&'static str> {
+        let (map, errno) = match self {
+            RealizerError::Map {
+                map,
+                source: aya::maps::MapError::SyscallError(e),
+                ..
+            } => (*map, e.io_error.raw_os_error()),
+            RealizerError::Policy {
+                source: aya::maps::MapError::SyscallError(e),
+                ..
+            } => (sluice_common::names::POLICY, e.io_error.raw_os_error()),
+            RealizerError::Sys { map, source, .. } => (*map, source.raw_os_error()),
+            _ => return None,
+        };
+        matches!(errno, Some(libc::E2BIG | libc::ENOSPC)).then_some(map)
+    }
+}
+
 /// What differs between desired and actual content of one map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapDiff<K, V> {

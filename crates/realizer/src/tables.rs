@@ -2,7 +2,12 @@
 //! then write the difference map by map in the registry's realize order
 //! ([`Tables::apply`]).
 
-use std::{collections::BTreeMap, fmt::Display, path::Path, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Display,
+    path::Path,
+    sync::Arc,
+};
 
 use aya::{Pod, maps::MapData};
 use sluice_common::{
@@ -153,10 +158,49 @@ fn unordered<K>(_: &K) -> u8 {
     0
 }
 
+/// The removals of a diff that may go before its upserts, to make room in a full map.
+type Early<K, V> = fn(&MapDiff<K, V>) -> MapDiff<K, V>;
+
+fn removals<K: Clone, V: Clone>(diff: &MapDiff<K, V>, keep: impl Fn(&K) -> bool) -> MapDiff<K, V> {
+    MapDiff {
+        upserts: Vec::new(),
+        removes: diff
+            .removes
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// None: every removal waits for the upserts that stop naming what it removes. (An
+/// ipcache prefix removed early would give its address a covering prefix's identity while
+/// the old policy rows still judge it.)
+fn none_early<K: Clone, V: Clone>(diff: &MapDiff<K, V>) -> MapDiff<K, V> {
+    removals(diff, |_| false)
+}
+
+/// The entries of frontends that go whole (their slot 0 is removed): nothing names them,
+/// and the datapath finds no frontend before their slots go.
+fn whole_frontends(diff: &MapDiff<Lb4Key, Lb4Service>) -> MapDiff<Lb4Key, Lb4Service> {
+    let gone: BTreeSet<Lb4Key> = diff
+        .removes
+        .iter()
+        .map(|(k, _)| *k)
+        .filter(|k| k.slot == 0)
+        .collect();
+    removals(diff, |k| gone.contains(&Lb4Key { slot: 0, ..*k }))
+}
+
 /// One realized map's part of a plan, written when the registry's order reaches it.
 trait Step {
     fn upsert(&mut self) -> Result<usize, RealizerError>;
     fn remove(&mut self) -> Result<usize, RealizerError>;
+    /// Applies the removals that are safe before the upserts, when the map is too full
+    /// for them; returns how many.
+    fn make_room(&mut self) -> Result<usize, RealizerError> {
+        Ok(0)
+    }
 }
 
 /// Maglev tables: whole tables swapped in, then frontends' tables removed.
@@ -189,14 +233,18 @@ struct Entries<'a, K, V, M> {
     diff: &'a MapDiff<K, V>,
     upsert_rank: fn(&K) -> u8,
     remove_rank: fn(&K) -> u8,
+    early: Early<K, V>,
 }
 
-impl<K: Clone, V, M: KernelMap<K, V>> Step for Entries<'_, K, V, M> {
+impl<K: Clone, V: Clone, M: KernelMap<K, V>> Step for Entries<'_, K, V, M> {
     fn upsert(&mut self) -> Result<usize, RealizerError> {
         apply_upserts(self.map, self.diff, self.upsert_rank)
     }
     fn remove(&mut self) -> Result<usize, RealizerError> {
         apply_removes(self.map, self.diff, self.remove_rank)
+    }
+    fn make_room(&mut self) -> Result<usize, RealizerError> {
+        apply_removes(self.map, &(self.early)(self.diff), self.remove_rank)
     }
 }
 
@@ -223,10 +271,11 @@ fn entries<'a, K, V, M>(
     diff: &'a MapDiff<K, V>,
     upsert_rank: fn(&K) -> u8,
     remove_rank: fn(&K) -> u8,
+    early: Early<K, V>,
 ) -> Box<dyn Step + 'a>
 where
     K: Clone + 'a,
-    V: 'a,
+    V: Clone + 'a,
     M: KernelMap<K, V> + 'a,
 {
     Box::new(Entries {
@@ -234,6 +283,7 @@ where
         diff,
         upsert_rank,
         remove_rank,
+        early,
     })
 }
 
@@ -265,19 +315,38 @@ impl<B: Backing> Tables<B> {
                     &plan.services,
                     slots_first,
                     frontends_first,
+                    whole_frontends,
                 ),
             ),
             (
                 MapId::Backends,
-                entries(&mut self.backends, &plan.backends, unordered, unordered),
+                entries(
+                    &mut self.backends,
+                    &plan.backends,
+                    unordered,
+                    unordered,
+                    none_early,
+                ),
             ),
             (
                 MapId::Endpoints,
-                entries(&mut self.endpoints, &plan.endpoints, unordered, unordered),
+                entries(
+                    &mut self.endpoints,
+                    &plan.endpoints,
+                    unordered,
+                    unordered,
+                    none_early,
+                ),
             ),
             (
                 MapId::Ipcache,
-                entries(&mut self.ipcache, &plan.ipcache, unordered, unordered),
+                entries(
+                    &mut self.ipcache,
+                    &plan.ipcache,
+                    unordered,
+                    unordered,
+                    none_early,
+                ),
             ),
             (
                 MapId::SourceRanges,
@@ -286,6 +355,7 @@ impl<B: Backing> Tables<B> {
                     &plan.source_ranges,
                     unordered,
                     unordered,
+                    none_early,
                 ),
             ),
             (
@@ -306,7 +376,9 @@ impl<B: Backing> Tables<B> {
     }
 
     /// Applies `plan`: upserts in the registry's realize order, then removals in the
-    /// reverse order.
+    /// reverse order. A map too full for its upserts first takes the removals that are
+    /// safe early (the entries of frontends that go whole), so a change whose end state
+    /// fits is not refused for its write order.
     pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, RealizerError> {
         let mut steps = self.steps(plan);
         let mut ordered = Vec::new();
@@ -318,7 +390,12 @@ impl<B: Backing> Tables<B> {
         }
         let mut stats = ApplyStats::default();
         for step in &mut ordered {
-            stats.upserted += step.upsert()?;
+            stats.upserted += match step.upsert() {
+                // The end state may fit where the write order does not: removals that are
+                // safe early make room, once; they are counted with the other removals.
+                Err(e) if e.full_map().is_some() && step.make_room()? > 0 => step.upsert()?,
+                written => written?,
+            };
         }
         for step in ordered.iter_mut().rev() {
             stats.removed += step.remove()?;

@@ -200,6 +200,12 @@ impl Cni {
             .await
     }
 
+    /// Writes the registry's file again if it was removed behind the agent's back; returns
+    /// its path then.
+    pub async fn restore_state(&self) -> Result<Option<std::path::PathBuf>, AgentError> {
+        self.registry(|registry| registry.restore()).await?
+    }
+
     /// Whether the agent can take a new pod: a pass realized, a pod CIDR, a free address.
     pub async fn status(&self) -> Result<CniStatus, AgentError> {
         let state = self.published.load_full();

@@ -37,6 +37,9 @@ pub struct Registry {
     node: String,
     path: PathBuf,
     endpoints: BTreeMap<CniAttachment, CniEndpoint>,
+    /// Whether the file exists as far as the registry knows (read at start or written
+    /// since): if it is then gone, it was removed behind the agent's back.
+    persisted: bool,
     /// The reconcile loop's copy: sent on every change (and on [`Registry::republish`]).
     published: watch::Sender<LocalEndpoints>,
 }
@@ -49,9 +52,9 @@ impl Registry {
         state_dir: &Path,
     ) -> Result<(Self, watch::Receiver<LocalEndpoints>), AgentError> {
         let path = state_dir.join(STATE_FILE);
-        let endpoints = match fs::read(&path) {
-            Ok(data) => parse(&path, &data)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        let (endpoints, persisted) = match fs::read(&path) {
+            Ok(data) => (parse(&path, &data)?, true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), false),
             Err(source) => {
                 return Err(AgentError::Io {
                     call: "read",
@@ -70,6 +73,7 @@ impl Registry {
                 node: node.to_string(),
                 path,
                 endpoints,
+                persisted,
                 published,
             },
             rx,
@@ -163,9 +167,21 @@ impl Registry {
             .send_replace(local(&self.node, &self.endpoints));
     }
 
+    /// Writes the file again if it was there and is gone (removed with its directory
+    /// behind the agent's back), so a restart still knows every allocation; returns its
+    /// path then.
+    pub fn restore(&self) -> Result<Option<PathBuf>, AgentError> {
+        if !self.persisted || self.path.exists() {
+            return Ok(None);
+        }
+        write(&self.path, &self.endpoints)?;
+        Ok(Some(self.path.clone()))
+    }
+
     /// Persists `next`, then makes it current: a failed write changes nothing.
     fn commit(&mut self, next: BTreeMap<CniAttachment, CniEndpoint>) -> Result<(), AgentError> {
         write(&self.path, &next)?;
+        self.persisted = true;
         self.endpoints = next;
         self.republish();
         Ok(())

@@ -146,6 +146,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id, for signals of the test's own (SIGSTOP, SIGCONT).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn cluster_file(&self) -> PathBuf {
         self.source_dir.join("cluster.json")
     }
