@@ -8,11 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::SchedClassifier;
 use sluice_api::{Drift, VerifyReport};
 use sluice_common::kinds::DriftKind;
 use sluice_compiler::{Balancing, CompileCache, DesiredState, NodeContext};
-use sluice_datapath::{AttachRole, Datapath, Hook};
+use sluice_datapath::{AttachRole, Datapath};
 use sluice_realizer::{ApplyStats, Desired, KernelTables, Scan, ScanTick};
 use sluice_store::Snapshot;
 use tracing::{debug, info, warn};
@@ -341,7 +340,7 @@ impl Node {
 
     /// Attaches the datapath to `ifname` unless the kernel already runs it there.
     fn ensure_attached(&mut self, ifname: &str) -> Result<bool, AgentError> {
-        if runs_role(AttachRole::PodVeth, ifname) {
+        if self.datapath.runs(AttachRole::PodVeth, ifname) {
             return Ok(false);
         }
         info!(%ifname, "attaching datapath");
@@ -370,7 +369,7 @@ impl Node {
         let detached: BTreeSet<_> = desired
             .interfaces
             .iter()
-            .filter(|i| !runs_role(AttachRole::PodVeth, i))
+            .filter(|i| !self.datapath.runs(AttachRole::PodVeth, i))
             .cloned()
             .collect();
         drift.extend(detached.iter().map(|i| Drift {
@@ -382,7 +381,7 @@ impl Node {
         }));
         drift.extend(self.cgroups.drift(&mut self.datapath)?);
         let (others, own) = nodes::routed(&desired.nodes);
-        drift.extend(self.routing.drift(&others, own)?);
+        drift.extend(self.routing.drift(&self.datapath, &others, own)?);
         let repaired = repair && !drift.is_empty();
         if repaired {
             self.tables.apply(&plan)?;
@@ -400,18 +399,4 @@ impl Node {
             fails_closed: fails_closed(&desired, self.policy_map_max),
         })
     }
-}
-
-/// Whether the kernel runs every program of `role` on `ifname` (the truth, not our
-/// memory of it).
-pub(crate) fn runs_role(role: AttachRole, ifname: &str) -> bool {
-    role.programs().all(|program| {
-        // Socket programs run on a cgroup, never on an interface.
-        let Hook::Tcx(attach) = program.hook else {
-            return false;
-        };
-        SchedClassifier::query_tcx(ifname, attach)
-            .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(program.name)))
-            .unwrap_or(false)
-    })
 }
