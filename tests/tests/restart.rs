@@ -1,0 +1,253 @@
+//! Agent restarts under load (issue 14, item 1), in a three-node lab: every node's agent is
+//! restarted in turn, alternately by SIGTERM and by `kill -9`, while every node's client
+//! loops short requests (a new connection each) through a ClusterIP with backends on two
+//! nodes and to a pod on another node, and holds long-lived connections (a request every
+//! 50 ms) through the ClusterIP and to a pod on another node. Not one request may fail,
+//! not one connection be reset, `sluice verify` is clean on every node after each restart,
+//! and the programs are swapped in their pinned links: a link keeps its id while its
+//! program id changes, and no tcx hook is ever seen empty or doubled.
+//!
+//! CI runs two restarts per node (one of each kind). The long run restarts every node ten
+//! times: `SLUICE_RESTARTS=10 cargo test -p sluice-integration --test restart -- --nocapture`.
+// A test binary: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use sluice_integration::{
+    load::{
+        ECHO_PORT, HeldConnection, LinkState, Workers, distinct, echo_server, hold_connection,
+        pinned_links, watch_tcx,
+    },
+    multinode::{Mode, NODES, pod_on, request_loop, three_nodes},
+};
+use sluice_lab::AgentStop;
+
+/// Restarts per node unless `SLUICE_RESTARTS` says otherwise.
+const CI_RESTARTS: usize = 2;
+/// The long-lived clients' pace.
+const EVERY: Duration = Duration::from_millis(50);
+
+/// `client-k` on node-k (k = 1..3), `web-1` on node-1 and `web-2` on node-2 behind the
+/// ClusterIP `web`: HTTP on 80 (the pod servers), echo on 9000 (the test's own servers).
+fn workload() -> String {
+    let mut yaml = String::new();
+    for (k, node) in NODES.iter().enumerate() {
+        yaml += &pod_on("default", &format!("client-{}", k + 1), node, "app: client");
+        yaml += "---\n";
+    }
+    for (k, node) in NODES[..2].iter().enumerate() {
+        yaml += &pod_on("default", &format!("web-{}", k + 1), node, "app: web");
+        yaml += "---\n";
+    }
+    yaml + &format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  selector: {{app: web}}
+  ports:
+  - {{name: http, port: 80, targetPort: 80, protocol: TCP}}
+  - {{name: echo, port: {ECHO_PORT}, targetPort: {ECHO_PORT}, protocol: TCP}}
+"
+    )
+}
+
+fn restarts() -> usize {
+    std::env::var("SLUICE_RESTARTS").map_or(CI_RESTARTS, |n| {
+        n.parse()
+            .expect("SLUICE_RESTARTS: a number of restarts per node")
+    })
+}
+
+/// The pod on the next node, for pod-to-pod traffic across nodes.
+fn peer_of(k: usize) -> String {
+    format!("default/client-{}", k % 3 + 1)
+}
+
+fn restarts_under_load(mode: Mode) {
+    let per_node = restarts();
+    let mut lab = three_nodes("rst", mode);
+    lab.apply_yaml("workload.yaml", &workload());
+    lab.verify_every_node("before the restarts");
+    let vip = lab.cluster_ip("web");
+
+    let mut workers = Workers::default();
+    for pod in ["web-1", "web-2", "client-1", "client-2", "client-3"] {
+        echo_server(&lab, &mut workers, &format!("default/{pod}"));
+    }
+    let mut short = Vec::new();
+    let mut held = Vec::new();
+    for k in 1..=3 {
+        let client = format!("default/client-{k}");
+        let peer = lab.pod_ip(&peer_of(k));
+        for (what, addr) in [
+            ("ClusterIP", SocketAddr::from((vip, 80))),
+            ("pod", SocketAddr::from((peer, 80))),
+        ] {
+            short.push((
+                format!("{client} -> {what} {addr}"),
+                request_loop(&lab, &client, addr),
+            ));
+        }
+        for (what, addr) in [
+            ("ClusterIP", SocketAddr::from((vip, ECHO_PORT))),
+            ("pod", SocketAddr::from((peer, ECHO_PORT))),
+        ] {
+            held.push((
+                format!("{client} -> {what} {addr}"),
+                hold_connection(&lab, &mut workers, &client, addr, EVERY),
+            ));
+        }
+    }
+    let watches: Vec<_> = NODES
+        .iter()
+        .map(|node| (*node, watch_tcx(&lab, &mut workers, node)))
+        .collect();
+    let links_before: BTreeMap<&str, BTreeMap<String, LinkState>> = NODES
+        .iter()
+        .map(|node| (*node, pinned_links(&lab.lab.pin_dir(node))))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let started = Instant::now();
+    let mut times = Vec::new();
+    for round in 0..per_node {
+        for node in NODES {
+            let how = if round % 2 == 0 {
+                AgentStop::Graceful
+            } else {
+                AgentStop::Kill
+            };
+            let restart = lab
+                .lab
+                .restart_agent(node, how)
+                .unwrap_or_else(|e| panic!("{mode:?}: restart {round} of {node} ({how:?}): {e}"));
+            eprintln!(
+                "{mode:?}: {node} restart {} ({how:?}): stopped in {:?}, realized {:?} after its start",
+                round + 1,
+                restart.stopped,
+                restart.realized
+            );
+            times.push(restart.stopped + restart.realized);
+            lab.verify_every_node(&format!("{mode:?}: after restart {round} of {node}"));
+            // Traffic crosses the restarted node's new programs before the next restart.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Stop the short loops first: each thread is joined, then its samples read.
+    let mut short_total = 0;
+    let mut short_failed = Vec::new();
+    for (what, (stop, samples, thread)) in short {
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap();
+        let samples = samples.lock().unwrap();
+        short_total += samples.len();
+        short_failed.extend(
+            samples
+                .iter()
+                .filter_map(|s| s.answer.as_ref().err())
+                .map(|e| format!("{what}: {e}")),
+        );
+    }
+    workers.stop();
+    let held: Vec<(String, HeldConnection)> = held
+        .into_iter()
+        .map(|(what, seen)| (what, seen.lock().unwrap().clone()))
+        .collect();
+    let exchanges: u64 = held.iter().map(|(_, h)| h.exchanges).sum();
+    let resets: u64 = held.iter().map(|(_, h)| h.resets).sum();
+    let slowest = held.iter().map(|(_, h)| h.slowest_ms).max().unwrap_or(0);
+    let held_failed: Vec<&String> = held.iter().flat_map(|(_, h)| &h.failures).collect();
+    times.sort();
+    eprintln!(
+        "{mode:?}: {} restarts ({per_node} per node, half SIGTERM, half SIGKILL) in {elapsed:?}; \
+         restart to realized: median {:?}, max {:?}; {short_total} short requests, {} failed; \
+         {} long-lived connections, {exchanges} exchanges, {} failed, {resets} reset, slowest answer {slowest} ms",
+        times.len(),
+        times[times.len() / 2],
+        times.last().unwrap(),
+        short_failed.len(),
+        held.len(),
+        held_failed.len(),
+    );
+
+    let mut swapped = 0;
+    for (node, watch) in &watches {
+        let watch = watch.lock().unwrap();
+        let ids: Vec<usize> = watch.programs.values().map(|ids| distinct(ids)).collect();
+        eprintln!(
+            "{mode:?}: {node}: {} polls of {} tcx hooks, {} empty, {} doubled, programs per hook {:?}",
+            watch.polls,
+            watch.programs.len(),
+            watch.empty.len(),
+            watch.doubled.len(),
+            ids
+        );
+        assert!(
+            watch.empty.is_empty(),
+            "{mode:?}: {node}: a hook without its program: {:?}",
+            &watch.empty[..watch.empty.len().min(5)]
+        );
+        assert!(
+            watch.doubled.is_empty(),
+            "{mode:?}: {node}: two programs on a hook: {:?}",
+            &watch.doubled[..watch.doubled.len().min(5)]
+        );
+        // Every restart loaded new programs, which went into the same links.
+        let after = pinned_links(&lab.lab.pin_dir(node));
+        for (path, before) in &links_before[node] {
+            let now = after
+                .get(path)
+                .unwrap_or_else(|| panic!("{mode:?}: {path} unpinned"));
+            assert_eq!(
+                now.link_id, before.link_id,
+                "{mode:?}: {path} is the same link"
+            );
+            assert_ne!(
+                now.program_id, before.program_id,
+                "{mode:?}: {path} runs the new agent's program"
+            );
+            swapped += 1;
+        }
+        for (hook, history) in &watch.programs {
+            assert_eq!(
+                distinct(history),
+                per_node + 1,
+                "{mode:?}: {node}: {hook}: one program per agent: {history:?}"
+            );
+        }
+    }
+    eprintln!("{mode:?}: {swapped} pinned links kept their id and got new programs");
+    assert!(
+        short_failed.is_empty(),
+        "{mode:?}: short requests failed: {:?}",
+        &short_failed[..short_failed.len().min(10)]
+    );
+    assert!(
+        held_failed.is_empty(),
+        "{mode:?}: long-lived connections failed: {held_failed:?}"
+    );
+    for (what, h) in &held {
+        assert_eq!(h.connections, 1, "{mode:?}: {what} kept its one connection");
+        assert!(h.exchanges > 0, "{mode:?}: {what} exchanged nothing");
+    }
+}
+
+#[test]
+fn tunnel_agents_restart_under_load_without_a_failed_request() {
+    restarts_under_load(Mode::Tunnel);
+}
+
+#[test]
+fn native_agents_restart_under_load_without_a_failed_request() {
+    restarts_under_load(Mode::Native);
+}
