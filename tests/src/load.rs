@@ -113,8 +113,8 @@ pub struct HeldConnection {
     pub exchanges: u64,
     /// Connections opened (1 if the first one lasted the whole run).
     pub connections: u64,
-    /// Failures, each as what failed and how.
-    pub failures: Vec<String>,
+    /// Failures, each with when it happened and what failed how.
+    pub failures: Vec<(std::time::Instant, String)>,
     /// Failures that were a reset by the peer (or on its behalf).
     pub resets: u64,
     /// The longest wait for an answer, in ms.
@@ -146,7 +146,10 @@ pub fn hold_connection(
                     if e.kind() == ErrorKind::ConnectionReset {
                         seen.resets += 1;
                     }
-                    seen.failures.push(format!("{name}: request {seq}: {e}"));
+                    seen.failures.push((
+                        std::time::Instant::now(),
+                        format!("{name}: request {seq}: {e}"),
+                    ));
                     drop(seen);
                     std::thread::sleep(every);
                 }
@@ -309,4 +312,22 @@ pub fn watch_tcx(lab: &TestLab, workers: &mut Workers, node: &str) -> Arc<Mutex<
 /// Distinct program ids in a history (for the report).
 pub fn distinct(ids: &[u32]) -> usize {
     ids.iter().collect::<BTreeSet<_>>().len()
+}
+
+/// Packets the node's datapath dropped so far, by reason and direction (0 egress from the
+/// pod, 1 ingress), those with any.
+pub fn drops(pin_dir: &Path) -> BTreeMap<(String, u32), u64> {
+    let maps = sluice_datapath::PinnedMaps::open(pin_dir).unwrap();
+    let mut out = BTreeMap::new();
+    for reason in sluice_common::DropReason::ALL {
+        for dir in [0, 1] {
+            let index = sluice_common::metrics_index(reason.code(), dir);
+            let values = maps.metrics.get(&index, 0).unwrap();
+            let packets: u64 = values.iter().map(|v| v.packets).sum();
+            if packets > 0 {
+                out.insert((format!("{reason:?}"), dir), packets);
+            }
+        }
+    }
+    out
 }

@@ -7,7 +7,8 @@
 //! and the programs are swapped in their pinned links: a link keeps its id while its
 //! program id changes, and no tcx hook is ever seen empty or doubled.
 //!
-//! CI runs two restarts per node (one of each kind). The long run restarts every node ten
+//! node-3's agent is restarted through `sluice lab node restart-agent`, the others' through
+//! the lab library. CI runs two restarts per node (one of each kind). The long run restarts every node ten
 //! times: `SLUICE_RESTARTS=10 cargo test -p sluice-integration --test restart -- --nocapture`.
 // A test binary: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -19,10 +20,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::maps::{HashMap, MapData};
+use sluice_common::names;
 use sluice_integration::{
+    TestLab,
     load::{
-        ECHO_PORT, HeldConnection, LinkState, Workers, distinct, echo_server, hold_connection,
-        pinned_links, watch_tcx,
+        ECHO_PORT, HeldConnection, LinkState, Workers, distinct, drops, echo_server,
+        hold_connection, pinned_links, watch_tcx,
     },
     multinode::{Mode, NODES, pod_on, request_loop, three_nodes},
 };
@@ -70,6 +74,53 @@ fn peer_of(k: usize) -> String {
     format!("default/client-{}", k % 3 + 1)
 }
 
+/// Where `at` falls among the restarts: in one (node, how, from its signal) or after one.
+fn during(events: &[(&str, AgentStop, Instant, Instant)], at: Instant) -> String {
+    let Some((node, how, signalled, realized)) = events
+        .iter()
+        .rev()
+        .find(|(_, _, signalled, _)| *signalled <= at)
+    else {
+        return "before the first restart".into();
+    };
+    let since = at - *signalled;
+    if at <= *realized {
+        format!("{since:?} into the {how:?} restart of {node}")
+    } else {
+        format!(
+            "{:?} after the {how:?} restart of {node} realized",
+            at - *realized
+        )
+    }
+}
+
+/// Restarts `node`'s agent: node-3's through `sluice lab node restart-agent`, the others'
+/// through the lab library. Returns how long it took to stop, and to realize after it
+/// started again.
+fn restart(lab: &TestLab, node: &str, how: AgentStop) -> (Duration, Duration) {
+    if node != "node-3" {
+        let restart = lab
+            .lab
+            .restart_agent(node, how)
+            .unwrap_or_else(|e| panic!("restart {node} ({how:?}): {e}"));
+        return (restart.stopped, restart.realized);
+    }
+    let mut args = vec!["lab", "node", "restart-agent", node];
+    if how == AgentStop::Kill {
+        args.push("--kill");
+    }
+    let doc = lab.cli_json(&args);
+    let signal = if how == AgentStop::Kill {
+        "SIGKILL"
+    } else {
+        "SIGTERM"
+    };
+    assert_eq!(doc["node"], node, "{doc}");
+    assert_eq!(doc["signal"], signal, "{doc}");
+    let ms = |field: &str| Duration::from_secs_f64(doc[field].as_f64().unwrap() / 1e3);
+    (ms("stopped_ms"), ms("realized_ms"))
+}
+
 fn restarts_under_load(mode: Mode) {
     let per_node = restarts();
     let mut lab = three_nodes("rst", mode);
@@ -113,10 +164,16 @@ fn restarts_under_load(mode: Mode) {
         .iter()
         .map(|node| (*node, pinned_links(&lab.lab.pin_dir(node))))
         .collect();
+    let drops_before: BTreeMap<&str, _> = NODES
+        .iter()
+        .map(|node| (*node, drops(&lab.lab.pin_dir(node))))
+        .collect();
     std::thread::sleep(Duration::from_millis(500));
 
     let started = Instant::now();
     let mut times = Vec::new();
+    // (node, how, signalled, realized): to place a failure among the restarts.
+    let mut events = Vec::new();
     for round in 0..per_node {
         for node in NODES {
             let how = if round % 2 == 0 {
@@ -124,17 +181,14 @@ fn restarts_under_load(mode: Mode) {
             } else {
                 AgentStop::Kill
             };
-            let restart = lab
-                .lab
-                .restart_agent(node, how)
-                .unwrap_or_else(|e| panic!("{mode:?}: restart {round} of {node} ({how:?}): {e}"));
+            let signalled = Instant::now();
+            let (stopped, realized) = restart(&lab, node, how);
+            events.push((node, how, signalled, Instant::now()));
             eprintln!(
-                "{mode:?}: {node} restart {} ({how:?}): stopped in {:?}, realized {:?} after its start",
+                "{mode:?}: {node} restart {} ({how:?}): stopped in {stopped:?}, realized {realized:?} after its start",
                 round + 1,
-                restart.stopped,
-                restart.realized
             );
-            times.push(restart.stopped + restart.realized);
+            times.push(stopped + realized);
             lab.verify_every_node(&format!("{mode:?}: after restart {round} of {node}"));
             // Traffic crosses the restarted node's new programs before the next restart.
             std::thread::sleep(Duration::from_millis(300));
@@ -151,12 +205,10 @@ fn restarts_under_load(mode: Mode) {
         thread.join().unwrap();
         let samples = samples.lock().unwrap();
         short_total += samples.len();
-        short_failed.extend(
-            samples
-                .iter()
-                .filter_map(|s| s.answer.as_ref().err())
-                .map(|e| format!("{what}: {e}")),
-        );
+        short_failed.extend(samples.iter().filter_map(|s| {
+            let e = s.answer.as_ref().err()?;
+            Some(format!("{what}: {e} ({})", during(&events, s.started)))
+        }));
     }
     workers.stop();
     let held: Vec<(String, HeldConnection)> = held
@@ -166,7 +218,11 @@ fn restarts_under_load(mode: Mode) {
     let exchanges: u64 = held.iter().map(|(_, h)| h.exchanges).sum();
     let resets: u64 = held.iter().map(|(_, h)| h.resets).sum();
     let slowest = held.iter().map(|(_, h)| h.slowest_ms).max().unwrap_or(0);
-    let held_failed: Vec<&String> = held.iter().flat_map(|(_, h)| &h.failures).collect();
+    let held_failed: Vec<String> = held
+        .iter()
+        .flat_map(|(_, h)| &h.failures)
+        .map(|(at, e)| format!("{e} ({})", during(&events, *at)))
+        .collect();
     times.sort();
     eprintln!(
         "{mode:?}: {} restarts ({per_node} per node, half SIGTERM, half SIGKILL) in {elapsed:?}; \
@@ -180,6 +236,15 @@ fn restarts_under_load(mode: Mode) {
         held_failed.len(),
     );
 
+    for node in NODES {
+        let after = drops(&lab.lab.pin_dir(node));
+        let new: BTreeMap<_, _> = after
+            .iter()
+            .map(|(k, n)| (k, n - drops_before[node].get(k).unwrap_or(&0)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        eprintln!("{mode:?}: {node}: packets dropped during the restarts: {new:?}");
+    }
     let mut swapped = 0;
     for (node, watch) in &watches {
         let watch = watch.lock().unwrap();
@@ -250,4 +315,100 @@ fn tunnel_agents_restart_under_load_without_a_failed_request() {
 #[test]
 fn native_agents_restart_under_load_without_a_failed_request() {
     restarts_under_load(Mode::Native);
+}
+
+/// An agent that finds a pinned map of a layout it does not know (as an agent of another
+/// version would) refuses to start, naming the map, before it loads or attaches anything:
+/// the running datapath goes on serving the connections it holds and new ones. Once the
+/// map is back, a new agent takes over without a failed request.
+#[test]
+fn an_agent_refusing_a_pinned_map_leaves_the_running_datapath_alone() {
+    let mode = Mode::Tunnel;
+    let mut lab = three_nodes("rsref", mode);
+    lab.apply_yaml("workload.yaml", &workload());
+    let vip = lab.cluster_ip("web");
+    let mut workers = Workers::default();
+    for pod in ["web-1", "web-2", "client-3"] {
+        echo_server(&lab, &mut workers, &format!("default/{pod}"));
+    }
+    let client = "default/client-2";
+    let peer = lab.pod_ip("default/client-3");
+    let held = [
+        hold_connection(&lab, &mut workers, client, (vip, ECHO_PORT).into(), EVERY),
+        hold_connection(&lab, &mut workers, client, (peer, ECHO_PORT).into(), EVERY),
+    ];
+    let (stop, samples, thread) = request_loop(&lab, client, (vip, 80).into());
+    std::thread::sleep(Duration::from_millis(300));
+
+    // node-2's conntrack, pinned by a build whose entries are another size.
+    let pin = lab.lab.pin_dir("node-2").join(names::CONNTRACK);
+    let conntrack = MapData::from_pin(&pin).unwrap();
+    std::fs::remove_file(&pin).unwrap();
+    let other: HashMap<MapData, u64, [u8; 24]> = HashMap::create(16, 0).unwrap();
+    other.pin(&pin).unwrap();
+    let refused = lab
+        .lab
+        .restart_agent("node-2", AgentStop::Graceful)
+        .expect_err("an agent refuses a conntrack map of another layout");
+    assert!(
+        matches!(refused, sluice_lab::LabError::AgentExited { .. }),
+        "{refused}"
+    );
+    // The agent's last words, whatever backtrace follows them.
+    let log = std::fs::read_to_string(lab.lab.agent_log("node-2")).unwrap();
+    let refusal = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(&format!("map {} pinned at", names::CONNTRACK)))
+        .unwrap_or_else(|| panic!("the agent's log names the map: {refused}\n{log}"));
+    eprintln!("{mode:?}: the agent refused: {refusal}");
+    assert!(
+        refusal.contains("value 24"),
+        "the refusal says what it found: {refusal}"
+    );
+    // No agent on node-2 now: its datapath runs on, its conntrack the programs' own.
+    let exchanges = || {
+        held.iter()
+            .map(|h| h.lock().unwrap().exchanges)
+            .sum::<u64>()
+    };
+    let refused_at = exchanges();
+    std::thread::sleep(Duration::from_secs(1));
+    let answered_meanwhile = exchanges() - refused_at;
+    assert!(answered_meanwhile > 0, "the held connections went on");
+
+    std::fs::remove_file(&pin).unwrap();
+    conntrack.pin(&pin).unwrap();
+    let restart = lab
+        .lab
+        .restart_agent("node-2", AgentStop::Graceful)
+        .unwrap();
+    eprintln!(
+        "{mode:?}: with its map back, node-2's agent realized {:?} after its start",
+        restart.realized
+    );
+    lab.verify_every_node("after the refused agent was replaced");
+    std::thread::sleep(Duration::from_millis(300));
+
+    stop.store(true, Ordering::Relaxed);
+    thread.join().unwrap();
+    workers.stop();
+    let samples = samples.lock().unwrap();
+    let failed: Vec<_> = samples
+        .iter()
+        .filter_map(|s| s.answer.as_ref().err())
+        .collect();
+    let held: Vec<HeldConnection> = held.iter().map(|h| h.lock().unwrap().clone()).collect();
+    eprintln!(
+        "{mode:?}: {} short requests, {} failed; long-lived: {} exchanges ({answered_meanwhile} in the second after the refusal), {:?} failures",
+        samples.len(),
+        failed.len(),
+        held.iter().map(|h| h.exchanges).sum::<u64>(),
+        held.iter().map(|h| h.failures.len()).sum::<usize>(),
+    );
+    assert!(failed.is_empty(), "short requests failed: {failed:?}");
+    for h in &held {
+        assert!(h.failures.is_empty(), "{:?}", h.failures);
+        assert_eq!(h.connections, 1, "one connection throughout");
+    }
 }

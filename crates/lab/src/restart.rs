@@ -34,7 +34,7 @@ impl AgentStop {
 /// How long a restart took, by phase.
 #[derive(Clone, Copy, Debug)]
 pub struct AgentRestart {
-    /// From the signal until the old agent had exited.
+    /// From the signal until the old agent had exited (zero if none ran).
     pub stopped: Duration,
     /// From the new agent's start until it was healthy and had realized the lab's current
     /// generation.
@@ -45,8 +45,9 @@ pub struct AgentRestart {
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Lab {
-    /// Stops `node`'s agent as `how` says, starts it again with the same command line, and
-    /// waits until it is healthy and has realized the lab's current generation.
+    /// Stops `node`'s agent as `how` says (if one runs: an agent that exited is started
+    /// again), starts it with the lab's command line, and waits until it is healthy and has
+    /// realized the lab's current generation.
     pub fn restart_agent(&self, node: &str, how: AgentStop) -> Result<AgentRestart, LabError> {
         let Some(agent) = self
             .opts
@@ -64,12 +65,6 @@ impl Lab {
             return Err(LabError::NodeNotFound(node.to_owned()));
         }
         let pids = self.agent_pids(node);
-        if pids.is_empty() {
-            return Err(LabError::Command {
-                command: format!("restart the agent of node {node}"),
-                detail: "no agent runs there".into(),
-            });
-        }
         let signalled = Instant::now();
         for pid in &pids {
             match kill(Pid::from_raw(*pid), how.signal()) {
