@@ -338,7 +338,8 @@ impl Node {
         (Arc::new(desired), from)
     }
 
-    /// Attaches the datapath to `ifname` unless the kernel already runs it there.
+    /// Attaches the datapath to `ifname` unless the kernel already runs this agent's
+    /// programs there; an earlier agent's are swapped for them in their links.
     fn ensure_attached(&mut self, ifname: &str) -> Result<bool, AgentError> {
         if self.datapath.runs(AttachRole::PodVeth, ifname) {
             return Ok(false);
