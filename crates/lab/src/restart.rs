@@ -11,7 +11,7 @@ use nix::{
     unistd::Pid,
 };
 
-use crate::{Lab, LabError, STARTUP_TIMEOUT, process};
+use crate::{Lab, LabError, process};
 
 /// How an agent is stopped before it is started again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +43,10 @@ pub struct AgentRestart {
 
 /// How long an agent gets to exit after SIGTERM before the restart fails.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new agent gets to realize the lab: twice a start's, as it loads every
+/// program again on a node that is carrying traffic (about 6 s of verifier time here,
+/// 15-20 s while another lab restarts its agents on the same two cores).
+const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Lab {
     /// Stops `node`'s agent as `how` says (if one runs: an agent that exited is started
@@ -92,7 +96,7 @@ impl Lab {
         let child = process::spawn_detached(cmd, &self.agent_log(node))?;
         self.wait_agents(
             self.state.generation,
-            STARTUP_TIMEOUT,
+            RESTART_TIMEOUT,
             &[(node.to_owned(), child)],
         )?;
         Ok(AgentRestart {
