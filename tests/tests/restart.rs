@@ -4,6 +4,7 @@
 //! nodes and to a pod on another node, and holds long-lived connections (a request every
 //! 50 ms) through the ClusterIP and to a pod on another node. Not one request may fail,
 //! not one connection be reset, `sluice verify` is clean on every node after each restart,
+//! the new agent's first pass writes no map entry (the pins hold what the objects say),
 //! and the programs are swapped in their pinned links: a link keeps its id while its
 //! program id changes, and no tcx hook is ever seen empty or doubled.
 //!
@@ -26,7 +27,7 @@ use sluice_integration::{
     TestLab,
     load::{
         ECHO_PORT, HeldConnection, LinkState, Workers, distinct, drops, echo_server,
-        hold_connection, pinned_links, watch_tcx,
+        first_pass_writes, hold_connection, pinned_links, watch_tcx,
     },
     multinode::{Mode, NODES, pod_on, request_loop, three_nodes},
 };
@@ -184,6 +185,13 @@ fn restarts_under_load(mode: Mode) {
             let signalled = Instant::now();
             let (stopped, realized) = restart(&lab, node, how);
             events.push((node, how, signalled, Instant::now()));
+            // The pins held what the objects say: the new agent rewrote nothing.
+            let writes = first_pass_writes(&lab.lab.agent_log(node));
+            assert_eq!(
+                writes,
+                Some((0, 0)),
+                "{mode:?}: {node}'s new agent's first pass wrote (upserted, removed) map entries"
+            );
             eprintln!(
                 "{mode:?}: {node} restart {} ({how:?}): stopped in {stopped:?}, realized {realized:?} after its start",
                 round + 1,

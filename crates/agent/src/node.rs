@@ -163,11 +163,16 @@ impl Node {
         let started = Instant::now();
         self.reconciles += 1;
         match self.try_reconcile() {
-            Ok(changed) => {
-                if changed || self.realized_generation != self.generation {
+            Ok((stats, attached)) => {
+                if stats.changed() || attached || self.realized_generation != self.generation {
+                    // The entries written say what a restart cost the maps: none when the
+                    // pins already held what the objects say.
                     info!(
                         generation = self.generation,
                         revision = self.snapshot.revision,
+                        upserted = stats.upserted,
+                        removed = stats.removed,
+                        attached,
                         elapsed = ?started.elapsed(),
                         "realized"
                     );
@@ -185,7 +190,8 @@ impl Node {
         }
     }
 
-    fn try_reconcile(&mut self) -> Result<bool, AgentError> {
+    /// Returns the entries the pass wrote and whether it attached or detached programs.
+    fn try_reconcile(&mut self) -> Result<(ApplyStats, bool), AgentError> {
         let (desired, compiled_from) = self.compile();
         for problem in &desired.problems {
             debug!(%problem, "compiler");
@@ -233,7 +239,7 @@ impl Node {
         self.desired = desired;
         self.compiled_from = Some(compiled_from);
         attached |= sockets?;
-        Ok(stats.changed() || attached)
+        Ok((stats, attached))
     }
 
     /// One tick of the rolling check of the maps against the unchanged desired state.
