@@ -17,7 +17,10 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::atomic::Ordering,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -26,10 +29,10 @@ use sluice_common::names;
 use sluice_integration::{
     TestLab,
     load::{
-        ECHO_PORT, HeldConnection, LinkState, Workers, distinct, drops, echo_server,
+        ECHO_PORT, HeldConnection, LinkState, TcxWatch, Workers, distinct, drops, echo_server,
         first_pass_writes, hold_connection, pinned_links, watch_tcx,
     },
-    multinode::{Mode, NODES, pod_on, request_loop, three_nodes},
+    multinode::{Mode, NODES, Sample, pod_on, request_loop, three_nodes},
 };
 use sluice_lab::AgentStop;
 
@@ -76,7 +79,7 @@ fn peer_of(k: usize) -> String {
 }
 
 /// Where `at` falls among the restarts: in one (node, how, from its signal) or after one.
-fn during(events: &[(&str, AgentStop, Instant, Instant)], at: Instant) -> String {
+fn during(events: &[Event], at: Instant) -> String {
     let Some((node, how, signalled, realized)) = events
         .iter()
         .rev()
@@ -122,58 +125,52 @@ fn restart(lab: &TestLab, node: &str, how: AgentStop) -> (Duration, Duration) {
     (ms("stopped_ms"), ms("realized_ms"))
 }
 
-fn restarts_under_load(mode: Mode) {
-    let per_node = restarts();
-    let mut lab = three_nodes("rst", mode);
-    lab.apply_yaml("workload.yaml", &workload());
-    lab.verify_every_node("before the restarts");
-    let vip = lab.cluster_ip("web");
+/// A restart: which node, how, when it was signalled and when it had realized.
+type Event = (&'static str, AgentStop, Instant, Instant);
+type Loop = (
+    Arc<AtomicBool>,
+    Arc<Mutex<Vec<Sample>>>,
+    std::thread::JoinHandle<()>,
+);
 
-    let mut workers = Workers::default();
+/// Every client's loops: short requests (a new connection each) and long-lived connections,
+/// through the ClusterIP and to the pod on the next node.
+struct Traffic {
+    short: Vec<(String, Loop)>,
+    held: Vec<(String, Arc<Mutex<HeldConnection>>)>,
+}
+
+fn start_traffic(lab: &TestLab, workers: &mut Workers) -> Traffic {
+    let vip = lab.cluster_ip("web");
     for pod in ["web-1", "web-2", "client-1", "client-2", "client-3"] {
-        echo_server(&lab, &mut workers, &format!("default/{pod}"));
+        echo_server(lab, workers, &format!("default/{pod}"));
     }
-    let mut short = Vec::new();
-    let mut held = Vec::new();
+    let mut traffic = Traffic {
+        short: Vec::new(),
+        held: Vec::new(),
+    };
     for k in 1..=3 {
         let client = format!("default/client-{k}");
         let peer = lab.pod_ip(&peer_of(k));
-        for (what, addr) in [
-            ("ClusterIP", SocketAddr::from((vip, 80))),
-            ("pod", SocketAddr::from((peer, 80))),
-        ] {
-            short.push((
+        for (what, ip) in [("ClusterIP", vip), ("pod", peer)] {
+            let addr = SocketAddr::from((ip, 80));
+            traffic.short.push((
                 format!("{client} -> {what} {addr}"),
-                request_loop(&lab, &client, addr),
+                request_loop(lab, &client, addr),
             ));
-        }
-        for (what, addr) in [
-            ("ClusterIP", SocketAddr::from((vip, ECHO_PORT))),
-            ("pod", SocketAddr::from((peer, ECHO_PORT))),
-        ] {
-            held.push((
+            let addr = SocketAddr::from((ip, ECHO_PORT));
+            traffic.held.push((
                 format!("{client} -> {what} {addr}"),
-                hold_connection(&lab, &mut workers, &client, addr, EVERY),
+                hold_connection(lab, workers, &client, addr, EVERY),
             ));
         }
     }
-    let watches: Vec<_> = NODES
-        .iter()
-        .map(|node| (*node, watch_tcx(&lab, &mut workers, node)))
-        .collect();
-    let links_before: BTreeMap<&str, BTreeMap<String, LinkState>> = NODES
-        .iter()
-        .map(|node| (*node, pinned_links(&lab.lab.pin_dir(node))))
-        .collect();
-    let drops_before: BTreeMap<&str, _> = NODES
-        .iter()
-        .map(|node| (*node, drops(&lab.lab.pin_dir(node))))
-        .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    traffic
+}
 
-    let started = Instant::now();
-    let mut times = Vec::new();
-    // (node, how, signalled, realized): to place a failure among the restarts.
+/// Restarts every node's agent `per_node` times, alternately by SIGTERM and SIGKILL, with
+/// verify clean and no map entry written by the new agent after each.
+fn restart_every_node(lab: &TestLab, mode: Mode, per_node: usize) -> Vec<Event> {
     let mut events = Vec::new();
     for round in 0..per_node {
         for node in NODES {
@@ -183,8 +180,12 @@ fn restarts_under_load(mode: Mode) {
                 AgentStop::Kill
             };
             let signalled = Instant::now();
-            let (stopped, realized) = restart(&lab, node, how);
+            let (stopped, realized) = restart(lab, node, how);
             events.push((node, how, signalled, Instant::now()));
+            eprintln!(
+                "{mode:?}: {node} restart {} ({how:?}): stopped in {stopped:?}, realized {realized:?} after its start",
+                round + 1,
+            );
             // The pins held what the objects say: the new agent rewrote nothing.
             let writes = first_pass_writes(&lab.lab.agent_log(node));
             assert_eq!(
@@ -192,78 +193,83 @@ fn restarts_under_load(mode: Mode) {
                 Some((0, 0)),
                 "{mode:?}: {node}'s new agent's first pass wrote (upserted, removed) map entries"
             );
-            eprintln!(
-                "{mode:?}: {node} restart {} ({how:?}): stopped in {stopped:?}, realized {realized:?} after its start",
-                round + 1,
-            );
-            times.push(stopped + realized);
             lab.verify_every_node(&format!("{mode:?}: after restart {round} of {node}"));
             // Traffic crosses the restarted node's new programs before the next restart.
             std::thread::sleep(Duration::from_millis(300));
         }
     }
-    let elapsed = started.elapsed();
-    std::thread::sleep(Duration::from_millis(300));
+    events
+}
 
-    // Stop the short loops first: each thread is joined, then its samples read.
+/// Stops the traffic, prints what it saw, and fails on any failed request or connection.
+fn check_traffic(mode: Mode, traffic: Traffic, workers: &mut Workers, events: &[Event]) {
+    // Each short loop is joined, then its samples read.
     let mut short_total = 0;
     let mut short_failed = Vec::new();
-    for (what, (stop, samples, thread)) in short {
+    for (what, (stop, samples, thread)) in traffic.short {
         stop.store(true, Ordering::Relaxed);
         thread.join().unwrap();
         let samples = samples.lock().unwrap();
         short_total += samples.len();
         short_failed.extend(samples.iter().filter_map(|s| {
             let e = s.answer.as_ref().err()?;
-            Some(format!("{what}: {e} ({})", during(&events, s.started)))
+            Some(format!("{what}: {e} ({})", during(events, s.started)))
         }));
     }
     workers.stop();
-    let held: Vec<(String, HeldConnection)> = held
+    let held: Vec<(String, HeldConnection)> = traffic
+        .held
         .into_iter()
         .map(|(what, seen)| (what, seen.lock().unwrap().clone()))
         .collect();
-    let exchanges: u64 = held.iter().map(|(_, h)| h.exchanges).sum();
-    let resets: u64 = held.iter().map(|(_, h)| h.resets).sum();
-    let slowest = held.iter().map(|(_, h)| h.slowest_ms).max().unwrap_or(0);
     let held_failed: Vec<String> = held
         .iter()
         .flat_map(|(_, h)| &h.failures)
-        .map(|(at, e)| format!("{e} ({})", during(&events, *at)))
+        .map(|(at, e)| format!("{e} ({})", during(events, *at)))
         .collect();
-    times.sort();
     eprintln!(
-        "{mode:?}: {} restarts ({per_node} per node, half SIGTERM, half SIGKILL) in {elapsed:?}; \
-         restart to realized: median {:?}, max {:?}; {short_total} short requests, {} failed; \
-         {} long-lived connections, {exchanges} exchanges, {} failed, {resets} reset, slowest answer {slowest} ms",
-        times.len(),
-        times[times.len() / 2],
-        times.last().unwrap(),
+        "{mode:?}: {short_total} short requests, {} failed; {} long-lived connections, {} exchanges, {} failed, {} reset, slowest answer {} ms",
         short_failed.len(),
         held.len(),
+        held.iter().map(|(_, h)| h.exchanges).sum::<u64>(),
         held_failed.len(),
+        held.iter().map(|(_, h)| h.resets).sum::<u64>(),
+        held.iter().map(|(_, h)| h.slowest_ms).max().unwrap_or(0),
     );
-
-    for node in NODES {
-        let after = drops(&lab.lab.pin_dir(node));
-        let new: BTreeMap<_, _> = after
-            .iter()
-            .map(|(k, n)| (k, n - drops_before[node].get(k).unwrap_or(&0)))
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        eprintln!("{mode:?}: {node}: packets dropped during the restarts: {new:?}");
+    assert!(
+        short_failed.is_empty(),
+        "{mode:?}: short requests failed: {:?}",
+        &short_failed[..short_failed.len().min(10)]
+    );
+    assert!(
+        held_failed.is_empty(),
+        "{mode:?}: long-lived connections failed: {held_failed:?}"
+    );
+    for (what, h) in &held {
+        assert_eq!(h.connections, 1, "{mode:?}: {what} kept its one connection");
+        assert!(h.exchanges > 0, "{mode:?}: {what} exchanged nothing");
     }
+}
+
+/// No tcx hook was ever seen empty or doubled, each ran one program per agent, and every
+/// pinned link kept its id while it got each new agent's program.
+fn check_hooks(
+    lab: &TestLab,
+    mode: Mode,
+    watches: &[(&str, Arc<Mutex<TcxWatch>>)],
+    links_before: &BTreeMap<&str, BTreeMap<String, LinkState>>,
+    per_node: usize,
+) {
     let mut swapped = 0;
-    for (node, watch) in &watches {
+    for (node, watch) in watches {
         let watch = watch.lock().unwrap();
         let ids: Vec<usize> = watch.programs.values().map(|ids| distinct(ids)).collect();
         eprintln!(
-            "{mode:?}: {node}: {} polls of {} tcx hooks, {} empty, {} doubled, programs per hook {:?}",
+            "{mode:?}: {node}: {} polls of {} tcx hooks, {} empty, {} doubled, programs per hook {ids:?}",
             watch.polls,
             watch.programs.len(),
             watch.empty.len(),
             watch.doubled.len(),
-            ids
         );
         assert!(
             watch.empty.is_empty(),
@@ -275,7 +281,13 @@ fn restarts_under_load(mode: Mode) {
             "{mode:?}: {node}: two programs on a hook: {:?}",
             &watch.doubled[..watch.doubled.len().min(5)]
         );
-        // Every restart loaded new programs, which went into the same links.
+        for (hook, history) in &watch.programs {
+            assert_eq!(
+                distinct(history),
+                per_node + 1,
+                "{mode:?}: {node}: {hook}: one program per agent: {history:?}"
+            );
+        }
         let after = pinned_links(&lab.lab.pin_dir(node));
         for (path, before) in &links_before[node] {
             let now = after
@@ -291,28 +303,58 @@ fn restarts_under_load(mode: Mode) {
             );
             swapped += 1;
         }
-        for (hook, history) in &watch.programs {
-            assert_eq!(
-                distinct(history),
-                per_node + 1,
-                "{mode:?}: {node}: {hook}: one program per agent: {history:?}"
-            );
-        }
     }
     eprintln!("{mode:?}: {swapped} pinned links kept their id and got new programs");
-    assert!(
-        short_failed.is_empty(),
-        "{mode:?}: short requests failed: {:?}",
-        &short_failed[..short_failed.len().min(10)]
+}
+
+fn restarts_under_load(mode: Mode) {
+    let per_node = restarts();
+    let mut lab = three_nodes("rst", mode);
+    lab.apply_yaml("workload.yaml", &workload());
+    lab.verify_every_node("before the restarts");
+
+    let mut workers = Workers::default();
+    let traffic = start_traffic(&lab, &mut workers);
+    let watches: Vec<_> = NODES
+        .iter()
+        .map(|node| (*node, watch_tcx(&lab, &mut workers, node)))
+        .collect();
+    let pins = |node: &str| lab.lab.pin_dir(node);
+    let links_before: BTreeMap<&str, _> = NODES
+        .iter()
+        .map(|node| (*node, pinned_links(&pins(node))))
+        .collect();
+    let drops_before: BTreeMap<&str, _> = NODES
+        .iter()
+        .map(|node| (*node, drops(&pins(node))))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let started = Instant::now();
+    let events = restart_every_node(&lab, mode, per_node);
+    let elapsed = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut times: Vec<Duration> = events.iter().map(|(_, _, from, to)| *to - *from).collect();
+    times.sort();
+    eprintln!(
+        "{mode:?}: {} restarts ({per_node} per node, half SIGTERM, half SIGKILL) in {elapsed:?}; \
+         signal to realized: median {:?}, max {:?}",
+        times.len(),
+        times[times.len() / 2],
+        times.last().unwrap(),
     );
-    assert!(
-        held_failed.is_empty(),
-        "{mode:?}: long-lived connections failed: {held_failed:?}"
-    );
-    for (what, h) in &held {
-        assert_eq!(h.connections, 1, "{mode:?}: {what} kept its one connection");
-        assert!(h.exchanges > 0, "{mode:?}: {what} exchanged nothing");
+    check_traffic(mode, traffic, &mut workers, &events);
+    for node in NODES {
+        let new: BTreeMap<_, _> = drops(&pins(node))
+            .into_iter()
+            .filter_map(|(k, n)| {
+                let since = n - drops_before[node].get(&k).copied().unwrap_or(0);
+                (since > 0).then_some((k, since))
+            })
+            .collect();
+        eprintln!("{mode:?}: {node}: packets dropped during the restarts: {new:?}");
     }
+    check_hooks(&lab, mode, &watches, &links_before, per_node);
 }
 
 #[test]
