@@ -20,6 +20,7 @@ use sluice_lab::{Lab, LabBinaries, LabOptions};
 
 pub mod cli;
 pub mod cri;
+pub mod load;
 pub mod multinode;
 pub mod netpol;
 pub mod node;

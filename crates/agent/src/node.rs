@@ -8,11 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::SchedClassifier;
 use sluice_api::{Drift, VerifyReport};
 use sluice_common::kinds::DriftKind;
 use sluice_compiler::{Balancing, CompileCache, DesiredState, NodeContext};
-use sluice_datapath::{AttachRole, Datapath, Hook};
+use sluice_datapath::{AttachRole, Datapath};
 use sluice_realizer::{ApplyStats, Desired, KernelTables, Scan, ScanTick};
 use sluice_store::Snapshot;
 use tracing::{debug, info, warn};
@@ -190,11 +189,16 @@ impl Node {
     fn realize_and_attach(&mut self, started: Instant) -> bool {
         self.full_map = None;
         match self.try_reconcile() {
-            Ok(changed) => {
-                if changed || self.realized_generation != self.generation {
+            Ok((stats, attached)) => {
+                if stats.changed() || attached || self.realized_generation != self.generation {
+                    // The entries written say what a restart cost the maps: none when the
+                    // pins already held what the objects say.
                     info!(
                         generation = self.generation,
                         revision = self.snapshot.revision,
+                        upserted = stats.upserted,
+                        removed = stats.removed,
+                        attached,
                         elapsed = ?started.elapsed(),
                         "realized"
                     );
@@ -217,7 +221,8 @@ impl Node {
         }
     }
 
-    fn try_reconcile(&mut self) -> Result<bool, AgentError> {
+    /// Returns the entries the pass wrote and whether it attached or detached programs.
+    fn try_reconcile(&mut self) -> Result<(ApplyStats, bool), AgentError> {
         let (desired, compiled_from) = self.compile();
         for problem in &desired.problems {
             debug!(%problem, "compiler");
@@ -265,7 +270,7 @@ impl Node {
         self.desired = desired;
         self.compiled_from = Some(compiled_from);
         attached |= sockets?;
-        Ok(stats.changed() || attached)
+        Ok((stats, attached))
     }
 
     /// One tick of the rolling check of the maps against the unchanged desired state.
@@ -380,9 +385,10 @@ impl Node {
         (Arc::new(desired), from)
     }
 
-    /// Attaches the datapath to `ifname` unless the kernel already runs it there.
+    /// Attaches the datapath to `ifname` unless the kernel already runs this agent's
+    /// programs there; an earlier agent's are swapped for them in their links.
     fn ensure_attached(&mut self, ifname: &str) -> Result<bool, AgentError> {
-        if runs_role(AttachRole::PodVeth, ifname) {
+        if self.datapath.runs(AttachRole::PodVeth, ifname) {
             return Ok(false);
         }
         info!(%ifname, "attaching datapath");
@@ -411,7 +417,7 @@ impl Node {
         let detached: BTreeSet<_> = desired
             .interfaces
             .iter()
-            .filter(|i| !runs_role(AttachRole::PodVeth, i))
+            .filter(|i| !self.datapath.runs(AttachRole::PodVeth, i))
             .cloned()
             .collect();
         drift.extend(detached.iter().map(|i| Drift {
@@ -423,7 +429,7 @@ impl Node {
         }));
         drift.extend(self.cgroups.drift(&mut self.datapath)?);
         let (others, own) = nodes::routed(&desired.nodes);
-        drift.extend(self.routing.drift(&others, own)?);
+        drift.extend(self.routing.drift(&self.datapath, &others, own)?);
         drift.extend(self.pins.missing()?.into_iter().map(|pin| Drift {
             map: "pins".into(),
             kind: DriftKind::Missing,
@@ -461,18 +467,4 @@ fn raise_hint(map: &str) -> String {
         .map_or_else(String::new, |setting| {
             format!(" (raise {})", setting.flag())
         })
-}
-
-/// Whether the kernel runs every program of `role` on `ifname` (the truth, not our
-/// memory of it).
-pub(crate) fn runs_role(role: AttachRole, ifname: &str) -> bool {
-    role.programs().all(|program| {
-        // Socket programs run on a cgroup, never on an interface.
-        let Hook::Tcx(attach) = program.hook else {
-            return false;
-        };
-        SchedClassifier::query_tcx(ifname, attach)
-            .map(|(_, progs)| progs.iter().any(|p| p.name_as_str() == Some(program.name)))
-            .unwrap_or(false)
-    })
 }

@@ -19,7 +19,6 @@ use tracing::info;
 use crate::{
     AgentError,
     masquerade::{CidrPlan, MasqueradeConfig, NonMasqueradeCidrs},
-    node::runs_role,
     nodes::ClusterNode,
 };
 
@@ -163,18 +162,19 @@ impl Routing {
         if self.config.mode == RoutingMode::Tunnel {
             self.ensure_tunnel_device(&netlink, false)?;
         }
-        let plan = self.plan(&netlink, others, own)?;
+        let plan = self.plan(&netlink, datapath, others, own)?;
         self.apply(&netlink, datapath, &plan)
     }
 
     /// What `verify` reports: the same comparison as a pass, as drift.
     pub fn drift(
         &self,
+        datapath: &Datapath,
         others: &[ClusterNode],
         own: OwnAddresses,
     ) -> Result<Vec<Drift>, AgentError> {
         let netlink = Netlink::current()?;
-        let plan = self.plan(&netlink, others, own)?;
+        let plan = self.plan(&netlink, datapath, others, own)?;
         let mut drift = Vec::new();
         if let Some((desired, actual)) = plan.node_config {
             drift.push(Drift {
@@ -241,6 +241,7 @@ impl Routing {
     fn plan(
         &self,
         netlink: &Netlink,
+        datapath: &Datapath,
         others: &[ClusterNode],
         own: OwnAddresses,
     ) -> Result<Plan, AgentError> {
@@ -254,12 +255,12 @@ impl Routing {
             plan.node_config = Some((desired, actual));
         }
         plan.tunnel_detached = self.config.mode == RoutingMode::Tunnel
-            && !runs_role(AttachRole::TunnelDevice, &self.config.tunnel_device);
+            && !datapath.runs(AttachRole::TunnelDevice, &self.config.tunnel_device);
         plan.netdev_detached = self
             .config
             .underlay_device
             .clone()
-            .filter(|device| !runs_role(AttachRole::Netdev, device));
+            .filter(|device| !datapath.runs(AttachRole::Netdev, device));
         let desired: BTreeSet<RouteEntry> = others
             .iter()
             .filter_map(|node| self.route_to(node, own.router))

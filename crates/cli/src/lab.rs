@@ -11,8 +11,8 @@ use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 use sluice_lab::{
-    ApplyReport, ChangeOptions, Ipv4Net, Lab, LabBinaries, LabOptions, NodeSpec, PodProgress,
-    ProbeOptions, ProbeRequest, Protocol, Via,
+    AgentStop, ApplyReport, ChangeOptions, Ipv4Net, Lab, LabBinaries, LabOptions, NodeSpec,
+    PodProgress, ProbeOptions, ProbeRequest, Protocol, Via,
 };
 
 use crate::{
@@ -123,6 +123,15 @@ pub enum NodeCommand {
     },
     /// Delete the node's pods, stop its agent, remove its namespace and Node object.
     Remove { name: String },
+    /// Stop the node's agent (SIGTERM, or SIGKILL with --kill) and start it again; returns
+    /// once the new agent has realized the lab's current state. Traffic keeps flowing on
+    /// the pinned datapath meanwhile.
+    RestartAgent {
+        name: String,
+        /// kill -9 instead of a graceful stop.
+        #[arg(long)]
+        kill: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -220,6 +229,15 @@ struct NodeDoc {
     name: String,
     pod_cidr: Ipv4Net,
     agent_socket: PathBuf,
+}
+
+/// `lab node restart-agent`.
+#[derive(Serialize)]
+struct RestartDoc {
+    node: String,
+    signal: &'static str,
+    stopped_ms: f64,
+    realized_ms: f64,
 }
 
 /// `lab down`.
@@ -321,6 +339,31 @@ pub fn run(command: &LabCommand, name: &str, output: Output) -> anyhow::Result<(
             with_spinner(format!("removing node {node}"), || lab.remove_node(node))?;
             NodesDoc::new(&lab, &before, started)
                 .print(output, format!("node {node} removed from lab {name}"))?;
+        }
+        LabCommand::Node(NodeCommand::RestartAgent { name: node, kill }) => {
+            let lab = Lab::open(name, &opts)?;
+            let (how, signal) = if *kill {
+                (AgentStop::Kill, "SIGKILL")
+            } else {
+                (AgentStop::Graceful, "SIGTERM")
+            };
+            let restart = with_spinner(format!("restarting the agent of node {node}"), || {
+                lab.restart_agent(node, how)
+            })?;
+            let doc = RestartDoc {
+                node: node.clone(),
+                signal,
+                stopped_ms: restart.stopped.as_secs_f64() * 1e3,
+                realized_ms: restart.realized.as_secs_f64() * 1e3,
+            };
+            if output.structured() {
+                print_doc(output, &doc)?;
+            } else {
+                println!(
+                    "agent of node {node} restarted ({signal}): stopped in {:.0} ms, realized {:.0} ms after its start",
+                    doc.stopped_ms, doc.realized_ms
+                );
+            }
         }
         LabCommand::Apply { files, dry_run } => {
             let mut lab = Lab::open(name, &opts)?;

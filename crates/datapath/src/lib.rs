@@ -13,7 +13,7 @@ mod sock;
 pub mod sys;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     path::{Path, PathBuf},
 };
@@ -88,6 +88,9 @@ impl DatapathConfig {
 pub struct Datapath {
     /// One loaded object per [`Object`], in [`Object::ALL`] order.
     objects: Vec<Ebpf>,
+    /// The kernel's id of each program this load made, by name: what tells them from an
+    /// earlier agent's programs of the same name still attached.
+    program_ids: BTreeMap<&'static str, u32>,
     pin_dir: PathBuf,
 }
 
@@ -118,9 +121,32 @@ impl Datapath {
         adopt_unsorted_links(pin_dir)?;
         // Before any program is attached: the datapath expires entries by it.
         write_ct_config(pin_dir, config.ct_timeouts)?;
-        Ok(Self {
+        let mut datapath = Self {
             objects,
+            program_ids: BTreeMap::new(),
             pin_dir: pin_dir.into(),
+        };
+        for program in &PROGRAMS {
+            let id = datapath.program_info(program.name)?.id();
+            datapath.program_ids.insert(program.name, id);
+        }
+        Ok(datapath)
+    }
+
+    /// Whether the kernel runs this load's own programs of the device role `role` on the
+    /// interface `target`. The same programs of an earlier load (the agent before a
+    /// restart or an upgrade) do not count: [`Self::attach`] swaps them for these in their
+    /// links.
+    pub fn runs(&self, role: AttachRole, target: &str) -> bool {
+        role.programs().all(|program| {
+            // Socket programs run on a cgroup, never on an interface.
+            let Hook::Tcx(attach) = program.hook else {
+                return false;
+            };
+            let own = self.program_ids.get(program.name);
+            SchedClassifier::query_tcx(target, attach)
+                .map(|(_, progs)| progs.iter().any(|p| Some(&p.id()) == own))
+                .unwrap_or(false)
         })
     }
 

@@ -56,6 +56,7 @@ fn attach_detach_and_restart_swap() {
             .attach(AttachRole::PodVeth, "lxc0")
             .expect("attach again");
         assert_eq!(tcx_programs("lxc0", TcAttachType::Ingress).len(), 1);
+        assert!(first.runs(AttachRole::PodVeth, "lxc0"));
         let old_ids = tcx_program_ids("lxc0", TcAttachType::Ingress);
 
         // The agent exits: pinned links keep the programs attached.
@@ -64,12 +65,15 @@ fn attach_detach_and_restart_swap() {
 
         // A restarted agent swaps its own programs into the pinned links.
         let mut second = Datapath::load(&pin_dir, &config).expect("reload");
+        // The old load's programs, of the same names, are not this load's.
+        assert!(!second.runs(AttachRole::PodVeth, "lxc0"));
         second
             .attach(AttachRole::PodVeth, "lxc0")
             .expect("attach after restart");
         let new_ids = tcx_program_ids("lxc0", TcAttachType::Ingress);
         assert_eq!(new_ids.len(), 1);
         assert_ne!(new_ids, old_ids, "the new program replaced the old one");
+        assert!(second.runs(AttachRole::PodVeth, "lxc0"));
         assert_eq!(
             tcx_programs("lxc0", TcAttachType::Egress),
             [programs::TO_CONTAINER]

@@ -14,7 +14,7 @@
 //! directory's lock and namespace journal); `metrics`; `net` (wiring, over sluice-netns);
 //! `process` (detached processes and stopping them by namespace); `topology` (cluster CIDR,
 //! routing mode, underlay and the rules nodes obey); `nodes` (adding and removing nodes of
-//! a running lab).
+//! a running lab); `restart` (stopping and starting one node's agent).
 
 mod apply;
 mod changes;
@@ -34,6 +34,7 @@ mod plan;
 mod pods;
 mod probe;
 mod process;
+mod restart;
 mod router;
 mod server;
 mod slices;
@@ -58,6 +59,7 @@ pub use healthcheck::run_router_health;
 /// Node pod CIDRs and the lab's ranges, as [`NodeSpec`] takes them.
 pub use ipnet::Ipv4Net;
 pub use probe::{Probe, ProbeMatrix, ProbeOptions, ProbeRequest, Protocol, Via};
+pub use restart::{AgentRestart, AgentStop};
 pub use router::VIP_ROUTE_PROTOCOL;
 pub use server::serve_pod;
 pub use spec::{
