@@ -142,13 +142,20 @@ fn a_pod_attached_by_the_plugin_gets_traffic_and_policy_from_the_kubernetes_api(
     assert_policy_drop(&node, "default/long");
     let mut samples = vec![unblocked_by_deletion(&node, &long, &target)];
     assert_forwarded(&node, "default/long");
-    assert!(
-        !node
-            .client()
-            .endpoint("default/long")
-            .unwrap()
-            .egress_enforced
-    );
+    // The view is published when the pass ends, just after the maps that let it through.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node
+        .client()
+        .endpoint("default/long")
+        .unwrap()
+        .egress_enforced
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the endpoint view still shows the deleted policy"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // More samples: the policy served again blocks the pod's next connection, and its
     // deletion unblocks it again.
     for _ in 0..4 {
