@@ -212,6 +212,7 @@ pub fn campaign(seed: u64, frames: u64) -> Report {
         Addresses {
             pod: POD,
             peers: vec![PEER, STRANGER, WORLD_HOST, VIP],
+            frontend: VIP,
         },
     );
     let mut report = Report::default();
@@ -258,7 +259,8 @@ pub fn campaign(seed: u64, frames: u64) -> Report {
                     }
                     match rewrite {
                         Rewrite::None => "pass".to_owned(),
-                        _ => "pass translated".to_owned(),
+                        Rewrite::Nat { .. } => "pass translated".to_owned(),
+                        Rewrite::IcmpQuote { .. } => "pass ICMP error translated".to_owned(),
                     }
                 }
             };

@@ -18,6 +18,8 @@ pub struct Addresses {
     pub pod: Ipv4Addr,
     /// Peers other than the pod (pods, world hosts, service frontends).
     pub peers: Vec<Ipv4Addr>,
+    /// The services' frontend address (among the peers).
+    pub frontend: Ipv4Addr,
 }
 
 /// Which shape a generated datagram was sent in, for the report.
@@ -168,11 +170,20 @@ impl Generator {
             Dir::Ingress => (self.port(&DPORTS), self.port(&SPORTS)),
         };
         // Replies come from the well-known ports; requests go to them.
-        let (sport, dport) = if self.rng.bool() {
+        let (mut sport, mut dport) = if self.rng.bool() {
             (sport, dport)
         } else {
             (dport, sport)
         };
+        // Lean toward the services' frontends and their backends' answers, so that
+        // translations, replies and the errors about them are common.
+        if self.rng.bool() {
+            match dir {
+                Dir::Egress if dst == self.addresses.frontend => dport = self.pick(&[80, 53]),
+                Dir::Ingress => sport = self.pick(&[8080, 5353, 80, 53]),
+                _ => {}
+            }
+        }
         match self.rng.u8(..100) {
             0..=34 => {
                 let options = 4 * self.rng.usize(0..4) * usize::from(self.rng.u8(..4) == 0);
