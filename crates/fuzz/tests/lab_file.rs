@@ -141,3 +141,12 @@ fn lab_file_smoke() {
 fn lab_file_long() {
     run(inputs_from_env());
 }
+
+/// The lab file's reader refuses YAML that aliases expand past its budget.
+#[test]
+fn an_alias_bomb_is_refused() {
+    let start = std::time::Instant::now();
+    let refused =
+        LabSpec::parse(Path::new("bomb.yaml"), &common::alias_bomb()).expect_err("a bomb");
+    println!("alias bomb refused after {:?}: {refused}", start.elapsed());
+}

@@ -268,3 +268,12 @@ fn manifests_smoke() {
 fn manifests_long() {
     run(inputs_from_env());
 }
+
+/// YAML's aliases let a few lines stand for billions of nodes ("billion laughs"): the
+/// reader must refuse such a file rather than expand it.
+#[test]
+fn an_alias_bomb_is_refused() {
+    let start = std::time::Instant::now();
+    let refused = parse_str(Path::new("bomb.yaml"), &common::alias_bomb()).expect_err("a bomb");
+    println!("alias bomb refused after {:?}: {refused}", start.elapsed());
+}
