@@ -185,42 +185,8 @@ impl Generator {
             }
         }
         match self.rng.u8(..100) {
-            0..=34 => {
-                let options = 4 * self.rng.usize(0..4) * usize::from(self.rng.u8(..4) == 0);
-                let mut l4 = vec![0u8; 20 + options];
-                l4[0..2].copy_from_slice(&sport.to_be_bytes());
-                l4[2..4].copy_from_slice(&dport.to_be_bytes());
-                l4[4..8].copy_from_slice(&self.rng.u32(..).to_be_bytes());
-                l4[8..12].copy_from_slice(&self.rng.u32(..).to_be_bytes());
-                l4[12] = (((20 + options) / 4) as u8) << 4;
-                l4[13] = if self.rng.u8(..10) == 0 {
-                    self.rng.u8(..)
-                } else {
-                    self.pick(&TCP_FLAG_CHOICES)
-                };
-                l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
-                l4[20..].fill(1); // NOP options
-                l4.extend_from_slice(&payload);
-                let sum = l4_checksum(src, dst, IPPROTO_TCP, &l4);
-                l4[16..18].copy_from_slice(&sum.to_be_bytes());
-                (IPPROTO_TCP, l4)
-            }
-            35..=59 => {
-                let mut l4 = vec![0u8; 8];
-                l4[0..2].copy_from_slice(&sport.to_be_bytes());
-                l4[2..4].copy_from_slice(&dport.to_be_bytes());
-                l4[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-                l4.extend_from_slice(&payload);
-                // A datagram without checksum (0) now and then.
-                if self.rng.u8(..10) != 0 {
-                    let sum = match l4_checksum(src, dst, IPPROTO_UDP, &l4) {
-                        0 => 0xffff,
-                        sum => sum,
-                    };
-                    l4[6..8].copy_from_slice(&sum.to_be_bytes());
-                }
-                (IPPROTO_UDP, l4)
-            }
+            0..=34 => (IPPROTO_TCP, self.tcp(src, dst, sport, dport, &payload)),
+            35..=59 => (IPPROTO_UDP, self.udp(src, dst, sport, dport, &payload)),
             60..=71 => {
                 let kind = self.pick(&[0u8, 8]);
                 let id = self.port(&SPORTS);
@@ -252,6 +218,59 @@ impl Generator {
                 (IPPROTO_SCTP, l4)
             }
         }
+    }
+
+    /// A TCP segment (sometimes with NOP options) with a valid checksum.
+    fn tcp(
+        &mut self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let options = 4 * self.rng.usize(0..4) * usize::from(self.rng.u8(..4) == 0);
+        let mut l4 = vec![0u8; 20 + options];
+        l4[0..2].copy_from_slice(&sport.to_be_bytes());
+        l4[2..4].copy_from_slice(&dport.to_be_bytes());
+        l4[4..8].copy_from_slice(&self.rng.u32(..).to_be_bytes());
+        l4[8..12].copy_from_slice(&self.rng.u32(..).to_be_bytes());
+        l4[12] = (((20 + options) / 4) as u8) << 4;
+        l4[13] = if self.rng.u8(..10) == 0 {
+            self.rng.u8(..)
+        } else {
+            self.pick(&TCP_FLAG_CHOICES)
+        };
+        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        l4[20..].fill(1); // NOP options
+        l4.extend_from_slice(payload);
+        let sum = l4_checksum(src, dst, IPPROTO_TCP, &l4);
+        l4[16..18].copy_from_slice(&sum.to_be_bytes());
+        l4
+    }
+
+    /// A UDP datagram with a valid checksum, or now and then none (0).
+    fn udp(
+        &mut self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut l4 = vec![0u8; 8];
+        l4[0..2].copy_from_slice(&sport.to_be_bytes());
+        l4[2..4].copy_from_slice(&dport.to_be_bytes());
+        l4[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        l4.extend_from_slice(payload);
+        if self.rng.u8(..10) != 0 {
+            let sum = match l4_checksum(src, dst, IPPROTO_UDP, &l4) {
+                0 => 0xffff,
+                sum => sum,
+            };
+            l4[6..8].copy_from_slice(&sum.to_be_bytes());
+        }
+        l4
     }
 
     /// An ICMP error quoting a packet the receiver of the error sent: from `dst` to a

@@ -113,7 +113,7 @@ impl Campaign {
 
 /// Nine lines of YAML that expand to 9^9 strings through aliases ("billion laughs").
 pub fn alias_bomb() -> String {
-    let mut text = format!("a: &a [{}]\n", vec!["\"lol\""; 9].join(","));
+    let mut text = format!("a: &a [{}]\n", ["\"lol\""; 9].join(","));
     let mut previous = 'a';
     for name in 'b'..='i' {
         let refs = vec![format!("*{previous}"); 9].join(",");
