@@ -6,7 +6,7 @@
 //! must be the spec's JSON (an error object or VERSION's result), never a panic; a
 //! refused configuration names what is wrong (its field, once the input is an object).
 //!
-//! `cni_stdin_smoke` runs 20,000 inputs in CI; `SLUICE_FUZZ_INPUTS=1000000 cargo test -p
+//! `cni_stdin_smoke` runs 10,000 inputs in CI; `SLUICE_FUZZ_INPUTS=1000000 cargo test -p
 //! sluice-fuzz --test cni_stdin -- --ignored --nocapture` is the long run.
 // A test binary: a panic in a fixture helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -145,7 +145,7 @@ fn run(inputs: u64) {
 
 #[test]
 fn cni_stdin_smoke() {
-    run(20_000);
+    run(10_000);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! file (never just the document), and an accepted file holds up: written back and read
 //! again it is the same lab.
 //!
-//! `lab_file_smoke` runs 5,000 inputs in CI; `SLUICE_FUZZ_INPUTS=1000000 cargo test -p
+//! `lab_file_smoke` runs 3,000 inputs in CI; `SLUICE_FUZZ_INPUTS=1000000 cargo test -p
 //! sluice-fuzz --test lab_file -- --ignored --nocapture` is the long run.
 // A test binary: a panic in a fixture helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -133,7 +133,7 @@ fn run(inputs: u64) {
 
 #[test]
 fn lab_file_smoke() {
-    run(5_000);
+    run(3_000);
 }
 
 #[test]

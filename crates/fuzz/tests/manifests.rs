@@ -7,7 +7,7 @@
 //! Kubernetes source hands them over, decoded but not validated by sluice (an API server
 //! validates by its own rules): compiling must never panic either.
 //!
-//! `manifests_smoke` runs 3,000 inputs in CI; `SLUICE_FUZZ_INPUTS=1000000 cargo test -p
+//! `manifests_smoke` runs 2,000 inputs in CI; `SLUICE_FUZZ_INPUTS=1000000 cargo test -p
 //! sluice-fuzz --test manifests -- --ignored --nocapture` is the long run.
 // A test binary: a panic in a fixture helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -260,7 +260,7 @@ fn run(inputs: u64) {
 
 #[test]
 fn manifests_smoke() {
-    run(3_000);
+    run(2_000);
 }
 
 #[test]
