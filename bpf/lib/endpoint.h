@@ -159,8 +159,11 @@ static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex
 	}
 
 	entry = ct_lookup(&pkt, CT_SERVICE, true);
-	if (entry) {
-		/* A hairpin reply, already rev-NATed by from_container. */
+	if (entry && entry->nat_address == pkt.daddr) {
+		/* A hairpin reply, already rev-NATed by from_container: the pod is its own
+		 * backend. Any other service connection is answered by its backend (the
+		 * CT_EGRESS reply above); a packet from its frontend is judged like any other,
+		 * as the service entry is written even when policy then denies the connection. */
 		ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now);
 		return verdict_pass(skb, METRIC_DIR_INGRESS);
 	}

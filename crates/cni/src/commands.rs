@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+use serde::de::DeserializeOwned;
 use sluice_api::{
     ApiError, Client,
     cni::{CniAddRequest, CniAllocation, CniAttachment},
@@ -47,7 +48,7 @@ fn socket(config: &NetConf) -> &str {
 
 /// The configuration, checked: a version this plugin speaks, a name, this plugin's type.
 fn config(stdin: &[u8]) -> Result<NetConf, CniError> {
-    let config: NetConf = serde_json::from_slice(stdin).map_err(CniError::Decode)?;
+    let config: NetConf = decode(stdin)?;
     if !supported(&config.cni_version) {
         return Err(CniError::Version(config.cni_version));
     }
@@ -66,8 +67,26 @@ fn config(stdin: &[u8]) -> Result<NetConf, CniError> {
     Ok(config)
 }
 
+/// Decodes the configuration on stdin; a value of the wrong shape is refused naming its
+/// field, not only a position in the text.
+fn decode<T: DeserializeOwned>(stdin: &[u8]) -> Result<T, CniError> {
+    let mut reader = serde_json::Deserializer::from_slice(stdin);
+    let value = serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+        let field = e.path().to_string();
+        let error = e.into_inner();
+        // serde_path_to_error names the root ".".
+        if field == "." {
+            CniError::Decode(error)
+        } else {
+            CniError::DecodeField { field, error }
+        }
+    })?;
+    reader.end().map_err(CniError::Decode)?;
+    Ok(value)
+}
+
 fn version(stdin: &[u8]) -> Result<String, CniError> {
-    let request: VersionRequest = serde_json::from_slice(stdin).map_err(CniError::Decode)?;
+    let request: VersionRequest = decode(stdin)?;
     let cni_version = if supported(&request.cni_version) {
         request.cni_version
     } else {

@@ -21,6 +21,12 @@ pub enum CniError {
     Stdin(std::io::Error),
     #[error("network configuration on stdin: {0}")]
     Decode(serde_json::Error),
+    /// A value of the wrong shape, named by its field (`prevResult.ips[0].address`).
+    #[error("network configuration on stdin: {field}: {error}")]
+    DecodeField {
+        field: String,
+        error: serde_json::Error,
+    },
     #[error("network configuration: {0}")]
     InvalidConfig(String),
     #[error("cniVersion {0:?} is not supported (this plugin speaks 1.0.0 and 1.1.0)")]
@@ -47,7 +53,7 @@ impl CniError {
             | Self::MissingVar { .. }
             | Self::BadArgs(_) => ErrorCode::InvalidEnvironment,
             Self::Stdin(_) | Self::Netns(_) => ErrorCode::IoFailure,
-            Self::Decode(_) => ErrorCode::DecodeFailure,
+            Self::Decode(_) | Self::DecodeField { .. } => ErrorCode::DecodeFailure,
             Self::InvalidConfig(_) => ErrorCode::InvalidNetworkConfig,
             Self::Version(_) => ErrorCode::IncompatibleVersion,
             Self::NoNetns(_) => ErrorCode::ContainerUnknown,

@@ -83,6 +83,26 @@ pub fn run(var: impl Fn(&str) -> Option<String>, stdin: std::io::Result<Vec<u8>>
 mod tests {
     use super::*;
 
+    /// Found by sluice-fuzz's CNI campaign: serde_json alone says only "at line 1 column 60".
+    #[test]
+    fn a_value_of_the_wrong_shape_is_refused_naming_its_field() {
+        let var = |name: &str| (name == "CNI_COMMAND").then(|| "ADD".to_string());
+        let stdin = br#"{"cniVersion":"1.1.0","name":"n","type":"sluice-cni",
+            "cni.dev/valid-attachments":[{"containerID":5,"ifname":"eth0"}]}"#;
+        let out = run(var, Ok(stdin.to_vec()));
+        assert!(!out.success);
+        let error: ErrorResult = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(error.code, spec::ErrorCode::DecodeFailure as u32);
+        assert!(
+            error.msg.starts_with(
+                "network configuration on stdin: cni.dev/valid-attachments[0].containerID: \
+                 invalid type: integer `5`"
+            ),
+            "{}",
+            error.msg
+        );
+    }
+
     #[test]
     fn host_interfaces_are_short_stable_and_distinct() {
         let a = host_interface("0123456789abcdef", "eth0");

@@ -232,8 +232,19 @@ impl LabSpec {
             field: field.to_string(),
             message,
         };
-        let raw: RawLab =
+        // YAML first, then the lab's fields: a value of the wrong shape is refused naming
+        // its field, not only a position in the text.
+        let value: serde_json::Value =
             serde_saphyr::from_str(text).map_err(|e| err("(document)", e.to_string()))?;
+        let value = match value {
+            serde_json::Value::Null => serde_json::Value::Object(serde_json::Map::new()),
+            value => value,
+        };
+        let raw: RawLab = serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            let field = if field == "." { "(document)" } else { &field };
+            err(field, e.into_inner().to_string())
+        })?;
         match raw.api_version.as_deref() {
             Some(API_VERSION) => {}
             Some(other) => {

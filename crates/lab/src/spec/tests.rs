@@ -167,8 +167,18 @@ fn errors_name_the_field() {
         ),
         (
             &format!("{HEAD}extra: 1\nnodes: []\n"),
-            "lab.yaml: (document): ",
+            "lab.yaml: extra: unknown field `extra`",
         ),
+        // A value of the wrong shape is refused naming its field (found by sluice-fuzz).
+        (
+            &format!("{HEAD}nodes: [{{name: a, podCIDR: 10.244.1.0/24, zone: [a]}}]\n"),
+            "lab.yaml: nodes[0].zone: invalid type: sequence",
+        ),
+        (
+            &format!("{HEAD}nodes: 53\n"),
+            "lab.yaml: nodes: invalid type",
+        ),
+        (&format!("{HEAD}: [\n"), "lab.yaml: (document): "),
     ];
     for (text, expected) in cases {
         let err = parse(text).expect_err(text);
