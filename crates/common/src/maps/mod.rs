@@ -7,6 +7,7 @@
 mod conntrack;
 mod endpoints;
 mod events;
+mod flow;
 mod fragments;
 mod identity;
 mod layout;
@@ -21,6 +22,7 @@ use std::net::Ipv4Addr;
 pub use conntrack::*;
 pub use endpoints::*;
 pub use events::*;
+pub use flow::*;
 pub use fragments::*;
 pub use identity::*;
 pub use layout::*;
