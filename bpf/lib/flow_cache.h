@@ -125,14 +125,74 @@ static __always_inline bool flow_usable(struct __sk_buff *skb, const struct flow
 	       bpf_check_mtu(skb, entry->ifindex, &mtu_len, 0, 0) == BPF_MTU_CHK_RET_SUCCESS;
 }
 
-/* nat_rewrite_port for the cache's TCP and UDP: no SCTP checksum subprogram, whose
- * stack would not fit beside the slow path's. */
-static __always_inline int flow_rewrite_port(struct __sk_buff *skb, const struct pkt4 *pkt,
-					     __u32 off, __be16 old_port, __be16 new_port)
+/* Ones' complement arithmetic on raw (memory order) words, as the kernel's csum_add:
+ * a checksum and the words it covers are summed alike whatever the byte order. */
+static __always_inline __u32 flow_csum_add(__u32 sum, __u32 value)
 {
-	if (old_port == new_port)
-		return 0;
-	return nat_rewrite_port_csum(skb, pkt, off, old_port, new_port);
+	sum += value;
+	return sum + (sum < value);
+}
+
+/* @sum plus what replacing @from by @to changes (RFC 1624). */
+static __always_inline __u32 flow_csum_replace(__u32 sum, __u32 from, __u32 to)
+{
+	return flow_csum_add(flow_csum_add(sum, ~from), to);
+}
+
+static __always_inline __u16 flow_csum_fold(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)((sum & 0xffff) + (sum >> 16));
+}
+
+/* Rewrites @pkt's tuple in @skb to @entry's and writes the MACs, the TTL and the IP
+ * checksum as forwarding would. The L4 checksum goes through the kernel, which alone
+ * knows whether it is complete or a pseudo-header sum for offload: one update for the
+ * addresses (pseudo-header) and one for the ports, where the slow path makes one per
+ * field; the rest is written directly. Returns 0, or -1 when the packet cannot be
+ * written. */
+static __always_inline int flow_rewrite(struct __sk_buff *skb, const struct pkt4 *pkt,
+					const struct flow4_entry *entry)
+{
+	__u32 addrs = flow_csum_replace(flow_csum_replace(0, pkt->saddr, entry->saddr),
+					pkt->daddr, entry->daddr);
+	__u32 ports_from = (__u32)pkt->sport | (__u32)pkt->dport << 16;
+	__u32 ports_to = (__u32)entry->sport | (__u32)entry->dport << 16;
+	void *data, *data_end;
+	struct l4_ports *ports;
+	struct iphdr *ip;
+	__u32 check;
+
+	if ((pkt->saddr != entry->saddr || pkt->daddr != entry->daddr) &&
+	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), 0, addrs,
+				BPF_F_PSEUDO_HDR | l4_csum_flags(pkt)) < 0)
+		return -1;
+	if (ports_from != ports_to &&
+	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), 0,
+				flow_csum_replace(0, ports_from, ports_to),
+				l4_csum_flags(pkt)) < 0)
+		return -1;
+	/* The helpers may have moved the data. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	ports = (void *)(ip + 1);
+	if ((void *)(ports + 1) > data_end)
+		return -1;
+	__builtin_memcpy(data, entry->dmac, ETH_ALEN);
+	__builtin_memcpy(data + ETH_ALEN, entry->smac, ETH_ALEN);
+	ip->saddr = entry->saddr;
+	ip->daddr = entry->daddr;
+	ports->source = entry->sport;
+	ports->dest = entry->dport;
+	/* The IP checksum is always complete: the addresses' change, then the TTL's, as
+	 * flow_write_l2 forwards it. */
+	ip->check = (__sum16)~flow_csum_fold(flow_csum_add((__u16)~ip->check, addrs));
+	check = ip->check;
+	check += bpf_htons(0x0100);
+	ip->check = (__sum16)(check + (check >= 0xffff));
+	ip->ttl -= 1;
+	return 0;
 }
 
 /* Forwards @skb from the cache when a decision holds for it. Returns the verdict, or -1
@@ -141,11 +201,9 @@ static __always_inline int flow_rewrite_port(struct __sk_buff *skb, const struct
 __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 {
 	struct flow4_entry *entry;
-	struct eth_addrs macs;
 	struct flow4_stats *stats;
 	struct pkt4 packet;
 	struct pkt4 *pkt = &packet;
-	__u32 ifindex;
 
 	if (!note)
 		return -1;
@@ -156,16 +214,9 @@ __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 	entry = bpf_map_lookup_elem(&flow4, &note->key);
 	if (!entry || !flow_usable(skb, entry, pkt, ct_now()))
 		return -1;
-	ifindex = entry->ifindex;
-	__builtin_memcpy(macs.dest, entry->dmac, ETH_ALEN);
-	__builtin_memcpy(macs.source, entry->smac, ETH_ALEN);
 	/* A failed write leaves a partly rewritten packet, which the slow path could not
 	 * judge again: dropped, as the slow path drops its own write errors. */
-	if (nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, entry->saddr) < 0 ||
-	    nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, entry->daddr) < 0 ||
-	    flow_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, entry->sport) < 0 ||
-	    flow_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, entry->dport) < 0 ||
-	    flow_write_l2(skb, &macs) < 0) {
+	if (flow_rewrite(skb, pkt, entry) < 0) {
 		metrics_count(skb, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
 		return TC_ACT_SHOT;
 	}
@@ -175,7 +226,7 @@ __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 	stats = flow_stats();
 	if (stats)
 		stats->hits++;
-	return bpf_redirect_peer(ifindex, 0);
+	return bpf_redirect_peer(entry->ifindex, 0);
 }
 
 /* Whether conntrack entry flags (struct flow_note) name a connection the cache may keep:
