@@ -21,8 +21,8 @@ use std::{
 use aya::maps::lpm_trie::Key;
 use sluice_common::{
     ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, IDENTITY_ANY,
-    IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IpcacheEntry, POLICY_EGRESS, POLICY_INGRESS,
-    PolicyKey, addr_be,
+    IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IpcacheEntry, Lb4BackendKey, Lb4Key, Lb4Service,
+    POLICY_EGRESS, POLICY_INGRESS, PolicyKey, SVC_FLAG_CLUSTER_IP, addr_be,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
@@ -176,12 +176,27 @@ fn echo_server(netns: &NetNs, bind: SocketAddrV4) -> NsThread<()> {
 }
 
 /// `count` one-byte transactions on `conn`.
-fn transactions(conn: &mut TcpStream, count: u32) {
+fn transact(conn: &mut TcpStream, count: u32) -> std::io::Result<()> {
     let mut byte = [0u8; 1];
     for _ in 0..count {
-        conn.write_all(b"x").expect("request");
-        conn.read_exact(&mut byte).expect("response");
+        conn.write_all(b"x")?;
+        conn.read_exact(&mut byte)?;
     }
+    Ok(())
+}
+
+fn transactions(conn: &mut TcpStream, count: u32) {
+    transact(conn, count).expect("transactions");
+}
+
+/// A new connection to the ClusterIP from the client pod.
+fn connect(topo: &Topology) -> std::io::Result<TcpStream> {
+    topo.client.run(|| {
+        let conn = TcpStream::connect_timeout(&VIP.into(), TIMEOUT)?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(TIMEOUT))?;
+        Ok(conn)
+    })
 }
 
 /// Per-run costs of the programs on an established connection through a ClusterIP: the
@@ -192,12 +207,7 @@ fn established_flow_cost_in_place() {
     // Run-time statistics of every BPF program stay on while this fd is held.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let server = echo_server(&topo.backend, WEB);
-    let mut conn = topo.client.run(|| {
-        let conn = TcpStream::connect_timeout(&VIP.into(), TIMEOUT).expect("connect");
-        conn.set_nodelay(true).unwrap();
-        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
-        conn
-    });
+    let mut conn = connect(&topo).expect("connect");
     // Warm up: the connection established, neighbours resolved, caches filled.
     transactions(&mut conn, 1_000);
     let before = topo.run_stats();
@@ -236,4 +246,63 @@ fn established_flow_cost_in_place() {
         from_runs >= u64::from(2 * TRANSACTIONS),
         "{from_runs} runs of from_container"
     );
+}
+
+/// The cache is taken, and an established flow behaves through it as through the slow
+/// path: a policy changed to deny all (then deleted) leaves it running, as verdicts judge
+/// new connections only, while new connections follow the policy at once; its backend
+/// removed, its next packet is refused at once, not served from the cache. The changes
+/// are written as the realizer writes them, generation included.
+#[test]
+fn established_flows_through_the_cache_follow_policy_and_backends() {
+    let mut topo = Topology::new();
+    let server = echo_server(&topo.backend, WEB);
+    let mut conn = connect(&topo).expect("connect");
+    transactions(&mut conn, 100);
+    let hits = |topo: &Topology| topo.maps.flow_stats().expect("flow4_stats").hits;
+    let taken = hits(&topo);
+    assert!(taken >= 150, "{taken} packets from the cache of 200");
+
+    // The backend's policy now admits nothing: the established connection goes on (from
+    // the cache again once decided anew), a new one is dropped.
+    let backend_ifindex = topo.ifindex("lxc-b");
+    let _deny_all = support::install_policy(&mut topo.maps, backend_ifindex, &[]);
+    topo.maps.bump_flow_generation().expect("bump the generation");
+    transactions(&mut conn, 100);
+    let after_deny = hits(&topo);
+    assert!(after_deny >= taken + 150, "{} packets from the cache of 200", after_deny - taken);
+    let refused = topo.client.run(|| {
+        TcpStream::connect_timeout(&VIP.into(), Duration::from_millis(500)).map(drop)
+    });
+    assert!(refused.is_err(), "a new connection passed a deny-all policy");
+
+    // The policy deleted: new connections pass again, the established one still does.
+    let mut endpoint = EndpointInfo::new(BACKEND, BACKEND_IDENTITY);
+    endpoint.flags = 0;
+    topo.maps.endpoints.insert(backend_ifindex, endpoint, 0).unwrap();
+    topo.maps.bump_flow_generation().expect("bump the generation");
+    transactions(&mut conn, 100);
+    drop(connect(&topo).expect("a new connection once the policy is deleted"));
+
+    // The backend removed, as the realizer removes it (the frontend keeps no slot): the
+    // connection's next packet is refused, not delivered from the cache.
+    topo.maps
+        .backends
+        .remove(&Lb4BackendKey::new(BACKEND, WEB.port(), IPPROTO_TCP))
+        .unwrap();
+    topo.maps
+        .services
+        .insert(
+            Lb4Key::new(*VIP.ip(), VIP.port(), IPPROTO_TCP, 0),
+            Lb4Service::frontend(0, SVC_FLAG_CLUSTER_IP),
+            0,
+        )
+        .unwrap();
+    // (Replies from the removed backend still reach the client, through the cache too,
+    // as the slow path reverse-NATs them: only requests choose a backend.)
+    topo.maps.bump_flow_generation().expect("bump the generation");
+    let broken = transact(&mut conn, 1);
+    assert!(broken.is_err(), "a removed backend still served an established flow");
+    drop(conn);
+    server.join().expect("server thread");
 }
