@@ -158,7 +158,8 @@ impl Topology {
     }
 }
 
-/// Answers every byte it reads on each connection with one byte, until the peer closes.
+/// Answers every byte it reads on its first connection with one byte, until the peer
+/// closes it or falls silent for TIMEOUT (a connection the datapath cut never closes).
 fn echo_server(netns: &NetNs, bind: SocketAddrV4) -> NsThread<()> {
     let (ready, is_ready) = std::sync::mpsc::channel();
     let thread = netns.spawn(move || {
@@ -166,9 +167,12 @@ fn echo_server(netns: &NetNs, bind: SocketAddrV4) -> NsThread<()> {
         ready.send(()).unwrap();
         let (mut conn, _) = listener.accept().expect("accept");
         conn.set_nodelay(true).unwrap();
+        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
         let mut byte = [0u8; 1];
-        while conn.read(&mut byte).expect("read") == 1 {
-            conn.write_all(&byte).expect("write");
+        while matches!(conn.read(&mut byte), Ok(1)) {
+            if conn.write_all(&byte).is_err() {
+                break;
+            }
         }
     });
     is_ready.recv_timeout(TIMEOUT).expect("server ready");
