@@ -204,9 +204,10 @@ pub const MAPS: [MapDef; 24] = [
     // Conntrack counters the datapath keeps per CPU (lost service entries).
     map!(CtStats, "ct_stats", PerCpuArray, u32 => CtStats, 1,
          capacity: None, realize: None, count: Uncounted),
-    // The flow cache (bpf/lib/flow.h): established flows' decisions, datapath state.
+    // The flow cache (bpf/lib/flow_cache.h): established flows' decisions, datapath
+    // state. A cache, not reported: its hits are in flow4_stats.
     map!(FlowCache, "flow4", LruHash, Flow4Key => Flow4Entry, 65536,
-         capacity: None, realize: None, count: Entries),
+         capacity: None, realize: None, count: Uncounted),
     // Bumped by the realizer after every pass that changed a map (index 0).
     map!(FlowGeneration, "flow4_generation", Array, u32 => u32, 1,
          capacity: None, realize: None, count: Uncounted),
