@@ -10,9 +10,10 @@
 use aya::maps::MapType;
 
 use crate::{
-    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, Flow4Entry, Flow4Key, Flow4Stats, EventConfig, EventCounter, Frag4Key,
-    Frag4Ports, IpcacheEntry, IpcacheKey, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4BackendKey,
-    Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRangeKey, MetricsValue, NodeConfig,
+    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Flow4Entry,
+    Flow4Key, Flow4Stats, Frag4Key, Frag4Ports, IpcacheEntry, IpcacheKey, Lb4Affinity,
+    Lb4AffinityKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service,
+    Lb4SourceRangeKey, MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].

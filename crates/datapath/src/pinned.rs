@@ -12,11 +12,10 @@ use aya::maps::{
 };
 use sluice_common::{
     Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Flow4Stats,
-    Frag4Key,
-    Frag4Ports, IpcacheEntry, LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Affinity, Lb4AffinityKey, Lb4Backend,
-    Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRange, MAPS,
-    MaglevLanes, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index,
-    names,
+    Frag4Key, Frag4Ports, IpcacheEntry, LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Affinity, Lb4AffinityKey,
+    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRange,
+    MAPS, MaglevLanes, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch,
+    metrics_index, names,
 };
 
 /// The datapath's conntrack counters in `map` (the pinned `ct_stats`), summed over CPUs.
@@ -39,10 +38,12 @@ pub fn read_flow_stats(
         map: MapId::FlowStats.name(),
         source,
     })?;
-    Ok(per_cpu.iter().fold(Flow4Stats::default(), |sum, v| Flow4Stats {
-        hits: sum.hits + v.hits,
-        decided: sum.decided + v.decided,
-    }))
+    Ok(per_cpu
+        .iter()
+        .fold(Flow4Stats::default(), |sum, v| Flow4Stats {
+            hits: sum.hits + v.hits,
+            decided: sum.decided + v.decided,
+        }))
 }
 
 /// Moves the flow cache to a new generation (`map` is the pinned `flow4_generation`), so

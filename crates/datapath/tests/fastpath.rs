@@ -271,20 +271,34 @@ fn established_flows_through_the_cache_follow_policy_and_backends() {
     // the cache again once decided anew), a new one is dropped.
     let backend_ifindex = topo.ifindex("lxc-b");
     let _deny_all = support::install_policy(&mut topo.maps, backend_ifindex, &[]);
-    topo.maps.bump_flow_generation().expect("bump the generation");
+    topo.maps
+        .bump_flow_generation()
+        .expect("bump the generation");
     transactions(&mut conn, 100);
     let after_deny = hits(&topo);
-    assert!(after_deny >= taken + 150, "{} packets from the cache of 200", after_deny - taken);
-    let refused = topo.client.run(|| {
-        TcpStream::connect_timeout(&VIP.into(), Duration::from_millis(500)).map(drop)
-    });
-    assert!(refused.is_err(), "a new connection passed a deny-all policy");
+    assert!(
+        after_deny >= taken + 150,
+        "{} packets from the cache of 200",
+        after_deny - taken
+    );
+    let refused = topo
+        .client
+        .run(|| TcpStream::connect_timeout(&VIP.into(), Duration::from_millis(500)).map(drop));
+    assert!(
+        refused.is_err(),
+        "a new connection passed a deny-all policy"
+    );
 
     // The policy deleted: new connections pass again, the established one still does.
     let mut endpoint = EndpointInfo::new(BACKEND, BACKEND_IDENTITY);
     endpoint.flags = 0;
-    topo.maps.endpoints.insert(backend_ifindex, endpoint, 0).unwrap();
-    topo.maps.bump_flow_generation().expect("bump the generation");
+    topo.maps
+        .endpoints
+        .insert(backend_ifindex, endpoint, 0)
+        .unwrap();
+    topo.maps
+        .bump_flow_generation()
+        .expect("bump the generation");
     transactions(&mut conn, 100);
     drop(connect(&topo).expect("a new connection once the policy is deleted"));
 
@@ -304,9 +318,14 @@ fn established_flows_through_the_cache_follow_policy_and_backends() {
         .unwrap();
     // (Replies from the removed backend still reach the client, through the cache too,
     // as the slow path reverse-NATs them: only requests choose a backend.)
-    topo.maps.bump_flow_generation().expect("bump the generation");
+    topo.maps
+        .bump_flow_generation()
+        .expect("bump the generation");
     let broken = transact(&mut conn, 1);
-    assert!(broken.is_err(), "a removed backend still served an established flow");
+    assert!(
+        broken.is_err(),
+        "a removed backend still served an established flow"
+    );
     drop(conn);
     server.join().expect("server thread");
 }

@@ -159,7 +159,10 @@ fn a_pass_that_writes_moves_the_flow_generation_on() {
     realize(&mut t, &[2, 3]);
     assert_eq!(t.flow_generation.0, 1);
     realize(&mut t, &[2, 3]);
-    assert_eq!(t.flow_generation.0, 1, "an unchanged state keeps the generation");
+    assert_eq!(
+        t.flow_generation.0, 1,
+        "an unchanged state keeps the generation"
+    );
     realize(&mut t, &[2]);
     assert_eq!(t.flow_generation.0, 2, "a removed backend moves it on");
 }

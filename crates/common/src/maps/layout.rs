@@ -109,8 +109,7 @@ pub const LAYOUTS: &[StructLayout] = &[
         "flow4_entry",
         Flow4Entry,
         [
-            decided_ns, saddr, daddr, sport, dport, ifindex, generation, dmac, smac, tcp_flags,
-            pad
+            decided_ns, saddr, daddr, sport, dport, ifindex, generation, dmac, smac, tcp_flags, pad
         ]
     ),
     layout!("flow4_stats", Flow4Stats, [hits, decided]),
