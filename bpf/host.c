@@ -161,7 +161,7 @@ static __always_inline int nodeport_to_remote(struct __sk_buff *skb, const struc
 	/* The SNATed tuple remembers the frontend, for the replies. */
 	ct_key_init(&key, node, backend->backend_address, port, backend->backend_port,
 		    pkt->proto, CT_NODEPORT);
-	if (ct_track_established(&key, pkt, pkt->daddr, pkt->dport, 0, now) == CT_NEW &&
+	if (ct_track_established(&key, pkt, pkt->daddr, pkt->dport, 0, now, NULL) == CT_NEW &&
 	    ct_create(&key, pkt, pkt->daddr, pkt->dport, 0,
 		      nodeport_reply_device(skb, cfg, pkt->saddr), now) < 0)
 		return verdict_drop_from(skb, pkt, DROP_CT_CREATE_FAILED, NETDEV_DIR,
@@ -188,7 +188,7 @@ static __always_inline int nodeport_to_local(struct __sk_buff *skb, const struct
 
 	ct_key_init(&key, pkt->saddr, backend->backend_address, pkt->sport, backend->backend_port,
 		    pkt->proto, CT_NODEPORT);
-	state = ct_track_established(&key, pkt, pkt->daddr, pkt->dport, 0, now);
+	state = ct_track_established(&key, pkt, pkt->daddr, pkt->dport, 0, now, NULL);
 	if (state == CT_NEW && ct_opens_connection(pkt)) {
 		if (ct_create(&key, pkt, pkt->daddr, pkt->dport, 0,
 			      nodeport_reply_device(skb, cfg, pkt->saddr), now) < 0)
@@ -272,7 +272,7 @@ static __always_inline int netdev_pass(struct __sk_buff *skb, const struct node_
 
 	if (cfg && cfg->node_address && pkt->daddr == cfg->node_address)
 		return TC_ACT_OK;
-	verdict = host_route_local(skb, IDENTITY_UNRESOLVED);
+	verdict = host_route_local(skb, IDENTITY_UNRESOLVED, NULL);
 	return verdict >= 0 ? verdict : TC_ACT_OK;
 }
 

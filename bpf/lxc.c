@@ -17,6 +17,8 @@
 #include "lib/conntrack.h"
 #include "lib/endpoint.h"
 #include "lib/events.h"
+#include "lib/flow.h"
+#include "lib/flow_cache.h"
 #include "lib/host_routing.h"
 #include "lib/icmp.h"
 #include "lib/lb.h"
@@ -50,10 +52,11 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 /* A packet to a service frontend: pick the backend (a pod is a client inside the
  * cluster: lb4_cluster_frontend), judge a new connection against the backend's address
  * and port, record it and DNAT it (plus SNAT to LOOPBACK_IPV4 when the pod reaches
- * itself). */
+ * itself). @note learns the flags of the entry the packet was accounted to. */
 static __always_inline int service_forward(struct __sk_buff *skb, const struct pkt4 *pkt,
 					   const struct lb4_service *svc,
-					   const struct endpoint_info *ep, __u64 now)
+					   const struct endpoint_info *ep, __u64 now,
+					   struct flow_note *note)
 {
 	struct policy_trace trace = { .remote_identity = IDENTITY_UNRESOLVED };
 	struct lb4_service backend = {};
@@ -94,7 +97,8 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 
 	ct_key_init(&key, saddr, backend.backend_address, pkt->sport, backend.backend_port,
 		    pkt->proto, CT_EGRESS);
-	state = ct_track_established(&key, pkt, pkt->daddr, pkt->dport, ct_flags, now);
+	state = ct_track_established(&key, pkt, pkt->daddr, pkt->dport, ct_flags, now,
+				     &note->source_flags);
 	if (state == CT_NEW) {
 		/* Hairpin is the pod talking to itself: never judged. */
 		reason = ct_open(skb, pkt, &key, ep, !ct_flags, POLICY_EGRESS,
@@ -118,8 +122,9 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 
 /* What leaves a pod: anti-spoofing, hairpin and NodePort replies, service translation,
  * egress policy and conntrack, then the forwarding decision. Returns the verdict;
- * TC_ACT_OK hands the packet to the node's stack. */
-static __always_inline int container_egress(struct __sk_buff *skb)
+ * TC_ACT_OK hands the packet to the node's stack. @note learns the flags of the
+ * conntrack entry the packet was accounted to (the flow cache's condition). */
+static __always_inline int container_egress(struct __sk_buff *skb, struct flow_note *note)
 {
 	__u32 ifindex = skb->ifindex;
 	struct endpoint_info *ep;
@@ -175,6 +180,7 @@ static __always_inline int container_egress(struct __sk_buff *skb)
 		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
 			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
+		note->source_flags = entry->flags;
 		/* A reply to a client outside the node that reached this pod through an
 		 * external frontend: rev-DNATed and sent straight back toward the client.
 		 * The flag spares every other reply the CT_NODEPORT lookup. */
@@ -189,7 +195,7 @@ static __always_inline int container_egress(struct __sk_buff *skb)
 	if (lb4_balanced(pkt.proto)) {
 		svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
 		if (svc && lb4_source_allowed(svc, pkt.daddr, pkt.dport, pkt.proto, pkt.saddr))
-			return service_forward(skb, &pkt, svc, ep, now);
+			return service_forward(skb, &pkt, svc, ep, now, note);
 		/* One drop for both: each inlined copy costs the event code again. */
 		reason = svc ? DROP_NOT_IN_SRC_RANGE :
 		       lb4_vip_known(pkt.daddr) ? DROP_SERVICE_PORT_UNKNOWN : 0;
@@ -199,7 +205,7 @@ static __always_inline int container_egress(struct __sk_buff *skb)
 
 	/* A new or ongoing connection to a non-service destination. */
 	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_EGRESS);
-	state = ct_track_established(&key, &pkt, 0, 0, 0, now);
+	state = ct_track_established(&key, &pkt, 0, 0, 0, now, &note->source_flags);
 	if (state == CT_NEW) {
 		reason = ct_open(skb, &pkt, &key, ep, true, POLICY_EGRESS, pkt.daddr,
 				 IDENTITY_UNRESOLVED, pkt.dport, 0, 0, 0, now, NULL, &trace);
@@ -215,13 +221,29 @@ static __always_inline int container_egress(struct __sk_buff *skb)
 SEC("classifier")
 int from_container(struct __sk_buff *skb)
 {
-	int verdict = container_egress(skb);
+	__u32 zero = 0;
+	struct flow_note *note = bpf_map_lookup_elem(&flow4_notes, &zero);
+	int verdict;
 
+	/* Index 0 of an array always exists. */
+	if (!note)
+		return TC_ACT_SHOT;
+	/* An established flow to a pod of this node: one lookup (flow_cache.h). Whether the
+	 * packet may use the cache is in the note, not in a branch here, so the verifier
+	 * checks the slow path once. */
+	verdict = flow_forward(skb, note);
+	if (verdict >= 0)
+		return verdict;
+	verdict = container_egress(skb, note);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	/* What the node's stack would route to a pod of this node goes straight in. */
-	verdict = host_route_local(skb, IDENTITY_UNRESOLVED);
-	return verdict >= 0 ? verdict : TC_ACT_OK;
+	verdict = host_route_local(skb, IDENTITY_UNRESOLVED, note);
+	if (verdict < 0)
+		return TC_ACT_OK;
+	if (verdict == TC_ACT_REDIRECT)
+		flow_record(skb, note);
+	return verdict;
 }
 
 SEC("classifier")
@@ -230,7 +252,7 @@ int to_container(struct __sk_buff *skb)
 	/* Taken first, so no mark of ours ever reaches the pod. */
 	__u32 carried = tunnel_identity_take(skb);
 
-	return endpoint_ingress(skb, skb->ifindex, carried);
+	return endpoint_ingress(skb, skb->ifindex, carried, NULL);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -213,6 +213,46 @@ struct ct_stats {
 	__u64 service_lost;
 };
 
+/* ---- flow cache: the established path (flow.h) ----
+ * A packet of an established connection between two pods of this node is decided once
+ * by the slow path (parse, conntrack of both ends, service translation, host routing);
+ * the decision is kept under the packet's tuple as it leaves the source pod, and the
+ * flow's next packets only apply it. */
+struct flow4_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
+	__u32 ifindex; /* the source pod's host-side veth: the entry passed its anti-spoofing */
+};
+
+struct flow4_entry {
+	__u64 decided_ns;  /* ct_now() of the slow path that decided it */
+	__be32 saddr;      /* the packet as it enters the destination pod */
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u32 ifindex;     /* the destination pod's host-side veth */
+	__u32 generation;  /* flow4_generation when decided */
+	__u8 dmac[6];      /* the destination pod's MAC */
+	__u8 smac[6];      /* its veth's MAC, the sender as the node would write it */
+	__u8 tcp_flags;    /* TCP flags the slow path accounted to both ends' entries */
+	__u8 pad[7];
+};
+
+/* How long a decision holds: past it the slow path decides again, which also refreshes
+ * the conntrack entries the cached packets did not touch (their last_seen, counters and
+ * flags lag by at most this; every lifetime is whole seconds). */
+#define FLOW4_DECISION_NS 500000000ULL
+
+/* What the flow cache did, per CPU (index 0 of `flow4_stats`). */
+struct flow4_stats {
+	__u64 hits;    /* packets forwarded from the cache */
+	__u64 decided; /* decisions recorded by the slow path */
+};
+
 /* Source address for hairpin connections, so the backend's reply to its own
  * service leaves the pod instead of looping inside it (Cilium's IPV4_LOOPBACK). */
 #define LOOPBACK_IPV4_HOST_ORDER 0xa9fe2a01 /* 169.254.42.1 */

@@ -206,12 +206,15 @@ enum ct_state {
  * translation differs, when a pure SYN shows the tuple was reused for a new connection
  * (ct_syn_starts_over: stale tuples after source port reuse would otherwise be
  * rev-NATed wrongly), or when
- * it has outlived its lifetime (an idle flow is judged again, as after Cilium's GC). */
+ * it has outlived its lifetime (an idle flow is judged again, as after Cilium's GC).
+ * @entry_flags, if not NULL, gets the flags of the entry it accounted @pkt to (the flow
+ * cache's struct flow_note). */
 static __always_inline enum ct_state ct_track_established(const struct ct4_key *key,
 							  const struct pkt4 *pkt,
 							  __be32 nat_address, __be16 nat_port,
-							  __u8 flags, __u64 now)
+							  __u8 flags, __u64 now, __u8 *entry_flags)
 {
+	enum ct_state state;
 	struct ct4_entry *entry = bpf_map_lookup_elem(&ct4, key);
 
 	if (!entry || ct_syn_starts_over(entry, pkt) || entry->nat_address != nat_address ||
@@ -219,7 +222,10 @@ static __always_inline enum ct_state ct_track_established(const struct ct4_key *
 	    (entry->flags & CT_FLAG_LOOPBACK) != (flags & CT_FLAG_LOOPBACK) ||
 	    ct_expired(entry, pkt->proto, now))
 		return CT_NEW;
-	return ct_account(entry, pkt, 0, now) ? CT_CLOSING : CT_ESTABLISHED;
+	state = ct_account(entry, pkt, 0, now) ? CT_CLOSING : CT_ESTABLISHED;
+	if (entry_flags)
+		*entry_flags = entry->flags;
+	return state;
 }
 
 #endif

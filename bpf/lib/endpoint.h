@@ -17,6 +17,7 @@
 #include "common.h"
 #include "conntrack.h"
 #include "events.h"
+#include "flow.h"
 #include "icmp.h"
 #include "maps.h"
 #include "metrics.h"
@@ -100,8 +101,10 @@ static __always_inline int icmp_error_to_container(struct __sk_buff *skb, const 
 /* @skb enters the local pod whose host-side veth is @ifindex: replies are reverse-NATed,
  * new connections judged by the pod's ingress policy against @carried (the identity a
  * tunnel carried for the sender, or IDENTITY_UNRESOLVED) and tracked, with their events
- * and metrics. Returns TC_ACT_OK to let the packet in, else the verdict that drops it. */
-static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex, __u32 carried)
+ * and metrics. Returns TC_ACT_OK to let the packet in, else the verdict that drops it.
+ * @note, if not NULL, learns the flags of the entry the packet was accounted to. */
+static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex, __u32 carried,
+					    struct flow_note *note)
 {
 	struct policy_trace trace = { .remote_identity = IDENTITY_UNRESOLVED };
 	enum parse_result parsed;
@@ -141,6 +144,8 @@ static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex
 		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
 			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_INGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
+		if (note)
+			note->dest_flags = entry->flags;
 		if (!frontend || (entry->flags & CT_FLAG_LOOPBACK))
 			return verdict_pass(skb, METRIC_DIR_INGRESS);
 
@@ -170,7 +175,7 @@ static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex
 
 	/* A new or ongoing inbound connection. */
 	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_INGRESS);
-	state = ct_track_established(&key, &pkt, 0, 0, 0, now);
+	state = ct_track_established(&key, &pkt, 0, 0, 0, now, note ? &note->dest_flags : NULL);
 	if (state == CT_NEW) {
 		bool judge = !hairpin_request(&pkt);
 

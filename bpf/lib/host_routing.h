@@ -29,18 +29,12 @@
 
 #include "common.h"
 #include "endpoint.h"
+#include "flow.h"
 #include "maps.h"
 
 #ifndef AF_INET
 #define AF_INET 2
 #endif
-
-/* The Ethernet addresses of a delivered frame: the pod's MAC, and its veth's as the
- * sender, as the node's neighbour output would have written them. */
-struct eth_addrs {
-	__u8 dest[ETH_ALEN];
-	__u8 source[ETH_ALEN];
-};
 
 /* The host-side veth of the local pod @daddr, and in @macs the addresses to deliver a
  * packet from @saddr with, from the node's routing table and neighbour cache; 0 when the
@@ -82,39 +76,31 @@ static __always_inline __u32 host_route_target(struct __sk_buff *skb, struct eth
 /* Delivers @skb into the local pod behind @ifindex with @macs, after endpoint_ingress has
  * let it in; @carried is the identity a tunnel carried for the sender, or
  * IDENTITY_UNRESOLVED. Returns the verdict (the redirect, or the drop endpoint_ingress
- * chose), or -1 when the node's stack is to route the packet. Inline: endpoint_ingress's
- * stack beside a caller's would pass the verifier's 512 bytes for a call chain. */
+ * chose), or -1 when the node's stack is to route the packet. @note, if not NULL, learns
+ * what the flow cache needs. Inline: endpoint_ingress's stack beside a caller's would
+ * pass the verifier's 512 bytes for a call chain. */
 static __always_inline int host_route_deliver(struct __sk_buff *skb, __u32 ifindex,
-					 const struct eth_addrs *macs, __u32 carried)
+					 const struct eth_addrs *macs, __u32 carried,
+					 struct flow_note *note)
 {
-	void *data, *data_end;
-	struct iphdr *ip;
-	__u32 check;
 	int verdict;
 
-	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(*macs), 0) < 0)
+	if (flow_write_l2(skb, macs) < 0)
 		return -1;
-	/* The store made the header writable; the TTL's checksum update (RFC 1624, as the
-	 * kernel's ip_decrease_ttl) cannot fail. */
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	ip = data + ETH_HLEN;
-	if ((void *)(ip + 1) > data_end)
-		return -1;
-	check = ip->check;
-	check += bpf_htons(0x0100);
-	ip->check = (__sum16)(check + (check >= 0xffff));
-	ip->ttl -= 1;
-
-	verdict = endpoint_ingress(skb, ifindex, carried);
+	verdict = endpoint_ingress(skb, ifindex, carried, note);
 	if (verdict != TC_ACT_OK)
 		return verdict;
+	if (note) {
+		note->ifindex = ifindex;
+		note->macs = *macs;
+	}
 	return bpf_redirect_peer(ifindex, 0);
 }
 
 /* Delivers @skb into the local pod it is addressed to (host_route_deliver), or returns -1
  * when the node's stack is to route it (nothing changed then that it would not redo). */
-static __always_inline int host_route_local(struct __sk_buff *skb, __u32 carried)
+static __always_inline int host_route_local(struct __sk_buff *skb, __u32 carried,
+					    struct flow_note *note)
 {
 	struct eth_addrs macs;
 	__u32 ifindex;
@@ -122,7 +108,7 @@ static __always_inline int host_route_local(struct __sk_buff *skb, __u32 carried
 	ifindex = host_route_target(skb, &macs);
 	if (!ifindex)
 		return -1;
-	return host_route_deliver(skb, ifindex, &macs, carried);
+	return host_route_deliver(skb, ifindex, &macs, carried, note);
 }
 
 #endif

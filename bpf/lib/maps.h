@@ -8,6 +8,7 @@
 #define SLUICE_MAPS_H
 
 #include <linux/bpf.h>
+#include <linux/if_ether.h>
 #include <bpf/bpf_helpers.h>
 
 #include "common.h"
@@ -26,6 +27,7 @@
 #define LB4_AFFINITY_MAX 65536 /* clients x frontends with sessionAffinity, as Cilium's */
 #define LB4_MAGLEV_MAX   8192  /* Maglev frontends per node */
 #define LB4_MAGLEV_TABLE_ENTRIES 4096 /* template only: user space sizes each table */
+#define FLOW4_MAX        65536 /* a cache: an evicted flow is decided again */
 
 /* The service, backend and endpoint maps are written by user space only, so they
  * need no preallocation (Cilium does the same); LRU maps are always preallocated. */
@@ -207,5 +209,58 @@ struct {
 	__uint(max_entries, NON_MASQ_CIDRS_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } non_masq_cidrs SEC(".maps");
+
+/* The Ethernet addresses of a delivered frame: the pod's MAC, and its veth's as the
+ * sender, as the node's neighbour output would have written them. */
+struct eth_addrs {
+	__u8 dest[ETH_ALEN];
+	__u8 source[ETH_ALEN];
+};
+
+/* One packet of from_container: its tuple, and what the slow path learnt about it, for
+ * flow_record (flow_cache.h). In a per-CPU map rather than on the stack: the slow path's
+ * stack has no room left, and the verifier forks no state over what it writes there. */
+struct flow_note {
+	struct flow4_key key; /* the packet as it left the pod; zero when it may not use
+			       * the cache (flow_parse) */
+	__u8 tcp_flags;       /* its TCP flags */
+	/* The flags (CT_FLAG_*) of the conntrack entry each end accounted the packet to, if
+	 * any: kept raw, so noting them forks no verifier state; flow_record judges them. */
+	__u8 source_flags;
+	__u8 dest_flags;
+	__u32 ifindex;       /* the destination pod's veth, once host routing delivered it */
+	struct eth_addrs macs;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32); /* always 0 */
+	__type(value, struct flow_note);
+	__uint(max_entries, 1);
+} flow4_notes SEC(".maps");
+
+/* The flow cache (flow_cache.h): established flows' decisions, written by the datapath. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct flow4_key);
+	__type(value, struct flow4_entry);
+	__uint(max_entries, FLOW4_MAX);
+} flow4 SEC(".maps");
+
+/* Bumped by the realizer after every pass that changed a map: a decision of an older
+ * generation is taken again, so no removed backend or endpoint is served from the cache. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32); /* always 0 */
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} flow4_generation SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32); /* always 0 */
+	__type(value, struct flow4_stats);
+	__uint(max_entries, 1);
+} flow4_stats SEC(".maps");
 
 #endif

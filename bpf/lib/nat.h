@@ -69,6 +69,17 @@ static __always_inline int nat_rewrite_addr(struct __sk_buff *skb, const struct 
 	return bpf_skb_store_bytes(skb, off, &new_addr, sizeof(new_addr), 0);
 }
 
+/* The port rewrite of TCP and UDP, whose checksum takes it incrementally. */
+static __always_inline int nat_rewrite_port_csum(struct __sk_buff *skb, const struct pkt4 *pkt,
+						 __u32 off, __be16 old_port, __be16 new_port)
+{
+	if (l4_csum_present(pkt) &&
+	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_port, new_port,
+				sizeof(new_port) | l4_csum_flags(pkt)) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new_port, sizeof(new_port), 0);
+}
+
 /* Rewrites the port at @off (l4_sport_off or l4_dport_off); ports are not in the
  * pseudo-header. A later fragment has no port to rewrite. */
 static __always_inline int nat_rewrite_port(struct __sk_buff *skb, const struct pkt4 *pkt,
@@ -76,11 +87,7 @@ static __always_inline int nat_rewrite_port(struct __sk_buff *skb, const struct 
 {
 	if (old_port == new_port || pkt->later_fragment)
 		return 0;
-	if (l4_csum_present(pkt) &&
-	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_port, new_port,
-				sizeof(new_port) | l4_csum_flags(pkt)) < 0)
-		return -1;
-	if (bpf_skb_store_bytes(skb, off, &new_port, sizeof(new_port), 0) < 0)
+	if (nat_rewrite_port_csum(skb, pkt, off, old_port, new_port) < 0)
 		return -1;
 	if (pkt->proto == IPPROTO_SCTP)
 		return sctp_csum_update(skb, pkt->l4_off);

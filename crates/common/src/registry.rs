@@ -10,9 +10,10 @@
 use aya::maps::MapType;
 
 use crate::{
-    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Frag4Key,
-    Frag4Ports, IpcacheEntry, IpcacheKey, Lb4Affinity, Lb4AffinityKey, Lb4Backend, Lb4BackendKey,
-    Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRangeKey, MetricsValue, NodeConfig,
+    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Flow4Entry,
+    Flow4Key, Flow4Stats, Frag4Key, Frag4Ports, IpcacheEntry, IpcacheKey, Lb4Affinity,
+    Lb4AffinityKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service,
+    Lb4SourceRangeKey, MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -38,6 +39,10 @@ pub enum MapId {
     Maglev,
     NonMasqCidrs,
     CtStats,
+    FlowCache,
+    FlowGeneration,
+    FlowStats,
+    FlowNotes,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -113,6 +118,11 @@ impl MapId {
 /// datapath reads it, so it has no Rust mirror.
 pub const EVENT_BUCKET_SIZE: usize = 2 * size_of::<u64>();
 
+/// `struct flow_note` in bpf/lib/maps.h: one packet's tuple and what the slow path learnt
+/// about it (the `Flow4Key`, four flag bytes, an ifindex and two MACs). Only the
+/// datapath reads it, so it has no Rust mirror.
+pub const FLOW_NOTE_SIZE: usize = size_of::<crate::Flow4Key>() + 4 + size_of::<u32>() + 12;
+
 macro_rules! map {
     ($id:ident, $name:literal, $kind:ident, $key:ty => $value:ty, $max:expr,
      capacity: $capacity:expr, realize: $realize:expr, count: $count:ident) => {
@@ -145,7 +155,7 @@ const ENDPOINTS_MAX: u32 = 4096;
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
 /// backends before the service slots that name them, source ranges before the frontend
 /// flag that restricts to them, and Maglev tables before the frontends that use them.
-pub const MAPS: [MapDef; 20] = [
+pub const MAPS: [MapDef; 24] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(6), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
@@ -195,6 +205,19 @@ pub const MAPS: [MapDef; 20] = [
     // Conntrack counters the datapath keeps per CPU (lost service entries).
     map!(CtStats, "ct_stats", PerCpuArray, u32 => CtStats, 1,
          capacity: None, realize: None, count: Uncounted),
+    // The flow cache (bpf/lib/flow_cache.h): established flows' decisions, datapath
+    // state. A cache, not reported: its hits are in flow4_stats.
+    map!(FlowCache, "flow4", LruHash, Flow4Key => Flow4Entry, 65536,
+         capacity: None, realize: None, count: Uncounted),
+    // Bumped by the realizer after every pass that changed a map (index 0).
+    map!(FlowGeneration, "flow4_generation", Array, u32 => u32, 1,
+         capacity: None, realize: None, count: Uncounted),
+    // What the flow cache did, per CPU (index 0).
+    map!(FlowStats, "flow4_stats", PerCpuArray, u32 => Flow4Stats, 1,
+         capacity: None, realize: None, count: Uncounted),
+    // The packet from_container is deciding, per CPU: datapath scratch.
+    map!(@def FlowNotes, "flow4_notes", PerCpuArray, "u32", size_of::<u32>(),
+         "struct flow_note", FLOW_NOTE_SIZE, 1, None, None, Uncounted),
 ];
 
 const _: () = {
@@ -251,6 +274,14 @@ pub mod names {
     pub const NON_MASQ_CIDRS: &str = MapId::NonMasqCidrs.name();
     /// Conntrack counters of the datapath.
     pub const CT_STATS: &str = MapId::CtStats.name();
+    /// Established flows' decisions (the flow cache).
+    pub const FLOW_CACHE: &str = MapId::FlowCache.name();
+    /// The realizer's generation the flow cache's decisions are stamped with.
+    pub const FLOW_GENERATION: &str = MapId::FlowGeneration.name();
+    /// What the flow cache did, per CPU.
+    pub const FLOW_STATS: &str = MapId::FlowStats.name();
+    /// The packet from_container is deciding (datapath scratch).
+    pub const FLOW_NOTES: &str = MapId::FlowNotes.name();
 }
 
 #[cfg(test)]

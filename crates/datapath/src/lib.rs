@@ -33,8 +33,9 @@ use sluice_common::{CapacitySetting, CtConfig, MAPS, MapDef, MapId};
 
 pub use error::DatapathError;
 pub use pinned::{
-    MaglevTable, MapInventory, PinDir, PinnedMaps, PolicyMap, create_maglev_table,
-    create_policy_map, open_events, read_ct_stats, remove_pins,
+    MaglevTable, MapInventory, PinDir, PinnedMaps, PolicyMap, bump_flow_generation,
+    create_maglev_table, create_policy_map, open_events, read_ct_stats, read_flow_stats,
+    remove_pins,
 };
 pub use programs::{
     AttachRole, HOST_CGROUP_TARGET, Hook, Object, POD_CGROUP_TARGET, PROGRAMS, ProgramDef,

@@ -11,11 +11,11 @@ use aya::maps::{
     Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError, MapType, PerCpuArray, RingBuf,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Frag4Key,
-    Frag4Ports, IpcacheEntry, LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Affinity, Lb4AffinityKey, Lb4Backend,
-    Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRange, MAPS,
-    MaglevLanes, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch, metrics_index,
-    names,
+    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Flow4Stats,
+    Frag4Key, Frag4Ports, IpcacheEntry, LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Affinity, Lb4AffinityKey,
+    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRange,
+    MAPS, MaglevLanes, MapDef, MapId, MetricsValue, NodeConfig, PolicyEntry, PolicyMatch,
+    metrics_index, names,
 };
 
 /// The datapath's conntrack counters in `map` (the pinned `ct_stats`), summed over CPUs.
@@ -28,6 +28,37 @@ pub fn read_ct_stats(map: &PerCpuArray<MapData, CtStats>) -> Result<CtStats, Dat
         created: sum.created + v.created,
         service_lost: sum.service_lost + v.service_lost,
     }))
+}
+
+/// The flow cache's counters in `map` (the pinned `flow4_stats`), summed over CPUs.
+pub fn read_flow_stats(
+    map: &PerCpuArray<MapData, Flow4Stats>,
+) -> Result<Flow4Stats, DatapathError> {
+    let per_cpu = map.get(&0, 0).map_err(|source| DatapathError::MapRead {
+        map: MapId::FlowStats.name(),
+        source,
+    })?;
+    Ok(per_cpu
+        .iter()
+        .fold(Flow4Stats::default(), |sum, v| Flow4Stats {
+            hits: sum.hits + v.hits,
+            decided: sum.decided + v.decided,
+        }))
+}
+
+/// Moves the flow cache to a new generation (`map` is the pinned `flow4_generation`), so
+/// every established flow is decided again by the slow path against the maps as they are
+/// now. Returns the new generation. Whoever changes what the slow path decides from
+/// (services, backends, endpoints, the ipcache) calls it after the change.
+pub fn bump_flow_generation(map: &mut Array<MapData, u32>) -> Result<u32, DatapathError> {
+    let name = MapId::FlowGeneration.name();
+    let current = map
+        .get(&0, 0)
+        .map_err(|source| DatapathError::MapRead { map: name, source })?;
+    let next = current.wrapping_add(1);
+    map.set(0, next, 0)
+        .map_err(|source| DatapathError::MapWrite { map: name, source })?;
+    Ok(next)
 }
 
 /// One endpoint's policy: an LPM trie of allow rows.
@@ -100,6 +131,10 @@ pub struct PinnedMaps {
     pub non_masq_cidrs: LpmTrie<MapData, u32, u32>,
     /// Conntrack counters per CPU (index 0).
     pub ct_stats: PerCpuArray<MapData, CtStats>,
+    /// The generation of the flow cache's decisions (index 0).
+    pub flow_generation: Array<MapData, u32>,
+    /// The flow cache's counters per CPU (index 0).
+    pub flow_stats: PerCpuArray<MapData, Flow4Stats>,
     /// Every map of the registry, for capacities and entry counts.
     pub inventory: MapInventory,
 }
@@ -134,6 +169,16 @@ impl PinnedMaps {
         read_ct_stats(&self.ct_stats)
     }
 
+    /// The flow cache's counters, summed over CPUs.
+    pub fn flow_stats(&self) -> Result<Flow4Stats, DatapathError> {
+        read_flow_stats(&self.flow_stats)
+    }
+
+    /// See [`bump_flow_generation`].
+    pub fn bump_flow_generation(&mut self) -> Result<u32, DatapathError> {
+        bump_flow_generation(&mut self.flow_generation)
+    }
+
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
         Ok(Self {
             services: open_typed(pin_dir, MapId::Services, HashMap::try_from)?,
@@ -154,6 +199,8 @@ impl PinnedMaps {
             maglev: open_typed(pin_dir, MapId::Maglev, HashOfMaps::try_from)?,
             non_masq_cidrs: open_typed(pin_dir, MapId::NonMasqCidrs, LpmTrie::try_from)?,
             ct_stats: open_typed(pin_dir, MapId::CtStats, PerCpuArray::try_from)?,
+            flow_generation: open_typed(pin_dir, MapId::FlowGeneration, Array::try_from)?,
+            flow_stats: open_typed(pin_dir, MapId::FlowStats, PerCpuArray::try_from)?,
             inventory: MapInventory::open(pin_dir)?,
         })
     }

@@ -43,6 +43,10 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::MAGLEV, 8192),
             (names::NON_MASQ_CIDRS, 1024),
             (names::CT_STATS, 1),
+            (names::FLOW_CACHE, 65536),
+            (names::FLOW_GENERATION, 1),
+            (names::FLOW_STATS, 1),
+            (names::FLOW_NOTES, 1),
         ]
     );
 

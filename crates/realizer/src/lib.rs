@@ -28,7 +28,9 @@ pub use policy::{
     PolicyTable, PolicyWrite, diff_policies,
 };
 pub use scan::{MIN_SLICE, Scan, ScanTick};
-pub use tables::{Backing, Desired, Kernel, KernelTables, Memory, Plan, Tables};
+pub use tables::{
+    Backing, Desired, FlowGeneration, Kernel, KernelTables, Memory, MemoryGeneration, Plan, Tables,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RealizerError {

@@ -9,13 +9,16 @@ use std::{
     sync::Arc,
 };
 
-use aya::{Pod, maps::MapData};
+use aya::{
+    Pod,
+    maps::{Array, MapData},
+};
 use sluice_common::{
     EndpointInfo, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
     Lb4SourceRangeKey, MapId, names, registry,
 };
 use sluice_compiler::{DesiredState, EndpointPolicy};
-use sluice_datapath::PinnedMaps;
+use sluice_datapath::{PinnedMaps, bump_flow_generation};
 
 use crate::{
     ApplyStats, DriftEntry, KernelMap, KernelPolicy, Lpm, LpmKey, MapDiff, MemoryMap, MemoryPolicy,
@@ -33,6 +36,33 @@ pub trait Backing {
     type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq + Default>: KernelMap<K, V>;
     type Policy: PolicyTable;
     type Maglev: MaglevTables;
+    type FlowGeneration: FlowGeneration;
+}
+
+/// The generation the datapath's flow cache stamps its decisions with (`flow4_generation`,
+/// bpf/lib/flow_cache.h): moved on after every pass that wrote a map, so no established
+/// flow keeps a decision made from what the pass changed.
+pub trait FlowGeneration {
+    fn bump(&mut self) -> Result<(), RealizerError>;
+}
+
+impl FlowGeneration for Array<MapData, u32> {
+    fn bump(&mut self) -> Result<(), RealizerError> {
+        bump_flow_generation(self)
+            .map(drop)
+            .map_err(|e| RealizerError::Datapath(Box::new(e)))
+    }
+}
+
+/// The generation in memory: how many passes wrote something.
+#[derive(Debug, Default)]
+pub struct MemoryGeneration(pub u32);
+
+impl FlowGeneration for MemoryGeneration {
+    fn bump(&mut self) -> Result<(), RealizerError> {
+        self.0 += 1;
+        Ok(())
+    }
 }
 
 /// The maps pinned in the kernel.
@@ -43,6 +73,7 @@ impl Backing for Kernel {
     type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq + Default> = Lpm<K, V>;
     type Policy = KernelPolicy;
     type Maglev = KernelMaglev;
+    type FlowGeneration = Array<MapData, u32>;
 }
 
 /// In-memory maps, for tests of ordering and convergence that need no kernel.
@@ -53,6 +84,7 @@ impl Backing for Memory {
     type Lpm<K: LpmKey + Pod + Default, V: Pod + PartialEq + Default> = MemoryMap<K, V>;
     type Policy = MemoryPolicy;
     type Maglev = MemoryMaglev;
+    type FlowGeneration = MemoryGeneration;
 }
 
 /// The datapath's maps that hold desired state: those the registry gives a realize order
@@ -66,6 +98,7 @@ pub struct Tables<B: Backing> {
     pub source_ranges: B::Lpm<Lb4SourceRangeKey, u32>,
     pub policy: B::Policy,
     pub maglev: B::Maglev,
+    pub flow_generation: B::FlowGeneration,
 }
 
 /// The realized maps as they are pinned in the kernel.
@@ -98,6 +131,7 @@ impl KernelTables {
             },
             policy: KernelPolicy::open(pin_dir)?,
             maglev: KernelMaglev::open(pin_dir)?,
+            flow_generation: maps.flow_generation,
         })
     }
 }
@@ -376,10 +410,20 @@ impl<B: Backing> Tables<B> {
     }
 
     /// Applies `plan`: upserts in the registry's realize order, then removals in the
-    /// reverse order. A map too full for its upserts first takes the removals that are
-    /// safe early (the entries of frontends that go whole), so a change whose end state
-    /// fits is not refused for its write order.
+    /// reverse order, then a new flow generation if it wrote anything. A map too full for
+    /// its upserts first takes the removals that are safe early (the entries of frontends
+    /// that go whole), so a change whose end state fits is not refused for its write order.
     pub fn apply(&mut self, plan: &Plan) -> Result<ApplyStats, RealizerError> {
+        let applied = self.apply_steps(plan);
+        // Last, so no decision made before a write carries the new generation; also
+        // after a pass that failed half way through.
+        if !plan.is_empty() {
+            self.flow_generation.bump()?;
+        }
+        applied
+    }
+
+    fn apply_steps(&mut self, plan: &Plan) -> Result<ApplyStats, RealizerError> {
         let mut steps = self.steps(plan);
         let mut ordered = Vec::new();
         for def in registry::realized() {

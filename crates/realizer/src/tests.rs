@@ -55,6 +55,7 @@ fn tables() -> MemTables {
         source_ranges: MemoryMap::new(names::SOURCE_RANGES),
         policy: MemoryPolicy::default(),
         maglev: MemoryMaglev::default(),
+        flow_generation: MemoryGeneration::default(),
     }
 }
 
@@ -148,6 +149,22 @@ fn an_unchanged_state_writes_nothing() {
     let mut t = tables();
     realize(&mut t, &[2, 3]);
     assert!(!realize(&mut t, &[2, 3]).changed());
+}
+
+/// The datapath's flow cache decides every flow again after a pass that wrote something
+/// (a removed backend must not be served from it), and keeps its decisions otherwise.
+#[test]
+fn a_pass_that_writes_moves_the_flow_generation_on() {
+    let mut t = tables();
+    realize(&mut t, &[2, 3]);
+    assert_eq!(t.flow_generation.0, 1);
+    realize(&mut t, &[2, 3]);
+    assert_eq!(
+        t.flow_generation.0, 1,
+        "an unchanged state keeps the generation"
+    );
+    realize(&mut t, &[2]);
+    assert_eq!(t.flow_generation.0, 2, "a removed backend moves it on");
 }
 
 #[test]

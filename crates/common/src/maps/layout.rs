@@ -100,6 +100,19 @@ pub const LAYOUTS: &[StructLayout] = &[
         [tcp_syn_s, tcp_established_s, tcp_closing_s, non_tcp_s]
     ),
     layout!("ct_stats", CtStats, [created, service_lost]),
+    layout!(
+        "flow4_key",
+        Flow4Key,
+        [saddr, daddr, sport, dport, proto, pad, ifindex]
+    ),
+    layout!(
+        "flow4_entry",
+        Flow4Entry,
+        [
+            decided_ns, saddr, daddr, sport, dport, ifindex, generation, dmac, smac, tcp_flags, pad
+        ]
+    ),
+    layout!("flow4_stats", Flow4Stats, [hits, decided]),
     layout!("endpoint_info", EndpointInfo, [ipv4, identity, flags, pad]),
     layout!("metrics_value", MetricsValue, [packets, bytes]),
     layout!("ipcache_key", IpcacheKey, [prefixlen, address]),

@@ -20,6 +20,7 @@ macro_rules! plain_data {
 mod conntrack;
 mod endpoints;
 mod events;
+mod flow;
 mod fragments;
 mod identity;
 mod layout;
@@ -34,6 +35,7 @@ use std::net::Ipv4Addr;
 pub use conntrack::*;
 pub use endpoints::*;
 pub use events::*;
+pub use flow::*;
 pub use fragments::*;
 pub use identity::*;
 pub use layout::*;

@@ -1,0 +1,43 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The layer-2 forwarding host routing and the flow cache (flow_cache.h) both write. What
+ * the slow path tells the cache about a packet, struct flow_note, is in maps.h with its
+ * per-CPU map.
+ */
+#ifndef SLUICE_FLOW_H
+#define SLUICE_FLOW_H
+
+#include <stdbool.h>
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "common.h"
+#include "maps.h"
+
+/* Writes @macs and forwards the TTL (RFC 1624, as the kernel's ip_decrease_ttl), as the
+ * node's forwarding would. Returns 0, or -1 when the header cannot be written. */
+static __always_inline int flow_write_l2(struct __sk_buff *skb, const struct eth_addrs *macs)
+{
+	void *data, *data_end;
+	struct iphdr *ip;
+	__u32 check;
+
+	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(*macs), 0) < 0)
+		return -1;
+	/* The store made the header writable. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	check = ip->check;
+	check += bpf_htons(0x0100);
+	ip->check = (__sum16)(check + (check >= 0xffff));
+	ip->ttl -= 1;
+	return 0;
+}
+
+#endif

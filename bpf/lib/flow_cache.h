@@ -1,0 +1,276 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The flow cache: a packet of an established connection between two pods of this node
+ * costs one lookup. from_container looks the packet's tuple up in `flow4`; a decision
+ * that still holds (flow_usable) is applied as the slow path would apply it: the
+ * rewrite to the tuple the packet entered the destination pod with (service
+ * translation and reverse NAT alike), the MACs and TTL host routing writes, the metrics
+ * both ends count, and the redirect into the pod. Policy is not consulted: it judges
+ * new connections only, and a cached packet never opens one.
+ *
+ * Everything else takes the slow path, which records a decision (flow_record) when both
+ * ends accounted the packet to an established conntrack entry and host routing
+ * delivered it (struct flow_note, flow.h). A decision holds while the realizer's
+ * generation is the one it was made in (a changed service, backend, endpoint or ipcache
+ * entry sends every flow through the slow path once) and for FLOW4_DECISION_NS, after
+ * which the slow path refreshes the conntrack entries the cached packets did not touch.
+ *
+ * The three entry points are global functions: the verifier checks each once, on its
+ * own, instead of once for every path of from_container's slow path around them.
+ * Included by lxc.c only.
+ */
+#ifndef SLUICE_FLOW_CACHE_H
+#define SLUICE_FLOW_CACHE_H
+
+#include <stdbool.h>
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "common.h"
+#include "conntrack.h"
+#include "flow.h"
+#include "maps.h"
+#include "metrics.h"
+#include "nat.h"
+#include "parse.h"
+
+/* Whether @skb may use the cache, with its tuple in @key and @pkt (as parse_ipv4 fills
+ * it) if so: option-less unfragmented IPv4 with a TTL that survives forwarding, UDP or
+ * TCP without SYN, FIN or RST (they change conntrack state), headers valid and in the
+ * linear data. Anything else, malformed packets included, takes the slow path. */
+static __always_inline bool flow_parse(struct __sk_buff *skb, struct flow4_key *key,
+				       struct pkt4 *pkt)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct l4_ports *ports = (void *)(ip + 1);
+	struct tcphdr *tcp = (void *)(ip + 1);
+	__u32 tot_len, l4_min = sizeof(struct udphdr);
+	__u8 flags = 0;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP) || (void *)(tcp + 1) > data_end)
+		return false;
+	if (ip->version != 4 || ip->ihl != 5 || ip->ttl <= 1 ||
+	    (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+		return false;
+	if (ip->protocol == IPPROTO_TCP) {
+		flags = ((__u8 *)tcp)[TCP_FLAGS_OFF];
+		if (flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST) || tcp->doff < 5)
+			return false;
+		l4_min = tcp->doff * 4;
+	} else if (ip->protocol != IPPROTO_UDP) {
+		return false;
+	}
+	/* A GSO packet's tot_len 0 (BIG TCP) is left to parse_ipv4. */
+	tot_len = bpf_ntohs(ip->tot_len);
+	if (tot_len < sizeof(struct iphdr) + l4_min || tot_len > skb->len - ETH_HLEN)
+		return false;
+
+	*key = (struct flow4_key){
+		.saddr = ip->saddr,
+		.daddr = ip->daddr,
+		.sport = ports->source,
+		.dport = ports->dest,
+		.proto = ip->protocol,
+		.ifindex = skb->ifindex,
+	};
+	*pkt = (struct pkt4){
+		.saddr = ip->saddr,
+		.daddr = ip->daddr,
+		.sport = ports->source,
+		.dport = ports->dest,
+		.proto = ip->protocol,
+		.tcp_flags = flags,
+		.l4_off = ETH_HLEN + sizeof(struct iphdr),
+		.len = skb->len,
+		.ifindex = skb->ifindex,
+	};
+	return true;
+}
+
+static __always_inline __u32 flow_generation_now(void)
+{
+	__u32 zero = 0;
+	__u32 *generation = bpf_map_lookup_elem(&flow4_generation, &zero);
+
+	return generation ? *generation : 0;
+}
+
+static __always_inline struct flow4_stats *flow_stats(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&flow4_stats, &zero);
+}
+
+/* Whether @entry still decides @pkt: made in this generation, young enough, with every
+ * TCP flag of @pkt already accounted by the slow path, and @skb not larger than the
+ * destination veth's MTU (the stack answers that one with ICMP). */
+static __always_inline bool flow_usable(struct __sk_buff *skb, const struct flow4_entry *entry,
+					const struct pkt4 *pkt, __u64 now)
+{
+	__u32 mtu_len = 0;
+
+	return entry->generation == flow_generation_now() && now >= entry->decided_ns &&
+	       now - entry->decided_ns < FLOW4_DECISION_NS &&
+	       (pkt->tcp_flags & ~entry->tcp_flags) == 0 &&
+	       bpf_check_mtu(skb, entry->ifindex, &mtu_len, 0, 0) == BPF_MTU_CHK_RET_SUCCESS;
+}
+
+/* Ones' complement arithmetic on raw (memory order) words, as the kernel's csum_add:
+ * a checksum and the words it covers are summed alike whatever the byte order. */
+static __always_inline __u32 flow_csum_add(__u32 sum, __u32 value)
+{
+	sum += value;
+	return sum + (sum < value);
+}
+
+/* @sum plus what replacing @from by @to changes (RFC 1624). */
+static __always_inline __u32 flow_csum_replace(__u32 sum, __u32 from, __u32 to)
+{
+	return flow_csum_add(flow_csum_add(sum, ~from), to);
+}
+
+static __always_inline __u16 flow_csum_fold(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)((sum & 0xffff) + (sum >> 16));
+}
+
+/* Rewrites @pkt's tuple in @skb to @entry's and writes the MACs, the TTL and the IP
+ * checksum as forwarding would. The L4 checksum goes through the kernel, which alone
+ * knows whether it is complete or a pseudo-header sum for offload: one update for the
+ * addresses (pseudo-header) and one for the ports, where the slow path makes one per
+ * field; the rest is written directly. Returns 0, or -1 when the packet cannot be
+ * written. */
+static __always_inline int flow_rewrite(struct __sk_buff *skb, const struct pkt4 *pkt,
+					const struct flow4_entry *entry)
+{
+	__u32 addrs = flow_csum_replace(flow_csum_replace(0, pkt->saddr, entry->saddr),
+					pkt->daddr, entry->daddr);
+	__u32 ports_from = (__u32)pkt->sport | (__u32)pkt->dport << 16;
+	__u32 ports_to = (__u32)entry->sport | (__u32)entry->dport << 16;
+	void *data, *data_end;
+	struct l4_ports *ports;
+	struct iphdr *ip;
+	__u32 check;
+
+	if ((pkt->saddr != entry->saddr || pkt->daddr != entry->daddr) &&
+	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), 0, addrs,
+				BPF_F_PSEUDO_HDR | l4_csum_flags(pkt)) < 0)
+		return -1;
+	if (ports_from != ports_to &&
+	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), 0,
+				flow_csum_replace(0, ports_from, ports_to),
+				l4_csum_flags(pkt)) < 0)
+		return -1;
+	/* The helpers may have moved the data. */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	ip = data + ETH_HLEN;
+	ports = (void *)(ip + 1);
+	if ((void *)(ports + 1) > data_end)
+		return -1;
+	__builtin_memcpy(data, entry->dmac, ETH_ALEN);
+	__builtin_memcpy(data + ETH_ALEN, entry->smac, ETH_ALEN);
+	ip->saddr = entry->saddr;
+	ip->daddr = entry->daddr;
+	ports->source = entry->sport;
+	ports->dest = entry->dport;
+	/* The IP checksum is always complete: the addresses' change, then the TTL's, as
+	 * flow_write_l2 forwards it. */
+	ip->check = (__sum16)~flow_csum_fold(flow_csum_add((__u16)~ip->check, addrs));
+	check = ip->check;
+	check += bpf_htons(0x0100);
+	ip->check = (__sum16)(check + (check >= 0xffff));
+	ip->ttl -= 1;
+	return 0;
+}
+
+/* Forwards @skb from the cache when a decision holds for it. Returns the verdict, or -1
+ * for the slow path (nothing was changed then); @note starts over with the packet's
+ * tuple and TCP flags for flow_record if it may use the cache, else zero. */
+__noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
+{
+	struct flow4_entry *entry;
+	struct flow4_stats *stats;
+	struct pkt4 packet;
+	struct pkt4 *pkt = &packet;
+
+	if (!note)
+		return -1;
+	__builtin_memset(note, 0, sizeof(*note));
+	if (!flow_parse(skb, &note->key, pkt))
+		return -1;
+	note->tcp_flags = pkt->tcp_flags;
+	entry = bpf_map_lookup_elem(&flow4, &note->key);
+	if (!entry || !flow_usable(skb, entry, pkt, ct_now()))
+		return -1;
+	/* A failed write leaves a partly rewritten packet, which the slow path could not
+	 * judge again: dropped, as the slow path drops its own write errors. */
+	if (flow_rewrite(skb, pkt, entry) < 0) {
+		metrics_count(skb, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+		return TC_ACT_SHOT;
+	}
+	/* What the slow path counts: forwarded out of one pod and into the other. */
+	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
+	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_INGRESS);
+	stats = flow_stats();
+	if (stats)
+		stats->hits++;
+	return bpf_redirect_peer(entry->ifindex, 0);
+}
+
+/* Whether conntrack entry flags (struct flow_note) name a connection the cache may keep:
+ * established (a reply seen, no FIN or RST), neither hairpin nor from outside the node
+ * (their replies are translated by paths the cache does not take). */
+static __always_inline bool flow_settled(__u8 flags)
+{
+	return (flags & (CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_LOOPBACK |
+			 CT_FLAG_NODEPORT)) == CT_FLAG_SEEN_REPLY;
+}
+
+/* Records the slow path's decision on @skb, which left its pod as @note's key and was
+ * delivered as @note says: the tuple it now carries, the veth and MACs. Returns whether
+ * it did. */
+__noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct l4_ports *ports = (void *)(ip + 1);
+	struct flow4_stats *stats;
+	struct flow4_entry entry;
+
+	if (!note || !note->key.ifindex || !flow_settled(note->source_flags) ||
+	    !flow_settled(note->dest_flags) || !note->ifindex || (void *)(ports + 1) > data_end)
+		return false;
+	entry = (struct flow4_entry){
+		.decided_ns = ct_now(),
+		.saddr = ip->saddr,
+		.daddr = ip->daddr,
+		.sport = ports->source,
+		.dport = ports->dest,
+		.ifindex = note->ifindex,
+		.generation = flow_generation_now(),
+		.tcp_flags = note->tcp_flags,
+	};
+	__builtin_memcpy(entry.dmac, note->macs.dest, ETH_ALEN);
+	__builtin_memcpy(entry.smac, note->macs.source, ETH_ALEN);
+	if (bpf_map_update_elem(&flow4, &note->key, &entry, BPF_ANY) < 0)
+		return false;
+	stats = flow_stats();
+	if (stats)
+		stats->decided++;
+	return true;
+}
+
+#endif

@@ -1,0 +1,55 @@
+//! The flow cache (`bpf/lib/flow.h`): established flows between two pods of the node,
+//! decided once by the slow path. Written by the datapath; user space bumps the
+//! generation and reads the counters.
+
+/// `struct flow4_key`: a packet's tuple as it leaves the source pod, and that pod's veth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow4Key {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+    pub ifindex: u32,
+}
+
+/// `struct flow4_entry`: how the slow path delivered the flow's packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow4Entry {
+    pub decided_ns: u64,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub ifindex: u32,
+    pub generation: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub tcp_flags: u8,
+    pub pad: [u8; 7],
+}
+
+/// `struct flow4_stats`: what the flow cache did (`flow4_stats`, index 0, per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow4Stats {
+    /// Packets forwarded from the cache.
+    pub hits: u64,
+    /// Decisions the slow path recorded.
+    pub decided: u64,
+}
+
+// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
+// initialized and any bit pattern is valid.
+unsafe impl aya::Pod for Flow4Key {}
+unsafe impl aya::Pod for Flow4Entry {}
+unsafe impl aya::Pod for Flow4Stats {}
+
+const _: () = {
+    assert!(size_of::<Flow4Key>() == 20);
+    assert!(size_of::<Flow4Entry>() == 48);
+    assert!(size_of::<Flow4Stats>() == 16);
+};

@@ -1,0 +1,331 @@
+//! The established path in place: real TCP request/response transactions between two pods
+//! of one node through a ClusterIP, with BPF run-time statistics on, printing what each
+//! program costs per run during the transactions (run with `--nocapture`). Needs root;
+//! never skipped.
+//!
+//! ```text
+//! client netns  eth0 10.0.1.2/24 ─veth─ lxc-c 10.0.1.1 ┐
+//! backend netns eth0 10.0.2.2/24 ─veth─ lxc-b 10.0.2.1 ┴ node netns (forwarding, programs on lxc-*)
+//! ```
+// A test binary: a panic in a helper is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use aya::maps::lpm_trie::Key;
+use sluice_common::{
+    ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, IDENTITY_ANY,
+    IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IpcacheEntry, Lb4BackendKey, Lb4Key, Lb4Service,
+    POLICY_EGRESS, POLICY_INGRESS, PolicyKey, SVC_FLAG_CLUSTER_IP, addr_be,
+    programs::{FROM_CONTAINER, TO_CONTAINER},
+};
+use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
+use sluice_netns::{Ipv4Net, NsThread, Route};
+use support::{NetNs, PinDir};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+const WEB: SocketAddrV4 = SocketAddrV4::new(BACKEND, 8080);
+const CLIENT_IDENTITY: u32 = 300;
+const BACKEND_IDENTITY: u32 = 301;
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// Transactions measured (each a request and a response: one run of each program per
+/// direction).
+const TRANSACTIONS: u32 = 20_000;
+
+/// The node and its two pods, the datapath attached to both lxc interfaces and kept
+/// loaded, so the test can read its programs' statistics.
+struct Topology {
+    client: NetNs,
+    backend: NetNs,
+    datapath: Datapath,
+    maps: PinnedMaps,
+    // Removing the pins detaches the programs and releases the maps.
+    _pins: PinDir,
+    node: NetNs,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let node = NetNs::new();
+        let client = NetNs::new();
+        let backend = NetNs::new();
+        node.ns()
+            .set_sysctls(&[
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+            ])
+            .unwrap();
+        let on_node = node.netlink();
+        for (pod, lxc, subnet) in [(&client, "lxc-c", 1), (&backend, "lxc-b", 2)] {
+            let gateway = Ipv4Addr::new(10, 0, subnet, 1);
+            let in_pod = pod.netlink();
+            on_node.add_veth(lxc, "eth0", Some(pod.ns())).unwrap();
+            on_node
+                .add_address(lxc, Ipv4Net::new(gateway, 24).unwrap().into())
+                .unwrap();
+            on_node.set_up(lxc).unwrap();
+            let address = Ipv4Net::new(Ipv4Addr::new(10, 0, subnet, 2), 24).unwrap();
+            in_pod.add_address("eth0", address.into()).unwrap();
+            in_pod.set_up("eth0").unwrap();
+            in_pod.add_route(&Route::default_via(gateway)).unwrap();
+        }
+        let pins = PinDir::unique("sluice-test-");
+        let pin_dir = pins.path().to_owned();
+        let datapath = node.run(move || {
+            let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
+            for lxc in ["lxc-c", "lxc-b"] {
+                datapath
+                    .attach(AttachRole::PodVeth, lxc)
+                    .unwrap_or_else(|e| panic!("attach {lxc}: {e}"));
+            }
+            datapath
+        });
+        let maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
+        let mut topo = Self {
+            client,
+            backend,
+            datapath,
+            maps,
+            _pins: pins,
+            node,
+        };
+        topo.add_endpoints();
+        topo
+    }
+
+    fn ifindex(&self, lxc: &'static str) -> u32 {
+        self.node
+            .run(move || nix::net::if_::if_nametoindex(lxc))
+            .unwrap_or_else(|err| panic!("if_nametoindex {lxc}: {err}"))
+    }
+
+    /// Both pods as endpoints with both directions enforced, each admitting any peer (the
+    /// common case once policy is in use), the ipcache as the realizer writes it, and
+    /// the ClusterIP with the backend.
+    fn add_endpoints(&mut self) {
+        let enforced = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
+        for (lxc, address, identity) in [
+            ("lxc-c", CLIENT, CLIENT_IDENTITY),
+            ("lxc-b", BACKEND, BACKEND_IDENTITY),
+        ] {
+            let ifindex = self.ifindex(lxc);
+            let mut endpoint = EndpointInfo::new(address, identity);
+            endpoint.flags = enforced;
+            self.maps.endpoints.insert(ifindex, endpoint, 0).unwrap();
+            support::install_policy(
+                &mut self.maps,
+                ifindex,
+                &[
+                    PolicyKey::any(IDENTITY_ANY, POLICY_INGRESS),
+                    PolicyKey::any(IDENTITY_ANY, POLICY_EGRESS),
+                ],
+            );
+        }
+        for (address, prefixlen, identity) in [
+            (CLIENT, 32, CLIENT_IDENTITY),
+            (BACKEND, 32, BACKEND_IDENTITY),
+            (Ipv4Addr::new(10, 0, 1, 1), 32, IDENTITY_HOST),
+            (Ipv4Addr::new(10, 0, 2, 1), 32, IDENTITY_HOST),
+            (Ipv4Addr::UNSPECIFIED, 0, IDENTITY_WORLD),
+        ] {
+            self.maps
+                .ipcache
+                .insert(
+                    &Key::new(prefixlen, addr_be(address)),
+                    IpcacheEntry::local(identity),
+                    0,
+                )
+                .unwrap();
+        }
+        support::add_service(&mut self.maps, VIP, IPPROTO_TCP, &[WEB]);
+    }
+
+    /// Cumulative (run time ns, run count) of from_container and to_container.
+    fn run_stats(&mut self) -> [(u64, u64); 2] {
+        [FROM_CONTAINER, TO_CONTAINER].map(|name| {
+            let info = self.datapath.program_info(name).expect("program info");
+            (info.run_time().as_nanos() as u64, info.run_count())
+        })
+    }
+}
+
+/// Answers every byte it reads on its first connection with one byte, until the peer
+/// closes it or falls silent for TIMEOUT (a connection the datapath cut never closes).
+fn echo_server(netns: &NetNs, bind: SocketAddrV4) -> NsThread<()> {
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    let thread = netns.spawn(move || {
+        let listener = TcpListener::bind(bind).expect("bind");
+        ready.send(()).unwrap();
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_nodelay(true).unwrap();
+        conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut byte = [0u8; 1];
+        while matches!(conn.read(&mut byte), Ok(1)) {
+            if conn.write_all(&byte).is_err() {
+                break;
+            }
+        }
+    });
+    is_ready.recv_timeout(TIMEOUT).expect("server ready");
+    thread
+}
+
+/// `count` one-byte transactions on `conn`.
+fn transact(conn: &mut TcpStream, count: u32) -> std::io::Result<()> {
+    let mut byte = [0u8; 1];
+    for _ in 0..count {
+        conn.write_all(b"x")?;
+        conn.read_exact(&mut byte)?;
+    }
+    Ok(())
+}
+
+fn transactions(conn: &mut TcpStream, count: u32) {
+    transact(conn, count).expect("transactions");
+}
+
+/// A new connection to the ClusterIP from the client pod.
+fn connect(topo: &Topology) -> std::io::Result<TcpStream> {
+    topo.client.run(|| {
+        let conn = TcpStream::connect_timeout(&VIP.into(), TIMEOUT)?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(TIMEOUT))?;
+        Ok(conn)
+    })
+}
+
+/// Per-run costs of the programs on an established connection through a ClusterIP: the
+/// profile the issue's target is about (≤ 150 ns per program run).
+#[test]
+fn established_flow_cost_in_place() {
+    let mut topo = Topology::new();
+    // Run-time statistics of every BPF program stay on while this fd is held.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let server = echo_server(&topo.backend, WEB);
+    let mut conn = connect(&topo).expect("connect");
+    // Warm up: the connection established, neighbours resolved, caches filled.
+    transactions(&mut conn, 1_000);
+    let before = topo.run_stats();
+    let cache_before = topo.maps.flow_stats().expect("flow4_stats");
+    let started = Instant::now();
+    transactions(&mut conn, TRANSACTIONS);
+    let took = started.elapsed();
+    let after = topo.run_stats();
+    let cache_after = topo.maps.flow_stats().expect("flow4_stats");
+    drop(conn);
+    server.join().expect("server thread");
+
+    println!(
+        "{TRANSACTIONS} transactions in {:.0} ms ({:.1} µs each)",
+        took.as_secs_f64() * 1e3,
+        took.as_secs_f64() * 1e6 / f64::from(TRANSACTIONS)
+    );
+    for (name, (b, a)) in [FROM_CONTAINER, TO_CONTAINER]
+        .into_iter()
+        .zip(before.into_iter().zip(after))
+    {
+        let runs = a.1 - b.1;
+        let ns = if runs == 0 {
+            0.0
+        } else {
+            (a.0 - b.0) as f64 / runs as f64
+        };
+        println!("  {name:<15} {runs:>7} runs {ns:>7.0} ns/run");
+    }
+    let hits = cache_after.hits - cache_before.hits;
+    let decided = cache_after.decided - cache_before.decided;
+    println!("  flow cache: {hits} packets forwarded from it, {decided} decisions recorded");
+    // Every request and every response crossed from_container once.
+    let from_runs = after[0].1 - before[0].1;
+    assert!(
+        from_runs >= u64::from(2 * TRANSACTIONS),
+        "{from_runs} runs of from_container"
+    );
+}
+
+/// The cache is taken, and an established flow behaves through it as through the slow
+/// path: a policy changed to deny all (then deleted) leaves it running, as verdicts judge
+/// new connections only, while new connections follow the policy at once; its backend
+/// removed, its next packet is refused at once, not served from the cache. The changes
+/// are written as the realizer writes them, generation included.
+#[test]
+fn established_flows_through_the_cache_follow_policy_and_backends() {
+    let mut topo = Topology::new();
+    let server = echo_server(&topo.backend, WEB);
+    let mut conn = connect(&topo).expect("connect");
+    transactions(&mut conn, 100);
+    let hits = |topo: &Topology| topo.maps.flow_stats().expect("flow4_stats").hits;
+    let taken = hits(&topo);
+    assert!(taken >= 150, "{taken} packets from the cache of 200");
+
+    // The backend's policy now admits nothing: the established connection goes on (from
+    // the cache again once decided anew), a new one is dropped.
+    let backend_ifindex = topo.ifindex("lxc-b");
+    let _deny_all = support::install_policy(&mut topo.maps, backend_ifindex, &[]);
+    topo.maps
+        .bump_flow_generation()
+        .expect("bump the generation");
+    transactions(&mut conn, 100);
+    let after_deny = hits(&topo);
+    assert!(
+        after_deny >= taken + 150,
+        "{} packets from the cache of 200",
+        after_deny - taken
+    );
+    let refused = topo
+        .client
+        .run(|| TcpStream::connect_timeout(&VIP.into(), Duration::from_millis(500)).map(drop));
+    assert!(
+        refused.is_err(),
+        "a new connection passed a deny-all policy"
+    );
+
+    // The policy deleted: new connections pass again, the established one still does.
+    let mut endpoint = EndpointInfo::new(BACKEND, BACKEND_IDENTITY);
+    endpoint.flags = 0;
+    topo.maps
+        .endpoints
+        .insert(backend_ifindex, endpoint, 0)
+        .unwrap();
+    topo.maps
+        .bump_flow_generation()
+        .expect("bump the generation");
+    transactions(&mut conn, 100);
+    drop(connect(&topo).expect("a new connection once the policy is deleted"));
+
+    // The backend removed, as the realizer removes it (the frontend keeps no slot): the
+    // connection's next packet is refused, not delivered from the cache.
+    topo.maps
+        .backends
+        .remove(&Lb4BackendKey::new(BACKEND, WEB.port(), IPPROTO_TCP))
+        .unwrap();
+    topo.maps
+        .services
+        .insert(
+            Lb4Key::new(*VIP.ip(), VIP.port(), IPPROTO_TCP, 0),
+            Lb4Service::frontend(0, SVC_FLAG_CLUSTER_IP),
+            0,
+        )
+        .unwrap();
+    // (Replies from the removed backend still reach the client, through the cache too,
+    // as the slow path reverse-NATs them: only requests choose a backend.)
+    topo.maps
+        .bump_flow_generation()
+        .expect("bump the generation");
+    let broken = transact(&mut conn, 1);
+    assert!(
+        broken.is_err(),
+        "a removed backend still served an established flow"
+    );
+    drop(conn);
+    server.join().expect("server thread");
+}
