@@ -45,7 +45,76 @@ pub(super) struct World<'a> {
     /// Router addresses that are no node's address: left out of ipBlock verdicts.
     pub routers: &'a BTreeSet<Ipv4Addr>,
     pub workloads: &'a [Workload<'a>],
+    /// The pods with an address as peers: what selectors are matched against.
+    pub peers: &'a PeerGroups<'a>,
     pub namespaces: &'a BTreeMap<String, Labels>,
+}
+
+/// The pods with an address, grouped by identity, namespace and the labels under every key
+/// a selector names. A selector reads nothing else of a pod (its namespace's labels follow
+/// from the namespace), so every pod of a group matches the same peers and gives the same
+/// identity: peers are matched once per group, and there are about as many groups as
+/// identities, far fewer than pods.
+pub(super) struct PeerGroups<'a> {
+    /// One pod of each group.
+    groups: Vec<&'a Workload<'a>>,
+    /// Identity -> the named container ports of its pods, as (name, protocol, number).
+    ports: BTreeMap<u32, BTreeSet<(&'a str, u8, u16)>>,
+}
+
+impl<'a> PeerGroups<'a> {
+    /// Groups `workloads` once their identities are known; `selected_keys` are the pod label
+    /// keys any selector names.
+    pub(super) fn new(workloads: &'a [Workload<'a>], selected_keys: &BTreeSet<String>) -> Self {
+        type Key<'k> = (u32, &'k str, Vec<(&'k str, &'k str)>);
+        let mut groups: BTreeMap<Key<'a>, &'a Workload<'a>> = BTreeMap::new();
+        let mut ports: BTreeMap<u32, BTreeSet<(&'a str, u8, u16)>> = BTreeMap::new();
+        for w in workloads.iter().filter(|w| w.address.is_some()) {
+            let seen = w
+                .labels
+                .iter()
+                .filter(|(k, _)| selected_keys.contains(k.as_str()))
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            groups.entry((w.identity, w.namespace, seen)).or_insert(w);
+            if !w.ports.is_empty() {
+                let named = w
+                    .ports
+                    .iter()
+                    .map(|(n, p, number)| (n.as_str(), *p, *number));
+                ports.entry(w.identity).or_default().extend(named);
+            }
+        }
+        Self {
+            groups: groups.into_values().collect(),
+            ports,
+        }
+    }
+
+    /// How many groups there are.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// The numbers of the container ports named `name` with protocol `proto` of the pods
+    /// with an address, by identity, for the identities in `peers`.
+    pub(super) fn named_ports<'s>(
+        &'s self,
+        peers: &'s Peers,
+        name: &'s str,
+        proto: u8,
+    ) -> impl Iterator<Item = (u32, u16)> + 's {
+        self.ports
+            .iter()
+            .filter(|(id, _)| peers.contains(**id))
+            .flat_map(move |(&id, ports)| {
+                ports
+                    .iter()
+                    .filter(move |(n, p, _)| *n == name && *p == proto)
+                    .map(move |(_, _, number)| (id, *number))
+            })
+    }
 }
 
 impl World<'_> {
@@ -86,9 +155,9 @@ impl World<'_> {
                 _ => BTreeSet::new(),
             };
         }
-        self.workloads
+        self.peers
+            .groups
             .iter()
-            .filter(|w| w.address.is_some())
             .filter(|w| {
                 let namespace_ok = match &peer.namespace_selector {
                     None => w.namespace == namespace,
