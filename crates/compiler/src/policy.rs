@@ -37,7 +37,7 @@ mod rows;
 mod workloads;
 
 use self::{
-    peers::{PeerGroups, Peers, World},
+    peers::{IdentityPrefixes, PeerGroups, Peers, World},
     workloads::Workload,
 };
 
@@ -139,9 +139,10 @@ fn resolve<R>(
     );
 
     let peer_groups = PeerGroups::new(&workloads, &selected_keys);
+    let prefixes = IdentityPrefixes::new(&state.ipcache, &node_addresses.router_only);
     let world = World {
         ipcache: &state.ipcache,
-        routers: &node_addresses.router_only,
+        prefixes: &prefixes,
         workloads: &workloads,
         peers: &peer_groups,
         namespaces: &namespaces,

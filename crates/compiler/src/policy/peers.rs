@@ -42,8 +42,8 @@ impl Peers {
 /// What rules are evaluated against.
 pub(super) struct World<'a> {
     pub ipcache: &'a ipcache::Ipcache,
-    /// Router addresses that are no node's address: left out of ipBlock verdicts.
-    pub routers: &'a BTreeSet<Ipv4Addr>,
+    /// The ipcache's prefixes by identity, for ipBlock verdicts.
+    pub prefixes: &'a IdentityPrefixes,
     pub workloads: &'a [Workload<'a>],
     /// The pods with an address as peers: what selectors are matched against.
     pub peers: &'a PeerGroups<'a>,
@@ -178,21 +178,65 @@ impl World<'_> {
 
     /// The identities an ipBlock selects: those whose every prefix in the ipcache lies in
     /// the block and outside each except. Policy CIDRs are all in the ipcache, so the
-    /// prefixes of one identity agree on every block. Nodes are judged by their own
-    /// addresses, not their router addresses.
+    /// prefixes of one identity agree on every block.
     fn block_identities(&self, cidr: Ipv4Net, except: &[Ipv4Net]) -> BTreeSet<u32> {
-        let inside = |p: &Ipv4Net| cidr.contains(p) && !except.iter().any(|e| e.contains(p));
-        let mut verdicts: BTreeMap<u32, bool> = BTreeMap::new();
-        let prefixes = ipcache::prefixes(self.ipcache)
-            .filter(|(p, _)| p.prefix_len() < 32 || !self.routers.contains(&p.addr()));
-        for (prefix, identity) in prefixes {
-            let verdict = verdicts.entry(identity).or_insert(true);
-            *verdict &= inside(&prefix);
-        }
-        verdicts
-            .into_iter()
-            .filter(|(_, v)| *v)
-            .map(|(id, _)| id)
+        self.prefixes
+            .by_identity
+            .iter()
+            .filter(|(_, p)| cidr.contains(&p.common) && !except.iter().any(|e| p.any_inside(*e)))
+            .map(|(&id, _)| id)
             .collect()
     }
+}
+
+/// The ipcache's prefixes grouped by identity, so an ipBlock is judged once per identity
+/// rather than once per prefix. Nodes are judged by their own addresses: router addresses
+/// that are no node's address are left out.
+pub(super) struct IdentityPrefixes {
+    by_identity: BTreeMap<u32, Prefixes>,
+}
+
+/// The prefixes of one identity.
+struct Prefixes {
+    /// The longest prefix holding every one: a block holds them all if and only if it
+    /// holds this one, since the prefixes holding a prefix form a chain.
+    common: Ipv4Net,
+    /// By network address, then length.
+    all: BTreeSet<(Ipv4Addr, u8)>,
+}
+
+impl IdentityPrefixes {
+    pub(super) fn new(ipcache: &ipcache::Ipcache, routers: &BTreeSet<Ipv4Addr>) -> Self {
+        let mut by_identity: BTreeMap<u32, Prefixes> = BTreeMap::new();
+        let prefixes = ipcache::prefixes(ipcache)
+            .filter(|(p, _)| p.prefix_len() < 32 || !routers.contains(&p.addr()));
+        for (prefix, identity) in prefixes {
+            let prefix = prefix.trunc();
+            let entry = by_identity.entry(identity).or_insert(Prefixes {
+                common: prefix,
+                all: BTreeSet::new(),
+            });
+            entry.common = common(entry.common, prefix);
+            entry.all.insert((prefix.network(), prefix.prefix_len()));
+        }
+        Self { by_identity }
+    }
+}
+
+impl Prefixes {
+    /// Whether one of the prefixes lies inside `block`: one whose network address is in
+    /// the block and which is at least as long.
+    fn any_inside(&self, block: Ipv4Net) -> bool {
+        self.all
+            .range((block.network(), 0)..=(block.broadcast(), 32))
+            .any(|&(_, len)| len >= block.prefix_len())
+    }
+}
+
+/// The longest prefix holding both `a` and `b`.
+fn common(a: Ipv4Net, b: Ipv4Net) -> Ipv4Net {
+    let differing = (u32::from(a.network()) ^ u32::from(b.network())).leading_zeros();
+    // At most 32, so it fits in u8.
+    let len = a.prefix_len().min(b.prefix_len()).min(differing as u8);
+    Ipv4Net::new(a.network(), len).map_or(a, |n| n.trunc())
 }

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use sluice_common::{POLICY_EGRESS, POLICY_INGRESS};
 
 use super::{PolicyInput, Problems, peers::Peers, resolve, rules, workloads::Workload};
-use crate::{DesiredState, NodeContext, Snapshot};
+use crate::{NodeContext, Snapshot};
 use sluice_store::{LocalEndpoint, selector};
 
 const NAMESPACES: [&str; 3] = ["a", "b", "c"];
@@ -22,6 +22,7 @@ const KEYS: [(&str, &[&str]); 5] = [
     ("unselected", &["x", "y", "z"]),
 ];
 const PORT_NAMES: [&str; 2] = ["http", "dns"];
+const EXCEPTS: [&[&str]; 3] = [&[], &["10.0.1.0/25"], &["10.0.2.0/24", "10.0.0.8/29"]];
 
 fn pick<'a, T>(rng: &mut fastrand::Rng, items: &'a [T]) -> &'a T {
     &items[rng.usize(..items.len())]
@@ -63,7 +64,14 @@ fn peer(rng: &mut fastrand::Rng) -> Value {
         0 => json!({"podSelector": label_selector(rng)}),
         1 => json!({"namespaceSelector": {"matchLabels": {"team": pick(rng, &["red", "blue"])}}}),
         2 => json!({"namespaceSelector": {}, "podSelector": label_selector(rng)}),
-        3 => json!({"ipBlock": {"cidr": pick(rng, &["10.0.0.0/16", "10.0.1.0/24"])}}),
+        3 => {
+            let cidr = pick(
+                rng,
+                &["10.0.0.0/16", "10.0.1.0/24", "10.0.0.0/8", "0.0.0.0/0"],
+            );
+            let except = pick(rng, &EXCEPTS);
+            json!({"ipBlock": {"cidr": cidr, "except": except}})
+        }
         _ => json!({"podSelector": {}}),
     }
 }
@@ -99,11 +107,16 @@ fn snapshot(rng: &mut fastrand::Rng) -> Snapshot {
             "status": {"phase": "Running", "podIP": address},
         })));
     }
-    s.nodes.push(object(json!({
-        "metadata": {"name": "node-a"},
-        "spec": {"podCIDR": "10.0.1.0/24"},
-        "status": {"addresses": [{"type": "InternalIP", "address": "172.16.0.1"}]},
-    })));
+    for (name, cidr, address) in [
+        ("node-a", "10.0.1.0/24", "172.16.0.1"),
+        ("node-b", "10.0.2.0/24", "10.0.0.9"),
+    ] {
+        s.nodes.push(object(json!({
+            "metadata": {"name": name},
+            "spec": {"podCIDR": cidr},
+            "status": {"addresses": [{"type": "InternalIP", "address": address}]},
+        })));
+    }
     for i in 0..rng.usize(1..5) {
         let rule = |rng: &mut fastrand::Rng, side: &str| {
             let mut r = json!({});
@@ -154,6 +167,30 @@ fn per_pod(
         .collect()
 }
 
+/// The identities an ipBlock selects, judged prefix by prefix: those whose every prefix
+/// in the ipcache (router addresses that are no node's address left out) lies in the block
+/// and outside each except.
+fn block_per_prefix(
+    ipcache: &crate::ipcache::Ipcache,
+    routers: &BTreeSet<std::net::Ipv4Addr>,
+    cidr: ipnet::Ipv4Net,
+    except: &[ipnet::Ipv4Net],
+) -> BTreeSet<u32> {
+    let mut verdicts: std::collections::BTreeMap<u32, bool> = Default::default();
+    for (prefix, identity) in crate::ipcache::prefixes(ipcache) {
+        if prefix.prefix_len() == 32 && routers.contains(&prefix.addr()) {
+            continue;
+        }
+        let inside = cidr.contains(&prefix) && !except.iter().any(|e| e.contains(&prefix));
+        *verdicts.entry(identity).or_insert(true) &= inside;
+    }
+    verdicts
+        .into_iter()
+        .filter(|(_, v)| *v)
+        .map(|(id, _)| id)
+        .collect()
+}
+
 /// (identity, number) of every pod with an address in `peers` with a port `name`/`proto`.
 fn named_per_pod(
     workloads: &[Workload<'_>],
@@ -172,35 +209,47 @@ fn named_per_pod(
         .collect()
 }
 
+/// The first pod, when it is in namespace a, as the one local endpoint (`lxc0`).
+fn s_endpoints(snapshot: &mut Snapshot) {
+    snapshot.endpoints.push(LocalEndpoint {
+        node: "node-a".into(),
+        namespace: "a".into(),
+        pod: "p0".into(),
+        interface: "lxc0".into(),
+        addresses: ["10.0.1.2"
+            .parse::<std::net::IpAddr>()
+            .unwrap_or_else(|e| panic!("{e}"))]
+        .into(),
+    });
+}
+
 #[test]
 fn peers_matched_per_group_equal_peers_matched_per_pod() {
-    let (mut peers_checked, mut groups_smaller) = (0, 0);
+    let (mut peers_checked, mut blocks_checked, mut groups_smaller) = (0, 0, 0);
     for seed in 0..400 {
         let mut rng = fastrand::Rng::with_seed(seed);
-        let snapshot = snapshot(&mut rng);
+        let mut snapshot = snapshot(&mut rng);
         let node = NodeContext {
             node: "node-a".into(),
             ..NodeContext::default()
         };
-        let endpoint = LocalEndpoint {
-            node: "node-a".into(),
-            namespace: "a".into(),
-            pod: "p0".into(),
-            interface: "lxc0".into(),
-            addresses: ["10.0.1.2"
-                .parse::<std::net::IpAddr>()
-                .unwrap_or_else(|e| panic!("{e}"))]
-            .into(),
-        };
-        let endpoints = [(7, &endpoint)].into();
+        let mut node = node;
+        node.interfaces.insert("lxc0".into(), 7);
+        s_endpoints(&mut snapshot);
+        let (mut compilation, local) = crate::Compilation::for_policy(&snapshot, &node);
+        let routers = compilation
+            .state
+            .nodes
+            .addresses(&snapshot, "node-a")
+            .router_only;
         let input = PolicyInput {
             snapshot: &snapshot,
             node: &node,
-            endpoints: &endpoints,
+            endpoints: &local,
         };
-        let mut state = DesiredState::default();
+        let state = &mut compilation.state;
         let mut problems = Problems::default();
-        resolve(&input, &mut state, &mut problems, |world, policies, _| {
+        resolve(&input, state, &mut problems, |world, policies, _| {
             let with_address = world
                 .workloads
                 .iter()
@@ -213,7 +262,22 @@ fn peers_matched_per_group_equal_peers_matched_per_pod() {
                         let mut ignored = Problems::default();
                         let grouped =
                             world.peer_identities(&p.object, p.namespace, peer, &mut ignored);
-                        if peer.ip_block.is_none() {
+                        if let Some(block) = &peer.ip_block {
+                            let parse = |c: &str| {
+                                c.parse::<ipnet::Ipv4Net>()
+                                    .unwrap_or_else(|e| panic!("{e}"))
+                            };
+                            let except: Vec<_> =
+                                block.except.iter().flatten().map(|e| parse(e)).collect();
+                            let per_prefix = block_per_prefix(
+                                world.ipcache,
+                                &routers,
+                                parse(&block.cidr),
+                                &except,
+                            );
+                            assert_eq!(grouped, per_prefix, "seed {seed}, {} {block:?}", p.owner);
+                            blocks_checked += 1;
+                        } else {
                             assert_eq!(
                                 grouped,
                                 per_pod(world.workloads, world, p.namespace, peer),
@@ -241,8 +305,9 @@ fn peers_matched_per_group_equal_peers_matched_per_pod() {
         });
     }
     println!(
-        "{peers_checked} peers compared; fewer groups than pods in {groups_smaller} of 400 cases"
+        "{peers_checked} peers and {blocks_checked} ipBlocks compared; \
+         fewer groups than pods in {groups_smaller} of 400 cases"
     );
     // The comparison would say little if no group ever held two pods.
-    assert!(peers_checked > 1000 && groups_smaller > 100);
+    assert!(peers_checked > 1000 && blocks_checked > 200 && groups_smaller > 100);
 }
