@@ -36,7 +36,8 @@ const HEALTH_PORTS: [i32; 2] = [31000, 31001];
 const BACKENDS: [&str; 5] = ["10.0.1.10", "10.0.1.11", "10.0.2.10", "10.0.2.11", "bad"];
 
 /// A uid and a resourceVersion as the API server gives them (a new version on every
-/// write), on half the objects; the others, like the lab's, have neither.
+/// write), on half the objects (Services, EndpointSlices, Pods, NetworkPolicies); the
+/// others, like the lab's, have neither.
 fn versioned(rng: &mut fastrand::Rng, metadata: &mut Value, uid: String) {
     static VERSION: AtomicU64 = AtomicU64::new(1);
     if rng.bool() {
@@ -148,20 +149,24 @@ fn slice(rng: &mut fastrand::Rng, name: usize) -> Value {
 }
 
 fn pod(rng: &mut fastrand::Rng, i: usize) -> Value {
+    let mut metadata = json!({
+        "name": format!("p{i}"),
+        "namespace": pick(rng, &NAMESPACES),
+        "labels": {"app": pick(rng, &["web", "db"])},
+    });
+    versioned(rng, &mut metadata, format!("pod-{i}"));
     json!({
-        "metadata": {
-            "name": format!("p{i}"),
-            "namespace": pick(rng, &NAMESPACES),
-            "labels": {"app": pick(rng, &["web", "db"])},
-        },
+        "metadata": metadata,
         "spec": {"nodeName": pick(rng, &[NODE, "node-b"]), "containers": [{"name": "c", "image": "i"}]},
         "status": {"phase": "Running", "podIP": format!("10.0.1.{}", 10 + i)},
     })
 }
 
 fn policy(rng: &mut fastrand::Rng, i: usize) -> Value {
+    let mut metadata = json!({"name": format!("np{i}"), "namespace": pick(rng, &NAMESPACES)});
+    versioned(rng, &mut metadata, format!("np-{i}"));
     json!({
-        "metadata": {"name": format!("np{i}"), "namespace": pick(rng, &NAMESPACES)},
+        "metadata": metadata,
         "spec": {
             "podSelector": {"matchLabels": {"app": pick(rng, &["web", "db"])}},
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": pick(rng, &["web", "db"])}}}],
