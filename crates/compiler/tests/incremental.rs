@@ -6,8 +6,9 @@
 //! and names are often duplicated: the conflicts settled across Services are exercised.
 //! `SLUICE_INCREMENTAL_SEED=<n>` replays one case.
 //!
-//! `one_service_change_at_10k_services` prints the cost of one Service change at 10,000
-//! Services, full against incremental (`--release -- --ignored --nocapture`).
+//! `one_service_change_at_10k_services` (and `_at_100k_`) prints the cost of one Service
+//! change at 10,000 (100,000) Services, full against incremental (`--release -- --ignored
+//! --nocapture`).
 
 use std::{
     sync::atomic::{AtomicU64, Ordering},
@@ -454,6 +455,13 @@ fn one_service_change_at_10k_services() {
     for backends in [2, 26] {
         measure(10_000, backends);
     }
+}
+
+/// The same at 100,000 Services with 2 backends each (issue 19's one-change target).
+#[test]
+#[ignore = "a measurement: run with --release -- --ignored --nocapture"]
+fn one_service_change_at_100k_services() {
+    measure(100_000, 2);
 }
 
 fn measure(count: usize, backends: usize) {
