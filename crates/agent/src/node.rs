@@ -61,6 +61,10 @@ pub struct Node {
     /// The previous compiles' per-Service and workload results: a change recompiles what
     /// it touches.
     compile_cache: CompileCache,
+    /// Whether the maps hold `desired` as the last pass left them (it succeeded, or the
+    /// periodic check repaired them): then a change writes its delta without reading
+    /// the maps first.
+    maps_hold_desired: bool,
     /// Changes whenever `desired` does, so the observer renames flows only then.
     desired_version: u64,
     realized_generation: u64,
@@ -117,6 +121,7 @@ impl Node {
             desired: Arc::default(),
             compiled_from: None,
             compile_cache: CompileCache::new(),
+            maps_hold_desired: false,
             desired_version: 0,
             realized_generation: 0,
             realized_revision: 0,
@@ -235,12 +240,22 @@ impl Node {
             warn!(object = %u.object, field = u.field.path(), value = %u.value, programmed = u.field.programmed(), "not implemented");
         }
         let unchanged = Arc::ptr_eq(&desired, &self.desired) && self.last_error.is_none();
+        // Until this pass succeeds, what the maps hold is not known.
+        let held = std::mem::replace(&mut self.maps_hold_desired, false);
         let stats = if unchanged {
             self.check()?
         } else {
-            let stats = self
-                .tables
-                .realize(Desired::of(&desired, self.policy_map_max))?;
+            let target = Desired::of(&desired, self.policy_map_max);
+            // The maps hold what the last pass realized, so the change is the difference
+            // of the two states; anything changed behind the agent's back since is found
+            // by the periodic check, restarted here, and repaired by a full pass.
+            let stats = if held {
+                let realized = Desired::of(&self.desired, self.policy_map_max);
+                let plan = self.tables.plan_delta(realized, target)?;
+                self.tables.apply(&plan)?
+            } else {
+                self.tables.realize(target)?
+            };
             self.scan.restart();
             self.purge_removed_backends(&desired)?;
             stats
@@ -269,6 +284,7 @@ impl Node {
         }
         self.desired = desired;
         self.compiled_from = Some(compiled_from);
+        self.maps_hold_desired = true;
         attached |= sockets?;
         Ok((stats, attached))
     }
@@ -441,6 +457,8 @@ impl Node {
         if repaired {
             let restored = self.pins.check()?;
             self.pins_restored.extend(restored);
+            // The maps now hold this compile's state, which may be newer than `desired`.
+            self.maps_hold_desired = false;
             self.tables.apply(&plan)?;
             self.scan.restart();
             for ifname in &detached {

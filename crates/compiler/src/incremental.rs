@@ -95,11 +95,11 @@ enum Claim {
 
 /// The inputs of [`compile_workloads`], as last compiled.
 struct WorkloadInputs {
-    nodes: Vec<Node>,
+    nodes: Vec<Version<Node>>,
     cluster_cidr: Option<Ipv4Net>,
-    namespaces: Vec<Namespace>,
-    pods: Vec<Pod>,
-    network_policies: Vec<NetworkPolicy>,
+    namespaces: Vec<Version<Namespace>>,
+    pods: Vec<Version<Pod>>,
+    network_policies: Vec<Version<NetworkPolicy>>,
     endpoints: Vec<LocalEndpoint>,
     node: NodeContext,
 }
@@ -107,11 +107,11 @@ struct WorkloadInputs {
 impl WorkloadInputs {
     fn of(snapshot: &Snapshot, node: &NodeContext) -> Self {
         Self {
-            nodes: snapshot.nodes.clone(),
+            nodes: versions(&snapshot.nodes),
             cluster_cidr: snapshot.cluster_cidr,
-            namespaces: snapshot.namespaces.clone(),
-            pods: snapshot.pods.clone(),
-            network_policies: snapshot.network_policies.clone(),
+            namespaces: versions(&snapshot.namespaces),
+            pods: versions(&snapshot.pods),
+            network_policies: versions(&snapshot.network_policies),
             endpoints: snapshot.endpoints.clone(),
             node: node.clone(),
         }
@@ -120,12 +120,50 @@ impl WorkloadInputs {
     fn matches(&self, snapshot: &Snapshot, node: &NodeContext) -> bool {
         self.node == *node
             && self.cluster_cidr == snapshot.cluster_cidr
-            && self.nodes == snapshot.nodes
-            && self.namespaces == snapshot.namespaces
+            && holds(&self.nodes, &snapshot.nodes)
+            && holds(&self.namespaces, &snapshot.namespaces)
             && self.endpoints == snapshot.endpoints
-            && self.network_policies == snapshot.network_policies
-            && self.pods == snapshot.pods
+            && holds(&self.network_policies, &snapshot.network_policies)
+            && holds(&self.pods, &snapshot.pods)
     }
+}
+
+/// One object as last compiled: its uid and resourceVersion when it has both (one content,
+/// see [`same`]), else the whole object. Keeping two strings rather than a copy of every
+/// Pod spares the cache a clone and a deep comparison of each per pass.
+enum Version<T> {
+    Stamp { uid: String, version: String },
+    Whole(T),
+}
+
+fn versions<T: Metadata<Ty = ObjectMeta> + Clone>(objects: &[T]) -> Vec<Version<T>> {
+    objects
+        .iter()
+        .map(|o| {
+            let meta = o.metadata();
+            match (&meta.uid, &meta.resource_version) {
+                (Some(uid), Some(version)) => Version::Stamp {
+                    uid: uid.clone(),
+                    version: version.clone(),
+                },
+                _ => Version::Whole(o.clone()),
+            }
+        })
+        .collect()
+}
+
+/// Whether `kept` records exactly `objects`, in order, as [`same`] judges them.
+fn holds<T: Metadata<Ty = ObjectMeta> + PartialEq>(kept: &[Version<T>], objects: &[T]) -> bool {
+    kept.len() == objects.len()
+        && kept.iter().zip(objects).all(|(k, o)| {
+            let meta = o.metadata();
+            match (k, &meta.uid, &meta.resource_version) {
+                (Version::Stamp { uid, version }, Some(u), Some(v)) => uid == u && version == v,
+                (Version::Whole(kept), _, _) => kept == o,
+                // One has a version and the other not: not one content.
+                _ => false,
+            }
+        })
 }
 
 impl CompileCache {

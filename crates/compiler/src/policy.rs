@@ -3,7 +3,9 @@
 //! Selectors are evaluated on pods and the result is expressed as the identities of the
 //! selected pods. That is exact because pods sharing an identity share every label a
 //! selector can look at: pod labels (high-cardinality keys stay in when a policy names
-//! them), namespace name and labels, and the policy CIDRs that contain their address.
+//! them), namespace name and labels, and the policy CIDRs that contain their address. A
+//! peer is matched once per group of pods that look alike to every selector
+//! ([`peers::PeerGroups`]), not once per pod: the cost grows with identities, not pods.
 //!
 //! The steps, each in its module: the pods as policy sees them ([`workloads`]), their
 //! identities and those of the policy CIDRs ([`identities`], [`cidr`]), the ipcache
@@ -28,12 +30,14 @@ mod cidr;
 pub(crate) mod explain;
 mod identities;
 mod peers;
+#[cfg(test)]
+mod peers_tests;
 mod ports;
 mod rows;
 mod workloads;
 
 use self::{
-    peers::{Peers, World},
+    peers::{IdentityPrefixes, PeerGroups, Peers, World},
     workloads::Workload,
 };
 
@@ -134,10 +138,13 @@ fn resolve<R>(
         &state.nodes,
     );
 
+    let peer_groups = PeerGroups::new(&workloads, &selected_keys);
+    let prefixes = IdentityPrefixes::new(&state.ipcache, &node_addresses.router_only);
     let world = World {
         ipcache: &state.ipcache,
-        routers: &node_addresses.router_only,
+        prefixes: &prefixes,
         workloads: &workloads,
+        peers: &peer_groups,
         namespaces: &namespaces,
     };
     for p in &mut policies {

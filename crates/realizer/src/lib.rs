@@ -14,6 +14,7 @@
 //! maps is the registry's realize order (`sluice_common::registry`); the order of keys
 //! within a map (slots before their frontend) is the map's own, here.
 
+mod delta;
 pub mod maglev;
 mod maps;
 mod policy;
@@ -22,6 +23,7 @@ mod tables;
 
 use std::{collections::BTreeMap, fmt::Display};
 
+pub use delta::diff_sorted;
 pub use maps::{Cursor, Ipcache, KernelMap, Lpm, LpmKey, MemoryMap, Named, write_stamp};
 pub use policy::{
     InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyLookup, PolicyPlan,
@@ -213,6 +215,8 @@ pub fn converge<K: Ord + Clone, V: PartialEq + Clone, M: KernelMap<K, V>>(
     })
 }
 
+#[cfg(test)]
+mod delta_tests;
 #[cfg(test)]
 mod scan_tests;
 #[cfg(test)]

@@ -42,11 +42,7 @@ pub struct Flow4Stats {
     pub decided: u64,
 }
 
-// SAFETY: #[repr(C)] plain data with explicit padding fields, so every byte is
-// initialized and any bit pattern is valid.
-unsafe impl aya::Pod for Flow4Key {}
-unsafe impl aya::Pod for Flow4Entry {}
-unsafe impl aya::Pod for Flow4Stats {}
+plain_data!(Flow4Key, Flow4Entry, Flow4Stats);
 
 const _: () = {
     assert!(size_of::<Flow4Key>() == 20);

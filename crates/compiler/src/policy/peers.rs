@@ -42,10 +42,79 @@ impl Peers {
 /// What rules are evaluated against.
 pub(super) struct World<'a> {
     pub ipcache: &'a ipcache::Ipcache,
-    /// Router addresses that are no node's address: left out of ipBlock verdicts.
-    pub routers: &'a BTreeSet<Ipv4Addr>,
+    /// The ipcache's prefixes by identity, for ipBlock verdicts.
+    pub prefixes: &'a IdentityPrefixes,
     pub workloads: &'a [Workload<'a>],
+    /// The pods with an address as peers: what selectors are matched against.
+    pub peers: &'a PeerGroups<'a>,
     pub namespaces: &'a BTreeMap<String, Labels>,
+}
+
+/// The pods with an address, grouped by identity, namespace and the labels under every key
+/// a selector names. A selector reads nothing else of a pod (its namespace's labels follow
+/// from the namespace), so every pod of a group matches the same peers and gives the same
+/// identity: peers are matched once per group, and there are about as many groups as
+/// identities, far fewer than pods.
+pub(super) struct PeerGroups<'a> {
+    /// One pod of each group.
+    groups: Vec<&'a Workload<'a>>,
+    /// Identity -> the named container ports of its pods, as (name, protocol, number).
+    ports: BTreeMap<u32, BTreeSet<(&'a str, u8, u16)>>,
+}
+
+impl<'a> PeerGroups<'a> {
+    /// Groups `workloads` once their identities are known; `selected_keys` are the pod label
+    /// keys any selector names.
+    pub(super) fn new(workloads: &'a [Workload<'a>], selected_keys: &BTreeSet<String>) -> Self {
+        type Key<'k> = (u32, &'k str, Vec<(&'k str, &'k str)>);
+        let mut groups: BTreeMap<Key<'a>, &'a Workload<'a>> = BTreeMap::new();
+        let mut ports: BTreeMap<u32, BTreeSet<(&'a str, u8, u16)>> = BTreeMap::new();
+        for w in workloads.iter().filter(|w| w.address.is_some()) {
+            let seen = w
+                .labels
+                .iter()
+                .filter(|(k, _)| selected_keys.contains(k.as_str()))
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            groups.entry((w.identity, w.namespace, seen)).or_insert(w);
+            if !w.ports.is_empty() {
+                let named = w
+                    .ports
+                    .iter()
+                    .map(|(n, p, number)| (n.as_str(), *p, *number));
+                ports.entry(w.identity).or_default().extend(named);
+            }
+        }
+        Self {
+            groups: groups.into_values().collect(),
+            ports,
+        }
+    }
+
+    /// How many groups there are.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// The numbers of the container ports named `name` with protocol `proto` of the pods
+    /// with an address, by identity, for the identities in `peers`.
+    pub(super) fn named_ports<'s>(
+        &'s self,
+        peers: &'s Peers,
+        name: &'s str,
+        proto: u8,
+    ) -> impl Iterator<Item = (u32, u16)> + 's {
+        self.ports
+            .iter()
+            .filter(|(id, _)| peers.contains(**id))
+            .flat_map(move |(&id, ports)| {
+                ports
+                    .iter()
+                    .filter(move |(n, p, _)| *n == name && *p == proto)
+                    .map(move |(_, _, number)| (id, *number))
+            })
+    }
 }
 
 impl World<'_> {
@@ -86,9 +155,9 @@ impl World<'_> {
                 _ => BTreeSet::new(),
             };
         }
-        self.workloads
+        self.peers
+            .groups
             .iter()
-            .filter(|w| w.address.is_some())
             .filter(|w| {
                 let namespace_ok = match &peer.namespace_selector {
                     None => w.namespace == namespace,
@@ -109,21 +178,65 @@ impl World<'_> {
 
     /// The identities an ipBlock selects: those whose every prefix in the ipcache lies in
     /// the block and outside each except. Policy CIDRs are all in the ipcache, so the
-    /// prefixes of one identity agree on every block. Nodes are judged by their own
-    /// addresses, not their router addresses.
+    /// prefixes of one identity agree on every block.
     fn block_identities(&self, cidr: Ipv4Net, except: &[Ipv4Net]) -> BTreeSet<u32> {
-        let inside = |p: &Ipv4Net| cidr.contains(p) && !except.iter().any(|e| e.contains(p));
-        let mut verdicts: BTreeMap<u32, bool> = BTreeMap::new();
-        let prefixes = ipcache::prefixes(self.ipcache)
-            .filter(|(p, _)| p.prefix_len() < 32 || !self.routers.contains(&p.addr()));
-        for (prefix, identity) in prefixes {
-            let verdict = verdicts.entry(identity).or_insert(true);
-            *verdict &= inside(&prefix);
-        }
-        verdicts
-            .into_iter()
-            .filter(|(_, v)| *v)
-            .map(|(id, _)| id)
+        self.prefixes
+            .by_identity
+            .iter()
+            .filter(|(_, p)| cidr.contains(&p.common) && !except.iter().any(|e| p.any_inside(*e)))
+            .map(|(&id, _)| id)
             .collect()
     }
+}
+
+/// The ipcache's prefixes grouped by identity, so an ipBlock is judged once per identity
+/// rather than once per prefix. Nodes are judged by their own addresses: router addresses
+/// that are no node's address are left out.
+pub(super) struct IdentityPrefixes {
+    by_identity: BTreeMap<u32, Prefixes>,
+}
+
+/// The prefixes of one identity.
+struct Prefixes {
+    /// The longest prefix holding every one: a block holds them all if and only if it
+    /// holds this one, since the prefixes holding a prefix form a chain.
+    common: Ipv4Net,
+    /// By network address, then length.
+    all: BTreeSet<(Ipv4Addr, u8)>,
+}
+
+impl IdentityPrefixes {
+    pub(super) fn new(ipcache: &ipcache::Ipcache, routers: &BTreeSet<Ipv4Addr>) -> Self {
+        let mut by_identity: BTreeMap<u32, Prefixes> = BTreeMap::new();
+        let prefixes = ipcache::prefixes(ipcache)
+            .filter(|(p, _)| p.prefix_len() < 32 || !routers.contains(&p.addr()));
+        for (prefix, identity) in prefixes {
+            let prefix = prefix.trunc();
+            let entry = by_identity.entry(identity).or_insert(Prefixes {
+                common: prefix,
+                all: BTreeSet::new(),
+            });
+            entry.common = common(entry.common, prefix);
+            entry.all.insert((prefix.network(), prefix.prefix_len()));
+        }
+        Self { by_identity }
+    }
+}
+
+impl Prefixes {
+    /// Whether one of the prefixes lies inside `block`: one whose network address is in
+    /// the block and which is at least as long.
+    fn any_inside(&self, block: Ipv4Net) -> bool {
+        self.all
+            .range((block.network(), 0)..=(block.broadcast(), 32))
+            .any(|&(_, len)| len >= block.prefix_len())
+    }
+}
+
+/// The longest prefix holding both `a` and `b`.
+fn common(a: Ipv4Net, b: Ipv4Net) -> Ipv4Net {
+    let differing = (u32::from(a.network()) ^ u32::from(b.network())).leading_zeros();
+    // At most 32, so it fits in u8.
+    let len = a.prefix_len().min(b.prefix_len()).min(differing as u8);
+    Ipv4Net::new(a.network(), len).map_or(a, |n| n.trunc())
 }

@@ -244,14 +244,9 @@ impl World<'_> {
             Some(IntOrString::String(name)) => {
                 // The destination is the peer: resolve per destination pod, so only pod
                 // identities get rows and each with its own numbers.
-                for d in self.workloads.iter().filter(|d| d.address.is_some()) {
-                    if !peers.contains(d.identity) {
-                        continue;
-                    }
-                    for number in named(d, name, proto) {
-                        let key = PolicyKey::ports(d.identity, direction, proto, number, 16);
-                        add(rows, policy, key);
-                    }
+                for (identity, number) in self.peers.named_ports(peers, name, proto) {
+                    let key = PolicyKey::ports(identity, direction, proto, number, 16);
+                    add(rows, policy, key);
                 }
             }
         }

@@ -1,0 +1,186 @@
+//! The compile at cluster scale: the simulated cluster of `sluice-bench --cluster` (the
+//! fake API server's generator, GKE's limits times a factor) compiled whole, then one
+//! change of each kind compiled incrementally. A measurement: it prints, never asserts on
+//! times; it does check that each incremental result equals the full compile.
+//!
+//! `cargo test --release -p sluice-compiler --test cluster_scale -- --ignored --nocapture`
+//! with `SLUICE_CLUSTER_SCALE` (default 0.1) for the size.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice_compiler::{CompileCache, DesiredState, NodeContext, compile};
+use sluice_fake_apiserver::cluster::{self, LOCAL_NODE, Shape};
+use sluice_store::{LocalEndpoint, Snapshot};
+
+fn from_json<T: serde::de::DeserializeOwned>(value: Value) -> T {
+    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
+}
+
+/// A uid and resourceVersion, as the API server gives every object.
+fn stamped<T: serde::de::DeserializeOwned>(mut value: Value, version: u64) -> T {
+    let metadata = &mut value["metadata"];
+    let uid = format!(
+        "{}/{}",
+        metadata["namespace"].as_str().unwrap_or_default(),
+        metadata["name"].as_str().unwrap_or_default()
+    );
+    metadata["uid"] = json!(uid);
+    metadata["resourceVersion"] = json!(version.to_string());
+    from_json(value)
+}
+
+/// The generated cluster as the agent's snapshot, with the local pods as endpoints, and
+/// the node context naming their interfaces.
+fn snapshot(shape: &Shape) -> (Snapshot, NodeContext) {
+    let mut s = Snapshot {
+        cluster_cidr: cluster::CLUSTER_CIDR.parse().ok(),
+        ..Snapshot::default()
+    };
+    s.nodes = (0..shape.nodes)
+        .map(|n| stamped(cluster::node(n), 1))
+        .collect();
+    s.namespaces = (0..shape.namespaces)
+        .map(|i| stamped(cluster::namespace(shape, i), 1))
+        .collect();
+    s.pods = (0..shape.pods)
+        .map(|p| stamped(cluster::pod(shape, p, 0), 1))
+        .collect();
+    for i in 0..shape.services {
+        s.services.push(stamped(cluster::service(shape, i), 1));
+        for slice in cluster::endpoint_slices(shape, i, false) {
+            s.endpoint_slices.push(stamped(slice, 1));
+        }
+    }
+    s.network_policies = (0..shape.network_policies)
+        .map(|i| stamped(cluster::network_policy(shape, i), 1))
+        .collect();
+    let mut node = NodeContext {
+        node: LOCAL_NODE.into(),
+        ..NodeContext::default()
+    };
+    for p in 0..shape.local_pods {
+        let (namespace, pod) = shape.pod_key(p).split_once('/').map_or_else(
+            || panic!("pod key {}", shape.pod_key(p)),
+            |(n, p)| (n.to_owned(), p.to_owned()),
+        );
+        let interface = format!("lxcb{p}");
+        node.interfaces.insert(interface.clone(), 1000 + p as u32);
+        s.endpoints.push(LocalEndpoint {
+            node: LOCAL_NODE.into(),
+            namespace,
+            pod,
+            interface,
+            addresses: [shape.pod_address(p, 0).into()].into(),
+        });
+    }
+    (s, node)
+}
+
+/// CPU time this thread has run, from /proc/thread-self/schedstat: on a machine shared with
+/// other builds, wall time says more about them than about the compile.
+fn cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let ns = stat.split_whitespace().next().and_then(|n| n.parse().ok());
+    Duration::from_nanos(ns.unwrap_or(0))
+}
+
+/// Wall and CPU time of `f`.
+#[derive(Clone, Copy)]
+struct Took {
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl std::fmt::Display for Took {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} ms CPU ({:.1} ms wall)",
+            ms(self.cpu),
+            ms(self.wall)
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Took) {
+    let (started, cpu_before) = (Instant::now(), cpu());
+    let out = f();
+    let took = Took {
+        wall: started.elapsed(),
+        cpu: cpu() - cpu_before,
+    };
+    (out, took)
+}
+
+fn check(what: &str, incremental: &DesiredState, snapshot: &Snapshot, node: &NodeContext) {
+    let (full, took) = timed(|| compile(snapshot, node));
+    println!("  {what}: full compile for comparison {took}");
+    assert!(
+        *incremental == full,
+        "{what}: incremental differs from full"
+    );
+}
+
+#[test]
+#[ignore = "a measurement: run with --release -- --ignored --nocapture"]
+fn compile_cost_of_the_simulated_cluster() {
+    let factor = std::env::var("SLUICE_CLUSTER_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.1);
+    let shape = Shape::scaled(factor);
+    let (mut snapshot, node) = snapshot(&shape);
+    println!(
+        "scale {factor}: {} nodes, {} pods, {} Services, {} endpoints, {} NetworkPolicies",
+        shape.nodes, shape.pods, shape.services, shape.endpoints, shape.network_policies
+    );
+    let (state, took) = timed(|| compile(&snapshot, &node));
+    println!(
+        "full compile: {took} ({} identities, {} ipcache entries, {} policy maps, {} service entries)",
+        state.identities.len(),
+        state.ipcache.len(),
+        state.policies.len(),
+        state.services.len()
+    );
+    let mut cache = CompileCache::new();
+    let (_, took) = timed(|| cache.compile(&snapshot, &node));
+    println!("first incremental compile: {took}");
+    let (_, took) = timed(|| cache.compile(&snapshot, &node));
+    println!("no change: {took} ({:?})", cache.stats());
+
+    let mut version = 2;
+    // A remote pod replaced: new address.
+    let p = shape.pods - 1;
+    snapshot.pods[p] = stamped(cluster::pod(&shape, p, 1), version);
+    version += 1;
+    let (state, took) = timed(|| cache.compile(&snapshot, &node));
+    println!("one pod replaced: {took} ({:?})", cache.stats());
+    check("pod", &state, &snapshot, &node);
+
+    // A Service's endpoints rolled.
+    let s = shape.services / 2;
+    let slices = cluster::endpoint_slices(&shape, s, true);
+    let at = snapshot
+        .endpoint_slices
+        .iter()
+        .position(|e| e.metadata.name.as_deref() == Some(&format!("svc-{s}-0")))
+        .unwrap_or_else(|| panic!("no slice of svc-{s}"));
+    snapshot.endpoint_slices[at] = stamped(slices[0].clone(), version);
+    version += 1;
+    let (state, took) = timed(|| cache.compile(&snapshot, &node));
+    println!("one EndpointSlice changed: {took} ({:?})", cache.stats());
+    check("endpoint slice", &state, &snapshot, &node);
+
+    // A NetworkPolicy changed: its peer app moves on.
+    let mut policy = cluster::network_policy(&shape, 0);
+    policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"] = json!("app-3");
+    snapshot.network_policies[0] = stamped(policy, version);
+    let (state, took) = timed(|| cache.compile(&snapshot, &node));
+    println!("one NetworkPolicy changed: {took} ({:?})", cache.stats());
+    check("network policy", &state, &snapshot, &node);
+}
