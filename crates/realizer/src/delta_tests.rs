@@ -22,6 +22,7 @@ fn tables() -> Tables<Memory> {
         source_ranges: MemoryMap::new(names::SOURCE_RANGES),
         policy: MemoryPolicy::default(),
         maglev: MemoryMaglev::default(),
+        flow_generation: MemoryGeneration::default(),
     }
 }
 
