@@ -11,19 +11,10 @@ use sluice_common::{kinds::RuleOrigin, *};
 use sluice_compiler::{DesiredState, EndpointPolicy};
 
 use super::*;
-use crate::maglev::{MemoryMaglev, pack};
+use crate::maglev::pack;
 
 fn tables() -> Tables<Memory> {
-    Tables {
-        services: MemoryMap::new(names::SERVICES),
-        backends: MemoryMap::new(names::BACKENDS),
-        endpoints: MemoryMap::new(names::ENDPOINTS),
-        ipcache: MemoryMap::new(names::IPCACHE),
-        source_ranges: MemoryMap::new(names::SOURCE_RANGES),
-        policy: MemoryPolicy::default(),
-        maglev: MemoryMaglev::default(),
-        flow_generation: MemoryGeneration::default(),
-    }
+    Tables::in_memory()
 }
 
 fn address(rng: &mut fastrand::Rng) -> Ipv4Addr {

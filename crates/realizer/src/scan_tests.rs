@@ -11,21 +11,11 @@ use sluice_common::*;
 use sluice_compiler::{DesiredState, EndpointPolicy};
 
 use super::*;
-use crate::maglev::MemoryMaglev;
 
 const TICKS: usize = 4;
 
 fn tables() -> Tables<Memory> {
-    Tables {
-        services: MemoryMap::new(names::SERVICES),
-        backends: MemoryMap::new(names::BACKENDS),
-        endpoints: MemoryMap::new(names::ENDPOINTS),
-        ipcache: MemoryMap::new(names::IPCACHE),
-        source_ranges: MemoryMap::new(names::SOURCE_RANGES),
-        policy: MemoryPolicy::default(),
-        maglev: MemoryMaglev::default(),
-        flow_generation: MemoryGeneration::default(),
-    }
+    Tables::in_memory()
 }
 
 fn vip(i: u32) -> Ipv4Addr {

@@ -87,6 +87,22 @@ impl Backing for Memory {
     type FlowGeneration = MemoryGeneration;
 }
 
+impl Tables<Memory> {
+    /// Empty in-memory tables, each named as its kernel map.
+    pub fn in_memory() -> Self {
+        Self {
+            services: MemoryMap::new(names::SERVICES),
+            backends: MemoryMap::new(names::BACKENDS),
+            endpoints: MemoryMap::new(names::ENDPOINTS),
+            ipcache: MemoryMap::new(names::IPCACHE),
+            source_ranges: MemoryMap::new(names::SOURCE_RANGES),
+            policy: MemoryPolicy::default(),
+            maglev: MemoryMaglev::default(),
+            flow_generation: MemoryGeneration::default(),
+        }
+    }
+}
+
 /// The datapath's maps that hold desired state: those the registry gives a realize order
 /// (`sluice_common::registry::realized`). Conntrack, metrics and fragments are runtime
 /// state and are never realized.

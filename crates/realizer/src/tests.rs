@@ -8,7 +8,6 @@ use sluice_common::{kinds::RuleOrigin, *};
 use sluice_compiler::{DesiredState, EndpointPolicy};
 
 use super::*;
-use crate::maglev::MemoryMaglev;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
@@ -47,16 +46,7 @@ fn backends(ids: &[u8]) -> BTreeMap<Lb4BackendKey, Lb4Backend> {
 type MemTables = Tables<Memory>;
 
 fn tables() -> MemTables {
-    Tables {
-        services: MemoryMap::new(names::SERVICES),
-        backends: MemoryMap::new(names::BACKENDS),
-        endpoints: MemoryMap::new(names::ENDPOINTS),
-        ipcache: MemoryMap::new(names::IPCACHE),
-        source_ranges: MemoryMap::new(names::SOURCE_RANGES),
-        policy: MemoryPolicy::default(),
-        maglev: MemoryMaglev::default(),
-        flow_generation: MemoryGeneration::default(),
-    }
+    Tables::in_memory()
 }
 
 fn services_only(ids: &[u8]) -> DesiredState {
