@@ -175,6 +175,18 @@ fn every_command_prints_json_and_yaml_and_keeps_its_exit_code() {
         runs.push(run("lab node remove", &remove, output, 0));
     }
     runs.push(run(
+        "lab node restart-agent",
+        &["lab", "node", "restart-agent", "node-1"],
+        "json",
+        0,
+    ));
+    runs.push(run(
+        "lab node restart-agent",
+        &["lab", "node", "restart-agent", "node-1", "--kill"],
+        "yaml",
+        0,
+    ));
+    runs.push(run(
         "lab delete",
         &["lab", "delete", "-f", &manifests],
         "json",
