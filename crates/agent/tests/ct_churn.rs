@@ -27,8 +27,8 @@ use std::{
 
 use sluice_common::{CT_SERVICE, Ct4Key, IPPROTO_TCP, IPPROTO_UDP};
 use sluice_datapath::PinnedMaps;
-use sluice_netns::{Guest, NsThread, OwnedNetNs, add_router_interface, wire_guest};
-use support::{Agent, NODE};
+use sluice_netns::{NsThread, OwnedNetNs};
+use support::{Agent, NODE, routed_node, wired_pod};
 
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -188,27 +188,9 @@ struct Node {
 
 impl Node {
     fn new() -> Self {
-        let node = OwnedNetNs::unique("sct-node-").unwrap();
-        node.set_sysctls(&[
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-        ])
-        .unwrap();
-        let on_node = node.netlink().unwrap();
-        add_router_interface(&on_node, ROUTER, None).unwrap();
+        let (node, on_node) = routed_node("sct-node-", ROUTER);
         let pod = |prefix: &str, interface: &str, address: Ipv4Addr| {
-            let ns = OwnedNetNs::unique(prefix).unwrap();
-            let guest = Guest {
-                interface,
-                device: "eth0",
-                address,
-                router: ROUTER,
-                mtu: None,
-                alias: None,
-            };
-            wire_guest(&on_node, &ns, &guest).unwrap();
-            ns
+            wired_pod(&on_node, prefix, interface, address, ROUTER)
         };
         let client = pod("sct-client-", "lxc-cl", CLIENT);
         // 20,000 connections per trial close from the client side: their TIME_WAIT

@@ -21,9 +21,9 @@ use std::{
 
 use aya::{programs::SchedClassifier, programs::tc::TcAttachType};
 use sluice_api::{Client, VerifyRequest};
-use sluice_netns::{Guest, NsThread, OwnedNetNs, add_router_interface, wire_guest};
+use sluice_netns::{NsThread, OwnedNetNs};
 
-use crate::support::{Agent, NODE};
+use crate::support::{Agent, NODE, routed_node, wired_pod};
 
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -146,27 +146,9 @@ pub struct Node {
 
 impl Node {
     pub fn new(name: &str, cluster: &sluice_store::Snapshot, args: &[&str]) -> Self {
-        let node = OwnedNetNs::unique("sft-node-").unwrap();
-        node.set_sysctls(&[
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-        ])
-        .unwrap();
-        let on_node = node.netlink().unwrap();
-        add_router_interface(&on_node, ROUTER, None).unwrap();
+        let (node, on_node) = routed_node("sft-node-", ROUTER);
         let pod = |prefix: &str, interface: &str, address: Ipv4Addr| {
-            let ns = OwnedNetNs::unique(prefix).unwrap();
-            let guest = Guest {
-                interface,
-                device: "eth0",
-                address,
-                router: ROUTER,
-                mtu: None,
-                alias: None,
-            };
-            wire_guest(&on_node, &ns, &guest).unwrap();
-            ns
+            wired_pod(&on_node, prefix, interface, address, ROUTER)
         };
         let client = pod("sft-client-", "lxc-cl", CLIENT);
         let server_ns = pod("sft-server-", "lxc-sv", SERVER);

@@ -321,3 +321,42 @@ pub fn snapshot(revision: u64, services: u32) -> Snapshot {
 pub fn write(path: &Path, snapshot: &Snapshot) {
     snapshot.write_file(path).expect("write the cluster file");
 }
+
+/// A node namespace that forwards (reverse-path filter off), with `router` on its
+/// router interface, and its netlink handle for wiring pods to it.
+pub fn routed_node(
+    prefix: &str,
+    router: std::net::Ipv4Addr,
+) -> (sluice_netns::OwnedNetNs, sluice_netns::Netlink) {
+    let node = sluice_netns::OwnedNetNs::unique(prefix).unwrap();
+    node.set_sysctls(&[
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+    ])
+    .unwrap();
+    let on_node = node.netlink().unwrap();
+    sluice_netns::add_router_interface(&on_node, router, None).unwrap();
+    (node, on_node)
+}
+
+/// A pod namespace with `address` on its `eth0`, wired to the node by `interface`.
+pub fn wired_pod(
+    on_node: &sluice_netns::Netlink,
+    prefix: &str,
+    interface: &str,
+    address: std::net::Ipv4Addr,
+    router: std::net::Ipv4Addr,
+) -> sluice_netns::OwnedNetNs {
+    let ns = sluice_netns::OwnedNetNs::unique(prefix).unwrap();
+    let guest = sluice_netns::Guest {
+        interface,
+        device: "eth0",
+        address,
+        router,
+        mtu: None,
+        alias: None,
+    };
+    sluice_netns::wire_guest(on_node, &ns, &guest).unwrap();
+    ns
+}
