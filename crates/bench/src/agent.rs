@@ -129,6 +129,8 @@ struct Running {
     agent: AgentProcess,
     pins: PinDir,
     socket: PathBuf,
+    cluster_file: PathBuf,
+    log: PathBuf,
     _dir: TempDir,
     _servers: Vec<load::Server>,
     topo: Topology,
@@ -215,6 +217,8 @@ fn start(services: &[ServiceSpec]) -> Result<Running, BenchError> {
         agent,
         pins,
         socket,
+        cluster_file,
+        log: log_path,
         _dir: dir,
         _servers: servers,
         topo,
@@ -261,7 +265,7 @@ pub fn measure(
 }
 
 /// The agent's cost with nothing to do: no traffic and no change after it programmed N
-/// services.
+/// services; then what one more Service costs it.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct IdleCost {
     pub services: usize,
@@ -269,9 +273,18 @@ pub struct IdleCost {
     pub backend_entries: usize,
     /// From the agent's start until the services were programmed.
     pub programmed: Duration,
+    /// The first pass, which compiled and wrote everything (the agent's `realized` log line).
+    pub first_pass: Option<Duration>,
+    /// The pass that realized one more Service (its `realized` log line).
+    pub one_change: Option<Duration>,
+    /// From the replaced cluster file to the new frontend in the kernel's map: the pass,
+    /// plus reading and parsing the whole file.
+    pub one_change_seen: Duration,
     /// Share of one core over the measured time.
     pub cpu_fraction: f64,
     pub rss_kib: u64,
+    /// The kernel memory of every pinned map (`memlock` in fdinfo).
+    pub map_memory: u64,
     pub seconds: f64,
     /// The slowest of a few `status` calls after the measurement (status counts every
     /// map's entries).
@@ -282,7 +295,8 @@ pub struct IdleCost {
 const STATUS_CALLS: usize = 5;
 
 /// Starts the agent with `services`, lets its start-up settle (one sweep of the periodic
-/// check), then measures its CPU time over `duration` with no traffic and no change.
+/// check), then measures its CPU time over `duration` with no traffic and no change, and
+/// last the time one more Service takes to reach the kernel.
 pub fn measure_idle(services: &[ServiceSpec], duration: Duration) -> Result<IdleCost, BenchError> {
     let running = start(services)?;
     let pid = running.agent.0.id();
@@ -305,14 +319,120 @@ pub fn measure_idle(services: &[ServiceSpec], duration: Duration) -> Result<Idle
     }
     let maps = PinnedMaps::open(running.pins.path())
         .map_err(|e| BenchError::Failed(format!("open the agent's maps: {e}")))?;
+    let service_entries = maps.services.keys().count();
+    let backend_entries = maps.backends.keys().count();
+    let map_memory = crate::cluster::map_fill(running.pins.path())?
+        .iter()
+        .map(|m| m.memlock)
+        .sum();
+    let first_pass = realized_passes(&read(&running.log)?).first().copied();
+    let one_change_seen = one_more_service(&running, services, &maps)?;
+    let one_change = realized_passes(&read(&running.log)?).last().copied();
     Ok(IdleCost {
         services: services.len(),
-        service_entries: maps.services.keys().count(),
-        backend_entries: maps.backends.keys().count(),
+        service_entries,
+        backend_entries,
         programmed: running.programmed,
+        first_pass,
+        one_change,
+        one_change_seen,
         cpu_fraction: cpu / seconds,
         rss_kib: rss,
+        map_memory,
         seconds,
         status,
     })
+}
+
+/// Replaces the cluster file with `services` and one more, and waits for its frontend.
+fn one_more_service(
+    running: &Running,
+    services: &[ServiceSpec],
+    maps: &PinnedMaps,
+) -> Result<Duration, BenchError> {
+    let extra = crate::decoy(services.len());
+    let frontend = Lb4Key::new(extra.vip, extra.port, IPPROTO_TCP, 0);
+    let mut more = services.to_vec();
+    more.push(extra);
+    let text = snapshot(&more);
+    let written = Instant::now();
+    text.write_file(&running.cluster_file)
+        .map_err(|e| BenchError::Failed(format!("writing the cluster file: {e}")))?;
+    while maps.services.get(&frontend, 0).is_err() {
+        if written.elapsed() > Duration::from_secs(120) {
+            return Err(BenchError::Failed(
+                "one more Service was not programmed within 120 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Until the pass has logged: the entry is written before the line.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(written.elapsed().saturating_sub(Duration::from_millis(200)))
+}
+
+/// The `elapsed` of every `realized` line in the agent's log, in order.
+fn realized_passes(log: &str) -> Vec<Duration> {
+    log.lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains(" realized"))
+        .filter_map(|l| {
+            let value = l.split_once("elapsed=")?.1.split_whitespace().next()?;
+            parse_duration(value)
+        })
+        .collect()
+}
+
+/// `line` without terminal colour sequences (the agent's log colours its field names).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A `Duration` as its Debug form prints it: `850ns`, `12.3µs`, `4.5ms`, `1.2s`.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "ns" => value * 1e-9,
+        "µs" | "us" => value * 1e-6,
+        "ms" => value * 1e-3,
+        "s" => value,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_passes_are_read_from_the_agents_log() {
+        let log = "2026-12-06T09:00:00Z  INFO sluice_agent::node: attaching datapath\n\
+                   2026-12-06T09:00:01Z  INFO sluice_agent::node: realized generation=1 \
+                   upserted=5 removed=0 attached=true elapsed=1.5s\n\
+                   \x1b[2m2026\x1b[0m \x1b[32m INFO\x1b[0m \x1b[2msluice_agent::node\x1b[0m\x1b[2m:\x1b[0m \
+                   realized \x1b[3melapsed\x1b[0m\x1b[2m=\x1b[0m12.25ms\n";
+        assert_eq!(
+            realized_passes(log),
+            [Duration::from_millis(1500), Duration::from_micros(12250)]
+        );
+        assert_eq!(parse_duration("850µs"), Some(Duration::from_micros(850)));
+        assert_eq!(parse_duration("soon"), None);
+    }
 }

@@ -361,7 +361,7 @@ fn peak_rss_kib(pid: u32) -> Result<u64, BenchError> {
 }
 
 /// Every map of the registry: entries, capacity, and the kernel memory charged for it.
-fn map_fill(pins: &Path) -> Result<Vec<MapFill>, BenchError> {
+pub(crate) fn map_fill(pins: &Path) -> Result<Vec<MapFill>, BenchError> {
     let maps = PinnedMaps::open(pins).map_err(|e| BenchError::Failed(e.to_string()))?;
     MAPS.iter()
         .map(|def| {
