@@ -49,7 +49,7 @@ impl Migration {
         self.map.def()
     }
 
-    /// The earlier layout, worded as the pinned-map check words layouts.
+    /// The earlier layout, worded as [`layout`] words today's.
     pub fn from_layout(&self) -> String {
         let def = self.def();
         format!(
@@ -57,6 +57,19 @@ impl Migration {
             def.kind, def.key_size, def.key_type, self.from_value_size, self.from_value_type
         )
     }
+
+    /// The layout it converts to: the registry's.
+    pub fn to_layout(&self) -> String {
+        layout(self.def())
+    }
+}
+
+/// The layout of `def` in words: kind, key and value sizes and types.
+pub fn layout(def: &MapDef) -> String {
+    format!(
+        "{:?} key {} ({}) value {} ({})",
+        def.kind, def.key_size, def.key_type, def.value_size, def.value_type
+    )
 }
 
 /// Every migration, at most one per (map, earlier value size).

@@ -83,13 +83,14 @@ pub enum DatapathError {
     },
     #[error(
         "map {map}: {count} pinned entries of layout {from} do not convert to {to}, the first \
-         (key {key}): {reason}; nothing was migrated, the running datapath is left as it is"
+         (key {key}): {reason}; nothing was migrated, the running datapath is left as it is",
+        map = migration.def().name,
+        from = migration.from_layout(),
+        to = migration.to_layout()
     )]
     Unconvertible {
-        map: &'static str,
+        migration: &'static sluice_common::Migration,
         key: String,
-        from: String,
-        to: String,
         reason: sluice_common::Unconvertible,
         count: usize,
     },

@@ -127,10 +127,8 @@ impl Staging {
                 let copied = copy(&self.pin_dir, step, BPF_ANY)?;
                 match copied.unconvertible.first() {
                     Some((key, reason)) => Err(DatapathError::Unconvertible {
-                        map: step.def.name,
+                        migration: step.migration,
                         key: hex(key),
-                        from: step.migration.from_layout(),
-                        to: today(step.def),
                         reason: *reason,
                         count: copied.unconvertible.len(),
                     }),
@@ -158,7 +156,7 @@ impl Staging {
             migrated.push(MigratedMap {
                 map: step.def.name,
                 from: step.migration.from_layout(),
-                to: today(step.def),
+                to: step.migration.to_layout(),
                 entries,
                 late_entries: late.written,
                 late_unconvertible: late.unconvertible.len(),
@@ -269,14 +267,6 @@ fn is_errno(err: &SyscallError, errno: i32) -> bool {
     err.io_error.raw_os_error() == Some(errno)
 }
 
-/// Today's layout of `def`, worded as [`Migration::from_layout`] words the earlier one.
-fn today(def: &MapDef) -> String {
-    format!(
-        "{:?} key {} ({}) value {} ({})",
-        def.kind, def.key_size, def.key_type, def.value_size, def.value_type
-    )
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -311,7 +301,7 @@ fn check_pinned_map(pin_dir: &Path, def: &'static MapDef) -> Result<Option<Step>
             map: def.name,
             path,
             found: format!("{map_type:?} key {key_size} value {value_size}"),
-            expected: today(def),
+            expected: migrations::layout(def),
         }),
     }
 }

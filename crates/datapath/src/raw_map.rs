@@ -23,6 +23,9 @@ struct ElemAttr {
     flags: u64,
 }
 
+/// One entry as bytes: its key and its value.
+pub(crate) type RawEntry = (Vec<u8>, Vec<u8>);
+
 pub(crate) struct RawMap<'a> {
     data: &'a MapData,
     key_size: usize,
@@ -41,7 +44,7 @@ impl<'a> RawMap<'a> {
 
     /// Every entry of the hash map, as (key, value) bytes, read 4,096 at a time; an entry
     /// changed during the read is seen as it was when its bucket was read.
-    pub(crate) fn hash_entries(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SyscallError> {
+    pub(crate) fn hash_entries(&self) -> Result<Vec<RawEntry>, SyscallError> {
         const CHUNK: usize = 4096;
         let (key_size, value_size) = (self.key_size.max(1), self.value_size.max(1));
         let mut keys = vec![0u8; key_size * CHUNK];

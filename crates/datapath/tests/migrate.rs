@@ -30,7 +30,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, MapInfo};
 use sluice_common::{
     BACKEND_STATE_ACTIVE, Ct4EntryV1, Ct4Key, IPPROTO_TCP, Lb4Backend, Lb4BackendKey, Lb4Key,
-    Lb4Service, Lb4ServiceV1, SVC_FLAG_CLUSTER_IP, SVC_FLAG_WILDCARD, addr_be, names,
+    Lb4Service, Lb4ServiceV1, MapId, SVC_FLAG_CLUSTER_IP, SVC_FLAG_WILDCARD, addr_be, names,
 };
 use sluice_datapath::{
     AttachRole, Datapath, DatapathConfig, DatapathError, ObjectBuild, PinnedMaps, sys,
@@ -432,7 +432,7 @@ fn a_layout_without_a_migration_is_refused_and_the_old_datapath_keeps_forwarding
     let err = refused.expect_err("an entry that does not convert");
     println!("refused after {took:?}: {err}");
     assert!(
-        matches!(&err, DatapathError::Unconvertible { map, count: 1, .. } if *map == names::SERVICES),
+        matches!(&err, DatapathError::Unconvertible { migration, count: 1, .. } if migration.map == MapId::Services),
         "{err}"
     );
     let message = err.to_string();
