@@ -151,6 +151,8 @@ impl Datapath {
         if !staging.is_empty() {
             datapath.swap_pinned_links()?;
             datapath.migrated = staging.commit()?;
+            // The flow cache's decisions were the earlier programs', made from the old maps.
+            PinnedMaps::open(pin_dir)?.bump_flow_generation()?;
         }
         Ok(datapath)
     }
