@@ -133,8 +133,6 @@ impl Datapath {
             .into_iter()
             .map(|object| load_object(build.bytes(object), object, &staging, config))
             .collect::<Result<_, _>>()?;
-        // The new maps are filled before any program that uses them runs.
-        staging.fill()?;
         adopt_unsorted_links(pin_dir)?;
         // Before any program is attached: the datapath expires entries by it.
         write_ct_config(pin_dir, config.ct_timeouts)?;
@@ -149,7 +147,12 @@ impl Datapath {
             datapath.program_ids.insert(program.name, id);
         }
         if !staging.is_empty() {
-            datapath.swap_pinned_links()?;
+            // The new maps are filled before any program that uses them runs, and the
+            // swap follows at once: entries the earlier programs make in between are
+            // converted again by commit().
+            let swaps = datapath.prepare_swap()?;
+            staging.fill()?;
+            migrate::swap_links(&swaps)?;
             datapath.migrated = staging.commit()?;
             // The flow cache's decisions were the earlier programs', made from the old maps.
             PinnedMaps::open(pin_dir)?.bump_flow_generation()?;

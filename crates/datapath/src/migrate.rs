@@ -4,16 +4,16 @@
 //! of an earlier layout with a migration gets a new map of today's layout, created by the
 //! loader under `<pin_dir>/migrating/` and filled with every entry converted; the programs
 //! are loaded against the new maps and swapped into every pinned link (tcx and cgroup link
-//! updates, each atomic); the entries the earlier programs added between the copy and the
-//! swap are converted too; then the new map's pin replaces the old one (a rename on bpffs).
+//! updates, each atomic); the entries the earlier programs added or changed between the
+//! copy and the swap are converted again; then the new map's pin replaces the old one (a rename on bpffs).
 //! So no packet sees an empty map: the new programs see the filled one from their first
 //! packet. A map of a layout without a migration, or an entry that does not convert, is
 //! refused before the swap, with the running programs and every pin as they were.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     fs, io,
-    os::fd::AsFd,
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -27,7 +27,7 @@ use sluice_common::{MAPS, MapDef, Migration, migrations};
 use crate::{
     AttachRole, Datapath, DatapathError, ProgramDef, create_dir, links_dir, pin_names,
     programs::{link_pin_name, link_target},
-    raw_map::{BPF_ANY, BPF_NOEXIST, RawMap},
+    raw_map::{BPF_ANY, RawMap},
     sys,
 };
 
@@ -43,7 +43,8 @@ pub struct MigratedMap {
     pub to: String,
     /// Entries converted before the programs were swapped.
     pub entries: usize,
-    /// Entries the earlier programs added between that copy and the swap, converted after.
+    /// Entries the earlier programs added or changed between that copy and the swap,
+    /// converted after it.
     pub late_entries: usize,
     /// Late entries that did not convert (only the agent writes the maps whose conversion
     /// can fail, and no earlier agent runs during the upgrade, so none is expected).
@@ -62,8 +63,8 @@ struct Step {
 pub(crate) struct Staging {
     pin_dir: PathBuf,
     steps: Vec<Step>,
-    /// Entries converted by [`Self::fill`], per step.
-    filled: Vec<usize>,
+    /// What [`Self::fill`] copied, per step.
+    filled: Vec<Copied>,
     committed: bool,
 }
 
@@ -124,7 +125,14 @@ impl Staging {
             .steps
             .iter()
             .map(|step| {
-                let copied = copy(&self.pin_dir, step, BPF_ANY)?;
+                let mut copied = copy(&self.pin_dir, step, None)?;
+                // Copies again what the earlier programs changed during the copy: the
+                // last pass is short, and so is the moment before the swap in which they
+                // make entries the new programs miss (see commit()).
+                for _ in 0..RECOPIES {
+                    let again = copy(&self.pin_dir, step, Some(&copied))?;
+                    copied.absorb(again);
+                }
                 match copied.unconvertible.first() {
                     Some((key, reason)) => Err(DatapathError::Unconvertible {
                         migration: step.migration,
@@ -132,20 +140,20 @@ impl Staging {
                         reason: *reason,
                         count: copied.unconvertible.len(),
                     }),
-                    None => Ok(copied.written),
+                    None => Ok(copied),
                 }
             })
             .collect::<Result<_, _>>()?;
         Ok(())
     }
 
-    /// After the swap: converts the entries the earlier programs added since [`Self::fill`]
-    /// (those the new programs have not made themselves), then pins each new map in place
-    /// of the old one and removes the staging directory.
+    /// After the swap: converts the entries the earlier programs added or changed since
+    /// [`Self::fill`], then pins each new map in place of the old one and removes the
+    /// staging directory.
     pub(crate) fn commit(mut self) -> Result<Vec<MigratedMap>, DatapathError> {
         let mut migrated = Vec::new();
-        for (step, &entries) in self.steps.iter().zip(&self.filled) {
-            let late = copy(&self.pin_dir, step, BPF_NOEXIST)?;
+        for (step, filled) in self.steps.iter().zip(&self.filled) {
+            let late = copy(&self.pin_dir, step, Some(filled))?;
             let from = self.dir().join(step.def.name);
             let to = self.pin_dir.join(step.def.name);
             fs::rename(&from, &to).map_err(|source| DatapathError::Io {
@@ -157,7 +165,7 @@ impl Staging {
                 map: step.def.name,
                 from: step.migration.from_layout(),
                 to: step.migration.to_layout(),
-                entries,
+                entries: filled.written,
                 late_entries: late.written,
                 late_unconvertible: late.unconvertible.len(),
             });
@@ -193,59 +201,68 @@ impl Drop for Staging {
     }
 }
 
+/// Passes of [`Staging::fill`] after the first, each over the entries the previous ones
+/// did not see as they are now.
+const RECOPIES: usize = 2;
+
 /// What one copy from an old map to its new one did.
+#[derive(Default)]
 struct Copied {
     written: usize,
     unconvertible: Vec<(Vec<u8>, sluice_common::Unconvertible)>,
+    /// The entries it read, key and a digest of the value: what a later copy skips.
+    seen: HashMap<Vec<u8>, u64>,
+}
+
+impl Copied {
+    /// Adds a later pass over the same maps.
+    fn absorb(&mut self, later: Copied) {
+        self.written += later.written;
+        self.unconvertible.extend(later.unconvertible);
+        self.seen.extend(later.seen);
+    }
 }
 
 /// Converts the entries of `step`'s old map (pinned in the pin directory) into its new
-/// one (in the staging directory): all of them (`BPF_ANY`), or only those whose key the
-/// new map lacks (`BPF_NOEXIST`).
-fn copy(pin_dir: &Path, step: &Step, flags: u64) -> Result<Copied, DatapathError> {
+/// one (in the staging directory): all of them, or, after the swap, those added or changed
+/// since the entries `copied` (the earlier programs wrote them between the copy and the
+/// swap: their history of the connection is the one to keep, over what the new programs
+/// made of its packets in the moment before this call).
+fn copy(pin_dir: &Path, step: &Step, copied: Option<&Copied>) -> Result<Copied, DatapathError> {
     let def = step.def;
-    let old_path = pin_dir.join(def.name);
-    let new_path = pin_dir.join(STAGING_DIR).join(def.name);
-    let (old, old_info) = open(def, &old_path)?;
-    let (new, new_info) = open(def, &new_path)?;
+    let (old, old_info) = open(def, &pin_dir.join(def.name))?;
+    let (new, new_info) = open(def, &pin_dir.join(STAGING_DIR).join(def.name))?;
     let sys_err = |source| DatapathError::Sys {
         map: def.name,
         source,
     };
     let old = RawMap::new(&old, sizes(&old_info));
     let new = RawMap::new(&new, sizes(&new_info));
-    let skip: HashSet<Vec<u8>> = if flags == BPF_NOEXIST {
-        new.hash_entries()
-            .map_err(sys_err)?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect()
-    } else {
-        HashSet::new()
-    };
-    let mut copied = Copied {
-        written: 0,
-        unconvertible: Vec::new(),
-    };
+    let mut done = Copied::default();
     for (key, value) in old.hash_entries().map_err(sys_err)? {
-        if skip.contains(&key) {
+        let digest = digest(&value);
+        if copied.is_some_and(|c| c.seen.get(&key) == Some(&digest)) {
             continue;
         }
+        done.seen.insert(key.clone(), digest);
         let value = match (step.migration.convert)(&value) {
             Ok(value) => value,
             Err(reason) => {
-                copied.unconvertible.push((key, reason));
+                done.unconvertible.push((key, reason));
                 continue;
             }
         };
-        match new.update(&key, &value, flags) {
-            Ok(()) => copied.written += 1,
-            // Made by the new programs meanwhile: theirs is the newer.
-            Err(err) if flags == BPF_NOEXIST && is_errno(&err, libc::EEXIST) => {}
-            Err(err) => return Err(sys_err(err)),
-        }
+        new.update(&key, &value, BPF_ANY).map_err(sys_err)?;
+        done.written += 1;
     }
-    Ok(copied)
+    Ok(done)
+}
+
+fn digest(value: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn open(def: &MapDef, path: &Path) -> Result<(MapData, MapInfo), DatapathError> {
@@ -336,65 +353,87 @@ fn pinned_links(pin_dir: &Path) -> Result<Vec<PinnedProgramLink>, DatapathError>
     Ok(links)
 }
 
+/// One pinned link, opened, with the program it runs and this load's program for it.
+pub(crate) struct LinkSwap {
+    path: PathBuf,
+    link: OwnedFd,
+    earlier: ProgramFd,
+    program: OwnedFd,
+}
+
 impl Datapath {
-    /// Puts this load's programs into every pinned link, each in one atomic update. If one
-    /// fails, the links already updated get their earlier program back, so the datapath
-    /// runs as before the call. A defunct link (its interface or cgroup is gone) is left
-    /// to [`Datapath::attach`]. Returns how many links now run this load's programs.
-    pub(crate) fn swap_pinned_links(&mut self) -> Result<usize, DatapathError> {
-        let mut swapped: Vec<(std::os::fd::OwnedFd, ProgramFd)> = Vec::new();
-        for link in pinned_links(&self.pin_dir)? {
-            match self.swap_link(&link) {
-                Ok(Some(done)) => swapped.push(done),
-                Ok(None) => {}
-                Err(err) => {
-                    for (fd, earlier) in &swapped {
-                        // Best effort: the error returned is the one that stopped the swap.
-                        if let Err(undo) = sys::link_update(fd.as_fd(), earlier.as_fd()) {
-                            eprintln!("putting the earlier program back into a link: {undo}");
-                        }
+    /// Opens every pinned link still attached, with the program it runs and the one of
+    /// this load that replaces it: all but the swap itself, so the swap follows the copy
+    /// of the maps at once.
+    pub(crate) fn prepare_swap(&mut self) -> Result<Vec<LinkSwap>, DatapathError> {
+        let mut swaps = Vec::new();
+        for pinned in pinned_links(&self.pin_dir)? {
+            let path = pinned.path;
+            let sys_err = |err: SyscallError| DatapathError::Io {
+                call: err.call,
+                path: path.clone(),
+                source: err.io_error,
+            };
+            let link = sys::obj_get(&path).map_err(sys_err)?;
+            let info = sys::obj_info(link.as_fd(), true).map_err(sys_err)?;
+            // A defunct link (its interface or cgroup is gone) is left to attach().
+            if !info.attached {
+                continue;
+            }
+            let name = pinned.program.name;
+            let earlier = earlier_program(info.program)
+                .ok_or_else(|| DatapathError::MissingProgram(format!("id {}", info.program)))?;
+            let program = self
+                .ebpf(pinned.program.object)
+                .program(name)
+                .ok_or_else(|| DatapathError::MissingProgram(name.to_owned()))?
+                .fd()
+                .map_err(|source| DatapathError::ProgramType {
+                    program: name.to_owned(),
+                    source,
+                })?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| DatapathError::Io {
+                    call: "dup",
+                    path: path.clone(),
+                    source,
+                })?;
+            swaps.push(LinkSwap {
+                path,
+                link,
+                earlier,
+                program,
+            });
+        }
+        Ok(swaps)
+    }
+}
+
+/// Puts this load's program into every link of `swaps`, each in one atomic update. If one
+/// fails, the links already updated get their earlier program back, so the datapath runs
+/// as before the call. A link that went defunct meanwhile is skipped.
+pub(crate) fn swap_links(swaps: &[LinkSwap]) -> Result<(), DatapathError> {
+    for (done, swap) in swaps.iter().enumerate() {
+        match sys::link_update(swap.link.as_fd(), swap.program.as_fd()) {
+            Ok(()) => {}
+            Err(err) if is_errno(&err, libc::ENOLINK) => {}
+            Err(err) => {
+                for undo in &swaps[..done] {
+                    // Best effort: the error returned is the one that stopped the swap.
+                    if let Err(e) = sys::link_update(undo.link.as_fd(), undo.earlier.as_fd()) {
+                        eprintln!("putting the earlier program back into a link: {e}");
                     }
-                    return Err(err);
                 }
+                return Err(DatapathError::Io {
+                    call: err.call,
+                    path: swap.path.clone(),
+                    source: err.io_error,
+                });
             }
         }
-        Ok(swapped.len())
     }
-
-    /// Swaps this load's program into one pinned link; returns the link and the program it
-    /// ran, or None for a defunct link.
-    fn swap_link(
-        &mut self,
-        link: &PinnedProgramLink,
-    ) -> Result<Option<(std::os::fd::OwnedFd, ProgramFd)>, DatapathError> {
-        let path = &link.path;
-        let sys_err = |err: SyscallError| DatapathError::Io {
-            call: err.call,
-            path: path.clone(),
-            source: err.io_error,
-        };
-        let fd = sys::obj_get(path).map_err(sys_err)?;
-        let info = sys::obj_info(fd.as_fd(), true).map_err(sys_err)?;
-        if !info.attached {
-            return Ok(None);
-        }
-        let earlier = earlier_program(info.program)
-            .ok_or_else(|| DatapathError::MissingProgram(format!("program id {}", info.program)))?;
-        let program = self
-            .ebpf(link.program.object)
-            .program(link.program.name)
-            .ok_or_else(|| DatapathError::MissingProgram(link.program.name.to_owned()))?
-            .fd()
-            .map_err(|source| DatapathError::ProgramType {
-                program: link.program.name.to_owned(),
-                source,
-            })?;
-        match sys::link_update(fd.as_fd(), program.as_fd()) {
-            Ok(()) => Ok(Some((fd, earlier))),
-            Err(err) if is_errno(&err, libc::ENOLINK) => Ok(None),
-            Err(err) => Err(sys_err(err)),
-        }
-    }
+    Ok(())
 }
 
 /// The program a link runs now, held open so it can be put back.

@@ -9,9 +9,8 @@ use aya::{maps::MapData, sys::SyscallError};
 use crate::sys::{self, HashCursor};
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-/// Flags of BPF_MAP_UPDATE_ELEM.
+/// Flags of BPF_MAP_UPDATE_ELEM: create or replace.
 pub(crate) const BPF_ANY: u64 = 0;
-pub(crate) const BPF_NOEXIST: u64 = 1;
 
 /// The element member used by BPF_MAP_UPDATE_ELEM.
 #[repr(C)]
@@ -76,8 +75,7 @@ impl<'a> RawMap<'a> {
         }
     }
 
-    /// Sets `key` to `value` (`BPF_ANY`), or adds it only if absent (`BPF_NOEXIST`: a
-    /// present key fails with EEXIST).
+    /// Sets `key` to `value` with the update `flags` (`BPF_ANY`: create or replace).
     pub(crate) fn update(&self, key: &[u8], value: &[u8], flags: u64) -> Result<(), SyscallError> {
         const CALL: &str = "bpf(BPF_MAP_UPDATE_ELEM)";
         if key.len() != self.key_size || value.len() != self.value_size {

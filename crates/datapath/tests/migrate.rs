@@ -312,9 +312,13 @@ impl Held {
     }
 }
 
-/// Which backend answers a new connection through the VIP.
+/// Which backend answers a new connection through the VIP; a failure names the client's
+/// port.
 fn new_connection() -> io::Result<String> {
-    Held::connect()?.ask("new")
+    let mut held = Held::connect()?;
+    let port = held.stream.local_addr()?.port();
+    held.ask("new")
+        .map_err(|e| io::Error::new(e.kind(), format!("port {port}: {e}")))
 }
 
 #[test]
@@ -342,10 +346,30 @@ fn an_upgrade_migrates_conntrack_and_services_and_keeps_the_connection() {
             (held, answers)
         }
     });
+    // And new connections, one after the other: none may find an empty map.
+    let connector = topo.client.spawn({
+        let stop = stop.clone();
+        move || {
+            let mut answers = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                answers.push(new_connection());
+            }
+            answers
+        }
+    });
     let (loaded, took) = topo.load_today();
     stop.store(true, Ordering::Relaxed);
     let (mut held, during) = pinger.join().expect("the client thread");
+    let connected = connector.join().expect("the connecting thread");
     let datapath = loaded.expect("the new loader migrates the layout 1 maps");
+    // A connection opened in the moment between the last copy and the swap may find its
+    // replies unmatched (a known limit, see README); counted, not asserted.
+    let refused: Vec<_> = connected.iter().filter(|a| a.is_err()).collect();
+    println!(
+        "upgrade: {} new connections during the load, {} failed: {refused:?}",
+        connected.len(),
+        refused.len()
+    );
 
     let migrated = datapath.migrated();
     println!("upgrade: load with migration took {took:?}; {migrated:#?}");
@@ -388,6 +412,12 @@ fn an_upgrade_migrates_conntrack_and_services_and_keeps_the_connection() {
             .collect::<BTreeSet<_>>()
     });
     println!("upgrade: 20 new connections answered by {backends_seen:?}");
+
+    // A restart on the migrated pins: nothing to migrate, for the load time without it.
+    drop(datapath);
+    let (reloaded, reload_took) = topo.load_today();
+    assert!(reloaded.expect("a restart").migrated().is_empty());
+    println!("upgrade: a restart's load on the migrated pins took {reload_took:?}");
 
     // The maps hold what today's realizer would write (verify clean), and the held
     // connection's conntrack entries kept their counters.
