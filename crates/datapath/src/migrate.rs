@@ -2,13 +2,14 @@
 //!
 //! At load, every pinned map is compared with the registry before anything changes. A map
 //! of an earlier layout with a migration gets a new map of today's layout, created by the
-//! loader under `<pin_dir>/migrating/` and filled with every entry converted; the programs
-//! are loaded against the new maps and swapped into every pinned link (tcx and cgroup link
-//! updates, each atomic); the entries the earlier programs added or changed between the
-//! copy and the swap are converted again; then the new map's pin replaces the old one (a rename on bpffs).
-//! So no packet sees an empty map: the new programs see the filled one from their first
-//! packet. A map of a layout without a migration, or an entry that does not convert, is
-//! refused before the swap, with the running programs and every pin as they were.
+//! loader under `<pin_dir>/migrating/`, which the programs are loaded against. Then every
+//! entry is converted into it (and again what the earlier programs changed meanwhile), the
+//! programs are swapped into every pinned link (tcx and cgroup link updates, each atomic),
+//! the entries the earlier programs added or changed since the last pass are converted
+//! once more, and the new map's pin replaces the old one (a rename on bpffs). So no packet
+//! sees an empty map: the new programs see the filled one from their first packet. A map
+//! of a layout without a migration, or an entry that does not convert, is refused before
+//! the swap, with the running programs and every pin as they were.
 
 use std::{
     collections::HashMap,
@@ -41,9 +42,10 @@ pub struct MigratedMap {
     /// The pinned layout and today's, worded as the pinned-map check words them.
     pub from: String,
     pub to: String,
-    /// Entries converted before the programs were swapped.
+    /// Entries converted before the programs were swapped (one changed during the copy
+    /// counts once per pass that wrote it).
     pub entries: usize,
-    /// Entries the earlier programs added or changed between that copy and the swap,
+    /// Entries the earlier programs added or changed between the last copy and the swap,
     /// converted after it.
     pub late_entries: usize,
     /// Late entries that did not convert (only the agent writes the maps whose conversion
