@@ -33,6 +33,7 @@ struct lb4_key {
 
 /* Frontend (slot 0): count, flags and the frontend's options. Backend slot: backend
  * address and port. */
+#ifndef SLUICE_LAYOUT_V1
 struct lb4_service {
 	__be32 backend_address;
 	__be16 backend_port;
@@ -41,6 +42,19 @@ struct lb4_service {
 	__u16 maglev_size;      /* SVC_FLAG_MAGLEV: M, the prime size of its table (frontend) */
 	__u32 affinity_timeout; /* sessionAffinity ClientIP: seconds (frontend) */
 };
+#else
+/* Layout 1 (Lb4ServiceV1 in crates/common), built only into the test objects that the
+ * upgrade test (crates/datapath/tests/migrate.rs) runs as the previous agent's datapath. */
+struct lb4_service {
+	__be32 backend_address;
+	__be16 backend_port;
+	__u16 flags;
+	__u32 count;
+	__u32 affinity_timeout;
+	__u16 maglev_size;
+	__u16 pad;
+};
+#endif
 
 /* What kind of frontend a key is; one Service yields several (seed 003: ClusterIP,
  * NodePort and LoadBalancer VIP). NodePort frontends sit on this node's own addresses. */
@@ -169,6 +183,7 @@ struct ct4_key {
 	__u16 pad;
 };
 
+#ifndef SLUICE_LAYOUT_V1
 struct ct4_entry {
 	__u64 created_ns;
 	__u64 last_seen_ns;
@@ -181,6 +196,21 @@ struct ct4_entry {
 	__u32 ifindex;       /* endpoint interface that created the entry */
 	__u32 pad;
 };
+#else
+/* Layout 1 (Ct4EntryV1 in crates/common), for the upgrade test only: 32-bit counters. */
+struct ct4_entry {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+	__u32 packets;
+	__u32 bytes;
+	__be32 nat_address;
+	__be16 nat_port;
+	__u8 flags;
+	__u8 tcp_flags_seen;
+	__u32 ifindex;
+	__u32 pad;
+};
+#endif
 
 #define CT_FLAG_LOOPBACK   (1 << 0) /* hairpin: source rewritten to LOOPBACK_IPV4 */
 #define CT_FLAG_SEEN_REPLY (1 << 1)

@@ -1,4 +1,6 @@
-//! Compiles every `bpf/*.c` into `$OUT_DIR/<name>.o` with clang-19.
+//! Compiles every `bpf/*.c` into `$OUT_DIR/<name>.o` with clang-19, and once more with the
+//! previous map layout (`-DSLUICE_LAYOUT_V1`) into `$OUT_DIR/layout-v1/<name>.o`, the
+//! objects the upgrade test runs as the previous agent's datapath.
 
 use std::{
     env, fs,
@@ -22,8 +24,13 @@ fn main() {
     if sources.is_empty() {
         fail(&format!("no C sources in {}", bpf_dir.display()));
     }
+    let v1_dir = out_dir.join("layout-v1");
+    if let Err(err) = fs::create_dir_all(&v1_dir) {
+        fail(&format!("creating {}: {err}", v1_dir.display()));
+    }
     for source in sources {
-        compile(&bpf_dir, &source, &out_dir);
+        compile(&bpf_dir, &source, &out_dir, &[]);
+        compile(&bpf_dir, &source, &v1_dir, &["-DSLUICE_LAYOUT_V1"]);
     }
 }
 
@@ -39,7 +46,7 @@ fn c_sources(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(sources)
 }
 
-fn compile(bpf_dir: &Path, source: &Path, out_dir: &Path) {
+fn compile(bpf_dir: &Path, source: &Path, out_dir: &Path, defines: &[&str]) {
     let stem = source.file_stem().unwrap_or_default();
     let object = out_dir.join(stem).with_extension("o");
     let output = Command::new(CLANG)
@@ -52,6 +59,7 @@ fn compile(bpf_dir: &Path, source: &Path, out_dir: &Path) {
             "-D__TARGET_ARCH_x86",
         ])
         .args(["-Wall", "-Werror"])
+        .args(defines)
         // Debian keeps asm/types.h under the multiarch directory.
         .arg("-I/usr/include/x86_64-linux-gnu")
         .arg("-I")

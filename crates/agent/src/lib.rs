@@ -218,6 +218,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     );
     let (requests, requests_rx) = tokio::sync::mpsc::channel(8);
     let metrics = metrics::Metrics::default();
+    metrics.count_migrated(node.migrated());
     let views = views::Views::new(
         Arc::clone(&published),
         views::ApiMaps::open(&config.pin_dir)?,

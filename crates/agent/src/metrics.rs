@@ -22,7 +22,7 @@ use sluice_common::{
     METRIC_DIR_EGRESS, METRIC_DIR_INGRESS, MapId, MetricsValue, event_counter_index, metrics_index,
     names, registry,
 };
-use sluice_datapath::PinnedMaps;
+use sluice_datapath::{MigratedMap, PinnedMaps};
 
 /// Why the agent removed conntrack entries: the label of `sluice_conntrack_gc_deleted`.
 pub use crate::conntrack::Removal;
@@ -47,6 +47,8 @@ pub struct Metrics {
     map_full: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Faults repaired behind the agent's back.
     repairs: Repairs,
+    /// Maps converted from an earlier layout at start, by map.
+    maps_migrated: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -67,6 +69,7 @@ impl Default for Metrics {
             source: SourceStats::default(),
             map_full: Family::default(),
             repairs: Repairs::default(),
+            maps_migrated: Family::default(),
         }
     }
 }
@@ -103,6 +106,15 @@ impl Metrics {
     /// A pass that failed because `map` was full.
     pub fn count_map_full(&self, map: &'static str) {
         self.map_full.get_or_create(&vec![("map", map)]).inc();
+    }
+
+    /// The maps the datapath converted from an earlier layout when this agent started.
+    pub fn count_migrated(&self, migrated: &[MigratedMap]) {
+        for m in migrated {
+            self.maps_migrated
+                .get_or_create(&vec![("map", m.map)])
+                .inc();
+        }
     }
 
     /// The faults repaired behind the agent's back, shared with whoever repairs them.
@@ -193,6 +205,12 @@ impl Metrics {
              (the kernel said E2BIG or ENOSPC), by map; status names the map until a pass \
              succeeds",
             self.map_full.clone(),
+        );
+        registry.register(
+            "sluice_maps_migrated",
+            "Pinned maps converted from an earlier layout when this agent started, by map \
+             (new map filled, programs swapped into their links, pin replaced)",
+            self.maps_migrated.clone(),
         );
         registry.register_collector(Box::new(self.repairs.clone()));
         registry.register(
@@ -548,6 +566,14 @@ mod tests {
         metrics.observe_reconcile(Duration::from_millis(3), true);
         metrics.observe_reconcile(Duration::from_millis(5), false);
         metrics.count_map_full(names::SERVICES);
+        metrics.count_migrated(&[MigratedMap {
+            map: names::CONNTRACK,
+            from: "LruHash key 16 (Ct4Key) value 40 (Ct4EntryV1)".into(),
+            to: "LruHash key 16 (Ct4Key) value 48 (Ct4Entry)".into(),
+            entries: 2,
+            late_entries: 0,
+            late_unconvertible: 0,
+        }]);
         metrics
             .repairs()
             .record(sluice_api::Fault::PinRemoved, names::CONNTRACK.into());
@@ -607,6 +633,7 @@ mod tests {
             "sluice_reconcile_errors_total 1",
             "sluice_policy_log_suppressed_total 0",
             "sluice_map_full_total{map=\"lb4_services\"} 1",
+            "sluice_maps_migrated_total{map=\"ct4\"} 1",
             "sluice_faults_repaired_total{fault=\"pin-removed\",object=\"ct4\"} 1",
             "sluice_build_info{version=\"",
         ] {

@@ -100,6 +100,17 @@ impl Node {
     /// Loads (or, after a restart, re-opens) the pinned datapath.
     pub fn start(config: &AgentConfig) -> Result<Self, AgentError> {
         let mut datapath = Datapath::load(&config.pin_dir, &config.datapath)?;
+        for m in datapath.migrated() {
+            info!(
+                map = m.map,
+                from = %m.from,
+                to = %m.to,
+                entries = m.entries,
+                late_entries = m.late_entries,
+                late_unconvertible = m.late_unconvertible,
+                "pinned map migrated from an earlier layout"
+            );
+        }
         let cgroups = SocketCgroups::start(
             &mut datapath,
             config.host_cgroup.as_deref(),
@@ -135,6 +146,11 @@ impl Node {
             pins_restored: Vec::new(),
             full_map: None,
         })
+    }
+
+    /// The maps the datapath converted from an earlier layout at start.
+    pub fn migrated(&self) -> &[sluice_datapath::MigratedMap] {
+        self.datapath.migrated()
     }
 
     /// Takes a new snapshot from the source under the next generation.

@@ -8,9 +8,11 @@
 
 pub mod kinds;
 pub mod maps;
+pub mod migrations;
 pub mod reasons;
 pub mod registry;
 
 pub use maps::*;
+pub use migrations::{MIGRATIONS, Migration, Unconvertible};
 pub use reasons::DropReason;
 pub use registry::{CapacitySetting, Count, MAPS, MapDef, MapId, names};

@@ -71,13 +71,27 @@ pub enum DatapathError {
     #[error("reading the kernel's info on map {map}: {source}")]
     MapInfo { map: &'static str, source: MapError },
     #[error(
-        "map {map} pinned at {path} is {found}, the datapath needs {expected} \
-         (remove the pins to start over)"
+        "map {map} pinned at {path} is {found}, the datapath needs {expected} and has no \
+         migration from it; the running datapath is left as it is (remove the pins to start \
+         over)"
     )]
     IncompatibleMap {
         map: &'static str,
         path: PathBuf,
         found: String,
         expected: String,
+    },
+    #[error(
+        "map {map}: {count} pinned entries of layout {from} do not convert to {to}, the first \
+         (key {key}): {reason}; nothing was migrated, the running datapath is left as it is",
+        map = migration.def().name,
+        from = migration.from_layout(),
+        to = migration.to_layout()
+    )]
+    Unconvertible {
+        migration: &'static sluice_common::Migration,
+        key: String,
+        reason: sluice_common::Unconvertible,
+        count: usize,
     },
 }

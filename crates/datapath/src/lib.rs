@@ -7,8 +7,10 @@
 //! runs, and a new agent swaps its programs into the existing links atomically.
 
 mod error;
+mod migrate;
 mod pinned;
 mod programs;
+mod raw_map;
 mod sock;
 pub mod sys;
 
@@ -20,7 +22,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapInfo,
+    maps::{Array, Map, MapData},
     programs::{
         CgroupSockAddr, LinkOrder, Program, ProgramError, ProgramInfo, SchedClassifier,
         TcAttachType,
@@ -29,16 +31,19 @@ use aya::{
     },
     sys::SyscallError,
 };
-use sluice_common::{CapacitySetting, CtConfig, MAPS, MapDef, MapId};
+use sluice_common::{CapacitySetting, CtConfig, MAPS, MapId};
 
 pub use error::DatapathError;
+pub use migrate::MigratedMap;
+use migrate::Staging;
 pub use pinned::{
     MaglevTable, MapInventory, PinDir, PinnedMaps, PolicyMap, bump_flow_generation,
     create_maglev_table, create_policy_map, open_events, read_ct_stats, read_flow_stats,
     remove_pins,
 };
 pub use programs::{
-    AttachRole, HOST_CGROUP_TARGET, Hook, Object, POD_CGROUP_TARGET, PROGRAMS, ProgramDef,
+    AttachRole, HOST_CGROUP_TARGET, Hook, Object, ObjectBuild, POD_CGROUP_TARGET, PROGRAMS,
+    ProgramDef,
 };
 use programs::{link_pin_name, link_target};
 
@@ -93,6 +98,8 @@ pub struct Datapath {
     /// earlier agent's programs of the same name still attached.
     program_ids: BTreeMap<&'static str, u32>,
     pin_dir: PathBuf,
+    /// The maps this load converted from an earlier layout.
+    migrated: Vec<MigratedMap>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -106,18 +113,25 @@ impl std::fmt::Debug for Datapath {
 impl Datapath {
     /// Loads the embedded objects. Every map is pinned as `<pin_dir>/<map name>`; maps
     /// already pinned there are reused (agent restart keeps state), and the objects share
-    /// them the same way. Creates `pin_dir`.
+    /// them the same way; a map pinned with an earlier layout is migrated (see
+    /// [`Self::migrated`]). Creates `pin_dir`.
     pub fn load(pin_dir: &Path, config: &DatapathConfig) -> Result<Self, DatapathError> {
+        Self::load_build(pin_dir, config, ObjectBuild::Current)
+    }
+
+    /// [`Self::load`] with the objects of `build`.
+    pub fn load_build(
+        pin_dir: &Path,
+        config: &DatapathConfig,
+        build: ObjectBuild,
+    ) -> Result<Self, DatapathError> {
         create_dir(pin_dir)?;
         // aya reuses a pinned map without comparing it to the object, so a layout change
-        // would otherwise go unnoticed and corrupt entries.
-        for def in &MAPS {
-            check_pinned_map(pin_dir, def)?;
-        }
-
+        // would otherwise go unnoticed and corrupt entries. Refusals come before any change.
+        let mut staging = Staging::plan(pin_dir)?;
         let objects = Object::ALL
             .into_iter()
-            .map(|object| load_object(object, pin_dir, config))
+            .map(|object| load_object(build.bytes(object), object, &staging, config))
             .collect::<Result<_, _>>()?;
         adopt_unsorted_links(pin_dir)?;
         // Before any program is attached: the datapath expires entries by it.
@@ -126,12 +140,29 @@ impl Datapath {
             objects,
             program_ids: BTreeMap::new(),
             pin_dir: pin_dir.into(),
+            migrated: Vec::new(),
         };
         for program in &PROGRAMS {
             let id = datapath.program_info(program.name)?.id();
             datapath.program_ids.insert(program.name, id);
         }
+        if !staging.is_empty() {
+            // The new maps are filled before any program that uses them runs, and the
+            // swap follows at once: entries the earlier programs make in between are
+            // converted again by commit().
+            let swaps = datapath.prepare_swap()?;
+            staging.fill()?;
+            migrate::swap_links(&swaps)?;
+            datapath.migrated = staging.commit()?;
+            // The flow cache's decisions were the earlier programs', made from the old maps.
+            PinnedMaps::open(pin_dir)?.bump_flow_generation()?;
+        }
         Ok(datapath)
+    }
+
+    /// The maps this load converted from the layout an earlier agent pinned them with.
+    pub fn migrated(&self) -> &[MigratedMap] {
+        &self.migrated
     }
 
     /// Whether the kernel runs this load's own programs of the device role `role` on the
@@ -248,21 +279,24 @@ impl Datapath {
     }
 }
 
-/// Loads `object` with every map of the registry pinned under `pin_dir` (created by the
-/// first object, reused by the others) and loads its programs into the kernel.
+/// Loads `object` (its ELF `bytes`) with every map of the registry pinned where `staging`
+/// says (created by the first object, reused by the others) and loads its programs into
+/// the kernel.
 fn load_object(
+    bytes: &[u8],
     object: Object,
-    pin_dir: &Path,
+    staging: &Staging,
     config: &DatapathConfig,
 ) -> Result<Ebpf, DatapathError> {
     let mut loader = EbpfLoader::new();
     for def in &MAPS {
-        if let Some(setting) = def.capacity {
-            loader.map_max_entries(def.name, config.capacity(setting));
+        let migrated = staging.max_entries(def);
+        if let Some(max_entries) = migrated.or(def.capacity.map(|s| config.capacity(s))) {
+            loader.map_max_entries(def.name, max_entries);
         }
-        loader.map_pin_path(def.name, pin_dir.join(def.name));
+        loader.map_pin_path(def.name, staging.pin_path(def));
     }
-    let mut ebpf = loader.load(object.bytes()).map_err(DatapathError::Load)?;
+    let mut ebpf = loader.load(bytes).map_err(DatapathError::Load)?;
     for program in PROGRAMS.iter().filter(|p| p.object == object) {
         let loaded = match program.hook {
             Hook::Tcx(_) => typed_program::<SchedClassifier>(&mut ebpf, program.name)?.load(),
@@ -280,8 +314,18 @@ fn load_object(
 
 /// Writes the conntrack lifetimes the datapath and the agent's GC expire entries by.
 fn write_ct_config(pin_dir: &Path, config: CtConfig) -> Result<(), DatapathError> {
-    let mut maps = PinnedMaps::open(pin_dir)?;
-    maps.ct_config
+    // Only this map: the others may still be of the layout being migrated from.
+    let path = pin_dir.join(MapId::CtConfig.name());
+    let map_err = |source| DatapathError::Map {
+        map: MapId::CtConfig.name(),
+        path: path.clone(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(map_err)?;
+    let mut ct_config: Array<MapData, CtConfig> = Map::from_map_data(data)
+        .and_then(Array::try_from)
+        .map_err(map_err)?;
+    ct_config
         .set(0, config, 0)
         .map_err(|source| DatapathError::MapWrite {
             map: MapId::CtConfig.name(),
@@ -391,38 +435,6 @@ pub fn check_target(target: &str) -> Result<(), DatapathError> {
     } else {
         Err(DatapathError::InvalidInterfaceName(target.to_owned()))
     }
-}
-
-/// Refuses a map pinned by an earlier run that does not match the registry.
-fn check_pinned_map(pin_dir: &Path, def: &MapDef) -> Result<(), DatapathError> {
-    let path = pin_dir.join(def.name);
-    if !path.exists() {
-        return Ok(());
-    }
-    let map_err = |source| DatapathError::Map {
-        map: def.name,
-        path: path.clone(),
-        source,
-    };
-    let info = MapInfo::from_pin(&path).map_err(map_err)?;
-    let map_type = info.map_type().map_err(map_err)?;
-    let found = (
-        map_type,
-        info.key_size() as usize,
-        info.value_size() as usize,
-    );
-    if found != (def.kind, def.key_size, def.value_size) {
-        return Err(DatapathError::IncompatibleMap {
-            map: def.name,
-            path,
-            found: format!("{:?} key {} value {}", found.0, found.1, found.2),
-            expected: format!(
-                "{:?} key {} ({}) value {} ({})",
-                def.kind, def.key_size, def.key_type, def.value_size, def.value_type
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// Attaches `program` through the tcx link pinned at `path`, creating and pinning the link

@@ -109,10 +109,41 @@ impl Object {
     }
 }
 
+/// Which build of the objects to load: today's map layout, or the previous one
+/// (`-DSLUICE_LAYOUT_V1`, see `sluice_common::migrations`) that the upgrade test runs as
+/// the datapath an agent of that layout left behind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ObjectBuild {
+    #[default]
+    Current,
+    LayoutV1,
+}
+
+impl ObjectBuild {
+    /// The ELF bytes of `object` in this build.
+    pub fn bytes(self, object: Object) -> &'static [u8] {
+        match (self, object) {
+            (ObjectBuild::Current, object) => object.bytes(),
+            (ObjectBuild::LayoutV1, Object::Lxc) => LXC_OBJECT_V1,
+            (ObjectBuild::LayoutV1, Object::Tunnel) => TUNNEL_OBJECT_V1,
+            (ObjectBuild::LayoutV1, Object::Host) => HOST_OBJECT_V1,
+            (ObjectBuild::LayoutV1, Object::Sock) => SOCK_OBJECT_V1,
+        }
+    }
+}
+
 static LXC_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lxc.o"));
 static TUNNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tunnel.o"));
 static HOST_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/host.o"));
 static SOCK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock.o"));
+static LXC_OBJECT_V1: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/layout-v1/lxc.o"));
+static TUNNEL_OBJECT_V1: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/layout-v1/tunnel.o"));
+static HOST_OBJECT_V1: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/layout-v1/host.o"));
+static SOCK_OBJECT_V1: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/layout-v1/sock.o"));
 
 /// One program of a C object.
 #[derive(Clone, Copy, Debug)]

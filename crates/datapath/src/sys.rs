@@ -37,26 +37,26 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 /// `A` must be the `#[repr(C)]` layout of the member of `union bpf_attr` that `cmd` reads,
 /// and every pointer it holds must be valid for what the kernel reads or writes through it
 /// during the call.
-unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> libc::c_long {
+pub(crate) unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> libc::c_long {
     // SAFETY: the caller vouches for the layout and the pointers; the size passed is A's.
     unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, size_of::<A>()) }
 }
 
-fn last_error(call: &'static str) -> SyscallError {
+pub(crate) fn last_error(call: &'static str) -> SyscallError {
     SyscallError {
         call,
         io_error: io::Error::last_os_error(),
     }
 }
 
-fn invalid(call: &'static str) -> SyscallError {
+pub(crate) fn invalid(call: &'static str) -> SyscallError {
     SyscallError {
         call,
         io_error: io::Error::from_raw_os_error(libc::EINVAL),
     }
 }
 
-fn raw_fd(fd: BorrowedFd<'_>, call: &'static str) -> Result<u32, SyscallError> {
+pub(crate) fn raw_fd(fd: BorrowedFd<'_>, call: &'static str) -> Result<u32, SyscallError> {
     u32::try_from(fd.as_raw_fd()).map_err(|_| invalid(call))
 }
 
@@ -123,6 +123,8 @@ const BPF_LINK_TYPE_TCX: u32 = 11;
 pub struct ObjInfo {
     pub id: u32,
     pub attached: bool,
+    /// For a link, the id of the program it runs (`bpf_link_info.prog_id`); else 0.
+    pub program: u32,
 }
 
 /// The id of the object `fd` refers to and, if it is a tcx or cgroup link, whether it is
@@ -144,13 +146,18 @@ pub fn obj_info(fd: BorrowedFd<'_>, link: bool) -> Result<ObjInfo, SyscallError>
     if unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) } < 0 {
         return Err(last_error(CALL));
     }
-    let [kind, id, _, _, hook_lo, hook_hi, ..] = info.0;
+    let [kind, id, prog_id, _, hook_lo, hook_hi, ..] = info.0;
     let attached = match (link, kind) {
         (true, BPF_LINK_TYPE_TCX) => hook_lo != 0,
         (true, BPF_LINK_TYPE_CGROUP) => hook_lo != 0 || hook_hi != 0,
         _ => true,
     };
-    Ok(ObjInfo { id, attached })
+    let program = if link { prog_id } else { 0 };
+    Ok(ObjInfo {
+        id,
+        attached,
+        program,
+    })
 }
 
 /// The `link_detach` member.
@@ -393,7 +400,7 @@ pub fn hash_count_entries(
 /// # Safety
 /// `keys` and `values` must be valid for writes of `count` keys and values of the map's
 /// key and value sizes during the call.
-unsafe fn lookup_batch(
+pub(crate) unsafe fn lookup_batch(
     map: BorrowedFd<'_>,
     cursor: Option<HashCursor>,
     keys: *mut u8,

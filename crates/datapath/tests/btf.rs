@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use object::{Object, ObjectSection};
-use sluice_common::{FieldLayout, LAYOUTS, StructLayout};
+use sluice_common::{FieldLayout, LAYOUTS, LAYOUTS_V1, StructLayout};
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const BTF_KIND_STRUCT: u32 = 4;
@@ -84,7 +84,11 @@ fn parse_btf_structs(btf: &[u8]) -> BTreeMap<String, BtfStruct> {
 }
 
 fn object_structs() -> BTreeMap<String, BtfStruct> {
-    let file = object::File::parse(sluice_datapath::object_bytes()).expect("parse ELF");
+    structs_of(sluice_datapath::object_bytes())
+}
+
+fn structs_of(object: &[u8]) -> BTreeMap<String, BtfStruct> {
+    let file = object::File::parse(object).expect("parse ELF");
     let section = file.section_by_name(".BTF").expect(".BTF section");
     parse_btf_structs(section.data().expect("section data"))
 }
@@ -132,6 +136,20 @@ fn btf_layouts_match() {
         problems.join("\n")
     );
     assert_eq!(LAYOUTS.len(), 30, "every shared struct is compared");
+}
+
+/// The earlier layouts the migrations read match the test objects built with them.
+#[test]
+fn layout_1_mirrors_match_the_layout_1_objects() {
+    use sluice_datapath::{Object, ObjectBuild};
+    for object in Object::ALL {
+        let structs = structs_of(ObjectBuild::LayoutV1.bytes(object));
+        let problems: Vec<String> = LAYOUTS_V1
+            .iter()
+            .flat_map(|layout| mismatches(layout, &structs))
+            .collect();
+        assert!(problems.is_empty(), "{object:?}:\n{}", problems.join("\n"));
+    }
 }
 
 #[test]

@@ -88,6 +88,12 @@ impl Agent {
 
     /// Writes `snapshot` as the cluster file, then starts the agent on it with `args`.
     pub fn start_with(name: &str, snapshot: &Snapshot, args: &[&str]) -> Self {
+        let pins = PinDir::unique(&format!("sluice-test-{name}-"));
+        Self::start_on_pins(name, snapshot, pins, args)
+    }
+
+    /// [`Self::start_with`] on `pins`, which an earlier datapath may have filled.
+    pub fn start_on_pins(name: &str, snapshot: &Snapshot, pins: PinDir, args: &[&str]) -> Self {
         let dir = TempDir(std::env::temp_dir().join(unique(&format!("sluice-test-{name}-"))));
         let source_dir = dir.0.join("source");
         fs::create_dir_all(&source_dir).expect("create the test directory");
@@ -96,7 +102,7 @@ impl Agent {
         snapshot
             .write_file(&cluster_file)
             .expect("write the cluster file");
-        let mut agent = Self::spawn(name, NODE, &netns.0, &cluster_file, args, dir);
+        let mut agent = Self::spawn(NODE, &netns.0, &cluster_file, args, dir, pins);
         agent._netns = Some(netns);
         agent
     }
@@ -112,18 +118,18 @@ impl Agent {
     ) -> Self {
         let dir = TempDir(std::env::temp_dir().join(unique(&format!("sluice-test-{name}-"))));
         fs::create_dir_all(&dir.0).expect("create the test directory");
-        Self::spawn(name, node, netns, cluster_file, args, dir)
+        let pins = PinDir::unique(&format!("sluice-test-{name}-"));
+        Self::spawn(node, netns, cluster_file, args, dir, pins)
     }
 
     fn spawn(
-        name: &str,
         node: &str,
         netns: &str,
         cluster_file: &Path,
         args: &[&str],
         dir: TempDir,
+        pins: PinDir,
     ) -> Self {
-        let pins = PinDir::unique(&format!("sluice-test-{name}-"));
         let socket = dir.0.join("agent.sock");
         let log = dir.0.join("agent.log");
         let launch = Launch {

@@ -148,11 +148,48 @@ pub struct CtStats {
     pub service_lost: u64,
 }
 
-plain_data!(CtStats, Ct4Key, Ct4Entry, CtConfig);
+/// Layout 1 of the `ct4` value, before its counters were 64-bit: what an agent of that
+/// layout left pinned. The C builds it with `-DSLUICE_LAYOUT_V1` (the upgrade test's
+/// previous datapath); [`Ct4Entry::from`] it is the migration to today's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Ct4EntryV1 {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u32,
+    pub bytes: u32,
+    pub nat_address: u32,
+    pub nat_port: u16,
+    pub flags: u8,
+    pub tcp_flags_seen: u8,
+    pub ifindex: u32,
+    pub pad: u32,
+}
+
+/// Widening the counters loses nothing, so every layout 1 entry converts.
+impl From<Ct4EntryV1> for Ct4Entry {
+    fn from(old: Ct4EntryV1) -> Self {
+        Self {
+            created_ns: old.created_ns,
+            last_seen_ns: old.last_seen_ns,
+            packets: old.packets.into(),
+            bytes: old.bytes.into(),
+            nat_address: old.nat_address,
+            nat_port: old.nat_port,
+            flags: old.flags,
+            tcp_flags_seen: old.tcp_flags_seen,
+            ifindex: old.ifindex,
+            pad: 0,
+        }
+    }
+}
+
+plain_data!(CtStats, Ct4Key, Ct4Entry, Ct4EntryV1, CtConfig);
 
 const _: () = {
     assert!(size_of::<Ct4Key>() == 16);
     assert!(size_of::<Ct4Entry>() == 48);
+    assert!(size_of::<Ct4EntryV1>() == 40);
     assert!(size_of::<CtConfig>() == 16);
     assert!(size_of::<CtStats>() == 16);
 };

@@ -238,3 +238,37 @@ pub const LAYOUTS: &[StructLayout] = &[
     layout!("event_config", EventConfig, [flags, rate, burst, pad]),
     layout!("event_counter", EventCounter, [emitted, suppressed, lost]),
 ];
+
+/// The earlier layouts the migrations convert from (`crate::migrations`), as the test
+/// objects built with `-DSLUICE_LAYOUT_V1` declare them.
+pub const LAYOUTS_V1: &[StructLayout] = &[
+    layout!(
+        "ct4_entry",
+        Ct4EntryV1,
+        [
+            created_ns,
+            last_seen_ns,
+            packets,
+            bytes,
+            nat_address,
+            nat_port,
+            flags,
+            tcp_flags_seen,
+            ifindex,
+            pad
+        ]
+    ),
+    layout!(
+        "lb4_service",
+        Lb4ServiceV1,
+        [
+            backend_address,
+            backend_port,
+            flags,
+            count,
+            affinity_timeout,
+            maglev_size,
+            pad
+        ]
+    ),
+];

@@ -101,6 +101,44 @@ impl Lb4Service {
     }
 }
 
+/// Layout 1 of the `lb4_services` value, before `count` was narrowed to 16 bits and
+/// moved beside the backend port: what an agent of that layout left pinned. The C builds
+/// it with `-DSLUICE_LAYOUT_V1` (the upgrade test's previous datapath);
+/// [`Lb4Service::try_from`] it is the migration to today's layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Lb4ServiceV1 {
+    pub backend_address: u32,
+    pub backend_port: u16,
+    pub flags: u16,
+    pub count: u32,
+    pub affinity_timeout: u32,
+    pub maglev_size: u16,
+    pub pad: u16,
+}
+
+impl TryFrom<Lb4ServiceV1> for Lb4Service {
+    type Error = crate::Unconvertible;
+
+    /// A frontend with more backend slots than today's 16-bit `count` holds does not
+    /// convert: truncating it would send connections to the wrong slots.
+    fn try_from(old: Lb4ServiceV1) -> Result<Self, Self::Error> {
+        let count = u16::try_from(old.count).map_err(|_| crate::Unconvertible {
+            field: "count",
+            value: old.count.into(),
+            limit: u16::MAX.into(),
+        })?;
+        Ok(Self {
+            backend_address: old.backend_address,
+            backend_port: old.backend_port,
+            count,
+            flags: old.flags,
+            maglev_size: old.maglev_size,
+            affinity_timeout: old.affinity_timeout,
+        })
+    }
+}
+
 pub const BACKEND_STATE_ACTIVE: u8 = 0;
 
 /// Maglev table positions packed into one element of a frontend's table map: the kernel
@@ -240,6 +278,7 @@ plain_data!(
     Lb4SourceRangeKey,
     Lb4Key,
     Lb4Service,
+    Lb4ServiceV1,
     Lb4BackendKey,
     Lb4Backend,
     Lb4AffinityKey,
@@ -249,6 +288,7 @@ plain_data!(
 const _: () = {
     assert!(size_of::<Lb4Key>() == 12);
     assert!(size_of::<Lb4Service>() == 16);
+    assert!(size_of::<Lb4ServiceV1>() == 20);
     assert!(size_of::<Lb4BackendKey>() == 8);
     assert!(size_of::<Lb4Backend>() == 4);
     assert!(size_of::<Lb4SourceRange>() == 12);
