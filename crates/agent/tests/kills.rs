@@ -415,20 +415,21 @@ fn kill_trials(trials: u64) {
         let restarted = Instant::now();
         node.agent.start_again(&ARGS);
         node.agent.wait_realized(revision);
-        converged.push(restarted.elapsed());
+        let realized = restarted.elapsed();
+        converged.push(realized);
         node.verify_clean();
         eprintln!(
             "trial {trial}: killed {delay:?} after the change, {at:?} ({frontends} frontends, \
-             {enforced} enforced endpoints whole); converged {:?} after the restart",
-            restarted.elapsed()
+             {enforced} enforced endpoints whole); realized {realized:?} after the restart, \
+             verify clean"
         );
     }
     let (answered, failed) = client.finish();
     let after = counters(&maps);
     eprintln!(
         "{trials} kills (seed {seed}; passes left alone computed {computing:?} and wrote \
-         {phases:?}, changing {SERVICES} Services and 3 policies) in {:?}: landed {landed_at:?}; converged after a restart in median \
-         {:?}, max {:?}; counters {before:?} -> {after:?}; client {answered} requests \
+         {phases:?}, changing {SERVICES} Services and 3 policies) in {:?}: landed \
+         {landed_at:?}; realized after a restart in median {:?}, max {:?}; counters {before:?} -> {after:?}; client {answered} requests \
          answered, {} failed {failed:?}",
         started.elapsed(),
         median(converged.clone()),
@@ -449,7 +450,7 @@ fn agent_killed_inside_a_realize_pass_converges_and_never_dangles() {
 }
 
 #[test]
-#[ignore = "the long run (about 20 minutes): bench/results/reliability/report.md"]
+#[ignore = "the long run (about 25 minutes): bench/results/reliability/report.md"]
 fn kill_trials_long() {
     kill_trials(env_or("SLUICE_KILL_TRIALS", 100));
 }
