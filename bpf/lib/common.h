@@ -479,5 +479,6 @@ struct metrics_value {
 #define DROP_NO_BACKEND_SLOT       211 /* frontend count points past its slots */
 #define DROP_POLICY_UNAVAILABLE    212 /* enforced endpoint without a realized policy map (overflow): fail closed */
 #define DROP_NO_NODE_ADDRESS       213 /* external frontend's backend on another node, no node_address to SNAT to */
+#define DROP_SLOT_BACKEND_MISSING  214 /* a backend slot names a backend lb4_backends does not hold */
 
 #endif

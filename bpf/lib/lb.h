@@ -251,6 +251,11 @@ static __always_inline int lb4_choose_backend(const struct pkt4 *pkt,
 		slot = lb4_lookup_scoped(pkt->daddr, pkt->dport, pkt->proto, scope, number);
 		if (!slot)
 			return DROP_NO_BACKEND_SLOT;
+		/* The realizer writes a backend before any slot names it and removes it after
+		 * the last slot that did: a slot without its backend is a dangling reference,
+		 * counted (the realizer's kill trials assert it never happens) and refused. */
+		if (!lb4_backend_active(slot->backend_address, slot->backend_port, pkt->proto))
+			return DROP_SLOT_BACKEND_MISSING;
 		backend->backend_address = slot->backend_address;
 		backend->backend_port = slot->backend_port;
 	}

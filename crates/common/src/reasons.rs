@@ -24,10 +24,11 @@ pub enum DropReason {
     NoBackendSlot,
     PolicyUnavailable,
     NoNodeAddress,
+    SlotBackendMissing,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::InvalidSource,
         DropReason::Policy,
         DropReason::Invalid,
@@ -47,6 +48,7 @@ impl DropReason {
         DropReason::NoBackendSlot,
         DropReason::PolicyUnavailable,
         DropReason::NoNodeAddress,
+        DropReason::SlotBackendMissing,
     ];
 
     pub const fn code(self) -> u8 {
@@ -70,6 +72,7 @@ impl DropReason {
             DropReason::NoBackendSlot => 211,
             DropReason::PolicyUnavailable => 212,
             DropReason::NoNodeAddress => 213,
+            DropReason::SlotBackendMissing => 214,
         }
     }
 
@@ -99,6 +102,7 @@ impl DropReason {
             DropReason::NoBackendSlot => "NO_BACKEND_SLOT",
             DropReason::PolicyUnavailable => "POLICY_UNAVAILABLE",
             DropReason::NoNodeAddress => "NO_NODE_ADDRESS",
+            DropReason::SlotBackendMissing => "SLOT_BACKEND_MISSING",
         }
     }
 
@@ -124,7 +128,8 @@ impl DropReason {
             DropReason::ServicePortUnknown
             | DropReason::NoBackendSlot
             | DropReason::PolicyUnavailable
-            | DropReason::NoNodeAddress => self.name(),
+            | DropReason::NoNodeAddress
+            | DropReason::SlotBackendMissing => self.name(),
         }
     }
 
@@ -149,6 +154,7 @@ impl DropReason {
             DropReason::NoBackendSlot => "Service backend slot not found",
             DropReason::PolicyUnavailable => "Endpoint policy not realized (fails closed)",
             DropReason::NoNodeAddress => "Backend on another node, but no node address to SNAT to",
+            DropReason::SlotBackendMissing => "Service backend slot names a removed backend",
         }
     }
 }

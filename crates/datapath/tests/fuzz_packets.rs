@@ -4,9 +4,13 @@
 //! the verdict (fuzz/model.rs); every translated frame's checksums must follow its
 //! change, and nothing policy denies may pass but replies of admitted connections.
 //!
-//! `fuzz_smoke` runs 20,000 frames in CI; `SLUICE_FUZZ_PACKETS=1000000 cargo test -p
-//! sluice-datapath --test fuzz_packets -- --ignored --nocapture` is the long run
-//! (`SLUICE_FUZZ_SEED` picks another seed).
+//! from_netdev the same way, against its own model (fuzz/netdev.rs): NodePorts with a
+//! local backend and without any, forged VXLAN from senders that are no node, and the
+//! rest, which it must leave untouched.
+//!
+//! `fuzz_smoke` and `fuzz_netdev_smoke` run 20,000 frames each in CI;
+//! `SLUICE_FUZZ_PACKETS=1000000 cargo test -p sluice-datapath --test fuzz_packets --
+//! --ignored --nocapture` is the long run (`SLUICE_FUZZ_SEED` picks another seed).
 // A test binary: a panic in a fixture helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -38,9 +42,13 @@ fn seed() -> u64 {
 /// Runs a campaign in a namespace of its own, prints its figures and fails on any
 /// mismatch with the model.
 fn fuzz(frames: u64) {
+    run_campaign(frames, fuzz::campaign);
+}
+
+fn run_campaign(frames: u64, campaign: fn(u64, u64) -> fuzz::Report) {
     let seed = seed();
     let netns = NetNs::new();
-    let report = netns.run(|| fuzz::campaign(seed, frames));
+    let report = netns.run(|| campaign(seed, frames));
     report.print(seed);
     assert!(
         report.failures.is_empty(),
@@ -55,17 +63,55 @@ fn fuzz_smoke() {
     fuzz(20_000);
 }
 
-#[test]
-#[ignore = "the long run: SLUICE_FUZZ_PACKETS frames (default 1,000,000)"]
-fn fuzz_long() {
-    let frames = std::env::var("SLUICE_FUZZ_PACKETS")
+fn long_frames() -> u64 {
+    std::env::var("SLUICE_FUZZ_PACKETS")
         .ok()
         .map(|n| {
             n.parse()
                 .unwrap_or_else(|e| panic!("SLUICE_FUZZ_PACKETS {n:?}: {e}"))
         })
-        .unwrap_or(1_000_000);
-    fuzz(frames);
+        .unwrap_or(1_000_000)
+}
+
+#[test]
+#[ignore = "the long run: SLUICE_FUZZ_PACKETS frames (default 1,000,000)"]
+fn fuzz_long() {
+    fuzz(long_frames());
+}
+
+#[test]
+fn fuzz_netdev_smoke() {
+    run_campaign(20_000, fuzz::netdev::campaign);
+}
+
+#[test]
+#[ignore = "the long run of from_netdev: SLUICE_FUZZ_PACKETS frames (default 1,000,000)"]
+fn fuzz_netdev_long() {
+    run_campaign(long_frames(), fuzz::netdev::campaign);
+}
+
+/// The from_netdev model on hand-made cases.
+#[test]
+fn the_netdev_model_reads_the_basic_cases() {
+    use fuzz::netdev::{Expect as Netdev, NODE, NODE_PORT_LOCAL, NODE_PORT_NONE, NetdevModel};
+    let mut model = NetdevModel::new();
+    let client = SocketAddrV4::new(fuzz::WORLD_HOST, 40000);
+    let node = |port| SocketAddrV4::new(NODE, port);
+    assert_eq!(
+        model.judge(&tcp(client, node(NODE_PORT_LOCAL), TCP_SYN, b"")),
+        Netdev::Dnat(world::pod(8080))
+    );
+    assert_eq!(
+        model.judge(&udp(client, node(NODE_PORT_NONE), b"x")),
+        Netdev::Refused
+    );
+    assert_eq!(
+        model.judge(&tcp(client, node(NODE_PORT_NONE), support::TCP_RST, b"")),
+        Netdev::Drop(DropReason::NoService)
+    );
+    assert_eq!(model.judge(&udp(client, node(53), b"x")), Netdev::Pass);
+    let forged = fuzz::netdev::forged_vxlan(world::PEER, world::POD_IDENTITY, 50000);
+    assert_eq!(model.judge(&forged), Netdev::Pass);
 }
 
 /// The model itself on hand-made cases, so a fuzz failure is the datapath's.

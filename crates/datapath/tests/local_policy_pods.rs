@@ -45,6 +45,7 @@ impl Fixture {
         let slot = Lb4Key { slot: 1, ..cluster };
         let backend = Lb4Service::slot(*REMOTE_BACKEND.ip(), REMOTE_BACKEND.port());
         maps.services.insert(slot, backend, 0).unwrap();
+        support::add_backend(&mut maps, REMOTE_BACKEND, proto);
         let frontend = Lb4Service::frontend(1, SVC_FLAG_LOAD_BALANCER);
         maps.services.insert(cluster, frontend, 0).unwrap();
         maps.services

@@ -345,6 +345,34 @@ fn missing_backend_slot_is_dropped() {
 }
 
 #[test]
+fn a_slot_whose_backend_is_gone_is_dropped_and_counted() {
+    let mut fx = Fixture::new();
+    // Slot 2 names backend 2, which lb4_backends no longer holds: a dangling slot, what
+    // the realizer's write order (backends before slots, removed after them) rules out.
+    fx.add_service(vip(80), IPPROTO_TCP, &[BACKEND_1, BACKEND_2]);
+    fx.maps
+        .backends
+        .remove(&Lb4BackendKey::new(
+            *BACKEND_2.ip(),
+            BACKEND_2.port(),
+            IPPROTO_TCP,
+        ))
+        .unwrap();
+    let mut dropped = 0;
+    for port in 41100..41164 {
+        let out = fx.run_from_container(&tcp(client(port), vip(80), TCP_SYN, b""));
+        if out.verdict == TC_ACT_SHOT {
+            dropped += 1;
+        } else {
+            assert_eq!(Frame(&out.packet).dst(), BACKEND_1);
+        }
+    }
+    assert!(dropped > 0);
+    let metric = fx.metric(DropReason::SlotBackendMissing.code(), METRIC_DIR_EGRESS);
+    assert_eq!(metric.packets, dropped);
+}
+
+#[test]
 fn hairpin_goes_through_the_loopback_address_and_back() {
     let mut fx = Fixture::new();
     let own = SocketAddrV4::new(CLIENT, 8080);

@@ -90,21 +90,30 @@ impl Drop for Server {
     }
 }
 
-fn serve(pod: &OwnedNetNs) -> Server {
+fn serve(pod: &OwnedNetNs, ports: &[u16]) -> Server {
     let stop = Arc::new(AtomicBool::new(false));
+    let ports = ports.to_vec();
     let thread = pod
         .spawn({
             let stop = stop.clone();
             move || {
-                let listener = TcpListener::bind(SocketAddrV4::new(SERVER, PORT)).unwrap();
-                listener.set_nonblocking(true).unwrap();
+                let listeners: Vec<_> = ports
+                    .iter()
+                    .map(|port| {
+                        let listener = TcpListener::bind(SocketAddrV4::new(SERVER, *port)).unwrap();
+                        listener.set_nonblocking(true).unwrap();
+                        listener
+                    })
+                    .collect();
                 let mut held: Vec<TcpStream> = Vec::new();
                 let mut buf = [0u8; 256];
                 while !stop.load(Ordering::Relaxed) {
-                    while let Ok((mut conn, _)) = listener.accept() {
-                        conn.set_nonblocking(true).unwrap();
-                        if writeln!(conn, "ok").is_ok() {
-                            held.push(conn);
+                    for listener in &listeners {
+                        while let Ok((mut conn, _)) = listener.accept() {
+                            conn.set_nonblocking(true).unwrap();
+                            if writeln!(conn, "ok").is_ok() {
+                                held.push(conn);
+                            }
                         }
                     }
                     held.retain_mut(|conn| match conn.read(&mut buf) {
@@ -146,13 +155,23 @@ pub struct Node {
 
 impl Node {
     pub fn new(name: &str, cluster: &sluice_store::Snapshot, args: &[&str]) -> Self {
+        Self::serving(name, cluster, args, &[PORT])
+    }
+
+    /// The node with the server answering on each of `ports`.
+    pub fn serving(
+        name: &str,
+        cluster: &sluice_store::Snapshot,
+        args: &[&str],
+        ports: &[u16],
+    ) -> Self {
         let (node, on_node) = routed_node("sft-node-", ROUTER);
         let pod = |prefix: &str, interface: &str, address: Ipv4Addr| {
             wired_pod(&on_node, prefix, interface, address, ROUTER)
         };
         let client = pod("sft-client-", "lxc-cl", CLIENT);
         let server_ns = pod("sft-server-", "lxc-sv", SERVER);
-        let server = serve(&server_ns);
+        let server = serve(&server_ns, ports);
         let dir = TempDir(std::env::temp_dir().join(sluice_netns::unique_name("sft-cluster-")));
         std::fs::create_dir_all(&dir.0).unwrap();
         let cluster_file = dir.0.join("cluster.json");

@@ -218,6 +218,18 @@ impl Agent {
             None => self.terminate(Duration::from_secs(10)),
         };
         assert!(exit.success(), "{exit}\n{}", self.log_text());
+        self.start_again(args);
+    }
+
+    /// Kills the agent with SIGKILL: no chance to finish the pass it is in.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.child.kill().expect("kill -KILL the agent");
+        self.child.wait().expect("wait for the agent")
+    }
+
+    /// Starts a new agent with `args` on the same cluster file, pins, socket and log, once
+    /// the caller stopped the last one (the log starts afresh).
+    pub fn start_again(&mut self, args: &[&str]) {
         self.child = self
             .launch
             .spawn(self.pins.path(), &self.socket, &self.log, args);

@@ -4,6 +4,7 @@
 //! that still add up) and every drop must be counted under the model's reason.
 
 pub mod model;
+pub mod netdev;
 pub mod packets;
 
 use std::collections::BTreeMap;
@@ -213,6 +214,7 @@ pub fn campaign(seed: u64, frames: u64) -> Report {
             pod: POD,
             peers: vec![PEER, STRANGER, WORLD_HOST, VIP],
             frontend: VIP,
+            ingress_dports: Vec::new(),
         },
     );
     let mut report = Report::default();
@@ -284,7 +286,7 @@ pub fn campaign(seed: u64, frames: u64) -> Report {
 
 /// One's complement sum of `data` (big-endian words), reduced modulo 0xffff so that
 /// both zeros of one's complement compare equal.
-fn ones_sum(data: &[u8]) -> u32 {
+pub fn ones_sum(data: &[u8]) -> u32 {
     let sum: u64 = data
         .chunks(2)
         .map(|c| u64::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
@@ -316,7 +318,7 @@ fn check_pass(input: &[u8], out: &[u8], rewrite: Rewrite, report: &mut Report) -
     }
 }
 
-fn check_nat(input: &[u8], out: &[u8], src: SocketAddrV4, dst: SocketAddrV4) -> Option<String> {
+pub fn check_nat(input: &[u8], out: &[u8], src: SocketAddrV4, dst: SocketAddrV4) -> Option<String> {
     if out.len() != input.len() {
         return Some("length changed".into());
     }

@@ -128,7 +128,7 @@ pub enum Expect {
 }
 
 /// What the model read from a frame.
-enum Parsed {
+pub enum Parsed {
     Arp,
     UnknownL3,
     Invalid,
@@ -209,7 +209,7 @@ impl Model {
     }
 
     /// Reads `frame` as the programs' parser must, recording first fragments.
-    fn parse(&mut self, frame: &[u8]) -> Parsed {
+    pub fn parse(&mut self, frame: &[u8]) -> Parsed {
         match be16(frame, 12) {
             ETH_P_ARP => return Parsed::Arp,
             ETH_P_IP => {}

@@ -20,6 +20,9 @@ pub struct Addresses {
     pub peers: Vec<Ipv4Addr>,
     /// The services' frontend address (among the peers).
     pub frontend: Ipv4Addr,
+    /// Ports the packets to the pod lean toward (the node's own ports when `pod` is a
+    /// node), besides the usual ones.
+    pub ingress_dports: Vec<u16>,
 }
 
 /// Which shape a generated datagram was sent in, for the report.
@@ -34,6 +37,8 @@ pub enum Shape {
     TinyFirstFragment,
     OffsetPastTheEnd,
     NotIpv4,
+    /// VXLAN to the node from a sender that is no node (from_netdev's campaign).
+    ForgedVxlan,
 }
 
 /// One frame to run, in its direction, and whether the mutator bent it.
@@ -183,6 +188,10 @@ impl Generator {
                 Dir::Ingress => sport = self.pick(&[8080, 5353, 80, 53]),
                 _ => {}
             }
+        }
+        if dir == Dir::Ingress && !self.addresses.ingress_dports.is_empty() && self.rng.bool() {
+            let ports = self.addresses.ingress_dports.clone();
+            dport = self.pick(&ports);
         }
         match self.rng.u8(..100) {
             0..=34 => (IPPROTO_TCP, self.tcp(src, dst, sport, dport, &payload)),
