@@ -111,11 +111,14 @@ pub fn write(costs: &[IdleCost], dir: &Path, command: &str) -> Result<(), BenchE
     })
 }
 
+/// One line of the growth chart: its legend, colour and value at one N.
+type Figure = (&'static str, RGBColor, fn(&IdleCost) -> f64);
+
 /// Each figure of the curve as a share of its largest value, over N: how the costs grow.
 fn chart(costs: &[IdleCost], path: &Path) -> Result<(), BenchError> {
     register_font()?;
     let labels: Vec<String> = costs.iter().map(|c| thousands(c.services)).collect();
-    let figures: [(&str, RGBColor, fn(&IdleCost) -> f64); 5] = [
+    let figures: [Figure; 5] = [
         ("idle CPU", RGBColor(213, 94, 0), |c| c.cpu_fraction),
         ("RSS", RGBColor(0, 114, 178), |c| c.rss_kib as f64),
         ("map memory", RGBColor(0, 158, 115), |c| c.map_memory as f64),
