@@ -159,8 +159,10 @@ impl CompileCache {
         let pass = self.pass;
         let mut changes = Changes::default();
         let mut index = self.index.as_mut();
+        // One key reused for every lookup: no allocation for an object the index holds.
+        let mut key = (String::new(), String::new());
         for service in &snapshot.services {
-            let key = key_of(service.metadata())?;
+            set_key(&mut key, service.metadata())?;
             let held = match index.as_deref_mut().and_then(|i| i.services.get_mut(&key)) {
                 Some(entry) if entry.seen == pass => return None,
                 Some(entry) => {
@@ -169,12 +171,12 @@ impl CompileCache {
                 }
                 None => false,
             };
-            if !held && changes.services.insert(key, Some(service.clone())).is_some() {
+            if !held && changes.services.insert(key.clone(), Some(service.clone())).is_some() {
                 return None;
             }
         }
         for slice in &snapshot.endpoint_slices {
-            let key = key_of(slice.metadata())?;
+            set_key(&mut key, slice.metadata())?;
             let held = match index.as_deref_mut().and_then(|i| i.slices.get_mut(&key)) {
                 Some(entry) if entry.seen == pass => return None,
                 Some(entry) => {
@@ -183,7 +185,12 @@ impl CompileCache {
                 }
                 None => false,
             };
-            if !held && changes.endpoint_slices.insert(key, Some(slice.clone())).is_some() {
+            if !held
+                && changes
+                    .endpoint_slices
+                    .insert(key.clone(), Some(slice.clone()))
+                    .is_some()
+            {
                 return None;
             }
         }
@@ -232,13 +239,14 @@ fn whole_difference(before: &DesiredState, after: &DesiredState) -> Delta {
     delta
 }
 
-/// An object's namespace and name; None without a name.
-fn key_of(meta: &ObjectMeta) -> Option<(String, String)> {
+/// Sets `key` to an object's namespace and name; None without a name.
+fn set_key(key: &mut (String, String), meta: &ObjectMeta) -> Option<()> {
     let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
-    Some((
-        namespace_of(meta.namespace.as_ref()).to_string(),
-        name.to_string(),
-    ))
+    key.0.clear();
+    key.0.push_str(namespace_of(meta.namespace.as_ref()));
+    key.1.clear();
+    key.1.push_str(name);
+    Some(())
 }
 
 /// The inputs of [`compile_workloads`], as last compiled.

@@ -123,7 +123,8 @@ pub(super) struct Index {
     backend_refs: HashMap<Lb4BackendKey, u32>,
     /// The Services' problems by line, with how many contributions report each.
     problem_refs: BTreeMap<String, (Problem, u32)>,
-    workloads: Workloads,
+    /// The problems of the part that does not read Services.
+    workload_problems: Problems,
     pub(super) state: DesiredState,
 }
 
@@ -142,10 +143,7 @@ impl Index {
             claimed: HashMap::new(),
             backend_refs: HashMap::new(),
             problem_refs: BTreeMap::new(),
-            workloads: Workloads {
-                state: DesiredState::default(),
-                problems: Problems::default(),
-            },
+            workload_problems: Problems::default(),
         }
     }
 
@@ -453,18 +451,22 @@ impl Index {
 
     /// Replaces the part that does not read Services with `workloads`.
     pub(super) fn put_workloads(&mut self, workloads: Workloads, delta: &mut Delta) {
-        let (state, new) = (&mut self.state, &workloads.state);
+        let Workloads {
+            state: new,
+            problems,
+        } = workloads;
+        let state = &mut self.state;
         differences(&mut delta.endpoints, &state.endpoints, &new.endpoints);
         differences(&mut delta.ipcache, &state.ipcache, &new.ipcache);
         differences(&mut delta.policies, &state.policies, &new.policies);
-        state.endpoints = new.endpoints.clone();
-        state.interfaces = new.interfaces.clone();
-        state.nodes = new.nodes.clone();
-        state.ipcache = new.ipcache.clone();
-        state.policies = new.policies.clone();
-        state.identities = new.identities.clone();
-        state.endpoint_details = new.endpoint_details.clone();
-        self.workloads = workloads;
+        state.endpoints = new.endpoints;
+        state.interfaces = new.interfaces;
+        state.nodes = new.nodes;
+        state.ipcache = new.ipcache;
+        state.policies = new.policies;
+        state.identities = new.identities;
+        state.endpoint_details = new.endpoint_details;
+        self.workload_problems = problems;
     }
 
     /// Sets the state's problems: the Services' and the workloads', by line.
@@ -474,7 +476,7 @@ impl Index {
             .iter()
             .map(|(line, (problem, _))| (line, problem))
             .collect();
-        lines.extend(self.workloads.problems.iter());
+        lines.extend(self.workload_problems.iter());
         self.state.problems = lines.into_values().cloned().collect();
     }
 }
