@@ -333,9 +333,7 @@ impl Node {
                 Some(delta) => delta
                     .backends
                     .iter()
-                    .filter(|(key, before)| {
-                        before.is_some() && !desired.backends.contains_key(key)
-                    })
+                    .filter(|(key, before)| before.is_some() && !desired.backends.contains_key(key))
                     .map(|(key, _)| *key)
                     .collect(),
                 None => self

@@ -117,7 +117,8 @@ impl CompileCache {
         let mut stats = CacheStats::default();
         let mut delta = Delta::default();
         let fresh = self.index.is_none();
-        let workloads = changes.workloads || fresh || self.index.as_ref().is_some_and(|i| i.node != *node);
+        let workloads =
+            changes.workloads || fresh || self.index.as_ref().is_some_and(|i| i.node != *node);
         if changes.workloads {
             // Said by the caller, not found by `refresh`: its record is stale.
             self.workload_inputs = None;
@@ -171,7 +172,12 @@ impl CompileCache {
                 }
                 None => false,
             };
-            if !held && changes.services.insert(key.clone(), Some(service.clone())).is_some() {
+            if !held
+                && changes
+                    .services
+                    .insert(key.clone(), Some(service.clone()))
+                    .is_some()
+            {
                 return None;
             }
         }
@@ -232,7 +238,11 @@ fn whole_difference(before: &DesiredState, after: &DesiredState) -> Delta {
     differences(&mut delta.services, &before.services, &after.services);
     differences(&mut delta.backends, &before.backends, &after.backends);
     differences(&mut delta.maglev, &before.maglev, &after.maglev);
-    differences(&mut delta.source_ranges, &before.source_ranges, &after.source_ranges);
+    differences(
+        &mut delta.source_ranges,
+        &before.source_ranges,
+        &after.source_ranges,
+    );
     differences(&mut delta.endpoints, &before.endpoints, &after.endpoints);
     differences(&mut delta.ipcache, &before.ipcache, &after.ipcache);
     differences(&mut delta.policies, &before.policies, &after.policies);

@@ -201,7 +201,11 @@ fn bulk_service(i: usize, ports: usize, version: u64) -> k8s_openapi::api::core:
     )
 }
 
-fn bulk_slice(i: usize, backends: usize, version: u64) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+fn bulk_slice(
+    i: usize,
+    backends: usize,
+    version: u64,
+) -> k8s_openapi::api::discovery::v1::EndpointSlice {
     let endpoints: Vec<Value> = (0..backends)
         .map(|b| {
             let address = std::net::Ipv4Addr::from(
@@ -223,7 +227,9 @@ fn bulk_slice(i: usize, backends: usize, version: u64) -> k8s_openapi::api::disc
     )
 }
 
-fn key(object: &impl k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>) -> ObjectKey {
+fn key(
+    object: &impl k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+) -> ObjectKey {
     let meta = object.metadata();
     (
         meta.namespace.clone().unwrap_or_else(|| "default".into()),

@@ -16,7 +16,9 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use sluice_compiler::{Changes, CompileCache, Delta, DesiredState, NodeContext, ObjectKey, compile};
+use sluice_compiler::{
+    Changes, CompileCache, Delta, DesiredState, NodeContext, ObjectKey, compile,
+};
 use sluice_store::{LocalEndpoint, Snapshot};
 
 const NODE: &str = "node-a";
@@ -621,16 +623,35 @@ fn assert_delta(delta: &Delta, before: &DesiredState, after: &DesiredState, what
         what: &str,
     ) {
         for (k, was) in delta {
-            assert_eq!(was.as_ref(), before.get(k), "{what}: {map} {k:?}: value before");
+            assert_eq!(
+                was.as_ref(),
+                before.get(k),
+                "{what}: {map} {k:?}: value before"
+            );
         }
         for k in before.keys().chain(after.keys()) {
             if before.get(k) != after.get(k) {
-                assert!(delta.contains_key(k), "{what}: {map} {k:?} changed, not in the delta");
+                assert!(
+                    delta.contains_key(k),
+                    "{what}: {map} {k:?} changed, not in the delta"
+                );
             }
         }
     }
-    check("services", &delta.services, &before.services, &after.services, what);
-    check("backends", &delta.backends, &before.backends, &after.backends, what);
+    check(
+        "services",
+        &delta.services,
+        &before.services,
+        &after.services,
+        what,
+    );
+    check(
+        "backends",
+        &delta.backends,
+        &before.backends,
+        &after.backends,
+        what,
+    );
     check("maglev", &delta.maglev, &before.maglev, &after.maglev, what);
     check(
         "source ranges",
@@ -639,9 +660,27 @@ fn assert_delta(delta: &Delta, before: &DesiredState, after: &DesiredState, what
         &after.source_ranges,
         what,
     );
-    check("endpoints", &delta.endpoints, &before.endpoints, &after.endpoints, what);
-    check("ipcache", &delta.ipcache, &before.ipcache, &after.ipcache, what);
-    check("policies", &delta.policies, &before.policies, &after.policies, what);
+    check(
+        "endpoints",
+        &delta.endpoints,
+        &before.endpoints,
+        &after.endpoints,
+        what,
+    );
+    check(
+        "ipcache",
+        &delta.ipcache,
+        &before.ipcache,
+        &after.ipcache,
+        what,
+    );
+    check(
+        "policies",
+        &delta.policies,
+        &before.policies,
+        &after.policies,
+        what,
+    );
 }
 
 /// Any sequence of change sets over every kind (Services and slices added, changed and
@@ -666,10 +705,14 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
             objects.slices.insert(key_of(&value), value);
         }
         for (key, value) in &objects.services {
-            changes.services.insert(key.clone(), Some(from_json(value.clone())));
+            changes
+                .services
+                .insert(key.clone(), Some(from_json(value.clone())));
         }
         for (key, value) in &objects.slices {
-            changes.endpoint_slices.insert(key.clone(), Some(from_json(value.clone())));
+            changes
+                .endpoint_slices
+                .insert(key.clone(), Some(from_json(value.clone())));
         }
         let mut cache = CompileCache::new();
         let mut before = DesiredState::default();

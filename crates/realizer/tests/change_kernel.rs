@@ -80,9 +80,10 @@ fn change(round: usize, count: usize) -> Changes {
     let mut changes = Changes::default();
     match round % 4 {
         0 => {
-            changes
-                .endpoint_slices
-                .insert(key(format!("svc{i}-x")), Some(slice(i, 3 + (round / 4) % 2)));
+            changes.endpoint_slices.insert(
+                key(format!("svc{i}-x")),
+                Some(slice(i, 3 + (round / 4) % 2)),
+            );
         }
         1 => {
             changes
@@ -152,7 +153,9 @@ fn run(count: usize, rounds: usize, check: bool) -> Times {
     };
     let mut changes = Changes::default();
     for i in 0..count {
-        changes.services.insert(key(format!("svc{i}")), Some(service(i, 0)));
+        changes
+            .services
+            .insert(key(format!("svc{i}")), Some(service(i, 0)));
         changes
             .endpoint_slices
             .insert(key(format!("svc{i}-x")), Some(slice(i, 2)));
@@ -163,7 +166,9 @@ fn run(count: usize, rounds: usize, check: bool) -> Times {
     let mut cache = CompileCache::new();
     cache.update(&empty, changes, &node);
     cache.take_delta();
-    tables.realize(Desired::of(cache.state(), POLICY_ROWS)).unwrap();
+    tables
+        .realize(Desired::of(cache.state(), POLICY_ROWS))
+        .unwrap();
     let (mut compile_time, mut realize_time, mut written) = (Duration::ZERO, Duration::ZERO, 0);
     for round in 0..rounds {
         let changes = change(round, count);
@@ -180,7 +185,9 @@ fn run(count: usize, rounds: usize, check: bool) -> Times {
         written += stats.upserted + stats.removed;
         assert!(stats.changed(), "round {round}: nothing written");
         if check {
-            let left = tables.plan(Desired::of(cache.state(), POLICY_ROWS)).unwrap();
+            let left = tables
+                .plan(Desired::of(cache.state(), POLICY_ROWS))
+                .unwrap();
             assert!(left.is_empty(), "round {round}: {:?}", left.drift());
             objects.apply(changes);
             assert!(

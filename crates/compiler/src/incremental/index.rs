@@ -291,7 +291,12 @@ impl Index {
             .vip_owners
             .keys()
             .map(|&vip| Claim::ClusterIp(vip))
-            .chain(compilation.frontend_owners.keys().map(|&k| Claim::Frontend(k)))
+            .chain(
+                compilation
+                    .frontend_owners
+                    .keys()
+                    .map(|&k| Claim::Frontend(k)),
+            )
             .chain(
                 compilation
                     .state
@@ -425,7 +430,11 @@ impl Index {
             touched(&mut delta.maglev, *k, state.maglev.insert(*k, v.clone()));
         }
         for (k, v) in &from.source_ranges {
-            touched(&mut delta.source_ranges, *k, state.source_ranges.insert(*k, *v));
+            touched(
+                &mut delta.source_ranges,
+                *k,
+                state.source_ranges.insert(*k, *v),
+            );
         }
         for (port, check) in &from.health_checks {
             state.health_checks.insert(*port, check.clone());
