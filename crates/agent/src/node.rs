@@ -10,7 +10,7 @@ use std::{
 
 use sluice_api::{Drift, VerifyReport};
 use sluice_common::kinds::DriftKind;
-use sluice_compiler::{Balancing, CompileCache, DesiredState, NodeContext};
+use sluice_compiler::{Balancing, CompileCache, Delta, DesiredState, NodeContext};
 use sluice_datapath::{AttachRole, Datapath};
 use sluice_realizer::{ApplyStats, Desired, KernelTables, Scan, ScanTick};
 use sluice_store::Snapshot;
@@ -265,15 +265,16 @@ impl Node {
             // The maps hold what the last pass realized, so the change is the difference
             // of the two states; anything changed behind the agent's back since is found
             // by the periodic check, restarted here, and repaired by a full pass.
+            // Taken on every pass that realizes, so it always starts at `self.desired`.
+            let delta = self.compile_cache.take_delta();
             let stats = if held {
-                let realized = Desired::of(&self.desired, self.policy_map_max);
-                let plan = self.tables.plan_delta(realized, target)?;
+                let plan = self.tables.plan_changes(&delta, target)?;
                 self.tables.apply(&plan)?
             } else {
                 self.tables.realize(target)?
             };
             self.scan.restart();
-            self.purge_removed_backends(&desired)?;
+            self.purge_removed_backends(&desired, held.then_some(&delta))?;
             stats
         };
         // Programs go on after the maps they read are complete, and come off interfaces
@@ -335,15 +336,30 @@ impl Node {
     /// start, what was removed while no agent ran is unknown: the first pass removes the
     /// service connections of every backend the desired state does not have. Connected
     /// UDP sockets the socket programs sent to such a backend are destroyed (`sock_purge`).
-    fn purge_removed_backends(&mut self, desired: &DesiredState) -> Result<(), AgentError> {
+    /// `delta`, when the maps held `self.desired`: what the compiler changed since, so
+    /// the removed backends are found without walking every backend.
+    fn purge_removed_backends(
+        &mut self,
+        desired: &DesiredState,
+        delta: Option<&Delta>,
+    ) -> Result<(), AgentError> {
         let (backends, purged) = if self.backends_checked {
-            let gone: BTreeSet<_> = self
-                .desired
-                .backends
-                .keys()
-                .filter(|key| !desired.backends.contains_key(key))
-                .copied()
-                .collect();
+            let gone: BTreeSet<_> = match delta {
+                // The backends the compiler took out since `self.desired`.
+                Some(delta) => delta
+                    .backends
+                    .iter()
+                    .filter(|(key, before)| before.is_some() && !desired.backends.contains_key(key))
+                    .map(|(key, _)| *key)
+                    .collect(),
+                None => self
+                    .desired
+                    .backends
+                    .keys()
+                    .filter(|key| !desired.backends.contains_key(key))
+                    .copied()
+                    .collect(),
+            };
             if gone.is_empty() {
                 return Ok(());
             }
@@ -404,7 +420,7 @@ impl Node {
         if self.compiled_from.as_ref() == Some(&from) {
             return (Arc::clone(&self.desired), from);
         }
-        let desired = self.compile_cache.compile(
+        let desired = self.compile_cache.refresh(
             &self.snapshot,
             &NodeContext {
                 node: self.name.clone(),
@@ -413,8 +429,9 @@ impl Node {
                 balancing: self.balancing,
             },
         );
+        let desired = Arc::new(desired.clone());
         debug!(stats = ?self.compile_cache.stats(), "compiled");
-        (Arc::new(desired), from)
+        (desired, from)
     }
 
     /// Attaches the datapath to `ifname` unless the kernel already runs this agent's

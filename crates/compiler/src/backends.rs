@@ -21,24 +21,26 @@ pub(crate) fn slices_by_service(
 ) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut slices: BTreeMap<_, Vec<_>> = BTreeMap::new();
     for slice in &snapshot.endpoint_slices {
-        // IPv6 and FQDN slices are for other consumers; the datapath is IPv4 only.
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let service = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL));
-        if let Some(service) = service {
+        if let Some(service) = served_service(slice) {
             let namespace = namespace_of(slice.metadata.namespace.as_ref());
-            slices
-                .entry((namespace, service.as_str()))
-                .or_default()
-                .push(slice);
+            slices.entry((namespace, service)).or_default().push(slice);
         }
     }
     slices
+}
+
+/// The name of the Service (in the slice's namespace) whose backends `slice` lists, if the
+/// datapath reads it: IPv6 and FQDN slices are for other consumers.
+pub(crate) fn served_service(slice: &EndpointSlice) -> Option<&str> {
+    if slice.address_type != "IPv4" {
+        return None;
+    }
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .map(String::as_str)
 }
 
 /// One endpoint of a Service's slices, for one service port, with the conditions that

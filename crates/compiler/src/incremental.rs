@@ -1,96 +1,262 @@
-//! The incremental compile: [`CompileCache::compile`] returns exactly what [`crate::compile`]
-//! returns for the same input, recomputing only what changed since the last call.
+//! The incremental compile: [`CompileCache`] keeps the compiled state and changes it in
+//! place for exactly the objects that changed, with the full [`crate::compile`]'s output.
 //!
-//! - Each Service is compiled on its own (a *fragment*), keyed by the Service, its
-//!   EndpointSlices and the node inputs every Service reads (name, addresses, zone,
-//!   balancing). A fragment records what it claims: its ClusterIP, its frontends and its
-//!   healthCheckNodePort.
-//! - The cross-Service step is settled on every call, in the full compile's order (by
-//!   namespace and name): a Service none of whose claims another Service makes is what it
-//!   is alone, so its fragment is taken as is; the Services that share a claim are
-//!   compiled again in that order, so which one keeps the address and what is reported is
-//!   the full compile's.
-//! - The part that does not read Services (endpoints, nodes, identities, ipcache, policy)
-//!   is kept whole, keyed by pods, namespaces, policies, nodes, the cluster CIDR, local
-//!   endpoints and the node context.
+//! Two ways in:
+//! - [`CompileCache::update`]: the source says which Services and EndpointSlices changed
+//!   (with the new objects) and whether anything else did; the cost is that of the
+//!   Services touched (see `index`).
+//! - [`CompileCache::refresh`]: a whole snapshot, compared with what the cache holds by
+//!   uid and resourceVersion (whole objects for those without), to find the changes.
+//!   A snapshot that names two Services or two slices alike, or a Service without a name,
+//!   has no such index: it is compiled whole.
+//!
+//! Either way [`CompileCache::take_delta`] then says which map entries changed, with their
+//! values before, so the realizer writes only those.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
-};
+mod index;
+
+use std::collections::BTreeSet;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::{
     Metadata,
-    api::{
-        core::v1::{Namespace, Node, Pod, Service},
-        discovery::v1::EndpointSlice,
-        networking::v1::NetworkPolicy,
-    },
+    api::core::v1::{Namespace, Node, Pod},
+    api::networking::v1::NetworkPolicy,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use sluice_common::Lb4Key;
 use sluice_store::{LocalEndpoint, Snapshot};
 
+pub use self::index::CacheStats;
+use self::index::{Index, ServiceInputs};
 use crate::{
-    Balancing, Compilation, DesiredState, NodeContext, ObjectKind, ObjectRef, Workloads,
-    backends::slices_by_service, compile_workloads, services_in_order, slices_of,
+    Changes, Delta, DesiredState, NodeContext, changes::differences, compile_workloads,
+    namespace_of,
 };
 
-/// What the last [`CompileCache::compile`] recomputed, for tests and logs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CacheStats {
-    /// Services compiled because they, their slices or the node inputs changed.
-    pub services_compiled: usize,
-    /// Services whose fragment was reused.
-    pub services_reused: usize,
-    /// Services compiled again in order because another Service claims one of their
-    /// addresses or ports.
-    pub services_contested: usize,
-    /// Whether the part that does not read Services was recomputed.
-    pub workloads_compiled: bool,
-}
-
-/// The per-Service and the workload results of the previous compiles.
+/// The compiled state and what it was compiled from, kept across compiles.
 #[derive(Default)]
 pub struct CompileCache {
-    /// The node inputs the cached fragments were compiled with.
-    inputs: Option<ServiceInputs>,
-    /// Namespace -> name -> the Service's entry.
-    services: HashMap<String, HashMap<String, Box<ServiceEntry>>>,
-    /// How many Services claim each address: one claimed twice is settled in order.
-    claimed: HashMap<Claim, u32>,
-    /// Numbers the calls, to find the entries of Services gone since the last.
+    /// None before the first compile, and after a snapshot without an index.
+    index: Option<Index>,
+    /// The state compiled whole from a snapshot without an index.
+    whole: Option<DesiredState>,
+    /// What the workloads part was last compiled from, for [`Self::refresh`].
+    workload_inputs: Option<WorkloadInputs>,
+    /// Numbers the snapshot passes, to find the objects gone since the last.
     pass: u64,
-    workloads: Option<(WorkloadInputs, Workloads)>,
+    /// The entries changed since the last [`Self::take_delta`].
+    delta: Delta,
     stats: CacheStats,
 }
 
-/// What every Service's compile reads of the node.
-#[derive(Clone, PartialEq, Eq)]
-struct ServiceInputs {
-    node: String,
-    node_addresses: Vec<Ipv4Addr>,
-    zone: Option<String>,
-    balancing: Balancing,
+impl CompileCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// What the last compile recomputed.
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// The state as last compiled.
+    pub fn state(&self) -> &DesiredState {
+        static EMPTY: std::sync::OnceLock<DesiredState> = std::sync::OnceLock::new();
+        match (&self.index, &self.whole) {
+            (Some(index), _) => &index.state,
+            (None, Some(whole)) => whole,
+            (None, None) => EMPTY.get_or_init(DesiredState::default),
+        }
+    }
+
+    /// The map entries changed since the last call, with their values before.
+    pub fn take_delta(&mut self) -> Delta {
+        std::mem::take(&mut self.delta)
+    }
+
+    /// The desired state of `node` from `snapshot`: equal to `crate::compile(snapshot,
+    /// node)`, problems included.
+    pub fn compile(&mut self, snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
+        self.refresh(snapshot, node).clone()
+    }
+
+    /// Brings the state to `snapshot`'s, finding what changed since the last compile.
+    pub fn refresh(&mut self, snapshot: &Snapshot, node: &NodeContext) -> &DesiredState {
+        self.pass += 1;
+        let mut changes = match self.changes_from(snapshot) {
+            Some(changes) => changes,
+            None => {
+                self.compile_whole(snapshot, node);
+                return self.state();
+            }
+        };
+        let workloads_held = self
+            .workload_inputs
+            .as_ref()
+            .is_some_and(|w| w.matches(snapshot, node));
+        if !workloads_held {
+            changes.workloads = true;
+        }
+        self.update(snapshot, changes, node);
+        if !workloads_held {
+            self.workload_inputs = Some(WorkloadInputs::of(snapshot, node));
+        }
+        self.state()
+    }
+
+    /// Applies `changes` (on the first call: every Service and EndpointSlice); the rest of
+    /// `snapshot` (Pods, Namespaces, Nodes, NetworkPolicies, local endpoints, the cluster
+    /// CIDR) is read when `changes.workloads` says it changed, or the node context did.
+    /// Its Services and slices are not read.
+    pub fn update(
+        &mut self,
+        snapshot: &Snapshot,
+        changes: Changes,
+        node: &NodeContext,
+    ) -> &DesiredState {
+        let mut stats = CacheStats::default();
+        let mut delta = Delta::default();
+        let fresh = self.index.is_none();
+        let workloads =
+            changes.workloads || fresh || self.index.as_ref().is_some_and(|i| i.node != *node);
+        if changes.workloads {
+            // Said by the caller, not found by `refresh`: its record is stale.
+            self.workload_inputs = None;
+        }
+        let index = match &mut self.index {
+            Some(index) => index,
+            empty => empty.insert(Index::new(node, ServiceInputs::of(snapshot, node))),
+        };
+        let inputs = if workloads {
+            ServiceInputs::of(snapshot, node)
+        } else {
+            index.inputs()
+        };
+        let mut touched = BTreeSet::new();
+        for (key, slice) in changes.endpoint_slices {
+            touched.extend(index.put_slice(key, slice, self.pass));
+        }
+        index.settle(touched, changes.services, inputs, &mut stats, &mut delta);
+        if workloads {
+            stats.workloads_compiled = true;
+            index.node = node.clone();
+            index.put_workloads(compile_workloads(snapshot, node), &mut delta);
+        }
+        index.gather_problems();
+        if fresh {
+            // Whatever was there before (nothing, or a state compiled whole) is the base.
+            let before = self.whole.take().unwrap_or_default();
+            delta = whole_difference(&before, &index.state);
+        }
+        self.delta.merge(delta);
+        self.stats = stats;
+        self.state()
+    }
+
+    /// The Services and slices of `snapshot` that differ from the index, those gone from
+    /// it, and every one when there is no index yet; None when the snapshot has none (a
+    /// name given twice, a Service without a name).
+    fn changes_from(&mut self, snapshot: &Snapshot) -> Option<Changes> {
+        let pass = self.pass;
+        let mut changes = Changes::default();
+        let mut index = self.index.as_mut();
+        // One key reused for every lookup: no allocation for an object the index holds.
+        let mut key = (String::new(), String::new());
+        for service in &snapshot.services {
+            set_key(&mut key, service.metadata())?;
+            let held = match index.as_deref_mut().and_then(|i| i.services.get_mut(&key)) {
+                Some(entry) if entry.seen == pass => return None,
+                Some(entry) => {
+                    entry.seen = pass;
+                    same(&entry.service, service)
+                }
+                None => false,
+            };
+            if !held
+                && changes
+                    .services
+                    .insert(key.clone(), Some(service.clone()))
+                    .is_some()
+            {
+                return None;
+            }
+        }
+        for slice in &snapshot.endpoint_slices {
+            set_key(&mut key, slice.metadata())?;
+            let held = match index.as_deref_mut().and_then(|i| i.slices.get_mut(&key)) {
+                Some(entry) if entry.seen == pass => return None,
+                Some(entry) => {
+                    entry.seen = pass;
+                    same(&entry.slice, slice)
+                }
+                None => false,
+            };
+            if !held
+                && changes
+                    .endpoint_slices
+                    .insert(key.clone(), Some(slice.clone()))
+                    .is_some()
+            {
+                return None;
+            }
+        }
+        if let Some(index) = index {
+            for (key, entry) in &index.services {
+                if entry.seen != pass {
+                    changes.services.entry(key.clone()).or_insert(None);
+                }
+            }
+            for (key, entry) in &index.slices {
+                if entry.seen != pass {
+                    changes.endpoint_slices.entry(key.clone()).or_insert(None);
+                }
+            }
+        }
+        Some(changes)
+    }
+
+    /// Compiles `snapshot` whole, dropping the index: the next snapshot that has one
+    /// builds it again.
+    fn compile_whole(&mut self, snapshot: &Snapshot, node: &NodeContext) {
+        let state = crate::compile(snapshot, node);
+        let delta = whole_difference(self.state(), &state);
+        self.delta.merge(delta);
+        self.index = None;
+        self.workload_inputs = None;
+        self.whole = Some(state);
+        self.stats = CacheStats {
+            services_compiled: snapshot.services.len(),
+            workloads_compiled: true,
+            ..CacheStats::default()
+        };
+    }
 }
 
-/// One Service as last compiled alone (its fragment), and what it claims.
-struct ServiceEntry {
-    service: Service,
-    slices: Vec<EndpointSlice>,
-    fragment: Compilation,
-    claims: Vec<Claim>,
-    /// The last pass whose snapshot held the Service.
-    seen: u64,
+/// Every realized entry that differs between two states.
+fn whole_difference(before: &DesiredState, after: &DesiredState) -> Delta {
+    let mut delta = Delta::default();
+    differences(&mut delta.services, &before.services, &after.services);
+    differences(&mut delta.backends, &before.backends, &after.backends);
+    differences(&mut delta.maglev, &before.maglev, &after.maglev);
+    differences(
+        &mut delta.source_ranges,
+        &before.source_ranges,
+        &after.source_ranges,
+    );
+    differences(&mut delta.endpoints, &before.endpoints, &after.endpoints);
+    differences(&mut delta.ipcache, &before.ipcache, &after.ipcache);
+    differences(&mut delta.policies, &before.policies, &after.policies);
+    delta
 }
 
-/// What two Services cannot both hold: the first in order keeps it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum Claim {
-    ClusterIp(Ipv4Addr),
-    Frontend(Lb4Key),
-    HealthCheck(u16),
+/// Sets `key` to an object's namespace and name; None without a name.
+fn set_key(key: &mut (String, String), meta: &ObjectMeta) -> Option<()> {
+    let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
+    key.0.clear();
+    key.0.push_str(namespace_of(meta.namespace.as_ref()));
+    key.1.clear();
+    key.1.push_str(name);
+    Some(())
 }
 
 /// The inputs of [`compile_workloads`], as last compiled.
@@ -166,197 +332,6 @@ fn holds<T: Metadata<Ty = ObjectMeta> + PartialEq>(kept: &[Version<T>], objects:
         })
 }
 
-impl CompileCache {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// What the last [`Self::compile`] recomputed.
-    pub fn stats(&self) -> CacheStats {
-        self.stats
-    }
-
-    /// The desired state of `node` from `snapshot`: equal to `crate::compile(snapshot,
-    /// node)`, problems included.
-    pub fn compile(&mut self, snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
-        let mut stats = CacheStats::default();
-        let mut assembly = Compilation::for_services(snapshot, node);
-        let inputs = ServiceInputs {
-            node: node.node.clone(),
-            node_addresses: assembly.node_addresses.clone(),
-            zone: assembly.zone.clone(),
-            balancing: node.balancing,
-        };
-        if self.inputs.as_ref() != Some(&inputs) {
-            self.services.clear();
-            self.claimed.clear();
-            self.inputs = Some(inputs.clone());
-        }
-        let slices = slices_by_service(snapshot);
-        let ordered = services_in_order(snapshot, &mut assembly.problems);
-        self.pass += 1;
-        for &(namespace, name, service) in &ordered {
-            let service_slices = slices_of(&slices, namespace, name);
-            if self.refresh(&inputs, namespace, name, service, service_slices) {
-                stats.services_compiled += 1;
-            } else {
-                stats.services_reused += 1;
-            }
-        }
-        self.forget_unseen();
-        // In the full compile's order: the first Service to claim an address keeps it.
-        for (namespace, name, service) in ordered {
-            let Some(entry) = self.services.get(namespace).and_then(|n| n.get(name)) else {
-                continue;
-            };
-            if entry.claims.iter().any(|c| self.claimed.get(c) > Some(&1)) {
-                stats.services_contested += 1;
-                let object = ObjectRef::new(ObjectKind::Service, namespace, name);
-                let service_slices = slices_of(&slices, namespace, name);
-                assembly.service(&object, service, service_slices, node.balancing);
-            } else {
-                assembly.take(&entry.fragment);
-            }
-        }
-
-        let workloads = match self.workloads.take() {
-            Some((inputs, workloads)) if inputs.matches(snapshot, node) => (inputs, workloads),
-            _ => {
-                stats.workloads_compiled = true;
-                (
-                    WorkloadInputs::of(snapshot, node),
-                    compile_workloads(snapshot, node),
-                )
-            }
-        };
-        let state = assembly.finish(workloads.1.clone());
-        self.workloads = Some(workloads);
-        self.stats = stats;
-        state
-    }
-
-    /// Marks the Service seen in this pass, compiling it again unless its entry holds it
-    /// with `slices`; returns whether it compiled.
-    fn refresh(
-        &mut self,
-        inputs: &ServiceInputs,
-        namespace: &str,
-        name: &str,
-        service: &Service,
-        slices: &[&EndpointSlice],
-    ) -> bool {
-        if !self.services.contains_key(namespace) {
-            self.services.insert(namespace.to_string(), HashMap::new());
-        }
-        let Some(names) = self.services.get_mut(namespace) else {
-            return false;
-        };
-        if let Some(entry) = names.get_mut(name)
-            && entry.holds(service, slices)
-        {
-            entry.seen = self.pass;
-            return false;
-        }
-        let mut entry = Box::new(ServiceEntry::compile(inputs, service, slices));
-        entry.seen = self.pass;
-        count(&mut self.claimed, &entry.claims, true);
-        if let Some(old) = names.insert(name.to_string(), entry) {
-            count(&mut self.claimed, &old.claims, false);
-        }
-        true
-    }
-
-    /// Drops the entries of Services not in this pass's snapshot, with their claims.
-    fn forget_unseen(&mut self) {
-        let (pass, claimed) = (self.pass, &mut self.claimed);
-        for names in self.services.values_mut() {
-            names.retain(|_, entry| {
-                if entry.seen != pass {
-                    count(claimed, &entry.claims, false);
-                }
-                entry.seen == pass
-            });
-        }
-        self.services.retain(|_, names| !names.is_empty());
-    }
-}
-
-/// Counts `claims` in (`add`) or out of `claimed`.
-fn count(claimed: &mut HashMap<Claim, u32>, claims: &[Claim], add: bool) {
-    for claim in claims {
-        if add {
-            *claimed.entry(*claim).or_default() += 1;
-        } else if let Some(n) = claimed.get_mut(claim) {
-            *n -= 1;
-            if *n == 0 {
-                claimed.remove(claim);
-            }
-        }
-    }
-}
-
-impl ServiceEntry {
-    fn compile(inputs: &ServiceInputs, service: &Service, slices: &[&EndpointSlice]) -> Self {
-        let mut compilation = Compilation {
-            node: inputs.node.clone(),
-            node_addresses: inputs.node_addresses.clone(),
-            zone: inputs.zone.clone(),
-            ..Compilation::default()
-        };
-        let namespace = crate::namespace_of(service.metadata.namespace.as_ref());
-        let name = service.metadata.name.as_deref().unwrap_or_default();
-        let object = ObjectRef::new(ObjectKind::Service, namespace, name);
-        compilation.service(&object, service, slices, inputs.balancing);
-        let claims = compilation
-            .vip_owners
-            .keys()
-            .map(|&vip| Claim::ClusterIp(vip))
-            .chain(
-                compilation
-                    .frontend_owners
-                    .keys()
-                    .map(|&k| Claim::Frontend(k)),
-            )
-            .chain(
-                compilation
-                    .state
-                    .health_checks
-                    .keys()
-                    .map(|&p| Claim::HealthCheck(p)),
-            )
-            .collect();
-        Self {
-            service: service.clone(),
-            slices: slices.iter().map(|s| (*s).clone()).collect(),
-            fragment: compilation,
-            claims,
-            seen: 0,
-        }
-    }
-
-    /// Whether this entry was compiled from `service` with `slices`.
-    fn holds(&self, service: &Service, slices: &[&EndpointSlice]) -> bool {
-        same(&self.service, service)
-            && self.slices.len() == slices.len()
-            && self.slices.iter().zip(slices).all(|(a, b)| same(a, b))
-    }
-}
-
-impl Compilation {
-    /// Adds what `fragment`, one Service compiled alone that claims nothing another
-    /// Service claims, contributes.
-    fn take(&mut self, fragment: &Compilation) {
-        let state = &fragment.state;
-        extend(&mut self.state.services, &state.services);
-        extend(&mut self.state.backends, &state.backends);
-        extend(&mut self.state.maglev, &state.maglev);
-        extend(&mut self.state.source_ranges, &state.source_ranges);
-        extend(&mut self.state.health_checks, &state.health_checks);
-        self.state.frontends.extend(state.frontends.iter().cloned());
-        self.problems.extend(&fragment.problems);
-    }
-}
-
 /// Whether `a` and `b` are the same version of one object. The API server changes an
 /// object's resourceVersion on every write, so one uid at one resourceVersion is one
 /// content, and comparing two strings spares a deep comparison; objects without them (the
@@ -367,8 +342,4 @@ fn same<T: Metadata<Ty = ObjectMeta> + PartialEq>(a: &T, b: &T) -> bool {
         (Some(ua), Some(va), Some(ub), Some(vb)) => ua == ub && va == vb,
         _ => a == b,
     }
-}
-
-fn extend<K: Ord + Clone, V: Clone>(into: &mut BTreeMap<K, V>, from: &BTreeMap<K, V>) {
-    into.extend(from.iter().map(|(k, v)| (k.clone(), v.clone())));
 }

@@ -67,7 +67,8 @@ pub use sluice_store::nodes::{ClusterNode, NodeFault, NodeFaultAt, NodeField};
 use crate::{backends::slices_by_service, problem::Problems};
 pub use crate::{
     balancing::{Balancing, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION, LbAlgorithm},
-    incremental::CompileCache,
+    changes::{Changes, Delta, ObjectKey},
+    incremental::{CacheStats, CompileCache},
     nodes::Nodes,
     policy::explain::{
         Allow, DirectionExplanation, Explanation, FlowEnd, FlowQuery, FlowSide, Unexplained,
@@ -534,6 +535,7 @@ fn admitted_ipv4(endpoint: &LocalEndpoint) -> Ipv4Addr {
 
 mod backends;
 mod balancing;
+mod changes;
 mod dump;
 mod identity;
 mod incremental;

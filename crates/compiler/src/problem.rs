@@ -566,6 +566,11 @@ impl Problems {
         }
     }
 
+    /// Each problem with its line, by line.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Problem)> {
+        self.0.iter()
+    }
+
     pub(crate) fn into_sorted(self) -> Vec<Problem> {
         self.0.into_values().collect()
     }

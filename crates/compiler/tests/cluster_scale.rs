@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sluice_compiler::{CompileCache, DesiredState, NodeContext, compile};
+use sluice_compiler::{Changes, CompileCache, DesiredState, NodeContext, ObjectKey, compile};
 use sluice_fake_apiserver::cluster::{self, LOCAL_NODE, Shape};
 use sluice_store::{LocalEndpoint, Snapshot};
 
@@ -183,4 +183,159 @@ fn compile_cost_of_the_simulated_cluster() {
     let (state, took) = timed(|| cache.compile(&snapshot, &node));
     println!("one NetworkPolicy changed: {took} ({:?})", cache.stats());
     check("network policy", &state, &snapshot, &node);
+}
+
+/// A ClusterIP Service beyond the generated ones, `bulk/bulk-{i}`, with `ports` ports
+/// and its slice of `backends` ready endpoints.
+fn bulk_service(i: usize, ports: usize, version: u64) -> k8s_openapi::api::core::v1::Service {
+    let vip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 97, 0, 0)) + i as u32);
+    let ports: Vec<Value> = (0..ports)
+        .map(|p| json!({"name": format!("p{p}"), "port": 80 + p, "protocol": "TCP"}))
+        .collect();
+    stamped(
+        json!({
+            "metadata": {"name": format!("bulk-{i}"), "namespace": "bulk"},
+            "spec": {"clusterIP": vip.to_string(), "ports": ports},
+        }),
+        version,
+    )
+}
+
+fn bulk_slice(
+    i: usize,
+    backends: usize,
+    version: u64,
+) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let endpoints: Vec<Value> = (0..backends)
+        .map(|b| {
+            let address = std::net::Ipv4Addr::from(
+                u32::from(std::net::Ipv4Addr::new(10, 200, 0, 0)) + (i * 4 + b) as u32,
+            );
+            json!({"addresses": [address.to_string()], "conditions": {"ready": true}})
+        })
+        .collect();
+    stamped(
+        json!({
+            "metadata": {"name": format!("bulk-{i}-x"), "namespace": "bulk",
+                         "labels": {"kubernetes.io/service-name": format!("bulk-{i}")}},
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "p0", "port": 8080, "protocol": "TCP"},
+                      {"name": "p1", "port": 8081, "protocol": "TCP"}],
+        }),
+        version,
+    )
+}
+
+fn key(
+    object: &impl k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+) -> ObjectKey {
+    let meta = object.metadata();
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// One change of each kind at 100,000 Services (GKE's limits for the rest: 7,500 Nodes,
+/// 200,000 Pods, 1,000 NetworkPolicies), compiled in place from a change set
+/// (`CompileCache::update`), with the entries each changes; each result is checked
+/// against a full compile. `SLUICE_CLUSTER_SCALE` scales the rest (default 1).
+#[test]
+#[ignore = "a measurement: run with --release -- --ignored --nocapture"]
+fn one_change_of_each_kind_at_100k_services() {
+    const SERVICES: usize = 100_000;
+    let factor = std::env::var("SLUICE_CLUSTER_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let shape = Shape::scaled(factor);
+    let (mut snapshot, node) = snapshot(&shape);
+    for i in 0..SERVICES - shape.services {
+        snapshot.services.push(bulk_service(i, 1, 1));
+        snapshot.endpoint_slices.push(bulk_slice(i, 2, 1));
+    }
+    println!(
+        "{} Services, {} EndpointSlices, {} Pods, {} Nodes, {} NetworkPolicies",
+        snapshot.services.len(),
+        snapshot.endpoint_slices.len(),
+        snapshot.pods.len(),
+        snapshot.nodes.len(),
+        snapshot.network_policies.len()
+    );
+    let mut cache = CompileCache::new();
+    let (_, took) = timed(|| cache.refresh(&snapshot, &node).services.len());
+    println!("first compile: {took}");
+    cache.take_delta();
+    let mut version = 2;
+    let step = |what: &str, snapshot: &Snapshot, changes: Changes, cache: &mut CompileCache| {
+        let (_, took) = timed(|| cache.update(snapshot, changes, &node).services.len());
+        let delta = cache.take_delta();
+        println!(
+            "one {what} change: {took}, {} entries touched ({:?})",
+            delta.len(),
+            cache.stats()
+        );
+        check(what, cache.state(), snapshot, &node);
+    };
+
+    let service = bulk_service(500, 2, version);
+    version += 1;
+    let at = shape.services + 500;
+    snapshot.services[at] = service.clone();
+    let mut changes = Changes::default();
+    changes.services.insert(key(&service), Some(service));
+    step("Service", &snapshot, changes, &mut cache);
+
+    let slice = bulk_slice(700, 3, version);
+    version += 1;
+    let at = snapshot
+        .endpoint_slices
+        .iter()
+        .position(|s| s.metadata.name.as_deref() == Some("bulk-700-x"))
+        .unwrap_or_else(|| panic!("no slice bulk-700-x"));
+    snapshot.endpoint_slices[at] = slice.clone();
+    let mut changes = Changes::default();
+    changes.endpoint_slices.insert(key(&slice), Some(slice));
+    step("EndpointSlice", &snapshot, changes, &mut cache);
+
+    let workloads = Changes {
+        workloads: true,
+        ..Changes::default()
+    };
+    let p = shape.pods - 1;
+    snapshot.pods[p] = stamped(cluster::pod(&shape, p, 1), version);
+    version += 1;
+    step("Pod", &snapshot, workloads.clone(), &mut cache);
+
+    let n = shape.nodes - 1;
+    let mut object = cluster::node(n);
+    object["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("europe-west1-x");
+    snapshot.nodes[n] = stamped(object, version);
+    version += 1;
+    step("Node", &snapshot, workloads.clone(), &mut cache);
+
+    let mut object = cluster::namespace(&shape, 1);
+    object["metadata"]["labels"]["team"] = json!("team-x");
+    snapshot.namespaces[1] = stamped(object, version);
+    version += 1;
+    step("Namespace", &snapshot, workloads.clone(), &mut cache);
+
+    let mut policy = cluster::network_policy(&shape, 0);
+    policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"] = json!("app-3");
+    snapshot.network_policies[0] = stamped(policy, version);
+    version += 1;
+    step("NetworkPolicy", &snapshot, workloads, &mut cache);
+
+    // The same Service change found by comparing a whole snapshot with the index, once
+    // the index has recorded the workloads (a change set saying they changed drops that
+    // record).
+    cache.refresh(&snapshot, &node);
+    cache.take_delta();
+    snapshot.services[shape.services + 900] = bulk_service(900, 2, version);
+    let (_, took) = timed(|| cache.refresh(&snapshot, &node).services.len());
+    println!(
+        "one Service change found in a whole snapshot: {took}, {} entries touched",
+        cache.take_delta().len()
+    );
 }

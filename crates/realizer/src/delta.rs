@@ -10,7 +10,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
 };
 
-use sluice_compiler::EndpointPolicy;
+use sluice_compiler::{Delta, EndpointPolicy};
 
 use crate::{
     Backing, Desired, MapDiff, Plan, PolicyTable, RealizerError, Tables, diff_policies,
@@ -52,6 +52,28 @@ pub fn diff_sorted<K: Ord + Clone, V: PartialEq + Clone>(
                     diff.upserts.push((k.clone(), v.clone(), Some(old.clone())));
                 }
             }
+        }
+    }
+    diff
+}
+
+/// The difference, over the keys `before` lists with their old values, from those values
+/// to `desired`: [`diff_sorted`] of only the entries that may have changed.
+pub fn diff_touched<K: Ord + Clone, V: PartialEq + Clone>(
+    desired: &BTreeMap<K, V>,
+    before: &BTreeMap<K, Option<V>>,
+) -> MapDiff<K, V> {
+    let mut diff = MapDiff {
+        upserts: Vec::new(),
+        removes: Vec::new(),
+    };
+    for (k, old) in before {
+        match (desired.get(k), old) {
+            (Some(v), old) if Some(v) != old.as_ref() => {
+                diff.upserts.push((k.clone(), v.clone(), old.clone()))
+            }
+            (None, Some(old)) => diff.removes.push((k.clone(), old.clone())),
+            _ => {}
         }
     }
     diff
@@ -118,6 +140,52 @@ impl<B: Backing> Tables<B> {
             endpoints: diff_sorted(desired.endpoints, realized.endpoints),
             ipcache: diff_sorted(desired.ipcache, realized.ipcache),
             source_ranges: diff_sorted(desired.source_ranges, realized.source_ranges),
+            policy: diff_policies(&changed, desired.policy_capacity, installed),
+            maglev: diff_tables(&maglev_changed, maglev_held),
+        })
+    }
+
+    /// The plan that takes maps holding the state before `delta` (the compiler's record
+    /// of the entries it changed, with their values before) to `desired`, in time
+    /// proportional to the change: the same plan as [`Self::plan_delta`] from that state,
+    /// for policy maps of one capacity.
+    pub fn plan_changes(&self, delta: &Delta, desired: Desired<'_>) -> Result<Plan, RealizerError> {
+        let mut changed = BTreeMap::new();
+        let mut installed = BTreeMap::new();
+        for (&ifindex, have) in &delta.policies {
+            let want = desired.policies.get(&ifindex);
+            if same_rows(want, have.as_ref()) {
+                continue;
+            }
+            if let Some(policy) = want {
+                changed.insert(ifindex, policy.clone());
+            }
+            if have.is_some()
+                && let Some(current) = self.policy.read(ifindex)?
+            {
+                installed.insert(ifindex, current);
+            }
+        }
+        let mut maglev_changed = BTreeMap::new();
+        let mut maglev_held = BTreeMap::new();
+        for (key, old) in &delta.maglev {
+            let new = desired.maglev.get(key);
+            if new == old.as_ref() {
+                continue;
+            }
+            if let Some(table) = new {
+                maglev_changed.insert(*key, table.clone());
+            }
+            if let Some(table) = old {
+                maglev_held.insert(*key, pack(table));
+            }
+        }
+        Ok(Plan {
+            services: diff_touched(desired.services, &delta.services),
+            backends: diff_touched(desired.backends, &delta.backends),
+            endpoints: diff_touched(desired.endpoints, &delta.endpoints),
+            ipcache: diff_touched(desired.ipcache, &delta.ipcache),
+            source_ranges: diff_touched(desired.source_ranges, &delta.source_ranges),
             policy: diff_policies(&changed, desired.policy_capacity, installed),
             maglev: diff_tables(&maglev_changed, maglev_held),
         })

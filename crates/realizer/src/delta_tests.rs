@@ -137,18 +137,56 @@ fn assert_holds(t: &Tables<Memory>, s: &DesiredState, capacity: u32, what: &str)
     assert_eq!(rows, want, "{what}: policy rows");
 }
 
+/// The writes of `t`, kept for the next comparison.
+fn delta_writes(t: &mut Tables<Memory>) -> Writes {
+    let writes = take_writes(t);
+    t.services.log.clone_from(&writes.0);
+    t.backends.log.clone_from(&writes.1);
+    t.endpoints.log.clone_from(&writes.2);
+    t.ipcache.log.clone_from(&writes.3);
+    t.source_ranges.log.clone_from(&writes.4);
+    t.policy.log.clone_from(&writes.5);
+    t.maglev.log.clone_from(&writes.6);
+    writes
+}
+
+/// A delta naming every key of `before` and `after`, with its value in `before`.
+fn touched(before: &DesiredState, after: &DesiredState) -> sluice_compiler::Delta {
+    fn all<K: Ord + Clone, V: Clone>(
+        before: &BTreeMap<K, V>,
+        after: &BTreeMap<K, V>,
+    ) -> BTreeMap<K, Option<V>> {
+        before
+            .keys()
+            .chain(after.keys())
+            .map(|k| (k.clone(), before.get(k).cloned()))
+            .collect()
+    }
+    sluice_compiler::Delta {
+        services: all(&before.services, &after.services),
+        backends: all(&before.backends, &after.backends),
+        maglev: all(&before.maglev, &after.maglev),
+        source_ranges: all(&before.source_ranges, &after.source_ranges),
+        endpoints: all(&before.endpoints, &after.endpoints),
+        ipcache: all(&before.ipcache, &after.ipcache),
+        policies: all(&before.policies, &after.policies),
+    }
+}
+
 #[test]
 fn any_sequence_of_delta_passes_equals_the_full_passes() {
     let mut changed = 0;
     for seed in 0..300 {
         let mut rng = fastrand::Rng::with_seed(seed);
-        let (mut full, mut delta) = (tables(), tables());
+        let (mut full, mut delta, mut changes) = (tables(), tables(), tables());
         let mut capacity = 16;
         let mut before = state(&mut rng);
         full.realize(Desired::of(&before, capacity)).unwrap();
         delta.realize(Desired::of(&before, capacity)).unwrap();
+        changes.realize(Desired::of(&before, capacity)).unwrap();
         take_writes(&mut full);
         take_writes(&mut delta);
+        take_writes(&mut changes);
         for step in 0..20 {
             let what = format!("seed {seed}, step {step}");
             // Often a small change of the state before, sometimes a new one.
@@ -177,6 +215,7 @@ fn any_sequence_of_delta_passes_equals_the_full_passes() {
                 .map_or(capacity, |p| p.capacity);
             count_packets(&mut full);
             count_packets(&mut delta);
+            count_packets(&mut changes);
             full.realize(Desired::of(&next, capacity)).unwrap();
             let plan = delta
                 .plan_delta(
@@ -186,12 +225,27 @@ fn any_sequence_of_delta_passes_equals_the_full_passes() {
                 .unwrap();
             delta.apply(&plan).unwrap();
             assert_holds(&delta, &next, capacity, &what);
-            assert_eq!(
-                take_writes(&mut delta),
-                take_writes(&mut full),
-                "{what}: writes"
-            );
+            let writes = take_writes(&mut full);
+            assert_eq!(delta_writes(&mut delta), writes, "{what}: writes");
             assert_eq!(delta.policy.maps, full.policy.maps, "{what}: counters");
+            // The compiler's record of what it touched: every key of either state, so
+            // entries touched and unchanged are among them.
+            if capacity == previous_capacity {
+                let plan = changes
+                    .plan_changes(&touched(&before, &next), Desired::of(&next, capacity))
+                    .unwrap();
+                changes.apply(&plan).unwrap();
+                assert_eq!(
+                    take_writes(&mut changes),
+                    take_writes(&mut delta),
+                    "{what}: writes of the change set"
+                );
+            } else {
+                changes.realize(Desired::of(&next, capacity)).unwrap();
+                take_writes(&mut changes);
+                take_writes(&mut delta);
+            }
+            assert_eq!(changes.policy.maps, full.policy.maps, "{what}: counters");
             changed += usize::from(!plan.is_empty());
             std::mem::swap(&mut before, &mut next);
         }

@@ -23,7 +23,7 @@ mod tables;
 
 use std::{collections::BTreeMap, fmt::Display};
 
-pub use delta::diff_sorted;
+pub use delta::{diff_sorted, diff_touched};
 pub use maps::{Cursor, Ipcache, KernelMap, Lpm, LpmKey, MemoryMap, Named, write_stamp};
 pub use policy::{
     InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyLookup, PolicyPlan,

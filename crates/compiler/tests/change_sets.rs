@@ -1,0 +1,266 @@
+//! The change-set path of the incremental compile against the full one: random sequences
+//! of change sets over every kind, as a source reports them (`CompileCache::update`).
+
+use serde_json::{Value, json};
+use sluice_compiler::{
+    Changes, CompileCache, Delta, DesiredState, NodeContext, ObjectKey, compile,
+};
+use sluice_store::Snapshot;
+
+mod generate;
+
+use generate::*;
+
+/// The objects of a cluster as an API server holds them: one per kind, namespace and name.
+#[derive(Default)]
+struct Objects {
+    services: std::collections::BTreeMap<ObjectKey, Value>,
+    slices: std::collections::BTreeMap<ObjectKey, Value>,
+}
+
+fn key_of(object: &Value) -> ObjectKey {
+    let meta = &object["metadata"];
+    (
+        meta["namespace"].as_str().unwrap_or("default").to_string(),
+        meta["name"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// One random change as a source reports it: the snapshot's workload part changes in
+/// place, Services and slices are written to `objects` and listed in the change set.
+fn change_set(
+    rng: &mut fastrand::Rng,
+    objects: &mut Objects,
+    snapshot: &mut Snapshot,
+    node: &mut NodeContext,
+) -> (&'static str, Changes) {
+    let mut changes = Changes::default();
+    let what = match rng.u8(..10) {
+        0..=2 => {
+            let (key, object) = if rng.u8(..4) == 0 && !objects.services.is_empty() {
+                let at = rng.usize(..objects.services.len());
+                let key = objects.services.keys().nth(at).cloned().unwrap_or_default();
+                objects.services.remove(&key);
+                (key, None)
+            } else {
+                let object = service(rng);
+                let key = key_of(&object);
+                objects.services.insert(key.clone(), object.clone());
+                (key, Some(from_json(object)))
+            };
+            changes.services.insert(key, object);
+            "service"
+        }
+        3..=5 => {
+            let (key, object) = if rng.u8(..4) == 0 && !objects.slices.is_empty() {
+                let at = rng.usize(..objects.slices.len());
+                let key = objects.slices.keys().nth(at).cloned().unwrap_or_default();
+                objects.slices.remove(&key);
+                (key, None)
+            } else {
+                let serial = rng.usize(..8);
+                let object = slice(rng, serial);
+                let key = key_of(&object);
+                objects.slices.insert(key.clone(), object.clone());
+                (key, Some(from_json(object)))
+            };
+            changes.endpoint_slices.insert(key, object);
+            "endpoint slice"
+        }
+        6 => {
+            // Pods keyed by name: p0..p3, each label change may move it to another identity.
+            let i = rng.usize(..4);
+            let name = format!("p{i}");
+            snapshot
+                .pods
+                .retain(|p| p.metadata.name.as_deref() != Some(name.as_str()));
+            if rng.u8(..4) != 0 {
+                snapshot.pods.push(from_json(pod(rng, i)));
+            }
+            changes.workloads = true;
+            "pod"
+        }
+        7 => {
+            let i = rng.usize(..3);
+            let name = format!("np{i}");
+            snapshot
+                .network_policies
+                .retain(|p| p.metadata.name.as_deref() != Some(name.as_str()));
+            if rng.bool() {
+                snapshot.network_policies.push(from_json(policy(rng, i)));
+            }
+            changes.workloads = true;
+            "network policy"
+        }
+        8 => {
+            let at = rng.usize(..snapshot.nodes.len());
+            let (name, address, cidr) = [
+                (NODE, "172.16.0.1", "10.0.1.0/24"),
+                ("node-b", "172.16.0.2", "10.0.2.0/24"),
+            ][at];
+            snapshot.nodes[at] = from_json(node_object(rng, name, address, cidr));
+            changes.workloads = true;
+            "node"
+        }
+        _ => match rng.u8(..3) {
+            0 => {
+                let at = rng.usize(..NAMESPACES.len());
+                snapshot.namespaces[at] = from_json(json!({"metadata": {
+                    "name": NAMESPACES[at],
+                    "labels": {"team": pick(rng, &["x", "y"])},
+                }}));
+                changes.workloads = true;
+                "namespace"
+            }
+            1 => {
+                churn(rng, &mut snapshot.endpoints, |rng| endpoint(rng.usize(..5)));
+                changes.workloads = true;
+                "local endpoint"
+            }
+            _ => {
+                node.balancing.algorithm = *pick(rng, &sluice_compiler::LbAlgorithm::ALL);
+                "node balancing"
+            }
+        },
+    };
+    (what, changes)
+}
+
+/// Checks that `delta` lists every entry that differs between `before` and `after`, each
+/// with its value in `before`.
+fn assert_delta(delta: &Delta, before: &DesiredState, after: &DesiredState, what: &str) {
+    fn check<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+        map: &str,
+        delta: &std::collections::BTreeMap<K, Option<V>>,
+        before: &std::collections::BTreeMap<K, V>,
+        after: &std::collections::BTreeMap<K, V>,
+        what: &str,
+    ) {
+        for (k, was) in delta {
+            assert_eq!(
+                was.as_ref(),
+                before.get(k),
+                "{what}: {map} {k:?}: value before"
+            );
+        }
+        for k in before.keys().chain(after.keys()) {
+            if before.get(k) != after.get(k) {
+                assert!(
+                    delta.contains_key(k),
+                    "{what}: {map} {k:?} changed, not in the delta"
+                );
+            }
+        }
+    }
+    check(
+        "services",
+        &delta.services,
+        &before.services,
+        &after.services,
+        what,
+    );
+    check(
+        "backends",
+        &delta.backends,
+        &before.backends,
+        &after.backends,
+        what,
+    );
+    check("maglev", &delta.maglev, &before.maglev, &after.maglev, what);
+    check(
+        "source ranges",
+        &delta.source_ranges,
+        &before.source_ranges,
+        &after.source_ranges,
+        what,
+    );
+    check(
+        "endpoints",
+        &delta.endpoints,
+        &before.endpoints,
+        &after.endpoints,
+        what,
+    );
+    check(
+        "ipcache",
+        &delta.ipcache,
+        &before.ipcache,
+        &after.ipcache,
+        what,
+    );
+    check(
+        "policies",
+        &delta.policies,
+        &before.policies,
+        &after.policies,
+        what,
+    );
+}
+
+/// Any sequence of change sets over every kind (Services and slices added, changed and
+/// deleted; Pods whose labels move them between identities; NetworkPolicies added and
+/// removed; Nodes, Namespaces, local endpoints, the node's balancing) gives, after every
+/// step, exactly the full compile's output, and a delta that names every entry changed.
+#[test]
+fn any_sequence_of_change_sets_equals_the_full_compile() {
+    let (mut contested, mut touched) = (0, 0);
+    for seed in 0..300 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let (mut snapshot, mut node) = cluster(&mut rng);
+        let mut objects = Objects::default();
+        // The first change set holds every Service and slice.
+        let mut changes = Changes::default();
+        for service in std::mem::take(&mut snapshot.services) {
+            let value = serde_json::to_value(&service).unwrap_or_default();
+            objects.services.insert(key_of(&value), value);
+        }
+        for slice in std::mem::take(&mut snapshot.endpoint_slices) {
+            let value = serde_json::to_value(&slice).unwrap_or_default();
+            objects.slices.insert(key_of(&value), value);
+        }
+        for (key, value) in &objects.services {
+            changes
+                .services
+                .insert(key.clone(), Some(from_json(value.clone())));
+        }
+        for (key, value) in &objects.slices {
+            changes
+                .endpoint_slices
+                .insert(key.clone(), Some(from_json(value.clone())));
+        }
+        let mut cache = CompileCache::new();
+        let mut before = DesiredState::default();
+        for step in 0..30 {
+            let what = if step == 0 {
+                "first compile"
+            } else {
+                let (what, next) = change_set(&mut rng, &mut objects, &mut snapshot, &mut node);
+                changes = next;
+                what
+            };
+            let what = format!("seed {seed}, step {step} ({what})");
+            let mut whole = Snapshot {
+                services: objects.services.values().cloned().map(from_json).collect(),
+                endpoint_slices: objects.slices.values().cloned().map(from_json).collect(),
+                ..snapshot.clone()
+            };
+            let incremental = cache
+                .update(&whole, std::mem::take(&mut changes), &node)
+                .clone();
+            whole.revision += 1;
+            let full = compile(&whole, &node);
+            assert!(
+                incremental == full,
+                "{what}: incremental differs from full in {:?}",
+                differing(&incremental, &full)
+            );
+            let delta = cache.take_delta();
+            assert_delta(&delta, &before, &full, &what);
+            touched += delta.len();
+            contested += cache.stats().services_contested;
+            before = full;
+        }
+    }
+    println!("300 cases x 30 steps: {touched} entries touched, {contested} Services contested");
+    assert!(contested > 0 && touched > 0);
+}
