@@ -91,6 +91,8 @@ fn same_rows(a: Option<&EndpointPolicy>, b: Option<&EndpointPolicy>) -> bool {
 impl<B: Backing> Tables<B> {
     /// The plan that takes maps holding exactly `realized` to `desired`. Only the policy
     /// maps of endpoints whose rows change are read, for their counters to carry over.
+    /// The agent plans from the compiler's delta instead ([`Self::plan_changes`]); this
+    /// whole-state diff is the reference the tests hold that plan to.
     pub fn plan_delta(
         &self,
         realized: Desired<'_>,
