@@ -239,7 +239,9 @@ struct flow4_entry {
 	__u8 dmac[6];      /* the destination pod's MAC */
 	__u8 smac[6];      /* its veth's MAC, the sender as the node would write it */
 	__u8 tcp_flags;    /* TCP flags the slow path accounted to both ends' entries */
-	__u8 pad[7];
+	__u8 pad;
+	__u16 mtu;         /* the destination veth's MTU when decided */
+	__u8 pad2[4];
 };
 
 /* How long a decision holds: past it the slow path decides again, which also refreshes

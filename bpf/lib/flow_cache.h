@@ -111,18 +111,23 @@ static __always_inline struct flow4_stats *flow_stats(void)
 	return bpf_map_lookup_elem(&flow4_stats, &zero);
 }
 
+/* Whether @skb fits the destination veth's MTU as @entry recorded it, as bpf_check_mtu
+ * judges without BPF_MTU_CHK_SEGS: a GSO packet is segmented on the way. The stack
+ * answers a larger one with ICMP. A changed MTU holds from the next decision on. */
+static __always_inline bool flow_fits(struct __sk_buff *skb, const struct flow4_entry *entry)
+{
+	return skb->len <= (__u32)entry->mtu + ETH_HLEN || skb->gso_size != 0;
+}
+
 /* Whether @entry still decides @pkt: made in this generation, young enough, with every
- * TCP flag of @pkt already accounted by the slow path, and @skb not larger than the
- * destination veth's MTU (the stack answers that one with ICMP). */
+ * TCP flag of @pkt already accounted by the slow path, and @skb within the destination
+ * veth's MTU. */
 static __always_inline bool flow_usable(struct __sk_buff *skb, const struct flow4_entry *entry,
 					const struct pkt4 *pkt, __u64 now)
 {
-	__u32 mtu_len = 0;
-
 	return entry->generation == flow_generation_now() && now >= entry->decided_ns &&
 	       now - entry->decided_ns < FLOW4_DECISION_NS &&
-	       (pkt->tcp_flags & ~entry->tcp_flags) == 0 &&
-	       bpf_check_mtu(skb, entry->ifindex, &mtu_len, 0, 0) == BPF_MTU_CHK_RET_SUCCESS;
+	       (pkt->tcp_flags & ~entry->tcp_flags) == 0 && flow_fits(skb, entry);
 }
 
 /* Ones' complement arithmetic on raw (memory order) words, as the kernel's csum_add:
@@ -249,9 +254,14 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 	struct l4_ports *ports = (void *)(ip + 1);
 	struct flow4_stats *stats;
 	struct flow4_entry entry;
+	__u32 mtu = 0;
 
 	if (!note || !note->key.ifindex || !flow_settled(note->source_flags) ||
 	    !flow_settled(note->dest_flags) || !note->ifindex || (void *)(ports + 1) > data_end)
+		return false;
+	/* The cached packets compare their length with it (flow_fits): the helper is a
+	 * device lookup by index, once per decision instead of once per packet. */
+	if (bpf_check_mtu(skb, note->ifindex, &mtu, 0, 0) < 0 || mtu > 0xffff)
 		return false;
 	entry = (struct flow4_entry){
 		.decided_ns = ct_now(),
@@ -262,6 +272,7 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 		.ifindex = note->ifindex,
 		.generation = flow_generation_now(),
 		.tcp_flags = note->tcp_flags,
+		.mtu = mtu,
 	};
 	__builtin_memcpy(entry.dmac, note->macs.dest, ETH_ALEN);
 	__builtin_memcpy(entry.smac, note->macs.source, ETH_ALEN);

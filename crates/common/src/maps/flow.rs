@@ -29,7 +29,10 @@ pub struct Flow4Entry {
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
     pub tcp_flags: u8,
-    pub pad: [u8; 7],
+    pub pad: u8,
+    /// The destination veth's MTU when decided.
+    pub mtu: u16,
+    pub pad2: [u8; 4],
 }
 
 /// `struct flow4_stats`: what the flow cache did (`flow4_stats`, index 0, per CPU).
