@@ -229,7 +229,7 @@ struct flow4_key {
 };
 
 struct flow4_entry {
-	__u64 decided_ns;  /* ct_now() of the slow path that decided it */
+	__u64 decided_jiffies; /* the kernel's tick count when the slow path decided it */
 	__be32 saddr;      /* the packet as it enters the destination pod */
 	__be32 daddr;
 	__be16 sport;
@@ -244,10 +244,12 @@ struct flow4_entry {
 	__u8 pad2[4];
 };
 
-/* How long a decision holds: past it the slow path decides again, which also refreshes
- * the conntrack entries the cached packets did not touch (their last_seen, counters and
- * flags lag by at most this; every lifetime is whole seconds). */
-#define FLOW4_DECISION_NS 500000000ULL
+/* How long a decision holds, in kernel ticks: past it the slow path decides again, which
+ * also refreshes the conntrack entries the cached packets did not touch (their last_seen,
+ * counters and flags lag by at most this; every lifetime is whole seconds). Ticks, as
+ * reading them is one load where a clock is a helper call: 500 ms at HZ=100, 200 ms at
+ * the usual 250, 50 ms at 1000. */
+#define FLOW4_DECISION_JIFFIES 50
 
 /* What the flow cache did, per CPU (index 0 of `flow4_stats`). */
 struct flow4_stats {

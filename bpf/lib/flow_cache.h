@@ -12,7 +12,7 @@
  * ends accounted the packet to an established conntrack entry and host routing
  * delivered it (struct flow_note, flow.h). A decision holds while the realizer's
  * generation is the one it was made in (a changed service, backend, endpoint or ipcache
- * entry sends every flow through the slow path once) and for FLOW4_DECISION_NS, after
+ * entry sends every flow through the slow path once) and for FLOW4_DECISION_JIFFIES, after
  * which the slow path refreshes the conntrack entries the cached packets did not touch.
  *
  * The three entry points are global functions: the verifier checks each once, on its
@@ -121,12 +121,12 @@ static __always_inline bool flow_fits(struct __sk_buff *skb, const struct flow4_
 
 /* Whether @entry still decides @pkt: made in this generation, young enough, with every
  * TCP flag of @pkt already accounted by the slow path, and @skb within the destination
- * veth's MTU. */
+ * veth's MTU. @now is bpf_jiffies64(). */
 static __always_inline bool flow_usable(struct __sk_buff *skb, const struct flow4_entry *entry,
 					const struct pkt4 *pkt, __u64 now)
 {
-	return entry->generation == flow_generation_now() && now >= entry->decided_ns &&
-	       now - entry->decided_ns < FLOW4_DECISION_NS &&
+	return entry->generation == flow_generation_now() &&
+	       now - entry->decided_jiffies < FLOW4_DECISION_JIFFIES &&
 	       (pkt->tcp_flags & ~entry->tcp_flags) == 0 && flow_fits(skb, entry);
 }
 
@@ -217,7 +217,7 @@ __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 		return -1;
 	note->tcp_flags = pkt->tcp_flags;
 	entry = bpf_map_lookup_elem(&flow4, &note->key);
-	if (!entry || !flow_usable(skb, entry, pkt, ct_now()))
+	if (!entry || !flow_usable(skb, entry, pkt, bpf_jiffies64()))
 		return -1;
 	/* A failed write leaves a partly rewritten packet, which the slow path could not
 	 * judge again: dropped, as the slow path drops its own write errors. */
@@ -264,7 +264,7 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 	if (bpf_check_mtu(skb, note->ifindex, &mtu, 0, 0) < 0 || mtu > 0xffff)
 		return false;
 	entry = (struct flow4_entry){
-		.decided_ns = ct_now(),
+		.decided_jiffies = bpf_jiffies64(),
 		.saddr = ip->saddr,
 		.daddr = ip->daddr,
 		.sport = ports->source,

@@ -19,7 +19,8 @@ pub struct Flow4Key {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Flow4Entry {
-    pub decided_ns: u64,
+    /// The kernel's tick count (jiffies) when decided.
+    pub decided_jiffies: u64,
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,

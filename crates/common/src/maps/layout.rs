@@ -109,8 +109,19 @@ pub const LAYOUTS: &[StructLayout] = &[
         "flow4_entry",
         Flow4Entry,
         [
-            decided_ns, saddr, daddr, sport, dport, ifindex, generation, dmac, smac, tcp_flags, pad,
-            mtu, pad2
+            decided_jiffies,
+            saddr,
+            daddr,
+            sport,
+            dport,
+            ifindex,
+            generation,
+            dmac,
+            smac,
+            tcp_flags,
+            pad,
+            mtu,
+            pad2
         ]
     ),
     layout!("flow4_stats", Flow4Stats, [hits, decided]),
