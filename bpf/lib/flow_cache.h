@@ -150,12 +150,21 @@ static __always_inline __u16 flow_csum_fold(__u32 sum)
 	return (__u16)((sum & 0xffff) + (sum >> 16));
 }
 
+/* Half of @value in ones' complement arithmetic (modulo 0xffff, which is odd): the y
+ * with y + y = @value. */
+static __always_inline __u16 flow_csum_half(__u16 value)
+{
+	return (value >> 1) + (value & 1 ? 0x8000 : 0);
+}
+
 /* Rewrites @pkt's tuple in @skb to @entry's and writes the MACs, the TTL and the IP
- * checksum as forwarding would. The L4 checksum goes through the kernel, which alone
- * knows whether it is complete or a pseudo-header sum for offload: one update for the
- * addresses (pseudo-header) and one for the ports, where the slow path makes one per
- * field; the rest is written directly. Returns 0, or -1 when the packet cannot be
- * written. */
+ * checksum as forwarding would, all directly. The L4 checksum takes one helper call:
+ * only the kernel knows whether the field is complete (every change applies: the
+ * field moves by -A-P for an address change A and a port change P) or a pseudo-header
+ * sum for offload (only the addresses apply: +A). Writing -P/2 directly and then
+ * letting the helper apply A+P/2 as a pseudo-header change gives -P/2-(A+P/2) = -A-P
+ * to the one and -P/2+(A+P/2) = +A to the other, where the slow path makes one call
+ * per field. Returns 0, or -1 when the packet cannot be written. */
 static __always_inline int flow_rewrite(struct __sk_buff *skb, const struct pkt4 *pkt,
 					const struct flow4_entry *entry)
 {
@@ -163,27 +172,27 @@ static __always_inline int flow_rewrite(struct __sk_buff *skb, const struct pkt4
 					pkt->daddr, entry->daddr);
 	__u32 ports_from = (__u32)pkt->sport | (__u32)pkt->dport << 16;
 	__u32 ports_to = (__u32)entry->sport | (__u32)entry->dport << 16;
-	void *data, *data_end;
-	struct l4_ports *ports;
-	struct iphdr *ip;
+	__u16 half_ports = flow_csum_half(flow_csum_fold(flow_csum_replace(0, ports_from,
+									   ports_to)));
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	struct l4_ports *ports = (void *)(ip + 1);
+	__sum16 *l4_check = data + l4_csum_off(pkt);
+	bool l4_update;
 	__u32 check;
 
-	if ((pkt->saddr != entry->saddr || pkt->daddr != entry->daddr) &&
-	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), 0, addrs,
-				BPF_F_PSEUDO_HDR | l4_csum_flags(pkt)) < 0)
+	if ((void *)(ports + 1) > data_end || (void *)(l4_check + 1) > data_end)
 		return -1;
-	if (ports_from != ports_to &&
-	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), 0,
-				flow_csum_replace(0, ports_from, ports_to),
-				l4_csum_flags(pkt)) < 0)
-		return -1;
-	/* The helpers may have moved the data. */
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	ip = data + ETH_HLEN;
-	ports = (void *)(ip + 1);
-	if ((void *)(ports + 1) > data_end)
-		return -1;
+	/* A zero UDP checksum means none and stays zero, as the helper keeps it. */
+	l4_update = (pkt->saddr != entry->saddr || pkt->daddr != entry->daddr ||
+		     ports_from != ports_to) &&
+		    (pkt->proto != IPPROTO_UDP || *l4_check != 0);
+	if (l4_update) {
+		check = flow_csum_fold(flow_csum_add(*l4_check, (__u16)~half_ports));
+		/* Zero would read as no UDP checksum to the helper: 0xffff is the same sum. */
+		*l4_check = (__sum16)(check ? check : 0xffff);
+	}
 	__builtin_memcpy(data, entry->dmac, ETH_ALEN);
 	__builtin_memcpy(data + ETH_ALEN, entry->smac, ETH_ALEN);
 	ip->saddr = entry->saddr;
@@ -197,6 +206,10 @@ static __always_inline int flow_rewrite(struct __sk_buff *skb, const struct pkt4
 	check += bpf_htons(0x0100);
 	ip->check = (__sum16)(check + (check >= 0xffff));
 	ip->ttl -= 1;
+	if (l4_update &&
+	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), 0, flow_csum_add(addrs, half_ports),
+				BPF_F_PSEUDO_HDR | l4_csum_flags(pkt)) < 0)
+		return -1;
 	return 0;
 }
 
@@ -262,6 +275,12 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 	/* The cached packets compare their length with it (flow_fits): the helper is a
 	 * device lookup by index, once per decision instead of once per packet. */
 	if (bpf_check_mtu(skb, note->ifindex, &mtu, 0, 0) < 0 || mtu > 0xffff)
+		return false;
+	/* A packet the kernel received with a complete checksum (a NIC's, bridged into the
+	 * pod: forwarding and local sockets never send one) is left to the slow path:
+	 * flow_rewrite's single update would leave skb->csum off by half the ports' change,
+	 * which the receiver would take for a checksum fault. Its flow's packets all are. */
+	if (bpf_csum_update(skb, 0) >= 0)
 		return false;
 	entry = (struct flow4_entry){
 		.decided_jiffies = bpf_jiffies64(),

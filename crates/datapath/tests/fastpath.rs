@@ -252,6 +252,27 @@ fn established_flow_cost_in_place() {
     );
 }
 
+/// Both checksum kinds through the cache's single checksum update: with transmit
+/// checksum offload off in both pods their TCP segments carry a complete checksum
+/// (CHECKSUM_NONE) instead of the pseudo-header sum for offload (CHECKSUM_PARTIAL, the
+/// other tests); a wrong one would be dropped by the receiver and the transactions
+/// would stall.
+#[test]
+fn established_flow_through_the_cache_without_checksum_offload() {
+    let topo = Topology::new();
+    for pod in [&topo.client, &topo.backend] {
+        pod.ns().set_tx_checksum("eth0", false).unwrap();
+    }
+    let server = echo_server(&topo.backend, WEB);
+    let mut conn = connect(&topo).expect("connect");
+    let before = topo.maps.flow_stats().expect("flow4_stats").hits;
+    transactions(&mut conn, 1_000);
+    let hits = topo.maps.flow_stats().expect("flow4_stats").hits - before;
+    assert!(hits >= 1_900, "{hits} packets from the cache of 2,000");
+    drop(conn);
+    server.join().expect("server thread");
+}
+
 /// The cache is taken, and an established flow behaves through it as through the slow
 /// path: a policy changed to deny all (then deleted) leaves it running, as verdicts judge
 /// new connections only, while new connections follow the policy at once; its backend
