@@ -239,10 +239,18 @@ struct flow4_entry {
 	__u8 dmac[6];      /* the destination pod's MAC */
 	__u8 smac[6];      /* its veth's MAC, the sender as the node would write it */
 	__u8 tcp_flags;    /* TCP flags the slow path accounted to both ends' entries */
-	__u8 pad;
+	__u8 l4_csum;      /* FLOW4_L4_CSUM_*: what the L4 checksum field held when decided */
 	__u16 mtu;         /* the destination veth's MTU when decided */
-	__u8 pad2[4];
+	__u16 l4_csum_delta; /* what the rewrite adds to the field, as l4_csum says */
+	__u16 pad;
 };
+
+/* What a flow's L4 checksum field holds (flow_cache.h): none (a UDP zero), a complete
+ * checksum (every rewritten field changes it), or an offload's pseudo-header sum (only
+ * the addresses change it: the device sums the rest). */
+#define FLOW4_L4_CSUM_ABSENT 0
+#define FLOW4_L4_CSUM_FULL   1
+#define FLOW4_L4_CSUM_PSEUDO 2
 
 /* How long a decision holds, in kernel ticks: past it the slow path decides again, which
  * also refreshes the conntrack entries the cached packets did not touch (their last_seen,

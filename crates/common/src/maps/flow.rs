@@ -30,10 +30,13 @@ pub struct Flow4Entry {
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
     pub tcp_flags: u8,
-    pub pad: u8,
+    /// What the L4 checksum field held when decided (`FLOW4_L4_CSUM_*`).
+    pub l4_csum: u8,
     /// The destination veth's MTU when decided.
     pub mtu: u16,
-    pub pad2: [u8; 4],
+    /// What the rewrite adds to the L4 checksum field.
+    pub l4_csum_delta: u16,
+    pub pad: u16,
 }
 
 /// `struct flow4_stats`: what the flow cache did (`flow4_stats`, index 0, per CPU).

@@ -119,9 +119,10 @@ pub const LAYOUTS: &[StructLayout] = &[
             dmac,
             smac,
             tcp_flags,
-            pad,
+            l4_csum,
             mtu,
-            pad2
+            l4_csum_delta,
+            pad
         ]
     ),
     layout!("flow4_stats", Flow4Stats, [hits, decided]),
