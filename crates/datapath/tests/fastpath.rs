@@ -21,8 +21,8 @@ use std::{
 use aya::maps::lpm_trie::Key;
 use sluice_common::{
     ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, IDENTITY_ANY,
-    IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, Lb4BackendKey, Lb4Key, Lb4Service,
-    POLICY_EGRESS, POLICY_INGRESS, PolicyKey, SVC_FLAG_CLUSTER_IP, addr_be,
+    IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, Lb4BackendKey, Lb4Key,
+    Lb4Service, POLICY_EGRESS, POLICY_INGRESS, PolicyKey, SVC_FLAG_CLUSTER_IP, addr_be,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
