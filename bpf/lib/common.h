@@ -259,7 +259,7 @@ struct flow4_key {
 };
 
 struct flow4_entry {
-	__u64 decided_ns;  /* ct_now() of the slow path that decided it */
+	__u64 decided_jiffies; /* the kernel's tick count when the slow path decided it */
 	__be32 saddr;      /* the packet as it enters the destination pod */
 	__be32 daddr;
 	__be16 sport;
@@ -269,13 +269,25 @@ struct flow4_entry {
 	__u8 dmac[6];      /* the destination pod's MAC */
 	__u8 smac[6];      /* its veth's MAC, the sender as the node would write it */
 	__u8 tcp_flags;    /* TCP flags the slow path accounted to both ends' entries */
-	__u8 pad[7];
+	__u8 l4_csum;      /* FLOW4_L4_CSUM_*: what the L4 checksum field held when decided */
+	__u16 mtu;         /* the destination veth's MTU when decided */
+	__u16 l4_csum_delta; /* what the rewrite adds to the field, as l4_csum says */
+	__u16 pad;
 };
 
-/* How long a decision holds: past it the slow path decides again, which also refreshes
- * the conntrack entries the cached packets did not touch (their last_seen, counters and
- * flags lag by at most this; every lifetime is whole seconds). */
-#define FLOW4_DECISION_NS 500000000ULL
+/* What a flow's L4 checksum field holds (flow_cache.h): none (a UDP zero), a complete
+ * checksum (every rewritten field changes it), or an offload's pseudo-header sum (only
+ * the addresses change it: the device sums the rest). */
+#define FLOW4_L4_CSUM_ABSENT 0
+#define FLOW4_L4_CSUM_FULL   1
+#define FLOW4_L4_CSUM_PSEUDO 2
+
+/* How long a decision holds, in kernel ticks: past it the slow path decides again, which
+ * also refreshes the conntrack entries the cached packets did not touch (their last_seen,
+ * counters and flags lag by at most this; every lifetime is whole seconds). Ticks, as
+ * reading them is one load where a clock is a helper call: 500 ms at HZ=100, 200 ms at
+ * the usual 250, 50 ms at 1000. */
+#define FLOW4_DECISION_JIFFIES 50
 
 /* What the flow cache did, per CPU (index 0 of `flow4_stats`). */
 struct flow4_stats {

@@ -14,15 +14,15 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
 use aya::maps::lpm_trie::Key;
 use sluice_common::{
     ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, IDENTITY_ANY,
-    IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IpcacheEntry, Lb4BackendKey, Lb4Key, Lb4Service,
-    POLICY_EGRESS, POLICY_INGRESS, PolicyKey, SVC_FLAG_CLUSTER_IP, addr_be,
+    IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, Lb4BackendKey, Lb4Key,
+    Lb4Service, POLICY_EGRESS, POLICY_INGRESS, PolicyKey, SVC_FLAG_CLUSTER_IP, addr_be,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
@@ -250,6 +250,75 @@ fn established_flow_cost_in_place() {
         from_runs >= u64::from(2 * TRANSACTIONS),
         "{from_runs} runs of from_container"
     );
+}
+
+/// Both checksum kinds through the cache's single checksum update: with transmit
+/// checksum offload off in both pods their TCP segments carry a complete checksum
+/// (CHECKSUM_NONE) instead of the pseudo-header sum for offload (CHECKSUM_PARTIAL, the
+/// other tests); a wrong one would be dropped by the receiver and the transactions
+/// would stall.
+#[test]
+fn established_flow_through_the_cache_without_checksum_offload() {
+    let topo = Topology::new();
+    for pod in [&topo.client, &topo.backend] {
+        pod.ns().set_tx_checksum("eth0", false).unwrap();
+    }
+    let server = echo_server(&topo.backend, WEB);
+    let mut conn = connect(&topo).expect("connect");
+    let before = topo.maps.flow_stats().expect("flow4_stats").hits;
+    transactions(&mut conn, 1_000);
+    let hits = topo.maps.flow_stats().expect("flow4_stats").hits - before;
+    assert!(hits >= 1_900, "{hits} packets from the cache of 2,000");
+    drop(conn);
+    server.join().expect("server thread");
+}
+
+/// UDP request/response through the ClusterIP, with transmit checksum offload on (the
+/// field holds the pseudo-header sum) and off (a complete checksum): every datagram
+/// arrives intact, both directions from the cache once decided.
+#[test]
+fn established_udp_flow_through_the_cache() {
+    for offload in [true, false] {
+        let mut topo = Topology::new();
+        support::add_service(&mut topo.maps, VIP, IPPROTO_UDP, &[WEB]);
+        for pod in [&topo.client, &topo.backend] {
+            pod.ns().set_tx_checksum("eth0", offload).unwrap();
+        }
+        let (ready, is_ready) = std::sync::mpsc::channel();
+        let server = topo.backend.spawn(move || {
+            let socket = UdpSocket::bind(WEB).expect("bind");
+            socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+            ready.send(()).unwrap();
+            let mut buf = [0u8; 64];
+            // Echoes until the client falls silent.
+            while let Ok((len, from)) = socket.recv_from(&mut buf) {
+                socket.send_to(&buf[..len], from).expect("send_to");
+            }
+        });
+        is_ready.recv_timeout(TIMEOUT).expect("server ready");
+        let before = topo.maps.flow_stats().expect("flow4_stats").hits;
+        let echoed = topo.client.run(|| {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(VIP)?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            let mut buf = [0u8; 64];
+            for i in 0..1_000u32 {
+                // Long enough for the cache, which reads a TCP header's worth of L4 bytes.
+                let datagram = [i.to_be_bytes(); 8].concat();
+                socket.send(&datagram)?;
+                let len = socket.recv(&mut buf)?;
+                assert_eq!(&buf[..len], &datagram, "datagram {i}");
+            }
+            std::io::Result::Ok(())
+        });
+        echoed.unwrap_or_else(|err| panic!("offload {offload}: {err}"));
+        let hits = topo.maps.flow_stats().expect("flow4_stats").hits - before;
+        assert!(
+            hits >= 1_900,
+            "offload {offload}: {hits} datagrams from the cache of 2,000"
+        );
+        server.join().expect("server thread");
+    }
 }
 
 /// The cache is taken, and an established flow behaves through it as through the slow

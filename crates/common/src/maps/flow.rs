@@ -19,7 +19,8 @@ pub struct Flow4Key {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Flow4Entry {
-    pub decided_ns: u64,
+    /// The kernel's tick count (jiffies) when decided.
+    pub decided_jiffies: u64,
     pub saddr: u32,
     pub daddr: u32,
     pub sport: u16,
@@ -29,7 +30,13 @@ pub struct Flow4Entry {
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
     pub tcp_flags: u8,
-    pub pad: [u8; 7],
+    /// What the L4 checksum field held when decided (`FLOW4_L4_CSUM_*`).
+    pub l4_csum: u8,
+    /// The destination veth's MTU when decided.
+    pub mtu: u16,
+    /// What the rewrite adds to the L4 checksum field.
+    pub l4_csum_delta: u16,
+    pub pad: u16,
 }
 
 /// `struct flow4_stats`: what the flow cache did (`flow4_stats`, index 0, per CPU).

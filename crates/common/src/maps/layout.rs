@@ -109,7 +109,20 @@ pub const LAYOUTS: &[StructLayout] = &[
         "flow4_entry",
         Flow4Entry,
         [
-            decided_ns, saddr, daddr, sport, dport, ifindex, generation, dmac, smac, tcp_flags, pad
+            decided_jiffies,
+            saddr,
+            daddr,
+            sport,
+            dport,
+            ifindex,
+            generation,
+            dmac,
+            smac,
+            tcp_flags,
+            l4_csum,
+            mtu,
+            l4_csum_delta,
+            pad
         ]
     ),
     layout!("flow4_stats", Flow4Stats, [hits, decided]),
