@@ -272,7 +272,7 @@ static __always_inline int netdev_pass(struct __sk_buff *skb, const struct node_
 
 	if (cfg && cfg->node_address && pkt->daddr == cfg->node_address)
 		return TC_ACT_OK;
-	verdict = host_route_local(skb, IDENTITY_UNRESOLVED, NULL);
+	verdict = host_route_local(skb, IDENTITY_UNRESOLVED, NULL, NULL);
 	return verdict >= 0 ? verdict : TC_ACT_OK;
 }
 

@@ -52,8 +52,9 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 /* A packet to a service frontend: pick the backend (a pod is a client inside the
  * cluster: lb4_cluster_frontend), judge a new connection against the backend's address
  * and port, record it and DNAT it (plus SNAT to LOOPBACK_IPV4 when the pod reaches
- * itself). @note learns the flags of the entry the packet was accounted to. */
-static __always_inline int service_forward(struct __sk_buff *skb, const struct pkt4 *pkt,
+ * itself). @note learns the flags of the entry the packet was accounted to. When the
+ * packet goes on to the node (TC_ACT_OK), @pkt names its translated tuple. */
+static __always_inline int service_forward(struct __sk_buff *skb, struct pkt4 *pkt,
 					   const struct lb4_service *svc,
 					   const struct endpoint_info *ep, __u64 now,
 					   struct flow_note *note)
@@ -117,14 +118,21 @@ static __always_inline int service_forward(struct __sk_buff *skb, const struct p
 	    nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, saddr) < 0)
 		return verdict_drop_service(skb, pkt, DROP_WRITE_ERROR, trace.remote_identity,
 					    &backend);
-	return forward_egress(skb, pkt, backend.backend_address, ep);
+	reason = forward_egress(skb, pkt, backend.backend_address, ep);
+	pkt->saddr = saddr;
+	pkt->daddr = backend.backend_address;
+	pkt->dport = backend.backend_port;
+	return reason;
 }
 
 /* What leaves a pod: anti-spoofing, hairpin and NodePort replies, service translation,
  * egress policy and conntrack, then the forwarding decision. Returns the verdict;
  * TC_ACT_OK hands the packet to the node's stack. @note learns the flags of the
- * conntrack entry the packet was accounted to (the flow cache's condition). */
-static __always_inline int container_egress(struct __sk_buff *skb, struct flow_note *note)
+ * conntrack entry the packet was accounted to (the flow cache's condition). With
+ * TC_ACT_OK, *@tracked says whether @pkt names the packet's tuple as it now is (a
+ * connection's packet, translated if it was), so host routing need not parse it again. */
+static __always_inline int container_egress(struct __sk_buff *skb, struct flow_note *note,
+					    struct pkt4 *pkt, bool *tracked)
 {
 	__u32 ifindex = skb->ifindex;
 	struct endpoint_info *ep;
@@ -134,20 +142,19 @@ static __always_inline int container_egress(struct __sk_buff *skb, struct flow_n
 	struct ct4_entry *entry;
 	enum ct_state state;
 	struct ct4_key key;
-	struct pkt4 pkt;
 	__u64 now;
 	int reason;
 
-	parsed = parse_ipv4(skb, &pkt);
+	parsed = parse_ipv4(skb, pkt);
 	switch (parsed) {
 	case PARSE_ARP:
 		return verdict_pass(skb, METRIC_DIR_EGRESS);
 	case PARSE_UNSUPPORTED_L3:
-		return verdict_drop(skb, &pkt, DROP_UNKNOWN_L3, METRIC_DIR_EGRESS);
+		return verdict_drop(skb, pkt, DROP_UNKNOWN_L3, METRIC_DIR_EGRESS);
 	case PARSE_INVALID:
-		return verdict_drop(skb, &pkt, DROP_INVALID, METRIC_DIR_EGRESS);
+		return verdict_drop(skb, pkt, DROP_INVALID, METRIC_DIR_EGRESS);
 	case PARSE_FRAG_NOT_FOUND:
-		return verdict_drop(skb, &pkt, DROP_FRAG_NOT_FOUND, METRIC_DIR_EGRESS);
+		return verdict_drop(skb, pkt, DROP_FRAG_NOT_FOUND, METRIC_DIR_EGRESS);
 	case PARSE_IPV4:
 	case PARSE_L4:
 		break;
@@ -155,67 +162,71 @@ static __always_inline int container_egress(struct __sk_buff *skb, struct flow_n
 
 	/* A pod may only send from its own address (an unknown interface is not checked). */
 	ep = bpf_map_lookup_elem(&endpoints, &ifindex);
-	if (ep && pkt.saddr != ep->ipv4)
-		return verdict_drop(skb, &pkt, DROP_INVALID_SOURCE, METRIC_DIR_EGRESS);
+	if (ep && pkt->saddr != ep->ipv4)
+		return verdict_drop(skb, pkt, DROP_INVALID_SOURCE, METRIC_DIR_EGRESS);
 	if (parsed == PARSE_IPV4) {
 		/* An error about a connection from outside the node goes back rev-DNATed. */
-		reason = nodeport_icmp_error_local(skb, &pkt);
+		reason = nodeport_icmp_error_local(skb, pkt);
 		if (reason >= 0)
 			return reason;
-		return forward_egress(skb, &pkt, pkt.daddr, ep);
+		return forward_egress(skb, pkt, pkt->daddr, ep);
 	}
 	now = ct_now();
 
 	/* Only a hairpin reply goes to LOOPBACK_IPV4: other packets skip the lookup. */
-	entry = pkt.daddr == LOOPBACK_IPV4 ? ct_lookup(&pkt, CT_EGRESS, true) : NULL;
+	entry = pkt->daddr == LOOPBACK_IPV4 ? ct_lookup(pkt, CT_EGRESS, true) : NULL;
 	if (entry && (entry->flags & CT_FLAG_LOOPBACK)) {
-		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
-			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
+		if (ct_account(entry, pkt, CT_FLAG_SEEN_REPLY, now))
+			event_packet(skb, pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
-		return hairpin_reply(skb, &pkt, entry);
+		return hairpin_reply(skb, pkt, entry);
 	}
 
-	entry = ct_lookup(&pkt, CT_INGRESS, true);
+	entry = ct_lookup(pkt, CT_INGRESS, true);
 	if (entry) {
-		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
-			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
+		if (ct_account(entry, pkt, CT_FLAG_SEEN_REPLY, now))
+			event_packet(skb, pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
 		note->source_flags = entry->flags;
 		/* A reply to a client outside the node that reached this pod through an
 		 * external frontend: rev-DNATed and sent straight back toward the client.
 		 * The flag spares every other reply the CT_NODEPORT lookup. */
 		if (entry->flags & CT_FLAG_NODEPORT) {
-			reason = nodeport_reply_local(skb, &pkt, now);
+			reason = nodeport_reply_local(skb, pkt, now);
 			if (reason >= 0)
 				return reason;
 		}
-		return forward_egress(skb, &pkt, pkt.daddr, ep);
+		*tracked = true;
+		return forward_egress(skb, pkt, pkt->daddr, ep);
 	}
 
-	if (lb4_balanced(pkt.proto)) {
-		svc = lb4_lookup(pkt.daddr, pkt.dport, pkt.proto, 0);
-		if (svc && lb4_source_allowed(svc, pkt.daddr, pkt.dport, pkt.proto, pkt.saddr))
-			return service_forward(skb, &pkt, svc, ep, now, note);
+	if (lb4_balanced(pkt->proto)) {
+		svc = lb4_lookup(pkt->daddr, pkt->dport, pkt->proto, 0);
+		if (svc && lb4_source_allowed(svc, pkt->daddr, pkt->dport, pkt->proto, pkt->saddr)) {
+			*tracked = true;
+			return service_forward(skb, pkt, svc, ep, now, note);
+		}
 		/* One drop for both: each inlined copy costs the event code again. */
 		reason = svc ? DROP_NOT_IN_SRC_RANGE :
-		       lb4_vip_known(pkt.daddr) ? DROP_SERVICE_PORT_UNKNOWN : 0;
+		       lb4_vip_known(pkt->daddr) ? DROP_SERVICE_PORT_UNKNOWN : 0;
 		if (reason)
-			return verdict_drop(skb, &pkt, reason, METRIC_DIR_EGRESS);
+			return verdict_drop(skb, pkt, reason, METRIC_DIR_EGRESS);
 	}
 
 	/* A new or ongoing connection to a non-service destination. */
-	ct_key_init(&key, pkt.saddr, pkt.daddr, pkt.sport, pkt.dport, pkt.proto, CT_EGRESS);
-	state = ct_track_established(&key, &pkt, 0, 0, 0, now, &note->source_flags);
+	ct_key_init(&key, pkt->saddr, pkt->daddr, pkt->sport, pkt->dport, pkt->proto, CT_EGRESS);
+	state = ct_track_established(&key, pkt, 0, 0, 0, now, &note->source_flags);
 	if (state == CT_NEW) {
-		reason = ct_open(skb, &pkt, &key, ep, true, POLICY_EGRESS, pkt.daddr,
-				 IDENTITY_UNRESOLVED, pkt.dport, 0, 0, 0, now, NULL, &trace);
+		reason = ct_open(skb, pkt, &key, ep, true, POLICY_EGRESS, pkt->daddr,
+				 IDENTITY_UNRESOLVED, pkt->dport, 0, 0, 0, now, NULL, &trace);
 		if (reason)
-			return verdict_drop_from(skb, &pkt, reason, METRIC_DIR_EGRESS,
+			return verdict_drop_from(skb, pkt, reason, METRIC_DIR_EGRESS,
 						 trace.remote_identity);
 	} else if (state == CT_CLOSING) {
-		event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, 0, IDENTITY_UNRESOLVED);
+		event_packet(skb, pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, 0, IDENTITY_UNRESOLVED);
 	}
-	return forward_egress(skb, &pkt, pkt.daddr, ep);
+	*tracked = true;
+	return forward_egress(skb, pkt, pkt->daddr, ep);
 }
 
 SEC("classifier")
@@ -223,6 +234,8 @@ int from_container(struct __sk_buff *skb)
 {
 	__u32 zero = 0;
 	struct flow_note *note = bpf_map_lookup_elem(&flow4_notes, &zero);
+	bool tracked = false;
+	struct pkt4 pkt;
 	int verdict;
 
 	/* Index 0 of an array always exists. */
@@ -234,11 +247,12 @@ int from_container(struct __sk_buff *skb)
 	verdict = flow_forward(skb, note);
 	if (verdict >= 0)
 		return verdict;
-	verdict = container_egress(skb, note);
+	verdict = container_egress(skb, note, &pkt, &tracked);
 	if (verdict != TC_ACT_OK)
 		return verdict;
-	/* What the node's stack would route to a pod of this node goes straight in. */
-	verdict = host_route_local(skb, IDENTITY_UNRESOLVED, note);
+	/* What the node's stack would route to a pod of this node goes straight in, its
+	 * tuple handed over rather than parsed again. */
+	verdict = host_route_local(skb, IDENTITY_UNRESOLVED, note, tracked ? &pkt : NULL);
 	if (verdict < 0)
 		return TC_ACT_OK;
 	if (verdict == TC_ACT_REDIRECT)
@@ -252,7 +266,7 @@ int to_container(struct __sk_buff *skb)
 	/* Taken first, so no mark of ours ever reaches the pod. */
 	__u32 carried = tunnel_identity_take(skb);
 
-	return endpoint_ingress(skb, skb->ifindex, carried, NULL);
+	return endpoint_ingress(skb, skb->ifindex, carried, NULL, NULL);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -66,7 +66,7 @@ int from_tunnel(struct __sk_buff *skb)
 		return verdict_drop(skb, &pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_INGRESS);
 	/* A local pod's packet goes straight in, judged on the identity carried. */
-	verdict = host_route_local(skb, identity, NULL);
+	verdict = host_route_local(skb, identity, NULL, NULL);
 	if (verdict >= 0)
 		return verdict;
 	/* Anything else through the node's stack; to_container takes the identity. */

@@ -102,12 +102,14 @@ static __always_inline int icmp_error_to_container(struct __sk_buff *skb, const 
  * new connections judged by the pod's ingress policy against @carried (the identity a
  * tunnel carried for the sender, or IDENTITY_UNRESOLVED) and tracked, with their events
  * and metrics. Returns TC_ACT_OK to let the packet in, else the verdict that drops it.
- * @note, if not NULL, learns the flags of the entry the packet was accounted to. */
+ * @note, if not NULL, learns the flags of the entry the packet was accounted to.
+ * @parsed, if not NULL, is @skb's tuple as it is now (PARSE_L4, unfragmented), which the
+ * caller parsed and translated already: the packet is not parsed a second time. */
 static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex, __u32 carried,
-					    struct flow_note *note)
+					    struct flow_note *note, const struct pkt4 *parsed)
 {
 	struct policy_trace trace = { .remote_identity = IDENTITY_UNRESOLVED };
-	enum parse_result parsed;
+	enum parse_result result;
 	struct endpoint_info *ep;
 	struct ct4_entry *entry;
 	enum ct_state state;
@@ -116,9 +118,14 @@ static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex
 	__u64 now;
 	int reason;
 
-	parsed = parse_ipv4(skb, &pkt);
+	if (parsed) {
+		pkt = *parsed;
+		result = PARSE_L4;
+	} else {
+		result = parse_ipv4(skb, &pkt);
+	}
 	pkt.ifindex = ifindex;
-	switch (parsed) {
+	switch (result) {
 	case PARSE_ARP:
 		return verdict_pass(skb, METRIC_DIR_INGRESS);
 	case PARSE_IPV4:

@@ -61,8 +61,10 @@ static __noinline __u32 host_route_lookup(struct __sk_buff *skb, __be32 saddr, _
 	return fib.ifindex;
 }
 
-/* host_route_lookup for the IPv4 packet @skb holds; 0 also when its TTL would expire. */
-static __always_inline __u32 host_route_target(struct __sk_buff *skb, struct eth_addrs *macs)
+/* host_route_lookup for the IPv4 packet @skb holds; 0 also when its TTL would expire.
+ * *@fragment says whether the packet is a fragment. */
+static __always_inline __u32 host_route_target(struct __sk_buff *skb, struct eth_addrs *macs,
+					       bool *fragment)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -70,6 +72,7 @@ static __always_inline __u32 host_route_target(struct __sk_buff *skb, struct eth
 
 	if (skb->protocol != bpf_htons(ETH_P_IP) || (void *)(ip + 1) > data_end || ip->ttl <= 1)
 		return 0;
+	*fragment = ip->frag_off & bpf_htons(IP_MF | IP_OFFSET);
 	return host_route_lookup(skb, ip->saddr, ip->daddr, 0, macs);
 }
 
@@ -77,17 +80,18 @@ static __always_inline __u32 host_route_target(struct __sk_buff *skb, struct eth
  * let it in; @carried is the identity a tunnel carried for the sender, or
  * IDENTITY_UNRESOLVED. Returns the verdict (the redirect, or the drop endpoint_ingress
  * chose), or -1 when the node's stack is to route the packet. @note, if not NULL, learns
- * what the flow cache needs. Inline: endpoint_ingress's stack beside a caller's would
+ * what the flow cache needs; @parsed, if not NULL, is the packet's tuple for
+ * endpoint_ingress. Inline: endpoint_ingress's stack beside a caller's would
  * pass the verifier's 512 bytes for a call chain. */
 static __always_inline int host_route_deliver(struct __sk_buff *skb, __u32 ifindex,
 					 const struct eth_addrs *macs, __u32 carried,
-					 struct flow_note *note)
+					 struct flow_note *note, const struct pkt4 *parsed)
 {
 	int verdict;
 
 	if (flow_write_l2(skb, macs) < 0)
 		return -1;
-	verdict = endpoint_ingress(skb, ifindex, carried, note);
+	verdict = endpoint_ingress(skb, ifindex, carried, note, parsed);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	if (note) {
@@ -98,17 +102,21 @@ static __always_inline int host_route_deliver(struct __sk_buff *skb, __u32 ifind
 }
 
 /* Delivers @skb into the local pod it is addressed to (host_route_deliver), or returns -1
- * when the node's stack is to route it (nothing changed then that it would not redo). */
+ * when the node's stack is to route it (nothing changed then that it would not redo).
+ * @parsed, if not NULL, is the packet's tuple as the caller parsed and translated it;
+ * a fragment is parsed again all the same, as its destination records its own tuple
+ * for the later fragments (frag.h). */
 static __always_inline int host_route_local(struct __sk_buff *skb, __u32 carried,
-					    struct flow_note *note)
+					    struct flow_note *note, const struct pkt4 *parsed)
 {
+	bool fragment = false;
 	struct eth_addrs macs;
 	__u32 ifindex;
 
-	ifindex = host_route_target(skb, &macs);
+	ifindex = host_route_target(skb, &macs, &fragment);
 	if (!ifindex)
 		return -1;
-	return host_route_deliver(skb, ifindex, &macs, carried, note);
+	return host_route_deliver(skb, ifindex, &macs, carried, note, fragment ? NULL : parsed);
 }
 
 #endif

@@ -80,7 +80,7 @@ static __always_inline int tunnel_receive(struct __sk_buff *skb, const struct pk
 	if (bpf_skb_adjust_room(skb, -headers, BPF_ADJ_ROOM_MAC, 0) < 0)
 		return verdict_drop(skb, outer, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_INGRESS);
-	verdict = host_route_deliver(skb, ifindex, &macs, identity, NULL);
+	verdict = host_route_deliver(skb, ifindex, &macs, identity, NULL, NULL);
 	return verdict >= 0 ? verdict : TC_ACT_OK;
 }
 

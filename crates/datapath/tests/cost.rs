@@ -215,8 +215,9 @@ fn cost_of_the_programs() {
     // grew past 4,096 with the rev-DNAT of external frontends' replies, affinity and Maglev
     // selection, and SCTP's CRC32c subprograms, about 180 instructions; past 6,144 with eBPF
     // host routing, which runs to_container's endpoint_ingress before it delivers a packet
-    // to a pod of the node, about 1,900.)
-    assert!(from_insns < 8192 && to_insns < 6144);
+    // to a pod of the node, about 1,900; past 8,192 with the tuple from_container hands to
+    // that endpoint_ingress instead of a second parse, about 150.)
+    assert!(from_insns < 8704 && to_insns < 6144);
     // Events on: every new connection wrote its verdict and trace (at least one run
     // of each measurement, whatever the CPU), established packets none.
     assert!(emitted >= u64::from(2 * REPEAT_NEW), "{emitted} events");
