@@ -23,4 +23,6 @@ out=bench/results/latest
 [ "${1:-}" = --agent-idle ] && out=bench/results/agent-idle
 # --cluster: the simulated cluster at GKE's limits instead of the matrix (about 20 minutes).
 [ "${1:-}" = --cluster ] && out=bench/results/cluster
+# An --out of the caller's wins over the default.
+for arg in "$@"; do [ "$arg" = --out ] && exec "$target/release/sluice-bench" "$@"; done
 exec "$target/release/sluice-bench" --out "$out" "$@"

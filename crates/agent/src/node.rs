@@ -65,6 +65,11 @@ pub struct Node {
     /// periodic check repaired them): then a change writes its delta without reading
     /// the maps first.
     maps_hold_desired: bool,
+    /// Whether this agent's programs run on every interface of a pass that succeeded and
+    /// the flow cache has been moved to a new generation since: decisions the programs
+    /// before a restart recorded, perhaps in another build's layout of `flow4`, are
+    /// never used by this build's programs.
+    flow_cache_renewed: bool,
     /// Changes whenever `desired` does, so the observer renames flows only then.
     desired_version: u64,
     realized_generation: u64,
@@ -133,6 +138,7 @@ impl Node {
             compiled_from: None,
             compile_cache: CompileCache::new(),
             maps_hold_desired: false,
+            flow_cache_renewed: false,
             desired_version: 0,
             realized_generation: 0,
             realized_revision: 0,
@@ -294,6 +300,12 @@ impl Node {
         }
         let (others, own) = nodes::routed(&desired.nodes);
         attached |= self.routing.reconcile(&mut self.datapath, &others, own)?;
+        // After the programs were swapped in: no earlier program records a decision
+        // under the new generation.
+        if !self.flow_cache_renewed {
+            self.tables.renew_flow_cache()?;
+            self.flow_cache_renewed = true;
+        }
         // Last: a cgroup refused since start fails the pass once the rest is done.
         let sockets = self.cgroups.reconcile(&mut self.datapath);
         if !unchanged && *desired != *self.desired {

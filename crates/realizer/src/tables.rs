@@ -439,6 +439,11 @@ impl<B: Backing> Tables<B> {
         applied
     }
 
+    /// Moves the flow cache to a new generation, so no decision recorded before is used.
+    pub fn renew_flow_cache(&mut self) -> Result<(), RealizerError> {
+        self.flow_generation.bump()
+    }
+
     fn apply_steps(&mut self, plan: &Plan) -> Result<ApplyStats, RealizerError> {
         let mut steps = self.steps(plan);
         let mut ordered = Vec::new();
