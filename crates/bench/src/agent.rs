@@ -354,7 +354,9 @@ fn one_more_service(
     let frontend = Lb4Key::new(extra.vip, extra.port, IPPROTO_TCP, 0);
     let mut more = services.to_vec();
     more.push(extra);
-    let text = snapshot(&more);
+    let mut text = snapshot(&more);
+    // The source takes a file of the same revision for the same content.
+    text.revision += 1;
     let written = Instant::now();
     text.write_file(&running.cluster_file)
         .map_err(|e| BenchError::Failed(format!("writing the cluster file: {e}")))?;
