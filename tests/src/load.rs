@@ -335,7 +335,7 @@ pub fn drops(pin_dir: &Path) -> BTreeMap<(String, u32), u64> {
 /// The map entries the first pass of the agent that wrote `log` last wrote (upserted,
 /// removed), from its `realized` line; None before that agent has realized anything.
 pub fn first_pass_writes(log: &Path) -> Option<(u64, u64)> {
-    let text = strip_ansi(&fs::read_to_string(log).unwrap());
+    let text = fs::read_to_string(log).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.iter().rposition(|l| l.contains("agent running"))?;
     let realized = lines[start..]
@@ -352,22 +352,4 @@ pub fn first_pass_writes(log: &Path) -> Option<(u64, u64)> {
             .unwrap_or_else(|| panic!("{name} in {realized:?}"))
     };
     Some((field("upserted"), field("removed")))
-}
-
-/// `text` without the terminal colour sequences tracing writes (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -225,6 +225,9 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: a log file, journald or `kubectl logs`
+        // gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // Enter the node's netns before any thread exists: every thread the runtime starts
     // inherits it, while the mount namespace (and so bpffs) stays the host's.

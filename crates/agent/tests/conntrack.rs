@@ -233,7 +233,7 @@ fn the_collector_walks_a_large_table() {
     }
     // The runs so far, as the agent logged them (a run may have started mid-insert).
     let runs = |a: &Agent| -> Vec<String> {
-        strip_ansi(&a.log_text())
+        a.log_text()
             .lines()
             .filter(|l| l.contains("conntrack GC removed expired entries"))
             .map(str::to_owned)
@@ -319,7 +319,8 @@ fn under_pressure_closed_and_half_open_entries_go_first() {
     let started = std::time::Instant::now();
     let entries = maps.inventory.entries(MapId::Conntrack).unwrap();
     let counted = started.elapsed();
-    let runs: Vec<_> = strip_ansi(&agent.log_text())
+    let runs: Vec<_> = agent
+        .log_text()
         .lines()
         .filter(|l| l.contains("conntrack under pressure"))
         .map(str::to_owned)
@@ -335,23 +336,4 @@ fn under_pressure_closed_and_half_open_entries_go_first() {
         "established TCP and UDP entries stay"
     );
     assert_eq!(entries, kept.len() as u64);
-}
-
-/// The log without its colours.
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // CSI: ESC [ parameters, ended by a letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

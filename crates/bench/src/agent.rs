@@ -376,32 +376,12 @@ fn one_more_service(
 /// The `elapsed` of every `realized` line in the agent's log, in order.
 fn realized_passes(log: &str) -> Vec<Duration> {
     log.lines()
-        .map(strip_ansi)
         .filter(|l| l.contains(" realized"))
         .filter_map(|l| {
             let value = l.split_once("elapsed=")?.1.split_whitespace().next()?;
             parse_duration(value)
         })
         .collect()
-}
-
-/// `line` without terminal colour sequences (the agent's log colours its field names).
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // CSI: ESC [ parameters, ended by a letter.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A `Duration` as its Debug form prints it: `850ns`, `12.3µs`, `4.5ms`, `1.2s`.
@@ -428,8 +408,8 @@ mod tests {
         let log = "2026-12-06T09:00:00Z  INFO sluice_agent::node: attaching datapath\n\
                    2026-12-06T09:00:01Z  INFO sluice_agent::node: realized generation=1 \
                    upserted=5 removed=0 attached=true elapsed=1.5s\n\
-                   \x1b[2m2026\x1b[0m \x1b[32m INFO\x1b[0m \x1b[2msluice_agent::node\x1b[0m\x1b[2m:\x1b[0m \
-                   realized \x1b[3melapsed\x1b[0m\x1b[2m=\x1b[0m12.25ms\n";
+                   2026-12-06T09:00:03Z  INFO sluice_agent::node: realized generation=2 \
+                   upserted=4 removed=0 attached=false elapsed=12.25ms\n";
         assert_eq!(
             realized_passes(log),
             [Duration::from_millis(1500), Duration::from_micros(12250)]
