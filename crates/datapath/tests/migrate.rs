@@ -35,8 +35,8 @@ use sluice_common::{
 use sluice_datapath::{
     AttachRole, Datapath, DatapathConfig, DatapathError, ObjectBuild, PinnedMaps, sys,
 };
-use sluice_netns::{Ipv4Net, NsThread, Route};
-use support::{NetNs, PinDir};
+use sluice_netns::{Ipv4Net, Route};
+use support::{NetNs, PinDir, Server};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -219,23 +219,6 @@ fn today_service_entries() -> HashSet<(Lb4Key, Lb4Service)> {
         ));
     }
     entries
-}
-
-/// A server thread in a namespace, stopped and joined on drop.
-struct Server {
-    stop: Arc<AtomicBool>,
-    thread: Option<NsThread<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            eprintln!("a server thread panicked");
-        }
-    }
 }
 
 /// Answers each line of every connection with "<bind> <line>", one thread a connection,

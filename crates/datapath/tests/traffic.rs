@@ -31,8 +31,8 @@ use sluice_common::{
     PolicyEntry, PolicyKey, addr_be,
 };
 use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
-use sluice_netns::{Ipv4Net, NsThread, Route};
-use support::{NetNs, PinDir, policy_row};
+use sluice_netns::{Ipv4Net, Route};
+use support::{NetNs, PinDir, Server, policy_row};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
@@ -148,23 +148,6 @@ impl Topology {
                 .unwrap();
         }
         (client_ifindex, backend_ifindex)
-    }
-}
-
-/// A server thread in a namespace, stopped and joined on drop.
-struct Server {
-    stop: Arc<AtomicBool>,
-    thread: Option<NsThread<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            eprintln!("a server thread panicked");
-        }
     }
 }
 

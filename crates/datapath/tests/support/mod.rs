@@ -3,7 +3,13 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use aya::{
     maps::lpm_trie::Key,
@@ -15,6 +21,7 @@ use sluice_common::{
     SVC_FLAG_WILDCARD,
 };
 use sluice_datapath::{Datapath, DatapathConfig, PinnedMaps, PolicyMap, create_policy_map};
+use sluice_netns::NsThread;
 
 /// A name unique to this process and call, for pin dirs, namespaces and interfaces.
 pub fn unique_name(prefix: &str) -> String {
@@ -22,6 +29,23 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 pub use sluice_datapath::PinDir;
+
+/// A server thread in a namespace, stopped and joined on drop.
+pub struct Server {
+    pub stop: Arc<AtomicBool>,
+    pub thread: Option<NsThread<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            eprintln!("a server thread panicked");
+        }
+    }
+}
 
 /// Loads the datapath into a fresh pin dir. Panics (fails the test) if BPF can't load.
 pub fn load() -> (PinDir, Datapath) {
