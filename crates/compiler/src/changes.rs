@@ -4,7 +4,11 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
+};
 use sluice_common::{
     EndpointInfo, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
     Lb4SourceRangeKey,
@@ -15,22 +19,34 @@ use crate::EndpointPolicy;
 /// An object's namespace and name, unique per kind as in the API server.
 pub type ObjectKey = (String, String);
 
-/// The objects changed since the last compile: each Service and EndpointSlice written
-/// (`Some`, the new object) or deleted (`None`), by namespace and name, and whether any of
-/// the rest (Pods, Namespaces, Nodes, NetworkPolicies, local endpoints, the cluster CIDR)
-/// changed.
+/// The objects changed since the last compile, each written (`Some`, the new object) or
+/// deleted (`None`), by namespace and name (Nodes and Namespaces by name alone), and
+/// whether anything no object names (local endpoints, the cluster CIDR) changed.
 #[derive(Clone, Debug, Default)]
 pub struct Changes {
     pub services: BTreeMap<ObjectKey, Option<Service>>,
     pub endpoint_slices: BTreeMap<ObjectKey, Option<EndpointSlice>>,
-    /// The part that reads Pods, Namespaces, Nodes, NetworkPolicies and local endpoints
-    /// is compiled again from the snapshot.
+    pub pods: BTreeMap<ObjectKey, Option<Pod>>,
+    pub namespaces: BTreeMap<String, Option<Namespace>>,
+    pub nodes: BTreeMap<String, Option<Node>>,
+    pub network_policies: BTreeMap<ObjectKey, Option<NetworkPolicy>>,
+    /// Local endpoints or the cluster CIDR changed, or the caller cannot tell what did.
     pub workloads: bool,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.endpoint_slices.is_empty() && !self.workloads
+        self.services.is_empty() && self.endpoint_slices.is_empty() && !self.touches_workloads()
+    }
+
+    /// Whether the part compiled from Pods, Namespaces, Nodes, NetworkPolicies and local
+    /// endpoints changed.
+    pub fn touches_workloads(&self) -> bool {
+        self.workloads
+            || !self.pods.is_empty()
+            || !self.namespaces.is_empty()
+            || !self.nodes.is_empty()
+            || !self.network_policies.is_empty()
     }
 }
 

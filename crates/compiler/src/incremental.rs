@@ -106,7 +106,8 @@ impl CompileCache {
 
     /// Applies `changes` (on the first call: every Service and EndpointSlice); the rest of
     /// `snapshot` (Pods, Namespaces, Nodes, NetworkPolicies, local endpoints, the cluster
-    /// CIDR) is read when `changes.workloads` says it changed, or the node context did.
+    /// CIDR) is compiled again from `snapshot` when `changes` touches it, or the node
+    /// context changed.
     /// Its Services and slices are not read.
     pub fn update(
         &mut self,
@@ -117,9 +118,9 @@ impl CompileCache {
         let mut stats = CacheStats::default();
         let mut delta = Delta::default();
         let fresh = self.index.is_none();
-        let workloads =
-            changes.workloads || fresh || self.index.as_ref().is_some_and(|i| i.node != *node);
-        if changes.workloads {
+        let said = changes.touches_workloads();
+        let workloads = said || fresh || self.index.as_ref().is_some_and(|i| i.node != *node);
+        if said {
             // Said by the caller, not found by `refresh`: its record is stale.
             self.workload_inputs = None;
         }
