@@ -125,15 +125,15 @@ pub(crate) fn rss_kib(pid: u32) -> Result<u64, BenchError> {
 
 /// A running agent on a fresh topology, programmed with its services. Fields drop in
 /// order: the agent first, then its pins, directory, servers and namespaces.
-struct Running {
-    agent: AgentProcess,
-    pins: PinDir,
+pub(crate) struct Running {
+    pub(crate) agent: AgentProcess,
+    pub(crate) pins: PinDir,
     socket: PathBuf,
     cluster_file: PathBuf,
     log: PathBuf,
     _dir: TempDir,
     _servers: Vec<load::Server>,
-    topo: Topology,
+    pub(crate) topo: Topology,
     /// From the agent's start until the measured frontend was programmed and the client's
     /// veth attached.
     programmed: Duration,
@@ -141,7 +141,7 @@ struct Running {
 
 /// Starts the agent on a fresh topology with `services` (the measured one last) and waits
 /// until the measured frontend is programmed and the client's veth attached.
-fn start(services: &[ServiceSpec]) -> Result<Running, BenchError> {
+pub(crate) fn start(services: &[ServiceSpec]) -> Result<Running, BenchError> {
     let measured = services
         .last()
         .ok_or_else(|| BenchError::Failed("no service to measure".into()))?;

@@ -21,6 +21,7 @@
 //! [`external`].
 
 pub mod agent;
+pub mod churn;
 pub mod cluster;
 pub mod crossnode;
 pub mod external;

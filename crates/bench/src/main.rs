@@ -70,6 +70,13 @@ struct Args {
     /// Seconds of each idle measurement.
     #[arg(long, default_value_t = 20.0)]
     idle_seconds: f64,
+    /// Only measure the agent at 10k new connections/s for this many seconds, second by
+    /// second (CPU and RSS), and print it.
+    #[arg(long)]
+    agent_churn: Option<f64>,
+    /// With --agent-churn: seconds of churn before the measurement (fills conntrack).
+    #[arg(long, default_value_t = 0.0, requires = "agent_churn")]
+    churn_warmup: f64,
 }
 
 /// What the benchmark is doing: on a terminal a spinner with the elapsed time and the
@@ -125,6 +132,19 @@ fn main() -> anyhow::Result<()> {
         .context("idle agent benchmark failed")?;
         sluice_bench::idle::write(&costs, &out, &command).context("writing the report")?;
         eprintln!("report: {}", out.join("report.md").display());
+        return Ok(());
+    }
+    if let Some(seconds) = args.agent_churn {
+        let cost = sluice_bench::churn::measure(
+            &sluice_bench::services(1_000),
+            10_000.0,
+            Duration::from_secs_f64(args.churn_warmup),
+            Duration::from_secs_f64(seconds),
+            &mut progress.line(),
+        )
+        .context("agent churn benchmark failed")?;
+        drop(progress);
+        print!("{}", sluice_bench::churn::render(&cost));
         return Ok(());
     }
     if args.cluster {
