@@ -4,16 +4,21 @@
 //! removed backend's service connections right after the pass that removed it. Both walk
 //! `ct4` on the blocking pool through handles of their own, so neither waits for the other
 //! or for the reconcile loop.
+//!
+//! A walk is batched: a few `BPF_MAP_LOOKUP_BATCH` calls of 4,096 entries read the table,
+//! one pass judges every entry, and one `BPF_MAP_DELETE_BATCH` removes what it picked.
+//! Walking entry by entry (a `get_next_key` and a lookup per entry, a lookup and a delete
+//! per removal) took some 200,000 syscalls a second under churn at 10k connections/s.
 
-use std::{path::Path, time::Duration, time::Instant};
+use std::{os::fd::AsFd, path::Path, time::Duration, time::Instant};
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap, MapData, PerCpuArray};
 use nix::time::{ClockId, clock_gettime};
 use sluice_common::{
     CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_NODEPORT, CT_SERVICE, CT_SNAT, Ct4Entry,
     Ct4Key, CtConfig, CtStats, IPPROTO_TCP, Lb4BackendKey, MapId, names,
 };
-use sluice_datapath::{MapInventory, PinnedMaps, read_ct_stats};
+use sluice_datapath::{DatapathError, MapInventory, PinnedMaps, read_ct_stats, sys};
 use tracing::{info, warn};
 
 use crate::{AgentError, metrics::Metrics};
@@ -89,7 +94,13 @@ pub struct Conntrack {
     /// the table holds at most the count plus what was created since. None before the
     /// first count.
     counted: Option<(u64, u64)>,
+    /// One batched read's keys and values, allocated once.
+    keys: Vec<Ct4Key>,
+    values: Vec<Ct4Entry>,
 }
+
+/// Entries one BPF_MAP_LOOKUP_BATCH reads (whole buckets: a few fewer).
+const BATCH: usize = 4096;
 
 impl Conntrack {
     pub fn open(pin_dir: &Path) -> Result<Self, AgentError> {
@@ -100,14 +111,16 @@ impl Conntrack {
             stats: maps.ct_stats,
             inventory: maps.inventory,
             counted: None,
+            keys: vec![Ct4Key::default(); BATCH],
+            values: vec![Ct4Entry::default(); BATCH],
         })
     }
 
     /// Runs the collector if `due` or if the table is at `threshold` fill or above; None
     /// when neither holds. Under pressure, expired entries go first, then (if the fill is
-    /// still at the threshold) the closed and half-open ones. The table is counted (a walk
-    /// of its keys, some 100 ms at 30,000 entries on a busy machine) only when the entries
-    /// the datapath created since the last count could have taken it to the threshold.
+    /// still at the threshold) the closed and half-open ones. The table is read (one
+    /// batched walk that counts it and picks both kinds at once) only when the entries the
+    /// datapath created since the last count could have taken it to the threshold.
     pub fn run(&mut self, due: bool, threshold: f64) -> Result<Option<GcRun>, AgentError> {
         let limit = threshold * f64::from(self.inventory.capacity(MapId::Conntrack));
         let created = read_ct_stats(&self.stats)?.created;
@@ -117,21 +130,28 @@ impl Conntrack {
         if !due && at_most.is_some_and(|n| (n as f64) < limit) {
             return Ok(None);
         }
-        let entries = self.inventory.entries(MapId::Conntrack)?;
+        let config = self.config()?;
+        let now = monotonic_coarse_ns()?;
+        let (mut expired, mut churning) = (Vec::new(), Vec::new());
+        let entries = self.walk(|key, entry| {
+            if entry.expired(key.proto, now, &config) {
+                expired.push(*key);
+            } else if churned(key, entry, now) {
+                churning.push(*key);
+            }
+        })?;
         self.counted = Some((entries, created));
         let pressure = entries as f64 >= limit;
         if !due && !pressure {
             return Ok(None);
         }
-        let expired = self.collect_expired()?;
         let mut run = GcRun {
             entries,
-            expired,
+            expired: self.remove(&expired)?,
             pressure: 0,
         };
-        if pressure && (entries.saturating_sub(expired)) as f64 >= limit {
-            let now = monotonic_coarse_ns()?;
-            run.pressure = self.remove_where(|key, entry| churned(key, entry, now))?;
+        if pressure && (entries.saturating_sub(run.expired)) as f64 >= limit {
+            run.pressure = self.remove(&churning)?;
         }
         // Removals only lower the bound; the next look starts from it.
         self.counted = Some((entries - (run.expired + run.pressure).min(entries), created));
@@ -143,13 +163,6 @@ impl Conntrack {
             map: names::CT_CONFIG,
             source,
         })
-    }
-
-    /// Removes every entry that has expired (one GC run); returns how many it removed.
-    pub fn collect_expired(&mut self) -> Result<u64, AgentError> {
-        let config = self.config()?;
-        let now = monotonic_coarse_ns()?;
-        self.remove_where(|key, entry| entry.expired(key.proto, now, &config))
     }
 
     /// Removes the service conntrack entries of connections to backends that are `gone`:
@@ -173,42 +186,55 @@ impl Conntrack {
         })
     }
 
-    /// Deletes the entries `doomed` picks. Keys are gathered first (deleting while walking
-    /// would restart the kernel's walk), and each entry is judged once more just before
-    /// its deletion, as the datapath may have refreshed it meanwhile.
+    /// Deletes the entries `doomed` picks in one walk and one batched delete.
     fn remove_where(
         &mut self,
         doomed: impl Fn(&Ct4Key, &Ct4Entry) -> bool,
     ) -> Result<u64, AgentError> {
-        let read_err = |source| AgentError::Map {
-            map: names::CONNTRACK,
-            source,
-        };
-        let mut candidates = Vec::new();
-        for item in self.table.iter() {
-            match item {
-                Ok((key, entry)) if doomed(&key, &entry) => candidates.push(key),
-                Ok(_) => {}
-                // The LRU evicted the entry between two steps of the walk.
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => return Err(read_err(source)),
+        let mut picked = Vec::new();
+        self.walk(|key, entry| {
+            if doomed(key, entry) {
+                picked.push(*key);
+            }
+        })?;
+        self.remove(&picked)
+    }
+
+    /// Hands every entry of the table to `visit`, read in batches; returns how many there
+    /// were. An entry the datapath changes during the walk is seen as it was when its
+    /// bucket was read, or not at all if it was created in a bucket already passed.
+    fn walk(&mut self, mut visit: impl FnMut(&Ct4Key, &Ct4Entry)) -> Result<u64, AgentError> {
+        let fd = self.table.map().fd().as_fd();
+        let mut cursor = None;
+        let mut entries = 0;
+        loop {
+            let (read, next) = sys::hash_lookup_batch(fd, cursor, &mut self.keys, &mut self.values)
+                .map_err(sys_err)?;
+            for (key, entry) in self.keys.iter().zip(&self.values).take(read) {
+                visit(key, entry);
+            }
+            entries += read as u64;
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(entries),
             }
         }
-        let mut removed = 0;
-        for key in candidates {
-            let Ok(entry) = self.table.get(&key, 0) else {
-                continue;
-            };
-            if !doomed(&key, &entry) {
-                continue;
-            }
-            match self.table.remove(&key) {
-                Ok(()) => removed += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(source) => return Err(read_err(source)),
-            }
-        }
-        Ok(removed)
+    }
+
+    /// Deletes `keys` in one batch; returns how many were there to delete (the LRU may
+    /// have evicted some since the walk). Each was judged by the walk just before: one that
+    /// a packet refreshed in between loses its entry, which its next packet writes again,
+    /// judged as a new connection, as after an expiry.
+    fn remove(&mut self, keys: &[Ct4Key]) -> Result<u64, AgentError> {
+        sys::map_delete_batch_counted(self.table.map().fd().as_fd(), keys)
+            .map_err(|e| sys_err(e).into())
+    }
+}
+
+fn sys_err(source: aya::sys::SyscallError) -> DatapathError {
+    DatapathError::Sys {
+        map: names::CONNTRACK,
+        source,
     }
 }
 

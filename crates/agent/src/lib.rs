@@ -196,12 +196,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     })
     .await??;
     // The observer's flows: the API serves them, the policy log subscribes to them.
-    let flows = Arc::new(sluice_observer::FlowBuffer::new(config.flows_max));
+    let (names, flows) = observe::Names::new(&config.node, config.flows_max)?;
+    let names = Arc::new(names);
     observe::configure_events(&config.pin_dir, config.events)?;
-    let names = Arc::new(observe::Names::new(&config.node)?);
     tokio::spawn(observe::read_events(
         observe::open(&config.pin_dir)?,
-        Arc::clone(&names),
         Arc::clone(&flows),
     ));
     // Read before anything is served: the plugin's endpoints are merged into the first

@@ -1,9 +1,9 @@
 //! The observer's agent side: configures the datapath's events, reads the ring buffer and
-//! pushes each event, named by the current desired state, into the flow buffer.
+//! pushes the events, raw, into the flow buffer, which names them when they are read.
 
 use std::{
     path::Path,
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -68,51 +68,49 @@ pub fn configure_events(pin_dir: &Path, config: EventsConfig) -> Result<(), Agen
         })
 }
 
-/// The resolver the reader names events with, replaced whenever the desired state changes.
+/// Builds the resolver the flow buffer names events with whenever the desired state
+/// changes.
 pub struct Names {
     node: String,
     /// Wall clock minus CLOCK_MONOTONIC at start: event times are monotonic.
     boot_offset_ns: i64,
-    current: RwLock<(u64, Arc<Resolver>)>,
+    /// The version of the desired state the buffer's resolver was built from; u64::MAX
+    /// before the first.
+    version: Mutex<u64>,
+    flows: Arc<FlowBuffer>,
 }
 
 impl Names {
-    pub fn new(node: &str) -> Result<Self, AgentError> {
+    /// The flow buffer of `capacity` events, naming no party yet but stamping flows with
+    /// the node and the wall time (a restarted agent's pinned programs may send events
+    /// before its first desired state), and what names its events from then on.
+    pub fn new(node: &str, capacity: usize) -> Result<(Self, Arc<FlowBuffer>), AgentError> {
         let boot_offset_ns = boot_offset_ns()?;
-        let before_first = Resolver::for_node(node, boot_offset_ns);
-        Ok(Self {
+        let flows = Arc::new(FlowBuffer::new(
+            capacity,
+            Resolver::for_node(node, boot_offset_ns),
+        ));
+        let names = Self {
             node: node.to_string(),
             boot_offset_ns,
-            current: RwLock::new((u64::MAX, Arc::new(before_first))),
-        })
+            version: Mutex::new(u64::MAX),
+            flows: Arc::clone(&flows),
+        };
+        Ok((names, flows))
     }
 
     /// Rebuilds the resolver if `version` of the desired state is not the one it has.
     pub fn update(&self, version: u64, desired: &DesiredState, snapshot: &Snapshot) {
-        if self.read().0 == version {
+        let mut current = self
+            .version
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *current == version {
             return;
         }
-        let resolver = Arc::new(Resolver::new(
-            &self.node,
-            self.boot_offset_ns,
-            desired,
-            snapshot,
-        ));
-        *self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = (version, resolver);
-    }
-
-    fn resolver(&self) -> Arc<Resolver> {
-        Arc::clone(&self.read().1)
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, (u64, Arc<Resolver>)> {
-        // A panicked writer leaves a whole tuple behind: keep using it.
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let resolver = Resolver::new(&self.node, self.boot_offset_ns, desired, snapshot);
+        self.flows.set_resolver(Arc::new(resolver));
+        *current = version;
     }
 }
 
@@ -143,51 +141,62 @@ pub fn open(pin_dir: &Path) -> Result<AsyncFd<RingBuf<MapData>>, AgentError> {
     })
 }
 
+/// Events copied out of the ring before they are pushed into the buffer under one lock.
+const BATCH: usize = 1024;
+
 /// Drains the ring whenever the datapath wakes it (>= 64 events pending), when a reader of
 /// the flows asks, and every 100 ms.
-pub async fn read_events(
-    mut ring: AsyncFd<RingBuf<MapData>>,
-    names: Arc<Names>,
-    flows: Arc<FlowBuffer>,
-) {
+pub async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, flows: Arc<FlowBuffer>) {
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             ready = ring.readable_mut() => match ready {
                 Ok(mut guard) => {
-                    drain(guard.get_inner_mut(), &names, &flows);
+                    drain(guard.get_inner_mut(), &flows, &mut batch);
                     guard.clear_ready();
                 }
                 Err(e) => {
                     warn!(error = %e, "waiting on the event ring failed; draining on the timer only");
-                    return poll_only(ring, names, flows).await;
+                    return poll_only(ring, flows, batch).await;
                 }
             },
-            () = flows.drain_wanted() => drain(ring.get_mut(), &names, &flows),
-            _ = tick.tick() => drain(ring.get_mut(), &names, &flows),
+            () = flows.drain_wanted() => drain(ring.get_mut(), &flows, &mut batch),
+            _ = tick.tick() => drain(ring.get_mut(), &flows, &mut batch),
         }
     }
 }
 
-async fn poll_only(mut ring: AsyncFd<RingBuf<MapData>>, names: Arc<Names>, flows: Arc<FlowBuffer>) {
+async fn poll_only(
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    flows: Arc<FlowBuffer>,
+    mut batch: Vec<FlowEvent>,
+) {
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     loop {
         tokio::select! {
             () = flows.drain_wanted() => {}
             _ = tick.tick() => {}
         }
-        drain(ring.get_mut(), &names, &flows);
+        drain(ring.get_mut(), &flows, &mut batch);
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, names: &Names, flows: &FlowBuffer) {
-    let resolver = names.resolver();
+/// Copies every pending record out of the ring into `batch` (allocated once, by the
+/// caller) and pushes them raw, [`BATCH`] at a time: nothing is named or allocated here.
+fn drain(ring: &mut RingBuf<MapData>, flows: &FlowBuffer, batch: &mut Vec<FlowEvent>) {
     while let Some(record) = ring.next() {
         match FlowEvent::from_bytes(&record) {
-            Some(event) => flows.push(resolver.flow(&event)),
+            Some(event) => batch.push(event),
             None => warn!(len = record.len(), "short flow event record"),
         }
+        if batch.len() == BATCH {
+            flows.push_all(batch);
+            batch.clear();
+        }
     }
+    flows.push_all(batch);
+    batch.clear();
     flows.drained();
 }

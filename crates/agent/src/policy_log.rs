@@ -12,10 +12,7 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     str::FromStr,
-    sync::{
-        Arc,
-        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
-    },
+    sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -23,8 +20,9 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use sluice_api::flow::{Endpoint, Flow, Layer4, TrafficDirection, Verdict};
-use sluice_common::DropReason;
-use tokio::sync::broadcast::{self, error::RecvError};
+use sluice_common::{DropReason, EVENT_F_DENIED, EVENT_POLICY_VERDICT};
+use sluice_observer::FlowReceiver;
+use tokio::sync::broadcast::error::RecvError;
 use tracing::warn;
 
 use crate::AgentError;
@@ -284,12 +282,18 @@ impl PolicyLogger {
 
 /// Logs every policy verdict flow `flows` receives until the observer stops, then
 /// writes what is queued.
-pub async fn follow(mut flows: broadcast::Receiver<Arc<Flow>>, mut logger: PolicyLogger) {
+pub async fn follow(mut flows: FlowReceiver, mut logger: PolicyLogger) {
     let mut denials = RecentDenials::default();
     loop {
-        match flows.recv().await {
-            Ok(flow) => {
-                let Some(entry) = PolicyLogEntry::from_flow(&flow) else {
+        match flows.recv_event().await {
+            Ok(event) => {
+                // Only the verdicts the mode logs are named: the other events of a
+                // connection cost the log nothing.
+                let denied = event.flags & EVENT_F_DENIED != 0;
+                if event.type_ != EVENT_POLICY_VERDICT || !logger.wants(!denied) {
+                    continue;
+                }
+                let Some(entry) = PolicyLogEntry::from_flow(&flows.name(&event)) else {
                     continue;
                 };
                 let now = Instant::now();

@@ -28,7 +28,7 @@ use sluice_api::{
     flow::{Flow, ObserveRequest},
     routes,
 };
-use sluice_observer::FlowBuffer;
+use sluice_observer::{FlowBuffer, FlowReceiver};
 use tokio::{net::UnixListener, sync::broadcast};
 use tracing::warn;
 
@@ -304,7 +304,7 @@ async fn observe(
     let (buffered, receiver) = flows.snapshot(request.last, &keep);
     let mut head = Vec::new();
     for flow in &buffered {
-        head.extend(line(flow.as_ref()));
+        head.extend(line(flow));
     }
     let body = if request.follow {
         let first = stream::once(async move { Ok(Bytes::from(head)) });
@@ -317,14 +317,14 @@ async fn observe(
 
 /// New flows that `keep` selects, one line each, until the buffer closes.
 fn follow(
-    receiver: broadcast::Receiver<Arc<Flow>>,
+    receiver: FlowReceiver,
     keep: impl Fn(&Flow) -> bool + Send + 'static,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
     stream::unfold((receiver, keep), |(mut receiver, keep)| async move {
         loop {
             match receiver.recv().await {
                 Ok(flow) if keep(&flow) => {
-                    return Some((Ok(Bytes::from(line(flow.as_ref()))), (receiver, keep)));
+                    return Some((Ok(Bytes::from(line(&flow))), (receiver, keep)));
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -349,44 +349,30 @@ mod tests {
 
     use sluice_api::{
         Client,
-        flow::{
-            EVENT_TYPE_DROP, EVENT_TYPE_TRACE, Endpoint, EventType, FlowEventType, FlowFilter, Ip,
-            Timestamp, TrafficDirection, Verdict,
-        },
+        flow::{FlowEventType, FlowFilter},
     };
+    use sluice_common::{EVENT_DROP, EVENT_TRACE, FlowEvent, IPPROTO_TCP, addr_be};
+    use sluice_observer::Resolver;
 
     use super::*;
 
-    fn flow(n: i64, event_type: i32) -> Flow {
-        Flow {
-            time: Timestamp(n),
-            verdict: Verdict::Forwarded,
-            drop_reason: 0,
-            drop_reason_desc: None,
-            ip: Ip {
-                source: Ipv4Addr::new(10, 0, 0, 1),
-                destination: Ipv4Addr::new(10, 0, 0, 2),
-                ip_version: "IPv4".into(),
-            },
-            l4: None,
-            source: Endpoint::default(),
-            destination: Endpoint::default(),
-            flow_type: "L3_L4".into(),
-            node_name: "node-1".into(),
-            event_type: EventType {
-                event_type,
-                sub_type: 0,
-            },
-            traffic_direction: TrafficDirection::Egress,
-            policy_match_type: 0,
-            trace_observation_point: None,
-            is_reply: false,
-            interface: None,
-            destination_service: None,
-            ingress_allowed_by: Vec::new(),
-            egress_allowed_by: Vec::new(),
-            summary: format!("flow {n}"),
-        }
+    /// An event of `type_` whose source port is `n`, and the flow the buffer names it as.
+    fn event(n: u16, type_: u8) -> (FlowEvent, Flow) {
+        let event = FlowEvent {
+            type_,
+            reason: if type_ == EVENT_DROP { 133 } else { 0 },
+            proto: IPPROTO_TCP,
+            saddr: addr_be(Ipv4Addr::new(10, 0, 0, 1)),
+            daddr: addr_be(Ipv4Addr::new(10, 0, 0, 2)),
+            sport: n.to_be(),
+            dport: 80u16.to_be(),
+            ..FlowEvent::default()
+        };
+        (event, resolver().flow(&event))
+    }
+
+    fn resolver() -> Resolver {
+        Resolver::for_node("node-1", 0)
     }
 
     /// Buffered flows, then followed ones as they come, filtered in the agent, one JSON
@@ -399,9 +385,9 @@ mod tests {
         );
         let socket = dir.0.join("api.sock");
         let listener = runtime.block_on(async { bind(&socket) }).expect("bind");
-        let flows = Arc::new(FlowBuffer::new(16));
-        flows.push(flow(1, EVENT_TYPE_TRACE));
-        flows.push(flow(2, EVENT_TYPE_DROP));
+        let flows = Arc::new(FlowBuffer::new(16, resolver()));
+        flows.push(event(1, EVENT_TRACE).0);
+        flows.push(event(2, EVENT_DROP).0);
         let router = observe_router(Arc::clone(&flows)).fallback(unknown_route);
         runtime.spawn(async move { axum::serve(listener, router).await });
 
@@ -419,7 +405,7 @@ mod tests {
             .expect("observe")
             .collect::<Result<_, _>>()
             .expect("flows");
-        assert_eq!(buffered, [flow(2, EVENT_TYPE_DROP)]);
+        assert_eq!(buffered, [event(2, EVENT_DROP).1]);
 
         let mut followed = client
             .observe(&ObserveRequest {
@@ -430,14 +416,14 @@ mod tests {
             .expect("follow");
         assert_eq!(
             followed.next().and_then(Result::ok),
-            Some(flow(2, EVENT_TYPE_DROP))
+            Some(event(2, EVENT_DROP).1)
         );
         // The subscription exists once the buffered flow arrived: later pushes reach it.
-        flows.push(flow(3, EVENT_TYPE_TRACE));
-        flows.push(flow(4, EVENT_TYPE_DROP));
+        flows.push(event(3, EVENT_TRACE).0);
+        flows.push(event(4, EVENT_DROP).0);
         assert_eq!(
             followed.next().and_then(Result::ok),
-            Some(flow(4, EVENT_TYPE_DROP))
+            Some(event(4, EVENT_DROP).1)
         );
         assert_eq!(flows.subscribers(), 1);
         // The client hanging up ends the follow: hyper drops the body and its subscription.

@@ -102,7 +102,8 @@ pub fn measure(
     });
     let cpu_before = cpu_seconds(pid)?;
     let t = Instant::now();
-    let achieved = load::connect_request_close(&running.topo.client, to, duration, Some(target_rate));
+    let achieved =
+        load::connect_request_close(&running.topo.client, to, duration, Some(target_rate));
     let seconds = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - cpu_before;
     stop.store(true, Ordering::Relaxed);

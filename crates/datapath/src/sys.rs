@@ -289,19 +289,29 @@ pub fn swap_inner_maps<K: aya::Pod>(
 /// Deletes `keys` (of the map's key type) from the map behind `map`; keys already absent
 /// are skipped.
 pub fn map_delete_batch<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), SyscallError> {
+    map_delete_batch_counted(map, keys).map(|_| ())
+}
+
+/// [`map_delete_batch`], returning how many of `keys` were there and deleted.
+pub fn map_delete_batch_counted<K: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+) -> Result<u64, SyscallError> {
     const CALL: &str = "bpf(BPF_MAP_DELETE_BATCH)";
     let mut rest = keys;
+    let mut deleted = 0;
     while !rest.is_empty() {
         match batch(CALL, BPF_MAP_DELETE_BATCH, map, rest, 0) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(deleted + rest.len() as u64),
             // The kernel stops at the first absent key and reports how many it deleted.
             Err((e, done)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                deleted += done as u64;
                 rest = rest.get(done + 1..).unwrap_or_default();
             }
             Err((e, _)) => return Err(e),
         }
     }
-    Ok(())
+    Ok(deleted)
 }
 
 /// Every element of the array behind `map`, which has `entries` elements of `V`, in index

@@ -14,7 +14,7 @@ mod merge;
 #[cfg(test)]
 mod tests;
 
-pub use buffer::{DEFAULT_FLOWS_MAX, FlowBuffer};
+pub use buffer::{DEFAULT_FLOWS_MAX, FlowBuffer, FlowReceiver};
 pub use compact::{compact, compact_with_node};
 pub use decode::{Resolver, drop_reason_desc};
 pub use filter::matches;

@@ -477,34 +477,63 @@ fn filters_follow_hubbles_semantics() {
 
 #[test]
 fn the_buffer_keeps_the_last_n_and_a_snapshot_and_its_subscription_never_overlap() {
-    let resolver = resolver();
-    let buffer = FlowBuffer::new(3);
+    let buffer = FlowBuffer::new(3, resolver());
     let mut early = buffer.subscribe();
-    for port in 1..=5u16 {
-        let mut event = ingress_syn(EVENT_DROP, 0, 133);
-        event.sport = port.to_be();
-        buffer.push(resolver.flow(&event));
-    }
+    let events: Vec<FlowEvent> = (1..=5u16)
+        .map(|port| {
+            let mut event = ingress_syn(EVENT_DROP, 0, 133);
+            event.sport = port.to_be();
+            event
+        })
+        .collect();
+    buffer.push_all(&events);
     let port = |f: &sluice_api::flow::Flow| f.ports().map_or(0, |p| p.0);
     assert_eq!(buffer.len(), 3);
     assert_eq!(buffer.seen(), 5);
     let (all, mut follower) = buffer.snapshot(None, |_| true);
-    assert_eq!(all.iter().map(|f| port(f)).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!(all.iter().map(port).collect::<Vec<_>>(), [3, 4, 5]);
     let (last, _) = buffer.snapshot(Some(2), |f| port(f) != 5);
-    assert_eq!(last.iter().map(|f| port(f)).collect::<Vec<_>>(), [3, 4]);
-    // Subscribers see every flow pushed after they subscribed, once.
-    assert_eq!(early.try_recv().map(|f| port(&f)).ok(), Some(1));
+    assert_eq!(last.iter().map(port).collect::<Vec<_>>(), [3, 4]);
+    // Subscribers see every flow pushed after they subscribed, once, named.
+    let first = early.try_recv().expect("the first event");
+    assert_eq!(port(&first), 1);
+    assert_eq!(first.source.pod_name, "client");
     assert!(follower.try_recv().is_err());
     let mut event = ingress_syn(EVENT_DROP, 0, 133);
     event.sport = 6u16.to_be();
-    buffer.push(resolver.flow(&event));
+    buffer.push(event);
     assert_eq!(follower.try_recv().map(|f| port(&f)).ok(), Some(6));
+}
+
+/// Events are kept raw and named when read, by the resolver current then: a flow read
+/// after the desired state changed carries the new names.
+#[test]
+fn events_are_named_when_read_by_the_current_state() {
+    let buffer = FlowBuffer::new(4, Resolver::for_node("node-1", BOOT_OFFSET));
+    let mut follower = buffer.subscribe();
+    buffer.push(ingress_syn(EVENT_TRACE, 0, 0));
+    let (before, _) = buffer.snapshot(None, |_| true);
+    assert_eq!(before[0].source.pod_name, "");
+    buffer.set_resolver(std::sync::Arc::new(resolver()));
+    let (after, _) = buffer.snapshot(None, |_| true);
+    assert_eq!(after[0].source.pod_name, "client");
+    assert_eq!(
+        after[0].source.labels,
+        resolver()
+            .flow(&ingress_syn(EVENT_TRACE, 0, 0))
+            .source
+            .labels
+    );
+    assert_eq!(
+        follower.try_recv().map(|f| f.source.pod_name).ok(),
+        Some("client".into())
+    );
 }
 
 #[tokio::test]
 async fn catching_up_waits_for_the_reader_to_drain_and_no_longer_than_told() {
     use std::{sync::Arc, time::Duration};
-    let buffer = Arc::new(FlowBuffer::new(8));
+    let buffer = Arc::new(FlowBuffer::new(8, resolver()));
     // No reader: the wait ends when patience does.
     let started = std::time::Instant::now();
     buffer.catch_up(Duration::from_millis(50)).await;
@@ -514,7 +543,7 @@ async fn catching_up_waits_for_the_reader_to_drain_and_no_longer_than_told() {
         let buffer = Arc::clone(&buffer);
         async move {
             buffer.drain_wanted().await;
-            buffer.push(resolver().flow(&ingress_syn(EVENT_DROP, 0, 133)));
+            buffer.push(ingress_syn(EVENT_DROP, 0, 133));
             buffer.drained();
         }
     });
