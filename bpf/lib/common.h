@@ -275,6 +275,15 @@ struct flow4_entry {
 	__u16 pad;
 };
 
+/* One slot of the flow cache, an array indexed by a hash of the key (flow_cache.h): the
+ * decision and the key it is for. @seq is odd while the slow path writes the slot, and
+ * moves on with every write, so a reader knows a whole decision from a torn one. */
+struct flow4_slot {
+	__u32 seq;
+	struct flow4_key key;
+	struct flow4_entry entry;
+};
+
 /* What a flow's L4 checksum field holds (flow_cache.h): none (a UDP zero), a complete
  * checksum (every rewritten field changes it), or an offload's pseudo-header sum (only
  * the addresses change it: the device sums the rest). */

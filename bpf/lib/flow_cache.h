@@ -1,12 +1,12 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The flow cache: a packet of an established connection between two pods of this node
- * costs one lookup. from_container looks the packet's tuple up in `flow4`; a decision
- * that still holds (flow_usable) is applied as the slow path would apply it: the
- * rewrite to the tuple the packet entered the destination pod with (service
- * translation and reverse NAT alike), the MACs and TTL host routing writes, the metrics
- * both ends count, and the redirect into the pod. Policy is not consulted: it judges
- * new connections only, and a cached packet never opens one.
+ * costs one lookup. from_container looks the packet's tuple up in `flow4` (an array
+ * indexed by a hash of it: flow_lookup); a decision that still holds (flow_usable) is
+ * applied as the slow path would apply it: the rewrite to the tuple the packet entered
+ * the destination pod with (service translation and reverse NAT alike), the MACs and TTL
+ * host routing writes, the metrics both ends count, and the redirect into the pod. Policy
+ * is not consulted: it judges new connections only, and a cached packet never opens one.
  *
  * Everything else takes the slow path, which records a decision (flow_record) when both
  * ends accounted the packet to an established conntrack entry and host routing
@@ -93,6 +93,70 @@ static __always_inline bool flow_parse(struct __sk_buff *skb, struct flow4_key *
 		.len = skb->len,
 		.ifindex = skb->ifindex,
 	};
+	return true;
+}
+
+/* The slot of @key's flow in `flow4`: a multiplicative hash of the tuple and the veth.
+ * Flows that share a slot take turns in it, each decided again after the other replaced
+ * it (a direct-mapped cache); a pod that aims its flows at another's slot only sends that
+ * flow through the slow path. */
+static __always_inline __u32 flow_slot_index(const struct flow4_key *key)
+{
+	__u32 hash = (key->saddr ^ key->ifindex) * 0x9e3779b1U;
+
+	hash = (hash ^ key->daddr) * 0x85ebca6bU;
+	hash = (hash ^ ((__u32)key->sport << 16 | key->dport) ^ key->proto) * 0xc2b2ae35U;
+	return (hash ^ hash >> 16) & (FLOW4_MAX - 1);
+}
+
+static __always_inline bool flow_key_equal(const struct flow4_key *a, const struct flow4_key *b)
+{
+	return a->saddr == b->saddr && a->daddr == b->daddr && a->sport == b->sport &&
+	       a->dport == b->dport && a->proto == b->proto && a->ifindex == b->ifindex;
+}
+
+/* Orders the slot's accesses for the compiler. x86, the only architecture sluice is built
+ * for, keeps loads in order with loads and stores with stores, so, as for the kernel's
+ * seqcount there, that is all a slot's sequence needs. */
+#define flow_barrier() asm volatile("" ::: "memory")
+
+/* Copies the decision for @key into @entry. Returns whether @key's slot held one, whole:
+ * not torn by a write on another CPU meanwhile. */
+static __always_inline bool flow_lookup(const struct flow4_key *key, struct flow4_entry *entry)
+{
+	__u32 index = flow_slot_index(key);
+	struct flow4_slot *slot = bpf_map_lookup_elem(&flow4, &index);
+	__u32 seq;
+
+	if (!slot)
+		return false;
+	seq = *(volatile __u32 *)&slot->seq;
+	flow_barrier();
+	if ((seq & 1) || !flow_key_equal(&slot->key, key))
+		return false;
+	*entry = slot->entry;
+	flow_barrier();
+	return *(volatile __u32 *)&slot->seq == seq;
+}
+
+/* Writes @entry, the decision for @key, into its slot. Returns whether it did: not when
+ * another CPU is writing the slot (a later packet of the flow records it then). */
+static __always_inline bool flow_store(const struct flow4_key *key,
+				       const struct flow4_entry *entry)
+{
+	__u32 index = flow_slot_index(key);
+	struct flow4_slot *slot = bpf_map_lookup_elem(&flow4, &index);
+	__u32 seq;
+
+	if (!slot)
+		return false;
+	seq = *(volatile __u32 *)&slot->seq;
+	if ((seq & 1) || __sync_val_compare_and_swap(&slot->seq, seq, seq + 1) != seq)
+		return false;
+	slot->key = *key;
+	slot->entry = *entry;
+	flow_barrier();
+	*(volatile __u32 *)&slot->seq = seq + 2;
 	return true;
 }
 
@@ -231,7 +295,8 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct pkt
  * tuple and TCP flags for flow_record if it may use the cache, else zero. */
 __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 {
-	struct flow4_entry *entry;
+	struct flow4_entry decision;
+	struct flow4_entry *entry = &decision;
 	struct flow4_stats *stats;
 	struct pkt4 packet;
 	struct pkt4 *pkt = &packet;
@@ -242,8 +307,7 @@ __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 	if (!flow_parse(skb, &note->key, pkt))
 		return -1;
 	note->tcp_flags = pkt->tcp_flags;
-	entry = bpf_map_lookup_elem(&flow4, &note->key);
-	if (!entry || !flow_usable(skb, entry, pkt, bpf_jiffies64()))
+	if (!flow_lookup(&note->key, entry) || !flow_usable(skb, entry, pkt, bpf_jiffies64()))
 		return -1;
 	if (!flow_rewrite(skb, pkt, entry))
 		return -1;
@@ -365,7 +429,7 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 	};
 	__builtin_memcpy(entry.dmac, note->macs.dest, ETH_ALEN);
 	__builtin_memcpy(entry.smac, note->macs.source, ETH_ALEN);
-	if (bpf_map_update_elem(&flow4, &note->key, &entry, BPF_ANY) < 0)
+	if (!flow_store(&note->key, &entry))
 		return false;
 	stats = flow_stats();
 	if (stats)

@@ -27,7 +27,7 @@
 #define LB4_AFFINITY_MAX 65536 /* clients x frontends with sessionAffinity, as Cilium's */
 #define LB4_MAGLEV_MAX   8192  /* Maglev frontends per node */
 #define LB4_MAGLEV_TABLE_ENTRIES 4096 /* template only: user space sizes each table */
-#define FLOW4_MAX        65536 /* a cache: an evicted flow is decided again */
+#define FLOW4_MAX        65536 /* a cache: an evicted flow is decided again; a power of two */
 
 /* The service, backend and endpoint maps are written by user space only, so they
  * need no preallocation (Cilium does the same); LRU maps are always preallocated. */
@@ -239,11 +239,13 @@ struct {
 	__uint(max_entries, 1);
 } flow4_notes SEC(".maps");
 
-/* The flow cache (flow_cache.h): established flows' decisions, written by the datapath. */
+/* The flow cache (flow_cache.h): established flows' decisions, written by the datapath.
+ * An array indexed by a hash of the flow's key, not a hash map: the verifier inlines an
+ * array's lookup, where a hash map's is a call. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct flow4_key);
-	__type(value, struct flow4_entry);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32); /* flow_slot_index */
+	__type(value, struct flow4_slot);
 	__uint(max_entries, FLOW4_MAX);
 } flow4 SEC(".maps");
 

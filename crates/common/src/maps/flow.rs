@@ -39,6 +39,17 @@ pub struct Flow4Entry {
     pub pad: u16,
 }
 
+/// `struct flow4_slot`: one slot of the flow cache (`flow4`, an array indexed by a hash
+/// of the key), the decision and the key it is for; `seq` is odd while the datapath
+/// writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow4Slot {
+    pub seq: u32,
+    pub key: Flow4Key,
+    pub entry: Flow4Entry,
+}
+
 /// `struct flow4_stats`: what the flow cache did (`flow4_stats`, index 0, per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -49,10 +60,11 @@ pub struct Flow4Stats {
     pub decided: u64,
 }
 
-plain_data!(Flow4Key, Flow4Entry, Flow4Stats);
+plain_data!(Flow4Key, Flow4Entry, Flow4Slot, Flow4Stats);
 
 const _: () = {
     assert!(size_of::<Flow4Key>() == 20);
     assert!(size_of::<Flow4Entry>() == 48);
+    assert!(size_of::<Flow4Slot>() == 72);
     assert!(size_of::<Flow4Stats>() == 16);
 };

@@ -125,6 +125,7 @@ pub const LAYOUTS: &[StructLayout] = &[
             pad
         ]
     ),
+    layout!("flow4_slot", Flow4Slot, [seq, key, entry]),
     layout!("flow4_stats", Flow4Stats, [hits, decided]),
     layout!("endpoint_info", EndpointInfo, [ipv4, identity, flags, pad]),
     layout!("metrics_value", MetricsValue, [packets, bytes]),
