@@ -38,15 +38,14 @@
 #include "flow.h"
 #include "maps.h"
 #include "metrics.h"
-#include "nat.h"
 #include "parse.h"
 
-/* Whether @skb may use the cache, with its tuple in @key and @pkt (as parse_ipv4 fills
- * it) if so: option-less unfragmented IPv4 with a TTL that survives forwarding, UDP or
+/* Whether @skb may use the cache, with its tuple in @key and its TCP flags in @flags if
+ * so: option-less unfragmented IPv4 with a TTL that survives forwarding, UDP or
  * TCP without SYN, FIN or RST (they change conntrack state), headers valid and in the
  * linear data. Anything else, malformed packets included, takes the slow path. */
 static __always_inline bool flow_parse(struct __sk_buff *skb, struct flow4_key *key,
-				       struct pkt4 *pkt)
+				       __u8 *flags)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -54,7 +53,7 @@ static __always_inline bool flow_parse(struct __sk_buff *skb, struct flow4_key *
 	struct l4_ports *ports = (void *)(ip + 1);
 	struct tcphdr *tcp = (void *)(ip + 1);
 	__u32 tot_len, l4_min = sizeof(struct udphdr);
-	__u8 flags = 0;
+	__u8 tcp_flags = 0;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP) || (void *)(tcp + 1) > data_end)
 		return false;
@@ -62,8 +61,8 @@ static __always_inline bool flow_parse(struct __sk_buff *skb, struct flow4_key *
 	    (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
 		return false;
 	if (ip->protocol == IPPROTO_TCP) {
-		flags = ((__u8 *)tcp)[TCP_FLAGS_OFF];
-		if (flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST) || tcp->doff < 5)
+		tcp_flags = ((__u8 *)tcp)[TCP_FLAGS_OFF];
+		if (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST) || tcp->doff < 5)
 			return false;
 		l4_min = tcp->doff * 4;
 	} else if (ip->protocol != IPPROTO_UDP) {
@@ -82,17 +81,7 @@ static __always_inline bool flow_parse(struct __sk_buff *skb, struct flow4_key *
 		.proto = ip->protocol,
 		.ifindex = skb->ifindex,
 	};
-	*pkt = (struct pkt4){
-		.saddr = ip->saddr,
-		.daddr = ip->daddr,
-		.sport = ports->source,
-		.dport = ports->dest,
-		.proto = ip->protocol,
-		.tcp_flags = flags,
-		.l4_off = ETH_HLEN + sizeof(struct iphdr),
-		.len = skb->len,
-		.ifindex = skb->ifindex,
-	};
+	*flags = tcp_flags;
 	return true;
 }
 
@@ -183,15 +172,15 @@ static __always_inline bool flow_fits(struct __sk_buff *skb, const struct flow4_
 	return skb->len <= (__u32)entry->mtu + ETH_HLEN || skb->gso_size != 0;
 }
 
-/* Whether @entry still decides @pkt: made in this generation, young enough, with every
- * TCP flag of @pkt already accounted by the slow path, and @skb within the destination
- * veth's MTU. @now is bpf_jiffies64(). */
+/* Whether @entry still decides @skb, whose TCP flags are @tcp_flags: made in this
+ * generation, young enough, with every one of the flags already accounted by the slow
+ * path, and @skb within the destination veth's MTU. @now is bpf_jiffies64(). */
 static __always_inline bool flow_usable(struct __sk_buff *skb, const struct flow4_entry *entry,
-					const struct pkt4 *pkt, __u64 now)
+					__u8 tcp_flags, __u64 now)
 {
 	return entry->generation == flow_generation_now() &&
 	       now - entry->decided_jiffies < FLOW4_DECISION_JIFFIES &&
-	       (pkt->tcp_flags & ~entry->tcp_flags) == 0 && flow_fits(skb, entry);
+	       (tcp_flags & ~entry->tcp_flags) == 0 && flow_fits(skb, entry);
 }
 
 /* Ones' complement arithmetic on raw (memory order) words, as the kernel's csum_add:
@@ -250,20 +239,26 @@ static __always_inline bool flow_csum_holds(const struct flow4_entry *entry,
 	}
 }
 
-/* Rewrites @pkt's tuple in @skb to @entry's and writes the MACs, the TTL, the IP
+/* Rewrites @key's tuple in @skb to @entry's and writes the MACs, the TTL, the IP
  * checksum and the L4 checksum (the change flow_record computed for its kind) as
  * forwarding would, all directly: no helper call. Returns whether it did; when it did
  * not (a checksum of another kind), nothing was written. */
-static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct pkt4 *pkt,
+static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct flow4_key *key,
 					 const struct flow4_entry *entry)
 {
-	__u32 addrs = flow_csum_replace(flow_csum_replace(0, pkt->saddr, entry->saddr),
-					pkt->daddr, entry->daddr);
+	__u32 addrs = flow_csum_replace(flow_csum_replace(0, key->saddr, entry->saddr),
+					key->daddr, entry->daddr);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + ETH_HLEN;
 	struct l4_ports *ports = (void *)(ip + 1);
-	__sum16 *l4_check = data + l4_csum_off(pkt);
+	__sum16 *l4_check = (void *)(ip + 1) + (key->proto == IPPROTO_TCP ?
+					       __builtin_offsetof(struct tcphdr, check) :
+					       __builtin_offsetof(struct udphdr, check));
+	/* Both MACs as three words (4-byte aligned in the entry): x86 writes the packet's
+	 * unaligned ones whole. */
+	const __u32 *macs = (const __u32 *)entry->dmac;
+	__u32 *eth = data;
 	__u32 check;
 
 	if ((void *)(ports + 1) > data_end || (void *)(l4_check + 1) > data_end ||
@@ -272,10 +267,11 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct pkt
 	if (entry->l4_csum != FLOW4_L4_CSUM_ABSENT) {
 		check = flow_csum_fold(flow_csum_add(*l4_check, entry->l4_csum_delta));
 		/* Zero would mean no UDP checksum: 0xffff is the same sum (RFC 768). */
-		*l4_check = (__sum16)(check || pkt->proto != IPPROTO_UDP ? check : 0xffff);
+		*l4_check = (__sum16)(check || key->proto != IPPROTO_UDP ? check : 0xffff);
 	}
-	__builtin_memcpy(data, entry->dmac, ETH_ALEN);
-	__builtin_memcpy(data + ETH_ALEN, entry->smac, ETH_ALEN);
+	eth[0] = macs[0];
+	eth[1] = macs[1];
+	eth[2] = macs[2];
 	ip->saddr = entry->saddr;
 	ip->daddr = entry->daddr;
 	ports->source = entry->sport;
@@ -291,26 +287,32 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct pkt
 }
 
 /* Forwards @skb from the cache when a decision holds for it. Returns the verdict, or -1
- * for the slow path (nothing was changed then); @note starts over with the packet's
+ * for the slow path (nothing was changed then); @note then starts over with the packet's
  * tuple and TCP flags for flow_record if it may use the cache, else zero. */
 __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 {
 	struct flow4_entry decision;
 	struct flow4_entry *entry = &decision;
 	struct flow4_stats *stats;
-	struct pkt4 packet;
-	struct pkt4 *pkt = &packet;
+	__u8 tcp_flags;
 
 	if (!note)
 		return -1;
-	__builtin_memset(note, 0, sizeof(*note));
-	if (!flow_parse(skb, &note->key, pkt))
+	if (!flow_parse(skb, &note->key, &tcp_flags)) {
+		__builtin_memset(note, 0, sizeof(*note));
 		return -1;
-	note->tcp_flags = pkt->tcp_flags;
-	if (!flow_lookup(&note->key, entry) || !flow_usable(skb, entry, pkt, bpf_jiffies64()))
+	}
+	if (!flow_lookup(&note->key, entry) ||
+	    !flow_usable(skb, entry, tcp_flags, bpf_jiffies64()) ||
+	    !flow_rewrite(skb, &note->key, entry)) {
+		/* The rest of the note, for the slow path only: a cached packet needs none. */
+		note->tcp_flags = tcp_flags;
+		note->source_flags = 0;
+		note->dest_flags = 0;
+		note->ifindex = 0;
+		__builtin_memset(&note->macs, 0, sizeof(note->macs));
 		return -1;
-	if (!flow_rewrite(skb, pkt, entry))
-		return -1;
+	}
 	/* What the slow path counts: forwarded out of one pod and into the other. */
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_INGRESS);
