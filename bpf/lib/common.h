@@ -272,7 +272,7 @@ struct flow4_entry {
 	__u8 l4_csum;      /* FLOW4_L4_CSUM_*: what the L4 checksum field held when decided */
 	__u16 mtu;         /* the destination veth's MTU when decided */
 	__u16 l4_csum_delta; /* what the rewrite adds to the field, as l4_csum says */
-	__u16 pad;
+	__u16 pseudo_base;   /* the key's addresses and protocol summed as in the pseudo-header */
 };
 
 /* One slot of the flow cache, an array indexed by a hash of the key (flow_cache.h): the

@@ -209,15 +209,21 @@ static __always_inline bool flow_csum_equal(__u16 a, __u16 b)
 	return a == b || ((__u16)(a ^ b) == 0xffff && (a == 0 || b == 0));
 }
 
-/* The pseudo-header sum of @ip's packet, folded as an offload's checksum field holds it
- * (the kernel's ~csum_tcpudp_magic). */
-static __always_inline __u16 flow_pseudo_sum(const struct iphdr *ip)
+/* The addresses' and protocol's part of the pseudo-header sum of @key's packets, folded. */
+static __always_inline __u16 flow_pseudo_base(const struct flow4_key *key)
 {
-	__u32 sum = flow_csum_add(ip->saddr, ip->daddr);
+	return flow_csum_fold(flow_csum_add(flow_csum_add(key->saddr, key->daddr),
+					    bpf_htons((__u16)key->proto)));
+}
 
-	sum = flow_csum_add(sum, bpf_htons((__u16)ip->protocol));
-	sum = flow_csum_add(sum, bpf_htons(bpf_ntohs(ip->tot_len) - sizeof(struct iphdr)));
-	return flow_csum_fold(sum);
+/* The pseudo-header sum of @ip's packet, folded as an offload's checksum field holds it
+ * (the kernel's ~csum_tcpudp_magic): @entry's part, which the flow's key fixes, and the
+ * packet's L4 length. */
+static __always_inline __u16 flow_pseudo_sum(const struct flow4_entry *entry,
+					     const struct iphdr *ip)
+{
+	return flow_csum_fold(flow_csum_add(entry->pseudo_base,
+					    bpf_htons(bpf_ntohs(ip->tot_len) - sizeof(struct iphdr))));
 }
 
 /* Whether the L4 checksum field @check of @ip's packet is of the kind @entry recorded.
@@ -232,10 +238,10 @@ static __always_inline bool flow_csum_holds(const struct flow4_entry *entry,
 	case FLOW4_L4_CSUM_ABSENT:
 		return check == 0;
 	case FLOW4_L4_CSUM_PSEUDO:
-		return flow_csum_equal(check, flow_pseudo_sum(ip));
+		return flow_csum_equal(check, flow_pseudo_sum(entry, ip));
 	default:
 		return (check != 0 || ip->protocol != IPPROTO_UDP) &&
-		       !flow_csum_equal(check, flow_pseudo_sum(ip));
+		       !flow_csum_equal(check, flow_pseudo_sum(entry, ip));
 	}
 }
 
@@ -428,6 +434,7 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 		.l4_csum = l4_csum,
 		.mtu = mtu,
 		.l4_csum_delta = l4_csum_delta,
+		.pseudo_base = flow_pseudo_base(&note->key),
 	};
 	__builtin_memcpy(entry.dmac, note->macs.dest, ETH_ALEN);
 	__builtin_memcpy(entry.smac, note->macs.source, ETH_ALEN);

@@ -36,7 +36,8 @@ pub struct Flow4Entry {
     pub mtu: u16,
     /// What the rewrite adds to the L4 checksum field.
     pub l4_csum_delta: u16,
-    pub pad: u16,
+    /// The key's addresses and protocol summed as in the L4 pseudo-header.
+    pub pseudo_base: u16,
 }
 
 /// `struct flow4_slot`: one slot of the flow cache (`flow4`, an array indexed by a hash

@@ -122,7 +122,7 @@ pub const LAYOUTS: &[StructLayout] = &[
             l4_csum,
             mtu,
             l4_csum_delta,
-            pad
+            pseudo_base
         ]
     ),
     layout!("flow4_slot", Flow4Slot, [seq, key, entry]),
