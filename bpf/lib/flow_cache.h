@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The flow cache: a packet of an established connection between two pods of this node
- * costs one lookup. from_container looks the packet's tuple up in `flow4` (an array
+ * The flow cache: a packet of an established connection between two pods of this node,
+ * or from a pod of this node to one that native routing reaches on another node, costs
+ * one lookup. from_container looks the packet's tuple up in `flow4` (an array
  * indexed by a hash of it: flow_lookup); a decision that still holds (flow_usable) is
  * applied as the slow path would apply it: the rewrite to the tuple the packet entered
  * the destination pod with (service translation and reverse NAT alike), the MACs and TTL
@@ -39,6 +40,7 @@
 #include "maps.h"
 #include "metrics.h"
 #include "parse.h"
+#include "tunnel.h"
 
 /* Whether @skb may use the cache, with its tuple in @key and its TCP flags in @flags if
  * so: option-less unfragmented IPv4 with a TTL that survives forwarding, UDP or
@@ -166,10 +168,13 @@ static __always_inline struct flow4_stats *flow_stats(void)
 
 /* Whether @skb fits the destination veth's MTU as @entry recorded it, as bpf_check_mtu
  * judges without BPF_MTU_CHK_SEGS: a GSO packet is segmented on the way. The stack
- * answers a larger one with ICMP. A changed MTU holds from the next decision on. */
+ * answers a larger one with ICMP. A changed MTU holds from the next decision on. A GSO
+ * packet to another node is left to the slow path, which checks its segments against
+ * the underlay's MTU (forward_to_node). */
 static __always_inline bool flow_fits(struct __sk_buff *skb, const struct flow4_entry *entry)
 {
-	return skb->len <= (__u32)entry->mtu + ETH_HLEN || skb->gso_size != 0;
+	return skb->len <= (__u32)entry->mtu + ETH_HLEN ||
+	       (skb->gso_size != 0 && !entry->next_hop);
 }
 
 /* Whether @entry still decides @skb, whose TCP flags are @tcp_flags: made in this
@@ -275,9 +280,6 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct flo
 		/* Zero would mean no UDP checksum: 0xffff is the same sum (RFC 768). */
 		*l4_check = (__sum16)(check || key->proto != IPPROTO_UDP ? check : 0xffff);
 	}
-	eth[0] = macs[0];
-	eth[1] = macs[1];
-	eth[2] = macs[2];
 	ip->saddr = entry->saddr;
 	ip->daddr = entry->daddr;
 	ports->source = entry->sport;
@@ -285,6 +287,13 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct flo
 	/* The IP checksum is always complete: the addresses' change, then the TTL's, as
 	 * flow_write_l2 forwards it. */
 	ip->check = (__sum16)~flow_csum_fold(flow_csum_add((__u16)~ip->check, addrs));
+	/* To another node, the neighbour table writes the MACs and the TTL stays, as
+	 * forward_to_node sends it. */
+	if (entry->next_hop)
+		return true;
+	eth[0] = macs[0];
+	eth[1] = macs[1];
+	eth[2] = macs[2];
 	check = ip->check;
 	check += bpf_htons(0x0100);
 	ip->check = (__sum16)(check + (check >= 0xffff));
@@ -292,8 +301,26 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct flo
 	return true;
 }
 
-/* Forwards @skb from the cache when a decision holds for it. Returns the verdict, or -1
- * for the slow path (nothing was changed then); @note then starts over with the packet's
+/* What flow_forward returns for a packet the cache sends to another node: its caller
+ * redirects it (flow_redirect_node) to where the note says. */
+#define FLOW_TO_NODE (-2)
+
+/* Sends the packet to the node @note names, as forward_to_node does. Out of line and
+ * called by from_container itself: the next hop's room on the stack would not fit
+ * beside flow_forward's. */
+static __noinline int flow_redirect_node(const struct flow_note *note)
+{
+	struct bpf_redir_neigh next_hop = { .nh_family = AF_INET };
+
+	if (!note)
+		return TC_ACT_SHOT;
+	next_hop.ipv4_nh = note->next_hop;
+	return bpf_redirect_neigh(note->ifindex, &next_hop, sizeof(next_hop), 0);
+}
+
+/* Forwards @skb from the cache when a decision holds for it. Returns the verdict,
+ * FLOW_TO_NODE with the node in @note's ifindex and next_hop, or -1 for the slow path
+ * (nothing was changed then); @note then starts over with the packet's
  * tuple and TCP flags for flow_record if it may use the cache, else zero. */
 __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 {
@@ -317,14 +344,21 @@ __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 		note->dest_flags = 0;
 		note->ifindex = 0;
 		__builtin_memset(&note->macs, 0, sizeof(note->macs));
+		note->next_hop = 0;
 		return -1;
 	}
-	/* What the slow path counts: forwarded out of one pod and into the other. */
-	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
-	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_INGRESS);
 	stats = flow_stats();
 	if (stats)
 		stats->hits++;
+	/* What the slow path counts: forwarded out of the pod, and into the other one when
+	 * it is on this node. */
+	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
+	if (entry->next_hop) {
+		note->ifindex = entry->ifindex;
+		note->next_hop = entry->next_hop;
+		return FLOW_TO_NODE;
+	}
+	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_INGRESS);
 	return bpf_redirect_peer(entry->ifindex, 0);
 }
 
@@ -402,8 +436,10 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 	__u8 l4_csum = 0;
 	__u32 mtu = 0;
 
+	/* A packet to another node has no destination entry on this node. */
 	if (!note || !note->key.ifindex || !flow_settled(note->source_flags) ||
-	    !flow_settled(note->dest_flags) || !note->ifindex || (void *)(ports + 1) > data_end)
+	    (!note->next_hop && !flow_settled(note->dest_flags)) || !note->ifindex ||
+	    (void *)(ports + 1) > data_end)
 		return false;
 	/* The cached packets compare their length with it (flow_fits): the helper is a
 	 * device lookup by index, once per decision instead of once per packet. */
@@ -435,6 +471,7 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 		.mtu = mtu,
 		.l4_csum_delta = l4_csum_delta,
 		.pseudo_base = flow_pseudo_base(&note->key),
+		.next_hop = note->next_hop,
 	};
 	__builtin_memcpy(entry.dmac, note->macs.dest, ETH_ALEN);
 	__builtin_memcpy(entry.smac, note->macs.source, ETH_ALEN);

@@ -228,8 +228,10 @@ struct flow_note {
 	 * any: kept raw, so noting them forks no verifier state; flow_record judges them. */
 	__u8 source_flags;
 	__u8 dest_flags;
-	__u32 ifindex;       /* the destination pod's veth, once host routing delivered it */
+	__u32 ifindex;       /* the destination pod's veth, once host routing delivered it,
+			      * or the underlay device native routing sent it to */
 	struct eth_addrs macs;
+	__be32 next_hop;     /* the node native routing sent it to (flow_note_remote), or 0 */
 };
 
 struct {

@@ -122,7 +122,9 @@ pub const LAYOUTS: &[StructLayout] = &[
             l4_csum,
             mtu,
             l4_csum_delta,
-            pseudo_base
+            pseudo_base,
+            next_hop,
+            pad
         ]
     ),
     layout!("flow4_slot", Flow4Slot, [seq, key, entry]),
