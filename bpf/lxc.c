@@ -245,9 +245,14 @@ int from_container(struct __sk_buff *skb)
 	 * packet may use the cache is in the note, not in a branch here, so the verifier
 	 * checks the slow path once. */
 	verdict = flow_forward(skb, note);
+	if (verdict == FLOW_TO_NODE)
+		return flow_redirect_node(note);
 	if (verdict >= 0)
 		return verdict;
 	verdict = container_egress(skb, note, &pkt, &tracked);
+	/* Native routing sent it to another node: the cache keeps that decision too. */
+	if (verdict == TC_ACT_REDIRECT && note->next_hop)
+		flow_record(skb, note);
 	if (verdict != TC_ACT_OK)
 		return verdict;
 	/* What the node's stack would route to a pod of this node goes straight in, its

@@ -264,7 +264,7 @@ struct flow4_entry {
 	__be32 daddr;
 	__be16 sport;
 	__be16 dport;
-	__u32 ifindex;     /* the destination pod's host-side veth */
+	__u32 ifindex;     /* the destination pod's host-side veth, or the underlay device */
 	__u32 generation;  /* flow4_generation when decided */
 	__u8 dmac[6];      /* the destination pod's MAC */
 	__u8 smac[6];      /* its veth's MAC, the sender as the node would write it */
@@ -272,7 +272,19 @@ struct flow4_entry {
 	__u8 l4_csum;      /* FLOW4_L4_CSUM_*: what the L4 checksum field held when decided */
 	__u16 mtu;         /* the destination veth's MTU when decided */
 	__u16 l4_csum_delta; /* what the rewrite adds to the field, as l4_csum says */
-	__u16 pad;
+	__u16 pseudo_base;   /* the key's addresses and protocol summed as in the pseudo-header */
+	__be32 next_hop;     /* the node native routing sends it to through ifindex, the
+			      * underlay device (no MACs, no TTL written); 0 for a local pod */
+	__u32 pad;
+};
+
+/* One slot of the flow cache, an array indexed by a hash of the key (flow_cache.h): the
+ * decision and the key it is for. @seq is odd while the slow path writes the slot, and
+ * moves on with every write, so a reader knows a whole decision from a torn one. */
+struct flow4_slot {
+	__u32 seq;
+	struct flow4_key key;
+	struct flow4_entry entry;
 };
 
 /* What a flow's L4 checksum field holds (flow_cache.h): none (a UDP zero), a complete

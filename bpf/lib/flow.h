@@ -40,4 +40,20 @@ static __always_inline int flow_write_l2(struct __sk_buff *skb, const struct eth
 	return 0;
 }
 
+/* Notes for the flow cache (flow_record) that native routing sent the packet to the node
+ * @node through the underlay device @ifindex. Through the per-CPU note rather than a
+ * parameter: the programs that share forward_to_node with from_container leave a note
+ * that is never recorded, as only from_container records, and it starts its note over
+ * for every packet it decides. */
+static __always_inline void flow_note_remote(__u32 ifindex, __be32 node)
+{
+	__u32 zero = 0;
+	struct flow_note *note = bpf_map_lookup_elem(&flow4_notes, &zero);
+
+	if (note) {
+		note->ifindex = ifindex;
+		note->next_hop = node;
+	}
+}
+
 #endif

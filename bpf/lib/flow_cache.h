@@ -1,12 +1,13 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The flow cache: a packet of an established connection between two pods of this node
- * costs one lookup. from_container looks the packet's tuple up in `flow4`; a decision
- * that still holds (flow_usable) is applied as the slow path would apply it: the
- * rewrite to the tuple the packet entered the destination pod with (service
- * translation and reverse NAT alike), the MACs and TTL host routing writes, the metrics
- * both ends count, and the redirect into the pod. Policy is not consulted: it judges
- * new connections only, and a cached packet never opens one.
+ * The flow cache: a packet of an established connection between two pods of this node,
+ * or from a pod of this node to one that native routing reaches on another node, costs
+ * one lookup. from_container looks the packet's tuple up in `flow4` (an array
+ * indexed by a hash of it: flow_lookup); a decision that still holds (flow_usable) is
+ * applied as the slow path would apply it: the rewrite to the tuple the packet entered
+ * the destination pod with (service translation and reverse NAT alike), the MACs and TTL
+ * host routing writes, the metrics both ends count, and the redirect into the pod. Policy
+ * is not consulted: it judges new connections only, and a cached packet never opens one.
  *
  * Everything else takes the slow path, which records a decision (flow_record) when both
  * ends accounted the packet to an established conntrack entry and host routing
@@ -38,15 +39,15 @@
 #include "flow.h"
 #include "maps.h"
 #include "metrics.h"
-#include "nat.h"
 #include "parse.h"
+#include "tunnel.h"
 
-/* Whether @skb may use the cache, with its tuple in @key and @pkt (as parse_ipv4 fills
- * it) if so: option-less unfragmented IPv4 with a TTL that survives forwarding, UDP or
+/* Whether @skb may use the cache, with its tuple in @key and its TCP flags in @flags if
+ * so: option-less unfragmented IPv4 with a TTL that survives forwarding, UDP or
  * TCP without SYN, FIN or RST (they change conntrack state), headers valid and in the
  * linear data. Anything else, malformed packets included, takes the slow path. */
 static __always_inline bool flow_parse(struct __sk_buff *skb, struct flow4_key *key,
-				       struct pkt4 *pkt)
+				       __u8 *flags)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
@@ -54,7 +55,7 @@ static __always_inline bool flow_parse(struct __sk_buff *skb, struct flow4_key *
 	struct l4_ports *ports = (void *)(ip + 1);
 	struct tcphdr *tcp = (void *)(ip + 1);
 	__u32 tot_len, l4_min = sizeof(struct udphdr);
-	__u8 flags = 0;
+	__u8 tcp_flags = 0;
 
 	if (skb->protocol != bpf_htons(ETH_P_IP) || (void *)(tcp + 1) > data_end)
 		return false;
@@ -62,8 +63,8 @@ static __always_inline bool flow_parse(struct __sk_buff *skb, struct flow4_key *
 	    (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
 		return false;
 	if (ip->protocol == IPPROTO_TCP) {
-		flags = ((__u8 *)tcp)[TCP_FLAGS_OFF];
-		if (flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST) || tcp->doff < 5)
+		tcp_flags = ((__u8 *)tcp)[TCP_FLAGS_OFF];
+		if (tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST) || tcp->doff < 5)
 			return false;
 		l4_min = tcp->doff * 4;
 	} else if (ip->protocol != IPPROTO_UDP) {
@@ -82,17 +83,71 @@ static __always_inline bool flow_parse(struct __sk_buff *skb, struct flow4_key *
 		.proto = ip->protocol,
 		.ifindex = skb->ifindex,
 	};
-	*pkt = (struct pkt4){
-		.saddr = ip->saddr,
-		.daddr = ip->daddr,
-		.sport = ports->source,
-		.dport = ports->dest,
-		.proto = ip->protocol,
-		.tcp_flags = flags,
-		.l4_off = ETH_HLEN + sizeof(struct iphdr),
-		.len = skb->len,
-		.ifindex = skb->ifindex,
-	};
+	*flags = tcp_flags;
+	return true;
+}
+
+/* The slot of @key's flow in `flow4`: a multiplicative hash of the tuple and the veth.
+ * Flows that share a slot take turns in it, each decided again after the other replaced
+ * it (a direct-mapped cache); a pod that aims its flows at another's slot only sends that
+ * flow through the slow path. */
+static __always_inline __u32 flow_slot_index(const struct flow4_key *key)
+{
+	__u32 hash = (key->saddr ^ key->ifindex) * 0x9e3779b1U;
+
+	hash = (hash ^ key->daddr) * 0x85ebca6bU;
+	hash = (hash ^ ((__u32)key->sport << 16 | key->dport) ^ key->proto) * 0xc2b2ae35U;
+	return (hash ^ hash >> 16) & (FLOW4_MAX - 1);
+}
+
+static __always_inline bool flow_key_equal(const struct flow4_key *a, const struct flow4_key *b)
+{
+	return a->saddr == b->saddr && a->daddr == b->daddr && a->sport == b->sport &&
+	       a->dport == b->dport && a->proto == b->proto && a->ifindex == b->ifindex;
+}
+
+/* Orders the slot's accesses for the compiler. x86, the only architecture sluice is built
+ * for, keeps loads in order with loads and stores with stores, so, as for the kernel's
+ * seqcount there, that is all a slot's sequence needs. */
+#define flow_barrier() asm volatile("" ::: "memory")
+
+/* Copies the decision for @key into @entry. Returns whether @key's slot held one, whole:
+ * not torn by a write on another CPU meanwhile. */
+static __always_inline bool flow_lookup(const struct flow4_key *key, struct flow4_entry *entry)
+{
+	__u32 index = flow_slot_index(key);
+	struct flow4_slot *slot = bpf_map_lookup_elem(&flow4, &index);
+	__u32 seq;
+
+	if (!slot)
+		return false;
+	seq = *(volatile __u32 *)&slot->seq;
+	flow_barrier();
+	if ((seq & 1) || !flow_key_equal(&slot->key, key))
+		return false;
+	*entry = slot->entry;
+	flow_barrier();
+	return *(volatile __u32 *)&slot->seq == seq;
+}
+
+/* Writes @entry, the decision for @key, into its slot. Returns whether it did: not when
+ * another CPU is writing the slot (a later packet of the flow records it then). */
+static __always_inline bool flow_store(const struct flow4_key *key,
+				       const struct flow4_entry *entry)
+{
+	__u32 index = flow_slot_index(key);
+	struct flow4_slot *slot = bpf_map_lookup_elem(&flow4, &index);
+	__u32 seq;
+
+	if (!slot)
+		return false;
+	seq = *(volatile __u32 *)&slot->seq;
+	if ((seq & 1) || __sync_val_compare_and_swap(&slot->seq, seq, seq + 1) != seq)
+		return false;
+	slot->key = *key;
+	slot->entry = *entry;
+	flow_barrier();
+	*(volatile __u32 *)&slot->seq = seq + 2;
 	return true;
 }
 
@@ -113,21 +168,24 @@ static __always_inline struct flow4_stats *flow_stats(void)
 
 /* Whether @skb fits the destination veth's MTU as @entry recorded it, as bpf_check_mtu
  * judges without BPF_MTU_CHK_SEGS: a GSO packet is segmented on the way. The stack
- * answers a larger one with ICMP. A changed MTU holds from the next decision on. */
+ * answers a larger one with ICMP. A changed MTU holds from the next decision on. A GSO
+ * packet to another node is left to the slow path, which checks its segments against
+ * the underlay's MTU (forward_to_node). */
 static __always_inline bool flow_fits(struct __sk_buff *skb, const struct flow4_entry *entry)
 {
-	return skb->len <= (__u32)entry->mtu + ETH_HLEN || skb->gso_size != 0;
+	return skb->len <= (__u32)entry->mtu + ETH_HLEN ||
+	       (skb->gso_size != 0 && !entry->next_hop);
 }
 
-/* Whether @entry still decides @pkt: made in this generation, young enough, with every
- * TCP flag of @pkt already accounted by the slow path, and @skb within the destination
- * veth's MTU. @now is bpf_jiffies64(). */
+/* Whether @entry still decides @skb, whose TCP flags are @tcp_flags: made in this
+ * generation, young enough, with every one of the flags already accounted by the slow
+ * path, and @skb within the destination veth's MTU. @now is bpf_jiffies64(). */
 static __always_inline bool flow_usable(struct __sk_buff *skb, const struct flow4_entry *entry,
-					const struct pkt4 *pkt, __u64 now)
+					__u8 tcp_flags, __u64 now)
 {
 	return entry->generation == flow_generation_now() &&
 	       now - entry->decided_jiffies < FLOW4_DECISION_JIFFIES &&
-	       (pkt->tcp_flags & ~entry->tcp_flags) == 0 && flow_fits(skb, entry);
+	       (tcp_flags & ~entry->tcp_flags) == 0 && flow_fits(skb, entry);
 }
 
 /* Ones' complement arithmetic on raw (memory order) words, as the kernel's csum_add:
@@ -156,15 +214,21 @@ static __always_inline bool flow_csum_equal(__u16 a, __u16 b)
 	return a == b || ((__u16)(a ^ b) == 0xffff && (a == 0 || b == 0));
 }
 
-/* The pseudo-header sum of @ip's packet, folded as an offload's checksum field holds it
- * (the kernel's ~csum_tcpudp_magic). */
-static __always_inline __u16 flow_pseudo_sum(const struct iphdr *ip)
+/* The addresses' and protocol's part of the pseudo-header sum of @key's packets, folded. */
+static __always_inline __u16 flow_pseudo_base(const struct flow4_key *key)
 {
-	__u32 sum = flow_csum_add(ip->saddr, ip->daddr);
+	return flow_csum_fold(flow_csum_add(flow_csum_add(key->saddr, key->daddr),
+					    bpf_htons((__u16)key->proto)));
+}
 
-	sum = flow_csum_add(sum, bpf_htons((__u16)ip->protocol));
-	sum = flow_csum_add(sum, bpf_htons(bpf_ntohs(ip->tot_len) - sizeof(struct iphdr)));
-	return flow_csum_fold(sum);
+/* The pseudo-header sum of @ip's packet, folded as an offload's checksum field holds it
+ * (the kernel's ~csum_tcpudp_magic): @entry's part, which the flow's key fixes, and the
+ * packet's L4 length. */
+static __always_inline __u16 flow_pseudo_sum(const struct flow4_entry *entry,
+					     const struct iphdr *ip)
+{
+	return flow_csum_fold(flow_csum_add(entry->pseudo_base,
+					    bpf_htons(bpf_ntohs(ip->tot_len) - sizeof(struct iphdr))));
 }
 
 /* Whether the L4 checksum field @check of @ip's packet is of the kind @entry recorded.
@@ -179,27 +243,33 @@ static __always_inline bool flow_csum_holds(const struct flow4_entry *entry,
 	case FLOW4_L4_CSUM_ABSENT:
 		return check == 0;
 	case FLOW4_L4_CSUM_PSEUDO:
-		return flow_csum_equal(check, flow_pseudo_sum(ip));
+		return flow_csum_equal(check, flow_pseudo_sum(entry, ip));
 	default:
 		return (check != 0 || ip->protocol != IPPROTO_UDP) &&
-		       !flow_csum_equal(check, flow_pseudo_sum(ip));
+		       !flow_csum_equal(check, flow_pseudo_sum(entry, ip));
 	}
 }
 
-/* Rewrites @pkt's tuple in @skb to @entry's and writes the MACs, the TTL, the IP
+/* Rewrites @key's tuple in @skb to @entry's and writes the MACs, the TTL, the IP
  * checksum and the L4 checksum (the change flow_record computed for its kind) as
  * forwarding would, all directly: no helper call. Returns whether it did; when it did
  * not (a checksum of another kind), nothing was written. */
-static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct pkt4 *pkt,
+static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct flow4_key *key,
 					 const struct flow4_entry *entry)
 {
-	__u32 addrs = flow_csum_replace(flow_csum_replace(0, pkt->saddr, entry->saddr),
-					pkt->daddr, entry->daddr);
+	__u32 addrs = flow_csum_replace(flow_csum_replace(0, key->saddr, entry->saddr),
+					key->daddr, entry->daddr);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + ETH_HLEN;
 	struct l4_ports *ports = (void *)(ip + 1);
-	__sum16 *l4_check = data + l4_csum_off(pkt);
+	__sum16 *l4_check = (void *)(ip + 1) + (key->proto == IPPROTO_TCP ?
+					       __builtin_offsetof(struct tcphdr, check) :
+					       __builtin_offsetof(struct udphdr, check));
+	/* Both MACs as three words (4-byte aligned in the entry): x86 writes the packet's
+	 * unaligned ones whole. */
+	const __u32 *macs = (const __u32 *)entry->dmac;
+	__u32 *eth = data;
 	__u32 check;
 
 	if ((void *)(ports + 1) > data_end || (void *)(l4_check + 1) > data_end ||
@@ -208,10 +278,8 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct pkt
 	if (entry->l4_csum != FLOW4_L4_CSUM_ABSENT) {
 		check = flow_csum_fold(flow_csum_add(*l4_check, entry->l4_csum_delta));
 		/* Zero would mean no UDP checksum: 0xffff is the same sum (RFC 768). */
-		*l4_check = (__sum16)(check || pkt->proto != IPPROTO_UDP ? check : 0xffff);
+		*l4_check = (__sum16)(check || key->proto != IPPROTO_UDP ? check : 0xffff);
 	}
-	__builtin_memcpy(data, entry->dmac, ETH_ALEN);
-	__builtin_memcpy(data + ETH_ALEN, entry->smac, ETH_ALEN);
 	ip->saddr = entry->saddr;
 	ip->daddr = entry->daddr;
 	ports->source = entry->sport;
@@ -219,6 +287,13 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct pkt
 	/* The IP checksum is always complete: the addresses' change, then the TTL's, as
 	 * flow_write_l2 forwards it. */
 	ip->check = (__sum16)~flow_csum_fold(flow_csum_add((__u16)~ip->check, addrs));
+	/* To another node, the neighbour table writes the MACs and the TTL stays, as
+	 * forward_to_node sends it. */
+	if (entry->next_hop)
+		return true;
+	eth[0] = macs[0];
+	eth[1] = macs[1];
+	eth[2] = macs[2];
 	check = ip->check;
 	check += bpf_htons(0x0100);
 	ip->check = (__sum16)(check + (check >= 0xffff));
@@ -226,33 +301,64 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct pkt
 	return true;
 }
 
-/* Forwards @skb from the cache when a decision holds for it. Returns the verdict, or -1
- * for the slow path (nothing was changed then); @note starts over with the packet's
+/* What flow_forward returns for a packet the cache sends to another node: its caller
+ * redirects it (flow_redirect_node) to where the note says. */
+#define FLOW_TO_NODE (-2)
+
+/* Sends the packet to the node @note names, as forward_to_node does. Out of line and
+ * called by from_container itself: the next hop's room on the stack would not fit
+ * beside flow_forward's. */
+static __noinline int flow_redirect_node(const struct flow_note *note)
+{
+	struct bpf_redir_neigh next_hop = { .nh_family = AF_INET };
+
+	if (!note)
+		return TC_ACT_SHOT;
+	next_hop.ipv4_nh = note->next_hop;
+	return bpf_redirect_neigh(note->ifindex, &next_hop, sizeof(next_hop), 0);
+}
+
+/* Forwards @skb from the cache when a decision holds for it. Returns the verdict,
+ * FLOW_TO_NODE with the node in @note's ifindex and next_hop, or -1 for the slow path
+ * (nothing was changed then); @note then starts over with the packet's
  * tuple and TCP flags for flow_record if it may use the cache, else zero. */
 __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 {
-	struct flow4_entry *entry;
+	struct flow4_entry decision;
+	struct flow4_entry *entry = &decision;
 	struct flow4_stats *stats;
-	struct pkt4 packet;
-	struct pkt4 *pkt = &packet;
+	__u8 tcp_flags;
 
 	if (!note)
 		return -1;
-	__builtin_memset(note, 0, sizeof(*note));
-	if (!flow_parse(skb, &note->key, pkt))
+	if (!flow_parse(skb, &note->key, &tcp_flags)) {
+		__builtin_memset(note, 0, sizeof(*note));
 		return -1;
-	note->tcp_flags = pkt->tcp_flags;
-	entry = bpf_map_lookup_elem(&flow4, &note->key);
-	if (!entry || !flow_usable(skb, entry, pkt, bpf_jiffies64()))
+	}
+	if (!flow_lookup(&note->key, entry) ||
+	    !flow_usable(skb, entry, tcp_flags, bpf_jiffies64()) ||
+	    !flow_rewrite(skb, &note->key, entry)) {
+		/* The rest of the note, for the slow path only: a cached packet needs none. */
+		note->tcp_flags = tcp_flags;
+		note->source_flags = 0;
+		note->dest_flags = 0;
+		note->ifindex = 0;
+		__builtin_memset(&note->macs, 0, sizeof(note->macs));
+		note->next_hop = 0;
 		return -1;
-	if (!flow_rewrite(skb, pkt, entry))
-		return -1;
-	/* What the slow path counts: forwarded out of one pod and into the other. */
-	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
-	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_INGRESS);
+	}
 	stats = flow_stats();
 	if (stats)
 		stats->hits++;
+	/* What the slow path counts: forwarded out of the pod, and into the other one when
+	 * it is on this node. */
+	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
+	if (entry->next_hop) {
+		note->ifindex = entry->ifindex;
+		note->next_hop = entry->next_hop;
+		return FLOW_TO_NODE;
+	}
+	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_INGRESS);
 	return bpf_redirect_peer(entry->ifindex, 0);
 }
 
@@ -330,8 +436,10 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 	__u8 l4_csum = 0;
 	__u32 mtu = 0;
 
+	/* A packet to another node has no destination entry on this node. */
 	if (!note || !note->key.ifindex || !flow_settled(note->source_flags) ||
-	    !flow_settled(note->dest_flags) || !note->ifindex || (void *)(ports + 1) > data_end)
+	    (!note->next_hop && !flow_settled(note->dest_flags)) || !note->ifindex ||
+	    (void *)(ports + 1) > data_end)
 		return false;
 	/* The cached packets compare their length with it (flow_fits): the helper is a
 	 * device lookup by index, once per decision instead of once per packet. */
@@ -362,10 +470,12 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 		.l4_csum = l4_csum,
 		.mtu = mtu,
 		.l4_csum_delta = l4_csum_delta,
+		.pseudo_base = flow_pseudo_base(&note->key),
+		.next_hop = note->next_hop,
 	};
 	__builtin_memcpy(entry.dmac, note->macs.dest, ETH_ALEN);
 	__builtin_memcpy(entry.smac, note->macs.source, ETH_ALEN);
-	if (bpf_map_update_elem(&flow4, &note->key, &entry, BPF_ANY) < 0)
+	if (!flow_store(&note->key, &entry))
 		return false;
 	stats = flow_stats();
 	if (stats)

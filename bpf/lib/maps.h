@@ -27,7 +27,7 @@
 #define LB4_AFFINITY_MAX 65536 /* clients x frontends with sessionAffinity, as Cilium's */
 #define LB4_MAGLEV_MAX   8192  /* Maglev frontends per node */
 #define LB4_MAGLEV_TABLE_ENTRIES 4096 /* template only: user space sizes each table */
-#define FLOW4_MAX        65536 /* a cache: an evicted flow is decided again */
+#define FLOW4_MAX        65536 /* a cache: an evicted flow is decided again; a power of two */
 
 /* The service, backend and endpoint maps are written by user space only, so they
  * need no preallocation (Cilium does the same); LRU maps are always preallocated. */
@@ -228,8 +228,10 @@ struct flow_note {
 	 * any: kept raw, so noting them forks no verifier state; flow_record judges them. */
 	__u8 source_flags;
 	__u8 dest_flags;
-	__u32 ifindex;       /* the destination pod's veth, once host routing delivered it */
+	__u32 ifindex;       /* the destination pod's veth, once host routing delivered it,
+			      * or the underlay device native routing sent it to */
 	struct eth_addrs macs;
+	__be32 next_hop;     /* the node native routing sent it to (flow_note_remote), or 0 */
 };
 
 struct {
@@ -239,11 +241,13 @@ struct {
 	__uint(max_entries, 1);
 } flow4_notes SEC(".maps");
 
-/* The flow cache (flow_cache.h): established flows' decisions, written by the datapath. */
+/* The flow cache (flow_cache.h): established flows' decisions, written by the datapath.
+ * An array indexed by a hash of the flow's key, not a hash map: the verifier inlines an
+ * array's lookup, where a hash map's is a call. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct flow4_key);
-	__type(value, struct flow4_entry);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32); /* flow_slot_index */
+	__type(value, struct flow4_slot);
 	__uint(max_entries, FLOW4_MAX);
 } flow4 SEC(".maps");
 

@@ -31,6 +31,7 @@
 
 #include "common.h"
 #include "events.h"
+#include "flow.h"
 #include "identity.h"
 #include "maps.h"
 #include "metrics.h"
@@ -208,6 +209,9 @@ static __always_inline int forward_to_node(struct __sk_buff *skb, const struct p
 	struct bpf_redir_neigh next_hop = { .nh_family = AF_INET, .ipv4_nh = node };
 
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
+	/* Native routing only: the cache does not encapsulate. */
+	if (!tunnel)
+		flow_note_remote(ifindex, node);
 	return bpf_redirect_neigh(ifindex, &next_hop, sizeof(next_hop), 0);
 }
 

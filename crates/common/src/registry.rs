@@ -10,10 +10,10 @@
 use aya::maps::MapType;
 
 use crate::{
-    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Flow4Entry,
-    Flow4Key, Flow4Stats, Frag4Key, Frag4Ports, IpcacheEntry, IpcacheKey, Lb4Affinity,
-    Lb4AffinityKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service,
-    Lb4SourceRangeKey, MetricsValue, NodeConfig,
+    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Flow4Slot,
+    Flow4Stats, Frag4Key, Frag4Ports, IpcacheEntry, IpcacheKey, Lb4Affinity, Lb4AffinityKey,
+    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRangeKey,
+    MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -119,9 +119,10 @@ impl MapId {
 pub const EVENT_BUCKET_SIZE: usize = 2 * size_of::<u64>();
 
 /// `struct flow_note` in bpf/lib/maps.h: one packet's tuple and what the slow path learnt
-/// about it (the `Flow4Key`, four flag bytes, an ifindex and two MACs). Only the
-/// datapath reads it, so it has no Rust mirror.
-pub const FLOW_NOTE_SIZE: usize = size_of::<crate::Flow4Key>() + 4 + size_of::<u32>() + 12;
+/// about it (the `Flow4Key`, four flag bytes, an ifindex, two MACs and a next hop). Only
+/// the datapath reads it, so it has no Rust mirror.
+pub const FLOW_NOTE_SIZE: usize =
+    size_of::<crate::Flow4Key>() + 4 + size_of::<u32>() + 12 + size_of::<u32>();
 
 macro_rules! map {
     ($id:ident, $name:literal, $kind:ident, $key:ty => $value:ty, $max:expr,
@@ -207,7 +208,7 @@ pub const MAPS: [MapDef; 24] = [
          capacity: None, realize: None, count: Uncounted),
     // The flow cache (bpf/lib/flow_cache.h): established flows' decisions, datapath
     // state. A cache, not reported: its hits are in flow4_stats.
-    map!(FlowCache, "flow4", LruHash, Flow4Key => Flow4Entry, 65536,
+    map!(FlowCache, "flow4", Array, u32 => Flow4Slot, 65536,
          capacity: None, realize: None, count: Uncounted),
     // Bumped by the realizer after every pass that changed a map (index 0).
     map!(FlowGeneration, "flow4_generation", Array, u32 => u32, 1,

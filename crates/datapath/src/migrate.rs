@@ -9,7 +9,9 @@
 //! once more, and the new map's pin replaces the old one (a rename on bpffs). So no packet
 //! sees an empty map: the new programs see the filled one from their first packet. A map
 //! of a layout without a migration, or an entry that does not convert, is refused before
-//! the swap, with the running programs and every pin as they were.
+//! the swap, with the running programs and every pin as they were; but a map whose entries
+//! may be dropped (`migrations::DROPPED_AT_UPGRADE`, the flow cache) is replaced by an
+//! empty one of today's layout the same way.
 
 use std::{
     collections::HashMap,
@@ -53,11 +55,14 @@ pub struct MigratedMap {
     pub late_unconvertible: usize,
 }
 
-/// A map to migrate: its registry entry, the migration and the old map's capacity.
+/// A map to migrate: its registry entry, the migration (none for a map that starts
+/// empty), the pinned layout in words and the capacity the new map keeps (the old map's,
+/// or the registry's for one that starts empty).
 struct Step {
     def: &'static MapDef,
-    migration: &'static Migration,
-    max_entries: u32,
+    migration: Option<&'static Migration>,
+    found: String,
+    max_entries: Option<u32>,
 }
 
 /// The maps of today's layout being made beside the pinned ones, removed on drop unless
@@ -116,7 +121,7 @@ impl Staging {
 
     /// The capacity a new map keeps: the old map's, as a reused pin keeps its own.
     pub(crate) fn max_entries(&self, def: &MapDef) -> Option<u32> {
-        self.step(def).map(|s| s.max_entries)
+        self.step(def).and_then(|s| s.max_entries)
     }
 
     /// Converts every entry of each old map into its new one, which the loaded programs
@@ -135,14 +140,14 @@ impl Staging {
                     let again = copy(&self.pin_dir, step, Some(&copied))?;
                     copied.absorb(again);
                 }
-                match copied.unconvertible.first() {
-                    Some((key, reason)) => Err(DatapathError::Unconvertible {
-                        migration: step.migration,
+                match (copied.unconvertible.first(), step.migration) {
+                    (Some((key, reason)), Some(migration)) => Err(DatapathError::Unconvertible {
+                        migration,
                         key: hex(key),
                         reason: *reason,
                         count: copied.unconvertible.len(),
                     }),
-                    None => Ok(copied),
+                    _ => Ok(copied),
                 }
             })
             .collect::<Result<_, _>>()?;
@@ -165,8 +170,8 @@ impl Staging {
             })?;
             migrated.push(MigratedMap {
                 map: step.def.name,
-                from: step.migration.from_layout(),
-                to: step.migration.to_layout(),
+                from: step.found.clone(),
+                to: migrations::layout(step.def),
                 entries: filled.written,
                 late_entries: late.written,
                 late_unconvertible: late.unconvertible.len(),
@@ -232,6 +237,10 @@ impl Copied {
 /// made of its packets in the moment before this call).
 fn copy(pin_dir: &Path, step: &Step, copied: Option<&Copied>) -> Result<Copied, DatapathError> {
     let def = step.def;
+    // A map that starts empty takes nothing over.
+    let Some(migration) = step.migration else {
+        return Ok(Copied::default());
+    };
     let (old, old_info) = open(def, &pin_dir.join(def.name))?;
     let (new, new_info) = open(def, &pin_dir.join(STAGING_DIR).join(def.name))?;
     let sys_err = |source| DatapathError::Sys {
@@ -247,7 +256,7 @@ fn copy(pin_dir: &Path, step: &Step, copied: Option<&Copied>) -> Result<Copied, 
             continue;
         }
         done.seen.insert(key.clone(), digest);
-        let value = match (step.migration.convert)(&value) {
+        let value = match (migration.convert)(&value) {
             Ok(value) => value,
             Err(reason) => {
                 done.unconvertible.push((key, reason));
@@ -308,18 +317,26 @@ fn check_pinned_map(pin_dir: &Path, def: &'static MapDef) -> Result<Option<Step>
     if (map_type, key_size, value_size) == (def.kind, def.key_size, def.value_size) {
         return Ok(None);
     }
+    let found = format!("{map_type:?} key {key_size} value {value_size}");
     let migration = migrations::migration(def.id, value_size)
         .filter(|_| map_type == def.kind && key_size == def.key_size);
     match migration {
         Some(migration) => Ok(Some(Step {
             def,
-            migration,
-            max_entries: info.max_entries(),
+            migration: Some(migration),
+            found: migration.from_layout(),
+            max_entries: Some(info.max_entries()),
+        })),
+        None if migrations::DROPPED_AT_UPGRADE.contains(&def.id) => Ok(Some(Step {
+            def,
+            migration: None,
+            found,
+            max_entries: None,
         })),
         None => Err(DatapathError::IncompatibleMap {
             map: def.name,
             path,
-            found: format!("{map_type:?} key {key_size} value {value_size}"),
+            found,
             expected: migrations::layout(def),
         }),
     }

@@ -522,3 +522,44 @@ fn pin_listing(dir: &Path) -> BTreeSet<String> {
     }
     listing
 }
+
+/// The flow cache and its per-CPU scratch pinned in an earlier build's layout (an LRU hash
+/// map, a shorter note): the new loader replaces them with empty maps of today's layout
+/// instead of refusing the upgrade, and the held connection goes on through the new
+/// programs, its flow decided again.
+#[test]
+fn a_flow_cache_of_another_layout_starts_empty_at_an_upgrade() {
+    let topo = Topology::new();
+    let (mut held, first) = topo.client.run(|| {
+        let mut held = Held::connect().expect("connect through the layout 1 datapath");
+        let first = held.ask("before").expect("an answer");
+        (held, first)
+    });
+    // The earlier programs keep the maps they hold; the pins name the earlier layouts.
+    let unpin = |name: &str| {
+        let path = topo.pin_dir().join(name);
+        std::fs::remove_file(&path).unwrap();
+        path
+    };
+    let cache: HashMap<MapData, [u8; 20], [u8; 48]> = HashMap::create(16, 0).expect("create");
+    cache.pin(unpin(names::FLOW_CACHE)).expect("pin map");
+    let notes: HashMap<MapData, u32, [u8; 40]> = HashMap::create(1, 0).expect("create");
+    notes.pin(unpin(names::FLOW_NOTES)).expect("pin map");
+    let (loaded, took) = topo.load_today();
+    let datapath = loaded.expect("the flow cache's layout does not refuse the upgrade");
+    let migrated = datapath.migrated();
+    println!("upgrade: load took {took:?}; {migrated:#?}");
+    for name in [names::FLOW_CACHE, names::FLOW_NOTES] {
+        let map = migrated
+            .iter()
+            .find(|m| m.map == name)
+            .unwrap_or_else(|| panic!("{name} replaced: {migrated:?}"));
+        assert_eq!(map.entries, 0, "{map:?}");
+        assert!(map.from.contains("Hash"), "{map:?}");
+    }
+    assert_eq!(topo.value_size(names::FLOW_CACHE), 80);
+    let answer = topo
+        .client
+        .run(move || held.ask("after").expect("the held connection after"));
+    assert_eq!(answer, first);
+}

@@ -25,6 +25,7 @@ pub struct Flow4Entry {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
+    /// The destination pod's host-side veth, or the underlay device.
     pub ifindex: u32,
     pub generation: u32,
     pub dmac: [u8; 6],
@@ -36,7 +37,23 @@ pub struct Flow4Entry {
     pub mtu: u16,
     /// What the rewrite adds to the L4 checksum field.
     pub l4_csum_delta: u16,
-    pub pad: u16,
+    /// The key's addresses and protocol summed as in the L4 pseudo-header.
+    pub pseudo_base: u16,
+    /// The node native routing sends the flow to through `ifindex`, the underlay device;
+    /// 0 for a pod of this node.
+    pub next_hop: u32,
+    pub pad: u32,
+}
+
+/// `struct flow4_slot`: one slot of the flow cache (`flow4`, an array indexed by a hash
+/// of the key), the decision and the key it is for; `seq` is odd while the datapath
+/// writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow4Slot {
+    pub seq: u32,
+    pub key: Flow4Key,
+    pub entry: Flow4Entry,
 }
 
 /// `struct flow4_stats`: what the flow cache did (`flow4_stats`, index 0, per CPU).
@@ -49,10 +66,11 @@ pub struct Flow4Stats {
     pub decided: u64,
 }
 
-plain_data!(Flow4Key, Flow4Entry, Flow4Stats);
+plain_data!(Flow4Key, Flow4Entry, Flow4Slot, Flow4Stats);
 
 const _: () = {
     assert!(size_of::<Flow4Key>() == 20);
-    assert!(size_of::<Flow4Entry>() == 48);
+    assert!(size_of::<Flow4Entry>() == 56);
+    assert!(size_of::<Flow4Slot>() == 80);
     assert!(size_of::<Flow4Stats>() == 16);
 };

@@ -122,9 +122,12 @@ pub const LAYOUTS: &[StructLayout] = &[
             l4_csum,
             mtu,
             l4_csum_delta,
+            pseudo_base,
+            next_hop,
             pad
         ]
     ),
+    layout!("flow4_slot", Flow4Slot, [seq, key, entry]),
     layout!("flow4_stats", Flow4Stats, [hits, decided]),
     layout!("endpoint_info", EndpointInfo, [ipv4, identity, flags, pad]),
     layout!("metrics_value", MetricsValue, [packets, bytes]),
