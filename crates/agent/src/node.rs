@@ -184,6 +184,7 @@ impl Node {
             realized_revision: self.realized_revision,
             reconciles: self.reconciles,
             last_error: self.last_error.clone(),
+            counted: self.scan.counted().collect(),
         }
     }
 
@@ -279,7 +280,7 @@ impl Node {
             } else {
                 self.tables.realize(target)?
             };
-            self.scan.restart();
+            self.scan.written(target);
             self.purge_removed_backends(&desired, held.then_some(&delta))?;
             stats
         };
@@ -505,7 +506,8 @@ impl Node {
             // The maps now hold this compile's state, which may be newer than `desired`.
             self.maps_hold_desired = false;
             self.tables.apply(&plan)?;
-            self.scan.restart();
+            self.scan
+                .written(Desired::of(&desired, self.policy_map_max));
             for ifname in &detached {
                 self.ensure_attached(ifname)?;
             }
