@@ -28,9 +28,12 @@ use crate::{
     views::fails_closed,
 };
 
-/// How long the periodic check takes to read every map once, however large: drift is found
-/// within two sweeps (see `sluice_realizer::Scan`), so within 40 s and one full pass.
-const SWEEP: Duration = Duration::from_secs(20);
+/// How long the periodic check takes to read every map once, however large. Reading every
+/// bucket of the million-bucket hash maps is most of its cost (perf: the kernel's batched
+/// lookup), so a sweep is as long as the 60 s bound allows: drift is found within two
+/// sweeps (see `sluice_realizer::Scan`), each perhaps a tick longer as slices end on whole
+/// buckets, so within 52 s at the 2 s interval, and one full pass repairs it.
+const SWEEP: Duration = Duration::from_secs(24);
 
 /// How many reconcile ticks one sweep spreads over at `interval`.
 fn ticks_per_sweep(interval: Duration) -> usize {

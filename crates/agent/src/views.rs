@@ -20,8 +20,8 @@ use sluice_common::{
     Ct4Entry, Ct4Key, CtConfig, CtStats, EventCounter, IDENTITY_ANY, LB4_SCOPE_DEFAULT,
     Lb4BackendKey, Lb4Key, MapId, SVC_FLAG_AFFINITY,
     kinds::{
-        BackendState, CountedBy, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind, LbAlgorithm,
-        Protocol, RowState, ServiceKind,
+        BackendState, CountedBy, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind,
+        LbAlgorithm, Protocol, RowState, ServiceKind,
     },
     names, registry,
 };

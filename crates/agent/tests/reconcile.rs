@@ -127,7 +127,7 @@ fn status_answers_while_a_long_pass_runs() {
 
 /// The periodic check reads the maps a slice per tick rather than whole, yet a forged, a
 /// missing and an extra entry in a services map of more than 10,000 entries are each found
-/// and repaired within the bound: two sweeps of 20 s and one full pass (60 s in all). So is
+/// and repaired within the bound: two sweeps of 24 s and one full pass (60 s in all). So is
 /// an extra prefix in the ipcache, an LPM trie.
 #[test]
 fn drift_in_a_large_map_is_found_and_repaired_by_the_rolling_check() {
@@ -228,9 +228,11 @@ fn status_reports_map_sizes_the_loop_counted_without_walking_them() {
 
     // 40,000 entries: a sweep of three ticks, 6 s at the 2 s interval.
     let started = Instant::now();
-    agent.wait("a sweep to count the services map", Duration::from_secs(60), |_| {
-        services(&client.status().expect("status")).counted_by == CountedBy::Sweep
-    });
+    agent.wait(
+        "a sweep to count the services map",
+        Duration::from_secs(60),
+        |_| services(&client.status().expect("status")).counted_by == CountedBy::Sweep,
+    );
     let swept = started.elapsed();
     let mut slowest = Duration::ZERO;
     let mut status = None;

@@ -11,8 +11,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 pub use sluice_common::kinds::{
-    BackendState, CountedBy, CtFlag, CtScope, Direction, DriftKind, EndpointStatus, FrontendKind, LbAlgorithm,
-    Protocol, RowState, RuleOrigin, ServiceKind,
+    BackendState, CountedBy, CtFlag, CtScope, Direction, DriftKind, EndpointStatus, FrontendKind,
+    LbAlgorithm, Protocol, RowState, RuleOrigin, ServiceKind,
 };
 
 mod client;

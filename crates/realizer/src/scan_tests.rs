@@ -260,7 +260,11 @@ fn family_drifts(n: u32) -> Vec<(MapId, &'static str, Box<Drift>)> {
         (
             MapId::Backends,
             "extra",
-            Box::new(move |t| t.backends.upsert(&lb(n + 5), &Lb4Backend::default()).unwrap()),
+            Box::new(move |t| {
+                t.backends
+                    .upsert(&lb(n + 5), &Lb4Backend::default())
+                    .unwrap()
+            }),
         ),
         (
             MapId::Endpoints,
@@ -432,7 +436,9 @@ fn map_counts_are_what_the_last_pass_wrote_then_what_a_sweep_read() {
     assert_eq!(services.entries, state.services.len() as u64);
 
     // A sweep that finds drift does not count: the repair's pass does.
-    t.services.remove(state.services.keys().next().unwrap()).unwrap();
+    t.services
+        .remove(state.services.keys().next().unwrap())
+        .unwrap();
     let (_, tick) = ticks_to_repair(&mut t, &mut scan, &state, 2 * TICKS);
     assert_eq!(tick.drifted, vec![MapId::Services]);
     let services = scan.counted().find(|(id, _)| *id == MapId::Services);
