@@ -248,9 +248,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     if let Some(address) = config.metrics_address {
         // Handles of its own on the pinned maps: a scrape never waits for a pass.
         let maps = Arc::new(sluice_datapath::PinnedMaps::open(&config.pin_dir)?);
-        let scrape = metrics.clone();
-        let render: http::Render =
-            Arc::new(move || Ok((scrape.render(&maps)?, metrics::CONTENT_TYPE)));
+        let (scrape, published) = (metrics.clone(), Arc::clone(&published));
+        let render: http::Render = Arc::new(move || {
+            let counted = &published.load().counted;
+            Ok((scrape.render(&maps, counted)?, metrics::CONTENT_TYPE))
+        });
         let listener = http::bind(address).await?;
         info!(%address, "serving metrics");
         tokio::spawn(http::serve(listener, render, readiness.clone()));

@@ -132,9 +132,14 @@ impl Metrics {
         self.source.clone()
     }
 
-    /// Reads the kernel maps and encodes every metric.
-    pub fn render(&self, maps: &PinnedMaps) -> Result<String, AgentError> {
-        self.encode(KernelSample::read(maps)?)
+    /// Reads the kernel maps and encodes every metric; the realized maps' sizes are those
+    /// the reconcile loop last `counted` (see `views::map_entries`).
+    pub fn render(
+        &self,
+        maps: &PinnedMaps,
+        counted: &[(MapId, sluice_realizer::Counted)],
+    ) -> Result<String, AgentError> {
+        self.encode(KernelSample::read(maps, counted)?)
     }
 
     /// The agent's own metrics, with no kernel maps: for tests of the HTTP server.
@@ -262,7 +267,10 @@ struct KernelSample {
 }
 
 impl KernelSample {
-    fn read(maps: &PinnedMaps) -> Result<Self, AgentError> {
+    fn read(
+        maps: &PinnedMaps,
+        counted: &[(MapId, sluice_realizer::Counted)],
+    ) -> Result<Self, AgentError> {
         let mut traffic = Vec::new();
         for reason in 0..=u8::MAX {
             for (dir, _) in DIRECTIONS {
@@ -277,7 +285,7 @@ impl KernelSample {
         // Sorted by name, as the registry's order means nothing to a dashboard.
         let mut sizes = registry::counted()
             .map(|def| {
-                let entries = maps.inventory.entries(def.id)?;
+                let (entries, _, _) = crate::views::map_entries(&maps.inventory, counted, def.id)?;
                 Ok((def.id, entries, maps.inventory.capacity(def.id)))
             })
             .collect::<Result<Vec<_>, AgentError>>()?;

@@ -28,9 +28,12 @@ use crate::{
     views::fails_closed,
 };
 
-/// How long the periodic check takes to read every map once, however large: drift is found
-/// within two sweeps (see `sluice_realizer::Scan`), so within 40 s and one full pass.
-const SWEEP: Duration = Duration::from_secs(20);
+/// How long the periodic check takes to read every map once, however large. Reading every
+/// bucket of the million-bucket hash maps is most of its cost (perf: the kernel's batched
+/// lookup), so a sweep is as long as the 60 s bound allows: drift is found within two
+/// sweeps (see `sluice_realizer::Scan`), each perhaps a tick longer as slices end on whole
+/// buckets, so within 52 s at the 2 s interval, and one full pass repairs it.
+const SWEEP: Duration = Duration::from_secs(24);
 
 /// How many reconcile ticks one sweep spreads over at `interval`.
 fn ticks_per_sweep(interval: Duration) -> usize {
@@ -184,6 +187,7 @@ impl Node {
             realized_revision: self.realized_revision,
             reconciles: self.reconciles,
             last_error: self.last_error.clone(),
+            counted: self.scan.counted().collect(),
         }
     }
 
@@ -279,7 +283,7 @@ impl Node {
             } else {
                 self.tables.realize(target)?
             };
-            self.scan.restart();
+            self.scan.written(target);
             self.purge_removed_backends(&desired, held.then_some(&delta))?;
             stats
         };
@@ -505,7 +509,8 @@ impl Node {
             // The maps now hold this compile's state, which may be newer than `desired`.
             self.maps_hold_desired = false;
             self.tables.apply(&plan)?;
-            self.scan.restart();
+            self.scan
+                .written(Desired::of(&desired, self.policy_map_max));
             for ifname in &detached {
                 self.ensure_attached(ifname)?;
             }

@@ -20,8 +20,8 @@ use sluice_common::{
     Ct4Entry, Ct4Key, CtConfig, CtStats, EventCounter, IDENTITY_ANY, LB4_SCOPE_DEFAULT,
     Lb4BackendKey, Lb4Key, MapId, SVC_FLAG_AFFINITY,
     kinds::{
-        BackendState, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind, LbAlgorithm,
-        Protocol, RowState, ServiceKind,
+        BackendState, CountedBy, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind,
+        LbAlgorithm, Protocol, RowState, ServiceKind,
     },
     names, registry,
 };
@@ -59,6 +59,8 @@ pub struct Published {
     pub realized_revision: u64,
     pub reconciles: u64,
     pub last_error: Option<String>,
+    /// The realized maps' entry counts as the loop last established them (see `status`).
+    pub counted: Vec<(MapId, sluice_realizer::Counted)>,
 }
 
 /// The API's own handles on the pinned maps.
@@ -224,14 +226,12 @@ impl<'a> View<'a> {
 
     pub fn status(&self, gc: &GcView) -> Result<AgentStatus, AgentError> {
         let maps = registry::counted()
-            .map(|def| {
-                Ok(MapStatus {
-                    name: def.name.to_string(),
-                    entries: self.inventory.entries(def.id)?,
-                    max_entries: self.inventory.capacity(def.id),
-                })
-            })
-            .collect::<Result<_, AgentError>>()?;
+            .map(|def| self.map_status(def.id))
+            .collect::<Result<Vec<_>, AgentError>>()?;
+        let ct_entries = maps
+            .iter()
+            .find(|m| m.name == names::CONNTRACK)
+            .map_or(0, |m| m.entries);
         Ok(AgentStatus {
             node: self.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -248,16 +248,30 @@ impl<'a> View<'a> {
             unsupported: self.desired.unsupported().map(unsupported_field).collect(),
             routing: self.routing.clone(),
             conntrack: Some(self.ct_config()?),
-            conntrack_pressure: Some(self.ct_pressure(gc)?),
+            conntrack_pressure: Some(self.ct_pressure(gc, ct_entries)?),
             repaired: gc.metrics.repairs().list(),
             events_lost: crate::metrics::events_lost(self.event_counters)?,
         })
     }
 
-    /// The conntrack fill and what pressure cost it.
-    fn ct_pressure(&self, gc: &GcView) -> Result<CtPressure, AgentError> {
+    /// One map's size. A realized map (up to a million entries at 100k Services) reports
+    /// the count the loop last established, so no call walks it; the runtime maps (LRU
+    /// tables bounded by their capacity, not by the cluster) are counted for the call.
+    fn map_status(&self, id: MapId) -> Result<MapStatus, AgentError> {
+        let (entries, counted_by, counted_ago_s) = map_entries(self.inventory, &self.counted, id)?;
+        Ok(MapStatus {
+            name: id.name().to_string(),
+            entries,
+            max_entries: self.inventory.capacity(id),
+            counted_by,
+            counted_ago_s,
+        })
+    }
+
+    /// The conntrack fill (`entries`, as `status` counted it) and what pressure cost it.
+    fn ct_pressure(&self, gc: &GcView, entries: u64) -> Result<CtPressure, AgentError> {
         Ok(CtPressure {
-            entries: self.inventory.entries(MapId::Conntrack)?,
+            entries,
             max_entries: self.inventory.capacity(MapId::Conntrack),
             threshold: gc.pressure_threshold,
             removed_under_pressure: gc.metrics.ct_removed(Removal::Pressure),
@@ -371,6 +385,20 @@ impl<'a> View<'a> {
         });
         Ok(out)
     }
+}
+
+/// How many entries map `id` holds, how that was counted and how many seconds ago: for a
+/// realized map what the reconcile loop last `counted` (a pass wrote it, a sweep read it),
+/// else (before the first pass, or a runtime map bounded by its capacity) counted now.
+pub(crate) fn map_entries(
+    inventory: &MapInventory,
+    counted: &[(MapId, sluice_realizer::Counted)],
+    id: MapId,
+) -> Result<(u64, CountedBy, f64), AgentError> {
+    Ok(match counted.iter().find(|(counted, _)| *counted == id) {
+        Some((_, c)) => (c.entries, c.by, c.at.elapsed().as_secs_f64()),
+        None => (inventory.entries(id)?, CountedBy::Now, 0.0),
+    })
 }
 
 pub(crate) fn fails_closed(desired: &DesiredState, map_max: u32) -> Vec<FailsClosed> {

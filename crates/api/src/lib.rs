@@ -11,8 +11,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 pub use sluice_common::kinds::{
-    BackendState, CtFlag, CtScope, Direction, DriftKind, EndpointStatus, FrontendKind, LbAlgorithm,
-    Protocol, RowState, RuleOrigin, ServiceKind,
+    BackendState, CountedBy, CtFlag, CtScope, Direction, DriftKind, EndpointStatus, FrontendKind,
+    LbAlgorithm, Protocol, RowState, RuleOrigin, ServiceKind,
 };
 
 mod client;
@@ -298,6 +298,12 @@ pub struct MapStatus {
     pub name: String,
     pub entries: u64,
     pub max_entries: u32,
+    /// How `entries` was counted: now, or as the agent last established it.
+    #[serde(default)]
+    pub counted_by: CountedBy,
+    /// Seconds from that count to this answer (0 when counted now).
+    #[serde(default)]
+    pub counted_ago_s: f64,
 }
 
 /// A frontend with its backends, as read back from the kernel.

@@ -144,6 +144,8 @@ pub struct ClusterResults {
     /// Agent start to `/readyz` 200 (every initial list complete and realized).
     pub start_to_ready: f64,
     pub steady: Usage,
+    /// The slowest of a few `status` calls right after the steady measurement.
+    pub steady_status: Duration,
     pub churn: Usage,
     /// Watch events the churn applied.
     pub churn_events: usize,
@@ -231,6 +233,11 @@ pub fn run(
         results.steady.cpu_fraction * 100.0,
         results.steady.rss_kib / 1024
     ));
+    results.steady_status = slowest_status(&dir.0.join("agent.sock"))?;
+    log(&format!(
+        "cluster: status answered in {:.1} ms at steady state (slowest of {STATUS_CALLS})",
+        results.steady_status.as_secs_f64() * 1e3
+    ));
     results.maps = map_fill(pins.path())?;
 
     let poller = Poller::start(pins.path(), config.change_timeout)?;
@@ -266,6 +273,23 @@ pub fn run(
 
 fn fake(e: sluice_fake_apiserver::FakeError) -> BenchError {
     BenchError::Failed(format!("fake API server: {e}"))
+}
+
+/// `status` calls timed at steady state.
+const STATUS_CALLS: usize = 5;
+
+/// The slowest of [`STATUS_CALLS`] `status` calls to the agent at `socket`.
+fn slowest_status(socket: &Path) -> Result<Duration, BenchError> {
+    let client = sluice_api::Client::new(socket);
+    let mut slowest = Duration::ZERO;
+    for _ in 0..STATUS_CALLS {
+        let asked = Instant::now();
+        client
+            .status()
+            .map_err(|e| BenchError::Failed(format!("status: {e}")))?;
+        slowest = slowest.max(asked.elapsed());
+    }
+    Ok(slowest)
 }
 
 fn spawn_agent(

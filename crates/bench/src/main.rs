@@ -32,6 +32,12 @@ struct Args {
     /// With --cluster: the limits times this factor (1 = 7,500 nodes, 200,000 pods...).
     #[arg(long, default_value_t = 1.0, requires = "cluster")]
     cluster_scale: f64,
+    /// With --cluster: this many Services instead (issue 19's drift bound: 100,000).
+    #[arg(long, requires = "cluster")]
+    cluster_services: Option<usize>,
+    /// With --cluster: this many endpoints over all EndpointSlices instead (1,000,000).
+    #[arg(long, requires = "cluster")]
+    cluster_endpoints: Option<usize>,
     /// With --cluster: seconds of churn.
     #[arg(long, default_value_t = 60.0, requires = "cluster")]
     churn_seconds: f64,
@@ -148,7 +154,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if args.cluster {
-        let mut config = ClusterConfig::with_shape(Shape::scaled(args.cluster_scale));
+        let mut shape = Shape::scaled(args.cluster_scale);
+        shape.services = args.cluster_services.unwrap_or(shape.services);
+        shape.endpoints = args.cluster_endpoints.unwrap_or(shape.endpoints);
+        let mut config = ClusterConfig::with_shape(shape);
         config.churn = Duration::from_secs_f64(args.churn_seconds);
         let out = args.out.unwrap_or_else(|| "bench/results/cluster".into());
         let results =

@@ -266,10 +266,11 @@ fn status(client: &Client, output: Output) -> anyhow::Result<()> {
                 m.entries.to_string(),
                 m.max_entries.to_string(),
                 format!("{pct:.1}%"),
+                counted(m),
             ]
         })
         .collect();
-    table::print(&["MAP", "ENTRIES", "MAX", "FILL"], &rows);
+    table::print(&["MAP", "ENTRIES", "MAX", "FILL", "COUNTED"], &rows);
     if !s.fails_closed.is_empty() {
         println!();
         println!(
@@ -517,6 +518,15 @@ fn print_verify(prefix: &str, report: &VerifyReport) {
         }
     }
     print_fails_closed(&report.fails_closed);
+}
+
+/// When and how a map's entries were counted: `now`, or `sweep 3s ago` (the drift
+/// check read them) or `pass 1s ago` (the last pass wrote them).
+fn counted(m: &sluice_api::MapStatus) -> String {
+    match m.counted_by {
+        sluice_api::CountedBy::Now => "now".to_string(),
+        by => format!("{} {:.0}s ago", by.as_str(), m.counted_ago_s),
+    }
 }
 
 fn print_fails_closed(endpoints: &[FailsClosed]) {

@@ -336,6 +336,33 @@ impl DriftKind {
     }
 }
 
+/// How `status` knows how many entries a map holds: counting a map of a million entries
+/// takes longer than an API answer may, so the realized maps report the count the agent
+/// last established rather than a walk per call.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum CountedBy {
+    /// Counted for this answer (maps bounded by their capacity, not by the cluster).
+    #[default]
+    Now,
+    /// Read by the drift check's last sweep of the map, which found the desired content.
+    Sweep,
+    /// Written by the last pass that made the map hold the desired content.
+    Pass,
+}
+
+impl CountedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CountedBy::Now => "now",
+            CountedBy::Sweep => "sweep",
+            CountedBy::Pass => "pass",
+        }
+    }
+}
+
 /// Whether a local endpoint's policy is in force.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

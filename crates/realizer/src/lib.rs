@@ -29,7 +29,7 @@ pub use policy::{
     InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyLookup, PolicyPlan,
     PolicyTable, PolicyWrite, diff_policies,
 };
-pub use scan::{MIN_SLICE, Scan, ScanTick};
+pub use scan::{Counted, MIN_SLICE, Scan, ScanTick};
 pub use tables::{
     Backing, Desired, FlowGeneration, Kernel, KernelTables, Memory, MemoryGeneration, Plan, Tables,
 };

@@ -9,13 +9,24 @@
 //! Bound: an entry changed behind the realizer's back after the sweep passed it is seen by
 //! the next sweep, so drift is found within two sweeps. A map of up to [`MIN_SLICE`]
 //! entries is read whole on every tick; a larger one over `ticks_per_sweep` ticks.
+//!
+//! The scan also keeps each realized map's entry count as last established (by a sweep
+//! that found the desired content, or by the pass that wrote it), so `status` reports the
+//! kernel's content without walking a million entries per call.
 
 use std::{
     collections::BTreeMap,
-    hash::{BuildHasher, Hash, RandomState},
+    hash::{BuildHasher, Hash},
+    time::Instant,
 };
 
-use sluice_common::{IpcacheKey, Lb4BackendKey, Lb4Key, Lb4SourceRangeKey, MapId};
+// std's SipHash took 120 ns an entry here, foldhash's quality hasher 30: at a million
+// backends a sweep hashes some 100,000 entries a second.
+use foldhash::quality::FixedState as RandomState;
+
+use sluice_common::{
+    IpcacheKey, Lb4BackendKey, Lb4Key, Lb4SourceRangeKey, MapId, kinds::CountedBy,
+};
 
 use crate::{
     ApplyStats, Backing, Cursor, Desired, DriftEntry, KernelMap, PolicyTable, RealizerError,
@@ -78,8 +89,9 @@ impl<K> Default for Sweep<K> {
     }
 }
 
-/// What one step of a sweep read, and at a map's end whether it held the desired content.
-type Step = (usize, Option<bool>);
+/// What one step of a sweep read, and at a map's end whether it held the desired content
+/// and how many entries it held.
+type Step = (usize, Option<(bool, u64)>);
 
 impl<K: Hash> Sweep<K> {
     fn restart(&mut self) {
@@ -112,14 +124,14 @@ impl<K: Hash> Sweep<K> {
             self.cursor = cursor;
             return Ok((seen, None));
         }
-        let held = std::mem::take(&mut self.read) == self.want;
-        Ok((seen, Some(held)))
+        let read = std::mem::take(&mut self.read);
+        Ok((seen, Some((read == self.want, read.entries))))
     }
 }
 
 /// The rolling check of every realized map, kept between ticks.
 pub struct Scan {
-    /// Keyed per process, so no content can be crafted to match another's digest.
+    /// Seeded per process, so no content can be crafted to match another's digest.
     hasher: RandomState,
     ticks_per_sweep: usize,
     /// The caller's number for the desired content the digests describe.
@@ -135,6 +147,16 @@ pub struct Scan {
     /// The next frontend whose Maglev table to check; None: the first.
     maglev: Option<Lb4Key>,
     maglev_elements: u64,
+    /// Each realized map's entry count as last established, in `MapId` order.
+    counted: BTreeMap<MapId, Counted>,
+}
+
+/// A map's entry count (for a map of maps: its keys), when and how it was established.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counted {
+    pub entries: u64,
+    pub at: Instant,
+    pub by: CountedBy,
 }
 
 /// What one tick of the scan did.
@@ -152,11 +174,16 @@ pub struct ScanTick {
 }
 
 impl ScanTick {
-    fn note(&mut self, id: MapId, (read, end): Step) {
+    /// Notes one map's step; a sweep that found the desired content counted the map.
+    fn note(&mut self, counted: &mut BTreeMap<MapId, Counted>, id: MapId, (read, end): Step) {
         self.entries_read += read;
-        if let Some(held) = end {
+        if let Some((held, entries)) = end {
             self.swept.push(id);
-            if !held {
+            if held {
+                let at = Instant::now();
+                let by = CountedBy::Sweep;
+                counted.insert(id, Counted { entries, at, by });
+            } else {
                 self.drifted.push(id);
             }
         }
@@ -167,7 +194,8 @@ impl Scan {
     /// A scan whose sweep of a large map spreads over `ticks_per_sweep` ticks.
     pub fn new(ticks_per_sweep: usize) -> Self {
         Self {
-            hasher: RandomState::new(),
+            // Seeded from std's RandomState, which the OS's randomness keys.
+            hasher: RandomState::with_seed(std::hash::RandomState::new().hash_one(0u64)),
             ticks_per_sweep: ticks_per_sweep.max(1),
             version: None,
             services: Sweep::default(),
@@ -179,7 +207,34 @@ impl Scan {
             policy_rows: 0,
             maglev: None,
             maglev_elements: 0,
+            counted: BTreeMap::new(),
         }
+    }
+
+    /// Each realized map's entry count as last established, in `MapId` order.
+    pub fn counted(&self) -> impl Iterator<Item = (MapId, Counted)> + '_ {
+        self.counted.iter().map(|(&id, &c)| (id, c))
+    }
+
+    /// A pass just made every realized map hold `desired`: counts them so and starts every
+    /// sweep over.
+    pub fn written(&mut self, desired: Desired<'_>) {
+        let at = Instant::now();
+        let by = CountedBy::Pass;
+        let sizes = [
+            (MapId::Services, desired.services.len()),
+            (MapId::Backends, desired.backends.len()),
+            (MapId::Endpoints, desired.endpoints.len()),
+            (MapId::Ipcache, desired.ipcache.len()),
+            (MapId::SourceRanges, desired.source_ranges.len()),
+            (MapId::Policy, desired.policies.len()),
+            (MapId::Maglev, desired.maglev.len()),
+        ];
+        for (id, entries) in sizes {
+            let entries = entries as u64;
+            self.counted.insert(id, Counted { entries, at, by });
+        }
+        self.restart();
     }
 
     /// Starts every sweep over: a full pass just made the kernel equal to the desired
@@ -219,10 +274,12 @@ impl Scan {
         table: &P,
         desired: Desired<'_>,
     ) -> Result<Step, RealizerError> {
-        if !table.endpoints()?.iter().eq(desired.policies.keys()) {
+        let endpoints = table.endpoints()?;
+        if !endpoints.iter().eq(desired.policies.keys()) {
             self.policy = None;
-            return Ok((0, Some(false)));
+            return Ok((0, Some((false, endpoints.len() as u64))));
         }
+        let entries = endpoints.len() as u64;
         let budget = slice(self.policy_rows, self.ticks_per_sweep, MIN_ROWS);
         let from = self.policy.take().unwrap_or(0);
         let mut read = 0;
@@ -237,10 +294,10 @@ impl Scan {
                     && installed.rows.keys().eq(policy.rows.keys())
             });
             if !held {
-                return Ok((read, Some(false)));
+                return Ok((read, Some((false, entries))));
             }
         }
-        Ok((read, Some(true)))
+        Ok((read, Some((true, entries))))
     }
 
     /// Checks the next slice of the Maglev tables: the frontends with a table, then each
@@ -250,10 +307,12 @@ impl Scan {
         tables: &T,
         desired: Desired<'_>,
     ) -> Result<Step, RealizerError> {
-        if !tables.frontends()?.iter().eq(desired.maglev.keys()) {
+        let frontends = tables.frontends()?;
+        if !frontends.iter().eq(desired.maglev.keys()) {
             self.maglev = None;
-            return Ok((0, Some(false)));
+            return Ok((0, Some((false, frontends.len() as u64))));
         }
+        let entries = frontends.len() as u64;
         let budget = slice(self.maglev_elements, self.ticks_per_sweep, MIN_ROWS);
         let mut read = 0;
         let range = match self.maglev.take() {
@@ -267,10 +326,10 @@ impl Scan {
             }
             read += table.len();
             if tables.read(frontend)? != Some(pack(table)) {
-                return Ok((read, Some(false)));
+                return Ok((read, Some((false, entries))));
             }
         }
-        Ok((read, Some(true)))
+        Ok((read, Some((true, entries))))
     }
 }
 
@@ -285,32 +344,37 @@ impl<B: Backing> Tables<B> {
         version: u64,
     ) -> Result<ScanTick, RealizerError> {
         scan.follow(desired, version);
-        let mut tick = ScanTick::default();
         let (ticks, h) = (scan.ticks_per_sweep, &scan.hasher);
-        tick.note(
-            MapId::Services,
-            scan.services.step(&self.services, ticks, h)?,
-        );
-        tick.note(
-            MapId::Backends,
-            scan.backends.step(&self.backends, ticks, h)?,
-        );
-        tick.note(
-            MapId::Endpoints,
-            scan.endpoints.step(&self.endpoints, ticks, h)?,
-        );
-        tick.note(MapId::Ipcache, scan.ipcache.step(&self.ipcache, ticks, h)?);
-        tick.note(
-            MapId::SourceRanges,
-            scan.source_ranges.step(&self.source_ranges, ticks, h)?,
-        );
-        tick.note(MapId::Policy, scan.step_policy(&self.policy, desired)?);
-        tick.note(MapId::Maglev, scan.step_maglev(&self.maglev, desired)?);
+        let steps = [
+            (
+                MapId::Services,
+                scan.services.step(&self.services, ticks, h)?,
+            ),
+            (
+                MapId::Backends,
+                scan.backends.step(&self.backends, ticks, h)?,
+            ),
+            (
+                MapId::Endpoints,
+                scan.endpoints.step(&self.endpoints, ticks, h)?,
+            ),
+            (MapId::Ipcache, scan.ipcache.step(&self.ipcache, ticks, h)?),
+            (
+                MapId::SourceRanges,
+                scan.source_ranges.step(&self.source_ranges, ticks, h)?,
+            ),
+            (MapId::Policy, scan.step_policy(&self.policy, desired)?),
+            (MapId::Maglev, scan.step_maglev(&self.maglev, desired)?),
+        ];
+        let mut tick = ScanTick::default();
+        for (id, step) in steps {
+            tick.note(&mut scan.counted, id, step);
+        }
         if !tick.drifted.is_empty() {
             let plan = self.plan(desired)?;
             tick.repaired = plan.drift();
             tick.stats = self.apply(&plan)?;
-            scan.restart();
+            scan.written(desired);
         }
         Ok(tick)
     }

@@ -197,3 +197,252 @@ fn new_desired_content_is_digested_again() {
     let tick = t.check(&mut scan, Desired::of(&new, 16), 2).unwrap();
     assert!(tick.drifted.is_empty(), "{tick:?}");
 }
+
+/// Every realized map filled: `n` services, backends, endpoints, ipcache prefixes and
+/// source ranges, three endpoints with policy and three Maglev tables.
+fn wide(n: u32) -> DesiredState {
+    let mut state = state(n);
+    for i in 0..n {
+        state
+            .endpoints
+            .insert(100 + i, EndpointInfo::new(backend(i), 1_000 + i));
+        state.ipcache.insert(
+            IpcacheKey::new(backend(i), 32),
+            IpcacheEntry::local(1_000 + i),
+        );
+        let source = Ipv4Addr::new(192, 168, 0, 0);
+        state.source_ranges.insert(
+            Lb4SourceRangeKey::new(vip(i), 80, IPPROTO_TCP, source, 16),
+            SOURCE_RANGE_ALLOWED,
+        );
+    }
+    let policy = state.policies[&3].clone();
+    for ifindex in [4, 5] {
+        state.policies.insert(ifindex, policy.clone());
+    }
+    for i in [1, 2] {
+        state.maglev.insert(
+            Lb4Key::new(vip(i), 80, IPPROTO_TCP, 0),
+            Arc::from(vec![1u16; 13]),
+        );
+    }
+    state
+}
+
+/// A forged, a missing and an extra entry in one map family, each made behind the
+/// realizer's back.
+fn family_drifts(n: u32) -> Vec<(MapId, &'static str, Box<Drift>)> {
+    let lb = |i| Lb4BackendKey::new(backend(i), 80, IPPROTO_TCP);
+    let prefix = |i| IpcacheKey::new(backend(i), 32);
+    let range = |i| {
+        let source = Ipv4Addr::new(192, 168, 0, 0);
+        Lb4SourceRangeKey::new(vip(i), 80, IPPROTO_TCP, source, 16)
+    };
+    let frontend = |i| Lb4Key::new(vip(i), 80, IPPROTO_TCP, 0);
+    let other_row = PolicyKey::ports(8, POLICY_EGRESS, IPPROTO_TCP, 8080, 16);
+    vec![
+        (
+            MapId::Backends,
+            "forged",
+            Box::new(move |t| {
+                let state = Lb4Backend {
+                    state: 9,
+                    ..Lb4Backend::default()
+                };
+                t.backends.upsert(&lb(n / 3), &state).unwrap()
+            }),
+        ),
+        (
+            MapId::Backends,
+            "missing",
+            Box::new(move |t| t.backends.remove(&lb(n / 2)).unwrap()),
+        ),
+        (
+            MapId::Backends,
+            "extra",
+            Box::new(move |t| {
+                t.backends
+                    .upsert(&lb(n + 5), &Lb4Backend::default())
+                    .unwrap()
+            }),
+        ),
+        (
+            MapId::Endpoints,
+            "forged",
+            Box::new(move |t| {
+                let forged = EndpointInfo::new(backend(7), 2);
+                t.endpoints.upsert(&(100 + n / 3), &forged).unwrap()
+            }),
+        ),
+        (
+            MapId::Endpoints,
+            "missing",
+            Box::new(move |t| t.endpoints.remove(&(100 + n / 2)).unwrap()),
+        ),
+        (
+            MapId::Endpoints,
+            "extra",
+            Box::new(move |t| {
+                let extra = EndpointInfo::new(backend(n + 5), 2);
+                t.endpoints.upsert(&(100 + n + 5), &extra).unwrap()
+            }),
+        ),
+        (
+            MapId::Ipcache,
+            "forged",
+            Box::new(move |t| {
+                t.ipcache
+                    .upsert(&prefix(n / 3), &IpcacheEntry::local(2))
+                    .unwrap()
+            }),
+        ),
+        (
+            MapId::Ipcache,
+            "missing",
+            Box::new(move |t| t.ipcache.remove(&prefix(n / 2)).unwrap()),
+        ),
+        (
+            MapId::Ipcache,
+            "extra",
+            Box::new(move |t| {
+                t.ipcache
+                    .upsert(&prefix(n + 5), &IpcacheEntry::local(2))
+                    .unwrap()
+            }),
+        ),
+        (
+            MapId::SourceRanges,
+            "forged",
+            Box::new(move |t| t.source_ranges.upsert(&range(n / 3), &7).unwrap()),
+        ),
+        (
+            MapId::SourceRanges,
+            "missing",
+            Box::new(move |t| t.source_ranges.remove(&range(n / 2)).unwrap()),
+        ),
+        (
+            MapId::SourceRanges,
+            "extra",
+            Box::new(move |t| {
+                t.source_ranges
+                    .upsert(&range(n + 5), &SOURCE_RANGE_ALLOWED)
+                    .unwrap()
+            }),
+        ),
+        (
+            MapId::Policy,
+            "forged",
+            Box::new(move |t| {
+                let rows = &mut t.policy.maps.get_mut(&4).unwrap().rows;
+                rows.pop_first();
+                rows.insert(other_row, PolicyEntry::default());
+            }),
+        ),
+        (
+            MapId::Policy,
+            "missing",
+            Box::new(|t| {
+                t.policy.maps.remove(&5);
+            }),
+        ),
+        (
+            MapId::Policy,
+            "extra",
+            Box::new(|t| {
+                let installed = t.policy.maps[&3].clone();
+                t.policy.maps.insert(77, installed);
+            }),
+        ),
+        (
+            MapId::Maglev,
+            "forged",
+            Box::new(move |t| t.maglev.tables.get_mut(&frontend(1)).unwrap()[0][3] = 2),
+        ),
+        (
+            MapId::Maglev,
+            "missing",
+            Box::new(move |t| {
+                t.maglev.tables.remove(&frontend(2));
+            }),
+        ),
+        (
+            MapId::Maglev,
+            "extra",
+            Box::new(move |t| {
+                let table = t.maglev.tables[&frontend(0)].clone();
+                t.maglev.tables.insert(frontend(n + 5), table);
+            }),
+        ),
+    ]
+}
+
+#[test]
+fn a_forged_a_missing_and_an_extra_entry_in_every_map_family_are_found_and_repaired() {
+    const N: u32 = 10_000;
+    let state = wide(N);
+    for (id, what, drift) in family_drifts(N) {
+        let mut t = tables();
+        t.realize(Desired::of(&state, 16)).unwrap();
+        let mut scan = Scan::new(TICKS);
+        // Into a sweep, so the drift may sit behind the cursor.
+        t.check(&mut scan, Desired::of(&state, 16), 1).unwrap();
+        drift(&mut t);
+        let (ticks, tick) = ticks_to_repair(&mut t, &mut scan, &state, 2 * TICKS);
+        let name = id.name();
+        eprintln!("{name} {what}: found after {ticks} ticks");
+        assert_eq!(tick.drifted, vec![id], "{name} {what}");
+        assert!(!tick.repaired.is_empty(), "{name} {what}: {tick:?}");
+        let left = t.plan(Desired::of(&state, 16)).unwrap().drift();
+        assert!(left.is_empty(), "{name} {what}: still drifted {left:?}");
+        let clean = t.check(&mut scan, Desired::of(&state, 16), 1).unwrap();
+        assert!(clean.drifted.is_empty(), "{name} {what}: {clean:?}");
+    }
+}
+
+#[test]
+fn map_counts_are_what_the_last_pass_wrote_then_what_a_sweep_read() {
+    let state = wide(30_000);
+    let mut t = tables();
+    t.realize(Desired::of(&state, 16)).unwrap();
+    let mut scan = Scan::new(TICKS);
+    assert_eq!(scan.counted().count(), 0, "nothing counted before a pass");
+    scan.written(Desired::of(&state, 16));
+    let counted: BTreeMap<_, _> = scan.counted().collect();
+    let sizes = [
+        (MapId::Services, state.services.len()),
+        (MapId::Backends, state.backends.len()),
+        (MapId::Endpoints, state.endpoints.len()),
+        (MapId::Ipcache, state.ipcache.len()),
+        (MapId::SourceRanges, state.source_ranges.len()),
+        (MapId::Policy, state.policies.len()),
+        (MapId::Maglev, state.maglev.len()),
+    ];
+    for (id, size) in sizes {
+        assert_eq!(counted[&id].entries, size as u64, "{}", id.name());
+        assert_eq!(counted[&id].by, kinds::CountedBy::Pass, "{}", id.name());
+    }
+    // 60,000 service entries take several ticks; the count is the sweep's once it ends.
+    loop {
+        let tick = t.check(&mut scan, Desired::of(&state, 16), 1).unwrap();
+        if tick.swept.contains(&MapId::Services) {
+            break;
+        }
+        let services = scan.counted().find(|(id, _)| *id == MapId::Services);
+        assert_eq!(services.unwrap().1.by, kinds::CountedBy::Pass, "mid-sweep");
+    }
+    let services = scan.counted().find(|(id, _)| *id == MapId::Services);
+    let services = services.unwrap().1;
+    assert_eq!(services.by, kinds::CountedBy::Sweep);
+    assert_eq!(services.entries, state.services.len() as u64);
+
+    // A sweep that finds drift does not count: the repair's pass does.
+    t.services
+        .remove(state.services.keys().next().unwrap())
+        .unwrap();
+    let (_, tick) = ticks_to_repair(&mut t, &mut scan, &state, 2 * TICKS);
+    assert_eq!(tick.drifted, vec![MapId::Services]);
+    let services = scan.counted().find(|(id, _)| *id == MapId::Services);
+    let services = services.unwrap().1;
+    assert_eq!(services.by, kinds::CountedBy::Pass);
+    assert_eq!(services.entries, state.services.len() as u64);
+}

@@ -111,6 +111,10 @@ pub fn render(results: &ClusterResults, config: &ClusterConfig, command: &str) -
             format!("{:.1}% of a core", results.steady.cpu_fraction * 100.0),
         ),
         (
+            "`status` at steady state, slowest of 5".into(),
+            format!("{:.1} ms", results.steady_status.as_secs_f64() * 1e3),
+        ),
+        (
             "steady RSS".into(),
             format!("{:.0} MiB", results.steady.rss_kib as f64 / 1024.0),
         ),
