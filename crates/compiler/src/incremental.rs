@@ -119,7 +119,8 @@ impl CompileCache {
         let mut delta = Delta::default();
         let fresh = self.index.is_none();
         let said = changes.touches_workloads();
-        let workloads = said || fresh || self.index.as_ref().is_some_and(|i| i.node != *node);
+        let same_node = self.index.as_ref().is_some_and(|i| i.node == *node);
+        let mut workloads = said || !same_node;
         if said {
             // Said by the caller, not found by `refresh`: its record is stale.
             self.workload_inputs = None;
@@ -128,6 +129,13 @@ impl CompileCache {
             Some(index) => index,
             empty => empty.insert(Index::new(node, ServiceInputs::of(snapshot, node))),
         };
+        if workloads && same_node && only_pods(&changes) {
+            // What failed half way is compiled whole below; `delta` keeps the first values.
+            if let Ok(n) = index.put_pods(&changes.pods, &mut delta) {
+                stats.pods_in_place = n;
+                workloads = false;
+            }
+        }
         let inputs = if workloads {
             ServiceInputs::of(snapshot, node)
         } else {
@@ -141,7 +149,7 @@ impl CompileCache {
         if workloads {
             stats.workloads_compiled = true;
             index.node = node.clone();
-            index.put_workloads(compile_workloads(snapshot, node), &mut delta);
+            index.put_workloads(compile_workloads(snapshot, node, true), &mut delta);
         }
         index.gather_problems();
         if fresh {
@@ -231,6 +239,14 @@ impl CompileCache {
             ..CacheStats::default()
         };
     }
+}
+
+/// Whether `changes` names Pods and nothing else of the workload part.
+fn only_pods(changes: &Changes) -> bool {
+    !changes.workloads
+        && changes.namespaces.is_empty()
+        && changes.nodes.is_empty()
+        && changes.network_policies.is_empty()
 }
 
 /// Every realized entry that differs between two states.

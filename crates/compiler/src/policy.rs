@@ -32,10 +32,12 @@ mod identities;
 mod peers;
 #[cfg(test)]
 mod peers_tests;
+mod pod_index;
 mod ports;
 mod rows;
 mod workloads;
 
+pub(crate) use self::pod_index::{NotInPlace, PodIndex};
 use self::{
     peers::{IdentityPrefixes, PeerGroups, Peers, World},
     workloads::Workload,
@@ -65,10 +67,22 @@ pub(crate) struct PolicyInput<'a> {
     pub endpoints: &'a BTreeMap<u32, &'a LocalEndpoint>,
 }
 
-pub(crate) fn compile(input: &PolicyInput<'_>, state: &mut DesiredState, problems: &mut Problems) {
-    let (compiled, labels_of) = resolve(input, state, problems, |world, policies, problems| {
-        world.endpoints(input, policies, problems)
-    });
+/// Compiles the policy part into `state`; with `index`, also returns what each pod
+/// contributes, for [`PodIndex::put`].
+pub(crate) fn compile(
+    input: &PolicyInput<'_>,
+    state: &mut DesiredState,
+    problems: &mut Problems,
+    index: bool,
+) -> Option<PodIndex> {
+    let resolved = resolve_indexed(
+        input,
+        state,
+        problems,
+        index,
+        |world, policies, problems| world.endpoints(input, policies, problems),
+    );
+    let (compiled, labels_of, pods) = resolved;
     let mut used: BTreeSet<u32> = state.ipcache.values().map(|e| e.identity).collect();
     for (ifindex, endpoint) in compiled {
         used.insert(endpoint.details.identity);
@@ -80,6 +94,7 @@ pub(crate) fn compile(input: &PolicyInput<'_>, state: &mut DesiredState, problem
         }
     }
     state.identities = identities::named(used, labels_of);
+    pods
 }
 
 /// Explains one flow against the policies of `input`, as [`compile`] would program them.
@@ -105,6 +120,18 @@ fn resolve<R>(
     problems: &mut Problems,
     f: impl FnOnce(&World<'_>, &[Policy<'_>], &mut Problems) -> R,
 ) -> (R, BTreeMap<u32, Vec<String>>) {
+    let (answer, labels_of, _) = resolve_indexed(input, state, problems, false, f);
+    (answer, labels_of)
+}
+
+/// [`resolve`], and with `index` the [`PodIndex`] of what it resolved.
+fn resolve_indexed<R>(
+    input: &PolicyInput<'_>,
+    state: &mut DesiredState,
+    problems: &mut Problems,
+    index: bool,
+    f: impl FnOnce(&World<'_>, &[Policy<'_>], &mut Problems) -> R,
+) -> (R, BTreeMap<u32, Vec<String>>, Option<PodIndex>) {
     let snapshot = input.snapshot;
     let mut policies = policies_in_order(snapshot, problems);
     let cidrs = cidr::policy_cidrs(&policies, problems);
@@ -115,7 +142,7 @@ fn resolve<R>(
 
     let mut labels_of = identities::reserved();
     let selected_keys = selected_pod_keys(&policies);
-    identities::pods(
+    let sets = identities::pods(
         &mut workloads,
         &cidrs,
         &selected_keys,
@@ -152,7 +179,18 @@ fn resolve<R>(
             .map(|(_, peers, _)| world.peers(&p.object, p.namespace, peers, problems))
             .collect();
     }
-    (f(&world, &policies, problems), labels_of)
+    let pods = index.then(|| {
+        let context = pod_index::Context {
+            this,
+            namespaces: &namespaces,
+            cidrs: &cidrs,
+            selected_keys: &selected_keys,
+            node_addresses: &node_addresses.entries,
+            nodes: &state.nodes,
+        };
+        PodIndex::new(&context, input, &workloads, sets, &policies)
+    });
+    (f(&world, &policies, problems), labels_of, pods)
 }
 
 /// NetworkPolicies sorted by (namespace, name); a name defined twice is skipped, since

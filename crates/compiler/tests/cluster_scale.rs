@@ -8,6 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
 use serde_json::{Value, json};
 use sluice_compiler::{Changes, CompileCache, DesiredState, NodeContext, ObjectKey, compile};
 use sluice_fake_apiserver::cluster::{self, LOCAL_NODE, Shape};
@@ -299,33 +303,56 @@ fn one_change_of_each_kind_at_100k_services() {
     changes.endpoint_slices.insert(key(&slice), Some(slice));
     step("EndpointSlice", &snapshot, changes, &mut cache);
 
-    let workloads = Changes {
-        workloads: true,
-        ..Changes::default()
-    };
+    // A remote pod replaced by one with the same labels and a new address: the churn of
+    // a rolling update.
     let p = shape.pods - 1;
-    snapshot.pods[p] = stamped(cluster::pod(&shape, p, 1), version);
+    let pod: Pod = stamped(cluster::pod(&shape, p, 1), version);
     version += 1;
-    step("Pod", &snapshot, workloads.clone(), &mut cache);
+    snapshot.pods[p] = pod.clone();
+    let mut changes = Changes::default();
+    changes.pods.insert(key(&pod), Some(pod));
+    step("Pod", &snapshot, changes, &mut cache);
+
+    // A pod with a label set no other pod has: a new identity.
+    let p = shape.pods - 2;
+    let mut object = cluster::pod(&shape, p, 1);
+    object["metadata"]["labels"]["app"] = json!("app-new");
+    let pod: Pod = stamped(object, version);
+    version += 1;
+    snapshot.pods[p] = pod.clone();
+    let mut changes = Changes::default();
+    changes.pods.insert(key(&pod), Some(pod));
+    step("Pod (new identity)", &snapshot, changes, &mut cache);
 
     let n = shape.nodes - 1;
     let mut object = cluster::node(n);
     object["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("europe-west1-x");
-    snapshot.nodes[n] = stamped(object, version);
+    let node_object: Node = stamped(object, version);
     version += 1;
-    step("Node", &snapshot, workloads.clone(), &mut cache);
+    snapshot.nodes[n] = node_object.clone();
+    let mut changes = Changes::default();
+    changes.nodes.insert(key(&node_object).1, Some(node_object));
+    step("Node", &snapshot, changes, &mut cache);
 
     let mut object = cluster::namespace(&shape, 1);
     object["metadata"]["labels"]["team"] = json!("team-x");
-    snapshot.namespaces[1] = stamped(object, version);
+    let namespace: Namespace = stamped(object, version);
     version += 1;
-    step("Namespace", &snapshot, workloads.clone(), &mut cache);
+    snapshot.namespaces[1] = namespace.clone();
+    let mut changes = Changes::default();
+    changes
+        .namespaces
+        .insert(key(&namespace).1, Some(namespace));
+    step("Namespace", &snapshot, changes, &mut cache);
 
-    let mut policy = cluster::network_policy(&shape, 0);
-    policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"] = json!("app-3");
-    snapshot.network_policies[0] = stamped(policy, version);
+    let mut object = cluster::network_policy(&shape, 0);
+    object["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"] = json!("app-3");
+    let policy: NetworkPolicy = stamped(object, version);
     version += 1;
-    step("NetworkPolicy", &snapshot, workloads, &mut cache);
+    snapshot.network_policies[0] = policy.clone();
+    let mut changes = Changes::default();
+    changes.network_policies.insert(key(&policy), Some(policy));
+    step("NetworkPolicy", &snapshot, changes, &mut cache);
 
     // The same Service change found by comparing a whole snapshot with the index, once
     // the index has recorded the workloads (a change set saying they changed drops that

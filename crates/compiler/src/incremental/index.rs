@@ -19,7 +19,10 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use sluice_common::{Lb4BackendKey, Lb4Key};
 use sluice_store::Snapshot;
 
@@ -29,6 +32,7 @@ use crate::{
     backends::served_service,
     changes::{Delta, ObjectKey, differences, touched},
     nodes,
+    policy::{NotInPlace, PodIndex},
     problem::Problems,
 };
 
@@ -108,6 +112,8 @@ pub struct CacheStats {
     pub services_contested: usize,
     /// Whether the part that does not read Services was recomputed.
     pub workloads_compiled: bool,
+    /// Pods compiled in place, by their ipcache entries alone.
+    pub pods_in_place: usize,
 }
 
 pub(super) struct Index {
@@ -125,6 +131,8 @@ pub(super) struct Index {
     problem_refs: BTreeMap<String, (Problem, u32)>,
     /// The problems of the part that does not read Services.
     workload_problems: Problems,
+    /// What each pod contributes to that part; None when a Pod change left it behind.
+    pods: Option<PodIndex>,
     pub(super) state: DesiredState,
 }
 
@@ -144,6 +152,7 @@ impl Index {
             backend_refs: HashMap::new(),
             problem_refs: BTreeMap::new(),
             workload_problems: Problems::default(),
+            pods: None,
         }
     }
 
@@ -463,7 +472,9 @@ impl Index {
         let Workloads {
             state: new,
             problems,
+            pods,
         } = workloads;
+        self.pods = pods;
         let state = &mut self.state;
         differences(&mut delta.endpoints, &state.endpoints, &new.endpoints);
         differences(&mut delta.ipcache, &state.ipcache, &new.ipcache);
@@ -476,6 +487,31 @@ impl Index {
         state.identities = new.identities;
         state.endpoint_details = new.endpoint_details;
         self.workload_problems = problems;
+    }
+
+    /// Compiles the Pods `pods` in place (see [`PodIndex`]): the count, or [`NotInPlace`]
+    /// when one moves more than its ipcache entries; the part must then be compiled whole
+    /// (what was changed before is in `delta`).
+    pub(super) fn put_pods(
+        &mut self,
+        pods: &BTreeMap<ObjectKey, Option<Pod>>,
+        delta: &mut Delta,
+    ) -> Result<usize, NotInPlace> {
+        let index = self.pods.as_mut().ok_or(NotInPlace)?;
+        for (key, pod) in pods {
+            let put = index.put(
+                key,
+                pod.as_ref(),
+                &self.state.nodes,
+                &mut self.state.ipcache,
+                &mut delta.ipcache,
+            );
+            if put.is_err() {
+                self.pods = None;
+                return Err(NotInPlace);
+            }
+        }
+        Ok(pods.len())
     }
 
     /// Sets the state's problems: the Services' and the workloads', by line.

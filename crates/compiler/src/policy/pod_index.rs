@@ -1,0 +1,353 @@
+//! What each pod contributes to the policy part, kept so that a Pod change compiles in
+//! place when it moves nothing but its own ipcache entry: the common churn, a pod of a
+//! Deployment replaced by one with the same labels and a new address.
+//!
+//! A pod is seen by everything else only through its identity's label set: whether the
+//! set exists (identity numbering, collisions included), whether a pod of it has an
+//! address (peer groups, the identities table), its pods' named ports and whether every
+//! one of its addresses lies in each ipBlock. A change that keeps all of these for the
+//! identities it leaves and joins, claims an address nobody else claims and is no local
+//! endpoint changes only the ipcache entries of its old and new address. Anything else
+//! is reported as [`NotInPlace`]: the caller compiles the part whole.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+};
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Pod;
+use sluice_common::{IDENTITY_WORLD, IpcacheEntry, IpcacheKey};
+use sluice_store::selector::Labels;
+
+use super::{
+    Policy, PolicyInput,
+    cidr::{Block, block},
+    identities, rules,
+    workloads::{Workload, workload},
+};
+use crate::{
+    changes::{ObjectKey, touched},
+    ipcache::Ipcache,
+    namespace_of,
+    nodes::Nodes,
+    problem::Problems,
+};
+
+/// A Pod change moves more than its own ipcache entry: compile the workloads whole.
+#[derive(Debug)]
+pub(crate) struct NotInPlace;
+
+/// What the full compile of the policy part resolved, borrowed for [`PodIndex::new`].
+pub(super) struct Context<'a> {
+    pub this: &'a str,
+    pub namespaces: &'a BTreeMap<String, Labels>,
+    pub cidrs: &'a BTreeSet<Ipv4Net>,
+    pub selected_keys: &'a BTreeSet<String>,
+    pub node_addresses: &'a BTreeMap<Ipv4Addr, IpcacheEntry>,
+    pub nodes: &'a Nodes,
+}
+
+/// A named container port: (name, protocol, number).
+type NamedPort = (String, u8, u16);
+
+/// The pods of one identity, as far as others see them.
+#[derive(Clone, PartialEq, Eq)]
+struct IdentityUse {
+    /// Pods with its label set, with or without an address.
+    pods: u32,
+    /// Those with an address in the ipcache.
+    addressed: u32,
+    /// The named ports of those, with how many pods have each.
+    ports: BTreeMap<NamedPort, u32>,
+    /// For each ipBlock of [`PodIndex::blocks`]: how many of those addresses it does not
+    /// select.
+    outside: Vec<u32>,
+}
+
+impl IdentityUse {
+    fn new(blocks: usize) -> Self {
+        Self {
+            pods: 0,
+            addressed: 0,
+            ports: BTreeMap::new(),
+            outside: vec![0; blocks],
+        }
+    }
+
+    /// Counts (`add`) or uncounts an addressed pod.
+    fn count(&mut self, address: Ipv4Addr, ports: &[NamedPort], blocks: &[Block4], add: bool) {
+        let step = |n: &mut u32| {
+            *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        };
+        step(&mut self.pods);
+        step(&mut self.addressed);
+        for port in ports {
+            let n = self.ports.entry(port.clone()).or_default();
+            step(n);
+            if *n == 0 {
+                self.ports.remove(port);
+            }
+        }
+        for (n, b) in self.outside.iter_mut().zip(blocks) {
+            if !b.selects(address) {
+                step(n);
+            }
+        }
+    }
+
+    /// What the rest of the compile reads of the identity: whether it exists, whether it
+    /// is a peer, its named ports and the ipBlocks that select it.
+    fn seen(&self) -> (bool, bool, Vec<&NamedPort>, Vec<bool>) {
+        (
+            self.pods > 0,
+            self.addressed > 0,
+            self.ports.keys().collect(),
+            self.outside.iter().map(|&n| n == 0).collect(),
+        )
+    }
+}
+
+/// An ipBlock with an IPv4 CIDR.
+#[derive(Clone, PartialEq, Eq)]
+struct Block4 {
+    cidr: Ipv4Net,
+    except: Vec<Ipv4Net>,
+}
+
+impl Block4 {
+    /// Whether the block selects a pod's /32, as `peers::World::block_identities` judges
+    /// the prefixes of an identity.
+    fn selects(&self, address: Ipv4Addr) -> bool {
+        self.cidr.contains(&address) && !self.except.iter().any(|e| e.contains(&address))
+    }
+}
+
+/// A pod that is no local endpoint, as the index keeps it.
+struct PodEntry {
+    identity: u32,
+    /// The address it claims; it holds it in the ipcache unless contested.
+    address: Ipv4Addr,
+    ports: Vec<NamedPort>,
+}
+
+/// A pod as compiled alone, before it joins the index.
+struct NewPod {
+    entry: PodEntry,
+    node: Option<String>,
+}
+
+/// Every pod's contribution to the policy part, from one full compile of it.
+pub(crate) struct PodIndex {
+    this: String,
+    namespaces: BTreeMap<String, Labels>,
+    cidrs: BTreeSet<Ipv4Net>,
+    selected_keys: BTreeSet<String>,
+    blocks: Vec<Block4>,
+    /// Label set -> its identity, for every set a pod has.
+    numbers: HashMap<Vec<String>, u32>,
+    identities: HashMap<u32, IdentityUse>,
+    pods: HashMap<ObjectKey, PodEntry>,
+    /// Pods a change of which is compiled whole: local endpoints (their rows and flags
+    /// follow their labels) and names the snapshot defines twice.
+    whole: HashSet<ObjectKey>,
+    /// Address -> how many pods claim it.
+    claims: HashMap<Ipv4Addr, u32>,
+    /// /32s the ipcache gives something else than a pod: node and router addresses, a
+    /// policy CIDR or pod CIDR of one address.
+    reserved: HashSet<Ipv4Addr>,
+}
+
+impl PodIndex {
+    pub(super) fn new(
+        context: &Context<'_>,
+        input: &PolicyInput<'_>,
+        workloads: &[Workload<'_>],
+        sets: Vec<Vec<String>>,
+        policies: &[Policy<'_>],
+    ) -> Self {
+        let mut blocks = Vec::new();
+        let mut ignored = Problems::default();
+        for p in policies {
+            for (_, peers, _) in rules(p.policy) {
+                for peer in peers.into_iter().flatten() {
+                    if let Some(Block {
+                        cidr: Some(cidr),
+                        except,
+                    }) = block(&p.object, peer, &mut ignored)
+                    {
+                        let b = Block4 { cidr, except };
+                        if !blocks.contains(&b) {
+                            blocks.push(b);
+                        }
+                    }
+                }
+            }
+        }
+        let mut whole: HashSet<ObjectKey> = input
+            .endpoints
+            .values()
+            .map(|e| (e.namespace.clone(), e.pod.clone()))
+            .collect();
+        let mut names = HashSet::new();
+        for pod in &input.snapshot.pods {
+            let namespace = namespace_of(pod.metadata.namespace.as_ref());
+            let name = pod.metadata.name.as_deref().unwrap_or("");
+            if !names.insert((namespace, name)) {
+                whole.insert((namespace.to_string(), name.to_string()));
+            }
+        }
+        let mut reserved: HashSet<Ipv4Addr> = context.node_addresses.keys().copied().collect();
+        let single = |c: &Ipv4Net| (c.prefix_len() == 32).then_some(c.addr());
+        reserved.extend(context.cidrs.iter().filter_map(single));
+        reserved.extend(
+            context
+                .nodes
+                .remote_pod_cidrs()
+                .filter_map(|(c, _)| single(&c)),
+        );
+        let mut index = Self {
+            this: context.this.to_string(),
+            namespaces: context.namespaces.clone(),
+            cidrs: context.cidrs.clone(),
+            selected_keys: context.selected_keys.clone(),
+            blocks,
+            numbers: HashMap::new(),
+            identities: HashMap::new(),
+            pods: HashMap::new(),
+            whole,
+            claims: HashMap::new(),
+            reserved,
+        };
+        for (w, set) in workloads.iter().zip(sets) {
+            index.add_workload(w, set);
+        }
+        index
+    }
+
+    fn add_workload(&mut self, w: &Workload<'_>, set: Vec<String>) {
+        if let Some(claimed) = w.claimed {
+            *self.claims.entry(claimed).or_default() += 1;
+        }
+        if w.identity != IDENTITY_WORLD {
+            self.numbers.entry(set).or_insert(w.identity);
+        }
+        let blocks = self.blocks.len();
+        let used = self
+            .identities
+            .entry(w.identity)
+            .or_insert_with(|| IdentityUse::new(blocks));
+        match w.address {
+            Some(address) => used.count(address, &w.ports, &self.blocks, true),
+            None => used.pods += 1,
+        }
+        let key = (w.namespace.to_string(), w.name.to_string());
+        if let (Some(address), false) = (w.claimed, self.whole.contains(&key)) {
+            let entry = PodEntry {
+                identity: w.identity,
+                address,
+                ports: w.ports.clone(),
+            };
+            self.pods.insert(key, entry);
+        }
+    }
+
+    /// Applies the Pod `key` written (`Some`) or deleted, changing its ipcache entries in
+    /// place and recording them in `delta`; [`NotInPlace`] (with nothing changed) when it
+    /// moves more than those.
+    pub(crate) fn put(
+        &mut self,
+        key: &ObjectKey,
+        pod: Option<&Pod>,
+        nodes: &Nodes,
+        ipcache: &mut Ipcache,
+        delta: &mut BTreeMap<IpcacheKey, Option<IpcacheEntry>>,
+    ) -> Result<(), NotInPlace> {
+        if self.whole.contains(key) {
+            return Err(NotInPlace);
+        }
+        let new = match pod {
+            Some(pod) => self.alone(key, pod)?,
+            None => None,
+        };
+        let old = self.pods.get(key);
+        let contested = |o: &PodEntry| {
+            self.reserved.contains(&o.address) || self.claims.get(&o.address) != Some(&1)
+        };
+        if old.is_some_and(contested) {
+            return Err(NotInPlace);
+        }
+        if let Some(n) = &new {
+            let held = self.claims.get(&n.entry.address).copied().unwrap_or(0);
+            let own = old.is_some_and(|o| o.address == n.entry.address);
+            if self.reserved.contains(&n.entry.address) || held != u32::from(own) {
+                return Err(NotInPlace);
+            }
+        }
+        let uses = self.uses_after(old, new.as_ref().map(|n| &n.entry))?;
+        self.identities.extend(uses);
+        if let Some(old) = self.pods.remove(key) {
+            self.claims.remove(&old.address);
+            let k = IpcacheKey::new(old.address, 32);
+            touched(delta, k, ipcache.remove(&k));
+        }
+        if let Some(NewPod { entry, node }) = new {
+            self.claims.insert(entry.address, 1);
+            let k = IpcacheKey::new(entry.address, 32);
+            let value = IpcacheEntry {
+                identity: entry.identity,
+                tunnel_endpoint: nodes.pod_tunnel(&self.this, node.as_deref(), entry.address),
+            };
+            touched(delta, k, ipcache.insert(k, value));
+            self.pods.insert(key.clone(), entry);
+        }
+        Ok(())
+    }
+
+    /// The pod `pod` as the full compile would see it were it no local endpoint: None
+    /// when it has no address (pending, host network, terminated).
+    fn alone(&self, key: &ObjectKey, pod: &Pod) -> Result<Option<NewPod>, NotInPlace> {
+        let Some(w) = workload(&key.0, &key.1, Some(pod), None, &self.namespaces) else {
+            return Ok(None);
+        };
+        let Some(address) = w.address else {
+            return Ok(None);
+        };
+        let set = identities::label_set(&w, &self.cidrs, &self.selected_keys);
+        // A label set no pod has yet is a new identity: numbers and peers move.
+        let identity = *self.numbers.get(&set).ok_or(NotInPlace)?;
+        Ok(Some(NewPod {
+            entry: PodEntry {
+                identity,
+                address,
+                ports: w.ports,
+            },
+            node: w.node.map(str::to_string),
+        }))
+    }
+
+    /// The identities `old` leaves and `new` joins, counted after the change, if every one
+    /// looks to the rest of the compile as it did before.
+    fn uses_after(
+        &self,
+        old: Option<&PodEntry>,
+        new: Option<&PodEntry>,
+    ) -> Result<Vec<(u32, IdentityUse)>, NotInPlace> {
+        let ids: BTreeSet<u32> = old.iter().chain(&new).map(|p| p.identity).collect();
+        let mut out = Vec::new();
+        for id in ids {
+            let before = self.identities.get(&id).ok_or(NotInPlace)?;
+            let mut after = before.clone();
+            for (pod, add) in [(old, false), (new, true)] {
+                if let Some(pod) = pod.filter(|p| p.identity == id) {
+                    after.count(pod.address, &pod.ports, &self.blocks, add);
+                }
+            }
+            if id == IDENTITY_WORLD || after.seen() != before.seen() {
+                return Err(NotInPlace);
+            }
+            out.push((id, after));
+        }
+        Ok(out)
+    }
+}
