@@ -129,10 +129,12 @@ impl CompileCache {
             Some(index) => index,
             empty => empty.insert(Index::new(node, ServiceInputs::of(snapshot, node))),
         };
-        if workloads && same_node && only_pods(&changes) {
+        if workloads && same_node && in_place(&changes) {
             // What failed half way is compiled whole below; `delta` keeps the first values.
-            if let Ok(n) = index.put_pods(&changes.pods, &mut delta) {
-                stats.pods_in_place = n;
+            let put = index.put_in_place(&changes.network_policies, &changes.pods, &mut delta);
+            if let Ok(pods) = put {
+                stats.pods_in_place = pods;
+                stats.policies_in_place = changes.network_policies.len();
                 workloads = false;
             }
         }
@@ -241,12 +243,9 @@ impl CompileCache {
     }
 }
 
-/// Whether `changes` names Pods and nothing else of the workload part.
-fn only_pods(changes: &Changes) -> bool {
-    !changes.workloads
-        && changes.namespaces.is_empty()
-        && changes.nodes.is_empty()
-        && changes.network_policies.is_empty()
+/// Whether `changes` names Pods and NetworkPolicies and nothing else of the workload part.
+fn in_place(changes: &Changes) -> bool {
+    !changes.workloads && changes.namespaces.is_empty() && changes.nodes.is_empty()
 }
 
 /// Every realized entry that differs between two states.

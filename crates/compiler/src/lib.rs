@@ -292,7 +292,7 @@ fn slices_of<'s, 'a>(
 /// The part of the state that does not depend on Services: endpoints, nodes, identities,
 /// the ipcache and policy, from pods, namespaces, policies, nodes and local endpoints.
 /// With `index`, also what each pod contributes, so that a later Pod change can be
-/// compiled in place ([`policy::PodIndex`]).
+/// compiled in place ([`policy::WorkloadIndex`]).
 fn compile_workloads(snapshot: &Snapshot, node: &NodeContext, index: bool) -> Workloads {
     let (compilation, local) = Compilation::for_policy(snapshot, node);
     let Compilation {
@@ -305,11 +305,11 @@ fn compile_workloads(snapshot: &Snapshot, node: &NodeContext, index: bool) -> Wo
         node,
         endpoints: &local,
     };
-    let pods = policy::compile(&input, &mut state, &mut problems, index);
+    let index = policy::compile(&input, &mut state, &mut problems, index);
     Workloads {
         state,
         problems,
-        pods,
+        index,
     }
 }
 
@@ -335,8 +335,8 @@ pub fn explain(
 struct Workloads {
     state: DesiredState,
     problems: Problems,
-    /// What each pod contributes, when asked for.
-    pods: Option<policy::PodIndex>,
+    /// What it was compiled from, when asked for.
+    index: Option<policy::WorkloadIndex>,
 }
 
 /// `namespace/name`, as frontends and conflicts name their Service.

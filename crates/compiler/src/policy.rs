@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, btree_map::Entry};
 
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
-use sluice_common::{IpcacheEntry, POLICY_EGRESS, POLICY_INGRESS};
+use sluice_common::{IDENTITY_HOST, IpcacheEntry, POLICY_EGRESS, POLICY_INGRESS};
 use sluice_store::{
     LocalEndpoint, Snapshot,
     selector::{self, Labels},
@@ -33,14 +33,18 @@ mod peers;
 #[cfg(test)]
 mod peers_tests;
 mod pod_index;
+mod policy_index;
 mod ports;
 mod rows;
 mod workloads;
 
-pub(crate) use self::pod_index::{NotInPlace, PodIndex};
 use self::{
     peers::{IdentityPrefixes, PeerGroups, Peers, World},
     workloads::Workload,
+};
+pub(crate) use self::{
+    pod_index::{NotInPlace, PodIndex},
+    policy_index::PolicyIndex,
 };
 
 /// The label the API server puts on every namespace.
@@ -67,22 +71,25 @@ pub(crate) struct PolicyInput<'a> {
     pub endpoints: &'a BTreeMap<u32, &'a LocalEndpoint>,
 }
 
-/// Compiles the policy part into `state`; with `index`, also returns what each pod
-/// contributes, for [`PodIndex::put`].
+/// What the full compile of the policy part resolved, kept so that a change of one Pod
+/// or NetworkPolicy can be compiled in place.
+pub(crate) struct WorkloadIndex {
+    pub pods: PodIndex,
+    pub policies: PolicyIndex,
+}
+
+/// Compiles the policy part into `state`; with `index`, also returns what it resolved, for
+/// [`PodIndex::put`] and [`PolicyIndex::put`].
 pub(crate) fn compile(
     input: &PolicyInput<'_>,
     state: &mut DesiredState,
     problems: &mut Problems,
     index: bool,
-) -> Option<PodIndex> {
-    let resolved = resolve_indexed(
-        input,
-        state,
-        problems,
-        index,
-        |world, policies, problems| world.endpoints(input, policies, problems),
-    );
-    let (compiled, labels_of, pods) = resolved;
+) -> Option<WorkloadIndex> {
+    let resolved = resolve_indexed(input, state, problems, index, |world, policies, _| {
+        world.endpoints(input, policies)
+    });
+    let (compiled, labels_of, mut index) = resolved;
     let mut used: BTreeSet<u32> = state.ipcache.values().map(|e| e.identity).collect();
     for (ifindex, endpoint) in compiled {
         used.insert(endpoint.details.identity);
@@ -92,9 +99,13 @@ pub(crate) fn compile(
             used.extend(policy.rows.keys().map(|k| k.rule.identity));
             state.policies.insert(ifindex, policy);
         }
+        problems.extend(&endpoint.problems);
+        if let Some(index) = &mut index {
+            index.policies.endpoint_problems(ifindex, endpoint.problems);
+        }
     }
     state.identities = identities::named(used, labels_of);
-    pods
+    index
 }
 
 /// Explains one flow against the policies of `input`, as [`compile`] would program them.
@@ -104,8 +115,8 @@ pub(crate) fn explain(
     flow: &explain::FlowQuery,
 ) -> Result<explain::Explanation, explain::Unexplained> {
     let mut problems = Problems::default();
-    let (explanation, _) = resolve(input, state, &mut problems, |world, policies, problems| {
-        let compiled = world.endpoints(input, policies, problems);
+    let (explanation, _) = resolve(input, state, &mut problems, |world, policies, _| {
+        let compiled = world.endpoints(input, policies);
         explain::explain(world, policies, &compiled, input.node, flow)
     });
     explanation
@@ -124,17 +135,19 @@ fn resolve<R>(
     (answer, labels_of)
 }
 
-/// [`resolve`], and with `index` the [`PodIndex`] of what it resolved.
+/// [`resolve`], and with `index` the [`WorkloadIndex`] of what it resolved. Problems of
+/// the policies themselves are gathered apart, so the index can keep them apart.
 fn resolve_indexed<R>(
     input: &PolicyInput<'_>,
     state: &mut DesiredState,
     problems: &mut Problems,
     index: bool,
     f: impl FnOnce(&World<'_>, &[Policy<'_>], &mut Problems) -> R,
-) -> (R, BTreeMap<u32, Vec<String>>, Option<PodIndex>) {
+) -> (R, BTreeMap<u32, Vec<String>>, Option<WorkloadIndex>) {
     let snapshot = input.snapshot;
-    let mut policies = policies_in_order(snapshot, problems);
-    let cidrs = cidr::policy_cidrs(&policies, problems);
+    let mut policy_problems = Problems::default();
+    let mut policies = policies_in_order(&snapshot.network_policies, &mut policy_problems);
+    let cidrs = cidr::policy_cidrs(&policies, &mut policy_problems);
     let namespaces = namespace_labels(snapshot, problems);
     let this = input.node.node.as_str();
     let node_addresses = state.nodes.addresses(snapshot, this);
@@ -176,10 +189,11 @@ fn resolve_indexed<R>(
     };
     for p in &mut policies {
         p.peers = rules(p.policy)
-            .map(|(_, peers, _)| world.peers(&p.object, p.namespace, peers, problems))
+            .map(|(_, peers, _)| world.peers(&p.object, p.namespace, peers, &mut policy_problems))
             .collect();
     }
-    let pods = index.then(|| {
+    let answer = f(&world, &policies, problems);
+    let index = index.then(|| {
         let context = pod_index::Context {
             this,
             namespaces: &namespaces,
@@ -188,16 +202,32 @@ fn resolve_indexed<R>(
             node_addresses: &node_addresses.entries,
             nodes: &state.nodes,
         };
-        PodIndex::new(&context, input, &workloads, sets, &policies)
+        let pods = PodIndex::new(&context, input, &workloads, sets, &policies);
+        let parts = policy_index::Parts {
+            snapshot,
+            input,
+            workloads: &workloads,
+            groups: peer_groups,
+            prefixes,
+            problems: problems.clone(),
+            policy_problems: policy_problems.clone(),
+            host_in_ipcache: state.ipcache.values().any(|e| e.identity == IDENTITY_HOST),
+        };
+        let policies = PolicyIndex::new(&context, parts, policies);
+        WorkloadIndex { pods, policies }
     });
-    (f(&world, &policies, problems), labels_of, pods)
+    problems.extend(&policy_problems);
+    (answer, labels_of, index)
 }
 
 /// NetworkPolicies sorted by (namespace, name); a name defined twice is skipped, since
 /// keeping either copy would make the output depend on list order.
-fn policies_in_order<'a>(snapshot: &'a Snapshot, problems: &mut Problems) -> Vec<Policy<'a>> {
+fn policies_in_order<'a>(
+    objects: impl IntoIterator<Item = &'a NetworkPolicy>,
+    problems: &mut Problems,
+) -> Vec<Policy<'a>> {
     let mut by_name: BTreeMap<(&str, &str), Vec<&NetworkPolicy>> = BTreeMap::new();
-    for policy in &snapshot.network_policies {
+    for policy in objects {
         let namespace = namespace_of(policy.metadata.namespace.as_ref());
         let name = policy.metadata.name.as_deref().unwrap_or("");
         by_name.entry((namespace, name)).or_default().push(policy);

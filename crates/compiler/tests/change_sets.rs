@@ -236,7 +236,7 @@ fn assert_delta(delta: &Delta, before: &DesiredState, after: &DesiredState, what
 /// step, exactly the full compile's output, and a delta that names every entry changed.
 #[test]
 fn any_sequence_of_change_sets_equals_the_full_compile() {
-    let (mut contested, mut touched, mut in_place) = (0, 0, 0);
+    let (mut contested, mut touched, mut in_place, mut policies) = (0, 0, 0, 0);
     for seed in 0..300 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let (mut snapshot, mut node) = cluster(&mut rng);
@@ -292,12 +292,13 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
             touched += delta.len();
             contested += cache.stats().services_contested;
             in_place += cache.stats().pods_in_place;
+            policies += cache.stats().policies_in_place;
             before = full;
         }
     }
     println!(
         "300 cases x 30 steps: {touched} entries touched, {contested} Services contested, \
-         {in_place} Pods compiled in place"
+         {in_place} Pods and {policies} NetworkPolicies compiled in place"
     );
-    assert!(contested > 0 && touched > 0 && in_place > 0);
+    assert!(contested > 0 && touched > 0 && in_place > 0 && policies > 0);
 }

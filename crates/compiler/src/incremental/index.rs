@@ -22,6 +22,7 @@ use std::{
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::NetworkPolicy,
 };
 use sluice_common::{Lb4BackendKey, Lb4Key};
 use sluice_store::Snapshot;
@@ -32,7 +33,7 @@ use crate::{
     backends::served_service,
     changes::{Delta, ObjectKey, differences, touched},
     nodes,
-    policy::{NotInPlace, PodIndex},
+    policy::{NotInPlace, WorkloadIndex},
     problem::Problems,
 };
 
@@ -114,6 +115,8 @@ pub struct CacheStats {
     pub workloads_compiled: bool,
     /// Pods compiled in place, by their ipcache entries alone.
     pub pods_in_place: usize,
+    /// NetworkPolicies compiled in place, by the rows of the endpoints they select.
+    pub policies_in_place: usize,
 }
 
 pub(super) struct Index {
@@ -131,8 +134,9 @@ pub(super) struct Index {
     problem_refs: BTreeMap<String, (Problem, u32)>,
     /// The problems of the part that does not read Services.
     workload_problems: Problems,
-    /// What each pod contributes to that part; None when a Pod change left it behind.
-    pods: Option<PodIndex>,
+    /// What that part was compiled from, by Pod and NetworkPolicy; None when a change
+    /// left it behind.
+    workload_index: Option<WorkloadIndex>,
     pub(super) state: DesiredState,
 }
 
@@ -152,7 +156,7 @@ impl Index {
             backend_refs: HashMap::new(),
             problem_refs: BTreeMap::new(),
             workload_problems: Problems::default(),
-            pods: None,
+            workload_index: None,
         }
     }
 
@@ -472,9 +476,9 @@ impl Index {
         let Workloads {
             state: new,
             problems,
-            pods,
+            index,
         } = workloads;
-        self.pods = pods;
+        self.workload_index = index;
         let state = &mut self.state;
         differences(&mut delta.endpoints, &state.endpoints, &new.endpoints);
         differences(&mut delta.ipcache, &state.ipcache, &new.ipcache);
@@ -489,27 +493,41 @@ impl Index {
         self.workload_problems = problems;
     }
 
-    /// Compiles the Pods `pods` in place (see [`PodIndex`]): the count, or [`NotInPlace`]
-    /// when one moves more than its ipcache entries; the part must then be compiled whole
-    /// (what was changed before is in `delta`).
-    pub(super) fn put_pods(
+    /// Compiles the NetworkPolicies and then the Pods of `changes` in place (see
+    /// `policy::PolicyIndex` and `policy::PodIndex`): the Pods' count, or [`NotInPlace`]
+    /// when one moves more; the part must then be compiled whole (what was changed before
+    /// is in `delta`).
+    pub(super) fn put_in_place(
         &mut self,
+        policies: &BTreeMap<ObjectKey, Option<NetworkPolicy>>,
         pods: &BTreeMap<ObjectKey, Option<Pod>>,
         delta: &mut Delta,
     ) -> Result<usize, NotInPlace> {
-        let index = self.pods.as_mut().ok_or(NotInPlace)?;
+        let index = self.workload_index.as_mut().ok_or(NotInPlace)?;
+        let mut put = Ok(());
+        if !policies.is_empty() {
+            put = index
+                .policies
+                .put(policies, &index.pods, &mut self.state, delta);
+            if put.is_ok() {
+                self.workload_problems = index.policies.problems();
+            }
+        }
         for (key, pod) in pods {
-            let put = index.put(
+            if put.is_err() {
+                break;
+            }
+            put = index.pods.put(
                 key,
                 pod.as_ref(),
                 &self.state.nodes,
                 &mut self.state.ipcache,
                 &mut delta.ipcache,
             );
-            if put.is_err() {
-                self.pods = None;
-                return Err(NotInPlace);
-            }
+        }
+        if put.is_err() {
+            self.workload_index = None;
+            return Err(NotInPlace);
         }
         Ok(pods.len())
     }

@@ -225,6 +225,13 @@ impl PodIndex {
         index
     }
 
+    /// Whether the index keeps the verdicts of the ipBlock `cidr` except `except`.
+    pub(super) fn knows_block(&self, cidr: Ipv4Net, except: &[Ipv4Net]) -> bool {
+        self.blocks
+            .iter()
+            .any(|b| b.cidr == cidr && b.except == except)
+    }
+
     fn add_workload(&mut self, w: &Workload<'_>, set: Vec<String>) {
         if let Some(claimed) = w.claimed {
             *self.claims.entry(claimed).or_default() += 1;
