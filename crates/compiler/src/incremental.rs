@@ -14,6 +14,7 @@
 //! values before, so the realizer writes only those.
 
 mod index;
+mod nodes;
 
 use std::collections::BTreeSet;
 
@@ -27,7 +28,10 @@ use k8s_openapi::{
 use sluice_store::{LocalEndpoint, Snapshot};
 
 pub use self::index::CacheStats;
-use self::index::{Index, ServiceInputs};
+use self::{
+    index::{Index, ServiceInputs},
+    nodes::NodeIndex,
+};
 use crate::{
     Changes, Delta, DesiredState, NodeContext, changes::differences, compile_workloads,
     namespace_of,
@@ -129,12 +133,13 @@ impl CompileCache {
             Some(index) => index,
             empty => empty.insert(Index::new(node, ServiceInputs::of(snapshot, node))),
         };
-        if workloads && same_node && in_place(&changes) {
+        if workloads && same_node {
             // What failed half way is compiled whole below; `delta` keeps the first values.
-            let put = index.put_in_place(&changes.network_policies, &changes.pods, &mut delta);
-            if let Ok(pods) = put {
-                stats.pods_in_place = pods;
+            if index.put_in_place(&changes, &mut delta).is_ok() {
+                stats.pods_in_place = changes.pods.len();
                 stats.policies_in_place = changes.network_policies.len();
+                stats.namespaces_in_place = changes.namespaces.len();
+                stats.nodes_in_place = changes.nodes.len();
                 workloads = false;
             }
         }
@@ -151,7 +156,8 @@ impl CompileCache {
         if workloads {
             stats.workloads_compiled = true;
             index.node = node.clone();
-            index.put_workloads(compile_workloads(snapshot, node, true), &mut delta);
+            let nodes = NodeIndex::new(snapshot, &node.node);
+            index.put_workloads(compile_workloads(snapshot, node, true), nodes, &mut delta);
         }
         index.gather_problems();
         if fresh {
@@ -241,11 +247,6 @@ impl CompileCache {
             ..CacheStats::default()
         };
     }
-}
-
-/// Whether `changes` names Pods and NetworkPolicies and nothing else of the workload part.
-fn in_place(changes: &Changes) -> bool {
-    !changes.workloads && changes.namespaces.is_empty() && changes.nodes.is_empty()
 }
 
 /// Every realized entry that differs between two states.

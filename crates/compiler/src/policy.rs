@@ -14,7 +14,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, btree_map::Entry};
 
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::api::{
+    core::v1::Namespace,
+    networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+};
 use sluice_common::{IDENTITY_HOST, IpcacheEntry, POLICY_EGRESS, POLICY_INGRESS};
 use sluice_store::{
     LocalEndpoint, Snapshot,
@@ -76,6 +79,26 @@ pub(crate) struct PolicyInput<'a> {
 pub(crate) struct WorkloadIndex {
     pub pods: PodIndex,
     pub policies: PolicyIndex,
+}
+
+impl WorkloadIndex {
+    /// Applies the Namespace `name` written (`Some`) or deleted: in place when its labels
+    /// stay, or when no pod lives in it (no identity and no peer group names it);
+    /// [`NotInPlace`] (with nothing changed) otherwise.
+    pub(crate) fn put_namespace(
+        &mut self,
+        name: &str,
+        namespace: Option<&Namespace>,
+    ) -> Result<(), NotInPlace> {
+        let labels = namespace.and_then(labels_of_namespace);
+        if labels.as_ref().is_some_and(|(n, _)| n != name) {
+            return Err(NotInPlace);
+        }
+        let labels = labels.map(|(_, labels)| labels);
+        self.pods.put_namespace(name, labels.as_ref())?;
+        self.policies.put_namespace(name, labels);
+        Ok(())
+    }
 }
 
 /// Compiles the policy part into `state`; with `index`, also returns what it resolved, for
@@ -314,12 +337,7 @@ fn selected_pod_keys(policies: &[Policy<'_>]) -> BTreeSet<String> {
 fn namespace_labels(snapshot: &Snapshot, problems: &mut Problems) -> BTreeMap<String, Labels> {
     let mut out: BTreeMap<String, Labels> = BTreeMap::new();
     let mut twice = BTreeSet::new();
-    for ns in &snapshot.namespaces {
-        let Some(name) = ns.metadata.name.clone() else {
-            continue;
-        };
-        let mut labels = ns.metadata.labels.clone().unwrap_or_default();
-        labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+    for (name, labels) in snapshot.namespaces.iter().filter_map(labels_of_namespace) {
         match out.entry(name) {
             Entry::Occupied(e) => {
                 twice.insert(e.key().clone());
@@ -335,6 +353,15 @@ fn namespace_labels(snapshot: &Snapshot, problems: &mut Problems) -> BTreeMap<St
         problems.insert(Problem::NamespaceDuplicate { name });
     }
     out
+}
+
+/// A Namespace's name and labels, with the name label the API server sets; None without
+/// a name.
+fn labels_of_namespace(ns: &Namespace) -> Option<(String, Labels)> {
+    let name = ns.metadata.name.clone()?;
+    let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+    Some((name, labels))
 }
 
 /// Whether `policy` selects the pod `w`.

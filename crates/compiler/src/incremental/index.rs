@@ -19,17 +19,15 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Pod, Service},
-    discovery::v1::EndpointSlice,
-    networking::v1::NetworkPolicy,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use sluice_common::{Lb4BackendKey, Lb4Key};
 use sluice_store::Snapshot;
 
+use super::nodes::NodeIndex;
+
 use crate::{
-    Balancing, Compilation, DesiredState, Frontend, NodeContext, ObjectKind, ObjectRef, Problem,
-    Workloads,
+    Balancing, Changes, Compilation, DesiredState, Frontend, NodeContext, ObjectKind, ObjectRef,
+    Problem, Workloads,
     backends::served_service,
     changes::{Delta, ObjectKey, differences, touched},
     nodes,
@@ -117,6 +115,10 @@ pub struct CacheStats {
     pub pods_in_place: usize,
     /// NetworkPolicies compiled in place, by the rows of the endpoints they select.
     pub policies_in_place: usize,
+    /// Namespaces whose change moved no pod.
+    pub namespaces_in_place: usize,
+    /// Nodes whose change moved no address, route or tunnel.
+    pub nodes_in_place: usize,
 }
 
 pub(super) struct Index {
@@ -137,6 +139,8 @@ pub(super) struct Index {
     /// What that part was compiled from, by Pod and NetworkPolicy; None when a change
     /// left it behind.
     workload_index: Option<WorkloadIndex>,
+    /// The Nodes that part was compiled from.
+    node_index: Option<NodeIndex>,
     pub(super) state: DesiredState,
 }
 
@@ -157,6 +161,7 @@ impl Index {
             problem_refs: BTreeMap::new(),
             workload_problems: Problems::default(),
             workload_index: None,
+            node_index: None,
         }
     }
 
@@ -472,7 +477,13 @@ impl Index {
     }
 
     /// Replaces the part that does not read Services with `workloads`.
-    pub(super) fn put_workloads(&mut self, workloads: Workloads, delta: &mut Delta) {
+    pub(super) fn put_workloads(
+        &mut self,
+        workloads: Workloads,
+        nodes: NodeIndex,
+        delta: &mut Delta,
+    ) {
+        self.node_index = Some(nodes);
         let Workloads {
             state: new,
             problems,
@@ -493,43 +504,52 @@ impl Index {
         self.workload_problems = problems;
     }
 
-    /// Compiles the NetworkPolicies and then the Pods of `changes` in place (see
-    /// `policy::PolicyIndex` and `policy::PodIndex`): the Pods' count, or [`NotInPlace`]
-    /// when one moves more; the part must then be compiled whole (what was changed before
-    /// is in `delta`).
+    /// Compiles the Namespaces, Nodes, NetworkPolicies and then the Pods of `changes` in
+    /// place (see `policy::PodIndex`, `policy::PolicyIndex`, [`NodeIndex`]), or says
+    /// [`NotInPlace`] when one moves more; the part must then be compiled whole (what was
+    /// changed before is in `delta`).
     pub(super) fn put_in_place(
         &mut self,
-        policies: &BTreeMap<ObjectKey, Option<NetworkPolicy>>,
-        pods: &BTreeMap<ObjectKey, Option<Pod>>,
+        changes: &Changes,
         delta: &mut Delta,
-    ) -> Result<usize, NotInPlace> {
-        let index = self.workload_index.as_mut().ok_or(NotInPlace)?;
-        let mut put = Ok(());
-        if !policies.is_empty() {
-            put = index
-                .policies
-                .put(policies, &index.pods, &mut self.state, delta);
-            if put.is_ok() {
-                self.workload_problems = index.policies.problems();
-            }
+    ) -> Result<(), NotInPlace> {
+        let put = self.try_in_place(changes, delta);
+        if put.is_err() {
+            self.workload_index = None;
+            self.node_index = None;
         }
-        for (key, pod) in pods {
-            if put.is_err() {
-                break;
-            }
-            put = index.pods.put(
+        put
+    }
+
+    fn try_in_place(&mut self, changes: &Changes, delta: &mut Delta) -> Result<(), NotInPlace> {
+        let index = self.workload_index.as_mut().ok_or(NotInPlace)?;
+        let nodes = self.node_index.as_mut().ok_or(NotInPlace)?;
+        if changes.workloads {
+            return Err(NotInPlace);
+        }
+        for (name, node) in &changes.nodes {
+            nodes.put(name, node.as_ref())?;
+        }
+        for (name, namespace) in &changes.namespaces {
+            index.put_namespace(name, namespace.as_ref())?;
+        }
+        if !changes.network_policies.is_empty() {
+            let policies = &changes.network_policies;
+            index
+                .policies
+                .put(policies, &index.pods, &mut self.state, delta)?;
+            self.workload_problems = index.policies.problems();
+        }
+        for (key, pod) in &changes.pods {
+            index.pods.put(
                 key,
                 pod.as_ref(),
                 &self.state.nodes,
                 &mut self.state.ipcache,
                 &mut delta.ipcache,
-            );
+            )?;
         }
-        if put.is_err() {
-            self.workload_index = None;
-            return Err(NotInPlace);
-        }
-        Ok(pods.len())
+        Ok(())
     }
 
     /// Sets the state's problems: the Services' and the workloads', by line.

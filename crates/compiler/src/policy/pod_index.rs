@@ -153,6 +153,11 @@ pub(crate) struct PodIndex {
     whole: HashSet<ObjectKey>,
     /// Address -> how many pods claim it.
     claims: HashMap<Ipv4Addr, u32>,
+    /// Namespaces some pod lives in. A Pod compiled in place leaves its namespace with a
+    /// pod (its label set, which names the namespace, keeps one).
+    populated: HashSet<String>,
+    /// Namespaces the snapshot defines twice.
+    namespaces_twice: HashSet<String>,
     /// /32s the ipcache gives something else than a pod: node and router addresses, a
     /// policy CIDR or pod CIDR of one address.
     reserved: HashSet<Ipv4Addr>,
@@ -218,6 +223,14 @@ impl PodIndex {
             whole,
             claims: HashMap::new(),
             reserved,
+            populated: HashSet::new(),
+            namespaces_twice: twice(
+                input
+                    .snapshot
+                    .namespaces
+                    .iter()
+                    .filter_map(|n| n.metadata.name.as_deref()),
+            ),
         };
         for (w, set) in workloads.iter().zip(sets) {
             index.add_workload(w, set);
@@ -233,6 +246,9 @@ impl PodIndex {
     }
 
     fn add_workload(&mut self, w: &Workload<'_>, set: Vec<String>) {
+        if !self.populated.contains(w.namespace) {
+            self.populated.insert(w.namespace.to_string());
+        }
         if let Some(claimed) = w.claimed {
             *self.claims.entry(claimed).or_default() += 1;
         }
@@ -257,6 +273,28 @@ impl PodIndex {
             };
             self.pods.insert(key, entry);
         }
+    }
+
+    /// Takes the labels of the Namespace `name` (None: gone), if that moves no pod.
+    pub(super) fn put_namespace(
+        &mut self,
+        name: &str,
+        labels: Option<&Labels>,
+    ) -> Result<(), NotInPlace> {
+        if self.namespaces_twice.contains(name) {
+            return Err(NotInPlace);
+        }
+        if self.namespaces.get(name) == labels {
+            return Ok(());
+        }
+        if self.populated.contains(name) {
+            return Err(NotInPlace);
+        }
+        match labels {
+            Some(labels) => self.namespaces.insert(name.to_string(), labels.clone()),
+            None => self.namespaces.remove(name),
+        };
+        Ok(())
     }
 
     /// Applies the Pod `key` written (`Some`) or deleted, changing its ipcache entries in
@@ -293,10 +331,13 @@ impl PodIndex {
         }
         let uses = self.uses_after(old, new.as_ref().map(|n| &n.entry))?;
         self.identities.extend(uses);
+        let kept = new.as_ref().map(|n| n.entry.address);
         if let Some(old) = self.pods.remove(key) {
             self.claims.remove(&old.address);
-            let k = IpcacheKey::new(old.address, 32);
-            touched(delta, k, ipcache.remove(&k));
+            if kept != Some(old.address) {
+                let k = IpcacheKey::new(old.address, 32);
+                touched(delta, k, ipcache.remove(&k));
+            }
         }
         if let Some(NewPod { entry, node }) = new {
             self.claims.insert(entry.address, 1);
@@ -305,7 +346,10 @@ impl PodIndex {
                 identity: entry.identity,
                 tunnel_endpoint: nodes.pod_tunnel(&self.this, node.as_deref(), entry.address),
             };
-            touched(delta, k, ipcache.insert(k, value));
+            // A status update that keeps identity and address writes nothing.
+            if ipcache.get(&k) != Some(&value) {
+                touched(delta, k, ipcache.insert(k, value));
+            }
             self.pods.insert(key.clone(), entry);
         }
         Ok(())
@@ -357,4 +401,13 @@ impl PodIndex {
         }
         Ok(out)
     }
+}
+
+/// The names given more than once.
+fn twice<'a>(names: impl Iterator<Item = &'a str>) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    names
+        .filter(|name| !seen.insert(*name))
+        .map(str::to_string)
+        .collect()
 }

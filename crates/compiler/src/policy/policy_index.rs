@@ -156,6 +156,15 @@ impl PolicyIndex {
         }
     }
 
+    /// Takes the labels of the Namespace `name` (None: gone); `PodIndex::put_namespace`
+    /// has judged that it moves no pod.
+    pub(super) fn put_namespace(&mut self, name: &str, labels: Option<Labels>) {
+        match labels {
+            Some(labels) => self.namespaces.insert(name.to_string(), labels),
+            None => self.namespaces.remove(name),
+        };
+    }
+
     /// Records what the rows of the endpoint `ifindex` could not represent.
     pub(crate) fn endpoint_problems(&mut self, ifindex: u32, problems: Problems) {
         self.endpoint_problems.insert(ifindex, problems);
