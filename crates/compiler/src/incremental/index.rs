@@ -541,13 +541,18 @@ impl Index {
             self.workload_problems = index.policies.problems();
         }
         for (key, pod) in &changes.pods {
-            index.pods.put(
+            let moved = index.pods.put(
                 key,
                 pod.as_ref(),
                 &self.state.nodes,
                 &mut self.state.ipcache,
                 &mut delta.ipcache,
+                index.policies.can_follow(),
             )?;
+            if !moved.is_empty() {
+                index.policies.follow(moved, &mut self.state, delta);
+                self.workload_problems = index.policies.problems();
+            }
         }
         Ok(())
     }

@@ -66,10 +66,30 @@ pub(super) struct PeerGroups {
 
 /// One group of pods: its identity, namespace and labels under the keys selectors name.
 #[derive(Clone)]
-struct Group {
+pub(super) struct Group {
     identity: u32,
     namespace: String,
     labels: Labels,
+}
+
+impl Group {
+    /// The group of a pod: `labels` narrowed to the keys selectors name.
+    pub(super) fn new(
+        identity: u32,
+        namespace: &str,
+        labels: &Labels,
+        selected_keys: &BTreeSet<String>,
+    ) -> Self {
+        Self {
+            identity,
+            namespace: namespace.to_string(),
+            labels: labels
+                .iter()
+                .filter(|(k, _)| selected_keys.contains(k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
 }
 
 impl PeerGroups {
@@ -107,6 +127,21 @@ impl PeerGroups {
             groups: groups.into_values().collect(),
             ports,
         }
+    }
+
+    /// Adds the group of an identity new to the groups, with one pod's named ports.
+    pub(super) fn add(&mut self, group: Group, ports: impl IntoIterator<Item = (String, u8, u16)>) {
+        let ports: BTreeSet<_> = ports.into_iter().collect();
+        if !ports.is_empty() {
+            self.ports.insert(group.identity, ports);
+        }
+        self.groups.push(group);
+    }
+
+    /// Takes out every group of `identity`, and its named ports.
+    pub(super) fn remove(&mut self, identity: u32) {
+        self.groups.retain(|g| g.identity != identity);
+        self.ports.remove(&identity);
     }
 
     /// How many groups there are.
@@ -176,22 +211,47 @@ impl World<'_> {
         self.peers
             .groups
             .iter()
-            .filter(|w| {
-                let namespace_ok = match &peer.namespace_selector {
-                    None => w.namespace == namespace,
-                    Some(s) => self
-                        .namespaces
-                        .get(&w.namespace)
-                        .is_some_and(|labels| selector::matches(s, labels)),
-                };
-                namespace_ok
-                    && peer
-                        .pod_selector
-                        .as_ref()
-                        .is_none_or(|s| selector::matches(s, &w.labels))
-            })
-            .map(|w| w.identity)
+            .filter(|g| self.selects(namespace, peer, g))
+            .map(|g| g.identity)
             .collect()
+    }
+
+    /// Whether `peer`, of a policy in `namespace`, selects the pods of `group`.
+    fn selects(&self, namespace: &str, peer: &NetworkPolicyPeer, group: &Group) -> bool {
+        let namespace_ok = match &peer.namespace_selector {
+            None => group.namespace == namespace,
+            Some(s) => self
+                .namespaces
+                .get(&group.namespace)
+                .is_some_and(|labels| selector::matches(s, labels)),
+        };
+        namespace_ok
+            && peer
+                .pod_selector
+                .as_ref()
+                .is_none_or(|s| selector::matches(s, &group.labels))
+    }
+
+    /// Whether `peer`, of a policy in `namespace`, selects the one pod of the identity
+    /// that [`PeerGroups::add`] gave `group`, at `address`.
+    pub(super) fn selects_new(
+        &self,
+        policy: &ObjectRef,
+        namespace: &str,
+        peer: &NetworkPolicyPeer,
+        group: &Group,
+        address: Ipv4Addr,
+    ) -> bool {
+        if peer.ip_block.is_none() {
+            return self.selects(namespace, peer, group);
+        }
+        match block(policy, peer, &mut Problems::default()) {
+            Some(Block {
+                cidr: Some(cidr),
+                except,
+            }) => cidr.contains(&address) && !except.iter().any(|e| e.contains(&address)),
+            _ => false,
+        }
     }
 
     /// The identities an ipBlock selects: those whose every prefix in the ipcache lies in
@@ -226,6 +286,24 @@ struct Prefixes {
 }
 
 impl IdentityPrefixes {
+    /// Gives a new identity the /32 of its one pod.
+    pub(super) fn add(&mut self, identity: u32, address: Ipv4Addr) {
+        let prefix = Ipv4Net::from(address);
+        let all = [(address, 32)].into();
+        self.by_identity.insert(
+            identity,
+            Prefixes {
+                common: prefix,
+                all,
+            },
+        );
+    }
+
+    /// Forgets an identity gone from the ipcache.
+    pub(super) fn remove(&mut self, identity: u32) {
+        self.by_identity.remove(&identity);
+    }
+
     pub(super) fn new(ipcache: &ipcache::Ipcache, routers: &BTreeSet<Ipv4Addr>) -> Self {
         let mut by_identity: BTreeMap<u32, Prefixes> = BTreeMap::new();
         let prefixes = ipcache::prefixes(ipcache)

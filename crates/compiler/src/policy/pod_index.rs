@@ -11,7 +11,7 @@
 //! is reported as [`NotInPlace`]: the caller compiles the part whole.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
     net::Ipv4Addr,
 };
 
@@ -28,6 +28,7 @@ use super::{
 };
 use crate::{
     changes::{ObjectKey, touched},
+    identity,
     ipcache::Ipcache,
     namespace_of,
     nodes::Nodes,
@@ -135,6 +136,24 @@ struct PodEntry {
 struct NewPod {
     entry: PodEntry,
     node: Option<String>,
+    /// Its label set, when no pod had it before: a new identity.
+    new_set: Option<Vec<String>>,
+    labels: Labels,
+}
+
+/// An identity a Pod change made appear or vanish, for the policies to follow.
+pub(crate) enum Moved {
+    /// A label set no pod had, with its one pod.
+    Appeared {
+        identity: u32,
+        set: Vec<String>,
+        namespace: String,
+        labels: Labels,
+        address: Ipv4Addr,
+        ports: Vec<NamedPort>,
+    },
+    /// The last pod of a label set went.
+    Vanished { identity: u32 },
 }
 
 /// Every pod's contribution to the policy part, from one full compile of it.
@@ -151,6 +170,9 @@ pub(crate) struct PodIndex {
     /// Pods a change of which is compiled whole: local endpoints (their rows and flags
     /// follow their labels) and names the snapshot defines twice.
     whole: HashSet<ObjectKey>,
+    /// Identities numbered past the one their hash names (a collision), with that one:
+    /// when a number they probed past frees, they would move.
+    displaced: BTreeMap<u32, u32>,
     /// Address -> how many pods claim it.
     claims: HashMap<Ipv4Addr, u32>,
     /// Namespaces some pod lives in. A Pod compiled in place leaves its namespace with a
@@ -222,6 +244,7 @@ impl PodIndex {
             pods: HashMap::new(),
             whole,
             claims: HashMap::new(),
+            displaced: BTreeMap::new(),
             reserved,
             populated: HashSet::new(),
             namespaces_twice: twice(
@@ -252,8 +275,14 @@ impl PodIndex {
         if let Some(claimed) = w.claimed {
             *self.claims.entry(claimed).or_default() += 1;
         }
-        if w.identity != IDENTITY_WORLD {
-            self.numbers.entry(set).or_insert(w.identity);
+        if w.identity != IDENTITY_WORLD
+            && let Entry::Vacant(vacant) = self.numbers.entry(set)
+        {
+            let home = identity::home(vacant.key());
+            if home != w.identity {
+                self.displaced.insert(w.identity, home);
+            }
+            vacant.insert(w.identity);
         }
         let blocks = self.blocks.len();
         let used = self
@@ -298,8 +327,9 @@ impl PodIndex {
     }
 
     /// Applies the Pod `key` written (`Some`) or deleted, changing its ipcache entries in
-    /// place and recording them in `delta`; [`NotInPlace`] (with nothing changed) when it
-    /// moves more than those.
+    /// place and recording them in `delta`; returns the identities that appeared or
+    /// vanished with it, which the policies must follow (`follow`: they can). Says
+    /// [`NotInPlace`] (with nothing changed) when it moves more than those.
     pub(crate) fn put(
         &mut self,
         key: &ObjectKey,
@@ -307,7 +337,8 @@ impl PodIndex {
         nodes: &Nodes,
         ipcache: &mut Ipcache,
         delta: &mut BTreeMap<IpcacheKey, Option<IpcacheEntry>>,
-    ) -> Result<(), NotInPlace> {
+        follow: bool,
+    ) -> Result<Vec<Moved>, NotInPlace> {
         if self.whole.contains(key) {
             return Err(NotInPlace);
         }
@@ -329,7 +360,17 @@ impl PodIndex {
                 return Err(NotInPlace);
             }
         }
-        let uses = self.uses_after(old, new.as_ref().map(|n| &n.entry))?;
+        let (uses, vanished) = self.uses_after(old, new.as_ref())?;
+        if !follow && (!vanished.is_empty() || new.as_ref().is_some_and(|n| n.new_set.is_some())) {
+            return Err(NotInPlace);
+        }
+        let mut moved = Vec::new();
+        for identity in vanished {
+            self.identities.remove(&identity);
+            self.numbers.retain(|_, n| *n != identity);
+            self.displaced.remove(&identity);
+            moved.push(Moved::Vanished { identity });
+        }
         self.identities.extend(uses);
         let kept = new.as_ref().map(|n| n.entry.address);
         if let Some(old) = self.pods.remove(key) {
@@ -339,7 +380,13 @@ impl PodIndex {
                 touched(delta, k, ipcache.remove(&k));
             }
         }
-        if let Some(NewPod { entry, node }) = new {
+        if let Some(new) = new {
+            let NewPod {
+                entry,
+                node,
+                new_set,
+                labels,
+            } = new;
             self.claims.insert(entry.address, 1);
             let k = IpcacheKey::new(entry.address, 32);
             let value = IpcacheEntry {
@@ -350,14 +397,30 @@ impl PodIndex {
             if ipcache.get(&k) != Some(&value) {
                 touched(delta, k, ipcache.insert(k, value));
             }
+            if let Some(set) = new_set {
+                self.numbers.insert(set.clone(), entry.identity);
+                self.populated.insert(key.0.clone());
+                moved.push(Moved::Appeared {
+                    identity: entry.identity,
+                    set,
+                    namespace: key.0.clone(),
+                    labels,
+                    address: entry.address,
+                    ports: entry.ports.clone(),
+                });
+            }
             self.pods.insert(key.clone(), entry);
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// The pod `pod` as the full compile would see it were it no local endpoint: None
     /// when it has no address (pending, host network, terminated).
     fn alone(&self, key: &ObjectKey, pod: &Pod) -> Result<Option<NewPod>, NotInPlace> {
+        let meta = &pod.metadata;
+        if namespace_of(meta.namespace.as_ref()) != key.0 || meta.name.as_deref() != Some(&key.1) {
+            return Err(NotInPlace);
+        }
         let Some(w) = workload(&key.0, &key.1, Some(pod), None, &self.namespaces) else {
             return Ok(None);
         };
@@ -365,8 +428,10 @@ impl PodIndex {
             return Ok(None);
         };
         let set = identities::label_set(&w, &self.cidrs, &self.selected_keys);
-        // A label set no pod has yet is a new identity: numbers and peers move.
-        let identity = *self.numbers.get(&set).ok_or(NotInPlace)?;
+        let (identity, new_set) = match self.numbers.get(&set) {
+            Some(&identity) => (identity, None),
+            None => (self.new_number(&set)?, Some(set)),
+        };
         Ok(Some(NewPod {
             entry: PodEntry {
                 identity,
@@ -374,32 +439,75 @@ impl PodIndex {
                 ports: w.ports,
             },
             node: w.node.map(str::to_string),
+            new_set,
+            labels: w.labels,
         }))
     }
 
+    /// The number a new label set takes without moving another: the one its hash names,
+    /// when no set holds it (no set probed past a free number, so none moves).
+    fn new_number(&self, set: &[String]) -> Result<u32, NotInPlace> {
+        let home = identity::home(set);
+        let exhausted = self.identities.contains_key(&IDENTITY_WORLD)
+            || self.numbers.len() >= identity::label_span() as usize;
+        if exhausted || self.identities.contains_key(&home) {
+            return Err(NotInPlace);
+        }
+        Ok(home)
+    }
+
     /// The identities `old` leaves and `new` joins, counted after the change, if every one
-    /// looks to the rest of the compile as it did before.
+    /// looks to the rest of the compile as it did before, or appears with its first pod
+    /// (`new_set`), or vanishes with its last without moving another's number; with
+    /// those that vanish.
+    #[allow(clippy::type_complexity)]
     fn uses_after(
         &self,
         old: Option<&PodEntry>,
-        new: Option<&PodEntry>,
-    ) -> Result<Vec<(u32, IdentityUse)>, NotInPlace> {
+        new: Option<&NewPod>,
+    ) -> Result<(Vec<(u32, IdentityUse)>, Vec<u32>), NotInPlace> {
+        let appears = new
+            .filter(|n| n.new_set.is_some())
+            .map(|n| n.entry.identity);
+        let new = new.map(|n| &n.entry);
         let ids: BTreeSet<u32> = old.iter().chain(&new).map(|p| p.identity).collect();
-        let mut out = Vec::new();
+        let (mut out, mut vanished) = (Vec::new(), Vec::new());
         for id in ids {
-            let before = self.identities.get(&id).ok_or(NotInPlace)?;
+            let before = match self.identities.get(&id) {
+                Some(used) => used.clone(),
+                None if appears == Some(id) => IdentityUse::new(self.blocks.len()),
+                None => return Err(NotInPlace),
+            };
             let mut after = before.clone();
             for (pod, add) in [(old, false), (new, true)] {
                 if let Some(pod) = pod.filter(|p| p.identity == id) {
                     after.count(pod.address, &pod.ports, &self.blocks, add);
                 }
             }
-            if id == IDENTITY_WORLD || after.seen() != before.seen() {
+            if id == IDENTITY_WORLD {
                 return Err(NotInPlace);
             }
-            out.push((id, after));
+            if after.pods == 0 {
+                if self.frees_a_probe(id) {
+                    return Err(NotInPlace);
+                }
+                vanished.push(id);
+            } else if appears == Some(id) || after.seen() == before.seen() {
+                out.push((id, after));
+            } else {
+                return Err(NotInPlace);
+            }
         }
-        Ok(out)
+        Ok((out, vanished))
+    }
+
+    /// Whether freeing the number `id` would move an identity that probed past it.
+    fn frees_a_probe(&self, id: u32) -> bool {
+        let span = identity::label_span();
+        // An identity found taken every number from its home up to its own, wrapping.
+        self.displaced.iter().any(|(&number, &home)| {
+            number != id && (id + span - home) % span < (number + span - home) % span
+        })
     }
 }
 

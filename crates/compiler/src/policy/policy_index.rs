@@ -19,13 +19,15 @@ use sluice_store::{LocalEndpoint, selector::Labels};
 use super::{
     Policy, PolicyInput,
     cidr::{self, Block, block},
-    peers::{IdentityPrefixes, PeerGroups, Peers, World},
-    pod_index::{Context, NotInPlace, PodIndex},
-    policies_in_order, rules, selected_pod_keys, selects,
+    peers::{Group, IdentityPrefixes, PeerGroups, Peers, World},
+    pod_index::{Context, Moved, NotInPlace, PodIndex},
+    policies_in_order,
+    rows::CompiledEndpoint,
+    rules, selected_pod_keys, selects,
     workloads::Workload,
 };
 use crate::{
-    Delta, DesiredState, Identity,
+    Delta, DesiredState, Identity, ObjectKind, ObjectRef,
     changes::{ObjectKey, touched},
     identity::LABEL_HOST,
     namespace_of,
@@ -247,21 +249,13 @@ impl PolicyIndex {
             &mut Problems::default(),
         );
         let after = policies_in_order(changes.values().flatten(), &mut Problems::default());
-        let mut compiled = Vec::new();
-        for (&ifindex, local) in &self.local {
-            let Some(w) = local.workload() else { continue };
-            if before.iter().chain(&after).any(|p| selects(p, &w)) {
-                let endpoint = world.endpoint(&local.endpoint, &w, &policies, self.capacity);
-                compiled.push((ifindex, endpoint));
-            }
-        }
+        let compiled = self.endpoints_of(&world, &before, &after, &policies);
         let new_peers: Vec<(ObjectKey, Vec<Peers>)> = policies
             .iter_mut()
             .map(|p| (key_of(p.policy), std::mem::take(&mut p.peers)))
             .filter(|(key, _)| changes.contains_key(key))
             .collect();
-        drop((before, after));
-        drop(policies);
+        drop((before, after, policies));
 
         for (key, policy) in changes {
             self.peers.remove(key);
@@ -274,6 +268,143 @@ impl PolicyIndex {
         }
         self.peers.extend(new_peers);
         self.policy_problems = policy_problems;
+        self.write(compiled, state, delta);
+        Ok(())
+    }
+
+    /// Whether [`Self::follow`] can follow identities that appear or vanish.
+    pub(crate) fn can_follow(&self) -> bool {
+        self.objects.is_some()
+    }
+
+    /// Follows the identities a Pod change made appear or vanish: the peer groups, the
+    /// peers of every rule, the rows of the endpoints whose policies' peers changed, and
+    /// the identities table.
+    pub(crate) fn follow(
+        &mut self,
+        moved: Vec<Moved>,
+        state: &mut DesiredState,
+        delta: &mut Delta,
+    ) {
+        let Some(objects) = &self.objects else {
+            return;
+        };
+        let mut changed = BTreeSet::new();
+        for m in moved {
+            match m {
+                Moved::Vanished { identity } => {
+                    self.groups.remove(identity);
+                    self.prefixes.remove(identity);
+                    for (key, peers) in &mut self.peers {
+                        for p in peers.iter_mut() {
+                            if let Peers::Identities(ids) = p
+                                && ids.remove(&identity)
+                            {
+                                changed.insert(key.clone());
+                            }
+                        }
+                    }
+                    state.identities.remove(&identity);
+                }
+                Moved::Appeared {
+                    identity,
+                    set,
+                    namespace,
+                    labels,
+                    address,
+                    ports,
+                } => {
+                    let group = Group::new(identity, &namespace, &labels, &self.selected_keys);
+                    let world = World {
+                        ipcache: &state.ipcache,
+                        prefixes: &self.prefixes,
+                        workloads: &[],
+                        peers: &self.groups,
+                        namespaces: &self.namespaces,
+                    };
+                    for (key, peers) in &mut self.peers {
+                        let Some(policy) = objects.get(key) else {
+                            continue;
+                        };
+                        let object = ObjectRef::new(ObjectKind::NetworkPolicy, &key.0, &key.1);
+                        for ((_, list, _), p) in rules(policy).zip(peers.iter_mut()) {
+                            let Peers::Identities(ids) = p else { continue };
+                            let selects = list.into_iter().flatten().any(|peer| {
+                                world.selects_new(&object, &key.0, peer, &group, address)
+                            });
+                            if selects {
+                                ids.insert(identity);
+                                changed.insert(key.clone());
+                            }
+                        }
+                    }
+                    self.groups.add(group, ports);
+                    self.prefixes.add(identity, address);
+                    state.identities.insert(
+                        identity,
+                        Identity {
+                            id: identity,
+                            labels: set,
+                        },
+                    );
+                }
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let mut ignored = Problems::default();
+        let mut policies = policies_in_order(objects.values(), &mut ignored);
+        for p in &mut policies {
+            p.peers = self
+                .peers
+                .get(&key_of(p.policy))
+                .cloned()
+                .unwrap_or_default();
+        }
+        let changed: Vec<Policy<'_>> = policies_in_order(
+            changed.iter().filter_map(|key| objects.get(key)),
+            &mut ignored,
+        );
+        let world = World {
+            ipcache: &state.ipcache,
+            prefixes: &self.prefixes,
+            workloads: &[],
+            peers: &self.groups,
+            namespaces: &self.namespaces,
+        };
+        let compiled = self.endpoints_of(&world, &changed, &[], &policies);
+        drop((changed, policies));
+        self.write(compiled, state, delta);
+    }
+
+    /// The local endpoints a policy of `before` or `after` selects, compiled against
+    /// `policies`.
+    fn endpoints_of(
+        &self,
+        world: &World<'_>,
+        before: &[Policy<'_>],
+        after: &[Policy<'_>],
+        policies: &[Policy<'_>],
+    ) -> Vec<(u32, CompiledEndpoint)> {
+        let mut compiled = Vec::new();
+        for (&ifindex, local) in &self.local {
+            let Some(w) = local.workload() else { continue };
+            if before.iter().chain(after).any(|p| selects(p, &w)) {
+                let endpoint = world.endpoint(&local.endpoint, &w, policies, self.capacity);
+                compiled.push((ifindex, endpoint));
+            }
+        }
+        compiled
+    }
+
+    /// Writes endpoints compiled again into `state`, recording what changed.
+    fn write(
+        &mut self,
+        compiled: Vec<(u32, CompiledEndpoint)>,
+        state: &mut DesiredState,
+        delta: &mut Delta,
+    ) {
         for (ifindex, endpoint) in compiled {
             if state.endpoints.get(&ifindex) != Some(&endpoint.info) {
                 let before = state.endpoints.insert(ifindex, endpoint.info);
@@ -301,6 +432,5 @@ impl PolicyIndex {
         } else {
             state.identities.remove(&IDENTITY_HOST);
         }
-        Ok(())
     }
 }
