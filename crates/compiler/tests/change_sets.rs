@@ -311,3 +311,97 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
     assert!(contested > 0 && touched > 0);
     assert!(in_place > 0 && policies > 0 && namespaces > 0 && nodes > 0);
 }
+
+/// The number a label set's hash names: FNV-1a (64 bit) of the sorted labels joined by
+/// '\n', in the label range 256..=65535.
+fn home(labels: &[String]) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in labels.join("\n").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    256 + (h % 65280) as u32
+}
+
+/// A pod in namespace "a" with the label app=`app` at `address`.
+fn app_pod(name: &str, app: &str, address: &str) -> k8s_openapi::api::core::v1::Pod {
+    from_json(json!({
+        "metadata": {"name": name, "namespace": "a", "labels": {"app": app}},
+        "spec": {"nodeName": "node-b", "containers": [{"name": "c", "image": "i"}]},
+        "status": {"phase": "Running", "podIP": address},
+    }))
+}
+
+/// Two label sets whose hashes name one number: the later in sorted order takes the next.
+/// Pods of either coming and going, one at a time, compile in place or whole exactly as
+/// the full compile numbers them, also when the number freed is one the other probed
+/// past, and a policy that selects both follows every move.
+#[test]
+fn identities_that_collide_compile_as_the_full_compile() {
+    let set = |app: &str| {
+        let mut labels = vec![
+            format!("k8s:app={app}"),
+            "k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=a".to_string(),
+            "k8s:io.kubernetes.pod.namespace=a".to_string(),
+        ];
+        labels.sort();
+        labels
+    };
+    let mut seen = std::collections::HashMap::new();
+    let (first, second) = (0..20_000)
+        .find_map(|i| {
+            let app = format!("x{i}");
+            let number = home(&set(&app));
+            match seen.insert(number, app.clone()) {
+                Some(other) => Some((other, app)),
+                None => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("no two label sets collide"));
+    let (mut snapshot, node) = cluster(&mut fastrand::Rng::with_seed(1));
+    snapshot.pods.clear();
+    snapshot.endpoints.clear();
+    snapshot.network_policies = vec![from_json(json!({
+        "metadata": {"name": "np", "namespace": "a"},
+        "spec": {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]},
+    }))];
+    snapshot.endpoints.push(endpoint(0));
+    snapshot.pods.push(app_pod("p0", "local", "10.0.1.10"));
+    let mut cache = CompileCache::new();
+    cache.update(&snapshot, Changes::default(), &node);
+    let steps = [
+        ("q1", Some((first.as_str(), "10.0.2.21"))),
+        ("q2", Some((second.as_str(), "10.0.2.22"))),
+        ("q3", Some((second.as_str(), "10.0.2.23"))),
+        // The set that holds the hash's number goes: the other moves down to it.
+        ("q1", None),
+        ("q1", Some((first.as_str(), "10.0.2.21"))),
+        ("q2", None),
+        ("q3", None),
+        ("q2", Some((second.as_str(), "10.0.2.22"))),
+        ("q1", None),
+    ];
+    let mut in_place = 0;
+    for (step, (name, pod)) in steps.into_iter().enumerate() {
+        snapshot
+            .pods
+            .retain(|p| p.metadata.name.as_deref() != Some(name));
+        let pod = pod.map(|(app, address)| app_pod(name, app, address));
+        snapshot.pods.extend(pod.clone());
+        let mut changes = Changes::default();
+        changes.pods.insert(("a".into(), name.into()), pod);
+        let incremental = cache.update(&snapshot, changes, &node).clone();
+        in_place += cache.stats().pods_in_place;
+        let full = compile(&snapshot, &node);
+        assert!(
+            incremental == full,
+            "step {step} ({name}): incremental differs from full in {:?}",
+            differing(&incremental, &full)
+        );
+    }
+    println!(
+        "{first} and {second} collide at {}; {in_place} of 9 steps in place",
+        home(&set(&first))
+    );
+    assert!(in_place > 0);
+}

@@ -18,7 +18,7 @@ use std::{
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Pod;
 use sluice_common::{IDENTITY_WORLD, IpcacheEntry, IpcacheKey};
-use sluice_store::selector::Labels;
+use sluice_store::{LocalEndpoint, selector::Labels};
 
 use super::{
     Policy, PolicyInput,
@@ -124,6 +124,13 @@ impl Block4 {
     }
 }
 
+/// What the compile reads of a local endpoint's Pod: labels, address and named ports.
+type LocalView = (Labels, Option<Ipv4Addr>, Vec<NamedPort>);
+
+fn local_view(w: &Workload<'_>) -> LocalView {
+    (w.labels.clone(), w.claimed, w.ports.clone())
+}
+
 /// A pod that is no local endpoint, as the index keeps it.
 struct PodEntry {
     identity: u32,
@@ -167,6 +174,9 @@ pub(crate) struct PodIndex {
     numbers: HashMap<Vec<String>, u32>,
     identities: HashMap<u32, IdentityUse>,
     pods: HashMap<ObjectKey, PodEntry>,
+    /// The local endpoints with a Pod, and what the compile read of it: a change that
+    /// keeps that (a status or annotation update) moves nothing.
+    local: HashMap<ObjectKey, (LocalEndpoint, LocalView)>,
     /// Pods a change of which is compiled whole: local endpoints (their rows and flags
     /// follow their labels) and names the snapshot defines twice.
     whole: HashSet<ObjectKey>,
@@ -224,6 +234,16 @@ impl PodIndex {
                 whole.insert((namespace.to_string(), name.to_string()));
             }
         }
+        let mut local = HashMap::new();
+        for endpoint in input.endpoints.values() {
+            let key = (endpoint.namespace.as_str(), endpoint.pod.as_str());
+            let at = workloads.binary_search_by(|w| (w.namespace, w.name).cmp(&key));
+            if let (true, Ok(at)) = (names.contains(&key), at) {
+                let key = (endpoint.namespace.clone(), endpoint.pod.clone());
+                let view = local_view(&workloads[at]);
+                local.insert(key, ((*endpoint).clone(), view));
+            }
+        }
         let mut reserved: HashSet<Ipv4Addr> = context.node_addresses.keys().copied().collect();
         let single = |c: &Ipv4Net| (c.prefix_len() == 32).then_some(c.addr());
         reserved.extend(context.cidrs.iter().filter_map(single));
@@ -243,6 +263,7 @@ impl PodIndex {
             identities: HashMap::new(),
             pods: HashMap::new(),
             whole,
+            local,
             claims: HashMap::new(),
             displaced: BTreeMap::new(),
             reserved,
@@ -340,7 +361,7 @@ impl PodIndex {
         follow: bool,
     ) -> Result<Vec<Moved>, NotInPlace> {
         if self.whole.contains(key) {
-            return Err(NotInPlace);
+            return self.local_unmoved(key, pod).map(|()| Vec::new());
         }
         let new = match pod {
             Some(pod) => self.alone(key, pod)?,
@@ -412,6 +433,19 @@ impl PodIndex {
             self.pods.insert(key.clone(), entry);
         }
         Ok(moved)
+    }
+
+    /// Whether the Pod of a local endpoint changed nothing the compile reads.
+    fn local_unmoved(&self, key: &ObjectKey, pod: Option<&Pod>) -> Result<(), NotInPlace> {
+        let ((endpoint, view), pod) = self.local.get(key).zip(pod).ok_or(NotInPlace)?;
+        let meta = &pod.metadata;
+        let named =
+            namespace_of(meta.namespace.as_ref()) == key.0 && meta.name.as_deref() == Some(&key.1);
+        let now = workload(&key.0, &key.1, Some(pod), Some(endpoint), &self.namespaces);
+        match now {
+            Some(w) if named && local_view(&w) == *view => Ok(()),
+            _ => Err(NotInPlace),
+        }
     }
 
     /// The pod `pod` as the full compile would see it were it no local endpoint: None
