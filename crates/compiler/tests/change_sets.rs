@@ -352,10 +352,7 @@ fn identities_that_collide_compile_as_the_full_compile() {
         .find_map(|i| {
             let app = format!("x{i}");
             let number = home(&set(&app));
-            match seen.insert(number, app.clone()) {
-                Some(other) => Some((other, app)),
-                None => None,
-            }
+            seen.insert(number, app.clone()).map(|other| (other, app))
         })
         .unwrap_or_else(|| panic!("no two label sets collide"));
     let (mut snapshot, node) = cluster(&mut fastrand::Rng::with_seed(1));
