@@ -2,9 +2,15 @@
 //! place for exactly the objects that changed, with the full [`crate::compile`]'s output.
 //!
 //! Two ways in:
-//! - [`CompileCache::update`]: the source says which Services and EndpointSlices changed
-//!   (with the new objects) and whether anything else did; the cost is that of the
-//!   Services touched (see `index`).
+//! - [`CompileCache::update`]: the source says which objects changed (with the new
+//!   objects) and whether anything no object names did; the cost is that of the Services
+//!   touched (see `index`) and, for the part compiled from Pods, Namespaces, Nodes and
+//!   NetworkPolicies, that of what moves (`crate::policy::PodIndex`, `PolicyIndex`,
+//!   `nodes`): a Pod's ipcache entries, an identity that appears or vanishes followed
+//!   through every rule's peers, a policy's peers and the rows of the endpoints it
+//!   selects. What moves more (a Namespace relabelled with pods in it, a Node's addresses
+//!   or pod CIDR, this node, a local endpoint's Pod, a policy that changes the label keys
+//!   or CIDRs policies name, a number two identities collide on) compiles that part whole.
 //! - [`CompileCache::refresh`]: a whole snapshot, compared with what the cache holds by
 //!   uid and resourceVersion (whole objects for those without), to find the changes.
 //!   A snapshot that names two Services or two slices alike, or a Service without a name,
@@ -108,11 +114,12 @@ impl CompileCache {
         self.state()
     }
 
-    /// Applies `changes` (on the first call: every Service and EndpointSlice); the rest of
+    /// Applies `changes` (on the first call: every Service and EndpointSlice). The rest of
     /// `snapshot` (Pods, Namespaces, Nodes, NetworkPolicies, local endpoints, the cluster
-    /// CIDR) is compiled again from `snapshot` when `changes` touches it, or the node
-    /// context changed.
-    /// Its Services and slices are not read.
+    /// CIDR) is changed in place for the Pods, Namespaces, Nodes and NetworkPolicies
+    /// `changes` names when they move little (see the module's note), else compiled again
+    /// from `snapshot`, as it is when `changes.workloads` says so or the node context
+    /// changed. Its Services and slices are not read; `snapshot` must hold `changes`.
     pub fn update(
         &mut self,
         snapshot: &Snapshot,

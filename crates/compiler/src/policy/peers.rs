@@ -108,14 +108,7 @@ impl PeerGroups {
                 .collect();
             groups
                 .entry((w.identity, w.namespace, seen))
-                .or_insert_with_key(|(_, _, seen)| Group {
-                    identity: w.identity,
-                    namespace: w.namespace.to_string(),
-                    labels: seen
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                });
+                .or_insert_with(|| Group::new(w.identity, w.namespace, &w.labels, selected_keys));
             if !w.ports.is_empty() {
                 ports
                     .entry(w.identity)
