@@ -52,6 +52,10 @@ pub struct CompileCache {
     whole: Option<DesiredState>,
     /// What the workloads part was last compiled from, for [`Self::refresh`].
     workload_inputs: Option<WorkloadInputs>,
+    /// A change set named workloads since `workload_inputs` was recorded: it no longer
+    /// says what the part was compiled from. Freed at the next whole compile of the
+    /// part, not at the change: freeing a record of every Pod costs more than the change.
+    inputs_stale: bool,
     /// Numbers the snapshot passes, to find the objects gone since the last.
     pass: u64,
     /// The entries changed since the last [`Self::take_delta`].
@@ -100,16 +104,18 @@ impl CompileCache {
                 return self.state();
             }
         };
-        let workloads_held = self
-            .workload_inputs
-            .as_ref()
-            .is_some_and(|w| w.matches(snapshot, node));
+        let workloads_held = !self.inputs_stale
+            && self
+                .workload_inputs
+                .as_ref()
+                .is_some_and(|w| w.matches(snapshot, node));
         if !workloads_held {
             changes.workloads = true;
         }
         self.update(snapshot, changes, node);
         if !workloads_held {
             self.workload_inputs = Some(WorkloadInputs::of(snapshot, node));
+            self.inputs_stale = false;
         }
         self.state()
     }
@@ -134,7 +140,7 @@ impl CompileCache {
         let mut workloads = said || !same_node;
         if said {
             // Said by the caller, not found by `refresh`: its record is stale.
-            self.workload_inputs = None;
+            self.inputs_stale = true;
         }
         let index = match &mut self.index {
             Some(index) => index,
@@ -161,6 +167,9 @@ impl CompileCache {
         }
         index.settle(touched, changes.services, inputs, &mut stats, &mut delta);
         if workloads {
+            if self.inputs_stale {
+                self.workload_inputs = None;
+            }
             stats.workloads_compiled = true;
             index.node = node.clone();
             let nodes = NodeIndex::new(snapshot, &node.node);
