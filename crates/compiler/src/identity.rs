@@ -113,6 +113,12 @@ pub(crate) fn home(set: &[String]) -> u32 {
     base + (hash(set) % u64::from(span)) as u32
 }
 
+/// The number a label set probes after `number`, wrapping at the range's end.
+pub(crate) fn next_label_number(number: u32) -> u32 {
+    let (base, span) = label_range();
+    base + (number - base + 1) % span
+}
+
 /// How many label identities there can be.
 pub(crate) fn label_span() -> u32 {
     label_range().1

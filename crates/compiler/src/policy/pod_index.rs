@@ -172,6 +172,8 @@ pub(crate) struct PodIndex {
     blocks: Vec<Block4>,
     /// Label set -> its identity, for every set a pod has.
     numbers: HashMap<Vec<String>, u32>,
+    /// And back: identity -> its label set, to know which sets a new one probes past.
+    sets: HashMap<u32, Vec<String>>,
     identities: HashMap<u32, IdentityUse>,
     pods: HashMap<ObjectKey, PodEntry>,
     /// The local endpoints with a Pod, and what the compile read of it: a change that
@@ -260,6 +262,7 @@ impl PodIndex {
             selected_keys: context.selected_keys.clone(),
             blocks,
             numbers: HashMap::new(),
+            sets: HashMap::new(),
             identities: HashMap::new(),
             pods: HashMap::new(),
             whole,
@@ -303,6 +306,7 @@ impl PodIndex {
             if home != w.identity {
                 self.displaced.insert(w.identity, home);
             }
+            self.sets.insert(w.identity, vacant.key().clone());
             vacant.insert(w.identity);
         }
         let blocks = self.blocks.len();
@@ -388,7 +392,9 @@ impl PodIndex {
         let mut moved = Vec::new();
         for identity in vanished {
             self.identities.remove(&identity);
-            self.numbers.retain(|_, n| *n != identity);
+            if let Some(set) = self.sets.remove(&identity) {
+                self.numbers.remove(&set);
+            }
             self.displaced.remove(&identity);
             moved.push(Moved::Vanished { identity });
         }
@@ -419,7 +425,12 @@ impl PodIndex {
                 touched(delta, k, ipcache.insert(k, value));
             }
             if let Some(set) = new_set {
+                let home = identity::home(&set);
+                if home != entry.identity {
+                    self.displaced.insert(entry.identity, home);
+                }
                 self.numbers.insert(set.clone(), entry.identity);
+                self.sets.insert(entry.identity, set.clone());
                 self.populated.insert(key.0.clone());
                 moved.push(Moved::Appeared {
                     identity: entry.identity,
@@ -479,15 +490,25 @@ impl PodIndex {
     }
 
     /// The number a new label set takes without moving another: the one its hash names,
-    /// when no set holds it (no set probed past a free number, so none moves).
+    /// or the first free one after, probing only past numbers of sets sorted before it
+    /// (the full compile numbers sets in order). A number held by a set sorted after it
+    /// would move that set: [`NotInPlace`].
     fn new_number(&self, set: &[String]) -> Result<u32, NotInPlace> {
-        let home = identity::home(set);
         let exhausted = self.identities.contains_key(&IDENTITY_WORLD)
             || self.numbers.len() >= identity::label_span() as usize;
-        if exhausted || self.identities.contains_key(&home) {
+        if exhausted {
             return Err(NotInPlace);
         }
-        Ok(home)
+        let mut number = identity::home(set);
+        loop {
+            match self.sets.get(&number) {
+                None => return Ok(number),
+                Some(held) if held.as_slice() < set => {
+                    number = identity::next_label_number(number);
+                }
+                Some(_) => return Err(NotInPlace),
+            }
+        }
     }
 
     /// The identities `old` leaves and `new` joins, counted after the change, if every one
