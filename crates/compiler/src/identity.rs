@@ -100,13 +100,35 @@ pub(crate) fn allocate(
     scope: Scope,
 ) -> (BTreeMap<Vec<String>, u32>, Vec<Vec<String>>) {
     let (base, span) = match scope {
-        Scope::Label => (
-            IDENTITY_FIRST_ALLOCATED,
-            LABEL_IDENTITY_MAX - IDENTITY_FIRST_ALLOCATED + 1,
-        ),
+        Scope::Label => label_range(),
         Scope::Cidr => (IDENTITY_SCOPE_CIDR, CIDR_IDENTITY_SPAN),
     };
     allocate_in(sets, base, span)
+}
+
+/// The number a label identity takes when no other set holds it: the one its hash names.
+pub(crate) fn home(set: &[String]) -> u32 {
+    let (base, span) = label_range();
+    // `span` fits in u32, so the remainder does too.
+    base + (hash(set) % u64::from(span)) as u32
+}
+
+/// The number a label set probes after `number`, wrapping at the range's end.
+pub(crate) fn next_label_number(number: u32) -> u32 {
+    let (base, span) = label_range();
+    base + (number - base + 1) % span
+}
+
+/// How many label identities there can be.
+pub(crate) fn label_span() -> u32 {
+    label_range().1
+}
+
+fn label_range() -> (u32, u32) {
+    (
+        IDENTITY_FIRST_ALLOCATED,
+        LABEL_IDENTITY_MAX - IDENTITY_FIRST_ALLOCATED + 1,
+    )
 }
 
 /// [`allocate`] over the numbers `base..base + span`.

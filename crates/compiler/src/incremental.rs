@@ -2,9 +2,15 @@
 //! place for exactly the objects that changed, with the full [`crate::compile`]'s output.
 //!
 //! Two ways in:
-//! - [`CompileCache::update`]: the source says which Services and EndpointSlices changed
-//!   (with the new objects) and whether anything else did; the cost is that of the
-//!   Services touched (see `index`).
+//! - [`CompileCache::update`]: the source says which objects changed (with the new
+//!   objects) and whether anything no object names did; the cost is that of the Services
+//!   touched (see `index`) and, for the part compiled from Pods, Namespaces, Nodes and
+//!   NetworkPolicies, that of what moves (`crate::policy::PodIndex`, `PolicyIndex`,
+//!   `nodes`): a Pod's ipcache entries, an identity that appears or vanishes followed
+//!   through every rule's peers, a policy's peers and the rows of the endpoints it
+//!   selects. What moves more (a Namespace relabelled with pods in it, a Node's addresses
+//!   or pod CIDR, this node, a local endpoint's Pod, a policy that changes the label keys
+//!   or CIDRs policies name, a number two identities collide on) compiles that part whole.
 //! - [`CompileCache::refresh`]: a whole snapshot, compared with what the cache holds by
 //!   uid and resourceVersion (whole objects for those without), to find the changes.
 //!   A snapshot that names two Services or two slices alike, or a Service without a name,
@@ -14,6 +20,7 @@
 //! values before, so the realizer writes only those.
 
 mod index;
+mod nodes;
 
 use std::collections::BTreeSet;
 
@@ -27,7 +34,10 @@ use k8s_openapi::{
 use sluice_store::{LocalEndpoint, Snapshot};
 
 pub use self::index::CacheStats;
-use self::index::{Index, ServiceInputs};
+use self::{
+    index::{Index, ServiceInputs},
+    nodes::NodeIndex,
+};
 use crate::{
     Changes, Delta, DesiredState, NodeContext, changes::differences, compile_workloads,
     namespace_of,
@@ -42,6 +52,10 @@ pub struct CompileCache {
     whole: Option<DesiredState>,
     /// What the workloads part was last compiled from, for [`Self::refresh`].
     workload_inputs: Option<WorkloadInputs>,
+    /// A change set named workloads since `workload_inputs` was recorded: it no longer
+    /// says what the part was compiled from. Freed at the next whole compile of the
+    /// part, not at the change: freeing a record of every Pod costs more than the change.
+    inputs_stale: bool,
     /// Numbers the snapshot passes, to find the objects gone since the last.
     pass: u64,
     /// The entries changed since the last [`Self::take_delta`].
@@ -90,25 +104,28 @@ impl CompileCache {
                 return self.state();
             }
         };
-        let workloads_held = self
-            .workload_inputs
-            .as_ref()
-            .is_some_and(|w| w.matches(snapshot, node));
+        let workloads_held = !self.inputs_stale
+            && self
+                .workload_inputs
+                .as_ref()
+                .is_some_and(|w| w.matches(snapshot, node));
         if !workloads_held {
             changes.workloads = true;
         }
         self.update(snapshot, changes, node);
         if !workloads_held {
             self.workload_inputs = Some(WorkloadInputs::of(snapshot, node));
+            self.inputs_stale = false;
         }
         self.state()
     }
 
-    /// Applies `changes` (on the first call: every Service and EndpointSlice); the rest of
+    /// Applies `changes` (on the first call: every Service and EndpointSlice). The rest of
     /// `snapshot` (Pods, Namespaces, Nodes, NetworkPolicies, local endpoints, the cluster
-    /// CIDR) is compiled again from `snapshot` when `changes` touches it, or the node
-    /// context changed.
-    /// Its Services and slices are not read.
+    /// CIDR) is changed in place for the Pods, Namespaces, Nodes and NetworkPolicies
+    /// `changes` names when they move little (see the module's note), else compiled again
+    /// from `snapshot`, as it is when `changes.workloads` says so or the node context
+    /// changed. Its Services and slices are not read; `snapshot` must hold `changes`.
     pub fn update(
         &mut self,
         snapshot: &Snapshot,
@@ -119,15 +136,26 @@ impl CompileCache {
         let mut delta = Delta::default();
         let fresh = self.index.is_none();
         let said = changes.touches_workloads();
-        let workloads = said || fresh || self.index.as_ref().is_some_and(|i| i.node != *node);
+        let same_node = self.index.as_ref().is_some_and(|i| i.node == *node);
+        let mut workloads = said || !same_node;
         if said {
             // Said by the caller, not found by `refresh`: its record is stale.
-            self.workload_inputs = None;
+            self.inputs_stale = true;
         }
         let index = match &mut self.index {
             Some(index) => index,
             empty => empty.insert(Index::new(node, ServiceInputs::of(snapshot, node))),
         };
+        if workloads && same_node {
+            // What failed half way is compiled whole below; `delta` keeps the first values.
+            if index.put_in_place(&changes, &mut delta).is_ok() {
+                stats.pods_in_place = changes.pods.len();
+                stats.policies_in_place = changes.network_policies.len();
+                stats.namespaces_in_place = changes.namespaces.len();
+                stats.nodes_in_place = changes.nodes.len();
+                workloads = false;
+            }
+        }
         let inputs = if workloads {
             ServiceInputs::of(snapshot, node)
         } else {
@@ -139,9 +167,13 @@ impl CompileCache {
         }
         index.settle(touched, changes.services, inputs, &mut stats, &mut delta);
         if workloads {
+            if self.inputs_stale {
+                self.workload_inputs = None;
+            }
             stats.workloads_compiled = true;
             index.node = node.clone();
-            index.put_workloads(compile_workloads(snapshot, node), &mut delta);
+            let nodes = NodeIndex::new(snapshot, &node.node);
+            index.put_workloads(compile_workloads(snapshot, node, true), nodes, &mut delta);
         }
         index.gather_problems();
         if fresh {

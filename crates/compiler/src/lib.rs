@@ -274,7 +274,7 @@ pub fn compile(snapshot: &Snapshot, node: &NodeContext) -> DesiredState {
             node.balancing,
         );
     }
-    compilation.finish(compile_workloads(snapshot, node))
+    compilation.finish(compile_workloads(snapshot, node, false))
 }
 
 /// The slices of the Service `namespace/name`, from [`slices_by_service`].
@@ -291,7 +291,9 @@ fn slices_of<'s, 'a>(
 
 /// The part of the state that does not depend on Services: endpoints, nodes, identities,
 /// the ipcache and policy, from pods, namespaces, policies, nodes and local endpoints.
-fn compile_workloads(snapshot: &Snapshot, node: &NodeContext) -> Workloads {
+/// With `index`, also what each pod contributes, so that a later Pod change can be
+/// compiled in place ([`policy::WorkloadIndex`]).
+fn compile_workloads(snapshot: &Snapshot, node: &NodeContext, index: bool) -> Workloads {
     let (compilation, local) = Compilation::for_policy(snapshot, node);
     let Compilation {
         mut state,
@@ -303,8 +305,12 @@ fn compile_workloads(snapshot: &Snapshot, node: &NodeContext) -> Workloads {
         node,
         endpoints: &local,
     };
-    policy::compile(&input, &mut state, &mut problems);
-    Workloads { state, problems }
+    let index = policy::compile(&input, &mut state, &mut problems, index);
+    Workloads {
+        state,
+        problems,
+        index,
+    }
 }
 
 /// Explains one new connection on `node`: the verdict of the source's egress and of the
@@ -326,10 +332,11 @@ pub fn explain(
 }
 
 /// What [`compile_workloads`] computes: its fields of a [`DesiredState`] and its problems.
-#[derive(Clone)]
 struct Workloads {
     state: DesiredState,
     problems: Problems,
+    /// What it was compiled from, when asked for.
+    index: Option<policy::WorkloadIndex>,
 }
 
 /// `namespace/name`, as frontends and conflicts name their Service.
@@ -450,6 +457,7 @@ impl Compilation {
         let Workloads {
             state: other,
             problems: other_problems,
+            ..
         } = workloads;
         state.endpoints = other.endpoints;
         state.interfaces = other.interfaces;

@@ -14,8 +14,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, btree_map::Entry};
 
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
-use sluice_common::{IpcacheEntry, POLICY_EGRESS, POLICY_INGRESS};
+use k8s_openapi::api::{
+    core::v1::Namespace,
+    networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+};
+use sluice_common::{IDENTITY_HOST, IpcacheEntry, POLICY_EGRESS, POLICY_INGRESS};
 use sluice_store::{
     LocalEndpoint, Snapshot,
     selector::{self, Labels},
@@ -32,6 +35,8 @@ mod identities;
 mod peers;
 #[cfg(test)]
 mod peers_tests;
+mod pod_index;
+mod policy_index;
 mod ports;
 mod rows;
 mod workloads;
@@ -39,6 +44,10 @@ mod workloads;
 use self::{
     peers::{IdentityPrefixes, PeerGroups, Peers, World},
     workloads::Workload,
+};
+pub(crate) use self::{
+    pod_index::{NotInPlace, PodIndex},
+    policy_index::PolicyIndex,
 };
 
 /// The label the API server puts on every namespace.
@@ -65,10 +74,45 @@ pub(crate) struct PolicyInput<'a> {
     pub endpoints: &'a BTreeMap<u32, &'a LocalEndpoint>,
 }
 
-pub(crate) fn compile(input: &PolicyInput<'_>, state: &mut DesiredState, problems: &mut Problems) {
-    let (compiled, labels_of) = resolve(input, state, problems, |world, policies, problems| {
-        world.endpoints(input, policies, problems)
+/// What the full compile of the policy part resolved, kept so that a change of one Pod
+/// or NetworkPolicy can be compiled in place.
+pub(crate) struct WorkloadIndex {
+    pub pods: PodIndex,
+    pub policies: PolicyIndex,
+}
+
+impl WorkloadIndex {
+    /// Applies the Namespace `name` written (`Some`) or deleted: in place when its labels
+    /// stay, or when no pod lives in it (no identity and no peer group names it);
+    /// [`NotInPlace`] (with nothing changed) otherwise.
+    pub(crate) fn put_namespace(
+        &mut self,
+        name: &str,
+        namespace: Option<&Namespace>,
+    ) -> Result<(), NotInPlace> {
+        let labels = namespace.and_then(labels_of_namespace);
+        if labels.as_ref().is_some_and(|(n, _)| n != name) {
+            return Err(NotInPlace);
+        }
+        let labels = labels.map(|(_, labels)| labels);
+        self.pods.put_namespace(name, labels.as_ref())?;
+        self.policies.put_namespace(name, labels);
+        Ok(())
+    }
+}
+
+/// Compiles the policy part into `state`; with `index`, also returns what it resolved, for
+/// [`PodIndex::put`] and [`PolicyIndex::put`].
+pub(crate) fn compile(
+    input: &PolicyInput<'_>,
+    state: &mut DesiredState,
+    problems: &mut Problems,
+    index: bool,
+) -> Option<WorkloadIndex> {
+    let resolved = resolve_indexed(input, state, problems, index, |world, policies, _| {
+        world.endpoints(input, policies)
     });
+    let (compiled, labels_of, mut index) = resolved;
     let mut used: BTreeSet<u32> = state.ipcache.values().map(|e| e.identity).collect();
     for (ifindex, endpoint) in compiled {
         used.insert(endpoint.details.identity);
@@ -78,8 +122,13 @@ pub(crate) fn compile(input: &PolicyInput<'_>, state: &mut DesiredState, problem
             used.extend(policy.rows.keys().map(|k| k.rule.identity));
             state.policies.insert(ifindex, policy);
         }
+        problems.extend(&endpoint.problems);
+        if let Some(index) = &mut index {
+            index.policies.endpoint_problems(ifindex, endpoint.problems);
+        }
     }
     state.identities = identities::named(used, labels_of);
+    index
 }
 
 /// Explains one flow against the policies of `input`, as [`compile`] would program them.
@@ -89,8 +138,8 @@ pub(crate) fn explain(
     flow: &explain::FlowQuery,
 ) -> Result<explain::Explanation, explain::Unexplained> {
     let mut problems = Problems::default();
-    let (explanation, _) = resolve(input, state, &mut problems, |world, policies, problems| {
-        let compiled = world.endpoints(input, policies, problems);
+    let (explanation, _) = resolve(input, state, &mut problems, |world, policies, _| {
+        let compiled = world.endpoints(input, policies);
         explain::explain(world, policies, &compiled, input.node, flow)
     });
     explanation
@@ -105,9 +154,23 @@ fn resolve<R>(
     problems: &mut Problems,
     f: impl FnOnce(&World<'_>, &[Policy<'_>], &mut Problems) -> R,
 ) -> (R, BTreeMap<u32, Vec<String>>) {
+    let (answer, labels_of, _) = resolve_indexed(input, state, problems, false, f);
+    (answer, labels_of)
+}
+
+/// [`resolve`], and with `index` the [`WorkloadIndex`] of what it resolved. Problems of
+/// the policies themselves are gathered apart, so the index can keep them apart.
+fn resolve_indexed<R>(
+    input: &PolicyInput<'_>,
+    state: &mut DesiredState,
+    problems: &mut Problems,
+    index: bool,
+    f: impl FnOnce(&World<'_>, &[Policy<'_>], &mut Problems) -> R,
+) -> (R, BTreeMap<u32, Vec<String>>, Option<WorkloadIndex>) {
     let snapshot = input.snapshot;
-    let mut policies = policies_in_order(snapshot, problems);
-    let cidrs = cidr::policy_cidrs(&policies, problems);
+    let mut policy_problems = Problems::default();
+    let mut policies = policies_in_order(&snapshot.network_policies, &mut policy_problems);
+    let cidrs = cidr::policy_cidrs(&policies, &mut policy_problems);
     let namespaces = namespace_labels(snapshot, problems);
     let this = input.node.node.as_str();
     let node_addresses = state.nodes.addresses(snapshot, this);
@@ -115,7 +178,7 @@ fn resolve<R>(
 
     let mut labels_of = identities::reserved();
     let selected_keys = selected_pod_keys(&policies);
-    identities::pods(
+    let sets = identities::pods(
         &mut workloads,
         &cidrs,
         &selected_keys,
@@ -149,17 +212,45 @@ fn resolve<R>(
     };
     for p in &mut policies {
         p.peers = rules(p.policy)
-            .map(|(_, peers, _)| world.peers(&p.object, p.namespace, peers, problems))
+            .map(|(_, peers, _)| world.peers(&p.object, p.namespace, peers, &mut policy_problems))
             .collect();
     }
-    (f(&world, &policies, problems), labels_of)
+    let answer = f(&world, &policies, problems);
+    let index = index.then(|| {
+        let context = pod_index::Context {
+            this,
+            namespaces: &namespaces,
+            cidrs: &cidrs,
+            selected_keys: &selected_keys,
+            node_addresses: &node_addresses.entries,
+            nodes: &state.nodes,
+        };
+        let pods = PodIndex::new(&context, input, &workloads, sets, &policies);
+        let parts = policy_index::Parts {
+            snapshot,
+            input,
+            workloads: &workloads,
+            groups: peer_groups,
+            prefixes,
+            problems: problems.clone(),
+            policy_problems: policy_problems.clone(),
+            host_in_ipcache: state.ipcache.values().any(|e| e.identity == IDENTITY_HOST),
+        };
+        let policies = PolicyIndex::new(&context, parts, policies);
+        WorkloadIndex { pods, policies }
+    });
+    problems.extend(&policy_problems);
+    (answer, labels_of, index)
 }
 
 /// NetworkPolicies sorted by (namespace, name); a name defined twice is skipped, since
 /// keeping either copy would make the output depend on list order.
-fn policies_in_order<'a>(snapshot: &'a Snapshot, problems: &mut Problems) -> Vec<Policy<'a>> {
+fn policies_in_order<'a>(
+    objects: impl IntoIterator<Item = &'a NetworkPolicy>,
+    problems: &mut Problems,
+) -> Vec<Policy<'a>> {
     let mut by_name: BTreeMap<(&str, &str), Vec<&NetworkPolicy>> = BTreeMap::new();
-    for policy in &snapshot.network_policies {
+    for policy in objects {
         let namespace = namespace_of(policy.metadata.namespace.as_ref());
         let name = policy.metadata.name.as_deref().unwrap_or("");
         by_name.entry((namespace, name)).or_default().push(policy);
@@ -246,12 +337,7 @@ fn selected_pod_keys(policies: &[Policy<'_>]) -> BTreeSet<String> {
 fn namespace_labels(snapshot: &Snapshot, problems: &mut Problems) -> BTreeMap<String, Labels> {
     let mut out: BTreeMap<String, Labels> = BTreeMap::new();
     let mut twice = BTreeSet::new();
-    for ns in &snapshot.namespaces {
-        let Some(name) = ns.metadata.name.clone() else {
-            continue;
-        };
-        let mut labels = ns.metadata.labels.clone().unwrap_or_default();
-        labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+    for (name, labels) in snapshot.namespaces.iter().filter_map(labels_of_namespace) {
         match out.entry(name) {
             Entry::Occupied(e) => {
                 twice.insert(e.key().clone());
@@ -267,6 +353,15 @@ fn namespace_labels(snapshot: &Snapshot, problems: &mut Problems) -> BTreeMap<St
         problems.insert(Problem::NamespaceDuplicate { name });
     }
     out
+}
+
+/// A Namespace's name and labels, with the name label the API server sets; None without
+/// a name.
+fn labels_of_namespace(ns: &Namespace) -> Option<(String, Labels)> {
+    let name = ns.metadata.name.clone()?;
+    let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+    Some((name, labels))
 }
 
 /// Whether `policy` selects the pod `w`.

@@ -8,6 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
 use serde_json::{Value, json};
 use sluice_compiler::{Changes, CompileCache, DesiredState, NodeContext, ObjectKey, compile};
 use sluice_fake_apiserver::cluster::{self, LOCAL_NODE, Shape};
@@ -299,33 +303,147 @@ fn one_change_of_each_kind_at_100k_services() {
     changes.endpoint_slices.insert(key(&slice), Some(slice));
     step("EndpointSlice", &snapshot, changes, &mut cache);
 
-    let workloads = Changes {
-        workloads: true,
-        ..Changes::default()
-    };
+    // A remote pod replaced by one with the same labels and a new address: the churn of
+    // a rolling update.
     let p = shape.pods - 1;
-    snapshot.pods[p] = stamped(cluster::pod(&shape, p, 1), version);
+    let pod: Pod = stamped(cluster::pod(&shape, p, 1), version);
     version += 1;
-    step("Pod", &snapshot, workloads.clone(), &mut cache);
+    snapshot.pods[p] = pod.clone();
+    let mut changes = Changes::default();
+    changes.pods.insert(key(&pod), Some(pod));
+    step("Pod", &snapshot, changes, &mut cache);
+
+    // A pod with a label set no other pod has: a new identity.
+    let p = shape.pods - 2;
+    let mut object = cluster::pod(&shape, p, 1);
+    object["metadata"]["labels"]["app"] = json!("app-new");
+    let pod: Pod = stamped(object, version);
+    version += 1;
+    snapshot.pods[p] = pod.clone();
+    let mut changes = Changes::default();
+    changes.pods.insert(key(&pod), Some(pod));
+    step("Pod (new identity)", &snapshot, changes, &mut cache);
 
     let n = shape.nodes - 1;
     let mut object = cluster::node(n);
     object["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("europe-west1-x");
-    snapshot.nodes[n] = stamped(object, version);
+    let node_object: Node = stamped(object, version);
     version += 1;
-    step("Node", &snapshot, workloads.clone(), &mut cache);
+    snapshot.nodes[n] = node_object.clone();
+    let mut changes = Changes::default();
+    changes.nodes.insert(key(&node_object).1, Some(node_object));
+    step("Node", &snapshot, changes, &mut cache);
 
     let mut object = cluster::namespace(&shape, 1);
     object["metadata"]["labels"]["team"] = json!("team-x");
-    snapshot.namespaces[1] = stamped(object, version);
+    let namespace: Namespace = stamped(object, version);
     version += 1;
-    step("Namespace", &snapshot, workloads.clone(), &mut cache);
+    snapshot.namespaces[1] = namespace.clone();
+    let mut changes = Changes::default();
+    changes
+        .namespaces
+        .insert(key(&namespace).1, Some(namespace));
+    step("Namespace", &snapshot, changes, &mut cache);
 
-    let mut policy = cluster::network_policy(&shape, 0);
-    policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"] = json!("app-3");
-    snapshot.network_policies[0] = stamped(policy, version);
+    let mut object = cluster::network_policy(&shape, 0);
+    object["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"] = json!("app-3");
+    let policy: NetworkPolicy = stamped(object, version);
     version += 1;
-    step("NetworkPolicy", &snapshot, workloads, &mut cache);
+    snapshot.network_policies[0] = policy.clone();
+    let mut changes = Changes::default();
+    changes.network_policies.insert(key(&policy), Some(policy));
+    step("NetworkPolicy", &snapshot, changes, &mut cache);
+
+    // Many changes of one kind in a row, for a mean: one change takes less than the
+    // scheduler's tick, by which the CPU time is counted.
+    let mut changes_of =
+        |what: &str,
+         snapshot: &mut Snapshot,
+         cache: &mut CompileCache,
+         n: usize,
+         make: &mut dyn FnMut(usize, u64, &mut Snapshot) -> Changes| {
+            let (mut took, mut touched, mut whole) = (Duration::ZERO, 0, 0);
+            let mut cpu_took = Duration::ZERO;
+            for i in 0..n {
+                let changes = make(i, version, snapshot);
+                version += 1;
+                let (_, t) = timed(|| cache.update(snapshot, changes, &node).services.len());
+                took += t.wall;
+                cpu_took += t.cpu;
+                touched += cache.take_delta().len();
+                whole += usize::from(cache.stats().workloads_compiled);
+            }
+            println!(
+                "{n} {what} changes: mean {:.3} ms CPU ({:.3} ms wall), {touched} entries \
+                 touched, {whole} compiled whole",
+                ms(cpu_took) / n as f64,
+                ms(took) / n as f64,
+            );
+            check(what, cache.state(), snapshot, &node);
+        };
+    changes_of(
+        "Pod (same labels, new address)",
+        &mut snapshot,
+        &mut cache,
+        200,
+        &mut |i, version, snapshot| {
+            let p = shape.pods - 3 - i;
+            let pod: Pod = stamped(cluster::pod(&shape, p, 1), version);
+            snapshot.pods[p] = pod.clone();
+            let mut changes = Changes::default();
+            changes.pods.insert(key(&pod), Some(pod));
+            changes
+        },
+    );
+    changes_of(
+        "Pod (new identity)",
+        &mut snapshot,
+        &mut cache,
+        50,
+        &mut |i, version, snapshot| {
+            let p = shape.pods - 300 - i;
+            let mut object = cluster::pod(&shape, p, 1);
+            object["metadata"]["labels"]["app"] = json!(format!("app-new-{i}"));
+            let pod: Pod = stamped(object, version);
+            snapshot.pods[p] = pod.clone();
+            let mut changes = Changes::default();
+            changes.pods.insert(key(&pod), Some(pod));
+            changes
+        },
+    );
+    changes_of(
+        "Node (another node's labels)",
+        &mut snapshot,
+        &mut cache,
+        200,
+        &mut |i, version, snapshot| {
+            let n = shape.nodes - 2 - i;
+            let mut object = cluster::node(n);
+            object["metadata"]["labels"]["heartbeat"] = json!(i.to_string());
+            let node: Node = stamped(object, version);
+            snapshot.nodes[n] = node.clone();
+            let mut changes = Changes::default();
+            changes.nodes.insert(key(&node).1, Some(node));
+            changes
+        },
+    );
+    changes_of(
+        "NetworkPolicy",
+        &mut snapshot,
+        &mut cache,
+        50,
+        &mut |i, version, snapshot| {
+            let at = (i * 37) % shape.network_policies;
+            let mut object = cluster::network_policy(&shape, at);
+            object["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app"] =
+                json!(format!("app-{}", i + 5));
+            let policy: NetworkPolicy = stamped(object, version);
+            snapshot.network_policies[at] = policy.clone();
+            let mut changes = Changes::default();
+            changes.network_policies.insert(key(&policy), Some(policy));
+            changes
+        },
+    );
 
     // The same Service change found by comparing a whole snapshot with the index, once
     // the index has recorded the workloads (a change set saying they changed drops that

@@ -22,41 +22,50 @@ pub(super) fn reserved() -> BTreeMap<u32, Vec<String>> {
     .into()
 }
 
-/// Gives every workload the identity of its label set.
+/// Gives every workload the identity of its label set; returns the sets, in workload order.
 pub(super) fn pods(
     workloads: &mut [Workload<'_>],
     cidrs: &BTreeSet<Ipv4Net>,
     selected_keys: &BTreeSet<String>,
     labels_of: &mut BTreeMap<u32, Vec<String>>,
     problems: &mut Problems,
-) {
+) -> Vec<Vec<String>> {
     let sets: Vec<Vec<String>> = workloads
         .iter()
-        .map(|w| {
-            let containing = w
-                .address
-                .map(|a| cidrs.iter().filter(move |c| c.contains(&a)).copied())
-                .into_iter()
-                .flatten();
-            identity::pod_labels(
-                w.namespace,
-                &w.labels,
-                w.namespace_labels,
-                containing,
-                selected_keys,
-            )
-        })
+        .map(|w| label_set(w, cidrs, selected_keys))
         .collect();
     let (numbers, left_out) = identity::allocate(&sets.iter().cloned().collect(), Scope::Label);
     for labels in left_out {
         problems.insert(Problem::PodIdentitiesExhausted { labels });
     }
-    for (w, set) in workloads.iter_mut().zip(sets) {
-        w.identity = numbers.get(&set).copied().unwrap_or(IDENTITY_WORLD);
+    for (w, set) in workloads.iter_mut().zip(&sets) {
+        w.identity = numbers.get(set).copied().unwrap_or(IDENTITY_WORLD);
         if w.identity != IDENTITY_WORLD {
-            labels_of.insert(w.identity, set);
+            labels_of.entry(w.identity).or_insert_with(|| set.clone());
         }
     }
+    sets
+}
+
+/// The security labels of a workload: its own, its namespace's and the policy CIDRs that
+/// hold its address.
+pub(super) fn label_set(
+    w: &Workload<'_>,
+    cidrs: &BTreeSet<Ipv4Net>,
+    selected_keys: &BTreeSet<String>,
+) -> Vec<String> {
+    let containing = w
+        .address
+        .map(|a| cidrs.iter().filter(move |c| c.contains(&a)).copied())
+        .into_iter()
+        .flatten();
+    identity::pod_labels(
+        w.namespace,
+        &w.labels,
+        w.namespace_labels,
+        containing,
+        selected_keys,
+    )
 }
 
 /// The identity of every policy CIDR but 0.0.0.0/0, which is the world itself.

@@ -17,6 +17,7 @@ use super::{
 use crate::{ObjectRef, ipcache, problem::Problems};
 
 /// The remote side of a rule.
+#[derive(Clone)]
 pub(super) enum Peers {
     /// No `from`/`to`: every peer (identity 0 in the row).
     Any,
@@ -46,7 +47,7 @@ pub(super) struct World<'a> {
     pub prefixes: &'a IdentityPrefixes,
     pub workloads: &'a [Workload<'a>],
     /// The pods with an address as peers: what selectors are matched against.
-    pub peers: &'a PeerGroups<'a>,
+    pub peers: &'a PeerGroups,
     pub namespaces: &'a BTreeMap<String, Labels>,
 }
 
@@ -54,41 +55,86 @@ pub(super) struct World<'a> {
 /// a selector names. A selector reads nothing else of a pod (its namespace's labels follow
 /// from the namespace), so every pod of a group matches the same peers and gives the same
 /// identity: peers are matched once per group, and there are about as many groups as
-/// identities, far fewer than pods.
-pub(super) struct PeerGroups<'a> {
-    /// One pod of each group.
-    groups: Vec<&'a Workload<'a>>,
+/// identities, far fewer than pods. Owned, so that a change to one NetworkPolicy can match
+/// its peers again without the pods ([`super::PolicyIndex`]).
+#[derive(Clone)]
+pub(super) struct PeerGroups {
+    groups: Vec<Group>,
     /// Identity -> the named container ports of its pods, as (name, protocol, number).
-    ports: BTreeMap<u32, BTreeSet<(&'a str, u8, u16)>>,
+    ports: BTreeMap<u32, BTreeSet<(String, u8, u16)>>,
 }
 
-impl<'a> PeerGroups<'a> {
+/// One group of pods: its identity, namespace and labels under the keys selectors name.
+#[derive(Clone)]
+pub(super) struct Group {
+    identity: u32,
+    namespace: String,
+    labels: Labels,
+}
+
+impl Group {
+    /// The group of a pod: `labels` narrowed to the keys selectors name.
+    pub(super) fn new(
+        identity: u32,
+        namespace: &str,
+        labels: &Labels,
+        selected_keys: &BTreeSet<String>,
+    ) -> Self {
+        Self {
+            identity,
+            namespace: namespace.to_string(),
+            labels: labels
+                .iter()
+                .filter(|(k, _)| selected_keys.contains(k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+impl PeerGroups {
     /// Groups `workloads` once their identities are known; `selected_keys` are the pod label
     /// keys any selector names.
-    pub(super) fn new(workloads: &'a [Workload<'a>], selected_keys: &BTreeSet<String>) -> Self {
+    pub(super) fn new(workloads: &[Workload<'_>], selected_keys: &BTreeSet<String>) -> Self {
         type Key<'k> = (u32, &'k str, Vec<(&'k str, &'k str)>);
-        let mut groups: BTreeMap<Key<'a>, &'a Workload<'a>> = BTreeMap::new();
-        let mut ports: BTreeMap<u32, BTreeSet<(&'a str, u8, u16)>> = BTreeMap::new();
+        let mut groups: BTreeMap<Key<'_>, Group> = BTreeMap::new();
+        let mut ports: BTreeMap<u32, BTreeSet<(String, u8, u16)>> = BTreeMap::new();
         for w in workloads.iter().filter(|w| w.address.is_some()) {
-            let seen = w
+            let seen: Vec<(&str, &str)> = w
                 .labels
                 .iter()
                 .filter(|(k, _)| selected_keys.contains(k.as_str()))
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
-            groups.entry((w.identity, w.namespace, seen)).or_insert(w);
+            groups
+                .entry((w.identity, w.namespace, seen))
+                .or_insert_with(|| Group::new(w.identity, w.namespace, &w.labels, selected_keys));
             if !w.ports.is_empty() {
-                let named = w
-                    .ports
-                    .iter()
-                    .map(|(n, p, number)| (n.as_str(), *p, *number));
-                ports.entry(w.identity).or_default().extend(named);
+                ports
+                    .entry(w.identity)
+                    .or_default()
+                    .extend(w.ports.iter().cloned());
             }
         }
         Self {
             groups: groups.into_values().collect(),
             ports,
         }
+    }
+
+    /// Adds the group of an identity new to the groups, with one pod's named ports.
+    pub(super) fn add(&mut self, group: Group, ports: impl IntoIterator<Item = (String, u8, u16)>) {
+        let ports: BTreeSet<_> = ports.into_iter().collect();
+        if !ports.is_empty() {
+            self.ports.insert(group.identity, ports);
+        }
+        self.groups.push(group);
+    }
+
+    /// Takes out every group of `identity`, and its named ports.
+    pub(super) fn remove(&mut self, identity: u32) {
+        self.groups.retain(|g| g.identity != identity);
+        self.ports.remove(&identity);
     }
 
     /// How many groups there are.
@@ -111,7 +157,7 @@ impl<'a> PeerGroups<'a> {
             .flat_map(move |(&id, ports)| {
                 ports
                     .iter()
-                    .filter(move |(n, p, _)| *n == name && *p == proto)
+                    .filter(move |(n, p, _)| n == name && *p == proto)
                     .map(move |(_, _, number)| (id, *number))
             })
     }
@@ -158,22 +204,47 @@ impl World<'_> {
         self.peers
             .groups
             .iter()
-            .filter(|w| {
-                let namespace_ok = match &peer.namespace_selector {
-                    None => w.namespace == namespace,
-                    Some(s) => self
-                        .namespaces
-                        .get(w.namespace)
-                        .is_some_and(|labels| selector::matches(s, labels)),
-                };
-                namespace_ok
-                    && peer
-                        .pod_selector
-                        .as_ref()
-                        .is_none_or(|s| selector::matches(s, &w.labels))
-            })
-            .map(|w| w.identity)
+            .filter(|g| self.selects(namespace, peer, g))
+            .map(|g| g.identity)
             .collect()
+    }
+
+    /// Whether `peer`, of a policy in `namespace`, selects the pods of `group`.
+    fn selects(&self, namespace: &str, peer: &NetworkPolicyPeer, group: &Group) -> bool {
+        let namespace_ok = match &peer.namespace_selector {
+            None => group.namespace == namespace,
+            Some(s) => self
+                .namespaces
+                .get(&group.namespace)
+                .is_some_and(|labels| selector::matches(s, labels)),
+        };
+        namespace_ok
+            && peer
+                .pod_selector
+                .as_ref()
+                .is_none_or(|s| selector::matches(s, &group.labels))
+    }
+
+    /// Whether `peer`, of a policy in `namespace`, selects the one pod of the identity
+    /// that [`PeerGroups::add`] gave `group`, at `address`.
+    pub(super) fn selects_new(
+        &self,
+        policy: &ObjectRef,
+        namespace: &str,
+        peer: &NetworkPolicyPeer,
+        group: &Group,
+        address: Ipv4Addr,
+    ) -> bool {
+        if peer.ip_block.is_none() {
+            return self.selects(namespace, peer, group);
+        }
+        match block(policy, peer, &mut Problems::default()) {
+            Some(Block {
+                cidr: Some(cidr),
+                except,
+            }) => cidr.contains(&address) && !except.iter().any(|e| e.contains(&address)),
+            _ => false,
+        }
     }
 
     /// The identities an ipBlock selects: those whose every prefix in the ipcache lies in
@@ -192,11 +263,13 @@ impl World<'_> {
 /// The ipcache's prefixes grouped by identity, so an ipBlock is judged once per identity
 /// rather than once per prefix. Nodes are judged by their own addresses: router addresses
 /// that are no node's address are left out.
+#[derive(Clone)]
 pub(super) struct IdentityPrefixes {
     by_identity: BTreeMap<u32, Prefixes>,
 }
 
 /// The prefixes of one identity.
+#[derive(Clone)]
 struct Prefixes {
     /// The longest prefix holding every one: a block holds them all if and only if it
     /// holds this one, since the prefixes holding a prefix form a chain.
@@ -206,6 +279,24 @@ struct Prefixes {
 }
 
 impl IdentityPrefixes {
+    /// Gives a new identity the /32 of its one pod.
+    pub(super) fn add(&mut self, identity: u32, address: Ipv4Addr) {
+        let prefix = Ipv4Net::from(address);
+        let all = [(address, 32)].into();
+        self.by_identity.insert(
+            identity,
+            Prefixes {
+                common: prefix,
+                all,
+            },
+        );
+    }
+
+    /// Forgets an identity gone from the ipcache.
+    pub(super) fn remove(&mut self, identity: u32) {
+        self.by_identity.remove(&identity);
+    }
+
     pub(super) fn new(ipcache: &ipcache::Ipcache, routers: &BTreeSet<Ipv4Addr>) -> Self {
         let mut by_identity: BTreeMap<u32, Prefixes> = BTreeMap::new();
         let prefixes = ipcache::prefixes(ipcache)

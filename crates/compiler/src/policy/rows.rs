@@ -33,6 +33,9 @@ pub(super) struct CompiledEndpoint {
     pub details: EndpointDetails,
     /// None when no direction is enforced or the rows do not fit.
     pub policy: Option<EndpointPolicy>,
+    /// What its rows could not represent, kept apart so that one endpoint can be compiled
+    /// again alone (`super::PolicyIndex`).
+    pub problems: Problems,
 }
 
 impl CompiledEndpoint {
@@ -56,6 +59,7 @@ impl CompiledEndpoint {
                 policies: Vec::new(),
             },
             policy: None,
+            problems: Problems::default(),
         }
     }
 }
@@ -66,7 +70,6 @@ impl World<'_> {
         &self,
         input: &PolicyInput<'_>,
         policies: &[Policy<'_>],
-        problems: &mut Problems,
     ) -> Vec<(u32, CompiledEndpoint)> {
         let by_name: BTreeMap<(&str, &str), &Workload<'_>> = self
             .workloads
@@ -80,7 +83,7 @@ impl World<'_> {
             .map(|(&ifindex, endpoint)| {
                 let key = (endpoint.namespace.as_str(), endpoint.pod.as_str());
                 let compiled = match by_name.get(&key) {
-                    Some(w) => self.endpoint(endpoint, w, policies, capacity, problems),
+                    Some(w) => self.endpoint(endpoint, w, policies, capacity),
                     None => CompiledEndpoint::unknown(endpoint),
                 };
                 (ifindex, compiled)
@@ -89,20 +92,20 @@ impl World<'_> {
     }
 
     /// The flags, details and rows of a local endpoint.
-    fn endpoint(
+    pub(super) fn endpoint(
         &self,
         endpoint: &LocalEndpoint,
         w: &Workload<'_>,
         policies: &[Policy<'_>],
         capacity: u32,
-        problems: &mut Problems,
     ) -> CompiledEndpoint {
+        let mut problems = Problems::default();
         let selecting: Vec<&Policy<'_>> = policies.iter().filter(|p| selects(p, w)).collect();
         let ingress = selecting.iter().any(|p| p.ingress);
         let egress = selecting.iter().any(|p| p.egress);
         let mut rows = Rows::new();
         for p in &selecting {
-            self.policy_rows(p, w, &mut rows, problems);
+            self.policy_rows(p, w, &mut rows, &mut problems);
         }
         let mut flags = 0;
         for (enforced, direction, flag) in [
@@ -142,6 +145,7 @@ impl World<'_> {
                 policies: selecting.iter().map(|p| p.owner.clone()).collect(),
             },
             policy: ((ingress || egress) && !overflow).then_some(EndpointPolicy { rows }),
+            problems,
         }
     }
 

@@ -19,6 +19,8 @@ pub(super) struct Workload<'a> {
     pub namespace_labels: Option<&'a Labels>,
     /// The address the ipcache maps to the pod's identity, if it has one there.
     pub address: Option<Ipv4Addr>,
+    /// The address the pod claims, before a node or an earlier pod takes it away.
+    pub claimed: Option<Ipv4Addr>,
     /// The node the pod runs on: this node for a local endpoint, else `spec.nodeName`.
     pub node: Option<&'a str>,
     /// containerPorts as (name, protocol, number), for named ports.
@@ -128,7 +130,7 @@ fn pods_in_order<'a>(
 }
 
 /// The pod as policy sees it, or None if it neither has an address nor is a local endpoint.
-fn workload<'a>(
+pub(super) fn workload<'a>(
     namespace: &'a str,
     name: &'a str,
     pod: Option<&'a Pod>,
@@ -178,6 +180,7 @@ fn workload<'a>(
             .unwrap_or_default(),
         namespace_labels: namespaces.get(namespace),
         address,
+        claimed: address,
         node: endpoint
             .map(|e| e.node.as_str())
             .or(spec.and_then(|s| s.node_name.as_deref())),

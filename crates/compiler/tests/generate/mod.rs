@@ -23,6 +23,8 @@ pub const CLUSTER_IPS: [&str; 6] = [
 pub const EXTERNAL_IPS: [&str; 3] = ["192.0.2.1", "192.0.2.2", "172.16.0.1"];
 pub const NODE_PORTS: [i32; 3] = [30000, 30001, 70000];
 pub const HEALTH_PORTS: [i32; 2] = [31000, 31001];
+/// Pods p0.. of a generated cluster; p0..p3 may be local endpoints.
+pub const PODS: usize = 8;
 pub const BACKENDS: [&str; 5] = ["10.0.1.10", "10.0.1.11", "10.0.2.10", "10.0.2.11", "bad"];
 
 /// A uid and a resourceVersion as the API server gives them (a new version on every
@@ -138,31 +140,59 @@ pub fn slice(rng: &mut fastrand::Rng, name: usize) -> Value {
     })
 }
 
+/// Pod `p{i}`: two apps in two namespaces, so pods often share a label set (one
+/// identity); its address mostly its own, sometimes one another pod may claim, inside or
+/// outside the policies' ipBlock; sometimes pending without one or on the host network;
+/// sometimes with a named port.
 pub fn pod(rng: &mut fastrand::Rng, i: usize) -> Value {
     let mut metadata = json!({
         "name": format!("p{i}"),
         "namespace": pick(rng, &NAMESPACES),
-        "labels": {"app": pick(rng, &["web", "db"])},
+        "labels": {"app": pick(rng, &["web", "db"]), "pod-template-hash": pick(rng, &["h1", "h2"])},
     });
     versioned(rng, &mut metadata, format!("pod-{i}"));
-    json!({
-        "metadata": metadata,
-        "spec": {"nodeName": pick(rng, &[NODE, "node-b"]), "containers": [{"name": "c", "image": "i"}]},
-        "status": {"phase": "Running", "podIP": format!("10.0.1.{}", 10 + i)},
-    })
+    let address = if rng.u8(..3) == 0 {
+        format!("10.0.{}.{}", pick(rng, &[1, 2]), 10 + rng.usize(..12))
+    } else {
+        format!("10.0.1.{}", 10 + i)
+    };
+    let mut spec = json!({"nodeName": pick(rng, &[NODE, "node-b"]), "containers": [{"name": "c", "image": "i"}]});
+    if rng.u8(..3) == 0 {
+        spec["containers"][0]["ports"] =
+            json!([{"name": "http", "containerPort": pick(rng, &[8080, 8081])}]);
+    }
+    let status = match rng.u8(..10) {
+        0 => json!({"phase": "Pending"}),
+        1 => {
+            spec["hostNetwork"] = json!(true);
+            json!({"phase": "Running", "podIP": "172.16.0.2"})
+        }
+        _ => json!({"phase": "Running", "podIP": address}),
+    };
+    json!({"metadata": metadata, "spec": spec, "status": status})
 }
 
+/// NetworkPolicy `np{i}`: one app admits another on a port, sometimes also an ipBlock
+/// over some pod addresses; sometimes with an egress rule to a named port.
 pub fn policy(rng: &mut fastrand::Rng, i: usize) -> Value {
     let mut metadata = json!({"name": format!("np{i}"), "namespace": pick(rng, &NAMESPACES)});
     versioned(rng, &mut metadata, format!("np-{i}"));
-    json!({
-        "metadata": metadata,
-        "spec": {
-            "podSelector": {"matchLabels": {"app": pick(rng, &["web", "db"])}},
-            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": pick(rng, &["web", "db"])}}}],
-                         "ports": [{"port": pick(rng, &[80, 8080])}]}],
-        },
-    })
+    let mut from =
+        vec![json!({"podSelector": {"matchLabels": {"app": pick(rng, &["web", "db"])}}})];
+    if rng.bool() {
+        from.push(json!({"ipBlock": {
+            "cidr": pick(rng, &["10.0.1.0/28", "10.0.0.0/16"]),
+            "except": [pick(rng, &["10.0.1.12/32", "10.0.2.16/30"])],
+        }}));
+    }
+    let mut spec = json!({
+        "podSelector": {"matchLabels": {"app": pick(rng, &["web", "db"])}},
+        "ingress": [{"from": from, "ports": [{"port": pick(rng, &[80, 8080])}]}],
+    });
+    if rng.bool() {
+        spec["egress"] = json!([{"to": [{"podSelector": {}}], "ports": [{"port": "http"}]}]);
+    }
+    json!({"metadata": metadata, "spec": spec})
 }
 
 pub fn node_object(rng: &mut fastrand::Rng, name: &str, address: &str, cidr: &str) -> Value {
@@ -231,9 +261,11 @@ pub fn cluster(rng: &mut fastrand::Rng) -> (Snapshot, NodeContext) {
     for i in 0..rng.usize(0..8) {
         snapshot.endpoint_slices.push(from_json(slice(rng, i)));
     }
-    for i in 0..rng.usize(0..4) {
+    for i in 0..rng.usize(0..PODS) {
         snapshot.pods.push(from_json(pod(rng, i)));
-        snapshot.endpoints.push(endpoint(i));
+        if i < 4 {
+            snapshot.endpoints.push(endpoint(i));
+        }
     }
     for i in 0..rng.usize(0..3) {
         snapshot.network_policies.push(from_json(policy(rng, i)));
