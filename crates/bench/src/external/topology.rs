@@ -286,6 +286,19 @@ impl SluiceNodes {
             .collect()
     }
 
+    /// The entries of node-a's conntrack table.
+    pub fn conntrack_entries(&self) -> Result<u64, BenchError> {
+        let node_a = self
+            .nodes
+            .first()
+            .ok_or_else(|| BenchError::Failed("sluice runs on no node".into()))?;
+        let maps = PinnedMaps::open(node_a.pins.path())
+            .map_err(|e| BenchError::Failed(format!("open pinned maps: {e}")))?;
+        maps.inventory
+            .entries(sluice_common::MapId::Conntrack)
+            .map_err(|e| BenchError::Failed(format!("counting ct4: {e}")))
+    }
+
     /// node-a's service conntrack entries (`CT_SERVICE`, keyed by client and frontend)
     /// for the frontend `address:port`: connections it balanced there.
     pub fn connections(&self, address: Ipv4Addr, port: u16) -> Result<u64, BenchError> {
