@@ -216,8 +216,10 @@ fn cost_of_the_programs() {
     // selection, and SCTP's CRC32c subprograms, about 180 instructions; past 6,144 with eBPF
     // host routing, which runs to_container's endpoint_ingress before it delivers a packet
     // to a pod of the node, about 1,900; past 8,192 with the tuple from_container hands to
-    // that endpoint_ingress instead of a second parse, about 150.)
-    assert!(from_insns < 8704 && to_insns < 6144);
+    // that endpoint_ingress instead of a second parse, about 150; past 8,704 with the
+    // removal of a closed connection's entries at its last ACK wherever an entry is
+    // accounted, and the flow cache's decision dropped at a FIN, about 250.)
+    assert!(from_insns < 9216 && to_insns < 6144);
     // Events on: every new connection wrote its verdict and trace (at least one run
     // of each measurement, whatever the CPU), established packets none.
     assert!(emitted >= u64::from(2 * REPEAT_NEW), "{emitted} events");
