@@ -33,8 +33,10 @@ struct Summary {
     crr_failed: u64,
     crr_syn_retransmissions: u64,
     crr_retransmitted: u64,
-    /// The largest conntrack fill node-a started a CRR phase with (sluice).
+    /// The largest conntrack fill node-a started a CRR phase with, and the service entries
+    /// of live connections it lost during them, summed (sluice).
     conntrack_before_crr: Option<u64>,
+    service_lost_crr: Option<u64>,
     /// (node, program) -> median mean ns per run, RR phase.
     programs_rr: BTreeMap<(&'static str, &'static str), f64>,
 }
@@ -98,6 +100,10 @@ fn summarize(samples: &[ExternalSample]) -> BTreeMap<Key, Summary> {
                 crr_syn_retransmissions: g.iter().map(|s| s.crr_retransmissions.syn).sum(),
                 crr_retransmitted: g.iter().map(|s| s.crr_retransmissions.segments).sum(),
                 conntrack_before_crr: g.iter().filter_map(|s| s.conntrack_before_crr).max(),
+                service_lost_crr: g
+                    .iter()
+                    .filter_map(|s| s.service_lost_crr)
+                    .reduce(|a, b| a + b),
             };
             (key, summary)
         })
@@ -249,27 +255,25 @@ fn traffic(md: &mut String, sums: &BTreeMap<Key, Summary>) {
 fn stalls(md: &mut String, sums: &BTreeMap<Key, Summary>) {
     let _ = writeln!(
         md,
-        "
-The CRR phases' stalls, summed over the repetitions: connections slower than {} ms, connections that failed, the world host's SYN retransmissions and retransmitted segments (its own /proc/net) during the phase; for sluice, the most entries node-a's conntrack table held when a CRR phase started.
-",
+        "\nThe CRR phases' stalls, summed over the repetitions: connections slower than {} ms, connections that failed, the world host's SYN retransmissions and retransmitted segments (its own /proc/net) during the phase; for sluice, the most entries node-a's conntrack table held when a CRR phase started, and the segments of live connections it found without their service entry (evicted) during the phases.\n",
         crate::load::STALL.as_millis()
     );
     let _ = writeln!(
         md,
-        "| N | variant | stalled | failed | SYN retransmissions | segments retransmitted | node-a conntrack entries at the start |
-|---:|---|---:|---:|---:|---:|---:|"
+        "| N | variant | stalled | failed | SYN retransmissions | segments retransmitted | node-a conntrack entries at the start | service entries lost |\n|---:|---|---:|---:|---:|---:|---:|---:|"
     );
     for ((n, v, forwarding, frontend), s) in sums {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             num(*n as f64),
             label(*v, *forwarding, *frontend),
             s.crr_stalled,
             s.crr_failed,
             s.crr_syn_retransmissions,
             s.crr_retransmitted,
-            s.conntrack_before_crr.map_or("–".into(), |x| num(x as f64))
+            s.conntrack_before_crr.map_or("–".into(), |x| num(x as f64)),
+            s.service_lost_crr.map_or("–".into(), |x| num(x as f64))
         );
     }
 }
