@@ -74,6 +74,7 @@ fn the_cli_inspects_the_agent_and_drives_the_lab() {
         let straight = flows
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|line| line["flow"].clone())
             .any(|f| {
                 f["IP"]["source"] == client.as_str()
                     && f["IP"]["destination"] == backend.as_str()
