@@ -131,14 +131,16 @@ static __always_inline int nodeport_to_remote(struct __sk_buff *skb, const struc
 			event_emit(skb, pkt, EVENT_WHAT(EVENT_CLOSE, NETDEV_DIR, 0, 0,
 							IDENTITY_UNRESOLVED),
 				   backend);
+		ct_release(&key, fwd, pkt);
 		/* The backend may have changed under the connection (it was removed): the
 		 * port must be claimed toward the new one. */
 		ct_key_init(&key, node, backend->backend_address, port, backend->backend_port,
 			    pkt->proto, CT_SNAT);
 		snat = bpf_map_lookup_elem(&ct4, &key);
-		if (snat && snat->nat_address == pkt->saddr && snat->nat_port == pkt->sport)
+		if (snat && snat->nat_address == pkt->saddr && snat->nat_port == pkt->sport) {
 			ct_account(snat, pkt, 0, now);
-		else if (!snat_claim(skb, pkt, backend->backend_address, backend->backend_port,
+			ct_release(&key, snat, pkt);
+		} else if (!snat_claim(skb, pkt, backend->backend_address, backend->backend_port,
 				     node, port, 0, now))
 			port = 0;
 	}
@@ -253,11 +255,15 @@ static __always_inline int nodeport_rev_snat(struct __sk_buff *skb, const struct
 	if (ct_account(snat, pkt, CT_FLAG_SEEN_REPLY, now))
 		event_packet(skb, pkt, EVENT_CLOSE, NETDEV_DIR, 0, EVENT_F_REPLY,
 			     IDENTITY_UNRESOLVED);
+	ct_key_init(&key, pkt->daddr, pkt->saddr, pkt->dport, pkt->sport, pkt->proto, CT_SNAT);
+	ct_release(&key, snat, pkt);
 	ct_key_init(&key, client, ext->nat_address, client_port, ext->nat_port, pkt->proto,
 		    CT_SNAT_PORT);
 	fwd = bpf_map_lookup_elem(&ct4, &key);
-	if (fwd)
+	if (fwd) {
 		ct_touch_reply(fwd, pkt, now);
+		ct_release(&key, fwd, pkt);
+	}
 	return nodeport_reply(skb, pkt, ext, true, client, client_port, now, NETDEV_DIR);
 }
 

@@ -172,6 +172,8 @@ static __always_inline int container_egress(struct __sk_buff *skb, struct flow_n
 		return forward_egress(skb, pkt, pkt->daddr, ep);
 	}
 	now = ct_now();
+	if (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+		flow_forget(pkt);
 
 	/* Only a hairpin reply goes to LOOPBACK_IPV4: other packets skip the lookup. */
 	entry = pkt->daddr == LOOPBACK_IPV4 ? ct_lookup(pkt, CT_EGRESS, true) : NULL;
@@ -182,16 +184,18 @@ static __always_inline int container_egress(struct __sk_buff *skb, struct flow_n
 		return hairpin_reply(skb, pkt, entry);
 	}
 
-	entry = ct_lookup(pkt, CT_INGRESS, true);
+	ct_key_init(&key, pkt->daddr, pkt->saddr, pkt->dport, pkt->sport, pkt->proto, CT_INGRESS);
+	entry = bpf_map_lookup_elem(&ct4, &key);
 	if (entry) {
 		if (ct_account(entry, pkt, CT_FLAG_SEEN_REPLY, now))
 			event_packet(skb, pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
 		note->source_flags = entry->flags;
+		ct_release(&key, entry, pkt);
 		/* A reply to a client outside the node that reached this pod through an
 		 * external frontend: rev-DNATed and sent straight back toward the client.
 		 * The flag spares every other reply the CT_NODEPORT lookup. */
-		if (entry->flags & CT_FLAG_NODEPORT) {
+		if (note->source_flags & CT_FLAG_NODEPORT) {
 			reason = nodeport_reply_local(skb, pkt, now);
 			if (reason >= 0)
 				return reason;

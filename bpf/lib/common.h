@@ -217,6 +217,10 @@ struct ct4_entry {
 #define CT_FLAG_CLOSING    (1 << 2) /* FIN or RST seen */
 #define CT_FLAG_MASQUERADE (1 << 3) /* CT_SNAT: a pod's connection out of the cluster */
 #define CT_FLAG_NODEPORT   (1 << 4) /* CT_INGRESS: reached the pod through an external frontend */
+/* A FIN seen in the direction of the entry's tuple, and in the reply direction: once both
+ * were, the next segment without FIN (the last ACK) ends the connection (ct_closed). */
+#define CT_FLAG_FIN_ORIGINAL (1 << 5)
+#define CT_FLAG_FIN_REPLY    (1 << 6)
 
 /* How long an idle entry keeps describing its connection, in seconds, by state: a TCP
  * connection is in SYN until its entry sees a reply (CT_FLAG_SEEN_REPLY), established

@@ -47,9 +47,39 @@ static __always_inline struct ct4_entry *ct_lookup(const struct pkt4 *pkt, __u8 
 	return bpf_map_lookup_elem(&ct4, &key);
 }
 
-static __always_inline __u8 ct_flags_of(const struct pkt4 *pkt)
+/* The flags @pkt sets on an entry it is accounted to, travelling in the entry's reply
+ * direction or not (@reply): closing from its first FIN or RST, and which way a FIN went. */
+static __always_inline __u8 ct_flags_of(const struct pkt4 *pkt, bool reply)
 {
-	return pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) ? CT_FLAG_CLOSING : 0;
+	__u8 flags = pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) ? CT_FLAG_CLOSING : 0;
+
+	if (pkt->tcp_flags & TCP_FLAG_FIN)
+		flags |= reply ? CT_FLAG_FIN_REPLY : CT_FLAG_FIN_ORIGINAL;
+	return flags;
+}
+
+/* Whether @pkt, just accounted to @entry, ends a TCP connection that closed cleanly: a
+ * segment without SYN, FIN or RST after a FIN went each way, which is the last ACK.
+ * Nothing more is to come on the connection, so its entries are removed at once
+ * (ct_release) rather than filling the table for the closing lifetime: under connection
+ * churn a full LRU table costs every new connection its evictions. A connection reset or
+ * closed one way only keeps the closing lifetime. */
+static __always_inline bool ct_closed(const struct ct4_entry *entry, const struct pkt4 *pkt)
+{
+	return pkt->proto == IPPROTO_TCP &&
+	       (entry->flags & (CT_FLAG_FIN_ORIGINAL | CT_FLAG_FIN_REPLY)) ==
+		       (CT_FLAG_FIN_ORIGINAL | CT_FLAG_FIN_REPLY) &&
+	       !(pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST));
+}
+
+/* Removes the entry under @key when @pkt, just accounted to @entry, ended its connection
+ * (ct_closed). The caller reads what it needs of @entry first: a removed entry's memory
+ * may be reused at once. */
+static __always_inline void ct_release(const struct ct4_key *key, const struct ct4_entry *entry,
+				       const struct pkt4 *pkt)
+{
+	if (ct_closed(entry, pkt))
+		bpf_map_delete_elem(&ct4, key);
 }
 
 /* The lifetime of @entry in its state (struct ct_config). Datapath::load writes the
@@ -107,7 +137,7 @@ static __always_inline bool ct_account(struct ct4_entry *entry, const struct pkt
 {
 	__u8 new_flags;
 
-	flags |= ct_flags_of(pkt);
+	flags |= ct_flags_of(pkt, flags & CT_FLAG_SEEN_REPLY);
 	entry->last_seen_ns = now;
 	__sync_fetch_and_add(&entry->packets, 1);
 	__sync_fetch_and_add(&entry->bytes, pkt->len);
@@ -127,7 +157,7 @@ static __always_inline bool ct_account(struct ct4_entry *entry, const struct pkt
 static __always_inline void ct_touch_reply(struct ct4_entry *entry, const struct pkt4 *pkt,
 					   __u64 now)
 {
-	__u8 new_flags = (CT_FLAG_SEEN_REPLY | ct_flags_of(pkt)) & ~entry->flags;
+	__u8 new_flags = (CT_FLAG_SEEN_REPLY | ct_flags_of(pkt, true)) & ~entry->flags;
 
 	entry->last_seen_ns = now;
 	if (new_flags)
@@ -145,7 +175,7 @@ static __always_inline int ct_write(const struct ct4_key *key, const struct pkt4
 		.bytes = pkt->len,
 		.nat_address = nat_address,
 		.nat_port = nat_port,
-		.flags = flags | ct_flags_of(pkt),
+		.flags = flags | ct_flags_of(pkt, false),
 		.tcp_flags_seen = pkt->tcp_flags,
 		.ifindex = ifindex,
 	};
@@ -225,6 +255,7 @@ static __always_inline enum ct_state ct_track_established(const struct ct4_key *
 	state = ct_account(entry, pkt, 0, now) ? CT_CLOSING : CT_ESTABLISHED;
 	if (entry_flags)
 		*entry_flags = entry->flags;
+	ct_release(key, entry, pkt);
 	return state;
 }
 

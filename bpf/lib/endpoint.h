@@ -141,11 +141,13 @@ static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex
 	}
 	now = ct_now();
 
-	entry = ct_lookup(&pkt, CT_EGRESS, true);
+	ct_key_init(&key, pkt.daddr, pkt.saddr, pkt.dport, pkt.sport, pkt.proto, CT_EGRESS);
+	entry = bpf_map_lookup_elem(&ct4, &key);
 	if (entry) {
 		/* A reply on a connection the pod opened. */
 		__be32 frontend = entry->nat_address;
 		__be16 frontend_port = entry->nat_port;
+		bool loopback = entry->flags & CT_FLAG_LOOPBACK;
 		struct ct4_entry *service;
 
 		if (ct_account(entry, &pkt, CT_FLAG_SEEN_REPLY, now))
@@ -153,7 +155,8 @@ static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex
 				     IDENTITY_UNRESOLVED);
 		if (note)
 			note->dest_flags = entry->flags;
-		if (!frontend || (entry->flags & CT_FLAG_LOOPBACK))
+		ct_release(&key, entry, &pkt);
+		if (!frontend || loopback)
 			return verdict_pass(skb, METRIC_DIR_INGRESS);
 
 		/* Replies keep the connection's backend choice alive too, so a client that
@@ -161,8 +164,10 @@ static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex
 		 * of SYN (and into closing), as its lifetime follows the connection's state. */
 		ct_key_init(&key, pkt.daddr, frontend, pkt.dport, frontend_port, pkt.proto, CT_SERVICE);
 		service = bpf_map_lookup_elem(&ct4, &key);
-		if (service)
+		if (service) {
 			ct_touch_reply(service, &pkt, now);
+			ct_release(&key, service, &pkt);
+		}
 
 		if (nat_rewrite_addr(skb, &pkt, IP_SADDR_OFF, pkt.saddr, frontend) < 0 ||
 		    nat_rewrite_port(skb, &pkt, l4_sport_off(&pkt), pkt.sport, frontend_port) < 0)

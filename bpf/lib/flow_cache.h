@@ -362,6 +362,24 @@ __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 	return bpf_redirect_peer(entry->ifindex, 0);
 }
 
+/* Forgets the decision on @pkt's flow (its tuple as it left the pod on @pkt->ifindex), at
+ * a FIN or RST, which the cache never forwards: the connection's last ACK must reach the
+ * slow path, which removes the closed connection's conntrack entries (ct_release), and a
+ * closed flow's decision would only fill the table until evicted. */
+static __always_inline void flow_forget(const struct pkt4 *pkt)
+{
+	struct flow4_key key = {
+		.saddr = pkt->saddr,
+		.daddr = pkt->daddr,
+		.sport = pkt->sport,
+		.dport = pkt->dport,
+		.proto = pkt->proto,
+		.ifindex = pkt->ifindex,
+	};
+
+	bpf_map_delete_elem(&flow4, &key);
+}
+
 /* Whether conntrack entry flags (struct flow_note) name a connection the cache may keep:
  * established (a reply seen, no FIN or RST), neither hairpin nor from outside the node
  * (their replies are translated by paths the cache does not take). */

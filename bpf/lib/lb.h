@@ -286,6 +286,7 @@ static __always_inline int lb4_select_backend(struct __sk_buff *skb, const struc
 		backend->backend_address = entry->nat_address;
 		backend->backend_port = entry->nat_port;
 		ct_account(entry, pkt, 0, now);
+		ct_release(&key, entry, pkt);
 		return 0;
 	}
 	if (!entry && ct_entry_lost(pkt))

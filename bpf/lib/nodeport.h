@@ -44,8 +44,10 @@ static __always_inline void nodeport_touch_service(__be32 client, __be16 client_
 	ct_key_init(&key, client, ext->nat_address, client_port, ext->nat_port, pkt->proto,
 		    CT_SERVICE);
 	service = bpf_map_lookup_elem(&ct4, &key);
-	if (service)
+	if (service) {
 		ct_touch_reply(service, pkt, now);
+		ct_release(&key, service, pkt);
+	}
 }
 
 /* A backend's reply on the connection of @ext (its CT_NODEPORT entry): the source becomes
@@ -59,11 +61,16 @@ static __always_inline int nodeport_reply(struct __sk_buff *skb, const struct pk
 	__be32 frontend = ext->nat_address;
 	__be16 frontend_port = ext->nat_port;
 	__u32 ifindex = ext->ifindex;
+	struct ct4_key key;
 
 	/* The caller's own entry counts the packet and reports the close; this one only
 	 * has to stay alive, with the lifetime of an answered connection. */
 	ct_touch_reply(ext, pkt, now);
 	nodeport_touch_service(client, client_port, ext, pkt, now);
+	/* Found by the reply's tuple reversed (ct_lookup), by every caller. */
+	ct_key_init(&key, pkt->daddr, pkt->saddr, pkt->dport, pkt->sport, pkt->proto,
+		    CT_NODEPORT);
+	ct_release(&key, ext, pkt);
 	if (nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, frontend) < 0 ||
 	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, frontend_port) < 0)
 		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, direction);

@@ -1,8 +1,11 @@
 //! Connection churn never breaks a live connection (issue 18 item 4): a real agent with a
 //! small conntrack table (`--ct-max-entries 4096`) on a node with a client pod and two
 //! backend pods behind a ClusterIP; an idle TCP connection and a connected UDP socket, a
-//! churn of 20,000 short TCP connections to the same Service, then both idle flows send
-//! again and must reach the backend they had (needs root and bpffs; never skipped).
+//! churn of 20,000 short TCP connections to the same Service, each reset as it closes
+//! (a clean close removes a connection's entries with its last ACK, and would leave the
+//! table nothing to evict; a reset one keeps them for the closing lifetime), then both
+//! idle flows send again and must reach the backend they had (needs root and bpffs;
+//! never skipped).
 //!
 //! ```text
 //! client eth0 10.244.1.2 ─veth─ lxc-cl ┐
@@ -17,6 +20,7 @@ mod support;
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
     path::PathBuf,
     sync::{
         Arc,
@@ -297,6 +301,25 @@ fn udp_ask(socket: &UdpSocket) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+/// Makes `conn` close with a reset (SO_LINGER of zero seconds) when dropped.
+fn reset_on_close(conn: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `conn` is an open socket and `linger` a live value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+}
+
 /// One trial inside the client pod: open the idle flows, churn, ask again.
 fn trial(maps: &PinnedMaps) -> Trial {
     let frontend = SocketAddrV4::new(VIP, TCP_PORT);
@@ -315,7 +338,7 @@ fn trial(maps: &PinnedMaps) -> Trial {
     let mut churn_failed = 0;
     for _ in 0..CHURN {
         match TcpStream::connect(frontend) {
-            Ok(conn) => drop(conn),
+            Ok(conn) => reset_on_close(&conn),
             Err(_) => churn_failed += 1,
         }
     }

@@ -191,16 +191,26 @@ fn sink(mut conn: TcpStream, stop: &AtomicBool) -> io::Result<()> {
     conn.write_all(&(total + 1).to_be_bytes())
 }
 
-/// Operations per second with latency percentiles, in microseconds.
+/// An operation slower than this waited for a retransmission (TCP's first SYN
+/// retransmission comes after a second, a data segment's after 200 ms at least): a
+/// handful of them halve a rate whose operations take some 100 µs, without showing in
+/// the percentiles.
+pub const STALL: Duration = Duration::from_millis(200);
+
+/// Operations per second with latency percentiles, in microseconds; the operations that
+/// failed, and those that stalled (took longer than [`STALL`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Rate {
     pub per_sec: f64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub errors: u64,
+    pub stalled: u64,
 }
 
 fn rate(mut samples: Vec<u32>, elapsed: Duration, errors: u64) -> Rate {
+    let stall = nanos(STALL);
+    let stalled = samples.iter().filter(|&&ns| ns > stall).count() as u64;
     samples.sort_unstable();
     let pct = |p: f64| {
         if samples.is_empty() {
@@ -215,7 +225,59 @@ fn rate(mut samples: Vec<u32>, elapsed: Duration, errors: u64) -> Rate {
         p50_us: pct(0.50),
         p99_us: pct(0.99),
         errors,
+        stalled,
     }
+}
+
+/// A namespace's TCP retransmission counters (its own /proc/net, which shows the
+/// namespace of the thread reading it).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Retransmissions {
+    /// TcpExt TCPSynRetrans: SYNs sent again for want of an answer.
+    pub syn: u64,
+    /// Tcp RetransSegs: every segment sent again.
+    pub segments: u64,
+}
+
+impl Retransmissions {
+    pub fn read(ns: &NetNs) -> Result<Self, BenchError> {
+        ns.run(|| {
+            Ok(Self {
+                syn: proc_net_counter("netstat", "TcpExt", "TCPSynRetrans")?,
+                segments: proc_net_counter("snmp", "Tcp", "RetransSegs")?,
+            })
+        })
+    }
+
+    /// What was counted between `before` and `self`.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            syn: self.syn.saturating_sub(before.syn),
+            segments: self.segments.saturating_sub(before.segments),
+        }
+    }
+}
+
+/// The counter `name` of `table` in /proc/net/`file`: a line of names, then one of values.
+fn proc_net_counter(file: &str, table: &str, name: &str) -> Result<u64, BenchError> {
+    let path = format!("/proc/thread-self/net/{file}");
+    let text = std::fs::read_to_string(&path).map_err(io_err("read", &path))?;
+    let prefix = format!("{table}:");
+    let mut lines = text.lines().filter(|line| line.starts_with(&prefix));
+    let missing = || BenchError::Failed(format!("{table} {name} not in {path}"));
+    let (names, values) = (
+        lines.next().ok_or_else(missing)?,
+        lines.next().ok_or_else(missing)?,
+    );
+    let at = names
+        .split_whitespace()
+        .position(|n| n == name)
+        .ok_or_else(missing)?;
+    values
+        .split_whitespace()
+        .nth(at)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(missing)
 }
 
 fn nanos(d: Duration) -> u32 {

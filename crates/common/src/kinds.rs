@@ -10,10 +10,10 @@ use std::{fmt, str::FromStr};
 use serde::{Deserialize, Serialize};
 
 use crate::maps::{
-    BACKEND_STATE_ACTIVE, CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_LOOPBACK, CT_FLAG_MASQUERADE,
-    CT_FLAG_NODEPORT, CT_FLAG_SEEN_REPLY, CT_INGRESS, CT_NODEPORT, CT_SERVICE, CT_SNAT,
-    CT_SNAT_PORT, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS,
-    SVC_FLAG_MAGLEV,
+    BACKEND_STATE_ACTIVE, CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_FIN_ORIGINAL, CT_FLAG_FIN_REPLY,
+    CT_FLAG_LOOPBACK, CT_FLAG_MASQUERADE, CT_FLAG_NODEPORT, CT_FLAG_SEEN_REPLY, CT_INGRESS,
+    CT_NODEPORT, CT_SERVICE, CT_SNAT, CT_SNAT_PORT, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+    POLICY_EGRESS, POLICY_INGRESS, SVC_FLAG_MAGLEV,
 };
 
 /// An IP protocol as a map key carries it; 0 means any protocol (policy rows, wildcards).
@@ -136,15 +136,21 @@ pub enum CtFlag {
     Masquerade,
     /// A connection that reached its pod through an external frontend (its CT_INGRESS entry).
     NodePort,
+    /// A FIN seen in the direction of the entry's tuple.
+    FinOriginal,
+    /// A FIN seen in the reply direction.
+    FinReply,
 }
 
 impl CtFlag {
-    const BITS: [(u8, CtFlag); 5] = [
+    const BITS: [(u8, CtFlag); 7] = [
         (CT_FLAG_LOOPBACK, CtFlag::Loopback),
         (CT_FLAG_SEEN_REPLY, CtFlag::SeenReply),
         (CT_FLAG_CLOSING, CtFlag::Closing),
         (CT_FLAG_MASQUERADE, CtFlag::Masquerade),
         (CT_FLAG_NODEPORT, CtFlag::NodePort),
+        (CT_FLAG_FIN_ORIGINAL, CtFlag::FinOriginal),
+        (CT_FLAG_FIN_REPLY, CtFlag::FinReply),
     ];
 
     /// The flags set in an entry's `flags` byte, in bit order.
@@ -163,6 +169,8 @@ impl CtFlag {
             CtFlag::Closing => "closing",
             CtFlag::Masquerade => "masquerade",
             CtFlag::NodePort => "nodeport",
+            CtFlag::FinOriginal => "fin-original",
+            CtFlag::FinReply => "fin-reply",
         }
     }
 }

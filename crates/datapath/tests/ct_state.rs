@@ -1,7 +1,8 @@
 //! Conntrack states on crafted packets (BPF_PROG_TEST_RUN; needs root, never skipped):
-//! every entry of a service connection leaves SYN when the backend answers and enters
-//! closing with a FIN from either side, since their lifetimes follow those states; the
-//! lifetimes are the ones the loader wrote into `ct_config`.
+//! every entry of a service connection leaves SYN when the backend answers, enters
+//! closing with a FIN from either side, since their lifetimes follow those states, and is
+//! removed by the last ACK once a FIN went each way; the lifetimes are the ones the loader
+//! wrote into `ct_config`.
 // A test binary: a panic in a fixture helper is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +11,8 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use sluice_common::{
-    CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_SERVICE, Ct4Key, CtConfig, IPPROTO_TCP,
+    CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_FIN_ORIGINAL, CT_FLAG_FIN_REPLY, CT_FLAG_SEEN_REPLY,
+    CT_SERVICE, Ct4Key, CtConfig, IPPROTO_TCP,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
 use sluice_datapath::{Datapath, DatapathConfig, PinDir, PinnedMaps};
@@ -56,15 +58,34 @@ fn service_entries_follow_the_connection_through_its_states() {
         "established once the backend answered"
     );
 
-    // The backend closes first: the client's choice of backend is closing too.
+    // The backend closes first: the client's choice of backend is closing too, its FIN
+    // seen in the reply direction.
     step(TO_CONTAINER, tcp(BACKEND, CLIENT, TCP_FIN | TCP_ACK, b""));
-    assert_eq!(
-        both(&maps),
-        [
-            CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING,
-            CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING
-        ]
+    let closing = CT_FLAG_SEEN_REPLY | CT_FLAG_CLOSING | CT_FLAG_FIN_REPLY;
+    assert_eq!(both(&maps), [closing, closing]);
+
+    // The client's FIN: a FIN went each way.
+    step(
+        FROM_CONTAINER,
+        tcp(CLIENT, FRONTEND, TCP_FIN | TCP_ACK, b""),
     );
+    let closed = closing | CT_FLAG_FIN_ORIGINAL;
+    assert_eq!(both(&maps), [closed, closed]);
+
+    // The backend's last ACK ends the connection: both entries go at once.
+    step(TO_CONTAINER, tcp(BACKEND, CLIENT, TCP_ACK, b""));
+    for (dst, scope) in [(FRONTEND, CT_SERVICE), (BACKEND, CT_EGRESS)] {
+        let key = Ct4Key::new(
+            (*CLIENT.ip(), CLIENT.port()),
+            (*dst.ip(), dst.port()),
+            IPPROTO_TCP,
+            scope,
+        );
+        assert!(
+            maps.conntrack.get(&key, 0).is_err(),
+            "scope {scope} left after the last ACK"
+        );
+    }
 }
 
 #[test]

@@ -388,11 +388,13 @@ fn an_upgrade_migrates_conntrack_and_services_and_keeps_the_connection() {
         "upgrade: {} requests on the held connection during the load, all answered by {first}",
         during.len()
     );
-    let backends_seen = topo.client.run(move || {
+    // Still held open: a connection that closes leaves no conntrack entry to check below.
+    let (held, backends_seen) = topo.client.run(move || {
         assert_eq!(held.ask("after").expect("the held connection after"), first);
-        (0..20)
+        let seen = (0..20)
             .map(|_| new_connection().expect("a new connection after the upgrade"))
-            .collect::<BTreeSet<_>>()
+            .collect::<BTreeSet<_>>();
+        (held, seen)
     });
     println!("upgrade: 20 new connections answered by {backends_seen:?}");
 
@@ -418,6 +420,7 @@ fn an_upgrade_migrates_conntrack_and_services_and_keeps_the_connection() {
         held_entries.iter().any(|(_, packets)| *packets > 2),
         "{held_entries:?}"
     );
+    drop(held);
 }
 
 #[test]

@@ -185,6 +185,15 @@ pub struct ExternalSample {
     pub stream_gbps: f64,
     pub cost_rr: Option<PathCost>,
     pub cost_crr: Option<PathCost>,
+    /// The world host's retransmissions over the CRR phase: each SYN sent again cost its
+    /// connection a second (see `load::STALL`).
+    pub crr_retransmissions: load::Retransmissions,
+    /// sluice: the entries of node-a's conntrack table when the CRR phase started (what
+    /// the phases before it left; a full table costs every new connection evictions).
+    pub conntrack_before_crr: Option<u64>,
+    /// sluice: node-a's segments of live connections that found their service entry
+    /// gone during the CRR phase (evicted by the full table).
+    pub service_lost_crr: Option<u64>,
     /// Connections counted by the variant's own frontend (see `proof_what`).
     pub proof: u64,
     pub proof_what: &'static str,
@@ -354,7 +363,19 @@ pub fn measure(
         let before = stats(&mut dataplane)?;
         let rr = load::request_response(&topo.world, target, config.durations.rr)?;
         let mid = stats(&mut dataplane)?;
+        let conntrack = |dp: &Dataplane| match dp {
+            Dataplane::Sluice(s) => s.conntrack().map(Some),
+            _ => Ok(None),
+        };
+        let conntrack_before = conntrack(&dataplane)?;
+        let retransmitted = load::Retransmissions::read(&topo.world)?;
         let crr = load::connect_request_close(&topo.world, target, config.durations.crr, None)?;
+        let crr_retransmissions = load::Retransmissions::read(&topo.world)?.since(retransmitted);
+        let conntrack_after = conntrack(&dataplane)?;
+        let conntrack_before_crr = conntrack_before.map(|(entries, _)| entries);
+        let service_lost_crr = conntrack_before
+            .zip(conntrack_after)
+            .map(|((_, before), (_, after))| after.saturating_sub(before));
         let after = stats(&mut dataplane)?;
         let stream_gbps = load::stream(&topo.world, target, config.durations.stream)?;
         let (after_count, proof_what) = count(&dataplane)?;
@@ -377,6 +398,9 @@ pub fn measure(
             stream_gbps,
             cost_rr: sluice.then(|| path_cost(&before, &mid, transactions)),
             cost_crr: sluice.then(|| path_cost(&mid, &after, connections)),
+            crr_retransmissions,
+            conntrack_before_crr,
+            service_lost_crr,
             proof,
             proof_what,
         });
@@ -465,10 +489,16 @@ pub fn run(
                     })?;
                     for s in &measured {
                         progress(&format!(
-                            "  {} rr {:.0}/s crr {:.0}/s stream {:.1} Gbit/s program {:?}",
+                            "  {} rr {:.0}/s crr {:.0}/s ({} stalled, {} SYN retransmissions, \
+                             conntrack {:?} at the start, {:?} service entries lost) \
+                             stream {:.1} Gbit/s program {:?}",
                             s.frontend.map_or("pod", Frontend::name),
                             s.rr.per_sec,
                             s.crr.per_sec,
+                            s.crr.stalled,
+                            s.crr_retransmissions.syn,
+                            s.conntrack_before_crr,
+                            s.service_lost_crr,
                             s.stream_gbps,
                             s.program
                         ));

@@ -27,6 +27,16 @@ struct Summary {
     proof_what: &'static str,
     per_transaction_ns: Option<f64>,
     per_connection_ns: Option<f64>,
+    /// Summed over the repetitions: CRR connections that stalled, failed, and the world
+    /// host's SYN retransmissions and retransmitted segments during the CRR phases.
+    crr_stalled: u64,
+    crr_failed: u64,
+    crr_syn_retransmissions: u64,
+    crr_retransmitted: u64,
+    /// The largest conntrack fill node-a started a CRR phase with, and the service entries
+    /// of live connections it lost during them, summed (sluice).
+    conntrack_before_crr: Option<u64>,
+    service_lost_crr: Option<u64>,
     /// (node, program) -> median mean ns per run, RR phase.
     programs_rr: BTreeMap<(&'static str, &'static str), f64>,
 }
@@ -85,6 +95,15 @@ fn summarize(samples: &[ExternalSample]) -> BTreeMap<Key, Summary> {
                 per_transaction_ns: cost(|s| s.cost_rr.as_ref()),
                 per_connection_ns: cost(|s| s.cost_crr.as_ref()),
                 programs_rr: programs.into_iter().map(|(k, v)| (k, median(v))).collect(),
+                crr_stalled: g.iter().map(|s| s.crr.stalled).sum(),
+                crr_failed: g.iter().map(|s| s.crr.errors).sum(),
+                crr_syn_retransmissions: g.iter().map(|s| s.crr_retransmissions.syn).sum(),
+                crr_retransmitted: g.iter().map(|s| s.crr_retransmissions.segments).sum(),
+                conntrack_before_crr: g.iter().filter_map(|s| s.conntrack_before_crr).max(),
+                service_lost_crr: g
+                    .iter()
+                    .filter_map(|s| s.service_lost_crr)
+                    .reduce(|a, b| a + b),
             };
             (key, summary)
         })
@@ -108,6 +127,7 @@ pub fn write(md: &mut String, samples: &[ExternalSample], ns: &[usize], dir: &Pa
     );
     ratios(md, &sums, ns);
     traffic(md, &sums);
+    stalls(md, &sums);
     ebpf(md, &sums);
     match charts(&sums, ns, dir) {
         Ok(files) => {
@@ -226,6 +246,34 @@ fn traffic(md: &mut String, sums: &BTreeMap<Key, Summary>) {
             s.program_s.map_or("–".into(), |x| format!("{x:.3} s")),
             num(s.proof_min as f64),
             s.proof_what
+        );
+    }
+}
+
+/// What the rates hide: a connection that waits for a SYN retransmission costs a second,
+/// some ten thousand times a connection's time, without moving the percentiles.
+fn stalls(md: &mut String, sums: &BTreeMap<Key, Summary>) {
+    let _ = writeln!(
+        md,
+        "\nThe CRR phases' stalls, summed over the repetitions: connections slower than {} ms, connections that failed, the world host's SYN retransmissions and retransmitted segments (its own /proc/net) during the phase; for sluice, the most entries node-a's conntrack table held when a CRR phase started, and the segments of live connections it found without their service entry (evicted) during the phases.\n",
+        crate::load::STALL.as_millis()
+    );
+    let _ = writeln!(
+        md,
+        "| N | variant | stalled | failed | SYN retransmissions | segments retransmitted | node-a conntrack entries at the start | service entries lost |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for ((n, v, forwarding, frontend), s) in sums {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            num(*n as f64),
+            label(*v, *forwarding, *frontend),
+            s.crr_stalled,
+            s.crr_failed,
+            s.crr_syn_retransmissions,
+            s.crr_retransmitted,
+            s.conntrack_before_crr.map_or("–".into(), |x| num(x as f64)),
+            s.service_lost_crr.map_or("–".into(), |x| num(x as f64))
         );
     }
 }

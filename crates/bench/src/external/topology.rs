@@ -286,6 +286,26 @@ impl SluiceNodes {
             .collect()
     }
 
+    /// The entries of node-a's conntrack table, and the TCP segments of live connections
+    /// to a frontend its datapath found without their service entry so far (`ct_stats`:
+    /// an entry evicted or removed while its connection lived).
+    pub fn conntrack(&self) -> Result<(u64, u64), BenchError> {
+        let node_a = self
+            .nodes
+            .first()
+            .ok_or_else(|| BenchError::Failed("sluice runs on no node".into()))?;
+        let maps = PinnedMaps::open(node_a.pins.path())
+            .map_err(|e| BenchError::Failed(format!("open pinned maps: {e}")))?;
+        let entries = maps
+            .inventory
+            .entries(sluice_common::MapId::Conntrack)
+            .map_err(|e| BenchError::Failed(format!("counting ct4: {e}")))?;
+        let stats = maps
+            .ct_stats()
+            .map_err(|e| BenchError::Failed(format!("reading ct_stats: {e}")))?;
+        Ok((entries, stats.service_lost))
+    }
+
     /// node-a's service conntrack entries (`CT_SERVICE`, keyed by client and frontend)
     /// for the frontend `address:port`: connections it balanced there.
     pub fn connections(&self, address: Ipv4Addr, port: u16) -> Result<u64, BenchError> {

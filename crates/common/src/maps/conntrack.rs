@@ -22,6 +22,10 @@ pub const CT_FLAG_CLOSING: u8 = 1 << 2;
 pub const CT_FLAG_MASQUERADE: u8 = 1 << 3;
 /// A CT_INGRESS entry of a connection that reached its pod through an external frontend.
 pub const CT_FLAG_NODEPORT: u8 = 1 << 4;
+/// A FIN seen in the direction of the entry's tuple.
+pub const CT_FLAG_FIN_ORIGINAL: u8 = 1 << 5;
+/// A FIN seen in the reply direction.
+pub const CT_FLAG_FIN_REPLY: u8 = 1 << 6;
 
 /// Source address given to hairpin connections (a pod reaching itself through a service).
 pub const LOOPBACK_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);

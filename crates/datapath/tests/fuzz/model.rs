@@ -142,12 +142,43 @@ pub enum Parsed {
     },
 }
 
-/// The model's state: connections admitted, by direction and tuple, with the frontend
-/// an egress service connection was translated from; and the ports of fragmented
-/// datagrams whose first fragment was seen.
+/// A connection policy admitted: the frontend an egress service connection was translated
+/// from, and what its TCP segments showed of its close (conntrack.h: closing from a FIN or
+/// RST, a FIN each way, then the last ACK removes its entries).
+#[derive(Clone, Copy, Debug, Default)]
+struct Conn {
+    frontend: Option<SocketAddrV4>,
+    closing: bool,
+    fin_original: bool,
+    fin_reply: bool,
+}
+
+impl Conn {
+    /// Accounts a packet of `proto` with `tcp_flags`, in the reply direction or not;
+    /// returns whether it ended the connection (ct_closed).
+    fn account(&mut self, proto: u8, tcp_flags: u8, reply: bool) -> bool {
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            self.closing = true;
+        }
+        if tcp_flags & TCP_FIN != 0 {
+            if reply {
+                self.fin_reply = true;
+            } else {
+                self.fin_original = true;
+            }
+        }
+        proto == IPPROTO_TCP
+            && self.fin_original
+            && self.fin_reply
+            && tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+    }
+}
+
+/// The model's state: connections admitted, by direction and tuple; and the ports of
+/// fragmented datagrams whose first fragment was seen.
 pub struct Model {
     world: World,
-    admitted: HashMap<(Dir, Tuple), Option<SocketAddrV4>>,
+    admitted: HashMap<(Dir, Tuple), Conn>,
     fragments: HashMap<(Ipv4Addr, Ipv4Addr, u16, u8), (u16, u16)>,
     /// Passed packets whose own tuple policy denies: replies of admitted connections.
     pub denied_tuples_passed_as_replies: u64,
@@ -316,10 +347,7 @@ impl Model {
                 if tuple.saddr != self.world.pod {
                     return Expect::Drop(DropReason::InvalidSource);
                 }
-                if self
-                    .admitted
-                    .contains_key(&(Dir::Ingress, tuple.reversed()))
-                {
+                if self.reply(Dir::Ingress, tuple, tcp_flags).is_some() {
                     self.count_reply(Dir::Egress, tuple);
                     return Expect::Pass(Rewrite::None);
                 }
@@ -342,16 +370,14 @@ impl Model {
                     dport: to.port(),
                     ..tuple
                 };
-                if opens {
-                    self.admitted.insert((Dir::Egress, key), frontend);
-                }
+                self.track((Dir::Egress, key), frontend, tcp_flags, opens);
                 Expect::Pass(match frontend {
                     Some(_) => nat(src, port_kept(to, later_fragment, tuple.dport)),
                     None => Rewrite::None,
                 })
             }
             Dir::Ingress => {
-                if let Some(&frontend) = self.admitted.get(&(Dir::Egress, tuple.reversed())) {
+                if let Some(frontend) = self.reply(Dir::Egress, tuple, tcp_flags) {
                     self.count_reply(Dir::Ingress, tuple);
                     return Expect::Pass(match frontend {
                         Some(f) => nat(port_kept(f, later_fragment, tuple.sport), dst),
@@ -361,11 +387,47 @@ impl Model {
                 if !self.policy_admits(Dir::Ingress, tuple.saddr, tuple.proto, tuple.dport) {
                     return Expect::Drop(DropReason::Policy);
                 }
-                if opens {
-                    self.admitted.insert((Dir::Ingress, tuple), None);
-                }
+                self.track((Dir::Ingress, tuple), None, tcp_flags, opens);
                 Expect::Pass(Rewrite::None)
             }
+        }
+    }
+
+    /// `tuple`, seen with `tcp_flags`, as a reply on the connection admitted in `dir`:
+    /// its frontend if it is one, the connection removed if the packet ended it.
+    fn reply(&mut self, dir: Dir, tuple: Tuple, tcp_flags: u8) -> Option<Option<SocketAddrV4>> {
+        let key = (dir, tuple.reversed());
+        let conn = self.admitted.get_mut(&key)?;
+        let frontend = conn.frontend;
+        if conn.account(tuple.proto, tcp_flags, true) {
+            self.admitted.remove(&key);
+        }
+        Some(frontend)
+    }
+
+    /// A packet policy admitted, in its connection's own direction: accounted to the
+    /// connection under `key` with `frontend` if that still describes it (not when a pure
+    /// SYN follows its close: a reused port), else opening one if it `opens`.
+    fn track(
+        &mut self,
+        key: (Dir, Tuple),
+        frontend: Option<SocketAddrV4>,
+        tcp_flags: u8,
+        opens: bool,
+    ) {
+        let pure_syn = key.1.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let mut conn = match self.admitted.get(&key) {
+            Some(c) if c.frontend == frontend && !(pure_syn && c.closing) => *c,
+            _ if opens => Conn {
+                frontend,
+                ..Conn::default()
+            },
+            _ => return,
+        };
+        if conn.account(key.1.proto, tcp_flags, false) {
+            self.admitted.remove(&key);
+        } else {
+            self.admitted.insert(key, conn);
         }
     }
 
@@ -416,8 +478,12 @@ impl Model {
         if quoted.saddr != addr(ip, 16) {
             return Expect::Pass(Rewrite::None);
         }
-        match self.admitted.get(&(Dir::Egress, quoted)) {
-            Some(&Some(frontend)) => Expect::Pass(Rewrite::IcmpQuote { frontend }),
+        match self
+            .admitted
+            .get(&(Dir::Egress, quoted))
+            .map(|c| c.frontend)
+        {
+            Some(Some(frontend)) => Expect::Pass(Rewrite::IcmpQuote { frontend }),
             _ => Expect::Pass(Rewrite::None),
         }
     }
