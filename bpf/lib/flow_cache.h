@@ -130,6 +130,20 @@ static __always_inline bool flow_lookup(const struct flow4_key *key, struct flow
 	return *(volatile __u32 *)&slot->seq == seq;
 }
 
+/* Takes @slot for writing unless another CPU is writing it; @seq is then its sequence
+ * before, for flow_slot_unlock. */
+static __always_inline bool flow_slot_lock(struct flow4_slot *slot, __u32 *seq)
+{
+	*seq = *(volatile __u32 *)&slot->seq;
+	return !(*seq & 1) && __sync_val_compare_and_swap(&slot->seq, *seq, *seq + 1) == *seq;
+}
+
+static __always_inline void flow_slot_unlock(struct flow4_slot *slot, __u32 seq)
+{
+	flow_barrier();
+	*(volatile __u32 *)&slot->seq = seq + 2;
+}
+
 /* Writes @entry, the decision for @key, into its slot. Returns whether it did: not when
  * another CPU is writing the slot (a later packet of the flow records it then). */
 static __always_inline bool flow_store(const struct flow4_key *key,
@@ -139,15 +153,11 @@ static __always_inline bool flow_store(const struct flow4_key *key,
 	struct flow4_slot *slot = bpf_map_lookup_elem(&flow4, &index);
 	__u32 seq;
 
-	if (!slot)
-		return false;
-	seq = *(volatile __u32 *)&slot->seq;
-	if ((seq & 1) || __sync_val_compare_and_swap(&slot->seq, seq, seq + 1) != seq)
+	if (!slot || !flow_slot_lock(slot, &seq))
 		return false;
 	slot->key = *key;
 	slot->entry = *entry;
-	flow_barrier();
-	*(volatile __u32 *)&slot->seq = seq + 2;
+	flow_slot_unlock(slot, seq);
 	return true;
 }
 
@@ -376,8 +386,17 @@ static __always_inline void flow_forget(const struct pkt4 *pkt)
 		.proto = pkt->proto,
 		.ifindex = pkt->ifindex,
 	};
+	__u32 index = flow_slot_index(&key);
+	struct flow4_slot *slot = bpf_map_lookup_elem(&flow4, &index);
+	__u32 seq;
 
-	bpf_map_delete_elem(&flow4, &key);
+	/* A slot another CPU is writing is left alone: at worst the last ACK takes the
+	 * cached path and the entries wait out their closing lifetime. */
+	if (!slot || !flow_key_equal(&slot->key, &key) || !flow_slot_lock(slot, &seq))
+		return;
+	/* No packet has ifindex 0, so the zeroed key matches none. */
+	__builtin_memset(&slot->key, 0, sizeof(slot->key));
+	flow_slot_unlock(slot, seq);
 }
 
 /* Whether conntrack entry flags (struct flow_note) name a connection the cache may keep:
