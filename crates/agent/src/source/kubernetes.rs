@@ -6,7 +6,8 @@
 //! A relist replaces a store whole only once the new list is complete, so no object is
 //! lost or doubled across a reconnect. The first snapshot goes out only once every kind
 //! has completed its initial list; after that, changes are gathered by [`Debounce`] into
-//! one snapshot per burst. Snapshots carry no local endpoints: on a node those come from
+//! one snapshot per burst, sent with the change set its watch events name (a relist names
+//! none: the agent then compares every object). Snapshots carry no local endpoints: on a node those come from
 //! the CNI plugin. Each object is slimmed to the fields the agent reads before it is
 //! stored (`slim.rs`).
 
@@ -32,12 +33,13 @@ use kube::{
     },
 };
 use prometheus_client::metrics::counter::Counter;
+use sluice_compiler::Changes;
 use sluice_store::Snapshot;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 pub use super::debounce::Debounce;
-use super::{Source, Updates, slim::Slim};
+use super::{Source, Updates, changes, slim::Slim};
 use crate::AgentError;
 
 /// How the agent reaches the API server and shapes what it reads.
@@ -74,9 +76,10 @@ pub struct Kubernetes {
 
 /// What a watcher tells the snapshot maker.
 enum Touch {
-    /// A store changed.
-    Changed,
-    /// A store holds a complete list (the first, or one after a relist).
+    /// A store changed: the object written or deleted (None: one without a name).
+    Changed(Option<Changes>),
+    /// A store holds a complete list (the first, or one after a relist): replaced whole,
+    /// so what changed in it is not known.
     Listed(&'static str),
 }
 
@@ -153,12 +156,19 @@ impl Kubernetes {
         drop(tx);
         let mut listed = std::collections::BTreeSet::new();
         let mut revision = 0;
+        // What changed since the snapshot sent last; None before the first, and after a
+        // list (a relist replaces a store whole) until the next snapshot.
+        let mut pending: Option<Changes> = None;
         loop {
             let mut changed = false;
             let gather = self.config.debounce.gather(&mut rx, |touch| match touch {
-                Touch::Changed => changed = true,
+                Touch::Changed(change) => {
+                    changed = true;
+                    changes::merge(&mut pending, change);
+                }
                 Touch::Listed(kind) => {
                     changed = true;
+                    pending = None;
                     if listed.insert(kind) {
                         info!(kind, "initial list complete");
                     }
@@ -177,7 +187,8 @@ impl Kubernetes {
                 continue;
             }
             revision += 1;
-            if !updates.send(stores.snapshot(revision, self.config.cluster_cidr)) {
+            let changes = pending.replace(Changes::default());
+            if !updates.send(stores.snapshot(revision, self.config.cluster_cidr), changes) {
                 return Ok(());
             }
             self.stats.snapshots.inc();
@@ -243,6 +254,7 @@ where
         + DeserializeOwned
         + Debug
         + Slim
+        + changes::Kind
         + Send
         + Sync
         + 'static,
@@ -271,6 +283,7 @@ async fn watch<K>(
         + DeserializeOwned
         + Debug
         + Slim
+        + changes::Kind
         + Send
         + Sync
         + 'static,
@@ -320,9 +333,13 @@ async fn watch<K>(
                     stats.events.inc();
                     continue;
                 }
-                Event::Apply(_) | Event::Delete(_) => {
+                Event::Apply(object) => {
                     stats.events.inc();
-                    Touch::Changed
+                    Touch::Changed(changes::one(&object, true))
+                }
+                Event::Delete(object) => {
+                    stats.events.inc();
+                    Touch::Changed(changes::one(&object, false))
                 }
                 Event::InitDone => Touch::Listed(kind),
             };
