@@ -209,7 +209,9 @@ mod tests {
 
     fn slice(i: u32, backends: u32) -> EndpointSlice {
         let endpoints: Vec<_> = (0..backends)
-            .map(|b| serde_json::json!({"addresses": [format!("10.244.{}.{}", b + 1, i % 250 + 1)]}))
+            .map(
+                |b| serde_json::json!({"addresses": [format!("10.244.{}.{}", b + 1, i % 250 + 1)]}),
+            )
             .collect();
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": format!("s-{i}-x"), "namespace": "default",
@@ -250,7 +252,9 @@ mod tests {
             match (seed >> 20) % 4 {
                 0 => {
                     let s = service(i, 80 + u16::try_from(seed % 3).unwrap());
-                    snapshot.services.retain(|o| o.metadata.name != s.metadata.name);
+                    snapshot
+                        .services
+                        .retain(|o| o.metadata.name != s.metadata.name);
                     snapshot.services.push(s.clone());
                     changes.services.insert(key, Some(s));
                 }

@@ -15,9 +15,8 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    AgentError, Node,
-    source::Feed, cni::LocalEndpoints, conntrack::Removal, health::HealthServers,
-    http::Readiness, metrics::Metrics, observe::Names, views::Published,
+    AgentError, Node, cni::LocalEndpoints, conntrack::Removal, health::HealthServers,
+    http::Readiness, metrics::Metrics, observe::Names, source::Feed, views::Published,
 };
 
 /// What the API asks of the loop: work that writes the kernel or must not overlap a pass.

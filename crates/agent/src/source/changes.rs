@@ -28,6 +28,8 @@ pub trait Kind: Metadata<Ty = ObjectMeta> + Clone + PartialEq {
 
     /// This kind's objects in a snapshot.
     fn of(snapshot: &Snapshot) -> &[Self];
+
+    fn of_mut(snapshot: &mut Snapshot) -> &mut Vec<Self>;
 }
 
 macro_rules! namespaced {
@@ -42,6 +44,9 @@ macro_rules! namespaced {
             }
             fn of(snapshot: &Snapshot) -> &[Self] {
                 &snapshot.$field
+            }
+            fn of_mut(snapshot: &mut Snapshot) -> &mut Vec<Self> {
+                &mut snapshot.$field
             }
         }
     };
@@ -59,6 +64,9 @@ macro_rules! cluster_scoped {
             }
             fn of(snapshot: &Snapshot) -> &[Self] {
                 &snapshot.$field
+            }
+            fn of_mut(snapshot: &mut Snapshot) -> &mut Vec<Self> {
+                &mut snapshot.$field
             }
         }
     };
@@ -87,6 +95,11 @@ pub fn merge(pending: &mut Option<Changes>, later: Option<Changes>) {
         *pending = None;
         return;
     };
+    extend(into, later);
+}
+
+/// Adds `later` to `into`: an object changed twice keeps its last version.
+pub fn extend(into: &mut Changes, later: Changes) {
     into.services.extend(later.services);
     into.endpoint_slices.extend(later.endpoint_slices);
     into.pods.extend(later.pods);
@@ -100,8 +113,7 @@ pub fn merge(pending: &mut Option<Changes>, later: Option<Changes>) {
 /// twice or one without a name (the compiler then compares or compiles them whole).
 pub fn between(before: &Snapshot, after: &Snapshot) -> Option<Changes> {
     let mut changes = Changes {
-        workloads: before.endpoints != after.endpoints
-            || before.cluster_cidr != after.cluster_cidr,
+        workloads: before.endpoints != after.endpoints || before.cluster_cidr != after.cluster_cidr,
         ..Changes::default()
     };
     diff::<Service>(before, after, &mut changes)?;
@@ -117,8 +129,33 @@ pub fn between(before: &Snapshot, after: &Snapshot) -> Option<Changes> {
 fn diff<K: Kind>(before: &Snapshot, after: &Snapshot, changes: &mut Changes) -> Option<()> {
     let before = by_key(K::of(before))?;
     let after = by_key(K::of(after))?;
-    let into = K::changes(changes);
-    for (key, old) in &before {
+    compare(&before, after, K::changes(changes));
+    Some(())
+}
+
+/// What a complete list of kind `K` changes in `current` (objects sorted by key, as
+/// [`apply`] keeps them): every object of the list written or added, every other one
+/// removed. Objects without a name or given twice are left out.
+pub fn listed<K: Kind>(current: &[K], list: &[K]) -> BTreeMap<K::Key, Option<K>> {
+    let before: BTreeMap<K::Key, &K> = current
+        .iter()
+        .filter_map(|o| Some((K::key(o.metadata())?, o)))
+        .collect();
+    let after: BTreeMap<K::Key, &K> = list
+        .iter()
+        .filter_map(|o| Some((K::key(o.metadata())?, o)))
+        .collect();
+    let mut into = BTreeMap::new();
+    compare(&before, after, &mut into);
+    into
+}
+
+fn compare<K: Kind>(
+    before: &BTreeMap<K::Key, &K>,
+    after: BTreeMap<K::Key, &K>,
+    into: &mut BTreeMap<K::Key, Option<K>>,
+) {
+    for (key, old) in before {
         match after.get(key) {
             Some(new) if new == old => {}
             Some(new) => {
@@ -136,7 +173,57 @@ fn diff<K: Kind>(before: &Snapshot, after: &Snapshot, changes: &mut Changes) -> 
             slot.insert(Some(K::clone(new)));
         }
     }
-    Some(())
+}
+
+/// Applies `changes` to `snapshot`, whose objects of each kind are sorted by key (the
+/// order this keeps).
+pub fn apply(snapshot: &mut Snapshot, changes: &Changes) {
+    patch::<Service>(snapshot, &changes.services);
+    patch::<EndpointSlice>(snapshot, &changes.endpoint_slices);
+    patch::<Pod>(snapshot, &changes.pods);
+    patch::<NetworkPolicy>(snapshot, &changes.network_policies);
+    patch::<Namespace>(snapshot, &changes.namespaces);
+    patch::<Node>(snapshot, &changes.nodes);
+}
+
+/// A few changes are put in place one by one; many (a list) by one merge of the two
+/// sorted sequences, so a list of n objects costs n, not n shifts of the vector.
+fn patch<K: Kind>(snapshot: &mut Snapshot, changes: &BTreeMap<K::Key, Option<K>>) {
+    const ONE_BY_ONE: usize = 64;
+    let objects = K::of_mut(snapshot);
+    let key_of = |o: &K| K::key(o.metadata());
+    if changes.len() <= ONE_BY_ONE {
+        for (key, change) in changes {
+            let at = objects.binary_search_by(|o| key_of(o).as_ref().cmp(&Some(key)));
+            match (at, change) {
+                (Ok(i), Some(object)) => objects[i] = object.clone(),
+                (Ok(i), None) => {
+                    objects.remove(i);
+                }
+                (Err(i), Some(object)) => objects.insert(i, object.clone()),
+                (Err(_), None) => {}
+            }
+        }
+        return;
+    }
+    let old = std::mem::take(objects);
+    let mut changes = changes.iter().peekable();
+    for object in old {
+        let key = key_of(&object);
+        // Changes before this object: additions.
+        while let Some((k, change)) = changes.next_if(|(k, _)| key.as_ref() > Some(*k)) {
+            if let Some(new) = change {
+                debug_assert!(key_of(new).as_ref() == Some(k));
+                objects.push(new.clone());
+            }
+        }
+        match changes.next_if(|(k, _)| key.as_ref() == Some(*k)) {
+            Some((_, Some(new))) => objects.push(new.clone()),
+            Some((_, None)) => {}
+            None => objects.push(object),
+        }
+    }
+    objects.extend(changes.filter_map(|(_, change)| change.clone()));
 }
 
 /// The objects by key; None when a key is missing or given twice.
@@ -209,10 +296,44 @@ mod tests {
         merge(&mut pending, second);
         let pending_set = pending.clone().unwrap();
         assert_eq!(pending_set.services.len(), 1);
-        assert!(pending_set.services.values().all(Option::is_none), "deleted last");
+        assert!(
+            pending_set.services.values().all(Option::is_none),
+            "deleted last"
+        );
         merge(&mut pending, None);
         assert!(pending.is_none());
         merge(&mut pending, one(&service(None, "b", "10.96.0.2"), true));
         assert!(pending.is_none(), "unknown stays unknown");
+    }
+
+    /// Applied one by one or merged, a change set leaves the objects as a map by key would
+    /// hold them, sorted.
+    #[test]
+    fn applied_changes_keep_the_objects_sorted_and_complete() {
+        for size in [3usize, 200] {
+            let mut snapshot = Snapshot::default();
+            let mut reference = BTreeMap::new();
+            let mut seed = 11u64;
+            for _ in 0..20 {
+                let mut changes = Changes::default();
+                for _ in 0..size {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let i = (seed >> 33) % 300;
+                    let key = ("default".to_string(), format!("s-{i:03}"));
+                    let object = ((seed >> 20) % 3 != 0)
+                        .then(|| service(None, &key.1, &format!("10.96.0.{}", seed % 200)));
+                    changes.services.insert(key, object);
+                }
+                for (key, object) in &changes.services {
+                    match object {
+                        Some(o) => reference.insert(key.clone(), o.clone()),
+                        None => reference.remove(key),
+                    };
+                }
+                apply(&mut snapshot, &changes);
+                let expected: Vec<_> = reference.values().cloned().collect();
+                assert_eq!(snapshot.services, expected, "{size} changes a step");
+            }
+        }
     }
 }
