@@ -320,8 +320,9 @@ mod tests {
                     seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
                     let i = (seed >> 33) % 300;
                     let key = ("default".to_string(), format!("s-{i:03}"));
-                    let object = ((seed >> 20) % 3 != 0)
-                        .then(|| service(None, &key.1, &format!("10.96.0.{}", seed % 200)));
+                    let written = !(seed >> 20).is_multiple_of(3);
+                    let object =
+                        written.then(|| service(None, &key.1, &format!("10.96.0.{}", seed % 200)));
                     changes.services.insert(key, object);
                 }
                 for (key, object) in &changes.services {
