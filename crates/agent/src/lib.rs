@@ -9,6 +9,7 @@
 
 pub mod cni;
 mod conntrack;
+mod desired;
 mod faults;
 pub mod health;
 mod host_cgroup;

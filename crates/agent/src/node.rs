@@ -10,7 +10,7 @@ use std::{
 
 use sluice_api::{Drift, VerifyReport};
 use sluice_common::kinds::DriftKind;
-use sluice_compiler::{Balancing, CompileCache, Delta, DesiredState, NodeContext};
+use sluice_compiler::{Balancing, Changes, CompileCache, Delta, DesiredState, NodeContext};
 use sluice_datapath::{AttachRole, Datapath};
 use sluice_realizer::{ApplyStats, Desired, KernelTables, Scan, ScanTick};
 use sluice_store::Snapshot;
@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::{
     AgentConfig, AgentError,
     conntrack::{self, Conntrack},
+    desired::SharedDesired,
     host_cgroup::SocketCgroups,
     nodes,
     pins::PinGuard,
@@ -58,7 +59,17 @@ pub struct Node {
     /// The agent's number for `snapshot`: one more for every snapshot accepted, whatever
     /// the source counts.
     generation: u64,
+    /// What changed since the snapshot last compiled, as the sources named it; None when
+    /// not known (before the first compile, after a relist): the compile cache then
+    /// compares every object.
+    changes: Option<Changes>,
+    /// The state the last pass that succeeded realized.
     desired: Arc<DesiredState>,
+    /// The compiler's newest output, shared with the API.
+    compiled: SharedDesired,
+    /// The entries the compiles since the last realizing pass changed, with their values
+    /// before: what that pass writes.
+    delta: Delta,
     /// What `desired` was compiled from; None before the first pass that realized it.
     compiled_from: Option<CompiledFrom>,
     /// The previous compiles' per-Service and workload results: a change recompiles what
@@ -137,7 +148,10 @@ impl Node {
             balancing: config.balancing,
             snapshot: Arc::new(Snapshot::default()),
             generation: 0,
+            changes: None,
             desired: Arc::default(),
+            compiled: SharedDesired::default(),
+            delta: Delta::default(),
             compiled_from: None,
             compile_cache: CompileCache::new(),
             maps_hold_desired: false,
@@ -162,8 +176,18 @@ impl Node {
         self.datapath.migrated()
     }
 
-    /// Takes a new snapshot from the source under the next generation.
-    pub fn accept(&mut self, snapshot: Arc<Snapshot>) {
+    /// Takes a new snapshot from the source under the next generation, with what changed
+    /// since the one before (None: not known).
+    pub fn accept(&mut self, snapshot: Arc<Snapshot>, changes: Option<Changes>) {
+        let endpoints_changed = snapshot.endpoints != self.snapshot.endpoints;
+        crate::source::changes::merge(
+            &mut self.changes,
+            changes.map(|mut c| {
+                // The CNI plugin's endpoints are merged in by the loop, after the source.
+                c.workloads |= endpoints_changed;
+                c
+            }),
+        );
         self.snapshot = snapshot;
         self.generation += 1;
     }
@@ -276,7 +300,7 @@ impl Node {
             // of the two states; anything changed behind the agent's back since is found
             // by the periodic check, restarted here, and repaired by a full pass.
             // Taken on every pass that realizes, so it always starts at `self.desired`.
-            let delta = self.compile_cache.take_delta();
+            let delta = std::mem::take(&mut self.delta);
             let stats = if held {
                 let plan = self.tables.plan_changes(&delta, target)?;
                 self.tables.apply(&plan)?
@@ -312,7 +336,7 @@ impl Node {
         }
         // Last: a cgroup refused since start fails the pass once the rest is done.
         let sockets = self.cgroups.reconcile(&mut self.datapath);
-        if !unchanged && *desired != *self.desired {
+        if !Arc::ptr_eq(&desired, &self.desired) {
             self.desired_version += 1;
         }
         self.desired = desired;
@@ -436,18 +460,38 @@ impl Node {
         if self.compiled_from.as_ref() == Some(&from) {
             return (Arc::clone(&self.desired), from);
         }
-        let desired = self.compile_cache.refresh(
-            &self.snapshot,
-            &NodeContext {
-                node: self.name.clone(),
-                interfaces: from.interfaces.clone(),
-                policy_map_max: self.policy_map_max,
-                balancing: self.balancing,
-            },
+        let node = NodeContext {
+            node: self.name.clone(),
+            interfaces: from.interfaces.clone(),
+            policy_map_max: self.policy_map_max,
+            balancing: self.balancing,
+        };
+        let started = Instant::now();
+        // From here on, changes are counted from this snapshot.
+        let named = match self.changes.replace(Changes::default()) {
+            Some(changes) => {
+                self.compile_cache.update(&self.snapshot, changes, &node);
+                true
+            }
+            None => {
+                self.compile_cache.refresh(&self.snapshot, &node);
+                false
+            }
+        };
+        let delta = self.compile_cache.take_delta();
+        self.compiled.advance(self.compile_cache.state(), &delta);
+        self.delta.merge(delta);
+        let stats = self.compile_cache.stats();
+        // Read by the tests: a change set compiles what it names, not every Service.
+        debug!(
+            changes = if named { "named" } else { "compared" },
+            services_compiled = stats.services_compiled,
+            services_contested = stats.services_contested,
+            workloads_compiled = stats.workloads_compiled,
+            elapsed = ?started.elapsed(),
+            "compiled"
         );
-        let desired = Arc::new(desired.clone());
-        debug!(stats = ?self.compile_cache.stats(), "compiled");
-        (desired, from)
+        (Arc::clone(self.compiled.current()), from)
     }
 
     /// Attaches the datapath to `ifname` unless the kernel already runs this agent's

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::{
     AgentError, Node, cni::LocalEndpoints, conntrack::Removal, health::HealthServers,
-    http::Readiness, metrics::Metrics, observe::Names, views::Published,
+    http::Readiness, metrics::Metrics, observe::Names, source::Feed, views::Published,
 };
 
 /// What the API asks of the loop: work that writes the kernel or must not overlap a pass.
@@ -29,7 +29,7 @@ pub enum Request {
 
 pub struct Loop {
     pub node: Node,
-    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub snapshots: Feed,
     /// The CNI plugin's endpoints, merged into every snapshot the source hands over.
     pub local_endpoints: watch::Receiver<LocalEndpoints>,
     pub requests: mpsc::Receiver<Request>,
@@ -84,8 +84,8 @@ impl Loop {
                         warn!("source ended; keeping the last snapshot");
                         continue;
                     }
-                    let snapshot = Arc::clone(&snapshots.borrow_and_update());
-                    node.accept(merged(&snapshot, &local_endpoints.borrow_and_update()));
+                    let (snapshot, changes) = snapshots.take();
+                    node.accept(merged(&snapshot, &local_endpoints.borrow_and_update()), changes);
                     source_snapshot = Some(snapshot);
                     publish(node.published());
                 }
@@ -97,7 +97,9 @@ impl Loop {
                     // Before the source's first snapshot a pass would empty the pinned
                     // maps; that snapshot takes the endpoints with it.
                     let Some(snapshot) = &source_snapshot else { continue };
-                    node.accept(merged(snapshot, &local_endpoints.borrow_and_update()));
+                    // Only the endpoints changed (`Node::accept` finds that out).
+                    let nothing_else = Some(sluice_compiler::Changes::default());
+                    node.accept(merged(snapshot, &local_endpoints.borrow_and_update()), nothing_else);
                     publish(node.published());
                 }
                 _ = tick.tick() => {

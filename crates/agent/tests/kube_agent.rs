@@ -51,6 +51,8 @@ impl Agent {
             .arg(&socket)
             .arg("--metrics-address")
             .arg(metrics.to_string())
+            // The compile line says what each compile recompiled.
+            .env("RUST_LOG", "info,sluice_agent::node=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -153,6 +155,7 @@ fn realizes_the_api_objects_and_is_ready_only_after_the_first_full_sync() {
     );
 
     // Watch event → realized maps, a new Service and its slice each time.
+    let log_before = agent.log_text().len();
     let mut samples = Vec::new();
     for i in 0..5u8 {
         let name = format!("new-{i}");
@@ -173,6 +176,29 @@ fn realizes_the_api_objects_and_is_ready_only_after_the_first_full_sync() {
         samples.push((in_maps, applied.elapsed()));
     }
     eprintln!("watch event -> realized maps, listed by the API: {samples:?}");
+    // Each reached the maps through the source's change set: the Service compiled alone,
+    // the Pods, Namespaces, Nodes and policies not at all.
+    let compiles: Vec<String> = agent.log_text()[log_before..]
+        .lines()
+        .filter(|l| l.contains(" compiled "))
+        .map(str::to_string)
+        .collect();
+    assert!(!compiles.is_empty(), "{}", agent.log_text());
+    for line in &compiles {
+        assert!(
+            line.contains("named")
+                && line.contains("workloads_compiled=false")
+                && ["services_compiled=0 ", "services_compiled=1 "]
+                    .iter()
+                    .any(|n| line.contains(n)),
+            "a compile of more than the change: {line}"
+        );
+    }
+    assert!(
+        compiles.iter().any(|l| l.contains("services_compiled=1 ")),
+        "{compiles:#?}"
+    );
+    eprintln!("compiles of the 5 changes: {compiles:#?}");
 
     // A burst of 1,000 pod events: events in, snapshots out, compile passes.
     let counter = |name: &str| -> u64 {

@@ -121,3 +121,15 @@ pub(crate) fn differences<K: Ord + Clone, V: PartialEq + Clone>(
         }
     }
 }
+
+/// The key [`Changes`] names `meta`'s object by, as the compiler keys it (no namespace:
+/// `default`); None without a name.
+pub fn object_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<ObjectKey> {
+    let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
+    Some((
+        crate::namespace_of(meta.namespace.as_ref()).to_owned(),
+        name.to_owned(),
+    ))
+}

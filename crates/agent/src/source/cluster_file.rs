@@ -1,9 +1,11 @@
 //! The cluster-file source: the lab writes a snapshot file through a temporary file and a
-//! rename; this reads it whenever it is replaced.
+//! rename; this reads it whenever it is replaced, and names what changed by comparing it
+//! with the one it sent before, object by object (the lab's files are small).
 
 use std::{
     ffi::OsString,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -11,7 +13,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use sluice_store::Snapshot;
 use tracing::warn;
 
-use super::{Source, Updates};
+use super::{Source, Updates, changes};
 use crate::AgentError;
 
 pub struct ClusterFile {
@@ -64,12 +66,21 @@ impl Source for ClusterFile {
     /// is not ready (`/readyz`) and keeps what its pins hold. The source ends when its
     /// directory goes away: nothing can replace the file after that.
     fn run(self: Box<Self>, updates: &Updates) -> Result<(), AgentError> {
-        let mut revision = None;
-        if let Some(first) = read(&self.path) {
-            revision = Some(first.revision);
-            if !updates.send(first) {
-                return Ok(());
-            }
+        // The snapshot sent last, to compare the next one with.
+        let mut sent: Option<Arc<Snapshot>> = None;
+        let send = |sent: &mut Option<Arc<Snapshot>>, snapshot: Snapshot| {
+            let snapshot = Arc::new(snapshot);
+            let changes = sent
+                .as_deref()
+                .and_then(|before| changes::between(before, &snapshot));
+            // Kept by reference: the agent holds the same snapshot.
+            *sent = Some(Arc::clone(&snapshot));
+            updates.send(snapshot, changes)
+        };
+        if let Some(first) = read(&self.path)
+            && !send(&mut sent, first)
+        {
+            return Ok(());
         }
         let gone =
             AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF | AddWatchFlags::IN_IGNORED;
@@ -95,12 +106,10 @@ impl Source for ClusterFile {
             }
             // The same revision written again is no change.
             if let Some(snapshot) = read(&self.path)
-                && Some(snapshot.revision) != revision
+                && sent.as_ref().map(|s| s.revision) != Some(snapshot.revision)
+                && !send(&mut sent, snapshot)
             {
-                revision = Some(snapshot.revision);
-                if !updates.send(snapshot) {
-                    return Ok(());
-                }
+                return Ok(());
             }
         }
     }

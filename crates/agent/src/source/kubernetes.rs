@@ -1,16 +1,18 @@
-//! The Kubernetes API as a source: one kube-rs watcher and reflector store per kind
-//! (Nodes, Namespaces, Pods, Services, EndpointSlices, NetworkPolicies), all cluster-wide.
+//! The Kubernetes API as a source: one kube-rs watcher per kind (Nodes, Namespaces, Pods,
+//! Services, EndpointSlices, NetworkPolicies), all cluster-wide, feeding one snapshot that
+//! the source keeps and patches with each change (no reflector stores beside it).
 //!
 //! The watcher lists, watches from the list's resourceVersion, follows bookmarks, and
 //! relists when the server says 410 Gone; its stream backs off with jitter after errors.
-//! A relist replaces a store whole only once the new list is complete, so no object is
-//! lost or doubled across a reconnect. The first snapshot goes out only once every kind
+//! A relist replaces a kind whole only once the new list is complete (as the difference
+//! from what the snapshot holds), so no object is lost or doubled across a reconnect. The first snapshot goes out only once every kind
 //! has completed its initial list; after that, changes are gathered by [`Debounce`] into
-//! one snapshot per burst. Snapshots carry no local endpoints: on a node those come from
+//! one snapshot per burst, sent with the change set its watch events name (a relist names
+//! none: the agent then compares every object). Snapshots carry no local endpoints: on a node those come from
 //! the CNI plugin. Each object is slimmed to the fields the agent reads before it is
 //! stored (`slim.rs`).
 
-use std::{fmt::Debug, path::PathBuf};
+use std::{fmt::Debug, path::PathBuf, sync::Arc};
 
 use futures::StreamExt;
 use ipnet::Ipv4Net;
@@ -23,21 +25,21 @@ use k8s_openapi::{
     serde::de::DeserializeOwned,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, Resource,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
-        reflector::{Store, store::Writer},
         watcher::{self, DefaultBackoff, Event},
     },
 };
 use prometheus_client::metrics::counter::Counter;
+use sluice_compiler::Changes;
 use sluice_store::Snapshot;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 pub use super::debounce::Debounce;
-use super::{Source, Updates, slim::Slim};
+use super::{Source, Updates, changes, slim::Slim};
 use crate::AgentError;
 
 /// How the agent reaches the API server and shapes what it reads.
@@ -74,20 +76,67 @@ pub struct Kubernetes {
 
 /// What a watcher tells the snapshot maker.
 enum Touch {
-    /// A store changed.
-    Changed,
-    /// A store holds a complete list (the first, or one after a relist).
-    Listed(&'static str),
+    /// An object written or deleted (None: one without a name, which no change names).
+    Changed(Option<Changes>),
+    /// A complete list of one kind (the first, or one after a relist): sets that kind's
+    /// changes to the difference between the snapshot sent last and the list.
+    Listed(&'static str, Listed),
 }
 
-/// The six stores a snapshot is read from.
-struct Stores {
-    nodes: Store<Node>,
-    namespaces: Store<Namespace>,
-    pods: Store<Pod>,
-    services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
-    network_policies: Store<NetworkPolicy>,
+type Listed = Box<dyn FnOnce(&Snapshot, &mut Changes) + Send>;
+
+/// The snapshot the source sends, patched with each change set. The agent reads the one
+/// sent last; the one before it, once the agent has let go of it, is caught up with the
+/// last two change sets rather than copied whole.
+#[derive(Default)]
+struct Buffered {
+    current: Arc<Snapshot>,
+    previous: Option<(Arc<Snapshot>, Changes)>,
+}
+
+impl Buffered {
+    fn advance(&mut self, changes: &Changes, revision: u64, cluster_cidr: Option<Ipv4Net>) {
+        // A change of a large part (the lists at start) is merged into a copy, and copied
+        // once more as the spare the next change catches up.
+        let current = &self.current;
+        let objects = current.services.len()
+            + current.endpoint_slices.len()
+            + current.pods.len()
+            + current.namespaces.len()
+            + current.nodes.len()
+            + current.network_policies.len();
+        let large = count(changes) > objects / 4;
+        let mut next = match self.previous.take() {
+            Some((previous, lag)) if !large => match Arc::try_unwrap(previous) {
+                Ok(mut spare) => {
+                    changes::apply(&mut spare, &lag);
+                    spare
+                }
+                // Still held by the agent: copied.
+                Err(_) => Snapshot::clone(&self.current),
+            },
+            _ => Snapshot::clone(&self.current),
+        };
+        changes::apply(&mut next, changes);
+        next.revision = revision;
+        next.cluster_cidr = cluster_cidr;
+        let sent = std::mem::replace(&mut self.current, Arc::new(next));
+        self.previous = Some(if large {
+            (Arc::new(Snapshot::clone(&self.current)), Changes::default())
+        } else {
+            (sent, changes.clone())
+        });
+    }
+}
+
+/// Objects a change set names.
+fn count(changes: &Changes) -> usize {
+    changes.services.len()
+        + changes.endpoint_slices.len()
+        + changes.pods.len()
+        + changes.namespaces.len()
+        + changes.nodes.len()
+        + changes.network_policies.len()
 }
 
 const KINDS: usize = 6;
@@ -142,23 +191,29 @@ impl Kubernetes {
     async fn run_async(&self, updates: &Updates) -> Result<(), AgentError> {
         let client = self.client().await?;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let stores = Stores {
-            nodes: spawn_watch(&client, &tx, &self.stats),
-            namespaces: spawn_watch(&client, &tx, &self.stats),
-            pods: spawn_watch(&client, &tx, &self.stats),
-            services: spawn_watch(&client, &tx, &self.stats),
-            endpoint_slices: spawn_watch(&client, &tx, &self.stats),
-            network_policies: spawn_watch(&client, &tx, &self.stats),
-        };
+        spawn_watch::<Node>(&client, &tx, &self.stats);
+        spawn_watch::<Namespace>(&client, &tx, &self.stats);
+        spawn_watch::<Pod>(&client, &tx, &self.stats);
+        spawn_watch::<Service>(&client, &tx, &self.stats);
+        spawn_watch::<EndpointSlice>(&client, &tx, &self.stats);
+        spawn_watch::<NetworkPolicy>(&client, &tx, &self.stats);
         drop(tx);
         let mut listed = std::collections::BTreeSet::new();
         let mut revision = 0;
+        let mut snapshot = Buffered::default();
+        // What changed since the snapshot sent last.
+        let mut pending = Changes::default();
         loop {
             let mut changed = false;
             let gather = self.config.debounce.gather(&mut rx, |touch| match touch {
-                Touch::Changed => changed = true,
-                Touch::Listed(kind) => {
+                Touch::Changed(Some(change)) => {
                     changed = true;
+                    changes::extend(&mut pending, change);
+                }
+                Touch::Changed(None) => warn!("ignoring an object without a name"),
+                Touch::Listed(kind, list) => {
+                    changed = true;
+                    list(&snapshot.current, &mut pending);
                     if listed.insert(kind) {
                         info!(kind, "initial list complete");
                     }
@@ -177,7 +232,9 @@ impl Kubernetes {
                 continue;
             }
             revision += 1;
-            if !updates.send(stores.snapshot(revision, self.config.cluster_cidr)) {
+            let changes = std::mem::take(&mut pending);
+            snapshot.advance(&changes, revision, self.config.cluster_cidr);
+            if !updates.send(Arc::clone(&snapshot.current), Some(changes)) {
                 return Ok(());
             }
             self.stats.snapshots.inc();
@@ -206,36 +263,8 @@ impl Source for Kubernetes {
     }
 }
 
-impl Stores {
-    /// Every object of every store, each kind sorted by namespace and name, so the same
-    /// objects make the same snapshot whatever order they arrived in.
-    fn snapshot(&self, revision: u64, cluster_cidr: Option<Ipv4Net>) -> Snapshot {
-        Snapshot {
-            revision,
-            nodes: sorted(&self.nodes),
-            cluster_cidr,
-            namespaces: sorted(&self.namespaces),
-            pods: sorted(&self.pods),
-            services: sorted(&self.services),
-            endpoint_slices: sorted(&self.endpoint_slices),
-            network_policies: sorted(&self.network_policies),
-            endpoints: Vec::new(),
-        }
-    }
-}
-
-fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
-    let mut objects: Vec<K> = store.state().iter().map(|o| K::clone(o)).collect();
-    objects.sort_by_cached_key(|o| (o.namespace(), o.name_any()));
-    objects
-}
-
-/// Starts the watcher of kind `K` on the current runtime; returns its store.
-fn spawn_watch<K>(
-    client: &Client,
-    tx: &mpsc::UnboundedSender<Touch>,
-    stats: &SourceStats,
-) -> Store<K>
+/// Starts the watcher of kind `K` on the current runtime.
+fn spawn_watch<K>(client: &Client, tx: &mpsc::UnboundedSender<Touch>, stats: &SourceStats)
 where
     K: Resource<DynamicType = ()>
         + k8s_openapi::Resource
@@ -243,34 +272,28 @@ where
         + DeserializeOwned
         + Debug
         + Slim
+        + changes::Kind
         + Send
         + Sync
         + 'static,
 {
-    let writer = Writer::<K>::default();
-    let store = writer.as_reader();
     tokio::spawn(watch(
-        Api::all(client.clone()),
-        writer,
+        Api::<K>::all(client.clone()),
         tx.clone(),
         stats.clone(),
     ));
-    store
 }
 
-/// Feeds one store from its watcher for as long as the snapshot maker listens.
-async fn watch<K>(
-    api: Api<K>,
-    mut writer: Writer<K>,
-    tx: mpsc::UnboundedSender<Touch>,
-    stats: SourceStats,
-) where
+/// Feeds one kind's changes from its watcher for as long as the snapshot maker listens.
+async fn watch<K>(api: Api<K>, tx: mpsc::UnboundedSender<Touch>, stats: SourceStats)
+where
     K: Resource<DynamicType = ()>
         + k8s_openapi::Resource
         + Clone
         + DeserializeOwned
         + Debug
         + Slim
+        + changes::Kind
         + Send
         + Sync
         + 'static,
@@ -281,6 +304,8 @@ async fn watch<K>(
     let mut relist_backoff = DefaultBackoff::default();
     // Every list after the first is a relist (410 Gone, in the stream or on a watch start).
     let mut listed_once = false;
+    // The objects of the list in progress.
+    let mut list: Vec<K> = Vec::new();
     loop {
         let mut events = watcher::watcher(api.clone(), watcher::Config::default())
             .default_backoff()
@@ -307,24 +332,35 @@ async fn watch<K>(
             // Only what the agent reads is stored (managedFields, container specs,
             // conditions and the like are not).
             let event = event.modify(Slim::slim);
-            writer.apply_watcher_event(&event);
             let touch = match event {
                 Event::Init => {
                     if listed_once {
                         stats.relists.inc();
                     }
                     listed_once = true;
+                    list.clear();
                     continue;
                 }
-                Event::InitApply(_) => {
+                Event::InitApply(object) => {
                     stats.events.inc();
+                    list.push(object);
                     continue;
                 }
-                Event::Apply(_) | Event::Delete(_) => {
+                Event::Apply(object) => {
                     stats.events.inc();
-                    Touch::Changed
+                    Touch::Changed(changes::one(&object, true))
                 }
-                Event::InitDone => Touch::Listed(kind),
+                Event::Delete(object) => {
+                    stats.events.inc();
+                    Touch::Changed(changes::one(&object, false))
+                }
+                Event::InitDone => {
+                    let list = std::mem::take(&mut list);
+                    let replace: Listed = Box::new(move |current, pending| {
+                        *K::changes(pending) = changes::listed(K::of(current), &list);
+                    });
+                    Touch::Listed(kind, replace)
+                }
             };
             if tx.send(touch).is_err() {
                 return;

@@ -1,0 +1,340 @@
+//! The change sets sources send beside their snapshots: which objects changed since the
+//! snapshot the agent last took, by the key the compiler names them by, so the agent
+//! compiles only those ([`sluice_compiler::CompileCache::update`]) instead of comparing
+//! every object again.
+
+use std::collections::{BTreeMap, btree_map::Entry};
+
+use k8s_openapi::{
+    Metadata,
+    api::{
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::NetworkPolicy,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use sluice_compiler::{Changes, ObjectKey, object_key};
+use sluice_store::Snapshot;
+
+/// A kind of object a change set names: how it is keyed and where its changes go.
+pub trait Kind: Metadata<Ty = ObjectMeta> + Clone + PartialEq {
+    type Key: Ord + Clone;
+
+    /// None for an object without a name: the change set cannot name it.
+    fn key(meta: &ObjectMeta) -> Option<Self::Key>;
+
+    fn changes(changes: &mut Changes) -> &mut BTreeMap<Self::Key, Option<Self>>;
+
+    /// This kind's objects in a snapshot.
+    fn of(snapshot: &Snapshot) -> &[Self];
+
+    fn of_mut(snapshot: &mut Snapshot) -> &mut Vec<Self>;
+}
+
+macro_rules! namespaced {
+    ($kind:ty, $field:ident) => {
+        impl Kind for $kind {
+            type Key = ObjectKey;
+            fn key(meta: &ObjectMeta) -> Option<ObjectKey> {
+                object_key(meta)
+            }
+            fn changes(changes: &mut Changes) -> &mut BTreeMap<ObjectKey, Option<Self>> {
+                &mut changes.$field
+            }
+            fn of(snapshot: &Snapshot) -> &[Self] {
+                &snapshot.$field
+            }
+            fn of_mut(snapshot: &mut Snapshot) -> &mut Vec<Self> {
+                &mut snapshot.$field
+            }
+        }
+    };
+}
+
+macro_rules! cluster_scoped {
+    ($kind:ty, $field:ident) => {
+        impl Kind for $kind {
+            type Key = String;
+            fn key(meta: &ObjectMeta) -> Option<String> {
+                meta.name.clone().filter(|n| !n.is_empty())
+            }
+            fn changes(changes: &mut Changes) -> &mut BTreeMap<String, Option<Self>> {
+                &mut changes.$field
+            }
+            fn of(snapshot: &Snapshot) -> &[Self] {
+                &snapshot.$field
+            }
+            fn of_mut(snapshot: &mut Snapshot) -> &mut Vec<Self> {
+                &mut snapshot.$field
+            }
+        }
+    };
+}
+
+namespaced!(Service, services);
+namespaced!(EndpointSlice, endpoint_slices);
+namespaced!(Pod, pods);
+namespaced!(NetworkPolicy, network_policies);
+cluster_scoped!(Namespace, namespaces);
+cluster_scoped!(Node, nodes);
+
+/// One object written (`Some`) or deleted (`None`), as a change set; None when the object
+/// has no name.
+pub fn one<K: Kind>(object: &K, written: bool) -> Option<Changes> {
+    let key = K::key(object.metadata())?;
+    let mut changes = Changes::default();
+    K::changes(&mut changes).insert(key, written.then(|| object.clone()));
+    Some(changes)
+}
+
+/// Adds the changes of a later snapshot to `pending`: an object changed twice keeps its
+/// last version, and changes not known (None) on either side stay unknown.
+pub fn merge(pending: &mut Option<Changes>, later: Option<Changes>) {
+    let (Some(into), Some(later)) = (pending.as_mut(), later) else {
+        *pending = None;
+        return;
+    };
+    extend(into, later);
+}
+
+/// Adds `later` to `into`: an object changed twice keeps its last version.
+pub fn extend(into: &mut Changes, later: Changes) {
+    into.services.extend(later.services);
+    into.endpoint_slices.extend(later.endpoint_slices);
+    into.pods.extend(later.pods);
+    into.namespaces.extend(later.namespaces);
+    into.nodes.extend(later.nodes);
+    into.network_policies.extend(later.network_policies);
+    into.workloads |= later.workloads;
+}
+
+/// What changed from `before` to `after`, found by key; None when either names an object
+/// twice or one without a name (the compiler then compares or compiles them whole).
+pub fn between(before: &Snapshot, after: &Snapshot) -> Option<Changes> {
+    let mut changes = Changes {
+        workloads: before.endpoints != after.endpoints || before.cluster_cidr != after.cluster_cidr,
+        ..Changes::default()
+    };
+    diff::<Service>(before, after, &mut changes)?;
+    diff::<EndpointSlice>(before, after, &mut changes)?;
+    diff::<Pod>(before, after, &mut changes)?;
+    diff::<NetworkPolicy>(before, after, &mut changes)?;
+    diff::<Namespace>(before, after, &mut changes)?;
+    diff::<Node>(before, after, &mut changes)?;
+    Some(changes)
+}
+
+/// Records in `changes` every object of kind `K` written, added or removed.
+fn diff<K: Kind>(before: &Snapshot, after: &Snapshot, changes: &mut Changes) -> Option<()> {
+    let before = by_key(K::of(before))?;
+    let after = by_key(K::of(after))?;
+    compare(&before, after, K::changes(changes));
+    Some(())
+}
+
+/// What a complete list of kind `K` changes in `current` (objects sorted by key, as
+/// [`apply`] keeps them): every object of the list written or added, every other one
+/// removed. Objects without a name or given twice are left out.
+pub fn listed<K: Kind>(current: &[K], list: &[K]) -> BTreeMap<K::Key, Option<K>> {
+    let before: BTreeMap<K::Key, &K> = current
+        .iter()
+        .filter_map(|o| Some((K::key(o.metadata())?, o)))
+        .collect();
+    let after: BTreeMap<K::Key, &K> = list
+        .iter()
+        .filter_map(|o| Some((K::key(o.metadata())?, o)))
+        .collect();
+    let mut into = BTreeMap::new();
+    compare(&before, after, &mut into);
+    into
+}
+
+fn compare<K: Kind>(
+    before: &BTreeMap<K::Key, &K>,
+    after: BTreeMap<K::Key, &K>,
+    into: &mut BTreeMap<K::Key, Option<K>>,
+) {
+    for (key, old) in before {
+        match after.get(key) {
+            Some(new) if new == old => {}
+            Some(new) => {
+                into.insert(key.clone(), Some(K::clone(new)));
+            }
+            None => {
+                into.insert(key.clone(), None);
+            }
+        }
+    }
+    for (key, new) in after {
+        if let Entry::Vacant(slot) = into.entry(key.clone())
+            && !before.contains_key(&key)
+        {
+            slot.insert(Some(K::clone(new)));
+        }
+    }
+}
+
+/// Applies `changes` to `snapshot`, whose objects of each kind are sorted by key (the
+/// order this keeps).
+pub fn apply(snapshot: &mut Snapshot, changes: &Changes) {
+    patch::<Service>(snapshot, &changes.services);
+    patch::<EndpointSlice>(snapshot, &changes.endpoint_slices);
+    patch::<Pod>(snapshot, &changes.pods);
+    patch::<NetworkPolicy>(snapshot, &changes.network_policies);
+    patch::<Namespace>(snapshot, &changes.namespaces);
+    patch::<Node>(snapshot, &changes.nodes);
+}
+
+/// A few changes are put in place one by one; many (a list) by one merge of the two
+/// sorted sequences, so a list of n objects costs n, not n shifts of the vector.
+fn patch<K: Kind>(snapshot: &mut Snapshot, changes: &BTreeMap<K::Key, Option<K>>) {
+    const ONE_BY_ONE: usize = 64;
+    let objects = K::of_mut(snapshot);
+    let key_of = |o: &K| K::key(o.metadata());
+    if changes.len() <= ONE_BY_ONE {
+        for (key, change) in changes {
+            let at = objects.binary_search_by(|o| key_of(o).as_ref().cmp(&Some(key)));
+            match (at, change) {
+                (Ok(i), Some(object)) => objects[i] = object.clone(),
+                (Ok(i), None) => {
+                    objects.remove(i);
+                }
+                (Err(i), Some(object)) => objects.insert(i, object.clone()),
+                (Err(_), None) => {}
+            }
+        }
+        return;
+    }
+    let old = std::mem::take(objects);
+    let mut changes = changes.iter().peekable();
+    for object in old {
+        let key = key_of(&object);
+        // Changes before this object: additions.
+        while let Some((k, change)) = changes.next_if(|(k, _)| key.as_ref() > Some(*k)) {
+            if let Some(new) = change {
+                debug_assert!(key_of(new).as_ref() == Some(k));
+                objects.push(new.clone());
+            }
+        }
+        match changes.next_if(|(k, _)| key.as_ref() == Some(*k)) {
+            Some((_, Some(new))) => objects.push(new.clone()),
+            Some((_, None)) => {}
+            None => objects.push(object),
+        }
+    }
+    objects.extend(changes.filter_map(|(_, change)| change.clone()));
+}
+
+/// The objects by key; None when a key is missing or given twice.
+fn by_key<K: Kind>(objects: &[K]) -> Option<BTreeMap<K::Key, &K>> {
+    let mut keyed = BTreeMap::new();
+    for object in objects {
+        if keyed.insert(K::key(object.metadata())?, object).is_some() {
+            return None;
+        }
+    }
+    Some(keyed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test")]
+
+    use super::*;
+
+    fn service(namespace: Option<&str>, name: &str, ip: &str) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"clusterIP": ip, "ports": [{"port": 80}]},
+        }))
+        .unwrap()
+    }
+
+    fn with(services: Vec<Service>) -> Snapshot {
+        Snapshot {
+            services,
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn a_diff_names_what_was_written_added_and_removed() {
+        let before = with(vec![
+            service(None, "kept", "10.96.0.1"),
+            service(Some("x"), "changed", "10.96.0.2"),
+            service(Some("x"), "gone", "10.96.0.3"),
+        ]);
+        let after = with(vec![
+            service(Some("x"), "changed", "10.96.0.20"),
+            service(None, "kept", "10.96.0.1"),
+            service(Some("x"), "new", "10.96.0.4"),
+        ]);
+        let changes = between(&before, &after).unwrap();
+        let named: Vec<_> = changes
+            .services
+            .iter()
+            .map(|((ns, name), s)| format!("{ns}/{name}:{}", s.is_some()))
+            .collect();
+        assert_eq!(named, ["x/changed:true", "x/gone:false", "x/new:true"]);
+        assert!(!changes.touches_workloads());
+
+        // `default` spelled out or left out is one key: given twice, no change set.
+        let twice = with(vec![
+            service(None, "kept", "10.96.0.1"),
+            service(Some("default"), "kept", "10.96.0.1"),
+        ]);
+        assert!(between(&before, &twice).is_none());
+    }
+
+    #[test]
+    fn merged_change_sets_keep_the_last_version_and_unknown_wins() {
+        let first = one(&service(None, "a", "10.96.0.1"), true);
+        let second = one(&service(None, "a", "10.96.0.1"), false);
+        let mut pending = Some(Changes::default());
+        merge(&mut pending, first);
+        merge(&mut pending, second);
+        let pending_set = pending.clone().unwrap();
+        assert_eq!(pending_set.services.len(), 1);
+        assert!(
+            pending_set.services.values().all(Option::is_none),
+            "deleted last"
+        );
+        merge(&mut pending, None);
+        assert!(pending.is_none());
+        merge(&mut pending, one(&service(None, "b", "10.96.0.2"), true));
+        assert!(pending.is_none(), "unknown stays unknown");
+    }
+
+    /// Applied one by one or merged, a change set leaves the objects as a map by key would
+    /// hold them, sorted.
+    #[test]
+    fn applied_changes_keep_the_objects_sorted_and_complete() {
+        for size in [3usize, 200] {
+            let mut snapshot = Snapshot::default();
+            let mut reference = BTreeMap::new();
+            let mut seed = 11u64;
+            for _ in 0..20 {
+                let mut changes = Changes::default();
+                for _ in 0..size {
+                    seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    let i = (seed >> 33) % 300;
+                    let key = ("default".to_string(), format!("s-{i:03}"));
+                    let written = !(seed >> 20).is_multiple_of(3);
+                    let object =
+                        written.then(|| service(None, &key.1, &format!("10.96.0.{}", seed % 200)));
+                    changes.services.insert(key, object);
+                }
+                for (key, object) in &changes.services {
+                    match object {
+                        Some(o) => reference.insert(key.clone(), o.clone()),
+                        None => reference.remove(key),
+                    };
+                }
+                apply(&mut snapshot, &changes);
+                let expected: Vec<_> = reference.values().cloned().collect();
+                assert_eq!(snapshot.services, expected, "{size} changes a step");
+            }
+        }
+    }
+}
