@@ -25,9 +25,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData, lpm_trie::Key};
+use aya::maps::{Array, Map, MapData, lpm_trie::Key};
 use sluice_common::{
-    ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, Flow4Entry, Flow4Key,
+    ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, Flow4Key, Flow4Slot,
     IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IpcacheEntry, MapId, POLICY_EGRESS,
     POLICY_INGRESS, PolicyKey, addr_be,
     programs::{FROM_CONTAINER, TO_CONTAINER},
@@ -174,13 +174,18 @@ impl Topology {
         self.maps.conntrack.keys().filter_map(Result::ok).count()
     }
 
-    /// Entries of the flow cache (which the registry leaves uncounted).
+    /// Decisions in the flow cache: its slots that hold a key (a forgotten or never
+    /// written slot's key is zero; the registry leaves the cache uncounted).
     fn flow_entries(&self) -> usize {
         let path = self._pins.path().join(MapId::FlowCache.name());
         let data = MapData::from_pin(&path).expect("open flow4");
-        let flows: HashMap<_, Flow4Key, Flow4Entry> =
-            HashMap::try_from(Map::LruHashMap(data)).expect("flow4 as a hash map");
-        flows.keys().filter_map(Result::ok).count()
+        let slots: Array<_, Flow4Slot> =
+            Array::try_from(Map::Array(data)).expect("flow4 as an array");
+        slots
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|slot| slot.key != Flow4Key::default())
+            .count()
     }
 }
 
