@@ -14,149 +14,25 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
-use aya::maps::lpm_trie::Key;
 use sluice_common::{
-    ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, IDENTITY_ANY,
-    IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheEntry, Lb4BackendKey, Lb4Key,
-    Lb4Service, POLICY_EGRESS, POLICY_INGRESS, PolicyKey, SVC_FLAG_CLUSTER_IP, addr_be,
+    EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, Lb4BackendKey, Lb4Key, Lb4Service, SVC_FLAG_CLUSTER_IP,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
-use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
-use sluice_netns::{Ipv4Net, NsThread, Route};
-use support::{NetNs, PinDir};
+use sluice_datapath::DatapathConfig;
+use sluice_netns::NsThread;
+use support::{
+    NetNs,
+    two_pods::{BACKEND, BACKEND_IDENTITY, TwoPods, VIP, WEB},
+};
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
-const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
-const WEB: SocketAddrV4 = SocketAddrV4::new(BACKEND, 8080);
-const CLIENT_IDENTITY: u32 = 300;
-const BACKEND_IDENTITY: u32 = 301;
 const TIMEOUT: Duration = Duration::from_secs(3);
 /// Transactions measured (each a request and a response: one run of each program per
 /// direction).
 const TRANSACTIONS: u32 = 20_000;
-
-/// The node and its two pods, the datapath attached to both lxc interfaces and kept
-/// loaded, so the test can read its programs' statistics.
-struct Topology {
-    client: NetNs,
-    backend: NetNs,
-    datapath: Datapath,
-    maps: PinnedMaps,
-    // Removing the pins detaches the programs and releases the maps.
-    _pins: PinDir,
-    node: NetNs,
-}
-
-impl Topology {
-    fn new() -> Self {
-        let node = NetNs::new();
-        let client = NetNs::new();
-        let backend = NetNs::new();
-        node.ns()
-            .set_sysctls(&[
-                ("net.ipv4.ip_forward", "1"),
-                ("net.ipv4.conf.all.rp_filter", "0"),
-                ("net.ipv4.conf.default.rp_filter", "0"),
-            ])
-            .unwrap();
-        let on_node = node.netlink();
-        for (pod, lxc, subnet) in [(&client, "lxc-c", 1), (&backend, "lxc-b", 2)] {
-            let gateway = Ipv4Addr::new(10, 0, subnet, 1);
-            let in_pod = pod.netlink();
-            on_node.add_veth(lxc, "eth0", Some(pod.ns())).unwrap();
-            on_node
-                .add_address(lxc, Ipv4Net::new(gateway, 24).unwrap().into())
-                .unwrap();
-            on_node.set_up(lxc).unwrap();
-            let address = Ipv4Net::new(Ipv4Addr::new(10, 0, subnet, 2), 24).unwrap();
-            in_pod.add_address("eth0", address.into()).unwrap();
-            in_pod.set_up("eth0").unwrap();
-            in_pod.add_route(&Route::default_via(gateway)).unwrap();
-        }
-        let pins = PinDir::unique("sluice-test-");
-        let pin_dir = pins.path().to_owned();
-        let datapath = node.run(move || {
-            let mut datapath = Datapath::load(&pin_dir, &DatapathConfig::default()).expect("load");
-            for lxc in ["lxc-c", "lxc-b"] {
-                datapath
-                    .attach(AttachRole::PodVeth, lxc)
-                    .unwrap_or_else(|e| panic!("attach {lxc}: {e}"));
-            }
-            datapath
-        });
-        let maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
-        let mut topo = Self {
-            client,
-            backend,
-            datapath,
-            maps,
-            _pins: pins,
-            node,
-        };
-        topo.add_endpoints();
-        topo
-    }
-
-    fn ifindex(&self, lxc: &'static str) -> u32 {
-        self.node
-            .run(move || nix::net::if_::if_nametoindex(lxc))
-            .unwrap_or_else(|err| panic!("if_nametoindex {lxc}: {err}"))
-    }
-
-    /// Both pods as endpoints with both directions enforced, each admitting any peer (the
-    /// common case once policy is in use), the ipcache as the realizer writes it, and
-    /// the ClusterIP with the backend.
-    fn add_endpoints(&mut self) {
-        let enforced = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
-        for (lxc, address, identity) in [
-            ("lxc-c", CLIENT, CLIENT_IDENTITY),
-            ("lxc-b", BACKEND, BACKEND_IDENTITY),
-        ] {
-            let ifindex = self.ifindex(lxc);
-            let mut endpoint = EndpointInfo::new(address, identity);
-            endpoint.flags = enforced;
-            self.maps.endpoints.insert(ifindex, endpoint, 0).unwrap();
-            support::install_policy(
-                &mut self.maps,
-                ifindex,
-                &[
-                    PolicyKey::any(IDENTITY_ANY, POLICY_INGRESS),
-                    PolicyKey::any(IDENTITY_ANY, POLICY_EGRESS),
-                ],
-            );
-        }
-        for (address, prefixlen, identity) in [
-            (CLIENT, 32, CLIENT_IDENTITY),
-            (BACKEND, 32, BACKEND_IDENTITY),
-            (Ipv4Addr::new(10, 0, 1, 1), 32, IDENTITY_HOST),
-            (Ipv4Addr::new(10, 0, 2, 1), 32, IDENTITY_HOST),
-            (Ipv4Addr::UNSPECIFIED, 0, IDENTITY_WORLD),
-        ] {
-            self.maps
-                .ipcache
-                .insert(
-                    &Key::new(prefixlen, addr_be(address)),
-                    IpcacheEntry::local(identity),
-                    0,
-                )
-                .unwrap();
-        }
-        support::add_service(&mut self.maps, VIP, IPPROTO_TCP, &[WEB]);
-    }
-
-    /// Cumulative (run time ns, run count) of from_container and to_container.
-    fn run_stats(&mut self) -> [(u64, u64); 2] {
-        [FROM_CONTAINER, TO_CONTAINER].map(|name| {
-            let info = self.datapath.program_info(name).expect("program info");
-            (info.run_time().as_nanos() as u64, info.run_count())
-        })
-    }
-}
 
 /// Answers every byte it reads on its first connection with one byte, until the peer
 /// closes it or falls silent for TIMEOUT (a connection the datapath cut never closes).
@@ -194,7 +70,7 @@ fn transactions(conn: &mut TcpStream, count: u32) {
 }
 
 /// A new connection to the ClusterIP from the client pod.
-fn connect(topo: &Topology) -> std::io::Result<TcpStream> {
+fn connect(topo: &TwoPods) -> std::io::Result<TcpStream> {
     topo.client.run(|| {
         let conn = TcpStream::connect_timeout(&VIP.into(), TIMEOUT)?;
         conn.set_nodelay(true)?;
@@ -207,7 +83,7 @@ fn connect(topo: &Topology) -> std::io::Result<TcpStream> {
 /// profile the target is about (≤ 150 ns per program run).
 #[test]
 fn established_flow_cost_in_place() {
-    let mut topo = Topology::new();
+    let mut topo = TwoPods::new(DatapathConfig::default());
     // Run-time statistics of every BPF program stay on while this fd is held.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let server = echo_server(&topo.backend, WEB);
@@ -259,7 +135,7 @@ fn established_flow_cost_in_place() {
 /// would stall.
 #[test]
 fn established_flow_through_the_cache_without_checksum_offload() {
-    let topo = Topology::new();
+    let topo = TwoPods::new(DatapathConfig::default());
     for pod in [&topo.client, &topo.backend] {
         pod.ns().set_tx_checksum("eth0", false).unwrap();
     }
@@ -279,7 +155,7 @@ fn established_flow_through_the_cache_without_checksum_offload() {
 #[test]
 fn established_udp_flow_through_the_cache() {
     for offload in [true, false] {
-        let mut topo = Topology::new();
+        let mut topo = TwoPods::new(DatapathConfig::default());
         support::add_service(&mut topo.maps, VIP, IPPROTO_UDP, &[WEB]);
         for pod in [&topo.client, &topo.backend] {
             pod.ns().set_tx_checksum("eth0", offload).unwrap();
@@ -328,11 +204,11 @@ fn established_udp_flow_through_the_cache() {
 /// are written as the realizer writes them, generation included.
 #[test]
 fn established_flows_through_the_cache_follow_policy_and_backends() {
-    let mut topo = Topology::new();
+    let mut topo = TwoPods::new(DatapathConfig::default());
     let server = echo_server(&topo.backend, WEB);
     let mut conn = connect(&topo).expect("connect");
     transactions(&mut conn, 100);
-    let hits = |topo: &Topology| topo.maps.flow_stats().expect("flow4_stats").hits;
+    let hits = |topo: &TwoPods| topo.maps.flow_stats().expect("flow4_stats").hits;
     let taken = hits(&topo);
     assert!(taken >= 150, "{taken} packets from the cache of 200");
 

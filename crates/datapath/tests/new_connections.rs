@@ -16,7 +16,7 @@ mod support;
 
 use std::{
     io::{self, Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddrV4, TcpListener, TcpStream},
     os::fd::AsRawFd,
     sync::{
         Arc,
@@ -25,150 +25,40 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Array, Map, MapData, lpm_trie::Key};
+use aya::maps::{Array, Map, MapData};
 use sluice_common::{
-    ENDPOINT_F_EGRESS_ENFORCED, ENDPOINT_F_INGRESS_ENFORCED, EndpointInfo, Flow4Key, Flow4Slot,
-    IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IPPROTO_TCP, IpcacheEntry, MapId, POLICY_EGRESS,
-    POLICY_INGRESS, PolicyKey, addr_be,
+    Flow4Key, Flow4Slot, IPPROTO_TCP, MapId,
     programs::{FROM_CONTAINER, TO_CONTAINER},
 };
-use sluice_datapath::{AttachRole, Datapath, DatapathConfig, PinnedMaps};
-use sluice_netns::{Ipv4Net, Route};
-use support::{NetNs, PinDir, Server};
+use sluice_datapath::DatapathConfig;
+use support::{
+    NetNs, Server,
+    two_pods::{BACKEND, TwoPods, VIP, WEB},
+};
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
-const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
-const WEB: SocketAddrV4 = SocketAddrV4::new(BACKEND, 8080);
-const CLIENT_IDENTITY: u32 = 300;
-const BACKEND_IDENTITY: u32 = 301;
 const TIMEOUT: Duration = Duration::from_secs(3);
 /// A connection slower than this waited for a retransmission (the first SYN
 /// retransmission comes after a second): counted as a stall.
 const STALL: Duration = Duration::from_millis(200);
 
-/// The node and its two pods, the datapath attached to both lxc interfaces and kept
-/// loaded, so the test can read its programs' statistics.
-struct Topology {
-    client: NetNs,
-    backend: NetNs,
-    datapath: Datapath,
-    maps: PinnedMaps,
-    // Removing the pins detaches the programs and releases the maps.
-    _pins: PinDir,
-    node: NetNs,
+/// What this test reads of the two pods' node.
+trait Counted {
+    fn conntrack_entries(&self) -> usize;
+    fn flow_entries(&self) -> usize;
 }
 
-impl Topology {
-    fn new(config: DatapathConfig) -> Self {
-        let node = NetNs::new();
-        let client = NetNs::new();
-        let backend = NetNs::new();
-        node.ns()
-            .set_sysctls(&[
-                ("net.ipv4.ip_forward", "1"),
-                ("net.ipv4.conf.all.rp_filter", "0"),
-                ("net.ipv4.conf.default.rp_filter", "0"),
-            ])
-            .unwrap();
-        let on_node = node.netlink();
-        for (pod, lxc, subnet) in [(&client, "lxc-c", 1), (&backend, "lxc-b", 2)] {
-            let gateway = Ipv4Addr::new(10, 0, subnet, 1);
-            let in_pod = pod.netlink();
-            on_node.add_veth(lxc, "eth0", Some(pod.ns())).unwrap();
-            on_node
-                .add_address(lxc, Ipv4Net::new(gateway, 24).unwrap().into())
-                .unwrap();
-            on_node.set_up(lxc).unwrap();
-            let address = Ipv4Net::new(Ipv4Addr::new(10, 0, subnet, 2), 24).unwrap();
-            in_pod.add_address("eth0", address.into()).unwrap();
-            in_pod.set_up("eth0").unwrap();
-            in_pod.add_route(&Route::default_via(gateway)).unwrap();
-        }
-        // Thousands of connections in seconds: more ports than the default range, as the
-        // benchmark's clients have.
-        client
-            .ns()
-            .set_sysctls(&[("net.ipv4.ip_local_port_range", "1024 65535")])
-            .unwrap();
-        let pins = PinDir::unique("sluice-test-");
-        let pin_dir = pins.path().to_owned();
-        let datapath = node.run(move || {
-            let mut datapath = Datapath::load(&pin_dir, &config).expect("load");
-            for lxc in ["lxc-c", "lxc-b"] {
-                datapath
-                    .attach(AttachRole::PodVeth, lxc)
-                    .unwrap_or_else(|e| panic!("attach {lxc}: {e}"));
-            }
-            datapath
-        });
-        let maps = PinnedMaps::open(pins.path()).expect("open pinned maps");
-        let mut topo = Self {
-            client,
-            backend,
-            datapath,
-            maps,
-            _pins: pins,
-            node,
-        };
-        topo.add_endpoints();
-        topo
-    }
+/// The two pods with enough client ports for thousands of connections in seconds, as the
+/// benchmark's clients have.
+fn topology(config: DatapathConfig) -> TwoPods {
+    let topo = TwoPods::new(config);
+    topo.client
+        .ns()
+        .set_sysctls(&[("net.ipv4.ip_local_port_range", "1024 65535")])
+        .unwrap();
+    topo
+}
 
-    fn ifindex(&self, lxc: &'static str) -> u32 {
-        self.node
-            .run(move || nix::net::if_::if_nametoindex(lxc))
-            .unwrap_or_else(|err| panic!("if_nametoindex {lxc}: {err}"))
-    }
-
-    /// Both pods as endpoints with both directions enforced, each admitting any peer, the
-    /// ipcache as the realizer writes it, and the ClusterIP with the backend.
-    fn add_endpoints(&mut self) {
-        let enforced = ENDPOINT_F_INGRESS_ENFORCED | ENDPOINT_F_EGRESS_ENFORCED;
-        for (lxc, address, identity) in [
-            ("lxc-c", CLIENT, CLIENT_IDENTITY),
-            ("lxc-b", BACKEND, BACKEND_IDENTITY),
-        ] {
-            let ifindex = self.ifindex(lxc);
-            let mut endpoint = EndpointInfo::new(address, identity);
-            endpoint.flags = enforced;
-            self.maps.endpoints.insert(ifindex, endpoint, 0).unwrap();
-            support::install_policy(
-                &mut self.maps,
-                ifindex,
-                &[
-                    PolicyKey::any(IDENTITY_ANY, POLICY_INGRESS),
-                    PolicyKey::any(IDENTITY_ANY, POLICY_EGRESS),
-                ],
-            );
-        }
-        for (address, prefixlen, identity) in [
-            (CLIENT, 32, CLIENT_IDENTITY),
-            (BACKEND, 32, BACKEND_IDENTITY),
-            (Ipv4Addr::new(10, 0, 1, 1), 32, IDENTITY_HOST),
-            (Ipv4Addr::new(10, 0, 2, 1), 32, IDENTITY_HOST),
-            (Ipv4Addr::UNSPECIFIED, 0, IDENTITY_WORLD),
-        ] {
-            self.maps
-                .ipcache
-                .insert(
-                    &Key::new(prefixlen, addr_be(address)),
-                    IpcacheEntry::local(identity),
-                    0,
-                )
-                .unwrap();
-        }
-        support::add_service(&mut self.maps, VIP, IPPROTO_TCP, &[WEB]);
-    }
-
-    /// Cumulative (run time ns, run count) of from_container and to_container.
-    fn run_stats(&mut self) -> [(u64, u64); 2] {
-        [FROM_CONTAINER, TO_CONTAINER].map(|name| {
-            let info = self.datapath.program_info(name).expect("program info");
-            (info.run_time().as_nanos() as u64, info.run_count())
-        })
-    }
-
+impl Counted for TwoPods {
     /// Entries of the conntrack table.
     fn conntrack_entries(&self) -> usize {
         self.maps.conntrack.keys().filter_map(Result::ok).count()
@@ -177,7 +67,7 @@ impl Topology {
     /// Decisions in the flow cache: its slots that hold a key (a forgotten or never
     /// written slot's key is zero; the registry leaves the cache uncounted).
     fn flow_entries(&self) -> usize {
-        let path = self._pins.path().join(MapId::FlowCache.name());
+        let path = self.pins.path().join(MapId::FlowCache.name());
         let data = MapData::from_pin(&path).expect("open flow4");
         let slots: Array<_, Flow4Slot> =
             Array::try_from(Map::Array(data)).expect("flow4 as an array");
@@ -289,7 +179,7 @@ struct Crr {
 
 /// `count` connections from the client pod to `to`, one at a time, closed as `closer`
 /// says.
-fn connect_request_close(topo: &Topology, to: SocketAddrV4, count: u32, closer: Closer) -> Crr {
+fn connect_request_close(topo: &TwoPods, to: SocketAddrV4, count: u32, closer: Closer) -> Crr {
     topo.client.run(move || {
         let mut crr = Crr {
             elapsed: Duration::ZERO,
@@ -342,7 +232,7 @@ struct Left {
 
 /// One measured run of `count` connections to `to`, closed as `closer` says, printed
 /// under `what`; returns what they left in the tables once closed.
-fn measure(topo: &mut Topology, to: SocketAddrV4, count: u32, closer: Closer, what: &str) -> Left {
+fn measure(topo: &mut TwoPods, to: SocketAddrV4, count: u32, closer: Closer, what: &str) -> Left {
     let served = Arc::new(AtomicU64::new(0));
     let server = crr_server(&topo.backend, WEB, closer, served.clone());
     // Warm up: neighbours resolved.
@@ -406,7 +296,7 @@ fn measure(topo: &mut Topology, to: SocketAddrV4, count: u32, closer: Closer, wh
 /// benchmark's CRR phase is made of.
 #[test]
 fn new_connection_cost_in_place() {
-    let mut topo = Topology::new(DatapathConfig::default());
+    let mut topo = topology(DatapathConfig::default());
     // Run-time statistics of every BPF program stay on while this fd is held.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     measure(
@@ -424,7 +314,7 @@ fn new_connection_cost_in_place() {
 /// three entries each): they leave nothing, so no new connection pays for evictions.
 #[test]
 fn new_connection_cost_with_a_small_table() {
-    let mut topo = Topology::new(DatapathConfig {
+    let mut topo = topology(DatapathConfig {
         ct_max_entries: 4_096,
         ..DatapathConfig::default()
     });
@@ -451,7 +341,7 @@ fn new_connection_cost_with_a_small_table() {
 /// service: the client's choice of backend, its egress and the backend's ingress).
 #[test]
 fn closed_connections_leave_no_entries() {
-    let mut topo = Topology::new(DatapathConfig::default());
+    let mut topo = topology(DatapathConfig::default());
     // An open connection through another port of the service, one transaction done; its
     // server echoes until the client closes.
     let (vip_open, web_open) = (

@@ -582,6 +582,8 @@ pub fn install_policy(maps: &mut PinnedMaps, ifindex: u32, rows: &[PolicyKey]) -
 
 /// The endpoint and peers of the policy and event tests: POD is the endpoint on IFINDEX,
 /// PEER and STRANGER are pods with identities of their own, and the rest is world.
+pub mod two_pods;
+
 pub mod world {
     use std::net::{Ipv4Addr, SocketAddrV4};
 
