@@ -103,7 +103,7 @@ pub struct CrossSample {
     pub stream_gbps: f64,
     pub cost_rr: Option<PathCost>,
     pub cost_crr: Option<PathCost>,
-    /// Conntrack entries on the client's node (sluice), or connections made (bare).
+    /// Conntrack entries the client's node created (sluice), or connections made (bare).
     pub proof: u64,
 }
 
@@ -377,11 +377,7 @@ pub fn measure(
     let stream_gbps = load::stream(&topo.client, target, config.durations.stream)?;
     let sluice = !datapaths.is_empty();
     let proof = match datapaths.first() {
-        Some(client_node) => {
-            let maps = PinnedMaps::open(client_node.pins.path())
-                .map_err(|e| BenchError::Failed(format!("open pinned maps: {e}")))?;
-            maps.conntrack.keys().filter(Result::is_ok).count() as u64
-        }
+        Some(client_node) => crate::sluice::conntrack_created(client_node.pins.path())?,
         None => (crr.per_sec * config.durations.crr.as_secs_f64()) as u64,
     };
     // The datapaths go before the namespaces their links sit in.

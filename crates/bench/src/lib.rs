@@ -415,8 +415,8 @@ pub fn measure(
             count: (crr.per_sec * config.durations.crr.as_secs_f64()) as u64,
         },
         Dataplane::Sluice(s) => Proof {
-            what: "sluice conntrack entries",
-            count: s.conntrack_entries()?,
+            what: "sluice conntrack entries created",
+            count: s.conntrack_created()?,
         },
         Dataplane::Kproxy if variant == Variant::Iptables => {
             let listing = topo.node.exec(

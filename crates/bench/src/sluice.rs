@@ -333,12 +333,20 @@ impl Sluice {
         Ok(out)
     }
 
-    /// Conntrack entries: proof that connections went through the datapath.
-    pub fn conntrack_entries(&self) -> Result<u64, BenchError> {
-        let maps = PinnedMaps::open(self.pins.path())
-            .map_err(|e| BenchError::Failed(format!("open pinned maps: {e}")))?;
-        Ok(maps.conntrack.keys().filter(Result::is_ok).count() as u64)
+    /// Conntrack entries the datapath created: proof that connections went through it.
+    pub fn conntrack_created(&self) -> Result<u64, BenchError> {
+        conntrack_created(self.pins.path())
     }
+}
+
+/// Conntrack entries the datapath pinned at `pin_dir` created (its per-CPU counter): not
+/// the entries held, as a connection that closed cleanly leaves none.
+pub fn conntrack_created(pin_dir: &std::path::Path) -> Result<u64, BenchError> {
+    let maps = PinnedMaps::open(pin_dir)
+        .map_err(|e| BenchError::Failed(format!("open pinned maps: {e}")))?;
+    sluice_datapath::read_ct_stats(&maps.ct_stats)
+        .map(|stats| stats.created)
+        .map_err(|e| BenchError::Failed(format!("read ct_stats: {e}")))
 }
 
 /// One NetworkPolicy change that reaches 1,000 endpoints.

@@ -256,13 +256,10 @@ fn counted(
     };
     Ok(match dataplane {
         Dataplane::Bare => (0, "connections made straight to the pod"),
-        Dataplane::Sluice(s) => {
-            let at = frontend.address();
-            (
-                s.connections(*at.ip(), at.port())?,
-                "node-a's service conntrack entries for the frontend",
-            )
-        }
+        Dataplane::Sluice(s) => (
+            s.created_on_node_a()?,
+            "conntrack entries node-a created for the frontend's connections",
+        ),
         Dataplane::Kproxy if variant == Variant::Iptables => {
             let chain = match frontend {
                 Frontend::NodePort => "KUBE-NODEPORTS",

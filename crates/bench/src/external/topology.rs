@@ -306,20 +306,14 @@ impl SluiceNodes {
         Ok((entries, stats.service_lost))
     }
 
-    /// node-a's service conntrack entries (`CT_SERVICE`, keyed by client and frontend)
-    /// for the frontend `address:port`: connections it balanced there.
-    pub fn connections(&self, address: Ipv4Addr, port: u16) -> Result<u64, BenchError> {
+    /// Conntrack entries node-a's datapath created (its per-CPU counter): read before and
+    /// after a phase, the connections it forwarded to the frontend. Not the entries held:
+    /// a connection that closed cleanly leaves none.
+    pub fn created_on_node_a(&self) -> Result<u64, BenchError> {
         let node_a = self
             .nodes
             .first()
             .ok_or_else(|| BenchError::Failed("sluice runs on no node".into()))?;
-        let maps = PinnedMaps::open(node_a.pins.path())
-            .map_err(|e| BenchError::Failed(format!("open pinned maps: {e}")))?;
-        Ok(maps
-            .conntrack
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| key.scope == sluice_common::CT_SERVICE && key.dst() == (address, port))
-            .count() as u64)
+        crate::sluice::conntrack_created(node_a.pins.path())
     }
 }
