@@ -17,12 +17,11 @@ mod support;
 use std::{
     collections::{BTreeSet, HashSet},
     io::{self, BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
-        mpsc,
     },
     time::{Duration, Instant},
 };
@@ -224,36 +223,12 @@ fn today_service_entries() -> HashSet<(Lb4Key, Lb4Service)> {
 /// Answers each line of every connection with "<bind> <line>", one thread a connection,
 /// until the client closes it.
 fn echo_server(netns: &NetNs, bind: SocketAddrV4) -> Server {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ready, is_ready) = mpsc::channel();
-    let thread = netns.spawn({
-        let stop = stop.clone();
-        move || {
-            let listener = TcpListener::bind(bind).expect("bind");
-            listener.set_nonblocking(true).unwrap();
-            ready.send(()).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        std::thread::spawn(move || echo(conn, bind));
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(err) => panic!("accept: {err}"),
-                }
-            }
-        }
-    });
-    is_ready.recv_timeout(TIMEOUT).expect("server ready");
-    Server {
-        stop,
-        thread: Some(thread),
-    }
+    Server::tcp(netns, bind, move |conn, _| {
+        std::thread::spawn(move || echo(conn, bind));
+    })
 }
 
 fn echo(conn: TcpStream, bind: SocketAddrV4) {
-    conn.set_nonblocking(false).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let mut writer = conn.try_clone().unwrap();

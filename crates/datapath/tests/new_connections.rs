@@ -17,10 +17,9 @@ mod support;
 use std::{
     io::{self, Read, Write},
     net::{SocketAddrV4, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -90,46 +89,15 @@ enum Closer {
 /// Accepts connections on `bind`, answers each one-byte request with its byte and closes
 /// as `closer` says; counts the connections it served in `served`.
 fn crr_server(netns: &NetNs, bind: SocketAddrV4, closer: Closer, served: Arc<AtomicU64>) -> Server {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ready, is_ready) = std::sync::mpsc::channel();
-    let thread = netns.spawn({
-        let stop = stop.clone();
-        move || {
-            let listener = TcpListener::bind(bind).expect("bind");
-            listener.set_nonblocking(true).unwrap();
-            ready.send(()).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                let mut poll = libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                if unsafe { libc::poll(&mut poll, 1, 50) } <= 0 {
-                    continue;
-                }
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        // A connection the datapath broke is the client's to report.
-                        if serve_one(conn, closer).is_ok() {
-                            served.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(err) => panic!("accept: {err}"),
-                }
-            }
+    Server::tcp(netns, bind, move |conn, _| {
+        // A connection the datapath broke is the client's to report.
+        if serve_one(conn, closer).is_ok() {
+            served.fetch_add(1, Ordering::Relaxed);
         }
-    });
-    is_ready.recv_timeout(TIMEOUT).expect("server ready");
-    Server {
-        stop,
-        thread: Some(thread),
-    }
+    })
 }
 
 fn serve_one(mut conn: TcpStream, closer: Closer) -> io::Result<()> {
-    conn.set_nonblocking(false)?;
     conn.set_nodelay(true)?;
     conn.set_read_timeout(Some(TIMEOUT))?;
     let mut byte = [0u8; 1];

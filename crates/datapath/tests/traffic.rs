@@ -153,34 +153,10 @@ impl Topology {
 
 /// Answers every TCP connection with "<bind> saw <peer>" and closes it.
 fn tcp_server(netns: &NetNs, bind: SocketAddrV4) -> Server {
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ready, is_ready) = mpsc::channel();
-    let thread = netns.spawn({
-        let stop = stop.clone();
-        move || {
-            let listener = TcpListener::bind(bind).expect("bind");
-            listener.set_nonblocking(true).unwrap();
-            ready.send(()).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut conn, peer)) => {
-                        conn.set_nonblocking(false).unwrap();
-                        // The client may already have gone; that is its test's business.
-                        let _ = write!(conn, "{bind} saw {peer}");
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(err) => panic!("accept: {err}"),
-                }
-            }
-        }
-    });
-    is_ready.recv_timeout(TIMEOUT).expect("server ready");
-    Server {
-        stop,
-        thread: Some(thread),
-    }
+    Server::tcp(netns, bind, move |mut conn, peer| {
+        // The client may already have gone; that is its test's business.
+        let _ = write!(conn, "{bind} saw {peer}");
+    })
 }
 
 /// Answers every UDP datagram with "<bind> saw <peer>".

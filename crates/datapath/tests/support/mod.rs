@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -43,6 +44,61 @@ impl Drop for Server {
             && thread.join().is_err()
         {
             eprintln!("a server thread panicked");
+        }
+    }
+}
+
+impl Server {
+    /// Listens on TCP `bind` in `netns` and hands every accepted connection (blocking) with
+    /// its peer to `serve`, on the server's thread, until dropped. Returns once listening.
+    pub fn tcp(
+        netns: &NetNs,
+        bind: SocketAddrV4,
+        mut serve: impl FnMut(TcpStream, SocketAddr) + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready, is_ready) = std::sync::mpsc::channel();
+        let thread = netns.spawn({
+            let stop = stop.clone();
+            move || {
+                let listener =
+                    TcpListener::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}"));
+                listener
+                    .set_nonblocking(true)
+                    .unwrap_or_else(|e| panic!("nonblocking listener: {e}"));
+                // The test waits for this unless it already failed.
+                let _ = ready.send(());
+                while !stop.load(Ordering::Relaxed) {
+                    let mut poll = libc::pollfd {
+                        fd: listener.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd for the duration of the call.
+                    if unsafe { libc::poll(&mut poll, 1, 50) } <= 0 {
+                        continue;
+                    }
+                    match listener.accept() {
+                        Ok((conn, peer)) => {
+                            conn.set_nonblocking(false)
+                                .unwrap_or_else(|e| panic!("blocking connection: {e}"));
+                            serve(conn, peer);
+                        }
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(err) => panic!("accept: {err}"),
+                    }
+                }
+            }
+        });
+        if is_ready
+            .recv_timeout(std::time::Duration::from_secs(3))
+            .is_err()
+        {
+            panic!("server on {bind} not ready");
+        }
+        Self {
+            stop,
+            thread: Some(thread),
         }
     }
 }
