@@ -40,9 +40,10 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 	__be32 frontend = entry->nat_address;
 	__be16 frontend_port = entry->nat_port;
 
-	if (nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, frontend) < 0 ||
-	    nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, pkt->saddr) < 0 ||
-	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, frontend_port) < 0 ||
+	if (nat_rewrite_addr_direct(skb, pkt, IP_SADDR_OFF, pkt->saddr, frontend) < 0 ||
+	    nat_rewrite_addr_direct(skb, pkt, IP_DADDR_OFF, pkt->daddr, pkt->saddr) < 0 ||
+	    nat_rewrite_port_direct(skb, pkt, l4_sport_off(pkt), pkt->sport,
+				    frontend_port) < 0 ||
 	    eth_swap_macs(skb) < 0)
 		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
@@ -113,9 +114,11 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt4 *p
 			      &backend);
 	}
 
-	if (nat_rewrite_addr(skb, pkt, IP_DADDR_OFF, pkt->daddr, backend.backend_address) < 0 ||
-	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, backend.backend_port) < 0 ||
-	    nat_rewrite_addr(skb, pkt, IP_SADDR_OFF, pkt->saddr, saddr) < 0)
+	if (nat_rewrite_addr_direct(skb, pkt, IP_DADDR_OFF, pkt->daddr,
+				    backend.backend_address) < 0 ||
+	    nat_rewrite_port_direct(skb, pkt, l4_dport_off(pkt), pkt->dport,
+				    backend.backend_port) < 0 ||
+	    nat_rewrite_addr_direct(skb, pkt, IP_SADDR_OFF, pkt->saddr, saddr) < 0)
 		return verdict_drop_service(skb, pkt, DROP_WRITE_ERROR, trace.remote_identity,
 					    &backend);
 	reason = forward_egress(skb, pkt, backend.backend_address, ep);
@@ -190,7 +193,7 @@ static __always_inline int container_egress(struct __sk_buff *skb, struct flow_n
 		if (ct_account(entry, pkt, CT_FLAG_SEEN_REPLY, now))
 			event_packet(skb, pkt, EVENT_CLOSE, METRIC_DIR_EGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
-		note->source_flags = entry->flags;
+		note->source_flags = ct_flow_flags(entry);
 		ct_release(&key, entry, pkt);
 		/* A reply to a client outside the node that reached this pod through an
 		 * external frontend: rev-DNATed and sent straight back toward the client.

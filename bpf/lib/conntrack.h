@@ -149,6 +149,21 @@ static __always_inline bool ct_account(struct ct4_entry *entry, const struct pkt
 	return new_flags & CT_FLAG_CLOSING;
 }
 
+/* How many packets (both ways) a connection carries before the flow cache may keep it. A
+ * short connection (connect, one request and its answer, close: the CRR pattern) never
+ * reuses a decision, as the TCP flags of its packets change at every step, and recording
+ * one costs about four helper calls (flow_record); a longer one is kept from its fourth
+ * or fifth round trip on. */
+#define CT_FLOW_MIN_PACKETS 8
+
+/* The flags of @entry as the flow cache judges them (struct flow_note): a connection
+ * younger than CT_FLOW_MIN_PACKETS reads as not yet answered, so it is not recorded. */
+static __always_inline __u8 ct_flow_flags(const struct ct4_entry *entry)
+{
+	return entry->packets < CT_FLOW_MIN_PACKETS ? entry->flags & ~CT_FLAG_SEEN_REPLY
+						    : entry->flags;
+}
+
 /* Writes the entry of a new connection under @key; @map_flags BPF_NOEXIST claims a
  * tuple only if it is free (SNAT ports, nodeport.h). */
 /* Keeps @entry, the entry of another scope of @pkt's connection, alive on a reply: the
@@ -237,8 +252,8 @@ enum ct_state {
  * (ct_syn_starts_over: stale tuples after source port reuse would otherwise be
  * rev-NATed wrongly), or when
  * it has outlived its lifetime (an idle flow is judged again, as after Cilium's GC).
- * @entry_flags, if not NULL, gets the flags of the entry it accounted @pkt to (the flow
- * cache's struct flow_note). */
+ * @entry_flags, if not NULL, gets the flags of the entry it accounted @pkt to as the flow
+ * cache judges them (ct_flow_flags, for struct flow_note). */
 static __always_inline enum ct_state ct_track_established(const struct ct4_key *key,
 							  const struct pkt4 *pkt,
 							  __be32 nat_address, __be16 nat_port,
@@ -254,7 +269,7 @@ static __always_inline enum ct_state ct_track_established(const struct ct4_key *
 		return CT_NEW;
 	state = ct_account(entry, pkt, 0, now) ? CT_CLOSING : CT_ESTABLISHED;
 	if (entry_flags)
-		*entry_flags = entry->flags;
+		*entry_flags = ct_flow_flags(entry);
 	ct_release(key, entry, pkt);
 	return state;
 }

@@ -154,7 +154,7 @@ static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex
 			event_packet(skb, &pkt, EVENT_CLOSE, METRIC_DIR_INGRESS, 0, EVENT_F_REPLY,
 				     IDENTITY_UNRESOLVED);
 		if (note)
-			note->dest_flags = entry->flags;
+			note->dest_flags = ct_flow_flags(entry);
 		ct_release(&key, entry, &pkt);
 		if (!frontend || loopback)
 			return verdict_pass(skb, METRIC_DIR_INGRESS);
@@ -169,8 +169,9 @@ static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex
 			ct_release(&key, service, &pkt);
 		}
 
-		if (nat_rewrite_addr(skb, &pkt, IP_SADDR_OFF, pkt.saddr, frontend) < 0 ||
-		    nat_rewrite_port(skb, &pkt, l4_sport_off(&pkt), pkt.sport, frontend_port) < 0)
+		if (nat_rewrite_addr_direct(skb, &pkt, IP_SADDR_OFF, pkt.saddr, frontend) < 0 ||
+		    nat_rewrite_port_direct(skb, &pkt, l4_sport_off(&pkt), pkt.sport,
+					    frontend_port) < 0)
 			return verdict_drop(skb, &pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
 		return verdict_pass(skb, METRIC_DIR_INGRESS);
 	}

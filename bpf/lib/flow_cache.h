@@ -39,6 +39,7 @@
 #include "flow.h"
 #include "maps.h"
 #include "metrics.h"
+#include "nat.h"
 #include "parse.h"
 #include "tunnel.h"
 
@@ -198,26 +199,6 @@ static __always_inline bool flow_usable(struct __sk_buff *skb, const struct flow
 	       (tcp_flags & ~entry->tcp_flags) == 0 && flow_fits(skb, entry);
 }
 
-/* Ones' complement arithmetic on raw (memory order) words, as the kernel's csum_add:
- * a checksum and the words it covers are summed alike whatever the byte order. */
-static __always_inline __u32 flow_csum_add(__u32 sum, __u32 value)
-{
-	sum += value;
-	return sum + (sum < value);
-}
-
-/* @sum plus what replacing @from by @to changes (RFC 1624). */
-static __always_inline __u32 flow_csum_replace(__u32 sum, __u32 from, __u32 to)
-{
-	return flow_csum_add(flow_csum_add(sum, ~from), to);
-}
-
-static __always_inline __u16 flow_csum_fold(__u32 sum)
-{
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (__u16)((sum & 0xffff) + (sum >> 16));
-}
-
 /* Whether @a and @b are the same ones' complement number (0 and 0xffff are both zero). */
 static __always_inline bool flow_csum_equal(__u16 a, __u16 b)
 {
@@ -227,8 +208,8 @@ static __always_inline bool flow_csum_equal(__u16 a, __u16 b)
 /* The addresses' and protocol's part of the pseudo-header sum of @key's packets, folded. */
 static __always_inline __u16 flow_pseudo_base(const struct flow4_key *key)
 {
-	return flow_csum_fold(flow_csum_add(flow_csum_add(key->saddr, key->daddr),
-					    bpf_htons((__u16)key->proto)));
+	return csum32_fold(csum32_add(csum32_add(key->saddr, key->daddr),
+					 bpf_htons((__u16)key->proto)));
 }
 
 /* The pseudo-header sum of @ip's packet, folded as an offload's checksum field holds it
@@ -237,8 +218,8 @@ static __always_inline __u16 flow_pseudo_base(const struct flow4_key *key)
 static __always_inline __u16 flow_pseudo_sum(const struct flow4_entry *entry,
 					     const struct iphdr *ip)
 {
-	return flow_csum_fold(flow_csum_add(entry->pseudo_base,
-					    bpf_htons(bpf_ntohs(ip->tot_len) - sizeof(struct iphdr))));
+	return csum32_fold(csum32_add(entry->pseudo_base,
+					 bpf_htons(bpf_ntohs(ip->tot_len) - sizeof(struct iphdr))));
 }
 
 /* Whether the L4 checksum field @check of @ip's packet is of the kind @entry recorded.
@@ -267,8 +248,8 @@ static __always_inline bool flow_csum_holds(const struct flow4_entry *entry,
 static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct flow4_key *key,
 					 const struct flow4_entry *entry)
 {
-	__u32 addrs = flow_csum_replace(flow_csum_replace(0, key->saddr, entry->saddr),
-					key->daddr, entry->daddr);
+	__u32 addrs = csum32_replace(csum32_replace(0, key->saddr, entry->saddr),
+				     key->daddr, entry->daddr);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + ETH_HLEN;
@@ -286,7 +267,7 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct flo
 	    !flow_csum_holds(entry, ip, *l4_check))
 		return false;
 	if (entry->l4_csum != FLOW4_L4_CSUM_ABSENT) {
-		check = flow_csum_fold(flow_csum_add(*l4_check, entry->l4_csum_delta));
+		check = csum32_fold(csum32_add(*l4_check, entry->l4_csum_delta));
 		/* Zero would mean no UDP checksum: 0xffff is the same sum (RFC 768). */
 		*l4_check = (__sum16)(check || key->proto != IPPROTO_UDP ? check : 0xffff);
 	}
@@ -296,7 +277,7 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct flo
 	ports->dest = entry->dport;
 	/* The IP checksum is always complete: the addresses' change, then the TTL's, as
 	 * flow_write_l2 forwards it. */
-	ip->check = (__sum16)~flow_csum_fold(flow_csum_add((__u16)~ip->check, addrs));
+	ip->check = (__sum16)~csum32_fold(csum32_add((__u16)~ip->check, addrs));
 	/* To another node, the neighbour table writes the MACs and the TTL stays, as
 	 * forward_to_node sends it. */
 	if (entry->next_hop)
@@ -431,10 +412,10 @@ static __always_inline int flow_learn_csum(struct __sk_buff *skb, const struct f
 
 	if ((void *)(ports + 1) > data_end || (void *)(field + 1) > data_end)
 		return -1;
-	addrs = flow_csum_replace(flow_csum_replace(0, note->key.saddr, ip->saddr),
-				  note->key.daddr, ip->daddr);
-	ports_change = flow_csum_replace(0, (__u32)note->key.sport | (__u32)note->key.dport << 16,
-					 (__u32)ports->source | (__u32)ports->dest << 16);
+	addrs = csum32_replace(csum32_replace(0, note->key.saddr, ip->saddr),
+			       note->key.daddr, ip->daddr);
+	ports_change = csum32_replace(0, (__u32)note->key.sport | (__u32)note->key.dport << 16,
+				      (__u32)ports->source | (__u32)ports->dest << 16);
 	before = *field;
 	if (udp && before == 0) {
 		*kind = FLOW4_L4_CSUM_ABSENT;
@@ -449,11 +430,11 @@ static __always_inline int flow_learn_csum(struct __sk_buff *skb, const struct f
 		return -1;
 	if (*field == before) {
 		*kind = FLOW4_L4_CSUM_PSEUDO;
-		*delta = flow_csum_fold(addrs);
+		*delta = csum32_fold(addrs);
 		return 0;
 	}
 	*kind = FLOW4_L4_CSUM_FULL;
-	*delta = (__u16)~flow_csum_fold(flow_csum_add(addrs, ports_change));
+	*delta = (__u16)~csum32_fold(csum32_add(addrs, ports_change));
 	/* The one back: -1, ~1 in ones' complement. */
 	return bpf_l4_csum_replace(skb, off, 0, ~1U, flags) < 0 ? -1 : 0;
 }
