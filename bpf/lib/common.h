@@ -305,6 +305,22 @@ struct flow4_slot {
  * the usual 250, 50 ms at 1000. */
 #define FLOW4_DECISION_JIFFIES 50
 
+/* What host routing found for a local pod's address (host_routing.h), kept in
+ * `host_route4`, an array indexed by a hash of the address: the pod's host-side veth, its
+ * MTU and the MACs to deliver with. Held as a flow cache decision is (the generation,
+ * FLOW4_DECISION_JIFFIES); @seq as in struct flow4_slot. */
+struct host_route4 {
+	__u32 seq;
+	__be32 daddr;
+	__u64 decided_jiffies;
+	__u32 ifindex;
+	__u32 generation; /* flow4_generation when found */
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u16 mtu;
+	__u8 pad[2];
+};
+
 /* What the flow cache did, per CPU (index 0 of `flow4_stats`). */
 struct flow4_stats {
 	__u64 hits;    /* packets forwarded from the cache */

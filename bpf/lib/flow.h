@@ -39,6 +39,33 @@ static __always_inline int flow_write_l2(struct __sk_buff *skb, const struct eth
 	return 0;
 }
 
+/* Orders a slot's accesses for the compiler. x86, the only architecture sluice is built
+ * for, keeps loads in order with loads and stores with stores, so, as for the kernel's
+ * seqcount there, that is all a slot's sequence needs. */
+#define flow_barrier() asm volatile("" ::: "memory")
+
+/* Takes a slot (of `flow4` or `host_route4`) whose sequence is *@slot_seq for writing
+ * unless another CPU is writing it; @seq is then its sequence before, for slot_unlock. */
+static __always_inline bool slot_lock(__u32 *slot_seq, __u32 *seq)
+{
+	*seq = *(volatile __u32 *)slot_seq;
+	return !(*seq & 1) && __sync_val_compare_and_swap(slot_seq, *seq, *seq + 1) == *seq;
+}
+
+static __always_inline void slot_unlock(__u32 *slot_seq, __u32 seq)
+{
+	flow_barrier();
+	*(volatile __u32 *)slot_seq = seq + 2;
+}
+
+static __always_inline __u32 flow_generation_now(void)
+{
+	__u32 zero = 0;
+	__u32 *generation = bpf_map_lookup_elem(&flow4_generation, &zero);
+
+	return generation ? *generation : 0;
+}
+
 /* Notes for the flow cache (flow_record) that native routing sent the packet to the node
  * @node through the underlay device @ifindex. Through the per-CPU note rather than a
  * parameter: the programs that share forward_to_node with from_container leave a note

@@ -107,11 +107,6 @@ static __always_inline bool flow_key_equal(const struct flow4_key *a, const stru
 	       a->dport == b->dport && a->proto == b->proto && a->ifindex == b->ifindex;
 }
 
-/* Orders the slot's accesses for the compiler. x86, the only architecture sluice is built
- * for, keeps loads in order with loads and stores with stores, so, as for the kernel's
- * seqcount there, that is all a slot's sequence needs. */
-#define flow_barrier() asm volatile("" ::: "memory")
-
 /* Copies the decision for @key into @entry. Returns whether @key's slot held one, whole:
  * not torn by a write on another CPU meanwhile. */
 static __always_inline bool flow_lookup(const struct flow4_key *key, struct flow4_entry *entry)
@@ -131,20 +126,6 @@ static __always_inline bool flow_lookup(const struct flow4_key *key, struct flow
 	return *(volatile __u32 *)&slot->seq == seq;
 }
 
-/* Takes @slot for writing unless another CPU is writing it; @seq is then its sequence
- * before, for flow_slot_unlock. */
-static __always_inline bool flow_slot_lock(struct flow4_slot *slot, __u32 *seq)
-{
-	*seq = *(volatile __u32 *)&slot->seq;
-	return !(*seq & 1) && __sync_val_compare_and_swap(&slot->seq, *seq, *seq + 1) == *seq;
-}
-
-static __always_inline void flow_slot_unlock(struct flow4_slot *slot, __u32 seq)
-{
-	flow_barrier();
-	*(volatile __u32 *)&slot->seq = seq + 2;
-}
-
 /* Writes @entry, the decision for @key, into its slot. Returns whether it did: not when
  * another CPU is writing the slot (a later packet of the flow records it then). */
 static __always_inline bool flow_store(const struct flow4_key *key,
@@ -154,20 +135,12 @@ static __always_inline bool flow_store(const struct flow4_key *key,
 	struct flow4_slot *slot = bpf_map_lookup_elem(&flow4, &index);
 	__u32 seq;
 
-	if (!slot || !flow_slot_lock(slot, &seq))
+	if (!slot || !slot_lock(&slot->seq, &seq))
 		return false;
 	slot->key = *key;
 	slot->entry = *entry;
-	flow_slot_unlock(slot, seq);
+	slot_unlock(&slot->seq, seq);
 	return true;
-}
-
-static __always_inline __u32 flow_generation_now(void)
-{
-	__u32 zero = 0;
-	__u32 *generation = bpf_map_lookup_elem(&flow4_generation, &zero);
-
-	return generation ? *generation : 0;
 }
 
 static __always_inline struct flow4_stats *flow_stats(void)
@@ -373,11 +346,11 @@ static __always_inline void flow_forget(const struct pkt4 *pkt)
 
 	/* A slot another CPU is writing is left alone: at worst the last ACK takes the
 	 * cached path and the entries wait out their closing lifetime. */
-	if (!slot || !flow_key_equal(&slot->key, &key) || !flow_slot_lock(slot, &seq))
+	if (!slot || !flow_key_equal(&slot->key, &key) || !slot_lock(&slot->seq, &seq))
 		return;
 	/* No packet has ifindex 0, so the zeroed key matches none. */
 	__builtin_memset(&slot->key, 0, sizeof(slot->key));
-	flow_slot_unlock(slot, seq);
+	slot_unlock(&slot->seq, seq);
 }
 
 /* Whether conntrack entry flags (struct flow_note) name a connection the cache may keep:

@@ -9,8 +9,11 @@
  *
  * The node's own routing table and neighbour cache name the pod's veth and the MACs
  * (bpf_fib_lookup), so a packet goes exactly where the stack would have sent it, and
- * the TTL is decremented as forwarding does. Left to the node's stack, where
- * to_container judges them as before:
+ * the TTL is decremented as forwarding does. What they named for a pod's address is kept
+ * in `host_route4` as a flow cache decision is kept (the realizer's generation, at most
+ * FLOW4_DECISION_JIFFIES), so a connection's later packets skip the helper and the
+ * endpoints check; the node's routes to a local pod do not depend on the source.
+ * Left to the node's stack, where to_container judges them as before:
  *  - destinations that are no local pod (the node itself, the world, other nodes);
  *  - a pod whose neighbour entry the node has not resolved (the stack resolves it,
  *    the next packets take this path);
@@ -36,15 +39,72 @@
 #define AF_INET 2
 #endif
 
+/* The slot of @daddr in `host_route4`: the high bits of a multiplicative hash, which
+ * every bit of the address reaches. */
+static __always_inline __u32 host_route_slot(__be32 daddr)
+{
+	return (daddr * 0x9e3779b1U) >> 20 & (HOST_ROUTE4_MAX - 1);
+}
+
+/* The veth of the local pod @daddr from `host_route4`, with its MACs in @macs, if a route
+ * found in this generation and recently is kept there and @skb fits the veth's MTU as
+ * bpf_fib_lookup judges it (a GSO packet is segmented on the way); else 0. */
+static __always_inline __u32 host_route_cached(struct __sk_buff *skb, __be32 daddr,
+					       struct eth_addrs *macs)
+{
+	__u32 index = host_route_slot(daddr);
+	struct host_route4 *slot = bpf_map_lookup_elem(&host_route4, &index);
+	__u32 seq, ifindex;
+
+	if (!slot)
+		return 0;
+	seq = *(volatile __u32 *)&slot->seq;
+	flow_barrier();
+	if ((seq & 1) || slot->daddr != daddr || slot->generation != flow_generation_now() ||
+	    bpf_jiffies64() - slot->decided_jiffies >= FLOW4_DECISION_JIFFIES ||
+	    (skb->len > (__u32)slot->mtu + ETH_HLEN && !skb->gso_size))
+		return 0;
+	ifindex = slot->ifindex;
+	__builtin_memcpy(macs->dest, slot->dmac, ETH_ALEN);
+	__builtin_memcpy(macs->source, slot->smac, ETH_ALEN);
+	flow_barrier();
+	return *(volatile __u32 *)&slot->seq == seq ? ifindex : 0;
+}
+
+/* Keeps what @fib found for @daddr, a local pod's address, made in @generation. A slot
+ * another CPU is writing is left alone: a later packet keeps it. */
+static __always_inline void host_route_keep(__be32 daddr, const struct bpf_fib_lookup *fib,
+					    __u32 generation)
+{
+	__u32 index = host_route_slot(daddr);
+	struct host_route4 *slot = bpf_map_lookup_elem(&host_route4, &index);
+	__u32 seq;
+
+	if (!slot || !slot_lock(&slot->seq, &seq))
+		return;
+	slot->daddr = daddr;
+	slot->decided_jiffies = bpf_jiffies64();
+	slot->ifindex = fib->ifindex;
+	slot->generation = generation;
+	__builtin_memcpy(slot->dmac, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(slot->smac, fib->smac, ETH_ALEN);
+	slot->mtu = fib->mtu_result;
+	slot_unlock(&slot->seq, seq);
+}
+
 /* The host-side veth of the local pod @daddr, and in @macs the addresses to deliver a
  * packet from @saddr with, from the node's routing table and neighbour cache; 0 when the
  * node's stack is to route it, also when the packet is larger than the veth's MTU:
- * @tot_len is its IP length, or 0 for @skb as it is (the kernel's check is GSO aware).
+ * @tot_len is its IP length, or 0 for @skb as it is (the kernel's check is GSO aware;
+ * only then is `host_route4` used, as the helper reports the MTU only then).
  * Out of line, so the lookup's parameters take no room on the caller's stack beside
  * endpoint_ingress's. */
 static __noinline __u32 host_route_lookup(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
 					  __u16 tot_len, struct eth_addrs *macs)
 {
+	/* Read before the lookup: a map written meanwhile moves it on, and what the
+	 * lookup found is taken again. */
+	__u32 generation = flow_generation_now();
 	struct bpf_fib_lookup fib = {
 		.family = AF_INET,
 		.ifindex = skb->ifindex,
@@ -52,12 +112,20 @@ static __noinline __u32 host_route_lookup(struct __sk_buff *skb, __be32 saddr, _
 		.ipv4_dst = daddr,
 		.tot_len = tot_len,
 	};
+	__u32 ifindex;
 
+	if (!tot_len) {
+		ifindex = host_route_cached(skb, daddr, macs);
+		if (ifindex)
+			return ifindex;
+	}
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS ||
 	    !bpf_map_lookup_elem(&endpoints, &fib.ifindex))
 		return 0;
 	__builtin_memcpy(macs->dest, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(macs->source, fib.smac, ETH_ALEN);
+	if (!tot_len)
+		host_route_keep(daddr, &fib, generation);
 	return fib.ifindex;
 }
 

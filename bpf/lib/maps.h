@@ -28,6 +28,7 @@
 #define LB4_MAGLEV_MAX   8192  /* Maglev frontends per node */
 #define LB4_MAGLEV_TABLE_ENTRIES 4096 /* template only: user space sizes each table */
 #define FLOW4_MAX        65536 /* a cache: an evicted flow is decided again; a power of two */
+#define HOST_ROUTE4_MAX  4096  /* a cache of local pods' routes; a power of two */
 
 /* The service, backend and endpoint maps are written by user space only, so they
  * need no preallocation (Cilium does the same); LRU maps are always preallocated. */
@@ -266,5 +267,14 @@ struct {
 	__type(value, struct flow4_stats);
 	__uint(max_entries, 1);
 } flow4_stats SEC(".maps");
+
+/* Host routing's routes to local pods (host_routing.h), written by the datapath: an
+ * inlined array lookup instead of bpf_fib_lookup and the endpoints check. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32); /* host_route_slot */
+	__type(value, struct host_route4);
+	__uint(max_entries, HOST_ROUTE4_MAX);
+} host_route4 SEC(".maps");
 
 #endif

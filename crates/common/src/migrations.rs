@@ -89,9 +89,10 @@ pub const MIGRATIONS: [Migration; 2] = [
 ];
 
 /// Maps whose entries any build may drop: the flow cache (every decision is taken again by
-/// the slow path) and its per-CPU scratch. A pinned one of another layout is replaced by
-/// an empty map of today's at an upgrade instead of refusing it.
-pub const DROPPED_AT_UPGRADE: [MapId; 2] = [MapId::FlowCache, MapId::FlowNotes];
+/// the slow path), its per-CPU scratch and host routing's routes to local pods (looked up
+/// again). A pinned one of another layout is replaced by an empty map of today's at an
+/// upgrade instead of refusing it.
+pub const DROPPED_AT_UPGRADE: [MapId; 3] = [MapId::FlowCache, MapId::FlowNotes, MapId::HostRoutes];
 
 /// The migration of `map` from a pinned value of `value_size` bytes, if there is one.
 pub fn migration(map: MapId, value_size: usize) -> Option<&'static Migration> {

@@ -11,9 +11,9 @@ use aya::maps::MapType;
 
 use crate::{
     Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventConfig, EventCounter, Flow4Slot,
-    Flow4Stats, Frag4Key, Frag4Ports, IpcacheEntry, IpcacheKey, Lb4Affinity, Lb4AffinityKey,
-    Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service, Lb4SourceRangeKey,
-    MetricsValue, NodeConfig,
+    Flow4Stats, Frag4Key, Frag4Ports, HostRoute4, IpcacheEntry, IpcacheKey, Lb4Affinity,
+    Lb4AffinityKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4RevnatSk, Lb4RevnatSkKey, Lb4Service,
+    Lb4SourceRangeKey, MetricsValue, NodeConfig,
 };
 
 /// A map of the datapath, by its place in [`MAPS`].
@@ -43,6 +43,7 @@ pub enum MapId {
     FlowGeneration,
     FlowStats,
     FlowNotes,
+    HostRoutes,
 }
 
 /// An agent setting that sizes maps when they are created (a reused pin keeps its size).
@@ -156,7 +157,7 @@ const ENDPOINTS_MAX: u32 = 4096;
 /// the policy rows that name them, a policy map before the endpoint flags that enforce it,
 /// backends before the service slots that name them, source ranges before the frontend
 /// flag that restricts to them, and Maglev tables before the frontends that use them.
-pub const MAPS: [MapDef; 24] = [
+pub const MAPS: [MapDef; 25] = [
     map!(Services, "lb4_services", Hash, Lb4Key => Lb4Service, 1 << 20,
          capacity: Some(CapacitySetting::LoadBalancer), realize: Some(6), count: Entries),
     map!(Backends, "lb4_backends", Hash, Lb4BackendKey => Lb4Backend, 1 << 20,
@@ -219,6 +220,10 @@ pub const MAPS: [MapDef; 24] = [
     // The packet from_container is deciding, per CPU: datapath scratch.
     map!(@def FlowNotes, "flow4_notes", PerCpuArray, "u32", size_of::<u32>(),
          "struct flow_note", FLOW_NOTE_SIZE, 1, None, None, Uncounted),
+    // Host routing's routes to local pods (bpf/lib/host_routing.h): datapath state, a
+    // cache like flow4.
+    map!(HostRoutes, "host_route4", Array, u32 => HostRoute4, 4096,
+         capacity: None, realize: None, count: Uncounted),
 ];
 
 const _: () = {
@@ -283,6 +288,8 @@ pub mod names {
     pub const FLOW_STATS: &str = MapId::FlowStats.name();
     /// The packet from_container is deciding (datapath scratch).
     pub const FLOW_NOTES: &str = MapId::FlowNotes.name();
+    /// Host routing's routes to local pods (datapath state).
+    pub const HOST_ROUTES: &str = MapId::HostRoutes.name();
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ fn load_pins_every_map_and_reports_program_sizes() {
             (names::FLOW_GENERATION, 1),
             (names::FLOW_STATS, 1),
             (names::FLOW_NOTES, 1),
+            (names::HOST_ROUTES, 4096),
         ]
     );
 

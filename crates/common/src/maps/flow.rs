@@ -66,11 +66,32 @@ pub struct Flow4Stats {
     pub decided: u64,
 }
 
-plain_data!(Flow4Key, Flow4Entry, Flow4Slot, Flow4Stats);
+/// `struct host_route4`: what host routing found for a local pod's address (`host_route4`,
+/// an array indexed by a hash of the address), written by the datapath; `seq` is odd
+/// while it writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HostRoute4 {
+    pub seq: u32,
+    pub daddr: u32,
+    /// The kernel's tick count (jiffies) when found.
+    pub decided_jiffies: u64,
+    /// The pod's host-side veth.
+    pub ifindex: u32,
+    pub generation: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// The veth's MTU when found.
+    pub mtu: u16,
+    pub pad: [u8; 2],
+}
+
+plain_data!(Flow4Key, Flow4Entry, Flow4Slot, Flow4Stats, HostRoute4);
 
 const _: () = {
     assert!(size_of::<Flow4Key>() == 20);
     assert!(size_of::<Flow4Entry>() == 56);
     assert!(size_of::<Flow4Slot>() == 80);
     assert!(size_of::<Flow4Stats>() == 16);
+    assert!(size_of::<HostRoute4>() == 40);
 };

@@ -129,6 +129,21 @@ pub const LAYOUTS: &[StructLayout] = &[
     ),
     layout!("flow4_slot", Flow4Slot, [seq, key, entry]),
     layout!("flow4_stats", Flow4Stats, [hits, decided]),
+    layout!(
+        "host_route4",
+        HostRoute4,
+        [
+            seq,
+            daddr,
+            decided_jiffies,
+            ifindex,
+            generation,
+            dmac,
+            smac,
+            mtu,
+            pad
+        ]
+    ),
     layout!("endpoint_info", EndpointInfo, [ipv4, identity, flags, pad]),
     layout!("metrics_value", MetricsValue, [packets, bytes]),
     layout!("ipcache_key", IpcacheKey, [prefixlen, address]),
