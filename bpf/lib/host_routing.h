@@ -47,10 +47,11 @@ static __always_inline __u32 host_route_slot(__be32 daddr)
 }
 
 /* The veth of the local pod @daddr from `host_route4`, with its MACs in @macs, if a route
- * found in this generation and recently is kept there and @skb fits the veth's MTU as
- * bpf_fib_lookup judges it (a GSO packet is segmented on the way); else 0. */
+ * found in this generation and recently is kept there and the packet fits the veth's MTU
+ * as bpf_fib_lookup judges it: @tot_len, its IP length, or if 0 @skb as it is (a GSO
+ * packet is segmented on the way); else 0. */
 static __always_inline __u32 host_route_cached(struct __sk_buff *skb, __be32 daddr,
-					       struct eth_addrs *macs)
+					       __u16 tot_len, struct eth_addrs *macs)
 {
 	__u32 index = host_route_slot(daddr);
 	struct host_route4 *slot = bpf_map_lookup_elem(&host_route4, &index);
@@ -62,7 +63,8 @@ static __always_inline __u32 host_route_cached(struct __sk_buff *skb, __be32 dad
 	flow_barrier();
 	if ((seq & 1) || slot->daddr != daddr || slot->generation != flow_generation_now() ||
 	    bpf_jiffies64() - slot->decided_jiffies >= FLOW4_DECISION_JIFFIES ||
-	    (skb->len > (__u32)slot->mtu + ETH_HLEN && !skb->gso_size))
+	    (tot_len ? tot_len > slot->mtu :
+		       skb->len > (__u32)slot->mtu + ETH_HLEN && !skb->gso_size))
 		return 0;
 	ifindex = slot->ifindex;
 	__builtin_memcpy(macs->dest, slot->dmac, ETH_ALEN);
@@ -71,10 +73,10 @@ static __always_inline __u32 host_route_cached(struct __sk_buff *skb, __be32 dad
 	return *(volatile __u32 *)&slot->seq == seq ? ifindex : 0;
 }
 
-/* Keeps what @fib found for @daddr, a local pod's address, made in @generation. A slot
- * another CPU is writing is left alone: a later packet keeps it. */
+/* Keeps what @fib found for @daddr, a local pod's address, made in @generation, with the
+ * veth's @mtu. A slot another CPU is writing is left alone: a later packet keeps it. */
 static __always_inline void host_route_keep(__be32 daddr, const struct bpf_fib_lookup *fib,
-					    __u32 generation)
+					    __u16 mtu, __u32 generation)
 {
 	__u32 index = host_route_slot(daddr);
 	struct host_route4 *slot = bpf_map_lookup_elem(&host_route4, &index);
@@ -88,15 +90,14 @@ static __always_inline void host_route_keep(__be32 daddr, const struct bpf_fib_l
 	slot->generation = generation;
 	__builtin_memcpy(slot->dmac, fib->dmac, ETH_ALEN);
 	__builtin_memcpy(slot->smac, fib->smac, ETH_ALEN);
-	slot->mtu = fib->mtu_result;
+	slot->mtu = mtu;
 	slot_unlock(&slot->seq, seq);
 }
 
 /* The host-side veth of the local pod @daddr, and in @macs the addresses to deliver a
  * packet from @saddr with, from the node's routing table and neighbour cache; 0 when the
  * node's stack is to route it, also when the packet is larger than the veth's MTU:
- * @tot_len is its IP length, or 0 for @skb as it is (the kernel's check is GSO aware;
- * only then is `host_route4` used, as the helper reports the MTU only then).
+ * @tot_len is its IP length, or 0 for @skb as it is (the kernel's check is GSO aware).
  * Out of line, so the lookup's parameters take no room on the caller's stack beside
  * endpoint_ingress's. */
 static __noinline __u32 host_route_lookup(struct __sk_buff *skb, __be32 saddr, __be32 daddr,
@@ -112,20 +113,24 @@ static __noinline __u32 host_route_lookup(struct __sk_buff *skb, __be32 saddr, _
 		.ipv4_dst = daddr,
 		.tot_len = tot_len,
 	};
-	__u32 ifindex;
+	__u32 ifindex, mtu = 0;
 
-	if (!tot_len) {
-		ifindex = host_route_cached(skb, daddr, macs);
-		if (ifindex)
-			return ifindex;
-	}
+	ifindex = host_route_cached(skb, daddr, tot_len, macs);
+	if (ifindex)
+		return ifindex;
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS ||
 	    !bpf_map_lookup_elem(&endpoints, &fib.ifindex))
 		return 0;
 	__builtin_memcpy(macs->dest, fib.dmac, ETH_ALEN);
 	__builtin_memcpy(macs->source, fib.smac, ETH_ALEN);
+	/* The helper reports the veth's MTU only when it judged @skb itself; the other
+	 * lookup (a decapsulated packet's, tunnel_decap.h) asks the device. */
 	if (!tot_len)
-		host_route_keep(daddr, &fib, generation);
+		mtu = fib.mtu_result;
+	else
+		bpf_check_mtu(skb, fib.ifindex, &mtu, 0, 0);
+	if (mtu && mtu <= 0xffff)
+		host_route_keep(daddr, &fib, mtu, generation);
 	return fib.ifindex;
 }
 
