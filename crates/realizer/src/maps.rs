@@ -73,8 +73,7 @@ pub enum Walk<K> {
     /// Entries read with batched lookups and folded here, up to `cursor`.
     Read { cursor: Cursor<K>, fold: Digest },
     /// The kernel folded the whole map at once; this many entries' worth of slices pass
-    /// before it folds it again, so it costs what reading it in slices would spread over
-    /// a sweep only once per sweep.
+    /// before it folds it again.
     Rest { left: u64 },
 }
 
@@ -212,8 +211,10 @@ where
     }
 
     /// Folded in the kernel by the map's digest program, the whole map in one run, at
-    /// the first slice of each sweep: no entry crosses into user space, and a drift found
-    /// is reported at once.
+    /// the first slice of a sweep: no entry crosses into user space, and a drift found is
+    /// reported at once. A map larger than a slice then rests for two sweeps' worth of
+    /// slices: a fold is exact when taken, so drift is found within one rest, where a map
+    /// read in slices takes up to two sweeps.
     fn digest_from(
         &self,
         walk: &mut Option<Walk<K>>,
@@ -235,7 +236,7 @@ where
                     .map_err(|e| RealizerError::Datapath(Box::new(e)))?;
                 if digest.entries > max {
                     *walk = Some(Walk::Rest {
-                        left: digest.entries - max,
+                        left: 2 * digest.entries - max,
                     });
                 }
                 let read = usize::try_from(digest.entries).unwrap_or(usize::MAX);

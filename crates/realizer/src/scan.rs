@@ -1,14 +1,25 @@
-//! The periodic drift check, at a cost that does not grow with the cluster: each tick
-//! reads a slice of every realized map (one `BPF_MAP_LOOKUP_BATCH` each) and folds it into an order-free digest; when a sweep reaches a map's end, its digest
-//! is compared with the digest of the desired content. A mismatch is drift, and a full pass
+//! The periodic drift check, at a cost that does not grow with the cluster: every realized
+//! map's content is folded into an order-free digest (`sluice_datapath::digest`) and
+//! compared with the digest of the desired content. A mismatch is drift, and a full pass
 //! (read everything, diff, apply in the registry's order) finds and repairs it exactly.
 //!
-//! The outer maps of maps (policy, Maglev) are compared key by key on every tick (one key
-//! per local endpoint or Maglev frontend); their inner maps a slice of rows at a time.
+//! How a map is digested depends on what the kernel offers for it:
+//! - the hash maps (services, backends, endpoints) are folded in the kernel, whole, by a
+//!   program that walks them (`bpf/digest.c`): no entry crosses into user space. A fold
+//!   is taken at the first tick of a sweep and the sweep then rests for as many ticks as
+//!   reading the map in slices would take, so a million entries cost one fold per sweep;
+//! - the LPM tries (ipcache, source ranges) have no in-kernel walk: each tick reads a
+//!   slice (one `BPF_MAP_LOOKUP_BATCH`) and folds it here, and the digest is compared
+//!   when the sweep reaches the map's end;
+//! - the outer maps of maps (policy, Maglev) are compared key by key on every tick (one
+//!   key per local endpoint or Maglev frontend); the policy maps' rows (LPM tries) are read
+//!   a slice of rows at a time, the Maglev tables (arrays) folded in the kernel a slice of
+//!   tables at a time.
 //!
-//! Bound: an entry changed behind the realizer's back after the sweep passed it is seen by
-//! the next sweep, so drift is found within two sweeps. A map of up to [`MIN_SLICE`]
-//! entries is read whole on every tick; a larger one over `ticks_per_sweep` ticks.
+//! Bound: an entry changed behind the realizer's back after the sweep passed it (or after
+//! its fold) is seen by the next sweep, so drift is found within two sweeps. A map of up to
+//! [`MIN_SLICE`] entries is checked whole on every tick; a larger one once per
+//! `ticks_per_sweep` ticks.
 //!
 //! The scan also keeps each realized map's entry count as last established (by a sweep
 //! that found the desired content, or by the pass that wrote it), so `status` reports the
@@ -20,7 +31,8 @@ use aya::Pod;
 use sluice_common::{
     IpcacheKey, Lb4BackendKey, Lb4Key, Lb4SourceRangeKey, MapId, kinds::CountedBy,
 };
-use sluice_datapath::digest::Digest;
+use sluice_compiler::Delta;
+use sluice_datapath::digest::{Digest, pod_entry_hash};
 
 use crate::{
     ApplyStats, Backing, Desired, DriftEntry, KernelMap, PolicyTable, RealizerError, Tables,
@@ -34,6 +46,35 @@ pub const MIN_SLICE: usize = 16_384;
 /// Rows of policy maps (or elements of Maglev tables) read per tick at least: they are
 /// read row by row, so the floor is lower than for batched maps.
 const MIN_ROWS: usize = 1_024;
+
+/// A digest moved along by a change: each entry the change touched leaves with its value
+/// before and comes back with its value in `now`.
+trait Follow {
+    fn follow<K: Pod + Ord, V: Pod>(
+        &mut self,
+        seed: u64,
+        before: &BTreeMap<K, Option<V>>,
+        now: &BTreeMap<K, V>,
+    );
+}
+
+impl Follow for Digest {
+    fn follow<K: Pod + Ord, V: Pod>(
+        &mut self,
+        seed: u64,
+        before: &BTreeMap<K, Option<V>>,
+        now: &BTreeMap<K, V>,
+    ) {
+        for (k, old) in before {
+            if let Some(old) = old {
+                self.remove(pod_entry_hash(seed, k, old));
+            }
+            if let Some(new) = now.get(k) {
+                self.add(pod_entry_hash(seed, k, new));
+            }
+        }
+    }
+}
 
 /// How many of `total` to read per tick for a sweep of `ticks` ticks.
 fn slice(total: u64, ticks: usize, floor: usize) -> usize {
@@ -206,6 +247,36 @@ impl Scan {
         self.source_ranges.restart();
         self.policy = None;
         self.maglev = None;
+    }
+
+    /// The desired content moved from version `from` to `to` by `delta` (the compiler's
+    /// record of the entries it changed, with their values before) and is now `desired`:
+    /// the digests follow in time proportional to the change when they described version
+    /// `from` (else the next tick digests `desired` whole). A fold of some slices starts
+    /// over, as after any write.
+    pub fn changed(&mut self, delta: &Delta, desired: Desired<'_>, from: u64, to: u64) {
+        let Some(seed) = self.seed.filter(|_| self.version == Some(from)) else {
+            return;
+        };
+        self.services
+            .want
+            .follow(seed, &delta.services, desired.services);
+        self.backends
+            .want
+            .follow(seed, &delta.backends, desired.backends);
+        self.endpoints
+            .want
+            .follow(seed, &delta.endpoints, desired.endpoints);
+        self.ipcache
+            .want
+            .follow(seed, &delta.ipcache, desired.ipcache);
+        self.source_ranges
+            .want
+            .follow(seed, &delta.source_ranges, desired.source_ranges);
+        self.policy_rows = desired.policies.values().map(|p| p.rows.len() as u64).sum();
+        self.maglev_elements = desired.maglev.values().map(|t| t.len() as u64).sum();
+        self.version = Some(to);
+        self.restart();
     }
 
     /// Digests `desired` from `seed` when it is not the content (by the caller's `version`)

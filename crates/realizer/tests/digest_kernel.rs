@@ -9,9 +9,12 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
 
 use aya::Pod;
 use sluice_common::*;
-use sluice_datapath::{Datapath, DatapathConfig, PinDir, PinnedMaps, digest::Digest};
+use sluice_datapath::{
+    Datapath, DatapathConfig, PinDir, PinnedMaps,
+    digest::{Digest, pod_entry_hash},
+};
 use sluice_realizer::{
-    KernelMap, KernelTables,
+    Cursor, KernelMap, KernelTables, MIN_SLICE,
     maglev::{MaglevTables, table_digest},
 };
 
@@ -204,4 +207,131 @@ fn the_kernels_digest_of_every_hash_map_and_maglev_table_is_user_spaces_and_sees
         None,
         "maglev: no table"
     );
+}
+
+/// CPU time (user and system) this thread has used.
+fn thread_cpu() -> std::time::Duration {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid rusage for the call to fill.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    assert_eq!(rc, 0, "getrusage");
+    let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// One sweep's CPU time at 100,000 Services with 10 backends each (1,100,000 service
+/// entries, 1,000,000 backends, maps of 2^21 entries): the in-kernel digest against
+/// reading every entry with batched lookups and hashing it here (what the check did
+/// before, and still does for LPM tries). A measurement, printed; run in release:
+/// `cargo test --release -p sluice-realizer --test digest_kernel -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: fills maps of two million entries"]
+fn one_sweep_at_a_million_backends() {
+    let pins = PinDir::unique("sluice-test-digest-1m-");
+    let config = DatapathConfig {
+        lb_max_entries: 1 << 21,
+        ..DatapathConfig::default()
+    };
+    let _datapath = Datapath::load(pins.path(), &config).expect("load the datapath");
+    let mut tables = KernelTables::open(pins.path()).expect("open the realized maps");
+    let seed = tables.seed;
+    let (services_n, per) = (100_000u32, 10u32);
+    let mut services = BTreeMap::new();
+    let mut backends = BTreeMap::new();
+    for s in 0..services_n {
+        services.insert(
+            Lb4Key::new(vip(s), 80, IPPROTO_TCP, 0),
+            Lb4Service::frontend(per as u16, SVC_FLAG_CLUSTER_IP),
+        );
+        for b in 0..per {
+            let addr = Ipv4Addr::from(0x0b00_0000 + s * per + b);
+            services.insert(
+                Lb4Key::new(vip(s), 80, IPPROTO_TCP, b as u16 + 1),
+                Lb4Service::slot(addr, 8080),
+            );
+            backends.insert(
+                Lb4BackendKey::new(addr, 8080, IPPROTO_TCP),
+                Lb4Backend {
+                    state: BACKEND_STATE_ACTIVE,
+                    pad: [0; 3],
+                },
+            );
+        }
+    }
+    let started = Instant::now();
+    for (k, v) in &services {
+        tables.services.upsert(k, v).unwrap();
+    }
+    for (k, v) in &backends {
+        tables.backends.upsert(k, v).unwrap();
+    }
+    eprintln!(
+        "filled {} service entries and {} backends in {:?}",
+        services.len(),
+        backends.len(),
+        started.elapsed()
+    );
+    // The ipcache, an LPM trie, keeps batched reads: 200,000 pods' /32s, GKE's limit.
+    for i in 0..200_000u32 {
+        let key = IpcacheKey {
+            prefixlen: 32,
+            address: u32::from(Ipv4Addr::from(0x0c00_0000 + i)).to_be(),
+        };
+        tables
+            .ipcache
+            .upsert(&key, &IpcacheEntry::default())
+            .unwrap();
+    }
+    for _ in 0..2 {
+        let cpu = thread_cpu();
+        let read = read_and_hash(&tables.ipcache, seed);
+        eprintln!(
+            "ipcache: batched reads of {read} entries in slices of {MIN_SLICE}, hashed here, \
+             {:?} CPU",
+            thread_cpu() - cpu
+        );
+    }
+
+    let cpu = thread_cpu();
+    let want = (user_digest(&services, seed), user_digest(&backends, seed));
+    eprintln!(
+        "desired content's digests, computed whole: {:?} CPU",
+        thread_cpu() - cpu
+    );
+
+    for round in 0..3 {
+        let cpu = thread_cpu();
+        let got = (
+            kernel_digest(&tables.services, seed),
+            kernel_digest(&tables.backends, seed),
+        );
+        let kernel = thread_cpu() - cpu;
+        assert_eq!(got, want);
+
+        let cpu = thread_cpu();
+        let read = read_and_hash(&tables.services, seed) + read_and_hash(&tables.backends, seed);
+        let batched = thread_cpu() - cpu;
+        eprintln!(
+            "round {round}: in-kernel digest of both maps {kernel:?} CPU; batched reads of \
+             {read} entries in slices of {MIN_SLICE}, hashed here, {batched:?} CPU"
+        );
+    }
+}
+
+/// Reads `map` whole in slices of [`MIN_SLICE`] with batched lookups and hashes each
+/// entry here; returns how many it read.
+fn read_and_hash<K: Pod, V: Pod>(map: &impl KernelMap<K, V>, seed: u64) -> usize {
+    let (mut cursor, mut fold, mut read) = (Cursor::Start, Digest::default(), 0);
+    loop {
+        let next = map
+            .read_from(cursor, MIN_SLICE, &mut |k, v| {
+                read += 1;
+                fold.add(pod_entry_hash(seed, k, v));
+            })
+            .unwrap();
+        match next {
+            Some(next) => cursor = next,
+            None => return read,
+        }
+    }
 }
