@@ -211,6 +211,7 @@ fn the_kernels_digest_of_every_hash_map_and_maglev_table_is_user_spaces_and_sees
 
 /// CPU time (user and system) this thread has used.
 fn thread_cpu() -> std::time::Duration {
+    // SAFETY: rusage is plain integers, for which all zeroes is a value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `usage` is a valid rusage for the call to fill.
     let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
