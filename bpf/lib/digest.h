@@ -28,6 +28,12 @@ struct digest_run {
 	__u32 found;
 };
 
+/* The Rust mirror asserts the same sizes and offsets. */
+_Static_assert(sizeof(struct digest) == 24, "struct digest");
+_Static_assert(sizeof(struct digest_run) == 40, "struct digest_run");
+_Static_assert(__builtin_offsetof(struct digest_run, frontend) == 24, "digest_run.frontend");
+_Static_assert(__builtin_offsetof(struct digest_run, found) == 36, "digest_run.found");
+
 #define DIGEST_WORD_MUL 0x9e3779b97f4a7c15ULL
 
 /* One word into the running hash: xor in, multiply by an odd constant, fold the high

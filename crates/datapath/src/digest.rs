@@ -57,7 +57,10 @@ struct Run {
     found: u32,
 }
 
+// bpf/lib/digest.h asserts the same sizes and offsets.
 const _: () = assert!(size_of::<Run>() == 40);
+const _: () = assert!(std::mem::offset_of!(Run, frontend) == 24);
+const _: () = assert!(std::mem::offset_of!(Run, found) == 36);
 
 // SAFETY: plain integers, no padding (checked above: 24 + 12 + 4).
 unsafe impl Pod for Run {}

@@ -126,7 +126,7 @@ pub struct Tables<B: Backing> {
     pub policy: B::Policy,
     pub maglev: B::Maglev,
     pub flow_generation: B::FlowGeneration,
-    /// What the drift check's digests of these maps start from (the kernel's iterator
+    /// What the drift check's digests of these maps start from (the kernel's digest
     /// programs were loaded with it).
     pub seed: u64,
 }
