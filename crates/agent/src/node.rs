@@ -308,6 +308,12 @@ impl Node {
                 self.tables.realize(target)?
             };
             self.scan.written(target);
+            if held {
+                // The check's digests follow the delta, not a digest of a million entries.
+                let next = self.desired_version + u64::from(!Arc::ptr_eq(&desired, &self.desired));
+                self.scan
+                    .changed(&delta, target, self.desired_version, next);
+            }
             self.purge_removed_backends(&desired, held.then_some(&delta))?;
             stats
         };

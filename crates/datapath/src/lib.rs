@@ -6,6 +6,7 @@
 //! [`AttachRole`] under `<pin_dir>/links/<role>/`, so traffic keeps flowing while no agent
 //! runs, and a new agent swaps its programs into the existing links atomically.
 
+pub mod digest;
 mod error;
 mod migrate;
 mod pinned;

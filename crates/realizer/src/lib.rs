@@ -24,7 +24,9 @@ mod tables;
 use std::{collections::BTreeMap, fmt::Display};
 
 pub use delta::{diff_sorted, diff_touched};
-pub use maps::{Cursor, Ipcache, KernelMap, Lpm, LpmKey, MemoryMap, Named, write_stamp};
+pub use maps::{
+    Cursor, Ipcache, KernelMap, Lpm, LpmKey, MemoryMap, Named, Walk, digest_of, write_stamp,
+};
 pub use policy::{
     InstalledPolicy, KernelPolicy, MemoryPolicy, PolicyInstall, PolicyLookup, PolicyPlan,
     PolicyTable, PolicyWrite, diff_policies,

@@ -18,11 +18,15 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use aya::maps::{HashOfMaps, IterableMap, MapData};
 use sluice_common::{LB4_MAGLEV_SLOTS_PER_ENTRY, Lb4Key, MaglevLanes, names};
-use sluice_datapath::{MaglevTable, create_maglev_table, sys};
+use sluice_datapath::{
+    MaglevTable, create_maglev_table,
+    digest::{Digest, DigestPrograms},
+    sys,
+};
 
 use crate::{
     DriftEntry, DriftKind, RealizerError,
-    maps::{is_not_found, open_map_of_maps},
+    maps::{digest_of, is_not_found, open_map_of_maps},
     write_stamp,
 };
 
@@ -58,6 +62,14 @@ fn map_err(op: &'static str) -> impl Fn(aya::maps::MapError) -> RealizerError {
     }
 }
 
+/// The digest of a table as its map holds it: element index to its lanes.
+pub fn table_digest(seed: u64, lanes: &[MaglevLanes]) -> Digest {
+    let indexes: Vec<u32> = (0..lanes.len())
+        .filter_map(|i| u32::try_from(i).ok())
+        .collect();
+    digest_of(seed, indexes.iter().zip(lanes))
+}
+
 /// The outer `lb4_maglev` map and the tables it points at.
 pub trait MaglevTables {
     /// Every frontend with a table installed.
@@ -69,6 +81,12 @@ pub trait MaglevTables {
     fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError>;
     /// Removes these frontends' tables; a frontend without one is not an error.
     fn remove(&mut self, frontends: &[Lb4Key]) -> Result<(), RealizerError>;
+
+    /// The digest from `seed` of the table installed for `frontend`, or None. This one
+    /// reads the table and hashes it here.
+    fn digest(&self, frontend: &Lb4Key, seed: u64) -> Result<Option<Digest>, RealizerError> {
+        Ok(self.read(frontend)?.map(|lanes| table_digest(seed, &lanes)))
+    }
 
     /// Every frontend with its table.
     fn read_all(&self) -> Result<BTreeMap<Lb4Key, Lanes>, RealizerError> {
@@ -152,13 +170,15 @@ pub struct KernelMaglev {
     map: HashOfMaps<MapData, Lb4Key, MaglevTable>,
     /// The same map, for the batch updates aya does not offer.
     fd: OwnedFd,
+    /// Digests a table in the kernel.
+    digest: Arc<DigestPrograms>,
 }
 
 impl KernelMaglev {
-    /// Opens the `lb4_maglev` map pinned in `pin_dir`.
-    pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
+    /// Opens the `lb4_maglev` map pinned in `pin_dir`; `digest` digests its tables.
+    pub fn open(pin_dir: &Path, digest: Arc<DigestPrograms>) -> Result<Self, RealizerError> {
         let (map, fd) = open_map_of_maps(pin_dir, names::MAGLEV)?;
-        Ok(Self { map, fd })
+        Ok(Self { map, fd, digest })
     }
 }
 
@@ -180,6 +200,13 @@ impl MaglevTables for KernelMaglev {
         sys::array_lookup_all(table.map().fd().as_fd(), table.len())
             .map(Some)
             .map_err(sys_err)
+    }
+
+    /// Folded in the kernel: the program looks the table up and walks it.
+    fn digest(&self, frontend: &Lb4Key, _seed: u64) -> Result<Option<Digest>, RealizerError> {
+        self.digest
+            .maglev(frontend)
+            .map_err(|e| RealizerError::Datapath(Box::new(e)))
     }
 
     fn install(&mut self, installs: &[(Lb4Key, Lanes)]) -> Result<(), RealizerError> {

@@ -7,7 +7,10 @@ use std::{
     ops::Bound,
     os::fd::{AsFd, OwnedFd},
     path::Path,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use aya::{
@@ -18,7 +21,10 @@ use aya::{
     },
 };
 use sluice_common::{IpcacheEntry, IpcacheKey, Lb4SourceRange, Lb4SourceRangeKey};
-use sluice_datapath::sys::{self, HashCursor};
+use sluice_datapath::{
+    digest::{Digest, DigestPrograms, DigestedMap, pod_entry_hash},
+    sys::{self, HashCursor},
+};
 
 use crate::RealizerError;
 
@@ -61,6 +67,24 @@ pub enum Cursor<K> {
     After(K),
 }
 
+/// Where a digest of a map in slices goes on from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Walk<K> {
+    /// Entries read with batched lookups and folded here, up to `cursor`.
+    Read { cursor: Cursor<K>, fold: Digest },
+    /// The kernel folded the whole map at once; this many entries' worth of slices pass
+    /// before it folds it again.
+    Rest { left: u64 },
+}
+
+impl<K> Walk<K> {
+    /// Whether a walk must start over when the map changed under it: a fold of some
+    /// slices must, a whole-map fold already taken need not.
+    pub fn partial(&self) -> bool {
+        matches!(self, Walk::Read { .. })
+    }
+}
+
 /// A key-value map whose whole content can be read and changed entry by entry.
 pub trait KernelMap<K, V> {
     fn name(&self) -> &'static str;
@@ -76,12 +100,58 @@ pub trait KernelMap<K, V> {
     fn upsert(&mut self, key: &K, value: &V) -> Result<(), RealizerError>;
     /// Removes `key`; a key that is already absent is not an error.
     fn remove(&mut self, key: &K) -> Result<(), RealizerError>;
+
+    /// Folds about `max` more entries of the walk `walk` holds (None: a new walk) into the
+    /// map's digest from `seed`; returns how many, and the digest once the walk reached the
+    /// map's end (`walk` then holds what the next walk starts from, if anything). This one
+    /// reads the entries ([`Self::read_from`]) and hashes them here.
+    fn digest_from(
+        &self,
+        walk: &mut Option<Walk<K>>,
+        max: usize,
+        seed: u64,
+    ) -> Result<(usize, Option<Digest>), RealizerError>
+    where
+        K: Pod,
+        V: Pod,
+    {
+        let (cursor, mut fold) = match walk.take() {
+            Some(Walk::Read { cursor, fold }) => (cursor, fold),
+            Some(Walk::Rest { .. }) | None => (Cursor::Start, Digest::default()),
+        };
+        let mut seen = 0;
+        let next = self.read_from(cursor, max, &mut |k, v| {
+            seen += 1;
+            fold.add(pod_entry_hash(seed, k, v));
+        })?;
+        Ok(match next {
+            Some(cursor) => {
+                *walk = Some(Walk::Read { cursor, fold });
+                (seen, None)
+            }
+            None => (seen, Some(fold)),
+        })
+    }
 }
 
-/// A named aya hash map (HASH or LRU_HASH).
+/// The map's entries' digest from `seed`, folded here.
+pub fn digest_of<'a, K: Pod + 'a, V: Pod + 'a>(
+    seed: u64,
+    entries: impl IntoIterator<Item = (&'a K, &'a V)>,
+) -> Digest {
+    let mut digest = Digest::default();
+    for (k, v) in entries {
+        digest.add(pod_entry_hash(seed, k, v));
+    }
+    digest
+}
+
+/// A named aya hash map (HASH or LRU_HASH), with the program that digests it.
 pub struct Named<T, K, V> {
     pub name: &'static str,
     pub map: HashMap<T, K, V>,
+    /// Loaded with the seed of the tables the map is in.
+    pub digest: (Arc<DigestPrograms>, DigestedMap),
 }
 
 impl<T, K, V> KernelMap<K, V> for Named<T, K, V>
@@ -138,6 +208,41 @@ where
                 map: self.name,
                 source,
             })
+    }
+
+    /// Folded in the kernel by the map's digest program, the whole map in one run, at
+    /// the first slice of a sweep: no entry crosses into user space, and a drift found is
+    /// reported at once. A map larger than a slice then rests for two sweeps' worth of
+    /// slices: a fold is exact when taken, so drift is found within one rest, where a map
+    /// read in slices takes up to two sweeps.
+    fn digest_from(
+        &self,
+        walk: &mut Option<Walk<K>>,
+        max: usize,
+        _seed: u64,
+    ) -> Result<(usize, Option<Digest>), RealizerError> {
+        let max = max as u64;
+        match walk.take() {
+            Some(Walk::Rest { left }) => {
+                if left > max {
+                    *walk = Some(Walk::Rest { left: left - max });
+                }
+                Ok((0, None))
+            }
+            Some(Walk::Read { .. }) | None => {
+                let (programs, map) = &self.digest;
+                let digest = programs
+                    .map(*map)
+                    .map_err(|e| RealizerError::Datapath(Box::new(e)))?;
+                if digest.entries > max {
+                    *walk = Some(Walk::Rest {
+                        left: 2 * digest.entries - max,
+                    });
+                }
+                let read = usize::try_from(digest.entries).unwrap_or(usize::MAX);
+                Ok((read, Some(digest)))
+            }
+        }
     }
 
     fn remove(&mut self, key: &K) -> Result<(), RealizerError> {

@@ -1,37 +1,43 @@
-//! The periodic drift check, at a cost that does not grow with the cluster: each tick
-//! reads a slice of every realized map (one `BPF_MAP_LOOKUP_BATCH` each) and folds it into an order-free digest; when a sweep reaches a map's end, its digest
-//! is compared with the digest of the desired content. A mismatch is drift, and a full pass
+//! The periodic drift check, at a cost that does not grow with the cluster: every realized
+//! map's content is folded into an order-free digest (`sluice_datapath::digest`) and
+//! compared with the digest of the desired content. A mismatch is drift, and a full pass
 //! (read everything, diff, apply in the registry's order) finds and repairs it exactly.
 //!
-//! The outer maps of maps (policy, Maglev) are compared key by key on every tick (one key
-//! per local endpoint or Maglev frontend); their inner maps a slice of rows at a time.
+//! How a map is digested depends on what the kernel offers for it:
+//! - the hash maps (services, backends, endpoints) are folded in the kernel, whole, by a
+//!   program that walks them (`bpf/digest.c`): no entry crosses into user space. A fold
+//!   is taken at the first tick of a sweep and the sweep then rests for as many ticks as
+//!   reading the map in slices would take, so a million entries cost one fold per sweep;
+//! - the LPM tries (ipcache, source ranges) have no in-kernel walk: each tick reads a
+//!   slice (one `BPF_MAP_LOOKUP_BATCH`) and folds it here, and the digest is compared
+//!   when the sweep reaches the map's end;
+//! - the outer maps of maps (policy, Maglev) are compared key by key on every tick (one
+//!   key per local endpoint or Maglev frontend); the policy maps' rows (LPM tries) are read
+//!   a slice of rows at a time, the Maglev tables (arrays) folded in the kernel a slice of
+//!   tables at a time.
 //!
-//! Bound: an entry changed behind the realizer's back after the sweep passed it is seen by
-//! the next sweep, so drift is found within two sweeps. A map of up to [`MIN_SLICE`]
-//! entries is read whole on every tick; a larger one over `ticks_per_sweep` ticks.
+//! Bound: an entry changed behind the realizer's back after the sweep passed it (or after
+//! its fold) is seen by the next sweep, so drift is found within two sweeps. A map of up to
+//! [`MIN_SLICE`] entries is checked whole on every tick; a larger one once per
+//! `ticks_per_sweep` ticks.
 //!
 //! The scan also keeps each realized map's entry count as last established (by a sweep
 //! that found the desired content, or by the pass that wrote it), so `status` reports the
 //! kernel's content without walking a million entries per call.
 
-use std::{
-    collections::BTreeMap,
-    hash::{BuildHasher, Hash},
-    time::Instant,
-};
+use std::{collections::BTreeMap, time::Instant};
 
-// std's SipHash took 120 ns an entry here, foldhash's quality hasher 30: at a million
-// backends a sweep hashes some 100,000 entries a second.
-use foldhash::quality::FixedState as RandomState;
-
+use aya::Pod;
 use sluice_common::{
     IpcacheKey, Lb4BackendKey, Lb4Key, Lb4SourceRangeKey, MapId, kinds::CountedBy,
 };
+use sluice_compiler::Delta;
+use sluice_datapath::digest::{Digest, pod_entry_hash};
 
 use crate::{
-    ApplyStats, Backing, Cursor, Desired, DriftEntry, KernelMap, PolicyTable, RealizerError,
-    Tables,
-    maglev::{MaglevTables, pack},
+    ApplyStats, Backing, Desired, DriftEntry, KernelMap, PolicyTable, RealizerError, Tables,
+    maglev::{MaglevTables, pack, table_digest},
+    maps::{Walk, digest_of},
 };
 
 /// Entries of a map read per tick at least: below this a map is checked whole every tick.
@@ -41,26 +47,32 @@ pub const MIN_SLICE: usize = 16_384;
 /// read row by row, so the floor is lower than for batched maps.
 const MIN_ROWS: usize = 1_024;
 
-/// A map's content up to order: its entry count and the wrapping sum of a keyed hash of
-/// each entry. A changed, missing or extra entry changes it (but for a 2^-64 chance).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Digest {
-    entries: u64,
-    sum: u64,
+/// A digest moved along by a change: each entry the change touched leaves with its value
+/// before and comes back with its value in `now`.
+trait Follow {
+    fn follow<K: Pod + Ord, V: Pod>(
+        &mut self,
+        seed: u64,
+        before: &BTreeMap<K, Option<V>>,
+        now: &BTreeMap<K, V>,
+    );
 }
 
-impl Digest {
-    fn add(&mut self, hasher: &RandomState, entry: impl Hash) {
-        self.entries += 1;
-        self.sum = self.sum.wrapping_add(hasher.hash_one(entry));
-    }
-
-    fn of<K: Hash, V: Hash>(hasher: &RandomState, map: &BTreeMap<K, V>) -> Self {
-        let mut digest = Self::default();
-        for entry in map {
-            digest.add(hasher, entry);
+impl Follow for Digest {
+    fn follow<K: Pod + Ord, V: Pod>(
+        &mut self,
+        seed: u64,
+        before: &BTreeMap<K, Option<V>>,
+        now: &BTreeMap<K, V>,
+    ) {
+        for (k, old) in before {
+            if let Some(old) = old {
+                self.remove(pod_entry_hash(seed, k, old));
+            }
+            if let Some(new) = now.get(k) {
+                self.add(pod_entry_hash(seed, k, new));
+            }
         }
-        digest
     }
 }
 
@@ -74,16 +86,14 @@ fn slice(total: u64, ticks: usize, floor: usize) -> usize {
 
 /// One sweep over one key-value map.
 struct Sweep<K> {
-    cursor: Cursor<K>,
-    read: Digest,
+    walk: Option<Walk<K>>,
     want: Digest,
 }
 
 impl<K> Default for Sweep<K> {
     fn default() -> Self {
         Self {
-            cursor: Cursor::Start,
-            read: Digest::default(),
+            walk: None,
             want: Digest::default(),
         }
     }
@@ -93,46 +103,37 @@ impl<K> Default for Sweep<K> {
 /// and how many entries it held.
 type Step = (usize, Option<(bool, u64)>);
 
-impl<K: Hash> Sweep<K> {
+impl<K: Pod> Sweep<K> {
+    /// Drops a fold of some slices (the map may have changed behind it); a whole-map fold
+    /// already taken keeps its rest, so a change does not bring the next fold forward.
     fn restart(&mut self) {
-        self.cursor = Cursor::Start;
-        self.read = Digest::default();
+        if self.walk.as_ref().is_some_and(Walk::partial) {
+            self.walk = None;
+        }
     }
 
-    fn step<V: Hash, M: KernelMap<K, V>>(
+    fn step<V: Pod, M: KernelMap<K, V>>(
         &mut self,
         map: &M,
         ticks: usize,
-        hasher: &RandomState,
+        seed: u64,
     ) -> Result<Step, RealizerError> {
         let max = slice(self.want.entries, ticks, MIN_SLICE);
-        let mut seen = 0;
-        let read = &mut self.read;
-        let cursor = std::mem::replace(&mut self.cursor, Cursor::Start);
-        let next = map.read_from(cursor, max, &mut |k, v| {
-            seen += 1;
-            read.add(hasher, (k, v));
-        });
-        let next = match next {
-            Ok(next) => next,
+        match map.digest_from(&mut self.walk, max, seed) {
+            Ok((seen, None)) => Ok((seen, None)),
+            Ok((seen, Some(read))) => Ok((seen, Some((read == self.want, read.entries)))),
             Err(e) => {
-                self.restart();
-                return Err(e);
+                self.walk = None;
+                Err(e)
             }
-        };
-        if let Some(cursor) = next {
-            self.cursor = cursor;
-            return Ok((seen, None));
         }
-        let read = std::mem::take(&mut self.read);
-        Ok((seen, Some((read == self.want, read.entries))))
     }
 }
 
 /// The rolling check of every realized map, kept between ticks.
 pub struct Scan {
-    /// Seeded per process, so no content can be crafted to match another's digest.
-    hasher: RandomState,
+    /// The seed of the tables the digests describe (`Tables::seed`).
+    seed: Option<u64>,
     ticks_per_sweep: usize,
     /// The caller's number for the desired content the digests describe.
     version: Option<u64>,
@@ -194,8 +195,7 @@ impl Scan {
     /// A scan whose sweep of a large map spreads over `ticks_per_sweep` ticks.
     pub fn new(ticks_per_sweep: usize) -> Self {
         Self {
-            // Seeded from std's RandomState, which the OS's randomness keys.
-            hasher: RandomState::with_seed(std::hash::RandomState::new().hash_one(0u64)),
+            seed: None,
             ticks_per_sweep: ticks_per_sweep.max(1),
             version: None,
             services: Sweep::default(),
@@ -249,21 +249,51 @@ impl Scan {
         self.maglev = None;
     }
 
-    /// Digests `desired` when it is not the content (by the caller's `version`) the scan
-    /// describes, and starts over.
-    fn follow(&mut self, desired: Desired<'_>, version: u64) {
-        if self.version == Some(version) {
+    /// The desired content moved from version `from` to `to` by `delta` (the compiler's
+    /// record of the entries it changed, with their values before) and is now `desired`:
+    /// the digests follow in time proportional to the change when they described version
+    /// `from` (else the next tick digests `desired` whole). A fold of some slices starts
+    /// over, as after any write.
+    pub fn changed(&mut self, delta: &Delta, desired: Desired<'_>, from: u64, to: u64) {
+        let Some(seed) = self.seed.filter(|_| self.version == Some(from)) else {
+            return;
+        };
+        self.services
+            .want
+            .follow(seed, &delta.services, desired.services);
+        self.backends
+            .want
+            .follow(seed, &delta.backends, desired.backends);
+        self.endpoints
+            .want
+            .follow(seed, &delta.endpoints, desired.endpoints);
+        self.ipcache
+            .want
+            .follow(seed, &delta.ipcache, desired.ipcache);
+        self.source_ranges
+            .want
+            .follow(seed, &delta.source_ranges, desired.source_ranges);
+        self.policy_rows = desired.policies.values().map(|p| p.rows.len() as u64).sum();
+        self.maglev_elements = desired.maglev.values().map(|t| t.len() as u64).sum();
+        self.version = Some(to);
+        self.restart();
+    }
+
+    /// Digests `desired` from `seed` when it is not the content (by the caller's `version`)
+    /// the scan describes, and starts over.
+    fn follow(&mut self, desired: Desired<'_>, version: u64, seed: u64) {
+        if self.version == Some(version) && self.seed == Some(seed) {
             return;
         }
-        let h = &self.hasher;
-        self.services.want = Digest::of(h, desired.services);
-        self.backends.want = Digest::of(h, desired.backends);
-        self.endpoints.want = Digest::of(h, desired.endpoints);
-        self.ipcache.want = Digest::of(h, desired.ipcache);
-        self.source_ranges.want = Digest::of(h, desired.source_ranges);
+        self.services.want = digest_of(seed, desired.services);
+        self.backends.want = digest_of(seed, desired.backends);
+        self.endpoints.want = digest_of(seed, desired.endpoints);
+        self.ipcache.want = digest_of(seed, desired.ipcache);
+        self.source_ranges.want = digest_of(seed, desired.source_ranges);
         self.policy_rows = desired.policies.values().map(|p| p.rows.len() as u64).sum();
         self.maglev_elements = desired.maglev.values().map(|t| t.len() as u64).sum();
         self.version = Some(version);
+        self.seed = Some(seed);
         self.restart();
     }
 
@@ -301,11 +331,12 @@ impl Scan {
     }
 
     /// Checks the next slice of the Maglev tables: the frontends with a table, then each
-    /// table's positions.
+    /// table's digest.
     fn step_maglev<T: MaglevTables>(
         &mut self,
         tables: &T,
         desired: Desired<'_>,
+        seed: u64,
     ) -> Result<Step, RealizerError> {
         let frontends = tables.frontends()?;
         if !frontends.iter().eq(desired.maglev.keys()) {
@@ -325,7 +356,7 @@ impl Scan {
                 return Ok((read, None));
             }
             read += table.len();
-            if tables.read(frontend)? != Some(pack(table)) {
+            if tables.digest(frontend, seed)? != Some(table_digest(seed, &pack(table))) {
                 return Ok((read, Some((false, entries))));
             }
         }
@@ -343,8 +374,9 @@ impl<B: Backing> Tables<B> {
         desired: Desired<'_>,
         version: u64,
     ) -> Result<ScanTick, RealizerError> {
-        scan.follow(desired, version);
-        let (ticks, h) = (scan.ticks_per_sweep, &scan.hasher);
+        let h = self.seed;
+        scan.follow(desired, version, h);
+        let ticks = scan.ticks_per_sweep;
         let steps = [
             (
                 MapId::Services,
@@ -364,7 +396,7 @@ impl<B: Backing> Tables<B> {
                 scan.source_ranges.step(&self.source_ranges, ticks, h)?,
             ),
             (MapId::Policy, scan.step_policy(&self.policy, desired)?),
-            (MapId::Maglev, scan.step_maglev(&self.maglev, desired)?),
+            (MapId::Maglev, scan.step_maglev(&self.maglev, desired, h)?),
         ];
         let mut tick = ScanTick::default();
         for (id, step) in steps {

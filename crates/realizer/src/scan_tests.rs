@@ -8,7 +8,7 @@ use std::{
 };
 
 use sluice_common::*;
-use sluice_compiler::{DesiredState, EndpointPolicy};
+use sluice_compiler::{Delta, DesiredState, EndpointPolicy};
 
 use super::*;
 
@@ -445,4 +445,82 @@ fn map_counts_are_what_the_last_pass_wrote_then_what_a_sweep_read() {
     let services = services.unwrap().1;
     assert_eq!(services.by, kinds::CountedBy::Pass);
     assert_eq!(services.entries, state.services.len() as u64);
+}
+
+/// The touched entries of `before` against `after`, as the compiler's delta names them.
+fn touched<K: Ord + Clone, V: Clone + PartialEq>(
+    before: &BTreeMap<K, V>,
+    after: &BTreeMap<K, V>,
+) -> BTreeMap<K, Option<V>> {
+    let keys = before
+        .keys()
+        .chain(after.keys())
+        .cloned()
+        .collect::<BTreeSet<_>>();
+    keys.into_iter()
+        .filter(|k| before.get(k) != after.get(k))
+        .map(|k| {
+            let old = before.get(&k).cloned();
+            (k, old)
+        })
+        .collect()
+}
+
+#[test]
+fn digests_follow_a_change_by_its_delta_and_still_see_drift() {
+    let before = wide(20_000);
+    let mut after = before.clone();
+    let first = *after.services.keys().next().unwrap();
+    after.services.remove(&first);
+    let forged = *after.services.keys().nth(7).unwrap();
+    after
+        .services
+        .insert(forged, Lb4Service::slot(backend(3), 99));
+    after.services.insert(
+        Lb4Key::new(Ipv4Addr::new(10, 97, 0, 9), 80, IPPROTO_TCP, 0),
+        Lb4Service::frontend(1, SVC_FLAG_CLUSTER_IP),
+    );
+    let gone = *after.backends.keys().next().unwrap();
+    after.backends.remove(&gone);
+    let delta = Delta {
+        services: touched(&before.services, &after.services),
+        backends: touched(&before.backends, &after.backends),
+        ..Delta::default()
+    };
+    let mut t = tables();
+    t.realize(Desired::of(&before, 16)).unwrap();
+    let mut scan = Scan::new(TICKS);
+    let tick = t.check(&mut scan, Desired::of(&before, 16), 1).unwrap();
+    assert!(tick.drifted.is_empty(), "{tick:?}");
+
+    let plan = t.plan_changes(&delta, Desired::of(&after, 16)).unwrap();
+    t.apply(&plan).unwrap();
+    scan.changed(&delta, Desired::of(&after, 16), 1, 2);
+    for _ in 0..2 * TICKS {
+        let tick = t.check(&mut scan, Desired::of(&after, 16), 2).unwrap();
+        assert!(
+            tick.drifted.is_empty(),
+            "the followed digests match: {tick:?}"
+        );
+    }
+    t.services.remove(&forged).unwrap();
+    let (_, tick) = ticks_to_repair_at(&mut t, &mut scan, &after, 2, 2 * TICKS);
+    assert_eq!(tick.drifted, vec![MapId::Services]);
+}
+
+/// Ticks at `version` until a check finds drift, failing after `limit` ticks.
+fn ticks_to_repair_at(
+    t: &mut Tables<Memory>,
+    scan: &mut Scan,
+    state: &DesiredState,
+    version: u64,
+    limit: usize,
+) -> (usize, ScanTick) {
+    for n in 1..=limit {
+        let tick = t.check(scan, Desired::of(state, 16), version).unwrap();
+        if !tick.drifted.is_empty() {
+            return (n, tick);
+        }
+    }
+    panic!("no drift found in {limit} ticks");
 }

@@ -18,7 +18,10 @@ use sluice_common::{
     Lb4SourceRangeKey, MapId, names, registry,
 };
 use sluice_compiler::{DesiredState, EndpointPolicy};
-use sluice_datapath::{PinnedMaps, bump_flow_generation};
+use sluice_datapath::{
+    PinnedMaps, bump_flow_generation,
+    digest::{DigestPrograms, DigestedMap},
+};
 
 use crate::{
     ApplyStats, DriftEntry, KernelMap, KernelPolicy, Lpm, LpmKey, MapDiff, MemoryMap, MemoryPolicy,
@@ -87,10 +90,18 @@ impl Backing for Memory {
     type FlowGeneration = MemoryGeneration;
 }
 
+/// A seed for the digests of one set of tables, from the OS's randomness (through std's
+/// RandomState), so no content can be crafted to match another's digest.
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::hash::RandomState::new().hash_one(0u64)
+}
+
 impl Tables<Memory> {
     /// Empty in-memory tables, each named as its kernel map.
     pub fn in_memory() -> Self {
         Self {
+            seed: random_seed(),
             services: MemoryMap::new(names::SERVICES),
             backends: MemoryMap::new(names::BACKENDS),
             endpoints: MemoryMap::new(names::ENDPOINTS),
@@ -115,6 +126,9 @@ pub struct Tables<B: Backing> {
     pub policy: B::Policy,
     pub maglev: B::Maglev,
     pub flow_generation: B::FlowGeneration,
+    /// What the drift check's digests of these maps start from (the kernel's digest
+    /// programs were loaded with it).
+    pub seed: u64,
 }
 
 /// The realized maps as they are pinned in the kernel.
@@ -122,20 +136,27 @@ pub type KernelTables = Tables<Kernel>;
 
 impl KernelTables {
     /// Opens the realized maps pinned under `pin_dir`.
+    /// Loads the programs that digest the hash maps and Maglev tables in the kernel.
     pub fn open(pin_dir: &Path) -> Result<Self, RealizerError> {
-        let maps = PinnedMaps::open(pin_dir).map_err(|e| RealizerError::Datapath(Box::new(e)))?;
+        let datapath = |e| RealizerError::Datapath(Box::new(e));
+        let maps = PinnedMaps::open(pin_dir).map_err(datapath)?;
+        let seed = random_seed();
+        let digests = Arc::new(DigestPrograms::load(pin_dir, seed).map_err(datapath)?);
         Ok(Tables {
             services: Named {
                 name: names::SERVICES,
                 map: maps.services,
+                digest: (digests.clone(), DigestedMap::Services),
             },
             backends: Named {
                 name: names::BACKENDS,
                 map: maps.backends,
+                digest: (digests.clone(), DigestedMap::Backends),
             },
             endpoints: Named {
                 name: names::ENDPOINTS,
                 map: maps.endpoints,
+                digest: (digests.clone(), DigestedMap::Endpoints),
             },
             ipcache: Lpm {
                 name: names::IPCACHE,
@@ -146,8 +167,9 @@ impl KernelTables {
                 map: maps.source_ranges,
             },
             policy: KernelPolicy::open(pin_dir)?,
-            maglev: KernelMaglev::open(pin_dir)?,
+            maglev: KernelMaglev::open(pin_dir, digests)?,
             flow_generation: maps.flow_generation,
+            seed,
         })
     }
 }
