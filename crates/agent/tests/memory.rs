@@ -267,12 +267,14 @@ fn where_the_memory_goes_at_gke_limits() {
         mib(steady) / scale
     ));
     report.push(format!(
-        "size_of: k8s Pod {}, Node {}, Service {}, EndpointSlice {}, Endpoint {}",
+        "size_of: k8s Pod {}, Node {}, Service {}, EndpointSlice {}, Endpoint {}; \
+         sluice_store::Pod {} (a pointer)",
         std::mem::size_of::<k8s_openapi::api::core::v1::Pod>(),
         std::mem::size_of::<k8s_openapi::api::core::v1::Node>(),
         std::mem::size_of::<Service>(),
         std::mem::size_of::<EndpointSlice>(),
         std::mem::size_of::<k8s_openapi::api::discovery::v1::Endpoint>(),
+        std::mem::size_of::<sluice_store::Pod>(),
     ));
     eprintln!("{}", report.join("\n"));
     assert!(entries > 0);

@@ -119,7 +119,7 @@ fn load_case(dir: &Path) -> Vec<Case> {
     for manifest in manifests {
         match manifest.object {
             Object::Namespace(o) => snapshot.namespaces.push(o),
-            Object::Pod(o) => snapshot.pods.push(o),
+            Object::Pod(o) => snapshot.pods.push(o.into()),
             Object::Service(o) => snapshot.services.push(o),
             Object::EndpointSlice(o) => snapshot.endpoint_slices.push(o),
             Object::NetworkPolicy(o) => snapshot.network_policies.push(o),

@@ -259,7 +259,7 @@ impl LabState {
             nodes: self.spec.nodes.iter().map(node_object).collect(),
             namespaces: self.namespaces.values().map(|n| n.object.clone()).collect(),
             endpoint_slices: self.endpoint_slices(&pods),
-            pods,
+            pods: pods.into_iter().map(Into::into).collect(),
             services: self.services.values().map(|s| s.object.clone()).collect(),
             network_policies: self
                 .network_policies
