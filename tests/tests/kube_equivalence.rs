@@ -93,7 +93,7 @@ fn lab_and_kubernetes_sources_compile_to_identical_maps() {
         server.apply(o).unwrap();
     }
     for o in &from_lab.endpoint_slices {
-        server.apply(o).unwrap();
+        server.apply(&**o).unwrap();
     }
     for o in &from_lab.network_policies {
         server.apply(o).unwrap();

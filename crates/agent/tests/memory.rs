@@ -35,7 +35,7 @@ fn service(i: usize) -> Service {
     .unwrap()
 }
 
-fn slice(i: usize) -> EndpointSlice {
+fn slice(i: usize) -> std::sync::Arc<EndpointSlice> {
     let endpoints: Vec<_> = (0..2)
         .map(|b| {
             serde_json::json!({

@@ -185,7 +185,7 @@ pub fn add_services(snap: &mut Snapshot, services: &[ServiceSpec]) {
     for s in services {
         let (service, slice) = service_objects(s);
         snap.services.push(service);
-        snap.endpoint_slices.push(slice);
+        snap.endpoint_slices.push(slice.into());
     }
 }
 

@@ -26,7 +26,7 @@ pub type ObjectKey = (String, String);
 #[derive(Clone, Debug, Default)]
 pub struct Changes {
     pub services: BTreeMap<ObjectKey, Option<Service>>,
-    pub endpoint_slices: BTreeMap<ObjectKey, Option<EndpointSlice>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Option<Arc<EndpointSlice>>>,
     pub pods: BTreeMap<ObjectKey, Option<Pod>>,
     pub namespaces: BTreeMap<String, Option<Namespace>>,
     pub nodes: BTreeMap<String, Option<Node>>,

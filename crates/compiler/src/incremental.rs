@@ -220,7 +220,7 @@ impl CompileCache {
                 Some(entry) if entry.seen == pass => return None,
                 Some(entry) => {
                     entry.seen = pass;
-                    same(&entry.slice, slice)
+                    same(&*entry.slice, &**slice)
                 }
                 None => false,
             };

@@ -14,7 +14,7 @@ fn service(name: &str, spec: serde_json::Value) -> Service {
     object(json!({"metadata": {"name": name, "namespace": "default"}, "spec": spec}))
 }
 
-fn slice(name: &str, service: &str, body: serde_json::Value) -> EndpointSlice {
+fn slice(name: &str, service: &str, body: serde_json::Value) -> std::sync::Arc<EndpointSlice> {
     let mut value = json!({
         "metadata": {"name": name, "namespace": "default",
                      "labels": {"kubernetes.io/service-name": service}},

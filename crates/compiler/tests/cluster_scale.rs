@@ -211,7 +211,7 @@ fn bulk_slice(
     i: usize,
     backends: usize,
     version: u64,
-) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+) -> std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice> {
     let endpoints: Vec<Value> = (0..backends)
         .map(|b| {
             let address = std::net::Ipv4Addr::from(
@@ -302,7 +302,7 @@ fn one_change_of_each_kind_at_100k_services() {
         .unwrap_or_else(|| panic!("no slice bulk-700-x"));
     snapshot.endpoint_slices[at] = slice.clone();
     let mut changes = Changes::default();
-    changes.endpoint_slices.insert(key(&slice), Some(slice));
+    changes.endpoint_slices.insert(key(&*slice), Some(slice));
     step("EndpointSlice", &snapshot, changes, &mut cache);
 
     // A remote pod replaced by one with the same labels and a new address: the churn of

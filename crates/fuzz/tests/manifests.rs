@@ -180,7 +180,7 @@ fn compile_all(objects: impl Iterator<Item = Object>, t: &mut Tally) {
             Object::Namespace(o) => snapshot.namespaces.push(o),
             Object::Pod(o) => snapshot.pods.push(o.into()),
             Object::Service(o) => snapshot.services.push(o),
-            Object::EndpointSlice(o) => snapshot.endpoint_slices.push(o),
+            Object::EndpointSlice(o) => snapshot.endpoint_slices.push(o.into()),
             Object::NetworkPolicy(o) => snapshot.network_policies.push(o),
             Object::Deployment(_) => {}
         }

@@ -12,6 +12,7 @@ use std::{
     io::Write,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
@@ -91,8 +92,10 @@ pub struct Snapshot {
     pub pods: Vec<Pod>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Shared, not copied, between snapshots and the compile cache: at GKE's limits
+    /// their 260,000 endpoints are the largest part after the Pods.
     #[serde(default)]
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     #[serde(default)]
     pub network_policies: Vec<NetworkPolicy>,
     #[serde(default)]

@@ -3,7 +3,10 @@
 //! compiles only those ([`sluice_compiler::CompileCache::update`]) instead of comparing
 //! every object again.
 
-use std::collections::{BTreeMap, btree_map::Entry};
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    sync::Arc,
+};
 
 use k8s_openapi::{
     Metadata,
@@ -77,8 +80,12 @@ fn by_meta<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::Obje
     object_key(object.metadata())
 }
 
+fn slice_key(slice: &Arc<EndpointSlice>) -> Option<ObjectKey> {
+    by_meta(&**slice)
+}
+
 namespaced!(Service, services, by_meta);
-namespaced!(EndpointSlice, endpoint_slices, by_meta);
+namespaced!(Arc<EndpointSlice>, endpoint_slices, slice_key);
 namespaced!(Pod, pods, pod_key);
 namespaced!(NetworkPolicy, network_policies, by_meta);
 cluster_scoped!(Namespace, namespaces);
@@ -122,7 +129,7 @@ pub fn between(before: &Snapshot, after: &Snapshot) -> Option<Changes> {
         ..Changes::default()
     };
     diff::<Service>(before, after, &mut changes)?;
-    diff::<EndpointSlice>(before, after, &mut changes)?;
+    diff::<Arc<EndpointSlice>>(before, after, &mut changes)?;
     diff::<Pod>(before, after, &mut changes)?;
     diff::<NetworkPolicy>(before, after, &mut changes)?;
     diff::<Namespace>(before, after, &mut changes)?;
@@ -181,7 +188,7 @@ fn compare<K: Kind>(
 /// order this keeps).
 pub fn apply(snapshot: &mut Snapshot, changes: &Changes) {
     patch::<Service>(snapshot, &changes.services);
-    patch::<EndpointSlice>(snapshot, &changes.endpoint_slices);
+    patch::<Arc<EndpointSlice>>(snapshot, &changes.endpoint_slices);
     patch::<Pod>(snapshot, &changes.pods);
     patch::<NetworkPolicy>(snapshot, &changes.network_policies);
     patch::<Namespace>(snapshot, &changes.namespaces);

@@ -5,7 +5,7 @@
 //! few hundred bytes each. Applied to every object before it enters a store. A Pod is
 //! kept as [`sluice_store::Pod`], which holds only those fields and shares its copies.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -29,11 +29,26 @@ pub(super) trait Keep {
     fn keep(self) -> Self::Kept;
 }
 
-impl<K: Slim> Keep for K {
-    type Kept = K;
-    fn keep(mut self) -> K {
+macro_rules! kept_slimmed {
+    ($($kind:ty),*) => {$(
+        impl Keep for $kind {
+            type Kept = $kind;
+            fn keep(mut self) -> $kind {
+                self.slim();
+                self
+            }
+        }
+    )*};
+}
+
+kept_slimmed!(Node, Namespace, Service, NetworkPolicy);
+
+/// Shared between the snapshots and the compile cache.
+impl Keep for EndpointSlice {
+    type Kept = Arc<EndpointSlice>;
+    fn keep(mut self) -> Arc<EndpointSlice> {
         self.slim();
-        self
+        Arc::new(self)
     }
 }
 
@@ -56,7 +71,10 @@ pub fn slimmed(mut snapshot: sluice_store::Snapshot) -> sluice_store::Snapshot {
     each(&mut snapshot.nodes);
     each(&mut snapshot.namespaces);
     each(&mut snapshot.services);
-    each(&mut snapshot.endpoint_slices);
+    snapshot
+        .endpoint_slices
+        .iter_mut()
+        .for_each(|s| Arc::make_mut(s).slim());
     each(&mut snapshot.network_policies);
     snapshot
 }
@@ -194,12 +212,15 @@ mod tests {
                     .collect(),
                 slim,
             ),
-            endpoint_slices: objects(
+            endpoint_slices: objects::<EndpointSlice>(
                 services
                     .flat_map(|s| cluster::endpoint_slices(shape, s, false))
                     .collect(),
                 slim,
-            ),
+            )
+            .into_iter()
+            .map(Arc::new)
+            .collect(),
             network_policies: objects(
                 (0..shape.network_policies)
                     .map(|i| cluster::network_policy(shape, i))
