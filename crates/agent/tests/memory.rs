@@ -210,7 +210,7 @@ fn where_the_memory_goes_at_gke_limits() {
             measure(|| snapshot.endpoint_slices.clone()),
         ),
     ] {
-        report.push(format!("  of it {what}: {:.1} MiB", mib(bytes)));
+        report.push(format!("  a copy of its {what}: {:.1} MiB", mib(bytes)));
     }
 
     // The copies: the spare snapshot the source keeps (and `merged()`'s, on a node with
