@@ -114,11 +114,11 @@ pub struct Probe {
 
 /// The verdict of the reference evaluator for each probe, given the lab's current objects.
 pub fn expected(snapshot: &Snapshot, probes: &[Probe]) -> BTreeMap<Probe, bool> {
+    // The reference reads Kubernetes Pods: the snapshot's, written back as they are.
+    let pods: Vec<Pod> = snapshot.pods.iter().cloned().map(Pod::from).collect();
     let pod = |name: &str| -> &Pod {
         let (ns, pod) = name.split_once('/').expect("ns/pod");
-        snapshot
-            .pods
-            .iter()
+        pods.iter()
             .find(|p| {
                 p.metadata.namespace.as_deref() == Some(ns)
                     && p.metadata.name.as_deref() == Some(pod)

@@ -85,13 +85,15 @@ fn lab_and_kubernetes_sources_compile_to_identical_maps() {
         server.apply(o).unwrap();
     }
     for o in &from_lab.pods {
-        server.apply(o).unwrap();
+        server
+            .apply(&k8s_openapi::api::core::v1::Pod::from(o.clone()))
+            .unwrap();
     }
     for o in &from_lab.services {
         server.apply(o).unwrap();
     }
     for o in &from_lab.endpoint_slices {
-        server.apply(o).unwrap();
+        server.apply(&**o).unwrap();
     }
     for o in &from_lab.network_policies {
         server.apply(o).unwrap();

@@ -207,7 +207,7 @@ mod tests {
         .unwrap()
     }
 
-    fn slice(i: u32, backends: u32) -> EndpointSlice {
+    fn slice(i: u32, backends: u32) -> std::sync::Arc<EndpointSlice> {
         let endpoints: Vec<_> = (0..backends)
             .map(
                 |b| serde_json::json!({"addresses": [format!("10.244.{}.{}", b + 1, i % 250 + 1)]}),

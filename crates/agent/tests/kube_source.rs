@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fake_api::{FakeApi, names, pod, service};
+use fake_api::{FakeApi, names, pod, pod_names, service};
 use sluice_agent::{
     AgentError,
     source::{Kubernetes, KubernetesConfig, Source, Updates, kubernetes::SourceStats},
@@ -170,7 +170,7 @@ fn the_first_snapshot_waits_for_every_initial_list() {
         started.elapsed()
     );
     assert_eq!(first.revision, 1, "the first snapshot the source sent");
-    assert_eq!(names(&first.pods), ["default/web-0", "default/web-1"]);
+    assert_eq!(pod_names(&first.pods), ["default/web-0", "default/web-1"]);
     assert_eq!(names(&first.network_policies), ["default/web"]);
     assert_eq!(services(&first), ["svc-a=10.96.0.10", "svc-b=10.96.0.11"]);
     assert_eq!(first.nodes.len(), 1);
@@ -414,22 +414,16 @@ fn ten_thousand_changes_converge_and_bursts_are_debounced() {
     let done = source.wait("10,000 changes", |s| {
         s.pods
             .iter()
-            .filter(|p| p.metadata.name.as_deref().unwrap().starts_with("p-"))
+            .filter(|p| p.name().unwrap().starts_with("p-"))
             .count()
             == 2000
             && s.pods.iter().all(|p| {
-                !p.metadata.name.as_deref().unwrap().starts_with("p-")
-                    || p.metadata
-                        .labels
-                        .as_ref()
-                        .unwrap()
-                        .get("step")
-                        .map(String::as_str)
-                        == Some("2")
+                !p.name().unwrap().starts_with("p-")
+                    || p.labels().unwrap().get("step").map(String::as_str) == Some("2")
             })
     });
     let elapsed = started.elapsed();
-    let all = names(&done.pods);
+    let all = pod_names(&done.pods);
     let unique: BTreeSet<_> = all.iter().collect();
     assert_eq!(unique.len(), all.len(), "no pod twice");
     assert_eq!(all.len(), 2000 + 1002);

@@ -50,12 +50,12 @@ pub(crate) fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
     }
 }
 
-fn pod(name: &str, app: &str, ip: Ipv4Addr) -> Pod {
+fn pod(name: &str, app: &str, ip: Ipv4Addr) -> sluice_store::Pod {
     pod_on(NODE, name, app, ip)
 }
 
 /// A running pod on `node`.
-pub(crate) fn pod_on(node: &str, name: &str, app: &str, ip: Ipv4Addr) -> Pod {
+pub(crate) fn pod_on(node: &str, name: &str, app: &str, ip: Ipv4Addr) -> sluice_store::Pod {
     Pod {
         metadata: meta(name, &[("app", app)]),
         spec: Some(PodSpec {
@@ -69,6 +69,7 @@ pub(crate) fn pod_on(node: &str, name: &str, app: &str, ip: Ipv4Addr) -> Pod {
             ..PodStatus::default()
         }),
     }
+    .into()
 }
 
 pub(crate) fn service_objects(s: &ServiceSpec) -> (Service, EndpointSlice) {
@@ -184,7 +185,7 @@ pub fn add_services(snap: &mut Snapshot, services: &[ServiceSpec]) {
     for s in services {
         let (service, slice) = service_objects(s);
         snap.services.push(service);
-        snap.endpoint_slices.push(slice);
+        snap.endpoint_slices.push(slice.into());
     }
 }
 

@@ -19,7 +19,7 @@ use crate::{
 pub(crate) fn slices_by_service(
     snapshot: &Snapshot,
 ) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
-    let mut slices: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    let mut slices: BTreeMap<_, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in &snapshot.endpoint_slices {
         if let Some(service) = served_service(slice) {
             let namespace = namespace_of(slice.metadata.namespace.as_ref());

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
@@ -13,6 +13,7 @@ use sluice_common::{
     EndpointInfo, IpcacheEntry, IpcacheKey, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service,
     Lb4SourceRangeKey,
 };
+use sluice_store::Pod;
 
 use crate::EndpointPolicy;
 
@@ -25,7 +26,7 @@ pub type ObjectKey = (String, String);
 #[derive(Clone, Debug, Default)]
 pub struct Changes {
     pub services: BTreeMap<ObjectKey, Option<Service>>,
-    pub endpoint_slices: BTreeMap<ObjectKey, Option<EndpointSlice>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Option<Arc<EndpointSlice>>>,
     pub pods: BTreeMap<ObjectKey, Option<Pod>>,
     pub namespaces: BTreeMap<String, Option<Namespace>>,
     pub nodes: BTreeMap<String, Option<Node>>,
@@ -124,6 +125,15 @@ pub(crate) fn differences<K: Ord + Clone, V: PartialEq + Clone>(
 
 /// The key [`Changes`] names `meta`'s object by, as the compiler keys it (no namespace:
 /// `default`); None without a name.
+/// A Pod's key, as [`object_key`] gives other objects'.
+pub fn pod_key(pod: &Pod) -> Option<ObjectKey> {
+    let name = pod.name().filter(|n| !n.is_empty())?;
+    Some((
+        crate::namespace_or_default(pod.namespace()).to_owned(),
+        name.to_owned(),
+    ))
+}
+
 pub fn object_key(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> Option<ObjectKey> {

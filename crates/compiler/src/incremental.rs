@@ -27,11 +27,11 @@ use std::collections::BTreeSet;
 use ipnet::Ipv4Net;
 use k8s_openapi::{
     Metadata,
-    api::core::v1::{Namespace, Node, Pod},
+    api::core::v1::{Namespace, Node},
     api::networking::v1::NetworkPolicy,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use sluice_store::{LocalEndpoint, Snapshot};
+use sluice_store::{LocalEndpoint, Pod, Snapshot};
 
 pub use self::index::CacheStats;
 use self::{
@@ -220,7 +220,7 @@ impl CompileCache {
                 Some(entry) if entry.seen == pass => return None,
                 Some(entry) => {
                     entry.seen = pass;
-                    same(&entry.slice, slice)
+                    same(&*entry.slice, &**slice)
                 }
                 None => false,
             };
@@ -297,7 +297,9 @@ struct WorkloadInputs {
     nodes: Vec<Version<Node>>,
     cluster_cidr: Option<Ipv4Net>,
     namespaces: Vec<Version<Namespace>>,
-    pods: Vec<Version<Pod>>,
+    /// Pods are shared, not copied: holding them costs a pointer each, and comparing
+    /// them a pointer unless they were replaced.
+    pods: Vec<Pod>,
     network_policies: Vec<Version<NetworkPolicy>>,
     endpoints: Vec<LocalEndpoint>,
     node: NodeContext,
@@ -309,7 +311,7 @@ impl WorkloadInputs {
             nodes: versions(&snapshot.nodes),
             cluster_cidr: snapshot.cluster_cidr,
             namespaces: versions(&snapshot.namespaces),
-            pods: versions(&snapshot.pods),
+            pods: snapshot.pods.clone(),
             network_policies: versions(&snapshot.network_policies),
             endpoints: snapshot.endpoints.clone(),
             node: node.clone(),
@@ -323,7 +325,7 @@ impl WorkloadInputs {
             && holds(&self.namespaces, &snapshot.namespaces)
             && self.endpoints == snapshot.endpoints
             && holds(&self.network_policies, &snapshot.network_policies)
-            && holds(&self.pods, &snapshot.pods)
+            && self.pods == snapshot.pods
     }
 }
 

@@ -67,7 +67,7 @@ pub use sluice_store::nodes::{ClusterNode, NodeFault, NodeFaultAt, NodeField};
 use crate::{backends::slices_by_service, problem::Problems};
 pub use crate::{
     balancing::{Balancing, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION, LbAlgorithm},
-    changes::{Changes, Delta, ObjectKey, object_key},
+    changes::{Changes, Delta, ObjectKey, object_key, pod_key},
     incremental::{CacheStats, CompileCache},
     nodes::Nodes,
     policy::explain::{
@@ -345,7 +345,11 @@ fn object_name(object: &ObjectRef) -> String {
 }
 
 fn namespace_of(namespace: Option<&String>) -> &str {
-    namespace.map_or("default", String::as_str)
+    namespace_or_default(namespace.map(String::as_str))
+}
+
+fn namespace_or_default(namespace: Option<&str>) -> &str {
+    namespace.unwrap_or("default")
 }
 
 /// Services sorted by (namespace, name). A name given to more than one Service is skipped:

@@ -14,7 +14,7 @@ fn service(name: &str, spec: serde_json::Value) -> Service {
     object(json!({"metadata": {"name": name, "namespace": "default"}, "spec": spec}))
 }
 
-fn slice(name: &str, service: &str, body: serde_json::Value) -> EndpointSlice {
+fn slice(name: &str, service: &str, body: serde_json::Value) -> std::sync::Arc<EndpointSlice> {
     let mut value = json!({
         "metadata": {"name": name, "namespace": "default",
                      "labels": {"kubernetes.io/service-name": service}},
@@ -263,14 +263,19 @@ fn frontends_name_every_programmed_port() {
     );
 }
 
-fn pod(
+fn pod(name: &str, labels: serde_json::Value, status: serde_json::Value) -> sluice_store::Pod {
+    pod_with(name, labels, status, false)
+}
+
+fn pod_with(
     name: &str,
     labels: serde_json::Value,
     status: serde_json::Value,
-) -> k8s_openapi::api::core::v1::Pod {
+    host_network: bool,
+) -> sluice_store::Pod {
     object(json!({
         "metadata": {"name": name, "namespace": "default", "labels": labels},
-        "spec": {"containers": [{"name": "c", "image": "i"}]},
+        "spec": {"containers": [{"name": "c", "image": "i"}], "hostNetwork": host_network},
         "status": status,
     }))
 }
@@ -281,14 +286,12 @@ fn policy(name: &str, spec: serde_json::Value) -> k8s_openapi::api::networking::
 
 #[test]
 fn odd_policy_input_fails_closed_and_is_reported() {
-    let mut host_pod = pod(
+    let host_pod = pod_with(
         "host",
         json!({"app": "host"}),
         json!({"podIP": "192.168.0.1"}),
+        true,
     );
-    if let Some(spec) = &mut host_pod.spec {
-        spec.host_network = Some(true);
-    }
     let snapshot = Snapshot {
         nodes: vec![object(json!({"metadata": {"name": "node-a"},
             "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]}}))],

@@ -79,13 +79,11 @@ fn change_set(
             for gone in snapshot
                 .pods
                 .iter()
-                .filter(|p| p.metadata.name.as_deref() == Some(name.as_str()))
+                .filter(|p| p.name() == Some(name.as_str()))
             {
                 changes.pods.insert(key_of(&to_json(gone)), None);
             }
-            snapshot
-                .pods
-                .retain(|p| p.metadata.name.as_deref() != Some(name.as_str()));
+            snapshot.pods.retain(|p| p.name() != Some(name.as_str()));
             if rng.u8(..4) != 0 {
                 let object = pod(rng, i);
                 changes
@@ -324,7 +322,7 @@ fn home(labels: &[String]) -> u32 {
 }
 
 /// A pod in namespace "a" with the label app=`app` at `address`.
-fn app_pod(name: &str, app: &str, address: &str) -> k8s_openapi::api::core::v1::Pod {
+fn app_pod(name: &str, app: &str, address: &str) -> sluice_store::Pod {
     from_json(json!({
         "metadata": {"name": name, "namespace": "a", "labels": {"app": app}},
         "spec": {"nodeName": "node-b", "containers": [{"name": "c", "image": "i"}]},
@@ -380,9 +378,7 @@ fn identities_that_collide_compile_as_the_full_compile() {
     ];
     let mut in_place = 0;
     for (step, (name, pod)) in steps.into_iter().enumerate() {
-        snapshot
-            .pods
-            .retain(|p| p.metadata.name.as_deref() != Some(name));
+        snapshot.pods.retain(|p| p.name() != Some(name));
         let pod = pod.map(|(app, address)| app_pod(name, app, address));
         snapshot.pods.extend(pod.clone());
         let mut changes = Changes::default();

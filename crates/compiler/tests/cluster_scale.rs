@@ -9,13 +9,15 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{Namespace, Node},
     networking::v1::NetworkPolicy,
 };
 use serde_json::{Value, json};
-use sluice_compiler::{Changes, CompileCache, DesiredState, NodeContext, ObjectKey, compile};
+use sluice_compiler::{
+    Changes, CompileCache, DesiredState, NodeContext, ObjectKey, compile, pod_key,
+};
 use sluice_fake_apiserver::cluster::{self, LOCAL_NODE, Shape};
-use sluice_store::{LocalEndpoint, Snapshot};
+use sluice_store::{LocalEndpoint, Pod, Snapshot};
 
 fn from_json<T: serde::de::DeserializeOwned>(value: Value) -> T {
     serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
@@ -209,7 +211,7 @@ fn bulk_slice(
     i: usize,
     backends: usize,
     version: u64,
-) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+) -> std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice> {
     let endpoints: Vec<Value> = (0..backends)
         .map(|b| {
             let address = std::net::Ipv4Addr::from(
@@ -300,7 +302,7 @@ fn one_change_of_each_kind_at_100k_services() {
         .unwrap_or_else(|| panic!("no slice bulk-700-x"));
     snapshot.endpoint_slices[at] = slice.clone();
     let mut changes = Changes::default();
-    changes.endpoint_slices.insert(key(&slice), Some(slice));
+    changes.endpoint_slices.insert(key(&*slice), Some(slice));
     step("EndpointSlice", &snapshot, changes, &mut cache);
 
     // A remote pod replaced by one with the same labels and a new address: the churn of
@@ -310,7 +312,7 @@ fn one_change_of_each_kind_at_100k_services() {
     version += 1;
     snapshot.pods[p] = pod.clone();
     let mut changes = Changes::default();
-    changes.pods.insert(key(&pod), Some(pod));
+    changes.pods.insert(pod_key(&pod).unwrap(), Some(pod));
     step("Pod", &snapshot, changes, &mut cache);
 
     // A pod with a label set no other pod has: a new identity.
@@ -321,7 +323,7 @@ fn one_change_of_each_kind_at_100k_services() {
     version += 1;
     snapshot.pods[p] = pod.clone();
     let mut changes = Changes::default();
-    changes.pods.insert(key(&pod), Some(pod));
+    changes.pods.insert(pod_key(&pod).unwrap(), Some(pod));
     step("Pod (new identity)", &snapshot, changes, &mut cache);
 
     let n = shape.nodes - 1;
@@ -391,7 +393,7 @@ fn one_change_of_each_kind_at_100k_services() {
             let pod: Pod = stamped(cluster::pod(&shape, p, 1), version);
             snapshot.pods[p] = pod.clone();
             let mut changes = Changes::default();
-            changes.pods.insert(key(&pod), Some(pod));
+            changes.pods.insert(pod_key(&pod).unwrap(), Some(pod));
             changes
         },
     );
@@ -407,7 +409,7 @@ fn one_change_of_each_kind_at_100k_services() {
             let pod: Pod = stamped(object, version);
             snapshot.pods[p] = pod.clone();
             let mut changes = Changes::default();
-            changes.pods.insert(key(&pod), Some(pod));
+            changes.pods.insert(pod_key(&pod).unwrap(), Some(pod));
             changes
         },
     );

@@ -142,7 +142,10 @@ fn large(count: usize, backends: usize) -> Snapshot {
 }
 
 /// Service `i`'s slice with `backends` endpoints, at resourceVersion `backends`.
-fn service_slice(i: usize, backends: usize) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+fn service_slice(
+    i: usize,
+    backends: usize,
+) -> std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice> {
     let endpoints: Vec<Value> = (0..backends)
         .map(|b| {
             json!({

@@ -102,8 +102,7 @@ fn without(snapshot: &Snapshot, gone: u8) -> Snapshot {
     let mut out = snapshot.clone();
     out.nodes
         .retain(|n| n.metadata.name.as_deref() != Some(&name));
-    out.pods
-        .retain(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(&name));
+    out.pods.retain(|p| p.node_name() != Some(&name));
     out
 }
 
@@ -151,7 +150,10 @@ fn a_removed_node_leaves_nothing_of_itself() {
             .pods
             .iter()
             .filter(|p| !reduced.pods.contains(p))
-            .filter_map(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse().ok())
+            .filter_map(|p| match p.pod_ip()? {
+                std::net::IpAddr::V4(v4) => Some(v4),
+                std::net::IpAddr::V6(_) => None,
+            })
             .collect();
         let tunnel = addr_be(internal_ip(gone));
         for this in (0..count).filter(|&k| k != gone) {
@@ -208,10 +210,9 @@ fn every_node_sees_every_pod_alike_and_routes_it_home() {
         let (snapshot, count) = cluster(&mut rng);
         let states: Vec<DesiredState> = (0..count).map(|k| compile_for(&snapshot, k)).collect();
         for pod in &snapshot.pods {
-            let Some(address) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) else {
+            let Some(std::net::IpAddr::V4(address)) = pod.pod_ip() else {
                 continue;
             };
-            let address: Ipv4Addr = address.parse().unwrap_or_else(|e| panic!("{e}"));
             // The pod CIDR it lies in says where it runs, scheduled or not.
             let home = address.octets()[2];
             let identities: Vec<u32> = states

@@ -119,9 +119,9 @@ fn load_case(dir: &Path) -> Vec<Case> {
     for manifest in manifests {
         match manifest.object {
             Object::Namespace(o) => snapshot.namespaces.push(o),
-            Object::Pod(o) => snapshot.pods.push(o),
+            Object::Pod(o) => snapshot.pods.push(o.into()),
             Object::Service(o) => snapshot.services.push(o),
-            Object::EndpointSlice(o) => snapshot.endpoint_slices.push(o),
+            Object::EndpointSlice(o) => snapshot.endpoint_slices.push(o.into()),
             Object::NetworkPolicy(o) => snapshot.network_policies.push(o),
             // The store holds the Deployment's pods and slices, not the Deployment.
             Object::Deployment(_) => {}
@@ -275,6 +275,7 @@ fn shuffle_snapshot(rng: &mut fastrand::Rng, snapshot: &mut Snapshot) {
     }
     // Within a slice, the order of endpoints and ports carries no meaning either.
     for slice in &mut snapshot.endpoint_slices {
+        let slice = std::sync::Arc::make_mut(slice);
         rng.shuffle(&mut slice.endpoints);
         if let Some(ports) = &mut slice.ports {
             rng.shuffle(ports);

@@ -16,7 +16,6 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -179,25 +178,24 @@ fn compile_all(objects: impl Iterator<Item = Object>, t: &mut Tally) {
     for object in objects {
         match object {
             Object::Namespace(o) => snapshot.namespaces.push(o),
-            Object::Pod(o) => snapshot.pods.push(o),
+            Object::Pod(o) => snapshot.pods.push(o.into()),
             Object::Service(o) => snapshot.services.push(o),
-            Object::EndpointSlice(o) => snapshot.endpoint_slices.push(o),
+            Object::EndpointSlice(o) => snapshot.endpoint_slices.push(o.into()),
             Object::NetworkPolicy(o) => snapshot.network_policies.push(o),
             Object::Deployment(_) => {}
         }
     }
     let mut interfaces = BTreeMap::new();
     for (i, pod) in snapshot.pods.iter().enumerate() {
-        let address = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
-        let Some(Ok(address)) = address.map(str::parse::<IpAddr>) else {
+        let Some(address) = pod.pod_ip() else {
             continue;
         };
         let interface = format!("lxc{i}");
         interfaces.insert(interface.clone(), 10 + i as u32);
         snapshot.endpoints.push(LocalEndpoint {
             node: "node-a".into(),
-            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-            pod: pod.metadata.name.clone().unwrap_or_default(),
+            namespace: pod.namespace().unwrap_or_default().to_owned(),
+            pod: pod.name().unwrap_or_default().to_owned(),
             interface,
             addresses: BTreeSet::from([address]),
         });

@@ -258,8 +258,12 @@ impl LabState {
             revision: self.generation,
             nodes: self.spec.nodes.iter().map(node_object).collect(),
             namespaces: self.namespaces.values().map(|n| n.object.clone()).collect(),
-            endpoint_slices: self.endpoint_slices(&pods),
-            pods,
+            endpoint_slices: self
+                .endpoint_slices(&pods)
+                .into_iter()
+                .map(std::sync::Arc::new)
+                .collect(),
+            pods: pods.into_iter().map(Into::into).collect(),
             services: self.services.values().map(|s| s.object.clone()).collect(),
             network_policies: self
                 .network_policies

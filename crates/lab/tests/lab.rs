@@ -658,10 +658,10 @@ fn pods_are_removed_only_after_agents_realized_their_termination() {
         let pod = terminating
             .pods
             .iter()
-            .find(|p| p.metadata.name.as_ref() == Some(name))
+            .find(|p| p.name() == Some(name.as_str()))
             .unwrap();
         assert!(
-            pod.metadata.deletion_timestamp.is_some(),
+            pod.deletion_timestamp().is_some(),
             "{name} terminating in generation 4"
         );
         let netns = format!("sluice-{}-default-{name}", t.name);

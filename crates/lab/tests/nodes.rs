@@ -321,10 +321,7 @@ fn nodes_join_and_leave_a_running_lab() {
     // Its pod left every dataplane (terminating, node still there) before the node went.
     let seen = generations_seen(&t, "node-1");
     let terminating = seen.iter().position(|s| {
-        s.nodes.len() == 3
-            && s.pods
-                .iter()
-                .any(|p| p.metadata.deletion_timestamp.is_some())
+        s.nodes.len() == 3 && s.pods.iter().any(|p| p.deletion_timestamp().is_some())
     });
     let gone = seen.iter().rposition(|s| s.nodes.len() == 2);
     assert!(

@@ -74,9 +74,11 @@ impl Resolver {
             .pods
             .iter()
             .filter_map(|pod| {
-                let ip = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
-                let ns = pod.metadata.namespace.clone().unwrap_or_default();
-                Some((ip, (ns, pod.metadata.name.clone()?)))
+                let std::net::IpAddr::V4(ip) = pod.pod_ip()? else {
+                    return None;
+                };
+                let ns = pod.namespace().unwrap_or_default().to_owned();
+                Some((ip, (ns, pod.name()?.to_owned())))
             })
             // Local endpoints name their pod even before its status carries the address.
             .chain(

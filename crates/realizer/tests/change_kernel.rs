@@ -50,7 +50,7 @@ fn service(i: usize, version: usize) -> Service {
 }
 
 /// Service `i`'s slice with `backends` endpoints.
-fn slice(i: usize, backends: usize) -> EndpointSlice {
+fn slice(i: usize, backends: usize) -> std::sync::Arc<EndpointSlice> {
     let endpoints: Vec<_> = (0..backends)
         .map(|b| {
             json!({
@@ -107,7 +107,7 @@ fn change(round: usize, count: usize) -> Changes {
 #[derive(Default)]
 struct Objects {
     services: BTreeMap<(String, String), Service>,
-    slices: BTreeMap<(String, String), EndpointSlice>,
+    slices: BTreeMap<(String, String), std::sync::Arc<EndpointSlice>>,
 }
 
 impl Objects {

@@ -1,8 +1,9 @@
 //! The store: every desired object an agent works from, in one immutable [`Snapshot`].
 //!
 //! Sources (the lab's cluster file today, kube-rs watchers later) produce snapshots; the
-//! compiler reads them. Objects are the Kubernetes API types, so a snapshot is what an API
-//! server would serve, plus [`LocalEndpoint`]s, which on a real node come from the CNI
+//! compiler reads them. Objects are the Kubernetes API types (Pods a compact [`Pod`] of
+//! sluice's own, written as Kubernetes Pods), so a snapshot is what an API server would
+//! serve, plus [`LocalEndpoint`]s, which on a real node come from the CNI
 //! plugin rather than the API.
 
 use std::{
@@ -11,18 +12,22 @@ use std::{
     io::Write,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use serde::{Deserialize, Serialize};
 
 pub mod nodes;
+pub mod pod;
 pub mod selector;
+
+pub use pod::Pod;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -87,8 +92,10 @@ pub struct Snapshot {
     pub pods: Vec<Pod>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Shared, not copied, between snapshots and the compile cache: at GKE's limits
+    /// their 260,000 endpoints are the largest part after the Pods.
     #[serde(default)]
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     #[serde(default)]
     pub network_policies: Vec<NetworkPolicy>,
     #[serde(default)]

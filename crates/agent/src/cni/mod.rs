@@ -315,13 +315,9 @@ fn pod_network(state: &Published) -> Result<(Ipv4Net, Ipv4Addr), AgentError> {
 /// Addresses of `pod_cidr` the snapshot gives to pods or endpoints the registry does not
 /// hold: IPAM skips them.
 fn taken_addresses(snapshot: &Snapshot, pod_cidr: Ipv4Net) -> BTreeSet<Ipv4Addr> {
-    let pods = snapshot.pods.iter().filter_map(|p| {
-        p.status
-            .as_ref()?
-            .pod_ip
-            .as_deref()?
-            .parse::<Ipv4Addr>()
-            .ok()
+    let pods = snapshot.pods.iter().filter_map(|p| match p.pod_ip()? {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
     });
     let endpoints = snapshot.endpoints.iter().filter_map(|e| e.ipv4());
     pods.chain(endpoints)
@@ -331,8 +327,8 @@ fn taken_addresses(snapshot: &Snapshot, pod_cidr: Ipv4Net) -> BTreeSet<Ipv4Addr>
 
 fn has_pod(snapshot: &Snapshot, endpoint: &CniEndpoint) -> bool {
     snapshot.pods.iter().any(|p| {
-        p.metadata.namespace.as_deref().unwrap_or("default") == endpoint.namespace
-            && p.metadata.name.as_deref() == Some(endpoint.pod.as_str())
+        p.namespace().unwrap_or("default") == endpoint.namespace
+            && p.name() == Some(endpoint.pod.as_str())
     })
 }
 

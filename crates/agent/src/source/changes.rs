@@ -3,26 +3,28 @@
 //! compiles only those ([`sluice_compiler::CompileCache::update`]) instead of comparing
 //! every object again.
 
-use std::collections::{BTreeMap, btree_map::Entry};
+use std::{
+    collections::{BTreeMap, btree_map::Entry},
+    sync::Arc,
+};
 
 use k8s_openapi::{
     Metadata,
     api::{
-        core::v1::{Namespace, Node, Pod, Service},
+        core::v1::{Namespace, Node, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use sluice_compiler::{Changes, ObjectKey, object_key};
-use sluice_store::Snapshot;
+use sluice_compiler::{Changes, ObjectKey, object_key, pod_key};
+use sluice_store::{Pod, Snapshot};
 
 /// A kind of object a change set names: how it is keyed and where its changes go.
-pub trait Kind: Metadata<Ty = ObjectMeta> + Clone + PartialEq {
+pub trait Kind: Clone + PartialEq {
     type Key: Ord + Clone;
 
     /// None for an object without a name: the change set cannot name it.
-    fn key(meta: &ObjectMeta) -> Option<Self::Key>;
+    fn key(&self) -> Option<Self::Key>;
 
     fn changes(changes: &mut Changes) -> &mut BTreeMap<Self::Key, Option<Self>>;
 
@@ -33,11 +35,11 @@ pub trait Kind: Metadata<Ty = ObjectMeta> + Clone + PartialEq {
 }
 
 macro_rules! namespaced {
-    ($kind:ty, $field:ident) => {
+    ($kind:ty, $field:ident, $key:expr) => {
         impl Kind for $kind {
             type Key = ObjectKey;
-            fn key(meta: &ObjectMeta) -> Option<ObjectKey> {
-                object_key(meta)
+            fn key(&self) -> Option<ObjectKey> {
+                $key(self)
             }
             fn changes(changes: &mut Changes) -> &mut BTreeMap<ObjectKey, Option<Self>> {
                 &mut changes.$field
@@ -56,8 +58,8 @@ macro_rules! cluster_scoped {
     ($kind:ty, $field:ident) => {
         impl Kind for $kind {
             type Key = String;
-            fn key(meta: &ObjectMeta) -> Option<String> {
-                meta.name.clone().filter(|n| !n.is_empty())
+            fn key(&self) -> Option<String> {
+                self.metadata().name.clone().filter(|n| !n.is_empty())
             }
             fn changes(changes: &mut Changes) -> &mut BTreeMap<String, Option<Self>> {
                 &mut changes.$field
@@ -72,17 +74,27 @@ macro_rules! cluster_scoped {
     };
 }
 
-namespaced!(Service, services);
-namespaced!(EndpointSlice, endpoint_slices);
-namespaced!(Pod, pods);
-namespaced!(NetworkPolicy, network_policies);
+fn by_meta<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+    object: &K,
+) -> Option<ObjectKey> {
+    object_key(object.metadata())
+}
+
+fn slice_key(slice: &Arc<EndpointSlice>) -> Option<ObjectKey> {
+    by_meta(&**slice)
+}
+
+namespaced!(Service, services, by_meta);
+namespaced!(Arc<EndpointSlice>, endpoint_slices, slice_key);
+namespaced!(Pod, pods, pod_key);
+namespaced!(NetworkPolicy, network_policies, by_meta);
 cluster_scoped!(Namespace, namespaces);
 cluster_scoped!(Node, nodes);
 
 /// One object written (`Some`) or deleted (`None`), as a change set; None when the object
 /// has no name.
 pub fn one<K: Kind>(object: &K, written: bool) -> Option<Changes> {
-    let key = K::key(object.metadata())?;
+    let key = K::key(object)?;
     let mut changes = Changes::default();
     K::changes(&mut changes).insert(key, written.then(|| object.clone()));
     Some(changes)
@@ -117,7 +129,7 @@ pub fn between(before: &Snapshot, after: &Snapshot) -> Option<Changes> {
         ..Changes::default()
     };
     diff::<Service>(before, after, &mut changes)?;
-    diff::<EndpointSlice>(before, after, &mut changes)?;
+    diff::<Arc<EndpointSlice>>(before, after, &mut changes)?;
     diff::<Pod>(before, after, &mut changes)?;
     diff::<NetworkPolicy>(before, after, &mut changes)?;
     diff::<Namespace>(before, after, &mut changes)?;
@@ -139,12 +151,9 @@ fn diff<K: Kind>(before: &Snapshot, after: &Snapshot, changes: &mut Changes) -> 
 pub fn listed<K: Kind>(current: &[K], list: &[K]) -> BTreeMap<K::Key, Option<K>> {
     let before: BTreeMap<K::Key, &K> = current
         .iter()
-        .filter_map(|o| Some((K::key(o.metadata())?, o)))
+        .filter_map(|o| Some((K::key(o)?, o)))
         .collect();
-    let after: BTreeMap<K::Key, &K> = list
-        .iter()
-        .filter_map(|o| Some((K::key(o.metadata())?, o)))
-        .collect();
+    let after: BTreeMap<K::Key, &K> = list.iter().filter_map(|o| Some((K::key(o)?, o))).collect();
     let mut into = BTreeMap::new();
     compare(&before, after, &mut into);
     into
@@ -179,7 +188,7 @@ fn compare<K: Kind>(
 /// order this keeps).
 pub fn apply(snapshot: &mut Snapshot, changes: &Changes) {
     patch::<Service>(snapshot, &changes.services);
-    patch::<EndpointSlice>(snapshot, &changes.endpoint_slices);
+    patch::<Arc<EndpointSlice>>(snapshot, &changes.endpoint_slices);
     patch::<Pod>(snapshot, &changes.pods);
     patch::<NetworkPolicy>(snapshot, &changes.network_policies);
     patch::<Namespace>(snapshot, &changes.namespaces);
@@ -191,7 +200,7 @@ pub fn apply(snapshot: &mut Snapshot, changes: &Changes) {
 fn patch<K: Kind>(snapshot: &mut Snapshot, changes: &BTreeMap<K::Key, Option<K>>) {
     const ONE_BY_ONE: usize = 64;
     let objects = K::of_mut(snapshot);
-    let key_of = |o: &K| K::key(o.metadata());
+    let key_of = |o: &K| K::key(o);
     if changes.len() <= ONE_BY_ONE {
         for (key, change) in changes {
             let at = objects.binary_search_by(|o| key_of(o).as_ref().cmp(&Some(key)));
@@ -230,7 +239,7 @@ fn patch<K: Kind>(snapshot: &mut Snapshot, changes: &BTreeMap<K::Key, Option<K>>
 fn by_key<K: Kind>(objects: &[K]) -> Option<BTreeMap<K::Key, &K>> {
     let mut keyed = BTreeMap::new();
     for object in objects {
-        if keyed.insert(K::key(object.metadata())?, object).is_some() {
+        if keyed.insert(K::key(object)?, object).is_some() {
             return None;
         }
     }

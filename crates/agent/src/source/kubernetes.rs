@@ -10,7 +10,8 @@
 //! one snapshot per burst, sent with the change set its watch events name (a relist names
 //! none: the agent then compares every object). Snapshots carry no local endpoints: on a node those come from
 //! the CNI plugin. Each object is slimmed to the fields the agent reads before it is
-//! stored (`slim.rs`).
+//! stored (`slim.rs`; Pods become the compact [`sluice_store::Pod`]), and stored objects
+//! are shared, not copied, where their type allows it.
 
 use std::{fmt::Debug, path::PathBuf, sync::Arc};
 
@@ -39,7 +40,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 pub use super::debounce::Debounce;
-use super::{Source, Updates, changes, slim::Slim};
+use super::{Source, Updates, changes, slim::Keep};
 use crate::AgentError;
 
 /// How the agent reaches the API server and shapes what it reads.
@@ -271,11 +272,11 @@ where
         + Clone
         + DeserializeOwned
         + Debug
-        + Slim
-        + changes::Kind
+        + Keep
         + Send
         + Sync
         + 'static,
+    K::Kept: changes::Kind + Send + 'static,
 {
     tokio::spawn(watch(
         Api::<K>::all(client.clone()),
@@ -292,11 +293,11 @@ where
         + Clone
         + DeserializeOwned
         + Debug
-        + Slim
-        + changes::Kind
+        + Keep
         + Send
         + Sync
         + 'static,
+    K::Kept: changes::Kind + Send + 'static,
 {
     let kind = <K as k8s_openapi::Resource>::KIND;
     // Paces relists forced by a watch refused with 410 (the watcher's own backoff covers
@@ -305,7 +306,7 @@ where
     // Every list after the first is a relist (410 Gone, in the stream or on a watch start).
     let mut listed_once = false;
     // The objects of the list in progress.
-    let mut list: Vec<K> = Vec::new();
+    let mut list: Vec<K::Kept> = Vec::new();
     loop {
         let mut events = watcher::watcher(api.clone(), watcher::Config::default())
             .default_backoff()
@@ -331,7 +332,6 @@ where
             relist_backoff = DefaultBackoff::default();
             // Only what the agent reads is stored (managedFields, container specs,
             // conditions and the like are not).
-            let event = event.modify(Slim::slim);
             let touch = match event {
                 Event::Init => {
                     if listed_once {
@@ -343,21 +343,22 @@ where
                 }
                 Event::InitApply(object) => {
                     stats.events.inc();
-                    list.push(object);
+                    list.push(object.keep());
                     continue;
                 }
                 Event::Apply(object) => {
                     stats.events.inc();
-                    Touch::Changed(changes::one(&object, true))
+                    Touch::Changed(changes::one(&object.keep(), true))
                 }
                 Event::Delete(object) => {
                     stats.events.inc();
-                    Touch::Changed(changes::one(&object, false))
+                    Touch::Changed(changes::one(&object.keep(), false))
                 }
                 Event::InitDone => {
                     let list = std::mem::take(&mut list);
                     let replace: Listed = Box::new(move |current, pending| {
-                        *K::changes(pending) = changes::listed(K::of(current), &list);
+                        *<K::Kept as changes::Kind>::changes(pending) =
+                            changes::listed(<K::Kept as changes::Kind>::of(current), &list);
                     });
                     Touch::Listed(kind, replace)
                 }

@@ -2,15 +2,14 @@
 //! plugin's IPAM and the source's own checks read, nothing else. At GKE's limits the
 //! stores hold 200,000 Pods; kept whole (container specs, conditions, owner references,
 //! container statuses) they would not fit the agent's memory budget, slimmed they cost a
-//! few hundred bytes each. Applied to every object before it enters a store.
+//! few hundred bytes each. Applied to every object before it enters a store. A Pod is
+//! kept as [`sluice_store::Pod`], which holds only those fields and shares its copies.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::{
-        core::v1::{
-            Container, Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service,
-        },
+        core::v1::{Namespace, Node, NodeSpec, NodeStatus, Pod, Service},
         discovery::v1::EndpointSlice,
         networking::v1::NetworkPolicy,
     },
@@ -24,17 +23,58 @@ pub(super) trait Slim {
     fn slim(&mut self);
 }
 
+/// What a store keeps of an object as the API serves it.
+pub(super) trait Keep {
+    type Kept;
+    fn keep(self) -> Self::Kept;
+}
+
+macro_rules! kept_slimmed {
+    ($($kind:ty),*) => {$(
+        impl Keep for $kind {
+            type Kept = $kind;
+            fn keep(mut self) -> $kind {
+                self.slim();
+                self
+            }
+        }
+    )*};
+}
+
+kept_slimmed!(Node, Namespace, Service, NetworkPolicy);
+
+/// Shared between the snapshots and the compile cache.
+impl Keep for EndpointSlice {
+    type Kept = Arc<EndpointSlice>;
+    fn keep(mut self) -> Arc<EndpointSlice> {
+        self.slim();
+        Arc::new(self)
+    }
+}
+
+/// Labels feed identities; host network, node, named container ports, phase and
+/// address feed policy and the ipcache.
+impl Keep for Pod {
+    type Kept = sluice_store::Pod;
+    fn keep(self) -> sluice_store::Pod {
+        self.into()
+    }
+}
+
 /// `snapshot`'s objects as the Kubernetes source stores them: what a test compares the
-/// source's store with, when the same objects came whole from elsewhere (the lab).
+/// source's store with, when the same objects came whole from elsewhere (the lab). Its
+/// Pods are kept as the source keeps them already.
 pub fn slimmed(mut snapshot: sluice_store::Snapshot) -> sluice_store::Snapshot {
     fn each<T: Slim>(objects: &mut [T]) {
         objects.iter_mut().for_each(Slim::slim);
     }
     each(&mut snapshot.nodes);
     each(&mut snapshot.namespaces);
-    each(&mut snapshot.pods);
     each(&mut snapshot.services);
-    each(&mut snapshot.endpoint_slices);
+    snapshot
+        .endpoint_slices
+        .iter_mut()
+        .for_each(|s| Arc::make_mut(s).slim());
     each(&mut snapshot.network_policies);
     snapshot
 }
@@ -67,33 +107,6 @@ fn all(_: &str) -> bool {
 
 fn none(_: &str) -> bool {
     false
-}
-
-/// Labels feed identities; host network, node, named container ports, phase and
-/// address feed policy and the ipcache.
-impl Slim for Pod {
-    fn slim(&mut self) {
-        meta(&mut self.metadata, all, none);
-        self.spec = self.spec.take().map(|spec| PodSpec {
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            containers: spec
-                .containers
-                .into_iter()
-                .map(|c| Container {
-                    name: c.name,
-                    ports: c.ports,
-                    ..Container::default()
-                })
-                .collect(),
-            ..PodSpec::default()
-        });
-        self.status = self.status.take().map(|status| PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            ..PodStatus::default()
-        });
-    }
 }
 
 /// Its zone label, pod CIDR and addresses.
@@ -189,10 +202,9 @@ mod tests {
                     .collect(),
                 slim,
             ),
-            pods: objects(
-                (0..shape.pods).map(|p| cluster::pod(shape, p, 0)).collect(),
-                slim,
-            ),
+            pods: (0..shape.pods)
+                .map(|p| serde_json::from_value(cluster::pod(shape, p, 0)).unwrap())
+                .collect(),
             services: objects(
                 services
                     .clone()
@@ -200,12 +212,15 @@ mod tests {
                     .collect(),
                 slim,
             ),
-            endpoint_slices: objects(
+            endpoint_slices: objects::<EndpointSlice>(
                 services
                     .flat_map(|s| cluster::endpoint_slices(shape, s, false))
                     .collect(),
                 slim,
-            ),
+            )
+            .into_iter()
+            .map(Arc::new)
+            .collect(),
             network_policies: objects(
                 (0..shape.network_policies)
                     .map(|i| cluster::network_policy(shape, i))
@@ -248,8 +263,14 @@ mod tests {
         assert!(!compiled.policies.is_empty() && !compiled.services.is_empty());
         assert_eq!(compile(&whole, &node), compiled);
 
+        // Whole: the objects as generated (the snapshot's Pods are kept compact already).
         let size = |s: &Snapshot| serde_json::to_vec(s).unwrap().len();
-        let (before, after) = (size(&whole), size(&slim));
+        let pods = |s: &Snapshot| serde_json::to_vec(&s.pods).unwrap().len();
+        let generated: Vec<_> = (0..shape.pods)
+            .map(|p| cluster::pod(&shape, p, 0))
+            .collect();
+        let before = size(&whole) - pods(&whole) + serde_json::to_vec(&generated).unwrap().len();
+        let after = size(&slim);
         eprintln!("the tiny cluster as JSON: {before} bytes whole, {after} slimmed");
         assert!(after * 2 < before, "{after} of {before}");
     }

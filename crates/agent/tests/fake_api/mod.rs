@@ -159,4 +159,17 @@ pub fn names<
         .collect()
 }
 
+/// `namespace/name` of each pod, as [`names`] gives other objects'.
+pub fn pod_names(pods: &[sluice_store::Pod]) -> Vec<String> {
+    pods.iter()
+        .map(|p| {
+            format!(
+                "{}/{}",
+                p.namespace().unwrap_or("default"),
+                p.name().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
 pub type Shared = Arc<Snapshot>;

@@ -17,6 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -93,7 +94,7 @@ pub(super) struct ServiceEntry {
 }
 
 pub(super) struct SliceEntry {
-    pub(super) slice: EndpointSlice,
+    pub(super) slice: Arc<EndpointSlice>,
     /// The Service (in the slice's namespace) it lists backends of, if the datapath reads it.
     service: Option<String>,
     pub(super) seen: u64,
@@ -175,7 +176,7 @@ impl Index {
     pub(super) fn put_slice(
         &mut self,
         key: ObjectKey,
-        slice: Option<EndpointSlice>,
+        slice: Option<Arc<EndpointSlice>>,
         pass: u64,
     ) -> Vec<ObjectKey> {
         let mut touched = Vec::new();
@@ -357,7 +358,7 @@ impl Index {
             .into_iter()
             .flatten()
             .filter_map(|name| self.slices.get(&(key.0.clone(), name.clone())))
-            .map(|entry| &entry.slice)
+            .map(|entry| &*entry.slice)
             .collect()
     }
 

@@ -16,9 +16,8 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Pod;
 use sluice_common::{IDENTITY_WORLD, IpcacheEntry, IpcacheKey};
-use sluice_store::{LocalEndpoint, selector::Labels};
+use sluice_store::{LocalEndpoint, Pod, selector::Labels};
 
 use super::{
     Policy, PolicyInput,
@@ -30,7 +29,7 @@ use crate::{
     changes::{ObjectKey, touched},
     identity,
     ipcache::Ipcache,
-    namespace_of,
+    namespace_or_default,
     nodes::Nodes,
     problem::Problems,
 };
@@ -230,8 +229,8 @@ impl PodIndex {
             .collect();
         let mut names = HashSet::new();
         for pod in &input.snapshot.pods {
-            let namespace = namespace_of(pod.metadata.namespace.as_ref());
-            let name = pod.metadata.name.as_deref().unwrap_or("");
+            let namespace = namespace_or_default(pod.namespace());
+            let name = pod.name().unwrap_or("");
             if !names.insert((namespace, name)) {
                 whole.insert((namespace.to_string(), name.to_string()));
             }
@@ -449,9 +448,7 @@ impl PodIndex {
     /// Whether the Pod of a local endpoint changed nothing the compile reads.
     fn local_unmoved(&self, key: &ObjectKey, pod: Option<&Pod>) -> Result<(), NotInPlace> {
         let ((endpoint, view), pod) = self.local.get(key).zip(pod).ok_or(NotInPlace)?;
-        let meta = &pod.metadata;
-        let named =
-            namespace_of(meta.namespace.as_ref()) == key.0 && meta.name.as_deref() == Some(&key.1);
+        let named = namespace_or_default(pod.namespace()) == key.0 && pod.name() == Some(&key.1);
         let now = workload(&key.0, &key.1, Some(pod), Some(endpoint), &self.namespaces);
         match now {
             Some(w) if named && local_view(&w) == *view => Ok(()),
@@ -462,8 +459,7 @@ impl PodIndex {
     /// The pod `pod` as the full compile would see it were it no local endpoint: None
     /// when it has no address (pending, host network, terminated).
     fn alone(&self, key: &ObjectKey, pod: &Pod) -> Result<Option<NewPod>, NotInPlace> {
-        let meta = &pod.metadata;
-        if namespace_of(meta.namespace.as_ref()) != key.0 || meta.name.as_deref() != Some(&key.1) {
+        if namespace_or_default(pod.namespace()) != key.0 || pod.name() != Some(&key.1) {
             return Err(NotInPlace);
         }
         let Some(w) = workload(&key.0, &key.1, Some(pod), None, &self.namespaces) else {

@@ -1,14 +1,18 @@
 //! The pods as policy sees them: labels, namespace labels, the address the ipcache gives
 //! them, and their named ports.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
-use k8s_openapi::api::core::v1::Pod;
 use sluice_common::{IDENTITY_WORLD, IpcacheEntry};
-use sluice_store::{LocalEndpoint, Snapshot, selector::Labels};
+use sluice_store::{LocalEndpoint, Pod, Snapshot, selector::Labels};
 
 use super::PolicyInput;
-use crate::{ObjectKind, ObjectRef, Problem, namespace_of, problem::Problems, protocol_number};
+use crate::{
+    ObjectKind, ObjectRef, Problem, namespace_or_default, problem::Problems, protocol_number,
+};
 
 /// A pod as policy sees it.
 pub(super) struct Workload<'a> {
@@ -105,8 +109,8 @@ fn pods_in_order<'a>(
 ) -> (Vec<NamedPod<'a>>, Vec<&'a LocalEndpoint>) {
     let mut by_name: BTreeMap<(&str, &str), Vec<&Pod>> = BTreeMap::new();
     for pod in &snapshot.pods {
-        let namespace = namespace_of(pod.metadata.namespace.as_ref());
-        let name = pod.metadata.name.as_deref().unwrap_or("");
+        let namespace = namespace_or_default(pod.namespace());
+        let name = pod.name().unwrap_or("");
         by_name.entry((namespace, name)).or_default().push(pod);
     }
     let missing = local
@@ -137,36 +141,33 @@ pub(super) fn workload<'a>(
     endpoint: Option<&'a LocalEndpoint>,
     namespaces: &'a BTreeMap<String, Labels>,
 ) -> Option<Workload<'a>> {
-    let status = pod.and_then(|p| p.status.as_ref());
-    let spec = pod.and_then(|p| p.spec.as_ref());
     // A host-network pod is the node as far as addresses go, and a terminated one has
     // none; either still matters if it is a local endpoint, for its flags and rows.
-    let host_network = spec.and_then(|s| s.host_network) == Some(true);
-    let terminated = matches!(
-        status.and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    );
+    let host_network = pod.and_then(Pod::host_network) == Some(true);
+    let terminated = matches!(pod.and_then(Pod::phase), Some("Succeeded" | "Failed"));
     if (host_network || terminated) && endpoint.is_none() {
         return None;
     }
     let address = if host_network || terminated {
         None
     } else {
-        status
-            .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+        pod.and_then(Pod::pod_ip)
+            .and_then(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
             .or(endpoint.and_then(LocalEndpoint::ipv4))
     };
     // Without an address or a local endpoint a pod can be neither reached nor judged.
     if address.is_none() && endpoint.is_none() {
         return None;
     }
-    let ports = spec
+    let ports = pod
         .into_iter()
-        .flat_map(|s| &s.containers)
-        .flat_map(|c| c.ports.iter().flatten())
+        .flat_map(Pod::containers)
+        .flat_map(|c| c.ports.iter())
         .filter_map(|p| {
-            let name = p.name.clone()?;
+            let name = p.name.to_string();
             let proto = protocol_number(p.protocol.as_ref())?;
             let number = u16::try_from(p.container_port).ok()?;
             Some((name, proto, number))
@@ -175,15 +176,13 @@ pub(super) fn workload<'a>(
     Some(Workload {
         namespace,
         name,
-        labels: pod
-            .and_then(|p| p.metadata.labels.clone())
-            .unwrap_or_default(),
+        labels: pod.and_then(Pod::labels).cloned().unwrap_or_default(),
         namespace_labels: namespaces.get(namespace),
         address,
         claimed: address,
         node: endpoint
             .map(|e| e.node.as_str())
-            .or(spec.and_then(|s| s.node_name.as_deref())),
+            .or(pod.and_then(Pod::node_name)),
         ports,
         identity: IDENTITY_WORLD,
     })

@@ -137,9 +137,8 @@ fn the_seed_manifest_makes_two_named_pods_and_a_cluster_ip() {
         .map(|n| n.metadata.name.clone().unwrap())
         .collect();
     assert_eq!(names, ["default", "kube-system"]);
-    let status = snapshot.pods[0].status.as_ref().unwrap();
-    assert_eq!(status.phase.as_deref(), Some("Running"));
-    assert!(slices::is_ready(&snapshot.pods[0]));
+    assert_eq!(snapshot.pods[0].phase(), Some("Running"));
+    assert!(slices::is_ready(&st.pod_objects()[0]));
 }
 
 #[test]
