@@ -22,8 +22,8 @@ use sluice_store::{LocalEndpoint, selector::Labels};
 
 use super::{
     Policy, PolicyInput,
-    cidr::{Block, block},
-    identities, rules,
+    cidr::ipv4_blocks,
+    identities,
     workloads::{Workload, workload},
 };
 use crate::{
@@ -208,18 +208,10 @@ impl PodIndex {
         let mut blocks = Vec::new();
         let mut ignored = Problems::default();
         for p in policies {
-            for (_, peers, _) in rules(p.policy) {
-                for peer in peers.into_iter().flatten() {
-                    if let Some(Block {
-                        cidr: Some(cidr),
-                        except,
-                    }) = block(&p.object, peer, &mut ignored)
-                    {
-                        let b = Block4 { cidr, except };
-                        if !blocks.contains(&b) {
-                            blocks.push(b);
-                        }
-                    }
+            for (cidr, except) in ipv4_blocks(p, &mut ignored) {
+                let b = Block4 { cidr, except };
+                if !blocks.contains(&b) {
+                    blocks.push(b);
                 }
             }
         }

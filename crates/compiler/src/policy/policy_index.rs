@@ -18,7 +18,7 @@ use sluice_store::{LocalEndpoint, selector::Labels};
 
 use super::{
     Policy, PolicyInput,
-    cidr::{self, Block, block},
+    cidr::{self, ipv4_blocks},
     peers::{Group, IdentityPrefixes, PeerGroups, Peers, World},
     pod_index::{Context, Moved, NotInPlace, PodIndex},
     policies_in_order,
@@ -30,6 +30,7 @@ use crate::{
     Delta, DesiredState, Identity, ObjectKind, ObjectRef,
     changes::{ObjectKey, touched},
     identity::LABEL_HOST,
+    ipcache::Ipcache,
     namespace_of,
     problem::Problems,
 };
@@ -85,9 +86,7 @@ pub(crate) struct PolicyIndex {
     peers: BTreeMap<ObjectKey, Vec<Peers>>,
     selected_keys: BTreeSet<String>,
     cidrs: BTreeSet<Ipv4Net>,
-    groups: PeerGroups,
-    prefixes: IdentityPrefixes,
-    namespaces: BTreeMap<String, Labels>,
+    matching: Matching,
     /// By ifindex.
     local: BTreeMap<u32, LocalPod>,
     capacity: u32,
@@ -95,6 +94,26 @@ pub(crate) struct PolicyIndex {
     policy_problems: Problems,
     endpoint_problems: BTreeMap<u32, Problems>,
     host_in_ipcache: bool,
+}
+
+/// What peers are matched against, besides the ipcache.
+struct Matching {
+    groups: PeerGroups,
+    prefixes: IdentityPrefixes,
+    namespaces: BTreeMap<String, Labels>,
+}
+
+impl Matching {
+    /// The world peers are matched in: no pods, only their groups.
+    fn world<'a>(&'a self, ipcache: &'a Ipcache) -> World<'a> {
+        World {
+            ipcache,
+            prefixes: &self.prefixes,
+            workloads: &[],
+            peers: &self.groups,
+            namespaces: &self.namespaces,
+        }
+    }
 }
 
 fn key_of(policy: &NetworkPolicy) -> ObjectKey {
@@ -146,9 +165,11 @@ impl PolicyIndex {
             peers,
             selected_keys: context.selected_keys.clone(),
             cidrs: context.cidrs.clone(),
-            groups: parts.groups,
-            prefixes: parts.prefixes,
-            namespaces: context.namespaces.clone(),
+            matching: Matching {
+                groups: parts.groups,
+                prefixes: parts.prefixes,
+                namespaces: context.namespaces.clone(),
+            },
             local,
             capacity: parts.input.node.policy_map_max,
             base_problems: parts.problems,
@@ -162,8 +183,8 @@ impl PolicyIndex {
     /// has judged that it moves no pod.
     pub(super) fn put_namespace(&mut self, name: &str, labels: Option<Labels>) {
         match labels {
-            Some(labels) => self.namespaces.insert(name.to_string(), labels),
-            None => self.namespaces.remove(name),
+            Some(labels) => self.matching.namespaces.insert(name.to_string(), labels),
+            None => self.matching.namespaces.remove(name),
         };
     }
 
@@ -211,13 +232,7 @@ impl PolicyIndex {
         if cidrs != self.cidrs || selected_pod_keys(&policies) != self.selected_keys {
             return Err(NotInPlace);
         }
-        let world = World {
-            ipcache: &state.ipcache,
-            prefixes: &self.prefixes,
-            workloads: &[],
-            peers: &self.groups,
-            namespaces: &self.namespaces,
-        };
+        let world = self.matching.world(&state.ipcache);
         for p in &mut policies {
             let key = key_of(p.policy);
             if !changes.contains_key(&key) {
@@ -225,17 +240,8 @@ impl PolicyIndex {
                 continue;
             }
             let mut ignored = Problems::default();
-            for (_, peers, _) in rules(p.policy) {
-                for peer in peers.into_iter().flatten() {
-                    if let Some(Block {
-                        cidr: Some(cidr),
-                        except,
-                    }) = block(&p.object, peer, &mut ignored)
-                        && !pods.knows_block(cidr, &except)
-                    {
-                        return Err(NotInPlace);
-                    }
-                }
+            if ipv4_blocks(p, &mut ignored).any(|(cidr, except)| !pods.knows_block(cidr, &except)) {
+                return Err(NotInPlace);
             }
             p.peers = rules(p.policy)
                 .map(|(_, peers, _)| {
@@ -293,8 +299,8 @@ impl PolicyIndex {
         for m in moved {
             match m {
                 Moved::Vanished { identity } => {
-                    self.groups.remove(identity);
-                    self.prefixes.remove(identity);
+                    self.matching.groups.remove(identity);
+                    self.matching.prefixes.remove(identity);
                     for (key, peers) in &mut self.peers {
                         for p in peers.iter_mut() {
                             if let Peers::Identities(ids) = p
@@ -315,13 +321,7 @@ impl PolicyIndex {
                     ports,
                 } => {
                     let group = Group::new(identity, &namespace, &labels, &self.selected_keys);
-                    let world = World {
-                        ipcache: &state.ipcache,
-                        prefixes: &self.prefixes,
-                        workloads: &[],
-                        peers: &self.groups,
-                        namespaces: &self.namespaces,
-                    };
+                    let world = self.matching.world(&state.ipcache);
                     for (key, peers) in &mut self.peers {
                         let Some(policy) = objects.get(key) else {
                             continue;
@@ -338,8 +338,8 @@ impl PolicyIndex {
                             }
                         }
                     }
-                    self.groups.add(group, ports);
-                    self.prefixes.add(identity, address);
+                    self.matching.groups.add(group, ports);
+                    self.matching.prefixes.add(identity, address);
                     state.identities.insert(
                         identity,
                         Identity {
@@ -366,13 +366,7 @@ impl PolicyIndex {
             changed.iter().filter_map(|key| objects.get(key)),
             &mut ignored,
         );
-        let world = World {
-            ipcache: &state.ipcache,
-            prefixes: &self.prefixes,
-            workloads: &[],
-            peers: &self.groups,
-            namespaces: &self.namespaces,
-        };
+        let world = self.matching.world(&state.ipcache);
         let compiled = self.endpoints_of(&world, &changed, &[], &policies);
         drop((changed, policies));
         self.write(compiled, state, delta);
