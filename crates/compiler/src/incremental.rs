@@ -148,7 +148,8 @@ impl CompileCache {
         };
         if workloads && same_node {
             // What failed half way is compiled whole below; `delta` keeps the first values.
-            if index.put_in_place(&changes, &mut delta).is_ok() {
+            if let Ok(renamed) = index.put_in_place(&changes, &mut delta) {
+                stats.identities_renamed = renamed;
                 stats.pods_in_place = changes.pods.len();
                 stats.policies_in_place = changes.network_policies.len();
                 stats.namespaces_in_place = changes.namespaces.len();

@@ -25,7 +25,7 @@ use sluice_store::{
 };
 
 use crate::{
-    DesiredState, NodeContext, ObjectKind, ObjectRef, Problem, ipcache, namespace_of,
+    Delta, DesiredState, NodeContext, ObjectKind, ObjectRef, Problem, ipcache, namespace_of,
     problem::Problems,
 };
 
@@ -82,22 +82,34 @@ pub(crate) struct WorkloadIndex {
 }
 
 impl WorkloadIndex {
-    /// Applies the Namespace `name` written (`Some`) or deleted: in place when its labels
-    /// stay, or when no pod lives in it (no identity and no peer group names it);
-    /// [`NotInPlace`] (with nothing changed) otherwise.
+    /// Applies the Namespace `name` written (`Some`) or deleted: its labels, and when pods
+    /// live in it their identities renamed through the ipcache, the policies' peers and
+    /// the rows that name them (see `pod_index::relabel`), changed in `state` and
+    /// recorded in `delta`; returns how many identities were renamed. [`NotInPlace`]
+    /// when that cannot be done in place; the part must then be compiled whole.
     pub(crate) fn put_namespace(
         &mut self,
         name: &str,
         namespace: Option<&Namespace>,
-    ) -> Result<(), NotInPlace> {
+        state: &mut DesiredState,
+        delta: &mut Delta,
+    ) -> Result<usize, NotInPlace> {
         let labels = namespace.and_then(labels_of_namespace);
         if labels.as_ref().is_some_and(|(n, _)| n != name) {
             return Err(NotInPlace);
         }
         let labels = labels.map(|(_, labels)| labels);
-        self.pods.put_namespace(name, labels.as_ref())?;
-        self.policies.put_namespace(name, labels);
-        Ok(())
+        let local = self.policies.local_in(name);
+        let renamed = self.pods.put_namespace(
+            name,
+            labels.as_ref(),
+            local,
+            &mut state.ipcache,
+            &mut delta.ipcache,
+        )?;
+        self.policies
+            .put_namespace(name, labels, &renamed, state, delta)?;
+        Ok(renamed.len())
     }
 }
 

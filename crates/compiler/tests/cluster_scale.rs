@@ -428,6 +428,24 @@ fn one_change_of_each_kind_at_100k_services() {
         },
     );
     changes_of(
+        "Namespace (relabelled, pods in it)",
+        &mut snapshot,
+        &mut cache,
+        20,
+        &mut |i, version, snapshot| {
+            let at = 2 + i % (shape.namespaces - 2);
+            let mut object = cluster::namespace(&shape, at);
+            object["metadata"]["labels"]["team"] = json!(format!("team-r{i}"));
+            let namespace: Namespace = stamped(object, version);
+            snapshot.namespaces[at] = namespace.clone();
+            let mut changes = Changes::default();
+            changes
+                .namespaces
+                .insert(key(&namespace).1, Some(namespace));
+            changes
+        },
+    );
+    changes_of(
         "NetworkPolicy",
         &mut snapshot,
         &mut cache,

@@ -115,8 +115,11 @@ pub struct CacheStats {
     pub pods_in_place: usize,
     /// NetworkPolicies compiled in place, by the rows of the endpoints they select.
     pub policies_in_place: usize,
-    /// Namespaces whose change moved no pod.
+    /// Namespaces compiled in place.
     pub namespaces_in_place: usize,
+    /// Identities those renamed: a Namespace relabelled with pods in it changes their
+    /// label sets.
+    pub identities_renamed: usize,
     /// Nodes whose change moved no address, route or tunnel.
     pub nodes_in_place: usize,
 }
@@ -505,14 +508,15 @@ impl Index {
     }
 
     /// Compiles the Namespaces, Nodes, NetworkPolicies and then the Pods of `changes` in
-    /// place (see `policy::PodIndex`, `policy::PolicyIndex`, [`NodeIndex`]), or says
-    /// [`NotInPlace`] when one moves more; the part must then be compiled whole (what was
-    /// changed before is in `delta`).
+    /// place (see `policy::PodIndex`, `policy::PolicyIndex`, [`NodeIndex`]), returning
+    /// how many identities a Namespace relabel renamed, or says [`NotInPlace`] when one
+    /// moves more; the part must then be compiled whole (what was changed before is in
+    /// `delta`).
     pub(super) fn put_in_place(
         &mut self,
         changes: &Changes,
         delta: &mut Delta,
-    ) -> Result<(), NotInPlace> {
+    ) -> Result<usize, NotInPlace> {
         let put = self.try_in_place(changes, delta);
         if put.is_err() {
             self.workload_index = None;
@@ -521,7 +525,7 @@ impl Index {
         put
     }
 
-    fn try_in_place(&mut self, changes: &Changes, delta: &mut Delta) -> Result<(), NotInPlace> {
+    fn try_in_place(&mut self, changes: &Changes, delta: &mut Delta) -> Result<usize, NotInPlace> {
         let index = self.workload_index.as_mut().ok_or(NotInPlace)?;
         let nodes = self.node_index.as_mut().ok_or(NotInPlace)?;
         if changes.workloads {
@@ -530,8 +534,10 @@ impl Index {
         for (name, node) in &changes.nodes {
             nodes.put(name, node.as_ref())?;
         }
+        let mut renamed = 0;
         for (name, namespace) in &changes.namespaces {
-            index.put_namespace(name, namespace.as_ref())?;
+            renamed += index.put_namespace(name, namespace.as_ref(), &mut self.state, delta)?;
+            self.workload_problems = index.policies.problems();
         }
         if !changes.network_policies.is_empty() {
             let policies = &changes.network_policies;
@@ -554,7 +560,7 @@ impl Index {
                 self.workload_problems = index.policies.problems();
             }
         }
-        Ok(())
+        Ok(renamed)
     }
 
     /// Sets the state's problems: the Services' and the workloads', by line.

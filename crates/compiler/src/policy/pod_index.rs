@@ -26,6 +26,9 @@ use super::{
     identities,
     workloads::{Workload, workload},
 };
+mod relabel;
+
+pub(crate) use self::relabel::Renamed;
 use crate::{
     changes::{ObjectKey, touched},
     identity,
@@ -175,7 +178,8 @@ pub(crate) struct PodIndex {
     /// And back: identity -> its label set, to know which sets a new one probes past.
     sets: HashMap<u32, Vec<String>>,
     identities: HashMap<u32, IdentityUse>,
-    pods: HashMap<ObjectKey, PodEntry>,
+    /// Sorted, so a namespace's pods are one range.
+    pods: BTreeMap<ObjectKey, PodEntry>,
     /// The local endpoints with a Pod, and what the compile read of it: a change that
     /// keeps that (a status or annotation update) moves nothing.
     local: HashMap<ObjectKey, (LocalEndpoint, LocalView)>,
@@ -192,6 +196,9 @@ pub(crate) struct PodIndex {
     populated: HashSet<String>,
     /// Namespaces the snapshot defines twice.
     namespaces_twice: HashSet<String>,
+    /// Namespaces where a pod has a label that [`identity::mimics_namespace`]: their
+    /// relabel is compiled whole.
+    mimicked: HashSet<String>,
     /// /32s the ipcache gives something else than a pod: node and router addresses, a
     /// policy CIDR or pod CIDR of one address.
     reserved: HashSet<Ipv4Addr>,
@@ -256,13 +263,14 @@ impl PodIndex {
             numbers: HashMap::new(),
             sets: HashMap::new(),
             identities: HashMap::new(),
-            pods: HashMap::new(),
+            pods: BTreeMap::new(),
             whole,
             local,
             claims: HashMap::new(),
             displaced: BTreeMap::new(),
             reserved,
             populated: HashSet::new(),
+            mimicked: HashSet::new(),
             namespaces_twice: twice(
                 input
                     .snapshot
@@ -288,6 +296,7 @@ impl PodIndex {
         if !self.populated.contains(w.namespace) {
             self.populated.insert(w.namespace.to_string());
         }
+        self.note_mimicry(w.namespace, &w.labels);
         if let Some(claimed) = w.claimed {
             *self.claims.entry(claimed).or_default() += 1;
         }
@@ -321,26 +330,11 @@ impl PodIndex {
         }
     }
 
-    /// Takes the labels of the Namespace `name` (None: gone), if that moves no pod.
-    pub(super) fn put_namespace(
-        &mut self,
-        name: &str,
-        labels: Option<&Labels>,
-    ) -> Result<(), NotInPlace> {
-        if self.namespaces_twice.contains(name) {
-            return Err(NotInPlace);
+    /// Remembers a namespace whose pod has a label that [`identity::mimics_namespace`].
+    fn note_mimicry(&mut self, namespace: &str, labels: &Labels) {
+        if labels.keys().any(|k| identity::mimics_namespace(k)) {
+            self.mimicked.insert(namespace.to_string());
         }
-        if self.namespaces.get(name) == labels {
-            return Ok(());
-        }
-        if self.populated.contains(name) {
-            return Err(NotInPlace);
-        }
-        match labels {
-            Some(labels) => self.namespaces.insert(name.to_string(), labels.clone()),
-            None => self.namespaces.remove(name),
-        };
-        Ok(())
     }
 
     /// Applies the Pod `key` written (`Some`) or deleted, changing its ipcache entries in
@@ -406,6 +400,7 @@ impl PodIndex {
                 new_set,
                 labels,
             } = new;
+            self.note_mimicry(&key.0, &labels);
             self.claims.insert(entry.address, 1);
             let k = IpcacheKey::new(entry.address, 32);
             let value = IpcacheEntry {

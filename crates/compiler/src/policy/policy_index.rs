@@ -9,18 +9,26 @@
 //! changed in place since keeps every identity's groups, named ports and ipBlock verdicts
 //! (see `pod_index`), so they still answer as a full compile would.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::{
+    api::networking::v1::NetworkPolicy, apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
 use sluice_common::IDENTITY_HOST;
-use sluice_store::{LocalEndpoint, selector::Labels};
+use sluice_store::{
+    LocalEndpoint,
+    selector::{self, Labels},
+};
 
 use super::{
     Policy, PolicyInput,
     cidr::{self, ipv4_blocks},
     peers::{Group, IdentityPrefixes, PeerGroups, Peers, World},
-    pod_index::{Context, Moved, NotInPlace, PodIndex},
+    pod_index::{Context, Moved, NotInPlace, PodIndex, Renamed},
     policies_in_order,
     rows::CompiledEndpoint,
     rules, selected_pod_keys, selects,
@@ -179,13 +187,114 @@ impl PolicyIndex {
         }
     }
 
-    /// Takes the labels of the Namespace `name` (None: gone); `PodIndex::put_namespace`
-    /// has judged that it moves no pod.
-    pub(super) fn put_namespace(&mut self, name: &str, labels: Option<Labels>) {
-        match labels {
+    /// The identities and addresses of the local endpoints in namespace `name`.
+    pub(crate) fn local_in(&self, name: &str) -> (BTreeSet<u32>, BTreeSet<Ipv4Addr>) {
+        let local = self.local.values().filter(|l| l.endpoint.namespace == name);
+        let mut out = (BTreeSet::new(), BTreeSet::new());
+        for l in local {
+            out.0.extend(l.pod.as_ref().map(|p| p.identity));
+            out.1.extend(l.endpoint.ipv4());
+        }
+        out
+    }
+
+    /// Takes the labels of the Namespace `name` (None: gone), whose pods'
+    /// identities `PodIndex::put_namespace` renamed: the peer groups, the identities
+    /// table, the peers of every rule (renamed, and matched again where a
+    /// namespaceSelector's verdict on the namespace flips), and the rows of the endpoints
+    /// of the namespace and of those selected by a policy whose peers changed.
+    pub(crate) fn put_namespace(
+        &mut self,
+        name: &str,
+        labels: Option<Labels>,
+        renamed: &Renamed,
+        state: &mut DesiredState,
+        delta: &mut Delta,
+    ) -> Result<(), NotInPlace> {
+        let old = match labels {
             Some(labels) => self.matching.namespaces.insert(name.to_string(), labels),
             None => self.matching.namespaces.remove(name),
         };
+        if renamed.is_empty() {
+            return Ok(());
+        }
+        let objects = self.objects.as_ref().ok_or(NotInPlace)?;
+        self.matching.groups.rename(renamed);
+        self.matching.prefixes.rename(renamed);
+        let mut also = BTreeSet::new();
+        for (&ifindex, local) in &mut self.local {
+            if local.endpoint.namespace != name {
+                continue;
+            }
+            also.insert(ifindex);
+            if let Some(pod) = &mut local.pod
+                && let Some(&(new, _)) = renamed.get(&pod.identity)
+            {
+                pod.identity = new;
+            }
+        }
+        let named: Vec<Identity> = renamed
+            .iter()
+            .filter_map(|(old, (new, set))| {
+                state.identities.remove(old)?;
+                let labels = set.clone();
+                Some(Identity { id: *new, labels })
+            })
+            .collect();
+        state
+            .identities
+            .extend(named.into_iter().map(|i| (i.id, i)));
+        let new = self.matching.namespaces.get(name);
+        let world = self.matching.world(&state.ipcache);
+        let groups: Vec<&Group> = self.matching.groups.in_namespace(name).collect();
+        let verdict = |s: &LabelSelector, labels: Option<&Labels>| {
+            labels.is_some_and(|l| selector::matches(s, l))
+        };
+        let mut changed = BTreeSet::new();
+        for (key, peers) in &mut self.peers {
+            let Some(policy) = objects.get(key) else {
+                continue;
+            };
+            let object = ObjectRef::new(ObjectKind::NetworkPolicy, &key.0, &key.1);
+            for ((_, list, _), p) in rules(policy).zip(peers.iter_mut()) {
+                let Peers::Identities(ids) = p else { continue };
+                let gone: Vec<u32> = renamed
+                    .keys()
+                    .filter(|id| ids.remove(id))
+                    .copied()
+                    .collect();
+                let mut moved = !gone.is_empty();
+                ids.extend(gone.iter().filter_map(|id| renamed.get(id)).map(|r| r.0));
+                let list = list.map(Vec::as_slice).unwrap_or_default();
+                let flips = list.iter().any(|peer| {
+                    peer.namespace_selector
+                        .as_ref()
+                        .is_some_and(|s| verdict(s, old.as_ref()) != verdict(s, new))
+                });
+                if !flips {
+                    if moved {
+                        changed.insert(key.clone());
+                    }
+                    continue;
+                }
+                for g in &groups {
+                    let selects = list
+                        .iter()
+                        .any(|peer| world.selects_group(&object, &key.0, peer, g));
+                    moved |= if selects {
+                        ids.insert(g.identity)
+                    } else {
+                        ids.remove(&g.identity)
+                    };
+                }
+                if moved {
+                    changed.insert(key.clone());
+                }
+            }
+        }
+        drop((world, groups));
+        self.rows_again(&changed, &also, state, delta);
+        Ok(())
     }
 
     /// Records what the rows of the endpoint `ifindex` could not represent.
@@ -255,7 +364,7 @@ impl PolicyIndex {
             &mut Problems::default(),
         );
         let after = policies_in_order(changes.values().flatten(), &mut Problems::default());
-        let compiled = self.endpoints_of(&world, &before, &after, &policies);
+        let compiled = self.endpoints_of(&world, &before, &after, &policies, &BTreeSet::new());
         let new_peers: Vec<(ObjectKey, Vec<Peers>)> = policies
             .iter_mut()
             .map(|p| (key_of(p.policy), std::mem::take(&mut p.peers)))
@@ -350,7 +459,22 @@ impl PolicyIndex {
                 }
             }
         }
-        if changed.is_empty() {
+        self.rows_again(&changed, &BTreeSet::new(), state, delta);
+    }
+
+    /// Compiles again the rows of the endpoints that a policy of `changed` selects, and
+    /// of those of `also` (by ifindex).
+    fn rows_again(
+        &mut self,
+        changed: &BTreeSet<ObjectKey>,
+        also: &BTreeSet<u32>,
+        state: &mut DesiredState,
+        delta: &mut Delta,
+    ) {
+        let Some(objects) = &self.objects else {
+            return;
+        };
+        if changed.is_empty() && also.is_empty() {
             return;
         }
         let mut ignored = Problems::default();
@@ -367,24 +491,25 @@ impl PolicyIndex {
             &mut ignored,
         );
         let world = self.matching.world(&state.ipcache);
-        let compiled = self.endpoints_of(&world, &changed, &[], &policies);
+        let compiled = self.endpoints_of(&world, &changed, &[], &policies, also);
         drop((changed, policies));
         self.write(compiled, state, delta);
     }
 
-    /// The local endpoints a policy of `before` or `after` selects, compiled against
-    /// `policies`.
+    /// The local endpoints a policy of `before` or `after` selects, and those of `also`,
+    /// compiled against `policies`.
     fn endpoints_of(
         &self,
         world: &World<'_>,
         before: &[Policy<'_>],
         after: &[Policy<'_>],
         policies: &[Policy<'_>],
+        also: &BTreeSet<u32>,
     ) -> Vec<(u32, CompiledEndpoint)> {
         let mut compiled = Vec::new();
         for (&ifindex, local) in &self.local {
             let Some(w) = local.workload() else { continue };
-            if before.iter().chain(after).any(|p| selects(p, &w)) {
+            if also.contains(&ifindex) || before.iter().chain(after).any(|p| selects(p, &w)) {
                 let endpoint = world.endpoint(&local.endpoint, &w, policies, self.capacity);
                 compiled.push((ifindex, endpoint));
             }
