@@ -148,7 +148,7 @@ impl CompileCache {
         };
         if workloads && same_node {
             // What failed half way is compiled whole below; `delta` keeps the first values.
-            if let Ok(renamed) = index.put_in_place(&changes, &mut delta) {
+            if let Ok(renamed) = index.put_in_place(snapshot, &changes, &mut delta) {
                 stats.identities_renamed = renamed;
                 stats.pods_in_place = changes.pods.len();
                 stats.policies_in_place = changes.network_policies.len();

@@ -168,6 +168,7 @@ impl Nodes {
 }
 
 /// The ipcache entries of the nodes' own addresses.
+#[derive(Clone)]
 pub(crate) struct NodeAddresses {
     pub entries: BTreeMap<Ipv4Addr, IpcacheEntry>,
     /// Router addresses that are no node's `status.addresses`. They carry the node's

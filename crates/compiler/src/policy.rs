@@ -38,6 +38,7 @@ mod peers_tests;
 mod pod_index;
 mod policy_index;
 mod ports;
+mod remote_nodes;
 mod rows;
 mod workloads;
 
@@ -79,6 +80,8 @@ pub(crate) struct PolicyInput<'a> {
 pub(crate) struct WorkloadIndex {
     pub pods: PodIndex,
     pub policies: PolicyIndex,
+    /// The ipcache entries of the nodes' addresses, for `remote_nodes`.
+    pub node_addresses: crate::nodes::NodeAddresses,
 }
 
 impl WorkloadIndex {
@@ -249,7 +252,11 @@ fn resolve_indexed<R>(
             host_in_ipcache: state.ipcache.values().any(|e| e.identity == IDENTITY_HOST),
         };
         let policies = PolicyIndex::new(&context, parts, policies);
-        WorkloadIndex { pods, policies }
+        WorkloadIndex {
+            pods,
+            policies,
+            node_addresses: node_addresses.clone(),
+        }
     });
     problems.extend(&policy_problems);
     (answer, labels_of, index)

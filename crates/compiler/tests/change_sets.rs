@@ -121,15 +121,31 @@ fn change_set(
             "network policy"
         }
         9 => {
-            let at = rng.usize(..snapshot.nodes.len());
-            let (name, address, cidr) = [
-                (NODE, "172.16.0.1", "10.0.1.0/24"),
-                ("node-b", "172.16.0.2", "10.0.2.0/24"),
-            ][at];
-            snapshot.nodes[at] = from_json(node_object(rng, name, address, cidr));
-            changes
+            // Another node relabelled, readdressed, given another pod CIDR (sometimes one
+            // overlapping node-b's), added or removed; or this node changed.
+            let (name, addresses, cidrs): (&str, &[&str], &[&str]) = match rng.u8(..4) {
+                0 => (NODE, &["172.16.0.1"], &["10.0.1.0/24"]),
+                1 => ("node-b", &["172.16.0.2"], &["10.0.2.0/24"]),
+                2 => (
+                    "node-b",
+                    &["172.16.0.2", "172.16.0.5"],
+                    &["10.0.2.0/24", "10.0.2.0/25"],
+                ),
+                _ => (
+                    "node-c",
+                    &["172.16.0.3", "172.16.0.4"],
+                    &["10.0.3.0/24", "10.0.3.0/25", "10.0.2.0/24"],
+                ),
+            };
+            snapshot
                 .nodes
-                .insert(name.to_string(), Some(snapshot.nodes[at].clone()));
+                .retain(|n| n.metadata.name.as_deref() != Some(name));
+            let node = (name == NODE || rng.u8(..4) != 0).then(|| {
+                let (address, cidr) = (*pick(rng, addresses), *pick(rng, cidrs));
+                from_json::<k8s_openapi::api::core::v1::Node>(node_object(rng, name, address, cidr))
+            });
+            snapshot.nodes.extend(node.clone());
+            changes.nodes.insert(name.to_string(), node);
             "node"
         }
         _ => match rng.u8(..3) {
@@ -244,6 +260,7 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
     let (mut in_place, mut policies, mut namespaces, mut nodes) = (0, 0, 0, 0);
     // Namespace changes that renamed identities in place, and those compiled whole.
     let (mut relabelled, mut renamed, mut namespaces_whole) = (0, 0, 0);
+    let (mut node_changes, mut nodes_whole) = (0, 0);
     for seed in 0..300 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let (mut snapshot, mut node) = cluster(&mut rng);
@@ -303,6 +320,10 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
             namespaces += cache.stats().namespaces_in_place;
             nodes += cache.stats().nodes_in_place;
             renamed += cache.stats().identities_renamed;
+            if what.ends_with("(node)") {
+                node_changes += 1;
+                nodes_whole += usize::from(cache.stats().workloads_compiled);
+            }
             if what.ends_with("(namespace)") {
                 relabelled += usize::from(cache.stats().identities_renamed > 0);
                 namespaces_whole += usize::from(cache.stats().workloads_compiled);
@@ -314,13 +335,17 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
         "300 cases x 30 steps: {touched} entries touched, {contested} Services contested, \
          compiled in place: {in_place} Pods, {policies} NetworkPolicies, {namespaces} \
          Namespaces ({relabelled} relabelled with pods, {renamed} identities renamed; \
-         {namespaces_whole} compiled whole), {nodes} Nodes"
+         {namespaces_whole} compiled whole), {nodes} Nodes ({nodes_whole} of {node_changes} \
+         Node changes compiled whole)"
     );
     assert!(contested > 0 && touched > 0);
     assert!(in_place > 0 && policies > 0 && namespaces > 0 && nodes > 0);
     // Only a namespace where a pod's label reads like a namespace's (one pod in twenty
     // has one), or a renumbering that would move another identity, is compiled whole.
     assert!(relabelled > 0 && namespaces_whole * 4 < relabelled);
+    // This node, a node address a pod claims and a contested pod address are compiled
+    // whole; other nodes' changes in place.
+    assert!(nodes_whole * 2 < node_changes);
 }
 
 /// The number a label set's hash names: FNV-1a (64 bit) of the sorted labels joined by

@@ -120,7 +120,8 @@ pub struct CacheStats {
     /// Identities those renamed: a Namespace relabelled with pods in it changes their
     /// label sets.
     pub identities_renamed: usize,
-    /// Nodes whose change moved no address, route or tunnel.
+    /// Nodes compiled in place: another node's labels, or its addresses, pod CIDR or
+    /// being at all.
     pub nodes_in_place: usize,
 }
 
@@ -514,10 +515,11 @@ impl Index {
     /// `delta`).
     pub(super) fn put_in_place(
         &mut self,
+        snapshot: &Snapshot,
         changes: &Changes,
         delta: &mut Delta,
     ) -> Result<usize, NotInPlace> {
-        let put = self.try_in_place(changes, delta);
+        let put = self.try_in_place(snapshot, changes, delta);
         if put.is_err() {
             self.workload_index = None;
             self.node_index = None;
@@ -525,14 +527,27 @@ impl Index {
         put
     }
 
-    fn try_in_place(&mut self, changes: &Changes, delta: &mut Delta) -> Result<usize, NotInPlace> {
+    fn try_in_place(
+        &mut self,
+        snapshot: &Snapshot,
+        changes: &Changes,
+        delta: &mut Delta,
+    ) -> Result<usize, NotInPlace> {
         let index = self.workload_index.as_mut().ok_or(NotInPlace)?;
         let nodes = self.node_index.as_mut().ok_or(NotInPlace)?;
         if changes.workloads {
             return Err(NotInPlace);
         }
+        let mut moved = BTreeSet::new();
         for (name, node) in &changes.nodes {
-            nodes.put(name, node.as_ref())?;
+            if nodes.put(name, node.as_ref())? {
+                moved.insert(name.clone());
+            }
+        }
+        if !moved.is_empty() {
+            let this = &self.node.node;
+            index.put_nodes(snapshot, this, &moved, &mut self.state, delta)?;
+            self.workload_problems = index.policies.problems();
         }
         let mut renamed = 0;
         for (name, namespace) in &changes.namespaces {

@@ -257,11 +257,7 @@ impl World<'_> {
             Some(Block {
                 cidr: Some(cidr),
                 except,
-            }) => self
-                .prefixes
-                .by_identity
-                .get(&group.identity)
-                .is_some_and(|p| p.in_block(cidr, &except)),
+            }) => self.prefixes.in_block(group.identity, cidr, &except),
             _ => false,
         }
     }
@@ -333,9 +329,45 @@ impl IdentityPrefixes {
         );
     }
 
+    /// Whether an ipBlock selects `identity`, by its prefixes.
+    pub(super) fn in_block(&self, identity: u32, cidr: Ipv4Net, except: &[Ipv4Net]) -> bool {
+        self.by_identity
+            .get(&identity)
+            .is_some_and(|p| p.in_block(cidr, except))
+    }
+
     /// Gives each identity of `renamed` its new number.
     pub(super) fn rename(&mut self, renamed: &Renamed) {
         rename_keys(&mut self.by_identity, renamed);
+    }
+
+    /// Moves `prefix` from the identity `from` to `to` (None: not among the prefixes).
+    pub(super) fn move_prefix(&mut self, prefix: Ipv4Net, from: Option<u32>, to: Option<u32>) {
+        let prefix = prefix.trunc();
+        let at = (prefix.network(), prefix.prefix_len());
+        if let Some(id) = from
+            && let Some(prefixes) = self.by_identity.get_mut(&id)
+        {
+            prefixes.all.remove(&at);
+            let mut all = prefixes
+                .all
+                .iter()
+                .filter_map(|&(a, len)| Ipv4Net::new(a, len).ok());
+            match all.next() {
+                Some(first) => prefixes.common = all.fold(first, common),
+                None => {
+                    self.by_identity.remove(&id);
+                }
+            }
+        }
+        if let Some(id) = to {
+            let entry = self.by_identity.entry(id).or_insert(Prefixes {
+                common: prefix,
+                all: BTreeSet::new(),
+            });
+            entry.common = common(entry.common, prefix);
+            entry.all.insert(at);
+        }
     }
 
     /// Forgets an identity gone from the ipcache.

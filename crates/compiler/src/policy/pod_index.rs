@@ -26,8 +26,10 @@ use super::{
     identities,
     workloads::{Workload, workload},
 };
+mod nodes;
 mod relabel;
 
+use self::nodes::NodeNames;
 pub(crate) use self::relabel::Renamed;
 use crate::{
     changes::{ObjectKey, touched},
@@ -140,6 +142,8 @@ struct PodEntry {
     /// The address it claims; it holds it in the ipcache unless contested.
     address: Ipv4Addr,
     ports: Vec<NamedPort>,
+    /// Its node's name in [`PodIndex::node_names`], when it names one.
+    node: Option<u32>,
 }
 
 /// A pod as compiled alone, before it joins the index.
@@ -196,6 +200,8 @@ pub(crate) struct PodIndex {
     populated: HashSet<String>,
     /// Namespaces the snapshot defines twice.
     namespaces_twice: HashSet<String>,
+    /// The names of the nodes pods name, each once.
+    node_names: NodeNames,
     /// Namespaces where a pod has a label that [`identity::mimics_namespace`]: their
     /// relabel is compiled whole.
     mimicked: HashSet<String>,
@@ -271,6 +277,7 @@ impl PodIndex {
             reserved,
             populated: HashSet::new(),
             mimicked: HashSet::new(),
+            node_names: NodeNames::default(),
             namespaces_twice: twice(
                 input
                     .snapshot
@@ -325,6 +332,7 @@ impl PodIndex {
                 identity: w.identity,
                 address,
                 ports: w.ports.clone(),
+                node: w.node.map(|n| self.node_names.intern(n)),
             };
             self.pods.insert(key, entry);
         }
@@ -395,11 +403,12 @@ impl PodIndex {
         }
         if let Some(new) = new {
             let NewPod {
-                entry,
+                mut entry,
                 node,
                 new_set,
                 labels,
             } = new;
+            entry.node = node.as_deref().map(|n| self.node_names.intern(n));
             self.note_mimicry(&key.0, &labels);
             self.claims.insert(entry.address, 1);
             let k = IpcacheKey::new(entry.address, 32);
@@ -469,6 +478,8 @@ impl PodIndex {
                 identity,
                 address,
                 ports: w.ports,
+                // Interned once it joins the index.
+                node: None,
             },
             node: w.node.map(str::to_string),
             new_set,
