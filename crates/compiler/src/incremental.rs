@@ -136,8 +136,18 @@ impl CompileCache {
         let mut delta = Delta::default();
         let fresh = self.index.is_none();
         let said = changes.touches_workloads();
-        let same_node = self.index.as_ref().is_some_and(|i| i.node == *node);
-        let mut workloads = said || !same_node;
+        // The interfaces follow the local endpoints, compiled in place with them.
+        let (same_node, interfaces_moved) = match &self.index {
+            Some(i) => (
+                i.node.node == node.node
+                    && i.node.policy_map_max == node.policy_map_max
+                    && i.node.balancing == node.balancing,
+                i.node.interfaces != node.interfaces,
+            ),
+            None => (false, false),
+        };
+        let endpoints = changes.endpoints || interfaces_moved;
+        let mut workloads = said || endpoints || !same_node;
         if said {
             // Said by the caller, not found by `refresh`: its record is stale.
             self.inputs_stale = true;
@@ -148,8 +158,11 @@ impl CompileCache {
         };
         if workloads && same_node {
             // What failed half way is compiled whole below; `delta` keeps the first values.
-            if let Ok(renamed) = index.put_in_place(snapshot, &changes, &mut delta) {
+            if let Ok(renamed) = index.put_in_place(snapshot, &changes, endpoints, node, &mut delta)
+            {
                 stats.identities_renamed = renamed;
+                stats.endpoints_in_place = endpoints;
+                index.node = node.clone();
                 stats.pods_in_place = changes.pods.len();
                 stats.policies_in_place = changes.network_policies.len();
                 stats.namespaces_in_place = changes.namespaces.len();

@@ -32,6 +32,7 @@ use crate::{
 mod cidr;
 pub(crate) mod explain;
 mod identities;
+mod local_endpoints;
 mod peers;
 #[cfg(test)]
 mod peers_tests;
@@ -82,6 +83,8 @@ pub(crate) struct WorkloadIndex {
     pub policies: PolicyIndex,
     /// The ipcache entries of the nodes' addresses, for `remote_nodes`.
     pub node_addresses: crate::nodes::NodeAddresses,
+    /// This node's local endpoints, admitted or not, for `local_endpoints`.
+    pub local_endpoints: Vec<LocalEndpoint>,
 }
 
 impl WorkloadIndex {
@@ -256,6 +259,12 @@ fn resolve_indexed<R>(
             pods,
             policies,
             node_addresses: node_addresses.clone(),
+            local_endpoints: snapshot
+                .endpoints
+                .iter()
+                .filter(|e| e.node == this)
+                .cloned()
+                .collect(),
         }
     });
     problems.extend(&policy_problems);

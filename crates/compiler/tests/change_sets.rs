@@ -167,7 +167,19 @@ fn change_set(
             }
             1 => {
                 churn(rng, &mut snapshot.endpoints, |rng| endpoint(rng.usize(..5)));
-                changes.workloads = true;
+                changes.endpoints = true;
+                if rng.bool() {
+                    // As the agent does: the interfaces of the endpoints there are (lxc4
+                    // never is).
+                    node.interfaces = snapshot
+                        .endpoints
+                        .iter()
+                        .filter_map(|e| {
+                            let i: u32 = e.interface.strip_prefix("lxc")?.parse().ok()?;
+                            (i < 4).then(|| (e.interface.clone(), 100 + i))
+                        })
+                        .collect();
+                }
                 "local endpoint"
             }
             _ => {
@@ -261,6 +273,7 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
     // Namespace changes that renamed identities in place, and those compiled whole.
     let (mut relabelled, mut renamed, mut namespaces_whole) = (0, 0, 0);
     let (mut node_changes, mut nodes_whole) = (0, 0);
+    let (mut endpoint_changes, mut endpoints_in_place) = (0, 0);
     for seed in 0..300 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let (mut snapshot, mut node) = cluster(&mut rng);
@@ -320,6 +333,10 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
             namespaces += cache.stats().namespaces_in_place;
             nodes += cache.stats().nodes_in_place;
             renamed += cache.stats().identities_renamed;
+            if what.ends_with("(local endpoint)") {
+                endpoint_changes += 1;
+                endpoints_in_place += usize::from(cache.stats().endpoints_in_place);
+            }
             if what.ends_with("(node)") {
                 node_changes += 1;
                 nodes_whole += usize::from(cache.stats().workloads_compiled);
@@ -336,7 +353,8 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
          compiled in place: {in_place} Pods, {policies} NetworkPolicies, {namespaces} \
          Namespaces ({relabelled} relabelled with pods, {renamed} identities renamed; \
          {namespaces_whole} compiled whole), {nodes} Nodes ({nodes_whole} of {node_changes} \
-         Node changes compiled whole)"
+         Node changes compiled whole), local endpoints {endpoints_in_place} of \
+         {endpoint_changes} times"
     );
     assert!(contested > 0 && touched > 0);
     assert!(in_place > 0 && policies > 0 && namespaces > 0 && nodes > 0);
@@ -346,6 +364,9 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
     // This node, a node address a pod claims and a contested pod address are compiled
     // whole; other nodes' changes in place.
     assert!(nodes_whole * 2 < node_changes);
+    // An endpoint without its own Pod address, interface or Pod object is compiled whole;
+    // the generator makes many.
+    assert!(endpoints_in_place > 0);
 }
 
 /// The number a label set's hash names: FNV-1a (64 bit) of the sorted labels joined by

@@ -111,6 +111,8 @@ pub struct CacheStats {
     pub services_contested: usize,
     /// Whether the part that does not read Services was recomputed.
     pub workloads_compiled: bool,
+    /// Whether the local endpoints changed and were compiled in place.
+    pub endpoints_in_place: bool,
     /// Pods compiled in place, by their ipcache entries alone.
     pub pods_in_place: usize,
     /// NetworkPolicies compiled in place, by the rows of the endpoints they select.
@@ -509,7 +511,8 @@ impl Index {
     }
 
     /// Compiles the Namespaces, Nodes, NetworkPolicies and then the Pods of `changes` in
-    /// place (see `policy::PodIndex`, `policy::PolicyIndex`, [`NodeIndex`]), returning
+    /// place (see `policy::PodIndex`, `policy::PolicyIndex`, [`NodeIndex`]), and with
+    /// `endpoints` the local endpoints of `snapshot` on `node`, returning
     /// how many identities a Namespace relabel renamed, or says [`NotInPlace`] when one
     /// moves more; the part must then be compiled whole (what was changed before is in
     /// `delta`).
@@ -517,9 +520,11 @@ impl Index {
         &mut self,
         snapshot: &Snapshot,
         changes: &Changes,
+        endpoints: bool,
+        node: &NodeContext,
         delta: &mut Delta,
     ) -> Result<usize, NotInPlace> {
-        let put = self.try_in_place(snapshot, changes, delta);
+        let put = self.try_in_place(snapshot, changes, endpoints, node, delta);
         if put.is_err() {
             self.workload_index = None;
             self.node_index = None;
@@ -531,6 +536,8 @@ impl Index {
         &mut self,
         snapshot: &Snapshot,
         changes: &Changes,
+        endpoints: bool,
+        node: &NodeContext,
         delta: &mut Delta,
     ) -> Result<usize, NotInPlace> {
         let index = self.workload_index.as_mut().ok_or(NotInPlace)?;
@@ -574,6 +581,10 @@ impl Index {
                 index.policies.follow(moved, &mut self.state, delta);
                 self.workload_problems = index.policies.problems();
             }
+        }
+        if endpoints {
+            index.put_endpoints(snapshot, node, &mut self.state, delta)?;
+            self.workload_problems = index.policies.problems();
         }
         Ok(renamed)
     }

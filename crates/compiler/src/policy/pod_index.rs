@@ -26,11 +26,12 @@ use super::{
     identities,
     workloads::{Workload, workload},
 };
+mod local;
 mod nodes;
 mod relabel;
 
 use self::nodes::NodeNames;
-pub(crate) use self::relabel::Renamed;
+pub(crate) use self::{local::Attached, relabel::Renamed};
 use crate::{
     changes::{ObjectKey, touched},
     identity,
