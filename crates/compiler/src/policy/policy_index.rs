@@ -9,20 +9,12 @@
 //! changed in place since keeps every identity's groups, named ports and ipBlock verdicts
 //! (see `pod_index`), so they still answer as a full compile would.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::{
-    api::networking::v1::NetworkPolicy, apimachinery::pkg::apis::meta::v1::LabelSelector,
-};
-use sluice_common::{IDENTITY_HOST, IDENTITY_REMOTE_NODE};
-use sluice_store::{
-    LocalEndpoint,
-    selector::{self, Labels},
-};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use sluice_common::IDENTITY_HOST;
+use sluice_store::{LocalEndpoint, selector::Labels};
 
 use super::{
     Policy, PolicyInput,
@@ -38,11 +30,15 @@ use super::{
 use crate::{
     Delta, DesiredState, Identity, ObjectKind, ObjectRef,
     changes::{ObjectKey, touched},
-    identity::{LABEL_HOST, LABEL_REMOTE_NODE},
+    identity::LABEL_HOST,
     ipcache::Ipcache,
     namespace_of,
     problem::Problems,
 };
+
+mod local;
+mod nodes;
+mod relabel;
 
 /// What [`PolicyIndex::new`] takes from the full compile besides the policies.
 pub(super) struct Parts<'a> {
@@ -186,249 +182,6 @@ impl PolicyIndex {
             endpoint_problems: BTreeMap::new(),
             host_in_ipcache: parts.host_in_ipcache,
         }
-    }
-
-    /// The identities and addresses of the local endpoints in namespace `name`.
-    pub(crate) fn local_in(&self, name: &str) -> (BTreeSet<u32>, BTreeSet<Ipv4Addr>) {
-        let local = self.local.values().filter(|l| l.endpoint.namespace == name);
-        let mut out = (BTreeSet::new(), BTreeSet::new());
-        for l in local {
-            out.0.extend(l.pod.as_ref().map(|p| p.identity));
-            out.1.extend(l.endpoint.ipv4());
-        }
-        out
-    }
-
-    /// Takes the labels of the Namespace `name` (None: gone), whose pods'
-    /// identities `PodIndex::put_namespace` renamed: the peer groups, the identities
-    /// table, the peers of every rule (renamed, and matched again where a
-    /// namespaceSelector's verdict on the namespace flips), and the rows of the endpoints
-    /// of the namespace and of those selected by a policy whose peers changed.
-    pub(crate) fn put_namespace(
-        &mut self,
-        name: &str,
-        labels: Option<Labels>,
-        renamed: &Renamed,
-        state: &mut DesiredState,
-        delta: &mut Delta,
-    ) -> Result<(), NotInPlace> {
-        let old = match labels {
-            Some(labels) => self.matching.namespaces.insert(name.to_string(), labels),
-            None => self.matching.namespaces.remove(name),
-        };
-        if renamed.is_empty() {
-            return Ok(());
-        }
-        let objects = self.objects.as_ref().ok_or(NotInPlace)?;
-        self.matching.groups.rename(renamed);
-        self.matching.prefixes.rename(renamed);
-        let mut also = BTreeSet::new();
-        for (&ifindex, local) in &mut self.local {
-            if local.endpoint.namespace != name {
-                continue;
-            }
-            also.insert(ifindex);
-            if let Some(pod) = &mut local.pod
-                && let Some(&(new, _)) = renamed.get(&pod.identity)
-            {
-                pod.identity = new;
-            }
-        }
-        let named: Vec<Identity> = renamed
-            .iter()
-            .filter_map(|(old, (new, set))| {
-                state.identities.remove(old)?;
-                let labels = set.clone();
-                Some(Identity { id: *new, labels })
-            })
-            .collect();
-        state
-            .identities
-            .extend(named.into_iter().map(|i| (i.id, i)));
-        let new = self.matching.namespaces.get(name);
-        let world = self.matching.world(&state.ipcache);
-        let groups: Vec<&Group> = self.matching.groups.in_namespace(name).collect();
-        let verdict = |s: &LabelSelector, labels: Option<&Labels>| {
-            labels.is_some_and(|l| selector::matches(s, l))
-        };
-        let mut changed = BTreeSet::new();
-        for (key, peers) in &mut self.peers {
-            let Some(policy) = objects.get(key) else {
-                continue;
-            };
-            let object = ObjectRef::new(ObjectKind::NetworkPolicy, &key.0, &key.1);
-            for ((_, list, _), p) in rules(policy).zip(peers.iter_mut()) {
-                let Peers::Identities(ids) = p else { continue };
-                let gone: Vec<u32> = renamed
-                    .keys()
-                    .filter(|id| ids.remove(id))
-                    .copied()
-                    .collect();
-                let mut moved = !gone.is_empty();
-                ids.extend(gone.iter().filter_map(|id| renamed.get(id)).map(|r| r.0));
-                let list = list.map(Vec::as_slice).unwrap_or_default();
-                let flips = list.iter().any(|peer| {
-                    peer.namespace_selector
-                        .as_ref()
-                        .is_some_and(|s| verdict(s, old.as_ref()) != verdict(s, new))
-                });
-                if !flips {
-                    if moved {
-                        changed.insert(key.clone());
-                    }
-                    continue;
-                }
-                for g in &groups {
-                    let selects = list
-                        .iter()
-                        .any(|peer| world.selects_group(&object, &key.0, peer, g));
-                    moved |= if selects {
-                        ids.insert(g.identity)
-                    } else {
-                        ids.remove(&g.identity)
-                    };
-                }
-                if moved {
-                    changed.insert(key.clone());
-                }
-            }
-        }
-        drop((world, groups));
-        self.rows_again(&changed, &also, state, delta);
-        Ok(())
-    }
-
-    /// Follows other nodes' changes (`remote_nodes`): the identity prefixes of `moves`,
-    /// the ipBlock peers of the identities they move, whether the remote-node identity
-    /// is in use, and the node `faults`; then the rows of the endpoints a policy whose
-    /// peers changed selects.
-    pub(crate) fn put_nodes(
-        &mut self,
-        moves: Vec<PrefixMove>,
-        remote_node: bool,
-        faults: Problems,
-        state: &mut DesiredState,
-        delta: &mut Delta,
-    ) {
-        let mut moved = BTreeSet::new();
-        for (prefix, from, to) in moves {
-            if from != to {
-                self.matching.prefixes.move_prefix(prefix, from, to);
-                moved.extend(from);
-                moved.extend(to);
-            }
-        }
-        if remote_node {
-            state
-                .identities
-                .entry(IDENTITY_REMOTE_NODE)
-                .or_insert_with(|| Identity {
-                    id: IDENTITY_REMOTE_NODE,
-                    labels: vec![LABEL_REMOTE_NODE.to_string()],
-                });
-        } else {
-            state.identities.remove(&IDENTITY_REMOTE_NODE);
-        }
-        self.base_problems
-            .retain(|p| !matches!(p, crate::Problem::Node(_)));
-        self.base_problems.extend(&faults);
-        let mut changed = BTreeSet::new();
-        if let Some(objects) = &self.objects {
-            let prefixes = &self.matching.prefixes;
-            for (key, peers) in &mut self.peers {
-                let Some(policy) = objects.get(key) else {
-                    continue;
-                };
-                let object = ObjectRef::new(ObjectKind::NetworkPolicy, &key.0, &key.1);
-                for ((_, list, _), p) in rules(policy).zip(peers.iter_mut()) {
-                    let Peers::Identities(ids) = p else { continue };
-                    let blocks: Vec<_> = list
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|peer| block(&object, peer, &mut Problems::default()))
-                        .filter_map(|b| Some((b.cidr?, b.except)))
-                        .collect();
-                    if blocks.is_empty() {
-                        continue;
-                    }
-                    for &id in &moved {
-                        let selects = blocks.iter().any(|(c, e)| prefixes.in_block(id, *c, e));
-                        let flipped = if selects {
-                            ids.insert(id)
-                        } else {
-                            ids.remove(&id)
-                        };
-                        if flipped {
-                            changed.insert(key.clone());
-                        }
-                    }
-                }
-            }
-        }
-        self.rows_again(&changed, &BTreeSet::new(), state, delta);
-    }
-
-    /// How many local endpoints were admitted.
-    pub(crate) fn local_count(&self) -> usize {
-        self.local.len()
-    }
-
-    /// The ifindex the local endpoint `endpoint` was admitted under, if it was.
-    pub(crate) fn ifindex_of(&self, endpoint: &LocalEndpoint) -> Option<u32> {
-        self.local
-            .iter()
-            .find(|(_, l)| l.endpoint == *endpoint)
-            .map(|(&ifindex, _)| ifindex)
-    }
-
-    /// The identity of the pod of the local endpoint `ifindex`.
-    pub(crate) fn identity_of(&self, ifindex: u32) -> Option<u32> {
-        self.local.get(&ifindex)?.pod.as_ref().map(|p| p.identity)
-    }
-
-    /// Takes out the local endpoint `ifindex`: its entries, interface and rows.
-    pub(crate) fn detach(&mut self, ifindex: u32, state: &mut DesiredState, delta: &mut Delta) {
-        if let Some(local) = self.local.remove(&ifindex) {
-            state.interfaces.remove(&local.endpoint.interface);
-        }
-        touched(
-            &mut delta.endpoints,
-            ifindex,
-            state.endpoints.remove(&ifindex),
-        );
-        touched(
-            &mut delta.policies,
-            ifindex,
-            state.policies.remove(&ifindex),
-        );
-        state.endpoint_details.remove(&ifindex);
-        self.endpoint_problems.remove(&ifindex);
-        // Whether the host identity is still named.
-        self.write(Vec::new(), state, delta);
-    }
-
-    /// Puts in the local endpoint `endpoint` as `ifindex`, its pod `pod`, and compiles
-    /// its rows.
-    pub(crate) fn attach(
-        &mut self,
-        ifindex: u32,
-        endpoint: LocalEndpoint,
-        pod: Attached,
-        state: &mut DesiredState,
-        delta: &mut Delta,
-    ) {
-        state.interfaces.insert(endpoint.interface.clone());
-        let pod = PodLabels {
-            labels: pod.labels,
-            ports: pod.ports,
-            identity: pod.identity,
-        };
-        let local = LocalPod {
-            endpoint,
-            pod: Some(pod),
-        };
-        self.local.insert(ifindex, local);
-        self.rows_again(&BTreeSet::new(), &[ifindex].into(), state, delta);
     }
 
     /// Records what the rows of the endpoint `ifindex` could not represent.
