@@ -17,7 +17,7 @@ use sluice_store::Snapshot;
 
 use super::{NotInPlace, WorkloadIndex};
 use crate::{
-    Delta, DesiredState,
+    ClusterNode, Delta, DesiredState,
     changes::touched,
     ipcache::Ipcache,
     nodes::{self, NodeAddresses},
@@ -118,18 +118,7 @@ impl WorkloadIndex {
             ));
         }
         let mut on = moved.clone();
-        let old_remote = state.nodes.remote.iter();
-        on.extend(
-            old_remote
-                .filter(|n| !nodes.remote.contains(n))
-                .chain(
-                    nodes
-                        .remote
-                        .iter()
-                        .filter(|n| !state.nodes.remote.contains(n)),
-                )
-                .map(|n| n.name.clone()),
-        );
+        on.extend(differing(&state.nodes.remote, &nodes.remote));
         self.pods
             .retunnel(&on, &changed_cidrs, &nodes, ipcache, &mut delta.ipcache)?;
         let remote_node = addresses
@@ -142,6 +131,18 @@ impl WorkloadIndex {
             .put_nodes(moves, remote_node, faults, state, delta);
         Ok(())
     }
+}
+
+/// The names of the nodes that differ between two lists sorted by name (a check on one
+/// node, such as an overlap, can leave another out or let it in).
+fn differing(old: &[ClusterNode], new: &[ClusterNode]) -> BTreeSet<String> {
+    let old: BTreeMap<&str, &ClusterNode> = old.iter().map(|n| (n.name.as_str(), n)).collect();
+    let new: BTreeMap<&str, &ClusterNode> = new.iter().map(|n| (n.name.as_str(), n)).collect();
+    old.keys()
+        .chain(new.keys())
+        .filter(|name| old.get(*name) != new.get(*name))
+        .map(|name| name.to_string())
+        .collect()
 }
 
 /// The addresses whose entry, or whether ipBlocks judge it, differs between `old` and

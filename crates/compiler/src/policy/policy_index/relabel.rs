@@ -81,11 +81,22 @@ impl PolicyIndex {
             let object = ObjectRef::new(ObjectKind::NetworkPolicy, &key.0, &key.1);
             for ((_, list, _), p) in rules(policy).zip(peers.iter_mut()) {
                 let Peers::Identities(ids) = p else { continue };
-                let gone: Vec<u32> = renamed
-                    .keys()
-                    .filter(|id| ids.remove(id))
-                    .copied()
-                    .collect();
+                // Whichever is smaller is walked: a rule names few identities, or many.
+                let gone: Vec<u32> = if ids.len() < renamed.len() {
+                    ids.iter()
+                        .filter(|id| renamed.contains_key(id))
+                        .copied()
+                        .collect()
+                } else {
+                    renamed
+                        .keys()
+                        .filter(|id| ids.contains(id))
+                        .copied()
+                        .collect()
+                };
+                for id in &gone {
+                    ids.remove(id);
+                }
                 let mut moved = !gone.is_empty();
                 ids.extend(gone.iter().filter_map(|id| renamed.get(id)).map(|r| r.0));
                 let list = list.map(Vec::as_slice).unwrap_or_default();
