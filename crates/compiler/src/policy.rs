@@ -105,7 +105,7 @@ impl WorkloadIndex {
             return Err(NotInPlace);
         }
         let labels = labels.map(|(_, labels)| labels);
-        let local = self.policies.local_in(name);
+        let local = self.policies.local_identities();
         let renamed = self.pods.put_namespace(
             name,
             labels.as_ref(),

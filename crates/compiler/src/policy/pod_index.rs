@@ -31,7 +31,10 @@ mod nodes;
 mod relabel;
 
 use self::nodes::NodeNames;
-pub(crate) use self::{local::Attached, relabel::Renamed};
+pub(crate) use self::{
+    local::Attached,
+    relabel::{LocalIdentity, Renamed},
+};
 use crate::{
     changes::{ObjectKey, touched},
     identity,

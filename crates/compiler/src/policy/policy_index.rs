@@ -20,7 +20,7 @@ use super::{
     Policy, PolicyInput,
     cidr::{self, block, ipv4_blocks},
     peers::{Group, IdentityPrefixes, PeerGroups, Peers, World},
-    pod_index::{Attached, Context, Moved, NotInPlace, PodIndex, Renamed},
+    pod_index::{Attached, Context, LocalIdentity, Moved, NotInPlace, PodIndex, Renamed},
     policies_in_order,
     remote_nodes::PrefixMove,
     rows::CompiledEndpoint,

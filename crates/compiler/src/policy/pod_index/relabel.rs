@@ -15,24 +15,26 @@ use sluice_store::selector::Labels;
 use super::{NotInPlace, PodEntry, PodIndex};
 use crate::{
     changes::{ObjectKey, touched},
-    identity,
+    identity::{self, Scope},
     ipcache::Ipcache,
 };
 
 /// Identities a Namespace relabel renamed: old number -> new number and label set.
 pub(crate) type Renamed = BTreeMap<u32, (u32, Vec<String>)>;
 
+/// A local endpoint's pod, its identity (None: its Pod is defined twice) and address.
+pub(crate) type LocalIdentity = (ObjectKey, Option<u32>, Option<Ipv4Addr>);
+
 impl PodIndex {
     /// Takes the labels of the Namespace `name` (None: gone), renaming the identities of
-    /// its pods and their ipcache entries, recorded in `delta`; `local` holds the
-    /// identities and addresses of its local endpoints. [`NotInPlace`] when the namespace
-    /// is defined twice, a pod label there reads like a namespace's, or a new number
-    /// would move another identity.
+    /// its pods (and of others whose numbers that moves) and their ipcache entries,
+    /// recorded in `delta`; `local` holds every local endpoint. [`NotInPlace`] when the
+    /// namespace is defined twice or a pod label there reads like a namespace's.
     pub(crate) fn put_namespace(
         &mut self,
         name: &str,
         labels: Option<&Labels>,
-        local: (BTreeSet<u32>, BTreeSet<Ipv4Addr>),
+        local: Vec<LocalIdentity>,
         ipcache: &mut Ipcache,
         delta: &mut BTreeMap<IpcacheKey, Option<IpcacheEntry>>,
     ) -> Result<Renamed, NotInPlace> {
@@ -53,35 +55,48 @@ impl PodIndex {
         if self.mimicked.contains(name) || self.identities.contains_key(&IDENTITY_WORLD) {
             return Err(NotInPlace);
         }
-        let (mut olds, mut addresses) = local;
-        for (_, pod) in self.namespace_pods(name) {
-            olds.insert(pod.identity);
-            addresses.insert(pod.address);
-        }
-        addresses.extend(
-            self.local
-                .iter()
-                .filter(|(key, _)| key.0 == name)
-                .filter_map(|(_, (_, (_, claimed, _)))| *claimed),
-        );
+        let mut olds: BTreeSet<u32> = local
+            .iter()
+            .filter(|(key, _, _)| key.0 == name)
+            .filter_map(|(_, identity, _)| *identity)
+            .collect();
+        olds.extend(self.namespace_pods(name).map(|(_, pod)| pod.identity));
         let renamed = self.renumber(&olds, old.as_ref(), labels)?;
         // Taken out first: a new number may be one an old identity frees.
-        let uses: Vec<_> = olds
+        let uses: Vec<_> = renamed
             .iter()
-            .filter_map(|old| Some((renamed.get(old)?.0, self.identities.remove(old)?)))
+            .filter_map(|(old, (new, _))| Some((*new, self.identities.remove(old)?)))
             .collect();
         self.identities.extend(uses);
+        // Each address once: a renamed entry's new number may be another's old one.
+        let mut addresses = BTreeSet::new();
+        let others_moved = renamed.keys().any(|id| !olds.contains(id));
         let from = (name.to_string(), String::new());
-        let pods = self
-            .pods
-            .range_mut(from..)
-            .take_while(|(key, _)| key.0 == name);
+        let pods: Box<dyn Iterator<Item = (&ObjectKey, &mut PodEntry)>> = if others_moved {
+            Box::new(self.pods.iter_mut())
+        } else {
+            Box::new(
+                self.pods
+                    .range_mut(from..)
+                    .take_while(|(key, _)| key.0 == name),
+            )
+        };
         for (_, pod) in pods {
             if let Some(&(new, _)) = renamed.get(&pod.identity) {
                 pod.identity = new;
+                addresses.insert(pod.address);
             }
         }
-        // Each address once: a renamed entry's new number may be another's old one.
+        for (key, identity, address) in &local {
+            if identity.is_some_and(|id| renamed.contains_key(&id)) {
+                addresses.extend(*address);
+                let view = self
+                    .local
+                    .get(key)
+                    .and_then(|(_, (_, claimed, _))| *claimed);
+                addresses.extend(view);
+            }
+        }
         for address in addresses {
             rename_entry(address, &renamed, ipcache, delta);
         }
@@ -99,40 +114,53 @@ impl PodIndex {
             .take_while(move |(key, _)| key.0 == name)
     }
 
-    /// Numbers the label sets of `olds` take once the namespace's labels went from `old`
-    /// to `new`, as the full compile numbers them: the old ones free theirs first (none
-    /// may have been probed past by another), then the new ones are numbered in order.
+    /// Numbers every label set once the namespace's labels went from `old` to `new` (the
+    /// sets of `olds` relabelled), as the full compile numbers them: a new set may take
+    /// a number another set held by probing, which moves that one too. Returns every
+    /// identity whose number or labels change.
     fn renumber(
         &mut self,
         olds: &BTreeSet<u32>,
         old: Option<&Labels>,
         new: Option<&Labels>,
     ) -> Result<Renamed, NotInPlace> {
+        let mut relabelled = BTreeMap::new();
         for id in olds {
-            self.displaced.remove(id);
+            let set = self.sets.get(id).ok_or(NotInPlace)?;
+            relabelled.insert(identity::relabel_namespace(set, old, new), *id);
         }
-        if olds.iter().any(|&id| self.frees_a_probe(id)) {
+        let kept = self.numbers.iter().filter(|(_, id)| !olds.contains(id));
+        let all: BTreeSet<Vec<String>> = kept
+            .map(|(set, _)| set.clone())
+            .chain(relabelled.keys().cloned())
+            .collect();
+        let (numbers, left_out) = identity::allocate(&all, Scope::Label);
+        if !left_out.is_empty() {
             return Err(NotInPlace);
         }
-        let mut sets = BTreeMap::new();
-        for id in olds {
-            let set = self.sets.remove(id).ok_or(NotInPlace)?;
-            self.numbers.remove(&set);
-            sets.insert(identity::relabel_namespace(&set, old, new), *id);
-        }
         let mut renamed = Renamed::new();
-        for (set, old) in sets {
-            if self.numbers.contains_key(&set) {
-                return Err(NotInPlace);
+        for (set, &number) in &numbers {
+            let was = match relabelled.get(set) {
+                Some(&was) => was,
+                None => *self.numbers.get(set).ok_or(NotInPlace)?,
+            };
+            if was != number || relabelled.contains_key(set) {
+                renamed.insert(was, (number, set.clone()));
             }
-            let number = self.new_number(&set)?;
-            let home = identity::home(&set);
-            if home != number {
-                self.displaced.insert(number, home);
+        }
+        for was in renamed.keys() {
+            if let Some(set) = self.sets.remove(was) {
+                self.numbers.remove(&set);
             }
-            self.sets.insert(number, set.clone());
-            self.numbers.insert(set.clone(), number);
-            renamed.insert(old, (number, set));
+            self.displaced.remove(was);
+        }
+        for (number, set) in renamed.values() {
+            let home = identity::home(set);
+            if home != *number {
+                self.displaced.insert(*number, home);
+            }
+            self.sets.insert(*number, set.clone());
+            self.numbers.insert(set.clone(), *number);
         }
         Ok(renamed)
     }

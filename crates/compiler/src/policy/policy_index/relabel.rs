@@ -1,24 +1,24 @@
 //! A Namespace relabelled with pods in it, in the policies: the identities
 //! `PodIndex::put_namespace` renamed, and the peers a namespaceSelector's verdict moves.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use sluice_store::selector::{self, Labels};
 
-use super::{Group, Identity, NotInPlace, Peers, PolicyIndex, Renamed, rules};
+use super::{Group, Identity, LocalIdentity, NotInPlace, Peers, PolicyIndex, Renamed, rules};
 use crate::{Delta, DesiredState, ObjectKind, ObjectRef};
 
 impl PolicyIndex {
-    /// The identities and addresses of the local endpoints in namespace `name`.
-    pub(crate) fn local_in(&self, name: &str) -> (BTreeSet<u32>, BTreeSet<Ipv4Addr>) {
-        let local = self.local.values().filter(|l| l.endpoint.namespace == name);
-        let mut out = (BTreeSet::new(), BTreeSet::new());
-        for l in local {
-            out.0.extend(l.pod.as_ref().map(|p| p.identity));
-            out.1.extend(l.endpoint.ipv4());
-        }
-        out
+    /// Every local endpoint's pod, identity and address.
+    pub(crate) fn local_identities(&self) -> Vec<LocalIdentity> {
+        self.local
+            .values()
+            .map(|l| {
+                let key = (l.endpoint.namespace.clone(), l.endpoint.pod.clone());
+                (key, l.pod.as_ref().map(|p| p.identity), l.endpoint.ipv4())
+            })
+            .collect()
     }
 
     /// Takes the labels of the Namespace `name` (None: gone), whose pods'
@@ -46,14 +46,14 @@ impl PolicyIndex {
         self.matching.prefixes.rename(renamed);
         let mut also = BTreeSet::new();
         for (&ifindex, local) in &mut self.local {
-            if local.endpoint.namespace != name {
-                continue;
+            if local.endpoint.namespace == name {
+                also.insert(ifindex);
             }
-            also.insert(ifindex);
             if let Some(pod) = &mut local.pod
                 && let Some(&(new, _)) = renamed.get(&pod.identity)
             {
                 pod.identity = new;
+                also.insert(ifindex);
             }
         }
         let named: Vec<Identity> = renamed
