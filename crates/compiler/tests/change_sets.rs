@@ -459,3 +459,77 @@ fn identities_that_collide_compile_as_the_full_compile() {
     );
     assert!(in_place > 0);
 }
+
+/// A Namespace relabel whose new label set takes the number another namespace's identity
+/// held: the full compile numbers sets in order, so that one moves to the next number.
+/// Compiled in place, renaming both, with the full compile's output.
+#[test]
+fn a_relabel_that_displaces_another_identity_equals_the_full_compile() {
+    let set = |app: &str, namespace: &str, team: Option<&str>| {
+        let mut labels = vec![
+            format!("k8s:app={app}"),
+            format!("k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name={namespace}"),
+            format!("k8s:io.kubernetes.pod.namespace={namespace}"),
+        ];
+        labels.extend(team.map(|t| format!("k8s:io.cilium.k8s.namespace.labels.team={t}")));
+        labels.sort();
+        labels
+    };
+    let held: std::collections::HashMap<u32, String> = (0..20_000)
+        .map(|i| format!("y{i}"))
+        .map(|app| (home(&set(&app, "a", None)), app))
+        .collect();
+    // "k8s:app=x.." sorts before "k8s:app=y..": numbered first, it takes the number.
+    let (x, y) = (0..20_000)
+        .find_map(|i| {
+            let app = format!("x{i}");
+            let y = held.get(&home(&set(&app, "b", Some("x"))))?;
+            Some((app, y.clone()))
+        })
+        .unwrap_or_else(|| panic!("no relabelled set meets a held number"));
+    let (mut snapshot, node) = cluster(&mut fastrand::Rng::with_seed(3));
+    // Services come in change sets; this one names none.
+    snapshot.services.clear();
+    snapshot.endpoint_slices.clear();
+    snapshot.endpoints.clear();
+    snapshot.network_policies = vec![from_json(json!({
+        "metadata": {"name": "np", "namespace": "a"},
+        "spec": {"podSelector": {}, "ingress": [{"from": [
+            {"podSelector": {}, "namespaceSelector": {"matchLabels": {"team": "x"}}},
+            {"podSelector": {}},
+        ]}]},
+    }))];
+    let mut in_b = app_pod("q2", &x, "10.0.2.22");
+    in_b.metadata.namespace = Some("b".into());
+    snapshot.pods = vec![
+        app_pod("p0", "local", "10.0.1.10"),
+        app_pod("q1", &y, "10.0.2.21"),
+        in_b,
+    ];
+    snapshot.endpoints.push(endpoint(0));
+    let mut cache = CompileCache::new();
+    cache.update(&snapshot, Changes::default(), &node);
+    cache.take_delta();
+    let before = compile(&snapshot, &node);
+    let namespace: k8s_openapi::api::core::v1::Namespace =
+        from_json(json!({"metadata": {"name": "b", "labels": {"team": "x"}}}));
+    snapshot
+        .namespaces
+        .retain(|n| n.metadata.name.as_deref() != Some("b"));
+    snapshot.namespaces.push(namespace.clone());
+    let mut changes = Changes::default();
+    changes.namespaces.insert("b".into(), Some(namespace));
+    let incremental = cache.update(&snapshot, changes, &node).clone();
+    let full = compile(&snapshot, &node);
+    assert!(
+        incremental == full,
+        "incremental differs from full in {:?}: {:?} vs {:?}",
+        differing(&incremental, &full),
+        incremental.problems,
+        full.problems
+    );
+    assert_delta(&cache.take_delta(), &before, &full, "relabel");
+    let stats = cache.stats();
+    println!("{x} (b, team=x) takes {y}'s number: {stats:?}");
+    assert!(!stats.workloads_compiled && stats.identities_renamed >= 2);
+}
