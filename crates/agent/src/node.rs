@@ -184,7 +184,7 @@ impl Node {
             &mut self.changes,
             changes.map(|mut c| {
                 // The CNI plugin's endpoints are merged in by the loop, after the source.
-                c.workloads |= endpoints_changed;
+                c.endpoints |= endpoints_changed;
                 c
             }),
         );

@@ -22,7 +22,8 @@ pub type ObjectKey = (String, String);
 
 /// The objects changed since the last compile, each written (`Some`, the new object) or
 /// deleted (`None`), by namespace and name (Nodes and Namespaces by name alone), and
-/// whether anything no object names (local endpoints, the cluster CIDR) changed.
+/// whether the local endpoints or anything else no object names (the cluster CIDR)
+/// changed.
 #[derive(Clone, Debug, Default)]
 pub struct Changes {
     pub services: BTreeMap<ObjectKey, Option<Service>>,
@@ -31,7 +32,10 @@ pub struct Changes {
     pub namespaces: BTreeMap<String, Option<Namespace>>,
     pub nodes: BTreeMap<String, Option<Node>>,
     pub network_policies: BTreeMap<ObjectKey, Option<NetworkPolicy>>,
-    /// Local endpoints or the cluster CIDR changed, or the caller cannot tell what did.
+    /// The local endpoints changed (the snapshot holds them; the cache compares them
+    /// with those it compiled).
+    pub endpoints: bool,
+    /// The cluster CIDR changed, or the caller cannot tell what did.
     pub workloads: bool,
 }
 
@@ -44,6 +48,7 @@ impl Changes {
     /// endpoints changed.
     pub fn touches_workloads(&self) -> bool {
         self.workloads
+            || self.endpoints
             || !self.pods.is_empty()
             || !self.namespaces.is_empty()
             || !self.nodes.is_empty()

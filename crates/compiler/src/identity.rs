@@ -49,11 +49,43 @@ pub(crate) fn pod_labels(
         })
         .map(|(k, v)| format!("k8s:{k}={v}"))
         .collect();
-    out.push(format!("k8s:io.kubernetes.pod.namespace={namespace}"));
-    for (k, v) in namespace_labels.into_iter().flatten() {
-        out.push(format!("k8s:io.cilium.k8s.namespace.labels.{k}={v}"));
-    }
+    out.push(format!("k8s:{POD_NAMESPACE_KEY}={namespace}"));
+    out.extend(namespace_label_set(namespace_labels));
     out.extend(cidrs.map(|c| format!("cidr:{c}")));
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The label key of a pod's namespace in its label set.
+const POD_NAMESPACE_KEY: &str = "io.kubernetes.pod.namespace";
+/// What a namespace label's key is prefixed with in a pod's label set.
+const NAMESPACE_LABEL_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
+
+/// A namespace's labels as they stand in the label set of each of its pods.
+fn namespace_label_set(labels: Option<&Labels>) -> impl Iterator<Item = String> + '_ {
+    labels
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("k8s:{NAMESPACE_LABEL_PREFIX}{k}={v}"))
+}
+
+/// Whether a pod label under `key` reads, in the label set, like one its namespace puts
+/// there: then the set alone no longer tells the pod's labels from its namespace's.
+pub(crate) fn mimics_namespace(key: &str) -> bool {
+    key == POD_NAMESPACE_KEY || key.starts_with(NAMESPACE_LABEL_PREFIX)
+}
+
+/// The label set `set` of a pod (that has no label [`mimics_namespace`]) once its
+/// namespace's labels went from `old` to `new`.
+pub(crate) fn relabel_namespace(
+    set: &[String],
+    old: Option<&Labels>,
+    new: Option<&Labels>,
+) -> Vec<String> {
+    let old: BTreeSet<String> = namespace_label_set(old).collect();
+    let mut out: Vec<String> = set.iter().filter(|l| !old.contains(*l)).cloned().collect();
+    out.extend(namespace_label_set(new));
     out.sort();
     out.dedup();
     out

@@ -8,9 +8,11 @@
 //!   NetworkPolicies, that of what moves (`crate::policy::PodIndex`, `PolicyIndex`,
 //!   `nodes`): a Pod's ipcache entries, an identity that appears or vanishes followed
 //!   through every rule's peers, a policy's peers and the rows of the endpoints it
-//!   selects. What moves more (a Namespace relabelled with pods in it, a Node's addresses
-//!   or pod CIDR, this node, a local endpoint's Pod, a policy that changes the label keys
-//!   or CIDRs policies name, a number two identities collide on) compiles that part whole.
+//!   selects, the identities of a relabelled Namespace renamed, another Node's address,
+//!   router, pod CIDR and tunnel entries, a local endpoint's entries and rows. What moves
+//!   more (this node, a local endpoint's Pod, a policy that changes the label keys or
+//!   CIDRs policies name, a contested address, a number two identities collide on)
+//!   compiles that part whole.
 //! - [`CompileCache::refresh`]: a whole snapshot, compared with what the cache holds by
 //!   uid and resourceVersion (whole objects for those without), to find the changes.
 //!   A snapshot that names two Services or two slices alike, or a Service without a name,
@@ -136,8 +138,18 @@ impl CompileCache {
         let mut delta = Delta::default();
         let fresh = self.index.is_none();
         let said = changes.touches_workloads();
-        let same_node = self.index.as_ref().is_some_and(|i| i.node == *node);
-        let mut workloads = said || !same_node;
+        // The interfaces follow the local endpoints, compiled in place with them.
+        let (same_node, interfaces_moved) = match &self.index {
+            Some(i) => (
+                i.node.node == node.node
+                    && i.node.policy_map_max == node.policy_map_max
+                    && i.node.balancing == node.balancing,
+                i.node.interfaces != node.interfaces,
+            ),
+            None => (false, false),
+        };
+        let endpoints = changes.endpoints || interfaces_moved;
+        let mut workloads = said || endpoints || !same_node;
         if said {
             // Said by the caller, not found by `refresh`: its record is stale.
             self.inputs_stale = true;
@@ -148,7 +160,11 @@ impl CompileCache {
         };
         if workloads && same_node {
             // What failed half way is compiled whole below; `delta` keeps the first values.
-            if index.put_in_place(&changes, &mut delta).is_ok() {
+            if let Ok(renamed) = index.put_in_place(snapshot, &changes, endpoints, node, &mut delta)
+            {
+                stats.identities_renamed = renamed;
+                stats.endpoints_in_place = endpoints;
+                index.node = node.clone();
                 stats.pods_in_place = changes.pods.len();
                 stats.policies_in_place = changes.network_policies.len();
                 stats.namespaces_in_place = changes.namespaces.len();

@@ -143,10 +143,11 @@ impl Nodes {
             Some((n.router()?, entry))
         });
         let routers: Vec<_> = local_router.chain(remote_routers).collect();
+        let node_own: BTreeSet<Ipv4Addr> = addresses.iter().map(|(a, _)| *a).collect();
         let router_only = routers
             .iter()
             .map(|(address, _)| *address)
-            .filter(|r| !addresses.iter().any(|(a, _)| a == r))
+            .filter(|r| !node_own.contains(r))
             .collect();
         let mut entries: BTreeMap<Ipv4Addr, IpcacheEntry> = BTreeMap::new();
         for (address, entry) in addresses.into_iter().chain(routers) {
@@ -168,6 +169,7 @@ impl Nodes {
 }
 
 /// The ipcache entries of the nodes' own addresses.
+#[derive(Clone)]
 pub(crate) struct NodeAddresses {
     pub entries: BTreeMap<Ipv4Addr, IpcacheEntry>,
     /// Router addresses that are no node's `status.addresses`. They carry the node's

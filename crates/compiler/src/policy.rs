@@ -25,19 +25,21 @@ use sluice_store::{
 };
 
 use crate::{
-    DesiredState, NodeContext, ObjectKind, ObjectRef, Problem, ipcache, namespace_of,
+    Delta, DesiredState, NodeContext, ObjectKind, ObjectRef, Problem, ipcache, namespace_of,
     problem::Problems,
 };
 
 mod cidr;
 pub(crate) mod explain;
 mod identities;
+mod local_endpoints;
 mod peers;
 #[cfg(test)]
 mod peers_tests;
 mod pod_index;
 mod policy_index;
 mod ports;
+mod remote_nodes;
 mod rows;
 mod workloads;
 
@@ -79,25 +81,41 @@ pub(crate) struct PolicyInput<'a> {
 pub(crate) struct WorkloadIndex {
     pub pods: PodIndex,
     pub policies: PolicyIndex,
+    /// The ipcache entries of the nodes' addresses, for `remote_nodes`.
+    pub node_addresses: crate::nodes::NodeAddresses,
+    /// This node's local endpoints, admitted or not, for `local_endpoints`.
+    pub local_endpoints: Vec<LocalEndpoint>,
 }
 
 impl WorkloadIndex {
-    /// Applies the Namespace `name` written (`Some`) or deleted: in place when its labels
-    /// stay, or when no pod lives in it (no identity and no peer group names it);
-    /// [`NotInPlace`] (with nothing changed) otherwise.
+    /// Applies the Namespace `name` written (`Some`) or deleted: its labels, and when pods
+    /// live in it their identities renamed through the ipcache, the policies' peers and
+    /// the rows that name them (see `pod_index::relabel`), changed in `state` and
+    /// recorded in `delta`; returns how many identities were renamed. [`NotInPlace`]
+    /// when that cannot be done in place; the part must then be compiled whole.
     pub(crate) fn put_namespace(
         &mut self,
         name: &str,
         namespace: Option<&Namespace>,
-    ) -> Result<(), NotInPlace> {
+        state: &mut DesiredState,
+        delta: &mut Delta,
+    ) -> Result<usize, NotInPlace> {
         let labels = namespace.and_then(labels_of_namespace);
         if labels.as_ref().is_some_and(|(n, _)| n != name) {
             return Err(NotInPlace);
         }
         let labels = labels.map(|(_, labels)| labels);
-        self.pods.put_namespace(name, labels.as_ref())?;
-        self.policies.put_namespace(name, labels);
-        Ok(())
+        let local = self.policies.local_identities();
+        let renamed = self.pods.put_namespace(
+            name,
+            labels.as_ref(),
+            local,
+            &mut state.ipcache,
+            &mut delta.ipcache,
+        )?;
+        self.policies
+            .put_namespace(name, labels, &renamed, state, delta)?;
+        Ok(renamed.len())
     }
 }
 
@@ -237,7 +255,17 @@ fn resolve_indexed<R>(
             host_in_ipcache: state.ipcache.values().any(|e| e.identity == IDENTITY_HOST),
         };
         let policies = PolicyIndex::new(&context, parts, policies);
-        WorkloadIndex { pods, policies }
+        WorkloadIndex {
+            pods,
+            policies,
+            node_addresses: node_addresses.clone(),
+            local_endpoints: snapshot
+                .endpoints
+                .iter()
+                .filter(|e| e.node == this)
+                .cloned()
+                .collect(),
+        }
     });
     problems.extend(&policy_problems);
     (answer, labels_of, index)

@@ -566,6 +566,11 @@ impl Problems {
         }
     }
 
+    /// Keeps the problems `keep` says to.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Problem) -> bool) {
+        self.0.retain(|_, problem| keep(problem));
+    }
+
     /// Each problem with its line, by line.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Problem)> {
         self.0.iter()

@@ -119,15 +119,31 @@ fn change_set(
             "network policy"
         }
         9 => {
-            let at = rng.usize(..snapshot.nodes.len());
-            let (name, address, cidr) = [
-                (NODE, "172.16.0.1", "10.0.1.0/24"),
-                ("node-b", "172.16.0.2", "10.0.2.0/24"),
-            ][at];
-            snapshot.nodes[at] = from_json(node_object(rng, name, address, cidr));
-            changes
+            // Another node relabelled, readdressed, given another pod CIDR (sometimes one
+            // overlapping node-b's), added or removed; or this node changed.
+            let (name, addresses, cidrs): (&str, &[&str], &[&str]) = match rng.u8(..4) {
+                0 => (NODE, &["172.16.0.1"], &["10.0.1.0/24"]),
+                1 => ("node-b", &["172.16.0.2"], &["10.0.2.0/24"]),
+                2 => (
+                    "node-b",
+                    &["172.16.0.2", "172.16.0.5"],
+                    &["10.0.2.0/24", "10.0.2.0/25"],
+                ),
+                _ => (
+                    "node-c",
+                    &["172.16.0.3", "172.16.0.4"],
+                    &["10.0.3.0/24", "10.0.3.0/25", "10.0.2.0/24"],
+                ),
+            };
+            snapshot
                 .nodes
-                .insert(name.to_string(), Some(snapshot.nodes[at].clone()));
+                .retain(|n| n.metadata.name.as_deref() != Some(name));
+            let node = (name == NODE || rng.u8(..4) != 0).then(|| {
+                let (address, cidr) = (*pick(rng, addresses), *pick(rng, cidrs));
+                from_json::<k8s_openapi::api::core::v1::Node>(node_object(rng, name, address, cidr))
+            });
+            snapshot.nodes.extend(node.clone());
+            changes.nodes.insert(name.to_string(), node);
             "node"
         }
         _ => match rng.u8(..3) {
@@ -149,7 +165,19 @@ fn change_set(
             }
             1 => {
                 churn(rng, &mut snapshot.endpoints, |rng| endpoint(rng.usize(..5)));
-                changes.workloads = true;
+                changes.endpoints = true;
+                if rng.bool() {
+                    // As the agent does: the interfaces of the endpoints there are (lxc4
+                    // never is).
+                    node.interfaces = snapshot
+                        .endpoints
+                        .iter()
+                        .filter_map(|e| {
+                            let i: u32 = e.interface.strip_prefix("lxc")?.parse().ok()?;
+                            (i < 4).then(|| (e.interface.clone(), 100 + i))
+                        })
+                        .collect();
+                }
                 "local endpoint"
             }
             _ => {
@@ -240,6 +268,10 @@ fn assert_delta(delta: &Delta, before: &DesiredState, after: &DesiredState, what
 fn any_sequence_of_change_sets_equals_the_full_compile() {
     let (mut contested, mut touched) = (0, 0);
     let (mut in_place, mut policies, mut namespaces, mut nodes) = (0, 0, 0, 0);
+    // Namespace changes that renamed identities in place, and those compiled whole.
+    let (mut relabelled, mut renamed, mut namespaces_whole) = (0, 0, 0);
+    let (mut node_changes, mut nodes_whole) = (0, 0);
+    let (mut endpoint_changes, mut endpoints_in_place) = (0, 0);
     for seed in 0..300 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let (mut snapshot, mut node) = cluster(&mut rng);
@@ -298,16 +330,41 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
             policies += cache.stats().policies_in_place;
             namespaces += cache.stats().namespaces_in_place;
             nodes += cache.stats().nodes_in_place;
+            renamed += cache.stats().identities_renamed;
+            if what.ends_with("(local endpoint)") {
+                endpoint_changes += 1;
+                endpoints_in_place += usize::from(cache.stats().endpoints_in_place);
+            }
+            if what.ends_with("(node)") {
+                node_changes += 1;
+                nodes_whole += usize::from(cache.stats().workloads_compiled);
+            }
+            if what.ends_with("(namespace)") {
+                relabelled += usize::from(cache.stats().identities_renamed > 0);
+                namespaces_whole += usize::from(cache.stats().workloads_compiled);
+            }
             before = full;
         }
     }
     println!(
         "300 cases x 30 steps: {touched} entries touched, {contested} Services contested, \
          compiled in place: {in_place} Pods, {policies} NetworkPolicies, {namespaces} \
-         Namespaces, {nodes} Nodes"
+         Namespaces ({relabelled} relabelled with pods, {renamed} identities renamed; \
+         {namespaces_whole} compiled whole), {nodes} Nodes ({nodes_whole} of {node_changes} \
+         Node changes compiled whole), local endpoints {endpoints_in_place} of \
+         {endpoint_changes} times"
     );
     assert!(contested > 0 && touched > 0);
     assert!(in_place > 0 && policies > 0 && namespaces > 0 && nodes > 0);
+    // Only a namespace where a pod's label reads like a namespace's (one pod in twenty
+    // has one), or a renumbering that would move another identity, is compiled whole.
+    assert!(relabelled > 0 && namespaces_whole * 4 < relabelled);
+    // This node, a node address a pod claims and a contested pod address are compiled
+    // whole; other nodes' changes in place.
+    assert!(nodes_whole * 2 < node_changes);
+    // An endpoint without its own Pod address, interface or Pod object is compiled whole;
+    // the generator makes many.
+    assert!(endpoints_in_place > 0);
 }
 
 /// The number a label set's hash names: FNV-1a (64 bit) of the sorted labels joined by
@@ -397,4 +454,78 @@ fn identities_that_collide_compile_as_the_full_compile() {
         home(&set(&first))
     );
     assert!(in_place > 0);
+}
+
+/// A Namespace relabel whose new label set takes the number another namespace's identity
+/// held: the full compile numbers sets in order, so that one moves to the next number.
+/// Compiled in place, renaming both, with the full compile's output.
+#[test]
+fn a_relabel_that_displaces_another_identity_equals_the_full_compile() {
+    let set = |app: &str, namespace: &str, team: Option<&str>| {
+        let mut labels = vec![
+            format!("k8s:app={app}"),
+            format!("k8s:io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name={namespace}"),
+            format!("k8s:io.kubernetes.pod.namespace={namespace}"),
+        ];
+        labels.extend(team.map(|t| format!("k8s:io.cilium.k8s.namespace.labels.team={t}")));
+        labels.sort();
+        labels
+    };
+    let held: std::collections::HashMap<u32, String> = (0..20_000)
+        .map(|i| format!("y{i}"))
+        .map(|app| (home(&set(&app, "a", None)), app))
+        .collect();
+    // "k8s:app=x.." sorts before "k8s:app=y..": numbered first, it takes the number.
+    let (x, y) = (0..20_000)
+        .find_map(|i| {
+            let app = format!("x{i}");
+            let y = held.get(&home(&set(&app, "b", Some("x"))))?;
+            Some((app, y.clone()))
+        })
+        .unwrap_or_else(|| panic!("no relabelled set meets a held number"));
+    let (mut snapshot, node) = cluster(&mut fastrand::Rng::with_seed(3));
+    // Services come in change sets; this one names none.
+    snapshot.services.clear();
+    snapshot.endpoint_slices.clear();
+    snapshot.endpoints.clear();
+    snapshot.network_policies = vec![from_json(json!({
+        "metadata": {"name": "np", "namespace": "a"},
+        "spec": {"podSelector": {}, "ingress": [{"from": [
+            {"podSelector": {}, "namespaceSelector": {"matchLabels": {"team": "x"}}},
+            {"podSelector": {}},
+        ]}]},
+    }))];
+    let mut in_b = app_pod("q2", &x, "10.0.2.22");
+    in_b.metadata.namespace = Some("b".into());
+    snapshot.pods = vec![
+        app_pod("p0", "local", "10.0.1.10"),
+        app_pod("q1", &y, "10.0.2.21"),
+        in_b,
+    ];
+    snapshot.endpoints.push(endpoint(0));
+    let mut cache = CompileCache::new();
+    cache.update(&snapshot, Changes::default(), &node);
+    cache.take_delta();
+    let before = compile(&snapshot, &node);
+    let namespace: k8s_openapi::api::core::v1::Namespace =
+        from_json(json!({"metadata": {"name": "b", "labels": {"team": "x"}}}));
+    snapshot
+        .namespaces
+        .retain(|n| n.metadata.name.as_deref() != Some("b"));
+    snapshot.namespaces.push(namespace.clone());
+    let mut changes = Changes::default();
+    changes.namespaces.insert("b".into(), Some(namespace));
+    let incremental = cache.update(&snapshot, changes, &node).clone();
+    let full = compile(&snapshot, &node);
+    assert!(
+        incremental == full,
+        "incremental differs from full in {:?}: {:?} vs {:?}",
+        differing(&incremental, &full),
+        incremental.problems,
+        full.problems
+    );
+    assert_delta(&cache.take_delta(), &before, &full, "relabel");
+    let stats = cache.stats();
+    println!("{x} (b, team=x) takes {y}'s number: {stats:?}");
+    assert!(!stats.workloads_compiled && stats.identities_renamed >= 2);
 }

@@ -430,6 +430,64 @@ fn one_change_of_each_kind_at_100k_services() {
         },
     );
     changes_of(
+        "Node (another node readdressed: an ExternalIP more)",
+        &mut snapshot,
+        &mut cache,
+        20,
+        &mut |i, version, snapshot| {
+            let n = shape.nodes - 300 - i;
+            let mut object = cluster::node(n);
+            object["status"]["addresses"]
+                .as_array_mut()
+                .unwrap_or_else(|| panic!("node {n} without addresses"))
+                .push(json!({"type": "ExternalIP", "address": format!("203.0.113.{}", i + 1)}));
+            let node: Node = stamped(object, version);
+            snapshot.nodes[n] = node.clone();
+            let mut changes = Changes::default();
+            changes.nodes.insert(key(&node).1, Some(node));
+            changes
+        },
+    );
+    // A node leaving (its pods still listed) and joining again, in turns.
+    changes_of(
+        "Node (another node removed, then added back)",
+        &mut snapshot,
+        &mut cache,
+        20,
+        &mut |i, version, snapshot| {
+            let n = shape.nodes - 400;
+            let name = key(&stamped::<Node>(cluster::node(n), version)).1;
+            let mut changes = Changes::default();
+            if i % 2 == 0 {
+                snapshot.nodes.remove(n);
+                changes.nodes.insert(name, None);
+            } else {
+                let node: Node = stamped(cluster::node(n), version);
+                snapshot.nodes.insert(n, node.clone());
+                changes.nodes.insert(name, Some(node));
+            }
+            changes
+        },
+    );
+    changes_of(
+        "Namespace (relabelled, pods in it)",
+        &mut snapshot,
+        &mut cache,
+        20,
+        &mut |i, version, snapshot| {
+            let at = 2 + i % (shape.namespaces - 2);
+            let mut object = cluster::namespace(&shape, at);
+            object["metadata"]["labels"]["team"] = json!(format!("team-r{i}"));
+            let namespace: Namespace = stamped(object, version);
+            snapshot.namespaces[at] = namespace.clone();
+            let mut changes = Changes::default();
+            changes
+                .namespaces
+                .insert(key(&namespace).1, Some(namespace));
+            changes
+        },
+    );
+    changes_of(
         "NetworkPolicy",
         &mut snapshot,
         &mut cache,

@@ -118,6 +118,7 @@ pub fn extend(into: &mut Changes, later: Changes) {
     into.namespaces.extend(later.namespaces);
     into.nodes.extend(later.nodes);
     into.network_policies.extend(later.network_policies);
+    into.endpoints |= later.endpoints;
     into.workloads |= later.workloads;
 }
 
@@ -125,7 +126,8 @@ pub fn extend(into: &mut Changes, later: Changes) {
 /// twice or one without a name (the compiler then compares or compiles them whole).
 pub fn between(before: &Snapshot, after: &Snapshot) -> Option<Changes> {
     let mut changes = Changes {
-        workloads: before.endpoints != after.endpoints || before.cluster_cidr != after.cluster_cidr,
+        endpoints: before.endpoints != after.endpoints,
+        workloads: before.cluster_cidr != after.cluster_cidr,
         ..Changes::default()
     };
     diff::<Service>(before, after, &mut changes)?;

@@ -112,13 +112,19 @@ pub struct CacheStats {
     pub services_contested: usize,
     /// Whether the part that does not read Services was recomputed.
     pub workloads_compiled: bool,
+    /// Whether the local endpoints changed and were compiled in place.
+    pub endpoints_in_place: bool,
     /// Pods compiled in place, by their ipcache entries alone.
     pub pods_in_place: usize,
     /// NetworkPolicies compiled in place, by the rows of the endpoints they select.
     pub policies_in_place: usize,
-    /// Namespaces whose change moved no pod.
+    /// Namespaces compiled in place.
     pub namespaces_in_place: usize,
-    /// Nodes whose change moved no address, route or tunnel.
+    /// Identities those renamed: a Namespace relabelled with pods in it changes their
+    /// label sets.
+    pub identities_renamed: usize,
+    /// Nodes compiled in place: another node's labels, or its addresses, pod CIDR or
+    /// being at all.
     pub nodes_in_place: usize,
 }
 
@@ -506,15 +512,20 @@ impl Index {
     }
 
     /// Compiles the Namespaces, Nodes, NetworkPolicies and then the Pods of `changes` in
-    /// place (see `policy::PodIndex`, `policy::PolicyIndex`, [`NodeIndex`]), or says
-    /// [`NotInPlace`] when one moves more; the part must then be compiled whole (what was
-    /// changed before is in `delta`).
+    /// place (see `policy::PodIndex`, `policy::PolicyIndex`, [`NodeIndex`]), and with
+    /// `endpoints` the local endpoints of `snapshot` on `node`, returning
+    /// how many identities a Namespace relabel renamed, or says [`NotInPlace`] when one
+    /// moves more; the part must then be compiled whole (what was changed before is in
+    /// `delta`).
     pub(super) fn put_in_place(
         &mut self,
+        snapshot: &Snapshot,
         changes: &Changes,
+        endpoints: bool,
+        node: &NodeContext,
         delta: &mut Delta,
-    ) -> Result<(), NotInPlace> {
-        let put = self.try_in_place(changes, delta);
+    ) -> Result<usize, NotInPlace> {
+        let put = self.try_in_place(snapshot, changes, endpoints, node, delta);
         if put.is_err() {
             self.workload_index = None;
             self.node_index = None;
@@ -522,17 +533,34 @@ impl Index {
         put
     }
 
-    fn try_in_place(&mut self, changes: &Changes, delta: &mut Delta) -> Result<(), NotInPlace> {
+    fn try_in_place(
+        &mut self,
+        snapshot: &Snapshot,
+        changes: &Changes,
+        endpoints: bool,
+        node: &NodeContext,
+        delta: &mut Delta,
+    ) -> Result<usize, NotInPlace> {
         let index = self.workload_index.as_mut().ok_or(NotInPlace)?;
         let nodes = self.node_index.as_mut().ok_or(NotInPlace)?;
         if changes.workloads {
             return Err(NotInPlace);
         }
+        let mut moved = BTreeSet::new();
         for (name, node) in &changes.nodes {
-            nodes.put(name, node.as_ref())?;
+            if nodes.put(name, node.as_ref())? {
+                moved.insert(name.clone());
+            }
         }
+        if !moved.is_empty() {
+            let this = &self.node.node;
+            index.put_nodes(snapshot, this, &moved, &mut self.state, delta)?;
+            self.workload_problems = index.policies.problems();
+        }
+        let mut renamed = 0;
         for (name, namespace) in &changes.namespaces {
-            index.put_namespace(name, namespace.as_ref())?;
+            renamed += index.put_namespace(name, namespace.as_ref(), &mut self.state, delta)?;
+            self.workload_problems = index.policies.problems();
         }
         if !changes.network_policies.is_empty() {
             let policies = &changes.network_policies;
@@ -555,7 +583,11 @@ impl Index {
                 self.workload_problems = index.policies.problems();
             }
         }
-        Ok(())
+        if endpoints {
+            index.put_endpoints(snapshot, node, &mut self.state, delta)?;
+            self.workload_problems = index.policies.problems();
+        }
+        Ok(renamed)
     }
 
     /// Sets the state's problems: the Services' and the workloads', by line.

@@ -1,6 +1,6 @@
 //! The Nodes as the compile reads them, to tell a Node change that moves nothing (a
 //! kubelet's status heartbeat, another node's labels) from one that moves addresses,
-//! routes or tunnels, which is compiled whole.
+//! routes or tunnels (see `policy::remote_nodes`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -53,15 +53,20 @@ impl NodeIndex {
         }
     }
 
-    /// Whether the Node `name` written as `node` moves nothing: another node, known
-    /// before and after, with the same addresses and pod CIDR.
-    pub(super) fn put(&mut self, name: &str, node: Option<&Node>) -> Result<(), NotInPlace> {
-        let node = node.ok_or(NotInPlace)?;
-        let held = self.routing.get(name).ok_or(NotInPlace)?;
-        let same = name != self.this
-            && !self.faulty.contains(name)
-            && node.metadata.name.as_deref() == Some(name)
-            && *held == Routing::of(node);
-        if same { Ok(()) } else { Err(NotInPlace) }
+    /// Takes the Node `name` written as `node` (None: deleted): whether it moves
+    /// addresses, routes or tunnels, which `WorkloadIndex::put_nodes` then follows.
+    /// [`NotInPlace`] for this node and for a name defined twice or not as its key.
+    pub(super) fn put(&mut self, name: &str, node: Option<&Node>) -> Result<bool, NotInPlace> {
+        let named = node.is_none_or(|n| n.metadata.name.as_deref() == Some(name));
+        if name == self.this || self.faulty.contains(name) || !named {
+            return Err(NotInPlace);
+        }
+        let routing = node.map(Routing::of);
+        let moved = self.routing.get(name) != routing.as_ref();
+        match routing {
+            Some(routing) => self.routing.insert(name.to_string(), routing),
+            None => self.routing.remove(name),
+        };
+        Ok(moved)
     }
 }

@@ -47,17 +47,31 @@ pub(super) fn block(
     })
 }
 
+/// Every ipBlock of `policy`'s rules, parsed, in rule order.
+pub(super) fn blocks<'p>(
+    policy: &'p Policy<'_>,
+    problems: &'p mut Problems,
+) -> impl Iterator<Item = Block> + 'p {
+    rules(policy.policy)
+        .flat_map(|(_, peers, _)| peers.into_iter().flatten())
+        .filter_map(move |peer| block(&policy.object, peer, problems))
+}
+
+/// Every ipBlock of `policy` with an IPv4 CIDR, parsed; unparsable ones are not reported.
+pub(super) fn ipv4_blocks<'p>(
+    policy: &'p Policy<'_>,
+    ignored: &'p mut Problems,
+) -> impl Iterator<Item = (Ipv4Net, Vec<Ipv4Net>)> + 'p {
+    blocks(policy, ignored).filter_map(|b| Some((b.cidr?, b.except)))
+}
+
 /// Every IPv4 prefix named by an ipBlock, as cidr or except.
 pub(super) fn policy_cidrs(policies: &[Policy<'_>], problems: &mut Problems) -> BTreeSet<Ipv4Net> {
     let mut out = BTreeSet::new();
     for p in policies {
-        for (_, peers, _) in rules(p.policy) {
-            for peer in peers.into_iter().flatten() {
-                if let Some(b) = block(&p.object, peer, problems) {
-                    out.extend(b.cidr);
-                    out.extend(b.except);
-                }
-            }
+        for b in blocks(p, problems) {
+            out.extend(b.cidr);
+            out.extend(b.except);
         }
     }
     out

@@ -12,6 +12,7 @@ use sluice_store::selector::{self, Labels};
 
 use super::{
     cidr::{Block, block},
+    pod_index::Renamed,
     workloads::Workload,
 };
 use crate::{ObjectRef, ipcache, problem::Problems};
@@ -67,7 +68,7 @@ pub(super) struct PeerGroups {
 /// One group of pods: its identity, namespace and labels under the keys selectors name.
 #[derive(Clone)]
 pub(super) struct Group {
-    identity: u32,
+    pub identity: u32,
     namespace: String,
     labels: Labels,
 }
@@ -135,6 +136,21 @@ impl PeerGroups {
     pub(super) fn remove(&mut self, identity: u32) {
         self.groups.retain(|g| g.identity != identity);
         self.ports.remove(&identity);
+    }
+
+    /// Gives the groups and named ports of each identity of `renamed` its new number.
+    pub(super) fn rename(&mut self, renamed: &Renamed) {
+        for group in &mut self.groups {
+            if let Some(&(new, _)) = renamed.get(&group.identity) {
+                group.identity = new;
+            }
+        }
+        rename_keys(&mut self.ports, renamed);
+    }
+
+    /// The groups of the pods of namespace `name`.
+    pub(super) fn in_namespace<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s Group> {
+        self.groups.iter().filter(move |g| g.namespace == name)
     }
 
     /// How many groups there are.
@@ -225,6 +241,27 @@ impl World<'_> {
                 .is_none_or(|s| selector::matches(s, &group.labels))
     }
 
+    /// Whether `peer`, of a policy in `namespace`, selects the pods of `group`, by their
+    /// labels or, for an ipBlock, by their identity's prefixes.
+    pub(super) fn selects_group(
+        &self,
+        policy: &ObjectRef,
+        namespace: &str,
+        peer: &NetworkPolicyPeer,
+        group: &Group,
+    ) -> bool {
+        if peer.ip_block.is_none() {
+            return self.selects(namespace, peer, group);
+        }
+        match block(policy, peer, &mut Problems::default()) {
+            Some(Block {
+                cidr: Some(cidr),
+                except,
+            }) => self.prefixes.in_block(group.identity, cidr, &except),
+            _ => false,
+        }
+    }
+
     /// Whether `peer`, of a policy in `namespace`, selects the one pod of the identity
     /// that [`PeerGroups::add`] gave `group`, at `address`.
     pub(super) fn selects_new(
@@ -254,7 +291,7 @@ impl World<'_> {
         self.prefixes
             .by_identity
             .iter()
-            .filter(|(_, p)| cidr.contains(&p.common) && !except.iter().any(|e| p.any_inside(*e)))
+            .filter(|(_, p)| p.in_block(cidr, except))
             .map(|(&id, _)| id)
             .collect()
     }
@@ -292,6 +329,47 @@ impl IdentityPrefixes {
         );
     }
 
+    /// Whether an ipBlock selects `identity`, by its prefixes.
+    pub(super) fn in_block(&self, identity: u32, cidr: Ipv4Net, except: &[Ipv4Net]) -> bool {
+        self.by_identity
+            .get(&identity)
+            .is_some_and(|p| p.in_block(cidr, except))
+    }
+
+    /// Gives each identity of `renamed` its new number.
+    pub(super) fn rename(&mut self, renamed: &Renamed) {
+        rename_keys(&mut self.by_identity, renamed);
+    }
+
+    /// Moves `prefix` from the identity `from` to `to` (None: not among the prefixes).
+    pub(super) fn move_prefix(&mut self, prefix: Ipv4Net, from: Option<u32>, to: Option<u32>) {
+        let prefix = prefix.trunc();
+        let at = (prefix.network(), prefix.prefix_len());
+        if let Some(id) = from
+            && let Some(prefixes) = self.by_identity.get_mut(&id)
+        {
+            prefixes.all.remove(&at);
+            let mut all = prefixes
+                .all
+                .iter()
+                .filter_map(|&(a, len)| Ipv4Net::new(a, len).ok());
+            match all.next() {
+                Some(first) => prefixes.common = all.fold(first, common),
+                None => {
+                    self.by_identity.remove(&id);
+                }
+            }
+        }
+        if let Some(id) = to {
+            let entry = self.by_identity.entry(id).or_insert(Prefixes {
+                common: prefix,
+                all: BTreeSet::new(),
+            });
+            entry.common = common(entry.common, prefix);
+            entry.all.insert(at);
+        }
+    }
+
     /// Forgets an identity gone from the ipcache.
     pub(super) fn remove(&mut self, identity: u32) {
         self.by_identity.remove(&identity);
@@ -315,6 +393,12 @@ impl IdentityPrefixes {
 }
 
 impl Prefixes {
+    /// Whether an ipBlock selects the identity: it holds every prefix, and no except
+    /// holds one.
+    fn in_block(&self, cidr: Ipv4Net, except: &[Ipv4Net]) -> bool {
+        cidr.contains(&self.common) && !except.iter().any(|e| self.any_inside(*e))
+    }
+
     /// Whether one of the prefixes lies inside `block`: one whose network address is in
     /// the block and which is at least as long.
     fn any_inside(&self, block: Ipv4Net) -> bool {
@@ -322,6 +406,16 @@ impl Prefixes {
             .range((block.network(), 0)..=(block.broadcast(), 32))
             .any(|&(_, len)| len >= block.prefix_len())
     }
+}
+
+/// Moves the values under the old numbers of `renamed` to the new ones: all taken out
+/// first, since a new number may be one an old identity frees.
+fn rename_keys<V>(map: &mut BTreeMap<u32, V>, renamed: &Renamed) {
+    let moved: Vec<(u32, V)> = renamed
+        .iter()
+        .filter_map(|(old, (new, _))| Some((*new, map.remove(old)?)))
+        .collect();
+    map.extend(moved);
 }
 
 /// The longest prefix holding both `a` and `b`.

@@ -21,9 +21,18 @@ use sluice_store::{LocalEndpoint, Pod, selector::Labels};
 
 use super::{
     Policy, PolicyInput,
-    cidr::{Block, block},
-    identities, rules,
+    cidr::ipv4_blocks,
+    identities,
     workloads::{Workload, workload},
+};
+mod local;
+mod nodes;
+mod relabel;
+
+use self::nodes::NodeNames;
+pub(crate) use self::{
+    local::Attached,
+    relabel::{LocalIdentity, Renamed},
 };
 use crate::{
     changes::{ObjectKey, touched},
@@ -136,6 +145,8 @@ struct PodEntry {
     /// The address it claims; it holds it in the ipcache unless contested.
     address: Ipv4Addr,
     ports: Vec<NamedPort>,
+    /// Its node's name in [`PodIndex::node_names`], when it names one.
+    node: Option<u32>,
 }
 
 /// A pod as compiled alone, before it joins the index.
@@ -174,7 +185,8 @@ pub(crate) struct PodIndex {
     /// And back: identity -> its label set, to know which sets a new one probes past.
     sets: HashMap<u32, Vec<String>>,
     identities: HashMap<u32, IdentityUse>,
-    pods: HashMap<ObjectKey, PodEntry>,
+    /// Sorted, so a namespace's pods are one range.
+    pods: BTreeMap<ObjectKey, PodEntry>,
     /// The local endpoints with a Pod, and what the compile read of it: a change that
     /// keeps that (a status or annotation update) moves nothing.
     local: HashMap<ObjectKey, (LocalEndpoint, LocalView)>,
@@ -191,6 +203,11 @@ pub(crate) struct PodIndex {
     populated: HashSet<String>,
     /// Namespaces the snapshot defines twice.
     namespaces_twice: HashSet<String>,
+    /// The names of the nodes pods name, each once.
+    node_names: NodeNames,
+    /// Namespaces where a pod has a label that [`identity::mimics_namespace`]: their
+    /// relabel is compiled whole.
+    mimicked: HashSet<String>,
     /// /32s the ipcache gives something else than a pod: node and router addresses, a
     /// policy CIDR or pod CIDR of one address.
     reserved: HashSet<Ipv4Addr>,
@@ -207,18 +224,10 @@ impl PodIndex {
         let mut blocks = Vec::new();
         let mut ignored = Problems::default();
         for p in policies {
-            for (_, peers, _) in rules(p.policy) {
-                for peer in peers.into_iter().flatten() {
-                    if let Some(Block {
-                        cidr: Some(cidr),
-                        except,
-                    }) = block(&p.object, peer, &mut ignored)
-                    {
-                        let b = Block4 { cidr, except };
-                        if !blocks.contains(&b) {
-                            blocks.push(b);
-                        }
-                    }
+            for (cidr, except) in ipv4_blocks(p, &mut ignored) {
+                let b = Block4 { cidr, except };
+                if !blocks.contains(&b) {
+                    blocks.push(b);
                 }
             }
         }
@@ -263,13 +272,15 @@ impl PodIndex {
             numbers: HashMap::new(),
             sets: HashMap::new(),
             identities: HashMap::new(),
-            pods: HashMap::new(),
+            pods: BTreeMap::new(),
             whole,
             local,
             claims: HashMap::new(),
             displaced: BTreeMap::new(),
             reserved,
             populated: HashSet::new(),
+            mimicked: HashSet::new(),
+            node_names: NodeNames::default(),
             namespaces_twice: twice(
                 input
                     .snapshot
@@ -295,6 +306,7 @@ impl PodIndex {
         if !self.populated.contains(w.namespace) {
             self.populated.insert(w.namespace.to_string());
         }
+        self.note_mimicry(w.namespace, &w.labels);
         if let Some(claimed) = w.claimed {
             *self.claims.entry(claimed).or_default() += 1;
         }
@@ -323,31 +335,17 @@ impl PodIndex {
                 identity: w.identity,
                 address,
                 ports: w.ports.clone(),
+                node: w.node.map(|n| self.node_names.intern(n)),
             };
             self.pods.insert(key, entry);
         }
     }
 
-    /// Takes the labels of the Namespace `name` (None: gone), if that moves no pod.
-    pub(super) fn put_namespace(
-        &mut self,
-        name: &str,
-        labels: Option<&Labels>,
-    ) -> Result<(), NotInPlace> {
-        if self.namespaces_twice.contains(name) {
-            return Err(NotInPlace);
+    /// Remembers a namespace whose pod has a label that [`identity::mimics_namespace`].
+    fn note_mimicry(&mut self, namespace: &str, labels: &Labels) {
+        if labels.keys().any(|k| identity::mimics_namespace(k)) {
+            self.mimicked.insert(namespace.to_string());
         }
-        if self.namespaces.get(name) == labels {
-            return Ok(());
-        }
-        if self.populated.contains(name) {
-            return Err(NotInPlace);
-        }
-        match labels {
-            Some(labels) => self.namespaces.insert(name.to_string(), labels.clone()),
-            None => self.namespaces.remove(name),
-        };
-        Ok(())
     }
 
     /// Applies the Pod `key` written (`Some`) or deleted, changing its ipcache entries in
@@ -408,11 +406,13 @@ impl PodIndex {
         }
         if let Some(new) = new {
             let NewPod {
-                entry,
+                mut entry,
                 node,
                 new_set,
                 labels,
             } = new;
+            entry.node = node.as_deref().map(|n| self.node_names.intern(n));
+            self.note_mimicry(&key.0, &labels);
             self.claims.insert(entry.address, 1);
             let k = IpcacheKey::new(entry.address, 32);
             let value = IpcacheEntry {
@@ -478,6 +478,8 @@ impl PodIndex {
                 identity,
                 address,
                 ports: w.ports,
+                // Interned once it joins the index.
+                node: None,
             },
             node: w.node.map(str::to_string),
             new_set,

@@ -18,10 +18,11 @@ use sluice_store::{LocalEndpoint, selector::Labels};
 
 use super::{
     Policy, PolicyInput,
-    cidr::{self, Block, block},
+    cidr::{self, block, ipv4_blocks},
     peers::{Group, IdentityPrefixes, PeerGroups, Peers, World},
-    pod_index::{Context, Moved, NotInPlace, PodIndex},
+    pod_index::{Attached, Context, LocalIdentity, Moved, NotInPlace, PodIndex, Renamed},
     policies_in_order,
+    remote_nodes::PrefixMove,
     rows::CompiledEndpoint,
     rules, selected_pod_keys, selects,
     workloads::Workload,
@@ -30,9 +31,14 @@ use crate::{
     Delta, DesiredState, Identity, ObjectKind, ObjectRef,
     changes::{ObjectKey, touched},
     identity::LABEL_HOST,
+    ipcache::Ipcache,
     namespace_of,
     problem::Problems,
 };
+
+mod local;
+mod nodes;
+mod relabel;
 
 /// What [`PolicyIndex::new`] takes from the full compile besides the policies.
 pub(super) struct Parts<'a> {
@@ -85,9 +91,7 @@ pub(crate) struct PolicyIndex {
     peers: BTreeMap<ObjectKey, Vec<Peers>>,
     selected_keys: BTreeSet<String>,
     cidrs: BTreeSet<Ipv4Net>,
-    groups: PeerGroups,
-    prefixes: IdentityPrefixes,
-    namespaces: BTreeMap<String, Labels>,
+    matching: Matching,
     /// By ifindex.
     local: BTreeMap<u32, LocalPod>,
     capacity: u32,
@@ -95,6 +99,26 @@ pub(crate) struct PolicyIndex {
     policy_problems: Problems,
     endpoint_problems: BTreeMap<u32, Problems>,
     host_in_ipcache: bool,
+}
+
+/// What peers are matched against, besides the ipcache.
+struct Matching {
+    groups: PeerGroups,
+    prefixes: IdentityPrefixes,
+    namespaces: BTreeMap<String, Labels>,
+}
+
+impl Matching {
+    /// The world peers are matched in: no pods, only their groups.
+    fn world<'a>(&'a self, ipcache: &'a Ipcache) -> World<'a> {
+        World {
+            ipcache,
+            prefixes: &self.prefixes,
+            workloads: &[],
+            peers: &self.groups,
+            namespaces: &self.namespaces,
+        }
+    }
 }
 
 fn key_of(policy: &NetworkPolicy) -> ObjectKey {
@@ -146,9 +170,11 @@ impl PolicyIndex {
             peers,
             selected_keys: context.selected_keys.clone(),
             cidrs: context.cidrs.clone(),
-            groups: parts.groups,
-            prefixes: parts.prefixes,
-            namespaces: context.namespaces.clone(),
+            matching: Matching {
+                groups: parts.groups,
+                prefixes: parts.prefixes,
+                namespaces: context.namespaces.clone(),
+            },
             local,
             capacity: parts.input.node.policy_map_max,
             base_problems: parts.problems,
@@ -156,15 +182,6 @@ impl PolicyIndex {
             endpoint_problems: BTreeMap::new(),
             host_in_ipcache: parts.host_in_ipcache,
         }
-    }
-
-    /// Takes the labels of the Namespace `name` (None: gone); `PodIndex::put_namespace`
-    /// has judged that it moves no pod.
-    pub(super) fn put_namespace(&mut self, name: &str, labels: Option<Labels>) {
-        match labels {
-            Some(labels) => self.namespaces.insert(name.to_string(), labels),
-            None => self.namespaces.remove(name),
-        };
     }
 
     /// Records what the rows of the endpoint `ifindex` could not represent.
@@ -211,13 +228,7 @@ impl PolicyIndex {
         if cidrs != self.cidrs || selected_pod_keys(&policies) != self.selected_keys {
             return Err(NotInPlace);
         }
-        let world = World {
-            ipcache: &state.ipcache,
-            prefixes: &self.prefixes,
-            workloads: &[],
-            peers: &self.groups,
-            namespaces: &self.namespaces,
-        };
+        let world = self.matching.world(&state.ipcache);
         for p in &mut policies {
             let key = key_of(p.policy);
             if !changes.contains_key(&key) {
@@ -225,17 +236,8 @@ impl PolicyIndex {
                 continue;
             }
             let mut ignored = Problems::default();
-            for (_, peers, _) in rules(p.policy) {
-                for peer in peers.into_iter().flatten() {
-                    if let Some(Block {
-                        cidr: Some(cidr),
-                        except,
-                    }) = block(&p.object, peer, &mut ignored)
-                        && !pods.knows_block(cidr, &except)
-                    {
-                        return Err(NotInPlace);
-                    }
-                }
+            if ipv4_blocks(p, &mut ignored).any(|(cidr, except)| !pods.knows_block(cidr, &except)) {
+                return Err(NotInPlace);
             }
             p.peers = rules(p.policy)
                 .map(|(_, peers, _)| {
@@ -249,7 +251,7 @@ impl PolicyIndex {
             &mut Problems::default(),
         );
         let after = policies_in_order(changes.values().flatten(), &mut Problems::default());
-        let compiled = self.endpoints_of(&world, &before, &after, &policies);
+        let compiled = self.endpoints_of(&world, &before, &after, &policies, &BTreeSet::new());
         let new_peers: Vec<(ObjectKey, Vec<Peers>)> = policies
             .iter_mut()
             .map(|p| (key_of(p.policy), std::mem::take(&mut p.peers)))
@@ -293,8 +295,8 @@ impl PolicyIndex {
         for m in moved {
             match m {
                 Moved::Vanished { identity } => {
-                    self.groups.remove(identity);
-                    self.prefixes.remove(identity);
+                    self.matching.groups.remove(identity);
+                    self.matching.prefixes.remove(identity);
                     for (key, peers) in &mut self.peers {
                         for p in peers.iter_mut() {
                             if let Peers::Identities(ids) = p
@@ -315,13 +317,7 @@ impl PolicyIndex {
                     ports,
                 } => {
                     let group = Group::new(identity, &namespace, &labels, &self.selected_keys);
-                    let world = World {
-                        ipcache: &state.ipcache,
-                        prefixes: &self.prefixes,
-                        workloads: &[],
-                        peers: &self.groups,
-                        namespaces: &self.namespaces,
-                    };
+                    let world = self.matching.world(&state.ipcache);
                     for (key, peers) in &mut self.peers {
                         let Some(policy) = objects.get(key) else {
                             continue;
@@ -338,8 +334,8 @@ impl PolicyIndex {
                             }
                         }
                     }
-                    self.groups.add(group, ports);
-                    self.prefixes.add(identity, address);
+                    self.matching.groups.add(group, ports);
+                    self.matching.prefixes.add(identity, address);
                     state.identities.insert(
                         identity,
                         Identity {
@@ -350,7 +346,22 @@ impl PolicyIndex {
                 }
             }
         }
-        if changed.is_empty() {
+        self.rows_again(&changed, &BTreeSet::new(), state, delta);
+    }
+
+    /// Compiles again the rows of the endpoints that a policy of `changed` selects, and
+    /// of those of `also` (by ifindex).
+    fn rows_again(
+        &mut self,
+        changed: &BTreeSet<ObjectKey>,
+        also: &BTreeSet<u32>,
+        state: &mut DesiredState,
+        delta: &mut Delta,
+    ) {
+        let Some(objects) = &self.objects else {
+            return;
+        };
+        if changed.is_empty() && also.is_empty() {
             return;
         }
         let mut ignored = Problems::default();
@@ -366,31 +377,26 @@ impl PolicyIndex {
             changed.iter().filter_map(|key| objects.get(key)),
             &mut ignored,
         );
-        let world = World {
-            ipcache: &state.ipcache,
-            prefixes: &self.prefixes,
-            workloads: &[],
-            peers: &self.groups,
-            namespaces: &self.namespaces,
-        };
-        let compiled = self.endpoints_of(&world, &changed, &[], &policies);
+        let world = self.matching.world(&state.ipcache);
+        let compiled = self.endpoints_of(&world, &changed, &[], &policies, also);
         drop((changed, policies));
         self.write(compiled, state, delta);
     }
 
-    /// The local endpoints a policy of `before` or `after` selects, compiled against
-    /// `policies`.
+    /// The local endpoints a policy of `before` or `after` selects, and those of `also`,
+    /// compiled against `policies`.
     fn endpoints_of(
         &self,
         world: &World<'_>,
         before: &[Policy<'_>],
         after: &[Policy<'_>],
         policies: &[Policy<'_>],
+        also: &BTreeSet<u32>,
     ) -> Vec<(u32, CompiledEndpoint)> {
         let mut compiled = Vec::new();
         for (&ifindex, local) in &self.local {
             let Some(w) = local.workload() else { continue };
-            if before.iter().chain(after).any(|p| selects(p, &w)) {
+            if also.contains(&ifindex) || before.iter().chain(after).any(|p| selects(p, &w)) {
                 let endpoint = world.endpoint(&local.endpoint, &w, policies, self.capacity);
                 compiled.push((ifindex, endpoint));
             }

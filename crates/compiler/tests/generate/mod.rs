@@ -150,6 +150,10 @@ pub fn pod(rng: &mut fastrand::Rng, i: usize) -> Value {
         "namespace": pick(rng, &NAMESPACES),
         "labels": {"app": pick(rng, &["web", "db"]), "pod-template-hash": pick(rng, &["h1", "h2"])},
     });
+    if rng.u8(..20) == 0 {
+        // A pod label that reads like its namespace's in the label set.
+        metadata["labels"]["io.cilium.k8s.namespace.labels.team"] = json!("x");
+    }
     versioned(rng, &mut metadata, format!("pod-{i}"));
     let address = if rng.u8(..3) == 0 {
         format!("10.0.{}.{}", pick(rng, &[1, 2]), 10 + rng.usize(..12))
@@ -179,6 +183,13 @@ pub fn policy(rng: &mut fastrand::Rng, i: usize) -> Value {
     versioned(rng, &mut metadata, format!("np-{i}"));
     let mut from =
         vec![json!({"podSelector": {"matchLabels": {"app": pick(rng, &["web", "db"])}}})];
+    if rng.bool() {
+        // Namespace labels select: a relabel moves the peers.
+        from.push(json!({
+            "namespaceSelector": {"matchLabels": {"team": pick(rng, &["x", "y"])}},
+            "podSelector": {"matchLabels": {"app": pick(rng, &["web", "db"])}},
+        }));
+    }
     if rng.bool() {
         from.push(json!({"ipBlock": {
             "cidr": pick(rng, &["10.0.1.0/28", "10.0.0.0/16"]),

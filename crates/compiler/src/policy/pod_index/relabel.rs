@@ -1,0 +1,184 @@
+//! A Namespace relabelled while pods live in it: its labels are part of the label set of
+//! each of its pods, so every identity of the namespace is renamed, the same pods keeping
+//! it. Nothing else a pod shows others moves (its own labels, address, named ports and
+//! ipBlock verdicts), so the rename is the whole change: numbers, the ipcache entries of
+//! the namespace's pods, and, for the policies, the identities they name.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use sluice_common::{IDENTITY_WORLD, IpcacheEntry, IpcacheKey};
+use sluice_store::selector::Labels;
+
+use super::{NotInPlace, PodEntry, PodIndex};
+use crate::{
+    changes::{ObjectKey, touched},
+    identity::{self, Scope},
+    ipcache::Ipcache,
+};
+
+/// Identities a Namespace relabel renamed: old number -> new number and label set.
+pub(crate) type Renamed = BTreeMap<u32, (u32, Vec<String>)>;
+
+/// A local endpoint's pod, its identity (None: its Pod is defined twice) and address.
+pub(crate) type LocalIdentity = (ObjectKey, Option<u32>, Option<Ipv4Addr>);
+
+impl PodIndex {
+    /// Takes the labels of the Namespace `name` (None: gone), renaming the identities of
+    /// its pods (and of others whose numbers that moves) and their ipcache entries,
+    /// recorded in `delta`; `local` holds every local endpoint. [`NotInPlace`] when the
+    /// namespace is defined twice or a pod label there reads like a namespace's.
+    pub(crate) fn put_namespace(
+        &mut self,
+        name: &str,
+        labels: Option<&Labels>,
+        local: Vec<LocalIdentity>,
+        ipcache: &mut Ipcache,
+        delta: &mut BTreeMap<IpcacheKey, Option<IpcacheEntry>>,
+    ) -> Result<Renamed, NotInPlace> {
+        if self.namespaces_twice.contains(name) {
+            return Err(NotInPlace);
+        }
+        let old = self.namespaces.get(name).cloned();
+        if old.as_ref() == labels {
+            return Ok(Renamed::new());
+        }
+        match labels {
+            Some(labels) => self.namespaces.insert(name.to_string(), labels.clone()),
+            None => self.namespaces.remove(name),
+        };
+        if !self.populated.contains(name) {
+            return Ok(Renamed::new());
+        }
+        if self.mimicked.contains(name) || self.identities.contains_key(&IDENTITY_WORLD) {
+            return Err(NotInPlace);
+        }
+        let mut olds: BTreeSet<u32> = local
+            .iter()
+            .filter(|(key, _, _)| key.0 == name)
+            .filter_map(|(_, identity, _)| *identity)
+            .collect();
+        olds.extend(self.namespace_pods(name).map(|(_, pod)| pod.identity));
+        let renamed = self.renumber(&olds, old.as_ref(), labels)?;
+        // Taken out first: a new number may be one an old identity frees.
+        let uses: Vec<_> = renamed
+            .iter()
+            .filter_map(|(old, (new, _))| Some((*new, self.identities.remove(old)?)))
+            .collect();
+        self.identities.extend(uses);
+        // Each address once: a renamed entry's new number may be another's old one.
+        let mut addresses = BTreeSet::new();
+        let others_moved = renamed.keys().any(|id| !olds.contains(id));
+        let from = (name.to_string(), String::new());
+        let pods: Box<dyn Iterator<Item = (&ObjectKey, &mut PodEntry)>> = if others_moved {
+            Box::new(self.pods.iter_mut())
+        } else {
+            Box::new(
+                self.pods
+                    .range_mut(from..)
+                    .take_while(|(key, _)| key.0 == name),
+            )
+        };
+        for (_, pod) in pods {
+            if let Some(&(new, _)) = renamed.get(&pod.identity) {
+                pod.identity = new;
+                addresses.insert(pod.address);
+            }
+        }
+        for (key, identity, address) in &local {
+            if identity.is_some_and(|id| renamed.contains_key(&id)) {
+                addresses.extend(*address);
+                let view = self
+                    .local
+                    .get(key)
+                    .and_then(|(_, (_, claimed, _))| *claimed);
+                addresses.extend(view);
+            }
+        }
+        for address in addresses {
+            rename_entry(address, &renamed, ipcache, delta);
+        }
+        Ok(renamed)
+    }
+
+    /// The pods of namespace `name` that are no local endpoint, by name.
+    fn namespace_pods<'s>(
+        &'s self,
+        name: &'s str,
+    ) -> impl Iterator<Item = (&'s ObjectKey, &'s PodEntry)> + 's {
+        let from = (name.to_string(), String::new());
+        self.pods
+            .range(from..)
+            .take_while(move |(key, _)| key.0 == name)
+    }
+
+    /// Numbers every label set once the namespace's labels went from `old` to `new` (the
+    /// sets of `olds` relabelled), as the full compile numbers them: a new set may take
+    /// a number another set held by probing, which moves that one too. Returns every
+    /// identity whose number or labels change.
+    fn renumber(
+        &mut self,
+        olds: &BTreeSet<u32>,
+        old: Option<&Labels>,
+        new: Option<&Labels>,
+    ) -> Result<Renamed, NotInPlace> {
+        let mut relabelled = BTreeMap::new();
+        for id in olds {
+            let set = self.sets.get(id).ok_or(NotInPlace)?;
+            relabelled.insert(identity::relabel_namespace(set, old, new), *id);
+        }
+        let kept = self.numbers.iter().filter(|(_, id)| !olds.contains(id));
+        let all: BTreeSet<Vec<String>> = kept
+            .map(|(set, _)| set.clone())
+            .chain(relabelled.keys().cloned())
+            .collect();
+        let (numbers, left_out) = identity::allocate(&all, Scope::Label);
+        if !left_out.is_empty() {
+            return Err(NotInPlace);
+        }
+        let mut renamed = Renamed::new();
+        for (set, &number) in &numbers {
+            let was = match relabelled.get(set) {
+                Some(&was) => was,
+                None => *self.numbers.get(set).ok_or(NotInPlace)?,
+            };
+            if was != number || relabelled.contains_key(set) {
+                renamed.insert(was, (number, set.clone()));
+            }
+        }
+        for was in renamed.keys() {
+            if let Some(set) = self.sets.remove(was) {
+                self.numbers.remove(&set);
+            }
+            self.displaced.remove(was);
+        }
+        for (number, set) in renamed.values() {
+            let home = identity::home(set);
+            if home != *number {
+                self.displaced.insert(*number, home);
+            }
+            self.sets.insert(*number, set.clone());
+            self.numbers.insert(set.clone(), *number);
+        }
+        Ok(renamed)
+    }
+}
+
+/// Renames the identity of the ipcache entry of `address`, if it is one of `renamed`: the
+/// pod holding the address may be another pod of the namespace, or none (a node's).
+pub(crate) fn rename_entry(
+    address: Ipv4Addr,
+    renamed: &Renamed,
+    ipcache: &mut Ipcache,
+    delta: &mut BTreeMap<IpcacheKey, Option<IpcacheEntry>>,
+) {
+    let key = IpcacheKey::new(address, 32);
+    if let Some(entry) = ipcache.get_mut(&key)
+        && let Some(&(new, _)) = renamed.get(&entry.identity)
+    {
+        touched(delta, key, Some(*entry));
+        entry.identity = new;
+    }
+}

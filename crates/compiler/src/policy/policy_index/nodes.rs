@@ -1,0 +1,83 @@
+//! Other nodes' changes in the policies (`policy::remote_nodes`): ipBlock peers judged
+//! by the prefixes of the identities node entries carry, and the node faults.
+
+use std::collections::BTreeSet;
+
+use sluice_common::IDENTITY_REMOTE_NODE;
+
+use super::{Identity, Peers, PolicyIndex, PrefixMove, block, rules};
+use crate::{
+    Delta, DesiredState, ObjectKind, ObjectRef, identity::LABEL_REMOTE_NODE, problem::Problems,
+};
+
+impl PolicyIndex {
+    /// Follows other nodes' changes (`remote_nodes`): the identity prefixes of `moves`,
+    /// the ipBlock peers of the identities they move, whether the remote-node identity
+    /// is in use, and the node `faults`; then the rows of the endpoints a policy whose
+    /// peers changed selects.
+    pub(crate) fn put_nodes(
+        &mut self,
+        moves: Vec<PrefixMove>,
+        remote_node: bool,
+        faults: Problems,
+        state: &mut DesiredState,
+        delta: &mut Delta,
+    ) {
+        let mut moved = BTreeSet::new();
+        for (prefix, from, to) in moves {
+            if from != to {
+                self.matching.prefixes.move_prefix(prefix, from, to);
+                moved.extend(from);
+                moved.extend(to);
+            }
+        }
+        if remote_node {
+            state
+                .identities
+                .entry(IDENTITY_REMOTE_NODE)
+                .or_insert_with(|| Identity {
+                    id: IDENTITY_REMOTE_NODE,
+                    labels: vec![LABEL_REMOTE_NODE.to_string()],
+                });
+        } else {
+            state.identities.remove(&IDENTITY_REMOTE_NODE);
+        }
+        self.base_problems
+            .retain(|p| !matches!(p, crate::Problem::Node(_)));
+        self.base_problems.extend(&faults);
+        let mut changed = BTreeSet::new();
+        if let Some(objects) = &self.objects {
+            let prefixes = &self.matching.prefixes;
+            for (key, peers) in &mut self.peers {
+                let Some(policy) = objects.get(key) else {
+                    continue;
+                };
+                let object = ObjectRef::new(ObjectKind::NetworkPolicy, &key.0, &key.1);
+                for ((_, list, _), p) in rules(policy).zip(peers.iter_mut()) {
+                    let Peers::Identities(ids) = p else { continue };
+                    let blocks: Vec<_> = list
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|peer| block(&object, peer, &mut Problems::default()))
+                        .filter_map(|b| Some((b.cidr?, b.except)))
+                        .collect();
+                    if blocks.is_empty() {
+                        continue;
+                    }
+                    for &id in &moved {
+                        let selects = blocks.iter().any(|(c, e)| prefixes.in_block(id, *c, e));
+                        let flipped = if selects {
+                            ids.insert(id)
+                        } else {
+                            ids.remove(&id)
+                        };
+                        if flipped {
+                            changed.insert(key.clone());
+                        }
+                    }
+                }
+            }
+        }
+        self.rows_again(&changed, &BTreeSet::new(), state, delta);
+    }
+}
