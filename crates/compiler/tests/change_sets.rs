@@ -380,8 +380,12 @@ fn home(labels: &[String]) -> u32 {
 
 /// A pod in namespace "a" with the label app=`app` at `address`.
 fn app_pod(name: &str, app: &str, address: &str) -> sluice_store::Pod {
+    app_pod_in("a", name, app, address)
+}
+
+fn app_pod_in(namespace: &str, name: &str, app: &str, address: &str) -> sluice_store::Pod {
     from_json(json!({
-        "metadata": {"name": name, "namespace": "a", "labels": {"app": app}},
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": app}},
         "spec": {"nodeName": "node-b", "containers": [{"name": "c", "image": "i"}]},
         "status": {"phase": "Running", "podIP": address},
     }))
@@ -495,12 +499,10 @@ fn a_relabel_that_displaces_another_identity_equals_the_full_compile() {
             {"podSelector": {}},
         ]}]},
     }))];
-    let mut in_b = app_pod("q2", &x, "10.0.2.22");
-    in_b.metadata.namespace = Some("b".into());
     snapshot.pods = vec![
         app_pod("p0", "local", "10.0.1.10"),
         app_pod("q1", &y, "10.0.2.21"),
-        in_b,
+        app_pod_in("b", "q2", &x, "10.0.2.22"),
     ];
     snapshot.endpoints.push(endpoint(0));
     let mut cache = CompileCache::new();

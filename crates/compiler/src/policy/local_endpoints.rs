@@ -7,11 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Pod;
-use sluice_store::{LocalEndpoint, Snapshot};
+use sluice_store::{LocalEndpoint, Pod, Snapshot};
 
 use super::{NotInPlace, WorkloadIndex};
-use crate::{Delta, DesiredState, NodeContext, changes::ObjectKey, namespace_of};
+use crate::{Delta, DesiredState, NodeContext, changes::ObjectKey, namespace_or_default};
 
 impl WorkloadIndex {
     /// Brings the local endpoints to those of `snapshot` on `node`, whose interfaces
@@ -97,8 +96,8 @@ fn pods_named<'s>(
         return Ok(found);
     }
     for pod in &snapshot.pods {
-        let name = pod.metadata.name.as_deref().unwrap_or("");
-        let namespace = namespace_of(pod.metadata.namespace.as_ref());
+        let name = pod.name().unwrap_or("");
+        let namespace = namespace_or_default(pod.namespace());
         let Some(key) = keys.iter().find(|k| k.0 == namespace && k.1 == name) else {
             continue;
         };

@@ -5,9 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Pod;
 use sluice_common::{IpcacheEntry, IpcacheKey};
-use sluice_store::LocalEndpoint;
+use sluice_store::{LocalEndpoint, Pod};
 
 use super::{NotInPlace, PodEntry, PodIndex, Workload, identities, local_view, workload};
 use crate::{
