@@ -6,6 +6,7 @@
 //! [`AttachRole`] under `<pin_dir>/links/<role>/`, so traffic keeps flowing while no agent
 //! runs, and a new agent swaps its programs into the existing links atomically.
 
+mod elem_count;
 mod error;
 mod migrate;
 mod pinned;
@@ -33,6 +34,7 @@ use aya::{
 };
 use sluice_common::{CapacitySetting, CtConfig, MAPS, MapId};
 
+pub use elem_count::ElemCount;
 pub use error::DatapathError;
 pub use migrate::MigratedMap;
 use migrate::Staging;
