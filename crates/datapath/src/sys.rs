@@ -610,7 +610,11 @@ pub fn prog_load(
             call: CALL,
             io_error: io::Error::new(
                 err.io_error.kind(),
-                format!("{}: {}", err.io_error, String::from_utf8_lossy(&log[..end]).trim()),
+                format!(
+                    "{}: {}",
+                    err.io_error,
+                    String::from_utf8_lossy(&log[..end]).trim()
+                ),
             ),
         });
     }

@@ -35,11 +35,15 @@ fn the_kernel_count_equals_the_entries_after_inserts_deletes_and_evictions() {
     assert_eq!(count.get().unwrap(), 0, "a new table");
 
     for i in 0..1000 {
-        maps.conntrack.insert(key(i), Ct4Entry::default(), 0).unwrap();
+        maps.conntrack
+            .insert(key(i), Ct4Entry::default(), 0)
+            .unwrap();
     }
     assert_eq!(count.get().unwrap(), 1000, "after 1,000 inserts");
     // Replacing an entry adds none.
-    maps.conntrack.insert(key(7), Ct4Entry::default(), 0).unwrap();
+    maps.conntrack
+        .insert(key(7), Ct4Entry::default(), 0)
+        .unwrap();
     for i in 0..300 {
         maps.conntrack.remove(&key(i)).unwrap();
     }
@@ -48,7 +52,9 @@ fn the_kernel_count_equals_the_entries_after_inserts_deletes_and_evictions() {
 
     // Three times the capacity: the LRU evicts, and the count follows.
     for i in 1000..1000 + 3 * CAPACITY {
-        maps.conntrack.insert(key(i), Ct4Entry::default(), 0).unwrap();
+        maps.conntrack
+            .insert(key(i), Ct4Entry::default(), 0)
+            .unwrap();
     }
     let full = walked(&maps);
     assert!(full <= u64::from(CAPACITY), "{full} entries");
