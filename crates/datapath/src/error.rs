@@ -59,11 +59,6 @@ pub enum DatapathError {
     },
     #[error("creating a {map} map: {source}")]
     MapCreate { map: &'static str, source: MapError },
-    #[error("the kernel's BTF has no {name}: {source}")]
-    KernelBtf {
-        name: &'static str,
-        source: aya_obj::btf::BtfError,
-    },
     #[error("map {map}: {source}")]
     Sys {
         map: &'static str,
