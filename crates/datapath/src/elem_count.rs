@@ -6,9 +6,13 @@
 //! assembled here and loaded with a raw `BPF_PROG_LOAD`.
 
 use std::{
-    io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-    path::PathBuf,
+    fs::File,
+    io::{self, BufReader, Read, Seek, SeekFrom},
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+        unix::fs::FileExt,
+    },
+    path::{Path, PathBuf},
 };
 
 use crate::{DatapathError, sys};
@@ -47,17 +51,14 @@ impl ElemCount {
     /// Loads the counting program for `fd`, the map `map` (a name for errors). The program
     /// holds a reference to the map.
     pub fn new(map: &'static str, fd: BorrowedFd<'_>) -> Result<Self, DatapathError> {
-        let btf = std::fs::read(VMLINUX_BTF).map_err(|source| DatapathError::Io {
-            call: "read",
+        let btf_err = |call, source| DatapathError::Io {
+            call,
             path: PathBuf::from(VMLINUX_BTF),
             source,
-        })?;
-        let kfunc = func_id(&btf, KFUNC).ok_or_else(|| DatapathError::Io {
-            call: "find a function in",
-            path: PathBuf::from(VMLINUX_BTF),
-            source: io::Error::new(io::ErrorKind::NotFound, KFUNC),
-        })?;
-        drop(btf);
+        };
+        let kfunc = func_id(Path::new(VMLINUX_BTF), KFUNC)
+            .map_err(|e| btf_err("read", e))?
+            .ok_or_else(|| btf_err("find", io::Error::new(io::ErrorKind::NotFound, KFUNC)))?;
         let insns = [
             // r1 = the map; the second half of ld_imm64 carries the upper 32 bits (none).
             insn(BPF_LD_IMM64, R1, BPF_PSEUDO_MAP_FD, fd.as_raw_fd()),
@@ -86,48 +87,70 @@ impl ElemCount {
 /// BTF kinds whose records this scan must step over (uapi `btf.h`).
 const BTF_KIND_FUNC: u32 = 12;
 
-/// The type id of the function `name` in the raw BTF `btf`, by a walk over its type
-/// records that allocates nothing. aya-obj's parser builds every one of the kernel's
-/// 100,000-odd types, tens of MiB the agent's heap keeps after they are freed.
-fn func_id(btf: &[u8], name: &str) -> Option<u32> {
-    let word = |at: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(btf.get(at..at + 4)?.try_into().ok()?))
+/// The type id of the function `name` in the raw BTF file at `path`, None if it has none.
+/// The type records are read through a 64 KiB buffer and a function's name straight from
+/// the string section: the agent's heap never holds the kernel's 6 MiB of BTF (nor the
+/// tens of MiB aya-obj's parser makes of it), which malloc may keep after they are freed.
+fn func_id(path: &Path, name: &str) -> io::Result<Option<u32>> {
+    let file = File::open(path)?;
+    let word = |bytes: &[u8], at: usize| -> u32 {
+        u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
     };
-    // struct btf_header: magic, version, flags (4 bytes), hdr_len, type_off, type_len,
-    // str_off, str_len.
-    if btf.get(..2)? != [0x9f, 0xeb] {
-        return None;
+    // struct btf_header: magic, version, flags, hdr_len, type_off, type_len, str_off,
+    // str_len.
+    let mut header = [0u8; 24];
+    file.read_exact_at(&mut header, 0)?;
+    if header[..2] != [0x9f, 0xeb] {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not BTF"));
     }
-    let header = word(4)? as usize;
-    let types = header + word(8)? as usize;
-    let types_end = types + word(12)? as usize;
-    let strings = btf.get(header + word(16)? as usize..)?;
-    let mut at = types;
-    let mut id = 1;
-    while at < types_end {
-        let (name_off, info) = (word(at)? as usize, word(at + 4)?);
-        let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
-        if kind == BTF_KIND_FUNC
-            && strings.get(name_off..)?.split(|&b| b == 0).next()? == name.as_bytes()
-        {
-            return Some(id);
+    let start = u64::from(word(&header, 4));
+    let (types_len, strings) = (
+        u64::from(word(&header, 12)),
+        start + u64::from(word(&header, 16)),
+    );
+    let mut types = BufReader::with_capacity(64 * 1024, &file);
+    types.seek(SeekFrom::Start(start + u64::from(word(&header, 8))))?;
+    let mut record = [0u8; 12];
+    // The name and its terminating NUL.
+    let mut found = vec![0u8; name.len() + 1];
+    let (mut at, mut id) = (0, 1);
+    while at < types_len {
+        types.read_exact(&mut record)?;
+        let (name_off, info) = (u64::from(word(&record, 0)), word(&record, 4));
+        let (kind, vlen) = ((info >> 24) & 0x1f, u64::from(info & 0xffff));
+        if kind == BTF_KIND_FUNC {
+            // A name shorter than ours at the file's end ends the read early: no match.
+            match file.read_exact_at(&mut found, strings + name_off) {
+                Ok(()) if found.starts_with(name.as_bytes()) && found.ends_with(&[0]) => {
+                    return Ok(Some(id));
+                }
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+                Err(e) => return Err(e),
+            }
         }
-        // struct btf_type (12 bytes), then what its kind appends.
-        at += 12
-            + match kind {
-                // INT, VAR, DECL_TAG: one u32.
-                1 | 14 | 17 => 4,
-                // ARRAY: struct btf_array.
-                3 => 12,
-                // STRUCT, UNION, DATASEC, ENUM64: vlen records of 12 bytes.
-                4 | 5 | 15 | 19 => 12 * vlen,
-                // ENUM, FUNC_PROTO: vlen records of 8 bytes.
-                6 | 13 => 8 * vlen,
-                // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG.
-                2 | 7..=12 | 16 | 18 => 0,
-                _ => return None,
-            };
+        // What the kind appends to struct btf_type.
+        let extra = match kind {
+            // INT, VAR, DECL_TAG: one u32.
+            1 | 14 | 17 => 4,
+            // ARRAY: struct btf_array.
+            3 => 12,
+            // STRUCT, UNION, DATASEC, ENUM64: vlen records of 12 bytes.
+            4 | 5 | 15 | 19 => 12 * vlen,
+            // ENUM, FUNC_PROTO: vlen records of 8 bytes.
+            6 | 13 => 8 * vlen,
+            // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG.
+            2 | 7..=12 | 16 | 18 => 0,
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "unknown BTF kind",
+                ));
+            }
+        };
+        types.seek_relative(extra as i64)?;
+        at += 12 + extra;
         id += 1;
     }
-    None
+    Ok(None)
 }
