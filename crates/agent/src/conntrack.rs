@@ -12,13 +12,13 @@
 
 use std::{os::fd::AsFd, path::Path, time::Duration, time::Instant};
 
-use aya::maps::{Array, HashMap, IterableMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap, MapData};
 use nix::time::{ClockId, clock_gettime};
 use sluice_common::{
     CT_EGRESS, CT_FLAG_CLOSING, CT_FLAG_SEEN_REPLY, CT_NODEPORT, CT_SERVICE, CT_SNAT, Ct4Entry,
-    Ct4Key, CtConfig, CtStats, IPPROTO_TCP, Lb4BackendKey, MapId, names,
+    Ct4Key, CtConfig, IPPROTO_TCP, Lb4BackendKey, MapId, names,
 };
-use sluice_datapath::{DatapathError, MapInventory, PinnedMaps, read_ct_stats, sys};
+use sluice_datapath::{DatapathError, ElemCount, MapInventory, PinnedMaps, sys};
 use tracing::{info, warn};
 
 use crate::{AgentError, metrics::Metrics};
@@ -77,7 +77,7 @@ pub fn churned(key: &Ct4Key, entry: &Ct4Entry, now_ns: u64) -> bool {
 /// What one run of the garbage collector found and removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GcRun {
-    /// Entries in the table when the run began.
+    /// Entries in the table when the run began, as the kernel counts them.
     pub entries: u64,
     pub expired: u64,
     /// Closed and half-open entries removed under pressure.
@@ -88,12 +88,11 @@ pub struct GcRun {
 pub struct Conntrack {
     table: HashMap<MapData, Ct4Key, Ct4Entry>,
     config: Array<MapData, CtConfig>,
-    stats: PerCpuArray<MapData, CtStats>,
+    /// The table's fill as the kernel counts it: a look costs a microsecond, so the fill
+    /// is known every `pressure_interval` without walking the table. Loaded by the first
+    /// run (the backend purge's handle never needs it).
+    count: Option<ElemCount>,
     inventory: MapInventory,
-    /// The last count of the table and the datapath's `created` counter at that moment:
-    /// the table holds at most the count plus what was created since. None before the
-    /// first count.
-    counted: Option<(u64, u64)>,
     /// One batched read's keys and values, allocated once.
     keys: Vec<Ct4Key>,
     values: Vec<Ct4Entry>,
@@ -108,9 +107,8 @@ impl Conntrack {
         Ok(Self {
             table: maps.conntrack,
             config: maps.ct_config,
-            stats: maps.ct_stats,
+            count: None,
             inventory: maps.inventory,
-            counted: None,
             keys: vec![Ct4Key::default(); BATCH],
             values: vec![Ct4Entry::default(); BATCH],
         })
@@ -118,33 +116,27 @@ impl Conntrack {
 
     /// Runs the collector if `due` or if the table is at `threshold` fill or above; None
     /// when neither holds. Under pressure, expired entries go first, then (if the fill is
-    /// still at the threshold) the closed and half-open ones. The table is read (one
-    /// batched walk that counts it and picks both kinds at once) only when the entries the
-    /// datapath created since the last count could have taken it to the threshold.
+    /// still at the threshold) the closed and half-open ones, both picked by one batched
+    /// walk. The fill is the kernel's count, so a table that churns without filling (the
+    /// datapath removes a cleanly closed connection at its last ACK) is never walked
+    /// between two due runs.
     pub fn run(&mut self, due: bool, threshold: f64) -> Result<Option<GcRun>, AgentError> {
         let limit = threshold * f64::from(self.inventory.capacity(MapId::Conntrack));
-        let created = read_ct_stats(&self.stats)?.created;
-        let at_most = self
-            .counted
-            .map(|(entries, then)| entries + created.saturating_sub(then));
-        if !due && at_most.is_some_and(|n| (n as f64) < limit) {
+        let entries = self.entries()?;
+        let pressure = entries as f64 >= limit;
+        if !due && !pressure {
             return Ok(None);
         }
         let config = self.config()?;
         let now = monotonic_coarse_ns()?;
         let (mut expired, mut churning) = (Vec::new(), Vec::new());
-        let entries = self.walk(|key, entry| {
+        self.walk(|key, entry| {
             if entry.expired(key.proto, now, &config) {
                 expired.push(*key);
             } else if churned(key, entry, now) {
                 churning.push(*key);
             }
         })?;
-        self.counted = Some((entries, created));
-        let pressure = entries as f64 >= limit;
-        if !due && !pressure {
-            return Ok(None);
-        }
         let mut run = GcRun {
             entries,
             expired: self.remove(&expired)?,
@@ -153,9 +145,19 @@ impl Conntrack {
         if pressure && (entries.saturating_sub(run.expired)) as f64 >= limit {
             run.pressure = self.remove(&churning)?;
         }
-        // Removals only lower the bound; the next look starts from it.
-        self.counted = Some((entries - (run.expired + run.pressure).min(entries), created));
         Ok(Some(run))
+    }
+
+    /// The entries in the table now, as the kernel counts them.
+    fn entries(&mut self) -> Result<u64, AgentError> {
+        let count = match &mut self.count {
+            Some(count) => count,
+            None => self.count.insert(ElemCount::new(
+                names::CONNTRACK,
+                self.table.map().fd().as_fd(),
+            )?),
+        };
+        Ok(count.get()?)
     }
 
     fn config(&self) -> Result<CtConfig, AgentError> {

@@ -96,8 +96,8 @@ struct Args {
     /// LRU does not evict established ones.
     #[arg(long, env = "SLUICE_CT_PRESSURE_THRESHOLD", default_value_t = 0.8, value_parser = fill)]
     ct_pressure_threshold: f64,
-    /// Seconds between two looks at the conntrack fill (the table is counted only when the
-    /// entries created since the last count could have taken it to the threshold).
+    /// Seconds between two looks at the conntrack fill (the kernel's own count of the
+    /// table: a look costs a microsecond and walks nothing).
     #[arg(long, env = "SLUICE_CT_PRESSURE_INTERVAL", default_value_t = 1.0)]
     ct_pressure_interval: f64,
     /// Entries of the service map (one per service port plus one per backend slot) and of

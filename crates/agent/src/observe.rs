@@ -24,7 +24,7 @@ use crate::AgentError;
 pub const DEFAULT_EVENT_RATE: u32 = 10_000;
 /// Events a CPU may send at once above the rate.
 pub const DEFAULT_EVENT_BURST: u32 = 10_000;
-/// The datapath wakes the reader only once the ring holds 64 events; this drains the rest.
+/// The datapath wakes the reader only once the ring holds 1,024 events; this drains the rest.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What the datapath emits; written to `event_config` at start.
@@ -144,7 +144,7 @@ pub fn open(pin_dir: &Path) -> Result<AsyncFd<RingBuf<MapData>>, AgentError> {
 /// Events copied out of the ring before they are pushed into the buffer under one lock.
 const BATCH: usize = 1024;
 
-/// Drains the ring whenever the datapath wakes it (>= 64 events pending), when a reader of
+/// Drains the ring whenever the datapath wakes it (>= 1,024 events pending), when a reader of
 /// the flows asks, and every 100 ms.
 pub async fn read_events(mut ring: AsyncFd<RingBuf<MapData>>, flows: Arc<FlowBuffer>) {
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);

@@ -7,6 +7,7 @@
 //! runs, and a new agent swaps its programs into the existing links atomically.
 
 pub mod digest;
+mod elem_count;
 mod error;
 mod migrate;
 mod pinned;
@@ -34,6 +35,7 @@ use aya::{
 };
 use sluice_common::{CapacitySetting, CtConfig, MAPS, MapId};
 
+pub use elem_count::ElemCount;
 pub use error::DatapathError;
 pub use migrate::MigratedMap;
 use migrate::Staging;

@@ -3,7 +3,9 @@
 //! (`BPF_LINK_UPDATE`), walking a map's keys without knowing their type
 //! (`BPF_MAP_GET_NEXT_KEY`), pinning an object held by fd again (`BPF_OBJ_PIN`), an
 //! object's id and a link's hook (`BPF_OBJ_GET_INFO_BY_FD`), and batch lookups, updates and deletes
-//! (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`).
+//! (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`), and loading and
+//! running a program assembled in Rust (`BPF_PROG_LOAD`, `BPF_PROG_TEST_RUN`: aya cannot
+//! relocate a kfunc call).
 //!
 //! Each command gets its own `#[repr(C)]` member of `union bpf_attr` and passes that
 //! member's size; the kernel treats the missing tail of the union as zero. Every failure is
@@ -24,6 +26,8 @@ use aya::sys::SyscallError;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -550,4 +554,105 @@ fn batch<K: aya::Pod>(
         return Err((err, usize::try_from(attr.count).unwrap_or(0)));
     }
     Ok(())
+}
+
+/// The `prog_load` member, up to `prog_name`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+}
+
+/// Loads `insns` (raw `struct bpf_insn`s) as a GPL program of `prog_type` with
+/// `prog_flags`. A refusal carries the verifier's log in its error.
+pub fn prog_load(
+    prog_type: u32,
+    prog_flags: u32,
+    insns: &[u64],
+    name: &str,
+) -> Result<OwnedFd, SyscallError> {
+    const CALL: &str = "bpf(BPF_PROG_LOAD)";
+    let license = c"GPL";
+    let mut log = vec![0u8; 4096];
+    let mut prog_name = [0u8; 16];
+    // The kernel wants a NUL within 16 bytes.
+    for (to, from) in prog_name.iter_mut().zip(name.bytes().take(15)) {
+        *to = from;
+    }
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: u32::try_from(insns.len()).map_err(|_| invalid(CALL))?,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        prog_flags,
+        prog_name,
+        ..ProgLoadAttr::default()
+    };
+    // SAFETY: ProgLoadAttr is the prog_load member's head; `insns`, `license` and `log`
+    // are valid for what the kernel reads and writes and outlive the call.
+    let fd = unsafe { bpf(BPF_PROG_LOAD, &mut attr) };
+    if fd < 0 {
+        let err = last_error(CALL);
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        return Err(SyscallError {
+            call: CALL,
+            io_error: io::Error::new(
+                err.io_error.kind(),
+                format!(
+                    "{}: {}",
+                    err.io_error,
+                    String::from_utf8_lossy(&log[..end]).trim()
+                ),
+            ),
+        });
+    }
+    let fd = i32::try_from(fd).map_err(|_| invalid(CALL))?;
+    // SAFETY: the kernel just returned this fd for the new program; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The `test` member, up to `flags`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+}
+
+/// Runs `program`, one that takes no packet and no context (a `BPF_PROG_TYPE_SYSCALL`
+/// program), once; returns its return value.
+pub fn prog_run(program: BorrowedFd<'_>) -> Result<u32, SyscallError> {
+    const CALL: &str = "bpf(BPF_PROG_TEST_RUN)";
+    let mut attr = TestRunAttr {
+        prog_fd: raw_fd(program, CALL)?,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: TestRunAttr is the test member's head and holds no pointers.
+    if unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) } < 0 {
+        return Err(last_error(CALL));
+    }
+    Ok(attr.retval)
 }

@@ -788,8 +788,10 @@ fn the_reader_is_woken_once_a_batch_is_waiting() {
     // Let the reader block on the empty ring first.
     std::thread::sleep(Duration::from_millis(200));
 
-    // 63 events: below the batch, nobody is woken (the reader would drain them later).
-    for port in 0..63 {
+    // EVENT_WAKEUP_EVENTS in bpf/lib/events.h.
+    const BATCH: u16 = 1024;
+    // One event short of the batch: nobody is woken (the reader would drain them later).
+    for port in 0..BATCH - 1 {
         let syn = tcp(pod(40000 + port), peer(8080), TCP_SYN, b"");
         assert_eq!(fx.egress(&syn), TC_ACT_OK);
     }
@@ -799,10 +801,10 @@ fn the_reader_is_woken_once_a_batch_is_waiting() {
         "woken before a batch was waiting"
     );
 
-    // The 64th completes the batch.
+    // The last one completes the batch.
     let start = Instant::now();
     assert_eq!(
-        fx.egress(&tcp(pod(41000), peer(8080), TCP_SYN, b"")),
+        fx.egress(&tcp(pod(40000 + BATCH), peer(8080), TCP_SYN, b"")),
         TC_ACT_OK
     );
     let (ready, revents) = support::join(reader);
@@ -813,5 +815,5 @@ fn the_reader_is_woken_once_a_batch_is_waiting() {
         "{:?}",
         start.elapsed()
     );
-    assert_eq!(fx.events().len(), 64);
+    assert_eq!(fx.events().len(), usize::from(BATCH));
 }
