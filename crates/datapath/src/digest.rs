@@ -13,28 +13,23 @@
 //! digests to the same numbers.
 
 use std::{
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::AsFd,
     path::Path,
     sync::{Mutex, PoisonError},
 };
 
 use aya::{
-    Btf, Ebpf, EbpfLoader, Pod,
+    Ebpf, EbpfLoader, Pod,
     maps::{Array, MapData},
     programs::{ProgramError, SocketFilter},
-    sys::SyscallError,
 };
 use sluice_common::{Lb4Key, MAPS};
 
-use crate::{
-    DatapathError,
-    sys::{bpf, last_error, raw_fd},
-};
+use crate::{DatapathError, sys};
 
 static DIGEST_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/digest.o"));
 
 const WORD_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 /// A map's content up to order: `struct digest` of bpf/lib/digest.h. Equal digests mean
 /// equal content but for a 2^-64 chance.
@@ -156,9 +151,8 @@ impl DigestPrograms {
     /// Loads the programs against the maps pinned in `pin_dir` (the datapath's), hashing
     /// from `seed`.
     pub fn load(pin_dir: &Path, seed: u64) -> Result<Self, DatapathError> {
-        let btf = Btf::from_sys_fs().map_err(DatapathError::Btf)?;
         let mut loader = EbpfLoader::new();
-        loader.btf(Some(&btf)).override_global("seed", &seed, true);
+        loader.override_global("seed", &seed, true);
         for def in &MAPS {
             loader.map_pin_path(def.name, pin_dir.join(def.name));
         }
@@ -226,7 +220,10 @@ impl DigestPrograms {
                 program: name,
                 source,
             })?;
-        test_run(fd.as_fd()).map_err(|source| DatapathError::Sys { map: name, source })?;
+        // The smallest packet a socket filter's run takes: an Ethernet header, and a
+        // little more; the result is in `.bss`, not the return value.
+        sys::prog_run(fd.as_fd(), &[0u8; 64])
+            .map_err(|source| DatapathError::Sys { map: name, source })?;
         let bss: Array<&MapData, Run> = ebpf
             .map(BSS)
             .ok_or_else(|| DatapathError::MissingProgram(BSS.into()))?
@@ -235,48 +232,6 @@ impl DigestPrograms {
         bss.get(&0, 0).map_err(bss_err)
     }
 }
-/// The `test` member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-/// Runs a socket filter once on a dummy packet (its result is in its maps).
-fn test_run(prog: BorrowedFd<'_>) -> Result<(), SyscallError> {
-    const CALL: &str = "bpf(BPF_PROG_TEST_RUN)";
-    // The smallest packet the kernel takes: an Ethernet header, and a little more.
-    let packet = [0u8; 64];
-    let mut attr = TestRunAttr {
-        prog_fd: raw_fd(prog, CALL)?,
-        data_size_in: packet.len() as u32,
-        data_in: packet.as_ptr() as u64,
-        repeat: 1,
-        ..TestRunAttr::default()
-    };
-    // SAFETY: TestRunAttr is the test member; `packet` outlives the call and nothing is
-    // written back through a pointer (no data_out or ctx).
-    if unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) } < 0 {
-        return Err(last_error(CALL));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

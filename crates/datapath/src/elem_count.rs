@@ -75,7 +75,7 @@ impl ElemCount {
     /// The elements the map holds now. Counts are per CPU and summed without a lock, so a
     /// count taken while programs insert and delete is exact only to within those.
     pub fn get(&self) -> Result<u64, DatapathError> {
-        sys::prog_run(self.program.as_fd())
+        sys::prog_run(self.program.as_fd(), &[])
             .map(u64::from)
             .map_err(|source| DatapathError::Sys {
                 map: self.map,

@@ -64,8 +64,6 @@ pub enum DatapathError {
         map: &'static str,
         source: aya::sys::SyscallError,
     },
-    #[error("reading the kernel's BTF: {0}")]
-    Btf(#[source] aya::BtfError),
     #[error("reading map {map}: {source}")]
     MapRead { map: &'static str, source: MapError },
     #[error("writing map {map}: {source}")]

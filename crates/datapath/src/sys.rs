@@ -642,15 +642,18 @@ struct TestRunAttr {
     flags: u32,
 }
 
-/// Runs `program`, one that takes no packet and no context (a `BPF_PROG_TYPE_SYSCALL`
-/// program), once; returns its return value.
-pub fn prog_run(program: BorrowedFd<'_>) -> Result<u32, SyscallError> {
+/// Runs `program` once on `packet` (empty for a `BPF_PROG_TYPE_SYSCALL` program, which
+/// takes no packet and no context, nor a repeat count); returns its return value.
+pub fn prog_run(program: BorrowedFd<'_>, packet: &[u8]) -> Result<u32, SyscallError> {
     const CALL: &str = "bpf(BPF_PROG_TEST_RUN)";
     let mut attr = TestRunAttr {
         prog_fd: raw_fd(program, CALL)?,
+        data_size_in: u32::try_from(packet.len()).map_err(|_| invalid(CALL))?,
+        data_in: if packet.is_empty() { 0 } else { packet.as_ptr() as u64 },
         ..TestRunAttr::default()
     };
-    // SAFETY: TestRunAttr is the test member's head and holds no pointers.
+    // SAFETY: TestRunAttr is the test member's head; `packet` outlives the call and
+    // nothing is written back through a pointer (no data_out, no ctx).
     if unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) } < 0 {
         return Err(last_error(CALL));
     }
