@@ -237,7 +237,7 @@ impl Node {
     /// Hands the observer the current desired state, if it changed, and the pods changed
     /// since the last call.
     pub(crate) fn name_flows(&mut self, names: &crate::observe::Names) {
-        let unnamed = std::mem::replace(&mut self.unnamed, Unnamed::default());
+        let unnamed = std::mem::take(&mut self.unnamed);
         names.update(
             self.desired_version,
             &self.desired,
