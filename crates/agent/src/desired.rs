@@ -169,13 +169,20 @@ fn frontend_at(f: &Frontend) -> (Ipv4Addr, u16, u8) {
 }
 
 fn copy_whole_fields(spare: &mut DesiredState, state: &DesiredState) {
-    spare.interfaces.clone_from(&state.interfaces);
-    spare.health_checks.clone_from(&state.health_checks);
-    spare.node_addresses.clone_from(&state.node_addresses);
-    spare.nodes.clone_from(&state.nodes);
-    spare.identities.clone_from(&state.identities);
-    spare.endpoint_details.clone_from(&state.endpoint_details);
-    spare.problems.clone_from(&state.problems);
+    // Most changes leave these as they were (a pod of known labels, a Service's backends):
+    // comparing allocates nothing, a clone of thousands of identities and problems does.
+    fn copy<T: Clone + PartialEq>(into: &mut T, from: &T) {
+        if into != from {
+            into.clone_from(from);
+        }
+    }
+    copy(&mut spare.interfaces, &state.interfaces);
+    copy(&mut spare.health_checks, &state.health_checks);
+    copy(&mut spare.node_addresses, &state.node_addresses);
+    copy(&mut spare.nodes, &state.nodes);
+    copy(&mut spare.identities, &state.identities);
+    copy(&mut spare.endpoint_details, &state.endpoint_details);
+    copy(&mut spare.problems, &state.problems);
 }
 
 fn same_whole_fields(a: &DesiredState, b: &DesiredState) -> bool {

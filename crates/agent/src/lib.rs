@@ -204,7 +204,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         observe::open(&config.pin_dir)?,
         Arc::clone(&flows),
     ));
-    // Read before anything is served: the plugin's endpoints are merged into the first
+    // Read before anything is served: the plugin's endpoints are compiled with the first
     // snapshot, so a restarted agent keeps policing its pods.
     let (registry, local_endpoints) = cni::Registry::open(&config.node, &config.cni.state_dir)?;
     let published = Arc::new(ArcSwap::from_pointee(node.published()));

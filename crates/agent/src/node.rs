@@ -18,10 +18,12 @@ use tracing::{debug, info, warn};
 
 use crate::{
     AgentConfig, AgentError,
+    cni::LocalEndpoints,
     conntrack::{self, Conntrack},
     desired::SharedDesired,
     host_cgroup::SocketCgroups,
     nodes,
+    observe::Unnamed,
     pins::PinGuard,
     routing::{self, Routing},
     sock_purge::SocketPurge,
@@ -56,8 +58,10 @@ pub struct Node {
     policy_map_max: u32,
     balancing: Balancing,
     snapshot: Arc<Snapshot>,
-    /// The agent's number for `snapshot`: one more for every snapshot accepted, whatever
-    /// the source counts.
+    /// The CNI plugin's endpoints: compiled beside the snapshot, not merged into a copy.
+    endpoints: LocalEndpoints,
+    /// The agent's number for `snapshot` and `endpoints`: one more for every snapshot
+    /// accepted and every change of the endpoints, whatever the source counts.
     generation: u64,
     /// What changed since the snapshot last compiled, as the sources named it; None when
     /// not known (before the first compile, after a relist): the compile cache then
@@ -86,6 +90,8 @@ pub struct Node {
     flow_cache_renewed: bool,
     /// Changes whenever `desired` does, so the observer renames flows only then.
     desired_version: u64,
+    /// The pods the observer's names have not caught up with.
+    unnamed: Unnamed,
     realized_generation: u64,
     realized_revision: u64,
     reconciles: u64,
@@ -107,8 +113,9 @@ pub struct Node {
     full_map: Option<&'static str>,
 }
 
-/// The compiler's input besides the node's fixed settings: the snapshot (by the generation
-/// it was accepted under) and the ifindex of each local endpoint's interface.
+/// The compiler's input besides the node's fixed settings: the snapshot and the CNI
+/// plugin's endpoints (by the generation they were accepted under) and the ifindex of each
+/// local endpoint's interface.
 #[derive(Debug, PartialEq, Eq)]
 struct CompiledFrom {
     generation: u64,
@@ -147,6 +154,7 @@ impl Node {
             policy_map_max: config.policy_map_max,
             balancing: config.balancing,
             snapshot: Arc::new(Snapshot::default()),
+            endpoints: LocalEndpoints::default(),
             generation: 0,
             changes: None,
             desired: Arc::default(),
@@ -157,6 +165,7 @@ impl Node {
             maps_hold_desired: false,
             flow_cache_renewed: false,
             desired_version: 0,
+            unnamed: Unnamed::Every,
             realized_generation: 0,
             realized_revision: 0,
             reconciles: 0,
@@ -177,18 +186,36 @@ impl Node {
     }
 
     /// Takes a new snapshot from the source under the next generation, with what changed
-    /// since the one before (None: not known).
-    pub fn accept(&mut self, snapshot: Arc<Snapshot>, changes: Option<Changes>) {
+    /// since the one before (None: not known), and the CNI plugin's endpoints if they
+    /// changed too.
+    pub fn accept(
+        &mut self,
+        snapshot: Arc<Snapshot>,
+        changes: Option<Changes>,
+        endpoints: Option<LocalEndpoints>,
+    ) {
+        // The snapshot's own endpoints (the lab's) are compared here; the CNI plugin's
+        // come in the node's context, where the compile cache compares them.
         let endpoints_changed = snapshot.endpoints != self.snapshot.endpoints;
+        self.unnamed.add(changes.as_ref());
         crate::source::changes::merge(
             &mut self.changes,
             changes.map(|mut c| {
-                // The CNI plugin's endpoints are merged in by the loop, after the source.
                 c.endpoints |= endpoints_changed;
                 c
             }),
         );
         self.snapshot = snapshot;
+        if let Some(endpoints) = endpoints {
+            self.endpoints = endpoints;
+        }
+        self.generation += 1;
+    }
+
+    /// Takes the CNI plugin's endpoints under the next generation (the CNI ADD waits for
+    /// it to be realized); the compile cache finds them changed in the node's context.
+    pub fn accept_endpoints(&mut self, endpoints: LocalEndpoints) {
+        self.endpoints = endpoints;
         self.generation += 1;
     }
 
@@ -205,6 +232,7 @@ impl Node {
             policy_map_max: self.policy_map_max,
             routing: self.routing.config().status(),
             snapshot: Arc::clone(&self.snapshot),
+            endpoints: Arc::clone(&self.endpoints),
             desired: Arc::clone(&self.desired),
             desired_generation: self.generation,
             realized_generation: self.realized_generation,
@@ -215,9 +243,17 @@ impl Node {
         }
     }
 
-    /// Hands the observer the names of the current desired state, if it changed.
-    pub(crate) fn name_flows(&self, names: &crate::observe::Names) {
-        names.update(self.desired_version, &self.desired, &self.snapshot);
+    /// Hands the observer the current desired state, if it changed, and the pods changed
+    /// since the last call.
+    pub(crate) fn name_flows(&mut self, names: &crate::observe::Names) {
+        let unnamed = std::mem::take(&mut self.unnamed);
+        names.update(
+            self.desired_version,
+            &self.desired,
+            &self.snapshot,
+            &self.endpoints,
+            unnamed,
+        );
     }
 
     /// One pass: compile, realize the maps, then attach and detach programs. Errors are
@@ -454,6 +490,7 @@ impl Node {
         let interfaces = self
             .snapshot
             .endpoints_on(&self.name)
+            .chain(self.endpoints.iter().filter(|e| e.node == self.name))
             .filter_map(|e| {
                 let index = nix::net::if_::if_nametoindex(e.interface.as_str()).ok()?;
                 Some((e.interface.clone(), index))
@@ -471,6 +508,7 @@ impl Node {
             interfaces: from.interfaces.clone(),
             policy_map_max: self.policy_map_max,
             balancing: self.balancing,
+            endpoints: Arc::clone(&self.endpoints),
         };
         let started = Instant::now();
         // From here on, changes are counted from this snapshot.

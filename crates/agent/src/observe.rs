@@ -2,6 +2,8 @@
 //! pushes the events, raw, into the flow buffer, which names them when they are read.
 
 use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
     path::Path,
     sync::{Arc, Mutex},
     time::Duration,
@@ -9,14 +11,14 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use sluice_common::{EVENT_CONFIG_F_ENABLED, EventConfig, FlowEvent};
-use sluice_compiler::DesiredState;
+use sluice_compiler::{Changes, DesiredState, ObjectKey};
 use sluice_datapath::PinnedMaps;
-use sluice_observer::{FlowBuffer, Resolver};
-use sluice_store::Snapshot;
+use sluice_observer::{FlowBuffer, PodNames, Resolver, pod_address};
+use sluice_store::{LocalEndpoint, Snapshot};
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::warn;
 
-use crate::AgentError;
+use crate::{AgentError, cni::LocalEndpoints};
 
 /// Events per second per CPU unless configured otherwise: enough for a few thousand new
 /// connections per second per CPU (each has a trace, a verdict and a close per side), few
@@ -68,16 +70,55 @@ pub fn configure_events(pin_dir: &Path, config: EventsConfig) -> Result<(), Agen
         })
 }
 
-/// Builds the resolver the flow buffer names events with whenever the desired state
-/// changes.
+/// Keeps the flow buffer's names current: a resolver of each new desired state (shared,
+/// not copied) and the pod names, changed in place by the pods each change set names.
 pub struct Names {
     node: String,
     /// Wall clock minus CLOCK_MONOTONIC at start: event times are monotonic.
     boot_offset_ns: i64,
-    /// The version of the desired state the buffer's resolver was built from; u64::MAX
-    /// before the first.
-    version: Mutex<u64>,
+    /// What the buffer's resolver was built from.
+    named: Mutex<Named>,
+    pods: Arc<PodNames>,
     flows: Arc<FlowBuffer>,
+}
+
+/// The inputs of the resolver in use.
+struct Named {
+    /// The version of the desired state; u64::MAX before the first.
+    version: u64,
+    /// The snapshot's and the CNI plugin's endpoints the local names were taken from (not
+    /// the snapshot: holding it would make the source copy its next one whole).
+    local: Option<(Vec<LocalEndpoint>, LocalEndpoints)>,
+}
+
+/// The pods whose names the observer has not caught up with since the last update.
+pub enum Unnamed {
+    /// Every pod: the changes are not known (the first snapshot, a relist).
+    Every,
+    /// These, by key, with their address now (None: deleted, or none yet).
+    Pods(BTreeMap<ObjectKey, Option<Ipv4Addr>>),
+}
+
+impl Default for Unnamed {
+    fn default() -> Self {
+        Unnamed::Pods(BTreeMap::new())
+    }
+}
+
+impl Unnamed {
+    /// Adds the pods of a change set (None: not known).
+    pub fn add(&mut self, changes: Option<&Changes>) {
+        match (&mut *self, changes) {
+            (Unnamed::Pods(pods), Some(changes)) => pods.extend(
+                changes
+                    .pods
+                    .iter()
+                    .map(|(key, pod)| (key.clone(), pod.as_ref().and_then(pod_address))),
+            ),
+            (_, None) => *self = Unnamed::Every,
+            (Unnamed::Every, Some(_)) => {}
+        }
+    }
 }
 
 impl Names {
@@ -93,24 +134,55 @@ impl Names {
         let names = Self {
             node: node.to_string(),
             boot_offset_ns,
-            version: Mutex::new(u64::MAX),
+            named: Mutex::new(Named {
+                version: u64::MAX,
+                local: None,
+            }),
+            pods: Arc::default(),
             flows: Arc::clone(&flows),
         };
         Ok((names, flows))
     }
 
-    /// Rebuilds the resolver if `version` of the desired state is not the one it has.
-    pub fn update(&self, version: u64, desired: &DesiredState, snapshot: &Snapshot) {
-        let mut current = self
-            .version
+    /// Catches the pod names up with `unnamed` (all of `snapshot`'s pods for
+    /// [`Unnamed::Every`]) and the local endpoints' with `snapshot` and `endpoints`, and
+    /// swaps in a resolver of `desired` if `version` is not the one in use. Costs what
+    /// changed, not the cluster's size.
+    pub fn update(
+        &self,
+        version: u64,
+        desired: &Arc<DesiredState>,
+        snapshot: &Snapshot,
+        endpoints: &LocalEndpoints,
+        unnamed: Unnamed,
+    ) {
+        let mut named = self
+            .named
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *current == version {
+        match unnamed {
+            Unnamed::Every => self.pods.replace(snapshot),
+            Unnamed::Pods(pods) => self.pods.apply(pods.iter().map(|(k, a)| (k, *a))),
+        }
+        let local_same = named
+            .local
+            .as_ref()
+            .is_some_and(|(s, e)| *s == snapshot.endpoints && e == endpoints);
+        if !local_same {
+            self.pods.set_local(snapshot, endpoints);
+            named.local = Some((snapshot.endpoints.clone(), Arc::clone(endpoints)));
+        }
+        if named.version == version {
             return;
         }
-        let resolver = Resolver::new(&self.node, self.boot_offset_ns, desired, snapshot);
+        let resolver = Resolver::new(
+            &self.node,
+            self.boot_offset_ns,
+            Arc::clone(desired),
+            Arc::clone(&self.pods),
+        );
         self.flows.set_resolver(Arc::new(resolver));
-        *current = version;
+        named.version = version;
     }
 }
 

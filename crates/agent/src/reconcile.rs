@@ -7,7 +7,6 @@ use std::{sync::Arc, time::Duration, time::Instant};
 
 use arc_swap::ArcSwap;
 use sluice_api::{Fault, VerifyReport};
-use sluice_store::Snapshot;
 use tokio::{
     signal::unix::{Signal, SignalKind},
     sync::{mpsc, oneshot, watch},
@@ -30,7 +29,7 @@ pub enum Request {
 pub struct Loop {
     pub node: Node,
     pub snapshots: Feed,
-    /// The CNI plugin's endpoints, merged into every snapshot the source hands over.
+    /// The CNI plugin's endpoints, compiled beside every snapshot the source hands over.
     pub local_endpoints: watch::Receiver<LocalEndpoints>,
     pub requests: mpsc::Receiver<Request>,
     pub published: Arc<ArcSwap<Published>>,
@@ -65,8 +64,6 @@ impl Loop {
         let mut int = signal(SignalKind::interrupt())?;
         let mut source_open = true;
         let mut registry_open = true;
-        // The source's own last snapshot, before the CNI endpoints are merged in.
-        let mut source_snapshot: Option<Arc<Snapshot>> = None;
         let mut health = HealthServers::default();
         let publish = |state: Published| {
             published.store(Arc::new(state));
@@ -85,8 +82,11 @@ impl Loop {
                         continue;
                     }
                     let (snapshot, changes) = snapshots.take();
-                    node.accept(merged(&snapshot, &local_endpoints.borrow_and_update()), changes);
-                    source_snapshot = Some(snapshot);
+                    // The first snapshot takes the endpoints read at start with it.
+                    let endpoints = (!node.has_snapshot()
+                        || local_endpoints.has_changed().unwrap_or(false))
+                    .then(|| Arc::clone(&local_endpoints.borrow_and_update()));
+                    node.accept(snapshot, changes, endpoints);
                     publish(node.published());
                 }
                 changed = local_endpoints.changed(), if registry_open => {
@@ -96,10 +96,10 @@ impl Loop {
                     }
                     // Before the source's first snapshot a pass would empty the pinned
                     // maps; that snapshot takes the endpoints with it.
-                    let Some(snapshot) = &source_snapshot else { continue };
-                    // Only the endpoints changed (`Node::accept` finds that out).
-                    let nothing_else = Some(sluice_compiler::Changes::default());
-                    node.accept(merged(snapshot, &local_endpoints.borrow_and_update()), nothing_else);
+                    if !node.has_snapshot() {
+                        continue;
+                    }
+                    node.accept_endpoints(Arc::clone(&local_endpoints.borrow_and_update()));
                     publish(node.published());
                 }
                 _ = tick.tick() => {
@@ -144,16 +144,6 @@ impl Loop {
         info!("agent stopping; pinned maps and links keep the datapath running");
         Ok(())
     }
-}
-
-/// The source's snapshot with the CNI plugin's endpoints added to its own.
-fn merged(snapshot: &Arc<Snapshot>, local: &LocalEndpoints) -> Arc<Snapshot> {
-    if local.is_empty() {
-        return Arc::clone(snapshot);
-    }
-    let mut merged = Snapshot::clone(snapshot);
-    merged.endpoints.extend(local.iter().cloned());
-    Arc::new(merged)
 }
 
 impl Request {

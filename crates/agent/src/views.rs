@@ -50,9 +50,11 @@ pub struct Published {
     pub routing: sluice_api::RoutingStatus,
     /// The newest snapshot accepted from the source.
     pub snapshot: Arc<Snapshot>,
+    /// The CNI plugin's endpoints, compiled beside `snapshot`.
+    pub endpoints: crate::cni::LocalEndpoints,
     /// The last compiled state.
     pub desired: Arc<DesiredState>,
-    /// The agent's number for `snapshot`.
+    /// The agent's number for `snapshot` and `endpoints`.
     pub desired_generation: u64,
     pub realized_generation: u64,
     /// The source's revision of the realized generation.

@@ -138,17 +138,18 @@ impl CompileCache {
         let mut delta = Delta::default();
         let fresh = self.index.is_none();
         let said = changes.touches_workloads();
-        // The interfaces follow the local endpoints, compiled in place with them.
-        let (same_node, interfaces_moved) = match &self.index {
+        // The CNI plugin's endpoints and the interfaces they name are local endpoints,
+        // compiled in place with the snapshot's.
+        let (same_node, endpoints_moved) = match &self.index {
             Some(i) => (
                 i.node.node == node.node
                     && i.node.policy_map_max == node.policy_map_max
                     && i.node.balancing == node.balancing,
-                i.node.interfaces != node.interfaces,
+                i.node.interfaces != node.interfaces || i.node.endpoints != node.endpoints,
             ),
             None => (false, false),
         };
-        let endpoints = changes.endpoints || interfaces_moved;
+        let endpoints = changes.endpoints || endpoints_moved;
         let mut workloads = said || endpoints || !same_node;
         if said {
             // Said by the caller, not found by `refresh`: its record is stale.

@@ -102,6 +102,9 @@ pub struct NodeContext {
     pub policy_map_max: u32,
     /// The default load-balancing algorithm and the Maglev table size.
     pub balancing: Balancing,
+    /// The CNI plugin's endpoints, besides the snapshot's own (a cluster file's): an input
+    /// of their own, so adding them costs no copy of the snapshot.
+    pub endpoints: Arc<Vec<LocalEndpoint>>,
 }
 
 impl Default for NodeContext {
@@ -111,6 +114,7 @@ impl Default for NodeContext {
             interfaces: BTreeMap::new(),
             policy_map_max: DEFAULT_POLICY_MAP_MAX,
             balancing: Balancing::default(),
+            endpoints: Arc::default(),
         }
     }
 }
@@ -443,7 +447,7 @@ impl Compilation {
     /// ifindex) and the nodes.
     fn for_policy<'a>(
         snapshot: &'a Snapshot,
-        node: &NodeContext,
+        node: &'a NodeContext,
     ) -> (Self, BTreeMap<u32, &'a LocalEndpoint>) {
         let mut compilation = Self::default();
         let local = compilation.endpoints(snapshot, node);
@@ -487,12 +491,13 @@ impl Compilation {
     fn endpoints<'a>(
         &mut self,
         snapshot: &'a Snapshot,
-        node: &NodeContext,
+        node: &'a NodeContext,
     ) -> BTreeMap<u32, &'a LocalEndpoint> {
         let mut local = BTreeMap::new();
         let mut endpoints: Vec<&LocalEndpoint> = snapshot
             .endpoints
             .iter()
+            .chain(node.endpoints.iter())
             .filter(|e| e.node == node.node)
             .collect();
         // Sorted so that which of two endpoints claiming one interface wins is order-independent.

@@ -262,6 +262,7 @@ fn resolve_indexed<R>(
             local_endpoints: snapshot
                 .endpoints
                 .iter()
+                .chain(input.node.endpoints.iter())
                 .filter(|e| e.node == this)
                 .cloned()
                 .collect(),

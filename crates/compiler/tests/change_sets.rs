@@ -164,14 +164,23 @@ fn change_set(
                 "namespace"
             }
             1 => {
-                churn(rng, &mut snapshot.endpoints, |rng| endpoint(rng.usize(..5)));
-                changes.endpoints = true;
+                // The snapshot's own endpoints (a cluster file's, said by the change set)
+                // or the CNI plugin's (in the node's context, found by comparing it).
+                if rng.bool() {
+                    churn(rng, &mut snapshot.endpoints, |rng| endpoint(rng.usize(..5)));
+                    changes.endpoints = true;
+                } else {
+                    let mut cni = node.endpoints.to_vec();
+                    churn(rng, &mut cni, |rng| endpoint(rng.usize(..5)));
+                    node.endpoints = std::sync::Arc::new(cni);
+                }
                 if rng.bool() {
                     // As the agent does: the interfaces of the endpoints there are (lxc4
                     // never is).
                     node.interfaces = snapshot
                         .endpoints
                         .iter()
+                        .chain(node.endpoints.iter())
                         .filter_map(|e| {
                             let i: u32 = e.interface.strip_prefix("lxc")?.parse().ok()?;
                             (i < 4).then(|| (e.interface.clone(), 100 + i))

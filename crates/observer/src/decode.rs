@@ -1,11 +1,7 @@
 //! From a datapath [`FlowEvent`] to a [`Flow`]: names for addresses, identities, services
 //! and the policies that admitted a connection, from the agent's current desired state.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::Ipv4Addr,
-    sync::Arc,
-};
+use std::{net::Ipv4Addr, sync::Arc};
 
 use sluice_api::flow::{
     EVENT_TYPE_CLOSE, EVENT_TYPE_DROP, EVENT_TYPE_POLICY_VERDICT, EVENT_TYPE_TRACE, Endpoint,
@@ -19,8 +15,9 @@ use sluice_common::{
     EVENT_POLICY_VERDICT, EVENT_TRACE, FlowEvent, IDENTITY_ANY, IPPROTO_SCTP, IPPROTO_TCP,
     IPPROTO_UDP, POLICY_EGRESS, POLICY_INGRESS, POLICY_PREFIX_ANY_PROTO, addr_from_be,
 };
-use sluice_compiler::{DesiredState, EndpointPolicy};
-use sluice_store::Snapshot;
+use sluice_compiler::DesiredState;
+
+use crate::PodNames;
 
 const IPPROTO_ICMP: u8 = 1;
 /// `FlowEvent::direction` of a packet entering the pod (to_container).
@@ -34,22 +31,18 @@ pub fn drop_reason_desc(code: u8) -> String {
         .into()
 }
 
-/// Everything needed to name the parties of an event, taken from one desired state. The
-/// agent builds a new one whenever its desired state changes and swaps it in whole.
+/// Everything needed to name the parties of an event: the agent's current desired state,
+/// shared rather than copied (a new one is swapped in with each new state), and the pod
+/// names the agent keeps up to date in place.
 #[derive(Debug, Default)]
 pub struct Resolver {
     node_name: String,
     /// Wall clock minus CLOCK_MONOTONIC, in ns: turns event times into wall times.
     boot_offset_ns: i64,
-    identities: HashMap<u32, Vec<String>>,
+    /// Identities, frontends, local endpoints and their policy rows.
+    desired: Arc<DesiredState>,
     /// Pod address -> (namespace, name), for every pod of the cluster.
-    pods: HashMap<Ipv4Addr, (String, String)>,
-    /// (frontend address, port, protocol) -> `namespace/name` of the Service.
-    frontends: HashMap<(Ipv4Addr, u16, u8), String>,
-    /// ifindex -> interface name.
-    interfaces: HashMap<u32, String>,
-    /// ifindex -> the endpoint's policy rows.
-    policies: BTreeMap<u32, Arc<EndpointPolicy>>,
+    pods: Arc<PodNames>,
 }
 
 impl Resolver {
@@ -67,52 +60,25 @@ impl Resolver {
     pub fn new(
         node_name: &str,
         boot_offset_ns: i64,
-        desired: &DesiredState,
-        snapshot: &Snapshot,
+        desired: Arc<DesiredState>,
+        pods: Arc<PodNames>,
     ) -> Self {
-        let pods = snapshot
-            .pods
-            .iter()
-            .filter_map(|pod| {
-                let std::net::IpAddr::V4(ip) = pod.pod_ip()? else {
-                    return None;
-                };
-                let ns = pod.namespace().unwrap_or_default().to_owned();
-                Some((ip, (ns, pod.name()?.to_owned())))
-            })
-            // Local endpoints name their pod even before its status carries the address.
-            .chain(
-                snapshot
-                    .endpoints
-                    .iter()
-                    .filter_map(|e| Some((e.ipv4()?, (e.namespace.clone(), e.pod.clone())))),
-            )
-            .collect();
         Self {
             node_name: node_name.to_string(),
             boot_offset_ns,
-            identities: desired
-                .identities
-                .iter()
-                .map(|(id, identity)| (*id, identity.labels.clone()))
-                .collect(),
+            desired,
             pods,
-            frontends: desired
-                .frontends
-                .iter()
-                .map(|f| ((f.address, f.port, f.protocol), f.service.clone()))
-                .collect(),
-            interfaces: desired
-                .endpoint_details
-                .iter()
-                .map(|(ifindex, d)| (*ifindex, d.interface.clone()))
-                .collect(),
-            policies: desired
-                .policies
-                .iter()
-                .map(|(ifindex, p)| (*ifindex, Arc::new(p.clone())))
-                .collect(),
         }
+    }
+
+    /// The Service of the frontend at `address`:`port`/`protocol`, `namespace/name`.
+    fn frontend(&self, address: Ipv4Addr, port: u16, protocol: u8) -> Option<&str> {
+        // Sorted by (address, port, protocol); of several, the last names it.
+        let frontends = &self.desired.frontends;
+        let at = (address, port, protocol);
+        let end = frontends.partition_point(|f| (f.address, f.port, f.protocol) <= at);
+        let f = frontends.get(end.checked_sub(1)?)?;
+        ((f.address, f.port, f.protocol) == at).then_some(f.service.as_str())
     }
 
     /// The flow an event describes.
@@ -176,9 +142,10 @@ impl Resolver {
             interface: Some(Interface {
                 index: event.ifindex,
                 name: self
-                    .interfaces
+                    .desired
+                    .endpoint_details
                     .get(&event.ifindex)
-                    .cloned()
+                    .map(|d| d.interface.clone())
                     .unwrap_or_default(),
             }),
             destination_service: None,
@@ -186,12 +153,12 @@ impl Resolver {
             egress_allowed_by: Vec::new(),
         };
         if event.flags & EVENT_F_SERVICE != 0 {
-            let frontend = (
+            let frontend = self.frontend(
                 addr_from_be(event.orig_daddr),
                 u16::from_be(event.orig_dport),
                 event.proto,
             );
-            flow.destination_service = self.frontends.get(&frontend).map(|name| {
+            flow.destination_service = frontend.map(|name| {
                 let (namespace, name) = name.split_once('/').unwrap_or(("", name));
                 Service {
                     name: name.into(),
@@ -206,11 +173,16 @@ impl Resolver {
     }
 
     fn endpoint(&self, identity: u32, addr: Ipv4Addr) -> Endpoint {
-        let (namespace, pod_name) = self.pods.get(&addr).cloned().unwrap_or_default();
+        let (namespace, pod_name) = self.pods.name(addr).unwrap_or_default();
         Endpoint {
             identity,
             namespace,
-            labels: self.identities.get(&identity).cloned().unwrap_or_default(),
+            labels: self
+                .desired
+                .identities
+                .get(&identity)
+                .map(|i| i.labels.clone())
+                .unwrap_or_default(),
             pod_name,
         }
     }
@@ -230,7 +202,7 @@ impl Resolver {
         } else {
             u16::from_be(event.dport)
         };
-        let Some(policy) = self.policies.get(&event.ifindex) else {
+        let Some(policy) = self.desired.policies.get(&event.ifindex) else {
             // Allowed with no policy map: the direction is not enforced.
             flow.policy_match_type = POLICY_MATCH_ALL;
             return;

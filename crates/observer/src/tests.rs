@@ -1,4 +1,4 @@
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
 use sluice_api::flow::{FlowFilter, Timestamp, Verdict};
 use sluice_common::{
@@ -10,7 +10,7 @@ use sluice_common::{
 use sluice_compiler::{DesiredState, EndpointDetails, EndpointPolicy, Frontend, Identity};
 use sluice_store::Snapshot;
 
-use crate::{FlowBuffer, Resolver, compact, drop_reason_desc, matches};
+use crate::{FlowBuffer, PodNames, Resolver, compact, drop_reason_desc, matches};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 5);
 const NGINX: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
@@ -114,7 +114,8 @@ fn resolver() -> Resolver {
         ],
     }))
     .unwrap_or_default();
-    Resolver::new("node-1", BOOT_OFFSET, &desired, &snapshot)
+    let pods = PodNames::of(&snapshot, &[]);
+    Resolver::new("node-1", BOOT_OFFSET, Arc::new(desired), Arc::new(pods))
 }
 
 /// A TCP SYN from the client to nginx:8080 seen at nginx's to_container.

@@ -1,5 +1,5 @@
 //! The agent's side of `sluice-cni`: IPAM from this node's `spec.podCIDR`, the endpoint
-//! registry the reconcile loop merges into every snapshot, and the wait that makes `ADD`
+//! registry the reconcile loop compiles beside every snapshot, and the wait that makes `ADD`
 //! return only once the new endpoint's policy is in the kernel.
 //!
 //! A pod's identity comes from its Pod object. If the source has not delivered it yet
@@ -81,7 +81,7 @@ impl Cni {
         check_request(&request)?;
         let state = self.published.load_full();
         let (pod_cidr, router) = pod_network(&state)?;
-        let taken = taken_addresses(&state.snapshot, pod_cidr);
+        let taken = taken_addresses(&state, pod_cidr);
         let (registry, routing) = (Arc::clone(&self.registry), self.routing.clone());
         let attach_timeout = self.add_timeout;
         tokio::task::spawn_blocking(move || {
@@ -121,7 +121,7 @@ impl Cni {
             loop {
                 changes.borrow_and_update();
                 let state = self.published.load_full();
-                if including.is_none() && includes(&state.snapshot, &state.name, &endpoint) {
+                if including.is_none() && includes(&state, &endpoint) {
                     including = Some(state.desired_generation);
                 }
                 if let Some(generation) = including
@@ -174,8 +174,7 @@ impl Cni {
             .await?
             .ok_or_else(|| unknown(&attachment))?;
         let state = self.published.load_full();
-        let realized =
-            includes(&state.snapshot, &state.name, &endpoint) && policed(&state, &endpoint);
+        let realized = includes(&state, &endpoint) && policed(&state, &endpoint);
         Ok(CniEndpointState {
             endpoint,
             realized_generation: realized.then_some(state.realized_generation),
@@ -312,14 +311,19 @@ fn pod_network(state: &Published) -> Result<(Ipv4Net, Ipv4Addr), AgentError> {
     }
 }
 
-/// Addresses of `pod_cidr` the snapshot gives to pods or endpoints the registry does not
-/// hold: IPAM skips them.
-fn taken_addresses(snapshot: &Snapshot, pod_cidr: Ipv4Net) -> BTreeSet<Ipv4Addr> {
+/// Addresses of `pod_cidr` the snapshot and the registry's endpoints as last published
+/// give to pods or endpoints: IPAM skips them (the registry checks its own).
+fn taken_addresses(state: &Published, pod_cidr: Ipv4Net) -> BTreeSet<Ipv4Addr> {
+    let snapshot = &state.snapshot;
     let pods = snapshot.pods.iter().filter_map(|p| match p.pod_ip()? {
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(_) => None,
     });
-    let endpoints = snapshot.endpoints.iter().filter_map(|e| e.ipv4());
+    let endpoints = snapshot
+        .endpoints
+        .iter()
+        .chain(state.endpoints.iter())
+        .filter_map(|e| e.ipv4());
     pods.chain(endpoints)
         .filter(|a| pod_cidr.contains(a))
         .collect()
@@ -332,12 +336,17 @@ fn has_pod(snapshot: &Snapshot, endpoint: &CniEndpoint) -> bool {
     })
 }
 
-/// Whether a snapshot holds the endpoint (merged from the registry) and its Pod object.
-fn includes(snapshot: &Snapshot, node: &str, endpoint: &CniEndpoint) -> bool {
-    has_pod(snapshot, endpoint)
-        && snapshot.endpoints_on(node).any(|e| {
-            e.interface == endpoint.interface && e.addresses.contains(&IpAddr::V4(endpoint.address))
-        })
+/// Whether a published state holds the endpoint (from the registry) and its Pod object.
+fn includes(state: &Published, endpoint: &CniEndpoint) -> bool {
+    has_pod(&state.snapshot, endpoint)
+        && state
+            .snapshot
+            .endpoints_on(&state.name)
+            .chain(state.endpoints.iter().filter(|e| e.node == state.name))
+            .any(|e| {
+                e.interface == endpoint.interface
+                    && e.addresses.contains(&IpAddr::V4(endpoint.address))
+            })
 }
 
 /// Whether the last realized state holds the endpoint on its interface's current ifindex:

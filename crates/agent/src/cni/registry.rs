@@ -30,7 +30,7 @@ struct StateFile {
     endpoints: Vec<CniEndpoint>,
 }
 
-/// The endpoints the loop merges into every snapshot, as the store names them.
+/// The endpoints the loop compiles beside every snapshot, as the store names them.
 pub type LocalEndpoints = Arc<Vec<LocalEndpoint>>;
 
 pub struct Registry {

@@ -14,11 +14,14 @@ pub struct Debounce {
 
 impl Default for Debounce {
     /// Short enough to add little to a single change's latency, long enough to gather a
-    /// burst that arrives on one watch connection.
+    /// burst that arrives on one watch connection. The max delay bounds a change's wait in
+    /// a steady stream (100 pod events/s seldom leave 10 ms quiet): with a pass of a few
+    /// ms it keeps the time from watch event to maps under 50 ms, at no more than one
+    /// snapshot per 30 ms.
     fn default() -> Self {
         Self {
-            quiet: Duration::from_millis(20),
-            max_delay: Duration::from_millis(250),
+            quiet: Duration::from_millis(10),
+            max_delay: Duration::from_millis(30),
         }
     }
 }

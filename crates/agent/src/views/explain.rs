@@ -2,7 +2,7 @@
 //! snapshot, with the kernel's verdict for each side that is an endpoint of this node,
 //! looked up in its maps the way the datapath does.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use aya::maps::lpm_trie::Key;
 use sluice_api::{
@@ -61,6 +61,7 @@ impl View<'_> {
                 .map(|(&ifindex, d)| (d.interface.clone(), ifindex))
                 .collect(),
             policy_map_max: self.policy_map_max,
+            endpoints: Arc::clone(&self.endpoints),
             ..NodeContext::default()
         }
     }

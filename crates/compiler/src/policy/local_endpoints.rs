@@ -13,8 +13,8 @@ use super::{NotInPlace, WorkloadIndex};
 use crate::{Delta, DesiredState, NodeContext, changes::ObjectKey, namespace_or_default};
 
 impl WorkloadIndex {
-    /// Brings the local endpoints to those of `snapshot` on `node`, whose interfaces
-    /// `node` names, recording what changed in `delta`.
+    /// Brings the local endpoints to those of `snapshot` and the CNI plugin's (in `node`)
+    /// on `node`, whose interfaces `node` names, recording what changed in `delta`.
     pub(crate) fn put_endpoints(
         &mut self,
         snapshot: &Snapshot,
@@ -28,6 +28,7 @@ impl WorkloadIndex {
         let now: Vec<&LocalEndpoint> = snapshot
             .endpoints
             .iter()
+            .chain(node.endpoints.iter())
             .filter(|e| e.node == node.node)
             .collect();
         // Two claiming one interface or one pod: one is left out, compiled whole.
