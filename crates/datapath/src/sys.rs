@@ -649,7 +649,11 @@ pub fn prog_run(program: BorrowedFd<'_>, packet: &[u8]) -> Result<u32, SyscallEr
     let mut attr = TestRunAttr {
         prog_fd: raw_fd(program, CALL)?,
         data_size_in: u32::try_from(packet.len()).map_err(|_| invalid(CALL))?,
-        data_in: if packet.is_empty() { 0 } else { packet.as_ptr() as u64 },
+        data_in: if packet.is_empty() {
+            0
+        } else {
+            packet.as_ptr() as u64
+        },
         ..TestRunAttr::default()
     };
     // SAFETY: TestRunAttr is the test member's head; `packet` outlives the call and
