@@ -334,7 +334,7 @@ impl Node {
             let target = Desired::of(&desired, self.policy_map_max);
             // The maps hold what the last pass realized, so the change is the difference
             // of the two states; anything changed behind the agent's back since is found
-            // by the periodic check, restarted here, and repaired by a full pass.
+            // by the periodic check and repaired by a full pass.
             // Taken on every pass that realizes, so it always starts at `self.desired`.
             let delta = std::mem::take(&mut self.delta);
             let stats = if held {
@@ -343,12 +343,14 @@ impl Node {
             } else {
                 self.tables.realize(target)?
             };
-            self.scan.written(target);
             if held {
-                // The check's digests follow the delta, not a digest of a million entries.
+                // The check's digests and sweeps follow the delta, not a digest of a
+                // million entries, and not a sweep started over at every change.
                 let next = self.desired_version + u64::from(!Arc::ptr_eq(&desired, &self.desired));
                 self.scan
                     .changed(&delta, target, self.desired_version, next);
+            } else {
+                self.scan.written(target);
             }
             self.purge_removed_backends(&desired, held.then_some(&delta))?;
             stats

@@ -3,7 +3,8 @@
 
 use std::{
     borrow::{Borrow, BorrowMut},
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
+    hash::Hash,
     ops::Bound,
     os::fd::{AsFd, OwnedFd},
     path::Path,
@@ -68,20 +69,53 @@ pub enum Cursor<K> {
 }
 
 /// Where a digest of a map in slices goes on from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Walk<K> {
-    /// Entries read with batched lookups and folded here, up to `cursor`.
-    Read { cursor: Cursor<K>, fold: Digest },
+    /// Entries read with batched lookups and folded here, up to `cursor`. `accounted`
+    /// holds every key the fold holds a value of: those read, and those a change wrote
+    /// meanwhile (see [`Walk::follow`]), which the rest of the walk skips.
+    Read {
+        cursor: Cursor<K>,
+        fold: Digest,
+        accounted: HashSet<K>,
+    },
     /// The kernel folded the whole map at once; this many entries' worth of slices pass
     /// before it folds it again.
     Rest { left: u64 },
 }
 
-impl<K> Walk<K> {
-    /// Whether a walk must start over when the map changed under it: a fold of some
-    /// slices must, a whole-map fold already taken need not.
+impl<K: Pod + Hash + Ord> Walk<K> {
+    /// Whether the walk is a fold of some slices, which a full pass starts over; a
+    /// whole-map fold already taken keeps its rest.
     pub fn partial(&self) -> bool {
         matches!(self, Walk::Read { .. })
+    }
+
+    /// The realizer wrote `before`'s keys (each with its value before) to hold their values
+    /// in `now`: a fold of some slices takes out what it holds of each and takes in the
+    /// new value, so it still describes the map as it is, whichever side of the cursor a
+    /// key lies (under continuous changes a walk that started over would never end).
+    pub fn follow<V: Pod>(
+        &mut self,
+        seed: u64,
+        before: &BTreeMap<K, Option<V>>,
+        now: &BTreeMap<K, V>,
+    ) {
+        let Walk::Read {
+            fold, accounted, ..
+        } = self
+        else {
+            return;
+        };
+        for (key, old) in before {
+            if let Some(old) = old.as_ref().filter(|_| accounted.contains(key)) {
+                fold.remove(pod_entry_hash(seed, key, old));
+            }
+            if let Some(new) = now.get(key) {
+                fold.add(pod_entry_hash(seed, key, new));
+                accounted.insert(*key);
+            }
+        }
     }
 }
 
@@ -112,21 +146,31 @@ pub trait KernelMap<K, V> {
         seed: u64,
     ) -> Result<(usize, Option<Digest>), RealizerError>
     where
-        K: Pod,
+        K: Pod + Hash + Eq,
         V: Pod,
     {
-        let (cursor, mut fold) = match walk.take() {
-            Some(Walk::Read { cursor, fold }) => (cursor, fold),
-            Some(Walk::Rest { .. }) | None => (Cursor::Start, Digest::default()),
+        let (cursor, mut fold, mut accounted) = match walk.take() {
+            Some(Walk::Read {
+                cursor,
+                fold,
+                accounted,
+            }) => (cursor, fold, accounted),
+            Some(Walk::Rest { .. }) | None => (Cursor::Start, Digest::default(), HashSet::new()),
         };
         let mut seen = 0;
         let next = self.read_from(cursor, max, &mut |k, v| {
             seen += 1;
-            fold.add(pod_entry_hash(seed, k, v));
+            if accounted.insert(*k) {
+                fold.add(pod_entry_hash(seed, k, v));
+            }
         })?;
         Ok(match next {
             Some(cursor) => {
-                *walk = Some(Walk::Read { cursor, fold });
+                *walk = Some(Walk::Read {
+                    cursor,
+                    fold,
+                    accounted,
+                });
                 (seen, None)
             }
             None => (seen, Some(fold)),

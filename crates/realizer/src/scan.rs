@@ -103,9 +103,19 @@ impl<K> Default for Sweep<K> {
 /// and how many entries it held.
 type Step = (usize, Option<(bool, u64)>);
 
-impl<K: Pod> Sweep<K> {
-    /// Drops a fold of some slices (the map may have changed behind it); a whole-map fold
-    /// already taken keeps its rest, so a change does not bring the next fold forward.
+impl<K: Pod + Ord + std::hash::Hash> Sweep<K> {
+    /// The realizer wrote a change (`before`: each entry touched, with its value before):
+    /// the desired digest and a fold of some slices both follow it, so the sweep goes on.
+    fn follow<V: Pod>(&mut self, seed: u64, before: &BTreeMap<K, Option<V>>, now: &BTreeMap<K, V>) {
+        self.want.follow(seed, before, now);
+        if let Some(walk) = &mut self.walk {
+            walk.follow(seed, before, now);
+        }
+    }
+
+    /// Drops a fold of some slices (after a full pass, whose writes no delta names); a
+    /// whole-map fold already taken keeps its rest, so a pass does not bring the next fold
+    /// forward.
     fn restart(&mut self) {
         if self.walk.as_ref().is_some_and(Walk::partial) {
             self.walk = None;
@@ -216,9 +226,15 @@ impl Scan {
         self.counted.iter().map(|(&id, &c)| (id, c))
     }
 
-    /// A pass just made every realized map hold `desired`: counts them so and starts every
-    /// sweep over.
+    /// A full pass just made every realized map hold `desired`: counts them so and starts
+    /// every sweep over.
     pub fn written(&mut self, desired: Desired<'_>) {
+        self.count(desired);
+        self.restart();
+    }
+
+    /// Every realized map holds `desired`, as a pass just wrote it.
+    fn count(&mut self, desired: Desired<'_>) {
         let at = Instant::now();
         let by = CountedBy::Pass;
         let sizes = [
@@ -234,49 +250,42 @@ impl Scan {
             let entries = entries as u64;
             self.counted.insert(id, Counted { entries, at, by });
         }
-        self.restart();
     }
 
-    /// Starts every sweep over: a full pass just made the kernel equal to the desired
-    /// content, so what was read before it says nothing any more.
+    /// Starts the sweeps of slices over: a full pass just made the kernel equal to the
+    /// desired content, so what they read before it says nothing any more. The policy
+    /// maps' and Maglev tables' sweeps go on: each endpoint's map and each table is
+    /// compared whole when the sweep reaches it.
     pub fn restart(&mut self) {
         self.services.restart();
         self.backends.restart();
         self.endpoints.restart();
         self.ipcache.restart();
         self.source_ranges.restart();
-        self.policy = None;
-        self.maglev = None;
     }
 
     /// The desired content moved from version `from` to `to` by `delta` (the compiler's
     /// record of the entries it changed, with their values before) and is now `desired`:
-    /// the digests follow in time proportional to the change when they described version
-    /// `from` (else the next tick digests `desired` whole). A fold of some slices starts
-    /// over, as after any write.
+    /// the digests and the folds of some slices follow in time proportional to the change
+    /// when they described version `from` (else the next tick digests `desired` whole), so
+    /// a sweep under a stream of changes still ends.
     pub fn changed(&mut self, delta: &Delta, desired: Desired<'_>, from: u64, to: u64) {
+        self.count(desired);
         let Some(seed) = self.seed.filter(|_| self.version == Some(from)) else {
             return;
         };
         self.services
-            .want
             .follow(seed, &delta.services, desired.services);
         self.backends
-            .want
             .follow(seed, &delta.backends, desired.backends);
         self.endpoints
-            .want
             .follow(seed, &delta.endpoints, desired.endpoints);
-        self.ipcache
-            .want
-            .follow(seed, &delta.ipcache, desired.ipcache);
+        self.ipcache.follow(seed, &delta.ipcache, desired.ipcache);
         self.source_ranges
-            .want
             .follow(seed, &delta.source_ranges, desired.source_ranges);
         self.policy_rows = desired.policies.values().map(|p| p.rows.len() as u64).sum();
         self.maglev_elements = desired.maglev.values().map(|t| t.len() as u64).sum();
         self.version = Some(to);
-        self.restart();
     }
 
     /// Digests `desired` from `seed` when it is not the content (by the caller's `version`)

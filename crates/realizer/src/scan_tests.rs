@@ -524,3 +524,74 @@ fn ticks_to_repair_at(
     }
     panic!("no drift found in {limit} ticks");
 }
+
+/// Under a change at every tick (pod churn moves ipcache entries all the time) a sweep in
+/// slices still ends, with no drift reported, wherever the changed entries lie against
+/// its cursor; and an entry forged meanwhile is still found.
+#[test]
+fn sweeps_end_under_a_change_at_every_tick_and_still_see_drift() {
+    let mut state = wide(40_000);
+    let mut t = tables();
+    t.realize(Desired::of(&state, 16)).unwrap();
+    let mut scan = Scan::new(TICKS);
+    let mut version = 1;
+    let tick = t
+        .check(&mut scan, Desired::of(&state, 16), version)
+        .unwrap();
+    assert!(tick.drifted.is_empty(), "{tick:?}");
+    let mut change = |t: &mut Tables<Memory>, scan: &mut Scan, state: &mut DesiredState, n: u64| {
+        let mut after = state.clone();
+        // Spread over the map: one changed, one removed, one added (a removed one back).
+        let at = |k: u64| IpcacheKey::new(backend(((n * 7_919 + k) % 40_000) as u32), 32);
+        after
+            .ipcache
+            .insert(at(0), IpcacheEntry::local(77 + n as u32));
+        after.ipcache.remove(&at(13_001));
+        after
+            .ipcache
+            .insert(at(26_003), IpcacheEntry::local(5_000 + n as u32));
+        let delta = Delta {
+            ipcache: touched(&state.ipcache, &after.ipcache),
+            ..Delta::default()
+        };
+        let plan = t.plan_changes(&delta, Desired::of(&after, 16)).unwrap();
+        t.apply(&plan).unwrap();
+        scan.changed(&delta, Desired::of(&after, 16), n, n + 1);
+        *state = after;
+    };
+    let mut sweeps = 0;
+    for _ in 0..3 * TICKS {
+        change(&mut t, &mut scan, &mut state, version);
+        version += 1;
+        let tick = t
+            .check(&mut scan, Desired::of(&state, 16), version)
+            .unwrap();
+        assert!(
+            tick.drifted.is_empty(),
+            "a followed sweep matches: {tick:?}"
+        );
+        sweeps += usize::from(tick.swept.contains(&MapId::Ipcache));
+    }
+    assert!(
+        sweeps >= 2,
+        "the ipcache sweep ended {sweeps} times in {} ticks",
+        3 * TICKS
+    );
+    let forged = IpcacheKey::new(backend(20_000), 32);
+    t.ipcache.upsert(&forged, &IpcacheEntry::local(9)).unwrap();
+    for n in 1..=2 * TICKS {
+        change(&mut t, &mut scan, &mut state, version);
+        version += 1;
+        let tick = t
+            .check(&mut scan, Desired::of(&state, 16), version)
+            .unwrap();
+        if !tick.drifted.is_empty() {
+            assert_eq!(tick.drifted, vec![MapId::Ipcache], "after {n} ticks");
+            return;
+        }
+    }
+    panic!(
+        "the forged ipcache entry was not found in {} ticks",
+        2 * TICKS
+    );
+}

@@ -27,7 +27,10 @@ fn load() -> (PinDir, Datapath, KernelTables) {
 }
 
 /// The map's digest as the kernel's iterator folds it, in slices as the scan reads it.
-fn kernel_digest<K: Pod, V: Pod>(map: &impl KernelMap<K, V>, seed: u64) -> Digest {
+fn kernel_digest<K: Pod + std::hash::Hash + Eq, V: Pod>(
+    map: &impl KernelMap<K, V>,
+    seed: u64,
+) -> Digest {
     let mut walk = None;
     loop {
         let (_, done) = map.digest_from(&mut walk, 10_000, seed).unwrap();
