@@ -171,10 +171,10 @@ static __always_inline int nodeport_to_remote(struct __sk_buff *skb, const struc
 
 	if (nat_rewrite_addr_direct(skb, pkt, IP_DADDR_OFF, pkt->daddr,
 				    backend->backend_address) < 0 ||
-	    nat_rewrite_port_direct(skb, pkt, l4_dport_off(pkt), pkt->dport,
-				    backend->backend_port) < 0 ||
+	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport,
+			     backend->backend_port, true) < 0 ||
 	    nat_rewrite_addr_direct(skb, pkt, IP_SADDR_OFF, pkt->saddr, node) < 0 ||
-	    nat_rewrite_port_direct(skb, pkt, l4_sport_off(pkt), pkt->sport, port) < 0)
+	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, port, true) < 0)
 		return verdict_drop_from(skb, pkt, DROP_WRITE_ERROR, NETDEV_DIR,
 					 IDENTITY_UNRESOLVED);
 	/* The source is this node now: the other node sees remote-node. */
@@ -206,8 +206,8 @@ static __always_inline int nodeport_to_local(struct __sk_buff *skb, const struct
 	}
 	if (nat_rewrite_addr_direct(skb, pkt, IP_DADDR_OFF, pkt->daddr,
 				    backend->backend_address) < 0 ||
-	    nat_rewrite_port_direct(skb, pkt, l4_dport_off(pkt), pkt->dport,
-				    backend->backend_port) < 0)
+	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport,
+			     backend->backend_port, true) < 0)
 		return verdict_drop_from(skb, pkt, DROP_WRITE_ERROR, NETDEV_DIR,
 					 IDENTITY_UNRESOLVED);
 	return verdict_pass(skb, NETDEV_DIR);

@@ -42,8 +42,8 @@ static __always_inline int hairpin_reply(struct __sk_buff *skb, const struct pkt
 
 	if (nat_rewrite_addr_direct(skb, pkt, IP_SADDR_OFF, pkt->saddr, frontend) < 0 ||
 	    nat_rewrite_addr_direct(skb, pkt, IP_DADDR_OFF, pkt->daddr, pkt->saddr) < 0 ||
-	    nat_rewrite_port_direct(skb, pkt, l4_sport_off(pkt), pkt->sport,
-				    frontend_port) < 0 ||
+	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport,
+			     frontend_port, true) < 0 ||
 	    eth_swap_macs(skb) < 0)
 		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
@@ -116,8 +116,8 @@ static __always_inline int service_forward(struct __sk_buff *skb, struct pkt4 *p
 
 	if (nat_rewrite_addr_direct(skb, pkt, IP_DADDR_OFF, pkt->daddr,
 				    backend.backend_address) < 0 ||
-	    nat_rewrite_port_direct(skb, pkt, l4_dport_off(pkt), pkt->dport,
-				    backend.backend_port) < 0 ||
+	    nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport,
+			     backend.backend_port, true) < 0 ||
 	    nat_rewrite_addr_direct(skb, pkt, IP_SADDR_OFF, pkt->saddr, saddr) < 0)
 		return verdict_drop_service(skb, pkt, DROP_WRITE_ERROR, trace.remote_identity,
 					    &backend);

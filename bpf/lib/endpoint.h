@@ -170,8 +170,8 @@ static __always_inline int endpoint_ingress(struct __sk_buff *skb, __u32 ifindex
 		}
 
 		if (nat_rewrite_addr_direct(skb, &pkt, IP_SADDR_OFF, pkt.saddr, frontend) < 0 ||
-		    nat_rewrite_port_direct(skb, &pkt, l4_sport_off(&pkt), pkt.sport,
-					    frontend_port) < 0)
+		    nat_rewrite_port(skb, &pkt, l4_sport_off(&pkt), pkt.sport,
+				     frontend_port, true) < 0)
 			return verdict_drop(skb, &pkt, DROP_WRITE_ERROR, METRIC_DIR_INGRESS);
 		return verdict_pass(skb, METRIC_DIR_INGRESS);
 	}

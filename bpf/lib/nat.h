@@ -100,19 +100,6 @@ static __always_inline int nat_rewrite_port_csum(struct __sk_buff *skb, const st
 	return bpf_skb_store_bytes(skb, off, &new_port, sizeof(new_port), 0);
 }
 
-/* Rewrites the port at @off (l4_sport_off or l4_dport_off); ports are not in the
- * pseudo-header. A later fragment has no port to rewrite. */
-static __always_inline int nat_rewrite_port(struct __sk_buff *skb, const struct pkt4 *pkt,
-					    __u32 off, __be16 old_port, __be16 new_port)
-{
-	if (old_port == new_port || pkt->later_fragment)
-		return 0;
-	if (nat_rewrite_port_csum(skb, pkt, off, old_port, new_port) < 0)
-		return -1;
-	if (pkt->proto == IPPROTO_SCTP)
-		return sctp_csum_update(skb, pkt->l4_off);
-	return 0;
-}
 
 /*
  * The direct flavours of nat_rewrite_addr and nat_rewrite_port, for the programs that
@@ -183,13 +170,17 @@ nat_write_port(struct __sk_buff *skb, const struct pkt4 *pkt, __u32 off, __be16 
 	return 0;
 }
 
-/* nat_rewrite_port, written directly. */
-static __always_inline int nat_rewrite_port_direct(struct __sk_buff *skb, const struct pkt4 *pkt,
-						   __u32 off, __be16 old_port, __be16 new_port)
+/* Rewrites the port at @off (l4_sport_off or l4_dport_off); ports are not in the
+ * pseudo-header. A later fragment has no port to rewrite. @direct (a constant at each
+ * call): written directly (nat_write_port) rather than by the helpers. */
+static __always_inline int nat_rewrite_port(struct __sk_buff *skb, const struct pkt4 *pkt,
+					    __u32 off, __be16 old_port, __be16 new_port,
+					    const bool direct)
 {
 	if (old_port == new_port || pkt->later_fragment)
 		return 0;
-	if (nat_write_port(skb, pkt, off, old_port, new_port) < 0)
+	if ((direct ? nat_write_port(skb, pkt, off, old_port, new_port) :
+		      nat_rewrite_port_csum(skb, pkt, off, old_port, new_port)) < 0)
 		return -1;
 	if (pkt->proto == IPPROTO_SCTP)
 		return sctp_csum_update(skb, pkt->l4_off);

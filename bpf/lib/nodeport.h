@@ -72,12 +72,11 @@ static __always_inline int nodeport_reply(struct __sk_buff *skb, const struct pk
 		    CT_NODEPORT);
 	ct_release(&key, ext, pkt);
 	if (nat_rewrite_addr_direct(skb, pkt, IP_SADDR_OFF, pkt->saddr, frontend) < 0 ||
-	    nat_rewrite_port_direct(skb, pkt, l4_sport_off(pkt), pkt->sport,
-				    frontend_port) < 0)
+	    nat_rewrite_port(skb, pkt, l4_sport_off(pkt), pkt->sport, frontend_port, true) < 0)
 		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, direction);
 	if (snat && (nat_rewrite_addr_direct(skb, pkt, IP_DADDR_OFF, pkt->daddr, client) < 0 ||
-		     nat_rewrite_port_direct(skb, pkt, l4_dport_off(pkt), pkt->dport,
-					     client_port) < 0))
+		     nat_rewrite_port(skb, pkt, l4_dport_off(pkt), pkt->dport, client_port,
+				      true) < 0))
 		return verdict_drop(skb, pkt, DROP_WRITE_ERROR, direction);
 	metrics_count(skb, REASON_FORWARDED, direction);
 	/* The frontend may be the node's own address, which its stack would not forward

@@ -67,7 +67,7 @@ static __always_inline int snat_rewrite_port(struct __sk_buff *skb, const struct
 {
 	if (pkt->proto == IPPROTO_ICMP)
 		return nat_rewrite_echo_id(skb, pkt, old_port, new_port);
-	return nat_rewrite_port(skb, pkt, off, old_port, new_port);
+	return nat_rewrite_port(skb, pkt, off, old_port, new_port, false);
 }
 
 /* Records the SNAT of @pkt's connection to @node:@port toward @daddr:@dport, if that

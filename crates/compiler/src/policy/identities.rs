@@ -22,6 +22,16 @@ pub(super) fn reserved() -> BTreeMap<u32, Vec<String>> {
     .into()
 }
 
+/// Puts the reserved identity `id` (one of [`reserved`]'s) in the table when `in_use`, else
+/// takes it out: as the full compile lists those that something refers to.
+pub(super) fn keep_reserved(table: &mut BTreeMap<u32, crate::Identity>, id: u32, in_use: bool) {
+    if !in_use {
+        table.remove(&id);
+    } else if let Some(labels) = reserved().remove(&id) {
+        table.entry(id).or_insert(Identity { id, labels });
+    }
+}
+
 /// Gives every workload the identity of its label set; returns the sets, in workload order.
 pub(super) fn pods(
     workloads: &mut [Workload<'_>],

@@ -19,6 +19,7 @@ use sluice_store::{LocalEndpoint, selector::Labels};
 use super::{
     Policy, PolicyInput,
     cidr::{self, block, ipv4_blocks},
+    identities,
     peers::{Group, IdentityPrefixes, PeerGroups, Peers, World},
     pod_index::{Attached, Context, LocalIdentity, Moved, NotInPlace, PodIndex, Renamed},
     policies_in_order,
@@ -30,7 +31,6 @@ use super::{
 use crate::{
     Delta, DesiredState, Identity, ObjectKind, ObjectRef,
     changes::{ObjectKey, touched},
-    identity::LABEL_HOST,
     ipcache::Ipcache,
     namespace_of,
     problem::Problems,
@@ -427,16 +427,7 @@ impl PolicyIndex {
             self.endpoint_problems.insert(ifindex, endpoint.problems);
         }
         // Every row's peer is in the ipcache but the host's, which every policy map holds.
-        if self.host_in_ipcache || !state.policies.is_empty() {
-            state
-                .identities
-                .entry(IDENTITY_HOST)
-                .or_insert_with(|| Identity {
-                    id: IDENTITY_HOST,
-                    labels: vec![LABEL_HOST.to_string()],
-                });
-        } else {
-            state.identities.remove(&IDENTITY_HOST);
-        }
+        let in_use = self.host_in_ipcache || !state.policies.is_empty();
+        identities::keep_reserved(&mut state.identities, IDENTITY_HOST, in_use);
     }
 }

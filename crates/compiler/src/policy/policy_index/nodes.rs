@@ -5,10 +5,8 @@ use std::collections::BTreeSet;
 
 use sluice_common::IDENTITY_REMOTE_NODE;
 
-use super::{Identity, Peers, PolicyIndex, PrefixMove, block, rules};
-use crate::{
-    Delta, DesiredState, ObjectKind, ObjectRef, identity::LABEL_REMOTE_NODE, problem::Problems,
-};
+use super::{Peers, PolicyIndex, PrefixMove, block, identities, rules};
+use crate::{Delta, DesiredState, ObjectKind, ObjectRef, problem::Problems};
 
 impl PolicyIndex {
     /// Follows other nodes' changes (`remote_nodes`): the identity prefixes of `moves`,
@@ -31,17 +29,7 @@ impl PolicyIndex {
                 moved.extend(to);
             }
         }
-        if remote_node {
-            state
-                .identities
-                .entry(IDENTITY_REMOTE_NODE)
-                .or_insert_with(|| Identity {
-                    id: IDENTITY_REMOTE_NODE,
-                    labels: vec![LABEL_REMOTE_NODE.to_string()],
-                });
-        } else {
-            state.identities.remove(&IDENTITY_REMOTE_NODE);
-        }
+        identities::keep_reserved(&mut state.identities, IDENTITY_REMOTE_NODE, remote_node);
         self.base_problems
             .retain(|p| !matches!(p, crate::Problem::Node(_)));
         self.base_problems.extend(&faults);
