@@ -623,7 +623,8 @@ pub fn prog_load(
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The `test` member, up to `flags`.
+/// The `test` member, whole: a field left out would leave padding, whose bytes are
+/// not zeroed, where the kernel reads `cpu` (and refuses the run).
 #[repr(C)]
 #[derive(Default)]
 struct TestRunAttr {
@@ -640,6 +641,9 @@ struct TestRunAttr {
     ctx_in: u64,
     ctx_out: u64,
     flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
 }
 
 /// Runs `program` once on `packet` (empty for a `BPF_PROG_TYPE_SYSCALL` program, which

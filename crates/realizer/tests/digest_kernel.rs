@@ -59,7 +59,7 @@ fn check_family<K, V, M>(
     other: (K, V),
     forged: V,
 ) where
-    K: Pod + Ord + Copy + std::fmt::Debug,
+    K: Pod + Ord + Copy + std::fmt::Debug + std::hash::Hash,
     V: Pod + Copy,
     M: KernelMap<K, V>,
 {
