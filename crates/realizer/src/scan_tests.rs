@@ -539,7 +539,7 @@ fn sweeps_end_under_a_change_at_every_tick_and_still_see_drift() {
         .check(&mut scan, Desired::of(&state, 16), version)
         .unwrap();
     assert!(tick.drifted.is_empty(), "{tick:?}");
-    let mut change = |t: &mut Tables<Memory>, scan: &mut Scan, state: &mut DesiredState, n: u64| {
+    let change = |t: &mut Tables<Memory>, scan: &mut Scan, state: &mut DesiredState, n: u64| {
         let mut after = state.clone();
         // Spread over the map: one changed, one removed, one added (a removed one back).
         let at = |k: u64| IpcacheKey::new(backend(((n * 7_919 + k) % 40_000) as u32), 32);
