@@ -89,8 +89,9 @@ pub struct Conntrack {
     table: HashMap<MapData, Ct4Key, Ct4Entry>,
     config: Array<MapData, CtConfig>,
     /// The table's fill as the kernel counts it: a look costs a microsecond, so the fill
-    /// is known every `pressure_interval` without walking the table. Loaded by the first
-    /// run (the backend purge's handle never needs it).
+    /// is known every `pressure_interval` without walking the table. Loaded by the
+    /// collector's handle when it opens the table ([`Self::counting`]; the backend
+    /// purge's never needs it).
     count: Option<ElemCount>,
     inventory: MapInventory,
     /// One batched read's keys and values, allocated once.
@@ -112,6 +113,14 @@ impl Conntrack {
             keys: vec![Ct4Key::default(); BATCH],
             values: vec![Ct4Entry::default(); BATCH],
         })
+    }
+
+    /// Loads the counting program now, so that the agent holds every BPF object it will
+    /// hold from its start on (a program loaded at the first run would look like a
+    /// descriptor leaked by the churn after it).
+    pub fn counting(mut self) -> Result<Self, AgentError> {
+        self.entries()?;
+        Ok(self)
     }
 
     /// Runs the collector if `due` or if the table is at `threshold` fill or above; None
@@ -259,7 +268,7 @@ pub async fn collect_garbage(
     metrics: Metrics,
 ) -> Result<(), AgentError> {
     let mut conntrack =
-        Some(tokio::task::spawn_blocking(move || Conntrack::open(&pin_dir)).await??);
+        Some(tokio::task::spawn_blocking(move || Conntrack::open(&pin_dir)?.counting()).await??);
     let mut tick = tokio::time::interval(config.pressure_interval.min(config.interval));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick fires at once; the first run waits one interval.
