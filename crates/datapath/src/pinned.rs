@@ -4,7 +4,6 @@ use std::{
     fs, io,
     os::fd::AsFd,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use aya::maps::{
@@ -341,11 +340,16 @@ pub struct PinDir(PathBuf);
 
 impl PinDir {
     /// `/sys/fs/bpf/<prefix><pid>-<n>`, unique to this process and call; not created yet
-    /// ([`crate::Datapath::load`] creates it).
+    /// ([`crate::Datapath::load`] creates it). First removes the pin directories of
+    /// `prefix` that killed runs left ([`sluice_netns::orphans`]).
     pub fn unique(prefix: &str) -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self(Path::new("/sys/fs/bpf").join(format!("{prefix}{}-{n}", std::process::id())))
+        let bpffs = Path::new("/sys/fs/bpf");
+        for orphan in sluice_netns::orphans(bpffs, prefix) {
+            if let Err(err) = remove_pins(&bpffs.join(&orphan)) {
+                eprintln!("cleanup of a killed run's {orphan}: {err}");
+            }
+        }
+        Self(bpffs.join(sluice_netns::unique_name(prefix)))
     }
 
     pub fn path(&self) -> &Path {

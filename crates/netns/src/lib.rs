@@ -24,6 +24,6 @@ pub use guest::{Guest, ROUTER_INTERFACE, add_router_interface, wire_guest};
 pub use ipnet::{IpNet, Ipv4Net};
 pub use link::{Link, LinkKind, Netlink};
 pub use multipath::{MultipathEntry, MultipathRoute};
-pub use ns::{NETNS_DIR, NetNs, NsThread, OwnedNetNs, unique_name};
+pub use ns::{NETNS_DIR, NetNs, NsThread, OwnedNetNs, orphans, reap_orphans, unique_name};
 pub use route::{Route, RouteEntry};
 pub use sockets::{ConnectedUdp, connected_udp4, destroy_udp4};

@@ -311,10 +311,42 @@ impl OwnedNetNs {
         NetNs::create(name).map(Self)
     }
 
-    /// A namespace named `<prefix><pid>-<n>`, unique to this process and call.
+    /// A namespace named `<prefix><pid>-<n>`, unique to this process and call; first
+    /// deletes the namespaces of `prefix` that killed runs left (see [`orphans`]).
     pub fn unique(prefix: &str) -> Result<Self, NetNsError> {
+        reap_orphans(prefix);
         Self::create(&unique_name(prefix))
     }
+}
+
+/// Deletes the namespaces named `<prefix><pid>-<n>` whose process is gone.
+pub fn reap_orphans(prefix: &str) {
+    for name in orphans(Path::new(NETNS_DIR), prefix) {
+        if let Err(e) = NetNs::delete(&name) {
+            eprintln!("cleanup of a killed run's {name}: {e}");
+        }
+    }
+}
+
+/// The entries of `dir` named `<prefix><pid>-<n>` (as [`unique_name`] names them) whose
+/// process no longer runs: what a run killed before its destructors ran left behind, for
+/// the next run of the same prefix to remove. A live process's entries are never named.
+pub fn orphans(dir: &Path, prefix: &str) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| {
+            let Some((pid, n)) = name.strip_prefix(prefix).and_then(|r| r.split_once('-')) else {
+                return false;
+            };
+            n.parse::<u32>().is_ok()
+                && pid
+                    .parse::<u32>()
+                    .is_ok_and(|pid| !Path::new("/proc").join(pid.to_string()).exists())
+        })
+        .collect()
 }
 
 /// `<prefix><pid>-<n>`: unique to this process and call (namespaces, pin directories).
@@ -375,5 +407,29 @@ fn share_run_dir() -> Result<(), NetNsError> {
             what: NETNS_DIR.into(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod orphan_tests {
+    use super::*;
+
+    #[test]
+    fn orphans_are_the_entries_of_the_prefix_whose_process_is_gone() {
+        let dir = std::env::temp_dir().join(unique_name("sluice-orphans-"));
+        fs::create_dir(&dir).expect("a scratch directory");
+        let live = format!("run-{}-0", std::process::id());
+        for name in [
+            live.as_str(),
+            "run-4000000000-3",
+            "run-4000000000-x",
+            "running-4000000000-1",
+            "other-4000000000-2",
+        ] {
+            fs::write(dir.join(name), b"").expect("an entry");
+        }
+        let found = orphans(&dir, "run-");
+        fs::remove_dir_all(&dir).expect("remove the scratch directory");
+        assert_eq!(found, vec!["run-4000000000-3".to_string()]);
     }
 }

@@ -9,7 +9,6 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -22,12 +21,6 @@ use sluice_datapath::PinDir;
 use sluice_store::Snapshot;
 
 pub const NODE: &str = "node-1";
-
-fn unique(prefix: &str) -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{}-{n}", std::process::id())
-}
 
 fn ip(args: &[&str]) {
     let status = Command::new("ip")
@@ -42,7 +35,8 @@ pub struct NetNs(pub String);
 
 impl NetNs {
     pub fn new(prefix: &str) -> Self {
-        let name = unique(prefix);
+        sluice_netns::reap_orphans(prefix);
+        let name = sluice_netns::unique_name(prefix);
         ip(&["netns", "add", &name]);
         Self(name)
     }
@@ -94,7 +88,9 @@ impl Agent {
 
     /// [`Self::start_with`] on `pins`, which an earlier datapath may have filled.
     pub fn start_on_pins(name: &str, snapshot: &Snapshot, pins: PinDir, args: &[&str]) -> Self {
-        let dir = TempDir(std::env::temp_dir().join(unique(&format!("sluice-test-{name}-"))));
+        let dir = TempDir(
+            std::env::temp_dir().join(sluice_netns::unique_name(&format!("sluice-test-{name}-"))),
+        );
         let source_dir = dir.0.join("source");
         fs::create_dir_all(&source_dir).expect("create the test directory");
         let netns = NetNs::new(&format!("sluice-test-{name}-"));
@@ -116,7 +112,9 @@ impl Agent {
         cluster_file: &Path,
         args: &[&str],
     ) -> Self {
-        let dir = TempDir(std::env::temp_dir().join(unique(&format!("sluice-test-{name}-"))));
+        let dir = TempDir(
+            std::env::temp_dir().join(sluice_netns::unique_name(&format!("sluice-test-{name}-"))),
+        );
         fs::create_dir_all(&dir.0).expect("create the test directory");
         let pins = PinDir::unique(&format!("sluice-test-{name}-"));
         Self::spawn(node, netns, cluster_file, args, dir, pins)
