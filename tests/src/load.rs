@@ -17,7 +17,7 @@ use std::{
 };
 
 use aya::programs::{
-    SchedClassifier,
+    SchedClassifier, TcAttachType,
     links::{FdLink, PinnedLink},
 };
 use sluice_datapath::{AttachRole, Hook, PROGRAMS, link_pin_path};
@@ -274,17 +274,7 @@ pub fn watch_tcx(lab: &TestLab, workers: &mut Workers, node: &str) -> Arc<Mutex<
                         continue;
                     };
                     let key = format!("{ifname}/{}", program.name);
-                    // A hook that cannot be queried (its device gone) counts as empty.
-                    let ids: Vec<u32> = SchedClassifier::query_tcx(ifname, attach)
-                        .map(|(_, progs)| {
-                            progs
-                                .iter()
-                                .filter(|p| p.name_as_str() == Some(program.name))
-                                .map(|p| p.id())
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    seen.insert(key, ids);
+                    seen.insert(key, tcx_programs(ifname, attach, program.name));
                 }
                 let mut watch = out.lock().unwrap();
                 watch.polls += 1;
@@ -307,6 +297,24 @@ pub fn watch_tcx(lab: &TestLab, workers: &mut Workers, node: &str) -> Arc<Mutex<
         });
     });
     watch
+}
+
+/// The ids of the programs named `name` on a tcx hook. The query lists the hook's
+/// program ids, then opens each: a program freed in between (the old one of a link
+/// swapped by a restarting agent) fails the whole query, which is then asked again, so
+/// only a hook that held none of them, or could not be queried at all (its device gone),
+/// counts as empty.
+fn tcx_programs(ifname: &str, attach: TcAttachType, name: &str) -> Vec<u32> {
+    for _ in 0..3 {
+        if let Ok((_, programs)) = SchedClassifier::query_tcx(ifname, attach) {
+            return programs
+                .iter()
+                .filter(|p| p.name_as_str() == Some(name))
+                .map(|p| p.id())
+                .collect();
+        }
+    }
+    Vec::new()
 }
 
 /// Distinct program ids in a history (for the report).

@@ -58,7 +58,9 @@ impl Loop {
             readiness,
             interval,
         } = self;
-        let mut tick = tokio::time::interval(interval);
+        // The first tick one interval on, not at once: the first snapshot makes the first
+        // pass, and an immediate tick beside it made a second, needless one at start.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
