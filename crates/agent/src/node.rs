@@ -99,6 +99,8 @@ pub struct Node {
     delta: Delta,
     /// What `desired` was compiled from; None before the first pass that realized it.
     compiled_from: Option<CompiledFrom>,
+    /// Whether the last pass checked everything (see [`Pass`]).
+    last_pass_full: bool,
     /// Whether the local endpoints changed since their interfaces were last resolved: a
     /// change pass resolves them (a syscall each) only then.
     interfaces_stale: bool,
@@ -187,6 +189,7 @@ impl Node {
             compiled: SharedDesired::default(),
             delta: Delta::default(),
             compiled_from: None,
+            last_pass_full: false,
             interfaces_stale: true,
             compile_cache: CompileCache::new(),
             maps_hold_desired: false,
@@ -295,6 +298,7 @@ impl Node {
         self.reconciles += 1;
         // After a failed pass, or before the first, what the kernel holds is not known.
         let full = pass == Pass::Periodic || self.last_error.is_some() || !self.maps_hold_desired;
+        self.last_pass_full = full;
         let mut phases = Phases::default();
         let realized = self.realize_and_attach(started, full, &mut phases);
         // After the pass's own attaches and detaches, so only pins removed by others count.
@@ -503,6 +507,11 @@ impl Node {
             }
         }
         Ok(tick.stats)
+    }
+
+    /// Whether the last pass checked everything, as the periodic pass does.
+    pub fn last_pass_full(&self) -> bool {
+        self.last_pass_full
     }
 
     /// Pins pinned again since the last call, for status and the metrics.

@@ -140,6 +140,11 @@ impl Loop {
                 node.name_flows(&names);
             })
             .await?;
+            // The next full pass comes an interval after this one, not right after the
+            // first pass or one after a failure.
+            if node.last_pass_full() {
+                tick.reset();
+            }
             let state = node.published();
             health.follow(&state.desired).await;
             publish(state);
