@@ -78,6 +78,9 @@ impl SharedDesired {
                 Ok(mut spare) => {
                     catch_up(&mut spare, state, &lag);
                     catch_up(&mut spare, state, &delta);
+                    // Once: comparing thousands of identities and nodes is most of a
+                    // small change's cost.
+                    copy_whole_fields(&mut spare, state);
                     spare
                 }
                 // Still read (an API request holds it): copied once.
@@ -112,8 +115,7 @@ fn entries(state: &DesiredState) -> usize {
         + state.policies.len()
 }
 
-/// Brings `spare` to `state` for the entries `delta` names, and copies the fields no delta
-/// covers (small: a node's endpoints, identities, routes and problems).
+/// Brings `spare` to `state` for the entries `delta` names.
 fn catch_up(spare: &mut DesiredState, state: &DesiredState, delta: &Keys) {
     fn entries<K: Ord + Copy, V: Clone>(
         spare: &mut std::collections::BTreeMap<K, V>,
@@ -161,13 +163,13 @@ fn catch_up(spare: &mut DesiredState, state: &DesiredState, delta: &Keys) {
             .frontends
             .splice(into, state.frontends[from].iter().cloned());
     }
-    copy_whole_fields(spare, state);
 }
 
 fn frontend_at(f: &Frontend) -> (Ipv4Addr, u16, u8) {
     (f.address, f.port, f.protocol)
 }
 
+/// Copies the fields no delta covers (a node's endpoints, identities, nodes, problems).
 fn copy_whole_fields(spare: &mut DesiredState, state: &DesiredState) {
     // Most changes leave these as they were (a pod of known labels, a Service's backends):
     // comparing allocates nothing, a clone of thousands of identities and problems does.

@@ -32,7 +32,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 pub use conntrack::GcConfig;
-pub use node::Node;
+pub use node::{Node, Pass};
 pub use observe::{DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE, EventsConfig};
 pub use source::SourceConfig;
 use tracing::info;

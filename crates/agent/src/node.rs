@@ -8,8 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_api::{Drift, VerifyReport};
-use sluice_common::kinds::DriftKind;
 use sluice_compiler::{Balancing, Changes, CompileCache, Delta, DesiredState, NodeContext};
 use sluice_datapath::{AttachRole, Datapath};
 use sluice_realizer::{ApplyStats, Desired, KernelTables, Scan, ScanTick};
@@ -25,11 +23,13 @@ use crate::{
     nodes,
     observe::Unnamed,
     pins::PinGuard,
-    routing::{self, Routing},
+    routing::Routing,
     sock_purge::SocketPurge,
     views::Published,
-    views::fails_closed,
 };
+
+mod purge;
+mod verify;
 
 /// How long the periodic check takes to read every map once, however large. Reading every
 /// bucket of the million-bucket hash maps is most of its cost (perf: the kernel's batched
@@ -43,6 +43,29 @@ fn ticks_per_sweep(interval: Duration) -> usize {
     let ticks = SWEEP.as_secs_f64() / interval.as_secs_f64().max(f64::EPSILON);
     // Saturating: an interval of a few ms gives one tick, one of hours many.
     ticks.ceil() as usize
+}
+
+/// Why a pass runs, which sets how much of the kernel it checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// A change from the source or the CNI plugin: realizes it and checks only what it
+    /// touched (the interfaces when the endpoints changed, the routes when the nodes did).
+    Change,
+    /// The reconcile interval's: compares everything the agent owns with the kernel
+    /// (maps a slice at a time, programs on every interface and cgroup, routes, pins), so
+    /// drift behind the agent's back is repaired whatever the change passes skipped.
+    Periodic,
+}
+
+/// Where one pass's time went, for its debug line.
+#[derive(Debug, Default)]
+struct Phases {
+    compile: Duration,
+    maps: Duration,
+    /// Programs on the pods' interfaces and the socket programs' cgroups.
+    attach: Duration,
+    routing: Duration,
+    pins: Duration,
 }
 
 pub struct Node {
@@ -76,6 +99,11 @@ pub struct Node {
     delta: Delta,
     /// What `desired` was compiled from; None before the first pass that realized it.
     compiled_from: Option<CompiledFrom>,
+    /// Whether the last pass checked everything (see [`Pass`]).
+    last_pass_full: bool,
+    /// Whether the local endpoints changed since their interfaces were last resolved: a
+    /// change pass resolves them (a syscall each) only then.
+    interfaces_stale: bool,
     /// The previous compiles' per-Service and workload results: a change recompiles what
     /// it touches.
     compile_cache: CompileCache,
@@ -161,6 +189,8 @@ impl Node {
             compiled: SharedDesired::default(),
             delta: Delta::default(),
             compiled_from: None,
+            last_pass_full: false,
+            interfaces_stale: true,
             compile_cache: CompileCache::new(),
             maps_hold_desired: false,
             flow_cache_renewed: false,
@@ -206,6 +236,7 @@ impl Node {
             }),
         );
         self.snapshot = snapshot;
+        self.interfaces_stale |= endpoints_changed || endpoints.is_some();
         if let Some(endpoints) = endpoints {
             self.endpoints = endpoints;
         }
@@ -216,6 +247,7 @@ impl Node {
     /// it to be realized); the compile cache finds them changed in the node's context.
     pub fn accept_endpoints(&mut self, endpoints: LocalEndpoints) {
         self.endpoints = endpoints;
+        self.interfaces_stale = true;
         self.generation += 1;
     }
 
@@ -259,27 +291,45 @@ impl Node {
     /// One pass: compile, realize the maps, then attach and detach programs. Errors are
     /// kept for `status` and retried on the next pass; returns whether the pass succeeded.
     /// When nothing changed since the last pass that succeeded, the maps are not read whole
-    /// but checked a slice at a time (`Scan`), and repaired in full if they drifted.
-    pub fn reconcile(&mut self) -> bool {
+    /// but checked a slice at a time (`Scan`), and repaired in full if they drifted. A
+    /// [`Pass::Change`] after a pass that succeeded does only what its change needs.
+    pub fn reconcile(&mut self, pass: Pass) -> bool {
         let started = Instant::now();
         self.reconciles += 1;
-        let ok = self.realize_and_attach(started);
+        // After a failed pass, or before the first, what the kernel holds is not known.
+        let full = pass == Pass::Periodic || self.last_error.is_some() || !self.maps_hold_desired;
+        self.last_pass_full = full;
+        let mut phases = Phases::default();
+        let realized = self.realize_and_attach(started, full, &mut phases);
         // After the pass's own attaches and detaches, so only pins removed by others count.
-        match self.pins.check() {
-            Ok(restored) => self.pins_restored.extend(restored),
-            Err(e) => {
-                warn!(error = %e, "checking the pins failed; retrying on the next pass");
-                self.last_error.get_or_insert_with(|| e.to_string());
-                return false;
+        // A change pass that attached nothing has no new pin to hold.
+        if full || realized == Some(true) {
+            let t = Instant::now();
+            let checked = self.pins.check();
+            phases.pins = t.elapsed();
+            match checked {
+                Ok(restored) => self.pins_restored.extend(restored),
+                Err(e) => {
+                    warn!(error = %e, "checking the pins failed; retrying on the next pass");
+                    self.last_error.get_or_insert_with(|| e.to_string());
+                    return false;
+                }
             }
         }
-        ok
+        debug!(full, elapsed = ?started.elapsed(), ?phases, "pass");
+        realized.is_some()
     }
 
-    /// The pass itself: compile, realize, attach; errors are kept for `status`.
-    fn realize_and_attach(&mut self, started: Instant) -> bool {
+    /// The pass itself: compile, realize, attach; errors are kept for `status`. Returns
+    /// whether it attached or detached programs, None if it failed.
+    fn realize_and_attach(
+        &mut self,
+        started: Instant,
+        full: bool,
+        phases: &mut Phases,
+    ) -> Option<bool> {
         self.full_map = None;
-        match self.try_reconcile() {
+        match self.try_reconcile(full, phases) {
             Ok((stats, attached)) => {
                 if stats.changed() || attached || self.realized_generation != self.generation {
                     // The entries written say what a restart cost the maps: none when the
@@ -290,6 +340,7 @@ impl Node {
                         upserted = stats.upserted,
                         removed = stats.removed,
                         attached,
+                        full,
                         elapsed = ?started.elapsed(),
                         "realized"
                     );
@@ -297,7 +348,7 @@ impl Node {
                 self.realized_generation = self.generation;
                 self.realized_revision = self.snapshot.revision;
                 self.last_error = None;
-                true
+                Some(attached)
             }
             Err(e) => {
                 self.full_map = e.full_map();
@@ -307,14 +358,21 @@ impl Node {
                 };
                 warn!(%error, "reconcile failed; retrying on the next pass");
                 self.last_error = Some(error);
-                false
+                None
             }
         }
     }
 
     /// Returns the entries the pass wrote and whether it attached or detached programs.
-    fn try_reconcile(&mut self) -> Result<(ApplyStats, bool), AgentError> {
-        let (desired, compiled_from) = self.compile();
+    /// `full`: every check against the kernel, not only those the change needs.
+    fn try_reconcile(
+        &mut self,
+        full: bool,
+        phases: &mut Phases,
+    ) -> Result<(ApplyStats, bool), AgentError> {
+        let t = Instant::now();
+        let (desired, compiled_from) = self.compile(full);
+        phases.compile = t.elapsed();
         for problem in &desired.problems {
             debug!(%problem, "compiler");
         }
@@ -325,10 +383,15 @@ impl Node {
         {
             warn!(object = %u.object, field = u.field.path(), value = %u.value, programmed = u.field.programmed(), "not implemented");
         }
+        let t = Instant::now();
         let unchanged = Arc::ptr_eq(&desired, &self.desired) && self.last_error.is_none();
         // Until this pass succeeds, what the maps hold is not known.
         let held = std::mem::replace(&mut self.maps_hold_desired, false);
-        let stats = if unchanged {
+        let stats = if unchanged && !full {
+            // The rolling check keeps to the interval; a change that compiled to the same
+            // state writes nothing.
+            ApplyStats::default()
+        } else if unchanged {
             self.check()?
         } else {
             let target = Desired::of(&desired, self.policy_map_max);
@@ -355,31 +418,43 @@ impl Node {
             self.purge_removed_backends(&desired, held.then_some(&delta))?;
             stats
         };
+        phases.maps = t.elapsed();
+        let t = Instant::now();
         // Programs go on after the maps they read are complete, and come off interfaces
-        // whose endpoint is gone.
+        // whose endpoint is gone. A change pass looks at them only when an endpoint came,
+        // went or has a new interface (a new ifindex: re-created under the same name).
+        let interfaces_changed = desired.interfaces != self.desired.interfaces
+            || self
+                .compiled_from
+                .as_ref()
+                .is_none_or(|from| from.interfaces != compiled_from.interfaces);
         let mut attached = false;
-        for ifname in &desired.interfaces {
-            attached |= self.ensure_attached(ifname)?;
+        if full || interfaces_changed {
+            attached = self.attach_interfaces(&desired.interfaces)?;
         }
-        for ifname in self
-            .datapath
-            .attached(AttachRole::PodVeth)?
-            .difference(&desired.interfaces)
-        {
-            info!(%ifname, "detaching from removed endpoint");
-            self.datapath.detach(AttachRole::PodVeth, ifname)?;
-            attached = true;
+        phases.attach = t.elapsed();
+        let t = Instant::now();
+        // Routes and node_config follow the nodes; the periodic pass checks them anyway.
+        if full || desired.nodes != self.desired.nodes {
+            let (others, own) = nodes::routed(&desired.nodes);
+            attached |= self.routing.reconcile(&mut self.datapath, &others, own)?;
         }
-        let (others, own) = nodes::routed(&desired.nodes);
-        attached |= self.routing.reconcile(&mut self.datapath, &others, own)?;
+        phases.routing = t.elapsed();
         // After the programs were swapped in: no earlier program records a decision
         // under the new generation.
         if !self.flow_cache_renewed {
             self.tables.renew_flow_cache()?;
             self.flow_cache_renewed = true;
         }
-        // Last: a cgroup refused since start fails the pass once the rest is done.
-        let sockets = self.cgroups.reconcile(&mut self.datapath);
+        // Last: a cgroup refused since start fails the pass once the rest is done. A process
+        // moved into a cgroup, or a link replaced, is found by the periodic pass.
+        let t = Instant::now();
+        let sockets = if full {
+            self.cgroups.reconcile(&mut self.datapath)
+        } else {
+            Ok(false)
+        };
+        phases.attach += t.elapsed();
         if !Arc::ptr_eq(&desired, &self.desired) {
             self.desired_version += 1;
         }
@@ -388,6 +463,26 @@ impl Node {
         self.maps_hold_desired = true;
         attached |= sockets?;
         Ok((stats, attached))
+    }
+
+    /// Attaches the datapath to every interface of `interfaces` that does not run it, and
+    /// detaches it from those the agent attached that are no longer among them. Returns
+    /// whether it attached or detached anything.
+    fn attach_interfaces(&mut self, interfaces: &BTreeSet<String>) -> Result<bool, AgentError> {
+        let mut attached = false;
+        for ifname in interfaces {
+            attached |= self.ensure_attached(ifname)?;
+        }
+        for ifname in self
+            .datapath
+            .attached(AttachRole::PodVeth)?
+            .difference(interfaces)
+        {
+            info!(%ifname, "detaching from removed endpoint");
+            self.datapath.detach(AttachRole::PodVeth, ifname)?;
+            attached = true;
+        }
+        Ok(attached)
     }
 
     /// One tick of the rolling check of the maps against the unchanged desired state.
@@ -414,59 +509,9 @@ impl Node {
         Ok(tick.stats)
     }
 
-    /// Right after the realizer removed backends, removes their service connections from
-    /// conntrack, so their clients choose again with their next packet (a UDP client on
-    /// one source port would otherwise keep its entry for as long as it sends). After a
-    /// start, what was removed while no agent ran is unknown: the first pass removes the
-    /// service connections of every backend the desired state does not have. Connected
-    /// UDP sockets the socket programs sent to such a backend are destroyed (`sock_purge`).
-    /// `delta`, when the maps held `self.desired`: what the compiler changed since, so
-    /// the removed backends are found without walking every backend.
-    fn purge_removed_backends(
-        &mut self,
-        desired: &DesiredState,
-        delta: Option<&Delta>,
-    ) -> Result<(), AgentError> {
-        let (backends, purged) = if self.backends_checked {
-            let gone: BTreeSet<_> = match delta {
-                // The backends the compiler took out since `self.desired`.
-                Some(delta) => delta
-                    .backends
-                    .iter()
-                    .filter(|(key, before)| before.is_some() && !desired.backends.contains_key(key))
-                    .map(|(key, _)| *key)
-                    .collect(),
-                None => self
-                    .desired
-                    .backends
-                    .keys()
-                    .filter(|key| !desired.backends.contains_key(key))
-                    .copied()
-                    .collect(),
-            };
-            if gone.is_empty() {
-                return Ok(());
-            }
-            // Sockets first: they are logged apart from the conntrack entries.
-            self.sockets.purge(&self.cgroups, |b| gone.contains(b))?;
-            let purged = self.conntrack.purge_backends(|b| gone.contains(b))?;
-            (gone.len(), purged)
-        } else {
-            let gone = |b: &_| !desired.backends.contains_key(b);
-            self.sockets.purge(&self.cgroups, gone)?;
-            let purged = self.conntrack.purge_backends(gone)?;
-            self.backends_checked = true;
-            if purged == 0 {
-                return Ok(());
-            }
-            (0, purged)
-        };
-        info!(
-            backends,
-            purged, "purged the conntrack entries of removed backends"
-        );
-        self.purged += purged;
-        Ok(())
+    /// Whether the last pass checked everything, as the periodic pass does.
+    pub fn last_pass_full(&self) -> bool {
+        self.last_pass_full
     }
 
     /// Pins pinned again since the last call, for status and the metrics.
@@ -487,17 +532,15 @@ impl Node {
     /// The desired state of the current snapshot and interfaces, and what it was compiled
     /// from. The compiler is a pure function of the two, so a pass over the same input (the
     /// periodic one) takes the last output rather than compiling again; a changed input is
-    /// compiled incrementally, with the full compile's output.
-    fn compile(&mut self) -> (Arc<DesiredState>, CompiledFrom) {
-        let interfaces = self
-            .snapshot
-            .endpoints_on(&self.name)
-            .chain(self.endpoints.iter().filter(|e| e.node == self.name))
-            .filter_map(|e| {
-                let index = nix::net::if_::if_nametoindex(e.interface.as_str()).ok()?;
-                Some((e.interface.clone(), index))
-            })
-            .collect::<BTreeMap<_, _>>();
+    /// compiled incrementally, with the full compile's output. The local interfaces'
+    /// indexes are resolved when the endpoints changed, or when `full` asks (an interface
+    /// re-created behind the agent's back), else taken from the last pass.
+    fn compile(&mut self, full: bool) -> (Arc<DesiredState>, CompiledFrom) {
+        let interfaces = match &self.compiled_from {
+            Some(from) if !full && !self.interfaces_stale => from.interfaces.clone(),
+            _ => self.resolve_interfaces(),
+        };
+        self.interfaces_stale = false;
         let from = CompiledFrom {
             generation: self.generation,
             interfaces,
@@ -540,6 +583,18 @@ impl Node {
         (Arc::clone(self.compiled.current()), from)
     }
 
+    /// The ifindex of each local endpoint's interface that exists.
+    fn resolve_interfaces(&self) -> BTreeMap<String, u32> {
+        self.snapshot
+            .endpoints_on(&self.name)
+            .chain(self.endpoints.iter().filter(|e| e.node == self.name))
+            .filter_map(|e| {
+                let index = nix::net::if_::if_nametoindex(e.interface.as_str()).ok()?;
+                Some((e.interface.clone(), index))
+            })
+            .collect()
+    }
+
     /// Attaches the datapath to `ifname` unless the kernel already runs this agent's
     /// programs there; an earlier agent's are swapped for them in their links.
     fn ensure_attached(&mut self, ifname: &str) -> Result<bool, AgentError> {
@@ -550,69 +605,6 @@ impl Node {
         // Datapath::attach replaces links left pinned for an interface that was re-created.
         self.datapath.attach(AttachRole::PodVeth, ifname)?;
         Ok(true)
-    }
-
-    /// Recompiles from the current snapshot and compares with the kernel; optionally repairs.
-    pub fn verify(&mut self, repair: bool) -> Result<VerifyReport, AgentError> {
-        let (desired, _) = self.compile();
-        let plan = self
-            .tables
-            .plan(Desired::of(&desired, self.policy_map_max))?;
-        let mut drift: Vec<Drift> = plan
-            .drift()
-            .into_iter()
-            .map(|d| Drift {
-                map: d.map.to_string(),
-                kind: d.kind,
-                key: d.key,
-                desired: d.desired,
-                actual: d.actual,
-            })
-            .collect();
-        let detached: BTreeSet<_> = desired
-            .interfaces
-            .iter()
-            .filter(|i| !self.datapath.runs(AttachRole::PodVeth, i))
-            .cloned()
-            .collect();
-        drift.extend(detached.iter().map(|i| Drift {
-            map: "tcx".into(),
-            kind: DriftKind::Missing,
-            key: i.clone(),
-            desired: Some(routing::programs(AttachRole::PodVeth)),
-            actual: None,
-        }));
-        drift.extend(self.cgroups.drift(&mut self.datapath)?);
-        let (others, own) = nodes::routed(&desired.nodes);
-        drift.extend(self.routing.drift(&self.datapath, &others, own)?);
-        drift.extend(self.pins.missing()?.into_iter().map(|pin| Drift {
-            map: "pins".into(),
-            kind: DriftKind::Missing,
-            key: pin,
-            desired: Some("pinned".into()),
-            actual: None,
-        }));
-        let repaired = repair && !drift.is_empty();
-        if repaired {
-            let restored = self.pins.check()?;
-            self.pins_restored.extend(restored);
-            // The maps now hold this compile's state, which may be newer than `desired`.
-            self.maps_hold_desired = false;
-            self.tables.apply(&plan)?;
-            self.scan
-                .written(Desired::of(&desired, self.policy_map_max));
-            for ifname in &detached {
-                self.ensure_attached(ifname)?;
-            }
-            self.cgroups.reconcile(&mut self.datapath)?;
-            self.routing.reconcile(&mut self.datapath, &others, own)?;
-        }
-        Ok(VerifyReport {
-            generation: self.generation,
-            drift,
-            repaired,
-            fails_closed: fails_closed(&desired, self.policy_map_max),
-        })
     }
 }
 

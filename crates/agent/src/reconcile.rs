@@ -1,5 +1,5 @@
-//! The reconcile loop: takes snapshots from the source, runs a full pass on every new one
-//! and on a periodic tick, and answers verify requests between passes. Each step runs on
+//! The reconcile loop: takes snapshots from the source, runs a change pass on every new one
+//! and a full pass on a periodic tick, and answers verify requests between passes. Each step runs on
 //! the blocking pool with the [`Node`] moved into it, so no lock exists for an API request
 //! to wait on; after each step the loop publishes what the API reads.
 
@@ -14,7 +14,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    AgentError, Node, cni::LocalEndpoints, conntrack::Removal, health::HealthServers,
+    AgentError, Node, Pass, cni::LocalEndpoints, conntrack::Removal, health::HealthServers,
     http::Readiness, metrics::Metrics, observe::Names, source::Feed, views::Published,
 };
 
@@ -72,7 +72,7 @@ impl Loop {
             changes.send_replace(());
         };
         loop {
-            tokio::select! {
+            let pass = tokio::select! {
                 changed = snapshots.changed(), if source_open => {
                     if changed.is_err() {
                         // Only the periodic pass is left; it still repairs drift.
@@ -90,6 +90,7 @@ impl Loop {
                     .then(|| Arc::clone(&local_endpoints.borrow_and_update()));
                     node.accept(snapshot, changes, endpoints);
                     publish(node.published());
+                    Pass::Change
                 }
                 changed = local_endpoints.changed(), if registry_open => {
                     if changed.is_err() {
@@ -103,11 +104,13 @@ impl Loop {
                     }
                     node.accept_endpoints(Arc::clone(&local_endpoints.borrow_and_update()));
                     publish(node.published());
+                    Pass::Change
                 }
                 _ = tick.tick() => {
                     if !node.has_snapshot() {
                         continue;
                     }
+                    Pass::Periodic
                 }
                 Some(request) = requests.recv() => {
                     node = step(node, move |node| request.answer(node)).await?;
@@ -119,11 +122,11 @@ impl Loop {
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-            }
+            };
             let (names, metrics, ready) = (Arc::clone(&names), metrics.clone(), readiness.clone());
             node = step(node, move |node| {
                 let started = Instant::now();
-                let ok = node.reconcile();
+                let ok = node.reconcile(pass);
                 metrics.observe_reconcile(started.elapsed(), ok);
                 metrics.count_ct_removed(Removal::BackendRemoved, node.take_purged());
                 if let Some(map) = node.full_map() {
@@ -139,6 +142,11 @@ impl Loop {
                 node.name_flows(&names);
             })
             .await?;
+            // The next full pass comes an interval after this one, not right after the
+            // first pass or one after a failure.
+            if node.last_pass_full() {
+                tick.reset();
+            }
             let state = node.published();
             health.follow(&state.desired).await;
             publish(state);

@@ -125,6 +125,95 @@ fn removed_pins_are_pinned_again_and_reported() {
     node.verify_clean();
 }
 
+/// The pinned links of the programs on `ifname`.
+fn pod_links(pins: &Path, ifname: &str) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(pins.join("links/pod"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{ifname}_")))
+        })
+        .collect()
+}
+
+/// A change pass realizes its change without the checks it does not need: a program taken
+/// off an interface and a map pin removed behind the agent's back are left as they are by
+/// it, and the periodic pass finds both and repairs them.
+#[test]
+fn a_change_pass_skips_the_fixed_checks_and_the_periodic_pass_repairs_drift() {
+    // Long enough that a change pass runs between two periodic ones.
+    let mut node = Node::new(
+        "chgpass",
+        &cluster(1, &[PORT]),
+        &["--reconcile-interval", "3"],
+    );
+    assert!(node.connects(), "{}", node.agent.log_text());
+    let pins = node.agent.pins.path().to_path_buf();
+    // A periodic pass may land between the drift and the change: then again, on the next
+    // revision.
+    let mut clean = None;
+    for revision in 2..6 {
+        let links = pod_links(&pins, "lxc-sv");
+        assert!(!links.is_empty(), "no pinned link on lxc-sv");
+        let mark = node.agent.log_text().len();
+        for link in &links {
+            let fd = sluice_datapath::sys::obj_get(link).unwrap();
+            sluice_datapath::sys::link_detach(std::os::fd::AsFd::as_fd(&fd)).unwrap();
+            std::fs::remove_file(link).unwrap();
+        }
+        std::fs::remove_file(pins.join(names::SERVICES)).unwrap();
+        assert!(!node.attached("lxc-sv"));
+        let ports: Vec<u16> = (0..revision as u16).map(|i| PORT + i).collect();
+        support::write(&node.agent.cluster_file(), &cluster(revision, &ports));
+        node.agent.wait_realized(revision);
+        let log = node.agent.log_text()[mark..].to_owned();
+        let mut at = 0;
+        let mut found = None;
+        for l in log.split_inclusive('\n') {
+            if l.contains(" realized ") && l.contains(&format!(" revision={revision} ")) {
+                found = Some((at, l.trim_end().to_owned()));
+                break;
+            }
+            at += l.len();
+        }
+        let (realized, line) = found.expect("the pass that realized the revision logs it");
+        // Nothing repaired before the change pass: no periodic pass came between.
+        let before = &log[..realized];
+        if line.contains("full=false")
+            && !before.contains("attaching datapath")
+            && !before.contains("pinned again")
+        {
+            clean = Some((revision, line, Instant::now()));
+            break;
+        }
+        // Repaired by a periodic pass: wait for it to end before the next try.
+        node.agent
+            .wait("the drift repaired", Duration::from_secs(10), |_| {
+                pins.join(names::SERVICES).exists() && !pod_links(&pins, "lxc-sv").is_empty()
+            });
+    }
+    let (revision, line, realized) = clean.expect("a change pass with no periodic pass before");
+    assert!(line.contains("attached=false"), "{line}");
+    // The change is in the maps; the drift is left to the periodic pass.
+    node.agent
+        .wait("the drift repaired", Duration::from_secs(10), |a| {
+            let s = a.status();
+            repaired(&s, Fault::PinRemoved, names::SERVICES) >= 1
+                && !pod_links(&pins, "lxc-sv").is_empty()
+        });
+    eprintln!(
+        "revision {revision} realized by a change pass ({line}); the periodic pass repaired the \
+         drift {:?} later (interval 3 s)",
+        realized.elapsed()
+    );
+    let log = node.agent.log_text();
+    assert!(log.contains("attaching datapath ifname=lxc-sv"), "{log}");
+    assert!(node.attached("lxc-sv"));
+    assert!(node.connects(), "{log}");
+    node.verify_clean();
+}
+
 #[test]
 fn a_policy_too_large_for_its_map_fails_closed() {
     // Three ports from the client: more rows than a policy map of 2 holds.

@@ -176,7 +176,11 @@ impl Node {
         std::fs::create_dir_all(&dir.0).unwrap();
         let cluster_file = dir.0.join("cluster.json");
         cluster.write_file(&cluster_file).unwrap();
-        let mut all = vec!["--reconcile-interval", "0.5", "--metrics-address", METRICS];
+        let mut all = vec!["--metrics-address", METRICS];
+        // A test's own interval wins over the faults' 0.5 s.
+        if !args.contains(&"--reconcile-interval") {
+            all.extend(["--reconcile-interval", "0.5"]);
+        }
         all.extend_from_slice(args);
         let mut agent = Agent::start_node(name, NODE, node.name(), &cluster_file, &all);
         agent.wait_realized(cluster.revision);
