@@ -340,6 +340,9 @@ fn read_and_hash<K: Pod, V: Pod>(map: &impl KernelMap<K, V>, seed: u64) -> usize
     }
 }
 
+/// A change made behind the realizer's back.
+type Drift = dyn Fn(&mut KernelTables);
+
 /// A small map is checked at every tick by a lookup of each desired key while its
 /// footprint (the kernel memory it reports) has not moved since a digest found it right:
 /// a forged, a removed and an added entry are each still found and repaired at the next
@@ -421,7 +424,7 @@ fn a_small_map_checked_by_its_keys_still_finds_every_drift_at_the_next_tick() {
 
     let (&key, &value) = services.iter().nth(7).unwrap();
     let extra = Lb4Key::new(vip(5_000), 80, IPPROTO_TCP, 0);
-    let drifts: [(&str, Box<dyn Fn(&mut KernelTables)>); 3] = [
+    let drifts: [(&str, Box<Drift>); 3] = [
         (
             "forged",
             Box::new(move |t: &mut KernelTables| {
