@@ -136,19 +136,18 @@ pub fn footprint(map: BorrowedFd<'_>) -> Result<u64, DatapathError> {
 
 /// Whether this kernel's [`footprint`] of a hash map moves with its entry count (older
 /// kernels report the memory its capacity would take), found once per process on a map
-/// of two entries made for the purpose.
+/// made for the purpose, large enough that the kernel counts its entries per CPU as it
+/// does the realized maps' (more than 32 per CPU), so it is that count the probe sees.
 pub fn footprints_count_entries() -> bool {
     static COUNTS: OnceLock<bool> = OnceLock::new();
     *COUNTS.get_or_init(|| {
         // A kernel refusing the probe map is treated as one whose footprints say nothing:
         // the maps are then digested, which is exact, only dearer.
         let probe = || -> Result<bool, DatapathError> {
-            let mut map =
-                HashMap::<MapData, u32, u32>::create(2, BPF_F_NO_PREALLOC).map_err(|source| {
-                    DatapathError::MapCreate {
-                        map: "footprint probe",
-                        source,
-                    }
+            let mut map = HashMap::<MapData, u32, u32>::create(1 << 16, BPF_F_NO_PREALLOC)
+                .map_err(|source| DatapathError::MapCreate {
+                    map: "footprint probe",
+                    source,
                 })?;
             let empty = footprint(map.map().fd().as_fd())?;
             map.insert(0, 0, 0)
