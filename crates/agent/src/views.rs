@@ -11,14 +11,14 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray};
 use sluice_api::{
     AgentStatus, BackendEntry, CtEntry, CtPressure, EndpointEntry, EndpointPolicyView, FailsClosed,
     IdentityEntry, MapStatus, PolicyRow, ServiceEntry, UnsupportedField, VerifyReport,
 };
 use sluice_common::{
-    Ct4Entry, Ct4Key, CtConfig, CtStats, EventCounter, IDENTITY_ANY, LB4_SCOPE_DEFAULT,
-    Lb4BackendKey, Lb4Key, MapId, SVC_FLAG_AFFINITY,
+    Ct4Entry, Ct4Key, CtConfig, CtStats, EndpointInfo, EventCounter, IDENTITY_ANY, IpcacheEntry,
+    LB4_SCOPE_DEFAULT, Lb4Backend, Lb4BackendKey, Lb4Key, Lb4Service, MapId, SVC_FLAG_AFFINITY,
     kinds::{
         BackendState, CountedBy, CtFlag, CtScope, Direction, EndpointStatus, FrontendKind,
         LbAlgorithm, Protocol, RowState, ServiceKind,
@@ -27,7 +27,7 @@ use sluice_common::{
 };
 use sluice_compiler::DesiredState;
 use sluice_datapath::{MapInventory, PinnedMaps, read_ct_stats};
-use sluice_realizer::{KernelTables, PolicyTable};
+use sluice_realizer::{KernelPolicy, PolicyTable};
 use sluice_store::Snapshot;
 use tokio::sync::{mpsc, oneshot};
 
@@ -67,7 +67,7 @@ pub struct Published {
 
 /// The API's own handles on the pinned maps.
 pub struct ApiMaps {
-    tables: KernelTables,
+    tables: ApiTables,
     conntrack: HashMap<MapData, Ct4Key, Ct4Entry>,
     /// The conntrack lifetimes the datapath and the GC expire entries by.
     ct_config: Array<MapData, CtConfig>,
@@ -83,7 +83,13 @@ impl ApiMaps {
     pub fn open(pin_dir: &Path) -> Result<Self, AgentError> {
         let maps = PinnedMaps::open(pin_dir)?;
         Ok(Self {
-            tables: KernelTables::open(pin_dir)?,
+            tables: ApiTables {
+                services: maps.services,
+                backends: maps.backends,
+                endpoints: maps.endpoints,
+                ipcache: maps.ipcache,
+                policy: KernelPolicy::open(pin_dir)?,
+            },
             conntrack: maps.conntrack,
             ct_config: maps.ct_config,
             ct_stats: maps.ct_stats,
@@ -91,6 +97,17 @@ impl ApiMaps {
             event_counters: maps.event_counters,
         })
     }
+}
+
+/// The realized maps the API reads: plain handles, not the realizer's tables, whose
+/// digest programs (an object loaded with a parse of the kernel's BTF) only the drift
+/// check runs.
+struct ApiTables {
+    services: HashMap<MapData, Lb4Key, Lb4Service>,
+    backends: HashMap<MapData, Lb4BackendKey, Lb4Backend>,
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    ipcache: LpmTrie<MapData, u32, IpcacheEntry>,
+    policy: KernelPolicy,
 }
 
 /// What `status` says of the conntrack garbage collector under pressure.
@@ -197,7 +214,7 @@ impl Views {
 /// One request's view: a published state and the API's map handles.
 pub struct View<'a> {
     state: Arc<Published>,
-    tables: &'a KernelTables,
+    tables: &'a ApiTables,
     conntrack: &'a HashMap<MapData, Ct4Key, Ct4Entry>,
     ct_config: &'a Array<MapData, CtConfig>,
     ct_stats: &'a PerCpuArray<MapData, CtStats>,
@@ -299,14 +316,12 @@ impl<'a> View<'a> {
         let services = self
             .tables
             .services
-            .map
             .iter()
             .collect::<Result<BTreeMap<_, _>, _>>()
             .map_err(map_err(names::SERVICES))?;
         let backends = self
             .tables
             .backends
-            .map
             .iter()
             .collect::<Result<BTreeMap<_, _>, _>>()
             .map_err(map_err(names::BACKENDS))?;

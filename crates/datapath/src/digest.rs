@@ -13,15 +13,16 @@
 //! digests to the same numbers.
 
 use std::{
-    os::fd::AsFd,
-    path::Path,
-    sync::{Mutex, PoisonError},
+    fs, io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    path::{Path, PathBuf},
+    sync::{Mutex, OnceLock, PoisonError},
 };
 
 use aya::{
-    Ebpf, EbpfLoader, Pod,
-    maps::{Array, MapData},
-    programs::{ProgramError, SocketFilter},
+    EbpfLoader, Pod,
+    maps::{Array, HashMap, IterableMap, MapData},
+    programs::{ProgramError, ProgramFd, SocketFilter},
 };
 use sluice_common::{Lb4Key, MAPS};
 
@@ -115,36 +116,77 @@ pub fn pod_entry_hash<K: Pod, V: Pod>(seed: u64, key: &K, value: &V) -> u64 {
     entry_hash(seed, pod_bytes(key), pod_bytes(value))
 }
 
-/// Which realized hash map a program of `bpf/digest.c` folds.
+/// A map's footprint: the kernel memory it reports (`memlock` in its fdinfo), which for a
+/// hash map allocated per entry (`BPF_F_NO_PREALLOC`) grows and shrinks with every entry
+/// added or removed (since Linux 6.6, see [`footprints_count_entries`]), for the cost of
+/// reading a few lines. It does not move when a value is rewritten in place.
+pub fn footprint(map: BorrowedFd<'_>) -> Result<u64, DatapathError> {
+    let path = PathBuf::from(format!("/proc/self/fdinfo/{}", map.as_raw_fd()));
+    let io_err = |source| DatapathError::Io {
+        call: "read",
+        path: path.clone(),
+        source,
+    };
+    let text = fs::read_to_string(&path).map_err(io_err)?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("memlock:"))
+        .and_then(|value| value.trim().parse().ok())
+        .ok_or_else(|| io_err(io::Error::from(io::ErrorKind::InvalidData)))
+}
+
+/// Whether this kernel's [`footprint`] of a hash map moves with its entry count (older
+/// kernels report the memory its capacity would take), found once per process on a map
+/// made for the purpose, large enough that the kernel counts its entries per CPU as it
+/// does the realized maps' (more than 32 per CPU), so it is that count the probe sees.
+pub fn footprints_count_entries() -> bool {
+    static COUNTS: OnceLock<bool> = OnceLock::new();
+    *COUNTS.get_or_init(|| {
+        // A kernel refusing the probe map is treated as one whose footprints say nothing:
+        // the maps are then digested, which is exact, only dearer.
+        let probe = || -> Result<bool, DatapathError> {
+            let mut map = HashMap::<MapData, u32, u32>::create(1 << 16, BPF_F_NO_PREALLOC)
+                .map_err(|source| DatapathError::MapCreate {
+                    map: "footprint probe",
+                    source,
+                })?;
+            let empty = footprint(map.map().fd().as_fd())?;
+            map.insert(0, 0, 0)
+                .map_err(|source| DatapathError::MapWrite {
+                    map: "footprint probe",
+                    source,
+                })?;
+            Ok(footprint(map.map().fd().as_fd())? != empty)
+        };
+        probe().unwrap_or(false)
+    })
+}
+
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Which realized hash map a program of `bpf/digest.c` folds (its index in [`PROGRAMS`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DigestedMap {
-    Services,
-    Backends,
-    Endpoints,
+    Services = 0,
+    Backends = 1,
+    Endpoints = 2,
 }
 
-impl DigestedMap {
-    fn program(self) -> &'static str {
-        match self {
-            DigestedMap::Services => "digest_services",
-            DigestedMap::Backends => "digest_backends",
-            DigestedMap::Endpoints => "digest_endpoints",
-        }
-    }
-}
-
-const DIGEST_MAGLEV: &str = "digest_maglev";
+/// The programs of `bpf/digest.c`: [`DigestedMap`]'s in its order, then the Maglev table's.
 const PROGRAMS: [&str; 4] = [
     "digest_services",
     "digest_backends",
     "digest_endpoints",
-    DIGEST_MAGLEV,
+    "digest_maglev",
 ];
+const DIGEST_MAGLEV: usize = 3;
+const BSS: &str = ".bss";
 
 /// The digest programs, loaded against the maps pinned in one directory with one seed.
 pub struct DigestPrograms {
-    /// One run at a time: every run leaves its fold in the object's one `.bss`.
-    ebpf: Mutex<Ebpf>,
+    /// The object's `.bss`; one run at a time, as every run leaves its fold there.
+    bss: Mutex<Array<MapData, Run>>,
+    /// Each of [`PROGRAMS`], found and checked once at load; its fd keeps it loaded.
+    programs: Vec<ProgramFd>,
 }
 
 impl DigestPrograms {
@@ -157,30 +199,44 @@ impl DigestPrograms {
             loader.map_pin_path(def.name, pin_dir.join(def.name));
         }
         let mut ebpf = loader.load(DIGEST_OBJECT).map_err(DatapathError::Load)?;
-        for name in PROGRAMS {
-            let program: &mut SocketFilter = ebpf
-                .program_mut(name)
-                .ok_or_else(|| DatapathError::MissingProgram(name.into()))?
-                .try_into()
-                .map_err(|source| DatapathError::ProgramType {
-                    program: name.into(),
-                    source,
-                })?;
-            program
-                .load()
-                .map_err(|source| DatapathError::ProgramLoad {
+        let programs = PROGRAMS
+            .iter()
+            .map(|&name| {
+                let program: &mut SocketFilter = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| DatapathError::MissingProgram(name.into()))?
+                    .try_into()
+                    .map_err(|source| DatapathError::ProgramType {
+                        program: name.into(),
+                        source,
+                    })?;
+                let load_err = |source| DatapathError::ProgramLoad {
                     program: name,
                     source,
-                })?;
-        }
+                };
+                program.load().map_err(load_err)?;
+                program
+                    .fd()
+                    .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+                    .map_err(load_err)
+            })
+            .collect::<Result<_, _>>()?;
+        let bss_err = |source| DatapathError::MapRead { map: BSS, source };
+        let bss = ebpf
+            .take_map(BSS)
+            .ok_or_else(|| DatapathError::MissingProgram(BSS.into()))?
+            .try_into()
+            .map_err(bss_err)?;
+        // The object itself goes: the programs and `.bss` are all a run needs.
         Ok(Self {
-            ebpf: Mutex::new(ebpf),
+            bss: Mutex::new(bss),
+            programs,
         })
     }
 
     /// The digest of one realized hash map, folded in the kernel.
     pub fn map(&self, map: DigestedMap) -> Result<Digest, DatapathError> {
-        Ok(self.run(map.program(), Run::default())?.fold)
+        Ok(self.run(map as usize, Run::default())?.fold)
     }
 
     /// The digest of the Maglev table installed for `frontend`, or None.
@@ -193,45 +249,23 @@ impl DigestPrograms {
         Ok((run.found != 0).then_some(run.fold))
     }
 
-    /// Writes `run` to the object's `.bss`, runs `program` once and reads `.bss` back.
-    fn run(&self, name: &'static str, run: Run) -> Result<Run, DatapathError> {
-        const BSS: &str = ".bss";
+    /// Writes `run` to the object's `.bss`, runs program `index` of [`PROGRAMS`] once and
+    /// reads `.bss` back.
+    fn run(&self, index: usize, run: Run) -> Result<Run, DatapathError> {
+        let name = PROGRAMS[index];
         // A run that panicked left nothing half written that the next one reads.
-        let mut ebpf = self.ebpf.lock().unwrap_or_else(PoisonError::into_inner);
-        let bss_err = |source| DatapathError::MapRead { map: BSS, source };
-        let mut bss: Array<&mut MapData, Run> = ebpf
-            .map_mut(BSS)
-            .ok_or_else(|| DatapathError::MissingProgram(BSS.into()))?
-            .try_into()
-            .map_err(bss_err)?;
+        let mut bss = self.bss.lock().unwrap_or_else(PoisonError::into_inner);
         bss.set(0, run, 0)
             .map_err(|source| DatapathError::MapWrite { map: BSS, source })?;
-        let program: &SocketFilter = ebpf
-            .program(name)
-            .ok_or_else(|| DatapathError::MissingProgram(name.into()))?
-            .try_into()
-            .map_err(|source| DatapathError::ProgramType {
-                program: name.into(),
-                source,
-            })?;
-        let fd = program
-            .fd()
-            .map_err(|source: ProgramError| DatapathError::ProgramLoad {
-                program: name,
-                source,
-            })?;
         // The smallest packet a socket filter's run takes: an Ethernet header, and a
         // little more; the result is in `.bss`, not the return value.
-        sys::prog_run(fd.as_fd(), &[0u8; 64])
+        sys::prog_run(self.programs[index].as_fd(), &[0u8; 64])
             .map_err(|source| DatapathError::Sys { map: name, source })?;
-        let bss: Array<&MapData, Run> = ebpf
-            .map(BSS)
-            .ok_or_else(|| DatapathError::MissingProgram(BSS.into()))?
-            .try_into()
-            .map_err(bss_err)?;
-        bss.get(&0, 0).map_err(bss_err)
+        bss.get(&0, 0)
+            .map_err(|source| DatapathError::MapRead { map: BSS, source })
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,10 @@ use aya::{
 };
 use sluice_common::{IpcacheEntry, IpcacheKey, Lb4SourceRange, Lb4SourceRangeKey};
 use sluice_datapath::{
-    digest::{Digest, DigestPrograms, DigestedMap, pod_entry_hash},
+    digest::{
+        Digest, DigestPrograms, DigestedMap, footprint, footprints_count_entries, pod_bytes,
+        pod_entry_hash,
+    },
     sys::{self, HashCursor},
 };
 
@@ -135,6 +138,26 @@ pub trait KernelMap<K, V> {
     /// Removes `key`; a key that is already absent is not an error.
     fn remove(&mut self, key: &K) -> Result<(), RealizerError>;
 
+    /// A number that moves whenever an entry is added to or removed from the map, read
+    /// for a cost that does not grow with it; None: the map has none.
+    fn footprint(&self) -> Result<Option<u64>, RealizerError> {
+        Ok(None)
+    }
+
+    /// Whether each key of `desired` holds its value in the map (entries of other keys
+    /// aside: with an unmoved [`Self::footprint`], there are none). This one reads the
+    /// whole map; a hash map looks up each key instead.
+    fn holds_each(&self, desired: &BTreeMap<K, V>) -> Result<bool, RealizerError>
+    where
+        K: Pod + Ord,
+        V: Pod,
+    {
+        let held = self.read_all()?;
+        Ok(desired
+            .iter()
+            .all(|(k, v)| held.get(k).is_some_and(|h| pod_bytes(h) == pod_bytes(v))))
+    }
+
     /// Folds about `max` more entries of the walk `walk` holds (None: a new walk) into the
     /// map's digest from `seed`; returns how many, and the digest once the walk reached the
     /// map's end (`walk` then holds what the next walk starts from, if anything). This one
@@ -206,6 +229,37 @@ where
 {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// The kernel memory the map reports: these maps allocate per entry, so it moves with
+    /// every entry added or removed (unless this kernel reports its capacity's instead).
+    fn footprint(&self) -> Result<Option<u64>, RealizerError> {
+        if !footprints_count_entries() {
+            return Ok(None);
+        }
+        footprint(self.map.map().fd().as_fd())
+            .map(Some)
+            .map_err(|e| RealizerError::Datapath(Box::new(e)))
+    }
+
+    /// One lookup per key: a cost of the keys, where a digest or a batched read walks
+    /// every bucket of the map's capacity (a million for the services map).
+    fn holds_each(&self, desired: &BTreeMap<K, V>) -> Result<bool, RealizerError> {
+        for (k, v) in desired {
+            match self.map.get(k, 0) {
+                Ok(held) if pod_bytes(&held) == pod_bytes(v) => {}
+                Ok(_) => return Ok(false),
+                Err(e) if is_not_found(&e) => return Ok(false),
+                Err(source) => {
+                    return Err(RealizerError::Map {
+                        op: "lookup",
+                        map: self.name,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn read_all(&self) -> Result<BTreeMap<K, V>, RealizerError> {
@@ -334,6 +388,11 @@ impl<K, V> MemoryMap<K, V> {
 impl<K: Ord + Clone, V: Clone> KernelMap<K, V> for MemoryMap<K, V> {
     fn name(&self) -> &'static str {
         self.name
+    }
+    /// The entry count: like a kernel hash map's footprint, it moves with every entry
+    /// added or removed and not with a value rewritten.
+    fn footprint(&self) -> Result<Option<u64>, RealizerError> {
+        Ok(Some(self.entries.len() as u64))
     }
     fn read_all(&self) -> Result<BTreeMap<K, V>, RealizerError> {
         Ok(self.entries.clone())

@@ -19,7 +19,10 @@
 //! Bound: an entry changed behind the realizer's back after the sweep passed it (or after
 //! its fold) is seen by the next sweep, so drift is found within two sweeps. A map of up to
 //! [`MIN_SLICE`] entries is checked whole on every tick; a larger one once per
-//! `ticks_per_sweep` ticks.
+//! `ticks_per_sweep` ticks. A small map's check at every tick costs what it holds, not
+//! what it could hold: once a digest found it right, a lookup of each desired key while
+//! its footprint (the kernel memory it reports, which moves with its entry count) has not
+//! moved (`Sweep::step`).
 //!
 //! The scan also keeps each realized map's entry count as last established (by a sweep
 //! that found the desired content, or by the pass that wrote it), so `status` reports the
@@ -88,6 +91,10 @@ fn slice(total: u64, ticks: usize, floor: usize) -> usize {
 struct Sweep<K> {
     walk: Option<Walk<K>>,
     want: Digest,
+    /// The map's footprint (`KernelMap::footprint`) when a digest last found it to hold
+    /// the desired content: while it has not moved, the map holds as many entries as
+    /// desired, and a lookup of each desired key is an exact check.
+    held_at: Option<u64>,
 }
 
 impl<K> Default for Sweep<K> {
@@ -95,6 +102,7 @@ impl<K> Default for Sweep<K> {
         Self {
             walk: None,
             want: Digest::default(),
+            held_at: None,
         }
     }
 }
@@ -111,6 +119,7 @@ impl<K: Pod + Ord + std::hash::Hash> Sweep<K> {
         if let Some(walk) = &mut self.walk {
             walk.follow(seed, before, now);
         }
+        self.held_at = None;
     }
 
     /// Drops a fold of some slices (after a full pass, whose writes no delta names); a
@@ -120,9 +129,47 @@ impl<K: Pod + Ord + std::hash::Hash> Sweep<K> {
         if self.walk.as_ref().is_some_and(Walk::partial) {
             self.walk = None;
         }
+        self.held_at = None;
     }
 
+    /// One tick's step. A small map (up to [`MIN_SLICE`] entries desired) is checked
+    /// whole: by a lookup of each desired key when its footprint has not moved since a
+    /// digest found it right (a forged value is seen by its lookup, a removed entry by
+    /// its lookup and an added one by the footprint), else by a digest, which may set
+    /// the footprint to go by from the next tick on. A digest of a hash map walks every
+    /// bucket of its capacity, so lookups of a few thousand keys cost far less.
     fn step<V: Pod, M: KernelMap<K, V>>(
+        &mut self,
+        map: &M,
+        desired: &BTreeMap<K, V>,
+        ticks: usize,
+        seed: u64,
+    ) -> Result<Step, RealizerError> {
+        if desired.len() > MIN_SLICE {
+            return self.digest(map, ticks, seed);
+        }
+        let Some(now) = map.footprint()? else {
+            return self.digest(map, ticks, seed);
+        };
+        if self.held_at == Some(now) {
+            let held = map.holds_each(desired)?;
+            if !held {
+                self.held_at = None;
+            }
+            return Ok((desired.len(), Some((held, self.want.entries))));
+        }
+        let step = self.digest(map, ticks, seed)?;
+        // The footprint stands for the count the digest found only if no entry came or
+        // went while it ran.
+        self.held_at = match step {
+            (_, Some((true, _))) if map.footprint()? == Some(now) => Some(now),
+            _ => None,
+        };
+        Ok(step)
+    }
+
+    /// Digests the next slice of the map (the whole map when small or folded in the kernel).
+    fn digest<V: Pod, M: KernelMap<K, V>>(
         &mut self,
         map: &M,
         ticks: usize,
@@ -386,23 +433,29 @@ impl<B: Backing> Tables<B> {
         let h = self.seed;
         scan.follow(desired, version, h);
         let ticks = scan.ticks_per_sweep;
+        let d = desired;
         let steps = [
             (
                 MapId::Services,
-                scan.services.step(&self.services, ticks, h)?,
+                scan.services.step(&self.services, d.services, ticks, h)?,
             ),
             (
                 MapId::Backends,
-                scan.backends.step(&self.backends, ticks, h)?,
+                scan.backends.step(&self.backends, d.backends, ticks, h)?,
             ),
             (
                 MapId::Endpoints,
-                scan.endpoints.step(&self.endpoints, ticks, h)?,
+                scan.endpoints
+                    .step(&self.endpoints, d.endpoints, ticks, h)?,
             ),
-            (MapId::Ipcache, scan.ipcache.step(&self.ipcache, ticks, h)?),
+            (
+                MapId::Ipcache,
+                scan.ipcache.step(&self.ipcache, d.ipcache, ticks, h)?,
+            ),
             (
                 MapId::SourceRanges,
-                scan.source_ranges.step(&self.source_ranges, ticks, h)?,
+                scan.source_ranges
+                    .step(&self.source_ranges, d.source_ranges, ticks, h)?,
             ),
             (MapId::Policy, scan.step_policy(&self.policy, desired)?),
             (MapId::Maglev, scan.step_maglev(&self.maglev, desired, h)?),

@@ -14,7 +14,7 @@ use sluice_datapath::{
     digest::{Digest, pod_entry_hash},
 };
 use sluice_realizer::{
-    Cursor, KernelMap, KernelTables, MIN_SLICE,
+    Cursor, Desired, KernelMap, KernelTables, MIN_SLICE, Scan,
     maglev::{MaglevTables, table_digest},
 };
 
@@ -212,15 +212,15 @@ fn the_kernels_digest_of_every_hash_map_and_maglev_table_is_user_spaces_and_sees
     );
 }
 
-/// CPU time (user and system) this thread has used.
+/// CPU time (user and system) this thread has used, to the nanosecond (getrusage counts
+/// in scheduler ticks on some kernels).
 fn thread_cpu() -> std::time::Duration {
-    // SAFETY: rusage is plain integers, for which all zeroes is a value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `usage` is a valid rusage for the call to fill.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
-    assert_eq!(rc, 0, "getrusage");
-    let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    // SAFETY: timespec is plain integers, for which all zeroes is a value.
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `t` is a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime");
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 /// One sweep's CPU time at 100,000 Services with 10 backends each (1,100,000 service
@@ -337,5 +337,125 @@ fn read_and_hash<K: Pod, V: Pod>(map: &impl KernelMap<K, V>, seed: u64) -> usize
             Some(next) => cursor = next,
             None => return read,
         }
+    }
+}
+
+/// A change made behind the realizer's back.
+type Drift = dyn Fn(&mut KernelTables);
+
+/// A small map is checked at every tick by a lookup of each desired key while its
+/// footprint (the kernel memory it reports) has not moved since a digest found it right:
+/// a forged, a removed and an added entry are each still found and repaired at the next
+/// tick. Prints one tick's CPU time both ways: a digest walks every bucket of the maps'
+/// capacities (a million for services and backends), the lookups only the keys.
+#[test]
+fn a_small_map_checked_by_its_keys_still_finds_every_drift_at_the_next_tick() {
+    let (_pins, _datapath, mut tables) = load();
+    assert!(
+        sluice_datapath::digest::footprints_count_entries(),
+        "this kernel's map footprints follow their entry counts (Linux 6.6 and later)"
+    );
+    let services: BTreeMap<_, _> = (0..100u32)
+        .flat_map(|i| {
+            [
+                (
+                    Lb4Key::new(vip(i), 80, IPPROTO_TCP, 0),
+                    Lb4Service::frontend(1, SVC_FLAG_CLUSTER_IP),
+                ),
+                (
+                    Lb4Key::new(vip(i), 80, IPPROTO_TCP, 1),
+                    Lb4Service::slot(vip(10_000 + i), 8080),
+                ),
+            ]
+        })
+        .collect();
+    let active = Lb4Backend {
+        state: BACKEND_STATE_ACTIVE,
+        pad: [0; 3],
+    };
+    let backends: BTreeMap<_, _> = (0..100u32)
+        .map(|i| {
+            (
+                Lb4BackendKey::new(vip(10_000 + i), 8080, IPPROTO_TCP),
+                active,
+            )
+        })
+        .collect();
+    let (endpoints, ipcache, source_ranges, policies, maglev) = (
+        BTreeMap::new(),
+        BTreeMap::new(),
+        BTreeMap::new(),
+        BTreeMap::new(),
+        BTreeMap::new(),
+    );
+    let desired = Desired {
+        services: &services,
+        backends: &backends,
+        endpoints: &endpoints,
+        ipcache: &ipcache,
+        source_ranges: &source_ranges,
+        policies: &policies,
+        policy_capacity: 1024,
+        maglev: &maglev,
+    };
+    tables.realize(desired).unwrap();
+    let mut scan = Scan::new(12);
+    let tick = |tables: &mut KernelTables, scan: &mut Scan| {
+        let started = thread_cpu();
+        let tick = tables.check(scan, desired, 1).unwrap();
+        (tick, thread_cpu() - started)
+    };
+    let (mut digested, mut looked_up) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        scan.restart();
+        let (first, cpu) = tick(&mut tables, &mut scan);
+        assert!(first.drifted.is_empty(), "{first:?}");
+        digested.push(cpu);
+        let (next, cpu) = tick(&mut tables, &mut scan);
+        assert!(next.drifted.is_empty(), "{next:?}");
+        looked_up.push(cpu);
+    }
+    eprintln!(
+        "{} service and {} backend entries: one tick's check by digests {digested:?}, by \
+         lookups {looked_up:?} (thread CPU time)",
+        services.len(),
+        backends.len()
+    );
+
+    let (&key, &value) = services.iter().nth(7).unwrap();
+    let extra = Lb4Key::new(vip(5_000), 80, IPPROTO_TCP, 0);
+    let drifts: [(&str, Box<Drift>); 3] = [
+        (
+            "forged",
+            Box::new(move |t: &mut KernelTables| {
+                t.services
+                    .upsert(&key, &Lb4Service::slot(vip(9_999), 1))
+                    .unwrap()
+            }),
+        ),
+        (
+            "removed",
+            Box::new(move |t: &mut KernelTables| t.services.remove(&key).unwrap()),
+        ),
+        (
+            "added",
+            Box::new(move |t: &mut KernelTables| t.services.upsert(&extra, &value).unwrap()),
+        ),
+    ];
+    for (what, drift) in drifts {
+        // A clean tick first: it goes by the keys, as an idle agent's ticks do.
+        let (clean, _) = tick(&mut tables, &mut scan);
+        assert!(clean.drifted.is_empty(), "{what}: {clean:?}");
+        let (clean, _) = tick(&mut tables, &mut scan);
+        assert!(clean.drifted.is_empty(), "{what}: {clean:?}");
+        drift(&mut tables);
+        let (found, _) = tick(&mut tables, &mut scan);
+        assert_eq!(found.drifted, vec![MapId::Services], "{what}");
+        assert_eq!(found.repaired.len(), 1, "{what}: {:?}", found.repaired);
+        assert_eq!(
+            tables.services.read_all().unwrap(),
+            services,
+            "{what}: repaired"
+        );
     }
 }

@@ -200,7 +200,7 @@ impl View<'_> {
         } else {
             ENDPOINT_F_EGRESS_ENFORCED
         };
-        let flags = match self.tables.endpoints.map.get(&ifindex, 0) {
+        let flags = match self.tables.endpoints.get(&ifindex, 0) {
             Ok(info) => info.flags,
             Err(aya::maps::MapError::KeyNotFound) => 0,
             Err(e) => return Err(map_err(names::ENDPOINTS)(e)),
@@ -231,7 +231,7 @@ impl View<'_> {
     /// The identity this node's ipcache gives `address` (the world when nothing holds it).
     fn ipcache_identity(&self, address: Ipv4Addr) -> Result<u32, AgentError> {
         let key = Key::new(32, IpcacheKey::new(address, 32).address);
-        match self.tables.ipcache.map.get(&key, 0) {
+        match self.tables.ipcache.get(&key, 0) {
             Ok(entry) => Ok(entry.identity),
             Err(aya::maps::MapError::KeyNotFound) => Ok(IDENTITY_WORLD),
             Err(e) => Err(map_err(names::IPCACHE)(e)),
