@@ -157,6 +157,35 @@ static __always_inline int tunnel_encap(struct __sk_buff *skb, const struct node
 	return bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0);
 }
 
+/* Sends @skb, a pod's packet from a pod with @identity, through the tunnel to the node
+ * @node (network order): wrapped in VXLAN by the datapath (tunnel_encap) and redirected
+ * to the underlay's neighbour @node, or given its key for the tunnel device. Returns 0
+ * with the redirect set (the program returns TC_ACT_REDIRECT), or < 0 when the packet
+ * could not be written. One copy, out of line, for the slow path (forward_to_node) and
+ * the flow cache. */
+static __noinline int tunnel_send(struct __sk_buff *skb, const struct node_config *cfg,
+				  __be32 node, __u32 identity)
+{
+	struct bpf_redir_neigh next_hop = { .nh_family = AF_INET, .ipv4_nh = node };
+	struct bpf_tunnel_key key = {
+		.tunnel_id = identity & MARK_IDENTITY_MASK,
+		.remote_ipv4 = bpf_ntohl(node),
+		.tunnel_ttl = TUNNEL_TTL,
+	};
+
+	if (!cfg)
+		return -1;
+	if (tunnel_in_datapath(cfg)) {
+		if (tunnel_encap(skb, cfg, node, identity) < 0)
+			return -1;
+		return bpf_redirect_neigh(cfg->underlay_ifindex, &next_hop, sizeof(next_hop), 0) ==
+		       TC_ACT_REDIRECT ? 0 : -1;
+	}
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+		return -1;
+	return bpf_redirect(cfg->tunnel_ifindex, 0) == TC_ACT_REDIRECT ? 0 : -1;
+}
+
 static __always_inline bool ip_dont_fragment(struct __sk_buff *skb)
 {
 	__be16 frag_off = 0;
@@ -189,29 +218,20 @@ static __always_inline int forward_to_node(struct __sk_buff *skb, const struct p
 		return bpf_redirect_peer(skb->ifindex, 0);
 	}
 
-	if (tunnel_in_datapath(cfg)) {
-		if (tunnel_encap(skb, cfg, node, identity) < 0)
-			return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
-		ifindex = cfg->underlay_ifindex;
-	} else if (tunnel) {
-		struct bpf_tunnel_key key = {
-			.tunnel_id = identity & MARK_IDENTITY_MASK,
-			.remote_ipv4 = bpf_ntohl(node),
-			.tunnel_ttl = TUNNEL_TTL,
-		};
-
-		if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+	/* For the flow cache, which sends the flow's next packets the same way
+	 * (tunnel_send); the MTU it checks them against is ifindex's. */
+	flow_note_remote(ifindex, node, tunnel ? FLOW4_TUNNEL | (identity & MARK_IDENTITY_MASK) : 0,
+			 tunnel_in_datapath(cfg));
+	if (tunnel) {
+		if (tunnel_send(skb, cfg, node, identity) < 0)
 			return verdict_drop(skb, pkt, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
 		metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
-		return bpf_redirect(ifindex, 0);
+		return TC_ACT_REDIRECT;
 	}
 
 	struct bpf_redir_neigh next_hop = { .nh_family = AF_INET, .ipv4_nh = node };
 
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_EGRESS);
-	/* Native routing only: the cache does not encapsulate. */
-	if (!tunnel)
-		flow_note_remote(ifindex, node);
 	return bpf_redirect_neigh(ifindex, &next_hop, sizeof(next_hop), 0);
 }
 
