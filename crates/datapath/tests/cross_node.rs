@@ -80,7 +80,7 @@ impl Node {
 
     /// from_container's cumulative run time (ns) and run count: counted while run-time
     /// statistics are on.
-    fn from_container_runs(&self) -> (u64, u64) {
+    fn program_runs(&self) -> (u64, u64) {
         let info = aya::programs::loaded_programs()
             .filter_map(Result::ok)
             .find(|info| info.id() == self.from_container)
@@ -403,13 +403,13 @@ fn cached_transactions(nodes: &TwoNodes, to: SocketAddrV4, count: u64) -> [u64; 
     let before = [hits(&nodes.a), hits(&nodes.b)];
     // Run-time statistics of every BPF program stay on while this fd is held.
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
-    let runs_before = [&nodes.a, &nodes.b].map(Node::from_container_runs);
+    let runs_before = [&nodes.a, &nodes.b].map(Node::program_runs);
     let mut byte = [0u8; 1];
     for _ in 0..count {
         client.write_all(b"x").unwrap();
         client.read_exact(&mut byte).unwrap();
     }
-    let runs_after = [&nodes.a, &nodes.b].map(Node::from_container_runs);
+    let runs_after = [&nodes.a, &nodes.b].map(Node::program_runs);
     drop(stats);
     let from_cache = [hits(&nodes.a) - before[0], hits(&nodes.b) - before[1]];
     let ns_per_run = [0, 1].map(|i| {
