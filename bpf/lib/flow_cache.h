@@ -154,7 +154,7 @@ static __always_inline struct flow4_stats *flow_stats(void)
  * judges without BPF_MTU_CHK_SEGS: a GSO packet is segmented on the way. The stack
  * answers a larger one with ICMP. A changed MTU holds from the next decision on. A GSO
  * packet to another node is left to the slow path, which checks its segments against
- * the underlay's MTU (forward_to_node). */
+ * the MTU of the device it goes out of (forward_to_node). */
 static __always_inline bool flow_fits(struct __sk_buff *skb, const struct flow4_entry *entry)
 {
 	return skb->len <= (__u32)entry->mtu + ETH_HLEN ||
