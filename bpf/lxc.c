@@ -253,11 +253,11 @@ int from_container(struct __sk_buff *skb)
 	 * checks the slow path once. */
 	verdict = flow_forward(skb, note);
 	if (verdict == FLOW_TO_NODE)
-		return flow_redirect_node(note);
+		return note->tunnel ? flow_tunnel_node(skb, note) : flow_redirect_node(note);
 	if (verdict >= 0)
 		return verdict;
 	verdict = container_egress(skb, note, &pkt, &tracked);
-	/* Native routing sent it to another node: the cache keeps that decision too. */
+	/* Sent to another node: the cache keeps that decision too. */
 	if (verdict == TC_ACT_REDIRECT && note->next_hop)
 		flow_record(skb, note);
 	if (verdict != TC_ACT_OK)

@@ -277,10 +277,14 @@ struct flow4_entry {
 	__u16 mtu;         /* the destination veth's MTU when decided */
 	__u16 l4_csum_delta; /* what the rewrite adds to the field, as l4_csum says */
 	__u16 pseudo_base;   /* the key's addresses and protocol summed as in the pseudo-header */
-	__be32 next_hop;     /* the node native routing sends it to through ifindex, the
-			      * underlay device (no MACs, no TTL written); 0 for a local pod */
-	__u32 pad;
+	__be32 next_hop;     /* the node it is sent to through ifindex (no MACs, no TTL
+			      * written); 0 for a local pod */
+	__u32 tunnel;        /* FLOW4_TUNNEL | the VNI (the sender's identity) when it is sent
+			      * through the tunnel, ifindex then the tunnel device; else 0 */
 };
+
+/* flow4_entry.tunnel's flag: a VNI has 24 bits, and 0 may be one. */
+#define FLOW4_TUNNEL 0x80000000U
 
 /* One slot of the flow cache, an array indexed by a hash of the key (flow_cache.h): the
  * decision and the key it is for. @seq is odd while the slow path writes the slot, and

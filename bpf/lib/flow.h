@@ -66,12 +66,14 @@ static __always_inline __u32 flow_generation_now(void)
 	return generation ? *generation : 0;
 }
 
-/* Notes for the flow cache (flow_record) that native routing sent the packet to the node
- * @node through the underlay device @ifindex. Through the per-CPU note rather than a
- * parameter: the programs that share forward_to_node with from_container leave a note
+/* Notes for the flow cache (flow_record) that forward_to_node sent the packet to the node
+ * @node through the device @ifindex, with @tunnel as flow4_entry.tunnel, @encapsulated
+ * when the datapath wrote the VXLAN headers itself. Through the per-CPU note rather than
+ * a parameter: the programs that share forward_to_node with from_container leave a note
  * that is never recorded, as only from_container records, and it starts its note over
  * for every packet it decides. */
-static __always_inline void flow_note_remote(__u32 ifindex, __be32 node)
+static __always_inline void flow_note_remote(__u32 ifindex, __be32 node, __u32 tunnel,
+					     bool encapsulated)
 {
 	__u32 zero = 0;
 	struct flow_note *note = bpf_map_lookup_elem(&flow4_notes, &zero);
@@ -79,6 +81,8 @@ static __always_inline void flow_note_remote(__u32 ifindex, __be32 node)
 	if (note) {
 		note->ifindex = ifindex;
 		note->next_hop = node;
+		note->tunnel = tunnel;
+		note->encapsulated = encapsulated;
 	}
 }
 

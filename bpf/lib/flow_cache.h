@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * The flow cache: a packet of an established connection between two pods of this node,
- * or from a pod of this node to one that native routing reaches on another node, costs
- * one lookup. from_container looks the packet's tuple up in `flow4` (an array
+ * or from a pod of this node to one on another node (native routing or the tunnel),
+ * costs one lookup. from_container looks the packet's tuple up in `flow4` (an array
  * indexed by a hash of it: flow_lookup); a decision that still holds (flow_usable) is
  * applied as the slow path would apply it: the rewrite to the tuple the packet entered
  * the destination pod with (service translation and reverse NAT alike), the MACs and TTL
@@ -154,7 +154,7 @@ static __always_inline struct flow4_stats *flow_stats(void)
  * judges without BPF_MTU_CHK_SEGS: a GSO packet is segmented on the way. The stack
  * answers a larger one with ICMP. A changed MTU holds from the next decision on. A GSO
  * packet to another node is left to the slow path, which checks its segments against
- * the underlay's MTU (forward_to_node). */
+ * the MTU of the device it goes out of (forward_to_node). */
 static __always_inline bool flow_fits(struct __sk_buff *skb, const struct flow4_entry *entry)
 {
 	return skb->len <= (__u32)entry->mtu + ETH_HLEN ||
@@ -269,9 +269,9 @@ static __always_inline bool flow_rewrite(struct __sk_buff *skb, const struct flo
  * redirects it (flow_redirect_node) to where the note says. */
 #define FLOW_TO_NODE (-2)
 
-/* Sends the packet to the node @note names, as forward_to_node does. Out of line and
- * called by from_container itself: the next hop's room on the stack would not fit
- * beside flow_forward's. */
+/* Sends the packet to the node @note names under native routing, as forward_to_node
+ * does. Out of line and called by from_container itself: the next hop's room on the
+ * stack would not fit beside flow_forward's. */
 static __noinline int flow_redirect_node(const struct flow_note *note)
 {
 	struct bpf_redir_neigh next_hop = { .nh_family = AF_INET };
@@ -280,6 +280,19 @@ static __noinline int flow_redirect_node(const struct flow_note *note)
 		return TC_ACT_SHOT;
 	next_hop.ipv4_nh = note->next_hop;
 	return bpf_redirect_neigh(note->ifindex, &next_hop, sizeof(next_hop), 0);
+}
+
+/* Sends @skb through the tunnel to the node @note names, as forward_to_node does.
+ * Called by from_container itself, as flow_redirect_node: tunnel_send's room on the
+ * stack fits beside no other subprogram's. */
+static __always_inline int flow_tunnel_node(struct __sk_buff *skb, const struct flow_note *note)
+{
+	if (tunnel_send(skb, node_config_get(), note->next_hop, note->tunnel) == 0)
+		return TC_ACT_REDIRECT;
+	/* Counted, with no event: the cached path parsed no tuple for one. Its egress was
+	 * counted forwarded already, where the slow path's would not be. */
+	metrics_count(skb, DROP_WRITE_ERROR, METRIC_DIR_EGRESS);
+	return TC_ACT_SHOT;
 }
 
 /* Forwards @skb from the cache when a decision holds for it. Returns the verdict,
@@ -306,9 +319,11 @@ __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 		note->tcp_flags = tcp_flags;
 		note->source_flags = 0;
 		note->dest_flags = 0;
+		note->encapsulated = 0;
 		note->ifindex = 0;
 		__builtin_memset(&note->macs, 0, sizeof(note->macs));
 		note->next_hop = 0;
+		note->tunnel = 0;
 		return -1;
 	}
 	stats = flow_stats();
@@ -320,6 +335,7 @@ __noinline int flow_forward(struct __sk_buff *skb, struct flow_note *note)
 	if (entry->next_hop) {
 		note->ifindex = entry->ifindex;
 		note->next_hop = entry->next_hop;
+		note->tunnel = entry->tunnel;
 		return FLOW_TO_NODE;
 	}
 	metrics_count(skb, REASON_FORWARDED, METRIC_DIR_INGRESS);
@@ -368,14 +384,14 @@ static __always_inline bool flow_settled(__u8 flags)
  * the slow path writes with, moves a complete checksum and leaves a pseudo-header sum.
  * Returns 0, or -1 when the packet cannot be read or written. */
 static __always_inline int flow_learn_csum(struct __sk_buff *skb, const struct flow_note *note,
-					   __u8 *kind, __u16 *delta)
+					   __u32 l3, __u8 *kind, __u16 *delta)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + ETH_HLEN;
+	struct iphdr *ip = data + l3;
 	struct l4_ports *ports = (void *)(ip + 1);
 	bool udp = note->key.proto == IPPROTO_UDP;
-	__u32 off = ETH_HLEN + sizeof(struct iphdr) +
+	__u32 off = l3 + sizeof(struct iphdr) +
 		    (udp ? __builtin_offsetof(struct udphdr, check) :
 			   __builtin_offsetof(struct tcphdr, check));
 	__u64 flags = udp ? BPF_F_MARK_MANGLED_0 : 0;
@@ -413,39 +429,49 @@ static __always_inline int flow_learn_csum(struct __sk_buff *skb, const struct f
 }
 
 /* Records the slow path's decision on @skb, which left its pod as @note's key and was
- * delivered as @note says: the tuple it now carries, the veth and MACs. Returns whether
- * it did. */
+ * delivered as @note says: the tuple it now carries, the veth and MACs, the node and
+ * tunnel. Returns whether it did. */
 __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *ip = data + ETH_HLEN;
-	struct l4_ports *ports = (void *)(ip + 1);
 	struct flow4_stats *stats;
 	struct flow4_entry entry;
 	__u16 l4_csum_delta = 0;
+	struct l4_ports *ports;
 	__u8 l4_csum = 0;
+	struct iphdr *ip;
 	__u32 mtu = 0;
+	/* The pod's packet, inside the outer headers when the datapath encapsulated it. */
+	__u32 l3;
 
+	if (!note)
+		return false;
+	l3 = note->encapsulated ? ETH_HLEN + TUNNEL_OVERHEAD : ETH_HLEN;
+	ip = data + l3;
+	ports = (void *)(ip + 1);
 	/* A packet to another node has no destination entry on this node. */
-	if (!note || !note->key.ifindex || !flow_settled(note->source_flags) ||
+	if (!note->key.ifindex || !flow_settled(note->source_flags) ||
 	    (!note->next_hop && !flow_settled(note->dest_flags)) || !note->ifindex ||
 	    (void *)(ports + 1) > data_end)
 		return false;
 	/* The cached packets compare their length with it (flow_fits): the helper is a
-	 * device lookup by index, once per decision instead of once per packet. */
+	 * device lookup by index, once per decision instead of once per packet. An
+	 * encapsulated packet exceeds the tunnel's MTU by the headers: the helper says so,
+	 * and tells the MTU all the same. */
 	if (bpf_check_mtu(skb, note->ifindex, &mtu, 0, 0) < 0 || mtu > 0xffff)
 		return false;
 	/* A packet the kernel received with a complete checksum (a NIC's, bridged into the
 	 * pod: forwarding and local sockets never send one) is left to the slow path:
 	 * flow_rewrite does not keep skb->csum, and the receiver would take the difference
 	 * for a checksum fault. Its flow's packets all are. */
-	if (bpf_csum_update(skb, 0) >= 0 || flow_learn_csum(skb, note, &l4_csum, &l4_csum_delta) < 0)
+	if (bpf_csum_update(skb, 0) >= 0 ||
+	    flow_learn_csum(skb, note, l3, &l4_csum, &l4_csum_delta) < 0)
 		return false;
 	/* The helper may have moved the data. */
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	ip = data + ETH_HLEN;
+	ip = data + l3;
 	ports = (void *)(ip + 1);
 	if ((void *)(ports + 1) > data_end)
 		return false;
@@ -463,6 +489,7 @@ __noinline int flow_record(struct __sk_buff *skb, const struct flow_note *note)
 		.l4_csum_delta = l4_csum_delta,
 		.pseudo_base = flow_pseudo_base(&note->key),
 		.next_hop = note->next_hop,
+		.tunnel = note->tunnel,
 	};
 	__builtin_memcpy(entry.dmac, note->macs.dest, ETH_ALEN);
 	__builtin_memcpy(entry.smac, note->macs.source, ETH_ALEN);

@@ -229,10 +229,13 @@ struct flow_note {
 	 * any: kept raw, so noting them forks no verifier state; flow_record judges them. */
 	__u8 source_flags;
 	__u8 dest_flags;
+	__u8 encapsulated;   /* the datapath wrapped it in VXLAN (tunnel_encap) already */
 	__u32 ifindex;       /* the destination pod's veth, once host routing delivered it,
-			      * or the underlay device native routing sent it to */
+			      * or the device forward_to_node sent it to (the tunnel device
+			      * even when the datapath encapsulates) */
 	struct eth_addrs macs;
-	__be32 next_hop;     /* the node native routing sent it to (flow_note_remote), or 0 */
+	__be32 next_hop;     /* the node forward_to_node sent it to (flow_note_remote), or 0 */
+	__u32 tunnel;        /* as flow4_entry.tunnel */
 };
 
 struct {

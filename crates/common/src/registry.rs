@@ -120,10 +120,10 @@ impl MapId {
 pub const EVENT_BUCKET_SIZE: usize = 2 * size_of::<u64>();
 
 /// `struct flow_note` in bpf/lib/maps.h: one packet's tuple and what the slow path learnt
-/// about it (the `Flow4Key`, four flag bytes, an ifindex, two MACs and a next hop). Only
-/// the datapath reads it, so it has no Rust mirror.
+/// about it (the `Flow4Key`, four flag bytes, an ifindex, two MACs, a next hop and a
+/// tunnel). Only the datapath reads it, so it has no Rust mirror.
 pub const FLOW_NOTE_SIZE: usize =
-    size_of::<crate::Flow4Key>() + 4 + size_of::<u32>() + 12 + size_of::<u32>();
+    size_of::<crate::Flow4Key>() + 4 + size_of::<u32>() + 12 + 2 * size_of::<u32>();
 
 macro_rules! map {
     ($id:ident, $name:literal, $kind:ident, $key:ty => $value:ty, $max:expr,

@@ -1,5 +1,5 @@
-//! The flow cache (`bpf/lib/flow.h`): established flows between two pods of the node,
-//! decided once by the slow path. Written by the datapath; user space bumps the
+//! The flow cache (`bpf/lib/flow.h`): established flows from a pod of the node, decided
+//! once by the slow path. Written by the datapath; user space bumps the
 //! generation and reads the counters.
 
 /// `struct flow4_key`: a packet's tuple as it leaves the source pod, and that pod's veth.
@@ -39,10 +39,11 @@ pub struct Flow4Entry {
     pub l4_csum_delta: u16,
     /// The key's addresses and protocol summed as in the L4 pseudo-header.
     pub pseudo_base: u16,
-    /// The node native routing sends the flow to through `ifindex`, the underlay device;
-    /// 0 for a pod of this node.
+    /// The node the flow is sent to through `ifindex`; 0 for a pod of this node.
     pub next_hop: u32,
-    pub pad: u32,
+    /// `FLOW4_TUNNEL` with the VNI (the sender's identity) when the flow goes through
+    /// the tunnel, `ifindex` then the tunnel device; 0 otherwise.
+    pub tunnel: u32,
 }
 
 /// `struct flow4_slot`: one slot of the flow cache (`flow4`, an array indexed by a hash

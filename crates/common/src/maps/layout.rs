@@ -124,7 +124,7 @@ pub const LAYOUTS: &[StructLayout] = &[
             l4_csum_delta,
             pseudo_base,
             next_hop,
-            pad
+            tunnel
         ]
     ),
     layout!("flow4_slot", Flow4Slot, [seq, key, entry]),
