@@ -29,17 +29,20 @@ pub mod idle;
 pub mod kproxy;
 pub mod load;
 pub mod netns;
+pub mod pod_client;
 pub mod report;
 pub mod sluice;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use kproxy::ServiceSpec;
 use load::Rate;
 use netns::NetNs;
+use pod_client::Client;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -59,6 +62,30 @@ pub enum BenchError {
     Failed(String),
     #[error(transparent)]
     Netns(#[from] sluice_netns::NetNsError),
+}
+
+/// The binary `name`: `$var`, else next to this executable (or one directory up, where
+/// test binaries live in `deps/`); `package` is what to build when it is missing.
+pub fn sibling_binary(var: &str, name: &str, package: &str) -> Result<PathBuf, BenchError> {
+    if let Some(path) = std::env::var_os(var) {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe().map_err(|source| BenchError::Io {
+        call: "current_exe",
+        what: name.into(),
+        source,
+    })?;
+    let dir = exe.parent();
+    [dir, dir.and_then(Path::parent)]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            BenchError::Failed(format!(
+                "{name} not found: build it (cargo build -p {package}) or set {var}"
+            ))
+        })
 }
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
@@ -210,6 +237,12 @@ pub struct Config {
     pub external_services: Vec<usize>,
     /// Measure sluice's external variants in tunnel mode too, besides native.
     pub external_tunnel: bool,
+    /// The same-node client is a pod's process (`sluice-bench-client` in a cgroup of its
+    /// own, [`pod_client`]) for every variant, and sluice attaches the pods' socket
+    /// programs to that cgroup, as deployed; sluice's per-packet ClusterIP path is then
+    /// measured as its own row from the benchmark's threads, which no socket program
+    /// sees. Off: every client is the benchmark's threads.
+    pub pod_client: bool,
 }
 
 impl Config {
@@ -237,6 +270,7 @@ impl Config {
             cross_node: true,
             external_services: vec![1, 1_000, 10_000],
             external_tunnel: true,
+            pod_client: true,
         }
     }
 
@@ -295,6 +329,23 @@ pub struct Sample {
     pub bpf_rr: Option<BpfCost>,
     pub bpf_crr: Option<BpfCost>,
     pub proof: Proof,
+    /// sluice: conntrack entries created per connection of the CRR phase.
+    pub ct_per_connection: Option<f64>,
+    /// sluice with a pod client: the per-packet ClusterIP path, from clients no socket
+    /// program sees.
+    pub per_packet: Option<PerPacket>,
+}
+
+/// sluice's per-packet ClusterIP path (NAT and a service conntrack entry per connection)
+/// measured beside the socket-LB one, on the same namespaces.
+#[derive(Clone, Copy, Debug)]
+pub struct PerPacket {
+    pub rr: Rate,
+    pub crr: Rate,
+    pub bpf_crr: BpfCost,
+    /// Conntrack entries created per connection of the CRR phase: an egress, an ingress
+    /// and a service entry here, where the socket-LB path needs no service entry.
+    pub ct_per_connection: f64,
 }
 
 /// A (variant, N) that could not be measured, and why.
@@ -398,15 +449,44 @@ pub fn measure(
         Dataplane::Sluice(s) => s.run_stats().map(Some),
         _ => Ok(None),
     };
+    let pod = config
+        .pod_client
+        .then(pod_client::PodClient::new)
+        .transpose()?;
+    if let (Some(pod), Dataplane::Sluice(s)) = (&pod, &mut dataplane) {
+        s.attach_pods(pod.cgroup())?;
+    }
+    let client = match &pod {
+        Some(pod) => Client::Pod(pod, &topo.client),
+        None => Client::Threads(&topo.client),
+    };
+    let created = |dp: &Dataplane| match dp {
+        Dataplane::Sluice(s) => s.conntrack_created().map(Some),
+        _ => Ok(None),
+    };
     let before = stats(&mut dataplane)?;
-    let rr = load::request_response(&topo.client, target, config.durations.rr)?;
+    let rr = client.request_response(target, config.durations.rr)?;
     let mid = stats(&mut dataplane)?;
-    let crr = load::connect_request_close(&topo.client, target, config.durations.crr, None)?;
+    let ct_before = created(&dataplane)?;
+    let crr = client.connect_request_close(target, config.durations.crr)?;
     let after = stats(&mut dataplane)?;
-    let stream_gbps = load::stream(&topo.client, target, config.durations.stream)?;
+    let ct_after = created(&dataplane)?;
+    let stream_gbps = client.stream(target, config.durations.stream)?;
     let (bpf_rr, bpf_crr) = match (before, mid, after) {
         (Some(b), Some(m), Some(a)) => (Some(bpf_delta(b, m)), Some(bpf_delta(m, a))),
         _ => (None, None),
+    };
+    let ct_per_connection = ct_before
+        .zip(ct_after)
+        .map(|(b, a)| per_connection(a.saturating_sub(b), &crr, config.durations.crr));
+    let per_packet = match (&pod, &mut dataplane) {
+        (Some(_), Dataplane::Sluice(s)) => Some(measure_per_packet(
+            s,
+            &topo.client,
+            target,
+            &config.durations,
+        )?),
+        _ => None,
     };
 
     let proof = match &dataplane {
@@ -492,6 +572,38 @@ pub fn measure(
         bpf_rr,
         bpf_crr,
         proof,
+        ct_per_connection,
+        per_packet,
+    })
+}
+
+/// `count` per connection of a CRR phase of `duration` that achieved `crr`.
+fn per_connection(count: u64, crr: &Rate, duration: Duration) -> f64 {
+    let connections = crr.per_sec * duration.as_secs_f64();
+    if connections > 0.0 {
+        count as f64 / connections
+    } else {
+        0.0
+    }
+}
+
+/// sluice's per-packet ClusterIP path, from the benchmark's threads in the client's
+/// namespace (outside the pod's cgroup, so no socket program translates their connect()).
+fn measure_per_packet(
+    s: &mut sluice::Sluice,
+    client: &NetNs,
+    target: SocketAddrV4,
+    durations: &Durations,
+) -> Result<PerPacket, BenchError> {
+    let rr = load::request_response(client, target, durations.rr)?;
+    let (before, ct_before) = (s.run_stats()?, s.conntrack_created()?);
+    let crr = load::connect_request_close(client, target, durations.crr, None)?;
+    let (after, ct_after) = (s.run_stats()?, s.conntrack_created()?);
+    Ok(PerPacket {
+        rr,
+        bpf_crr: bpf_delta(before, after),
+        ct_per_connection: per_connection(ct_after.saturating_sub(ct_before), &crr, durations.crr),
+        crr,
     })
 }
 
