@@ -73,6 +73,18 @@ static __always_inline __u16 csum32_fold(__u32 sum)
 	return (__u16)((sum & 0xffff) + (sum >> 16));
 }
 
+/* Whether the L4 checksum's share of rewriting @from to @to failed (an address, with
+ * BPF_F_PSEUDO_HDR in @flags as it sits in the pseudo-header, or a port). Common to the
+ * helper and the direct rewrites: always through the kernel's helper, which alone knows
+ * whether the field holds a complete checksum or an offload's pseudo-header sum. */
+static __always_inline bool nat_l4_csum_failed(struct __sk_buff *skb, const struct pkt4 *pkt,
+					       __be32 from, __be32 to, __u64 flags)
+{
+	return l4_csum_present(pkt) &&
+	       bpf_l4_csum_replace(skb, l4_csum_off(pkt), from, to,
+				   flags | l4_csum_flags(pkt)) < 0;
+}
+
 /* Rewrites the IPv4 address at @off (IP_SADDR_OFF or IP_DADDR_OFF). The address is
  * part of the L4 pseudo-header, hence BPF_F_PSEUDO_HDR on the L4 update. */
 static __always_inline int nat_rewrite_addr(struct __sk_buff *skb, const struct pkt4 *pkt,
@@ -80,9 +92,8 @@ static __always_inline int nat_rewrite_addr(struct __sk_buff *skb, const struct 
 {
 	if (old_addr == new_addr)
 		return 0;
-	if (l4_csum_present(pkt) &&
-	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_addr, new_addr,
-				BPF_F_PSEUDO_HDR | sizeof(new_addr) | l4_csum_flags(pkt)) < 0)
+	if (nat_l4_csum_failed(skb, pkt, old_addr, new_addr,
+			       BPF_F_PSEUDO_HDR | sizeof(new_addr)))
 		return -1;
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) < 0)
 		return -1;
@@ -93,26 +104,23 @@ static __always_inline int nat_rewrite_addr(struct __sk_buff *skb, const struct 
 static __always_inline int nat_rewrite_port_csum(struct __sk_buff *skb, const struct pkt4 *pkt,
 						 __u32 off, __be16 old_port, __be16 new_port)
 {
-	if (l4_csum_present(pkt) &&
-	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_port, new_port,
-				sizeof(new_port) | l4_csum_flags(pkt)) < 0)
+	if (nat_l4_csum_failed(skb, pkt, old_port, new_port, sizeof(new_port)))
 		return -1;
 	return bpf_skb_store_bytes(skb, off, &new_port, sizeof(new_port), 0);
 }
-
 
 /*
  * The direct flavours of nat_rewrite_addr and nat_rewrite_port, for the programs that
  * write packet data directly anyway (host routing's flow_write_l2 in from_container,
  * from_netdev and from_tunnel): the verifier's prologue has made their linear data
  * writable before they run, so the address, the port and the IP checksum are plain
- * stores, and only the L4 checksum goes through the kernel's helper, which alone knows
- * whether the field holds a complete checksum or an offload's pseudo-header sum. That is
- * two helper calls fewer per address and one per port, about 40 ns each on this
- * machine's CPU. to_container shares endpoint_ingress and so writes directly too, which
- * costs it the prologue on a cloned packet: it only sees what the node's stack routes into
- * a pod. A program that passes most packets unchanged and writes none directly
- * (to_netdev) keeps the helpers: the prologue would cost every cloned packet it sees.
+ * stores, and only the L4 checksum goes through the kernel's helper
+ * (nat_l4_csum_failed). That is two helper calls fewer per address and one per port,
+ * about 40 ns each on this machine's CPU. to_container shares endpoint_ingress and so
+ * writes directly too, which costs it the prologue on a cloned packet: it only sees what
+ * the node's stack routes into a pod. A program that passes most packets unchanged and
+ * writes none directly (to_netdev) keeps the helpers: the prologue would cost every
+ * cloned packet it sees.
  */
 
 /* nat_rewrite_addr, written directly. Out of line, as is nat_write_port: one
@@ -127,9 +135,8 @@ nat_rewrite_addr_direct(struct __sk_buff *skb, const struct pkt4 *pkt, __u32 off
 
 	if (old_addr == new_addr)
 		return 0;
-	if (l4_csum_present(pkt) &&
-	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_addr, new_addr,
-				BPF_F_PSEUDO_HDR | sizeof(new_addr) | l4_csum_flags(pkt)) < 0)
+	if (nat_l4_csum_failed(skb, pkt, old_addr, new_addr,
+			       BPF_F_PSEUDO_HDR | sizeof(new_addr)))
 		return -1;
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
@@ -154,9 +161,7 @@ nat_write_port(struct __sk_buff *skb, const struct pkt4 *pkt, __u32 off, __be16 
 	void *data, *data_end;
 	__be16 *port;
 
-	if (l4_csum_present(pkt) &&
-	    bpf_l4_csum_replace(skb, l4_csum_off(pkt), old_port, new_port,
-				sizeof(new_port) | l4_csum_flags(pkt)) < 0)
+	if (nat_l4_csum_failed(skb, pkt, old_port, new_port, sizeof(new_port)))
 		return -1;
 	/* An IP header is at most 60 bytes: the bound lets the verifier check the store. */
 	if (off > ETH_HLEN + 60 + __builtin_offsetof(struct tcphdr, dest))

@@ -32,31 +32,9 @@ pub struct AgentCost {
     pub seconds: f64,
 }
 
-/// The agent binary: `$SLUICE_AGENT_BIN`, else next to this executable (or one directory
-/// up, where test binaries live in `deps/`).
+/// The agent binary: `$SLUICE_AGENT_BIN`, else next to this executable.
 pub fn agent_binary() -> Result<PathBuf, BenchError> {
-    if let Some(path) = std::env::var_os("SLUICE_AGENT_BIN") {
-        return Ok(path.into());
-    }
-    let exe = std::env::current_exe().map_err(|source| BenchError::Io {
-        call: "current_exe",
-        what: "sluice-bench".into(),
-        source,
-    })?;
-    let dir = exe.parent();
-    for candidate in [dir, dir.and_then(Path::parent)]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join("sluice-agent"))
-    {
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    Err(BenchError::Failed(
-        "sluice-agent not found: build it (cargo build -p sluice-agent) or set SLUICE_AGENT_BIN"
-            .into(),
-    ))
+    crate::sibling_binary("SLUICE_AGENT_BIN", "sluice-agent", "sluice-agent")
 }
 
 /// The agent process, killed and reaped on drop.

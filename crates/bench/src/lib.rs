@@ -29,17 +29,21 @@ pub mod idle;
 pub mod kproxy;
 pub mod load;
 pub mod netns;
+pub mod pod_client;
 pub mod report;
+mod same_node;
 pub mod sluice;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use kproxy::ServiceSpec;
 use load::Rate;
 use netns::NetNs;
+pub use same_node::measure;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -59,6 +63,30 @@ pub enum BenchError {
     Failed(String),
     #[error(transparent)]
     Netns(#[from] sluice_netns::NetNsError),
+}
+
+/// The binary `name`: `$var`, else next to this executable (or one directory up, where
+/// test binaries live in `deps/`); `package` is what to build when it is missing.
+pub fn sibling_binary(var: &str, name: &str, package: &str) -> Result<PathBuf, BenchError> {
+    if let Some(path) = std::env::var_os(var) {
+        return Ok(path.into());
+    }
+    let exe = std::env::current_exe().map_err(|source| BenchError::Io {
+        call: "current_exe",
+        what: name.into(),
+        source,
+    })?;
+    let dir = exe.parent();
+    [dir, dir.and_then(Path::parent)]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            BenchError::Failed(format!(
+                "{name} not found: build it (cargo build -p {package}) or set {var}"
+            ))
+        })
 }
 
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
@@ -210,6 +238,12 @@ pub struct Config {
     pub external_services: Vec<usize>,
     /// Measure sluice's external variants in tunnel mode too, besides native.
     pub external_tunnel: bool,
+    /// The same-node client is a pod's process (`sluice-bench-client` in a cgroup of its
+    /// own, [`pod_client`]) for every variant, and sluice attaches the pods' socket
+    /// programs to that cgroup, as deployed; sluice's per-packet ClusterIP path is then
+    /// measured as its own row from the benchmark's threads, which no socket program
+    /// sees. Off: every client is the benchmark's threads.
+    pub pod_client: bool,
 }
 
 impl Config {
@@ -237,6 +271,7 @@ impl Config {
             cross_node: true,
             external_services: vec![1, 1_000, 10_000],
             external_tunnel: true,
+            pod_client: true,
         }
     }
 
@@ -295,6 +330,23 @@ pub struct Sample {
     pub bpf_rr: Option<BpfCost>,
     pub bpf_crr: Option<BpfCost>,
     pub proof: Proof,
+    /// sluice: conntrack entries created per connection of the CRR phase.
+    pub ct_per_connection: Option<f64>,
+    /// sluice with a pod client: the per-packet ClusterIP path, from clients no socket
+    /// program sees.
+    pub per_packet: Option<PerPacket>,
+}
+
+/// sluice's per-packet ClusterIP path (NAT and a service conntrack entry per connection)
+/// measured beside the socket-LB one, on the same namespaces.
+#[derive(Clone, Copy, Debug)]
+pub struct PerPacket {
+    pub rr: Rate,
+    pub crr: Rate,
+    pub bpf_crr: BpfCost,
+    /// Conntrack entries created per connection of the CRR phase: an egress, an ingress
+    /// and a service entry here, where the socket-LB path needs no service entry.
+    pub ct_per_connection: f64,
 }
 
 /// A (variant, N) that could not be measured, and why.
@@ -314,185 +366,6 @@ pub struct Results {
     pub cross_node: Vec<crossnode::CrossSample>,
     pub external: Vec<external::ExternalSample>,
     pub elapsed: Duration,
-}
-
-fn bpf_delta(before: [(Duration, u64); 2], after: [(Duration, u64); 2]) -> BpfCost {
-    let per = |i: usize| {
-        let runs = after[i].1.saturating_sub(before[i].1);
-        let ns = after[i].0.saturating_sub(before[i].0).as_nanos() as f64;
-        if runs == 0 { 0.0 } else { ns / runs as f64 }
-    };
-    let total = |i: usize| after[i].0.saturating_sub(before[i].0).as_nanos() as f64;
-    let packets = after[0].1.saturating_sub(before[0].1);
-    BpfCost {
-        from_container_ns: per(0),
-        to_container_ns: per(1),
-        per_packet_ns: if packets == 0 {
-            0.0
-        } else {
-            (total(0) + total(1)) / packets as f64
-        },
-        runs: after[0].1.saturating_sub(before[0].1) + after[1].1.saturating_sub(before[1].1),
-    }
-}
-
-/// The variant's rules or maps in a topology's node.
-enum Dataplane {
-    Bare,
-    Sluice(Box<sluice::Sluice>),
-    Kproxy,
-}
-
-fn timed<T>(f: impl FnOnce() -> Result<T, BenchError>) -> Result<(T, Duration), BenchError> {
-    let t = Instant::now();
-    let out = f()?;
-    Ok((out, t.elapsed()))
-}
-
-/// One measurement on fresh namespaces.
-pub fn measure(
-    config: &Config,
-    variant: Variant,
-    n: usize,
-    rep: usize,
-) -> Result<Sample, BenchError> {
-    let svcs = services(n);
-    let measured = svcs
-        .last()
-        .cloned()
-        .ok_or_else(|| BenchError::Failed("no services".into()))?;
-    let extra = decoy(n);
-    let topo = Topology::new()?;
-    let _servers = load::Server::start_all(&topo.servers)?;
-    let (mut dataplane, program) = match variant {
-        Variant::Bare => (Dataplane::Bare, None),
-        Variant::Sluice => {
-            let (dp, programming) = sluice::Sluice::start(&topo.node, &svcs)?;
-            (Dataplane::Sluice(Box::new(dp)), Some(programming.total()))
-        }
-        Variant::Iptables => {
-            let rules = kproxy::iptables_full(&svcs);
-            let ((), took) = timed(|| {
-                topo.node
-                    .exec_stdin(&config.iptables_restore, &[], rules.as_bytes())
-                    .map(drop)
-            })?;
-            (Dataplane::Kproxy, Some(took))
-        }
-        Variant::Nftables => {
-            let rules = kproxy::nftables_full(&svcs, &[]);
-            let ((), took) = timed(|| {
-                topo.node
-                    .exec_stdin("nft", &["-f", "-"], rules.as_bytes())
-                    .map(drop)
-            })?;
-            (Dataplane::Kproxy, Some(took))
-        }
-    };
-    let target = match variant {
-        Variant::Bare => SocketAddrV4::new(SERVER_IPS[0], load::SERVER_PORT),
-        _ => vip_addr(&measured),
-    };
-
-    let stats = |dp: &mut Dataplane| match dp {
-        Dataplane::Sluice(s) => s.run_stats().map(Some),
-        _ => Ok(None),
-    };
-    let before = stats(&mut dataplane)?;
-    let rr = load::request_response(&topo.client, target, config.durations.rr)?;
-    let mid = stats(&mut dataplane)?;
-    let crr = load::connect_request_close(&topo.client, target, config.durations.crr, None)?;
-    let after = stats(&mut dataplane)?;
-    let stream_gbps = load::stream(&topo.client, target, config.durations.stream)?;
-    let (bpf_rr, bpf_crr) = match (before, mid, after) {
-        (Some(b), Some(m), Some(a)) => (Some(bpf_delta(b, m)), Some(bpf_delta(m, a))),
-        _ => (None, None),
-    };
-
-    let proof = match &dataplane {
-        Dataplane::Bare => Proof {
-            what: "connections made straight to the backend",
-            count: (crr.per_sec * config.durations.crr.as_secs_f64()) as u64,
-        },
-        Dataplane::Sluice(s) => Proof {
-            what: "sluice conntrack entries created",
-            count: s.conntrack_created()?,
-        },
-        Dataplane::Kproxy if variant == Variant::Iptables => {
-            let listing = topo.node.exec(
-                iptables_binary(&config.iptables_restore),
-                &[
-                    "-t",
-                    "nat",
-                    "-L",
-                    &kproxy::svc_chain(&measured),
-                    "-v",
-                    "-x",
-                    "-n",
-                ],
-            )?;
-            Proof {
-                what: "packets through the measured KUBE-SVC chain's KUBE-SEP jumps",
-                count: kproxy::parse_iptables_sep_packets(&listing),
-            }
-        }
-        Dataplane::Kproxy => {
-            let listing = topo.node.exec(
-                "nft",
-                &[
-                    "list",
-                    "chain",
-                    "ip",
-                    "kube-proxy",
-                    &kproxy::nft_counted_chain(&measured),
-                ],
-            )?;
-            Proof {
-                what: "packets counted in the measured service chain",
-                count: kproxy::parse_nft_counter(&listing).unwrap_or(0),
-            }
-        }
-    };
-
-    let incremental = match (&mut dataplane, variant) {
-        (Dataplane::Bare, _) => None,
-        (Dataplane::Sluice(s), _) => Some(s.add_service(&extra)?.total()),
-        (Dataplane::Kproxy, Variant::Iptables) => {
-            let rules = kproxy::iptables_add(&svcs, &extra);
-            Some(
-                timed(|| {
-                    topo.node
-                        .exec_stdin(&config.iptables_restore, &["--noflush"], rules.as_bytes())
-                        .map(drop)
-                })?
-                .1,
-            )
-        }
-        (Dataplane::Kproxy, _) => {
-            let rules = kproxy::nftables_add(&extra);
-            Some(
-                timed(|| {
-                    topo.node
-                        .exec_stdin("nft", &["-f", "-"], rules.as_bytes())
-                        .map(drop)
-                })?
-                .1,
-            )
-        }
-    };
-    Ok(Sample {
-        variant,
-        services: n,
-        rep,
-        program,
-        incremental,
-        rr,
-        crr,
-        stream_gbps,
-        bpf_rr,
-        bpf_crr,
-        proof,
-    })
 }
 
 /// `iptables-legacy-restore` -> `iptables-legacy`.

@@ -290,24 +290,27 @@ pub fn request_response(
     to: SocketAddrV4,
     duration: Duration,
 ) -> Result<Rate, BenchError> {
-    client.run(move || {
-        pin_to_load_cpu()?;
-        let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(2))
-            .map_err(io_err("connect", to))?;
-        conn.set_nodelay(true).map_err(io_err("setsockopt", to))?;
-        conn.set_read_timeout(Some(Duration::from_secs(2)))
-            .map_err(io_err("setsockopt", to))?;
-        let mut samples = Vec::with_capacity(1 << 20);
-        let mut byte = [0u8; 1];
-        let start = Instant::now();
-        while start.elapsed() < duration {
-            let t = Instant::now();
-            conn.write_all(&[1]).map_err(io_err("write", to))?;
-            conn.read_exact(&mut byte).map_err(io_err("read", to))?;
-            samples.push(nanos(t.elapsed()));
-        }
-        Ok(rate(samples, start.elapsed(), 0))
-    })
+    client.run(move || request_response_here(to, duration))
+}
+
+/// [`request_response`] from the calling thread's namespace.
+pub fn request_response_here(to: SocketAddrV4, duration: Duration) -> Result<Rate, BenchError> {
+    pin_to_load_cpu()?;
+    let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(2))
+        .map_err(io_err("connect", to))?;
+    conn.set_nodelay(true).map_err(io_err("setsockopt", to))?;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(io_err("setsockopt", to))?;
+    let mut samples = Vec::with_capacity(1 << 20);
+    let mut byte = [0u8; 1];
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let t = Instant::now();
+        conn.write_all(&[1]).map_err(io_err("write", to))?;
+        conn.read_exact(&mut byte).map_err(io_err("read", to))?;
+        samples.push(nanos(t.elapsed()));
+    }
+    Ok(rate(samples, start.elapsed(), 0))
 }
 
 /// Connect, one transaction, close, repeated for `duration` (TCP_CRR). With `target_rate`,
@@ -318,62 +321,71 @@ pub fn connect_request_close(
     duration: Duration,
     target_rate: Option<f64>,
 ) -> Result<Rate, BenchError> {
-    client.run(move || {
-        pin_to_load_cpu()?;
-        let mut samples = Vec::with_capacity(1 << 20);
-        let mut errors = 0u64;
-        let mut byte = [0u8; 1];
-        let start = Instant::now();
-        let interval = target_rate.map(|r| Duration::from_secs_f64(1.0 / r));
-        let mut next = start;
-        while start.elapsed() < duration {
-            if let Some(interval) = interval {
-                next += interval;
-                let now = Instant::now();
-                if next > now {
-                    thread::sleep(next - now);
-                }
-            }
-            let t = Instant::now();
-            let result = (|| -> io::Result<()> {
-                let mut conn =
-                    TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(1))?;
-                conn.set_nodelay(true)?;
-                conn.set_read_timeout(Some(Duration::from_secs(1)))?;
-                conn.write_all(&[1])?;
-                conn.read_exact(&mut byte)?;
-                Ok(())
-            })();
-            match result {
-                Ok(()) => samples.push(nanos(t.elapsed())),
-                Err(_) => errors += 1,
+    client.run(move || connect_request_close_here(to, duration, target_rate))
+}
+
+/// [`connect_request_close`] from the calling thread's namespace.
+pub fn connect_request_close_here(
+    to: SocketAddrV4,
+    duration: Duration,
+    target_rate: Option<f64>,
+) -> Result<Rate, BenchError> {
+    pin_to_load_cpu()?;
+    let mut samples = Vec::with_capacity(1 << 20);
+    let mut errors = 0u64;
+    let mut byte = [0u8; 1];
+    let start = Instant::now();
+    let interval = target_rate.map(|r| Duration::from_secs_f64(1.0 / r));
+    let mut next = start;
+    while start.elapsed() < duration {
+        if let Some(interval) = interval {
+            next += interval;
+            let now = Instant::now();
+            if next > now {
+                thread::sleep(next - now);
             }
         }
-        if samples.is_empty() {
-            return Err(BenchError::Failed(format!(
-                "no connection to {to} succeeded ({errors} failed)"
-            )));
+        let t = Instant::now();
+        let result = (|| -> io::Result<()> {
+            let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(1))?;
+            conn.set_nodelay(true)?;
+            conn.set_read_timeout(Some(Duration::from_secs(1)))?;
+            conn.write_all(&[1])?;
+            conn.read_exact(&mut byte)?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => samples.push(nanos(t.elapsed())),
+            Err(_) => errors += 1,
         }
-        Ok(rate(samples, start.elapsed(), errors))
-    })
+    }
+    if samples.is_empty() {
+        return Err(BenchError::Failed(format!(
+            "no connection to {to} succeeded ({errors} failed)"
+        )));
+    }
+    Ok(rate(samples, start.elapsed(), errors))
 }
 
 /// Bulk transfer on one connection for `duration`; Gbit/s as counted by the receiver.
 pub fn stream(client: &NetNs, to: SocketAddrV4, duration: Duration) -> Result<f64, BenchError> {
-    client.run(move || {
-        pin_to_load_cpu()?;
-        let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(2))
-            .map_err(io_err("connect", to))?;
-        let buf = vec![STREAM_MARK; STREAM_CHUNK];
-        let start = Instant::now();
-        while start.elapsed() < duration {
-            conn.write_all(&buf).map_err(io_err("write", to))?;
-        }
-        conn.shutdown(Shutdown::Write)
-            .map_err(io_err("shutdown", to))?;
-        let mut total = [0u8; 8];
-        conn.read_exact(&mut total).map_err(io_err("read", to))?;
-        let elapsed = start.elapsed().as_secs_f64();
-        Ok(u64::from_be_bytes(total) as f64 * 8.0 / elapsed / 1e9)
-    })
+    client.run(move || stream_here(to, duration))
+}
+
+/// [`stream`] from the calling thread's namespace.
+pub fn stream_here(to: SocketAddrV4, duration: Duration) -> Result<f64, BenchError> {
+    pin_to_load_cpu()?;
+    let mut conn = TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(2))
+        .map_err(io_err("connect", to))?;
+    let buf = vec![STREAM_MARK; STREAM_CHUNK];
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        conn.write_all(&buf).map_err(io_err("write", to))?;
+    }
+    conn.shutdown(Shutdown::Write)
+        .map_err(io_err("shutdown", to))?;
+    let mut total = [0u8; 8];
+    conn.read_exact(&mut total).map_err(io_err("read", to))?;
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(u64::from_be_bytes(total) as f64 * 8.0 / elapsed / 1e9)
 }

@@ -69,6 +69,11 @@ struct Args {
     /// Measure sluice's NodePort and LoadBalancer variants in native routing mode only.
     #[arg(long)]
     no_external_tunnel: bool,
+    /// Same-node clients are the benchmark's threads, not a pod's process in a cgroup
+    /// with sluice's socket programs (sluice then measures its per-packet ClusterIP path
+    /// only).
+    #[arg(long)]
+    threads_client: bool,
     /// Only measure the idle agent at these service counts (comma-separated), for
     /// `--idle-seconds` each; the report goes to --out.
     #[arg(long, value_delimiter = ',')]
@@ -199,6 +204,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.no_external_tunnel {
         config.external_tunnel = false;
+    }
+    if args.threads_client {
+        config.pod_client = false;
     }
     config.variants = Variant::ALL.to_vec();
     let out = args.out.unwrap_or_else(|| "bench/results/latest".into());

@@ -82,6 +82,20 @@ impl NetNs {
         output(self.ns.command(program)?.args(args), Some(input))
     }
 
+    /// `program args...` as a process inside this namespace and `cgroup` from its start
+    /// (a pod's process); its stdout.
+    pub fn exec_in_cgroup(
+        &self,
+        program: &std::path::Path,
+        args: &[&str],
+        cgroup: &sluice_netns::Cgroup,
+    ) -> Result<String, BenchError> {
+        let mut command = self.ns.command(program)?;
+        command.args(args);
+        cgroup.enter_on_exec(&mut command)?;
+        output(&mut command, None)
+    }
+
     /// The namespace itself, for links whose peer goes into it.
     pub fn ns(&self) -> &sluice_netns::NetNs {
         &self.ns

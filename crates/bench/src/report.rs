@@ -7,6 +7,8 @@ use plotters::prelude::*;
 
 use crate::{BenchError, Config, Results, Sample, Variant};
 
+/// The row of sluice's per-packet ClusterIP path beside the socket-LB one.
+const PER_PACKET: &str = "sluice, per-packet ClusterIP (no socket LB)";
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
@@ -38,6 +40,35 @@ pub struct Summary {
     pub bpf_rr: Option<(f64, f64)>,
     pub bpf_crr: Option<(f64, f64)>,
     pub proof_min: u64,
+    pub ct_per_connection: Option<f64>,
+    pub per_packet: Option<PerPacketSummary>,
+}
+
+/// Medians of sluice's per-packet ClusterIP path, measured beside the socket-LB one.
+#[derive(Clone, Copy, Debug)]
+pub struct PerPacketSummary {
+    pub tps: f64,
+    pub cps: f64,
+    pub crr_p50: f64,
+    pub crr_p99: f64,
+    pub bpf_crr: (f64, f64),
+    pub ct_per_connection: f64,
+}
+
+fn per_packet_summary(samples: &[&Sample]) -> Option<PerPacketSummary> {
+    let p: Vec<_> = samples.iter().filter_map(|s| s.per_packet).collect();
+    let m = |f: fn(&crate::PerPacket) -> f64| median(p.iter().map(f).collect());
+    (!p.is_empty()).then(|| PerPacketSummary {
+        tps: m(|p| p.rr.per_sec),
+        cps: m(|p| p.crr.per_sec),
+        crr_p50: m(|p| p.crr.p50_us),
+        crr_p99: m(|p| p.crr.p99_us),
+        bpf_crr: (
+            m(|p| p.bpf_crr.from_container_ns),
+            m(|p| p.bpf_crr.to_container_ns),
+        ),
+        ct_per_connection: m(|p| p.ct_per_connection),
+    })
 }
 
 fn opt_median(samples: &[&Sample], f: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
@@ -70,6 +101,8 @@ pub fn summarize(results: &Results) -> BTreeMap<(usize, Variant), Summary> {
                 bpf_crr: opt_median(&g, |s| s.bpf_crr.map(|b| b.from_container_ns))
                     .zip(opt_median(&g, |s| s.bpf_crr.map(|b| b.to_container_ns))),
                 proof_min: g.iter().map(|s| s.proof.count).min().unwrap_or(0),
+                ct_per_connection: opt_median(&g, |s| s.ct_per_connection),
+                per_packet: per_packet_summary(&g),
             };
             (k, summary)
         })
@@ -241,6 +274,12 @@ pub fn write(
         crate::load::SERVER_PORT,
         config.iptables_restore
     );
+    if config.pod_client {
+        let _ = writeln!(
+            md,
+            "- Client as a deployed pod: for every variant the same-node client is a process of its own (`sluice-bench-client`) in the client netns and in a cgroup v2 directory the benchmark makes for it (and removes); sluice attaches the pods' socket programs (`pod4_connect` & co., as `sluice-agent --pod-cgroup`) to that cgroup, so a connect() to the ClusterIP goes to a backend at once and no packet is NATed. **sluice, per-packet ClusterIP** is measured on the same namespaces right after, from the benchmark's threads (outside the cgroup): every packet NATed by the datapath, a service conntrack entry per connection."
+        );
+    }
     let _ = writeln!(
         md,
         "- Load: the crate's own Rust client and server (threads in the namespaces via setns). RR: 1-byte transactions on one persistent connection for {:?} (netperf TCP_RR). CRR: connect, 1-byte request and response, close, one at a time, for {:?} (TCP_CRR). Stream: one connection writing 128 KiB buffers for {:?}, counted by the receiver.",
@@ -275,6 +314,15 @@ pub fn write(
                     ratio(s.cps, bare.cps),
                     ratio(s.gbps, bare.gbps)
                 );
+                if let Some(p) = s.per_packet {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {PER_PACKET} | {} | {} | – |",
+                        num(n as f64),
+                        ratio(p.tps, bare.tps),
+                        ratio(p.cps, bare.cps),
+                    );
+                }
             }
         }
     }
@@ -374,6 +422,20 @@ pub fn write(
                     s.gbps,
                     num(s.proof_min as f64)
                 );
+                if let Some(p) = s.per_packet {
+                    let _ = writeln!(
+                        md,
+                        "| {} | {PER_PACKET} | {} | {} | – | {} | {:.0} / {:.0} | – | {:.2} conntrack entries created per connection (socket LB: {}) |",
+                        num(n as f64),
+                        s.reps,
+                        num(p.tps),
+                        num(p.cps),
+                        p.crr_p50,
+                        p.crr_p99,
+                        p.ct_per_connection,
+                        opt(s.ct_per_connection, |x| format!("{x:.2}"))
+                    );
+                }
             }
         }
     }
@@ -396,7 +458,7 @@ pub fn write(
     );
     let _ = writeln!(
         md,
-        "\n## Datapath cost (sluice, ns per program run, medians)\n\n| N | RR phase from_container | RR phase to_container | CRR phase from_container | CRR phase to_container |\n|---:|---:|---:|---:|---:|"
+        "\n## Datapath cost (sluice, ns per program run, medians)\n\n| N | RR phase from_container | RR phase to_container | CRR phase from_container | CRR phase to_container | CRR per-packet ClusterIP from_container / to_container |\n|---:|---:|---:|---:|---:|---:|"
     );
     for &n in &ns {
         if let Some(s) = get(n, Variant::Sluice) {
@@ -407,12 +469,16 @@ pub fn write(
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 num(n as f64),
                 f(s.bpf_rr, 0),
                 f(s.bpf_rr, 1),
                 f(s.bpf_crr, 0),
-                f(s.bpf_crr, 1)
+                f(s.bpf_crr, 1),
+                s.per_packet.map_or_else(
+                    || "–".to_owned(),
+                    |p| format!("{:.0} / {:.0}", p.bpf_crr.0, p.bpf_crr.1)
+                )
             );
         }
     }

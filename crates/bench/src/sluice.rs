@@ -316,6 +316,14 @@ impl Sluice {
         program(self.pins.path(), &self.snap, &self.node)
     }
 
+    /// Attaches the pods' socket programs to `cgroup`, as the agent does on
+    /// `--pod-cgroup`: the links are pinned with the maps and go with them.
+    pub fn attach_pods(&mut self, cgroup: &Path) -> Result<(), BenchError> {
+        self.datapath
+            .attach_cgroup(AttachRole::PodCgroup, cgroup)
+            .map_err(|e| BenchError::Failed(format!("attach to {}: {e}", cgroup.display())))
+    }
+
     /// Cumulative (run time, run count) of from_container and to_container.
     pub fn run_stats(&mut self) -> Result<[(Duration, u64); 2], BenchError> {
         let mut out = [(Duration::ZERO, 0); 2];

@@ -56,6 +56,18 @@ fn quick_matrix_produces_numbers_through_every_variant() {
                         "{what}: {bpf:?}"
                     );
                     assert!(sample.program.is_some() && sample.incremental.is_some());
+                    // The pod client's connections went to the backend at the socket:
+                    // no service entry, so fewer entries per connection than the
+                    // per-packet ClusterIP path's egress, ingress and service entries.
+                    let per_packet = sample.per_packet.expect("the per-packet row");
+                    let socket_lb = sample.ct_per_connection.expect("conntrack counted");
+                    assert!(per_packet.crr.per_sec > 0.0, "{what}: {per_packet:?}");
+                    assert!(
+                        socket_lb + 0.5 < per_packet.ct_per_connection,
+                        "{what}: {socket_lb:.2} entries per socket-LB connection, {:.2} per \
+                         per-packet one",
+                        per_packet.ct_per_connection
+                    );
                 }
                 Variant::Iptables | Variant::Nftables => {
                     assert!(sample.program.is_some() && sample.incremental.is_some());
