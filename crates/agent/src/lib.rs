@@ -12,6 +12,7 @@ mod conntrack;
 mod desired;
 mod faults;
 pub mod health;
+mod heap;
 mod host_cgroup;
 mod http;
 pub mod masquerade;

@@ -38,6 +38,10 @@ mod verify;
 /// buckets, so within 52 s at the 2 s interval, and one full pass repairs it.
 const SWEEP: Duration = Duration::from_secs(24);
 
+/// Services compiled in one pass past which the memory it freed is handed back
+/// (`heap::release_freed`): the first compile, a relist, a change of the node's inputs.
+const LARGE_COMPILE: usize = 1000;
+
 /// How many reconcile ticks one sweep spreads over at `interval`.
 fn ticks_per_sweep(interval: Duration) -> usize {
     let ticks = SWEEP.as_secs_f64() / interval.as_secs_f64().max(f64::EPSILON);
@@ -571,6 +575,9 @@ impl Node {
         self.compiled.advance(self.compile_cache.state(), &delta);
         self.delta.merge(delta);
         let stats = self.compile_cache.stats();
+        if stats.workloads_compiled || stats.services_compiled >= LARGE_COMPILE {
+            crate::heap::release_freed();
+        }
         // Read by the tests: a change set compiles what it names, not every Service.
         debug!(
             changes = if named { "named" } else { "compared" },

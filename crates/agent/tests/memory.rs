@@ -213,8 +213,8 @@ fn where_the_memory_goes_at_gke_limits() {
         report.push(format!("  a copy of its {what}: {:.1} MiB", mib(bytes)));
     }
 
-    // The copies: the spare snapshot the source keeps (and `merged()`'s, on a node with
-    // local endpoints), and the change set of the initial lists (every object named).
+    // The copies: the spare snapshot the source keeps, and the change set of the initial
+    // lists (every object named).
     let copy = measure(|| Snapshot::clone(&snapshot));
     let listed =
         measure(|| sluice_agent::source::changes::between(&Snapshot::default(), &snapshot));
@@ -258,11 +258,12 @@ fn where_the_memory_goes_at_gke_limits() {
         mib(cache_bytes),
         mib(state)
     ));
-    // Steady: the source's snapshot and its spare, merged()'s copy, the cache.
-    let steady = stored + 2 * copy + cache_bytes;
+    // Steady: the source's snapshot and its spare, the cache, and the two states the
+    // agent publishes (`desired.rs`: the newest and the spare it catches up).
+    let steady = stored + copy + cache_bytes + 2 * state;
     report.push(format!(
-        "steady (snapshot, its spare, merged()'s copy, cache): {:.1} MiB; at the limits \
-         about {:.0} MiB",
+        "steady (snapshot, its spare, cache, two published states): {:.1} MiB; at the \
+         limits about {:.0} MiB",
         mib(steady),
         mib(steady) / scale
     ));

@@ -128,23 +128,33 @@ pub(crate) fn differences<K: Ord + Clone, V: PartialEq + Clone>(
     }
 }
 
-/// The key [`Changes`] names `meta`'s object by, as the compiler keys it (no namespace:
-/// `default`); None without a name.
 /// A Pod's key, as [`object_key`] gives other objects'.
 pub fn pod_key(pod: &Pod) -> Option<ObjectKey> {
-    let name = pod.name().filter(|n| !n.is_empty())?;
-    Some((
-        crate::namespace_or_default(pod.namespace()).to_owned(),
-        name.to_owned(),
-    ))
+    pod_key_ref(pod).map(owned_key)
 }
 
+/// [`pod_key`], borrowed from the Pod: for comparisons, which must not allocate.
+pub fn pod_key_ref(pod: &Pod) -> Option<(&str, &str)> {
+    let name = pod.name().filter(|n| !n.is_empty())?;
+    Some((crate::namespace_or_default(pod.namespace()), name))
+}
+
+/// The key [`Changes`] names `meta`'s object by, as the compiler keys it (no namespace:
+/// `default`); None without a name.
 pub fn object_key(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> Option<ObjectKey> {
+    object_key_ref(meta).map(owned_key)
+}
+
+/// [`object_key`], borrowed from the object.
+pub fn object_key_ref(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<(&str, &str)> {
     let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
-    Some((
-        crate::namespace_of(meta.namespace.as_ref()).to_owned(),
-        name.to_owned(),
-    ))
+    Some((crate::namespace_of(meta.namespace.as_ref()), name))
+}
+
+fn owned_key((namespace, name): (&str, &str)) -> ObjectKey {
+    (namespace.to_owned(), name.to_owned())
 }

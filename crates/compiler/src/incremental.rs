@@ -218,7 +218,7 @@ impl CompileCache {
                 Some(entry) if entry.seen == pass => return None,
                 Some(entry) => {
                     entry.seen = pass;
-                    same(&entry.service, service)
+                    same(&*entry.service, service)
                 }
                 None => false,
             };

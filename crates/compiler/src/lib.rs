@@ -67,7 +67,7 @@ pub use sluice_store::nodes::{ClusterNode, NodeFault, NodeFaultAt, NodeField};
 use crate::{backends::slices_by_service, problem::Problems};
 pub use crate::{
     balancing::{Balancing, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION, LbAlgorithm},
-    changes::{Changes, Delta, ObjectKey, object_key, pod_key},
+    changes::{Changes, Delta, ObjectKey, object_key, object_key_ref, pod_key, pod_key_ref},
     incremental::{CacheStats, CompileCache},
     nodes::Nodes,
     policy::explain::{

@@ -4,6 +4,7 @@
 //! every object again.
 
 use std::{
+    cmp::Ordering,
     collections::{BTreeMap, btree_map::Entry},
     sync::Arc,
 };
@@ -16,7 +17,7 @@ use k8s_openapi::{
         networking::v1::NetworkPolicy,
     },
 };
-use sluice_compiler::{Changes, ObjectKey, object_key, pod_key};
+use sluice_compiler::{Changes, ObjectKey, object_key, object_key_ref, pod_key, pod_key_ref};
 use sluice_store::{Pod, Snapshot};
 
 /// A kind of object a change set names: how it is keyed and where its changes go.
@@ -25,6 +26,10 @@ pub trait Kind: Clone + PartialEq {
 
     /// None for an object without a name: the change set cannot name it.
     fn key(&self) -> Option<Self::Key>;
+
+    /// How `Some(self.key())` sorts against `Some(key)`, without building the key: a
+    /// snapshot's objects are searched and merged by it, 200,000 Pods at a time.
+    fn cmp_key(&self, key: &Self::Key) -> Ordering;
 
     fn changes(changes: &mut Changes) -> &mut BTreeMap<Self::Key, Option<Self>>;
 
@@ -35,11 +40,14 @@ pub trait Kind: Clone + PartialEq {
 }
 
 macro_rules! namespaced {
-    ($kind:ty, $field:ident, $key:expr) => {
+    ($kind:ty, $field:ident, $key:expr, $key_ref:expr) => {
         impl Kind for $kind {
             type Key = ObjectKey;
             fn key(&self) -> Option<ObjectKey> {
                 $key(self)
+            }
+            fn cmp_key(&self, key: &ObjectKey) -> Ordering {
+                $key_ref(self).cmp(&Some((key.0.as_str(), key.1.as_str())))
             }
             fn changes(changes: &mut Changes) -> &mut BTreeMap<ObjectKey, Option<Self>> {
                 &mut changes.$field
@@ -61,6 +69,10 @@ macro_rules! cluster_scoped {
             fn key(&self) -> Option<String> {
                 self.metadata().name.clone().filter(|n| !n.is_empty())
             }
+            fn cmp_key(&self, key: &String) -> Ordering {
+                let name = self.metadata().name.as_deref().filter(|n| !n.is_empty());
+                name.cmp(&Some(key.as_str()))
+            }
             fn changes(changes: &mut Changes) -> &mut BTreeMap<String, Option<Self>> {
                 &mut changes.$field
             }
@@ -80,14 +92,29 @@ fn by_meta<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::Obje
     object_key(object.metadata())
 }
 
+fn by_meta_ref<K: Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+    object: &K,
+) -> Option<(&str, &str)> {
+    object_key_ref(object.metadata())
+}
+
 fn slice_key(slice: &Arc<EndpointSlice>) -> Option<ObjectKey> {
     by_meta(&**slice)
 }
 
-namespaced!(Service, services, by_meta);
-namespaced!(Arc<EndpointSlice>, endpoint_slices, slice_key);
-namespaced!(Pod, pods, pod_key);
-namespaced!(NetworkPolicy, network_policies, by_meta);
+fn slice_key_ref(slice: &Arc<EndpointSlice>) -> Option<(&str, &str)> {
+    by_meta_ref(&**slice)
+}
+
+namespaced!(Service, services, by_meta, by_meta_ref);
+namespaced!(
+    Arc<EndpointSlice>,
+    endpoint_slices,
+    slice_key,
+    slice_key_ref
+);
+namespaced!(Pod, pods, pod_key, pod_key_ref);
+namespaced!(NetworkPolicy, network_policies, by_meta, by_meta_ref);
 cluster_scoped!(Namespace, namespaces);
 cluster_scoped!(Node, nodes);
 
@@ -197,44 +224,35 @@ pub fn apply(snapshot: &mut Snapshot, changes: &Changes) {
     patch::<Node>(snapshot, &changes.nodes);
 }
 
-/// A few changes are put in place one by one; many (a list) by one merge of the two
-/// sorted sequences, so a list of n objects costs n, not n shifts of the vector.
+/// Puts `changes` in place in one pass from the first object they touch: the objects
+/// between two changes move once, as a block, and each change is found by a binary search
+/// ([`Kind::cmp_key`], which allocates nothing). A burst of k events at n objects costs
+/// one move of at most n pointers-worth and k log n comparisons, not k shifts of the
+/// vector (64 events at 200,000 Pods: 10 ms of shifts before, debug build).
 fn patch<K: Kind>(snapshot: &mut Snapshot, changes: &BTreeMap<K::Key, Option<K>>) {
-    const ONE_BY_ONE: usize = 64;
     let objects = K::of_mut(snapshot);
-    let key_of = |o: &K| K::key(o);
-    if changes.len() <= ONE_BY_ONE {
-        for (key, change) in changes {
-            let at = objects.binary_search_by(|o| key_of(o).as_ref().cmp(&Some(key)));
-            match (at, change) {
-                (Ok(i), Some(object)) => objects[i] = object.clone(),
-                (Ok(i), None) => {
-                    objects.remove(i);
-                }
-                (Err(i), Some(object)) => objects.insert(i, object.clone()),
-                (Err(_), None) => {}
-            }
-        }
+    let Some(first) = changes.keys().next() else {
         return;
-    }
-    let old = std::mem::take(objects);
-    let mut changes = changes.iter().peekable();
-    for object in old {
-        let key = key_of(&object);
-        // Changes before this object: additions.
-        while let Some((k, change)) = changes.next_if(|(k, _)| key.as_ref() > Some(*k)) {
-            if let Some(new) = change {
-                debug_assert!(key_of(new).as_ref() == Some(k));
-                objects.push(new.clone());
-            }
+    };
+    let start = objects.partition_point(|o| o.cmp_key(first).is_lt());
+    let mut rest = objects.split_off(start).into_iter();
+    objects.reserve(rest.len() + changes.len());
+    for (key, change) in changes {
+        let before = rest.as_slice().partition_point(|o| o.cmp_key(key).is_lt());
+        objects.extend(rest.by_ref().take(before));
+        // The object the change replaces or deletes.
+        if rest
+            .as_slice()
+            .first()
+            .is_some_and(|o| o.cmp_key(key).is_eq())
+        {
+            rest.next();
         }
-        match changes.next_if(|(k, _)| key.as_ref() == Some(*k)) {
-            Some((_, Some(new))) => objects.push(new.clone()),
-            Some((_, None)) => {}
-            None => objects.push(object),
+        if let Some(new) = change {
+            objects.push(new.clone());
         }
     }
-    objects.extend(changes.filter_map(|(_, change)| change.clone()));
+    objects.extend(rest);
 }
 
 /// The objects by key; None when a key is missing or given twice.
@@ -317,7 +335,64 @@ mod tests {
         assert!(pending.is_none(), "unknown stays unknown");
     }
 
-    /// Applied one by one or merged, a change set leaves the objects as a map by key would
+    /// What patching the sorted Pods costs at GKE's 200,000, printed (never asserted): a
+    /// burst of pod events, a whole list, and the search alone by
+    /// borrowed keys against the keys built per comparison it replaced.
+    #[test]
+    fn patching_200k_pods_costs() {
+        use std::time::Instant;
+        let pod = |i: usize| -> Pod {
+            k8s_openapi::api::core::v1::Pod {
+                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    name: Some(format!("pod-{i:06}")),
+                    namespace: Some(format!("ns-{:02}", i % 100)),
+                    ..Default::default()
+                },
+                ..Default::default()
+            }
+            .into()
+        };
+        let mut snapshot = Snapshot::default();
+        let mut all = Changes::default();
+        for i in (0..400_000).step_by(2) {
+            let p = pod(i);
+            all.pods.insert(pod_key(&p).unwrap(), Some(p));
+        }
+        let started = Instant::now();
+        apply(&mut snapshot, &all);
+        let listed = started.elapsed();
+        let mut burst = Changes::default();
+        for i in (1..400_000).step_by(400_000 / 32) {
+            let p = pod(i);
+            burst.pods.insert(pod_key(&p).unwrap(), Some(p));
+            let gone = pod(i + 1);
+            burst.pods.insert(pod_key(&gone).unwrap(), None);
+        }
+        let started = Instant::now();
+        apply(&mut snapshot, &burst);
+        let burst_took = started.elapsed();
+        let keys: Vec<ObjectKey> = burst.pods.keys().cloned().collect();
+        let started = Instant::now();
+        for key in &keys {
+            let _ = snapshot.pods.binary_search_by(|o| o.cmp_key(key));
+        }
+        let borrowed = started.elapsed();
+        let started = Instant::now();
+        for key in &keys {
+            let _ = snapshot
+                .pods
+                .binary_search_by(|o| pod_key(o).as_ref().cmp(&Some(key)));
+        }
+        let built = started.elapsed();
+        eprintln!(
+            "200,000 Pods: listed in {listed:?}; a burst of 64 events \
+             {burst_took:?}; 64 searches by borrowed keys {borrowed:?}, by keys built per \
+             comparison {built:?}"
+        );
+        assert_eq!(snapshot.pods.len(), 200_000);
+    }
+
+    /// A few changes or many at once, a change set leaves the objects as a map by key would
     /// hold them, sorted.
     #[test]
     fn applied_changes_keep_the_objects_sorted_and_complete() {

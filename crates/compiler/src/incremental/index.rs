@@ -82,13 +82,16 @@ struct Fragment {
     problems: Problems,
 }
 
+/// Boxed parts: the index's table holds 10,000 entries at GKE's limits and a power of two
+/// of slots, each as large as an entry; inline, a Service and two fragments made every
+/// slot some 2 KiB.
 pub(super) struct ServiceEntry {
-    pub(super) service: Service,
+    pub(super) service: Box<Service>,
     /// The Service compiled alone.
-    alone: Fragment,
+    alone: Box<Fragment>,
     claims: Vec<Claim>,
     /// What it contributed when its group was last settled; None: `alone`.
-    settled: Option<Fragment>,
+    settled: Option<Box<Fragment>>,
     /// The last snapshot pass that held it (`CompileCache::compile`).
     pub(super) seen: u64,
 }
@@ -242,7 +245,7 @@ impl Index {
         for key in &changed {
             let object = match objects.remove(key) {
                 Some(object) => object,
-                None => self.services.get(key).map(|e| e.service.clone()),
+                None => self.services.get(key).map(|e| Service::clone(&e.service)),
             };
             self.recompile(key, object, stats);
         }
@@ -332,11 +335,11 @@ impl Index {
             .collect();
         self.count_claims(key, &claims, true);
         let entry = ServiceEntry {
-            service,
-            alone: Fragment {
+            service: Box::new(service),
+            alone: Box::new(Fragment {
                 state: compilation.state,
                 problems: compilation.problems,
-            },
+            }),
             claims,
             settled: None,
             seen: 0,
@@ -389,7 +392,7 @@ impl Index {
         }
         for (key, fragment) in settled {
             if let Some(entry) = self.services.get_mut(&key) {
-                entry.settled = Some(fragment);
+                entry.settled = Some(Box::new(fragment));
             }
         }
     }

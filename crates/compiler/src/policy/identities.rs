@@ -1,9 +1,13 @@
 //! The identities of pods and policy CIDRs, and the table of those in use.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    rc::Rc,
+};
 
 use ipnet::Ipv4Net;
 use sluice_common::{IDENTITY_ANY, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD};
+use sluice_store::selector::Labels;
 
 use super::workloads::Workload;
 use crate::{
@@ -33,28 +37,61 @@ pub(super) fn keep_reserved(table: &mut BTreeMap<u32, crate::Identity>, id: u32,
 }
 
 /// Gives every workload the identity of its label set; returns the sets, in workload order.
+/// Pods alike (one interned label set, one namespace, the same policy CIDRs around their
+/// addresses) share one set: at 200,000 Pods a set per pod would cost some 60 MiB.
 pub(super) fn pods(
     workloads: &mut [Workload<'_>],
     cidrs: &BTreeSet<Ipv4Net>,
     selected_keys: &BTreeSet<String>,
     labels_of: &mut BTreeMap<u32, Vec<String>>,
     problems: &mut Problems,
-) -> Vec<Vec<String>> {
-    let sets: Vec<Vec<String>> = workloads
+) -> Vec<Rc<Vec<String>>> {
+    type Alike<'a> = (&'a str, *const Labels, Option<*const Labels>, Vec<Ipv4Net>);
+    let mut alike: HashMap<Alike<'_>, Rc<Vec<String>>> = HashMap::new();
+    let sets: Vec<Rc<Vec<String>>> = workloads
         .iter()
-        .map(|w| label_set(w, cidrs, selected_keys))
+        .map(|w| {
+            let around = containing(w, cidrs).collect();
+            let key = (
+                w.namespace,
+                std::ptr::from_ref::<Labels>(&w.labels),
+                w.namespace_labels.map(std::ptr::from_ref),
+                around,
+            );
+            Rc::clone(
+                alike
+                    .entry(key)
+                    .or_insert_with(|| Rc::new(label_set(w, cidrs, selected_keys))),
+            )
+        })
         .collect();
-    let (numbers, left_out) = identity::allocate(&sets.iter().cloned().collect(), Scope::Label);
+    drop(alike);
+    let distinct: BTreeSet<&Vec<String>> = sets.iter().map(|s| &**s).collect();
+    let distinct = distinct.into_iter().cloned().collect();
+    let (numbers, left_out) = identity::allocate(&distinct, Scope::Label);
     for labels in left_out {
         problems.insert(Problem::PodIdentitiesExhausted { labels });
     }
     for (w, set) in workloads.iter_mut().zip(&sets) {
-        w.identity = numbers.get(set).copied().unwrap_or(IDENTITY_WORLD);
+        w.identity = numbers.get(&**set).copied().unwrap_or(IDENTITY_WORLD);
         if w.identity != IDENTITY_WORLD {
-            labels_of.entry(w.identity).or_insert_with(|| set.clone());
+            labels_of
+                .entry(w.identity)
+                .or_insert_with(|| Vec::clone(set));
         }
     }
     sets
+}
+
+/// The policy CIDRs that hold a workload's address.
+fn containing<'a>(
+    w: &Workload<'_>,
+    cidrs: &'a BTreeSet<Ipv4Net>,
+) -> impl Iterator<Item = Ipv4Net> + 'a {
+    w.address
+        .map(move |a| cidrs.iter().filter(move |c| c.contains(&a)).copied())
+        .into_iter()
+        .flatten()
 }
 
 /// The security labels of a workload: its own, its namespace's and the policy CIDRs that
@@ -64,16 +101,11 @@ pub(super) fn label_set(
     cidrs: &BTreeSet<Ipv4Net>,
     selected_keys: &BTreeSet<String>,
 ) -> Vec<String> {
-    let containing = w
-        .address
-        .map(|a| cidrs.iter().filter(move |c| c.contains(&a)).copied())
-        .into_iter()
-        .flatten();
     identity::pod_labels(
         w.namespace,
         &w.labels,
         w.namespace_labels,
-        containing,
+        containing(w, cidrs),
         selected_keys,
     )
 }

@@ -13,6 +13,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, hash_map::Entry},
     net::Ipv4Addr,
+    rc::Rc,
 };
 
 use ipnet::Ipv4Net;
@@ -136,7 +137,7 @@ impl Block4 {
 type LocalView = (Labels, Option<Ipv4Addr>, Vec<NamedPort>);
 
 fn local_view(w: &Workload<'_>) -> LocalView {
-    (w.labels.clone(), w.claimed, w.ports.clone())
+    (Labels::clone(&w.labels), w.claimed, w.ports.clone())
 }
 
 /// A pod that is no local endpoint, as the index keeps it.
@@ -218,7 +219,7 @@ impl PodIndex {
         context: &Context<'_>,
         input: &PolicyInput<'_>,
         workloads: &[Workload<'_>],
-        sets: Vec<Vec<String>>,
+        sets: Vec<Rc<Vec<String>>>,
         policies: &[Policy<'_>],
     ) -> Self {
         let mut blocks = Vec::new();
@@ -302,7 +303,7 @@ impl PodIndex {
             .any(|b| b.cidr == cidr && b.except == except)
     }
 
-    fn add_workload(&mut self, w: &Workload<'_>, set: Vec<String>) {
+    fn add_workload(&mut self, w: &Workload<'_>, set: Rc<Vec<String>>) {
         if !self.populated.contains(w.namespace) {
             self.populated.insert(w.namespace.to_string());
         }
@@ -311,7 +312,8 @@ impl PodIndex {
             *self.claims.entry(claimed).or_default() += 1;
         }
         if w.identity != IDENTITY_WORLD
-            && let Entry::Vacant(vacant) = self.numbers.entry(set)
+            && !self.numbers.contains_key(&*set)
+            && let Entry::Vacant(vacant) = self.numbers.entry(Vec::clone(&set))
         {
             let home = identity::home(vacant.key());
             if home != w.identity {
@@ -483,7 +485,7 @@ impl PodIndex {
             },
             node: w.node.map(str::to_string),
             new_set,
-            labels: w.labels,
+            labels: w.labels.into_owned(),
         }))
     }
 

@@ -72,7 +72,7 @@ impl LocalPod {
         Some(Workload {
             namespace: &self.endpoint.namespace,
             name: &self.endpoint.pod,
-            labels: pod.labels.clone(),
+            labels: std::borrow::Cow::Borrowed(&pod.labels),
             namespace_labels: None,
             address: None,
             claimed: None,
@@ -156,7 +156,7 @@ impl PolicyIndex {
                     .map(|at| {
                         let w = &parts.workloads[at];
                         PodLabels {
-                            labels: w.labels.clone(),
+                            labels: Labels::clone(&w.labels),
                             ports: w.ports.clone(),
                             identity: w.identity,
                         }

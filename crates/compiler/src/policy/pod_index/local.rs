@@ -46,7 +46,7 @@ impl PodIndex {
         self.local
             .insert(key.clone(), (endpoint.clone(), local_view(&w)));
         Ok(Attached {
-            labels: w.labels,
+            labels: w.labels.into_owned(),
             ports: w.ports,
             identity,
         })
