@@ -29,7 +29,7 @@ mod local;
 mod nodes;
 mod relabel;
 
-use self::nodes::NodeNames;
+use self::nodes::Places;
 pub(crate) use self::{
     local::Attached,
     relabel::{LocalIdentity, Renamed},
@@ -145,7 +145,7 @@ struct PodEntry {
     /// The address it claims; it holds it in the ipcache unless contested.
     address: Ipv4Addr,
     ports: Vec<NamedPort>,
-    /// Its node's name in [`PodIndex::node_names`], when it names one.
+    /// Its node's number in [`PodIndex::places`], when it names one.
     node: Option<u32>,
 }
 
@@ -203,8 +203,8 @@ pub(crate) struct PodIndex {
     populated: HashSet<String>,
     /// Namespaces the snapshot defines twice.
     namespaces_twice: HashSet<String>,
-    /// The names of the nodes pods name, each once.
-    node_names: NodeNames,
+    /// Where the pods of `pods` run.
+    places: Places,
     /// Namespaces where a pod has a label that [`identity::mimics_namespace`]: their
     /// relabel is compiled whole.
     mimicked: HashSet<String>,
@@ -280,7 +280,7 @@ impl PodIndex {
             reserved,
             populated: HashSet::new(),
             mimicked: HashSet::new(),
-            node_names: NodeNames::default(),
+            places: Places::default(),
             namespaces_twice: twice(
                 input
                     .snapshot
@@ -335,7 +335,7 @@ impl PodIndex {
                 identity: w.identity,
                 address,
                 ports: w.ports.clone(),
-                node: w.node.map(|n| self.node_names.intern(n)),
+                node: self.places.add(address, w.node),
             };
             self.pods.insert(key, entry);
         }
@@ -399,6 +399,7 @@ impl PodIndex {
         let kept = new.as_ref().map(|n| n.entry.address);
         if let Some(old) = self.pods.remove(key) {
             self.claims.remove(&old.address);
+            self.places.remove(old.address, old.node);
             if kept != Some(old.address) {
                 let k = IpcacheKey::new(old.address, 32);
                 touched(delta, k, ipcache.remove(&k));
@@ -411,7 +412,7 @@ impl PodIndex {
                 new_set,
                 labels,
             } = new;
-            entry.node = node.as_deref().map(|n| self.node_names.intern(n));
+            entry.node = self.places.add(entry.address, node.as_deref());
             self.note_mimicry(&key.0, &labels);
             self.claims.insert(entry.address, 1);
             let k = IpcacheKey::new(entry.address, 32);

@@ -129,6 +129,88 @@ impl PodIndex {
             let set = self.sets.get(id).ok_or(NotInPlace)?;
             relabelled.insert(identity::relabel_namespace(set, old, new), *id);
         }
+        let renamed = match self.renumber_locally(olds, &relabelled) {
+            Some(renamed) => renamed,
+            None => self.renumber_all(olds, relabelled)?,
+        };
+        for was in renamed.keys() {
+            if let Some(set) = self.sets.remove(was) {
+                self.numbers.remove(&set);
+            }
+            self.displaced.remove(was);
+        }
+        for (number, set) in renamed.values() {
+            let home = identity::home(set);
+            if home != *number {
+                self.displaced.insert(*number, home);
+            }
+            self.sets.insert(*number, set.clone());
+            self.numbers.insert(set.clone(), *number);
+        }
+        Ok(renamed)
+    }
+
+    /// The numbers of the `relabelled` sets (new set -> old number of `olds`) when no
+    /// other set moves: no set probed past a number the old sets free (the kept sets
+    /// then number alone as they did), and each new set, in order, finds a free number
+    /// probing only past sets sorted before it (as `new_number`). None otherwise.
+    fn renumber_locally(
+        &self,
+        olds: &BTreeSet<u32>,
+        relabelled: &BTreeMap<Vec<String>, u32>,
+    ) -> Option<Renamed> {
+        if relabelled.len() != olds.len() {
+            return None;
+        }
+        let span = identity::label_span();
+        let probed_past = |number: u32, home: u32, freed: u32| {
+            (freed + span - home) % span < (number + span - home) % span
+        };
+        let frees = self.displaced.iter().any(|(&number, &home)| {
+            !olds.contains(&number) && olds.iter().any(|&id| probed_past(number, home, id))
+        });
+        if frees {
+            return None;
+        }
+        let mut taken: BTreeMap<u32, &[String]> = BTreeMap::new();
+        let mut renamed = Renamed::new();
+        for (set, &was) in relabelled {
+            if self.numbers.get(set).is_some_and(|id| !olds.contains(id)) {
+                return None;
+            }
+            let mut number = identity::home(set);
+            let mut probes = 0;
+            loop {
+                let held = match taken.get(&number) {
+                    Some(held) => Some(*held),
+                    None => self
+                        .sets
+                        .get(&number)
+                        .filter(|_| !olds.contains(&number))
+                        .map(Vec::as_slice),
+                };
+                match held {
+                    None => break,
+                    Some(held) if held < set.as_slice() && probes < span => {
+                        number = identity::next_label_number(number);
+                        probes += 1;
+                    }
+                    Some(_) => return None,
+                }
+            }
+            taken.insert(number, set);
+            renamed.insert(was, (number, set.clone()));
+        }
+        Some(renamed)
+    }
+
+    /// The numbers of every label set once `olds` are `relabelled`, numbered again as the
+    /// full compile numbers them; every identity whose number or labels change.
+    fn renumber_all(
+        &self,
+        olds: &BTreeSet<u32>,
+        relabelled: BTreeMap<Vec<String>, u32>,
+    ) -> Result<Renamed, NotInPlace> {
         let kept = self.numbers.iter().filter(|(_, id)| !olds.contains(id));
         let all: BTreeSet<Vec<String>> = kept
             .map(|(set, _)| set.clone())
@@ -147,20 +229,6 @@ impl PodIndex {
             if was != number || relabelled.contains_key(set) {
                 renamed.insert(was, (number, set.clone()));
             }
-        }
-        for was in renamed.keys() {
-            if let Some(set) = self.sets.remove(was) {
-                self.numbers.remove(&set);
-            }
-            self.displaced.remove(was);
-        }
-        for (number, set) in renamed.values() {
-            let home = identity::home(set);
-            if home != *number {
-                self.displaced.insert(*number, home);
-            }
-            self.sets.insert(*number, set.clone());
-            self.numbers.insert(set.clone(), *number);
         }
         Ok(renamed)
     }
