@@ -302,6 +302,42 @@ impl PodIndex {
             .any(|b| b.cidr == cidr && b.except == except)
     }
 
+    /// Takes the pod label keys the policies' selectors name, when only keys that leave
+    /// every label set as it is change (neither high-cardinality nor read like a
+    /// namespace's label): returns the keys gone and those come.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn rekey(
+        &mut self,
+        keys: &BTreeSet<String>,
+    ) -> Result<(Vec<String>, Vec<String>), NotInPlace> {
+        let moves_sets = |k: &String| {
+            identity::HIGH_CARDINALITY_KEYS.contains(&k.as_str()) || identity::mimics_namespace(k)
+        };
+        let old = &self.selected_keys;
+        if old.symmetric_difference(keys).any(moves_sets) {
+            return Err(NotInPlace);
+        }
+        let removed = old.difference(keys).cloned().collect();
+        let added = keys.difference(old).cloned().collect();
+        self.selected_keys = keys.clone();
+        Ok((removed, added))
+    }
+
+    /// The value of the pod label `key` in the label set of `identity`, for a key that
+    /// is no high-cardinality one and reads like no namespace's label.
+    pub(super) fn label_value(
+        &self,
+        identity: u32,
+        key: &str,
+    ) -> Result<Option<String>, NotInPlace> {
+        let set = self.sets.get(&identity).ok_or(NotInPlace)?;
+        let prefix = format!("k8s:{key}=");
+        Ok(set
+            .iter()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(str::to_string))
+    }
+
     fn add_workload(&mut self, w: &Workload<'_>, set: Vec<String>) {
         if !self.populated.contains(w.namespace) {
             self.populated.insert(w.namespace.to_string());
