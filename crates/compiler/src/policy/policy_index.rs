@@ -2,9 +2,10 @@
 //! compiles in place: their peers again, and the rows of the local endpoints they select
 //! (before or after), nothing else.
 //!
-//! In place only while the change keeps the pod label keys the policies' selectors name
-//! and their CIDRs (both feed every pod's identity and the ipcache), and names no ipBlock
-//! whose verdicts the [`PodIndex`] does not keep; otherwise [`NotInPlace`]. Peers are
+//! In place only while the change keeps the policies' CIDRs and the high-cardinality or
+//! namespace-like pod label keys their selectors name (those feed every pod's identity and
+//! the ipcache; other keys only regroup the peer groups), and names no ipBlock whose
+//! verdicts the [`PodIndex`] does not keep; otherwise [`NotInPlace`]. Peers are
 //! matched against the peer groups and identity prefixes of the last full compile: a Pod
 //! changed in place since keeps every identity's groups, named ports and ipBlock verdicts
 //! (see `pod_index`), so they still answer as a full compile would.
