@@ -151,6 +151,12 @@ pub(crate) fn next_label_number(number: u32) -> u32 {
     base + (number - base + 1) % span
 }
 
+/// The number a label set probes before `number`, wrapping at the range's start.
+pub(crate) fn previous_label_number(number: u32) -> u32 {
+    let (base, span) = label_range();
+    base + (number - base + span - 1) % span
+}
+
 /// How many label identities there can be.
 pub(crate) fn label_span() -> u32 {
     label_range().1

@@ -10,9 +10,9 @@
 //!   through every rule's peers, a policy's peers and the rows of the endpoints it
 //!   selects, the identities of a relabelled Namespace renamed, another Node's address,
 //!   router, pod CIDR and tunnel entries, a local endpoint's entries and rows. What moves
-//!   more (this node, a local endpoint's Pod, a policy that changes the label keys or
-//!   CIDRs policies name, a contested address, a number two identities collide on)
-//!   compiles that part whole.
+//!   more (this node, a local endpoint's Pod, a policy that changes the CIDRs policies
+//!   name or a high-cardinality or namespace-like label key their selectors name, a
+//!   contested address, a number two identities collide on) compiles that part whole.
 //! - [`CompileCache::refresh`]: a whole snapshot, compared with what the cache holds by
 //!   uid and resourceVersion (whole objects for those without), to find the changes.
 //!   A snapshot that names two Services or two slices alike, or a Service without a name,

@@ -281,6 +281,7 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
     let (mut relabelled, mut renamed, mut namespaces_whole) = (0, 0, 0);
     let (mut node_changes, mut nodes_whole) = (0, 0);
     let (mut endpoint_changes, mut endpoints_in_place) = (0, 0);
+    let (mut policy_changes, mut policies_whole) = (0, 0);
     for seed in 0..300 {
         let mut rng = fastrand::Rng::with_seed(seed);
         let (mut snapshot, mut node) = cluster(&mut rng);
@@ -344,6 +345,10 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
                 endpoint_changes += 1;
                 endpoints_in_place += usize::from(cache.stats().endpoints_in_place);
             }
+            if what.ends_with("(network policy)") {
+                policy_changes += 1;
+                policies_whole += usize::from(cache.stats().workloads_compiled);
+            }
             if what.ends_with("(node)") {
                 node_changes += 1;
                 nodes_whole += usize::from(cache.stats().workloads_compiled);
@@ -361,7 +366,8 @@ fn any_sequence_of_change_sets_equals_the_full_compile() {
          Namespaces ({relabelled} relabelled with pods, {renamed} identities renamed; \
          {namespaces_whole} compiled whole), {nodes} Nodes ({nodes_whole} of {node_changes} \
          Node changes compiled whole), local endpoints {endpoints_in_place} of \
-         {endpoint_changes} times"
+         {endpoint_changes} times, {policies_whole} of {policy_changes} NetworkPolicy \
+         changes compiled whole"
     );
     assert!(contested > 0 && touched > 0);
     assert!(in_place > 0 && policies > 0 && namespaces > 0 && nodes > 0);

@@ -569,7 +569,7 @@ impl Index {
             let policies = &changes.network_policies;
             index
                 .policies
-                .put(policies, &index.pods, &mut self.state, delta)?;
+                .put(policies, &mut index.pods, &mut self.state, delta)?;
             self.workload_problems = index.policies.problems();
         }
         for (key, pod) in &changes.pods {

@@ -148,6 +148,27 @@ impl PeerGroups {
         rename_keys(&mut self.ports, renamed);
     }
 
+    /// Narrows the groups' labels to other keys: those under `removed` go, and those
+    /// under `added` are read from each group's identity by `value` (None: no such label).
+    pub(super) fn rekey<E>(
+        &mut self,
+        removed: &[String],
+        added: &[String],
+        value: impl Fn(u32, &str) -> Result<Option<String>, E>,
+    ) -> Result<(), E> {
+        for group in &mut self.groups {
+            for key in removed {
+                group.labels.remove(key);
+            }
+            for key in added {
+                if let Some(v) = value(group.identity, key)? {
+                    group.labels.insert(key.clone(), v);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The groups of the pods of namespace `name`.
     pub(super) fn in_namespace<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s Group> {
         self.groups.iter().filter(move |g| g.namespace == name)
@@ -250,16 +271,9 @@ impl World<'_> {
         peer: &NetworkPolicyPeer,
         group: &Group,
     ) -> bool {
-        if peer.ip_block.is_none() {
-            return self.selects(namespace, peer, group);
-        }
-        match block(policy, peer, &mut Problems::default()) {
-            Some(Block {
-                cidr: Some(cidr),
-                except,
-            }) => self.prefixes.in_block(group.identity, cidr, &except),
-            _ => false,
-        }
+        self.selects_by(policy, namespace, peer, group, |cidr, except| {
+            self.prefixes.in_block(group.identity, cidr, except)
+        })
     }
 
     /// Whether `peer`, of a policy in `namespace`, selects the one pod of the identity
@@ -272,6 +286,21 @@ impl World<'_> {
         group: &Group,
         address: Ipv4Addr,
     ) -> bool {
+        self.selects_by(policy, namespace, peer, group, |cidr, except| {
+            cidr.contains(&address) && !except.iter().any(|e| e.contains(&address))
+        })
+    }
+
+    /// Whether `peer` selects `group`: by labels, or for an ipBlock by `in_block`'s
+    /// verdict on its CIDR and excepts.
+    fn selects_by(
+        &self,
+        policy: &ObjectRef,
+        namespace: &str,
+        peer: &NetworkPolicyPeer,
+        group: &Group,
+        in_block: impl FnOnce(Ipv4Net, &[Ipv4Net]) -> bool,
+    ) -> bool {
         if peer.ip_block.is_none() {
             return self.selects(namespace, peer, group);
         }
@@ -279,7 +308,7 @@ impl World<'_> {
             Some(Block {
                 cidr: Some(cidr),
                 except,
-            }) => cidr.contains(&address) && !except.iter().any(|e| e.contains(&address)),
+            }) => in_block(cidr, &except),
             _ => false,
         }
     }

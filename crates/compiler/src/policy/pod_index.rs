@@ -30,7 +30,7 @@ mod local;
 mod nodes;
 mod relabel;
 
-use self::nodes::NodeNames;
+use self::nodes::Places;
 pub(crate) use self::{
     local::Attached,
     relabel::{LocalIdentity, Renamed},
@@ -146,7 +146,7 @@ struct PodEntry {
     /// The address it claims; it holds it in the ipcache unless contested.
     address: Ipv4Addr,
     ports: Vec<NamedPort>,
-    /// Its node's name in [`PodIndex::node_names`], when it names one.
+    /// Its node's number in [`PodIndex::places`], when it names one.
     node: Option<u32>,
 }
 
@@ -204,8 +204,8 @@ pub(crate) struct PodIndex {
     populated: HashSet<String>,
     /// Namespaces the snapshot defines twice.
     namespaces_twice: HashSet<String>,
-    /// The names of the nodes pods name, each once.
-    node_names: NodeNames,
+    /// Where the pods of `pods` run.
+    places: Places,
     /// Namespaces where a pod has a label that [`identity::mimics_namespace`]: their
     /// relabel is compiled whole.
     mimicked: HashSet<String>,
@@ -281,7 +281,7 @@ impl PodIndex {
             reserved,
             populated: HashSet::new(),
             mimicked: HashSet::new(),
-            node_names: NodeNames::default(),
+            places: Places::default(),
             namespaces_twice: twice(
                 input
                     .snapshot
@@ -301,6 +301,42 @@ impl PodIndex {
         self.blocks
             .iter()
             .any(|b| b.cidr == cidr && b.except == except)
+    }
+
+    /// Takes the pod label keys the policies' selectors name, when only keys that leave
+    /// every label set as it is change (neither high-cardinality nor read like a
+    /// namespace's label): returns the keys gone and those come.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn rekey(
+        &mut self,
+        keys: &BTreeSet<String>,
+    ) -> Result<(Vec<String>, Vec<String>), NotInPlace> {
+        let moves_sets = |k: &String| {
+            identity::HIGH_CARDINALITY_KEYS.contains(&k.as_str()) || identity::mimics_namespace(k)
+        };
+        let old = &self.selected_keys;
+        if old.symmetric_difference(keys).any(moves_sets) {
+            return Err(NotInPlace);
+        }
+        let removed = old.difference(keys).cloned().collect();
+        let added = keys.difference(old).cloned().collect();
+        self.selected_keys = keys.clone();
+        Ok((removed, added))
+    }
+
+    /// The value of the pod label `key` in the label set of `identity`, for a key that
+    /// is no high-cardinality one and reads like no namespace's label.
+    pub(super) fn label_value(
+        &self,
+        identity: u32,
+        key: &str,
+    ) -> Result<Option<String>, NotInPlace> {
+        let set = self.sets.get(&identity).ok_or(NotInPlace)?;
+        let prefix = format!("k8s:{key}=");
+        Ok(set
+            .iter()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(str::to_string))
     }
 
     fn add_workload(&mut self, w: &Workload<'_>, set: Rc<Vec<String>>) {
@@ -337,7 +373,7 @@ impl PodIndex {
                 identity: w.identity,
                 address,
                 ports: w.ports.clone(),
-                node: w.node.map(|n| self.node_names.intern(n)),
+                node: self.places.add(address, w.node),
             };
             self.pods.insert(key, entry);
         }
@@ -401,6 +437,7 @@ impl PodIndex {
         let kept = new.as_ref().map(|n| n.entry.address);
         if let Some(old) = self.pods.remove(key) {
             self.claims.remove(&old.address);
+            self.places.remove(old.address, old.node);
             if kept != Some(old.address) {
                 let k = IpcacheKey::new(old.address, 32);
                 touched(delta, k, ipcache.remove(&k));
@@ -413,7 +450,7 @@ impl PodIndex {
                 new_set,
                 labels,
             } = new;
-            entry.node = node.as_deref().map(|n| self.node_names.intern(n));
+            entry.node = self.places.add(entry.address, node.as_deref());
             self.note_mimicry(&key.0, &labels);
             self.claims.insert(entry.address, 1);
             let k = IpcacheKey::new(entry.address, 32);

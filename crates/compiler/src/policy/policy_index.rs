@@ -2,9 +2,10 @@
 //! compiles in place: their peers again, and the rows of the local endpoints they select
 //! (before or after), nothing else.
 //!
-//! In place only while the change keeps the pod label keys the policies' selectors name
-//! and their CIDRs (both feed every pod's identity and the ipcache), and names no ipBlock
-//! whose verdicts the [`PodIndex`] does not keep; otherwise [`NotInPlace`]. Peers are
+//! In place only while the change keeps the policies' CIDRs and the high-cardinality or
+//! namespace-like pod label keys their selectors name (those feed every pod's identity and
+//! the ipcache; other keys only regroup the peer groups), and names no ipBlock whose
+//! verdicts the [`PodIndex`] does not keep; otherwise [`NotInPlace`]. Peers are
 //! matched against the peer groups and identity prefixes of the last full compile: a Pod
 //! changed in place since keeps every identity's groups, named ports and ipBlock verdicts
 //! (see `pod_index`), so they still answer as a full compile would.
@@ -12,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 use sluice_common::IDENTITY_HOST;
 use sluice_store::{LocalEndpoint, selector::Labels};
 
@@ -121,6 +122,42 @@ impl Matching {
     }
 }
 
+/// A rule whose peers are identities: its policy's key, its peers as written and the
+/// identities they select.
+struct IdentityRule<'a> {
+    key: &'a ObjectKey,
+    list: &'a [NetworkPolicyPeer],
+    ids: &'a mut BTreeSet<u32>,
+}
+
+impl IdentityRule<'_> {
+    fn object(&self) -> ObjectRef {
+        ObjectRef::new(ObjectKind::NetworkPolicy, &self.key.0, &self.key.1)
+    }
+}
+
+/// Every rule of the policies `objects` whose peers (`peers`, by policy) are identities.
+fn identity_rules<'a>(
+    objects: &'a BTreeMap<ObjectKey, NetworkPolicy>,
+    peers: &'a mut BTreeMap<ObjectKey, Vec<Peers>>,
+) -> impl Iterator<Item = IdentityRule<'a>> {
+    peers
+        .iter_mut()
+        .filter_map(|(key, peers)| Some((key, objects.get(key)?, peers)))
+        .flat_map(|(key, policy, peers)| {
+            rules(policy)
+                .zip(peers.iter_mut())
+                .filter_map(move |((_, list, _), p)| match p {
+                    Peers::Identities(ids) => Some(IdentityRule {
+                        key,
+                        list: list.map(Vec::as_slice).unwrap_or_default(),
+                        ids,
+                    }),
+                    Peers::Any => None,
+                })
+        })
+}
+
 fn key_of(policy: &NetworkPolicy) -> ObjectKey {
     (
         namespace_of(policy.metadata.namespace.as_ref()).to_string(),
@@ -201,12 +238,13 @@ impl PolicyIndex {
 
     /// Applies the NetworkPolicies `changes` written (`Some`) or deleted: their peers and
     /// the rows of the endpoints they select, before or after, changed in `state` and
-    /// recorded in `delta`; [`NotInPlace`] (with nothing changed) when the change moves
-    /// identities or the ipcache.
+    /// recorded in `delta`; [`NotInPlace`] when the change moves identities or the
+    /// ipcache (the index is then dropped: the part is compiled whole). A change of the
+    /// label keys selectors name that moves no label set regroups the peers in place.
     pub(crate) fn put(
         &mut self,
         changes: &BTreeMap<ObjectKey, Option<NetworkPolicy>>,
-        pods: &PodIndex,
+        pods: &mut PodIndex,
         state: &mut DesiredState,
         delta: &mut Delta,
     ) -> Result<(), NotInPlace> {
@@ -225,8 +263,16 @@ impl PolicyIndex {
         let mut policies =
             policies_in_order(kept.chain(changes.values().flatten()), &mut policy_problems);
         let cidrs = cidr::policy_cidrs(&policies, &mut policy_problems);
-        if cidrs != self.cidrs || selected_pod_keys(&policies) != self.selected_keys {
+        if cidrs != self.cidrs {
             return Err(NotInPlace);
+        }
+        let keys = selected_pod_keys(&policies);
+        if keys != self.selected_keys {
+            // Keys that move no label set: the peer groups read labels under other keys.
+            let (removed, added) = pods.rekey(&keys)?;
+            let value = |identity, key: &str| pods.label_value(identity, key);
+            self.matching.groups.rekey(&removed, &added, value)?;
+            self.selected_keys = keys;
         }
         let world = self.matching.world(&state.ipcache);
         for p in &mut policies {
@@ -297,13 +343,9 @@ impl PolicyIndex {
                 Moved::Vanished { identity } => {
                     self.matching.groups.remove(identity);
                     self.matching.prefixes.remove(identity);
-                    for (key, peers) in &mut self.peers {
-                        for p in peers.iter_mut() {
-                            if let Peers::Identities(ids) = p
-                                && ids.remove(&identity)
-                            {
-                                changed.insert(key.clone());
-                            }
+                    for rule in identity_rules(objects, &mut self.peers) {
+                        if rule.ids.remove(&identity) {
+                            changed.insert(rule.key.clone());
                         }
                     }
                     state.identities.remove(&identity);
@@ -318,20 +360,14 @@ impl PolicyIndex {
                 } => {
                     let group = Group::new(identity, &namespace, &labels, &self.selected_keys);
                     let world = self.matching.world(&state.ipcache);
-                    for (key, peers) in &mut self.peers {
-                        let Some(policy) = objects.get(key) else {
-                            continue;
-                        };
-                        let object = ObjectRef::new(ObjectKind::NetworkPolicy, &key.0, &key.1);
-                        for ((_, list, _), p) in rules(policy).zip(peers.iter_mut()) {
-                            let Peers::Identities(ids) = p else { continue };
-                            let selects = list.into_iter().flatten().any(|peer| {
-                                world.selects_new(&object, &key.0, peer, &group, address)
-                            });
-                            if selects {
-                                ids.insert(identity);
-                                changed.insert(key.clone());
-                            }
+                    for rule in identity_rules(objects, &mut self.peers) {
+                        let object = rule.object();
+                        let selects = rule.list.iter().any(|peer| {
+                            world.selects_new(&object, &rule.key.0, peer, &group, address)
+                        });
+                        if selects {
+                            rule.ids.insert(identity);
+                            changed.insert(rule.key.clone());
                         }
                     }
                     self.matching.groups.add(group, ports);

@@ -134,15 +134,27 @@ impl WorkloadIndex {
 }
 
 /// The names of the nodes that differ between two lists sorted by name (a check on one
-/// node, such as an overlap, can leave another out or let it in).
+/// node, such as an overlap, can leave another out or let it in), found in one walk over
+/// both: a node change must not cost a map of every node.
 fn differing(old: &[ClusterNode], new: &[ClusterNode]) -> BTreeSet<String> {
-    let old: BTreeMap<&str, &ClusterNode> = old.iter().map(|n| (n.name.as_str(), n)).collect();
-    let new: BTreeMap<&str, &ClusterNode> = new.iter().map(|n| (n.name.as_str(), n)).collect();
-    old.keys()
-        .chain(new.keys())
-        .filter(|name| old.get(*name) != new.get(*name))
-        .map(|name| name.to_string())
-        .collect()
+    let (mut old, mut new) = (old.iter().peekable(), new.iter().peekable());
+    let mut out = BTreeSet::new();
+    loop {
+        let differs = match (old.peek(), new.peek()) {
+            (Some(a), Some(b)) if a.name == b.name => {
+                let differs = (a != b).then(|| a.name.clone());
+                old.next();
+                new.next();
+                differs
+            }
+            (Some(a), Some(b)) if a.name < b.name => old.next().map(|a| a.name.clone()),
+            (Some(_), Some(_)) | (None, Some(_)) => new.next().map(|b| b.name.clone()),
+            (Some(_), None) => old.next().map(|a| a.name.clone()),
+            (None, None) => break,
+        };
+        out.extend(differs);
+    }
+    out
 }
 
 /// The addresses whose entry, or whether ipBlocks judge it, differs between `old` and

@@ -150,6 +150,9 @@ pub fn pod(rng: &mut fastrand::Rng, i: usize) -> Value {
         "namespace": pick(rng, &NAMESPACES),
         "labels": {"app": pick(rng, &["web", "db"]), "pod-template-hash": pick(rng, &["h1", "h2"])},
     });
+    // A label only some policies select on: their coming and going changes the keys the
+    // selectors name.
+    metadata["labels"]["tier"] = json!(["a", "b"][i % 2]);
     if rng.u8(..20) == 0 {
         // A pod label that reads like its namespace's in the label set.
         metadata["labels"]["io.cilium.k8s.namespace.labels.team"] = json!("x");
@@ -189,6 +192,12 @@ pub fn policy(rng: &mut fastrand::Rng, i: usize) -> Value {
             "namespaceSelector": {"matchLabels": {"team": pick(rng, &["x", "y"])}},
             "podSelector": {"matchLabels": {"app": pick(rng, &["web", "db"])}},
         }));
+    }
+    if rng.u8(..3) == 0 {
+        // A key no other policy may name: in place, or whole for a high-cardinality one
+        // (it moves label sets).
+        let key = pick(rng, &["tier", "tier", "pod-template-hash"]);
+        from.push(json!({"podSelector": {"matchLabels": {*key: "a"}}}));
     }
     if rng.bool() {
         from.push(json!({"ipBlock": {

@@ -39,9 +39,10 @@ impl PodIndex {
         if w.claimed != Some(held.address) || !self.same_identity(&w, held.identity) {
             return Err(NotInPlace);
         }
-        let identity = held.identity;
+        let (identity, address, node) = (held.identity, held.address, held.node);
         self.retunnel_one(held, 0, ipcache, delta)?;
         self.pods.remove(key);
+        self.places.remove(address, node);
         self.whole.insert(key.clone());
         self.local
             .insert(key.clone(), (endpoint.clone(), local_view(&w)));
@@ -69,15 +70,15 @@ impl PodIndex {
         if view.1 != Some(address) || !self.same_identity(&w, identity) {
             return Err(NotInPlace);
         }
-        let node = w.node.map(|n| self.node_names.intern(n));
-        let entry = PodEntry {
+        let mut entry = PodEntry {
             identity,
             address,
             ports: w.ports,
-            node,
+            node: None,
         };
         let tunnel = nodes.pod_tunnel(&self.this, w.node, address);
         self.retunnel_one(&entry, tunnel, ipcache, delta)?;
+        entry.node = self.places.add(address, w.node);
         self.local.remove(key);
         self.whole.remove(key);
         self.pods.insert(key.clone(), entry);

@@ -129,6 +129,131 @@ impl PodIndex {
             let set = self.sets.get(id).ok_or(NotInPlace)?;
             relabelled.insert(identity::relabel_namespace(set, old, new), *id);
         }
+        let renamed = match self.renumber_locally(olds, &relabelled) {
+            Some(renamed) => renamed,
+            None => self.renumber_all(olds, relabelled)?,
+        };
+        for was in renamed.keys() {
+            if let Some(set) = self.sets.remove(was) {
+                self.numbers.remove(&set);
+            }
+            self.displaced.remove(was);
+        }
+        for (number, set) in renamed.values() {
+            let home = identity::home(set);
+            if home != *number {
+                self.displaced.insert(*number, home);
+            }
+            self.sets.insert(*number, set.clone());
+            self.numbers.insert(set.clone(), *number);
+        }
+        Ok(renamed)
+    }
+
+    /// The numbers of every label set once `olds` are `relabelled` (new set -> old
+    /// number), found by numbering again only the runs of taken numbers the change
+    /// reaches. With linear probing in sorted order, a run of consecutive taken numbers
+    /// holds exactly the sets whose hash names a number in it, in an order that depends on
+    /// those sets alone; so the runs holding a freed number or a new set's home are
+    /// numbered again, and a set that would probe into another run takes that run in
+    /// too. Every identity whose number or labels change; None when the runs grow past
+    /// a quarter of the range (the caller numbers everything again).
+    fn renumber_locally(
+        &self,
+        olds: &BTreeSet<u32>,
+        relabelled: &BTreeMap<Vec<String>, u32>,
+    ) -> Option<Renamed> {
+        let fresh = relabelled
+            .keys()
+            .all(|set| self.numbers.get(set).is_none_or(|id| olds.contains(id)));
+        if relabelled.len() != olds.len() || !fresh {
+            return None;
+        }
+        let mut region = BTreeSet::new();
+        for &n in olds {
+            self.add_run(&mut region, n);
+        }
+        for set in relabelled.keys() {
+            self.add_run(&mut region, identity::home(set));
+        }
+        let limit = identity::label_span() as usize / 4;
+        while region.len() <= limit {
+            match self.number_region(&region, olds, relabelled) {
+                Ok(renamed) => return Some(renamed),
+                Err(held) => self.add_run(&mut region, held),
+            }
+        }
+        None
+    }
+
+    /// Adds the run of taken numbers holding `n` (or `n` alone, when free) to `region`.
+    fn add_run(&self, region: &mut BTreeSet<u32>, n: u32) {
+        region.insert(n);
+        let span = identity::label_span();
+        let mut m = n;
+        for _ in 0..span {
+            let before = identity::previous_label_number(m);
+            if !self.sets.contains_key(&before) || !region.insert(before) {
+                break;
+            }
+            m = before;
+        }
+        let mut m = n;
+        for _ in 0..span {
+            if !self.sets.contains_key(&m) {
+                break;
+            }
+            m = identity::next_label_number(m);
+            if !self.sets.contains_key(&m) || !region.insert(m) {
+                break;
+            }
+        }
+    }
+
+    /// Numbers the sets of `region` (the kept ones held there, and the relabelled ones
+    /// whose hash names a number there) in sorted order, as the full compile does; `Err`
+    /// with a number held outside the region that one would probe past.
+    fn number_region(
+        &self,
+        region: &BTreeSet<u32>,
+        olds: &BTreeSet<u32>,
+        relabelled: &BTreeMap<Vec<String>, u32>,
+    ) -> Result<Renamed, u32> {
+        let mut sets: Vec<(&Vec<String>, u32, bool)> = region
+            .iter()
+            .filter(|n| !olds.contains(n))
+            .filter_map(|n| Some((self.sets.get(n)?, *n, false)))
+            .chain(relabelled.iter().map(|(set, &was)| (set, was, true)))
+            .collect();
+        sets.sort();
+        let mut taken = BTreeSet::new();
+        let mut renamed = Renamed::new();
+        for (set, was, relabelled) in sets {
+            let mut number = identity::home(set);
+            loop {
+                let held_outside = !region.contains(&number) && self.sets.contains_key(&number);
+                if held_outside {
+                    return Err(number);
+                }
+                if taken.insert(number) {
+                    break;
+                }
+                number = identity::next_label_number(number);
+            }
+            if relabelled || number != was {
+                renamed.insert(was, (number, set.clone()));
+            }
+        }
+        Ok(renamed)
+    }
+
+    /// The numbers of every label set once `olds` are `relabelled`, numbered again as the
+    /// full compile numbers them; every identity whose number or labels change.
+    fn renumber_all(
+        &self,
+        olds: &BTreeSet<u32>,
+        relabelled: BTreeMap<Vec<String>, u32>,
+    ) -> Result<Renamed, NotInPlace> {
         let kept = self.numbers.iter().filter(|(_, id)| !olds.contains(id));
         let all: BTreeSet<Vec<String>> = kept
             .map(|(set, _)| set.clone())
@@ -147,20 +272,6 @@ impl PodIndex {
             if was != number || relabelled.contains_key(set) {
                 renamed.insert(was, (number, set.clone()));
             }
-        }
-        for was in renamed.keys() {
-            if let Some(set) = self.sets.remove(was) {
-                self.numbers.remove(&set);
-            }
-            self.displaced.remove(was);
-        }
-        for (number, set) in renamed.values() {
-            let home = identity::home(set);
-            if home != *number {
-                self.displaced.insert(*number, home);
-            }
-            self.sets.insert(*number, set.clone());
-            self.numbers.insert(set.clone(), *number);
         }
         Ok(renamed)
     }

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 
 use sluice_common::IDENTITY_REMOTE_NODE;
 
-use super::{Peers, PolicyIndex, PrefixMove, block, identities, rules};
-use crate::{Delta, DesiredState, ObjectKind, ObjectRef, problem::Problems};
+use super::{PolicyIndex, PrefixMove, block, identities, identity_rules};
+use crate::{Delta, DesiredState, problem::Problems};
 
 impl PolicyIndex {
     /// Follows other nodes' changes (`remote_nodes`): the identity prefixes of `moves`,
@@ -36,32 +36,26 @@ impl PolicyIndex {
         let mut changed = BTreeSet::new();
         if let Some(objects) = &self.objects {
             let prefixes = &self.matching.prefixes;
-            for (key, peers) in &mut self.peers {
-                let Some(policy) = objects.get(key) else {
+            for rule in identity_rules(objects, &mut self.peers) {
+                let object = rule.object();
+                let blocks: Vec<_> = rule
+                    .list
+                    .iter()
+                    .filter_map(|peer| block(&object, peer, &mut Problems::default()))
+                    .filter_map(|b| Some((b.cidr?, b.except)))
+                    .collect();
+                if blocks.is_empty() {
                     continue;
-                };
-                let object = ObjectRef::new(ObjectKind::NetworkPolicy, &key.0, &key.1);
-                for ((_, list, _), p) in rules(policy).zip(peers.iter_mut()) {
-                    let Peers::Identities(ids) = p else { continue };
-                    let blocks: Vec<_> = list
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|peer| block(&object, peer, &mut Problems::default()))
-                        .filter_map(|b| Some((b.cidr?, b.except)))
-                        .collect();
-                    if blocks.is_empty() {
-                        continue;
-                    }
-                    for &id in &moved {
-                        let selects = blocks.iter().any(|(c, e)| prefixes.in_block(id, *c, e));
-                        let flipped = if selects {
-                            ids.insert(id)
-                        } else {
-                            ids.remove(&id)
-                        };
-                        if flipped {
-                            changed.insert(key.clone());
-                        }
+                }
+                for &id in &moved {
+                    let selects = blocks.iter().any(|(c, e)| prefixes.in_block(id, *c, e));
+                    let flipped = if selects {
+                        rule.ids.insert(id)
+                    } else {
+                        rule.ids.remove(&id)
+                    };
+                    if flipped {
+                        changed.insert(rule.key.clone());
                     }
                 }
             }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use sluice_store::selector::{self, Labels};
 
-use super::{Group, Identity, LocalIdentity, NotInPlace, Peers, PolicyIndex, Renamed, rules};
+use super::{Group, Identity, LocalIdentity, NotInPlace, PolicyIndex, Renamed, identity_rules};
 use crate::{Delta, DesiredState, ObjectKind, ObjectRef};
 
 impl PolicyIndex {
@@ -74,56 +74,47 @@ impl PolicyIndex {
             labels.is_some_and(|l| selector::matches(s, l))
         };
         let mut changed = BTreeSet::new();
-        for (key, peers) in &mut self.peers {
-            let Some(policy) = objects.get(key) else {
-                continue;
+        for rule in identity_rules(objects, &mut self.peers) {
+            let ids = rule.ids;
+            // Whichever is smaller is walked: a rule names few identities, or many.
+            let gone: Vec<u32> = if ids.len() < renamed.len() {
+                ids.iter()
+                    .filter(|id| renamed.contains_key(id))
+                    .copied()
+                    .collect()
+            } else {
+                renamed
+                    .keys()
+                    .filter(|id| ids.contains(id))
+                    .copied()
+                    .collect()
             };
-            let object = ObjectRef::new(ObjectKind::NetworkPolicy, &key.0, &key.1);
-            for ((_, list, _), p) in rules(policy).zip(peers.iter_mut()) {
-                let Peers::Identities(ids) = p else { continue };
-                // Whichever is smaller is walked: a rule names few identities, or many.
-                let gone: Vec<u32> = if ids.len() < renamed.len() {
-                    ids.iter()
-                        .filter(|id| renamed.contains_key(id))
-                        .copied()
-                        .collect()
-                } else {
-                    renamed
-                        .keys()
-                        .filter(|id| ids.contains(id))
-                        .copied()
-                        .collect()
-                };
-                for id in &gone {
-                    ids.remove(id);
-                }
-                let mut moved = !gone.is_empty();
-                ids.extend(gone.iter().filter_map(|id| renamed.get(id)).map(|r| r.0));
-                let list = list.map(Vec::as_slice).unwrap_or_default();
-                let flips = list.iter().any(|peer| {
-                    peer.namespace_selector
-                        .as_ref()
-                        .is_some_and(|s| verdict(s, old.as_ref()) != verdict(s, new))
-                });
-                if !flips {
-                    if moved {
-                        changed.insert(key.clone());
-                    }
-                    continue;
-                }
+            for id in &gone {
+                ids.remove(id);
+            }
+            let mut moved = !gone.is_empty();
+            ids.extend(gone.iter().filter_map(|id| renamed.get(id)).map(|r| r.0));
+            let flips = rule.list.iter().any(|peer| {
+                peer.namespace_selector
+                    .as_ref()
+                    .is_some_and(|s| verdict(s, old.as_ref()) != verdict(s, new))
+            });
+            if flips {
+                let object = ObjectRef::new(ObjectKind::NetworkPolicy, &rule.key.0, &rule.key.1);
                 for g in &groups {
-                    let selects = list
+                    let selects = rule
+                        .list
                         .iter()
-                        .any(|peer| world.selects_group(&object, &key.0, peer, g));
+                        .any(|peer| world.selects_group(&object, &rule.key.0, peer, g));
                     moved |= if selects {
                         ids.insert(g.identity)
                     } else {
                         ids.remove(&g.identity)
                     };
                 }
-                if moved {
-                    changed.insert(key.clone());
-                }
+            }
+            if moved {
+                changed.insert(rule.key.clone());
             }
         }
         drop((world, groups));
