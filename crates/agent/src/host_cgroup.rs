@@ -71,7 +71,7 @@ impl SocketCgroups {
         self.host.as_deref()
     }
 
-    /// Every pass: each cgroup is checked again, as a process may have been moved into it
+    /// Every full pass: each cgroup is checked again, as a process may have been moved into it
     /// since (then its programs come off and the pass fails, naming the process), and links
     /// removed or replaced behind the agent's back are attached again. Returns whether
     /// anything was attached. Both cgroups are seen to before the first refusal is
