@@ -7,6 +7,8 @@ use std::{fmt::Write, net::Ipv4Addr};
 
 use sha2::{Digest, Sha256};
 
+use crate::{BenchError, netns::NetNs};
+
 /// One service with one TCP port named `http`.
 #[derive(Clone, Debug)]
 pub struct ServiceSpec {
@@ -389,8 +391,12 @@ pub fn nftables_add(added: &ServiceSpec) -> String {
     out
 }
 
-pub fn nft_counted_chain(s: &ServiceSpec) -> String {
-    nft_service_chain(s)
+/// The measured Service's counted chain as `nft list chain` prints it in `node`.
+pub fn list_nft_counted_chain(node: &NetNs, s: &ServiceSpec) -> Result<String, BenchError> {
+    node.exec(
+        "nft",
+        &["list", "chain", "ip", "kube-proxy", &nft_service_chain(s)],
+    )
 }
 
 /// The packets counted by the first `counter` in `nft list chain` output.

@@ -218,16 +218,7 @@ fn proof(
             }
         }
         Dataplane::Kproxy => {
-            let listing = topo.node.exec(
-                "nft",
-                &[
-                    "list",
-                    "chain",
-                    "ip",
-                    "kube-proxy",
-                    &kproxy::nft_counted_chain(measured),
-                ],
-            )?;
+            let listing = kproxy::list_nft_counted_chain(&topo.node, measured)?;
             Proof {
                 what: "packets counted in the measured service chain",
                 count: kproxy::parse_nft_counter(&listing).unwrap_or(0),

@@ -275,16 +275,7 @@ fn counted(
             )
         }
         Dataplane::Kproxy => {
-            let listing = node_a.exec(
-                "nft",
-                &[
-                    "list",
-                    "chain",
-                    "ip",
-                    "kube-proxy",
-                    &kproxy::nft_counted_chain(measured),
-                ],
-            )?;
+            let listing = kproxy::list_nft_counted_chain(node_a, measured)?;
             (
                 kproxy::parse_nft_counter(&listing).unwrap_or(0),
                 "packets of new connections counted in the measured service chain",
