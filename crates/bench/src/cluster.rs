@@ -215,7 +215,8 @@ pub fn run(
     let pins = PinDir::unique("sluice-bench-cluster-");
     let log_path = dir.0.join("agent.log");
     let metrics: SocketAddr = ([127, 0, 0, 1], 9962).into();
-    let agent = spawn_agent(&node, &dir.0, &kubeconfig, pins.path(), metrics)?;
+    let lb_map_max = lb_map_max(shape);
+    let agent = spawn_agent(&node, &dir.0, &kubeconfig, pins.path(), metrics, lb_map_max)?;
     let pid = agent.0.id();
     let started = Instant::now();
     wait_ready(&node, metrics, config.start_timeout, &log_path)?;
@@ -292,12 +293,25 @@ fn slowest_status(socket: &Path) -> Result<Duration, BenchError> {
     Ok(slowest)
 }
 
+/// The service and backend maps' capacity for `shape`, as an operator sizes
+/// `--lb-map-max` to the cluster: the service map holds an entry per frontend and per
+/// backend slot, so 100,000 Services with 1,000,000 endpoints fill the default 2^20 (the
+/// agent then fails every pass with "map lb4_services is full (raise --lb-map-max)").
+/// Half as much again as the frontends and endpoints, in a power of two, never below the
+/// default.
+fn lb_map_max(shape: &Shape) -> u32 {
+    let default = sluice_datapath::DatapathConfig::default().lb_max_entries;
+    let wanted = (shape.services + shape.endpoints).saturating_mul(3) / 2;
+    u32::try_from(wanted.next_power_of_two()).map_or(default, |w| w.max(default))
+}
+
 fn spawn_agent(
     node: &NetNs,
     dir: &Path,
     kubeconfig: &Path,
     pins: &Path,
     metrics: SocketAddr,
+    lb_map_max: u32,
 ) -> Result<AgentProcess, BenchError> {
     let log_path = dir.join("agent.log");
     let log = fs::File::create(&log_path).map_err(|source| BenchError::Io {
@@ -319,6 +333,8 @@ fn spawn_agent(
         .arg(dir)
         .arg("--metrics-address")
         .arg(metrics.to_string())
+        .arg("--lb-map-max")
+        .arg(lb_map_max.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -41,6 +41,10 @@ struct Args {
     /// With --cluster: seconds of churn.
     #[arg(long, default_value_t = 60.0, requires = "cluster")]
     churn_seconds: f64,
+    /// With --cluster: seconds of the steady-state measurement (longer than the drift
+    /// check's 48 s cycle to see what it costs at large sizes).
+    #[arg(long, default_value_t = 20.0, requires = "cluster")]
+    steady_seconds: f64,
     /// Comma-separated service counts (overrides the mode's).
     #[arg(long, value_delimiter = ',')]
     services: Option<Vec<usize>>,
@@ -164,6 +168,7 @@ fn main() -> anyhow::Result<()> {
         shape.endpoints = args.cluster_endpoints.unwrap_or(shape.endpoints);
         let mut config = ClusterConfig::with_shape(shape);
         config.churn = Duration::from_secs_f64(args.churn_seconds);
+        config.steady = Duration::from_secs_f64(args.steady_seconds);
         let out = args.out.unwrap_or_else(|| "bench/results/cluster".into());
         let results =
             cluster::run(&config, &mut progress.line()).context("simulated cluster failed")?;
