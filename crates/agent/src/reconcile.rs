@@ -58,9 +58,9 @@ impl Loop {
             readiness,
             interval,
         } = self;
-        // The first tick one interval on, not at once: the first snapshot makes the first
-        // pass, and an immediate tick beside it made a second, needless one at start.
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        // A tick before the first snapshot does nothing; the first pass is full and resets
+        // the tick below, so a tick ready beside the first snapshot makes no second pass.
+        let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
